@@ -1,0 +1,94 @@
+//! Errors of the device database.
+//!
+//! One enum for opening (`OpenError`) and one for operations (`DbError`): a caller can tell an
+//! invalid input (nothing written, fix the input) from a storage failure (the disk or file is at
+//! fault) from a policy refusal (the schema says the device may not write this model).
+
+use std::path::PathBuf;
+
+use devtables_schema::ValidationError;
+
+/// Why [`crate::Db::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open database file {path}: {source} (is another process using it?)")]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("cannot prepare tables in database file {path}: {source}")]
+    Tables {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("cannot start the database's background thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Why an operation on the database failed. Nothing was written when any of these is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unknown model \"{0}\": the schema has no such model")]
+    UnknownModel(String),
+    #[error("invalid input: {0}")]
+    Invalid(#[from] ValidationError),
+    #[error("{model} item {key} already exists: use update or upsert to change it")]
+    Exists { model: String, key: String },
+    #[error("{model} item {key} does not exist: create it first, or use upsert")]
+    NotFound { model: String, key: String },
+    #[error("model {0} is enabled only in the cloud (process.enable = 'cloud'): it cannot be written on the device")]
+    NotOnDevice(String),
+    #[error("model {0} is synced down from the cloud (process.sync = 'down'): change it through the cloud API")]
+    DownOnly(String),
+    #[error("{model} item {key} is {size} bytes, above the limit of {max} bytes (DbOptions::max_item_bytes)")]
+    TooLarge {
+        model: String,
+        key: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("{model}: the value of index attribute {field} contains a NUL character, which keys cannot hold")]
+    BadIndexValue { model: String, field: String },
+    #[error("index \"{0}\" is not defined in the schema")]
+    UnknownIndex(String),
+    #[error("invalid pagination token: {0} (pass back the `next` value of a previous page unchanged)")]
+    BadCursor(String),
+    #[error("a transaction holds at most {max} operations, this one has {count}: split it")]
+    TooManyOperations { count: usize, max: usize },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("write refused: {0}")]
+    Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("import line {line}: {source}")]
+    Import {
+        line: u64,
+        #[source]
+        source: Box<DbError>,
+    },
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage error: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("the database is closed")]
+    Closed,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DbError {
+            fn from(e: $t) -> Self {
+                DbError::Storage(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

@@ -1,0 +1,542 @@
+//! The embedded device database of devtables.
+//!
+//! Items are JSON documents of the models of a OneTable schema ([`devtables_schema`]): the schema
+//! casts and validates them and computes their keys; this crate stores them in redb (ACID,
+//! crash-safe, pure Rust), maintains the secondary indexes, hides and purges expired items, runs
+//! change hooks after commit, and gives the replication layer side tables written in the same
+//! transactions as the items.
+//!
+//! # Layout
+//! - [`tables`]: the redb tables and what each holds.
+//! - `keys`: byte encodings of table keys (order-preserving, prefix-friendly).
+//! - `txn`: write transactions ([`WriteTxn`]), side tables and the [`WriteInterceptor`] seam.
+//! - `read`: point gets and `find` queries ([`ReadTxn`], [`FindOptions`], [`Page`]).
+//! - `commit`: durability modes and group commit.
+//! - `hooks`: change subscribers ([`Change`], [`Origin`]).
+//! - `jsonl`: import and export as JSON lines.
+//!
+//! This crate knows nothing about MQTT or the cloud: replication sits above it, in `agent`.
+
+mod commit;
+mod error;
+mod hooks;
+mod jsonl;
+mod keys;
+mod read;
+pub mod tables;
+mod txn;
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::Duration;
+
+use devtables_schema::{Item, Schema};
+use redb::{ReadableTable, ReadableTableMetadata};
+
+pub use error::{DbError, OpenError};
+pub use hooks::{Change, ChangeOp, Hook, HookId, Origin};
+pub use read::{FindOptions, Page, ReadTxn};
+pub use txn::{SideTables, WriteInterceptor, WriteTxn};
+
+use commit::Committer;
+use hooks::Hooks;
+
+/// When a commit reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Every write returns only once it is on disk. Concurrent writers share one flush (group
+    /// commit).
+    Immediate,
+    /// Writes return once committed; the background thread makes them durable every `interval`.
+    /// A crash loses at most that window, never part of a transaction.
+    Periodic { interval: Duration },
+}
+
+/// A source of the current time in milliseconds since the Unix epoch (tests inject their own).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// How a database is opened. Every limit is here.
+#[derive(Clone)]
+pub struct DbOptions {
+    pub durability: Durability,
+    /// How often expired items are purged in the background (they are invisible at once).
+    pub ttl_purge_interval: Duration,
+    /// Largest stored item, as JSON bytes.
+    pub max_item_bytes: usize,
+    /// Most operations in one [`Db::transaction`].
+    pub max_transaction_ops: usize,
+    /// redb page cache, in bytes.
+    pub cache_bytes: usize,
+    pub clock: Clock,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            durability: Durability::Immediate,
+            ttl_purge_interval: Duration::from_secs(10),
+            max_item_bytes: 256 * 1024,
+            max_transaction_ops: 10_000,
+            cache_bytes: 16 * 1024 * 1024,
+            clock: Arc::new(system_now_ms),
+        }
+    }
+}
+
+impl std::fmt::Debug for DbOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbOptions")
+            .field("durability", &self.durability)
+            .field("ttl_purge_interval", &self.ttl_purge_interval)
+            .field("max_item_bytes", &self.max_item_bytes)
+            .field("max_transaction_ops", &self.max_transaction_ops)
+            .field("cache_bytes", &self.cache_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The system clock, in milliseconds since the epoch.
+pub fn system_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One operation of a [`Db::transaction`].
+#[derive(Clone, Debug)]
+pub enum Op {
+    Create { model: String, item: Item },
+    Update { model: String, item: Item, upsert: bool },
+    Remove { model: String, key: Item },
+}
+
+pub(crate) struct Inner {
+    db: redb::Database,
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) options: DbOptions,
+    committer: Committer,
+    hooks: Hooks,
+    interceptor: RwLock<Option<Arc<dyn WriteInterceptor>>>,
+    /// Serializes writers so commit sequence numbers (and hook order) follow commit order.
+    write_lock: Mutex<()>,
+    /// Table names of the secondary indexes, in `Schema::secondary_indexes` order.
+    index_tables: Vec<String>,
+    /// Dropping it stops the background thread.
+    stop: Mutex<Option<mpsc::Sender<()>>>,
+    /// Joined by [`Db::close`], so the file is released when `close` returns.
+    background: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+impl Inner {
+    pub(crate) fn interceptor(&self) -> Option<Arc<dyn WriteInterceptor>> {
+        self.interceptor
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn flush(&self) -> Result<(), DbError> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(redb::Durability::Immediate);
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn visible(&self) -> u64 {
+        match self.options.durability {
+            Durability::Immediate => self.committer.durable(),
+            Durability::Periodic { .. } => u64::MAX,
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.committer.has_unflushed() {
+            if let Err(e) = self.flush() {
+                tracing::error!(path = %self.path.display(), "final flush failed: {e}");
+            }
+        }
+    }
+}
+
+/// An open device database. Cheap to clone; all clones share one file.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+impl Db {
+    /// Opens (or creates) the database at `path` for `schema`. Secondary indexes the schema adds
+    /// (or changes) are built from the stored items before this returns.
+    pub fn open(
+        path: impl AsRef<Path>,
+        schema: Arc<Schema>,
+        options: DbOptions,
+    ) -> Result<Db, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        let db = redb::Builder::new()
+            .set_cache_size(options.cache_bytes)
+            .create(&path)
+            .map_err(|source| OpenError::Storage {
+                path: path.clone(),
+                source,
+            })?;
+        let index_tables = schema
+            .secondary_indexes()
+            .iter()
+            .map(|i| tables::index_table_name(&i.name))
+            .collect();
+        let (stop_tx, stop_rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            db,
+            schema,
+            options,
+            committer: Committer::new(),
+            hooks: Hooks::default(),
+            interceptor: RwLock::new(None),
+            write_lock: Mutex::new(()),
+            index_tables,
+            stop: Mutex::new(Some(stop_tx)),
+            background: Mutex::new(None),
+            path: path.clone(),
+        });
+        prepare_tables(&inner).map_err(|e| OpenError::Tables {
+            path: path.clone(),
+            source: match e {
+                DbError::Storage(s) => s,
+                other => redb::Error::Corrupted(other.to_string()),
+            },
+        })?;
+        let weak = Arc::downgrade(&inner);
+        let tick = background_tick(&inner.options);
+        let handle = std::thread::Builder::new()
+            .name("devtables-db".into())
+            .spawn(move || background(weak, stop_rx, tick))
+            .map_err(OpenError::Thread)?;
+        *inner.background.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        Ok(Db { inner })
+    }
+
+    pub fn schema(&self) -> &Arc<Schema> {
+        &self.inner.schema
+    }
+
+    pub fn options(&self) -> &DbOptions {
+        &self.inner.options
+    }
+
+    /// Runs `f` in one write transaction with the given origin; commits when it returns Ok (then
+    /// waits for durability in `immediate` mode), rolls back when it returns Err.
+    pub fn write<T>(
+        &self,
+        origin: Origin,
+        f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let inner = &*self.inner;
+        let guard = inner.write_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut tx = inner.db.begin_write()?;
+        tx.set_durability(redb::Durability::None);
+        let (value, changes) = {
+            let mut indexes = Vec::with_capacity(inner.index_tables.len());
+            for name in &inner.index_tables {
+                indexes.push(tx.open_table(tables::index_def(name))?);
+            }
+            let mut wtx = WriteTxn {
+                inner,
+                tx: &tx,
+                items: tx.open_table(tables::ITEMS)?,
+                types: tx.open_table(tables::TYPES)?,
+                ttl: tx.open_table(tables::TTL)?,
+                indexes,
+                origin,
+                now_ms: (inner.options.clock)(),
+                changes: Vec::new(),
+            };
+            let value = f(&mut wtx)?;
+            (value, wtx.take_changes())
+        };
+        tx.commit()?;
+        let seq = inner.committer.committed();
+        inner.hooks.enqueue(seq, changes);
+        drop(guard);
+        if inner.options.durability == Durability::Immediate {
+            inner.committer.wait_durable(seq, || inner.flush())?;
+        }
+        inner.hooks.deliver(|| inner.visible());
+        Ok(value)
+    }
+
+    /// A read snapshot for several reads.
+    pub fn read(&self) -> Result<ReadTxn, DbError> {
+        let tx = self.inner.db.begin_read()?;
+        let items = tx.open_table(tables::ITEMS)?;
+        Ok(ReadTxn {
+            inner: self.inner.clone(),
+            tx,
+            items,
+            now_ms: (self.inner.options.clock)(),
+        })
+    }
+
+    /// Creates an item of `model`; returns it (without hidden fields).
+    pub fn create(&self, model: &str, item: &Item) -> Result<Item, DbError> {
+        self.write(Origin::Local, |t| t.create(model, item))
+    }
+
+    /// Reads the item its key properties identify.
+    pub fn get(&self, model: &str, key: &Item) -> Result<Option<Item>, DbError> {
+        self.read()?.get(model, key, false)
+    }
+
+    /// Finds items: by full or partial key (a partly resolved sort-key template is a begins-with),
+    /// sort-key conditions, a secondary index, filters on other fields; paginated by `limit` and
+    /// `next`, in either direction.
+    pub fn find(&self, model: &str, props: &Item, options: &FindOptions) -> Result<Page, DbError> {
+        self.read()?.find(model, props, options)
+    }
+
+    /// Changes the given fields of an item (partial update); fails when absent.
+    pub fn update(&self, model: &str, item: &Item) -> Result<Item, DbError> {
+        self.write(Origin::Local, |t| t.update(model, item, false))
+    }
+
+    /// Updates the item, or creates it when absent.
+    pub fn upsert(&self, model: &str, item: &Item) -> Result<Item, DbError> {
+        self.write(Origin::Local, |t| t.update(model, item, true))
+    }
+
+    /// Removes the item its key properties identify; returns it, or None when absent.
+    pub fn remove(&self, model: &str, key: &Item) -> Result<Option<Item>, DbError> {
+        self.write(Origin::Local, |t| t.remove(model, key))
+    }
+
+    /// Runs several operations atomically: all commit or none. Returns one result per operation
+    /// (the item written, or the item removed).
+    pub fn transaction(&self, ops: &[Op]) -> Result<Vec<Option<Item>>, DbError> {
+        let max = self.inner.options.max_transaction_ops;
+        if ops.len() > max {
+            return Err(DbError::TooManyOperations {
+                count: ops.len(),
+                max,
+            });
+        }
+        self.write(Origin::Local, |t| {
+            ops.iter()
+                .map(|op| match op {
+                    Op::Create { model, item } => t.create(model, item).map(Some),
+                    Op::Update {
+                        model,
+                        item,
+                        upsert,
+                    } => t.update(model, item, *upsert).map(Some),
+                    Op::Remove { model, key } => t.remove(model, key),
+                })
+                .collect()
+        })
+    }
+
+    /// Calls `hook` after every committed change (in `immediate` mode, once it is durable).
+    pub fn subscribe(&self, hook: Hook) -> HookId {
+        self.inner.hooks.subscribe(hook)
+    }
+
+    pub fn unsubscribe(&self, id: HookId) {
+        self.inner.hooks.unsubscribe(id)
+    }
+
+    /// Installs the interceptor called inside every write transaction (one at a time).
+    pub fn set_interceptor(&self, interceptor: Option<Arc<dyn WriteInterceptor>>) {
+        *self
+            .inner
+            .interceptor
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = interceptor;
+    }
+
+    /// Reads side tables (replication state) in a snapshot.
+    pub fn side_scan(
+        &self,
+        table: &str,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let tx = self.inner.db.begin_read()?;
+        let name = tables::side_table_name(table);
+        let t = match tx.open_table(tables::side_def(&name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in t.range::<&[u8]>(start..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Number of entries in a side table.
+    pub fn side_len(&self, table: &str) -> Result<u64, DbError> {
+        let tx = self.inner.db.begin_read()?;
+        let name = tables::side_table_name(table);
+        match tx.open_table(tables::side_def(&name)) {
+            Ok(t) => Ok(t.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes items whose TTL has passed (the background thread calls this every
+    /// `ttl_purge_interval`). Returns how many were removed.
+    pub fn purge_expired(&self) -> Result<u64, DbError> {
+        purge_expired(&self.inner)
+    }
+
+    /// Makes every committed write durable now (useful in `periodic` mode before a planned stop).
+    pub fn flush(&self) -> Result<(), DbError> {
+        let inner = &*self.inner;
+        inner.committer.flush_all(|| inner.flush())?;
+        inner.hooks.deliver(|| inner.visible());
+        Ok(())
+    }
+
+    /// Stops the background thread, makes every commit durable and closes this handle. The file
+    /// is released once every clone of this `Db` is closed or dropped.
+    pub fn close(self) -> Result<(), DbError> {
+        self.inner
+            .stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let handle = self
+            .inner
+            .background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        self.flush()
+    }
+
+    /// Writes every item (complete, one JSON object per line); returns the count.
+    pub fn export(&self, out: &mut impl std::io::Write) -> Result<u64, DbError> {
+        jsonl::export(self, out)
+    }
+
+    /// Loads items written by [`Db::export`] (replacing items with the same key) in transactions
+    /// of up to `max_transaction_ops` lines; a bad line stops the import with its line number, and
+    /// the lines of its transaction are not written.
+    pub fn import(&self, input: &mut impl std::io::BufRead) -> Result<u64, DbError> {
+        jsonl::import(self, input)
+    }
+}
+
+fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
+    let mut tx = inner.db.begin_write()?;
+    tx.set_durability(redb::Durability::Immediate);
+    tx.open_table(tables::ITEMS)?;
+    tx.open_table(tables::TYPES)?;
+    tx.open_table(tables::TTL)?;
+    let mut stale = Vec::new();
+    {
+        let mut meta = tx.open_table(tables::META)?;
+        for (index, name) in inner.schema.secondary_indexes().iter().zip(&inner.index_tables) {
+            let def = format!("{}|{}", index.hash, index.sort.as_deref().unwrap_or(""));
+            let key = format!("index:{}", index.name);
+            let current = meta.get(key.as_str())?.map(|v| v.value().to_string());
+            if current.as_deref() != Some(def.as_str()) {
+                meta.insert(key.as_str(), def.as_str())?;
+                stale.push((index.clone(), name.clone()));
+            }
+        }
+    }
+    for (index, name) in stale {
+        tx.delete_table(tables::index_def(&name))?;
+        let mut table = tx.open_table(tables::index_def(&name))?;
+        let items = tx.open_table(tables::ITEMS)?;
+        for entry in items.iter()? {
+            let (k, v) = entry?;
+            let item = read::decode_item(v.value())?;
+            let Some(model) = inner.schema.model_of(&item) else {
+                continue;
+            };
+            let Some(key) = keys::decode_item_key(k.value()) else {
+                continue;
+            };
+            if let Some((hash, sort)) = model.index_key(&item, &index) {
+                table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
+            }
+        }
+        tracing::info!(index = %index.name, "built secondary index");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn purge_expired(inner: &Arc<Inner>) -> Result<u64, DbError> {
+    const BATCH: usize = 1_000;
+    let db = Db {
+        inner: inner.clone(),
+    };
+    let mut total = 0;
+    loop {
+        let removed = db.write(Origin::Expired, |t| {
+            let keys = t.expired_keys(t.now_ms(), BATCH)?;
+            for key in &keys {
+                t.remove_stored(key)?;
+            }
+            Ok(keys.len())
+        })?;
+        total += removed as u64;
+        if removed < BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+fn background_tick(options: &DbOptions) -> Duration {
+    let mut tick = options.ttl_purge_interval;
+    if let Durability::Periodic { interval } = options.durability {
+        tick = tick.min(interval);
+    }
+    tick.max(Duration::from_millis(1))
+}
+
+/// Periodic flushes and TTL purges. Holds only a weak reference: the database closes when the
+/// last `Db` is dropped, which also ends this thread.
+fn background(inner: Weak<Inner>, stop: mpsc::Receiver<()>, tick: Duration) {
+    let mut since_purge = Duration::ZERO;
+    loop {
+        match stop.recv_timeout(tick) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if matches!(inner.options.durability, Durability::Periodic { .. })
+            && inner.committer.has_unflushed()
+        {
+            if let Err(e) = inner.committer.flush_all(|| inner.flush()) {
+                tracing::error!("periodic flush failed: {e}");
+            }
+        }
+        since_purge += tick;
+        if since_purge >= inner.options.ttl_purge_interval {
+            since_purge = Duration::ZERO;
+            if let Err(e) = purge_expired(&inner) {
+                tracing::error!("TTL purge failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Reads: point gets and `find` queries over the primary key, a secondary index or a model scan.
+//!
+//! A query becomes one key range (sort-key conditions are range bounds, never filters), walked
+//! forward or backward; filters and TTL apply to the items the range yields. The `next` token is
+//! the last raw key returned, so a following page starts strictly after it: pages stay stable while
+//! items are added or removed elsewhere in the range.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use devtables_schema::{Index, Item, ItemKey, Model, Schema, SortCondition};
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
+
+use crate::tables::{self, Bytes};
+use crate::{keys, DbError, Inner};
+
+/// Options of [`crate::Db::find`].
+#[derive(Clone, Debug, Default)]
+pub struct FindOptions {
+    /// Query a secondary index by name instead of the primary key.
+    pub index: Option<String>,
+    /// Return at most this many items (after filters).
+    pub limit: Option<usize>,
+    /// The `next` token of the previous page.
+    pub next: Option<String>,
+    /// Walk the range in descending key order.
+    pub reverse: bool,
+    /// Include hidden fields (keys, index attributes).
+    pub hidden: bool,
+}
+
+/// One page of a find.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page {
+    pub items: Vec<Item>,
+    /// Pass back as [`FindOptions::next`] for the following page; `None` at the end.
+    pub next: Option<String>,
+}
+
+pub(crate) fn decode_item(raw: &[u8]) -> Result<Item, DbError> {
+    serde_json::from_slice(raw).map_err(|e| DbError::Corrupt(format!("stored item is not JSON: {e}")))
+}
+
+pub(crate) fn model_of_stored<'s>(schema: &'s Schema, item: &Item) -> Result<&'s Model, DbError> {
+    schema.model_of(item).ok_or_else(|| {
+        let field = &schema.params().type_field;
+        DbError::Corrupt(format!(
+            "stored item has no known model in field {field}: {:?} (was the model removed from the schema?)",
+            item.get(field)
+        ))
+    })
+}
+
+pub(crate) fn expired(model: &Model, item: &Item, now_ms: i64) -> bool {
+    matches!(model.expires_at_ms(item), Some(at) if at <= now_ms)
+}
+
+/// A consistent snapshot for many reads (cheaper than one snapshot per read).
+pub struct ReadTxn {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) tx: ReadTransaction,
+    pub(crate) items: ReadOnlyTable<Bytes, Bytes>,
+    pub(crate) now_ms: i64,
+}
+
+impl ReadTxn {
+    fn model(&self, name: &str) -> Result<&Model, DbError> {
+        self.inner
+            .schema
+            .model(name)
+            .ok_or_else(|| DbError::UnknownModel(name.to_string()))
+    }
+
+    /// The live stored item at `key` (complete), if it is of `model`.
+    fn load(&self, model: &Model, key: &ItemKey) -> Result<Option<Item>, DbError> {
+        let raw = keys::item_key(key);
+        self.load_raw(model, &raw)
+    }
+
+    fn load_raw(&self, model: &Model, raw: &[u8]) -> Result<Option<Item>, DbError> {
+        let Some(value) = self.items.get(raw)? else {
+            return Ok(None);
+        };
+        let item = decode_item(value.value())?;
+        let type_field = &self.inner.schema.params().type_field;
+        if item.get(type_field).and_then(|v| v.as_str()) != Some(model.name()) {
+            return Ok(None);
+        }
+        if expired(model, &item, self.now_ms) {
+            return Ok(None);
+        }
+        Ok(Some(item))
+    }
+
+    /// Reads one item by its key properties (without hidden fields unless `hidden`).
+    pub fn get(&self, model: &str, props: &Item, hidden: bool) -> Result<Option<Item>, DbError> {
+        let model = self.model(model)?;
+        let key = model.primary_key(props)?;
+        Ok(self
+            .load(model, &key)?
+            .map(|item| model.project(&item, hidden)))
+    }
+
+    /// The complete stored item at `key`, whatever its model (replication, export).
+    pub fn get_stored(&self, key: &ItemKey) -> Result<Option<(String, Item)>, DbError> {
+        let raw = keys::item_key(key);
+        let Some(value) = self.items.get(raw.as_slice())? else {
+            return Ok(None);
+        };
+        let item = decode_item(value.value())?;
+        let model = model_of_stored(&self.inner.schema, &item)?;
+        if expired(model, &item, self.now_ms) {
+            return Ok(None);
+        }
+        Ok(Some((model.name().to_string(), item)))
+    }
+
+    /// Finds items of `model` matching `props` (see [`crate::Db::find`]).
+    pub fn find(&self, model: &str, props: &Item, options: &FindOptions) -> Result<Page, DbError> {
+        let model = self.model(model)?;
+        let schema = &self.inner.schema;
+        let index = match &options.index {
+            Some(name) => Some(
+                schema
+                    .index(name)
+                    .ok_or_else(|| DbError::UnknownIndex(name.clone()))?,
+            ),
+            None => None,
+        };
+        let query = model.query(props, index)?;
+        let index = index.unwrap_or_else(|| schema.primary_index());
+        let after = match &options.next {
+            Some(token) => Some(
+                hex::decode(token)
+                    .map_err(|_| DbError::BadCursor("not a hexadecimal token".into()))?,
+            ),
+            None => None,
+        };
+        let limit = options.limit.unwrap_or(usize::MAX);
+        let mut page = Page {
+            items: Vec::new(),
+            next: None,
+        };
+        if limit == 0 {
+            return Ok(page);
+        }
+        let is_primary = index.name == schema.primary_index().name;
+        let mut sort_filter = None;
+        let (table, bounds) = match &query.hash {
+            Some(hash) if is_primary => (Walk::Items, sort_bounds(hash, &query.sort)),
+            Some(hash) => (Walk::Index, sort_bounds(hash, &query.sort)),
+            None => {
+                sort_filter = Some((index, &query.sort));
+                let p = keys::prefix(&[model.name()]);
+                let end = keys::prefix_end(&p);
+                (Walk::Types, (Bound::Included(p), Bound::Excluded(end)))
+            }
+        };
+        let bounds = continue_after(bounds, after, options.reverse);
+        let mut visit = |raw: &[u8]| -> Result<bool, DbError> {
+            let item = match table {
+                Walk::Items => self.load_raw(model, raw)?,
+                Walk::Index | Walk::Types => match keys::trailing_item_key(raw) {
+                    Some(key) => self.load(model, &key)?,
+                    None => return Err(DbError::Corrupt("malformed index entry".into())),
+                },
+            };
+            let Some(item) = item else {
+                return Ok(true);
+            };
+            if let Some((index, sort)) = sort_filter {
+                if !sort_matches(model, &item, index, sort) {
+                    return Ok(true);
+                }
+            }
+            if !query.filters.iter().all(|f| f.matches(&item)) {
+                return Ok(true);
+            }
+            page.items.push(model.project(&item, options.hidden));
+            if page.items.len() >= limit {
+                page.next = Some(hex::encode(raw));
+                return Ok(false);
+            }
+            Ok(true)
+        };
+        match table {
+            Walk::Items => walk(&self.items, bounds, options.reverse, &mut visit)?,
+            Walk::Types => {
+                let t = self.tx.open_table(tables::TYPES)?;
+                walk(&t, bounds, options.reverse, &mut visit)?
+            }
+            Walk::Index => {
+                let name = tables::index_table_name(&index.name);
+                let t = self.tx.open_table(tables::index_def(&name))?;
+                walk(&t, bounds, options.reverse, &mut visit)?
+            }
+        }
+        Ok(page)
+    }
+
+    /// Every live item of `model` (complete), in key order: export and resync.
+    pub fn scan_model(&self, model: &str) -> Result<Vec<Item>, DbError> {
+        let options = FindOptions {
+            hidden: true,
+            ..FindOptions::default()
+        };
+        Ok(self.find(model, &Item::new(), &options)?.items)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Walk {
+    Items,
+    Index,
+    Types,
+}
+
+type Bounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+fn walk<V: redb::Value + 'static>(
+    table: &impl ReadableTable<Bytes, V>,
+    bounds: Bounds,
+    reverse: bool,
+    visit: &mut impl FnMut(&[u8]) -> Result<bool, DbError>,
+) -> Result<(), DbError> {
+    if empty_range(&bounds) {
+        return Ok(());
+    }
+    let range = (as_slice(&bounds.0), as_slice(&bounds.1));
+    let iter = table.range::<&[u8]>(range)?;
+    if reverse {
+        for entry in iter.rev() {
+            let (k, _) = entry?;
+            if !visit(k.value())? {
+                break;
+            }
+        }
+    } else {
+        for entry in iter {
+            let (k, _) = entry?;
+            if !visit(k.value())? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn as_slice(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match b {
+        Bound::Included(v) => Bound::Included(v.as_slice()),
+        Bound::Excluded(v) => Bound::Excluded(v.as_slice()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// redb panics on a range whose start is after its end: never hand it one.
+fn empty_range(bounds: &Bounds) -> bool {
+    match (&bounds.0, &bounds.1) {
+        (Bound::Included(s), Bound::Included(e)) => s > e,
+        (Bound::Included(s), Bound::Excluded(e))
+        | (Bound::Excluded(s), Bound::Included(e))
+        | (Bound::Excluded(s), Bound::Excluded(e)) => s >= e,
+        _ => false,
+    }
+}
+
+/// Key range of a sort-key condition under hash `hash`. Keys under a hash are `hash \0 sort`
+/// (items) or `hash \0 sort \0 pk \0 sk` (index entries); the bounds below hold for both.
+fn sort_bounds(hash: &str, sort: &SortCondition) -> Bounds {
+    let base = keys::prefix(&[hash]);
+    let at = |s: &str| {
+        let mut v = base.clone();
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    // Just past every key whose sort value is exactly `s`.
+    let after_eq = |s: &str| {
+        let mut v = at(s);
+        v.push(keys::SEP);
+        v.push(keys::TOP);
+        v
+    };
+    let start = Bound::Included(base.clone());
+    let end = Bound::Excluded(keys::prefix_end(&base));
+    match sort {
+        SortCondition::Any => (start, end),
+        SortCondition::Eq(s) => (Bound::Included(at(s)), Bound::Excluded(after_eq(s))),
+        SortCondition::BeginsWith(s) => (
+            Bound::Included(at(s)),
+            Bound::Excluded(keys::prefix_end(&at(s))),
+        ),
+        SortCondition::Between(a, b) => (Bound::Included(at(a)), Bound::Excluded(after_eq(b))),
+        SortCondition::Lt(s) => (start, Bound::Excluded(at(s))),
+        SortCondition::Le(s) => (start, Bound::Excluded(after_eq(s))),
+        SortCondition::Gt(s) => (Bound::Included(after_eq(s)), end),
+        SortCondition::Ge(s) => (Bound::Included(at(s)), end),
+    }
+}
+
+fn continue_after(bounds: Bounds, after: Option<Vec<u8>>, reverse: bool) -> Bounds {
+    let Some(after) = after else {
+        return bounds;
+    };
+    if reverse {
+        let end = match &bounds.1 {
+            Bound::Included(e) | Bound::Excluded(e) if *e < after => bounds.1,
+            _ => Bound::Excluded(after),
+        };
+        (bounds.0, end)
+    } else {
+        let start = match &bounds.0 {
+            Bound::Included(s) | Bound::Excluded(s) if *s > after => bounds.0,
+            _ => Bound::Excluded(after),
+        };
+        (start, bounds.1)
+    }
+}
+
+/// A sort condition checked on an item (model scans, where it cannot be a range).
+fn sort_matches(model: &Model, item: &Item, index: &Index, sort: &SortCondition) -> bool {
+    if matches!(sort, SortCondition::Any) {
+        return true;
+    }
+    let value = match model.index_key(item, index) {
+        Some((_, s)) => s,
+        None => return false,
+    };
+    let v = value.as_str();
+    match sort {
+        SortCondition::Any => true,
+        SortCondition::Eq(s) => v == s,
+        SortCondition::BeginsWith(s) => v.starts_with(s.as_str()),
+        SortCondition::Between(a, b) => v >= a.as_str() && v <= b.as_str(),
+        SortCondition::Lt(s) => v < s.as_str(),
+        SortCondition::Le(s) => v <= s.as_str(),
+        SortCondition::Gt(s) => v > s.as_str(),
+        SortCondition::Ge(s) => v >= s.as_str(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contains(b: &Bounds, key: &[u8]) -> bool {
+        let lo = match &b.0 {
+            Bound::Included(s) => key >= s.as_slice(),
+            Bound::Excluded(s) => key > s.as_slice(),
+            Bound::Unbounded => true,
+        };
+        let hi = match &b.1 {
+            Bound::Included(e) => key <= e.as_slice(),
+            Bound::Excluded(e) => key < e.as_slice(),
+            Bound::Unbounded => true,
+        };
+        lo && hi
+    }
+
+    fn item(sk: &str) -> Vec<u8> {
+        keys::item_key(&ItemKey {
+            pk: "h".into(),
+            sk: sk.into(),
+        })
+    }
+
+    fn entry(sort: &str) -> Vec<u8> {
+        keys::index_key(
+            "h",
+            sort,
+            &ItemKey {
+                pk: "p".into(),
+                sk: "s".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn sort_bounds_match_the_conditions_for_items_and_index_entries() {
+        let cases: Vec<(SortCondition, &[&str], &[&str])> = vec![
+            (SortCondition::Eq("b".into()), &["b"], &["a", "b1", "ba"]),
+            (SortCondition::BeginsWith("b".into()), &["b", "b1", "bz"], &["a", "c"]),
+            (SortCondition::Between("b".into(), "c".into()), &["b", "b9", "c"], &["a", "c0"]),
+            (SortCondition::Lt("b".into()), &["a", "az", ""], &["b", "b0"]),
+            (SortCondition::Le("b".into()), &["a", "b"], &["b0", "c"]),
+            (SortCondition::Gt("b".into()), &["b0", "c"], &["a", "b"]),
+            (SortCondition::Ge("b".into()), &["b", "b0", "c"], &["a"]),
+        ];
+        for (cond, inside, outside) in cases {
+            let b = sort_bounds("h", &cond);
+            for s in inside {
+                assert!(contains(&b, &item(s)), "{cond:?} should hold item sort {s:?}");
+                assert!(contains(&b, &entry(s)), "{cond:?} should hold index sort {s:?}");
+            }
+            for s in outside {
+                assert!(!contains(&b, &item(s)), "{cond:?} should not hold item sort {s:?}");
+                assert!(!contains(&b, &entry(s)), "{cond:?} should not hold index sort {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn other_hashes_are_outside_every_range() {
+        let b = sort_bounds("h", &SortCondition::Any);
+        let other = keys::item_key(&ItemKey {
+            pk: "h2".into(),
+            sk: "".into(),
+        });
+        assert!(!contains(&b, &other));
+    }
+}

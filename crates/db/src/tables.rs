@@ -1,0 +1,34 @@
+//! The redb tables that hold a device database, and how one item is laid out across them.
+//!
+//! - `items`: primary key (`pk \0 sk`) → the complete item as JSON.
+//! - `types`: `model \0 pk \0 sk` → (): walks one model without reading the others.
+//! - `ttl`: `expiry \0 pk \0 sk` → (): the purge reads only what has expired.
+//! - `idx:<name>`: one per secondary index, `hash \0 sort \0 pk \0 sk` → (): real index lookups.
+//! - `meta`: the index definitions the secondary tables were built for (rebuilt when they change).
+//! - `x:<name>`: side tables for the layers above (replication outbox, versions, cursors), written in
+//!   the same transactions as the items they describe.
+
+use redb::TableDefinition;
+
+pub(crate) type Bytes = &'static [u8];
+
+pub(crate) const ITEMS: TableDefinition<Bytes, Bytes> = TableDefinition::new("items");
+pub(crate) const TYPES: TableDefinition<Bytes, ()> = TableDefinition::new("types");
+pub(crate) const TTL: TableDefinition<Bytes, ()> = TableDefinition::new("ttl");
+pub(crate) const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+pub(crate) fn index_table_name(index: &str) -> String {
+    format!("idx:{index}")
+}
+
+pub(crate) fn side_table_name(table: &str) -> String {
+    format!("x:{table}")
+}
+
+pub(crate) fn index_def(name: &str) -> TableDefinition<'_, Bytes, ()> {
+    TableDefinition::new(name)
+}
+
+pub(crate) fn side_def(name: &str) -> TableDefinition<'_, Bytes, Bytes> {
+    TableDefinition::new(name)
+}

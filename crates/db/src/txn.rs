@@ -1,0 +1,391 @@
+//! Write transactions: every change of an item, its index entries, its TTL entry and whatever the
+//! layers above record about it (through [`SideTables`] and the [`WriteInterceptor`]) commits
+//! together or not at all.
+
+use std::ops::Bound;
+
+use devtables_schema::{Item, ItemKey, Model, SyncDirection};
+use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+
+use crate::hooks::{Change, ChangeOp, Origin};
+use crate::tables::{self, Bytes};
+use crate::{keys, DbError, Inner};
+
+/// Called inside every write transaction for each change, before commit. The replication agent
+/// uses it to record the outbox entry of a local change in the same transaction as the change;
+/// returning an error aborts the whole transaction (for example when the outbox is full).
+pub trait WriteInterceptor: Send + Sync {
+    fn on_change(&self, side: &mut SideTables<'_>, change: &Change) -> Result<(), DbError>;
+}
+
+/// Byte-keyed tables beside the items, written in the same transaction (replication state).
+pub struct SideTables<'t> {
+    tx: &'t WriteTransaction,
+}
+
+impl<'t> SideTables<'t> {
+    fn open(&self, table: &str) -> Result<Table<'t, Bytes, Bytes>, DbError> {
+        let name = tables::side_table_name(table);
+        Ok(self.tx.open_table(tables::side_def(&name))?)
+    }
+
+    pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        let t = self.open(table)?;
+        let value = t.get(key)?.map(|v| v.value().to_vec());
+        Ok(value)
+    }
+
+    pub fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError> {
+        self.open(table)?.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Removes a key; returns whether it was there.
+    pub fn remove(&mut self, table: &str, key: &[u8]) -> Result<bool, DbError> {
+        let removed = self.open(table)?.remove(key)?.is_some();
+        Ok(removed)
+    }
+
+    pub fn len(&self, table: &str) -> Result<u64, DbError> {
+        Ok(self.open(table)?.len()?)
+    }
+
+    pub fn is_empty(&self, table: &str) -> Result<bool, DbError> {
+        Ok(self.len(table)? == 0)
+    }
+
+    /// Up to `limit` entries with keys `>= start`, in key order.
+    pub fn scan(
+        &self,
+        table: &str,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let t = self.open(table)?;
+        let mut out = Vec::new();
+        for entry in t.range::<&[u8]>(start..)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes every entry of the table.
+    pub fn clear(&mut self, table: &str) -> Result<(), DbError> {
+        let name = tables::side_table_name(table);
+        self.tx.delete_table(tables::side_def(&name))?;
+        Ok(())
+    }
+}
+
+/// One write transaction. Obtained from [`crate::Db::write`]; commits when the closure returns Ok.
+pub struct WriteTxn<'t> {
+    pub(crate) inner: &'t Inner,
+    pub(crate) tx: &'t WriteTransaction,
+    pub(crate) items: Table<'t, Bytes, Bytes>,
+    pub(crate) types: Table<'t, Bytes, ()>,
+    pub(crate) ttl: Table<'t, Bytes, ()>,
+    /// One per secondary index, in `Schema::secondary_indexes` order.
+    pub(crate) indexes: Vec<Table<'t, Bytes, ()>>,
+    pub(crate) origin: Origin,
+    pub(crate) now_ms: i64,
+    pub(crate) changes: Vec<Change>,
+}
+
+impl<'t> WriteTxn<'t> {
+    /// Milliseconds since the epoch, read once when the transaction began.
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The side tables, in this transaction.
+    pub fn side(&mut self) -> SideTables<'t> {
+        SideTables { tx: self.tx }
+    }
+
+    fn model(&self, name: &str) -> Result<&'t Model, DbError> {
+        self.inner
+            .schema
+            .model(name)
+            .ok_or_else(|| DbError::UnknownModel(name.to_string()))
+    }
+
+    /// The schema's policy for writes by the device application.
+    fn check_local_write(&self, model: &Model) -> Result<(), DbError> {
+        if self.origin != Origin::Local {
+            return Ok(());
+        }
+        let process = model.process();
+        if !process.on_device() {
+            return Err(DbError::NotOnDevice(model.name().to_string()));
+        }
+        if process.sync == SyncDirection::Down {
+            return Err(DbError::DownOnly(model.name().to_string()));
+        }
+        Ok(())
+    }
+
+    /// The live (not expired) stored item at `key`, with its model.
+    pub fn get_stored(&self, key: &ItemKey) -> Result<Option<(&'t Model, Item)>, DbError> {
+        let raw = keys::item_key(key);
+        let Some(value) = self.items.get(raw.as_slice())? else {
+            return Ok(None);
+        };
+        let item = crate::read::decode_item(value.value())?;
+        let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
+        if crate::read::expired(model, &item, self.now_ms) {
+            return Ok(None);
+        }
+        Ok(Some((model, item)))
+    }
+
+    /// Reads an item of `model` by its key properties, without hidden fields.
+    pub fn get(&self, model: &str, props: &Item) -> Result<Option<Item>, DbError> {
+        let model = self.model(model)?;
+        let key = model.primary_key(props)?;
+        Ok(self
+            .get_stored(&key)?
+            .filter(|(m, _)| m.name() == model.name())
+            .map(|(m, item)| m.project(&item, false)))
+    }
+
+    /// Creates an item; fails with [`DbError::Exists`] when its key is taken.
+    pub fn create(&mut self, model: &str, input: &Item) -> Result<Item, DbError> {
+        let model = self.model(model)?;
+        self.check_local_write(model)?;
+        let item = model.prepare_create(input, self.now_ms)?;
+        let key = model.primary_key(&item)?;
+        if self.get_stored(&key)?.is_some() {
+            return Err(exists(model, &key));
+        }
+        let old = self.stored_even_if_expired(&key)?;
+        self.store(model, key, old, item.clone(), ChangeOp::Create)?;
+        Ok(model.project(&item, false))
+    }
+
+    /// Changes the fields given in `input` of the item they identify; with `upsert`, creates it
+    /// when absent.
+    pub fn update(&mut self, model: &str, input: &Item, upsert: bool) -> Result<Item, DbError> {
+        let model_ref = self.model(model)?;
+        self.check_local_write(model_ref)?;
+        let key = model_ref.primary_key(input)?;
+        let existing = match self.get_stored(&key)? {
+            Some((m, item)) if m.name() == model_ref.name() => item,
+            Some(_) => return Err(exists(model_ref, &key)),
+            None if upsert => return self.create(model, input),
+            None => return Err(not_found(model_ref, &key)),
+        };
+        let item = model_ref.prepare_update(&existing, input, self.now_ms)?;
+        let old = Some((model_ref, existing));
+        self.store(model_ref, key, old, item.clone(), ChangeOp::Update)?;
+        Ok(model_ref.project(&item, false))
+    }
+
+    /// Removes the item its key properties identify; returns it (without hidden fields).
+    pub fn remove(&mut self, model: &str, props: &Item) -> Result<Option<Item>, DbError> {
+        let model = self.model(model)?;
+        self.check_local_write(model)?;
+        let key = model.primary_key(props)?;
+        match self.get_stored(&key)? {
+            Some((m, _)) if m.name() != model.name() => Ok(None),
+            Some(_) => Ok(self
+                .remove_stored(&key)?
+                .map(|item| model.project(&item, false))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a complete item as given (validated by `normalize_stored`): how replication applies
+    /// a remote item and import loads one. Returns its key.
+    pub fn put_stored(&mut self, model: &str, item: Item) -> Result<ItemKey, DbError> {
+        let model = self.model(model)?;
+        match self.origin {
+            Origin::Local => self.check_local_write(model)?,
+            Origin::Import if !model.process().on_device() => {
+                return Err(DbError::NotOnDevice(model.name().to_string()))
+            }
+            _ => {}
+        }
+        let item = model.normalize_stored(item)?;
+        let key = model.primary_key(&item)?;
+        let old = self.stored_even_if_expired(&key)?;
+        let op = if old.is_some() {
+            ChangeOp::Update
+        } else {
+            ChangeOp::Create
+        };
+        self.store(model, key.clone(), old, item, op)?;
+        Ok(key)
+    }
+
+    /// Removes the item stored at `key` whatever its model; returns the complete item.
+    pub fn remove_stored(&mut self, key: &ItemKey) -> Result<Option<Item>, DbError> {
+        let Some((model, item)) = self.stored_even_if_expired(key)? else {
+            return Ok(None);
+        };
+        let raw = keys::item_key(key);
+        self.items.remove(raw.as_slice())?;
+        self.unindex(model, key, &item)?;
+        let change = Change {
+            model: model.name().to_string(),
+            key: key.clone(),
+            op: ChangeOp::Remove,
+            old: Some(item.clone()),
+            new: None,
+            origin: self.origin,
+        };
+        self.record(change)?;
+        Ok(Some(item))
+    }
+
+    fn stored_even_if_expired(&self, key: &ItemKey) -> Result<Option<(&'t Model, Item)>, DbError> {
+        let raw = keys::item_key(key);
+        let Some(value) = self.items.get(raw.as_slice())? else {
+            return Ok(None);
+        };
+        let item = crate::read::decode_item(value.value())?;
+        let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
+        Ok(Some((model, item)))
+    }
+
+    fn store(
+        &mut self,
+        model: &'t Model,
+        key: ItemKey,
+        old: Option<(&'t Model, Item)>,
+        item: Item,
+        op: ChangeOp,
+    ) -> Result<(), DbError> {
+        let bytes = serde_json::to_vec(&item)?;
+        let max = self.inner.options.max_item_bytes;
+        if bytes.len() > max {
+            return Err(DbError::TooLarge {
+                model: model.name().to_string(),
+                key: display_key(&key),
+                size: bytes.len(),
+                max,
+            });
+        }
+        let index_keys = self.index_keys(model, &item)?;
+        if let Some((old_model, old_item)) = &old {
+            self.unindex(old_model, &key, old_item)?;
+        }
+        let raw = keys::item_key(&key);
+        self.items.insert(raw.as_slice(), bytes.as_slice())?;
+        self.types
+            .insert(keys::type_key(model.name(), &key).as_slice(), ())?;
+        if let Some(expires) = model.expires_at_ms(&item) {
+            self.ttl.insert(keys::ttl_key(expires, &key).as_slice(), ())?;
+        }
+        for (table, entry) in self.indexes.iter_mut().zip(index_keys) {
+            if let Some((hash, sort)) = entry {
+                table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
+            }
+        }
+        let change = Change {
+            model: model.name().to_string(),
+            key,
+            op,
+            old: old.map(|(_, item)| item),
+            new: Some(item),
+            origin: self.origin,
+        };
+        self.record(change)
+    }
+
+    fn index_keys(
+        &self,
+        model: &Model,
+        item: &Item,
+    ) -> Result<Vec<Option<(String, String)>>, DbError> {
+        let mut out = Vec::with_capacity(self.indexes.len());
+        for index in self.inner.schema.secondary_indexes() {
+            let entry = model.index_key(item, index);
+            if let Some((hash, sort)) = &entry {
+                if keys::has_nul(hash) || keys::has_nul(sort) {
+                    return Err(DbError::BadIndexValue {
+                        model: model.name().to_string(),
+                        field: index.hash.clone(),
+                    });
+                }
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    fn unindex(&mut self, model: &Model, key: &ItemKey, item: &Item) -> Result<(), DbError> {
+        self.types
+            .remove(keys::type_key(model.name(), key).as_slice())?;
+        if let Some(expires) = model.expires_at_ms(item) {
+            self.ttl.remove(keys::ttl_key(expires, key).as_slice())?;
+        }
+        let schema = &self.inner.schema;
+        for (table, index) in self.indexes.iter_mut().zip(schema.secondary_indexes()) {
+            if let Some((hash, sort)) = model.index_key(item, index) {
+                table.remove(keys::index_key(&hash, &sort, key).as_slice())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, change: Change) -> Result<(), DbError> {
+        if let Some(interceptor) = self.inner.interceptor() {
+            interceptor.on_change(&mut SideTables { tx: self.tx }, &change)?;
+        }
+        self.changes.push(change);
+        Ok(())
+    }
+
+    /// Keys of the items whose TTL passed at `now_ms`, oldest first, at most `limit`.
+    pub(crate) fn expired_keys(&self, now_ms: i64, limit: usize) -> Result<Vec<ItemKey>, DbError> {
+        let end = (now_ms.max(0) as u64 + 1).to_be_bytes();
+        let mut out = Vec::new();
+        for entry in self
+            .ttl
+            .range::<&[u8]>((Bound::Unbounded, Bound::Excluded(&end[..])))?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = entry?;
+            if let Some(key) = keys::decode_ttl_key(k.value()) {
+                out.push(key);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+}
+
+pub(crate) fn display_key(key: &ItemKey) -> String {
+    if key.pk.is_empty() {
+        format!("{:?}", key.sk)
+    } else {
+        format!("{:?}/{:?}", key.pk, key.sk)
+    }
+}
+
+fn exists(model: &Model, key: &ItemKey) -> DbError {
+    DbError::Exists {
+        model: model.name().to_string(),
+        key: display_key(key),
+    }
+}
+
+fn not_found(model: &Model, key: &ItemKey) -> DbError {
+    DbError::NotFound {
+        model: model.name().to_string(),
+        key: display_key(key),
+    }
+}

@@ -1,0 +1,558 @@
+//! Field definitions: types, casting and per-value validation.
+//!
+//! Every value that enters the database passes through [`Field::cast`] (JSON input → the one
+//! stored form of the field's type) and [`Field::check`] (enum and pattern), so that stored
+//! items are uniform whatever the caller sent and whichever node wrote them.
+
+use base64::Engine as _;
+use regex::Regex;
+use serde_json::{Map, Value};
+
+use crate::date;
+use crate::error::{Reason, ValidationError};
+use crate::template::{render_value, Template};
+
+/// The type of a field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldType {
+    /// A UTF-8 string.
+    String,
+    /// A JSON number (integers stay integers).
+    Number,
+    /// `true` / `false`.
+    Boolean,
+    /// A point in time, stored per `params.isoDates`.
+    Date,
+    /// A JSON object, optionally described by a nested schema.
+    Object,
+    /// A JSON array, optionally with typed items.
+    Array,
+    /// Base64-encoded bytes.
+    Binary,
+}
+
+impl FieldType {
+    /// Parse a schema type name (case-insensitive, `String` and `string` alike).
+    pub(crate) fn parse(name: &str) -> Option<FieldType> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "string" => FieldType::String,
+            "number" => FieldType::Number,
+            "boolean" => FieldType::Boolean,
+            "date" => FieldType::Date,
+            "object" => FieldType::Object,
+            "array" => FieldType::Array,
+            "binary" | "buffer" => FieldType::Binary,
+            _ => return None,
+        })
+    }
+
+    /// The lower-case type name.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            FieldType::String => "string",
+            FieldType::Number => "number",
+            FieldType::Boolean => "boolean",
+            FieldType::Date => "date",
+            FieldType::Object => "object",
+            FieldType::Array => "array",
+            FieldType::Binary => "binary",
+        }
+    }
+}
+
+/// How an absent field gets a generated id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Generate {
+    /// A 26-character ULID whose time part is the caller's clock.
+    Ulid,
+    /// A random (v4) UUID.
+    Uuid,
+}
+
+/// A compiled `validate` pattern with its source text (for error messages).
+#[derive(Clone, Debug)]
+pub(crate) struct Pattern {
+    pub(crate) source: String,
+    pub(crate) regex: Regex,
+}
+
+/// Casting options that come from the schema params.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ctx<'a> {
+    pub(crate) model: &'a str,
+    pub(crate) iso_dates: bool,
+    pub(crate) nulls: bool,
+}
+
+impl Ctx<'_> {
+    pub(crate) fn err(&self, field: impl Into<String>, reason: Reason) -> ValidationError {
+        ValidationError::new(self.model, field, reason)
+    }
+}
+
+/// One field of a model (or of a nested object schema).
+#[derive(Clone, Debug)]
+pub struct Field {
+    pub(crate) name: String,
+    pub(crate) ty: FieldType,
+    pub(crate) required: bool,
+    pub(crate) hidden: Option<bool>,
+    pub(crate) readonly: bool,
+    pub(crate) ttl: bool,
+    pub(crate) default: Option<Value>,
+    pub(crate) enum_values: Option<Vec<Value>>,
+    pub(crate) validate: Option<Pattern>,
+    pub(crate) template: Option<Template>,
+    pub(crate) generate: Option<Generate>,
+    pub(crate) schema: Option<Vec<Field>>,
+    pub(crate) items: Option<Box<Field>>,
+}
+
+impl Field {
+    /// A plain field of the given type (the parser fills in the rest).
+    pub(crate) fn new(name: &str, ty: FieldType) -> Field {
+        Field {
+            name: name.to_string(),
+            ty,
+            required: false,
+            hidden: None,
+            readonly: false,
+            ttl: false,
+            default: None,
+            enum_values: None,
+            validate: None,
+            template: None,
+            generate: None,
+            schema: None,
+            items: None,
+        }
+    }
+
+    /// The field name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The field type.
+    pub fn field_type(&self) -> FieldType {
+        self.ty
+    }
+
+    /// Whether a value must be present.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// Explicit `hidden`, else true for templated fields (the OneTable rule).
+    pub fn hidden(&self) -> bool {
+        self.hidden.unwrap_or(self.template.is_some())
+    }
+
+    /// Whether updates may not change the value.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Whether this is the model's time-to-live field (stored as epoch seconds).
+    pub fn is_ttl(&self) -> bool {
+        self.ttl
+    }
+
+    /// Whether the value is computed from a `${field}` template.
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    pub(crate) fn template(&self) -> Option<&Template> {
+        self.template.as_ref()
+    }
+
+    pub(crate) fn generate_value(&self, now_ms: i64) -> Option<Value> {
+        match self.generate? {
+            Generate::Ulid => {
+                let ms = u64::try_from(now_ms).unwrap_or(0);
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                Some(Value::String(ulid::Ulid::from_datetime(at).to_string()))
+            }
+            Generate::Uuid => Some(Value::String(uuid::Uuid::new_v4().to_string())),
+        }
+    }
+
+    /// Cast a non-null input value to the stored form; `path` names the field in errors.
+    pub(crate) fn cast(&self, value: &Value, path: &str, ctx: &Ctx) -> Result<Value, ValidationError> {
+        let wrong = || {
+            ctx.err(path, Reason::WrongType { expected: self.ty.name().to_string(), found: describe(value) })
+        };
+        match self.ty {
+            FieldType::String => match value {
+                Value::String(_) => Ok(value.clone()),
+                Value::Number(_) | Value::Bool(_) => render_value(value).map(Value::String).ok_or_else(wrong),
+                _ => Err(wrong()),
+            },
+            FieldType::Number if self.ttl => cast_ttl(value).ok_or_else(wrong),
+            FieldType::Number => match value {
+                Value::Number(_) => Ok(value.clone()),
+                Value::String(s) => parse_number(s).ok_or_else(wrong),
+                _ => Err(wrong()),
+            },
+            FieldType::Boolean => match value {
+                Value::Bool(_) => Ok(value.clone()),
+                Value::String(s) if s == "true" => Ok(Value::Bool(true)),
+                Value::String(s) if s == "false" => Ok(Value::Bool(false)),
+                Value::Number(n) if n.as_f64() == Some(0.0) => Ok(Value::Bool(false)),
+                Value::Number(n) if n.as_f64() == Some(1.0) => Ok(Value::Bool(true)),
+                _ => Err(wrong()),
+            },
+            FieldType::Date if self.ttl => cast_ttl(value).ok_or_else(wrong),
+            FieldType::Date => {
+                let ms = date_ms(value).ok_or_else(wrong)?;
+                store_date(ms, ctx.iso_dates).ok_or_else(|| {
+                    ctx.err(path, Reason::Invalid(format!("date {ms} ms is out of the supported range")))
+                })
+            }
+            FieldType::Object => match (value, &self.schema) {
+                (Value::Object(map), Some(fields)) => cast_object(fields, map, path, ctx).map(Value::Object),
+                (Value::Object(_), None) => Ok(value.clone()),
+                _ => Err(wrong()),
+            },
+            FieldType::Array => match (value, &self.items) {
+                (Value::Array(list), Some(item)) => {
+                    let mut out = Vec::with_capacity(list.len());
+                    for (i, v) in list.iter().enumerate() {
+                        let p = format!("{path}[{i}]");
+                        out.push(item.cast_checked(v, &p, ctx)?);
+                    }
+                    Ok(Value::Array(out))
+                }
+                (Value::Array(_), None) => Ok(value.clone()),
+                _ => Err(wrong()),
+            },
+            FieldType::Binary => match value {
+                Value::String(s) => {
+                    let engine = base64::engine::general_purpose::STANDARD;
+                    let no_pad = base64::engine::general_purpose::STANDARD_NO_PAD;
+                    if engine.decode(s).is_ok() || no_pad.decode(s).is_ok() {
+                        Ok(value.clone())
+                    } else {
+                        Err(ctx.err(path, Reason::Invalid("binary values must be base64 strings".into())))
+                    }
+                }
+                _ => Err(wrong()),
+            },
+        }
+    }
+
+    /// [`Field::cast`] followed by [`Field::check`].
+    pub(crate) fn cast_checked(&self, value: &Value, path: &str, ctx: &Ctx) -> Result<Value, ValidationError> {
+        let cast = self.cast(value, path, ctx)?;
+        self.check(&cast, path, ctx)?;
+        Ok(cast)
+    }
+
+    /// Check a stored (cast) value against `enum` and `validate`.
+    pub(crate) fn check(&self, value: &Value, path: &str, ctx: &Ctx) -> Result<(), ValidationError> {
+        if value.is_null() {
+            return Ok(());
+        }
+        if let Some(allowed) = &self.enum_values {
+            if !allowed.iter().any(|a| values_equal(a, value)) {
+                return Err(ctx.err(
+                    path,
+                    Reason::NotInEnum {
+                        value: value.to_string(),
+                        allowed: allowed.iter().map(|a| render_value(a).unwrap_or_else(|| a.to_string())).collect(),
+                    },
+                ));
+            }
+        }
+        if let Some(pattern) = &self.validate {
+            if let Some(text) = render_value(value) {
+                if !pattern.regex.is_match(&text) {
+                    return Err(ctx.err(path, Reason::Pattern { pattern: pattern.source.clone() }));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cast the members of a nested object against its field definitions: unknown keys are
+/// errors, nulls follow `params.nulls`, defaults apply, required members must be present.
+pub(crate) fn cast_object(
+    fields: &[Field],
+    map: &Map<String, Value>,
+    path: &str,
+    ctx: &Ctx,
+) -> Result<Map<String, Value>, ValidationError> {
+    let mut out = Map::new();
+    for (key, value) in map {
+        let p = format!("{path}.{key}");
+        let field = fields.iter().find(|f| f.name == *key).ok_or_else(|| ctx.err(&p, Reason::UnknownField))?;
+        if value.is_null() {
+            if ctx.nulls {
+                out.insert(key.clone(), Value::Null);
+            }
+            continue;
+        }
+        out.insert(key.clone(), field.cast_checked(value, &p, ctx)?);
+    }
+    for field in fields {
+        if !out.contains_key(&field.name) {
+            if let Some(default) = &field.default {
+                out.insert(field.name.clone(), default.clone());
+            }
+        }
+        if field.required && !out.contains_key(&field.name) {
+            return Err(ctx.err(format!("{path}.{}", field.name), Reason::Required));
+        }
+    }
+    Ok(out)
+}
+
+/// Stored form of a date given in epoch milliseconds.
+pub(crate) fn store_date(ms: i64, iso_dates: bool) -> Option<Value> {
+    if iso_dates {
+        date::format_iso_ms(ms).map(Value::String)
+    } else {
+        date::format_iso_ms(ms)?; // range check only
+        Some(Value::from(ms))
+    }
+}
+
+/// Epoch milliseconds of a date input (ISO string, numeric string or epoch-ms number).
+pub(crate) fn date_ms(value: &Value) -> Option<i64> {
+    match value {
+        Value::String(s) => date::parse_iso_ms(s).or_else(|| match parse_number(s)? {
+            Value::Number(n) => number_to_i64(&n),
+            _ => None,
+        }),
+        Value::Number(n) => number_to_i64(n),
+        _ => None,
+    }
+}
+
+/// TTL values are stored as integral epoch seconds; input is an ISO date or epoch seconds.
+fn cast_ttl(value: &Value) -> Option<Value> {
+    match value {
+        Value::String(s) => match date::parse_iso_ms(s) {
+            Some(ms) => Some(Value::from(ms.div_euclid(1000))),
+            None => match parse_number(s)? {
+                Value::Number(n) => number_to_i64(&n).map(Value::from),
+                _ => None,
+            },
+        },
+        Value::Number(n) => number_to_i64(n).map(Value::from),
+        _ => None,
+    }
+}
+
+fn number_to_i64(n: &serde_json::Number) -> Option<i64> {
+    if let Some(i) = n.as_i64() {
+        return Some(i);
+    }
+    let f = n.as_f64()?;
+    if f.is_finite() && f.abs() < 9.2e18 {
+        Some(f.round() as i64)
+    } else {
+        None
+    }
+}
+
+/// Parse a numeric string; integers stay integers.
+fn parse_number(text: &str) -> Option<Value> {
+    let text = text.trim();
+    if let Ok(i) = text.parse::<i64>() {
+        return Some(Value::from(i));
+    }
+    if let Ok(u) = text.parse::<u64>() {
+        return Some(Value::from(u));
+    }
+    let f = text.parse::<f64>().ok().filter(|f| f.is_finite())?;
+    serde_json::Number::from_f64(f).map(Value::Number)
+}
+
+/// JSON equality with numbers compared numerically (3 == 3.0).
+pub(crate) fn values_equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(i), Some(j)) => i == j,
+            _ => x.as_f64() == y.as_f64(),
+        },
+        _ => a == b,
+    }
+}
+
+/// A short description of a JSON value for error messages.
+pub(crate) fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) if s.chars().count() > 40 => {
+            format!("string {:?}...", s.chars().take(40).collect::<String>())
+        }
+        Value::String(s) => format!("string {s:?}"),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CTX: Ctx = Ctx { model: "M", iso_dates: false, nulls: false };
+    const ISO: Ctx = Ctx { model: "M", iso_dates: true, nulls: false };
+
+    fn field(ty: FieldType) -> Field {
+        Field::new("f", ty)
+    }
+
+    fn check(f: &Field, ctx: &Ctx, input: Value, expected: Result<Value, ()>) {
+        let got = f.cast(&input, "f", ctx).map_err(|_| ());
+        assert_eq!(got, expected, "{:?} {input}", f.ty);
+    }
+
+    #[test]
+    fn type_names_parse_case_insensitively() {
+        assert_eq!(FieldType::parse("String"), Some(FieldType::String));
+        assert_eq!(FieldType::parse("DATE"), Some(FieldType::Date));
+        assert_eq!(FieldType::parse("set"), None);
+    }
+
+    #[test]
+    fn string_cast() {
+        let f = field(FieldType::String);
+        check(&f, &CTX, json!("a"), Ok(json!("a")));
+        check(&f, &CTX, json!(12), Ok(json!("12")));
+        check(&f, &CTX, json!(1.5), Ok(json!("1.5")));
+        check(&f, &CTX, json!(true), Ok(json!("true")));
+        check(&f, &CTX, json!({}), Err(()));
+        check(&f, &CTX, json!([]), Err(()));
+    }
+
+    #[test]
+    fn number_cast() {
+        let f = field(FieldType::Number);
+        check(&f, &CTX, json!(3), Ok(json!(3)));
+        check(&f, &CTX, json!(2.5), Ok(json!(2.5)));
+        check(&f, &CTX, json!("42"), Ok(json!(42)));
+        check(&f, &CTX, json!(" -1.25 "), Ok(json!(-1.25)));
+        check(&f, &CTX, json!("inf"), Err(()));
+        check(&f, &CTX, json!("NaN"), Err(()));
+        check(&f, &CTX, json!("x"), Err(()));
+        check(&f, &CTX, json!(true), Err(()));
+    }
+
+    #[test]
+    fn boolean_cast() {
+        let f = field(FieldType::Boolean);
+        check(&f, &CTX, json!(true), Ok(json!(true)));
+        check(&f, &CTX, json!("false"), Ok(json!(false)));
+        check(&f, &CTX, json!(1), Ok(json!(true)));
+        check(&f, &CTX, json!(0), Ok(json!(false)));
+        check(&f, &CTX, json!(2), Err(()));
+        check(&f, &CTX, json!("yes"), Err(()));
+    }
+
+    #[test]
+    fn date_cast_epoch_mode() {
+        let f = field(FieldType::Date);
+        check(&f, &CTX, json!("2026-11-25T18:00:00.000Z"), Ok(json!(1_795_629_600_000i64)));
+        check(&f, &CTX, json!(1_795_629_600_000i64), Ok(json!(1_795_629_600_000i64)));
+        check(&f, &CTX, json!("1795629600000"), Ok(json!(1_795_629_600_000i64)));
+        check(&f, &CTX, json!("soon"), Err(()));
+        check(&f, &CTX, json!(true), Err(()));
+    }
+
+    #[test]
+    fn date_cast_iso_mode() {
+        let f = field(FieldType::Date);
+        check(&f, &ISO, json!("2026-11-25T19:00:00+01:00"), Ok(json!("2026-11-25T18:00:00.000Z")));
+        check(&f, &ISO, json!(1_795_629_600_000i64), Ok(json!("2026-11-25T18:00:00.000Z")));
+        check(&f, &ISO, json!("2026-11-25T18:00:00.000Z"), Ok(json!("2026-11-25T18:00:00.000Z")));
+        check(&f, &ISO, json!(i64::MAX), Err(()));
+    }
+
+    #[test]
+    fn ttl_cast_is_epoch_seconds() {
+        let mut f = field(FieldType::Date);
+        f.ttl = true;
+        check(&f, &ISO, json!("2026-11-25T18:00:00.000Z"), Ok(json!(1_795_629_600i64)));
+        check(&f, &ISO, json!(1_795_629_600i64), Ok(json!(1_795_629_600i64)));
+        check(&f, &CTX, json!("1795629600"), Ok(json!(1_795_629_600i64)));
+        check(&f, &CTX, json!("never"), Err(()));
+    }
+
+    #[test]
+    fn binary_cast() {
+        let f = field(FieldType::Binary);
+        check(&f, &CTX, json!("aGVsbG8="), Ok(json!("aGVsbG8=")));
+        check(&f, &CTX, json!("aGVsbG8"), Ok(json!("aGVsbG8")));
+        check(&f, &CTX, json!("not base64!"), Err(()));
+        check(&f, &CTX, json!(1), Err(()));
+    }
+
+    #[test]
+    fn array_cast_with_items() {
+        let mut f = field(FieldType::Array);
+        check(&f, &CTX, json!([1, "a"]), Ok(json!([1, "a"])));
+        f.items = Some(Box::new(Field::new("", FieldType::Number)));
+        check(&f, &CTX, json!(["1", 2]), Ok(json!([1, 2])));
+        let err = f.cast(&json!([1, "x"]), "f", &CTX).unwrap_err();
+        assert_eq!(err.field, "f[1]");
+        check(&f, &CTX, json!("x"), Err(()));
+    }
+
+    #[test]
+    fn nested_object_schema() {
+        let mut f = field(FieldType::Object);
+        let mut inner = Field::new("n", FieldType::Number);
+        inner.required = true;
+        let mut d = Field::new("d", FieldType::String);
+        d.default = Some(json!("z"));
+        f.schema = Some(vec![d, inner]);
+        check(&f, &CTX, json!({"n": "2"}), Ok(json!({"n": 2, "d": "z"})));
+        let err = f.cast(&json!({"n": 1, "x": 1}), "args", &CTX).unwrap_err();
+        assert_eq!((err.field.as_str(), err.reason), ("args.x", Reason::UnknownField));
+        let err = f.cast(&json!({}), "args", &CTX).unwrap_err();
+        assert_eq!((err.field.as_str(), err.reason), ("args.n", Reason::Required));
+        let err = f.cast(&json!({"n": "q"}), "args", &CTX).unwrap_err();
+        assert_eq!(err.field, "args.n");
+    }
+
+    #[test]
+    fn enum_and_pattern_check() {
+        let mut f = field(FieldType::String);
+        f.enum_values = Some(vec![json!("a"), json!("b")]);
+        assert!(f.check(&json!("a"), "f", &CTX).is_ok());
+        let err = f.check(&json!("c"), "f", &CTX).unwrap_err();
+        assert_eq!(err.to_string(), "M.f: value \"c\" is not one of [a, b]");
+        f.enum_values = None;
+        f.validate = Some(Pattern { source: "/^a+$/".into(), regex: Regex::new("^a+$").unwrap() });
+        assert!(f.check(&json!("aaa"), "f", &CTX).is_ok());
+        assert!(matches!(f.check(&json!("ab"), "f", &CTX).unwrap_err().reason, Reason::Pattern { .. }));
+    }
+
+    #[test]
+    fn numeric_enum_compares_numerically() {
+        let mut f = field(FieldType::Number);
+        f.enum_values = Some(vec![json!(1), json!(2)]);
+        assert!(f.check(&json!(2.0), "f", &CTX).is_ok());
+        assert!(f.check(&json!(3), "f", &CTX).is_err());
+    }
+
+    #[test]
+    fn generated_ids() {
+        let mut f = field(FieldType::String);
+        f.generate = Some(Generate::Ulid);
+        let id = f.generate_value(1_795_629_600_000).unwrap();
+        assert_eq!(id.as_str().map(str::len), Some(26));
+        f.generate = Some(Generate::Uuid);
+        let id = f.generate_value(0).unwrap();
+        assert_eq!(id.as_str().map(str::len), Some(36));
+        f.generate = None;
+        assert_eq!(f.generate_value(0), None);
+    }
+}

@@ -1,0 +1,832 @@
+//! Models: the per-item operations the schema defines.
+//!
+//! A [`Model`] is everything the database needs to turn caller input into a stored item and
+//! back: create and update preparation (cast, defaults, generated ids, templates, timestamps,
+//! validation), import normalization, key computation for every index, projection of hidden
+//! fields and TTL. Keeping all of it here means the database and the replication layer never
+//! interpret the schema themselves, so device and cloud agree on every item's form and key.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use crate::date;
+use crate::error::{Reason, ValidationError};
+use crate::field::{date_ms, describe, store_date, values_equal, Ctx, Field};
+use crate::schema::{Index, Params, Process};
+use crate::template::{render_value, Rendered};
+use crate::Item;
+
+/// A full primary key: hash (`pk`) and sort (`sk`) values.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ItemKey {
+    /// The hash (partition) key value.
+    pub pk: String,
+    /// The sort key value (`""` when the primary index has no sort key).
+    pub sk: String,
+}
+
+/// A model (entity type) of the schema.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub(crate) name: String,
+    pub(crate) process: Process,
+    pub(crate) fields: Vec<Field>,
+    /// Indexes into `fields` of templated fields, dependencies first.
+    pub(crate) template_order: Vec<usize>,
+    pub(crate) params: Params,
+    pub(crate) primary: Index,
+    /// Every index of the schema, primary first.
+    pub(crate) indexes: Vec<Index>,
+    pub(crate) ttl: Option<String>,
+}
+
+impl Model {
+    pub(crate) fn new(
+        name: &str,
+        fields: Vec<Field>,
+        template_order: Vec<usize>,
+        params: Params,
+        primary: Index,
+        indexes: Vec<Index>,
+        ttl: Option<String>,
+    ) -> Model {
+        Model { name: name.to_string(), process: Process::default(), fields, template_order, params, primary, indexes, ttl }
+    }
+
+    /// The model name (also the value of the type field).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replication settings.
+    pub fn process(&self) -> Process {
+        self.process
+    }
+
+    /// The fields, sorted by name.
+    pub fn fields(&self) -> &[Field] {
+        &self.fields
+    }
+
+    /// A field by name.
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.binary_search_by(|f| f.name.as_str().cmp(name)).ok().and_then(|i| self.fields.get(i))
+    }
+
+    /// The TTL field name, if the model has one.
+    pub fn ttl_field(&self) -> Option<&str> {
+        self.ttl.as_deref()
+    }
+
+    pub(crate) fn ctx(&self) -> Ctx<'_> {
+        Ctx { model: &self.name, iso_dates: self.params.iso_dates, nulls: self.params.nulls }
+    }
+
+    pub(crate) fn err(&self, field: impl Into<String>, reason: Reason) -> ValidationError {
+        ValidationError::new(&self.name, field, reason)
+    }
+
+    fn is_timestamp_field(&self, key: &str) -> bool {
+        self.params.timestamps && (key == self.params.created_field || key == self.params.updated_field)
+    }
+
+    /// Rendered value of a template variable in `item` (the type field is the model name).
+    pub(crate) fn variable(&self, item: &Item, var: &str) -> Option<String> {
+        if var == self.params.type_field {
+            return Some(self.name.clone());
+        }
+        item.get(var).and_then(render_value)
+    }
+
+    /// Evaluate every template in dependency order. `keep_given`: a templated field already
+    /// present keeps its value (used when resolving keys from caller properties).
+    pub(crate) fn apply_templates(&self, item: &mut Item, keep_given: bool) -> Result<(), ValidationError> {
+        let ctx = self.ctx();
+        for &i in &self.template_order {
+            let Some(field) = self.fields.get(i) else { continue };
+            let Some(template) = field.template() else { continue };
+            if keep_given && item.get(&field.name).is_some_and(|v| !v.is_null()) {
+                continue;
+            }
+            match template.render(|var| self.variable(item, var)) {
+                Rendered::Full(text) => {
+                    let value = field.cast(&Value::String(text), &field.name, &ctx)?;
+                    item.insert(field.name.clone(), value);
+                }
+                Rendered::Partial { .. } => {
+                    item.remove(&field.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The innermost unresolved variable behind a templated field (or the field itself).
+    fn missing_variable(&self, item: &Item, name: &str) -> String {
+        let mut current = name.to_string();
+        // Bounded by the number of fields: templates are acyclic.
+        for _ in 0..=self.fields.len() {
+            let Some(template) = self.field(&current).and_then(Field::template) else { break };
+            match template.render(|var| self.variable(item, var)) {
+                Rendered::Partial { missing, .. } => current = missing,
+                Rendered::Full(_) => break,
+            }
+        }
+        current
+    }
+
+    /// One key attribute of `item`: "" when the model has no such field.
+    fn key_part(&self, item: &Item, attr: &str) -> Result<String, ValidationError> {
+        if self.field(attr).is_none() {
+            return Ok(String::new());
+        }
+        match item.get(attr).and_then(render_value) {
+            Some(value) => Ok(value),
+            None => Err(self.err(attr, Reason::KeyUnresolved { variable: self.missing_variable(item, attr) })),
+        }
+    }
+
+    fn key_of(&self, item: &Item) -> Result<ItemKey, ValidationError> {
+        let pk = self.key_part(item, &self.primary.hash)?;
+        let sk = match &self.primary.sort {
+            Some(sort) => self.key_part(item, sort)?,
+            None => String::new(),
+        };
+        Ok(ItemKey { pk, sk })
+    }
+
+    /// Cast the known, non-null properties (unknown ones are ignored).
+    fn cast_props(&self, props: &Item) -> Result<Item, ValidationError> {
+        let ctx = self.ctx();
+        let mut view = Item::new();
+        for (key, value) in props {
+            if value.is_null() {
+                continue;
+            }
+            if let Some(field) = self.field(key) {
+                if field.has_template() && value.is_string() {
+                    view.insert(key.clone(), value.clone());
+                } else {
+                    view.insert(key.clone(), field.cast(value, key, &ctx)?);
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    /// Full primary key of an item from user properties; see the crate docs.
+    pub fn primary_key(&self, props: &Item) -> Result<ItemKey, ValidationError> {
+        let mut view = self.cast_props(props)?;
+        self.apply_templates(&mut view, true)?;
+        let key = self.key_of(&view)?;
+        self.check_key_value(&self.primary.hash, &key.pk)?;
+        if let Some(sort) = &self.primary.sort {
+            self.check_key_value(sort, &key.sk)?;
+        }
+        Ok(key)
+    }
+
+    fn check_key_value(&self, attr: &str, value: &str) -> Result<(), ValidationError> {
+        if value.contains('\0') {
+            return Err(self.err(attr, Reason::InvalidKeyValue));
+        }
+        Ok(())
+    }
+
+    fn present(&self, item: &Item, name: &str) -> bool {
+        item.get(name).is_some_and(|v| self.params.nulls || !v.is_null())
+    }
+
+    fn timestamp(&self, now_ms: i64) -> Result<Value, ValidationError> {
+        store_date(now_ms, self.params.iso_dates).ok_or_else(|| {
+            self.err(&self.params.updated_field, Reason::Invalid(format!("clock value {now_ms} ms is out of range")))
+        })
+    }
+
+    /// Final checks shared by create, update and import.
+    fn validate(&self, item: &Item) -> Result<(), ValidationError> {
+        let ctx = self.ctx();
+        for field in &self.fields {
+            if field.required && !self.present(item, &field.name) {
+                if field.has_template() {
+                    let variable = self.missing_variable(item, &field.name);
+                    return Err(self.err(&field.name, Reason::KeyUnresolved { variable }));
+                }
+                return Err(self.err(&field.name, Reason::Required));
+            }
+            if let Some(value) = item.get(&field.name) {
+                field.check(value, &field.name, &ctx)?;
+            }
+        }
+        self.key_of(item)?;
+        for index in &self.indexes {
+            for attr in std::iter::once(&index.hash).chain(index.sort.iter()) {
+                if let Some(text) = item.get(attr).and_then(render_value) {
+                    self.check_key_value(attr, &text)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_type_field(&self, value: &Value) -> Result<(), ValidationError> {
+        if value.as_str() == Some(self.name.as_str()) {
+            return Ok(());
+        }
+        let found = match value {
+            Value::String(s) => s.clone(),
+            Value::Null => "none".into(),
+            other => describe(other),
+        };
+        Err(self.err(&self.params.type_field, Reason::WrongModel { expected: self.name.clone(), found }))
+    }
+
+    /// Compute the stored item for a create; see the crate docs.
+    pub fn prepare_create(&self, input: &Item, now_ms: i64) -> Result<Item, ValidationError> {
+        let ctx = self.ctx();
+        let mut item = Item::new();
+        for (key, value) in input {
+            match self.field(key) {
+                Some(field) if field.has_template() => {}
+                Some(_) if value.is_null() => {
+                    if self.params.nulls {
+                        item.insert(key.clone(), Value::Null);
+                    }
+                }
+                Some(field) => {
+                    item.insert(key.clone(), field.cast_checked(value, key, &ctx)?);
+                }
+                None if *key == self.params.type_field => {
+                    if !value.is_null() {
+                        self.check_type_field(value)?;
+                    }
+                }
+                None if self.is_timestamp_field(key) => {}
+                None => return Err(self.err(key, Reason::UnknownField)),
+            }
+        }
+        for field in &self.fields {
+            if item.contains_key(&field.name) {
+                continue;
+            }
+            if let Some(default) = &field.default {
+                item.insert(field.name.clone(), default.clone());
+            } else if let Some(id) = field.generate_value(now_ms) {
+                item.insert(field.name.clone(), id);
+            }
+        }
+        item.insert(self.params.type_field.clone(), Value::String(self.name.clone()));
+        if self.params.timestamps {
+            let now = self.timestamp(now_ms)?;
+            item.insert(self.params.created_field.clone(), now.clone());
+            item.insert(self.params.updated_field.clone(), now);
+        }
+        self.apply_templates(&mut item, false)?;
+        self.validate(&item)?;
+        Ok(item)
+    }
+
+    /// Field names the primary key depends on (key attributes and, transitively, their variables).
+    fn key_dependencies(&self) -> BTreeSet<String> {
+        let mut deps = BTreeSet::new();
+        let mut todo: Vec<String> = std::iter::once(self.primary.hash.clone()).chain(self.primary.sort.clone()).collect();
+        while let Some(name) = todo.pop() {
+            if !deps.insert(name.clone()) {
+                continue;
+            }
+            if let Some(template) = self.field(&name).and_then(Field::template) {
+                todo.extend(template.variables().map(str::to_string));
+            }
+        }
+        deps
+    }
+
+    /// Partial update; see the crate docs.
+    pub fn prepare_update(&self, existing: &Item, input: &Item, now_ms: i64) -> Result<Item, ValidationError> {
+        let ctx = self.ctx();
+        if let Some(t) = existing.get(&self.params.type_field) {
+            self.check_type_field(t)?;
+        }
+        let old_key = self.key_of(existing).ok();
+        let mut item = existing.clone();
+        for (key, value) in input {
+            let Some(field) = self.field(key) else {
+                if *key == self.params.type_field {
+                    if !value.is_null() {
+                        self.check_type_field(value)?;
+                    }
+                    continue;
+                }
+                if self.is_timestamp_field(key) {
+                    continue;
+                }
+                return Err(self.err(key, Reason::UnknownField));
+            };
+            let new = if value.is_null() {
+                if field.required && !self.params.nulls {
+                    return Err(self.err(key, Reason::Required));
+                }
+                self.params.nulls.then_some(Value::Null)
+            } else {
+                Some(field.cast_checked(value, key, &ctx)?)
+            };
+            let same = match (&new, existing.get(key)) {
+                (Some(a), Some(b)) => values_equal(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if field.has_template() {
+                // Recomputed below; a different value for a key attribute is a key change.
+                let is_key = *key == self.primary.hash || self.primary.sort.as_deref() == Some(key.as_str());
+                if is_key && !same && new.is_some() {
+                    return Err(self.err(key, Reason::KeyChange));
+                }
+                continue;
+            }
+            if field.readonly && !same {
+                return Err(self.err(key, Reason::ReadOnly));
+            }
+            match new {
+                Some(v) => item.insert(key.clone(), v),
+                None => item.remove(key),
+            };
+        }
+        self.apply_templates(&mut item, false)?;
+        if let Some(old) = &old_key {
+            if let Ok(new) = self.key_of(&item) {
+                if &new != old {
+                    let deps = self.key_dependencies();
+                    let culprit = input
+                        .keys()
+                        .find(|k| deps.contains(*k) && item.get(*k) != existing.get(*k))
+                        .cloned()
+                        .unwrap_or_else(|| self.primary.hash.clone());
+                    return Err(self.err(culprit, Reason::KeyChange));
+                }
+            }
+        }
+        // Generated ids, the type and the creation time are kept.
+        for field in self.fields.iter().filter(|f| f.generate.is_some()) {
+            if let Some(v) = existing.get(&field.name) {
+                item.insert(field.name.clone(), v.clone());
+            }
+        }
+        item.insert(self.params.type_field.clone(), Value::String(self.name.clone()));
+        if self.params.timestamps {
+            item.insert(self.params.updated_field.clone(), self.timestamp(now_ms)?);
+        }
+        self.apply_templates(&mut item, false)?;
+        self.validate(&item)?;
+        Ok(item)
+    }
+
+    /// Validate and normalize a complete item from elsewhere; see the crate docs.
+    pub fn normalize_stored(&self, item: Item) -> Result<Item, ValidationError> {
+        let ctx = self.ctx();
+        self.check_type_field(item.get(&self.params.type_field).unwrap_or(&Value::Null))?;
+        let mut out = Item::new();
+        for (key, value) in item {
+            if key == self.params.type_field {
+                out.insert(key, value);
+                continue;
+            }
+            if value.is_null() {
+                if self.field(&key).is_none() && !self.is_timestamp_field(&key) {
+                    return Err(self.err(&key, Reason::UnknownField));
+                }
+                if self.params.nulls {
+                    out.insert(key, Value::Null);
+                }
+                continue;
+            }
+            if self.is_timestamp_field(&key) {
+                let stored = date_ms(&value).and_then(|ms| store_date(ms, self.params.iso_dates)).ok_or_else(|| {
+                    self.err(&key, Reason::WrongType { expected: "date".into(), found: describe(&value) })
+                })?;
+                out.insert(key, stored);
+                continue;
+            }
+            let Some(field) = self.field(&key) else {
+                return Err(self.err(&key, Reason::UnknownField));
+            };
+            let cast = field.cast_checked(&value, &key, &ctx)?;
+            out.insert(key, cast);
+        }
+        for &i in &self.template_order {
+            let Some(field) = self.fields.get(i) else { continue };
+            let Some(template) = field.template() else { continue };
+            let held = out.get(&field.name).filter(|v| !v.is_null()).and_then(render_value);
+            match (template.render(|var| self.variable(&out, var)), held) {
+                (Rendered::Full(text), None) => {
+                    let value = field.cast(&Value::String(text), &field.name, &ctx)?;
+                    out.insert(field.name.clone(), value);
+                }
+                (Rendered::Full(text), Some(found)) if text == found => {}
+                (Rendered::Full(text), Some(found)) => {
+                    return Err(self.err(&field.name, Reason::TemplateMismatch { expected: text, found }));
+                }
+                (Rendered::Partial { .. }, None) => {}
+                (Rendered::Partial { missing, .. }, Some(found)) => {
+                    let expected = format!("nothing (`{missing}` is missing)");
+                    return Err(self.err(&field.name, Reason::TemplateMismatch { expected, found }));
+                }
+            }
+        }
+        self.validate(&out)?;
+        Ok(out)
+    }
+
+    /// Copy of the item without hidden fields unless `include_hidden`.
+    pub fn project(&self, item: &Item, include_hidden: bool) -> Item {
+        if include_hidden {
+            return item.clone();
+        }
+        item.iter()
+            .filter(|(k, _)| !self.field(k).is_some_and(Field::hidden))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// (hash, sort) values of `index` for a stored item, or None when the item is not in
+    /// that (sparse) index. Numbers render as in templates (`3`, `2.5`): lexical order of the
+    /// rendered keys is not numeric order. The sort value is `""` for an index without sort;
+    /// for the primary index a model without a field for a key attribute gets `""`.
+    pub fn index_key(&self, item: &Item, index: &Index) -> Option<(String, String)> {
+        let primary = index.name == self.primary.name;
+        let part = |attr: &str| match item.get(attr).and_then(render_value) {
+            Some(text) => Some(text),
+            None if primary && self.field(attr).is_none() => Some(String::new()),
+            None => None,
+        };
+        let hash = part(&index.hash)?;
+        let sort = match &index.sort {
+            Some(sort) => part(sort)?,
+            None => String::new(),
+        };
+        Some((hash, sort))
+    }
+
+    /// Expiry in epoch milliseconds from the TTL field (stored as epoch seconds), if present.
+    pub fn expires_at_ms(&self, item: &Item) -> Option<i64> {
+        let value = item.get(self.ttl.as_deref()?)?;
+        match value {
+            Value::Number(n) => match n.as_i64() {
+                Some(secs) => secs.checked_mul(1000),
+                None => n.as_f64().filter(|f| f.is_finite() && f.abs() < 9.2e15).map(|f| (f * 1000.0).round() as i64),
+            },
+            Value::String(s) => date::parse_iso_ms(s),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FieldType, Schema};
+    use serde_json::json;
+
+    const SCHEMA: &str = r#"{
+      format: 'onetable:1.1.0', version: '1',
+      indexes: {primary: {hash: 'pk', sort: 'sk'}, gs1: {hash: 'gs1pk', sort: 'gs1sk'}, ls1: {type: 'local', sort: 'n'}},
+      params: {PARAMS},
+      models: {
+        Thing: {
+          pk: {type: 'string', value: 'thing#${owner}'},
+          sk: {type: 'string', value: 'thing#${kind}#${id}'},
+          id: {type: 'string', generate: 'uuid'},
+          owner: {type: 'string', required: true},
+          kind: {type: 'string', enum: ['a', 'b'], default: 'a'},
+          n: {type: 'number'},
+          flag: {type: 'boolean'},
+          when: {type: 'date'},
+          args: {type: 'object', schema: {x: {type: 'number', required: true}, y: {type: 'string'}}},
+          tags: {type: 'array', items: {type: 'string'}},
+          blob: {type: 'binary'},
+          code: {type: 'string', validate: '/^[A-Z]{3}$/', readonly: true},
+          gs1pk: {type: 'string', value: 'kind#${kind}'},
+          gs1sk: {type: 'string', value: '${sk}#${n}'},
+          secret: {type: 'string', hidden: true},
+          shown: {type: 'string', value: 'x${owner}', hidden: false},
+          expires: {type: 'number', ttl: true},
+        },
+        Raw: {pk: {type: 'string'}, sk: {type: 'string'}, v: {type: 'number'}},
+        NoHash: {sk: {type: 'string', value: 'nohash#${name}'}, name: {type: 'string'}},
+      }
+    }"#;
+
+    const NOW: i64 = 1_795_629_600_000;
+    const LATER: i64 = 1_795_629_601_000;
+
+    fn schema(params: &str) -> Schema {
+        Schema::from_json5(&SCHEMA.replace("PARAMS", params)).unwrap()
+    }
+
+    fn item(v: Value) -> Item {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    /// Run `f` against model `name` of the schema with `params` and compare with `expected`.
+    fn check<T: PartialEq + std::fmt::Debug>(params: &str, name: &str, f: impl Fn(&Model) -> T, expected: T) {
+        let s = schema(params);
+        let model = s.model(name).unwrap();
+        assert_eq!(f(model), expected);
+    }
+
+    fn create(params: &str, input: Value) -> Result<Item, ValidationError> {
+        let s = schema(params);
+        let model = s.model("Thing").unwrap();
+        model.prepare_create(&item(input), NOW)
+    }
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T, ValidationError>) -> (String, Reason) {
+        let e = r.unwrap_err();
+        (e.field, e.reason)
+    }
+
+    const TS: &str = "timestamps: true";
+
+    #[test]
+    fn create_computes_templates_defaults_and_timestamps() {
+        let got = create(TS, json!({"owner": "o1", "id": "i1"})).unwrap();
+        assert_eq!(
+            Value::Object(got),
+            json!({"_type": "Thing", "pk": "thing#o1", "sk": "thing#a#i1", "id": "i1", "owner": "o1", "kind": "a",
+                   "gs1pk": "kind#a", "shown": "xo1", "created": NOW, "updated": NOW})
+        );
+    }
+
+    #[test]
+    fn create_template_over_templated_field() {
+        let got = create(TS, json!({"owner": "o1", "id": "i1", "n": 5})).unwrap();
+        assert_eq!(got["gs1sk"], json!("thing#a#i1#5"));
+    }
+
+    #[test]
+    fn create_generates_uuid() {
+        let got = create("", json!({"owner": "o1"})).unwrap();
+        let id = got["id"].as_str().unwrap_or_default().to_string();
+        assert_eq!(id.len(), 36);
+        assert_eq!(got["sk"], json!(format!("thing#a#{id}")));
+        assert!(!got.contains_key("created"), "no timestamps unless params.timestamps");
+    }
+
+    #[test]
+    fn create_ignores_given_template_values() {
+        let got = create("", json!({"owner": "o1", "id": "i1", "pk": "evil", "sk": "evil"})).unwrap();
+        assert_eq!((got["pk"].clone(), got["sk"].clone()), (json!("thing#o1"), json!("thing#a#i1")));
+    }
+
+    #[test]
+    fn create_casts_every_type() {
+        let got = create(
+            "",
+            json!({"owner": 7, "id": "i", "n": "2.5", "flag": "true", "when": "2026-11-25T18:00:00Z",
+                   "args": {"x": "1"}, "tags": [1, true], "blob": "aGk=", "code": "ABC"}),
+        )
+        .unwrap();
+        assert_eq!(got["owner"], json!("7"));
+        assert_eq!(got["n"], json!(2.5));
+        assert_eq!(got["flag"], json!(true));
+        assert_eq!(got["when"], json!(NOW));
+        assert_eq!(got["args"], json!({"x": 1}));
+        assert_eq!(got["tags"], json!(["1", "true"]));
+        assert_eq!(got["blob"], json!("aGk="));
+    }
+
+    #[test]
+    fn create_iso_dates() {
+        let got = create("isoDates: true, timestamps: true", json!({"owner": "o", "id": "i", "when": NOW})).unwrap();
+        assert_eq!(got["when"], json!("2026-11-25T18:00:00.000Z"));
+        assert_eq!(got["created"], json!("2026-11-25T18:00:00.000Z"));
+        assert_eq!(got["updated"], json!("2026-11-25T18:00:00.000Z"));
+    }
+
+    #[test]
+    fn create_errors() {
+        let cases = [
+            (json!({"id": "i"}), "owner", Reason::Required),
+            (json!({"owner": "o", "bogus": 1}), "bogus", Reason::UnknownField),
+            (json!({"owner": "o", "n": "x"}), "n", Reason::WrongType { expected: "number".into(), found: "string \"x\"".into() }),
+            (json!({"owner": "o", "args": {"y": "q"}}), "args.x", Reason::Required),
+            (json!({"owner": "o", "args": {"x": 1, "z": 2}}), "args.z", Reason::UnknownField),
+            (json!({"owner": "o", "code": "abc"}), "code", Reason::Pattern { pattern: "/^[A-Z]{3}$/".into() }),
+            (json!({"owner": "a\u{0}b"}), "pk", Reason::InvalidKeyValue),
+            (json!({"owner": "o", "_type": "Other"}), "_type", Reason::WrongModel { expected: "Thing".into(), found: "Other".into() }),
+            (json!({"owner": "o", "when": "someday"}), "when", Reason::WrongType { expected: "date".into(), found: "string \"someday\"".into() }),
+            (json!({"owner": "o", "blob": "%%%"}), "blob", Reason::Invalid("binary values must be base64 strings".into())),
+        ];
+        for (input, field, reason) in cases {
+            assert_eq!(err_of(create("", input.clone())), (field.to_string(), reason), "{input}");
+        }
+        let (field, reason) = err_of(create("", json!({"owner": "o", "kind": "c"})));
+        assert_eq!(field, "kind");
+        assert!(matches!(reason, Reason::NotInEnum { .. }));
+    }
+
+    #[test]
+    fn create_timestamps_in_input_are_ignored() {
+        let got = create(TS, json!({"owner": "o", "id": "i", "created": 5, "_type": "Thing"})).unwrap();
+        assert_eq!(got["created"], json!(NOW));
+        let (field, _) = err_of(create("", json!({"owner": "o", "created": 5})));
+        assert_eq!(field, "created", "created is unknown without timestamps");
+    }
+
+    #[test]
+    fn nulls_dropped_by_default() {
+        let got = create("", json!({"owner": "o", "id": "i", "n": null, "kind": null})).unwrap();
+        assert!(!got.contains_key("n"));
+        assert_eq!(got["kind"], json!("a"), "a dropped null gets the default");
+        assert_eq!(err_of(create("", json!({"owner": null}))), ("owner".to_string(), Reason::Required));
+    }
+
+    #[test]
+    fn nulls_stored_when_enabled() {
+        let got = create("nulls: true", json!({"owner": "o", "id": "i", "n": null, "args": {"x": 1, "y": null}})).unwrap();
+        assert_eq!(got["n"], Value::Null);
+        assert_eq!(got["args"], json!({"x": 1, "y": null}));
+    }
+
+    #[test]
+    fn ttl_stored_as_epoch_seconds() {
+        let s = schema("isoDates: true");
+        let m = s.model("Thing").unwrap();
+        let got = m.prepare_create(&item(json!({"owner": "o", "id": "i", "expires": "2026-11-25T18:00:00.000Z"})), NOW).unwrap();
+        assert_eq!(got["expires"], json!(NOW / 1000));
+        assert_eq!(m.expires_at_ms(&got), Some(NOW));
+        assert_eq!(m.ttl_field(), Some("expires"));
+        assert_eq!(m.expires_at_ms(&item(json!({"expires": 10}))), Some(10_000));
+        assert_eq!(m.expires_at_ms(&item(json!({}))), None);
+    }
+
+    #[test]
+    fn primary_key_from_props() {
+        let key = |k: &str, v: &str| ItemKey { pk: k.into(), sk: v.into() };
+        check("", "Thing", |m| m.primary_key(&item(json!({"owner": "o", "kind": "b", "id": "i"}))), Ok(key("thing#o", "thing#b#i")));
+        check("", "Thing", |m| m.primary_key(&item(json!({"pk": "P", "sk": "S"}))), Ok(key("P", "S")));
+        check("", "Raw", |m| m.primary_key(&item(json!({"pk": "a", "sk": "b"}))), Ok(key("a", "b")));
+        check("", "NoHash", |m| m.primary_key(&item(json!({"name": "n"}))), Ok(key("", "nohash#n")));
+    }
+
+    #[test]
+    fn primary_key_names_missing_variable() {
+        let unresolved = |field: &str, var: &str| {
+            Err(ValidationError::new("Thing", field, Reason::KeyUnresolved { variable: var.into() }))
+        };
+        check("", "Thing", |m| m.primary_key(&item(json!({"owner": "o", "kind": "a"}))), unresolved("sk", "id"));
+        check("", "Thing", |m| m.primary_key(&item(json!({"id": "i"}))), unresolved("pk", "owner"));
+        let raw = Err(ValidationError::new("Raw", "sk", Reason::KeyUnresolved { variable: "sk".into() }));
+        check("", "Raw", |m| m.primary_key(&item(json!({"pk": "a"}))), raw);
+    }
+
+    fn created(params: &str) -> (Schema, Item) {
+        let s = schema(params);
+        let base = item(json!({"owner": "o", "id": "i", "n": 1, "code": "ABC"}));
+        let it = s.model("Thing").unwrap().prepare_create(&base, NOW).unwrap();
+        (s, it)
+    }
+
+    fn update(params: &str, input: Value) -> Result<Item, ValidationError> {
+        let (s, existing) = created(params);
+        s.model("Thing").unwrap().prepare_update(&existing, &item(input), LATER)
+    }
+
+    #[test]
+    fn update_merges_and_recomputes() {
+        let got = update(TS, json!({"n": 2, "flag": true})).unwrap();
+        assert_eq!(got["n"], json!(2));
+        assert_eq!(got["flag"], json!(true));
+        assert_eq!(got["code"], json!("ABC"));
+        assert_eq!(got["gs1sk"], json!("thing#a#i#2"));
+        assert_eq!((got["created"].clone(), got["updated"].clone()), (json!(NOW), json!(LATER)));
+    }
+
+    #[test]
+    fn update_null_removes() {
+        let got = update("", json!({"n": null})).unwrap();
+        assert!(!got.contains_key("n") && !got.contains_key("gs1sk"));
+        assert_eq!(err_of(update("", json!({"owner": null}))), ("owner".into(), Reason::Required));
+        let got = update("nulls: true", json!({"n": null})).unwrap();
+        assert_eq!(got["n"], Value::Null);
+    }
+
+    #[test]
+    fn update_errors() {
+        assert_eq!(err_of(update("", json!({"code": "XYZ"}))), ("code".into(), Reason::ReadOnly));
+        assert_eq!(err_of(update("", json!({"code": null}))), ("code".into(), Reason::ReadOnly));
+        assert_eq!(err_of(update("", json!({"owner": "p"}))), ("owner".into(), Reason::KeyChange));
+        assert_eq!(err_of(update("", json!({"kind": "b"}))), ("kind".into(), Reason::KeyChange));
+        assert_eq!(err_of(update("", json!({"id": "j"}))), ("id".into(), Reason::KeyChange));
+        assert_eq!(err_of(update("", json!({"pk": "thing#p"}))), ("pk".into(), Reason::KeyChange));
+        assert_eq!(err_of(update("", json!({"bogus": 1}))), ("bogus".into(), Reason::UnknownField));
+        assert!(matches!(err_of(update("", json!({"kind": "zz"}))).1, Reason::NotInEnum { .. }));
+    }
+
+    #[test]
+    fn update_accepts_unchanged_keys_and_readonly() {
+        let (s, existing) = created(TS);
+        let got = s.model("Thing").unwrap().prepare_update(&existing, &existing, LATER).unwrap();
+        let mut expected = existing.clone();
+        expected.insert("updated".into(), json!(LATER));
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn update_keeps_generated_type_and_created() {
+        let (s, existing) = created(TS);
+        let m = s.model("Thing").unwrap();
+        let got = m.prepare_update(&existing, &item(json!({"_type": "Thing", "created": 1, "n": 3})), LATER).unwrap();
+        assert_eq!((got["_type"].clone(), got["created"].clone(), got["id"].clone()), (json!("Thing"), json!(NOW), json!("i")));
+        assert!(m.prepare_update(&existing, &item(json!({"_type": "Raw"})), LATER).is_err());
+    }
+
+    #[test]
+    fn normalize_accepts_created_item() {
+        for params in ["", TS, "isoDates: true, timestamps: true", "nulls: true"] {
+            let (s, it) = created(params);
+            assert_eq!(s.model("Thing").unwrap().normalize_stored(it.clone()), Ok(it), "{params}");
+        }
+    }
+
+    #[test]
+    fn normalize_casts_and_fills_templates() {
+        let (s, mut it) = created(TS);
+        it.insert("n".into(), json!("1"));
+        it.remove("gs1pk");
+        let got = s.model("Thing").unwrap().normalize_stored(it).unwrap();
+        assert_eq!((got["n"].clone(), got["gs1pk"].clone()), (json!(1), json!("kind#a")));
+    }
+
+    #[test]
+    fn normalize_rejects() {
+        let (s, it) = created(TS);
+        let m = s.model("Thing").unwrap();
+        let with = |k: &str, v: Value| {
+            let mut x = it.clone();
+            x.insert(k.into(), v);
+            x
+        };
+        let wrong = Reason::WrongModel { expected: "Thing".into(), found: "Raw".into() };
+        assert_eq!(err_of(m.normalize_stored(with("_type", json!("Raw")))), ("_type".into(), wrong));
+        let mut untyped = it.clone();
+        untyped.remove("_type");
+        assert!(matches!(err_of(m.normalize_stored(untyped)).1, Reason::WrongModel { .. }));
+        assert_eq!(err_of(m.normalize_stored(with("bogus", json!(1)))), ("bogus".into(), Reason::UnknownField));
+        let mismatch = Reason::TemplateMismatch { expected: "thing#o".into(), found: "thing#x".into() };
+        assert_eq!(err_of(m.normalize_stored(with("pk", json!("thing#x")))), ("pk".into(), mismatch));
+        let mut no_n = it.clone();
+        no_n.remove("n");
+        assert!(matches!(err_of(m.normalize_stored(no_n)), (f, Reason::TemplateMismatch { .. }) if f == "gs1sk"));
+        assert!(matches!(err_of(m.normalize_stored(with("created", json!("x")))).1, Reason::WrongType { .. }));
+        assert!(matches!(err_of(m.normalize_stored(with("kind", json!("q")))).1, Reason::NotInEnum { .. }));
+    }
+
+    #[test]
+    fn project_hides_templated_and_hidden_fields() {
+        let (s, mut it) = created("");
+        it.insert("secret".into(), json!("s"));
+        let m = s.model("Thing").unwrap();
+        let shown = m.project(&it, false);
+        for hidden in ["pk", "sk", "gs1pk", "gs1sk", "secret"] {
+            assert!(!shown.contains_key(hidden), "{hidden}");
+        }
+        for visible in ["shown", "owner", "_type", "id"] {
+            assert!(shown.contains_key(visible), "{visible}");
+        }
+        assert_eq!(m.project(&it, true), it);
+    }
+
+    #[test]
+    fn field_accessors() {
+        let s = schema("");
+        let m = s.model("Thing").unwrap();
+        let f = |n: &str| m.field(n).unwrap();
+        assert!(f("pk").hidden() && f("pk").has_template() && !f("shown").hidden() && f("secret").hidden());
+        assert!(f("owner").required() && f("code").readonly() && f("expires").is_ttl());
+        assert_eq!(f("when").field_type(), FieldType::Date);
+        assert_eq!(f("owner").name(), "owner");
+        let names: Vec<&str> = m.fields().iter().map(Field::name).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        assert!(m.field("nope").is_none());
+    }
+
+    #[test]
+    fn index_keys() {
+        let (s, it) = created("");
+        let m = s.model("Thing").unwrap();
+        let idx = |n: &str| s.index(n).unwrap().clone();
+        assert_eq!(m.index_key(&it, &idx("primary")), Some(("thing#o".into(), "thing#a#i".into())));
+        assert_eq!(m.index_key(&it, &idx("gs1")), Some(("kind#a".into(), "thing#a#i#1".into())));
+        assert_eq!(m.index_key(&it, &idx("ls1")), Some(("thing#o".into(), "1".into())));
+        let mut sparse = it.clone();
+        sparse.remove("n");
+        assert_eq!(m.index_key(&sparse, &idx("ls1")), None);
+        let nohash = s.model("NoHash").unwrap();
+        let it = nohash.prepare_create(&item(json!({"name": "x"})), NOW).unwrap();
+        assert_eq!(nohash.index_key(&it, &idx("primary")), Some((String::new(), "nohash#x".into())));
+        assert_eq!(nohash.index_key(&it, &idx("gs1")), None);
+    }
+}

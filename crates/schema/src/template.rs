@@ -1,0 +1,195 @@
+//! `${field}` value templates.
+//!
+//! OneTable derives key attributes (pk, sk, gs1pk...) from other fields with templates such as
+//! `device#${deviceId}`. The same template is evaluated when an item is created (full
+//! resolution required for keys), checked when an item is imported (the stored value must equal
+//! the computed one) and partially evaluated when a query is planned (the literal prefix up to
+//! the first unknown variable becomes a `begins_with` condition).
+
+use serde_json::Value;
+
+/// Maximum template length in bytes (hostile schema bound).
+pub(crate) const MAX_TEMPLATE_LEN: usize = 1024;
+
+/// One piece of a template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// Literal text.
+    Lit(String),
+    /// A `${name}` variable.
+    Var(String),
+}
+
+/// A parsed value template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Template {
+    parts: Vec<Part>,
+}
+
+/// Result of evaluating a template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Rendered {
+    /// Every variable had a value.
+    Full(String),
+    /// `missing` had no value; `prefix` is the rendered text before it.
+    Partial { prefix: String, missing: String },
+}
+
+impl Template {
+    /// Parse a template; the error is a human-readable reason.
+    pub(crate) fn parse(text: &str) -> Result<Template, String> {
+        if text.len() > MAX_TEMPLATE_LEN {
+            return Err(format!("template is longer than {MAX_TEMPLATE_LEN} bytes"));
+        }
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                parts.push(Part::Lit(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in template {text:?}"))?;
+            let name = after[..end].trim();
+            if name.is_empty() {
+                return Err(format!("empty `${{}}` variable in template {text:?}"));
+            }
+            if name.contains("${") {
+                return Err(format!("nested `${{` in template {text:?}"));
+            }
+            parts.push(Part::Var(name.to_string()));
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// The variable names, in order of appearance.
+    pub(crate) fn variables(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Var(v) => Some(v.as_str()),
+            Part::Lit(_) => None,
+        })
+    }
+
+    /// Evaluate with `lookup` giving each variable's rendered value (None = unresolved).
+    pub(crate) fn render(&self, mut lookup: impl FnMut(&str) -> Option<String>) -> Rendered {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Lit(text) => out.push_str(text),
+                Part::Var(name) => match lookup(name) {
+                    Some(value) => out.push_str(&value),
+                    None => return Rendered::Partial { prefix: out, missing: name.clone() },
+                },
+            }
+        }
+        Rendered::Full(out)
+    }
+}
+
+/// Render a stored scalar for a template or key: strings as is, integral numbers without a
+/// fractional part, other numbers as serde_json prints them, booleans as `true`/`false`.
+/// Null, objects and arrays have no rendering.
+pub(crate) fn render_value(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => {
+            if n.is_i64() || n.is_u64() {
+                return Some(n.to_string());
+            }
+            match n.as_f64() {
+                Some(f) if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
+                    // Integral float: render like the integer (3.0 → "3").
+                    Some(format!("{}", f as i64))
+                }
+                _ => Some(n.to_string()),
+            }
+        }
+        Value::Null | Value::Object(_) | Value::Array(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(template: &str, vars: &[(&str, &str)], expected: Rendered) {
+        let t = Template::parse(template).unwrap();
+        let got = t.render(|name| {
+            vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        });
+        assert_eq!(got, expected, "{template}");
+    }
+
+    fn full(s: &str) -> Rendered {
+        Rendered::Full(s.to_string())
+    }
+
+    fn partial(prefix: &str, missing: &str) -> Rendered {
+        Rendered::Partial { prefix: prefix.to_string(), missing: missing.to_string() }
+    }
+
+    #[test]
+    fn literal_only() {
+        check("status#", &[], full("status#"));
+    }
+
+    #[test]
+    fn single_variable() {
+        check("device#${deviceId}", &[("deviceId", "d1")], full("device#d1"));
+    }
+
+    #[test]
+    fn several_variables() {
+        check("fault#${deviceId}#${id}", &[("deviceId", "d1"), ("id", "x")], full("fault#d1#x"));
+    }
+
+    #[test]
+    fn partial_stops_at_first_missing() {
+        check("fault#${deviceId}#${id}", &[("deviceId", "d1")], partial("fault#d1#", "id"));
+        check("fault#${deviceId}#${id}", &[("id", "x")], partial("fault#", "deviceId"));
+    }
+
+    #[test]
+    fn lone_dollar_is_literal() {
+        check("a$b${x}$", &[("x", "1")], full("a$b1$"));
+    }
+
+    #[test]
+    fn unclosed_is_error() {
+        assert!(Template::parse("a${x").unwrap_err().contains("unclosed"));
+    }
+
+    #[test]
+    fn empty_variable_is_error() {
+        assert!(Template::parse("a${}").is_err());
+    }
+
+    #[test]
+    fn too_long_is_error() {
+        assert!(Template::parse(&"a".repeat(MAX_TEMPLATE_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn variables_in_order() {
+        let t = Template::parse("${b}-${a}").unwrap();
+        assert_eq!(t.variables().collect::<Vec<_>>(), vec!["b", "a"]);
+    }
+
+    #[test]
+    fn renders_values() {
+        assert_eq!(render_value(&json!("x")).as_deref(), Some("x"));
+        assert_eq!(render_value(&json!(3)).as_deref(), Some("3"));
+        assert_eq!(render_value(&json!(3.0)).as_deref(), Some("3"));
+        assert_eq!(render_value(&json!(-2.5)).as_deref(), Some("-2.5"));
+        assert_eq!(render_value(&json!(true)).as_deref(), Some("true"));
+        assert_eq!(render_value(&json!(null)), None);
+        assert_eq!(render_value(&json!({})), None);
+    }
+}

@@ -1,0 +1,706 @@
+//! The device engine: the device side of the protocol as a deterministic state machine.
+//!
+//! This module exists so that every decision the device makes (when to send, what to resend,
+//! which acknowledgement removes which outbox entry, which page to apply) is taken here, without
+//! I/O, and is exercised by the simulator exactly as the agent runs it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use devtables_schema::ItemKey;
+
+use crate::apply::{ApplyOutcome, ApplyPage, Skipped};
+use crate::hlc::Hlc;
+use crate::rng::SplitMix;
+use crate::wire::{self, Change, ChangeStatus, DownMsg, ErrorCode, RejectReason, UpMsg, WireConfig, WireError};
+
+/// Limits and timings of a [`DeviceEngine`].
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// Message limits; must match the cloud's.
+    pub wire: WireConfig,
+    /// Largest push message, in bytes (capped by `wire.max_message_bytes`). Default 64 KiB, half
+    /// the broker's limit, so a catch-up flows as many moderate messages.
+    pub max_batch_bytes: usize,
+    /// Most changes in one push. Default 500.
+    pub max_batch_changes: usize,
+    /// How long a queued change waits for company before it is sent, in ms. Default 50 (at most
+    /// 100 is sensible): a burst of writes goes out as one batch, a lone write nearly at once.
+    pub batch_delay_ms: u64,
+    /// Most unacknowledged batches. Default 4; bounds memory and broker load.
+    pub max_in_flight: usize,
+    /// First retransmit timeout, in ms. Default 1000.
+    pub retransmit_base_ms: u64,
+    /// Longest retransmit timeout, in ms (exponential backoff stops here). Default 30 000.
+    pub retransmit_max_ms: u64,
+    /// Most received pages waiting to be applied. Default 4; more are dropped (the cloud resends).
+    pub max_buffered_pages: usize,
+    /// Most undelivered outputs of each kind (transmits, events); the oldest is dropped beyond
+    /// it, which the protocol treats as message loss. Default 1024.
+    pub max_queued_outputs: usize,
+    /// Outbox size above which [`DeviceEvent::OutboxHigh`] is raised. Default 100 000.
+    pub outbox_high_water: usize,
+    /// Seed for session ids, batch ids and retransmit jitter. Give each device and each boot a
+    /// different seed (for example from the hardware RNG), and a fixed one in tests.
+    pub seed: u64,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> DeviceConfig {
+        DeviceConfig {
+            wire: WireConfig::default(),
+            max_batch_bytes: 64 * 1024,
+            max_batch_changes: 500,
+            batch_delay_ms: 50,
+            max_in_flight: 4,
+            retransmit_base_ms: 1000,
+            retransmit_max_ms: 30_000,
+            max_buffered_pages: 4,
+            max_queued_outputs: 1024,
+            outbox_high_water: 100_000,
+            seed: 0,
+        }
+    }
+}
+
+/// What the driver restores from durable storage when it builds an engine.
+#[derive(Clone, Debug, Default)]
+pub struct Restored {
+    /// The feed cursor stored by the last applied page.
+    pub cursor: u64,
+    /// The durable outbox, oldest first, at most one entry per key.
+    pub outbox: Vec<Change>,
+}
+
+/// Work for the driver.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeviceAction {
+    /// Run [`crate::apply::device_apply`] on this page in one transaction, then call
+    /// [`DeviceEngine::handle_applied`] (or [`DeviceEngine::handle_apply_failed`]).
+    Apply(ApplyPage),
+    /// Delete these durable outbox entries, each only if its stored version still equals the
+    /// given one (a newer local write keeps its entry).
+    OutboxRemove(Vec<(String, ItemKey, Hlc)>),
+}
+
+/// Things the application may want to know.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeviceEvent {
+    /// Connected; a hello was sent.
+    Connected,
+    /// The cloud welcomed the session: changes flow.
+    Ready,
+    /// The cloud (or the size check) refused a change; it left the outbox and is not retried.
+    Rejected {
+        /// The refused change.
+        change: Change,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The cloud reported an error.
+    CloudError {
+        /// The error code.
+        code: ErrorCode,
+        /// The cloud's message.
+        message: String,
+    },
+    /// A message from the cloud could not be decoded; it was dropped.
+    Malformed(WireError),
+    /// An item of a page was not valid for the device schema and was skipped.
+    ApplySkipped(Skipped),
+    /// The driver could not apply a page; it will be received again.
+    ApplyFailed,
+    /// A full resync finished; the feed continues from `cursor`.
+    Resynced {
+        /// The cursor stored.
+        cursor: u64,
+    },
+    /// The outbox holds more entries than `outbox_high_water`.
+    OutboxHigh {
+        /// Entries pending.
+        pending: usize,
+    },
+}
+
+/// One queued or in-flight outbox entry (the newest change of one key).
+#[derive(Clone, Debug)]
+struct Entry {
+    /// The newest local change of the key.
+    change: Change,
+    /// Encoded size of `change`, cached for batch building.
+    len: usize,
+    /// Queue position: first-write order, so a hot key is not starved.
+    seq: u64,
+    /// When the entry last became queued; starts the batch delay.
+    queued_at: u64,
+    /// Whether the newest change waits to be sent.
+    queued: bool,
+    /// The batch and version in flight, if any (may be older than `change`).
+    in_flight: Option<(u64, Hlc)>,
+}
+
+/// A sent, unacknowledged push.
+#[derive(Clone, Debug)]
+struct Batch {
+    /// The keys and versions sent.
+    keys: Vec<(String, ItemKey, Hlc)>,
+    /// When it is resent.
+    deadline: u64,
+}
+
+/// A resync being received.
+#[derive(Clone, Copy, Debug)]
+struct ResyncRx {
+    /// The resync id.
+    id: u64,
+    /// The next page number to accept.
+    next_page: u32,
+}
+
+/// The device side of the protocol.
+///
+/// Four kinds of methods, as in quinn-proto:
+/// - getters: [`cursor`](Self::cursor), [`pending`](Self::pending), [`in_flight`](Self::in_flight),
+///   [`is_ready`](Self::is_ready);
+/// - inputs (`handle_*`): connection changes, messages, committed local changes, finished applies
+///   and timeouts, each with the current time in ms;
+/// - outputs (`poll_*`), which the driver drains after every input, in this order:
+///   [`poll_action`](Self::poll_action) (storage work), [`poll_transmit`](Self::poll_transmit)
+///   (publish QoS 1 on the up topic), [`poll_event`](Self::poll_event), and last
+///   [`poll_timeout`](Self::poll_timeout) (when to call [`handle_timeout`](Self::handle_timeout)).
+///
+/// Invariant: an outbox entry leaves only when the cloud answered for exactly its current
+/// version, so a newer local write is never lost to an older acknowledgement.
+#[derive(Debug)]
+pub struct DeviceEngine {
+    /// Limits and timings.
+    cfg: DeviceConfig,
+    /// The device schema version, sent in every envelope.
+    schema_version: String,
+    /// Ids and jitter.
+    rng: SplitMix,
+    /// The durable feed cursor (as of the last finished apply).
+    cursor: u64,
+    /// Whether the transport is up.
+    connected: bool,
+    /// The current hello's session id.
+    session: Option<u64>,
+    /// Whether the cloud welcomed `session`.
+    ready: bool,
+    /// When the hello is resent, while unanswered.
+    hello_deadline: Option<u64>,
+    /// Hellos sent in this connection, for backoff.
+    hello_attempts: u32,
+    /// Outbox entries by (model, key).
+    entries: BTreeMap<(String, ItemKey), Entry>,
+    /// Queued entries by queue position.
+    order: BTreeMap<u64, (String, ItemKey)>,
+    /// Next queue position.
+    next_seq: u64,
+    /// Unacknowledged batches by id.
+    batches: BTreeMap<u64, Batch>,
+    /// Next batch id.
+    next_batch: u64,
+    /// Consecutive retransmit timeouts, for exponential backoff; reset by any push ack.
+    backoff: u32,
+    /// The page handed to the driver, if any (one at a time).
+    applying: Option<ApplyPage>,
+    /// Accepted pages waiting to be applied.
+    inbox: VecDeque<ApplyPage>,
+    /// The cursor after every accepted page: the `from` the next feed page must have.
+    tail: u64,
+    /// A resync being received.
+    resync: Option<ResyncRx>,
+    /// The last snapshot page applied, to re-acknowledge duplicates.
+    last_snapshot_ack: Option<(u64, u32)>,
+    /// Bytes to publish.
+    transmits: VecDeque<Vec<u8>>,
+    /// Storage work.
+    actions: VecDeque<DeviceAction>,
+    /// Notifications.
+    events: VecDeque<DeviceEvent>,
+    /// Whether `OutboxHigh` was raised and not yet cleared.
+    high_raised: bool,
+}
+
+impl DeviceEngine {
+    /// An engine resuming from durable state.
+    pub fn new(config: DeviceConfig, schema_version: String, restored: Restored) -> DeviceEngine {
+        let mut rng = SplitMix::new(config.seed);
+        let next_batch = rng.next() >> 16;
+        let mut engine = DeviceEngine {
+            cfg: config,
+            schema_version,
+            rng,
+            cursor: restored.cursor,
+            connected: false,
+            session: None,
+            ready: false,
+            hello_deadline: None,
+            hello_attempts: 0,
+            entries: BTreeMap::new(),
+            order: BTreeMap::new(),
+            next_seq: 0,
+            batches: BTreeMap::new(),
+            next_batch,
+            backoff: 0,
+            applying: None,
+            inbox: VecDeque::new(),
+            tail: restored.cursor,
+            resync: None,
+            last_snapshot_ack: None,
+            transmits: VecDeque::new(),
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            high_raised: false,
+        };
+        for change in restored.outbox {
+            engine.enqueue(0, change);
+        }
+        engine
+    }
+
+    /// The durable feed cursor, as of the last finished apply.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Outbox entries not yet acknowledged (one per key).
+    pub fn pending(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Changes in unacknowledged batches.
+    pub fn in_flight(&self) -> usize {
+        self.batches.values().map(|b| b.keys.len()).sum()
+    }
+
+    /// Whether the cloud welcomed this connection.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The transport connected.
+    pub fn handle_connected(&mut self, now_ms: u64) {
+        self.connected = true;
+        self.new_session(now_ms);
+        self.event(DeviceEvent::Connected);
+    }
+
+    /// The transport dropped: everything in flight is queued again.
+    pub fn handle_disconnected(&mut self, now_ms: u64) {
+        let _ = now_ms;
+        self.connected = false;
+        self.ready = false;
+        self.session = None;
+        self.hello_deadline = None;
+        self.transmits.clear();
+        self.dissolve_all();
+    }
+
+    /// A local change was committed together with its durable outbox entry.
+    pub fn handle_local_change(&mut self, now_ms: u64, change: Change) {
+        self.enqueue(now_ms, change);
+        if self.entries.len() > self.cfg.outbox_high_water && !self.high_raised {
+            self.high_raised = true;
+            self.event(DeviceEvent::OutboxHigh { pending: self.entries.len() });
+        }
+        self.flush(now_ms);
+    }
+
+    /// A message arrived on the down topic (or the broadcast topic).
+    pub fn handle_message(&mut self, now_ms: u64, bytes: &[u8]) {
+        let decoded = match wire::decode_down(bytes, &self.cfg.wire) {
+            Ok(d) => d,
+            Err(e) => {
+                self.event(DeviceEvent::Malformed(e));
+                return;
+            }
+        };
+        match decoded.msg {
+            DownMsg::Welcome { session } => {
+                if self.connected && !self.ready && self.session == Some(session) {
+                    self.ready = true;
+                    self.hello_deadline = None;
+                    self.backoff = 0;
+                    self.event(DeviceEvent::Ready);
+                }
+            }
+            DownMsg::PushAck { batch, results } => self.on_push_ack(batch, results),
+            DownMsg::Feed { from, to, changes } => self.on_feed(from, to, changes),
+            DownMsg::Snapshot { resync, page, items, done, cursor } => {
+                self.on_snapshot(resync, page, items, done, cursor)
+            }
+            DownMsg::Error { code, message } => {
+                if code == ErrorCode::NoSession {
+                    // Only restart a welcomed session: while a hello is outstanding it will be
+                    // answered, and restarting again would only churn session ids.
+                    if self.connected && self.ready {
+                        self.new_session(now_ms);
+                    }
+                } else {
+                    self.event(DeviceEvent::CloudError { code, message });
+                }
+            }
+        }
+        self.next_apply();
+        self.flush(now_ms);
+    }
+
+    /// The driver finished applying the page of the last [`DeviceAction::Apply`].
+    pub fn handle_applied(&mut self, now_ms: u64, outcome: ApplyOutcome) {
+        let Some(page) = self.applying.take() else {
+            return;
+        };
+        for skipped in outcome.invalid {
+            self.event(DeviceEvent::ApplySkipped(skipped));
+        }
+        match page {
+            ApplyPage::Feed { to, .. } => {
+                self.cursor = to;
+                self.send(&UpMsg::FeedAck { cursor: to });
+            }
+            ApplyPage::Snapshot { resync, page, done, cursor, .. } => {
+                if done {
+                    self.cursor = cursor;
+                    self.event(DeviceEvent::Resynced { cursor });
+                }
+                self.last_snapshot_ack = Some((resync, page));
+                self.send(&UpMsg::SnapshotAck { resync, page });
+            }
+        }
+        self.next_apply();
+        self.flush(now_ms);
+    }
+
+    /// The driver could not apply the page (its transaction rolled back). Pages accepted after it
+    /// are dropped; the cloud sends them again from the acknowledged cursor.
+    pub fn handle_apply_failed(&mut self, now_ms: u64) {
+        let _ = now_ms;
+        self.applying = None;
+        self.inbox.clear();
+        self.resync = None;
+        self.tail = self.cursor;
+        self.event(DeviceEvent::ApplyFailed);
+    }
+
+    /// Time passed; call when [`poll_timeout`](Self::poll_timeout) is reached.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        if let Some(deadline) = self.hello_deadline {
+            if deadline <= now_ms && self.connected && !self.ready {
+                self.hello_attempts = self.hello_attempts.saturating_add(1);
+                self.send_hello(now_ms);
+            }
+        }
+        let expired: Vec<u64> =
+            self.batches.iter().filter(|(_, b)| b.deadline <= now_ms).map(|(id, _)| *id).collect();
+        if !expired.is_empty() {
+            self.backoff = self.backoff.saturating_add(1);
+            for id in expired {
+                self.dissolve(id);
+            }
+        }
+        self.flush(now_ms);
+    }
+
+    /// Next bytes to publish (QoS 1) on the up topic.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmits.pop_front()
+    }
+
+    /// Next storage work.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<DeviceAction> {
+        self.actions.pop_front()
+    }
+
+    /// Next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<DeviceEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next, in ms.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut t = self.hello_deadline;
+        let mut consider = |d: u64| t = Some(t.map_or(d, |t| t.min(d)));
+        for b in self.batches.values() {
+            consider(b.deadline);
+        }
+        if self.ready && self.batches.len() < self.cfg.max_in_flight {
+            if let Some((_, key)) = self.order.iter().next() {
+                if let Some(e) = self.entries.get(key) {
+                    consider(e.queued_at.saturating_add(self.cfg.batch_delay_ms));
+                }
+            }
+        }
+        t
+    }
+
+    fn event(&mut self, e: DeviceEvent) {
+        if self.events.len() >= self.cfg.max_queued_outputs {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    fn send(&mut self, msg: &UpMsg) {
+        if !self.connected {
+            return;
+        }
+        // Messages other than pushes are tiny and cannot exceed the limits.
+        if let Ok(bytes) = wire::encode_up(&self.schema_version, msg, &self.cfg.wire) {
+            if self.transmits.len() >= self.cfg.max_queued_outputs {
+                self.transmits.pop_front();
+            }
+            self.transmits.push_back(bytes);
+        }
+    }
+
+    fn rto(&mut self, attempts: u32) -> u64 {
+        let base = self.cfg.retransmit_base_ms.max(1);
+        let exp = base.saturating_mul(1u64 << attempts.min(20));
+        let capped = exp.min(self.cfg.retransmit_max_ms.max(base));
+        let jitter = self.rng.next() % (capped / 4 + 1);
+        (capped + jitter).min(self.cfg.retransmit_max_ms.max(base))
+    }
+
+    fn new_session(&mut self, now_ms: u64) {
+        self.ready = false;
+        self.dissolve_all();
+        self.transmits.clear();
+        self.session = Some(self.rng.next());
+        self.hello_attempts = 0;
+        // Abandon pages not yet applied and any resync in progress: the cloud streams again
+        // from the cursor announced in the hello.
+        self.inbox.clear();
+        self.resync = None;
+        self.tail = match &self.applying {
+            Some(ApplyPage::Feed { to, .. }) => *to,
+            Some(ApplyPage::Snapshot { done: true, cursor, .. }) => *cursor,
+            _ => self.cursor,
+        };
+        self.send_hello(now_ms);
+    }
+
+    fn send_hello(&mut self, now_ms: u64) {
+        let Some(session) = self.session else {
+            return;
+        };
+        let msg = UpMsg::Hello { session, cursor: self.cursor, pending: self.entries.len() as u64 };
+        self.send(&msg);
+        let rto = self.rto(self.hello_attempts);
+        self.hello_deadline = Some(now_ms.saturating_add(rto));
+    }
+
+    fn enqueue(&mut self, now_ms: u64, change: Change) {
+        let len = wire::change_len(&change);
+        let k = (change.model.clone(), change.key.clone());
+        if let Some(e) = self.entries.get_mut(&k) {
+            if change.version <= e.change.version {
+                return;
+            }
+            e.change = change;
+            e.len = len;
+            if !e.queued {
+                e.queued = true;
+                e.queued_at = now_ms;
+                self.order.insert(e.seq, k);
+            }
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.insert(k.clone(), Entry { change, len, seq, queued_at: now_ms, queued: true, in_flight: None });
+        self.order.insert(seq, k);
+    }
+
+    fn requeue(&mut self, k: &(String, ItemKey), batch: u64) {
+        if let Some(e) = self.entries.get_mut(k) {
+            if e.in_flight.is_some_and(|(b, _)| b == batch) {
+                e.in_flight = None;
+                if !e.queued {
+                    e.queued = true;
+                    self.order.insert(e.seq, k.clone());
+                }
+            }
+        }
+    }
+
+    fn dissolve(&mut self, id: u64) {
+        if let Some(batch) = self.batches.remove(&id) {
+            for (model, key, _) in batch.keys {
+                self.requeue(&(model, key), id);
+            }
+        }
+    }
+
+    fn dissolve_all(&mut self) {
+        let ids: Vec<u64> = self.batches.keys().copied().collect();
+        for id in ids {
+            self.dissolve(id);
+        }
+    }
+
+    fn remove_entry(&mut self, k: &(String, ItemKey)) -> Option<Entry> {
+        let e = self.entries.remove(k)?;
+        if e.queued {
+            self.order.remove(&e.seq);
+        }
+        if self.entries.len() <= self.cfg.outbox_high_water {
+            self.high_raised = false;
+        }
+        Some(e)
+    }
+
+    fn on_push_ack(&mut self, batch: u64, results: Vec<wire::ChangeResult>) {
+        self.backoff = 0;
+        let mut removed = Vec::new();
+        for r in results {
+            let k = (r.model, r.key);
+            if let Some(b) = self.batches.get_mut(&batch) {
+                b.keys.retain(|(m, key, v)| !(m == &k.0 && key == &k.1 && *v == r.version));
+            }
+            let Some(e) = self.entries.get_mut(&k) else {
+                continue;
+            };
+            if e.change.version == r.version {
+                let Some(e) = self.remove_entry(&k) else {
+                    continue;
+                };
+                removed.push((k.0, k.1, r.version));
+                if let ChangeStatus::Rejected { reason } = r.status {
+                    self.event(DeviceEvent::Rejected { change: e.change, reason });
+                }
+            } else if e.in_flight.is_some_and(|(_, v)| v == r.version) {
+                // An older version was answered; the newer one stays queued.
+                e.in_flight = None;
+            }
+        }
+        if self.batches.get(&batch).is_some_and(|b| b.keys.is_empty()) {
+            self.batches.remove(&batch);
+        }
+        if !removed.is_empty() {
+            self.actions.push_back(DeviceAction::OutboxRemove(removed));
+        }
+    }
+
+    fn on_feed(&mut self, from: u64, to: u64, changes: Vec<Change>) {
+        if to < from || self.resync.is_some() {
+            return;
+        }
+        if from == self.tail {
+            if self.inbox.len() < self.cfg.max_buffered_pages {
+                self.tail = to;
+                self.inbox.push_back(ApplyPage::Feed { from, to, changes });
+            }
+        } else if from < self.tail && self.applying.is_none() && self.inbox.is_empty() {
+            // A duplicate: our acknowledgement was probably lost. Say again where we are.
+            self.send(&UpMsg::FeedAck { cursor: self.cursor });
+        }
+        // A gap (from > tail) is ignored: the cloud resends from the acknowledged cursor.
+    }
+
+    fn on_snapshot(&mut self, resync: u64, page: u32, items: Vec<Change>, done: bool, cursor: u64) {
+        if let Some((id, acked)) = self.last_snapshot_ack {
+            if id == resync && page <= acked {
+                if self.applying.is_none() && self.inbox.is_empty() {
+                    self.send(&UpMsg::SnapshotAck { resync: id, page: acked });
+                }
+                return;
+            }
+        }
+        let expected = match self.resync {
+            Some(r) if r.id == resync => r.next_page,
+            _ => 0,
+        };
+        if page != expected || self.inbox.len() >= self.cfg.max_buffered_pages {
+            return;
+        }
+        self.resync = if done { None } else { Some(ResyncRx { id: resync, next_page: page + 1 }) };
+        if done {
+            self.tail = cursor;
+        }
+        self.inbox.push_back(ApplyPage::Snapshot { resync, page, items, done, cursor });
+    }
+
+    fn next_apply(&mut self) {
+        if self.applying.is_none() {
+            if let Some(page) = self.inbox.pop_front() {
+                self.applying = Some(page.clone());
+                self.actions.push_back(DeviceAction::Apply(page));
+            }
+        }
+    }
+
+    /// Send batches while the window allows and a batch is due.
+    fn flush(&mut self, now_ms: u64) {
+        if !self.ready {
+            return;
+        }
+        while self.batches.len() < self.cfg.max_in_flight && !self.order.is_empty() {
+            if !self.send_batch(now_ms) {
+                break;
+            }
+        }
+    }
+
+    /// Build and send one batch if one is due; returns whether one was sent.
+    fn send_batch(&mut self, now_ms: u64) -> bool {
+        let id = self.next_batch;
+        let budget = self.cfg.max_batch_bytes.min(self.cfg.wire.max_message_bytes);
+        let max_count = self.cfg.max_batch_changes.min(self.cfg.wire.max_changes).max(1);
+        let overhead = wire::up_overhead(&self.schema_version, &UpMsg::Push { batch: u64::MAX, changes: vec![] });
+        let mut picked: Vec<(String, ItemKey)> = Vec::new();
+        let mut too_large: Vec<(String, ItemKey)> = Vec::new();
+        let mut size = overhead;
+        let mut full = false;
+        let mut oldest: Option<u64> = None;
+        for k in self.order.values() {
+            let Some(e) = self.entries.get(k) else {
+                continue;
+            };
+            if overhead.saturating_add(e.len) > budget {
+                too_large.push(k.clone());
+                continue;
+            }
+            let add = e.len + usize::from(!picked.is_empty());
+            if picked.len() >= max_count || size + add > budget {
+                full = true;
+                break;
+            }
+            size += add;
+            oldest = Some(oldest.map_or(e.queued_at, |o: u64| o.min(e.queued_at)));
+            picked.push(k.clone());
+        }
+        for k in too_large {
+            if let Some(e) = self.remove_entry(&k) {
+                self.actions.push_back(DeviceAction::OutboxRemove(vec![(k.0, k.1, e.change.version)]));
+                self.event(DeviceEvent::Rejected { change: e.change, reason: RejectReason::TooLarge });
+            }
+        }
+        let Some(oldest) = oldest else {
+            return false;
+        };
+        if !full && now_ms < oldest.saturating_add(self.cfg.batch_delay_ms) {
+            return false;
+        }
+        let mut changes = Vec::with_capacity(picked.len());
+        let mut keys = Vec::with_capacity(picked.len());
+        for k in picked {
+            if let Some(e) = self.entries.get_mut(&k) {
+                e.queued = false;
+                e.in_flight = Some((id, e.change.version));
+                self.order.remove(&e.seq);
+                keys.push((k.0, k.1, e.change.version));
+                changes.push(e.change.clone());
+            }
+        }
+        self.next_batch = self.next_batch.wrapping_add(1);
+        let rto = self.rto(self.backoff);
+        self.batches.insert(id, Batch { keys, deadline: now_ms.saturating_add(rto) });
+        self.send(&UpMsg::Push { batch: id, changes });
+        true
+    }
+}

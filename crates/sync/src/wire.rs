@@ -1,0 +1,516 @@
+//! Protocol messages and their encoding.
+//!
+//! This module exists because it is the only place that serializes: the engines and the drivers
+//! deal in typed messages, and the bytes on the wire are produced and checked here, behind a
+//! version number, so the codec (JSON today) can change without touching the state machines.
+//!
+//! Every message travels in an envelope `{"v":1,"schema":"<sender schema version>","msg":{...}}`
+//! where `msg.type` names the message. A receiver refuses any `v` other than [`PROTOCOL_VERSION`]
+//! with [`WireError::UnsupportedVersion`], and any message larger than
+//! [`WireConfig::max_message_bytes`] before parsing it.
+
+use devtables_schema::{Item, ItemKey};
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Hlc;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Size limits applied to every message, in both directions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireConfig {
+    /// Largest encoded message, in bytes. Default 128 KiB, AWS IoT's MQTT payload limit, so a
+    /// catch-up after a long outage is never refused whole by the broker.
+    pub max_message_bytes: usize,
+    /// Most changes (or items, or results) in one message. Default 1000; bounds the work one
+    /// message can cause on the receiver.
+    pub max_changes: usize,
+}
+
+impl Default for WireConfig {
+    fn default() -> WireConfig {
+        WireConfig { max_message_bytes: 128 * 1024, max_changes: 1000 }
+    }
+}
+
+/// A message could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The bytes are not a well-formed message of this protocol.
+    #[error("malformed message: {reason}")]
+    Malformed {
+        /// What the decoder could not accept.
+        reason: String,
+    },
+    /// The envelope names a protocol version this crate does not speak.
+    #[error("unsupported protocol version {got} (this side speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion {
+        /// The version in the envelope.
+        got: u32,
+    },
+    /// The message is over the size limit.
+    #[error("message of {size} bytes is over the {max} byte limit")]
+    TooLarge {
+        /// The message size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The message holds more changes than allowed.
+    #[error("message holds {count} entries, over the limit of {max}")]
+    TooManyChanges {
+        /// Entries in the message.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// What a change does to its item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Create or replace the whole item.
+    Put,
+    /// Delete the item (receivers keep a tombstone version).
+    Delete,
+}
+
+/// One replicated write of one item.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// The model (type) of the item.
+    pub model: String,
+    /// The item's primary key.
+    #[serde(with = "key_wire")]
+    pub key: ItemKey,
+    /// Put or delete.
+    pub op: Op,
+    /// The whole item for a put; `None` for a delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<Item>,
+    /// The version of this write; replicas keep the highest version per key.
+    #[serde(with = "hlc_wire")]
+    pub version: Hlc,
+    /// The version this write replaced on the writer (`None` when it created the key). A receiver
+    /// holding another version has a concurrent write: a conflict, which is logged.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hlc_wire")]
+    pub base: Option<Hlc>,
+}
+
+/// Why the cloud refused a change. The device removes the change from its outbox and reports it;
+/// it is never retried, since the same change would be refused again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// The cloud schema has no such model.
+    UnknownModel,
+    /// The item does not satisfy the cloud's model (unknown field, wrong type, key mismatch...).
+    Validation(String),
+    /// The model does not live in the cloud.
+    NotEnabledInCloud,
+    /// The model does not replicate up (down-only, broadcast, or not synced).
+    NotSyncedUp,
+    /// The item names another device as its owner.
+    Ownership,
+    /// The device's schema is incompatible with the cloud's.
+    SchemaMismatch(String),
+    /// The change alone is larger than a message may be.
+    TooLarge,
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectReason::UnknownModel => f.write_str("the cloud schema has no such model"),
+            RejectReason::Validation(m) => write!(f, "invalid item: {m}"),
+            RejectReason::NotEnabledInCloud => f.write_str("the model is not enabled in the cloud"),
+            RejectReason::NotSyncedUp => f.write_str("the model does not replicate up"),
+            RejectReason::Ownership => f.write_str("the item belongs to another device"),
+            RejectReason::SchemaMismatch(m) => write!(f, "schema mismatch: {m}"),
+            RejectReason::TooLarge => f.write_str("the change is larger than a message may be"),
+        }
+    }
+}
+
+/// The cloud's verdict on one pushed change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeStatus {
+    /// Stored (or already stored: pushes are idempotent).
+    Applied,
+    /// The cloud holds a higher version; this write lost (and was logged as a conflict).
+    Stale,
+    /// Refused; see the reason.
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+/// The result for one change of a [`UpMsg::Push`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResult {
+    /// The change's model.
+    pub model: String,
+    /// The change's key.
+    #[serde(with = "key_wire")]
+    pub key: ItemKey,
+    /// The change's version: the device removes its outbox entry only if it still holds exactly
+    /// this version, so an ack never removes a newer local write.
+    #[serde(with = "hlc_wire")]
+    pub version: Hlc,
+    /// The verdict.
+    pub status: ChangeStatus,
+}
+
+/// Device → cloud messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum UpMsg {
+    /// Sent on every connect (and resent until welcomed).
+    Hello {
+        /// A fresh id per connection, echoed by [`DownMsg::Welcome`] so a stale welcome is ignored.
+        session: u64,
+        /// The device's durable feed cursor: the cloud streams entries after it.
+        cursor: u64,
+        /// Outbox size, for monitoring.
+        pending: u64,
+    },
+    /// A batch of local changes.
+    Push {
+        /// The batch id, echoed by [`DownMsg::PushAck`].
+        batch: u64,
+        /// The changes, oldest first, at most one per key.
+        changes: Vec<Change>,
+    },
+    /// The device applied and durably stored the feed up to `cursor`.
+    FeedAck {
+        /// The device's cursor after the apply.
+        cursor: u64,
+    },
+    /// The device applied and durably stored a snapshot page.
+    SnapshotAck {
+        /// The resync the page belongs to.
+        resync: u64,
+        /// The page number.
+        page: u32,
+    },
+}
+
+/// Why the cloud sent [`DownMsg::Error`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The device's protocol version is not spoken here.
+    UnsupportedVersion {
+        /// The version the cloud speaks.
+        supported: u32,
+    },
+    /// The cloud could not decode the device's message.
+    Malformed,
+    /// The device's message was over the size limit.
+    TooLarge,
+    /// The cloud has no session for the device (it restarted, or dropped an idle session):
+    /// the device must send [`UpMsg::Hello`] again.
+    NoSession,
+    /// The cloud tracks as many sessions as it may; try again later.
+    TooManySessions,
+}
+
+/// Cloud → device messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DownMsg {
+    /// The answer to [`UpMsg::Hello`]: the device may push.
+    Welcome {
+        /// The session of the hello answered.
+        session: u64,
+    },
+    /// The results of one [`UpMsg::Push`] (possibly split over several messages).
+    PushAck {
+        /// The batch answered.
+        batch: u64,
+        /// One result per change answered.
+        results: Vec<ChangeResult>,
+    },
+    /// Feed entries with cursor in `(from, to]`; the device applies it only if `from` equals its
+    /// cursor, then stores `to`.
+    Feed {
+        /// The cursor the page follows.
+        from: u64,
+        /// The cursor after the page.
+        to: u64,
+        /// The changes, in feed order, at most one per key.
+        changes: Vec<Change>,
+    },
+    /// One page of a full resync.
+    Snapshot {
+        /// The resync id, fresh for every resync.
+        resync: u64,
+        /// Page number within the resync, from 0; pages apply strictly in order.
+        page: u32,
+        /// Live items (puts).
+        items: Vec<Change>,
+        /// Whether this is the final page.
+        done: bool,
+        /// The feed head when the resync began; the device stores it with the final page.
+        cursor: u64,
+    },
+    /// The cloud refused a message.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// A sentence for logs.
+        message: String,
+    },
+}
+
+/// A decoded message with its envelope.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decoded<M> {
+    /// The sender's schema version.
+    pub schema: String,
+    /// The message.
+    pub msg: M,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, M> {
+    v: u32,
+    schema: &'a str,
+    msg: &'a M,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn {
+    v: u32,
+    #[serde(default)]
+    schema: String,
+    msg: serde_json::Value,
+}
+
+fn encode<M: Serialize>(schema: &str, msg: &M, count: usize, cfg: &WireConfig) -> Result<Vec<u8>, WireError> {
+    if count > cfg.max_changes {
+        return Err(WireError::TooManyChanges { count, max: cfg.max_changes });
+    }
+    let bytes = serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, schema, msg })
+        .map_err(|e| WireError::Malformed { reason: e.to_string() })?;
+    if bytes.len() > cfg.max_message_bytes {
+        return Err(WireError::TooLarge { size: bytes.len(), max: cfg.max_message_bytes });
+    }
+    Ok(bytes)
+}
+
+fn decode<M: serde::de::DeserializeOwned>(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<M>, WireError> {
+    if bytes.len() > cfg.max_message_bytes {
+        return Err(WireError::TooLarge { size: bytes.len(), max: cfg.max_message_bytes });
+    }
+    let env: EnvelopeIn =
+        serde_json::from_slice(bytes).map_err(|e| WireError::Malformed { reason: e.to_string() })?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(WireError::UnsupportedVersion { got: env.v });
+    }
+    let msg = serde_json::from_value(env.msg).map_err(|e| WireError::Malformed { reason: e.to_string() })?;
+    Ok(Decoded { schema: env.schema, msg })
+}
+
+fn up_count(msg: &UpMsg) -> usize {
+    match msg {
+        UpMsg::Push { changes, .. } => changes.len(),
+        _ => 0,
+    }
+}
+
+fn down_count(msg: &DownMsg) -> usize {
+    match msg {
+        DownMsg::PushAck { results, .. } => results.len(),
+        DownMsg::Feed { changes, .. } => changes.len(),
+        DownMsg::Snapshot { items, .. } => items.len(),
+        _ => 0,
+    }
+}
+
+/// Encode a device → cloud message, checking the limits.
+pub fn encode_up(schema: &str, msg: &UpMsg, cfg: &WireConfig) -> Result<Vec<u8>, WireError> {
+    encode(schema, msg, up_count(msg), cfg)
+}
+
+/// Decode a device → cloud message, checking the size before parsing and the count after.
+pub fn decode_up(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<UpMsg>, WireError> {
+    let d: Decoded<UpMsg> = decode(bytes, cfg)?;
+    let count = up_count(&d.msg);
+    if count > cfg.max_changes {
+        return Err(WireError::TooManyChanges { count, max: cfg.max_changes });
+    }
+    Ok(d)
+}
+
+/// Encode a cloud → device message, checking the limits.
+pub fn encode_down(schema: &str, msg: &DownMsg, cfg: &WireConfig) -> Result<Vec<u8>, WireError> {
+    encode(schema, msg, down_count(msg), cfg)
+}
+
+/// Decode a cloud → device message, checking the size before parsing and the count after.
+pub fn decode_down(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<DownMsg>, WireError> {
+    let d: Decoded<DownMsg> = decode(bytes, cfg)?;
+    let count = down_count(&d.msg);
+    if count > cfg.max_changes {
+        return Err(WireError::TooManyChanges { count, max: cfg.max_changes });
+    }
+    Ok(d)
+}
+
+/// Encoded size of one change inside a message's change list, in bytes. A list of `n` changes
+/// costs the sum of their sizes plus `n - 1` separators, which lets batches be cut to fit a limit
+/// exactly.
+pub fn change_len(change: &Change) -> usize {
+    serde_json::to_vec(change).map(|b| b.len()).unwrap_or(usize::MAX)
+}
+
+/// Encoded size of one result inside a [`DownMsg::PushAck`].
+pub fn result_len(result: &ChangeResult) -> usize {
+    serde_json::to_vec(result).map(|b| b.len()).unwrap_or(usize::MAX)
+}
+
+/// Encoded size of `msg` as sent with an empty change list: add [`change_len`] per change and
+/// one byte per separator to get the full size.
+pub fn up_overhead(schema: &str, msg: &UpMsg) -> usize {
+    serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, schema, msg }).map(|b| b.len()).unwrap_or(usize::MAX)
+}
+
+/// Like [`up_overhead`] for cloud → device messages.
+pub fn down_overhead(schema: &str, msg: &DownMsg) -> usize {
+    serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, schema, msg }).map(|b| b.len()).unwrap_or(usize::MAX)
+}
+
+/// An [`Hlc`] as text: `wwwwwwwwwwww-cccccccc-nnnnnnnnnnnnnnnn` in fixed-width lowercase hex
+/// (wall ms, counter, node), so that the text order equals the version order; drivers may store
+/// it in a SQL column and compare it there.
+pub fn hlc_to_string(v: Hlc) -> String {
+    format!("{:012x}-{:08x}-{:016x}", v.wall_ms, v.counter, v.node)
+}
+
+/// Parse the text form of [`hlc_to_string`].
+pub fn hlc_from_str(s: &str) -> Result<Hlc, WireError> {
+    let bad = || WireError::Malformed { reason: format!("bad version {s:?}: expected wall-counter-node in hex") };
+    let mut parts = s.split('-');
+    let (Some(w), Some(c), Some(n), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    if w.is_empty() || w.len() > 16 || c.is_empty() || c.len() > 8 || n.is_empty() || n.len() > 16 {
+        return Err(bad());
+    }
+    Ok(Hlc {
+        wall_ms: u64::from_str_radix(w, 16).map_err(|_| bad())?,
+        counter: u32::from_str_radix(c, 16).map_err(|_| bad())?,
+        node: u64::from_str_radix(n, 16).map_err(|_| bad())?,
+    })
+}
+
+mod hlc_wire {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(v: &Hlc, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hlc_to_string(*v))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Hlc, D::Error> {
+        let s = String::deserialize(d)?;
+        hlc_from_str(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_hlc_wire {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(v: &Option<Hlc>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&hlc_to_string(*v)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Hlc>, D::Error> {
+        let s = Option::<String>::deserialize(d)?;
+        s.map(|s| hlc_from_str(&s).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+mod key_wire {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(k: &ItemKey, s: S) -> Result<S::Ok, S::Error> {
+        (&k.pk, &k.sk).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ItemKey, D::Error> {
+        let (pk, sk) = <(String, String)>::deserialize(d)?;
+        Ok(ItemKey { pk, sk })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change() -> Change {
+        let mut item = Item::new();
+        item.insert("name".into(), serde_json::json!("x"));
+        Change {
+            model: "M".into(),
+            key: ItemKey { pk: "d#1".into(), sk: "s#x".into() },
+            op: Op::Put,
+            item: Some(item),
+            version: Hlc { wall_ms: 1, counter: 2, node: 3 },
+            base: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_sizes_are_exact() {
+        let cfg = WireConfig::default();
+        let changes = vec![change(), change()];
+        let msg = UpMsg::Push { batch: 9, changes: changes.clone() };
+        let bytes = encode_up("1.0.0", &msg, &cfg).unwrap();
+        let expected = up_overhead("1.0.0", &UpMsg::Push { batch: 9, changes: vec![] })
+            + changes.iter().map(change_len).sum::<usize>()
+            + 1;
+        assert_eq!(bytes.len(), expected);
+        let d = decode_up(&bytes, &cfg).unwrap();
+        assert_eq!(d.msg, msg);
+        assert_eq!(d.schema, "1.0.0");
+    }
+
+    #[test]
+    fn decode_errors_are_typed() {
+        let cfg = WireConfig { max_message_bytes: 100, max_changes: 1 };
+        assert!(matches!(decode_up(b"{", &cfg), Err(WireError::Malformed { .. })));
+        assert_eq!(
+            decode_up(br#"{"v":2,"schema":"","msg":{"type":"nope"}}"#, &cfg),
+            Err(WireError::UnsupportedVersion { got: 2 })
+        );
+        assert!(matches!(decode_up(&[b' '; 101], &cfg), Err(WireError::TooLarge { size: 101, max: 100 })));
+        assert!(matches!(
+            decode_up(br#"{"v":1,"msg":{"type":"feed_ack"}}"#, &cfg),
+            Err(WireError::Malformed { .. })
+        ));
+        let v = hlc_to_string(Hlc { wall_ms: 1, counter: 2, node: 3 });
+        let two = format!(
+            r#"{{"v":1,"msg":{{"type":"push","batch":1,"changes":[{{"model":"M","key":["a","b"],"op":"delete","version":"{v}"}},{{"model":"M","key":["a","b"],"op":"delete","version":"{v}"}}]}}}}"#
+        );
+        let cfg = WireConfig { max_message_bytes: 1000, max_changes: 1 };
+        assert_eq!(decode_up(two.as_bytes(), &cfg), Err(WireError::TooManyChanges { count: 2, max: 1 }));
+    }
+
+    #[test]
+    fn hlc_text_order_matches_version_order() {
+        let a = Hlc { wall_ms: 0xff, counter: 1, node: u64::MAX };
+        let b = Hlc { wall_ms: 0x100, counter: 0, node: 0 };
+        assert!(hlc_to_string(a) < hlc_to_string(b));
+        assert_eq!(hlc_from_str(&hlc_to_string(a)).unwrap(), a);
+        assert!(hlc_from_str("1-2").is_err());
+        assert!(hlc_from_str("zz-1-1").is_err());
+    }
+}
