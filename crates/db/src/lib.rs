@@ -381,6 +381,19 @@ impl Db {
         Ok(out)
     }
 
+    /// One entry of a side table.
+    pub fn side_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        let tx = self.inner.db.begin_read()?;
+        let name = tables::side_table_name(table);
+        let t = match tx.open_table(tables::side_def(&name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let value = t.get(key)?.map(|v| v.value().to_vec());
+        Ok(value)
+    }
+
     /// Number of entries in a side table.
     pub fn side_len(&self, table: &str) -> Result<u64, DbError> {
         let tx = self.inner.db.begin_read()?;

@@ -344,6 +344,21 @@ impl<'t> WriteTxn<'t> {
         Ok(())
     }
 
+    /// Keys of every stored item of `model`, in key order (replication's resync sweep).
+    pub fn model_keys(&self, model: &str) -> Result<Vec<ItemKey>, DbError> {
+        let start = keys::prefix(&[model]);
+        let end = keys::prefix_end(&start);
+        let mut out = Vec::new();
+        for entry in self.types.range::<&[u8]>(start.as_slice()..end.as_slice())? {
+            let (k, _) = entry?;
+            match keys::trailing_item_key(k.value()) {
+                Some(key) => out.push(key),
+                None => return Err(DbError::Corrupt("malformed model index entry".into())),
+            }
+        }
+        Ok(out)
+    }
+
     /// Keys of the items whose TTL passed at `now_ms`, oldest first, at most `limit`.
     pub(crate) fn expired_keys(&self, now_ms: i64, limit: usize) -> Result<Vec<ItemKey>, DbError> {
         let end = (now_ms.max(0) as u64 + 1).to_be_bytes();

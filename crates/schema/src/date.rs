@@ -20,9 +20,7 @@ pub(crate) fn parse_iso_ms(text: &str) -> Option<i64> {
     let dt = OffsetDateTime::parse(text, &Rfc3339)
         .or_else(|_| OffsetDateTime::parse(text, &Iso8601::DEFAULT))
         .or_else(|_| PrimitiveDateTime::parse(text, &Iso8601::DEFAULT).map(|p| p.assume_utc()))
-        .or_else(|_| {
-            Date::parse(text, &Iso8601::DEFAULT).map(|d| d.midnight().assume_utc())
-        })
+        .or_else(|_| Date::parse(text, &Iso8601::DEFAULT).map(|d| d.midnight().assume_utc()))
         .ok()?;
     i64::try_from(dt.unix_timestamp_nanos() / 1_000_000).ok()
 }
@@ -30,7 +28,9 @@ pub(crate) fn parse_iso_ms(text: &str) -> Option<i64> {
 /// Format epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`; None when out of range.
 pub(crate) fn format_iso_ms(ms: i64) -> Option<String> {
     let nanos = i128::from(ms).checked_mul(1_000_000)?;
-    let dt = OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()?.to_offset(UtcOffset::UTC);
+    let dt = OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()?
+        .to_offset(UtcOffset::UTC);
     let year = dt.year();
     if !(0..=9999).contains(&year) {
         return None;
@@ -81,8 +81,14 @@ mod tests {
 
     #[test]
     fn formats_with_millis() {
-        assert_eq!(format_iso_ms(1_795_629_600_123).as_deref(), Some("2026-11-25T18:00:00.123Z"));
-        assert_eq!(format_iso_ms(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
+        assert_eq!(
+            format_iso_ms(1_795_629_600_123).as_deref(),
+            Some("2026-11-25T18:00:00.123Z")
+        );
+        assert_eq!(
+            format_iso_ms(0).as_deref(),
+            Some("1970-01-01T00:00:00.000Z")
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ pub enum SchemaError {
 impl SchemaError {
     /// Shorthand for [`SchemaError::Invalid`].
     pub(crate) fn invalid(path: impl Into<String>, reason: impl Into<String>) -> SchemaError {
-        SchemaError::Invalid { path: path.into(), reason: reason.into() }
+        SchemaError::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -53,7 +56,11 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub(crate) fn new(model: &str, field: impl Into<String>, reason: Reason) -> ValidationError {
-        ValidationError { model: model.to_string(), field: field.into(), reason }
+        ValidationError {
+            model: model.to_string(),
+            field: field.into(),
+            reason,
+        }
     }
 }
 
@@ -86,7 +93,9 @@ pub enum Reason {
         pattern: String,
     },
     /// The field is not defined by the model.
-    #[error("unknown field: it is not defined in the model schema (remove it or add it to the schema)")]
+    #[error(
+        "unknown field: it is not defined in the model schema (remove it or add it to the schema)"
+    )]
     UnknownField,
     /// An update tried to change a readonly field.
     #[error("the field is readonly: it cannot be changed by an update")]
@@ -158,7 +167,13 @@ mod tests {
     #[test]
     fn key_unresolved_names_variable() {
         check(
-            ValidationError::new("Fault", "pk", Reason::KeyUnresolved { variable: "deviceId".into() }),
+            ValidationError::new(
+                "Fault",
+                "pk",
+                Reason::KeyUnresolved {
+                    variable: "deviceId".into(),
+                },
+            ),
             "Fault.pk: the key cannot be resolved: provide a value for `deviceId`",
         );
     }
@@ -166,6 +181,9 @@ mod tests {
     #[test]
     fn schema_error_names_path() {
         let e = SchemaError::invalid("models.Fault.sk.value", "unknown field `x`");
-        assert_eq!(e.to_string(), "schema error at models.Fault.sk.value: unknown field `x`");
+        assert_eq!(
+            e.to_string(),
+            "schema error at models.Fault.sk.value: unknown field `x`"
+        );
     }
 }

@@ -179,14 +179,27 @@ impl Field {
     }
 
     /// Cast a non-null input value to the stored form; `path` names the field in errors.
-    pub(crate) fn cast(&self, value: &Value, path: &str, ctx: &Ctx) -> Result<Value, ValidationError> {
+    pub(crate) fn cast(
+        &self,
+        value: &Value,
+        path: &str,
+        ctx: &Ctx,
+    ) -> Result<Value, ValidationError> {
         let wrong = || {
-            ctx.err(path, Reason::WrongType { expected: self.ty.name().to_string(), found: describe(value) })
+            ctx.err(
+                path,
+                Reason::WrongType {
+                    expected: self.ty.name().to_string(),
+                    found: describe(value),
+                },
+            )
         };
         match self.ty {
             FieldType::String => match value {
                 Value::String(_) => Ok(value.clone()),
-                Value::Number(_) | Value::Bool(_) => render_value(value).map(Value::String).ok_or_else(wrong),
+                Value::Number(_) | Value::Bool(_) => {
+                    render_value(value).map(Value::String).ok_or_else(wrong)
+                }
                 _ => Err(wrong()),
             },
             FieldType::Number if self.ttl => cast_ttl(value).ok_or_else(wrong),
@@ -207,11 +220,16 @@ impl Field {
             FieldType::Date => {
                 let ms = date_ms(value).ok_or_else(wrong)?;
                 store_date(ms, ctx.iso_dates).ok_or_else(|| {
-                    ctx.err(path, Reason::Invalid(format!("date {ms} ms is out of the supported range")))
+                    ctx.err(
+                        path,
+                        Reason::Invalid(format!("date {ms} ms is out of the supported range")),
+                    )
                 })
             }
             FieldType::Object => match (value, &self.schema) {
-                (Value::Object(map), Some(fields)) => cast_object(fields, map, path, ctx).map(Value::Object),
+                (Value::Object(map), Some(fields)) => {
+                    cast_object(fields, map, path, ctx).map(Value::Object)
+                }
                 (Value::Object(_), None) => Ok(value.clone()),
                 _ => Err(wrong()),
             },
@@ -234,7 +252,10 @@ impl Field {
                     if engine.decode(s).is_ok() || no_pad.decode(s).is_ok() {
                         Ok(value.clone())
                     } else {
-                        Err(ctx.err(path, Reason::Invalid("binary values must be base64 strings".into())))
+                        Err(ctx.err(
+                            path,
+                            Reason::Invalid("binary values must be base64 strings".into()),
+                        ))
                     }
                 }
                 _ => Err(wrong()),
@@ -243,14 +264,24 @@ impl Field {
     }
 
     /// [`Field::cast`] followed by [`Field::check`].
-    pub(crate) fn cast_checked(&self, value: &Value, path: &str, ctx: &Ctx) -> Result<Value, ValidationError> {
+    pub(crate) fn cast_checked(
+        &self,
+        value: &Value,
+        path: &str,
+        ctx: &Ctx,
+    ) -> Result<Value, ValidationError> {
         let cast = self.cast(value, path, ctx)?;
         self.check(&cast, path, ctx)?;
         Ok(cast)
     }
 
     /// Check a stored (cast) value against `enum` and `validate`.
-    pub(crate) fn check(&self, value: &Value, path: &str, ctx: &Ctx) -> Result<(), ValidationError> {
+    pub(crate) fn check(
+        &self,
+        value: &Value,
+        path: &str,
+        ctx: &Ctx,
+    ) -> Result<(), ValidationError> {
         if value.is_null() {
             return Ok(());
         }
@@ -260,7 +291,10 @@ impl Field {
                     path,
                     Reason::NotInEnum {
                         value: value.to_string(),
-                        allowed: allowed.iter().map(|a| render_value(a).unwrap_or_else(|| a.to_string())).collect(),
+                        allowed: allowed
+                            .iter()
+                            .map(|a| render_value(a).unwrap_or_else(|| a.to_string()))
+                            .collect(),
                     },
                 ));
             }
@@ -268,7 +302,12 @@ impl Field {
         if let Some(pattern) = &self.validate {
             if let Some(text) = render_value(value) {
                 if !pattern.regex.is_match(&text) {
-                    return Err(ctx.err(path, Reason::Pattern { pattern: pattern.source.clone() }));
+                    return Err(ctx.err(
+                        path,
+                        Reason::Pattern {
+                            pattern: pattern.source.clone(),
+                        },
+                    ));
                 }
             }
         }
@@ -287,7 +326,10 @@ pub(crate) fn cast_object(
     let mut out = Map::new();
     for (key, value) in map {
         let p = format!("{path}.{key}");
-        let field = fields.iter().find(|f| f.name == *key).ok_or_else(|| ctx.err(&p, Reason::UnknownField))?;
+        let field = fields
+            .iter()
+            .find(|f| f.name == *key)
+            .ok_or_else(|| ctx.err(&p, Reason::UnknownField))?;
         if value.is_null() {
             if ctx.nulls {
                 out.insert(key.clone(), Value::Null);
@@ -402,8 +444,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CTX: Ctx = Ctx { model: "M", iso_dates: false, nulls: false };
-    const ISO: Ctx = Ctx { model: "M", iso_dates: true, nulls: false };
+    const CTX: Ctx = Ctx {
+        model: "M",
+        iso_dates: false,
+        nulls: false,
+    };
+    const ISO: Ctx = Ctx {
+        model: "M",
+        iso_dates: true,
+        nulls: false,
+    };
 
     fn field(ty: FieldType) -> Field {
         Field::new("f", ty)
@@ -459,9 +509,24 @@ mod tests {
     #[test]
     fn date_cast_epoch_mode() {
         let f = field(FieldType::Date);
-        check(&f, &CTX, json!("2026-11-25T18:00:00.000Z"), Ok(json!(1_795_629_600_000i64)));
-        check(&f, &CTX, json!(1_795_629_600_000i64), Ok(json!(1_795_629_600_000i64)));
-        check(&f, &CTX, json!("1795629600000"), Ok(json!(1_795_629_600_000i64)));
+        check(
+            &f,
+            &CTX,
+            json!("2026-11-25T18:00:00.000Z"),
+            Ok(json!(1_795_629_600_000i64)),
+        );
+        check(
+            &f,
+            &CTX,
+            json!(1_795_629_600_000i64),
+            Ok(json!(1_795_629_600_000i64)),
+        );
+        check(
+            &f,
+            &CTX,
+            json!("1795629600000"),
+            Ok(json!(1_795_629_600_000i64)),
+        );
         check(&f, &CTX, json!("soon"), Err(()));
         check(&f, &CTX, json!(true), Err(()));
     }
@@ -469,9 +534,24 @@ mod tests {
     #[test]
     fn date_cast_iso_mode() {
         let f = field(FieldType::Date);
-        check(&f, &ISO, json!("2026-11-25T19:00:00+01:00"), Ok(json!("2026-11-25T18:00:00.000Z")));
-        check(&f, &ISO, json!(1_795_629_600_000i64), Ok(json!("2026-11-25T18:00:00.000Z")));
-        check(&f, &ISO, json!("2026-11-25T18:00:00.000Z"), Ok(json!("2026-11-25T18:00:00.000Z")));
+        check(
+            &f,
+            &ISO,
+            json!("2026-11-25T19:00:00+01:00"),
+            Ok(json!("2026-11-25T18:00:00.000Z")),
+        );
+        check(
+            &f,
+            &ISO,
+            json!(1_795_629_600_000i64),
+            Ok(json!("2026-11-25T18:00:00.000Z")),
+        );
+        check(
+            &f,
+            &ISO,
+            json!("2026-11-25T18:00:00.000Z"),
+            Ok(json!("2026-11-25T18:00:00.000Z")),
+        );
         check(&f, &ISO, json!(i64::MAX), Err(()));
     }
 
@@ -479,8 +559,18 @@ mod tests {
     fn ttl_cast_is_epoch_seconds() {
         let mut f = field(FieldType::Date);
         f.ttl = true;
-        check(&f, &ISO, json!("2026-11-25T18:00:00.000Z"), Ok(json!(1_795_629_600i64)));
-        check(&f, &ISO, json!(1_795_629_600i64), Ok(json!(1_795_629_600i64)));
+        check(
+            &f,
+            &ISO,
+            json!("2026-11-25T18:00:00.000Z"),
+            Ok(json!(1_795_629_600i64)),
+        );
+        check(
+            &f,
+            &ISO,
+            json!(1_795_629_600i64),
+            Ok(json!(1_795_629_600i64)),
+        );
         check(&f, &CTX, json!("1795629600"), Ok(json!(1_795_629_600i64)));
         check(&f, &CTX, json!("never"), Err(()));
     }
@@ -515,9 +605,15 @@ mod tests {
         f.schema = Some(vec![d, inner]);
         check(&f, &CTX, json!({"n": "2"}), Ok(json!({"n": 2, "d": "z"})));
         let err = f.cast(&json!({"n": 1, "x": 1}), "args", &CTX).unwrap_err();
-        assert_eq!((err.field.as_str(), err.reason), ("args.x", Reason::UnknownField));
+        assert_eq!(
+            (err.field.as_str(), err.reason),
+            ("args.x", Reason::UnknownField)
+        );
         let err = f.cast(&json!({}), "args", &CTX).unwrap_err();
-        assert_eq!((err.field.as_str(), err.reason), ("args.n", Reason::Required));
+        assert_eq!(
+            (err.field.as_str(), err.reason),
+            ("args.n", Reason::Required)
+        );
         let err = f.cast(&json!({"n": "q"}), "args", &CTX).unwrap_err();
         assert_eq!(err.field, "args.n");
     }
@@ -530,9 +626,15 @@ mod tests {
         let err = f.check(&json!("c"), "f", &CTX).unwrap_err();
         assert_eq!(err.to_string(), "M.f: value \"c\" is not one of [a, b]");
         f.enum_values = None;
-        f.validate = Some(Pattern { source: "/^a+$/".into(), regex: Regex::new("^a+$").unwrap() });
+        f.validate = Some(Pattern {
+            source: "/^a+$/".into(),
+            regex: Regex::new("^a+$").unwrap(),
+        });
         assert!(f.check(&json!("aaa"), "f", &CTX).is_ok());
-        assert!(matches!(f.check(&json!("ab"), "f", &CTX).unwrap_err().reason, Reason::Pattern { .. }));
+        assert!(matches!(
+            f.check(&json!("ab"), "f", &CTX).unwrap_err().reason,
+            Reason::Pattern { .. }
+        ));
     }
 
     #[test]

@@ -48,3 +48,255 @@ pub use schema::{Enable, Index, Params, Process, Schema, SyncDirection};
 
 /// A stored or input item: a JSON object.
 pub type Item = serde_json::Map<String, serde_json::Value>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/schema.json5");
+    const NOW: i64 = 1_795_629_600_000;
+
+    fn example() -> Schema {
+        Schema::load(std::path::Path::new(EXAMPLE)).unwrap()
+    }
+
+    fn item(v: Value) -> Item {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    fn check(model: &str, enable: Enable, sync: SyncDirection, lossy: bool, broadcast: bool) {
+        let s = example();
+        let p = s.model(model).map(Model::process);
+        assert_eq!(
+            p,
+            Some(Process {
+                enable,
+                sync,
+                lossy,
+                broadcast
+            }),
+            "{model}"
+        );
+    }
+
+    #[test]
+    fn example_loads() {
+        let s = example();
+        assert_eq!((s.format(), s.version()), ("onetable:1.1.0", "1.0.0"));
+        assert!(s.params().iso_dates && s.params().timestamps && !s.params().nulls);
+        assert_eq!(
+            s.primary_index(),
+            &Index {
+                name: "primary".into(),
+                hash: "pk".into(),
+                sort: Some("sk".into())
+            }
+        );
+        assert_eq!(
+            s.secondary_indexes(),
+            &[Index {
+                name: "gs1".into(),
+                hash: "gs1pk".into(),
+                sort: Some("gs1sk".into())
+            }]
+        );
+        let names: Vec<&str> = s.models().map(Model::name).collect();
+        assert_eq!(
+            names,
+            ["Command", "Fault", "Firmware", "Reading", "Scratch", "Setting", "Status"]
+        );
+        let text = std::fs::read_to_string(EXAMPLE).unwrap();
+        assert_eq!(
+            Schema::from_json5(&text).map(|s| s.models().count()).ok(),
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn example_process_settings() {
+        use Enable::*;
+        check("Status", Cloud, SyncDirection::None, false, false);
+        check("Fault", Both, SyncDirection::Up, false, false);
+        // Commands are delivered down; the example (since revised) also syncs results back up,
+        // so only the documented direction is pinned here.
+        let s = example();
+        let command = s.model("Command").map(Model::process);
+        assert!(
+            command
+                .is_some_and(|p| p.syncs_down() && p.on_device() && p.in_cloud() && !p.broadcast),
+            "{command:?}"
+        );
+        check("Setting", Both, SyncDirection::Both, false, false);
+        check("Reading", Both, SyncDirection::Up, true, false);
+        check("Firmware", Both, SyncDirection::Down, false, true);
+        check("Scratch", Device, SyncDirection::None, false, false);
+    }
+
+    #[test]
+    fn example_fault_create() {
+        let s = example();
+        let fault = s.model("Fault").unwrap();
+        let got = fault
+            .prepare_create(
+                &item(json!({"deviceId": "d1", "severity": "warn", "message": "hot"})),
+                NOW,
+            )
+            .unwrap();
+        let id = got["id"].as_str().unwrap_or_default().to_string();
+        assert_eq!(id.len(), 26);
+        assert!(
+            ulid_time_ms(&id) == Some(NOW as u64),
+            "the ulid carries the caller's clock"
+        );
+        assert_eq!(got["pk"], json!("device#d1"));
+        assert_eq!(got["sk"], json!(format!("fault#{id}")));
+        assert_eq!(got["gs1pk"], json!("fault#warn"));
+        assert_eq!(got["gs1sk"], json!(format!("fault#d1#{id}")));
+        assert_eq!(got["_type"], json!("Fault"));
+        assert_eq!(got["created"], json!("2026-11-25T18:00:00.000Z"));
+        assert_eq!(got["updated"], json!("2026-11-25T18:00:00.000Z"));
+        assert_eq!(s.model_of(&got).map(Model::name), Some("Fault"));
+        assert_eq!(
+            fault
+                .primary_key(&item(json!({"deviceId": "d1", "id": id})))
+                .map(|k| k.sk),
+            Ok(format!("fault#{id}"))
+        );
+        assert_eq!(
+            fault.index_key(&got, &s.secondary_indexes()[0]),
+            Some(("fault#warn".into(), format!("fault#d1#{id}")))
+        );
+        assert_eq!(fault.normalize_stored(got.clone()), Ok(got.clone()));
+
+        let shown = fault.project(&got, false);
+        assert!(
+            !shown.contains_key("pk") && !shown.contains_key("sk") && !shown.contains_key("gs1pk")
+        );
+        assert_eq!(shown["severity"], json!("warn"));
+        assert!(fault.project(&got, true).contains_key("pk"));
+    }
+
+    fn ulid_time_ms(id: &str) -> Option<u64> {
+        ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms())
+    }
+
+    #[test]
+    fn example_fault_errors() {
+        let s = example();
+        let fault = s.model("Fault").unwrap();
+        let err = fault
+            .prepare_create(&item(json!({"deviceId": "d1"})), NOW)
+            .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), &err.reason),
+            ("severity", &Reason::Required)
+        );
+        assert!(err.to_string().starts_with("Fault.severity: "), "{err}");
+        let err = fault
+            .prepare_create(&item(json!({"deviceId": "d1", "severity": "x"})), NOW)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Fault.severity: value \"x\" is not one of [info, warn, critical]"
+        );
+        let err = fault
+            .prepare_create(
+                &item(json!({"deviceId": "d1", "severity": "info", "message": ""})),
+                NOW,
+            )
+            .unwrap_err();
+        assert!(matches!(err.reason, Reason::Pattern { .. }));
+    }
+
+    #[test]
+    fn example_fault_ttl_and_query() {
+        let s = example();
+        let fault = s.model("Fault").unwrap();
+        let input =
+            item(json!({"deviceId": "d1", "severity": "info", "expires": "2026-11-26T18:00:00Z"}));
+        let got = fault.prepare_create(&input, NOW).unwrap();
+        assert_eq!(got["expires"], json!((NOW + 86_400_000) / 1000));
+        assert_eq!(fault.expires_at_ms(&got), Some(NOW + 86_400_000));
+        let q = fault.query(&item(json!({"deviceId": "d1"})), None).unwrap();
+        assert_eq!(
+            (q.hash.as_deref(), q.sort),
+            (
+                Some("device#d1"),
+                SortCondition::BeginsWith("fault#".into())
+            )
+        );
+        let q = fault
+            .query(&item(json!({"severity": "info"})), s.index("gs1"))
+            .unwrap();
+        assert_eq!(
+            (q.hash.as_deref(), q.sort),
+            (
+                Some("fault#info"),
+                SortCondition::BeginsWith("fault#".into())
+            )
+        );
+    }
+
+    #[test]
+    fn example_other_models() {
+        let s = example();
+        let status = s
+            .model("Status")
+            .unwrap()
+            .prepare_create(&item(json!({"deviceId": "d1"})), NOW)
+            .unwrap();
+        assert_eq!(
+            (
+                status["pk"].clone(),
+                status["sk"].clone(),
+                status["state"].clone()
+            ),
+            (json!("status#d1"), json!("status#"), json!("offline"))
+        );
+        let command = s.model("Command").unwrap();
+        let c = command
+            .prepare_create(
+                &item(json!({"deviceId": "d1", "command": "reboot", "args": {"delay": 5}})),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(c["status"], json!("pending"));
+        let done = command
+            .prepare_update(
+                &c,
+                &item(json!({"status": "done", "result": {"ok": true}})),
+                NOW + 1,
+            )
+            .unwrap();
+        assert_eq!(
+            (done["status"].clone(), done["created"].clone()),
+            (json!("done"), c["created"].clone())
+        );
+        assert_eq!(done["updated"], json!("2026-11-25T18:00:00.001Z"));
+        let setting = s.model("Setting").unwrap();
+        assert!(setting
+            .prepare_create(&item(json!({"deviceId": "d1", "name": "Bad Name"})), NOW)
+            .is_err());
+        let reading = s
+            .model("Reading")
+            .unwrap()
+            .prepare_create(
+                &item(json!({"deviceId": "d", "name": "t", "value": "21.5"})),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            (reading["value"].clone(), reading["status"].clone()),
+            (json!(21.5), json!("ok"))
+        );
+        let fw = s.model("Firmware").unwrap();
+        assert_eq!(
+            fw.primary_key(&item(json!({"version": "1.2"}))),
+            Ok(ItemKey {
+                pk: "firmware#".into(),
+                sk: "firmware#1.2".into()
+            })
+        );
+    }
+}

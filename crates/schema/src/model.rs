@@ -51,7 +51,16 @@ impl Model {
         indexes: Vec<Index>,
         ttl: Option<String>,
     ) -> Model {
-        Model { name: name.to_string(), process: Process::default(), fields, template_order, params, primary, indexes, ttl }
+        Model {
+            name: name.to_string(),
+            process: Process::default(),
+            fields,
+            template_order,
+            params,
+            primary,
+            indexes,
+            ttl,
+        }
     }
 
     /// The model name (also the value of the type field).
@@ -71,7 +80,10 @@ impl Model {
 
     /// A field by name.
     pub fn field(&self, name: &str) -> Option<&Field> {
-        self.fields.binary_search_by(|f| f.name.as_str().cmp(name)).ok().and_then(|i| self.fields.get(i))
+        self.fields
+            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .ok()
+            .and_then(|i| self.fields.get(i))
     }
 
     /// The TTL field name, if the model has one.
@@ -80,7 +92,11 @@ impl Model {
     }
 
     pub(crate) fn ctx(&self) -> Ctx<'_> {
-        Ctx { model: &self.name, iso_dates: self.params.iso_dates, nulls: self.params.nulls }
+        Ctx {
+            model: &self.name,
+            iso_dates: self.params.iso_dates,
+            nulls: self.params.nulls,
+        }
     }
 
     pub(crate) fn err(&self, field: impl Into<String>, reason: Reason) -> ValidationError {
@@ -88,7 +104,8 @@ impl Model {
     }
 
     fn is_timestamp_field(&self, key: &str) -> bool {
-        self.params.timestamps && (key == self.params.created_field || key == self.params.updated_field)
+        self.params.timestamps
+            && (key == self.params.created_field || key == self.params.updated_field)
     }
 
     /// Rendered value of a template variable in `item` (the type field is the model name).
@@ -101,11 +118,19 @@ impl Model {
 
     /// Evaluate every template in dependency order. `keep_given`: a templated field already
     /// present keeps its value (used when resolving keys from caller properties).
-    pub(crate) fn apply_templates(&self, item: &mut Item, keep_given: bool) -> Result<(), ValidationError> {
+    pub(crate) fn apply_templates(
+        &self,
+        item: &mut Item,
+        keep_given: bool,
+    ) -> Result<(), ValidationError> {
         let ctx = self.ctx();
         for &i in &self.template_order {
-            let Some(field) = self.fields.get(i) else { continue };
-            let Some(template) = field.template() else { continue };
+            let Some(field) = self.fields.get(i) else {
+                continue;
+            };
+            let Some(template) = field.template() else {
+                continue;
+            };
             if keep_given && item.get(&field.name).is_some_and(|v| !v.is_null()) {
                 continue;
             }
@@ -127,7 +152,9 @@ impl Model {
         let mut current = name.to_string();
         // Bounded by the number of fields: templates are acyclic.
         for _ in 0..=self.fields.len() {
-            let Some(template) = self.field(&current).and_then(Field::template) else { break };
+            let Some(template) = self.field(&current).and_then(Field::template) else {
+                break;
+            };
             match template.render(|var| self.variable(item, var)) {
                 Rendered::Partial { missing, .. } => current = missing,
                 Rendered::Full(_) => break,
@@ -143,7 +170,12 @@ impl Model {
         }
         match item.get(attr).and_then(render_value) {
             Some(value) => Ok(value),
-            None => Err(self.err(attr, Reason::KeyUnresolved { variable: self.missing_variable(item, attr) })),
+            None => Err(self.err(
+                attr,
+                Reason::KeyUnresolved {
+                    variable: self.missing_variable(item, attr),
+                },
+            )),
         }
     }
 
@@ -195,12 +227,16 @@ impl Model {
     }
 
     fn present(&self, item: &Item, name: &str) -> bool {
-        item.get(name).is_some_and(|v| self.params.nulls || !v.is_null())
+        item.get(name)
+            .is_some_and(|v| self.params.nulls || !v.is_null())
     }
 
     fn timestamp(&self, now_ms: i64) -> Result<Value, ValidationError> {
         store_date(now_ms, self.params.iso_dates).ok_or_else(|| {
-            self.err(&self.params.updated_field, Reason::Invalid(format!("clock value {now_ms} ms is out of range")))
+            self.err(
+                &self.params.updated_field,
+                Reason::Invalid(format!("clock value {now_ms} ms is out of range")),
+            )
         })
     }
 
@@ -239,7 +275,13 @@ impl Model {
             Value::Null => "none".into(),
             other => describe(other),
         };
-        Err(self.err(&self.params.type_field, Reason::WrongModel { expected: self.name.clone(), found }))
+        Err(self.err(
+            &self.params.type_field,
+            Reason::WrongModel {
+                expected: self.name.clone(),
+                found,
+            },
+        ))
     }
 
     /// Compute the stored item for a create; see the crate docs.
@@ -276,7 +318,10 @@ impl Model {
                 item.insert(field.name.clone(), id);
             }
         }
-        item.insert(self.params.type_field.clone(), Value::String(self.name.clone()));
+        item.insert(
+            self.params.type_field.clone(),
+            Value::String(self.name.clone()),
+        );
         if self.params.timestamps {
             let now = self.timestamp(now_ms)?;
             item.insert(self.params.created_field.clone(), now.clone());
@@ -290,7 +335,9 @@ impl Model {
     /// Field names the primary key depends on (key attributes and, transitively, their variables).
     fn key_dependencies(&self) -> BTreeSet<String> {
         let mut deps = BTreeSet::new();
-        let mut todo: Vec<String> = std::iter::once(self.primary.hash.clone()).chain(self.primary.sort.clone()).collect();
+        let mut todo: Vec<String> = std::iter::once(self.primary.hash.clone())
+            .chain(self.primary.sort.clone())
+            .collect();
         while let Some(name) = todo.pop() {
             if !deps.insert(name.clone()) {
                 continue;
@@ -303,7 +350,12 @@ impl Model {
     }
 
     /// Partial update; see the crate docs.
-    pub fn prepare_update(&self, existing: &Item, input: &Item, now_ms: i64) -> Result<Item, ValidationError> {
+    pub fn prepare_update(
+        &self,
+        existing: &Item,
+        input: &Item,
+        now_ms: i64,
+    ) -> Result<Item, ValidationError> {
         let ctx = self.ctx();
         if let Some(t) = existing.get(&self.params.type_field) {
             self.check_type_field(t)?;
@@ -338,7 +390,8 @@ impl Model {
             };
             if field.has_template() {
                 // Recomputed below; a different value for a key attribute is a key change.
-                let is_key = *key == self.primary.hash || self.primary.sort.as_deref() == Some(key.as_str());
+                let is_key =
+                    *key == self.primary.hash || self.primary.sort.as_deref() == Some(key.as_str());
                 if is_key && !same && new.is_some() {
                     return Err(self.err(key, Reason::KeyChange));
                 }
@@ -372,7 +425,10 @@ impl Model {
                 item.insert(field.name.clone(), v.clone());
             }
         }
-        item.insert(self.params.type_field.clone(), Value::String(self.name.clone()));
+        item.insert(
+            self.params.type_field.clone(),
+            Value::String(self.name.clone()),
+        );
         if self.params.timestamps {
             item.insert(self.params.updated_field.clone(), self.timestamp(now_ms)?);
         }
@@ -401,9 +457,17 @@ impl Model {
                 continue;
             }
             if self.is_timestamp_field(&key) {
-                let stored = date_ms(&value).and_then(|ms| store_date(ms, self.params.iso_dates)).ok_or_else(|| {
-                    self.err(&key, Reason::WrongType { expected: "date".into(), found: describe(&value) })
-                })?;
+                let stored = date_ms(&value)
+                    .and_then(|ms| store_date(ms, self.params.iso_dates))
+                    .ok_or_else(|| {
+                        self.err(
+                            &key,
+                            Reason::WrongType {
+                                expected: "date".into(),
+                                found: describe(&value),
+                            },
+                        )
+                    })?;
                 out.insert(key, stored);
                 continue;
             }
@@ -414,9 +478,16 @@ impl Model {
             out.insert(key, cast);
         }
         for &i in &self.template_order {
-            let Some(field) = self.fields.get(i) else { continue };
-            let Some(template) = field.template() else { continue };
-            let held = out.get(&field.name).filter(|v| !v.is_null()).and_then(render_value);
+            let Some(field) = self.fields.get(i) else {
+                continue;
+            };
+            let Some(template) = field.template() else {
+                continue;
+            };
+            let held = out
+                .get(&field.name)
+                .filter(|v| !v.is_null())
+                .and_then(render_value);
             match (template.render(|var| self.variable(&out, var)), held) {
                 (Rendered::Full(text), None) => {
                     let value = field.cast(&Value::String(text), &field.name, &ctx)?;
@@ -424,7 +495,13 @@ impl Model {
                 }
                 (Rendered::Full(text), Some(found)) if text == found => {}
                 (Rendered::Full(text), Some(found)) => {
-                    return Err(self.err(&field.name, Reason::TemplateMismatch { expected: text, found }));
+                    return Err(self.err(
+                        &field.name,
+                        Reason::TemplateMismatch {
+                            expected: text,
+                            found,
+                        },
+                    ));
                 }
                 (Rendered::Partial { .. }, None) => {}
                 (Rendered::Partial { missing, .. }, Some(found)) => {
@@ -473,7 +550,10 @@ impl Model {
         match value {
             Value::Number(n) => match n.as_i64() {
                 Some(secs) => secs.checked_mul(1000),
-                None => n.as_f64().filter(|f| f.is_finite() && f.abs() < 9.2e15).map(|f| (f * 1000.0).round() as i64),
+                None => n
+                    .as_f64()
+                    .filter(|f| f.is_finite() && f.abs() < 9.2e15)
+                    .map(|f| (f * 1000.0).round() as i64),
             },
             Value::String(s) => date::parse_iso_ms(s),
             _ => None,
@@ -528,7 +608,12 @@ mod tests {
     }
 
     /// Run `f` against model `name` of the schema with `params` and compare with `expected`.
-    fn check<T: PartialEq + std::fmt::Debug>(params: &str, name: &str, f: impl Fn(&Model) -> T, expected: T) {
+    fn check<T: PartialEq + std::fmt::Debug>(
+        params: &str,
+        name: &str,
+        f: impl Fn(&Model) -> T,
+        expected: T,
+    ) {
         let s = schema(params);
         let model = s.model(name).unwrap();
         assert_eq!(f(model), expected);
@@ -569,13 +654,23 @@ mod tests {
         let id = got["id"].as_str().unwrap_or_default().to_string();
         assert_eq!(id.len(), 36);
         assert_eq!(got["sk"], json!(format!("thing#a#{id}")));
-        assert!(!got.contains_key("created"), "no timestamps unless params.timestamps");
+        assert!(
+            !got.contains_key("created"),
+            "no timestamps unless params.timestamps"
+        );
     }
 
     #[test]
     fn create_ignores_given_template_values() {
-        let got = create("", json!({"owner": "o1", "id": "i1", "pk": "evil", "sk": "evil"})).unwrap();
-        assert_eq!((got["pk"].clone(), got["sk"].clone()), (json!("thing#o1"), json!("thing#a#i1")));
+        let got = create(
+            "",
+            json!({"owner": "o1", "id": "i1", "pk": "evil", "sk": "evil"}),
+        )
+        .unwrap();
+        assert_eq!(
+            (got["pk"].clone(), got["sk"].clone()),
+            (json!("thing#o1"), json!("thing#a#i1"))
+        );
     }
 
     #[test]
@@ -597,7 +692,11 @@ mod tests {
 
     #[test]
     fn create_iso_dates() {
-        let got = create("isoDates: true, timestamps: true", json!({"owner": "o", "id": "i", "when": NOW})).unwrap();
+        let got = create(
+            "isoDates: true, timestamps: true",
+            json!({"owner": "o", "id": "i", "when": NOW}),
+        )
+        .unwrap();
         assert_eq!(got["when"], json!("2026-11-25T18:00:00.000Z"));
         assert_eq!(got["created"], json!("2026-11-25T18:00:00.000Z"));
         assert_eq!(got["updated"], json!("2026-11-25T18:00:00.000Z"));
@@ -607,18 +706,65 @@ mod tests {
     fn create_errors() {
         let cases = [
             (json!({"id": "i"}), "owner", Reason::Required),
-            (json!({"owner": "o", "bogus": 1}), "bogus", Reason::UnknownField),
-            (json!({"owner": "o", "n": "x"}), "n", Reason::WrongType { expected: "number".into(), found: "string \"x\"".into() }),
-            (json!({"owner": "o", "args": {"y": "q"}}), "args.x", Reason::Required),
-            (json!({"owner": "o", "args": {"x": 1, "z": 2}}), "args.z", Reason::UnknownField),
-            (json!({"owner": "o", "code": "abc"}), "code", Reason::Pattern { pattern: "/^[A-Z]{3}$/".into() }),
+            (
+                json!({"owner": "o", "bogus": 1}),
+                "bogus",
+                Reason::UnknownField,
+            ),
+            (
+                json!({"owner": "o", "n": "x"}),
+                "n",
+                Reason::WrongType {
+                    expected: "number".into(),
+                    found: "string \"x\"".into(),
+                },
+            ),
+            (
+                json!({"owner": "o", "args": {"y": "q"}}),
+                "args.x",
+                Reason::Required,
+            ),
+            (
+                json!({"owner": "o", "args": {"x": 1, "z": 2}}),
+                "args.z",
+                Reason::UnknownField,
+            ),
+            (
+                json!({"owner": "o", "code": "abc"}),
+                "code",
+                Reason::Pattern {
+                    pattern: "/^[A-Z]{3}$/".into(),
+                },
+            ),
             (json!({"owner": "a\u{0}b"}), "pk", Reason::InvalidKeyValue),
-            (json!({"owner": "o", "_type": "Other"}), "_type", Reason::WrongModel { expected: "Thing".into(), found: "Other".into() }),
-            (json!({"owner": "o", "when": "someday"}), "when", Reason::WrongType { expected: "date".into(), found: "string \"someday\"".into() }),
-            (json!({"owner": "o", "blob": "%%%"}), "blob", Reason::Invalid("binary values must be base64 strings".into())),
+            (
+                json!({"owner": "o", "_type": "Other"}),
+                "_type",
+                Reason::WrongModel {
+                    expected: "Thing".into(),
+                    found: "Other".into(),
+                },
+            ),
+            (
+                json!({"owner": "o", "when": "someday"}),
+                "when",
+                Reason::WrongType {
+                    expected: "date".into(),
+                    found: "string \"someday\"".into(),
+                },
+            ),
+            (
+                json!({"owner": "o", "blob": "%%%"}),
+                "blob",
+                Reason::Invalid("binary values must be base64 strings".into()),
+            ),
         ];
         for (input, field, reason) in cases {
-            assert_eq!(err_of(create("", input.clone())), (field.to_string(), reason), "{input}");
+            assert_eq!(
+                err_of(create("", input.clone())),
+                (field.to_string(), reason),
+                "{input}"
+            );
         }
         let (field, reason) = err_of(create("", json!({"owner": "o", "kind": "c"})));
         assert_eq!(field, "kind");
@@ -627,7 +773,11 @@ mod tests {
 
     #[test]
     fn create_timestamps_in_input_are_ignored() {
-        let got = create(TS, json!({"owner": "o", "id": "i", "created": 5, "_type": "Thing"})).unwrap();
+        let got = create(
+            TS,
+            json!({"owner": "o", "id": "i", "created": 5, "_type": "Thing"}),
+        )
+        .unwrap();
         assert_eq!(got["created"], json!(NOW));
         let (field, _) = err_of(create("", json!({"owner": "o", "created": 5})));
         assert_eq!(field, "created", "created is unknown without timestamps");
@@ -635,15 +785,26 @@ mod tests {
 
     #[test]
     fn nulls_dropped_by_default() {
-        let got = create("", json!({"owner": "o", "id": "i", "n": null, "kind": null})).unwrap();
+        let got = create(
+            "",
+            json!({"owner": "o", "id": "i", "n": null, "kind": null}),
+        )
+        .unwrap();
         assert!(!got.contains_key("n"));
         assert_eq!(got["kind"], json!("a"), "a dropped null gets the default");
-        assert_eq!(err_of(create("", json!({"owner": null}))), ("owner".to_string(), Reason::Required));
+        assert_eq!(
+            err_of(create("", json!({"owner": null}))),
+            ("owner".to_string(), Reason::Required)
+        );
     }
 
     #[test]
     fn nulls_stored_when_enabled() {
-        let got = create("nulls: true", json!({"owner": "o", "id": "i", "n": null, "args": {"x": 1, "y": null}})).unwrap();
+        let got = create(
+            "nulls: true",
+            json!({"owner": "o", "id": "i", "n": null, "args": {"x": 1, "y": null}}),
+        )
+        .unwrap();
         assert_eq!(got["n"], Value::Null);
         assert_eq!(got["args"], json!({"x": 1, "y": null}));
     }
@@ -652,7 +813,12 @@ mod tests {
     fn ttl_stored_as_epoch_seconds() {
         let s = schema("isoDates: true");
         let m = s.model("Thing").unwrap();
-        let got = m.prepare_create(&item(json!({"owner": "o", "id": "i", "expires": "2026-11-25T18:00:00.000Z"})), NOW).unwrap();
+        let got = m
+            .prepare_create(
+                &item(json!({"owner": "o", "id": "i", "expires": "2026-11-25T18:00:00.000Z"})),
+                NOW,
+            )
+            .unwrap();
         assert_eq!(got["expires"], json!(NOW / 1000));
         assert_eq!(m.expires_at_ms(&got), Some(NOW));
         assert_eq!(m.ttl_field(), Some("expires"));
@@ -662,34 +828,85 @@ mod tests {
 
     #[test]
     fn primary_key_from_props() {
-        let key = |k: &str, v: &str| ItemKey { pk: k.into(), sk: v.into() };
-        check("", "Thing", |m| m.primary_key(&item(json!({"owner": "o", "kind": "b", "id": "i"}))), Ok(key("thing#o", "thing#b#i")));
-        check("", "Thing", |m| m.primary_key(&item(json!({"pk": "P", "sk": "S"}))), Ok(key("P", "S")));
-        check("", "Raw", |m| m.primary_key(&item(json!({"pk": "a", "sk": "b"}))), Ok(key("a", "b")));
-        check("", "NoHash", |m| m.primary_key(&item(json!({"name": "n"}))), Ok(key("", "nohash#n")));
+        let key = |k: &str, v: &str| ItemKey {
+            pk: k.into(),
+            sk: v.into(),
+        };
+        check(
+            "",
+            "Thing",
+            |m| m.primary_key(&item(json!({"owner": "o", "kind": "b", "id": "i"}))),
+            Ok(key("thing#o", "thing#b#i")),
+        );
+        check(
+            "",
+            "Thing",
+            |m| m.primary_key(&item(json!({"pk": "P", "sk": "S"}))),
+            Ok(key("P", "S")),
+        );
+        check(
+            "",
+            "Raw",
+            |m| m.primary_key(&item(json!({"pk": "a", "sk": "b"}))),
+            Ok(key("a", "b")),
+        );
+        check(
+            "",
+            "NoHash",
+            |m| m.primary_key(&item(json!({"name": "n"}))),
+            Ok(key("", "nohash#n")),
+        );
     }
 
     #[test]
     fn primary_key_names_missing_variable() {
         let unresolved = |field: &str, var: &str| {
-            Err(ValidationError::new("Thing", field, Reason::KeyUnresolved { variable: var.into() }))
+            Err(ValidationError::new(
+                "Thing",
+                field,
+                Reason::KeyUnresolved {
+                    variable: var.into(),
+                },
+            ))
         };
-        check("", "Thing", |m| m.primary_key(&item(json!({"owner": "o", "kind": "a"}))), unresolved("sk", "id"));
-        check("", "Thing", |m| m.primary_key(&item(json!({"id": "i"}))), unresolved("pk", "owner"));
-        let raw = Err(ValidationError::new("Raw", "sk", Reason::KeyUnresolved { variable: "sk".into() }));
+        check(
+            "",
+            "Thing",
+            |m| m.primary_key(&item(json!({"owner": "o", "kind": "a"}))),
+            unresolved("sk", "id"),
+        );
+        check(
+            "",
+            "Thing",
+            |m| m.primary_key(&item(json!({"id": "i"}))),
+            unresolved("pk", "owner"),
+        );
+        let raw = Err(ValidationError::new(
+            "Raw",
+            "sk",
+            Reason::KeyUnresolved {
+                variable: "sk".into(),
+            },
+        ));
         check("", "Raw", |m| m.primary_key(&item(json!({"pk": "a"}))), raw);
     }
 
     fn created(params: &str) -> (Schema, Item) {
         let s = schema(params);
         let base = item(json!({"owner": "o", "id": "i", "n": 1, "code": "ABC"}));
-        let it = s.model("Thing").unwrap().prepare_create(&base, NOW).unwrap();
+        let it = s
+            .model("Thing")
+            .unwrap()
+            .prepare_create(&base, NOW)
+            .unwrap();
         (s, it)
     }
 
     fn update(params: &str, input: Value) -> Result<Item, ValidationError> {
         let (s, existing) = created(params);
-        s.model("Thing").unwrap().prepare_update(&existing, &item(input), LATER)
+        s.model("Thing")
+            .unwrap()
+            .prepare_update(&existing, &item(input), LATER)
     }
 
     #[test]
@@ -699,34 +916,85 @@ mod tests {
         assert_eq!(got["flag"], json!(true));
         assert_eq!(got["code"], json!("ABC"));
         assert_eq!(got["gs1sk"], json!("thing#a#i#2"));
-        assert_eq!((got["created"].clone(), got["updated"].clone()), (json!(NOW), json!(LATER)));
+        assert_eq!(
+            (got["created"].clone(), got["updated"].clone()),
+            (json!(NOW), json!(LATER))
+        );
     }
 
     #[test]
     fn update_null_removes() {
         let got = update("", json!({"n": null})).unwrap();
         assert!(!got.contains_key("n") && !got.contains_key("gs1sk"));
-        assert_eq!(err_of(update("", json!({"owner": null}))), ("owner".into(), Reason::Required));
+        assert_eq!(
+            err_of(update("", json!({"owner": null}))),
+            ("owner".into(), Reason::Required)
+        );
         let got = update("nulls: true", json!({"n": null})).unwrap();
         assert_eq!(got["n"], Value::Null);
     }
 
     #[test]
     fn update_errors() {
-        assert_eq!(err_of(update("", json!({"code": "XYZ"}))), ("code".into(), Reason::ReadOnly));
-        assert_eq!(err_of(update("", json!({"code": null}))), ("code".into(), Reason::ReadOnly));
-        assert_eq!(err_of(update("", json!({"owner": "p"}))), ("owner".into(), Reason::KeyChange));
-        assert_eq!(err_of(update("", json!({"kind": "b"}))), ("kind".into(), Reason::KeyChange));
-        assert_eq!(err_of(update("", json!({"id": "j"}))), ("id".into(), Reason::KeyChange));
-        assert_eq!(err_of(update("", json!({"pk": "thing#p"}))), ("pk".into(), Reason::KeyChange));
-        assert_eq!(err_of(update("", json!({"bogus": 1}))), ("bogus".into(), Reason::UnknownField));
-        assert!(matches!(err_of(update("", json!({"kind": "zz"}))).1, Reason::NotInEnum { .. }));
+        assert_eq!(
+            err_of(update("", json!({"code": "XYZ"}))),
+            ("code".into(), Reason::ReadOnly)
+        );
+        assert_eq!(
+            err_of(update("", json!({"code": null}))),
+            ("code".into(), Reason::ReadOnly)
+        );
+        assert_eq!(
+            err_of(update("", json!({"owner": "p"}))),
+            ("owner".into(), Reason::KeyChange)
+        );
+        assert_eq!(
+            err_of(update("", json!({"kind": "b"}))),
+            ("kind".into(), Reason::KeyChange)
+        );
+        assert_eq!(
+            err_of(update("", json!({"id": "j"}))),
+            ("id".into(), Reason::KeyChange)
+        );
+        assert_eq!(
+            err_of(update("", json!({"pk": "thing#p"}))),
+            ("pk".into(), Reason::KeyChange)
+        );
+        assert_eq!(
+            err_of(update("", json!({"bogus": 1}))),
+            ("bogus".into(), Reason::UnknownField)
+        );
+        assert!(matches!(
+            err_of(update("", json!({"kind": "zz"}))).1,
+            Reason::NotInEnum { .. }
+        ));
+    }
+
+    #[test]
+    fn update_of_direct_key_fields() {
+        let s = schema("");
+        let raw = s.model("Raw").unwrap();
+        let existing = raw
+            .prepare_create(&item(json!({"pk": "a", "sk": "b", "v": 1})), NOW)
+            .unwrap();
+        let got = raw
+            .prepare_update(&existing, &item(json!({"pk": "a", "v": "2"})), LATER)
+            .unwrap();
+        assert_eq!(got["v"], json!(2));
+        let err = raw
+            .prepare_update(&existing, &item(json!({"sk": "c"})), LATER)
+            .unwrap_err();
+        assert_eq!((err.field.as_str(), err.reason), ("sk", Reason::KeyChange));
     }
 
     #[test]
     fn update_accepts_unchanged_keys_and_readonly() {
         let (s, existing) = created(TS);
-        let got = s.model("Thing").unwrap().prepare_update(&existing, &existing, LATER).unwrap();
+        let got = s
+            .model("Thing")
+            .unwrap()
+            .prepare_update(&existing, &existing, LATER)
+            .unwrap();
         let mut expected = existing.clone();
         expected.insert("updated".into(), json!(LATER));
         assert_eq!(got, expected);
@@ -736,16 +1004,35 @@ mod tests {
     fn update_keeps_generated_type_and_created() {
         let (s, existing) = created(TS);
         let m = s.model("Thing").unwrap();
-        let got = m.prepare_update(&existing, &item(json!({"_type": "Thing", "created": 1, "n": 3})), LATER).unwrap();
-        assert_eq!((got["_type"].clone(), got["created"].clone(), got["id"].clone()), (json!("Thing"), json!(NOW), json!("i")));
-        assert!(m.prepare_update(&existing, &item(json!({"_type": "Raw"})), LATER).is_err());
+        let got = m
+            .prepare_update(
+                &existing,
+                &item(json!({"_type": "Thing", "created": 1, "n": 3})),
+                LATER,
+            )
+            .unwrap();
+        assert_eq!(
+            (
+                got["_type"].clone(),
+                got["created"].clone(),
+                got["id"].clone()
+            ),
+            (json!("Thing"), json!(NOW), json!("i"))
+        );
+        assert!(m
+            .prepare_update(&existing, &item(json!({"_type": "Raw"})), LATER)
+            .is_err());
     }
 
     #[test]
     fn normalize_accepts_created_item() {
         for params in ["", TS, "isoDates: true, timestamps: true", "nulls: true"] {
             let (s, it) = created(params);
-            assert_eq!(s.model("Thing").unwrap().normalize_stored(it.clone()), Ok(it), "{params}");
+            assert_eq!(
+                s.model("Thing").unwrap().normalize_stored(it.clone()),
+                Ok(it),
+                "{params}"
+            );
         }
     }
 
@@ -755,7 +1042,10 @@ mod tests {
         it.insert("n".into(), json!("1"));
         it.remove("gs1pk");
         let got = s.model("Thing").unwrap().normalize_stored(it).unwrap();
-        assert_eq!((got["n"].clone(), got["gs1pk"].clone()), (json!(1), json!("kind#a")));
+        assert_eq!(
+            (got["n"].clone(), got["gs1pk"].clone()),
+            (json!(1), json!("kind#a"))
+        );
     }
 
     #[test]
@@ -767,19 +1057,45 @@ mod tests {
             x.insert(k.into(), v);
             x
         };
-        let wrong = Reason::WrongModel { expected: "Thing".into(), found: "Raw".into() };
-        assert_eq!(err_of(m.normalize_stored(with("_type", json!("Raw")))), ("_type".into(), wrong));
+        let wrong = Reason::WrongModel {
+            expected: "Thing".into(),
+            found: "Raw".into(),
+        };
+        assert_eq!(
+            err_of(m.normalize_stored(with("_type", json!("Raw")))),
+            ("_type".into(), wrong)
+        );
         let mut untyped = it.clone();
         untyped.remove("_type");
-        assert!(matches!(err_of(m.normalize_stored(untyped)).1, Reason::WrongModel { .. }));
-        assert_eq!(err_of(m.normalize_stored(with("bogus", json!(1)))), ("bogus".into(), Reason::UnknownField));
-        let mismatch = Reason::TemplateMismatch { expected: "thing#o".into(), found: "thing#x".into() };
-        assert_eq!(err_of(m.normalize_stored(with("pk", json!("thing#x")))), ("pk".into(), mismatch));
+        assert!(matches!(
+            err_of(m.normalize_stored(untyped)).1,
+            Reason::WrongModel { .. }
+        ));
+        assert_eq!(
+            err_of(m.normalize_stored(with("bogus", json!(1)))),
+            ("bogus".into(), Reason::UnknownField)
+        );
+        let mismatch = Reason::TemplateMismatch {
+            expected: "thing#o".into(),
+            found: "thing#x".into(),
+        };
+        assert_eq!(
+            err_of(m.normalize_stored(with("pk", json!("thing#x")))),
+            ("pk".into(), mismatch)
+        );
         let mut no_n = it.clone();
         no_n.remove("n");
-        assert!(matches!(err_of(m.normalize_stored(no_n)), (f, Reason::TemplateMismatch { .. }) if f == "gs1sk"));
-        assert!(matches!(err_of(m.normalize_stored(with("created", json!("x")))).1, Reason::WrongType { .. }));
-        assert!(matches!(err_of(m.normalize_stored(with("kind", json!("q")))).1, Reason::NotInEnum { .. }));
+        assert!(
+            matches!(err_of(m.normalize_stored(no_n)), (f, Reason::TemplateMismatch { .. }) if f == "gs1sk")
+        );
+        assert!(matches!(
+            err_of(m.normalize_stored(with("created", json!("x")))).1,
+            Reason::WrongType { .. }
+        ));
+        assert!(matches!(
+            err_of(m.normalize_stored(with("kind", json!("q")))).1,
+            Reason::NotInEnum { .. }
+        ));
     }
 
     #[test]
@@ -802,7 +1118,12 @@ mod tests {
         let s = schema("");
         let m = s.model("Thing").unwrap();
         let f = |n: &str| m.field(n).unwrap();
-        assert!(f("pk").hidden() && f("pk").has_template() && !f("shown").hidden() && f("secret").hidden());
+        assert!(
+            f("pk").hidden()
+                && f("pk").has_template()
+                && !f("shown").hidden()
+                && f("secret").hidden()
+        );
         assert!(f("owner").required() && f("code").readonly() && f("expires").is_ttl());
         assert_eq!(f("when").field_type(), FieldType::Date);
         assert_eq!(f("owner").name(), "owner");
@@ -818,15 +1139,29 @@ mod tests {
         let (s, it) = created("");
         let m = s.model("Thing").unwrap();
         let idx = |n: &str| s.index(n).unwrap().clone();
-        assert_eq!(m.index_key(&it, &idx("primary")), Some(("thing#o".into(), "thing#a#i".into())));
-        assert_eq!(m.index_key(&it, &idx("gs1")), Some(("kind#a".into(), "thing#a#i#1".into())));
-        assert_eq!(m.index_key(&it, &idx("ls1")), Some(("thing#o".into(), "1".into())));
+        assert_eq!(
+            m.index_key(&it, &idx("primary")),
+            Some(("thing#o".into(), "thing#a#i".into()))
+        );
+        assert_eq!(
+            m.index_key(&it, &idx("gs1")),
+            Some(("kind#a".into(), "thing#a#i#1".into()))
+        );
+        assert_eq!(
+            m.index_key(&it, &idx("ls1")),
+            Some(("thing#o".into(), "1".into()))
+        );
         let mut sparse = it.clone();
         sparse.remove("n");
         assert_eq!(m.index_key(&sparse, &idx("ls1")), None);
         let nohash = s.model("NoHash").unwrap();
-        let it = nohash.prepare_create(&item(json!({"name": "x"})), NOW).unwrap();
-        assert_eq!(nohash.index_key(&it, &idx("primary")), Some((String::new(), "nohash#x".into())));
+        let it = nohash
+            .prepare_create(&item(json!({"name": "x"})), NOW)
+            .unwrap();
+        assert_eq!(
+            nohash.index_key(&it, &idx("primary")),
+            Some((String::new(), "nohash#x".into()))
+        );
         assert_eq!(nohash.index_key(&it, &idx("gs1")), None);
     }
 }

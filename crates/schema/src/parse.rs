@@ -45,7 +45,10 @@ fn invalid<T>(path: impl Into<String>, reason: impl Into<String>) -> Res<T> {
 pub(crate) fn from_text(text: &str) -> Res<Schema> {
     let root = parse_json5(text)?;
     if root.contains_key("blend") {
-        return invalid("blend", "blend is only supported when loading a schema file (Schema::load)");
+        return invalid(
+            "blend",
+            "blend is only supported when loading a schema file (Schema::load)",
+        );
     }
     build(root)
 }
@@ -58,20 +61,31 @@ pub(crate) fn from_file(path: &Path) -> Res<Schema> {
 }
 
 fn read_file(path: &Path) -> Res<String> {
-    let io = |source| SchemaError::Io { path: path.to_path_buf(), source };
+    let io = |source| SchemaError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io)?;
     let mut text = String::new();
-    file.take(MAX_TEXT as u64 + 1).read_to_string(&mut text).map_err(io)?;
+    file.take(MAX_TEXT as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
     Ok(text)
 }
 
 fn load_blended(path: &Path, stack: &mut Vec<PathBuf>) -> Res<Obj> {
-    let canonical = path.canonicalize().map_err(|source| SchemaError::Io { path: path.to_path_buf(), source })?;
+    let canonical = path.canonicalize().map_err(|source| SchemaError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if stack.contains(&canonical) {
         return invalid("blend", format!("blend cycle through {}", path.display()));
     }
     if stack.len() > MAX_BLEND_DEPTH {
-        return invalid("blend", format!("blend nesting deeper than {MAX_BLEND_DEPTH} files"));
+        return invalid(
+            "blend",
+            format!("blend nesting deeper than {MAX_BLEND_DEPTH} files"),
+        );
     }
     let mut root = parse_json5(&read_file(path)?)?;
     let Some(blend) = root.remove("blend") else {
@@ -85,7 +99,10 @@ fn load_blended(path: &Path, stack: &mut Vec<PathBuf>) -> Res<Obj> {
     let mut merged = Obj::new();
     for (i, entry) in list.iter().enumerate() {
         let Some(name) = entry.as_str() else {
-            return invalid(format!("blend[{i}]"), "blend entries must be file path strings");
+            return invalid(
+                format!("blend[{i}]"),
+                "blend entries must be file path strings",
+            );
         };
         let other = load_blended(&dir.join(name), stack)?;
         merge_into(&mut merged, other);
@@ -116,10 +133,15 @@ fn merge_into(dst: &mut Obj, mut src: Obj) {
 
 fn parse_json5(text: &str) -> Res<Obj> {
     if text.len() > MAX_TEXT {
-        return invalid("schema", format!("schema text is larger than {MAX_TEXT} bytes"));
+        return invalid(
+            "schema",
+            format!("schema text is larger than {MAX_TEXT} bytes"),
+        );
     }
     if max_nesting(text) > MAX_NESTING {
-        return Err(SchemaError::Syntax(format!("nesting deeper than {MAX_NESTING} levels")));
+        return Err(SchemaError::Syntax(format!(
+            "nesting deeper than {MAX_NESTING} levels"
+        )));
     }
     match json5::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
@@ -131,24 +153,24 @@ fn parse_json5(text: &str) -> Res<Obj> {
 /// Deepest `{`/`[` nesting outside strings and comments (a conservative pre-parse bound).
 fn max_nesting(text: &str) -> usize {
     let bytes = text.as_bytes();
+    let at = |i: usize| bytes.get(i).copied();
     let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
-    while i < bytes.len() {
-        match bytes[i] {
+    while let Some(b) = at(i) {
+        match b {
             b'"' | b'\'' => {
-                let quote = bytes[i];
                 i += 1;
-                while i < bytes.len() && bytes[i] != quote {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                while let Some(c) = at(i).filter(|&c| c != b) {
+                    i += if c == b'\\' { 2 } else { 1 };
                 }
             }
-            b'/' if bytes.get(i + 1) == Some(&b'/') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
+            b'/' if at(i + 1) == Some(b'/') => {
+                while at(i).is_some_and(|c| c != b'\n') {
                     i += 1;
                 }
             }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+            b'/' if at(i + 1) == Some(b'*') => {
                 i += 2;
-                while i + 1 < bytes.len() && !(bytes[i] == b'*' && bytes[i + 1] == b'/') {
+                while at(i).is_some() && !(at(i) == Some(b'*') && at(i + 1) == Some(b'/')) {
                     i += 1;
                 }
                 i += 1;
@@ -168,7 +190,10 @@ fn max_nesting(text: &str) -> usize {
 fn check_keys(obj: &Obj, path: &str, allowed: &[&str]) -> Res<()> {
     for key in obj.keys() {
         if !allowed.contains(&key.as_str()) {
-            return invalid(join(path, key), format!("unknown key `{key}` (allowed: {})", allowed.join(", ")));
+            return invalid(
+                join(path, key),
+                format!("unknown key `{key}` (allowed: {})", allowed.join(", ")),
+            );
         }
     }
     Ok(())
@@ -183,7 +208,9 @@ fn join(path: &str, key: &str) -> String {
 }
 
 fn as_obj<'a>(value: &'a Value, path: &str) -> Res<&'a Obj> {
-    value.as_object().ok_or_else(|| SchemaError::invalid(path, "must be an object"))
+    value
+        .as_object()
+        .ok_or_else(|| SchemaError::invalid(path, "must be an object"))
 }
 
 fn opt_bool(obj: &Obj, key: &str, path: &str) -> Res<Option<bool>> {
@@ -208,15 +235,30 @@ fn is_identifier(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-const TOP_KEYS: &[&str] =
-    &["format", "version", "indexes", "models", "params", "process", "control", "blend", "name", "description"];
+const TOP_KEYS: &[&str] = &[
+    "format",
+    "version",
+    "indexes",
+    "models",
+    "params",
+    "process",
+    "control",
+    "blend",
+    "name",
+    "description",
+];
 
 /// Validate a raw (blended) schema object.
 fn build(root: Obj) -> Res<Schema> {
     check_keys(&root, "", TOP_KEYS)?;
     let format = match opt_str(&root, "format", "")? {
         Some(f) if f.starts_with("onetable:") => f.to_string(),
-        Some(_) => return invalid("format", "format must start with 'onetable:' (e.g. 'onetable:1.1.0')"),
+        Some(_) => {
+            return invalid(
+                "format",
+                "format must start with 'onetable:' (e.g. 'onetable:1.1.0')",
+            )
+        }
         None => return invalid("format", "format is required (e.g. 'onetable:1.1.0')"),
     };
     let version = opt_str(&root, "version", "")?
@@ -226,7 +268,10 @@ fn build(root: Obj) -> Res<Schema> {
         opt_str(&root, key, "")?;
     }
     if root.contains_key("process") && root.contains_key("control") {
-        return invalid("control", "both `process` and `control` are present: use only `process`");
+        return invalid(
+            "control",
+            "both `process` and `control` are present: use only `process`",
+        );
     }
     let params = match root.get("params") {
         Some(v) => parse_params(as_obj(v, "params")?)?,
@@ -259,14 +304,32 @@ fn build(root: Obj) -> Res<Schema> {
             model.process = parse_process(def, &path)?;
         }
     }
-    Ok(Schema { version, format, params, primary, secondary, models })
+    Ok(Schema {
+        version,
+        format,
+        params,
+        primary,
+        secondary,
+        models,
+    })
 }
 
 fn parse_params(obj: &Obj) -> Res<Params> {
     check_keys(
         obj,
         "params",
-        &["typeField", "createdField", "updatedField", "timestamps", "isoDates", "nulls", "separator", "hidden", "warn", "partial"],
+        &[
+            "typeField",
+            "createdField",
+            "updatedField",
+            "timestamps",
+            "isoDates",
+            "nulls",
+            "separator",
+            "hidden",
+            "warn",
+            "partial",
+        ],
     )?;
     let mut params = Params::default();
     for (key, slot) in [
@@ -289,7 +352,10 @@ fn parse_params(obj: &Obj) -> Res<Params> {
 
 fn parse_indexes(value: Option<&Value>) -> Res<(Index, Vec<Index>)> {
     let Some(value) = value else {
-        return invalid("indexes", "indexes are required (at least `primary: {hash: 'pk', sort: 'sk'}`)");
+        return invalid(
+            "indexes",
+            "indexes are required (at least `primary: {hash: 'pk', sort: 'sk'}`)",
+        );
     };
     let obj = as_obj(value, "indexes")?;
     let primary_def = obj
@@ -319,7 +385,10 @@ fn parse_index(name: &str, def: &Value, primary: Option<&Index>) -> Res<Index> {
     let kind = opt_str(obj, "type", &path)?;
     if let Some(kind) = kind {
         if kind != "local" && kind != "global" {
-            return invalid(join(&path, "type"), "index type must be 'local' or 'global'");
+            return invalid(
+                join(&path, "type"),
+                "index type must be 'local' or 'global'",
+            );
         }
     }
     opt_bool(obj, "follow", &path)?;
@@ -327,30 +396,68 @@ fn parse_index(name: &str, def: &Value, primary: Option<&Index>) -> Res<Index> {
         None => {}
         Some(Value::String(p)) if p == "all" || p == "keys" => {}
         Some(Value::Array(list)) if list.iter().all(Value::is_string) => {}
-        Some(_) => return invalid(join(&path, "project"), "project must be 'all', 'keys' or a list of attribute names"),
+        Some(_) => {
+            return invalid(
+                join(&path, "project"),
+                "project must be 'all', 'keys' or a list of attribute names",
+            )
+        }
     }
     let hash = match (opt_str(obj, "hash", &path)?, primary, kind) {
         (Some(h), _, _) if !h.is_empty() => h.to_string(),
         (None, Some(p), Some("local")) => p.hash.clone(),
-        _ => return invalid(join(&path, "hash"), "hash is required (a non-empty attribute name)"),
+        _ => {
+            return invalid(
+                join(&path, "hash"),
+                "hash is required (a non-empty attribute name)",
+            )
+        }
     };
     let sort = match opt_str(obj, "sort", &path)? {
-        Some("") => return invalid(join(&path, "sort"), "sort must be a non-empty attribute name"),
+        Some("") => {
+            return invalid(
+                join(&path, "sort"),
+                "sort must be a non-empty attribute name",
+            )
+        }
         other => other.map(str::to_string),
     };
-    Ok(Index { name: name.to_string(), hash, sort })
+    Ok(Index {
+        name: name.to_string(),
+        hash,
+        sort,
+    })
 }
 
 fn parse_process(def: &Value, path: &str) -> Res<Process> {
     let obj = as_obj(def, path)?;
-    check_keys(obj, path, &["enable", "sync", "lossy", "broadcast", "show", "mem", "notify", "actions", "delay"])?;
+    check_keys(
+        obj,
+        path,
+        &[
+            "enable",
+            "sync",
+            "lossy",
+            "broadcast",
+            "show",
+            "mem",
+            "notify",
+            "actions",
+            "delay",
+        ],
+    )?;
     let mut process = Process::default();
     match obj.get("enable") {
         None => {}
         Some(Value::String(s)) if s == "device" => process.enable = Enable::Device,
         Some(Value::String(s)) if s == "cloud" => process.enable = Enable::Cloud,
         Some(Value::String(s)) if s == "both" => process.enable = Enable::Both,
-        Some(_) => return invalid(join(path, "enable"), "enable value not allowed: use 'device', 'cloud' or 'both'"),
+        Some(_) => {
+            return invalid(
+                join(path, "enable"),
+                "enable value not allowed: use 'device', 'cloud' or 'both'",
+            )
+        }
     }
     match obj.get("sync") {
         None => {}
@@ -358,13 +465,27 @@ fn parse_process(def: &Value, path: &str) -> Res<Process> {
         Some(Value::String(s)) if s == "down" => process.sync = SyncDirection::Down,
         Some(Value::String(s)) if s == "both" => process.sync = SyncDirection::Both,
         Some(Value::String(s)) if s == "none" => process.sync = SyncDirection::None,
-        Some(_) => return invalid(join(path, "sync"), "sync value not allowed: use 'up', 'down', 'both' or 'none'"),
+        Some(_) => {
+            return invalid(
+                join(path, "sync"),
+                "sync value not allowed: use 'up', 'down', 'both' or 'none'",
+            )
+        }
     }
     process.lossy = opt_bool(obj, "lossy", path)?.unwrap_or(false);
     process.broadcast = opt_bool(obj, "broadcast", path)?.unwrap_or(false);
     if process.sync != SyncDirection::None && process.enable != Enable::Both {
-        let side = if process.enable == Enable::Device { "device" } else { "cloud" };
-        return invalid(join(path, "sync"), format!("a model enabled only in the {side} cannot sync: use sync 'none' or enable 'both'"));
+        let side = if process.enable == Enable::Device {
+            "device"
+        } else {
+            "cloud"
+        };
+        return invalid(
+            join(path, "sync"),
+            format!(
+                "a model enabled only in the {side} cannot sync: use sync 'none' or enable 'both'"
+            ),
+        );
     }
     if process.broadcast && process.sync != SyncDirection::Down {
         return invalid(join(path, "broadcast"), "broadcast requires sync 'down'");
@@ -372,7 +493,13 @@ fn parse_process(def: &Value, path: &str) -> Res<Process> {
     Ok(process)
 }
 
-fn parse_model(name: &str, def: &Value, params: &Params, primary: &Index, indexes: &[Index]) -> Res<Model> {
+fn parse_model(
+    name: &str,
+    def: &Value,
+    params: &Params,
+    primary: &Index,
+    indexes: &[Index],
+) -> Res<Model> {
     let path = join("models", name);
     if !is_identifier(name) {
         return invalid(path, "model names must be non-empty ASCII identifiers");
@@ -381,7 +508,11 @@ fn parse_model(name: &str, def: &Value, params: &Params, primary: &Index, indexe
     if obj.len() > MAX_FIELDS {
         return invalid(path, format!("more than {MAX_FIELDS} fields"));
     }
-    let ctx = Ctx { model: name, iso_dates: params.iso_dates, nulls: false };
+    let ctx = Ctx {
+        model: name,
+        iso_dates: params.iso_dates,
+        nulls: false,
+    };
     let mut fields = Vec::with_capacity(obj.len());
     for (field_name, field_def) in obj {
         let fpath = join(&path, field_name);
@@ -394,7 +525,10 @@ fn parse_model(name: &str, def: &Value, params: &Params, primary: &Index, indexe
             (&params.updated_field, "updatedField"),
         ] {
             if field_name == reserved {
-                return invalid(fpath, format!("`{field_name}` is reserved by params.{param}: rename the field"));
+                return invalid(
+                    fpath,
+                    format!("`{field_name}` is reserved by params.{param}: rename the field"),
+                );
             }
         }
         fields.push(parse_field(field_name, field_def, &fpath, &ctx, 0)?);
@@ -402,16 +536,30 @@ fn parse_model(name: &str, def: &Value, params: &Params, primary: &Index, indexe
     fields.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(sort) = &primary.sort {
         if !fields.iter().any(|f| &f.name == sort) {
-            return invalid(path, format!("the model must define the primary sort key field `{sort}`"));
+            return invalid(
+                path,
+                format!("the model must define the primary sort key field `{sort}`"),
+            );
         }
     }
     let ttl_fields: Vec<&Field> = fields.iter().filter(|f| f.ttl).collect();
     if ttl_fields.len() > 1 {
-        return invalid(join(&path, &ttl_fields[1].name), "only one ttl field is allowed per model");
+        return invalid(
+            join(&path, &ttl_fields[1].name),
+            "only one ttl field is allowed per model",
+        );
     }
     let ttl = ttl_fields.first().map(|f| f.name.clone());
     let template_order = template_order(name, &fields, &params.type_field)?;
-    Ok(Model::new(name, fields, template_order, params.clone(), primary.clone(), indexes.to_vec(), ttl))
+    Ok(Model::new(
+        name,
+        fields,
+        template_order,
+        params.clone(),
+        primary.clone(),
+        indexes.to_vec(),
+        ttl,
+    ))
 }
 
 /// Check template variables and order templated fields so that dependencies come first.
@@ -420,10 +568,19 @@ fn template_order(model: &str, fields: &[Field], type_field: &str) -> Res<Vec<us
     for f in fields {
         if let Some(t) = f.template() {
             for var in t.variables() {
-                if var != type_field && index_of(var).is_none() {
+                let target = index_of(var).and_then(|i| fields.get(i));
+                if var != type_field && target.is_none() {
                     return invalid(
                         format!("models.{model}.{}.value", f.name),
-                        format!("template variable `${{{var}}}` does not name a field of model {model}"),
+                        format!(
+                            "template variable `${{{var}}}` does not name a field of model {model}"
+                        ),
+                    );
+                }
+                if target.is_some_and(|t| matches!(t.ty, FieldType::Object | FieldType::Array)) {
+                    return invalid(
+                        format!("models.{model}.{}.value", f.name),
+                        format!("template variable `${{{var}}}` names an {} field, which has no text form", target.map_or("", |t| t.ty.name())),
                     );
                 }
             }
@@ -486,10 +643,22 @@ fn visit(
 }
 
 const FIELD_KEYS: &[&str] = &[
-    "type", "required", "default", "enum", "validate", "value", "generate", "schema", "items", "hidden", "readonly", "ttl",
+    "type", "required", "default", "enum", "validate", "value", "generate", "schema", "items",
+    "hidden", "readonly", "ttl",
 ];
 const UNSUPPORTED_FIELD_KEYS: &[&str] = &[
-    "crypt", "encode", "map", "unique", "reference", "filter", "scope", "transform", "partial", "nulls", "isoDates", "uuid",
+    "crypt",
+    "encode",
+    "map",
+    "unique",
+    "reference",
+    "filter",
+    "scope",
+    "transform",
+    "partial",
+    "nulls",
+    "isoDates",
+    "uuid",
     "timestamps",
 ];
 
@@ -497,11 +666,17 @@ fn parse_field(name: &str, def: &Value, path: &str, ctx: &Ctx, depth: usize) -> 
     let obj = as_obj(def, path)?;
     for key in obj.keys() {
         if UNSUPPORTED_FIELD_KEYS.contains(&key.as_str()) {
-            return invalid(join(path, key), format!("`{key}` is not supported by devtables"));
+            return invalid(
+                join(path, key),
+                format!("`{key}` is not supported by devtables"),
+            );
         }
         let nested_only = depth > 0 && matches!(key.as_str(), "value" | "generate" | "ttl");
         if nested_only {
-            return invalid(join(path, key), format!("`{key}` is not supported in a nested schema"));
+            return invalid(
+                join(path, key),
+                format!("`{key}` is not supported in a nested schema"),
+            );
         }
     }
     check_keys(obj, path, FIELD_KEYS)?;
@@ -518,7 +693,10 @@ fn parse_field(name: &str, def: &Value, path: &str, ctx: &Ctx, depth: usize) -> 
     field.readonly = opt_bool(obj, "readonly", path)?.unwrap_or(false);
     field.ttl = opt_bool(obj, "ttl", path)?.unwrap_or(false);
     if field.ttl && !matches!(ty, FieldType::Date | FieldType::Number) {
-        return invalid(join(path, "ttl"), "ttl is only allowed on date or number fields");
+        return invalid(
+            join(path, "ttl"),
+            "ttl is only allowed on date or number fields",
+        );
     }
     if let Some(g) = opt_str(obj, "generate", path)? {
         field.generate = Some(match g {
@@ -527,11 +705,15 @@ fn parse_field(name: &str, def: &Value, path: &str, ctx: &Ctx, depth: usize) -> 
             _ => return invalid(join(path, "generate"), "generate must be 'ulid' or 'uuid'"),
         });
         if ty != FieldType::String {
-            return invalid(join(path, "generate"), "generate is only allowed on string fields");
+            return invalid(
+                join(path, "generate"),
+                "generate is only allowed on string fields",
+            );
         }
     }
     if let Some(text) = opt_str(obj, "value", path)? {
-        field.template = Some(Template::parse(text).map_err(|r| SchemaError::invalid(join(path, "value"), r))?);
+        field.template =
+            Some(Template::parse(text).map_err(|r| SchemaError::invalid(join(path, "value"), r))?);
     }
     if let Some(schema) = obj.get("schema") {
         let spath = join(path, "schema");
@@ -555,7 +737,10 @@ fn parse_field(name: &str, def: &Value, path: &str, ctx: &Ctx, depth: usize) -> 
             return invalid(vpath, "validate must be a regular expression string");
         };
         if matches!(ty, FieldType::Object | FieldType::Array | FieldType::Binary) {
-            return invalid(vpath, "validate is only allowed on string, number, boolean or date fields");
+            return invalid(
+                vpath,
+                "validate is only allowed on string, number, boolean or date fields",
+            );
         }
         field.validate = Some(compile_pattern(source).map_err(|r| SchemaError::invalid(vpath, r))?);
     }
@@ -568,7 +753,14 @@ fn parse_field(name: &str, def: &Value, path: &str, ctx: &Ctx, depth: usize) -> 
         let mut values = Vec::with_capacity(list.len());
         for item in list {
             let cast = field.cast(item, name, ctx).map_err(|e| {
-                SchemaError::invalid(&epath, format!("enum value {item} does not match type {}: {}", ty.name(), e.reason))
+                SchemaError::invalid(
+                    &epath,
+                    format!(
+                        "enum value {item} does not match type {}: {}",
+                        ty.name(),
+                        e.reason
+                    ),
+                )
             })?;
             values.push(cast);
         }
@@ -590,7 +782,10 @@ fn parse_field(name: &str, def: &Value, path: &str, ctx: &Ctx, depth: usize) -> 
 
 fn parse_nested(def: &Value, path: &str, ctx: &Ctx, depth: usize) -> Res<Vec<Field>> {
     if depth > MAX_SCHEMA_DEPTH {
-        return invalid(path, format!("nested schemas deeper than {MAX_SCHEMA_DEPTH} levels"));
+        return invalid(
+            path,
+            format!("nested schemas deeper than {MAX_SCHEMA_DEPTH} levels"),
+        );
     }
     let obj = as_obj(def, path)?;
     if obj.len() > MAX_FIELDS {
@@ -613,23 +808,35 @@ fn compile_pattern(source: &str) -> Result<Pattern, String> {
     if source.len() > 1024 {
         return Err("validate pattern is longer than 1024 bytes".into());
     }
-    let (pattern, flags) = match source.strip_prefix('/').and_then(|rest| rest.rfind('/').map(|end| (rest, end))) {
+    let (pattern, flags) = match source
+        .strip_prefix('/')
+        .and_then(|rest| rest.rfind('/').map(|end| (rest, end)))
+    {
         Some((rest, end)) => (&rest[..end], &rest[end + 1..]),
         None => (source, ""),
     };
     let mut builder = RegexBuilder::new(pattern);
-    builder.size_limit(REGEX_SIZE_LIMIT).dfa_size_limit(REGEX_SIZE_LIMIT);
+    builder
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT);
     for flag in flags.chars() {
         match flag {
             'i' => builder.case_insensitive(true),
             'm' => builder.multi_line(true),
             's' => builder.dot_matches_new_line(true),
             'x' => builder.ignore_whitespace(true),
-            other => return Err(format!("unsupported regex flag `{other}` (use i, m, s or x)")),
+            other => {
+                return Err(format!(
+                    "unsupported regex flag `{other}` (use i, m, s or x)"
+                ))
+            }
         };
     }
     let regex = builder.build().map_err(|e| format!("invalid regex: {e}"))?;
-    Ok(Pattern { source: source.to_string(), regex })
+    Ok(Pattern {
+        source: source.to_string(),
+        regex,
+    })
 }
 
 #[cfg(test)]
@@ -644,7 +851,9 @@ mod tests {
     fn check(extra: &str, path: &str) {
         let text = format!("{{{BASE}, {extra}}}");
         match Schema::from_json5(&text) {
-            Err(SchemaError::Invalid { path: got, reason }) => assert_eq!(got, path, "reason: {reason}"),
+            Err(SchemaError::Invalid { path: got, reason }) => {
+                assert_eq!(got, path, "reason: {reason}")
+            }
             other => panic!("expected error at {path}, got {other:?}"),
         }
     }
@@ -667,23 +876,39 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        check(&fault("severity: {type: 'strin'}"), "models.Fault.severity.type");
+        check(
+            &fault("severity: {type: 'strin'}"),
+            "models.Fault.severity.type",
+        );
     }
 
     #[test]
     fn capitalized_type_is_accepted() {
-        let s = ok(&fault("severity: {type: 'String'}, n: {type: Number}".replace("Number", "'Number'").as_str()));
-        assert_eq!(s.model("Fault").and_then(|m| m.field("n")).map(|f| f.field_type()), Some(FieldType::Number));
+        let s = ok(&fault(
+            "severity: {type: 'String'}, n: {type: Number}"
+                .replace("Number", "'Number'")
+                .as_str(),
+        ));
+        assert_eq!(
+            s.model("Fault")
+                .and_then(|m| m.field("n"))
+                .map(|f| f.field_type()),
+            Some(FieldType::Number)
+        );
     }
 
     #[test]
     fn missing_type() {
-        check(&fault("severity: {required: true}"), "models.Fault.severity.type");
+        check(
+            &fault("severity: {required: true}"),
+            "models.Fault.severity.type",
+        );
     }
 
     #[test]
     fn template_unknown_field() {
-        let text = "models: {Fault: {pk: {type: 'string'}, sk: {type: 'string', value: 'fault#${nope}'}}}";
+        let text =
+            "models: {Fault: {pk: {type: 'string'}, sk: {type: 'string', value: 'fault#${nope}'}}}";
         check(text, "models.Fault.sk.value");
     }
 
@@ -693,8 +918,16 @@ mod tests {
     }
 
     #[test]
+    fn template_variable_must_be_scalar() {
+        check("models: {M: {pk: {type: 'string', value: '${o}'}, sk: {type: 'string'}, o: {type: 'object'}}}", "models.M.pk.value");
+    }
+
+    #[test]
     fn template_unclosed() {
-        check("models: {Fault: {pk: {type: 'string', value: 'a${b'}, sk: {type: 'string'}}}", "models.Fault.pk.value");
+        check(
+            "models: {Fault: {pk: {type: 'string', value: 'a${b'}, sk: {type: 'string'}}}",
+            "models.Fault.pk.value",
+        );
     }
 
     #[test]
@@ -712,26 +945,53 @@ mod tests {
 
     #[test]
     fn template_self_cycle() {
-        check("models: {M: {pk: {type: 'string', value: 'x${pk}'}, sk: {type: 'string'}}}", "models.M.pk.value");
+        check(
+            "models: {M: {pk: {type: 'string', value: 'x${pk}'}, sk: {type: 'string'}}}",
+            "models.M.pk.value",
+        );
     }
 
     #[test]
     fn sync_value_not_allowed() {
-        check(&format!("{}, process: {{Fault: {{sync: 'sideways'}}}}", fault("s: {type: 'string'}")), "process.Fault.sync");
+        check(
+            &format!(
+                "{}, process: {{Fault: {{sync: 'sideways'}}}}",
+                fault("s: {type: 'string'}")
+            ),
+            "process.Fault.sync",
+        );
     }
 
     #[test]
     fn enable_value_not_allowed() {
-        check(&format!("{}, process: {{Fault: {{enable: 'moon'}}}}", fault("s: {type: 'string'}")), "process.Fault.enable");
+        check(
+            &format!(
+                "{}, process: {{Fault: {{enable: 'moon'}}}}",
+                fault("s: {type: 'string'}")
+            ),
+            "process.Fault.enable",
+        );
     }
 
     #[test]
     fn process_contradictions() {
         let m = fault("s: {type: 'string'}");
-        check(&format!("{m}, process: {{Fault: {{enable: 'device', sync: 'up'}}}}"), "process.Fault.sync");
-        check(&format!("{m}, process: {{Fault: {{enable: 'cloud', sync: 'down'}}}}"), "process.Fault.sync");
-        check(&format!("{m}, process: {{Fault: {{sync: 'up', broadcast: true}}}}"), "process.Fault.broadcast");
-        check(&format!("{m}, process: {{Fault: {{broadcast: true}}}}"), "process.Fault.broadcast");
+        check(
+            &format!("{m}, process: {{Fault: {{enable: 'device', sync: 'up'}}}}"),
+            "process.Fault.sync",
+        );
+        check(
+            &format!("{m}, process: {{Fault: {{enable: 'cloud', sync: 'down'}}}}"),
+            "process.Fault.sync",
+        );
+        check(
+            &format!("{m}, process: {{Fault: {{sync: 'up', broadcast: true}}}}"),
+            "process.Fault.broadcast",
+        );
+        check(
+            &format!("{m}, process: {{Fault: {{broadcast: true}}}}"),
+            "process.Fault.broadcast",
+        );
     }
 
     #[test]
@@ -742,24 +1002,51 @@ mod tests {
 
     #[test]
     fn process_unknown_key() {
-        check(&format!("{}, process: {{Fault: {{speed: 1}}}}", fault("s: {type: 'string'}")), "process.Fault.speed");
+        check(
+            &format!(
+                "{}, process: {{Fault: {{speed: 1}}}}",
+                fault("s: {type: 'string'}")
+            ),
+            "process.Fault.speed",
+        );
     }
 
     #[test]
     fn process_unknown_model() {
-        check(&format!("{}, process: {{Ghost: {{sync: 'up'}}}}", fault("s: {type: 'string'}")), "process.Ghost");
+        check(
+            &format!(
+                "{}, process: {{Ghost: {{sync: 'up'}}}}",
+                fault("s: {type: 'string'}")
+            ),
+            "process.Ghost",
+        );
     }
 
     #[test]
     fn control_is_older_name_of_process() {
-        let s = ok(&format!("{}, control: {{Fault: {{sync: 'up'}}}}", fault("s: {type: 'string'}")));
-        assert!(s.model("Fault").map(|m| m.process().syncs_up()).unwrap_or(false));
-        check(&format!("{}, control: {{Ghost: {{}}}}", fault("s: {type: 'string'}")), "control.Ghost");
+        let s = ok(&format!(
+            "{}, control: {{Fault: {{sync: 'up'}}}}",
+            fault("s: {type: 'string'}")
+        ));
+        assert!(s
+            .model("Fault")
+            .map(|m| m.process().syncs_up())
+            .unwrap_or(false));
+        check(
+            &format!("{}, control: {{Ghost: {{}}}}", fault("s: {type: 'string'}")),
+            "control.Ghost",
+        );
     }
 
     #[test]
     fn control_and_process_both() {
-        check(&format!("{}, control: {{}}, process: {{}}", fault("s: {type: 'string'}")), "control");
+        check(
+            &format!(
+                "{}, control: {{}}, process: {{}}",
+                fault("s: {type: 'string'}")
+            ),
+            "control",
+        );
     }
 
     #[test]
@@ -769,14 +1056,23 @@ mod tests {
 
     #[test]
     fn unknown_field_key() {
-        check(&fault("severity: {type: 'string', colour: 'red'}"), "models.Fault.severity.colour");
+        check(
+            &fault("severity: {type: 'string', colour: 'red'}"),
+            "models.Fault.severity.colour",
+        );
     }
 
     #[test]
     fn unsupported_field_key() {
-        let text = format!("{{{BASE}, {}}}", fault("secret: {type: 'string', crypt: true}"));
+        let text = format!(
+            "{{{BASE}, {}}}",
+            fault("secret: {type: 'string', crypt: true}")
+        );
         let err = Schema::from_json5(&text).unwrap_err().to_string();
-        assert!(err.contains("models.Fault.secret.crypt") && err.contains("not supported by devtables"), "{err}");
+        assert!(
+            err.contains("models.Fault.secret.crypt") && err.contains("not supported by devtables"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -791,7 +1087,10 @@ mod tests {
 
     #[test]
     fn params_wrong_type() {
-        check("params: {timestamps: 'yes'}, models: {}", "params.timestamps");
+        check(
+            "params: {timestamps: 'yes'}, models: {}",
+            "params.timestamps",
+        );
         check("params: {typeField: ''}, models: {}", "params.typeField");
     }
 
@@ -806,75 +1105,155 @@ mod tests {
 
     #[test]
     fn index_rules() {
-        let load = |idx: &str| Schema::from_json5(&format!("{{format: 'onetable:1', version: '1', indexes: {idx}, models: {{}}}}"));
+        let load = |idx: &str| {
+            Schema::from_json5(&format!(
+                "{{format: 'onetable:1', version: '1', indexes: {idx}, models: {{}}}}"
+            ))
+        };
         let path = |r: Result<Schema, SchemaError>| match r {
             Err(SchemaError::Invalid { path, .. }) => path,
             other => format!("{other:?}"),
         };
         assert_eq!(path(load("{gs1: {hash: 'a'}}")), "indexes.primary");
-        assert_eq!(path(load("{primary: {sort: 'sk'}}")), "indexes.primary.hash");
-        assert_eq!(path(load("{primary: {hash: 'pk', project: 'all'}}")), "indexes.primary.project");
-        assert_eq!(path(load("{primary: {hash: 'pk'}, ls1: {sort: 'x'}}")), "indexes.ls1.hash");
-        assert_eq!(path(load("{primary: {hash: 'pk'}, g: {hash: 'a', project: 'some'}}")), "indexes.g.project");
-        assert_eq!(path(load("{primary: {hash: 'pk'}, g: {hash: 'a', type: 'lokal'}}")), "indexes.g.type");
-        let s = load("{primary: {hash: 'pk'}, ls1: {type: 'local', sort: 'x', project: ['a']}}").unwrap();
+        assert_eq!(
+            path(load("{primary: {sort: 'sk'}}")),
+            "indexes.primary.hash"
+        );
+        assert_eq!(
+            path(load("{primary: {hash: 'pk', project: 'all'}}")),
+            "indexes.primary.project"
+        );
+        assert_eq!(
+            path(load("{primary: {hash: 'pk'}, ls1: {sort: 'x'}}")),
+            "indexes.ls1.hash"
+        );
+        assert_eq!(
+            path(load(
+                "{primary: {hash: 'pk'}, g: {hash: 'a', project: 'some'}}"
+            )),
+            "indexes.g.project"
+        );
+        assert_eq!(
+            path(load(
+                "{primary: {hash: 'pk'}, g: {hash: 'a', type: 'lokal'}}"
+            )),
+            "indexes.g.type"
+        );
+        let s = load("{primary: {hash: 'pk'}, ls1: {type: 'local', sort: 'x', project: ['a']}}")
+            .unwrap();
         assert_eq!(s.index("ls1").map(|i| i.hash.as_str()), Some("pk"));
         assert_eq!(s.primary_index().sort, None);
     }
 
     #[test]
     fn bad_regex() {
-        check(&fault("severity: {type: 'string', validate: '/[a-/'}"), "models.Fault.severity.validate");
-        check(&fault("severity: {type: 'string', validate: '/a/q'}"), "models.Fault.severity.validate");
+        check(
+            &fault("severity: {type: 'string', validate: '/[a-/'}"),
+            "models.Fault.severity.validate",
+        );
+        check(
+            &fault("severity: {type: 'string', validate: '/a/q'}"),
+            "models.Fault.severity.validate",
+        );
     }
 
     #[test]
     fn regex_forms() {
-        assert!(compile_pattern("/^A$/i").map(|p| p.regex.is_match("a")).unwrap_or(false));
-        assert!(compile_pattern("^a+$").map(|p| p.regex.is_match("aa")).unwrap_or(false));
-        assert!(compile_pattern("/a/b/").map(|p| p.regex.is_match("a/b")).unwrap_or(false));
-        assert!(compile_pattern("a{1000}{1000}").is_err(), "size limit applies");
+        assert!(compile_pattern("/^A$/i")
+            .map(|p| p.regex.is_match("a"))
+            .unwrap_or(false));
+        assert!(compile_pattern("^a+$")
+            .map(|p| p.regex.is_match("aa"))
+            .unwrap_or(false));
+        assert!(compile_pattern("/a/b/")
+            .map(|p| p.regex.is_match("a/b"))
+            .unwrap_or(false));
+        assert!(
+            compile_pattern("a{1000}{1000}").is_err(),
+            "size limit applies"
+        );
     }
 
     #[test]
     fn default_not_in_enum() {
-        check(&fault("severity: {type: 'string', enum: ['a', 'b'], default: 'c'}"), "models.Fault.severity.default");
+        check(
+            &fault("severity: {type: 'string', enum: ['a', 'b'], default: 'c'}"),
+            "models.Fault.severity.default",
+        );
     }
 
     #[test]
     fn default_wrong_type() {
-        check(&fault("n: {type: 'number', default: 'many'}"), "models.Fault.n.default");
+        check(
+            &fault("n: {type: 'number', default: 'many'}"),
+            "models.Fault.n.default",
+        );
     }
 
     #[test]
     fn enum_rules() {
-        check(&fault("n: {type: 'number', enum: []}"), "models.Fault.n.enum");
-        check(&fault("n: {type: 'number', enum: [1, 'x']}"), "models.Fault.n.enum");
+        check(
+            &fault("n: {type: 'number', enum: []}"),
+            "models.Fault.n.enum",
+        );
+        check(
+            &fault("n: {type: 'number', enum: [1, 'x']}"),
+            "models.Fault.n.enum",
+        );
         ok(&fault("n: {type: 'number', enum: [1, '2'], default: 2}"));
     }
 
     #[test]
     fn generate_rules() {
-        check(&fault("g: {type: 'string', generate: 'serial'}"), "models.Fault.g.generate");
-        check(&fault("g: {type: 'number', generate: 'ulid'}"), "models.Fault.g.generate");
+        check(
+            &fault("g: {type: 'string', generate: 'serial'}"),
+            "models.Fault.g.generate",
+        );
+        check(
+            &fault("g: {type: 'number', generate: 'ulid'}"),
+            "models.Fault.g.generate",
+        );
     }
 
     #[test]
     fn ttl_rules() {
-        check(&fault("t: {type: 'string', ttl: true}"), "models.Fault.t.ttl");
-        check(&fault("t: {type: 'date', ttl: true}, u: {type: 'number', ttl: true}"), "models.Fault.u");
+        check(
+            &fault("t: {type: 'string', ttl: true}"),
+            "models.Fault.t.ttl",
+        );
+        check(
+            &fault("t: {type: 'date', ttl: true}, u: {type: 'number', ttl: true}"),
+            "models.Fault.u",
+        );
         let s = ok(&fault("t: {type: 'date', ttl: true}"));
         assert_eq!(s.model("Fault").and_then(|m| m.ttl_field()), Some("t"));
     }
 
     #[test]
     fn schema_and_items_rules() {
-        check(&fault("o: {type: 'string', schema: {}}"), "models.Fault.o.schema");
-        check(&fault("o: {type: 'object', schema: {x: {type: 'nope'}}}"), "models.Fault.o.schema.x.type");
-        check(&fault("o: {type: 'object', schema: {x: {type: 'string', value: 'a'}}}"), "models.Fault.o.schema.x.value");
-        check(&fault("a: {type: 'string', items: {type: 'string'}}"), "models.Fault.a.items");
-        check(&fault("a: {type: 'array', items: {type: 'string', required: true}}"), "models.Fault.a.items.required");
-        ok(&fault("a: {type: 'array', items: {type: 'object', schema: {n: {type: 'number'}}}}"));
+        check(
+            &fault("o: {type: 'string', schema: {}}"),
+            "models.Fault.o.schema",
+        );
+        check(
+            &fault("o: {type: 'object', schema: {x: {type: 'nope'}}}"),
+            "models.Fault.o.schema.x.type",
+        );
+        check(
+            &fault("o: {type: 'object', schema: {x: {type: 'string', value: 'a'}}}"),
+            "models.Fault.o.schema.x.value",
+        );
+        check(
+            &fault("a: {type: 'string', items: {type: 'string'}}"),
+            "models.Fault.a.items",
+        );
+        check(
+            &fault("a: {type: 'array', items: {type: 'string', required: true}}"),
+            "models.Fault.a.items.required",
+        );
+        ok(&fault(
+            "a: {type: 'array', items: {type: 'object', schema: {n: {type: 'number'}}}}",
+        ));
     }
 
     #[test]
@@ -883,7 +1262,8 @@ mod tests {
         for _ in 0..10 {
             inner = format!("{{type: 'object', schema: {{x: {inner}}}}}");
         }
-        let err = Schema::from_json5(&format!("{{{BASE}, {}}}", fault(&format!("o: {inner}")))).unwrap_err();
+        let err = Schema::from_json5(&format!("{{{BASE}, {}}}", fault(&format!("o: {inner}"))))
+            .unwrap_err();
         assert!(err.to_string().contains("deeper than 8"), "{err}");
     }
 
@@ -901,7 +1281,10 @@ mod tests {
 
     #[test]
     fn model_name_must_be_identifier() {
-        check("models: {'bad name': {sk: {type: 'string'}}}", "models.bad name");
+        check(
+            "models: {'bad name': {sk: {type: 'string'}}}",
+            "models.bad name",
+        );
     }
 
     #[test]
@@ -910,28 +1293,52 @@ mod tests {
             Err(SchemaError::Invalid { path, .. }) => path,
             other => format!("{other:?}"),
         };
-        assert_eq!(err("{version: '1', indexes: {primary: {hash: 'pk'}}}"), "format");
-        assert_eq!(err("{format: 'dynamo', version: '1', indexes: {primary: {hash: 'pk'}}}"), "format");
-        assert_eq!(err("{format: 'onetable:1.1.0', indexes: {primary: {hash: 'pk'}}}"), "version");
+        assert_eq!(
+            err("{version: '1', indexes: {primary: {hash: 'pk'}}}"),
+            "format"
+        );
+        assert_eq!(
+            err("{format: 'dynamo', version: '1', indexes: {primary: {hash: 'pk'}}}"),
+            "format"
+        );
+        assert_eq!(
+            err("{format: 'onetable:1.1.0', indexes: {primary: {hash: 'pk'}}}"),
+            "version"
+        );
     }
 
     #[test]
     fn syntax_errors() {
-        assert!(matches!(Schema::from_json5("{format: "), Err(SchemaError::Syntax(_))));
-        assert!(matches!(Schema::from_json5("[1]"), Err(SchemaError::Invalid { .. })));
+        assert!(matches!(
+            Schema::from_json5("{format: "),
+            Err(SchemaError::Syntax(_))
+        ));
+        assert!(matches!(
+            Schema::from_json5("[1]"),
+            Err(SchemaError::Invalid { .. })
+        ));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        assert!(matches!(Schema::from_json5(&deep), Err(SchemaError::Syntax(_))));
+        assert!(matches!(
+            Schema::from_json5(&deep),
+            Err(SchemaError::Syntax(_))
+        ));
     }
 
     #[test]
     fn text_size_bounded() {
         let big = format!("{{description: '{}'}}", "a".repeat(MAX_TEXT));
-        assert!(matches!(Schema::from_json5(&big), Err(SchemaError::Invalid { .. })));
+        assert!(matches!(
+            Schema::from_json5(&big),
+            Err(SchemaError::Invalid { .. })
+        ));
     }
 
     #[test]
     fn nesting_scanner_ignores_strings_and_comments() {
-        assert_eq!(max_nesting("{a: '[[[[', b: \"{{\\\"{{\" /* [[[ */ // {{{\n}"), 1);
+        assert_eq!(
+            max_nesting("{a: '[[[[', b: \"{{\\\"{{\" /* [[[ */ // {{{\n}"),
+            1
+        );
         assert_eq!(max_nesting("{a: [{}]}"), 3);
     }
 
@@ -942,7 +1349,8 @@ mod tests {
 
     #[test]
     fn blend_from_files() {
-        let dir = std::env::temp_dir().join(format!("devtables-schema-blend-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("devtables-schema-blend-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         std::fs::write(
             dir.join("sub/base.json5"),
@@ -960,9 +1368,15 @@ mod tests {
         let s = Schema::load(&dir.join("main.json5")).unwrap();
         assert_eq!(s.version(), "1");
         assert!(s.params().timestamps);
-        assert!(s.model("A").map(|m| m.process().syncs_up()).unwrap_or(false));
+        assert!(s
+            .model("A")
+            .map(|m| m.process().syncs_up())
+            .unwrap_or(false));
         let b = s.model("B").unwrap();
-        assert!(b.field("z").is_some() && b.field("y").is_none(), "the loading file wins");
+        assert!(
+            b.field("z").is_some() && b.field("y").is_none(),
+            "the loading file wins"
+        );
         assert!(b.process().syncs_down());
 
         std::fs::write(dir.join("c1.json5"), "{blend: ['c2.json5']}").unwrap();

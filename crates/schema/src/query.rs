@@ -104,12 +104,17 @@ impl Filter {
             },
             FilterOp::Between => match self.value.as_array().map(Vec::as_slice) {
                 Some([lo, hi]) => {
-                    matches!(compare(actual, lo), Some(Ordering::Greater | Ordering::Equal))
-                        && matches!(compare(actual, hi), Some(Ordering::Less | Ordering::Equal))
+                    matches!(
+                        compare(actual, lo),
+                        Some(Ordering::Greater | Ordering::Equal)
+                    ) && matches!(compare(actual, hi), Some(Ordering::Less | Ordering::Equal))
                 }
                 _ => false,
             },
-            FilterOp::In => self.value.as_array().is_some_and(|list| list.iter().any(|v| values_equal(actual, v))),
+            FilterOp::In => self
+                .value
+                .as_array()
+                .is_some_and(|list| list.iter().any(|v| values_equal(actual, v))),
         }
     }
 }
@@ -140,7 +145,13 @@ const SORT_OPS: &str = "=, <, <=, >, >=, begins, begins_with, between";
 
 impl Model {
     fn bad_op(&self, field: &str, operator: &str, detail: String) -> ValidationError {
-        self.err(field, Reason::BadOperator { operator: operator.to_string(), detail })
+        self.err(
+            field,
+            Reason::BadOperator {
+                operator: operator.to_string(),
+                detail,
+            },
+        )
     }
 
     /// Cast a query operand to the stored form of `field` (fields, type field, timestamps).
@@ -154,23 +165,40 @@ impl Model {
         if field == self.params.type_field {
             return match value {
                 Value::String(_) => Ok(value.clone()),
-                _ => Err(self.err(field, Reason::WrongType { expected: "string".into(), found: describe(value) })),
+                _ => Err(self.err(
+                    field,
+                    Reason::WrongType {
+                        expected: "string".into(),
+                        found: describe(value),
+                    },
+                )),
             };
         }
-        date_ms(value).and_then(|ms| store_date(ms, self.params.iso_dates)).ok_or_else(|| {
-            self.err(field, Reason::WrongType { expected: "date".into(), found: describe(value) })
-        })
+        date_ms(value)
+            .and_then(|ms| store_date(ms, self.params.iso_dates))
+            .ok_or_else(|| {
+                self.err(
+                    field,
+                    Reason::WrongType {
+                        expected: "date".into(),
+                        found: describe(value),
+                    },
+                )
+            })
     }
 
     fn is_known(&self, field: &str) -> bool {
         self.field(field).is_some()
             || field == self.params.type_field
-            || (self.params.timestamps && (field == self.params.created_field || field == self.params.updated_field))
+            || (self.params.timestamps
+                && (field == self.params.created_field || field == self.params.updated_field))
     }
 
     /// Whether a property value is an operator object rather than a plain value.
     fn is_operator(&self, field: &str, value: &Value) -> bool {
-        let object_field = self.field(field).is_some_and(|f| f.field_type() == FieldType::Object);
+        let object_field = self
+            .field(field)
+            .is_some_and(|f| f.field_type() == FieldType::Object);
         match value {
             Value::Object(map) if object_field => {
                 single_op(map).is_some_and(|(op, _)| FILTER_OPS.split(", ").any(|o| o == op))
@@ -181,9 +209,20 @@ impl Model {
     }
 
     /// Rendered key operand.
-    fn key_operand(&self, field: &str, operator: &str, value: &Value) -> Result<String, ValidationError> {
+    fn key_operand(
+        &self,
+        field: &str,
+        operator: &str,
+        value: &Value,
+    ) -> Result<String, ValidationError> {
         let cast = self.cast_operand(field, value)?;
-        render_value(&cast).ok_or_else(|| self.bad_op(field, operator, format!("a key operand must be a scalar, found {}", describe(value))))
+        render_value(&cast).ok_or_else(|| {
+            self.bad_op(
+                field,
+                operator,
+                format!("a key operand must be a scalar, found {}", describe(value)),
+            )
+        })
     }
 
     fn sort_condition(&self, field: &str, value: &Value) -> Result<SortCondition, ValidationError> {
@@ -191,7 +230,11 @@ impl Model {
             return Ok(SortCondition::Eq(self.key_operand(field, "=", value)?));
         };
         let Some((op, operand)) = single_op(map) else {
-            return Err(self.bad_op(field, "{..}", format!("expected an object with exactly one operator ({SORT_OPS})")));
+            return Err(self.bad_op(
+                field,
+                "{..}",
+                format!("expected an object with exactly one operator ({SORT_OPS})"),
+            ));
         };
         let one = |this: &Model| this.key_operand(field, op, operand);
         Ok(match op {
@@ -202,23 +245,52 @@ impl Model {
             ">=" => SortCondition::Ge(one(self)?),
             "begins" | "begins_with" => match operand {
                 Value::String(prefix) => SortCondition::BeginsWith(prefix.clone()),
-                _ => return Err(self.bad_op(field, op, "the operand must be a string prefix".into())),
+                _ => {
+                    return Err(self.bad_op(
+                        field,
+                        op,
+                        "the operand must be a string prefix".into(),
+                    ))
+                }
             },
             "between" => match operand.as_array().map(Vec::as_slice) {
-                Some([lo, hi]) => SortCondition::Between(self.key_operand(field, op, lo)?, self.key_operand(field, op, hi)?),
-                _ => return Err(self.bad_op(field, op, "the operand must be a list [low, high]".into())),
+                Some([lo, hi]) => SortCondition::Between(
+                    self.key_operand(field, op, lo)?,
+                    self.key_operand(field, op, hi)?,
+                ),
+                _ => {
+                    return Err(self.bad_op(
+                        field,
+                        op,
+                        "the operand must be a list [low, high]".into(),
+                    ))
+                }
             },
-            _ => return Err(self.bad_op(field, op, format!("unknown sort key operator (use {SORT_OPS})"))),
+            _ => {
+                return Err(self.bad_op(
+                    field,
+                    op,
+                    format!("unknown sort key operator (use {SORT_OPS})"),
+                ))
+            }
         })
     }
 
     fn filter(&self, field: &str, value: &Value) -> Result<Filter, ValidationError> {
-        let make = |op, value| Filter { field: field.to_string(), op, value };
+        let make = |op, value| Filter {
+            field: field.to_string(),
+            op,
+            value,
+        };
         if !self.is_operator(field, value) {
             return Ok(make(FilterOp::Eq, self.cast_operand(field, value)?));
         }
         let Some((op, operand)) = value.as_object().and_then(single_op) else {
-            return Err(self.bad_op(field, "{..}", format!("expected an object with exactly one operator ({FILTER_OPS})")));
+            return Err(self.bad_op(
+                field,
+                "{..}",
+                format!("expected an object with exactly one operator ({FILTER_OPS})"),
+            ));
         };
         let list = |this: &Model, operand: &Value| -> Result<Vec<Value>, ValidationError> {
             match operand {
@@ -226,7 +298,9 @@ impl Model {
                 _ => Err(this.bad_op(field, op, "the operand must be a list".into())),
             }
         };
-        let simple = |fop| -> Result<Filter, ValidationError> { Ok(make(fop, self.cast_operand(field, operand)?)) };
+        let simple = |fop| -> Result<Filter, ValidationError> {
+            Ok(make(fop, self.cast_operand(field, operand)?))
+        };
         match op {
             "=" => simple(FilterOp::Eq),
             "!=" | "<>" => simple(FilterOp::Ne),
@@ -241,7 +315,11 @@ impl Model {
             "between" => {
                 let items = list(self, operand)?;
                 if items.len() != 2 {
-                    return Err(self.bad_op(field, op, "the operand must be a list [low, high]".into()));
+                    return Err(self.bad_op(
+                        field,
+                        op,
+                        "the operand must be a list [low, high]".into(),
+                    ));
                 }
                 Ok(make(FilterOp::Between, Value::Array(items)))
             }
@@ -275,11 +353,19 @@ impl Model {
             Some(value) => match value {
                 Value::Object(map) => match single_op(map) {
                     Some(("=", operand)) => Some(self.key_operand(&index.hash, "=", operand)?),
-                    _ => return Err(self.bad_op(&index.hash, "{..}", "the hash key only accepts a value or {'=': value}".into())),
+                    _ => {
+                        return Err(self.bad_op(
+                            &index.hash,
+                            "{..}",
+                            "the hash key only accepts a value or {'=': value}".into(),
+                        ))
+                    }
                 },
                 _ => Some(self.key_operand(&index.hash, "=", value)?),
             },
-            None if self.field(&index.hash).is_some() => view.get(&index.hash).and_then(render_value),
+            None if self.field(&index.hash).is_some() => {
+                view.get(&index.hash).and_then(render_value)
+            }
             None if primary => Some(String::new()),
             None => None,
         };
@@ -291,7 +377,9 @@ impl Model {
                 (None, Some(field)) => match field.template() {
                     Some(template) => match template.render(|var| self.variable(&view, var)) {
                         Rendered::Full(text) => SortCondition::Eq(text),
-                        Rendered::Partial { prefix, .. } if !prefix.is_empty() => SortCondition::BeginsWith(prefix),
+                        Rendered::Partial { prefix, .. } if !prefix.is_empty() => {
+                            SortCondition::BeginsWith(prefix)
+                        }
                         Rendered::Partial { .. } => SortCondition::Any,
                     },
                     None => SortCondition::Any,
@@ -308,7 +396,11 @@ impl Model {
             }
             filters.push(self.filter(key, value)?);
         }
-        Ok(Query { hash, sort, filters })
+        Ok(Query {
+            hash,
+            sort,
+            filters,
+        })
     }
 }
 
@@ -322,8 +414,16 @@ mod tests {
     }
 
     fn check(op: FilterOp, value: Value, stored: Value, expected: bool) {
-        let f = Filter { field: "f".into(), op, value: value.clone() };
-        assert_eq!(f.matches(&item(json!({"f": stored.clone()}))), expected, "{op:?} {value} vs {stored}");
+        let f = Filter {
+            field: "f".into(),
+            op,
+            value: value.clone(),
+        };
+        assert_eq!(
+            f.matches(&item(json!({"f": stored.clone()}))),
+            expected,
+            "{op:?} {value} vs {stored}"
+        );
     }
 
     #[test]
@@ -350,7 +450,12 @@ mod tests {
     fn ordering_strings_lexically() {
         check(FilterOp::Lt, json!("b"), json!("a"), true);
         check(FilterOp::Gt, json!("10"), json!("9"), true);
-        check(FilterOp::Ge, json!("2026-01-01T00:00:00.000Z"), json!("2026-11-25T18:00:00.000Z"), true);
+        check(
+            FilterOp::Ge,
+            json!("2026-01-01T00:00:00.000Z"),
+            json!("2026-11-25T18:00:00.000Z"),
+            true,
+        );
     }
 
     #[test]
@@ -387,9 +492,312 @@ mod tests {
     #[test]
     fn missing_field_matches_only_ne() {
         let empty = Item::new();
-        for op in [FilterOp::Eq, FilterOp::Lt, FilterOp::Le, FilterOp::Gt, FilterOp::Ge, FilterOp::BeginsWith, FilterOp::Between, FilterOp::In] {
-            assert!(!Filter { field: "f".into(), op, value: json!("a") }.matches(&empty), "{op:?}");
+        for op in [
+            FilterOp::Eq,
+            FilterOp::Lt,
+            FilterOp::Le,
+            FilterOp::Gt,
+            FilterOp::Ge,
+            FilterOp::BeginsWith,
+            FilterOp::Between,
+            FilterOp::In,
+        ] {
+            assert!(
+                !Filter {
+                    field: "f".into(),
+                    op,
+                    value: json!("a")
+                }
+                .matches(&empty),
+                "{op:?}"
+            );
         }
-        assert!(Filter { field: "f".into(), op: FilterOp::Ne, value: json!("a") }.matches(&empty));
+        assert!(Filter {
+            field: "f".into(),
+            op: FilterOp::Ne,
+            value: json!("a")
+        }
+        .matches(&empty));
+    }
+
+    const SCHEMA: &str = r#"{
+      format: 'onetable:1.1.0', version: '1',
+      indexes: {primary: {hash: 'pk', sort: 'sk'}, gs1: {hash: 'gs1pk', sort: 'gs1sk'}},
+      params: {timestamps: true, isoDates: true},
+      models: {
+        Thing: {
+          pk: {type: 'string', value: 'thing#${owner}'},
+          sk: {type: 'string', value: 'thing#${kind}#${id}'},
+          id: {type: 'string'},
+          owner: {type: 'string'},
+          kind: {type: 'string'},
+          n: {type: 'number'},
+          when: {type: 'date'},
+          args: {type: 'object'},
+          gs1pk: {type: 'string', value: 'kind#${kind}'},
+          gs1sk: {type: 'string', value: 'n#${n}'},
+        },
+        Raw: {pk: {type: 'string'}, sk: {type: 'string'}, v: {type: 'number'}},
+      }
+    }"#;
+
+    fn plan(model: &str, props: Value, index: Option<&str>) -> Result<Query, ValidationError> {
+        let s = crate::Schema::from_json5(SCHEMA).unwrap();
+        let m = s.model(model).unwrap();
+        m.query(&item(props), index.and_then(|n| s.index(n)))
+    }
+
+    fn eq(field: &str, value: Value) -> Filter {
+        Filter {
+            field: field.into(),
+            op: FilterOp::Eq,
+            value,
+        }
+    }
+
+    fn q(
+        hash: Option<&str>,
+        sort: SortCondition,
+        filters: Vec<Filter>,
+    ) -> Result<Query, ValidationError> {
+        Ok(Query {
+            hash: hash.map(str::to_string),
+            sort,
+            filters,
+        })
+    }
+
+    #[test]
+    fn partial_template_gives_prefix() {
+        assert_eq!(
+            plan("Thing", json!({"owner": "o"}), None),
+            q(
+                Some("thing#o"),
+                SortCondition::BeginsWith("thing#".into()),
+                vec![eq("owner", json!("o"))]
+            )
+        );
+        assert_eq!(
+            plan("Thing", json!({"owner": "o", "kind": "k"}), None).map(|q| q.sort),
+            Ok(SortCondition::BeginsWith("thing#k#".into()))
+        );
+    }
+
+    #[test]
+    fn full_template_gives_eq() {
+        let got = plan("Thing", json!({"owner": "o", "kind": "k", "id": "i"}), None).unwrap();
+        assert_eq!(
+            (got.hash.as_deref(), got.sort, got.filters.len()),
+            (Some("thing#o"), SortCondition::Eq("thing#k#i".into()), 3)
+        );
+    }
+
+    #[test]
+    fn unresolved_hash_scans() {
+        let got = plan("Thing", json!({"kind": "k"}), None).unwrap();
+        assert_eq!(
+            (got.hash, got.sort),
+            (None, SortCondition::BeginsWith("thing#k#".into()))
+        );
+    }
+
+    #[test]
+    fn empty_prefix_is_any() {
+        let got = plan("Thing", json!({"kind": "k"}), Some("gs1")).unwrap();
+        assert_eq!(
+            (got.hash.as_deref(), got.sort),
+            (Some("kind#k"), SortCondition::BeginsWith("n#".into()))
+        );
+        let got = plan("Raw", json!({"pk": "p"}), None).unwrap();
+        assert_eq!(
+            (got.hash.as_deref(), got.sort),
+            (Some("p"), SortCondition::Any)
+        );
+    }
+
+    #[test]
+    fn key_attributes_given_directly() {
+        assert_eq!(
+            plan("Thing", json!({"pk": "P", "sk": "S"}), None),
+            q(Some("P"), SortCondition::Eq("S".into()), vec![])
+        );
+        assert_eq!(
+            plan("Raw", json!({"pk": {"=": "P"}}), None),
+            q(Some("P"), SortCondition::Any, vec![])
+        );
+        assert!(matches!(
+            plan("Raw", json!({"pk": {">": "P"}}), None).map_err(|e| e.reason),
+            Err(Reason::BadOperator { .. })
+        ));
+    }
+
+    #[test]
+    fn sort_operators() {
+        let sort = |v: Value| plan("Raw", json!({"pk": "p", "sk": v}), None).map(|q| q.sort);
+        assert_eq!(
+            sort(json!({"begins": "a"})),
+            Ok(SortCondition::BeginsWith("a".into()))
+        );
+        assert_eq!(
+            sort(json!({"begins_with": "a"})),
+            Ok(SortCondition::BeginsWith("a".into()))
+        );
+        assert_eq!(
+            sort(json!({"between": ["a", "b"]})),
+            Ok(SortCondition::Between("a".into(), "b".into()))
+        );
+        assert_eq!(sort(json!({"<": "a"})), Ok(SortCondition::Lt("a".into())));
+        assert_eq!(sort(json!({"<=": "a"})), Ok(SortCondition::Le("a".into())));
+        assert_eq!(sort(json!({">": "a"})), Ok(SortCondition::Gt("a".into())));
+        assert_eq!(sort(json!({">=": "a"})), Ok(SortCondition::Ge("a".into())));
+        assert_eq!(sort(json!({"=": "a"})), Ok(SortCondition::Eq("a".into())));
+        assert_eq!(sort(json!("a")), Ok(SortCondition::Eq("a".into())));
+        for bad in [
+            json!({"~": "a"}),
+            json!({"<": "a", ">": "b"}),
+            json!({"between": ["a"]}),
+            json!({"begins": 1}),
+        ] {
+            let reason = sort(bad.clone()).map_err(|e| e.reason);
+            assert!(
+                matches!(reason, Err(Reason::BadOperator { .. })),
+                "{bad}: {reason:?}"
+            );
+        }
+    }
+
+    fn filter(field: &str, v: Value) -> Result<Filter, ValidationError> {
+        let got = plan("Raw", json!({"pk": "p", field: v}), None)?;
+        Ok(got
+            .filters
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| eq("none", Value::Null)))
+    }
+
+    fn f(field: &str, op: FilterOp, value: Value) -> Result<Filter, ValidationError> {
+        Ok(Filter {
+            field: field.into(),
+            op,
+            value,
+        })
+    }
+
+    #[test]
+    fn filters_are_cast() {
+        assert_eq!(filter("v", json!("5")), f("v", FilterOp::Eq, json!(5)));
+        assert_eq!(
+            filter("v", json!({">": "3"})),
+            f("v", FilterOp::Gt, json!(3))
+        );
+        assert_eq!(
+            filter("v", json!({">=": 3})),
+            f("v", FilterOp::Ge, json!(3))
+        );
+        assert_eq!(filter("v", json!({"<": 3})), f("v", FilterOp::Lt, json!(3)));
+        assert_eq!(
+            filter("v", json!({"<=": 3})),
+            f("v", FilterOp::Le, json!(3))
+        );
+        assert_eq!(
+            filter("v", json!({"=": "3"})),
+            f("v", FilterOp::Eq, json!(3))
+        );
+        assert_eq!(
+            filter("v", json!({"!=": 3})),
+            f("v", FilterOp::Ne, json!(3))
+        );
+        assert_eq!(
+            filter("v", json!({"<>": 3})),
+            f("v", FilterOp::Ne, json!(3))
+        );
+        assert_eq!(
+            filter("v", json!({"between": [1, "2"]})),
+            f("v", FilterOp::Between, json!([1, 2]))
+        );
+        assert_eq!(
+            filter("v", json!({"in": ["1", 2]})),
+            f("v", FilterOp::In, json!([1, 2]))
+        );
+        assert_eq!(
+            filter("sk", json!({"begins": "a"})).map(|x| x.field),
+            Ok("none".to_string()),
+            "the sort attribute is not a filter"
+        );
+    }
+
+    #[test]
+    fn filter_dates_objects_and_system_fields() {
+        let got = plan(
+            "Thing",
+            json!({"when": {">": 1_795_629_600_000i64}, "args": {"x": 1}, "_type": "Thing",
+                                       "created": "2026-11-25T18:00:00Z"}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            got.filters,
+            vec![
+                eq("_type", json!("Thing")),
+                eq("args", json!({"x": 1})),
+                eq("created", json!("2026-11-25T18:00:00.000Z")),
+                Filter {
+                    field: "when".into(),
+                    op: FilterOp::Gt,
+                    value: json!("2026-11-25T18:00:00.000Z")
+                },
+            ]
+        );
+        let got = plan("Thing", json!({"n": {"begins": "1"}}), None).unwrap();
+        assert_eq!(
+            got.filters,
+            vec![Filter {
+                field: "n".into(),
+                op: FilterOp::BeginsWith,
+                value: json!("1")
+            }]
+        );
+    }
+
+    #[test]
+    fn filter_errors() {
+        let reason = |field: &str, v: Value| filter(field, v).map_err(|e| e.reason);
+        assert_eq!(
+            plan("Raw", json!({"nope": 1}), None).map_err(|e| (e.field, e.reason)),
+            Err(("nope".into(), Reason::UnknownField))
+        );
+        assert!(matches!(
+            reason("v", json!("x")),
+            Err(Reason::WrongType { .. })
+        ));
+        assert!(matches!(
+            reason("v", json!({"like": 1})),
+            Err(Reason::BadOperator { .. })
+        ));
+        assert!(matches!(
+            reason("v", json!({">": 1, "<": 2})),
+            Err(Reason::BadOperator { .. })
+        ));
+        assert!(matches!(
+            reason("v", json!({"between": [1]})),
+            Err(Reason::BadOperator { .. })
+        ));
+        assert!(matches!(
+            reason("v", json!({"in": 1})),
+            Err(Reason::BadOperator { .. })
+        ));
+        assert!(matches!(
+            reason("v", json!({"begins": 1})),
+            Err(Reason::BadOperator { .. })
+        ));
+    }
+
+    #[test]
+    fn planned_filters_match_items() {
+        let got = plan("Raw", json!({"v": {"between": ["1", "5"]}}), None).unwrap();
+        assert_eq!(got.hash, None, "pk not given: the caller scans");
+        let filter = &got.filters[0];
+        assert!(filter.matches(&item(json!({"v": 3}))));
+        assert!(!filter.matches(&item(json!({"v": 6}))));
     }
 }

@@ -92,7 +92,12 @@ pub struct Process {
 
 impl Default for Process {
     fn default() -> Process {
-        Process { enable: Enable::Both, sync: SyncDirection::None, lossy: false, broadcast: false }
+        Process {
+            enable: Enable::Both,
+            sync: SyncDirection::None,
+            lossy: false,
+            broadcast: false,
+        }
     }
 }
 
@@ -185,7 +190,9 @@ impl Schema {
 
     /// The model named by the item's type field.
     pub fn model_of(&self, item: &Item) -> Option<&Model> {
-        item.get(&self.params.type_field).and_then(|v| v.as_str()).and_then(|name| self.model(name))
+        item.get(&self.params.type_field)
+            .and_then(|v| v.as_str())
+            .and_then(|name| self.model(name))
     }
 }
 
@@ -194,27 +201,80 @@ mod tests {
     use super::*;
 
     fn process(enable: Enable, sync: SyncDirection) -> Process {
-        Process { enable, sync, lossy: false, broadcast: false }
+        Process {
+            enable,
+            sync,
+            lossy: false,
+            broadcast: false,
+        }
     }
 
     fn check(p: Process, up: bool, down: bool, device: bool, cloud: bool) {
-        assert_eq!((p.syncs_up(), p.syncs_down(), p.on_device(), p.in_cloud()), (up, down, device, cloud), "{p:?}");
+        assert_eq!(
+            (p.syncs_up(), p.syncs_down(), p.on_device(), p.in_cloud()),
+            (up, down, device, cloud),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn process_predicates() {
         check(Process::default(), false, false, true, true);
-        check(process(Enable::Both, SyncDirection::Up), true, false, true, true);
-        check(process(Enable::Both, SyncDirection::Down), false, true, true, true);
-        check(process(Enable::Both, SyncDirection::Both), true, true, true, true);
-        check(process(Enable::Device, SyncDirection::None), false, false, true, false);
-        check(process(Enable::Cloud, SyncDirection::None), false, false, false, true);
+        check(
+            process(Enable::Both, SyncDirection::Up),
+            true,
+            false,
+            true,
+            true,
+        );
+        check(
+            process(Enable::Both, SyncDirection::Down),
+            false,
+            true,
+            true,
+            true,
+        );
+        check(
+            process(Enable::Both, SyncDirection::Both),
+            true,
+            true,
+            true,
+            true,
+        );
+        check(
+            process(Enable::Device, SyncDirection::None),
+            false,
+            false,
+            true,
+            false,
+        );
+        check(
+            process(Enable::Cloud, SyncDirection::None),
+            false,
+            false,
+            false,
+            true,
+        );
+    }
+
+    #[test]
+    fn schema_is_shareable() {
+        fn assert_send_sync<T: Send + Sync + Clone + std::fmt::Debug>() {}
+        assert_send_sync::<Schema>();
+        assert_send_sync::<Model>();
     }
 
     #[test]
     fn params_defaults() {
         let p = Params::default();
-        assert_eq!((p.type_field.as_str(), p.created_field.as_str(), p.updated_field.as_str()), ("_type", "created", "updated"));
+        assert_eq!(
+            (
+                p.type_field.as_str(),
+                p.created_field.as_str(),
+                p.updated_field.as_str()
+            ),
+            ("_type", "created", "updated")
+        );
         assert!(!p.timestamps && !p.iso_dates && !p.nulls);
     }
 
@@ -226,7 +286,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.index("primary").map(|i| i.hash.as_str()), Some("pk"));
-        assert_eq!(s.secondary_indexes().iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(
+            s.secondary_indexes()
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
         assert!(s.index("c").is_none());
         let mut item = Item::new();
         item.insert("_type".into(), "M".into());

@@ -83,7 +83,12 @@ impl Template {
                 Part::Lit(text) => out.push_str(text),
                 Part::Var(name) => match lookup(name) {
                     Some(value) => out.push_str(&value),
-                    None => return Rendered::Partial { prefix: out, missing: name.clone() },
+                    None => {
+                        return Rendered::Partial {
+                            prefix: out,
+                            missing: name.clone(),
+                        }
+                    }
                 },
             }
         }
@@ -122,7 +127,9 @@ mod tests {
     fn check(template: &str, vars: &[(&str, &str)], expected: Rendered) {
         let t = Template::parse(template).unwrap();
         let got = t.render(|name| {
-            vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
         });
         assert_eq!(got, expected, "{template}");
     }
@@ -132,7 +139,10 @@ mod tests {
     }
 
     fn partial(prefix: &str, missing: &str) -> Rendered {
-        Rendered::Partial { prefix: prefix.to_string(), missing: missing.to_string() }
+        Rendered::Partial {
+            prefix: prefix.to_string(),
+            missing: missing.to_string(),
+        }
     }
 
     #[test]
@@ -142,18 +152,34 @@ mod tests {
 
     #[test]
     fn single_variable() {
-        check("device#${deviceId}", &[("deviceId", "d1")], full("device#d1"));
+        check(
+            "device#${deviceId}",
+            &[("deviceId", "d1")],
+            full("device#d1"),
+        );
     }
 
     #[test]
     fn several_variables() {
-        check("fault#${deviceId}#${id}", &[("deviceId", "d1"), ("id", "x")], full("fault#d1#x"));
+        check(
+            "fault#${deviceId}#${id}",
+            &[("deviceId", "d1"), ("id", "x")],
+            full("fault#d1#x"),
+        );
     }
 
     #[test]
     fn partial_stops_at_first_missing() {
-        check("fault#${deviceId}#${id}", &[("deviceId", "d1")], partial("fault#d1#", "id"));
-        check("fault#${deviceId}#${id}", &[("id", "x")], partial("fault#", "deviceId"));
+        check(
+            "fault#${deviceId}#${id}",
+            &[("deviceId", "d1")],
+            partial("fault#d1#", "id"),
+        );
+        check(
+            "fault#${deviceId}#${id}",
+            &[("id", "x")],
+            partial("fault#", "deviceId"),
+        );
     }
 
     #[test]

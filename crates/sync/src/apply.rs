@@ -128,7 +128,8 @@ pub enum ApplyError<E> {
 ///
 /// Per change: models the device does not hold, or that do not sync down, are counted and
 /// skipped; a change applies only if its version is higher than the stored one (none counts as
-/// lower); a delete of an unknown key still records a tombstone; an invalid item is skipped and
+/// lower), or if it is the put of the very version a resync sweep turned into a tombstone; a
+/// delete of an unknown key still records a tombstone; an invalid item is skipped and
 /// reported. The clock observes every applied version so later local writes order after them.
 pub fn device_apply<T: DeviceTxn>(
     txn: &mut T,
@@ -172,7 +173,10 @@ pub fn device_apply<T: DeviceTxn>(
         };
         clock.observe(change.version, now_ms);
         let stored = txn.stored_version(&change.model, &change.key).map_err(ApplyError::Store)?;
-        if stored.is_some_and(|s| s.version >= change.version) {
+        // An equal version can only meet a tombstone left by a resync sweep (a real delete has
+        // its own version): the put of that same version is then the truth and applies.
+        let revives = |s: &StoredVersion| s.version == change.version && s.deleted && change.op == Op::Put;
+        if stored.is_some_and(|s| s.version > change.version || (s.version == change.version && !revives(&s))) {
             out.stale += 1;
             continue;
         }
@@ -370,6 +374,11 @@ fn write_versioned<T: CloudTxn>(
         if s.version > change.version {
             if s.version.node != change.version.node {
                 txn.log_conflict(&conflict(s.version, change.version, Loser::Incoming))?;
+            }
+            // The writer holds a losing version; feed it the winner so it converges even when
+            // the winning write reached its feed before a resync cursor it never saw.
+            if model.process().syncs_down() {
+                txn.append_feed(owner, &change.model, &change.key)?;
             }
             return Ok(ChangeStatus::Stale);
         }

@@ -618,6 +618,11 @@ impl DeviceEngine {
         if page != expected || self.inbox.len() >= self.cfg.max_buffered_pages {
             return;
         }
+        if page == 0 && cursor < self.tail {
+            // A resync older than what we already hold (a stale stream from an earlier
+            // session): applying it would sweep newer items and move the cursor back.
+            return;
+        }
         self.resync = if done { None } else { Some(ResyncRx { id: resync, next_page: page + 1 }) };
         if done {
             self.tail = cursor;

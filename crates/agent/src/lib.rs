@@ -1,0 +1,243 @@
+//! The devtables device agent: the device database plus replication over MQTT.
+//!
+//! A device application links this crate, opens its database through [`Agent::start`], registers
+//! command handlers, and writes items as usual: every local write of a model that syncs up gets
+//! its outbox entry in the same transaction (see `state`), and the agent's event loop (`driver`)
+//! sends it, applies what the cloud sends down, and catches up after every reconnect.
+//! `devtables agent --config FILE` runs the same agent standalone.
+//!
+//! # Layout
+//! - [`config`]: the agent's settings (a JSON5 file for the standalone agent).
+//! - `state`: replication state in the database's side tables; the outbox recorder; the
+//!   `DeviceTxn` the replication rules run in.
+//! - `driver`: the event loop around the sans-IO `DeviceEngine`.
+
+pub mod config;
+mod driver;
+mod state;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use devtables_db::{Change, Db, DbError, Origin};
+use devtables_schema::{Item, ItemKey, Schema};
+use devtables_sync::device::{DeviceEngine, Restored};
+use devtables_sync::hlc::{node_id_for, HlcClock};
+use devtables_sync::identity::{DeviceId, IdError};
+use rumqttc::{AsyncClient, MqttOptions};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+pub use config::AgentConfig;
+pub use state::OutboxFull;
+
+/// A handler for one command name: gets the command item, returns the result to record (or an
+/// error message). It runs on the agent's task: keep it short, or hand the work to a thread.
+pub type CommandHandler = Arc<dyn Fn(&Item) -> Result<serde_json::Value, String> + Send + Sync>;
+
+/// Called when the cloud rejects a local change (model, key, reason); it is not retried.
+pub type RejectedHook = Arc<dyn Fn(&str, &ItemKey, &str) + Send + Sync>;
+
+#[derive(Default)]
+pub(crate) struct HandlerSet {
+    commands: HashMap<String, CommandHandler>,
+    rejected: Vec<RejectedHook>,
+}
+
+pub(crate) type Handlers = Arc<Mutex<HandlerSet>>;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid device identity: {0}")]
+    Identity(#[from] IdError),
+    #[error("cannot open the device database: {0}")]
+    Open(#[from] devtables_db::OpenError),
+    #[error("cannot read the replication state: {0}")]
+    State(#[from] DbError),
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+}
+
+/// What the agent is doing, for the application and the status line.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AgentStatus {
+    /// Connected to the broker.
+    pub connected: bool,
+    /// The cloud welcomed this session: changes flow both ways.
+    pub ready: bool,
+    /// Feed cursor applied.
+    pub cursor: u64,
+    /// Local changes not yet acknowledged.
+    pub pending: usize,
+    /// Batches sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// Local changes the cloud rejected (not retried).
+    pub rejected: u64,
+    /// Changes of lossy models dropped by a full outbox.
+    pub dropped: u64,
+    pub last_error: Option<String>,
+}
+
+/// A running agent. Dropping it does not stop the event loop: call [`Agent::shutdown`].
+pub struct Agent {
+    id: DeviceId,
+    db: Db,
+    handlers: Handlers,
+    status: watch::Receiver<AgentStatus>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    /// Opens the database and starts replicating, on the current tokio runtime.
+    pub fn start(config: AgentConfig, schema: Arc<Schema>) -> Result<Agent, AgentError> {
+        let id = DeviceId::new(config.account.clone(), config.device.clone())?;
+        let db = Db::open(&config.db_path, schema.clone(), config.db_options())?;
+        let restored = state::restore(&db)?;
+        let node = node_id_for(&id.node_name());
+        let clock = match restored.last_hlc {
+            Some(last) => HlcClock::restore(node, last),
+            None => HlcClock::new(node),
+        };
+        let clock = Arc::new(Mutex::new(clock));
+        db.set_interceptor(Some(Arc::new(state::OutboxRecorder {
+            schema: schema.clone(),
+            clock: clock.clone(),
+            limit: config.outbox_limit,
+        })));
+
+        let (inputs_tx, inputs) = mpsc::unbounded_channel();
+        let hook_schema = schema.clone();
+        let command_model = config.command_model.clone();
+        db.subscribe(Arc::new(move |change: &Change| {
+            on_commit(&hook_schema, &command_model, &inputs_tx, change)
+        }));
+
+        let mut sync = config.sync.clone();
+        if sync.seed == 0 {
+            sync.seed = node ^ devtables_db::system_now_ms() as u64;
+        }
+        let engine = DeviceEngine::new(
+            sync,
+            schema.version().to_string(),
+            Restored {
+                cursor: restored.cursor,
+                outbox: restored.outbox,
+            },
+        );
+        let mut options = MqttOptions::new(id.node_name(), config.broker_host.clone(), config.broker_port);
+        options.set_keep_alive(config.keep_alive);
+        options.set_clean_session(true);
+        options.set_credentials(id.node_name(), config.secret.clone());
+        let max_packet = config.sync.wire.max_message_bytes + 4096;
+        options.set_max_packet_size(max_packet, max_packet);
+        let (client, eventloop) = AsyncClient::new(options, config.mqtt_queue);
+
+        let (status_tx, status) = watch::channel(AgentStatus::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let handlers: Handlers = Arc::default();
+        let driver = driver::Driver {
+            id: id.clone(),
+            db: db.clone(),
+            schema,
+            engine,
+            clock,
+            client,
+            eventloop,
+            prefix: config.topic_prefix.clone(),
+            inputs,
+            shutdown: shutdown_rx,
+            status: status_tx,
+            handlers: handlers.clone(),
+            command_model: config.command_model.clone(),
+            reconnect_delay: config.reconnect_delay,
+            started: Instant::now(),
+        };
+        let task = tokio::spawn(driver.run());
+        Ok(Agent {
+            id,
+            db,
+            handlers,
+            status,
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    /// The device database: read and write it as usual; synced models replicate.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Runs `handler` for every command item named `name` that arrives with status `pending`;
+    /// the result is written back to the item (status `done` or `failed`, and `result`).
+    pub fn on_command(&self, name: &str, handler: CommandHandler) {
+        self.handlers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .commands
+            .insert(name.to_string(), handler);
+    }
+
+    /// Called for every local change the cloud rejects.
+    pub fn on_rejected(&self, hook: RejectedHook) {
+        self.handlers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .rejected
+            .push(hook);
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch_status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.clone()
+    }
+
+    /// Stops the event loop, flushes and closes the database.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+        if let Err(e) = self.db.close() {
+            tracing::error!(device = %self.id, "closing the database failed: {e}");
+        }
+    }
+}
+
+fn on_commit(
+    schema: &Schema,
+    command_model: &str,
+    inputs: &mpsc::UnboundedSender<driver::Input>,
+    change: &Change,
+) {
+    let Some(model) = schema.model(&change.model) else {
+        return;
+    };
+    match change.origin {
+        Origin::Local if model.process().syncs_up() => {
+            let _ = inputs.send(driver::Input::LocalChange(change.key.clone()));
+        }
+        Origin::Remote if change.model == command_model => {
+            let Some(item) = &change.new else { return };
+            if item.get("status").and_then(|s| s.as_str()) != Some("pending") {
+                return;
+            }
+            let name = item
+                .get("command")
+                .and_then(|c| c.as_str())
+                .unwrap_or_default()
+                .to_string();
+            let _ = inputs.send(driver::Input::Command(name, item.clone()));
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,321 @@
+//! Benchmarks of devtables.
+//!
+//! `devtables-bench db` runs the device-database benchmark: the original's workload (see
+//! `workload`) on devtables and on SQLite, each size and engine in a fresh child process (the
+//! binary re-executed with the hidden `child` subcommand) so the peak RSS is per configuration,
+//! plus the durable (`immediate`) write rates against the raw disk sync rate. It prints a Markdown
+//! report and writes it to `--out` when given. Every database file lives in a temporary
+//! directory under /tmp that the parent removes at the end.
+
+mod dt;
+mod sq;
+mod sys;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use workload::Metrics;
+
+#[derive(Parser)]
+#[command(name = "devtables-bench", about = "Benchmarks of devtables")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Device database: devtables (redb) against SQLite on the original's workload.
+    Db(DbArgs),
+    /// One configuration, run by `db` in a fresh process; prints its metrics as JSON.
+    #[command(hide = true)]
+    Child {
+        #[arg(long)]
+        engine: String,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct DbArgs {
+    /// Item counts of the grouped-write runs.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000usize, 100_000])]
+    sizes: Vec<usize>,
+    /// Items created in the immediate-durability runs.
+    #[arg(long, default_value_t = 3_000)]
+    immediate_items: usize,
+    /// Concurrent writer threads of the group-commit run.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Also write the Markdown report to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Db(args) => run_db(&args),
+        Cmd::Child {
+            engine,
+            n,
+            dir,
+            writers,
+        } => {
+            let m = child(&engine, n, &dir, writers)?;
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+    }
+}
+
+/// Raw disk rate measured for this long before and after the durable runs.
+const RAW_SPAN: Duration = Duration::from_secs(2);
+
+fn child(engine: &str, n: usize, dir: &Path, writers: usize) -> anyhow::Result<Metrics> {
+    match engine {
+        "devtables" => dt::grouped(dir, n),
+        "sqlite" => sq::grouped(dir, n),
+        "immediate" => {
+            let mut m = Metrics::new();
+            eprintln!("  .. raw append 200 B + fdatasync for {RAW_SPAN:?}");
+            let before = sys::raw_fdatasync_rate(dir, RAW_SPAN)?;
+            dt::immediate(dir, n, writers, &mut m)?;
+            sq::immediate(dir, n, &mut m)?;
+            eprintln!("  .. raw append 200 B + fdatasync for {RAW_SPAN:?}");
+            let after = sys::raw_fdatasync_rate(dir, RAW_SPAN)?;
+            m.insert("raw_before_per_s".into(), before);
+            m.insert("raw_after_per_s".into(), after);
+            m.insert("writers".into(), writers as f64);
+            Ok(m)
+        }
+        other => bail!("unknown engine {other}"),
+    }
+}
+
+/// Runs one configuration in a fresh process (so VmHWM is its own) in its own directory.
+fn spawn(tmp: &Path, engine: &str, n: usize, writers: usize) -> anyhow::Result<Metrics> {
+    let dir = tmp.join(format!("{engine}-{n}"));
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe().context("own executable")?;
+    eprintln!("== {engine}, N={n}");
+    let start = Instant::now();
+    let out = Command::new(exe)
+        .args(["child", "--engine", engine, "--n", &n.to_string()])
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--writers", &writers.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run child")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !out.status.success() {
+        bail!("{engine} N={n} failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let m: Metrics = serde_json::from_str(line).with_context(|| format!("child output {line:?}"))?;
+    eprintln!("   done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(m)
+}
+
+fn run_db(args: &DbArgs) -> anyhow::Result<()> {
+    if args.sizes.is_empty() || args.sizes.contains(&0) {
+        bail!("--sizes needs positive item counts");
+    }
+    let started = Instant::now();
+    let machine = sys::machine_line();
+    let tmp = sys::TempDir::new("devtables-bench")?;
+    let mut grouped = BTreeMap::new();
+    for &n in &args.sizes {
+        for engine in ["devtables", "sqlite"] {
+            grouped.insert((n, engine), spawn(tmp.path(), engine, n, args.writers)?);
+        }
+    }
+    let imm = spawn(tmp.path(), "immediate", args.immediate_items, args.writers)?;
+    drop(tmp);
+    let report = report(args, &machine, &grouped, &imm, started.elapsed());
+    println!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report).with_context(|| format!("write {}", out.display()))?;
+        eprintln!("report written to {}", out.display());
+    }
+    Ok(())
+}
+
+// ---- report ----
+
+fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "?".into();
+    }
+    let s = format!("{:.0}", v.round());
+    let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
+    let mut out = String::new();
+    for (k, c) in digits.chars().enumerate() {
+        if k > 0 && (digits.len() - k) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+/// Three significant digits, at most two decimals.
+fn short(v: f64) -> String {
+    if !v.is_finite() {
+        "?".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn size_label(n: usize) -> String {
+    if n >= 1000 && n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        thousands(n as f64)
+    }
+}
+
+enum Unit {
+    Rate,
+    Ms,
+    Us,
+    Mib,
+}
+
+fn cell(m: &Metrics, key: &str, unit: &Unit) -> String {
+    let v = m.get(key).copied().unwrap_or(f64::NAN);
+    match unit {
+        Unit::Rate => format!("{}/s", thousands(v)),
+        Unit::Ms => format!("{} ms", short(v)),
+        Unit::Us => format!("{} µs", short(v)),
+        Unit::Mib => format!("{} MiB", short(v)),
+    }
+}
+
+fn report(
+    args: &DbArgs,
+    machine: &str,
+    grouped: &BTreeMap<(usize, &str), Metrics>,
+    imm: &Metrics,
+    took: Duration,
+) -> String {
+    let sizes_arg = args
+        .sizes
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Command: `cargo run --release -p devtables-bench -- db --sizes {sizes_arg} --immediate-items {}{}`  \n",
+        args.immediate_items,
+        if args.writers != 8 { format!(" --writers {}", args.writers) } else { String::new() }
+    ));
+    s.push_str(&format!("Machine: {machine}  \n"));
+    s.push_str(&format!(
+        "Whole run: {:.0} s; single runs (no repetition); each column is a fresh process; files in a temporary directory under {}.\n\n",
+        took.as_secs_f64(),
+        std::env::temp_dir().display()
+    ));
+
+    let mut header = String::from("| Operation |");
+    let mut rule = String::from("|---|");
+    for &n in &args.sizes {
+        let l = size_label(n);
+        header.push_str(&format!(" N={l} devtables | N={l} SQLite |"));
+        rule.push_str("---|---|");
+    }
+    header.push_str(" Original C, in memory (N=10k / 100k) |");
+    rule.push_str("---|");
+    s.push_str(&header);
+    s.push('\n');
+    s.push_str(&rule);
+    s.push('\n');
+
+    let rows: [(&str, &str, Unit, &str); 13] = [
+        ("create, 1,000 per transaction", "create_per_s", Unit::Rate, "~295,000 / ~280,000"),
+        ("make durable after the creates (flush / WAL checkpoint)", "flush_ms", Unit::Ms, "full save ~9 / ~95 ms"),
+        ("get by key, shuffled, one snapshot per get", "get_each_per_s", Unit::Rate, "~515,000 / ~370,000"),
+        ("get by key, shuffled, all in one read transaction", "get_txn_per_s", Unit::Rate, "-"),
+        ("find by pk + sort-key prefix (per query)", "prefix_find_us", Unit::Us, "-"),
+        ("find status == fault via index gs1 / status (per query)", "index_find_ms", Unit::Ms, "- (no secondary index)"),
+        ("find status == fault, filter over a model scan (per query)", "scan_find_ms", Unit::Ms, "~2 / ~33 ms"),
+        ("update `value`, shuffled, 1,000 per transaction", "update_per_s", Unit::Rate, "~465,000 / ~318,000"),
+        ("remove, shuffled, 1,000 per transaction", "remove_per_s", Unit::Rate, "~408,000 / ~266,000"),
+        ("file size after the creates", "file_mib", Unit::Mib, "- (in memory)"),
+        ("RSS at process start (harness only)", "rss_start_mib", Unit::Mib, "-"),
+        ("RSS after the creates", "rss_after_create_mib", Unit::Mib, "-"),
+        ("peak RSS of the process (VmHWM)", "peak_rss_mib", Unit::Mib, "- / ~224 MB"),
+    ];
+    let empty = Metrics::new();
+    for (label, key, unit, original) in &rows {
+        let mut line = format!("| {label} |");
+        for &n in &args.sizes {
+            for engine in ["devtables", "sqlite"] {
+                let m = grouped.get(&(n, engine)).unwrap_or(&empty);
+                let mut c = cell(m, key, unit);
+                match *key {
+                    "prefix_find_us" => c.push_str(&format!(" ({} items avg)", short(m.get("prefix_items").copied().unwrap_or(f64::NAN)))),
+                    "index_find_ms" | "scan_find_ms" => c.push_str(&format!(" ({} items)", thousands(m.get("filter_items").copied().unwrap_or(f64::NAN)))),
+                    _ => {}
+                }
+                line.push_str(&format!(" {c} |"));
+            }
+        }
+        line.push_str(&format!(" {original} |\n"));
+        s.push_str(&line);
+    }
+    let key_ns: Vec<String> = args
+        .sizes
+        .iter()
+        .filter_map(|&n| grouped.get(&(n, "devtables"))?.get("key_build_ns").map(|v| format!("N={}: {:.0} ns", size_label(n), v)))
+        .collect();
+    s.push_str(&format!(
+        "\nGets include building the key properties (a serde_json map of id and deviceId) for every get: {} per get in the harness alone.\n",
+        key_ns.join(", ")
+    ));
+
+    let raw_before = imm.get("raw_before_per_s").copied().unwrap_or(f64::NAN);
+    let raw_after = imm.get("raw_after_per_s").copied().unwrap_or(f64::NAN);
+    let raw = (raw_before + raw_after) / 2.0;
+    let writers = imm.get("writers").copied().unwrap_or(f64::NAN);
+    s.push_str(&format!(
+        "\n| Durable writes (N={} creates, one durable commit per write) | rate | ratio to the raw fdatasync rate | Original C, journaled (N=100k) |\n|---|---|---|---|\n",
+        thousands(args.immediate_items as f64)
+    ));
+    s.push_str(&format!(
+        "| raw disk: append 200 B + fdatasync (before {} / after {}) | {}/s | 1.00 | - |\n",
+        thousands(raw_before),
+        thousands(raw_after),
+        thousands(raw)
+    ));
+    let imm_rows = [
+        ("devtables `immediate`, 1 writer thread".to_string(), "dt_imm_1w_per_s", "~7,200 creates/s"),
+        (format!("devtables `immediate`, {writers:.0} writer threads (group commit)"), "dt_imm_nw_per_s", "-"),
+        ("SQLite WAL synchronous=FULL, 1 writer".to_string(), "sq_imm_1w_per_s", "-"),
+    ];
+    for (label, key, original) in &imm_rows {
+        let v = imm.get(*key).copied().unwrap_or(f64::NAN);
+        s.push_str(&format!("| {label} | {}/s | {:.2} | {original} |\n", thousands(v), v / raw));
+    }
+    s
+}

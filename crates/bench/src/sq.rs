@@ -1,0 +1,217 @@
+//! The same workload on SQLite (rusqlite, bundled), as a reference.
+//!
+//! Table `items(pk, sk, type, status, body)` WITHOUT ROWID, primary key (pk, sk), an index on
+//! status; body is the item's JSON. To compare storage and not schema work, the SQLite runs do
+//! the same devtables-schema work as devtables (`prepare_create` / `prepare_update` cast,
+//! validate, render the key templates and stamp the timestamps; `primary_key` renders a key)
+//! and every read parses the stored JSON with serde_json and projects it like devtables does.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{ensure, Context};
+use devtables_db::system_now_ms;
+use devtables_schema::{Item, Model, Schema};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::sys;
+use crate::workload::{self as w, Metrics, Progress};
+
+const GET: &str = "SELECT body FROM items WHERE pk = ?1 AND sk = ?2";
+const INSERT: &str = "INSERT INTO items (pk, sk, type, status, body) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+fn open(path: &Path, synchronous: &str) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    ensure!(mode.eq_ignore_ascii_case("wal"), "journal_mode is {mode}");
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.execute_batch(
+        "CREATE TABLE items (pk TEXT NOT NULL, sk TEXT NOT NULL, type TEXT, status TEXT, body TEXT,
+                             PRIMARY KEY (pk, sk)) WITHOUT ROWID;
+         CREATE INDEX items_status ON items (status);",
+    )?;
+    Ok(conn)
+}
+
+fn parse(body: &str) -> rusqlite::Result<Item> {
+    serde_json::from_str(body).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn insert(conn: &Connection, model: &Model, i: usize, now: i64) -> anyhow::Result<()> {
+    let item = model.prepare_create(&w::input(i), now)?;
+    let key = model.primary_key(&item)?;
+    let body = serde_json::to_string(&item)?;
+    let status = item.get("status").and_then(|v| v.as_str());
+    conn.prepare_cached(INSERT)?
+        .execute(params![key.pk, key.sk, model.name(), status, body])?;
+    Ok(())
+}
+
+fn get(conn: &Connection, model: &Model, i: usize) -> anyhow::Result<Option<Item>> {
+    let key = model.primary_key(&w::key(i))?;
+    let mut st = conn.prepare_cached(GET)?;
+    let item = st
+        .query_row(params![key.pk, key.sk], |r| parse(r.get_ref(0)?.as_str()?))
+        .optional()?;
+    Ok(item.map(|item| model.project(&item, false)))
+}
+
+fn bodies(st: &mut rusqlite::CachedStatement<'_>, p: impl rusqlite::Params, model: &Model) -> anyhow::Result<Vec<Item>> {
+    let rows = st.query_map(p, |r| parse(r.get_ref(0)?.as_str()?))?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(model.project(&row?, false));
+    }
+    Ok(out)
+}
+
+/// Steps 1-7, writes grouped `w::GROUP` per transaction, WAL with synchronous=NORMAL.
+pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
+    let mut m = Metrics::new();
+    m.insert("rss_start_mib".into(), sys::vm_mib("VmHWM"));
+    let schema = Schema::from_json5(w::SCHEMA).context("bench schema")?;
+    let model = schema.model(w::MODEL).context("model")?;
+    let path = dir.join("sqlite.db");
+    let mut conn = open(&path, "NORMAL")?;
+    let label = |step: &str| format!("SQLite N={n} {step}");
+
+    // 1. creates
+    let mut p = Progress::new(label("create"), n);
+    let t = Instant::now();
+    for start in (0..n).step_by(w::GROUP) {
+        let end = (start + w::GROUP).min(n);
+        let tx = conn.transaction()?;
+        let now = system_now_ms();
+        for i in start..end {
+            insert(&tx, model, i, now)?;
+        }
+        tx.commit()?;
+        p.tick(end);
+    }
+    m.insert("create_per_s".into(), w::rate(n, t.elapsed()));
+    let t = Instant::now();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    m.insert("flush_ms".into(), w::ms(t.elapsed()));
+    m.insert("file_mib".into(), sys::file_mib(&path));
+    m.insert("rss_after_create_mib".into(), sys::vm_mib("VmRSS"));
+
+    // 2. gets
+    let mut rng = w::rng();
+    let order = w::shuffled(n, &mut rng);
+    let mut p = Progress::new(label("get (autocommit each)"), n);
+    let t = Instant::now();
+    for (k, &i) in order.iter().enumerate() {
+        ensure!(get(&conn, model, i as usize)?.is_some(), "item {i} missing");
+        p.tick(k + 1);
+    }
+    m.insert("get_each_per_s".into(), w::rate(n, t.elapsed()));
+
+    let mut p = Progress::new(label("get (one transaction)"), n);
+    let t = Instant::now();
+    {
+        let tx = conn.transaction()?;
+        for (k, &i) in order.iter().enumerate() {
+            ensure!(get(&tx, model, i as usize)?.is_some(), "item {i} missing");
+            p.tick(k + 1);
+        }
+        tx.commit()?;
+    }
+    m.insert("get_txn_per_s".into(), w::rate(n, t.elapsed()));
+
+    // 3. sort-key prefix finds (a range on the primary key)
+    let queries = w::prefix_queries(n, &mut rng);
+    let mut items = 0usize;
+    let t = Instant::now();
+    for (device, prefix, expected) in &queries {
+        let pk = format!("dev#{device}");
+        let end = format!("{prefix}\u{10FFFF}");
+        let mut st = conn.prepare_cached("SELECT body FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3")?;
+        let found = bodies(&mut st, params![pk, prefix, end], model)?;
+        ensure!(found.len() == *expected, "prefix {prefix}: {} items", found.len());
+        items += found.len();
+    }
+    m.insert("prefix_find_us".into(), t.elapsed().as_secs_f64() * 1e6 / queries.len() as f64);
+    m.insert("prefix_items".into(), items as f64 / queries.len() as f64);
+
+    // 4. status == fault: through the status index, then as a full scan
+    let expected = w::faults(n);
+    let t = Instant::now();
+    for _ in 0..w::FILTER_QUERIES {
+        let mut st = conn.prepare_cached("SELECT body FROM items WHERE status = ?1 AND type = ?2")?;
+        let found = bodies(&mut st, params!["fault", w::MODEL], model)?;
+        ensure!(found.len() == expected, "index find: {} items", found.len());
+    }
+    m.insert("index_find_ms".into(), w::ms(t.elapsed()) / w::FILTER_QUERIES as f64);
+    m.insert("filter_items".into(), expected as f64);
+
+    let t = Instant::now();
+    for _ in 0..w::FILTER_QUERIES {
+        let mut st = conn.prepare_cached("SELECT body FROM items NOT INDEXED WHERE status = ?1 AND type = ?2")?;
+        let found = bodies(&mut st, params!["fault", w::MODEL], model)?;
+        ensure!(found.len() == expected, "scan find: {} items", found.len());
+    }
+    m.insert("scan_find_ms".into(), w::ms(t.elapsed()) / w::FILTER_QUERIES as f64);
+
+    // 5. updates: read, parse, prepare_update, write back
+    let order = w::shuffled(n, &mut rng);
+    let mut p = Progress::new(label("update"), n);
+    let t = Instant::now();
+    for (c, chunk) in order.chunks(w::GROUP).enumerate() {
+        let tx = conn.transaction()?;
+        let now = system_now_ms();
+        for &i in chunk {
+            let input = w::change(i as usize);
+            let key = model.primary_key(&input)?;
+            let existing = tx
+                .prepare_cached(GET)?
+                .query_row(params![key.pk, key.sk], |r| parse(r.get_ref(0)?.as_str()?))?;
+            let item = model.prepare_update(&existing, &input, now)?;
+            let body = serde_json::to_string(&item)?;
+            let status = item.get("status").and_then(|v| v.as_str());
+            let changed = tx
+                .prepare_cached("UPDATE items SET status = ?3, body = ?4 WHERE pk = ?1 AND sk = ?2")?
+                .execute(params![key.pk, key.sk, status, body])?;
+            ensure!(changed == 1);
+        }
+        tx.commit()?;
+        p.tick((c + 1) * w::GROUP);
+    }
+    m.insert("update_per_s".into(), w::rate(n, t.elapsed()));
+
+    // 6. removes
+    let order = w::shuffled(n, &mut rng);
+    let mut p = Progress::new(label("remove"), n);
+    let t = Instant::now();
+    for (c, chunk) in order.chunks(w::GROUP).enumerate() {
+        let tx = conn.transaction()?;
+        for &i in chunk {
+            let key = model.primary_key(&w::key(i as usize))?;
+            let gone = tx
+                .prepare_cached("DELETE FROM items WHERE pk = ?1 AND sk = ?2")?
+                .execute(params![key.pk, key.sk])?;
+            ensure!(gone == 1);
+        }
+        tx.commit()?;
+        p.tick((c + 1) * w::GROUP);
+    }
+    m.insert("remove_per_s".into(), w::rate(n, t.elapsed()));
+    drop(conn);
+
+    m.insert("peak_rss_mib".into(), sys::vm_mib("VmHWM"));
+    Ok(m)
+}
+
+/// One durable commit per create (synchronous=FULL), one writer, on a fresh file.
+pub fn immediate(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
+    let schema = Schema::from_json5(w::SCHEMA).context("bench schema")?;
+    let model = schema.model(w::MODEL).context("model")?;
+    let conn = open(&dir.join("sqlite-imm.db"), "FULL")?;
+    let mut p = Progress::new("SQLite synchronous=FULL, 1 writer", n);
+    let t = Instant::now();
+    for i in 0..n {
+        insert(&conn, model, i, system_now_ms())?;
+        p.tick(i + 1);
+    }
+    m.insert("sq_imm_1w_per_s".into(), w::rate(n, t.elapsed()));
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! End-to-end tests of the `devtables` command, run as a real process.
+
+mod db_cmd;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_devtables"))
+}
+
+pub fn example_schema() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/schema.json5")
+}
+
+pub fn stdout_json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}

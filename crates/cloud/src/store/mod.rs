@@ -1,0 +1,236 @@
+//! The cloud store: one table holding the items of every device, the per-device change feeds,
+//! the device registry and the conflict log.
+//!
+//! It sits behind the [`CloudStore`] trait so the service does not know which database it talks
+//! to: SQLite ([`sqlite::SqliteStore`]) is the embedded default; PostgreSQL follows as the
+//! production store. Every replication rule (which write wins, who may write what) lives in
+//! `devtables_sync::apply`; a store only provides the transaction ([`devtables_sync::apply::CloudTxn`])
+//! those rules run in, and the queries the service and the HTTP API need.
+//!
+//! The trait is synchronous: the service runs the store on one dedicated thread, which also
+//! serializes writes as the feed's per-device sequence numbers require.
+
+pub mod sqlite;
+
+use devtables_schema::{Item, ItemKey, Schema};
+use devtables_sync::apply::{CloudOp, CloudWriteError};
+use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
+use devtables_sync::hlc::{Hlc, HlcClock};
+use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::wire::{Change, ChangeResult};
+use serde::Serialize;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cloud database error: {0}")]
+    Database(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("device {0} is already registered")]
+    DeviceExists(String),
+    #[error("device {0} is not registered")]
+    UnknownDevice(String),
+    #[error("invalid query: {0}")]
+    BadQuery(String),
+}
+
+/// A registered device and its sync status.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeviceRecord {
+    pub account: String,
+    pub device: String,
+    /// Hash of the device's secret (never the secret itself).
+    #[serde(skip)]
+    pub secret_hash: String,
+    pub registered_ms: u64,
+    pub online: bool,
+    pub last_seen_ms: Option<u64>,
+    /// Schema version the device announced.
+    pub schema_version: Option<String>,
+    /// Highest feed cursor the device acknowledged.
+    pub cursor_acked: u64,
+    /// Head of the device's feed: `feed_head - cursor_acked` is the device's lag.
+    pub feed_head: u64,
+    /// Pending acknowledgements the device announced in its last hello.
+    pub pending: u64,
+    pub last_error: Option<String>,
+}
+
+/// A status change the service records for a device.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatusUpdate {
+    pub online: Option<bool>,
+    pub last_seen_ms: Option<u64>,
+    pub schema_version: Option<String>,
+    pub cursor_acked: Option<u64>,
+    pub pending: Option<u64>,
+    pub last_error: Option<Option<String>>,
+}
+
+/// A stored item (live or tombstone) with its owner and version.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredItem {
+    pub account: String,
+    /// The owning device, or `None` for an account-wide (broadcast) item.
+    pub device: Option<String>,
+    pub model: String,
+    pub pk: String,
+    pub sk: String,
+    /// `None` for a tombstone.
+    pub item: Option<Item>,
+    #[serde(serialize_with = "ser_hlc")]
+    pub version: Hlc,
+    pub updated_ms: u64,
+}
+
+fn ser_hlc<S: serde::Serializer>(v: &Hlc, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&devtables_sync::wire::hlc_to_string(*v))
+}
+
+/// An item query of the HTTP API.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ItemQuery {
+    pub account: String,
+    pub model: String,
+    /// Only this device's items (`None`: every device of the account, and broadcast items).
+    pub device: Option<String>,
+    /// Only items whose pk equals this.
+    pub pk: Option<String>,
+    /// Only items whose sk begins with this.
+    pub sk_prefix: Option<String>,
+    /// Field equality filters on the item JSON (top-level fields).
+    pub filters: Vec<(String, serde_json::Value)>,
+    pub limit: usize,
+    /// The `next` token of the previous page.
+    pub next: Option<String>,
+}
+
+/// A page of items.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ItemPage {
+    pub items: Vec<StoredItem>,
+    pub next: Option<String>,
+}
+
+/// A logged conflict.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConflictRecord {
+    pub id: u64,
+    pub at_ms: u64,
+    pub account: String,
+    pub device: Option<String>,
+    pub model: String,
+    pub pk: String,
+    pub sk: String,
+    pub winner: String,
+    pub loser: String,
+    /// "stored" or "incoming": which write lost.
+    pub lost: String,
+    /// The losing item when it is known (`None` for a delete).
+    pub loser_item: Option<Item>,
+}
+
+/// Retention settings, applied by [`CloudStore::purge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Tombstones (and their feed entries) older than this are removed; a device whose cursor is
+    /// older then gets a full resync instead of the deletes.
+    pub tombstone_ms: u64,
+    /// Most conflict records kept per account (oldest dropped first).
+    pub max_conflicts: u64,
+}
+
+/// What a purge removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeStats {
+    pub tombstones: u64,
+    pub conflicts: u64,
+}
+
+/// The devices whose feed advanced in a write, with their new feed heads: the service tells the
+/// sync engine so it streams the change.
+pub type Advanced = Vec<(DeviceId, u64)>;
+
+/// The cloud database.
+pub trait CloudStore: Send + 'static {
+    fn register_device(
+        &mut self,
+        id: &DeviceId,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+    fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+    /// Devices of an account (every account when `None`), ordered by (account, device), after
+    /// `after`, at most `limit`.
+    fn devices(
+        &mut self,
+        account: Option<&str>,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceRecord>, StoreError>;
+    fn update_status(&mut self, id: &DeviceId, update: &StatusUpdate) -> Result<(), StoreError>;
+    /// Marks every device offline (at service start: nobody is connected yet).
+    fn reset_online(&mut self) -> Result<(), StoreError>;
+
+    /// Runs [`devtables_sync::apply::cloud_apply_push`] in one transaction.
+    fn apply_push(
+        &mut self,
+        schema: &Schema,
+        clock: &mut HlcClock,
+        now_ms: u64,
+        from: &DeviceId,
+        changes: &[Change],
+    ) -> Result<(Vec<ChangeResult>, Advanced), StoreError>;
+    /// Runs [`devtables_sync::apply::cloud_write`] in one transaction (a write through the API).
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        schema: &Schema,
+        clock: &mut HlcClock,
+        now_ms: u64,
+        max_message_bytes: usize,
+        owner: &Owner,
+        model: &str,
+        op: CloudOp,
+    ) -> Result<(Change, Advanced), CloudWriteError<StoreError>>;
+
+    /// Feed entries of a device after `after` (see [`FeedPage`]).
+    fn read_feed(
+        &mut self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, StoreError>;
+    /// Live items a device should hold, for a full resync (see [`SnapshotPage`]); only models
+    /// that sync down, the device's own rows and its account's broadcast rows.
+    fn read_snapshot(
+        &mut self,
+        schema: &Schema,
+        device: &DeviceId,
+        resync: u64,
+        from: Option<&SnapshotCursor>,
+        limit: usize,
+    ) -> Result<SnapshotPage, StoreError>;
+    /// Records the cursor a device acknowledged.
+    fn ack_cursor(&mut self, device: &DeviceId, cursor: u64) -> Result<(), StoreError>;
+
+    fn get_item(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+    ) -> Result<Option<StoredItem>, StoreError>;
+    /// Live items matching the query, ordered by (device, pk, sk).
+    fn query_items(&mut self, query: &ItemQuery) -> Result<ItemPage, StoreError>;
+    /// Conflicts of an account, newest first, with id below `before`.
+    fn conflicts(
+        &mut self,
+        account: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError>;
+
+    /// Applies retention (tombstones, feed entries, conflict log).
+    fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError>;
+}

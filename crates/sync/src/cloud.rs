@@ -1,0 +1,820 @@
+//! The cloud engine: the cloud side of the protocol, for all devices, as one state machine.
+//!
+//! This module exists so that the cloud's decisions (whom to welcome, what page to read next,
+//! when to resend, when to resync) are deterministic and simulated. It holds only bounded state
+//! per device (a few cursors, never item data): pages are read from the store on demand and
+//! re-read on loss, so a device that stops reading costs a fixed, small amount of memory.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use devtables_schema::ItemKey;
+
+use crate::identity::DeviceId;
+use crate::rng::SplitMix;
+use crate::wire::{self, Change, ChangeResult, DownMsg, ErrorCode, UpMsg, WireConfig, WireError};
+
+/// Limits and timings of a [`CloudEngine`].
+#[derive(Clone, Debug)]
+pub struct CloudConfig {
+    /// Message limits; must match the devices'.
+    pub wire: WireConfig,
+    /// The cloud schema version, sent in every envelope.
+    pub schema_version: String,
+    /// Most device sessions tracked at once. Default 100 000; a hello beyond it is answered
+    /// with [`ErrorCode::TooManySessions`].
+    pub max_sessions: usize,
+    /// Most unacknowledged feed or snapshot pages per device. Default 2.
+    pub feed_window: usize,
+    /// Most changes read for one feed page. Default 200.
+    pub feed_page_changes: usize,
+    /// Most items read for one snapshot page. Default 200.
+    pub snapshot_page_items: usize,
+    /// First page acknowledgement timeout, in ms. Default 5000.
+    pub ack_timeout_ms: u64,
+    /// Longest page acknowledgement timeout, in ms. Default 60 000.
+    pub ack_timeout_max_ms: u64,
+    /// Consecutive page timeouts after which a silent device's session is dropped. Default 8.
+    pub max_page_retries: u32,
+    /// Most pushes of one device being applied at once; more are dropped (the device resends).
+    /// Default 4.
+    pub max_pushes_in_progress: usize,
+    /// Least time between two [`ErrorCode::NoSession`] prompts to one device, in ms. Default 30 000.
+    pub prompt_interval_ms: u64,
+    /// Seed for resync ids and jitter.
+    pub seed: u64,
+}
+
+impl Default for CloudConfig {
+    fn default() -> CloudConfig {
+        CloudConfig {
+            wire: WireConfig::default(),
+            schema_version: String::new(),
+            max_sessions: 100_000,
+            feed_window: 2,
+            feed_page_changes: 200,
+            snapshot_page_items: 200,
+            ack_timeout_ms: 5000,
+            ack_timeout_max_ms: 60_000,
+            max_page_retries: 8,
+            max_pushes_in_progress: 4,
+            prompt_interval_ms: 30_000,
+            seed: 0,
+        }
+    }
+}
+
+/// Where a snapshot read resumes: the last item returned (items are ordered by model, then key,
+/// across the device's own rows and its account's broadcast rows).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnapshotCursor {
+    /// The last model returned.
+    pub model: String,
+    /// The last key returned.
+    pub key: ItemKey,
+}
+
+/// The store's answer to [`CloudAction::ReadFeed`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeedPage {
+    /// The `after` of the read.
+    pub after: u64,
+    /// Up to `limit` entries with cursor greater than `after`, in cursor order, with the current
+    /// item or tombstone of each key.
+    pub changes: Vec<(u64, Change)>,
+    /// The device's feed head (highest cursor) at read time.
+    pub head: u64,
+    /// `after` is older than the feed's retention: the device needs a full resync.
+    pub resync_required: bool,
+}
+
+/// The store's answer to [`CloudAction::ReadSnapshot`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotPage {
+    /// The resync of the read.
+    pub resync: u64,
+    /// Up to `limit` live items (as puts) after `from`, ordered by (model, key).
+    pub items: Vec<Change>,
+    /// Where the next page starts, `None` when this was the last.
+    pub next: Option<SnapshotCursor>,
+    /// The device's feed head at read time (kept from the first page of a resync).
+    pub cursor: u64,
+}
+
+/// Work for the cloud driver.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CloudAction {
+    /// Run [`crate::apply::cloud_apply_push`] in one transaction, then call
+    /// [`CloudEngine::handle_push_applied`].
+    ApplyPush {
+        /// The sender (from the topic).
+        device: DeviceId,
+        /// The batch id.
+        batch: u64,
+        /// The changes.
+        changes: Vec<Change>,
+    },
+    /// Read a feed page, then call [`CloudEngine::handle_feed_page`].
+    ReadFeed {
+        /// Whose feed.
+        device: DeviceId,
+        /// Entries with cursor greater than this.
+        after: u64,
+        /// Most entries.
+        limit: usize,
+    },
+    /// Read a snapshot page, then call [`CloudEngine::handle_snapshot_page`].
+    ReadSnapshot {
+        /// Whose items (its own and its account's broadcast items).
+        device: DeviceId,
+        /// The resync id, to echo.
+        resync: u64,
+        /// Items after this cursor; `None` for the first page.
+        from: Option<SnapshotCursor>,
+        /// Most items.
+        limit: usize,
+    },
+    /// Publish (QoS 1) on the device's down topic.
+    Transmit {
+        /// The recipient.
+        device: DeviceId,
+        /// The message.
+        bytes: Vec<u8>,
+    },
+    /// Record the device's status (for dashboards and SQL queries).
+    DeviceStatus {
+        /// The device.
+        device: DeviceId,
+        /// Whether it has a session.
+        online: bool,
+        /// Its schema version, from its last envelope.
+        schema_version: String,
+        /// The feed cursor it acknowledged last, if known.
+        cursor_acked: Option<u64>,
+        /// When it was last heard from.
+        last_seen_ms: u64,
+    },
+    /// A stored change is larger than a message may be and was skipped in a page; fix the item.
+    Oversize {
+        /// The device whose page skipped it.
+        device: DeviceId,
+        /// The model.
+        model: String,
+        /// The key.
+        key: ItemKey,
+    },
+}
+
+/// Feed streaming state of one device.
+#[derive(Clone, Debug)]
+struct FeedTx {
+    /// The cursor the device acknowledged.
+    acked: u64,
+    /// The cursor after the last page sent.
+    sent_to: u64,
+    /// Pages sent and not acknowledged, as (from, to).
+    pages: VecDeque<(u64, u64)>,
+    /// The outstanding read's `after`.
+    reading: Option<u64>,
+    /// The feed head, as far as known.
+    head: u64,
+    /// Whether a read has told us the head since the hello.
+    head_known: bool,
+}
+
+/// One snapshot page sent and not acknowledged.
+#[derive(Clone, Debug)]
+struct SentPage {
+    /// Its number.
+    page: u32,
+    /// Where its read started, to re-read it.
+    from: Option<SnapshotCursor>,
+    /// Whether it was the final page.
+    done: bool,
+}
+
+/// Resync streaming state of one device.
+#[derive(Clone, Debug)]
+struct SnapTx {
+    /// The resync id.
+    resync: u64,
+    /// The feed head captured by the first page read; fixed for the whole resync.
+    cursor: Option<u64>,
+    /// The next page to read.
+    next_page: u32,
+    /// Where the next read starts.
+    next_from: Option<SnapshotCursor>,
+    /// Whether the final page was read.
+    finished: bool,
+    /// Pages sent and not acknowledged.
+    pages: VecDeque<SentPage>,
+    /// The page number of the outstanding read.
+    reading: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+enum Mode {
+    Feed(FeedTx),
+    Snapshot(SnapTx),
+}
+
+/// What the cloud knows about one connected device.
+#[derive(Clone, Debug)]
+struct Session {
+    /// The device's session id (from its hello); a hello with the same id is a resend.
+    session: u64,
+    /// Its schema version.
+    schema: String,
+    /// When it was last heard from.
+    last_seen_ms: u64,
+    /// Pushes handed to the driver and not yet answered.
+    pushes: usize,
+    /// Feed or resync streaming.
+    mode: Mode,
+    /// When the oldest unacknowledged page (or outstanding read) times out.
+    deadline: Option<u64>,
+    /// Consecutive timeouts, for backoff.
+    retries: u32,
+}
+
+/// The cloud side of the protocol, for every device.
+///
+/// Method kinds: inputs (`handle_*`, each with the current time in ms), and outputs that the
+/// driver drains after every input: [`poll_action`](Self::poll_action) (storage reads and
+/// writes, transmits, status records, in order), then [`poll_timeout`](Self::poll_timeout).
+/// Getters: [`sessions`](Self::sessions).
+///
+/// Invariant: per device, at most `feed_window` pages are unacknowledged and at most one read is
+/// outstanding; nothing else about a device is held in memory.
+#[derive(Debug)]
+pub struct CloudEngine {
+    /// Limits and timings.
+    cfg: CloudConfig,
+    /// Resync ids and jitter.
+    rng: SplitMix,
+    /// Sessions by device.
+    sessions: BTreeMap<DeviceId, Session>,
+    /// Session deadlines, earliest first.
+    timers: BTreeSet<(u64, DeviceId)>,
+    /// Session-less devices being prompted to say hello: (next prompt, prompts sent). Bounded
+    /// by `max_sessions`.
+    prompted: BTreeMap<DeviceId, (u64, u32)>,
+    /// Prompt deadlines, earliest first.
+    prompt_timers: BTreeSet<(u64, DeviceId)>,
+    /// Outputs.
+    actions: VecDeque<CloudAction>,
+}
+
+impl CloudEngine {
+    /// A cloud engine with no sessions (after a start or a crash).
+    pub fn new(config: CloudConfig) -> CloudEngine {
+        let rng = SplitMix::new(config.seed);
+        CloudEngine {
+            cfg: config,
+            rng,
+            sessions: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            prompted: BTreeMap::new(),
+            prompt_timers: BTreeSet::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Sessions tracked.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A message arrived on `from`'s up topic (the device is taken from the topic only).
+    pub fn handle_message(&mut self, now_ms: u64, from: &DeviceId, bytes: &[u8]) {
+        let decoded = match wire::decode_up(bytes, &self.cfg.wire) {
+            Ok(d) => d,
+            Err(e) => {
+                let code = match &e {
+                    WireError::UnsupportedVersion { .. } => {
+                        ErrorCode::UnsupportedVersion { supported: wire::PROTOCOL_VERSION }
+                    }
+                    WireError::TooLarge { .. } | WireError::TooManyChanges { .. } => ErrorCode::TooLarge,
+                    WireError::Malformed { .. } => ErrorCode::Malformed,
+                };
+                self.transmit(from, &DownMsg::Error { code, message: e.to_string() });
+                return;
+            }
+        };
+        match decoded.msg {
+            UpMsg::Hello { session, cursor, pending: _ } => {
+                self.on_hello(now_ms, from, session, cursor, decoded.schema)
+            }
+            UpMsg::Push { batch, changes } => {
+                let max = self.cfg.max_pushes_in_progress;
+                let Some(s) = self.sessions.get_mut(from) else {
+                    self.prompt(now_ms, from, true);
+                    return;
+                };
+                s.last_seen_ms = now_ms;
+                if s.pushes >= max {
+                    return;
+                }
+                s.pushes += 1;
+                self.actions.push_back(CloudAction::ApplyPush { device: from.clone(), batch, changes });
+            }
+            UpMsg::FeedAck { cursor } => {
+                let Some(s) = self.sessions.get_mut(from) else {
+                    self.prompt(now_ms, from, true);
+                    return;
+                };
+                s.last_seen_ms = now_ms;
+                let Mode::Feed(f) = &mut s.mode else {
+                    return;
+                };
+                if cursor > f.acked {
+                    f.acked = cursor;
+                    f.sent_to = f.sent_to.max(cursor);
+                    f.head = f.head.max(cursor);
+                    while f.pages.front().is_some_and(|(_, to)| *to <= cursor) {
+                        f.pages.pop_front();
+                    }
+                    s.retries = 0;
+                    let acked = f.acked;
+                    let schema = s.schema.clone();
+                    self.set_deadline(from, None);
+                    self.refresh_deadline(now_ms, from);
+                    self.actions.push_back(CloudAction::DeviceStatus {
+                        device: from.clone(),
+                        online: true,
+                        schema_version: schema,
+                        cursor_acked: Some(acked),
+                        last_seen_ms: now_ms,
+                    });
+                }
+                self.pump(now_ms, from);
+            }
+            UpMsg::SnapshotAck { resync, page } => {
+                let Some(s) = self.sessions.get_mut(from) else {
+                    self.prompt(now_ms, from, true);
+                    return;
+                };
+                s.last_seen_ms = now_ms;
+                let Mode::Snapshot(t) = &mut s.mode else {
+                    return;
+                };
+                if t.resync != resync {
+                    return;
+                }
+                let mut finished_at = None;
+                while t.pages.front().is_some_and(|p| p.page <= page) {
+                    if let Some(p) = t.pages.pop_front() {
+                        if p.done {
+                            finished_at = t.cursor;
+                        }
+                    }
+                }
+                s.retries = 0;
+                if let Some(cursor) = finished_at {
+                    s.mode = Mode::Feed(FeedTx {
+                        acked: cursor,
+                        sent_to: cursor,
+                        pages: VecDeque::new(),
+                        reading: None,
+                        head: cursor,
+                        head_known: false,
+                    });
+                }
+                self.set_deadline(from, None);
+                self.refresh_deadline(now_ms, from);
+                self.pump(now_ms, from);
+            }
+        }
+    }
+
+    /// The device's connection dropped (broker presence or last will): forget its session.
+    pub fn handle_disconnected(&mut self, now_ms: u64, device: &DeviceId) {
+        if let Some(s) = self.sessions.remove(device) {
+            if let Some(d) = s.deadline {
+                self.timers.remove(&(d, device.clone()));
+            }
+            let cursor_acked = match &s.mode {
+                Mode::Feed(f) => Some(f.acked),
+                Mode::Snapshot(_) => None,
+            };
+            self.actions.push_back(CloudAction::DeviceStatus {
+                device: device.clone(),
+                online: false,
+                schema_version: s.schema,
+                cursor_acked,
+                last_seen_ms: now_ms,
+            });
+        }
+    }
+
+    /// The driver committed a push; send its results.
+    pub fn handle_push_applied(&mut self, now_ms: u64, device: &DeviceId, batch: u64, results: Vec<ChangeResult>) {
+        let _ = now_ms;
+        if let Some(s) = self.sessions.get_mut(device) {
+            s.pushes = s.pushes.saturating_sub(1);
+        }
+        // Split the results over as many acks as the size limit needs.
+        let overhead = wire::down_overhead(&self.cfg.schema_version, &DownMsg::PushAck { batch, results: vec![] });
+        let max = self.cfg.wire.max_message_bytes;
+        let mut part: Vec<ChangeResult> = Vec::new();
+        let mut size = overhead;
+        for r in results {
+            let len = wire::result_len(&r);
+            if !part.is_empty() && (size + len + 1 > max || part.len() >= self.cfg.wire.max_changes) {
+                let msg = DownMsg::PushAck { batch, results: std::mem::take(&mut part) };
+                self.transmit(device, &msg);
+                size = overhead;
+            }
+            size += len + usize::from(!part.is_empty());
+            part.push(r);
+        }
+        self.transmit(device, &DownMsg::PushAck { batch, results: part });
+    }
+
+    /// The driver read a feed page.
+    pub fn handle_feed_page(&mut self, now_ms: u64, device: &DeviceId, page: FeedPage) {
+        let limit = self.cfg.feed_page_changes.max(1);
+        let Some(s) = self.sessions.get_mut(device) else {
+            return;
+        };
+        let Mode::Feed(f) = &mut s.mode else {
+            return;
+        };
+        if f.reading != Some(page.after) {
+            return;
+        }
+        f.reading = None;
+        f.head_known = true;
+        f.head = f.head.max(page.head);
+        if page.resync_required {
+            let resync = self.rng.next() >> 11;
+            s.mode = Mode::Snapshot(SnapTx {
+                resync,
+                cursor: None,
+                next_page: 0,
+                next_from: None,
+                finished: false,
+                pages: VecDeque::new(),
+                reading: None,
+            });
+            self.pump(now_ms, device);
+            return;
+        }
+        let full = page.changes.len() >= limit;
+        let overhead = wire::down_overhead(
+            &self.cfg.schema_version,
+            &DownMsg::Feed { from: page.after, to: u64::MAX, changes: vec![] },
+        );
+        let max = self.cfg.wire.max_message_bytes;
+        let mut size = overhead;
+        let mut to = page.after;
+        let mut changes = Vec::new();
+        let mut truncated = false;
+        let mut oversize = Vec::new();
+        for (cursor, change) in page.changes {
+            let len = wire::change_len(&change);
+            if overhead.saturating_add(len) > max {
+                oversize.push((change.model, change.key));
+                to = to.max(cursor);
+                continue;
+            }
+            let add = len + usize::from(!changes.is_empty());
+            if size + add > max || changes.len() >= self.cfg.wire.max_changes {
+                truncated = true;
+                break;
+            }
+            size += add;
+            to = to.max(cursor);
+            changes.push(change);
+        }
+        if !full && !truncated {
+            to = to.max(page.head);
+        }
+        if to > page.after {
+            f.sent_to = to;
+            f.pages.push_back((page.after, to));
+            let msg = DownMsg::Feed { from: page.after, to, changes };
+            self.transmit(device, &msg);
+        }
+        for (model, key) in oversize {
+            self.actions.push_back(CloudAction::Oversize { device: device.clone(), model, key });
+        }
+        self.refresh_deadline(now_ms, device);
+        self.pump(now_ms, device);
+    }
+
+    /// The driver read a snapshot page.
+    pub fn handle_snapshot_page(&mut self, now_ms: u64, device: &DeviceId, page: SnapshotPage) {
+        let Some(s) = self.sessions.get_mut(device) else {
+            return;
+        };
+        let Mode::Snapshot(t) = &mut s.mode else {
+            return;
+        };
+        let Some(number) = t.reading else {
+            return;
+        };
+        if t.resync != page.resync {
+            return;
+        }
+        t.reading = None;
+        let cursor = *t.cursor.get_or_insert(page.cursor);
+        let overhead = wire::down_overhead(
+            &self.cfg.schema_version,
+            &DownMsg::Snapshot { resync: t.resync, page: u32::MAX, items: vec![], done: false, cursor },
+        );
+        let max = self.cfg.wire.max_message_bytes;
+        let mut size = overhead;
+        let mut items = Vec::new();
+        let mut last: Option<SnapshotCursor> = None;
+        let mut truncated = false;
+        let mut oversize = Vec::new();
+        for item in page.items {
+            let len = wire::change_len(&item);
+            if overhead.saturating_add(len) > max {
+                last = Some(SnapshotCursor { model: item.model.clone(), key: item.key.clone() });
+                oversize.push((item.model, item.key));
+                continue;
+            }
+            let add = len + usize::from(!items.is_empty());
+            if size + add > max || items.len() >= self.cfg.wire.max_changes {
+                truncated = true;
+                break;
+            }
+            size += add;
+            last = Some(SnapshotCursor { model: item.model.clone(), key: item.key.clone() });
+            items.push(item);
+        }
+        let next = if truncated { last.or_else(|| t.next_from.clone()) } else { page.next };
+        let done = next.is_none();
+        let from = t.next_from.clone();
+        t.pages.push_back(SentPage { page: number, from, done });
+        t.next_page = number + 1;
+        t.next_from = next;
+        t.finished = done;
+        let msg = DownMsg::Snapshot { resync: t.resync, page: number, items, done, cursor };
+        self.transmit(device, &msg);
+        for (model, key) in oversize {
+            self.actions.push_back(CloudAction::Oversize { device: device.clone(), model, key });
+        }
+        self.refresh_deadline(now_ms, device);
+        self.pump(now_ms, device);
+    }
+
+    /// A committed write appended to the device's feed; `head` is its new head.
+    pub fn handle_feed_advanced(&mut self, now_ms: u64, device: &DeviceId, head: u64) {
+        match self.sessions.get_mut(device) {
+            Some(s) => {
+                if let Mode::Feed(f) = &mut s.mode {
+                    f.head = f.head.max(head);
+                }
+                self.pump(now_ms, device);
+            }
+            None => self.prompt(now_ms, device, false),
+        }
+    }
+
+    /// Time passed; call when [`poll_timeout`](Self::poll_timeout) is reached.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        while let Some((deadline, device)) = self.timers.first().cloned() {
+            if deadline > now_ms {
+                break;
+            }
+            self.timers.remove(&(deadline, device.clone()));
+            let max_retries = self.cfg.max_page_retries;
+            let Some(s) = self.sessions.get_mut(&device) else {
+                continue;
+            };
+            s.deadline = None;
+            s.retries = s.retries.saturating_add(1);
+            if s.retries > max_retries {
+                // The device stopped answering: drop its session rather than resend forever.
+                self.handle_disconnected(now_ms, &device);
+                continue;
+            }
+            // Rewind to what the device acknowledged and stream again from there.
+            match &mut s.mode {
+                Mode::Feed(f) => {
+                    f.pages.clear();
+                    f.sent_to = f.acked;
+                    f.reading = None;
+                }
+                Mode::Snapshot(t) => {
+                    if let Some(first) = t.pages.front() {
+                        t.next_page = first.page;
+                        t.next_from = first.from.clone();
+                    }
+                    t.pages.clear();
+                    t.finished = false;
+                    t.reading = None;
+                }
+            }
+            self.pump(now_ms, &device);
+        }
+        self.repeat_prompts(now_ms);
+    }
+
+    /// Next work for the driver.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<CloudAction> {
+        self.actions.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next, in ms.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let a = self.timers.first().map(|(d, _)| *d);
+        let b = self.prompt_timers.first().map(|(d, _)| *d);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn transmit(&mut self, device: &DeviceId, msg: &DownMsg) {
+        match wire::encode_down(&self.cfg.schema_version, msg, &self.cfg.wire) {
+            Ok(bytes) => self.actions.push_back(CloudAction::Transmit { device: device.clone(), bytes }),
+            // Pages and acks are cut to fit above; this cannot happen, and dropping the message
+            // is then the same as losing it: the timers recover.
+            Err(_) => {}
+        }
+    }
+
+    /// Ask a device without a session to say hello. The prompt is repeated every
+    /// `prompt_interval_ms` (it may be lost) until the device says hello, at most
+    /// `max_page_retries` times. `replying` answers a message of the device and is always sent.
+    fn prompt(&mut self, now_ms: u64, device: &DeviceId, replying: bool) {
+        let interval = self.cfg.prompt_interval_ms.max(1);
+        let tracked = self.prompted.get(device).copied();
+        if tracked.is_some() && !replying {
+            return;
+        }
+        let msg = DownMsg::Error { code: ErrorCode::NoSession, message: "no session: send hello".to_string() };
+        self.transmit(device, &msg);
+        match tracked {
+            Some(_) => {}
+            None if self.prompted.len() < self.cfg.max_sessions => {
+                let next = now_ms.saturating_add(interval);
+                self.prompted.insert(device.clone(), (next, 1));
+                self.prompt_timers.insert((next, device.clone()));
+            }
+            None => {}
+        }
+    }
+
+    /// Repeat due prompts.
+    fn repeat_prompts(&mut self, now_ms: u64) {
+        let interval = self.cfg.prompt_interval_ms.max(1);
+        while let Some((at, device)) = self.prompt_timers.first().cloned() {
+            if at > now_ms {
+                break;
+            }
+            self.prompt_timers.remove(&(at, device.clone()));
+            let Some((_, tries)) = self.prompted.remove(&device) else {
+                continue;
+            };
+            if tries > self.cfg.max_page_retries {
+                continue;
+            }
+            let msg = DownMsg::Error { code: ErrorCode::NoSession, message: "no session: send hello".to_string() };
+            self.transmit(&device, &msg);
+            let next = now_ms.saturating_add(interval);
+            self.prompted.insert(device.clone(), (next, tries + 1));
+            self.prompt_timers.insert((next, device));
+        }
+    }
+
+    fn forget_prompt(&mut self, device: &DeviceId) {
+        if let Some((at, _)) = self.prompted.remove(device) {
+            self.prompt_timers.remove(&(at, device.clone()));
+        }
+    }
+
+    fn on_hello(&mut self, now_ms: u64, from: &DeviceId, session: u64, cursor: u64, schema: String) {
+        if !self.sessions.contains_key(from) && self.sessions.len() >= self.cfg.max_sessions {
+            let msg = DownMsg::Error {
+                code: ErrorCode::TooManySessions,
+                message: "the cloud tracks too many sessions: retry later".to_string(),
+            };
+            self.transmit(from, &msg);
+            return;
+        }
+        self.forget_prompt(from);
+        if let Some(s) = self.sessions.get_mut(from) {
+            if s.session == session {
+                // A resent hello (our welcome was lost, or the network duplicated it): answer
+                // again without restarting the stream, which would race with pages in flight.
+                s.last_seen_ms = now_ms;
+                self.transmit(from, &DownMsg::Welcome { session });
+                return;
+            }
+        }
+        let pushes = self.sessions.get(from).map_or(0, |s| s.pushes);
+        self.set_deadline(from, None);
+        self.sessions.insert(
+            from.clone(),
+            Session {
+                session,
+                schema: schema.clone(),
+                last_seen_ms: now_ms,
+                pushes,
+                mode: Mode::Feed(FeedTx {
+                    acked: cursor,
+                    sent_to: cursor,
+                    pages: VecDeque::new(),
+                    reading: None,
+                    head: cursor,
+                    head_known: false,
+                }),
+                deadline: None,
+                retries: 0,
+            },
+        );
+        self.transmit(from, &DownMsg::Welcome { session });
+        self.actions.push_back(CloudAction::DeviceStatus {
+            device: from.clone(),
+            online: true,
+            schema_version: schema,
+            cursor_acked: Some(cursor),
+            last_seen_ms: now_ms,
+        });
+        self.pump(now_ms, from);
+    }
+
+    /// Issue the next read if the window allows one.
+    fn pump(&mut self, now_ms: u64, device: &DeviceId) {
+        let window = self.cfg.feed_window.max(1);
+        let Some(s) = self.sessions.get_mut(device) else {
+            return;
+        };
+        let action = match &mut s.mode {
+            Mode::Feed(f) => {
+                if f.reading.is_none() && f.pages.len() < window && (!f.head_known || f.head > f.sent_to) {
+                    f.reading = Some(f.sent_to);
+                    Some(CloudAction::ReadFeed {
+                        device: device.clone(),
+                        after: f.sent_to,
+                        limit: self.cfg.feed_page_changes.max(1),
+                    })
+                } else {
+                    None
+                }
+            }
+            Mode::Snapshot(t) => {
+                if t.reading.is_none() && t.pages.len() < window && !t.finished {
+                    t.reading = Some(t.next_page);
+                    Some(CloudAction::ReadSnapshot {
+                        device: device.clone(),
+                        resync: t.resync,
+                        from: t.next_from.clone(),
+                        limit: self.cfg.snapshot_page_items.max(1),
+                    })
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(a) = action {
+            self.actions.push_back(a);
+            self.refresh_deadline(now_ms, device);
+        }
+    }
+
+    /// Arm the session timer if something is outstanding and it is not armed; disarm it if
+    /// nothing is.
+    fn refresh_deadline(&mut self, now_ms: u64, device: &DeviceId) {
+        let Some(s) = self.sessions.get(device) else {
+            return;
+        };
+        let outstanding = match &s.mode {
+            Mode::Feed(f) => !f.pages.is_empty() || f.reading.is_some(),
+            Mode::Snapshot(t) => !t.pages.is_empty() || t.reading.is_some(),
+        };
+        if !outstanding {
+            self.set_deadline(device, None);
+        } else if s.deadline.is_none() {
+            let retries = s.retries;
+            let t = self.timeout(retries);
+            self.set_deadline(device, Some(now_ms.saturating_add(t)));
+        }
+    }
+
+    fn timeout(&mut self, retries: u32) -> u64 {
+        let base = self.cfg.ack_timeout_ms.max(1);
+        let max = self.cfg.ack_timeout_max_ms.max(base);
+        let t = base.saturating_mul(1u64 << retries.min(20)).min(max);
+        (t + self.rng.next() % (t / 4 + 1)).min(max)
+    }
+
+    fn set_deadline(&mut self, device: &DeviceId, deadline: Option<u64>) {
+        let Some(s) = self.sessions.get_mut(device) else {
+            return;
+        };
+        if let Some(old) = s.deadline.take() {
+            self.timers.remove(&(old, device.clone()));
+        }
+        if let Some(d) = deadline {
+            s.deadline = Some(d);
+            self.timers.insert((d, device.clone()));
+        }
+    }
+}
