@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use devtables_db::{Db, DbOptions, Durability, FindOptions, Origin};
@@ -19,11 +19,14 @@ fn schema() -> anyhow::Result<Arc<Schema>> {
     Ok(Arc::new(Schema::from_json5(w::SCHEMA).context("bench schema")?))
 }
 
-fn open(path: &Path, durability: Durability) -> anyhow::Result<Db> {
-    let options = DbOptions {
+fn open(path: &Path, durability: Durability, cache_mib: Option<usize>) -> anyhow::Result<Db> {
+    let mut options = DbOptions {
         durability,
         ..DbOptions::default()
     };
+    if let Some(mib) = cache_mib {
+        options.cache_bytes = mib << 20;
+    }
     Ok(Db::open(path, schema()?, options)?)
 }
 
@@ -31,8 +34,9 @@ fn props(v: serde_json::Value) -> Item {
     v.as_object().cloned().unwrap_or_default()
 }
 
-/// Steps 1-7 in periodic mode, writes grouped `w::GROUP` per transaction.
-pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
+/// Steps 1-7 in periodic mode, writes grouped `w::GROUP` per transaction; `cache_mib` overrides
+/// the default redb page cache (`DbOptions::cache_bytes`).
+pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result<Metrics> {
     let mut m = Metrics::new();
     m.insert("rss_start_mib".into(), sys::vm_mib("VmHWM"));
     let path = dir.join("devtables.redb");
@@ -41,12 +45,13 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         Durability::Periodic {
             interval: PERIODIC_INTERVAL,
         },
+        cache_mib,
     )?;
     let label = |step: &str| format!("devtables N={n} {step}");
 
     // 1. creates
     let mut p = Progress::new(label("create"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for start in (0..n).step_by(w::GROUP) {
         let end = (start + w::GROUP).min(n);
         db.write(Origin::Local, |tx| {
@@ -57,10 +62,10 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         })?;
         p.tick(end);
     }
-    m.insert("create_per_s".into(), w::rate(n, t.elapsed()));
-    let t = Instant::now();
+    w::put(&mut m, "create_per_s", &t, |d| w::rate(n, d));
+    let t = w::Clock::start();
     db.flush()?;
-    m.insert("flush_ms".into(), w::ms(t.elapsed()));
+    w::put(&mut m, "flush_ms", &t, |d| w::ms(d));
     m.insert("file_mib".into(), sys::file_mib(&path));
     m.insert("rss_after_create_mib".into(), sys::vm_mib("VmRSS"));
 
@@ -68,25 +73,46 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     // on its own below).
     let mut rng = w::rng();
     let order = w::shuffled(n, &mut rng);
-    let t = Instant::now();
+    let t = w::Clock::start();
     let mut sink = 0usize;
     for &i in &order {
         sink += w::key(i as usize).len();
     }
-    m.insert("key_build_ns".into(), t.elapsed().as_nanos() as f64 / n as f64);
+    w::put(&mut m, "key_build_ns", &t, |d| d.as_nanos() as f64 / n as f64);
     ensure!(sink == 2 * n);
 
+    // The CPU work of the schema and JSON alone, without storage (both engines do it): a
+    // floor under the create and get rates.
+    let model = db.schema().model(w::MODEL).context("model")?;
+    let t = w::Clock::start();
+    let mut bytes = Vec::new();
+    for &i in &order {
+        let item = model.prepare_create(&w::input(i as usize), 0)?;
+        let key = model.primary_key(&item)?;
+        bytes = serde_json::to_vec(&item)?;
+        sink += key.sk.len();
+    }
+    w::put(&mut m, "floor_create_per_s", &t, |d| w::rate(n, d));
+    let t = w::Clock::start();
+    for &i in &order {
+        let key = model.primary_key(&w::key(i as usize))?;
+        let item: Item = serde_json::from_slice(&bytes)?;
+        sink += key.sk.len() + model.project(&item, false).len();
+    }
+    w::put(&mut m, "floor_get_per_s", &t, |d| w::rate(n, d));
+    ensure!(sink > 0);
+
     let mut p = Progress::new(label("get (snapshot each)"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (k, &i) in order.iter().enumerate() {
         let got = db.get(w::MODEL, &w::key(i as usize))?;
         ensure!(got.is_some(), "item {i} missing");
         p.tick(k + 1);
     }
-    m.insert("get_each_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "get_each_per_s", &t, |d| w::rate(n, d));
 
     let mut p = Progress::new(label("get (one ReadTxn)"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     {
         let r = db.read()?;
         for (k, &i) in order.iter().enumerate() {
@@ -95,12 +121,12 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
             p.tick(k + 1);
         }
     }
-    m.insert("get_txn_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "get_txn_per_s", &t, |d| w::rate(n, d));
 
     // 3. sort-key prefix finds
     let queries = w::prefix_queries(n, &mut rng);
     let mut items = 0usize;
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (device, prefix, expected) in &queries {
         let page = db.find(
             w::MODEL,
@@ -110,7 +136,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         ensure!(page.items.len() == *expected, "prefix {prefix}: {} items", page.items.len());
         items += page.items.len();
     }
-    m.insert("prefix_find_us".into(), t.elapsed().as_secs_f64() * 1e6 / queries.len() as f64);
+    w::put(&mut m, "prefix_find_us", &t, |d| d.as_secs_f64() * 1e6 / queries.len() as f64);
     m.insert("prefix_items".into(), items as f64 / queries.len() as f64);
 
     // 4. status == fault: through gs1, then as a filter over a model scan
@@ -120,27 +146,27 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         ..FindOptions::default()
     };
     let expected = w::faults(n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for _ in 0..w::FILTER_QUERIES {
         let page = db.find(w::MODEL, &fault, &by_index)?;
         ensure!(page.items.len() == expected, "gs1 find: {} items", page.items.len());
     }
-    m.insert("index_find_ms".into(), w::ms(t.elapsed()) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "index_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
     m.insert("filter_items".into(), expected as f64);
 
     let mut p = Progress::new(label("filter scan"), w::FILTER_QUERIES);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for q in 0..w::FILTER_QUERIES {
         let page = db.find(w::MODEL, &fault, &FindOptions::default())?;
         ensure!(page.items.len() == expected, "scan find: {} items", page.items.len());
         p.tick((q + 1) * 256);
     }
-    m.insert("scan_find_ms".into(), w::ms(t.elapsed()) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "scan_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
 
     // 5. updates in a shuffled order
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("update"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         db.write(Origin::Local, |tx| {
             for &i in chunk {
@@ -150,12 +176,12 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         })?;
         p.tick((c + 1) * w::GROUP);
     }
-    m.insert("update_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "update_per_s", &t, |d| w::rate(n, d));
 
     // 6. removes in a shuffled order
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("remove"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         db.write(Origin::Local, |tx| {
             for &i in chunk {
@@ -171,7 +197,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         })?;
         p.tick((c + 1) * w::GROUP);
     }
-    m.insert("remove_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "remove_per_s", &t, |d| w::rate(n, d));
     db.close()?;
 
     // 7. peak RSS of this process
@@ -179,22 +205,26 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     Ok(m)
 }
 
-/// Immediate mode: one durable commit per create, from one writer, then from `writers`
-/// concurrent writers (group commit); each on a fresh file.
-pub fn immediate(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> anyhow::Result<()> {
-    let db = open(&dir.join("devtables-imm1.redb"), Durability::Immediate)?;
+/// Immediate mode: one durable commit per create from one writer, on a fresh file.
+pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
+    let db = open(&dir.join("devtables-imm1.redb"), Durability::Immediate, None)?;
     let mut p = Progress::new("devtables immediate, 1 writer", n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for i in 0..n {
         db.create(w::MODEL, &w::input(i))?;
         p.tick(i + 1);
     }
-    m.insert("dt_imm_1w_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(m, "dt_imm_1w_per_s", &t, |d| w::rate(n, d));
     db.close()?;
+    Ok(())
+}
 
-    let db = open(&dir.join("devtables-imm8.redb"), Durability::Immediate)?;
+/// Immediate mode: one durable commit per create from `writers` concurrent writer threads
+/// (group commit), on a fresh file.
+pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> anyhow::Result<()> {
+    let db = open(&dir.join("devtables-imm8.redb"), Durability::Immediate, None)?;
     eprintln!("  .. devtables immediate, {writers} writers");
-    let t = Instant::now();
+    let t = w::Clock::start();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..writers)
             .map(|k| {
@@ -212,7 +242,7 @@ pub fn immediate(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> anyho
         }
         Ok(())
     })?;
-    m.insert("dt_imm_nw_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(m, "dt_imm_nw_per_s", &t, |d| w::rate(n, d));
     let count = db.read()?.scan_model(w::MODEL)?.len();
     ensure!(count == n, "{count} items after concurrent creates");
     db.close()?;

@@ -7,7 +7,6 @@
 //! and every read parses the stored JSON with serde_json and projects it like devtables does.
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use devtables_db::system_now_ms;
@@ -77,7 +76,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
 
     // 1. creates
     let mut p = Progress::new(label("create"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for start in (0..n).step_by(w::GROUP) {
         let end = (start + w::GROUP).min(n);
         let tx = conn.transaction()?;
@@ -88,10 +87,10 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         tx.commit()?;
         p.tick(end);
     }
-    m.insert("create_per_s".into(), w::rate(n, t.elapsed()));
-    let t = Instant::now();
+    w::put(&mut m, "create_per_s", &t, |d| w::rate(n, d));
+    let t = w::Clock::start();
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    m.insert("flush_ms".into(), w::ms(t.elapsed()));
+    w::put(&mut m, "flush_ms", &t, |d| w::ms(d));
     m.insert("file_mib".into(), sys::file_mib(&path));
     m.insert("rss_after_create_mib".into(), sys::vm_mib("VmRSS"));
 
@@ -99,15 +98,15 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     let mut rng = w::rng();
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("get (autocommit each)"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (k, &i) in order.iter().enumerate() {
         ensure!(get(&conn, model, i as usize)?.is_some(), "item {i} missing");
         p.tick(k + 1);
     }
-    m.insert("get_each_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "get_each_per_s", &t, |d| w::rate(n, d));
 
     let mut p = Progress::new(label("get (one transaction)"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     {
         let tx = conn.transaction()?;
         for (k, &i) in order.iter().enumerate() {
@@ -116,12 +115,12 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         }
         tx.commit()?;
     }
-    m.insert("get_txn_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "get_txn_per_s", &t, |d| w::rate(n, d));
 
     // 3. sort-key prefix finds (a range on the primary key)
     let queries = w::prefix_queries(n, &mut rng);
     let mut items = 0usize;
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (device, prefix, expected) in &queries {
         let pk = format!("dev#{device}");
         let end = format!("{prefix}\u{10FFFF}");
@@ -130,32 +129,32 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         ensure!(found.len() == *expected, "prefix {prefix}: {} items", found.len());
         items += found.len();
     }
-    m.insert("prefix_find_us".into(), t.elapsed().as_secs_f64() * 1e6 / queries.len() as f64);
+    w::put(&mut m, "prefix_find_us", &t, |d| d.as_secs_f64() * 1e6 / queries.len() as f64);
     m.insert("prefix_items".into(), items as f64 / queries.len() as f64);
 
     // 4. status == fault: through the status index, then as a full scan
     let expected = w::faults(n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for _ in 0..w::FILTER_QUERIES {
         let mut st = conn.prepare_cached("SELECT body FROM items WHERE status = ?1 AND type = ?2")?;
         let found = bodies(&mut st, params!["fault", w::MODEL], model)?;
         ensure!(found.len() == expected, "index find: {} items", found.len());
     }
-    m.insert("index_find_ms".into(), w::ms(t.elapsed()) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "index_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
     m.insert("filter_items".into(), expected as f64);
 
-    let t = Instant::now();
+    let t = w::Clock::start();
     for _ in 0..w::FILTER_QUERIES {
         let mut st = conn.prepare_cached("SELECT body FROM items NOT INDEXED WHERE status = ?1 AND type = ?2")?;
         let found = bodies(&mut st, params!["fault", w::MODEL], model)?;
         ensure!(found.len() == expected, "scan find: {} items", found.len());
     }
-    m.insert("scan_find_ms".into(), w::ms(t.elapsed()) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "scan_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
 
     // 5. updates: read, parse, prepare_update, write back
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("update"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         let tx = conn.transaction()?;
         let now = system_now_ms();
@@ -176,12 +175,12 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         tx.commit()?;
         p.tick((c + 1) * w::GROUP);
     }
-    m.insert("update_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "update_per_s", &t, |d| w::rate(n, d));
 
     // 6. removes
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("remove"), n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         let tx = conn.transaction()?;
         for &i in chunk {
@@ -194,7 +193,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         tx.commit()?;
         p.tick((c + 1) * w::GROUP);
     }
-    m.insert("remove_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(&mut m, "remove_per_s", &t, |d| w::rate(n, d));
     drop(conn);
 
     m.insert("peak_rss_mib".into(), sys::vm_mib("VmHWM"));
@@ -207,11 +206,11 @@ pub fn immediate(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
     let model = schema.model(w::MODEL).context("model")?;
     let conn = open(&dir.join("sqlite-imm.db"), "FULL")?;
     let mut p = Progress::new("SQLite synchronous=FULL, 1 writer", n);
-    let t = Instant::now();
+    let t = w::Clock::start();
     for i in 0..n {
         insert(&conn, model, i, system_now_ms())?;
         p.tick(i + 1);
     }
-    m.insert("sq_imm_1w_per_s".into(), w::rate(n, t.elapsed()));
+    w::put(m, "sq_imm_1w_per_s", &t, |d| w::rate(n, d));
     Ok(())
 }

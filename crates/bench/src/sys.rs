@@ -16,6 +16,25 @@ pub fn vm_mib(field: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU time (user + system) of this process so far, in seconds (USER_HZ = 100).
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// The 1-minute load average.
+pub fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Appends 200 bytes + fdatasync in a loop for about `span` on a new file in `dir`; returns
 /// syncs per second (the file is removed).
 pub fn raw_fdatasync_rate(dir: &Path, span: Duration) -> anyhow::Result<f64> {

@@ -162,3 +162,41 @@ pub fn rate(count: usize, elapsed: Duration) -> f64 {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
+
+/// On-CPU and run-queue wait time of the calling thread, in ns (/proc/thread-self/schedstat).
+fn schedstat() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let mut f = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+    (f.next().unwrap_or(0), f.next().unwrap_or(0))
+}
+
+/// Times a phase by the wall clock and by the on-CPU time of the calling thread (which leaves
+/// out the time spent waiting for a CPU while other processes ran).
+pub struct Clock {
+    wall: Instant,
+    cpu: u64,
+}
+
+impl Clock {
+    pub fn start() -> Clock {
+        Clock {
+            wall: Instant::now(),
+            cpu: schedstat().0,
+        }
+    }
+
+    pub fn wall(&self) -> Duration {
+        self.wall.elapsed()
+    }
+
+    pub fn cpu(&self) -> Duration {
+        Duration::from_nanos(schedstat().0.saturating_sub(self.cpu))
+    }
+}
+
+/// Records `f(wall time)` as `key` and `f(on-CPU time)` as `key_cpu`.
+pub fn put(m: &mut Metrics, key: &str, clock: &Clock, f: impl Fn(Duration) -> f64) {
+    let (cpu, wall) = (clock.cpu(), clock.wall());
+    m.insert(key.to_string(), f(wall));
+    m.insert(format!("{key}_cpu"), f(cpu));
+}

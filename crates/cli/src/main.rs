@@ -2,6 +2,8 @@
 //! decision lives there.
 
 mod db_cmd;
+mod demo_cmd;
+mod serve_cmd;
 
 use std::process::ExitCode;
 
@@ -18,6 +20,13 @@ struct Cli {
 enum Command {
     /// Work with a device database file: get, find, create, update, upsert, remove, export, import.
     Db(db_cmd::DbArgs),
+    /// Run the whole system on embedded defaults: the cloud (SQLite, embedded broker, HTTP API)
+    /// and a few devices, with a live status line.
+    Demo(demo_cmd::DemoArgs),
+    /// Run a device agent (database + replication) from a configuration file.
+    Agent(serve_cmd::AgentArgs),
+    /// Run the cloud service (store, broker, sync, HTTP API) from a configuration file.
+    Cloud(serve_cmd::ConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +40,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Db(args) => db_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args),
+        Command::Agent(args) => serve_cmd::agent(args),
+        Command::Cloud(args) => serve_cmd::cloud(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,7 +18,7 @@ use devtables_schema::{Item, ItemKey, Model, Schema};
 
 use crate::hlc::{Hlc, HlcClock};
 use crate::identity::{DeviceId, Owner};
-use crate::wire::{self, Change, ChangeResult, ChangeStatus, Op, RejectReason};
+use crate::wire::{self, Change, ChangeResult, ChangeStatus, Op, RejectReason, SnapshotCursor};
 
 /// The item field naming the device that owns an item; a device may not push an item naming
 /// another device.
@@ -75,8 +75,10 @@ pub enum ApplyPage {
     Snapshot {
         /// The resync id.
         resync: u64,
-        /// The page number; page 0 clears earlier marks.
-        page: u32,
+        /// The position the page follows; `None` (the first page) clears earlier marks.
+        after: Option<SnapshotCursor>,
+        /// The position after the page.
+        last: Option<SnapshotCursor>,
         /// The items.
         items: Vec<Change>,
         /// Whether this is the final page: sweep, then store `cursor`.
@@ -141,8 +143,8 @@ pub fn device_apply<T: DeviceTxn>(
     let mut out = ApplyOutcome::default();
     let (changes, snapshot) = match page {
         ApplyPage::Feed { changes, .. } => (changes, false),
-        ApplyPage::Snapshot { page, items, .. } => {
-            if *page == 0 {
+        ApplyPage::Snapshot { after, items, .. } => {
+            if after.is_none() {
                 txn.resync_clear().map_err(ApplyError::Store)?;
             }
             (items, true)

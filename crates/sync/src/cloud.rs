@@ -63,15 +63,7 @@ impl Default for CloudConfig {
     }
 }
 
-/// Where a snapshot read resumes: the last item returned (items are ordered by model, then key,
-/// across the device's own rows and its account's broadcast rows).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SnapshotCursor {
-    /// The last model returned.
-    pub model: String,
-    /// The last key returned.
-    pub key: ItemKey,
-}
+pub use crate::wire::SnapshotCursor;
 
 /// The store's answer to [`CloudAction::ReadFeed`].
 #[derive(Clone, Debug, PartialEq)]
@@ -184,10 +176,8 @@ struct FeedTx {
 /// One snapshot page sent and not acknowledged.
 #[derive(Clone, Debug)]
 struct SentPage {
-    /// Its number.
-    page: u32,
-    /// Where its read started, to re-read it.
-    from: Option<SnapshotCursor>,
+    /// The position after it.
+    last: Option<SnapshotCursor>,
     /// Whether it was the final page.
     done: bool,
 }
@@ -199,16 +189,16 @@ struct SnapTx {
     resync: u64,
     /// The feed head captured by the first page read; fixed for the whole resync.
     cursor: Option<u64>,
-    /// The next page to read.
-    next_page: u32,
+    /// The position the device acknowledged.
+    acked: Option<SnapshotCursor>,
     /// Where the next read starts.
-    next_from: Option<SnapshotCursor>,
-    /// Whether the final page was read.
+    sent_to: Option<SnapshotCursor>,
+    /// Whether the final page was sent.
     finished: bool,
     /// Pages sent and not acknowledged.
     pages: VecDeque<SentPage>,
-    /// The page number of the outstanding read.
-    reading: Option<u32>,
+    /// The outstanding read's start, if a read is outstanding.
+    reading: Option<Option<SnapshotCursor>>,
 }
 
 #[derive(Clone, Debug)]
@@ -348,7 +338,7 @@ impl CloudEngine {
                 }
                 self.pump(now_ms, from);
             }
-            UpMsg::SnapshotAck { resync, page } => {
+            UpMsg::SnapshotAck { resync, pos, done } => {
                 let Some(s) = self.sessions.get_mut(from) else {
                     self.prompt(now_ms, from, true);
                     return;
@@ -360,24 +350,29 @@ impl CloudEngine {
                 if t.resync != resync {
                     return;
                 }
-                let mut finished_at = None;
-                while t.pages.front().is_some_and(|p| p.page <= page) {
-                    if let Some(p) = t.pages.pop_front() {
-                        if p.done {
-                            finished_at = t.cursor;
+                s.retries = 0;
+                match (done, t.cursor) {
+                    (true, Some(cursor)) => {
+                        s.mode = Mode::Feed(FeedTx {
+                            acked: cursor,
+                            sent_to: cursor,
+                            pages: VecDeque::new(),
+                            reading: None,
+                            head: cursor,
+                            head_known: false,
+                        });
+                    }
+                    _ => {
+                        if pos > t.acked {
+                            t.acked = pos;
+                        }
+                        while t.pages.front().is_some_and(|p| !p.done && p.last <= t.acked) {
+                            t.pages.pop_front();
+                        }
+                        if t.sent_to < t.acked {
+                            t.sent_to = t.acked.clone();
                         }
                     }
-                }
-                s.retries = 0;
-                if let Some(cursor) = finished_at {
-                    s.mode = Mode::Feed(FeedTx {
-                        acked: cursor,
-                        sent_to: cursor,
-                        pages: VecDeque::new(),
-                        reading: None,
-                        head: cursor,
-                        head_known: false,
-                    });
                 }
                 self.set_deadline(from, None);
                 self.refresh_deadline(now_ms, from);
@@ -450,8 +445,8 @@ impl CloudEngine {
             s.mode = Mode::Snapshot(SnapTx {
                 resync,
                 cursor: None,
-                next_page: 0,
-                next_from: None,
+                acked: None,
+                sent_to: None,
                 finished: false,
                 pages: VecDeque::new(),
                 reading: None,
@@ -510,7 +505,7 @@ impl CloudEngine {
         let Mode::Snapshot(t) = &mut s.mode else {
             return;
         };
-        let Some(number) = t.reading else {
+        let Some(after) = t.reading.clone() else {
             return;
         };
         if t.resync != page.resync {
@@ -518,14 +513,26 @@ impl CloudEngine {
         }
         t.reading = None;
         let cursor = *t.cursor.get_or_insert(page.cursor);
+        // The `last` field names one of the page's keys; reserve room for the longest.
+        let cursor_len = |model: &str, key: &ItemKey| {
+            wire::cursor_len(&SnapshotCursor { model: model.to_string(), key: key.clone() })
+        };
+        let reserve = page
+            .items
+            .iter()
+            .map(|i| cursor_len(&i.model, &i.key))
+            .chain(page.next.iter().map(|c| cursor_len(&c.model, &c.key)))
+            .max()
+            .unwrap_or(0)
+            + 16;
         let overhead = wire::down_overhead(
             &self.cfg.schema_version,
-            &DownMsg::Snapshot { resync: t.resync, page: u32::MAX, items: vec![], done: false, cursor },
-        );
+            &DownMsg::Snapshot { resync: t.resync, after: after.clone(), last: None, items: vec![], done: false, cursor },
+        ) + reserve;
         let max = self.cfg.wire.max_message_bytes;
         let mut size = overhead;
         let mut items = Vec::new();
-        let mut last: Option<SnapshotCursor> = None;
+        let mut last: Option<SnapshotCursor> = after.clone();
         let mut truncated = false;
         let mut oversize = Vec::new();
         for item in page.items {
@@ -544,14 +551,12 @@ impl CloudEngine {
             last = Some(SnapshotCursor { model: item.model.clone(), key: item.key.clone() });
             items.push(item);
         }
-        let next = if truncated { last.or_else(|| t.next_from.clone()) } else { page.next };
-        let done = next.is_none();
-        let from = t.next_from.clone();
-        t.pages.push_back(SentPage { page: number, from, done });
-        t.next_page = number + 1;
-        t.next_from = next;
+        let done = page.next.is_none() && !truncated;
+        let last = if truncated { last } else { page.next.or(last) };
+        t.pages.push_back(SentPage { last: last.clone(), done });
+        t.sent_to = last.clone();
         t.finished = done;
-        let msg = DownMsg::Snapshot { resync: t.resync, page: number, items, done, cursor };
+        let msg = DownMsg::Snapshot { resync: t.resync, after, last, items, done, cursor };
         self.transmit(device, &msg);
         for (model, key) in oversize {
             self.actions.push_back(CloudAction::Oversize { device: device.clone(), model, key });
@@ -599,10 +604,7 @@ impl CloudEngine {
                     f.reading = None;
                 }
                 Mode::Snapshot(t) => {
-                    if let Some(first) = t.pages.front() {
-                        t.next_page = first.page;
-                        t.next_from = first.from.clone();
-                    }
+                    t.sent_to = t.acked.clone();
                     t.pages.clear();
                     t.finished = false;
                     t.reading = None;
@@ -761,11 +763,11 @@ impl CloudEngine {
             }
             Mode::Snapshot(t) => {
                 if t.reading.is_none() && t.pages.len() < window && !t.finished {
-                    t.reading = Some(t.next_page);
+                    t.reading = Some(t.sent_to.clone());
                     Some(CloudAction::ReadSnapshot {
                         device: device.clone(),
                         resync: t.resync,
-                        from: t.next_from.clone(),
+                        from: t.sent_to.clone(),
                         limit: self.cfg.snapshot_page_items.max(1),
                     })
                 } else {

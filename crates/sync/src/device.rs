@@ -11,7 +11,9 @@ use devtables_schema::ItemKey;
 use crate::apply::{ApplyOutcome, ApplyPage, Skipped};
 use crate::hlc::Hlc;
 use crate::rng::SplitMix;
-use crate::wire::{self, Change, ChangeStatus, DownMsg, ErrorCode, RejectReason, UpMsg, WireConfig, WireError};
+use crate::wire::{
+    self, Change, ChangeStatus, DownMsg, ErrorCode, RejectReason, SnapshotCursor, UpMsg, WireConfig, WireError,
+};
 
 /// Limits and timings of a [`DeviceEngine`].
 #[derive(Clone, Debug)]
@@ -148,12 +150,12 @@ struct Batch {
 }
 
 /// A resync being received.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct ResyncRx {
     /// The resync id.
     id: u64,
-    /// The next page number to accept.
-    next_page: u32,
+    /// The position after the last accepted page; the next page must follow it.
+    pos: Option<SnapshotCursor>,
 }
 
 /// The device side of the protocol.
@@ -210,8 +212,8 @@ pub struct DeviceEngine {
     tail: u64,
     /// A resync being received.
     resync: Option<ResyncRx>,
-    /// The last snapshot page applied, to re-acknowledge duplicates.
-    last_snapshot_ack: Option<(u64, u32)>,
+    /// The last snapshot acknowledgement (resync, position, done), to repeat it for duplicates.
+    last_snapshot_ack: Option<(u64, Option<SnapshotCursor>, bool)>,
     /// Bytes to publish.
     transmits: VecDeque<Vec<u8>>,
     /// Storage work.
@@ -327,8 +329,8 @@ impl DeviceEngine {
             }
             DownMsg::PushAck { batch, results } => self.on_push_ack(batch, results),
             DownMsg::Feed { from, to, changes } => self.on_feed(from, to, changes),
-            DownMsg::Snapshot { resync, page, items, done, cursor } => {
-                self.on_snapshot(resync, page, items, done, cursor)
+            DownMsg::Snapshot { resync, after, last, items, done, cursor } => {
+                self.on_snapshot(resync, after, last, items, done, cursor)
             }
             DownMsg::Error { code, message } => {
                 if code == ErrorCode::NoSession {
@@ -359,13 +361,13 @@ impl DeviceEngine {
                 self.cursor = to;
                 self.send(&UpMsg::FeedAck { cursor: to });
             }
-            ApplyPage::Snapshot { resync, page, done, cursor, .. } => {
+            ApplyPage::Snapshot { resync, last, done, cursor, .. } => {
                 if done {
                     self.cursor = cursor;
                     self.event(DeviceEvent::Resynced { cursor });
                 }
-                self.last_snapshot_ack = Some((resync, page));
-                self.send(&UpMsg::SnapshotAck { resync, page });
+                self.last_snapshot_ack = Some((resync, last.clone(), done));
+                self.send(&UpMsg::SnapshotAck { resync, pos: last, done });
             }
         }
         self.next_apply();
@@ -602,32 +604,50 @@ impl DeviceEngine {
         // A gap (from > tail) is ignored: the cloud resends from the acknowledged cursor.
     }
 
-    fn on_snapshot(&mut self, resync: u64, page: u32, items: Vec<Change>, done: bool, cursor: u64) {
-        if let Some((id, acked)) = self.last_snapshot_ack {
-            if id == resync && page <= acked {
-                if self.applying.is_none() && self.inbox.is_empty() {
-                    self.send(&UpMsg::SnapshotAck { resync: id, page: acked });
-                }
-                return;
-            }
-        }
-        let expected = match self.resync {
-            Some(r) if r.id == resync => r.next_page,
-            _ => 0,
+    fn on_snapshot(
+        &mut self,
+        resync: u64,
+        after: Option<SnapshotCursor>,
+        last: Option<SnapshotCursor>,
+        items: Vec<Change>,
+        done: bool,
+        cursor: u64,
+    ) {
+        let expected = match &self.resync {
+            Some(r) if r.id == resync => Some(r.pos.clone()),
+            _ => None,
         };
-        if page != expected || self.inbox.len() >= self.cfg.max_buffered_pages {
+        let accept = match &expected {
+            Some(pos) => &after == pos,
+            // A new resync starts at the beginning, and never behind what we already hold:
+            // a stale stream from an earlier session would sweep newer items and move the
+            // cursor back.
+            None => {
+                after.is_none()
+                    && cursor >= self.tail
+                    && !self.last_snapshot_ack.as_ref().is_some_and(|(id, _, _)| *id == resync)
+            }
+        };
+        if !accept {
+            // A duplicate, a gap, or a finished resync: say where we are, if nothing is pending.
+            let known = expected.is_some() || self.last_snapshot_ack.as_ref().is_some_and(|(id, _, _)| *id == resync);
+            if known && self.applying.is_none() && self.inbox.is_empty() {
+                if let Some((id, pos, done)) = self.last_snapshot_ack.clone() {
+                    if id == resync {
+                        self.send(&UpMsg::SnapshotAck { resync, pos, done });
+                    }
+                }
+            }
             return;
         }
-        if page == 0 && cursor < self.tail {
-            // A resync older than what we already hold (a stale stream from an earlier
-            // session): applying it would sweep newer items and move the cursor back.
+        if self.inbox.len() >= self.cfg.max_buffered_pages {
             return;
         }
-        self.resync = if done { None } else { Some(ResyncRx { id: resync, next_page: page + 1 }) };
+        self.resync = if done { None } else { Some(ResyncRx { id: resync, pos: last.clone() }) };
         if done {
             self.tail = cursor;
         }
-        self.inbox.push_back(ApplyPage::Snapshot { resync, page, items, done, cursor });
+        self.inbox.push_back(ApplyPage::Snapshot { resync, after, last, items, done, cursor });
     }
 
     fn next_apply(&mut self) {

@@ -190,13 +190,39 @@ pub enum UpMsg {
         /// The device's cursor after the apply.
         cursor: u64,
     },
-    /// The device applied and durably stored a snapshot page.
+    /// The device applied and durably stored snapshot pages up to a position.
     SnapshotAck {
-        /// The resync the page belongs to.
+        /// The resync the pages belong to.
         resync: u64,
-        /// The page number.
-        page: u32,
+        /// The device's position in the resync: the last key covered (`None`: nothing yet).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pos: Option<SnapshotCursor>,
+        /// Whether the final page was applied (the resync is over).
+        done: bool,
     },
+}
+
+/// A position in a resync: the last item covered. Items are ordered by (model, key) across the
+/// device's own rows and its account's broadcast rows. On the wire: `[model, pk, sk]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnapshotCursor {
+    /// The model of the last item covered.
+    pub model: String,
+    /// The key of the last item covered.
+    pub key: ItemKey,
+}
+
+impl Serialize for SnapshotCursor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (&self.model, &self.key.pk, &self.key.sk).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SnapshotCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SnapshotCursor, D::Error> {
+        let (model, pk, sk) = <(String, String, String)>::deserialize(d)?;
+        Ok(SnapshotCursor { model, key: ItemKey { pk, sk } })
+    }
 }
 
 /// Why the cloud sent [`DownMsg::Error`].
@@ -249,9 +275,14 @@ pub enum DownMsg {
     Snapshot {
         /// The resync id, fresh for every resync.
         resync: u64,
-        /// Page number within the resync, from 0; pages apply strictly in order.
-        page: u32,
-        /// Live items (puts).
+        /// The position the page follows (`None`: the start); the device applies the page only
+        /// if this equals its own position, so pages apply contiguously whatever the re-reads.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<SnapshotCursor>,
+        /// The position after the page: the last key it covers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last: Option<SnapshotCursor>,
+        /// Live items (puts), ordered by (model, key).
         items: Vec<Change>,
         /// Whether this is the final page.
         done: bool,
@@ -367,6 +398,11 @@ pub fn decode_down(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<DownMsg>, W
 /// exactly.
 pub fn change_len(change: &Change) -> usize {
     serde_json::to_vec(change).map(|b| b.len()).unwrap_or(usize::MAX)
+}
+
+/// Encoded size of a snapshot position.
+pub fn cursor_len(cursor: &SnapshotCursor) -> usize {
+    serde_json::to_vec(cursor).map(|b| b.len()).unwrap_or(usize::MAX)
 }
 
 /// Encoded size of one result inside a [`DownMsg::PushAck`].

@@ -346,6 +346,7 @@ struct Sim {
     /// Writes the cloud said Applied: (owner, model, key, version).
     applied: Vec<CKey2>,
     log: Vec<String>,
+    keep_log: bool,
     trace: bool,
 }
 
@@ -425,11 +426,18 @@ impl Sim {
             applied: Vec::new(),
             log: Vec::new(),
             trace: std::env::var("DEVTABLES_SIM_TRACE").is_ok(),
+            keep_log: std::env::var("DEVTABLES_SIM_SEED").is_ok() || std::env::var("DEVTABLES_SIM_TRACE").is_ok(),
             rng,
         }
     }
 
-    fn note(&mut self, s: String) {
+    /// Record a trace line. Formatting is skipped in bulk runs; a failing seed replayed with
+    /// `DEVTABLES_SIM_SEED` keeps the log and prints its tail.
+    fn note(&mut self, s: impl FnOnce() -> String) {
+        if !self.keep_log {
+            return;
+        }
+        let s = s();
         if self.trace {
             eprintln!("[{}] {s}", self.now - T0);
         }
@@ -443,7 +451,7 @@ impl Sim {
         for l in tail.into_iter().rev() {
             eprintln!("{l}");
         }
-        panic!("SEED={} {what}", self.seed);
+        panic!("SEED={} {what} (replay with DEVTABLES_SIM_SEED={} for the trace)", self.seed, self.seed);
     }
 
     fn phys(&self, i: usize) -> u64 {
@@ -471,7 +479,7 @@ impl Sim {
         self.devs[i].down_until = None;
         let now = self.now;
         self.devs[i].engine.handle_connected(now);
-        self.note(format!("d{i} connected"));
+        self.note(|| format!("d{i} connected"));
         self.drain_device(i);
     }
 
@@ -486,7 +494,7 @@ impl Sim {
         }
         self.net.retain(|m| !matches!(m.dest, Dest::Device(j) | Dest::Cloud(j) if j == i));
         self.devs[i].down_until = Some(until);
-        self.note(format!("d{i} down until {}", until - T0));
+        self.note(|| format!("d{i} down until {}", until - T0));
     }
 
     fn crash_device(&mut self, i: usize) {
@@ -497,7 +505,7 @@ impl Sim {
         let cfg = DeviceConfig { seed: self.rng.gen(), ..self.dev_cfg.clone() };
         d.engine = DeviceEngine::new(cfg, "1.0.0".into(), d.store.restored());
         d.clock = HlcClock::restore(d.clock.node(), d.store.max_version());
-        self.note(format!("d{i} crashed"));
+        self.note(|| format!("d{i} crashed"));
     }
 
     fn crash_cloud(&mut self) {
@@ -506,7 +514,7 @@ impl Sim {
         self.cloud = CloudEngine::new(cfg);
         self.cloud_clock = HlcClock::restore(self.cloud_clock.node(), self.cloud_store.clock_last);
         self.net.retain(|m| !matches!(m.dest, Dest::Cloud(_)));
-        self.note("cloud crashed".into());
+        self.note(|| "cloud crashed".into());
         // The driver's restart duty: prompt devices whose feed holds unacknowledged entries.
         let now = self.now;
         let heads: Vec<(DeviceId, u64)> = self.cloud_store.feeds.iter().map(|(d, f)| (d.clone(), f.head)).collect();
@@ -563,7 +571,7 @@ impl Sim {
                         };
                         d.store = txn.s;
                         self.check_dev_history(i);
-                        self.note(format!("d{i} applied {page:?} -> {out:?}"));
+                        self.note(|| format!("d{i} applied {page:?} -> {out:?}"));
                         if self.rng.gen_bool(self.faults.device_crash) {
                             self.crash_device(i);
                             return;
@@ -631,7 +639,7 @@ impl Sim {
                         }
                     }
                     self.commit_cloud(txn);
-                    self.note(format!("cloud applied push {batch} from {device}: {results:?}"));
+                    self.note(|| format!("cloud applied push {batch} from {device}: {results:?}"));
                     if self.rng.gen_bool(self.faults.cloud_crash) {
                         self.crash_cloud();
                         return;
@@ -709,7 +717,7 @@ impl Sim {
             d.store.outbox.insert(k, (seq, change.clone()));
         }
         self.check_dev_history(i);
-        self.note(format!("d{i} local {} {model}/{name} {version}", if delete { "delete" } else { "put" }));
+        self.note(|| format!("d{i} local {} {model}/{name} {version}", if delete { "delete" } else { "put" }));
         if self.schema.model(model).is_some_and(|m| m.process().syncs_up()) {
             let now = self.now;
             self.devs[i].engine.handle_local_change(now, change);
@@ -732,7 +740,7 @@ impl Sim {
         let res = apply::cloud_write(&mut txn, &self.schema, &mut self.cloud_clock, now, 4096, &owner, model, op);
         match res {
             Ok(c) => {
-                self.note(format!("cloud write {owner:?} {model}/{name} {:?} {}", c.op, c.version));
+                self.note(|| format!("cloud write {owner:?} {model}/{name} {:?} {}", c.op, c.version));
                 self.commit_cloud(txn);
                 self.drain_cloud();
             }
@@ -787,7 +795,7 @@ impl Sim {
                 }
                 f.floor = f.floor.max(floor);
             }
-            self.note("feeds purged".into());
+            self.note(|| "feeds purged".into());
         }
     }
 
@@ -838,8 +846,10 @@ impl Sim {
                         continue;
                     }
                     let id = self.devs[i].id.clone();
-                    if let Ok(d) = wire::decode_up(&m.bytes, &wire_cfg()) {
-                        self.note(format!("cloud <- d{i} {:?}", short_up(&d.msg)));
+                    if self.keep_log {
+                        if let Ok(d) = wire::decode_up(&m.bytes, &wire_cfg()) {
+                            self.note(|| format!("cloud <- d{i} {:?}", short_up(&d.msg)));
+                        }
                     }
                     self.cloud.handle_message(now, &id, &m.bytes);
                     self.drain_cloud();
@@ -848,8 +858,10 @@ impl Sim {
                     if !self.devs[i].connected {
                         continue;
                     }
-                    if let Ok(d) = wire::decode_down(&m.bytes, &wire_cfg()) {
-                        self.note(format!("d{i} <- {:?}", short_down(&d.msg)));
+                    if self.keep_log {
+                        if let Ok(d) = wire::decode_down(&m.bytes, &wire_cfg()) {
+                            self.note(|| format!("d{i} <- {:?}", short_down(&d.msg)));
+                        }
                     }
                     self.devs[i].engine.handle_message(now, &m.bytes);
                     self.drain_device(i);
@@ -895,7 +907,7 @@ impl Sim {
 
     fn heal(&mut self) {
         self.faults = CALM;
-        self.note("heal".into());
+        self.note(|| "heal".into());
         for i in 0..self.devs.len() {
             if !self.devs[i].connected {
                 self.connect(i);
@@ -971,9 +983,12 @@ fn short_down(m: &DownMsg) -> String {
             "Feed ({from},{to}] {:?}",
             changes.iter().map(|c| format!("{}/{} {:?} {}", c.model, c.key.sk, c.op, c.version)).collect::<Vec<_>>()
         ),
-        DownMsg::Snapshot { resync, page, items, done, cursor } => {
-            format!("Snapshot {resync} p{page} n={} done={done} cursor={cursor}", items.len())
-        }
+        DownMsg::Snapshot { resync, after, last, items, done, cursor } => format!(
+            "Snapshot {resync} after={:?} last={:?} n={} done={done} cursor={cursor}",
+            after.as_ref().map(|c| &c.key.sk),
+            last.as_ref().map(|c| &c.key.sk),
+            items.len()
+        ),
         DownMsg::PushAck { batch, results } => format!(
             "PushAck {batch} {:?}",
             results.iter().map(|r| format!("{}/{} {} {:?}", r.model, r.key.sk, r.version, r.status)).collect::<Vec<_>>()
@@ -1212,13 +1227,13 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
     let next = Some(SnapshotCursor { model: "D".into(), key: item.key.clone() });
     c.handle_snapshot_page(2, &d, SnapshotPage { resync, items: vec![item.clone()], next: next.clone(), cursor: 50 });
     let (m, a) = down_msgs(&mut c);
-    assert!(matches!(&m[0], DownMsg::Snapshot { page: 0, done: false, cursor: 50, .. }));
+    assert!(matches!(&m[0], DownMsg::Snapshot { after: None, done: false, cursor: 50, .. }));
     assert!(matches!(&a[0], CloudAction::ReadSnapshot { from: Some(_), .. }));
     // The second page's read reports a newer head: the resync keeps the cursor of its start.
     c.handle_snapshot_page(3, &d, SnapshotPage { resync, items: vec![], next: None, cursor: 60 });
     let (m, _) = down_msgs(&mut c);
-    assert!(matches!(&m[0], DownMsg::Snapshot { page: 1, done: true, cursor: 50, .. }));
-    let ack = wire::encode_up("1", &UpMsg::SnapshotAck { resync, page: 1 }, &WireConfig::default()).unwrap();
+    assert!(matches!(&m[0], DownMsg::Snapshot { after: Some(_), done: true, cursor: 50, .. }), "{m:?}");
+    let ack = wire::encode_up("1", &UpMsg::SnapshotAck { resync, pos: None, done: true }, &WireConfig::default()).unwrap();
     c.handle_message(4, &d, &ack);
     let (_, a) = down_msgs(&mut c);
     assert!(a.iter().any(|a| matches!(a, CloudAction::ReadFeed { after: 50, .. })), "{a:?}");

@@ -1,6 +1,10 @@
 //! End-to-end tests of the `devtables` command, run as a real process.
 
 mod db_cmd;
+mod e2e;
+mod harness;
+mod scenarios;
+mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

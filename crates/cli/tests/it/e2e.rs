@@ -1,0 +1,29 @@
+//! The end-to-end scenarios against the cloud's embedded broker (no external service).
+
+use super::harness::BrokerChoice;
+use super::scenarios;
+
+#[test]
+fn up_down_both_and_commands() {
+    scenarios::up_down_both_and_commands(BrokerChoice::Embedded(0));
+}
+
+#[test]
+fn offline_catch_up_with_deletes() {
+    scenarios::offline_catch_up_with_deletes(BrokerChoice::Embedded(0));
+}
+
+#[test]
+fn conflict_converges_and_is_logged() {
+    scenarios::conflict_converges_and_is_logged(BrokerChoice::Embedded(0));
+}
+
+#[test]
+fn agent_killed_mid_batch() {
+    scenarios::agent_killed_mid_batch(BrokerChoice::Embedded(0));
+}
+
+#[test]
+fn cloud_killed_mid_apply() {
+    scenarios::cloud_killed_mid_apply(BrokerChoice::Embedded(0));
+}

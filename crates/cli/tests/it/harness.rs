@@ -1,0 +1,339 @@
+//! Real processes for end-to-end tests: a `devtables cloud` and `devtables agent --stdin`
+//! children, an HTTP client for the API, and waiting for conditions with a deadline.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{bin, example_schema};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A port that was free a moment ago (for restarts on the same address).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A topic prefix no other test (or CI run on a shared broker) uses.
+pub fn unique_prefix() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("dt{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Polls `f` until it returns Some, failing with `what` and the last observation at the deadline.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + WAIT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match f() {
+            Ok(v) => return v,
+            Err(seen) => last = seen,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}; last seen: {last}");
+}
+
+/// Which broker the cloud and agents use.
+#[derive(Clone, Debug)]
+pub enum BrokerChoice {
+    /// The cloud's embedded broker on this port (0: any).
+    Embedded(u16),
+    /// An external broker at host:port.
+    External(String),
+}
+
+pub struct CloudProc {
+    child: Child,
+    pub api: String,
+    pub mqtt: String,
+    pub dir: PathBuf,
+    prefix: String,
+    broker: BrokerChoice,
+    api_port: u16,
+}
+
+impl CloudProc {
+    pub fn start(dir: &Path, prefix: &str, broker: BrokerChoice) -> CloudProc {
+        Self::start_on(dir, prefix, broker, free_port())
+    }
+
+    fn start_on(dir: &Path, prefix: &str, broker: BrokerChoice, api_port: u16) -> CloudProc {
+        let broker_line = match &broker {
+            BrokerChoice::Embedded(port) => format!("embedded_broker: '127.0.0.1:{port}',"),
+            BrokerChoice::External(addr) => format!("external_broker: '{addr}',"),
+        };
+        let config = format!(
+            "{{schema: '{}', data_dir: 'cloud-data', api: '127.0.0.1:{api_port}', {broker_line} topic_prefix: '{prefix}'}}",
+            example_schema().display()
+        );
+        let path = dir.join("cloud.json5");
+        std::fs::write(&path, config).unwrap();
+        let mut child = bin()
+            .args(["cloud", "--config"])
+            .arg(&path)
+            .env("DEVTABLES_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("devtables cloud starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("devtables cloud running") {
+                    let _ = tx.send(line.clone());
+                }
+                if std::env::var_os("DEVTABLES_TEST_VERBOSE").is_some() {
+                    eprintln!("[cloud] {line}");
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("the cloud prints its addresses when it is ready");
+        let api = line
+            .split("API http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("API address")
+            .to_string();
+        let mqtt = line
+            .split("MQTT ")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .expect("MQTT address")
+            .trim()
+            .to_string();
+        let broker = match broker {
+            BrokerChoice::Embedded(_) => {
+                let port = mqtt.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
+                BrokerChoice::Embedded(port)
+            }
+            other => other,
+        };
+        CloudProc {
+            child,
+            api,
+            mqtt,
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
+            broker,
+            api_port,
+        }
+    }
+
+    /// SIGKILL, then start again on the same data, API port and MQTT port.
+    pub fn kill_and_restart(&mut self) {
+        self.kill();
+        let next = Self::start_on(&self.dir, &self.prefix, self.broker.clone(), self.api_port);
+        *self = next;
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api, path)
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, String> {
+        match ureq::get(&self.url(path)).call() {
+            Ok(r) => r.into_json().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A request with a JSON body; returns (status, body).
+    pub fn send(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let result = ureq::request(method, &self.url(path)).send_json(body);
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = response.status();
+        (status, response.into_json().unwrap_or(Value::Null))
+    }
+
+    pub fn register(&self, account: &str, device: &str) -> String {
+        let (status, body) = self.send("POST", "/v1/devices", json!({"account": account, "device": device}));
+        assert_eq!(status, 201, "register {account}/{device}: {body}");
+        body["secret"].as_str().expect("a secret").to_string()
+    }
+
+    /// Items of a model for one device (at most 1000).
+    pub fn items(&self, account: &str, device: &str, model: &str) -> Result<Vec<Value>, String> {
+        let page = self.get(&format!("/v1/accounts/{account}/devices/{device}/items/{model}?limit=1000"))?;
+        Ok(page["items"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+impl Drop for CloudProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct AgentProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    pub dir: PathBuf,
+    name: String,
+}
+
+pub struct AgentSpec<'a> {
+    pub dir: &'a Path,
+    pub name: &'a str,
+    pub account: &'a str,
+    pub device: &'a str,
+    pub secret: &'a str,
+    pub mqtt: &'a str,
+    pub prefix: &'a str,
+}
+
+impl AgentProc {
+    pub fn start(spec: &AgentSpec<'_>) -> AgentProc {
+        let config = format!(
+            "{{account: '{}', device: '{}', secret: '{}', schema: '{}', db: '{}.redb', broker: '{}', topic_prefix: '{}', batch_delay_ms: 20}}",
+            spec.account,
+            spec.device,
+            spec.secret,
+            example_schema().display(),
+            spec.name,
+            spec.mqtt,
+            spec.prefix
+        );
+        let path = spec.dir.join(format!("{}.json5", spec.name));
+        std::fs::write(&path, config).unwrap();
+        let mut child = bin()
+            .args(["agent", "--stdin", "--config"])
+            .arg(&path)
+            .env("DEVTABLES_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("devtables agent starts");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let name = spec.name.to_string();
+        let tag = name.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("DEVTABLES_TEST_VERBOSE").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        AgentProc {
+            child,
+            stdin,
+            lines,
+            dir: spec.dir.to_path_buf(),
+            name,
+        }
+    }
+
+    /// Sends one operation line without waiting for its answer.
+    pub fn send(&mut self, request: &Value) {
+        let stdin = self.stdin.as_mut().expect("agent stdin");
+        writeln!(stdin, "{request}").expect("agent accepts input");
+        stdin.flush().unwrap();
+    }
+
+    /// The next answer line.
+    pub fn answer(&mut self) -> Value {
+        let line = self
+            .lines
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("agent {} did not answer", self.name));
+        serde_json::from_str(&line).expect("answers are JSON")
+    }
+
+    /// One operation and its answer; panics when it fails.
+    pub fn op(&mut self, request: Value) -> Value {
+        self.send(&request);
+        let answer = self.answer();
+        assert_eq!(answer["ok"], true, "{request} failed: {answer}");
+        answer["result"].clone()
+    }
+
+    /// One operation that must fail; returns the error message.
+    pub fn op_err(&mut self, request: Value) -> String {
+        self.send(&request);
+        let answer = self.answer();
+        assert_eq!(answer["ok"], false, "{request} should fail: {answer}");
+        answer["error"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.op(json!({"op": "status"}))
+    }
+
+    /// Waits until the agent is ready and its outbox is empty.
+    pub fn wait_synced(&mut self) {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            last = self.status();
+            if last["ready"] == true && last["pending"] == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent {} never synced: {last}", self.name);
+    }
+
+    /// Closes stdin: the agent flushes and exits; waits for it.
+    pub fn stop(mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent {} did not stop", self.name);
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! The HTTP API (JSON): devices, items, conflicts, health.
+//!
+//! | Method and path | What |
+//! |---|---|
+//! | `GET /health`, `GET /ready` | liveness; readiness (store answers, broker connected) |
+//! | `POST /v1/devices` `{account, device}` | register a device; the answer holds its secret, once |
+//! | `GET /v1/devices?account=&after=&limit=` | list devices with their sync status |
+//! | `GET /v1/devices/{account}/{device}` | one device: online, last seen, cursor lag, pending, last error |
+//! | `GET /v1/accounts/{a}/items/{model}?device=&pk=&sk_prefix=&where=&limit=&next=` | query items across devices (or one) |
+//! | `GET /v1/accounts/{a}/devices/{d}/items/{model}?...` | the same, for one device |
+//! | `GET /v1/accounts/{a}/devices/{d}/items/{model}/key?pk=&sk=` | one item by key |
+//! | `POST`, `PATCH`, `DELETE /v1/accounts/{a}/devices/{d}/items/{model}` | create, partially update, remove a device's item (replicates down per the schema) |
+//! | `POST`, `PATCH`, `DELETE /v1/accounts/{a}/items/{model}` | the same for an account-wide (broadcast) item |
+//! | `GET /v1/accounts/{a}/conflicts?before=&limit=` | the conflict log, newest first |
+//!
+//! Every error is `{"error": "<sentence>", "kind": "<kind>"}` with a fitting status code.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use devtables_schema::{Item, ItemKey, Schema};
+use devtables_sync::apply::CloudWriteError;
+use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::topics;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::auth::Credentials;
+use crate::config::CloudConfig;
+use crate::ops::{self, OpError, WriteKind};
+use crate::service::{StoreGone, StoreHandle, SyncInput};
+use crate::store::{ItemQuery, StoreError};
+
+#[derive(Clone)]
+pub(crate) struct ApiState {
+    pub(crate) store: StoreHandle,
+    pub(crate) sync: mpsc::Sender<SyncInput>,
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) credentials: Option<Arc<Credentials>>,
+    pub(crate) mqtt_connected: Arc<AtomicBool>,
+    pub(crate) mqtt_addr: String,
+    pub(crate) config: Arc<CloudConfig>,
+}
+
+pub(crate) fn router(state: ApiState) -> Router {
+    let limit = state.config.max_request_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/v1/devices", get(list_devices).post(register_device))
+        .route("/v1/devices/{account}/{device}", get(get_device))
+        .route(
+            "/v1/accounts/{account}/items/{model}",
+            get(query_account_items)
+                .post(create_broadcast)
+                .patch(update_broadcast)
+                .delete(remove_broadcast),
+        )
+        .route(
+            "/v1/accounts/{account}/devices/{device}/items/{model}",
+            get(query_device_items)
+                .post(create_device_item)
+                .patch(update_device_item)
+                .delete(remove_device_item),
+        )
+        .route(
+            "/v1/accounts/{account}/devices/{device}/items/{model}/key",
+            get(get_device_item),
+        )
+        .route("/v1/accounts/{account}/conflicts", get(conflicts))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An API failure: a status code, a kind for programs, a sentence for people.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": self.message, "kind": self.kind}));
+        (self.status, body).into_response()
+    }
+}
+
+impl From<StoreGone> for ApiError {
+    fn from(e: StoreGone) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::DeviceExists(_) => ApiError::new(StatusCode::CONFLICT, "exists", e.to_string()),
+            StoreError::UnknownDevice(_) => ApiError::not_found(e.to_string()),
+            StoreError::BadQuery(_) => ApiError::bad(e.to_string()),
+            StoreError::Database(_) | StoreError::Corrupt(_) => {
+                tracing::error!("store failure behind the API: {e}");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+            }
+        }
+    }
+}
+
+impl From<CloudWriteError<StoreError>> for ApiError {
+    fn from(e: CloudWriteError<StoreError>) -> Self {
+        let message = e.to_string();
+        match e {
+            CloudWriteError::UnknownModel(_) => ApiError::not_found(message),
+            CloudWriteError::NotInCloud(_) | CloudWriteError::UpOnly(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "not_writable", message)
+            }
+            CloudWriteError::Ownership(_) => ApiError::new(StatusCode::FORBIDDEN, "ownership", message),
+            CloudWriteError::WrongOwner { .. } | CloudWriteError::Validation(_) => ApiError::bad(message),
+            CloudWriteError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+            }
+            CloudWriteError::Store(s) => s.into(),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(s): State<ApiState>) -> Response {
+    let store_ok = s.store.call(|_| ()).await.is_ok();
+    let mqtt_ok = s.mqtt_connected.load(Ordering::SeqCst);
+    let body = Json(json!({"store": store_ok, "broker": mqtt_ok}));
+    let status = if store_ok && mqtt_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body).into_response()
+}
+
+fn device_id(account: &str, device: &str) -> ApiResult<DeviceId> {
+    DeviceId::new(account, device).map_err(|e| ApiError::bad(e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct Register {
+    account: String,
+    device: String,
+}
+
+async fn register_device(
+    State(s): State<ApiState>,
+    Json(body): Json<Register>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let id = device_id(&body.account, &body.device)?;
+    let secret = ops::register_device(&s.store, s.credentials.as_ref(), &id).await?;
+    let prefix = &s.config.topic_prefix;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "account": id.account,
+            "device": id.device,
+            "secret": secret,
+            "mqtt": {
+                "address": s.mqtt_addr,
+                "client_id": id.node_name(),
+                "username": id.node_name(),
+                "topics": {
+                    "up": topics::up_topic(prefix, &id),
+                    "down": topics::down_topic(prefix, &id),
+                    "broadcast": topics::broadcast_topic(prefix, &id.account),
+                },
+            },
+            "note": "the secret is shown only now; store it on the device",
+        })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct DeviceList {
+    account: Option<String>,
+    /// `account/device` of the last device of the previous page.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn with_lag(record: crate::store::DeviceRecord) -> Value {
+    let lag = record.feed_head.saturating_sub(record.cursor_acked);
+    let mut v = serde_json::to_value(&record).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("cursor_lag".into(), lag.into());
+    }
+    v
+}
+
+async fn list_devices(State(s): State<ApiState>, Query(q): Query<DeviceList>) -> ApiResult<Json<Value>> {
+    let after = match &q.after {
+        Some(a) => {
+            let (acct, dev) = a
+                .split_once('/')
+                .ok_or_else(|| ApiError::bad("after must be account/device"))?;
+            Some(device_id(acct, dev)?)
+        }
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(100).min(s.config.max_page_items);
+    let account = q.account.clone();
+    let devices = s
+        .store
+        .call(move |c| c.store.devices(account.as_deref(), after.as_ref(), limit))
+        .await??;
+    let next = (devices.len() == limit)
+        .then(|| devices.last().map(|d| format!("{}/{}", d.account, d.device)))
+        .flatten();
+    let devices: Vec<Value> = devices.into_iter().map(with_lag).collect();
+    Ok(Json(json!({"devices": devices, "next": next})))
+}
+
+async fn get_device(
+    State(s): State<ApiState>,
+    Path((account, device)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let id = device_id(&account, &device)?;
+    let who = id.clone();
+    match s.store.call(move |c| c.store.device(&who)).await?? {
+        Some(record) => Ok(Json(with_lag(record))),
+        None => Err(ApiError::not_found(format!("device {id} is not registered"))),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ItemsQuery {
+    device: Option<String>,
+    pk: Option<String>,
+    sk_prefix: Option<String>,
+    /// A JSON object of field = value filters.
+    #[serde(rename = "where")]
+    filter: Option<String>,
+    limit: Option<usize>,
+    next: Option<String>,
+}
+
+async fn run_query(s: &ApiState, account: String, model: String, q: ItemsQuery) -> ApiResult<Json<Value>> {
+    if s.schema.model(&model).is_none() {
+        return Err(ApiError::not_found(format!("unknown model {model}")));
+    }
+    let filters = match &q.filter {
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => m.into_iter().collect(),
+            _ => return Err(ApiError::bad("where must be a JSON object of field: value")),
+        },
+        None => Vec::new(),
+    };
+    let query = ItemQuery {
+        account,
+        model,
+        device: q.device,
+        pk: q.pk,
+        sk_prefix: q.sk_prefix,
+        filters,
+        limit: q.limit.unwrap_or(100).min(s.config.max_page_items),
+        next: q.next,
+    };
+    let page = s.store.call(move |c| c.store.query_items(&query)).await??;
+    Ok(Json(serde_json::to_value(page).unwrap_or(Value::Null)))
+}
+
+async fn query_account_items(
+    State(s): State<ApiState>,
+    Path((account, model)): Path<(String, String)>,
+    Query(q): Query<ItemsQuery>,
+) -> ApiResult<Json<Value>> {
+    run_query(&s, account, model, q).await
+}
+
+async fn query_device_items(
+    State(s): State<ApiState>,
+    Path((account, device, model)): Path<(String, String, String)>,
+    Query(mut q): Query<ItemsQuery>,
+) -> ApiResult<Json<Value>> {
+    device_id(&account, &device)?;
+    q.device = Some(device);
+    run_query(&s, account, model, q).await
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    #[serde(default)]
+    pk: String,
+    #[serde(default)]
+    sk: String,
+}
+
+async fn get_device_item(
+    State(s): State<ApiState>,
+    Path((account, device, model)): Path<(String, String, String)>,
+    Query(k): Query<KeyQuery>,
+) -> ApiResult<Json<Value>> {
+    let owner = Owner::Device(device_id(&account, &device)?);
+    let key = ItemKey { pk: k.pk, sk: k.sk };
+    let m = model.clone();
+    match s.store.call(move |c| c.store.get_item(&owner, &m, &key)).await?? {
+        Some(item) if item.item.is_some() => Ok(Json(serde_json::to_value(item).unwrap_or(Value::Null))),
+        _ => Err(ApiError::not_found(format!("no such {model} item"))),
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        let message = e.to_string();
+        match e {
+            OpError::UnknownModel(_) | OpError::NotFound(_) => ApiError::not_found(message),
+            OpError::Invalid(_) => ApiError::bad(message),
+            OpError::Exists(_) => ApiError::new(StatusCode::CONFLICT, "exists", message),
+            OpError::Write(w) => w.into(),
+            OpError::Store(s) => s.into(),
+            OpError::Gone(g) => g.into(),
+        }
+    }
+}
+
+async fn write_item(
+    s: &ApiState,
+    owner: Owner,
+    model: String,
+    input: Item,
+    kind: WriteKind,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let max = s.config.sync.wire.max_message_bytes;
+    let change = ops::write_item(&s.store, &s.sync, max, owner, &model, input, kind).await?;
+    let status = match kind {
+        WriteKind::Create => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    };
+    let version = devtables_sync::wire::hlc_to_string(change.version);
+    let item = match (&change.item, s.schema.model(&model)) {
+        (Some(item), Some(m)) => Value::Object(m.project(item, false)),
+        _ => Value::Null,
+    };
+    let key = json!({"pk": change.key.pk, "sk": change.key.sk});
+    Ok((status, Json(json!({"item": item, "version": version, "key": key}))))
+}
+
+fn object(body: Value) -> ApiResult<Item> {
+    match body {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad("the body must be a JSON object")),
+    }
+}
+
+async fn create_device_item(
+    State(s): State<ApiState>,
+    Path((account, device, model)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let owner = Owner::Device(device_id(&account, &device)?);
+    write_item(&s, owner, model, object(body)?, WriteKind::Create).await
+}
+
+async fn update_device_item(
+    State(s): State<ApiState>,
+    Path((account, device, model)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let owner = Owner::Device(device_id(&account, &device)?);
+    write_item(&s, owner, model, object(body)?, WriteKind::Update).await
+}
+
+async fn remove_device_item(
+    State(s): State<ApiState>,
+    Path((account, device, model)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let owner = Owner::Device(device_id(&account, &device)?);
+    write_item(&s, owner, model, object(body)?, WriteKind::Remove).await
+}
+
+fn account_owner(account: &str) -> ApiResult<Owner> {
+    // Validate the account name with a placeholder device.
+    device_id(account, "x")?;
+    Ok(Owner::Account(account.to_string()))
+}
+
+async fn create_broadcast(
+    State(s): State<ApiState>,
+    Path((account, model)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    write_item(&s, account_owner(&account)?, model, object(body)?, WriteKind::Create).await
+}
+
+async fn update_broadcast(
+    State(s): State<ApiState>,
+    Path((account, model)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    write_item(&s, account_owner(&account)?, model, object(body)?, WriteKind::Update).await
+}
+
+async fn remove_broadcast(
+    State(s): State<ApiState>,
+    Path((account, model)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    write_item(&s, account_owner(&account)?, model, object(body)?, WriteKind::Remove).await
+}
+
+#[derive(Deserialize)]
+struct ConflictQuery {
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn conflicts(
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Query(q): Query<ConflictQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(100).min(s.config.max_page_items);
+    let list = s
+        .store
+        .call(move |c| c.store.conflicts(&account, q.before, limit))
+        .await??;
+    Ok(Json(json!({"conflicts": list})))
+}

@@ -1,0 +1,893 @@
+//! The cloud's embedded MQTT broker, with the device access control the protocol depends on.
+//!
+//! # Why embedded
+//!
+//! Devices and the cloud talk over MQTT, and the cloud learns who sent an `up` message from its
+//! topic alone (see [`devtables_sync::topics`]): the payload is never trusted for identity. That is
+//! only sound if the broker lets each device publish to its own topic and to nothing else, and
+//! lets it read only its own feed. Running the broker inside the cloud process puts that rule in
+//! the same code, the same configuration and the same release as the service that relies on it:
+//! there is no second product to deploy, configure and keep in step, and the device credentials
+//! are checked against the cloud's own store through the [`Authenticator`].
+//!
+//! # Why rmqtt
+//!
+//! `rumqttd` 0.20 offers an authentication callback (username/password at CONNECT) but no topic
+//! authorization: once connected, any client may publish and subscribe anywhere, which would let
+//! a device speak for another or read another's feed. `rmqtt` exposes hooks for authentication
+//! (`ClientAuthenticate`), publish authorization (`MessagePublishCheckAcl`) and subscribe
+//! authorization (`ClientSubscribeCheckAcl`), so the whole security model below is enforced by
+//! the broker on every packet. It is used with default features off: TCP only, no plugins, no
+//! cluster, no retained-message store, no shared subscriptions.
+//!
+//! # How the ACL maps to the protocol's topics
+//!
+//! With `{prefix}` the configured topic prefix (default [`topics::DEFAULT_PREFIX`]):
+//!
+//! | Principal | CONNECT | PUBLISH | SUBSCRIBE |
+//! |---|---|---|---|
+//! | refused (`authenticate` → `None`) | CONNACK "bad user name or password" | – | – |
+//! | [`Principal::Device`] `{account}/{device}` | client id must be exactly `{account}/{device}`; a will, if any, must be non-retained on its own `up` topic; otherwise CONNACK "not authorized" | only `{prefix}/{account}/{device}/up` ([`topics::up_topic`]), never retained | only `{prefix}/{account}/{device}/down` ([`topics::down_topic`]) and `{prefix}/{account}/_all/down` ([`topics::broadcast_topic`]), exact filters, no wildcards |
+//! | [`Principal::Service`] | any client id | anywhere | anywhere (the cloud subscribes to `{prefix}/+/+/up`, [`topics::up_filter`]) |
+//!
+//! The service is an rmqtt *superuser*: rmqtt skips the ACL hooks for superusers, which is
+//! exactly "may do anything". Every other session is a device, and the ACL hooks derive its
+//! [`DeviceId`] from the session's client id, which the authentication hook has pinned to the
+//! authenticated device (`client id == id.node_name()`): no per-session map is needed, so there
+//! is nothing to clean up or race on when a session is taken over or ends. A non-superuser
+//! session whose client id does not name a valid device is denied everything (fail closed).
+//! Anonymous connections are disabled, so every CONNECT goes through the [`Authenticator`].
+//!
+//! Pinning the client id also prevents session takeover: MQTT lets a new connection with the same
+//! client id kick the old one, and rmqtt authenticates before it kicks, so only the device itself
+//! can replace its own session.
+//!
+//! # What a refusal looks like on the wire
+//!
+//! - A denied PUBLISH is dropped and the connection stays open. QoS 1 gets a PUBACK (QoS 2 a
+//!   PUBREC): for MQTT 3.1.1 it is an ordinary PUBACK (3.1.1 has no way to say "refused"); for
+//!   MQTT 5 it carries reason code 0x87 *Not authorized*. QoS 0 is dropped silently. Nothing is
+//!   delivered to any subscriber. The protocol above treats it as a lost message (a correct device
+//!   never publishes elsewhere; the denial is logged as a warning).
+//! - A denied SUBSCRIBE filter gets the failure code in the SUBACK (0x80 for 3.1.1, 0x87 *Not
+//!   authorized* for 5) and no subscription is made; other filters of the same SUBSCRIBE are
+//!   judged on their own.
+//! - Will messages are not checked by rmqtt's publish ACL, so a device's will is checked at
+//!   CONNECT instead.
+//!
+//! # Resource bounds
+//!
+//! Packets are limited to [`BrokerConfig::max_packet_bytes`], sessions (online and persistent
+//! offline ones) to [`BrokerConfig::max_connections`], and each session holds at most
+//! [`BrokerConfig::max_inflight`] unacknowledged plus [`BrokerConfig::max_queued_messages`]
+//! queued outgoing messages; beyond that rmqtt drops messages for that session (the protocol's
+//! retransmission recovers them), so a client that stops reading pins at most
+//! `max_packet_bytes × (max_inflight + max_queued_messages)` bytes. rmqtt's CPU-load based
+//! "busy" refusal is disabled: refusing devices during a load spike would only cause reconnect
+//! storms.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devtables_sync::identity::DeviceId;
+use devtables_sync::topics;
+use rmqtt::codec::v5::SubscribeAckReason;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::session::Session;
+use rmqtt::types::{AuthResult, ConnectInfo, Publish, PublishAclResult, Subscribe, SubscribeAclResult};
+use tokio::task::JoinHandle;
+
+/// Who a connected client is, decided at CONNECT by the authenticator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// The cloud service itself: may publish and subscribe anywhere.
+    Service,
+    /// A device: may publish only to its own `up` topic and read only its own feeds.
+    Device(DeviceId),
+}
+
+/// Decides who may connect. Called for every CONNECT with the MQTT client id, username and password.
+///
+/// It runs on a blocking thread (`tokio::task::spawn_blocking`), so it may consult a database.
+/// Returning `None` refuses the connection with "bad user name or password".
+pub trait Authenticator: Send + Sync + 'static {
+    /// The principal these credentials prove, or `None` to refuse.
+    fn authenticate(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Option<Principal>;
+}
+
+/// Default largest MQTT packet, in bytes (256 KiB).
+pub const DEFAULT_MAX_PACKET_BYTES: u32 = 256 * 1024;
+/// Default most sessions (connected or persistent).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default most unacknowledged QoS 1/2 messages sent to one client.
+pub const DEFAULT_MAX_INFLIGHT: u16 = 16;
+/// Default most messages queued for one client beyond the in-flight window.
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
+
+/// How long [`Broker::shutdown`] waits for connected sessions to be closed.
+const SHUTDOWN_KICK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of the embedded broker.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Address to listen on; port 0 picks a free port ([`Broker::local_addr`] reports it).
+    pub listen: SocketAddr,
+    /// Topic prefix, e.g. [`topics::DEFAULT_PREFIX`]; must match the devices' and the service's.
+    pub topic_prefix: String,
+    /// Largest MQTT packet accepted or sent, in bytes. Default [`DEFAULT_MAX_PACKET_BYTES`].
+    pub max_packet_bytes: u32,
+    /// Most sessions, connected or persistent (rmqtt's session limit; a CONNECT beyond it gets
+    /// "server unavailable"). TCP connections that never send CONNECT are dropped after a 15 s
+    /// handshake timeout. Default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Most unacknowledged QoS 1/2 messages sent to one client (at least 1). Default
+    /// [`DEFAULT_MAX_INFLIGHT`].
+    pub max_inflight: u16,
+    /// Most messages queued for one client beyond the in-flight window (at least 1); more are
+    /// dropped. Default [`DEFAULT_MAX_QUEUED_MESSAGES`].
+    pub max_queued_messages: usize,
+}
+
+impl BrokerConfig {
+    /// Defaults for everything but the listen address.
+    pub fn new(listen: SocketAddr) -> BrokerConfig {
+        BrokerConfig {
+            listen,
+            topic_prefix: topics::DEFAULT_PREFIX.to_string(),
+            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    /// Listens on `0.0.0.0:1883`, the standard MQTT port.
+    fn default() -> BrokerConfig {
+        BrokerConfig::new(SocketAddr::from(([0, 0, 0, 0], 1883)))
+    }
+}
+
+/// The broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A setting is out of range.
+    #[error("invalid broker configuration: {0}")]
+    Config(String),
+    /// The listen address could not be bound (in use, not local, no permission...).
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
+    /// rmqtt refused to start for another reason.
+    #[error("cannot start the MQTT broker: {0}")]
+    Start(String),
+}
+
+/// A running broker. Dropping it stops accepting connections; [`Broker::shutdown`] also closes
+/// the connected ones.
+pub struct Broker {
+    local_addr: SocketAddr,
+    scx: ServerContext,
+    task: Option<JoinHandle<()>>,
+    /// Keeps the registration of the ACL hooks; they are never stopped (stopping them would
+    /// let every remaining session do anything).
+    _hooks: Box<dyn Register>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Bind the listen address, install the authentication and ACL hooks and start serving.
+    ///
+    /// The socket is bound before this returns, so clients may connect to
+    /// [`Broker::local_addr`] at once. Must be called within a Tokio runtime.
+    pub async fn start(config: BrokerConfig, auth: Arc<dyn Authenticator>) -> Result<Broker, BrokerError> {
+        let prefix = config.topic_prefix.clone();
+        if prefix.is_empty() || prefix.contains(['+', '#', '\0']) || prefix.starts_with('$') {
+            return Err(BrokerError::Config(format!(
+                "topic prefix {prefix:?} must be non-empty, without '+', '#' or NUL, and not start with '$'"
+            )));
+        }
+        let max_inflight = NonZeroU16::new(config.max_inflight)
+            .ok_or_else(|| BrokerError::Config("max_inflight must be at least 1".into()))?;
+        if config.max_queued_messages == 0 {
+            return Err(BrokerError::Config("max_queued_messages must be at least 1".into()));
+        }
+        if config.max_connections == 0 {
+            return Err(BrokerError::Config("max_connections must be at least 1".into()));
+        }
+        if config.max_packet_bytes < 1024 {
+            return Err(BrokerError::Config(format!(
+                "max_packet_bytes must be at least 1024, got {}",
+                config.max_packet_bytes
+            )));
+        }
+        let max_sessions = isize::try_from(config.max_connections)
+            .map_err(|_| BrokerError::Config("max_connections is too large".into()))?;
+
+        let scx = ServerContext::new().busy_check_enable(false).mqtt_max_sessions(max_sessions).build().await;
+
+        let acl = AclHandler { prefix, auth };
+        let hooks = scx.extends.hook_mgr().register();
+        hooks.add(Type::ClientAuthenticate, Box::new(acl.clone())).await;
+        hooks.add(Type::ClientSubscribeCheckAcl, Box::new(acl.clone())).await;
+        hooks.add(Type::MessagePublishCheckAcl, Box::new(acl)).await;
+        hooks.start().await;
+
+        let listener = Builder::new()
+            .name("devtables")
+            .laddr(config.listen)
+            .reuseaddr(Some(true))
+            .allow_anonymous(false)
+            .max_connections(config.max_connections)
+            .max_packet_size(config.max_packet_bytes)
+            .max_inflight(max_inflight)
+            .max_mqueue_len(config.max_queued_messages)
+            // A v5 client may ask for any session expiry; cap it like the v3.1.1 default.
+            .max_session_expiry_interval(Duration::from_secs(2 * 60 * 60))
+            .handshake_timeout(Duration::from_secs(15))
+            .bind()
+            .map_err(|e| BrokerError::Bind { addr: config.listen, source: into_io_error(e) })?
+            .tcp()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+        let local_addr = listener.local_addr().map_err(|e| BrokerError::Start(e.to_string()))?;
+
+        let server = MqttServer::new(scx.clone()).listener_by_id(listener, local_addr.port()).build();
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.run().await {
+                tracing::error!(error = %e, "MQTT broker stopped");
+            }
+        });
+        tracing::info!(%local_addr, "MQTT broker listening");
+        Ok(Broker { local_addr, scx, task: Some(task), _hooks: hooks })
+    }
+
+    /// The address the broker listens on (with the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stop accepting connections, free the port and close every session.
+    ///
+    /// rmqtt has no graceful stop: this aborts the accept loop (dropping the listening socket)
+    /// and then kicks every known session (connected or persistent) as an administrator with a
+    /// clean start, which closes its connection and forgets its state. Sessions are kicked
+    /// concurrently, waiting at most 10 s in all; a connection still in its handshake when the
+    /// sweep runs may survive it (best effort). rmqtt's internal worker tasks are not tracked by
+    /// this handle.
+    pub async fn shutdown(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        let ids: Vec<rmqtt::types::Id> = {
+            let shared = self.scx.extends.shared().await;
+            shared.iter().map(|entry| entry.id()).collect()
+        };
+        let mut kicks = tokio::task::JoinSet::new();
+        for id in ids {
+            let scx = self.scx.clone();
+            kicks.spawn(async move {
+                let entry = scx.extends.shared().await.entry(id.clone());
+                match entry.try_lock().await {
+                    Ok(mut entry) => {
+                        if let Err(e) = entry.kick(true, true, true).await {
+                            tracing::debug!(client = %id.client_id, error = %e, "kick at shutdown failed");
+                        }
+                    }
+                    Err(e) => tracing::debug!(client = %id.client_id, error = %e, "session busy at shutdown"),
+                }
+            });
+        }
+        let all = async { while kicks.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_KICK_TIMEOUT, all).await.is_err() {
+            tracing::warn!("MQTT broker shutdown: some sessions did not close in time");
+        }
+        tracing::info!(local_addr = %self.local_addr, "MQTT broker stopped");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The `std::io::Error` inside an rmqtt (anyhow) error, or one carrying its message.
+fn into_io_error(e: rmqtt::Error) -> std::io::Error {
+    match e.downcast::<std::io::Error>() {
+        Ok(io) => io,
+        Err(other) => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// The authentication and ACL hook handler, registered for three hook types.
+#[derive(Clone)]
+struct AclHandler {
+    prefix: String,
+    auth: Arc<dyn Authenticator>,
+}
+
+type HookFuture<'a> = Pin<Box<dyn Future<Output = ReturnType> + Send + 'a>>;
+
+// `Handler` is declared with `#[async_trait]`; this is the signature that macro produces, written
+// out so that this crate needs no `async-trait` dependency.
+impl Handler for AclHandler {
+    fn hook<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        param: &'life1 Parameter<'_>,
+        acc: Option<HookResult>,
+    ) -> HookFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        match param {
+            Parameter::ClientAuthenticate(connect_info) => {
+                let request = AuthRequest::of(connect_info);
+                let handler = self.clone();
+                Box::pin(async move {
+                    let result = handler.authenticate(request).await;
+                    (false, Some(HookResult::AuthResult(result)))
+                })
+            }
+            Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
+                let result = self.check_subscribe(session, subscribe);
+                Box::pin(std::future::ready((false, Some(HookResult::SubscribeAclResult(result)))))
+            }
+            Parameter::MessagePublishCheckAcl(session, publish) => {
+                let result = self.check_publish(session, publish);
+                Box::pin(std::future::ready((false, Some(HookResult::PublishAclResult(result)))))
+            }
+            _ => Box::pin(std::future::ready((true, acc))),
+        }
+    }
+}
+
+/// What the authentication hook needs from a CONNECT, owned so it can move to a blocking thread.
+struct AuthRequest {
+    client_id: String,
+    username: Option<String>,
+    password: Option<rmqtt::types::Password>,
+    /// The will's topic and retain flag, if the client set a will.
+    will: Option<(String, bool)>,
+}
+
+impl AuthRequest {
+    fn of(ci: &ConnectInfo) -> AuthRequest {
+        let will = ci.last_will().map(|lw| {
+            let topic = match &lw {
+                rmqtt::types::LastWill::V3(w) => w.topic.to_string(),
+                rmqtt::types::LastWill::V5(w) => w.topic.to_string(),
+            };
+            (topic, lw.retain())
+        });
+        AuthRequest {
+            client_id: ci.client_id().to_string(),
+            username: ci.username().map(|u| u.to_string()),
+            password: ci.password().cloned(),
+            will,
+        }
+    }
+}
+
+impl AclHandler {
+    /// Run the authenticator and apply the device rules of CONNECT.
+    async fn authenticate(&self, request: AuthRequest) -> AuthResult {
+        let auth = self.auth.clone();
+        let principal = {
+            let client_id = request.client_id.clone();
+            let username = request.username.clone();
+            let password = request.password.clone();
+            tokio::task::spawn_blocking(move || auth.authenticate(&client_id, username.as_deref(), password.as_deref()))
+                .await
+        };
+        let principal = match principal {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(client = %request.client_id, error = %e, "authenticator failed; refusing");
+                return AuthResult::NotAuthorized;
+            }
+        };
+        match principal {
+            None => {
+                tracing::info!(client = %request.client_id, "MQTT connection refused: bad credentials");
+                AuthResult::BadUsernameOrPassword
+            }
+            Some(Principal::Service) => AuthResult::Allow(true, None),
+            Some(Principal::Device(id)) => match self.device_connect_refusal(&id, &request) {
+                None => AuthResult::Allow(false, None),
+                Some(why) => {
+                    tracing::warn!(client = %request.client_id, device = %id, "MQTT connection refused: {why}");
+                    AuthResult::NotAuthorized
+                }
+            },
+        }
+    }
+
+    /// Why a device may not connect with this CONNECT, if it may not.
+    fn device_connect_refusal(&self, id: &DeviceId, request: &AuthRequest) -> Option<&'static str> {
+        // The ACL hooks recover the device from the client id, so it must round-trip exactly.
+        if DeviceId::new(id.account.as_str(), id.device.as_str()).as_ref() != Ok(id) {
+            return Some("the authenticator returned an invalid device id");
+        }
+        if request.client_id != id.node_name() {
+            return Some("a device must use its own \"{account}/{device}\" as client id");
+        }
+        if let Some((topic, retain)) = &request.will {
+            if *retain || *topic != topics::up_topic(&self.prefix, id) {
+                return Some("a device's will must be non-retained on its own up topic");
+            }
+        }
+        None
+    }
+
+    /// The device a non-superuser session belongs to (its client id was pinned at CONNECT).
+    fn device_of(session: &Session) -> Option<DeviceId> {
+        let (account, device) = session.id.client_id.split_once('/')?;
+        DeviceId::new(account, device).ok()
+    }
+
+    fn check_subscribe(&self, session: &Session, subscribe: &Subscribe) -> SubscribeAclResult {
+        let filter: &str = &subscribe.topic_filter;
+        let allowed = Self::device_of(session).is_some_and(|id| {
+            filter == topics::down_topic(&self.prefix, &id)
+                || filter == topics::broadcast_topic(&self.prefix, &id.account)
+        });
+        if allowed {
+            SubscribeAclResult::new_success(subscribe.opts.qos(), None)
+        } else {
+            tracing::warn!(client = %session.id.client_id, filter, "MQTT subscription refused");
+            SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized)
+        }
+    }
+
+    fn check_publish(&self, session: &Session, publish: &Publish) -> PublishAclResult {
+        let topic: &str = &publish.topic;
+        let allowed =
+            !publish.retain && Self::device_of(session).is_some_and(|id| topic == topics::up_topic(&self.prefix, &id));
+        if allowed {
+            PublishAclResult::allow()
+        } else {
+            tracing::warn!(client = %session.id.client_id, topic, retain = publish.retain, "MQTT publish refused");
+            PublishAclResult::rejected(
+                false,
+                Some("a device may publish only to its own up topic, not retained".into()),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::{
+        AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+        SubscribeReasonCode,
+    };
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+
+    const PREFIX: &str = topics::DEFAULT_PREFIX;
+    const WAIT: Duration = Duration::from_secs(10);
+    const QUIET: Duration = Duration::from_millis(300);
+
+    struct FixedAuth;
+
+    impl Authenticator for FixedAuth {
+        fn authenticate(&self, _client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Option<Principal> {
+            match (username?, password?) {
+                ("service", b"svc-secret") => Some(Principal::Service),
+                ("acme/dev1", b"s1") => Some(Principal::Device(dev("acme", "dev1"))),
+                ("acme/dev2", b"s2") => Some(Principal::Device(dev("acme", "dev2"))),
+                ("other/dev9", b"s9") => Some(Principal::Device(dev("other", "dev9"))),
+                _ => None,
+            }
+        }
+    }
+
+    fn dev(account: &str, device: &str) -> DeviceId {
+        DeviceId::new(account, device).unwrap()
+    }
+
+    async fn broker() -> Broker {
+        let config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
+        Broker::start(config, Arc::new(FixedAuth)).await.unwrap()
+    }
+
+    fn options(broker: &Broker, client_id: &str, user: &str, pass: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(client_id, "127.0.0.1", broker.local_addr().port());
+        o.set_credentials(user, pass);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    /// Poll until CONNACK or the first error.
+    async fn handshake(eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
+        timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+                    return Ok(());
+                }
+            }
+        })
+        .await
+        .expect("no CONNACK in time")
+    }
+
+    /// The connect error the broker answers with.
+    async fn refused(options: MqttOptions) -> ConnectionError {
+        let (_client, mut eventloop) = AsyncClient::new(options, 10);
+        handshake(&mut eventloop).await.expect_err("connection was accepted")
+    }
+
+    /// A connected client whose event loop runs in a task, forwarding incoming packets.
+    struct Client {
+        client: AsyncClient,
+        incoming: mpsc::UnboundedReceiver<Packet>,
+        task: JoinHandle<()>,
+    }
+
+    impl Drop for Client {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Client {
+        async fn connect(options: MqttOptions) -> Client {
+            let (client, mut eventloop) = AsyncClient::new(options, 100);
+            handshake(&mut eventloop).await.expect("connection refused");
+            let (tx, incoming) = mpsc::unbounded_channel();
+            let task = tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(p)) => {
+                            if tx.send(p).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Event::Outgoing(_)) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            Client { client, incoming, task }
+        }
+
+        async fn next_packet(&mut self, wait: Duration) -> Option<Packet> {
+            timeout(wait, self.incoming.recv()).await.ok().flatten()
+        }
+
+        /// The next SUBACK's return codes (one filter per SUBSCRIBE here).
+        async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
+            self.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+            loop {
+                match self.next_packet(WAIT).await.expect("no SUBACK in time") {
+                    Packet::SubAck(ack) => return ack.return_codes[0],
+                    _ => continue,
+                }
+            }
+        }
+
+        async fn subscribe_ok(&mut self, filter: &str) {
+            let code = self.subscribe(filter).await;
+            assert!(matches!(code, SubscribeReasonCode::Success(_)), "subscribe {filter}: {code:?}");
+        }
+
+        async fn publish(&self, topic: &str, payload: &str) {
+            self.client.publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec()).await.unwrap();
+        }
+
+        /// The next message delivered, as (topic, payload).
+        async fn recv(&mut self, wait: Duration) -> Option<(String, String)> {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match self.next_packet(left).await? {
+                    Packet::Publish(p) => {
+                        return Some((p.topic.clone(), String::from_utf8_lossy(&p.payload).into_owned()))
+                    }
+                    _ => continue,
+                }
+            }
+        }
+
+        async fn expect(&mut self, topic: &str, payload: &str) {
+            let got = self.recv(WAIT).await.unwrap_or_else(|| panic!("nothing received, expected {payload:?}"));
+            assert_eq!(got, (topic.to_string(), payload.to_string()));
+        }
+
+        async fn expect_quiet(&mut self) {
+            if let Some(got) = self.recv(QUIET).await {
+                panic!("unexpected delivery {got:?}");
+            }
+        }
+    }
+
+    async fn service(b: &Broker) -> Client {
+        Client::connect(options(b, "cloud-service", "service", "svc-secret")).await
+    }
+
+    async fn dev1(b: &Broker) -> Client {
+        Client::connect(options(b, "acme/dev1", "acme/dev1", "s1")).await
+    }
+
+    async fn dev2(b: &Broker) -> Client {
+        Client::connect(options(b, "acme/dev2", "acme/dev2", "s2")).await
+    }
+
+    #[tokio::test]
+    async fn bad_credentials_are_refused() {
+        let b = broker().await;
+        for (id, user, pass) in
+            [("cloud-service", "service", "wrong"), ("acme/dev1", "acme/dev1", "s2"), ("x", "nobody", "s1")]
+        {
+            let err = refused(options(&b, id, user, pass)).await;
+            assert!(
+                matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)),
+                "{user}: {err:?}"
+            );
+        }
+        // No credentials at all: anonymous access is off.
+        let anonymous = MqttOptions::new("anon", "127.0.0.1", b.local_addr().port());
+        let err = refused(anonymous).await;
+        assert!(matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)), "{err:?}");
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn device_must_use_its_own_client_id() {
+        let b = broker().await;
+        let mut d2 = dev2(&b).await;
+        d2.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev2"))).await;
+
+        // dev1's credentials with dev2's client id (a session takeover attempt), or any other id.
+        for id in ["acme/dev2", "acme/dev1/x", "dev1", ""] {
+            let err = refused(options(&b, id, "acme/dev1", "s1")).await;
+            assert!(
+                matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)),
+                "{id}: {err:?}"
+            );
+        }
+
+        // dev2's session was not kicked: it still receives its feed.
+        let svc = service(&b).await;
+        let down2 = topics::down_topic(PREFIX, &dev("acme", "dev2"));
+        svc.publish(&down2, "still here").await;
+        d2.expect(&down2, "still here").await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn service_receives_device_up_messages() {
+        let b = broker().await;
+        let mut svc = service(&b).await;
+        svc.subscribe_ok(&topics::up_filter(PREFIX)).await;
+        let d1 = dev1(&b).await;
+        let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
+        d1.publish(&up1, "hello").await;
+        svc.expect(&up1, "hello").await;
+        assert_eq!(topics::parse_up_topic(PREFIX, &up1), Some(dev("acme", "dev1")));
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn device_cannot_publish_elsewhere() {
+        let b = broker().await;
+        let mut svc = service(&b).await;
+        // Everything under the prefix, so that any leak would show.
+        svc.subscribe_ok(&format!("{PREFIX}/#")).await;
+        let d1 = dev1(&b).await;
+        let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
+        d1.publish(&topics::up_topic(PREFIX, &dev("acme", "dev2")), "spoofed").await;
+        d1.publish(&topics::down_topic(PREFIX, &dev("acme", "dev2")), "to dev2").await;
+        d1.publish(&topics::broadcast_topic(PREFIX, "acme"), "broadcast").await;
+        d1.publish(&format!("{PREFIX}/acme/dev1/up/x"), "sub-level").await;
+        d1.client.publish(up1.clone(), QoS::AtLeastOnce, true, b"retained".to_vec()).await.unwrap();
+        // The permitted message after the forbidden ones proves the path works, and that the
+        // broker kept the connection open (the client task ends on any connection error).
+        d1.publish(&up1, "allowed").await;
+        svc.expect(&up1, "allowed").await;
+        svc.expect_quiet().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn device_cannot_read_another_device() {
+        let b = broker().await;
+        let mut d1 = dev1(&b).await;
+        let down1 = topics::down_topic(PREFIX, &dev("acme", "dev1"));
+        let down2 = topics::down_topic(PREFIX, &dev("acme", "dev2"));
+        assert_eq!(d1.subscribe(&down2).await, SubscribeReasonCode::Failure);
+        assert_eq!(d1.subscribe(&topics::up_topic(PREFIX, &dev("acme", "dev2"))).await, SubscribeReasonCode::Failure);
+        d1.subscribe_ok(&down1).await;
+
+        let svc = service(&b).await;
+        svc.publish(&down2, "for dev2").await;
+        svc.publish(&down1, "for dev1").await;
+        d1.expect(&down1, "for dev1").await;
+        d1.expect_quiet().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn device_wildcard_subscriptions_are_refused() {
+        let b = broker().await;
+        let mut d1 = dev1(&b).await;
+        for filter in [
+            "#".to_string(),
+            format!("{PREFIX}/#"),
+            format!("{PREFIX}/acme/+/down"),
+            format!("{PREFIX}/acme/dev1/#"),
+            format!("{PREFIX}/+/dev1/down"),
+            topics::up_filter(PREFIX),
+            "$SYS/#".to_string(),
+        ] {
+            assert_eq!(d1.subscribe(&filter).await, SubscribeReasonCode::Failure, "{filter}");
+        }
+        // Still connected and able to subscribe to what it may.
+        d1.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev1"))).await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn device_receives_its_feed_and_its_account_broadcast() {
+        let b = broker().await;
+        let mut d1 = dev1(&b).await;
+        let down1 = topics::down_topic(PREFIX, &dev("acme", "dev1"));
+        let acme_all = topics::broadcast_topic(PREFIX, "acme");
+        let other_all = topics::broadcast_topic(PREFIX, "other");
+        d1.subscribe_ok(&down1).await;
+        d1.subscribe_ok(&acme_all).await;
+        assert_eq!(d1.subscribe(&other_all).await, SubscribeReasonCode::Failure);
+
+        // Another account's device does receive its own broadcast: the message really flows.
+        let mut d9 = Client::connect(options(&b, "other/dev9", "other/dev9", "s9")).await;
+        d9.subscribe_ok(&other_all).await;
+
+        let svc = service(&b).await;
+        svc.publish(&other_all, "other account").await;
+        svc.publish(&down1, "direct").await;
+        svc.publish(&acme_all, "to acme").await;
+        d9.expect(&other_all, "other account").await;
+        let mut got = vec![d1.recv(WAIT).await.expect("first"), d1.recv(WAIT).await.expect("second")];
+        got.sort();
+        let mut want = vec![(down1, "direct".to_string()), (acme_all, "to acme".to_string())];
+        want.sort();
+        assert_eq!(got, want);
+        d1.expect_quiet().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn device_will_must_be_its_own_up_topic() {
+        let b = broker().await;
+        let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
+        let up2 = topics::up_topic(PREFIX, &dev("acme", "dev2"));
+        for (topic, retain) in [(up2.as_str(), false), (up1.as_str(), true)] {
+            let mut o = options(&b, "acme/dev1", "acme/dev1", "s1");
+            o.set_last_will(LastWill::new(topic, "bye", QoS::AtLeastOnce, retain));
+            let err = refused(o).await;
+            assert!(
+                matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)),
+                "{topic} {retain}: {err:?}"
+            );
+        }
+        let mut o = options(&b, "acme/dev1", "acme/dev1", "s1");
+        o.set_last_will(LastWill::new(up1, "bye", QoS::AtLeastOnce, false));
+        let _d1 = Client::connect(o).await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn v5_denied_publish_gets_not_authorized_puback() {
+        use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason};
+        use rumqttc::v5::mqttbytes::QoS as QoS5;
+        use rumqttc::v5::{
+            AsyncClient as Client5, ConnectionError as Error5, Event as Event5, MqttOptions as Options5,
+        };
+
+        let b = broker().await;
+        let mut svc = service(&b).await;
+        svc.subscribe_ok(&topics::up_filter(PREFIX)).await;
+
+        let mut o = Options5::new("acme/dev1", "127.0.0.1", b.local_addr().port());
+        o.set_credentials("acme/dev1", "s1");
+        let (client, mut eventloop) = Client5::new(o, 10);
+        let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
+        client
+            .publish(topics::up_topic(PREFIX, &dev("acme", "dev2")), QoS5::AtLeastOnce, false, "spoofed")
+            .await
+            .unwrap();
+        let err = timeout(WAIT, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event5::Incoming(Packet5::PubAck(ack))) => panic!("accepted: {ack:?}"),
+                    Ok(_) => continue,
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("no PUBACK in time");
+        assert!(
+            matches!(
+                err,
+                Error5::MqttState(rumqttc::v5::StateError::PubAckFail { reason: PubAckReason::NotAuthorized })
+            ),
+            "{err:?}"
+        );
+
+        // rumqttc v5 treats the refusal as an error and reconnects on the next poll (the broker
+        // itself keeps the connection: see `device_cannot_publish_elsewhere`); an allowed
+        // publish then goes through.
+        client.publish(up1.clone(), QoS5::AtLeastOnce, false, "allowed").await.unwrap();
+        let acked = timeout(WAIT, async {
+            loop {
+                if let Event5::Incoming(Packet5::PubAck(ack)) = eventloop.poll().await.unwrap() {
+                    return ack;
+                }
+            }
+        })
+        .await
+        .expect("no PUBACK in time");
+        assert_eq!(acked.reason, PubAckReason::Success);
+        svc.expect(&up1, "allowed").await;
+        svc.expect_quiet().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_frees_the_port_and_closes_sessions() {
+        let b = broker().await;
+        let addr = b.local_addr();
+        assert_ne!(addr.port(), 0);
+        let mut d1 = dev1(&b).await;
+        d1.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev1"))).await;
+        b.shutdown().await;
+
+        // The session was closed: the client's event loop ends (its task drops the sender).
+        timeout(WAIT, async { while d1.incoming.recv().await.is_some() {} }).await.expect("session not closed");
+        // The port is free again.
+        std::net::TcpListener::bind(addr).expect("port still bound");
+    }
+
+    #[tokio::test]
+    async fn start_reports_bind_and_config_errors() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = Broker::start(BrokerConfig::new(addr), Arc::new(FixedAuth)).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Bind { addr: a, .. } if a == addr), "{err:?}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+
+        let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
+        config.max_inflight = 0;
+        let err = Broker::start(config, Arc::new(FixedAuth)).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Config(_)), "{err:?}");
+
+        let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
+        config.topic_prefix = "a/+".into();
+        let err = Broker::start(config, Arc::new(FixedAuth)).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Config(_)), "{err:?}");
+    }
+}

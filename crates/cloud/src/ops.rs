@@ -1,0 +1,124 @@
+//! Application operations shared by the HTTP API and the embedding program (the demo, tests):
+//! registering a device and writing items through the cloud. Each runs as one job on the store
+//! thread, so reading the current item and writing the new one cannot interleave with another
+//! write.
+
+use std::sync::Arc;
+
+use devtables_schema::{Item, ValidationError};
+use devtables_sync::apply::{CloudOp, CloudWriteError, OWNER_FIELD};
+use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::wire::Change;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::auth::{self, Credentials};
+use crate::service::{wall_ms, StoreGone, StoreHandle, SyncInput};
+use crate::store::StoreError;
+
+/// What an application write does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Create an item; fails when its key exists.
+    Create,
+    /// Change the given fields of an existing item.
+    Update,
+    /// Remove the item the given key properties identify.
+    Remove,
+}
+
+/// Why an application operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("unknown model {0}")]
+    UnknownModel(String),
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    #[error("{0} already exists: use an update to change it")]
+    Exists(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
+    #[error(transparent)]
+    Write(#[from] CloudWriteError<StoreError>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gone(#[from] StoreGone),
+}
+
+/// Registers a device; returns its secret (stored only as a hash).
+pub async fn register_device(
+    store: &StoreHandle,
+    credentials: Option<&Arc<Credentials>>,
+    id: &DeviceId,
+) -> Result<String, OpError> {
+    let secret = auth::generate_secret();
+    let hash = auth::hash_secret(&secret);
+    let (who, stored) = (id.clone(), hash.clone());
+    store
+        .call(move |c| c.store.register_device(&who, &stored, wall_ms()))
+        .await??;
+    if let Some(creds) = credentials {
+        creds.add_device(id.clone(), hash);
+    }
+    Ok(secret)
+}
+
+/// Writes an item through the cloud: validated and versioned here, replicated down to the
+/// device(s) per the schema. Returns the change as stored.
+pub async fn write_item(
+    store: &StoreHandle,
+    sync: &mpsc::Sender<SyncInput>,
+    max_message_bytes: usize,
+    owner: Owner,
+    model: &str,
+    mut input: Item,
+    kind: WriteKind,
+) -> Result<Change, OpError> {
+    let m = model.to_string();
+    let (change, advanced) = store
+        .call(move |c| -> Result<_, OpError> {
+            let schema = c.schema.clone();
+            let model = schema
+                .model(&m)
+                .ok_or_else(|| OpError::UnknownModel(m.clone()))?;
+            // A device's item names its device: fill it in rather than make every caller repeat it.
+            if let Owner::Device(d) = &owner {
+                if model.field(OWNER_FIELD).is_some() && !input.contains_key(OWNER_FIELD) {
+                    input.insert(OWNER_FIELD.into(), Value::String(d.device.clone()));
+                }
+            }
+            let now = wall_ms();
+            let op = match kind {
+                WriteKind::Create => {
+                    let item = model.prepare_create(&input, now as i64)?;
+                    let key = model.primary_key(&item)?;
+                    let existing = c.store.get_item(&owner, &m, &key)?;
+                    if existing.is_some_and(|e| e.item.is_some()) {
+                        return Err(OpError::Exists(format!("{m} item {key:?}")));
+                    }
+                    CloudOp::Put(item)
+                }
+                WriteKind::Update | WriteKind::Remove => {
+                    let key = model.primary_key(&input)?;
+                    let existing = c.store.get_item(&owner, &m, &key)?.and_then(|e| e.item);
+                    let Some(existing) = existing else {
+                        return Err(OpError::NotFound(format!("{m} item {key:?}")));
+                    };
+                    if kind == WriteKind::Update {
+                        CloudOp::Put(model.prepare_update(&existing, &input, now as i64)?)
+                    } else {
+                        CloudOp::Delete(key)
+                    }
+                }
+            };
+            Ok(c
+                .store
+                .write(&schema, &mut c.clock, now, max_message_bytes, &owner, &m, op)?)
+        })
+        .await??;
+    if !advanced.is_empty() {
+        let _ = sync.send(SyncInput::FeedAdvanced(advanced)).await;
+    }
+    Ok(change)
+}
