@@ -119,6 +119,11 @@ impl Agent {
         if sync.seed == 0 {
             sync.seed = node ^ devtables_db::system_now_ms() as u64;
         }
+        let initial = AgentStatus {
+            cursor: restored.cursor,
+            pending: restored.outbox.len(),
+            ..AgentStatus::default()
+        };
         let engine = DeviceEngine::new(
             sync,
             schema.version().to_string(),
@@ -135,7 +140,7 @@ impl Agent {
         options.set_max_packet_size(max_packet, max_packet);
         let (client, eventloop) = AsyncClient::new(options, config.mqtt_queue);
 
-        let (status_tx, status) = watch::channel(AgentStatus::default());
+        let (status_tx, status) = watch::channel(initial);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let handlers: Handlers = Arc::default();
         let driver = driver::Driver {

@@ -633,11 +633,10 @@ impl CloudEngine {
     }
 
     fn transmit(&mut self, device: &DeviceId, msg: &DownMsg) {
-        match wire::encode_down(&self.cfg.schema_version, msg, &self.cfg.wire) {
-            Ok(bytes) => self.actions.push_back(CloudAction::Transmit { device: device.clone(), bytes }),
-            // Pages and acks are cut to fit above; this cannot happen, and dropping the message
-            // is then the same as losing it: the timers recover.
-            Err(_) => {}
+        // Pages and acks are cut to fit above, so encoding cannot fail; if it ever did, dropping
+        // the message is the same as losing it, and the timers recover.
+        if let Ok(bytes) = wire::encode_down(&self.cfg.schema_version, msg, &self.cfg.wire) {
+            self.actions.push_back(CloudAction::Transmit { device: device.clone(), bytes });
         }
     }
 

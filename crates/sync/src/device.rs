@@ -625,7 +625,7 @@ impl DeviceEngine {
             None => {
                 after.is_none()
                     && cursor >= self.tail
-                    && !self.last_snapshot_ack.as_ref().is_some_and(|(id, _, _)| *id == resync)
+                    && self.last_snapshot_ack.as_ref().is_none_or(|(id, _, _)| *id != resync)
             }
         };
         if !accept {

@@ -300,6 +300,7 @@ struct Faults {
 const CALM: Faults =
     Faults { loss: 0.0, dup: 0.0, max_delay: 20, partition: 0.0, device_crash: 0.0, cloud_crash: 0.0, purge: 0.0 };
 
+#[derive(Clone, Copy)]
 enum Dest {
     Cloud(usize),
     Device(usize),
@@ -466,10 +467,6 @@ impl Sim {
         for _ in 0..copies {
             let at = self.now + self.rng.gen_range(1..=self.faults.max_delay.max(1));
             self.net_seq += 1;
-            let dest = match dest {
-                Dest::Cloud(i) => Dest::Cloud(i),
-                Dest::Device(i) => Dest::Device(i),
-            };
             self.net.push(Msg { at, seq: self.net_seq, dest, bytes: bytes.clone() });
         }
     }
@@ -1332,7 +1329,7 @@ fn ownership_is_enforced_by_the_cloud() {
     // Stored under the sender, whatever the payload says.
     assert!(txn.s.items.contains_key(&(Owner::Device(from.clone()), "U".into(), mine.key.clone())));
     // A replay is idempotent; an older version is stale.
-    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, &from, &[mine.clone()]).unwrap();
+    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, &from, std::slice::from_ref(&mine)).unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let mut old = mine.clone();
     old.version = hlc(4);
