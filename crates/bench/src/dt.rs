@@ -16,7 +16,9 @@ use crate::workload::{self as w, Metrics, Progress};
 pub const PERIODIC_INTERVAL: Duration = Duration::from_secs(1);
 
 fn schema() -> anyhow::Result<Arc<Schema>> {
-    Ok(Arc::new(Schema::from_json5(w::SCHEMA).context("bench schema")?))
+    Ok(Arc::new(
+        Schema::from_json5(w::SCHEMA).context("bench schema")?,
+    ))
 }
 
 fn open(path: &Path, durability: Durability, cache_mib: Option<usize>) -> anyhow::Result<Db> {
@@ -65,7 +67,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     w::put(&mut m, "create_per_s", &t, |d| w::rate(n, d));
     let t = w::Clock::start();
     db.flush()?;
-    w::put(&mut m, "flush_ms", &t, |d| w::ms(d));
+    w::put(&mut m, "flush_ms", &t, w::ms);
     m.insert("file_mib".into(), sys::file_mib(&path));
     m.insert("rss_after_create_mib".into(), sys::vm_mib("VmRSS"));
 
@@ -78,7 +80,9 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     for &i in &order {
         sink += w::key(i as usize).len();
     }
-    w::put(&mut m, "key_build_ns", &t, |d| d.as_nanos() as f64 / n as f64);
+    w::put(&mut m, "key_build_ns", &t, |d| {
+        d.as_nanos() as f64 / n as f64
+    });
     ensure!(sink == 2 * n);
 
     // The CPU work of the schema and JSON alone, without storage (both engines do it): a
@@ -133,10 +137,16 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
             &props(json!({"deviceId": device, "sk": {"begins": prefix}})),
             &FindOptions::default(),
         )?;
-        ensure!(page.items.len() == *expected, "prefix {prefix}: {} items", page.items.len());
+        ensure!(
+            page.items.len() == *expected,
+            "prefix {prefix}: {} items",
+            page.items.len()
+        );
         items += page.items.len();
     }
-    w::put(&mut m, "prefix_find_us", &t, |d| d.as_secs_f64() * 1e6 / queries.len() as f64);
+    w::put(&mut m, "prefix_find_us", &t, |d| {
+        d.as_secs_f64() * 1e6 / queries.len() as f64
+    });
     m.insert("prefix_items".into(), items as f64 / queries.len() as f64);
 
     // 4. status == fault: through gs1, then as a filter over a model scan
@@ -149,19 +159,31 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     let t = w::Clock::start();
     for _ in 0..w::FILTER_QUERIES {
         let page = db.find(w::MODEL, &fault, &by_index)?;
-        ensure!(page.items.len() == expected, "gs1 find: {} items", page.items.len());
+        ensure!(
+            page.items.len() == expected,
+            "gs1 find: {} items",
+            page.items.len()
+        );
     }
-    w::put(&mut m, "index_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "index_find_ms", &t, |d| {
+        w::ms(d) / w::FILTER_QUERIES as f64
+    });
     m.insert("filter_items".into(), expected as f64);
 
     let mut p = Progress::new(label("filter scan"), w::FILTER_QUERIES);
     let t = w::Clock::start();
     for q in 0..w::FILTER_QUERIES {
         let page = db.find(w::MODEL, &fault, &FindOptions::default())?;
-        ensure!(page.items.len() == expected, "scan find: {} items", page.items.len());
+        ensure!(
+            page.items.len() == expected,
+            "scan find: {} items",
+            page.items.len()
+        );
         p.tick((q + 1) * 256);
     }
-    w::put(&mut m, "scan_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "scan_find_ms", &t, |d| {
+        w::ms(d) / w::FILTER_QUERIES as f64
+    });
 
     // 5. updates in a shuffled order
     let order = w::shuffled(n, &mut rng);
@@ -207,7 +229,11 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
 
 /// Immediate mode: one durable commit per create from one writer, on a fresh file.
 pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
-    let db = open(&dir.join("devtables-imm1.redb"), Durability::Immediate, None)?;
+    let db = open(
+        &dir.join("devtables-imm1.redb"),
+        Durability::Immediate,
+        None,
+    )?;
     let mut p = Progress::new("devtables immediate, 1 writer", n);
     let t = w::Clock::start();
     for i in 0..n {
@@ -222,7 +248,11 @@ pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()
 /// Immediate mode: one durable commit per create from `writers` concurrent writer threads
 /// (group commit), on a fresh file.
 pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> anyhow::Result<()> {
-    let db = open(&dir.join("devtables-imm8.redb"), Durability::Immediate, None)?;
+    let db = open(
+        &dir.join("devtables-imm8.redb"),
+        Durability::Immediate,
+        None,
+    )?;
     eprintln!("  .. devtables immediate, {writers} writers");
     let t = w::Clock::start();
     std::thread::scope(|s| -> anyhow::Result<()> {
@@ -238,7 +268,8 @@ pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> 
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
         }
         Ok(())
     })?;

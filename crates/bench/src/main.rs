@@ -7,6 +7,10 @@
 //! report and writes it to `--out` when given. Every database file lives in a temporary
 //! directory under /tmp that the parent removes at the end.
 
+// `DbError` is what `Db::write` closures return (large, not ours to change); `is_multiple_of`
+// is newer than the workspace's rust-version.
+#![allow(clippy::result_large_err, clippy::manual_is_multiple_of)]
+
 mod dt;
 mod sq;
 mod sys;
@@ -89,7 +93,10 @@ const RAW_SPAN: Duration = Duration::from_secs(2);
 fn child(engine: &str, n: usize, dir: &Path, writers: usize) -> anyhow::Result<Metrics> {
     let (wall, cpu, load) = (Instant::now(), sys::cpu_seconds(), sys::load1());
     let mut m = run_engine(engine, n, dir, writers)?;
-    m.insert("cpu_share".into(), (sys::cpu_seconds() - cpu) / wall.elapsed().as_secs_f64());
+    m.insert(
+        "cpu_share".into(),
+        (sys::cpu_seconds() - cpu) / wall.elapsed().as_secs_f64(),
+    );
     m.insert("load1_start".into(), load);
     m.insert("load1_end".into(), sys::load1());
     Ok(m)
@@ -108,7 +115,10 @@ fn run_engine(engine: &str, n: usize, dir: &Path, writers: usize) -> anyhow::Res
             let mut m = Metrics::new();
             let raw = |m: &mut Metrics, k: usize| -> anyhow::Result<()> {
                 eprintln!("  .. raw append 200 B + fdatasync for {RAW_SPAN:?}");
-                m.insert(format!("raw{k}_per_s"), sys::raw_fdatasync_rate(dir, RAW_SPAN)?);
+                m.insert(
+                    format!("raw{k}_per_s"),
+                    sys::raw_fdatasync_rate(dir, RAW_SPAN)?,
+                );
                 Ok(())
             };
             raw(&mut m, 0)?;
@@ -148,7 +158,8 @@ fn spawn(tmp: &Path, engine: &str, n: usize, writers: usize) -> anyhow::Result<M
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
-    let m: Metrics = serde_json::from_str(line).with_context(|| format!("child output {line:?}"))?;
+    let m: Metrics =
+        serde_json::from_str(line).with_context(|| format!("child output {line:?}"))?;
     eprintln!("   done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(m)
 }
@@ -296,8 +307,12 @@ fn table(
                 let extra = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
                 if suffix.is_empty() && c != "-" {
                     match *key {
-                        "prefix_find_us" => c.push_str(&format!(" ({} items avg)", short(extra("prefix_items")))),
-                        "index_find_ms" | "scan_find_ms" => c.push_str(&format!(" ({} items)", thousands(extra("filter_items")))),
+                        "prefix_find_us" => {
+                            c.push_str(&format!(" ({} items avg)", short(extra("prefix_items"))))
+                        }
+                        "index_find_ms" | "scan_find_ms" => {
+                            c.push_str(&format!(" ({} items)", thousands(extra("filter_items"))))
+                        }
                         _ => {}
                     }
                 }
@@ -341,31 +356,126 @@ fn report(
     ));
 
     let rows: [(&str, &str, Unit, &str); 18] = [
-        ("create, 1,000 per transaction", "create_per_s", Unit::Rate, "~295,000 / ~280,000"),
-        ("(floor) schema + JSON work of a create alone: prepare_create, primary_key, to_vec", "floor_create_per_s", Unit::Rate, "-"),
-        ("make durable after the creates (flush / WAL checkpoint)", "flush_ms", Unit::Ms, "full save ~9 / ~95 ms"),
-        ("get by key, shuffled, one snapshot per get", "get_each_per_s", Unit::Rate, "~515,000 / ~370,000"),
-        ("get by key, shuffled, all in one read transaction", "get_txn_per_s", Unit::Rate, "-"),
-        ("(floor) work of a get without storage: key map, primary_key, JSON parse, project", "floor_get_per_s", Unit::Rate, "-"),
-        ("find by pk + sort-key prefix (per query)", "prefix_find_us", Unit::Us, "-"),
-        ("find status == fault via index gs1 / status (per query)", "index_find_ms", Unit::Ms, "- (no secondary index)"),
-        ("find status == fault, filter over a model scan (per query)", "scan_find_ms", Unit::Ms, "~2 / ~33 ms"),
-        ("update `value`, shuffled, 1,000 per transaction", "update_per_s", Unit::Rate, "~465,000 / ~318,000"),
-        ("remove, shuffled, 1,000 per transaction", "remove_per_s", Unit::Rate, "~408,000 / ~266,000"),
-        ("file size after the creates", "file_mib", Unit::Mib, "- (in memory)"),
-        ("RSS at process start (harness only)", "rss_start_mib", Unit::Mib, "-"),
-        ("RSS after the creates", "rss_after_create_mib", Unit::Mib, "-"),
-        ("peak RSS of the process (VmHWM)", "peak_rss_mib", Unit::Mib, "- / ~224 MB"),
-        ("run conditions: process CPU time / wall time", "cpu_share", Unit::Ratio, "-"),
-        ("run conditions: 1-min load average at start", "load1_start", Unit::Ratio, "-"),
-        ("run conditions: 1-min load average at end", "load1_end", Unit::Ratio, "-"),
+        (
+            "create, 1,000 per transaction",
+            "create_per_s",
+            Unit::Rate,
+            "~295,000 / ~280,000",
+        ),
+        (
+            "(floor) schema + JSON work of a create alone: prepare_create, primary_key, to_vec",
+            "floor_create_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
+            "make durable after the creates (flush / WAL checkpoint)",
+            "flush_ms",
+            Unit::Ms,
+            "full save ~9 / ~95 ms",
+        ),
+        (
+            "get by key, shuffled, one snapshot per get",
+            "get_each_per_s",
+            Unit::Rate,
+            "~515,000 / ~370,000",
+        ),
+        (
+            "get by key, shuffled, all in one read transaction",
+            "get_txn_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
+            "(floor) work of a get without storage: key map, primary_key, JSON parse, project",
+            "floor_get_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
+            "find by pk + sort-key prefix (per query)",
+            "prefix_find_us",
+            Unit::Us,
+            "-",
+        ),
+        (
+            "find status == fault via index gs1 / status (per query)",
+            "index_find_ms",
+            Unit::Ms,
+            "- (no secondary index)",
+        ),
+        (
+            "find status == fault, filter over a model scan (per query)",
+            "scan_find_ms",
+            Unit::Ms,
+            "~2 / ~33 ms",
+        ),
+        (
+            "update `value`, shuffled, 1,000 per transaction",
+            "update_per_s",
+            Unit::Rate,
+            "~465,000 / ~318,000",
+        ),
+        (
+            "remove, shuffled, 1,000 per transaction",
+            "remove_per_s",
+            Unit::Rate,
+            "~408,000 / ~266,000",
+        ),
+        (
+            "file size after the creates",
+            "file_mib",
+            Unit::Mib,
+            "- (in memory)",
+        ),
+        (
+            "RSS at process start (harness only)",
+            "rss_start_mib",
+            Unit::Mib,
+            "-",
+        ),
+        (
+            "RSS after the creates",
+            "rss_after_create_mib",
+            Unit::Mib,
+            "-",
+        ),
+        (
+            "peak RSS of the process (VmHWM)",
+            "peak_rss_mib",
+            Unit::Mib,
+            "- / ~224 MB",
+        ),
+        (
+            "run conditions: process CPU time / wall time",
+            "cpu_share",
+            Unit::Ratio,
+            "-",
+        ),
+        (
+            "run conditions: 1-min load average at start",
+            "load1_start",
+            Unit::Ratio,
+            "-",
+        ),
+        (
+            "run conditions: 1-min load average at end",
+            "load1_end",
+            Unit::Ratio,
+            "-",
+        ),
     ];
     let main = ["devtables".to_string(), "sqlite".to_string()];
     s.push_str(&table(&args.sizes, &main, &rows, "", true, grouped));
     let key_ns: Vec<String> = args
         .sizes
         .iter()
-        .filter_map(|&n| grouped.get(&(n, "devtables".to_string()))?.get("key_build_ns").map(|v| format!("N={}: {:.0} ns", size_label(n), v)))
+        .filter_map(|&n| {
+            grouped
+                .get(&(n, "devtables".to_string()))?
+                .get("key_build_ns")
+                .map(|v| format!("N={}: {:.0} ns", size_label(n), v))
+        })
         .collect();
     s.push_str(&format!(
         "\nGets include building the key properties (a serde_json map of id and deviceId) for every get: {} per get in the harness alone.\n",
@@ -393,9 +503,21 @@ fn report(
         thousands(args.immediate_items as f64)
     ));
     let imm_rows = [
-        ("devtables `immediate`, 1 writer thread".to_string(), "dt_imm_1w_per_s", "~7,200 creates/s"),
-        (format!("devtables `immediate`, {writers:.0} writer threads (group commit)"), "dt_imm_nw_per_s", "-"),
-        ("SQLite WAL synchronous=FULL, 1 writer".to_string(), "sq_imm_1w_per_s", "-"),
+        (
+            "devtables `immediate`, 1 writer thread".to_string(),
+            "dt_imm_1w_per_s",
+            "~7,200 creates/s",
+        ),
+        (
+            format!("devtables `immediate`, {writers:.0} writer threads (group commit)"),
+            "dt_imm_nw_per_s",
+            "-",
+        ),
+        (
+            "SQLite WAL synchronous=FULL, 1 writer".to_string(),
+            "sq_imm_1w_per_s",
+            "-",
+        ),
     ];
     for (k, (label, key, original)) in imm_rows.iter().enumerate() {
         let v = get(key);

@@ -33,7 +33,9 @@ fn open(path: &Path, synchronous: &str) -> anyhow::Result<Connection> {
 }
 
 fn parse(body: &str) -> rusqlite::Result<Item> {
-    serde_json::from_str(body).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    serde_json::from_str(body).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 fn insert(conn: &Connection, model: &Model, i: usize, now: i64) -> anyhow::Result<()> {
@@ -55,7 +57,11 @@ fn get(conn: &Connection, model: &Model, i: usize) -> anyhow::Result<Option<Item
     Ok(item.map(|item| model.project(&item, false)))
 }
 
-fn bodies(st: &mut rusqlite::CachedStatement<'_>, p: impl rusqlite::Params, model: &Model) -> anyhow::Result<Vec<Item>> {
+fn bodies(
+    st: &mut rusqlite::CachedStatement<'_>,
+    p: impl rusqlite::Params,
+    model: &Model,
+) -> anyhow::Result<Vec<Item>> {
     let rows = st.query_map(p, |r| parse(r.get_ref(0)?.as_str()?))?;
     let mut out = Vec::new();
     for row in rows {
@@ -90,7 +96,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     w::put(&mut m, "create_per_s", &t, |d| w::rate(n, d));
     let t = w::Clock::start();
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    w::put(&mut m, "flush_ms", &t, |d| w::ms(d));
+    w::put(&mut m, "flush_ms", &t, w::ms);
     m.insert("file_mib".into(), sys::file_mib(&path));
     m.insert("rss_after_create_mib".into(), sys::vm_mib("VmRSS"));
 
@@ -124,32 +130,45 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     for (device, prefix, expected) in &queries {
         let pk = format!("dev#{device}");
         let end = format!("{prefix}\u{10FFFF}");
-        let mut st = conn.prepare_cached("SELECT body FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3")?;
+        let mut st =
+            conn.prepare_cached("SELECT body FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3")?;
         let found = bodies(&mut st, params![pk, prefix, end], model)?;
-        ensure!(found.len() == *expected, "prefix {prefix}: {} items", found.len());
+        ensure!(
+            found.len() == *expected,
+            "prefix {prefix}: {} items",
+            found.len()
+        );
         items += found.len();
     }
-    w::put(&mut m, "prefix_find_us", &t, |d| d.as_secs_f64() * 1e6 / queries.len() as f64);
+    w::put(&mut m, "prefix_find_us", &t, |d| {
+        d.as_secs_f64() * 1e6 / queries.len() as f64
+    });
     m.insert("prefix_items".into(), items as f64 / queries.len() as f64);
 
     // 4. status == fault: through the status index, then as a full scan
     let expected = w::faults(n);
     let t = w::Clock::start();
     for _ in 0..w::FILTER_QUERIES {
-        let mut st = conn.prepare_cached("SELECT body FROM items WHERE status = ?1 AND type = ?2")?;
+        let mut st =
+            conn.prepare_cached("SELECT body FROM items WHERE status = ?1 AND type = ?2")?;
         let found = bodies(&mut st, params!["fault", w::MODEL], model)?;
         ensure!(found.len() == expected, "index find: {} items", found.len());
     }
-    w::put(&mut m, "index_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "index_find_ms", &t, |d| {
+        w::ms(d) / w::FILTER_QUERIES as f64
+    });
     m.insert("filter_items".into(), expected as f64);
 
     let t = w::Clock::start();
     for _ in 0..w::FILTER_QUERIES {
-        let mut st = conn.prepare_cached("SELECT body FROM items NOT INDEXED WHERE status = ?1 AND type = ?2")?;
+        let mut st = conn
+            .prepare_cached("SELECT body FROM items NOT INDEXED WHERE status = ?1 AND type = ?2")?;
         let found = bodies(&mut st, params!["fault", w::MODEL], model)?;
         ensure!(found.len() == expected, "scan find: {} items", found.len());
     }
-    w::put(&mut m, "scan_find_ms", &t, |d| w::ms(d) / w::FILTER_QUERIES as f64);
+    w::put(&mut m, "scan_find_ms", &t, |d| {
+        w::ms(d) / w::FILTER_QUERIES as f64
+    });
 
     // 5. updates: read, parse, prepare_update, write back
     let order = w::shuffled(n, &mut rng);
@@ -168,7 +187,9 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
             let body = serde_json::to_string(&item)?;
             let status = item.get("status").and_then(|v| v.as_str());
             let changed = tx
-                .prepare_cached("UPDATE items SET status = ?3, body = ?4 WHERE pk = ?1 AND sk = ?2")?
+                .prepare_cached(
+                    "UPDATE items SET status = ?3, body = ?4 WHERE pk = ?1 AND sk = ?2",
+                )?
                 .execute(params![key.pk, key.sk, status, body])?;
             ensure!(changed == 1);
         }

@@ -230,6 +230,34 @@ impl Cloud {
             connected: mqtt_connected.clone(),
         };
         let mut tasks = vec![tokio::spawn(sync.run())];
+        // Sessions live in memory: after a restart, prompt every device that has unacknowledged
+        // changes waiting, or an idle device would never say hello again and never get them.
+        let behind = store
+            .call(|c| {
+                let mut behind = Vec::new();
+                let mut after: Option<DeviceId> = None;
+                loop {
+                    let page = c.store.devices(None, after.as_ref(), 1000)?;
+                    for d in &page {
+                        if d.feed_head > d.cursor_acked {
+                            if let Ok(id) = DeviceId::new(d.account.clone(), d.device.clone()) {
+                                behind.push((id, d.feed_head));
+                            }
+                        }
+                    }
+                    match page.last() {
+                        Some(d) if page.len() == 1000 => {
+                            after = DeviceId::new(d.account.clone(), d.device.clone()).ok();
+                        }
+                        _ => return Ok::<_, StoreError>(behind),
+                    }
+                }
+            })
+            .await
+            .map_err(|_| StoreError::Database("the store stopped during start".into()))??;
+        if !behind.is_empty() {
+            let _ = sync_tx.send(SyncInput::FeedAdvanced(behind)).await;
+        }
 
         let listener = tokio::net::TcpListener::bind(config.api_listen)
             .await

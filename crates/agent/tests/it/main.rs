@@ -1,0 +1,3 @@
+//! Integration tests of the agent that need no broker: the outbox policy and restart state.
+
+mod outbox;
