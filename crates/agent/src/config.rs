@@ -107,7 +107,8 @@ impl AgentFile {
         file.schema = dir.join(&file.schema);
         file.db = dir.join(&file.db);
         let (host, port) = parse_broker(&file.broker)?;
-        let mut config = AgentConfig::new(&file.account, &file.device, &file.secret, file.db.clone());
+        let mut config =
+            AgentConfig::new(&file.account, &file.device, &file.secret, file.db.clone());
         config.broker_host = host;
         config.broker_port = port;
         if let Some(p) = &file.topic_prefix {

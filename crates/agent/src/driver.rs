@@ -207,7 +207,10 @@ impl Driver {
             while let Some(bytes) = self.engine.poll_transmit() {
                 progressed = true;
                 let topic = topics::up_topic(&self.prefix, &self.id);
-                if let Err(e) = self.client.try_publish(topic, QoS::AtLeastOnce, false, bytes) {
+                if let Err(e) = self
+                    .client
+                    .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+                {
                     // The engine retransmits unacknowledged batches on its own timer.
                     tracing::debug!(device = %self.id, "publish not queued: {e}");
                 }
@@ -244,12 +247,13 @@ impl Driver {
                     db.write(Origin::Remote, |txn| {
                         let mut clock = clock.lock().unwrap_or_else(PoisonError::into_inner);
                         let now = devtables_db::system_now_ms().max(0) as u64;
-                        let mut t = AgentTxn { txn, schema: &schema };
-                        device_apply(&mut t, &schema, &mut clock, now, &page).map_err(
-                            |e| match e {
-                                devtables_sync::apply::ApplyError::Store(e) => e,
-                            },
-                        )
+                        let mut t = AgentTxn {
+                            txn,
+                            schema: &schema,
+                        };
+                        device_apply(&mut t, &schema, &mut clock, now, &page).map_err(|e| match e {
+                            devtables_sync::apply::ApplyError::Store(e) => e,
+                        })
                     })
                 })
                 .await;

@@ -132,7 +132,11 @@ impl Agent {
                 outbox: restored.outbox,
             },
         );
-        let mut options = MqttOptions::new(id.node_name(), config.broker_host.clone(), config.broker_port);
+        let mut options = MqttOptions::new(
+            id.node_name(),
+            config.broker_host.clone(),
+            config.broker_port,
+        );
         options.set_keep_alive(config.keep_alive);
         options.set_clean_session(true);
         options.set_credentials(id.node_name(), config.secret.clone());

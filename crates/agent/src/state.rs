@@ -190,7 +190,10 @@ fn make_room(side: &mut SideTables<'_>, limit: u64) -> Result<(), DbError> {
     side.remove(OUTBOX, &key)?;
     let dropped = get_u64(side, META_DROPPED)? + 1;
     put_u64(side, META_DROPPED, dropped)?;
-    tracing::warn!(dropped, "outbox full: dropped the oldest change of a lossy model");
+    tracing::warn!(
+        dropped,
+        "outbox full: dropped the oldest change of a lossy model"
+    );
     Ok(())
 }
 

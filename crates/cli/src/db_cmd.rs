@@ -71,15 +71,33 @@ pub fn run(args: DbArgs) -> anyhow::Result<()> {
     let db = Db::open(&args.db, Arc::new(schema), DbOptions::default())?;
     let mut out = std::io::stdout().lock();
     match args.op {
-        DbOp::Get { model, props, hidden } => {
+        DbOp::Get {
+            model,
+            props,
+            hidden,
+        } => {
             let props = json_object(&props)?;
             match db.read()?.get(&model, &props, hidden)? {
                 Some(item) => print(&mut out, &item)?,
                 None => bail!("{model} item not found"),
             }
         }
-        DbOp::Find { model, props, index, limit, next, reverse, hidden } => {
-            let options = FindOptions { index, limit, next, reverse, hidden };
+        DbOp::Find {
+            model,
+            props,
+            index,
+            limit,
+            next,
+            reverse,
+            hidden,
+        } => {
+            let options = FindOptions {
+                index,
+                limit,
+                next,
+                reverse,
+                hidden,
+            };
             let page = db.find(&model, &json_object(&props)?, &options)?;
             let value = serde_json::json!({"items": page.items, "next": page.next});
             print(&mut out, &value)?;
@@ -107,7 +125,8 @@ pub fn run(args: DbArgs) -> anyhow::Result<()> {
             let mut input: Box<dyn BufRead> = if file == "-" {
                 Box::new(BufReader::new(std::io::stdin()))
             } else {
-                let f = std::fs::File::open(&file).with_context(|| format!("cannot open {file}"))?;
+                let f =
+                    std::fs::File::open(&file).with_context(|| format!("cannot open {file}"))?;
                 Box::new(BufReader::new(f))
             };
             let count = db.import(&mut input)?;
@@ -122,7 +141,9 @@ pub fn run(args: DbArgs) -> anyhow::Result<()> {
 fn json_object(arg: &str) -> anyhow::Result<Item> {
     let text = if arg == "-" {
         let mut s = String::new();
-        std::io::stdin().take(64 * 1024 * 1024).read_to_string(&mut s)?;
+        std::io::stdin()
+            .take(64 * 1024 * 1024)
+            .read_to_string(&mut s)?;
         s
     } else {
         arg.to_string()

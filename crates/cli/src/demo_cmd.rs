@@ -51,7 +51,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s or 2m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s or 2m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -87,9 +89,15 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
     let cloud = Cloud::start(config, schema.clone()).await?;
     let (host, port) = devtables_agent::config::parse_broker(&cloud.mqtt_addr)?;
     eprintln!("devtables demo: data in {}", data.display());
-    eprintln!("  HTTP API  http://{}   (try: curl http://{}/v1/devices)", cloud.api_addr, cloud.api_addr);
+    eprintln!(
+        "  HTTP API  http://{}   (try: curl http://{}/v1/devices)",
+        cloud.api_addr, cloud.api_addr
+    );
     eprintln!("  MQTT      {}", cloud.mqtt_addr);
-    eprintln!("  SQL       sqlite3 {} \"select device, model, item from items\"", data.join("cloud/cloud.db").display());
+    eprintln!(
+        "  SQL       sqlite3 {} \"select device, model, item from items\"",
+        data.join("cloud/cloud.db").display()
+    );
 
     let mut agents = Vec::new();
     for i in 1..=args.devices {
@@ -97,8 +105,13 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
         let id = DeviceId::new(ACCOUNT, name.as_str())?;
         let secret = match cloud.register_device(&id).await {
             Ok(secret) => secret,
-            Err(devtables_cloud::ops::OpError::Store(devtables_cloud::store::StoreError::DeviceExists(_))) => {
-                anyhow::bail!("device {id} exists in {}: use a fresh --data folder", data.display())
+            Err(devtables_cloud::ops::OpError::Store(
+                devtables_cloud::store::StoreError::DeviceExists(_),
+            )) => {
+                anyhow::bail!(
+                    "device {id} exists in {}: use a fresh --data folder",
+                    data.display()
+                )
             }
             Err(e) => return Err(e.into()),
         };
@@ -107,10 +120,16 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
         ac.broker_port = port;
         let agent = Agent::start(ac, schema.clone())?;
         let device = name.clone();
-        agent.on_command("ping", Arc::new(move |_cmd: &Item| {
-            Ok(json!({"pong": device, "at": devtables_db::system_now_ms()}))
-        }));
-        agent.on_command("reboot", Arc::new(|_cmd: &Item| Ok(json!({"rebooting": true}))));
+        agent.on_command(
+            "ping",
+            Arc::new(move |_cmd: &Item| {
+                Ok(json!({"pong": device, "at": devtables_db::system_now_ms()}))
+            }),
+        );
+        agent.on_command(
+            "reboot",
+            Arc::new(|_cmd: &Item| Ok(json!({"rebooting": true}))),
+        );
         agents.push(agent);
     }
 
@@ -151,14 +170,25 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
             let target = &agents[(n as usize / 3) % agents.len()];
             let owner = Owner::Device(target.id().clone());
             let cmd = json!({"command": if n % 12 == 0 { "reboot" } else { "ping" }, "args": {"tick": n}});
-            match cloud.write_item(owner, "Command", item(cmd), WriteKind::Create).await {
+            match cloud
+                .write_item(owner, "Command", item(cmd), WriteKind::Create)
+                .await
+            {
                 Ok(_) => commands_sent += 1,
                 Err(e) => eprintln!("\ncannot send a command: {e}"),
             }
         }
         if n == 4 {
             let fw = json!({"version": "1.2.0", "url": "https://updates.example/fw-1.2.0.bin"});
-            if let Err(e) = cloud.write_item(Owner::Account(ACCOUNT.into()), "Firmware", item(fw), WriteKind::Create).await {
+            if let Err(e) = cloud
+                .write_item(
+                    Owner::Account(ACCOUNT.into()),
+                    "Firmware",
+                    item(fw),
+                    WriteKind::Create,
+                )
+                .await
+            {
                 eprintln!("\ncannot announce firmware: {e}");
             }
         }
@@ -170,7 +200,10 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
         }
     }
     eprintln!();
-    eprintln!("{}", status_line(&cloud, &agents, started, commands_sent).await);
+    eprintln!(
+        "{}",
+        status_line(&cloud, &agents, started, commands_sent).await
+    );
     for agent in agents {
         agent.shutdown().await;
     }
@@ -194,7 +227,12 @@ async fn count(cloud: &Cloud, model: &str, filters: Vec<(String, serde_json::Val
     }
 }
 
-async fn status_line(cloud: &Cloud, agents: &[Agent], started: Instant, commands_sent: u64) -> String {
+async fn status_line(
+    cloud: &Cloud,
+    agents: &[Agent],
+    started: Instant,
+    commands_sent: u64,
+) -> String {
     let ready = agents.iter().filter(|a| a.status().ready).count();
     let pending: usize = agents.iter().map(|a| a.status().pending).sum();
     let readings = count(cloud, "Reading", Vec::new()).await;

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "devtables", version, about = "Device databases synced with one cloud database over MQTT")]
+#[command(
+    name = "devtables",
+    version,
+    about = "Device databases synced with one cloud database over MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

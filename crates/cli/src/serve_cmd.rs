@@ -97,8 +97,14 @@ fn stdin_op(agent: &Agent, line: &str) -> serde_json::Value {
         Ok(v) => v,
         Err(e) => return json!({"ok": false, "error": format!("not JSON: {e}")}),
     };
-    let op = request.get("op").and_then(Value::as_str).unwrap_or_default();
-    let model = request.get("model").and_then(Value::as_str).unwrap_or_default();
+    let op = request
+        .get("op")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let item = match request.get("item") {
         Some(Value::Object(m)) => m.clone(),
         _ => devtables_schema::Item::new(),
@@ -123,8 +129,8 @@ fn stdin_op(agent: &Agent, line: &str) -> serde_json::Value {
 }
 
 pub fn cloud(args: ConfigArgs) -> anyhow::Result<()> {
-    let (schema_path, config) =
-        CloudFile::load(&args.config).map_err(|e| anyhow::anyhow!("invalid cloud configuration: {e}"))?;
+    let (schema_path, config) = CloudFile::load(&args.config)
+        .map_err(|e| anyhow::anyhow!("invalid cloud configuration: {e}"))?;
     let schema = Schema::load(&schema_path)
         .with_context(|| format!("cannot load schema {}", schema_path.display()))?;
     runtime()?.block_on(async move {

@@ -118,7 +118,9 @@ impl From<StoreGone> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match &e {
-            StoreError::DeviceExists(_) => ApiError::new(StatusCode::CONFLICT, "exists", e.to_string()),
+            StoreError::DeviceExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "exists", e.to_string())
+            }
             StoreError::UnknownDevice(_) => ApiError::not_found(e.to_string()),
             StoreError::BadQuery(_) => ApiError::bad(e.to_string()),
             StoreError::Database(_) | StoreError::Corrupt(_) => {
@@ -137,8 +139,12 @@ impl From<CloudWriteError<StoreError>> for ApiError {
             CloudWriteError::NotInCloud(_) | CloudWriteError::UpOnly(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, "not_writable", message)
             }
-            CloudWriteError::Ownership(_) => ApiError::new(StatusCode::FORBIDDEN, "ownership", message),
-            CloudWriteError::WrongOwner { .. } | CloudWriteError::Validation(_) => ApiError::bad(message),
+            CloudWriteError::Ownership(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "ownership", message)
+            }
+            CloudWriteError::WrongOwner { .. } | CloudWriteError::Validation(_) => {
+                ApiError::bad(message)
+            }
             CloudWriteError::TooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
             }
@@ -220,7 +226,10 @@ fn with_lag(record: crate::store::DeviceRecord) -> Value {
     v
 }
 
-async fn list_devices(State(s): State<ApiState>, Query(q): Query<DeviceList>) -> ApiResult<Json<Value>> {
+async fn list_devices(
+    State(s): State<ApiState>,
+    Query(q): Query<DeviceList>,
+) -> ApiResult<Json<Value>> {
     let after = match &q.after {
         Some(a) => {
             let (acct, dev) = a
@@ -237,7 +246,11 @@ async fn list_devices(State(s): State<ApiState>, Query(q): Query<DeviceList>) ->
         .call(move |c| c.store.devices(account.as_deref(), after.as_ref(), limit))
         .await??;
     let next = (devices.len() == limit)
-        .then(|| devices.last().map(|d| format!("{}/{}", d.account, d.device)))
+        .then(|| {
+            devices
+                .last()
+                .map(|d| format!("{}/{}", d.account, d.device))
+        })
         .flatten();
     let devices: Vec<Value> = devices.into_iter().map(with_lag).collect();
     Ok(Json(json!({"devices": devices, "next": next})))
@@ -251,7 +264,9 @@ async fn get_device(
     let who = id.clone();
     match s.store.call(move |c| c.store.device(&who)).await?? {
         Some(record) => Ok(Json(with_lag(record))),
-        None => Err(ApiError::not_found(format!("device {id} is not registered"))),
+        None => Err(ApiError::not_found(format!(
+            "device {id} is not registered"
+        ))),
     }
 }
 
@@ -267,7 +282,12 @@ struct ItemsQuery {
     next: Option<String>,
 }
 
-async fn run_query(s: &ApiState, account: String, model: String, q: ItemsQuery) -> ApiResult<Json<Value>> {
+async fn run_query(
+    s: &ApiState,
+    account: String,
+    model: String,
+    q: ItemsQuery,
+) -> ApiResult<Json<Value>> {
     if s.schema.model(&model).is_none() {
         return Err(ApiError::not_found(format!("unknown model {model}")));
     }
@@ -326,8 +346,14 @@ async fn get_device_item(
     let owner = Owner::Device(device_id(&account, &device)?);
     let key = ItemKey { pk: k.pk, sk: k.sk };
     let m = model.clone();
-    match s.store.call(move |c| c.store.get_item(&owner, &m, &key)).await?? {
-        Some(item) if item.item.is_some() => Ok(Json(serde_json::to_value(item).unwrap_or(Value::Null))),
+    match s
+        .store
+        .call(move |c| c.store.get_item(&owner, &m, &key))
+        .await??
+    {
+        Some(item) if item.item.is_some() => {
+            Ok(Json(serde_json::to_value(item).unwrap_or(Value::Null)))
+        }
         _ => Err(ApiError::not_found(format!("no such {model} item"))),
     }
 }
@@ -365,7 +391,10 @@ async fn write_item(
         _ => Value::Null,
     };
     let key = json!({"pk": change.key.pk, "sk": change.key.sk});
-    Ok((status, Json(json!({"item": item, "version": version, "key": key}))))
+    Ok((
+        status,
+        Json(json!({"item": item, "version": version, "key": key})),
+    ))
 }
 
 fn object(body: Value) -> ApiResult<Item> {
@@ -413,7 +442,14 @@ async fn create_broadcast(
     Path((account, model)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    write_item(&s, account_owner(&account)?, model, object(body)?, WriteKind::Create).await
+    write_item(
+        &s,
+        account_owner(&account)?,
+        model,
+        object(body)?,
+        WriteKind::Create,
+    )
+    .await
 }
 
 async fn update_broadcast(
@@ -421,7 +457,14 @@ async fn update_broadcast(
     Path((account, model)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    write_item(&s, account_owner(&account)?, model, object(body)?, WriteKind::Update).await
+    write_item(
+        &s,
+        account_owner(&account)?,
+        model,
+        object(body)?,
+        WriteKind::Update,
+    )
+    .await
 }
 
 async fn remove_broadcast(
@@ -429,7 +472,14 @@ async fn remove_broadcast(
     Path((account, model)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    write_item(&s, account_owner(&account)?, model, object(body)?, WriteKind::Remove).await
+    write_item(
+        &s,
+        account_owner(&account)?,
+        model,
+        object(body)?,
+        WriteKind::Remove,
+    )
+    .await
 }
 
 #[derive(Deserialize)]

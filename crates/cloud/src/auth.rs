@@ -100,8 +100,14 @@ mod tests {
         let creds = Credentials::new("svc");
         let id = DeviceId::new("acme", "d1").unwrap();
         creds.add_device(id.clone(), hash_secret("s1"));
-        assert_eq!(creds.authenticate("x", Some("devtables-service"), Some(b"svc")), Some(Principal::Service));
-        assert_eq!(creds.authenticate("x", Some("acme/d1"), Some(b"s1")), Some(Principal::Device(id)));
+        assert_eq!(
+            creds.authenticate("x", Some("devtables-service"), Some(b"svc")),
+            Some(Principal::Service)
+        );
+        assert_eq!(
+            creds.authenticate("x", Some("acme/d1"), Some(b"s1")),
+            Some(Principal::Device(id))
+        );
         assert_eq!(creds.authenticate("x", Some("acme/d1"), Some(b"s2")), None);
         assert_eq!(creds.authenticate("x", Some("acme/d9"), Some(b"s1")), None);
         assert_eq!(creds.authenticate("x", None, None), None);

@@ -81,7 +81,9 @@ use rmqtt::hook::{Handler, HookResult, Parameter, Register, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
 use rmqtt::session::Session;
-use rmqtt::types::{AuthResult, ConnectInfo, Publish, PublishAclResult, Subscribe, SubscribeAclResult};
+use rmqtt::types::{
+    AuthResult, ConnectInfo, Publish, PublishAclResult, Subscribe, SubscribeAclResult,
+};
 use tokio::task::JoinHandle;
 
 /// Who a connected client is, decided at CONNECT by the authenticator.
@@ -99,7 +101,12 @@ pub enum Principal {
 /// Returning `None` refuses the connection with "bad user name or password".
 pub trait Authenticator: Send + Sync + 'static {
     /// The principal these credentials prove, or `None` to refuse.
-    fn authenticate(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Option<Principal>;
+    fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Option<Principal>;
 }
 
 /// Default largest MQTT packet, in bytes (256 KiB).
@@ -188,7 +195,9 @@ pub struct Broker {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("local_addr", &self.local_addr).finish_non_exhaustive()
+        f.debug_struct("Broker")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -197,7 +206,10 @@ impl Broker {
     ///
     /// The socket is bound before this returns, so clients may connect to
     /// [`Broker::local_addr`] at once. Must be called within a Tokio runtime.
-    pub async fn start(config: BrokerConfig, auth: Arc<dyn Authenticator>) -> Result<Broker, BrokerError> {
+    pub async fn start(
+        config: BrokerConfig,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Broker, BrokerError> {
         let prefix = config.topic_prefix.clone();
         if prefix.is_empty() || prefix.contains(['+', '#', '\0']) || prefix.starts_with('$') {
             return Err(BrokerError::Config(format!(
@@ -207,10 +219,14 @@ impl Broker {
         let max_inflight = NonZeroU16::new(config.max_inflight)
             .ok_or_else(|| BrokerError::Config("max_inflight must be at least 1".into()))?;
         if config.max_queued_messages == 0 {
-            return Err(BrokerError::Config("max_queued_messages must be at least 1".into()));
+            return Err(BrokerError::Config(
+                "max_queued_messages must be at least 1".into(),
+            ));
         }
         if config.max_connections == 0 {
-            return Err(BrokerError::Config("max_connections must be at least 1".into()));
+            return Err(BrokerError::Config(
+                "max_connections must be at least 1".into(),
+            ));
         }
         if config.max_packet_bytes < 1024 {
             return Err(BrokerError::Config(format!(
@@ -221,12 +237,20 @@ impl Broker {
         let max_sessions = isize::try_from(config.max_connections)
             .map_err(|_| BrokerError::Config("max_connections is too large".into()))?;
 
-        let scx = ServerContext::new().busy_check_enable(false).mqtt_max_sessions(max_sessions).build().await;
+        let scx = ServerContext::new()
+            .busy_check_enable(false)
+            .mqtt_max_sessions(max_sessions)
+            .build()
+            .await;
 
         let acl = AclHandler { prefix, auth };
         let hooks = scx.extends.hook_mgr().register();
-        hooks.add(Type::ClientAuthenticate, Box::new(acl.clone())).await;
-        hooks.add(Type::ClientSubscribeCheckAcl, Box::new(acl.clone())).await;
+        hooks
+            .add(Type::ClientAuthenticate, Box::new(acl.clone()))
+            .await;
+        hooks
+            .add(Type::ClientSubscribeCheckAcl, Box::new(acl.clone()))
+            .await;
         hooks.add(Type::MessagePublishCheckAcl, Box::new(acl)).await;
         hooks.start().await;
 
@@ -243,19 +267,31 @@ impl Broker {
             .max_session_expiry_interval(Duration::from_secs(2 * 60 * 60))
             .handshake_timeout(Duration::from_secs(15))
             .bind()
-            .map_err(|e| BrokerError::Bind { addr: config.listen, source: into_io_error(e) })?
+            .map_err(|e| BrokerError::Bind {
+                addr: config.listen,
+                source: into_io_error(e),
+            })?
             .tcp()
             .map_err(|e| BrokerError::Start(e.to_string()))?;
-        let local_addr = listener.local_addr().map_err(|e| BrokerError::Start(e.to_string()))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
 
-        let server = MqttServer::new(scx.clone()).listener_by_id(listener, local_addr.port()).build();
+        let server = MqttServer::new(scx.clone())
+            .listener_by_id(listener, local_addr.port())
+            .build();
         let task = tokio::spawn(async move {
             if let Err(e) = server.run().await {
                 tracing::error!(error = %e, "MQTT broker stopped");
             }
         });
         tracing::info!(%local_addr, "MQTT broker listening");
-        Ok(Broker { local_addr, scx, task: Some(task), _hooks: hooks })
+        Ok(Broker {
+            local_addr,
+            scx,
+            task: Some(task),
+            _hooks: hooks,
+        })
     }
 
     /// The address the broker listens on (with the real port when port 0 was asked for).
@@ -296,7 +332,10 @@ impl Broker {
             });
         }
         let all = async { while kicks.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_KICK_TIMEOUT, all).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_KICK_TIMEOUT, all)
+            .await
+            .is_err()
+        {
             tracing::warn!("MQTT broker shutdown: some sessions did not close in time");
         }
         tracing::info!(local_addr = %self.local_addr, "MQTT broker stopped");
@@ -352,11 +391,17 @@ impl Handler for AclHandler {
             }
             Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
                 let result = self.check_subscribe(session, subscribe);
-                Box::pin(std::future::ready((false, Some(HookResult::SubscribeAclResult(result)))))
+                Box::pin(std::future::ready((
+                    false,
+                    Some(HookResult::SubscribeAclResult(result)),
+                )))
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 let result = self.check_publish(session, publish);
-                Box::pin(std::future::ready((false, Some(HookResult::PublishAclResult(result)))))
+                Box::pin(std::future::ready((
+                    false,
+                    Some(HookResult::PublishAclResult(result)),
+                )))
             }
             _ => Box::pin(std::future::ready((true, acc))),
         }
@@ -398,8 +443,10 @@ impl AclHandler {
             let client_id = request.client_id.clone();
             let username = request.username.clone();
             let password = request.password.clone();
-            tokio::task::spawn_blocking(move || auth.authenticate(&client_id, username.as_deref(), password.as_deref()))
-                .await
+            tokio::task::spawn_blocking(move || {
+                auth.authenticate(&client_id, username.as_deref(), password.as_deref())
+            })
+            .await
         };
         let principal = match principal {
             Ok(p) => p,
@@ -463,8 +510,9 @@ impl AclHandler {
 
     fn check_publish(&self, session: &Session, publish: &Publish) -> PublishAclResult {
         let topic: &str = &publish.topic;
-        let allowed =
-            !publish.retain && Self::device_of(session).is_some_and(|id| topic == topics::up_topic(&self.prefix, &id));
+        let allowed = !publish.retain
+            && Self::device_of(session)
+                .is_some_and(|id| topic == topics::up_topic(&self.prefix, &id));
         if allowed {
             PublishAclResult::allow()
         } else {
@@ -481,8 +529,8 @@ impl AclHandler {
 mod tests {
     use super::*;
     use rumqttc::{
-        AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
-        SubscribeReasonCode,
+        AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
+        Packet, QoS, SubscribeReasonCode,
     };
     use tokio::sync::mpsc;
     use tokio::time::timeout;
@@ -494,7 +542,12 @@ mod tests {
     struct FixedAuth;
 
     impl Authenticator for FixedAuth {
-        fn authenticate(&self, _client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Option<Principal> {
+        fn authenticate(
+            &self,
+            _client_id: &str,
+            username: Option<&str>,
+            password: Option<&[u8]>,
+        ) -> Option<Principal> {
             match (username?, password?) {
                 ("service", b"svc-secret") => Some(Principal::Service),
                 ("acme/dev1", b"s1") => Some(Principal::Device(dev("acme", "dev1"))),
@@ -537,7 +590,9 @@ mod tests {
     /// The connect error the broker answers with.
     async fn refused(options: MqttOptions) -> ConnectionError {
         let (_client, mut eventloop) = AsyncClient::new(options, 10);
-        handshake(&mut eventloop).await.expect_err("connection was accepted")
+        handshake(&mut eventloop)
+            .await
+            .expect_err("connection was accepted")
     }
 
     /// A connected client whose event loop runs in a task, forwarding incoming packets.
@@ -571,7 +626,11 @@ mod tests {
                     }
                 }
             });
-            Client { client, incoming, task }
+            Client {
+                client,
+                incoming,
+                task,
+            }
         }
 
         async fn next_packet(&mut self, wait: Duration) -> Option<Packet> {
@@ -580,7 +639,10 @@ mod tests {
 
         /// The next SUBACK's return codes (one filter per SUBSCRIBE here).
         async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
-            self.client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+            self.client
+                .subscribe(filter, QoS::AtLeastOnce)
+                .await
+                .unwrap();
             loop {
                 match self.next_packet(WAIT).await.expect("no SUBACK in time") {
                     Packet::SubAck(ack) => return ack.return_codes[0],
@@ -591,11 +653,17 @@ mod tests {
 
         async fn subscribe_ok(&mut self, filter: &str) {
             let code = self.subscribe(filter).await;
-            assert!(matches!(code, SubscribeReasonCode::Success(_)), "subscribe {filter}: {code:?}");
+            assert!(
+                matches!(code, SubscribeReasonCode::Success(_)),
+                "subscribe {filter}: {code:?}"
+            );
         }
 
         async fn publish(&self, topic: &str, payload: &str) {
-            self.client.publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec()).await.unwrap();
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+                .await
+                .unwrap();
         }
 
         /// The next message delivered, as (topic, payload).
@@ -605,7 +673,10 @@ mod tests {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match self.next_packet(left).await? {
                     Packet::Publish(p) => {
-                        return Some((p.topic.clone(), String::from_utf8_lossy(&p.payload).into_owned()))
+                        return Some((
+                            p.topic.clone(),
+                            String::from_utf8_lossy(&p.payload).into_owned(),
+                        ))
                     }
                     _ => continue,
                 }
@@ -613,7 +684,10 @@ mod tests {
         }
 
         async fn expect(&mut self, topic: &str, payload: &str) {
-            let got = self.recv(WAIT).await.unwrap_or_else(|| panic!("nothing received, expected {payload:?}"));
+            let got = self
+                .recv(WAIT)
+                .await
+                .unwrap_or_else(|| panic!("nothing received, expected {payload:?}"));
             assert_eq!(got, (topic.to_string(), payload.to_string()));
         }
 
@@ -639,19 +713,30 @@ mod tests {
     #[tokio::test]
     async fn bad_credentials_are_refused() {
         let b = broker().await;
-        for (id, user, pass) in
-            [("cloud-service", "service", "wrong"), ("acme/dev1", "acme/dev1", "s2"), ("x", "nobody", "s1")]
-        {
+        for (id, user, pass) in [
+            ("cloud-service", "service", "wrong"),
+            ("acme/dev1", "acme/dev1", "s2"),
+            ("x", "nobody", "s1"),
+        ] {
             let err = refused(options(&b, id, user, pass)).await;
             assert!(
-                matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)),
+                matches!(
+                    err,
+                    ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)
+                ),
                 "{user}: {err:?}"
             );
         }
         // No credentials at all: anonymous access is off.
         let anonymous = MqttOptions::new("anon", "127.0.0.1", b.local_addr().port());
         let err = refused(anonymous).await;
-        assert!(matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)
+            ),
+            "{err:?}"
+        );
         b.shutdown().await;
     }
 
@@ -659,13 +744,17 @@ mod tests {
     async fn device_must_use_its_own_client_id() {
         let b = broker().await;
         let mut d2 = dev2(&b).await;
-        d2.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev2"))).await;
+        d2.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev2")))
+            .await;
 
         // dev1's credentials with dev2's client id (a session takeover attempt), or any other id.
         for id in ["acme/dev2", "acme/dev1/x", "dev1", ""] {
             let err = refused(options(&b, id, "acme/dev1", "s1")).await;
             assert!(
-                matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)),
+                matches!(
+                    err,
+                    ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+                ),
                 "{id}: {err:?}"
             );
         }
@@ -687,7 +776,10 @@ mod tests {
         let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
         d1.publish(&up1, "hello").await;
         svc.expect(&up1, "hello").await;
-        assert_eq!(topics::parse_up_topic(PREFIX, &up1), Some(dev("acme", "dev1")));
+        assert_eq!(
+            topics::parse_up_topic(PREFIX, &up1),
+            Some(dev("acme", "dev1"))
+        );
         b.shutdown().await;
     }
 
@@ -699,11 +791,18 @@ mod tests {
         svc.subscribe_ok(&format!("{PREFIX}/#")).await;
         let d1 = dev1(&b).await;
         let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
-        d1.publish(&topics::up_topic(PREFIX, &dev("acme", "dev2")), "spoofed").await;
-        d1.publish(&topics::down_topic(PREFIX, &dev("acme", "dev2")), "to dev2").await;
-        d1.publish(&topics::broadcast_topic(PREFIX, "acme"), "broadcast").await;
-        d1.publish(&format!("{PREFIX}/acme/dev1/up/x"), "sub-level").await;
-        d1.client.publish(up1.clone(), QoS::AtLeastOnce, true, b"retained".to_vec()).await.unwrap();
+        d1.publish(&topics::up_topic(PREFIX, &dev("acme", "dev2")), "spoofed")
+            .await;
+        d1.publish(&topics::down_topic(PREFIX, &dev("acme", "dev2")), "to dev2")
+            .await;
+        d1.publish(&topics::broadcast_topic(PREFIX, "acme"), "broadcast")
+            .await;
+        d1.publish(&format!("{PREFIX}/acme/dev1/up/x"), "sub-level")
+            .await;
+        d1.client
+            .publish(up1.clone(), QoS::AtLeastOnce, true, b"retained".to_vec())
+            .await
+            .unwrap();
         // The permitted message after the forbidden ones proves the path works, and that the
         // broker kept the connection open (the client task ends on any connection error).
         d1.publish(&up1, "allowed").await;
@@ -719,7 +818,11 @@ mod tests {
         let down1 = topics::down_topic(PREFIX, &dev("acme", "dev1"));
         let down2 = topics::down_topic(PREFIX, &dev("acme", "dev2"));
         assert_eq!(d1.subscribe(&down2).await, SubscribeReasonCode::Failure);
-        assert_eq!(d1.subscribe(&topics::up_topic(PREFIX, &dev("acme", "dev2"))).await, SubscribeReasonCode::Failure);
+        assert_eq!(
+            d1.subscribe(&topics::up_topic(PREFIX, &dev("acme", "dev2")))
+                .await,
+            SubscribeReasonCode::Failure
+        );
         d1.subscribe_ok(&down1).await;
 
         let svc = service(&b).await;
@@ -743,10 +846,15 @@ mod tests {
             topics::up_filter(PREFIX),
             "$SYS/#".to_string(),
         ] {
-            assert_eq!(d1.subscribe(&filter).await, SubscribeReasonCode::Failure, "{filter}");
+            assert_eq!(
+                d1.subscribe(&filter).await,
+                SubscribeReasonCode::Failure,
+                "{filter}"
+            );
         }
         // Still connected and able to subscribe to what it may.
-        d1.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev1"))).await;
+        d1.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev1")))
+            .await;
         b.shutdown().await;
     }
 
@@ -770,9 +878,15 @@ mod tests {
         svc.publish(&down1, "direct").await;
         svc.publish(&acme_all, "to acme").await;
         d9.expect(&other_all, "other account").await;
-        let mut got = vec![d1.recv(WAIT).await.expect("first"), d1.recv(WAIT).await.expect("second")];
+        let mut got = vec![
+            d1.recv(WAIT).await.expect("first"),
+            d1.recv(WAIT).await.expect("second"),
+        ];
         got.sort();
-        let mut want = vec![(down1, "direct".to_string()), (acme_all, "to acme".to_string())];
+        let mut want = vec![
+            (down1, "direct".to_string()),
+            (acme_all, "to acme".to_string()),
+        ];
         want.sort();
         assert_eq!(got, want);
         d1.expect_quiet().await;
@@ -789,7 +903,10 @@ mod tests {
             o.set_last_will(LastWill::new(topic, "bye", QoS::AtLeastOnce, retain));
             let err = refused(o).await;
             assert!(
-                matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)),
+                matches!(
+                    err,
+                    ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+                ),
                 "{topic} {retain}: {err:?}"
             );
         }
@@ -804,7 +921,8 @@ mod tests {
         use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason};
         use rumqttc::v5::mqttbytes::QoS as QoS5;
         use rumqttc::v5::{
-            AsyncClient as Client5, ConnectionError as Error5, Event as Event5, MqttOptions as Options5,
+            AsyncClient as Client5, ConnectionError as Error5, Event as Event5,
+            MqttOptions as Options5,
         };
 
         let b = broker().await;
@@ -816,7 +934,12 @@ mod tests {
         let (client, mut eventloop) = Client5::new(o, 10);
         let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
         client
-            .publish(topics::up_topic(PREFIX, &dev("acme", "dev2")), QoS5::AtLeastOnce, false, "spoofed")
+            .publish(
+                topics::up_topic(PREFIX, &dev("acme", "dev2")),
+                QoS5::AtLeastOnce,
+                false,
+                "spoofed",
+            )
             .await
             .unwrap();
         let err = timeout(WAIT, async {
@@ -833,7 +956,9 @@ mod tests {
         assert!(
             matches!(
                 err,
-                Error5::MqttState(rumqttc::v5::StateError::PubAckFail { reason: PubAckReason::NotAuthorized })
+                Error5::MqttState(rumqttc::v5::StateError::PubAckFail {
+                    reason: PubAckReason::NotAuthorized
+                })
             ),
             "{err:?}"
         );
@@ -841,7 +966,10 @@ mod tests {
         // rumqttc v5 treats the refusal as an error and reconnects on the next poll (the broker
         // itself keeps the connection: see `device_cannot_publish_elsewhere`); an allowed
         // publish then goes through.
-        client.publish(up1.clone(), QoS5::AtLeastOnce, false, "allowed").await.unwrap();
+        client
+            .publish(up1.clone(), QoS5::AtLeastOnce, false, "allowed")
+            .await
+            .unwrap();
         let acked = timeout(WAIT, async {
             loop {
                 if let Event5::Incoming(Packet5::PubAck(ack)) = eventloop.poll().await.unwrap() {
@@ -863,11 +991,14 @@ mod tests {
         let addr = b.local_addr();
         assert_ne!(addr.port(), 0);
         let mut d1 = dev1(&b).await;
-        d1.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev1"))).await;
+        d1.subscribe_ok(&topics::down_topic(PREFIX, &dev("acme", "dev1")))
+            .await;
         b.shutdown().await;
 
         // The session was closed: the client's event loop ends (its task drops the sender).
-        timeout(WAIT, async { while d1.incoming.recv().await.is_some() {} }).await.expect("session not closed");
+        timeout(WAIT, async { while d1.incoming.recv().await.is_some() {} })
+            .await
+            .expect("session not closed");
         // The port is free again.
         std::net::TcpListener::bind(addr).expect("port still bound");
     }
@@ -876,18 +1007,27 @@ mod tests {
     async fn start_reports_bind_and_config_errors() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let err = Broker::start(BrokerConfig::new(addr), Arc::new(FixedAuth)).await.unwrap_err();
-        assert!(matches!(err, BrokerError::Bind { addr: a, .. } if a == addr), "{err:?}");
+        let err = Broker::start(BrokerConfig::new(addr), Arc::new(FixedAuth))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BrokerError::Bind { addr: a, .. } if a == addr),
+            "{err:?}"
+        );
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
 
         let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
         config.max_inflight = 0;
-        let err = Broker::start(config, Arc::new(FixedAuth)).await.unwrap_err();
+        let err = Broker::start(config, Arc::new(FixedAuth))
+            .await
+            .unwrap_err();
         assert!(matches!(err, BrokerError::Config(_)), "{err:?}");
 
         let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
         config.topic_prefix = "a/+".into();
-        let err = Broker::start(config, Arc::new(FixedAuth)).await.unwrap_err();
+        let err = Broker::start(config, Arc::new(FixedAuth))
+            .await
+            .unwrap_err();
         assert!(matches!(err, BrokerError::Config(_)), "{err:?}");
     }
 }

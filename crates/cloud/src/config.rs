@@ -100,7 +100,8 @@ impl CloudFile {
     pub fn load(path: &Path) -> Result<(PathBuf, CloudConfig), String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: CloudFile = json5::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: CloudFile =
+            json5::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut config = CloudConfig::new(dir.join(&file.data_dir));
         if let Some(api) = file.api {

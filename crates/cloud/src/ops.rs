@@ -112,9 +112,15 @@ pub async fn write_item(
                     }
                 }
             };
-            Ok(c
-                .store
-                .write(&schema, &mut c.clock, now, max_message_bytes, &owner, &m, op)?)
+            Ok(c.store.write(
+                &schema,
+                &mut c.clock,
+                now,
+                max_message_bytes,
+                &owner,
+                &m,
+                op,
+            )?)
         })
         .await??;
     if !advanced.is_empty() {

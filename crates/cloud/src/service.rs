@@ -15,8 +15,8 @@ use devtables_schema::{Item, Schema};
 use devtables_sync::cloud::{CloudAction, CloudEngine};
 use devtables_sync::hlc::{node_id_for, HlcClock, CLOUD_NODE_NAME};
 use devtables_sync::identity::{DeviceId, Owner};
-use devtables_sync::wire::Change;
 use devtables_sync::topics;
+use devtables_sync::wire::Change;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -186,7 +186,14 @@ impl Cloud {
                 port,
                 username,
                 password,
-            } => (None, None, host.clone(), *port, username.clone(), password.clone()),
+            } => (
+                None,
+                None,
+                host.clone(),
+                *port,
+                username.clone(),
+                password.clone(),
+            ),
         };
 
         let ctx = StoreCtx {
@@ -302,7 +309,10 @@ impl Cloud {
                     _ = purge_shutdown.wait_for(|stop| *stop) => return,
                 }
                 let now = wall_ms();
-                match purge_store.call(move |c| c.store.purge(now, &retention)).await {
+                match purge_store
+                    .call(move |c| c.store.purge(now, &retention))
+                    .await
+                {
                     Ok(Ok(stats)) => tracing::info!(?stats, "retention applied"),
                     Ok(Err(e)) => tracing::error!("retention failed: {e}"),
                     Err(StoreGone) => return,
@@ -455,7 +465,8 @@ impl SyncLoop {
                     let now = self.now();
                     match result {
                         Ok((results, advanced)) => {
-                            self.engine.handle_push_applied(now, &device, batch, results);
+                            self.engine
+                                .handle_push_applied(now, &device, batch, results);
                             for (d, head) in advanced {
                                 self.engine.handle_feed_advanced(now, &d, head);
                             }
@@ -510,7 +521,10 @@ impl SyncLoop {
                 }
                 CloudAction::Transmit { device, bytes } => {
                     let topic = topics::down_topic(&self.prefix, &device);
-                    if let Err(e) = self.client.try_publish(topic, QoS::AtLeastOnce, false, bytes) {
+                    if let Err(e) = self
+                        .client
+                        .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+                    {
                         tracing::debug!(%device, "publish not queued: {e}");
                     }
                 }

@@ -46,6 +46,13 @@ impl Committer {
         s.committed
     }
 
+    /// A commit made with `Durability::Immediate` persisted itself and everything before it.
+    pub(crate) fn mark_durable(&self, seq: u64) {
+        let mut s = self.lock();
+        s.durable = s.durable.max(seq);
+        self.done.notify_all();
+    }
+
     pub(crate) fn durable(&self) -> u64 {
         self.lock().durable
     }

@@ -53,7 +53,9 @@ pub enum DbError {
     BadIndexValue { model: String, field: String },
     #[error("index \"{0}\" is not defined in the schema")]
     UnknownIndex(String),
-    #[error("invalid pagination token: {0} (pass back the `next` value of a previous page unchanged)")]
+    #[error(
+        "invalid pagination token: {0} (pass back the `next` value of a previous page unchanged)"
+    )]
     BadCursor(String),
     #[error("a transaction holds at most {max} operations, this one has {count}: split it")]
     TooManyOperations { count: usize, max: usize },

@@ -32,7 +32,10 @@ pub(crate) fn import(db: &Db, input: &mut impl BufRead) -> Result<u64, DbError> 
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let read = input.by_ref().take(max_line + 1).read_until(b'\n', &mut buf)?;
+        let read = input
+            .by_ref()
+            .take(max_line + 1)
+            .read_until(b'\n', &mut buf)?;
         if read == 0 {
             break;
         }

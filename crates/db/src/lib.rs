@@ -27,6 +27,7 @@ pub mod tables;
 mod txn;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
@@ -106,9 +107,19 @@ pub fn system_now_ms() -> i64 {
 /// One operation of a [`Db::transaction`].
 #[derive(Clone, Debug)]
 pub enum Op {
-    Create { model: String, item: Item },
-    Update { model: String, item: Item, upsert: bool },
-    Remove { model: String, key: Item },
+    Create {
+        model: String,
+        item: Item,
+    },
+    Update {
+        model: String,
+        item: Item,
+        upsert: bool,
+    },
+    Remove {
+        model: String,
+        key: Item,
+    },
 }
 
 pub(crate) struct Inner {
@@ -120,6 +131,8 @@ pub(crate) struct Inner {
     interceptor: RwLock<Option<Arc<dyn WriteInterceptor>>>,
     /// Serializes writers so commit sequence numbers (and hook order) follow commit order.
     write_lock: Mutex<()>,
+    /// Writers waiting for `write_lock`: when none wait, a commit is made durable on its own.
+    waiting: AtomicUsize,
     /// Table names of the secondary indexes, in `Schema::secondary_indexes` order.
     index_tables: Vec<String>,
     /// Dropping it stops the background thread.
@@ -198,6 +211,7 @@ impl Db {
             hooks: Hooks::default(),
             interceptor: RwLock::new(None),
             write_lock: Mutex::new(()),
+            waiting: AtomicUsize::new(0),
             index_tables,
             stop: Mutex::new(Some(stop_tx)),
             background: Mutex::new(None),
@@ -216,7 +230,10 @@ impl Db {
             .name("devtables-db".into())
             .spawn(move || background(weak, stop_rx, tick))
             .map_err(OpenError::Thread)?;
-        *inner.background.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        *inner
+            .background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handle);
         Ok(Db { inner })
     }
 
@@ -236,7 +253,12 @@ impl Db {
         f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
         let inner = &*self.inner;
-        let guard = inner.write_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = inner
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        inner.waiting.fetch_sub(1, Ordering::SeqCst);
         let mut tx = inner.db.begin_write()?;
         tx.set_durability(redb::Durability::None);
         let (value, changes) = {
@@ -258,8 +280,18 @@ impl Db {
             let value = f(&mut wtx)?;
             (value, wtx.take_changes())
         };
+        // A lone writer in `immediate` mode commits durably at once (one fsync); when others
+        // wait behind it, it commits non-durably and they share one flush (group commit).
+        let lone = inner.options.durability == Durability::Immediate
+            && inner.waiting.load(Ordering::SeqCst) == 0;
+        if lone {
+            tx.set_durability(redb::Durability::Immediate);
+        }
         tx.commit()?;
         let seq = inner.committer.committed();
+        if lone {
+            inner.committer.mark_durable(seq);
+        }
         inner.hooks.enqueue(seq, changes);
         drop(guard);
         if inner.options.durability == Durability::Immediate {
@@ -293,7 +325,8 @@ impl Db {
 
     /// Finds items: by full or partial key (a partly resolved sort-key template is a begins-with),
     /// sort-key conditions, a secondary index, filters on other fields; paginated by `limit` and
-    /// `next`, in either direction.
+    /// `next`, in either direction. Without a key and without `index`, a secondary index whose
+    /// hash the properties resolve is used instead of a model scan.
     pub fn find(&self, model: &str, props: &Item, options: &FindOptions) -> Result<Page, DbError> {
         self.read()?.find(model, props, options)
     }
@@ -463,7 +496,12 @@ fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
     let mut stale = Vec::new();
     {
         let mut meta = tx.open_table(tables::META)?;
-        for (index, name) in inner.schema.secondary_indexes().iter().zip(&inner.index_tables) {
+        for (index, name) in inner
+            .schema
+            .secondary_indexes()
+            .iter()
+            .zip(&inner.index_tables)
+        {
             let def = format!("{}|{}", index.hash, index.sort.as_deref().unwrap_or(""));
             let key = format!("index:{}", index.name);
             let current = meta.get(key.as_str())?.map(|v| v.value().to_string());

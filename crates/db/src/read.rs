@@ -38,7 +38,8 @@ pub struct Page {
 }
 
 pub(crate) fn decode_item(raw: &[u8]) -> Result<Item, DbError> {
-    serde_json::from_slice(raw).map_err(|e| DbError::Corrupt(format!("stored item is not JSON: {e}")))
+    serde_json::from_slice(raw)
+        .map_err(|e| DbError::Corrupt(format!("stored item is not JSON: {e}")))
 }
 
 pub(crate) fn model_of_stored<'s>(schema: &'s Schema, item: &Item) -> Result<&'s Model, DbError> {
@@ -96,9 +97,12 @@ impl ReadTxn {
     pub fn get(&self, model: &str, props: &Item, hidden: bool) -> Result<Option<Item>, DbError> {
         let model = self.model(model)?;
         let key = model.primary_key(props)?;
-        Ok(self
-            .load(model, &key)?
-            .map(|item| model.project(&item, hidden)))
+        Ok(self.load(model, &key)?.map(|mut item| {
+            if !hidden {
+                model.strip_hidden(&mut item);
+            }
+            item
+        }))
     }
 
     /// The complete stored item at `key`, whatever its model (replication, export).
@@ -127,8 +131,20 @@ impl ReadTxn {
             ),
             None => None,
         };
-        let query = model.query(props, index)?;
-        let index = index.unwrap_or_else(|| schema.primary_index());
+        let mut query = model.query(props, index)?;
+        let mut index = index.unwrap_or_else(|| schema.primary_index());
+        if options.index.is_none() && query.hash.is_none() {
+            // No key given: rather than scan the model, use a secondary index whose hash the
+            // properties resolve (results then come in that index's order).
+            for candidate in schema.secondary_indexes() {
+                let q = model.query(props, Some(candidate))?;
+                if q.hash.is_some() {
+                    query = q;
+                    index = candidate;
+                    break;
+                }
+            }
+        }
         let after = match &options.next {
             Some(token) => Some(
                 hex::decode(token)
@@ -176,7 +192,11 @@ impl ReadTxn {
             if !query.filters.iter().all(|f| f.matches(&item)) {
                 return Ok(true);
             }
-            page.items.push(model.project(&item, options.hidden));
+            let mut item = item;
+            if !options.hidden {
+                model.strip_hidden(&mut item);
+            }
+            page.items.push(item);
             if page.items.len() >= limit {
                 page.next = Some(hex::encode(raw));
                 return Ok(false);
@@ -379,9 +399,21 @@ mod tests {
     fn sort_bounds_match_the_conditions_for_items_and_index_entries() {
         let cases: Vec<(SortCondition, &[&str], &[&str])> = vec![
             (SortCondition::Eq("b".into()), &["b"], &["a", "b1", "ba"]),
-            (SortCondition::BeginsWith("b".into()), &["b", "b1", "bz"], &["a", "c"]),
-            (SortCondition::Between("b".into(), "c".into()), &["b", "b9", "c"], &["a", "c0"]),
-            (SortCondition::Lt("b".into()), &["a", "az", ""], &["b", "b0"]),
+            (
+                SortCondition::BeginsWith("b".into()),
+                &["b", "b1", "bz"],
+                &["a", "c"],
+            ),
+            (
+                SortCondition::Between("b".into(), "c".into()),
+                &["b", "b9", "c"],
+                &["a", "c0"],
+            ),
+            (
+                SortCondition::Lt("b".into()),
+                &["a", "az", ""],
+                &["b", "b0"],
+            ),
             (SortCondition::Le("b".into()), &["a", "b"], &["b0", "c"]),
             (SortCondition::Gt("b".into()), &["b0", "c"], &["a", "b"]),
             (SortCondition::Ge("b".into()), &["b", "b0", "c"], &["a"]),
@@ -389,12 +421,24 @@ mod tests {
         for (cond, inside, outside) in cases {
             let b = sort_bounds("h", &cond);
             for s in inside {
-                assert!(contains(&b, &item(s)), "{cond:?} should hold item sort {s:?}");
-                assert!(contains(&b, &entry(s)), "{cond:?} should hold index sort {s:?}");
+                assert!(
+                    contains(&b, &item(s)),
+                    "{cond:?} should hold item sort {s:?}"
+                );
+                assert!(
+                    contains(&b, &entry(s)),
+                    "{cond:?} should hold index sort {s:?}"
+                );
             }
             for s in outside {
-                assert!(!contains(&b, &item(s)), "{cond:?} should not hold item sort {s:?}");
-                assert!(!contains(&b, &entry(s)), "{cond:?} should not hold index sort {s:?}");
+                assert!(
+                    !contains(&b, &item(s)),
+                    "{cond:?} should not hold item sort {s:?}"
+                );
+                assert!(
+                    !contains(&b, &entry(s)),
+                    "{cond:?} should not hold index sort {s:?}"
+                );
             }
         }
     }

@@ -162,12 +162,17 @@ impl<'t> WriteTxn<'t> {
         self.check_local_write(model)?;
         let item = model.prepare_create(input, self.now_ms)?;
         let key = model.primary_key(&item)?;
-        if self.get_stored(&key)?.is_some() {
-            return Err(exists(model, &key));
-        }
+        // One lookup: a live item is a conflict, an expired one is replaced.
         let old = self.stored_even_if_expired(&key)?;
-        self.store(model, key, old, item.clone(), ChangeOp::Create)?;
-        Ok(model.project(&item, false))
+        if let Some((m, stored)) = &old {
+            if !crate::read::expired(m, stored, self.now_ms) {
+                return Err(exists(model, &key));
+            }
+        }
+        let mut shown = item.clone();
+        model.strip_hidden(&mut shown);
+        self.store(model, key, old, item, ChangeOp::Create)?;
+        Ok(shown)
     }
 
     /// Changes the fields given in `input` of the item they identify; with `upsert`, creates it
@@ -183,9 +188,11 @@ impl<'t> WriteTxn<'t> {
             None => return Err(not_found(model_ref, &key)),
         };
         let item = model_ref.prepare_update(&existing, input, self.now_ms)?;
+        let mut shown = item.clone();
+        model_ref.strip_hidden(&mut shown);
         let old = Some((model_ref, existing));
-        self.store(model_ref, key, old, item.clone(), ChangeOp::Update)?;
-        Ok(model_ref.project(&item, false))
+        self.store(model_ref, key, old, item, ChangeOp::Update)?;
+        Ok(shown)
     }
 
     /// Removes the item its key properties identify; returns it (without hidden fields).
@@ -195,9 +202,12 @@ impl<'t> WriteTxn<'t> {
         let key = model.primary_key(props)?;
         match self.get_stored(&key)? {
             Some((m, _)) if m.name() != model.name() => Ok(None),
-            Some(_) => Ok(self
-                .remove_stored(&key)?
-                .map(|item| model.project(&item, false))),
+            Some((m, item)) => {
+                self.remove_found(m, &key, item.clone())?;
+                let mut shown = item;
+                m.strip_hidden(&mut shown);
+                Ok(Some(shown))
+            }
             None => Ok(None),
         }
     }
@@ -230,19 +240,37 @@ impl<'t> WriteTxn<'t> {
         let Some((model, item)) = self.stored_even_if_expired(key)? else {
             return Ok(None);
         };
+        self.remove_found(model, key, item.clone())?;
+        Ok(Some(item))
+    }
+
+    fn remove_found(&mut self, model: &'t Model, key: &ItemKey, item: Item) -> Result<(), DbError> {
         let raw = keys::item_key(key);
         self.items.remove(raw.as_slice())?;
-        self.unindex(model, key, &item)?;
+        self.types
+            .remove(keys::type_key(model.name(), key).as_slice())?;
+        if let Some(expires) = model.expires_at_ms(&item) {
+            self.ttl.remove(keys::ttl_key(expires, key).as_slice())?;
+        }
+        let inner = self.inner;
+        for (table, index) in self
+            .indexes
+            .iter_mut()
+            .zip(inner.schema.secondary_indexes())
+        {
+            if let Some((hash, sort)) = model.index_key(&item, index) {
+                table.remove(keys::index_key(&hash, &sort, key).as_slice())?;
+            }
+        }
         let change = Change {
             model: model.name().to_string(),
             key: key.clone(),
             op: ChangeOp::Remove,
-            old: Some(item.clone()),
+            old: Some(item),
             new: None,
             origin: self.origin,
         };
-        self.record(change)?;
-        Ok(Some(item))
+        self.record(change)
     }
 
     fn stored_even_if_expired(&self, key: &ItemKey) -> Result<Option<(&'t Model, Item)>, DbError> {
@@ -274,17 +302,52 @@ impl<'t> WriteTxn<'t> {
             });
         }
         let index_keys = self.index_keys(model, &item)?;
-        if let Some((old_model, old_item)) = &old {
-            self.unindex(old_model, &key, old_item)?;
-        }
+        // Only entries that change are touched: an update of a plain field rewrites the item
+        // alone, not its model, TTL and index entries.
+        let (old_model, old_item) = match &old {
+            Some((m, i)) => (Some(*m), Some(i)),
+            None => (None, None),
+        };
+        let same_model = old_model.is_some_and(|m| m.name() == model.name());
         let raw = keys::item_key(&key);
         self.items.insert(raw.as_slice(), bytes.as_slice())?;
-        self.types
-            .insert(keys::type_key(model.name(), &key).as_slice(), ())?;
-        if let Some(expires) = model.expires_at_ms(&item) {
-            self.ttl.insert(keys::ttl_key(expires, &key).as_slice(), ())?;
+        if !same_model {
+            if let Some(m) = old_model {
+                self.types
+                    .remove(keys::type_key(m.name(), &key).as_slice())?;
+            }
+            self.types
+                .insert(keys::type_key(model.name(), &key).as_slice(), ())?;
         }
-        for (table, entry) in self.indexes.iter_mut().zip(index_keys) {
+        let old_expiry = old_model
+            .zip(old_item)
+            .and_then(|(m, i)| m.expires_at_ms(i));
+        let new_expiry = model.expires_at_ms(&item);
+        if old_expiry != new_expiry {
+            if let Some(expires) = old_expiry {
+                self.ttl.remove(keys::ttl_key(expires, &key).as_slice())?;
+            }
+            if let Some(expires) = new_expiry {
+                self.ttl
+                    .insert(keys::ttl_key(expires, &key).as_slice(), ())?;
+            }
+        }
+        let inner = self.inner;
+        for ((table, index), entry) in self
+            .indexes
+            .iter_mut()
+            .zip(inner.schema.secondary_indexes())
+            .zip(index_keys)
+        {
+            let old_entry = old_model
+                .zip(old_item)
+                .and_then(|(m, i)| m.index_key(i, index));
+            if old_entry == entry {
+                continue;
+            }
+            if let Some((hash, sort)) = old_entry {
+                table.remove(keys::index_key(&hash, &sort, &key).as_slice())?;
+            }
             if let Some((hash, sort)) = entry {
                 table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
             }
@@ -321,21 +384,6 @@ impl<'t> WriteTxn<'t> {
         Ok(out)
     }
 
-    fn unindex(&mut self, model: &Model, key: &ItemKey, item: &Item) -> Result<(), DbError> {
-        self.types
-            .remove(keys::type_key(model.name(), key).as_slice())?;
-        if let Some(expires) = model.expires_at_ms(item) {
-            self.ttl.remove(keys::ttl_key(expires, key).as_slice())?;
-        }
-        let schema = &self.inner.schema;
-        for (table, index) in self.indexes.iter_mut().zip(schema.secondary_indexes()) {
-            if let Some((hash, sort)) = model.index_key(item, index) {
-                table.remove(keys::index_key(&hash, &sort, key).as_slice())?;
-            }
-        }
-        Ok(())
-    }
-
     fn record(&mut self, change: Change) -> Result<(), DbError> {
         if let Some(interceptor) = self.inner.interceptor() {
             interceptor.on_change(&mut SideTables { tx: self.tx }, &change)?;
@@ -349,7 +397,10 @@ impl<'t> WriteTxn<'t> {
         let start = keys::prefix(&[model]);
         let end = keys::prefix_end(&start);
         let mut out = Vec::new();
-        for entry in self.types.range::<&[u8]>(start.as_slice()..end.as_slice())? {
+        for entry in self
+            .types
+            .range::<&[u8]>(start.as_slice()..end.as_slice())?
+        {
             let (k, _) = entry?;
             match keys::trailing_item_key(k.value()) {
                 Some(key) => out.push(key),

@@ -209,6 +209,13 @@ impl Model {
 
     /// Full primary key of an item from user properties; see the crate docs.
     pub fn primary_key(&self, props: &Item) -> Result<ItemKey, ValidationError> {
+        // Fast path (stored items, and callers that pass the keys): both key attributes are
+        // given directly as strings, so there is nothing to cast or render.
+        if let Some(key) = self.direct_key(props) {
+            self.check_key_value(&self.primary.hash, &key.pk)?;
+            self.check_key_value(self.primary.sort.as_deref().unwrap_or_default(), &key.sk)?;
+            return Ok(key);
+        }
         let mut view = self.cast_props(props)?;
         self.apply_templates(&mut view, true)?;
         let key = self.key_of(&view)?;
@@ -217,6 +224,22 @@ impl Model {
             self.check_key_value(sort, &key.sk)?;
         }
         Ok(key)
+    }
+
+    /// The key when every key attribute the model has is present in `props` as a string.
+    fn direct_key(&self, props: &Item) -> Option<ItemKey> {
+        let part = |attr: &str| -> Option<String> {
+            if self.field(attr).is_none() {
+                return Some(String::new());
+            }
+            props.get(attr)?.as_str().map(str::to_string)
+        };
+        let pk = part(&self.primary.hash)?;
+        let sk = match &self.primary.sort {
+            Some(sort) => part(sort)?,
+            None => String::new(),
+        };
+        Some(ItemKey { pk, sk })
     }
 
     fn check_key_value(&self, attr: &str, value: &str) -> Result<(), ValidationError> {
@@ -515,6 +538,16 @@ impl Model {
     }
 
     /// Copy of the item without hidden fields unless `include_hidden`.
+    /// Removes the hidden fields from an owned item, in place (cheaper than [`Model::project`]
+    /// when the caller owns the item anyway).
+    pub fn strip_hidden(&self, item: &mut Item) {
+        for field in &self.fields {
+            if field.hidden() {
+                item.remove(&field.name);
+            }
+        }
+    }
+
     pub fn project(&self, item: &Item, include_hidden: bool) -> Item {
         if include_hidden {
             return item.clone();

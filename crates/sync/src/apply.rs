@@ -38,11 +38,26 @@ pub trait DeviceTxn {
     /// The store's error.
     type Error;
     /// The version held for a key (item or tombstone), if any.
-    fn stored_version(&mut self, model: &str, key: &ItemKey) -> Result<Option<StoredVersion>, Self::Error>;
+    fn stored_version(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+    ) -> Result<Option<StoredVersion>, Self::Error>;
     /// Store a remote item at `version`, without creating an outbox entry.
-    fn put_remote(&mut self, model: &str, key: &ItemKey, item: Item, version: Hlc) -> Result<(), Self::Error>;
+    fn put_remote(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        item: Item,
+        version: Hlc,
+    ) -> Result<(), Self::Error>;
     /// Delete a key as a remote write, keeping a tombstone at `version`; no outbox entry.
-    fn delete_remote(&mut self, model: &str, key: &ItemKey, version: Hlc) -> Result<(), Self::Error>;
+    fn delete_remote(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        version: Hlc,
+    ) -> Result<(), Self::Error>;
     /// Whether an outbox entry exists for the key (a local write not yet acknowledged).
     fn has_pending(&mut self, model: &str, key: &ItemKey) -> Result<bool, Self::Error>;
     /// Store the feed cursor (in this same transaction).
@@ -161,24 +176,34 @@ pub fn device_apply<T: DeviceTxn>(
             continue;
         }
         if snapshot {
-            txn.resync_mark_seen(&change.model, &change.key).map_err(ApplyError::Store)?;
+            txn.resync_mark_seen(&change.model, &change.key)
+                .map_err(ApplyError::Store)?;
         }
         let item = match change.op {
             Op::Delete => None,
             Op::Put => match checked_item(model, change) {
                 Ok(item) => Some(item),
                 Err(reason) => {
-                    out.invalid.push(Skipped { model: change.model.clone(), key: change.key.clone(), reason });
+                    out.invalid.push(Skipped {
+                        model: change.model.clone(),
+                        key: change.key.clone(),
+                        reason,
+                    });
                     continue;
                 }
             },
         };
         clock.observe(change.version, now_ms);
-        let stored = txn.stored_version(&change.model, &change.key).map_err(ApplyError::Store)?;
+        let stored = txn
+            .stored_version(&change.model, &change.key)
+            .map_err(ApplyError::Store)?;
         // An equal version can only meet a tombstone left by a resync sweep (a real delete has
         // its own version): the put of that same version is then the truth and applies.
-        let revives = |s: &StoredVersion| s.version == change.version && s.deleted && change.op == Op::Put;
-        if stored.is_some_and(|s| s.version > change.version || (s.version == change.version && !revives(&s))) {
+        let revives =
+            |s: &StoredVersion| s.version == change.version && s.deleted && change.op == Op::Put;
+        if stored.is_some_and(|s| {
+            s.version > change.version || (s.version == change.version && !revives(&s))
+        }) {
             out.stale += 1;
             continue;
         }
@@ -191,7 +216,9 @@ pub fn device_apply<T: DeviceTxn>(
     }
     let cursor = match page {
         ApplyPage::Feed { to, .. } => Some(*to),
-        ApplyPage::Snapshot { done: true, cursor, .. } => {
+        ApplyPage::Snapshot {
+            done: true, cursor, ..
+        } => {
             out.swept = txn.resync_sweep().map_err(ApplyError::Store)?;
             Some(*cursor)
         }
@@ -256,14 +283,33 @@ pub trait CloudTxn {
     /// The store's error.
     type Error;
     /// The version held for a key of an owner (item or tombstone), if any.
-    fn stored_version(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<Option<StoredVersion>, Self::Error>;
+    fn stored_version(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+    ) -> Result<Option<StoredVersion>, Self::Error>;
     /// Store an item at `version`.
-    fn put_item(&mut self, owner: &Owner, model: &str, key: &ItemKey, item: &Item, version: Hlc) -> Result<(), Self::Error>;
+    fn put_item(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+        item: &Item,
+        version: Hlc,
+    ) -> Result<(), Self::Error>;
     /// Delete an item, keeping a tombstone at `version`.
-    fn tombstone(&mut self, owner: &Owner, model: &str, key: &ItemKey, version: Hlc) -> Result<(), Self::Error>;
+    fn tombstone(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+        version: Hlc,
+    ) -> Result<(), Self::Error>;
     /// Append the key (coalesced: an older entry of the key is dropped) to the feed of the device,
     /// or of every device of the account for [`Owner::Account`]; in this same transaction.
-    fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), Self::Error>;
+    fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey)
+        -> Result<(), Self::Error>;
     /// Record a conflict. The store bounds its conflict log (by age or count).
     fn log_conflict(&mut self, conflict: &Conflict) -> Result<(), Self::Error>;
 }
@@ -478,17 +524,27 @@ pub fn cloud_write<T: CloudTxn>(
     match (process.broadcast, owner) {
         (true, Owner::Account(_)) | (false, Owner::Device(_)) => {}
         (true, Owner::Device(_)) => {
-            return Err(CloudWriteError::WrongOwner { model: model_name.to_string(), expected: "account" })
+            return Err(CloudWriteError::WrongOwner {
+                model: model_name.to_string(),
+                expected: "account",
+            })
         }
         (false, Owner::Account(_)) => {
-            return Err(CloudWriteError::WrongOwner { model: model_name.to_string(), expected: "device" })
+            return Err(CloudWriteError::WrongOwner {
+                model: model_name.to_string(),
+                expected: "device",
+            })
         }
     }
     let (key, item) = match op {
         CloudOp::Delete(key) => (key, None),
         CloudOp::Put(item) => {
-            let item = model.normalize_stored(item).map_err(|e| CloudWriteError::Validation(e.to_string()))?;
-            let key = model.primary_key(&item).map_err(|e| CloudWriteError::Validation(e.to_string()))?;
+            let item = model
+                .normalize_stored(item)
+                .map_err(|e| CloudWriteError::Validation(e.to_string()))?;
+            let key = model
+                .primary_key(&item)
+                .map_err(|e| CloudWriteError::Validation(e.to_string()))?;
             if let (Owner::Device(d), Some(v)) = (owner, item.get(OWNER_FIELD)) {
                 if v.as_str() != Some(d.device.as_str()) {
                     return Err(CloudWriteError::Ownership(d.to_string()));
@@ -497,7 +553,9 @@ pub fn cloud_write<T: CloudTxn>(
             (key, Some(item))
         }
     };
-    let stored = txn.stored_version(owner, model_name, &key).map_err(CloudWriteError::Store)?;
+    let stored = txn
+        .stored_version(owner, model_name, &key)
+        .map_err(CloudWriteError::Store)?;
     if let Some(s) = stored {
         clock.observe(s.version, now_ms);
     }
@@ -512,8 +570,12 @@ pub fn cloud_write<T: CloudTxn>(
     };
     let size = wire::change_len(&change);
     if size.saturating_add(ENVELOPE_HEADROOM) > max_message_bytes {
-        return Err(CloudWriteError::TooLarge { size, max: max_message_bytes.saturating_sub(ENVELOPE_HEADROOM) });
+        return Err(CloudWriteError::TooLarge {
+            size,
+            max: max_message_bytes.saturating_sub(ENVELOPE_HEADROOM),
+        });
     }
-    write_versioned(txn, owner, model, &change, change.item.as_ref(), None).map_err(CloudWriteError::Store)?;
+    write_versioned(txn, owner, model, &change, change.item.as_ref(), None)
+        .map_err(CloudWriteError::Store)?;
     Ok(change)
 }

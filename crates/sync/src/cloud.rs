@@ -280,20 +280,30 @@ impl CloudEngine {
             Ok(d) => d,
             Err(e) => {
                 let code = match &e {
-                    WireError::UnsupportedVersion { .. } => {
-                        ErrorCode::UnsupportedVersion { supported: wire::PROTOCOL_VERSION }
+                    WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion {
+                        supported: wire::PROTOCOL_VERSION,
+                    },
+                    WireError::TooLarge { .. } | WireError::TooManyChanges { .. } => {
+                        ErrorCode::TooLarge
                     }
-                    WireError::TooLarge { .. } | WireError::TooManyChanges { .. } => ErrorCode::TooLarge,
                     WireError::Malformed { .. } => ErrorCode::Malformed,
                 };
-                self.transmit(from, &DownMsg::Error { code, message: e.to_string() });
+                self.transmit(
+                    from,
+                    &DownMsg::Error {
+                        code,
+                        message: e.to_string(),
+                    },
+                );
                 return;
             }
         };
         match decoded.msg {
-            UpMsg::Hello { session, cursor, pending: _ } => {
-                self.on_hello(now_ms, from, session, cursor, decoded.schema)
-            }
+            UpMsg::Hello {
+                session,
+                cursor,
+                pending: _,
+            } => self.on_hello(now_ms, from, session, cursor, decoded.schema),
             UpMsg::Push { batch, changes } => {
                 let max = self.cfg.max_pushes_in_progress;
                 let Some(s) = self.sessions.get_mut(from) else {
@@ -305,7 +315,11 @@ impl CloudEngine {
                     return;
                 }
                 s.pushes += 1;
-                self.actions.push_back(CloudAction::ApplyPush { device: from.clone(), batch, changes });
+                self.actions.push_back(CloudAction::ApplyPush {
+                    device: from.clone(),
+                    batch,
+                    changes,
+                });
             }
             UpMsg::FeedAck { cursor } => {
                 let Some(s) = self.sessions.get_mut(from) else {
@@ -366,7 +380,11 @@ impl CloudEngine {
                         if pos > t.acked {
                             t.acked = pos;
                         }
-                        while t.pages.front().is_some_and(|p| !p.done && p.last <= t.acked) {
+                        while t
+                            .pages
+                            .front()
+                            .is_some_and(|p| !p.done && p.last <= t.acked)
+                        {
                             t.pages.pop_front();
                         }
                         if t.sent_to < t.acked {
@@ -402,27 +420,49 @@ impl CloudEngine {
     }
 
     /// The driver committed a push; send its results.
-    pub fn handle_push_applied(&mut self, now_ms: u64, device: &DeviceId, batch: u64, results: Vec<ChangeResult>) {
+    pub fn handle_push_applied(
+        &mut self,
+        now_ms: u64,
+        device: &DeviceId,
+        batch: u64,
+        results: Vec<ChangeResult>,
+    ) {
         let _ = now_ms;
         if let Some(s) = self.sessions.get_mut(device) {
             s.pushes = s.pushes.saturating_sub(1);
         }
         // Split the results over as many acks as the size limit needs.
-        let overhead = wire::down_overhead(&self.cfg.schema_version, &DownMsg::PushAck { batch, results: vec![] });
+        let overhead = wire::down_overhead(
+            &self.cfg.schema_version,
+            &DownMsg::PushAck {
+                batch,
+                results: vec![],
+            },
+        );
         let max = self.cfg.wire.max_message_bytes;
         let mut part: Vec<ChangeResult> = Vec::new();
         let mut size = overhead;
         for r in results {
             let len = wire::result_len(&r);
-            if !part.is_empty() && (size + len + 1 > max || part.len() >= self.cfg.wire.max_changes) {
-                let msg = DownMsg::PushAck { batch, results: std::mem::take(&mut part) };
+            if !part.is_empty() && (size + len + 1 > max || part.len() >= self.cfg.wire.max_changes)
+            {
+                let msg = DownMsg::PushAck {
+                    batch,
+                    results: std::mem::take(&mut part),
+                };
                 self.transmit(device, &msg);
                 size = overhead;
             }
             size += len + usize::from(!part.is_empty());
             part.push(r);
         }
-        self.transmit(device, &DownMsg::PushAck { batch, results: part });
+        self.transmit(
+            device,
+            &DownMsg::PushAck {
+                batch,
+                results: part,
+            },
+        );
     }
 
     /// The driver read a feed page.
@@ -457,7 +497,11 @@ impl CloudEngine {
         let full = page.changes.len() >= limit;
         let overhead = wire::down_overhead(
             &self.cfg.schema_version,
-            &DownMsg::Feed { from: page.after, to: u64::MAX, changes: vec![] },
+            &DownMsg::Feed {
+                from: page.after,
+                to: u64::MAX,
+                changes: vec![],
+            },
         );
         let max = self.cfg.wire.max_message_bytes;
         let mut size = overhead;
@@ -487,11 +531,19 @@ impl CloudEngine {
         if to > page.after {
             f.sent_to = to;
             f.pages.push_back((page.after, to));
-            let msg = DownMsg::Feed { from: page.after, to, changes };
+            let msg = DownMsg::Feed {
+                from: page.after,
+                to,
+                changes,
+            };
             self.transmit(device, &msg);
         }
         for (model, key) in oversize {
-            self.actions.push_back(CloudAction::Oversize { device: device.clone(), model, key });
+            self.actions.push_back(CloudAction::Oversize {
+                device: device.clone(),
+                model,
+                key,
+            });
         }
         self.refresh_deadline(now_ms, device);
         self.pump(now_ms, device);
@@ -515,7 +567,10 @@ impl CloudEngine {
         let cursor = *t.cursor.get_or_insert(page.cursor);
         // The `last` field names one of the page's keys; reserve room for the longest.
         let cursor_len = |model: &str, key: &ItemKey| {
-            wire::cursor_len(&SnapshotCursor { model: model.to_string(), key: key.clone() })
+            wire::cursor_len(&SnapshotCursor {
+                model: model.to_string(),
+                key: key.clone(),
+            })
         };
         let reserve = page
             .items
@@ -527,7 +582,14 @@ impl CloudEngine {
             + 16;
         let overhead = wire::down_overhead(
             &self.cfg.schema_version,
-            &DownMsg::Snapshot { resync: t.resync, after: after.clone(), last: None, items: vec![], done: false, cursor },
+            &DownMsg::Snapshot {
+                resync: t.resync,
+                after: after.clone(),
+                last: None,
+                items: vec![],
+                done: false,
+                cursor,
+            },
         ) + reserve;
         let max = self.cfg.wire.max_message_bytes;
         let mut size = overhead;
@@ -538,7 +600,10 @@ impl CloudEngine {
         for item in page.items {
             let len = wire::change_len(&item);
             if overhead.saturating_add(len) > max {
-                last = Some(SnapshotCursor { model: item.model.clone(), key: item.key.clone() });
+                last = Some(SnapshotCursor {
+                    model: item.model.clone(),
+                    key: item.key.clone(),
+                });
                 oversize.push((item.model, item.key));
                 continue;
             }
@@ -548,18 +613,35 @@ impl CloudEngine {
                 break;
             }
             size += add;
-            last = Some(SnapshotCursor { model: item.model.clone(), key: item.key.clone() });
+            last = Some(SnapshotCursor {
+                model: item.model.clone(),
+                key: item.key.clone(),
+            });
             items.push(item);
         }
         let done = page.next.is_none() && !truncated;
         let last = if truncated { last } else { page.next.or(last) };
-        t.pages.push_back(SentPage { last: last.clone(), done });
+        t.pages.push_back(SentPage {
+            last: last.clone(),
+            done,
+        });
         t.sent_to = last.clone();
         t.finished = done;
-        let msg = DownMsg::Snapshot { resync: t.resync, after, last, items, done, cursor };
+        let msg = DownMsg::Snapshot {
+            resync: t.resync,
+            after,
+            last,
+            items,
+            done,
+            cursor,
+        };
         self.transmit(device, &msg);
         for (model, key) in oversize {
-            self.actions.push_back(CloudAction::Oversize { device: device.clone(), model, key });
+            self.actions.push_back(CloudAction::Oversize {
+                device: device.clone(),
+                model,
+                key,
+            });
         }
         self.refresh_deadline(now_ms, device);
         self.pump(now_ms, device);
@@ -636,7 +718,10 @@ impl CloudEngine {
         // Pages and acks are cut to fit above, so encoding cannot fail; if it ever did, dropping
         // the message is the same as losing it, and the timers recover.
         if let Ok(bytes) = wire::encode_down(&self.cfg.schema_version, msg, &self.cfg.wire) {
-            self.actions.push_back(CloudAction::Transmit { device: device.clone(), bytes });
+            self.actions.push_back(CloudAction::Transmit {
+                device: device.clone(),
+                bytes,
+            });
         }
     }
 
@@ -649,7 +734,10 @@ impl CloudEngine {
         if tracked.is_some() && !replying {
             return;
         }
-        let msg = DownMsg::Error { code: ErrorCode::NoSession, message: "no session: send hello".to_string() };
+        let msg = DownMsg::Error {
+            code: ErrorCode::NoSession,
+            message: "no session: send hello".to_string(),
+        };
         self.transmit(device, &msg);
         match tracked {
             Some(_) => {}
@@ -676,7 +764,10 @@ impl CloudEngine {
             if tries > self.cfg.max_page_retries {
                 continue;
             }
-            let msg = DownMsg::Error { code: ErrorCode::NoSession, message: "no session: send hello".to_string() };
+            let msg = DownMsg::Error {
+                code: ErrorCode::NoSession,
+                message: "no session: send hello".to_string(),
+            };
             self.transmit(&device, &msg);
             let next = now_ms.saturating_add(interval);
             self.prompted.insert(device.clone(), (next, tries + 1));
@@ -690,7 +781,14 @@ impl CloudEngine {
         }
     }
 
-    fn on_hello(&mut self, now_ms: u64, from: &DeviceId, session: u64, cursor: u64, schema: String) {
+    fn on_hello(
+        &mut self,
+        now_ms: u64,
+        from: &DeviceId,
+        session: u64,
+        cursor: u64,
+        schema: String,
+    ) {
         if !self.sessions.contains_key(from) && self.sessions.len() >= self.cfg.max_sessions {
             let msg = DownMsg::Error {
                 code: ErrorCode::TooManySessions,
@@ -749,7 +847,10 @@ impl CloudEngine {
         };
         let action = match &mut s.mode {
             Mode::Feed(f) => {
-                if f.reading.is_none() && f.pages.len() < window && (!f.head_known || f.head > f.sent_to) {
+                if f.reading.is_none()
+                    && f.pages.len() < window
+                    && (!f.head_known || f.head > f.sent_to)
+                {
                     f.reading = Some(f.sent_to);
                     Some(CloudAction::ReadFeed {
                         device: device.clone(),

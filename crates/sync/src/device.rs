@@ -12,7 +12,8 @@ use crate::apply::{ApplyOutcome, ApplyPage, Skipped};
 use crate::hlc::Hlc;
 use crate::rng::SplitMix;
 use crate::wire::{
-    self, Change, ChangeStatus, DownMsg, ErrorCode, RejectReason, SnapshotCursor, UpMsg, WireConfig, WireError,
+    self, Change, ChangeStatus, DownMsg, ErrorCode, RejectReason, SnapshotCursor, UpMsg,
+    WireConfig, WireError,
 };
 
 /// Limits and timings of a [`DeviceEngine`].
@@ -304,7 +305,9 @@ impl DeviceEngine {
         self.enqueue(now_ms, change);
         if self.entries.len() > self.cfg.outbox_high_water && !self.high_raised {
             self.high_raised = true;
-            self.event(DeviceEvent::OutboxHigh { pending: self.entries.len() });
+            self.event(DeviceEvent::OutboxHigh {
+                pending: self.entries.len(),
+            });
         }
         self.flush(now_ms);
     }
@@ -329,9 +332,14 @@ impl DeviceEngine {
             }
             DownMsg::PushAck { batch, results } => self.on_push_ack(batch, results),
             DownMsg::Feed { from, to, changes } => self.on_feed(from, to, changes),
-            DownMsg::Snapshot { resync, after, last, items, done, cursor } => {
-                self.on_snapshot(resync, after, last, items, done, cursor)
-            }
+            DownMsg::Snapshot {
+                resync,
+                after,
+                last,
+                items,
+                done,
+                cursor,
+            } => self.on_snapshot(resync, after, last, items, done, cursor),
             DownMsg::Error { code, message } => {
                 if code == ErrorCode::NoSession {
                     // Only restart a welcomed session: while a hello is outstanding it will be
@@ -361,13 +369,23 @@ impl DeviceEngine {
                 self.cursor = to;
                 self.send(&UpMsg::FeedAck { cursor: to });
             }
-            ApplyPage::Snapshot { resync, last, done, cursor, .. } => {
+            ApplyPage::Snapshot {
+                resync,
+                last,
+                done,
+                cursor,
+                ..
+            } => {
                 if done {
                     self.cursor = cursor;
                     self.event(DeviceEvent::Resynced { cursor });
                 }
                 self.last_snapshot_ack = Some((resync, last.clone(), done));
-                self.send(&UpMsg::SnapshotAck { resync, pos: last, done });
+                self.send(&UpMsg::SnapshotAck {
+                    resync,
+                    pos: last,
+                    done,
+                });
             }
         }
         self.next_apply();
@@ -393,8 +411,12 @@ impl DeviceEngine {
                 self.send_hello(now_ms);
             }
         }
-        let expired: Vec<u64> =
-            self.batches.iter().filter(|(_, b)| b.deadline <= now_ms).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> = self
+            .batches
+            .iter()
+            .filter(|(_, b)| b.deadline <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
         if !expired.is_empty() {
             self.backoff = self.backoff.saturating_add(1);
             for id in expired {
@@ -480,7 +502,9 @@ impl DeviceEngine {
         self.resync = None;
         self.tail = match &self.applying {
             Some(ApplyPage::Feed { to, .. }) => *to,
-            Some(ApplyPage::Snapshot { done: true, cursor, .. }) => *cursor,
+            Some(ApplyPage::Snapshot {
+                done: true, cursor, ..
+            }) => *cursor,
             _ => self.cursor,
         };
         self.send_hello(now_ms);
@@ -490,7 +514,11 @@ impl DeviceEngine {
         let Some(session) = self.session else {
             return;
         };
-        let msg = UpMsg::Hello { session, cursor: self.cursor, pending: self.entries.len() as u64 };
+        let msg = UpMsg::Hello {
+            session,
+            cursor: self.cursor,
+            pending: self.entries.len() as u64,
+        };
         self.send(&msg);
         let rto = self.rto(self.hello_attempts);
         self.hello_deadline = Some(now_ms.saturating_add(rto));
@@ -514,7 +542,17 @@ impl DeviceEngine {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries.insert(k.clone(), Entry { change, len, seq, queued_at: now_ms, queued: true, in_flight: None });
+        self.entries.insert(
+            k.clone(),
+            Entry {
+                change,
+                len,
+                seq,
+                queued_at: now_ms,
+                queued: true,
+                in_flight: None,
+            },
+        );
         self.order.insert(seq, k);
     }
 
@@ -562,7 +600,8 @@ impl DeviceEngine {
         for r in results {
             let k = (r.model, r.key);
             if let Some(b) = self.batches.get_mut(&batch) {
-                b.keys.retain(|(m, key, v)| !(m == &k.0 && key == &k.1 && *v == r.version));
+                b.keys
+                    .retain(|(m, key, v)| !(m == &k.0 && key == &k.1 && *v == r.version));
             }
             let Some(e) = self.entries.get_mut(&k) else {
                 continue;
@@ -573,7 +612,10 @@ impl DeviceEngine {
                 };
                 removed.push((k.0, k.1, r.version));
                 if let ChangeStatus::Rejected { reason } = r.status {
-                    self.event(DeviceEvent::Rejected { change: e.change, reason });
+                    self.event(DeviceEvent::Rejected {
+                        change: e.change,
+                        reason,
+                    });
                 }
             } else if e.in_flight.is_some_and(|(_, v)| v == r.version) {
                 // An older version was answered; the newer one stays queued.
@@ -599,7 +641,9 @@ impl DeviceEngine {
             }
         } else if from < self.tail && self.applying.is_none() && self.inbox.is_empty() {
             // A duplicate: our acknowledgement was probably lost. Say again where we are.
-            self.send(&UpMsg::FeedAck { cursor: self.cursor });
+            self.send(&UpMsg::FeedAck {
+                cursor: self.cursor,
+            });
         }
         // A gap (from > tail) is ignored: the cloud resends from the acknowledged cursor.
     }
@@ -625,12 +669,19 @@ impl DeviceEngine {
             None => {
                 after.is_none()
                     && cursor >= self.tail
-                    && self.last_snapshot_ack.as_ref().is_none_or(|(id, _, _)| *id != resync)
+                    && self
+                        .last_snapshot_ack
+                        .as_ref()
+                        .is_none_or(|(id, _, _)| *id != resync)
             }
         };
         if !accept {
             // A duplicate, a gap, or a finished resync: say where we are, if nothing is pending.
-            let known = expected.is_some() || self.last_snapshot_ack.as_ref().is_some_and(|(id, _, _)| *id == resync);
+            let known = expected.is_some()
+                || self
+                    .last_snapshot_ack
+                    .as_ref()
+                    .is_some_and(|(id, _, _)| *id == resync);
             if known && self.applying.is_none() && self.inbox.is_empty() {
                 if let Some((id, pos, done)) = self.last_snapshot_ack.clone() {
                     if id == resync {
@@ -643,11 +694,25 @@ impl DeviceEngine {
         if self.inbox.len() >= self.cfg.max_buffered_pages {
             return;
         }
-        self.resync = if done { None } else { Some(ResyncRx { id: resync, pos: last.clone() }) };
+        self.resync = if done {
+            None
+        } else {
+            Some(ResyncRx {
+                id: resync,
+                pos: last.clone(),
+            })
+        };
         if done {
             self.tail = cursor;
         }
-        self.inbox.push_back(ApplyPage::Snapshot { resync, after, last, items, done, cursor });
+        self.inbox.push_back(ApplyPage::Snapshot {
+            resync,
+            after,
+            last,
+            items,
+            done,
+            cursor,
+        });
     }
 
     fn next_apply(&mut self) {
@@ -674,9 +739,22 @@ impl DeviceEngine {
     /// Build and send one batch if one is due; returns whether one was sent.
     fn send_batch(&mut self, now_ms: u64) -> bool {
         let id = self.next_batch;
-        let budget = self.cfg.max_batch_bytes.min(self.cfg.wire.max_message_bytes);
-        let max_count = self.cfg.max_batch_changes.min(self.cfg.wire.max_changes).max(1);
-        let overhead = wire::up_overhead(&self.schema_version, &UpMsg::Push { batch: u64::MAX, changes: vec![] });
+        let budget = self
+            .cfg
+            .max_batch_bytes
+            .min(self.cfg.wire.max_message_bytes);
+        let max_count = self
+            .cfg
+            .max_batch_changes
+            .min(self.cfg.wire.max_changes)
+            .max(1);
+        let overhead = wire::up_overhead(
+            &self.schema_version,
+            &UpMsg::Push {
+                batch: u64::MAX,
+                changes: vec![],
+            },
+        );
         let mut picked: Vec<(String, ItemKey)> = Vec::new();
         let mut too_large: Vec<(String, ItemKey)> = Vec::new();
         let mut size = overhead;
@@ -701,8 +779,15 @@ impl DeviceEngine {
         }
         for k in too_large {
             if let Some(e) = self.remove_entry(&k) {
-                self.actions.push_back(DeviceAction::OutboxRemove(vec![(k.0, k.1, e.change.version)]));
-                self.event(DeviceEvent::Rejected { change: e.change, reason: RejectReason::TooLarge });
+                self.actions.push_back(DeviceAction::OutboxRemove(vec![(
+                    k.0,
+                    k.1,
+                    e.change.version,
+                )]));
+                self.event(DeviceEvent::Rejected {
+                    change: e.change,
+                    reason: RejectReason::TooLarge,
+                });
             }
         }
         let Some(oldest) = oldest else {
@@ -724,7 +809,13 @@ impl DeviceEngine {
         }
         self.next_batch = self.next_batch.wrapping_add(1);
         let rto = self.rto(self.backoff);
-        self.batches.insert(id, Batch { keys, deadline: now_ms.saturating_add(rto) });
+        self.batches.insert(
+            id,
+            Batch {
+                keys,
+                deadline: now_ms.saturating_add(rto),
+            },
+        );
         self.send(&UpMsg::Push { batch: id, changes });
         true
     }

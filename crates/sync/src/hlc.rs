@@ -28,7 +28,11 @@ pub struct Hlc {
 
 impl Hlc {
     /// The smallest version; lower than any version a clock issues.
-    pub const ZERO: Hlc = Hlc { wall_ms: 0, counter: 0, node: 0 };
+    pub const ZERO: Hlc = Hlc {
+        wall_ms: 0,
+        counter: 0,
+        node: 0,
+    };
 }
 
 impl std::fmt::Display for Hlc {
@@ -53,7 +57,10 @@ pub struct HlcClock {
 impl HlcClock {
     /// A fresh clock for `node` that has seen nothing.
     pub fn new(node: u64) -> HlcClock {
-        HlcClock { node, last: Hlc::ZERO }
+        HlcClock {
+            node,
+            last: Hlc::ZERO,
+        }
     }
 
     /// A clock for `node` that resumes after `last` (the highest version it issued or stored).
@@ -69,13 +76,25 @@ impl HlcClock {
     /// Issue a new version, strictly greater than anything issued or observed before.
     pub fn tick(&mut self, phys_ms: u64) -> Hlc {
         let next = if phys_ms > self.last.wall_ms {
-            Hlc { wall_ms: phys_ms, counter: 0, node: self.node }
+            Hlc {
+                wall_ms: phys_ms,
+                counter: 0,
+                node: self.node,
+            }
         } else if self.last.counter == u32::MAX {
             // The counter is exhausted: borrow one millisecond from the future. This keeps the
             // order strict at the cost of a 1 ms drift, which the next physical tick absorbs.
-            Hlc { wall_ms: self.last.wall_ms.saturating_add(1), counter: 0, node: self.node }
+            Hlc {
+                wall_ms: self.last.wall_ms.saturating_add(1),
+                counter: 0,
+                node: self.node,
+            }
         } else {
-            Hlc { wall_ms: self.last.wall_ms, counter: self.last.counter + 1, node: self.node }
+            Hlc {
+                wall_ms: self.last.wall_ms,
+                counter: self.last.counter + 1,
+                node: self.node,
+            }
         };
         self.last = next;
         next
@@ -131,7 +150,11 @@ mod tests {
     #[test]
     fn tick_moves_past_observed_remote_even_with_higher_node() {
         let mut c = HlcClock::new(1);
-        let remote = Hlc { wall_ms: 5_000_000, counter: 3, node: u64::MAX };
+        let remote = Hlc {
+            wall_ms: 5_000_000,
+            counter: 3,
+            node: u64::MAX,
+        };
         c.observe(remote, 10);
         let t = c.tick(10);
         assert!(t > remote);
@@ -140,9 +163,23 @@ mod tests {
 
     #[test]
     fn counter_overflow_borrows_a_millisecond() {
-        let mut c = HlcClock::restore(1, Hlc { wall_ms: 5, counter: u32::MAX, node: 1 });
+        let mut c = HlcClock::restore(
+            1,
+            Hlc {
+                wall_ms: 5,
+                counter: u32::MAX,
+                node: 1,
+            },
+        );
         let t = c.tick(0);
-        assert_eq!(t, Hlc { wall_ms: 6, counter: 0, node: 1 });
+        assert_eq!(
+            t,
+            Hlc {
+                wall_ms: 6,
+                counter: 0,
+                node: 1
+            }
+        );
     }
 
     #[test]

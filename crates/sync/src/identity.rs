@@ -51,8 +51,14 @@ fn check_name(what: &'static str, name: &str) -> Result<(), IdError> {
     if len == 0 || len > MAX_NAME_LEN {
         return Err(IdError::Length { what, len });
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
-        return Err(IdError::Character { what, name: name.to_string() });
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return Err(IdError::Character {
+            what,
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -109,9 +115,21 @@ mod tests {
     fn validates_names() {
         assert!(DeviceId::new("acme", "dev-1.a_b").is_ok());
         assert_eq!(DeviceId::new("acme", "_all"), Err(IdError::Reserved));
-        assert!(matches!(DeviceId::new("", "d"), Err(IdError::Length { .. })));
-        assert!(matches!(DeviceId::new("a", "x".repeat(65)), Err(IdError::Length { .. })));
-        assert!(matches!(DeviceId::new("a", "d/e"), Err(IdError::Character { .. })));
-        assert!(matches!(DeviceId::new("a+", "d"), Err(IdError::Character { .. })));
+        assert!(matches!(
+            DeviceId::new("", "d"),
+            Err(IdError::Length { .. })
+        ));
+        assert!(matches!(
+            DeviceId::new("a", "x".repeat(65)),
+            Err(IdError::Length { .. })
+        ));
+        assert!(matches!(
+            DeviceId::new("a", "d/e"),
+            Err(IdError::Character { .. })
+        ));
+        assert!(matches!(
+            DeviceId::new("a+", "d"),
+            Err(IdError::Character { .. })
+        ));
     }
 }

@@ -30,7 +30,10 @@ pub struct WireConfig {
 
 impl Default for WireConfig {
     fn default() -> WireConfig {
-        WireConfig { max_message_bytes: 128 * 1024, max_changes: 1000 }
+        WireConfig {
+            max_message_bytes: 128 * 1024,
+            max_changes: 1000,
+        }
     }
 }
 
@@ -95,7 +98,11 @@ pub struct Change {
     pub version: Hlc,
     /// The version this write replaced on the writer (`None` when it created the key). A receiver
     /// holding another version has a concurrent write: a conflict, which is logged.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hlc_wire")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_hlc_wire"
+    )]
     pub base: Option<Hlc>,
 }
 
@@ -221,7 +228,10 @@ impl Serialize for SnapshotCursor {
 impl<'de> Deserialize<'de> for SnapshotCursor {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SnapshotCursor, D::Error> {
         let (model, pk, sk) = <(String, String, String)>::deserialize(d)?;
-        Ok(SnapshotCursor { model, key: ItemKey { pk, sk } })
+        Ok(SnapshotCursor {
+            model,
+            key: ItemKey { pk, sk },
+        })
     }
 }
 
@@ -322,29 +332,58 @@ struct EnvelopeIn {
     msg: serde_json::Value,
 }
 
-fn encode<M: Serialize>(schema: &str, msg: &M, count: usize, cfg: &WireConfig) -> Result<Vec<u8>, WireError> {
+fn encode<M: Serialize>(
+    schema: &str,
+    msg: &M,
+    count: usize,
+    cfg: &WireConfig,
+) -> Result<Vec<u8>, WireError> {
     if count > cfg.max_changes {
-        return Err(WireError::TooManyChanges { count, max: cfg.max_changes });
+        return Err(WireError::TooManyChanges {
+            count,
+            max: cfg.max_changes,
+        });
     }
-    let bytes = serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, schema, msg })
-        .map_err(|e| WireError::Malformed { reason: e.to_string() })?;
+    let bytes = serde_json::to_vec(&EnvelopeOut {
+        v: PROTOCOL_VERSION,
+        schema,
+        msg,
+    })
+    .map_err(|e| WireError::Malformed {
+        reason: e.to_string(),
+    })?;
     if bytes.len() > cfg.max_message_bytes {
-        return Err(WireError::TooLarge { size: bytes.len(), max: cfg.max_message_bytes });
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            max: cfg.max_message_bytes,
+        });
     }
     Ok(bytes)
 }
 
-fn decode<M: serde::de::DeserializeOwned>(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<M>, WireError> {
+fn decode<M: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    cfg: &WireConfig,
+) -> Result<Decoded<M>, WireError> {
     if bytes.len() > cfg.max_message_bytes {
-        return Err(WireError::TooLarge { size: bytes.len(), max: cfg.max_message_bytes });
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            max: cfg.max_message_bytes,
+        });
     }
-    let env: EnvelopeIn =
-        serde_json::from_slice(bytes).map_err(|e| WireError::Malformed { reason: e.to_string() })?;
+    let env: EnvelopeIn = serde_json::from_slice(bytes).map_err(|e| WireError::Malformed {
+        reason: e.to_string(),
+    })?;
     if env.v != PROTOCOL_VERSION {
         return Err(WireError::UnsupportedVersion { got: env.v });
     }
-    let msg = serde_json::from_value(env.msg).map_err(|e| WireError::Malformed { reason: e.to_string() })?;
-    Ok(Decoded { schema: env.schema, msg })
+    let msg = serde_json::from_value(env.msg).map_err(|e| WireError::Malformed {
+        reason: e.to_string(),
+    })?;
+    Ok(Decoded {
+        schema: env.schema,
+        msg,
+    })
 }
 
 fn up_count(msg: &UpMsg) -> usize {
@@ -373,7 +412,10 @@ pub fn decode_up(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<UpMsg>, WireE
     let d: Decoded<UpMsg> = decode(bytes, cfg)?;
     let count = up_count(&d.msg);
     if count > cfg.max_changes {
-        return Err(WireError::TooManyChanges { count, max: cfg.max_changes });
+        return Err(WireError::TooManyChanges {
+            count,
+            max: cfg.max_changes,
+        });
     }
     Ok(d)
 }
@@ -388,7 +430,10 @@ pub fn decode_down(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<DownMsg>, W
     let d: Decoded<DownMsg> = decode(bytes, cfg)?;
     let count = down_count(&d.msg);
     if count > cfg.max_changes {
-        return Err(WireError::TooManyChanges { count, max: cfg.max_changes });
+        return Err(WireError::TooManyChanges {
+            count,
+            max: cfg.max_changes,
+        });
     }
     Ok(d)
 }
@@ -397,28 +442,46 @@ pub fn decode_down(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<DownMsg>, W
 /// costs the sum of their sizes plus `n - 1` separators, which lets batches be cut to fit a limit
 /// exactly.
 pub fn change_len(change: &Change) -> usize {
-    serde_json::to_vec(change).map(|b| b.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(change)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// Encoded size of a snapshot position.
 pub fn cursor_len(cursor: &SnapshotCursor) -> usize {
-    serde_json::to_vec(cursor).map(|b| b.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(cursor)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// Encoded size of one result inside a [`DownMsg::PushAck`].
 pub fn result_len(result: &ChangeResult) -> usize {
-    serde_json::to_vec(result).map(|b| b.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(result)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// Encoded size of `msg` as sent with an empty change list: add [`change_len`] per change and
 /// one byte per separator to get the full size.
 pub fn up_overhead(schema: &str, msg: &UpMsg) -> usize {
-    serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, schema, msg }).map(|b| b.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(&EnvelopeOut {
+        v: PROTOCOL_VERSION,
+        schema,
+        msg,
+    })
+    .map(|b| b.len())
+    .unwrap_or(usize::MAX)
 }
 
 /// Like [`up_overhead`] for cloud → device messages.
 pub fn down_overhead(schema: &str, msg: &DownMsg) -> usize {
-    serde_json::to_vec(&EnvelopeOut { v: PROTOCOL_VERSION, schema, msg }).map(|b| b.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(&EnvelopeOut {
+        v: PROTOCOL_VERSION,
+        schema,
+        msg,
+    })
+    .map(|b| b.len())
+    .unwrap_or(usize::MAX)
 }
 
 /// An [`Hlc`] as text: `wwwwwwwwwwww-cccccccc-nnnnnnnnnnnnnnnn` in fixed-width lowercase hex
@@ -430,9 +493,13 @@ pub fn hlc_to_string(v: Hlc) -> String {
 
 /// Parse the text form of [`hlc_to_string`].
 pub fn hlc_from_str(s: &str) -> Result<Hlc, WireError> {
-    let bad = || WireError::Malformed { reason: format!("bad version {s:?}: expected wall-counter-node in hex") };
+    let bad = || WireError::Malformed {
+        reason: format!("bad version {s:?}: expected wall-counter-node in hex"),
+    };
     let mut parts = s.split('-');
-    let (Some(w), Some(c), Some(n), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(w), Some(c), Some(n), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(bad());
     };
     if w.is_empty() || w.len() > 16 || c.is_empty() || c.len() > 8 || n.is_empty() || n.len() > 16 {
@@ -470,7 +537,8 @@ mod opt_hlc_wire {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Hlc>, D::Error> {
         let s = Option::<String>::deserialize(d)?;
-        s.map(|s| hlc_from_str(&s).map_err(serde::de::Error::custom)).transpose()
+        s.map(|s| hlc_from_str(&s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -496,10 +564,17 @@ mod tests {
         item.insert("name".into(), serde_json::json!("x"));
         Change {
             model: "M".into(),
-            key: ItemKey { pk: "d#1".into(), sk: "s#x".into() },
+            key: ItemKey {
+                pk: "d#1".into(),
+                sk: "s#x".into(),
+            },
             op: Op::Put,
             item: Some(item),
-            version: Hlc { wall_ms: 1, counter: 2, node: 3 },
+            version: Hlc {
+                wall_ms: 1,
+                counter: 2,
+                node: 3,
+            },
             base: None,
         }
     }
@@ -508,10 +583,18 @@ mod tests {
     fn round_trips_and_sizes_are_exact() {
         let cfg = WireConfig::default();
         let changes = vec![change(), change()];
-        let msg = UpMsg::Push { batch: 9, changes: changes.clone() };
+        let msg = UpMsg::Push {
+            batch: 9,
+            changes: changes.clone(),
+        };
         let bytes = encode_up("1.0.0", &msg, &cfg).unwrap();
-        let expected = up_overhead("1.0.0", &UpMsg::Push { batch: 9, changes: vec![] })
-            + changes.iter().map(change_len).sum::<usize>()
+        let expected = up_overhead(
+            "1.0.0",
+            &UpMsg::Push {
+                batch: 9,
+                changes: vec![],
+            },
+        ) + changes.iter().map(change_len).sum::<usize>()
             + 1;
         assert_eq!(bytes.len(), expected);
         let d = decode_up(&bytes, &cfg).unwrap();
@@ -521,29 +604,59 @@ mod tests {
 
     #[test]
     fn decode_errors_are_typed() {
-        let cfg = WireConfig { max_message_bytes: 100, max_changes: 1 };
-        assert!(matches!(decode_up(b"{", &cfg), Err(WireError::Malformed { .. })));
+        let cfg = WireConfig {
+            max_message_bytes: 100,
+            max_changes: 1,
+        };
+        assert!(matches!(
+            decode_up(b"{", &cfg),
+            Err(WireError::Malformed { .. })
+        ));
         assert_eq!(
             decode_up(br#"{"v":2,"schema":"","msg":{"type":"nope"}}"#, &cfg),
             Err(WireError::UnsupportedVersion { got: 2 })
         );
-        assert!(matches!(decode_up(&[b' '; 101], &cfg), Err(WireError::TooLarge { size: 101, max: 100 })));
+        assert!(matches!(
+            decode_up(&[b' '; 101], &cfg),
+            Err(WireError::TooLarge {
+                size: 101,
+                max: 100
+            })
+        ));
         assert!(matches!(
             decode_up(br#"{"v":1,"msg":{"type":"feed_ack"}}"#, &cfg),
             Err(WireError::Malformed { .. })
         ));
-        let v = hlc_to_string(Hlc { wall_ms: 1, counter: 2, node: 3 });
+        let v = hlc_to_string(Hlc {
+            wall_ms: 1,
+            counter: 2,
+            node: 3,
+        });
         let two = format!(
             r#"{{"v":1,"msg":{{"type":"push","batch":1,"changes":[{{"model":"M","key":["a","b"],"op":"delete","version":"{v}"}},{{"model":"M","key":["a","b"],"op":"delete","version":"{v}"}}]}}}}"#
         );
-        let cfg = WireConfig { max_message_bytes: 1000, max_changes: 1 };
-        assert_eq!(decode_up(two.as_bytes(), &cfg), Err(WireError::TooManyChanges { count: 2, max: 1 }));
+        let cfg = WireConfig {
+            max_message_bytes: 1000,
+            max_changes: 1,
+        };
+        assert_eq!(
+            decode_up(two.as_bytes(), &cfg),
+            Err(WireError::TooManyChanges { count: 2, max: 1 })
+        );
     }
 
     #[test]
     fn hlc_text_order_matches_version_order() {
-        let a = Hlc { wall_ms: 0xff, counter: 1, node: u64::MAX };
-        let b = Hlc { wall_ms: 0x100, counter: 0, node: 0 };
+        let a = Hlc {
+            wall_ms: 0xff,
+            counter: 1,
+            node: u64::MAX,
+        };
+        let b = Hlc {
+            wall_ms: 0x100,
+            counter: 0,
+            node: 0,
+        };
         assert!(hlc_to_string(a) < hlc_to_string(b));
         assert_eq!(hlc_from_str(&hlc_to_string(a)).unwrap(), a);
         assert!(hlc_from_str("1-2").is_err());

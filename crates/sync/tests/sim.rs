@@ -11,11 +11,15 @@ use std::convert::Infallible;
 
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{self, CloudOp, CloudTxn, Conflict, DeviceTxn, StoredVersion};
-use devtables_sync::cloud::{CloudAction, CloudConfig, CloudEngine, FeedPage, SnapshotCursor, SnapshotPage};
+use devtables_sync::cloud::{
+    CloudAction, CloudConfig, CloudEngine, FeedPage, SnapshotCursor, SnapshotPage,
+};
 use devtables_sync::device::{DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, Restored};
 use devtables_sync::hlc::{node_id_for, Hlc, HlcClock, CLOUD_NODE_NAME};
 use devtables_sync::identity::{DeviceId, Owner};
-use devtables_sync::wire::{self, Change, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, UpMsg, WireConfig};
+use devtables_sync::wire::{
+    self, Change, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, UpMsg, WireConfig,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -77,10 +81,17 @@ impl DevStore {
     fn restored(&self) -> Restored {
         let mut o: Vec<&(u64, Change)> = self.outbox.values().collect();
         o.sort_by_key(|(s, _)| *s);
-        Restored { cursor: self.cursor, outbox: o.into_iter().map(|(_, c)| c.clone()).collect() }
+        Restored {
+            cursor: self.cursor,
+            outbox: o.into_iter().map(|(_, c)| c.clone()).collect(),
+        }
     }
     fn max_version(&self) -> Hlc {
-        self.items.values().map(|r| r.version).max().unwrap_or(Hlc::ZERO)
+        self.items
+            .values()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(Hlc::ZERO)
     }
 }
 
@@ -91,23 +102,56 @@ struct DevTxn<'a> {
 
 impl DeviceTxn for DevTxn<'_> {
     type Error = Infallible;
-    fn stored_version(&mut self, model: &str, key: &ItemKey) -> Result<Option<StoredVersion>, Infallible> {
+    fn stored_version(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+    ) -> Result<Option<StoredVersion>, Infallible> {
         Ok(self
             .s
             .items
             .get(&(model.to_string(), key.clone()))
-            .map(|r| StoredVersion { version: r.version, deleted: r.item.is_none() }))
+            .map(|r| StoredVersion {
+                version: r.version,
+                deleted: r.item.is_none(),
+            }))
     }
-    fn put_remote(&mut self, model: &str, key: &ItemKey, item: Item, version: Hlc) -> Result<(), Infallible> {
-        self.s.items.insert((model.to_string(), key.clone()), Rec { item: Some(item), version });
+    fn put_remote(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        item: Item,
+        version: Hlc,
+    ) -> Result<(), Infallible> {
+        self.s.items.insert(
+            (model.to_string(), key.clone()),
+            Rec {
+                item: Some(item),
+                version,
+            },
+        );
         Ok(())
     }
-    fn delete_remote(&mut self, model: &str, key: &ItemKey, version: Hlc) -> Result<(), Infallible> {
-        self.s.items.insert((model.to_string(), key.clone()), Rec { item: None, version });
+    fn delete_remote(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        version: Hlc,
+    ) -> Result<(), Infallible> {
+        self.s.items.insert(
+            (model.to_string(), key.clone()),
+            Rec {
+                item: None,
+                version,
+            },
+        );
         Ok(())
     }
     fn has_pending(&mut self, model: &str, key: &ItemKey) -> Result<bool, Infallible> {
-        Ok(self.s.outbox.contains_key(&(model.to_string(), key.clone())))
+        Ok(self
+            .s
+            .outbox
+            .contains_key(&(model.to_string(), key.clone())))
     }
     fn set_cursor(&mut self, cursor: u64) -> Result<(), Infallible> {
         self.s.cursor = cursor;
@@ -124,7 +168,9 @@ impl DeviceTxn for DevTxn<'_> {
     fn resync_sweep(&mut self) -> Result<u64, Infallible> {
         let mut n = 0;
         for (k, rec) in self.s.items.iter_mut() {
-            let Some(m) = self.schema.model(&k.0) else { continue };
+            let Some(m) = self.schema.model(&k.0) else {
+                continue;
+            };
             let p = m.process();
             if rec.item.is_some()
                 && p.syncs_down()
@@ -172,25 +218,64 @@ struct CTxn {
 
 impl CloudTxn for CTxn {
     type Error = Infallible;
-    fn stored_version(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<Option<StoredVersion>, Infallible> {
+    fn stored_version(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+    ) -> Result<Option<StoredVersion>, Infallible> {
         Ok(self
             .s
             .items
             .get(&(owner.clone(), model.to_string(), key.clone()))
-            .map(|r| StoredVersion { version: r.version, deleted: r.item.is_none() }))
+            .map(|r| StoredVersion {
+                version: r.version,
+                deleted: r.item.is_none(),
+            }))
     }
-    fn put_item(&mut self, owner: &Owner, model: &str, key: &ItemKey, item: &Item, version: Hlc) -> Result<(), Infallible> {
-        self.s.items.insert((owner.clone(), model.to_string(), key.clone()), Rec { item: Some(item.clone()), version });
+    fn put_item(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+        item: &Item,
+        version: Hlc,
+    ) -> Result<(), Infallible> {
+        self.s.items.insert(
+            (owner.clone(), model.to_string(), key.clone()),
+            Rec {
+                item: Some(item.clone()),
+                version,
+            },
+        );
         Ok(())
     }
-    fn tombstone(&mut self, owner: &Owner, model: &str, key: &ItemKey, version: Hlc) -> Result<(), Infallible> {
-        self.s.items.insert((owner.clone(), model.to_string(), key.clone()), Rec { item: None, version });
+    fn tombstone(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+        version: Hlc,
+    ) -> Result<(), Infallible> {
+        self.s.items.insert(
+            (owner.clone(), model.to_string(), key.clone()),
+            Rec {
+                item: None,
+                version,
+            },
+        );
         Ok(())
     }
     fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), Infallible> {
         let targets: Vec<DeviceId> = match owner {
             Owner::Device(d) => vec![d.clone()],
-            Owner::Account(a) => self.s.devices.iter().filter(|d| &d.account == a).cloned().collect(),
+            Owner::Account(a) => self
+                .s
+                .devices
+                .iter()
+                .filter(|d| &d.account == a)
+                .cloned()
+                .collect(),
         };
         let ck = (owner.clone(), model.to_string(), key.clone());
         for d in targets {
@@ -231,7 +316,12 @@ impl CloudStore {
     fn read_feed(&self, d: &DeviceId, after: u64, limit: usize) -> FeedPage {
         let f = self.feeds.get(d).cloned().unwrap_or_default();
         if after < f.floor {
-            return FeedPage { after, changes: vec![], head: f.head, resync_required: true };
+            return FeedPage {
+                after,
+                changes: vec![],
+                head: f.head,
+                resync_required: true,
+            };
         }
         let changes = f
             .entries
@@ -242,15 +332,29 @@ impl CloudStore {
                 (*c, rec_change(&ck.1, &ck.2, rec))
             })
             .collect();
-        FeedPage { after, changes, head: f.head, resync_required: false }
+        FeedPage {
+            after,
+            changes,
+            head: f.head,
+            resync_required: false,
+        }
     }
 
-    fn read_snapshot(&self, schema: &Schema, d: &DeviceId, resync: u64, from: Option<SnapshotCursor>, limit: usize) -> SnapshotPage {
+    fn read_snapshot(
+        &self,
+        schema: &Schema,
+        d: &DeviceId,
+        resync: u64,
+        from: Option<SnapshotCursor>,
+        limit: usize,
+    ) -> SnapshotPage {
         let mut all: Vec<(SnapshotCursor, Change)> = self
             .items
             .iter()
             .filter(|((owner, model, _), rec)| {
-                let Some(m) = schema.model(model) else { return false };
+                let Some(m) = schema.model(model) else {
+                    return false;
+                };
                 rec.item.is_some()
                     && m.process().syncs_down()
                     && match owner {
@@ -259,16 +363,34 @@ impl CloudStore {
                     }
             })
             .map(|((_, model, key), rec)| {
-                (SnapshotCursor { model: model.clone(), key: key.clone() }, rec_change(model, key, rec))
+                (
+                    SnapshotCursor {
+                        model: model.clone(),
+                        key: key.clone(),
+                    },
+                    rec_change(model, key, rec),
+                )
             })
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        let rest: Vec<_> = all.into_iter().filter(|(c, _)| from.as_ref().is_none_or(|f| c > f)).collect();
+        let rest: Vec<_> = all
+            .into_iter()
+            .filter(|(c, _)| from.as_ref().is_none_or(|f| c > f))
+            .collect();
         let more = rest.len() > limit;
         let page: Vec<_> = rest.into_iter().take(limit).collect();
-        let next = if more { page.last().map(|(c, _)| c.clone()) } else { None };
+        let next = if more {
+            page.last().map(|(c, _)| c.clone())
+        } else {
+            None
+        };
         let head = self.feeds.get(d).map_or(0, |f| f.head);
-        SnapshotPage { resync, items: page.into_iter().map(|(_, c)| c).collect(), next, cursor: head }
+        SnapshotPage {
+            resync,
+            items: page.into_iter().map(|(_, c)| c).collect(),
+            next,
+            cursor: head,
+        }
     }
 }
 
@@ -276,7 +398,11 @@ fn rec_change(model: &str, key: &ItemKey, rec: &Rec) -> Change {
     Change {
         model: model.to_string(),
         key: key.clone(),
-        op: if rec.item.is_some() { Op::Put } else { Op::Delete },
+        op: if rec.item.is_some() {
+            Op::Put
+        } else {
+            Op::Delete
+        },
         item: rec.item.clone(),
         version: rec.version,
         base: None,
@@ -297,8 +423,15 @@ struct Faults {
     purge: f64,
 }
 
-const CALM: Faults =
-    Faults { loss: 0.0, dup: 0.0, max_delay: 20, partition: 0.0, device_crash: 0.0, cloud_crash: 0.0, purge: 0.0 };
+const CALM: Faults = Faults {
+    loss: 0.0,
+    dup: 0.0,
+    max_delay: 20,
+    partition: 0.0,
+    device_crash: 0.0,
+    cloud_crash: 0.0,
+    purge: 0.0,
+};
 
 #[derive(Clone, Copy)]
 enum Dest {
@@ -354,7 +487,10 @@ struct Sim {
 type CKey2 = (Owner, String, ItemKey, Hlc);
 
 fn wire_cfg() -> WireConfig {
-    WireConfig { max_message_bytes: 4096, max_changes: 50 }
+    WireConfig {
+        max_message_bytes: 4096,
+        max_changes: 50,
+    }
 }
 
 impl Sim {
@@ -393,7 +529,10 @@ impl Sim {
             let id = DeviceId::new(ACCOUNT, format!("d{i}")).expect("device id");
             cloud_store.devices.insert(id.clone());
             let store = DevStore::default();
-            let cfg = DeviceConfig { seed: rng.gen(), ..dev_cfg.clone() };
+            let cfg = DeviceConfig {
+                seed: rng.gen(),
+                ..dev_cfg.clone()
+            };
             let engine = DeviceEngine::new(cfg, "1.0.0".into(), store.restored());
             let hours = 3 * 3_600_000i64;
             devs.push(Dev {
@@ -427,7 +566,8 @@ impl Sim {
             applied: Vec::new(),
             log: Vec::new(),
             trace: std::env::var("DEVTABLES_SIM_TRACE").is_ok(),
-            keep_log: std::env::var("DEVTABLES_SIM_SEED").is_ok() || std::env::var("DEVTABLES_SIM_TRACE").is_ok(),
+            keep_log: std::env::var("DEVTABLES_SIM_SEED").is_ok()
+                || std::env::var("DEVTABLES_SIM_TRACE").is_ok(),
             rng,
         }
     }
@@ -452,7 +592,10 @@ impl Sim {
         for l in tail.into_iter().rev() {
             eprintln!("{l}");
         }
-        panic!("SEED={} {what} (replay with DEVTABLES_SIM_SEED={} for the trace)", self.seed, self.seed);
+        panic!(
+            "SEED={} {what} (replay with DEVTABLES_SIM_SEED={} for the trace)",
+            self.seed, self.seed
+        );
     }
 
     fn phys(&self, i: usize) -> u64 {
@@ -463,11 +606,20 @@ impl Sim {
         if self.rng.gen_bool(self.faults.loss) {
             return;
         }
-        let copies = if self.rng.gen_bool(self.faults.dup) { 2 } else { 1 };
+        let copies = if self.rng.gen_bool(self.faults.dup) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let at = self.now + self.rng.gen_range(1..=self.faults.max_delay.max(1));
             self.net_seq += 1;
-            self.net.push(Msg { at, seq: self.net_seq, dest, bytes: bytes.clone() });
+            self.net.push(Msg {
+                at,
+                seq: self.net_seq,
+                dest,
+                bytes: bytes.clone(),
+            });
         }
     }
 
@@ -489,7 +641,8 @@ impl Sim {
             self.cloud.handle_disconnected(now, &id);
             self.drain_cloud();
         }
-        self.net.retain(|m| !matches!(m.dest, Dest::Device(j) | Dest::Cloud(j) if j == i));
+        self.net
+            .retain(|m| !matches!(m.dest, Dest::Device(j) | Dest::Cloud(j) if j == i));
         self.devs[i].down_until = Some(until);
         self.note(|| format!("d{i} down until {}", until - T0));
     }
@@ -499,7 +652,10 @@ impl Sim {
         self.disconnect(i, until);
         let d = &mut self.devs[i];
         d.boots += 1;
-        let cfg = DeviceConfig { seed: self.rng.gen(), ..self.dev_cfg.clone() };
+        let cfg = DeviceConfig {
+            seed: self.rng.gen(),
+            ..self.dev_cfg.clone()
+        };
         d.engine = DeviceEngine::new(cfg, "1.0.0".into(), d.store.restored());
         d.clock = HlcClock::restore(d.clock.node(), d.store.max_version());
         self.note(|| format!("d{i} crashed"));
@@ -507,14 +663,22 @@ impl Sim {
 
     fn crash_cloud(&mut self) {
         self.cloud_boots += 1;
-        let cfg = CloudConfig { seed: self.rng.gen(), ..self.cloud_cfg.clone() };
+        let cfg = CloudConfig {
+            seed: self.rng.gen(),
+            ..self.cloud_cfg.clone()
+        };
         self.cloud = CloudEngine::new(cfg);
         self.cloud_clock = HlcClock::restore(self.cloud_clock.node(), self.cloud_store.clock_last);
         self.net.retain(|m| !matches!(m.dest, Dest::Cloud(_)));
         self.note(|| "cloud crashed".into());
         // The driver's restart duty: prompt devices whose feed holds unacknowledged entries.
         let now = self.now;
-        let heads: Vec<(DeviceId, u64)> = self.cloud_store.feeds.iter().map(|(d, f)| (d.clone(), f.head)).collect();
+        let heads: Vec<(DeviceId, u64)> = self
+            .cloud_store
+            .feeds
+            .iter()
+            .map(|(d, f)| (d.clone(), f.head))
+            .collect();
         for (d, head) in heads {
             if self.cloud_store.acked.get(&d).copied().unwrap_or(0) < head {
                 self.cloud.handle_feed_advanced(now, &d, head);
@@ -529,7 +693,10 @@ impl Sim {
         for (k, rec) in &d.store.items {
             let h = d.history.entry(k.clone()).or_insert(rec.version);
             if rec.version < *h {
-                bad = Some(format!("d{i} version of {k:?} went back from {h} to {}", rec.version));
+                bad = Some(format!(
+                    "d{i} version of {k:?} went back from {h} to {}",
+                    rec.version
+                ));
             }
             *h = rec.version.max(*h);
         }
@@ -543,7 +710,10 @@ impl Sim {
         for (k, rec) in &self.cloud_store.items {
             let h = self.cloud_history.entry(k.clone()).or_insert(rec.version);
             if rec.version < *h {
-                bad = Some(format!("cloud version of {k:?} went back from {h} to {}", rec.version));
+                bad = Some(format!(
+                    "cloud version of {k:?} went back from {h} to {}",
+                    rec.version
+                ));
             }
             *h = rec.version.max(*h);
         }
@@ -561,8 +731,17 @@ impl Sim {
                     DeviceAction::Apply(page) => {
                         let phys = self.phys(i);
                         let d = &mut self.devs[i];
-                        let mut txn = DevTxn { s: d.store.clone(), schema: &self.schema };
-                        let out = match apply::device_apply(&mut txn, &self.schema, &mut d.clock, phys, &page) {
+                        let mut txn = DevTxn {
+                            s: d.store.clone(),
+                            schema: &self.schema,
+                        };
+                        let out = match apply::device_apply(
+                            &mut txn,
+                            &self.schema,
+                            &mut d.clock,
+                            phys,
+                            &page,
+                        ) {
                             Ok(o) => o,
                             Err(e) => match e {},
                         };
@@ -580,7 +759,11 @@ impl Sim {
                         let d = &mut self.devs[i];
                         for (m, k, v) in list {
                             let key = (m, k);
-                            if d.store.outbox.get(&key).is_some_and(|(_, c)| c.version == v) {
+                            if d.store
+                                .outbox
+                                .get(&key)
+                                .is_some_and(|(_, c)| c.version == v)
+                            {
                                 d.store.outbox.remove(&key);
                             }
                         }
@@ -617,8 +800,15 @@ impl Sim {
         while let Some(a) = self.cloud.poll_action() {
             let now = self.now;
             match a {
-                CloudAction::ApplyPush { device, batch, changes } => {
-                    let mut txn = CTxn { s: self.cloud_store.clone(), advanced: BTreeSet::new() };
+                CloudAction::ApplyPush {
+                    device,
+                    batch,
+                    changes,
+                } => {
+                    let mut txn = CTxn {
+                        s: self.cloud_store.clone(),
+                        advanced: BTreeSet::new(),
+                    };
                     let results = match apply::cloud_apply_push(
                         &mut txn,
                         &self.schema,
@@ -632,7 +822,12 @@ impl Sim {
                     };
                     for r in &results {
                         if r.status == ChangeStatus::Applied {
-                            self.applied.push((Owner::Device(device.clone()), r.model.clone(), r.key.clone(), r.version));
+                            self.applied.push((
+                                Owner::Device(device.clone()),
+                                r.model.clone(),
+                                r.key.clone(),
+                                r.version,
+                            ));
                         }
                     }
                     self.commit_cloud(txn);
@@ -643,21 +838,38 @@ impl Sim {
                     }
                     self.cloud.handle_push_applied(now, &device, batch, results);
                 }
-                CloudAction::ReadFeed { device, after, limit } => {
+                CloudAction::ReadFeed {
+                    device,
+                    after,
+                    limit,
+                } => {
                     let page = self.cloud_store.read_feed(&device, after, limit);
                     self.cloud.handle_feed_page(now, &device, page);
                 }
-                CloudAction::ReadSnapshot { device, resync, from, limit } => {
-                    let page = self.cloud_store.read_snapshot(&self.schema, &device, resync, from, limit);
+                CloudAction::ReadSnapshot {
+                    device,
+                    resync,
+                    from,
+                    limit,
+                } => {
+                    let page =
+                        self.cloud_store
+                            .read_snapshot(&self.schema, &device, resync, from, limit);
                     self.cloud.handle_snapshot_page(now, &device, page);
                 }
                 CloudAction::Transmit { device, bytes } => {
-                    let Some(i) = self.devs.iter().position(|d| d.id == device) else { continue };
+                    let Some(i) = self.devs.iter().position(|d| d.id == device) else {
+                        continue;
+                    };
                     if self.devs[i].connected {
                         self.send(Dest::Device(i), bytes);
                     }
                 }
-                CloudAction::DeviceStatus { device, cursor_acked, .. } => {
+                CloudAction::DeviceStatus {
+                    device,
+                    cursor_acked,
+                    ..
+                } => {
                     if let Some(c) = cursor_acked {
                         self.cloud_store.acked.insert(device, c);
                     }
@@ -702,7 +914,13 @@ impl Sim {
             version,
             base,
         };
-        d.store.items.insert(k.clone(), Rec { item: if delete { None } else { Some(item) }, version });
+        d.store.items.insert(
+            k.clone(),
+            Rec {
+                item: if delete { None } else { Some(item) },
+                version,
+            },
+        );
         if m.process().syncs_up() {
             let seq = match d.store.outbox.get(&k) {
                 Some((s, _)) => *s,
@@ -714,8 +932,17 @@ impl Sim {
             d.store.outbox.insert(k, (seq, change.clone()));
         }
         self.check_dev_history(i);
-        self.note(|| format!("d{i} local {} {model}/{name} {version}", if delete { "delete" } else { "put" }));
-        if self.schema.model(model).is_some_and(|m| m.process().syncs_up()) {
+        self.note(|| {
+            format!(
+                "d{i} local {} {model}/{name} {version}",
+                if delete { "delete" } else { "put" }
+            )
+        });
+        if self
+            .schema
+            .model(model)
+            .is_some_and(|m| m.process().syncs_up())
+        {
             let now = self.now;
             self.devs[i].engine.handle_local_change(now, change);
             self.drain_device(i);
@@ -731,13 +958,34 @@ impl Sim {
         input.insert("name".into(), name.into());
         input.insert("v".into(), self.rng.gen_range(0..1000u32).into());
         let item = m.prepare_create(&input, self.now as i64).expect("valid");
-        let op = if delete { CloudOp::Delete(m.primary_key(&item).expect("key")) } else { CloudOp::Put(item) };
-        let mut txn = CTxn { s: self.cloud_store.clone(), advanced: BTreeSet::new() };
+        let op = if delete {
+            CloudOp::Delete(m.primary_key(&item).expect("key"))
+        } else {
+            CloudOp::Put(item)
+        };
+        let mut txn = CTxn {
+            s: self.cloud_store.clone(),
+            advanced: BTreeSet::new(),
+        };
         let now = self.now;
-        let res = apply::cloud_write(&mut txn, &self.schema, &mut self.cloud_clock, now, 4096, &owner, model, op);
+        let res = apply::cloud_write(
+            &mut txn,
+            &self.schema,
+            &mut self.cloud_clock,
+            now,
+            4096,
+            &owner,
+            model,
+            op,
+        );
         match res {
             Ok(c) => {
-                self.note(|| format!("cloud write {owner:?} {model}/{name} {:?} {}", c.op, c.version));
+                self.note(|| {
+                    format!(
+                        "cloud write {owner:?} {model}/{name} {:?} {}",
+                        c.op, c.version
+                    )
+                });
                 self.commit_cloud(txn);
                 self.drain_cloud();
             }
@@ -939,11 +1187,17 @@ impl Sim {
         };
         for (i, d) in self.devs.iter().enumerate() {
             for model in ["U", "D", "B", "C"] {
-                let owner = if model == "C" { Owner::Account(ACCOUNT.into()) } else { Owner::Device(d.id.clone()) };
+                let owner = if model == "C" {
+                    Owner::Account(ACCOUNT.into())
+                } else {
+                    Owner::Device(d.id.clone())
+                };
                 let a = live_dev(d, model);
                 let b = live_cloud(&owner, model);
                 if a != b {
-                    self.fail(format!("d{i} model {model} diverged:\n device {a:?}\n cloud  {b:?}"));
+                    self.fail(format!(
+                        "d{i} model {model} diverged:\n device {a:?}\n cloud  {b:?}"
+                    ));
                 }
             }
             if !d.store.outbox.is_empty() || d.engine.pending() != 0 {
@@ -956,9 +1210,15 @@ impl Sim {
             }
         }
         for (owner, model, key, v) in &self.applied {
-            let stored = self.cloud_store.items.get(&(owner.clone(), model.clone(), key.clone())).map(|r| r.version);
+            let stored = self
+                .cloud_store
+                .items
+                .get(&(owner.clone(), model.clone(), key.clone()))
+                .map(|r| r.version);
             if stored.is_none_or(|s| s < *v) {
-                self.fail(format!("applied write {owner:?} {model} {key:?} {v} lost (cloud has {stored:?})"));
+                self.fail(format!(
+                    "applied write {owner:?} {model} {key:?} {v} lost (cloud has {stored:?})"
+                ));
             }
         }
     }
@@ -968,7 +1228,10 @@ fn short_up(m: &UpMsg) -> String {
     match m {
         UpMsg::Push { batch, changes } => format!(
             "Push {batch} {:?}",
-            changes.iter().map(|c| format!("{}/{} {:?} {}", c.model, c.key.sk, c.op, c.version)).collect::<Vec<_>>()
+            changes
+                .iter()
+                .map(|c| format!("{}/{} {:?} {}", c.model, c.key.sk, c.op, c.version))
+                .collect::<Vec<_>>()
         ),
         other => format!("{other:?}"),
     }
@@ -978,9 +1241,19 @@ fn short_down(m: &DownMsg) -> String {
     match m {
         DownMsg::Feed { from, to, changes } => format!(
             "Feed ({from},{to}] {:?}",
-            changes.iter().map(|c| format!("{}/{} {:?} {}", c.model, c.key.sk, c.op, c.version)).collect::<Vec<_>>()
+            changes
+                .iter()
+                .map(|c| format!("{}/{} {:?} {}", c.model, c.key.sk, c.op, c.version))
+                .collect::<Vec<_>>()
         ),
-        DownMsg::Snapshot { resync, after, last, items, done, cursor } => format!(
+        DownMsg::Snapshot {
+            resync,
+            after,
+            last,
+            items,
+            done,
+            cursor,
+        } => format!(
             "Snapshot {resync} after={:?} last={:?} n={} done={done} cursor={cursor}",
             after.as_ref().map(|c| &c.key.sk),
             last.as_ref().map(|c| &c.key.sk),
@@ -988,7 +1261,10 @@ fn short_down(m: &DownMsg) -> String {
         ),
         DownMsg::PushAck { batch, results } => format!(
             "PushAck {batch} {:?}",
-            results.iter().map(|r| format!("{}/{} {} {:?}", r.model, r.key.sk, r.version, r.status)).collect::<Vec<_>>()
+            results
+                .iter()
+                .map(|r| format!("{}/{} {} {:?}", r.model, r.key.sk, r.version, r.status))
+                .collect::<Vec<_>>()
         ),
         other => format!("{other:?}"),
     }
@@ -1057,11 +1333,22 @@ fn change(model: &str, dev: &str, name: &str, version: Hlc) -> Change {
     input.insert("deviceId".into(), dev.into());
     input.insert("name".into(), name.into());
     let item = m.prepare_create(&input, 0).unwrap();
-    Change { model: model.into(), key: m.primary_key(&item).unwrap(), op: Op::Put, item: Some(item), version, base: None }
+    Change {
+        model: model.into(),
+        key: m.primary_key(&item).unwrap(),
+        op: Op::Put,
+        item: Some(item),
+        version,
+        base: None,
+    }
 }
 
 fn hlc(w: u64) -> Hlc {
-    Hlc { wall_ms: w, counter: 0, node: 1 }
+    Hlc {
+        wall_ms: w,
+        counter: 0,
+        node: 1,
+    }
 }
 
 fn down(msg: &DownMsg) -> Vec<u8> {
@@ -1081,7 +1368,11 @@ fn down_msgs(c: &mut CloudEngine) -> (Vec<DownMsg>, Vec<CloudAction>) {
     let mut a = Vec::new();
     while let Some(x) = c.poll_action() {
         match x {
-            CloudAction::Transmit { bytes, .. } => m.push(wire::decode_down(&bytes, &WireConfig::default()).unwrap().msg),
+            CloudAction::Transmit { bytes, .. } => m.push(
+                wire::decode_down(&bytes, &WireConfig::default())
+                    .unwrap()
+                    .msg,
+            ),
             other => a.push(other),
         }
     }
@@ -1090,10 +1381,16 @@ fn down_msgs(c: &mut CloudEngine) -> (Vec<DownMsg>, Vec<CloudAction>) {
 
 /// A connected, welcomed device engine.
 fn ready_device(outbox: Vec<Change>) -> DeviceEngine {
-    let mut e = DeviceEngine::new(DeviceConfig::default(), "1.0.0".into(), Restored { cursor: 0, outbox });
+    let mut e = DeviceEngine::new(
+        DeviceConfig::default(),
+        "1.0.0".into(),
+        Restored { cursor: 0, outbox },
+    );
     e.handle_connected(0);
     let hello = up_msgs(&mut e);
-    let UpMsg::Hello { session, .. } = hello[0] else { panic!("{hello:?}") };
+    let UpMsg::Hello { session, .. } = hello[0] else {
+        panic!("{hello:?}")
+    };
     e.handle_message(1, &down(&DownMsg::Welcome { session }));
     assert!(e.is_ready());
     e
@@ -1106,20 +1403,29 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
     e.handle_local_change(10, c1.clone());
     e.handle_timeout(100);
     let sent = up_msgs(&mut e);
-    let UpMsg::Push { batch, .. } = &sent[0] else { panic!("{sent:?}") };
+    let UpMsg::Push { batch, .. } = &sent[0] else {
+        panic!("{sent:?}")
+    };
     let c2 = change("B", "d0", "a", hlc(20));
     e.handle_local_change(110, c2.clone());
     // The ack for the old version must not remove the newer entry.
     let ack = DownMsg::PushAck {
         batch: *batch,
-        results: vec![wire::ChangeResult { model: "B".into(), key: c1.key.clone(), version: c1.version, status: ChangeStatus::Applied }],
+        results: vec![wire::ChangeResult {
+            model: "B".into(),
+            key: c1.key.clone(),
+            version: c1.version,
+            status: ChangeStatus::Applied,
+        }],
     };
     e.handle_message(120, &down(&ack));
     assert_eq!(e.pending(), 1);
     assert_eq!(e.poll_action(), None);
     e.handle_timeout(200);
     let sent = up_msgs(&mut e);
-    let UpMsg::Push { changes, .. } = &sent[0] else { panic!("{sent:?}") };
+    let UpMsg::Push { changes, .. } = &sent[0] else {
+        panic!("{sent:?}")
+    };
     assert_eq!(changes[0].version, c2.version);
 }
 
@@ -1130,14 +1436,19 @@ fn unacked_batch_is_resent_on_its_own_timer_with_backoff() {
     assert_eq!(up_msgs(&mut e).len(), 1);
     let mut times = Vec::new();
     for _ in 0..8 {
-        let t = e.poll_timeout().expect("a retransmit timer is armed without any other input");
+        let t = e
+            .poll_timeout()
+            .expect("a retransmit timer is armed without any other input");
         e.handle_timeout(t);
         let m = up_msgs(&mut e);
         assert!(matches!(m[0], UpMsg::Push { .. }));
         times.push(t);
     }
     let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(gaps[0] >= 2000 && gaps.iter().all(|g| *g <= 30_000), "{gaps:?}");
+    assert!(
+        gaps[0] >= 2000 && gaps.iter().all(|g| *g <= 30_000),
+        "{gaps:?}"
+    );
     assert!(*gaps.last().unwrap() >= 20_000, "{gaps:?}");
 }
 
@@ -1147,44 +1458,78 @@ fn rejected_change_leaves_the_outbox_and_is_not_retried() {
     let mut e = ready_device(vec![c.clone()]);
     e.handle_timeout(60);
     let m = up_msgs(&mut e);
-    let UpMsg::Push { batch, .. } = m[0] else { panic!() };
+    let UpMsg::Push { batch, .. } = m[0] else {
+        panic!()
+    };
     let ack = DownMsg::PushAck {
         batch,
         results: vec![wire::ChangeResult {
             model: "U".into(),
             key: c.key.clone(),
             version: c.version,
-            status: ChangeStatus::Rejected { reason: RejectReason::Ownership },
+            status: ChangeStatus::Rejected {
+                reason: RejectReason::Ownership,
+            },
         }],
     };
     e.handle_message(70, &down(&ack));
     assert_eq!(e.pending(), 0);
-    assert_eq!(e.poll_action(), Some(DeviceAction::OutboxRemove(vec![("U".into(), c.key.clone(), c.version)])));
+    assert_eq!(
+        e.poll_action(),
+        Some(DeviceAction::OutboxRemove(vec![(
+            "U".into(),
+            c.key.clone(),
+            c.version
+        )]))
+    );
     let evs: Vec<DeviceEvent> = std::iter::from_fn(|| e.poll_event()).collect();
-    assert!(evs.contains(&DeviceEvent::Rejected { change: c, reason: RejectReason::Ownership }));
+    assert!(evs.contains(&DeviceEvent::Rejected {
+        change: c,
+        reason: RejectReason::Ownership
+    }));
     assert_eq!(e.poll_timeout(), None);
 }
 
 #[test]
 fn oversized_change_is_rejected_locally() {
     let mut c = change("U", "d0", "a", hlc(1));
-    c.item.as_mut().unwrap().insert("v".into(), "x".repeat(200_000).into());
+    c.item
+        .as_mut()
+        .unwrap()
+        .insert("v".into(), "x".repeat(200_000).into());
     let mut e = ready_device(vec![c]);
     e.handle_timeout(60);
     assert!(up_msgs(&mut e).is_empty());
     assert_eq!(e.pending(), 0);
-    assert!(matches!(e.poll_action(), Some(DeviceAction::OutboxRemove(_))));
+    assert!(matches!(
+        e.poll_action(),
+        Some(DeviceAction::OutboxRemove(_))
+    ));
 }
 
 #[test]
 fn feed_gap_is_ignored_and_duplicate_is_reacked() {
     let mut e = ready_device(vec![]);
-    let feed = |from, to| down(&DownMsg::Feed { from, to, changes: vec![change("D", "d0", "a", hlc(to))] });
+    let feed = |from, to| {
+        down(&DownMsg::Feed {
+            from,
+            to,
+            changes: vec![change("D", "d0", "a", hlc(to))],
+        })
+    };
     e.handle_message(10, &feed(5, 6));
     assert_eq!(e.poll_action(), None, "a gap is not applied");
     e.handle_message(11, &feed(0, 3));
-    let Some(DeviceAction::Apply(_)) = e.poll_action() else { panic!() };
-    e.handle_applied(12, apply::ApplyOutcome { cursor: Some(3), ..Default::default() });
+    let Some(DeviceAction::Apply(_)) = e.poll_action() else {
+        panic!()
+    };
+    e.handle_applied(
+        12,
+        apply::ApplyOutcome {
+            cursor: Some(3),
+            ..Default::default()
+        },
+    );
     assert_eq!(e.cursor(), 3);
     assert_eq!(up_msgs(&mut e), vec![UpMsg::FeedAck { cursor: 3 }]);
     e.handle_message(13, &feed(0, 3));
@@ -1199,11 +1544,32 @@ fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
     c.handle_message(0, &d, br#"{"v":9,"schema":"x","msg":{"type":"hello2"}}"#);
     let (m, _) = down_msgs(&mut c);
     assert_eq!(m.len(), 1);
-    assert!(matches!(&m[0], DownMsg::Error { code: ErrorCode::UnsupportedVersion { supported: 1 }, .. }));
+    assert!(matches!(
+        &m[0],
+        DownMsg::Error {
+            code: ErrorCode::UnsupportedVersion { supported: 1 },
+            ..
+        }
+    ));
     c.handle_message(1, &d, b"not json");
     let (m, _) = down_msgs(&mut c);
-    assert!(matches!(&m[0], DownMsg::Error { code: ErrorCode::Malformed, .. }));
-    let hello = wire::encode_up("1", &UpMsg::Hello { session: 4, cursor: 0, pending: 0 }, &WireConfig::default()).unwrap();
+    assert!(matches!(
+        &m[0],
+        DownMsg::Error {
+            code: ErrorCode::Malformed,
+            ..
+        }
+    ));
+    let hello = wire::encode_up(
+        "1",
+        &UpMsg::Hello {
+            session: 4,
+            cursor: 0,
+            pending: 0,
+        },
+        &WireConfig::default(),
+    )
+    .unwrap();
     c.handle_message(2, &d, &hello);
     let (m, _) = down_msgs(&mut c);
     assert_eq!(m, vec![DownMsg::Welcome { session: 4 }]);
@@ -1211,46 +1577,151 @@ fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
 
 #[test]
 fn cursor_older_than_retention_triggers_one_paged_resync() {
-    let mut c = CloudEngine::new(CloudConfig { snapshot_page_items: 1, ..CloudConfig::default() });
+    let mut c = CloudEngine::new(CloudConfig {
+        snapshot_page_items: 1,
+        ..CloudConfig::default()
+    });
     let d = dev_id("d0");
-    let hello = wire::encode_up("1", &UpMsg::Hello { session: 4, cursor: 2, pending: 0 }, &WireConfig::default()).unwrap();
+    let hello = wire::encode_up(
+        "1",
+        &UpMsg::Hello {
+            session: 4,
+            cursor: 2,
+            pending: 0,
+        },
+        &WireConfig::default(),
+    )
+    .unwrap();
     c.handle_message(0, &d, &hello);
     let (_, a) = down_msgs(&mut c);
-    assert!(a.iter().any(|a| matches!(a, CloudAction::ReadFeed { after: 2, .. })));
-    c.handle_feed_page(1, &d, FeedPage { after: 2, changes: vec![], head: 50, resync_required: true });
+    assert!(a
+        .iter()
+        .any(|a| matches!(a, CloudAction::ReadFeed { after: 2, .. })));
+    c.handle_feed_page(
+        1,
+        &d,
+        FeedPage {
+            after: 2,
+            changes: vec![],
+            head: 50,
+            resync_required: true,
+        },
+    );
     let (_, a) = down_msgs(&mut c);
-    let Some(CloudAction::ReadSnapshot { resync, from: None, .. }) = a.into_iter().next() else { panic!() };
+    let Some(CloudAction::ReadSnapshot {
+        resync, from: None, ..
+    }) = a.into_iter().next()
+    else {
+        panic!()
+    };
     let item = change("D", "d0", "a", hlc(1));
-    let next = Some(SnapshotCursor { model: "D".into(), key: item.key.clone() });
-    c.handle_snapshot_page(2, &d, SnapshotPage { resync, items: vec![item.clone()], next: next.clone(), cursor: 50 });
+    let next = Some(SnapshotCursor {
+        model: "D".into(),
+        key: item.key.clone(),
+    });
+    c.handle_snapshot_page(
+        2,
+        &d,
+        SnapshotPage {
+            resync,
+            items: vec![item.clone()],
+            next: next.clone(),
+            cursor: 50,
+        },
+    );
     let (m, a) = down_msgs(&mut c);
-    assert!(matches!(&m[0], DownMsg::Snapshot { after: None, done: false, cursor: 50, .. }));
-    assert!(matches!(&a[0], CloudAction::ReadSnapshot { from: Some(_), .. }));
+    assert!(matches!(
+        &m[0],
+        DownMsg::Snapshot {
+            after: None,
+            done: false,
+            cursor: 50,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &a[0],
+        CloudAction::ReadSnapshot { from: Some(_), .. }
+    ));
     // The second page's read reports a newer head: the resync keeps the cursor of its start.
-    c.handle_snapshot_page(3, &d, SnapshotPage { resync, items: vec![], next: None, cursor: 60 });
+    c.handle_snapshot_page(
+        3,
+        &d,
+        SnapshotPage {
+            resync,
+            items: vec![],
+            next: None,
+            cursor: 60,
+        },
+    );
     let (m, _) = down_msgs(&mut c);
-    assert!(matches!(&m[0], DownMsg::Snapshot { after: Some(_), done: true, cursor: 50, .. }), "{m:?}");
-    let ack = wire::encode_up("1", &UpMsg::SnapshotAck { resync, pos: None, done: true }, &WireConfig::default()).unwrap();
+    assert!(
+        matches!(
+            &m[0],
+            DownMsg::Snapshot {
+                after: Some(_),
+                done: true,
+                cursor: 50,
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+    let ack = wire::encode_up(
+        "1",
+        &UpMsg::SnapshotAck {
+            resync,
+            pos: None,
+            done: true,
+        },
+        &WireConfig::default(),
+    )
+    .unwrap();
     c.handle_message(4, &d, &ack);
     let (_, a) = down_msgs(&mut c);
-    assert!(a.iter().any(|a| matches!(a, CloudAction::ReadFeed { after: 50, .. })), "{a:?}");
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, CloudAction::ReadFeed { after: 50, .. })),
+        "{a:?}"
+    );
 }
 
 #[test]
 fn silent_device_does_not_pin_the_cloud() {
     let mut c = CloudEngine::new(CloudConfig::default());
     let d = dev_id("d0");
-    let hello = wire::encode_up("1", &UpMsg::Hello { session: 4, cursor: 0, pending: 0 }, &WireConfig::default()).unwrap();
+    let hello = wire::encode_up(
+        "1",
+        &UpMsg::Hello {
+            session: 4,
+            cursor: 0,
+            pending: 0,
+        },
+        &WireConfig::default(),
+    )
+    .unwrap();
     c.handle_message(0, &d, &hello);
     let mut sent_pages = 0;
     let mut now = 0;
     for _ in 0..100 {
         let (m, a) = down_msgs(&mut c);
-        sent_pages += m.iter().filter(|m| matches!(m, DownMsg::Feed { .. })).count();
+        sent_pages += m
+            .iter()
+            .filter(|m| matches!(m, DownMsg::Feed { .. }))
+            .count();
         for a in a {
             if let CloudAction::ReadFeed { after, .. } = a {
                 let ch = change("D", "d0", "a", hlc(after + 1));
-                c.handle_feed_page(now, &d, FeedPage { after, changes: vec![(after + 1, ch)], head: 1000, resync_required: false });
+                c.handle_feed_page(
+                    now,
+                    &d,
+                    FeedPage {
+                        after,
+                        changes: vec![(after + 1, ch)],
+                        head: 1000,
+                        resync_required: false,
+                    },
+                );
             }
         }
         match c.poll_timeout() {
@@ -1261,7 +1732,11 @@ fn silent_device_does_not_pin_the_cloud() {
             None => break,
         }
     }
-    assert_eq!(c.sessions(), 0, "the silent session is dropped after its retries");
+    assert_eq!(
+        c.sessions(),
+        0,
+        "the silent session is dropped after its retries"
+    );
     assert!(sent_pages <= 2 * 10, "bounded resends: {sent_pages}");
 }
 
@@ -1286,7 +1761,15 @@ fn offline_device_learns_deletes_after_feed_retention() {
     s.cloud_write(d0.clone(), "D", "a", false);
     s.cloud_write(d0.clone(), "D", "b", false);
     settle(&mut s);
-    assert_eq!(s.devs[0].store.items.values().filter(|r| r.item.is_some()).count(), 2);
+    assert_eq!(
+        s.devs[0]
+            .store
+            .items
+            .values()
+            .filter(|r| r.item.is_some())
+            .count(),
+        2
+    );
     let until = s.now + 10_000;
     s.disconnect(0, until);
     s.cloud_write(d0.clone(), "D", "a", true);
@@ -1296,17 +1779,28 @@ fn offline_device_learns_deletes_after_feed_retention() {
     s.random_fault(); // purge only (other fault rates are zero)
     s.faults = CALM;
     settle(&mut s);
-    let live: Vec<String> =
-        s.devs[0].store.items.iter().filter(|(_, r)| r.item.is_some()).map(|((_, k), _)| k.sk.clone()).collect();
+    let live: Vec<String> = s.devs[0]
+        .store
+        .items
+        .iter()
+        .filter(|(_, r)| r.item.is_some())
+        .map(|((_, k), _)| k.sk.clone())
+        .collect();
     assert_eq!(live, vec!["d#b".to_string(), "d#c".to_string()]);
-    assert!(s.devs[0].events.iter().any(|e| matches!(e, DeviceEvent::Resynced { .. })));
+    assert!(s.devs[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, DeviceEvent::Resynced { .. })));
     s.check_converged();
 }
 
 #[test]
 fn ownership_is_enforced_by_the_cloud() {
     let s = schema();
-    let mut txn = CTxn { s: CloudStore::default(), advanced: BTreeSet::new() };
+    let mut txn = CTxn {
+        s: CloudStore::default(),
+        advanced: BTreeSet::new(),
+    };
     let mut clock = HlcClock::new(9);
     let from = dev_id("d0");
     let theirs = change("U", "d1", "a", hlc(5));
@@ -1315,28 +1809,62 @@ fn ownership_is_enforced_by_the_cloud() {
     down_model.model = "D".into();
     let mut unknown = mine.clone();
     unknown.model = "Nope".into();
-    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, &from, &[theirs, mine.clone(), down_model, unknown]).unwrap();
+    let r = apply::cloud_apply_push(
+        &mut txn,
+        &s,
+        &mut clock,
+        0,
+        &from,
+        &[theirs, mine.clone(), down_model, unknown],
+    )
+    .unwrap();
     let statuses: Vec<ChangeStatus> = r.into_iter().map(|r| r.status).collect();
     assert_eq!(
         statuses,
         vec![
-            ChangeStatus::Rejected { reason: RejectReason::Ownership },
+            ChangeStatus::Rejected {
+                reason: RejectReason::Ownership
+            },
             ChangeStatus::Applied,
-            ChangeStatus::Rejected { reason: RejectReason::NotSyncedUp },
-            ChangeStatus::Rejected { reason: RejectReason::UnknownModel },
+            ChangeStatus::Rejected {
+                reason: RejectReason::NotSyncedUp
+            },
+            ChangeStatus::Rejected {
+                reason: RejectReason::UnknownModel
+            },
         ]
     );
     // Stored under the sender, whatever the payload says.
-    assert!(txn.s.items.contains_key(&(Owner::Device(from.clone()), "U".into(), mine.key.clone())));
+    assert!(txn
+        .s
+        .items
+        .contains_key(&(Owner::Device(from.clone()), "U".into(), mine.key.clone())));
     // A replay is idempotent; an older version is stale.
-    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, &from, std::slice::from_ref(&mine)).unwrap();
+    let r = apply::cloud_apply_push(
+        &mut txn,
+        &s,
+        &mut clock,
+        0,
+        &from,
+        std::slice::from_ref(&mine),
+    )
+    .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let mut old = mine.clone();
     old.version = hlc(4);
     let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, &from, &[old]).unwrap();
     assert_eq!(r[0].status, ChangeStatus::Stale);
     // The cloud API cannot write an up-only model.
-    let e = apply::cloud_write(&mut txn, &s, &mut clock, 0, 4096, &Owner::Device(from), "U", CloudOp::Delete(mine.key));
+    let e = apply::cloud_write(
+        &mut txn,
+        &s,
+        &mut clock,
+        0,
+        4096,
+        &Owner::Device(from),
+        "U",
+        CloudOp::Delete(mine.key),
+    );
     assert!(matches!(e, Err(apply::CloudWriteError::UpOnly(_))));
 }
 

@@ -22,7 +22,11 @@ fn item(v: serde_json::Value) -> Item {
 
 /// A config whose broker is a port nobody listens on: the device is offline throughout.
 fn offline(dir: &Path, limit: u64) -> AgentConfig {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut c = AgentConfig::new("acme", "d1", "secret", dir.join("d1.redb"));
     c.broker_port = port;
     c.outbox_limit = limit;
@@ -45,34 +49,68 @@ async fn full_outbox_refuses_or_drops_lossy_and_survives_restart() {
 
     // Coalescing: many writes of one key hold one entry.
     for v in 0..5 {
-        db.upsert("Setting", &item(json!({"deviceId": "d1", "name": "a", "value": v.to_string()}))).unwrap();
+        db.upsert(
+            "Setting",
+            &item(json!({"deviceId": "d1", "name": "a", "value": v.to_string()})),
+        )
+        .unwrap();
     }
     // Two lossy readings fill the outbox (limit 3).
-    db.create("Reading", &item(json!({"deviceId": "d1", "id": "r1", "name": "t", "value": 1}))).unwrap();
-    db.create("Reading", &item(json!({"deviceId": "d1", "id": "r2", "name": "t", "value": 2}))).unwrap();
+    db.create(
+        "Reading",
+        &item(json!({"deviceId": "d1", "id": "r1", "name": "t", "value": 1})),
+    )
+    .unwrap();
+    db.create(
+        "Reading",
+        &item(json!({"deviceId": "d1", "id": "r2", "name": "t", "value": 2})),
+    )
+    .unwrap();
     wait_for("3 pending", || agent.status().pending == 3);
 
     // A third reading drops the oldest lossy entry (r1), counted.
-    db.create("Reading", &item(json!({"deviceId": "d1", "id": "r3", "name": "t", "value": 3}))).unwrap();
+    db.create(
+        "Reading",
+        &item(json!({"deviceId": "d1", "id": "r3", "name": "t", "value": 3})),
+    )
+    .unwrap();
     // A non-lossy write also makes room by dropping a lossy entry (r2).
-    db.create("Fault", &item(json!({"deviceId": "d1", "severity": "warn"}))).unwrap();
+    db.create(
+        "Fault",
+        &item(json!({"deviceId": "d1", "severity": "warn"})),
+    )
+    .unwrap();
     // Now only Setting, r3 and the fault wait; r3 is the last lossy one.
-    db.create("Fault", &item(json!({"deviceId": "d1", "severity": "info"}))).unwrap();
+    db.create(
+        "Fault",
+        &item(json!({"deviceId": "d1", "severity": "info"})),
+    )
+    .unwrap();
     // Nothing lossy is left: the next write of a synced model is refused, and nothing is written.
     let err = db
-        .create("Fault", &item(json!({"deviceId": "d1", "severity": "critical", "id": "f-refused"})))
+        .create(
+            "Fault",
+            &item(json!({"deviceId": "d1", "severity": "critical", "id": "f-refused"})),
+        )
         .unwrap_err();
     match &err {
         DbError::Refused(inner) => assert!(inner.downcast_ref::<OutboxFull>().is_some(), "{err}"),
         other => panic!("expected OutboxFull, got {other}"),
     }
     assert!(err.to_string().contains("outbox is full"), "{err}");
-    assert!(db.get("Fault", &item(json!({"deviceId": "d1", "id": "f-refused"}))).unwrap().is_none());
+    assert!(db
+        .get("Fault", &item(json!({"deviceId": "d1", "id": "f-refused"})))
+        .unwrap()
+        .is_none());
     // Models that never leave the device are not limited by the outbox.
-    db.create("Scratch", &item(json!({"name": "x", "data": {"k": 1}}))).unwrap();
+    db.create("Scratch", &item(json!({"name": "x", "data": {"k": 1}})))
+        .unwrap();
     // All readings stay in the local database: only their replication was dropped.
     for id in ["r1", "r2", "r3"] {
-        assert!(db.get("Reading", &item(json!({"deviceId": "d1", "id": id}))).unwrap().is_some());
+        assert!(db
+            .get("Reading", &item(json!({"deviceId": "d1", "id": id})))
+            .unwrap()
+            .is_some());
     }
     wait_for("3 pending", || agent.status().pending == 3);
     drop(db);
@@ -83,7 +121,10 @@ async fn full_outbox_refuses_or_drops_lossy_and_survives_restart() {
     assert_eq!(agent.status().pending, 3);
     let err = agent
         .db()
-        .create("Fault", &item(json!({"deviceId": "d1", "severity": "critical"})))
+        .create(
+            "Fault",
+            &item(json!({"deviceId": "d1", "severity": "critical"})),
+        )
         .unwrap_err();
     assert!(matches!(err, DbError::Refused(_)), "{err}");
     agent.shutdown().await;

@@ -22,11 +22,18 @@ fn create_get_find_update_remove() {
     let dir = tempfile::tempdir().unwrap();
     let fault = stdout_json(&db(
         dir.path(),
-        &["create", "Fault", r#"{"deviceId":"d1","severity":"warn","message":"fan"}"#],
+        &[
+            "create",
+            "Fault",
+            r#"{"deviceId":"d1","severity":"warn","message":"fan"}"#,
+        ],
     ));
     let id = fault["id"].as_str().expect("generated id").to_string();
     assert_eq!(id.len(), 26, "a ulid");
-    assert!(fault.get("pk").is_none(), "hidden key fields are not printed");
+    assert!(
+        fault.get("pk").is_none(),
+        "hidden key fields are not printed"
+    );
 
     let key = format!(r#"{{"deviceId":"d1","id":"{id}"}}"#);
     let got = stdout_json(&db(dir.path(), &["get", "Fault", &key, "--hidden"]));
@@ -36,7 +43,13 @@ fn create_get_find_update_remove() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     let by_index = stdout_json(&db(
         dir.path(),
-        &["find", "Fault", r#"{"gs1pk":"fault#warn"}"#, "--index", "gs1"],
+        &[
+            "find",
+            "Fault",
+            r#"{"gs1pk":"fault#warn"}"#,
+            "--index",
+            "gs1",
+        ],
     ));
     assert_eq!(by_index["items"][0]["id"], id.as_str());
 
@@ -54,10 +67,16 @@ fn create_get_find_update_remove() {
 #[test]
 fn bad_input_fails_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = db(dir.path(), &["create", "Fault", r#"{"deviceId":"d1","severity":"boom"}"#]);
+    let out = db(
+        dir.path(),
+        &["create", "Fault", r#"{"deviceId":"d1","severity":"boom"}"#],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Fault.severity"), "error names model and field: {err}");
+    assert!(
+        err.contains("Fault.severity"),
+        "error names model and field: {err}"
+    );
 
     let out = db(dir.path(), &["create", "Status", r#"{"deviceId":"d1"}"#]);
     assert!(!out.status.success());
@@ -99,8 +118,17 @@ fn export_then_import_into_another_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(&export.stdout).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&export.stdout)
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("imported 5 items"));
 }

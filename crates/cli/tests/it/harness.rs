@@ -5,8 +5,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -26,7 +26,11 @@ pub fn free_port() -> u16 {
 /// A topic prefix no other test (or CI run on a shared broker) uses.
 pub fn unique_prefix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("dt{}x{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "dt{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Polls `f` until it returns Some, failing with `what` and the last observation at the deadline.
@@ -117,7 +121,11 @@ impl CloudProc {
             .to_string();
         let broker = match broker {
             BrokerChoice::Embedded(_) => {
-                let port = mqtt.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
+                let port = mqtt
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap();
                 BrokerChoice::Embedded(port)
             }
             other => other,
@@ -152,7 +160,9 @@ impl CloudProc {
     pub fn get(&self, path: &str) -> Result<Value, String> {
         match ureq::get(&self.url(path)).call() {
             Ok(r) => r.into_json().map_err(|e| e.to_string()),
-            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -170,14 +180,20 @@ impl CloudProc {
     }
 
     pub fn register(&self, account: &str, device: &str) -> String {
-        let (status, body) = self.send("POST", "/v1/devices", json!({"account": account, "device": device}));
+        let (status, body) = self.send(
+            "POST",
+            "/v1/devices",
+            json!({"account": account, "device": device}),
+        );
         assert_eq!(status, 201, "register {account}/{device}: {body}");
         body["secret"].as_str().expect("a secret").to_string()
     }
 
     /// Items of a model for one device (at most 1000).
     pub fn items(&self, account: &str, device: &str, model: &str) -> Result<Vec<Value>, String> {
-        let page = self.get(&format!("/v1/accounts/{account}/devices/{device}/items/{model}?limit=1000"))?;
+        let page = self.get(&format!(
+            "/v1/accounts/{account}/devices/{device}/items/{model}?limit=1000"
+        ))?;
         Ok(page["items"].as_array().cloned().unwrap_or_default())
     }
 }

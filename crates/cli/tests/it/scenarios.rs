@@ -26,7 +26,11 @@ fn setup(broker: BrokerChoice) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix();
     let cloud = CloudProc::start(dir.path(), &prefix, broker);
-    Setup { _dir: dir, cloud, prefix }
+    Setup {
+        _dir: dir,
+        cloud,
+        prefix,
+    }
 }
 
 impl Setup {
@@ -60,16 +64,25 @@ pub fn up_down_both_and_commands(broker: BrokerChoice) {
     let id = fault["id"].as_str().unwrap().to_string();
     eventually("the fault in the cloud", || {
         let items = s.cloud.items(ACCOUNT, "gw1", "Fault")?;
-        (field(&items, "id") == [id.clone()]).then_some(()).ok_or(format!("{items:?}"))
+        (field(&items, "id") == [id.clone()])
+            .then_some(())
+            .ok_or(format!("{items:?}"))
     });
 
     // Down + command: the cloud sends a ping; the device's handler answers; the result comes up.
-    let (status, body) = s.cloud.send("POST", "/v1/accounts/acme/devices/gw1/items/Command",
-        json!({"command": "ping"}));
+    let (status, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/devices/gw1/items/Command",
+        json!({"command": "ping"}),
+    );
     assert_eq!(status, 201, "{body}");
     let done = eventually("the command result in the cloud", || {
         let items = s.cloud.items(ACCOUNT, "gw1", "Command")?;
-        items.iter().find(|i| i["item"]["status"] == "done").cloned().ok_or(format!("{items:?}"))
+        items
+            .iter()
+            .find(|i| i["item"]["status"] == "done")
+            .cloned()
+            .ok_or(format!("{items:?}"))
     });
     assert_eq!(done["item"]["result"]["pong"], "acme/gw1");
 
@@ -77,39 +90,65 @@ pub fn up_down_both_and_commands(broker: BrokerChoice) {
     a.op(json!({"op": "upsert", "model": "Setting", "item": {"deviceId": "gw1", "name": "mode", "value": "eco"}}));
     eventually("the device's setting in the cloud", || {
         let items = s.cloud.items(ACCOUNT, "gw1", "Setting")?;
-        (field(&items, "value") == ["eco"]).then_some(()).ok_or(format!("{items:?}"))
+        (field(&items, "value") == ["eco"])
+            .then_some(())
+            .ok_or(format!("{items:?}"))
     });
-    let (status, body) = s.cloud.send("PATCH", "/v1/accounts/acme/devices/gw1/items/Setting",
-        json!({"name": "mode", "value": "boost"}));
+    let (status, body) = s.cloud.send(
+        "PATCH",
+        "/v1/accounts/acme/devices/gw1/items/Setting",
+        json!({"name": "mode", "value": "boost"}),
+    );
     assert_eq!(status, 200, "{body}");
     eventually("the cloud's setting on the device", || {
-        let got = a.op(json!({"op": "get", "model": "Setting", "item": {"deviceId": "gw1", "name": "mode"}}));
-        (got["value"] == "boost").then_some(()).ok_or(got.to_string())
+        let got = a.op(
+            json!({"op": "get", "model": "Setting", "item": {"deviceId": "gw1", "name": "mode"}}),
+        );
+        (got["value"] == "boost")
+            .then_some(())
+            .ok_or(got.to_string())
     });
 
     // Broadcast: firmware announced to the account reaches the device.
-    let (status, body) = s.cloud.send("POST", "/v1/accounts/acme/items/Firmware",
-        json!({"version": "2.0.0", "url": "https://example.invalid/fw.bin"}));
+    let (status, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/items/Firmware",
+        json!({"version": "2.0.0", "url": "https://example.invalid/fw.bin"}),
+    );
     assert_eq!(status, 201, "{body}");
     eventually("the firmware on the device", || {
         let got = a.op(json!({"op": "find", "model": "Firmware", "item": {}}));
-        (got.as_array().map(Vec::len) == Some(1)).then_some(()).ok_or(got.to_string())
+        (got.as_array().map(Vec::len) == Some(1))
+            .then_some(())
+            .ok_or(got.to_string())
     });
 
     // Refusals: down-only and cloud-only models on the device; up-only models in the cloud.
-    let err = a.op_err(json!({"op": "create", "model": "Firmware", "item": {"version": "9", "url": "x"}}));
+    let err = a
+        .op_err(json!({"op": "create", "model": "Firmware", "item": {"version": "9", "url": "x"}}));
     assert!(err.contains("synced down"), "{err}");
     let err = a.op_err(json!({"op": "create", "model": "Status", "item": {"deviceId": "gw1"}}));
     assert!(err.contains("only in the cloud"), "{err}");
-    let (status, body) = s.cloud.send("POST", "/v1/accounts/acme/devices/gw1/items/Fault",
-        json!({"severity": "warn"}));
+    let (status, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/devices/gw1/items/Fault",
+        json!({"severity": "warn"}),
+    );
     assert_eq!(status, 403, "{body}");
-    assert!(body["error"].as_str().unwrap_or_default().contains("owned by the device"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("owned by the device"),
+        "{body}"
+    );
 
     // Status: online, schema version, no lag.
     let device = eventually("device status", || {
         let d = s.cloud.get("/v1/devices/acme/gw1")?;
-        (d["online"] == true && d["cursor_lag"] == 0).then_some(d.clone()).ok_or(d.to_string())
+        (d["online"] == true && d["cursor_lag"] == 0)
+            .then_some(d.clone())
+            .ok_or(d.to_string())
     });
     assert_eq!(device["schema_version"], "1.0.0");
     a.stop();
@@ -123,26 +162,43 @@ pub fn offline_catch_up_with_deletes(broker: BrokerChoice) {
     let mut a = s.agent("gw2", "gw2", &secret);
     a.wait_synced();
     for v in ["1", "2"] {
-        let (status, body) = s.cloud.send("POST", "/v1/accounts/acme/items/Firmware",
-            json!({"version": v, "url": format!("u{v}")}));
+        let (status, body) = s.cloud.send(
+            "POST",
+            "/v1/accounts/acme/items/Firmware",
+            json!({"version": v, "url": format!("u{v}")}),
+        );
         assert_eq!(status, 201, "{body}");
     }
     a.op(json!({"op": "upsert", "model": "Setting", "item": {"deviceId": "gw2", "name": "keep", "value": "x"}}));
     a.op(json!({"op": "upsert", "model": "Setting", "item": {"deviceId": "gw2", "name": "drop", "value": "x"}}));
     eventually("both firmware items on the device", || {
         let got = a.op(json!({"op": "find", "model": "Firmware", "item": {}}));
-        (got.as_array().map(Vec::len) == Some(2)).then_some(()).ok_or(got.to_string())
+        (got.as_array().map(Vec::len) == Some(2))
+            .then_some(())
+            .ok_or(got.to_string())
     });
     a.wait_synced();
     let cursor_before = a.status()["cursor"].as_u64().unwrap();
     a.stop();
 
     // Offline: the cloud deletes one firmware item and one setting, creates another firmware.
-    let (status, body) = s.cloud.send("DELETE", "/v1/accounts/acme/items/Firmware", json!({"version": "1"}));
+    let (status, body) = s.cloud.send(
+        "DELETE",
+        "/v1/accounts/acme/items/Firmware",
+        json!({"version": "1"}),
+    );
     assert_eq!(status, 200, "{body}");
-    let (status, body) = s.cloud.send("DELETE", "/v1/accounts/acme/devices/gw2/items/Setting", json!({"name": "drop"}));
+    let (status, body) = s.cloud.send(
+        "DELETE",
+        "/v1/accounts/acme/devices/gw2/items/Setting",
+        json!({"name": "drop"}),
+    );
     assert_eq!(status, 200, "{body}");
-    let (status, body) = s.cloud.send("POST", "/v1/accounts/acme/items/Firmware", json!({"version": "3", "url": "u3"}));
+    let (status, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/items/Firmware",
+        json!({"version": "3", "url": "u3"}),
+    );
     assert_eq!(status, 201, "{body}");
 
     let mut a = s.agent("gw2", "gw2", &secret);
@@ -150,13 +206,23 @@ pub fn offline_catch_up_with_deletes(broker: BrokerChoice) {
     assert_eq!(restored, cursor_before, "the cursor survives a restart");
     eventually("the device caught up, deletes included", || {
         let fw = a.op(json!({"op": "find", "model": "Firmware", "item": {}}));
-        let mut versions: Vec<String> = fw.as_array().unwrap().iter()
-            .map(|i| i["version"].as_str().unwrap_or_default().to_string()).collect();
+        let mut versions: Vec<String> = fw
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["version"].as_str().unwrap_or_default().to_string())
+            .collect();
         versions.sort();
         let settings = a.op(json!({"op": "find", "model": "Setting", "item": {"deviceId": "gw2"}}));
-        let names: Vec<String> = settings.as_array().unwrap().iter()
-            .map(|i| i["name"].as_str().unwrap_or_default().to_string()).collect();
-        (versions == ["2", "3"] && names == ["keep"]).then_some(()).ok_or(format!("{versions:?} {names:?}"))
+        let names: Vec<String> = settings
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (versions == ["2", "3"] && names == ["keep"])
+            .then_some(())
+            .ok_or(format!("{versions:?} {names:?}"))
     });
     a.stop();
 }
@@ -171,13 +237,18 @@ pub fn conflict_converges_and_is_logged(broker: BrokerChoice) {
     a.wait_synced();
     eventually("the setting in the cloud", || {
         let items = s.cloud.items(ACCOUNT, "gw3", "Setting")?;
-        (field(&items, "value") == ["red"]).then_some(()).ok_or(format!("{items:?}"))
+        (field(&items, "value") == ["red"])
+            .then_some(())
+            .ok_or(format!("{items:?}"))
     });
     a.stop();
 
     // The cloud changes it first, then the device (offline: pointed at a dead broker) changes it.
-    let (status, body) = s.cloud.send("PATCH", "/v1/accounts/acme/devices/gw3/items/Setting",
-        json!({"name": "color", "value": "green"}));
+    let (status, body) = s.cloud.send(
+        "PATCH",
+        "/v1/accounts/acme/devices/gw3/items/Setting",
+        json!({"name": "color", "value": "green"}),
+    );
     assert_eq!(status, 200, "{body}");
     let dead = format!("127.0.0.1:{}", super::harness::free_port());
     let mut offline = s.agent_on("gw3", "gw3", &secret, &dead);
@@ -188,17 +259,27 @@ pub fn conflict_converges_and_is_logged(broker: BrokerChoice) {
     let mut a = s.agent("gw3", "gw3", &secret);
     a.wait_synced();
     let (device_value, cloud_value) = eventually("both sides agree", || {
-        let d = a.op(json!({"op": "get", "model": "Setting", "item": {"deviceId": "gw3", "name": "color"}}));
+        let d = a.op(
+            json!({"op": "get", "model": "Setting", "item": {"deviceId": "gw3", "name": "color"}}),
+        );
         let items = s.cloud.items(ACCOUNT, "gw3", "Setting")?;
         let c = field(&items, "value");
         let dv = d["value"].as_str().unwrap_or_default().to_string();
-        (c == [dv.clone()]).then_some((dv, c[0].clone())).ok_or(format!("device {d} cloud {c:?}"))
+        (c == [dv.clone()])
+            .then_some((dv, c[0].clone()))
+            .ok_or(format!("device {d} cloud {c:?}"))
     });
     assert_eq!(device_value, cloud_value);
-    assert_eq!(device_value, "blue", "the later write (higher HLC) wins on both sides");
+    assert_eq!(
+        device_value, "blue",
+        "the later write (higher HLC) wins on both sides"
+    );
     let log = s.cloud.get("/v1/accounts/acme/conflicts").unwrap();
     let conflicts = log["conflicts"].as_array().cloned().unwrap_or_default();
-    assert!(conflicts.iter().any(|c| c["sk"] == "setting#color"), "conflict logged: {log}");
+    assert!(
+        conflicts.iter().any(|c| c["sk"] == "setting#color"),
+        "conflict logged: {log}"
+    );
     a.stop();
 }
 
@@ -226,7 +307,10 @@ pub fn agent_killed_mid_batch(broker: BrokerChoice) {
     let items = eventually("every acknowledged reading in the cloud", || {
         let items = s.cloud.items(ACCOUNT, "gw4", "Reading")?;
         let ids = field(&items, "id");
-        acked.iter().all(|id| ids.binary_search(id).is_ok()).then_some(items.clone())
+        acked
+            .iter()
+            .all(|id| ids.binary_search(id).is_ok())
+            .then_some(items.clone())
             .ok_or(format!("{} of {} acked present", ids.len(), acked.len()))
     });
     let ids = field(&items, "id");
@@ -258,12 +342,18 @@ pub fn cloud_killed_mid_apply(broker: BrokerChoice) {
             acked.push(format!("r{i:04}"));
         }
     }
-    assert_eq!(acked.len(), total, "local writes do not depend on the cloud");
+    assert_eq!(
+        acked.len(),
+        total,
+        "local writes do not depend on the cloud"
+    );
     s.cloud.kill_and_restart();
     a.wait_synced();
     let items = eventually("every reading in the cloud", || {
         let items = s.cloud.items(ACCOUNT, "gw5", "Reading")?;
-        (items.len() == total).then_some(items.clone()).ok_or(format!("{} of {total}", items.len()))
+        (items.len() == total)
+            .then_some(items.clone())
+            .ok_or(format!("{} of {total}", items.len()))
     });
     let mut ids = field(&items, "id");
     ids.dedup();

@@ -11,7 +11,9 @@ use super::scenarios;
 fn mosquitto() -> Option<String> {
     std::env::var_os("DEVTABLES_SERVICES")?;
     let addr = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
-    let sock = addr.parse().unwrap_or_else(|e| panic!("DEVTABLES_MOSQUITTO={addr}: {e}"));
+    let sock = addr
+        .parse()
+        .unwrap_or_else(|e| panic!("DEVTABLES_MOSQUITTO={addr}: {e}"));
     if let Err(e) = TcpStream::connect_timeout(&sock, Duration::from_secs(2)) {
         panic!("DEVTABLES_SERVICES is set but Mosquitto at {addr} is unreachable: {e}");
     }

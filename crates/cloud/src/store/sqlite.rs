@@ -74,7 +74,8 @@ use std::time::Duration;
 
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{
-    cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser, StoredVersion,
+    cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser,
+    StoredVersion,
 };
 use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::{Hlc, HlcClock};
@@ -84,8 +85,8 @@ use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
-    Advanced, CloudStore, ConflictRecord, DeviceRecord, ItemPage, ItemQuery, PurgeStats, Retention, StatusUpdate,
-    StoreError, StoredItem,
+    Advanced, CloudStore, ConflictRecord, DeviceRecord, ItemPage, ItemQuery, PurgeStats, Retention,
+    StatusUpdate, StoreError, StoredItem,
 };
 
 /// The version of the table layout this build writes; a newer database is refused.
@@ -106,7 +107,10 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> SqliteOptions {
-        SqliteOptions { synchronous_full: true, busy_timeout_ms: 5000 }
+        SqliteOptions {
+            synchronous_full: true,
+            busy_timeout_ms: 5000,
+        }
     }
 }
 
@@ -173,7 +177,8 @@ CREATE TABLE IF NOT EXISTS conflicts (
 CREATE INDEX IF NOT EXISTS conflicts_by_account ON conflicts (account, id);
 ";
 
-const DEVICE_COLS: &str = "account, device, secret_hash, registered_ms, online, last_seen_ms, schema_version, \
+const DEVICE_COLS: &str =
+    "account, device, secret_hash, registered_ms, online, last_seen_ms, schema_version, \
                            cursor_acked, feed_head, pending, last_error";
 const ITEM_COLS: &str = "account, device, model, pk, sk, item, version, updated_ms";
 
@@ -182,7 +187,9 @@ fn map_err(what: &str, e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::InvalidColumnType(..)
-        | rusqlite::Error::IntegralValueOutOfRange(..) => StoreError::Corrupt(format!("{what}: {e}")),
+        | rusqlite::Error::IntegralValueOutOfRange(..) => {
+            StoreError::Corrupt(format!("{what}: {e}"))
+        }
         _ => StoreError::Database(format!("{what}: {e}")),
     }
 }
@@ -212,7 +219,8 @@ fn parse_item(s: &str) -> Result<Item, StoreError> {
 }
 
 fn item_json(item: &Item) -> Result<String, StoreError> {
-    serde_json::to_string(item).map_err(|e| StoreError::Database(format!("encoding an item as JSON: {e}")))
+    serde_json::to_string(item)
+        .map_err(|e| StoreError::Database(format!("encoding an item as JSON: {e}")))
 }
 
 fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
@@ -286,11 +294,20 @@ fn row_change(
         (Op::Delete, None)
     } else {
         let Some(text) = item else {
-            return Err(StoreError::Corrupt(format!("live item {model} ({pk}, {sk}) has no JSON")));
+            return Err(StoreError::Corrupt(format!(
+                "live item {model} ({pk}, {sk}) has no JSON"
+            )));
         };
         (Op::Put, Some(parse_item(&text)?))
     };
-    Ok(Change { model, key: ItemKey { pk, sk }, op, item, version, base: None })
+    Ok(Change {
+        model,
+        key: ItemKey { pk, sk },
+        op,
+        item,
+        version,
+        base: None,
+    })
 }
 
 /// The smallest string greater than every string that starts with `prefix` (`None`: no bound).
@@ -338,7 +355,11 @@ struct SqlTxn<'c> {
 
 impl<'c> SqlTxn<'c> {
     fn new(conn: &'c Connection, now_ms: u64) -> SqlTxn<'c> {
-        SqlTxn { conn, now_ms, advanced: BTreeMap::new() }
+        SqlTxn {
+            conn,
+            now_ms,
+            advanced: BTreeMap::new(),
+        }
     }
 
     fn into_advanced(self) -> Advanced {
@@ -402,7 +423,13 @@ impl CloudTxn for SqlTxn<'_> {
                 s.query_row(params![account, device, key.pk, key.sk], |r| Ok((r.get(0)?, r.get(1)?))).optional()
             })
             .map_err(db("reading an item's version"))?;
-        row.map(|(v, deleted)| Ok(StoredVersion { version: parse_version(&v)?, deleted })).transpose()
+        row.map(|(v, deleted)| {
+            Ok(StoredVersion {
+                version: parse_version(&v)?,
+                deleted,
+            })
+        })
+        .transpose()
     }
 
     fn put_item(
@@ -416,7 +443,13 @@ impl CloudTxn for SqlTxn<'_> {
         self.write_row(owner, model, key, Some(item), version)
     }
 
-    fn tombstone(&mut self, owner: &Owner, model: &str, key: &ItemKey, version: Hlc) -> Result<(), StoreError> {
+    fn tombstone(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+        version: Hlc,
+    ) -> Result<(), StoreError> {
         self.write_row(owner, model, key, None, version)
     }
 
@@ -459,7 +492,13 @@ impl CloudTxn for SqlTxn<'_> {
                 )
                 .and_then(|mut s| s.execute(params![account, device, head, owner_device, model, key.pk, key.sk]))
                 .map_err(db("appending a feed entry"))?;
-            self.advanced.insert(DeviceId { account: account.to_string(), device }, head);
+            self.advanced.insert(
+                DeviceId {
+                    account: account.to_string(),
+                    device,
+                },
+                head,
+            );
         }
         Ok(())
     }
@@ -479,7 +518,10 @@ impl CloudTxn for SqlTxn<'_> {
                     .map_err(db("reading the losing item of a conflict"))?;
                 ("stored", item.flatten())
             }
-            Loser::Incoming => ("incoming", conflict.incoming.as_ref().map(item_json).transpose()?),
+            Loser::Incoming => (
+                "incoming",
+                conflict.incoming.as_ref().map(item_json).transpose()?,
+            ),
         };
         self.conn
             .prepare_cached(
@@ -509,19 +551,29 @@ impl CloudTxn for SqlTxn<'_> {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`, in WAL mode.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path)
-            .map_err(|e| StoreError::Database(format!("opening the cloud database {}: {e}", path.display())))?;
+        let conn = Connection::open(path).map_err(|e| {
+            StoreError::Database(format!(
+                "opening the cloud database {}: {e}",
+                path.display()
+            ))
+        })?;
         SqliteStore::init(conn, &options, true)
     }
 
     /// A private in-memory database (tests, tools).
     pub fn open_in_memory() -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open_in_memory().map_err(db("opening an in-memory cloud database"))?;
+        let conn =
+            Connection::open_in_memory().map_err(db("opening an in-memory cloud database"))?;
         SqliteStore::init(conn, &SqliteOptions::default(), false)
     }
 
-    fn init(mut conn: Connection, options: &SqliteOptions, wal: bool) -> Result<SqliteStore, StoreError> {
-        conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms)).map_err(db("setting the busy timeout"))?;
+    fn init(
+        mut conn: Connection,
+        options: &SqliteOptions,
+        wal: bool,
+    ) -> Result<SqliteStore, StoreError> {
+        conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
+            .map_err(db("setting the busy timeout"))?;
         if wal {
             let mode: String = conn
                 .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
@@ -530,21 +582,32 @@ impl SqliteStore {
                 tracing::warn!(%mode, "the cloud database could not switch to WAL mode");
             }
         }
-        let sync = if options.synchronous_full { "FULL" } else { "NORMAL" };
-        conn.pragma_update(None, "synchronous", sync).map_err(db("setting PRAGMA synchronous"))?;
+        let sync = if options.synchronous_full {
+            "FULL"
+        } else {
+            "NORMAL"
+        };
+        conn.pragma_update(None, "synchronous", sync)
+            .map_err(db("setting PRAGMA synchronous"))?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db("starting the schema transaction"))?;
-        tx.execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
-            .map_err(db("creating the meta table"))?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .map_err(db("creating the meta table"))?;
         let stored: Option<String> = tx
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(db("reading the store schema version"))?;
         if let Some(stored) = stored {
-            let version: u32 = stored
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("meta.schema_version is {stored:?}, not a number")))?;
+            let version: u32 = stored.parse().map_err(|_| {
+                StoreError::Corrupt(format!("meta.schema_version is {stored:?}, not a number"))
+            })?;
             if version > SCHEMA_VERSION {
                 return Err(StoreError::Database(format!(
                     "the cloud database has table layout version {version}, newer than the {SCHEMA_VERSION} \
@@ -552,7 +615,8 @@ impl SqliteStore {
                 )));
             }
         }
-        tx.execute_batch(DDL).map_err(db("creating the cloud tables"))?;
+        tx.execute_batch(DDL)
+            .map_err(db("creating the cloud tables"))?;
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('schema_version', ?1) ON CONFLICT (key) DO NOTHING",
             params![SCHEMA_VERSION.to_string()],
@@ -563,7 +627,9 @@ impl SqliteStore {
     }
 
     fn write_txn(&mut self, what: &'static str) -> Result<rusqlite::Transaction<'_>, StoreError> {
-        self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db(what))
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db(what))
     }
 }
 
@@ -574,7 +640,12 @@ fn device_exists(conn: &Connection, id: &DeviceId) -> Result<bool, StoreError> {
 }
 
 impl CloudStore for SqliteStore {
-    fn register_device(&mut self, id: &DeviceId, secret_hash: &str, now_ms: u64) -> Result<(), StoreError> {
+    fn register_device(
+        &mut self,
+        id: &DeviceId,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         // feed_head = feed_floor = 1: a first read from cursor 0 requires a full resync.
         let n = self
             .conn
@@ -592,8 +663,13 @@ impl CloudStore for SqliteStore {
 
     fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         self.conn
-            .prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE account = ?1 AND device = ?2"))
-            .and_then(|mut s| s.query_row(params![id.account, id.device], device_row).optional())
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLS} FROM devices WHERE account = ?1 AND device = ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![id.account, id.device], device_row)
+                    .optional()
+            })
             .map_err(db("reading a device"))
     }
 
@@ -618,7 +694,10 @@ impl CloudStore for SqliteStore {
         args.push(Value::Integer(sql_int(limit)));
         self.conn
             .prepare_cached(&sql)
-            .and_then(|mut s| s.query_map(params_from_iter(args.iter()), device_row)?.collect())
+            .and_then(|mut s| {
+                s.query_map(params_from_iter(args.iter()), device_row)?
+                    .collect()
+            })
             .map_err(db("listing devices"))
     }
 
@@ -694,38 +773,78 @@ impl CloudStore for SqliteStore {
         model: &str,
         op: CloudOp,
     ) -> Result<(Change, Advanced), CloudWriteError<StoreError>> {
-        let tx = self.write_txn("starting a write transaction").map_err(CloudWriteError::Store)?;
+        let tx = self
+            .write_txn("starting a write transaction")
+            .map_err(CloudWriteError::Store)?;
         if let Owner::Device(d) = owner {
             if !device_exists(&tx, d).map_err(CloudWriteError::Store)? {
-                return Err(CloudWriteError::Store(StoreError::UnknownDevice(d.to_string())));
+                return Err(CloudWriteError::Store(StoreError::UnknownDevice(
+                    d.to_string(),
+                )));
             }
         }
         let (change, advanced) = {
             let mut t = SqlTxn::new(&tx, now_ms);
-            let change = cloud_write(&mut t, schema, clock, now_ms, max_message_bytes, owner, model, op)?;
+            let change = cloud_write(
+                &mut t,
+                schema,
+                clock,
+                now_ms,
+                max_message_bytes,
+                owner,
+                model,
+                op,
+            )?;
             (change, t.into_advanced())
         };
-        tx.commit().map_err(|e| CloudWriteError::Store(map_err("committing a write", e)))?;
+        tx.commit()
+            .map_err(|e| CloudWriteError::Store(map_err("committing a write", e)))?;
         Ok((change, advanced))
     }
 
-    fn read_feed(&mut self, device: &DeviceId, after: u64, limit: usize) -> Result<FeedPage, StoreError> {
+    fn read_feed(
+        &mut self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, StoreError> {
         // One read transaction: the head and the entries come from the same snapshot, so every
         // entry up to the head is either returned or after the page.
-        let tx = self.conn.transaction().map_err(db("starting a feed read"))?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(db("starting a feed read"))?;
         let state: Option<(u64, u64)> = tx
-            .prepare_cached("SELECT feed_head, feed_floor FROM devices WHERE account = ?1 AND device = ?2")
+            .prepare_cached(
+                "SELECT feed_head, feed_floor FROM devices WHERE account = ?1 AND device = ?2",
+            )
             .and_then(|mut s| {
-                s.query_row(params![device.account, device.device], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+                s.query_row(params![device.account, device.device], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
             })
             .map_err(db("reading a device's feed head"))?;
         let Some((head, floor)) = state else {
             return Err(StoreError::UnknownDevice(device.to_string()));
         };
         if after < floor {
-            return Ok(FeedPage { after, changes: Vec::new(), head, resync_required: true });
+            return Ok(FeedPage {
+                after,
+                changes: Vec::new(),
+                head,
+                resync_required: true,
+            });
         }
-        type FeedRow = (u64, Option<String>, String, String, Option<String>, Option<String>, Option<bool>);
+        type FeedRow = (
+            u64,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<bool>,
+        );
         let mut changes = Vec::new();
         let mut from = after;
         // A short page tells the engine the feed is exhausted, so entries whose item row
@@ -760,7 +879,12 @@ impl CloudStore for SqliteStore {
                 break;
             }
         }
-        Ok(FeedPage { after, changes, head, resync_required: false })
+        Ok(FeedPage {
+            after,
+            changes,
+            head,
+            resync_required: false,
+        })
     }
 
     fn read_snapshot(
@@ -772,23 +896,36 @@ impl CloudStore for SqliteStore {
         limit: usize,
     ) -> Result<SnapshotPage, StoreError> {
         let limit = limit.max(1);
-        let tx = self.conn.transaction().map_err(db("starting a snapshot read"))?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(db("starting a snapshot read"))?;
         let head: Option<u64> = tx
             .prepare_cached("SELECT feed_head FROM devices WHERE account = ?1 AND device = ?2")
-            .and_then(|mut s| s.query_row(params![device.account, device.device], |r| r.get(0)).optional())
+            .and_then(|mut s| {
+                s.query_row(params![device.account, device.device], |r| r.get(0))
+                    .optional()
+            })
             .map_err(db("reading a device's feed head"))?;
         let Some(head) = head else {
             return Err(StoreError::UnknownDevice(device.to_string()));
         };
         // Models in name order (byte order, as SQLite compares text); each is owned either by the
         // device or, when broadcast, by the account.
-        let mut models: Vec<(&str, bool)> =
-            schema.models().filter(|m| m.process().syncs_down()).map(|m| (m.name(), m.process().broadcast)).collect();
+        let mut models: Vec<(&str, bool)> = schema
+            .models()
+            .filter(|m| m.process().syncs_down())
+            .map(|m| (m.name(), m.process().broadcast))
+            .collect();
         models.sort_unstable();
         // One item more than the page, to know whether another page follows.
         let mut items: Vec<Change> = Vec::new();
         for (model, broadcast) in models {
-            let owner = if broadcast { "" } else { device.device.as_str() };
+            let owner = if broadcast {
+                ""
+            } else {
+                device.device.as_str()
+            };
             let after_key = match from {
                 Some(f) if model < f.model.as_str() => continue,
                 Some(f) if model == f.model => Some(&f.key),
@@ -796,7 +933,9 @@ impl CloudStore for SqliteStore {
             };
             let want = sql_int(limit + 1 - items.len());
             type SnapRow = (String, String, Option<String>, String);
-            let map = |r: &Row<'_>| -> rusqlite::Result<SnapRow> { Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)) };
+            let map = |r: &Row<'_>| -> rusqlite::Result<SnapRow> {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            };
             let rows: Vec<SnapRow> = match after_key {
                 Some(k) => tx
                     .prepare_cached(
@@ -817,7 +956,14 @@ impl CloudStore for SqliteStore {
             }
             .map_err(db("reading a snapshot page"))?;
             for (pk, sk, item, version) in rows {
-                items.push(row_change(model.to_string(), pk, sk, item, &version, false)?);
+                items.push(row_change(
+                    model.to_string(),
+                    pk,
+                    sk,
+                    item,
+                    &version,
+                    false,
+                )?);
             }
             if items.len() > limit {
                 break;
@@ -825,11 +971,19 @@ impl CloudStore for SqliteStore {
         }
         let next = if items.len() > limit {
             items.truncate(limit);
-            items.last().map(|c| SnapshotCursor { model: c.model.clone(), key: c.key.clone() })
+            items.last().map(|c| SnapshotCursor {
+                model: c.model.clone(),
+                key: c.key.clone(),
+            })
         } else {
             None
         };
-        Ok(SnapshotPage { resync, items, next, cursor: head })
+        Ok(SnapshotPage {
+            resync,
+            items,
+            next,
+            cursor: head,
+        })
     }
 
     fn ack_cursor(&mut self, device: &DeviceId, cursor: u64) -> Result<(), StoreError> {
@@ -846,7 +1000,12 @@ impl CloudStore for SqliteStore {
         Ok(())
     }
 
-    fn get_item(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<Option<StoredItem>, StoreError> {
+    fn get_item(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+    ) -> Result<Option<StoredItem>, StoreError> {
         let (account, device) = owner_cols(owner);
         let raw = self
             .conn
@@ -863,7 +1022,10 @@ impl CloudStore for SqliteStore {
         let mut sql = format!(
             "SELECT {ITEM_COLS} FROM items INDEXED BY items_by_model WHERE account = ? AND model = ? AND deleted = 0"
         );
-        let mut args: Vec<Value> = vec![Value::Text(query.account.clone()), Value::Text(query.model.clone())];
+        let mut args: Vec<Value> = vec![
+            Value::Text(query.account.clone()),
+            Value::Text(query.model.clone()),
+        ];
         if let Some(device) = &query.device {
             sql.push_str(" AND device = ?");
             args.push(Value::Text(device.clone()));
@@ -897,14 +1059,21 @@ impl CloudStore for SqliteStore {
                     let number = match (n.as_i64(), n.as_f64()) {
                         (Some(i), _) => Value::Integer(i),
                         (None, Some(f)) => Value::Real(f),
-                        (None, None) => return Err(StoreError::BadQuery(format!("filter {field}: bad number {n}"))),
+                        (None, None) => {
+                            return Err(StoreError::BadQuery(format!(
+                                "filter {field}: bad number {n}"
+                            )))
+                        }
                     };
                     sql.push_str(" AND json_type(item, ?) IN ('integer', 'real') AND json_extract(item, ?) = ?");
                     args.extend([path.clone(), path, number]);
                 }
                 serde_json::Value::Bool(b) => {
                     sql.push_str(" AND json_type(item, ?) = ?");
-                    args.extend([path, Value::Text(if *b { "true" } else { "false" }.to_string())]);
+                    args.extend([
+                        path,
+                        Value::Text(if *b { "true" } else { "false" }.to_string()),
+                    ]);
                 }
                 // Null matches an explicit null or an absent field.
                 serde_json::Value::Null => {
@@ -928,12 +1097,23 @@ impl CloudStore for SqliteStore {
         let raws: Vec<RawItem> = self
             .conn
             .prepare_cached(&sql)
-            .and_then(|mut s| s.query_map(params_from_iter(args.iter()), RawItem::read)?.collect())
+            .and_then(|mut s| {
+                s.query_map(params_from_iter(args.iter()), RawItem::read)?
+                    .collect()
+            })
             .map_err(db("querying items"))?;
         let more = raws.len() > limit;
-        let items = raws.into_iter().take(limit).map(RawItem::decode).collect::<Result<Vec<_>, _>>()?;
+        let items = raws
+            .into_iter()
+            .take(limit)
+            .map(RawItem::decode)
+            .collect::<Result<Vec<_>, _>>()?;
         let next = match items.last() {
-            Some(last) if more => Some(encode_token(last.device.as_deref().unwrap_or(""), &last.pk, &last.sk)?),
+            Some(last) if more => Some(encode_token(
+                last.device.as_deref().unwrap_or(""),
+                &last.pk,
+                &last.sk,
+            )?),
             _ => None,
         };
         Ok(ItemPage { items, next })
@@ -946,8 +1126,19 @@ impl CloudStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<ConflictRecord>, StoreError> {
         let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        type ConflictRow =
-            (u64, u64, String, Option<String>, String, String, String, String, String, String, Option<String>);
+        type ConflictRow = (
+            u64,
+            u64,
+            String,
+            Option<String>,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+        );
         let rows: Vec<ConflictRow> = self
             .conn
             .prepare_cached(
@@ -974,21 +1165,23 @@ impl CloudStore for SqliteStore {
             })
             .map_err(db("listing conflicts"))?;
         rows.into_iter()
-            .map(|(id, at_ms, account, device, model, pk, sk, winner, loser, lost, loser_item)| {
-                Ok(ConflictRecord {
-                    id,
-                    at_ms,
-                    account,
-                    device,
-                    model,
-                    pk,
-                    sk,
-                    winner,
-                    loser,
-                    lost,
-                    loser_item: loser_item.as_deref().map(parse_item).transpose()?,
-                })
-            })
+            .map(
+                |(id, at_ms, account, device, model, pk, sk, winner, loser, lost, loser_item)| {
+                    Ok(ConflictRecord {
+                        id,
+                        at_ms,
+                        account,
+                        device,
+                        model,
+                        pk,
+                        sk,
+                        winner,
+                        loser,
+                        lost,
+                        loser_item: loser_item.as_deref().map(parse_item).transpose()?,
+                    })
+                },
+            )
             .collect()
     }
 
@@ -996,9 +1189,14 @@ impl CloudStore for SqliteStore {
         let cutoff = now_ms.saturating_sub(retention.tombstone_ms);
         let tx = self.write_txn("starting a purge")?;
         let keys: Vec<(String, String, String, String)> = tx
-            .prepare_cached("SELECT account, device, pk, sk FROM items WHERE deleted = 1 AND updated_ms < ?1")
+            .prepare_cached(
+                "SELECT account, device, pk, sk FROM items WHERE deleted = 1 AND updated_ms < ?1",
+            )
             .and_then(|mut s| {
-                s.query_map(params![cutoff], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect()
+                s.query_map(params![cutoff], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect()
             })
             .map_err(db("finding old tombstones"))?;
         // The highest purged feed sequence per device becomes its floor.
@@ -1044,7 +1242,10 @@ impl CloudStore for SqliteStore {
             .and_then(|mut s| s.execute(params![retention.max_conflicts]))
             .map_err(db("trimming the conflict log"))?;
         tx.commit().map_err(db("committing a purge"))?;
-        Ok(PurgeStats { tombstones: tombstones as u64, conflicts: conflicts as u64 })
+        Ok(PurgeStats {
+            tombstones: tombstones as u64,
+            conflicts: conflicts as u64,
+        })
     }
 }
 
@@ -1121,17 +1322,32 @@ mod tests {
 
     fn item(schema: &Schema, model: &str, input: serde_json::Value) -> Item {
         let input = input.as_object().cloned().unwrap();
-        schema.model(model).unwrap().prepare_create(&input, NOW as i64).unwrap()
+        schema
+            .model(model)
+            .unwrap()
+            .prepare_create(&input, NOW as i64)
+            .unwrap()
     }
 
     fn ver(wall_ms: u64, node: u64) -> Hlc {
-        Hlc { wall_ms, counter: 0, node }
+        Hlc {
+            wall_ms,
+            counter: 0,
+            node,
+        }
     }
 
     fn put(schema: &Schema, model: &str, input: serde_json::Value, version: Hlc) -> Change {
         let item = item(schema, model, input);
         let key = schema.model(model).unwrap().primary_key(&item).unwrap();
-        Change { model: model.into(), key, op: Op::Put, item: Some(item), version, base: None }
+        Change {
+            model: model.into(),
+            key,
+            op: Op::Put,
+            item: Some(item),
+            version,
+            base: None,
+        }
     }
 
     fn store(devices: &[&DeviceId]) -> SqliteStore {
@@ -1152,11 +1368,15 @@ mod tests {
         input: serde_json::Value,
     ) -> (Change, Advanced) {
         let it = item(schema, model, input);
-        s.write(schema, clock, now, MAX_MSG, owner, model, CloudOp::Put(it)).unwrap()
+        s.write(schema, clock, now, MAX_MSG, owner, model, CloudOp::Put(it))
+            .unwrap()
     }
 
     fn key(pk: &str, sk: &str) -> ItemKey {
-        ItemKey { pk: pk.into(), sk: sk.into() }
+        ItemKey {
+            pk: pk.into(),
+            sk: sk.into(),
+        }
     }
 
     #[test]
@@ -1164,30 +1384,65 @@ mod tests {
         let (schema, d1) = (schema(), dev("a", "d1"));
         let mut s = store(&[&d1]);
         let mut c = clock();
-        let v2 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 2}), ver(NOW + 2, 7));
-        let (r, adv) = s.apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&v2)).unwrap();
+        let v2 = put(
+            &schema,
+            "Both",
+            json!({"deviceId": "d1", "name": "n", "v": 2}),
+            ver(NOW + 2, 7),
+        );
+        let (r, adv) = s
+            .apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&v2))
+            .unwrap();
         assert_eq!(r[0].status, ChangeStatus::Applied);
         assert_eq!(adv, vec![(d1.clone(), 2)]);
-        let (r, adv) = s.apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&v2)).unwrap();
+        let (r, adv) = s
+            .apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&v2))
+            .unwrap();
         assert_eq!(r[0].status, ChangeStatus::Applied);
         assert!(adv.is_empty(), "a replay writes nothing");
         assert!(s.conflicts("a", None, 10).unwrap().is_empty());
 
-        let v1 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 1}), ver(NOW + 1, 8));
+        let v1 = put(
+            &schema,
+            "Both",
+            json!({"deviceId": "d1", "name": "n", "v": 1}),
+            ver(NOW + 1, 8),
+        );
         let (r, _) = s.apply_push(&schema, &mut c, NOW, &d1, &[v1]).unwrap();
         assert_eq!(r[0].status, ChangeStatus::Stale);
-        let stored = s.get_item(&Owner::Device(d1.clone()), "Both", &v2.key).unwrap().unwrap();
-        assert_eq!((stored.item.as_ref().unwrap()["v"].clone(), stored.version), (json!(2), v2.version));
+        let stored = s
+            .get_item(&Owner::Device(d1.clone()), "Both", &v2.key)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stored.item.as_ref().unwrap()["v"].clone(), stored.version),
+            (json!(2), v2.version)
+        );
         let log = s.conflicts("a", None, 10).unwrap();
         assert_eq!(log.len(), 1);
         assert_eq!(
-            (log[0].lost.as_str(), log[0].winner.clone(), log[0].loser.clone(), log[0].device.as_deref()),
-            ("incoming", hlc_to_string(ver(NOW + 2, 7)), hlc_to_string(ver(NOW + 1, 8)), Some("d1"))
+            (
+                log[0].lost.as_str(),
+                log[0].winner.clone(),
+                log[0].loser.clone(),
+                log[0].device.as_deref()
+            ),
+            (
+                "incoming",
+                hlc_to_string(ver(NOW + 2, 7)),
+                hlc_to_string(ver(NOW + 1, 8)),
+                Some("d1")
+            )
         );
         assert_eq!(log[0].loser_item.as_ref().unwrap()["v"], json!(1));
 
         // A newer write from another node that did not see v2: the stored item loses, logged.
-        let v3 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 3}), ver(NOW + 3, 9));
+        let v3 = put(
+            &schema,
+            "Both",
+            json!({"deviceId": "d1", "name": "n", "v": 3}),
+            ver(NOW + 3, 9),
+        );
         let (r, _) = s.apply_push(&schema, &mut c, NOW, &d1, &[v3]).unwrap();
         assert_eq!(r[0].status, ChangeStatus::Applied);
         let log = s.conflicts("a", None, 10).unwrap();
@@ -1195,7 +1450,10 @@ mod tests {
         assert!(log[0].id > log[1].id, "newest first");
         assert_eq!(log[0].lost, "stored");
         assert_eq!(log[0].loser_item.as_ref().unwrap()["v"], json!(2));
-        assert_eq!(s.conflicts("a", Some(log[0].id), 10).unwrap(), vec![log[1].clone()]);
+        assert_eq!(
+            s.conflicts("a", Some(log[0].id), 10).unwrap(),
+            vec![log[1].clone()]
+        );
         assert!(s.conflicts("b", None, 10).unwrap().is_empty());
     }
 
@@ -1203,14 +1461,31 @@ mod tests {
     fn push_naming_another_device_is_rejected_and_not_stored() {
         let (schema, d1) = (schema(), dev("a", "d1"));
         let mut s = store(&[&d1, &dev("a", "d2")]);
-        let ch = put(&schema, "Up", json!({"deviceId": "d2", "name": "n"}), ver(NOW, 7));
-        let (r, adv) = s.apply_push(&schema, &mut clock(), NOW, &d1, std::slice::from_ref(&ch)).unwrap();
-        assert_eq!(r[0].status, ChangeStatus::Rejected { reason: RejectReason::Ownership });
+        let ch = put(
+            &schema,
+            "Up",
+            json!({"deviceId": "d2", "name": "n"}),
+            ver(NOW, 7),
+        );
+        let (r, adv) = s
+            .apply_push(&schema, &mut clock(), NOW, &d1, std::slice::from_ref(&ch))
+            .unwrap();
+        assert_eq!(
+            r[0].status,
+            ChangeStatus::Rejected {
+                reason: RejectReason::Ownership
+            }
+        );
         assert!(adv.is_empty());
         for owner in [Owner::Device(d1.clone()), Owner::Device(dev("a", "d2"))] {
             assert_eq!(s.get_item(&owner, "Up", &ch.key).unwrap(), None);
         }
-        let q = ItemQuery { account: "a".into(), model: "Up".into(), limit: 10, ..Default::default() };
+        let q = ItemQuery {
+            account: "a".into(),
+            model: "Up".into(),
+            limit: 10,
+            ..Default::default()
+        };
         assert!(s.query_items(&q).unwrap().items.is_empty());
     }
 
@@ -1218,10 +1493,28 @@ mod tests {
     fn push_from_an_unregistered_device_fails_whole() {
         let schema = schema();
         let mut s = store(&[]);
-        let ch = put(&schema, "Both", json!({"deviceId": "d1", "name": "n"}), ver(NOW, 7));
-        let err = s.apply_push(&schema, &mut clock(), NOW, &dev("a", "d1"), std::slice::from_ref(&ch)).unwrap_err();
+        let ch = put(
+            &schema,
+            "Both",
+            json!({"deviceId": "d1", "name": "n"}),
+            ver(NOW, 7),
+        );
+        let err = s
+            .apply_push(
+                &schema,
+                &mut clock(),
+                NOW,
+                &dev("a", "d1"),
+                std::slice::from_ref(&ch),
+            )
+            .unwrap_err();
         assert!(matches!(err, StoreError::UnknownDevice(_)), "{err}");
-        assert_eq!(s.get_item(&Owner::Device(dev("a", "d1")), "Both", &ch.key).unwrap(), None, "rolled back");
+        assert_eq!(
+            s.get_item(&Owner::Device(dev("a", "d1")), "Both", &ch.key)
+                .unwrap(),
+            None,
+            "rolled back"
+        );
     }
 
     #[test]
@@ -1230,17 +1523,42 @@ mod tests {
         let (d1, d2) = (dev("a", "d1"), dev("a", "d2"));
         let mut s = store(&[&d1, &d2]);
         let mut c = clock();
-        let c1 = put(&schema, "Shared", json!({"name": "k", "v": 1}), ver(NOW + 5, 1));
-        let c2 = put(&schema, "Shared", json!({"name": "k", "v": 2}), ver(NOW + 1, 2));
+        let c1 = put(
+            &schema,
+            "Shared",
+            json!({"name": "k", "v": 1}),
+            ver(NOW + 5, 1),
+        );
+        let c2 = put(
+            &schema,
+            "Shared",
+            json!({"name": "k", "v": 2}),
+            ver(NOW + 1, 2),
+        );
         assert_eq!(c1.key, c2.key);
-        let (r1, a1) = s.apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&c1)).unwrap();
-        let (r2, a2) = s.apply_push(&schema, &mut c, NOW, &d2, std::slice::from_ref(&c2)).unwrap();
-        assert_eq!((r1[0].status.clone(), r2[0].status.clone()), (ChangeStatus::Applied, ChangeStatus::Applied));
+        let (r1, a1) = s
+            .apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&c1))
+            .unwrap();
+        let (r2, a2) = s
+            .apply_push(&schema, &mut c, NOW, &d2, std::slice::from_ref(&c2))
+            .unwrap();
+        assert_eq!(
+            (r1[0].status.clone(), r2[0].status.clone()),
+            (ChangeStatus::Applied, ChangeStatus::Applied)
+        );
         assert_eq!((a1, a2), (vec![(d1.clone(), 2)], vec![(d2.clone(), 2)]));
-        let q = ItemQuery { account: "a".into(), model: "Shared".into(), limit: 10, ..Default::default() };
+        let q = ItemQuery {
+            account: "a".into(),
+            model: "Shared".into(),
+            limit: 10,
+            ..Default::default()
+        };
         let page = s.query_items(&q).unwrap();
-        let got: Vec<(Option<&str>, serde_json::Value)> =
-            page.items.iter().map(|i| (i.device.as_deref(), i.item.as_ref().unwrap()["v"].clone())).collect();
+        let got: Vec<(Option<&str>, serde_json::Value)> = page
+            .items
+            .iter()
+            .map(|i| (i.device.as_deref(), i.item.as_ref().unwrap()["v"].clone()))
+            .collect();
         assert_eq!(got, vec![(Some("d1"), json!(1)), (Some("d2"), json!(2))]);
         assert!(s.conflicts("a", None, 10).unwrap().is_empty());
         // Each device's feed holds only its own row.
@@ -1256,19 +1574,42 @@ mod tests {
         let mut s = store(&[&d1, &d2]);
         let mut c = clock();
         let owner = Owner::Device(d1.clone());
-        let (ch, adv) =
-            api_put(&mut s, &schema, &mut c, NOW, &owner, "Down", json!({"deviceId": "d1", "name": "x", "v": 1}));
+        let (ch, adv) = api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &owner,
+            "Down",
+            json!({"deviceId": "d1", "name": "x", "v": 1}),
+        );
         assert_eq!(adv, vec![(d1.clone(), 2)]);
         let page = s.read_feed(&d1, 1, 10).unwrap();
         assert_eq!((page.head, page.resync_required), (2, false));
-        assert_eq!(page.changes, vec![(2, Change { base: None, ..ch.clone() })]);
+        assert_eq!(
+            page.changes,
+            vec![(
+                2,
+                Change {
+                    base: None,
+                    ..ch.clone()
+                }
+            )]
+        );
         assert_eq!(s.read_feed(&d2, 1, 10).unwrap().changes, vec![]);
         assert_eq!(s.device(&d1).unwrap().unwrap().feed_head, 2);
         assert_eq!(s.device(&d2).unwrap().unwrap().feed_head, 1);
 
         // A second write of the key replaces its entry: one entry, at the new sequence.
-        let (ch2, adv) =
-            api_put(&mut s, &schema, &mut c, NOW, &owner, "Down", json!({"deviceId": "d1", "name": "x", "v": 2}));
+        let (ch2, adv) = api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &owner,
+            "Down",
+            json!({"deviceId": "d1", "name": "x", "v": 2}),
+        );
         assert_eq!(adv, vec![(d1.clone(), 3)]);
         assert_eq!(ch2.base, Some(ch.version));
         assert!(ch2.version > ch.version);
@@ -1303,17 +1644,37 @@ mod tests {
             );
         }
         let p = s.read_feed(&d1, 1, 2).unwrap();
-        assert_eq!(p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         let p = s.read_feed(&d1, 3, 2).unwrap();
-        assert_eq!(p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(
+            p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
         let p = s.read_feed(&d1, 5, 2).unwrap();
-        assert_eq!((p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(), p.head), (vec![6], 6));
+        assert_eq!(
+            (
+                p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+                p.head
+            ),
+            (vec![6], 6)
+        );
 
         // An entry whose row vanished (manual SQL) is skipped without shortening the page.
-        s.conn.execute("DELETE FROM items WHERE sk = 'x#n1'", []).unwrap();
+        s.conn
+            .execute("DELETE FROM items WHERE sk = 'x#n1'", [])
+            .unwrap();
         let p = s.read_feed(&d1, 1, 2).unwrap();
-        assert_eq!(p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![2, 4]);
-        assert!(matches!(s.read_feed(&dev("a", "nope"), 0, 2), Err(StoreError::UnknownDevice(_))));
+        assert_eq!(
+            p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            vec![2, 4]
+        );
+        assert!(matches!(
+            s.read_feed(&dev("a", "nope"), 0, 2),
+            Err(StoreError::UnknownDevice(_))
+        ));
     }
 
     #[test]
@@ -1332,8 +1693,15 @@ mod tests {
         let (d1, d2, d3) = (dev("a", "d1"), dev("a", "d2"), dev("b", "d3"));
         let mut s = store(&[&d1, &d2, &d3]);
         let mut c = clock();
-        let (ch, adv) =
-            api_put(&mut s, &schema, &mut c, NOW, &Owner::Account("a".into()), "Bcast", json!({"name": "fw", "v": 1}));
+        let (ch, adv) = api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &Owner::Account("a".into()),
+            "Bcast",
+            json!({"name": "fw", "v": 1}),
+        );
         assert_eq!(adv, vec![(d1.clone(), 2), (d2.clone(), 2)]);
         for d in [&d1, &d2] {
             let p = s.read_feed(d, 1, 10).unwrap();
@@ -1341,7 +1709,12 @@ mod tests {
             assert_eq!(p.changes[0].1.key, ch.key);
         }
         assert!(s.read_feed(&d3, 1, 10).unwrap().changes.is_empty());
-        let q = ItemQuery { account: "a".into(), model: "Bcast".into(), limit: 10, ..Default::default() };
+        let q = ItemQuery {
+            account: "a".into(),
+            model: "Bcast".into(),
+            limit: 10,
+            ..Default::default()
+        };
         let page = s.query_items(&q).unwrap();
         assert_eq!(page.items.len(), 1, "one row for the whole account");
         assert_eq!(page.items[0].device, None);
@@ -1361,7 +1734,12 @@ mod tests {
         // A push of a broadcast model is refused.
         let ch = put(&schema, "Bcast", json!({"name": "x"}), ver(NOW, 7));
         let (r, _) = s.apply_push(&schema, &mut c, NOW, &d1, &[ch]).unwrap();
-        assert_eq!(r[0].status, ChangeStatus::Rejected { reason: RejectReason::NotSyncedUp });
+        assert_eq!(
+            r[0].status,
+            ChangeStatus::Rejected {
+                reason: RejectReason::NotSyncedUp
+            }
+        );
     }
 
     #[test]
@@ -1371,16 +1749,51 @@ mod tests {
         let mut s = store(&[&d1, &d2]);
         let mut c = clock();
         let owner = Owner::Device(d1.clone());
-        let (ch, _) = api_put(&mut s, &schema, &mut c, NOW, &owner, "Down", json!({"deviceId": "d1", "name": "x"}));
-        api_put(&mut s, &schema, &mut c, NOW, &owner, "Down", json!({"deviceId": "d1", "name": "keep"}));
-        let (bc, _) =
-            api_put(&mut s, &schema, &mut c, NOW, &Owner::Account("a".into()), "Bcast", json!({"name": "fw"}));
-        let (del, adv) =
-            s.write(&schema, &mut c, NOW + 10, MAX_MSG, &owner, "Down", CloudOp::Delete(ch.key.clone())).unwrap();
+        let (ch, _) = api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &owner,
+            "Down",
+            json!({"deviceId": "d1", "name": "x"}),
+        );
+        api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &owner,
+            "Down",
+            json!({"deviceId": "d1", "name": "keep"}),
+        );
+        let (bc, _) = api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &Owner::Account("a".into()),
+            "Bcast",
+            json!({"name": "fw"}),
+        );
+        let (del, adv) = s
+            .write(
+                &schema,
+                &mut c,
+                NOW + 10,
+                MAX_MSG,
+                &owner,
+                "Down",
+                CloudOp::Delete(ch.key.clone()),
+            )
+            .unwrap();
         assert_eq!(adv, vec![(d1.clone(), 5)]);
         assert_eq!((del.op, del.item.clone()), (Op::Delete, None));
         let p = s.read_feed(&d1, 1, 10).unwrap();
-        assert_eq!(p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert_eq!(
             p.changes[2].1,
             Change {
@@ -1407,11 +1820,23 @@ mod tests {
             .unwrap();
         assert_eq!(bdel.op, Op::Delete);
 
-        let retention = Retention { tombstone_ms: 1000, max_conflicts: 100 };
+        let retention = Retention {
+            tombstone_ms: 1000,
+            max_conflicts: 100,
+        };
         // Too young: nothing purged.
-        assert_eq!(s.purge(NOW + 500, &retention).unwrap(), PurgeStats::default());
+        assert_eq!(
+            s.purge(NOW + 500, &retention).unwrap(),
+            PurgeStats::default()
+        );
         let stats = s.purge(NOW + 100_000, &retention).unwrap();
-        assert_eq!(stats, PurgeStats { tombstones: 2, conflicts: 0 });
+        assert_eq!(
+            stats,
+            PurgeStats {
+                tombstones: 2,
+                conflicts: 0
+            }
+        );
         assert_eq!(s.get_item(&owner, "Down", &ch.key).unwrap(), None);
         // d1: feed 3 = keep, 5 = delete x, 6 = delete fw; d2: 2 = fw put -> 3 = fw delete.
         assert!(s.read_feed(&d1, 5, 10).unwrap().resync_required);
@@ -1420,7 +1845,12 @@ mod tests {
         assert!(!p.resync_required && p.changes.is_empty() && p.head == 6);
         assert!(s.read_feed(&d2, 2, 10).unwrap().resync_required);
         assert!(!s.read_feed(&d2, 3, 10).unwrap().resync_required);
-        let n: i64 = s.conn.query_row("SELECT count(*) FROM feed WHERE account = 'a'", [], |r| r.get(0)).unwrap();
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM feed WHERE account = 'a'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
         assert_eq!(n, 1, "only the live item's entry is left");
     }
 
@@ -1432,18 +1862,40 @@ mod tests {
         let mut c = clock();
         for (d, n) in [(&d1, 4u64), (&e1, 2)] {
             for i in 0..=n {
-                let ch =
-                    put(&schema, "Both", json!({"deviceId": d.device, "name": "k", "v": i}), ver(NOW + i, 100 + i));
+                let ch = put(
+                    &schema,
+                    "Both",
+                    json!({"deviceId": d.device, "name": "k", "v": i}),
+                    ver(NOW + i, 100 + i),
+                );
                 s.apply_push(&schema, &mut c, NOW, d, &[ch]).unwrap();
             }
         }
         assert_eq!(s.conflicts("a", None, 100).unwrap().len(), 4);
         assert_eq!(s.conflicts("b", None, 100).unwrap().len(), 2);
-        let stats = s.purge(NOW, &Retention { tombstone_ms: 1000, max_conflicts: 3 }).unwrap();
-        assert_eq!(stats, PurgeStats { tombstones: 0, conflicts: 1 });
+        let stats = s
+            .purge(
+                NOW,
+                &Retention {
+                    tombstone_ms: 1000,
+                    max_conflicts: 3,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            stats,
+            PurgeStats {
+                tombstones: 0,
+                conflicts: 1
+            }
+        );
         let a = s.conflicts("a", None, 100).unwrap();
         assert_eq!(a.len(), 3);
-        assert_eq!(a[0].winner, hlc_to_string(ver(NOW + 4, 104)), "the newest are kept");
+        assert_eq!(
+            a[0].winner,
+            hlc_to_string(ver(NOW + 4, 104)),
+            "the newest are kept"
+        );
         assert_eq!(s.conflicts("b", None, 100).unwrap().len(), 2);
     }
 
@@ -1458,12 +1910,28 @@ mod tests {
         let mut expected = Vec::new();
         for i in 0..3 {
             expected.push(
-                api_put(&mut s, &schema, &mut c, NOW, &o1, "Down", json!({"deviceId": "d1", "name": format!("d{i}")}))
-                    .0,
+                api_put(
+                    &mut s,
+                    &schema,
+                    &mut c,
+                    NOW,
+                    &o1,
+                    "Down",
+                    json!({"deviceId": "d1", "name": format!("d{i}")}),
+                )
+                .0,
             );
             expected.push(
-                api_put(&mut s, &schema, &mut c, NOW, &o1, "Both", json!({"deviceId": "d1", "name": format!("b{i}")}))
-                    .0,
+                api_put(
+                    &mut s,
+                    &schema,
+                    &mut c,
+                    NOW,
+                    &o1,
+                    "Both",
+                    json!({"deviceId": "d1", "name": format!("b{i}")}),
+                )
+                .0,
             );
             expected.push(
                 api_put(
@@ -1478,14 +1946,52 @@ mod tests {
                 .0,
             );
             // Another device's items and up-only items are not part of d1's snapshot.
-            api_put(&mut s, &schema, &mut c, NOW, &o2, "Down", json!({"deviceId": "d2", "name": format!("o{i}")}));
-            let up = put(&schema, "Up", json!({"deviceId": "d1", "name": format!("u{i}")}), ver(NOW, 7));
+            api_put(
+                &mut s,
+                &schema,
+                &mut c,
+                NOW,
+                &o2,
+                "Down",
+                json!({"deviceId": "d2", "name": format!("o{i}")}),
+            );
+            let up = put(
+                &schema,
+                "Up",
+                json!({"deviceId": "d1", "name": format!("u{i}")}),
+                ver(NOW, 7),
+            );
             s.apply_push(&schema, &mut c, NOW, &d1, &[up]).unwrap();
         }
-        api_put(&mut s, &schema, &mut c, NOW, &Owner::Account("b".into()), "Bcast", json!({"name": "other"}));
+        api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &Owner::Account("b".into()),
+            "Bcast",
+            json!({"name": "other"}),
+        );
         // A deleted item is not in a snapshot.
-        let (gone, _) = api_put(&mut s, &schema, &mut c, NOW, &o1, "Down", json!({"deviceId": "d1", "name": "gone"}));
-        s.write(&schema, &mut c, NOW, MAX_MSG, &o1, "Down", CloudOp::Delete(gone.key)).unwrap();
+        let (gone, _) = api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &o1,
+            "Down",
+            json!({"deviceId": "d1", "name": "gone"}),
+        );
+        s.write(
+            &schema,
+            &mut c,
+            NOW,
+            MAX_MSG,
+            &o1,
+            "Down",
+            CloudOp::Delete(gone.key),
+        )
+        .unwrap();
         let head = s.device(&d1).unwrap().unwrap().feed_head;
 
         for limit in [1, 2, 4, 9, 100] {
@@ -1493,7 +1999,9 @@ mod tests {
             let mut from: Option<SnapshotCursor> = None;
             let mut pages = 0;
             loop {
-                let page = s.read_snapshot(&schema, &d1, 42, from.as_ref(), limit).unwrap();
+                let page = s
+                    .read_snapshot(&schema, &d1, 42, from.as_ref(), limit)
+                    .unwrap();
                 assert_eq!((page.resync, page.cursor), (42, head));
                 assert!(page.items.len() <= limit);
                 pages += 1;
@@ -1504,14 +2012,25 @@ mod tests {
                 }
             }
             assert_eq!(pages, expected.len().div_ceil(limit), "limit {limit}");
-            let mut want: Vec<Change> = expected.iter().map(|c| Change { base: None, ..c.clone() }).collect();
+            let mut want: Vec<Change> = expected
+                .iter()
+                .map(|c| Change {
+                    base: None,
+                    ..c.clone()
+                })
+                .collect();
             want.sort_by(|a, b| (&a.model, &a.key).cmp(&(&b.model, &b.key)));
             assert_eq!(got, want, "limit {limit}");
         }
     }
 
     fn query(model: &str) -> ItemQuery {
-        ItemQuery { account: "a".into(), model: model.into(), limit: 100, ..Default::default() }
+        ItemQuery {
+            account: "a".into(),
+            model: model.into(),
+            limit: 100,
+            ..Default::default()
+        }
     }
 
     fn sks(page: &ItemPage) -> Vec<String> {
@@ -1525,8 +2044,23 @@ mod tests {
         let mut s = store(&[&d1, &d2]);
         let mut c = clock();
         let o1 = Owner::Device(d1.clone());
-        for (name, v) in [("a%b", 1.0), ("a%bc", 2.0), ("a_b", 3.0), ("axb", 3.5), ("ab", 4.0), ("b", 3.0)] {
-            api_put(&mut s, &schema, &mut c, NOW, &o1, "Down", json!({"deviceId": "d1", "name": name, "v": v}));
+        for (name, v) in [
+            ("a%b", 1.0),
+            ("a%bc", 2.0),
+            ("a_b", 3.0),
+            ("axb", 3.5),
+            ("ab", 4.0),
+            ("b", 3.0),
+        ] {
+            api_put(
+                &mut s,
+                &schema,
+                &mut c,
+                NOW,
+                &o1,
+                "Down",
+                json!({"deviceId": "d1", "name": name, "v": v}),
+            );
         }
         api_put(
             &mut s,
@@ -1537,7 +2071,12 @@ mod tests {
             "Down",
             json!({"deviceId": "d2", "name": "a%b", "v": 3}),
         );
-        let up = put(&schema, "Up", json!({"deviceId": "d1", "name": "a%b", "v": 3}), ver(NOW, 7));
+        let up = put(
+            &schema,
+            "Up",
+            json!({"deviceId": "d1", "name": "a%b", "v": 3}),
+            ver(NOW, 7),
+        );
         s.apply_push(&schema, &mut c, NOW, &d1, &[up]).unwrap();
 
         let all = s.query_items(&query("Down")).unwrap();
@@ -1547,39 +2086,91 @@ mod tests {
         assert_eq!(devices.iter().filter(|d| **d == Some("d2")).count(), 1);
         assert_eq!(devices.last(), Some(&Some("d2")), "ordered by device");
 
-        let q = ItemQuery { device: Some("d1".into()), ..query("Down") };
+        let q = ItemQuery {
+            device: Some("d1".into()),
+            ..query("Down")
+        };
         assert_eq!(s.query_items(&q).unwrap().items.len(), 6);
-        let q = ItemQuery { pk: Some("d#d2".into()), ..query("Down") };
+        let q = ItemQuery {
+            pk: Some("d#d2".into()),
+            ..query("Down")
+        };
         assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a%b"]);
-        let q = ItemQuery { device: Some("d1".into()), sk_prefix: Some("x#a%".into()), ..query("Down") };
+        let q = ItemQuery {
+            device: Some("d1".into()),
+            sk_prefix: Some("x#a%".into()),
+            ..query("Down")
+        };
         assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a%b", "x#a%bc"]);
-        let q = ItemQuery { device: Some("d1".into()), sk_prefix: Some("x#a_".into()), ..query("Down") };
+        let q = ItemQuery {
+            device: Some("d1".into()),
+            sk_prefix: Some("x#a_".into()),
+            ..query("Down")
+        };
         assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a_b"]);
-        let q = ItemQuery { device: Some("d1".into()), sk_prefix: Some("x#a".into()), ..query("Down") };
+        let q = ItemQuery {
+            device: Some("d1".into()),
+            sk_prefix: Some("x#a".into()),
+            ..query("Down")
+        };
         assert_eq!(sks(&s.query_items(&q).unwrap()).len(), 5);
 
         // Field equality: numbers compare numerically, strings as strings.
-        let q = ItemQuery { device: Some("d1".into()), filters: vec![("v".into(), json!(3))], ..query("Down") };
+        let q = ItemQuery {
+            device: Some("d1".into()),
+            filters: vec![("v".into(), json!(3))],
+            ..query("Down")
+        };
         assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a_b", "x#b"]);
-        let q = ItemQuery { filters: vec![("v".into(), json!(3.5))], ..query("Down") };
+        let q = ItemQuery {
+            filters: vec![("v".into(), json!(3.5))],
+            ..query("Down")
+        };
         assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#axb"]);
-        let q = ItemQuery { filters: vec![("name".into(), json!("a_b"))], ..query("Down") };
+        let q = ItemQuery {
+            filters: vec![("name".into(), json!("a_b"))],
+            ..query("Down")
+        };
         assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a_b"]);
-        let q = ItemQuery { filters: vec![("v".into(), json!("3"))], ..query("Down") };
-        assert!(s.query_items(&q).unwrap().items.is_empty(), "the string \"3\" is not the number 3");
-        let q = ItemQuery { filters: vec![("name".into(), json!("a%b")), ("v".into(), json!(3))], ..query("Down") };
+        let q = ItemQuery {
+            filters: vec![("v".into(), json!("3"))],
+            ..query("Down")
+        };
+        assert!(
+            s.query_items(&q).unwrap().items.is_empty(),
+            "the string \"3\" is not the number 3"
+        );
+        let q = ItemQuery {
+            filters: vec![("name".into(), json!("a%b")), ("v".into(), json!(3))],
+            ..query("Down")
+        };
         assert_eq!(s.query_items(&q).unwrap().items.len(), 1);
-        let q = ItemQuery { filters: vec![("missing".into(), serde_json::Value::Null)], ..query("Down") };
+        let q = ItemQuery {
+            filters: vec![("missing".into(), serde_json::Value::Null)],
+            ..query("Down")
+        };
         assert_eq!(s.query_items(&q).unwrap().items.len(), 7);
         for bad in ["na me", "a.b", "x\"", ""] {
-            let q = ItemQuery { filters: vec![(bad.into(), json!(1))], ..query("Down") };
-            assert!(matches!(s.query_items(&q), Err(StoreError::BadQuery(_))), "{bad:?}");
+            let q = ItemQuery {
+                filters: vec![(bad.into(), json!(1))],
+                ..query("Down")
+            };
+            assert!(
+                matches!(s.query_items(&q), Err(StoreError::BadQuery(_))),
+                "{bad:?}"
+            );
         }
-        let q = ItemQuery { filters: vec![("v".into(), json!([1]))], ..query("Down") };
+        let q = ItemQuery {
+            filters: vec![("v".into(), json!([1]))],
+            ..query("Down")
+        };
         assert!(matches!(s.query_items(&q), Err(StoreError::BadQuery(_))));
 
         // Pagination: every item once, in order.
-        let mut q = ItemQuery { limit: 3, ..query("Down") };
+        let mut q = ItemQuery {
+            limit: 3,
+            ..query("Down")
+        };
         let mut seen = Vec::new();
         loop {
             let page = s.query_items(&q).unwrap();
@@ -1590,20 +2181,52 @@ mod tests {
                 None => break,
             }
         }
-        let want: Vec<_> = all.items.iter().map(|i| (i.device.clone(), i.pk.clone(), i.sk.clone())).collect();
+        let want: Vec<_> = all
+            .items
+            .iter()
+            .map(|i| (i.device.clone(), i.pk.clone(), i.sk.clone()))
+            .collect();
         assert_eq!(seen, want);
         for bad in ["zz", "00", &hex::encode("[1,2]")] {
-            let q = ItemQuery { next: Some(bad.to_string()), ..query("Down") };
-            assert!(matches!(s.query_items(&q), Err(StoreError::BadQuery(_))), "{bad}");
+            let q = ItemQuery {
+                next: Some(bad.to_string()),
+                ..query("Down")
+            };
+            assert!(
+                matches!(s.query_items(&q), Err(StoreError::BadQuery(_))),
+                "{bad}"
+            );
         }
         // Broadcast rows are found with device None and paged with the '' device.
         let ab = Owner::Account("a".into());
         for n in ["p", "q"] {
-            api_put(&mut s, &schema, &mut c, NOW, &ab, "Bcast", json!({"name": n}));
+            api_put(
+                &mut s,
+                &schema,
+                &mut c,
+                NOW,
+                &ab,
+                "Bcast",
+                json!({"name": n}),
+            );
         }
-        let page = s.query_items(&ItemQuery { limit: 1, ..query("Bcast") }).unwrap();
-        let page2 = s.query_items(&ItemQuery { limit: 1, next: page.next.clone(), ..query("Bcast") }).unwrap();
-        assert_eq!((sks(&page), sks(&page2), page2.next), (vec!["x#p".to_string()], vec!["x#q".to_string()], None));
+        let page = s
+            .query_items(&ItemQuery {
+                limit: 1,
+                ..query("Bcast")
+            })
+            .unwrap();
+        let page2 = s
+            .query_items(&ItemQuery {
+                limit: 1,
+                next: page.next.clone(),
+                ..query("Bcast")
+            })
+            .unwrap();
+        assert_eq!(
+            (sks(&page), sks(&page2), page2.next),
+            (vec!["x#p".to_string()], vec!["x#q".to_string()], None)
+        );
     }
 
     #[test]
@@ -1646,7 +2269,11 @@ mod tests {
                 MAX_MSG,
                 &o1,
                 "Down",
-                CloudOp::Put(item(&schema, "Down", json!({"deviceId": "d9", "name": "n"}))),
+                CloudOp::Put(item(
+                    &schema,
+                    "Down",
+                    json!({"deviceId": "d9", "name": "n"}),
+                )),
             )
             .unwrap_err();
         assert!(matches!(err, CloudWriteError::Ownership(_)), "{err}");
@@ -1659,10 +2286,17 @@ mod tests {
                 MAX_MSG,
                 &ghost,
                 "Down",
-                CloudOp::Put(item(&schema, "Down", json!({"deviceId": "ghost", "name": "n"}))),
+                CloudOp::Put(item(
+                    &schema,
+                    "Down",
+                    json!({"deviceId": "ghost", "name": "n"}),
+                )),
             )
             .unwrap_err();
-        assert!(matches!(err, CloudWriteError::Store(StoreError::UnknownDevice(_))), "{err}");
+        assert!(
+            matches!(err, CloudWriteError::Store(StoreError::UnknownDevice(_))),
+            "{err}"
+        );
         let err = s
             .write(
                 &schema,
@@ -1671,11 +2305,18 @@ mod tests {
                 100,
                 &o1,
                 "Down",
-                CloudOp::Put(item(&schema, "Down", json!({"deviceId": "d1", "name": "n"}))),
+                CloudOp::Put(item(
+                    &schema,
+                    "Down",
+                    json!({"deviceId": "d1", "name": "n"}),
+                )),
             )
             .unwrap_err();
         assert!(matches!(err, CloudWriteError::TooLarge { .. }), "{err}");
-        let n: i64 = s.conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap();
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 0);
         assert_eq!(s.device(&d1).unwrap().unwrap().feed_head, 1);
     }
@@ -1684,17 +2325,40 @@ mod tests {
     fn devices_register_status_and_ack() {
         let (d1, d2, e1) = (dev("a", "d1"), dev("a", "d2"), dev("b", "e1"));
         let mut s = store(&[&d2, &e1, &d1]);
-        assert!(matches!(s.register_device(&d1, "x", NOW), Err(StoreError::DeviceExists(_))));
+        assert!(matches!(
+            s.register_device(&d1, "x", NOW),
+            Err(StoreError::DeviceExists(_))
+        ));
         let r = s.device(&d1).unwrap().unwrap();
-        assert_eq!((r.secret_hash.as_str(), r.registered_ms, r.online, r.cursor_acked), ("hash", NOW, false, 0));
+        assert_eq!(
+            (
+                r.secret_hash.as_str(),
+                r.registered_ms,
+                r.online,
+                r.cursor_acked
+            ),
+            ("hash", NOW, false, 0)
+        );
         assert_eq!(s.device(&dev("a", "zz")).unwrap(), None);
 
-        let names =
-            |v: Vec<DeviceRecord>| v.into_iter().map(|r| format!("{}/{}", r.account, r.device)).collect::<Vec<_>>();
-        assert_eq!(names(s.devices(None, None, 10).unwrap()), ["a/d1", "a/d2", "b/e1"]);
-        assert_eq!(names(s.devices(Some("a"), None, 10).unwrap()), ["a/d1", "a/d2"]);
+        let names = |v: Vec<DeviceRecord>| {
+            v.into_iter()
+                .map(|r| format!("{}/{}", r.account, r.device))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(s.devices(None, None, 10).unwrap()),
+            ["a/d1", "a/d2", "b/e1"]
+        );
+        assert_eq!(
+            names(s.devices(Some("a"), None, 10).unwrap()),
+            ["a/d1", "a/d2"]
+        );
         assert_eq!(names(s.devices(None, Some(&d1), 1).unwrap()), ["a/d2"]);
-        assert_eq!(names(s.devices(Some("a"), Some(&d2), 10).unwrap()), Vec::<String>::new());
+        assert_eq!(
+            names(s.devices(Some("a"), Some(&d2), 10).unwrap()),
+            Vec::<String>::new()
+        );
 
         let up = StatusUpdate {
             online: Some(true),
@@ -1705,15 +2369,38 @@ mod tests {
             ..Default::default()
         };
         s.update_status(&d1, &up).unwrap();
-        s.update_status(&d1, &StatusUpdate { last_seen_ms: Some(NOW + 2), ..Default::default() }).unwrap();
+        s.update_status(
+            &d1,
+            &StatusUpdate {
+                last_seen_ms: Some(NOW + 2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let r = s.device(&d1).unwrap().unwrap();
         assert_eq!(
-            (r.online, r.last_seen_ms, r.schema_version.as_deref(), r.pending, r.last_error.as_deref()),
+            (
+                r.online,
+                r.last_seen_ms,
+                r.schema_version.as_deref(),
+                r.pending,
+                r.last_error.as_deref()
+            ),
             (true, Some(NOW + 2), Some("1"), 4, Some("boom"))
         );
-        s.update_status(&d1, &StatusUpdate { last_error: Some(None), ..Default::default() }).unwrap();
+        s.update_status(
+            &d1,
+            &StatusUpdate {
+                last_error: Some(None),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(s.device(&d1).unwrap().unwrap().last_error, None);
-        assert!(matches!(s.update_status(&dev("a", "zz"), &up), Err(StoreError::UnknownDevice(_))));
+        assert!(matches!(
+            s.update_status(&dev("a", "zz"), &up),
+            Err(StoreError::UnknownDevice(_))
+        ));
         s.reset_online().unwrap();
         assert!(!s.device(&d1).unwrap().unwrap().online);
 
@@ -1722,7 +2409,10 @@ mod tests {
         assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 5);
         s.ack_cursor(&d1, 7).unwrap();
         assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 7);
-        assert!(matches!(s.ack_cursor(&dev("a", "zz"), 1), Err(StoreError::UnknownDevice(_))));
+        assert!(matches!(
+            s.ack_cursor(&dev("a", "zz"), 1),
+            Err(StoreError::UnknownDevice(_))
+        ));
     }
 
     #[test]
@@ -1733,7 +2423,10 @@ mod tests {
         let d1 = dev("a", "d1");
         let ch = {
             let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-            let mode: String = s.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+            let mode: String = s
+                .conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
             assert_eq!(mode, "wal");
             s.register_device(&d1, "h", NOW).unwrap();
             api_put(
@@ -1747,19 +2440,43 @@ mod tests {
             )
             .0
         };
-        let mut s = SqliteStore::open(&path, SqliteOptions { synchronous_full: false, busy_timeout_ms: 100 }).unwrap();
+        let mut s = SqliteStore::open(
+            &path,
+            SqliteOptions {
+                synchronous_full: false,
+                busy_timeout_ms: 100,
+            },
+        )
+        .unwrap();
         assert_eq!(s.device(&d1).unwrap().unwrap().feed_head, 2);
-        let got = s.get_item(&Owner::Device(d1.clone()), "Down", &ch.key).unwrap().unwrap();
+        let got = s
+            .get_item(&Owner::Device(d1.clone()), "Down", &ch.key)
+            .unwrap()
+            .unwrap();
         assert_eq!((got.item, got.version), (ch.item.clone(), ch.version));
         assert_eq!(s.read_feed(&d1, 1, 10).unwrap().changes.len(), 1);
-        assert_eq!(s.get_item(&Owner::Device(d1.clone()), "Both", &key("d#d1", "x#n")).unwrap(), None, "other model");
+        assert_eq!(
+            s.get_item(&Owner::Device(d1.clone()), "Both", &key("d#d1", "x#n"))
+                .unwrap(),
+            None,
+            "other model"
+        );
         drop(s);
 
         let raw = Connection::open(&path).unwrap();
-        raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'", []).unwrap();
+        raw.execute(
+            "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
         drop(raw);
-        let err = SqliteStore::open(&path, SqliteOptions::default()).err().unwrap();
-        assert!(matches!(&err, StoreError::Database(m) if m.contains("version 2")), "{err}");
+        let err = SqliteStore::open(&path, SqliteOptions::default())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, StoreError::Database(m) if m.contains("version 2")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1776,11 +2493,23 @@ mod tests {
             "Down",
             json!({"deviceId": "d1", "name": "n"}),
         );
-        s.conn.execute("UPDATE items SET item = '{not json'", []).unwrap();
-        assert!(matches!(s.read_feed(&d1, 1, 10), Err(StoreError::Corrupt(_))));
-        s.conn.execute("UPDATE items SET item = '{}', version = 'bad'", []).unwrap();
-        assert!(matches!(s.get_item(&Owner::Device(d1.clone()), "Down", &ch.key), Err(StoreError::Corrupt(_))));
-        s.conn.execute("UPDATE devices SET feed_head = -1", []).unwrap();
+        s.conn
+            .execute("UPDATE items SET item = '{not json'", [])
+            .unwrap();
+        assert!(matches!(
+            s.read_feed(&d1, 1, 10),
+            Err(StoreError::Corrupt(_))
+        ));
+        s.conn
+            .execute("UPDATE items SET item = '{}', version = 'bad'", [])
+            .unwrap();
+        assert!(matches!(
+            s.get_item(&Owner::Device(d1.clone()), "Down", &ch.key),
+            Err(StoreError::Corrupt(_))
+        ));
+        s.conn
+            .execute("UPDATE devices SET feed_head = -1", [])
+            .unwrap();
         assert!(matches!(s.device(&d1), Err(StoreError::Corrupt(_))));
     }
 }

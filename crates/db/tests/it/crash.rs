@@ -65,7 +65,12 @@ fn acknowledged_writes_survive_sigkill() {
     for round in 0..rounds {
         let delay = 30 + next(&mut seed) % 250;
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash::child_process_entry", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash::child_process_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, &path)
             .env("DEVTABLES_CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
@@ -99,7 +104,11 @@ fn acknowledged_writes_survive_sigkill() {
         }
         total_acked += acked.len();
         let all = db
-            .find("Reading", &item(json!({"deviceId": "d1"})), &FindOptions::default())
+            .find(
+                "Reading",
+                &item(json!({"deviceId": "d1"})),
+                &FindOptions::default(),
+            )
             .unwrap();
         assert!(all.items.len() >= total_acked);
         db.close().unwrap();

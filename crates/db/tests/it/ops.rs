@@ -25,7 +25,11 @@ fn fixture(n: usize) -> (tempfile::TempDir, devtables_db::Db) {
     let ops: Vec<Op> = (0..n)
         .map(|i| Op::Create {
             model: "Reading".into(),
-            item: reading(&format!("{i:03}"), i as f64, if i % 10 == 0 { "fault" } else { "ok" }),
+            item: reading(
+                &format!("{i:03}"),
+                i as f64,
+                if i % 10 == 0 { "fault" } else { "ok" },
+            ),
         })
         .collect();
     db.transaction(&ops).unwrap();
@@ -47,7 +51,11 @@ fn create_get_update_upsert_remove() {
     patch.insert("note".into(), json!("hello"));
     let updated = db.update("Reading", &patch).unwrap();
     assert_eq!(updated["note"], json!("hello"));
-    assert_eq!(updated["value"], json!(1.0), "partial update keeps other fields");
+    assert_eq!(
+        updated["value"],
+        json!(1.0),
+        "partial update keeps other fields"
+    );
 
     let err = db.update("Reading", &key("missing")).unwrap_err();
     assert!(matches!(err, DbError::NotFound { .. }), "{err}");
@@ -93,59 +101,152 @@ fn schema_process_block_is_enforced_on_device_writes() {
         stored.map(|_| ())
     })
     .unwrap();
-    assert!(db.get("Cmd", &item(json!({"name": "x"}))).unwrap().is_some());
+    assert!(db
+        .get("Cmd", &item(json!({"name": "x"})))
+        .unwrap()
+        .is_some());
 }
 
 #[test]
 fn transaction_is_atomic() {
     let (_dir, db) = fixture(0);
     let ops = vec![
-        Op::Create { model: "Reading".into(), item: reading("a", 1.0, "ok") },
-        Op::Create { model: "Reading".into(), item: reading("a", 2.0, "ok") },
+        Op::Create {
+            model: "Reading".into(),
+            item: reading("a", 1.0, "ok"),
+        },
+        Op::Create {
+            model: "Reading".into(),
+            item: reading("a", 2.0, "ok"),
+        },
     ];
     assert!(matches!(db.transaction(&ops), Err(DbError::Exists { .. })));
-    assert_eq!(db.get("Reading", &key("a")).unwrap(), None, "first op rolled back");
+    assert_eq!(
+        db.get("Reading", &key("a")).unwrap(),
+        None,
+        "first op rolled back"
+    );
 }
 
 #[test]
 fn find_by_prefix_range_index_filter_and_direction() {
     let (_dir, db) = fixture(50);
-    let all = db.find("Reading", &item(json!({"deviceId": "d1"})), &FindOptions::default()).unwrap();
+    let all = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1"})),
+            &FindOptions::default(),
+        )
+        .unwrap();
     assert_eq!(all.items.len(), 50);
     assert_eq!(all.next, None);
 
     // Partial template: sk = 'r#${id}' with no id is a begins-with on 'r#'; explicit begins too.
     let begins = FindOptions::default();
-    let p = db.find("Reading", &item(json!({"deviceId": "d1", "sk": {"begins": "r#01"}})), &begins).unwrap();
-    assert_eq!(ids(&p.items), (10..20).map(|i| format!("{i:03}")).collect::<Vec<_>>());
+    let p = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1", "sk": {"begins": "r#01"}})),
+            &begins,
+        )
+        .unwrap();
+    assert_eq!(
+        ids(&p.items),
+        (10..20).map(|i| format!("{i:03}")).collect::<Vec<_>>()
+    );
 
-    let between = db.find("Reading", &item(json!({"deviceId": "d1", "sk": {"between": ["r#005", "r#007"]}})), &begins).unwrap();
+    let between = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1", "sk": {"between": ["r#005", "r#007"]}})),
+            &begins,
+        )
+        .unwrap();
     assert_eq!(ids(&between.items), ["005", "006", "007"]);
-    let lt = db.find("Reading", &item(json!({"deviceId": "d1", "sk": {"<": "r#002"}})), &begins).unwrap();
+    let lt = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1", "sk": {"<": "r#002"}})),
+            &begins,
+        )
+        .unwrap();
     assert_eq!(ids(&lt.items), ["000", "001"]);
-    let gt = db.find("Reading", &item(json!({"deviceId": "d1", "sk": {">": "r#047"}})), &begins).unwrap();
+    let gt = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1", "sk": {">": "r#047"}})),
+            &begins,
+        )
+        .unwrap();
     assert_eq!(ids(&gt.items), ["048", "049"]);
 
-    let rev = FindOptions { reverse: true, limit: Some(2), ..Default::default() };
-    let desc = db.find("Reading", &item(json!({"deviceId": "d1"})), &rev).unwrap();
+    let rev = FindOptions {
+        reverse: true,
+        limit: Some(2),
+        ..Default::default()
+    };
+    let desc = db
+        .find("Reading", &item(json!({"deviceId": "d1"})), &rev)
+        .unwrap();
     assert_eq!(ids(&desc.items), ["049", "048"]);
 
-    let on_index = FindOptions { index: Some("gs1".into()), ..Default::default() };
-    let faults = db.find("Reading", &item(json!({"gs1pk": "status#fault"})), &on_index).unwrap();
+    let on_index = FindOptions {
+        index: Some("gs1".into()),
+        ..Default::default()
+    };
+    let faults = db
+        .find(
+            "Reading",
+            &item(json!({"gs1pk": "status#fault"})),
+            &on_index,
+        )
+        .unwrap();
     assert_eq!(ids(&faults.items), ["000", "010", "020", "030", "040"]);
 
-    let filtered = db.find("Reading", &item(json!({"deviceId": "d1", "value": {">=": 45}})), &begins).unwrap();
+    let filtered = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1", "value": {">=": 45}})),
+            &begins,
+        )
+        .unwrap();
     assert_eq!(ids(&filtered.items), ["045", "046", "047", "048", "049"]);
-    let filtered_eq = db.find("Reading", &item(json!({"deviceId": "d1", "status": "fault"})), &begins).unwrap();
+    let filtered_eq = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1", "status": "fault"})),
+            &begins,
+        )
+        .unwrap();
     assert_eq!(filtered_eq.items.len(), 5);
 
     // No hash key: a scan of the model, still with filters.
-    let scan = db.find("Reading", &item(json!({"status": "fault"})), &begins).unwrap();
+    let scan = db
+        .find("Reading", &item(json!({"status": "fault"})), &begins)
+        .unwrap();
     assert_eq!(scan.items.len(), 5);
 
-    let err = db.find("Reading", &item(json!({})), &FindOptions { index: Some("nope".into()), ..Default::default() }).unwrap_err();
+    let err = db
+        .find(
+            "Reading",
+            &item(json!({})),
+            &FindOptions {
+                index: Some("nope".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
     assert!(matches!(err, DbError::UnknownIndex(_)), "{err}");
-    let err = db.find("Reading", &item(json!({})), &FindOptions { next: Some("zz".into()), ..Default::default() }).unwrap_err();
+    let err = db
+        .find(
+            "Reading",
+            &item(json!({})),
+            &FindOptions {
+                next: Some("zz".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
     assert!(matches!(err, DbError::BadCursor(_)), "{err}");
 }
 
@@ -153,7 +254,10 @@ fn find_by_prefix_range_index_filter_and_direction() {
 fn pagination_is_stable_while_items_change() {
     let (_dir, db) = fixture(30);
     let props = item(json!({"deviceId": "d1"}));
-    let mut opts = FindOptions { limit: Some(10), ..Default::default() };
+    let mut opts = FindOptions {
+        limit: Some(10),
+        ..Default::default()
+    };
     let first = db.find("Reading", &props, &opts).unwrap();
     assert_eq!(ids(&first.items).last().map(String::as_str), Some("009"));
     // Changes before and inside the next page: removed items vanish, new ones appear in order,
@@ -201,13 +305,26 @@ fn ttl_hides_at_once_and_purges_in_background() {
     assert!(db.get("Reading", &key("t")).unwrap().is_some());
 
     now.store(1_800_000_061_000, Ordering::SeqCst);
-    assert_eq!(db.get("Reading", &key("t")).unwrap(), None, "invisible at once");
-    let found = db.find("Reading", &item(json!({"deviceId": "d1"})), &FindOptions::default()).unwrap();
+    assert_eq!(
+        db.get("Reading", &key("t")).unwrap(),
+        None,
+        "invisible at once"
+    );
+    let found = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1"})),
+            &FindOptions::default(),
+        )
+        .unwrap();
     assert_eq!(ids(&found.items), ["keep"]);
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while removed.lock().unwrap().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the background purge never ran");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background purge never ran"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(*removed.lock().unwrap(), ["r#t"]);
@@ -220,13 +337,21 @@ fn hooks_see_committed_changes_only_with_origin() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     db.subscribe(Arc::new(move |c: &Change| {
-        sink.lock().unwrap().push((c.op, c.origin, c.key.sk.clone(), c.old.is_some()));
+        sink.lock()
+            .unwrap()
+            .push((c.op, c.origin, c.key.sk.clone(), c.old.is_some()));
     }));
     db.create("Reading", &reading("a", 1.0, "ok")).unwrap();
     db.update("Reading", &reading("a", 2.0, "ok")).unwrap();
     let _ = db.transaction(&[
-        Op::Create { model: "Reading".into(), item: reading("b", 1.0, "ok") },
-        Op::Create { model: "Reading".into(), item: reading("a", 1.0, "ok") },
+        Op::Create {
+            model: "Reading".into(),
+            item: reading("b", 1.0, "ok"),
+        },
+        Op::Create {
+            model: "Reading".into(),
+            item: reading("a", 1.0, "ok"),
+        },
     ]);
     db.remove("Reading", &key("a")).unwrap();
     let seen = seen.lock().unwrap().clone();
@@ -262,7 +387,11 @@ fn interceptor_writes_in_the_same_transaction_and_can_refuse() {
     db.create("Reading", &reading("b", 1.0, "ok")).unwrap();
     let err = db.create("Reading", &reading("c", 1.0, "ok")).unwrap_err();
     assert!(matches!(err, DbError::Refused(_)), "{err}");
-    assert_eq!(db.get("Reading", &key("c")).unwrap(), None, "refused write left nothing");
+    assert_eq!(
+        db.get("Reading", &key("c")).unwrap(),
+        None,
+        "refused write left nothing"
+    );
     assert_eq!(db.side_len("outbox").unwrap(), 2);
     let entries = db.side_scan("outbox", b"", 10).unwrap();
     assert_eq!(entries[0].0, b"r#a");
@@ -276,7 +405,10 @@ fn export_import_round_trip_and_bad_line() {
     let copy = open(&dir.path().join("copy.redb"), DbOptions::default());
     assert_eq!(copy.import(&mut out.as_slice()).unwrap(), 25);
     let props = item(json!({"deviceId": "d1"}));
-    let hidden = FindOptions { hidden: true, ..Default::default() };
+    let hidden = FindOptions {
+        hidden: true,
+        ..Default::default()
+    };
     assert_eq!(
         db.find("Reading", &props, &hidden).unwrap(),
         copy.find("Reading", &props, &hidden).unwrap()
@@ -286,7 +418,11 @@ fn export_import_round_trip_and_bad_line() {
     let fresh = open(&dir.path().join("fresh.redb"), DbOptions::default());
     let err = fresh.import(&mut bad.as_slice()).unwrap_err();
     assert!(matches!(err, DbError::Import { line: 1, .. }), "{err}");
-    assert!(fresh.find("Reading", &item(json!({})), &FindOptions::default()).unwrap().items.is_empty());
+    assert!(fresh
+        .find("Reading", &item(json!({})), &FindOptions::default())
+        .unwrap()
+        .items
+        .is_empty());
 }
 
 #[test]
@@ -294,16 +430,28 @@ fn periodic_mode_flushes_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.redb");
     {
-        let db = open(&path, DbOptions {
-            durability: Durability::Periodic { interval: Duration::from_millis(50) },
-            ..DbOptions::default()
-        });
+        let db = open(
+            &path,
+            DbOptions {
+                durability: Durability::Periodic {
+                    interval: Duration::from_millis(50),
+                },
+                ..DbOptions::default()
+            },
+        );
         for i in 0..20 {
-            db.create("Reading", &reading(&format!("{i}"), 1.0, "ok")).unwrap();
+            db.create("Reading", &reading(&format!("{i}"), 1.0, "ok"))
+                .unwrap();
         }
         db.flush().unwrap();
     }
     let db = open(&path, DbOptions::default());
-    let all = db.find("Reading", &item(json!({"deviceId": "d1"})), &FindOptions::default()).unwrap();
+    let all = db
+        .find(
+            "Reading",
+            &item(json!({"deviceId": "d1"})),
+            &FindOptions::default(),
+        )
+        .unwrap();
     assert_eq!(all.items.len(), 20);
 }

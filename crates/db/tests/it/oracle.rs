@@ -19,9 +19,20 @@ enum Step {
     Upsert(u8, i32, usize),
     Remove(u8),
     Get(u8),
-    FindPrefix { digit: u8, limit: usize, reverse: bool },
-    FindIndex { status: usize, limit: usize, reverse: bool },
-    FindFilter { min: i32, limit: usize },
+    FindPrefix {
+        digit: u8,
+        limit: usize,
+        reverse: bool,
+    },
+    FindIndex {
+        status: usize,
+        limit: usize,
+        reverse: bool,
+    },
+    FindFilter {
+        min: i32,
+        limit: usize,
+    },
     Reopen,
 }
 
@@ -48,12 +59,17 @@ fn id(i: u8) -> String {
 fn all_pages(db: &Db, props: serde_json::Value, mut opts: FindOptions) -> Vec<(String, i64)> {
     let mut out = Vec::new();
     loop {
-        let page = db.find("Reading", &item(props.clone()), &opts).expect("find");
+        let page = db
+            .find("Reading", &item(props.clone()), &opts)
+            .expect("find");
         if let Some(limit) = opts.limit {
             assert!(page.items.len() <= limit);
         }
         for it in &page.items {
-            out.push((it["id"].as_str().unwrap().to_string(), it["value"].as_f64().unwrap() as i64));
+            out.push((
+                it["id"].as_str().unwrap().to_string(),
+                it["value"].as_f64().unwrap() as i64,
+            ));
         }
         match page.next {
             Some(next) => opts.next = Some(next),
