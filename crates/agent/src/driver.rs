@@ -207,12 +207,17 @@ impl Driver {
             while let Some(bytes) = self.engine.poll_transmit() {
                 progressed = true;
                 let topic = topics::up_topic(&self.prefix, &self.id);
-                if let Err(e) = self
+                let len = bytes.len() as u64;
+                match self
                     .client
                     .try_publish(topic, QoS::AtLeastOnce, false, bytes)
                 {
+                    Ok(()) => self.set_status(|s| {
+                        s.messages_up += 1;
+                        s.bytes_up += len;
+                    }),
                     // The engine retransmits unacknowledged batches on its own timer.
-                    tracing::debug!(device = %self.id, "publish not queued: {e}");
+                    Err(e) => tracing::debug!(device = %self.id, "publish not queued: {e}"),
                 }
             }
             while let Some(event) = self.engine.poll_event() {

@@ -77,6 +77,9 @@ pub struct AgentStatus {
     pub rejected: u64,
     /// Changes of lossy models dropped by a full outbox.
     pub dropped: u64,
+    /// Sync messages published to the cloud, and their payload bytes.
+    pub messages_up: u64,
+    pub bytes_up: u64,
     pub last_error: Option<String>,
 }
 
@@ -142,7 +145,11 @@ impl Agent {
         options.set_credentials(id.node_name(), config.secret.clone());
         let max_packet = config.sync.wire.max_message_bytes + 4096;
         options.set_max_packet_size(max_packet, max_packet);
-        let (client, eventloop) = AsyncClient::new(options, config.mqtt_queue);
+        let (client, mut eventloop) = AsyncClient::new(options, config.mqtt_queue);
+        // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
 
         let (status_tx, status) = watch::channel(initial);
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -13,6 +13,7 @@
 
 mod dt;
 mod sq;
+mod sync;
 mod sys;
 mod workload;
 
@@ -37,6 +38,8 @@ struct Cli {
 enum Cmd {
     /// Device database: devtables (redb) against SQLite on the original's workload.
     Db(DbArgs),
+    /// Replication end to end on loopback: latency up and down, throughput, bytes per item.
+    Sync(sync::SyncArgs),
     /// One configuration, run by `db` in a fresh process; prints its metrics as JSON.
     #[command(hide = true)]
     Child {
@@ -74,6 +77,7 @@ struct DbArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Db(args) => run_db(&args),
+        Cmd::Sync(args) => sync::run(&args),
         Cmd::Child {
             engine,
             n,

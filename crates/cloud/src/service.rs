@@ -218,7 +218,11 @@ impl Cloud {
         }
         let max_packet = config.sync.wire.max_message_bytes + 4096;
         options.set_max_packet_size(max_packet, max_packet);
-        let (client, eventloop) = AsyncClient::new(options, 4096);
+        let (client, mut eventloop) = AsyncClient::new(options, 4096);
+        // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
 
         let mut sync_config = config.sync.clone();
         sync_config.schema_version = schema.version().to_string();

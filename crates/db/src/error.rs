@@ -23,6 +23,12 @@ pub enum OpenError {
         #[source]
         source: redb::Error,
     },
+    #[error("database file {path} stores items in format {found}, but this version of devtables reads format {supported} (and converts older files): was it written by a newer devtables?")]
+    UnsupportedFormat {
+        path: PathBuf,
+        found: String,
+        supported: u32,
+    },
     #[error("cannot start the database's background thread: {0}")]
     Thread(#[source] std::io::Error),
 }

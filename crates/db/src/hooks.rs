@@ -79,6 +79,12 @@ impl Hooks {
         self.lock().hooks.retain(|(h, _)| *h != id);
     }
 
+    /// Whether any hook is subscribed (change records are built only then, or for an
+    /// interceptor).
+    pub(crate) fn active(&self) -> bool {
+        !self.lock().hooks.is_empty()
+    }
+
     /// Queues the changes of commit `seq` (called under the write lock: queue order = commit order).
     pub(crate) fn enqueue(&self, seq: u64, changes: Vec<Change>) {
         if changes.is_empty() {

@@ -49,6 +49,17 @@ pub(crate) fn trailing_item_key(raw: &[u8]) -> Option<ItemKey> {
     })
 }
 
+/// The encoded item key (`pk \0 sk`) that a secondary-index or model-index key ends with, as a
+/// slice of it.
+pub(crate) fn trailing_item_key_raw(raw: &[u8]) -> Option<&[u8]> {
+    let last = raw.iter().rposition(|b| *b == SEP)?;
+    let start = raw[..last]
+        .iter()
+        .rposition(|b| *b == SEP)
+        .map_or(0, |p| p + 1);
+    Some(&raw[start..])
+}
+
 /// TTL table key: expiry (big-endian milliseconds) then the item key, so a range up to `now`
 /// yields exactly the expired items, oldest first.
 pub(crate) fn ttl_key(expires_ms: i64, key: &ItemKey) -> Vec<u8> {
@@ -131,6 +142,13 @@ mod tests {
     fn trailing_key_of_index_entries() {
         let raw = index_key("h", "s", &k("p", "q"));
         assert_eq!(trailing_item_key(&raw), Some(k("p", "q")));
+        assert_eq!(
+            trailing_item_key_raw(&raw),
+            Some(item_key(&k("p", "q")).as_slice())
+        );
+        let two = item_key(&k("p", "q"));
+        assert_eq!(trailing_item_key_raw(&two), Some(two.as_slice()));
+        assert_eq!(trailing_item_key_raw(b"nosep"), None);
         let ttl = ttl_key(5, &k("p", "q"));
         assert_eq!(decode_ttl_key(&ttl), Some(k("p", "q")));
     }

@@ -17,6 +17,7 @@
 //!
 //! This crate knows nothing about MQTT or the cloud: replication sits above it, in `agent`.
 
+mod codec;
 mod commit;
 mod error;
 mod hooks;
@@ -217,6 +218,7 @@ impl Db {
             background: Mutex::new(None),
             path: path.clone(),
         });
+        check_format(&inner)?;
         prepare_tables(&inner).map_err(|e| OpenError::Tables {
             path: path.clone(),
             source: match e {
@@ -284,6 +286,7 @@ impl Db {
         // wait behind it, it commits non-durably and they share one flush (group commit).
         let lone = inner.options.durability == Durability::Immediate
             && inner.waiting.load(Ordering::SeqCst) == 0;
+        let lone = lone || std::env::var_os("DT_EXP").is_some();
         if lone {
             tx.set_durability(redb::Durability::Immediate);
         }
@@ -485,6 +488,89 @@ impl Db {
     pub fn import(&self, input: &mut impl std::io::BufRead) -> Result<u64, DbError> {
         jsonl::import(self, input)
     }
+}
+
+/// Checks the stored-item format recorded in `meta` (see `codec`): a new file gets the current
+/// one, a file from before formats were recorded (items as JSON text, format 1) is converted in
+/// one transaction, an unknown format is refused.
+fn check_format(inner: &Inner) -> Result<(), OpenError> {
+    let tables_err = |e: DbError| OpenError::Tables {
+        path: inner.path.clone(),
+        source: match e {
+            DbError::Storage(s) => s,
+            other => redb::Error::Corrupted(other.to_string()),
+        },
+    };
+    let current = codec::FORMAT.to_string();
+    let found = {
+        let tx = inner.db.begin_read().map_err(|e| tables_err(e.into()))?;
+        match tx.open_table(tables::META) {
+            Ok(meta) => meta
+                .get(tables::FORMAT_KEY)
+                .map_err(|e| tables_err(e.into()))?
+                .map(|v| v.value().to_string()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(tables_err(e.into())),
+        }
+    };
+    match found {
+        Some(f) if f == current => Ok(()),
+        Some(f) => Err(OpenError::UnsupportedFormat {
+            path: inner.path.clone(),
+            found: f,
+            supported: codec::FORMAT,
+        }),
+        None => convert_from_json(inner).map_err(tables_err),
+    }
+}
+
+/// Records the current format; converts the items of a format-1 file (JSON text) first.
+fn convert_from_json(inner: &Inner) -> Result<(), DbError> {
+    const CHUNK: usize = 1_000;
+    let mut tx = inner.db.begin_write()?;
+    tx.set_durability(redb::Durability::Immediate);
+    let mut converted = 0u64;
+    {
+        let mut items = tx.open_table(tables::ITEMS)?;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let mut chunk = Vec::with_capacity(CHUNK);
+            {
+                let range = match &after {
+                    Some(a) => items.range::<&[u8]>((
+                        std::ops::Bound::Excluded(a.as_slice()),
+                        std::ops::Bound::Unbounded,
+                    ))?,
+                    None => items.range::<&[u8]>(..)?,
+                };
+                for entry in range.take(CHUNK) {
+                    let (k, v) = entry?;
+                    chunk.push((k.value().to_vec(), codec::from_json(v.value())?));
+                }
+            }
+            let Some((last, _)) = chunk.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for (k, v) in &chunk {
+                items.insert(k.as_slice(), v.as_slice())?;
+            }
+            converted += chunk.len() as u64;
+        }
+        let mut meta = tx.open_table(tables::META)?;
+        meta.insert(tables::FORMAT_KEY, codec::FORMAT.to_string().as_str())?;
+    }
+    tx.commit()?;
+    if converted > 0 {
+        tracing::info!(
+            path = %inner.path.display(),
+            items = converted,
+            "converted stored items from format {} (JSON) to format {}",
+            codec::FORMAT_JSON,
+            codec::FORMAT
+        );
+    }
+    Ok(())
 }
 
 fn prepare_tables(inner: &Inner) -> Result<(), DbError> {

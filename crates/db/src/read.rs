@@ -12,7 +12,7 @@ use devtables_schema::{Index, Item, ItemKey, Model, Schema, SortCondition};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 
 use crate::tables::{self, Bytes};
-use crate::{keys, DbError, Inner};
+use crate::{codec, keys, DbError, Inner};
 
 /// Options of [`crate::Db::find`].
 #[derive(Clone, Debug, Default)]
@@ -38,8 +38,7 @@ pub struct Page {
 }
 
 pub(crate) fn decode_item(raw: &[u8]) -> Result<Item, DbError> {
-    serde_json::from_slice(raw)
-        .map_err(|e| DbError::Corrupt(format!("stored item is not JSON: {e}")))
+    codec::decode(raw)
 }
 
 pub(crate) fn model_of_stored<'s>(schema: &'s Schema, item: &Item) -> Result<&'s Model, DbError> {
@@ -54,6 +53,24 @@ pub(crate) fn model_of_stored<'s>(schema: &'s Schema, item: &Item) -> Result<&'s
 
 pub(crate) fn expired(model: &Model, item: &Item, now_ms: i64) -> bool {
     matches!(model.expires_at_ms(item), Some(at) if at <= now_ms)
+}
+
+/// Conditions a stored item must meet, checked on the named fields alone (decoded without the
+/// rest of the item).
+struct Probe<'a> {
+    active: bool,
+    fields: Vec<&'a str>,
+    check: Box<dyn Fn(&Item) -> bool + 'a>,
+}
+
+impl Default for Probe<'_> {
+    fn default() -> Self {
+        Probe {
+            active: false,
+            fields: Vec::new(),
+            check: Box::new(|_| true),
+        }
+    }
 }
 
 /// A consistent snapshot for many reads (cheaper than one snapshot per read).
@@ -72,24 +89,38 @@ impl ReadTxn {
             .ok_or_else(|| DbError::UnknownModel(name.to_string()))
     }
 
-    /// The live stored item at `key` (complete), if it is of `model`.
-    fn load(&self, model: &Model, key: &ItemKey) -> Result<Option<Item>, DbError> {
-        let raw = keys::item_key(key);
-        self.load_raw(model, &raw)
-    }
-
-    fn load_raw(&self, model: &Model, raw: &[u8]) -> Result<Option<Item>, DbError> {
+    /// The live stored item at item key `raw` if it is of `model` and passes `probe` (checked on
+    /// the fields `probe` names before the item is decoded); without `hidden`, the hidden fields
+    /// are not decoded at all.
+    fn load_raw(
+        &self,
+        model: &Model,
+        raw: &[u8],
+        probe: &Probe<'_>,
+        hidden: bool,
+    ) -> Result<Option<Item>, DbError> {
         let Some(value) = self.items.get(raw)? else {
             return Ok(None);
         };
-        let item = decode_item(value.value())?;
+        let bytes = value.value();
         let type_field = &self.inner.schema.params().type_field;
-        if item.get(type_field).and_then(|v| v.as_str()) != Some(model.name()) {
+        if !codec::field_is_str(bytes, type_field, model.name())? {
             return Ok(None);
         }
-        if expired(model, &item, self.now_ms) {
-            return Ok(None);
+        if model.ttl_field().is_some() || probe.active {
+            let ttl = model.ttl_field();
+            let fields = codec::decode_with(bytes, &|k| {
+                ttl == Some(k) || probe.fields.iter().any(|f| *f == k)
+            })?;
+            if expired(model, &fields, self.now_ms) || !(probe.check)(&fields) {
+                return Ok(None);
+            }
         }
+        let item = if hidden {
+            codec::decode(bytes)?
+        } else {
+            codec::decode_with(bytes, &|k| !model.field(k).is_some_and(|f| f.hidden()))?
+        };
         Ok(Some(item))
     }
 
@@ -97,12 +128,8 @@ impl ReadTxn {
     pub fn get(&self, model: &str, props: &Item, hidden: bool) -> Result<Option<Item>, DbError> {
         let model = self.model(model)?;
         let key = model.primary_key(props)?;
-        Ok(self.load(model, &key)?.map(|mut item| {
-            if !hidden {
-                model.strip_hidden(&mut item);
-            }
-            item
-        }))
+        let raw = keys::item_key(&key);
+        self.load_raw(model, &raw, &Probe::default(), hidden)
     }
 
     /// The complete stored item at `key`, whatever its model (replication, export).
@@ -111,7 +138,7 @@ impl ReadTxn {
         let Some(value) = self.items.get(raw.as_slice())? else {
             return Ok(None);
         };
-        let item = decode_item(value.value())?;
+        let item = codec::decode(value.value())?;
         let model = model_of_stored(&self.inner.schema, &item)?;
         if expired(model, &item, self.now_ms) {
             return Ok(None);
@@ -173,29 +200,37 @@ impl ReadTxn {
             }
         };
         let bounds = continue_after(bounds, after, options.reverse);
+        // Conditions on the stored item are checked on the few fields they read, decoded alone,
+        // before the item itself is decoded.
+        let sort_filter = sort_filter.filter(|(_, sort)| !matches!(sort, SortCondition::Any));
+        let mut fields: Vec<&str> = query.filters.iter().map(|f| f.field.as_str()).collect();
+        if let Some((index, _)) = sort_filter {
+            fields.push(index.hash.as_str());
+            fields.extend(index.sort.as_deref());
+        }
+        let probe = Probe {
+            active: !fields.is_empty(),
+            fields,
+            check: Box::new(|item: &Item| {
+                if let Some((index, sort)) = sort_filter {
+                    if !sort_matches(model, item, index, sort) {
+                        return false;
+                    }
+                }
+                query.filters.iter().all(|f| f.matches(item))
+            }),
+        };
         let mut visit = |raw: &[u8]| -> Result<bool, DbError> {
             let item = match table {
-                Walk::Items => self.load_raw(model, raw)?,
-                Walk::Index | Walk::Types => match keys::trailing_item_key(raw) {
-                    Some(key) => self.load(model, &key)?,
+                Walk::Items => self.load_raw(model, raw, &probe, options.hidden)?,
+                Walk::Index | Walk::Types => match keys::trailing_item_key_raw(raw) {
+                    Some(key) => self.load_raw(model, key, &probe, options.hidden)?,
                     None => return Err(DbError::Corrupt("malformed index entry".into())),
                 },
             };
             let Some(item) = item else {
                 return Ok(true);
             };
-            if let Some((index, sort)) = sort_filter {
-                if !sort_matches(model, &item, index, sort) {
-                    return Ok(true);
-                }
-            }
-            if !query.filters.iter().all(|f| f.matches(&item)) {
-                return Ok(true);
-            }
-            let mut item = item;
-            if !options.hidden {
-                model.strip_hidden(&mut item);
-            }
             page.items.push(item);
             if page.items.len() >= limit {
                 page.next = Some(hex::encode(raw));

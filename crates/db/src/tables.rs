@@ -1,10 +1,11 @@
 //! The redb tables that hold a device database, and how one item is laid out across them.
 //!
-//! - `items`: primary key (`pk \0 sk`) → the complete item as JSON.
+//! - `items`: primary key (`pk \0 sk`) → the complete item, in the binary encoding of `codec`.
 //! - `types`: `model \0 pk \0 sk` → (): walks one model without reading the others.
 //! - `ttl`: `expiry \0 pk \0 sk` → (): the purge reads only what has expired.
 //! - `idx:<name>`: one per secondary index, `hash \0 sort \0 pk \0 sk` → (): real index lookups.
-//! - `meta`: the index definitions the secondary tables were built for (rebuilt when they change).
+//! - `meta`: the stored-item format (`format`, see `codec`) and the index definitions the
+//!   secondary tables were built for (rebuilt when they change).
 //! - `x:<name>`: side tables for the layers above (replication outbox, versions, cursors), written in
 //!   the same transactions as the items they describe.
 
@@ -16,6 +17,9 @@ pub(crate) const ITEMS: TableDefinition<Bytes, Bytes> = TableDefinition::new("it
 pub(crate) const TYPES: TableDefinition<Bytes, ()> = TableDefinition::new("types");
 pub(crate) const TTL: TableDefinition<Bytes, ()> = TableDefinition::new("ttl");
 pub(crate) const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// `meta` key of the stored-item format number.
+pub(crate) const FORMAT_KEY: &str = "format";
 
 pub(crate) fn index_table_name(index: &str) -> String {
     format!("idx:{index}")

@@ -138,7 +138,7 @@ impl<'t> WriteTxn<'t> {
         let Some(value) = self.items.get(raw.as_slice())? else {
             return Ok(None);
         };
-        let item = crate::read::decode_item(value.value())?;
+        let item = crate::codec::decode(value.value())?;
         let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
         if crate::read::expired(model, &item, self.now_ms) {
             return Ok(None);
@@ -169,9 +169,8 @@ impl<'t> WriteTxn<'t> {
                 return Err(exists(model, &key));
             }
         }
-        let mut shown = item.clone();
+        let mut shown = self.store(model, key, old, item, ChangeOp::Create)?;
         model.strip_hidden(&mut shown);
-        self.store(model, key, old, item, ChangeOp::Create)?;
         Ok(shown)
     }
 
@@ -188,10 +187,9 @@ impl<'t> WriteTxn<'t> {
             None => return Err(not_found(model_ref, &key)),
         };
         let item = model_ref.prepare_update(&existing, input, self.now_ms)?;
-        let mut shown = item.clone();
-        model_ref.strip_hidden(&mut shown);
         let old = Some((model_ref, existing));
-        self.store(model_ref, key, old, item, ChangeOp::Update)?;
+        let mut shown = self.store(model_ref, key, old, item, ChangeOp::Update)?;
+        model_ref.strip_hidden(&mut shown);
         Ok(shown)
     }
 
@@ -203,8 +201,7 @@ impl<'t> WriteTxn<'t> {
         match self.get_stored(&key)? {
             Some((m, _)) if m.name() != model.name() => Ok(None),
             Some((m, item)) => {
-                self.remove_found(m, &key, item.clone())?;
-                let mut shown = item;
+                let mut shown = self.remove_found(m, &key, item)?;
                 m.strip_hidden(&mut shown);
                 Ok(Some(shown))
             }
@@ -240,11 +237,16 @@ impl<'t> WriteTxn<'t> {
         let Some((model, item)) = self.stored_even_if_expired(key)? else {
             return Ok(None);
         };
-        self.remove_found(model, key, item.clone())?;
-        Ok(Some(item))
+        Ok(Some(self.remove_found(model, key, item)?))
     }
 
-    fn remove_found(&mut self, model: &'t Model, key: &ItemKey, item: Item) -> Result<(), DbError> {
+    /// Removes a stored item and its entries; returns the item.
+    fn remove_found(
+        &mut self,
+        model: &'t Model,
+        key: &ItemKey,
+        item: Item,
+    ) -> Result<Item, DbError> {
         let raw = keys::item_key(key);
         self.items.remove(raw.as_slice())?;
         self.types
@@ -262,15 +264,19 @@ impl<'t> WriteTxn<'t> {
                 table.remove(keys::index_key(&hash, &sort, key).as_slice())?;
             }
         }
+        let Some(interceptor) = self.listeners() else {
+            return Ok(item);
+        };
         let change = Change {
             model: model.name().to_string(),
             key: key.clone(),
             op: ChangeOp::Remove,
-            old: Some(item),
+            old: Some(item.clone()),
             new: None,
             origin: self.origin,
         };
-        self.record(change)
+        self.record(interceptor, change)?;
+        Ok(item)
     }
 
     fn stored_even_if_expired(&self, key: &ItemKey) -> Result<Option<(&'t Model, Item)>, DbError> {
@@ -278,7 +284,7 @@ impl<'t> WriteTxn<'t> {
         let Some(value) = self.items.get(raw.as_slice())? else {
             return Ok(None);
         };
-        let item = crate::read::decode_item(value.value())?;
+        let item = crate::codec::decode(value.value())?;
         let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
         Ok(Some((model, item)))
     }
@@ -290,16 +296,20 @@ impl<'t> WriteTxn<'t> {
         old: Option<(&'t Model, Item)>,
         item: Item,
         op: ChangeOp,
-    ) -> Result<(), DbError> {
-        let bytes = serde_json::to_vec(&item)?;
+    ) -> Result<Item, DbError> {
+        let bytes = crate::codec::encode(&item);
         let max = self.inner.options.max_item_bytes;
-        if bytes.len() > max {
-            return Err(DbError::TooLarge {
-                model: model.name().to_string(),
-                key: display_key(&key),
-                size: bytes.len(),
-                max,
-            });
+        // The limit is on the item as JSON: counted only when the encoding could be that large.
+        if crate::codec::json_len_bound(bytes.len()) > max {
+            let size = json_len(&item)?;
+            if size > max {
+                return Err(DbError::TooLarge {
+                    model: model.name().to_string(),
+                    key: display_key(&key),
+                    size,
+                    max,
+                });
+            }
         }
         let index_keys = self.index_keys(model, &item)?;
         // Only entries that change are touched: an update of a plain field rewrites the item
@@ -352,15 +362,20 @@ impl<'t> WriteTxn<'t> {
                 table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
             }
         }
+        // The change record (copies of the items) is built only when someone reads it.
+        let Some(interceptor) = self.listeners() else {
+            return Ok(item);
+        };
         let change = Change {
             model: model.name().to_string(),
             key,
             op,
             old: old.map(|(_, item)| item),
-            new: Some(item),
+            new: Some(item.clone()),
             origin: self.origin,
         };
-        self.record(change)
+        self.record(interceptor, change)?;
+        Ok(item)
     }
 
     fn index_keys(
@@ -384,8 +399,23 @@ impl<'t> WriteTxn<'t> {
         Ok(out)
     }
 
-    fn record(&mut self, change: Change) -> Result<(), DbError> {
-        if let Some(interceptor) = self.inner.interceptor() {
+    /// `None` when no interceptor is installed and no hook subscribed: nobody would read a change
+    /// record, so none is built. Otherwise `Some(the interceptor, if any)`.
+    #[allow(clippy::option_option)]
+    fn listeners(&self) -> Option<Option<std::sync::Arc<dyn WriteInterceptor>>> {
+        let interceptor = self.inner.interceptor();
+        if interceptor.is_none() && !self.inner.hooks.active() {
+            return None;
+        }
+        Some(interceptor)
+    }
+
+    fn record(
+        &mut self,
+        interceptor: Option<std::sync::Arc<dyn WriteInterceptor>>,
+        change: Change,
+    ) -> Result<(), DbError> {
+        if let Some(interceptor) = interceptor {
             interceptor.on_change(&mut SideTables { tx: self.tx }, &change)?;
         }
         self.changes.push(change);
@@ -432,6 +462,23 @@ impl<'t> WriteTxn<'t> {
     pub(crate) fn take_changes(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.changes)
     }
+}
+
+/// Length of the item as JSON text, without building the text.
+fn json_len(item: &Item) -> Result<usize, DbError> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, item)?;
+    Ok(count.0)
 }
 
 pub(crate) fn display_key(key: &ItemKey) -> String {

@@ -34,6 +34,9 @@ pub struct Model {
     pub(crate) fields: Vec<Field>,
     /// Indexes into `fields` of templated fields, dependencies first.
     pub(crate) template_order: Vec<usize>,
+    /// The part of `template_order` the primary key depends on (computing a key renders these
+    /// alone).
+    pub(crate) key_templates: Vec<usize>,
     pub(crate) params: Params,
     pub(crate) primary: Index,
     /// Every index of the schema, primary first.
@@ -51,16 +54,25 @@ impl Model {
         indexes: Vec<Index>,
         ttl: Option<String>,
     ) -> Model {
-        Model {
+        let mut model = Model {
             name: name.to_string(),
             process: Process::default(),
             fields,
             template_order,
+            key_templates: Vec::new(),
             params,
             primary,
             indexes,
             ttl,
-        }
+        };
+        let deps = model.key_dependencies();
+        model.key_templates = model
+            .template_order
+            .iter()
+            .copied()
+            .filter(|&i| model.fields.get(i).is_some_and(|f| deps.contains(&f.name)))
+            .collect();
+        model
     }
 
     /// The model name (also the value of the type field).
@@ -123,8 +135,18 @@ impl Model {
         item: &mut Item,
         keep_given: bool,
     ) -> Result<(), ValidationError> {
+        self.apply_templates_of(&self.template_order, item, keep_given)
+    }
+
+    /// [`Model::apply_templates`] for the templated fields `order` lists (in that order).
+    fn apply_templates_of(
+        &self,
+        order: &[usize],
+        item: &mut Item,
+        keep_given: bool,
+    ) -> Result<(), ValidationError> {
         let ctx = self.ctx();
-        for &i in &self.template_order {
+        for &i in order {
             let Some(field) = self.fields.get(i) else {
                 continue;
             };
@@ -217,7 +239,8 @@ impl Model {
             return Ok(key);
         }
         let mut view = self.cast_props(props)?;
-        self.apply_templates(&mut view, true)?;
+        // Only the templates the key attributes depend on: the others cannot change the key.
+        self.apply_templates_of(&self.key_templates, &mut view, true)?;
         let key = self.key_of(&view)?;
         self.check_key_value(&self.primary.hash, &key.pk)?;
         if let Some(sort) = &self.primary.sort {

@@ -26,8 +26,9 @@ pub struct DeviceConfig {
     pub max_batch_bytes: usize,
     /// Most changes in one push. Default 500.
     pub max_batch_changes: usize,
-    /// How long a queued change waits for company before it is sent, in ms. Default 50 (at most
-    /// 100 is sensible): a burst of writes goes out as one batch, a lone write nearly at once.
+    /// How long a queued change waits for company while an earlier batch is in flight, in ms.
+    /// Default 50 (at most 100 is sensible). With nothing in flight a change is sent at once
+    /// (Nagle-style): a lone write goes out immediately, a burst as a few full batches.
     pub batch_delay_ms: u64,
     /// Most unacknowledged batches. Default 4; bounds memory and broker load.
     pub max_in_flight: usize,
@@ -455,7 +456,12 @@ impl DeviceEngine {
         if self.ready && self.batches.len() < self.cfg.max_in_flight {
             if let Some((_, key)) = self.order.iter().next() {
                 if let Some(e) = self.entries.get(key) {
-                    consider(e.queued_at.saturating_add(self.cfg.batch_delay_ms));
+                    let delay = if self.batches.is_empty() {
+                        0
+                    } else {
+                        self.cfg.batch_delay_ms
+                    };
+                    consider(e.queued_at.saturating_add(delay));
                 }
             }
         }
@@ -793,7 +799,13 @@ impl DeviceEngine {
         let Some(oldest) = oldest else {
             return false;
         };
-        if !full && now_ms < oldest.saturating_add(self.cfg.batch_delay_ms) {
+        // Nagle-style: with nothing in flight a change goes at once (low latency when quiet);
+        // while a batch is in flight, changes wait up to the delay for company (or for the
+        // window to free), so a burst goes out as a few full batches.
+        if !full
+            && !self.batches.is_empty()
+            && now_ms < oldest.saturating_add(self.cfg.batch_delay_ms)
+        {
             return false;
         }
         let mut changes = Vec::with_capacity(picked.len());
