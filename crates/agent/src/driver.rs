@@ -47,6 +47,8 @@ pub(crate) struct Driver {
     pub(crate) reconnect_delay: Duration,
     /// Monotonic origin of the engine's clock (ms since the agent started).
     pub(crate) started: Instant,
+    /// The encoded `Bye` (also the MQTT last will), sent before a clean disconnect.
+    pub(crate) bye: Vec<u8>,
 }
 
 impl Driver {
@@ -117,7 +119,22 @@ impl Driver {
             }
             self.drain_outputs().await;
         }
-        let _ = self.client.try_disconnect();
+        if connected {
+            // A clean disconnect suppresses the last will: say goodbye first, and give the
+            // event loop a moment to send both.
+            let topic = topics::up_topic(&self.prefix, &self.id);
+            let _ = self.client.try_publish(topic, QoS::AtLeastOnce, false, self.bye.clone());
+            let _ = self.client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                loop {
+                    match self.eventloop.poll().await {
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
         if let Err(e) = self.db.flush() {
             tracing::error!(device = %self.id, "final flush failed: {e}");
         }

@@ -25,7 +25,8 @@ use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::device::{DeviceEngine, Restored};
 use devtables_sync::hlc::{node_id_for, HlcClock};
 use devtables_sync::identity::{DeviceId, IdError};
-use rumqttc::{AsyncClient, MqttOptions};
+use devtables_sync::wire::UpMsg;
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
@@ -143,6 +144,11 @@ impl Agent {
         options.set_keep_alive(config.keep_alive);
         options.set_clean_session(true);
         options.set_credentials(id.node_name(), config.secret.clone());
+        // If the connection dies, the broker tells the cloud on the device's behalf.
+        let bye = devtables_sync::wire::encode_up(schema.version(), &UpMsg::Bye, &config.sync.wire)
+            .map_err(|e| AgentError::Config(format!("cannot encode the last will: {e}")))?;
+        let up_topic = devtables_sync::topics::up_topic(&config.topic_prefix, &id);
+        options.set_last_will(LastWill::new(up_topic, bye.clone(), QoS::AtLeastOnce, false));
         let max_packet = config.sync.wire.max_message_bytes + 4096;
         options.set_max_packet_size(max_packet, max_packet);
         let (client, mut eventloop) = AsyncClient::new(options, config.mqtt_queue);
@@ -170,6 +176,7 @@ impl Agent {
             command_model: config.command_model.clone(),
             reconnect_delay: config.reconnect_delay,
             started: Instant::now(),
+            bye,
         };
         let task = tokio::spawn(driver.run());
         Ok(Agent {

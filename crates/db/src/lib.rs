@@ -286,7 +286,6 @@ impl Db {
         // wait behind it, it commits non-durably and they share one flush (group commit).
         let lone = inner.options.durability == Durability::Immediate
             && inner.waiting.load(Ordering::SeqCst) == 0;
-        let lone = lone || std::env::var_os("DT_EXP").is_some();
         if lone {
             tx.set_durability(redb::Durability::Immediate);
         }

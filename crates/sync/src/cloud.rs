@@ -299,6 +299,7 @@ impl CloudEngine {
             }
         };
         match decoded.msg {
+            UpMsg::Bye => self.handle_disconnected(now_ms, from),
             UpMsg::Hello {
                 session,
                 cursor,

@@ -197,6 +197,9 @@ pub enum UpMsg {
         /// The device's cursor after the apply.
         cursor: u64,
     },
+    /// The device's connection ended: its MQTT last will, or its last word before a clean
+    /// disconnect. The cloud drops the session and marks the device offline.
+    Bye,
     /// The device applied and durably stored snapshot pages up to a position.
     SnapshotAck {
         /// The resync the pages belong to.

@@ -27,3 +27,8 @@ fn agent_killed_mid_batch() {
 fn cloud_killed_mid_apply() {
     scenarios::cloud_killed_mid_apply(BrokerChoice::Embedded(0));
 }
+
+#[test]
+fn killed_device_goes_offline() {
+    scenarios::killed_device_goes_offline(BrokerChoice::Embedded(0));
+}

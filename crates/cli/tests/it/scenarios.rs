@@ -152,6 +152,27 @@ pub fn up_down_both_and_commands(broker: BrokerChoice) {
     });
     assert_eq!(device["schema_version"], "1.0.0");
     a.stop();
+    eventually("the device offline after it stopped", || {
+        let d = s.cloud.get("/v1/devices/acme/gw1")?;
+        (d["online"] == false).then_some(()).ok_or(d.to_string())
+    });
+}
+
+/// A device whose process dies (no goodbye) is marked offline through its MQTT last will.
+pub fn killed_device_goes_offline(broker: BrokerChoice) {
+    let s = setup(broker);
+    let secret = s.cloud.register("acme", "gw6");
+    let mut a = s.agent("gw6", "gw6", &secret);
+    a.wait_synced();
+    eventually("the device online", || {
+        let d = s.cloud.get("/v1/devices/acme/gw6")?;
+        (d["online"] == true).then_some(()).ok_or(d.to_string())
+    });
+    a.kill();
+    eventually("the device offline after SIGKILL", || {
+        let d = s.cloud.get("/v1/devices/acme/gw6")?;
+        (d["online"] == false).then_some(()).ok_or(d.to_string())
+    });
 }
 
 /// A device offline while the cloud creates and deletes its items catches up, deletes included;

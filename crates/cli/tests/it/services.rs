@@ -49,3 +49,9 @@ fn mosquitto_cloud_killed_mid_apply() {
     let Some(addr) = mosquitto() else { return };
     scenarios::cloud_killed_mid_apply(BrokerChoice::External(addr));
 }
+
+#[test]
+fn mosquitto_killed_device_goes_offline() {
+    let Some(addr) = mosquitto() else { return };
+    scenarios::killed_device_goes_offline(BrokerChoice::External(addr));
+}
