@@ -55,3 +55,66 @@ fn mosquitto_killed_device_goes_offline() {
     let Some(addr) = mosquitto() else { return };
     scenarios::killed_device_goes_offline(BrokerChoice::External(addr));
 }
+
+/// A private Mosquitto on a free port, killed with SIGKILL and restarted on the same port while
+/// a device writes: every acknowledged write reaches the cloud exactly once.
+#[test]
+fn mosquitto_broker_restarted_mid_stream() {
+    use super::harness::{eventually, free_port, unique_prefix, AgentProc, AgentSpec, CloudProc};
+    use serde_json::json;
+
+    if std::env::var_os("DEVTABLES_SERVICES").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+    let start_broker = || {
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("DEVTABLES_SERVICES is set but the mosquitto binary cannot be started");
+        eventually("mosquitto listening", || {
+            TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+        });
+        child
+    };
+    let mut broker = start_broker();
+    let addr = format!("127.0.0.1:{port}");
+    let prefix = unique_prefix();
+    let cloud = CloudProc::start(dir.path(), &prefix, BrokerChoice::External(addr.clone()));
+    let secret = cloud.register("acme", "gw7");
+    let mut a = AgentProc::start(&AgentSpec {
+        dir: dir.path(),
+        name: "gw7",
+        account: "acme",
+        device: "gw7",
+        secret: &secret,
+        mqtt: &addr,
+        prefix: &prefix,
+    });
+    a.wait_synced();
+    let total = 200;
+    for i in 0..total {
+        a.op(json!({"op": "create", "model": "Reading",
+            "item": {"deviceId": "gw7", "id": format!("r{i:04}"), "name": "t", "value": i}}));
+        if i == total / 2 {
+            let _ = broker.kill();
+            let _ = broker.wait();
+        }
+        if i == total * 3 / 4 {
+            broker = start_broker();
+        }
+    }
+    eventually("every reading in the cloud after the broker restart", || {
+        let items = cloud.items("acme", "gw7", "Reading")?;
+        (items.len() == total).then_some(()).ok_or(format!("{} of {total}", items.len()))
+    });
+    a.stop();
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
