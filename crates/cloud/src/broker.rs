@@ -923,7 +923,7 @@ mod tests {
         use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason};
         use rumqttc::v5::mqttbytes::QoS as QoS5;
         use rumqttc::v5::{
-            AsyncClient as Client5, ConnectionError as Error5, Event as Event5,
+            AsyncClient as Client5, Event as Event5,
             MqttOptions as Options5,
         };
 
