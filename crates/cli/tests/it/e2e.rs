@@ -32,3 +32,8 @@ fn cloud_killed_mid_apply() {
 fn killed_device_goes_offline() {
     scenarios::killed_device_goes_offline(BrokerChoice::Embedded(0));
 }
+
+#[test]
+fn newer_device_schema_is_rejected_clearly() {
+    scenarios::newer_device_schema_is_rejected_clearly(BrokerChoice::Embedded(0));
+}

@@ -208,7 +208,6 @@ pub struct AgentProc {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
-    pub dir: PathBuf,
     name: String,
 }
 
@@ -220,6 +219,8 @@ pub struct AgentSpec<'a> {
     pub secret: &'a str,
     pub mqtt: &'a str,
     pub prefix: &'a str,
+    /// The agent's schema (default: the example schema).
+    pub schema: Option<&'a Path>,
 }
 
 impl AgentProc {
@@ -229,7 +230,7 @@ impl AgentProc {
             spec.account,
             spec.device,
             spec.secret,
-            example_schema().display(),
+            spec.schema.map(Path::to_path_buf).unwrap_or_else(example_schema).display(),
             spec.name,
             spec.mqtt,
             spec.prefix
@@ -271,7 +272,6 @@ impl AgentProc {
             child,
             stdin,
             lines,
-            dir: spec.dir.to_path_buf(),
             name,
         }
     }

@@ -96,6 +96,7 @@ fn mosquitto_broker_restarted_mid_stream() {
         secret: &secret,
         mqtt: &addr,
         prefix: &prefix,
+        schema: None,
     });
     a.wait_synced();
     let total = 200;
