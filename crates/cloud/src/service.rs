@@ -537,6 +537,7 @@ impl SyncLoop {
                     online,
                     schema_version,
                     cursor_acked,
+                    pending,
                     last_seen_ms,
                 } => {
                     let _ = last_seen_ms; // engine time; records use wall time
@@ -544,6 +545,7 @@ impl SyncLoop {
                         online: Some(online),
                         last_seen_ms: Some(wall_ms()),
                         schema_version: Some(schema_version),
+                        pending,
                         ..StatusUpdate::default()
                     };
                     let who = device.clone();

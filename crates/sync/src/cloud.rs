@@ -142,6 +142,8 @@ pub enum CloudAction {
         schema_version: String,
         /// The feed cursor it acknowledged last, if known.
         cursor_acked: Option<u64>,
+        /// Its outbox size as announced in its last hello (None: unchanged).
+        pending: Option<u64>,
         /// When it was last heard from.
         last_seen_ms: u64,
     },
@@ -303,8 +305,8 @@ impl CloudEngine {
             UpMsg::Hello {
                 session,
                 cursor,
-                pending: _,
-            } => self.on_hello(now_ms, from, session, cursor, decoded.schema),
+                pending,
+            } => self.on_hello(now_ms, from, session, cursor, pending, decoded.schema),
             UpMsg::Push { batch, changes } => {
                 let max = self.cfg.max_pushes_in_progress;
                 let Some(s) = self.sessions.get_mut(from) else {
@@ -348,6 +350,7 @@ impl CloudEngine {
                         online: true,
                         schema_version: schema,
                         cursor_acked: Some(acked),
+                        pending: None,
                         last_seen_ms: now_ms,
                     });
                 }
@@ -415,6 +418,7 @@ impl CloudEngine {
                 online: false,
                 schema_version: s.schema,
                 cursor_acked,
+                pending: None,
                 last_seen_ms: now_ms,
             });
         }
@@ -788,6 +792,7 @@ impl CloudEngine {
         from: &DeviceId,
         session: u64,
         cursor: u64,
+        pending: u64,
         schema: String,
     ) {
         if !self.sessions.contains_key(from) && self.sessions.len() >= self.cfg.max_sessions {
@@ -835,6 +840,7 @@ impl CloudEngine {
             online: true,
             schema_version: schema,
             cursor_acked: Some(cursor),
+            pending: Some(pending),
             last_seen_ms: now_ms,
         });
         self.pump(now_ms, from);

@@ -52,7 +52,8 @@ pub struct DeviceRecord {
     pub cursor_acked: u64,
     /// Head of the device's feed: `feed_head - cursor_acked` is the device's lag.
     pub feed_head: u64,
-    /// Pending acknowledgements the device announced in its last hello.
+    /// Local changes waiting for the cloud's acknowledgement, as the device announced in its
+    /// last hello (its outbox size when it connected).
     pub pending: u64,
     pub last_error: Option<String>,
 }
