@@ -494,7 +494,7 @@ fn report(
     if let Some(mib) = args.dt_cache_mib {
         let cfgs = ["devtables".to_string(), format!("devtables-cache{mib}")];
         s.push_str(&format!(
-            "\ndevtables with the default redb page cache (`DbOptions::cache_bytes`, 16 MiB) and with {mib} MiB (wall clock):\n\n{}",
+            "\ndevtables with the default redb page cache (`DbOptions::cache_bytes`, 8 MiB) and with {mib} MiB (wall clock):\n\n{}",
             table(&args.sizes, &cfgs, &rows[..15], "", false, grouped)
         ));
     }

@@ -79,7 +79,7 @@ impl Default for DbOptions {
             ttl_purge_interval: Duration::from_secs(10),
             max_item_bytes: 256 * 1024,
             max_transaction_ops: 10_000,
-            cache_bytes: 16 * 1024 * 1024,
+            cache_bytes: 8 * 1024 * 1024,
             clock: Arc::new(system_now_ms),
         }
     }
@@ -529,6 +529,8 @@ fn convert_from_json(inner: &Inner) -> Result<(), DbError> {
     let mut tx = inner.db.begin_write()?;
     tx.set_durability(redb::Durability::Immediate);
     let mut converted = 0u64;
+    let primary = inner.schema.primary_index();
+    let (hash, sort) = (primary.hash.as_str(), primary.sort.as_deref());
     {
         let mut items = tx.open_table(tables::ITEMS)?;
         let mut after: Option<Vec<u8>> = None;
@@ -544,7 +546,10 @@ fn convert_from_json(inner: &Inner) -> Result<(), DbError> {
                 };
                 for entry in range.take(CHUNK) {
                     let (k, v) = entry?;
-                    chunk.push((k.value().to_vec(), codec::from_json(v.value())?));
+                    chunk.push((
+                        k.value().to_vec(),
+                        codec::from_json(v.value(), k.value(), hash, sort)?,
+                    ));
                 }
             }
             let Some((last, _)) = chunk.last() else {
@@ -602,7 +607,7 @@ fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
         let items = tx.open_table(tables::ITEMS)?;
         for entry in items.iter()? {
             let (k, v) = entry?;
-            let item = read::decode_item(v.value())?;
+            let item = read::decode_item(v.value(), k.value())?;
             let Some(model) = inner.schema.model_of(&item) else {
                 continue;
             };

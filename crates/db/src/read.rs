@@ -37,8 +37,9 @@ pub struct Page {
     pub next: Option<String>,
 }
 
-pub(crate) fn decode_item(raw: &[u8]) -> Result<Item, DbError> {
-    codec::decode(raw)
+/// The item stored as `raw` under the item key `raw_key`.
+pub(crate) fn decode_item(raw: &[u8], raw_key: &[u8]) -> Result<Item, DbError> {
+    codec::decode(raw, raw_key)
 }
 
 pub(crate) fn model_of_stored<'s>(schema: &'s Schema, item: &Item) -> Result<&'s Model, DbError> {
@@ -104,12 +105,12 @@ impl ReadTxn {
         };
         let bytes = value.value();
         let type_field = &self.inner.schema.params().type_field;
-        if !codec::field_is_str(bytes, type_field, model.name())? {
+        if !codec::field_is_str(bytes, raw, type_field, model.name())? {
             return Ok(None);
         }
         if model.ttl_field().is_some() || probe.active {
             let ttl = model.ttl_field();
-            let fields = codec::decode_with(bytes, &|k| {
+            let fields = codec::decode_with(bytes, raw, &|k| {
                 ttl == Some(k) || probe.fields.iter().any(|f| *f == k)
             })?;
             if expired(model, &fields, self.now_ms) || !(probe.check)(&fields) {
@@ -117,9 +118,9 @@ impl ReadTxn {
             }
         }
         let item = if hidden {
-            codec::decode(bytes)?
+            codec::decode(bytes, raw)?
         } else {
-            codec::decode_with(bytes, &|k| !model.field(k).is_some_and(|f| f.hidden()))?
+            codec::decode_with(bytes, raw, &|k| !model.is_hidden(k))?
         };
         Ok(Some(item))
     }
@@ -138,7 +139,7 @@ impl ReadTxn {
         let Some(value) = self.items.get(raw.as_slice())? else {
             return Ok(None);
         };
-        let item = codec::decode(value.value())?;
+        let item = codec::decode(value.value(), &raw)?;
         let model = model_of_stored(&self.inner.schema, &item)?;
         if expired(model, &item, self.now_ms) {
             return Ok(None);

@@ -138,7 +138,7 @@ impl<'t> WriteTxn<'t> {
         let Some(value) = self.items.get(raw.as_slice())? else {
             return Ok(None);
         };
-        let item = crate::codec::decode(value.value())?;
+        let item = crate::codec::decode(value.value(), &raw)?;
         let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
         if crate::read::expired(model, &item, self.now_ms) {
             return Ok(None);
@@ -284,7 +284,7 @@ impl<'t> WriteTxn<'t> {
         let Some(value) = self.items.get(raw.as_slice())? else {
             return Ok(None);
         };
-        let item = crate::codec::decode(value.value())?;
+        let item = crate::codec::decode(value.value(), &raw)?;
         let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
         Ok(Some((model, item)))
     }
@@ -297,10 +297,11 @@ impl<'t> WriteTxn<'t> {
         item: Item,
         op: ChangeOp,
     ) -> Result<Item, DbError> {
-        let bytes = crate::codec::encode(&item);
+        let primary = self.inner.schema.primary_index();
+        let bytes = crate::codec::encode(&item, &primary.hash, primary.sort.as_deref(), &key);
         let max = self.inner.options.max_item_bytes;
         // The limit is on the item as JSON: counted only when the encoding could be that large.
-        if crate::codec::json_len_bound(bytes.len()) > max {
+        if crate::codec::json_len_bound(bytes.len(), &key) > max {
             let size = json_len(&item)?;
             if size > max {
                 return Err(DbError::TooLarge {

@@ -6,7 +6,7 @@
 //! exactly one spelling (which keeps templates, keys and comparisons stable).
 
 use time::format_description::well_known::{Iso8601, Rfc3339};
-use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
+use time::{Date, OffsetDateTime, PrimitiveDateTime};
 
 /// Parse an ISO-8601 / RFC 3339 date string into epoch milliseconds.
 ///
@@ -25,12 +25,48 @@ pub(crate) fn parse_iso_ms(text: &str) -> Option<i64> {
     i64::try_from(dt.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
-/// Format epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`; None when out of range.
+/// Format epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`; None when out of range (outside
+/// years 0 to 9999). Computed directly (days to civil date, H. Hinnant's algorithm): this runs
+/// for every create and update.
 pub(crate) fn format_iso_ms(ms: i64) -> Option<String> {
+    let days = ms.div_euclid(86_400_000);
+    let rem = ms.rem_euclid(86_400_000);
+    let z = days.checked_add(719_468)?;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if !(0..=9999).contains(&year) {
+        return None;
+    }
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, rem / 3_600_000);
+    put(14, 2, rem / 60_000 % 60);
+    put(17, 2, rem / 1000 % 60);
+    put(20, 3, rem % 1000);
+    String::from_utf8(out.to_vec()).ok()
+}
+
+/// The former formatter (through the `time` crate), kept to check the direct one against.
+#[cfg(test)]
+fn format_iso_ms_time(ms: i64) -> Option<String> {
     let nanos = i128::from(ms).checked_mul(1_000_000)?;
     let dt = OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()?
-        .to_offset(UtcOffset::UTC);
+        .to_offset(time::UtcOffset::UTC);
     let year = dt.year();
     if !(0..=9999).contains(&year) {
         return None;
@@ -50,6 +86,33 @@ pub(crate) fn format_iso_ms(ms: i64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_formatter_matches_the_time_crate() {
+        let mut samples = vec![
+            0,
+            -1,
+            1,
+            i64::MIN,
+            i64::MAX,
+            -62_167_219_200_000, // 0000-01-01
+            -62_167_219_200_001, // just before year 0
+            253_402_300_799_999, // 9999-12-31T23:59:59.999
+            253_402_300_800_000, // 10000-01-01
+            951_782_400_000,     // 2000-02-29
+            1_795_629_600_000,
+        ];
+        let mut x: i64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push(x % 320_000_000_000_000);
+        }
+        for ms in samples {
+            assert_eq!(format_iso_ms(ms), format_iso_ms_time(ms), "{ms}");
+        }
+    }
 
     fn check(text: &str, expected: Option<i64>) {
         assert_eq!(parse_iso_ms(text), expected, "{text}");

@@ -37,6 +37,8 @@ pub struct Model {
     /// The part of `template_order` the primary key depends on (computing a key renders these
     /// alone).
     pub(crate) key_templates: Vec<usize>,
+    /// Names of the hidden fields (see [`Model::is_hidden`]).
+    pub(crate) hidden_names: Vec<String>,
     pub(crate) params: Params,
     pub(crate) primary: Index,
     /// Every index of the schema, primary first.
@@ -60,6 +62,7 @@ impl Model {
             fields,
             template_order,
             key_templates: Vec::new(),
+            hidden_names: Vec::new(),
             params,
             primary,
             indexes,
@@ -72,7 +75,19 @@ impl Model {
             .copied()
             .filter(|&i| model.fields.get(i).is_some_and(|f| deps.contains(&f.name)))
             .collect();
+        model.hidden_names = model
+            .fields
+            .iter()
+            .filter(|f| f.hidden())
+            .map(|f| f.name.clone())
+            .collect();
         model
+    }
+
+    /// Whether `name` is a hidden field of this model (what [`Model::strip_hidden`] removes);
+    /// cheaper than `field(name)` for the few hidden fields a model has.
+    pub fn is_hidden(&self, name: &str) -> bool {
+        self.hidden_names.iter().any(|h| h == name)
     }
 
     /// The model name (also the value of the type field).
@@ -301,11 +316,22 @@ impl Model {
                 field.check(value, &field.name, &ctx)?;
             }
         }
-        self.key_of(item)?;
+        // Both checks without rendering (allocating) the key values: a key attribute resolves
+        // when its value renders (string, number, boolean), and only a string can hold a NUL.
+        let resolves = |attr: &str| {
+            self.field(attr).is_none()
+                || matches!(
+                    item.get(attr),
+                    Some(Value::String(_) | Value::Number(_) | Value::Bool(_))
+                )
+        };
+        if !resolves(&self.primary.hash) || !self.primary.sort.as_deref().is_none_or(resolves) {
+            self.key_of(item)?;
+        }
         for index in &self.indexes {
             for attr in std::iter::once(&index.hash).chain(index.sort.iter()) {
-                if let Some(text) = item.get(attr).and_then(render_value) {
-                    self.check_key_value(attr, &text)?;
+                if let Some(Value::String(text)) = item.get(attr) {
+                    self.check_key_value(attr, text)?;
                 }
             }
         }
@@ -564,10 +590,8 @@ impl Model {
     /// Removes the hidden fields from an owned item, in place (cheaper than [`Model::project`]
     /// when the caller owns the item anyway).
     pub fn strip_hidden(&self, item: &mut Item) {
-        for field in &self.fields {
-            if field.hidden() {
-                item.remove(&field.name);
-            }
+        for name in &self.hidden_names {
+            item.remove(name);
         }
     }
 
@@ -576,7 +600,7 @@ impl Model {
             return item.clone();
         }
         item.iter()
-            .filter(|(k, _)| !self.field(k).is_some_and(Field::hidden))
+            .filter(|(k, _)| !self.is_hidden(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
