@@ -123,7 +123,9 @@ impl Driver {
             // A clean disconnect suppresses the last will: say goodbye first, and give the
             // event loop a moment to send both.
             let topic = topics::up_topic(&self.prefix, &self.id);
-            let _ = self.client.try_publish(topic, QoS::AtLeastOnce, false, self.bye.clone());
+            let _ = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, self.bye.clone());
             let _ = self.client.try_disconnect();
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 loop {

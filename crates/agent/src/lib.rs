@@ -148,7 +148,12 @@ impl Agent {
         let bye = devtables_sync::wire::encode_up(schema.version(), &UpMsg::Bye, &config.sync.wire)
             .map_err(|e| AgentError::Config(format!("cannot encode the last will: {e}")))?;
         let up_topic = devtables_sync::topics::up_topic(&config.topic_prefix, &id);
-        options.set_last_will(LastWill::new(up_topic, bye.clone(), QoS::AtLeastOnce, false));
+        options.set_last_will(LastWill::new(
+            up_topic,
+            bye.clone(),
+            QoS::AtLeastOnce,
+            false,
+        ));
         let max_packet = config.sync.wire.max_message_bytes + 4096;
         options.set_max_packet_size(max_packet, max_packet);
         let (client, mut eventloop) = AsyncClient::new(options, config.mqtt_queue);

@@ -161,15 +161,15 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
                 let fault = json!({"deviceId": device, "severity": "warn", "message": format!("fan speed low (tick {n})")});
                 let _ = agent.db().create("Fault", &item(fault));
             }
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 let setting = json!({"deviceId": device, "name": "interval", "value": format!("{}s", 1 + n % 3)});
                 let _ = agent.db().upsert("Setting", &item(setting));
             }
         }
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             let target = &agents[(n as usize / 3) % agents.len()];
             let owner = Owner::Device(target.id().clone());
-            let cmd = json!({"command": if n % 12 == 0 { "reboot" } else { "ping" }, "args": {"tick": n}});
+            let cmd = json!({"command": if n.is_multiple_of(12) { "reboot" } else { "ping" }, "args": {"tick": n}});
             match cloud
                 .write_item(owner, "Command", item(cmd), WriteKind::Create)
                 .await
@@ -195,7 +195,7 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
         let line = status_line(&cloud, &agents, started, commands_sent).await;
         if tty {
             eprint!("\r{line}\x1b[K");
-        } else if n % 5 == 0 {
+        } else if n.is_multiple_of(5) {
             eprintln!("{line}");
         }
     }

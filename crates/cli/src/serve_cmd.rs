@@ -146,10 +146,10 @@ pub fn cloud(args: ConfigArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?)
+        .context("cannot start the async runtime")
 }
 
 /// Ctrl-C or SIGTERM.

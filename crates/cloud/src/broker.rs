@@ -922,10 +922,7 @@ mod tests {
     async fn v5_denied_publish_gets_not_authorized_puback() {
         use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, PubAckReason};
         use rumqttc::v5::mqttbytes::QoS as QoS5;
-        use rumqttc::v5::{
-            AsyncClient as Client5, Event as Event5,
-            MqttOptions as Options5,
-        };
+        use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
 
         let b = broker().await;
         let mut svc = service(&b).await;

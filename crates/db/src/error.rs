@@ -15,13 +15,13 @@ pub enum OpenError {
     Storage {
         path: PathBuf,
         #[source]
-        source: redb::DatabaseError,
+        source: Box<redb::DatabaseError>,
     },
     #[error("cannot prepare tables in database file {path}: {source}")]
     Tables {
         path: PathBuf,
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     #[error("database file {path} stores items in format {found}, but this version of devtables reads format {supported} (and converts older files): was it written by a newer devtables?")]
     UnsupportedFormat {
@@ -80,7 +80,7 @@ pub enum DbError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("storage error: {0}")]
-    Storage(#[from] redb::Error),
+    Storage(#[source] Box<redb::Error>),
     #[error("the database is closed")]
     Closed,
 }
@@ -89,12 +89,13 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for DbError {
             fn from(e: $t) -> Self {
-                DbError::Storage(e.into())
+                DbError::Storage(Box::new(e.into()))
             }
         }
     )*};
 }
 from_redb!(
+    redb::Error,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,

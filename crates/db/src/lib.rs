@@ -196,7 +196,7 @@ impl Db {
             .create(&path)
             .map_err(|source| OpenError::Storage {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let index_tables = schema
             .secondary_indexes()
@@ -223,7 +223,7 @@ impl Db {
             path: path.clone(),
             source: match e {
                 DbError::Storage(s) => s,
-                other => redb::Error::Corrupted(other.to_string()),
+                other => Box::new(redb::Error::Corrupted(other.to_string())),
             },
         })?;
         let weak = Arc::downgrade(&inner);
@@ -497,7 +497,7 @@ fn check_format(inner: &Inner) -> Result<(), OpenError> {
         path: inner.path.clone(),
         source: match e {
             DbError::Storage(s) => s,
-            other => redb::Error::Corrupted(other.to_string()),
+            other => Box::new(redb::Error::Corrupted(other.to_string())),
         },
     };
     let current = codec::FORMAT.to_string();

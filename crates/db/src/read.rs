@@ -110,9 +110,8 @@ impl ReadTxn {
         }
         if model.ttl_field().is_some() || probe.active {
             let ttl = model.ttl_field();
-            let fields = codec::decode_with(bytes, raw, &|k| {
-                ttl == Some(k) || probe.fields.iter().any(|f| *f == k)
-            })?;
+            let fields =
+                codec::decode_with(bytes, raw, &|k| ttl == Some(k) || probe.fields.contains(&k))?;
             if expired(model, &fields, self.now_ms) || !(probe.check)(&fields) {
                 return Ok(None);
             }

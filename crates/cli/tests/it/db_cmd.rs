@@ -136,10 +136,18 @@ fn export_then_import_into_another_file() {
 #[test]
 fn example_configs_load() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
-    let (schema, cloud) = devtables_cloud::CloudFile::load(&dir.join("cloud.json5")).expect("cloud.json5 loads");
+    let (schema, cloud) =
+        devtables_cloud::CloudFile::load(&dir.join("cloud.json5")).expect("cloud.json5 loads");
     assert!(schema.ends_with("schema.json5"));
-    assert!(matches!(cloud.broker, devtables_cloud::BrokerMode::Embedded { .. }));
-    let (file, agent) = devtables_agent::config::AgentFile::load(&dir.join("agent.json5")).expect("agent.json5 loads");
-    assert_eq!((agent.account.as_str(), agent.device.as_str()), ("acme", "gw-1"));
+    assert!(matches!(
+        cloud.broker,
+        devtables_cloud::BrokerMode::Embedded { .. }
+    ));
+    let (file, agent) = devtables_agent::config::AgentFile::load(&dir.join("agent.json5"))
+        .expect("agent.json5 loads");
+    assert_eq!(
+        (agent.account.as_str(), agent.device.as_str()),
+        ("acme", "gw-1")
+    );
     assert!(devtables_schema::Schema::load(&file.schema).is_ok());
 }

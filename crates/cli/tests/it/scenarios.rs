@@ -391,7 +391,10 @@ pub fn newer_device_schema_is_rejected_clearly(broker: BrokerChoice) {
     let text = std::fs::read_to_string(super::example_schema()).unwrap();
     let newer = text
         .replace("version: '1.0.0'", "version: '1.1.0'")
-        .replace("source: {type: 'string'},", "source: {type: 'string'},\n            code: {type: 'number'},");
+        .replace(
+            "source: {type: 'string'},",
+            "source: {type: 'string'},\n            code: {type: 'number'},",
+        );
     assert_ne!(newer, text, "the example schema changed: update this test");
     let schema_path = s.cloud.dir.join("newer.json5");
     std::fs::write(&schema_path, newer).unwrap();
@@ -408,15 +411,28 @@ pub fn newer_device_schema_is_rejected_clearly(broker: BrokerChoice) {
     a.op(json!({"op": "create", "model": "Fault", "item": {"deviceId": "gw8", "severity": "warn", "code": 7}}));
     let status = eventually("the rejection on the device", || {
         let st = a.status();
-        (st["rejected"] == 1 && st["pending"] == 0).then_some(st.clone()).ok_or(st.to_string())
+        (st["rejected"] == 1 && st["pending"] == 0)
+            .then_some(st.clone())
+            .ok_or(st.to_string())
     });
-    let reason = status["last_error"].as_str().unwrap_or_default().to_string();
-    assert!(reason.contains("code"), "the reason names the unknown field: {reason}");
+    let reason = status["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("code"),
+        "the reason names the unknown field: {reason}"
+    );
     let device = eventually("the device's schema version in its status", || {
         let d = s.cloud.get("/v1/devices/acme/gw8")?;
-        (d["schema_version"] == "1.1.0").then_some(d.clone()).ok_or(d.to_string())
+        (d["schema_version"] == "1.1.0")
+            .then_some(d.clone())
+            .ok_or(d.to_string())
     });
     assert_eq!(device["online"], true);
-    assert!(s.cloud.items(ACCOUNT, "gw8", "Fault").unwrap().is_empty(), "nothing half-applied");
+    assert!(
+        s.cloud.items(ACCOUNT, "gw8", "Fault").unwrap().is_empty(),
+        "nothing half-applied"
+    );
     a.stop();
 }

@@ -69,7 +69,11 @@ fn mosquitto_broker_restarted_mid_stream() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
     let start_broker = || {
         let child = std::process::Command::new("mosquitto")
             .arg("-c")
@@ -79,7 +83,9 @@ fn mosquitto_broker_restarted_mid_stream() {
             .spawn()
             .expect("DEVTABLES_SERVICES is set but the mosquitto binary cannot be started");
         eventually("mosquitto listening", || {
-            TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+            TcpStream::connect(("127.0.0.1", port))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         });
         child
     };
@@ -111,10 +117,15 @@ fn mosquitto_broker_restarted_mid_stream() {
             broker = start_broker();
         }
     }
-    eventually("every reading in the cloud after the broker restart", || {
-        let items = cloud.items("acme", "gw7", "Reading")?;
-        (items.len() == total).then_some(()).ok_or(format!("{} of {total}", items.len()))
-    });
+    eventually(
+        "every reading in the cloud after the broker restart",
+        || {
+            let items = cloud.items("acme", "gw7", "Reading")?;
+            (items.len() == total)
+                .then_some(())
+                .ok_or(format!("{} of {total}", items.len()))
+        },
+    );
     a.stop();
     let _ = broker.kill();
     let _ = broker.wait();
