@@ -155,6 +155,38 @@ impl From<CloudWriteError<StoreError>> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// `Json` and `Query` whose rejections (bad JSON, wrong content type, bad query string) answer in
+/// the API's error format instead of axum's plain text.
+pub(crate) struct Body<T>(T);
+pub(crate) struct Params<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(ApiError::new(r.status(), "bad_request", r.body_text())),
+        }
+    }
+}
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for Params<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Params(v)),
+            Err(r) => Err(ApiError::new(r.status(), "bad_request", r.body_text())),
+        }
+    }
+}
+
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -183,7 +215,7 @@ struct Register {
 
 async fn register_device(
     State(s): State<ApiState>,
-    Json(body): Json<Register>,
+    Body(body): Body<Register>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let id = device_id(&body.account, &body.device)?;
     let secret = ops::register_device(&s.store, s.credentials.as_ref(), &id).await?;
@@ -228,7 +260,7 @@ fn with_lag(record: crate::store::DeviceRecord) -> Value {
 
 async fn list_devices(
     State(s): State<ApiState>,
-    Query(q): Query<DeviceList>,
+    Params(q): Params<DeviceList>,
 ) -> ApiResult<Json<Value>> {
     let after = match &q.after {
         Some(a) => {
@@ -315,7 +347,7 @@ async fn run_query(
 async fn query_account_items(
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
-    Query(q): Query<ItemsQuery>,
+    Params(q): Params<ItemsQuery>,
 ) -> ApiResult<Json<Value>> {
     run_query(&s, account, model, q).await
 }
@@ -323,7 +355,7 @@ async fn query_account_items(
 async fn query_device_items(
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
-    Query(mut q): Query<ItemsQuery>,
+    Params(mut q): Params<ItemsQuery>,
 ) -> ApiResult<Json<Value>> {
     device_id(&account, &device)?;
     q.device = Some(device);
@@ -341,7 +373,7 @@ struct KeyQuery {
 async fn get_device_item(
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
-    Query(k): Query<KeyQuery>,
+    Params(k): Params<KeyQuery>,
 ) -> ApiResult<Json<Value>> {
     let owner = Owner::Device(device_id(&account, &device)?);
     let key = ItemKey { pk: k.pk, sk: k.sk };
@@ -407,7 +439,7 @@ fn object(body: Value) -> ApiResult<Item> {
 async fn create_device_item(
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
-    Json(body): Json<Value>,
+    Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let owner = Owner::Device(device_id(&account, &device)?);
     write_item(&s, owner, model, object(body)?, WriteKind::Create).await
@@ -416,7 +448,7 @@ async fn create_device_item(
 async fn update_device_item(
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
-    Json(body): Json<Value>,
+    Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let owner = Owner::Device(device_id(&account, &device)?);
     write_item(&s, owner, model, object(body)?, WriteKind::Update).await
@@ -425,7 +457,7 @@ async fn update_device_item(
 async fn remove_device_item(
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
-    Json(body): Json<Value>,
+    Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let owner = Owner::Device(device_id(&account, &device)?);
     write_item(&s, owner, model, object(body)?, WriteKind::Remove).await
@@ -440,7 +472,7 @@ fn account_owner(account: &str) -> ApiResult<Owner> {
 async fn create_broadcast(
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     write_item(
         &s,
@@ -455,7 +487,7 @@ async fn create_broadcast(
 async fn update_broadcast(
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     write_item(
         &s,
@@ -470,7 +502,7 @@ async fn update_broadcast(
 async fn remove_broadcast(
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     write_item(
         &s,
@@ -491,7 +523,7 @@ struct ConflictQuery {
 async fn conflicts(
     State(s): State<ApiState>,
     Path(account): Path<String>,
-    Query(q): Query<ConflictQuery>,
+    Params(q): Params<ConflictQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(100).min(s.config.max_page_items);
     let list = s

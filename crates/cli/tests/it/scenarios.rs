@@ -144,6 +144,31 @@ pub fn up_down_both_and_commands(broker: BrokerChoice) {
         "{body}"
     );
 
+    // Hostile input to the API: a clear JSON error, and the service keeps running.
+    let bad = ureq::post(&s.cloud.url("/v1/accounts/acme/devices/gw1/items/Setting"))
+        .set("content-type", "application/json")
+        .send_string("{not json");
+    match bad {
+        Err(ureq::Error::Status(400, r)) => {
+            let body: Value = r.into_json().unwrap();
+            assert_eq!(body["kind"], "bad_request", "{body}");
+        }
+        other => panic!("expected a 400 with a JSON error, got {other:?}"),
+    }
+    let (status, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/devices/gw1/items/Setting",
+        json!({"name": "Bad Name!", "value": "x"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Setting.name"),
+        "{body}"
+    );
+
     // Status: online, schema version, no lag.
     let device = eventually("device status", || {
         let d = s.cloud.get("/v1/devices/acme/gw1")?;
