@@ -16,7 +16,7 @@ use devtables_sync::cloud::{CloudAction, CloudEngine};
 use devtables_sync::hlc::{node_id_for, HlcClock, CLOUD_NODE_NAME};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::topics;
-use devtables_sync::wire::Change;
+use devtables_sync::wire::{Change, ChangeStatus};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -469,6 +469,28 @@ impl SyncLoop {
                     let now = self.now();
                     match result {
                         Ok((results, advanced)) => {
+                            // The device's status shows the last change the cloud refused.
+                            let refused = results.iter().rev().find_map(|r| match &r.status {
+                                ChangeStatus::Rejected { reason } => Some(format!(
+                                    "{} {:?}/{:?} rejected: {reason}",
+                                    r.model, r.key.pk, r.key.sk
+                                )),
+                                _ => None,
+                            });
+                            if let Some(message) = refused {
+                                let who = device.clone();
+                                let update = StatusUpdate {
+                                    last_error: Some(Some(message)),
+                                    ..StatusUpdate::default()
+                                };
+                                let stored = self
+                                    .store
+                                    .call(move |c| c.store.update_status(&who, &update))
+                                    .await?;
+                                if let Err(e) = stored {
+                                    tracing::warn!(%device, "cannot record the last error: {e}");
+                                }
+                            }
                             self.engine
                                 .handle_push_applied(now, &device, batch, results);
                             for (d, head) in advanced {

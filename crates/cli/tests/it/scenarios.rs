@@ -455,6 +455,11 @@ pub fn newer_device_schema_is_rejected_clearly(broker: BrokerChoice) {
             .ok_or(d.to_string())
     });
     assert_eq!(device["online"], true);
+    let last_error = device["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.contains("Fault") && last_error.contains("code"),
+        "{device}"
+    );
     assert!(
         s.cloud.items(ACCOUNT, "gw8", "Fault").unwrap().is_empty(),
         "nothing half-applied"
