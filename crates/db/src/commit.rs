@@ -1,10 +1,12 @@
 //! Durability: group commit for `immediate` mode, a bounded flush delay for `periodic` mode.
 //!
-//! Every write transaction commits to redb with `Durability::None` (atomic and isolated, not yet
-//! on disk). Durability is then reached by a *flush*: an empty `Durability::Immediate` commit,
-//! which redb documents as persisting every earlier non-durable commit. In `immediate` mode each
-//! writer waits until a flush covers its commit; concurrent writers share one flush (the first to
-//! arrive leads, the rest wait for it), so N writers pay for about one fsync, not N. In `periodic`
+//! A write transaction commits to redb with `Durability::None` (atomic and isolated, not yet on
+//! disk) unless it is a lone writer in `immediate` mode, which commits durably at once (see
+//! `Db::write`). Otherwise durability is reached by a *flush*: an empty `Durability::Immediate`
+//! commit, which redb documents as persisting every earlier non-durable commit. In `immediate`
+//! mode each writer waits until a flush (or a later durable commit) covers its commit; concurrent
+//! writers share one flush (the first to arrive leads, the rest wait for it), so N writers pay
+//! for about one fsync, not N. In `periodic`
 //! mode the background thread flushes every interval, so a crash loses at most that window and,
 //! redb commits being atomic, never leaves a torn state.
 
