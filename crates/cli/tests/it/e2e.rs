@@ -37,3 +37,8 @@ fn killed_device_goes_offline() {
 fn newer_device_schema_is_rejected_clearly() {
     scenarios::newer_device_schema_is_rejected_clearly(BrokerChoice::Embedded(0));
 }
+
+#[test]
+fn hostile_messages_get_error_replies() {
+    scenarios::hostile_messages_get_error_replies(BrokerChoice::Embedded(0));
+}

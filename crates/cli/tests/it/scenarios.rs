@@ -466,3 +466,70 @@ pub fn newer_device_schema_is_rejected_clearly(broker: BrokerChoice) {
     );
     a.stop();
 }
+
+/// Garbage and an unknown protocol version on a device's own topic get error replies; the cloud
+/// keeps serving (a real agent still syncs afterwards).
+pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    use std::time::Duration;
+
+    let s = setup(broker);
+    let secret = s.cloud.register("acme", "gw9");
+    let (host, port) = s.cloud.mqtt.rsplit_once(':').unwrap();
+    let mut options = MqttOptions::new("acme/gw9", host, port.parse().unwrap());
+    options.set_credentials("acme/gw9", secret.clone());
+    let (client, mut connection) = Client::new(options, 16);
+    let down = format!("{}/acme/gw9/down", s.prefix);
+    let up = format!("{}/acme/gw9/up", s.prefix);
+    client.subscribe(&down, QoS::AtLeastOnce).unwrap();
+    let mut errors = Vec::new();
+    let mut sent = false;
+    let deadline = std::time::Instant::now() + super::harness::WAIT;
+    while errors.len() < 2 && std::time::Instant::now() < deadline {
+        match connection.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
+                client
+                    .publish(&up, QoS::AtLeastOnce, false, b"\x00not json".to_vec())
+                    .unwrap();
+                let future = json!({"v": 99, "schema": "9", "msg": {"type": "hello", "session": 1, "cursor": 0, "pending": 0}});
+                client
+                    .publish(
+                        &up,
+                        QoS::AtLeastOnce,
+                        false,
+                        future.to_string().into_bytes(),
+                    )
+                    .unwrap();
+                sent = true;
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let v: Value =
+                    serde_json::from_slice(&p.payload).expect("the cloud answers in JSON");
+                if v["msg"]["type"] == "error" {
+                    errors.push(v["msg"]["code"].clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(errors.len(), 2, "two error replies: {errors:?}");
+    assert!(errors.iter().any(|c| c == "malformed"), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|c| c["unsupported_version"]["supported"] == 1),
+        "{errors:?}"
+    );
+    drop(client);
+
+    let mut a = s.agent("gw9", "gw9", &secret);
+    a.op(
+        json!({"op": "create", "model": "Fault", "item": {"deviceId": "gw9", "severity": "info"}}),
+    );
+    a.wait_synced();
+    eventually("the fault in the cloud", || {
+        let items = s.cloud.items(ACCOUNT, "gw9", "Fault")?;
+        (items.len() == 1).then_some(()).ok_or(format!("{items:?}"))
+    });
+    a.stop();
+}
