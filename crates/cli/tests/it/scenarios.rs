@@ -479,6 +479,17 @@ pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
     let mut options = MqttOptions::new("acme/gw9", host, port.parse().unwrap());
     options.set_credentials("acme/gw9", secret.clone());
     let (client, mut connection) = Client::new(options, 16);
+    // Poll the connection on its own thread: rumqttc's poll is not cancel-safe, so no timeouts
+    // around it; the test waits on the channel instead.
+    let (events_tx, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            let stop = event.is_err();
+            if events_tx.send(event).is_err() || stop {
+                break;
+            }
+        }
+    });
     let down = format!("{}/acme/gw9/down", s.prefix);
     let up = format!("{}/acme/gw9/up", s.prefix);
     client.subscribe(&down, QoS::AtLeastOnce).unwrap();
@@ -486,7 +497,7 @@ pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
     let mut sent = false;
     let deadline = std::time::Instant::now() + super::harness::WAIT;
     while errors.len() < 2 && std::time::Instant::now() < deadline {
-        match connection.recv_timeout(Duration::from_millis(200)) {
+        match events.recv_timeout(Duration::from_millis(200)) {
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !sent => {
                 client
                     .publish(&up, QoS::AtLeastOnce, false, b"\x00not json".to_vec())
