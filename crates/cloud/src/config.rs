@@ -92,6 +92,12 @@ pub struct CloudFile {
     pub topic_prefix: Option<String>,
     #[serde(default)]
     pub tombstone_retention_hours: Option<u64>,
+    /// The same in seconds (wins over the hours; for tests and short-lived fleets).
+    #[serde(default)]
+    pub tombstone_retention_secs: Option<u64>,
+    /// How often retention runs, in seconds (default 3600).
+    #[serde(default)]
+    pub purge_interval_secs: Option<u64>,
     #[serde(default)]
     pub max_conflicts: Option<u64>,
 }
@@ -133,6 +139,12 @@ impl CloudFile {
         }
         if let Some(h) = file.tombstone_retention_hours {
             config.retention.tombstone_ms = h.saturating_mul(3600 * 1000);
+        }
+        if let Some(secs) = file.tombstone_retention_secs {
+            config.retention.tombstone_ms = secs.saturating_mul(1000);
+        }
+        if let Some(secs) = file.purge_interval_secs {
+            config.purge_interval = Duration::from_secs(secs.max(1));
         }
         if let Some(n) = file.max_conflicts {
             config.retention.max_conflicts = n;

@@ -42,3 +42,8 @@ fn newer_device_schema_is_rejected_clearly() {
 fn hostile_messages_get_error_replies() {
     scenarios::hostile_messages_get_error_replies(BrokerChoice::Embedded(0));
 }
+
+#[test]
+fn offline_past_retention_resyncs() {
+    scenarios::offline_past_retention_resyncs(BrokerChoice::Embedded(0));
+}

@@ -64,20 +64,32 @@ pub struct CloudProc {
     prefix: String,
     broker: BrokerChoice,
     api_port: u16,
+    extra: String,
 }
 
 impl CloudProc {
     pub fn start(dir: &Path, prefix: &str, broker: BrokerChoice) -> CloudProc {
-        Self::start_on(dir, prefix, broker, free_port())
+        Self::start_on(dir, prefix, broker, free_port(), "")
     }
 
-    fn start_on(dir: &Path, prefix: &str, broker: BrokerChoice, api_port: u16) -> CloudProc {
+    /// With extra configuration keys (JSON5, e.g. `purge_interval_secs: 1,`).
+    pub fn start_with(dir: &Path, prefix: &str, broker: BrokerChoice, extra: &str) -> CloudProc {
+        Self::start_on(dir, prefix, broker, free_port(), extra)
+    }
+
+    fn start_on(
+        dir: &Path,
+        prefix: &str,
+        broker: BrokerChoice,
+        api_port: u16,
+        extra: &str,
+    ) -> CloudProc {
         let broker_line = match &broker {
             BrokerChoice::Embedded(port) => format!("embedded_broker: '127.0.0.1:{port}',"),
             BrokerChoice::External(addr) => format!("external_broker: '{addr}',"),
         };
         let config = format!(
-            "{{schema: '{}', data_dir: 'cloud-data', api: '127.0.0.1:{api_port}', {broker_line} topic_prefix: '{prefix}'}}",
+            "{{schema: '{}', data_dir: 'cloud-data', api: '127.0.0.1:{api_port}', {broker_line} topic_prefix: '{prefix}', {extra}}}",
             example_schema().display()
         );
         let path = dir.join("cloud.json5");
@@ -138,13 +150,20 @@ impl CloudProc {
             prefix: prefix.to_string(),
             broker,
             api_port,
+            extra: extra.to_string(),
         }
     }
 
     /// SIGKILL, then start again on the same data, API port and MQTT port.
     pub fn kill_and_restart(&mut self) {
         self.kill();
-        let next = Self::start_on(&self.dir, &self.prefix, self.broker.clone(), self.api_port);
+        let next = Self::start_on(
+            &self.dir,
+            &self.prefix,
+            self.broker.clone(),
+            self.api_port,
+            &self.extra,
+        );
         *self = next;
     }
 

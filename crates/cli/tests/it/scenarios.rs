@@ -23,9 +23,13 @@ struct Setup {
 }
 
 fn setup(broker: BrokerChoice) -> Setup {
+    setup_with(broker, "")
+}
+
+fn setup_with(broker: BrokerChoice, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix();
-    let cloud = CloudProc::start(dir.path(), &prefix, broker);
+    let cloud = CloudProc::start_with(dir.path(), &prefix, broker, extra);
     Setup {
         _dir: dir,
         cloud,
@@ -541,6 +545,72 @@ pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
     eventually("the fault in the cloud", || {
         let items = s.cloud.items(ACCOUNT, "gw9", "Fault")?;
         (items.len() == 1).then_some(()).ok_or(format!("{items:?}"))
+    });
+    a.stop();
+}
+
+/// A device offline for longer than the cloud keeps tombstones cannot learn deletes from the
+/// feed: it gets a full resync instead, which removes what the cloud deleted (and nothing it still
+/// holds), and then follows the feed again.
+pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
+    let s = setup_with(
+        broker,
+        "tombstone_retention_secs: 0, purge_interval_secs: 1,",
+    );
+    let secret = s.cloud.register("acme", "gw10");
+    let mut a = s.agent("gw10", "gw10", &secret);
+    for name in ["a", "b", "c"] {
+        let (status, body) = s.cloud.send(
+            "POST",
+            "/v1/accounts/acme/devices/gw10/items/Setting",
+            json!({"name": name, "value": "1"}),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    eventually("three settings on the device", || {
+        let got = a.op(json!({"op": "find", "model": "Setting", "item": {"deviceId": "gw10"}}));
+        (got.as_array().map(Vec::len) == Some(3))
+            .then_some(())
+            .ok_or(got.to_string())
+    });
+    a.wait_synced();
+    a.stop();
+
+    // Offline: the cloud deletes one; retention then purges the tombstone (and its feed entry).
+    let (status, body) = s.cloud.send(
+        "DELETE",
+        "/v1/accounts/acme/devices/gw10/items/Setting",
+        json!({"name": "b"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(std::time::Duration::from_millis(2500)); // two purge rounds
+
+    let mut a = s.agent("gw10", "gw10", &secret);
+    eventually("the resync removed the deleted setting", || {
+        let got = a.op(json!({"op": "find", "model": "Setting", "item": {"deviceId": "gw10"}}));
+        let mut names: Vec<String> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        names.sort();
+        (names == ["a", "c"])
+            .then_some(())
+            .ok_or(format!("{names:?}"))
+    });
+    // The feed continues after the resync.
+    let (status, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/devices/gw10/items/Setting",
+        json!({"name": "d", "value": "1"}),
+    );
+    assert_eq!(status, 201, "{body}");
+    eventually("a later change through the feed", || {
+        let got = a.op(
+            json!({"op": "get", "model": "Setting", "item": {"deviceId": "gw10", "name": "d"}}),
+        );
+        (!got.is_null()).then_some(()).ok_or(got.to_string())
     });
     a.stop();
 }

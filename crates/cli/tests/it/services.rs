@@ -130,3 +130,15 @@ fn mosquitto_broker_restarted_mid_stream() {
     let _ = broker.kill();
     let _ = broker.wait();
 }
+
+#[test]
+fn mosquitto_offline_past_retention_resyncs() {
+    let Some(addr) = mosquitto() else { return };
+    scenarios::offline_past_retention_resyncs(BrokerChoice::External(addr));
+}
+
+#[test]
+fn mosquitto_newer_device_schema_is_rejected_clearly() {
+    let Some(addr) = mosquitto() else { return };
+    scenarios::newer_device_schema_is_rejected_clearly(BrokerChoice::External(addr));
+}
