@@ -178,6 +178,10 @@ impl Driver {
         for (name, item) in commands {
             self.run_command(&name, item);
         }
+        // A full outbox may have dropped lossy changes in those commits: keep the count visible.
+        if let Ok(dropped) = state::dropped(&self.db) {
+            self.set_status(|s| s.dropped = dropped);
+        }
     }
 
     /// Runs the application's handler and writes the outcome back (it replicates up).

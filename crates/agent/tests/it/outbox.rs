@@ -113,6 +113,7 @@ async fn full_outbox_refuses_or_drops_lossy_and_survives_restart() {
             .is_some());
     }
     wait_for("3 pending", || agent.status().pending == 3);
+    wait_for("3 dropped, counted", || agent.status().dropped == 3);
     drop(db);
     agent.shutdown().await;
 
