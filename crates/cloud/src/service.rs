@@ -25,7 +25,7 @@ use crate::broker::{Broker, BrokerConfig};
 use crate::config::{BrokerMode, CloudConfig};
 use crate::ops::{self, OpError, WriteKind};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{Advanced, CloudStore, StatusUpdate, StoreError};
+use crate::store::{Advanced, CloudStore, DeviceRecord, StatusUpdate, StoreError};
 
 /// Everything the store thread owns.
 pub struct StoreCtx {
@@ -142,25 +142,24 @@ impl Cloud {
         )?;
         store.reset_online()?;
 
+        // One pass over the registry: credentials for the embedded broker, and the devices with
+        // changes waiting for them (prompted once the sync loop runs).
+        let mut registered = Vec::new();
+        let mut behind = Vec::new();
+        for_each_device(&mut store, |id, d| {
+            if d.feed_head > d.cursor_acked {
+                behind.push((id.clone(), d.feed_head));
+            }
+            registered.push((id, d.secret_hash.clone()));
+        })?;
+
         // Credentials for the embedded broker: every registered device, and the service.
         let service_secret = auth::generate_secret();
         let (broker, credentials, mqtt_host, mqtt_port, username, password) = match &config.broker {
             BrokerMode::Embedded { listen } => {
                 let creds = Arc::new(Credentials::new(&service_secret));
-                let mut after: Option<DeviceId> = None;
-                loop {
-                    let page = store.devices(None, after.as_ref(), 1000)?;
-                    for d in &page {
-                        if let Ok(id) = DeviceId::new(d.account.clone(), d.device.clone()) {
-                            creds.add_device(id, d.secret_hash.clone());
-                        }
-                    }
-                    match page.last() {
-                        Some(d) if page.len() == 1000 => {
-                            after = DeviceId::new(d.account.clone(), d.device.clone()).ok();
-                        }
-                        _ => break,
-                    }
+                for (id, hash) in registered {
+                    creds.add_device(id, hash);
                 }
                 let broker = Broker::start(
                     BrokerConfig {
@@ -243,29 +242,6 @@ impl Cloud {
         let mut tasks = vec![tokio::spawn(sync.run())];
         // Sessions live in memory: after a restart, prompt every device that has unacknowledged
         // changes waiting, or an idle device would never say hello again and never get them.
-        let behind = store
-            .call(|c| {
-                let mut behind = Vec::new();
-                let mut after: Option<DeviceId> = None;
-                loop {
-                    let page = c.store.devices(None, after.as_ref(), 1000)?;
-                    for d in &page {
-                        if d.feed_head > d.cursor_acked {
-                            if let Ok(id) = DeviceId::new(d.account.clone(), d.device.clone()) {
-                                behind.push((id, d.feed_head));
-                            }
-                        }
-                    }
-                    match page.last() {
-                        Some(d) if page.len() == 1000 => {
-                            after = DeviceId::new(d.account.clone(), d.device.clone()).ok();
-                        }
-                        _ => return Ok::<_, StoreError>(behind),
-                    }
-                }
-            })
-            .await
-            .map_err(|_| StoreError::Database("the store stopped during start".into()))??;
         if !behind.is_empty() {
             let _ = sync_tx.send(SyncInput::FeedAdvanced(behind)).await;
         }
@@ -362,6 +338,29 @@ impl Cloud {
         }
         if let Some(broker) = self.broker {
             broker.shutdown().await;
+        }
+    }
+}
+
+/// Calls `f` for every registered device, a page at a time.
+fn for_each_device(
+    store: &mut dyn CloudStore,
+    mut f: impl FnMut(DeviceId, &DeviceRecord),
+) -> Result<(), StoreError> {
+    const PAGE: usize = 1000;
+    let mut after: Option<DeviceId> = None;
+    loop {
+        let page = store.devices(None, after.as_ref(), PAGE)?;
+        for d in &page {
+            if let Ok(id) = DeviceId::new(d.account.clone(), d.device.clone()) {
+                f(id, d);
+            }
+        }
+        match page.last() {
+            Some(d) if page.len() == PAGE => {
+                after = DeviceId::new(d.account.clone(), d.device.clone()).ok();
+            }
+            _ => return Ok(()),
         }
     }
 }
