@@ -21,7 +21,7 @@
 //! Every read is bounds-checked and UTF-8-checked: corrupt bytes give [`DbError::Corrupt`], never
 //! a panic.
 
-use devtables_schema::{Item, ItemKey};
+use devtables_schema::{format_iso_ms as format_date, Item, ItemKey};
 use serde_json::{Map, Number, Value};
 
 use crate::DbError;
@@ -126,7 +126,7 @@ fn encode_value(value: &Value, out: &mut Vec<u8>) {
 }
 
 /// Epoch milliseconds of `s` when it is exactly the canonical spelling `YYYY-MM-DDTHH:MM:SS.mmmZ`
-/// of that instant (so [`format_date`] gives `s` back).
+/// of that instant (so `format_date` gives `s` back).
 fn canonical_date_ms(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     if b.len() != 24 || b[23] != b'Z' {
@@ -166,56 +166,6 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of epoch milliseconds; None outside years 0..=9999.
-fn format_date(ms: i64) -> Option<String> {
-    let days = ms.div_euclid(86_400_000);
-    let rem = ms.rem_euclid(86_400_000);
-    let z = days.checked_add(719_468)?;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    if !(0..=9999).contains(&y) {
-        return None;
-    }
-    let (h, mi, sec, milli) = (
-        rem / 3_600_000,
-        rem / 60_000 % 60,
-        rem / 1000 % 60,
-        rem % 1000,
-    );
-    let mut out = [0u8; 24];
-    let mut put = |at: usize, width: usize, mut v: i64| {
-        for i in (0..width).rev() {
-            out[at + i] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-    };
-    put(0, 4, y);
-    put(5, 2, m);
-    put(8, 2, d);
-    put(11, 2, h);
-    put(14, 2, mi);
-    put(17, 2, sec);
-    put(20, 3, milli);
-    for (i, c) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (23, b'Z'),
-    ] {
-        out[i] = c;
-    }
-    String::from_utf8(out.to_vec()).ok()
 }
 
 /// Upper bound of the JSON text length of an item of key `key` whose encoding is `encoded_len`

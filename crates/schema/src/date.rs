@@ -28,7 +28,7 @@ pub(crate) fn parse_iso_ms(text: &str) -> Option<i64> {
 /// Format epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`; None when out of range (outside
 /// years 0 to 9999). Computed directly (days to civil date, H. Hinnant's algorithm): this runs
 /// for every create and update.
-pub(crate) fn format_iso_ms(ms: i64) -> Option<String> {
+pub fn format_iso_ms(ms: i64) -> Option<String> {
     let days = ms.div_euclid(86_400_000);
     let rem = ms.rem_euclid(86_400_000);
     let z = days.checked_add(719_468)?;

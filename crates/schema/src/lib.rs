@@ -40,6 +40,7 @@ mod query;
 mod schema;
 mod template;
 
+pub use date::format_iso_ms;
 pub use error::{Reason, SchemaError, ValidationError};
 pub use field::{Field, FieldType};
 pub use model::{ItemKey, Model};
