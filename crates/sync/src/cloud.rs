@@ -543,15 +543,7 @@ impl CloudEngine {
             };
             self.transmit(device, &msg);
         }
-        for (model, key) in oversize {
-            self.actions.push_back(CloudAction::Oversize {
-                device: device.clone(),
-                model,
-                key,
-            });
-        }
-        self.refresh_deadline(now_ms, device);
-        self.pump(now_ms, device);
+        self.finish_page(now_ms, device, oversize);
     }
 
     /// The driver read a snapshot page.
@@ -641,6 +633,11 @@ impl CloudEngine {
             cursor,
         };
         self.transmit(device, &msg);
+        self.finish_page(now_ms, device, oversize);
+    }
+
+    /// After a page went out: report skipped oversize changes, re-arm the timer, send more.
+    fn finish_page(&mut self, now_ms: u64, device: &DeviceId, oversize: Vec<(String, ItemKey)>) {
         for (model, key) in oversize {
             self.actions.push_back(CloudAction::Oversize {
                 device: device.clone(),
