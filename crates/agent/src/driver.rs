@@ -6,6 +6,7 @@
 //! It makes no protocol decision of its own.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,8 @@ pub(crate) struct Driver {
     pub(crate) schema: Arc<Schema>,
     pub(crate) engine: DeviceEngine,
     pub(crate) clock: Arc<Mutex<HlcClock>>,
+    /// Cloud time minus this device's clock (ms), shared with the outbox recorder.
+    pub(crate) cloud_offset_ms: Arc<AtomicI64>,
     pub(crate) client: AsyncClient,
     pub(crate) eventloop: EventLoop,
     pub(crate) prefix: String,
@@ -54,6 +57,13 @@ pub(crate) struct Driver {
 impl Driver {
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The time versions are stamped with: this device's clock corrected by the cloud's.
+    fn stamp_ms(&self) -> u64 {
+        devtables_db::system_now_ms()
+            .saturating_add(self.cloud_offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
     }
 
     pub(crate) async fn run(mut self) {
@@ -299,6 +309,35 @@ impl Driver {
                     }
                 }
             }
+            DeviceAction::Restamp {
+                model,
+                key,
+                version,
+                cloud_ms,
+            } => {
+                let stamp = self.stamp_ms();
+                let k = key.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    db.write(Origin::Remote, |txn| {
+                        state::restamp(txn, &clock, stamp, &k, version, cloud_ms)
+                    })
+                })
+                .await;
+                let now = self.now();
+                match result {
+                    Ok(Ok(Some(change))) => self.engine.handle_restamped(now, version, change),
+                    Ok(Ok(None)) => {} // a newer local write replaced the entry
+                    Ok(Err(e)) => {
+                        tracing::error!(device = %self.id, %model, "cannot re-stamp a change: {e}");
+                        self.set_status(|s| s.last_error = Some(e.to_string()));
+                        self.engine.handle_restamp_failed(now, &model, &key);
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %self.id, "re-stamp task failed: {e}");
+                        self.engine.handle_restamp_failed(now, &model, &key);
+                    }
+                }
+            }
             DeviceAction::OutboxRemove(acked) => {
                 let result = tokio::task::spawn_blocking(move || {
                     db.write(Origin::Remote, |txn| state::outbox_remove(txn, &acked))
@@ -348,8 +387,40 @@ impl Driver {
                 tracing::warn!(device = %self.id, model = %skipped.model, "item from the cloud skipped: {}", skipped.reason)
             }
             DeviceEvent::ApplyFailed => {}
-            DeviceEvent::Resynced { cursor } => {
-                tracing::info!(device = %self.id, cursor, "full resync finished")
+            DeviceEvent::Resynced { cursor, swept } => {
+                tracing::info!(device = %self.id, cursor, swept, "full resync finished");
+                self.set_status(|s| s.cursor = cursor);
+            }
+            DeviceEvent::CloudTime { cloud_ms, .. } => {
+                let offset = cloud_ms as i64 - devtables_db::system_now_ms();
+                self.cloud_offset_ms.store(offset, Ordering::Relaxed);
+                if offset.abs() > 60_000 {
+                    tracing::warn!(device = %self.id, offset_ms = offset, "the device clock is off the cloud's; versions are stamped on the cloud's time");
+                }
+                self.set_status(|s| s.clock_offset_ms = offset);
+            }
+            DeviceEvent::Superseded { change, winner } => {
+                tracing::warn!(device = %self.id, model = %change.model, key = ?change.key, version = %change.version, %winner, "local change superseded by a newer version in the cloud");
+                let message = format!(
+                    "{} {:?}: superseded by {winner} in the cloud",
+                    change.model, change.key
+                );
+                self.set_status(|s| {
+                    s.superseded += 1;
+                    s.last_error = Some(message);
+                });
+            }
+            DeviceEvent::Restamped { model, key, from, to } => {
+                tracing::info!(device = %self.id, %model, ?key, %from, %to, "change re-stamped on the cloud's time");
+                self.set_status(|s| s.restamped += 1);
+            }
+            DeviceEvent::Swept { model, key } => {
+                tracing::warn!(device = %self.id, %model, ?key, "resync deleted a local item the cloud does not hold");
+                let message = format!("{model} {key:?}: deleted by a resync (the cloud does not hold it)");
+                self.set_status(|s| {
+                    s.swept += 1;
+                    s.last_error = Some(message);
+                });
             }
             DeviceEvent::OutboxHigh { pending } => {
                 tracing::warn!(device = %self.id, pending, "the outbox is filling up")

@@ -17,6 +17,7 @@ mod driver;
 mod state;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -76,6 +77,15 @@ pub struct AgentStatus {
     pub in_flight: usize,
     /// Local changes the cloud rejected (not retried).
     pub rejected: u64,
+    /// Local changes that lost to a newer version in the cloud (left the outbox; for models
+    /// that sync down the winner arrives through the feed).
+    pub superseded: u64,
+    /// Local changes re-stamped on the cloud's time (the device clock was ahead).
+    pub restamped: u64,
+    /// Local items a resync deleted because the cloud does not hold them.
+    pub swept: u64,
+    /// Cloud time minus this device's clock, in ms, from the last welcome.
+    pub clock_offset_ms: i64,
     /// Changes of lossy models dropped by a full outbox.
     pub dropped: u64,
     /// Sync messages published to the cloud, and their payload bytes.
@@ -106,10 +116,24 @@ impl Agent {
             None => HlcClock::new(node),
         };
         let clock = Arc::new(Mutex::new(clock));
+        let cloud_offset_ms = Arc::new(AtomicI64::new(0));
+        let push_overhead = devtables_sync::wire::up_overhead(
+            schema.version(),
+            &UpMsg::Push {
+                batch: u64::MAX,
+                changes: Vec::new(),
+            },
+        );
         db.set_interceptor(Some(Arc::new(state::OutboxRecorder {
             schema: schema.clone(),
             clock: clock.clone(),
+            cloud_offset_ms: cloud_offset_ms.clone(),
             limit: config.outbox_limit,
+            max_change_bytes: config
+                .sync
+                .max_batch_bytes
+                .min(config.sync.wire.max_message_bytes)
+                .saturating_sub(push_overhead),
         })));
 
         let (inputs_tx, inputs) = mpsc::unbounded_channel();
@@ -171,6 +195,7 @@ impl Agent {
             schema,
             engine,
             clock,
+            cloud_offset_ms,
             client,
             eventloop,
             prefix: config.topic_prefix.clone(),

@@ -12,6 +12,7 @@
 //! - `sync_meta`: the feed cursor, the last HLC issued, counters.
 //! - `resync_seen`: keys received during a full resync (swept at its end).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use devtables_db::{Change, ChangeOp, DbError, Origin, SideTables, WriteInterceptor, WriteTxn};
@@ -115,8 +116,24 @@ fn put_u64(side: &mut SideTables<'_>, key: &[u8], value: u64) -> Result<(), DbEr
 pub(crate) struct OutboxRecorder {
     pub(crate) schema: Arc<Schema>,
     pub(crate) clock: Arc<Mutex<HlcClock>>,
+    /// Cloud time minus this device's clock, in ms, learnt from the last welcome: versions are
+    /// stamped on the cloud's time, so a wrong device clock does not make them refused.
+    pub(crate) cloud_offset_ms: Arc<AtomicI64>,
     /// Most entries in the outbox.
     pub(crate) limit: u64,
+    /// Largest encoded change one push message can carry.
+    pub(crate) max_change_bytes: usize,
+}
+
+/// The local write was refused because its change could never be sent to the cloud.
+#[derive(Debug, thiserror::Error)]
+#[error("the {model} change is {size} bytes encoded, more than the {max} bytes one sync message \
+carries: it could never reach the cloud; store less in one item (or raise the sync max_batch_bytes \
+and the wire max_message_bytes on both sides)")]
+pub struct ChangeTooLarge {
+    pub model: String,
+    pub size: usize,
+    pub max: usize,
 }
 
 impl WriteInterceptor for OutboxRecorder {
@@ -131,23 +148,55 @@ impl WriteInterceptor for OutboxRecorder {
         if !process.syncs_up() {
             return Ok(());
         }
-        let base = get_version(side, &change.key)?.map(|v| v.version);
+        let stored = get_version(side, &change.key)?.map(|v| v.version);
+        let key = raw_key(&change.key);
+        let pending: Option<Entry> = match side.get(OUTBOX, &key)? {
+            Some(raw) => Some(serde_json::from_slice(&raw).map_err(|e| corrupt("outbox", e))?),
+            None => None,
+        };
+        // The base is the version the cloud knows: a change coalesced with a pending one keeps
+        // that one's base (the cloud never saw the version in between).
+        let base = match &pending {
+            Some(p) => p.change.base,
+            None => stored,
+        };
         let version = {
             let mut clock = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(base) = base {
-                clock.observe(base, 0);
+            if let Some(stored) = stored {
+                clock.observe(stored, 0);
             }
-            clock.tick(devtables_db::system_now_ms().max(0) as u64)
+            let now = devtables_db::system_now_ms()
+                .max(0)
+                .saturating_add(self.cloud_offset_ms.load(Ordering::Relaxed));
+            clock
+                .tick(now.max(0) as u64)
+                .map_err(|e| DbError::Refused(Box::new(e)))?
         };
         let deleted = change.op == ChangeOp::Remove;
+        let entry_change = wire::Change {
+            model: change.model.clone(),
+            key: change.key.clone(),
+            op: if deleted { Op::Delete } else { Op::Put },
+            item: if deleted { None } else { change.new.clone() },
+            version,
+            base,
+        };
+        // A change no message can carry would never reach the cloud: refuse the write itself,
+        // so the application hears it now rather than the change vanishing from the outbox.
+        let size = wire::change_len(&entry_change);
+        if size > self.max_change_bytes {
+            return Err(DbError::Refused(Box::new(ChangeTooLarge {
+                model: change.model.clone(),
+                size,
+                max: self.max_change_bytes,
+            })));
+        }
         put_version(side, &change.key, version, deleted)?;
         side.put(META, META_HLC, wire::hlc_to_string(version).as_bytes())?;
 
-        let key = raw_key(&change.key);
-        match side.get(OUTBOX, &key)? {
-            Some(raw) => {
+        match pending {
+            Some(old) => {
                 // Coalesce: the newest change of a key replaces the queued one.
-                let old: Entry = serde_json::from_slice(&raw).map_err(|e| corrupt("outbox", e))?;
                 side.remove(OUTBOX_SEQ, &old.seq.to_be_bytes())?;
                 side.remove(OUTBOX_LOSSY, &old.seq.to_be_bytes())?;
             }
@@ -161,14 +210,7 @@ impl WriteInterceptor for OutboxRecorder {
         put_u64(side, META_NEXT_SEQ, seq)?;
         let entry = Entry {
             seq,
-            change: wire::Change {
-                model: change.model.clone(),
-                key: change.key.clone(),
-                op: if deleted { Op::Delete } else { Op::Put },
-                item: if deleted { None } else { change.new.clone() },
-                version,
-                base,
-            },
+            change: entry_change,
         };
         side.put(OUTBOX, &key, &serde_json::to_vec(&entry)?)?;
         side.put(OUTBOX_SEQ, &seq.to_be_bytes(), &key)?;
@@ -272,6 +314,41 @@ pub(crate) fn outbox_remove(
     Ok(removed)
 }
 
+/// Gives an outbox entry a new version on the cloud's time, after the cloud refused its version
+/// as too far in the future; `None` if the entry no longer holds `version` (a newer local write
+/// replaced it). The clock is rewound to `cloud_ms` first: every version beyond it was refused,
+/// so none exists anywhere else.
+pub(crate) fn restamp(
+    txn: &mut WriteTxn<'_>,
+    clock: &Mutex<HlcClock>,
+    stamp_ms: u64,
+    key: &ItemKey,
+    version: Hlc,
+    cloud_ms: u64,
+) -> Result<Option<wire::Change>, DbError> {
+    let mut side = txn.side();
+    let raw = raw_key(key);
+    let Some(bytes) = side.get(OUTBOX, &raw)? else {
+        return Ok(None);
+    };
+    let mut entry: Entry = serde_json::from_slice(&bytes).map_err(|e| corrupt("outbox", e))?;
+    if entry.change.version != version {
+        return Ok(None);
+    }
+    let new = {
+        let mut clock = clock.lock().unwrap_or_else(PoisonError::into_inner);
+        clock.rewind_to(cloud_ms);
+        clock
+            .tick(stamp_ms)
+            .map_err(|e| DbError::Refused(Box::new(e)))?
+    };
+    entry.change.version = new;
+    put_version(&mut side, key, new, entry.change.op == Op::Delete)?;
+    side.put(META, META_HLC, wire::hlc_to_string(new).as_bytes())?;
+    side.put(OUTBOX, &raw, &serde_json::to_vec(&entry)?)?;
+    Ok(Some(entry.change))
+}
+
 /// Counters for the agent's status.
 pub(crate) fn dropped(db: &devtables_db::Db) -> Result<u64, DbError> {
     Ok(match db.side_get(META, META_DROPPED)? {
@@ -322,6 +399,13 @@ impl DeviceTxn for AgentTxn<'_, '_> {
         Ok(self.txn.side().get(OUTBOX, &raw_key(key))?.is_some())
     }
 
+    fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, DbError> {
+        Ok(self
+            .txn
+            .get_stored(key)?
+            .map(|(model, _)| model.name().to_string()))
+    }
+
     fn set_cursor(&mut self, cursor: u64) -> Result<(), DbError> {
         put_u64(&mut self.txn.side(), META_CURSOR, cursor)
     }
@@ -334,8 +418,8 @@ impl DeviceTxn for AgentTxn<'_, '_> {
         self.txn.side().clear(RESYNC_SEEN)
     }
 
-    fn resync_sweep(&mut self) -> Result<u64, DbError> {
-        let mut swept = 0;
+    fn resync_sweep(&mut self) -> Result<Vec<(String, ItemKey)>, DbError> {
+        let mut swept = Vec::new();
         let models: Vec<String> = self
             .schema
             .models()
@@ -344,6 +428,7 @@ impl DeviceTxn for AgentTxn<'_, '_> {
             .collect();
         for model in models {
             for key in self.txn.model_keys(&model)? {
+                let key_of_model = key.clone();
                 let raw = raw_key(&key);
                 let side = self.txn.side();
                 if side.get(RESYNC_SEEN, &raw)?.is_some() || side.get(OUTBOX, &raw)?.is_some() {
@@ -354,7 +439,7 @@ impl DeviceTxn for AgentTxn<'_, '_> {
                 if let Some(v) = version {
                     put_version(&mut self.txn.side(), &key, v.version, true)?;
                 }
-                swept += 1;
+                swept.push((model.clone(), key_of_model));
             }
         }
         self.txn.side().clear(RESYNC_SEEN)?;

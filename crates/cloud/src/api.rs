@@ -148,6 +148,13 @@ impl From<CloudWriteError<StoreError>> for ApiError {
             CloudWriteError::TooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
             }
+            CloudWriteError::WrongModel { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "wrong_model", message)
+            }
+            CloudWriteError::KeyNotOfModel { .. } => ApiError::bad(message),
+            CloudWriteError::Clock(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "clock", message)
+            }
             CloudWriteError::Store(s) => s.into(),
         }
     }

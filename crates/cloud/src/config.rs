@@ -44,6 +44,9 @@ pub struct CloudConfig {
     pub max_request_bytes: usize,
     /// Most items per API page.
     pub max_page_items: usize,
+    /// This cloud process's node name: its versions carry `node_id_for("devtables/cloud/{name}")`,
+    /// so two cloud nodes never mint equal versions. Empty (the default): a random name per start.
+    pub node_name: String,
 }
 
 impl CloudConfig {
@@ -64,6 +67,7 @@ impl CloudConfig {
             sqlite_full_sync: true,
             max_request_bytes: 1024 * 1024,
             max_page_items: 1000,
+            node_name: String::new(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use devtables_schema::{Item, Schema};
 use devtables_sync::cloud::{CloudAction, CloudEngine};
-use devtables_sync::hlc::{node_id_for, HlcClock, CLOUD_NODE_NAME};
+use devtables_sync::hlc::{cloud_node_name, node_id_for, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::topics;
 use devtables_sync::wire::{Change, ChangeStatus};
@@ -195,9 +195,23 @@ impl Cloud {
             ),
         };
 
+        // Each cloud process mints versions with its own node id, resuming after the highest
+        // version stored (the wall clock may have gone back across the restart).
+        let node_name = if config.node_name.is_empty() {
+            format!("{:016x}", wall_ms() ^ (u64::from(std::process::id()) << 40))
+        } else {
+            config.node_name.clone()
+        };
+        let node = node_id_for(&cloud_node_name(&node_name));
+        let mut store = store;
+        let clock = match store.max_version()? {
+            Some(last) => HlcClock::restore(node, last),
+            None => HlcClock::new(node),
+        };
+        tracing::info!(node = %node_name, "cloud node");
         let ctx = StoreCtx {
             store: Box::new(store),
-            clock: HlcClock::new(node_id_for(CLOUD_NODE_NAME)),
+            clock,
             schema: schema.clone(),
         };
         let store = StoreHandle::spawn(ctx)?;
@@ -229,6 +243,7 @@ impl Cloud {
             sync_config.seed = wall_ms();
         }
         let sync = SyncLoop {
+            max_drift_ms: sync_config.max_drift_ms,
             engine: CloudEngine::new(sync_config),
             store: store.clone(),
             client,
@@ -368,6 +383,8 @@ fn for_each_device(
 /// The sync loop: MQTT in, engine, store, MQTT out.
 struct SyncLoop {
     engine: CloudEngine,
+    /// How far past the cloud's time a pushed version may be (from the engine's config).
+    max_drift_ms: u64,
     store: StoreHandle,
     client: AsyncClient,
     eventloop: EventLoop,
@@ -409,7 +426,7 @@ impl SyncLoop {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let now = self.now();
                         match topics::parse_up_topic(&self.prefix, &p.topic) {
-                            Some(device) => self.engine.handle_message(now, &device, &p.payload),
+                            Some(device) => self.engine.handle_message(now, wall_ms(), &device, &p.payload),
                             None => tracing::debug!(topic = %p.topic, "ignored a message on a foreign topic"),
                         }
                     }
@@ -458,11 +475,12 @@ impl SyncLoop {
                 } => {
                     let from = device.clone();
                     let wall = wall_ms();
+                    let max_drift_ms = self.max_drift_ms;
                     let result = self
                         .store
                         .call(move |c| {
                             c.store
-                                .apply_push(&c.schema, &mut c.clock, wall, &from, &changes)
+                                .apply_push(&c.schema, &mut c.clock, wall, max_drift_ms, &from, &changes)
                         })
                         .await?;
                     let now = self.now();
@@ -584,7 +602,29 @@ impl SyncLoop {
                         tracing::warn!(%device, "cannot record device status: {e}");
                     }
                 }
-                other => tracing::warn!(?other, "cloud engine action needs attention"),
+                CloudAction::Unsendable {
+                    device,
+                    model,
+                    key,
+                    reason,
+                } => {
+                    tracing::warn!(%device, %model, pk = %key.pk, sk = %key.sk, "row skipped in a page: {reason}");
+                    let update = StatusUpdate {
+                        last_error: Some(Some(format!(
+                            "{model} ({}, {}) skipped in a page: {reason}",
+                            key.pk, key.sk
+                        ))),
+                        ..StatusUpdate::default()
+                    };
+                    let who = device.clone();
+                    let result = self
+                        .store
+                        .call(move |c| c.store.update_status(&who, &update))
+                        .await?;
+                    if let Err(e) = result {
+                        tracing::warn!(%device, "cannot record device status: {e}");
+                    }
+                }
             }
         }
         Ok(())

@@ -264,6 +264,19 @@ impl Model {
         Ok(key)
     }
 
+    /// Whether this model can produce `key`: each key attribute's value template (when it has
+    /// one) could render the key's value. Used to refuse a delete under one model of a key only
+    /// another model produces (for example `Fault` deleting `status#1`).
+    pub fn key_fits(&self, key: &ItemKey) -> bool {
+        let fits = |attr: &str, value: &str| match self.field(attr).and_then(|f| f.template()) {
+            Some(template) => template.could_render(value),
+            // A key attribute without a template takes any value; one the model lacks is empty.
+            None => self.field(attr).is_some() || value.is_empty(),
+        };
+        let sort = self.primary.sort.as_deref().unwrap_or_default();
+        fits(&self.primary.hash, &key.pk) && fits(sort, &key.sk)
+    }
+
     /// The key when every key attribute the model has is present in `props` as a string.
     fn direct_key(&self, props: &Item) -> Option<ItemKey> {
         let part = |attr: &str| -> Option<String> {

@@ -75,6 +75,45 @@ impl Template {
         })
     }
 
+    /// Whether some values of the variables render this template to exactly `text`: the
+    /// literal parts appear in `text` in order, the first at its start and the last at its end
+    /// unless a variable stands there. Variables match any text, so this never refuses a value
+    /// the template can produce; it refuses values that miss a literal (another model's prefix).
+    pub(crate) fn could_render(&self, text: &str) -> bool {
+        // Glob matching with `*` for each variable, backtracking to the last variable only:
+        // linear in practice and never worse than O(len(text) * parts).
+        let mut rest = text;
+        let mut first = true;
+        let mut after_var = false;
+        for (i, part) in self.parts.iter().enumerate() {
+            match part {
+                Part::Var(_) => after_var = true,
+                Part::Lit(lit) => {
+                    let last = i + 1 == self.parts.len();
+                    if first && !after_var {
+                        let Some(r) = rest.strip_prefix(lit.as_str()) else {
+                            return false;
+                        };
+                        rest = r;
+                        if last {
+                            return rest.is_empty();
+                        }
+                    } else if last {
+                        return rest.ends_with(lit.as_str());
+                    } else {
+                        let Some(at) = rest.find(lit.as_str()) else {
+                            return false;
+                        };
+                        rest = &rest[at + lit.len()..];
+                    }
+                    after_var = false;
+                }
+            }
+            first = false;
+        }
+        after_var || rest.is_empty()
+    }
+
     /// Evaluate with `lookup` giving each variable's rendered value (None = unresolved).
     pub(crate) fn render(&self, mut lookup: impl FnMut(&str) -> Option<String>) -> Rendered {
         let mut out = String::new();
@@ -122,6 +161,22 @@ pub(crate) fn render_value(value: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn could_render_checks_the_literals_in_order() {
+        let check = |template: &str, text: &str| Template::parse(template).unwrap().could_render(text);
+        assert!(check("status#${id}", "status#42"));
+        assert!(!check("status#${id}", "fault#42"));
+        assert!(check("${a}#${b}", "x#y"));
+        assert!(!check("${a}#${b}", "xy"));
+        assert!(check("dev#${d}#log", "dev#1#log"));
+        assert!(!check("dev#${d}#log", "dev#1#logx"));
+        assert!(check("fixed", "fixed"));
+        assert!(!check("fixed", "fixedx"));
+        assert!(check("${id}", "anything"));
+        assert!(check("a${x}a", "aa"), "an empty variable still renders");
+        assert!(!check("a${x}a", "a"));
+    }
     use serde_json::json;
 
     fn check(template: &str, vars: &[(&str, &str)], expected: Rendered) {

@@ -60,6 +60,9 @@ pub trait DeviceTxn {
     ) -> Result<(), Self::Error>;
     /// Whether an outbox entry exists for the key (a local write not yet acknowledged).
     fn has_pending(&mut self, model: &str, key: &ItemKey) -> Result<bool, Self::Error>;
+    /// The model of the live local item at the key, if there is one. The device database keys
+    /// items by (pk, sk) alone, so a change under one model must not replace another's item.
+    fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, Self::Error>;
     /// Store the feed cursor (in this same transaction).
     fn set_cursor(&mut self, cursor: u64) -> Result<(), Self::Error>;
     /// Mark a key as present in the current resync.
@@ -69,8 +72,8 @@ pub trait DeviceTxn {
     /// Delete, as remote writes, every live local item of a model that syncs down, that is not
     /// marked seen and has no outbox entry; each tombstone keeps the item's own version, so
     /// versions never go backwards and any later cloud write (always higher) still applies.
-    /// Then clear the marks. Returns how many items were deleted.
-    fn resync_sweep(&mut self) -> Result<u64, Self::Error>;
+    /// Then clear the marks. Returns the (model, key) of every item deleted.
+    fn resync_sweep(&mut self) -> Result<Vec<(String, ItemKey)>, Self::Error>;
 }
 
 /// A page for [`device_apply`]: what the device engine hands the driver in
@@ -129,9 +132,15 @@ pub struct ApplyOutcome {
     pub invalid: Vec<Skipped>,
     /// Items deleted by the final page of a resync.
     pub swept: u64,
+    /// The first [`MAX_SWEPT_REPORTED`] of them, for events: a local item the cloud never had
+    /// (refused, or never sent) is deleted by a sweep only with an event naming it.
+    pub swept_keys: Vec<(String, ItemKey)>,
     /// The cursor stored, if the page stored one.
     pub cursor: Option<u64>,
 }
+
+/// Most swept keys one [`ApplyOutcome`] names; the rest are counted.
+pub const MAX_SWEPT_REPORTED: usize = 256;
 
 /// [`device_apply`] failed; the caller must roll the transaction back.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +188,25 @@ pub fn device_apply<T: DeviceTxn>(
             txn.resync_mark_seen(&change.model, &change.key)
                 .map_err(ApplyError::Store)?;
         }
+        let skip = |reason: String| Skipped {
+            model: change.model.clone(),
+            key: change.key.clone(),
+            reason,
+        };
+        if let Some(held) = txn.live_model(&change.key).map_err(ApplyError::Store)? {
+            if held != change.model {
+                out.invalid.push(skip(format!(
+                    "the key is held by a local item of model {held}"
+                )));
+                continue;
+            }
+        }
         let item = match change.op {
+            Op::Delete if !model.key_fits(&change.key) => {
+                out.invalid
+                    .push(skip("the key is not one the model's key templates produce".into()));
+                continue;
+            }
             Op::Delete => None,
             Op::Put => match checked_item(model, change) {
                 Ok(item) => Some(item),
@@ -219,7 +246,10 @@ pub fn device_apply<T: DeviceTxn>(
         ApplyPage::Snapshot {
             done: true, cursor, ..
         } => {
-            out.swept = txn.resync_sweep().map_err(ApplyError::Store)?;
+            let mut swept = txn.resync_sweep().map_err(ApplyError::Store)?;
+            out.swept = swept.len() as u64;
+            swept.truncate(MAX_SWEPT_REPORTED);
+            out.swept_keys = swept;
             Some(*cursor)
         }
         ApplyPage::Snapshot { .. } => None,
@@ -256,7 +286,9 @@ pub enum Loser {
     Incoming,
 }
 
-/// Two concurrent writes to one key; the higher version won. Logged so nothing is lost silently.
+/// Two writes to one key where one did not build on the other; the higher version won. Logged
+/// so nothing is lost silently. Both writes may come from one node: a device restored from an
+/// old backup (or wiped) whose new writes meet what it wrote before the restore.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conflict {
     /// The rows' owner.
@@ -278,40 +310,76 @@ pub struct Conflict {
     pub incoming: Option<Item>,
 }
 
+/// The row a cloud store holds for a key of an owner: a live item or a tombstone.
+///
+/// A row is identified by (owner, pk, sk), the single-table design the device database shares
+/// (it keys items by pk and sk alone): the model is an attribute of the row, and the rules
+/// refuse a change under one model that meets a live row of another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRow {
+    /// The model of the last write applied.
+    pub model: String,
+    /// The version of the last write applied.
+    pub version: Hlc,
+    /// Whether that write was a delete.
+    pub deleted: bool,
+    /// The version that write replaced on its writer (its `base`), if it said one.
+    pub base: Option<Hlc>,
+}
+
+/// One write a [`CloudTxn`] is asked to store.
+#[derive(Clone, Copy, Debug)]
+pub struct RowWrite<'a> {
+    /// The owner of the row.
+    pub owner: &'a Owner,
+    /// The model.
+    pub model: &'a str,
+    /// The key.
+    pub key: &'a ItemKey,
+    /// The item, or `None` for a tombstone.
+    pub item: Option<&'a Item>,
+    /// The version of the write.
+    pub version: Hlc,
+    /// The version the write replaced on its writer.
+    pub base: Option<Hlc>,
+}
+
 /// One cloud-store write transaction, as seen by the replication rules.
+///
+/// The contract every store meets (SQLite, PostgreSQL, the simulation's) is checked by one
+/// conformance suite, `devtables_sync::conformance`; the rules below are the whole of it.
 pub trait CloudTxn {
     /// The store's error.
     type Error;
-    /// The version held for a key of an owner (item or tombstone), if any.
-    fn stored_version(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-    ) -> Result<Option<StoredVersion>, Self::Error>;
-    /// Store an item at `version`.
-    fn put_item(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-        item: &Item,
-        version: Hlc,
-    ) -> Result<(), Self::Error>;
-    /// Delete an item, keeping a tombstone at `version`.
-    fn tombstone(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-        version: Hlc,
-    ) -> Result<(), Self::Error>;
+    /// The row held for a key of an owner (item or tombstone, whatever its model), if any.
+    fn stored_row(&mut self, owner: &Owner, key: &ItemKey)
+        -> Result<Option<StoredRow>, Self::Error>;
+    /// The owner's purge watermark: the highest version of a tombstone of this owner that
+    /// retention removed (`None` if none was). A missing row counts as a tombstone at this
+    /// version for a write that knew the key (see [`cloud_apply_push`]).
+    fn purge_watermark(&mut self, owner: &Owner) -> Result<Option<Hlc>, Self::Error>;
+    /// Store an item or a tombstone, replacing the row of its key (whatever its model).
+    fn write_row(&mut self, write: &RowWrite<'_>) -> Result<(), Self::Error>;
     /// Append the key (coalesced: an older entry of the key is dropped) to the feed of the device,
     /// or of every device of the account for [`Owner::Account`]; in this same transaction.
     fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey)
         -> Result<(), Self::Error>;
     /// Record a conflict. The store bounds its conflict log (by age or count).
     fn log_conflict(&mut self, conflict: &Conflict) -> Result<(), Self::Error>;
+    /// Add a push's outcome to the device's counters: changes written (a duplicate of the
+    /// stored version is not a write) and changes superseded by a higher stored version.
+    fn count_push(&mut self, device: &DeviceId, counts: &PushCounts) -> Result<(), Self::Error>;
+}
+
+/// What one push did, per device, for the store's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushCounts {
+    /// Changes written.
+    pub applied: u64,
+    /// Changes that lost to a higher stored version (answered `stale`).
+    pub superseded: u64,
+    /// Changes refused (answered `rejected`).
+    pub rejected: u64,
 }
 
 fn reject(change: &Change, reason: RejectReason) -> ChangeResult {
@@ -337,65 +405,137 @@ fn short(mut s: String) -> String {
     s
 }
 
+/// How far past the cloud's own time a pushed version may be, in ms, by default: one minute.
+/// See [`cloud_apply_push`].
+pub const DEFAULT_MAX_DRIFT_MS: u64 = 60_000;
+
 /// Apply a device's pushed changes inside the caller's transaction; one result per change.
 ///
-/// `from` comes from the MQTT topic, never from the payload. The clock observes every version so
-/// later cloud writes order after what devices wrote.
+/// `from` comes from the MQTT topic, never from the payload. `now_ms` is the cloud's wall time:
+/// a version more than `max_drift_ms` past it is refused ([`RejectReason::VersionAhead`], which
+/// the device answers by re-stamping the change), so no device clock can move the cloud clock,
+/// and through it every other device's versions, further than that bound. The clock observes
+/// every accepted version so later cloud writes order after what devices wrote.
+///
+/// A missing row meets a write that names a `base` (the writer knew the key) as a tombstone at
+/// the owner's purge watermark: a device offline longer than tombstone retention cannot
+/// resurrect a deleted item with a write older than the delete.
+#[allow(clippy::too_many_arguments)]
 pub fn cloud_apply_push<T: CloudTxn>(
     txn: &mut T,
     schema: &Schema,
     clock: &mut HlcClock,
     now_ms: u64,
+    max_drift_ms: u64,
     from: &DeviceId,
     changes: &[Change],
 ) -> Result<Vec<ChangeResult>, T::Error> {
     let owner = Owner::Device(from.clone());
     let mut results = Vec::with_capacity(changes.len());
+    let mut counts = PushCounts::default();
     for change in changes {
-        let Some(model) = schema.model(&change.model) else {
-            results.push(reject(change, RejectReason::UnknownModel));
-            continue;
-        };
-        let process = model.process();
-        if !process.in_cloud() {
-            results.push(reject(change, RejectReason::NotEnabledInCloud));
-            continue;
-        }
-        if !process.syncs_up() || process.broadcast {
-            results.push(reject(change, RejectReason::NotSyncedUp));
-            continue;
-        }
-        let item = match change.op {
-            Op::Delete => None,
-            Op::Put => match checked_item(model, change) {
-                Ok(item) => Some(item),
-                Err(reason) => {
-                    results.push(reject(change, RejectReason::Validation(short(reason))));
-                    continue;
+        let result = match push_verdict(schema, now_ms, max_drift_ms, from, change) {
+            Err(reason) => {
+                counts.rejected += 1;
+                reject(change, reason)
+            }
+            Ok((model, item)) => {
+                clock.observe(change.version, now_ms);
+                let verdict = write_versioned(txn, &owner, model, change, item.as_ref(), Some(from))?;
+                match verdict {
+                    Verdict::Written => counts.applied += 1,
+                    Verdict::Duplicate => {}
+                    Verdict::Superseded(_) => counts.superseded += 1,
+                    Verdict::WrongModel(_) => counts.rejected += 1,
                 }
-            },
-        };
-        if let Some(item) = &item {
-            if let Some(owner_value) = item.get(OWNER_FIELD) {
-                if owner_value.as_str() != Some(from.device.as_str()) {
-                    results.push(reject(change, RejectReason::Ownership));
-                    continue;
+                ChangeResult {
+                    model: change.model.clone(),
+                    key: change.key.clone(),
+                    version: change.version,
+                    status: verdict.status(),
                 }
             }
-        }
-        clock.observe(change.version, now_ms);
-        let status = write_versioned(txn, &owner, model, change, item.as_ref(), Some(from))?;
-        results.push(ChangeResult {
-            model: change.model.clone(),
-            key: change.key.clone(),
-            version: change.version,
-            status,
-        });
+        };
+        results.push(result);
+    }
+    if counts != PushCounts::default() {
+        txn.count_push(from, &counts)?;
     }
     Ok(results)
 }
 
-/// The shared last-writer-wins step: compare, log conflicts, write, append to the feed.
+/// The checks a pushed change passes before it meets the store: the model, the version bound,
+/// the key and the item. Returns the model and the validated item (`None` for a delete).
+fn push_verdict<'s>(
+    schema: &'s Schema,
+    now_ms: u64,
+    max_drift_ms: u64,
+    from: &DeviceId,
+    change: &Change,
+) -> Result<(&'s Model, Option<Item>), RejectReason> {
+    let model = schema
+        .model(&change.model)
+        .ok_or(RejectReason::UnknownModel)?;
+    let process = model.process();
+    if !process.in_cloud() {
+        return Err(RejectReason::NotEnabledInCloud);
+    }
+    if !process.syncs_up() || process.broadcast {
+        return Err(RejectReason::NotSyncedUp);
+    }
+    let item = match change.op {
+        Op::Delete => {
+            if !model.key_fits(&change.key) {
+                return Err(RejectReason::KeyNotOfModel);
+            }
+            None
+        }
+        Op::Put => Some(checked_item(model, change).map_err(|r| RejectReason::Validation(short(r)))?),
+    };
+    if let Some(owner_value) = item.as_ref().and_then(|i| i.get(OWNER_FIELD)) {
+        if owner_value.as_str() != Some(from.device.as_str()) {
+            return Err(RejectReason::Ownership);
+        }
+    }
+    // Checked last, so a change that would be refused for good is not re-stamped first.
+    if change.version.wall_ms > now_ms.saturating_add(max_drift_ms) {
+        return Err(RejectReason::VersionAhead {
+            cloud_ms: now_ms,
+            max_drift_ms,
+        });
+    }
+    Ok((model, item))
+}
+
+/// What [`write_versioned`] did with one change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The change was stored.
+    Written,
+    /// The store already held exactly this version (a replay).
+    Duplicate,
+    /// The store holds this higher version; the change lost.
+    Superseded(Hlc),
+    /// A live item of this other model holds the key.
+    WrongModel(String),
+}
+
+impl Verdict {
+    fn status(&self) -> ChangeStatus {
+        match self {
+            Verdict::Written | Verdict::Duplicate => ChangeStatus::Applied,
+            Verdict::Superseded(winner) => ChangeStatus::Stale { winner: *winner },
+            Verdict::WrongModel(stored) => ChangeStatus::Rejected {
+                reason: RejectReason::WrongModel {
+                    stored: stored.clone(),
+                },
+            },
+        }
+    }
+}
+
+/// The shared last-writer-wins step: check the row's model, compare, log conflicts, write,
+/// append to the feed.
 fn write_versioned<T: CloudTxn>(
     txn: &mut T,
     owner: &Owner,
@@ -403,8 +543,19 @@ fn write_versioned<T: CloudTxn>(
     change: &Change,
     item: Option<&Item>,
     device: Option<&DeviceId>,
-) -> Result<ChangeStatus, T::Error> {
-    let stored = txn.stored_version(owner, &change.model, &change.key)?;
+) -> Result<Verdict, T::Error> {
+    let row = txn.stored_row(owner, &change.key)?;
+    if let Some(row) = &row {
+        if !row.deleted && row.model != change.model {
+            return Ok(Verdict::WrongModel(row.model.clone()));
+        }
+    }
+    // A write that knew the key meets a purged row as the newest purged tombstone.
+    let purged = match (&row, change.base) {
+        (None, Some(_)) => txn.purge_watermark(owner)?,
+        _ => None,
+    };
+    let stored = row.as_ref().map(|r| (r.version, r.base)).or(purged.map(|w| (w, None)));
     let conflict = |winner: Hlc, loser: Hlc, lost: Loser| Conflict {
         owner: owner.clone(),
         model: change.model.clone(),
@@ -415,33 +566,58 @@ fn write_versioned<T: CloudTxn>(
         lost,
         incoming: item.cloned(),
     };
-    if let Some(s) = stored {
-        if s.version == change.version {
-            return Ok(ChangeStatus::Applied);
+    let syncs_down = model.process().syncs_down();
+    if let Some((stored, stored_base)) = stored {
+        if stored == change.version {
+            return Ok(Verdict::Duplicate);
         }
-        if s.version > change.version {
-            if s.version.node != change.version.node {
-                txn.log_conflict(&conflict(s.version, change.version, Loser::Incoming))?;
+        if stored > change.version {
+            // A late duplicate of a write its node already replaced is no conflict: the stored
+            // write built on it, or on the same base (the writer coalesced the two). Anything
+            // else lost a race, or is a restored device's write meeting its own newer past.
+            let replaced_by_own = stored.node == change.version.node
+                && (stored_base.is_some_and(|b| b >= change.version) || stored_base == change.base);
+            if !replaced_by_own {
+                txn.log_conflict(&conflict(stored, change.version, Loser::Incoming))?;
+            }
+            if row.is_none() {
+                // Bring the purged tombstone back so the feed can deliver the delete that won.
+                txn.write_row(&RowWrite {
+                    owner,
+                    model: &change.model,
+                    key: &change.key,
+                    item: None,
+                    version: stored,
+                    base: None,
+                })?;
             }
             // The writer holds a losing version; feed it the winner so it converges even when
             // the winning write reached its feed before a resync cursor it never saw.
-            if model.process().syncs_down() {
+            if syncs_down {
                 txn.append_feed(owner, &change.model, &change.key)?;
             }
-            return Ok(ChangeStatus::Stale);
+            return Ok(Verdict::Superseded(stored));
         }
-        if change.base != Some(s.version) && s.version.node != change.version.node {
-            txn.log_conflict(&conflict(change.version, s.version, Loser::Stored))?;
+        // The write did not build on what it overwrites: a concurrent write, or a wiped or
+        // restored device overwriting its own newer past. Not a conflict: the same writer's
+        // next write on the same base (it coalesced them while the first was in flight).
+        let continuation = stored.node == change.version.node && stored_base == change.base;
+        if change.base != Some(stored) && !continuation {
+            txn.log_conflict(&conflict(change.version, stored, Loser::Stored))?;
         }
     }
-    match item {
-        Some(item) => txn.put_item(owner, &change.model, &change.key, item, change.version)?,
-        None => txn.tombstone(owner, &change.model, &change.key, change.version)?,
-    }
-    if model.process().syncs_down() {
+    txn.write_row(&RowWrite {
+        owner,
+        model: &change.model,
+        key: &change.key,
+        item,
+        version: change.version,
+        base: change.base,
+    })?;
+    if syncs_down {
         txn.append_feed(owner, &change.model, &change.key)?;
     }
-    Ok(ChangeStatus::Applied)
+    Ok(Verdict::Written)
 }
 
 /// An application write through the cloud API.
@@ -479,6 +655,28 @@ pub enum CloudWriteError<E> {
     /// The item does not satisfy the model.
     #[error("invalid item: {0}")]
     Validation(String),
+    /// A live item of another model holds the key: a write under one model may only touch
+    /// rows of that model.
+    #[error("the key belongs to an item of model {stored}, not {model}")]
+    WrongModel {
+        /// The model written.
+        model: String,
+        /// The model of the item holding the key.
+        stored: String,
+    },
+    /// The key given for a delete is not one the model's key templates can produce.
+    #[error("the key ({pk}, {sk}) is not a key of model {model}")]
+    KeyNotOfModel {
+        /// The model.
+        model: String,
+        /// The key's pk.
+        pk: String,
+        /// The key's sk.
+        sk: String,
+    },
+    /// The cloud clock cannot issue a version.
+    #[error(transparent)]
+    Clock(#[from] crate::hlc::ClockExhausted),
     /// The change would not fit in one message, so it could never be delivered.
     #[error("the item is {size} bytes encoded, over the {max} byte limit")]
     TooLarge {
@@ -537,7 +735,16 @@ pub fn cloud_write<T: CloudTxn>(
         }
     }
     let (key, item) = match op {
-        CloudOp::Delete(key) => (key, None),
+        CloudOp::Delete(key) => {
+            if !model.key_fits(&key) {
+                return Err(CloudWriteError::KeyNotOfModel {
+                    model: model_name.to_string(),
+                    pk: key.pk,
+                    sk: key.sk,
+                });
+            }
+            (key, None)
+        }
         CloudOp::Put(item) => {
             let item = model
                 .normalize_stored(item)
@@ -553,20 +760,26 @@ pub fn cloud_write<T: CloudTxn>(
             (key, Some(item))
         }
     };
-    let stored = txn
-        .stored_version(owner, model_name, &key)
+    let row = txn
+        .stored_row(owner, &key)
         .map_err(CloudWriteError::Store)?;
-    if let Some(s) = stored {
-        clock.observe(s.version, now_ms);
+    if let Some(row) = &row {
+        if !row.deleted && row.model != model_name {
+            return Err(CloudWriteError::WrongModel {
+                model: model_name.to_string(),
+                stored: row.model.clone(),
+            });
+        }
+        clock.observe(row.version, now_ms);
     }
-    let version = clock.tick(now_ms);
+    let version = clock.tick(now_ms)?;
     let change = Change {
         model: model_name.to_string(),
         key,
         op: if item.is_some() { Op::Put } else { Op::Delete },
         item,
         version,
-        base: stored.map(|s| s.version),
+        base: row.map(|r| r.version),
     };
     let size = wire::change_len(&change);
     if size.saturating_add(ENVELOPE_HEADROOM) > max_message_bytes {
@@ -575,7 +788,13 @@ pub fn cloud_write<T: CloudTxn>(
             max: max_message_bytes.saturating_sub(ENVELOPE_HEADROOM),
         });
     }
-    write_versioned(txn, owner, model, &change, change.item.as_ref(), None)
-        .map_err(CloudWriteError::Store)?;
-    Ok(change)
+    match write_versioned(txn, owner, model, &change, change.item.as_ref(), None)
+        .map_err(CloudWriteError::Store)?
+    {
+        Verdict::Written | Verdict::Duplicate | Verdict::Superseded(_) => Ok(change),
+        Verdict::WrongModel(stored) => Err(CloudWriteError::WrongModel {
+            model: model_name.to_string(),
+            stored,
+        }),
+    }
 }

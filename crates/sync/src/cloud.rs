@@ -13,6 +13,11 @@ use crate::identity::DeviceId;
 use crate::rng::SplitMix;
 use crate::wire::{self, Change, ChangeResult, DownMsg, ErrorCode, UpMsg, WireConfig, WireError};
 
+/// Why a change was skipped in a page for its size.
+fn too_large_reason(len: usize, max: usize) -> String {
+    format!("the stored change is {len} bytes encoded, more than a {max} byte message holds: fix or remove the item")
+}
+
 /// Limits and timings of a [`CloudEngine`].
 #[derive(Clone, Debug)]
 pub struct CloudConfig {
@@ -40,6 +45,10 @@ pub struct CloudConfig {
     pub max_pushes_in_progress: usize,
     /// Least time between two [`ErrorCode::NoSession`] prompts to one device, in ms. Default 30 000.
     pub prompt_interval_ms: u64,
+    /// How far past the cloud's wall time a pushed version may be, in ms. Default
+    /// [`crate::apply::DEFAULT_MAX_DRIFT_MS`] (one minute). Told to devices in the welcome; the
+    /// driver passes it to [`crate::apply::cloud_apply_push`].
+    pub max_drift_ms: u64,
     /// Seed for resync ids and jitter.
     pub seed: u64,
 }
@@ -58,6 +67,7 @@ impl Default for CloudConfig {
             max_page_retries: 8,
             max_pushes_in_progress: 4,
             prompt_interval_ms: 30_000,
+            max_drift_ms: crate::apply::DEFAULT_MAX_DRIFT_MS,
             seed: 0,
         }
     }
@@ -75,8 +85,25 @@ pub struct FeedPage {
     pub changes: Vec<(u64, Change)>,
     /// The device's feed head (highest cursor) at read time.
     pub head: u64,
-    /// `after` is older than the feed's retention: the device needs a full resync.
+    /// `after` is older than the feed's retention: the device needs a full resync. (A device
+    /// whose `after` is beyond `head` also gets one: the cloud was restored from a backup.)
     pub resync_required: bool,
+    /// Entries in the read range whose row could not be read (corrupt); they are skipped and
+    /// reported, never allowed to stall the feed.
+    pub unreadable: Vec<UnreadableRow>,
+}
+
+/// A row a page read skipped because it could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableRow {
+    /// Its feed cursor (0 in a snapshot page).
+    pub cursor: u64,
+    /// The model.
+    pub model: String,
+    /// The key.
+    pub key: ItemKey,
+    /// What was wrong with it.
+    pub reason: String,
 }
 
 /// The store's answer to [`CloudAction::ReadSnapshot`].
@@ -90,6 +117,8 @@ pub struct SnapshotPage {
     pub next: Option<SnapshotCursor>,
     /// The device's feed head at read time (kept from the first page of a resync).
     pub cursor: u64,
+    /// Rows in the page's range that could not be read (skipped and reported).
+    pub unreadable: Vec<UnreadableRow>,
 }
 
 /// Work for the cloud driver.
@@ -147,14 +176,17 @@ pub enum CloudAction {
         /// When it was last heard from.
         last_seen_ms: u64,
     },
-    /// A stored change is larger than a message may be and was skipped in a page; fix the item.
-    Oversize {
+    /// A stored row could not be sent in a page (larger than a message may be, or unreadable)
+    /// and was skipped so the rest flows; record it on the device's status and log it.
+    Unsendable {
         /// The device whose page skipped it.
         device: DeviceId,
         /// The model.
         model: String,
         /// The key.
         key: ItemKey,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -277,7 +309,10 @@ impl CloudEngine {
     }
 
     /// A message arrived on `from`'s up topic (the device is taken from the topic only).
-    pub fn handle_message(&mut self, now_ms: u64, from: &DeviceId, bytes: &[u8]) {
+    ///
+    /// `wall_ms` is the cloud's wall time (ms since the Unix epoch), told to the device in a
+    /// welcome; `now_ms` is the engine's (monotonic) time like every other input's.
+    pub fn handle_message(&mut self, now_ms: u64, wall_ms: u64, from: &DeviceId, bytes: &[u8]) {
         let decoded = match wire::decode_up(bytes, &self.cfg.wire) {
             Ok(d) => d,
             Err(e) => {
@@ -306,7 +341,7 @@ impl CloudEngine {
                 session,
                 cursor,
                 pending,
-            } => self.on_hello(now_ms, from, session, cursor, pending, decoded.schema),
+            } => self.on_hello(now_ms, wall_ms, from, session, cursor, pending, decoded.schema),
             UpMsg::Push { batch, changes } => {
                 let max = self.cfg.max_pushes_in_progress;
                 let Some(s) = self.sessions.get_mut(from) else {
@@ -378,6 +413,17 @@ impl CloudEngine {
                             reading: None,
                             head: cursor,
                             head_known: false,
+                        });
+                        // The device stored the resync cursor: record it, or its lag would
+                        // show the whole feed until the next feed acknowledgement.
+                        let schema = s.schema.clone();
+                        self.actions.push_back(CloudAction::DeviceStatus {
+                            device: from.clone(),
+                            online: true,
+                            schema_version: schema,
+                            cursor_acked: Some(cursor),
+                            pending: None,
+                            last_seen_ms: now_ms,
                         });
                     }
                     _ => {
@@ -485,7 +531,9 @@ impl CloudEngine {
         f.reading = None;
         f.head_known = true;
         f.head = f.head.max(page.head);
-        if page.resync_required {
+        // A cursor beyond the head: the cloud lost feed entries the device already applied
+        // (restored from a backup); only a full resync brings the two back together.
+        if page.resync_required || page.after > page.head {
             let resync = self.rng.next() >> 11;
             s.mode = Mode::Snapshot(SnapTx {
                 resync,
@@ -499,7 +547,9 @@ impl CloudEngine {
             self.pump(now_ms, device);
             return;
         }
-        let full = page.changes.len() >= limit;
+        // The store read `limit` entries when it returned that many, readable or not; only a
+        // short read reached the head.
+        let full = page.changes.len() + page.unreadable.len() >= limit;
         let overhead = wire::down_overhead(
             &self.cfg.schema_version,
             &DownMsg::Feed {
@@ -513,11 +563,20 @@ impl CloudEngine {
         let mut to = page.after;
         let mut changes = Vec::new();
         let mut truncated = false;
-        let mut oversize = Vec::new();
+        let mut unsendable = Vec::new();
+        // Unreadable rows are skipped like oversize ones, but only those the page covers: an
+        // unreadable row past a truncation is met again by the next read.
+        let mut unreadable = page.unreadable;
+        unreadable.sort_by_key(|u| u.cursor);
+        let mut unreadable = unreadable.into_iter().peekable();
         for (cursor, change) in page.changes {
+            while let Some(u) = unreadable.next_if(|u| u.cursor < cursor) {
+                to = to.max(u.cursor);
+                unsendable.push((u.model, u.key, u.reason));
+            }
             let len = wire::change_len(&change);
             if overhead.saturating_add(len) > max {
-                oversize.push((change.model, change.key));
+                unsendable.push((change.model, change.key, too_large_reason(len, max)));
                 to = to.max(cursor);
                 continue;
             }
@@ -529,6 +588,12 @@ impl CloudEngine {
             size += add;
             to = to.max(cursor);
             changes.push(change);
+        }
+        if !truncated {
+            for u in unreadable {
+                to = to.max(u.cursor);
+                unsendable.push((u.model, u.key, u.reason));
+            }
         }
         if !full && !truncated {
             to = to.max(page.head);
@@ -543,7 +608,7 @@ impl CloudEngine {
             };
             self.transmit(device, &msg);
         }
-        self.finish_page(now_ms, device, oversize);
+        self.finish_page(now_ms, device, unsendable);
     }
 
     /// The driver read a snapshot page.
@@ -593,7 +658,13 @@ impl CloudEngine {
         let mut items = Vec::new();
         let mut last: Option<SnapshotCursor> = after.clone();
         let mut truncated = false;
-        let mut oversize = Vec::new();
+        // Unreadable rows of a snapshot page are reported; the page's range moves past them
+        // through `next` (the store read past them).
+        let mut unsendable: Vec<(String, ItemKey, String)> = page
+            .unreadable
+            .into_iter()
+            .map(|u| (u.model, u.key, u.reason))
+            .collect();
         for item in page.items {
             let len = wire::change_len(&item);
             if overhead.saturating_add(len) > max {
@@ -601,7 +672,7 @@ impl CloudEngine {
                     model: item.model.clone(),
                     key: item.key.clone(),
                 });
-                oversize.push((item.model, item.key));
+                unsendable.push((item.model, item.key, too_large_reason(len, max)));
                 continue;
             }
             let add = len + usize::from(!items.is_empty());
@@ -633,16 +704,22 @@ impl CloudEngine {
             cursor,
         };
         self.transmit(device, &msg);
-        self.finish_page(now_ms, device, oversize);
+        self.finish_page(now_ms, device, unsendable);
     }
 
-    /// After a page went out: report skipped oversize changes, re-arm the timer, send more.
-    fn finish_page(&mut self, now_ms: u64, device: &DeviceId, oversize: Vec<(String, ItemKey)>) {
-        for (model, key) in oversize {
-            self.actions.push_back(CloudAction::Oversize {
+    /// After a page went out: report skipped rows, re-arm the timer, send more.
+    fn finish_page(
+        &mut self,
+        now_ms: u64,
+        device: &DeviceId,
+        unsendable: Vec<(String, ItemKey, String)>,
+    ) {
+        for (model, key, reason) in unsendable {
+            self.actions.push_back(CloudAction::Unsendable {
                 device: device.clone(),
                 model,
                 key,
+                reason,
             });
         }
         self.refresh_deadline(now_ms, device);
@@ -783,9 +860,11 @@ impl CloudEngine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_hello(
         &mut self,
         now_ms: u64,
+        wall_ms: u64,
         from: &DeviceId,
         session: u64,
         cursor: u64,
@@ -806,7 +885,8 @@ impl CloudEngine {
                 // A resent hello (our welcome was lost, or the network duplicated it): answer
                 // again without restarting the stream, which would race with pages in flight.
                 s.last_seen_ms = now_ms;
-                self.transmit(from, &DownMsg::Welcome { session });
+                let welcome = self.welcome(session, wall_ms);
+                self.transmit(from, &welcome);
                 return;
             }
         }
@@ -831,7 +911,8 @@ impl CloudEngine {
                 retries: 0,
             },
         );
-        self.transmit(from, &DownMsg::Welcome { session });
+        let welcome = self.welcome(session, wall_ms);
+        self.transmit(from, &welcome);
         self.actions.push_back(CloudAction::DeviceStatus {
             device: from.clone(),
             online: true,
@@ -841,6 +922,14 @@ impl CloudEngine {
             last_seen_ms: now_ms,
         });
         self.pump(now_ms, from);
+    }
+
+    fn welcome(&self, session: u64, wall_ms: u64) -> DownMsg {
+        DownMsg::Welcome {
+            session,
+            now_ms: wall_ms,
+            max_drift_ms: self.cfg.max_drift_ms,
+        }
     }
 
     /// Issue the next read if the window allows one.

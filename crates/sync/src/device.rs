@@ -84,6 +84,21 @@ pub enum DeviceAction {
     /// Delete these durable outbox entries, each only if its stored version still equals the
     /// given one (a newer local write keeps its entry).
     OutboxRemove(Vec<(String, ItemKey, Hlc)>),
+    /// The cloud refused this outbox entry's version as too far in the future. In one
+    /// transaction, if the entry still holds `version`: rewind the clock to `cloud_ms`
+    /// ([`crate::hlc::HlcClock::rewind_to`]), tick a new version on the device's corrected
+    /// time, store it as the key's version and the entry's; then call
+    /// [`DeviceEngine::handle_restamped`] with the new change.
+    Restamp {
+        /// The entry's model.
+        model: String,
+        /// The entry's key.
+        key: ItemKey,
+        /// The refused version.
+        version: Hlc,
+        /// The cloud's time when it refused it.
+        cloud_ms: u64,
+    },
 }
 
 /// Things the application may want to know.
@@ -93,6 +108,43 @@ pub enum DeviceEvent {
     Connected,
     /// The cloud welcomed the session: changes flow.
     Ready,
+    /// The cloud told its time (in its welcome). The driver stamps versions on
+    /// `cloud_ms + (its clock now - its clock at receipt)`, so a wrong device clock never
+    /// produces versions the cloud refuses.
+    CloudTime {
+        /// The cloud's wall time, ms since the Unix epoch.
+        cloud_ms: u64,
+        /// How far past its time the cloud accepts a version, in ms.
+        max_drift_ms: u64,
+    },
+    /// A local change lost to a higher version the cloud holds; it left the outbox. For models
+    /// that sync down the winner arrives through the feed.
+    Superseded {
+        /// The change that lost.
+        change: Change,
+        /// The version that won.
+        winner: Hlc,
+    },
+    /// A local change was re-stamped with a version on the cloud's time (its first version was
+    /// too far in the future) and is sent again.
+    Restamped {
+        /// The model.
+        model: String,
+        /// The key.
+        key: ItemKey,
+        /// The refused version.
+        from: Hlc,
+        /// The new version.
+        to: Hlc,
+    },
+    /// The end of a resync deleted a local item the cloud does not hold (the cloud refused it,
+    /// or never received it and the device no longer had it pending).
+    Swept {
+        /// The model.
+        model: String,
+        /// The key.
+        key: ItemKey,
+    },
     /// The cloud (or the size check) refused a change; it left the outbox and is not retried.
     Rejected {
         /// The refused change.
@@ -117,6 +169,8 @@ pub enum DeviceEvent {
     Resynced {
         /// The cursor stored.
         cursor: u64,
+        /// Local items the final sweep deleted.
+        swept: u64,
     },
     /// The outbox holds more entries than `outbox_high_water`.
     OutboxHigh {
@@ -138,6 +192,9 @@ struct Entry {
     queued_at: u64,
     /// Whether the newest change waits to be sent.
     queued: bool,
+    /// Whether the driver is re-stamping the change (the cloud refused its version as too far
+    /// in the future); it is not sent until [`DeviceEngine::handle_restamped`].
+    restamping: bool,
     /// The batch and version in flight, if any (may be older than `change`).
     in_flight: Option<(u64, Hlc)>,
 }
@@ -323,11 +380,19 @@ impl DeviceEngine {
             }
         };
         match decoded.msg {
-            DownMsg::Welcome { session } => {
+            DownMsg::Welcome {
+                session,
+                now_ms: cloud_ms,
+                max_drift_ms,
+            } => {
                 if self.connected && !self.ready && self.session == Some(session) {
                     self.ready = true;
                     self.hello_deadline = None;
                     self.backoff = 0;
+                    self.event(DeviceEvent::CloudTime {
+                        cloud_ms,
+                        max_drift_ms,
+                    });
                     self.event(DeviceEvent::Ready);
                 }
             }
@@ -365,6 +430,9 @@ impl DeviceEngine {
         for skipped in outcome.invalid {
             self.event(DeviceEvent::ApplySkipped(skipped));
         }
+        for (model, key) in outcome.swept_keys {
+            self.event(DeviceEvent::Swept { model, key });
+        }
         match page {
             ApplyPage::Feed { to, .. } => {
                 self.cursor = to;
@@ -379,7 +447,10 @@ impl DeviceEngine {
             } => {
                 if done {
                     self.cursor = cursor;
-                    self.event(DeviceEvent::Resynced { cursor });
+                    self.event(DeviceEvent::Resynced {
+                        cursor,
+                        swept: outcome.swept,
+                    });
                 }
                 self.last_snapshot_ack = Some((resync, last.clone(), done));
                 self.send(&UpMsg::SnapshotAck {
@@ -402,6 +473,53 @@ impl DeviceEngine {
         self.resync = None;
         self.tail = self.cursor;
         self.event(DeviceEvent::ApplyFailed);
+    }
+
+    /// The driver re-stamped an outbox entry after a [`DeviceAction::Restamp`]: `change` is the
+    /// entry with its new version, which replaces `old` (even though it is lower: the old
+    /// version was refused and exists nowhere else). If the entry no longer holds `old`, a newer
+    /// local write replaced it and was queued already, so nothing changes.
+    pub fn handle_restamped(&mut self, now_ms: u64, old: Hlc, change: Change) {
+        let k = (change.model.clone(), change.key.clone());
+        let to = change.version;
+        let len = wire::change_len(&change);
+        let Some(e) = self.entries.get_mut(&k) else {
+            return;
+        };
+        if e.change.version != old {
+            return;
+        }
+        e.change = change;
+        e.len = len;
+        e.restamping = false;
+        if !e.queued {
+            e.queued = true;
+            e.queued_at = now_ms;
+            self.order.insert(e.seq, k.clone());
+        }
+        self.event(DeviceEvent::Restamped {
+            model: k.0,
+            key: k.1,
+            from: old,
+            to,
+        });
+        self.flush(now_ms);
+    }
+
+    /// The driver could not re-stamp the entry (its transaction failed): send the old version
+    /// again, which the cloud refuses again, and so the re-stamp is retried.
+    pub fn handle_restamp_failed(&mut self, now_ms: u64, model: &str, key: &ItemKey) {
+        let k = (model.to_string(), key.clone());
+        if let Some(e) = self.entries.get_mut(&k) {
+            if e.restamping {
+                e.restamping = false;
+                if !e.queued {
+                    e.queued = true;
+                    e.queued_at = now_ms;
+                    self.order.insert(e.seq, k);
+                }
+            }
+        }
     }
 
     /// Time passed; call when [`poll_timeout`](Self::poll_timeout) is reached.
@@ -539,6 +657,7 @@ impl DeviceEngine {
             }
             e.change = change;
             e.len = len;
+            e.restamping = false;
             if !e.queued {
                 e.queued = true;
                 e.queued_at = now_ms;
@@ -556,6 +675,7 @@ impl DeviceEngine {
                 seq,
                 queued_at: now_ms,
                 queued: true,
+                restamping: false,
                 in_flight: None,
             },
         );
@@ -564,6 +684,9 @@ impl DeviceEngine {
 
     fn requeue(&mut self, k: &(String, ItemKey), batch: u64) {
         if let Some(e) = self.entries.get_mut(k) {
+            if e.restamping {
+                return;
+            }
             if e.in_flight.is_some_and(|(b, _)| b == batch) {
                 e.in_flight = None;
                 if !e.queued {
@@ -613,15 +736,37 @@ impl DeviceEngine {
                 continue;
             };
             if e.change.version == r.version {
+                if let ChangeStatus::Rejected {
+                    reason: RejectReason::VersionAhead { cloud_ms, .. },
+                } = r.status
+                {
+                    // Not final: the entry stays, re-stamped on the cloud's time.
+                    e.in_flight = None;
+                    if !e.restamping {
+                        e.restamping = true;
+                        self.actions.push_back(DeviceAction::Restamp {
+                            model: k.0,
+                            key: k.1,
+                            version: r.version,
+                            cloud_ms,
+                        });
+                    }
+                    continue;
+                }
                 let Some(e) = self.remove_entry(&k) else {
                     continue;
                 };
                 removed.push((k.0, k.1, r.version));
-                if let ChangeStatus::Rejected { reason } = r.status {
-                    self.event(DeviceEvent::Rejected {
+                match r.status {
+                    ChangeStatus::Rejected { reason } => self.event(DeviceEvent::Rejected {
                         change: e.change,
                         reason,
-                    });
+                    }),
+                    ChangeStatus::Stale { winner } => self.event(DeviceEvent::Superseded {
+                        change: e.change,
+                        winner,
+                    }),
+                    ChangeStatus::Applied => {}
                 }
             } else if e.in_flight.is_some_and(|(_, v)| v == r.version) {
                 // An older version was answered; the newer one stays queued.

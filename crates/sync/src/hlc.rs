@@ -9,6 +9,11 @@
 //! The clock does not read time: the caller passes `phys_ms` (its own physical clock), which keeps
 //! the crate deterministic and lets the simulator inject skew.
 
+/// The largest `wall_ms` a version may carry: 2^48 - 1 ms (about the year 10889). The text form
+/// ([`crate::wire::hlc_to_string`]) gives the wall time exactly 12 hex digits, so every version
+/// the wire accepts sorts the same as text (in SQL) and as [`Hlc`] (in Rust).
+pub const MAX_WALL_MS: u64 = (1 << 48) - 1;
+
 /// A hybrid logical timestamp: the version of one replicated write.
 ///
 /// The order is total: by `wall_ms`, then `counter`, then `node` as a tie-break, so two distinct
@@ -34,6 +39,13 @@ impl Hlc {
         node: 0,
     };
 }
+
+/// The clock cannot issue a version: it already issued the largest one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the version clock is exhausted (it reached wall time {MAX_WALL_MS} ms with its counter \
+full): the device clock or a restored version is absurdly far in the future; fix the clock and \
+let the cloud correct it")]
+pub struct ClockExhausted;
 
 impl std::fmt::Display for Hlc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,7 +86,11 @@ impl HlcClock {
     }
 
     /// Issue a new version, strictly greater than anything issued or observed before.
-    pub fn tick(&mut self, phys_ms: u64) -> Hlc {
+    ///
+    /// `phys_ms` beyond [`MAX_WALL_MS`] counts as [`MAX_WALL_MS`]; once the clock holds the
+    /// largest version it refuses to tick rather than wrap or repeat a version.
+    pub fn tick(&mut self, phys_ms: u64) -> Result<Hlc, ClockExhausted> {
+        let phys_ms = phys_ms.min(MAX_WALL_MS);
         let next = if phys_ms > self.last.wall_ms {
             Hlc {
                 wall_ms: phys_ms,
@@ -84,8 +100,11 @@ impl HlcClock {
         } else if self.last.counter == u32::MAX {
             // The counter is exhausted: borrow one millisecond from the future. This keeps the
             // order strict at the cost of a 1 ms drift, which the next physical tick absorbs.
+            if self.last.wall_ms >= MAX_WALL_MS {
+                return Err(ClockExhausted);
+            }
             Hlc {
-                wall_ms: self.last.wall_ms.saturating_add(1),
+                wall_ms: self.last.wall_ms + 1,
                 counter: 0,
                 node: self.node,
             }
@@ -97,7 +116,23 @@ impl HlcClock {
             }
         };
         self.last = next;
-        next
+        Ok(next)
+    }
+
+    /// Forget versions beyond `wall_ms`: the clock was ahead of the time the cloud accepts.
+    ///
+    /// Used by a device whose push the cloud refused as too far in the future: every version it
+    /// issued beyond the bound was refused, so none of them exists anywhere else and going back
+    /// breaks no causal order the fleet has seen. Versions the device observed from the cloud
+    /// are never beyond the bound, and the per-key base is observed again at the next write.
+    pub fn rewind_to(&mut self, wall_ms: u64) {
+        if self.last.wall_ms > wall_ms {
+            self.last = Hlc {
+                wall_ms,
+                counter: 0,
+                node: self.node,
+            };
+        }
     }
 
     /// Record a version seen from another node, so later ticks order after it.
@@ -106,6 +141,10 @@ impl HlcClock {
     /// at the next tick.
     pub fn observe(&mut self, remote: Hlc, phys_ms: u64) {
         let _ = phys_ms;
+        let remote = Hlc {
+            wall_ms: remote.wall_ms.min(MAX_WALL_MS),
+            ..remote
+        };
         if remote > self.last {
             self.last = remote;
         }
@@ -119,8 +158,8 @@ impl HlcClock {
 
 /// A stable node id for a name: 64-bit FNV-1a of its UTF-8 bytes.
 ///
-/// Devices use `"{account}/{device}"`; the cloud uses [`CLOUD_NODE_NAME`], which no device can
-/// take because device names never contain `/`.
+/// Devices use `"{account}/{device}"`; a cloud process uses [`cloud_node_name`] of its own node
+/// name, which no device can take because device names never contain `/` twice.
 pub fn node_id_for(name: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in name.as_bytes() {
@@ -130,8 +169,15 @@ pub fn node_id_for(name: &str) -> u64 {
     hash
 }
 
-/// The name whose [`node_id_for`] is the cloud's node id.
+/// The prefix of a cloud process's node name; see [`cloud_node_name`].
 pub const CLOUD_NODE_NAME: &str = "devtables/cloud";
+
+/// The node name of one cloud process: `devtables/cloud/{node}`. Each cloud process mints
+/// versions with its own node id, so two cloud nodes writing one key at the same millisecond
+/// still produce distinct, totally ordered versions.
+pub fn cloud_node_name(node: &str) -> String {
+    format!("{CLOUD_NODE_NAME}/{node}")
+}
 
 #[cfg(test)]
 mod tests {
@@ -140,9 +186,9 @@ mod tests {
     #[test]
     fn tick_is_strictly_monotonic_even_when_time_goes_back() {
         let mut c = HlcClock::new(7);
-        let a = c.tick(1000);
-        let b = c.tick(900);
-        let d = c.tick(1000);
+        let a = c.tick(1000).unwrap();
+        let b = c.tick(900).unwrap();
+        let d = c.tick(1000).unwrap();
         assert!(a < b && b < d);
         assert_eq!(b.wall_ms, 1000);
     }
@@ -156,7 +202,7 @@ mod tests {
             node: u64::MAX,
         };
         c.observe(remote, 10);
-        let t = c.tick(10);
+        let t = c.tick(10).unwrap();
         assert!(t > remote);
         assert_eq!(t.node, 1);
     }
@@ -171,7 +217,7 @@ mod tests {
                 node: 1,
             },
         );
-        let t = c.tick(0);
+        let t = c.tick(0).unwrap();
         assert_eq!(
             t,
             Hlc {
@@ -180,6 +226,37 @@ mod tests {
                 node: 1
             }
         );
+    }
+
+    #[test]
+    fn the_top_version_refuses_to_tick_instead_of_repeating() {
+        let mut c = HlcClock::new(1);
+        let a = c.tick(u64::MAX).unwrap();
+        assert_eq!(a.wall_ms, MAX_WALL_MS);
+        c.observe(
+            Hlc {
+                wall_ms: u64::MAX,
+                counter: u32::MAX - 1,
+                node: 0,
+            },
+            0,
+        );
+        let b = c.tick(0).unwrap();
+        assert!(b > a);
+        assert_eq!((b.wall_ms, b.counter), (MAX_WALL_MS, u32::MAX));
+        assert_eq!(c.tick(u64::MAX), Err(ClockExhausted));
+        assert_eq!(c.last(), b, "a refused tick changes nothing");
+    }
+
+    #[test]
+    fn rewind_forgets_only_what_is_beyond_the_bound() {
+        let mut c = HlcClock::new(3);
+        let ahead = c.tick(10_000_000).unwrap();
+        c.rewind_to(20_000_000);
+        assert_eq!(c.last(), ahead, "nothing beyond the bound: no change");
+        c.rewind_to(5_000);
+        let t = c.tick(4_000).unwrap();
+        assert_eq!((t.wall_ms, t.counter), (5_000, 1));
     }
 
     #[test]

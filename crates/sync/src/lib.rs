@@ -32,11 +32,14 @@ pub mod wire;
 
 pub use apply::{
     cloud_apply_push, cloud_write, device_apply, ApplyError, ApplyOutcome, ApplyPage, CloudOp,
-    CloudTxn, CloudWriteError, Conflict, DeviceTxn, Loser, Skipped, StoredVersion, OWNER_FIELD,
+    CloudTxn, CloudWriteError, Conflict, DeviceTxn, Loser, PushCounts, RowWrite, Skipped,
+    StoredRow, StoredVersion, DEFAULT_MAX_DRIFT_MS, OWNER_FIELD,
 };
-pub use cloud::{CloudAction, CloudConfig, CloudEngine, FeedPage, SnapshotCursor, SnapshotPage};
+pub use cloud::{
+    CloudAction, CloudConfig, CloudEngine, FeedPage, SnapshotCursor, SnapshotPage, UnreadableRow,
+};
 pub use device::{DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, Restored};
-pub use hlc::{node_id_for, Hlc, HlcClock, CLOUD_NODE_NAME};
+pub use hlc::{cloud_node_name, node_id_for, ClockExhausted, Hlc, HlcClock, CLOUD_NODE_NAME};
 pub use identity::{DeviceId, IdError, Owner};
 pub use wire::{
     Change, ChangeResult, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, UpMsg, WireConfig,

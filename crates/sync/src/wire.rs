@@ -12,7 +12,7 @@
 use devtables_schema::{Item, ItemKey};
 use serde::{Deserialize, Serialize};
 
-use crate::hlc::Hlc;
+use crate::hlc::{Hlc, MAX_WALL_MS};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -96,8 +96,11 @@ pub struct Change {
     /// The version of this write; replicas keep the highest version per key.
     #[serde(with = "hlc_wire")]
     pub version: Hlc,
-    /// The version this write replaced on the writer (`None` when it created the key). A receiver
-    /// holding another version has a concurrent write: a conflict, which is logged.
+    /// The version this write replaced, as the cloud knows it: the version of the key the
+    /// writer last received from or had acknowledged by the cloud (`None` when the cloud never
+    /// held the key as far as the writer knows). Successive local writes of one key coalesced
+    /// in the outbox keep the first one's base. A receiver holding another version has a
+    /// concurrent write: a conflict, which is logged.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -121,10 +124,33 @@ pub enum RejectReason {
     NotSyncedUp,
     /// The item names another device as its owner.
     Ownership,
-    /// The device's schema is incompatible with the cloud's.
-    SchemaMismatch(String),
     /// The change alone is larger than a message may be.
     TooLarge,
+    /// The key is held by a live item of another model: a change under one model may only
+    /// touch rows of that model.
+    WrongModel {
+        /// The model of the item that holds the key.
+        stored: String,
+    },
+    /// The key is not one the model's key templates can produce.
+    KeyNotOfModel,
+    /// The change's version is further in the future than the cloud accepts (the device clock
+    /// is ahead). Unlike other reasons this one is not final: the device re-stamps the change
+    /// with a version on the cloud's time and sends it again.
+    VersionAhead {
+        /// The cloud's time when it refused the change, in ms since the Unix epoch.
+        cloud_ms: u64,
+        /// How far past `cloud_ms` a version may be, in ms.
+        max_drift_ms: u64,
+    },
+}
+
+impl RejectReason {
+    /// Whether the change is gone for good (it leaves the outbox); a refusal that is not final
+    /// ([`RejectReason::VersionAhead`]) is retried after the device fixes the change.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, RejectReason::VersionAhead { .. })
+    }
 }
 
 impl std::fmt::Display for RejectReason {
@@ -135,8 +161,21 @@ impl std::fmt::Display for RejectReason {
             RejectReason::NotEnabledInCloud => f.write_str("the model is not enabled in the cloud"),
             RejectReason::NotSyncedUp => f.write_str("the model does not replicate up"),
             RejectReason::Ownership => f.write_str("the item belongs to another device"),
-            RejectReason::SchemaMismatch(m) => write!(f, "schema mismatch: {m}"),
             RejectReason::TooLarge => f.write_str("the change is larger than a message may be"),
+            RejectReason::WrongModel { stored } => {
+                write!(f, "the key belongs to an item of model {stored}")
+            }
+            RejectReason::KeyNotOfModel => {
+                f.write_str("the key is not one the model's key templates produce")
+            }
+            RejectReason::VersionAhead {
+                cloud_ms,
+                max_drift_ms,
+            } => write!(
+                f,
+                "the version is more than {max_drift_ms} ms ahead of the cloud's time {cloud_ms}: \
+                 the device clock is ahead; the change is re-stamped and sent again"
+            ),
         }
     }
 }
@@ -148,7 +187,11 @@ pub enum ChangeStatus {
     /// Stored (or already stored: pushes are idempotent).
     Applied,
     /// The cloud holds a higher version; this write lost (and was logged as a conflict).
-    Stale,
+    Stale {
+        /// The version that won, so the device can report what superseded its write.
+        #[serde(with = "hlc_wire")]
+        winner: Hlc,
+    },
     /// Refused; see the reason.
     Rejected {
         /// Why.
@@ -266,6 +309,11 @@ pub enum DownMsg {
     Welcome {
         /// The session of the hello answered.
         session: u64,
+        /// The cloud's time when it answered, in ms since the Unix epoch: devices stamp their
+        /// versions on the cloud's time, so a wrong device clock never moves the fleet's.
+        now_ms: u64,
+        /// How far past its own time the cloud accepts a version, in ms.
+        max_drift_ms: u64,
     },
     /// The results of one [`UpMsg::Push`] (possibly split over several messages).
     PushAck {
@@ -489,15 +537,26 @@ pub fn down_overhead(schema: &str, msg: &DownMsg) -> usize {
 
 /// An [`Hlc`] as text: `wwwwwwwwwwww-cccccccc-nnnnnnnnnnnnnnnn` in fixed-width lowercase hex
 /// (wall ms, counter, node), so that the text order equals the version order; drivers may store
-/// it in a SQL column and compare it there.
+/// it in a SQL column and compare it there. A wall time beyond [`MAX_WALL_MS`] (which no clock
+/// issues and the wire refuses) is written as [`MAX_WALL_MS`], never wider.
 pub fn hlc_to_string(v: Hlc) -> String {
-    format!("{:012x}-{:08x}-{:016x}", v.wall_ms, v.counter, v.node)
+    format!(
+        "{:012x}-{:08x}-{:016x}",
+        v.wall_ms.min(MAX_WALL_MS),
+        v.counter,
+        v.node
+    )
 }
 
-/// Parse the text form of [`hlc_to_string`].
+/// Parse the text form of [`hlc_to_string`]: exactly 12, 8 and 16 lowercase hex digits, so
+/// that every accepted text sorts like its version (in SQL as in Rust) and the wall time never
+/// exceeds [`MAX_WALL_MS`].
 pub fn hlc_from_str(s: &str) -> Result<Hlc, WireError> {
     let bad = || WireError::Malformed {
-        reason: format!("bad version {s:?}: expected wall-counter-node in hex"),
+        reason: format!(
+            "bad version {:?}: expected wall-counter-node as 12, 8 and 16 lowercase hex digits",
+            s.chars().take(64).collect::<String>()
+        ),
     };
     let mut parts = s.split('-');
     let (Some(w), Some(c), Some(n), None) =
@@ -505,7 +564,10 @@ pub fn hlc_from_str(s: &str) -> Result<Hlc, WireError> {
     else {
         return Err(bad());
     };
-    if w.is_empty() || w.len() > 16 || c.is_empty() || c.len() > 8 || n.is_empty() || n.len() > 16 {
+    let hex = |p: &str, len: usize| {
+        p.len() == len && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !hex(w, 12) || !hex(c, 8) || !hex(n, 16) {
         return Err(bad());
     }
     Ok(Hlc {
@@ -664,5 +726,23 @@ mod tests {
         assert_eq!(hlc_from_str(&hlc_to_string(a)).unwrap(), a);
         assert!(hlc_from_str("1-2").is_err());
         assert!(hlc_from_str("zz-1-1").is_err());
+        assert!(hlc_from_str("1-2-3").is_err(), "short fields would sort wrongly as text");
+        assert!(hlc_from_str("0000000000FF-00000001-0000000000000001").is_err());
+        assert!(hlc_from_str("00000000000000ff-00000001-0000000000000001").is_err());
+    }
+
+    #[test]
+    fn every_accepted_version_sorts_as_text_like_in_rust() {
+        use proptest::prelude::*;
+        proptest!(|(a in (0..=MAX_WALL_MS, any::<u32>(), any::<u64>()),
+                    b in (0..=MAX_WALL_MS, any::<u32>(), any::<u64>()))| {
+            let a = Hlc { wall_ms: a.0, counter: a.1, node: a.2 };
+            let b = Hlc { wall_ms: b.0, counter: b.1, node: b.2 };
+            let (ta, tb) = (hlc_to_string(a), hlc_to_string(b));
+            prop_assert_eq!(hlc_from_str(&ta).unwrap(), a);
+            prop_assert_eq!(ta.cmp(&tb), a.cmp(&b));
+        });
+        let top = Hlc { wall_ms: MAX_WALL_MS, counter: u32::MAX, node: u64::MAX };
+        assert_eq!(hlc_from_str(&hlc_to_string(top)).unwrap(), top);
     }
 }

@@ -17,7 +17,11 @@ fn valid_up() -> Vec<u8> {
 }
 
 fn valid_down() -> Vec<u8> {
-    let msg = DownMsg::Welcome { session: 7 };
+    let msg = DownMsg::Welcome {
+        session: 7,
+        now_ms: 1,
+        max_drift_ms: 60_000,
+    };
     wire::encode_down("1.0.0", &msg, &WireConfig::default()).unwrap()
 }
 
@@ -62,7 +66,7 @@ proptest! {
         let mut dev = DeviceEngine::new(DeviceConfig::default(), "1".into(), Restored::default());
         dev.handle_connected(0);
         for (i, m) in messages.iter().enumerate() {
-            cloud.handle_message(i as u64, &device, m);
+            cloud.handle_message(i as u64, i as u64, &device, m);
             dev.handle_message(i as u64, m);
             while cloud.poll_action().is_some() {}
             while dev.poll_transmit().is_some() {}

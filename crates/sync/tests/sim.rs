@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 
 use devtables_schema::{Item, ItemKey, Schema};
-use devtables_sync::apply::{self, CloudOp, CloudTxn, Conflict, DeviceTxn, StoredVersion};
+use devtables_sync::apply::{
+    self, CloudOp, CloudTxn, Conflict, DeviceTxn, PushCounts, RowWrite, StoredRow, StoredVersion,
+};
 use devtables_sync::cloud::{
     CloudAction, CloudConfig, CloudEngine, FeedPage, SnapshotCursor, SnapshotPage,
 };
 use devtables_sync::device::{DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, Restored};
-use devtables_sync::hlc::{node_id_for, Hlc, HlcClock, CLOUD_NODE_NAME};
+use devtables_sync::hlc::{cloud_node_name, node_id_for, Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{
     self, Change, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, UpMsg, WireConfig,
@@ -153,6 +155,14 @@ impl DeviceTxn for DevTxn<'_> {
             .outbox
             .contains_key(&(model.to_string(), key.clone())))
     }
+    fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, Infallible> {
+        Ok(self
+            .s
+            .items
+            .iter()
+            .find(|((_, k), r)| k == key && r.item.is_some())
+            .map(|((m, _), _)| m.clone()))
+    }
     fn set_cursor(&mut self, cursor: u64) -> Result<(), Infallible> {
         self.s.cursor = cursor;
         Ok(())
@@ -165,8 +175,8 @@ impl DeviceTxn for DevTxn<'_> {
         self.s.marks.clear();
         Ok(())
     }
-    fn resync_sweep(&mut self) -> Result<u64, Infallible> {
-        let mut n = 0;
+    fn resync_sweep(&mut self) -> Result<Vec<(String, ItemKey)>, Infallible> {
+        let mut swept = Vec::new();
         for (k, rec) in self.s.items.iter_mut() {
             let Some(m) = self.schema.model(&k.0) else {
                 continue;
@@ -179,18 +189,28 @@ impl DeviceTxn for DevTxn<'_> {
                 && !self.s.outbox.contains_key(k)
             {
                 rec.item = None;
-                n += 1;
+                swept.push(k.clone());
             }
         }
         self.s.marks.clear();
-        Ok(n)
+        Ok(swept)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Cloud store
 
-type CKey = (Owner, String, ItemKey);
+/// A cloud row is identified by (owner, key), like the real stores'.
+type CKey = (Owner, ItemKey);
+
+/// A cloud row: its model, the item (`None`: tombstone), version and base.
+#[derive(Clone, Debug, PartialEq)]
+struct CRec {
+    model: String,
+    item: Option<Item>,
+    version: Hlc,
+    base: Option<Hlc>,
+}
 
 #[derive(Clone, Debug, Default)]
 struct Feed {
@@ -203,7 +223,10 @@ struct Feed {
 
 #[derive(Clone, Debug)]
 struct CloudStore {
-    items: BTreeMap<CKey, Rec>,
+    items: BTreeMap<CKey, CRec>,
+    /// Per-owner purge watermarks.
+    purged: BTreeMap<Owner, Hlc>,
+    counts: BTreeMap<DeviceId, PushCounts>,
     feeds: BTreeMap<DeviceId, Feed>,
     devices: BTreeSet<DeviceId>,
     conflicts: VecDeque<Conflict>,
@@ -218,52 +241,38 @@ struct CTxn {
 
 impl CloudTxn for CTxn {
     type Error = Infallible;
-    fn stored_version(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-    ) -> Result<Option<StoredVersion>, Infallible> {
+    fn stored_row(&mut self, owner: &Owner, key: &ItemKey) -> Result<Option<StoredRow>, Infallible> {
         Ok(self
             .s
             .items
-            .get(&(owner.clone(), model.to_string(), key.clone()))
-            .map(|r| StoredVersion {
+            .get(&(owner.clone(), key.clone()))
+            .map(|r| StoredRow {
+                model: r.model.clone(),
                 version: r.version,
                 deleted: r.item.is_none(),
+                base: r.base,
             }))
     }
-    fn put_item(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-        item: &Item,
-        version: Hlc,
-    ) -> Result<(), Infallible> {
+    fn purge_watermark(&mut self, owner: &Owner) -> Result<Option<Hlc>, Infallible> {
+        Ok(self.s.purged.get(owner).copied())
+    }
+    fn write_row(&mut self, w: &RowWrite<'_>) -> Result<(), Infallible> {
         self.s.items.insert(
-            (owner.clone(), model.to_string(), key.clone()),
-            Rec {
-                item: Some(item.clone()),
-                version,
+            (w.owner.clone(), w.key.clone()),
+            CRec {
+                model: w.model.to_string(),
+                item: w.item.cloned(),
+                version: w.version,
+                base: w.base,
             },
         );
         Ok(())
     }
-    fn tombstone(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-        version: Hlc,
-    ) -> Result<(), Infallible> {
-        self.s.items.insert(
-            (owner.clone(), model.to_string(), key.clone()),
-            Rec {
-                item: None,
-                version,
-            },
-        );
+    fn count_push(&mut self, device: &DeviceId, counts: &PushCounts) -> Result<(), Infallible> {
+        let c = self.s.counts.entry(device.clone()).or_default();
+        c.applied += counts.applied;
+        c.superseded += counts.superseded;
+        c.rejected += counts.rejected;
         Ok(())
     }
     fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), Infallible> {
@@ -277,7 +286,8 @@ impl CloudTxn for CTxn {
                 .cloned()
                 .collect(),
         };
-        let ck = (owner.clone(), model.to_string(), key.clone());
+        let _ = model;
+        let ck = (owner.clone(), key.clone());
         for d in targets {
             let f = self.s.feeds.entry(d.clone()).or_default();
             if let Some(old) = f.by_key.remove(&ck) {
@@ -303,6 +313,8 @@ impl Default for CloudStore {
     fn default() -> CloudStore {
         CloudStore {
             items: BTreeMap::new(),
+            purged: BTreeMap::new(),
+            counts: BTreeMap::new(),
             feeds: BTreeMap::new(),
             devices: BTreeSet::new(),
             conflicts: VecDeque::new(),
@@ -321,6 +333,7 @@ impl CloudStore {
                 changes: vec![],
                 head: f.head,
                 resync_required: true,
+                unreadable: vec![],
             };
         }
         let changes = f
@@ -329,7 +342,7 @@ impl CloudStore {
             .take(limit)
             .map(|(c, ck)| {
                 let rec = &self.items[ck];
-                (*c, rec_change(&ck.1, &ck.2, rec))
+                (*c, crec_change(&ck.1, rec))
             })
             .collect();
         FeedPage {
@@ -337,6 +350,7 @@ impl CloudStore {
             changes,
             head: f.head,
             resync_required: false,
+            unreadable: vec![],
         }
     }
 
@@ -351,8 +365,8 @@ impl CloudStore {
         let mut all: Vec<(SnapshotCursor, Change)> = self
             .items
             .iter()
-            .filter(|((owner, model, _), rec)| {
-                let Some(m) = schema.model(model) else {
+            .filter(|((owner, _), rec)| {
+                let Some(m) = schema.model(&rec.model) else {
                     return false;
                 };
                 rec.item.is_some()
@@ -362,13 +376,13 @@ impl CloudStore {
                         Owner::Account(a) => a == &d.account && m.process().broadcast,
                     }
             })
-            .map(|((_, model, key), rec)| {
+            .map(|((_, key), rec)| {
                 (
                     SnapshotCursor {
-                        model: model.clone(),
+                        model: rec.model.clone(),
                         key: key.clone(),
                     },
-                    rec_change(model, key, rec),
+                    crec_change(key, rec),
                 )
             })
             .collect();
@@ -390,10 +404,27 @@ impl CloudStore {
             items: page.into_iter().map(|(_, c)| c).collect(),
             next,
             cursor: head,
+            unreadable: vec![],
         }
     }
 }
 
+fn crec_change(key: &ItemKey, rec: &CRec) -> Change {
+    Change {
+        model: rec.model.clone(),
+        key: key.clone(),
+        op: if rec.item.is_some() {
+            Op::Put
+        } else {
+            Op::Delete
+        },
+        item: rec.item.clone(),
+        version: rec.version,
+        base: None,
+    }
+}
+
+#[allow(dead_code)]
 fn rec_change(model: &str, key: &ItemKey, rec: &Rec) -> Change {
     Change {
         model: model.to_string(),
@@ -452,6 +483,8 @@ struct Dev {
     store: DevStore,
     clock: HlcClock,
     skew: i64,
+    /// Cloud time minus this device's clock, learnt from the last welcome.
+    offset: i64,
     connected: bool,
     /// Down until this time (partition or crash), then reconnects.
     down_until: Option<u64>,
@@ -521,6 +554,7 @@ impl Sim {
             max_page_retries: 8,
             max_pushes_in_progress: 4,
             prompt_interval_ms: 3000,
+            max_drift_ms: 60_000,
             seed: rng.gen(),
         };
         let mut cloud_store = CloudStore::default();
@@ -541,6 +575,7 @@ impl Sim {
                 engine,
                 store,
                 skew: rng.gen_range(-hours..=hours),
+                offset: 0,
                 connected: false,
                 down_until: None,
                 boots: 0,
@@ -558,7 +593,7 @@ impl Sim {
             cloud: CloudEngine::new(cloud_cfg.clone()),
             cloud_cfg,
             cloud_store,
-            cloud_clock: HlcClock::new(node_id_for(CLOUD_NODE_NAME)),
+            cloud_clock: HlcClock::new(node_id_for(&cloud_node_name("sim"))),
             cloud_boots: 0,
             cloud_history: BTreeMap::new(),
             devs,
@@ -600,6 +635,11 @@ impl Sim {
 
     fn phys(&self, i: usize) -> u64 {
         self.now.saturating_add_signed(self.devs[i].skew)
+    }
+
+    /// The time a device stamps versions with: its clock corrected by the cloud's.
+    fn stamp_time(&self, i: usize) -> u64 {
+        self.phys(i).saturating_add_signed(self.devs[i].offset)
     }
 
     fn send(&mut self, dest: Dest, bytes: Vec<u8>) {
@@ -755,6 +795,39 @@ impl Sim {
                         let now = self.now;
                         self.devs[i].engine.handle_applied(now, out);
                     }
+                    DeviceAction::Restamp {
+                        model,
+                        key,
+                        version,
+                        cloud_ms,
+                    } => {
+                        let stamp = self.stamp_time(i);
+                        let d = &mut self.devs[i];
+                        let k = (model, key);
+                        let Some((seq, old)) = d.store.outbox.get(&k).cloned() else {
+                            continue;
+                        };
+                        if old.version != version {
+                            continue;
+                        }
+                        d.clock.rewind_to(cloud_ms);
+                        let Ok(new) = d.clock.tick(stamp) else {
+                            self.fail(format!("d{i} clock exhausted"));
+                        };
+                        let change = Change {
+                            version: new,
+                            ..old
+                        };
+                        d.store.outbox.insert(k.clone(), (seq, change.clone()));
+                        if let Some(rec) = d.store.items.get_mut(&k) {
+                            rec.version = new;
+                        }
+                        // Re-stamping lowers a refused version that exists nowhere else.
+                        d.history.insert(k, new);
+                        self.note(|| format!("d{i} restamped {version} -> {new}"));
+                        let now = self.now;
+                        self.devs[i].engine.handle_restamped(now, version, change);
+                    }
                     DeviceAction::OutboxRemove(list) => {
                         let d = &mut self.devs[i];
                         for (m, k, v) in list {
@@ -777,6 +850,9 @@ impl Sim {
                 }
             }
             while let Some(e) = self.devs[i].engine.poll_event() {
+                if let DeviceEvent::CloudTime { cloud_ms, .. } = &e {
+                    self.devs[i].offset = *cloud_ms as i64 - self.phys(i) as i64;
+                }
                 self.devs[i].events.push(e);
             }
             if !progress {
@@ -786,6 +862,18 @@ impl Sim {
     }
 
     fn commit_cloud(&mut self, txn: CTxn) {
+        // No device clock may move the cloud's (and through it the fleet's) versions further
+        // than the drift bound past the cloud's own time.
+        let bound = self.now + self.cloud_cfg.max_drift_ms;
+        if self.cloud_clock.last().wall_ms > bound {
+            self.fail(format!(
+                "cloud clock at {} is beyond the drift bound {bound}",
+                self.cloud_clock.last()
+            ));
+        }
+        if let Some((k, r)) = txn.s.items.iter().find(|(_, r)| r.version.wall_ms > bound) {
+            self.fail(format!("cloud stored {k:?} at {} beyond the drift bound", r.version));
+        }
         self.cloud_store = txn.s;
         self.cloud_store.clock_last = self.cloud_store.clock_last.max(self.cloud_clock.last());
         self.check_cloud_history();
@@ -814,6 +902,7 @@ impl Sim {
                         &self.schema,
                         &mut self.cloud_clock,
                         now,
+                        self.cloud_cfg.max_drift_ms,
                         &device,
                         &changes,
                     ) {
@@ -874,8 +963,13 @@ impl Sim {
                         self.cloud_store.acked.insert(device, c);
                     }
                 }
-                CloudAction::Oversize { device, model, key } => {
-                    self.fail(format!("oversize {device} {model} {key:?}"));
+                CloudAction::Unsendable {
+                    device,
+                    model,
+                    key,
+                    reason,
+                } => {
+                    self.fail(format!("unsendable {device} {model} {key:?}: {reason}"));
                 }
             }
         }
@@ -884,7 +978,7 @@ impl Sim {
     /// A local write through the device-db interceptor: item, version and coalesced outbox entry
     /// commit together; then the engine is told.
     fn device_write(&mut self, i: usize, model: &str, name: &str, delete: bool) {
-        let phys = self.phys(i);
+        let phys = self.stamp_time(i);
         let v: u32 = self.rng.gen_range(0..1000);
         let d = &mut self.devs[i];
         let m = self.schema.model(model).expect("model");
@@ -897,14 +991,25 @@ impl Sim {
         let item = m.prepare_create(&input, phys as i64).expect("valid item");
         let key = m.primary_key(&item).expect("key");
         let k = (model.to_string(), key.clone());
-        let base = d.store.items.get(&k).map(|r| r.version);
+        let stored = d.store.items.get(&k).map(|r| r.version);
+        // As the agent: a change coalesced with a pending one keeps that one's base.
+        let base = match d.store.outbox.get(&k) {
+            Some((_, pending)) => pending.base,
+            None => stored,
+        };
         let live = d.store.items.get(&k).is_some_and(|r| r.item.is_some());
         if delete && !live {
             return;
         }
-        let version = d.clock.tick(phys);
-        if base.is_some_and(|b| b >= version) {
-            self.fail(format!("clock issued {version} not above stored {base:?}"));
+        // As the agent's outbox recorder: a write orders after the version it replaces.
+        if let Some(b) = stored {
+            d.clock.observe(b, phys);
+        }
+        let Ok(version) = d.clock.tick(phys) else {
+            self.fail(format!("d{i} clock exhausted"));
+        };
+        if stored.is_some_and(|b| b >= version) {
+            self.fail(format!("clock issued {version} not above stored {stored:?}"));
         }
         let change = Change {
             model: model.to_string(),
@@ -1096,7 +1201,7 @@ impl Sim {
                             self.note(|| format!("cloud <- d{i} {:?}", short_up(&d.msg)));
                         }
                     }
-                    self.cloud.handle_message(now, &id, &m.bytes);
+                    self.cloud.handle_message(now, now, &id, &m.bytes);
                     self.drain_cloud();
                 }
                 Dest::Device(i) => {
@@ -1181,8 +1286,16 @@ impl Sim {
             self.cloud_store
                 .items
                 .iter()
-                .filter(|((o, m, _), r)| o == owner && m == model && r.item.is_some())
-                .map(|((_, _, k), r)| (k.clone(), r.clone()))
+                .filter(|((o, _), r)| o == owner && r.model == model && r.item.is_some())
+                .map(|((_, k), r)| {
+                    (
+                        k.clone(),
+                        Rec {
+                            item: r.item.clone(),
+                            version: r.version,
+                        },
+                    )
+                })
                 .collect()
         };
         for (i, d) in self.devs.iter().enumerate() {
@@ -1213,7 +1326,8 @@ impl Sim {
             let stored = self
                 .cloud_store
                 .items
-                .get(&(owner.clone(), model.clone(), key.clone()))
+                .get(&(owner.clone(), key.clone()))
+                .filter(|r| &r.model == model)
                 .map(|r| r.version);
             if stored.is_none_or(|s| s < *v) {
                 self.fail(format!(
@@ -1391,7 +1505,14 @@ fn ready_device(outbox: Vec<Change>) -> DeviceEngine {
     let UpMsg::Hello { session, .. } = hello[0] else {
         panic!("{hello:?}")
     };
-    e.handle_message(1, &down(&DownMsg::Welcome { session }));
+    e.handle_message(
+        1,
+        &down(&DownMsg::Welcome {
+            session,
+            now_ms: T0,
+            max_drift_ms: 60_000,
+        }),
+    );
     assert!(e.is_ready());
     e
 }
@@ -1541,7 +1662,7 @@ fn feed_gap_is_ignored_and_duplicate_is_reacked() {
 fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
     let mut c = CloudEngine::new(CloudConfig::default());
     let d = dev_id("d0");
-    c.handle_message(0, &d, br#"{"v":9,"schema":"x","msg":{"type":"hello2"}}"#);
+    c.handle_message(0, 0, &d, br#"{"v":9,"schema":"x","msg":{"type":"hello2"}}"#);
     let (m, _) = down_msgs(&mut c);
     assert_eq!(m.len(), 1);
     assert!(matches!(
@@ -1551,7 +1672,7 @@ fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
             ..
         }
     ));
-    c.handle_message(1, &d, b"not json");
+    c.handle_message(1, 1, &d, b"not json");
     let (m, _) = down_msgs(&mut c);
     assert!(matches!(
         &m[0],
@@ -1570,9 +1691,16 @@ fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
         &WireConfig::default(),
     )
     .unwrap();
-    c.handle_message(2, &d, &hello);
+    c.handle_message(2, 2, &d, &hello);
     let (m, _) = down_msgs(&mut c);
-    assert_eq!(m, vec![DownMsg::Welcome { session: 4 }]);
+    assert_eq!(
+        m,
+        vec![DownMsg::Welcome {
+            session: 4,
+            now_ms: 2,
+            max_drift_ms: 60_000
+        }]
+    );
 }
 
 #[test]
@@ -1592,7 +1720,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
         &WireConfig::default(),
     )
     .unwrap();
-    c.handle_message(0, &d, &hello);
+    c.handle_message(0, 0, &d, &hello);
     let (_, a) = down_msgs(&mut c);
     assert!(a
         .iter()
@@ -1605,6 +1733,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
             changes: vec![],
             head: 50,
             resync_required: true,
+            unreadable: vec![],
         },
     );
     let (_, a) = down_msgs(&mut c);
@@ -1627,6 +1756,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
             items: vec![item.clone()],
             next: next.clone(),
             cursor: 50,
+            unreadable: vec![],
         },
     );
     let (m, a) = down_msgs(&mut c);
@@ -1652,6 +1782,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
             items: vec![],
             next: None,
             cursor: 60,
+            unreadable: vec![],
         },
     );
     let (m, _) = down_msgs(&mut c);
@@ -1677,7 +1808,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
         &WireConfig::default(),
     )
     .unwrap();
-    c.handle_message(4, &d, &ack);
+    c.handle_message(4, 4, &d, &ack);
     let (_, a) = down_msgs(&mut c);
     assert!(
         a.iter()
@@ -1700,7 +1831,7 @@ fn silent_device_does_not_pin_the_cloud() {
         &WireConfig::default(),
     )
     .unwrap();
-    c.handle_message(0, &d, &hello);
+    c.handle_message(0, 0, &d, &hello);
     let mut sent_pages = 0;
     let mut now = 0;
     for _ in 0..100 {
@@ -1720,6 +1851,7 @@ fn silent_device_does_not_pin_the_cloud() {
                         changes: vec![(after + 1, ch)],
                         head: 1000,
                         resync_required: false,
+                        unreadable: vec![],
                     },
                 );
             }
@@ -1814,6 +1946,7 @@ fn ownership_is_enforced_by_the_cloud() {
         &s,
         &mut clock,
         0,
+        60_000,
         &from,
         &[theirs, mine.clone(), down_model, unknown],
     )
@@ -1838,13 +1971,14 @@ fn ownership_is_enforced_by_the_cloud() {
     assert!(txn
         .s
         .items
-        .contains_key(&(Owner::Device(from.clone()), "U".into(), mine.key.clone())));
+        .contains_key(&(Owner::Device(from.clone()), mine.key.clone())));
     // A replay is idempotent; an older version is stale.
     let r = apply::cloud_apply_push(
         &mut txn,
         &s,
         &mut clock,
         0,
+        60_000,
         &from,
         std::slice::from_ref(&mine),
     )
@@ -1852,8 +1986,8 @@ fn ownership_is_enforced_by_the_cloud() {
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let mut old = mine.clone();
     old.version = hlc(4);
-    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, &from, &[old]).unwrap();
-    assert_eq!(r[0].status, ChangeStatus::Stale);
+    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, 60_000, &from, &[old]).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Stale { winner: mine.version });
     // The cloud API cannot write an up-only model.
     let e = apply::cloud_write(
         &mut txn,

@@ -56,6 +56,13 @@ pub struct DeviceRecord {
     /// last hello (its outbox size when it connected).
     pub pending: u64,
     pub last_error: Option<String>,
+    /// Pushed changes the cloud wrote (a replay of a stored version is not counted), so
+    /// "exactly once" can be checked by counting.
+    pub changes_applied: u64,
+    /// Pushed changes that lost to a higher stored version (answered `stale`).
+    pub changes_superseded: u64,
+    /// Pushed changes the cloud refused.
+    pub changes_rejected: u64,
 }
 
 /// A status change the service records for a device.
@@ -175,11 +182,13 @@ pub trait CloudStore: Send + 'static {
     fn reset_online(&mut self) -> Result<(), StoreError>;
 
     /// Runs [`devtables_sync::apply::cloud_apply_push`] in one transaction.
+    #[allow(clippy::too_many_arguments)]
     fn apply_push(
         &mut self,
         schema: &Schema,
         clock: &mut HlcClock,
         now_ms: u64,
+        max_drift_ms: u64,
         from: &DeviceId,
         changes: &[Change],
     ) -> Result<(Vec<ChangeResult>, Advanced), StoreError>;
@@ -231,6 +240,9 @@ pub trait CloudStore: Send + 'static {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<ConflictRecord>, StoreError>;
+
+    /// The highest version stored (items and tombstones): the cloud clock resumes after it.
+    fn max_version(&mut self) -> Result<Option<Hlc>, StoreError>;
 
     /// Applies retention (tombstones, feed entries, conflict log).
     fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError>;

@@ -75,9 +75,9 @@ use std::time::Duration;
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{
     cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser,
-    StoredVersion,
+    PushCounts, RowWrite, StoredRow,
 };
-use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
+use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage, UnreadableRow};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{hlc_from_str, hlc_to_string, Change, ChangeResult, Op};
@@ -90,7 +90,7 @@ use super::{
 };
 
 /// The version of the table layout this build writes; a newer database is refused.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Most items one [`CloudStore::query_items`] page returns.
 pub const MAX_QUERY_LIMIT: usize = 1000;
@@ -133,6 +133,9 @@ CREATE TABLE IF NOT EXISTS devices (
     feed_floor INTEGER NOT NULL DEFAULT 0,
     pending INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
+    changes_applied INTEGER NOT NULL DEFAULT 0,
+    changes_superseded INTEGER NOT NULL DEFAULT 0,
+    changes_rejected INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (account, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS items (
@@ -145,7 +148,14 @@ CREATE TABLE IF NOT EXISTS items (
     version TEXT NOT NULL,
     deleted INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
+    base TEXT,
     PRIMARY KEY (account, device, pk, sk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watermarks (
+    account TEXT NOT NULL,
+    device TEXT NOT NULL,
+    purged_below TEXT NOT NULL,
+    PRIMARY KEY (account, device)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_by_model ON items (account, model, device, pk, sk);
 CREATE INDEX IF NOT EXISTS items_tombstones ON items (updated_ms) WHERE deleted = 1;
@@ -179,7 +189,17 @@ CREATE INDEX IF NOT EXISTS conflicts_by_account ON conflicts (account, id);
 
 const DEVICE_COLS: &str =
     "account, device, secret_hash, registered_ms, online, last_seen_ms, schema_version, \
-                           cursor_acked, feed_head, pending, last_error";
+                           cursor_acked, feed_head, pending, last_error, changes_applied, \
+                           changes_superseded, changes_rejected";
+
+/// What moves a layout-1 database to layout 2 (the row's base version, the per-owner purge
+/// watermarks, the per-device push counters).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE items ADD COLUMN base TEXT;
+ALTER TABLE devices ADD COLUMN changes_applied INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN changes_superseded INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN changes_rejected INTEGER NOT NULL DEFAULT 0;
+";
 const ITEM_COLS: &str = "account, device, model, pk, sk, item, version, updated_ms";
 
 /// Maps a rusqlite error, saying which operation failed. Decoding failures mean bad stored data.
@@ -236,6 +256,9 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
         feed_head: r.get(8)?,
         pending: r.get(9)?,
         last_error: r.get(10)?,
+        changes_applied: r.get(11)?,
+        changes_superseded: r.get(12)?,
+        changes_rejected: r.get(13)?,
     })
 }
 
@@ -366,91 +389,96 @@ impl<'c> SqlTxn<'c> {
         self.advanced.into_iter().collect()
     }
 
-    fn write_row(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-        item: Option<&Item>,
-        version: Hlc,
-    ) -> Result<(), StoreError> {
-        let (account, device) = owner_cols(owner);
-        let json = item.map(item_json).transpose()?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO items (account, device, model, pk, sk, item, version, deleted, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (account, device, pk, sk) DO UPDATE SET
-                    model = excluded.model, item = excluded.item, version = excluded.version,
-                    deleted = excluded.deleted, updated_ms = excluded.updated_ms",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    account,
-                    device,
-                    model,
-                    key.pk,
-                    key.sk,
-                    json,
-                    hlc_to_string(version),
-                    item.is_none(),
-                    self.now_ms
-                ])
-            })
-            .map_err(db("writing an item"))?;
-        Ok(())
-    }
 }
 
 impl CloudTxn for SqlTxn<'_> {
     type Error = StoreError;
 
-    fn stored_version(
-        &mut self,
-        owner: &Owner,
-        _model: &str,
-        key: &ItemKey,
-    ) -> Result<Option<StoredVersion>, StoreError> {
-        // The row is identified by its key alone (single-table design): the model is not part of
-        // it, so versions compare per key whatever model wrote it last.
+    fn stored_row(&mut self, owner: &Owner, key: &ItemKey) -> Result<Option<StoredRow>, StoreError> {
+        // The row is identified by (owner, pk, sk), the single-table design: its model is an
+        // attribute the replication rules check.
         let (account, device) = owner_cols(owner);
-        let row: Option<(String, bool)> = self
+        type Raw = (String, String, bool, Option<String>);
+        let row: Option<Raw> = self
             .conn
             .prepare_cached(
-                "SELECT version, deleted FROM items WHERE account = ?1 AND device = ?2 AND pk = ?3 AND sk = ?4",
+                "SELECT model, version, deleted, base FROM items WHERE account = ?1 AND device = ?2 AND pk = ?3 AND sk = ?4",
             )
             .and_then(|mut s| {
-                s.query_row(params![account, device, key.pk, key.sk], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+                s.query_row(params![account, device, key.pk, key.sk], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
             })
             .map_err(db("reading an item's version"))?;
-        row.map(|(v, deleted)| {
-            Ok(StoredVersion {
+        row.map(|(model, v, deleted, base)| {
+            Ok(StoredRow {
+                model,
                 version: parse_version(&v)?,
                 deleted,
+                base: base.as_deref().map(parse_version).transpose()?,
             })
         })
         .transpose()
     }
 
-    fn put_item(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-        item: &Item,
-        version: Hlc,
-    ) -> Result<(), StoreError> {
-        self.write_row(owner, model, key, Some(item), version)
+    fn purge_watermark(&mut self, owner: &Owner) -> Result<Option<Hlc>, StoreError> {
+        let (account, device) = owner_cols(owner);
+        let v: Option<String> = self
+            .conn
+            .prepare_cached("SELECT purged_below FROM watermarks WHERE account = ?1 AND device = ?2")
+            .and_then(|mut s| s.query_row(params![account, device], |r| r.get(0)).optional())
+            .map_err(db("reading a purge watermark"))?;
+        v.as_deref().map(parse_version).transpose()
     }
 
-    fn tombstone(
-        &mut self,
-        owner: &Owner,
-        model: &str,
-        key: &ItemKey,
-        version: Hlc,
-    ) -> Result<(), StoreError> {
-        self.write_row(owner, model, key, None, version)
+    fn write_row(&mut self, w: &RowWrite<'_>) -> Result<(), StoreError> {
+        let (account, device) = owner_cols(w.owner);
+        let json = w.item.map(item_json).transpose()?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO items (account, device, model, pk, sk, item, version, deleted, updated_ms, base)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (account, device, pk, sk) DO UPDATE SET
+                    model = excluded.model, item = excluded.item, version = excluded.version,
+                    deleted = excluded.deleted, updated_ms = excluded.updated_ms, base = excluded.base",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    account,
+                    device,
+                    w.model,
+                    w.key.pk,
+                    w.key.sk,
+                    json,
+                    hlc_to_string(w.version),
+                    w.item.is_none(),
+                    self.now_ms,
+                    w.base.map(hlc_to_string)
+                ])
+            })
+            .map_err(db("writing an item"))?;
+        Ok(())
+    }
+
+    fn count_push(&mut self, device: &DeviceId, counts: &PushCounts) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE devices SET changes_applied = changes_applied + ?3,
+                    changes_superseded = changes_superseded + ?4, changes_rejected = changes_rejected + ?5
+                 WHERE account = ?1 AND device = ?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    device.account,
+                    device.device,
+                    counts.applied,
+                    counts.superseded,
+                    counts.rejected
+                ])
+            })
+            .map_err(db("counting a push"))?;
+        Ok(())
     }
 
     fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), StoreError> {
@@ -604,7 +632,7 @@ impl SqliteStore {
             )
             .optional()
             .map_err(db("reading the store schema version"))?;
-        if let Some(stored) = stored {
+        if let Some(stored) = &stored {
             let version: u32 = stored.parse().map_err(|_| {
                 StoreError::Corrupt(format!("meta.schema_version is {stored:?}, not a number"))
             })?;
@@ -615,10 +643,15 @@ impl SqliteStore {
                 )));
             }
         }
+        if stored.as_deref() == Some("1") {
+            tx.execute_batch(MIGRATE_1_TO_2)
+                .map_err(db("upgrading the cloud tables from layout 1 to 2"))?;
+        }
         tx.execute_batch(DDL)
             .map_err(db("creating the cloud tables"))?;
         tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1) ON CONFLICT (key) DO NOTHING",
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![SCHEMA_VERSION.to_string()],
         )
         .map_err(db("recording the store schema version"))?;
@@ -750,13 +783,15 @@ impl CloudStore for SqliteStore {
         schema: &Schema,
         clock: &mut HlcClock,
         now_ms: u64,
+        max_drift_ms: u64,
         from: &DeviceId,
         changes: &[Change],
     ) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
         let tx = self.write_txn("starting a push transaction")?;
         let (results, advanced) = {
             let mut t = SqlTxn::new(&tx, now_ms);
-            let results = cloud_apply_push(&mut t, schema, clock, now_ms, from, changes)?;
+            let results =
+                cloud_apply_push(&mut t, schema, clock, now_ms, max_drift_ms, from, changes)?;
             (results, t.into_advanced())
         };
         tx.commit().map_err(db("committing a push"))?;
@@ -834,6 +869,7 @@ impl CloudStore for SqliteStore {
                 changes: Vec::new(),
                 head,
                 resync_required: true,
+                unreadable: Vec::new(),
             });
         }
         type FeedRow = (
@@ -846,11 +882,12 @@ impl CloudStore for SqliteStore {
             Option<bool>,
         );
         let mut changes = Vec::new();
+        let mut unreadable = Vec::new();
         let mut from = after;
         // A short page tells the engine the feed is exhausted, so entries whose item row
         // vanished (only possible through manual SQL) are skipped without shortening the page.
-        while changes.len() < limit {
-            let want = limit - changes.len();
+        while changes.len() + unreadable.len() < limit {
+            let want = limit - changes.len() - unreadable.len();
             let rows: Vec<FeedRow> = tx
                 .prepare_cached(
                     "SELECT f.seq, i.model, f.pk, f.sk, i.item, i.version, i.deleted
@@ -873,7 +910,20 @@ impl CloudStore for SqliteStore {
                     tracing::warn!(%device, seq, %pk, %sk, "feed entry without an item row: skipped");
                     continue;
                 };
-                changes.push((seq, row_change(model, pk, sk, item, &version, deleted)?));
+                // A row that cannot be decoded is reported and skipped: it must never stall
+                // the device's feed.
+                match row_change(model.clone(), pk.clone(), sk.clone(), item, &version, deleted) {
+                    Ok(change) => changes.push((seq, change)),
+                    Err(e) => {
+                        tracing::warn!(%device, seq, %model, %pk, %sk, "unreadable feed row skipped: {e}");
+                        unreadable.push(UnreadableRow {
+                            cursor: seq,
+                            model,
+                            key: ItemKey { pk, sk },
+                            reason: e.to_string(),
+                        });
+                    }
+                }
             }
             if fetched < want {
                 break;
@@ -884,6 +934,7 @@ impl CloudStore for SqliteStore {
             changes,
             head,
             resync_required: false,
+            unreadable,
         })
     }
 
@@ -920,6 +971,7 @@ impl CloudStore for SqliteStore {
         models.sort_unstable();
         // One item more than the page, to know whether another page follows.
         let mut items: Vec<Change> = Vec::new();
+        let mut unreadable = Vec::new();
         for (model, broadcast) in models {
             let owner = if broadcast {
                 ""
@@ -956,14 +1008,18 @@ impl CloudStore for SqliteStore {
             }
             .map_err(db("reading a snapshot page"))?;
             for (pk, sk, item, version) in rows {
-                items.push(row_change(
-                    model.to_string(),
-                    pk,
-                    sk,
-                    item,
-                    &version,
-                    false,
-                )?);
+                match row_change(model.to_string(), pk.clone(), sk.clone(), item, &version, false) {
+                    Ok(change) => items.push(change),
+                    Err(e) => {
+                        tracing::warn!(%device, %model, %pk, %sk, "unreadable row skipped in a resync: {e}");
+                        unreadable.push(UnreadableRow {
+                            cursor: 0,
+                            model: model.to_string(),
+                            key: ItemKey { pk, sk },
+                            reason: e.to_string(),
+                        });
+                    }
+                }
             }
             if items.len() > limit {
                 break;
@@ -983,6 +1039,7 @@ impl CloudStore for SqliteStore {
             items,
             next,
             cursor: head,
+            unreadable,
         })
     }
 
@@ -1185,6 +1242,19 @@ impl CloudStore for SqliteStore {
             .collect()
     }
 
+    fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
+        let v: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT max(v) FROM (SELECT max(version) AS v FROM items
+                   UNION ALL SELECT max(purged_below) FROM watermarks)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db("reading the highest stored version"))?;
+        v.as_deref().map(parse_version).transpose()
+    }
+
     fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError> {
         let cutoff = now_ms.saturating_sub(retention.tombstone_ms);
         let tx = self.write_txn("starting a purge")?;
@@ -1223,6 +1293,17 @@ impl CloudStore for SqliteStore {
                 *floor = (*floor).max(seq);
             }
         }
+        // Each owner's watermark rises to the newest version it purges: a later write that knew
+        // a purged key meets it as that tombstone (see `cloud_apply_push`).
+        tx.prepare_cached(
+            "INSERT INTO watermarks (account, device, purged_below)
+               SELECT account, device, max(version) FROM items
+               WHERE deleted = 1 AND updated_ms < ?1 GROUP BY account, device
+             ON CONFLICT (account, device) DO UPDATE SET
+               purged_below = max(purged_below, excluded.purged_below)",
+        )
+        .and_then(|mut s| s.execute(params![cutoff]))
+        .map_err(db("raising purge watermarks"))?;
         let tombstones = tx
             .prepare_cached("DELETE FROM items WHERE deleted = 1 AND updated_ms < ?1")
             .and_then(|mut s| s.execute(params![cutoff]))
@@ -1258,6 +1339,7 @@ mod tests {
 
     const NOW: u64 = 1_795_629_600_000;
     const MAX_MSG: usize = 128 * 1024;
+    const DRIFT: u64 = 60_000;
 
     const SCHEMA: &str = r#"{
         format: 'onetable:1.1.0',
@@ -1391,12 +1473,12 @@ mod tests {
             ver(NOW + 2, 7),
         );
         let (r, adv) = s
-            .apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&v2))
+            .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v2))
             .unwrap();
         assert_eq!(r[0].status, ChangeStatus::Applied);
         assert_eq!(adv, vec![(d1.clone(), 2)]);
         let (r, adv) = s
-            .apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&v2))
+            .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v2))
             .unwrap();
         assert_eq!(r[0].status, ChangeStatus::Applied);
         assert!(adv.is_empty(), "a replay writes nothing");
@@ -1408,8 +1490,8 @@ mod tests {
             json!({"deviceId": "d1", "name": "n", "v": 1}),
             ver(NOW + 1, 8),
         );
-        let (r, _) = s.apply_push(&schema, &mut c, NOW, &d1, &[v1]).unwrap();
-        assert_eq!(r[0].status, ChangeStatus::Stale);
+        let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1]).unwrap();
+        assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
         let stored = s
             .get_item(&Owner::Device(d1.clone()), "Both", &v2.key)
             .unwrap()
@@ -1443,7 +1525,7 @@ mod tests {
             json!({"deviceId": "d1", "name": "n", "v": 3}),
             ver(NOW + 3, 9),
         );
-        let (r, _) = s.apply_push(&schema, &mut c, NOW, &d1, &[v3]).unwrap();
+        let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v3]).unwrap();
         assert_eq!(r[0].status, ChangeStatus::Applied);
         let log = s.conflicts("a", None, 10).unwrap();
         assert_eq!(log.len(), 2);
@@ -1468,7 +1550,7 @@ mod tests {
             ver(NOW, 7),
         );
         let (r, adv) = s
-            .apply_push(&schema, &mut clock(), NOW, &d1, std::slice::from_ref(&ch))
+            .apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, std::slice::from_ref(&ch))
             .unwrap();
         assert_eq!(
             r[0].status,
@@ -1504,6 +1586,7 @@ mod tests {
                 &schema,
                 &mut clock(),
                 NOW,
+                DRIFT,
                 &dev("a", "d1"),
                 std::slice::from_ref(&ch),
             )
@@ -1537,10 +1620,10 @@ mod tests {
         );
         assert_eq!(c1.key, c2.key);
         let (r1, a1) = s
-            .apply_push(&schema, &mut c, NOW, &d1, std::slice::from_ref(&c1))
+            .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&c1))
             .unwrap();
         let (r2, a2) = s
-            .apply_push(&schema, &mut c, NOW, &d2, std::slice::from_ref(&c2))
+            .apply_push(&schema, &mut c, NOW, DRIFT, &d2, std::slice::from_ref(&c2))
             .unwrap();
         assert_eq!(
             (r1[0].status.clone(), r2[0].status.clone()),
@@ -1733,7 +1816,7 @@ mod tests {
         assert!(matches!(err, CloudWriteError::WrongOwner { .. }), "{err}");
         // A push of a broadcast model is refused.
         let ch = put(&schema, "Bcast", json!({"name": "x"}), ver(NOW, 7));
-        let (r, _) = s.apply_push(&schema, &mut c, NOW, &d1, &[ch]).unwrap();
+        let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[ch]).unwrap();
         assert_eq!(
             r[0].status,
             ChangeStatus::Rejected {
@@ -1868,7 +1951,7 @@ mod tests {
                     json!({"deviceId": d.device, "name": "k", "v": i}),
                     ver(NOW + i, 100 + i),
                 );
-                s.apply_push(&schema, &mut c, NOW, d, &[ch]).unwrap();
+                s.apply_push(&schema, &mut c, NOW, DRIFT, d, &[ch]).unwrap();
             }
         }
         assert_eq!(s.conflicts("a", None, 100).unwrap().len(), 4);
@@ -1961,7 +2044,7 @@ mod tests {
                 json!({"deviceId": "d1", "name": format!("u{i}")}),
                 ver(NOW, 7),
             );
-            s.apply_push(&schema, &mut c, NOW, &d1, &[up]).unwrap();
+            s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up]).unwrap();
         }
         api_put(
             &mut s,
@@ -2077,7 +2160,7 @@ mod tests {
             json!({"deviceId": "d1", "name": "a%b", "v": 3}),
             ver(NOW, 7),
         );
-        s.apply_push(&schema, &mut c, NOW, &d1, &[up]).unwrap();
+        s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up]).unwrap();
 
         let all = s.query_items(&query("Down")).unwrap();
         assert_eq!(all.items.len(), 7);
@@ -2465,7 +2548,7 @@ mod tests {
 
         let raw = Connection::open(&path).unwrap();
         raw.execute(
-            "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+            "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
             [],
         )
         .unwrap();
@@ -2474,9 +2557,48 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(&err, StoreError::Database(m) if m.contains("version 2")),
+            matches!(&err, StoreError::Database(m) if m.contains("version 3")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_layout_1_file_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.db");
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO meta VALUES ('schema_version', '1');
+             CREATE TABLE devices (account TEXT NOT NULL, device TEXT NOT NULL, secret_hash TEXT NOT NULL,
+                registered_ms INTEGER NOT NULL, online INTEGER NOT NULL DEFAULT 0, last_seen_ms INTEGER,
+                schema_version TEXT, cursor_acked INTEGER NOT NULL DEFAULT 0, feed_head INTEGER NOT NULL DEFAULT 0,
+                feed_floor INTEGER NOT NULL DEFAULT 0, pending INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+                PRIMARY KEY (account, device)) WITHOUT ROWID;
+             INSERT INTO devices (account, device, secret_hash, registered_ms, feed_head, feed_floor)
+                VALUES ('a', 'd1', 'h', 1, 1, 1);
+             CREATE TABLE items (account TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL,
+                pk TEXT NOT NULL, sk TEXT NOT NULL, item TEXT, version TEXT NOT NULL, deleted INTEGER NOT NULL,
+                updated_ms INTEGER NOT NULL, PRIMARY KEY (account, device, pk, sk)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        drop(raw);
+        let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let d1 = dev("a", "d1");
+        let rec = s.device(&d1).unwrap().unwrap();
+        assert_eq!(rec.changes_applied, 0);
+        let schema = schema();
+        let ch = put(&schema, "Up", json!({"deviceId": "d1", "name": "n"}), ver(NOW, 1));
+        let (r, _) = s
+            .apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[ch])
+            .unwrap();
+        assert_eq!(r[0].status, ChangeStatus::Applied);
+        assert_eq!(s.device(&d1).unwrap().unwrap().changes_applied, 1);
+        let layout: String = s
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(layout, SCHEMA_VERSION.to_string());
     }
 
     #[test]
@@ -2496,10 +2618,12 @@ mod tests {
         s.conn
             .execute("UPDATE items SET item = '{not json'", [])
             .unwrap();
-        assert!(matches!(
-            s.read_feed(&d1, 1, 10),
-            Err(StoreError::Corrupt(_))
-        ));
+        // An unreadable row never stalls the feed: it is reported and skipped.
+        let page = s.read_feed(&d1, 1, 10).unwrap();
+        assert!(page.changes.is_empty());
+        assert_eq!(page.unreadable.len(), 1);
+        assert_eq!(page.unreadable[0].key, ch.key);
+        assert!(page.unreadable[0].reason.contains("JSON"), "{:?}", page.unreadable);
         s.conn
             .execute("UPDATE items SET item = '{}', version = 'bad'", [])
             .unwrap();
