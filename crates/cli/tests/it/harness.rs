@@ -244,6 +244,12 @@ pub struct AgentSpec<'a> {
 
 impl AgentProc {
     pub fn start(spec: &AgentSpec<'_>) -> AgentProc {
+        AgentProc::start_with_env(spec, &[])
+    }
+
+    /// Like [`AgentProc::start`], with extra environment variables for the agent process (for
+    /// example libfaketime's, to give the device a wrong clock).
+    pub fn start_with_env(spec: &AgentSpec<'_>, env: &[(&str, &str)]) -> AgentProc {
         let config = format!(
             "{{account: '{}', device: '{}', secret: '{}', schema: '{}', db: '{}.redb', broker: '{}', topic_prefix: '{}', batch_delay_ms: 20}}",
             spec.account,
@@ -260,6 +266,7 @@ impl AgentProc {
             .args(["agent", "--stdin", "--config"])
             .arg(&path)
             .env("DEVTABLES_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
