@@ -38,6 +38,7 @@ mod model;
 mod parse;
 mod query;
 mod schema;
+mod settings;
 mod template;
 
 pub use date::format_iso_ms;
@@ -45,7 +46,8 @@ pub use error::{Reason, SchemaError, ValidationError};
 pub use field::{Field, FieldType};
 pub use model::{ItemKey, Model};
 pub use query::{Filter, FilterOp, Query, SortCondition};
-pub use schema::{Enable, Index, Params, Process, Schema, SyncDirection};
+pub use schema::Schema;
+pub use settings::{Enable, Index, Params, Process, SyncDirection};
 
 /// A stored or input item: a JSON object.
 pub type Item = serde_json::Map<String, serde_json::Value>;

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::date;
 use crate::error::{Reason, ValidationError};
 use crate::field::{date_ms, describe, store_date, values_equal, Ctx, Field};
-use crate::schema::{Index, Params, Process};
+use crate::settings::{Index, Params, Process};
 use crate::template::{render_value, Rendered};
 use crate::Item;
 

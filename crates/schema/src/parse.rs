@@ -16,7 +16,8 @@ use serde_json::{Map, Value};
 use crate::error::SchemaError;
 use crate::field::{Ctx, Field, FieldType, Generate, Pattern};
 use crate::model::Model;
-use crate::schema::{Enable, Index, Params, Process, Schema, SyncDirection};
+use crate::schema::Schema;
+use crate::settings::{Enable, Index, Params, Process, SyncDirection};
 use crate::template::Template;
 
 /// Largest accepted schema text.
@@ -42,7 +43,19 @@ fn invalid<T>(path: impl Into<String>, reason: impl Into<String>) -> Res<T> {
 }
 
 /// Parse schema text; `blend` is an error because there is no file to resolve it against.
-pub(crate) fn from_text(text: &str) -> Res<Schema> {
+impl Schema {
+    /// Parse and validate a schema from JSON5 text. `blend` is rejected (it needs a file).
+    pub fn from_json5(text: &str) -> Result<Schema, SchemaError> {
+        from_text(text)
+    }
+
+    /// Read, blend and validate a schema file.
+    pub fn load(path: &Path) -> Result<Schema, SchemaError> {
+        from_file(path)
+    }
+}
+
+fn from_text(text: &str) -> Res<Schema> {
     let root = parse_json5(text)?;
     if root.contains_key("blend") {
         return invalid(
@@ -54,7 +67,7 @@ pub(crate) fn from_text(text: &str) -> Res<Schema> {
 }
 
 /// Read a schema file, resolving `blend` relative to each file.
-pub(crate) fn from_file(path: &Path) -> Res<Schema> {
+fn from_file(path: &Path) -> Res<Schema> {
     let mut stack = Vec::new();
     let root = load_blended(path, &mut stack)?;
     build(root)

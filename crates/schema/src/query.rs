@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::error::{Reason, ValidationError};
 use crate::field::{date_ms, describe, store_date, values_equal, FieldType};
 use crate::model::Model;
-use crate::schema::Index;
+use crate::settings::Index;
 use crate::template::{render_value, Rendered};
 use crate::Item;
 
