@@ -111,8 +111,9 @@ pub trait Authenticator: Send + Sync + 'static {
 
 /// Default largest MQTT packet, in bytes (256 KiB).
 pub const DEFAULT_MAX_PACKET_BYTES: u32 = 256 * 1024;
-/// Default most sessions (connected or persistent).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default most sessions (connected or persistent): the sync engine's default `max_sessions`
+/// (100,000 devices) plus room for the service's own client, so neither limit is reached first.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000 + 16;
 /// Default most unacknowledged QoS 1/2 messages sent to one client.
 pub const DEFAULT_MAX_INFLIGHT: u16 = 16;
 /// Default most messages queued for one client beyond the in-flight window.
