@@ -11,7 +11,10 @@ use devtables_schema::ItemKey;
 
 use crate::identity::DeviceId;
 use crate::rng::SplitMix;
-use crate::wire::{self, Change, ChangeResult, DownMsg, ErrorCode, UpMsg, WireConfig, WireError};
+use crate::wire::{
+    self, Change, ChangeResult, DownMsg, ErrorCode, Fit, MessageBudget, UpMsg, WireConfig,
+    WireError,
+};
 
 /// Why a change was skipped in a page for its size.
 fn too_large_reason(len: usize, max: usize) -> String {
@@ -490,21 +493,24 @@ impl CloudEngine {
                 results: vec![],
             },
         );
-        let max = self.cfg.wire.max_message_bytes;
+        let mut budget = MessageBudget::new(
+            overhead,
+            self.cfg.wire.max_message_bytes,
+            self.cfg.wire.max_changes,
+        );
         let mut part: Vec<ChangeResult> = Vec::new();
-        let mut size = overhead;
         for r in results {
             let len = wire::result_len(&r);
-            if !part.is_empty() && (size + len + 1 > max || part.len() >= self.cfg.wire.max_changes)
-            {
+            if budget.add(len) == Fit::Full {
                 let msg = DownMsg::PushAck {
                     batch,
                     results: std::mem::take(&mut part),
                 };
                 self.transmit(device, &msg);
-                size = overhead;
+                budget.reset();
+                // Results are short (reasons are truncated), so one always fits an empty ack.
+                let _ = budget.add(len);
             }
-            size += len + usize::from(!part.is_empty());
             part.push(r);
         }
         self.transmit(
@@ -559,7 +565,7 @@ impl CloudEngine {
             },
         );
         let max = self.cfg.wire.max_message_bytes;
-        let mut size = overhead;
+        let mut budget = MessageBudget::new(overhead, max, self.cfg.wire.max_changes);
         let mut to = page.after;
         let mut changes = Vec::new();
         let mut truncated = false;
@@ -575,17 +581,18 @@ impl CloudEngine {
                 unsendable.push((u.model, u.key, u.reason));
             }
             let len = wire::change_len(&change);
-            if overhead.saturating_add(len) > max {
-                unsendable.push((change.model, change.key, too_large_reason(len, max)));
-                to = to.max(cursor);
-                continue;
+            match budget.add(len) {
+                Fit::Never => {
+                    unsendable.push((change.model, change.key, too_large_reason(len, max)));
+                    to = to.max(cursor);
+                    continue;
+                }
+                Fit::Full => {
+                    truncated = true;
+                    break;
+                }
+                Fit::Added => {}
             }
-            let add = len + usize::from(!changes.is_empty());
-            if size + add > max || changes.len() >= self.cfg.wire.max_changes {
-                truncated = true;
-                break;
-            }
-            size += add;
             to = to.max(cursor);
             changes.push(change);
         }
@@ -654,7 +661,7 @@ impl CloudEngine {
             },
         ) + reserve;
         let max = self.cfg.wire.max_message_bytes;
-        let mut size = overhead;
+        let mut budget = MessageBudget::new(overhead, max, self.cfg.wire.max_changes);
         let mut items = Vec::new();
         let mut last: Option<SnapshotCursor> = after.clone();
         let mut truncated = false;
@@ -667,20 +674,21 @@ impl CloudEngine {
             .collect();
         for item in page.items {
             let len = wire::change_len(&item);
-            if overhead.saturating_add(len) > max {
-                last = Some(SnapshotCursor {
-                    model: item.model.clone(),
-                    key: item.key.clone(),
-                });
-                unsendable.push((item.model, item.key, too_large_reason(len, max)));
-                continue;
+            match budget.add(len) {
+                Fit::Never => {
+                    last = Some(SnapshotCursor {
+                        model: item.model.clone(),
+                        key: item.key.clone(),
+                    });
+                    unsendable.push((item.model, item.key, too_large_reason(len, max)));
+                    continue;
+                }
+                Fit::Full => {
+                    truncated = true;
+                    break;
+                }
+                Fit::Added => {}
             }
-            let add = len + usize::from(!items.is_empty());
-            if size + add > max || items.len() >= self.cfg.wire.max_changes {
-                truncated = true;
-                break;
-            }
-            size += add;
             last = Some(SnapshotCursor {
                 model: item.model.clone(),
                 key: item.key.clone(),

@@ -498,6 +498,70 @@ pub fn change_len(change: &Change) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Whether one more entry fits a message being filled; see [`MessageBudget::add`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// The entry was counted in: it goes in this message.
+    Added,
+    /// The message is full (bytes or count): the entry goes in the next one.
+    Full,
+    /// The entry is larger than any message may be, even alone.
+    Never,
+}
+
+/// The room left in one message for a list of entries (changes, items or results): the one rule
+/// for cutting lists to [`WireConfig`]'s limits exactly, shared by pushes, acks and pages.
+///
+/// An empty message costs `overhead` (its encoding with an empty list, from [`up_overhead`] or
+/// [`down_overhead`] plus any reserve); each entry costs its encoded length plus one separator
+/// after the first.
+#[derive(Clone, Debug)]
+pub struct MessageBudget {
+    overhead: usize,
+    max_bytes: usize,
+    max_count: usize,
+    size: usize,
+    count: usize,
+}
+
+impl MessageBudget {
+    /// An empty message of `overhead` bytes that may grow to `max_bytes` and `max_count` entries.
+    pub fn new(overhead: usize, max_bytes: usize, max_count: usize) -> MessageBudget {
+        MessageBudget {
+            overhead,
+            max_bytes,
+            max_count: max_count.max(1),
+            size: overhead,
+            count: 0,
+        }
+    }
+
+    /// Counts in an entry of `len` encoded bytes if it fits.
+    pub fn add(&mut self, len: usize) -> Fit {
+        if self.overhead.saturating_add(len) > self.max_bytes {
+            return Fit::Never;
+        }
+        let add = len + usize::from(self.count > 0);
+        if self.count >= self.max_count || self.size.saturating_add(add) > self.max_bytes {
+            return Fit::Full;
+        }
+        self.size += add;
+        self.count += 1;
+        Fit::Added
+    }
+
+    /// Empties the message (after sending it) so entries count toward the next one.
+    pub fn reset(&mut self) {
+        self.size = self.overhead;
+        self.count = 0;
+    }
+
+    /// Entries counted in.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
 /// Encoded size of a snapshot position.
 pub fn cursor_len(cursor: &SnapshotCursor) -> usize {
     serde_json::to_vec(cursor)
@@ -665,6 +729,36 @@ mod tests {
         let d = decode_up(&bytes, &cfg).unwrap();
         assert_eq!(d.msg, msg);
         assert_eq!(d.schema, "1.0.0");
+    }
+
+    #[test]
+    fn a_budget_cuts_lists_exactly_at_the_limits() {
+        let cfg = WireConfig {
+            max_message_bytes: 2000,
+            max_changes: 3,
+        };
+        let overhead = up_overhead(
+            "1",
+            &UpMsg::Push {
+                batch: 1,
+                changes: vec![],
+            },
+        );
+        let one = change_len(&change());
+        let mut b = MessageBudget::new(overhead, overhead + 2 * one + 1, cfg.max_changes);
+        assert_eq!(b.add(one), Fit::Added);
+        assert_eq!(b.add(one), Fit::Added);
+        assert_eq!(b.add(one), Fit::Full, "a third would pass the byte limit");
+        let msg = UpMsg::Push {
+            batch: 1,
+            changes: vec![change(), change()],
+        };
+        assert_eq!(encode_up("1", &msg, &cfg).unwrap().len(), overhead + 2 * one + 1);
+        b.reset();
+        assert_eq!(b.add(overhead + 2 * one + 2), Fit::Never);
+        let mut b = MessageBudget::new(overhead, usize::MAX, 2);
+        assert_eq!((b.add(1), b.add(1), b.add(1)), (Fit::Added, Fit::Added, Fit::Full));
+        assert_eq!(b.count(), 2);
     }
 
     #[test]
