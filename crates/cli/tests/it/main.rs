@@ -3,6 +3,7 @@
 mod db_cmd;
 mod e2e;
 mod harness;
+mod proxy;
 mod scenarios;
 mod services;
 
