@@ -2,6 +2,7 @@
 
 mod db_cmd;
 mod e2e;
+mod faults;
 mod harness;
 mod proxy;
 mod scenarios;
