@@ -90,6 +90,10 @@ pub struct AgentFile {
     pub batch_delay_ms: Option<u64>,
     #[serde(default)]
     pub command_model: Option<String>,
+    /// MQTT keep-alive in seconds (default 30; 0 turns it off): a dead connection that sends
+    /// no error (a half-open one) is noticed after one to two of these.
+    #[serde(default)]
+    pub keep_alive_secs: Option<u64>,
 }
 
 fn default_broker() -> String {
@@ -133,6 +137,9 @@ impl AgentFile {
         }
         if let Some(m) = &file.command_model {
             config.command_model = m.clone();
+        }
+        if let Some(secs) = file.keep_alive_secs {
+            config.keep_alive = Duration::from_secs(secs);
         }
         Ok((file, config))
     }

@@ -62,7 +62,7 @@ impl Fleet {
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
             ("FAKETIME_NO_CACHE", "1"),
         ];
-        AgentProc::start_with_env(&spec, &env)
+        AgentProc::start_with_env(&spec, "", &env)
     }
 
     fn setting(&self, device: &str) -> Option<Value> {

@@ -1,12 +1,13 @@
 //! Real processes for end-to-end tests: a `devtables cloud` and `devtables agent --stdin`
 //! children, an HTTP client for the API, and waiting for conditions with a deadline.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -47,6 +48,75 @@ pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T 
     panic!("timed out waiting for {what}; last seen: {last}");
 }
 
+/// Most log lines kept per process; older ones are dropped (and counted).
+const MAX_LOG_LINES: usize = 20_000;
+
+/// The last lines a child process wrote to stderr, without terminal colours, so a test can wait
+/// for what the process reports about itself (a resync, a retention pass).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<LogBuf>>);
+
+#[derive(Default)]
+struct LogBuf {
+    lines: VecDeque<String>,
+    dropped: u64,
+}
+
+impl Logs {
+    fn push(&self, line: &str) {
+        let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if b.lines.len() >= MAX_LOG_LINES {
+            b.lines.pop_front();
+            b.dropped += 1;
+        }
+        b.lines.push_back(strip_ansi(line));
+    }
+
+    /// Lines (kept so far) that contain `needle`.
+    pub fn matching(&self, needle: &str) -> Vec<String> {
+        let b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        b.lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until a line satisfies `pred`; returns it.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        eventually(what, || {
+            let b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            b.lines.iter().find(|l| pred(l)).cloned().ok_or_else(|| {
+                format!(
+                    "no such line among {} kept ({} older dropped)",
+                    b.lines.len(),
+                    b.dropped
+                )
+            })
+        })
+    }
+}
+
+/// The text of a log line without ANSI colour sequences (the tracing formatter colours fields).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Which broker the cloud and agents use.
 #[derive(Clone, Debug)]
 pub enum BrokerChoice {
@@ -61,6 +131,8 @@ pub struct CloudProc {
     pub api: String,
     pub mqtt: String,
     pub dir: PathBuf,
+    /// What this process printed to stderr (its log at level info).
+    pub logs: Logs,
     prefix: String,
     broker: BrokerChoice,
     api_port: u16,
@@ -104,9 +176,12 @@ impl CloudProc {
             .expect("devtables cloud starts");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let logs = Logs::default();
+        let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                sink.push(&line);
                 if line.contains("devtables cloud running") {
                     let _ = tx.send(line.clone());
                 }
@@ -147,6 +222,7 @@ impl CloudProc {
             api,
             mqtt,
             dir: dir.to_path_buf(),
+            logs,
             prefix: prefix.to_string(),
             broker,
             api_port,
@@ -208,6 +284,19 @@ impl CloudProc {
         body["secret"].as_str().expect("a secret").to_string()
     }
 
+    /// How many pushed changes the cloud wrote for a device: the `changes_applied` field of its
+    /// record. A duplicate the cloud answers `applied` without writing is not counted, so for
+    /// writes with distinct (key, version) this equals the writes that reached the cloud, each
+    /// once.
+    pub fn changes_applied(&self, account: &str, device: &str) -> u64 {
+        let record = self
+            .get(&format!("/v1/devices/{account}/{device}"))
+            .unwrap_or_else(|e| panic!("device record of {account}/{device}: {e}"));
+        record["changes_applied"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("the device record has no changes_applied counter: {record}"))
+    }
+
     /// Items of a model for one device (at most 1000).
     pub fn items(&self, account: &str, device: &str, model: &str) -> Result<Vec<Value>, String> {
         let page = self.get(&format!(
@@ -228,6 +317,8 @@ pub struct AgentProc {
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
     name: String,
+    /// What this process printed to stderr (its log at level info).
+    pub logs: Logs,
 }
 
 pub struct AgentSpec<'a> {
@@ -244,14 +335,19 @@ pub struct AgentSpec<'a> {
 
 impl AgentProc {
     pub fn start(spec: &AgentSpec<'_>) -> AgentProc {
-        AgentProc::start_with_env(spec, &[])
+        Self::start_with(spec, "")
     }
 
-    /// Like [`AgentProc::start`], with extra environment variables for the agent process (for
+    /// With extra configuration keys (JSON5, e.g. `keep_alive_secs: 2,`).
+    pub fn start_with(spec: &AgentSpec<'_>, extra: &str) -> AgentProc {
+        Self::start_with_env(spec, extra, &[])
+    }
+
+    /// With extra configuration keys and extra environment variables for the agent process (for
     /// example libfaketime's, to give the device a wrong clock).
-    pub fn start_with_env(spec: &AgentSpec<'_>, env: &[(&str, &str)]) -> AgentProc {
+    pub fn start_with_env(spec: &AgentSpec<'_>, extra: &str, env: &[(&str, &str)]) -> AgentProc {
         let config = format!(
-            "{{account: '{}', device: '{}', secret: '{}', schema: '{}', db: '{}.redb', broker: '{}', topic_prefix: '{}', batch_delay_ms: 20}}",
+            "{{account: '{}', device: '{}', secret: '{}', schema: '{}', db: '{}.redb', broker: '{}', topic_prefix: '{}', batch_delay_ms: 20, {extra}}}",
             spec.account,
             spec.device,
             spec.secret,
@@ -285,9 +381,12 @@ impl AgentProc {
         });
         let name = spec.name.to_string();
         let tag = name.clone();
+        let logs = Logs::default();
+        let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                sink.push(&line);
                 if std::env::var_os("DEVTABLES_TEST_VERBOSE").is_some() {
                     eprintln!("[{tag}] {line}");
                 }
@@ -299,6 +398,7 @@ impl AgentProc {
             stdin,
             lines,
             name,
+            logs,
         }
     }
 

@@ -3,7 +3,9 @@
 mod clocks;
 mod db_cmd;
 mod e2e;
+mod faults;
 mod harness;
+mod proxy;
 mod scenarios;
 mod services;
 

@@ -355,21 +355,37 @@ pub fn agent_killed_mid_batch(broker: BrokerChoice) {
     a.kill(); // SIGKILL, mid-stream
     let mut a = s.agent("gw4", "gw4", &secret);
     a.wait_synced();
-    let items = eventually("every acknowledged reading in the cloud", || {
-        let items = s.cloud.items(ACCOUNT, "gw4", "Reading")?;
-        let ids = field(&items, "id");
-        acked
-            .iter()
-            .all(|id| ids.binary_search(id).is_ok())
-            .then_some(items.clone())
-            .ok_or(format!("{} of {} acked present", ids.len(), acked.len()))
+    // The device kept every write it committed, acknowledged or not; the cloud must end with
+    // exactly those.
+    let local = a.op(json!({"op": "find", "model": "Reading", "item": {"deviceId": "gw4"}}));
+    let mut written: Vec<String> = local
+        .as_array()
+        .expect("a list of readings")
+        .iter()
+        .map(|i| i["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    written.sort();
+    assert!(
+        acked.iter().all(|id| written.binary_search(id).is_ok()),
+        "every acknowledged write survived the kill on the device"
+    );
+    assert!(written.len() <= total);
+    eventually("the device's readings in the cloud", || {
+        let ids = field(&s.cloud.items(ACCOUNT, "gw4", "Reading")?, "id");
+        (ids == written).then_some(()).ok_or(format!(
+            "{} in the cloud, {} written",
+            ids.len(),
+            written.len()
+        ))
     });
-    let ids = field(&items, "id");
-    let mut unique = ids.clone();
-    unique.dedup();
-    assert_eq!(ids.len(), unique.len(), "each reading exactly once");
-    assert!(ids.len() <= total);
     a.stop();
+    // Each reading is one key written once: the cloud wrote each exactly once, however many
+    // times the kill made the device resend it.
+    assert_eq!(
+        s.cloud.changes_applied(ACCOUNT, "gw4"),
+        written.len() as u64,
+        "each written reading applied exactly once"
+    );
 }
 
 /// The cloud is killed with SIGKILL while a device pushes; after it restarts (same data, same
@@ -406,10 +422,16 @@ pub fn cloud_killed_mid_apply(broker: BrokerChoice) {
             .then_some(items.clone())
             .ok_or(format!("{} of {total}", items.len()))
     });
-    let mut ids = field(&items, "id");
-    ids.dedup();
-    assert_eq!(ids, acked, "each acknowledged reading exactly once");
+    let ids = field(&items, "id");
+    assert_eq!(ids, acked, "every acknowledged reading in the cloud");
     a.stop();
+    // A push the killed cloud committed but never acknowledged is resent and answered as a
+    // duplicate: the cloud wrote each reading exactly once.
+    assert_eq!(
+        s.cloud.changes_applied(ACCOUNT, "gw5"),
+        total as u64,
+        "each acknowledged reading applied exactly once"
+    );
 }
 
 /// A device on a newer schema (a field the cloud does not know): its change is rejected with a
@@ -559,6 +581,11 @@ pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
     );
     let secret = s.cloud.register("acme", "gw10");
     let mut a = s.agent("gw10", "gw10", &secret);
+    // A new device starts with a full resync: the agent's report of it is the signal this test
+    // looks for again after the restart, so first make sure the signal exists at all.
+    a.logs.wait_for("the first start's resync", |l| {
+        l.contains("full resync finished")
+    });
     for name in ["a", "b", "c"] {
         let (status, body) = s.cloud.send(
             "POST",
@@ -583,7 +610,13 @@ pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
         json!({"name": "b"}),
     );
     assert_eq!(status, 200, "{body}");
-    std::thread::sleep(std::time::Duration::from_millis(2500)); // two purge rounds
+    // No tombstone existed before this delete, so a retention pass that purged one purged it
+    // (and raised the device's feed floor above its cursor).
+    s.cloud
+        .logs
+        .wait_for("retention purging the tombstone", |l| {
+            l.contains("retention applied") && !l.contains("tombstones: 0")
+        });
 
     let mut a = s.agent("gw10", "gw10", &secret);
     eventually("the resync removed the deleted setting", || {
@@ -611,6 +644,12 @@ pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
             json!({"op": "get", "model": "Setting", "item": {"deviceId": "gw10", "name": "d"}}),
         );
         (!got.is_null()).then_some(()).ok_or(got.to_string())
+    });
+    // The deleted setting went away through a resync (the agent reports it), not through the
+    // feed: its entry was purged. Without the purge the device would have caught up from its
+    // cursor and logged no resync.
+    a.logs.wait_for("the agent's report of the resync", |l| {
+        l.contains("full resync finished")
     });
     a.stop();
 }
