@@ -1021,3 +1021,224 @@ impl CloudEngine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::wire::Op;
+
+    fn dev() -> DeviceId {
+        DeviceId::new("acme", "d0").unwrap()
+    }
+
+    fn outputs(c: &mut CloudEngine) -> (Vec<DownMsg>, Vec<CloudAction>) {
+        let (mut msgs, mut actions) = (Vec::new(), Vec::new());
+        while let Some(a) = c.poll_action() {
+            match a {
+                CloudAction::Transmit { bytes, .. } => {
+                    msgs.push(wire::decode_down(&bytes, &WireConfig::default()).unwrap().msg)
+                }
+                other => actions.push(other),
+            }
+        }
+        (msgs, actions)
+    }
+
+    fn hello(c: &mut CloudEngine, cursor: u64) -> (Vec<DownMsg>, Vec<CloudAction>) {
+        let bytes = wire::encode_up(
+            "1",
+            &UpMsg::Hello {
+                session: 9,
+                cursor,
+                pending: 0,
+            },
+            &WireConfig::default(),
+        )
+        .unwrap();
+        c.handle_message(5, 1_700_000_000_000, &dev(), &bytes);
+        outputs(c)
+    }
+
+    fn delete(name: &str, v: u64) -> Change {
+        Change {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: name.into(),
+            },
+            op: Op::Delete,
+            item: None,
+            version: Hlc {
+                wall_ms: v,
+                counter: 0,
+                node: 1,
+            },
+            base: None,
+        }
+    }
+
+    #[test]
+    fn welcome_tells_the_cloud_time_and_the_drift_bound() {
+        let mut c = CloudEngine::new(CloudConfig {
+            max_drift_ms: 1234,
+            ..CloudConfig::default()
+        });
+        let (m, _) = hello(&mut c, 0);
+        assert_eq!(
+            m,
+            vec![DownMsg::Welcome {
+                session: 9,
+                now_ms: 1_700_000_000_000,
+                max_drift_ms: 1234
+            }]
+        );
+    }
+
+    #[test]
+    fn a_cursor_beyond_the_feed_head_gets_a_full_resync() {
+        let mut c = CloudEngine::new(CloudConfig::default());
+        let (_, a) = hello(&mut c, 50);
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ReadFeed { after: 50, .. })));
+        // The cloud was restored from a backup: its feed ends at 10.
+        c.handle_feed_page(
+            6,
+            &dev(),
+            FeedPage {
+                after: 50,
+                changes: vec![],
+                head: 10,
+                resync_required: false,
+                unreadable: vec![],
+            },
+        );
+        let (_, a) = outputs(&mut c);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, CloudAction::ReadSnapshot { from: None, .. })),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn unreadable_rows_are_reported_and_skipped_without_stalling_the_feed() {
+        let mut c = CloudEngine::new(CloudConfig {
+            feed_page_changes: 4,
+            ..CloudConfig::default()
+        });
+        hello(&mut c, 0);
+        let bad = |cursor: u64, sk: &str| UnreadableRow {
+            cursor,
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: sk.into(),
+            },
+            reason: "stored item JSON: bad".into(),
+        };
+        // A full read of 4 entries, two of them unreadable; more entries follow (head 9).
+        c.handle_feed_page(
+            6,
+            &dev(),
+            FeedPage {
+                after: 0,
+                changes: vec![(2, delete("b", 2)), (4, delete("d", 4))],
+                head: 9,
+                resync_required: false,
+                unreadable: vec![bad(1, "a"), bad(3, "c")],
+            },
+        );
+        let (m, a) = outputs(&mut c);
+        let reported: Vec<&str> = a
+            .iter()
+            .filter_map(|a| match a {
+                CloudAction::Unsendable { key, .. } => Some(key.sk.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reported, vec!["a", "c"]);
+        let DownMsg::Feed { from, to, changes } = &m[0] else {
+            panic!("{m:?}")
+        };
+        assert_eq!((*from, *to, changes.len()), (0, 4, 2), "the page covers the read, not the head");
+        // The whole page unreadable still moves the stream on.
+        c.handle_feed_page(
+            7,
+            &dev(),
+            FeedPage {
+                after: 4,
+                changes: vec![],
+                head: 9,
+                resync_required: false,
+                unreadable: vec![bad(5, "e"), bad(6, "f"), bad(7, "g"), bad(8, "h")],
+            },
+        );
+        let (m, _) = outputs(&mut c);
+        assert!(
+            m.iter()
+                .any(|m| matches!(m, DownMsg::Feed { from: 4, to: 8, .. })),
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn the_end_of_a_resync_records_the_devices_cursor() {
+        let mut c = CloudEngine::new(CloudConfig::default());
+        hello(&mut c, 0);
+        c.handle_feed_page(
+            6,
+            &dev(),
+            FeedPage {
+                after: 0,
+                changes: vec![],
+                head: 30,
+                resync_required: true,
+                unreadable: vec![],
+            },
+        );
+        let (_, a) = outputs(&mut c);
+        let Some(CloudAction::ReadSnapshot { resync, .. }) = a
+            .iter()
+            .find(|a| matches!(a, CloudAction::ReadSnapshot { .. }))
+            .cloned()
+        else {
+            panic!("{a:?}")
+        };
+        c.handle_snapshot_page(
+            7,
+            &dev(),
+            SnapshotPage {
+                resync,
+                items: vec![],
+                next: None,
+                cursor: 30,
+                unreadable: vec![],
+            },
+        );
+        outputs(&mut c);
+        let ack = wire::encode_up(
+            "1",
+            &UpMsg::SnapshotAck {
+                resync,
+                pos: None,
+                done: true,
+            },
+            &WireConfig::default(),
+        )
+        .unwrap();
+        c.handle_message(8, 1, &dev(), &ack);
+        let (_, a) = outputs(&mut c);
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                CloudAction::DeviceStatus {
+                    cursor_acked: Some(30),
+                    ..
+                }
+            )),
+            "{a:?}"
+        );
+    }
+}

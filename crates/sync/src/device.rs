@@ -977,3 +977,160 @@ impl DeviceEngine {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{ChangeResult, Op};
+
+    fn change(sk: &str, wall_ms: u64) -> Change {
+        Change {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: sk.into(),
+            },
+            op: Op::Delete,
+            item: None,
+            version: Hlc {
+                wall_ms,
+                counter: 0,
+                node: 1,
+            },
+            base: None,
+        }
+    }
+
+    fn sent(e: &mut DeviceEngine) -> Vec<UpMsg> {
+        let mut out = Vec::new();
+        while let Some(b) = e.poll_transmit() {
+            out.push(wire::decode_up(&b, &WireConfig::default()).unwrap().msg);
+        }
+        out
+    }
+
+    fn ready() -> DeviceEngine {
+        let mut e = DeviceEngine::new(DeviceConfig::default(), "1".into(), Restored::default());
+        e.handle_connected(0);
+        let Some(UpMsg::Hello { session, .. }) = sent(&mut e).pop() else {
+            panic!("no hello")
+        };
+        let welcome = DownMsg::Welcome {
+            session,
+            now_ms: 1_000_000,
+            max_drift_ms: 60_000,
+        };
+        e.handle_message(1, &wire::encode_down("1", &welcome, &WireConfig::default()).unwrap());
+        e
+    }
+
+    fn ack(e: &mut DeviceEngine, now: u64, results: Vec<ChangeResult>) {
+        let Some(UpMsg::Push { batch, .. }) = sent(e).pop() else {
+            panic!("no push")
+        };
+        let msg = DownMsg::PushAck { batch, results };
+        e.handle_message(now, &wire::encode_down("1", &msg, &WireConfig::default()).unwrap());
+    }
+
+    fn events(e: &mut DeviceEngine) -> Vec<DeviceEvent> {
+        std::iter::from_fn(|| e.poll_event()).collect()
+    }
+
+    #[test]
+    fn welcome_raises_the_cloud_time_before_ready() {
+        let mut e = ready();
+        assert_eq!(
+            events(&mut e)[1..],
+            [
+                DeviceEvent::CloudTime {
+                    cloud_ms: 1_000_000,
+                    max_drift_ms: 60_000
+                },
+                DeviceEvent::Ready
+            ]
+        );
+    }
+
+    #[test]
+    fn a_version_ahead_is_restamped_not_dropped() {
+        let mut e = ready();
+        let far = change("a", 99_000_000);
+        e.handle_local_change(2, far.clone());
+        let reason = RejectReason::VersionAhead {
+            cloud_ms: 1_000_100,
+            max_drift_ms: 60_000,
+        };
+        ack(
+            &mut e,
+            3,
+            vec![ChangeResult {
+                model: "M".into(),
+                key: far.key.clone(),
+                version: far.version,
+                status: ChangeStatus::Rejected { reason },
+            }],
+        );
+        assert_eq!(
+            e.poll_action(),
+            Some(DeviceAction::Restamp {
+                model: "M".into(),
+                key: far.key.clone(),
+                version: far.version,
+                cloud_ms: 1_000_100,
+            })
+        );
+        assert_eq!(e.pending(), 1, "the entry stays");
+        assert!(!events(&mut e)
+            .iter()
+            .any(|ev| matches!(ev, DeviceEvent::Rejected { .. })));
+        assert!(sent(&mut e).is_empty(), "not resent before it is re-stamped");
+        // The driver re-stamps: a LOWER version replaces the refused one and is sent.
+        let fixed = change("a", 1_000_200);
+        e.handle_restamped(4, far.version, fixed.clone());
+        assert!(events(&mut e).contains(&DeviceEvent::Restamped {
+            model: "M".into(),
+            key: far.key.clone(),
+            from: far.version,
+            to: fixed.version
+        }));
+        let Some(UpMsg::Push { changes, .. }) = sent(&mut e).pop() else {
+            panic!("the re-stamped change is sent")
+        };
+        assert_eq!(changes, vec![fixed]);
+    }
+
+    #[test]
+    fn a_superseded_change_leaves_with_an_event_naming_the_winner() {
+        let mut e = ready();
+        let mine = change("a", 1_000_000);
+        e.handle_local_change(2, mine.clone());
+        let winner = Hlc {
+            wall_ms: 1_000_500,
+            counter: 0,
+            node: 2,
+        };
+        ack(
+            &mut e,
+            3,
+            vec![ChangeResult {
+                model: "M".into(),
+                key: mine.key.clone(),
+                version: mine.version,
+                status: ChangeStatus::Stale { winner },
+            }],
+        );
+        assert_eq!(e.pending(), 0);
+        assert_eq!(
+            e.poll_action(),
+            Some(DeviceAction::OutboxRemove(vec![(
+                "M".into(),
+                mine.key.clone(),
+                mine.version
+            )]))
+        );
+        assert!(events(&mut e).contains(&DeviceEvent::Superseded {
+            change: mine,
+            winner
+        }));
+    }
+}
