@@ -270,3 +270,53 @@ impl CloudFile {
         Ok((dir.join(file.schema), config))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let c = CloudConfig::new("data");
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.mqtt.request_queue, 4096);
+        assert_eq!(c.startup_prompts.per_tick, 256);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let mut c = CloudConfig::new("data");
+        c.mqtt.request_queue = 1;
+        assert!(c.validate().unwrap_err().contains("request_queue"));
+        let mut c = CloudConfig::new("data");
+        c.sync_store_jobs = 0;
+        assert!(c.validate().is_err());
+        let mut c = CloudConfig::new("data");
+        c.startup_prompts.tick = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_file_sets_the_queue_and_the_pacing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        std::fs::write(
+            &path,
+            "{schema: 's.json5', data_dir: 'd', mqtt_request_queue: 64, \
+             startup_prompts_per_tick: 10, startup_prompt_tick_ms: 50}",
+        )
+        .unwrap();
+        let (_, c) = CloudFile::load(&path).unwrap();
+        assert_eq!(c.mqtt.request_queue, 64);
+        assert_eq!(c.startup_prompts.per_tick, 10);
+        assert_eq!(c.startup_prompts.tick, Duration::from_millis(50));
+        std::fs::write(
+            &path,
+            "{schema: 's.json5', data_dir: 'd', mqtt_request_queue: 0}",
+        )
+        .unwrap();
+        assert!(CloudFile::load(&path)
+            .unwrap_err()
+            .contains("request_queue"));
+    }
+}

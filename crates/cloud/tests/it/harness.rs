@@ -177,7 +177,10 @@ impl RawDevice {
                             return;
                         }
                     }
-                    Err(_) => return,
+                    Err(e) => {
+                        eprintln!("device connection ended: {e}");
+                        return;
+                    }
                 }
             }
         });
