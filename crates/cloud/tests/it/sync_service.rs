@@ -208,7 +208,10 @@ async fn publishes_that_do_not_fit_the_request_queue_are_counted() {
     let status = eventually("every prompt queued or dropped", || async {
         let (_, s) = get(api, "/v1/status").await;
         let n = |k: &str| s[k].as_u64().unwrap_or(0);
-        if n("publishes_queued") + n("publishes_dropped") == DEVICES as u64 {
+        // Nothing leaves the queue without a broker: all that was queued is still there.
+        if n("publishes_queued") + n("publishes_dropped") == DEVICES as u64
+            && n("mqtt_requests_queued") == n("publishes_queued")
+        {
             Ok(s)
         } else {
             Err(s.to_string())
@@ -221,7 +224,6 @@ async fn publishes_that_do_not_fit_the_request_queue_are_counted() {
         n("publishes_dropped") > DEVICES as u64 - QUEUE,
         "drops not counted: {status}"
     );
-    assert_eq!(n("mqtt_requests_queued"), n("publishes_queued"), "{status}");
     assert_eq!(status["broker_connected"], false, "{status}");
     cloud.shutdown().await;
 }
