@@ -2,7 +2,9 @@
 //!
 //! | Method and path | What |
 //! |---|---|
-//! | `GET /health`, `GET /ready` | liveness; readiness (store answers, broker connected) |
+//! | `GET /health` | liveness: the process serves HTTP |
+//! | `GET /ready` | readiness: 200 once the store answers, the broker is connected and the device topics are subscribed (SUBACK granted); else 503 with the reason |
+//! | `GET /v1/status` | the sync loop's counters: subscriptions, sessions, prompts pending, publishes queued, dropped and lost, request queue use, store jobs and errors |
 //! | `POST /v1/devices` `{account, device}` | register a device; the answer holds its secret, once |
 //! | `GET /v1/devices?account=&after=&limit=` | list devices with their sync status |
 //! | `GET /v1/devices/{account}/{device}` | one device: online, last seen, cursor lag, pending, last error |
@@ -15,8 +17,8 @@
 //!
 //! Every error is `{"error": "<sentence>", "kind": "<kind>"}` with a fitting status code.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
@@ -34,8 +36,10 @@ use tokio::sync::mpsc;
 use crate::auth::Credentials;
 use crate::config::CloudConfig;
 use crate::ops::{self, OpError, WriteKind};
-use crate::service::{StoreGone, StoreHandle, SyncInput};
+use crate::status::SyncStatus;
 use crate::store::{ItemQuery, StoreError};
+use crate::store_thread::{StoreGone, StoreHandle};
+use crate::sync_loop::SyncInput;
 
 #[derive(Clone)]
 pub(crate) struct ApiState {
@@ -43,7 +47,7 @@ pub(crate) struct ApiState {
     pub(crate) sync: mpsc::Sender<SyncInput>,
     pub(crate) schema: Arc<Schema>,
     pub(crate) credentials: Option<Arc<Credentials>>,
-    pub(crate) mqtt_connected: Arc<AtomicBool>,
+    pub(crate) status: Arc<SyncStatus>,
     pub(crate) mqtt_addr: String,
     pub(crate) config: Arc<CloudConfig>,
 }
@@ -53,6 +57,7 @@ pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/v1/status", get(status))
         .route("/v1/devices", get(list_devices).post(register_device))
         .route("/v1/devices/{account}/{device}", get(get_device))
         .route(
@@ -198,16 +203,46 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// How long readiness waits for the store to answer.
+const READY_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn ready(State(s): State<ApiState>) -> Response {
-    let store_ok = s.store.call(|_| ()).await.is_ok();
-    let mqtt_ok = s.mqtt_connected.load(Ordering::SeqCst);
-    let body = Json(json!({"store": store_ok, "broker": mqtt_ok}));
-    let status = if store_ok && mqtt_ok {
+    let store_ok = matches!(
+        tokio::time::timeout(READY_STORE_TIMEOUT, s.store.call(|_| ())).await,
+        Ok(Ok(()))
+    );
+    let status = s.status.snapshot(s.config.mqtt.request_queue);
+    // The first thing missing, in the order they come up.
+    let reason = if !store_ok {
+        Some("the store does not answer".to_string())
+    } else if !status.broker_connected {
+        Some("not connected to the MQTT broker".to_string())
+    } else if !status.subscribed {
+        Some(format!(
+            "the device topics are not subscribed yet ({} attempts so far)",
+            status.subscribe_attempts
+        ))
+    } else {
+        None
+    };
+    let body = Json(json!({
+        "ready": reason.is_none(),
+        "store": store_ok,
+        "broker": status.broker_connected,
+        "subscribed": status.subscribed,
+        "reason": reason,
+    }));
+    let code = if reason.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, body).into_response()
+    (code, body).into_response()
+}
+
+async fn status(State(s): State<ApiState>) -> Json<Value> {
+    let snapshot = s.status.snapshot(s.config.mqtt.request_queue);
+    Json(serde_json::to_value(snapshot).unwrap_or(Value::Null))
 }
 
 fn device_id(account: &str, device: &str) -> ApiResult<DeviceId> {

@@ -47,6 +47,80 @@ pub struct CloudConfig {
     /// This cloud process's node name: its versions carry `node_id_for("devtables/cloud/{name}")`,
     /// so two cloud nodes never mint equal versions. Empty (the default): a random name per start.
     pub node_name: String,
+    /// The service's own MQTT client.
+    pub mqtt: MqttClientConfig,
+    /// How the devices that have changes waiting at start are prompted to say hello.
+    pub startup_prompts: StartupPrompts,
+    /// Most store jobs of the sync loop (applying pushes, reading pages, recording status)
+    /// queued or running at once. Beyond it, further engine work waits inside the engine until
+    /// one completes; the MQTT connection is polled all the while. Default 64.
+    pub sync_store_jobs: usize,
+}
+
+/// Settings of the service's MQTT client (the sync loop's connection to the broker).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttClientConfig {
+    /// Capacity of the client's request queue: publishes and subscribe requests waiting for the
+    /// connection. Default 4096. Publishes may use all of it but a reserve (an eighth, at least
+    /// one and at most 64 slots) kept for subscribing and disconnecting, so a burst of publishes
+    /// can never lock the subscription out; a publish that finds no room is dropped, counted
+    /// (`GET /v1/status`) and logged.
+    pub request_queue: usize,
+    /// Most MQTT events waiting between the task that polls the connection and the sync loop.
+    /// Default 1024.
+    pub event_queue: usize,
+    /// MQTT keep-alive. Default 30 s.
+    pub keep_alive: Duration,
+    /// First wait before reconnecting after the connection failed; it doubles after every
+    /// failure up to `reconnect_max`. Defaults 500 ms and 10 s.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// First wait before subscribing again after a subscription failed (refused in the SUBACK,
+    /// not queued, or unanswered); it doubles up to `subscribe_retry_max`. Defaults 200 ms and
+    /// 30 s.
+    pub subscribe_retry_min: Duration,
+    pub subscribe_retry_max: Duration,
+    /// How long a SUBSCRIBE may wait for its SUBACK before it is sent again. Default 10 s.
+    pub suback_timeout: Duration,
+}
+
+impl Default for MqttClientConfig {
+    fn default() -> MqttClientConfig {
+        MqttClientConfig {
+            request_queue: 4096,
+            event_queue: 1024,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(10),
+            subscribe_retry_min: Duration::from_millis(200),
+            subscribe_retry_max: Duration::from_secs(30),
+            suback_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Pacing of the start-up prompts.
+///
+/// Sessions live in memory, so after a restart the cloud prompts every device whose feed head is
+/// above its acknowledged cursor (an idle device would otherwise never say hello again and never
+/// get its changes). On a large fleet these prompts would fill the MQTT request queue at once;
+/// they are released only once the device topics are subscribed, at most `per_tick` every
+/// `tick`, and never more than half of the request queue's free room.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StartupPrompts {
+    /// Most devices prompted per tick. Default 256.
+    pub per_tick: usize,
+    /// Default 100 ms (with the defaults: about 2 500 devices a second).
+    pub tick: Duration,
+}
+
+impl Default for StartupPrompts {
+    fn default() -> StartupPrompts {
+        StartupPrompts {
+            per_tick: 256,
+            tick: Duration::from_millis(100),
+        }
+    }
 }
 
 impl CloudConfig {
@@ -68,7 +142,30 @@ impl CloudConfig {
             max_request_bytes: 1024 * 1024,
             max_page_items: 1000,
             node_name: String::new(),
+            mqtt: MqttClientConfig::default(),
+            startup_prompts: StartupPrompts::default(),
+            sync_store_jobs: 64,
         }
+    }
+
+    /// Checks the settings that would make the service unable to run.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mqtt.request_queue < 2 {
+            return Err(format!(
+                "mqtt request_queue must be at least 2 (one slot is kept for subscribing), got {}",
+                self.mqtt.request_queue
+            ));
+        }
+        if self.mqtt.event_queue == 0 {
+            return Err("mqtt event_queue must be at least 1".into());
+        }
+        if self.sync_store_jobs == 0 {
+            return Err("sync_store_jobs must be at least 1".into());
+        }
+        if self.startup_prompts.per_tick == 0 || self.startup_prompts.tick.is_zero() {
+            return Err("startup prompts need at least 1 per tick and a tick above 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -104,6 +201,15 @@ pub struct CloudFile {
     pub purge_interval_secs: Option<u64>,
     #[serde(default)]
     pub max_conflicts: Option<u64>,
+    /// Capacity of the service's MQTT request queue (default 4096).
+    #[serde(default)]
+    pub mqtt_request_queue: Option<usize>,
+    /// Devices prompted per start-up tick (default 256).
+    #[serde(default)]
+    pub startup_prompts_per_tick: Option<usize>,
+    /// The start-up prompt tick in milliseconds (default 100).
+    #[serde(default)]
+    pub startup_prompt_tick_ms: Option<u64>,
 }
 
 impl CloudFile {
@@ -153,6 +259,68 @@ impl CloudFile {
         if let Some(n) = file.max_conflicts {
             config.retention.max_conflicts = n;
         }
+        if let Some(n) = file.mqtt_request_queue {
+            config.mqtt.request_queue = n;
+        }
+        if let Some(n) = file.startup_prompts_per_tick {
+            config.startup_prompts.per_tick = n;
+        }
+        if let Some(ms) = file.startup_prompt_tick_ms {
+            config.startup_prompts.tick = Duration::from_millis(ms);
+        }
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok((dir.join(file.schema), config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let c = CloudConfig::new("data");
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.mqtt.request_queue, 4096);
+        assert_eq!(c.startup_prompts.per_tick, 256);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let mut c = CloudConfig::new("data");
+        c.mqtt.request_queue = 1;
+        assert!(c.validate().unwrap_err().contains("request_queue"));
+        let mut c = CloudConfig::new("data");
+        c.sync_store_jobs = 0;
+        assert!(c.validate().is_err());
+        let mut c = CloudConfig::new("data");
+        c.startup_prompts.tick = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_file_sets_the_queue_and_the_pacing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        std::fs::write(
+            &path,
+            "{schema: 's.json5', data_dir: 'd', mqtt_request_queue: 64, \
+             startup_prompts_per_tick: 10, startup_prompt_tick_ms: 50}",
+        )
+        .unwrap();
+        let (_, c) = CloudFile::load(&path).unwrap();
+        assert_eq!(c.mqtt.request_queue, 64);
+        assert_eq!(c.startup_prompts.per_tick, 10);
+        assert_eq!(c.startup_prompts.tick, Duration::from_millis(50));
+        std::fs::write(
+            &path,
+            "{schema: 's.json5', data_dir: 'd', mqtt_request_queue: 0}",
+        )
+        .unwrap();
+        assert!(CloudFile::load(&path)
+            .unwrap_err()
+            .contains("request_queue"));
     }
 }

@@ -7,8 +7,13 @@
 //! - [`broker`]: the embedded MQTT broker (rmqtt) that authenticates every client and confines
 //!   each device to its own topics.
 //! - [`auth`]: device secrets (hashed at rest) and the broker's authenticator.
-//! - [`service`]: the running service: store thread, sync loop around the sans-IO
-//!   `CloudEngine`, API server, retention timer, graceful shutdown.
+//! - [`service`]: the running service: start-up order, API server, retention timer, graceful
+//!   shutdown.
+//! - [`store_thread`]: the thread that owns the store, and the handle to run work on it (a leaf
+//!   module: the API, the operations and the sync loop all use it).
+//! - `sync_loop`: the driver around the sans-IO `CloudEngine`; `mqtt_link`: the task polling
+//!   the service's MQTT connection; `subscription`: keeps the device topics subscribed;
+//!   [`status`]: the sync loop's counters (`GET /v1/status`).
 //! - [`ops`]: application operations (register a device, write an item) shared by the API and
 //!   embedding programs.
 //! - `api`: the HTTP API (axum, JSON).
@@ -21,9 +26,14 @@ mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+mod mqtt_link;
 pub mod ops;
 pub mod service;
+pub mod status;
 pub mod store;
+pub mod store_thread;
+mod subscription;
+mod sync_loop;
 
-pub use config::{BrokerMode, CloudConfig, CloudFile};
+pub use config::{BrokerMode, CloudConfig, CloudFile, MqttClientConfig, StartupPrompts};
 pub use service::{Cloud, StartError};

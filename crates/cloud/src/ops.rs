@@ -13,8 +13,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::auth::{self, Credentials};
-use crate::service::{wall_ms, StoreGone, StoreHandle, SyncInput};
 use crate::store::StoreError;
+use crate::store_thread::{wall_ms, StoreGone, StoreHandle};
+use crate::sync_loop::SyncInput;
 
 /// What an application write does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,275 @@
+//! The service's MQTT connection: a task that does nothing but poll rumqttc's event loop, and a
+//! gauge of the client's request queue.
+//!
+//! This module exists for two reasons. First, the event loop must be polled all the time
+//! (keep-alives, acknowledgements, reconnects) whatever the sync loop is doing, and its `poll`
+//! must not be cancelled: a `select!` that drops it midway can lose a request it had already
+//! taken from the queue, or restart a connection attempt forever. So it runs on its own task and
+//! hands events to the sync loop over a bounded channel. Second, rumqttc does not tell how full
+//! its request queue is, and a full queue silently refuses everything, the subscribe included.
+//! [`RequestGauge`] counts it: +1 for every request the sync loop queues, -1 for every one the
+//! event loop reports taking (`Outgoing` events), reset when a lost connection empties it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{Event, EventLoop, Outgoing, Packet, SubscribeReasonCode};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::MqttClientConfig;
+use crate::status::SyncStatus;
+
+/// What the connection task tells the sync loop.
+#[derive(Debug)]
+pub(crate) enum LinkEvent {
+    /// A CONNACK: a new (clean) session.
+    Connected,
+    /// The connection failed or dropped; the task reconnects after a backoff.
+    Lost(String),
+    /// A message on a subscribed topic.
+    Message { topic: String, payload: Vec<u8> },
+    /// The client sent a SUBSCRIBE with this packet id.
+    SubscribeSent(u16),
+    /// A SUBACK: `granted` when every return code is a success.
+    SubAck { pkid: u16, granted: bool },
+}
+
+/// How many requests wait in the MQTT client's request queue.
+///
+/// Publishes may use the queue up to `capacity - reserve`; the reserve is left for the
+/// subscribe and the disconnect, so no burst of publishes can lock them out.
+#[derive(Debug)]
+pub(crate) struct RequestGauge {
+    queued: AtomicUsize,
+    /// Publishes sent and not yet acknowledged (rumqttc drops them with a lost clean session).
+    unacked: AtomicUsize,
+    capacity: usize,
+    reserve: usize,
+}
+
+impl RequestGauge {
+    pub(crate) fn new(capacity: usize) -> RequestGauge {
+        RequestGauge {
+            queued: AtomicUsize::new(0),
+            unacked: AtomicUsize::new(0),
+            capacity,
+            reserve: Self::reserve_for(capacity),
+        }
+    }
+
+    /// Slots kept for control requests: an eighth of the queue, at least 1, at most 64.
+    pub(crate) fn reserve_for(capacity: usize) -> usize {
+        (capacity / 8)
+            .clamp(1, 64)
+            .min(capacity.saturating_sub(1))
+            .max(1)
+    }
+
+    /// Requests waiting now.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// How many more publishes fit now.
+    pub(crate) fn publish_room(&self) -> usize {
+        (self.capacity.saturating_sub(self.reserve)).saturating_sub(self.queued())
+    }
+
+    /// Takes a slot for a publish, if one is free (the caller then queues it, or gives the slot
+    /// back with [`release`](Self::release)).
+    pub(crate) fn try_take_publish_slot(&self) -> bool {
+        let limit = self.capacity.saturating_sub(self.reserve);
+        self.queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < limit).then_some(q + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a slot for a control request (subscribe, disconnect), reserve included.
+    pub(crate) fn try_take_control_slot(&self) -> bool {
+        let limit = self.capacity;
+        self.queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < limit).then_some(q + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a slot whose request could not be queued after all.
+    pub(crate) fn release(&self) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
+    }
+
+    /// The event loop took a request from the queue.
+    fn taken(&self) {
+        self.release();
+    }
+
+    /// A lost connection moved the queue's content into rumqttc's pending list, which the next
+    /// clean session discards. Returns how many requests that was, and how many publishes were
+    /// sent without an acknowledgement (discarded too). A request queued by the sync loop in the
+    /// instant between the two may be forgotten here; the count then errs low, which only
+    /// the reserve has to absorb, and it heals when the queue next empties.
+    fn drained(&self) -> (usize, usize) {
+        (
+            self.queued.swap(0, Ordering::SeqCst),
+            self.unacked.swap(0, Ordering::SeqCst),
+        )
+    }
+}
+
+/// Polls the event loop until shutdown, forwarding events to the sync loop.
+pub(crate) async fn run(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<LinkEvent>,
+    gauge: Arc<RequestGauge>,
+    status: Arc<SyncStatus>,
+    config: MqttClientConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connected = false;
+    let mut delay = config.reconnect_min;
+    // At shutdown the sync loop queues a DISCONNECT; give it a moment to go out, never more.
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    tokio::pin!(stop);
+    loop {
+        let polled = tokio::select! {
+            polled = eventloop.poll() => polled,
+            _ = &mut stop => return,
+        };
+        let forward = match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                delay = config.reconnect_min;
+                status
+                    .broker_connected
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                Some(LinkEvent::Connected)
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => Some(LinkEvent::Message {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+            }),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Some(LinkEvent::SubAck {
+                pkid: ack.pkid,
+                granted: !ack.return_codes.is_empty()
+                    && ack
+                        .return_codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+            }),
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                let _ = gauge
+                    .unacked
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                None
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                gauge.taken();
+                gauge.unacked.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                gauge.taken();
+                Some(LinkEvent::SubscribeSent(pkid))
+            }
+            Ok(Event::Outgoing(Outgoing::Unsubscribe(_))) => {
+                gauge.taken();
+                None
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                gauge.taken();
+                return;
+            }
+            Ok(_) => None,
+            Err(e) => {
+                status
+                    .broker_connected
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                if std::mem::take(&mut connected) {
+                    let (queued, unacked) = gauge.drained();
+                    // The subscribe may be among them; it is not a publish but close enough
+                    // for a loss estimate, and subscriptions are tracked on their own.
+                    status.publishes_lost.fetch_add(
+                        (queued + unacked) as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                if events.send(LinkEvent::Lost(e.to_string())).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = &mut stop => return,
+                }
+                delay = delay.saturating_mul(2).min(config.reconnect_max);
+                continue;
+            }
+        };
+        if let Some(event) = forward {
+            // The sync loop never waits on anything but its select, so this only waits for
+            // it to take the previous events.
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishes_never_take_the_reserve() {
+        let g = RequestGauge::new(16);
+        let reserve = RequestGauge::reserve_for(16);
+        assert!(reserve >= 1);
+        let mut n = 0;
+        while g.try_take_publish_slot() {
+            n += 1;
+        }
+        assert_eq!(n, 16 - reserve);
+        assert_eq!(g.publish_room(), 0);
+        // The subscribe still fits.
+        assert!(g.try_take_control_slot());
+        // Once the event loop took two requests (the subscribe and a publish), one publish fits.
+        g.taken();
+        g.taken();
+        assert!(g.try_take_publish_slot());
+        assert!(!g.try_take_publish_slot());
+    }
+
+    #[test]
+    fn the_smallest_queue_keeps_one_slot_for_control() {
+        assert_eq!(RequestGauge::reserve_for(2), 1);
+        assert_eq!(RequestGauge::reserve_for(4096), 64);
+        let g = RequestGauge::new(2);
+        assert!(g.try_take_publish_slot());
+        assert!(!g.try_take_publish_slot());
+        assert!(g.try_take_control_slot());
+        assert!(!g.try_take_control_slot());
+    }
+
+    #[test]
+    fn a_lost_connection_empties_the_gauge() {
+        let g = RequestGauge::new(64);
+        for _ in 0..5 {
+            assert!(g.try_take_publish_slot());
+        }
+        g.taken();
+        g.unacked.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(g.drained(), (4, 1));
+        assert_eq!(g.queued(), 0);
+        // More answers than requests cannot make it negative.
+        g.taken();
+        assert_eq!(g.queued(), 0);
+    }
+}

@@ -1,0 +1,153 @@
+//! Counters and gauges of the sync loop, shared with the HTTP API (`GET /ready`,
+//! `GET /v1/status`).
+//!
+//! This module exists so that nothing the cloud drops, refuses or skips goes unnoticed: the
+//! sync loop counts it here and warns (rate-limited), and operators read the numbers without
+//! reading logs. It also carries the two facts readiness depends on (broker connected, device
+//! topics subscribed).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Live numbers of the sync loop. Written by the sync loop and the MQTT task, read by the API.
+#[derive(Debug, Default)]
+pub struct SyncStatus {
+    /// The MQTT connection is up (CONNACK received, not lost since).
+    pub(crate) broker_connected: AtomicBool,
+    /// Every device-topic filter is subscribed on the current connection (SUBACK with success
+    /// codes).
+    pub(crate) subscribed: AtomicBool,
+    /// Subscribe requests sent since start (retries included).
+    pub(crate) subscribe_attempts: AtomicU64,
+    /// Filters held on the current connection.
+    pub(crate) subscriptions_held: AtomicU64,
+    /// Device sessions the engine tracks.
+    pub(crate) sessions: AtomicU64,
+    /// Devices still to be prompted after a start (paced).
+    pub(crate) prompts_pending: AtomicU64,
+    /// Publishes handed to the MQTT client.
+    pub(crate) publishes_queued: AtomicU64,
+    /// Publishes that could not be queued (request queue full, or the client refused).
+    pub(crate) publishes_dropped: AtomicU64,
+    /// Publishes that were queued or unacknowledged when the connection dropped: the client
+    /// discards them on the new (clean) session; the engine's timers resend what matters.
+    pub(crate) publishes_lost: AtomicU64,
+    /// Requests waiting in the MQTT client's request queue (an exact count but for a short
+    /// window after a disconnect).
+    pub(crate) mqtt_requests_queued: AtomicU64,
+    /// Store jobs of the sync loop queued or running.
+    pub(crate) store_jobs_in_flight: AtomicU64,
+    /// Store jobs of the sync loop that failed (each is logged).
+    pub(crate) store_errors: AtomicU64,
+    /// Stored rows skipped in a page because they can never fit a message or cannot be read
+    /// (each is also recorded on its device's `last_error`).
+    pub(crate) rows_skipped: AtomicU64,
+    /// Messages on topics the service does not serve.
+    pub(crate) foreign_messages: AtomicU64,
+}
+
+/// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatusSnapshot {
+    pub broker_connected: bool,
+    pub subscribed: bool,
+    pub subscribe_attempts: u64,
+    pub subscriptions_held: u64,
+    pub sessions: u64,
+    pub prompts_pending: u64,
+    pub publishes_queued: u64,
+    pub publishes_dropped: u64,
+    pub publishes_lost: u64,
+    pub mqtt_requests_queued: u64,
+    pub mqtt_request_queue: u64,
+    pub store_jobs_in_flight: u64,
+    pub store_errors: u64,
+    pub rows_skipped: u64,
+    pub foreign_messages: u64,
+}
+
+impl SyncStatus {
+    /// The numbers now; `request_queue` is the configured capacity, shown beside its use.
+    pub fn snapshot(&self, request_queue: usize) -> StatusSnapshot {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatusSnapshot {
+            broker_connected: self.broker_connected.load(Ordering::SeqCst),
+            subscribed: self.subscribed.load(Ordering::SeqCst),
+            subscribe_attempts: n(&self.subscribe_attempts),
+            subscriptions_held: n(&self.subscriptions_held),
+            sessions: n(&self.sessions),
+            prompts_pending: n(&self.prompts_pending),
+            publishes_queued: n(&self.publishes_queued),
+            publishes_dropped: n(&self.publishes_dropped),
+            publishes_lost: n(&self.publishes_lost),
+            mqtt_requests_queued: n(&self.mqtt_requests_queued),
+            mqtt_request_queue: request_queue as u64,
+            store_jobs_in_flight: n(&self.store_jobs_in_flight),
+            store_errors: n(&self.store_errors),
+            rows_skipped: n(&self.rows_skipped),
+            foreign_messages: n(&self.foreign_messages),
+        }
+    }
+
+    /// Whether the MQTT side is ready: connected and every device topic subscribed.
+    pub fn mqtt_ready(&self) -> bool {
+        self.broker_connected.load(Ordering::SeqCst) && self.subscribed.load(Ordering::SeqCst)
+    }
+}
+
+/// Rate-limits a warning that a storm could repeat thousands of times a second: the first
+/// occurrence is logged at once, later ones at most once per interval, with how many happened
+/// in between.
+#[derive(Debug)]
+pub(crate) struct WarnLimiter {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    /// How often a repeated warning is logged at most.
+    pub(crate) const INTERVAL: Duration = Duration::from_secs(10);
+
+    pub(crate) fn new(interval: Duration) -> WarnLimiter {
+        WarnLimiter {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// One occurrence at `now`: `Some(n)` means log now, mentioning `n` occurrences not logged
+    /// since the last warning; `None` means stay quiet (it is counted).
+    pub(crate) fn hit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(at) if now.saturating_duration_since(at) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storm_logs_once_per_interval_and_counts_the_rest() {
+        let mut w = WarnLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(w.hit(t0), Some(0));
+        for i in 1..1000 {
+            assert_eq!(w.hit(t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(w.hit(t0 + Duration::from_secs(10)), Some(999));
+        assert_eq!(w.hit(t0 + Duration::from_secs(11)), None);
+    }
+}

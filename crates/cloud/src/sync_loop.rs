@@ -1,0 +1,628 @@
+//! The sync loop: the driver around the sans-IO [`CloudEngine`]. MQTT messages in, engine,
+//! store jobs, MQTT publishes out. It makes no protocol decision.
+//!
+//! Why it is shaped this way:
+//! - It never waits for the store. Store work (applying a push, reading a page, recording a
+//!   status) is queued to the store thread in the order the engine asked for it, and each job
+//!   sends its completion back over a bounded channel into this loop's `select!`. The store
+//!   thread runs jobs one at a time in arrival order, so completions come back in the order the
+//!   engine produced the work, which keeps every device's inputs in order. At most
+//!   `sync_store_jobs` jobs are out at once; beyond that the next action waits (in order) until
+//!   one completes. Meanwhile MQTT keeps being served: the connection is polled by its own task
+//!   ([`crate::mqtt_link`]), whose events arrive here.
+//! - It keeps the device topics subscribed ([`Subscription`]), before anything else is
+//!   published after a start.
+//! - It never fills the MQTT client's request queue: every publish takes a slot of the
+//!   [`RequestGauge`] (which keeps a reserve for the subscribe), and a publish that finds no
+//!   room is dropped, counted and logged (rate-limited). The engine's timers resend what
+//!   matters (pages, acknowledgements on the device's resend, prompts).
+//! - After a start it prompts the devices with changes waiting, paced ([`StartupPrompts`]):
+//!   only once the subscription holds, a bounded number per tick, within half the queue's free
+//!   room.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devtables_sync::cloud::{CloudAction, CloudEngine, FeedPage, SnapshotPage};
+use devtables_sync::identity::DeviceId;
+use devtables_sync::topics;
+use devtables_sync::wire::{ChangeResult, ChangeStatus};
+use rumqttc::{AsyncClient, QoS, SubscribeFilter};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::StartupPrompts;
+use crate::mqtt_link::{LinkEvent, RequestGauge};
+use crate::status::{SyncStatus, WarnLimiter};
+use crate::store::{Advanced, StatusUpdate, StoreError};
+use crate::store_thread::{wall_ms, Job, StoreCtx, StoreHandle};
+use crate::subscription::{SubAckOutcome, Subscription};
+
+/// Inputs of the sync loop from the rest of the service.
+pub enum SyncInput {
+    /// An API write advanced these feeds.
+    FeedAdvanced(Advanced),
+}
+
+/// A store job's result, back in the loop.
+enum Done {
+    Push {
+        device: DeviceId,
+        batch: u64,
+        result: Result<(Vec<ChangeResult>, Advanced), StoreError>,
+    },
+    Feed {
+        device: DeviceId,
+        result: Result<FeedPage, StoreError>,
+    },
+    Snapshot {
+        device: DeviceId,
+        result: Result<SnapshotPage, StoreError>,
+    },
+    /// A status record was written (or its failure logged and counted).
+    Status,
+    /// The store thread is gone: the service is stopping.
+    StoreGone,
+}
+
+/// Everything the sync loop is built from.
+pub(crate) struct SyncParts {
+    pub(crate) engine: CloudEngine,
+    /// How far past the cloud's time a pushed version may be (the engine's `max_drift_ms`).
+    pub(crate) max_drift_ms: u64,
+    pub(crate) store: StoreHandle,
+    pub(crate) client: AsyncClient,
+    pub(crate) link: mpsc::Receiver<LinkEvent>,
+    pub(crate) gauge: Arc<RequestGauge>,
+    pub(crate) status: Arc<SyncStatus>,
+    pub(crate) prefix: String,
+    pub(crate) inputs: mpsc::Receiver<SyncInput>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) subscription: Subscription,
+    /// Devices whose feed head was above their acknowledged cursor at start, with the head.
+    pub(crate) behind: Vec<(DeviceId, u64)>,
+    pub(crate) pace: StartupPrompts,
+    pub(crate) max_store_jobs: usize,
+}
+
+/// The sync loop's state (see the module documentation).
+pub(crate) struct SyncLoop {
+    engine: CloudEngine,
+    /// How far past the cloud's time a pushed version may be.
+    max_drift_ms: u64,
+    client: AsyncClient,
+    link: mpsc::Receiver<LinkEvent>,
+    gauge: Arc<RequestGauge>,
+    status: Arc<SyncStatus>,
+    prefix: String,
+    /// The device topic filters this service subscribes to.
+    filters: Vec<String>,
+    inputs: mpsc::Receiver<SyncInput>,
+    inputs_open: bool,
+    shutdown: watch::Receiver<bool>,
+    subscription: Subscription,
+    /// Jobs for the store thread, in engine order (a forwarding task queues them).
+    jobs: mpsc::Sender<Job>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    /// Store jobs queued or running.
+    in_flight: usize,
+    max_store_jobs: usize,
+    /// The next engine action, waiting for a store job slot.
+    waiting: Option<CloudAction>,
+    store_gone: bool,
+    /// Devices still to prompt after the start.
+    startup: VecDeque<(DeviceId, u64)>,
+    pace: StartupPrompts,
+    next_prompts: tokio::time::Instant,
+    /// Whether the link was up (to warn once when it drops).
+    link_up: bool,
+    drop_warn: WarnLimiter,
+    oversize_warn: WarnLimiter,
+    foreign_warn: WarnLimiter,
+    /// Monotonic origin of the engine's clock.
+    started: Instant,
+    /// The wall clock at `started`, to record engine times as wall times.
+    started_wall_ms: u64,
+}
+
+impl SyncLoop {
+    pub(crate) fn new(p: SyncParts) -> SyncLoop {
+        let max_store_jobs = p.max_store_jobs.max(1);
+        // Both channels hold at most `max_store_jobs` entries: every job in them is counted in
+        // `in_flight` until its completion is taken, so neither can ever be full when used.
+        let (jobs, forward_rx) = mpsc::channel::<Job>(max_store_jobs);
+        let (done_tx, done_rx) = mpsc::channel::<Done>(max_store_jobs + 1);
+        tokio::spawn(forward_jobs(p.store, forward_rx, done_tx.clone()));
+        p.status
+            .prompts_pending
+            .store(p.behind.len() as u64, Ordering::Relaxed);
+        SyncLoop {
+            engine: p.engine,
+            max_drift_ms: p.max_drift_ms,
+            client: p.client,
+            link: p.link,
+            gauge: p.gauge,
+            status: p.status,
+            filters: vec![topics::up_filter(&p.prefix)],
+            prefix: p.prefix,
+            inputs: p.inputs,
+            inputs_open: true,
+            shutdown: p.shutdown,
+            subscription: p.subscription,
+            jobs,
+            done_tx,
+            done_rx,
+            in_flight: 0,
+            max_store_jobs,
+            waiting: None,
+            store_gone: false,
+            startup: p.behind.into(),
+            pace: p.pace,
+            next_prompts: tokio::time::Instant::now(),
+            link_up: false,
+            drop_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
+            oversize_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
+            foreign_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
+            started: Instant::now(),
+            started_wall_ms: wall_ms(),
+        }
+    }
+
+    /// Engine time: milliseconds since the loop started.
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub(crate) async fn run(mut self) {
+        loop {
+            let engine_at = self.engine.poll_timeout().map(|at| {
+                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(self.now()))
+            });
+            let subscribe_at = self
+                .subscription
+                .deadline()
+                .map(tokio::time::Instant::from_std);
+            // Prompts go out only once the device topics are subscribed (the answers must be
+            // heard) and when the engine's previous output was fully handed over.
+            let prompts_at =
+                (self.subscription.held() && !self.startup.is_empty() && self.waiting.is_none())
+                    .then_some(self.next_prompts);
+            let mut stop = false;
+            tokio::select! {
+                event = self.link.recv() => match event {
+                    Some(event) => self.on_link(event),
+                    // The connection task ends only at shutdown.
+                    None => stop = true,
+                },
+                input = self.inputs.recv(), if self.inputs_open => match input {
+                    Some(SyncInput::FeedAdvanced(advanced)) => {
+                        let now = self.now();
+                        for (device, head) in advanced {
+                            self.engine.handle_feed_advanced(now, &device, head);
+                        }
+                    }
+                    None => self.inputs_open = false,
+                },
+                Some(done) = self.done_rx.recv() => self.on_done(done),
+                _ = sleep_until(engine_at) => {
+                    let now = self.now();
+                    self.engine.handle_timeout(now);
+                }
+                _ = sleep_until(subscribe_at) => {
+                    if self.subscription.on_timer(Instant::now()) {
+                        tracing::warn!("no SUBACK for the device topics in time; subscribing again");
+                    }
+                }
+                _ = sleep_until(prompts_at) => self.release_prompts(),
+                changed = self.shutdown.changed() => stop = changed.is_err(),
+            }
+            if stop || *self.shutdown.borrow() || self.store_gone {
+                if self.gauge.try_take_control_slot() && self.client.try_disconnect().is_err() {
+                    self.gauge.release();
+                }
+                return;
+            }
+            self.drive_subscription();
+            self.act();
+            self.report();
+        }
+    }
+
+    fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                self.link_up = true;
+                self.subscription.connected(Instant::now());
+                tracing::info!("cloud sync connected to the broker");
+            }
+            LinkEvent::Lost(e) => {
+                if std::mem::take(&mut self.link_up) {
+                    tracing::warn!("cloud sync lost the broker: {e}");
+                } else {
+                    tracing::debug!("cloud sync cannot reach the broker: {e}");
+                }
+                self.subscription.lost();
+                self.status.subscribed.store(false, Ordering::SeqCst);
+                self.status.subscriptions_held.store(0, Ordering::Relaxed);
+            }
+            LinkEvent::Message { topic, payload } => {
+                match topics::parse_up_topic(&self.prefix, &topic) {
+                    Some(device) => {
+                        let now = self.now();
+                        self.engine.handle_message(now, wall_ms(), &device, &payload);
+                    }
+                    None => {
+                        self.status.foreign_messages.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = self.foreign_warn.hit(Instant::now()) {
+                            tracing::warn!(%topic, suppressed, "ignored a message on a foreign topic");
+                        }
+                    }
+                }
+            }
+            LinkEvent::SubscribeSent(pkid) => self.subscription.sent(pkid),
+            LinkEvent::SubAck { pkid, granted } => {
+                match self.subscription.suback(Instant::now(), pkid, granted) {
+                    SubAckOutcome::Held => {
+                        self.status
+                            .subscriptions_held
+                            .store(self.filters.len() as u64, Ordering::Relaxed);
+                        self.status.subscribed.store(true, Ordering::SeqCst);
+                        tracing::info!(filters = ?self.filters, "subscribed to the device topics");
+                    }
+                    SubAckOutcome::Refused => tracing::warn!(
+                        filters = ?self.filters,
+                        "the broker refused the device topic subscription; retrying"
+                    ),
+                    SubAckOutcome::Ignored => {
+                        tracing::debug!(pkid, granted, "a SUBACK for an earlier request")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a SUBSCRIBE when one is due.
+    fn drive_subscription(&mut self) {
+        let now = Instant::now();
+        if !self.subscription.due(now) {
+            return;
+        }
+        self.status
+            .subscribe_attempts
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.gauge.try_take_control_slot() {
+            self.subscription.not_queued(now);
+            tracing::warn!(
+                "the MQTT request queue is full; subscribing to the device topics later"
+            );
+            return;
+        }
+        let filters = self
+            .filters
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        match self.client.try_subscribe_many(filters) {
+            Ok(()) => self.subscription.queued(now),
+            Err(e) => {
+                self.gauge.release();
+                self.subscription.not_queued(now);
+                tracing::warn!(
+                    "cannot queue the subscription to the device topics ({e}); retrying"
+                );
+            }
+        }
+    }
+
+    /// Hands the next start-up prompts to the engine.
+    fn release_prompts(&mut self) {
+        let room = self.gauge.publish_room() / 2;
+        let n = self.pace.per_tick.min(room).min(self.startup.len());
+        let now = self.now();
+        for (device, head) in self.startup.drain(..n) {
+            self.engine.handle_feed_advanced(now, &device, head);
+        }
+        self.next_prompts = tokio::time::Instant::now() + self.pace.tick;
+    }
+
+    /// Carries out the engine's actions in order, until there are none or a store job must wait
+    /// for a slot.
+    fn act(&mut self) {
+        while !self.store_gone {
+            let Some(action) = self.waiting.take().or_else(|| self.engine.poll_action()) else {
+                return;
+            };
+            match action {
+                CloudAction::Transmit { device, bytes } => self.publish(&device, bytes),
+                store_work => {
+                    if let CloudAction::Unsendable {
+                        device,
+                        model,
+                        key,
+                        reason,
+                    } = &store_work
+                    {
+                        self.status.rows_skipped.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = self.oversize_warn.hit(Instant::now()) {
+                            tracing::warn!(
+                                %device, %model, pk = %key.pk, sk = %key.sk, suppressed,
+                                "a stored row was skipped in a page: {reason}"
+                            );
+                        }
+                    }
+                    if self.in_flight >= self.max_store_jobs {
+                        self.waiting = Some(store_work);
+                        return;
+                    }
+                    let Some(job) = self.job_for(store_work) else {
+                        continue;
+                    };
+                    match self.jobs.try_send(job) {
+                        Ok(()) => self.in_flight += 1,
+                        Err(mpsc::error::TrySendError::Closed(_)) => self.store_gone = true,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            // Cannot happen (see `new`); if it did, the engine's timers redo
+                            // the work.
+                            self.status.store_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(
+                                "the sync loop's store queue is full; a store job was dropped"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Builds the store job of an engine action; the job reports back with a [`Done`]. `None`
+    /// for the actions that are not store work (handled in `act`).
+    fn job_for(&self, action: CloudAction) -> Option<Job> {
+        let done = self.done_tx.clone();
+        let max_drift_ms = self.max_drift_ms;
+        let status = self.status.clone();
+        match action {
+            CloudAction::ApplyPush {
+                device,
+                batch,
+                changes,
+            } => Some(Box::new(move |c: &mut StoreCtx| {
+                let result = c.store.apply_push(
+                    &c.schema,
+                    &mut c.clock,
+                    wall_ms(),
+                    max_drift_ms,
+                    &device,
+                    &changes,
+                );
+                if let Ok((results, _)) = &result {
+                    // The device's status shows the last change the cloud refused.
+                    if let Some(message) = last_refusal(results) {
+                        let update = StatusUpdate {
+                            last_error: Some(Some(message)),
+                            ..StatusUpdate::default()
+                        };
+                        if let Err(e) = c.store.update_status(&device, &update) {
+                            status.store_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%device, "cannot record the last error: {e}");
+                        }
+                    }
+                }
+                deliver(
+                    &done,
+                    Done::Push {
+                        device,
+                        batch,
+                        result,
+                    },
+                );
+            })),
+            CloudAction::ReadFeed {
+                device,
+                after,
+                limit,
+            } => Some(Box::new(move |c: &mut StoreCtx| {
+                let result = c.store.read_feed(&device, after, limit);
+                deliver(&done, Done::Feed { device, result });
+            })),
+            CloudAction::ReadSnapshot {
+                device,
+                resync,
+                from,
+                limit,
+            } => Some(Box::new(move |c: &mut StoreCtx| {
+                let result =
+                    c.store
+                        .read_snapshot(&c.schema, &device, resync, from.as_ref(), limit);
+                deliver(&done, Done::Snapshot { device, result });
+            })),
+            CloudAction::DeviceStatus {
+                device,
+                online,
+                schema_version,
+                cursor_acked,
+                pending,
+                last_seen_ms,
+            } => {
+                let update = StatusUpdate {
+                    online: Some(online),
+                    // The engine's time of the last message, as wall time.
+                    last_seen_ms: Some(self.started_wall_ms.saturating_add(last_seen_ms)),
+                    schema_version: Some(schema_version),
+                    pending,
+                    ..StatusUpdate::default()
+                };
+                Some(Box::new(move |c: &mut StoreCtx| {
+                    if let Err(e) = c.store.update_status(&device, &update) {
+                        status.store_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%device, "cannot record device status: {e}");
+                    }
+                    // The cursor the device holds (a feed acknowledgement, or the cursor of a
+                    // finished resync). Recorded on its own, even if the status update failed:
+                    // a device whose cursor is stored is not prompted after a restart.
+                    if let Some(cursor) = cursor_acked {
+                        if let Err(e) = c.store.ack_cursor(&device, cursor) {
+                            status.store_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%device, cursor, "cannot record the acknowledged cursor: {e}");
+                        }
+                    }
+                    deliver(&done, Done::Status);
+                }))
+            }
+            CloudAction::Unsendable {
+                device,
+                model,
+                key,
+                reason,
+            } => Some(Box::new(move |c: &mut StoreCtx| {
+                // The device's status names the row, so the skip is never silent.
+                let update = StatusUpdate {
+                    last_error: Some(Some(format!(
+                        "{model} ({}, {}) skipped in a page: {reason}",
+                        key.pk, key.sk
+                    ))),
+                    ..StatusUpdate::default()
+                };
+                if let Err(e) = c.store.update_status(&device, &update) {
+                    status.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%device, "cannot record the skipped row: {e}");
+                }
+                deliver(&done, Done::Status);
+            })),
+            CloudAction::Transmit { .. } => None,
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        if matches!(done, Done::StoreGone) {
+            self.store_gone = true;
+            return;
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let now = self.now();
+        match done {
+            Done::Push {
+                device,
+                batch,
+                result,
+            } => match result {
+                Ok((results, advanced)) => {
+                    self.engine
+                        .handle_push_applied(now, &device, batch, results);
+                    for (d, head) in advanced {
+                        self.engine.handle_feed_advanced(now, &d, head);
+                    }
+                }
+                Err(e) => {
+                    // Nothing was applied; the device resends the batch.
+                    self.status.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%device, "cannot apply a push: {e}");
+                    self.engine
+                        .handle_push_applied(now, &device, batch, Vec::new());
+                }
+            },
+            Done::Feed { device, result } => match result {
+                Ok(page) => self.engine.handle_feed_page(now, &device, page),
+                Err(e) => {
+                    self.status.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%device, "cannot read the feed: {e}");
+                }
+            },
+            Done::Snapshot { device, result } => match result {
+                Ok(page) => self.engine.handle_snapshot_page(now, &device, page),
+                Err(e) => {
+                    self.status.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%device, "cannot read a snapshot page: {e}");
+                }
+            },
+            Done::Status | Done::StoreGone => {}
+        }
+    }
+
+    /// Publishes on a device's down topic, or counts and reports the drop.
+    fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) {
+        let reason = if self.gauge.try_take_publish_slot() {
+            let topic = topics::down_topic(&self.prefix, device);
+            match self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+            {
+                Ok(()) => {
+                    self.status.publishes_queued.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    self.gauge.release();
+                    e.to_string()
+                }
+            }
+        } else {
+            "the MQTT request queue is full".to_string()
+        };
+        self.status
+            .publishes_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.drop_warn.hit(Instant::now()) {
+            tracing::warn!(
+                %device, suppressed,
+                "a publish to a device was dropped: {reason} (drops since the last warning: {suppressed}; the engine's timers resend)"
+            );
+        }
+    }
+
+    /// Updates the gauges the API shows.
+    fn report(&self) {
+        let s = &self.status;
+        s.sessions
+            .store(self.engine.sessions() as u64, Ordering::Relaxed);
+        s.prompts_pending
+            .store(self.startup.len() as u64, Ordering::Relaxed);
+        s.mqtt_requests_queued
+            .store(self.gauge.queued() as u64, Ordering::Relaxed);
+        s.store_jobs_in_flight
+            .store(self.in_flight as u64, Ordering::Relaxed);
+    }
+}
+
+/// The last change of a push that the cloud refused, as a sentence.
+fn last_refusal(results: &[ChangeResult]) -> Option<String> {
+    results.iter().rev().find_map(|r| match &r.status {
+        ChangeStatus::Rejected { reason } => Some(format!(
+            "{} {:?}/{:?} rejected: {reason}",
+            r.model, r.key.pk, r.key.sk
+        )),
+        _ => None,
+    })
+}
+
+/// Hands a completion to the loop (from the store thread).
+fn deliver(done: &mpsc::Sender<Done>, d: Done) {
+    match done.try_send(d) {
+        Ok(()) => {}
+        // The loop stopped: nobody waits for the result.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            // Cannot happen: the channel holds as many completions as jobs may be out.
+            tracing::error!("a store completion could not be delivered to the sync loop");
+        }
+    }
+}
+
+/// Queues the loop's jobs to the store thread in order; waits when the store's queue is full
+/// (API calls share it), so the loop itself never does.
+async fn forward_jobs(store: StoreHandle, mut jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Done>) {
+    while let Some(job) = jobs.recv().await {
+        if store.submit(job).await.is_err() {
+            // This job will never complete, so its completion slot is free for this notice.
+            deliver(&done, Done::StoreGone);
+            return;
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

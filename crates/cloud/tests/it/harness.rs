@@ -1,0 +1,253 @@
+//! Helpers of the cloud's integration tests: the example schema, configurations on free ports,
+//! a fleet seeded through the public store path, a plain HTTP client and a raw MQTT device.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devtables_cloud::ops::{self, WriteKind};
+use devtables_cloud::service::{StoreCtx, StoreHandle};
+use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
+use devtables_cloud::{BrokerMode, CloudConfig};
+use devtables_schema::Schema;
+use devtables_sync::hlc::{node_id_for, HlcClock, CLOUD_NODE_NAME};
+use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::wire::{self, DownMsg, UpMsg, WireConfig};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// How long any condition may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub const ACCOUNT: &str = "acme";
+
+pub fn schema() -> Arc<Schema> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/schema.json5");
+    Arc::new(Schema::load(&path).expect("the example schema loads"))
+}
+
+/// A configuration on free ports (API and embedded broker) for `dir`.
+pub fn config(dir: &Path) -> CloudConfig {
+    let mut c = CloudConfig::new(dir);
+    c.api_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.broker = BrokerMode::Embedded {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    c.sqlite_full_sync = false;
+    c
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").port()
+}
+
+pub fn device(i: usize) -> DeviceId {
+    DeviceId::new(ACCOUNT, format!("dev{i}")).expect("a valid device id")
+}
+
+/// Registers `n` devices in the store of `dir` and writes one item to each through the API's
+/// write path, so every feed head is above its device's cursor (0): after a start, all of them
+/// are behind. Returns the devices' secrets.
+pub async fn seed_behind_fleet(dir: &Path, n: usize) -> Vec<String> {
+    let schema = schema();
+    let store = SqliteStore::open(
+        &dir.join("cloud.db"),
+        SqliteOptions {
+            synchronous_full: false,
+            ..SqliteOptions::default()
+        },
+    )
+    .expect("open the store");
+    let handle = StoreHandle::spawn(StoreCtx {
+        store: Box::new(store),
+        clock: HlcClock::new(node_id_for(CLOUD_NODE_NAME)),
+        schema,
+    })
+    .expect("the store thread");
+    // No sync loop runs here: the feed advances are only recorded in the store.
+    let (sync, _) = mpsc::channel(1);
+    let max = WireConfig::default().max_message_bytes;
+    let mut secrets = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = device(i);
+        let secret = ops::register_device(&handle, None, &id)
+            .await
+            .expect("register");
+        let item = setting(i);
+        ops::write_item(
+            &handle,
+            &sync,
+            max,
+            Owner::Device(id),
+            "Setting",
+            item,
+            WriteKind::Create,
+        )
+        .await
+        .expect("write");
+        secrets.push(secret);
+    }
+    secrets
+}
+
+/// A `Setting` item (syncs both ways, so a cloud write lands in the device's feed).
+pub fn setting(i: usize) -> devtables_schema::Item {
+    json!({"name": "mode", "value": format!("v{i}")})
+        .as_object()
+        .cloned()
+        .expect("an object")
+}
+
+/// `GET path` on the API: (status code, JSON body).
+pub async fn get(api: SocketAddr, path: &str) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(api)
+        .await
+        .expect("connect to the API");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read the answer");
+    let text = String::from_utf8_lossy(&raw);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting for {what}: {last}");
+        }
+        // A short pause between polls of the condition (not a synchronization).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A device speaking the protocol by hand over a real MQTT connection.
+pub struct RawDevice {
+    pub id: DeviceId,
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Event>,
+    prefix: String,
+    schema_version: String,
+}
+
+impl RawDevice {
+    /// Connects with the device's credentials and subscribes to its down topic (waits for the
+    /// SUBACK).
+    pub async fn connect(mqtt: &str, id: DeviceId, secret: &str) -> RawDevice {
+        let (host, port) = mqtt.rsplit_once(':').expect("host:port");
+        let mut options = MqttOptions::new(id.node_name(), host, port.parse().expect("a port"));
+        options.set_credentials(id.node_name(), secret);
+        options.set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (tx, events) = mpsc::unbounded_channel();
+        // The event loop runs on its own task: its poll must not be cancelled, so the test
+        // waits on the channel instead.
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(event) => {
+                        if tx.send(event).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("device connection ended: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+        let mut device = RawDevice {
+            id,
+            client,
+            events,
+            prefix: devtables_sync::topics::DEFAULT_PREFIX.to_string(),
+            schema_version: schema().version().to_string(),
+        };
+        let down = devtables_sync::topics::down_topic(&device.prefix, &device.id);
+        device
+            .client
+            .subscribe(down, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        device
+            .next_event(|e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(()))
+            .await
+            .expect("a SUBACK for the down topic");
+        device
+    }
+
+    pub async fn send(&self, msg: &UpMsg) {
+        let bytes =
+            wire::encode_up(&self.schema_version, msg, &WireConfig::default()).expect("encode");
+        let up = devtables_sync::topics::up_topic(&self.prefix, &self.id);
+        self.client
+            .publish(up, QoS::AtLeastOnce, false, bytes)
+            .await
+            .expect("publish");
+    }
+
+    async fn next_event<T>(&mut self, mut pick: impl FnMut(&Event) -> Option<T>) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .ok()??;
+            if let Some(v) = pick(&event) {
+                return Some(v);
+            }
+        }
+    }
+
+    /// The next cloud message `pick` accepts (others are skipped), or `None` after [`WAIT`].
+    pub async fn recv<T>(&mut self, mut pick: impl FnMut(&DownMsg) -> Option<T>) -> Option<T> {
+        self.next_event(|e| match e {
+            Event::Incoming(Packet::Publish(p)) => {
+                let msg = wire::decode_down(&p.payload, &WireConfig::default()).ok()?;
+                pick(&msg.msg)
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Says hello and waits for the welcome of this session.
+    pub async fn hello(&mut self, session: u64, cursor: u64) -> bool {
+        self.send(&UpMsg::Hello {
+            session,
+            cursor,
+            pending: 0,
+        })
+        .await;
+        self.recv(|m| matches!(m, DownMsg::Welcome { session: s, .. } if *s == session).then_some(()))
+            .await
+            .is_some()
+    }
+}

@@ -1,0 +1,5 @@
+//! The cloud's integration tests: one binary (`cargo test -p devtables-cloud --test it`), real
+//! TCP, the real embedded broker (rmqtt), the real SQLite store.
+
+mod harness;
+mod sync_service;

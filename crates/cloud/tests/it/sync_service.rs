@@ -1,0 +1,297 @@
+//! The sync service's MQTT side: it is never deaf after a start (subscriptions held before any
+//! prompt, retried, restored after a reconnect), `/ready` tells the truth about it, and every
+//! publish it cannot queue is counted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devtables_cloud::auth::{self, Credentials, SERVICE_USERNAME};
+use devtables_cloud::broker::{Broker, BrokerConfig};
+use devtables_cloud::ops::WriteKind;
+use devtables_cloud::{BrokerMode, Cloud};
+use devtables_sync::identity::Owner;
+use devtables_sync::wire::{DownMsg, SnapshotCursor, UpMsg};
+use serde_json::Value;
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+use crate::harness::{
+    config, device, eventually, free_port, get, schema, seed_behind_fleet, setting, RawDevice,
+    ACCOUNT, WAIT,
+};
+
+/// The deaf start: many more devices are behind at start than the MQTT request queue holds.
+/// Before the fix, their prompts filled the queue before the connection was up, the one
+/// subscribe to the device topics could not be queued and was never retried, and the cloud
+/// heard no device again while `/ready` said ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_with_more_devices_behind_than_the_request_queue_holds_still_hears_devices() {
+    const BEHIND: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = seed_behind_fleet(dir.path(), BEHIND).await;
+    let mut config = config(dir.path());
+    config.mqtt.request_queue = 64;
+    config.startup_prompts.tick = Duration::from_millis(10);
+    let cloud = Cloud::start(config, schema())
+        .await
+        .expect("the cloud starts");
+    let api = cloud.api_addr;
+
+    // Readiness: every "not ready" answer says why; "ready" comes with the subscription held.
+    let mut not_ready = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ready = loop {
+        let (code, body) = get(api, "/ready").await;
+        if code == 200 {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        not_ready.push((code, body));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+
+    // The device is one of the fleet (behind too). The cloud must hear its hello.
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secrets[0]).await;
+    assert!(
+        dev.hello(42, 0).await,
+        "the cloud never answered a hello: it does not hear the devices"
+    );
+
+    assert_eq!(
+        ready["subscribed"], true,
+        "ready before subscribing: {ready}"
+    );
+    assert_eq!(ready["broker"], true, "{ready}");
+    for (code, body) in &not_ready {
+        assert_eq!(*code, 503, "{body}");
+        assert_eq!(body["ready"], false, "{body}");
+        assert_eq!(body["subscribed"], false, "503 although subscribed: {body}");
+        assert!(body["reason"].is_string(), "a 503 without a reason: {body}");
+    }
+
+    // Every start-up prompt went out, paced within the small queue: nothing was dropped.
+    let status = eventually("every start-up prompt released", || async {
+        let (_, s) = get(api, "/v1/status").await;
+        if s["prompts_pending"] == 0 {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    assert_eq!(status["subscribed"], true, "{status}");
+    assert_eq!(status["subscriptions_held"], 1, "{status}");
+    assert_eq!(status["mqtt_request_queue"], 64, "{status}");
+    assert_eq!(
+        status["publishes_dropped"], 0,
+        "the prompts overflowed the request queue: {status}"
+    );
+    // One prompt per behind device (the one that said hello may have been spared its prompt)
+    // and the welcome.
+    let queued = status["publishes_queued"].as_u64().unwrap_or(0);
+    assert!(queued >= BEHIND as u64, "{status}");
+    cloud.shutdown().await;
+}
+
+/// The end of a resync records the device's cursor, so after a restart the device is not
+/// counted as behind (and not prompted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_resync_is_recorded_and_not_prompted_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = seed_behind_fleet(dir.path(), 1).await;
+    let started_ms = wall_ms();
+    let cloud = Cloud::start(config(dir.path()), schema())
+        .await
+        .expect("the cloud starts");
+    let api = cloud.api_addr;
+    eventually("ready", || async {
+        let (code, body) = get(api, "/ready").await;
+        (code == 200).then_some(()).ok_or(body.to_string())
+    })
+    .await;
+
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secrets[0]).await;
+    assert!(dev.hello(7, 0).await, "welcomed");
+    // Cursor 0 is below the feed's floor: a full resync. Acknowledge every page.
+    loop {
+        let page = dev
+            .recv(|m| match m {
+                DownMsg::Snapshot {
+                    resync, last, done, ..
+                } => Some((*resync, last.clone(), *done)),
+                _ => None,
+            })
+            .await;
+        let Some((resync, last, done)) = page else {
+            panic!("the resync did not finish");
+        };
+        let pos: Option<SnapshotCursor> = last;
+        dev.send(&UpMsg::SnapshotAck { resync, pos, done }).await;
+        if done {
+            break;
+        }
+    }
+    dev.send(&UpMsg::Bye).await;
+    let record = eventually("the device offline with its cursor recorded", || async {
+        let (_, d) = get(api, &format!("/v1/devices/{ACCOUNT}/dev0")).await;
+        if d["online"] == false && d["cursor_lag"] == 0 && d["cursor_acked"] != 0 {
+            Ok(d)
+        } else {
+            Err(d.to_string())
+        }
+    })
+    .await;
+    // The engine's time of the last message, recorded as wall time.
+    let seen = record["last_seen_ms"].as_u64().unwrap_or(0);
+    assert!(
+        seen >= started_ms && seen <= wall_ms() + 1000,
+        "{started_ms} {record}"
+    );
+    cloud.shutdown().await;
+
+    let cloud = Cloud::start(config(dir.path()), schema())
+        .await
+        .expect("the cloud starts again");
+    let (_, status) = get(cloud.api_addr, "/v1/status").await;
+    assert_eq!(status["prompts_pending"], 0, "{status}");
+    cloud.shutdown().await;
+}
+
+/// A publish that finds the request queue full is dropped, counted and shown; the queue itself
+/// never holds more than its capacity. No broker is reachable, so nothing leaves the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_that_do_not_fit_the_request_queue_are_counted() {
+    const DEVICES: usize = 40;
+    const QUEUE: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.broker = BrokerMode::External {
+        host: "127.0.0.1".into(),
+        port: free_port(),
+        username: None,
+        password: None,
+    };
+    config.mqtt.request_queue = QUEUE as usize;
+    let cloud = Cloud::start(config, schema())
+        .await
+        .expect("the cloud starts");
+    let api = cloud.api_addr;
+
+    // Liveness stays liveness; readiness says what is missing.
+    let (code, _) = get(api, "/health").await;
+    assert_eq!(code, 200);
+    let (code, body) = get(api, "/ready").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap_or("").contains("broker"),
+        "{body}"
+    );
+
+    // A burst: every write prompts its session-less device.
+    for i in 0..DEVICES {
+        let id = device(i);
+        cloud.register_device(&id).await.expect("register");
+        cloud
+            .write_item(Owner::Device(id), "Setting", setting(i), WriteKind::Create)
+            .await
+            .expect("write");
+    }
+    let status = eventually("every prompt queued or dropped", || async {
+        let (_, s) = get(api, "/v1/status").await;
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        // Nothing leaves the queue without a broker: all that was queued is still there.
+        if n("publishes_queued") + n("publishes_dropped") == DEVICES as u64
+            && n("mqtt_requests_queued") == n("publishes_queued")
+        {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await;
+    let n = |k: &str| status[k].as_u64().unwrap_or(u64::MAX);
+    assert!(n("publishes_queued") < QUEUE, "{status}");
+    assert!(
+        n("publishes_dropped") > DEVICES as u64 - QUEUE,
+        "drops not counted: {status}"
+    );
+    assert_eq!(status["broker_connected"], false, "{status}");
+    cloud.shutdown().await;
+}
+
+/// `/ready` is 503 until a broker is there and the subscription holds; after the broker
+/// restarts the cloud subscribes again and hears devices again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_comes_with_the_broker_and_returns_after_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let service_secret = auth::generate_secret();
+    let creds = Arc::new(Credentials::new(&service_secret));
+    let mut config = config(dir.path());
+    config.broker = BrokerMode::External {
+        host: "127.0.0.1".into(),
+        port,
+        username: Some(SERVICE_USERNAME.into()),
+        password: Some(service_secret),
+    };
+    config.mqtt.reconnect_min = Duration::from_millis(20);
+    config.mqtt.reconnect_max = Duration::from_millis(100);
+    let cloud = Cloud::start(config, schema())
+        .await
+        .expect("the cloud starts");
+    let api = cloud.api_addr;
+    let id = device(1);
+    let secret = cloud.register_device(&id).await.expect("register");
+    creds.add_device(id.clone(), auth::hash_secret(&secret));
+
+    let (code, body) = get(api, "/ready").await;
+    assert_eq!(code, 503, "ready without a broker: {body}");
+    assert_eq!(body["subscribed"], false, "{body}");
+
+    let broker = Broker::start(BrokerConfig::new(listen), creds.clone())
+        .await
+        .expect("the broker starts");
+    let wait_ready = |want: bool| async move {
+        eventually(if want { "ready" } else { "not ready" }, || async {
+            let (code, body) = get(api, "/ready").await;
+            if (code == 200) == want {
+                Ok(body)
+            } else {
+                Err(body.to_string())
+            }
+        })
+        .await
+    };
+    let body = wait_ready(true).await;
+    assert_eq!(body["subscribed"], true, "{body}");
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, id.clone(), &secret).await;
+    assert!(dev.hello(1, 0).await, "heard before the broker restart");
+    drop(dev);
+    let (_, before) = get(api, "/v1/status").await;
+
+    broker.shutdown().await;
+    let body = wait_ready(false).await;
+    assert_eq!(body["subscribed"], false, "{body}");
+    let broker = Broker::start(BrokerConfig::new(listen), creds.clone())
+        .await
+        .expect("the broker starts again");
+    wait_ready(true).await;
+    let (_, after) = get(api, "/v1/status").await;
+    let attempts = |s: &Value| s["subscribe_attempts"].as_u64().unwrap_or(0);
+    assert!(attempts(&after) > attempts(&before), "{before} {after}");
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, id, &secret).await;
+    assert!(dev.hello(2, 0).await, "heard after the broker restart");
+
+    cloud.shutdown().await;
+    broker.shutdown().await;
+}
