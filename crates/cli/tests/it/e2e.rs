@@ -47,3 +47,8 @@ fn hostile_messages_get_error_replies() {
 fn offline_past_retention_resyncs() {
     scenarios::offline_past_retention_resyncs(BrokerChoice::Embedded(0));
 }
+
+#[test]
+fn hostile_pushes_cannot_touch_other_models_or_the_clock() {
+    scenarios::hostile_pushes_cannot_touch_other_models_or_the_clock(BrokerChoice::Embedded(0));
+}

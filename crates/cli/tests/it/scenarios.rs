@@ -653,3 +653,94 @@ pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
     });
     a.stop();
 }
+
+/// A device with valid credentials, speaking the protocol well but with hostile intent: it tries
+/// to delete its cloud-only `Status` row by pushing a delete under the model `Fault`, to push a
+/// version ten hours ahead, and announces the largest cursor there is. The rows stay, the version
+/// is refused for re-stamping, the cursor gets a full resync instead of silence.
+pub fn hostile_pushes_cannot_touch_other_models_or_the_clock(broker: BrokerChoice) {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    use std::time::Duration;
+
+    let s = setup(broker);
+    let secret = s.cloud.register("acme", "gw8");
+    let (code, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/devices/gw8/items/Status",
+        json!({"state": "online"}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (host, port) = s.cloud.mqtt.rsplit_once(':').unwrap();
+    let mut options = MqttOptions::new("acme/gw8", host, port.parse().unwrap());
+    options.set_credentials("acme/gw8", secret.clone());
+    let (client, mut connection) = Client::new(options, 16);
+    let (events_tx, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            let stop = event.is_err();
+            if events_tx.send(event).is_err() || stop {
+                break;
+            }
+        }
+    });
+    let down = format!("{}/acme/gw8/down", s.prefix);
+    let up = format!("{}/acme/gw8/up", s.prefix);
+    client.subscribe(&down, QoS::AtLeastOnce).unwrap();
+    let publish = |msg: Value| {
+        let env = json!({"v": 1, "schema": "1.0.0", "msg": msg});
+        client
+            .publish(&up, QoS::AtLeastOnce, false, env.to_string().into_bytes())
+            .unwrap();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let version = |wall: u64| format!("{wall:012x}-00000000-{:016x}", 42u64);
+    let mut results: Vec<Value> = Vec::new();
+    let mut snapshot = false;
+    let deadline = std::time::Instant::now() + super::harness::WAIT;
+    while (results.len() < 2 || !snapshot) && std::time::Instant::now() < deadline {
+        match events.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                publish(json!({"type": "hello", "session": 7, "cursor": u64::MAX, "pending": 2}));
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let v: Value = serde_json::from_slice(&p.payload).expect("JSON");
+                match v["msg"]["type"].as_str() {
+                    Some("welcome") => publish(json!({"type": "push", "batch": 1, "changes": [
+                        {"model": "Fault", "key": ["status#gw8", "status#"], "op": "delete",
+                         "version": version(now)},
+                        {"model": "Setting", "key": ["device#gw8", "setting#color"], "op": "put",
+                         "item": {"_type": "Setting", "pk": "device#gw8", "sk": "setting#color", "deviceId": "gw8",
+                                  "name": "color", "value": "x"},
+                         "version": version(now + 10 * 3_600_000)},
+                    ]})),
+                    Some("push_ack") => {
+                        results.extend(v["msg"]["results"].as_array().cloned().unwrap_or_default())
+                    }
+                    Some("snapshot") => snapshot = true,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(results.len(), 2, "every change answered: {results:?}");
+    assert_eq!(
+        results[0]["status"]["rejected"]["reason"], "key_not_of_model",
+        "{results:?}"
+    );
+    assert!(
+        results[1]["status"]["rejected"]["reason"]["version_ahead"]["max_drift_ms"].is_u64(),
+        "{results:?}"
+    );
+    assert!(snapshot, "a cursor beyond the feed head gets a full resync");
+    let status = s.cloud.items(ACCOUNT, "gw8", "Status").unwrap();
+    assert_eq!(status.len(), 1, "the Status row survived: {status:?}");
+    let settings = s.cloud.items(ACCOUNT, "gw8", "Setting").unwrap();
+    assert!(settings.is_empty(), "{settings:?}");
+    let record = s.cloud.get("/v1/devices/acme/gw8").unwrap();
+    assert_eq!(record["changes_rejected"], 2, "{record}");
+    assert_eq!(record["changes_applied"], 0, "{record}");
+}

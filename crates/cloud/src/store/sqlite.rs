@@ -863,7 +863,10 @@ impl CloudStore for SqliteStore {
         let Some((head, floor)) = state else {
             return Err(StoreError::UnknownDevice(device.to_string()));
         };
-        if after < floor {
+        // Below the purged floor, or beyond the head (the device holds entries this database
+        // never had: it was restored from a backup, or the cursor is hostile): only a full
+        // resync brings the device back in step.
+        if after < floor || after > head {
             return Ok(FeedPage {
                 after,
                 changes: Vec::new(),
@@ -1047,9 +1050,13 @@ impl CloudStore for SqliteStore {
         let n = self
             .conn
             .prepare_cached(
-                "UPDATE devices SET cursor_acked = max(cursor_acked, ?3) WHERE account = ?1 AND device = ?2",
+                "UPDATE devices SET cursor_acked = max(cursor_acked, min(?3, feed_head))
+                 WHERE account = ?1 AND device = ?2",
             )
-            .and_then(|mut s| s.execute(params![device.account, device.device, cursor]))
+            // A cursor beyond the head is not one this feed issued: it counts as the head.
+            .and_then(|mut s| {
+                s.execute(params![device.account, device.device, i64::try_from(cursor).unwrap_or(i64::MAX)])
+            })
             .map_err(db("recording an acknowledged cursor"))?;
         if n == 0 {
             return Err(StoreError::UnknownDevice(device.to_string()));
