@@ -2689,11 +2689,18 @@ mod tests {
         s.reset_online().unwrap();
         assert!(!s.device(&d1).unwrap().unwrap().online);
 
+        s.conn
+            .execute("UPDATE devices SET feed_head = 8", [])
+            .unwrap();
         s.ack_cursor(&d1, 5).unwrap();
         s.ack_cursor(&d1, 3).unwrap();
         assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 5);
         s.ack_cursor(&d1, 7).unwrap();
         assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 7);
+        // A cursor the feed never issued (hostile, or a cloud restored from a backup) counts
+        // as the head.
+        s.ack_cursor(&d1, u64::MAX).unwrap();
+        assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 8);
         assert!(matches!(
             s.ack_cursor(&dev("a", "zz"), 1),
             Err(StoreError::UnknownDevice(_))
