@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 pub use config::AgentConfig;
-pub use state::OutboxFull;
+pub use state::{ChangeTooLarge, OutboxFull};
 
 /// A handler for one command name: gets the command item, returns the result to record (or an
 /// error message). It runs on the agent's task: keep it short, or hand the work to a thread.
