@@ -9,8 +9,8 @@ use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::wire::{Change, Op};
 
 use crate::{
-    del, ensure, ensure_eq, fields, item, put, schema, ver, Check, DeviceStoreUnderTest,
-    DynDevice, OrFail, Outcome, T0,
+    del, ensure, ensure_eq, fields, item, put, schema, ver, Check, DeviceStoreUnderTest, DynDevice,
+    OrFail, Outcome, T0,
 };
 
 macro_rules! checks {
@@ -60,7 +60,8 @@ fn remote_delete<H: DeviceStoreUnderTest>(h: &mut H, c: &Change) -> Outcome {
 
 fn local<H: DeviceStoreUnderTest>(h: &mut H, model: &str, name: &str, delete: bool) -> Outcome {
     let f = fields(&schema(), model, D, name, 3);
-    h.local_write(model, &f, delete, T0).or_fail("a local write")
+    h.local_write(model, &f, delete, T0)
+        .or_fail("a local write")
 }
 
 fn version<H: DeviceStoreUnderTest>(
@@ -106,15 +107,31 @@ fn put_remote_is_read_back_with_model_and_version<H: DeviceStoreUnderTest>(h: &m
     let s = schema();
     let a = put(&s, "Dev", D, "a", ver(10, 1), None);
     remote_put(h, &a)?;
-    ensure_eq!(version(h, &a.key)?, sv(a.version, false), "the stored version");
-    ensure_eq!(h.item(&a.key).or_fail("item")?, Some(("Dev".to_string(), a.item.clone().unwrap_or_default())), "the item");
+    ensure_eq!(
+        version(h, &a.key)?,
+        sv(a.version, false),
+        "the stored version"
+    );
+    ensure_eq!(
+        h.item(&a.key).or_fail("item")?,
+        Some(("Dev".to_string(), a.item.clone().unwrap_or_default())),
+        "the item"
+    );
     let (model, via) = h
-        .txn(false, |t| Ok((t.live_model(&a.key)?, t.stored_version("Dev", &a.key)?)))
+        .txn(false, |t| {
+            Ok((t.live_model(&a.key)?, t.stored_version("Dev", &a.key)?))
+        })
         .or_fail("reading through the transaction")?;
     ensure_eq!(model, Some("Dev".to_string()), "live_model");
     ensure_eq!(via, sv(a.version, false), "stored_version");
-    ensure!(!pending(h, "Dev", &a.key)?, "a remote write records no outbox entry");
-    ensure!(h.restore().or_fail("restore")?.outbox.is_empty(), "no outbox after a remote write");
+    ensure!(
+        !pending(h, "Dev", &a.key)?,
+        "a remote write records no outbox entry"
+    );
+    ensure!(
+        h.restore().or_fail("restore")?.outbox.is_empty(),
+        "no outbox after a remote write"
+    );
     Ok(())
 }
 
@@ -126,15 +143,27 @@ fn a_row_is_identified_by_its_key_alone<H: DeviceStoreUnderTest>(h: &mut H) -> O
     let seen = h
         .txn(false, |t| t.stored_version("Alt", &a.key))
         .or_fail("stored_version under the other model")?;
-    ensure_eq!(seen, sv(a.version, false), "the version of the key asked under Alt");
+    ensure_eq!(
+        seen,
+        sv(a.version, false),
+        "the version of the key asked under Alt"
+    );
     remote_delete(h, &del(&s, "Dev", D, "a", ver(20, 1), None))?;
     let alt = put(&s, "Alt", D, "a", ver(30, 1), None);
     remote_put(h, &alt)?;
-    ensure_eq!(live_model(h, &a.key)?, Some("Alt".to_string()), "the model now holding the key");
+    ensure_eq!(
+        live_model(h, &a.key)?,
+        Some("Alt".to_string()),
+        "the model now holding the key"
+    );
     let seen = h
         .txn(false, |t| t.stored_version("Dev", &a.key))
         .or_fail("stored_version under the first model")?;
-    ensure_eq!(seen, sv(alt.version, false), "the version of the key asked under Dev");
+    ensure_eq!(
+        seen,
+        sv(alt.version, false),
+        "the version of the key asked under Dev"
+    );
     Ok(())
 }
 
@@ -146,11 +175,19 @@ fn a_remote_delete_keeps_a_tombstone_at_its_version<H: DeviceStoreUnderTest>(h: 
     remote_delete(h, &gone)?;
     ensure_eq!(h.item(&a.key).or_fail("item")?, None, "the deleted item");
     ensure_eq!(live_model(h, &a.key)?, None, "live_model of a tombstone");
-    ensure_eq!(version(h, &a.key)?, sv(gone.version, true), "the tombstone's version");
+    ensure_eq!(
+        version(h, &a.key)?,
+        sv(gone.version, true),
+        "the tombstone's version"
+    );
     // A delete of a key never seen still records its version.
     let never = del(&s, "Other", D, "n", ver(5, 2), None);
     remote_delete(h, &never)?;
-    ensure_eq!(version(h, &never.key)?, sv(never.version, true), "a tombstone of an unknown key");
+    ensure_eq!(
+        version(h, &never.key)?,
+        sv(never.version, true),
+        "a tombstone of an unknown key"
+    );
     Ok(())
 }
 
@@ -164,8 +201,16 @@ fn a_transaction_reads_its_own_writes<H: DeviceStoreUnderTest>(h: &mut H) -> Out
             Ok((t.stored_version("Dev", &a.key)?, t.live_model(&a.key)?))
         })
         .or_fail("write then read")?;
-    ensure_eq!(v, sv(a.version, false), "the version read in the writing transaction");
-    ensure_eq!(m, Some("Dev".to_string()), "the model read in the writing transaction");
+    ensure_eq!(
+        v,
+        sv(a.version, false),
+        "the version read in the writing transaction"
+    );
+    ensure_eq!(
+        m,
+        Some("Dev".to_string()),
+        "the model read in the writing transaction"
+    );
     Ok(())
 }
 
@@ -184,11 +229,23 @@ fn rolled_back_transaction_leaves_nothing<H: DeviceStoreUnderTest>(h: &mut H) ->
     .or_fail("a rolled-back transaction")?;
     ensure_eq!(h.item(&a.key).or_fail("item")?, None, "a rolled-back put");
     ensure_eq!(version(h, &a.key)?, None, "a rolled-back put's version");
-    ensure_eq!(version(h, &b.key)?, sv(b.version, false), "a rolled-back delete");
-    ensure_eq!(h.restore().or_fail("restore")?.cursor, 0, "a rolled-back cursor");
+    ensure_eq!(
+        version(h, &b.key)?,
+        sv(b.version, false),
+        "a rolled-back delete"
+    );
+    ensure_eq!(
+        h.restore().or_fail("restore")?.cursor,
+        0,
+        "a rolled-back cursor"
+    );
     // The rolled-back mark is gone: a sweep now deletes b.
     let swept = h.txn(true, |t| t.resync_sweep()).or_fail("sweeping")?;
-    ensure_eq!(swept, vec![("Dev".to_string(), b.key.clone())], "swept after the rollback");
+    ensure_eq!(
+        swept,
+        vec![("Dev".to_string(), b.key.clone())],
+        "swept after the rollback"
+    );
     Ok(())
 }
 
@@ -203,50 +260,92 @@ fn the_cursor_is_stored_in_the_same_transaction<H: DeviceStoreUnderTest>(h: &mut
     .or_fail("a page and its cursor")?;
     ensure_eq!(h.restore().or_fail("restore")?.cursor, 7, "the cursor");
     ensure_eq!(version(h, &a.key)?, sv(a.version, false), "the page's item");
-    h.txn(true, |t| t.set_cursor(u64::MAX)).or_fail("the largest cursor")?;
-    ensure_eq!(h.restore().or_fail("restore")?.cursor, u64::MAX, "the largest cursor");
+    h.txn(true, |t| t.set_cursor(u64::MAX))
+        .or_fail("the largest cursor")?;
+    ensure_eq!(
+        h.restore().or_fail("restore")?.cursor,
+        u64::MAX,
+        "the largest cursor"
+    );
     Ok(())
 }
 
 fn local_writes_record_one_pending_entry_per_key<H: DeviceStoreUnderTest>(h: &mut H) -> Outcome {
     let k = key("Dev", "a");
     local(h, "Dev", "a", false)?;
-    ensure!(pending(h, "Dev", &k)?, "a local write of a synced model is pending");
+    ensure!(
+        pending(h, "Dev", &k)?,
+        "a local write of a synced model is pending"
+    );
     let first = h.restore().or_fail("restore")?.outbox;
     ensure_eq!(first.len(), 1, "outbox entries");
     ensure_eq!(first[0].base, None, "a create has no base");
-    ensure_eq!(version(h, &k)?, sv(first[0].version, false), "the entry's version is the key's");
+    ensure_eq!(
+        version(h, &k)?,
+        sv(first[0].version, false),
+        "the entry's version is the key's"
+    );
     local(h, "Dev", "a", false)?;
     let second = h.restore().or_fail("restore")?.outbox;
     ensure_eq!(second.len(), 1, "a second write of the key coalesces");
-    ensure!(second[0].version > first[0].version, "the coalesced entry is newer");
-    ensure_eq!(second[0].base, None, "a coalesced entry keeps the base the cloud knows");
-    ensure_eq!(version(h, &k)?, sv(second[0].version, false), "the key's version");
+    ensure!(
+        second[0].version > first[0].version,
+        "the coalesced entry is newer"
+    );
+    ensure_eq!(
+        second[0].base,
+        None,
+        "a coalesced entry keeps the base the cloud knows"
+    );
+    ensure_eq!(
+        version(h, &k)?,
+        sv(second[0].version, false),
+        "the key's version"
+    );
     local(h, "Dev", "a", true)?;
     let third = h.restore().or_fail("restore")?.outbox;
     ensure!(
         third.len() == 1 && third[0].op == Op::Delete && third[0].item.is_none(),
         "a local delete replaces the entry: {third:?}"
     );
-    ensure_eq!(version(h, &k)?, sv(third[0].version, true), "the local tombstone's version");
+    ensure_eq!(
+        version(h, &k)?,
+        sv(third[0].version, true),
+        "the local tombstone's version"
+    );
     // A device-only model records nothing to send.
     local(h, "Local", "l", false)?;
-    ensure!(!pending(h, "Local", &key("Local", "l"))?, "a device-only write is not pending");
-    ensure_eq!(h.restore().or_fail("restore")?.outbox.len(), 1, "outbox entries");
+    ensure!(
+        !pending(h, "Local", &key("Local", "l"))?,
+        "a device-only write is not pending"
+    );
+    ensure_eq!(
+        h.restore().or_fail("restore")?.outbox.len(),
+        1,
+        "outbox entries"
+    );
     Ok(())
 }
 
 fn a_local_write_builds_on_the_stored_version<H: DeviceStoreUnderTest>(h: &mut H) -> Outcome {
     let s = schema();
     // A remote version far ahead of any clock the store may stamp with.
-    let ahead = Hlc { wall_ms: T0 + 10 * 365 * 86_400_000, counter: 3, node: 1 };
+    let ahead = Hlc {
+        wall_ms: T0 + 10 * 365 * 86_400_000,
+        counter: 3,
+        node: 1,
+    };
     let b = put(&s, "Other", D, "b", ahead, None);
     remote_put(h, &b)?;
     local(h, "Other", "b", false)?;
     let out = h.restore().or_fail("restore")?.outbox;
     ensure_eq!(out.len(), 1, "outbox entries");
     ensure_eq!(out[0].base, Some(ahead), "the base is the stored version");
-    ensure!(out[0].version > ahead, "the local version {} orders after {ahead}", out[0].version);
+    ensure!(
+        out[0].version > ahead,
+        "the local version {} orders after {ahead}",
+        out[0].version
+    );
     Ok(())
 }
 
@@ -255,10 +354,19 @@ fn acknowledged_entries_leave_only_at_their_version<H: DeviceStoreUnderTest>(h: 
     local(h, "Dev", "b", false)?;
     let out = h.restore().or_fail("restore")?.outbox;
     let (a, b) = (out[0].clone(), out[1].clone());
-    let stale = Hlc { counter: a.version.counter.wrapping_add(1), ..a.version };
-    h.outbox_remove(&[(a.model.clone(), a.key.clone(), stale)]).or_fail("removing")?;
-    ensure_eq!(h.restore().or_fail("restore")?.outbox.len(), 2, "an ack of another version");
-    h.outbox_remove(&[(a.model.clone(), a.key.clone(), a.version)]).or_fail("removing")?;
+    let stale = Hlc {
+        counter: a.version.counter.wrapping_add(1),
+        ..a.version
+    };
+    h.outbox_remove(&[(a.model.clone(), a.key.clone(), stale)])
+        .or_fail("removing")?;
+    ensure_eq!(
+        h.restore().or_fail("restore")?.outbox.len(),
+        2,
+        "an ack of another version"
+    );
+    h.outbox_remove(&[(a.model.clone(), a.key.clone(), a.version)])
+        .or_fail("removing")?;
     let left = h.restore().or_fail("restore")?.outbox;
     ensure_eq!(left, vec![b.clone()], "the entry left");
     ensure!(!pending(h, "Dev", &a.key)?, "a is no longer pending");
@@ -280,8 +388,13 @@ fn sweep_deletes_only_unseen_unpending_down_items<H: DeviceStoreUnderTest>(h: &m
     local(h, "Up", "u", false)?;
     // The device acknowledged u long ago: not pending, but up-only items are never swept.
     let up = h.restore().or_fail("restore")?.outbox;
-    let u = up.iter().find(|c| c.model == "Up").ok_or("the Up entry")?.clone();
-    h.outbox_remove(&[(u.model.clone(), u.key.clone(), u.version)]).or_fail("removing")?;
+    let u = up
+        .iter()
+        .find(|c| c.model == "Up")
+        .ok_or("the Up entry")?
+        .clone();
+    h.outbox_remove(&[(u.model.clone(), u.key.clone(), u.version)])
+        .or_fail("removing")?;
     let mut swept = h
         .txn(true, |t| {
             t.resync_clear()?;
@@ -299,14 +412,33 @@ fn sweep_deletes_only_unseen_unpending_down_items<H: DeviceStoreUnderTest>(h: &m
     ensure_eq!(swept, want, "swept keys");
     for c in [&unseen, &other, &down] {
         ensure_eq!(h.item(&c.key).or_fail("item")?, None, "swept {}", c.key.sk);
-        ensure_eq!(version(h, &c.key)?, sv(c.version, true), "a swept tombstone keeps its version");
+        ensure_eq!(
+            version(h, &c.key)?,
+            sv(c.version, true),
+            "a swept tombstone keeps its version"
+        );
     }
-    for k in [seen.key.clone(), key("Dev", "p"), key("Local", "l"), key("Up", "u")] {
-        ensure!(h.item(&k).or_fail("item")?.is_some(), "{} survives the sweep", k.sk);
+    for k in [
+        seen.key.clone(),
+        key("Dev", "p"),
+        key("Local", "l"),
+        key("Up", "u"),
+    ] {
+        ensure!(
+            h.item(&k).or_fail("item")?.is_some(),
+            "{} survives the sweep",
+            k.sk
+        );
     }
     // The sweep cleared the marks: the next one deletes what was seen.
-    let swept = h.txn(true, |t| t.resync_sweep()).or_fail("a second sweep")?;
-    ensure_eq!(swept, vec![("Dev".to_string(), seen.key.clone())], "the second sweep");
+    let swept = h
+        .txn(true, |t| t.resync_sweep())
+        .or_fail("a second sweep")?;
+    ensure_eq!(
+        swept,
+        vec![("Dev".to_string(), seen.key.clone())],
+        "the second sweep"
+    );
     Ok(())
 }
 
@@ -314,14 +446,19 @@ fn resync_clear_forgets_the_marks<H: DeviceStoreUnderTest>(h: &mut H) -> Outcome
     let s = schema();
     let a = put(&s, "Dev", D, "a", ver(10, 1), None);
     remote_put(h, &a)?;
-    h.txn(true, |t| t.resync_mark_seen("Dev", &a.key)).or_fail("marking")?;
+    h.txn(true, |t| t.resync_mark_seen("Dev", &a.key))
+        .or_fail("marking")?;
     let swept = h
         .txn(true, |t| {
             t.resync_clear()?;
             t.resync_sweep()
         })
         .or_fail("clear then sweep")?;
-    ensure_eq!(swept, vec![("Dev".to_string(), a.key.clone())], "swept after a clear");
+    ensure_eq!(
+        swept,
+        vec![("Dev".to_string(), a.key.clone())],
+        "swept after a clear"
+    );
     Ok(())
 }
 
@@ -329,14 +466,43 @@ fn apply_keeps_the_highest_version<H: DeviceStoreUnderTest>(h: &mut H) -> Outcom
     let s = schema();
     let v10 = put(&s, "Dev", D, "a", ver(10, 1), None);
     let out = apply(h, &feed(0, vec![v10.clone()]))?;
-    ensure!(out.applied == 1 && out.stale == 0 && out.cursor == Some(1), "first put: {out:?}");
-    let out = apply(h, &feed(1, vec![v10.clone(), put(&s, "Dev", D, "a", ver(5, 1), None)]))?;
-    ensure!(out.applied == 0 && out.stale == 2, "a replay and an older put: {out:?}");
+    ensure!(
+        out.applied == 1 && out.stale == 0 && out.cursor == Some(1),
+        "first put: {out:?}"
+    );
+    let out = apply(
+        h,
+        &feed(
+            1,
+            vec![v10.clone(), put(&s, "Dev", D, "a", ver(5, 1), None)],
+        ),
+    )?;
+    ensure!(
+        out.applied == 0 && out.stale == 2,
+        "a replay and an older put: {out:?}"
+    );
     let gone = del(&s, "Dev", D, "a", ver(20, 1), None);
-    let out = apply(h, &feed(2, vec![gone.clone(), put(&s, "Dev", D, "a", ver(15, 1), None)]))?;
-    ensure!(out.applied == 1 && out.stale == 1, "a delete then an older put: {out:?}");
-    ensure_eq!(version(h, &v10.key)?, sv(gone.version, true), "the tombstone wins");
-    ensure_eq!(h.restore().or_fail("restore")?.cursor, 3, "the cursor of the last page");
+    let out = apply(
+        h,
+        &feed(
+            2,
+            vec![gone.clone(), put(&s, "Dev", D, "a", ver(15, 1), None)],
+        ),
+    )?;
+    ensure!(
+        out.applied == 1 && out.stale == 1,
+        "a delete then an older put: {out:?}"
+    );
+    ensure_eq!(
+        version(h, &v10.key)?,
+        sv(gone.version, true),
+        "the tombstone wins"
+    );
+    ensure_eq!(
+        h.restore().or_fail("restore")?.cursor,
+        3,
+        "the cursor of the last page"
+    );
     Ok(())
 }
 
@@ -347,8 +513,15 @@ fn apply_refuses_a_change_of_another_model_at_a_held_key<H: DeviceStoreUnderTest
     let a = put(&s, "Dev", D, "a", ver(10, 1), None);
     remote_put(h, &a)?;
     let out = apply(h, &feed(0, vec![put(&s, "Alt", D, "a", ver(50, 1), None)]))?;
-    ensure!(out.applied == 0 && out.invalid.len() == 1, "Alt over a live Dev item: {out:?}");
-    ensure_eq!(live_model(h, &a.key)?, Some("Dev".to_string()), "Dev keeps the key");
+    ensure!(
+        out.applied == 0 && out.invalid.len() == 1,
+        "Alt over a live Dev item: {out:?}"
+    );
+    ensure_eq!(
+        live_model(h, &a.key)?,
+        Some("Dev".to_string()),
+        "Dev keeps the key"
+    );
     ensure_eq!(version(h, &a.key)?, sv(a.version, false), "Dev's version");
     Ok(())
 }
@@ -359,8 +532,15 @@ fn apply_ignores_models_the_device_does_not_sync_down<H: DeviceStoreUnderTest>(
     let s = schema();
     let up = put(&s, "Up", D, "u", ver(10, 1), None);
     let out = apply(h, &feed(0, vec![up.clone()]))?;
-    ensure!(out.ignored == 1 && out.applied == 0, "an up-only change: {out:?}");
-    ensure_eq!(version(h, &up.key)?, None, "nothing stored for an up-only change");
+    ensure!(
+        out.ignored == 1 && out.applied == 0,
+        "an up-only change: {out:?}"
+    );
+    ensure_eq!(
+        version(h, &up.key)?,
+        None,
+        "nothing stored for an up-only change"
+    );
     Ok(())
 }
 
@@ -373,11 +553,19 @@ fn a_swept_tombstone_is_revived_by_the_same_version<H: DeviceStoreUnderTest>(h: 
         t.resync_sweep()
     })
     .or_fail("sweeping")?;
-    ensure_eq!(version(h, &a.key)?, sv(a.version, true), "the sweep tombstone");
+    ensure_eq!(
+        version(h, &a.key)?,
+        sv(a.version, true),
+        "the sweep tombstone"
+    );
     let out = apply(h, &feed(0, vec![a.clone()]))?;
     ensure_eq!(out.applied, 1, "the put of the swept version applies");
     ensure_eq!(live_model(h, &a.key)?, Some("Dev".to_string()), "revived");
-    ensure_eq!(version(h, &a.key)?, sv(a.version, false), "the revived version");
+    ensure_eq!(
+        version(h, &a.key)?,
+        sv(a.version, false),
+        "the revived version"
+    );
     Ok(())
 }
 
@@ -388,7 +576,10 @@ fn the_final_snapshot_page_sweeps_and_stores_its_cursor<H: DeviceStoreUnderTest>
     let a = put(&s, "Dev", D, "a", ver(10, 1), None);
     let b = put(&s, "Dev", D, "b", ver(11, 1), None);
     remote_put(h, &b)?;
-    let pos = SnapshotCursor { model: "Dev".into(), key: a.key.clone() };
+    let pos = SnapshotCursor {
+        model: "Dev".into(),
+        key: a.key.clone(),
+    };
     let first = ApplyPage::Snapshot {
         resync: 3,
         after: None,
@@ -398,8 +589,15 @@ fn the_final_snapshot_page_sweeps_and_stores_its_cursor<H: DeviceStoreUnderTest>
         cursor: 42,
     };
     let out = apply(h, &first)?;
-    ensure!(out.applied == 1 && out.cursor.is_none() && out.swept == 0, "first page: {out:?}");
-    ensure_eq!(h.restore().or_fail("restore")?.cursor, 0, "no cursor before the final page");
+    ensure!(
+        out.applied == 1 && out.cursor.is_none() && out.swept == 0,
+        "first page: {out:?}"
+    );
+    ensure_eq!(
+        h.restore().or_fail("restore")?.cursor,
+        0,
+        "no cursor before the final page"
+    );
     let last = ApplyPage::Snapshot {
         resync: 3,
         after: Some(pos),
@@ -410,11 +608,27 @@ fn the_final_snapshot_page_sweeps_and_stores_its_cursor<H: DeviceStoreUnderTest>
     };
     let out = apply(h, &last)?;
     ensure_eq!(out.swept, 1, "swept");
-    ensure_eq!(out.swept_keys, vec![("Dev".to_string(), b.key.clone())], "swept keys");
+    ensure_eq!(
+        out.swept_keys,
+        vec![("Dev".to_string(), b.key.clone())],
+        "swept keys"
+    );
     ensure_eq!(out.cursor, Some(42), "the resync cursor");
-    ensure_eq!(h.restore().or_fail("restore")?.cursor, 42, "the stored cursor");
-    ensure_eq!(live_model(h, &a.key)?, Some("Dev".to_string()), "the snapshot's item");
-    ensure_eq!(version(h, &b.key)?, sv(b.version, true), "the swept item's tombstone");
+    ensure_eq!(
+        h.restore().or_fail("restore")?.cursor,
+        42,
+        "the stored cursor"
+    );
+    ensure_eq!(
+        live_model(h, &a.key)?,
+        Some("Dev".to_string()),
+        "the snapshot's item"
+    );
+    ensure_eq!(
+        version(h, &b.key)?,
+        sv(b.version, true),
+        "the swept item's tombstone"
+    );
     Ok(())
 }
 

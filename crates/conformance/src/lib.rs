@@ -214,9 +214,8 @@ fn run_checks<H>(what: &str, checks: Vec<Check<H>>, make: impl Fn() -> H) {
     let mut failed = Vec::new();
     for check in &checks {
         let mut store = make();
-        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            (check.run)(&mut store)
-        }));
+        let verdict =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (check.run)(&mut store)));
         match verdict {
             Ok(Ok(())) => {}
             Ok(Err(why)) => failed.push(format!("{}: {why}", check.name)),
@@ -369,7 +368,13 @@ impl<E> DeviceTxn for DynDevice<'_, E> {
     fn stored_version(&mut self, model: &str, key: &ItemKey) -> Result<Option<StoredVersion>, E> {
         self.0.stored_version(model, key)
     }
-    fn put_remote(&mut self, model: &str, key: &ItemKey, item: Item, version: Hlc) -> Result<(), E> {
+    fn put_remote(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        item: Item,
+        version: Hlc,
+    ) -> Result<(), E> {
         self.0.put_remote(model, key, item, version)
     }
     fn delete_remote(&mut self, model: &str, key: &ItemKey, version: Hlc) -> Result<(), E> {

@@ -520,7 +520,12 @@ impl Sim {
         let d = &mut self.devs[i];
         d.store = store;
         d.reset = true;
-        d.history = d.store.items.iter().map(|(k, r)| (k.clone(), r.version)).collect();
+        d.history = d
+            .store
+            .items
+            .iter()
+            .map(|(k, r)| (k.clone(), r.version))
+            .collect();
         let kept: BTreeSet<Hlc> = d.store.outbox.values().map(|(_, c)| c.version).collect();
         self.fates.retain(|(j, v), _| *j != i || kept.contains(v));
         self.reboot_device(i);
@@ -678,7 +683,9 @@ impl Sim {
                             continue;
                         }
                         let d = &mut self.devs[i];
-                        let res = d.store.restamp(&mut d.clock, stamp, &key, version, cloud_ms);
+                        let res = d
+                            .store
+                            .restamp(&mut d.clock, stamp, &key, version, cloud_ms);
                         let change = match res {
                             Ok(Some(c)) => c,
                             Ok(None) => continue,
@@ -689,7 +696,8 @@ impl Sim {
                         d.history.insert(key.clone(), new);
                         self.fates.remove(&(i, version));
                         let at = self.now;
-                        self.fates.insert((i, new), (model.clone(), key.clone(), at));
+                        self.fates
+                            .insert((i, new), (model.clone(), key.clone(), at));
                         self.stats.restamped += 1;
                         self.note(|| format!("d{i} restamped {model} {version} -> {new}"));
                         self.devs[i].engine.handle_restamped(now, version, change);
@@ -741,7 +749,10 @@ impl Sim {
             ));
         }
         if let Some((k, r)) = txn.s.items.iter().find(|(_, r)| r.version.wall_ms > bound) {
-            self.fail(format!("cloud stored {k:?} at {} beyond the drift bound", r.version));
+            self.fail(format!(
+                "cloud stored {k:?} at {} beyond the drift bound",
+                r.version
+            ));
         }
         self.cloud_store = txn.s;
         self.check_cloud_history();
@@ -779,7 +790,8 @@ impl Sim {
                             // As the cloud driver: nothing was applied; the device resends.
                             self.stats.store_errors += 1;
                             self.note(|| format!("cloud push {batch} from {device} failed: {e:?}"));
-                            self.cloud.handle_push_applied(now, &device, batch, Vec::new());
+                            self.cloud
+                                .handle_push_applied(now, &device, batch, Vec::new());
                             continue;
                         }
                     };
@@ -800,8 +812,8 @@ impl Sim {
                                 self.applied_ever.insert((device.clone(), r.version));
                             }
                             ChangeStatus::Rejected { reason } => {
-                                let expected = hostile
-                                    || matches!(reason, RejectReason::VersionAhead { .. });
+                                let expected =
+                                    hostile || matches!(reason, RejectReason::VersionAhead { .. });
                                 if !expected {
                                     self.fail(format!("{device}'s change refused: {r:?}"));
                                 }
@@ -884,7 +896,12 @@ impl Sim {
         }
         let d = &mut self.devs[i];
         let mut fields = Item::new();
-        if self.schema.model(model).and_then(|m| m.field("deviceId")).is_some() {
+        if self
+            .schema
+            .model(model)
+            .and_then(|m| m.field("deviceId"))
+            .is_some()
+        {
             fields.insert("deviceId".into(), d.id.device.clone().into());
         }
         fields.insert("name".into(), name.into());
@@ -902,8 +919,15 @@ impl Sim {
             Err(e) => self.fail(format!("d{i} local write failed: {e:?}")),
         };
         let replaced = d.store.outbox.get(&change.key).map(|(_, c)| c.version);
-        if d.store.items.get(&change.key).is_some_and(|r| r.version >= change.version) {
-            self.fail(format!("d{i} clock issued {} not above the stored version", change.version));
+        if d.store
+            .items
+            .get(&change.key)
+            .is_some_and(|r| r.version >= change.version)
+        {
+            self.fail(format!(
+                "d{i} clock issued {} not above the stored version",
+                change.version
+            ));
         }
         let d = &mut self.devs[i];
         d.store = store;
@@ -1010,7 +1034,11 @@ impl Sim {
                     op: Op::Delete,
                     item: None,
                     version: far,
-                    base: Some(Hlc { wall_ms: u64::MAX, counter: u32::MAX, node: u64::MAX }),
+                    base: Some(Hlc {
+                        wall_ms: u64::MAX,
+                        counter: u32::MAX,
+                        node: u64::MAX,
+                    }),
                 },
                 // An item naming another device.
                 2 => {
@@ -1024,7 +1052,11 @@ impl Sim {
                         key: m.primary_key(&item).expect("key"),
                         op: Op::Put,
                         item: Some(item),
-                        version: Hlc { wall_ms: self.now, counter: 0, node: 1 },
+                        version: Hlc {
+                            wall_ms: self.now,
+                            counter: 0,
+                            node: 1,
+                        },
                         base: None,
                     }
                 }
@@ -1037,7 +1069,11 @@ impl Sim {
                     },
                     op: Op::Delete,
                     item: None,
-                    version: Hlc { wall_ms: self.now, counter: 0, node: 1 },
+                    version: Hlc {
+                        wall_ms: self.now,
+                        counter: 0,
+                        node: 1,
+                    },
                     base: None,
                 },
             };
@@ -1052,7 +1088,11 @@ impl Sim {
         } else if kind == 4 {
             UpMsg::FeedAck { cursor: 0 }
         } else if kind == 5 {
-            UpMsg::SnapshotAck { resync: u64::MAX, pos: None, done: true }
+            UpMsg::SnapshotAck {
+                resync: u64::MAX,
+                pos: None,
+                done: true,
+            }
         } else {
             UpMsg::Hello {
                 session: self.rng.gen(),
@@ -1118,10 +1158,16 @@ impl Sim {
                 .fates
                 .iter()
                 .filter(|((j, v), _)| {
-                    self.devs[*j].store.outbox.values().any(|(_, c)| c.version == *v)
+                    self.devs[*j]
+                        .store
+                        .outbox
+                        .values()
+                        .any(|(_, c)| c.version == *v)
                 })
                 .map(|(_, (_, _, at))| *at)
-                .chain(std::iter::once(self.now.saturating_sub(2 * self.faults.max_delay)))
+                .chain(std::iter::once(
+                    self.now.saturating_sub(2 * self.faults.max_delay),
+                ))
                 .min()
                 .unwrap_or(self.now);
             let retention = if PURGE_BELOW_PENDING_WRITES {
@@ -1298,7 +1344,12 @@ impl Sim {
                 .net
                 .iter()
                 .filter(|m| matches!(m.dest, Dest::Will(_)))
-                .map(|m| Msg { at: self.now, seq: m.seq, dest: m.dest, bytes: m.bytes.clone() })
+                .map(|m| Msg {
+                    at: self.now,
+                    seq: m.seq,
+                    dest: m.dest,
+                    bytes: m.bytes.clone(),
+                })
                 .collect();
             self.net.retain(|m| !matches!(m.dest, Dest::Will(_)));
             self.net.extend(wills);
@@ -2126,7 +2177,12 @@ fn ownership_is_enforced_by_the_cloud() {
     let mut old = mine.clone();
     old.version = hlc(4);
     let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, 60_000, &from, &[old]).unwrap();
-    assert_eq!(r[0].status, ChangeStatus::Stale { winner: mine.version });
+    assert_eq!(
+        r[0].status,
+        ChangeStatus::Stale {
+            winner: mine.version
+        }
+    );
     // The cloud API cannot write an up-only model.
     let e = apply::cloud_write(
         &mut txn,

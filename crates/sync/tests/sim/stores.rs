@@ -128,7 +128,9 @@ impl DevStore {
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         let held = self.items.get(&key);
         if held.is_some_and(|r| r.item.is_some() && r.model != model_name) {
-            return Err(StoreError::Invalid(format!("{key:?} is held by another model")));
+            return Err(StoreError::Invalid(format!(
+                "{key:?} is held by another model"
+            )));
         }
         if delete && !held.is_some_and(|r| r.item.is_some()) {
             return Ok(None);
@@ -182,7 +184,11 @@ impl DevStore {
     /// Removes acknowledged entries whose version still matches.
     pub fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) {
         for (_, key, version) in acked {
-            if self.outbox.get(key).is_some_and(|(_, c)| c.version == *version) {
+            if self
+                .outbox
+                .get(key)
+                .is_some_and(|(_, c)| c.version == *version)
+            {
                 self.outbox.remove(key);
             }
         }
@@ -272,7 +278,12 @@ impl DeviceTxn for DevTxn<'_> {
         );
         Ok(())
     }
-    fn delete_remote(&mut self, model: &str, key: &ItemKey, version: Hlc) -> Result<(), StoreError> {
+    fn delete_remote(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        version: Hlc,
+    ) -> Result<(), StoreError> {
         self.inject.op()?;
         self.s.items.insert(
             key.clone(),
@@ -418,7 +429,12 @@ impl CloudStore {
     }
 
     /// A feed page of a device (see [`FeedPage`]).
-    pub fn read_feed(&self, d: &DeviceId, after: u64, limit: usize) -> Result<FeedPage, StoreError> {
+    pub fn read_feed(
+        &self,
+        d: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, StoreError> {
         let f = self
             .feeds
             .get(d)
@@ -582,7 +598,11 @@ impl CTxn {
 
 impl CloudTxn for CTxn {
     type Error = StoreError;
-    fn stored_row(&mut self, owner: &Owner, key: &ItemKey) -> Result<Option<StoredRow>, StoreError> {
+    fn stored_row(
+        &mut self,
+        owner: &Owner,
+        key: &ItemKey,
+    ) -> Result<Option<StoredRow>, StoreError> {
         self.inject.op()?;
         Ok(self
             .s
@@ -621,7 +641,12 @@ impl CloudTxn for CTxn {
         c.rejected += counts.rejected;
         Ok(())
     }
-    fn append_feed(&mut self, owner: &Owner, _model: &str, key: &ItemKey) -> Result<(), StoreError> {
+    fn append_feed(
+        &mut self,
+        owner: &Owner,
+        _model: &str,
+        key: &ItemKey,
+    ) -> Result<(), StoreError> {
         self.inject.op()?;
         if let Owner::Device(d) = owner {
             if !self.s.feeds.contains_key(d) {
