@@ -1,0 +1,3 @@
+//! Integration tests of the cloud crate.
+
+mod conformance;
