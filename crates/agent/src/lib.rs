@@ -294,3 +294,89 @@ fn on_commit(
         _ => {}
     }
 }
+
+/// Test access to the replication state, for the store-conformance suite
+/// (`devtables-conformance`): the same recorder, transaction and restore the agent runs, over a
+/// database the test opened. Not an API: hidden, and free to change with the suite.
+#[doc(hidden)]
+pub mod testing {
+    use std::sync::atomic::AtomicI64;
+    use std::sync::{Arc, Mutex};
+
+    use devtables_db::{Db, DbError, Origin};
+    use devtables_schema::{ItemKey, Schema};
+    use devtables_sync::apply::{DeviceTxn, StoredVersion};
+    use devtables_sync::hlc::{Hlc, HlcClock};
+    use devtables_sync::wire::Change;
+
+    use crate::state;
+
+    /// Installs the outbox recorder on `db`, as [`crate::Agent::start`] does, with a clock for
+    /// `node` restored from the database; returns the clock.
+    pub fn install_recorder(
+        db: &Db,
+        schema: Arc<Schema>,
+        node: u64,
+    ) -> Result<Arc<Mutex<HlcClock>>, DbError> {
+        let restored = state::restore(db)?;
+        let clock = Arc::new(Mutex::new(match restored.last_hlc {
+            Some(last) => HlcClock::restore(node, last),
+            None => HlcClock::new(node),
+        }));
+        db.set_interceptor(Some(Arc::new(state::OutboxRecorder {
+            schema,
+            clock: clock.clone(),
+            cloud_offset_ms: Arc::new(AtomicI64::new(0)),
+            limit: u64::MAX,
+            max_change_bytes: usize::MAX,
+        })));
+        Ok(clock)
+    }
+
+    /// Runs `f` over the agent's [`DeviceTxn`] in one remote write transaction, as the driver
+    /// applies a page; commits when `commit` is true and `f` succeeds, rolls back otherwise.
+    pub fn device_txn<R>(
+        db: &Db,
+        schema: &Schema,
+        commit: bool,
+        f: impl FnOnce(&mut dyn DeviceTxn<Error = DbError>) -> Result<R, DbError>,
+    ) -> Result<R, DbError> {
+        let mut out = None;
+        let res = db.write(Origin::Remote, |txn| {
+            let mut t = state::AgentTxn { txn, schema };
+            out = Some(f(&mut t)?);
+            if commit {
+                Ok(())
+            } else {
+                Err(DbError::Corrupt("rolled back on purpose".into()))
+            }
+        });
+        match (res, out) {
+            (Ok(()), Some(r)) => Ok(r),
+            (Err(DbError::Corrupt(m)), Some(r)) if m == "rolled back on purpose" => Ok(r),
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => Err(DbError::Corrupt("the transaction ran nothing".into())),
+        }
+    }
+
+    /// The version the agent holds for a key (item or tombstone).
+    pub fn stored_version(
+        db: &Db,
+        schema: &Schema,
+        key: &ItemKey,
+    ) -> Result<Option<StoredVersion>, DbError> {
+        device_txn(db, schema, false, |t| t.stored_version("", key))
+    }
+
+    /// Removes acknowledged outbox entries, as the driver does on `OutboxRemove`.
+    pub fn outbox_remove(db: &Db, acked: &[(String, ItemKey, Hlc)]) -> Result<u64, DbError> {
+        db.write(Origin::Remote, |txn| state::outbox_remove(txn, acked))
+    }
+
+    /// What a restart restores: the cursor, the outbox (oldest first) and the last issued
+    /// version.
+    pub fn restore(db: &Db) -> Result<(u64, Vec<Change>, Option<Hlc>), DbError> {
+        let r = state::restore(db)?;
+        Ok((r.cursor, r.outbox, r.last_hlc))
+    }
+}

@@ -664,6 +664,26 @@ impl SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db(what))
     }
+
+    /// Runs `f` over the store's [`CloudTxn`] in one write transaction at wall time `now_ms`,
+    /// committing when `commit` is true and `f` succeeds, rolling back otherwise. For the
+    /// store-conformance suite (`devtables-conformance`), which checks the transaction contract
+    /// directly; the service goes through [`CloudStore::apply_push`] and [`CloudStore::write`].
+    #[doc(hidden)]
+    pub fn conformance_txn<R>(
+        &mut self,
+        now_ms: u64,
+        commit: bool,
+        f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.write_txn("starting a conformance transaction")?;
+        let r = f(&mut SqlTxn::new(&tx, now_ms))?;
+        if commit {
+            tx.commit()
+                .map_err(db("committing a conformance transaction"))?;
+        }
+        Ok(r)
+    }
 }
 
 fn device_exists(conn: &Connection, id: &DeviceId) -> Result<bool, StoreError> {

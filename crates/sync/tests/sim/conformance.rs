@@ -1,0 +1,278 @@
+//! The store-conformance suite against the simulation's stores, so the simulation runs over
+//! stores that keep the same contract as the SQLite store and the agent's device state.
+
+use devtables_conformance::{
+    run_cloud_suite, run_device_suite, CloudStoreUnderTest, DeviceRestore, DeviceStoreUnderTest,
+};
+use devtables_schema::{Item, ItemKey, Schema};
+use devtables_sync::apply::{CloudTxn, DeviceTxn, PushCounts, StoredVersion};
+use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
+use devtables_sync::hlc::{Hlc, HlcClock};
+use devtables_sync::identity::DeviceId;
+
+use crate::stores::{CTxn, CloudStore, DevStore, DevTxn, StoreError};
+
+struct SimCloud {
+    store: CloudStore,
+}
+
+impl CloudStoreUnderTest for SimCloud {
+    type Error = StoreError;
+    fn txn<R>(
+        &mut self,
+        now_ms: u64,
+        commit: bool,
+        f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut t = CTxn::begin(&self.store, now_ms, None);
+        let r = f(&mut t)?;
+        if commit {
+            self.store = t.s;
+        }
+        Ok(r)
+    }
+    fn register_device(&mut self, id: &DeviceId, _now_ms: u64) -> Result<(), StoreError> {
+        self.store.register_device(id);
+        Ok(())
+    }
+    fn read_feed(
+        &mut self,
+        id: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, StoreError> {
+        self.store.read_feed(id, after, limit)
+    }
+    fn read_snapshot(
+        &mut self,
+        schema: &Schema,
+        id: &DeviceId,
+        resync: u64,
+        from: Option<&SnapshotCursor>,
+        limit: usize,
+    ) -> Result<SnapshotPage, StoreError> {
+        self.store.read_snapshot(schema, id, resync, from, limit)
+    }
+    fn purge(&mut self, now_ms: u64, retention_ms: u64) -> Result<u64, StoreError> {
+        Ok(self.store.purge(now_ms, retention_ms))
+    }
+    fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
+        Ok(self.store.max_version())
+    }
+    fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+        Ok(self.store.counts.get(id).copied().unwrap_or_default())
+    }
+    fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .store
+            .conflicts
+            .iter()
+            .filter(|c| c.owner.account() == account)
+            .count() as u64)
+    }
+}
+
+struct SimDevice {
+    store: DevStore,
+    schema: Schema,
+    clock: HlcClock,
+}
+
+impl DeviceStoreUnderTest for SimDevice {
+    type Error = StoreError;
+    fn txn<R>(
+        &mut self,
+        commit: bool,
+        f: impl FnOnce(&mut dyn DeviceTxn<Error = StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut t = DevTxn::begin(&self.store, &self.schema, None);
+        let r = f(&mut t)?;
+        if commit {
+            self.store = t.s;
+        }
+        Ok(r)
+    }
+    fn item(&mut self, key: &ItemKey) -> Result<Option<(String, Item)>, StoreError> {
+        Ok(self
+            .store
+            .items
+            .get(key)
+            .and_then(|r| r.item.clone().map(|i| (r.model.clone(), i))))
+    }
+    fn version(&mut self, key: &ItemKey) -> Result<Option<StoredVersion>, StoreError> {
+        Ok(self.store.items.get(key).map(|r| StoredVersion {
+            version: r.version,
+            deleted: r.item.is_none(),
+        }))
+    }
+    fn local_write(
+        &mut self,
+        model: &str,
+        fields: &Item,
+        delete: bool,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut s = self.store.clone();
+        s.local_write(&self.schema, &mut self.clock, now_ms, model, fields, delete)?;
+        self.store = s;
+        Ok(())
+    }
+    fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) -> Result<(), StoreError> {
+        self.store.outbox_remove(acked);
+        Ok(())
+    }
+    fn restore(&mut self) -> Result<DeviceRestore, StoreError> {
+        let r = self.store.restored();
+        Ok(DeviceRestore {
+            cursor: r.cursor,
+            outbox: r.outbox,
+            last_hlc: self.store.hlc,
+        })
+    }
+}
+
+#[test]
+fn sim_cloud_store_conforms() {
+    run_cloud_suite(|| SimCloud {
+        store: CloudStore::default(),
+    });
+}
+
+#[test]
+fn sim_device_store_conforms() {
+    run_device_suite(|| SimDevice {
+        store: DevStore::default(),
+        schema: devtables_conformance::schema(),
+        clock: HlcClock::new(42),
+    });
+}
+
+/// Runs a suite expected to fail and returns its panic message.
+fn failure_of(run: impl FnOnce() + std::panic::UnwindSafe) -> String {
+    let err = std::panic::catch_unwind(run).expect_err("the suite passed a broken store");
+    err.downcast_ref::<String>().cloned().unwrap_or_default()
+}
+
+#[test]
+fn the_suite_fails_a_cloud_store_whose_purge_forgets_the_watermark() {
+    struct Forgetful(SimCloud);
+    impl CloudStoreUnderTest for Forgetful {
+        type Error = StoreError;
+        fn txn<R>(
+            &mut self,
+            now_ms: u64,
+            commit: bool,
+            f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+        ) -> Result<R, StoreError> {
+            self.0.txn(now_ms, commit, f)
+        }
+        fn register_device(&mut self, id: &DeviceId, now_ms: u64) -> Result<(), StoreError> {
+            self.0.register_device(id, now_ms)
+        }
+        fn read_feed(
+            &mut self,
+            id: &DeviceId,
+            after: u64,
+            limit: usize,
+        ) -> Result<FeedPage, StoreError> {
+            self.0.read_feed(id, after, limit)
+        }
+        fn read_snapshot(
+            &mut self,
+            schema: &Schema,
+            id: &DeviceId,
+            resync: u64,
+            from: Option<&SnapshotCursor>,
+            limit: usize,
+        ) -> Result<SnapshotPage, StoreError> {
+            self.0.read_snapshot(schema, id, resync, from, limit)
+        }
+        fn purge(&mut self, now_ms: u64, retention_ms: u64) -> Result<u64, StoreError> {
+            let n = self.0.purge(now_ms, retention_ms)?;
+            self.0.store.watermarks.clear();
+            Ok(n)
+        }
+        fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
+            self.0.max_version()
+        }
+        fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+            self.0.push_counts(id)
+        }
+        fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
+            self.0.conflicts(account)
+        }
+    }
+    let msg = failure_of(|| {
+        run_cloud_suite(|| {
+            Forgetful(SimCloud {
+                store: CloudStore::default(),
+            })
+        })
+    });
+    for check in [
+        "purge_removes_old_tombstones_with_their_feed_entries",
+        "purge_watermark_only_rises_and_is_per_owner",
+        "max_version_covers_items_tombstones_and_watermarks",
+        "a_write_that_knew_a_purged_key_meets_the_watermark",
+    ] {
+        assert!(msg.contains(check), "{check} not reported in: {msg}");
+    }
+    assert!(!msg.contains("count_push_adds_up"), "{msg}");
+}
+
+#[test]
+fn the_suite_fails_a_device_store_that_loses_outbox_entries() {
+    struct Lossy(SimDevice);
+    impl DeviceStoreUnderTest for Lossy {
+        type Error = StoreError;
+        fn txn<R>(
+            &mut self,
+            commit: bool,
+            f: impl FnOnce(&mut dyn DeviceTxn<Error = StoreError>) -> Result<R, StoreError>,
+        ) -> Result<R, StoreError> {
+            self.0.txn(commit, f)
+        }
+        fn item(&mut self, key: &ItemKey) -> Result<Option<(String, Item)>, StoreError> {
+            self.0.item(key)
+        }
+        fn version(&mut self, key: &ItemKey) -> Result<Option<StoredVersion>, StoreError> {
+            self.0.version(key)
+        }
+        fn local_write(
+            &mut self,
+            model: &str,
+            fields: &Item,
+            delete: bool,
+            now_ms: u64,
+        ) -> Result<(), StoreError> {
+            self.0.local_write(model, fields, delete, now_ms)?;
+            // The bug: the item commits without its outbox entry.
+            self.0.store.outbox.clear();
+            Ok(())
+        }
+        fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) -> Result<(), StoreError> {
+            self.0.outbox_remove(acked)
+        }
+        fn restore(&mut self) -> Result<DeviceRestore, StoreError> {
+            self.0.restore()
+        }
+    }
+    let msg = failure_of(|| {
+        run_device_suite(|| {
+            Lossy(SimDevice {
+                store: DevStore::default(),
+                schema: devtables_conformance::schema(),
+                clock: HlcClock::new(42),
+            })
+        })
+    });
+    assert!(
+        msg.contains("local_writes_record_one_pending_entry_per_key"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("sweep_deletes_only_unseen_unpending_down_items"),
+        "{msg}"
+    );
+    assert!(!msg.contains("apply_keeps_the_highest_version"), "{msg}");
+}
