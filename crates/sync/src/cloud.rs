@@ -371,7 +371,9 @@ impl CloudEngine {
                 let Mode::Feed(f) = &mut s.mode else {
                     return;
                 };
-                if cursor > f.acked {
+                // An acknowledgement beyond what was sent names entries the device never
+                // received (a hostile or broken device): believing it would stop the stream.
+                if cursor > f.acked && cursor <= f.sent_to {
                     f.acked = cursor;
                     f.sent_to = f.sent_to.max(cursor);
                     f.head = f.head.max(cursor);
@@ -453,10 +455,22 @@ impl CloudEngine {
     }
 
     /// The device's connection dropped (broker presence or last will): forget its session.
+    ///
+    /// If the device had something unacknowledged (feed entries beyond its cursor, or a resync
+    /// under way), it is also prompted to say hello: the disconnect may be a late will that
+    /// arrived after the device's next hello, or a session dropped for silence while the device
+    /// still listens. Prompts to a device that is really gone cost a few bounded publishes.
     pub fn handle_disconnected(&mut self, now_ms: u64, device: &DeviceId) {
         if let Some(s) = self.sessions.remove(device) {
             if let Some(d) = s.deadline {
                 self.timers.remove(&(d, device.clone()));
+            }
+            let behind = match &s.mode {
+                Mode::Feed(f) => !f.pages.is_empty() || f.reading.is_some() || f.head > f.acked,
+                Mode::Snapshot(_) => true,
+            };
+            if behind {
+                self.prompt(now_ms, device, false);
             }
             let cursor_acked = match &s.mode {
                 Mode::Feed(f) => Some(f.acked),
@@ -653,6 +667,7 @@ impl CloudEngine {
             &self.cfg.schema_version,
             &DownMsg::Snapshot {
                 resync: t.resync,
+                session: Some(u64::MAX),
                 after: after.clone(),
                 last: None,
                 items: vec![],
@@ -705,6 +720,7 @@ impl CloudEngine {
         t.finished = done;
         let msg = DownMsg::Snapshot {
             resync: t.resync,
+            session: Some(s.session),
             after,
             last,
             items,

@@ -400,12 +400,13 @@ impl DeviceEngine {
             DownMsg::Feed { from, to, changes } => self.on_feed(from, to, changes),
             DownMsg::Snapshot {
                 resync,
+                session,
                 after,
                 last,
                 items,
                 done,
                 cursor,
-            } => self.on_snapshot(resync, after, last, items, done, cursor),
+            } => self.on_snapshot(resync, session, after, last, items, done, cursor),
             DownMsg::Error { code, message } => {
                 if code == ErrorCode::NoSession {
                     // Only restart a welcomed session: while a hello is outstanding it will be
@@ -468,9 +469,19 @@ impl DeviceEngine {
     /// are dropped; the cloud sends them again from the acknowledged cursor.
     pub fn handle_apply_failed(&mut self, now_ms: u64) {
         let _ = now_ms;
-        self.applying = None;
+        let failed = self.applying.take();
         self.inbox.clear();
-        self.resync = None;
+        // A resync continues from the last page applied (the position the cloud rewinds to);
+        // forgetting it would refuse every resent page and only repeat the last acknowledgement.
+        self.resync = match (failed, &self.last_snapshot_ack) {
+            (Some(ApplyPage::Snapshot { resync, .. }), Some((id, pos, false))) if *id == resync => {
+                Some(ResyncRx {
+                    id: resync,
+                    pos: pos.clone(),
+                })
+            }
+            _ => None,
+        };
         self.tail = self.cursor;
         self.event(DeviceEvent::ApplyFailed);
     }
@@ -799,9 +810,11 @@ impl DeviceEngine {
         // A gap (from > tail) is ignored: the cloud resends from the acknowledged cursor.
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_snapshot(
         &mut self,
         resync: u64,
+        session: Option<u64>,
         after: Option<SnapshotCursor>,
         last: Option<SnapshotCursor>,
         items: Vec<Change>,
@@ -814,12 +827,17 @@ impl DeviceEngine {
         };
         let accept = match &expected {
             Some(pos) => &after == pos,
-            // A new resync starts at the beginning, and never behind what we already hold:
-            // a stale stream from an earlier session would sweep newer items and move the
-            // cursor back.
+            // A new resync starts at the beginning, in this session: a stale stream from an
+            // earlier session would sweep newer items and move the cursor back. Its cursor may
+            // be behind ours (the cloud was restored from a backup): the pages carry the truth.
+            // (A cloud that does not name the session: never behind what we already hold.)
             None => {
+                let current = match session {
+                    Some(s) => self.session == Some(s),
+                    None => cursor >= self.tail,
+                };
                 after.is_none()
-                    && cursor >= self.tail
+                    && current
                     && self
                         .last_snapshot_ack
                         .as_ref()

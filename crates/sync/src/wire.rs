@@ -336,6 +336,11 @@ pub enum DownMsg {
     Snapshot {
         /// The resync id, fresh for every resync.
         resync: u64,
+        /// The session (of the device's hello) the resync streams in: a device starts a new
+        /// resync only from a page of its current session, so a delayed page of an earlier
+        /// session's resync cannot take it over.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<u64>,
         /// The position the page follows (`None`: the start); the device applies the page only
         /// if this equals its own position, so pages apply contiguously whatever the re-reads.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -72,35 +72,38 @@ fn schema() -> Schema {
 /// A `feed_ack` beyond every cursor sent (u64::MAX) from a device (SEED=122): the cloud takes it
 /// as acknowledged, stops streaming that device's feed, and the device never converges until it
 /// reconnects. Off: hostile acknowledgements name cursors the cloud did send.
-const HOSTILE_FEED_ACK_BEYOND_SENT: bool = false;
+const HOSTILE_FEED_ACK_BEYOND_SENT: bool = true;
 /// A device clock jumping while connected (SEED=7): its cloud offset, learnt at the welcome,
 /// goes stale, every re-stamp is stamped on the stale time and refused again, forever.
 /// Off: clocks jump only while the device is offline (the next welcome corrects the offset).
-const JUMP_WHILE_CONNECTED: bool = false;
+const JUMP_WHILE_CONNECTED: bool = true;
 /// A failed `OutboxRemove` transaction (SEED=35): the engine already forgot the entries, so the
 /// durable ones are not resent (and never leave) until the next restart; the engine has no
 /// input to hear of the failure. Off: outbox trims do not fail.
-const OUTBOX_TRIM_ERRORS: bool = false;
+const OUTBOX_TRIM_ERRORS: bool = true;
 /// A `bye` will that arrives after the device's next hello (SEED=67): it carries no session, so
 /// the cloud drops the NEW session; the device stays ready and is never prompted again unless
 /// its feed advances later. Off: a late will arrives before the device reconnects.
-const LATE_BYE_AFTER_HELLO: bool = false;
+const LATE_BYE_AFTER_HELLO: bool = true;
 /// A failed apply of a snapshot page (SEED=379): `handle_apply_failed` drops the device's resync,
 /// the cloud resends the resync from the acknowledged position, the device (now wanting a page
 /// without `after`) only repeats its last `snapshot_ack`, which resets the cloud's retry count:
 /// a livelock. Off: injected apply errors hit feed pages only.
-const SNAPSHOT_APPLY_ERRORS: bool = false;
+const SNAPSHOT_APPLY_ERRORS: bool = true;
 /// A delayed page of a resync the cloud already replaced (SEED=176): its first page (no
 /// `after`) restarts the device onto the old resync; the device then refuses every page of the
 /// cloud's current resync, the cloud ignores every acknowledgement of the old one, and the
 /// session is dropped after its retries without the device knowing. Off: snapshot pages of a
 /// resync older than the last one the cloud sent the device are not delivered (MQTT keeps the
 /// order of one topic; the simulated network reorders more than it does).
-const STALE_RESYNC_PAGES: bool = false;
-/// The cloud restored from an older backup (SEED=228): a device's cursor is beyond its feed
-/// head, the cloud starts a resync at the restored head, and the device ignores every page of
-/// it as a stale stream (its cursor is behind the device's tail): it never resyncs. Off: the
-/// cloud is not restored from backups.
+const STALE_RESYNC_PAGES: bool = true;
+/// The cloud restored from an older backup. Fixed: a device whose cursor is beyond the restored
+/// feed head now gets a full resync (snapshot pages name the session, so the device no longer
+/// takes them for a stale stream; see `a_cursor_beyond_the_feed_head_gets_a_full_resync`). Still
+/// off because the check at quiescence cannot pass yet: writes the cloud acknowledged after the
+/// backup was taken are gone from the cloud while the devices that made them still hold them
+/// (SEED=93: `B/b#b` stays on d0), and a device whose cursor is not beyond the restored head is
+/// never told. Reconciling those (the device re-pushing what the cloud lost) is future work.
 const CLOUD_RESTORE: bool = false;
 /// Tombstone retention shorter than a write a device still holds (SEED=10): the documented
 /// precondition of retention, not an engine bug; the watermark only guards writes with a base,
@@ -675,6 +678,10 @@ impl Sim {
                         version,
                         cloud_ms,
                     } => {
+                        // As the agent: the refusal tells the cloud's time, so the offset is
+                        // corrected (the clock may have jumped since the welcome) and the new
+                        // version is stamped on it.
+                        self.devs[i].offset = cloud_ms as i64 - self.phys(i) as i64;
                         let stamp = self.stamp_time(i);
                         let now = self.now;
                         if self.draw_store_error().is_some() {
@@ -704,9 +711,16 @@ impl Sim {
                     }
                     DeviceAction::OutboxRemove(list) => {
                         if OUTBOX_TRIM_ERRORS && self.draw_store_error().is_some() {
-                            // The entries stay; they are resent and answered again.
+                            // As the agent: the durable entries stay, so they are handed to the
+                            // engine again; they are resent and answered again.
                             self.stats.store_errors += 1;
                             self.note(|| format!("d{i} outbox trim failed"));
+                            let now = self.now;
+                            for (_, key, _) in &list {
+                                if let Some(change) = self.devs[i].store.outbox_change(key) {
+                                    self.devs[i].engine.handle_local_change(now, change);
+                                }
+                            }
                             continue;
                         }
                         self.devs[i].store.outbox_remove(&list);
@@ -1523,6 +1537,7 @@ fn short_down(m: &DownMsg) -> String {
             items,
             done,
             cursor,
+            ..
         } => format!(
             "Snapshot {resync} after={:?} last={:?} n={} done={done} cursor={cursor}",
             after.as_ref().map(|c| &c.key.sk),

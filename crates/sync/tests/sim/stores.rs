@@ -182,6 +182,11 @@ impl DevStore {
     }
 
     /// Removes acknowledged entries whose version still matches.
+    /// The durable outbox entry of a key, if any.
+    pub fn outbox_change(&self, key: &ItemKey) -> Option<Change> {
+        self.outbox.get(key).map(|(_, c)| c.clone())
+    }
+
     pub fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) {
         for (_, key, version) in acked {
             if self
