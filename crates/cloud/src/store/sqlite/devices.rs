@@ -1,0 +1,167 @@
+//! The device registry of the SQLite store: registration, the sync status each device reports,
+//! and the feed cursor it acknowledged.
+//!
+//! It exists so the `devices` table is read and written in one place (its columns are listed
+//! once, in [`DEVICE_COLS`] and [`device_row`]).
+
+use devtables_sync::identity::DeviceId;
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+
+use super::super::{DeviceRecord, StatusUpdate, StoreError};
+use super::sql::{db, sql_int};
+
+const DEVICE_COLS: &str =
+    "account, device, secret_hash, registered_ms, online, last_seen_ms, schema_version, \
+                           cursor_acked, feed_head, pending, last_error, changes_applied, \
+                           changes_superseded, changes_rejected";
+
+fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    Ok(DeviceRecord {
+        account: r.get(0)?,
+        device: r.get(1)?,
+        secret_hash: r.get(2)?,
+        registered_ms: r.get(3)?,
+        online: r.get::<_, i64>(4)? != 0,
+        last_seen_ms: r.get(5)?,
+        schema_version: r.get(6)?,
+        cursor_acked: r.get(7)?,
+        feed_head: r.get(8)?,
+        pending: r.get(9)?,
+        last_error: r.get(10)?,
+        changes_applied: r.get(11)?,
+        changes_superseded: r.get(12)?,
+        changes_rejected: r.get(13)?,
+    })
+}
+
+pub(super) fn device_exists(conn: &Connection, id: &DeviceId) -> Result<bool, StoreError> {
+    conn.prepare_cached("SELECT 1 FROM devices WHERE account = ?1 AND device = ?2")
+        .and_then(|mut s| s.exists(params![id.account, id.device]))
+        .map_err(db("looking up a device"))
+}
+
+pub(super) fn register_device(
+    conn: &Connection,
+    id: &DeviceId,
+    secret_hash: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    // feed_head = feed_floor = 1: a first read from cursor 0 requires a full resync.
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO devices (account, device, secret_hash, registered_ms, feed_head, feed_floor)
+             VALUES (?1, ?2, ?3, ?4, 1, 1) ON CONFLICT (account, device) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![id.account, id.device, secret_hash, now_ms]))
+        .map_err(db("registering a device"))?;
+    if n == 0 {
+        return Err(StoreError::DeviceExists(id.to_string()));
+    }
+    Ok(())
+}
+
+pub(super) fn device(conn: &Connection, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {DEVICE_COLS} FROM devices WHERE account = ?1 AND device = ?2"
+    ))
+    .and_then(|mut s| {
+        s.query_row(params![id.account, id.device], device_row)
+            .optional()
+    })
+    .map_err(db("reading a device"))
+}
+
+pub(super) fn devices(
+    conn: &Connection,
+    account: Option<&str>,
+    after: Option<&DeviceId>,
+    limit: usize,
+) -> Result<Vec<DeviceRecord>, StoreError> {
+    let mut sql = format!("SELECT {DEVICE_COLS} FROM devices WHERE 1 = 1");
+    let mut args: Vec<Value> = Vec::new();
+    if let Some(a) = account {
+        sql.push_str(" AND account = ?");
+        args.push(Value::Text(a.to_string()));
+    }
+    if let Some(after) = after {
+        sql.push_str(" AND (account, device) > (?, ?)");
+        args.push(Value::Text(after.account.clone()));
+        args.push(Value::Text(after.device.clone()));
+    }
+    sql.push_str(" ORDER BY account, device LIMIT ?");
+    args.push(Value::Integer(sql_int(limit)));
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_map(params_from_iter(args.iter()), device_row)?
+                .collect()
+        })
+        .map_err(db("listing devices"))
+}
+
+pub(super) fn update_status(
+    conn: &Connection,
+    id: &DeviceId,
+    update: &StatusUpdate,
+) -> Result<(), StoreError> {
+    let (set_error, error) = match &update.last_error {
+        Some(e) => (true, e.as_deref()),
+        None => (false, None),
+    };
+    let n = conn
+        .prepare_cached(
+            "UPDATE devices SET
+                online = coalesce(?3, online),
+                last_seen_ms = coalesce(?4, last_seen_ms),
+                schema_version = coalesce(?5, schema_version),
+                cursor_acked = coalesce(?6, cursor_acked),
+                pending = coalesce(?7, pending),
+                last_error = CASE WHEN ?8 THEN ?9 ELSE last_error END
+             WHERE account = ?1 AND device = ?2",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                id.account,
+                id.device,
+                update.online,
+                update.last_seen_ms,
+                update.schema_version,
+                update.cursor_acked,
+                update.pending,
+                set_error,
+                error
+            ])
+        })
+        .map_err(db("updating a device's status"))?;
+    if n == 0 {
+        return Err(StoreError::UnknownDevice(id.to_string()));
+    }
+    Ok(())
+}
+
+pub(super) fn reset_online(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute("UPDATE devices SET online = 0 WHERE online <> 0", [])
+        .map_err(db("marking every device offline"))?;
+    Ok(())
+}
+
+pub(super) fn ack_cursor(
+    conn: &Connection,
+    device: &DeviceId,
+    cursor: u64,
+) -> Result<(), StoreError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE devices SET cursor_acked = max(cursor_acked, min(?3, feed_head))
+             WHERE account = ?1 AND device = ?2",
+        )
+        // A cursor beyond the head is not one this feed issued: it counts as the head.
+        .and_then(|mut s| {
+            s.execute(params![device.account, device.device, i64::try_from(cursor).unwrap_or(i64::MAX)])
+        })
+        .map_err(db("recording an acknowledged cursor"))?;
+    if n == 0 {
+        return Err(StoreError::UnknownDevice(device.to_string()));
+    }
+    Ok(())
+}

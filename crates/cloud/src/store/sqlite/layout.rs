@@ -1,0 +1,159 @@
+//! The table layout of the SQLite store: the DDL, its version, and the migrations that bring an
+//! older database file up to it.
+//!
+//! It exists so that everything that decides what the file looks like on disk is in one place:
+//! a change to a table is a change here, with a new [`SCHEMA_VERSION`] and a migration.
+
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::super::StoreError;
+use super::sql::db;
+
+/// The version of the table layout this build writes; a newer database is refused.
+pub const SCHEMA_VERSION: u32 = 2;
+
+const DDL: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    account TEXT NOT NULL,
+    device TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    registered_ms INTEGER NOT NULL,
+    online INTEGER NOT NULL DEFAULT 0,
+    last_seen_ms INTEGER,
+    schema_version TEXT,
+    cursor_acked INTEGER NOT NULL DEFAULT 0,
+    feed_head INTEGER NOT NULL DEFAULT 0,
+    feed_floor INTEGER NOT NULL DEFAULT 0,
+    pending INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    changes_applied INTEGER NOT NULL DEFAULT 0,
+    changes_superseded INTEGER NOT NULL DEFAULT 0,
+    changes_rejected INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (account, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS items (
+    account TEXT NOT NULL,
+    device TEXT NOT NULL,
+    model TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    sk TEXT NOT NULL,
+    item TEXT,
+    version TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    base TEXT,
+    PRIMARY KEY (account, device, pk, sk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watermarks (
+    account TEXT NOT NULL,
+    device TEXT NOT NULL,
+    purged_below TEXT NOT NULL,
+    PRIMARY KEY (account, device)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_by_model ON items (account, model, device, pk, sk);
+CREATE INDEX IF NOT EXISTS items_tombstones ON items (updated_ms) WHERE deleted = 1;
+CREATE TABLE IF NOT EXISTS feed (
+    account TEXT NOT NULL,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    model TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    sk TEXT NOT NULL,
+    PRIMARY KEY (account, device, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS feed_by_key ON feed (account, device, owner, pk, sk);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    account TEXT NOT NULL,
+    device TEXT,
+    owner TEXT NOT NULL,
+    model TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    sk TEXT NOT NULL,
+    winner TEXT NOT NULL,
+    loser TEXT NOT NULL,
+    lost TEXT NOT NULL,
+    loser_item TEXT
+);
+CREATE INDEX IF NOT EXISTS conflicts_by_account ON conflicts (account, id);
+";
+
+/// What moves a layout-1 database to layout 2 (the row's base version, the per-owner purge
+/// watermarks, the per-device push counters).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE items ADD COLUMN base TEXT;
+ALTER TABLE devices ADD COLUMN changes_applied INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN changes_superseded INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN changes_rejected INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Prepares a freshly opened connection: busy timeout, WAL mode (`wal`, for a file), the
+/// `synchronous` level, then creates or upgrades the tables in one transaction.
+pub(super) fn init(
+    conn: &mut Connection,
+    busy_timeout_ms: u64,
+    synchronous_full: bool,
+    wal: bool,
+) -> Result<(), StoreError> {
+    conn.busy_timeout(Duration::from_millis(busy_timeout_ms))
+        .map_err(db("setting the busy timeout"))?;
+    if wal {
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(db("switching the cloud database to WAL mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, "the cloud database could not switch to WAL mode");
+        }
+    }
+    let sync = if synchronous_full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(db("setting PRAGMA synchronous"))?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db("starting the schema transaction"))?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    )
+    .map_err(db("creating the meta table"))?;
+    let stored: Option<String> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db("reading the store schema version"))?;
+    if let Some(stored) = &stored {
+        let version: u32 = stored.parse().map_err(|_| {
+            StoreError::Corrupt(format!("meta.schema_version is {stored:?}, not a number"))
+        })?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Database(format!(
+                "the cloud database has table layout version {version}, newer than the {SCHEMA_VERSION} \
+                 this build supports: upgrade devtables (or open a backup made by this version)"
+            )));
+        }
+    }
+    if stored.as_deref() == Some("1") {
+        tx.execute_batch(MIGRATE_1_TO_2)
+            .map_err(db("upgrading the cloud tables from layout 1 to 2"))?;
+    }
+    tx.execute_batch(DDL)
+        .map_err(db("creating the cloud tables"))?;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![SCHEMA_VERSION.to_string()],
+    )
+    .map_err(db("recording the store schema version"))?;
+    tx.commit().map_err(db("committing the cloud schema"))?;
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! The SQLite cloud store: the embedded default implementation of [`CloudStore`].
+//!
+//! One database file holds the items of every device. Plain SQL over it is a product feature:
+//! users may query the tables directly (read-only, from another connection: the database runs in
+//! WAL mode so readers never block the service), so the columns are named plainly and every item
+//! is kept whole as JSON in `items.item`.
+//!
+//! # Tables
+//!
+//! ```sql
+//! -- Store metadata: schema_version = 2 (the table layout, see `SCHEMA_VERSION`).
+//! meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
+//!
+//! -- Registered devices and their sync status.
+//! devices(account, device,            -- PRIMARY KEY
+//!         secret_hash,                -- hash of the device secret, never the secret
+//!         registered_ms,
+//!         online,                     -- 0/1: the device has a session
+//!         last_seen_ms, schema_version,
+//!         cursor_acked,               -- highest feed cursor the device acknowledged
+//!         feed_head,                  -- highest sequence number of the device's feed
+//!         feed_floor,                 -- feed entries up to here were purged
+//!         pending,                    -- outbox size the device announced
+//!         last_error,
+//!         changes_applied,            -- pushed changes the cloud wrote (replays not counted)
+//!         changes_superseded,         -- pushed changes a higher stored version beat
+//!         changes_rejected)           -- pushed changes refused
+//!
+//! -- Every item of every device, one row per (owner, key); tombstones are kept for a while.
+//! items(account,
+//!       device,                       -- owning device; '' for account-wide (broadcast) items
+//!       model, pk, sk,
+//!       item,                         -- the item as JSON text; NULL for a tombstone
+//!       version,                      -- the write's version as sortable text (see below)
+//!       deleted,                      -- 1 for a tombstone
+//!       updated_ms,                   -- when the cloud stored the write
+//!       base,                         -- the version the write replaced on its writer, if it said one
+//!       PRIMARY KEY (account, device, pk, sk))
+//!
+//! -- Per owner: the newest version purged, so a write that knew a purged key still meets it.
+//! watermarks(account, device,         -- PRIMARY KEY; device '' for account-wide items
+//!            purged_below)
+//!
+//! -- Per-device change feeds: one entry per key (a later write of the key replaces its entry).
+//! feed(account, device, seq,          -- PRIMARY KEY; seq counts up per device
+//!      owner,                         -- the item row's device column ('' for broadcast items)
+//!      model, pk, sk)
+//!
+//! -- Concurrent writes: the higher version won, the loser is kept here.
+//! conflicts(id, at_ms, account,
+//!           device,                   -- the device whose push met the conflict; NULL for the API
+//!           owner, model, pk, sk,
+//!           winner, loser,            -- versions
+//!           lost,                     -- 'stored' or 'incoming'
+//!           loser_item)               -- the losing item as JSON (NULL for a delete)
+//! ```
+//!
+//! Versions are stored with [`hlc_to_string`](devtables_sync::wire::hlc_to_string), whose text
+//! order is the version order, so `ORDER BY version` works. Example: the settings of one device,
+//! newest first:
+//!
+//! ```sql
+//! SELECT pk, sk, json_extract(item, '$.name') AS name, version FROM items
+//! WHERE account = 'acme' AND device = 'dev-1' AND model = 'Setting' AND deleted = 0
+//! ORDER BY version DESC;
+//! ```
+//!
+//! # Feeds
+//!
+//! A write to a key that syncs down appends an entry to the feed of its owner device (or of every
+//! device of the account, for a broadcast item), dropping the key's previous entry, and bumps
+//! `devices.feed_head`, all in the write's transaction. A feed read returns each key in its
+//! current state. [`CloudStore::purge`] removes old tombstones with their feed entries and raises
+//! `feed_floor`; a device reading from below the floor gets a full resync.
+//!
+//! A device is registered with `feed_head = feed_floor = 1`: its first read, from cursor 0, is
+//! below the floor, so a new (or wiped) device always starts with a full resync and receives the
+//! items written before it connected (broadcast items especially), which its feed never held.
+//!
+//! # Files
+//!
+//! This file holds the store itself and its [`CloudStore`] implementation, whose methods only
+//! call into one file per concern:
+//! - `layout`: the DDL, [`SCHEMA_VERSION`] and the migrations of older layouts;
+//! - `txn`: the write transaction the replication rules run in (pushes and API writes);
+//! - `feed`: feed and snapshot reads;
+//! - `devices`: the device registry and sync status;
+//! - `queries`: the item and conflict reads of the HTTP API;
+//! - `purge`: retention and the highest stored version;
+//! - `sql`: the small helpers all of them share (it depends on none of them).
+
+mod devices;
+mod feed;
+mod layout;
+mod purge;
+mod queries;
+mod sql;
+mod txn;
+
+use std::path::Path;
+
+use devtables_schema::{ItemKey, Schema};
+use devtables_sync::apply::{CloudOp, CloudTxn, CloudWriteError};
+use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
+use devtables_sync::hlc::{Hlc, HlcClock};
+use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::wire::{Change, ChangeResult};
+use rusqlite::Connection;
+
+use super::{
+    Advanced, CloudStore, ConflictRecord, DeviceRecord, ItemPage, ItemQuery, PurgeStats, Retention,
+    StatusUpdate, StoreError, StoredItem,
+};
+use sql::db;
+
+pub use layout::SCHEMA_VERSION;
+pub use queries::MAX_QUERY_LIMIT;
+
+/// How the database file is opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// `PRAGMA synchronous = FULL` (default): an acknowledged write survives a power loss. With
+    /// `false`, `NORMAL`: still consistent after a crash, but the last commits may be lost.
+    pub synchronous_full: bool,
+    /// How long a statement waits for a lock held by another connection, in ms. Default 5000.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> SqliteOptions {
+        SqliteOptions {
+            synchronous_full: true,
+            busy_timeout_ms: 5000,
+        }
+    }
+}
+
+/// The SQLite cloud store. See the module documentation for its tables.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, in WAL mode.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(|e| {
+            StoreError::Database(format!(
+                "opening the cloud database {}: {e}",
+                path.display()
+            ))
+        })?;
+        SqliteStore::init(conn, &options, true)
+    }
+
+    /// A private in-memory database (tests, tools).
+    pub fn open_in_memory() -> Result<SqliteStore, StoreError> {
+        let conn =
+            Connection::open_in_memory().map_err(db("opening an in-memory cloud database"))?;
+        SqliteStore::init(conn, &SqliteOptions::default(), false)
+    }
+
+    /// Runs `f` over the store's [`CloudTxn`] in one write transaction at wall time `now_ms`,
+    /// committing when `commit` is true and `f` succeeds, rolling back otherwise. For the
+    /// store-conformance suite (`devtables-conformance`), which checks the transaction contract
+    /// directly; the service goes through [`CloudStore::apply_push`] and [`CloudStore::write`].
+    #[doc(hidden)]
+    pub fn conformance_txn<R>(
+        &mut self,
+        now_ms: u64,
+        commit: bool,
+        f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = sql::write_txn(&mut self.conn, "starting a conformance transaction")?;
+        let r = f(&mut txn::SqlTxn::new(&tx, now_ms))?;
+        if commit {
+            tx.commit()
+                .map_err(db("committing a conformance transaction"))?;
+        }
+        Ok(r)
+    }
+
+    fn init(
+        mut conn: Connection,
+        options: &SqliteOptions,
+        wal: bool,
+    ) -> Result<SqliteStore, StoreError> {
+        layout::init(
+            &mut conn,
+            options.busy_timeout_ms,
+            options.synchronous_full,
+            wal,
+        )?;
+        Ok(SqliteStore { conn })
+    }
+}
+
+impl CloudStore for SqliteStore {
+    fn register_device(
+        &mut self,
+        id: &DeviceId,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        devices::register_device(&self.conn, id, secret_hash, now_ms)
+    }
+
+    fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        devices::device(&self.conn, id)
+    }
+
+    fn devices(
+        &mut self,
+        account: Option<&str>,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        devices::devices(&self.conn, account, after, limit)
+    }
+
+    fn update_status(&mut self, id: &DeviceId, update: &StatusUpdate) -> Result<(), StoreError> {
+        devices::update_status(&self.conn, id, update)
+    }
+
+    fn reset_online(&mut self) -> Result<(), StoreError> {
+        devices::reset_online(&self.conn)
+    }
+
+    fn apply_push(
+        &mut self,
+        schema: &Schema,
+        clock: &mut HlcClock,
+        now_ms: u64,
+        max_drift_ms: u64,
+        from: &DeviceId,
+        changes: &[Change],
+    ) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
+        txn::apply_push(
+            &mut self.conn,
+            schema,
+            clock,
+            now_ms,
+            max_drift_ms,
+            from,
+            changes,
+        )
+    }
+
+    fn write(
+        &mut self,
+        schema: &Schema,
+        clock: &mut HlcClock,
+        now_ms: u64,
+        max_message_bytes: usize,
+        owner: &Owner,
+        model: &str,
+        op: CloudOp,
+    ) -> Result<(Change, Advanced), CloudWriteError<StoreError>> {
+        txn::write(
+            &mut self.conn,
+            schema,
+            clock,
+            now_ms,
+            max_message_bytes,
+            owner,
+            model,
+            op,
+        )
+    }
+
+    fn read_feed(
+        &mut self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, StoreError> {
+        feed::read_feed(&mut self.conn, device, after, limit)
+    }
+
+    fn read_snapshot(
+        &mut self,
+        schema: &Schema,
+        device: &DeviceId,
+        resync: u64,
+        from: Option<&SnapshotCursor>,
+        limit: usize,
+    ) -> Result<SnapshotPage, StoreError> {
+        feed::read_snapshot(&mut self.conn, schema, device, resync, from, limit)
+    }
+
+    fn ack_cursor(&mut self, device: &DeviceId, cursor: u64) -> Result<(), StoreError> {
+        devices::ack_cursor(&self.conn, device, cursor)
+    }
+
+    fn get_item(
+        &mut self,
+        owner: &Owner,
+        model: &str,
+        key: &ItemKey,
+    ) -> Result<Option<StoredItem>, StoreError> {
+        queries::get_item(&self.conn, owner, model, key)
+    }
+
+    fn query_items(&mut self, query: &ItemQuery) -> Result<ItemPage, StoreError> {
+        queries::query_items(&self.conn, query)
+    }
+
+    fn conflicts(
+        &mut self,
+        account: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError> {
+        queries::conflicts(&self.conn, account, before, limit)
+    }
+
+    fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
+        purge::max_version(&self.conn)
+    }
+
+    fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError> {
+        purge::purge(&mut self.conn, now_ms, retention)
+    }
+}
+
+#[cfg(test)]
+mod tests;

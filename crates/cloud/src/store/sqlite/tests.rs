@@ -1,0 +1,1510 @@
+//! Unit tests of the SQLite store, against a private in-memory (or temporary file) database.
+
+use super::queries::prefix_end;
+use super::*;
+use devtables_schema::Item;
+use devtables_sync::hlc::node_id_for;
+use devtables_sync::wire::{hlc_to_string, ChangeStatus, Op, RejectReason};
+use serde_json::json;
+
+const NOW: u64 = 1_795_629_600_000;
+const MAX_MSG: usize = 128 * 1024;
+const DRIFT: u64 = 60_000;
+
+const SCHEMA: &str = r#"{
+    format: 'onetable:1.1.0',
+    version: '1',
+    indexes: {primary: {hash: 'pk', sort: 'sk'}},
+    process: {
+        Up: {sync: 'up'},
+        Both: {sync: 'both'},
+        Down: {sync: 'down'},
+        Bcast: {sync: 'down', broadcast: true},
+        Shared: {sync: 'both'},
+    },
+    models: {
+        Up: {
+            pk: {type: 'string', value: 'd#${deviceId}'},
+            sk: {type: 'string', value: 'x#${name}'},
+            deviceId: {type: 'string', required: true},
+            name: {type: 'string', required: true},
+            v: {type: 'number'},
+        },
+        Both: {
+            pk: {type: 'string', value: 'd#${deviceId}'},
+            sk: {type: 'string', value: 'x#${name}'},
+            deviceId: {type: 'string', required: true},
+            name: {type: 'string', required: true},
+            v: {type: 'number'},
+        },
+        Down: {
+            pk: {type: 'string', value: 'd#${deviceId}'},
+            sk: {type: 'string', value: 'x#${name}'},
+            deviceId: {type: 'string', required: true},
+            name: {type: 'string', required: true},
+            v: {type: 'number'},
+        },
+        Bcast: {
+            pk: {type: 'string', value: 'b#'},
+            sk: {type: 'string', value: 'x#${name}'},
+            name: {type: 'string', required: true},
+            v: {type: 'number'},
+        },
+        // No owner field: two devices can hold the same key.
+        Shared: {
+            pk: {type: 'string', value: 'n#'},
+            sk: {type: 'string', value: 'x#${name}'},
+            name: {type: 'string', required: true},
+            v: {type: 'number'},
+        },
+    },
+}"#;
+
+fn schema() -> Schema {
+    Schema::from_json5(SCHEMA).unwrap()
+}
+
+fn dev(account: &str, device: &str) -> DeviceId {
+    DeviceId::new(account, device).unwrap()
+}
+
+fn clock() -> HlcClock {
+    HlcClock::new(node_id_for("cloud"))
+}
+
+fn item(schema: &Schema, model: &str, input: serde_json::Value) -> Item {
+    let input = input.as_object().cloned().unwrap();
+    schema
+        .model(model)
+        .unwrap()
+        .prepare_create(&input, NOW as i64)
+        .unwrap()
+}
+
+fn ver(wall_ms: u64, node: u64) -> Hlc {
+    Hlc {
+        wall_ms,
+        counter: 0,
+        node,
+    }
+}
+
+fn put(schema: &Schema, model: &str, input: serde_json::Value, version: Hlc) -> Change {
+    let item = item(schema, model, input);
+    let key = schema.model(model).unwrap().primary_key(&item).unwrap();
+    Change {
+        model: model.into(),
+        key,
+        op: Op::Put,
+        item: Some(item),
+        version,
+        base: None,
+    }
+}
+
+fn store(devices: &[&DeviceId]) -> SqliteStore {
+    let mut s = SqliteStore::open_in_memory().unwrap();
+    for d in devices {
+        s.register_device(d, "hash", NOW).unwrap();
+    }
+    s
+}
+
+fn api_put(
+    s: &mut SqliteStore,
+    schema: &Schema,
+    clock: &mut HlcClock,
+    now: u64,
+    owner: &Owner,
+    model: &str,
+    input: serde_json::Value,
+) -> (Change, Advanced) {
+    let it = item(schema, model, input);
+    s.write(schema, clock, now, MAX_MSG, owner, model, CloudOp::Put(it))
+        .unwrap()
+}
+
+fn key(pk: &str, sk: &str) -> ItemKey {
+    ItemKey {
+        pk: pk.into(),
+        sk: sk.into(),
+    }
+}
+
+#[test]
+fn a_version_beyond_the_drift_bound_is_refused_and_moves_no_clock() {
+    let (schema, d1) = (schema(), dev("a", "d1"));
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let ten_hours = 10 * 3_600_000;
+    let ahead = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 1}),
+        ver(NOW + ten_hours, 7),
+    );
+    let (r, adv) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&ahead))
+        .unwrap();
+    assert_eq!(
+        r[0].status,
+        ChangeStatus::Rejected {
+            reason: RejectReason::VersionAhead {
+                cloud_ms: NOW,
+                max_drift_ms: DRIFT
+            }
+        }
+    );
+    assert!(adv.is_empty());
+    assert!(c.last().wall_ms <= NOW, "the refused version moved the cloud clock");
+    assert_eq!(s.max_version().unwrap(), None, "nothing stored");
+    // An API write right after is stamped on the cloud's own time.
+    let (w, _) = api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &Owner::Device(d1.clone()),
+        "Both",
+        json!({"deviceId": "d1", "name": "m"}),
+    );
+    assert_eq!(w.version.wall_ms, NOW);
+    // Exactly at the bound is accepted, and counted.
+    let edge = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 2}),
+        ver(NOW + DRIFT, 7),
+    );
+    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[edge]).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    let rec = s.device(&d1).unwrap().unwrap();
+    assert_eq!((rec.changes_applied, rec.changes_rejected), (1, 1));
+}
+
+#[test]
+fn a_change_may_only_touch_rows_of_its_own_model() {
+    let (schema, d1) = (schema(), dev("a", "d1"));
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let up = put(&schema, "Up", json!({"deviceId": "d1", "name": "n"}), ver(NOW, 7));
+    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&up))
+        .unwrap();
+    // Both's template produces the same key as Up's: the live Up row is not Both's.
+    let both = put(&schema, "Both", json!({"deviceId": "d1", "name": "n"}), ver(NOW + 1, 7));
+    let mut del_both = both.clone();
+    del_both.op = Op::Delete;
+    del_both.item = None;
+    // A delete under Up of a key only Shared's template produces.
+    let shared_key = Change {
+        model: "Up".into(),
+        key: key("n#", "x#n"),
+        op: Op::Delete,
+        item: None,
+        version: ver(NOW + 1, 7),
+        base: None,
+    };
+    let (r, _) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[both, del_both, shared_key])
+        .unwrap();
+    let statuses: Vec<_> = r.into_iter().map(|r| r.status).collect();
+    let wrong = ChangeStatus::Rejected {
+        reason: RejectReason::WrongModel { stored: "Up".into() },
+    };
+    assert_eq!(
+        statuses,
+        vec![
+            wrong.clone(),
+            wrong,
+            ChangeStatus::Rejected {
+                reason: RejectReason::KeyNotOfModel
+            }
+        ]
+    );
+    let row = s.get_item(&Owner::Device(d1.clone()), "Up", &up.key).unwrap().unwrap();
+    assert_eq!(row.version, up.version, "the Up row is untouched");
+    // The API cannot create a Both item over the Up row either.
+    let it = item(&schema, "Both", json!({"deviceId": "d1", "name": "n"}));
+    let e = s
+        .write(&schema, &mut c, NOW, MAX_MSG, &Owner::Device(d1.clone()), "Both", CloudOp::Put(it))
+        .unwrap_err();
+    assert!(
+        matches!(&e, CloudWriteError::WrongModel { stored, .. } if stored == "Up"),
+        "{e}"
+    );
+    let e = s
+        .write(
+            &schema,
+            &mut c,
+            NOW,
+            MAX_MSG,
+            &Owner::Device(d1.clone()),
+            "Both",
+            CloudOp::Delete(key("n#", "x#n")),
+        )
+        .unwrap_err();
+    assert!(matches!(e, CloudWriteError::KeyNotOfModel { .. }), "{e}");
+    assert_eq!(s.device(&d1).unwrap().unwrap().changes_rejected, 3);
+}
+
+#[test]
+fn a_write_that_knew_a_purged_key_meets_the_watermark() {
+    let (schema, d1) = (schema(), dev("a", "d1"));
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let owner = Owner::Device(d1.clone());
+    // The device created the item, the cloud deleted it later, retention purged the delete.
+    let v1 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 1}), ver(NOW, 7));
+    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v1))
+        .unwrap();
+    let (del, _) = s
+        .write(&schema, &mut c, NOW + 100, MAX_MSG, &owner, "Both", CloudOp::Delete(v1.key.clone()))
+        .unwrap();
+    let later = NOW + 1000;
+    let stats = s
+        .purge(
+            later,
+            &Retention {
+                tombstone_ms: 10,
+                max_conflicts: 100,
+            },
+        )
+        .unwrap();
+    assert_eq!(stats.tombstones, 1);
+    assert_eq!(s.get_item(&owner, "Both", &v1.key).unwrap(), None, "purged");
+    // The offline device's pending edit, older than the delete, must not resurrect it.
+    let mut v2 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 2}), ver(NOW + 50, 7));
+    v2.base = Some(v1.version);
+    let (r, _) = s
+        .apply_push(&schema, &mut c, later, DRIFT, &d1, std::slice::from_ref(&v2))
+        .unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Stale { winner: del.version });
+    // The delete that won is back in the feed, so the device converges.
+    let head = s.device(&d1).unwrap().unwrap().feed_head;
+    let page = s.read_feed(&d1, head - 1, 10).unwrap();
+    assert_eq!(page.changes.len(), 1);
+    assert_eq!((page.changes[0].1.op, page.changes[0].1.version), (Op::Delete, del.version));
+    assert_eq!(s.conflicts("a", None, 10).unwrap().len(), 1, "the lost edit is logged");
+    // A create (no base) of a new key is not affected by the watermark.
+    let fresh = put(&schema, "Both", json!({"deviceId": "d1", "name": "new"}), ver(NOW + 60, 7));
+    let (r, _) = s.apply_push(&schema, &mut c, later, DRIFT, &d1, &[fresh]).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    // An edit newer than the delete wins, as it would against the tombstone.
+    let mut v3 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 3}), ver(NOW + 200, 7));
+    v3.base = Some(v1.version);
+    let (r, _) = s.apply_push(&schema, &mut c, later, DRIFT, &d1, &[v3]).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    let rec = s.device(&d1).unwrap().unwrap();
+    assert_eq!((rec.changes_applied, rec.changes_superseded), (3, 1));
+}
+
+#[test]
+fn a_restored_devices_losing_write_is_logged_but_a_late_duplicate_is_not() {
+    let (schema, d1) = (schema(), dev("a", "d1"));
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let v1 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 1}), ver(NOW + 1, 7));
+    let mut v2 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 2}), ver(NOW + 2, 7));
+    v2.base = Some(v1.version);
+    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1.clone(), v2.clone()])
+        .unwrap();
+    // The network delivers the first write again: it lost to its own successor, no conflict.
+    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v1)).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
+    assert!(s.conflicts("a", None, 10).unwrap().is_empty());
+    // The device is restored from a backup taken before it ever synced the key, and writes
+    // it again with a clock behind its lost writes: it loses, and the regression is logged.
+    let v2b = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 9}), Hlc {
+        wall_ms: NOW + 1,
+        counter: 5,
+        node: 7,
+    });
+    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v2b]).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
+    let log = s.conflicts("a", None, 10).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].lost, "incoming");
+}
+
+#[test]
+fn push_is_idempotent_and_stale_writes_lose_with_a_conflict() {
+    let (schema, d1) = (schema(), dev("a", "d1"));
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let v2 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 2}),
+        ver(NOW + 2, 7),
+    );
+    let (r, adv) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v2))
+        .unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    assert_eq!(adv, vec![(d1.clone(), 2)]);
+    let (r, adv) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v2))
+        .unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    assert!(adv.is_empty(), "a replay writes nothing");
+    assert!(s.conflicts("a", None, 10).unwrap().is_empty());
+
+    let v1 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 1}),
+        ver(NOW + 1, 8),
+    );
+    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1]).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
+    let stored = s
+        .get_item(&Owner::Device(d1.clone()), "Both", &v2.key)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored.item.as_ref().unwrap()["v"].clone(), stored.version),
+        (json!(2), v2.version)
+    );
+    let log = s.conflicts("a", None, 10).unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(
+        (
+            log[0].lost.as_str(),
+            log[0].winner.clone(),
+            log[0].loser.clone(),
+            log[0].device.as_deref()
+        ),
+        (
+            "incoming",
+            hlc_to_string(ver(NOW + 2, 7)),
+            hlc_to_string(ver(NOW + 1, 8)),
+            Some("d1")
+        )
+    );
+    assert_eq!(log[0].loser_item.as_ref().unwrap()["v"], json!(1));
+
+    // A newer write from another node that did not see v2: the stored item loses, logged.
+    let v3 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 3}),
+        ver(NOW + 3, 9),
+    );
+    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v3]).unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    let log = s.conflicts("a", None, 10).unwrap();
+    assert_eq!(log.len(), 2);
+    assert!(log[0].id > log[1].id, "newest first");
+    assert_eq!(log[0].lost, "stored");
+    assert_eq!(log[0].loser_item.as_ref().unwrap()["v"], json!(2));
+    assert_eq!(
+        s.conflicts("a", Some(log[0].id), 10).unwrap(),
+        vec![log[1].clone()]
+    );
+    assert!(s.conflicts("b", None, 10).unwrap().is_empty());
+}
+
+#[test]
+fn push_naming_another_device_is_rejected_and_not_stored() {
+    let (schema, d1) = (schema(), dev("a", "d1"));
+    let mut s = store(&[&d1, &dev("a", "d2")]);
+    let ch = put(
+        &schema,
+        "Up",
+        json!({"deviceId": "d2", "name": "n"}),
+        ver(NOW, 7),
+    );
+    let (r, adv) = s
+        .apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, std::slice::from_ref(&ch))
+        .unwrap();
+    assert_eq!(
+        r[0].status,
+        ChangeStatus::Rejected {
+            reason: RejectReason::Ownership
+        }
+    );
+    assert!(adv.is_empty());
+    for owner in [Owner::Device(d1.clone()), Owner::Device(dev("a", "d2"))] {
+        assert_eq!(s.get_item(&owner, "Up", &ch.key).unwrap(), None);
+    }
+    let q = ItemQuery {
+        account: "a".into(),
+        model: "Up".into(),
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(s.query_items(&q).unwrap().items.is_empty());
+}
+
+#[test]
+fn push_from_an_unregistered_device_fails_whole() {
+    let schema = schema();
+    let mut s = store(&[]);
+    let ch = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n"}),
+        ver(NOW, 7),
+    );
+    let err = s
+        .apply_push(
+            &schema,
+            &mut clock(),
+            NOW,
+            DRIFT,
+            &dev("a", "d1"),
+            std::slice::from_ref(&ch),
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::UnknownDevice(_)), "{err}");
+    assert_eq!(
+        s.get_item(&Owner::Device(dev("a", "d1")), "Both", &ch.key)
+            .unwrap(),
+        None,
+        "rolled back"
+    );
+}
+
+#[test]
+fn two_devices_writing_one_key_get_separate_rows() {
+    let schema = schema();
+    let (d1, d2) = (dev("a", "d1"), dev("a", "d2"));
+    let mut s = store(&[&d1, &d2]);
+    let mut c = clock();
+    let c1 = put(
+        &schema,
+        "Shared",
+        json!({"name": "k", "v": 1}),
+        ver(NOW + 5, 1),
+    );
+    let c2 = put(
+        &schema,
+        "Shared",
+        json!({"name": "k", "v": 2}),
+        ver(NOW + 1, 2),
+    );
+    assert_eq!(c1.key, c2.key);
+    let (r1, a1) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&c1))
+        .unwrap();
+    let (r2, a2) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d2, std::slice::from_ref(&c2))
+        .unwrap();
+    assert_eq!(
+        (r1[0].status.clone(), r2[0].status.clone()),
+        (ChangeStatus::Applied, ChangeStatus::Applied)
+    );
+    assert_eq!((a1, a2), (vec![(d1.clone(), 2)], vec![(d2.clone(), 2)]));
+    let q = ItemQuery {
+        account: "a".into(),
+        model: "Shared".into(),
+        limit: 10,
+        ..Default::default()
+    };
+    let page = s.query_items(&q).unwrap();
+    let got: Vec<(Option<&str>, serde_json::Value)> = page
+        .items
+        .iter()
+        .map(|i| (i.device.as_deref(), i.item.as_ref().unwrap()["v"].clone()))
+        .collect();
+    assert_eq!(got, vec![(Some("d1"), json!(1)), (Some("d2"), json!(2))]);
+    assert!(s.conflicts("a", None, 10).unwrap().is_empty());
+    // Each device's feed holds only its own row.
+    let f2 = s.read_feed(&d2, 1, 10).unwrap();
+    assert_eq!(f2.changes.len(), 1);
+    assert_eq!(f2.changes[0].1.item.as_ref().unwrap()["v"], json!(2));
+}
+
+#[test]
+fn api_write_advances_the_feed_and_coalesces() {
+    let schema = schema();
+    let (d1, d2) = (dev("a", "d1"), dev("a", "d2"));
+    let mut s = store(&[&d1, &d2]);
+    let mut c = clock();
+    let owner = Owner::Device(d1.clone());
+    let (ch, adv) = api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &owner,
+        "Down",
+        json!({"deviceId": "d1", "name": "x", "v": 1}),
+    );
+    assert_eq!(adv, vec![(d1.clone(), 2)]);
+    let page = s.read_feed(&d1, 1, 10).unwrap();
+    assert_eq!((page.head, page.resync_required), (2, false));
+    assert_eq!(
+        page.changes,
+        vec![(
+            2,
+            Change {
+                base: None,
+                ..ch.clone()
+            }
+        )]
+    );
+    assert_eq!(s.read_feed(&d2, 1, 10).unwrap().changes, vec![]);
+    assert_eq!(s.device(&d1).unwrap().unwrap().feed_head, 2);
+    assert_eq!(s.device(&d2).unwrap().unwrap().feed_head, 1);
+
+    // A second write of the key replaces its entry: one entry, at the new sequence.
+    let (ch2, adv) = api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &owner,
+        "Down",
+        json!({"deviceId": "d1", "name": "x", "v": 2}),
+    );
+    assert_eq!(adv, vec![(d1.clone(), 3)]);
+    assert_eq!(ch2.base, Some(ch.version));
+    assert!(ch2.version > ch.version);
+    let page = s.read_feed(&d1, 1, 10).unwrap();
+    assert_eq!(page.head, 3);
+    assert_eq!(page.changes.len(), 1);
+    assert_eq!(page.changes[0].0, 3);
+    assert_eq!(page.changes[0].1.item.as_ref().unwrap()["v"], json!(2));
+    assert_eq!(page.changes[0].1.version, ch2.version);
+    assert_eq!(page.changes[0].1.base, None);
+    assert!(s.read_feed(&d1, 3, 10).unwrap().changes.is_empty());
+    // An API overwrite of its own prior write is no conflict.
+    assert!(s.conflicts("a", None, 10).unwrap().is_empty());
+}
+
+#[test]
+fn feed_pages_respect_the_limit() {
+    let schema = schema();
+    let d1 = dev("a", "d1");
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let owner = Owner::Device(d1.clone());
+    for i in 0..5 {
+        api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW + i,
+            &owner,
+            "Down",
+            json!({"deviceId": "d1", "name": format!("n{i}")}),
+        );
+    }
+    let p = s.read_feed(&d1, 1, 2).unwrap();
+    assert_eq!(
+        p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    let p = s.read_feed(&d1, 3, 2).unwrap();
+    assert_eq!(
+        p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![4, 5]
+    );
+    let p = s.read_feed(&d1, 5, 2).unwrap();
+    assert_eq!(
+        (
+            p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            p.head
+        ),
+        (vec![6], 6)
+    );
+
+    // An entry whose row vanished (manual SQL) is skipped without shortening the page.
+    s.conn
+        .execute("DELETE FROM items WHERE sk = 'x#n1'", [])
+        .unwrap();
+    let p = s.read_feed(&d1, 1, 2).unwrap();
+    assert_eq!(
+        p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![2, 4]
+    );
+    assert!(matches!(
+        s.read_feed(&dev("a", "nope"), 0, 2),
+        Err(StoreError::UnknownDevice(_))
+    ));
+}
+
+#[test]
+fn new_device_starts_with_a_resync() {
+    let d1 = dev("a", "d1");
+    let mut s = store(&[&d1]);
+    let p = s.read_feed(&d1, 0, 10).unwrap();
+    assert!(p.resync_required);
+    let p = s.read_feed(&d1, 1, 10).unwrap();
+    assert!(!p.resync_required && p.changes.is_empty() && p.head == 1);
+}
+
+#[test]
+fn broadcast_write_fans_out_to_the_account_only() {
+    let schema = schema();
+    let (d1, d2, d3) = (dev("a", "d1"), dev("a", "d2"), dev("b", "d3"));
+    let mut s = store(&[&d1, &d2, &d3]);
+    let mut c = clock();
+    let (ch, adv) = api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &Owner::Account("a".into()),
+        "Bcast",
+        json!({"name": "fw", "v": 1}),
+    );
+    assert_eq!(adv, vec![(d1.clone(), 2), (d2.clone(), 2)]);
+    for d in [&d1, &d2] {
+        let p = s.read_feed(d, 1, 10).unwrap();
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(p.changes[0].1.key, ch.key);
+    }
+    assert!(s.read_feed(&d3, 1, 10).unwrap().changes.is_empty());
+    let q = ItemQuery {
+        account: "a".into(),
+        model: "Bcast".into(),
+        limit: 10,
+        ..Default::default()
+    };
+    let page = s.query_items(&q).unwrap();
+    assert_eq!(page.items.len(), 1, "one row for the whole account");
+    assert_eq!(page.items[0].device, None);
+    // A broadcast model needs an account owner, and the device model a device owner.
+    let err = s
+        .write(
+            &schema,
+            &mut c,
+            NOW,
+            MAX_MSG,
+            &Owner::Device(d1.clone()),
+            "Bcast",
+            CloudOp::Put(item(&schema, "Bcast", json!({"name": "x"}))),
+        )
+        .unwrap_err();
+    assert!(matches!(err, CloudWriteError::WrongOwner { .. }), "{err}");
+    // A push of a broadcast model is refused.
+    let ch = put(&schema, "Bcast", json!({"name": "x"}), ver(NOW, 7));
+    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[ch]).unwrap();
+    assert_eq!(
+        r[0].status,
+        ChangeStatus::Rejected {
+            reason: RejectReason::NotSyncedUp
+        }
+    );
+}
+
+#[test]
+fn delete_then_purge_raises_the_floor() {
+    let schema = schema();
+    let (d1, d2) = (dev("a", "d1"), dev("a", "d2"));
+    let mut s = store(&[&d1, &d2]);
+    let mut c = clock();
+    let owner = Owner::Device(d1.clone());
+    let (ch, _) = api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &owner,
+        "Down",
+        json!({"deviceId": "d1", "name": "x"}),
+    );
+    api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &owner,
+        "Down",
+        json!({"deviceId": "d1", "name": "keep"}),
+    );
+    let (bc, _) = api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &Owner::Account("a".into()),
+        "Bcast",
+        json!({"name": "fw"}),
+    );
+    let (del, adv) = s
+        .write(
+            &schema,
+            &mut c,
+            NOW + 10,
+            MAX_MSG,
+            &owner,
+            "Down",
+            CloudOp::Delete(ch.key.clone()),
+        )
+        .unwrap();
+    assert_eq!(adv, vec![(d1.clone(), 5)]);
+    assert_eq!((del.op, del.item.clone()), (Op::Delete, None));
+    let p = s.read_feed(&d1, 1, 10).unwrap();
+    assert_eq!(
+        p.changes.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    assert_eq!(
+        p.changes[2].1,
+        Change {
+            model: "Down".into(),
+            key: ch.key.clone(),
+            op: Op::Delete,
+            item: None,
+            version: del.version,
+            base: None
+        }
+    );
+    let stored = s.get_item(&owner, "Down", &ch.key).unwrap().unwrap();
+    assert_eq!((stored.item, stored.version), (None, del.version));
+    let (bdel, _) = s
+        .write(
+            &schema,
+            &mut c,
+            NOW + 20,
+            MAX_MSG,
+            &Owner::Account("a".into()),
+            "Bcast",
+            CloudOp::Delete(bc.key.clone()),
+        )
+        .unwrap();
+    assert_eq!(bdel.op, Op::Delete);
+
+    let retention = Retention {
+        tombstone_ms: 1000,
+        max_conflicts: 100,
+    };
+    // Too young: nothing purged.
+    assert_eq!(
+        s.purge(NOW + 500, &retention).unwrap(),
+        PurgeStats::default()
+    );
+    let stats = s.purge(NOW + 100_000, &retention).unwrap();
+    assert_eq!(
+        stats,
+        PurgeStats {
+            tombstones: 2,
+            conflicts: 0
+        }
+    );
+    assert_eq!(s.get_item(&owner, "Down", &ch.key).unwrap(), None);
+    // d1: feed 3 = keep, 5 = delete x, 6 = delete fw; d2: 2 = fw put -> 3 = fw delete.
+    assert!(s.read_feed(&d1, 5, 10).unwrap().resync_required);
+    assert!(s.read_feed(&d1, 1, 10).unwrap().resync_required);
+    let p = s.read_feed(&d1, 6, 10).unwrap();
+    assert!(!p.resync_required && p.changes.is_empty() && p.head == 6);
+    assert!(s.read_feed(&d2, 2, 10).unwrap().resync_required);
+    assert!(!s.read_feed(&d2, 3, 10).unwrap().resync_required);
+    let n: i64 = s
+        .conn
+        .query_row("SELECT count(*) FROM feed WHERE account = 'a'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(n, 1, "only the live item's entry is left");
+}
+
+#[test]
+fn purge_trims_the_conflict_log_per_account() {
+    let schema = schema();
+    let (d1, e1) = (dev("a", "d1"), dev("b", "e1"));
+    let mut s = store(&[&d1, &e1]);
+    let mut c = clock();
+    for (d, n) in [(&d1, 4u64), (&e1, 2)] {
+        for i in 0..=n {
+            let ch = put(
+                &schema,
+                "Both",
+                json!({"deviceId": d.device, "name": "k", "v": i}),
+                ver(NOW + i, 100 + i),
+            );
+            s.apply_push(&schema, &mut c, NOW, DRIFT, d, &[ch]).unwrap();
+        }
+    }
+    assert_eq!(s.conflicts("a", None, 100).unwrap().len(), 4);
+    assert_eq!(s.conflicts("b", None, 100).unwrap().len(), 2);
+    let stats = s
+        .purge(
+            NOW,
+            &Retention {
+                tombstone_ms: 1000,
+                max_conflicts: 3,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        stats,
+        PurgeStats {
+            tombstones: 0,
+            conflicts: 1
+        }
+    );
+    let a = s.conflicts("a", None, 100).unwrap();
+    assert_eq!(a.len(), 3);
+    assert_eq!(
+        a[0].winner,
+        hlc_to_string(ver(NOW + 4, 104)),
+        "the newest are kept"
+    );
+    assert_eq!(s.conflicts("b", None, 100).unwrap().len(), 2);
+}
+
+#[test]
+fn snapshot_pages_return_every_down_item_once() {
+    let schema = schema();
+    let (d1, d2) = (dev("a", "d1"), dev("a", "d2"));
+    let mut s = store(&[&d1, &d2]);
+    let mut c = clock();
+    let o1 = Owner::Device(d1.clone());
+    let o2 = Owner::Device(d2.clone());
+    let mut expected = Vec::new();
+    for i in 0..3 {
+        expected.push(
+            api_put(
+                &mut s,
+                &schema,
+                &mut c,
+                NOW,
+                &o1,
+                "Down",
+                json!({"deviceId": "d1", "name": format!("d{i}")}),
+            )
+            .0,
+        );
+        expected.push(
+            api_put(
+                &mut s,
+                &schema,
+                &mut c,
+                NOW,
+                &o1,
+                "Both",
+                json!({"deviceId": "d1", "name": format!("b{i}")}),
+            )
+            .0,
+        );
+        expected.push(
+            api_put(
+                &mut s,
+                &schema,
+                &mut c,
+                NOW,
+                &Owner::Account("a".into()),
+                "Bcast",
+                json!({"name": format!("f{i}")}),
+            )
+            .0,
+        );
+        // Another device's items and up-only items are not part of d1's snapshot.
+        api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &o2,
+            "Down",
+            json!({"deviceId": "d2", "name": format!("o{i}")}),
+        );
+        let up = put(
+            &schema,
+            "Up",
+            json!({"deviceId": "d1", "name": format!("u{i}")}),
+            ver(NOW, 7),
+        );
+        s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up]).unwrap();
+    }
+    api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &Owner::Account("b".into()),
+        "Bcast",
+        json!({"name": "other"}),
+    );
+    // A deleted item is not in a snapshot.
+    let (gone, _) = api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &o1,
+        "Down",
+        json!({"deviceId": "d1", "name": "gone"}),
+    );
+    s.write(
+        &schema,
+        &mut c,
+        NOW,
+        MAX_MSG,
+        &o1,
+        "Down",
+        CloudOp::Delete(gone.key),
+    )
+    .unwrap();
+    let head = s.device(&d1).unwrap().unwrap().feed_head;
+
+    for limit in [1, 2, 4, 9, 100] {
+        let mut got: Vec<Change> = Vec::new();
+        let mut from: Option<SnapshotCursor> = None;
+        let mut pages = 0;
+        loop {
+            let page = s
+                .read_snapshot(&schema, &d1, 42, from.as_ref(), limit)
+                .unwrap();
+            assert_eq!((page.resync, page.cursor), (42, head));
+            assert!(page.items.len() <= limit);
+            pages += 1;
+            got.extend(page.items);
+            match page.next {
+                Some(n) => from = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(pages, expected.len().div_ceil(limit), "limit {limit}");
+        let mut want: Vec<Change> = expected
+            .iter()
+            .map(|c| Change {
+                base: None,
+                ..c.clone()
+            })
+            .collect();
+        want.sort_by(|a, b| (&a.model, &a.key).cmp(&(&b.model, &b.key)));
+        assert_eq!(got, want, "limit {limit}");
+    }
+}
+
+fn query(model: &str) -> ItemQuery {
+    ItemQuery {
+        account: "a".into(),
+        model: model.into(),
+        limit: 100,
+        ..Default::default()
+    }
+}
+
+fn sks(page: &ItemPage) -> Vec<String> {
+    page.items.iter().map(|i| i.sk.clone()).collect()
+}
+
+#[test]
+fn query_items_filters_and_pages() {
+    let schema = schema();
+    let (d1, d2) = (dev("a", "d1"), dev("a", "d2"));
+    let mut s = store(&[&d1, &d2]);
+    let mut c = clock();
+    let o1 = Owner::Device(d1.clone());
+    for (name, v) in [
+        ("a%b", 1.0),
+        ("a%bc", 2.0),
+        ("a_b", 3.0),
+        ("axb", 3.5),
+        ("ab", 4.0),
+        ("b", 3.0),
+    ] {
+        api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &o1,
+            "Down",
+            json!({"deviceId": "d1", "name": name, "v": v}),
+        );
+    }
+    api_put(
+        &mut s,
+        &schema,
+        &mut c,
+        NOW,
+        &Owner::Device(d2.clone()),
+        "Down",
+        json!({"deviceId": "d2", "name": "a%b", "v": 3}),
+    );
+    let up = put(
+        &schema,
+        "Up",
+        json!({"deviceId": "d1", "name": "a%b", "v": 3}),
+        ver(NOW, 7),
+    );
+    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up]).unwrap();
+
+    let all = s.query_items(&query("Down")).unwrap();
+    assert_eq!(all.items.len(), 7);
+    assert_eq!(all.next, None);
+    let devices: Vec<Option<&str>> = all.items.iter().map(|i| i.device.as_deref()).collect();
+    assert_eq!(devices.iter().filter(|d| **d == Some("d2")).count(), 1);
+    assert_eq!(devices.last(), Some(&Some("d2")), "ordered by device");
+
+    let q = ItemQuery {
+        device: Some("d1".into()),
+        ..query("Down")
+    };
+    assert_eq!(s.query_items(&q).unwrap().items.len(), 6);
+    let q = ItemQuery {
+        pk: Some("d#d2".into()),
+        ..query("Down")
+    };
+    assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a%b"]);
+    let q = ItemQuery {
+        device: Some("d1".into()),
+        sk_prefix: Some("x#a%".into()),
+        ..query("Down")
+    };
+    assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a%b", "x#a%bc"]);
+    let q = ItemQuery {
+        device: Some("d1".into()),
+        sk_prefix: Some("x#a_".into()),
+        ..query("Down")
+    };
+    assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a_b"]);
+    let q = ItemQuery {
+        device: Some("d1".into()),
+        sk_prefix: Some("x#a".into()),
+        ..query("Down")
+    };
+    assert_eq!(sks(&s.query_items(&q).unwrap()).len(), 5);
+
+    // Field equality: numbers compare numerically, strings as strings.
+    let q = ItemQuery {
+        device: Some("d1".into()),
+        filters: vec![("v".into(), json!(3))],
+        ..query("Down")
+    };
+    assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a_b", "x#b"]);
+    let q = ItemQuery {
+        filters: vec![("v".into(), json!(3.5))],
+        ..query("Down")
+    };
+    assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#axb"]);
+    let q = ItemQuery {
+        filters: vec![("name".into(), json!("a_b"))],
+        ..query("Down")
+    };
+    assert_eq!(sks(&s.query_items(&q).unwrap()), vec!["x#a_b"]);
+    let q = ItemQuery {
+        filters: vec![("v".into(), json!("3"))],
+        ..query("Down")
+    };
+    assert!(
+        s.query_items(&q).unwrap().items.is_empty(),
+        "the string \"3\" is not the number 3"
+    );
+    let q = ItemQuery {
+        filters: vec![("name".into(), json!("a%b")), ("v".into(), json!(3))],
+        ..query("Down")
+    };
+    assert_eq!(s.query_items(&q).unwrap().items.len(), 1);
+    let q = ItemQuery {
+        filters: vec![("missing".into(), serde_json::Value::Null)],
+        ..query("Down")
+    };
+    assert_eq!(s.query_items(&q).unwrap().items.len(), 7);
+    for bad in ["na me", "a.b", "x\"", ""] {
+        let q = ItemQuery {
+            filters: vec![(bad.into(), json!(1))],
+            ..query("Down")
+        };
+        assert!(
+            matches!(s.query_items(&q), Err(StoreError::BadQuery(_))),
+            "{bad:?}"
+        );
+    }
+    let q = ItemQuery {
+        filters: vec![("v".into(), json!([1]))],
+        ..query("Down")
+    };
+    assert!(matches!(s.query_items(&q), Err(StoreError::BadQuery(_))));
+
+    // Pagination: every item once, in order.
+    let mut q = ItemQuery {
+        limit: 3,
+        ..query("Down")
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = s.query_items(&q).unwrap();
+        assert!(page.items.len() <= 3);
+        seen.extend(page.items.into_iter().map(|i| (i.device, i.pk, i.sk)));
+        match page.next {
+            Some(n) => q.next = Some(n),
+            None => break,
+        }
+    }
+    let want: Vec<_> = all
+        .items
+        .iter()
+        .map(|i| (i.device.clone(), i.pk.clone(), i.sk.clone()))
+        .collect();
+    assert_eq!(seen, want);
+    for bad in ["zz", "00", &hex::encode("[1,2]")] {
+        let q = ItemQuery {
+            next: Some(bad.to_string()),
+            ..query("Down")
+        };
+        assert!(
+            matches!(s.query_items(&q), Err(StoreError::BadQuery(_))),
+            "{bad}"
+        );
+    }
+    // Broadcast rows are found with device None and paged with the '' device.
+    let ab = Owner::Account("a".into());
+    for n in ["p", "q"] {
+        api_put(
+            &mut s,
+            &schema,
+            &mut c,
+            NOW,
+            &ab,
+            "Bcast",
+            json!({"name": n}),
+        );
+    }
+    let page = s
+        .query_items(&ItemQuery {
+            limit: 1,
+            ..query("Bcast")
+        })
+        .unwrap();
+    let page2 = s
+        .query_items(&ItemQuery {
+            limit: 1,
+            next: page.next.clone(),
+            ..query("Bcast")
+        })
+        .unwrap();
+    assert_eq!(
+        (sks(&page), sks(&page2), page2.next),
+        (vec!["x#p".to_string()], vec!["x#q".to_string()], None)
+    );
+}
+
+#[test]
+fn prefix_end_bounds_every_prefix() {
+    assert_eq!(prefix_end("ab"), Some("ac".into()));
+    assert_eq!(prefix_end("a\u{10FFFF}"), Some("b".into()));
+    assert_eq!(prefix_end("\u{10FFFF}"), None);
+    assert_eq!(prefix_end(""), None);
+    assert_eq!(prefix_end("a\u{D7FF}"), Some("a\u{E000}".into()));
+    for (p, s) in [("a", "a\u{10FFFF}z"), ("x#", "x#\u{10FFFF}\u{10FFFF}")] {
+        let end = prefix_end(p).unwrap();
+        assert!(s.starts_with(p) && s >= p && s < end.as_str());
+    }
+}
+
+#[test]
+fn api_write_errors() {
+    let schema = schema();
+    let d1 = dev("a", "d1");
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let o1 = Owner::Device(d1.clone());
+    let err = s
+        .write(
+            &schema,
+            &mut c,
+            NOW,
+            MAX_MSG,
+            &o1,
+            "Up",
+            CloudOp::Put(item(&schema, "Up", json!({"deviceId": "d1", "name": "n"}))),
+        )
+        .unwrap_err();
+    assert!(matches!(err, CloudWriteError::UpOnly(_)), "{err}");
+    let err = s
+        .write(
+            &schema,
+            &mut c,
+            NOW,
+            MAX_MSG,
+            &o1,
+            "Down",
+            CloudOp::Put(item(
+                &schema,
+                "Down",
+                json!({"deviceId": "d9", "name": "n"}),
+            )),
+        )
+        .unwrap_err();
+    assert!(matches!(err, CloudWriteError::Ownership(_)), "{err}");
+    let ghost = Owner::Device(dev("a", "ghost"));
+    let err = s
+        .write(
+            &schema,
+            &mut c,
+            NOW,
+            MAX_MSG,
+            &ghost,
+            "Down",
+            CloudOp::Put(item(
+                &schema,
+                "Down",
+                json!({"deviceId": "ghost", "name": "n"}),
+            )),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, CloudWriteError::Store(StoreError::UnknownDevice(_))),
+        "{err}"
+    );
+    let err = s
+        .write(
+            &schema,
+            &mut c,
+            NOW,
+            100,
+            &o1,
+            "Down",
+            CloudOp::Put(item(
+                &schema,
+                "Down",
+                json!({"deviceId": "d1", "name": "n"}),
+            )),
+        )
+        .unwrap_err();
+    assert!(matches!(err, CloudWriteError::TooLarge { .. }), "{err}");
+    let n: i64 = s
+        .conn
+        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(s.device(&d1).unwrap().unwrap().feed_head, 1);
+}
+
+#[test]
+fn devices_register_status_and_ack() {
+    let (d1, d2, e1) = (dev("a", "d1"), dev("a", "d2"), dev("b", "e1"));
+    let mut s = store(&[&d2, &e1, &d1]);
+    assert!(matches!(
+        s.register_device(&d1, "x", NOW),
+        Err(StoreError::DeviceExists(_))
+    ));
+    let r = s.device(&d1).unwrap().unwrap();
+    assert_eq!(
+        (
+            r.secret_hash.as_str(),
+            r.registered_ms,
+            r.online,
+            r.cursor_acked
+        ),
+        ("hash", NOW, false, 0)
+    );
+    assert_eq!(s.device(&dev("a", "zz")).unwrap(), None);
+
+    let names = |v: Vec<DeviceRecord>| {
+        v.into_iter()
+            .map(|r| format!("{}/{}", r.account, r.device))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(s.devices(None, None, 10).unwrap()),
+        ["a/d1", "a/d2", "b/e1"]
+    );
+    assert_eq!(
+        names(s.devices(Some("a"), None, 10).unwrap()),
+        ["a/d1", "a/d2"]
+    );
+    assert_eq!(names(s.devices(None, Some(&d1), 1).unwrap()), ["a/d2"]);
+    assert_eq!(
+        names(s.devices(Some("a"), Some(&d2), 10).unwrap()),
+        Vec::<String>::new()
+    );
+
+    let up = StatusUpdate {
+        online: Some(true),
+        last_seen_ms: Some(NOW + 1),
+        schema_version: Some("1".into()),
+        pending: Some(4),
+        last_error: Some(Some("boom".into())),
+        ..Default::default()
+    };
+    s.update_status(&d1, &up).unwrap();
+    s.update_status(
+        &d1,
+        &StatusUpdate {
+            last_seen_ms: Some(NOW + 2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let r = s.device(&d1).unwrap().unwrap();
+    assert_eq!(
+        (
+            r.online,
+            r.last_seen_ms,
+            r.schema_version.as_deref(),
+            r.pending,
+            r.last_error.as_deref()
+        ),
+        (true, Some(NOW + 2), Some("1"), 4, Some("boom"))
+    );
+    s.update_status(
+        &d1,
+        &StatusUpdate {
+            last_error: Some(None),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.device(&d1).unwrap().unwrap().last_error, None);
+    assert!(matches!(
+        s.update_status(&dev("a", "zz"), &up),
+        Err(StoreError::UnknownDevice(_))
+    ));
+    s.reset_online().unwrap();
+    assert!(!s.device(&d1).unwrap().unwrap().online);
+
+    s.conn
+        .execute("UPDATE devices SET feed_head = 8", [])
+        .unwrap();
+    s.ack_cursor(&d1, 5).unwrap();
+    s.ack_cursor(&d1, 3).unwrap();
+    assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 5);
+    s.ack_cursor(&d1, 7).unwrap();
+    assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 7);
+    // A cursor the feed never issued (hostile, or a cloud restored from a backup) counts
+    // as the head.
+    s.ack_cursor(&d1, u64::MAX).unwrap();
+    assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 8);
+    assert!(matches!(
+        s.ack_cursor(&dev("a", "zz"), 1),
+        Err(StoreError::UnknownDevice(_))
+    ));
+}
+
+#[test]
+fn file_store_reopens_intact_and_refuses_newer_layouts() {
+    let schema = schema();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let d1 = dev("a", "d1");
+    let ch = {
+        let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        s.register_device(&d1, "h", NOW).unwrap();
+        api_put(
+            &mut s,
+            &schema,
+            &mut clock(),
+            NOW,
+            &Owner::Device(d1.clone()),
+            "Down",
+            json!({"deviceId": "d1", "name": "n", "v": 1}),
+        )
+        .0
+    };
+    let mut s = SqliteStore::open(
+        &path,
+        SqliteOptions {
+            synchronous_full: false,
+            busy_timeout_ms: 100,
+        },
+    )
+    .unwrap();
+    assert_eq!(s.device(&d1).unwrap().unwrap().feed_head, 2);
+    let got = s
+        .get_item(&Owner::Device(d1.clone()), "Down", &ch.key)
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.item, got.version), (ch.item.clone(), ch.version));
+    assert_eq!(s.read_feed(&d1, 1, 10).unwrap().changes.len(), 1);
+    assert_eq!(
+        s.get_item(&Owner::Device(d1.clone()), "Both", &key("d#d1", "x#n"))
+            .unwrap(),
+        None,
+        "other model"
+    );
+    drop(s);
+
+    let raw = Connection::open(&path).unwrap();
+    raw.execute(
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+        [],
+    )
+    .unwrap();
+    drop(raw);
+    let err = SqliteStore::open(&path, SqliteOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, StoreError::Database(m) if m.contains("version 3")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_layout_1_file_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         INSERT INTO meta VALUES ('schema_version', '1');
+         CREATE TABLE devices (account TEXT NOT NULL, device TEXT NOT NULL, secret_hash TEXT NOT NULL,
+            registered_ms INTEGER NOT NULL, online INTEGER NOT NULL DEFAULT 0, last_seen_ms INTEGER,
+            schema_version TEXT, cursor_acked INTEGER NOT NULL DEFAULT 0, feed_head INTEGER NOT NULL DEFAULT 0,
+            feed_floor INTEGER NOT NULL DEFAULT 0, pending INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+            PRIMARY KEY (account, device)) WITHOUT ROWID;
+         INSERT INTO devices (account, device, secret_hash, registered_ms, feed_head, feed_floor)
+            VALUES ('a', 'd1', 'h', 1, 1, 1);
+         CREATE TABLE items (account TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL,
+            pk TEXT NOT NULL, sk TEXT NOT NULL, item TEXT, version TEXT NOT NULL, deleted INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL, PRIMARY KEY (account, device, pk, sk)) WITHOUT ROWID;",
+    )
+    .unwrap();
+    drop(raw);
+    let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let d1 = dev("a", "d1");
+    let rec = s.device(&d1).unwrap().unwrap();
+    assert_eq!(rec.changes_applied, 0);
+    let schema = schema();
+    let ch = put(&schema, "Up", json!({"deviceId": "d1", "name": "n"}), ver(NOW, 1));
+    let (r, _) = s
+        .apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[ch])
+        .unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    assert_eq!(s.device(&d1).unwrap().unwrap().changes_applied, 1);
+    let layout: String = s
+        .conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(layout, SCHEMA_VERSION.to_string());
+}
+
+#[test]
+fn corrupt_rows_are_reported() {
+    let schema = schema();
+    let d1 = dev("a", "d1");
+    let mut s = store(&[&d1]);
+    let (ch, _) = api_put(
+        &mut s,
+        &schema,
+        &mut clock(),
+        NOW,
+        &Owner::Device(d1.clone()),
+        "Down",
+        json!({"deviceId": "d1", "name": "n"}),
+    );
+    s.conn
+        .execute("UPDATE items SET item = '{not json'", [])
+        .unwrap();
+    // An unreadable row never stalls the feed: it is reported and skipped.
+    let page = s.read_feed(&d1, 1, 10).unwrap();
+    assert!(page.changes.is_empty());
+    assert_eq!(page.unreadable.len(), 1);
+    assert_eq!(page.unreadable[0].key, ch.key);
+    assert!(page.unreadable[0].reason.contains("JSON"), "{:?}", page.unreadable);
+    s.conn
+        .execute("UPDATE items SET item = '{}', version = 'bad'", [])
+        .unwrap();
+    assert!(matches!(
+        s.get_item(&Owner::Device(d1.clone()), "Down", &ch.key),
+        Err(StoreError::Corrupt(_))
+    ));
+    s.conn
+        .execute("UPDATE devices SET feed_head = -1", [])
+        .unwrap();
+    assert!(matches!(s.device(&d1), Err(StoreError::Corrupt(_))));
+}

@@ -1,0 +1,289 @@
+//! The write transactions of the SQLite store: [`SqlTxn`], the [`CloudTxn`] the replication
+//! rules of `devtables_sync::apply` run in, and the two writes that use it (a device's push and
+//! an API write).
+//!
+//! It exists because these rules decide every write: the store only reads and writes the rows
+//! they name, and this file is all of that, so a write never takes another path.
+
+use std::collections::BTreeMap;
+
+use devtables_schema::{ItemKey, Schema};
+use devtables_sync::apply::{
+    cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser,
+    PushCounts, RowWrite, StoredRow,
+};
+use devtables_sync::hlc::{Hlc, HlcClock};
+use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::wire::{hlc_to_string, Change, ChangeResult};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::super::{Advanced, StoreError};
+use super::devices::device_exists;
+use super::sql::{db, item_json, map_err, owner_cols, parse_version, write_txn};
+
+/// One write transaction as the replication rules see it.
+pub(super) struct SqlTxn<'c> {
+    conn: &'c Connection,
+    now_ms: u64,
+    advanced: BTreeMap<DeviceId, u64>,
+}
+
+impl<'c> SqlTxn<'c> {
+    pub(super) fn new(conn: &'c Connection, now_ms: u64) -> SqlTxn<'c> {
+        SqlTxn {
+            conn,
+            now_ms,
+            advanced: BTreeMap::new(),
+        }
+    }
+
+    fn into_advanced(self) -> Advanced {
+        self.advanced.into_iter().collect()
+    }
+}
+
+impl CloudTxn for SqlTxn<'_> {
+    type Error = StoreError;
+
+    fn stored_row(&mut self, owner: &Owner, key: &ItemKey) -> Result<Option<StoredRow>, StoreError> {
+        // The row is identified by (owner, pk, sk), the single-table design: its model is an
+        // attribute the replication rules check.
+        let (account, device) = owner_cols(owner);
+        type Raw = (String, String, bool, Option<String>);
+        let row: Option<Raw> = self
+            .conn
+            .prepare_cached(
+                "SELECT model, version, deleted, base FROM items WHERE account = ?1 AND device = ?2 AND pk = ?3 AND sk = ?4",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![account, device, key.pk, key.sk], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
+            })
+            .map_err(db("reading an item's version"))?;
+        row.map(|(model, v, deleted, base)| {
+            Ok(StoredRow {
+                model,
+                version: parse_version(&v)?,
+                deleted,
+                base: base.as_deref().map(parse_version).transpose()?,
+            })
+        })
+        .transpose()
+    }
+
+    fn purge_watermark(&mut self, owner: &Owner) -> Result<Option<Hlc>, StoreError> {
+        let (account, device) = owner_cols(owner);
+        let v: Option<String> = self
+            .conn
+            .prepare_cached("SELECT purged_below FROM watermarks WHERE account = ?1 AND device = ?2")
+            .and_then(|mut s| s.query_row(params![account, device], |r| r.get(0)).optional())
+            .map_err(db("reading a purge watermark"))?;
+        v.as_deref().map(parse_version).transpose()
+    }
+
+    fn write_row(&mut self, w: &RowWrite<'_>) -> Result<(), StoreError> {
+        let (account, device) = owner_cols(w.owner);
+        let json = w.item.map(item_json).transpose()?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO items (account, device, model, pk, sk, item, version, deleted, updated_ms, base)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (account, device, pk, sk) DO UPDATE SET
+                    model = excluded.model, item = excluded.item, version = excluded.version,
+                    deleted = excluded.deleted, updated_ms = excluded.updated_ms, base = excluded.base",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    account,
+                    device,
+                    w.model,
+                    w.key.pk,
+                    w.key.sk,
+                    json,
+                    hlc_to_string(w.version),
+                    w.item.is_none(),
+                    self.now_ms,
+                    w.base.map(hlc_to_string)
+                ])
+            })
+            .map_err(db("writing an item"))?;
+        Ok(())
+    }
+
+    fn count_push(&mut self, device: &DeviceId, counts: &PushCounts) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE devices SET changes_applied = changes_applied + ?3,
+                    changes_superseded = changes_superseded + ?4, changes_rejected = changes_rejected + ?5
+                 WHERE account = ?1 AND device = ?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    device.account,
+                    device.device,
+                    counts.applied,
+                    counts.superseded,
+                    counts.rejected
+                ])
+            })
+            .map_err(db("counting a push"))?;
+        Ok(())
+    }
+
+    fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), StoreError> {
+        let (account, owner_device) = owner_cols(owner);
+        let targets: Vec<(String, u64)> = match owner {
+            Owner::Device(d) => {
+                let head: Option<u64> = self
+                    .conn
+                    .prepare_cached(
+                        "UPDATE devices SET feed_head = feed_head + 1 WHERE account = ?1 AND device = ?2 RETURNING feed_head",
+                    )
+                    .and_then(|mut s| s.query_row(params![d.account, d.device], |r| r.get(0)).optional())
+                    .map_err(db("advancing a device feed"))?;
+                match head {
+                    Some(head) => vec![(d.device.clone(), head)],
+                    None => return Err(StoreError::UnknownDevice(d.to_string())),
+                }
+            }
+            Owner::Account(a) => self
+                .conn
+                .prepare_cached(
+                    "UPDATE devices SET feed_head = feed_head + 1 WHERE account = ?1 RETURNING device, feed_head",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![a], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(db("advancing the feeds of an account"))?,
+        };
+        for (device, head) in targets {
+            self.conn
+                .prepare_cached(
+                    "DELETE FROM feed WHERE account = ?1 AND device = ?2 AND owner = ?3 AND pk = ?4 AND sk = ?5",
+                )
+                .and_then(|mut s| s.execute(params![account, device, owner_device, key.pk, key.sk]))
+                .map_err(db("dropping an older feed entry"))?;
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO feed (account, device, seq, owner, model, pk, sk) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .and_then(|mut s| s.execute(params![account, device, head, owner_device, model, key.pk, key.sk]))
+                .map_err(db("appending a feed entry"))?;
+            self.advanced.insert(
+                DeviceId {
+                    account: account.to_string(),
+                    device,
+                },
+                head,
+            );
+        }
+        Ok(())
+    }
+
+    fn log_conflict(&mut self, conflict: &Conflict) -> Result<(), StoreError> {
+        let (account, owner_device) = owner_cols(&conflict.owner);
+        let (lost, loser_item) = match conflict.lost {
+            // Called before the overwrite: the row still holds the losing item.
+            Loser::Stored => {
+                let item: Option<Option<String>> = self
+                    .conn
+                    .prepare_cached("SELECT item FROM items WHERE account = ?1 AND device = ?2 AND pk = ?3 AND sk = ?4")
+                    .and_then(|mut s| {
+                        s.query_row(params![account, owner_device, conflict.key.pk, conflict.key.sk], |r| r.get(0))
+                            .optional()
+                    })
+                    .map_err(db("reading the losing item of a conflict"))?;
+                ("stored", item.flatten())
+            }
+            Loser::Incoming => (
+                "incoming",
+                conflict.incoming.as_ref().map(item_json).transpose()?,
+            ),
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO conflicts (at_ms, account, device, owner, model, pk, sk, winner, loser, lost, loser_item)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    self.now_ms,
+                    account,
+                    conflict.device.as_ref().map(|d| d.device.as_str()),
+                    owner_device,
+                    conflict.model,
+                    conflict.key.pk,
+                    conflict.key.sk,
+                    hlc_to_string(conflict.winner),
+                    hlc_to_string(conflict.loser),
+                    lost,
+                    loser_item
+                ])
+            })
+            .map_err(db("logging a conflict"))?;
+        Ok(())
+    }
+}
+
+/// Applies a device's push in one transaction (see [`cloud_apply_push`]).
+pub(super) fn apply_push(
+    conn: &mut Connection,
+    schema: &Schema,
+    clock: &mut HlcClock,
+    now_ms: u64,
+    max_drift_ms: u64,
+    from: &DeviceId,
+    changes: &[Change],
+) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
+    let tx = write_txn(conn, "starting a push transaction")?;
+    let (results, advanced) = {
+        let mut t = SqlTxn::new(&tx, now_ms);
+        let results =
+            cloud_apply_push(&mut t, schema, clock, now_ms, max_drift_ms, from, changes)?;
+        (results, t.into_advanced())
+    };
+    tx.commit().map_err(db("committing a push"))?;
+    Ok((results, advanced))
+}
+
+/// An API write in one transaction (see [`cloud_write`]); a device owner must be registered.
+// The arguments are those of `CloudStore::write`, which carries the same allowance.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write(
+    conn: &mut Connection,
+    schema: &Schema,
+    clock: &mut HlcClock,
+    now_ms: u64,
+    max_message_bytes: usize,
+    owner: &Owner,
+    model: &str,
+    op: CloudOp,
+) -> Result<(Change, Advanced), CloudWriteError<StoreError>> {
+    let tx = write_txn(conn, "starting a write transaction").map_err(CloudWriteError::Store)?;
+    if let Owner::Device(d) = owner {
+        if !device_exists(&tx, d).map_err(CloudWriteError::Store)? {
+            return Err(CloudWriteError::Store(StoreError::UnknownDevice(
+                d.to_string(),
+            )));
+        }
+    }
+    let (change, advanced) = {
+        let mut t = SqlTxn::new(&tx, now_ms);
+        let change = cloud_write(
+            &mut t,
+            schema,
+            clock,
+            now_ms,
+            max_message_bytes,
+            owner,
+            model,
+            op,
+        )?;
+        (change, t.into_advanced())
+    };
+    tx.commit()
+        .map_err(|e| CloudWriteError::Store(map_err("committing a write", e)))?;
+    Ok((change, advanced))
+}
