@@ -882,8 +882,12 @@ impl Sim {
                     cursor_acked,
                     ..
                 } => {
-                    if let Some(c) = cursor_acked {
-                        self.cloud_store.acked.insert(device, c);
+                    // As the SQLite store: the highest cursor acknowledged, never one beyond
+                    // the feed head (the feed did not issue it).
+                    let head = self.cloud_store.feeds.get(&device).map_or(0, |f| f.head);
+                    if let Some(c) = cursor_acked.filter(|c| *c <= head) {
+                        let acked = self.cloud_store.acked.entry(device).or_insert(0);
+                        *acked = (*acked).max(c);
                     }
                 }
                 CloudAction::Unsendable {

@@ -152,10 +152,13 @@ pub(super) fn ack_cursor(
 ) -> Result<(), StoreError> {
     let n = conn
         .prepare_cached(
-            "UPDATE devices SET cursor_acked = max(cursor_acked, min(?3, feed_head))
+            "UPDATE devices SET cursor_acked = CASE WHEN ?3 <= feed_head
+                 THEN max(cursor_acked, ?3) ELSE cursor_acked END
              WHERE account = ?1 AND device = ?2",
         )
-        // A cursor beyond the head is not one this feed issued: it counts as the head.
+        // A cursor beyond the head is not one this feed issued (a cloud restored from a backup,
+        // or a hostile device): it is not recorded, so the device still counts as behind until
+        // it acknowledges a real one (and is prompted after a restart).
         .and_then(|mut s| {
             s.execute(params![device.account, device.device, i64::try_from(cursor).unwrap_or(i64::MAX)])
         })
