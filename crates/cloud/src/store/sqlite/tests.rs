@@ -1360,10 +1360,11 @@ fn devices_register_status_and_ack() {
     assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 5);
     s.ack_cursor(&d1, 7).unwrap();
     assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 7);
-    // A cursor the feed never issued (hostile, or a cloud restored from a backup) counts
-    // as the head.
+    // A cursor the feed never issued (hostile, or a cloud restored from a backup) is not
+    // recorded: the device still counts as behind.
     s.ack_cursor(&d1, u64::MAX).unwrap();
-    assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 8);
+    s.ack_cursor(&d1, 9).unwrap();
+    assert_eq!(s.device(&d1).unwrap().unwrap().cursor_acked, 7);
     assert!(matches!(
         s.ack_cursor(&dev("a", "zz"), 1),
         Err(StoreError::UnknownDevice(_))
