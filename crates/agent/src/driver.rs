@@ -410,13 +410,19 @@ impl Driver {
                     s.last_error = Some(message);
                 });
             }
-            DeviceEvent::Restamped { model, key, from, to } => {
+            DeviceEvent::Restamped {
+                model,
+                key,
+                from,
+                to,
+            } => {
                 tracing::info!(device = %self.id, %model, ?key, %from, %to, "change re-stamped on the cloud's time");
                 self.set_status(|s| s.restamped += 1);
             }
             DeviceEvent::Swept { model, key } => {
                 tracing::warn!(device = %self.id, %model, ?key, "resync deleted a local item the cloud does not hold");
-                let message = format!("{model} {key:?}: deleted by a resync (the cloud does not hold it)");
+                let message =
+                    format!("{model} {key:?}: deleted by a resync (the cloud does not hold it)");
                 self.set_status(|s| {
                     s.swept += 1;
                     s.last_error = Some(message);

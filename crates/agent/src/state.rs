@@ -127,9 +127,11 @@ pub(crate) struct OutboxRecorder {
 
 /// The local write was refused because its change could never be sent to the cloud.
 #[derive(Debug, thiserror::Error)]
-#[error("the {model} change is {size} bytes encoded, more than the {max} bytes one sync message \
+#[error(
+    "the {model} change is {size} bytes encoded, more than the {max} bytes one sync message \
 carries: it could never reach the cloud; store less in one item (or raise the sync max_batch_bytes \
-and the wire max_message_bytes on both sides)")]
+and the wire max_message_bytes on both sides)"
+)]
 pub struct ChangeTooLarge {
     pub model: String,
     pub size: usize,

@@ -34,7 +34,7 @@ pub struct CloudConfig {
     /// First segment of every topic; must match the agents'.
     pub topic_prefix: String,
     /// Protocol limits and timings.
-    pub sync: devtables_sync::cloud::CloudConfig,
+    pub sync: devtables_sync::cloud::CloudEngineConfig,
     pub retention: Retention,
     /// How often retention runs.
     pub purge_interval: Duration,
@@ -132,7 +132,7 @@ impl CloudConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             },
             topic_prefix: devtables_sync::topics::DEFAULT_PREFIX.into(),
-            sync: devtables_sync::cloud::CloudConfig::default(),
+            sync: devtables_sync::cloud::CloudEngineConfig::default(),
             retention: Retention {
                 tombstone_ms: 30 * 24 * 3600 * 1000,
                 max_conflicts: 10_000,

@@ -251,7 +251,8 @@ impl SyncLoop {
                 match topics::parse_up_topic(&self.prefix, &topic) {
                     Some(device) => {
                         let now = self.now();
-                        self.engine.handle_message(now, wall_ms(), &device, &payload);
+                        self.engine
+                            .handle_message(now, wall_ms(), &device, &payload);
                     }
                     None => {
                         self.status.foreign_messages.fetch_add(1, Ordering::Relaxed);

@@ -164,7 +164,8 @@ mod tests {
 
     #[test]
     fn could_render_checks_the_literals_in_order() {
-        let check = |template: &str, text: &str| Template::parse(template).unwrap().could_render(text);
+        let check =
+            |template: &str, text: &str| Template::parse(template).unwrap().could_render(text);
         assert!(check("status#${id}", "status#42"));
         assert!(!check("status#${id}", "fault#42"));
         assert!(check("${a}#${b}", "x#y"));

@@ -203,8 +203,9 @@ pub fn device_apply<T: DeviceTxn>(
         }
         let item = match change.op {
             Op::Delete if !model.key_fits(&change.key) => {
-                out.invalid
-                    .push(skip("the key is not one the model's key templates produce".into()));
+                out.invalid.push(skip(
+                    "the key is not one the model's key templates produce".into(),
+                ));
                 continue;
             }
             Op::Delete => None,
@@ -352,8 +353,11 @@ pub trait CloudTxn {
     /// The store's error.
     type Error;
     /// The row held for a key of an owner (item or tombstone, whatever its model), if any.
-    fn stored_row(&mut self, owner: &Owner, key: &ItemKey)
-        -> Result<Option<StoredRow>, Self::Error>;
+    fn stored_row(
+        &mut self,
+        owner: &Owner,
+        key: &ItemKey,
+    ) -> Result<Option<StoredRow>, Self::Error>;
     /// The owner's purge watermark: the highest version of a tombstone of this owner that
     /// retention removed (`None` if none was). A missing row counts as a tombstone at this
     /// version for a write that knew the key (see [`cloud_apply_push`]).
@@ -441,7 +445,8 @@ pub fn cloud_apply_push<T: CloudTxn>(
             }
             Ok((model, item)) => {
                 clock.observe(change.version, now_ms);
-                let verdict = write_versioned(txn, &owner, model, change, item.as_ref(), Some(from))?;
+                let verdict =
+                    write_versioned(txn, &owner, model, change, item.as_ref(), Some(from))?;
                 match verdict {
                     Verdict::Written => counts.applied += 1,
                     Verdict::Duplicate => {}
@@ -490,7 +495,9 @@ fn push_verdict<'s>(
             }
             None
         }
-        Op::Put => Some(checked_item(model, change).map_err(|r| RejectReason::Validation(short(r)))?),
+        Op::Put => {
+            Some(checked_item(model, change).map_err(|r| RejectReason::Validation(short(r)))?)
+        }
     };
     if let Some(owner_value) = item.as_ref().and_then(|i| i.get(OWNER_FIELD)) {
         if owner_value.as_str() != Some(from.device.as_str()) {
@@ -555,7 +562,10 @@ fn write_versioned<T: CloudTxn>(
         (None, Some(_)) => txn.purge_watermark(owner)?,
         _ => None,
     };
-    let stored = row.as_ref().map(|r| (r.version, r.base)).or(purged.map(|w| (w, None)));
+    let stored = row
+        .as_ref()
+        .map(|r| (r.version, r.base))
+        .or(purged.map(|w| (w, None)));
     let conflict = |winner: Hlc, loser: Hlc, lost: Loser| Conflict {
         owner: owner.clone(),
         model: change.model.clone(),

@@ -23,7 +23,7 @@ fn too_large_reason(len: usize, max: usize) -> String {
 
 /// Limits and timings of a [`CloudEngine`].
 #[derive(Clone, Debug)]
-pub struct CloudConfig {
+pub struct CloudEngineConfig {
     /// Message limits; must match the devices'.
     pub wire: WireConfig,
     /// The cloud schema version, sent in every envelope.
@@ -56,9 +56,9 @@ pub struct CloudConfig {
     pub seed: u64,
 }
 
-impl Default for CloudConfig {
-    fn default() -> CloudConfig {
-        CloudConfig {
+impl Default for CloudEngineConfig {
+    fn default() -> CloudEngineConfig {
+        CloudEngineConfig {
             wire: WireConfig::default(),
             schema_version: String::new(),
             max_sessions: 100_000,
@@ -275,7 +275,7 @@ struct Session {
 #[derive(Debug)]
 pub struct CloudEngine {
     /// Limits and timings.
-    cfg: CloudConfig,
+    cfg: CloudEngineConfig,
     /// Resync ids and jitter.
     rng: SplitMix,
     /// Sessions by device.
@@ -293,7 +293,7 @@ pub struct CloudEngine {
 
 impl CloudEngine {
     /// A cloud engine with no sessions (after a start or a crash).
-    pub fn new(config: CloudConfig) -> CloudEngine {
+    pub fn new(config: CloudEngineConfig) -> CloudEngine {
         let rng = SplitMix::new(config.seed);
         CloudEngine {
             cfg: config,
@@ -344,7 +344,15 @@ impl CloudEngine {
                 session,
                 cursor,
                 pending,
-            } => self.on_hello(now_ms, wall_ms, from, session, cursor, pending, decoded.schema),
+            } => self.on_hello(
+                now_ms,
+                wall_ms,
+                from,
+                session,
+                cursor,
+                pending,
+                decoded.schema,
+            ),
             UpMsg::Push { batch, changes } => {
                 let max = self.cfg.max_pushes_in_progress;
                 let Some(s) = self.sessions.get_mut(from) else {
@@ -1052,9 +1060,11 @@ mod tests {
         let (mut msgs, mut actions) = (Vec::new(), Vec::new());
         while let Some(a) = c.poll_action() {
             match a {
-                CloudAction::Transmit { bytes, .. } => {
-                    msgs.push(wire::decode_down(&bytes, &WireConfig::default()).unwrap().msg)
-                }
+                CloudAction::Transmit { bytes, .. } => msgs.push(
+                    wire::decode_down(&bytes, &WireConfig::default())
+                        .unwrap()
+                        .msg,
+                ),
                 other => actions.push(other),
             }
         }
@@ -1096,9 +1106,9 @@ mod tests {
 
     #[test]
     fn welcome_tells_the_cloud_time_and_the_drift_bound() {
-        let mut c = CloudEngine::new(CloudConfig {
+        let mut c = CloudEngine::new(CloudEngineConfig {
             max_drift_ms: 1234,
-            ..CloudConfig::default()
+            ..CloudEngineConfig::default()
         });
         let (m, _) = hello(&mut c, 0);
         assert_eq!(
@@ -1113,7 +1123,7 @@ mod tests {
 
     #[test]
     fn a_cursor_beyond_the_feed_head_gets_a_full_resync() {
-        let mut c = CloudEngine::new(CloudConfig::default());
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
         let (_, a) = hello(&mut c, 50);
         assert!(a
             .iter()
@@ -1140,9 +1150,9 @@ mod tests {
 
     #[test]
     fn unreadable_rows_are_reported_and_skipped_without_stalling_the_feed() {
-        let mut c = CloudEngine::new(CloudConfig {
+        let mut c = CloudEngine::new(CloudEngineConfig {
             feed_page_changes: 4,
-            ..CloudConfig::default()
+            ..CloudEngineConfig::default()
         });
         hello(&mut c, 0);
         let bad = |cursor: u64, sk: &str| UnreadableRow {
@@ -1178,7 +1188,11 @@ mod tests {
         let DownMsg::Feed { from, to, changes } = &m[0] else {
             panic!("{m:?}")
         };
-        assert_eq!((*from, *to, changes.len()), (0, 4, 2), "the page covers the read, not the head");
+        assert_eq!(
+            (*from, *to, changes.len()),
+            (0, 4, 2),
+            "the page covers the read, not the head"
+        );
         // The whole page unreadable still moves the stream on.
         c.handle_feed_page(
             7,
@@ -1201,7 +1215,7 @@ mod tests {
 
     #[test]
     fn the_end_of_a_resync_records_the_devices_cursor() {
-        let mut c = CloudEngine::new(CloudConfig::default());
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
         hello(&mut c, 0);
         c.handle_feed_page(
             6,

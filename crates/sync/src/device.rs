@@ -1038,7 +1038,10 @@ mod tests {
             now_ms: 1_000_000,
             max_drift_ms: 60_000,
         };
-        e.handle_message(1, &wire::encode_down("1", &welcome, &WireConfig::default()).unwrap());
+        e.handle_message(
+            1,
+            &wire::encode_down("1", &welcome, &WireConfig::default()).unwrap(),
+        );
         e
     }
 
@@ -1047,7 +1050,10 @@ mod tests {
             panic!("no push")
         };
         let msg = DownMsg::PushAck { batch, results };
-        e.handle_message(now, &wire::encode_down("1", &msg, &WireConfig::default()).unwrap());
+        e.handle_message(
+            now,
+            &wire::encode_down("1", &msg, &WireConfig::default()).unwrap(),
+        );
     }
 
     fn events(e: &mut DeviceEngine) -> Vec<DeviceEvent> {
@@ -1101,7 +1107,10 @@ mod tests {
         assert!(!events(&mut e)
             .iter()
             .any(|ev| matches!(ev, DeviceEvent::Rejected { .. })));
-        assert!(sent(&mut e).is_empty(), "not resent before it is re-stamped");
+        assert!(
+            sent(&mut e).is_empty(),
+            "not resent before it is re-stamped"
+        );
         // The driver re-stamps: a LOWER version replaces the refused one and is sent.
         let fixed = change("a", 1_000_200);
         e.handle_restamped(4, far.version, fixed.clone());

@@ -42,9 +42,11 @@ impl Hlc {
 
 /// The clock cannot issue a version: it already issued the largest one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the version clock is exhausted (it reached wall time {MAX_WALL_MS} ms with its counter \
+#[error(
+    "the version clock is exhausted (it reached wall time {MAX_WALL_MS} ms with its counter \
 full): the device clock or a restored version is absurdly far in the future; fix the clock and \
-let the cloud correct it")]
+let the cloud correct it"
+)]
 pub struct ClockExhausted;
 
 impl std::fmt::Display for Hlc {

@@ -36,7 +36,8 @@ pub use apply::{
     StoredRow, StoredVersion, DEFAULT_MAX_DRIFT_MS, OWNER_FIELD,
 };
 pub use cloud::{
-    CloudAction, CloudConfig, CloudEngine, FeedPage, SnapshotCursor, SnapshotPage, UnreadableRow,
+    CloudAction, CloudEngine, CloudEngineConfig, FeedPage, SnapshotCursor, SnapshotPage,
+    UnreadableRow,
 };
 pub use device::{DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, Restored};
 pub use hlc::{cloud_node_name, node_id_for, ClockExhausted, Hlc, HlcClock, CLOUD_NODE_NAME};

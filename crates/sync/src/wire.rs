@@ -634,7 +634,9 @@ pub fn hlc_from_str(s: &str) -> Result<Hlc, WireError> {
         return Err(bad());
     };
     let hex = |p: &str, len: usize| {
-        p.len() == len && p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        p.len() == len
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     if !hex(w, 12) || !hex(c, 8) || !hex(n, 16) {
         return Err(bad());
@@ -758,11 +760,17 @@ mod tests {
             batch: 1,
             changes: vec![change(), change()],
         };
-        assert_eq!(encode_up("1", &msg, &cfg).unwrap().len(), overhead + 2 * one + 1);
+        assert_eq!(
+            encode_up("1", &msg, &cfg).unwrap().len(),
+            overhead + 2 * one + 1
+        );
         b.reset();
         assert_eq!(b.add(overhead + 2 * one + 2), Fit::Never);
         let mut b = MessageBudget::new(overhead, usize::MAX, 2);
-        assert_eq!((b.add(1), b.add(1), b.add(1)), (Fit::Added, Fit::Added, Fit::Full));
+        assert_eq!(
+            (b.add(1), b.add(1), b.add(1)),
+            (Fit::Added, Fit::Added, Fit::Full)
+        );
         assert_eq!(b.count(), 2);
     }
 
@@ -825,7 +833,10 @@ mod tests {
         assert_eq!(hlc_from_str(&hlc_to_string(a)).unwrap(), a);
         assert!(hlc_from_str("1-2").is_err());
         assert!(hlc_from_str("zz-1-1").is_err());
-        assert!(hlc_from_str("1-2-3").is_err(), "short fields would sort wrongly as text");
+        assert!(
+            hlc_from_str("1-2-3").is_err(),
+            "short fields would sort wrongly as text"
+        );
         assert!(hlc_from_str("0000000000FF-00000001-0000000000000001").is_err());
         assert!(hlc_from_str("00000000000000ff-00000001-0000000000000001").is_err());
     }
@@ -841,7 +852,11 @@ mod tests {
             prop_assert_eq!(hlc_from_str(&ta).unwrap(), a);
             prop_assert_eq!(ta.cmp(&tb), a.cmp(&b));
         });
-        let top = Hlc { wall_ms: MAX_WALL_MS, counter: u32::MAX, node: u64::MAX };
+        let top = Hlc {
+            wall_ms: MAX_WALL_MS,
+            counter: u32::MAX,
+            node: u64::MAX,
+        };
         assert_eq!(hlc_from_str(&hlc_to_string(top)).unwrap(), top);
     }
 }

@@ -1,7 +1,7 @@
 //! Hostile bytes on the wire: decoding never panics, and engines fed garbage keep running and
 //! answer with typed errors.
 
-use devtables_sync::cloud::{CloudConfig, CloudEngine};
+use devtables_sync::cloud::{CloudEngine, CloudEngineConfig};
 use devtables_sync::device::{DeviceConfig, DeviceEngine, Restored};
 use devtables_sync::identity::DeviceId;
 use devtables_sync::wire::{self, DownMsg, UpMsg, WireConfig};
@@ -62,7 +62,7 @@ proptest! {
     #[test]
     fn engines_survive_garbage(messages in proptest::collection::vec(mutated(valid_up()), 1..20)) {
         let device = DeviceId::new("acme", "d1").unwrap();
-        let mut cloud = CloudEngine::new(CloudConfig { schema_version: "1".into(), ..CloudConfig::default() });
+        let mut cloud = CloudEngine::new(CloudEngineConfig { schema_version: "1".into(), ..CloudEngineConfig::default() });
         let mut dev = DeviceEngine::new(DeviceConfig::default(), "1".into(), Restored::default());
         dev.handle_connected(0);
         for (i, m) in messages.iter().enumerate() {

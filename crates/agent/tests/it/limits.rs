@@ -48,11 +48,18 @@ async fn a_change_too_large_for_any_message_is_refused_by_the_write() {
         .unwrap_or_else(|| panic!("expected ChangeTooLarge, got {inner}"));
     assert_eq!(too_large.model, "Command");
     assert!(too_large.size > too_large.max, "{too_large}");
-    assert!(err.to_string().contains("could never reach the cloud"), "{err}");
+    assert!(
+        err.to_string().contains("could never reach the cloud"),
+        "{err}"
+    );
 
     // Nothing was written half-way: no item, no outbox entry.
     let found = db
-        .find("Command", &item(json!({"deviceId": "d1"})), &Default::default())
+        .find(
+            "Command",
+            &item(json!({"deviceId": "d1"})),
+            &Default::default(),
+        )
         .unwrap();
     assert!(found.items.is_empty(), "{:?}", found.items);
     assert_eq!(agent.status().pending, 0);

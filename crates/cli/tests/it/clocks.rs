@@ -17,9 +17,12 @@ const TEN_HOURS_MS: i64 = 10 * 3_600_000;
 
 /// libfaketime's preload library (Debian package `faketime`).
 fn faketime_lib() -> Option<&'static str> {
-    ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
 }
 
 fn now_ms() -> u64 {
@@ -72,7 +75,9 @@ impl Fleet {
 }
 
 fn get_color(a: &mut AgentProc, device: &str) -> String {
-    let d = a.op(json!({"op": "get", "model": "Setting", "item": {"deviceId": device, "name": "color"}}));
+    let d = a.op(
+        json!({"op": "get", "model": "Setting", "item": {"deviceId": device, "name": "color"}}),
+    );
     d["value"].as_str().unwrap_or_default().to_string()
 }
 
@@ -118,7 +123,10 @@ fn wrong_device_clocks_never_move_the_fleet() {
             "{device}: the agent learnt the cloud's time (offset {offset_ms} ms): {status}"
         );
         let red = eventually("the offline write in the cloud", || {
-            fleet.setting(device).filter(|s| s["item"]["value"] == "red").ok_or_else(|| format!("{:?}", fleet.setting(device)))
+            fleet
+                .setting(device)
+                .filter(|s| s["item"]["value"] == "red")
+                .ok_or_else(|| format!("{:?}", fleet.setting(device)))
         });
         assert!(
             version_wall(&red["version"]) <= now_ms() + DRIFT_MS,

@@ -246,8 +246,10 @@ impl RawDevice {
             pending: 0,
         })
         .await;
-        self.recv(|m| matches!(m, DownMsg::Welcome { session: s, .. } if *s == session).then_some(()))
-            .await
-            .is_some()
+        self.recv(|m| {
+            matches!(m, DownMsg::Welcome { session: s, .. } if *s == session).then_some(())
+        })
+        .await
+        .is_some()
     }
 }

@@ -19,7 +19,7 @@ use std::time::Instant;
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{self, CloudOp, CloudWriteError};
 use devtables_sync::cloud::{
-    CloudAction, CloudConfig, CloudEngine, FeedPage, SnapshotCursor, SnapshotPage,
+    CloudAction, CloudEngine, CloudEngineConfig, FeedPage, SnapshotCursor, SnapshotPage,
 };
 use devtables_sync::device::{DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, Restored};
 use devtables_sync::hlc::{cloud_node_name, node_id_for, Hlc, HlcClock};
@@ -213,7 +213,7 @@ struct Sim {
     net: Vec<Msg>,
     net_seq: u64,
     cloud: CloudEngine,
-    cloud_cfg: CloudConfig,
+    cloud_cfg: CloudEngineConfig,
     cloud_store: CloudStore,
     cloud_backup: Option<CloudStore>,
     cloud_restored: bool,
@@ -306,7 +306,7 @@ impl Sim {
             outbox_high_water: 1000,
             seed: 0,
         };
-        let cloud_cfg = CloudConfig {
+        let cloud_cfg = CloudEngineConfig {
             wire: wire_cfg(),
             schema_version: "1.0.0".into(),
             max_sessions: 100,
@@ -536,7 +536,7 @@ impl Sim {
 
     fn crash_cloud(&mut self) {
         self.cloud_boots += 1;
-        let cfg = CloudConfig {
+        let cfg = CloudEngineConfig {
             seed: self.rng.gen(),
             ..self.cloud_cfg.clone()
         };
@@ -1872,7 +1872,7 @@ fn feed_gap_is_ignored_and_duplicate_is_reacked() {
 
 #[test]
 fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
-    let mut c = CloudEngine::new(CloudConfig::default());
+    let mut c = CloudEngine::new(CloudEngineConfig::default());
     let d = dev_id("d0");
     c.handle_message(0, 0, &d, br#"{"v":9,"schema":"x","msg":{"type":"hello2"}}"#);
     let (m, _) = down_msgs(&mut c);
@@ -1917,9 +1917,9 @@ fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
 
 #[test]
 fn cursor_older_than_retention_triggers_one_paged_resync() {
-    let mut c = CloudEngine::new(CloudConfig {
+    let mut c = CloudEngine::new(CloudEngineConfig {
         snapshot_page_items: 1,
-        ..CloudConfig::default()
+        ..CloudEngineConfig::default()
     });
     let d = dev_id("d0");
     let hello = wire::encode_up(
@@ -2031,7 +2031,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
 
 #[test]
 fn silent_device_does_not_pin_the_cloud() {
-    let mut c = CloudEngine::new(CloudConfig::default());
+    let mut c = CloudEngine::new(CloudEngineConfig::default());
     let d = dev_id("d0");
     let hello = wire::encode_up(
         "1",

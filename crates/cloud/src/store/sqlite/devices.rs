@@ -160,7 +160,11 @@ pub(super) fn ack_cursor(
         // or a hostile device): it is not recorded, so the device still counts as behind until
         // it acknowledges a real one (and is prompted after a restart).
         .and_then(|mut s| {
-            s.execute(params![device.account, device.device, i64::try_from(cursor).unwrap_or(i64::MAX)])
+            s.execute(params![
+                device.account,
+                device.device,
+                i64::try_from(cursor).unwrap_or(i64::MAX)
+            ])
         })
         .map_err(db("recording an acknowledged cursor"))?;
     if n == 0 {

@@ -106,9 +106,20 @@ pub(super) fn read_feed(
                  ORDER BY f.seq LIMIT ?4",
             )
             .and_then(|mut s| {
-                s.query_map(params![device.account, device.device, from, sql_int(want)], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
-                })?
+                s.query_map(
+                    params![device.account, device.device, from, sql_int(want)],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                        ))
+                    },
+                )?
                 .collect()
             })
             .map_err(db("reading a device feed"))?;
@@ -121,7 +132,14 @@ pub(super) fn read_feed(
             };
             // A row that cannot be decoded is reported and skipped: it must never stall
             // the device's feed.
-            match row_change(model.clone(), pk.clone(), sk.clone(), item, &version, deleted) {
+            match row_change(
+                model.clone(),
+                pk.clone(),
+                sk.clone(),
+                item,
+                &version,
+                deleted,
+            ) {
                 Ok(change) => changes.push((seq, change)),
                 Err(e) => {
                     tracing::warn!(%device, seq, %model, %pk, %sk, "unreadable feed row skipped: {e}");
@@ -217,7 +235,14 @@ pub(super) fn read_snapshot(
         }
         .map_err(db("reading a snapshot page"))?;
         for (pk, sk, item, version) in rows {
-            match row_change(model.to_string(), pk.clone(), sk.clone(), item, &version, false) {
+            match row_change(
+                model.to_string(),
+                pk.clone(),
+                sk.clone(),
+                item,
+                &version,
+                false,
+            ) {
                 Ok(change) => items.push(change),
                 Err(e) => {
                     tracing::warn!(%device, %model, %pk, %sk, "unreadable row skipped in a resync: {e}");

@@ -109,11 +109,7 @@ pub(super) fn init(
             tracing::warn!(%mode, "the cloud database could not switch to WAL mode");
         }
     }
-    let sync = if synchronous_full {
-        "FULL"
-    } else {
-        "NORMAL"
-    };
+    let sync = if synchronous_full { "FULL" } else { "NORMAL" };
     conn.pragma_update(None, "synchronous", sync)
         .map_err(db("setting PRAGMA synchronous"))?;
     let tx = conn

@@ -161,7 +161,9 @@ pub(super) fn query_items(conn: &Connection, query: &ItemQuery) -> Result<ItemPa
                         )))
                     }
                 };
-                sql.push_str(" AND json_type(item, ?) IN ('integer', 'real') AND json_extract(item, ?) = ?");
+                sql.push_str(
+                    " AND json_type(item, ?) IN ('integer', 'real') AND json_extract(item, ?) = ?",
+                );
                 args.extend([path.clone(), path, number]);
             }
             serde_json::Value::Bool(b) => {

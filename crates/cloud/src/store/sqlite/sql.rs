@@ -60,5 +60,6 @@ pub(super) fn write_txn<'c>(
     conn: &'c mut Connection,
     what: &'static str,
 ) -> Result<rusqlite::Transaction<'c>, StoreError> {
-    conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db(what))
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db(what))
 }

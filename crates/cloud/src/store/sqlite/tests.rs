@@ -144,7 +144,14 @@ fn a_version_beyond_the_drift_bound_is_refused_and_moves_no_clock() {
         ver(NOW + ten_hours, 7),
     );
     let (r, adv) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&ahead))
+        .apply_push(
+            &schema,
+            &mut c,
+            NOW,
+            DRIFT,
+            &d1,
+            std::slice::from_ref(&ahead),
+        )
         .unwrap();
     assert_eq!(
         r[0].status,
@@ -156,7 +163,10 @@ fn a_version_beyond_the_drift_bound_is_refused_and_moves_no_clock() {
         }
     );
     assert!(adv.is_empty());
-    assert!(c.last().wall_ms <= NOW, "the refused version moved the cloud clock");
+    assert!(
+        c.last().wall_ms <= NOW,
+        "the refused version moved the cloud clock"
+    );
     assert_eq!(s.max_version().unwrap(), None, "nothing stored");
     // An API write right after is stamped on the cloud's own time.
     let (w, _) = api_put(
@@ -176,7 +186,9 @@ fn a_version_beyond_the_drift_bound_is_refused_and_moves_no_clock() {
         json!({"deviceId": "d1", "name": "n", "v": 2}),
         ver(NOW + DRIFT, 7),
     );
-    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[edge]).unwrap();
+    let (r, _) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[edge])
+        .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let rec = s.device(&d1).unwrap().unwrap();
     assert_eq!((rec.changes_applied, rec.changes_rejected), (1, 1));
@@ -187,11 +199,21 @@ fn a_change_may_only_touch_rows_of_its_own_model() {
     let (schema, d1) = (schema(), dev("a", "d1"));
     let mut s = store(&[&d1]);
     let mut c = clock();
-    let up = put(&schema, "Up", json!({"deviceId": "d1", "name": "n"}), ver(NOW, 7));
+    let up = put(
+        &schema,
+        "Up",
+        json!({"deviceId": "d1", "name": "n"}),
+        ver(NOW, 7),
+    );
     s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&up))
         .unwrap();
     // Both's template produces the same key as Up's: the live Up row is not Both's.
-    let both = put(&schema, "Both", json!({"deviceId": "d1", "name": "n"}), ver(NOW + 1, 7));
+    let both = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n"}),
+        ver(NOW + 1, 7),
+    );
     let mut del_both = both.clone();
     del_both.op = Op::Delete;
     del_both.item = None;
@@ -205,11 +227,20 @@ fn a_change_may_only_touch_rows_of_its_own_model() {
         base: None,
     };
     let (r, _) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[both, del_both, shared_key])
+        .apply_push(
+            &schema,
+            &mut c,
+            NOW,
+            DRIFT,
+            &d1,
+            &[both, del_both, shared_key],
+        )
         .unwrap();
     let statuses: Vec<_> = r.into_iter().map(|r| r.status).collect();
     let wrong = ChangeStatus::Rejected {
-        reason: RejectReason::WrongModel { stored: "Up".into() },
+        reason: RejectReason::WrongModel {
+            stored: "Up".into(),
+        },
     };
     assert_eq!(
         statuses,
@@ -221,12 +252,23 @@ fn a_change_may_only_touch_rows_of_its_own_model() {
             }
         ]
     );
-    let row = s.get_item(&Owner::Device(d1.clone()), "Up", &up.key).unwrap().unwrap();
+    let row = s
+        .get_item(&Owner::Device(d1.clone()), "Up", &up.key)
+        .unwrap()
+        .unwrap();
     assert_eq!(row.version, up.version, "the Up row is untouched");
     // The API cannot create a Both item over the Up row either.
     let it = item(&schema, "Both", json!({"deviceId": "d1", "name": "n"}));
     let e = s
-        .write(&schema, &mut c, NOW, MAX_MSG, &Owner::Device(d1.clone()), "Both", CloudOp::Put(it))
+        .write(
+            &schema,
+            &mut c,
+            NOW,
+            MAX_MSG,
+            &Owner::Device(d1.clone()),
+            "Both",
+            CloudOp::Put(it),
+        )
         .unwrap_err();
     assert!(
         matches!(&e, CloudWriteError::WrongModel { stored, .. } if stored == "Up"),
@@ -254,11 +296,24 @@ fn a_write_that_knew_a_purged_key_meets_the_watermark() {
     let mut c = clock();
     let owner = Owner::Device(d1.clone());
     // The device created the item, the cloud deleted it later, retention purged the delete.
-    let v1 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 1}), ver(NOW, 7));
+    let v1 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 1}),
+        ver(NOW, 7),
+    );
     s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v1))
         .unwrap();
     let (del, _) = s
-        .write(&schema, &mut c, NOW + 100, MAX_MSG, &owner, "Both", CloudOp::Delete(v1.key.clone()))
+        .write(
+            &schema,
+            &mut c,
+            NOW + 100,
+            MAX_MSG,
+            &owner,
+            "Both",
+            CloudOp::Delete(v1.key.clone()),
+        )
         .unwrap();
     let later = NOW + 1000;
     let stats = s
@@ -273,26 +328,64 @@ fn a_write_that_knew_a_purged_key_meets_the_watermark() {
     assert_eq!(stats.tombstones, 1);
     assert_eq!(s.get_item(&owner, "Both", &v1.key).unwrap(), None, "purged");
     // The offline device's pending edit, older than the delete, must not resurrect it.
-    let mut v2 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 2}), ver(NOW + 50, 7));
+    let mut v2 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 2}),
+        ver(NOW + 50, 7),
+    );
     v2.base = Some(v1.version);
     let (r, _) = s
-        .apply_push(&schema, &mut c, later, DRIFT, &d1, std::slice::from_ref(&v2))
+        .apply_push(
+            &schema,
+            &mut c,
+            later,
+            DRIFT,
+            &d1,
+            std::slice::from_ref(&v2),
+        )
         .unwrap();
-    assert_eq!(r[0].status, ChangeStatus::Stale { winner: del.version });
+    assert_eq!(
+        r[0].status,
+        ChangeStatus::Stale {
+            winner: del.version
+        }
+    );
     // The delete that won is back in the feed, so the device converges.
     let head = s.device(&d1).unwrap().unwrap().feed_head;
     let page = s.read_feed(&d1, head - 1, 10).unwrap();
     assert_eq!(page.changes.len(), 1);
-    assert_eq!((page.changes[0].1.op, page.changes[0].1.version), (Op::Delete, del.version));
-    assert_eq!(s.conflicts("a", None, 10).unwrap().len(), 1, "the lost edit is logged");
+    assert_eq!(
+        (page.changes[0].1.op, page.changes[0].1.version),
+        (Op::Delete, del.version)
+    );
+    assert_eq!(
+        s.conflicts("a", None, 10).unwrap().len(),
+        1,
+        "the lost edit is logged"
+    );
     // A create (no base) of a new key is not affected by the watermark.
-    let fresh = put(&schema, "Both", json!({"deviceId": "d1", "name": "new"}), ver(NOW + 60, 7));
-    let (r, _) = s.apply_push(&schema, &mut c, later, DRIFT, &d1, &[fresh]).unwrap();
+    let fresh = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "new"}),
+        ver(NOW + 60, 7),
+    );
+    let (r, _) = s
+        .apply_push(&schema, &mut c, later, DRIFT, &d1, &[fresh])
+        .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     // An edit newer than the delete wins, as it would against the tombstone.
-    let mut v3 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 3}), ver(NOW + 200, 7));
+    let mut v3 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 3}),
+        ver(NOW + 200, 7),
+    );
     v3.base = Some(v1.version);
-    let (r, _) = s.apply_push(&schema, &mut c, later, DRIFT, &d1, &[v3]).unwrap();
+    let (r, _) = s
+        .apply_push(&schema, &mut c, later, DRIFT, &d1, &[v3])
+        .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let rec = s.device(&d1).unwrap().unwrap();
     assert_eq!((rec.changes_applied, rec.changes_superseded), (3, 1));
@@ -303,23 +396,42 @@ fn a_restored_devices_losing_write_is_logged_but_a_late_duplicate_is_not() {
     let (schema, d1) = (schema(), dev("a", "d1"));
     let mut s = store(&[&d1]);
     let mut c = clock();
-    let v1 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 1}), ver(NOW + 1, 7));
-    let mut v2 = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 2}), ver(NOW + 2, 7));
+    let v1 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 1}),
+        ver(NOW + 1, 7),
+    );
+    let mut v2 = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 2}),
+        ver(NOW + 2, 7),
+    );
     v2.base = Some(v1.version);
     s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1.clone(), v2.clone()])
         .unwrap();
     // The network delivers the first write again: it lost to its own successor, no conflict.
-    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v1)).unwrap();
+    let (r, _) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v1))
+        .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
     assert!(s.conflicts("a", None, 10).unwrap().is_empty());
     // The device is restored from a backup taken before it ever synced the key, and writes
     // it again with a clock behind its lost writes: it loses, and the regression is logged.
-    let v2b = put(&schema, "Both", json!({"deviceId": "d1", "name": "n", "v": 9}), Hlc {
-        wall_ms: NOW + 1,
-        counter: 5,
-        node: 7,
-    });
-    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v2b]).unwrap();
+    let v2b = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n", "v": 9}),
+        Hlc {
+            wall_ms: NOW + 1,
+            counter: 5,
+            node: 7,
+        },
+    );
+    let (r, _) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v2b])
+        .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
     let log = s.conflicts("a", None, 10).unwrap();
     assert_eq!(log.len(), 1, "{log:?}");
@@ -355,7 +467,9 @@ fn push_is_idempotent_and_stale_writes_lose_with_a_conflict() {
         json!({"deviceId": "d1", "name": "n", "v": 1}),
         ver(NOW + 1, 8),
     );
-    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1]).unwrap();
+    let (r, _) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1])
+        .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
     let stored = s
         .get_item(&Owner::Device(d1.clone()), "Both", &v2.key)
@@ -390,7 +504,9 @@ fn push_is_idempotent_and_stale_writes_lose_with_a_conflict() {
         json!({"deviceId": "d1", "name": "n", "v": 3}),
         ver(NOW + 3, 9),
     );
-    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v3]).unwrap();
+    let (r, _) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v3])
+        .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let log = s.conflicts("a", None, 10).unwrap();
     assert_eq!(log.len(), 2);
@@ -415,7 +531,14 @@ fn push_naming_another_device_is_rejected_and_not_stored() {
         ver(NOW, 7),
     );
     let (r, adv) = s
-        .apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, std::slice::from_ref(&ch))
+        .apply_push(
+            &schema,
+            &mut clock(),
+            NOW,
+            DRIFT,
+            &d1,
+            std::slice::from_ref(&ch),
+        )
         .unwrap();
     assert_eq!(
         r[0].status,
@@ -681,7 +804,9 @@ fn broadcast_write_fans_out_to_the_account_only() {
     assert!(matches!(err, CloudWriteError::WrongOwner { .. }), "{err}");
     // A push of a broadcast model is refused.
     let ch = put(&schema, "Bcast", json!({"name": "x"}), ver(NOW, 7));
-    let (r, _) = s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[ch]).unwrap();
+    let (r, _) = s
+        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[ch])
+        .unwrap();
     assert_eq!(
         r[0].status,
         ChangeStatus::Rejected {
@@ -909,7 +1034,8 @@ fn snapshot_pages_return_every_down_item_once() {
             json!({"deviceId": "d1", "name": format!("u{i}")}),
             ver(NOW, 7),
         );
-        s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up]).unwrap();
+        s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up])
+            .unwrap();
     }
     api_put(
         &mut s,
@@ -1025,7 +1151,8 @@ fn query_items_filters_and_pages() {
         json!({"deviceId": "d1", "name": "a%b", "v": 3}),
         ver(NOW, 7),
     );
-    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up]).unwrap();
+    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up])
+        .unwrap();
 
     let all = s.query_items(&query("Down")).unwrap();
     assert_eq!(all.items.len(), 7);
@@ -1461,7 +1588,12 @@ fn a_layout_1_file_is_upgraded_in_place() {
     let rec = s.device(&d1).unwrap().unwrap();
     assert_eq!(rec.changes_applied, 0);
     let schema = schema();
-    let ch = put(&schema, "Up", json!({"deviceId": "d1", "name": "n"}), ver(NOW, 1));
+    let ch = put(
+        &schema,
+        "Up",
+        json!({"deviceId": "d1", "name": "n"}),
+        ver(NOW, 1),
+    );
     let (r, _) = s
         .apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[ch])
         .unwrap();
@@ -1469,7 +1601,11 @@ fn a_layout_1_file_is_upgraded_in_place() {
     assert_eq!(s.device(&d1).unwrap().unwrap().changes_applied, 1);
     let layout: String = s
         .conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(layout, SCHEMA_VERSION.to_string());
 }
@@ -1496,7 +1632,11 @@ fn corrupt_rows_are_reported() {
     assert!(page.changes.is_empty());
     assert_eq!(page.unreadable.len(), 1);
     assert_eq!(page.unreadable[0].key, ch.key);
-    assert!(page.unreadable[0].reason.contains("JSON"), "{:?}", page.unreadable);
+    assert!(
+        page.unreadable[0].reason.contains("JSON"),
+        "{:?}",
+        page.unreadable
+    );
     s.conn
         .execute("UPDATE items SET item = '{}', version = 'bad'", [])
         .unwrap();

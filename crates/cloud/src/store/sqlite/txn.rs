@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use devtables_schema::{ItemKey, Schema};
 use devtables_sync::apply::{
-    cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser,
-    PushCounts, RowWrite, StoredRow,
+    cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser, PushCounts,
+    RowWrite, StoredRow,
 };
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -45,7 +45,11 @@ impl<'c> SqlTxn<'c> {
 impl CloudTxn for SqlTxn<'_> {
     type Error = StoreError;
 
-    fn stored_row(&mut self, owner: &Owner, key: &ItemKey) -> Result<Option<StoredRow>, StoreError> {
+    fn stored_row(
+        &mut self,
+        owner: &Owner,
+        key: &ItemKey,
+    ) -> Result<Option<StoredRow>, StoreError> {
         // The row is identified by (owner, pk, sk), the single-table design: its model is an
         // attribute the replication rules check.
         let (account, device) = owner_cols(owner);
@@ -77,8 +81,13 @@ impl CloudTxn for SqlTxn<'_> {
         let (account, device) = owner_cols(owner);
         let v: Option<String> = self
             .conn
-            .prepare_cached("SELECT purged_below FROM watermarks WHERE account = ?1 AND device = ?2")
-            .and_then(|mut s| s.query_row(params![account, device], |r| r.get(0)).optional())
+            .prepare_cached(
+                "SELECT purged_below FROM watermarks WHERE account = ?1 AND device = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![account, device], |r| r.get(0))
+                    .optional()
+            })
             .map_err(db("reading a purge watermark"))?;
         v.as_deref().map(parse_version).transpose()
     }
@@ -240,8 +249,7 @@ pub(super) fn apply_push(
     let tx = write_txn(conn, "starting a push transaction")?;
     let (results, advanced) = {
         let mut t = SqlTxn::new(&tx, now_ms);
-        let results =
-            cloud_apply_push(&mut t, schema, clock, now_ms, max_drift_ms, from, changes)?;
+        let results = cloud_apply_push(&mut t, schema, clock, now_ms, max_drift_ms, from, changes)?;
         (results, t.into_advanced())
     };
     tx.commit().map_err(db("committing a push"))?;
