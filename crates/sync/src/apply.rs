@@ -348,7 +348,7 @@ pub struct RowWrite<'a> {
 /// One cloud-store write transaction, as seen by the replication rules.
 ///
 /// The contract every store meets (SQLite, PostgreSQL, the simulation's) is checked by one
-/// conformance suite, `devtables_sync::conformance`; the rules below are the whole of it.
+/// conformance suite, the `devtables-conformance` crate (`crates/conformance`); the rules below are the whole of it.
 pub trait CloudTxn {
     /// The store's error.
     type Error;

@@ -5,7 +5,7 @@
 //! as a `now_ms` parameter on every input, randomness from a seed in each engine's config, and
 //! bytes go in and out through `handle_message` / `poll_transmit`. The drivers (`agent` on the
 //! device, `cloud` in the cloud) own the MQTT client, the storage and the clock; this crate owns
-//! every protocol decision, so the simulator in `tests/sim.rs` runs the exact code the drivers run.
+//! every protocol decision, so the simulator in `tests/sim/` runs the exact code the drivers run.
 //!
 //! The protocol is described in `docs/protocol.md` (messages, state machines, invariants).
 //!
