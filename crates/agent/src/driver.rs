@@ -272,8 +272,8 @@ impl Driver {
             Ok(outbox) => {
                 tracing::info!(device = %self.id, entries = outbox.len(), "reloading the outbox after missed notifications");
                 let now = self.now();
-                for change in outbox {
-                    self.engine.handle_local_change(now, change);
+                for meta in outbox {
+                    self.engine.handle_local_change(now, meta);
                 }
             }
             Err(e) => tracing::error!(device = %self.id, "cannot reload the outbox: {e}"),
@@ -533,6 +533,19 @@ impl Driver {
                     Err(e) => {
                         tracing::error!(device = %self.id, "apply task failed: {e}");
                         self.engine.handle_apply_failed(now);
+                    }
+                }
+            }
+            DeviceAction::LoadBatch { batch, keys } => {
+                // A few hundred point reads: quick enough for the event loop. On failure the
+                // engine gets no answer and queues the keys again at the batch's timeout.
+                match state::outbox_entries(&self.db, &keys) {
+                    Ok(changes) => {
+                        let now = self.now();
+                        self.engine.handle_batch_loaded(now, batch, changes);
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %self.id, "cannot read the outbox for a batch: {e}")
                     }
                 }
             }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use devtables_db::{Change, ChangeOp, DbError, Origin, SideTables, WriteInterceptor, WriteTxn};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{DeviceTxn, StoredVersion};
+use devtables_sync::device::OutboxMeta;
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::wire::{self, Op};
 use serde::{Deserialize, Serialize};
@@ -226,7 +227,8 @@ fn make_room(side: &mut SideTables<'_>, limit: u64) -> Result<(), DbError> {
 /// What the agent restores from the database when it starts.
 pub(crate) struct Restored {
     pub(crate) cursor: u64,
-    pub(crate) outbox: Vec<wire::Change>,
+    /// The outbox as the engine keeps it: metadata only, oldest first.
+    pub(crate) outbox: Vec<OutboxMeta>,
     pub(crate) last_hlc: Option<Hlc>,
 }
 
@@ -257,9 +259,10 @@ pub(crate) fn restore(db: &devtables_db::Db) -> Result<Restored, DbError> {
 /// Entries read per read transaction when the whole outbox is loaded.
 const OUTBOX_PAGE: usize = 1000;
 
-/// The whole durable outbox, oldest first: what the engine resumes from, and what the event loop
-/// reloads after a missed notification.
-pub(crate) fn load_outbox(db: &devtables_db::Db) -> Result<Vec<wire::Change>, DbError> {
+/// The metadata of the whole durable outbox, oldest first: what the engine resumes from, and
+/// what the event loop reloads after a missed notification. The entries are read a page at a
+/// time and only their metadata is kept, so this never holds the outbox's items in memory.
+pub(crate) fn load_outbox(db: &devtables_db::Db) -> Result<Vec<OutboxMeta>, DbError> {
     let mut entries = Vec::new();
     let mut start = Vec::new();
     loop {
@@ -267,7 +270,7 @@ pub(crate) fn load_outbox(db: &devtables_db::Db) -> Result<Vec<wire::Change>, Db
         let full = page.len() == OUTBOX_PAGE;
         for (key, raw) in &page {
             let entry: Entry = serde_json::from_slice(raw).map_err(|e| corrupt("outbox", e))?;
-            entries.push(entry);
+            entries.push((entry.seq, OutboxMeta::of(&entry.change)));
             start.clone_from(key);
         }
         if !full {
@@ -275,8 +278,23 @@ pub(crate) fn load_outbox(db: &devtables_db::Db) -> Result<Vec<wire::Change>, Db
         }
         start.push(0);
     }
-    entries.sort_by_key(|e| e.seq);
-    Ok(entries.into_iter().map(|e| e.change).collect())
+    entries.sort_by_key(|(seq, _)| *seq);
+    Ok(entries.into_iter().map(|(_, m)| m).collect())
+}
+
+/// The current outbox entries of these keys (a batch being built); keys without one are left
+/// out.
+pub(crate) fn outbox_entries(
+    db: &devtables_db::Db,
+    keys: &[(String, ItemKey)],
+) -> Result<Vec<wire::Change>, DbError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for (_, key) in keys {
+        if let Some(change) = outbox_entry(db, key)? {
+            out.push(change);
+        }
+    }
+    Ok(out)
 }
 
 /// Entries in the durable outbox: the local changes not yet acknowledged.
