@@ -1436,7 +1436,7 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
     let c1 = change("B", "d0", "a", hlc(10));
     e.handle_local_change(10, c1.clone());
     e.handle_timeout(100);
-    load(&mut e, 100, &[c1.clone()]);
+    load(&mut e, 100, std::slice::from_ref(&c1));
     let sent = up_msgs(&mut e);
     let UpMsg::Push { batch, .. } = &sent[0] else {
         panic!("{sent:?}")
@@ -1456,9 +1456,9 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
     e.handle_message(120, &down(&ack));
     assert_eq!(e.pending(), 1);
     // No removal; the newer change goes in the next batch.
-    assert_eq!(load(&mut e, 120, &[c2.clone()]), vec![]);
+    assert_eq!(load(&mut e, 120, std::slice::from_ref(&c2)), vec![]);
     e.handle_timeout(200);
-    load(&mut e, 200, &[c2.clone()]);
+    load(&mut e, 200, std::slice::from_ref(&c2));
     let sent = up_msgs(&mut e);
     let UpMsg::Push { changes, .. } = &sent[0] else {
         panic!("{sent:?}")
@@ -1471,7 +1471,7 @@ fn unacked_batch_is_resent_on_its_own_timer_with_backoff() {
     let c = change("U", "d0", "a", hlc(1));
     let mut e = ready_device(vec![c.clone()]);
     e.handle_timeout(60);
-    load(&mut e, 60, &[c.clone()]);
+    load(&mut e, 60, std::slice::from_ref(&c));
     assert_eq!(up_msgs(&mut e).len(), 1);
     let mut times = Vec::new();
     for _ in 0..8 {
@@ -1479,7 +1479,7 @@ fn unacked_batch_is_resent_on_its_own_timer_with_backoff() {
             .poll_timeout()
             .expect("a retransmit timer is armed without any other input");
         e.handle_timeout(t);
-        load(&mut e, t, &[c.clone()]);
+        load(&mut e, t, std::slice::from_ref(&c));
         let m = up_msgs(&mut e);
         assert!(matches!(m[0], UpMsg::Push { .. }));
         times.push(t);
@@ -1497,7 +1497,7 @@ fn rejected_change_leaves_the_outbox_and_is_not_retried() {
     let c = change("U", "d0", "a", hlc(1));
     let mut e = ready_device(vec![c.clone()]);
     e.handle_timeout(60);
-    load(&mut e, 60, &[c.clone()]);
+    load(&mut e, 60, std::slice::from_ref(&c));
     let m = up_msgs(&mut e);
     let UpMsg::Push { batch, .. } = m[0] else {
         panic!()
