@@ -587,9 +587,10 @@ mod tests {
             let m = self.schema.model(model).unwrap();
             let full = m.prepare_create(&item(input), 0).unwrap();
             let key = m.primary_key(&full).unwrap();
+            // The counter keeps versions of one millisecond increasing.
             let version = Hlc {
                 wall_ms: wall_now(),
-                counter: 0,
+                counter: self.cursor as u32,
                 node: 99,
             };
             let change = wire::Change {
