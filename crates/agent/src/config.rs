@@ -30,8 +30,33 @@ pub struct AgentConfig {
     pub keep_alive: Duration,
     /// Wait between reconnect attempts.
     pub reconnect_delay: Duration,
-    /// Most MQTT requests queued toward the client's event loop.
+    /// Most MQTT requests queued toward the client's event loop. Default 1024. A publish that
+    /// finds it full is dropped, counted (`AgentStatus::publish_dropped`) and logged; the
+    /// protocol retransmits it.
     pub mqtt_queue: usize,
+    /// Most notifications (committed local changes, arrived commands) waiting for the agent's
+    /// event loop. Default 4096. The database's commit hook never blocks on it: when it is full
+    /// the notification is counted (`AgentStatus::inputs_missed`) and the event loop reloads the
+    /// durable outbox and the pending commands instead, so a miss only delays a send.
+    pub input_queue: usize,
+    /// Attempts to write a command's result back to its item before giving up (the command
+    /// then stays `pending` and runs again after a restart). Default 8.
+    pub command_result_attempts: u32,
+    /// Wait before the first retry of a failed result write; doubles per attempt up to 30 s.
+    /// Default 200 ms.
+    pub command_result_backoff: Duration,
+    /// Most command results waiting for a retry. Default 256; beyond it a failed result write
+    /// is given up at once (counted, logged; the command runs again after a restart).
+    pub max_result_retries: usize,
+    /// Tombstone versions (the version of a deleted key) older than this are forgotten. Default
+    /// 30 days, the cloud's default tombstone retention: after it the cloud itself no longer
+    /// remembers the delete.
+    pub tombstone_retention: Duration,
+    /// Pause between two passes of the version collection. Default 10 minutes.
+    pub version_gc_interval: Duration,
+    /// Most versions examined per transaction of the version collection. Default 1000: a slice
+    /// holds the database's write lock for a few milliseconds only.
+    pub version_gc_slice: usize,
     /// Protocol limits and timings (batching, retransmits).
     pub sync: DeviceConfig,
 }
@@ -52,6 +77,13 @@ impl AgentConfig {
             keep_alive: Duration::from_secs(30),
             reconnect_delay: Duration::from_millis(500),
             mqtt_queue: 1024,
+            input_queue: 4096,
+            command_result_attempts: 8,
+            command_result_backoff: Duration::from_millis(200),
+            max_result_retries: 256,
+            tombstone_retention: Duration::from_secs(30 * 24 * 3600),
+            version_gc_interval: Duration::from_secs(600),
+            version_gc_slice: 1000,
             sync: DeviceConfig::default(),
         }
     }
@@ -94,6 +126,12 @@ pub struct AgentFile {
     /// no error (a half-open one) is noticed after one to two of these.
     #[serde(default)]
     pub keep_alive_secs: Option<u64>,
+    /// See [`AgentConfig::input_queue`].
+    #[serde(default)]
+    pub input_queue: Option<usize>,
+    /// See [`AgentConfig::tombstone_retention`], in hours.
+    #[serde(default)]
+    pub tombstone_retention_hours: Option<u64>,
 }
 
 fn default_broker() -> String {
@@ -140,6 +178,12 @@ impl AgentFile {
         }
         if let Some(secs) = file.keep_alive_secs {
             config.keep_alive = Duration::from_secs(secs);
+        }
+        if let Some(n) = file.input_queue {
+            config.input_queue = n;
+        }
+        if let Some(h) = file.tombstone_retention_hours {
+            config.tombstone_retention = Duration::from_secs(h.saturating_mul(3600));
         }
         Ok((file, config))
     }

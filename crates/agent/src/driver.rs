@@ -4,6 +4,10 @@
 //! changes, commands to run, timer expiry, shutdown); after each input it drains the engine's
 //! outputs in the documented order: storage actions, transmits, events, then the next timeout.
 //! It makes no protocol decision of its own.
+//!
+//! Besides the engine it keeps three pieces of bounded housekeeping: command results waiting
+//! for another write attempt (`commands`), the periodic collection of the `versions` table in
+//! slices (`GcState`), and the reload of the durable outbox when the input queue overflowed.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -20,8 +24,13 @@ use devtables_sync::topics;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
+use crate::commands::{self, ResultRetry};
+use crate::config::AgentConfig;
 use crate::state::{self, AgentTxn};
-use crate::{AgentStatus, CommandHandler, Handlers};
+use crate::{AgentStatus, CommandHandler, Handlers, Inbox};
+
+/// Shortest pause between two warnings about dropped publishes.
+const PUBLISH_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Inputs from outside the event loop.
 pub(crate) enum Input {
@@ -29,6 +38,40 @@ pub(crate) enum Input {
     LocalChange(ItemKey),
     /// A command item arrived from the cloud with status `pending`.
     Command(String, Item),
+    /// A handler was registered for this command name: run the pending commands in the database.
+    Recover(String),
+}
+
+/// Where the collection of the `versions` table stands.
+pub(crate) struct GcState {
+    retention_ms: u64,
+    interval: Duration,
+    slice: usize,
+    /// When the next slice runs.
+    due: tokio::time::Instant,
+    /// Where the next slice starts, while a pass is under way.
+    next: Option<Vec<u8>>,
+}
+
+impl GcState {
+    pub(crate) fn new(config: &AgentConfig) -> GcState {
+        GcState {
+            retention_ms: config.tombstone_retention.as_millis() as u64,
+            interval: config.version_gc_interval,
+            slice: config.version_gc_slice.max(1),
+            due: tokio::time::Instant::now() + config.version_gc_interval,
+            next: None,
+        }
+    }
+}
+
+/// Why a command runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// It arrived (the commit hook's notification).
+    Arrived,
+    /// It was found pending in the database.
+    Found,
 }
 
 pub(crate) struct Driver {
@@ -39,10 +82,13 @@ pub(crate) struct Driver {
     pub(crate) clock: Arc<Mutex<HlcClock>>,
     /// Cloud time minus this device's clock (ms), shared with the outbox recorder.
     pub(crate) cloud_offset_ms: Arc<AtomicI64>,
+    /// This device's HLC node id (tells its own writes from the cloud's).
+    pub(crate) node: u64,
     pub(crate) client: AsyncClient,
     pub(crate) eventloop: EventLoop,
     pub(crate) prefix: String,
-    pub(crate) inputs: mpsc::UnboundedReceiver<Input>,
+    pub(crate) inputs: mpsc::Receiver<Input>,
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) status: watch::Sender<AgentStatus>,
     pub(crate) handlers: Handlers,
@@ -52,6 +98,17 @@ pub(crate) struct Driver {
     pub(crate) started: Instant,
     /// The encoded `Bye` (also the MQTT last will), sent before a clean disconnect.
     pub(crate) bye: Vec<u8>,
+    /// The MQTT client's request queue capacity (for the warning).
+    pub(crate) mqtt_queue: usize,
+    /// Publishes the MQTT client's full request queue refused.
+    pub(crate) publish_dropped: u64,
+    pub(crate) last_publish_warning: Option<Instant>,
+    /// Command results waiting for another write attempt (at most `max_result_retries`).
+    pub(crate) results: Vec<ResultRetry>,
+    pub(crate) result_attempts: u32,
+    pub(crate) result_backoff: Duration,
+    pub(crate) max_result_retries: usize,
+    pub(crate) gc: GcState,
 }
 
 impl Driver {
@@ -79,6 +136,14 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            let retry_due = self.results.iter().map(|r| r.due).min();
+            let retry = async {
+                match retry_due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let gc_due = self.gc.due;
             tokio::select! {
                 event = self.eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -122,10 +187,16 @@ impl Driver {
                     let now = self.now();
                     self.engine.handle_timeout(now);
                 }
+                _ = retry => self.retry_results(),
+                _ = tokio::time::sleep_until(gc_due) => self.collect_versions().await,
+                _ = self.inbox.woken() => {}
                 _ = self.shutdown.changed() => {}
             }
             if *self.shutdown.borrow() {
                 break;
+            }
+            if self.inbox.take_missed() {
+                self.reload();
             }
             self.drain_outputs().await;
         }
@@ -167,6 +238,7 @@ impl Driver {
         // from the committed outbox (the source of truth), deduplicated by key.
         let mut keys = BTreeSet::new();
         let mut commands = Vec::new();
+        let mut recover = BTreeSet::new();
         let mut next = Some(first);
         while let Some(input) = next {
             match input {
@@ -174,6 +246,9 @@ impl Driver {
                     keys.insert(key);
                 }
                 Input::Command(name, item) => commands.push((name, item)),
+                Input::Recover(name) => {
+                    recover.insert(name);
+                }
             }
             next = self.inputs.try_recv().ok();
         }
@@ -186,7 +261,10 @@ impl Driver {
             }
         }
         for (name, item) in commands {
-            self.run_command(&name, item);
+            self.run_command(&name, item, Trigger::Arrived);
+        }
+        if !recover.is_empty() {
+            self.recover_commands(Some(&recover));
         }
         // A full outbox may have dropped lossy changes in those commits: keep the count visible.
         if let Ok(dropped) = state::dropped(&self.db) {
@@ -194,40 +272,180 @@ impl Driver {
         }
     }
 
-    /// Runs the application's handler and writes the outcome back (it replicates up).
-    fn run_command(&self, name: &str, item: Item) {
-        let handler: Option<CommandHandler> = self
-            .handlers
+    /// Notifications were lost (the input queue was full): the durable outbox and the command
+    /// items are the truth, so hand the engine every outbox entry again (it ignores versions it
+    /// already holds) and run the commands still pending.
+    fn reload(&mut self) {
+        let missed = self.inbox.missed_total();
+        self.set_status(|s| s.inputs_missed = missed);
+        match state::load_outbox(&self.db) {
+            Ok(outbox) => {
+                tracing::info!(device = %self.id, entries = outbox.len(), "reloading the outbox after missed notifications");
+                let now = self.now();
+                for meta in outbox {
+                    self.engine.handle_local_change(now, meta);
+                }
+            }
+            Err(e) => tracing::error!(device = %self.id, "cannot reload the outbox: {e}"),
+        }
+        self.recover_commands(None);
+    }
+
+    /// Runs the pending commands the cloud wrote whose handler is registered (the others wait
+    /// for theirs); only those named in `names`, if given.
+    fn recover_commands(&mut self, names: Option<&BTreeSet<String>>) {
+        let found = match commands::pending_commands(
+            &self.db,
+            &self.schema,
+            &self.command_model,
+            self.node,
+        ) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(device = %self.id, "cannot search the pending commands: {e}");
+                return;
+            }
+        };
+        for item in found {
+            let name = commands::name_of(&item);
+            if names.is_some_and(|n| !n.contains(&name)) {
+                continue;
+            }
+            self.run_command(&name, item, Trigger::Found);
+        }
+    }
+
+    fn handler(&self, name: &str) -> Option<CommandHandler> {
+        self.handlers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .commands
             .get(name)
-            .cloned();
-        let (status, result) = match handler {
-            Some(h) => match h(&item) {
-                Ok(value) => ("done", value),
-                Err(message) => ("failed", serde_json::json!({ "error": message })),
-            },
-            None => (
-                "failed",
-                serde_json::json!({ "error": format!("no handler for command {name:?} on this device") }),
-            ),
+            .cloned()
+    }
+
+    /// Runs the application's handler and writes the outcome back (it replicates up), unless
+    /// the command is no longer pending (it already ran) or its result is waiting for a retry.
+    fn run_command(&mut self, name: &str, item: Item, trigger: Trigger) {
+        let Some(model) = self.schema.model(&self.command_model) else {
+            return;
         };
-        let result = match result {
-            serde_json::Value::Object(_) => result,
-            other => serde_json::json!({ "value": other }),
+        let Ok(key) = model.primary_key(&item) else {
+            tracing::warn!(device = %self.id, command = name, "command item without a valid key: not run");
+            return;
         };
-        let mut patch = Item::new();
-        for field in ["pk", "sk"] {
-            if let Some(v) = item.get(field) {
-                patch.insert(field.into(), v.clone());
+        if self.results.iter().any(|r| r.key == key) {
+            return;
+        }
+        // The same command can be announced twice (on arrival and by a recovery scan): only
+        // the stored item says whether it still waits.
+        match self.db.read().and_then(|r| r.get_stored(&key)) {
+            Ok(Some((_, current))) if commands::is_pending(&current) => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(device = %self.id, command = name, "cannot read the command item: {e}");
+                return;
             }
         }
-        patch.insert("status".into(), status.into());
-        patch.insert("result".into(), result);
-        if let Err(e) = self.db.update(&self.command_model, &patch) {
-            tracing::error!(device = %self.id, command = name, "cannot record the command result: {e}");
+        let handler = self.handler(name);
+        if handler.is_none() && trigger == Trigger::Found {
+            // It runs when its handler is registered.
+            return;
         }
+        if trigger == Trigger::Found {
+            tracing::info!(device = %self.id, command = name, key = ?key, "running a command found pending");
+            self.set_status(|s| s.commands_recovered += 1);
+        }
+        let patch = commands::outcome(&self.schema, handler.as_ref(), name, &item);
+        self.write_result(ResultRetry {
+            name: name.to_string(),
+            key,
+            patch,
+            attempts: 0,
+            due: Instant::now(),
+        });
+    }
+
+    /// One attempt to record a command's result; a failure that may pass is retried later.
+    fn write_result(&mut self, mut r: ResultRetry) {
+        let Err(e) = self.db.update(&self.command_model, &r.patch) else {
+            if r.attempts > 0 {
+                tracing::info!(device = %self.id, command = %r.name, attempts = r.attempts + 1, "command result recorded after retrying");
+            }
+            return;
+        };
+        r.attempts += 1;
+        let reason = if !commands::retryable(&e) {
+            "it cannot succeed"
+        } else if r.attempts >= self.result_attempts {
+            "no attempts left"
+        } else if self.results.len() >= self.max_result_retries {
+            "the retry queue is full"
+        } else {
+            let wait = commands::backoff(self.result_backoff, r.attempts);
+            tracing::warn!(device = %self.id, command = %r.name, attempt = r.attempts, "cannot record the command result, retrying in {wait:?}: {e}");
+            r.due = Instant::now() + wait;
+            self.results.push(r);
+            self.set_status(|s| s.command_result_retries += 1);
+            return;
+        };
+        tracing::warn!(device = %self.id, command = %r.name, attempts = r.attempts, "command result given up ({reason}); the command stays pending and runs again after a restart: {e}");
+        let message = format!("command {} result not recorded: {e}", r.name);
+        self.set_status(|s| {
+            s.command_results_abandoned += 1;
+            s.last_error = Some(message);
+        });
+    }
+
+    /// Attempts every result whose retry is due.
+    fn retry_results(&mut self) {
+        let now = Instant::now();
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.results)
+            .into_iter()
+            .partition(|r| r.due <= now);
+        self.results = waiting;
+        for r in due {
+            self.write_result(r);
+        }
+    }
+
+    /// One slice of the collection of the `versions` table; the next slice follows at once
+    /// while the pass lasts, then the next pass after the interval.
+    async fn collect_versions(&mut self) {
+        let db = self.db.clone();
+        let schema = self.schema.clone();
+        let start = self.gc.next.take().unwrap_or_default();
+        let (slice, retention) = (self.gc.slice, self.gc.retention_ms);
+        let result = tokio::task::spawn_blocking(move || {
+            let now = devtables_db::system_now_ms().max(0) as u64;
+            db.write(Origin::Remote, |txn| {
+                state::collect_versions(txn, &schema, &start, slice, now, retention)
+            })
+        })
+        .await;
+        let done = match result {
+            Ok(Ok(out)) => {
+                if out.tombstones + out.unneeded > 0 {
+                    tracing::debug!(device = %self.id, tombstones = out.tombstones, unneeded = out.unneeded, "versions collected");
+                    self.set_status(|s| {
+                        s.tombstones_collected += out.tombstones;
+                        s.versions_collected += out.unneeded;
+                    });
+                }
+                self.gc.next = out.next;
+                self.gc.next.is_none()
+            }
+            Ok(Err(e)) => {
+                tracing::error!(device = %self.id, "version collection failed: {e}");
+                true
+            }
+            Err(e) => {
+                tracing::error!(device = %self.id, "version collection task failed: {e}");
+                true
+            }
+        };
+        let now = tokio::time::Instant::now();
+        self.gc.due = if done { now + self.gc.interval } else { now };
     }
 
     async fn drain_outputs(&mut self) {
@@ -250,7 +468,7 @@ impl Driver {
                         s.bytes_up += len;
                     }),
                     // The engine retransmits unacknowledged batches on its own timer.
-                    Err(e) => tracing::debug!(device = %self.id, "publish not queued: {e}"),
+                    Err(e) => self.publish_failed(e),
                 }
             }
             while let Some(event) = self.engine.poll_event() {
@@ -261,18 +479,37 @@ impl Driver {
                 break;
             }
         }
-        let (cursor, pending, in_flight, ready) = (
+        let (cursor, in_flight, ready) = (
             self.engine.cursor(),
-            self.engine.pending(),
             self.engine.in_flight(),
             self.engine.is_ready(),
         );
+        // The durable outbox is the truth: the engine may still hold a lossy entry the
+        // outbox dropped, and the outbox holds entries whose notification is still queued.
+        let pending = match state::outbox_len(&self.db) {
+            Ok(n) => n as usize,
+            Err(_) => self.engine.pending(),
+        };
         self.set_status(|s| {
             s.cursor = cursor;
             s.pending = pending;
             s.in_flight = in_flight;
             s.ready = ready;
         });
+    }
+
+    /// The MQTT client's request queue was full: count it, warn now and then.
+    fn publish_failed(&mut self, e: rumqttc::ClientError) {
+        self.publish_dropped += 1;
+        let dropped = self.publish_dropped;
+        self.set_status(|s| s.publish_dropped = dropped);
+        let quiet = self
+            .last_publish_warning
+            .is_some_and(|at| at.elapsed() < PUBLISH_WARNING_INTERVAL);
+        if !quiet {
+            self.last_publish_warning = Some(Instant::now());
+            tracing::warn!(device = %self.id, dropped, mqtt_queue = self.mqtt_queue, "publish not queued, the protocol will resend it (MQTT request queue full): {e}");
+        }
     }
 
     async fn perform(&mut self, action: DeviceAction) {
@@ -338,13 +575,30 @@ impl Driver {
                     }
                 }
             }
+            DeviceAction::LoadBatch { batch, keys } => {
+                // A few hundred point reads: quick enough for the event loop. On failure the
+                // engine gets no answer and queues the keys again at the batch's timeout.
+                match state::outbox_entries(&self.db, &keys) {
+                    Ok(changes) => {
+                        let now = self.now();
+                        self.engine.handle_batch_loaded(now, batch, changes);
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %self.id, "cannot read the outbox for a batch: {e}")
+                    }
+                }
+            }
             DeviceAction::OutboxRemove(acked) => {
                 let result = tokio::task::spawn_blocking(move || {
                     db.write(Origin::Remote, |txn| state::outbox_remove(txn, &acked))
                 })
                 .await;
                 match result {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => {
+                        if let Ok(n) = state::outbox_len(&self.db) {
+                            self.set_status(|s| s.pending = n as usize);
+                        }
+                    }
                     // The entries stay; they are resent and acknowledged again (idempotent).
                     Ok(Err(e)) => tracing::error!(device = %self.id, "cannot trim the outbox: {e}"),
                     Err(e) => tracing::error!(device = %self.id, "outbox task failed: {e}"),
@@ -356,7 +610,11 @@ impl Driver {
     fn on_event(&mut self, event: DeviceEvent) {
         match event {
             DeviceEvent::Connected => tracing::info!(device = %self.id, "connected"),
-            DeviceEvent::Ready => tracing::info!(device = %self.id, "sync ready"),
+            DeviceEvent::Ready => {
+                tracing::info!(device = %self.id, "sync ready");
+                // The cloud answers: whatever failed before is over.
+                self.set_status(|s| s.last_error = None);
+            }
             DeviceEvent::Rejected { change, reason } => {
                 tracing::warn!(device = %self.id, model = %change.model, key = ?change.key, "change rejected by the cloud: {reason}");
                 let message = format!("{} {:?}: {reason}", change.model, change.key);

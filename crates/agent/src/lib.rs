@@ -11,13 +11,16 @@
 //! - `state`: replication state in the database's side tables; the outbox recorder; the
 //!   `DeviceTxn` the replication rules run in.
 //! - `driver`: the event loop around the sans-IO `DeviceEngine`.
+//! - `commands`: running command items at least once.
 
+mod commands;
 pub mod config;
 mod driver;
 mod state;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicI64;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -29,7 +32,8 @@ use devtables_sync::identity::{DeviceId, IdError};
 use devtables_sync::wire::UpMsg;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch, Notify};
 
 pub use config::AgentConfig;
 pub use state::{ChangeTooLarge, OutboxFull};
@@ -67,11 +71,13 @@ pub enum AgentError {
 pub struct AgentStatus {
     /// Connected to the broker.
     pub connected: bool,
-    /// The cloud welcomed this session: changes flow both ways.
+    /// The cloud welcomed this session: changes flow both ways. Clears `last_error`.
     pub ready: bool,
-    /// Feed cursor applied.
+    /// Feed cursor applied (after every feed page and at the end of a full resync).
     pub cursor: u64,
-    /// Local changes not yet acknowledged.
+    /// Local changes not yet acknowledged: the durable outbox's size. [`Agent::status`] reads it
+    /// from the database, so it is exact as soon as a write returns; [`Agent::watch_status`]
+    /// sees it once the event loop has handled the change.
     pub pending: usize,
     /// Batches sent and not yet acknowledged.
     pub in_flight: usize,
@@ -91,7 +97,75 @@ pub struct AgentStatus {
     /// Sync messages published to the cloud, and their payload bytes.
     pub messages_up: u64,
     pub bytes_up: u64,
+    /// Messages not handed to the MQTT client because its request queue (`mqtt_queue`) was
+    /// full; the protocol sends them again, so this costs time, not data.
+    pub publish_dropped: u64,
+    /// Notifications the full input queue (`input_queue`) could not take; each made the event
+    /// loop reload the durable outbox and the pending commands.
+    pub inputs_missed: u64,
+    /// Commands run because they were found pending in the database (a restart, a handler
+    /// registered late, a missed notification) rather than as they arrived.
+    pub commands_recovered: u64,
+    /// Failed writes of a command's result that were scheduled for another attempt.
+    pub command_result_retries: u64,
+    /// Command results given up (attempts exhausted, retry queue full, or a permanent error);
+    /// such a command stays `pending` and runs again after a restart.
+    pub command_results_abandoned: u64,
+    /// Tombstone versions forgotten after `tombstone_retention`.
+    pub tombstones_collected: u64,
+    /// Versions forgotten because their key's model does not sync down and nothing is pending.
+    pub versions_collected: u64,
+    /// The last error; cleared when the cloud welcomes a session.
     pub last_error: Option<String>,
+}
+
+/// Shared by the database's commit hook and the event loop: what the bounded input queue could
+/// not take.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    /// Set when a notification was lost; the event loop clears it and reloads from the database.
+    missed: AtomicBool,
+    /// Notifications lost since the start.
+    missed_total: AtomicU64,
+    /// Wakes the event loop when a notification was lost (the queue may be drained already).
+    wake: Notify,
+}
+
+impl Inbox {
+    /// Queues `input` without ever blocking the caller (a database writer); when the queue is
+    /// full the input is recorded as missed instead.
+    pub(crate) fn offer(&self, tx: &mpsc::Sender<driver::Input>, input: driver::Input) {
+        match tx.try_send(input) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.missed_total.fetch_add(1, Ordering::Relaxed);
+                // One warning per reload, not per lost notification.
+                if !self.missed.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "the agent's input queue is full: the event loop will reload the outbox \
+                         and the pending commands from the database (raise input_queue if this \
+                         repeats)"
+                    );
+                }
+                self.wake.notify_one();
+            }
+            // The event loop has stopped: nothing is waiting for the notification.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Whether notifications were lost since the last call (clears the flag).
+    pub(crate) fn take_missed(&self) -> bool {
+        self.missed.swap(false, Ordering::SeqCst)
+    }
+
+    pub(crate) fn missed_total(&self) -> u64 {
+        self.missed_total.load(Ordering::Relaxed)
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await
+    }
 }
 
 /// A running agent. Dropping it does not stop the event loop: call [`Agent::shutdown`].
@@ -99,6 +173,8 @@ pub struct Agent {
     id: DeviceId,
     db: Db,
     handlers: Handlers,
+    inputs: mpsc::Sender<driver::Input>,
+    inbox: Arc<Inbox>,
     status: watch::Receiver<AgentStatus>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -136,11 +212,16 @@ impl Agent {
                 .saturating_sub(push_overhead),
         })));
 
-        let (inputs_tx, inputs) = mpsc::unbounded_channel();
+        if config.input_queue == 0 {
+            return Err(AgentError::Config("input_queue must be at least 1".into()));
+        }
+        let (inputs_tx, inputs) = mpsc::channel(config.input_queue);
+        let inbox = Arc::new(Inbox::default());
         let hook_schema = schema.clone();
         let command_model = config.command_model.clone();
+        let (hook_tx, hook_inbox) = (inputs_tx.clone(), inbox.clone());
         db.subscribe(Arc::new(move |change: &Change| {
-            on_commit(&hook_schema, &command_model, &inputs_tx, change)
+            on_commit(&hook_schema, &command_model, &hook_tx, &hook_inbox, change)
         }));
 
         let mut sync = config.sync.clone();
@@ -196,10 +277,12 @@ impl Agent {
             engine,
             clock,
             cloud_offset_ms,
+            node,
             client,
             eventloop,
             prefix: config.topic_prefix.clone(),
             inputs,
+            inbox: inbox.clone(),
             shutdown: shutdown_rx,
             status: status_tx,
             handlers: handlers.clone(),
@@ -207,12 +290,22 @@ impl Agent {
             reconnect_delay: config.reconnect_delay,
             started: Instant::now(),
             bye,
+            mqtt_queue: config.mqtt_queue,
+            publish_dropped: 0,
+            last_publish_warning: None,
+            results: Vec::new(),
+            result_attempts: config.command_result_attempts.max(1),
+            result_backoff: config.command_result_backoff,
+            max_result_retries: config.max_result_retries,
+            gc: driver::GcState::new(&config),
         };
         let task = tokio::spawn(driver.run());
         Ok(Agent {
             id,
             db,
             handlers,
+            inputs: inputs_tx,
+            inbox,
             status,
             shutdown,
             task,
@@ -230,12 +323,17 @@ impl Agent {
 
     /// Runs `handler` for every command item named `name` that arrives with status `pending`;
     /// the result is written back to the item (status `done` or `failed`, and `result`).
+    /// Commands named `name` already waiting in the database (they arrived before a crash, or
+    /// before this registration) run too: a handler runs at least once per command, and may run
+    /// again for a command whose result was not stored before a crash.
     pub fn on_command(&self, name: &str, handler: CommandHandler) {
         self.handlers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .commands
             .insert(name.to_string(), handler);
+        self.inbox
+            .offer(&self.inputs, driver::Input::Recover(name.to_string()));
     }
 
     /// Called for every local change the cloud rejects.
@@ -247,8 +345,14 @@ impl Agent {
             .push(hook);
     }
 
+    /// The current status. `pending` is read from the durable outbox at the time of the call.
     pub fn status(&self) -> AgentStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        match state::outbox_len(&self.db) {
+            Ok(n) => status.pending = n as usize,
+            Err(e) => tracing::warn!(device = %self.id, "cannot read the outbox size: {e}"),
+        }
+        status
     }
 
     /// A receiver that sees every status change.
@@ -266,10 +370,13 @@ impl Agent {
     }
 }
 
+/// The database's commit hook: tells the event loop about committed local changes of synced
+/// models and about commands that arrived. It runs on the writer's thread and never blocks.
 fn on_commit(
     schema: &Schema,
     command_model: &str,
-    inputs: &mpsc::UnboundedSender<driver::Input>,
+    inputs: &mpsc::Sender<driver::Input>,
+    inbox: &Inbox,
     change: &Change,
 ) {
     let Some(model) = schema.model(&change.model) else {
@@ -277,19 +384,15 @@ fn on_commit(
     };
     match change.origin {
         Origin::Local if model.process().syncs_up() => {
-            let _ = inputs.send(driver::Input::LocalChange(change.key.clone()));
+            inbox.offer(inputs, driver::Input::LocalChange(change.key.clone()));
         }
         Origin::Remote if change.model == command_model => {
             let Some(item) = &change.new else { return };
-            if item.get("status").and_then(|s| s.as_str()) != Some("pending") {
+            if !commands::is_pending(item) {
                 return;
             }
-            let name = item
-                .get("command")
-                .and_then(|c| c.as_str())
-                .unwrap_or_default()
-                .to_string();
-            let _ = inputs.send(driver::Input::Command(name, item.clone()));
+            let name = commands::name_of(item);
+            inbox.offer(inputs, driver::Input::Command(name, item.clone()));
         }
         _ => {}
     }
@@ -377,6 +480,12 @@ pub mod testing {
     /// version.
     pub fn restore(db: &Db) -> Result<(u64, Vec<Change>, Option<Hlc>), DbError> {
         let r = state::restore(db)?;
-        Ok((r.cursor, r.outbox, r.last_hlc))
+        let mut outbox = Vec::with_capacity(r.outbox.len());
+        for meta in &r.outbox {
+            if let Some(change) = state::outbox_entry(db, &meta.key)? {
+                outbox.push(change);
+            }
+        }
+        Ok((r.cursor, outbox, r.last_hlc))
     }
 }

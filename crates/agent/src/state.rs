@@ -7,8 +7,10 @@
 //!   after the commit and could lose it).
 //! - `outbox_seq`: sequence → item key: the outbox in first-write order (restore, oldest first).
 //! - `outbox_lossy`: sequence → item key, for models marked `lossy` (what a full outbox drops).
-//! - `versions`: item key → the HLC version (and deleted flag) of the last write of the key, local
-//!   or remote: the base of the next local write and the conflict rule's input.
+//! - `versions`: item key → the HLC version (and deleted flag, model, wall time of the write) of
+//!   the last write of the key, local or remote: the base of the next local write and the
+//!   conflict rule's input. Bounded by [`collect_versions`], which forgets old tombstones and
+//!   versions nobody needs any more.
 //! - `sync_meta`: the feed cursor, the last HLC issued, counters.
 //! - `resync_seen`: keys received during a full resync (swept at its end).
 
@@ -18,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use devtables_db::{Change, ChangeOp, DbError, Origin, SideTables, WriteInterceptor, WriteTxn};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{DeviceTxn, StoredVersion};
+use devtables_sync::device::OutboxMeta;
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::wire::{self, Op};
 use serde::{Deserialize, Serialize};
@@ -43,11 +46,19 @@ pub struct OutboxFull {
     pub limit: u64,
 }
 
+/// One `versions` record. `m` and `t` were added later: records written before them have
+/// neither, which the collection treats as "model unknown" and "written now" (it stamps them).
 #[derive(Serialize, Deserialize)]
 struct Version {
     v: String,
     #[serde(default)]
     d: bool,
+    /// The model of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    m: Option<String>,
+    /// Wall time of the write (ms since the epoch): the age of a tombstone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -62,6 +73,19 @@ pub(crate) fn raw_key(key: &ItemKey) -> Vec<u8> {
     out.push(0);
     out.extend_from_slice(key.sk.as_bytes());
     out
+}
+
+/// The item key of a side-table key made by [`raw_key`] (keys hold no NUL: the db refuses them).
+pub(crate) fn key_from_raw(raw: &[u8]) -> Option<ItemKey> {
+    let at = raw.iter().position(|b| *b == 0)?;
+    Some(ItemKey {
+        pk: String::from_utf8(raw[..at].to_vec()).ok()?,
+        sk: String::from_utf8(raw[at + 1..].to_vec()).ok()?,
+    })
+}
+
+fn wall_now() -> u64 {
+    devtables_db::system_now_ms().max(0) as u64
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> DbError {
@@ -82,6 +106,7 @@ fn get_version(side: &SideTables<'_>, key: &ItemKey) -> Result<Option<StoredVers
 
 fn put_version(
     side: &mut SideTables<'_>,
+    model: &str,
     key: &ItemKey,
     version: Hlc,
     deleted: bool,
@@ -89,6 +114,8 @@ fn put_version(
     let v = Version {
         v: wire::hlc_to_string(version),
         d: deleted,
+        m: Some(model.to_string()),
+        t: Some(wall_now()),
     };
     let bytes = serde_json::to_vec(&v)?;
     side.put(VERSIONS, &raw_key(key), &bytes)
@@ -193,7 +220,7 @@ impl WriteInterceptor for OutboxRecorder {
                 max: self.max_change_bytes,
             })));
         }
-        put_version(side, &change.key, version, deleted)?;
+        put_version(side, &change.model, &change.key, version, deleted)?;
         side.put(META, META_HLC, wire::hlc_to_string(version).as_bytes())?;
 
         match pending {
@@ -244,7 +271,8 @@ fn make_room(side: &mut SideTables<'_>, limit: u64) -> Result<(), DbError> {
 /// What the agent restores from the database when it starts.
 pub(crate) struct Restored {
     pub(crate) cursor: u64,
-    pub(crate) outbox: Vec<wire::Change>,
+    /// The outbox as the engine keeps it: metadata only, oldest first.
+    pub(crate) outbox: Vec<OutboxMeta>,
     pub(crate) last_hlc: Option<Hlc>,
 }
 
@@ -264,18 +292,160 @@ pub(crate) fn restore(db: &devtables_db::Db) -> Result<Restored, DbError> {
         }
         None => None,
     };
-    let mut outbox = Vec::new();
-    for (_, key) in db.side_scan(OUTBOX_SEQ, b"", usize::MAX)? {
-        if let Some(raw) = db.side_get(OUTBOX, &key)? {
-            let entry: Entry = serde_json::from_slice(&raw).map_err(|e| corrupt("outbox", e))?;
-            outbox.push(entry.change);
-        }
-    }
+    let outbox = load_outbox(db)?;
     Ok(Restored {
         cursor,
         outbox,
         last_hlc,
     })
+}
+
+/// Entries read per read transaction when the whole outbox is loaded.
+const OUTBOX_PAGE: usize = 1000;
+
+/// The metadata of the whole durable outbox, oldest first: what the engine resumes from, and
+/// what the event loop reloads after a missed notification. The entries are read a page at a
+/// time and only their metadata is kept, so this never holds the outbox's items in memory.
+pub(crate) fn load_outbox(db: &devtables_db::Db) -> Result<Vec<OutboxMeta>, DbError> {
+    let mut entries = Vec::new();
+    let mut start = Vec::new();
+    loop {
+        let page = db.side_scan(OUTBOX, &start, OUTBOX_PAGE)?;
+        let full = page.len() == OUTBOX_PAGE;
+        for (key, raw) in &page {
+            let entry: Entry = serde_json::from_slice(raw).map_err(|e| corrupt("outbox", e))?;
+            entries.push((entry.seq, OutboxMeta::of(&entry.change)));
+            start.clone_from(key);
+        }
+        if !full {
+            break;
+        }
+        start.push(0);
+    }
+    entries.sort_by_key(|(seq, _)| *seq);
+    Ok(entries.into_iter().map(|(_, m)| m).collect())
+}
+
+/// The current outbox entries of these keys (a batch being built); keys without one are left
+/// out.
+pub(crate) fn outbox_entries(
+    db: &devtables_db::Db,
+    keys: &[(String, ItemKey)],
+) -> Result<Vec<wire::Change>, DbError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for (_, key) in keys {
+        if let Some(change) = outbox_entry(db, key)? {
+            out.push(change);
+        }
+    }
+    Ok(out)
+}
+
+/// Entries in the durable outbox: the local changes not yet acknowledged.
+pub(crate) fn outbox_len(db: &devtables_db::Db) -> Result<u64, DbError> {
+    db.side_len(OUTBOX)
+}
+
+/// The stored version of a key, outside a write transaction.
+pub(crate) fn stored_version(db: &devtables_db::Db, key: &ItemKey) -> Result<Option<Hlc>, DbError> {
+    let Some(raw) = db.side_get(VERSIONS, &raw_key(key))? else {
+        return Ok(None);
+    };
+    let v: Version = serde_json::from_slice(&raw).map_err(|e| corrupt("version", e))?;
+    Ok(Some(
+        wire::hlc_from_str(&v.v).map_err(|e| corrupt("version", e))?,
+    ))
+}
+
+/// What one slice of [`collect_versions`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct GcSlice {
+    /// Tombstone versions older than the retention, removed.
+    pub(crate) tombstones: u64,
+    /// Versions of keys without an outbox entry whose model does not sync down, removed.
+    pub(crate) unneeded: u64,
+    /// Records without a timestamp (written by an older agent), stamped with the current time.
+    pub(crate) stamped: u64,
+    /// Where the next slice starts; `None` when the pass reached the end of the table.
+    pub(crate) next: Option<Vec<u8>>,
+}
+
+/// Examines up to `limit` version records from `start` (in key order) and forgets those nobody
+/// needs:
+/// - a tombstone (a deleted key, or a key whose item is gone) written longer than `retention_ms`
+///   ago: the cloud forgets its own tombstone after the same time, so nothing older can still
+///   arrive that the tombstone must defeat;
+/// - the version of a key of a model that does not sync down: nothing arrives from the cloud
+///   to compare it with, and the next local write simply has no base (correct for a model the
+///   device alone writes).
+///
+/// A key with an outbox entry keeps its version whatever its age (the entry's write is not
+/// acknowledged yet). Runs in the caller's transaction, so the outbox check and the removal
+/// agree.
+pub(crate) fn collect_versions(
+    txn: &mut WriteTxn<'_>,
+    schema: &Schema,
+    start: &[u8],
+    limit: usize,
+    now_ms: u64,
+    retention_ms: u64,
+) -> Result<GcSlice, DbError> {
+    let limit = limit.max(1);
+    let rows = txn.side().scan(VERSIONS, start, limit)?;
+    let mut out = GcSlice::default();
+    if rows.len() == limit {
+        out.next = rows.last().map(|(k, _)| {
+            let mut next = k.clone();
+            next.push(0);
+            next
+        });
+    }
+    for (raw, bytes) in rows {
+        if txn.side().get(OUTBOX, &raw)?.is_some() {
+            continue;
+        }
+        let mut v: Version = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                // Left alone: the write path reports it as corruption when the key is used.
+                tracing::warn!("version collection: unreadable version record skipped: {e}");
+                continue;
+            }
+        };
+        let live = match key_from_raw(&raw) {
+            Some(key) => txn.get_stored(&key)?.map(|(m, _)| m.name().to_string()),
+            None => None,
+        };
+        let model = v.m.clone().or(live.clone());
+        let syncs_down = match &model {
+            Some(m) => schema.model(m).is_some_and(|m| m.process().syncs_down()),
+            // An old record of a deleted key: only its age can retire it.
+            None => true,
+        };
+        let mut side = txn.side();
+        if !syncs_down {
+            side.remove(VERSIONS, &raw)?;
+            out.unneeded += 1;
+            continue;
+        }
+        let tombstone = v.d || live.is_none();
+        match v.t {
+            None => {
+                v.t = Some(now_ms);
+                if v.m.is_none() {
+                    v.m = model;
+                }
+                side.put(VERSIONS, &raw, &serde_json::to_vec(&v)?)?;
+                out.stamped += 1;
+            }
+            Some(t) if tombstone && now_ms.saturating_sub(t) > retention_ms => {
+                side.remove(VERSIONS, &raw)?;
+                out.tombstones += 1;
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(out)
 }
 
 /// The current outbox entry of a key (after a commit: what to hand the engine).
@@ -345,7 +515,13 @@ pub(crate) fn restamp(
             .map_err(|e| DbError::Refused(Box::new(e)))?
     };
     entry.change.version = new;
-    put_version(&mut side, key, new, entry.change.op == Op::Delete)?;
+    put_version(
+        &mut side,
+        &entry.change.model,
+        key,
+        new,
+        entry.change.op == Op::Delete,
+    )?;
     side.put(META, META_HLC, wire::hlc_to_string(new).as_bytes())?;
     side.put(OUTBOX, &raw, &serde_json::to_vec(&entry)?)?;
     Ok(Some(entry.change))
@@ -389,12 +565,12 @@ impl DeviceTxn for AgentTxn<'_, '_> {
                 "remote {model} item's key {stored:?} differs from the change's key {key:?}"
             )));
         }
-        put_version(&mut self.txn.side(), key, version, false)
+        put_version(&mut self.txn.side(), model, key, version, false)
     }
 
-    fn delete_remote(&mut self, _model: &str, key: &ItemKey, version: Hlc) -> Result<(), DbError> {
+    fn delete_remote(&mut self, model: &str, key: &ItemKey, version: Hlc) -> Result<(), DbError> {
         self.txn.remove_stored(key)?;
-        put_version(&mut self.txn.side(), key, version, true)
+        put_version(&mut self.txn.side(), model, key, version, true)
     }
 
     fn has_pending(&mut self, _model: &str, key: &ItemKey) -> Result<bool, DbError> {
@@ -439,12 +615,289 @@ impl DeviceTxn for AgentTxn<'_, '_> {
                 let version = get_version(&side, &key)?;
                 self.txn.remove_stored(&key)?;
                 if let Some(v) = version {
-                    put_version(&mut self.txn.side(), &key, v.version, true)?;
+                    put_version(&mut self.txn.side(), &model, &key, v.version, true)?;
                 }
                 swept.push((model.clone(), key_of_model));
             }
         }
         self.txn.side().clear(RESYNC_SEEN)?;
         Ok(swept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use devtables_db::{Db, DbOptions};
+    use devtables_sync::apply::{device_apply, ApplyError, ApplyPage};
+    use serde_json::json;
+
+    use super::*;
+
+    const HOUR: u64 = 3600 * 1000;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        db: Db,
+        schema: Arc<Schema>,
+        clock: Arc<Mutex<HlcClock>>,
+        cursor: u64,
+    }
+
+    fn fixture() -> Fixture {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/schema.json5");
+        let schema = Arc::new(Schema::load(Path::new(path)).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(
+            dir.path().join("d.redb"),
+            schema.clone(),
+            DbOptions::default(),
+        )
+        .unwrap();
+        let clock = Arc::new(Mutex::new(HlcClock::new(1)));
+        db.set_interceptor(Some(Arc::new(OutboxRecorder {
+            schema: schema.clone(),
+            clock: clock.clone(),
+            cloud_offset_ms: Arc::new(AtomicI64::new(0)),
+            limit: 1000,
+            max_change_bytes: 64 * 1024,
+        })));
+        Fixture {
+            _dir: dir,
+            db,
+            schema,
+            clock,
+            cursor: 0,
+        }
+    }
+
+    fn item(v: serde_json::Value) -> Item {
+        v.as_object().cloned().unwrap()
+    }
+
+    impl Fixture {
+        /// Applies one change from the cloud through the real replication rule.
+        fn remote(&mut self, model: &str, input: serde_json::Value, delete: bool) -> ItemKey {
+            let m = self.schema.model(model).unwrap();
+            let full = m.prepare_create(&item(input), 0).unwrap();
+            let key = m.primary_key(&full).unwrap();
+            // The counter keeps versions of one millisecond increasing.
+            let version = Hlc {
+                wall_ms: wall_now(),
+                counter: self.cursor as u32,
+                node: 99,
+            };
+            let change = wire::Change {
+                model: model.into(),
+                key: key.clone(),
+                op: if delete { Op::Delete } else { Op::Put },
+                item: (!delete).then_some(full),
+                version,
+                base: None,
+            };
+            let page = ApplyPage::Feed {
+                from: self.cursor,
+                to: self.cursor + 1,
+                changes: vec![change],
+            };
+            self.cursor += 1;
+            let (schema, clock) = (self.schema.clone(), self.clock.clone());
+            self.db
+                .write(Origin::Remote, |txn| {
+                    let mut t = AgentTxn {
+                        txn,
+                        schema: &schema,
+                    };
+                    let mut clock = clock.lock().unwrap();
+                    device_apply(&mut t, &schema, &mut clock, 0, &page).map_err(|e| match e {
+                        ApplyError::Store(e) => e,
+                    })
+                })
+                .unwrap();
+            key
+        }
+
+        /// One full pass of the collection at `now_ms`, in slices of `slice`.
+        fn collect(&self, now_ms: u64, retention_ms: u64, slice: usize) -> GcSlice {
+            let mut total = GcSlice::default();
+            let mut start = Vec::new();
+            loop {
+                let out = self
+                    .db
+                    .write(Origin::Remote, |txn| {
+                        collect_versions(txn, &self.schema, &start, slice, now_ms, retention_ms)
+                    })
+                    .unwrap();
+                total.tombstones += out.tombstones;
+                total.unneeded += out.unneeded;
+                total.stamped += out.stamped;
+                match out.next {
+                    Some(next) => start = next,
+                    None => return total,
+                }
+            }
+        }
+
+        fn has_version(&self, key: &ItemKey) -> bool {
+            stored_version(&self.db, key).unwrap().is_some()
+        }
+
+        fn ack_all(&self) {
+            let acked: Vec<_> = load_outbox(&self.db)
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.model, c.key, c.version))
+                .collect();
+            self.db
+                .write(Origin::Remote, |txn| outbox_remove(txn, &acked))
+                .unwrap();
+        }
+    }
+
+    fn fault_key(id: &str) -> ItemKey {
+        ItemKey {
+            pk: "device#d1".into(),
+            sk: format!("fault#{id}"),
+        }
+    }
+
+    #[test]
+    fn up_only_versions_go_once_acknowledged_and_pending_ones_stay() {
+        let f = fixture();
+        for id in ["f1", "f2", "f3"] {
+            f.db.create(
+                "Fault",
+                &item(json!({"deviceId": "d1", "id": id, "severity": "info"})),
+            )
+            .unwrap();
+        }
+        let now = wall_now();
+        // Pending in the outbox: every version stays, however old.
+        let out = f.collect(now + 1000 * HOUR, HOUR, 1000);
+        assert_eq!((out.unneeded, out.tombstones), (0, 0));
+        for id in ["f1", "f2", "f3"] {
+            assert!(f.has_version(&fault_key(id)));
+        }
+        f.ack_all();
+        // A newer write of f3 waits again: its version is the base of the next write.
+        f.db.update(
+            "Fault",
+            &item(json!({"deviceId": "d1", "id": "f3", "severity": "warn"})),
+        )
+        .unwrap();
+        let out = f.collect(now, HOUR, 1000);
+        assert_eq!(out.unneeded, 2, "{out:?}");
+        assert!(!f.has_version(&fault_key("f1")));
+        assert!(!f.has_version(&fault_key("f2")));
+        assert!(f.has_version(&fault_key("f3")));
+        // The items themselves stay: only replication metadata is forgotten.
+        assert!(f
+            .db
+            .get("Fault", &item(json!({"deviceId": "d1", "id": "f1"})))
+            .unwrap()
+            .is_some());
+        // A later write of a collected key simply has no base.
+        f.db.update(
+            "Fault",
+            &item(json!({"deviceId": "d1", "id": "f1", "severity": "critical"})),
+        )
+        .unwrap();
+        let entry = outbox_entry(&f.db, &fault_key("f1")).unwrap().unwrap();
+        assert_eq!(entry.base, None);
+    }
+
+    #[test]
+    fn tombstones_go_after_the_retention_and_live_down_synced_versions_stay() {
+        let mut f = fixture();
+        let live = f.remote("Setting", json!({"deviceId": "d1", "name": "live"}), false);
+        let fw = f.remote("Firmware", json!({"version": "1", "url": "u"}), false);
+        let gone = f.remote("Setting", json!({"deviceId": "d1", "name": "gone"}), false);
+        f.remote("Setting", json!({"deviceId": "d1", "name": "gone"}), true);
+        // A local delete not yet acknowledged keeps its tombstone whatever its age.
+        let mine = f.remote("Setting", json!({"deviceId": "d1", "name": "mine"}), false);
+        f.db.remove("Setting", &item(json!({"deviceId": "d1", "name": "mine"})))
+            .unwrap();
+        let now = wall_now();
+
+        let out = f.collect(now + HOUR / 2, HOUR, 1000);
+        assert_eq!(
+            (out.tombstones, out.unneeded),
+            (0, 0),
+            "young tombstone kept"
+        );
+        assert!(f.has_version(&gone));
+
+        let out = f.collect(now + 2 * HOUR, HOUR, 1000);
+        assert_eq!((out.tombstones, out.unneeded), (1, 0), "{out:?}");
+        assert!(!f.has_version(&gone));
+        assert!(
+            f.has_version(&live),
+            "a live down-synced item keeps its version"
+        );
+        assert!(
+            f.has_version(&fw),
+            "a live down-only item keeps its version"
+        );
+        assert!(f.has_version(&mine), "a pending delete keeps its tombstone");
+
+        // Once acknowledged, the local tombstone ages out like any other.
+        f.ack_all();
+        let out = f.collect(now + 2 * HOUR, HOUR, 1000);
+        assert_eq!(out.tombstones, 1);
+        assert!(!f.has_version(&mine));
+        assert!(f.has_version(&live));
+    }
+
+    #[test]
+    fn records_of_older_agents_count_as_written_at_first_sight() {
+        let f = fixture();
+        let key = ItemKey {
+            pk: "device#d1".into(),
+            sk: "setting#old".into(),
+        };
+        let v = Hlc {
+            wall_ms: 5,
+            counter: 0,
+            node: 99,
+        };
+        // The record as an agent without model and timestamp fields wrote it.
+        let old = format!(r#"{{"v":"{}","d":true}}"#, wire::hlc_to_string(v));
+        f.db.write(Origin::Remote, |txn| {
+            txn.side().put(VERSIONS, &raw_key(&key), old.as_bytes())
+        })
+        .unwrap();
+        let now = wall_now();
+        let out = f.collect(now, HOUR, 1000);
+        assert_eq!((out.stamped, out.tombstones), (1, 0));
+        assert!(f.has_version(&key));
+        let out = f.collect(now + HOUR / 2, HOUR, 1000);
+        assert_eq!((out.stamped, out.tombstones), (0, 0));
+        let out = f.collect(now + 2 * HOUR, HOUR, 1000);
+        assert_eq!(out.tombstones, 1);
+        assert!(!f.has_version(&key));
+    }
+
+    #[test]
+    fn a_pass_runs_in_bounded_slices() {
+        let f = fixture();
+        for i in 0..25 {
+            f.db.create(
+                "Fault",
+                &item(json!({"deviceId": "d1", "id": format!("f{i:02}"), "severity": "info"})),
+            )
+            .unwrap();
+        }
+        f.ack_all();
+        let first =
+            f.db.write(Origin::Remote, |txn| {
+                collect_versions(txn, &f.schema, b"", 10, wall_now(), HOUR)
+            })
+            .unwrap();
+        assert_eq!(first.unneeded, 10);
+        assert!(first.next.is_some());
+        let rest = f.collect(wall_now(), HOUR, 10);
+        assert_eq!(rest.unneeded, 15);
+        assert_eq!(f.db.side_len(VERSIONS).unwrap(), 0);
     }
 }

@@ -6,12 +6,16 @@
 //! plus the durable (`immediate`) write rates against the raw disk sync rate. It prints a Markdown
 //! report and writes it to `--out` when given. Every database file lives in a temporary
 //! directory under /tmp that the parent removes at the end.
+//!
+//! `devtables-bench sync` measures replication end to end (`sync`); `devtables-bench memory`
+//! the agent's resident memory with many changes pending (`memory`).
 
 // `DbError` is what `Db::write` closures return (large, not ours to change); `is_multiple_of`
 // is newer than the workspace's rust-version.
 #![allow(clippy::result_large_err, clippy::manual_is_multiple_of)]
 
 mod dt;
+mod memory;
 mod sq;
 mod sync;
 mod sys;
@@ -40,6 +44,11 @@ enum Cmd {
     Db(DbArgs),
     /// Replication end to end on loopback: latency up and down, throughput, bytes per item.
     Sync(sync::SyncArgs),
+    /// The agent's resident memory with 0, 10k, 100k changes pending (no broker reachable).
+    Memory(memory::MemoryArgs),
+    /// One agent measurement, run by `memory` in a fresh process; prints JSON.
+    #[command(hide = true)]
+    MemoryProbe(memory::ProbeArgs),
     /// One configuration, run by `db` in a fresh process; prints its metrics as JSON.
     #[command(hide = true)]
     Child {
@@ -78,6 +87,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Db(args) => run_db(&args),
         Cmd::Sync(args) => sync::run(&args),
+        Cmd::Memory(args) => memory::run(&args),
+        Cmd::MemoryProbe(args) => memory::probe(&args),
         Cmd::Child {
             engine,
             n,

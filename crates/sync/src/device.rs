@@ -12,7 +12,7 @@ use crate::apply::{ApplyOutcome, ApplyPage, Skipped};
 use crate::hlc::Hlc;
 use crate::rng::SplitMix;
 use crate::wire::{
-    self, Change, ChangeStatus, DownMsg, ErrorCode, RejectReason, SnapshotCursor, UpMsg,
+    self, Change, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, SnapshotCursor, UpMsg,
     WireConfig, WireError,
 };
 
@@ -66,13 +66,55 @@ impl Default for DeviceConfig {
     }
 }
 
+/// What the engine keeps of one durable outbox entry: not the change itself, which stays in
+/// the driver's durable outbox until a batch is built ([`DeviceAction::LoadBatch`]), so the
+/// engine's memory does not grow with the size of the items waiting during an outage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxMeta {
+    /// The item's model.
+    pub model: String,
+    /// The item's key.
+    pub key: ItemKey,
+    /// The version of the newest local change of the key.
+    pub version: Hlc,
+    /// Encoded size of the change ([`wire::change_len`]): what batches are budgeted with.
+    pub len: usize,
+    /// Whether the change is a delete.
+    pub delete: bool,
+}
+
+impl OutboxMeta {
+    /// The metadata of a change (computes its encoded size).
+    pub fn of(change: &Change) -> OutboxMeta {
+        OutboxMeta {
+            model: change.model.clone(),
+            key: change.key.clone(),
+            version: change.version,
+            len: wire::change_len(change),
+            delete: change.op == Op::Delete,
+        }
+    }
+}
+
+impl From<&Change> for OutboxMeta {
+    fn from(change: &Change) -> OutboxMeta {
+        OutboxMeta::of(change)
+    }
+}
+
+impl From<Change> for OutboxMeta {
+    fn from(change: Change) -> OutboxMeta {
+        OutboxMeta::of(&change)
+    }
+}
+
 /// What the driver restores from durable storage when it builds an engine.
 #[derive(Clone, Debug, Default)]
 pub struct Restored {
     /// The feed cursor stored by the last applied page.
     pub cursor: u64,
-    /// The durable outbox, oldest first, at most one entry per key.
-    pub outbox: Vec<Change>,
+    /// The durable outbox's metadata, oldest first, at most one entry per key.
+    pub outbox: Vec<OutboxMeta>,
 }
 
 /// Work for the driver.
@@ -98,6 +140,16 @@ pub enum DeviceAction {
         version: Hlc,
         /// The cloud's time when it refused it.
         cloud_ms: u64,
+    },
+    /// Read the current durable outbox entries of these keys and pass those that exist to
+    /// [`DeviceEngine::handle_batch_loaded`] with the same `batch` (a key without an entry is
+    /// simply left out). Until then the batch counts as in flight; if the answer does not come
+    /// before its retransmit timeout, the keys are queued again.
+    LoadBatch {
+        /// The batch id to answer with.
+        batch: u64,
+        /// The keys (model, key), oldest first.
+        keys: Vec<(String, ItemKey)>,
     },
 }
 
@@ -179,13 +231,16 @@ pub enum DeviceEvent {
     },
 }
 
-/// One queued or in-flight outbox entry (the newest change of one key).
+/// One queued or in-flight outbox entry (the newest change of one key), as metadata: the change
+/// itself is loaded from the driver's durable outbox when a batch is built.
 #[derive(Clone, Debug)]
 struct Entry {
-    /// The newest local change of the key.
-    change: Change,
-    /// Encoded size of `change`, cached for batch building.
+    /// Version of the newest local change of the key.
+    version: Hlc,
+    /// Encoded size of that change, for batch building.
     len: usize,
+    /// Whether that change is a delete.
+    delete: bool,
     /// Queue position: first-write order, so a hot key is not starved.
     seq: u64,
     /// When the entry last became queued; starts the batch delay.
@@ -199,13 +254,18 @@ struct Entry {
     in_flight: Option<(u64, Hlc)>,
 }
 
-/// A sent, unacknowledged push.
+/// A sent, unacknowledged push (or one whose changes the driver is loading).
 #[derive(Clone, Debug)]
 struct Batch {
-    /// The keys and versions sent.
+    /// The keys and versions sent (while loading: the versions known when it was built).
     keys: Vec<(String, ItemKey, Hlc)>,
-    /// When it is resent.
+    /// When it is resent (while loading: when the keys are queued again if no answer came).
     deadline: u64,
+    /// Waiting for [`DeviceEngine::handle_batch_loaded`].
+    loading: bool,
+    /// The changes sent, for the event of a rejected one. Bounded by the window:
+    /// `max_in_flight` batches of at most `max_batch_bytes`.
+    sent: Vec<Change>,
 }
 
 /// A resync being received.
@@ -314,8 +374,8 @@ impl DeviceEngine {
             events: VecDeque::new(),
             high_raised: false,
         };
-        for change in restored.outbox {
-            engine.enqueue(0, change);
+        for meta in restored.outbox {
+            engine.enqueue(0, meta);
         }
         engine
     }
@@ -358,9 +418,10 @@ impl DeviceEngine {
         self.dissolve_all();
     }
 
-    /// A local change was committed together with its durable outbox entry.
-    pub fn handle_local_change(&mut self, now_ms: u64, change: Change) {
-        self.enqueue(now_ms, change);
+    /// A local change was committed together with its durable outbox entry. Only its metadata
+    /// is kept (pass the change, or its [`OutboxMeta`]).
+    pub fn handle_local_change(&mut self, now_ms: u64, change: impl Into<OutboxMeta>) {
+        self.enqueue(now_ms, change.into());
         if self.entries.len() > self.cfg.outbox_high_water && !self.high_raised {
             self.high_raised = true;
             self.event(DeviceEvent::OutboxHigh {
@@ -497,11 +558,12 @@ impl DeviceEngine {
         let Some(e) = self.entries.get_mut(&k) else {
             return;
         };
-        if e.change.version != old {
+        if e.version != old {
             return;
         }
-        e.change = change;
+        e.version = to;
         e.len = len;
+        e.delete = change.op == crate::wire::Op::Delete;
         e.restamping = false;
         if !e.queued {
             e.queued = true;
@@ -659,15 +721,15 @@ impl DeviceEngine {
         self.hello_deadline = Some(now_ms.saturating_add(rto));
     }
 
-    fn enqueue(&mut self, now_ms: u64, change: Change) {
-        let len = wire::change_len(&change);
-        let k = (change.model.clone(), change.key.clone());
+    fn enqueue(&mut self, now_ms: u64, meta: OutboxMeta) {
+        let k = (meta.model, meta.key);
         if let Some(e) = self.entries.get_mut(&k) {
-            if change.version <= e.change.version {
+            if meta.version <= e.version {
                 return;
             }
-            e.change = change;
-            e.len = len;
+            e.version = meta.version;
+            e.len = meta.len;
+            e.delete = meta.delete;
             e.restamping = false;
             if !e.queued {
                 e.queued = true;
@@ -681,8 +743,9 @@ impl DeviceEngine {
         self.entries.insert(
             k.clone(),
             Entry {
-                change,
-                len,
+                version: meta.version,
+                len: meta.len,
+                delete: meta.delete,
                 seq,
                 queued_at: now_ms,
                 queued: true,
@@ -746,7 +809,7 @@ impl DeviceEngine {
             let Some(e) = self.entries.get_mut(&k) else {
                 continue;
             };
-            if e.change.version == r.version {
+            if e.version == r.version {
                 if let ChangeStatus::Rejected {
                     reason: RejectReason::VersionAhead { cloud_ms, .. },
                 } = r.status
@@ -767,18 +830,18 @@ impl DeviceEngine {
                 let Some(e) = self.remove_entry(&k) else {
                     continue;
                 };
-                removed.push((k.0, k.1, r.version));
                 match r.status {
-                    ChangeStatus::Rejected { reason } => self.event(DeviceEvent::Rejected {
-                        change: e.change,
-                        reason,
-                    }),
-                    ChangeStatus::Stale { winner } => self.event(DeviceEvent::Superseded {
-                        change: e.change,
-                        winner,
-                    }),
+                    ChangeStatus::Rejected { reason } => {
+                        let change = self.sent_change(&k, &e);
+                        self.event(DeviceEvent::Rejected { change, reason });
+                    }
+                    ChangeStatus::Stale { winner } => {
+                        let change = self.sent_change(&k, &e);
+                        self.event(DeviceEvent::Superseded { change, winner });
+                    }
                     ChangeStatus::Applied => {}
                 }
+                removed.push((k.0, k.1, r.version));
             } else if e.in_flight.is_some_and(|(_, v)| v == r.version) {
                 // An older version was answered; the newer one stays queued.
                 e.in_flight = None;
@@ -905,9 +968,8 @@ impl DeviceEngine {
         }
     }
 
-    /// Build and send one batch if one is due; returns whether one was sent.
-    fn send_batch(&mut self, now_ms: u64) -> bool {
-        let id = self.next_batch;
+    /// The budget of one push: (largest message, most changes, bytes of an empty push).
+    fn push_budget(&self) -> (usize, usize, usize) {
         let budget = self
             .cfg
             .max_batch_bytes
@@ -924,6 +986,14 @@ impl DeviceEngine {
                 changes: vec![],
             },
         );
+        (budget, max_count, overhead)
+    }
+
+    /// Build one batch if one is due and ask the driver for its changes
+    /// ([`DeviceAction::LoadBatch`]); returns whether one was built.
+    fn send_batch(&mut self, now_ms: u64) -> bool {
+        let id = self.next_batch;
+        let (budget, max_count, overhead) = self.push_budget();
         let mut picked: Vec<(String, ItemKey)> = Vec::new();
         let mut too_large: Vec<(String, ItemKey)> = Vec::new();
         let mut size = overhead;
@@ -934,6 +1004,7 @@ impl DeviceEngine {
                 continue;
             };
             if overhead.saturating_add(e.len) > budget {
+                // Loaded with the batch, then refused (the event carries the change).
                 too_large.push(k.clone());
                 continue;
             }
@@ -946,58 +1017,378 @@ impl DeviceEngine {
             oldest = Some(oldest.map_or(e.queued_at, |o: u64| o.min(e.queued_at)));
             picked.push(k.clone());
         }
-        for k in too_large {
-            if let Some(e) = self.remove_entry(&k) {
-                self.actions.push_back(DeviceAction::OutboxRemove(vec![(
-                    k.0,
-                    k.1,
-                    e.change.version,
-                )]));
-                self.event(DeviceEvent::Rejected {
-                    change: e.change,
-                    reason: RejectReason::TooLarge,
-                });
+        match oldest {
+            None if too_large.is_empty() => return false,
+            // Nagle-style: with nothing in flight a change goes at once (low latency when
+            // quiet); while a batch is in flight, changes wait up to the delay for company (or
+            // for the window to free), so a burst goes out as a few full batches.
+            Some(oldest)
+                if too_large.is_empty()
+                    && !full
+                    && !self.batches.is_empty()
+                    && now_ms < oldest.saturating_add(self.cfg.batch_delay_ms) =>
+            {
+                return false
             }
+            _ => {}
         }
-        let Some(oldest) = oldest else {
-            return false;
-        };
-        // Nagle-style: with nothing in flight a change goes at once (low latency when quiet);
-        // while a batch is in flight, changes wait up to the delay for company (or for the
-        // window to free), so a burst goes out as a few full batches.
-        if !full
-            && !self.batches.is_empty()
-            && now_ms < oldest.saturating_add(self.cfg.batch_delay_ms)
-        {
-            return false;
-        }
-        let mut changes = Vec::with_capacity(picked.len());
-        let mut keys = Vec::with_capacity(picked.len());
-        for k in picked {
+        let mut keys = Vec::with_capacity(picked.len() + too_large.len());
+        for k in picked.into_iter().chain(too_large) {
             if let Some(e) = self.entries.get_mut(&k) {
                 e.queued = false;
-                e.in_flight = Some((id, e.change.version));
+                e.in_flight = Some((id, e.version));
                 self.order.remove(&e.seq);
-                keys.push((k.0, k.1, e.change.version));
-                changes.push(e.change.clone());
+                keys.push((k.0, k.1, e.version));
             }
         }
         self.next_batch = self.next_batch.wrapping_add(1);
         let rto = self.rto(self.backoff);
+        let load = keys
+            .iter()
+            .map(|(m, k, _)| (m.clone(), k.clone()))
+            .collect();
         self.batches.insert(
             id,
             Batch {
                 keys,
                 deadline: now_ms.saturating_add(rto),
+                loading: true,
+                sent: Vec::new(),
             },
         );
-        self.send(&UpMsg::Push { batch: id, changes });
+        self.actions.push_back(DeviceAction::LoadBatch {
+            batch: id,
+            keys: load,
+        });
         true
+    }
+
+    /// The driver loaded the changes of a [`DeviceAction::LoadBatch`]: the current durable
+    /// outbox entries of its keys (keys without one are left out). The batch is sent with
+    /// exactly these changes: a key whose change is newer than the engine knew is sent in its
+    /// newer version, a key that is gone from the outbox (acknowledged or dropped meanwhile) is
+    /// forgotten, a key the engine knows a newer change of waits for the next batch. A change
+    /// too large for any message is refused ([`RejectReason::TooLarge`]); one that no longer fits
+    /// this batch waits for the next. An answer for an unknown batch (dissolved meanwhile) is
+    /// ignored.
+    pub fn handle_batch_loaded(&mut self, now_ms: u64, batch: u64, changes: Vec<Change>) {
+        let requested = match self.batches.get_mut(&batch) {
+            Some(b) if b.loading => std::mem::take(&mut b.keys),
+            _ => return,
+        };
+        let mut loaded: BTreeMap<(String, ItemKey), Change> = changes
+            .into_iter()
+            .map(|c| ((c.model.clone(), c.key.clone()), c))
+            .collect();
+        let (budget, max_count, overhead) = self.push_budget();
+        let mut size = overhead;
+        let mut keys = Vec::new();
+        let mut send = Vec::new();
+        for (model, key, _) in requested {
+            let k = (model, key);
+            let ours = self
+                .entries
+                .get(&k)
+                .is_some_and(|e| e.in_flight.is_some_and(|(b, _)| b == batch));
+            if !ours {
+                // Answered or superseded while loading.
+                continue;
+            }
+            let Some(change) = loaded.remove(&k) else {
+                // No durable entry any more: nothing to send, nothing to remove.
+                self.remove_entry(&k);
+                continue;
+            };
+            let len = wire::change_len(&change);
+            let Some(e) = self.entries.get_mut(&k) else {
+                continue;
+            };
+            if change.version < e.version {
+                // A newer change was announced meanwhile; its entry is loaded with a later batch.
+                self.requeue(&k, batch);
+                continue;
+            }
+            e.version = change.version;
+            e.len = len;
+            e.delete = change.op == Op::Delete;
+            if overhead.saturating_add(len) > budget {
+                if self.remove_entry(&k).is_some() {
+                    self.actions.push_back(DeviceAction::OutboxRemove(vec![(
+                        k.0,
+                        k.1,
+                        change.version,
+                    )]));
+                    self.event(DeviceEvent::Rejected {
+                        change,
+                        reason: RejectReason::TooLarge,
+                    });
+                }
+                continue;
+            }
+            let add = len + usize::from(!send.is_empty());
+            if send.len() >= max_count || size + add > budget {
+                // It grew since the batch was built.
+                self.requeue(&k, batch);
+                continue;
+            }
+            size += add;
+            e.in_flight = Some((batch, change.version));
+            if e.queued {
+                // Announced again while loading, and this load already carries it.
+                e.queued = false;
+                self.order.remove(&e.seq);
+            }
+            keys.push((k.0, k.1, change.version));
+            send.push(change);
+        }
+        if send.is_empty() {
+            self.batches.remove(&batch);
+            self.flush(now_ms);
+            return;
+        }
+        let rto = self.rto(self.backoff);
+        let msg = UpMsg::Push {
+            batch,
+            changes: send,
+        };
+        self.send(&msg);
+        let UpMsg::Push { changes: sent, .. } = msg else {
+            return;
+        };
+        if let Some(b) = self.batches.get_mut(&batch) {
+            b.keys = keys;
+            b.loading = false;
+            b.deadline = now_ms.saturating_add(rto);
+            b.sent = sent;
+        }
+        self.flush(now_ms);
+    }
+
+    /// The change an acknowledgement answered, as sent; when its batch is no longer in the
+    /// window (dissolved by a timeout before the answer came), the change without its item.
+    fn sent_change(&self, k: &(String, ItemKey), e: &Entry) -> Change {
+        self.batches
+            .values()
+            .flat_map(|b| b.sent.iter())
+            .find(|c| c.model == k.0 && c.key == k.1 && c.version == e.version)
+            .cloned()
+            .unwrap_or_else(|| Change {
+                model: k.0.clone(),
+                key: k.1.clone(),
+                op: if e.delete { Op::Delete } else { Op::Put },
+                item: None,
+                version: e.version,
+                base: None,
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! Batches loaded from the driver's outbox: what is sent is what the outbox holds when the
+    //! batch is loaded.
+
+    use super::*;
+    use crate::wire::ChangeResult;
+
+    fn hlc(w: u64) -> Hlc {
+        Hlc {
+            wall_ms: w,
+            counter: 0,
+            node: 7,
+        }
+    }
+
+    fn change(name: &str, version: u64, pad: usize) -> Change {
+        let mut item = devtables_schema::Item::new();
+        item.insert("name".into(), name.into());
+        item.insert("pad".into(), "x".repeat(pad).into());
+        Change {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: name.into(),
+            },
+            op: Op::Put,
+            item: Some(item),
+            version: hlc(version),
+            base: None,
+        }
+    }
+
+    fn ready(outbox: &[Change]) -> DeviceEngine {
+        let mut e = DeviceEngine::new(
+            DeviceConfig {
+                seed: 1,
+                ..DeviceConfig::default()
+            },
+            "1".into(),
+            Restored {
+                cursor: 0,
+                outbox: outbox.iter().map(OutboxMeta::of).collect(),
+            },
+        );
+        e.handle_connected(0);
+        let hello = pushes_and_hello(&mut e);
+        let Some(UpMsg::Hello { session, .. }) = hello.first() else {
+            panic!("{hello:?}")
+        };
+        let welcome = DownMsg::Welcome {
+            session: *session,
+            now_ms: 1,
+            max_drift_ms: 60_000,
+        };
+        let bytes = wire::encode_down("1", &welcome, &WireConfig::default()).unwrap();
+        e.handle_message(1, &bytes);
+        assert!(e.is_ready());
+        e
+    }
+
+    fn pushes_and_hello(e: &mut DeviceEngine) -> Vec<UpMsg> {
+        std::iter::from_fn(|| e.poll_transmit())
+            .map(|b| wire::decode_up(&b, &WireConfig::default()).unwrap().msg)
+            .collect()
+    }
+
+    /// The next action, which must be a `LoadBatch`: (batch, keys' sort keys).
+    fn load_request(e: &mut DeviceEngine) -> (u64, Vec<String>) {
+        match e.poll_action() {
+            Some(DeviceAction::LoadBatch { batch, keys }) => {
+                (batch, keys.into_iter().map(|(_, k)| k.sk).collect())
+            }
+            other => panic!("expected LoadBatch, got {other:?}"),
+        }
+    }
+
+    fn sent(e: &mut DeviceEngine) -> Vec<(u64, Vec<(String, u64)>)> {
+        pushes_and_hello(e)
+            .into_iter()
+            .filter_map(|m| match m {
+                UpMsg::Push { batch, changes } => Some((
+                    batch,
+                    changes
+                        .into_iter()
+                        .map(|c| (c.key.sk, c.version.wall_ms))
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ack(e: &mut DeviceEngine, now: u64, batch: u64, acked: &[(&str, u64)]) {
+        let results = acked
+            .iter()
+            .map(|(name, v)| ChangeResult {
+                model: "M".into(),
+                key: ItemKey {
+                    pk: "p".into(),
+                    sk: (*name).into(),
+                },
+                version: hlc(*v),
+                status: ChangeStatus::Applied,
+            })
+            .collect();
+        let msg = DownMsg::PushAck { batch, results };
+        let bytes = wire::encode_down("1", &msg, &WireConfig::default()).unwrap();
+        e.handle_message(now, &bytes);
+    }
+
+    #[test]
+    fn a_batch_sends_what_the_outbox_holds_when_it_is_loaded() {
+        let mut e = ready(&[change("a", 1, 0), change("b", 1, 0), change("c", 1, 0)]);
+        let (batch, keys) = load_request(&mut e);
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert!(sent(&mut e).is_empty(), "nothing is sent before the load");
+        assert_eq!(e.in_flight(), 3);
+        // a was rewritten (newer, larger) and b acknowledged or dropped meanwhile.
+        e.handle_batch_loaded(2, batch, vec![change("a", 5, 300), change("c", 1, 0)]);
+        assert_eq!(
+            sent(&mut e),
+            [(batch, vec![("a".into(), 5), ("c".into(), 1)])]
+        );
+        assert_eq!(e.pending(), 2, "b is forgotten");
+        assert_eq!(e.poll_action(), None, "b needs no removal: it is gone");
+        ack(&mut e, 3, batch, &[("a", 5), ("c", 1)]);
+        assert_eq!(
+            e.poll_action(),
+            Some(DeviceAction::OutboxRemove(vec![
+                ("M".into(), change("a", 5, 0).key, hlc(5)),
+                ("M".into(), change("c", 1, 0).key, hlc(1)),
+            ]))
+        );
+        assert_eq!(e.pending(), 0);
+    }
+
+    #[test]
+    fn an_unanswered_load_is_queued_again_and_a_late_answer_is_ignored() {
+        let mut e = ready(&[change("a", 1, 0)]);
+        let (first, _) = load_request(&mut e);
+        let deadline = e.poll_timeout().expect("the load has a deadline");
+        e.handle_timeout(deadline);
+        let (second, keys) = load_request(&mut e);
+        assert_ne!(first, second);
+        assert_eq!(keys, ["a"]);
+        e.handle_batch_loaded(deadline, first, vec![change("a", 1, 0)]);
+        assert!(sent(&mut e).is_empty(), "the dissolved batch is not sent");
+        e.handle_batch_loaded(deadline, second, vec![change("a", 1, 0)]);
+        assert_eq!(sent(&mut e), [(second, vec![("a".into(), 1)])]);
+        assert_eq!(e.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_change_announced_while_loading_is_sent_once() {
+        let mut e = ready(&[change("a", 1, 0)]);
+        let (batch, _) = load_request(&mut e);
+        // The newer write commits and is announced before the load is answered; the load
+        // already reads it.
+        e.handle_local_change(2, change("a", 2, 0));
+        e.handle_batch_loaded(3, batch, vec![change("a", 2, 0)]);
+        assert_eq!(sent(&mut e), [(batch, vec![("a".into(), 2)])]);
+        e.handle_timeout(200);
+        assert_eq!(e.poll_action(), None, "a is not loaded again");
+        ack(&mut e, 300, batch, &[("a", 2)]);
+        assert_eq!(e.pending(), 0);
+    }
+
+    #[test]
+    fn an_older_load_than_the_engine_knows_waits_for_the_next_batch() {
+        let mut e = ready(&[change("a", 1, 0)]);
+        let (batch, _) = load_request(&mut e);
+        e.handle_local_change(2, change("a", 3, 0));
+        e.handle_batch_loaded(3, batch, vec![change("a", 1, 0)]);
+        assert!(sent(&mut e).is_empty());
+        let (next, keys) = load_request(&mut e);
+        assert_eq!(keys, ["a"]);
+        e.handle_batch_loaded(4, next, vec![change("a", 3, 0)]);
+        assert_eq!(sent(&mut e), [(next, vec![("a".into(), 3)])]);
+    }
+
+    #[test]
+    fn a_change_too_large_for_any_message_is_refused_with_its_item() {
+        let mut e = ready(&[change("big", 1, 200_000), change("a", 1, 0)]);
+        let (batch, keys) = load_request(&mut e);
+        assert_eq!(keys, ["a", "big"]);
+        e.handle_batch_loaded(2, batch, vec![change("big", 1, 200_000), change("a", 1, 0)]);
+        assert_eq!(sent(&mut e), [(batch, vec![("a".into(), 1)])]);
+        assert!(matches!(
+            e.poll_action(),
+            Some(DeviceAction::OutboxRemove(list)) if list[0].1.sk == "big"
+        ));
+        let refused = std::iter::from_fn(|| e.poll_event()).find_map(|ev| match ev {
+            DeviceEvent::Rejected { change, reason } => Some((change, reason)),
+            _ => None,
+        });
+        let (change, reason) = refused.expect("a Rejected event");
+        assert_eq!(reason, RejectReason::TooLarge);
+        assert!(change.item.is_some());
+        assert_eq!(e.pending(), 1);
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    //! Verdicts of the cloud on pushed changes: re-stamps, superseded changes, cloud time.
     use super::*;
     use crate::wire::{ChangeResult, Op};
 
@@ -1045,6 +1436,16 @@ mod tests {
         e
     }
 
+    /// Answers the engine's `LoadBatch` with `changes` (the durable outbox), as a driver does.
+    fn load(e: &mut DeviceEngine, now: u64, changes: &[Change]) {
+        match e.poll_action() {
+            Some(DeviceAction::LoadBatch { batch, .. }) => {
+                e.handle_batch_loaded(now, batch, changes.to_vec())
+            }
+            other => panic!("expected LoadBatch, got {other:?}"),
+        }
+    }
+
     fn ack(e: &mut DeviceEngine, now: u64, results: Vec<ChangeResult>) {
         let Some(UpMsg::Push { batch, .. }) = sent(e).pop() else {
             panic!("no push")
@@ -1080,6 +1481,7 @@ mod tests {
         let mut e = ready();
         let far = change("a", 99_000_000);
         e.handle_local_change(2, far.clone());
+        load(&mut e, 2, std::slice::from_ref(&far));
         let reason = RejectReason::VersionAhead {
             cloud_ms: 1_000_100,
             max_drift_ms: 60_000,
@@ -1114,6 +1516,7 @@ mod tests {
         // The driver re-stamps: a LOWER version replaces the refused one and is sent.
         let fixed = change("a", 1_000_200);
         e.handle_restamped(4, far.version, fixed.clone());
+        load(&mut e, 4, std::slice::from_ref(&fixed));
         assert!(events(&mut e).contains(&DeviceEvent::Restamped {
             model: "M".into(),
             key: far.key.clone(),
@@ -1131,6 +1534,7 @@ mod tests {
         let mut e = ready();
         let mine = change("a", 1_000_000);
         e.handle_local_change(2, mine.clone());
+        load(&mut e, 2, std::slice::from_ref(&mine));
         let winner = Hlc {
             wall_ms: 1_000_500,
             counter: 0,

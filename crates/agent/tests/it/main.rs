@@ -1,6 +1,13 @@
-//! Integration tests of the agent that need no broker: the outbox policy, limits, restart state
-//! and the device store's conformance.
+//! Integration tests of the agent: the outbox policy, limits and restart state need no broker;
+//! status, commands, the bounded input queue, publish drops and the version collection run the
+//! real agent against the real cloud service (SQLite, embedded broker) over loopback MQTT; the
+//! device store's conformance runs the shared store suite.
 
+mod commands;
 mod conformance;
+mod inputs;
 mod limits;
 mod outbox;
+mod status;
+mod support;
+mod versions;

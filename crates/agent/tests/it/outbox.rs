@@ -1,34 +1,18 @@
 //! The outbox under a long outage: bounded, coalesced per key, lossy models drop their oldest
 //! (counted), other models refuse new writes with a clear error; and it survives a restart.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devtables_agent::{Agent, AgentConfig, OutboxFull};
 use devtables_db::DbError;
-use devtables_schema::{Item, Schema};
 use serde_json::json;
 
-fn schema() -> Arc<Schema> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/schema.json5");
-    Arc::new(Schema::load(Path::new(path)).unwrap())
-}
+use super::support::{item, schema};
 
-fn item(v: serde_json::Value) -> Item {
-    v.as_object().cloned().unwrap()
-}
-
-/// A config whose broker is a port nobody listens on: the device is offline throughout.
+/// An offline agent whose outbox holds at most `limit` entries.
 fn offline(dir: &Path, limit: u64) -> AgentConfig {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut c = AgentConfig::new("acme", "d1", "secret", dir.join("d1.redb"));
-    c.broker_port = port;
+    let mut c = super::support::offline(dir);
     c.outbox_limit = limit;
     c
 }

@@ -125,7 +125,7 @@ impl DeviceStoreUnderTest for SimDevice {
         let r = self.store.restored();
         Ok(DeviceRestore {
             cursor: r.cursor,
-            outbox: r.outbox,
+            outbox: self.store.outbox_changes(),
             last_hlc: self.store.hlc,
         })
     }

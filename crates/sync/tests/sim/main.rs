@@ -21,7 +21,9 @@ use devtables_sync::apply::{self, CloudOp, CloudWriteError};
 use devtables_sync::cloud::{
     CloudAction, CloudEngine, CloudEngineConfig, FeedPage, SnapshotCursor, SnapshotPage,
 };
-use devtables_sync::device::{DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, Restored};
+use devtables_sync::device::{
+    DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, OutboxMeta, Restored,
+};
 use devtables_sync::hlc::{cloud_node_name, node_id_for, Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{
@@ -708,6 +710,16 @@ impl Sim {
                         self.stats.restamped += 1;
                         self.note(|| format!("d{i} restamped {model} {version} -> {new}"));
                         self.devs[i].engine.handle_restamped(now, version, change);
+                    }
+                    DeviceAction::LoadBatch { batch, keys } => {
+                        // As the agent: the batch is read from the durable outbox.
+                        let d = &mut self.devs[i];
+                        let changes = keys
+                            .into_iter()
+                            .filter_map(|(_, k)| d.store.outbox_change(&k))
+                            .collect();
+                        let now = self.now;
+                        d.engine.handle_batch_loaded(now, batch, changes);
                     }
                     DeviceAction::OutboxRemove(list) => {
                         if OUTBOX_TRIM_ERRORS && self.draw_store_error().is_some() {
@@ -1705,12 +1717,35 @@ fn down_msgs(c: &mut CloudEngine) -> (Vec<DownMsg>, Vec<CloudAction>) {
     (m, a)
 }
 
+/// Answers the engine's `LoadBatch` actions from `outbox` (the durable outbox of these tests);
+/// returns the other actions.
+fn load(e: &mut DeviceEngine, now: u64, outbox: &[Change]) -> Vec<DeviceAction> {
+    let mut other = Vec::new();
+    while let Some(a) = e.poll_action() {
+        match a {
+            DeviceAction::LoadBatch { batch, keys } => {
+                let changes = outbox
+                    .iter()
+                    .filter(|c| keys.contains(&(c.model.clone(), c.key.clone())))
+                    .cloned()
+                    .collect();
+                e.handle_batch_loaded(now, batch, changes);
+            }
+            a => other.push(a),
+        }
+    }
+    other
+}
+
 /// A connected, welcomed device engine.
 fn ready_device(outbox: Vec<Change>) -> DeviceEngine {
     let mut e = DeviceEngine::new(
         DeviceConfig::default(),
         "1.0.0".into(),
-        Restored { cursor: 0, outbox },
+        Restored {
+            cursor: 0,
+            outbox: outbox.iter().map(OutboxMeta::of).collect(),
+        },
     );
     e.handle_connected(0);
     let hello = up_msgs(&mut e);
@@ -1735,6 +1770,7 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
     let c1 = change("B", "d0", "a", hlc(10));
     e.handle_local_change(10, c1.clone());
     e.handle_timeout(100);
+    load(&mut e, 100, std::slice::from_ref(&c1));
     let sent = up_msgs(&mut e);
     let UpMsg::Push { batch, .. } = &sent[0] else {
         panic!("{sent:?}")
@@ -1753,8 +1789,10 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
     };
     e.handle_message(120, &down(&ack));
     assert_eq!(e.pending(), 1);
-    assert_eq!(e.poll_action(), None);
+    // No removal; the newer change goes in the next batch.
+    assert_eq!(load(&mut e, 120, std::slice::from_ref(&c2)), vec![]);
     e.handle_timeout(200);
+    load(&mut e, 200, std::slice::from_ref(&c2));
     let sent = up_msgs(&mut e);
     let UpMsg::Push { changes, .. } = &sent[0] else {
         panic!("{sent:?}")
@@ -1764,8 +1802,10 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
 
 #[test]
 fn unacked_batch_is_resent_on_its_own_timer_with_backoff() {
-    let mut e = ready_device(vec![change("U", "d0", "a", hlc(1))]);
+    let c = change("U", "d0", "a", hlc(1));
+    let mut e = ready_device(vec![c.clone()]);
     e.handle_timeout(60);
+    load(&mut e, 60, std::slice::from_ref(&c));
     assert_eq!(up_msgs(&mut e).len(), 1);
     let mut times = Vec::new();
     for _ in 0..8 {
@@ -1773,6 +1813,7 @@ fn unacked_batch_is_resent_on_its_own_timer_with_backoff() {
             .poll_timeout()
             .expect("a retransmit timer is armed without any other input");
         e.handle_timeout(t);
+        load(&mut e, t, std::slice::from_ref(&c));
         let m = up_msgs(&mut e);
         assert!(matches!(m[0], UpMsg::Push { .. }));
         times.push(t);
@@ -1790,6 +1831,7 @@ fn rejected_change_leaves_the_outbox_and_is_not_retried() {
     let c = change("U", "d0", "a", hlc(1));
     let mut e = ready_device(vec![c.clone()]);
     e.handle_timeout(60);
+    load(&mut e, 60, std::slice::from_ref(&c));
     let m = up_msgs(&mut e);
     let UpMsg::Push { batch, .. } = m[0] else {
         panic!()
@@ -1830,13 +1872,14 @@ fn oversized_change_is_rejected_locally() {
         .as_mut()
         .unwrap()
         .insert("v".into(), "x".repeat(200_000).into());
-    let mut e = ready_device(vec![c]);
+    let mut e = ready_device(vec![c.clone()]);
     e.handle_timeout(60);
+    let actions = load(&mut e, 60, &[c]);
     assert!(up_msgs(&mut e).is_empty());
     assert_eq!(e.pending(), 0);
     assert!(matches!(
-        e.poll_action(),
-        Some(DeviceAction::OutboxRemove(_))
+        actions.as_slice(),
+        [DeviceAction::OutboxRemove(_)]
     ));
 }
 

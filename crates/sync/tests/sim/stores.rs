@@ -21,7 +21,7 @@ use devtables_sync::apply::{
     CloudTxn, Conflict, DeviceTxn, PushCounts, RowWrite, StoredRow, StoredVersion,
 };
 use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
-use devtables_sync::device::Restored;
+use devtables_sync::device::{OutboxMeta, Restored};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{Change, Op};
@@ -93,8 +93,15 @@ impl DevStore {
         o.sort_by_key(|(s, _)| *s);
         Restored {
             cursor: self.cursor,
-            outbox: o.into_iter().map(|(_, c)| c.clone()).collect(),
+            outbox: o.into_iter().map(|(_, c)| OutboxMeta::of(c)).collect(),
         }
+    }
+
+    /// The durable outbox, oldest first (what the agent's restore reads).
+    pub fn outbox_changes(&self) -> Vec<Change> {
+        let mut o: Vec<&(u64, Change)> = self.outbox.values().collect();
+        o.sort_by_key(|(s, _)| *s);
+        o.into_iter().map(|(_, c)| c.clone()).collect()
     }
 
     /// The clock a restarted agent builds: from its stored last issued version.
