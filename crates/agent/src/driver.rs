@@ -21,11 +21,12 @@ use devtables_sync::device::{DeviceAction, DeviceEngine, DeviceEvent};
 use devtables_sync::hlc::HlcClock;
 use devtables_sync::identity::DeviceId;
 use devtables_sync::topics;
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{mpsc, watch};
 
 use crate::commands::{self, ResultRetry};
 use crate::config::AgentConfig;
+use crate::link::LinkEvent;
 use crate::state::{self, AgentTxn};
 use crate::{AgentStatus, CommandHandler, Handlers, Inbox};
 
@@ -85,7 +86,10 @@ pub(crate) struct Driver {
     /// This device's HLC node id (tells its own writes from the cloud's).
     pub(crate) node: u64,
     pub(crate) client: AsyncClient,
-    pub(crate) eventloop: EventLoop,
+    /// Events of the MQTT connection task ([`crate::link`]).
+    pub(crate) link: mpsc::Receiver<LinkEvent>,
+    /// That task, awaited at shutdown so the goodbye goes out.
+    pub(crate) link_task: Option<tokio::task::JoinHandle<()>>,
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<Input>,
     pub(crate) inbox: Arc<Inbox>,
@@ -93,7 +97,6 @@ pub(crate) struct Driver {
     pub(crate) status: watch::Sender<AgentStatus>,
     pub(crate) handlers: Handlers,
     pub(crate) command_model: String,
-    pub(crate) reconnect_delay: Duration,
     /// Monotonic origin of the engine's clock (ms since the agent started).
     pub(crate) started: Instant,
     /// The encoded `Bye` (also the MQTT last will), sent before a clean disconnect.
@@ -145,39 +148,35 @@ impl Driver {
             };
             let gc_due = self.gc.due;
             tokio::select! {
-                event = self.eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                event = self.link.recv() => match event {
+                    Some(LinkEvent::Connected) => {
                         connected = true;
                         self.subscribe();
                         let now = self.now();
                         self.engine.handle_connected(now);
                         self.set_status(|s| s.connected = true);
                     }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    Some(LinkEvent::Message(payload)) => {
                         let now = self.now();
-                        self.engine.handle_message(now, &publish.payload);
+                        self.engine.handle_message(now, &payload);
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if connected {
-                            tracing::warn!(device = %self.id, "MQTT connection lost: {e}");
+                    Some(LinkEvent::Lost { was_connected, error }) => {
+                        if was_connected {
+                            tracing::warn!(device = %self.id, "MQTT connection lost: {error}");
                             connected = false;
                             let now = self.now();
                             self.engine.handle_disconnected(now);
                             self.set_status(|s| {
                                 s.connected = false;
                                 s.ready = false;
-                                s.last_error = Some(e.to_string());
+                                s.last_error = Some(error.clone());
                             });
                         } else {
-                            tracing::debug!(device = %self.id, "MQTT connect failed: {e}");
-                            self.set_status(|s| s.last_error = Some(e.to_string()));
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(self.reconnect_delay) => {}
-                            _ = self.shutdown.changed() => {}
+                            tracing::debug!(device = %self.id, "MQTT connect failed: {error}");
+                            self.set_status(|s| s.last_error = Some(error.clone()));
                         }
                     }
+                    None => break,
                 },
                 input = self.inputs.recv() => match input {
                     Some(input) => self.handle_input(input),
@@ -201,22 +200,16 @@ impl Driver {
             self.drain_outputs().await;
         }
         if connected {
-            // A clean disconnect suppresses the last will: say goodbye first, and give the
-            // event loop a moment to send both.
+            // A clean disconnect suppresses the last will: say goodbye first; the link task
+            // lets both out before it ends.
             let topic = topics::up_topic(&self.prefix, &self.id);
             let _ = self
                 .client
                 .try_publish(topic, QoS::AtLeastOnce, false, self.bye.clone());
             let _ = self.client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                loop {
-                    match self.eventloop.poll().await {
-                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .await;
+        }
+        if let Some(task) = self.link_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         if let Err(e) = self.db.flush() {
             tracing::error!(device = %self.id, "final flush failed: {e}");
@@ -589,6 +582,7 @@ impl Driver {
                 }
             }
             DeviceAction::OutboxRemove(acked) => {
+                let keys: Vec<ItemKey> = acked.iter().map(|(_, k, _)| k.clone()).collect();
                 let result = tokio::task::spawn_blocking(move || {
                     db.write(Origin::Remote, |txn| state::outbox_remove(txn, &acked))
                 })
@@ -599,10 +593,29 @@ impl Driver {
                             self.set_status(|s| s.pending = n as usize);
                         }
                     }
-                    // The entries stay; they are resent and acknowledged again (idempotent).
-                    Ok(Err(e)) => tracing::error!(device = %self.id, "cannot trim the outbox: {e}"),
-                    Err(e) => tracing::error!(device = %self.id, "outbox task failed: {e}"),
+                    // The durable entries stay, and the engine already forgot them: hand them
+                    // back, so they are resent and acknowledged again (idempotent).
+                    Ok(Err(e)) => {
+                        tracing::error!(device = %self.id, "cannot trim the outbox: {e}");
+                        self.requeue_durable(&keys);
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %self.id, "outbox task failed: {e}");
+                        self.requeue_durable(&keys);
+                    }
                 }
+            }
+        }
+    }
+
+    /// Hands the durable outbox entries of `keys` (those that still exist) back to the engine.
+    fn requeue_durable(&mut self, keys: &[ItemKey]) {
+        let now = self.now();
+        for key in keys {
+            match state::outbox_entry(&self.db, key) {
+                Ok(Some(change)) => self.engine.handle_local_change(now, change),
+                Ok(None) => {}
+                Err(e) => tracing::error!(device = %self.id, "cannot read the outbox: {e}"),
             }
         }
     }

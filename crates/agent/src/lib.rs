@@ -16,6 +16,7 @@
 mod commands;
 pub mod config;
 mod driver;
+mod link;
 mod state;
 
 use std::collections::HashMap;
@@ -269,6 +270,13 @@ impl Agent {
 
         let (status_tx, status) = watch::channel(initial);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (link_tx, link_rx) = mpsc::channel(link::LINK_EVENTS);
+        let link_task = tokio::spawn(link::run(
+            eventloop,
+            link_tx,
+            shutdown_rx.clone(),
+            config.reconnect_delay,
+        ));
         let handlers: Handlers = Arc::default();
         let driver = driver::Driver {
             id: id.clone(),
@@ -279,7 +287,8 @@ impl Agent {
             cloud_offset_ms,
             node,
             client,
-            eventloop,
+            link: link_rx,
+            link_task: Some(link_task),
             prefix: config.topic_prefix.clone(),
             inputs,
             inbox: inbox.clone(),
@@ -287,7 +296,6 @@ impl Agent {
             status: status_tx,
             handlers: handlers.clone(),
             command_model: config.command_model.clone(),
-            reconnect_delay: config.reconnect_delay,
             started: Instant::now(),
             bye,
             mqtt_queue: config.mqtt_queue,

@@ -649,13 +649,13 @@ fn agents_converge_through_faulty_links() {
 /// A device that keeps writing must still connect over a slow link (every chunk delayed, so the
 /// MQTT handshake takes longer than the time between two writes).
 ///
-/// It fails today: the agent's driver polls rumqttc's event loop inside a `select!` with its
-/// other inputs, and rumqttc's `poll` is not cancel-safe while it connects. Every local write
-/// (and every engine timer) drops the connect in progress and the next poll opens a new TCP
-/// connection, so a device writing faster than one MQTT handshake never connects (the proxy
-/// counts one connection per write) and reports no error either.
+/// It failed while the agent's driver polled rumqttc's event loop inside a `select!` with its
+/// other inputs: rumqttc's `poll` is not cancel-safe while it connects, so every local write
+/// (and every engine timer) dropped the connect in progress and the next poll opened a new TCP
+/// connection; a device writing faster than one MQTT handshake never connected (the proxy
+/// counted one connection per write) and reported no error either. The event loop now runs on
+/// its own task (`crates/agent/src/link.rs`).
 #[test]
-#[ignore = "fails until the agent driver stops cancelling rumqttc's connect (see the doc comment)"]
 fn busy_device_connects_over_a_slow_link() {
     use super::harness::WAIT;
     use super::proxy::Delay;

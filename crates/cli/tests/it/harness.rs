@@ -217,7 +217,7 @@ impl CloudProc {
             }
             other => other,
         };
-        CloudProc {
+        let cloud = CloudProc {
             child,
             api,
             mqtt,
@@ -227,7 +227,13 @@ impl CloudProc {
             broker,
             api_port,
             extra: extra.to_string(),
-        }
+        };
+        // Running is not ready: until its subscription to the device topics holds, the cloud
+        // hears no device (a raw test client that says hello once would wait forever).
+        eventually("the cloud ready (its device subscription holds)", || {
+            cloud.get("/ready").map(|_| ())
+        });
+        cloud
     }
 
     /// SIGKILL, then start again on the same data, API port and MQTT port.
