@@ -12,8 +12,8 @@ use crate::apply::{ApplyOutcome, ApplyPage, Skipped};
 use crate::hlc::Hlc;
 use crate::rng::SplitMix;
 use crate::wire::{
-    self, Change, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, SnapshotCursor, UpMsg,
-    WireConfig, WireError,
+    self, Change, ChangeStatus, DownMsg, ErrorCode, Fit, MessageBudget, Op, RejectReason,
+    SnapshotCursor, UpMsg, WireConfig, WireError,
 };
 
 /// Limits and timings of a [`DeviceEngine`].
@@ -968,17 +968,13 @@ impl DeviceEngine {
         }
     }
 
-    /// The budget of one push: (largest message, most changes, bytes of an empty push).
-    fn push_budget(&self) -> (usize, usize, usize) {
-        let budget = self
+    /// The room of one push: the largest message, the most changes, the bytes of an empty push.
+    fn push_budget(&self) -> MessageBudget {
+        let max_bytes = self
             .cfg
             .max_batch_bytes
             .min(self.cfg.wire.max_message_bytes);
-        let max_count = self
-            .cfg
-            .max_batch_changes
-            .min(self.cfg.wire.max_changes)
-            .max(1);
+        let max_count = self.cfg.max_batch_changes.min(self.cfg.wire.max_changes);
         let overhead = wire::up_overhead(
             &self.schema_version,
             &UpMsg::Push {
@@ -986,34 +982,34 @@ impl DeviceEngine {
                 changes: vec![],
             },
         );
-        (budget, max_count, overhead)
+        MessageBudget::new(overhead, max_bytes, max_count)
     }
 
     /// Build one batch if one is due and ask the driver for its changes
     /// ([`DeviceAction::LoadBatch`]); returns whether one was built.
     fn send_batch(&mut self, now_ms: u64) -> bool {
         let id = self.next_batch;
-        let (budget, max_count, overhead) = self.push_budget();
+        let mut budget = self.push_budget();
         let mut picked: Vec<(String, ItemKey)> = Vec::new();
         let mut too_large: Vec<(String, ItemKey)> = Vec::new();
-        let mut size = overhead;
         let mut full = false;
         let mut oldest: Option<u64> = None;
         for k in self.order.values() {
             let Some(e) = self.entries.get(k) else {
                 continue;
             };
-            if overhead.saturating_add(e.len) > budget {
-                // Loaded with the batch, then refused (the event carries the change).
-                too_large.push(k.clone());
-                continue;
+            match budget.add(e.len) {
+                Fit::Never => {
+                    // Loaded with the batch, then refused (the event carries the change).
+                    too_large.push(k.clone());
+                    continue;
+                }
+                Fit::Full => {
+                    full = true;
+                    break;
+                }
+                Fit::Added => {}
             }
-            let add = e.len + usize::from(!picked.is_empty());
-            if picked.len() >= max_count || size + add > budget {
-                full = true;
-                break;
-            }
-            size += add;
             oldest = Some(oldest.map_or(e.queued_at, |o: u64| o.min(e.queued_at)));
             picked.push(k.clone());
         }
@@ -1080,8 +1076,7 @@ impl DeviceEngine {
             .into_iter()
             .map(|c| ((c.model.clone(), c.key.clone()), c))
             .collect();
-        let (budget, max_count, overhead) = self.push_budget();
-        let mut size = overhead;
+        let mut budget = self.push_budget();
         let mut keys = Vec::new();
         let mut send = Vec::new();
         for (model, key, _) in requested {
@@ -1111,7 +1106,8 @@ impl DeviceEngine {
             e.version = change.version;
             e.len = len;
             e.delete = change.op == Op::Delete;
-            if overhead.saturating_add(len) > budget {
+            let fit = budget.add(len);
+            if fit == Fit::Never {
                 if self.remove_entry(&k).is_some() {
                     self.actions.push_back(DeviceAction::OutboxRemove(vec![(
                         k.0,
@@ -1125,13 +1121,11 @@ impl DeviceEngine {
                 }
                 continue;
             }
-            let add = len + usize::from(!send.is_empty());
-            if send.len() >= max_count || size + add > budget {
+            if fit == Fit::Full {
                 // It grew since the batch was built.
                 self.requeue(&k, batch);
                 continue;
             }
-            size += add;
             e.in_flight = Some((batch, change.version));
             if e.queued {
                 // Announced again while loading, and this load already carries it.
