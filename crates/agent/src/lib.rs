@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use devtables_db::{Change, Db, DbError, Origin};
+use devtables_db::{Db, DbError, ItemChange, Origin};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::device::{DeviceEngine, Restored};
 use devtables_sync::hlc::{node_id_for, HlcClock};
@@ -221,7 +221,7 @@ impl Agent {
         let hook_schema = schema.clone();
         let command_model = config.command_model.clone();
         let (hook_tx, hook_inbox) = (inputs_tx.clone(), inbox.clone());
-        db.subscribe(Arc::new(move |change: &Change| {
+        db.subscribe(Arc::new(move |change: &ItemChange| {
             on_commit(&hook_schema, &command_model, &hook_tx, &hook_inbox, change)
         }));
 
@@ -385,7 +385,7 @@ fn on_commit(
     command_model: &str,
     inputs: &mpsc::Sender<driver::Input>,
     inbox: &Inbox,
-    change: &Change,
+    change: &ItemChange,
 ) {
     let Some(model) = schema.model(&change.model) else {
         return;

@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use devtables_db::{Change, ChangeOp, DbError, Origin, SideTables, WriteInterceptor, WriteTxn};
+use devtables_db::{ChangeOp, DbError, ItemChange, Origin, SideTables, WriteInterceptor, WriteTxn};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{DeviceTxn, StoredVersion};
 use devtables_sync::device::OutboxMeta;
@@ -166,7 +166,7 @@ pub struct ChangeTooLarge {
 }
 
 impl WriteInterceptor for OutboxRecorder {
-    fn on_change(&self, side: &mut SideTables<'_>, change: &Change) -> Result<(), DbError> {
+    fn on_change(&self, side: &mut SideTables<'_>, change: &ItemChange) -> Result<(), DbError> {
         if change.origin != Origin::Local {
             return Ok(());
         }
@@ -269,14 +269,14 @@ fn make_room(side: &mut SideTables<'_>, limit: u64) -> Result<(), DbError> {
 }
 
 /// What the agent restores from the database when it starts.
-pub(crate) struct Restored {
+pub(crate) struct RestoredState {
     pub(crate) cursor: u64,
     /// The outbox as the engine keeps it: metadata only, oldest first.
     pub(crate) outbox: Vec<OutboxMeta>,
     pub(crate) last_hlc: Option<Hlc>,
 }
 
-pub(crate) fn restore(db: &devtables_db::Db) -> Result<Restored, DbError> {
+pub(crate) fn restore(db: &devtables_db::Db) -> Result<RestoredState, DbError> {
     let cursor = match db.side_get(META, META_CURSOR)? {
         Some(v) => u64::from_be_bytes(
             v.as_slice()
@@ -293,7 +293,7 @@ pub(crate) fn restore(db: &devtables_db::Db) -> Result<Restored, DbError> {
         None => None,
     };
     let outbox = load_outbox(db)?;
-    Ok(Restored {
+    Ok(RestoredState {
         cursor,
         outbox,
         last_hlc,

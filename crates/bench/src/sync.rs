@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use devtables_agent::{Agent, AgentConfig};
 use devtables_cloud::ops::WriteKind;
 use devtables_cloud::{BrokerMode, Cloud, CloudConfig};
-use devtables_db::{Change, Origin};
+use devtables_db::{ItemChange, Origin};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::identity::{DeviceId, Owner};
 use serde_json::json;
@@ -135,7 +135,7 @@ async fn bench(args: &SyncArgs, dir: &std::path::Path) -> anyhow::Result<String>
     // Down latency.
     eprintln!("down latency: {} samples", args.samples);
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
-    agent.db().subscribe(Arc::new(move |c: &Change| {
+    agent.db().subscribe(Arc::new(move |c: &ItemChange| {
         if c.origin == Origin::Remote && c.model == "Setting" {
             let _ = seen_tx.send((c.key.sk.clone(), Instant::now()));
         }

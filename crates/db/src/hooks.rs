@@ -33,7 +33,7 @@ pub enum ChangeOp {
 
 /// One committed change of one item. Items are complete (hidden fields included).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Change {
+pub struct ItemChange {
     pub model: String,
     pub key: ItemKey,
     pub op: ChangeOp,
@@ -43,7 +43,7 @@ pub struct Change {
 }
 
 /// A subscriber to committed changes.
-pub type Hook = Arc<dyn Fn(&Change) + Send + Sync>;
+pub type Hook = Arc<dyn Fn(&ItemChange) + Send + Sync>;
 
 /// Handle returned by [`crate::Db::subscribe`], to unsubscribe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub struct HookId(u64);
 struct State {
     hooks: Vec<(HookId, Hook)>,
     next_id: u64,
-    pending: VecDeque<(u64, Vec<Change>)>,
+    pending: VecDeque<(u64, Vec<ItemChange>)>,
     delivering: bool,
 }
 
@@ -86,7 +86,7 @@ impl Hooks {
     }
 
     /// Queues the changes of commit `seq` (called under the write lock: queue order = commit order).
-    pub(crate) fn enqueue(&self, seq: u64, changes: Vec<Change>) {
+    pub(crate) fn enqueue(&self, seq: u64, changes: Vec<ItemChange>) {
         if changes.is_empty() {
             return;
         }

@@ -12,7 +12,7 @@
 //! - `txn`: write transactions ([`WriteTxn`]), side tables and the [`WriteInterceptor`] seam.
 //! - `read`: point gets and `find` queries ([`ReadTxn`], [`FindOptions`], [`Page`]).
 //! - `commit`: durability modes and group commit.
-//! - `hooks`: change subscribers ([`Change`], [`Origin`]).
+//! - `hooks`: change subscribers ([`ItemChange`], [`Origin`]).
 //! - `jsonl`: import and export as JSON lines.
 //!
 //! This crate knows nothing about MQTT or the cloud: replication sits above it, in `agent`.
@@ -36,7 +36,7 @@ use devtables_schema::{Item, Schema};
 use redb::{ReadableTable, ReadableTableMetadata};
 
 pub use error::{DbError, OpenError};
-pub use hooks::{Change, ChangeOp, Hook, HookId, Origin};
+pub use hooks::{ChangeOp, Hook, HookId, ItemChange, Origin};
 pub use read::{FindOptions, Page, ReadTxn};
 pub use txn::{SideTables, WriteInterceptor, WriteTxn};
 

@@ -7,7 +7,7 @@ use std::ops::Bound;
 use devtables_schema::{Item, ItemKey, Model, SyncDirection};
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
-use crate::hooks::{Change, ChangeOp, Origin};
+use crate::hooks::{ChangeOp, ItemChange, Origin};
 use crate::tables::{self, Bytes};
 use crate::{keys, DbError, Inner};
 
@@ -15,7 +15,7 @@ use crate::{keys, DbError, Inner};
 /// uses it to record the outbox entry of a local change in the same transaction as the change;
 /// returning an error aborts the whole transaction (for example when the outbox is full).
 pub trait WriteInterceptor: Send + Sync {
-    fn on_change(&self, side: &mut SideTables<'_>, change: &Change) -> Result<(), DbError>;
+    fn on_change(&self, side: &mut SideTables<'_>, change: &ItemChange) -> Result<(), DbError>;
 }
 
 /// Byte-keyed tables beside the items, written in the same transaction (replication state).
@@ -92,7 +92,7 @@ pub struct WriteTxn<'t> {
     pub(crate) indexes: Vec<Table<'t, Bytes, ()>>,
     pub(crate) origin: Origin,
     pub(crate) now_ms: i64,
-    pub(crate) changes: Vec<Change>,
+    pub(crate) changes: Vec<ItemChange>,
 }
 
 impl<'t> WriteTxn<'t> {
@@ -267,7 +267,7 @@ impl<'t> WriteTxn<'t> {
         let Some(interceptor) = self.listeners() else {
             return Ok(item);
         };
-        let change = Change {
+        let change = ItemChange {
             model: model.name().to_string(),
             key: key.clone(),
             op: ChangeOp::Remove,
@@ -367,7 +367,7 @@ impl<'t> WriteTxn<'t> {
         let Some(interceptor) = self.listeners() else {
             return Ok(item);
         };
-        let change = Change {
+        let change = ItemChange {
             model: model.name().to_string(),
             key,
             op,
@@ -414,7 +414,7 @@ impl<'t> WriteTxn<'t> {
     fn record(
         &mut self,
         interceptor: Option<std::sync::Arc<dyn WriteInterceptor>>,
-        change: Change,
+        change: ItemChange,
     ) -> Result<(), DbError> {
         if let Some(interceptor) = interceptor {
             interceptor.on_change(&mut SideTables { tx: self.tx }, &change)?;
@@ -460,7 +460,7 @@ impl<'t> WriteTxn<'t> {
         Ok(out)
     }
 
-    pub(crate) fn take_changes(&mut self) -> Vec<Change> {
+    pub(crate) fn take_changes(&mut self) -> Vec<ItemChange> {
         std::mem::take(&mut self.changes)
     }
 }

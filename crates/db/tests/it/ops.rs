@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devtables_db::{
-    Change, ChangeOp, DbError, DbOptions, Durability, FindOptions, Op, Origin, SideTables,
+    ChangeOp, DbError, DbOptions, Durability, FindOptions, ItemChange, Op, Origin, SideTables,
     WriteInterceptor,
 };
 use serde_json::json;
@@ -293,7 +293,7 @@ fn ttl_hides_at_once_and_purges_in_background() {
     let db = open(&dir.path().join("t.redb"), options);
     let removed = Arc::new(Mutex::new(Vec::new()));
     let seen = removed.clone();
-    db.subscribe(Arc::new(move |c: &Change| {
+    db.subscribe(Arc::new(move |c: &ItemChange| {
         if c.origin == Origin::Expired {
             seen.lock().unwrap().push(c.key.sk.clone());
         }
@@ -336,7 +336,7 @@ fn hooks_see_committed_changes_only_with_origin() {
     let (_dir, db) = fixture(0);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
-    db.subscribe(Arc::new(move |c: &Change| {
+    db.subscribe(Arc::new(move |c: &ItemChange| {
         sink.lock()
             .unwrap()
             .push((c.op, c.origin, c.key.sk.clone(), c.old.is_some()));
@@ -371,7 +371,7 @@ struct CountingOutbox {
 }
 
 impl WriteInterceptor for CountingOutbox {
-    fn on_change(&self, side: &mut SideTables<'_>, change: &Change) -> Result<(), DbError> {
+    fn on_change(&self, side: &mut SideTables<'_>, change: &ItemChange) -> Result<(), DbError> {
         if side.len("outbox")? >= self.limit {
             return Err(DbError::Refused("outbox full".into()));
         }
