@@ -53,7 +53,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
 
     // 1. creates
     let mut p = Progress::new(label("create"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for start in (0..n).step_by(w::GROUP) {
         let end = (start + w::GROUP).min(n);
         db.write(Origin::Local, |tx| {
@@ -65,7 +65,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
         p.tick(end);
     }
     w::put(&mut m, "create_per_s", &t, |d| w::rate(n, d));
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     db.flush()?;
     w::put(&mut m, "flush_ms", &t, w::ms);
     m.insert("file_mib".into(), sys::file_mib(&path));
@@ -75,7 +75,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     // on its own below).
     let mut rng = w::rng();
     let order = w::shuffled(n, &mut rng);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     let mut sink = 0usize;
     for &i in &order {
         sink += w::key(i as usize).len();
@@ -88,7 +88,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     // The CPU work of the schema and JSON alone, without storage (both engines do it): a
     // floor under the create and get rates.
     let model = db.schema().model(w::MODEL).context("model")?;
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     let mut bytes = Vec::new();
     for &i in &order {
         let item = model.prepare_create(&w::input(i as usize), 0)?;
@@ -97,7 +97,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
         sink += key.sk.len();
     }
     w::put(&mut m, "floor_create_per_s", &t, |d| w::rate(n, d));
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for &i in &order {
         let key = model.primary_key(&w::key(i as usize))?;
         let item: Item = serde_json::from_slice(&bytes)?;
@@ -107,7 +107,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     ensure!(sink > 0);
 
     let mut p = Progress::new(label("get (snapshot each)"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (k, &i) in order.iter().enumerate() {
         let got = db.get(w::MODEL, &w::key(i as usize))?;
         ensure!(got.is_some(), "item {i} missing");
@@ -116,7 +116,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     w::put(&mut m, "get_each_per_s", &t, |d| w::rate(n, d));
 
     let mut p = Progress::new(label("get (one ReadTxn)"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     {
         let r = db.read()?;
         for (k, &i) in order.iter().enumerate() {
@@ -130,7 +130,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     // 3. sort-key prefix finds
     let queries = w::prefix_queries(n, &mut rng);
     let mut items = 0usize;
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (device, prefix, expected) in &queries {
         let page = db.find(
             w::MODEL,
@@ -156,7 +156,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
         ..FindOptions::default()
     };
     let expected = w::faults(n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for _ in 0..w::FILTER_QUERIES {
         let page = db.find(w::MODEL, &fault, &by_index)?;
         ensure!(
@@ -171,7 +171,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     m.insert("filter_items".into(), expected as f64);
 
     let mut p = Progress::new(label("filter scan"), w::FILTER_QUERIES);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for q in 0..w::FILTER_QUERIES {
         let page = db.find(w::MODEL, &fault, &FindOptions::default())?;
         ensure!(
@@ -188,7 +188,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     // 5. updates in a shuffled order
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("update"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         db.write(Origin::Local, |tx| {
             for &i in chunk {
@@ -203,7 +203,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     // 6. removes in a shuffled order
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("remove"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         db.write(Origin::Local, |tx| {
             for &i in chunk {
@@ -235,7 +235,7 @@ pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()
         None,
     )?;
     let mut p = Progress::new("devtables immediate, 1 writer", n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for i in 0..n {
         db.create(w::MODEL, &w::input(i))?;
         p.tick(i + 1);
@@ -254,7 +254,7 @@ pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> 
         None,
     )?;
     eprintln!("  .. devtables immediate, {writers} writers");
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..writers)
             .map(|k| {

@@ -82,7 +82,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
 
     // 1. creates
     let mut p = Progress::new(label("create"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for start in (0..n).step_by(w::GROUP) {
         let end = (start + w::GROUP).min(n);
         let tx = conn.transaction()?;
@@ -94,7 +94,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         p.tick(end);
     }
     w::put(&mut m, "create_per_s", &t, |d| w::rate(n, d));
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     w::put(&mut m, "flush_ms", &t, w::ms);
     m.insert("file_mib".into(), sys::file_mib(&path));
@@ -104,7 +104,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     let mut rng = w::rng();
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("get (autocommit each)"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (k, &i) in order.iter().enumerate() {
         ensure!(get(&conn, model, i as usize)?.is_some(), "item {i} missing");
         p.tick(k + 1);
@@ -112,7 +112,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     w::put(&mut m, "get_each_per_s", &t, |d| w::rate(n, d));
 
     let mut p = Progress::new(label("get (one transaction)"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     {
         let tx = conn.transaction()?;
         for (k, &i) in order.iter().enumerate() {
@@ -126,7 +126,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     // 3. sort-key prefix finds (a range on the primary key)
     let queries = w::prefix_queries(n, &mut rng);
     let mut items = 0usize;
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (device, prefix, expected) in &queries {
         let pk = format!("dev#{device}");
         let end = format!("{prefix}\u{10FFFF}");
@@ -147,7 +147,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
 
     // 4. status == fault: through the status index, then as a full scan
     let expected = w::faults(n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for _ in 0..w::FILTER_QUERIES {
         let mut st =
             conn.prepare_cached("SELECT body FROM items WHERE status = ?1 AND type = ?2")?;
@@ -159,7 +159,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     });
     m.insert("filter_items".into(), expected as f64);
 
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for _ in 0..w::FILTER_QUERIES {
         let mut st = conn
             .prepare_cached("SELECT body FROM items NOT INDEXED WHERE status = ?1 AND type = ?2")?;
@@ -173,7 +173,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     // 5. updates: read, parse, prepare_update, write back
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("update"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         let tx = conn.transaction()?;
         let now = system_now_ms();
@@ -201,7 +201,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     // 6. removes
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("remove"), n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         let tx = conn.transaction()?;
         for &i in chunk {
@@ -227,7 +227,7 @@ pub fn immediate(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
     let model = schema.model(w::MODEL).context("model")?;
     let conn = open(&dir.join("sqlite-imm.db"), "FULL")?;
     let mut p = Progress::new("SQLite synchronous=FULL, 1 writer", n);
-    let t = w::Clock::start();
+    let t = w::WorkloadClock::start();
     for i in 0..n {
         insert(&conn, model, i, system_now_ms())?;
         p.tick(i + 1);

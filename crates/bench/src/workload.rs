@@ -172,14 +172,14 @@ fn schedstat() -> (u64, u64) {
 
 /// Times a phase by the wall clock and by the on-CPU time of the calling thread (which leaves
 /// out the time spent waiting for a CPU while other processes ran).
-pub struct Clock {
+pub struct WorkloadClock {
     wall: Instant,
     cpu: u64,
 }
 
-impl Clock {
-    pub fn start() -> Clock {
-        Clock {
+impl WorkloadClock {
+    pub fn start() -> WorkloadClock {
+        WorkloadClock {
             wall: Instant::now(),
             cpu: schedstat().0,
         }
@@ -195,7 +195,7 @@ impl Clock {
 }
 
 /// Records `f(wall time)` as `key` and `f(on-CPU time)` as `key_cpu`.
-pub fn put(m: &mut Metrics, key: &str, clock: &Clock, f: impl Fn(Duration) -> f64) {
+pub fn put(m: &mut Metrics, key: &str, clock: &WorkloadClock, f: impl Fn(Duration) -> f64) {
     let (cpu, wall) = (clock.cpu(), clock.wall());
     m.insert(key.to_string(), f(wall));
     m.insert(format!("{key}_cpu"), f(cpu));

@@ -107,7 +107,7 @@ pub fn system_now_ms() -> i64 {
 
 /// One operation of a [`Db::transaction`].
 #[derive(Clone, Debug)]
-pub enum Op {
+pub enum TxnOp {
     Create {
         model: String,
         item: Item,
@@ -350,7 +350,7 @@ impl Db {
 
     /// Runs several operations atomically: all commit or none. Returns one result per operation
     /// (the item written, or the item removed).
-    pub fn transaction(&self, ops: &[Op]) -> Result<Vec<Option<Item>>, DbError> {
+    pub fn transaction(&self, ops: &[TxnOp]) -> Result<Vec<Option<Item>>, DbError> {
         let max = self.inner.options.max_transaction_ops;
         if ops.len() > max {
             return Err(DbError::TooManyOperations {
@@ -361,13 +361,13 @@ impl Db {
         self.write(Origin::Local, |t| {
             ops.iter()
                 .map(|op| match op {
-                    Op::Create { model, item } => t.create(model, item).map(Some),
-                    Op::Update {
+                    TxnOp::Create { model, item } => t.create(model, item).map(Some),
+                    TxnOp::Update {
                         model,
                         item,
                         upsert,
                     } => t.update(model, item, *upsert).map(Some),
-                    Op::Remove { model, key } => t.remove(model, key),
+                    TxnOp::Remove { model, key } => t.remove(model, key),
                 })
                 .collect()
         })

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devtables_db::{
-    ChangeOp, DbError, DbOptions, Durability, FindOptions, ItemChange, Op, Origin, SideTables,
+    ChangeOp, DbError, DbOptions, Durability, FindOptions, ItemChange, Origin, SideTables, TxnOp,
     WriteInterceptor,
 };
 use serde_json::json;
@@ -22,8 +22,8 @@ fn ids(items: &[devtables_schema::Item]) -> Vec<String> {
 fn fixture(n: usize) -> (tempfile::TempDir, devtables_db::Db) {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir.path().join("t.redb"), DbOptions::default());
-    let ops: Vec<Op> = (0..n)
-        .map(|i| Op::Create {
+    let ops: Vec<TxnOp> = (0..n)
+        .map(|i| TxnOp::Create {
             model: "Reading".into(),
             item: reading(
                 &format!("{i:03}"),
@@ -111,11 +111,11 @@ fn schema_process_block_is_enforced_on_device_writes() {
 fn transaction_is_atomic() {
     let (_dir, db) = fixture(0);
     let ops = vec![
-        Op::Create {
+        TxnOp::Create {
             model: "Reading".into(),
             item: reading("a", 1.0, "ok"),
         },
-        Op::Create {
+        TxnOp::Create {
             model: "Reading".into(),
             item: reading("a", 2.0, "ok"),
         },
@@ -344,11 +344,11 @@ fn hooks_see_committed_changes_only_with_origin() {
     db.create("Reading", &reading("a", 1.0, "ok")).unwrap();
     db.update("Reading", &reading("a", 2.0, "ok")).unwrap();
     let _ = db.transaction(&[
-        Op::Create {
+        TxnOp::Create {
             model: "Reading".into(),
             item: reading("b", 1.0, "ok"),
         },
-        Op::Create {
+        TxnOp::Create {
             model: "Reading".into(),
             item: reading("a", 1.0, "ok"),
         },
