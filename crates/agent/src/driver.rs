@@ -545,6 +545,11 @@ impl Driver {
                 version,
                 cloud_ms,
             } => {
+                // The refusal tells the cloud's time: correct the offset (the device clock may
+                // have jumped since the welcome), or every re-stamp would be refused again.
+                let offset = cloud_ms as i64 - devtables_db::system_now_ms();
+                self.cloud_offset_ms.store(offset, Ordering::Relaxed);
+                self.set_status(|s| s.clock_offset_ms = offset);
                 let stamp = self.stamp_ms();
                 let k = key.clone();
                 let result = tokio::task::spawn_blocking(move || {
