@@ -187,3 +187,76 @@ fn wrong_device_clocks_never_move_the_fleet() {
         "a fresh cloud write is stamped at the cloud's time ({wall} vs {now})"
     );
 }
+
+/// A device clock that jumps ten hours ahead while the agent is connected (libfaketime reads
+/// the offset from a file on every call): its next write is stamped on a stale offset, refused
+/// by the cloud, and re-stamped on the time the refusal carries, not refused forever.
+#[test]
+fn a_clock_jump_while_connected_is_corrected_by_the_refusal() {
+    let Some(lib) = faketime_lib() else {
+        if std::env::var_os("DEVTABLES_SERVICES").is_some() {
+            panic!("libfaketime is missing: apt-get install faketime");
+        }
+        println!("SKIPPED clocks::a_clock_jump_while_connected_is_corrected_by_the_refusal: libfaketime is not installed (apt-get install faketime)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix();
+    let cloud = CloudProc::start(dir.path(), &prefix, BrokerChoice::Embedded(0));
+    let offset_file = dir.path().join("faketime");
+    std::fs::write(&offset_file, "+0").unwrap();
+    let secret = cloud.register(ACCOUNT, "jumpy");
+    let spec = AgentSpec {
+        dir: &cloud.dir,
+        name: "jumpy",
+        account: ACCOUNT,
+        device: "jumpy",
+        secret: &secret,
+        mqtt: &cloud.mqtt,
+        prefix: &prefix,
+        schema: None,
+    };
+    let file = offset_file.to_string_lossy().to_string();
+    let env = [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", file.as_str()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ("FAKETIME_NO_CACHE", "1"),
+    ];
+    let mut a = AgentProc::start_with_env(&spec, "", &env);
+    a.wait_synced();
+    assert!(
+        a.status()["clock_offset_ms"]
+            .as_i64()
+            .unwrap_or_default()
+            .abs()
+            < 60_000,
+        "starts on time"
+    );
+    // The clock jumps while connected; the offset learnt at the welcome is now ten hours off.
+    std::fs::write(&offset_file, "+10h").unwrap();
+    a.op(json!({"op": "upsert", "model": "Setting", "item": {"deviceId": "jumpy", "name": "color", "value": "teal"}}));
+    a.wait_synced();
+    let status = a.status();
+    assert!(
+        status["restamped"].as_u64().unwrap_or_default() >= 1,
+        "the write stamped ten hours ahead was refused and re-stamped: {status}"
+    );
+    let setting = eventually("the write in the cloud", || {
+        let items = cloud.items(ACCOUNT, "jumpy", "Setting")?;
+        items
+            .into_iter()
+            .find(|i| i["item"]["value"] == "teal")
+            .ok_or_else(|| "not yet".to_string())
+    });
+    assert!(
+        version_wall(&setting["version"]) <= now_ms() + DRIFT_MS,
+        "stored on the cloud's time: {setting}"
+    );
+    let offset = status["clock_offset_ms"].as_i64().unwrap_or_default();
+    assert!(
+        (offset + TEN_HOURS_MS).abs() < 300_000,
+        "the refusal corrected the offset: {status}"
+    );
+    a.stop();
+}
