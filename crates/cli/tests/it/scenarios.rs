@@ -495,18 +495,22 @@ pub fn newer_device_schema_is_rejected_clearly(broker: BrokerChoice) {
 
 /// Garbage and an unknown protocol version on a device's own topic get error replies; the cloud
 /// keeps serving (a real agent still syncs afterwards).
-pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
-    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-    use std::time::Duration;
-
-    let s = setup(broker);
-    let secret = s.cloud.register("acme", "gw9");
+/// A raw MQTT client with a device's credentials (no agent): the client, and its events, polled
+/// on their own thread (rumqttc's poll is not cancel-safe, so no timeouts around it; a test waits
+/// on the channel instead).
+fn raw_device(
+    s: &Setup,
+    device: &str,
+    secret: &str,
+) -> (
+    rumqttc::Client,
+    std::sync::mpsc::Receiver<Result<rumqttc::Event, rumqttc::ConnectionError>>,
+) {
     let (host, port) = s.cloud.mqtt.rsplit_once(':').unwrap();
-    let mut options = MqttOptions::new("acme/gw9", host, port.parse().unwrap());
-    options.set_credentials("acme/gw9", secret.clone());
-    let (client, mut connection) = Client::new(options, 16);
-    // Poll the connection on its own thread: rumqttc's poll is not cancel-safe, so no timeouts
-    // around it; the test waits on the channel instead.
+    let id = format!("{ACCOUNT}/{device}");
+    let mut options = rumqttc::MqttOptions::new(&id, host, port.parse().unwrap());
+    options.set_credentials(&id, secret);
+    let (client, mut connection) = rumqttc::Client::new(options, 16);
     let (events_tx, events) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for event in connection.iter() {
@@ -516,6 +520,16 @@ pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
             }
         }
     });
+    (client, events)
+}
+
+pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
+    use rumqttc::{Event, Packet, QoS};
+    use std::time::Duration;
+
+    let s = setup(broker);
+    let secret = s.cloud.register("acme", "gw9");
+    let (client, events) = raw_device(&s, "gw9", &secret);
     let down = format!("{}/acme/gw9/down", s.prefix);
     let up = format!("{}/acme/gw9/up", s.prefix);
     client.subscribe(&down, QoS::AtLeastOnce).unwrap();
@@ -659,7 +673,7 @@ pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
 /// version ten hours ahead, and announces the largest cursor there is. The rows stay, the version
 /// is refused for re-stamping, the cursor gets a full resync instead of silence.
 pub fn hostile_pushes_cannot_touch_other_models_or_the_clock(broker: BrokerChoice) {
-    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    use rumqttc::{Event, Packet, QoS};
     use std::time::Duration;
 
     let s = setup(broker);
@@ -670,19 +684,7 @@ pub fn hostile_pushes_cannot_touch_other_models_or_the_clock(broker: BrokerChoic
         json!({"state": "online"}),
     );
     assert_eq!(code, 201, "{body}");
-    let (host, port) = s.cloud.mqtt.rsplit_once(':').unwrap();
-    let mut options = MqttOptions::new("acme/gw8", host, port.parse().unwrap());
-    options.set_credentials("acme/gw8", secret.clone());
-    let (client, mut connection) = Client::new(options, 16);
-    let (events_tx, events) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for event in connection.iter() {
-            let stop = event.is_err();
-            if events_tx.send(event).is_err() || stop {
-                break;
-            }
-        }
-    });
+    let (client, events) = raw_device(&s, "gw8", &secret);
     let down = format!("{}/acme/gw8/down", s.prefix);
     let up = format!("{}/acme/gw8/up", s.prefix);
     client.subscribe(&down, QoS::AtLeastOnce).unwrap();
