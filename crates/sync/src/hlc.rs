@@ -262,6 +262,18 @@ mod tests {
     }
 
     #[test]
+    fn each_cloud_node_mints_its_own_versions() {
+        let a = node_id_for(&cloud_node_name("a"));
+        let b = node_id_for(&cloud_node_name("b"));
+        assert_ne!(a, b);
+        // Device node names are "{account}/{device}" with no further `/`: never a cloud's.
+        assert_eq!(cloud_node_name("x"), "devtables/cloud/x");
+        let (mut ca, mut cb) = (HlcClock::new(a), HlcClock::new(b));
+        let (va, vb) = (ca.tick(5).unwrap(), cb.tick(5).unwrap());
+        assert_ne!(va, vb, "same millisecond, distinct versions");
+    }
+
+    #[test]
     fn fnv_is_stable() {
         assert_eq!(node_id_for(""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(node_id_for("a"), 0xaf63_dc4c_8601_ec8c);
