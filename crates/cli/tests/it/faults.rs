@@ -258,7 +258,7 @@ impl Device {
                 _ => self.refresh_confirmed(&api),
             }
             ops += 1;
-            if ops % 8 == 0 {
+            if ops.is_multiple_of(8) {
                 self.refresh_confirmed(&api);
             }
             // Pacing, not synchronization: spreads the writes over the whole fault schedule.

@@ -139,7 +139,7 @@ impl DevStore {
                 "{key:?} is held by another model"
             )));
         }
-        if delete && !held.is_some_and(|r| r.item.is_some()) {
+        if delete && held.is_none_or(|r| r.item.is_none()) {
             return Ok(None);
         }
         let stored = held.map(|r| r.version);
