@@ -248,8 +248,7 @@ pub trait CloudStore: Send + 'static {
     fn api_keys(&mut self, account: &str) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Revokes the key `id` of `account` (a key already revoked keeps its first revocation
     /// time). `false` when the account has no such key.
-    fn revoke_api_key(&mut self, account: &str, id: &str, now_ms: u64)
-        -> Result<bool, StoreError>;
+    fn revoke_api_key(&mut self, account: &str, id: &str, now_ms: u64) -> Result<bool, StoreError>;
     /// One API key by id, whatever its account.
     fn api_key(&mut self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// How many API keys are not revoked, over every account (at start, the service warns when

@@ -40,7 +40,10 @@ fn key_row(r: &Row<'_>) -> rusqlite::Result<(ApiKeyRecord, String)> {
 
 fn decode((mut record, scope): (ApiKeyRecord, String)) -> Result<ApiKeyRecord, StoreError> {
     record.scope = KeyScope::parse(&scope).ok_or_else(|| {
-        StoreError::Corrupt(format!("API key {} has an unknown scope {scope:?}", record.id))
+        StoreError::Corrupt(format!(
+            "API key {} has an unknown scope {scope:?}",
+            record.id
+        ))
     })?;
     Ok(record)
 }

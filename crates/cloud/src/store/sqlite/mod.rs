@@ -249,12 +249,7 @@ impl CloudStore for SqliteStore {
         api_keys::api_keys(&self.conn, account)
     }
 
-    fn revoke_api_key(
-        &mut self,
-        account: &str,
-        id: &str,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
+    fn revoke_api_key(&mut self, account: &str, id: &str, now_ms: u64) -> Result<bool, StoreError> {
         api_keys::revoke_api_key(&self.conn, account, id, now_ms)
     }
 

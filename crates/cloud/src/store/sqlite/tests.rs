@@ -1677,7 +1677,9 @@ fn api_keys_are_created_listed_revoked_and_looked_up_per_account() {
     let mut s = SqliteStore::open_in_memory().unwrap();
     assert_eq!(s.live_api_keys().unwrap(), 0);
     let a1 = s.create_api_key("a", KeyScope::Read, "h1", NOW).unwrap();
-    let a2 = s.create_api_key("a", KeyScope::Admin, "h2", NOW + 1).unwrap();
+    let a2 = s
+        .create_api_key("a", KeyScope::Admin, "h2", NOW + 1)
+        .unwrap();
     let b1 = s.create_api_key("b", KeyScope::Write, "h3", NOW).unwrap();
     assert_ne!(a1, a2);
     assert_eq!(a1.len(), 16);
