@@ -15,7 +15,8 @@ use anyhow::Context;
 use clap::Args;
 use devtables_agent::{Agent, AgentConfig};
 use devtables_cloud::ops::WriteKind;
-use devtables_cloud::store::ItemQuery;
+use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
+use devtables_cloud::store::{ItemQuery, KeyScope};
 use devtables_cloud::{BrokerMode, Cloud, CloudConfig};
 use devtables_schema::{Item, Schema};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -86,11 +87,29 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
     let mut config = CloudConfig::new(data.join("cloud"));
     config.api_listen = args.api;
     config.broker = BrokerMode::Embedded { listen: args.mqtt };
+    // The API refuses requests without a key: the demo makes an admin key of its account in the
+    // store before the cloud opens it (as `devtables keys create` does, so the cloud does not
+    // warn that no key exists) and shows it once; only its hash is stored.
+    let key = {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+        let mut store =
+            SqliteStore::open(&config.data_dir.join("cloud.db"), SqliteOptions::default())?;
+        devtables_cloud::auth::create_api_key(
+            &mut store,
+            ACCOUNT,
+            KeyScope::Admin,
+            crate::keys_cmd::now_ms(),
+        )
+        .context("creating the demo's API key")?
+        .key
+    };
     let cloud = Cloud::start(config, schema.clone()).await?;
     let (host, port) = devtables_agent::config::parse_broker(&cloud.mqtt_addr)?;
     eprintln!("devtables demo: data in {}", data.display());
+    eprintln!("  API key   {key}   (admin of account {ACCOUNT}; shown only now)");
     eprintln!(
-        "  HTTP API  http://{}   (try: curl http://{}/v1/devices)",
+        "  HTTP API  http://{}   (try: curl -H 'Authorization: Bearer {key}' http://{}/v1/devices)",
         cloud.api_addr, cloud.api_addr
     );
     eprintln!("  MQTT      {}", cloud.mqtt_addr);

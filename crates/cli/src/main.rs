@@ -3,6 +3,7 @@
 
 mod db_cmd;
 mod demo_cmd;
+mod keys_cmd;
 mod serve_cmd;
 
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ enum Command {
     Agent(serve_cmd::AgentArgs),
     /// Run the cloud service (store, broker, sync, HTTP API) from a configuration file.
     Cloud(serve_cmd::ConfigArgs),
+    /// Create, list and revoke the cloud HTTP API's keys in a cloud's data folder.
+    Keys(keys_cmd::KeysArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Agent(args) => serve_cmd::agent(args),
         Command::Cloud(args) => serve_cmd::cloud(args),
+        Command::Keys(args) => keys_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

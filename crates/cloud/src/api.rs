@@ -14,16 +14,33 @@
 //! | `POST`, `PATCH`, `DELETE /v1/accounts/{a}/devices/{d}/items/{model}` | create, partially update, remove a device's item (replicates down per the schema) |
 //! | `POST`, `PATCH`, `DELETE /v1/accounts/{a}/items/{model}` | the same for an account-wide (broadcast) item |
 //! | `GET /v1/accounts/{a}/conflicts?before=&limit=` | the conflict log, newest first |
+//! | `POST /v1/accounts/{a}/keys` `{scope}` | create an API key of the account; the answer holds the key, once |
+//! | `GET /v1/accounts/{a}/keys` | the account's API keys (ids, scopes, times; never a secret) |
+//! | `DELETE /v1/accounts/{a}/keys/{id}` | revoke a key |
 //!
 //! Every error is `{"error": "<sentence>", "kind": "<kind>"}` with a fitting status code.
+//!
+//! # API keys
+//!
+//! Every route but `/health` and `/ready` needs `Authorization: Bearer dt_<id>_<secret>` (see
+//! [`crate::auth`]). A key belongs to one account and has a scope: `read` may only GET, `write`
+//! may also write items, `admin` may also register devices, manage the account's keys and read
+//! `/v1/status` (service-wide numbers). A missing, malformed, unknown, wrong or revoked key is
+//! answered 401 `unauthorized`; a valid key asking for another account or beyond its scope is
+//! answered 403 `forbidden`, before anything is looked up, so the answer never tells whether the
+//! target exists. Every refusal is counted (`api_unauthorized`, `api_forbidden` in
+//! `/v1/status`) and logged at warn (rate-limited). The `insecure_no_auth` setting turns all of
+//! this off. The [`Caller`] extractor authenticates; each handler states what it needs of it
+//! ([`Caller::allow`]), so a handler without a `Caller` argument would be open: the tests try
+//! every route without a key.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::CloudWriteError;
@@ -33,12 +50,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::auth::Credentials;
+use crate::auth::{self, Credentials};
 use crate::config::CloudConfig;
 use crate::ops::{self, OpError, WriteKind};
-use crate::status::SyncStatus;
-use crate::store::{ItemQuery, StoreError};
-use crate::store_thread::{StoreGone, StoreHandle};
+use crate::status::{SyncStatus, WarnLimiter};
+use crate::store::{ItemQuery, KeyScope, StoreError};
+use crate::store_thread::{wall_ms, StoreGone, StoreHandle};
 use crate::sync_loop::SyncInput;
 
 #[derive(Clone)]
@@ -50,6 +67,8 @@ pub(crate) struct ApiState {
     pub(crate) status: Arc<SyncStatus>,
     pub(crate) mqtt_addr: String,
     pub(crate) config: Arc<CloudConfig>,
+    /// Rate-limits the warnings about refused requests (each one is counted in `status`).
+    pub(crate) refusals: Arc<Mutex<WarnLimiter>>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -79,6 +98,11 @@ pub(crate) fn router(state: ApiState) -> Router {
             get(get_device_item),
         )
         .route("/v1/accounts/{account}/conflicts", get(conflicts))
+        .route(
+            "/v1/accounts/{account}/keys",
+            get(list_keys).post(create_key),
+        )
+        .route("/v1/accounts/{account}/keys/{id}", delete(revoke_key))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -110,7 +134,135 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": self.message, "kind": self.kind}));
-        (self.status, body).into_response()
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Who is calling, as its API key says.
+#[derive(Clone, Debug)]
+pub(crate) enum Caller {
+    /// A valid, unrevoked key.
+    Key {
+        id: String,
+        account: String,
+        scope: KeyScope,
+    },
+    /// Anybody: the service runs with `insecure_no_auth`.
+    Insecure,
+}
+
+/// What the 401 answers say when a key was presented but is not valid: one sentence for every
+/// reason, so a guesser learns nothing about which part was wrong (the log says which).
+const INVALID_KEY: &str = "the API key is not valid (unknown, wrong secret or revoked)";
+
+impl ApiState {
+    /// Counts and logs (rate-limited) a refused request, and builds its answer.
+    fn refuse(&self, status: StatusCode, message: &str, why: &str) -> ApiError {
+        let (counter, kind) = if status == StatusCode::UNAUTHORIZED {
+            (&self.status.api_unauthorized, "unauthorized")
+        } else {
+            (&self.status.api_forbidden, "forbidden")
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let hit = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hit(Instant::now());
+        if let Some(quiet) = hit {
+            tracing::warn!(
+                status = status.as_u16(),
+                "HTTP API request refused: {why} ({quiet} more refusals since the last warning; \
+                 counted in /v1/status as api_unauthorized and api_forbidden)"
+            );
+        }
+        ApiError::new(status, kind, message)
+    }
+
+    fn unauthorized(&self, message: &str, why: &str) -> ApiError {
+        self.refuse(StatusCode::UNAUTHORIZED, message, why)
+    }
+}
+
+impl axum::extract::FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &ApiState,
+    ) -> Result<Self, ApiError> {
+        if s.config.insecure_no_auth {
+            return Ok(Caller::Insecure);
+        }
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(s.unauthorized(
+                "this request needs an API key: send Authorization: Bearer <key>",
+                "no Authorization header",
+            ));
+        };
+        let presented = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .and_then(auth::parse_api_key);
+        let Some((id, secret)) = presented else {
+            return Err(s.unauthorized(
+                "the Authorization header must be `Bearer dt_<id>_<secret>`",
+                "a malformed Authorization header",
+            ));
+        };
+        let lookup = id.to_string();
+        let record = s.store.call(move |c| c.store.api_key(&lookup)).await??;
+        let Some(record) = record else {
+            return Err(s.unauthorized(INVALID_KEY, &format!("unknown key id {id}")));
+        };
+        // The secret is checked before the revocation, so only the key's holder learns (from
+        // the log's owner) that it was revoked.
+        if !auth::verify_secret(secret.as_bytes(), &record.secret_hash) {
+            return Err(s.unauthorized(INVALID_KEY, &format!("wrong secret for key {id}")));
+        }
+        if record.revoked_ms.is_some() {
+            return Err(s.unauthorized(INVALID_KEY, &format!("revoked key {id}")));
+        }
+        Ok(Caller::Key {
+            id: record.id,
+            account: record.account,
+            scope: record.scope,
+        })
+    }
+}
+
+impl Caller {
+    /// Whether the caller may act on `account` (`None`: on the service as a whole, which only
+    /// an admin key may) with at least the scope `need`; 403 `forbidden` otherwise, the same
+    /// answer whether or not the target exists.
+    fn allow(&self, s: &ApiState, account: Option<&str>, need: KeyScope) -> ApiResult<()> {
+        let Caller::Key {
+            id,
+            account: own,
+            scope,
+        } = self
+        else {
+            return Ok(());
+        };
+        let account_ok = account.is_none_or(|a| a == own);
+        let scope_ok = *scope >= need;
+        if account_ok && scope_ok {
+            return Ok(());
+        }
+        let target = account.unwrap_or("the whole service");
+        Err(s.refuse(
+            StatusCode::FORBIDDEN,
+            "this API key may not do that",
+            &format!("key {id} ({scope} of {own}) asked for {need} on {target}"),
+        ))
     }
 }
 
@@ -240,9 +392,10 @@ async fn ready(State(s): State<ApiState>) -> Response {
     (code, body).into_response()
 }
 
-async fn status(State(s): State<ApiState>) -> Json<Value> {
+async fn status(caller: Caller, State(s): State<ApiState>) -> ApiResult<Json<Value>> {
+    caller.allow(&s, None, KeyScope::Admin)?;
     let snapshot = s.status.snapshot(s.config.mqtt.request_queue);
-    Json(serde_json::to_value(snapshot).unwrap_or(Value::Null))
+    Ok(Json(serde_json::to_value(snapshot).unwrap_or(Value::Null)))
 }
 
 fn device_id(account: &str, device: &str) -> ApiResult<DeviceId> {
@@ -256,9 +409,11 @@ struct Register {
 }
 
 async fn register_device(
+    caller: Caller,
     State(s): State<ApiState>,
     Body(body): Body<Register>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&body.account), KeyScope::Admin)?;
     let id = device_id(&body.account, &body.device)?;
     let secret = ops::register_device(&s.store, s.credentials.as_ref(), &id).await?;
     let prefix = &s.config.topic_prefix;
@@ -301,9 +456,16 @@ fn with_lag(record: crate::store::DeviceRecord) -> Value {
 }
 
 async fn list_devices(
+    caller: Caller,
     State(s): State<ApiState>,
-    Params(q): Params<DeviceList>,
+    Params(mut q): Params<DeviceList>,
 ) -> ApiResult<Json<Value>> {
+    // A key sees its own account's devices only, whatever the query asks.
+    if let Caller::Key { account, .. } = &caller {
+        let asked = q.account.take().unwrap_or_else(|| account.clone());
+        caller.allow(&s, Some(&asked), KeyScope::Read)?;
+        q.account = Some(asked);
+    }
     let after = match &q.after {
         Some(a) => {
             let (acct, dev) = a
@@ -331,9 +493,11 @@ async fn list_devices(
 }
 
 async fn get_device(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, device)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Read)?;
     let id = device_id(&account, &device)?;
     let who = id.clone();
     match s.store.call(move |c| c.store.device(&who)).await?? {
@@ -387,18 +551,22 @@ async fn run_query(
 }
 
 async fn query_account_items(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
     Params(q): Params<ItemsQuery>,
 ) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Read)?;
     run_query(&s, account, model, q).await
 }
 
 async fn query_device_items(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
     Params(mut q): Params<ItemsQuery>,
 ) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Read)?;
     device_id(&account, &device)?;
     q.device = Some(device);
     run_query(&s, account, model, q).await
@@ -413,10 +581,12 @@ struct KeyQuery {
 }
 
 async fn get_device_item(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
     Params(k): Params<KeyQuery>,
 ) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Read)?;
     let owner = Owner::Device(device_id(&account, &device)?);
     let key = ItemKey { pk: k.pk, sk: k.sk };
     let m = model.clone();
@@ -437,7 +607,7 @@ impl From<OpError> for ApiError {
         let message = e.to_string();
         match e {
             OpError::UnknownModel(_) | OpError::NotFound(_) => ApiError::not_found(message),
-            OpError::Invalid(_) => ApiError::bad(message),
+            OpError::Invalid(_) | OpError::BadAccount(_) => ApiError::bad(message),
             OpError::Exists(_) => ApiError::new(StatusCode::CONFLICT, "exists", message),
             OpError::Write(w) => w.into(),
             OpError::Store(s) => s.into(),
@@ -479,28 +649,34 @@ fn object(body: Value) -> ApiResult<Item> {
 }
 
 async fn create_device_item(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
     Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&account), KeyScope::Write)?;
     let owner = Owner::Device(device_id(&account, &device)?);
     write_item(&s, owner, model, object(body)?, WriteKind::Create).await
 }
 
 async fn update_device_item(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
     Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&account), KeyScope::Write)?;
     let owner = Owner::Device(device_id(&account, &device)?);
     write_item(&s, owner, model, object(body)?, WriteKind::Update).await
 }
 
 async fn remove_device_item(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, device, model)): Path<(String, String, String)>,
     Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&account), KeyScope::Write)?;
     let owner = Owner::Device(device_id(&account, &device)?);
     write_item(&s, owner, model, object(body)?, WriteKind::Remove).await
 }
@@ -512,10 +688,12 @@ fn account_owner(account: &str) -> ApiResult<Owner> {
 }
 
 async fn create_broadcast(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
     Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&account), KeyScope::Write)?;
     write_item(
         &s,
         account_owner(&account)?,
@@ -527,10 +705,12 @@ async fn create_broadcast(
 }
 
 async fn update_broadcast(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
     Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&account), KeyScope::Write)?;
     write_item(
         &s,
         account_owner(&account)?,
@@ -542,10 +722,12 @@ async fn update_broadcast(
 }
 
 async fn remove_broadcast(
+    caller: Caller,
     State(s): State<ApiState>,
     Path((account, model)): Path<(String, String)>,
     Body(body): Body<Value>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&account), KeyScope::Write)?;
     write_item(
         &s,
         account_owner(&account)?,
@@ -563,14 +745,70 @@ struct ConflictQuery {
 }
 
 async fn conflicts(
+    caller: Caller,
     State(s): State<ApiState>,
     Path(account): Path<String>,
     Params(q): Params<ConflictQuery>,
 ) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Read)?;
     let limit = q.limit.unwrap_or(100).min(s.config.max_page_items);
     let list = s
         .store
         .call(move |c| c.store.conflicts(&account, q.before, limit))
         .await??;
     Ok(Json(json!({"conflicts": list})))
+}
+
+#[derive(Deserialize)]
+struct NewKey {
+    scope: KeyScope,
+}
+
+async fn create_key(
+    caller: Caller,
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+    Body(body): Body<NewKey>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    caller.allow(&s, Some(&account), KeyScope::Admin)?;
+    let new = ops::create_api_key(&s.store, &account, body.scope).await?;
+    tracing::info!(id = %new.id, account = %new.account, scope = %new.scope, "API key created");
+    let mut answer = serde_json::to_value(&new).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut answer {
+        m.insert(
+            "note".into(),
+            "the key is shown only now; send it as Authorization: Bearer <key>".into(),
+        );
+    }
+    Ok((StatusCode::CREATED, Json(answer)))
+}
+
+async fn list_keys(
+    caller: Caller,
+    State(s): State<ApiState>,
+    Path(account): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Admin)?;
+    let keys = s.store.call(move |c| c.store.api_keys(&account)).await??;
+    Ok(Json(json!({"keys": keys})))
+}
+
+async fn revoke_key(
+    caller: Caller,
+    State(s): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Admin)?;
+    let (acct, key) = (account.clone(), id.clone());
+    let revoked = s
+        .store
+        .call(move |c| c.store.revoke_api_key(&acct, &key, wall_ms()))
+        .await??;
+    if !revoked {
+        return Err(ApiError::not_found(format!(
+            "account {account} has no API key {id}"
+        )));
+    }
+    tracing::info!(%id, %account, "API key revoked");
+    Ok(Json(json!({"id": id, "account": account, "revoked": true})))
 }

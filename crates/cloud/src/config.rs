@@ -55,6 +55,9 @@ pub struct CloudConfig {
     /// queued or running at once. Beyond it, further engine work waits inside the engine until
     /// one completes; the MQTT connection is polled all the while. Default 64.
     pub sync_store_jobs: usize,
+    /// Serve the HTTP API without API keys: every request may read and write every account.
+    /// For a throwaway local setup only; the service warns loudly at start. Default false.
+    pub insecure_no_auth: bool,
 }
 
 /// Settings of the service's MQTT client (the sync loop's connection to the broker).
@@ -145,6 +148,7 @@ impl CloudConfig {
             mqtt: MqttClientConfig::default(),
             startup_prompts: StartupPrompts::default(),
             sync_store_jobs: 64,
+            insecure_no_auth: false,
         }
     }
 
@@ -210,6 +214,9 @@ pub struct CloudFile {
     /// The start-up prompt tick in milliseconds (default 100).
     #[serde(default)]
     pub startup_prompt_tick_ms: Option<u64>,
+    /// Serve the HTTP API without API keys (default false; see [`CloudConfig::insecure_no_auth`]).
+    #[serde(default)]
+    pub insecure_no_auth: bool,
 }
 
 impl CloudFile {
@@ -268,6 +275,7 @@ impl CloudFile {
         if let Some(ms) = file.startup_prompt_tick_ms {
             config.startup_prompts.tick = Duration::from_millis(ms);
         }
+        config.insecure_no_auth = file.insecure_no_auth;
         config
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -314,6 +322,16 @@ mod tests {
         assert_eq!(c.mqtt.request_queue, 64);
         assert_eq!(c.startup_prompts.per_tick, 10);
         assert_eq!(c.startup_prompts.tick, Duration::from_millis(50));
+        assert!(
+            !c.insecure_no_auth,
+            "the API requires keys unless the file says otherwise"
+        );
+        std::fs::write(
+            &path,
+            "{schema: 's.json5', data_dir: 'd', insecure_no_auth: true}",
+        )
+        .unwrap();
+        assert!(CloudFile::load(&path).unwrap().1.insecure_no_auth);
         std::fs::write(
             &path,
             "{schema: 's.json5', data_dir: 'd', mqtt_request_queue: 0}",

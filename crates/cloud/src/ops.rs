@@ -1,5 +1,5 @@
 //! Application operations shared by the HTTP API and the embedding program (the demo, tests):
-//! registering a device and writing items through the cloud. Each runs as one job on the store
+//! registering a device, creating an API key and writing items through the cloud. Each runs as one job on the store
 //! thread, so reading the current item and writing the new one cannot interleave with another
 //! write.
 
@@ -12,8 +12,8 @@ use devtables_sync::wire::Change;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::auth::{self, Credentials};
-use crate::store::StoreError;
+use crate::auth::{self, Credentials, NewApiKey};
+use crate::store::{KeyScope, StoreError};
 use crate::store_thread::{wall_ms, StoreGone, StoreHandle};
 use crate::sync_loop::SyncInput;
 
@@ -39,6 +39,8 @@ pub enum OpError {
     Exists(String),
     #[error("{0} does not exist")]
     NotFound(String),
+    #[error("invalid account name: {0}")]
+    BadAccount(String),
     #[error(transparent)]
     Write(#[from] CloudWriteError<StoreError>),
     #[error(transparent)]
@@ -63,6 +65,21 @@ pub async fn register_device(
         creds.add_device(id.clone(), hash);
     }
     Ok(secret)
+}
+
+/// Creates an API key of `account` with `scope`; the answer holds the full key, which is stored
+/// only as a hash.
+pub async fn create_api_key(
+    store: &StoreHandle,
+    account: &str,
+    scope: KeyScope,
+) -> Result<NewApiKey, OpError> {
+    // The same rule as every account name of the API (a placeholder device for the check).
+    DeviceId::new(account, "x").map_err(|e| OpError::BadAccount(e.to_string()))?;
+    let account = account.to_string();
+    Ok(store
+        .call(move |c| auth::create_api_key(c.store.as_mut(), &account, scope, wall_ms()))
+        .await??)
 }
 
 /// Writes an item through the cloud: validated and versioned here, replicated down to the

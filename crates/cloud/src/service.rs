@@ -86,6 +86,7 @@ impl Cloud {
             },
         )?;
         store.reset_online()?;
+        let live_api_keys = store.live_api_keys()?;
 
         // One pass over the registry: credentials for the embedded broker, and the devices with
         // changes waiting for them (prompted once the sync loop runs).
@@ -240,7 +241,22 @@ impl Cloud {
             status: status.clone(),
             mqtt_addr: format!("{mqtt_host}:{mqtt_port}"),
             config: Arc::new(config.clone()),
+            refusals: Arc::new(std::sync::Mutex::new(crate::status::WarnLimiter::new(
+                crate::status::WarnLimiter::INTERVAL,
+            ))),
         };
+        if config.insecure_no_auth {
+            tracing::warn!(
+                "INSECURE: insecure_no_auth is set, so the HTTP API on {api_addr} takes no API key: \
+                 anyone who reaches it can register devices and read and write every account"
+            );
+        } else if live_api_keys == 0 {
+            tracing::warn!(
+                "no API key exists, so the HTTP API on {api_addr} refuses every request: create the \
+                 first one with `devtables keys create --data {} --account ACCOUNT --scope admin`",
+                config.data_dir.display()
+            );
+        }
         let app = crate::api::router(state);
         let mut api_shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -294,6 +310,16 @@ impl Cloud {
     /// Registers a device; returns its secret (shown once, stored hashed).
     pub async fn register_device(&self, id: &DeviceId) -> Result<String, OpError> {
         ops::register_device(&self.store, self.credentials.as_ref(), id).await
+    }
+
+    /// Creates an API key of `account` (as `POST /v1/accounts/{account}/keys` does); the answer
+    /// holds the full key, shown only now.
+    pub async fn create_api_key(
+        &self,
+        account: &str,
+        scope: crate::store::KeyScope,
+    ) -> Result<crate::auth::NewApiKey, OpError> {
+        ops::create_api_key(&self.store, account, scope).await
     }
 
     /// Writes an item through the cloud (as the HTTP API does).

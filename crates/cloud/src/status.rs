@@ -46,6 +46,10 @@ pub struct SyncStatus {
     pub(crate) rows_skipped: AtomicU64,
     /// Messages on topics the service does not serve.
     pub(crate) foreign_messages: AtomicU64,
+    /// HTTP API requests refused for want of a valid API key (401).
+    pub(crate) api_unauthorized: AtomicU64,
+    /// HTTP API requests whose key may not do what they asked (403).
+    pub(crate) api_forbidden: AtomicU64,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -66,6 +70,8 @@ pub struct StatusSnapshot {
     pub store_errors: u64,
     pub rows_skipped: u64,
     pub foreign_messages: u64,
+    pub api_unauthorized: u64,
+    pub api_forbidden: u64,
 }
 
 impl SyncStatus {
@@ -88,6 +94,8 @@ impl SyncStatus {
             store_errors: n(&self.store_errors),
             rows_skipped: n(&self.rows_skipped),
             foreign_messages: n(&self.foreign_messages),
+            api_unauthorized: n(&self.api_unauthorized),
+            api_forbidden: n(&self.api_forbidden),
         }
     }
 

@@ -18,7 +18,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use super::harness::{eventually, unique_prefix, AgentProc, AgentSpec, BrokerChoice, CloudProc};
+use super::harness::{
+    eventually, unique_prefix, AgentProc, AgentSpec, ApiClient, BrokerChoice, CloudProc,
+};
 use super::proxy::{Fault, FaultProxy, Profile, Schedule};
 
 const ACCOUNT: &str = "acme";
@@ -214,16 +216,12 @@ impl Device {
 
     /// Marks the settings whose last write the cloud holds (API calls go straight to the cloud,
     /// never through a proxy).
-    fn refresh_confirmed(&mut self, api: &str) {
-        let url = format!(
-            "http://{api}/v1/accounts/{ACCOUNT}/devices/{}/items/Setting?limit=1000",
+    fn refresh_confirmed(&mut self, api: &ApiClient) {
+        let path = format!(
+            "/v1/accounts/{ACCOUNT}/devices/{}/items/Setting?limit=1000",
             self.name
         );
-        let Some(page) = ureq::get(&url)
-            .call()
-            .ok()
-            .and_then(|r| r.into_json::<Value>().ok())
-        else {
+        let Ok(page) = api.get(&path) else {
             return;
         };
         let in_cloud: BTreeMap<String, String> = page["items"]
@@ -247,7 +245,7 @@ impl Device {
 
     /// Writes until `until`: mostly new readings, then new, updated, deleted and re-created
     /// settings.
-    fn drive(mut self, api: String, until: Instant) -> Device {
+    fn drive(mut self, api: ApiClient, until: Instant) -> Device {
         let mut ops = 0u64;
         while Instant::now() < until {
             match self.rng.gen_range(0..100) {
@@ -540,7 +538,7 @@ pub fn converge_through_faults(broker: BrokerChoice, cloud_hop: bool) {
     let drivers: Vec<_> = devices
         .into_iter()
         .map(|d| {
-            let api = cloud.api.clone();
+            let api = cloud.client();
             std::thread::spawn(move || d.drive(api, until))
         })
         .collect();

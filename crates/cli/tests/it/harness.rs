@@ -1,5 +1,9 @@
 //! Real processes for end-to-end tests: a `devtables cloud` and `devtables agent --stdin`
 //! children, an HTTP client for the API, and waiting for conditions with a deadline.
+//!
+//! The cloud's API refuses requests without a key, so every cloud started here gets an admin key
+//! of [`KEY_ACCOUNT`] from `devtables keys create` on its data folder (the real bootstrap path)
+//! before it starts, and every API call of the harness sends it.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -15,6 +19,83 @@ use serde_json::{json, Value};
 use super::{bin, example_schema};
 
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The account of the admin key the harness creates for each cloud (every end-to-end test's
+/// devices live in it).
+pub const KEY_ACCOUNT: &str = "acme";
+
+/// An HTTP client of one cloud's API, with its key (cheap to clone into a thread).
+#[derive(Clone)]
+pub struct ApiClient {
+    /// `host:port` of the API.
+    pub addr: String,
+    /// The admin key of [`KEY_ACCOUNT`].
+    pub key: String,
+}
+
+impl ApiClient {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The `Authorization` header value.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.key)
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, String> {
+        match ureq::get(&self.url(path))
+            .set("authorization", &self.bearer())
+            .call()
+        {
+            Ok(r) => r.into_json().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A request with a JSON body; returns (status, body).
+    pub fn send(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        let result = ureq::request(method, &self.url(path))
+            .set("authorization", &self.bearer())
+            .send_json(body);
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = response.status();
+        (status, response.into_json().unwrap_or(Value::Null))
+    }
+}
+
+/// Creates an admin key of [`KEY_ACCOUNT`] in the cloud data folder `data` with
+/// `devtables keys create`; returns the key it printed.
+pub fn create_admin_key(data: &Path) -> String {
+    let out = bin()
+        .args([
+            "keys",
+            "create",
+            "--account",
+            KEY_ACCOUNT,
+            "--scope",
+            "admin",
+            "--data",
+        ])
+        .arg(data)
+        .output()
+        .expect("devtables keys create runs");
+    assert!(
+        out.status.success(),
+        "devtables keys create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(key.starts_with("dt_"), "not a key: {key:?}");
+    key
+}
 
 /// A port that was free a moment ago (for restarts on the same address).
 pub fn free_port() -> u16 {
@@ -137,16 +218,19 @@ pub struct CloudProc {
     broker: BrokerChoice,
     api_port: u16,
     extra: String,
+    /// The admin key of [`KEY_ACCOUNT`] every API call sends (kept across restarts).
+    pub key: String,
 }
 
 impl CloudProc {
     pub fn start(dir: &Path, prefix: &str, broker: BrokerChoice) -> CloudProc {
-        Self::start_on(dir, prefix, broker, free_port(), "")
+        Self::start_with(dir, prefix, broker, "")
     }
 
     /// With extra configuration keys (JSON5, e.g. `purge_interval_secs: 1,`).
     pub fn start_with(dir: &Path, prefix: &str, broker: BrokerChoice, extra: &str) -> CloudProc {
-        Self::start_on(dir, prefix, broker, free_port(), extra)
+        let key = create_admin_key(&dir.join("cloud-data"));
+        Self::start_on(dir, prefix, broker, free_port(), extra, key)
     }
 
     fn start_on(
@@ -155,6 +239,7 @@ impl CloudProc {
         broker: BrokerChoice,
         api_port: u16,
         extra: &str,
+        key: String,
     ) -> CloudProc {
         let broker_line = match &broker {
             BrokerChoice::Embedded(port) => format!("embedded_broker: '127.0.0.1:{port}',"),
@@ -227,6 +312,7 @@ impl CloudProc {
             broker,
             api_port,
             extra: extra.to_string(),
+            key,
         };
         // Running is not ready: until its subscription to the device topics holds, the cloud
         // hears no device (a raw test client that says hello once would wait forever).
@@ -245,6 +331,7 @@ impl CloudProc {
             self.broker.clone(),
             self.api_port,
             &self.extra,
+            self.key.clone(),
         );
         *self = next;
     }
@@ -258,26 +345,22 @@ impl CloudProc {
         format!("http://{}{}", self.api, path)
     }
 
-    pub fn get(&self, path: &str) -> Result<Value, String> {
-        match ureq::get(&self.url(path)).call() {
-            Ok(r) => r.into_json().map_err(|e| e.to_string()),
-            Err(ureq::Error::Status(code, r)) => {
-                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
-            }
-            Err(e) => Err(e.to_string()),
+    /// A client of this cloud's API with its admin key.
+    pub fn client(&self) -> ApiClient {
+        ApiClient {
+            addr: self.api.clone(),
+            key: self.key.clone(),
         }
     }
 
-    /// A request with a JSON body; returns (status, body).
+    /// `GET path` with the admin key: the JSON body, or the status and body of a failure.
+    pub fn get(&self, path: &str) -> Result<Value, String> {
+        self.client().get(path)
+    }
+
+    /// A request with a JSON body and the admin key; returns (status, body).
     pub fn send(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
-        let result = ureq::request(method, &self.url(path)).send_json(body);
-        let response = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = response.status();
-        (status, response.into_json().unwrap_or(Value::Null))
+        self.client().send(method, path, body)
     }
 
     pub fn register(&self, account: &str, device: &str) -> String {

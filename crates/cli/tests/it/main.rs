@@ -1,5 +1,6 @@
 //! End-to-end tests of the `devtables` command, run as a real process.
 
+mod api_keys;
 mod clocks;
 mod db_cmd;
 mod e2e;

@@ -150,6 +150,7 @@ pub fn up_down_both_and_commands(broker: BrokerChoice) {
 
     // Hostile input to the API: a clear JSON error, and the service keeps running.
     let bad = ureq::post(&s.cloud.url("/v1/accounts/acme/devices/gw1/items/Setting"))
+        .set("authorization", &s.cloud.client().bearer())
         .set("content-type", "application/json")
         .send_string("{not json");
     match bad {

@@ -18,7 +18,7 @@ use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{Change, ChangeResult};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,60 @@ pub struct DeviceRecord {
     pub changes_superseded: u64,
     /// Pushed changes the cloud refused.
     pub changes_rejected: u64,
+}
+
+/// What an API key may do. The order matters: each scope may do everything the ones before it
+/// may (`read` < `write` < `admin`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyScope {
+    /// Read the account's devices, items and conflicts (GET only).
+    Read,
+    /// Also write the account's items.
+    Write,
+    /// Also register devices, manage the account's keys, and read the service status.
+    Admin,
+}
+
+impl KeyScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyScope::Read => "read",
+            KeyScope::Write => "write",
+            KeyScope::Admin => "admin",
+        }
+    }
+
+    /// Parses `read`, `write` or `admin`.
+    pub fn parse(s: &str) -> Option<KeyScope> {
+        match s {
+            "read" => Some(KeyScope::Read),
+            "write" => Some(KeyScope::Write),
+            "admin" => Some(KeyScope::Admin),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored API key of the HTTP API. The key a client sends is `dt_<id>_<secret>`; only the
+/// hash of the secret is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub account: String,
+    pub scope: KeyScope,
+    /// Hash of the key's secret (never the secret itself).
+    #[serde(skip)]
+    pub secret_hash: String,
+    pub created_ms: u64,
+    /// When the key was revoked; a revoked key is refused.
+    pub revoked_ms: Option<u64>,
 }
 
 /// A status change the service records for a device.
@@ -180,6 +234,26 @@ pub trait CloudStore: Send + 'static {
     fn update_status(&mut self, id: &DeviceId, update: &StatusUpdate) -> Result<(), StoreError>;
     /// Marks every device offline (at service start: nobody is connected yet).
     fn reset_online(&mut self) -> Result<(), StoreError>;
+
+    /// Stores a new API key of `account` with the hash of its secret; returns the key's id (a
+    /// fresh random one).
+    fn create_api_key(
+        &mut self,
+        account: &str,
+        scope: KeyScope,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<String, StoreError>;
+    /// The API keys of an account (revoked ones included), oldest first.
+    fn api_keys(&mut self, account: &str) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Revokes the key `id` of `account` (a key already revoked keeps its first revocation
+    /// time). `false` when the account has no such key.
+    fn revoke_api_key(&mut self, account: &str, id: &str, now_ms: u64) -> Result<bool, StoreError>;
+    /// One API key by id, whatever its account.
+    fn api_key(&mut self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// How many API keys are not revoked, over every account (at start, the service warns when
+    /// there are none: the API would refuse every request).
+    fn live_api_keys(&mut self) -> Result<u64, StoreError>;
 
     /// Runs [`devtables_sync::apply::cloud_apply_push`] in one transaction.
     #[allow(clippy::too_many_arguments)]

@@ -103,14 +103,68 @@ pub fn setting(i: usize) -> devtables_schema::Item {
         .expect("an object")
 }
 
-/// `GET path` on the API: (status code, JSON body).
+/// `GET path` on the API without a key: (status code, JSON body).
 pub async fn get(api: SocketAddr, path: &str) -> (u16, Value) {
+    request(api, "GET", path, None, None).await
+}
+
+/// `GET path` on the API with `key` as the bearer token.
+pub async fn get_as(api: SocketAddr, path: &str, key: &str) -> (u16, Value) {
+    request(api, "GET", path, Some(key), None).await
+}
+
+/// An admin API key of [`ACCOUNT`], created through the service.
+pub async fn admin_key(cloud: &devtables_cloud::Cloud) -> String {
+    cloud
+        .create_api_key(ACCOUNT, devtables_cloud::store::KeyScope::Admin)
+        .await
+        .expect("an admin key")
+        .key
+}
+
+/// One HTTP/1.1 request over a fresh TCP connection: `Authorization: Bearer <key>` when a key
+/// is given, a JSON body when one is given. Returns (status code, JSON body or null).
+pub async fn request(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    request_with_header(
+        api,
+        method,
+        path,
+        key.map(|k| format!("Authorization: Bearer {k}")).as_deref(),
+        body,
+    )
+    .await
+}
+
+/// Like [`request`], with a raw header line (or none) in place of the bearer token.
+pub async fn request_with_header(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    header: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(api)
         .await
         .expect("connect to the API");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
+    if let Some(h) = header {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    if body.is_some() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
+    head.push_str(&payload);
     stream
-        .write_all(request.as_bytes())
+        .write_all(head.as_bytes())
         .await
         .expect("send the request");
     let mut raw = Vec::new();

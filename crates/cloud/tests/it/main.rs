@@ -1,6 +1,7 @@
 //! The cloud's integration tests: one binary (`cargo test -p devtables-cloud --test it`), real
 //! TCP, the real embedded broker (rmqtt), the real SQLite store, and the store-conformance suite.
 
+mod api_keys;
 mod conformance;
 mod harness;
 mod sync_service;

@@ -22,8 +22,8 @@ fn wall_ms() -> u64 {
 }
 
 use crate::harness::{
-    config, device, eventually, free_port, get, schema, seed_behind_fleet, setting, RawDevice,
-    ACCOUNT, WAIT,
+    admin_key, config, device, eventually, free_port, get, get_as, schema, seed_behind_fleet,
+    setting, RawDevice, ACCOUNT, WAIT,
 };
 
 /// The deaf start: many more devices are behind at start than the MQTT request queue holds.
@@ -79,8 +79,10 @@ async fn a_start_with_more_devices_behind_than_the_request_queue_holds_still_hea
     }
 
     // Every start-up prompt went out, paced within the small queue: nothing was dropped.
-    let status = eventually("every start-up prompt released", || async {
-        let (_, s) = get(api, "/v1/status").await;
+    let key = admin_key(&cloud).await;
+    let key = key.as_str();
+    let status = eventually("every start-up prompt released", move || async move {
+        let (_, s) = get_as(api, "/v1/status", key).await;
         if s["prompts_pending"] == 0 {
             Ok(s)
         } else {
@@ -141,14 +143,19 @@ async fn a_finished_resync_is_recorded_and_not_prompted_after_a_restart() {
         }
     }
     dev.send(&UpMsg::Bye).await;
-    let record = eventually("the device offline with its cursor recorded", || async {
-        let (_, d) = get(api, &format!("/v1/devices/{ACCOUNT}/dev0")).await;
-        if d["online"] == false && d["cursor_lag"] == 0 && d["cursor_acked"] != 0 {
-            Ok(d)
-        } else {
-            Err(d.to_string())
-        }
-    })
+    let key = admin_key(&cloud).await;
+    let key = key.as_str();
+    let record = eventually(
+        "the device offline with its cursor recorded",
+        move || async move {
+            let (_, d) = get_as(api, &format!("/v1/devices/{ACCOUNT}/dev0"), key).await;
+            if d["online"] == false && d["cursor_lag"] == 0 && d["cursor_acked"] != 0 {
+                Ok(d)
+            } else {
+                Err(d.to_string())
+            }
+        },
+    )
     .await;
     // The engine's time of the last message, recorded as wall time.
     let seen = record["last_seen_ms"].as_u64().unwrap_or(0);
@@ -161,7 +168,8 @@ async fn a_finished_resync_is_recorded_and_not_prompted_after_a_restart() {
     let cloud = Cloud::start(config(dir.path()), schema())
         .await
         .expect("the cloud starts again");
-    let (_, status) = get(cloud.api_addr, "/v1/status").await;
+    // The key survives the restart (it is in the store).
+    let (_, status) = get_as(cloud.api_addr, "/v1/status", key).await;
     assert_eq!(status["prompts_pending"], 0, "{status}");
     cloud.shutdown().await;
 }
@@ -205,8 +213,10 @@ async fn publishes_that_do_not_fit_the_request_queue_are_counted() {
             .await
             .expect("write");
     }
-    let status = eventually("every prompt queued or dropped", || async {
-        let (_, s) = get(api, "/v1/status").await;
+    let key = admin_key(&cloud).await;
+    let key = key.as_str();
+    let status = eventually("every prompt queued or dropped", move || async move {
+        let (_, s) = get_as(api, "/v1/status", key).await;
         let n = |k: &str| s[k].as_u64().unwrap_or(0);
         // Nothing leaves the queue without a broker: all that was queued is still there.
         if n("publishes_queued") + n("publishes_dropped") == DEVICES as u64
@@ -277,7 +287,8 @@ async fn the_subscription_comes_with_the_broker_and_returns_after_a_broker_resta
     let mut dev = RawDevice::connect(&cloud.mqtt_addr, id.clone(), &secret).await;
     assert!(dev.hello(1, 0).await, "heard before the broker restart");
     drop(dev);
-    let (_, before) = get(api, "/v1/status").await;
+    let key = admin_key(&cloud).await;
+    let (_, before) = get_as(api, "/v1/status", &key).await;
 
     broker.shutdown().await;
     let body = wait_ready(false).await;
@@ -286,7 +297,7 @@ async fn the_subscription_comes_with_the_broker_and_returns_after_a_broker_resta
         .await
         .expect("the broker starts again");
     wait_ready(true).await;
-    let (_, after) = get(api, "/v1/status").await;
+    let (_, after) = get_as(api, "/v1/status", &key).await;
     let attempts = |s: &Value| s["subscribe_attempts"].as_u64().unwrap_or(0);
     assert!(attempts(&after) > attempts(&before), "{before} {after}");
     let mut dev = RawDevice::connect(&cloud.mqtt_addr, id, &secret).await;

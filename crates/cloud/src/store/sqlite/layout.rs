@@ -12,7 +12,7 @@ use super::super::StoreError;
 use super::sql::db;
 
 /// The version of the table layout this build writes; a newer database is refused.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 const DDL: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -91,6 +91,23 @@ ALTER TABLE devices ADD COLUMN changes_superseded INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN changes_rejected INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// The API keys of the HTTP API (layout 3). Kept apart from [`DDL`] because it is also the whole
+/// of the migration from layout 2.
+const API_KEYS_DDL: &str = "
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    scope TEXT NOT NULL CHECK (scope IN ('read', 'write', 'admin')),
+    secret_hash TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS api_keys_by_account ON api_keys (account, created_ms, id);
+";
+
+/// What moves a layout-2 database to layout 3: the `api_keys` table.
+const MIGRATE_2_TO_3: &str = API_KEYS_DDL;
+
 /// Prepares a freshly opened connection: busy timeout, WAL mode (`wal`, for a file), the
 /// `synchronous` level, then creates or upgrades the tables in one transaction.
 pub(super) fn init(
@@ -142,8 +159,14 @@ pub(super) fn init(
         tx.execute_batch(MIGRATE_1_TO_2)
             .map_err(db("upgrading the cloud tables from layout 1 to 2"))?;
     }
+    if matches!(stored.as_deref(), Some("1" | "2")) {
+        tx.execute_batch(MIGRATE_2_TO_3)
+            .map_err(db("upgrading the cloud tables from layout 2 to 3"))?;
+    }
     tx.execute_batch(DDL)
         .map_err(db("creating the cloud tables"))?;
+    tx.execute_batch(API_KEYS_DDL)
+        .map_err(db("creating the API key table"))?;
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -8,7 +8,7 @@
 //! # Tables
 //!
 //! ```sql
-//! -- Store metadata: schema_version = 2 (the table layout, see `SCHEMA_VERSION`).
+//! -- Store metadata: schema_version = 3 (the table layout, see `SCHEMA_VERSION`).
 //! meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
 //!
 //! -- Registered devices and their sync status.
@@ -53,6 +53,14 @@
 //!           winner, loser,            -- versions
 //!           lost,                     -- 'stored' or 'incoming'
 //!           loser_item)               -- the losing item as JSON (NULL for a delete)
+//!
+//! -- API keys of the HTTP API; a client sends `dt_<id>_<secret>`.
+//! api_keys(id,                        -- PRIMARY KEY; 16 random hex characters
+//!          account,
+//!          scope,                     -- 'read', 'write' or 'admin'
+//!          secret_hash,               -- hash of the key's secret, never the secret
+//!          created_ms,
+//!          revoked_ms)                -- NULL while the key is valid
 //! ```
 //!
 //! Versions are stored with [`hlc_to_string`](devtables_sync::wire::hlc_to_string), whose text
@@ -85,10 +93,12 @@
 //! - `txn`: the write transaction the replication rules run in (pushes and API writes);
 //! - `feed`: feed and snapshot reads;
 //! - `devices`: the device registry and sync status;
+//! - `api_keys`: the keys of the HTTP API;
 //! - `queries`: the item and conflict reads of the HTTP API;
 //! - `purge`: retention and the highest stored version;
 //! - `sql`: the small helpers all of them share (it depends on none of them).
 
+mod api_keys;
 mod devices;
 mod feed;
 mod layout;
@@ -108,8 +118,8 @@ use devtables_sync::wire::{Change, ChangeResult};
 use rusqlite::Connection;
 
 use super::{
-    Advanced, CloudStore, ConflictRecord, DeviceRecord, ItemPage, ItemQuery, PurgeStats, Retention,
-    StatusUpdate, StoreError, StoredItem,
+    Advanced, ApiKeyRecord, CloudStore, ConflictRecord, DeviceRecord, ItemPage, ItemQuery,
+    KeyScope, PurgeStats, Retention, StatusUpdate, StoreError, StoredItem,
 };
 use sql::db;
 
@@ -223,6 +233,32 @@ impl CloudStore for SqliteStore {
 
     fn reset_online(&mut self) -> Result<(), StoreError> {
         devices::reset_online(&self.conn)
+    }
+
+    fn create_api_key(
+        &mut self,
+        account: &str,
+        scope: KeyScope,
+        secret_hash: &str,
+        now_ms: u64,
+    ) -> Result<String, StoreError> {
+        api_keys::create_api_key(&self.conn, account, scope, secret_hash, now_ms)
+    }
+
+    fn api_keys(&mut self, account: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        api_keys::api_keys(&self.conn, account)
+    }
+
+    fn revoke_api_key(&mut self, account: &str, id: &str, now_ms: u64) -> Result<bool, StoreError> {
+        api_keys::revoke_api_key(&self.conn, account, id, now_ms)
+    }
+
+    fn api_key(&mut self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        api_keys::api_key(&self.conn, id)
+    }
+
+    fn live_api_keys(&mut self) -> Result<u64, StoreError> {
+        api_keys::live_api_keys(&self.conn)
     }
 
     fn apply_push(

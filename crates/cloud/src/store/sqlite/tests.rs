@@ -1547,9 +1547,10 @@ fn file_store_reopens_intact_and_refuses_newer_layouts() {
     drop(s);
 
     let raw = Connection::open(&path).unwrap();
+    let newer = SCHEMA_VERSION + 1;
     raw.execute(
-        "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
-        [],
+        "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+        [newer.to_string()],
     )
     .unwrap();
     drop(raw);
@@ -1557,7 +1558,7 @@ fn file_store_reopens_intact_and_refuses_newer_layouts() {
         .err()
         .unwrap();
     assert!(
-        matches!(&err, StoreError::Database(m) if m.contains("version 3")),
+        matches!(&err, StoreError::Database(m) if m.contains(&format!("version {newer}"))),
         "{err}"
     );
 }
@@ -1608,6 +1609,114 @@ fn a_layout_1_file_is_upgraded_in_place() {
         )
         .unwrap();
     assert_eq!(layout, SCHEMA_VERSION.to_string());
+}
+
+/// The layout-2 tables as that version created them (no `api_keys`).
+const LAYOUT_2: &str = "
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta VALUES ('schema_version', '2');
+    CREATE TABLE devices (account TEXT NOT NULL, device TEXT NOT NULL, secret_hash TEXT NOT NULL,
+        registered_ms INTEGER NOT NULL, online INTEGER NOT NULL DEFAULT 0, last_seen_ms INTEGER,
+        schema_version TEXT, cursor_acked INTEGER NOT NULL DEFAULT 0, feed_head INTEGER NOT NULL DEFAULT 0,
+        feed_floor INTEGER NOT NULL DEFAULT 0, pending INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+        changes_applied INTEGER NOT NULL DEFAULT 0, changes_superseded INTEGER NOT NULL DEFAULT 0,
+        changes_rejected INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, device)) WITHOUT ROWID;
+    INSERT INTO devices (account, device, secret_hash, registered_ms, feed_head, feed_floor, changes_applied)
+        VALUES ('a', 'd1', 'h', 1, 1, 1, 7);
+    CREATE TABLE items (account TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL,
+        pk TEXT NOT NULL, sk TEXT NOT NULL, item TEXT, version TEXT NOT NULL, deleted INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL, base TEXT, PRIMARY KEY (account, device, pk, sk)) WITHOUT ROWID;
+";
+
+#[test]
+fn a_layout_2_file_is_upgraded_in_place_with_an_empty_key_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch(LAYOUT_2).unwrap();
+    let has_keys: bool = raw
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'api_keys'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .unwrap();
+    assert!(!has_keys, "the layout-2 file starts without the key table");
+    drop(raw);
+
+    let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    // The old rows are intact.
+    let rec = s.device(&dev("a", "d1")).unwrap().unwrap();
+    assert_eq!(rec.changes_applied, 7);
+    // The new table works.
+    assert_eq!(s.live_api_keys().unwrap(), 0);
+    let id = s
+        .create_api_key("a", KeyScope::Admin, "sha256:x", NOW)
+        .unwrap();
+    assert_eq!(s.api_key(&id).unwrap().unwrap().scope, KeyScope::Admin);
+    let layout: String = s
+        .conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(layout, "3");
+    assert_eq!(SCHEMA_VERSION, 3);
+    drop(s);
+    // Reopening an upgraded file changes nothing.
+    let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(s.api_keys("a").unwrap().len(), 1);
+}
+
+#[test]
+fn api_keys_are_created_listed_revoked_and_looked_up_per_account() {
+    let mut s = SqliteStore::open_in_memory().unwrap();
+    assert_eq!(s.live_api_keys().unwrap(), 0);
+    let a1 = s.create_api_key("a", KeyScope::Read, "h1", NOW).unwrap();
+    let a2 = s
+        .create_api_key("a", KeyScope::Admin, "h2", NOW + 1)
+        .unwrap();
+    let b1 = s.create_api_key("b", KeyScope::Write, "h3", NOW).unwrap();
+    assert_ne!(a1, a2);
+    assert_eq!(a1.len(), 16);
+    assert!(a1.bytes().all(|c| c.is_ascii_hexdigit()), "{a1}");
+    assert_eq!(s.live_api_keys().unwrap(), 3);
+
+    let listed = s.api_keys("a").unwrap();
+    assert_eq!(
+        listed.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+        [a1.as_str(), a2.as_str()],
+        "only the account's keys, oldest first"
+    );
+    assert_eq!(listed[1].scope, KeyScope::Admin);
+    assert_eq!(listed[1].secret_hash, "h2");
+    assert_eq!(listed[1].created_ms, NOW + 1);
+    assert_eq!(listed[1].revoked_ms, None);
+
+    let got = s.api_key(&b1).unwrap().unwrap();
+    assert_eq!((got.account.as_str(), got.scope), ("b", KeyScope::Write));
+    assert_eq!(s.api_key("0000000000000000").unwrap(), None);
+
+    // Another account cannot revoke the key; its own can, once (the first time is kept).
+    assert!(!s.revoke_api_key("a", &b1, NOW + 5).unwrap());
+    assert_eq!(s.api_key(&b1).unwrap().unwrap().revoked_ms, None);
+    assert!(s.revoke_api_key("b", &b1, NOW + 5).unwrap());
+    assert!(s.revoke_api_key("b", &b1, NOW + 9).unwrap());
+    assert_eq!(s.api_key(&b1).unwrap().unwrap().revoked_ms, Some(NOW + 5));
+    assert!(!s.revoke_api_key("b", "nope", NOW).unwrap());
+    assert_eq!(s.live_api_keys().unwrap(), 2);
+    // A revoked key is still listed, with its revocation time.
+    assert_eq!(s.api_keys("b").unwrap()[0].revoked_ms, Some(NOW + 5));
+
+    // A scope the table cannot hold is refused by its constraint.
+    assert!(s
+        .conn
+        .execute("UPDATE api_keys SET scope = 'root' WHERE id = ?1", [&a1])
+        .is_err());
 }
 
 #[test]
