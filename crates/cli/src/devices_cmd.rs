@@ -3,10 +3,10 @@
 //! It exists so an operator can cut a device off without an API key at hand (a stolen device,
 //! the API down): the command opens the cloud's SQLite store itself (WAL mode, so it works while
 //! the cloud runs). A running cloud's embedded broker reads device credentials through a cache
-//! with a short time-to-live (`credentials_ttl`, default 5 s), so the revocation refuses the
-//! device's connections there within that time; its pushes are refused by the store at once.
-//! The live session of the device is closed at once only by a revocation through the cloud's
-//! API (`DELETE /v1/devices/{account}/{device}`).
+//! with a short time-to-live (`credentials_ttl`, default 5 s) and sweeps for revoked devices as
+//! often, so within that time it refuses the device's connections and closes its live session;
+//! its pushes are refused by the store at once. Through the cloud's API
+//! (`DELETE /v1/devices/{account}/{device}`) all of it is immediate.
 
 use std::path::PathBuf;
 

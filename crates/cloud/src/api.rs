@@ -415,6 +415,7 @@ async fn status(caller: Caller, State(s): State<ApiState>) -> ApiResult<Json<Val
         let (revoked, registry_failures) = creds.refusals();
         map.insert("mqtt_refused_revoked".into(), revoked.into());
         map.insert("mqtt_registry_failures".into(), registry_failures.into());
+        map.insert("mqtt_revoked_sessions_closed".into(), creds.swept().into());
     }
     Ok(Json(body))
 }

@@ -129,6 +129,8 @@ pub struct Credentials {
     refused_revoked: AtomicU64,
     /// CONNECTs refused because the store could not be asked.
     store_failures: AtomicU64,
+    /// Live sessions closed because their device was found revoked by another process.
+    swept: AtomicU64,
 }
 
 impl Credentials {
@@ -150,6 +152,7 @@ impl Credentials {
             cache: Mutex::new(HashMap::new()),
             refused_revoked: AtomicU64::new(0),
             store_failures: AtomicU64::new(0),
+            swept: AtomicU64::new(0),
         }
     }
 
@@ -171,6 +174,16 @@ impl Credentials {
             self.refused_revoked.load(Ordering::Relaxed),
             self.store_failures.load(Ordering::Relaxed),
         )
+    }
+
+    /// Counts a live session closed because its device was revoked by another process.
+    pub fn count_swept(&self) {
+        self.swept.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Live sessions closed because their device was revoked by another process.
+    pub fn swept(&self) -> u64 {
+        self.swept.load(Ordering::Relaxed)
     }
 
     fn put(&self, id: DeviceId, hash: Option<String>) {

@@ -139,6 +139,11 @@ impl Sessions {
     const LOCK_TRIES: u32 = 50;
     const LOCK_RETRY: Duration = Duration::from_millis(20);
 
+    /// Whether a session of `client_id` exists (connected, or kept for a persistent client).
+    pub async fn exists(&self, client_id: &str) -> bool {
+        self.scx.extends.shared().await.exist(client_id)
+    }
+
     /// Closes the session of `client_id` now, if there is one, and forgets its state (its
     /// subscriptions and queued messages): rmqtt's administrator kick, as at shutdown. Returns
     /// whether a session was closed. Callers change the credentials first, so the client's

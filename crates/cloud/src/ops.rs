@@ -114,6 +114,41 @@ pub async fn revoke_device(
     Ok(())
 }
 
+/// Revoked devices read per store call by [`sweep_revoked`].
+const SWEEP_PAGE: usize = 1000;
+
+/// Closes the sessions of revoked devices that are still connected: those revoked by another
+/// process on the same store (`devtables devices revoke`), which this process learns of only by
+/// reading the store. The service runs it every `credentials_ttl`. Returns how many sessions it
+/// closed (each is logged at warn).
+pub async fn sweep_revoked(store: &StoreHandle, broker: &BrokerControl) -> Result<u64, OpError> {
+    let Some(sessions) = &broker.sessions else {
+        return Ok(0);
+    };
+    let mut closed = 0;
+    let mut after: Option<DeviceId> = None;
+    loop {
+        let from = after.clone();
+        let page = store
+            .call(move |c| c.store.revoked_devices(from.as_ref(), SWEEP_PAGE))
+            .await??;
+        for id in &page {
+            if sessions.exists(&id.node_name()).await {
+                tracing::warn!(device = %id, "closing the session of a device revoked elsewhere");
+                broker.apply(id, REVOKED_SECRET_HASH.to_string()).await;
+                if let Some(creds) = &broker.credentials {
+                    creds.count_swept();
+                }
+                closed += 1;
+            }
+        }
+        if page.len() < SWEEP_PAGE {
+            return Ok(closed);
+        }
+        after = page.last().cloned();
+    }
+}
+
 /// Gives a device a new secret and returns it (stored only as a hash). The old secret stops
 /// working and the session that used it is closed; the device keeps its rows, feed and cursor.
 /// A revoked device becomes usable again with the new secret. `NotFound` when the device is not

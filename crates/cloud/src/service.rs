@@ -278,6 +278,29 @@ impl Cloud {
             }
         }));
 
+        // Devices revoked by another process on the store: their reconnects are refused once the
+        // credentials cache expires; their live sessions are closed by this sweep, as often.
+        if broker_control.sessions.is_some() {
+            let (sweep_store, sweep_broker) = (store.clone(), broker_control.clone());
+            let every = config
+                .credentials_ttl
+                .max(std::time::Duration::from_millis(100));
+            let mut sweep_shutdown = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = sweep_shutdown.wait_for(|stop| *stop) => return,
+                    }
+                    match ops::sweep_revoked(&sweep_store, &sweep_broker).await {
+                        Ok(_) => {}
+                        Err(OpError::Gone(_)) => return,
+                        Err(e) => tracing::warn!("cannot sweep revoked devices: {e}"),
+                    }
+                }
+            }));
+        }
+
         let purge_store = store.clone();
         let retention = config.retention;
         let interval = config.purge_interval;

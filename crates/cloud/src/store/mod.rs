@@ -235,6 +235,12 @@ pub trait CloudStore: Send + 'static {
     /// With `delete_items`, its rows, feed and purge watermark are deleted in the same
     /// transaction. `false` when the device is not registered.
     fn revoke_device(&mut self, id: &DeviceId, delete_items: bool) -> Result<bool, StoreError>;
+    /// Revoked devices ordered by (account, device), after `after`, at most `limit`.
+    fn revoked_devices(
+        &mut self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceId>, StoreError>;
     /// Replaces a device's secret hash (a rotation, which also lifts a revocation); its rows,
     /// feed and cursor stay. `false` when the device is not registered.
     fn set_device_secret(&mut self, id: &DeviceId, secret_hash: &str) -> Result<bool, StoreError>;

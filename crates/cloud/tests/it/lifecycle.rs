@@ -2,9 +2,9 @@
 //! embedded broker: revoking it closes its live MQTT session at once and refuses its reconnects
 //! (CONNACK "not authorized") while its items stay (unless asked otherwise); rotating its secret
 //! refuses the old one, closes the session that used it, and keeps its items and feed cursor;
-//! only an admin key of the device's own account may do either; and a revocation written to the
-//! store by another connection (as `devtables devices revoke` does) reaches the broker within
-//! `credentials_ttl`.
+//! only an admin key of the device's own account may do either; and a registration or revocation
+//! written to the store by another connection (as `devtables devices revoke` does) reaches the
+//! broker within `credentials_ttl` (a revoked device's live session is closed too).
 
 use std::time::Duration;
 
@@ -252,8 +252,14 @@ async fn registry_changes_by_another_process_reach_the_broker_within_the_ttl() {
     })
     .await;
 
-    // Revoked elsewhere, after this broker accepted (and cached) it.
+    // Revoked elsewhere, after this broker accepted (and cached) it: the live session is closed
+    // by the sweep, and reconnects are refused once the cache expires.
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, id.clone(), &secret).await;
     assert!(other.revoke_device(&id, false).unwrap());
+    assert!(
+        dev.closed().await,
+        "the session of a device revoked elsewhere stays open"
+    );
     eventually("the revocation to reach the broker", || async {
         match connack(&cloud.mqtt_addr, &id, &secret).await {
             Err(ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)) => Ok(()),
@@ -261,5 +267,8 @@ async fn registry_changes_by_another_process_reach_the_broker_within_the_ttl() {
         }
     })
     .await;
+    let key = admin_key(&cloud).await;
+    let (_, status) = request(cloud.api_addr, "GET", "/v1/status", Some(&key), None).await;
+    assert_eq!(status["mqtt_revoked_sessions_closed"], 1, "{status}");
     cloud.shutdown().await;
 }

@@ -105,6 +105,33 @@ pub(super) fn set_device_secret(
     Ok(n > 0)
 }
 
+pub(super) fn revoked_devices(
+    conn: &Connection,
+    after: Option<&DeviceId>,
+    limit: usize,
+) -> Result<Vec<DeviceId>, StoreError> {
+    let (account, device) = after.map_or(("", ""), |a| (a.account.as_str(), a.device.as_str()));
+    let rows: Vec<(String, String)> = conn
+        .prepare_cached(
+            "SELECT account, device FROM devices WHERE secret_hash = ?1
+               AND (account, device) > (?2, ?3) ORDER BY account, device LIMIT ?4",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![REVOKED_SECRET_HASH, account, device, sql_int(limit)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .collect()
+        })
+        .map_err(db("listing revoked devices"))?;
+    rows.into_iter()
+        .map(|(a, d)| {
+            DeviceId::new(a.as_str(), d.as_str())
+                .map_err(|e| StoreError::Corrupt(format!("device {a}/{d}: {e}")))
+        })
+        .collect()
+}
+
 /// Whether the device is revoked (a push from it must not be applied).
 pub(super) fn device_revoked(conn: &Connection, id: &DeviceId) -> Result<bool, StoreError> {
     conn.prepare_cached(

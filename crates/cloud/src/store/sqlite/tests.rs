@@ -1794,6 +1794,8 @@ fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
         (rows_of(&s, "items", &d1), rows_of(&s, "feed", &d1)),
         (items, feed)
     );
+    assert_eq!(s.revoked_devices(None, 10).unwrap(), vec![d1.clone()]);
+    assert!(s.revoked_devices(Some(&d1), 10).unwrap().is_empty());
 
     // A push that was in flight when the device was revoked is not applied.
     let late = put(
@@ -1817,6 +1819,7 @@ fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
 
     // A new secret lifts the revocation; the rows and the cursor stayed.
     assert!(s.set_device_secret(&d1, "sha256:new").unwrap());
+    assert!(s.revoked_devices(None, 10).unwrap().is_empty());
     let after = s.device(&d1).unwrap().unwrap();
     assert_eq!(
         (after.cursor_acked, after.feed_head),
