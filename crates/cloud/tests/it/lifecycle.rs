@@ -12,7 +12,9 @@ use devtables_cloud::ops::WriteKind;
 use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
 use devtables_cloud::store::{CloudStore, KeyScope};
 use devtables_cloud::{auth, Cloud};
+use devtables_sync::hlc::Hlc;
 use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::wire::{Change, Op, UpMsg};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet};
 use serde_json::Value;
 
@@ -270,5 +272,76 @@ async fn registry_changes_by_another_process_reach_the_broker_within_the_ttl() {
     let key = admin_key(&cloud).await;
     let (_, status) = request(cloud.api_addr, "GET", "/v1/status", Some(&key), None).await;
     assert_eq!(status["mqtt_revoked_sessions_closed"], 1, "{status}");
+    cloud.shutdown().await;
+}
+
+/// A push a revoked device sent before its session was closed (it was in flight) is not applied:
+/// the store refuses it inside the push's own transaction, and the refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_arriving_after_the_revocation_is_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    // Long enough that neither the cache nor the sweep closes the session during the test: the
+    // push below reaches the store after the revocation, as one in flight would.
+    config.credentials_ttl = Duration::from_secs(600);
+    let cloud = started(config).await;
+    let admin = admin_key(&cloud).await;
+    let id = device(1);
+    let secret = cloud.register_device(&id).await.expect("register");
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, id.clone(), &secret).await;
+    assert!(dev.hello(1, 0).await);
+
+    let mut other =
+        SqliteStore::open(&dir.path().join("cloud.db"), SqliteOptions::default()).unwrap();
+    assert!(other.revoke_device(&id, false).unwrap());
+
+    let schema = schema();
+    let model = schema.model("Setting").expect("the Setting model");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut input = setting(1);
+    input.insert("deviceId".into(), Value::String(id.device.clone()));
+    let item = model
+        .prepare_create(&input, now as i64)
+        .expect("a valid item");
+    let change = Change {
+        model: "Setting".into(),
+        key: model.primary_key(&item).expect("a key"),
+        op: Op::Put,
+        item: Some(item),
+        version: Hlc {
+            wall_ms: now,
+            counter: 0,
+            node: 7,
+        },
+        base: None,
+    };
+    dev.send(&UpMsg::Push {
+        batch: 1,
+        changes: vec![change],
+    })
+    .await;
+    let api = cloud.api_addr;
+    eventually("the push to be refused", || {
+        let admin = admin.clone();
+        async move {
+            let (_, status) = request(api, "GET", "/v1/status", Some(&admin), None).await;
+            if status["pushes_revoked"].as_u64() >= Some(1) {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        items_of(&cloud, &admin, &id).await,
+        0,
+        "the push was applied"
+    );
+    let record = device_record(&cloud, &admin, &id).await;
+    assert_eq!(record["changes_applied"], 0, "{record}");
     cloud.shutdown().await;
 }
