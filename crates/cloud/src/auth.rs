@@ -157,7 +157,8 @@ impl Credentials {
     }
 
     /// From now on, misses and expired answers are read from this store. Set once; later calls
-    /// are ignored.
+    /// are ignored. The read blocks the calling thread, so [`Authenticator::authenticate`] must
+    /// then run off the async workers (the broker calls it on a `spawn_blocking` thread).
     pub fn attach_store(&self, store: StoreHandle) {
         let _ = self.store.set(store);
     }
