@@ -3,6 +3,7 @@
 
 mod db_cmd;
 mod demo_cmd;
+mod devices_cmd;
 mod keys_cmd;
 mod serve_cmd;
 
@@ -34,6 +35,8 @@ enum Command {
     Cloud(serve_cmd::ConfigArgs),
     /// Create, list and revoke the cloud HTTP API's keys in a cloud's data folder.
     Keys(keys_cmd::KeysArgs),
+    /// Act on the device registry in a cloud's data folder (revoke a device).
+    Devices(devices_cmd::DevicesArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => serve_cmd::agent(args),
         Command::Cloud(args) => serve_cmd::cloud(args),
         Command::Keys(args) => keys_cmd::run(args),
+        Command::Devices(args) => devices_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,8 @@
 //! | `POST /v1/devices` `{account, device}` | register a device; the answer holds its secret, once |
 //! | `GET /v1/devices?account=&after=&limit=` | list devices with their sync status |
 //! | `GET /v1/devices/{account}/{device}` | one device: online, last seen, cursor lag, pending, last error |
+//! | `DELETE /v1/devices/{account}/{device}?delete_items=` | revoke a device (admin): its MQTT session is closed at once and it may not connect again; its items stay unless `delete_items=true` |
+//! | `POST /v1/devices/{account}/{device}/secret` | give a device a new secret (admin), shown once; the old one stops working, its session is closed; data and cursor stay |
 //! | `GET /v1/accounts/{a}/items/{model}?device=&pk=&sk_prefix=&where=&limit=&next=` | query items across devices (or one) |
 //! | `GET /v1/accounts/{a}/devices/{d}/items/{model}?...` | the same, for one device |
 //! | `GET /v1/accounts/{a}/devices/{d}/items/{model}/key?pk=&sk=` | one item by key |
@@ -50,7 +52,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::auth::{self, Credentials};
+use crate::auth;
 use crate::config::CloudConfig;
 use crate::ops::{self, OpError, WriteKind};
 use crate::status::{SyncStatus, WarnLimiter};
@@ -63,7 +65,8 @@ pub(crate) struct ApiState {
     pub(crate) store: StoreHandle,
     pub(crate) sync: mpsc::Sender<SyncInput>,
     pub(crate) schema: Arc<Schema>,
-    pub(crate) credentials: Option<Arc<Credentials>>,
+    /// The embedded broker's credentials cache and sessions (empty with an external broker).
+    pub(crate) broker: ops::BrokerControl,
     pub(crate) status: Arc<SyncStatus>,
     pub(crate) mqtt_addr: String,
     pub(crate) config: Arc<CloudConfig>,
@@ -78,7 +81,14 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/ready", get(ready))
         .route("/v1/status", get(status))
         .route("/v1/devices", get(list_devices).post(register_device))
-        .route("/v1/devices/{account}/{device}", get(get_device))
+        .route(
+            "/v1/devices/{account}/{device}",
+            get(get_device).delete(revoke_device),
+        )
+        .route(
+            "/v1/devices/{account}/{device}/secret",
+            axum::routing::post(rotate_secret),
+        )
         .route(
             "/v1/accounts/{account}/items/{model}",
             get(query_account_items)
@@ -279,6 +289,9 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "exists", e.to_string())
             }
             StoreError::UnknownDevice(_) => ApiError::not_found(e.to_string()),
+            StoreError::DeviceRevoked(_) => {
+                ApiError::new(StatusCode::CONFLICT, "revoked", e.to_string())
+            }
             StoreError::BadQuery(_) => ApiError::bad(e.to_string()),
             StoreError::Database(_) | StoreError::Corrupt(_) => {
                 tracing::error!("store failure behind the API: {e}");
@@ -395,7 +408,16 @@ async fn ready(State(s): State<ApiState>) -> Response {
 async fn status(caller: Caller, State(s): State<ApiState>) -> ApiResult<Json<Value>> {
     caller.allow(&s, None, KeyScope::Admin)?;
     let snapshot = s.status.snapshot(s.config.mqtt.request_queue);
-    Ok(Json(serde_json::to_value(snapshot).unwrap_or(Value::Null)))
+    let mut body = serde_json::to_value(snapshot).unwrap_or(Value::Null);
+    // The embedded broker's refusals of revoked devices, and of CONNECTs the registry could not
+    // answer for.
+    if let (Some(creds), Value::Object(map)) = (&s.broker.credentials, &mut body) {
+        let (revoked, registry_failures) = creds.refusals();
+        map.insert("mqtt_refused_revoked".into(), revoked.into());
+        map.insert("mqtt_registry_failures".into(), registry_failures.into());
+        map.insert("mqtt_revoked_sessions_closed".into(), creds.swept().into());
+    }
+    Ok(Json(body))
 }
 
 fn device_id(account: &str, device: &str) -> ApiResult<DeviceId> {
@@ -415,7 +437,7 @@ async fn register_device(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.allow(&s, Some(&body.account), KeyScope::Admin)?;
     let id = device_id(&body.account, &body.device)?;
-    let secret = ops::register_device(&s.store, s.credentials.as_ref(), &id).await?;
+    let secret = ops::register_device(&s.store, s.broker.credentials.as_ref(), &id).await?;
     let prefix = &s.config.topic_prefix;
     Ok((
         StatusCode::CREATED,
@@ -506,6 +528,45 @@ async fn get_device(
             "device {id} is not registered"
         ))),
     }
+}
+
+#[derive(Deserialize, Default)]
+struct RevokeQuery {
+    #[serde(default)]
+    delete_items: bool,
+}
+
+async fn revoke_device(
+    caller: Caller,
+    State(s): State<ApiState>,
+    Path((account, device)): Path<(String, String)>,
+    Params(q): Params<RevokeQuery>,
+) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Admin)?;
+    let id = device_id(&account, &device)?;
+    ops::revoke_device(&s.store, &s.broker, &id, q.delete_items).await?;
+    Ok(Json(json!({
+        "account": id.account,
+        "device": id.device,
+        "revoked": true,
+        "items_deleted": q.delete_items,
+    })))
+}
+
+async fn rotate_secret(
+    caller: Caller,
+    State(s): State<ApiState>,
+    Path((account, device)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.allow(&s, Some(&account), KeyScope::Admin)?;
+    let id = device_id(&account, &device)?;
+    let secret = ops::rotate_secret(&s.store, &s.broker, &id).await?;
+    Ok(Json(json!({
+        "account": id.account,
+        "device": id.device,
+        "secret": secret,
+        "note": "the secret is shown only now; store it on the device",
+    })))
 }
 
 #[derive(Deserialize, Default)]

@@ -9,14 +9,17 @@
 //! stored hash. The key is shown once, when it is created.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use devtables_sync::identity::DeviceId;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::broker::{Authenticator, Principal};
-use crate::store::{CloudStore, KeyScope, StoreError};
+use crate::broker::{Authenticator, Principal, Refusal};
+use crate::store::{CloudStore, KeyScope, StoreError, REVOKED_SECRET_HASH};
+use crate::store_thread::{StoreGone, StoreHandle};
 
 /// The MQTT username of the cloud service itself.
 pub const SERVICE_USERNAME: &str = "devtables-service";
@@ -90,26 +93,154 @@ pub fn parse_api_key(key: &str) -> Option<(&str, &str)> {
     (hex(id, 16) && hex(secret, 64)).then_some((id, secret))
 }
 
-/// The credentials the embedded broker accepts: every registered device, and the service.
+/// Default time a device's credentials are trusted from the cache before the store is asked
+/// again (5 s): how long a change made by another process on the same store (the `devtables
+/// devices` command, a second cloud node) may take to reach this broker.
+pub const DEFAULT_CREDENTIALS_TTL: Duration = Duration::from_secs(5);
+/// Default most devices whose credentials the cache holds.
+pub const DEFAULT_CREDENTIALS_CACHE: usize = 100_000;
+
+/// One cached answer of the store about a device: its secret hash, or `None` if not registered
+/// (remembered too, so that a client trying unknown names cannot make every CONNECT a query).
+struct Cached {
+    hash: Option<String>,
+    at: Instant,
+}
+
+/// The credentials the embedded broker accepts: the service's, and every registered device's,
+/// read from the store through a bounded cache.
+///
+/// Why a cache with a short TTL rather than a copy of the registry: the registry may change
+/// under this process (the `devtables devices revoke` command on the data folder, another cloud
+/// node on the same store), and there is no notification for that. An answer is trusted for
+/// `ttl` (default [`DEFAULT_CREDENTIALS_TTL`]); after that, or on a miss, the store is asked on
+/// its thread. Changes made through this process (registration, revocation, rotation) update the
+/// cache at once. At most `max_entries` devices are cached (default
+/// [`DEFAULT_CREDENTIALS_CACHE`]); when full, expired answers go first, then the oldest.
+/// Without a store ([`Credentials::new`] alone, for a broker run apart from the service) the
+/// cache is the whole registry and its entries do not expire.
 pub struct Credentials {
     service_hash: String,
-    /// Device node name (`account/device`) → (id, secret hash).
-    devices: RwLock<HashMap<String, (DeviceId, String)>>,
+    ttl: Duration,
+    max_entries: usize,
+    store: OnceLock<StoreHandle>,
+    cache: Mutex<HashMap<String, Cached>>,
+    /// CONNECTs refused because the device is revoked.
+    refused_revoked: AtomicU64,
+    /// CONNECTs refused because the store could not be asked.
+    store_failures: AtomicU64,
+    /// Live sessions closed because their device was found revoked by another process.
+    swept: AtomicU64,
 }
 
 impl Credentials {
     pub fn new(service_secret: &str) -> Credentials {
+        Credentials::with_cache(
+            service_secret,
+            DEFAULT_CREDENTIALS_TTL,
+            DEFAULT_CREDENTIALS_CACHE,
+        )
+    }
+
+    /// Credentials with the given cache time-to-live and size (at least one entry).
+    pub fn with_cache(service_secret: &str, ttl: Duration, max_entries: usize) -> Credentials {
         Credentials {
             service_hash: hash_secret(service_secret),
-            devices: RwLock::new(HashMap::new()),
+            ttl,
+            max_entries: max_entries.max(1),
+            store: OnceLock::new(),
+            cache: Mutex::new(HashMap::new()),
+            refused_revoked: AtomicU64::new(0),
+            store_failures: AtomicU64::new(0),
+            swept: AtomicU64::new(0),
         }
     }
 
+    /// From now on, misses and expired answers are read from this store. Set once; later calls
+    /// are ignored. The read blocks the calling thread, so [`Authenticator::authenticate`] must
+    /// then run off the async workers (the broker calls it on a `spawn_blocking` thread).
+    pub fn attach_store(&self, store: StoreHandle) {
+        let _ = self.store.set(store);
+    }
+
+    /// Records a device's current secret hash (registration, rotation, or
+    /// [`REVOKED_SECRET_HASH`] for a revocation), so this broker acts on it at once.
     pub fn add_device(&self, id: DeviceId, secret_hash: String) {
-        self.devices
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.node_name(), (id, secret_hash));
+        self.put(id, Some(secret_hash));
+    }
+
+    /// CONNECTs refused because the device was revoked, and because the store could not answer.
+    pub fn refusals(&self) -> (u64, u64) {
+        (
+            self.refused_revoked.load(Ordering::Relaxed),
+            self.store_failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Counts a live session closed because its device was revoked by another process.
+    pub fn count_swept(&self) {
+        self.swept.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Live sessions closed because their device was revoked by another process.
+    pub fn swept(&self) -> u64 {
+        self.swept.load(Ordering::Relaxed)
+    }
+
+    fn put(&self, id: DeviceId, hash: Option<String>) {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let name = id.node_name();
+        if cache.len() >= self.max_entries && !cache.contains_key(&name) {
+            let ttl = self.ttl;
+            let has_store = self.store.get().is_some();
+            // Expired answers would be asked again anyway; without a store nothing expires.
+            if has_store {
+                cache.retain(|_, c| c.at.elapsed() < ttl);
+            }
+            if cache.len() >= self.max_entries {
+                if let Some(oldest) = cache
+                    .iter()
+                    .min_by_key(|(_, c)| c.at)
+                    .map(|(k, _)| k.clone())
+                {
+                    cache.remove(&oldest);
+                }
+            }
+        }
+        cache.insert(
+            name,
+            Cached {
+                hash,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// The device's secret hash as the cache or the store knows it: `Ok(None)` when it is not
+    /// registered, `Err` when the store could not be asked.
+    fn secret_hash(&self, id: &DeviceId) -> Result<Option<String>, StoreGone> {
+        let store = self.store.get();
+        {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(c) = cache.get(&id.node_name()) {
+                if store.is_none() || c.at.elapsed() < self.ttl {
+                    return Ok(c.hash.clone());
+                }
+            }
+        }
+        let Some(store) = store else {
+            return Ok(None);
+        };
+        let who = id.clone();
+        let hash = match store.call_blocking(move |c| c.store.device(&who))? {
+            Ok(record) => record.map(|r| r.secret_hash),
+            Err(e) => {
+                tracing::warn!(device = %id, "cannot read the device's credentials: {e}");
+                return Err(StoreGone);
+            }
+        };
+        self.put(id.clone(), hash.clone());
+        Ok(hash)
     }
 }
 
@@ -119,14 +250,39 @@ impl Authenticator for Credentials {
         _client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
-    ) -> Option<Principal> {
-        let (username, password) = (username?, password?);
+    ) -> Result<Principal, Refusal> {
+        let (Some(username), Some(password)) = (username, password) else {
+            return Err(Refusal::BadCredentials);
+        };
         if username == SERVICE_USERNAME {
-            return verify_secret(password, &self.service_hash).then_some(Principal::Service);
+            return verify_secret(password, &self.service_hash)
+                .then_some(Principal::Service)
+                .ok_or(Refusal::BadCredentials);
         }
-        let devices = self.devices.read().unwrap_or_else(PoisonError::into_inner);
-        let (id, hash) = devices.get(username)?;
-        verify_secret(password, hash).then(|| Principal::Device(id.clone()))
+        // Only a well-formed device name is looked up (hostile usernames never reach the store).
+        let id = username
+            .split_once('/')
+            .and_then(|(account, device)| DeviceId::new(account, device).ok())
+            .ok_or(Refusal::BadCredentials)?;
+        let hash = match self.secret_hash(&id) {
+            Ok(Some(hash)) => hash,
+            Ok(None) => return Err(Refusal::BadCredentials),
+            Err(_) => {
+                self.store_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device = %id, "MQTT connection refused: the device registry did not answer");
+                return Err(Refusal::NotAuthorized);
+            }
+        };
+        if hash == REVOKED_SECRET_HASH {
+            self.refused_revoked.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(device = %id, "MQTT connection refused: the device is revoked");
+            return Err(Refusal::NotAuthorized);
+        }
+        if verify_secret(password, &hash) {
+            Ok(Principal::Device(id))
+        } else {
+            Err(Refusal::BadCredentials)
+        }
     }
 }
 
@@ -190,14 +346,40 @@ mod tests {
         creds.add_device(id.clone(), hash_secret("s1"));
         assert_eq!(
             creds.authenticate("x", Some("devtables-service"), Some(b"svc")),
-            Some(Principal::Service)
+            Ok(Principal::Service)
         );
         assert_eq!(
             creds.authenticate("x", Some("acme/d1"), Some(b"s1")),
-            Some(Principal::Device(id))
+            Ok(Principal::Device(id.clone()))
         );
-        assert_eq!(creds.authenticate("x", Some("acme/d1"), Some(b"s2")), None);
-        assert_eq!(creds.authenticate("x", Some("acme/d9"), Some(b"s1")), None);
-        assert_eq!(creds.authenticate("x", None, None), None);
+        let bad = Err(Refusal::BadCredentials);
+        assert_eq!(creds.authenticate("x", Some("acme/d1"), Some(b"s2")), bad);
+        assert_eq!(creds.authenticate("x", Some("acme/d9"), Some(b"s1")), bad);
+        assert_eq!(
+            creds.authenticate("x", Some("not a device"), Some(b"s1")),
+            bad
+        );
+        assert_eq!(creds.authenticate("x", None, None), bad);
+        // A revocation recorded here is refused as "not authorized", whatever the secret.
+        creds.add_device(id, REVOKED_SECRET_HASH.to_string());
+        assert_eq!(
+            creds.authenticate("x", Some("acme/d1"), Some(b"s1")),
+            Err(Refusal::NotAuthorized)
+        );
+        assert_eq!(creds.refusals(), (1, 0));
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bound() {
+        let creds = Credentials::with_cache("svc", Duration::from_secs(60), 2);
+        for d in ["d1", "d2", "d3"] {
+            let id = DeviceId::new("acme", d).unwrap();
+            creds.add_device(id, hash_secret(d));
+        }
+        assert_eq!(creds.cache.lock().unwrap().len(), 2);
+        // The newest is kept.
+        assert!(creds
+            .authenticate("x", Some("acme/d3"), Some(b"d3"))
+            .is_ok());
     }
 }

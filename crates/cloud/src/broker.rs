@@ -26,7 +26,8 @@
 //!
 //! | Principal | CONNECT | PUBLISH | SUBSCRIBE |
 //! |---|---|---|---|
-//! | refused (`authenticate` → `None`) | CONNACK "bad user name or password" | – | – |
+//! | refused (`authenticate` → [`Refusal::BadCredentials`]) | CONNACK "bad user name or password" | – | – |
+//! | refused (`authenticate` → [`Refusal::NotAuthorized`], e.g. a revoked device) | CONNACK "not authorized" | – | – |
 //! | [`Principal::Device`] `{account}/{device}` | client id must be exactly `{account}/{device}`; a will, if any, must be non-retained on its own `up` topic; otherwise CONNACK "not authorized" | only `{prefix}/{account}/{device}/up` ([`topics::up_topic`]), never retained | only `{prefix}/{account}/{device}/down` ([`topics::down_topic`]) and `{prefix}/{account}/_all/down` ([`topics::broadcast_topic`]), exact filters, no wildcards |
 //! | [`Principal::Service`] | any client id | anywhere | anywhere (the cloud subscribes to `{prefix}/+/+/up`, [`topics::up_filter`]) |
 //!
@@ -98,15 +99,91 @@ pub enum Principal {
 /// Decides who may connect. Called for every CONNECT with the MQTT client id, username and password.
 ///
 /// It runs on a blocking thread (`tokio::task::spawn_blocking`), so it may consult a database.
-/// Returning `None` refuses the connection with "bad user name or password".
+/// A [`Refusal`] refuses the connection with the CONNACK code it names.
 pub trait Authenticator: Send + Sync + 'static {
-    /// The principal these credentials prove, or `None` to refuse.
+    /// The principal these credentials prove, or why they are refused.
     fn authenticate(
         &self,
         client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
-    ) -> Option<Principal>;
+    ) -> Result<Principal, Refusal>;
+}
+
+/// Why the authenticator refused a CONNECT; each maps to its own CONNACK code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Unknown user or wrong secret: CONNACK "bad user name or password".
+    BadCredentials,
+    /// Known, but may not connect (a revoked device, or the registry could not be read):
+    /// CONNACK "not authorized".
+    NotAuthorized,
+}
+
+/// Control over the broker's live sessions, for the service (revoking a device, rotating its
+/// secret): cheap to clone, usable while the broker runs.
+#[derive(Clone)]
+pub struct Sessions {
+    scx: ServerContext,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
+
+impl Sessions {
+    /// How often [`Sessions::disconnect`] tries a session whose entry is locked by a CONNECT in
+    /// progress, and how long it waits between tries.
+    const LOCK_TRIES: u32 = 50;
+    const LOCK_RETRY: Duration = Duration::from_millis(20);
+
+    /// Whether a session of `client_id` exists (connected, or kept for a persistent client).
+    pub async fn exists(&self, client_id: &str) -> bool {
+        self.scx.extends.shared().await.exist(client_id)
+    }
+
+    /// Closes the session of `client_id` now, if there is one, and forgets its state (its
+    /// subscriptions and queued messages): rmqtt's administrator kick, as at shutdown. Returns
+    /// whether a session was closed. Callers change the credentials first, so the client's
+    /// reconnect meets the new ones.
+    pub async fn disconnect(&self, client_id: &str) -> bool {
+        for _ in 0..Self::LOCK_TRIES {
+            let shared = self.scx.extends.shared().await;
+            if !shared.exist(client_id) {
+                return false;
+            }
+            // The shared state finds an entry by its client id; the rest of the id is only
+            // carried into rmqtt's logs.
+            let id =
+                rmqtt::types::Id::new(self.scx.node.id(), 0, None, None, client_id.into(), None);
+            // The lock is held while a CONNECT of the same client id is being handled.
+            match shared.entry(id).try_lock().await {
+                Ok(mut entry) => {
+                    return match entry.kick(true, true, true).await {
+                        Ok(_) => {
+                            tracing::info!(
+                                client = client_id,
+                                "MQTT session closed by the service"
+                            );
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(client = client_id, error = %e, "cannot close an MQTT session");
+                            false
+                        }
+                    };
+                }
+                Err(_) => tokio::time::sleep(Self::LOCK_RETRY).await,
+            }
+        }
+        tracing::warn!(
+            client = client_id,
+            "cannot close an MQTT session: it stayed busy"
+        );
+        false
+    }
 }
 
 /// Default largest MQTT packet, in bytes (256 KiB).
@@ -297,6 +374,13 @@ impl Broker {
         })
     }
 
+    /// Control over the live sessions (see [`Sessions`]).
+    pub fn sessions(&self) -> Sessions {
+        Sessions {
+            scx: self.scx.clone(),
+        }
+    }
+
     /// The address the broker listens on (with the real port when port 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -459,12 +543,16 @@ impl AclHandler {
             }
         };
         match principal {
-            None => {
+            Err(Refusal::BadCredentials) => {
                 tracing::info!(client = %request.client_id, "MQTT connection refused: bad credentials");
                 AuthResult::BadUsernameOrPassword
             }
-            Some(Principal::Service) => AuthResult::Allow(true, None),
-            Some(Principal::Device(id)) => match self.device_connect_refusal(&id, &request) {
+            Err(Refusal::NotAuthorized) => {
+                tracing::warn!(client = %request.client_id, "MQTT connection refused: not authorized");
+                AuthResult::NotAuthorized
+            }
+            Ok(Principal::Service) => AuthResult::Allow(true, None),
+            Ok(Principal::Device(id)) => match self.device_connect_refusal(&id, &request) {
                 None => AuthResult::Allow(false, None),
                 Some(why) => {
                     tracing::warn!(client = %request.client_id, device = %id, "MQTT connection refused: {why}");
@@ -550,13 +638,13 @@ mod tests {
             _client_id: &str,
             username: Option<&str>,
             password: Option<&[u8]>,
-        ) -> Option<Principal> {
-            match (username?, password?) {
-                ("service", b"svc-secret") => Some(Principal::Service),
-                ("acme/dev1", b"s1") => Some(Principal::Device(dev("acme", "dev1"))),
-                ("acme/dev2", b"s2") => Some(Principal::Device(dev("acme", "dev2"))),
-                ("other/dev9", b"s9") => Some(Principal::Device(dev("other", "dev9"))),
-                _ => None,
+        ) -> Result<Principal, Refusal> {
+            match (username, password) {
+                (Some("service"), Some(b"svc-secret")) => Ok(Principal::Service),
+                (Some("acme/dev1"), Some(b"s1")) => Ok(Principal::Device(dev("acme", "dev1"))),
+                (Some("acme/dev2"), Some(b"s2")) => Ok(Principal::Device(dev("acme", "dev2"))),
+                (Some("other/dev9"), Some(b"s9")) => Ok(Principal::Device(dev("other", "dev9"))),
+                _ => Err(Refusal::BadCredentials),
             }
         }
     }

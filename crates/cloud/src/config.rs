@@ -58,6 +58,14 @@ pub struct CloudConfig {
     /// Serve the HTTP API without API keys: every request may read and write every account.
     /// For a throwaway local setup only; the service warns loudly at start. Default false.
     pub insecure_no_auth: bool,
+    /// How long the embedded broker trusts a device's credentials from its cache before it reads
+    /// the store again: the longest a revocation or rotation made by another process on the same
+    /// store (`devtables devices revoke`) takes to refuse new connections here. Changes made
+    /// through this process apply at once. Default 5 s ([`crate::auth::DEFAULT_CREDENTIALS_TTL`]).
+    pub credentials_ttl: Duration,
+    /// Most devices whose credentials the embedded broker caches. Default 100,000
+    /// ([`crate::auth::DEFAULT_CREDENTIALS_CACHE`]).
+    pub credentials_cache: usize,
 }
 
 /// Settings of the service's MQTT client (the sync loop's connection to the broker).
@@ -149,6 +157,8 @@ impl CloudConfig {
             startup_prompts: StartupPrompts::default(),
             sync_store_jobs: 64,
             insecure_no_auth: false,
+            credentials_ttl: crate::auth::DEFAULT_CREDENTIALS_TTL,
+            credentials_cache: crate::auth::DEFAULT_CREDENTIALS_CACHE,
         }
     }
 
@@ -217,6 +227,10 @@ pub struct CloudFile {
     /// Serve the HTTP API without API keys (default false; see [`CloudConfig::insecure_no_auth`]).
     #[serde(default)]
     pub insecure_no_auth: bool,
+    /// Seconds the embedded broker trusts cached device credentials (default 5; see
+    /// [`CloudConfig::credentials_ttl`]).
+    #[serde(default)]
+    pub credentials_ttl_secs: Option<u64>,
 }
 
 impl CloudFile {
@@ -253,6 +267,9 @@ impl CloudFile {
         };
         if let Some(p) = file.topic_prefix {
             config.topic_prefix = p;
+        }
+        if let Some(secs) = file.credentials_ttl_secs {
+            config.credentials_ttl = Duration::from_secs(secs);
         }
         if let Some(h) = file.tombstone_retention_hours {
             config.retention.tombstone_ms = h.saturating_mul(3600 * 1000);

@@ -1,5 +1,6 @@
 //! Application operations shared by the HTTP API and the embedding program (the demo, tests):
-//! registering a device, creating an API key and writing items through the cloud. Each runs as one job on the store
+//! registering, revoking and re-keying a device, creating an API key and writing items through
+//! the cloud. Each runs as one job on the store
 //! thread, so reading the current item and writing the new one cannot interleave with another
 //! write.
 
@@ -13,7 +14,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::auth::{self, Credentials, NewApiKey};
-use crate::store::{KeyScope, StoreError};
+use crate::broker::Sessions;
+use crate::store::{KeyScope, StoreError, REVOKED_SECRET_HASH};
 use crate::store_thread::{wall_ms, StoreGone, StoreHandle};
 use crate::sync_loop::SyncInput;
 
@@ -64,6 +66,109 @@ pub async fn register_device(
     if let Some(creds) = credentials {
         creds.add_device(id.clone(), hash);
     }
+    Ok(secret)
+}
+
+/// The embedded broker's view of the registry, which revocation and rotation must update: its
+/// credentials cache and its live sessions (both `None` with an external broker, whose own
+/// configuration then decides).
+#[derive(Clone, Default)]
+pub struct BrokerControl {
+    pub credentials: Option<Arc<Credentials>>,
+    pub sessions: Option<Sessions>,
+}
+
+impl BrokerControl {
+    /// Makes the broker act on a device's new secret hash at once: the cache holds it, and the
+    /// device's live session (authenticated with the old secret) is closed. The store was
+    /// changed first, so the reconnect meets the new credentials.
+    async fn apply(&self, id: &DeviceId, secret_hash: String) {
+        if let Some(creds) = &self.credentials {
+            creds.add_device(id.clone(), secret_hash);
+        }
+        if let Some(sessions) = &self.sessions {
+            sessions.disconnect(&id.node_name()).await;
+        }
+    }
+}
+
+/// Revokes a device: the store marks it revoked (and, with `delete_items`, deletes its rows and
+/// feed in the same transaction), then its live MQTT session is closed and its reconnects are
+/// refused. Pushes of it still in flight are refused by the store. `NotFound` when the device is
+/// not registered.
+pub async fn revoke_device(
+    store: &StoreHandle,
+    broker: &BrokerControl,
+    id: &DeviceId,
+    delete_items: bool,
+) -> Result<(), OpError> {
+    let who = id.clone();
+    let found = store
+        .call(move |c| c.store.revoke_device(&who, delete_items))
+        .await??;
+    if !found {
+        return Err(OpError::NotFound(format!("device {id}")));
+    }
+    broker.apply(id, REVOKED_SECRET_HASH.to_string()).await;
+    tracing::info!(device = %id, delete_items, "device revoked");
+    Ok(())
+}
+
+/// Revoked devices read per store call by [`sweep_revoked`].
+const SWEEP_PAGE: usize = 1000;
+
+/// Closes the sessions of revoked devices that are still connected: those revoked by another
+/// process on the same store (`devtables devices revoke`), which this process learns of only by
+/// reading the store. The service runs it every `credentials_ttl`. Returns how many sessions it
+/// closed (each is logged at warn).
+pub async fn sweep_revoked(store: &StoreHandle, broker: &BrokerControl) -> Result<u64, OpError> {
+    let Some(sessions) = &broker.sessions else {
+        return Ok(0);
+    };
+    let mut closed = 0;
+    let mut after: Option<DeviceId> = None;
+    loop {
+        let from = after.clone();
+        let page = store
+            .call(move |c| c.store.revoked_devices(from.as_ref(), SWEEP_PAGE))
+            .await??;
+        for id in &page {
+            if sessions.exists(&id.node_name()).await {
+                tracing::warn!(device = %id, "closing the session of a device revoked elsewhere");
+                broker.apply(id, REVOKED_SECRET_HASH.to_string()).await;
+                if let Some(creds) = &broker.credentials {
+                    creds.count_swept();
+                }
+                closed += 1;
+            }
+        }
+        if page.len() < SWEEP_PAGE {
+            return Ok(closed);
+        }
+        after = page.last().cloned();
+    }
+}
+
+/// Gives a device a new secret and returns it (stored only as a hash). The old secret stops
+/// working and the session that used it is closed; the device keeps its rows, feed and cursor.
+/// A revoked device becomes usable again with the new secret. `NotFound` when the device is not
+/// registered.
+pub async fn rotate_secret(
+    store: &StoreHandle,
+    broker: &BrokerControl,
+    id: &DeviceId,
+) -> Result<String, OpError> {
+    let secret = auth::generate_secret();
+    let hash = auth::hash_secret(&secret);
+    let (who, stored) = (id.clone(), hash.clone());
+    let found = store
+        .call(move |c| c.store.set_device_secret(&who, &stored))
+        .await??;
+    if !found {
+        return Err(OpError::NotFound(format!("device {id}")));
+    }
+    broker.apply(id, hash).await;
+    tracing::info!(device = %id, "device secret rotated");
     Ok(secret)
 }
 

@@ -61,6 +61,7 @@ pub struct Cloud {
     pub mqtt_addr: String,
     pub store: StoreHandle,
     pub credentials: Option<Arc<Credentials>>,
+    broker_control: ops::BrokerControl,
     sync: mpsc::Sender<SyncInput>,
     status: Arc<SyncStatus>,
     request_queue: usize,
@@ -88,25 +89,25 @@ impl Cloud {
         store.reset_online()?;
         let live_api_keys = store.live_api_keys()?;
 
-        // One pass over the registry: credentials for the embedded broker, and the devices with
-        // changes waiting for them (prompted once the sync loop runs).
-        let mut registered = Vec::new();
+        // One pass over the registry: the devices with changes waiting for them (prompted once
+        // the sync loop runs).
         let mut behind = Vec::new();
         for_each_device(&mut store, |id, d| {
             if d.feed_head > d.cursor_acked {
-                behind.push((id.clone(), d.feed_head));
+                behind.push((id, d.feed_head));
             }
-            registered.push((id, d.secret_hash.clone()));
         })?;
 
-        // Credentials for the embedded broker: every registered device, and the service.
+        // Credentials for the embedded broker: the service's, and the devices' read from the
+        // store (through a short-lived cache) once the store thread runs, below.
         let service_secret = auth::generate_secret();
         let (broker, credentials, mqtt_host, mqtt_port, username, password) = match &config.broker {
             BrokerMode::Embedded { listen } => {
-                let creds = Arc::new(Credentials::new(&service_secret));
-                for (id, hash) in registered {
-                    creds.add_device(id, hash);
-                }
+                let creds = Arc::new(Credentials::with_cache(
+                    &service_secret,
+                    config.credentials_ttl,
+                    config.credentials_cache,
+                ));
                 let broker = Broker::start(
                     BrokerConfig {
                         listen: *listen,
@@ -161,6 +162,13 @@ impl Cloud {
             schema: schema.clone(),
         };
         let store = StoreHandle::spawn(ctx)?;
+        if let Some(creds) = &credentials {
+            creds.attach_store(store.clone());
+        }
+        let broker_control = ops::BrokerControl {
+            credentials: credentials.clone(),
+            sessions: broker.as_ref().map(Broker::sessions),
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (sync_tx, sync_rx) = mpsc::channel(1024);
         let status = Arc::new(SyncStatus::default());
@@ -237,7 +245,7 @@ impl Cloud {
             store: store.clone(),
             sync: sync_tx.clone(),
             schema,
-            credentials: credentials.clone(),
+            broker: broker_control.clone(),
             status: status.clone(),
             mqtt_addr: format!("{mqtt_host}:{mqtt_port}"),
             config: Arc::new(config.clone()),
@@ -270,6 +278,29 @@ impl Cloud {
             }
         }));
 
+        // Devices revoked by another process on the store: their reconnects are refused once the
+        // credentials cache expires; their live sessions are closed by this sweep, as often.
+        if broker_control.sessions.is_some() {
+            let (sweep_store, sweep_broker) = (store.clone(), broker_control.clone());
+            let every = config
+                .credentials_ttl
+                .max(std::time::Duration::from_millis(100));
+            let mut sweep_shutdown = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = sweep_shutdown.wait_for(|stop| *stop) => return,
+                    }
+                    match ops::sweep_revoked(&sweep_store, &sweep_broker).await {
+                        Ok(_) => {}
+                        Err(OpError::Gone(_)) => return,
+                        Err(e) => tracing::warn!("cannot sweep revoked devices: {e}"),
+                    }
+                }
+            }));
+        }
+
         let purge_store = store.clone();
         let retention = config.retention;
         let interval = config.purge_interval;
@@ -297,6 +328,7 @@ impl Cloud {
             mqtt_addr: format!("{mqtt_host}:{mqtt_port}"),
             store,
             credentials,
+            broker_control,
             sync: sync_tx,
             status,
             request_queue: config.mqtt.request_queue,
@@ -310,6 +342,18 @@ impl Cloud {
     /// Registers a device; returns its secret (shown once, stored hashed).
     pub async fn register_device(&self, id: &DeviceId) -> Result<String, OpError> {
         ops::register_device(&self.store, self.credentials.as_ref(), id).await
+    }
+
+    /// Revokes a device (as `DELETE /v1/devices/{account}/{device}` does): its session is closed
+    /// at once, its reconnects are refused; with `delete_items` its rows and feed go too.
+    pub async fn revoke_device(&self, id: &DeviceId, delete_items: bool) -> Result<(), OpError> {
+        ops::revoke_device(&self.store, &self.broker_control, id, delete_items).await
+    }
+
+    /// Gives a device a new secret (as `POST /v1/devices/{account}/{device}/secret` does) and
+    /// returns it; the old secret stops working and its session is closed.
+    pub async fn rotate_device_secret(&self, id: &DeviceId) -> Result<String, OpError> {
+        ops::rotate_secret(&self.store, &self.broker_control, id).await
     }
 
     /// Creates an API key of `account` (as `POST /v1/accounts/{account}/keys` does); the answer

@@ -68,6 +68,21 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreGone)
     }
 
+    /// Runs `f` on the store thread and waits for its result, blocking this thread: for code
+    /// that runs outside the async runtime's workers (the broker's authenticator runs on a
+    /// `spawn_blocking` thread).
+    pub fn call_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut StoreCtx) -> R + Send + 'static,
+    ) -> Result<R, StoreGone> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |ctx| {
+            let _ = tx.send(f(ctx));
+        });
+        self.jobs.blocking_send(job).map_err(|_| StoreGone)?;
+        rx.blocking_recv().map_err(|_| StoreGone)
+    }
+
     /// Queues a job that reports its own completion (the sync loop's jobs send their results
     /// back over a channel, so the loop never waits for the store).
     pub(crate) async fn submit(&self, job: Job) -> Result<(), StoreGone> {

@@ -514,6 +514,13 @@ impl SyncLoop {
                         self.engine.handle_feed_advanced(now, &d, head);
                     }
                 }
+                Err(StoreError::DeviceRevoked(_)) => {
+                    // The device was revoked while this push was in flight: it is not applied.
+                    self.status.pushes_revoked.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%device, "push refused: the device is revoked");
+                    self.engine
+                        .handle_push_applied(now, &device, batch, Vec::new());
+                }
                 Err(e) => {
                     // Nothing was applied; the device resends the batch.
                     self.status.store_errors.fetch_add(1, Ordering::Relaxed);

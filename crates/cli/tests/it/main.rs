@@ -3,6 +3,7 @@
 mod api_keys;
 mod clocks;
 mod db_cmd;
+mod devices_cmd;
 mod e2e;
 mod faults;
 mod harness;

@@ -31,9 +31,16 @@ pub enum StoreError {
     DeviceExists(String),
     #[error("device {0} is not registered")]
     UnknownDevice(String),
+    #[error("device {0} is revoked")]
+    DeviceRevoked(String),
     #[error("invalid query: {0}")]
     BadQuery(String),
 }
+
+/// The stored secret hash of a revoked device. A real hash is `sha256:<64 hex>`, so no secret
+/// matches it. A marker rather than a column: revocation needs no layout migration, and the row
+/// stays, since the device's items and feed name it.
+pub const REVOKED_SECRET_HASH: &str = "revoked";
 
 /// A registered device and its sync status.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -223,6 +230,20 @@ pub trait CloudStore: Send + 'static {
         now_ms: u64,
     ) -> Result<(), StoreError>;
     fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+    /// Revokes a device: its secret hash becomes [`REVOKED_SECRET_HASH`], which no secret hashes
+    /// to, so the broker refuses it and its later pushes are refused ([`StoreError::DeviceRevoked`]).
+    /// With `delete_items`, its rows, feed and purge watermark are deleted in the same
+    /// transaction. `false` when the device is not registered.
+    fn revoke_device(&mut self, id: &DeviceId, delete_items: bool) -> Result<bool, StoreError>;
+    /// Revoked devices ordered by (account, device), after `after`, at most `limit`.
+    fn revoked_devices(
+        &mut self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceId>, StoreError>;
+    /// Replaces a device's secret hash (a rotation, which also lifts a revocation); its rows,
+    /// feed and cursor stay. `false` when the device is not registered.
+    fn set_device_secret(&mut self, id: &DeviceId, secret_hash: &str) -> Result<bool, StoreError>;
     /// Devices of an account (every account when `None`), ordered by (account, device), after
     /// `after`, at most `limit`.
     fn devices(

@@ -26,6 +26,13 @@ fn routes() -> Vec<(&'static str, String, Option<Value>)> {
         ),
         ("GET", "/v1/devices".into(), None),
         ("GET", format!("/v1/devices/{ACCOUNT}/dev0"), None),
+        ("DELETE", format!("/v1/devices/{ACCOUNT}/dev0"), None),
+        (
+            "DELETE",
+            format!("/v1/devices/{ACCOUNT}/dev0?delete_items=true"),
+            None,
+        ),
+        ("POST", format!("/v1/devices/{ACCOUNT}/dev0/secret"), None),
         ("GET", format!("/v1/accounts/{ACCOUNT}/items/Setting"), None),
         ("POST", bcast.clone(), Some(firmware.clone())),
         ("PATCH", bcast.clone(), Some(firmware.clone())),

@@ -292,6 +292,19 @@ impl RawDevice {
         .await
     }
 
+    /// Whether the broker closed this connection within [`WAIT`] (the event loop ended; packets
+    /// still arriving before that are skipped).
+    pub async fn closed(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// Says hello and waits for the welcome of this session.
     pub async fn hello(&mut self, session: u64, cursor: u64) -> bool {
         self.send(&UpMsg::Hello {

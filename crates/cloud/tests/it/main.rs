@@ -4,4 +4,5 @@
 mod api_keys;
 mod conformance;
 mod harness;
+mod lifecycle;
 mod sync_service;

@@ -8,8 +8,8 @@ use devtables_sync::identity::DeviceId;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
-use super::super::{DeviceRecord, StatusUpdate, StoreError};
-use super::sql::{db, sql_int};
+use super::super::{DeviceRecord, StatusUpdate, StoreError, REVOKED_SECRET_HASH};
+use super::sql::{db, sql_int, write_txn};
 
 const DEVICE_COLS: &str =
     "account, device, secret_hash, registered_ms, online, last_seen_ms, schema_version, \
@@ -59,6 +59,86 @@ pub(super) fn register_device(
         return Err(StoreError::DeviceExists(id.to_string()));
     }
     Ok(())
+}
+
+pub(super) fn revoke_device(
+    conn: &mut Connection,
+    id: &DeviceId,
+    delete_items: bool,
+) -> Result<bool, StoreError> {
+    // Immediate: the revocation and a concurrent push (this process or another on the same file)
+    // are ordered by SQLite's write lock, so a push is either applied before it or refused after.
+    let tx = write_txn(conn, "starting a revocation")?;
+    let n = tx
+        .execute(
+            "UPDATE devices SET secret_hash = ?3, online = 0 WHERE account = ?1 AND device = ?2",
+            params![id.account, id.device, REVOKED_SECRET_HASH],
+        )
+        .map_err(db("revoking a device"))?;
+    if n == 0 {
+        return Ok(false);
+    }
+    if delete_items {
+        for table in ["items", "feed", "watermarks"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE account = ?1 AND device = ?2"),
+                params![id.account, id.device],
+            )
+            .map_err(db("deleting a revoked device's data"))?;
+        }
+    }
+    tx.commit().map_err(db("committing a revocation"))?;
+    Ok(true)
+}
+
+pub(super) fn set_device_secret(
+    conn: &Connection,
+    id: &DeviceId,
+    secret_hash: &str,
+) -> Result<bool, StoreError> {
+    let n = conn
+        .execute(
+            "UPDATE devices SET secret_hash = ?3 WHERE account = ?1 AND device = ?2",
+            params![id.account, id.device, secret_hash],
+        )
+        .map_err(db("replacing a device's secret"))?;
+    Ok(n > 0)
+}
+
+pub(super) fn revoked_devices(
+    conn: &Connection,
+    after: Option<&DeviceId>,
+    limit: usize,
+) -> Result<Vec<DeviceId>, StoreError> {
+    let (account, device) = after.map_or(("", ""), |a| (a.account.as_str(), a.device.as_str()));
+    let rows: Vec<(String, String)> = conn
+        .prepare_cached(
+            "SELECT account, device FROM devices WHERE secret_hash = ?1
+               AND (account, device) > (?2, ?3) ORDER BY account, device LIMIT ?4",
+        )
+        .and_then(|mut s| {
+            s.query_map(
+                params![REVOKED_SECRET_HASH, account, device, sql_int(limit)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .collect()
+        })
+        .map_err(db("listing revoked devices"))?;
+    rows.into_iter()
+        .map(|(a, d)| {
+            DeviceId::new(a.as_str(), d.as_str())
+                .map_err(|e| StoreError::Corrupt(format!("device {a}/{d}: {e}")))
+        })
+        .collect()
+}
+
+/// Whether the device is revoked (a push from it must not be applied).
+pub(super) fn device_revoked(conn: &Connection, id: &DeviceId) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "SELECT 1 FROM devices WHERE account = ?1 AND device = ?2 AND secret_hash = ?3",
+    )
+    .and_then(|mut s| s.exists(params![id.account, id.device, REVOKED_SECRET_HASH]))
+    .map_err(db("checking whether a device is revoked"))
 }
 
 pub(super) fn device(conn: &Connection, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {

@@ -218,6 +218,22 @@ impl CloudStore for SqliteStore {
         devices::device(&self.conn, id)
     }
 
+    fn revoke_device(&mut self, id: &DeviceId, delete_items: bool) -> Result<bool, StoreError> {
+        devices::revoke_device(&mut self.conn, id, delete_items)
+    }
+
+    fn revoked_devices(
+        &mut self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        devices::revoked_devices(&self.conn, after, limit)
+    }
+
+    fn set_device_secret(&mut self, id: &DeviceId, secret_hash: &str) -> Result<bool, StoreError> {
+        devices::set_device_secret(&self.conn, id, secret_hash)
+    }
+
     fn devices(
         &mut self,
         account: Option<&str>,

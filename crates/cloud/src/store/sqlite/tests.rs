@@ -2,6 +2,7 @@
 
 use super::queries::prefix_end;
 use super::*;
+use crate::store::REVOKED_SECRET_HASH;
 use devtables_schema::Item;
 use devtables_sync::hlc::node_id_for;
 use devtables_sync::wire::{hlc_to_string, ChangeStatus, Op, RejectReason};
@@ -1757,4 +1758,110 @@ fn corrupt_rows_are_reported() {
         .execute("UPDATE devices SET feed_head = -1", [])
         .unwrap();
     assert!(matches!(s.device(&d1), Err(StoreError::Corrupt(_))));
+}
+
+/// Rows of `table` that belong to the device.
+fn rows_of(s: &SqliteStore, table: &str, d: &DeviceId) -> i64 {
+    s.conn
+        .query_row(
+            &format!("SELECT count(*) FROM {table} WHERE account = ?1 AND device = ?2"),
+            rusqlite::params![d.account, d.device],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
+    let (schema, d1) = (schema(), dev("a", "d1"));
+    let mut s = store(&[&d1]);
+    let mut c = clock();
+    let first = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "n"}),
+        ver(NOW, 7),
+    );
+    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[first])
+        .unwrap();
+    let (items, feed) = (rows_of(&s, "items", &d1), rows_of(&s, "feed", &d1));
+    assert_eq!(items, 1);
+
+    assert!(s.revoke_device(&d1, false).unwrap());
+    let rec = s.device(&d1).unwrap().unwrap();
+    assert_eq!(rec.secret_hash, REVOKED_SECRET_HASH);
+    assert_eq!(
+        (rows_of(&s, "items", &d1), rows_of(&s, "feed", &d1)),
+        (items, feed)
+    );
+    assert_eq!(s.revoked_devices(None, 10).unwrap(), vec![d1.clone()]);
+    assert!(s.revoked_devices(Some(&d1), 10).unwrap().is_empty());
+
+    // A push that was in flight when the device was revoked is not applied.
+    let late = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "m"}),
+        ver(NOW + 1, 7),
+    );
+    let err = s
+        .apply_push(
+            &schema,
+            &mut c,
+            NOW,
+            DRIFT,
+            &d1,
+            std::slice::from_ref(&late),
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DeviceRevoked(_)), "{err:?}");
+    assert_eq!(rows_of(&s, "items", &d1), items);
+
+    // A new secret lifts the revocation; the rows and the cursor stayed.
+    assert!(s.set_device_secret(&d1, "sha256:new").unwrap());
+    assert!(s.revoked_devices(None, 10).unwrap().is_empty());
+    let after = s.device(&d1).unwrap().unwrap();
+    assert_eq!(
+        (after.cursor_acked, after.feed_head),
+        (rec.cursor_acked, rec.feed_head)
+    );
+    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[late])
+        .unwrap();
+    assert_eq!(rows_of(&s, "items", &d1), items + 1);
+
+    let unknown = dev("a", "nobody");
+    assert!(!s.revoke_device(&unknown, false).unwrap());
+    assert!(!s.set_device_secret(&unknown, "sha256:x").unwrap());
+}
+
+#[test]
+fn revoking_with_delete_items_removes_only_that_devices_rows_and_feed() {
+    let (schema, d1, d2) = (schema(), dev("a", "d1"), dev("a", "d2"));
+    let mut s = store(&[&d1, &d2]);
+    let mut c = clock();
+    for (d, name) in [(&d1, "d1"), (&d2, "d2")] {
+        let ch = put(
+            &schema,
+            "Both",
+            json!({"deviceId": name, "name": "n"}),
+            ver(NOW, 7),
+        );
+        s.apply_push(&schema, &mut c, NOW, DRIFT, d, &[ch]).unwrap();
+    }
+    let d2_rows = (rows_of(&s, "items", &d2), rows_of(&s, "feed", &d2));
+    assert_eq!(rows_of(&s, "items", &d1), 1);
+
+    assert!(s.revoke_device(&d1, true).unwrap());
+    assert_eq!(
+        (rows_of(&s, "items", &d1), rows_of(&s, "feed", &d1)),
+        (0, 0)
+    );
+    assert_eq!(
+        (rows_of(&s, "items", &d2), rows_of(&s, "feed", &d2)),
+        d2_rows
+    );
+    assert_eq!(
+        s.device(&d1).unwrap().unwrap().secret_hash,
+        REVOKED_SECRET_HASH
+    );
 }

@@ -18,7 +18,7 @@ use devtables_sync::wire::{hlc_to_string, Change, ChangeResult};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::super::{Advanced, StoreError};
-use super::devices::device_exists;
+use super::devices::{device_exists, device_revoked};
 use super::sql::{db, item_json, map_err, owner_cols, parse_version, write_txn};
 
 /// One write transaction as the replication rules see it.
@@ -247,6 +247,11 @@ pub(super) fn apply_push(
     changes: &[Change],
 ) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
     let tx = write_txn(conn, "starting a push transaction")?;
+    // Checked inside the push's own write transaction: a push that reaches the store after the
+    // device was revoked (it was in flight in the broker or the sync loop) is not applied.
+    if device_revoked(&tx, from)? {
+        return Err(StoreError::DeviceRevoked(from.to_string()));
+    }
     let (results, advanced) = {
         let mut t = SqlTxn::new(&tx, now_ms);
         let results = cloud_apply_push(&mut t, schema, clock, now_ms, max_drift_ms, from, changes)?;
