@@ -50,6 +50,8 @@ pub struct SyncStatus {
     pub(crate) api_unauthorized: AtomicU64,
     /// HTTP API requests whose key may not do what they asked (403).
     pub(crate) api_forbidden: AtomicU64,
+    /// Connections to the HTTP API whose TLS handshake failed or timed out.
+    pub(crate) api_tls_handshakes_failed: AtomicU64,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -72,6 +74,7 @@ pub struct StatusSnapshot {
     pub foreign_messages: u64,
     pub api_unauthorized: u64,
     pub api_forbidden: u64,
+    pub api_tls_handshakes_failed: u64,
 }
 
 impl SyncStatus {
@@ -96,6 +99,7 @@ impl SyncStatus {
             foreign_messages: n(&self.foreign_messages),
             api_unauthorized: n(&self.api_unauthorized),
             api_forbidden: n(&self.api_forbidden),
+            api_tls_handshakes_failed: n(&self.api_tls_handshakes_failed),
         }
     }
 
