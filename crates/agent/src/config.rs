@@ -182,8 +182,7 @@ impl AgentFile {
             }
             (Some("mqtts"), None) => {
                 return Err(AgentError::Config(
-                    "broker is mqtts:// but no tls block gives the CA file (tls: {ca: ...})"
-                        .into(),
+                    "broker is mqtts:// but no tls block gives the CA file (tls: {ca: ...})".into(),
                 ))
             }
             (_, Some(tls)) => Some(crate::tls::ClientTls {
@@ -272,10 +271,16 @@ mod tests {
         assert!(tls.ca_file.ends_with("ca.pem") && tls.ca_file.is_absolute());
         assert_eq!(tls.server_name.as_deref(), Some("b"));
         assert_eq!((c.broker_host.as_str(), c.broker_port), ("b.example", 8883));
-        assert!(load("broker: 'b:1883', tls: {ca: 'ca.pem'}").unwrap().tls.is_some());
+        assert!(load("broker: 'b:1883', tls: {ca: 'ca.pem'}")
+            .unwrap()
+            .tls
+            .is_some());
         assert!(load("broker: 'mqtt://b:1883'").unwrap().tls.is_none());
         assert!(load("broker: 'b:1883'").unwrap().tls.is_none());
-        assert!(load("broker: 'mqtts://b:8883'").is_err(), "mqtts needs a CA");
+        assert!(
+            load("broker: 'mqtts://b:8883'").is_err(),
+            "mqtts needs a CA"
+        );
         assert!(load("broker: 'mqtt://b:1883', tls: {ca: 'ca.pem'}").is_err());
         assert!(load("broker: 'http://b:1883'").is_err());
     }

@@ -265,8 +265,8 @@ impl Agent {
         options.set_max_packet_size(max_packet, max_packet);
         match &config.tls {
             Some(tls) => {
-                let tls_config = tls::client_config(tls)
-                    .map_err(|e| AgentError::Config(e.to_string()))?;
+                let tls_config =
+                    tls::client_config(tls).map_err(|e| AgentError::Config(e.to_string()))?;
                 options.set_transport(rumqttc::Transport::tls_with_config(
                     rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config)),
                 ));

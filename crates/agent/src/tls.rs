@@ -79,7 +79,10 @@ pub fn client_config(tls: &ClientTls) -> Result<ClientConfig, TlsError> {
                 .map_err(|_| TlsError::ServerName(name.clone()))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(RenamedVerifier { inner: webpki, name }))
+                .with_custom_certificate_verifier(Arc::new(RenamedVerifier {
+                    inner: webpki,
+                    name,
+                }))
         }
     }
     .with_no_client_auth();

@@ -321,17 +321,23 @@ impl CloudFile {
                 };
                 config.external_tls = match (scheme, &file.external_broker_tls) {
                     (Some("mqtt"), Some(_)) => {
-                        return Err("external_broker is mqtt:// (clear text) but external_broker_tls \
+                        return Err(
+                            "external_broker is mqtt:// (clear text) but external_broker_tls \
                                     is set: use mqtts://"
-                            .into())
+                                .into(),
+                        )
                     }
                     (Some("mqtts"), None) => {
-                        return Err("external_broker is mqtts:// but no external_broker_tls gives \
+                        return Err(
+                            "external_broker is mqtts:// but no external_broker_tls gives \
                                     the CA file"
-                            .into())
+                                .into(),
+                        )
                     }
                     (Some(other), _) if other != "mqtt" && other != "mqtts" => {
-                        return Err(format!("external_broker scheme {other:?} is not mqtt or mqtts"))
+                        return Err(format!(
+                            "external_broker scheme {other:?} is not mqtt or mqtts"
+                        ))
                     }
                     (_, Some(tls)) => Some(crate::tls::ClientTls {
                         ca_file: dir.join(&tls.ca),
@@ -415,7 +421,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cloud.json5");
         let load = |body: &str| {
-            std::fs::write(&path, format!("{{schema: 's.json5', data_dir: 'd', {body}}}")).unwrap();
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
+            )
+            .unwrap();
             CloudFile::load(&path)
         };
         let c = load(
@@ -425,7 +435,10 @@ mod tests {
         .unwrap()
         .1;
         assert_eq!(c.api_tls.unwrap().cert, dir.path().join("a.pem"));
-        assert!(!c.broker_plain, "a TLS listener alone replaces the clear-text one");
+        assert!(
+            !c.broker_plain,
+            "a TLS listener alone replaces the clear-text one"
+        );
         assert_eq!(c.broker_tls.unwrap().files.key, dir.path().join("b.key"));
         let c = load(
             "embedded_broker: '127.0.0.1:1883', \
@@ -436,14 +449,19 @@ mod tests {
         assert!(c.broker_plain && c.broker_tls.is_some());
         let c = load("").unwrap().1;
         assert!(c.broker_plain && c.broker_tls.is_none() && c.api_tls.is_none());
-        let c = load("external_broker: 'mqtts://b.example:8883', external_broker_tls: {ca: 'ca.pem'}")
-            .unwrap()
-            .1;
+        let c =
+            load("external_broker: 'mqtts://b.example:8883', external_broker_tls: {ca: 'ca.pem'}")
+                .unwrap()
+                .1;
         assert_eq!(c.external_tls.unwrap().ca_file, dir.path().join("ca.pem"));
         assert!(matches!(c.broker, BrokerMode::External { port: 8883, .. }));
         assert!(load("external_broker: 'mqtts://b:8883'").is_err());
         assert!(load("external_broker: 'mqtt://b:1883', external_broker_tls: {ca: 'x'}").is_err());
-        assert!(load("external_broker: 'b:1883'").unwrap().1.external_tls.is_none());
+        assert!(load("external_broker: 'b:1883'")
+            .unwrap()
+            .1
+            .external_tls
+            .is_none());
     }
 
     #[test]

@@ -164,13 +164,13 @@ impl Cloud {
                     ),
                 }
                 (
-                None,
-                None,
-                host.clone(),
-                *port,
-                username.clone(),
-                password.clone(),
-            )
+                    None,
+                    None,
+                    host.clone(),
+                    *port,
+                    username.clone(),
+                    password.clone(),
+                )
             }
         };
         let mqtt_tls_addr = broker.as_ref().and_then(Broker::tls_addr);

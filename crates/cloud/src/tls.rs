@@ -106,7 +106,10 @@ pub fn client_config(tls: &ClientTls) -> Result<ClientConfig, TlsError> {
             Some(ServerName::try_from(n.clone()).map_err(|_| TlsError::ServerName(n.clone()))?)
         }
     };
-    client_with_verifier(Arc::new(Verifier::WebPki { inner: webpki, name }))
+    client_with_verifier(Arc::new(Verifier::WebPki {
+        inner: webpki,
+        name,
+    }))
 }
 
 /// The rustls client configuration of the service's own connection to its embedded broker: it
@@ -234,7 +237,11 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Serves TLS on `listener` with `config`.
-    pub fn new(listener: TcpListener, config: ServerConfig, status: Arc<SyncStatus>) -> std::io::Result<TlsListener> {
+    pub fn new(
+        listener: TcpListener,
+        config: ServerConfig,
+        status: Arc<SyncStatus>,
+    ) -> std::io::Result<TlsListener> {
         let local_addr = listener.local_addr()?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let (tx, ready) = mpsc::channel(API_HANDSHAKES);
@@ -242,7 +249,9 @@ impl TlsListener {
         let warn = Arc::new(Mutex::new(WarnLimiter::new(WarnLimiter::INTERVAL)));
         let accept_task = tokio::spawn(async move {
             loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
                 let (tcp, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -264,12 +273,18 @@ impl TlsListener {
                             let _ = tx.send((tls, peer)).await;
                         }
                         failed => {
-                            status.api_tls_handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                            status
+                                .api_tls_handshakes_failed
+                                .fetch_add(1, Ordering::Relaxed);
                             let reason = match failed {
                                 Ok(Err(e)) => e.to_string(),
                                 _ => "timed out".to_string(),
                             };
-                            let log = warn.lock().map(|mut w| w.hit(Instant::now())).ok().flatten();
+                            let log = warn
+                                .lock()
+                                .map(|mut w| w.hit(Instant::now()))
+                                .ok()
+                                .flatten();
                             if let Some(suppressed) = log {
                                 tracing::warn!(%peer, suppressed, "HTTP API TLS handshake refused: {reason}");
                             }

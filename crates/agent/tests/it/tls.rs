@@ -119,7 +119,11 @@ async fn tls_broker_and_api_carry_data_both_ways() {
     let cloud = start_tls_cloud(&dir.path().join("cloud"), &server, false).await;
     let tls_addr = cloud.mqtt_tls_addr.expect("a TLS listener");
     assert!(cloud.api_tls);
-    assert_eq!(cloud.mqtt_addr, tls_addr.to_string(), "TLS is the only listener");
+    assert_eq!(
+        cloud.mqtt_addr,
+        tls_addr.to_string(),
+        "TLS is the only listener"
+    );
     let secret = cloud.register_device(&device()).await.unwrap();
 
     let mut config = agent_config(dir.path(), &secret, tls_addr.port());
@@ -190,13 +194,21 @@ async fn an_agent_trusting_another_ca_is_refused_and_says_why() {
     });
     let agent = Agent::start(config, schema()).unwrap();
     eventually(&agent, "a certificate error", |a| {
-        a.status().last_error.is_some_and(|e| e.contains("certificate"))
+        a.status()
+            .last_error
+            .is_some_and(|e| e.contains("certificate"))
     })
     .await;
     let status = agent.status();
-    assert!(!status.ready, "no session without a trusted broker: {status:?}");
+    assert!(
+        !status.ready,
+        "no session without a trusted broker: {status:?}"
+    );
     let error = status.last_error.unwrap();
-    assert!(error.contains("UnknownIssuer"), "the reason is named: {error}");
+    assert!(
+        error.contains("UnknownIssuer"),
+        "the reason is named: {error}"
+    );
     agent.shutdown().await;
     cloud.shutdown().await;
 }
