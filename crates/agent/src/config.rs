@@ -19,6 +19,9 @@ pub struct AgentConfig {
     pub secret: String,
     pub broker_host: String,
     pub broker_port: u16,
+    /// TLS to the broker. Default `None`: clear-text MQTT, which the agent warns about at start
+    /// (`MQTT to HOST:PORT is in clear text`).
+    pub tls: Option<crate::tls::ClientTls>,
     /// First segment of every topic; must match the cloud's.
     pub topic_prefix: String,
     pub db_path: PathBuf,
@@ -69,6 +72,7 @@ impl AgentConfig {
             secret: secret.into(),
             broker_host: "127.0.0.1".into(),
             broker_port: 1883,
+            tls: None,
             topic_prefix: devtables_sync::topics::DEFAULT_PREFIX.into(),
             db_path: db_path.into(),
             durability: Durability::Immediate,
@@ -107,8 +111,14 @@ pub struct AgentFile {
     pub schema: PathBuf,
     /// The database file, relative to the config file.
     pub db: PathBuf,
+    /// `mqtts://host:port` (TLS; needs `tls.ca`), `mqtt://host:port` or a bare `host:port`
+    /// (clear text, unless a `tls` block is given). Default `127.0.0.1:1883`.
     #[serde(default = "default_broker")]
     pub broker: String,
+    /// TLS to the broker: `{ca: "ca.pem", server_name: "broker.example"}`; `ca` is relative to
+    /// the config file, `server_name` defaults to the broker host.
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
     #[serde(default)]
     pub topic_prefix: Option<String>,
     /// `immediate` (default) or `periodic`.
@@ -134,6 +144,16 @@ pub struct AgentFile {
     pub tombstone_retention_hours: Option<u64>,
 }
 
+/// The `tls` block of the agent's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TlsFile {
+    /// The CA certificates (PEM) the broker's certificate must chain to.
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
 fn default_broker() -> String {
     "127.0.0.1:1883".into()
 }
@@ -153,6 +173,24 @@ impl AgentFile {
             AgentConfig::new(&file.account, &file.device, &file.secret, file.db.clone());
         config.broker_host = host;
         config.broker_port = port;
+        let scheme = file.broker.split_once("://").map(|(s, _)| s);
+        config.tls = match (scheme, &file.tls) {
+            (Some("mqtt"), Some(_)) => {
+                return Err(AgentError::Config(
+                    "broker is mqtt:// (clear text) but a tls block is set: use mqtts://".into(),
+                ))
+            }
+            (Some("mqtts"), None) => {
+                return Err(AgentError::Config(
+                    "broker is mqtts:// but no tls block gives the CA file (tls: {ca: ...})".into(),
+                ))
+            }
+            (_, Some(tls)) => Some(crate::tls::ClientTls {
+                ca_file: dir.join(&tls.ca),
+                server_name: tls.server_name.clone(),
+            }),
+            (_, None) => None,
+        };
         if let Some(p) = &file.topic_prefix {
             config.topic_prefix = p.clone();
         }
@@ -189,9 +227,18 @@ impl AgentFile {
     }
 }
 
-/// `host:port` (an `mqtt://` prefix is accepted).
+/// `host:port` (an `mqtt://` or `mqtts://` prefix is accepted; whether TLS is used is decided
+/// by [`AgentFile::load`]).
 pub fn parse_broker(s: &str) -> Result<(String, u16), AgentError> {
-    let s = s.strip_prefix("mqtt://").unwrap_or(s);
+    let s = match s.split_once("://") {
+        Some(("mqtt" | "mqtts", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(AgentError::Config(format!(
+                "broker scheme {scheme:?} is not mqtt or mqtts"
+            )))
+        }
+        None => s,
+    };
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| AgentError::Config(format!("broker {s:?} must be host:port")))?;
@@ -199,4 +246,42 @@ pub fn parse_broker(s: &str) -> Result<(String, u16), AgentError> {
         .parse()
         .map_err(|_| AgentError::Config(format!("broker port {port:?} is not a number")))?;
     Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(broker_and_tls: &str) -> Result<AgentConfig, AgentError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.json5");
+        std::fs::write(
+            &path,
+            format!("{{account: 'a', device: 'd', secret: 's', schema: 's.json5', db: 'x.db', {broker_and_tls}}}"),
+        )
+        .unwrap();
+        AgentFile::load(&path).map(|(_, c)| c)
+    }
+
+    #[test]
+    fn the_broker_url_chooses_tls_or_clear_text() {
+        let c = load("broker: 'mqtts://b.example:8883', tls: {ca: 'ca.pem', server_name: 'b'}")
+            .unwrap();
+        let tls = c.tls.unwrap();
+        assert!(tls.ca_file.ends_with("ca.pem") && tls.ca_file.is_absolute());
+        assert_eq!(tls.server_name.as_deref(), Some("b"));
+        assert_eq!((c.broker_host.as_str(), c.broker_port), ("b.example", 8883));
+        assert!(load("broker: 'b:1883', tls: {ca: 'ca.pem'}")
+            .unwrap()
+            .tls
+            .is_some());
+        assert!(load("broker: 'mqtt://b:1883'").unwrap().tls.is_none());
+        assert!(load("broker: 'b:1883'").unwrap().tls.is_none());
+        assert!(
+            load("broker: 'mqtts://b:8883'").is_err(),
+            "mqtts needs a CA"
+        );
+        assert!(load("broker: 'mqtt://b:1883', tls: {ca: 'ca.pem'}").is_err());
+        assert!(load("broker: 'http://b:1883'").is_err());
+    }
 }

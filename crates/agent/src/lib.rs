@@ -18,6 +18,7 @@ pub mod config;
 mod driver;
 mod link;
 mod state;
+pub mod tls;
 
 use std::collections::HashMap;
 
@@ -262,6 +263,22 @@ impl Agent {
         ));
         let max_packet = config.sync.wire.max_message_bytes + 4096;
         options.set_max_packet_size(max_packet, max_packet);
+        match &config.tls {
+            Some(tls) => {
+                let tls_config =
+                    tls::client_config(tls).map_err(|e| AgentError::Config(e.to_string()))?;
+                options.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config)),
+                ));
+            }
+            None => tracing::warn!(
+                device = %id,
+                "MQTT to {}:{} is in clear text (no TLS configured): the device secret and its \
+                 items cross the network readable",
+                config.broker_host,
+                config.broker_port
+            ),
+        }
         let (client, mut eventloop) = AsyncClient::new(options, config.mqtt_queue);
         // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
         let mut network = rumqttc::NetworkOptions::new();

@@ -202,8 +202,14 @@ const SHUTDOWN_KICK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Settings of the embedded broker.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
-    /// Address to listen on; port 0 picks a free port ([`Broker::local_addr`] reports it).
+    /// Address of the clear-text listener; port 0 picks a free port ([`Broker::local_addr`]
+    /// reports it).
     pub listen: SocketAddr,
+    /// Serve clear-text MQTT on `listen`. Default true; false needs `tls`.
+    pub plain: bool,
+    /// A TLS listener, besides the clear-text one or (with `plain: false`) instead of it.
+    /// Default none.
+    pub tls: Option<BrokerTls>,
     /// Topic prefix, e.g. [`topics::DEFAULT_PREFIX`]; must match the devices' and the service's.
     pub topic_prefix: String,
     /// Largest MQTT packet accepted or sent, in bytes. Default [`DEFAULT_MAX_PACKET_BYTES`].
@@ -220,11 +226,22 @@ pub struct BrokerConfig {
     pub max_queued_messages: usize,
 }
 
+/// The embedded broker's TLS listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BrokerTls {
+    /// Port 0 picks a free port ([`Broker::tls_addr`] reports it).
+    pub listen: SocketAddr,
+    /// The broker's certificate chain and key (PEM files).
+    pub files: crate::tls::ServerTls,
+}
+
 impl BrokerConfig {
     /// Defaults for everything but the listen address.
     pub fn new(listen: SocketAddr) -> BrokerConfig {
         BrokerConfig {
             listen,
+            plain: true,
+            tls: None,
             topic_prefix: topics::DEFAULT_PREFIX.to_string(),
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -255,6 +272,9 @@ pub enum BrokerError {
         /// Why binding failed.
         source: std::io::Error,
     },
+    /// The TLS certificate or key cannot be used.
+    #[error("embedded broker TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// rmqtt refused to start for another reason.
     #[error("cannot start the MQTT broker: {0}")]
     Start(String),
@@ -264,6 +284,7 @@ pub enum BrokerError {
 /// the connected ones.
 pub struct Broker {
     local_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     scx: ServerContext,
     task: Option<JoinHandle<()>>,
     /// Keeps the registration of the ACL hooks; they are never stopped (stopping them would
@@ -332,34 +353,71 @@ impl Broker {
         hooks.add(Type::MessagePublishCheckAcl, Box::new(acl)).await;
         hooks.start().await;
 
-        let listener = Builder::new()
-            .name("devtables")
-            // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
-            .nodelay(true)
-            .laddr(config.listen)
-            .reuseaddr(Some(true))
-            .allow_anonymous(false)
-            .max_connections(config.max_connections)
-            .max_packet_size(config.max_packet_bytes)
-            .max_inflight(max_inflight)
-            .max_mqueue_len(config.max_queued_messages)
-            // A v5 client may ask for any session expiry; cap it like the v3.1.1 default.
-            .max_session_expiry_interval(Duration::from_secs(2 * 60 * 60))
-            .handshake_timeout(Duration::from_secs(15))
-            .bind()
-            .map_err(|e| BrokerError::Bind {
-                addr: config.listen,
+        if !config.plain && config.tls.is_none() {
+            return Err(BrokerError::Config(
+                "the broker needs a listener: plain, TLS or both".into(),
+            ));
+        }
+        let builder = |laddr: SocketAddr| {
+            Builder::new()
+                .name("devtables")
+                // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
+                .nodelay(true)
+                .laddr(laddr)
+                .reuseaddr(Some(true))
+                .allow_anonymous(false)
+                .max_connections(config.max_connections)
+                .max_packet_size(config.max_packet_bytes)
+                .max_inflight(max_inflight)
+                .max_mqueue_len(config.max_queued_messages)
+                // A v5 client may ask for any session expiry; cap it like the v3.1.1 default.
+                .max_session_expiry_interval(Duration::from_secs(2 * 60 * 60))
+                .handshake_timeout(Duration::from_secs(15))
+        };
+        let bind = |b: Builder, addr: SocketAddr| {
+            b.bind().map_err(|e| BrokerError::Bind {
+                addr,
                 source: into_io_error(e),
-            })?
-            .tcp()
-            .map_err(|e| BrokerError::Start(e.to_string()))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| BrokerError::Start(e.to_string()))?;
-
-        let server = MqttServer::new(scx.clone())
-            .listener_by_id(listener, local_addr.port())
-            .build();
+            })
+        };
+        let mut server = MqttServer::new(scx.clone());
+        let mut plain_addr = None;
+        if config.plain {
+            let listener = bind(builder(config.listen), config.listen)?
+                .tcp()
+                .map_err(|e| BrokerError::Start(e.to_string()))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| BrokerError::Start(e.to_string()))?;
+            tracing::warn!(
+                %addr,
+                "the MQTT broker's plain listener is in clear text: device secrets and items \
+                 cross the network readable (configure a TLS listener)"
+            );
+            server = server.listener_by_id(listener, addr.port());
+            plain_addr = Some(addr);
+        }
+        let mut tls_addr = None;
+        if let Some(tls) = &config.tls {
+            // Loaded here first for a typed error naming the file; rmqtt loads them again.
+            crate::tls::server_config(&tls.files)?;
+            let b = builder(tls.listen)
+                .tls_cert(Some(tls.files.cert.to_string_lossy()))
+                .tls_key(Some(tls.files.key.to_string_lossy()));
+            let listener = bind(b, tls.listen)?
+                .tls()
+                .map_err(|e| BrokerError::Start(format!("TLS listener: {e}")))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| BrokerError::Start(e.to_string()))?;
+            tracing::info!(%addr, "MQTT broker listening with TLS");
+            server = server.listener_by_id(listener, addr.port());
+            tls_addr = Some(addr);
+        }
+        let Some(local_addr) = plain_addr.or(tls_addr) else {
+            return Err(BrokerError::Config("no listener".into()));
+        };
+        let server = server.build();
         let task = tokio::spawn(async move {
             if let Err(e) = server.run().await {
                 tracing::error!(error = %e, "MQTT broker stopped");
@@ -368,6 +426,7 @@ impl Broker {
         tracing::info!(%local_addr, "MQTT broker listening");
         Ok(Broker {
             local_addr,
+            tls_addr,
             scx,
             task: Some(task),
             _hooks: hooks,
@@ -381,9 +440,15 @@ impl Broker {
         }
     }
 
-    /// The address the broker listens on (with the real port when port 0 was asked for).
+    /// The address the broker listens on (with the real port when port 0 was asked for): the
+    /// clear-text listener's, or the TLS one's when it is the only one.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TLS listener's address, when there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Stop accepting connections, free the port and close every session.

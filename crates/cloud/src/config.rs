@@ -30,7 +30,19 @@ pub struct CloudConfig {
     /// Holds `cloud.db` (SQLite).
     pub data_dir: PathBuf,
     pub api_listen: SocketAddr,
+    /// Serve the HTTP API over TLS with this certificate and key. Default none: plain HTTP, which
+    /// the service warns about at start (`the HTTP API ... is plain HTTP`).
+    pub api_tls: Option<crate::tls::ServerTls>,
     pub broker: BrokerMode,
+    /// With the embedded broker: serve clear-text MQTT on its `listen` address. Default true
+    /// (warned about at start); false needs `broker_tls`.
+    pub broker_plain: bool,
+    /// With the embedded broker: a TLS listener, besides or instead of the clear-text one. The
+    /// service's own client uses it when it is the only listener. Default none.
+    pub broker_tls: Option<crate::broker::BrokerTls>,
+    /// With an external broker: connect with TLS, checking its certificate against this CA.
+    /// Default none: clear text, warned about at start.
+    pub external_tls: Option<crate::tls::ClientTls>,
     /// First segment of every topic; must match the agents'.
     pub topic_prefix: String,
     /// Protocol limits and timings.
@@ -139,6 +151,10 @@ impl CloudConfig {
         CloudConfig {
             data_dir: data_dir.into(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_tls: None,
+            broker_plain: true,
+            broker_tls: None,
+            external_tls: None,
             broker: BrokerMode::Embedded {
                 listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             },
@@ -176,6 +192,9 @@ impl CloudConfig {
         if self.sync_store_jobs == 0 {
             return Err("sync_store_jobs must be at least 1".into());
         }
+        if !self.broker_plain && self.broker_tls.is_none() {
+            return Err("the embedded broker needs a listener: broker_plain or broker_tls".into());
+        }
         if self.startup_prompts.per_tick == 0 || self.startup_prompts.tick.is_zero() {
             return Err("startup prompts need at least 1 per tick and a tick above 0".into());
         }
@@ -193,12 +212,25 @@ pub struct CloudFile {
     pub data_dir: PathBuf,
     #[serde(default)]
     pub api: Option<SocketAddr>,
-    /// `host:port` of the embedded broker (default 127.0.0.1:1883) ...
+    /// `{cert, key}` (PEM files, relative to this file): serve the API over HTTPS.
+    #[serde(default)]
+    pub api_tls: Option<ServerTlsFile>,
+    /// `host:port` of the embedded broker's clear-text listener (default 127.0.0.1:1883 unless
+    /// only `embedded_broker_tls` is set) ...
     #[serde(default)]
     pub embedded_broker: Option<SocketAddr>,
-    /// ... or of an external broker.
+    /// `{listen, cert, key}`: the embedded broker's TLS listener (alone, or with
+    /// `embedded_broker`) ...
+    #[serde(default)]
+    pub embedded_broker_tls: Option<BrokerTlsFile>,
+    /// ... or an external broker: `mqtts://host:port` (needs `external_broker_tls`),
+    /// `mqtt://host:port` or `host:port` (clear text).
     #[serde(default)]
     pub external_broker: Option<String>,
+    /// `{ca, server_name}`: the external broker's CA (PEM) and, optionally, the name its
+    /// certificate carries (default: its host).
+    #[serde(default)]
+    pub external_broker_tls: Option<ClientTlsFile>,
     #[serde(default)]
     pub broker_username: Option<String>,
     #[serde(default)]
@@ -233,6 +265,32 @@ pub struct CloudFile {
     pub credentials_ttl_secs: Option<u64>,
 }
 
+/// A certificate and key in the cloud's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsFile {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The embedded broker's TLS listener in the cloud's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTlsFile {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The external broker's TLS in the cloud's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsFile {
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
 impl CloudFile {
     pub fn load(path: &Path) -> Result<(PathBuf, CloudConfig), String> {
         let text = std::fs::read_to_string(path)
@@ -244,13 +302,63 @@ impl CloudFile {
         if let Some(api) = file.api {
             config.api_listen = api;
         }
-        config.broker = match (file.embedded_broker, &file.external_broker) {
-            (Some(_), Some(_)) => {
-                return Err("set either embedded_broker or external_broker, not both".into())
+        if let Some(tls) = &file.api_tls {
+            config.api_tls = Some(crate::tls::ServerTls {
+                cert: dir.join(&tls.cert),
+                key: dir.join(&tls.key),
+            });
+        }
+        if let Some(tls) = &file.embedded_broker_tls {
+            config.broker_tls = Some(crate::broker::BrokerTls {
+                listen: tls.listen,
+                files: crate::tls::ServerTls {
+                    cert: dir.join(&tls.cert),
+                    key: dir.join(&tls.key),
+                },
+            });
+            // A TLS listener alone replaces the clear-text default.
+            config.broker_plain = file.embedded_broker.is_some();
+        }
+        let embedded = file.embedded_broker.is_some() || file.embedded_broker_tls.is_some();
+        config.broker = match (embedded, &file.external_broker) {
+            (true, Some(_)) => {
+                return Err("set either embedded_broker(_tls) or external_broker, not both".into())
             }
-            (Some(listen), None) => BrokerMode::Embedded { listen },
-            (None, Some(addr)) => {
-                let addr = addr.strip_prefix("mqtt://").unwrap_or(addr);
+            (true, None) => match file.embedded_broker {
+                Some(listen) => BrokerMode::Embedded { listen },
+                None => config.broker,
+            },
+            (false, Some(addr)) => {
+                let (scheme, addr) = match addr.split_once("://") {
+                    Some((scheme, rest)) => (Some(scheme), rest),
+                    None => (None, addr.as_str()),
+                };
+                config.external_tls = match (scheme, &file.external_broker_tls) {
+                    (Some("mqtt"), Some(_)) => {
+                        return Err(
+                            "external_broker is mqtt:// (clear text) but external_broker_tls \
+                                    is set: use mqtts://"
+                                .into(),
+                        )
+                    }
+                    (Some("mqtts"), None) => {
+                        return Err(
+                            "external_broker is mqtts:// but no external_broker_tls gives \
+                                    the CA file"
+                                .into(),
+                        )
+                    }
+                    (Some(other), _) if other != "mqtt" && other != "mqtts" => {
+                        return Err(format!(
+                            "external_broker scheme {other:?} is not mqtt or mqtts"
+                        ))
+                    }
+                    (_, Some(tls)) => Some(crate::tls::ClientTls {
+                        ca_file: dir.join(&tls.ca),
+                        server_name: tls.server_name.clone(),
+                    }),
+                    (_, None) => None,
+                };
                 let (host, port) = addr
                     .rsplit_once(':')
                     .ok_or_else(|| format!("external_broker {addr:?} must be host:port"))?;
@@ -263,7 +371,7 @@ impl CloudFile {
                     password: file.broker_password.clone(),
                 }
             }
-            (None, None) => config.broker,
+            (false, None) => config.broker,
         };
         if let Some(p) = file.topic_prefix {
             config.topic_prefix = p;
@@ -323,6 +431,54 @@ mod tests {
         let mut c = CloudConfig::new("data");
         c.startup_prompts.tick = Duration::ZERO;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_file_sets_tls_on_every_hop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        let load = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path)
+        };
+        let c = load(
+            "api_tls: {cert: 'a.pem', key: 'a.key'}, \
+             embedded_broker_tls: {listen: '127.0.0.1:8883', cert: 'b.pem', key: 'b.key'}",
+        )
+        .unwrap()
+        .1;
+        assert_eq!(c.api_tls.unwrap().cert, dir.path().join("a.pem"));
+        assert!(
+            !c.broker_plain,
+            "a TLS listener alone replaces the clear-text one"
+        );
+        assert_eq!(c.broker_tls.unwrap().files.key, dir.path().join("b.key"));
+        let c = load(
+            "embedded_broker: '127.0.0.1:1883', \
+             embedded_broker_tls: {listen: '127.0.0.1:8883', cert: 'b.pem', key: 'b.key'}",
+        )
+        .unwrap()
+        .1;
+        assert!(c.broker_plain && c.broker_tls.is_some());
+        let c = load("").unwrap().1;
+        assert!(c.broker_plain && c.broker_tls.is_none() && c.api_tls.is_none());
+        let c =
+            load("external_broker: 'mqtts://b.example:8883', external_broker_tls: {ca: 'ca.pem'}")
+                .unwrap()
+                .1;
+        assert_eq!(c.external_tls.unwrap().ca_file, dir.path().join("ca.pem"));
+        assert!(matches!(c.broker, BrokerMode::External { port: 8883, .. }));
+        assert!(load("external_broker: 'mqtts://b:8883'").is_err());
+        assert!(load("external_broker: 'mqtt://b:1883', external_broker_tls: {ca: 'x'}").is_err());
+        assert!(load("external_broker: 'b:1883'")
+            .unwrap()
+            .1
+            .external_tls
+            .is_none());
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod store;
 pub mod store_thread;
 mod subscription;
 mod sync_loop;
+pub mod tls;
 
 pub use config::{BrokerMode, CloudConfig, CloudFile, MqttClientConfig, StartupPrompts};
 pub use service::{Cloud, StartError};

@@ -50,6 +50,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot start a service thread: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -57,8 +59,13 @@ pub enum StartError {
 /// A running cloud service.
 pub struct Cloud {
     pub api_addr: SocketAddr,
-    /// The MQTT address devices connect to (the embedded broker's, or the external one's).
+    /// The HTTP API is served over TLS (HTTPS).
+    pub api_tls: bool,
+    /// The MQTT address devices connect to (the embedded broker's, or the external one's): the
+    /// clear-text listener's, or the TLS one's when it is the only one.
     pub mqtt_addr: String,
+    /// The embedded broker's TLS listener, when it has one.
+    pub mqtt_tls_addr: Option<SocketAddr>,
     pub store: StoreHandle,
     pub credentials: Option<Arc<Credentials>>,
     broker_control: ops::BrokerControl,
@@ -101,6 +108,9 @@ impl Cloud {
         // Credentials for the embedded broker: the service's, and the devices' read from the
         // store (through a short-lived cache) once the store thread runs, below.
         let service_secret = auth::generate_secret();
+        // How the service's own client reaches the broker: TLS when the embedded broker has only
+        // a TLS listener (trusting exactly its certificate) or the external one is configured so.
+        let mut client_tls = None;
         let (broker, credentials, mqtt_host, mqtt_port, username, password) = match &config.broker {
             BrokerMode::Embedded { listen } => {
                 let creds = Arc::new(Credentials::with_cache(
@@ -111,13 +121,26 @@ impl Cloud {
                 let broker = Broker::start(
                     BrokerConfig {
                         listen: *listen,
+                        plain: config.broker_plain,
+                        tls: config.broker_tls.clone(),
                         topic_prefix: config.topic_prefix.clone(),
                         ..BrokerConfig::default()
                     },
                     creds.clone(),
                 )
                 .await?;
-                let addr = broker.local_addr();
+                let mut addr = broker.local_addr();
+                if let (false, Some(tls)) = (config.broker_plain, &config.broker_tls) {
+                    client_tls = Some(crate::tls::pinned_client_config(&tls.files)?);
+                    // The service's own connection stays on this host.
+                    if addr.ip().is_unspecified() {
+                        addr.set_ip(if addr.is_ipv4() {
+                            std::net::Ipv4Addr::LOCALHOST.into()
+                        } else {
+                            std::net::Ipv6Addr::LOCALHOST.into()
+                        });
+                    }
+                }
                 (
                     Some(broker),
                     Some(creds),
@@ -132,15 +155,26 @@ impl Cloud {
                 port,
                 username,
                 password,
-            } => (
-                None,
-                None,
-                host.clone(),
-                *port,
-                username.clone(),
-                password.clone(),
-            ),
+            } => {
+                match &config.external_tls {
+                    Some(tls) => client_tls = Some(crate::tls::client_config(tls)?),
+                    None => tracing::warn!(
+                        "MQTT to the external broker {host}:{port} is in clear text (no \
+                         external_broker_tls): the service's credentials and every item cross \
+                         the network readable"
+                    ),
+                }
+                (
+                    None,
+                    None,
+                    host.clone(),
+                    *port,
+                    username.clone(),
+                    password.clone(),
+                )
+            }
         };
+        let mqtt_tls_addr = broker.as_ref().and_then(Broker::tls_addr);
 
         // Each cloud process mints versions with its own node id, resuming after the highest
         // version stored (the wall clock may have gone back across the restart).
@@ -185,6 +219,11 @@ impl Cloud {
         }
         let max_packet = config.sync.wire.max_message_bytes + 4096;
         options.set_max_packet_size(max_packet, max_packet);
+        if let Some(tls) = client_tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(options, config.mqtt.request_queue);
         // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
         let mut network = rumqttc::NetworkOptions::new();
@@ -267,16 +306,45 @@ impl Cloud {
         }
         let app = crate::api::router(state);
         let mut api_shutdown = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = api_shutdown.wait_for(|stop| *stop).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!("HTTP API stopped: {e}");
+        let stopped = async move {
+            let _ = api_shutdown.wait_for(|stop| *stop).await;
+        };
+        match &config.api_tls {
+            Some(tls) => {
+                let listener = crate::tls::TlsListener::new(
+                    listener,
+                    crate::tls::server_config(tls)?,
+                    status.clone(),
+                )
+                .map_err(|source| StartError::Api {
+                    addr: config.api_listen,
+                    source,
+                })?;
+                tracing::info!(%api_addr, "HTTP API listening with TLS");
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                    {
+                        tracing::error!("HTTP API stopped: {e}");
+                    }
+                }));
             }
-        }));
+            None => {
+                tracing::warn!(
+                    "the HTTP API on {api_addr} is plain HTTP (no api_tls): API keys and items \
+                     cross the network readable"
+                );
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                    {
+                        tracing::error!("HTTP API stopped: {e}");
+                    }
+                }));
+            }
+        }
 
         // Devices revoked by another process on the store: their reconnects are refused once the
         // credentials cache expires; their live sessions are closed by this sweep, as often.
@@ -325,7 +393,9 @@ impl Cloud {
 
         Ok(Cloud {
             api_addr,
+            api_tls: config.api_tls.is_some(),
             mqtt_addr: format!("{mqtt_host}:{mqtt_port}"),
+            mqtt_tls_addr,
             store,
             credentials,
             broker_control,

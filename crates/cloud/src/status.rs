@@ -52,6 +52,8 @@ pub struct SyncStatus {
     pub(crate) api_forbidden: AtomicU64,
     /// Pushes refused because their device was revoked before they reached the store.
     pub(crate) pushes_revoked: AtomicU64,
+    /// Connections to the HTTP API whose TLS handshake failed or timed out.
+    pub(crate) api_tls_handshakes_failed: AtomicU64,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -75,6 +77,7 @@ pub struct StatusSnapshot {
     pub api_unauthorized: u64,
     pub api_forbidden: u64,
     pub pushes_revoked: u64,
+    pub api_tls_handshakes_failed: u64,
 }
 
 impl SyncStatus {
@@ -100,6 +103,7 @@ impl SyncStatus {
             api_unauthorized: n(&self.api_unauthorized),
             api_forbidden: n(&self.api_forbidden),
             pushes_revoked: n(&self.pushes_revoked),
+            api_tls_handshakes_failed: n(&self.api_tls_handshakes_failed),
         }
     }
 

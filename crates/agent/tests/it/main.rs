@@ -10,4 +10,5 @@ mod limits;
 mod outbox;
 mod status;
 mod support;
+mod tls;
 mod versions;

@@ -126,3 +126,17 @@ pub async fn eventually_in_cloud(cloud: &Cloud, agent: &Agent, model: &str, n: u
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The status code of a plain-HTTP `GET /health` to `api`, or `None` when no HTTP answer came
+/// (a TLS port closes the connection or answers with a TLS alert).
+pub async fn plain_http_status(api: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(api).await.ok()?;
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
