@@ -48,7 +48,8 @@ delete = {"model": "Setting", "key": ["device#d1", "setting#old"], "op": "delete
 reading = {"model": "Reading", "key": ["device#d1", "reading#01J0000000000000000000000B"],
            "op": "put", "item": {"pk": "device#d1", "sk": "reading#01J0000000000000000000000B",
                                  "id": "01J0000000000000000000000B", "deviceId": "d1",
-                                 "name": "temp", "value": -21.5, "status": "ok"},
+                                 "name": "temp", "value": -21.5, "status": "ok",
+                                 "_type": "Reading"},
            "version": hlc(NOW, 0)}
 push = {"type": "push", "batch": 7, "changes": [fault, setting, delete]}
 
