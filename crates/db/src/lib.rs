@@ -40,6 +40,43 @@ pub use hooks::{ChangeOp, Hook, HookId, ItemChange, Origin};
 pub use read::{FindOptions, Page, ReadTxn};
 pub use txn::{SideTables, WriteInterceptor, WriteTxn};
 
+/// The stored-item decoder for the fuzz targets (`fuzz/`), which cannot reach the crate-private
+/// codec otherwise: corrupt bytes in a file must give [`DbError::Corrupt`], never a panic. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{codec, DbError, Item};
+    use devtables_schema::ItemKey;
+
+    /// Decodes an item stored as `raw` under the encoded key `raw_key` (`pk \0 sk`).
+    pub fn decode_item(raw: &[u8], raw_key: &[u8]) -> Result<Item, DbError> {
+        codec::decode(raw, raw_key)
+    }
+
+    /// Decodes only the fields `keep` accepts, as filtered reads do.
+    pub fn decode_item_with(
+        raw: &[u8],
+        raw_key: &[u8],
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Item, DbError> {
+        codec::decode_with(raw, raw_key, keep)
+    }
+
+    /// Whether the top-level field `name` is the string `expected`, as type tests do.
+    pub fn field_is_str(
+        raw: &[u8],
+        raw_key: &[u8],
+        name: &str,
+        expected: &str,
+    ) -> Result<bool, DbError> {
+        codec::field_is_str(raw, raw_key, name, expected)
+    }
+
+    /// Encodes an item as the database stores it (primary key attributes `pk`/`sk`).
+    pub fn encode_item(item: &Item, key: &ItemKey) -> Vec<u8> {
+        codec::encode(item, "pk", Some("sk"), key)
+    }
+}
+
 use commit::Committer;
 use hooks::Hooks;
 
