@@ -1,6 +1,6 @@
 //! The workload shared by every engine: the schema, the items, the keys, the queries.
 //!
-//! It follows the original's benchmark (docs/benchmarks.md, /work/shared/reference/baselines.md):
+//! It follows the original's benchmark (docs/benchmarks.md, ../shared/reference/baselines.md):
 //! one model `Reading` (sk `reading#${id}`, pk `dev#${deviceId}`, fields id, deviceId, name,
 //! value, status ok|warn|fault, timestamps on), 1% of the items in status `fault`, and a secondary
 //! index `gs1` hashed on `status#${status}` so that `status == fault` is an index lookup.
