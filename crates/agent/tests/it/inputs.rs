@@ -89,12 +89,15 @@ async fn publishes_refused_by_a_full_mqtt_queue_are_counted_and_resent() {
     let port = free_port();
     let mut config = agent_config(dir.path(), &secret, port);
     // Room for the two subscriptions and the hello of a connect; one change per push, so the
-    // welcome releases four pushes at once (the in-flight window) into three slots.
+    // welcome releases 32 pushes at once (the in-flight window) into three slots. The MQTT event
+    // loop drains the queue on its own task meanwhile, so the burst must be far larger than the
+    // queue for some publishes to meet it full.
     config.mqtt_queue = 3;
     config.sync.max_batch_changes = 1;
+    config.sync.max_in_flight = 32;
     config.sync.retransmit_base_ms = 200;
     let agent = Agent::start(config, schema()).unwrap();
-    let n = 6;
+    let n = 32;
     for i in 0..n {
         agent.db().create("Fault", &fault(i)).unwrap();
     }
