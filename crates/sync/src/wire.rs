@@ -145,14 +145,6 @@ pub enum RejectReason {
     },
 }
 
-impl RejectReason {
-    /// Whether the change is gone for good (it leaves the outbox); a refusal that is not final
-    /// ([`RejectReason::VersionAhead`]) is retried after the device fixes the change.
-    pub fn is_final(&self) -> bool {
-        !matches!(self, RejectReason::VersionAhead { .. })
-    }
-}
-
 impl std::fmt::Display for RejectReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
