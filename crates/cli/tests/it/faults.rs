@@ -574,9 +574,22 @@ pub fn converge_through_faults(broker: BrokerChoice, cloud_hop: bool) {
     // Converged: every device against the cloud.
     for (i, dev) in devices.iter_mut().enumerate() {
         let commands = writer.commands[i].clone();
-        eventually(&format!("{} converged with the cloud", dev.name), || {
-            converged(&cloud, dev, &commands)
-        });
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(&format!("{} converged with the cloud", dev.name), || {
+                converged(&cloud, dev, &commands)
+            })
+        }));
+        if let Err(panic) = waited {
+            // What the two ends say about themselves, for the report of a run that did not settle.
+            eprintln!("cloud status: {:?}", cloud.get("/v1/status"));
+            eprintln!("cloud log (last lines):\n{}", cloud.logs.tail(60).join("\n"));
+            eprintln!(
+                "{} log (last lines):\n{}",
+                dev.name,
+                dev.agent.logs.tail(60).join("\n")
+            );
+            std::panic::resume_unwind(panic);
+        }
     }
     // Still converged once all are (a late page for one device must not undo another).
     for (i, dev) in devices.iter_mut().enumerate() {

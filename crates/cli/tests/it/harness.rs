@@ -163,6 +163,13 @@ impl Logs {
             .collect()
     }
 
+    /// The last `n` lines kept, for a failure's report.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let skip = b.lines.len().saturating_sub(n);
+        b.lines.iter().skip(skip).cloned().collect()
+    }
+
     /// Waits until a line satisfies `pred`; returns it.
     pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         eventually(what, || {
