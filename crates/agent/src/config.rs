@@ -130,6 +130,12 @@ pub struct AgentFile {
     pub outbox_limit: Option<u64>,
     #[serde(default)]
     pub batch_delay_ms: Option<u64>,
+    /// First retransmit timeout of an unacknowledged push, in ms (default 1000).
+    #[serde(default)]
+    pub retransmit_base_ms: Option<u64>,
+    /// Longest retransmit timeout, in ms (default 30 000): the exponential backoff stops here.
+    #[serde(default)]
+    pub retransmit_max_ms: Option<u64>,
     #[serde(default)]
     pub command_model: Option<String>,
     /// MQTT keep-alive in seconds (default 30; 0 turns it off): a dead connection that sends
@@ -207,6 +213,12 @@ impl AgentFile {
         };
         if let Some(n) = file.outbox_limit {
             config.outbox_limit = n;
+        }
+        if let Some(ms) = file.retransmit_base_ms {
+            config.sync.retransmit_base_ms = ms.max(1);
+        }
+        if let Some(ms) = file.retransmit_max_ms {
+            config.sync.retransmit_max_ms = ms.max(config.sync.retransmit_base_ms);
         }
         if let Some(ms) = file.batch_delay_ms {
             config.sync.batch_delay_ms = ms;

@@ -25,8 +25,11 @@ pub struct SyncStatus {
     pub(crate) subscriptions_held: AtomicU64,
     /// Device sessions the engine tracks.
     pub(crate) sessions: AtomicU64,
-    /// Devices still to be prompted after a start (paced).
+    /// Devices still to be prompted after a start or a restored broker link (paced).
     pub(crate) prompts_pending: AtomicU64,
+    /// Device sessions dropped because the broker link came back with a clean session (each
+    /// device is prompted to say hello again).
+    pub(crate) sessions_restarted: AtomicU64,
     /// Publishes handed to the MQTT client.
     pub(crate) publishes_queued: AtomicU64,
     /// Publishes that could not be queued (request queue full, or the client refused).
@@ -65,6 +68,7 @@ pub struct StatusSnapshot {
     pub subscriptions_held: u64,
     pub sessions: u64,
     pub prompts_pending: u64,
+    pub sessions_restarted: u64,
     pub publishes_queued: u64,
     pub publishes_dropped: u64,
     pub publishes_lost: u64,
@@ -91,6 +95,7 @@ impl SyncStatus {
             subscriptions_held: n(&self.subscriptions_held),
             sessions: n(&self.sessions),
             prompts_pending: n(&self.prompts_pending),
+            sessions_restarted: n(&self.sessions_restarted),
             publishes_queued: n(&self.publishes_queued),
             publishes_dropped: n(&self.publishes_dropped),
             publishes_lost: n(&self.publishes_lost),

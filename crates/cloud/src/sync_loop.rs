@@ -118,6 +118,9 @@ pub(crate) struct SyncLoop {
     next_prompts: tokio::time::Instant,
     /// Whether the link was up (to warn once when it drops).
     link_up: bool,
+    /// The link dropped since the device topics were last subscribed: once they are again,
+    /// every device session restarts (see `CloudEngine::handle_link_restored`).
+    link_lost: bool,
     drop_warn: WarnLimiter,
     oversize_warn: WarnLimiter,
     foreign_warn: WarnLimiter,
@@ -162,6 +165,7 @@ impl SyncLoop {
             pace: p.pace,
             next_prompts: tokio::time::Instant::now(),
             link_up: false,
+            link_lost: false,
             drop_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             oversize_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             foreign_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
@@ -244,6 +248,7 @@ impl SyncLoop {
                     tracing::debug!("cloud sync cannot reach the broker: {e}");
                 }
                 self.subscription.lost();
+                self.link_lost = true;
                 self.status.subscribed.store(false, Ordering::SeqCst);
                 self.status.subscriptions_held.store(0, Ordering::Relaxed);
             }
@@ -271,6 +276,9 @@ impl SyncLoop {
                             .store(self.filters.len() as u64, Ordering::Relaxed);
                         self.status.subscribed.store(true, Ordering::SeqCst);
                         tracing::info!(filters = ?self.filters, "subscribed to the device topics");
+                        if std::mem::take(&mut self.link_lost) {
+                            self.restart_sessions();
+                        }
                     }
                     SubAckOutcome::Refused => tracing::warn!(
                         filters = ?self.filters,
@@ -316,7 +324,25 @@ impl SyncLoop {
         }
     }
 
-    /// Hands the next start-up prompts to the engine.
+    /// After the link came back: messages in transit while it was down are lost in the broker
+    /// (the cloud's session is clean), so every device session restarts. The devices are
+    /// prompted to say hello, paced like the prompts after a start.
+    fn restart_sessions(&mut self) {
+        let devices = self.engine.handle_link_restored();
+        if devices.is_empty() {
+            return;
+        }
+        self.status
+            .sessions_restarted
+            .fetch_add(devices.len() as u64, Ordering::Relaxed);
+        tracing::info!(
+            sessions = devices.len(),
+            "the broker link is back: device sessions restart (messages in transit may be lost); prompting the devices to say hello"
+        );
+        self.startup.extend(devices.into_iter().map(|d| (d, 0)));
+    }
+
+    /// Hands the next start-up prompts (and those after a link restore) to the engine.
     fn release_prompts(&mut self) {
         let room = self.gauge.publish_room() / 2;
         let n = self.pace.per_tick.min(room).min(self.startup.len());

@@ -311,6 +311,20 @@ impl CloudEngine {
         self.sessions.len()
     }
 
+    /// The driver's link to the broker came back with a new (clean) MQTT session. Messages to
+    /// and from the cloud in between may have been dropped by the broker, and neither side can
+    /// tell which: a device would otherwise wait out its retransmit backoff (up to
+    /// `retransmit_max_ms`) before resending a push the cloud never saw, and a page the device
+    /// never received would wait for the cloud's own ack timeout. Every session is dropped
+    /// (without marking the devices offline: they did not leave) and the devices that held one
+    /// are returned, for the driver to prompt, paced as after a start: each says hello again,
+    /// which resends its unacknowledged pushes at once and restarts its feed from the cursor it
+    /// holds.
+    pub fn handle_link_restored(&mut self) -> Vec<DeviceId> {
+        self.timers.clear();
+        std::mem::take(&mut self.sessions).into_keys().collect()
+    }
+
     /// A message arrived on `from`'s up topic (the device is taken from the topic only).
     ///
     /// `wall_ms` is the cloud's wall time (ms since the Unix epoch), told to the device in a
@@ -1119,6 +1133,48 @@ mod tests {
                 max_drift_ms: 1234
             }]
         );
+    }
+
+    #[test]
+    fn a_restored_broker_link_restarts_every_session_and_the_next_push_is_answered_with_a_prompt() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        hello(&mut c, 0);
+        assert_eq!(c.sessions(), 1);
+        assert_eq!(c.handle_link_restored(), vec![dev()]);
+        assert_eq!(c.sessions(), 0);
+        // No timer of a dropped session fires, and the devices are not marked offline.
+        assert_eq!(c.poll_timeout(), None);
+        let (m, a) = outputs(&mut c);
+        assert!(m.is_empty() && a.is_empty(), "{m:?} {a:?}");
+        // A push of the old session is not applied: the device is told to say hello, and its
+        // hello then resends everything unacknowledged.
+        let push = wire::encode_up(
+            "1",
+            &UpMsg::Push {
+                batch: 1,
+                changes: vec![delete("a", 1)],
+            },
+            &WireConfig::default(),
+        )
+        .unwrap();
+        c.handle_message(6, 1_700_000_000_000, &dev(), &push);
+        let (m, a) = outputs(&mut c);
+        assert!(
+            matches!(
+                &m[..],
+                [DownMsg::Error {
+                    code: ErrorCode::NoSession,
+                    ..
+                }]
+            ),
+            "{m:?}"
+        );
+        assert!(a.is_empty(), "{a:?}");
+        hello(&mut c, 0);
+        assert_eq!(c.sessions(), 1);
+        // A second restore with no session left returns nobody.
+        c.handle_link_restored();
+        assert!(c.handle_link_restored().is_empty());
     }
 
     #[test]

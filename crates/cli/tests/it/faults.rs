@@ -582,7 +582,10 @@ pub fn converge_through_faults(broker: BrokerChoice, cloud_hop: bool) {
         if let Err(panic) = waited {
             // What the two ends say about themselves, for the report of a run that did not settle.
             eprintln!("cloud status: {:?}", cloud.get("/v1/status"));
-            eprintln!("cloud log (last lines):\n{}", cloud.logs.tail(60).join("\n"));
+            eprintln!(
+                "cloud log (last lines):\n{}",
+                cloud.logs.tail(60).join("\n")
+            );
             eprintln!(
                 "{} log (last lines):\n{}",
                 dev.name,
@@ -710,5 +713,115 @@ fn busy_device_connects_over_a_slow_link() {
         std::thread::sleep(Duration::from_millis(20));
     }
     agent.wait_synced();
+    agent.stop();
+}
+
+/// The cloud's own link to an external broker drops while a device's push is on its way to the
+/// cloud: the broker discards it with the cloud's clean session. The device's retransmit timer is
+/// set far beyond the test's deadline (10 min), so only the cloud can recover it in time: once its
+/// link is back it restarts every device session and prompts the devices, whose hellos resend
+/// what is unacknowledged.
+pub fn cloud_link_restore_resends_lost_pushes(broker: String) {
+    use rumqttc::{Event, Packet, QoS};
+
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix();
+    let hop = FaultProxy::start("cloud", &broker, 1);
+    let cloud = CloudProc::start(dir.path(), &prefix, BrokerChoice::External(hop.addr()));
+    let secret = cloud.register(ACCOUNT, "lr1");
+    let mut agent = AgentProc::start_with(
+        &AgentSpec {
+            dir: dir.path(),
+            name: "lr1",
+            account: ACCOUNT,
+            device: "lr1",
+            secret: &secret,
+            mqtt: &broker,
+            prefix: &prefix,
+            schema: None,
+        },
+        "retransmit_base_ms: 600000, retransmit_max_ms: 600000,",
+    );
+    agent.wait_synced();
+    agent.op(json!({"op": "create", "model": "Reading", "item": {"deviceId": "lr1", "id": "r0", "name": "t", "value": 1}}));
+    eventually("the first reading in the cloud", || {
+        let held = cloud.items(ACCOUNT, "lr1", "Reading")?;
+        (held.len() == 1).then_some(()).ok_or(format!("{held:?}"))
+    });
+
+    // An observer on the broker sees the device's push routed, so the broker has also handed it
+    // to the cloud's session, whose connection the proxy holds stalled.
+    let (host, port) = broker.rsplit_once(':').unwrap();
+    let mut options =
+        rumqttc::MqttOptions::new(format!("{prefix}-observer"), host, port.parse().unwrap());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (observer, mut connection) = rumqttc::Client::new(options, 16);
+    let up = format!("{prefix}/{ACCOUNT}/lr1/up");
+    observer.subscribe(&up, QoS::AtLeastOnce).unwrap();
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            let stop = event.is_err();
+            if seen_tx.send(event).is_err() || stop {
+                break;
+            }
+        }
+    });
+    let wait_for = |pred: &dyn Fn(&Event) -> bool, what: &str| {
+        let deadline = Instant::now() + super::harness::WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(Ok(e)) if pred(&e) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("observer: {e}"),
+                Err(_) => panic!("timed out waiting for {what}"),
+            }
+        }
+    };
+    wait_for(
+        &|e| matches!(e, Event::Incoming(Packet::SubAck(_))),
+        "the observer's SUBACK",
+    );
+
+    hop.blackhole(true);
+    agent.op(json!({"op": "create", "model": "Reading", "item": {"deviceId": "lr1", "id": "r1", "name": "t", "value": 2}}));
+    wait_for(
+        &|e| matches!(e, Event::Incoming(Packet::Publish(p)) if p.topic == up),
+        "the push on the broker",
+    );
+    // The cloud's connection drops with the push undelivered; it reconnects with a clean session.
+    hop.reset();
+    // Healed only once the stalled connection is gone: it must not flow again.
+    eventually("the cloud's stalled connection reset", || {
+        let stats = hop.stats();
+        (stats.resets >= 1).then_some(()).ok_or(stats.to_string())
+    });
+    hop.heal();
+    drop(observer);
+
+    eventually(
+        "the reading pushed while the cloud's link was down, in the cloud",
+        || {
+            let held = cloud.items(ACCOUNT, "lr1", "Reading")?;
+            (held.len() == 2).then_some(()).ok_or(format!("{held:?}"))
+        },
+    );
+    eventually("the agent settled", || {
+        let st = agent.status();
+        (st["pending"] == 0 && st["in_flight"] == 0 && st["ready"] == true)
+            .then_some(())
+            .ok_or(format!("{st}"))
+    });
+    let status = cloud.get("/v1/status").unwrap();
+    assert!(
+        status["sessions_restarted"].as_u64().unwrap_or(0) >= 1,
+        "the cloud restarted the device sessions after its link came back: {status}"
+    );
+    assert_eq!(
+        cloud.changes_applied(ACCOUNT, "lr1"),
+        2,
+        "each reading applied once"
+    );
     agent.stop();
 }

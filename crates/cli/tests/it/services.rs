@@ -175,6 +175,12 @@ fn mosquitto_newer_device_schema_is_rejected_clearly() {
 /// MQTT client behind one too, so the broker-cloud hop also sees delays, stalls, resets and
 /// refusals.
 #[test]
+fn mosquitto_cloud_link_restore_resends_lost_pushes() {
+    let Some(addr) = mosquitto() else { return };
+    super::faults::cloud_link_restore_resends_lost_pushes(addr);
+}
+
+#[test]
 fn mosquitto_agents_and_cloud_converge_through_faulty_links() {
     let Some(addr) = mosquitto() else { return };
     super::faults::converge_through_faults(BrokerChoice::External(addr), true);
