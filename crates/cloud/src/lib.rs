@@ -19,22 +19,39 @@
 //! - `api`: the HTTP API (axum, JSON).
 //! - [`config`]: every setting and limit, and the `devtables cloud` file format.
 //!
+//! Only [`store`] is built without the default `service` feature (the fuzz targets link that).
+//!
 //! The sync loop makes no protocol decision: `devtables_sync` decides, the loop carries bytes and
 //! runs store transactions.
 
+// Without the `service` feature only the store is built (for the fuzz targets).
+#[cfg(feature = "service")]
 mod api;
+#[cfg(feature = "service")]
 pub mod auth;
+#[cfg(feature = "service")]
 pub mod broker;
+#[cfg(feature = "service")]
 pub mod config;
+#[cfg(feature = "service")]
 mod mqtt_link;
+#[cfg(feature = "service")]
 pub mod ops;
+#[cfg(feature = "service")]
 pub mod service;
+#[cfg(feature = "service")]
 pub mod status;
 pub mod store;
+#[cfg(feature = "service")]
 pub mod store_thread;
+#[cfg(feature = "service")]
 mod subscription;
+#[cfg(feature = "service")]
 mod sync_loop;
+#[cfg(feature = "service")]
 pub mod tls;
 
+#[cfg(feature = "service")]
 pub use config::{BrokerMode, CloudConfig, CloudFile, MqttClientConfig, StartupPrompts};
+#[cfg(feature = "service")]
 pub use service::{Cloud, StartError};
