@@ -146,7 +146,9 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
                     account = %record.account, device = %record.device,
                     "skipping a registry row whose names are not valid device names"
                 );
-                summary.invalid.push(format!("{}/{}", record.account, record.device));
+                summary
+                    .invalid
+                    .push(format!("{}/{}", record.account, record.device));
                 continue;
             };
             if record.secret_hash == REVOKED_SECRET_HASH {
@@ -165,8 +167,9 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
         match page.last() {
             Some(last) if page.len() == PAGE => {
                 after = Some(
-                    DeviceId::new(last.account.as_str(), last.device.as_str())
-                        .map_err(|e| anyhow::anyhow!("registry row {}/{}: {e}", last.account, last.device))?,
+                    DeviceId::new(last.account.as_str(), last.device.as_str()).map_err(|e| {
+                        anyhow::anyhow!("registry row {}/{}: {e}", last.account, last.device)
+                    })?,
                 );
             }
             _ => break,
@@ -187,7 +190,7 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
         tracing::warn!(
             "device {name} is left out of the password file, so it cannot connect to Mosquitto: \
              the registry has no Mosquitto hash of its secret (registered before the cloud kept \
-             one). Rotate its secret (POST /v1/devices/{name}/secret, then give the agent the \
+             one): rotate its secret (POST /v1/devices/{name}/secret, then give the agent the \
              new one) and run this command again"
         );
     }
@@ -265,8 +268,7 @@ fn check_service_user(user: &str) -> anyhow::Result<()> {
 
 fn create_out_dir(out: &Path) -> anyhow::Result<PathBuf> {
     if !out.exists() {
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("cannot create {}", out.display()))?;
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         // Mosquitto (possibly another user) must reach the files; the secret ones are 0600.
         std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("cannot set the permissions of {}", out.display()))?;
