@@ -166,11 +166,12 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
         }
         match page.last() {
             Some(last) if page.len() == PAGE => {
-                after = Some(
-                    DeviceId::new(last.account.as_str(), last.device.as_str()).map_err(|e| {
-                        anyhow::anyhow!("registry row {}/{}: {e}", last.account, last.device)
-                    })?,
-                );
+                // Only a position in the listing (which may have stopped on a row skipped above
+                // for its names), so it is not validated.
+                after = Some(DeviceId {
+                    account: last.account.clone(),
+                    device: last.device.clone(),
+                });
             }
             _ => break,
         }

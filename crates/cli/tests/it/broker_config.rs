@@ -90,9 +90,11 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
 
     // `--user root`: this test must not depend on a `mosquitto` account (it is used only when
     // the command runs as root).
+    // Ports only written into the configuration (nothing listens here), free all the same.
+    let (port, plain_port) = (free_port().to_string(), free_port().to_string());
     let args = [
         "--port",
-        "18883",
+        port.as_str(),
         "--bind",
         "127.0.0.1",
         "--topic-prefix",
@@ -143,7 +145,7 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
             "password_file {}\n",
             out.canonicalize().unwrap().join("passwords").display()
         ),
-        "listener 18883 127.0.0.1\n",
+        &format!("listener {port} 127.0.0.1\n"),
         "use_username_as_clientid true\n",
         "certfile ",
         "keyfile ",
@@ -173,13 +175,16 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
     let password = read(&out.join("service-password"));
     let cert = read(&out.join("server.pem"));
     let mut again = args.to_vec();
-    again.extend(["--plain-port", "18884"]);
+    again.extend(["--plain-port", plain_port.as_str()]);
     let (ok, _, stderr) = broker_config(&data, &out, &again);
     assert!(ok, "{stderr}");
     assert_eq!(read(&out.join("service-password")), password);
     assert_eq!(read(&out.join("server.pem")), cert);
     let conf = read(&out.join("mosquitto.conf"));
-    assert!(conf.contains("listener 18884 127.0.0.1\n"), "{conf}");
+    assert!(
+        conf.contains(&format!("listener {plain_port} 127.0.0.1\n")),
+        "{conf}"
+    );
 
     // --reload-pid never signals a process that is not Mosquitto.
     let mut other = std::process::Command::new("sleep")
