@@ -120,6 +120,10 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
             args.data.display()
         );
     }
+    // A wrong pid is refused before anything is written.
+    if let Some(pid) = args.reload_pid {
+        check_reload_target(pid)?;
+    }
     let mut store = SqliteStore::open(&store_path, SqliteOptions::default())?;
     let out = create_out_dir(&args.out)?;
     let owner = FileOwner::for_mosquitto(&args.user)?;
@@ -146,9 +150,7 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
                     account = %record.account, device = %record.device,
                     "skipping a registry row whose names are not valid device names"
                 );
-                summary
-                    .invalid
-                    .push(format!("{}/{}", record.account, record.device));
+                summary.invalid += 1;
                 continue;
             };
             if record.secret_hash == REVOKED_SECRET_HASH {
@@ -161,7 +163,12 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
                     write_device_acl(&mut acl.w, &id, &args.topic_prefix)?;
                     summary.devices += 1;
                 }
-                _ => summary.to_rotate.push(id.to_string()),
+                _ => {
+                    summary.to_rotate += 1;
+                    if summary.to_rotate_listed.len() < MAX_LISTED {
+                        summary.to_rotate_listed.push(id.to_string());
+                    }
+                }
             }
         }
         match page.last() {
@@ -187,12 +194,18 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
     conf_file.commit(&FileOwner::Unchanged)?;
     sync_dir(&out)?;
 
-    for name in &summary.to_rotate {
+    for name in &summary.to_rotate_listed {
         tracing::warn!(
             "device {name} is left out of the password file, so it cannot connect to Mosquitto: \
              the registry has no Mosquitto hash of its secret (registered before the cloud kept \
              one): rotate its secret (POST /v1/devices/{name}/secret, then give the agent the \
              new one) and run this command again"
+        );
+    }
+    let unlisted = summary.to_rotate - summary.to_rotate_listed.len() as u64;
+    if unlisted > 0 {
+        tracing::warn!(
+            "{unlisted} more devices cannot connect to Mosquitto until their secret is rotated"
         );
     }
     if let Some(pid) = args.reload_pid {
@@ -204,7 +217,7 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
         out.join("mosquitto.conf").display(),
         summary.devices,
         summary.revoked,
-        summary.to_rotate.len(),
+        summary.to_rotate,
         args.service_user,
         service_password_file.display(),
         match args.reload_pid {
@@ -216,7 +229,8 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
         "config": out.join("mosquitto.conf"),
         "devices": summary.devices,
         "revoked": summary.revoked,
-        "to_rotate": summary.to_rotate,
+        "to_rotate": summary.to_rotate_listed,
+        "to_rotate_count": summary.to_rotate,
         "invalid": summary.invalid,
         "service_user": args.service_user,
         "service_password_file": service_password_file,
@@ -227,12 +241,19 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Most devices to rotate named one by one (in the log and the report); the rest are counted.
+const MAX_LISTED: usize = 1000;
+
 #[derive(Default)]
 struct Summary {
     devices: u64,
     revoked: u64,
-    to_rotate: Vec<String>,
-    invalid: Vec<String>,
+    /// Devices left out for want of a Mosquitto hash.
+    to_rotate: u64,
+    /// The first [`MAX_LISTED`] of them.
+    to_rotate_listed: Vec<String>,
+    /// Registry rows skipped because their names are not valid device names.
+    invalid: u64,
 }
 
 /// The topic prefix goes into ACL lines: no wildcard, no white space, no empty level.
@@ -636,9 +657,9 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot flush {}", dir.display()))
 }
 
-/// Sends SIGHUP to Mosquitto, after checking that the process is one (a wrong pid must not hang
-/// up an unrelated process).
-fn reload(pid: i32) -> anyhow::Result<()> {
+/// Checks that `pid` is a Mosquitto process (a wrong pid must not hang up an unrelated
+/// process).
+fn check_reload_target(pid: i32) -> anyhow::Result<()> {
     if pid <= 1 {
         bail!("--reload-pid {pid} is not a Mosquitto process id");
     }
@@ -646,11 +667,18 @@ fn reload(pid: i32) -> anyhow::Result<()> {
     if let Ok(name) = std::fs::read_to_string(&comm) {
         if name.trim() != "mosquitto" {
             bail!(
-                "process {pid} is {:?}, not mosquitto: nothing was signalled (the files are written)",
+                "--reload-pid: process {pid} is {:?}, not mosquitto: nothing was written or \
+                 signalled",
                 name.trim()
             );
         }
     }
+    Ok(())
+}
+
+/// Sends SIGHUP to Mosquitto (checked by [`check_reload_target`]), which reloads its password
+/// and ACL files.
+fn reload(pid: i32) -> anyhow::Result<()> {
     // SAFETY: kill has no memory preconditions; pid is a single process (> 1).
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
         bail!(

@@ -106,6 +106,7 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
     assert!(ok, "{stderr}");
     assert_eq!(report["devices"], 1, "{report}");
     assert_eq!(report["revoked"], 1, "{report}");
+    assert_eq!(report["to_rotate_count"], 1, "{report}");
     assert_eq!(
         report["to_rotate"],
         serde_json::json!(["acme/old"]),
@@ -192,9 +193,14 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
         .spawn()
         .unwrap();
     let pid = other.id().to_string();
-    let (ok, _, stderr) =
-        broker_config(&data, &out, &[&args[..], &["--reload-pid", &pid]].concat());
+    let untouched = dir.path().join("untouched");
+    let (ok, _, stderr) = broker_config(
+        &data,
+        &untouched,
+        &[&args[..], &["--reload-pid", &pid]].concat(),
+    );
     assert!(!ok && stderr.contains("not mosquitto"), "{stderr}");
+    assert!(!untouched.exists(), "nothing written for a wrong pid");
     assert!(
         other.try_wait().unwrap().is_none(),
         "the other process was not signalled"
