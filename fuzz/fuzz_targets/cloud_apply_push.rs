@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let schema = schema();
     let mut store = SqliteStore::open_in_memory().expect("an in-memory store");
     let dev = DeviceId::new("acme", "d1").expect("a device id");
-    store.register_device(&dev, "unused-hash", NOW).expect("register");
+    store.register_device(&dev, "unused-hash", None, NOW).expect("register");
     let mut clock = HlcClock::new(node_id_for("cloud"));
     // Twice: a retransmitted push must be answered as well as the first.
     for _ in 0..2 {

@@ -1,6 +1,7 @@
 //! The `devtables` command. It only parses arguments and calls into the library crates; every
 //! decision lives there.
 
+mod broker_config_cmd;
 mod db_cmd;
 mod demo_cmd;
 mod devices_cmd;
@@ -37,6 +38,9 @@ enum Command {
     Keys(keys_cmd::KeysArgs),
     /// Act on the device registry in a cloud's data folder (revoke a device).
     Devices(devices_cmd::DevicesArgs),
+    /// Write an external broker's configuration (Mosquitto: password file, per-device ACL, TLS
+    /// listener) from the device registry in a cloud's data folder.
+    BrokerConfig(broker_config_cmd::BrokerConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Cloud(args) => serve_cmd::cloud(args),
         Command::Keys(args) => keys_cmd::run(args),
         Command::Devices(args) => devices_cmd::run(args),
+        Command::BrokerConfig(args) => broker_config_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

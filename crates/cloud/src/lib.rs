@@ -7,6 +7,8 @@
 //! - [`broker`]: the embedded MQTT broker (rmqtt) that authenticates every client and confines
 //!   each device to its own topics.
 //! - [`auth`]: device secrets (hashed at rest) and the broker's authenticator.
+//! - [`broker_hash`]: the second, Mosquitto-readable hash of each device secret, which
+//!   `devtables broker-config mosquitto` exports as Mosquitto's password file.
 //! - [`service`]: the running service: start-up order, API server, retention timer, graceful
 //!   shutdown.
 //! - [`store_thread`]: the thread that owns the store, and the handle to run work on it (a leaf
@@ -31,6 +33,8 @@ mod api;
 pub mod auth;
 #[cfg(feature = "service")]
 pub mod broker;
+#[cfg(feature = "service")]
+pub mod broker_hash;
 #[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]

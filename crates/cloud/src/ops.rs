@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{self, Credentials, NewApiKey};
 use crate::broker::Sessions;
+use crate::broker_hash;
 use crate::store::{KeyScope, StoreError, REVOKED_SECRET_HASH};
 use crate::store_thread::{wall_ms, StoreGone, StoreHandle};
 use crate::sync_loop::SyncInput;
@@ -51,7 +52,8 @@ pub enum OpError {
     Gone(#[from] StoreGone),
 }
 
-/// Registers a device; returns its secret (stored only as a hash).
+/// Registers a device; returns its secret (stored only as hashes: the registry's, and
+/// Mosquitto's for an external broker's password file).
 pub async fn register_device(
     store: &StoreHandle,
     credentials: Option<&Arc<Credentials>>,
@@ -59,9 +61,13 @@ pub async fn register_device(
 ) -> Result<String, OpError> {
     let secret = auth::generate_secret();
     let hash = auth::hash_secret(&secret);
+    let broker_hash = broker_hash::mosquitto_hash(&secret);
     let (who, stored) = (id.clone(), hash.clone());
     store
-        .call(move |c| c.store.register_device(&who, &stored, wall_ms()))
+        .call(move |c| {
+            c.store
+                .register_device(&who, &stored, Some(&broker_hash), wall_ms())
+        })
         .await??;
     if let Some(creds) = credentials {
         creds.add_device(id.clone(), hash);
@@ -160,9 +166,10 @@ pub async fn rotate_secret(
 ) -> Result<String, OpError> {
     let secret = auth::generate_secret();
     let hash = auth::hash_secret(&secret);
+    let broker_hash = broker_hash::mosquitto_hash(&secret);
     let (who, stored) = (id.clone(), hash.clone());
     let found = store
-        .call(move |c| c.store.set_device_secret(&who, &stored))
+        .call(move |c| c.store.set_device_secret(&who, &stored, Some(&broker_hash)))
         .await??;
     if !found {
         return Err(OpError::NotFound(format!("device {id}")));

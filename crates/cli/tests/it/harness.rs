@@ -69,19 +69,36 @@ impl ApiClient {
         let status = response.status();
         (status, response.into_json().unwrap_or(Value::Null))
     }
+
+    /// Registers `account/device` with this client's key; returns the device's secret.
+    pub fn register(&self, account: &str, device: &str) -> String {
+        let (status, body) = self.send(
+            "POST",
+            "/v1/devices",
+            json!({"account": account, "device": device}),
+        );
+        assert_eq!(status, 201, "register {account}/{device}: {body}");
+        body["secret"].as_str().expect("a secret").to_string()
+    }
 }
 
 /// Creates an admin key of [`KEY_ACCOUNT`] in the cloud data folder `data` with
 /// `devtables keys create`; returns the key it printed.
 pub fn create_admin_key(data: &Path) -> String {
+    create_key(data, KEY_ACCOUNT, "admin")
+}
+
+/// Creates a key of `account` with `scope` (`read`, `write`, `admin`) in the cloud data folder
+/// `data` with `devtables keys create`; returns the key it printed.
+pub fn create_key(data: &Path, account: &str, scope: &str) -> String {
     let out = bin()
         .args([
             "keys",
             "create",
             "--account",
-            KEY_ACCOUNT,
+            account,
             "--scope",
-            "admin",
+            scope,
             "--data",
         ])
         .arg(data)
@@ -212,6 +229,10 @@ pub enum BrokerChoice {
     Embedded(u16),
     /// An external broker at host:port.
     External(String),
+    /// The cloud file's broker keys as given (JSON5, e.g. an `embedded_broker_tls` listener
+    /// alone, or an `external_broker` with `external_broker_tls` and credentials); the cloud's
+    /// MQTT address is the one it prints.
+    Configured(String),
 }
 
 pub struct CloudProc {
@@ -237,6 +258,18 @@ impl CloudProc {
     /// With extra configuration keys (JSON5, e.g. `purge_interval_secs: 1,`).
     pub fn start_with(dir: &Path, prefix: &str, broker: BrokerChoice, extra: &str) -> CloudProc {
         let key = create_admin_key(&dir.join("cloud-data"));
+        Self::start_keyed(dir, prefix, broker, extra, key)
+    }
+
+    /// On a data folder (`dir/cloud-data`) prepared beforehand, whose admin key of
+    /// [`KEY_ACCOUNT`] is `key` (for a test that must read the store before the cloud starts).
+    pub fn start_keyed(
+        dir: &Path,
+        prefix: &str,
+        broker: BrokerChoice,
+        extra: &str,
+        key: String,
+    ) -> CloudProc {
         Self::start_on(dir, prefix, broker, free_port(), extra, key)
     }
 
@@ -251,6 +284,7 @@ impl CloudProc {
         let broker_line = match &broker {
             BrokerChoice::Embedded(port) => format!("embedded_broker: '127.0.0.1:{port}',"),
             BrokerChoice::External(addr) => format!("external_broker: '{addr}',"),
+            BrokerChoice::Configured(lines) => lines.clone(),
         };
         let config = format!(
             "{{schema: '{}', data_dir: 'cloud-data', api: '127.0.0.1:{api_port}', {broker_line} topic_prefix: '{prefix}', {extra}}}",
@@ -371,13 +405,7 @@ impl CloudProc {
     }
 
     pub fn register(&self, account: &str, device: &str) -> String {
-        let (status, body) = self.send(
-            "POST",
-            "/v1/devices",
-            json!({"account": account, "device": device}),
-        );
-        assert_eq!(status, 201, "register {account}/{device}: {body}");
-        body["secret"].as_str().expect("a secret").to_string()
+        self.client().register(account, device)
     }
 
     /// How many pushed changes the cloud wrote for a device: the `changes_applied` field of its
@@ -573,5 +601,64 @@ impl Drop for AgentProc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A Mosquitto process of a test's own, on the configuration it was given, with what it logs.
+pub struct MosquittoProc {
+    child: Child,
+    /// `127.0.0.1:port` of the listener the test waits for.
+    pub addr: String,
+    /// What the broker printed to stderr.
+    pub logs: Logs,
+}
+
+impl MosquittoProc {
+    /// Starts `mosquitto -c conf` and waits until `port` (a listener of that configuration, on
+    /// 127.0.0.1) accepts connections. Panics when the binary cannot run or the port never opens
+    /// (with the broker's last log lines).
+    pub fn start(conf: &Path, port: u16) -> MosquittoProc {
+        let mut child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("the mosquitto binary cannot be started: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let logs = Logs::default();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.push(&line);
+                if std::env::var_os("DEVTABLES_TEST_VERBOSE").is_some() {
+                    eprintln!("[mosquitto] {line}");
+                }
+            }
+        });
+        let addr = format!("127.0.0.1:{port}");
+        let mut broker = MosquittoProc { child, addr, logs };
+        eventually("mosquitto listening", || {
+            if let Ok(Some(status)) = broker.child.try_wait() {
+                panic!("mosquitto exited ({status}): {:?}", broker.logs.tail(20));
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        broker
+    }
+
+    /// The process id (for `--reload-pid`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for MosquittoProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

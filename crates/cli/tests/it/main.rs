@@ -1,12 +1,14 @@
 //! End-to-end tests of the `devtables` command, run as a real process.
 
 mod api_keys;
+mod broker_config;
 mod clocks;
 mod db_cmd;
 mod devices_cmd;
 mod e2e;
 mod faults;
 mod harness;
+mod isolation;
 mod proxy;
 mod scenarios;
 mod services;

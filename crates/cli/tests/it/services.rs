@@ -13,7 +13,7 @@ use super::scenarios;
 /// Whether the service suites are on; when they are off, says that this test is skipped.
 /// Rust's test harness has no skip status and captures what the print macros write, so the line
 /// goes to the stderr handle itself, which the harness leaves alone: it shows in every run.
-fn services_on() -> bool {
+pub(super) fn services_on() -> bool {
     if std::env::var_os("DEVTABLES_SERVICES").is_some() {
         return true;
     }

@@ -70,6 +70,11 @@ pub struct DeviceRecord {
     pub changes_superseded: u64,
     /// Pushed changes the cloud refused.
     pub changes_rejected: u64,
+    /// Mosquitto's password-file hash of the device's secret (`crate::broker_hash`), for an
+    /// external Mosquitto's password file. `None` for a revoked device and for one registered
+    /// before the registry kept it (its secret must be rotated to get one).
+    #[serde(skip)]
+    pub broker_hash: Option<String>,
 }
 
 /// What an API key may do. The order matters: each scope may do everything the ones before it
@@ -223,15 +228,19 @@ pub type Advanced = Vec<(DeviceId, u64)>;
 
 /// The cloud database.
 pub trait CloudStore: Send + 'static {
+    /// Registers a device with the hash of its secret and, optionally, Mosquitto's hash of it
+    /// ([`DeviceRecord::broker_hash`]).
     fn register_device(
         &mut self,
         id: &DeviceId,
         secret_hash: &str,
+        broker_hash: Option<&str>,
         now_ms: u64,
     ) -> Result<(), StoreError>;
     fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
     /// Revokes a device: its secret hash becomes [`REVOKED_SECRET_HASH`], which no secret hashes
-    /// to, so the broker refuses it and its later pushes are refused ([`StoreError::DeviceRevoked`]).
+    /// to, so the broker refuses it and its later pushes are refused ([`StoreError::DeviceRevoked`]);
+    /// its broker hash is removed, so an exported Mosquitto password file no longer holds it.
     /// With `delete_items`, its rows, feed and purge watermark are deleted in the same
     /// transaction. `false` when the device is not registered.
     fn revoke_device(&mut self, id: &DeviceId, delete_items: bool) -> Result<bool, StoreError>;
@@ -241,9 +250,14 @@ pub trait CloudStore: Send + 'static {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<Vec<DeviceId>, StoreError>;
-    /// Replaces a device's secret hash (a rotation, which also lifts a revocation); its rows,
-    /// feed and cursor stay. `false` when the device is not registered.
-    fn set_device_secret(&mut self, id: &DeviceId, secret_hash: &str) -> Result<bool, StoreError>;
+    /// Replaces a device's secret hash and broker hash (a rotation, which also lifts a
+    /// revocation); its rows, feed and cursor stay. `false` when the device is not registered.
+    fn set_device_secret(
+        &mut self,
+        id: &DeviceId,
+        secret_hash: &str,
+        broker_hash: Option<&str>,
+    ) -> Result<bool, StoreError>;
     /// Devices of an account (every account when `None`), ordered by (account, device), after
     /// `after`, at most `limit`.
     fn devices(

@@ -27,7 +27,8 @@ impl CloudStoreUnderTest for Sqlite {
         self.store.conformance_txn(now_ms, commit, f)
     }
     fn register_device(&mut self, id: &DeviceId, now_ms: u64) -> Result<(), StoreError> {
-        self.store.register_device(id, "not-a-secret-hash", now_ms)
+        self.store
+            .register_device(id, "not-a-secret-hash", None, now_ms)
     }
     fn read_feed(
         &mut self,

@@ -245,7 +245,7 @@ async fn registry_changes_by_another_process_reach_the_broker_within_the_ttl() {
         ConnectReturnCode::BadUserNamePassword
     ));
     other
-        .register_device(&id, &auth::hash_secret(&secret), 1)
+        .register_device(&id, &auth::hash_secret(&secret), None, 1)
         .unwrap();
     eventually("the registration to reach the broker", || async {
         connack(&cloud.mqtt_addr, &id, &secret)

@@ -1,5 +1,8 @@
 //! The device registry of the SQLite store: registration, the sync status each device reports,
-//! and the feed cursor it acknowledged.
+//! and the feed cursor it acknowledged. Each device's secret is held as two hashes: the one the
+//! embedded broker and the store check (`secret_hash`), and Mosquitto's form of it
+//! (`broker_hash`, NULL for a device registered before layout 4 or revoked), which
+//! `devtables broker-config mosquitto` exports.
 //!
 //! It exists so the `devices` table is read and written in one place (its columns are listed
 //! once, in [`DEVICE_COLS`] and [`device_row`]).
@@ -14,7 +17,7 @@ use super::sql::{db, sql_int, write_txn};
 const DEVICE_COLS: &str =
     "account, device, secret_hash, registered_ms, online, last_seen_ms, schema_version, \
                            cursor_acked, feed_head, pending, last_error, changes_applied, \
-                           changes_superseded, changes_rejected";
+                           changes_superseded, changes_rejected, broker_hash";
 
 fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
     Ok(DeviceRecord {
@@ -32,6 +35,7 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
         changes_applied: r.get(11)?,
         changes_superseded: r.get(12)?,
         changes_rejected: r.get(13)?,
+        broker_hash: r.get(14)?,
     })
 }
 
@@ -45,15 +49,25 @@ pub(super) fn register_device(
     conn: &Connection,
     id: &DeviceId,
     secret_hash: &str,
+    broker_hash: Option<&str>,
     now_ms: u64,
 ) -> Result<(), StoreError> {
     // feed_head = feed_floor = 1: a first read from cursor 0 requires a full resync.
     let n = conn
         .prepare_cached(
-            "INSERT INTO devices (account, device, secret_hash, registered_ms, feed_head, feed_floor)
-             VALUES (?1, ?2, ?3, ?4, 1, 1) ON CONFLICT (account, device) DO NOTHING",
+            "INSERT INTO devices (account, device, secret_hash, broker_hash, registered_ms,
+                                  feed_head, feed_floor)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1, 1) ON CONFLICT (account, device) DO NOTHING",
         )
-        .and_then(|mut s| s.execute(params![id.account, id.device, secret_hash, now_ms]))
+        .and_then(|mut s| {
+            s.execute(params![
+                id.account,
+                id.device,
+                secret_hash,
+                broker_hash,
+                now_ms
+            ])
+        })
         .map_err(db("registering a device"))?;
     if n == 0 {
         return Err(StoreError::DeviceExists(id.to_string()));
@@ -71,7 +85,8 @@ pub(super) fn revoke_device(
     let tx = write_txn(conn, "starting a revocation")?;
     let n = tx
         .execute(
-            "UPDATE devices SET secret_hash = ?3, online = 0 WHERE account = ?1 AND device = ?2",
+            "UPDATE devices SET secret_hash = ?3, broker_hash = NULL, online = 0
+             WHERE account = ?1 AND device = ?2",
             params![id.account, id.device, REVOKED_SECRET_HASH],
         )
         .map_err(db("revoking a device"))?;
@@ -95,11 +110,12 @@ pub(super) fn set_device_secret(
     conn: &Connection,
     id: &DeviceId,
     secret_hash: &str,
+    broker_hash: Option<&str>,
 ) -> Result<bool, StoreError> {
     let n = conn
         .execute(
-            "UPDATE devices SET secret_hash = ?3 WHERE account = ?1 AND device = ?2",
-            params![id.account, id.device, secret_hash],
+            "UPDATE devices SET secret_hash = ?3, broker_hash = ?4 WHERE account = ?1 AND device = ?2",
+            params![id.account, id.device, secret_hash, broker_hash],
         )
         .map_err(db("replacing a device's secret"))?;
     Ok(n > 0)

@@ -12,7 +12,7 @@ use super::super::StoreError;
 use super::sql::db;
 
 /// The version of the table layout this build writes; a newer database is refused.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 const DDL: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS devices (
     changes_applied INTEGER NOT NULL DEFAULT 0,
     changes_superseded INTEGER NOT NULL DEFAULT 0,
     changes_rejected INTEGER NOT NULL DEFAULT 0,
+    broker_hash TEXT,
     PRIMARY KEY (account, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS items (
@@ -108,6 +109,13 @@ CREATE INDEX IF NOT EXISTS api_keys_by_account ON api_keys (account, created_ms,
 /// What moves a layout-2 database to layout 3: the `api_keys` table.
 const MIGRATE_2_TO_3: &str = API_KEYS_DDL;
 
+/// What moves a layout-3 database to layout 4: each device's Mosquitto password-file hash of
+/// its secret (`crate::broker_hash`). Devices registered before have none (NULL) until their
+/// secret is rotated, since the secret itself was never stored.
+const MIGRATE_3_TO_4: &str = "
+ALTER TABLE devices ADD COLUMN broker_hash TEXT;
+";
+
 /// Prepares a freshly opened connection: busy timeout, WAL mode (`wal`, for a file), the
 /// `synchronous` level, then creates or upgrades the tables in one transaction.
 pub(super) fn init(
@@ -162,6 +170,10 @@ pub(super) fn init(
     if matches!(stored.as_deref(), Some("1" | "2")) {
         tx.execute_batch(MIGRATE_2_TO_3)
             .map_err(db("upgrading the cloud tables from layout 2 to 3"))?;
+    }
+    if matches!(stored.as_deref(), Some("1" | "2" | "3")) {
+        tx.execute_batch(MIGRATE_3_TO_4)
+            .map_err(db("upgrading the cloud tables from layout 3 to 4"))?;
     }
     tx.execute_batch(DDL)
         .map_err(db("creating the cloud tables"))?;

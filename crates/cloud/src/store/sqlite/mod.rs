@@ -209,9 +209,10 @@ impl CloudStore for SqliteStore {
         &mut self,
         id: &DeviceId,
         secret_hash: &str,
+        broker_hash: Option<&str>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        devices::register_device(&self.conn, id, secret_hash, now_ms)
+        devices::register_device(&self.conn, id, secret_hash, broker_hash, now_ms)
     }
 
     fn device(&mut self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
@@ -230,8 +231,13 @@ impl CloudStore for SqliteStore {
         devices::revoked_devices(&self.conn, after, limit)
     }
 
-    fn set_device_secret(&mut self, id: &DeviceId, secret_hash: &str) -> Result<bool, StoreError> {
-        devices::set_device_secret(&self.conn, id, secret_hash)
+    fn set_device_secret(
+        &mut self,
+        id: &DeviceId,
+        secret_hash: &str,
+        broker_hash: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        devices::set_device_secret(&self.conn, id, secret_hash, broker_hash)
     }
 
     fn devices(

@@ -106,7 +106,7 @@ fn put(schema: &Schema, model: &str, input: serde_json::Value, version: Hlc) -> 
 fn store(devices: &[&DeviceId]) -> SqliteStore {
     let mut s = SqliteStore::open_in_memory().unwrap();
     for d in devices {
-        s.register_device(d, "hash", NOW).unwrap();
+        s.register_device(d, "hash", None, NOW).unwrap();
     }
     s
 }
@@ -1402,7 +1402,7 @@ fn devices_register_status_and_ack() {
     let (d1, d2, e1) = (dev("a", "d1"), dev("a", "d2"), dev("b", "e1"));
     let mut s = store(&[&d2, &e1, &d1]);
     assert!(matches!(
-        s.register_device(&d1, "x", NOW),
+        s.register_device(&d1, "x", None, NOW),
         Err(StoreError::DeviceExists(_))
     ));
     let r = s.device(&d1).unwrap().unwrap();
@@ -1512,7 +1512,7 @@ fn file_store_reopens_intact_and_refuses_newer_layouts() {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
-        s.register_device(&d1, "h", NOW).unwrap();
+        s.register_device(&d1, "h", None, NOW).unwrap();
         api_put(
             &mut s,
             &schema,
@@ -1665,12 +1665,90 @@ fn a_layout_2_file_is_upgraded_in_place_with_an_empty_key_table() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(layout, "3");
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(layout, SCHEMA_VERSION.to_string());
     drop(s);
     // Reopening an upgraded file changes nothing.
     let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
     assert_eq!(s.api_keys("a").unwrap().len(), 1);
+}
+
+#[test]
+fn a_layout_3_file_is_upgraded_with_devices_that_have_no_broker_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch(&LAYOUT_2.replace("('schema_version', '2')", "('schema_version', '3')"))
+        .unwrap();
+    raw.execute_batch(
+        "CREATE TABLE api_keys (id TEXT PRIMARY KEY, account TEXT NOT NULL, scope TEXT NOT NULL,
+            secret_hash TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked_ms INTEGER) WITHOUT ROWID;",
+    )
+    .unwrap();
+    drop(raw);
+
+    let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let d1 = dev("a", "d1");
+    let old = s.device(&d1).unwrap().unwrap();
+    assert_eq!(
+        (old.changes_applied, old.broker_hash.as_deref()),
+        (7, None),
+        "the old row is intact and has no broker hash (its secret was never stored)"
+    );
+    // A rotation gives it one.
+    assert!(s
+        .set_device_secret(&d1, "sha256:new", Some("$7$b"))
+        .unwrap());
+    assert_eq!(
+        s.device(&d1).unwrap().unwrap().broker_hash.as_deref(),
+        Some("$7$b")
+    );
+    let layout: String = s
+        .conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("4", 4));
+}
+
+#[test]
+fn the_broker_hash_is_set_at_registration_and_rotation_and_removed_at_revocation() {
+    let mut s = SqliteStore::open_in_memory().unwrap();
+    let (d1, d2) = (dev("a", "d1"), dev("a", "d2"));
+    s.register_device(&d1, "sha256:1", Some("$7$one"), NOW)
+        .unwrap();
+    s.register_device(&d2, "sha256:2", None, NOW).unwrap();
+    let broker_hash = |s: &mut SqliteStore, d: &DeviceId| s.device(d).unwrap().unwrap().broker_hash;
+    assert_eq!(broker_hash(&mut s, &d1).as_deref(), Some("$7$one"));
+    assert_eq!(broker_hash(&mut s, &d2), None);
+    let listed = s.devices(Some("a"), None, 10).unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| r.broker_hash.as_deref())
+            .collect::<Vec<_>>(),
+        [Some("$7$one"), None],
+        "the listing carries it too (the command exports from it)"
+    );
+
+    assert!(s
+        .set_device_secret(&d1, "sha256:1b", Some("$7$two"))
+        .unwrap());
+    assert_eq!(broker_hash(&mut s, &d1).as_deref(), Some("$7$two"));
+    assert!(s.revoke_device(&d1, false).unwrap());
+    assert_eq!(broker_hash(&mut s, &d1), None, "a revoked device has none");
+    assert_eq!(
+        broker_hash(&mut s, &d2),
+        None,
+        "the other device is untouched"
+    );
+    // A rotation lifts the revocation with a new one.
+    assert!(s
+        .set_device_secret(&d1, "sha256:1c", Some("$7$three"))
+        .unwrap());
+    assert_eq!(broker_hash(&mut s, &d1).as_deref(), Some("$7$three"));
 }
 
 #[test]
@@ -1818,7 +1896,7 @@ fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
     assert_eq!(rows_of(&s, "items", &d1), items);
 
     // A new secret lifts the revocation; the rows and the cursor stayed.
-    assert!(s.set_device_secret(&d1, "sha256:new").unwrap());
+    assert!(s.set_device_secret(&d1, "sha256:new", None).unwrap());
     assert!(s.revoked_devices(None, 10).unwrap().is_empty());
     let after = s.device(&d1).unwrap().unwrap();
     assert_eq!(
@@ -1831,7 +1909,7 @@ fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
 
     let unknown = dev("a", "nobody");
     assert!(!s.revoke_device(&unknown, false).unwrap());
-    assert!(!s.set_device_secret(&unknown, "sha256:x").unwrap());
+    assert!(!s.set_device_secret(&unknown, "sha256:x", None).unwrap());
 }
 
 #[test]
