@@ -356,6 +356,7 @@ impl CloudFile {
                     (_, Some(tls)) => Some(crate::tls::ClientTls {
                         ca_file: dir.join(&tls.ca),
                         server_name: tls.server_name.clone(),
+                        identity: None,
                     }),
                     (_, None) => None,
                 };

@@ -130,6 +130,7 @@ async fn tls_broker_and_api_carry_data_both_ways() {
     config.tls = Some(ClientTls {
         ca_file: ca_file.clone(),
         server_name: None,
+        identity: None,
     });
     let agent = Agent::start(config, schema()).unwrap();
     eventually(&agent, "ready over TLS", |a| a.status().ready).await;
@@ -191,6 +192,7 @@ async fn an_agent_trusting_another_ca_is_refused_and_says_why() {
     config.tls = Some(ClientTls {
         ca_file: wrong_ca,
         server_name: None,
+        identity: None,
     });
     let agent = Agent::start(config, schema()).unwrap();
     eventually(&agent, "a certificate error", |a| {
