@@ -7,6 +7,7 @@
 //! - [`broker`]: the embedded MQTT broker (rmqtt) that authenticates every client and confines
 //!   each device to its own topics.
 //! - [`auth`]: device secrets (hashed at rest) and the broker's authenticator.
+//! - [`ca`]: the device CA in the data folder, which issues devices' client certificates.
 //! - [`service`]: the running service: start-up order, API server, retention timer, graceful
 //!   shutdown.
 //! - [`store_thread`]: the thread that owns the store, and the handle to run work on it (a leaf
@@ -25,6 +26,7 @@
 mod api;
 pub mod auth;
 pub mod broker;
+pub mod ca;
 pub mod config;
 mod mqtt_link;
 pub mod ops;
