@@ -431,7 +431,10 @@ mod tests {
         );
         // Issued for the credentials before a rotation, or with no binding.
         let old = crate::ca::credential_binding(&hash_secret("s0"));
-        assert_eq!(creds.authenticate_certificate(&cert("acme/d1", &old)), refused);
+        assert_eq!(
+            creds.authenticate_certificate(&cert("acme/d1", &old)),
+            refused
+        );
         assert_eq!(
             creds.authenticate_certificate(&PeerCertificate {
                 common_name: Some("acme/d1".into()),

@@ -198,6 +198,13 @@ fn sync_dir(path: &Path) -> Result<(), CaError> {
 }
 
 impl DeviceCa {
+    /// [`DeviceCa::open_or_create`] on a blocking thread, for async callers (the HTTP API).
+    pub async fn open_or_create_blocking(data_dir: PathBuf) -> Result<DeviceCa, CaError> {
+        tokio::task::spawn_blocking(move || DeviceCa::open_or_create(&data_dir))
+            .await
+            .map_err(|e| CaError::Issue(format!("the task loading the CA failed: {e}")))?
+    }
+
     /// The CA of the data folder `data_dir`, created there on first use (see the module
     /// documentation for how).
     pub fn open_or_create(data_dir: &Path) -> Result<DeviceCa, CaError> {
@@ -284,12 +291,10 @@ impl DeviceCa {
             reason: e.to_string(),
         })?;
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io("read", &cert_path))?;
-        let issuer = ca_params()
-            .self_signed(&key)
-            .map_err(|e| CaError::Key {
-                path: key_path.clone(),
-                reason: e.to_string(),
-            })?;
+        let issuer = ca_params().self_signed(&key).map_err(|e| CaError::Key {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
         let ca = DeviceCa {
             dir: dir.to_path_buf(),
             cert_pem,
@@ -306,8 +311,8 @@ impl DeviceCa {
             dir: self.dir.clone(),
             reason,
         };
-        let roots = devtables_tls::read_certs(&self.cert_file())
-            .map_err(|e| mismatch(e.to_string()))?;
+        let roots =
+            devtables_tls::read_certs(&self.cert_file()).map_err(|e| mismatch(e.to_string()))?;
         let mut store = rustls::RootCertStore::empty();
         for root in roots {
             store
@@ -320,7 +325,8 @@ impl DeviceCa {
         )
         .build()
         .map_err(|e| mismatch(e.to_string()))?;
-        let probe_id = DeviceId::new("probe", "probe").map_err(|e| CaError::Issue(e.to_string()))?;
+        let probe_id =
+            DeviceId::new("probe", "probe").map_err(|e| CaError::Issue(e.to_string()))?;
         let now = SystemTime::now();
         let probe = self.issue_between(&probe_id, "probe", now - BACKDATE, now + BACKDATE)?;
         let der = CertificateDer::from_pem_slice(probe.cert_pem.as_bytes())
@@ -441,11 +447,15 @@ mod tests {
         assert_eq!(names, vec!["ca".to_string()]);
 
         // Reopened: the same CA, and a certificate issued by the first still verifies.
-        let cert = ca.issue(&dev("d1"), "h", validity_days(1).unwrap()).unwrap();
+        let cert = ca
+            .issue(&dev("d1"), "h", validity_days(1).unwrap())
+            .unwrap();
         let again = DeviceCa::open_or_create(data.path()).unwrap();
         assert_eq!(again.cert_pem(), pem);
         assert_eq!(verifies(&again, &cert.cert_pem), Ok(()));
-        let cert2 = again.issue(&dev("d2"), "h", validity_days(1).unwrap()).unwrap();
+        let cert2 = again
+            .issue(&dev("d2"), "h", validity_days(1).unwrap())
+            .unwrap();
         assert_eq!(verifies(&ca, &cert2.cert_pem), Ok(()));
         assert_eq!(cert2.ca_pem, pem);
     }

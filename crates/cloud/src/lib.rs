@@ -38,5 +38,7 @@ mod subscription;
 mod sync_loop;
 pub mod tls;
 
-pub use config::{BrokerMode, CloudConfig, CloudFile, MqttClientConfig, StartupPrompts};
+pub use config::{
+    BrokerMode, CloudConfig, CloudFile, DeviceCertificates, MqttClientConfig, StartupPrompts,
+};
 pub use service::{Cloud, StartError};

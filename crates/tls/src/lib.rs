@@ -325,10 +325,7 @@ mod tests {
         let a = self_signed(dir.path(), "a", "a.example");
         let mut tls = ClientTls::new(&a.cert);
         tls.server_name = Some("not a name!".into());
-        assert!(matches!(
-            client_config(&tls),
-            Err(TlsError::ServerName(_))
-        ));
+        assert!(matches!(client_config(&tls), Err(TlsError::ServerName(_))));
         tls.server_name = None;
         tls.identity = Some(ClientIdentity {
             cert: a.cert.clone(),
