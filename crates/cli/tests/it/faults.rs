@@ -582,7 +582,10 @@ pub fn converge_through_faults(broker: BrokerChoice, cloud_hop: bool) {
         if let Err(panic) = waited {
             // What the two ends say about themselves, for the report of a run that did not settle.
             eprintln!("cloud status: {:?}", cloud.get("/v1/status"));
-            eprintln!("cloud log (last lines):\n{}", cloud.logs.tail(60).join("\n"));
+            eprintln!(
+                "cloud log (last lines):\n{}",
+                cloud.logs.tail(60).join("\n")
+            );
             eprintln!(
                 "{} log (last lines):\n{}",
                 dev.name,
