@@ -15,12 +15,15 @@ use crate::AgentError;
 pub struct AgentConfig {
     pub account: String,
     pub device: String,
-    /// The device's secret, issued by the cloud when the device was registered.
+    /// The device's secret, issued by the cloud when the device was registered. Empty: none,
+    /// which needs a client certificate (`tls.identity`) on the cloud's device-certificate
+    /// listener instead.
     pub secret: String,
     pub broker_host: String,
     pub broker_port: u16,
-    /// TLS to the broker. Default `None`: clear-text MQTT, which the agent warns about at start
-    /// (`MQTT to HOST:PORT is in clear text`).
+    /// TLS to the broker, with the device's client certificate when `identity` is set (mutual
+    /// TLS). Default `None`: clear-text MQTT, which the agent warns about at start (`MQTT to
+    /// HOST:PORT is in clear text`).
     pub tls: Option<crate::tls::ClientTls>,
     /// First segment of every topic; must match the cloud's.
     pub topic_prefix: String,
@@ -92,6 +95,21 @@ impl AgentConfig {
         }
     }
 
+    /// How the device proves who it is: its secret, its client certificate, or both. Neither is
+    /// a configuration error (the broker would refuse every connection).
+    pub(crate) fn credentials(&self) -> Result<(Option<&str>, bool), AgentError> {
+        let secret = (!self.secret.is_empty()).then_some(self.secret.as_str());
+        let certificate = self.tls.as_ref().is_some_and(|t| t.identity.is_some());
+        if secret.is_none() && !certificate {
+            return Err(AgentError::Config(
+                "the device has no credentials: set its secret, or a client certificate \
+                 (tls: {client_cert, client_key}) for the cloud's device-certificate listener"
+                    .into(),
+            ));
+        }
+        Ok((secret, certificate))
+    }
+
     pub(crate) fn db_options(&self) -> DbOptions {
         DbOptions {
             durability: self.durability,
@@ -106,7 +124,9 @@ impl AgentConfig {
 pub struct AgentFile {
     pub account: String,
     pub device: String,
-    pub secret: String,
+    /// The device's secret; may be left out when `tls` gives a client certificate.
+    #[serde(default)]
+    pub secret: Option<String>,
     /// The schema file (JSON5), relative to the config file.
     pub schema: PathBuf,
     /// The database file, relative to the config file.
@@ -115,8 +135,10 @@ pub struct AgentFile {
     /// (clear text, unless a `tls` block is given). Default `127.0.0.1:1883`.
     #[serde(default = "default_broker")]
     pub broker: String,
-    /// TLS to the broker: `{ca: "ca.pem", server_name: "broker.example"}`; `ca` is relative to
-    /// the config file, `server_name` defaults to the broker host.
+    /// TLS to the broker: `{ca: "ca.pem", server_name: "broker.example", client_cert:
+    /// "device.pem", client_key: "device.key"}`; paths are relative to the config file,
+    /// `server_name` defaults to the broker host, the client certificate (both files or neither)
+    /// is the one the cloud issued at registration (mutual TLS).
     #[serde(default)]
     pub tls: Option<TlsFile>,
     #[serde(default)]
@@ -158,6 +180,12 @@ pub struct TlsFile {
     pub ca: PathBuf,
     #[serde(default)]
     pub server_name: Option<String>,
+    /// The device's client certificate (PEM), issued by the cloud's device CA.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 fn default_broker() -> String {
@@ -175,8 +203,8 @@ impl AgentFile {
         file.schema = dir.join(&file.schema);
         file.db = dir.join(&file.db);
         let (host, port) = parse_broker(&file.broker)?;
-        let mut config =
-            AgentConfig::new(&file.account, &file.device, &file.secret, file.db.clone());
+        let secret = file.secret.clone().unwrap_or_default();
+        let mut config = AgentConfig::new(&file.account, &file.device, &secret, file.db.clone());
         config.broker_host = host;
         config.broker_port = port;
         let scheme = file.broker.split_once("://").map(|(s, _)| s);
@@ -194,9 +222,22 @@ impl AgentFile {
             (_, Some(tls)) => Some(crate::tls::ClientTls {
                 ca_file: dir.join(&tls.ca),
                 server_name: tls.server_name.clone(),
+                identity: match (&tls.client_cert, &tls.client_key) {
+                    (Some(cert), Some(key)) => Some(crate::tls::ClientIdentity {
+                        cert: dir.join(cert),
+                        key: dir.join(key),
+                    }),
+                    (None, None) => None,
+                    _ => {
+                        return Err(AgentError::Config(
+                            "tls needs both client_cert and client_key, or neither".into(),
+                        ))
+                    }
+                },
             }),
             (_, None) => None,
         };
+        config.credentials()?;
         if let Some(p) = &file.topic_prefix {
             config.topic_prefix = p.clone();
         }
@@ -295,5 +336,48 @@ mod tests {
         );
         assert!(load("broker: 'mqtt://b:1883', tls: {ca: 'ca.pem'}").is_err());
         assert!(load("broker: 'http://b:1883'").is_err());
+    }
+
+    #[test]
+    fn a_client_certificate_may_replace_the_secret() {
+        let c = load(
+            "broker: 'mqtts://b:8884', \
+             tls: {ca: 'ca.pem', client_cert: 'd.pem', client_key: 'd.key'}",
+        )
+        .unwrap();
+        let id = c.tls.as_ref().unwrap().identity.clone().unwrap();
+        assert!(id.cert.ends_with("d.pem") && id.cert.is_absolute());
+        assert!(id.key.ends_with("d.key"));
+        // Half an identity is refused, naming what is missing.
+        let err = load("broker: 'mqtts://b:8884', tls: {ca: 'ca.pem', client_cert: 'd.pem'}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client_key"), "{err}");
+    }
+
+    #[test]
+    fn a_device_without_secret_or_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.json5");
+        let write = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("{{account: 'a', device: 'd', schema: 's.json5', db: 'x.db', {body}}}"),
+            )
+            .unwrap();
+            AgentFile::load(&path).map(|(_, c)| c)
+        };
+        let err = write("broker: 'mqtts://b:8884', tls: {ca: 'ca.pem'}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no credentials"), "{err}");
+        let c = write(
+            "broker: 'mqtts://b:8884', \
+             tls: {ca: 'ca.pem', client_cert: 'd.pem', client_key: 'd.key'}",
+        )
+        .unwrap();
+        assert_eq!(c.credentials().unwrap(), (None, true));
+        let c = write("secret: 's', broker: 'b:1883'").unwrap();
+        assert_eq!(c.credentials().unwrap(), (Some("s"), false));
     }
 }

@@ -18,7 +18,8 @@ pub mod config;
 mod driver;
 mod link;
 mod state;
-pub mod tls;
+/// TLS to the broker (CA file, server name, client certificate): the shared client side.
+pub use devtables_tls as tls;
 
 use std::collections::HashMap;
 
@@ -186,6 +187,9 @@ impl Agent {
     /// Opens the database and starts replicating, on the current tokio runtime.
     pub fn start(config: AgentConfig, schema: Arc<Schema>) -> Result<Agent, AgentError> {
         let id = DeviceId::new(config.account.clone(), config.device.clone())?;
+        // With a client certificate alone the broker identifies the device by its certificate,
+        // and the CONNECT carries no username or password.
+        let secret = config.credentials()?.0.map(str::to_string);
         let db = Db::open(&config.db_path, schema.clone(), config.db_options())?;
         let restored = state::restore(&db)?;
         let node = node_id_for(&id.node_name());
@@ -250,7 +254,9 @@ impl Agent {
         );
         options.set_keep_alive(config.keep_alive);
         options.set_clean_session(true);
-        options.set_credentials(id.node_name(), config.secret.clone());
+        if let Some(secret) = secret {
+            options.set_credentials(id.node_name(), secret);
+        }
         // If the connection dies, the broker tells the cloud on the device's behalf.
         let bye = devtables_sync::wire::encode_up(schema.version(), &UpMsg::Bye, &config.sync.wire)
             .map_err(|e| AgentError::Config(format!("cannot encode the last will: {e}")))?;

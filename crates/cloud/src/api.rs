@@ -428,6 +428,9 @@ fn device_id(account: &str, device: &str) -> ApiResult<DeviceId> {
 struct Register {
     account: String,
     device: String,
+    /// Also issue a client certificate for the device-certificate listener.
+    #[serde(default)]
+    certificate: bool,
 }
 
 async fn register_device(
@@ -437,7 +440,46 @@ async fn register_device(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     caller.allow(&s, Some(&body.account), KeyScope::Admin)?;
     let id = device_id(&body.account, &body.device)?;
+    // The CA is loaded before registering, so a cloud that cannot issue registers nothing.
+    let issuer = match (body.certificate, &s.config.device_certificates) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(ApiError::bad(
+                "this cloud issues no device certificates: configure device_certificates",
+            ))
+        }
+        (true, Some(certs)) => {
+            let ca = crate::ca::DeviceCa::open_or_create_blocking(s.config.data_dir.clone())
+                .await
+                .map_err(|e| {
+                    tracing::error!("cannot load the device CA: {e}");
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ca", e.to_string())
+                })?;
+            Some((ca, certs))
+        }
+    };
     let secret = ops::register_device(&s.store, s.broker.credentials.as_ref(), &id).await?;
+    let certificate = match issuer {
+        None => Value::Null,
+        Some((ca, certs)) => {
+            let issued = crate::ca::validity_days(u64::from(certs.validity_days))
+                .and_then(|validity| ca.issue(&id, &auth::hash_secret(&secret), validity))
+                .map_err(|e| {
+                    tracing::error!(device = %id, "registered, but cannot issue its certificate: {e}");
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "ca", format!(
+                        "device {id} is registered, but its certificate could not be issued \
+                         (issue one with `devtables devices cert`): {e}"
+                    ))
+                })?;
+            json!({
+                "cert": issued.cert_pem,
+                "key": issued.key_pem,
+                "ca": issued.ca_pem,
+                "not_after_ms": issued.not_after_ms,
+                "mqtt_address": certs.listen.to_string(),
+            })
+        }
+    };
     let prefix = &s.config.topic_prefix;
     Ok((
         StatusCode::CREATED,
@@ -455,7 +497,8 @@ async fn register_device(
                     "broadcast": topics::broadcast_topic(prefix, &id.account),
                 },
             },
-            "note": "the secret is shown only now; store it on the device",
+            "certificate": certificate,
+            "note": "the secret (and the certificate's key) is shown only now; store it on the device",
         })),
     ))
 }

@@ -17,7 +17,7 @@ use devtables_sync::identity::DeviceId;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::broker::{Authenticator, Principal, Refusal};
+use crate::broker::{Authenticator, PeerCertificate, Principal, Refusal};
 use crate::store::{CloudStore, KeyScope, StoreError, REVOKED_SECRET_HASH};
 use crate::store_thread::{StoreGone, StoreHandle};
 
@@ -260,11 +260,46 @@ impl Authenticator for Credentials {
                 .ok_or(Refusal::BadCredentials);
         }
         // Only a well-formed device name is looked up (hostile usernames never reach the store).
-        let id = username
-            .split_once('/')
-            .and_then(|(account, device)| DeviceId::new(account, device).ok())
-            .ok_or(Refusal::BadCredentials)?;
-        let hash = match self.secret_hash(&id) {
+        let id = parse_device(username).ok_or(Refusal::BadCredentials)?;
+        let hash = self.live_secret_hash(&id)?;
+        if verify_secret(password, &hash) {
+            Ok(Principal::Device(id))
+        } else {
+            Err(Refusal::BadCredentials)
+        }
+    }
+
+    /// The certificate names the device in its CN and its credentials in its O (see
+    /// [`crate::ca`]): the device must be registered, not revoked, and the binding must be that
+    /// of its current secret hash (a certificate issued before a rotation is refused).
+    fn authenticate_certificate(&self, cert: &PeerCertificate) -> Result<Principal, Refusal> {
+        let id = cert
+            .common_name
+            .as_deref()
+            .and_then(parse_device)
+            .ok_or(Refusal::NotAuthorized)?;
+        let hash = self
+            .live_secret_hash(&id)
+            .map_err(|_| Refusal::NotAuthorized)?;
+        if cert.organization.as_deref() != Some(crate::ca::credential_binding(&hash).as_str()) {
+            tracing::warn!(device = %id, "MQTT connection refused: the certificate was issued for credentials the device no longer has (issue a new one)");
+            return Err(Refusal::NotAuthorized);
+        }
+        Ok(Principal::Device(id))
+    }
+}
+
+/// `{account}/{device}` as a device id, if it is a valid one.
+fn parse_device(name: &str) -> Option<DeviceId> {
+    let (account, device) = name.split_once('/')?;
+    DeviceId::new(account, device).ok()
+}
+
+impl Credentials {
+    /// The stored secret hash of a registered device that is not revoked; an unknown device is
+    /// `BadCredentials`, a revoked one or an unanswered registry `NotAuthorized` (both counted).
+    fn live_secret_hash(&self, id: &DeviceId) -> Result<String, Refusal> {
+        let hash = match self.secret_hash(id) {
             Ok(Some(hash)) => hash,
             Ok(None) => return Err(Refusal::BadCredentials),
             Err(_) => {
@@ -278,11 +313,7 @@ impl Authenticator for Credentials {
             tracing::warn!(device = %id, "MQTT connection refused: the device is revoked");
             return Err(Refusal::NotAuthorized);
         }
-        if verify_secret(password, &hash) {
-            Ok(Principal::Device(id))
-        } else {
-            Err(Refusal::BadCredentials)
-        }
+        Ok(hash)
     }
 }
 
@@ -365,6 +396,57 @@ mod tests {
         assert_eq!(
             creds.authenticate("x", Some("acme/d1"), Some(b"s1")),
             Err(Refusal::NotAuthorized)
+        );
+        assert_eq!(creds.refusals(), (1, 0));
+    }
+
+    #[test]
+    fn certificates_map_to_live_devices_with_current_credentials() {
+        let creds = Credentials::new("svc");
+        let id = DeviceId::new("acme", "d1").unwrap();
+        let hash = hash_secret("s1");
+        creds.add_device(id.clone(), hash.clone());
+        let cert = |cn: &str, o: &str| PeerCertificate {
+            common_name: Some(cn.into()),
+            organization: Some(o.into()),
+        };
+        let binding = crate::ca::credential_binding(&hash);
+        assert_eq!(
+            creds.authenticate_certificate(&cert("acme/d1", &binding)),
+            Ok(Principal::Device(id.clone()))
+        );
+        let refused = Err(Refusal::NotAuthorized);
+        // Another device's name, a name that is no device, none at all.
+        assert_eq!(
+            creds.authenticate_certificate(&cert("acme/d9", &binding)),
+            refused
+        );
+        assert_eq!(
+            creds.authenticate_certificate(&cert("devtables-service", &binding)),
+            refused
+        );
+        assert_eq!(
+            creds.authenticate_certificate(&PeerCertificate::default()),
+            refused
+        );
+        // Issued for the credentials before a rotation, or with no binding.
+        let old = crate::ca::credential_binding(&hash_secret("s0"));
+        assert_eq!(
+            creds.authenticate_certificate(&cert("acme/d1", &old)),
+            refused
+        );
+        assert_eq!(
+            creds.authenticate_certificate(&PeerCertificate {
+                common_name: Some("acme/d1".into()),
+                organization: None,
+            }),
+            refused
+        );
+        // Revoked: refused and counted, whatever the certificate.
+        creds.add_device(id, REVOKED_SECRET_HASH.to_string());
+        assert_eq!(
+            creds.authenticate_certificate(&cert("acme/d1", &binding)),
+            refused
         );
         assert_eq!(creds.refusals(), (1, 0));
     }

@@ -39,6 +39,20 @@
 //! session whose client id does not name a valid device is denied everything (fail closed).
 //! Anonymous connections are disabled, so every CONNECT goes through the [`Authenticator`].
 //!
+//! # Devices with client certificates (mutual TLS)
+//!
+//! With [`BrokerConfig::device_certs`] the broker has a third listener that requires a client
+//! certificate chaining to the device CA ([`crate::ca`]): rustls refuses the handshake of a
+//! client without one, with an expired one or with one of another CA, before any MQTT. On that
+//! listener the certificate is the credential: username and password are ignored, the
+//! [`Authenticator::authenticate_certificate`] maps the certificate's subject to the device
+//! (whose registry entry still decides: a revoked device is refused), and the same rules as
+//! above follow (client id `{account}/{device}` of the certificate's device, its own will and
+//! topics). The service may not connect there. Every CONNECT that listener refuses is counted
+//! ([`BrokerConfig::certificate_refusals`]); its refused handshakes are not (rmqtt handles them
+//! inside its listener and reports them only to its own log). The other listeners never ask
+//! for a certificate, so a client that has one behaves there as without it.
+//!
 //! Pinning the client id also prevents session takeover: MQTT lets a new connection with the same
 //! client id kick the old one, and rmqtt authenticates before it kicks, so only the device itself
 //! can replace its own session.
@@ -70,7 +84,9 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,7 +99,7 @@ use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
 use rmqtt::session::Session;
 use rmqtt::types::{
-    AuthResult, ConnectInfo, Publish, PublishAclResult, Subscribe, SubscribeAclResult,
+    AuthResult, ConnectInfo, ListenerId, Publish, PublishAclResult, Subscribe, SubscribeAclResult,
 };
 use tokio::task::JoinHandle;
 
@@ -108,6 +124,22 @@ pub trait Authenticator: Send + Sync + 'static {
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<Principal, Refusal>;
+
+    /// The principal a client certificate proves, or why it is refused: called instead of
+    /// [`Authenticator::authenticate`] for every CONNECT on the device-certificate listener.
+    /// The TLS handshake has already checked the certificate's chain to the device CA and its
+    /// validity; this decides whether the device it names may connect now.
+    fn authenticate_certificate(&self, cert: &PeerCertificate) -> Result<Principal, Refusal>;
+}
+
+/// What the broker read from the subject of a client certificate that passed the TLS
+/// handshake.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// The subject's common name (`CN`): the device, `{account}/{device}`.
+    pub common_name: Option<String>,
+    /// The subject's organization (`O`): the credential binding ([`crate::ca`]).
+    pub organization: Option<String>,
 }
 
 /// Why the authenticator refused a CONNECT; each maps to its own CONNACK code.
@@ -210,6 +242,13 @@ pub struct BrokerConfig {
     /// A TLS listener, besides the clear-text one or (with `plain: false`) instead of it.
     /// Default none.
     pub tls: Option<BrokerTls>,
+    /// A listener for devices with client certificates (mutual TLS), besides the others.
+    /// Default none.
+    pub device_certs: Option<DeviceCertListener>,
+    /// Counts the CONNECTs the device-certificate listener refused (a certificate of another
+    /// device than the client id, an unknown or revoked device, a bad will). Shared with whoever
+    /// reports it (the service's `GET /v1/status`).
+    pub certificate_refusals: Arc<AtomicU64>,
     /// Topic prefix, e.g. [`topics::DEFAULT_PREFIX`]; must match the devices' and the service's.
     pub topic_prefix: String,
     /// Largest MQTT packet accepted or sent, in bytes. Default [`DEFAULT_MAX_PACKET_BYTES`].
@@ -235,6 +274,23 @@ pub struct BrokerTls {
     pub files: crate::tls::ServerTls,
 }
 
+/// The embedded broker's listener for devices with client certificates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceCertListener {
+    /// Port 0 picks a free port ([`Broker::device_cert_addr`] reports it).
+    pub listen: SocketAddr,
+    /// The broker's certificate chain and key (PEM files), as for the TLS listener.
+    pub files: crate::tls::ServerTls,
+    /// The CA certificate (PEM) every client certificate must chain to: the device CA.
+    pub client_ca: PathBuf,
+}
+
+/// Listener ids (rmqtt keys each listener's settings by one; a port could repeat across
+/// addresses).
+const PLAIN_LISTENER: ListenerId = 1;
+const TLS_LISTENER: ListenerId = 2;
+const CERT_LISTENER: ListenerId = 3;
+
 impl BrokerConfig {
     /// Defaults for everything but the listen address.
     pub fn new(listen: SocketAddr) -> BrokerConfig {
@@ -242,6 +298,8 @@ impl BrokerConfig {
             listen,
             plain: true,
             tls: None,
+            device_certs: None,
+            certificate_refusals: Arc::default(),
             topic_prefix: topics::DEFAULT_PREFIX.to_string(),
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -285,6 +343,8 @@ pub enum BrokerError {
 pub struct Broker {
     local_addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
+    device_cert_addr: Option<SocketAddr>,
+    certificate_refusals: Arc<AtomicU64>,
     scx: ServerContext,
     task: Option<JoinHandle<()>>,
     /// Keeps the registration of the ACL hooks; they are never stopped (stopping them would
@@ -342,7 +402,12 @@ impl Broker {
             .build()
             .await;
 
-        let acl = AclHandler { prefix, auth };
+        let acl = AclHandler {
+            prefix,
+            auth,
+            cert_listener: config.device_certs.as_ref().map(|_| CERT_LISTENER),
+            certificate_refusals: config.certificate_refusals.clone(),
+        };
         let hooks = scx.extends.hook_mgr().register();
         hooks
             .add(Type::ClientAuthenticate, Box::new(acl.clone()))
@@ -353,9 +418,9 @@ impl Broker {
         hooks.add(Type::MessagePublishCheckAcl, Box::new(acl)).await;
         hooks.start().await;
 
-        if !config.plain && config.tls.is_none() {
+        if !config.plain && config.tls.is_none() && config.device_certs.is_none() {
             return Err(BrokerError::Config(
-                "the broker needs a listener: plain, TLS or both".into(),
+                "the broker needs a listener: plain, TLS or device certificates".into(),
             ));
         }
         let builder = |laddr: SocketAddr| {
@@ -394,7 +459,7 @@ impl Broker {
                 "the MQTT broker's plain listener is in clear text: device secrets and items \
                  cross the network readable (configure a TLS listener)"
             );
-            server = server.listener_by_id(listener, addr.port());
+            server = server.listener_by_id(listener, PLAIN_LISTENER);
             plain_addr = Some(addr);
         }
         let mut tls_addr = None;
@@ -411,10 +476,32 @@ impl Broker {
                 .local_addr()
                 .map_err(|e| BrokerError::Start(e.to_string()))?;
             tracing::info!(%addr, "MQTT broker listening with TLS");
-            server = server.listener_by_id(listener, addr.port());
+            server = server.listener_by_id(listener, TLS_LISTENER);
             tls_addr = Some(addr);
         }
-        let Some(local_addr) = plain_addr.or(tls_addr) else {
+        let mut device_cert_addr = None;
+        if let Some(certs) = &config.device_certs {
+            // Loaded here first for typed errors naming the files; rmqtt loads them again.
+            crate::tls::server_config(&certs.files)?;
+            crate::tls::read_certs(&certs.client_ca)?;
+            let b = builder(certs.listen)
+                .tls_cert(Some(certs.files.cert.to_string_lossy()))
+                .tls_key(Some(certs.files.key.to_string_lossy()))
+                // Client certificates are required and must chain to this CA.
+                .tls_cross_certificate(true)
+                .tls_client_ca_certs(Some(certs.client_ca.to_string_lossy()))
+                .collect_cert_info(true);
+            let listener = bind(b, certs.listen)?
+                .tls()
+                .map_err(|e| BrokerError::Start(format!("device-certificate listener: {e}")))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| BrokerError::Start(e.to_string()))?;
+            tracing::info!(%addr, "MQTT broker listening for devices with client certificates");
+            server = server.listener_by_id(listener, CERT_LISTENER);
+            device_cert_addr = Some(addr);
+        }
+        let Some(local_addr) = plain_addr.or(tls_addr).or(device_cert_addr) else {
             return Err(BrokerError::Config("no listener".into()));
         };
         let server = server.build();
@@ -427,6 +514,8 @@ impl Broker {
         Ok(Broker {
             local_addr,
             tls_addr,
+            device_cert_addr,
+            certificate_refusals: config.certificate_refusals,
             scx,
             task: Some(task),
             _hooks: hooks,
@@ -449,6 +538,16 @@ impl Broker {
     /// The TLS listener's address, when there is one.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// The device-certificate listener's address, when there is one.
+    pub fn device_cert_addr(&self) -> Option<SocketAddr> {
+        self.device_cert_addr
+    }
+
+    /// CONNECTs the device-certificate listener refused so far.
+    pub fn certificate_refusals(&self) -> u64 {
+        self.certificate_refusals.load(Ordering::Relaxed)
     }
 
     /// Stop accepting connections, free the port and close every session.
@@ -515,6 +614,10 @@ fn into_io_error(e: rmqtt::Error) -> std::io::Error {
 struct AclHandler {
     prefix: String,
     auth: Arc<dyn Authenticator>,
+    /// The device-certificate listener, if there is one: its CONNECTs authenticate by
+    /// certificate.
+    cert_listener: Option<ListenerId>,
+    certificate_refusals: Arc<AtomicU64>,
 }
 
 type HookFuture<'a> = Pin<Box<dyn Future<Output = ReturnType> + Send + 'a>>;
@@ -567,6 +670,10 @@ struct AuthRequest {
     password: Option<rmqtt::types::Password>,
     /// The will's topic and retain flag, if the client set a will.
     will: Option<(String, bool)>,
+    /// The listener the client connected to.
+    listener: ListenerId,
+    /// The client certificate's subject (only the device-certificate listener reads it).
+    cert: Option<PeerCertificate>,
 }
 
 impl AuthRequest {
@@ -583,6 +690,11 @@ impl AuthRequest {
             username: ci.username().map(|u| u.to_string()),
             password: ci.password().cloned(),
             will,
+            listener: ci.id().lid(),
+            cert: ci.cert().map(|c| PeerCertificate {
+                common_name: c.common_name.clone(),
+                organization: c.organization.clone(),
+            }),
         }
     }
 }
@@ -590,6 +702,13 @@ impl AuthRequest {
 impl AclHandler {
     /// Run the authenticator and apply the device rules of CONNECT.
     async fn authenticate(&self, request: AuthRequest) -> AuthResult {
+        if Some(request.listener) == self.cert_listener {
+            let result = self.authenticate_certificate(request).await;
+            if !matches!(result, AuthResult::Allow(..)) {
+                self.certificate_refusals.fetch_add(1, Ordering::Relaxed);
+            }
+            return result;
+        }
         let auth = self.auth.clone();
         let principal = {
             let client_id = request.client_id.clone();
@@ -624,6 +743,43 @@ impl AclHandler {
                     AuthResult::NotAuthorized
                 }
             },
+        }
+    }
+
+    /// A CONNECT on the device-certificate listener: the certificate is the credential (the
+    /// username and password are ignored), only a device may connect, and then the device rules
+    /// of CONNECT apply as on the other listeners.
+    async fn authenticate_certificate(&self, request: AuthRequest) -> AuthResult {
+        let Some(cert) = request.cert.clone() else {
+            // rustls requires a certificate on this listener; fail closed if none came through.
+            tracing::warn!(client = %request.client_id, "MQTT connection refused: no client certificate");
+            return AuthResult::NotAuthorized;
+        };
+        let auth = self.auth.clone();
+        let subject = cert.clone();
+        let principal =
+            tokio::task::spawn_blocking(move || auth.authenticate_certificate(&subject)).await;
+        let who = cert.common_name.as_deref().unwrap_or("(no CN)");
+        match principal {
+            Ok(Ok(Principal::Device(id))) => match self.device_connect_refusal(&id, &request) {
+                None => AuthResult::Allow(false, None),
+                Some(why) => {
+                    tracing::warn!(client = %request.client_id, certificate = who, "MQTT connection refused: {why}");
+                    AuthResult::NotAuthorized
+                }
+            },
+            Ok(Ok(Principal::Service)) => {
+                tracing::warn!(client = %request.client_id, certificate = who, "MQTT connection refused: only devices connect with certificates");
+                AuthResult::NotAuthorized
+            }
+            Ok(Err(refusal)) => {
+                tracing::warn!(client = %request.client_id, certificate = who, ?refusal, "MQTT connection refused: the certificate's device may not connect");
+                AuthResult::NotAuthorized
+            }
+            Err(e) => {
+                tracing::error!(client = %request.client_id, error = %e, "authenticator failed; refusing");
+                AuthResult::NotAuthorized
+            }
         }
     }
 
@@ -710,6 +866,19 @@ mod tests {
                 (Some("acme/dev2"), Some(b"s2")) => Ok(Principal::Device(dev("acme", "dev2"))),
                 (Some("other/dev9"), Some(b"s9")) => Ok(Principal::Device(dev("other", "dev9"))),
                 _ => Err(Refusal::BadCredentials),
+            }
+        }
+
+        fn authenticate_certificate(&self, cert: &PeerCertificate) -> Result<Principal, Refusal> {
+            match cert.common_name.as_deref() {
+                // An authenticator that (wrongly) maps a certificate to the service: the broker
+                // must still refuse it on the device-certificate listener.
+                Some("acme/svc") => Ok(Principal::Service),
+                Some(name @ ("acme/dev1" | "acme/dev2")) => {
+                    let (account, device) = name.split_once('/').unwrap();
+                    Ok(Principal::Device(dev(account, device)))
+                }
+                _ => Err(Refusal::NotAuthorized),
             }
         }
     }
@@ -864,6 +1033,174 @@ mod tests {
 
     async fn dev2(b: &Broker) -> Client {
         Client::connect(options(b, "acme/dev2", "acme/dev2", "s2")).await
+    }
+
+    /// A broker with every listener: plain, TLS (secrets) and device certificates, its server
+    /// certificate from a test CA, the client certificates from a device CA; all files in a
+    /// temporary folder.
+    struct CertBroker {
+        broker: Broker,
+        device_ca: crate::ca::DeviceCa,
+        server_ca: std::path::PathBuf,
+        dir: tempfile::TempDir,
+    }
+
+    impl CertBroker {
+        async fn start() -> CertBroker {
+            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+            let dir = tempfile::tempdir().unwrap();
+            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_key = KeyPair::generate().unwrap();
+            let ca = ca_params.self_signed(&ca_key).unwrap();
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+            let files = crate::tls::ServerTls {
+                cert: dir.path().join("server.pem"),
+                key: dir.path().join("server.key"),
+            };
+            std::fs::write(&files.cert, cert.pem()).unwrap();
+            std::fs::write(&files.key, key.serialize_pem()).unwrap();
+            let server_ca = dir.path().join("server-ca.pem");
+            std::fs::write(&server_ca, ca.pem()).unwrap();
+            let device_ca = crate::ca::DeviceCa::open_or_create(dir.path()).unwrap();
+
+            let local = SocketAddr::from(([127, 0, 0, 1], 0));
+            let mut config = BrokerConfig::new(local);
+            config.tls = Some(BrokerTls {
+                listen: local,
+                files: files.clone(),
+            });
+            config.device_certs = Some(DeviceCertListener {
+                listen: local,
+                files,
+                client_ca: device_ca.cert_file(),
+            });
+            let broker = Broker::start(config, Arc::new(FixedAuth)).await.unwrap();
+            CertBroker {
+                broker,
+                device_ca,
+                server_ca,
+                dir,
+            }
+        }
+
+        /// A client certificate for `name` (CN) from the device CA, written to files.
+        fn identity(&self, account: &str, device: &str) -> crate::tls::ClientIdentity {
+            let cert = self
+                .device_ca
+                .issue(&dev(account, device), "h", Duration::from_secs(3600))
+                .unwrap();
+            let id = crate::tls::ClientIdentity {
+                cert: self.dir.path().join(format!("{account}-{device}.pem")),
+                key: self.dir.path().join(format!("{account}-{device}.key")),
+            };
+            std::fs::write(&id.cert, cert.cert_pem).unwrap();
+            std::fs::write(&id.key, cert.key_pem).unwrap();
+            id
+        }
+
+        /// Options for `client_id` on `port` over TLS, presenting `identity` if given.
+        fn options(
+            &self,
+            port: u16,
+            client_id: &str,
+            identity: Option<crate::tls::ClientIdentity>,
+        ) -> MqttOptions {
+            let mut tls = crate::tls::ClientTls::new(&self.server_ca);
+            tls.identity = identity;
+            let config = crate::tls::client_config(&tls).unwrap();
+            let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(30));
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+            ));
+            o
+        }
+
+        fn cert_port(&self) -> u16 {
+            self.broker.device_cert_addr().unwrap().port()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_certificate_is_the_credential_on_its_listener() {
+        let cb = CertBroker::start().await;
+        let b = &cb.broker;
+        let mut svc = service(b).await;
+        svc.subscribe_ok(&topics::up_filter(PREFIX)).await;
+
+        // No username or password: the certificate says who the device is.
+        let id = cb.identity("acme", "dev1");
+        let mut d1 = Client::connect(cb.options(cb.cert_port(), "acme/dev1", Some(id))).await;
+        let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
+        d1.publish(&up1, "by certificate").await;
+        svc.expect(&up1, "by certificate").await;
+        // The same ACL as with a secret.
+        let down2 = topics::down_topic(PREFIX, &dev("acme", "dev2"));
+        assert_eq!(d1.subscribe(&down2).await, SubscribeReasonCode::Failure);
+        d1.publish(&topics::up_topic(PREFIX, &dev("acme", "dev2")), "spoofed")
+            .await;
+        svc.expect_quiet().await;
+        assert_eq!(b.certificate_refusals(), 0);
+        cb.broker.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_certificate_proves_only_its_own_device_and_never_the_service() {
+        let cb = CertBroker::start().await;
+        let port = cb.cert_port();
+        let not_authorized = |err: ConnectionError| {
+            matches!(
+                err,
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+            )
+        };
+        // dev2's certificate with dev1's client id; even with dev1's correct secret.
+        let mut o = cb.options(port, "acme/dev1", Some(cb.identity("acme", "dev2")));
+        o.set_credentials("acme/dev1", "s1");
+        let err = refused(o).await;
+        assert!(not_authorized(err), "another device's certificate");
+        // A certificate naming the service (the service may not use this listener).
+        let err = refused(cb.options(port, "service", Some(cb.identity("acme", "svc")))).await;
+        assert!(not_authorized(err), "not a device");
+        // A device's own certificate with a will on another device's topic.
+        let mut o = cb.options(port, "acme/dev1", Some(cb.identity("acme", "dev1")));
+        let up2 = topics::up_topic(PREFIX, &dev("acme", "dev2"));
+        o.set_last_will(LastWill::new(up2, "bye", QoS::AtLeastOnce, false));
+        let err = refused(o).await;
+        assert!(not_authorized(err), "a will elsewhere");
+        // A certificate of a device the authenticator does not know.
+        let err = refused(cb.options(port, "acme/dev7", Some(cb.identity("acme", "dev7")))).await;
+        assert!(not_authorized(err), "unknown device");
+        assert_eq!(cb.broker.certificate_refusals(), 4, "each refusal counted");
+        cb.broker.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_secrets_listener_ignores_client_certificates() {
+        let cb = CertBroker::start().await;
+        let tls_port = cb.broker.tls_addr().unwrap().port();
+        // A valid device certificate but no secret: refused as today.
+        let o = cb.options(tls_port, "acme/dev1", Some(cb.identity("acme", "dev1")));
+        let err = refused(o).await;
+        assert!(
+            matches!(
+                err,
+                ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)
+            ),
+            "{err:?}"
+        );
+        // With the secret it connects, certificate or not.
+        let mut o = cb.options(tls_port, "acme/dev1", Some(cb.identity("acme", "dev1")));
+        o.set_credentials("acme/dev1", "s1");
+        let _d1 = Client::connect(o).await;
+        assert_eq!(cb.broker.certificate_refusals(), 0);
+        cb.broker.shutdown().await;
     }
 
     #[tokio::test]

@@ -40,6 +40,11 @@ pub struct CloudConfig {
     /// With the embedded broker: a TLS listener, besides or instead of the clear-text one. The
     /// service's own client uses it when it is the only listener. Default none.
     pub broker_tls: Option<crate::broker::BrokerTls>,
+    /// With the embedded broker and its TLS listener: a further listener for devices that
+    /// authenticate with a client certificate from the cloud's device CA (`ca/` in the data
+    /// folder, created on first use), and the validity of the certificates the cloud issues.
+    /// Default none.
+    pub device_certificates: Option<DeviceCertificates>,
     /// With an external broker: connect with TLS, checking its certificate against this CA.
     /// Default none: clear text, warned about at start.
     pub external_tls: Option<crate::tls::ClientTls>,
@@ -78,6 +83,28 @@ pub struct CloudConfig {
     /// Most devices whose credentials the embedded broker caches. Default 100,000
     /// ([`crate::auth::DEFAULT_CREDENTIALS_CACHE`]).
     pub credentials_cache: usize,
+}
+
+/// Devices with client certificates (mutual TLS).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceCertificates {
+    /// Address of the embedded broker's listener that requires a client certificate from the
+    /// device CA. It serves with the TLS listener's certificate (`broker_tls`). Port 0 picks a
+    /// free port ([`crate::Cloud::mqtt_cert_addr`] reports it).
+    pub listen: SocketAddr,
+    /// Validity of each device certificate the cloud issues, in days (1 to
+    /// [`crate::ca::MAX_VALIDITY_DAYS`]). Default [`crate::ca::DEFAULT_VALIDITY_DAYS`].
+    pub validity_days: u32,
+}
+
+impl DeviceCertificates {
+    /// A listener on `listen` and the default validity.
+    pub fn new(listen: SocketAddr) -> DeviceCertificates {
+        DeviceCertificates {
+            listen,
+            validity_days: crate::ca::DEFAULT_VALIDITY_DAYS,
+        }
+    }
 }
 
 /// Settings of the service's MQTT client (the sync loop's connection to the broker).
@@ -154,6 +181,7 @@ impl CloudConfig {
             api_tls: None,
             broker_plain: true,
             broker_tls: None,
+            device_certificates: None,
             external_tls: None,
             broker: BrokerMode::Embedded {
                 listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
@@ -195,6 +223,23 @@ impl CloudConfig {
         if !self.broker_plain && self.broker_tls.is_none() {
             return Err("the embedded broker needs a listener: broker_plain or broker_tls".into());
         }
+        if let Some(certs) = &self.device_certificates {
+            if !matches!(self.broker, BrokerMode::Embedded { .. }) {
+                return Err(
+                    "device_certificates needs the embedded broker (an external \
+                            broker's client certificates are configured there)"
+                        .into(),
+                );
+            }
+            if self.broker_tls.is_none() {
+                return Err(
+                    "device_certificates needs embedded_broker_tls: its listener \
+                            serves with the same certificate"
+                        .into(),
+                );
+            }
+            crate::ca::validity_days(u64::from(certs.validity_days)).map_err(|e| e.to_string())?;
+        }
         if self.startup_prompts.per_tick == 0 || self.startup_prompts.tick.is_zero() {
             return Err("startup prompts need at least 1 per tick and a tick above 0".into());
         }
@@ -223,6 +268,11 @@ pub struct CloudFile {
     /// `embedded_broker`) ...
     #[serde(default)]
     pub embedded_broker_tls: Option<BrokerTlsFile>,
+    /// `{listen, validity_days}`: the embedded broker's listener for devices with client
+    /// certificates (needs `embedded_broker_tls`, whose certificate it serves with); the cloud
+    /// issues them from its CA in `data_dir/ca/`, valid `validity_days` (default 90).
+    #[serde(default)]
+    pub device_certificates: Option<DeviceCertificatesFile>,
     /// ... or an external broker: `mqtts://host:port` (needs `external_broker_tls`),
     /// `mqtt://host:port` or `host:port` (clear text).
     #[serde(default)]
@@ -282,6 +332,15 @@ pub struct BrokerTlsFile {
     pub key: PathBuf,
 }
 
+/// The device-certificate listener in the cloud's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceCertificatesFile {
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub validity_days: Option<u32>,
+}
+
 /// The external broker's TLS in the cloud's file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -318,6 +377,13 @@ impl CloudFile {
             });
             // A TLS listener alone replaces the clear-text default.
             config.broker_plain = file.embedded_broker.is_some();
+        }
+        if let Some(certs) = &file.device_certificates {
+            let mut c = DeviceCertificates::new(certs.listen);
+            if let Some(days) = certs.validity_days {
+                c.validity_days = days;
+            }
+            config.device_certificates = Some(c);
         }
         let embedded = file.embedded_broker.is_some() || file.embedded_broker_tls.is_some();
         config.broker = match (embedded, &file.external_broker) {
@@ -356,6 +422,7 @@ impl CloudFile {
                     (_, Some(tls)) => Some(crate::tls::ClientTls {
                         ca_file: dir.join(&tls.ca),
                         server_name: tls.server_name.clone(),
+                        identity: None,
                     }),
                     (_, None) => None,
                 };
@@ -479,6 +546,52 @@ mod tests {
             .1
             .external_tls
             .is_none());
+    }
+
+    #[test]
+    fn the_file_sets_the_device_certificate_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        let load = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path)
+        };
+        let tls = "embedded_broker_tls: {listen: '127.0.0.1:8883', cert: 'b.pem', key: 'b.key'}";
+        let c = load(&format!(
+            "{tls}, device_certificates: {{listen: '127.0.0.1:8884', validity_days: 7}}"
+        ))
+        .unwrap()
+        .1;
+        let certs = c.device_certificates.unwrap();
+        assert_eq!(certs.listen, "127.0.0.1:8884".parse().unwrap());
+        assert_eq!(certs.validity_days, 7);
+        let c = load(&format!(
+            "{tls}, device_certificates: {{listen: '127.0.0.1:8884'}}"
+        ))
+        .unwrap()
+        .1;
+        assert_eq!(
+            c.device_certificates.unwrap().validity_days,
+            crate::ca::DEFAULT_VALIDITY_DAYS
+        );
+        // Without the TLS listener (whose certificate it serves with), with an external broker,
+        // or with a validity out of range: refused, saying why.
+        let err = load("device_certificates: {listen: '127.0.0.1:8884'}").unwrap_err();
+        assert!(err.contains("embedded_broker_tls"), "{err}");
+        let err =
+            load("external_broker: 'b:1883', device_certificates: {listen: '127.0.0.1:8884'}")
+                .unwrap_err();
+        assert!(err.contains("embedded broker"), "{err}");
+        let err = load(&format!(
+            "{tls}, device_certificates: {{listen: '127.0.0.1:8884', validity_days: 0}}"
+        ))
+        .unwrap_err();
+        assert!(err.contains("validity"), "{err}");
+        assert!(load("device_certificates: {listen: '127.0.0.1:8884', ca: 'x'}").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`auth`]: device secrets (hashed at rest) and the broker's authenticator.
 //! - [`broker_hash`]: the second, Mosquitto-readable hash of each device secret, which
 //!   `devtables broker-config mosquitto` exports as Mosquitto's password file.
+//! - [`ca`]: the device CA in the data folder, which issues devices' client certificates.
 //! - [`service`]: the running service: start-up order, API server, retention timer, graceful
 //!   shutdown.
 //! - [`store_thread`]: the thread that owns the store, and the handle to run work on it (a leaf
@@ -36,6 +37,8 @@ pub mod broker;
 #[cfg(feature = "service")]
 pub mod broker_hash;
 #[cfg(feature = "service")]
+pub mod ca;
+#[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]
 mod mqtt_link;
@@ -56,6 +59,8 @@ mod sync_loop;
 pub mod tls;
 
 #[cfg(feature = "service")]
-pub use config::{BrokerMode, CloudConfig, CloudFile, MqttClientConfig, StartupPrompts};
+pub use config::{
+    BrokerMode, CloudConfig, CloudFile, DeviceCertificates, MqttClientConfig, StartupPrompts,
+};
 #[cfg(feature = "service")]
 pub use service::{Cloud, StartError};

@@ -18,7 +18,8 @@ use rumqttc::{AsyncClient, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::{self, Credentials};
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::{Broker, BrokerConfig, DeviceCertListener};
+use crate::ca::{DeviceCa, DeviceCertificate};
 use crate::config::{BrokerMode, CloudConfig};
 use crate::mqtt_link::{self, RequestGauge};
 use crate::ops::{self, OpError, WriteKind};
@@ -54,6 +55,25 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot start a service thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("device certificates: {0}")]
+    Ca(#[from] crate::ca::CaError),
+}
+
+/// Why a device certificate could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceCertError {
+    #[error("this cloud issues no device certificates: configure device_certificates")]
+    NotConfigured,
+    #[error("device {0} is not registered: register it first")]
+    NotRegistered(DeviceId),
+    #[error("device {0} is revoked: rotate its secret to make it usable again, then issue")]
+    Revoked(DeviceId),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gone(#[from] StoreGone),
 }
 
 /// A running cloud service.
@@ -66,6 +86,8 @@ pub struct Cloud {
     pub mqtt_addr: String,
     /// The embedded broker's TLS listener, when it has one.
     pub mqtt_tls_addr: Option<SocketAddr>,
+    /// The embedded broker's listener for devices with client certificates, when it has one.
+    pub mqtt_cert_addr: Option<SocketAddr>,
     pub store: StoreHandle,
     pub credentials: Option<Arc<Credentials>>,
     broker_control: ops::BrokerControl,
@@ -76,6 +98,8 @@ pub struct Cloud {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     broker: Option<Broker>,
+    /// The device CA and the validity of what it issues, with `device_certificates`.
+    device_ca: Option<(Arc<DeviceCa>, std::time::Duration)>,
 }
 
 impl Cloud {
@@ -105,6 +129,23 @@ impl Cloud {
             }
         })?;
 
+        // Shared with the broker, which counts its certificate refusals there.
+        let status = Arc::new(SyncStatus::default());
+        // The device CA, made in the data folder on first use, and the broker listener that
+        // accepts its certificates (with the TLS listener's server certificate).
+        let mut device_ca = None;
+        let mut device_certs = None;
+        if let (Some(certs), Some(tls)) = (&config.device_certificates, &config.broker_tls) {
+            let ca = Arc::new(DeviceCa::open_or_create(&config.data_dir)?);
+            device_certs = Some(DeviceCertListener {
+                listen: certs.listen,
+                files: tls.files.clone(),
+                client_ca: ca.cert_file(),
+            });
+            let validity = crate::ca::validity_days(u64::from(certs.validity_days))?;
+            device_ca = Some((ca, validity));
+        }
+
         // Credentials for the embedded broker: the service's, and the devices' read from the
         // store (through a short-lived cache) once the store thread runs, below.
         let service_secret = auth::generate_secret();
@@ -123,6 +164,8 @@ impl Cloud {
                         listen: *listen,
                         plain: config.broker_plain,
                         tls: config.broker_tls.clone(),
+                        device_certs: device_certs.clone(),
+                        certificate_refusals: status.mqtt_certificates_refused.clone(),
                         topic_prefix: config.topic_prefix.clone(),
                         ..BrokerConfig::default()
                     },
@@ -175,6 +218,7 @@ impl Cloud {
             }
         };
         let mqtt_tls_addr = broker.as_ref().and_then(Broker::tls_addr);
+        let mqtt_cert_addr = broker.as_ref().and_then(Broker::device_cert_addr);
 
         // Each cloud process mints versions with its own node id, resuming after the highest
         // version stored (the wall clock may have gone back across the restart).
@@ -205,7 +249,6 @@ impl Cloud {
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (sync_tx, sync_rx) = mpsc::channel(1024);
-        let status = Arc::new(SyncStatus::default());
 
         let mut options = MqttOptions::new(
             format!("devtables-cloud-{}", std::process::id()),
@@ -280,6 +323,12 @@ impl Cloud {
             addr: config.api_listen,
             source,
         })?;
+        // The API tells devices where to connect: the listener's real address (port 0 asked
+        // for any).
+        let mut api_config = config.clone();
+        if let (Some(certs), Some(addr)) = (&mut api_config.device_certificates, mqtt_cert_addr) {
+            certs.listen = addr;
+        }
         let state = crate::api::ApiState {
             store: store.clone(),
             sync: sync_tx.clone(),
@@ -287,7 +336,7 @@ impl Cloud {
             broker: broker_control.clone(),
             status: status.clone(),
             mqtt_addr: format!("{mqtt_host}:{mqtt_port}"),
-            config: Arc::new(config.clone()),
+            config: Arc::new(api_config),
             refusals: Arc::new(std::sync::Mutex::new(crate::status::WarnLimiter::new(
                 crate::status::WarnLimiter::INTERVAL,
             ))),
@@ -396,6 +445,7 @@ impl Cloud {
             api_tls: config.api_tls.is_some(),
             mqtt_addr: format!("{mqtt_host}:{mqtt_port}"),
             mqtt_tls_addr,
+            mqtt_cert_addr,
             store,
             credentials,
             broker_control,
@@ -406,6 +456,7 @@ impl Cloud {
             shutdown,
             tasks,
             broker,
+            device_ca,
         })
     }
 
@@ -424,6 +475,27 @@ impl Cloud {
     /// returns it; the old secret stops working and its session is closed.
     pub async fn rotate_device_secret(&self, id: &DeviceId) -> Result<String, OpError> {
         ops::rotate_secret(&self.store, &self.broker_control, id).await
+    }
+
+    /// Issues a client certificate for a registered device (as `devtables devices cert` does),
+    /// for the device-certificate listener: bound to the device's current secret, so rotating
+    /// the secret cuts it off. The answer holds its private key, which is not kept.
+    pub async fn issue_device_certificate(
+        &self,
+        id: &DeviceId,
+    ) -> Result<DeviceCertificate, DeviceCertError> {
+        let Some((ca, validity)) = &self.device_ca else {
+            return Err(DeviceCertError::NotConfigured);
+        };
+        let who = id.clone();
+        let record = self.store.call(move |c| c.store.device(&who)).await??;
+        let Some(record) = record else {
+            return Err(DeviceCertError::NotRegistered(id.clone()));
+        };
+        if record.secret_hash == crate::store::REVOKED_SECRET_HASH {
+            return Err(DeviceCertError::Revoked(id.clone()));
+        }
+        Ok(ca.issue(id, &record.secret_hash, *validity)?)
     }
 
     /// Creates an API key of `account` (as `POST /v1/accounts/{account}/keys` does); the answer

@@ -7,6 +7,7 @@
 //! topics subscribed).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -57,6 +58,9 @@ pub struct SyncStatus {
     pub(crate) pushes_revoked: AtomicU64,
     /// Connections to the HTTP API whose TLS handshake failed or timed out.
     pub(crate) api_tls_handshakes_failed: AtomicU64,
+    /// CONNECTs the embedded broker's device-certificate listener refused (shared with the
+    /// broker, which counts them).
+    pub(crate) mqtt_certificates_refused: Arc<AtomicU64>,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -82,6 +86,7 @@ pub struct StatusSnapshot {
     pub api_forbidden: u64,
     pub pushes_revoked: u64,
     pub api_tls_handshakes_failed: u64,
+    pub mqtt_certificates_refused: u64,
 }
 
 impl SyncStatus {
@@ -109,6 +114,7 @@ impl SyncStatus {
             api_forbidden: n(&self.api_forbidden),
             pushes_revoked: n(&self.pushes_revoked),
             api_tls_handshakes_failed: n(&self.api_tls_handshakes_failed),
+            mqtt_certificates_refused: n(&self.mqtt_certificates_refused),
         }
     }
 

@@ -5,19 +5,17 @@
 //! It exists so that API keys, device secrets and items never cross a network in clear text
 //! unless the configuration says so (and the service then warns at start). rustls with the ring
 //! provider is used, passed explicitly: the broker's TLS brings a second provider (aws-lc-rs)
-//! into the process, so no process-wide default can be relied on.
+//! into the process, so no process-wide default can be relied on. The client side (CA file,
+//! server name, pinned certificate, client certificate) is shared with the agent and lives in
+//! `devtables-tls`; this module re-exports it and holds the server side.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+pub use devtables_tls::{read_certs, read_key, ClientIdentity, ClientTls, TlsError};
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -34,55 +32,11 @@ pub struct ServerTls {
     pub key: PathBuf,
 }
 
-/// TLS settings of the service's MQTT client toward an external broker.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ClientTls {
-    /// The certificate authorities (PEM) the broker's certificate must chain to.
-    pub ca_file: PathBuf,
-    /// The name the broker's certificate must carry. Default: the broker host.
-    pub server_name: Option<String>,
-}
-
-/// TLS files or settings that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {path}: {reason}")]
-    File { path: PathBuf, reason: String },
-    #[error("{0} holds no certificate")]
-    NoCert(PathBuf),
-    #[error("TLS server name {0:?} is not a valid DNS name or IP address")]
-    ServerName(String),
-    #[error("TLS setup failed: {0}")]
-    Rustls(String),
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn file_error(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
-
-/// Every certificate of a PEM file (at least one).
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCert(path.to_path_buf()));
-    }
-    Ok(certs)
-}
-
 /// The rustls server configuration for `tls` (no client certificates).
 pub fn server_config(tls: &ServerTls) -> Result<ServerConfig, TlsError> {
     let certs = read_certs(&tls.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_error(&tls.key, e))?;
-    ServerConfig::builder_with_provider(provider())
+    let key = read_key(&tls.key)?;
+    ServerConfig::builder_with_provider(devtables_tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_no_client_auth()
@@ -91,131 +45,15 @@ pub fn server_config(tls: &ServerTls) -> Result<ServerConfig, TlsError> {
 }
 
 /// The rustls client configuration for an external broker.
-pub fn client_config(tls: &ClientTls) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(&tls.ca_file)? {
-        roots.add(cert).map_err(|e| file_error(&tls.ca_file, e))?;
-    }
-    let provider = provider();
-    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let name = match &tls.server_name {
-        None => None,
-        Some(n) => {
-            Some(ServerName::try_from(n.clone()).map_err(|_| TlsError::ServerName(n.clone()))?)
-        }
-    };
-    client_with_verifier(Arc::new(Verifier::WebPki {
-        inner: webpki,
-        name,
-    }))
+pub fn client_config(tls: &ClientTls) -> Result<rustls::ClientConfig, TlsError> {
+    devtables_tls::client_config(tls)
 }
 
 /// The rustls client configuration of the service's own connection to its embedded broker: it
 /// trusts exactly the broker's own leaf certificate, so it needs no CA file and works whatever
 /// names the certificate carries (the service connects over loopback).
-pub fn pinned_client_config(broker: &ServerTls) -> Result<ClientConfig, TlsError> {
-    let leaf = read_certs(&broker.cert)?.swap_remove(0);
-    client_with_verifier(Arc::new(Verifier::Pinned {
-        leaf,
-        provider: provider(),
-    }))
-}
-
-fn client_with_verifier(verifier: Arc<Verifier>) -> Result<ClientConfig, TlsError> {
-    Ok(ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
-}
-
-/// How the service's client checks a broker certificate.
-#[derive(Debug)]
-enum Verifier {
-    /// The full WebPKI checks, against a configured name when one is set (rumqttc would use the
-    /// host connected to).
-    WebPki {
-        inner: Arc<WebPkiServerVerifier>,
-        name: Option<ServerName<'static>>,
-    },
-    /// Exactly this leaf certificate, with the handshake signatures checked against it.
-    Pinned {
-        leaf: CertificateDer<'static>,
-        provider: Arc<CryptoProvider>,
-    },
-}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self {
-            Verifier::WebPki { inner, name } => inner.verify_server_cert(
-                end_entity,
-                intermediates,
-                name.as_ref().unwrap_or(server_name),
-                ocsp_response,
-                now,
-            ),
-            Verifier::Pinned { leaf, .. } if leaf.as_ref() == end_entity.as_ref() => {
-                Ok(ServerCertVerified::assertion())
-            }
-            Verifier::Pinned { .. } => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        match self {
-            Verifier::WebPki { inner, .. } => inner.verify_tls12_signature(message, cert, dss),
-            Verifier::Pinned { provider, .. } => rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &provider.signature_verification_algorithms,
-            ),
-        }
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        match self {
-            Verifier::WebPki { inner, .. } => inner.verify_tls13_signature(message, cert, dss),
-            Verifier::Pinned { provider, .. } => rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &provider.signature_verification_algorithms,
-            ),
-        }
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        match self {
-            Verifier::WebPki { inner, .. } => inner.supported_verify_schemes(),
-            Verifier::Pinned { provider, .. } => provider
-                .signature_verification_algorithms
-                .supported_schemes(),
-        }
-    }
+pub fn pinned_client_config(broker: &ServerTls) -> Result<rustls::ClientConfig, TlsError> {
+    devtables_tls::pinned_client_config(&broker.cert)
 }
 
 /// Most TLS handshakes of the HTTP API in progress at once; the accept loop waits for a free

@@ -7,6 +7,7 @@ mod commands;
 mod conformance;
 mod inputs;
 mod limits;
+mod mtls;
 mod outbox;
 mod status;
 mod support;

@@ -19,14 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::support::{agent_config, device, eventually, eventually_in_cloud, item, schema};
 
-/// A certificate authority made for one test.
-struct Ca {
+/// A certificate authority made for one test (the mutual TLS tests use it too).
+pub struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub fn new(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -36,14 +36,14 @@ impl Ca {
     }
 
     /// Writes the CA certificate to `dir/<name>-ca.pem`.
-    fn write_ca(&self, dir: &Path, name: &str) -> PathBuf {
+    pub fn write_ca(&self, dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(format!("{name}-ca.pem"));
         std::fs::write(&path, self.cert.pem()).unwrap();
         path
     }
 
     /// A server certificate for `localhost` and 127.0.0.1, signed by this CA, written to `dir`.
-    fn server(&self, dir: &Path, name: &str) -> ServerTls {
+    pub fn server(&self, dir: &Path, name: &str) -> ServerTls {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
         params
             .subject_alt_names
@@ -130,6 +130,7 @@ async fn tls_broker_and_api_carry_data_both_ways() {
     config.tls = Some(ClientTls {
         ca_file: ca_file.clone(),
         server_name: None,
+        identity: None,
     });
     let agent = Agent::start(config, schema()).unwrap();
     eventually(&agent, "ready over TLS", |a| a.status().ready).await;
@@ -191,6 +192,7 @@ async fn an_agent_trusting_another_ca_is_refused_and_says_why() {
     config.tls = Some(ClientTls {
         ca_file: wrong_ca,
         server_name: None,
+        identity: None,
     });
     let agent = Agent::start(config, schema()).unwrap();
     eventually(&agent, "a certificate error", |a| {

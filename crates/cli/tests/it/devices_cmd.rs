@@ -1,7 +1,8 @@
 //! `devtables devices revoke` against a running `devtables cloud` process: a revocation written
 //! to the cloud's data folder by another process reaches the cloud's embedded broker within its
 //! `credentials_ttl`, so the device's reconnects are refused (CONNACK "not authorized"), and its
-//! items stay.
+//! items stay. `devtables devices cert` issues a client certificate from the data folder's
+//! device CA that a cloud on that folder accepts on its device-certificate listener.
 
 use std::path::Path;
 
@@ -90,4 +91,151 @@ fn a_revocation_by_the_command_reaches_the_running_cloud_within_its_ttl() {
     // Its items stay (only its credentials were revoked).
     let items = cloud.items(KEY_ACCOUNT, "d1", "Setting").expect("items");
     assert_eq!(items.len(), 1, "{items:?}");
+}
+
+/// `devtables devices cert --data DATA --account acme --device DEVICE --out OUT`: (success,
+/// stderr).
+fn issue_cert(data: &Path, device: &str, out: &Path) -> (bool, String) {
+    let out = bin()
+        .args([
+            "devices",
+            "cert",
+            "--account",
+            KEY_ACCOUNT,
+            "--device",
+            device,
+        ])
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("devtables devices cert runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A server certificate for 127.0.0.1 and the CA file that checks it, written to `dir`.
+fn server_tls(dir: &Path) -> (devtables_cloud::tls::ServerTls, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let files = devtables_cloud::tls::ServerTls {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    let ca_file = dir.join("server-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    (files, ca_file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_issued_by_the_command_is_accepted_by_the_cloud() {
+    use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
+    use devtables_cloud::store::CloudStore;
+    use devtables_cloud::tls::{ClientIdentity, ClientTls};
+    use devtables_sync::identity::DeviceId;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("d1-cert");
+    // Without a store, nothing is issued and no CA is made.
+    let (ok, stderr) = issue_cert(&data, "d1", &out);
+    assert!(!ok && stderr.contains("no cloud store"), "{stderr}");
+    assert!(!data.join("ca").exists());
+
+    // A device registered in the store, as the cloud registers it.
+    std::fs::create_dir_all(&data).unwrap();
+    let id = DeviceId::new(KEY_ACCOUNT, "d1").unwrap();
+    {
+        let mut store =
+            SqliteStore::open(&data.join("cloud.db"), SqliteOptions::default()).expect("the store");
+        let secret = devtables_cloud::auth::generate_secret();
+        store
+            .register_device(&id, &devtables_cloud::auth::hash_secret(&secret), None, 0)
+            .unwrap();
+    }
+    let (ok, stderr) = issue_cert(&data, "nobody", &out);
+    assert!(!ok && stderr.contains("not registered"), "{stderr}");
+    let (ok, stderr) = issue_cert(&data, "d1", &out);
+    assert!(ok, "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the private key is owner-only");
+    }
+    // The files are never replaced.
+    let cert = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    let (ok, stderr) = issue_cert(&data, "d1", &out);
+    assert!(!ok && stderr.contains("exists"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(out.join("cert.pem")).unwrap(), cert);
+    assert_eq!(
+        std::fs::read_to_string(out.join("ca.pem")).unwrap(),
+        std::fs::read_to_string(data.join("ca/ca.pem")).unwrap(),
+        "ca.pem is the data folder's device CA"
+    );
+
+    // A cloud on that data folder accepts the certificate, with no secret, over mutual TLS.
+    let (server, server_ca) = server_tls(dir.path());
+    let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = devtables_cloud::CloudConfig::new(&data);
+    config.api_listen = any;
+    config.broker = devtables_cloud::BrokerMode::Embedded { listen: any };
+    config.broker_tls = Some(devtables_cloud::broker::BrokerTls {
+        listen: any,
+        files: server,
+    });
+    config.device_certificates = Some(devtables_cloud::DeviceCertificates::new(any));
+    config.sqlite_full_sync = false;
+    let schema = devtables_schema::Schema::load(&super::example_schema()).unwrap();
+    let cloud = devtables_cloud::Cloud::start(config, std::sync::Arc::new(schema))
+        .await
+        .expect("the cloud starts");
+    let addr = cloud.mqtt_cert_addr.unwrap();
+    let mut tls = ClientTls::new(&server_ca);
+    tls.identity = Some(ClientIdentity {
+        cert: out.join("cert.pem"),
+        key: out.join("key.pem"),
+    });
+    let tls = devtables_cloud::tls::client_config(&tls).unwrap();
+    let mut options = MqttOptions::new(id.node_name(), "127.0.0.1", addr.port());
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+    ));
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let connack = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok(ack.code),
+                Ok(_) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("an answer in time");
+    assert_eq!(connack, Ok(ConnectReturnCode::Success));
+    cloud.shutdown().await;
+
+    // A revoked device gets no certificate.
+    let (ok, stderr) = revoke(&data, "d1");
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = issue_cert(&data, "d1", &dir.path().join("again"));
+    assert!(!ok && stderr.contains("revoked"), "{stderr}");
 }

@@ -88,6 +88,7 @@ impl RawMqtt {
         let tls = devtables_agent::tls::client_config(&devtables_agent::tls::ClientTls {
             ca_file: ca.to_path_buf(),
             server_name: None,
+            identity: None,
         })
         .expect("a TLS client configuration");
         options.set_transport(rumqttc::Transport::tls_with_config(

@@ -218,6 +218,12 @@ impl RawDevice {
         let (host, port) = mqtt.rsplit_once(':').expect("host:port");
         let mut options = MqttOptions::new(id.node_name(), host, port.parse().expect("a port"));
         options.set_credentials(id.node_name(), secret);
+        RawDevice::connect_with(options, id).await
+    }
+
+    /// Like [`RawDevice::connect`], with the connection options given (TLS, a client
+    /// certificate, no secret...).
+    pub async fn connect_with(mut options: MqttOptions, id: DeviceId) -> RawDevice {
         options.set_max_packet_size(256 * 1024, 256 * 1024);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (tx, events) = mpsc::unbounded_channel();
