@@ -613,4 +613,16 @@ fn embedded_broker_over_tls_passes_the_isolation_checks() {
         prefix,
         registry_changed: &|| {},
     });
+    // A client that does not speak TLS is refused at the handshake, and the refusal is in the
+    // cloud's log: the embedded broker reports it through the `log` crate, which the binary
+    // forwards to its own log.
+    {
+        use std::io::Write;
+        let mut plain = std::net::TcpStream::connect(&cloud.mqtt).unwrap();
+        // An MQTT 3.1.1 CONNECT in clear text.
+        let _ = plain.write_all(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04plain");
+        cloud.logs.wait_for("the refused TLS handshake in the cloud's log", |l| {
+            l.contains("TLS accept error")
+        });
+    }
 }
