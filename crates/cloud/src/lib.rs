@@ -16,7 +16,7 @@
 //!   [`status`]: the sync loop's counters (`GET /v1/status`).
 //! - [`ops`]: application operations (register a device, write an item) shared by the API and
 //!   embedding programs.
-//! - `api`: the HTTP API (axum, JSON).
+//! - `api`: the HTTP API (axum, JSON); [`rate_limit`]: the request rate of each API key.
 //! - [`config`]: every setting and limit, and the `devtables cloud` file format.
 //!
 //! The sync loop makes no protocol decision: `devtables_sync` decides, the loop carries bytes and
@@ -28,6 +28,7 @@ pub mod broker;
 pub mod config;
 mod mqtt_link;
 pub mod ops;
+pub mod rate_limit;
 pub mod service;
 pub mod status;
 pub mod store;
