@@ -160,6 +160,8 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     conn: Connection,
     quotas: DeviceQuotas,
+    /// Rate-limits the warnings about conflict records dropped for the per-device cap.
+    conflict_warn: crate::status::WarnLimiter,
 }
 
 impl SqliteStore {
@@ -215,6 +217,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             quotas: options.quotas,
+            conflict_warn: crate::status::WarnLimiter::new(crate::status::WarnLimiter::INTERVAL),
         })
     }
 
@@ -313,6 +316,7 @@ impl CloudStore for SqliteStore {
             now_ms,
             max_drift_ms,
             &self.quotas,
+            &mut self.conflict_warn,
             from,
             changes,
         )

@@ -73,12 +73,12 @@ pub(super) fn refusal(
 
 /// Keeps at most `max` conflict records of `device` (its pushes' conflicts), dropping the oldest;
 /// counts what it dropped on the device. Called after each record of the device is added, so
-/// one record goes at a time (more only right after the limit was lowered).
+/// one record goes at a time (more only right after the limit was lowered). Returns how many.
 pub(super) fn trim_conflicts(
     conn: &Connection,
     device: &DeviceId,
     max: u64,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let max = i64::try_from(max).unwrap_or(i64::MAX);
     let dropped = conn
         .prepare_cached(
@@ -96,7 +96,7 @@ pub(super) fn trim_conflicts(
         .and_then(|mut s| s.execute(params![device.account, device.device, dropped as i64]))
         .map_err(db("counting a device's dropped conflicts"))?;
     }
-    Ok(())
+    Ok(dropped as u64)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! they name, and this file is all of that, so a write never takes another path.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use devtables_schema::{ItemKey, Schema};
 use devtables_sync::apply::{
@@ -21,6 +22,7 @@ use super::super::{Advanced, DeviceQuotas, StoreError};
 use super::devices::{device_exists, device_revoked};
 use super::quota;
 use super::sql::{db, item_json, map_err, owner_cols, parse_version, write_txn};
+use crate::status::WarnLimiter;
 
 /// One write transaction as the replication rules see it.
 pub(super) struct SqlTxn<'c> {
@@ -32,6 +34,8 @@ pub(super) struct SqlTxn<'c> {
     /// Push counts gathered for one write at the end (a push applied change by change),
     /// rather than written at every `count_push`.
     deferred: Option<PushCounts>,
+    /// Conflict records dropped for the per-device cap in this transaction.
+    conflicts_dropped: u64,
 }
 
 impl<'c> SqlTxn<'c> {
@@ -42,6 +46,7 @@ impl<'c> SqlTxn<'c> {
             advanced: BTreeMap::new(),
             max_conflicts: quotas.max_conflicts,
             deferred: None,
+            conflicts_dropped: 0,
         }
     }
 
@@ -274,7 +279,7 @@ impl CloudTxn for SqlTxn<'_> {
             })
             .map_err(db("logging a conflict"))?;
         if let Some(d) = &conflict.device {
-            quota::trim_conflicts(self.conn, d, self.max_conflicts)?;
+            self.conflicts_dropped += quota::trim_conflicts(self.conn, d, self.max_conflicts)?;
         }
         Ok(())
     }
@@ -340,6 +345,7 @@ pub(super) fn apply_push(
     now_ms: u64,
     max_drift_ms: u64,
     quotas: &DeviceQuotas,
+    warn: &mut WarnLimiter,
     from: &DeviceId,
     changes: &[Change],
 ) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
@@ -349,7 +355,7 @@ pub(super) fn apply_push(
     if device_revoked(&tx, from)? {
         return Err(StoreError::DeviceRevoked(from.to_string()));
     }
-    let (results, advanced) = {
+    let (results, advanced, dropped) = {
         let mut t = SqlTxn::new(&tx, now_ms, quotas);
         t.defer_counts();
         let mut results = Vec::with_capacity(changes.len());
@@ -377,9 +383,19 @@ pub(super) fn apply_push(
             )?);
         }
         t.write_counts(from, over_quota)?;
-        (results, t.into_advanced())
+        let dropped = t.conflicts_dropped;
+        (results, t.into_advanced(), dropped)
     };
     tx.commit().map_err(db("committing a push"))?;
+    if dropped > 0 {
+        if let Some(quiet) = warn.hit(Instant::now()) {
+            tracing::warn!(
+                device = %from, dropped, quiet, max = quotas.max_conflicts,
+                "dropped the oldest conflict records of a device over its cap (counted in its \
+                 conflicts_dropped; {quiet} more drops since the last warning)"
+            );
+        }
+    }
     Ok((results, advanced))
 }
 
