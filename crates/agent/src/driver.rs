@@ -652,6 +652,23 @@ impl Driver {
                 // The engine already asked for the durable entry's removal (OutboxRemove):
                 // a rejected change is never retried.
             }
+            DeviceEvent::Throttled {
+                retry_after_ms,
+                busy,
+            } => {
+                // The cloud answers this at most once per `retry_after_ms`: no log storm.
+                let why = if busy {
+                    "the cloud is busy with this device's earlier pushes"
+                } else {
+                    "this device is over its message rate"
+                };
+                tracing::warn!(device = %self.id, retry_after_ms, "{why}: pushes wait (nothing is lost)");
+                let message = format!("{why}: pushes wait {retry_after_ms} ms");
+                self.set_status(|s| {
+                    s.throttled += 1;
+                    s.last_error = Some(message);
+                });
+            }
             DeviceEvent::CloudError { code, message } => {
                 tracing::error!(device = %self.id, ?code, "cloud error: {message}");
                 self.set_status(|s| s.last_error = Some(message.clone()));

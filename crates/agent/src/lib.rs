@@ -91,6 +91,10 @@ pub struct AgentStatus {
     pub superseded: u64,
     /// Local changes re-stamped on the cloud's time (the device clock was ahead).
     pub restamped: u64,
+    /// Times the cloud told this device to slow down (over its message rate, or too many pushes
+    /// being applied); pushes then wait the time it said. Nothing is lost: what the cloud did not
+    /// take stays in the outbox and is sent again.
+    pub throttled: u64,
     /// Local items a resync deleted because the cloud does not hold them.
     pub swept: u64,
     /// Cloud time minus this device's clock, in ms, from the last welcome.

@@ -32,7 +32,9 @@
 //! answered 403 `forbidden`, before anything is looked up, so the answer never tells whether the
 //! target exists. Every refusal is counted (`api_unauthorized`, `api_forbidden` in
 //! `/v1/status`) and logged at warn (rate-limited). The `insecure_no_auth` setting turns all of
-//! this off. The [`Caller`] extractor authenticates; each handler states what it needs of it
+//! this off. Each key has a request rate (`api_rate`, default 100 a second, burst 200): a request
+//! over it is answered 429 `rate_limited` with `Retry-After` and counted (`api_rate_limited`);
+//! see [`crate::rate_limit`]. The [`Caller`] extractor authenticates; each handler states what it needs of it
 //! ([`Caller::allow`]), so a handler without a `Caller` argument would be open: the tests try
 //! every route without a key.
 
@@ -72,6 +74,8 @@ pub(crate) struct ApiState {
     pub(crate) config: Arc<CloudConfig>,
     /// Rate-limits the warnings about refused requests (each one is counted in `status`).
     pub(crate) refusals: Arc<Mutex<WarnLimiter>>,
+    /// The request rate of each API key.
+    pub(crate) rate: Arc<crate::rate_limit::ApiRateLimiter>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -123,6 +127,8 @@ pub(crate) struct ApiError {
     status: StatusCode,
     kind: &'static str,
     message: String,
+    /// `Retry-After`, in seconds (a 429).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -131,6 +137,7 @@ impl ApiError {
             status,
             kind,
             message: message.into(),
+            retry_after: None,
         }
     }
     fn bad(message: impl Into<String>) -> ApiError {
@@ -149,6 +156,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -240,6 +252,16 @@ impl axum::extract::FromRequestParts<ApiState> for Caller {
         }
         if record.revoked_ms.is_some() {
             return Err(s.unauthorized(INVALID_KEY, &format!("revoked key {id}")));
+        }
+        // The key is known to be its holder's: its request rate applies.
+        if let Err(wait) = s.rate.check(&record.id) {
+            let r = s.rate.refuse(&s.status, &record.id, wait);
+            return Err(ApiError {
+                status: r.status,
+                kind: r.kind,
+                message: r.message,
+                retry_after: Some(r.retry_after),
+            });
         }
         Ok(Caller::Key {
             id: record.id,

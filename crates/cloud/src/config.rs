@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use devtables_sync::rate::RateLimit;
 use serde::Deserialize;
 
-use crate::store::Retention;
+use crate::store::{DeviceQuotas, Retention};
 
 /// Where the service's MQTT traffic goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,8 +51,19 @@ pub struct CloudConfig {
     pub external_tls: Option<crate::tls::ClientTls>,
     /// First segment of every topic; must match the agents'.
     pub topic_prefix: String,
-    /// Protocol limits and timings.
+    /// Protocol limits and timings, the per-device message rate (`device_rate`, default 50 a
+    /// second, burst 100) and the most changes per push (`max_push_changes`, default 1000)
+    /// among them.
     pub sync: devtables_sync::cloud::CloudEngineConfig,
+    /// What each device may store in the cloud and push in one change: item size (64 KiB),
+    /// rows (100 000), bytes (256 MiB), conflict records (1000). See [`DeviceQuotas`].
+    pub quotas: DeviceQuotas,
+    /// The request rate of each API key: a request over it is answered 429 with `Retry-After`.
+    /// Default 100 a second, burst 200; `per_sec: 0` turns it off.
+    pub api_rate: RateLimit,
+    /// Most API keys whose request rate is tracked at once; beyond it the key closest to a full
+    /// bucket is forgotten (it loses nothing: a new key starts full). Default 10 000.
+    pub api_rate_keys: usize,
     pub retention: Retention,
     /// How often retention runs.
     pub purge_interval: Duration,
@@ -188,6 +200,12 @@ impl CloudConfig {
             },
             topic_prefix: devtables_sync::topics::DEFAULT_PREFIX.into(),
             sync: devtables_sync::cloud::CloudEngineConfig::default(),
+            quotas: DeviceQuotas::default(),
+            api_rate: RateLimit {
+                per_sec: 100,
+                burst: 200,
+            },
+            api_rate_keys: 10_000,
             retention: Retention {
                 tombstone_ms: 30 * 24 * 3600 * 1000,
                 max_conflicts: 10_000,
@@ -242,6 +260,34 @@ impl CloudConfig {
         }
         if self.startup_prompts.per_tick == 0 || self.startup_prompts.tick.is_zero() {
             return Err("startup prompts need at least 1 per tick and a tick above 0".into());
+        }
+        let wire = &self.sync.wire;
+        if self.sync.max_push_changes == 0 || self.sync.max_push_changes > wire.max_changes {
+            return Err(format!(
+                "max_push_changes must be 1 to {} (the wire's limit), got {}",
+                wire.max_changes, self.sync.max_push_changes
+            ));
+        }
+        if self.quotas.max_item_bytes == 0
+            || self.quotas.max_item_bytes > wire.max_message_bytes as u64
+        {
+            return Err(format!(
+                "max_item_bytes must be 1 to {} (the message limit), got {}",
+                wire.max_message_bytes, self.quotas.max_item_bytes
+            ));
+        }
+        for (name, rate) in [
+            ("device_message_burst", self.sync.device_rate),
+            ("api_request_burst", self.api_rate),
+        ] {
+            if rate.per_sec > 0 && rate.burst == 0 {
+                return Err(format!(
+                    "{name} must be at least 1 when its rate is set (a burst of 0 refuses all)"
+                ));
+            }
+        }
+        if self.api_rate_keys == 0 {
+            return Err("api_rate_keys must be at least 1".into());
         }
         Ok(())
     }
@@ -313,6 +359,33 @@ pub struct CloudFile {
     /// [`CloudConfig::credentials_ttl`]).
     #[serde(default)]
     pub credentials_ttl_secs: Option<u64>,
+    /// Messages a second one device session may send (default 50; 0: no limit).
+    #[serde(default)]
+    pub device_messages_per_sec: Option<u32>,
+    /// Messages one device may send at once after a quiet time (default 100).
+    #[serde(default)]
+    pub device_message_burst: Option<u32>,
+    /// Most changes in one push (default 1000, the wire's limit).
+    #[serde(default)]
+    pub max_push_changes: Option<usize>,
+    /// Largest item a device may push, in bytes of JSON (default 65536).
+    #[serde(default)]
+    pub max_item_bytes: Option<u64>,
+    /// Most live items stored per device (default 100000).
+    #[serde(default)]
+    pub max_rows_per_device: Option<u64>,
+    /// Most bytes of live items stored per device (default 268435456, 256 MiB).
+    #[serde(default)]
+    pub max_bytes_per_device: Option<u64>,
+    /// Most conflict records kept per device (default 1000).
+    #[serde(default)]
+    pub max_conflicts_per_device: Option<u64>,
+    /// HTTP API requests a second per API key (default 100; 0: no limit).
+    #[serde(default)]
+    pub api_requests_per_sec: Option<u32>,
+    /// HTTP API requests one key may make at once after a quiet time (default 200).
+    #[serde(default)]
+    pub api_request_burst: Option<u32>,
 }
 
 /// A certificate and key in the cloud's file.
@@ -468,6 +541,33 @@ impl CloudFile {
             config.startup_prompts.tick = Duration::from_millis(ms);
         }
         config.insecure_no_auth = file.insecure_no_auth;
+        if let Some(n) = file.device_messages_per_sec {
+            config.sync.device_rate.per_sec = n;
+        }
+        if let Some(n) = file.device_message_burst {
+            config.sync.device_rate.burst = n;
+        }
+        if let Some(n) = file.max_push_changes {
+            config.sync.max_push_changes = n;
+        }
+        if let Some(n) = file.max_item_bytes {
+            config.quotas.max_item_bytes = n;
+        }
+        if let Some(n) = file.max_rows_per_device {
+            config.quotas.max_rows = n;
+        }
+        if let Some(n) = file.max_bytes_per_device {
+            config.quotas.max_bytes = n;
+        }
+        if let Some(n) = file.max_conflicts_per_device {
+            config.quotas.max_conflicts = n;
+        }
+        if let Some(n) = file.api_requests_per_sec {
+            config.api_rate.per_sec = n;
+        }
+        if let Some(n) = file.api_request_burst {
+            config.api_rate.burst = n;
+        }
         config
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -498,6 +598,85 @@ mod tests {
         let mut c = CloudConfig::new("data");
         c.startup_prompts.tick = Duration::ZERO;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_file_sets_the_limits_and_quotas_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        let load = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path)
+        };
+        let c = load("").unwrap().1;
+        assert_eq!(
+            (c.sync.device_rate, c.api_rate, c.quotas),
+            (
+                RateLimit {
+                    per_sec: 50,
+                    burst: 100
+                },
+                RateLimit {
+                    per_sec: 100,
+                    burst: 200
+                },
+                DeviceQuotas {
+                    max_item_bytes: 65_536,
+                    max_rows: 100_000,
+                    max_bytes: 256 * 1024 * 1024,
+                    max_conflicts: 1000
+                }
+            ),
+            "the documented defaults"
+        );
+        assert_eq!(c.sync.max_push_changes, 1000);
+        let c = load(
+            "device_messages_per_sec: 5, device_message_burst: 7, max_push_changes: 20, \
+             max_item_bytes: 1000, max_rows_per_device: 3, max_bytes_per_device: 4000, \
+             max_conflicts_per_device: 9, api_requests_per_sec: 2, api_request_burst: 4",
+        )
+        .unwrap()
+        .1;
+        assert_eq!(
+            c.sync.device_rate,
+            RateLimit {
+                per_sec: 5,
+                burst: 7
+            }
+        );
+        assert_eq!(c.sync.max_push_changes, 20);
+        assert_eq!(
+            c.quotas,
+            DeviceQuotas {
+                max_item_bytes: 1000,
+                max_rows: 3,
+                max_bytes: 4000,
+                max_conflicts: 9
+            }
+        );
+        assert_eq!(
+            c.api_rate,
+            RateLimit {
+                per_sec: 2,
+                burst: 4
+            }
+        );
+        for (bad, says) in [
+            ("max_push_changes: 0", "max_push_changes"),
+            ("max_push_changes: 5000", "max_push_changes"),
+            ("max_item_bytes: 1000000", "max_item_bytes"),
+            ("device_message_burst: 0", "device_message_burst"),
+            ("api_request_burst: 0", "api_request_burst"),
+        ] {
+            let e = load(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // A rate of 0 turns the limit off; its burst then does not matter.
+        assert!(load("api_requests_per_sec: 0, api_request_burst: 0").is_ok());
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //!   [`status`]: the sync loop's counters (`GET /v1/status`).
 //! - [`ops`]: application operations (register a device, write an item) shared by the API and
 //!   embedding programs.
-//! - `api`: the HTTP API (axum, JSON).
+//! - `api`: the HTTP API (axum, JSON); [`rate_limit`]: the request rate of each API key.
 //! - [`config`]: every setting and limit, and the `devtables cloud` file format.
 //!
 //! Only [`store`] is built without the default `service` feature (the fuzz targets link that).
@@ -44,6 +44,8 @@ pub mod config;
 mod mqtt_link;
 #[cfg(feature = "service")]
 pub mod ops;
+#[cfg(feature = "service")]
+pub mod rate_limit;
 #[cfg(feature = "service")]
 pub mod service;
 #[cfg(feature = "service")]

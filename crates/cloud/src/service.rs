@@ -106,6 +106,14 @@ impl Cloud {
     /// Starts every part of the service on the current tokio runtime.
     pub async fn start(config: CloudConfig, schema: Arc<Schema>) -> Result<Cloud, StartError> {
         config.validate().map_err(StartError::Config)?;
+        if !devtables_sync::wire::schema_version_ok(schema.version()) {
+            return Err(StartError::Config(format!(
+                "the schema's version {:?} must be at most {} printable ASCII characters: it \
+                 travels in every sync message",
+                schema.version(),
+                devtables_sync::wire::MAX_SCHEMA_BYTES
+            )));
+        }
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -114,6 +122,7 @@ impl Cloud {
             &config.data_dir.join("cloud.db"),
             SqliteOptions {
                 synchronous_full: config.sqlite_full_sync,
+                quotas: config.quotas,
                 ..SqliteOptions::default()
             },
         )?;
@@ -340,6 +349,10 @@ impl Cloud {
             refusals: Arc::new(std::sync::Mutex::new(crate::status::WarnLimiter::new(
                 crate::status::WarnLimiter::INTERVAL,
             ))),
+            rate: Arc::new(crate::rate_limit::ApiRateLimiter::new(
+                config.api_rate,
+                config.api_rate_keys,
+            )),
         };
         if config.insecure_no_auth {
             tracing::warn!(

@@ -61,6 +61,20 @@ pub struct SyncStatus {
     /// CONNECTs the embedded broker's device-certificate listener refused (shared with the
     /// broker, which counts them).
     pub(crate) mqtt_certificates_refused: Arc<AtomicU64>,
+    /// Device messages not processed because their device was over its message rate (the
+    /// engine's count; per device in `messages_rate_limited`).
+    pub(crate) device_messages_rate_limited: AtomicU64,
+    /// Device pushes not taken because their device had too many being applied.
+    pub(crate) device_pushes_busy: AtomicU64,
+    /// Device messages answered with an error (undecodable, too large, another protocol
+    /// version, a bad schema string, too many changes in a push).
+    pub(crate) device_messages_refused: AtomicU64,
+    /// Device messages from a device without a session (answered `no_session`, not processed).
+    pub(crate) device_messages_without_session: AtomicU64,
+    /// Pushed changes refused for a device quota (rows, bytes) or their item's size.
+    pub(crate) changes_over_quota: AtomicU64,
+    /// HTTP API requests refused with 429 because their key was over its request rate.
+    pub(crate) api_rate_limited: AtomicU64,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -87,6 +101,12 @@ pub struct StatusSnapshot {
     pub pushes_revoked: u64,
     pub api_tls_handshakes_failed: u64,
     pub mqtt_certificates_refused: u64,
+    pub device_messages_rate_limited: u64,
+    pub device_pushes_busy: u64,
+    pub device_messages_refused: u64,
+    pub device_messages_without_session: u64,
+    pub changes_over_quota: u64,
+    pub api_rate_limited: u64,
 }
 
 impl SyncStatus {
@@ -115,6 +135,12 @@ impl SyncStatus {
             pushes_revoked: n(&self.pushes_revoked),
             api_tls_handshakes_failed: n(&self.api_tls_handshakes_failed),
             mqtt_certificates_refused: n(&self.mqtt_certificates_refused),
+            device_messages_rate_limited: n(&self.device_messages_rate_limited),
+            device_pushes_busy: n(&self.device_pushes_busy),
+            device_messages_refused: n(&self.device_messages_refused),
+            device_messages_without_session: n(&self.device_messages_without_session),
+            changes_over_quota: n(&self.changes_over_quota),
+            api_rate_limited: n(&self.api_rate_limited),
         }
     }
 

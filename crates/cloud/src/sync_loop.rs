@@ -19,6 +19,9 @@
 //! - After a start it prompts the devices with changes waiting, paced ([`StartupPrompts`]):
 //!   only once the subscription holds, a bounded number per tick, within half the queue's free
 //!   room.
+//! - What the engine and the store refuse of a device (messages over its rate, pushes beyond
+//!   those in progress, changes over its quotas) is counted in [`SyncStatus`], recorded on the
+//!   device's row, and warned about (rate-limited).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 use devtables_sync::cloud::{CloudAction, CloudEngine, FeedPage, SnapshotPage};
 use devtables_sync::identity::DeviceId;
 use devtables_sync::topics;
-use devtables_sync::wire::{ChangeResult, ChangeStatus};
+use devtables_sync::wire::{ChangeResult, ChangeStatus, RejectReason};
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
@@ -124,6 +127,8 @@ pub(crate) struct SyncLoop {
     drop_warn: WarnLimiter,
     oversize_warn: WarnLimiter,
     foreign_warn: WarnLimiter,
+    throttle_warn: WarnLimiter,
+    quota_warn: WarnLimiter,
     /// Monotonic origin of the engine's clock.
     started: Instant,
     /// The wall clock at `started`, to record engine times as wall times.
@@ -169,6 +174,8 @@ impl SyncLoop {
             drop_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             oversize_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             foreign_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
+            throttle_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
+            quota_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             started: Instant::now(),
             started_wall_ms: wall_ms(),
         }
@@ -378,6 +385,21 @@ impl SyncLoop {
                             );
                         }
                     }
+                    if let CloudAction::Throttled {
+                        device,
+                        rate_limited,
+                        busy,
+                    } = &store_work
+                    {
+                        if let Some(suppressed) = self.throttle_warn.hit(Instant::now()) {
+                            tracing::warn!(
+                                %device, rate_limited, busy, suppressed,
+                                "refused messages of a device: over its message rate, or pushes \
+                                 beyond those being applied (counted in /v1/status and on the \
+                                 device; it was told to wait)"
+                            );
+                        }
+                    }
                     if self.in_flight >= self.max_store_jobs {
                         self.waiting = Some(store_work);
                         return;
@@ -516,6 +538,17 @@ impl SyncLoop {
                 }
                 deliver(&done, Done::Status);
             })),
+            CloudAction::Throttled {
+                device,
+                rate_limited,
+                busy,
+            } => Some(Box::new(move |c: &mut StoreCtx| {
+                if let Err(e) = c.store.count_throttled(&device, rate_limited, busy) {
+                    status.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%device, "cannot count the device's refused messages: {e}");
+                }
+                deliver(&done, Done::Status);
+            })),
             CloudAction::Transmit { .. } => None,
         }
     }
@@ -534,6 +567,7 @@ impl SyncLoop {
                 result,
             } => match result {
                 Ok((results, advanced)) => {
+                    self.count_over_quota(&device, &results);
                     self.engine
                         .handle_push_applied(now, &device, batch, results);
                     for (d, head) in advanced {
@@ -570,6 +604,35 @@ impl SyncLoop {
                 }
             },
             Done::Status | Done::StoreGone => {}
+        }
+    }
+
+    /// Counts (and warns, rate-limited) the changes of a push refused for a quota or their size.
+    fn count_over_quota(&mut self, device: &DeviceId, results: &[ChangeResult]) {
+        let over = results
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.status,
+                    ChangeStatus::Rejected {
+                        reason: RejectReason::QuotaExceeded { .. }
+                            | RejectReason::ItemTooLarge { .. }
+                    }
+                )
+            })
+            .count() as u64;
+        if over == 0 {
+            return;
+        }
+        self.status
+            .changes_over_quota
+            .fetch_add(over, Ordering::Relaxed);
+        if let Some(suppressed) = self.quota_warn.hit(Instant::now()) {
+            tracing::warn!(
+                %device, over, suppressed,
+                "pushed changes refused for the device's quotas or their item size (final; \
+                 the device's last_error names the last one)"
+            );
         }
     }
 
@@ -615,6 +678,14 @@ impl SyncLoop {
             .store(self.gauge.queued() as u64, Ordering::Relaxed);
         s.store_jobs_in_flight
             .store(self.in_flight as u64, Ordering::Relaxed);
+        let e = self.engine.stats();
+        s.device_messages_rate_limited
+            .store(e.rate_limited, Ordering::Relaxed);
+        s.device_pushes_busy.store(e.pushes_busy, Ordering::Relaxed);
+        s.device_messages_refused
+            .store(e.messages_refused, Ordering::Relaxed);
+        s.device_messages_without_session
+            .store(e.messages_without_session, Ordering::Relaxed);
     }
 }
 

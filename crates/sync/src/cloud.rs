@@ -4,12 +4,21 @@
 //! when to resend, when to resync) are deterministic and simulated. It holds only bounded state
 //! per device (a few cursors, never item data): pages are read from the store on demand and
 //! re-read on loss, so a device that stops reading costs a fixed, small amount of memory.
+//!
+//! It also keeps devices to their share: every session has a message rate (a token bucket,
+//! [`CloudEngineConfig::device_rate`]); a message over it is not processed and is answered with
+//! [`ErrorCode::RateLimited`] at most once per retry interval, so neither the work nor the
+//! refusals grow with a flood. A push beyond [`CloudEngineConfig::max_pushes_in_progress`] is
+//! answered [`ErrorCode::Busy`]. Every refusal is counted ([`CloudEngine::stats`], and per device
+//! through [`CloudAction::Throttled`]). What the engine holds per session is bounded by
+//! [`CloudEngineConfig::session_state_bound`], which `docs/security.md` spells out.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use devtables_schema::ItemKey;
 
-use crate::identity::DeviceId;
+use crate::identity::{DeviceId, MAX_NAME_LEN};
+use crate::rate::{RateLimit, TokenBucket};
 use crate::rng::SplitMix;
 use crate::wire::{
     self, Change, ChangeResult, DownMsg, ErrorCode, Fit, MessageBudget, UpMsg, WireConfig,
@@ -43,9 +52,22 @@ pub struct CloudEngineConfig {
     pub ack_timeout_max_ms: u64,
     /// Consecutive page timeouts after which a silent device's session is dropped. Default 8.
     pub max_page_retries: u32,
-    /// Most pushes of one device being applied at once; more are dropped (the device resends).
-    /// Default 4.
+    /// Most pushes of one device being applied at once; a push beyond it is not taken, and is
+    /// answered [`ErrorCode::Busy`] (at most once per `busy_retry_ms`) and counted; the device
+    /// resends it. Default 4.
     pub max_pushes_in_progress: usize,
+    /// How long a device told [`ErrorCode::Busy`] waits before it pushes again, in ms. Default
+    /// 1000.
+    pub busy_retry_ms: u64,
+    /// The message rate of one device session: every message but `bye` takes a token. A message
+    /// without one is not processed; the device is told [`ErrorCode::RateLimited`] with the time
+    /// to refill half the burst, at most once per such interval. The bucket outlives the
+    /// session until it is full again, so reconnecting does not refill it. Default 50 messages a
+    /// second, burst 100; `per_sec: 0` turns the limit off.
+    pub device_rate: RateLimit,
+    /// Most changes the cloud takes in one push (capped by `wire.max_changes`); a larger push is
+    /// answered [`ErrorCode::TooManyChanges`]. Default 1000, the wire limit.
+    pub max_push_changes: usize,
     /// Least time between two [`ErrorCode::NoSession`] prompts to one device, in ms. Default 30 000.
     pub prompt_interval_ms: u64,
     /// How far past the cloud's wall time a pushed version may be, in ms. Default
@@ -69,11 +91,57 @@ impl Default for CloudEngineConfig {
             ack_timeout_max_ms: 60_000,
             max_page_retries: 8,
             max_pushes_in_progress: 4,
+            busy_retry_ms: 1000,
+            device_rate: RateLimit {
+                per_sec: 50,
+                burst: 100,
+            },
+            max_push_changes: WireConfig::default().max_changes,
             prompt_interval_ms: 30_000,
             max_drift_ms: crate::apply::DEFAULT_MAX_DRIFT_MS,
             seed: 0,
         }
     }
+}
+
+impl CloudEngineConfig {
+    /// Most bytes the engine holds for one device session, given the longest snapshot position
+    /// (model, pk and sk together, in bytes) the store's pages produce: the session record, its
+    /// device id and schema string, its timer, the unacknowledged pages and, during a resync,
+    /// `3 + feed_window` positions (acknowledged, next, outstanding read, one per page). A
+    /// position a device acknowledges is kept only if it is no longer than the longest one sent
+    /// to it, so nothing a device sends raises this bound. See `docs/security.md`.
+    pub fn session_state_bound(&self, longest_cursor: usize) -> usize {
+        let window = self.feed_window.max(1);
+        // A VecDeque grows by doubling from four slots.
+        let slots = window.next_power_of_two().max(4);
+        let id = std::mem::size_of::<DeviceId>() + 2 * MAX_NAME_LEN;
+        let feed = slots * std::mem::size_of::<(u64, u64)>();
+        let snapshot = std::mem::size_of::<SnapTx>()
+            + slots * std::mem::size_of::<SentPage>()
+            + (3 + window) * longest_cursor;
+        std::mem::size_of::<Session>()
+            + wire::MAX_SCHEMA_BYTES
+            // The sessions map's key, and the timer entry's.
+            + 2 * id
+            + std::mem::size_of::<u64>()
+            + feed.max(snapshot)
+    }
+}
+
+/// What the engine refused, since it started: the service shows these in its status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloudEngineStats {
+    /// Messages not processed because their device was over its message rate.
+    pub rate_limited: u64,
+    /// Pushes not taken because their device had `max_pushes_in_progress` being applied.
+    pub pushes_busy: u64,
+    /// Messages answered with an error: undecodable, too large, of another protocol version, a
+    /// bad schema string, or a push of more than `max_push_changes` changes.
+    pub messages_refused: u64,
+    /// Messages other than `hello` and `bye` from a device without a session (answered
+    /// [`ErrorCode::NoSession`], not processed; the device resends after its hello).
+    pub messages_without_session: u64,
 }
 
 pub use crate::wire::SnapshotCursor;
@@ -179,6 +247,18 @@ pub enum CloudAction {
         /// When it was last heard from.
         last_seen_ms: u64,
     },
+    /// Messages of this device were refused since the last such record (over its message rate,
+    /// or pushes beyond the pushes in progress); add them to the device's counters and log it.
+    /// Emitted when a refusal is answered, when the device's next message is accepted, and when
+    /// its session ends, so the counts are recorded at most once per retry interval.
+    Throttled {
+        /// The device.
+        device: DeviceId,
+        /// Messages not processed for its message rate.
+        rate_limited: u64,
+        /// Pushes not taken because too many were being applied.
+        busy: u64,
+    },
     /// A stored row could not be sent in a page (larger than a message may be, or unreadable)
     /// and was skipped so the rest flows; record it on the device's status and log it.
     Unsendable {
@@ -236,12 +316,54 @@ struct SnapTx {
     pages: VecDeque<SentPage>,
     /// The outstanding read's start, if a read is outstanding.
     reading: Option<Option<SnapshotCursor>>,
+    /// The longest position sent in this resync ([`cursor_bytes`]): a position the device
+    /// acknowledges is kept only if it is no longer, so a device cannot make the engine hold
+    /// more than the store produced.
+    longest_sent: usize,
+}
+
+/// The bytes of a snapshot position's strings.
+fn cursor_bytes(c: &SnapshotCursor) -> usize {
+    c.model.len() + c.key.pk.len() + c.key.sk.len()
+}
+
+/// Refusals of one device not yet handed to the driver ([`CloudAction::Throttled`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Unreported {
+    rate_limited: u64,
+    busy: u64,
+}
+
+/// The message-rate state of one device: it lives in its session, and for a while after it (see
+/// [`CloudEngine::spent`]).
+#[derive(Clone, Copy, Debug)]
+struct Limiter {
+    /// Tokens left.
+    bucket: TokenBucket,
+    /// No [`ErrorCode::RateLimited`] reply before this time.
+    next_rate_reply: u64,
+    /// No [`ErrorCode::Busy`] reply before this time.
+    next_busy_reply: u64,
+    /// Refusals not yet reported.
+    unreported: Unreported,
+}
+
+impl Limiter {
+    fn new(limit: &RateLimit, now_ms: u64) -> Limiter {
+        Limiter {
+            bucket: TokenBucket::full(limit, now_ms),
+            next_rate_reply: 0,
+            next_busy_reply: 0,
+            unreported: Unreported::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 enum Mode {
     Feed(FeedTx),
-    Snapshot(SnapTx),
+    /// Boxed: most sessions stream the feed, and a resync's state is several times larger.
+    Snapshot(Box<SnapTx>),
 }
 
 /// What the cloud knows about one connected device.
@@ -255,6 +377,8 @@ struct Session {
     last_seen_ms: u64,
     /// Pushes handed to the driver and not yet answered.
     pushes: usize,
+    /// Its message rate.
+    limiter: Limiter,
     /// Feed or resync streaming.
     mode: Mode,
     /// When the oldest unacknowledged page (or outstanding read) times out.
@@ -282,11 +406,20 @@ pub struct CloudEngine {
     sessions: BTreeMap<DeviceId, Session>,
     /// Session deadlines, earliest first.
     timers: BTreeSet<(u64, DeviceId)>,
-    /// Session-less devices being prompted to say hello: (next prompt, prompts sent). Bounded
+    /// Session-less devices being prompted to say hello: (next prompt, prompts sent, no reply
+    /// to one of its messages before this time). Bounded
     /// by `max_sessions`.
-    prompted: BTreeMap<DeviceId, (u64, u32)>,
+    prompted: BTreeMap<DeviceId, (u64, u32, u64)>,
     /// Prompt deadlines, earliest first.
     prompt_timers: BTreeSet<(u64, DeviceId)>,
+    /// The rate limiters of devices whose session ended with tokens spent, until they are full
+    /// again: a device that reconnects gets its old bucket back, so a hello/bye loop cannot
+    /// refill it. Bounded by `max_sessions`.
+    spent: BTreeMap<DeviceId, (Limiter, u64)>,
+    /// When each spent limiter is full again, earliest first.
+    spent_timers: BTreeSet<(u64, DeviceId)>,
+    /// Refusals since the start.
+    stats: CloudEngineStats,
     /// Outputs.
     actions: VecDeque<CloudAction>,
 }
@@ -302,6 +435,9 @@ impl CloudEngine {
             timers: BTreeSet::new(),
             prompted: BTreeMap::new(),
             prompt_timers: BTreeSet::new(),
+            spent: BTreeMap::new(),
+            spent_timers: BTreeSet::new(),
+            stats: CloudEngineStats::default(),
             actions: VecDeque::new(),
         }
     }
@@ -325,33 +461,95 @@ impl CloudEngine {
         std::mem::take(&mut self.sessions).into_keys().collect()
     }
 
+    /// What the engine refused since it started.
+    pub fn stats(&self) -> CloudEngineStats {
+        self.stats
+    }
+
+    /// The bytes the engine holds for `device`'s session (`None` without one), counted as
+    /// [`CloudEngineConfig::session_state_bound`] bounds them.
+    pub fn session_state_bytes(&self, device: &DeviceId) -> Option<usize> {
+        let s = self.sessions.get(device)?;
+        let id = std::mem::size_of::<DeviceId>() + device.account.len() + device.device.len();
+        let opt = |c: &Option<SnapshotCursor>| c.as_ref().map_or(0, cursor_bytes);
+        let mode = match &s.mode {
+            Mode::Feed(f) => f.pages.capacity() * std::mem::size_of::<(u64, u64)>(),
+            Mode::Snapshot(t) => {
+                std::mem::size_of::<SnapTx>()
+                    + t.pages.capacity() * std::mem::size_of::<SentPage>()
+                    + t.pages.iter().map(|p| opt(&p.last)).sum::<usize>()
+                    + opt(&t.acked)
+                    + opt(&t.sent_to)
+                    + t.reading.as_ref().map_or(0, opt)
+            }
+        };
+        Some(
+            std::mem::size_of::<Session>()
+                + s.schema.len()
+                + 2 * id
+                + std::mem::size_of::<u64>()
+                + mode,
+        )
+    }
+
     /// A message arrived on `from`'s up topic (the device is taken from the topic only).
     ///
     /// `wall_ms` is the cloud's wall time (ms since the Unix epoch), told to the device in a
     /// welcome; `now_ms` is the engine's (monotonic) time like every other input's.
     pub fn handle_message(&mut self, now_ms: u64, wall_ms: u64, from: &DeviceId, bytes: &[u8]) {
-        let decoded = match wire::decode_up(bytes, &self.cfg.wire) {
-            Ok(d) => d,
-            Err(e) => {
-                let code = match &e {
+        let decoded = wire::decode_up(bytes, &self.cfg.wire);
+        // A device's last word is always heard (else its session would outlive it); every other
+        // message, undecodable ones included, takes a token of its rate first.
+        let bye = matches!(&decoded, Ok(d) if d.msg == UpMsg::Bye);
+        if !bye && !self.admit(now_ms, from) {
+            return;
+        }
+        let max_push = self
+            .cfg
+            .max_push_changes
+            .clamp(1, self.cfg.wire.max_changes.max(1));
+        let refusal = match &decoded {
+            Err(e) => Some((
+                match e {
                     WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion {
                         supported: wire::PROTOCOL_VERSION,
                     },
-                    WireError::TooLarge { .. } | WireError::TooManyChanges { .. } => {
-                        ErrorCode::TooLarge
-                    }
-                    WireError::Malformed { .. } => ErrorCode::Malformed,
-                };
-                self.transmit(
-                    from,
-                    &DownMsg::Error {
-                        code,
-                        message: e.to_string(),
+                    WireError::TooLarge { .. } => ErrorCode::TooLarge,
+                    WireError::TooManyChanges { .. } => ErrorCode::TooManyChanges {
+                        max: max_push as u64,
                     },
-                );
-                return;
-            }
+                    WireError::Malformed { .. } | WireError::BadSchemaVersion { .. } => {
+                        ErrorCode::Malformed
+                    }
+                },
+                e.to_string(),
+            )),
+            Ok(d) => match &d.msg {
+                UpMsg::Push { changes, .. } if changes.len() > max_push => Some((
+                    ErrorCode::TooManyChanges {
+                        max: max_push as u64,
+                    },
+                    format!(
+                        "the push holds {} changes; the cloud takes at most {max_push} in one push",
+                        changes.len()
+                    ),
+                )),
+                _ => None,
+            },
         };
+        if let Some((code, message)) = refusal {
+            self.stats.messages_refused += 1;
+            self.transmit(from, &DownMsg::Error { code, message });
+            return;
+        }
+        let Ok(decoded) = decoded else {
+            return;
+        };
+        let sessionless = !self.sessions.contains_key(from)
+            && !matches!(decoded.msg, UpMsg::Hello { .. } | UpMsg::Bye);
+        if sessionless {
+            self.stats.messages_without_session += 1;
+        }
         match decoded.msg {
             UpMsg::Bye => self.handle_disconnected(now_ms, from),
             UpMsg::Hello {
@@ -375,6 +573,7 @@ impl CloudEngine {
                 };
                 s.last_seen_ms = now_ms;
                 if s.pushes >= max {
+                    self.busy(now_ms, from);
                     return;
                 }
                 s.pushes += 1;
@@ -454,7 +653,10 @@ impl CloudEngine {
                         });
                     }
                     _ => {
-                        if pos > t.acked {
+                        // Only a position no longer than those sent can be one of them: a longer
+                        // one is not kept (see `longest_sent`).
+                        let plausible = pos.as_ref().map_or(0, cursor_bytes) <= t.longest_sent;
+                        if pos > t.acked && plausible {
                             t.acked = pos;
                         }
                         while t
@@ -483,10 +685,12 @@ impl CloudEngine {
     /// arrived after the device's next hello, or a session dropped for silence while the device
     /// still listens. Prompts to a device that is really gone cost a few bounded publishes.
     pub fn handle_disconnected(&mut self, now_ms: u64, device: &DeviceId) {
-        if let Some(s) = self.sessions.remove(device) {
+        if let Some(mut s) = self.sessions.remove(device) {
             if let Some(d) = s.deadline {
                 self.timers.remove(&(d, device.clone()));
             }
+            self.report_throttled(device, &mut s.limiter);
+            self.keep_spent(now_ms, device, s.limiter);
             let behind = match &s.mode {
                 Mode::Feed(f) => !f.pages.is_empty() || f.reading.is_some() || f.head > f.acked,
                 Mode::Snapshot(_) => true,
@@ -577,7 +781,7 @@ impl CloudEngine {
         // (restored from a backup); only a full resync brings the two back together.
         if page.resync_required || page.after > page.head {
             let resync = self.rng.next() >> 11;
-            s.mode = Mode::Snapshot(SnapTx {
+            s.mode = Mode::Snapshot(Box::new(SnapTx {
                 resync,
                 cursor: None,
                 acked: None,
@@ -585,7 +789,8 @@ impl CloudEngine {
                 finished: false,
                 pages: VecDeque::new(),
                 reading: None,
-            });
+                longest_sent: 0,
+            }));
             self.pump(now_ms, device);
             return;
         }
@@ -734,6 +939,7 @@ impl CloudEngine {
         }
         let done = page.next.is_none() && !truncated;
         let last = if truncated { last } else { page.next.or(last) };
+        t.longest_sent = t.longest_sent.max(last.as_ref().map_or(0, cursor_bytes));
         t.pages.push_back(SentPage {
             last: last.clone(),
             done,
@@ -820,6 +1026,7 @@ impl CloudEngine {
             self.pump(now_ms, &device);
         }
         self.repeat_prompts(now_ms);
+        self.expire_spent(now_ms);
     }
 
     /// Next work for the driver.
@@ -831,12 +1038,15 @@ impl CloudEngine {
     /// When [`handle_timeout`](Self::handle_timeout) must be called next, in ms.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<u64> {
-        let a = self.timers.first().map(|(d, _)| *d);
-        let b = self.prompt_timers.first().map(|(d, _)| *d);
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.timers.first(),
+            self.prompt_timers.first(),
+            self.spent_timers.first(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(d, _)| *d)
+        .min()
     }
 
     fn transmit(&mut self, device: &DeviceId, msg: &DownMsg) {
@@ -852,26 +1062,189 @@ impl CloudEngine {
 
     /// Ask a device without a session to say hello. The prompt is repeated every
     /// `prompt_interval_ms` (it may be lost) until the device says hello, at most
-    /// `max_page_retries` times. `replying` answers a message of the device and is always sent.
+    /// `max_page_retries` times. `replying` answers a message of the device: it is sent unless
+    /// another reply went to the device less than the rate-limit retry interval ago (one
+    /// suffices; a flood of session-less messages gets a bounded number of answers).
     fn prompt(&mut self, now_ms: u64, device: &DeviceId, replying: bool) {
         let interval = self.cfg.prompt_interval_ms.max(1);
+        let gap = self.rate_retry_ms();
         let tracked = self.prompted.get(device).copied();
-        if tracked.is_some() && !replying {
-            return;
+        match tracked {
+            Some(_) if !replying => return,
+            Some((_, _, quiet_until)) if now_ms < quiet_until => return,
+            _ => {}
         }
         let msg = DownMsg::Error {
             code: ErrorCode::NoSession,
             message: "no session: send hello".to_string(),
         };
         self.transmit(device, &msg);
+        let quiet_until = if replying {
+            now_ms.saturating_add(gap)
+        } else {
+            0
+        };
         match tracked {
-            Some(_) => {}
+            Some((next, tries, _)) => {
+                self.prompted
+                    .insert(device.clone(), (next, tries, quiet_until));
+            }
             None if self.prompted.len() < self.cfg.max_sessions => {
                 let next = now_ms.saturating_add(interval);
-                self.prompted.insert(device.clone(), (next, 1));
+                self.prompted.insert(device.clone(), (next, 1, quiet_until));
                 self.prompt_timers.insert((next, device.clone()));
             }
             None => {}
+        }
+    }
+
+    /// How long a rate-limited device waits: the time its bucket takes to refill half its burst.
+    fn rate_retry_ms(&self) -> u64 {
+        let limit = self.cfg.device_rate;
+        limit.refill_ms(limit.burst / 2)
+    }
+
+    /// Takes a token of `device`'s message rate (its session's bucket, or the bucket its last
+    /// session left); `false` when it has none: the message is not processed, counted, and
+    /// answered [`ErrorCode::RateLimited`] at most once per retry interval. A device with no
+    /// session and no spent bucket is admitted (its first message since a quiet time).
+    fn admit(&mut self, now_ms: u64, device: &DeviceId) -> bool {
+        let limit = self.cfg.device_rate;
+        if !limit.is_limited() {
+            // Busy refusals may wait to be reported.
+            if let Some(mut l) = self.sessions.get(device).map(|s| s.limiter) {
+                if l.unreported != Unreported::default() {
+                    self.report_throttled(device, &mut l);
+                    if let Some(s) = self.sessions.get_mut(device) {
+                        s.limiter = l;
+                    }
+                }
+            }
+            return true;
+        }
+        let retry = self.rate_retry_ms();
+        let mut spent = None;
+        let limiter = match self.sessions.get_mut(device) {
+            Some(s) => &mut s.limiter,
+            None => match self.spent.get_mut(device) {
+                Some((l, full_at)) => {
+                    spent = Some(*full_at);
+                    l
+                }
+                None => return true,
+            },
+        };
+        let mut l = *limiter;
+        let admitted = l.bucket.take(&limit, now_ms).is_ok();
+        let mut reply = false;
+        if !admitted {
+            self.stats.rate_limited += 1;
+            l.unreported.rate_limited += 1;
+            if now_ms >= l.next_rate_reply {
+                l.next_rate_reply = now_ms.saturating_add(retry);
+                reply = true;
+            }
+        }
+        // Report what was refused when it is answered, or once the device is back within its
+        // rate (its next accepted message).
+        if reply || admitted {
+            self.report_throttled(device, &mut l);
+        }
+        match spent {
+            None => {
+                if let Some(s) = self.sessions.get_mut(device) {
+                    s.limiter = l;
+                }
+            }
+            Some(old) => {
+                // The spent bucket is full again later now.
+                let full_at = now_ms.saturating_add(l.bucket.full_in_ms(&limit, now_ms));
+                self.spent_timers.remove(&(old, device.clone()));
+                self.spent_timers.insert((full_at, device.clone()));
+                self.spent.insert(device.clone(), (l, full_at));
+            }
+        }
+        if reply {
+            let msg = DownMsg::Error {
+                code: ErrorCode::RateLimited {
+                    retry_after_ms: retry,
+                },
+                message: format!(
+                    "over the message rate of {} a second (burst {}): send nothing for {retry} ms",
+                    limit.per_sec, limit.burst
+                ),
+            };
+            self.transmit(device, &msg);
+        }
+        admitted
+    }
+
+    /// A push beyond `max_pushes_in_progress`: counted, and answered [`ErrorCode::Busy`] at
+    /// most once per `busy_retry_ms`.
+    fn busy(&mut self, now_ms: u64, device: &DeviceId) {
+        let retry = self.cfg.busy_retry_ms.max(1);
+        let Some(s) = self.sessions.get_mut(device) else {
+            return;
+        };
+        self.stats.pushes_busy += 1;
+        let mut l = s.limiter;
+        l.unreported.busy += 1;
+        if now_ms < l.next_busy_reply {
+            s.limiter = l;
+            return;
+        }
+        l.next_busy_reply = now_ms.saturating_add(retry);
+        self.report_throttled(device, &mut l);
+        if let Some(s) = self.sessions.get_mut(device) {
+            s.limiter = l;
+        }
+        let msg = DownMsg::Error {
+            code: ErrorCode::Busy {
+                retry_after_ms: retry,
+            },
+            message: format!(
+                "{} pushes of this device are being applied: push again in {retry} ms",
+                self.cfg.max_pushes_in_progress
+            ),
+        };
+        self.transmit(device, &msg);
+    }
+
+    /// Hands the device's unreported refusals to the driver.
+    fn report_throttled(&mut self, device: &DeviceId, l: &mut Limiter) {
+        let u = std::mem::take(&mut l.unreported);
+        if u != Unreported::default() {
+            self.actions.push_back(CloudAction::Throttled {
+                device: device.clone(),
+                rate_limited: u.rate_limited,
+                busy: u.busy,
+            });
+        }
+    }
+
+    /// Keeps the limiter of an ended session until its bucket is full again (if there is room).
+    fn keep_spent(&mut self, now_ms: u64, device: &DeviceId, mut l: Limiter) {
+        let limit = self.cfg.device_rate;
+        let full_in = l.bucket.full_in_ms(&limit, now_ms);
+        if !limit.is_limited() || full_in == 0 || self.spent.len() >= self.cfg.max_sessions {
+            return;
+        }
+        l.next_busy_reply = 0;
+        let full_at = now_ms.saturating_add(full_in);
+        if let Some((_, old)) = self.spent.insert(device.clone(), (l, full_at)) {
+            self.spent_timers.remove(&(old, device.clone()));
+        }
+        self.spent_timers.insert((full_at, device.clone()));
+    }
+
+    /// Forgets spent limiters that are full again.
+    fn expire_spent(&mut self, now_ms: u64) {
+        while let Some((at, device)) = self.spent_timers.first().cloned() {
+            if at > now_ms {
+                break;
+            }
+            self.spent_timers.remove(&(at, device.clone()));
+            self.spent.remove(&device);
         }
     }
 
@@ -883,7 +1256,7 @@ impl CloudEngine {
                 break;
             }
             self.prompt_timers.remove(&(at, device.clone()));
-            let Some((_, tries)) = self.prompted.remove(&device) else {
+            let Some((_, tries, quiet_until)) = self.prompted.remove(&device) else {
                 continue;
             };
             if tries > self.cfg.max_page_retries {
@@ -895,13 +1268,14 @@ impl CloudEngine {
             };
             self.transmit(&device, &msg);
             let next = now_ms.saturating_add(interval);
-            self.prompted.insert(device.clone(), (next, tries + 1));
+            self.prompted
+                .insert(device.clone(), (next, tries + 1, quiet_until));
             self.prompt_timers.insert((next, device));
         }
     }
 
     fn forget_prompt(&mut self, device: &DeviceId) {
-        if let Some((at, _)) = self.prompted.remove(device) {
+        if let Some((at, _, _)) = self.prompted.remove(device) {
             self.prompt_timers.remove(&(at, device.clone()));
         }
     }
@@ -937,6 +1311,23 @@ impl CloudEngine {
             }
         }
         let pushes = self.sessions.get(from).map_or(0, |s| s.pushes);
+        // The rate carries over a new session: the old one's, or the one its last session
+        // left (this hello took a token of it already), or a fresh bucket less this hello.
+        let limit = self.cfg.device_rate;
+        let limiter = match self.sessions.get(from) {
+            Some(s) => s.limiter,
+            None => match self.spent.remove(from) {
+                Some((l, full_at)) => {
+                    self.spent_timers.remove(&(full_at, from.clone()));
+                    l
+                }
+                None => {
+                    let mut l = Limiter::new(&limit, now_ms);
+                    let _ = l.bucket.take(&limit, now_ms);
+                    l
+                }
+            },
+        };
         self.set_deadline(from, None);
         self.sessions.insert(
             from.clone(),
@@ -945,6 +1336,7 @@ impl CloudEngine {
                 schema: schema.clone(),
                 last_seen_ms: now_ms,
                 pushes,
+                limiter,
                 mode: Mode::Feed(FeedTx {
                     acked: cursor,
                     sent_to: cursor,
@@ -1116,6 +1508,202 @@ mod tests {
             },
             base: None,
         }
+    }
+
+    fn send(c: &mut CloudEngine, now: u64, msg: &UpMsg) -> (Vec<DownMsg>, Vec<CloudAction>) {
+        let bytes = wire::encode_up("1", msg, &WireConfig::default()).unwrap();
+        c.handle_message(now, 1_700_000_000_000, &dev(), &bytes);
+        outputs(c)
+    }
+
+    fn push(batch: u64, n: usize) -> UpMsg {
+        UpMsg::Push {
+            batch,
+            changes: (0..n).map(|i| delete(&format!("k{i}"), 1)).collect(),
+        }
+    }
+
+    fn throttled(a: &[CloudAction]) -> Vec<(u64, u64)> {
+        a.iter()
+            .filter_map(|a| match a {
+                CloudAction::Throttled {
+                    rate_limited, busy, ..
+                } => Some((*rate_limited, *busy)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn limited(per_sec: u32, burst: u32) -> CloudEngine {
+        CloudEngine::new(CloudEngineConfig {
+            device_rate: RateLimit { per_sec, burst },
+            ..CloudEngineConfig::default()
+        })
+    }
+
+    #[test]
+    fn a_flood_is_not_processed_and_refused_once_per_interval_with_counts() {
+        // 10 a second, burst 4: the hello takes one token, three acknowledgements pass.
+        let mut c = limited(10, 4);
+        hello(&mut c, 0);
+        let mut replies = Vec::new();
+        let mut actions = Vec::new();
+        for _ in 0..20 {
+            let (m, a) = send(&mut c, 10, &UpMsg::FeedAck { cursor: 0 });
+            replies.extend(m);
+            actions.extend(a);
+        }
+        assert_eq!(
+            replies,
+            vec![DownMsg::Error {
+                code: ErrorCode::RateLimited {
+                    retry_after_ms: 200
+                },
+                message: "over the message rate of 10 a second (burst 4): send nothing for 200 ms"
+                    .into()
+            }],
+            "one refusal for the whole flood: the time to refill half the burst"
+        );
+        assert_eq!(throttled(&actions), vec![(1, 0)], "reported with the reply");
+        assert_eq!(c.stats().rate_limited, 17);
+        // Over the rate, even a push is not processed (the device resends it).
+        let (m, a) = send(&mut c, 100, &push(1, 1));
+        assert!(m.is_empty() && a.is_empty(), "{m:?} {a:?}");
+        // After the interval the device is back within its rate: the push applies, and the
+        // refusals not yet reported are.
+        let (m, a) = send(&mut c, 210, &push(2, 1));
+        assert!(m.is_empty(), "{m:?}");
+        assert_eq!(throttled(&a), vec![(17, 0)]);
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ApplyPush { batch: 2, .. })));
+        assert_eq!(c.stats().rate_limited, 18);
+    }
+
+    #[test]
+    fn the_bye_is_always_heard_and_a_reconnect_does_not_refill_the_bucket() {
+        let mut c = limited(10, 4);
+        hello(&mut c, 0);
+        for _ in 0..3 {
+            send(&mut c, 10, &UpMsg::FeedAck { cursor: 0 });
+        }
+        // Out of tokens, yet the last will ends the session.
+        let (_, a) = send(&mut c, 10, &UpMsg::Bye);
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::DeviceStatus { online: false, .. })));
+        assert_eq!(c.sessions(), 0);
+        // A new hello at once finds the spent bucket: refused, no session.
+        let hello2 = UpMsg::Hello {
+            session: 10,
+            cursor: 0,
+            pending: 0,
+        };
+        let (m, _) = send(&mut c, 11, &hello2);
+        assert!(
+            matches!(
+                m.as_slice(),
+                [DownMsg::Error {
+                    code: ErrorCode::RateLimited { .. },
+                    ..
+                }]
+            ),
+            "{m:?}"
+        );
+        assert_eq!(c.sessions(), 0);
+        // Once a token is back the hello is welcomed; the spent bucket is forgotten when full.
+        let (m, _) = send(&mut c, 111, &hello2);
+        assert!(matches!(m.as_slice(), [DownMsg::Welcome { .. }]), "{m:?}");
+        send(&mut c, 112, &UpMsg::Bye);
+        assert_eq!(c.spent_timers.len(), 1, "the spent bucket has a timer");
+        c.handle_timeout(10_000);
+        assert!(c.spent.is_empty() && c.spent_timers.is_empty());
+    }
+
+    #[test]
+    fn pushes_beyond_those_in_progress_are_answered_busy_and_counted() {
+        let mut c = CloudEngine::new(CloudEngineConfig {
+            max_pushes_in_progress: 1,
+            busy_retry_ms: 700,
+            device_rate: RateLimit::UNLIMITED,
+            ..CloudEngineConfig::default()
+        });
+        hello(&mut c, 0);
+        let (_, a) = send(&mut c, 10, &push(1, 1));
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ApplyPush { batch: 1, .. })));
+        let (m, a) = send(&mut c, 11, &push(2, 1));
+        assert!(
+            matches!(
+                m.as_slice(),
+                [DownMsg::Error {
+                    code: ErrorCode::Busy {
+                        retry_after_ms: 700
+                    },
+                    ..
+                }]
+            ),
+            "{m:?}"
+        );
+        assert_eq!(throttled(&a), vec![(0, 1)]);
+        let (m, a) = send(&mut c, 12, &push(3, 1));
+        assert!(m.is_empty() && a.is_empty(), "one answer per interval");
+        assert_eq!(c.stats().pushes_busy, 2);
+        c.handle_push_applied(13, &dev(), 1, vec![]);
+        outputs(&mut c);
+        // The next push taken reports the refusal not yet reported.
+        let (_, a) = send(&mut c, 14, &push(3, 1));
+        assert_eq!(throttled(&a), vec![(0, 1)]);
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ApplyPush { batch: 3, .. })));
+        // A refusal within the interval is not answered; it is reported when the session ends.
+        let (m, a) = send(&mut c, 15, &push(4, 1));
+        assert!(m.is_empty() && throttled(&a).is_empty());
+        let (_, a) = send(&mut c, 20, &UpMsg::Bye);
+        assert_eq!(throttled(&a), vec![(0, 1)]);
+        assert_eq!(c.stats().pushes_busy, 3);
+    }
+
+    #[test]
+    fn a_push_of_more_changes_than_the_cloud_takes_is_refused_with_the_limit() {
+        let mut c = CloudEngine::new(CloudEngineConfig {
+            max_push_changes: 2,
+            ..CloudEngineConfig::default()
+        });
+        hello(&mut c, 0);
+        let (m, a) = send(&mut c, 10, &push(1, 3));
+        assert!(
+            matches!(
+                m.as_slice(),
+                [DownMsg::Error {
+                    code: ErrorCode::TooManyChanges { max: 2 },
+                    ..
+                }]
+            ),
+            "{m:?}"
+        );
+        assert!(a.is_empty());
+        assert_eq!(c.stats().messages_refused, 1);
+        let (_, a) = send(&mut c, 10, &push(2, 2));
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ApplyPush { batch: 2, .. })));
+    }
+
+    #[test]
+    fn a_session_less_flood_gets_a_bounded_number_of_answers() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        let mut replies = 0;
+        for i in 0..50 {
+            let (m, _) = send(&mut c, 10 + i, &UpMsg::FeedAck { cursor: 0 });
+            replies += m.len();
+        }
+        assert_eq!(replies, 1, "one no-session answer per retry interval");
+        assert_eq!(c.stats().messages_without_session, 50);
+        let (m, _) = send(&mut c, 10 + 1000, &UpMsg::FeedAck { cursor: 0 });
+        assert_eq!(m.len(), 1);
     }
 
     #[test]

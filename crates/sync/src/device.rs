@@ -204,6 +204,16 @@ pub enum DeviceEvent {
         /// Why.
         reason: RejectReason,
     },
+    /// The cloud refused a message for the device's message rate ([`ErrorCode::RateLimited`])
+    /// or because too many of its pushes were being applied ([`ErrorCode::Busy`]). No push is
+    /// sent before `retry_after_ms` has passed; nothing is lost (refused pushes are resent from
+    /// the outbox, acknowledgements and pages recover on their timers).
+    Throttled {
+        /// How long pushes wait, in ms (the cloud's hint, at most `retransmit_max_ms`).
+        retry_after_ms: u64,
+        /// Whether the cloud was busy with earlier pushes (rather than the rate exceeded).
+        busy: bool,
+    },
     /// The cloud reported an error.
     CloudError {
         /// The error code.
@@ -341,6 +351,10 @@ pub struct DeviceEngine {
     events: VecDeque<DeviceEvent>,
     /// Whether `OutboxHigh` was raised and not yet cleared.
     high_raised: bool,
+    /// No push is sent before this time: the cloud asked the device to slow down.
+    paused_until: Option<u64>,
+    /// Most changes per push the cloud takes, when it said so ([`ErrorCode::TooManyChanges`]).
+    cloud_max_changes: Option<usize>,
 }
 
 impl DeviceEngine {
@@ -373,6 +387,8 @@ impl DeviceEngine {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             high_raised: false,
+            paused_until: None,
+            cloud_max_changes: None,
         };
         for meta in restored.outbox {
             engine.enqueue(0, meta);
@@ -468,17 +484,34 @@ impl DeviceEngine {
                 done,
                 cursor,
             } => self.on_snapshot(resync, session, after, last, items, done, cursor),
-            DownMsg::Error { code, message } => {
-                if code == ErrorCode::NoSession {
+            DownMsg::Error { code, message } => match code {
+                ErrorCode::NoSession => {
                     // Only restart a welcomed session: while a hello is outstanding it will be
                     // answered, and restarting again would only churn session ids.
                     if self.connected && self.ready {
                         self.new_session(now_ms);
                     }
-                } else {
+                }
+                ErrorCode::RateLimited { retry_after_ms } | ErrorCode::Busy { retry_after_ms } => {
+                    // A cloud cannot stall the device longer than a retransmit would wait.
+                    let wait = retry_after_ms.clamp(1, self.cfg.retransmit_max_ms.max(1));
+                    let until = now_ms.saturating_add(wait);
+                    self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+                    self.event(DeviceEvent::Throttled {
+                        retry_after_ms: wait,
+                        busy: matches!(code, ErrorCode::Busy { .. }),
+                    });
+                }
+                ErrorCode::TooManyChanges { max } => {
+                    // Later batches are cut to what the cloud takes; the refused batch is
+                    // rebuilt when its retransmit timer dissolves it.
+                    let max = usize::try_from(max).unwrap_or(usize::MAX).max(1);
+                    self.cloud_max_changes =
+                        Some(self.cloud_max_changes.map_or(max, |m| m.min(max)));
                     self.event(DeviceEvent::CloudError { code, message });
                 }
-            }
+                _ => self.event(DeviceEvent::CloudError { code, message }),
+            },
         }
         self.next_apply();
         self.flush(now_ms);
@@ -597,10 +630,19 @@ impl DeviceEngine {
 
     /// Time passed; call when [`poll_timeout`](Self::poll_timeout) is reached.
     pub fn handle_timeout(&mut self, now_ms: u64) {
+        if self.paused_until.is_some_and(|p| p <= now_ms) {
+            self.paused_until = None;
+        }
         if let Some(deadline) = self.hello_deadline {
             if deadline <= now_ms && self.connected && !self.ready {
-                self.hello_attempts = self.hello_attempts.saturating_add(1);
-                self.send_hello(now_ms);
+                match self.paused_until {
+                    // Asked to slow down: the hello waits for the pause too.
+                    Some(p) => self.hello_deadline = Some(p),
+                    None => {
+                        self.hello_attempts = self.hello_attempts.saturating_add(1);
+                        self.send_hello(now_ms);
+                    }
+                }
             }
         }
         let expired: Vec<u64> = self
@@ -652,7 +694,8 @@ impl DeviceEngine {
                     } else {
                         self.cfg.batch_delay_ms
                     };
-                    consider(e.queued_at.saturating_add(delay));
+                    let due = e.queued_at.saturating_add(delay);
+                    consider(self.paused_until.map_or(due, |p| p.max(due)));
                 }
             }
         }
@@ -958,7 +1001,7 @@ impl DeviceEngine {
 
     /// Send batches while the window allows and a batch is due.
     fn flush(&mut self, now_ms: u64) {
-        if !self.ready {
+        if !self.ready || self.paused_until.is_some_and(|p| now_ms < p) {
             return;
         }
         while self.batches.len() < self.cfg.max_in_flight && !self.order.is_empty() {
@@ -974,7 +1017,11 @@ impl DeviceEngine {
             .cfg
             .max_batch_bytes
             .min(self.cfg.wire.max_message_bytes);
-        let max_count = self.cfg.max_batch_changes.min(self.cfg.wire.max_changes);
+        let max_count = self
+            .cfg
+            .max_batch_changes
+            .min(self.cfg.wire.max_changes)
+            .min(self.cloud_max_changes.unwrap_or(usize::MAX));
         let overhead = wire::up_overhead(
             &self.schema_version,
             &UpMsg::Push {
@@ -1521,6 +1568,87 @@ mod verdict_tests {
             panic!("the re-stamped change is sent")
         };
         assert_eq!(changes, vec![fixed]);
+    }
+
+    fn error(e: &mut DeviceEngine, now: u64, code: ErrorCode) {
+        let msg = DownMsg::Error {
+            code,
+            message: "slow down".into(),
+        };
+        e.handle_message(
+            now,
+            &wire::encode_down("1", &msg, &WireConfig::default()).unwrap(),
+        );
+    }
+
+    #[test]
+    fn a_throttled_device_sends_no_push_before_the_retry_time_and_loses_nothing() {
+        let mut e = ready();
+        events(&mut e);
+        error(
+            &mut e,
+            10,
+            ErrorCode::RateLimited {
+                retry_after_ms: 500,
+            },
+        );
+        assert_eq!(
+            events(&mut e),
+            [DeviceEvent::Throttled {
+                retry_after_ms: 500,
+                busy: false
+            }]
+        );
+        e.handle_local_change(20, change("a", 1_000_000));
+        assert_eq!(e.poll_action(), None, "no batch is built during the pause");
+        assert_eq!(
+            e.poll_timeout(),
+            Some(510),
+            "the change waits for the pause"
+        );
+        e.handle_timeout(300);
+        assert_eq!(e.poll_action(), None);
+        e.handle_timeout(510);
+        load(&mut e, 510, &[change("a", 1_000_000)]);
+        assert!(matches!(sent(&mut e).as_slice(), [UpMsg::Push { .. }]));
+        assert_eq!(e.pending(), 1, "kept until the cloud answers");
+        // A hostile hint cannot stall the device past a retransmit timeout; busy is told apart.
+        error(
+            &mut e,
+            600,
+            ErrorCode::Busy {
+                retry_after_ms: u64::MAX,
+            },
+        );
+        assert_eq!(
+            events(&mut e),
+            [DeviceEvent::Throttled {
+                retry_after_ms: 30_000,
+                busy: true
+            }]
+        );
+    }
+
+    #[test]
+    fn too_many_changes_cuts_later_batches_to_the_clouds_limit() {
+        let mut e = ready();
+        error(&mut e, 5, ErrorCode::TooManyChanges { max: 2 });
+        assert!(events(&mut e)
+            .iter()
+            .any(|ev| matches!(ev, DeviceEvent::CloudError { .. })));
+        // The first change goes alone at once; the next three wait for company, then go as
+        // batches of at most two.
+        for (i, k) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            e.handle_local_change(10, change(k, 1_000_000 + i as u64));
+        }
+        e.handle_timeout(10 + DeviceConfig::default().batch_delay_ms);
+        let keys: Vec<usize> = std::iter::from_fn(|| e.poll_action())
+            .filter_map(|a| match a {
+                DeviceAction::LoadBatch { keys, .. } => Some(keys.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, vec![1, 2, 1]);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!   [`apply::DeviceTxn`] and [`apply::CloudTxn`] storage seams.
 //! - [`device`]: the device engine (outbox, batches, retransmits, feed and resync intake).
 //! - [`cloud`]: the cloud engine for all devices (sessions, feed streaming, resyncs).
+//! - [`rate`]: token buckets, the rate-limiting rule of device sessions and API keys.
 
 #![deny(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod cloud;
 pub mod device;
 pub mod hlc;
 pub mod identity;
+pub mod rate;
 mod rng;
 pub mod topics;
 pub mod wire;
@@ -42,6 +44,7 @@ pub use cloud::{
 pub use device::{DeviceAction, DeviceConfig, DeviceEngine, DeviceEvent, Restored};
 pub use hlc::{cloud_node_name, node_id_for, ClockExhausted, Hlc, HlcClock, CLOUD_NODE_NAME};
 pub use identity::{DeviceId, IdError, Owner};
+pub use rate::{RateLimit, TokenBucket};
 pub use wire::{
     Change, ChangeResult, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, UpMsg, WireConfig,
     WireError, PROTOCOL_VERSION,

@@ -7,7 +7,9 @@
 //! Every message travels in an envelope `{"v":1,"schema":"<sender schema version>","msg":{...}}`
 //! where `msg.type` names the message. A receiver refuses any `v` other than [`PROTOCOL_VERSION`]
 //! with [`WireError::UnsupportedVersion`], and any message larger than
-//! [`WireConfig::max_message_bytes`] before parsing it.
+//! [`WireConfig::max_message_bytes`] before parsing it. The `schema` string is at most
+//! [`MAX_SCHEMA_BYTES`] printable ASCII characters ([`WireError::BadSchemaVersion`] otherwise):
+//! the cloud keeps it per session, so its size is part of the per-session memory bound.
 
 use devtables_schema::{Item, ItemKey};
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,15 @@ use crate::hlc::{Hlc, MAX_WALL_MS};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest `schema` string an envelope may carry, in bytes (printable ASCII only).
+pub const MAX_SCHEMA_BYTES: usize = 64;
+
+/// Whether `schema` may travel in an envelope: at most [`MAX_SCHEMA_BYTES`] bytes of printable
+/// ASCII (space to `~`).
+pub fn schema_version_ok(schema: &str) -> bool {
+    schema.len() <= MAX_SCHEMA_BYTES && schema.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
 
 /// Size limits applied to every message, in both directions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +78,15 @@ pub enum WireError {
         count: usize,
         /// The limit.
         max: usize,
+    },
+    /// The envelope's schema version is too long or not printable ASCII.
+    #[error(
+        "the envelope's schema version ({len} bytes) must be at most {MAX_SCHEMA_BYTES} \
+         printable ASCII characters"
+    )]
+    BadSchemaVersion {
+        /// Its length in bytes.
+        len: usize,
     },
 }
 
@@ -134,6 +154,19 @@ pub enum RejectReason {
     },
     /// The key is not one the model's key templates can produce.
     KeyNotOfModel,
+    /// The put's item is larger, encoded, than the cloud accepts for one item.
+    ItemTooLarge {
+        /// The largest encoded item the cloud accepts, in bytes.
+        max: u64,
+    },
+    /// The put would take the device past one of its storage quotas in the cloud (rows or
+    /// bytes of live items). Deletes are always accepted, so the device can make room.
+    QuotaExceeded {
+        /// Which quota.
+        what: Quota,
+        /// Its limit.
+        limit: u64,
+    },
     /// The change's version is further in the future than the cloud accepts (the device clock
     /// is ahead). Unlike other reasons this one is not final: the device re-stamps the change
     /// with a version on the cloud's time and sends it again.
@@ -160,6 +193,15 @@ impl std::fmt::Display for RejectReason {
             RejectReason::KeyNotOfModel => {
                 f.write_str("the key is not one the model's key templates produce")
             }
+            RejectReason::ItemTooLarge { max } => write!(
+                f,
+                "the item is larger than the {max} bytes the cloud accepts for one item"
+            ),
+            RejectReason::QuotaExceeded { what, limit } => write!(
+                f,
+                "the device's {what} quota in the cloud ({limit}) is full: delete items to make \
+                 room, or ask the operator to raise the quota"
+            ),
             RejectReason::VersionAhead {
                 cloud_ms,
                 max_drift_ms,
@@ -169,6 +211,25 @@ impl std::fmt::Display for RejectReason {
                  the device clock is ahead; the change is re-stamped and sent again"
             ),
         }
+    }
+}
+
+/// A storage quota of a device in the cloud (see [`RejectReason::QuotaExceeded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quota {
+    /// Live items stored for the device.
+    Rows,
+    /// Bytes of the live items stored for the device (their JSON).
+    Bytes,
+}
+
+impl std::fmt::Display for Quota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quota::Rows => "rows",
+            Quota::Bytes => "bytes",
+        })
     }
 }
 
@@ -291,6 +352,26 @@ pub enum ErrorCode {
     NoSession,
     /// The cloud tracks as many sessions as it may; try again later.
     TooManySessions,
+    /// The device sends faster than its session's message rate: its message was not processed
+    /// (nothing is lost: pushes are resent, acknowledgements and pages recover on their timers).
+    /// The device sends no push before `retry_after_ms` has passed. Sent at most once per
+    /// `retry_after_ms`, so the refusals themselves are bounded.
+    RateLimited {
+        /// How long to wait before sending again, in ms.
+        retry_after_ms: u64,
+    },
+    /// The device has as many pushes being applied as the cloud allows; this push was not
+    /// taken. The device resends it, not before `retry_after_ms`.
+    Busy {
+        /// How long to wait before sending again, in ms.
+        retry_after_ms: u64,
+    },
+    /// The push held more changes than the cloud takes in one push; the device cuts its batches
+    /// to `max` changes and resends.
+    TooManyChanges {
+        /// Most changes per push.
+        max: u64,
+    },
 }
 
 /// Cloud → device messages.
@@ -392,6 +473,9 @@ fn encode<M: Serialize>(
             max: cfg.max_changes,
         });
     }
+    if !schema_version_ok(schema) {
+        return Err(WireError::BadSchemaVersion { len: schema.len() });
+    }
     let bytes = serde_json::to_vec(&EnvelopeOut {
         v: PROTOCOL_VERSION,
         schema,
@@ -424,6 +508,11 @@ fn decode<M: serde::de::DeserializeOwned>(
     })?;
     if env.v != PROTOCOL_VERSION {
         return Err(WireError::UnsupportedVersion { got: env.v });
+    }
+    if !schema_version_ok(&env.schema) {
+        return Err(WireError::BadSchemaVersion {
+            len: env.schema.len(),
+        });
     }
     let msg = serde_json::from_value(env.msg).map_err(|e| WireError::Malformed {
         reason: e.to_string(),
@@ -484,6 +573,14 @@ pub fn decode_down(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<DownMsg>, W
         });
     }
     Ok(d)
+}
+
+/// Encoded size of an item (its JSON), in bytes: what the cloud's per-item limit and storage
+/// quota count.
+pub fn item_len(item: &Item) -> usize {
+    serde_json::to_vec(item)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// Encoded size of one change inside a message's change list, in bytes. A list of `n` changes
@@ -807,6 +904,51 @@ mod tests {
             decode_up(two.as_bytes(), &cfg),
             Err(WireError::TooManyChanges { count: 2, max: 1 })
         );
+    }
+
+    #[test]
+    fn the_schema_string_is_bounded_and_printable() {
+        let cfg = WireConfig::default();
+        let long = "x".repeat(MAX_SCHEMA_BYTES + 1);
+        let at_limit = "x".repeat(MAX_SCHEMA_BYTES);
+        let env = |schema: &str| format!(r#"{{"v":1,"schema":"{schema}","msg":{{"type":"bye"}}}}"#);
+        assert_eq!(
+            decode_up(env(&long).as_bytes(), &cfg),
+            Err(WireError::BadSchemaVersion {
+                len: MAX_SCHEMA_BYTES + 1
+            })
+        );
+        assert_eq!(
+            decode_up(env("1.0\\u0001").as_bytes(), &cfg),
+            Err(WireError::BadSchemaVersion { len: 4 }),
+            "a control character is refused"
+        );
+        assert_eq!(
+            decode_up(env(&at_limit).as_bytes(), &cfg).unwrap().schema,
+            at_limit
+        );
+        assert_eq!(decode_up(env("").as_bytes(), &cfg).unwrap().msg, UpMsg::Bye);
+        assert_eq!(
+            encode_up(&long, &UpMsg::Bye, &cfg),
+            Err(WireError::BadSchemaVersion {
+                len: MAX_SCHEMA_BYTES + 1
+            }),
+            "a sender cannot produce what receivers refuse"
+        );
+        // The new verdicts and errors travel.
+        let reason = RejectReason::QuotaExceeded {
+            what: Quota::Rows,
+            limit: 5,
+        };
+        let text = serde_json::to_string(&reason).unwrap();
+        assert_eq!(text, r#"{"quota_exceeded":{"what":"rows","limit":5}}"#);
+        assert_eq!(serde_json::from_str::<RejectReason>(&text).unwrap(), reason);
+        let err = DownMsg::Error {
+            code: ErrorCode::RateLimited { retry_after_ms: 7 },
+            message: String::new(),
+        };
+        let bytes = encode_down("1", &err, &cfg).unwrap();
+        assert_eq!(decode_down(&bytes, &cfg).unwrap().msg, err);
     }
 
     #[test]

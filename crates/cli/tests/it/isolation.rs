@@ -621,8 +621,10 @@ fn embedded_broker_over_tls_passes_the_isolation_checks() {
         let mut plain = std::net::TcpStream::connect(&cloud.mqtt).unwrap();
         // An MQTT 3.1.1 CONNECT in clear text.
         let _ = plain.write_all(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04plain");
-        cloud.logs.wait_for("the refused TLS handshake in the cloud's log", |l| {
-            l.contains("TLS accept error")
-        });
+        cloud
+            .logs
+            .wait_for("the refused TLS handshake in the cloud's log", |l| {
+                l.contains("TLS accept error")
+            });
     }
 }

@@ -75,6 +75,53 @@ pub struct DeviceRecord {
     /// before the registry kept it (its secret must be rotated to get one).
     #[serde(skip)]
     pub broker_hash: Option<String>,
+    /// Live items stored for the device (its rows in `items`, tombstones not counted): what
+    /// [`DeviceQuotas::max_rows`] limits.
+    pub rows_stored: u64,
+    /// Bytes of those items' JSON: what [`DeviceQuotas::max_bytes`] limits.
+    pub bytes_stored: u64,
+    /// Pushed changes refused for a quota (rows, bytes) or for their item's size; also counted
+    /// in `changes_rejected`.
+    pub changes_over_quota: u64,
+    /// Messages of the device the cloud did not process because it sent over its message rate.
+    pub messages_rate_limited: u64,
+    /// Pushes of the device not taken because it had too many being applied.
+    pub pushes_busy: u64,
+    /// Conflict records of the device dropped (oldest first) to keep its
+    /// [`DeviceQuotas::max_conflicts`].
+    pub conflicts_dropped: u64,
+}
+
+/// What one device may store in the cloud and send in one change. A put that would pass a limit
+/// is refused per change ([`devtables_sync::wire::RejectReason::QuotaExceeded`] or
+/// [`devtables_sync::wire::RejectReason::ItemTooLarge`]), final and counted; deletes are always
+/// taken, so a device at its quota can make room. Checked in the push's own transaction, against
+/// counts the store keeps in that same transaction. API writes are counted in the device's usage
+/// but not refused (the operator decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceQuotas {
+    /// Largest encoded item (its JSON) a device may push, in bytes. Default 64 KiB, half the
+    /// wire's message limit.
+    pub max_item_bytes: u64,
+    /// Most live items stored for one device. Default 100 000.
+    pub max_rows: u64,
+    /// Most bytes of live items (their JSON) stored for one device. Default 256 MiB.
+    pub max_bytes: u64,
+    /// Most conflict records kept per device (its pushes' conflicts); the oldest are dropped
+    /// first and counted in `conflicts_dropped`. Default 1000. The account-wide
+    /// [`Retention::max_conflicts`] still applies.
+    pub max_conflicts: u64,
+}
+
+impl Default for DeviceQuotas {
+    fn default() -> DeviceQuotas {
+        DeviceQuotas {
+            max_item_bytes: 64 * 1024,
+            max_rows: 100_000,
+            max_bytes: 256 * 1024 * 1024,
+            max_conflicts: 1000,
+        }
+    }
 }
 
 /// What an API key may do. The order matters: each scope may do everything the ones before it
@@ -290,7 +337,8 @@ pub trait CloudStore: Send + 'static {
     /// there are none: the API would refuse every request).
     fn live_api_keys(&mut self) -> Result<u64, StoreError>;
 
-    /// Runs [`devtables_sync::apply::cloud_apply_push`] in one transaction.
+    /// Runs [`devtables_sync::apply::cloud_apply_push`] in one transaction, refusing (per change,
+    /// in that transaction) what passes the store's [`DeviceQuotas`].
     #[allow(clippy::too_many_arguments)]
     fn apply_push(
         &mut self,
@@ -333,6 +381,13 @@ pub trait CloudStore: Send + 'static {
     ) -> Result<SnapshotPage, StoreError>;
     /// Records the cursor a device acknowledged.
     fn ack_cursor(&mut self, device: &DeviceId, cursor: u64) -> Result<(), StoreError>;
+    /// Adds to a device's counts of messages refused for its rate and pushes refused as busy.
+    fn count_throttled(
+        &mut self,
+        device: &DeviceId,
+        rate_limited: u64,
+        busy: u64,
+    ) -> Result<(), StoreError>;
 
     fn get_item(
         &mut self,

@@ -6,4 +6,5 @@ mod conformance;
 mod harness;
 mod lifecycle;
 mod mtls;
+mod quotas;
 mod sync_service;

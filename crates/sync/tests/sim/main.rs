@@ -26,6 +26,7 @@ use devtables_sync::device::{
 };
 use devtables_sync::hlc::{cloud_node_name, node_id_for, Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
+use devtables_sync::rate::RateLimit;
 use devtables_sync::wire::{
     self, Change, ChangeStatus, DownMsg, ErrorCode, Op, RejectReason, UpMsg, WireConfig,
 };
@@ -252,6 +253,7 @@ struct Stats {
     store_errors: u64,
     hostile: u64,
     clock_jumps: u64,
+    throttled: u64,
 }
 
 impl Stats {
@@ -268,6 +270,7 @@ impl Stats {
         self.store_errors += o.store_errors;
         self.hostile += o.hostile;
         self.clock_jumps += o.clock_jumps;
+        self.throttled += o.throttled;
     }
 }
 
@@ -319,6 +322,14 @@ impl Sim {
             ack_timeout_max_ms: 20_000,
             max_page_retries: 8,
             max_pushes_in_progress: 4,
+            busy_retry_ms: 500,
+            // Tight, so floods of retransmits and duplicates are refused and the devices back
+            // off: the seeds prove nothing is lost to the rate limit.
+            device_rate: RateLimit {
+                per_sec: 3,
+                burst: 4,
+            },
+            max_push_changes: wire_cfg().max_changes,
             prompt_interval_ms: 3000,
             max_drift_ms: 60_000,
             seed: rng.gen(),
@@ -754,6 +765,7 @@ impl Sim {
                         self.stats.superseded += 1;
                         self.fates.remove(&(i, change.version));
                     }
+                    DeviceEvent::Throttled { .. } => self.stats.throttled += 1,
                     _ => {}
                 }
                 self.devs[i].events.push(e);
@@ -909,6 +921,17 @@ impl Sim {
                     reason,
                 } => {
                     self.fail(format!("unsendable {device} {model} {key:?}: {reason}"));
+                }
+                CloudAction::Throttled {
+                    device,
+                    rate_limited,
+                    busy,
+                } => {
+                    self.note(|| {
+                        format!(
+                            "cloud refused {rate_limited} messages and {busy} pushes of {device}"
+                        )
+                    });
                 }
             }
         }
@@ -1634,7 +1657,8 @@ fn run_range(range: std::ops::Range<u64>) {
             && stats.late_byes > 0
             && stats.store_errors > 0
             && stats.hostile > 0
-            && stats.clock_jumps > 0,
+            && stats.clock_jumps > 0
+            && stats.throttled > 0,
         "an edge was never reached in {n} seeds: {stats:?}"
     );
 }

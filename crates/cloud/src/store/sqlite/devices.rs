@@ -17,7 +17,9 @@ use super::sql::{db, sql_int, write_txn};
 const DEVICE_COLS: &str =
     "account, device, secret_hash, registered_ms, online, last_seen_ms, schema_version, \
                            cursor_acked, feed_head, pending, last_error, changes_applied, \
-                           changes_superseded, changes_rejected, broker_hash";
+                           changes_superseded, changes_rejected, broker_hash, rows_stored, \
+                           bytes_stored, changes_over_quota, messages_rate_limited, pushes_busy, \
+                           conflicts_dropped";
 
 fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
     Ok(DeviceRecord {
@@ -36,6 +38,12 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
         changes_superseded: r.get(12)?,
         changes_rejected: r.get(13)?,
         broker_hash: r.get(14)?,
+        rows_stored: r.get(15)?,
+        bytes_stored: r.get(16)?,
+        changes_over_quota: r.get(17)?,
+        messages_rate_limited: r.get(18)?,
+        pushes_busy: r.get(19)?,
+        conflicts_dropped: r.get(20)?,
     })
 }
 
@@ -101,6 +109,12 @@ pub(super) fn revoke_device(
             )
             .map_err(db("deleting a revoked device's data"))?;
         }
+        // Its usage goes with its rows.
+        tx.execute(
+            "UPDATE devices SET rows_stored = 0, bytes_stored = 0 WHERE account = ?1 AND device = ?2",
+            params![id.account, id.device],
+        )
+        .map_err(db("clearing a revoked device's usage"))?;
     }
     tx.commit().map_err(db("committing a revocation"))?;
     Ok(true)
@@ -267,4 +281,45 @@ pub(super) fn ack_cursor(
         return Err(StoreError::UnknownDevice(device.to_string()));
     }
     Ok(())
+}
+
+pub(super) fn count_throttled(
+    conn: &Connection,
+    device: &DeviceId,
+    rate_limited: u64,
+    busy: u64,
+) -> Result<(), StoreError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE devices SET messages_rate_limited = messages_rate_limited + ?3,
+                pushes_busy = pushes_busy + ?4
+             WHERE account = ?1 AND device = ?2",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                device.account,
+                device.device,
+                i64::try_from(rate_limited).unwrap_or(i64::MAX),
+                i64::try_from(busy).unwrap_or(i64::MAX)
+            ])
+        })
+        .map_err(db("counting a device's refused messages"))?;
+    if n == 0 {
+        return Err(StoreError::UnknownDevice(device.to_string()));
+    }
+    Ok(())
+}
+
+/// What a device stores now: (live rows, bytes of their JSON); `None` if it is not registered.
+pub(super) fn usage(conn: &Connection, id: &DeviceId) -> Result<Option<(u64, u64)>, StoreError> {
+    conn.prepare_cached(
+        "SELECT rows_stored, bytes_stored FROM devices WHERE account = ?1 AND device = ?2",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![id.account, id.device], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+    })
+    .map_err(db("reading a device's stored rows and bytes"))
 }

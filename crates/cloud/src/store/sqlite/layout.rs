@@ -12,7 +12,7 @@ use super::super::StoreError;
 use super::sql::db;
 
 /// The version of the table layout this build writes; a newer database is refused.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 const DDL: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -32,6 +32,12 @@ CREATE TABLE IF NOT EXISTS devices (
     changes_superseded INTEGER NOT NULL DEFAULT 0,
     changes_rejected INTEGER NOT NULL DEFAULT 0,
     broker_hash TEXT,
+    rows_stored INTEGER NOT NULL DEFAULT 0,
+    bytes_stored INTEGER NOT NULL DEFAULT 0,
+    changes_over_quota INTEGER NOT NULL DEFAULT 0,
+    messages_rate_limited INTEGER NOT NULL DEFAULT 0,
+    pushes_busy INTEGER NOT NULL DEFAULT 0,
+    conflicts_dropped INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (account, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS items (
@@ -81,6 +87,7 @@ CREATE TABLE IF NOT EXISTS conflicts (
     loser_item TEXT
 );
 CREATE INDEX IF NOT EXISTS conflicts_by_account ON conflicts (account, id);
+CREATE INDEX IF NOT EXISTS conflicts_by_device ON conflicts (account, device, id);
 ";
 
 /// What moves a layout-1 database to layout 2 (the row's base version, the per-owner purge
@@ -114,6 +121,23 @@ const MIGRATE_2_TO_3: &str = API_KEYS_DDL;
 /// secret is rotated, since the secret itself was never stored.
 const MIGRATE_3_TO_4: &str = "
 ALTER TABLE devices ADD COLUMN broker_hash TEXT;
+";
+
+/// What moves a layout-4 database to layout 5: the per-device usage and refusal counters of the
+/// quotas, the usage counted from the rows already stored (live items and their JSON bytes).
+/// The per-device conflict index is in [`DDL`].
+const MIGRATE_4_TO_5: &str = "
+ALTER TABLE devices ADD COLUMN rows_stored INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN bytes_stored INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN changes_over_quota INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN messages_rate_limited INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN pushes_busy INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN conflicts_dropped INTEGER NOT NULL DEFAULT 0;
+UPDATE devices SET
+    rows_stored = (SELECT count(*) FROM items
+        WHERE items.account = devices.account AND items.device = devices.device AND deleted = 0),
+    bytes_stored = (SELECT coalesce(sum(length(CAST(item AS BLOB))), 0) FROM items
+        WHERE items.account = devices.account AND items.device = devices.device AND deleted = 0);
 ";
 
 /// Prepares a freshly opened connection: busy timeout, WAL mode (`wal`, for a file), the
@@ -174,6 +198,10 @@ pub(super) fn init(
     if matches!(stored.as_deref(), Some("1" | "2" | "3")) {
         tx.execute_batch(MIGRATE_3_TO_4)
             .map_err(db("upgrading the cloud tables from layout 3 to 4"))?;
+    }
+    if matches!(stored.as_deref(), Some("1" | "2" | "3" | "4")) {
+        tx.execute_batch(MIGRATE_4_TO_5)
+            .map_err(db("upgrading the cloud tables from layout 4 to 5"))?;
     }
     tx.execute_batch(DDL)
         .map_err(db("creating the cloud tables"))?;

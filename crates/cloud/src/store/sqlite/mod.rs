@@ -8,7 +8,7 @@
 //! # Tables
 //!
 //! ```sql
-//! -- Store metadata: schema_version = 3 (the table layout, see `SCHEMA_VERSION`).
+//! -- Store metadata: schema_version = 4 (the table layout, see `SCHEMA_VERSION`).
 //! meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
 //!
 //! -- Registered devices and their sync status.
@@ -24,7 +24,12 @@
 //!         last_error,
 //!         changes_applied,            -- pushed changes the cloud wrote (replays not counted)
 //!         changes_superseded,         -- pushed changes a higher stored version beat
-//!         changes_rejected)           -- pushed changes refused
+//!         changes_rejected,           -- pushed changes refused
+//!         rows_stored, bytes_stored,  -- live items of the device and their JSON bytes (quotas)
+//!         changes_over_quota,         -- pushed changes refused for a quota or their size
+//!         messages_rate_limited,      -- messages not processed: over the device's message rate
+//!         pushes_busy,                -- pushes not taken: too many being applied
+//!         conflicts_dropped)          -- conflict records dropped for the per-device cap
 //!
 //! -- Every item of every device, one row per (owner, key); tombstones are kept for a while.
 //! items(account,
@@ -96,6 +101,7 @@
 //! - `api_keys`: the keys of the HTTP API;
 //! - `queries`: the item and conflict reads of the HTTP API;
 //! - `purge`: retention and the highest stored version;
+//! - `quota`: the per-device quotas checked in a push, and the per-device conflict cap;
 //! - `sql`: the small helpers all of them share (it depends on none of them).
 
 mod api_keys;
@@ -104,6 +110,7 @@ mod feed;
 mod layout;
 mod purge;
 mod queries;
+mod quota;
 mod sql;
 mod txn;
 
@@ -118,8 +125,8 @@ use devtables_sync::wire::{Change, ChangeResult};
 use rusqlite::Connection;
 
 use super::{
-    Advanced, ApiKeyRecord, CloudStore, ConflictRecord, DeviceRecord, ItemPage, ItemQuery,
-    KeyScope, PurgeStats, Retention, StatusUpdate, StoreError, StoredItem,
+    Advanced, ApiKeyRecord, CloudStore, ConflictRecord, DeviceQuotas, DeviceRecord, ItemPage,
+    ItemQuery, KeyScope, PurgeStats, Retention, StatusUpdate, StoreError, StoredItem,
 };
 use sql::db;
 
@@ -134,6 +141,9 @@ pub struct SqliteOptions {
     pub synchronous_full: bool,
     /// How long a statement waits for a lock held by another connection, in ms. Default 5000.
     pub busy_timeout_ms: u64,
+    /// What each device may store and push (see [`DeviceQuotas`]). Default
+    /// [`DeviceQuotas::default`].
+    pub quotas: DeviceQuotas,
 }
 
 impl Default for SqliteOptions {
@@ -141,6 +151,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             synchronous_full: true,
             busy_timeout_ms: 5000,
+            quotas: DeviceQuotas::default(),
         }
     }
 }
@@ -148,6 +159,9 @@ impl Default for SqliteOptions {
 /// The SQLite cloud store. See the module documentation for its tables.
 pub struct SqliteStore {
     conn: Connection,
+    quotas: DeviceQuotas,
+    /// Rate-limits the warnings about conflict records dropped for the per-device cap.
+    conflict_warn: crate::status::WarnLimiter,
 }
 
 impl SqliteStore {
@@ -181,7 +195,7 @@ impl SqliteStore {
         f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let tx = sql::write_txn(&mut self.conn, "starting a conformance transaction")?;
-        let r = f(&mut txn::SqlTxn::new(&tx, now_ms))?;
+        let r = f(&mut txn::SqlTxn::new(&tx, now_ms, &self.quotas))?;
         if commit {
             tx.commit()
                 .map_err(db("committing a conformance transaction"))?;
@@ -200,7 +214,16 @@ impl SqliteStore {
             options.synchronous_full,
             wal,
         )?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            quotas: options.quotas,
+            conflict_warn: crate::status::WarnLimiter::new(crate::status::WarnLimiter::INTERVAL),
+        })
+    }
+
+    /// Replaces the per-device quotas (they apply from the next push).
+    pub fn set_quotas(&mut self, quotas: DeviceQuotas) {
+        self.quotas = quotas;
     }
 }
 
@@ -298,6 +321,8 @@ impl CloudStore for SqliteStore {
             clock,
             now_ms,
             max_drift_ms,
+            &self.quotas,
+            &mut self.conflict_warn,
             from,
             changes,
         )
@@ -319,6 +344,7 @@ impl CloudStore for SqliteStore {
             clock,
             now_ms,
             max_message_bytes,
+            &self.quotas,
             owner,
             model,
             op,
@@ -347,6 +373,15 @@ impl CloudStore for SqliteStore {
 
     fn ack_cursor(&mut self, device: &DeviceId, cursor: u64) -> Result<(), StoreError> {
         devices::ack_cursor(&self.conn, device, cursor)
+    }
+
+    fn count_throttled(
+        &mut self,
+        device: &DeviceId,
+        rate_limited: u64,
+        busy: u64,
+    ) -> Result<(), StoreError> {
+        devices::count_throttled(&self.conn, device, rate_limited, busy)
     }
 
     fn get_item(

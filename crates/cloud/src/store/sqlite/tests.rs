@@ -8,9 +8,9 @@ use devtables_sync::hlc::node_id_for;
 use devtables_sync::wire::{hlc_to_string, ChangeStatus, Op, RejectReason};
 use serde_json::json;
 
-const NOW: u64 = 1_795_629_600_000;
-const MAX_MSG: usize = 128 * 1024;
-const DRIFT: u64 = 60_000;
+pub(super) const NOW: u64 = 1_795_629_600_000;
+pub(super) const MAX_MSG: usize = 128 * 1024;
+pub(super) const DRIFT: u64 = 60_000;
 
 const SCHEMA: &str = r#"{
     format: 'onetable:1.1.0',
@@ -61,19 +61,19 @@ const SCHEMA: &str = r#"{
     },
 }"#;
 
-fn schema() -> Schema {
+pub(super) fn schema() -> Schema {
     Schema::from_json5(SCHEMA).unwrap()
 }
 
-fn dev(account: &str, device: &str) -> DeviceId {
+pub(super) fn dev(account: &str, device: &str) -> DeviceId {
     DeviceId::new(account, device).unwrap()
 }
 
-fn clock() -> HlcClock {
+pub(super) fn clock() -> HlcClock {
     HlcClock::new(node_id_for("cloud"))
 }
 
-fn item(schema: &Schema, model: &str, input: serde_json::Value) -> Item {
+pub(super) fn item(schema: &Schema, model: &str, input: serde_json::Value) -> Item {
     let input = input.as_object().cloned().unwrap();
     schema
         .model(model)
@@ -82,7 +82,7 @@ fn item(schema: &Schema, model: &str, input: serde_json::Value) -> Item {
         .unwrap()
 }
 
-fn ver(wall_ms: u64, node: u64) -> Hlc {
+pub(super) fn ver(wall_ms: u64, node: u64) -> Hlc {
     Hlc {
         wall_ms,
         counter: 0,
@@ -90,7 +90,7 @@ fn ver(wall_ms: u64, node: u64) -> Hlc {
     }
 }
 
-fn put(schema: &Schema, model: &str, input: serde_json::Value, version: Hlc) -> Change {
+pub(super) fn put(schema: &Schema, model: &str, input: serde_json::Value, version: Hlc) -> Change {
     let item = item(schema, model, input);
     let key = schema.model(model).unwrap().primary_key(&item).unwrap();
     Change {
@@ -111,7 +111,7 @@ fn store(devices: &[&DeviceId]) -> SqliteStore {
     s
 }
 
-fn api_put(
+pub(super) fn api_put(
     s: &mut SqliteStore,
     schema: &Schema,
     clock: &mut HlcClock,
@@ -1529,6 +1529,7 @@ fn file_store_reopens_intact_and_refuses_newer_layouts() {
         SqliteOptions {
             synchronous_full: false,
             busy_timeout_ms: 100,
+            ..SqliteOptions::default()
         },
     )
     .unwrap();
@@ -1710,7 +1711,7 @@ fn a_layout_3_file_is_upgraded_with_devices_that_have_no_broker_hash() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("4", 4));
+    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("5", 5));
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! they name, and this file is all of that, so a write never takes another path.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use devtables_schema::{ItemKey, Schema};
 use devtables_sync::apply::{
@@ -14,27 +15,63 @@ use devtables_sync::apply::{
 };
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
-use devtables_sync::wire::{hlc_to_string, Change, ChangeResult};
+use devtables_sync::wire::{hlc_to_string, Change, ChangeResult, ChangeStatus};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::super::{Advanced, StoreError};
+use super::super::{Advanced, DeviceQuotas, StoreError};
 use super::devices::{device_exists, device_revoked};
+use super::quota;
 use super::sql::{db, item_json, map_err, owner_cols, parse_version, write_txn};
+use crate::status::WarnLimiter;
 
 /// One write transaction as the replication rules see it.
 pub(super) struct SqlTxn<'c> {
     conn: &'c Connection,
     now_ms: u64,
     advanced: BTreeMap<DeviceId, u64>,
+    /// Most conflict records kept per device.
+    max_conflicts: u64,
+    /// Push counts gathered for one write at the end (a push applied change by change),
+    /// rather than written at every `count_push`.
+    deferred: Option<PushCounts>,
+    /// Conflict records dropped for the per-device cap in this transaction.
+    conflicts_dropped: u64,
 }
 
 impl<'c> SqlTxn<'c> {
-    pub(super) fn new(conn: &'c Connection, now_ms: u64) -> SqlTxn<'c> {
+    pub(super) fn new(conn: &'c Connection, now_ms: u64, quotas: &DeviceQuotas) -> SqlTxn<'c> {
         SqlTxn {
             conn,
             now_ms,
             advanced: BTreeMap::new(),
+            max_conflicts: quotas.max_conflicts,
+            deferred: None,
+            conflicts_dropped: 0,
         }
+    }
+
+    /// Writes the push counts gathered since [`Self::defer_counts`], with `over_quota` changes
+    /// refused for a quota (counted as rejected too).
+    fn write_counts(&mut self, device: &DeviceId, over_quota: u64) -> Result<(), StoreError> {
+        let mut counts = self.deferred.take().unwrap_or_default();
+        counts.rejected += over_quota;
+        if counts != PushCounts::default() {
+            self.count_push(device, &counts)?;
+        }
+        if over_quota > 0 {
+            self.conn
+                .prepare_cached(
+                    "UPDATE devices SET changes_over_quota = changes_over_quota + ?3
+                     WHERE account = ?1 AND device = ?2",
+                )
+                .and_then(|mut s| s.execute(params![device.account, device.device, over_quota]))
+                .map_err(db("counting changes over quota"))?;
+        }
+        Ok(())
+    }
+
+    fn defer_counts(&mut self) {
+        self.deferred = Some(PushCounts::default());
     }
 
     fn into_advanced(self) -> Advanced {
@@ -95,6 +132,9 @@ impl CloudTxn for SqlTxn<'_> {
     fn write_row(&mut self, w: &RowWrite<'_>) -> Result<(), StoreError> {
         let (account, device) = owner_cols(w.owner);
         let json = w.item.map(item_json).transpose()?;
+        if matches!(w.owner, Owner::Device(_)) {
+            self.count_usage(account, device, w.key, json.as_deref())?;
+        }
         self.conn
             .prepare_cached(
                 "INSERT INTO items (account, device, model, pk, sk, item, version, deleted, updated_ms, base)
@@ -122,6 +162,12 @@ impl CloudTxn for SqlTxn<'_> {
     }
 
     fn count_push(&mut self, device: &DeviceId, counts: &PushCounts) -> Result<(), StoreError> {
+        if let Some(d) = &mut self.deferred {
+            d.applied += counts.applied;
+            d.superseded += counts.superseded;
+            d.rejected += counts.rejected;
+            return Ok(());
+        }
         self.conn
             .prepare_cached(
                 "UPDATE devices SET changes_applied = changes_applied + ?3,
@@ -232,17 +278,74 @@ impl CloudTxn for SqlTxn<'_> {
                 ])
             })
             .map_err(db("logging a conflict"))?;
+        if let Some(d) = &conflict.device {
+            self.conflicts_dropped += quota::trim_conflicts(self.conn, d, self.max_conflicts)?;
+        }
         Ok(())
     }
 }
 
-/// Applies a device's push in one transaction (see [`cloud_apply_push`]).
+impl SqlTxn<'_> {
+    /// Keeps a device's usage (live rows, bytes of their JSON) in step as its row at `key`
+    /// becomes `json` (`None`: a tombstone), in this transaction.
+    fn count_usage(
+        &mut self,
+        account: &str,
+        device: &str,
+        key: &ItemKey,
+        json: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let held: Option<(bool, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT deleted, coalesce(length(CAST(item AS BLOB)), 0) FROM items
+                 WHERE account = ?1 AND device = ?2 AND pk = ?3 AND sk = ?4",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![account, device, key.pk, key.sk], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(db("reading the row a write replaces"))?;
+        let (old_rows, old_bytes) = match held {
+            Some((false, bytes)) => (1i64, bytes),
+            _ => (0, 0),
+        };
+        let (new_rows, new_bytes) = json.map_or((0i64, 0i64), |j| (1, j.len() as i64));
+        if (new_rows, new_bytes) != (old_rows, old_bytes) {
+            self.conn
+                .prepare_cached(
+                    "UPDATE devices SET rows_stored = max(0, rows_stored + ?3),
+                        bytes_stored = max(0, bytes_stored + ?4)
+                     WHERE account = ?1 AND device = ?2",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        account,
+                        device,
+                        new_rows - old_rows,
+                        new_bytes - old_bytes
+                    ])
+                })
+                .map_err(db("counting a device's stored rows and bytes"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies a device's push in one transaction (see [`cloud_apply_push`]), change by change: a
+/// put the device's quotas refuse ([`quota::refusal`]) is answered rejected and not applied,
+/// against the usage the changes before it left.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn apply_push(
     conn: &mut Connection,
     schema: &Schema,
     clock: &mut HlcClock,
     now_ms: u64,
     max_drift_ms: u64,
+    quotas: &DeviceQuotas,
+    warn: &mut WarnLimiter,
     from: &DeviceId,
     changes: &[Change],
 ) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
@@ -252,12 +355,47 @@ pub(super) fn apply_push(
     if device_revoked(&tx, from)? {
         return Err(StoreError::DeviceRevoked(from.to_string()));
     }
-    let (results, advanced) = {
-        let mut t = SqlTxn::new(&tx, now_ms);
-        let results = cloud_apply_push(&mut t, schema, clock, now_ms, max_drift_ms, from, changes)?;
-        (results, t.into_advanced())
+    let (results, advanced, dropped) = {
+        let mut t = SqlTxn::new(&tx, now_ms, quotas);
+        t.defer_counts();
+        let mut results = Vec::with_capacity(changes.len());
+        let mut over_quota = 0;
+        for change in changes {
+            if let Some(reason) = quota::refusal(&tx, quotas, from, change)? {
+                over_quota += 1;
+                results.push(ChangeResult {
+                    model: change.model.clone(),
+                    key: change.key.clone(),
+                    version: change.version,
+                    status: ChangeStatus::Rejected { reason },
+                });
+                continue;
+            }
+            let one = std::slice::from_ref(change);
+            results.extend(cloud_apply_push(
+                &mut t,
+                schema,
+                clock,
+                now_ms,
+                max_drift_ms,
+                from,
+                one,
+            )?);
+        }
+        t.write_counts(from, over_quota)?;
+        let dropped = t.conflicts_dropped;
+        (results, t.into_advanced(), dropped)
     };
     tx.commit().map_err(db("committing a push"))?;
+    if dropped > 0 {
+        if let Some(quiet) = warn.hit(Instant::now()) {
+            tracing::warn!(
+                device = %from, dropped, quiet, max = quotas.max_conflicts,
+                "dropped the oldest conflict records of a device over its cap (counted in its \
+                 conflicts_dropped; {quiet} more drops since the last warning)"
+            );
+        }
+    }
     Ok((results, advanced))
 }
 
@@ -270,6 +408,7 @@ pub(super) fn write(
     clock: &mut HlcClock,
     now_ms: u64,
     max_message_bytes: usize,
+    quotas: &DeviceQuotas,
     owner: &Owner,
     model: &str,
     op: CloudOp,
@@ -283,7 +422,7 @@ pub(super) fn write(
         }
     }
     let (change, advanced) = {
-        let mut t = SqlTxn::new(&tx, now_ms);
+        let mut t = SqlTxn::new(&tx, now_ms, quotas);
         let change = cloud_write(
             &mut t,
             schema,
