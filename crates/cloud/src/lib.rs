@@ -16,7 +16,8 @@
 //!   [`status`]: the sync loop's counters (`GET /v1/status`).
 //! - [`ops`]: application operations (register a device, write an item) shared by the API and
 //!   embedding programs.
-//! - `api`: the HTTP API (axum, JSON).
+//! - `api`: the HTTP API (axum, JSON); [`openapi`]: its OpenAPI document, generated from the
+//!   handlers and served at `GET /v1/openapi.json`.
 //! - [`config`]: every setting and limit, and the `devtables cloud` file format.
 //!
 //! The sync loop makes no protocol decision: `devtables_sync` decides, the loop carries bytes and
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 mod mqtt_link;
+pub mod openapi;
 pub mod ops;
 pub mod service;
 pub mod status;

@@ -5,4 +5,5 @@ mod api_keys;
 mod conformance;
 mod harness;
 mod lifecycle;
+mod openapi;
 mod sync_service;
