@@ -68,7 +68,7 @@ use crate::ops::{self, OpError, WriteKind};
 use crate::status::{StatusSnapshot, SyncStatus, WarnLimiter};
 use crate::store::{
     ApiKeyRecord, ConflictRecord, DeviceRecord, ItemPage, ItemQuery, KeyScope, StoreError,
-    StoredItem,
+    StoredItem, REVOKED_SECRET_HASH,
 };
 use crate::store_thread::{wall_ms, StoreGone, StoreHandle};
 use crate::sync_loop::SyncInput;
@@ -563,10 +563,27 @@ fn device_id(account: &str, device: &str) -> ApiResult<DeviceId> {
     DeviceId::new(account, device).map_err(|e| ApiError::bad(e.to_string()))
 }
 
+/// Refuses an account name that breaks the naming rule (400), as the document's pattern says.
+/// With a key, `Caller::allow` has already confined the request to the key's own (valid)
+/// account; this matters with `insecure_no_auth`.
+fn check_account(account: &str) -> ApiResult<()> {
+    // The rule of device ids, with a placeholder device.
+    device_id(account, "x").map(drop)
+}
+
 fn account_owner(account: &str) -> ApiResult<Owner> {
-    // Validate the account name with a placeholder device.
-    device_id(account, "x")?;
+    check_account(account)?;
     Ok(Owner::Account(account.to_string()))
+}
+
+/// The size of a page: `limit` if given (default 100), at most the service's `max_page_items`.
+///
+/// `limit` is taken, and documented, as any `u64`: a larger page than the service serves is
+/// not an error, just capped.
+fn page_size(limit: Option<u64>, max_page_items: usize) -> usize {
+    limit
+        .map_or(100, |l| usize::try_from(l).unwrap_or(usize::MAX))
+        .min(max_page_items)
 }
 
 /// A fixed remark of an answer that holds a secret.
@@ -790,22 +807,28 @@ struct DeviceListQuery {
     #[param(pattern = "^[A-Za-z0-9_.-]{1,64}/[A-Za-z0-9_.-]{1,64}$")]
     after: Option<String>,
     /// Most devices in the page (default 100, at most the service's `max_page_items`).
-    limit: Option<usize>,
+    #[param(maximum = 18446744073709551615_u64)]
+    limit: Option<u64>,
 }
 
-/// A device and its sync status, with its lag (`feed_head - cursor_acked`).
+/// A device and its sync status, with its lag (`feed_head - cursor_acked`) and whether it is
+/// revoked.
 #[derive(Serialize, ToSchema)]
 struct DeviceView {
     #[serde(flatten)]
     record: DeviceRecord,
     /// Feed entries the device has not acknowledged yet.
     cursor_lag: u64,
+    /// The device is revoked: it may not connect, and its pushes are refused. Its record, items
+    /// and feed stay; a new secret (`POST .../secret`) reinstates it.
+    revoked: bool,
 }
 
 impl From<DeviceRecord> for DeviceView {
     fn from(record: DeviceRecord) -> Self {
         DeviceView {
             cursor_lag: record.feed_head.saturating_sub(record.cursor_acked),
+            revoked: record.secret_hash == REVOKED_SECRET_HASH,
             record,
         }
     }
@@ -842,6 +865,9 @@ async fn list_devices(
         caller.allow(&s, Some(&asked), KeyScope::Read)?;
         q.account = Some(asked);
     }
+    if let Some(account) = &q.account {
+        check_account(account)?;
+    }
     let after = match &q.after {
         Some(a) => {
             let (acct, dev) = a
@@ -851,7 +877,7 @@ async fn list_devices(
         }
         None => None,
     };
-    let limit = q.limit.unwrap_or(100).min(s.config.max_page_items);
+    let limit = page_size(q.limit, s.config.max_page_items);
     let account = q.account.clone();
     let devices = s
         .store
@@ -1001,7 +1027,8 @@ struct AccountItemsQuery {
     #[serde(rename = "where")]
     filter: Option<String>,
     /// Most items in the page (default 100, at most the service's `max_page_items`).
-    limit: Option<usize>,
+    #[param(maximum = 18446744073709551615_u64)]
+    limit: Option<u64>,
     /// The `next` token of the previous page.
     next: Option<String>,
 }
@@ -1019,7 +1046,8 @@ struct DeviceItemsQuery {
     #[serde(rename = "where")]
     filter: Option<String>,
     /// Most items in the page (default 100, at most the service's `max_page_items`).
-    limit: Option<usize>,
+    #[param(maximum = 18446744073709551615_u64)]
+    limit: Option<u64>,
     /// The `next` token of the previous page.
     next: Option<String>,
 }
@@ -1060,7 +1088,7 @@ async fn run_query(
         pk: q.pk,
         sk_prefix: q.sk_prefix,
         filters,
-        limit: q.limit.unwrap_or(100).min(s.config.max_page_items),
+        limit: page_size(q.limit, s.config.max_page_items),
         next: q.next,
     };
     let page = s.store.call(move |c| c.store.query_items(&query)).await??;
@@ -1087,6 +1115,10 @@ async fn query_account_items(
     Params(q): Params<AccountItemsQuery>,
 ) -> ApiResult<Json<ItemPage>> {
     caller.allow(&s, Some(&p.account), KeyScope::Read)?;
+    check_account(&p.account)?;
+    if let Some(device) = &q.device {
+        device_id(&p.account, device)?;
+    }
     run_query(&s, p.account, p.model, q).await
 }
 
@@ -1366,9 +1398,11 @@ async fn remove_broadcast(
 #[into_params(parameter_in = Query)]
 struct ConflictQuery {
     /// Only conflicts with an id below this (the last id of the previous page).
+    #[param(maximum = 18446744073709551615_u64)]
     before: Option<u64>,
     /// Most conflicts in the page (default 100, at most the service's `max_page_items`).
-    limit: Option<usize>,
+    #[param(maximum = 18446744073709551615_u64)]
+    limit: Option<u64>,
 }
 
 /// A page of the conflict log.
@@ -1396,7 +1430,8 @@ async fn conflicts(
     Params(q): Params<ConflictQuery>,
 ) -> ApiResult<Json<ConflictPage>> {
     caller.allow(&s, Some(&p.account), KeyScope::Read)?;
-    let limit = q.limit.unwrap_or(100).min(s.config.max_page_items);
+    check_account(&p.account)?;
+    let limit = page_size(q.limit, s.config.max_page_items);
     let account = p.account;
     let conflicts = s
         .store
@@ -1485,6 +1520,7 @@ async fn list_keys(
     PathParams(p): PathParams<AccountPath>,
 ) -> ApiResult<Json<KeyList>> {
     caller.allow(&s, Some(&p.account), KeyScope::Admin)?;
+    check_account(&p.account)?;
     let account = p.account;
     let keys = s.store.call(move |c| c.store.api_keys(&account)).await??;
     Ok(Json(KeyList { keys }))
@@ -1517,6 +1553,7 @@ async fn revoke_key(
     PathParams(p): PathParams<KeyPath>,
 ) -> ApiResult<Json<KeyRevoked>> {
     caller.allow(&s, Some(&p.account), KeyScope::Admin)?;
+    check_account(&p.account)?;
     let KeyPath { account, id } = p;
     let (acct, key) = (account.clone(), id.clone());
     let revoked = s

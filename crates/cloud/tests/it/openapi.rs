@@ -2,7 +2,8 @@
 //! the generated one; every documented operation is routed (never the no-route 404 or a 405),
 //! every other method on a documented path is a 405 naming exactly the documented ones, every
 //! operation the document marks as needing a key refuses a request without one and the others
-//! are open; and every error, wherever it comes from, has the one error shape.
+//! are open; and every error, wherever it comes from, has the one error shape. The last test
+//! keeps what the property-based run of `.ci/schemathesis` found.
 
 use std::collections::BTreeSet;
 
@@ -374,5 +375,57 @@ async fn openapi_errors_keep_one_shape_wherever_they_come_from() {
         assert_eq!(answer.code, status, "{what}: {}", answer.body);
         assert_error_shape(&answer, Some(kind), &what);
     }
+    cloud.shutdown().await;
+}
+
+/// What the property-based run (`.ci/schemathesis`) found, kept as plain regressions: a query
+/// naming a device or account that breaks the naming rule is refused as the document says
+/// (it was answered as an empty page), and a revoked device reads as revoked (nothing told).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_found_names_in_queries_are_checked_and_revoked_devices_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    // Without keys, so that nothing but the name rule stands in the way.
+    config.insecure_no_auth = true;
+    let cloud = Cloud::start(config, schema())
+        .await
+        .expect("the cloud starts");
+    let api = cloud.api_addr;
+    for path in [
+        "/v1/accounts/acme/items/Setting?device=",
+        "/v1/accounts/acme/items/Setting?device=a%2Fb",
+        "/v1/accounts/a%20b/items/Setting",
+        "/v1/accounts/a%20b/conflicts",
+        "/v1/accounts/a%20b/keys",
+        "/v1/devices?account=",
+    ] {
+        let answer = exchange(api, "GET", path, &[], None).await;
+        assert_eq!(answer.code, 400, "GET {path}: {}", answer.body);
+        assert_error_shape(&answer, Some("invalid"), path);
+    }
+
+    let (code, body) = request(
+        api,
+        "POST",
+        "/v1/devices",
+        None,
+        Some(&json!({"account": ACCOUNT, "device": "dev0"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let device = format!("/v1/devices/{ACCOUNT}/dev0");
+    let (code, body) = request(api, "GET", &device, None, None).await;
+    assert_eq!((code, &body["revoked"]), (200, &json!(false)), "{body}");
+    let (code, body) = request(api, "DELETE", &device, None, None).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = request(api, "GET", &device, None, None).await;
+    assert_eq!((code, &body["revoked"]), (200, &json!(true)), "{body}");
+    let (_, list) = request(api, "GET", "/v1/devices", None, None).await;
+    assert_eq!(list["devices"][0]["revoked"], true, "{list}");
+    // A new secret reinstates it.
+    let (code, body) = request(api, "POST", &format!("{device}/secret"), None, None).await;
+    assert_eq!(code, 200, "{body}");
+    let (_, body) = request(api, "GET", &device, None, None).await;
+    assert_eq!(body["revoked"], false, "{body}");
     cloud.shutdown().await;
 }
