@@ -576,10 +576,22 @@ fn account_owner(account: &str) -> ApiResult<Owner> {
     Ok(Owner::Account(account.to_string()))
 }
 
-/// The size of a page: `limit` if given (default 100), at most the service's `max_page_items`.
-///
-/// `limit` is taken, and documented, as any `u64`: a larger page than the service serves is
-/// not an error, just capped.
+/// Reads an optional count of a query string (`limit`, `before`) in the range the document
+/// gives it: 0 to `i64::MAX`, the `int64` format's non-negative half (what JSON tools and
+/// SQLite take), refusing what is outside (400) rather than taking what is documented invalid.
+fn int64_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let value = Option::<u64>::deserialize(d)?;
+    match value {
+        Some(v) if i64::try_from(v).is_err() => Err(serde::de::Error::custom(format!(
+            "{v} is too large: at most {}",
+            i64::MAX
+        ))),
+        _ => Ok(value),
+    }
+}
+
+/// The size of a page: `limit` if given (default 100), at most the service's `max_page_items`:
+/// a larger page than the service serves is not an error, just capped.
 fn page_size(limit: Option<u64>, max_page_items: usize) -> usize {
     limit
         .map_or(100, |l| usize::try_from(l).unwrap_or(usize::MAX))
@@ -807,7 +819,8 @@ struct DeviceListQuery {
     #[param(pattern = "^[A-Za-z0-9_.-]{1,64}/[A-Za-z0-9_.-]{1,64}$")]
     after: Option<String>,
     /// Most devices in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 18446744073709551615_u64)]
+    #[param(maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
 }
 
@@ -1027,7 +1040,8 @@ struct AccountItemsQuery {
     #[serde(rename = "where")]
     filter: Option<String>,
     /// Most items in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 18446744073709551615_u64)]
+    #[param(maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
     /// The `next` token of the previous page.
     next: Option<String>,
@@ -1046,7 +1060,8 @@ struct DeviceItemsQuery {
     #[serde(rename = "where")]
     filter: Option<String>,
     /// Most items in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 18446744073709551615_u64)]
+    #[param(maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
     /// The `next` token of the previous page.
     next: Option<String>,
@@ -1398,10 +1413,12 @@ async fn remove_broadcast(
 #[into_params(parameter_in = Query)]
 struct ConflictQuery {
     /// Only conflicts with an id below this (the last id of the previous page).
-    #[param(maximum = 18446744073709551615_u64)]
+    #[param(maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "int64_range")]
     before: Option<u64>,
     /// Most conflicts in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 18446744073709551615_u64)]
+    #[param(maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
 }
 

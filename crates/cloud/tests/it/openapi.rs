@@ -378,11 +378,12 @@ async fn openapi_errors_keep_one_shape_wherever_they_come_from() {
     cloud.shutdown().await;
 }
 
-/// What the property-based run (`.ci/schemathesis`) found, kept as plain regressions: a query
-/// naming a device or account that breaks the naming rule is refused as the document says
-/// (it was answered as an empty page), and a revoked device reads as revoked (nothing told).
+/// What the property-based run (`.ci/schemathesis`) found, kept as plain regressions: a count
+/// past the documented `int64` range is refused (it was taken), a query naming a device or
+/// account that breaks the naming rule is refused as the document says (it was answered as an
+/// empty page), and a revoked device reads as revoked (nothing told).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openapi_found_names_in_queries_are_checked_and_revoked_devices_say_so() {
+async fn openapi_found_counts_and_names_in_queries_are_checked_and_revoked_devices_say_so() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
     // Without keys, so that nothing but the name rule stands in the way.
@@ -391,6 +392,24 @@ async fn openapi_found_names_in_queries_are_checked_and_revoked_devices_say_so()
         .await
         .expect("the cloud starts");
     let api = cloud.api_addr;
+    // A count is read in the documented range (int64), and capped to a page.
+    let answer = exchange(
+        api,
+        "GET",
+        "/v1/devices?limit=9223372036854775807",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(answer.code, 200, "{}", answer.body);
+    for path in [
+        "/v1/devices?limit=9223372036854775808",
+        "/v1/accounts/acme/conflicts?before=18446744073709551615",
+    ] {
+        let answer = exchange(api, "GET", path, &[], None).await;
+        assert_eq!(answer.code, 400, "GET {path}: {}", answer.body);
+        assert_error_shape(&answer, Some("bad_request"), path);
+    }
     for path in [
         "/v1/accounts/acme/items/Setting?device=",
         "/v1/accounts/acme/items/Setting?device=a%2Fb",
