@@ -9,7 +9,7 @@
 //!
 //! This module holds what the handlers share: the document's header, the bearer-key security
 //! scheme, the schema of account and device names, and the error answers every route may give
-//! (all in the one shape [`crate::api`]'s `ErrorBody`). The document is built once and served
+//! (all in the one shape, `api::ErrorBody`). The document is built once and served
 //! as it is, without a key: it holds no data.
 
 use std::sync::OnceLock;
