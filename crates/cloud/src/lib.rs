@@ -19,7 +19,9 @@
 //!   [`status`]: the sync loop's counters (`GET /v1/status`).
 //! - [`ops`]: application operations (register a device, write an item) shared by the API and
 //!   embedding programs.
-//! - `api`: the HTTP API (axum, JSON); [`rate_limit`]: the request rate of each API key.
+//! - `api`: the HTTP API (axum, JSON); [`openapi`]: its OpenAPI document, generated from the
+//!   handlers and served at `GET /v1/openapi.json`; [`rate_limit`]: the request rate of each
+//!   API key.
 //! - [`config`]: every setting and limit, and the `devtables cloud` file format.
 //!
 //! Only [`store`] is built without the default `service` feature (the fuzz targets link that).
@@ -42,6 +44,8 @@ pub mod ca;
 pub mod config;
 #[cfg(feature = "service")]
 mod mqtt_link;
+#[cfg(feature = "service")]
+pub mod openapi;
 #[cfg(feature = "service")]
 pub mod ops;
 #[cfg(feature = "service")]

@@ -87,11 +87,10 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_millis().div_ceil(1000).max(1) as u64
 }
 
-/// The answer to a request over its key's rate: the status, kind and sentence of the API's
-/// error shape (`{"error": "<sentence>", "kind": "rate_limited"}`) and `Retry-After` seconds.
+/// The answer to a request over its key's rate: the status and sentence of the API's error shape
+/// (whose kind is `rate_limited`) and `Retry-After` seconds.
 pub(crate) struct Refusal {
     pub(crate) status: StatusCode,
-    pub(crate) kind: &'static str,
     pub(crate) message: String,
     pub(crate) retry_after: u64,
 }
@@ -120,7 +119,6 @@ fn refuse(status: &SyncStatus, warn: &Mutex<WarnLimiter>, id: &str, wait: Durati
     }
     Refusal {
         status: StatusCode::TOO_MANY_REQUESTS,
-        kind: "rate_limited",
         message: format!(
             "this API key sends requests faster than its rate allows: retry in {secs} s"
         ),

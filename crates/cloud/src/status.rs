@@ -78,7 +78,7 @@ pub struct SyncStatus {
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StatusSnapshot {
     pub broker_connected: bool,
     pub subscribed: bool,

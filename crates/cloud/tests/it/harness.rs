@@ -149,37 +149,87 @@ pub async fn request_with_header(
     header: Option<&str>,
     body: Option<&Value>,
 ) -> (u16, Value) {
+    let mut headers: Vec<&str> = header.into_iter().collect();
+    let payload = body.map(Value::to_string);
+    if payload.is_some() {
+        headers.push("Content-Type: application/json");
+    }
+    let answer = exchange(
+        api,
+        method,
+        path,
+        &headers,
+        payload.as_deref().map(str::as_bytes),
+    )
+    .await;
+    (answer.code, answer.json())
+}
+
+/// An HTTP answer as received.
+#[derive(Debug)]
+pub struct Answer {
+    pub code: u16,
+    /// Header lines as (lowercase name, value).
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    /// The value of header `name` (lowercase), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (null when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// One HTTP/1.1 exchange over a fresh TCP connection, with raw header lines and body bytes (a
+/// `Content-Length` is added).
+pub async fn exchange(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&[u8]>,
+) -> Answer {
     let mut stream = tokio::net::TcpStream::connect(api)
         .await
         .expect("connect to the API");
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n");
-    if let Some(h) = header {
+    for h in headers {
         head.push_str(h);
         head.push_str("\r\n");
     }
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    if body.is_some() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", payload.len()));
-    head.push_str(&payload);
-    stream
-        .write_all(head.as_bytes())
-        .await
-        .expect("send the request");
+    let body = body.unwrap_or_default();
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request).await.expect("send the request");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.expect("read the answer");
     let text = String::from_utf8_lossy(&raw);
-    let code = text
-        .split_whitespace()
-        .nth(1)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let code = lines
+        .next()
+        .and_then(|status| status.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        code,
+        headers,
+        body: body.to_string(),
+    }
 }
 
 /// Polls `check` until it returns `Some`, failing the test after [`WAIT`].

@@ -6,5 +6,6 @@ mod conformance;
 mod harness;
 mod lifecycle;
 mod mtls;
+mod openapi;
 mod quotas;
 mod sync_service;
