@@ -102,7 +102,7 @@ pub(super) fn trim_conflicts(
 #[cfg(test)]
 mod tests {
     //! The quotas against a real SQLite file: refusals per change inside the push, usage kept
-    //! by every write, the conflict cap, and the layout-3 upgrade counting what is stored.
+    //! by every write, the conflict cap, and the layout-4 upgrade counting what is stored.
 
     use devtables_sync::apply::CloudOp;
     use devtables_sync::identity::Owner;
@@ -358,9 +358,9 @@ mod tests {
     }
 
     #[test]
-    fn a_layout_3_file_is_upgraded_with_its_usage_counted() {
+    fn a_layout_4_file_is_upgraded_with_its_usage_counted() {
         let dir = tempfile::tempdir().unwrap();
-        // A file as layout 3 left it: the columns of the usage do not exist yet.
+        // A file as layout 4 left it: the columns of the usage do not exist yet.
         {
             let mut s = open(dir.path(), DeviceQuotas::default());
             let d1 = dev("a", "d1");
@@ -389,7 +389,7 @@ mod tests {
              ALTER TABLE devices DROP COLUMN messages_rate_limited;
              ALTER TABLE devices DROP COLUMN pushes_busy;
              ALTER TABLE devices DROP COLUMN conflicts_dropped;
-             UPDATE meta SET value = '3' WHERE key = 'schema_version';",
+             UPDATE meta SET value = '4' WHERE key = 'schema_version';",
         )
         .unwrap();
         drop(raw);
