@@ -577,6 +577,27 @@ impl DeviceTxn for AgentTxn<'_, '_> {
         Ok(self.txn.side().get(OUTBOX, &raw_key(key))?.is_some())
     }
 
+    fn take_superseded(
+        &mut self,
+        _model: &str,
+        key: &ItemKey,
+        winner: Hlc,
+    ) -> Result<Option<wire::Change>, DbError> {
+        let raw = raw_key(key);
+        let mut side = self.txn.side();
+        let Some(bytes) = side.get(OUTBOX, &raw)? else {
+            return Ok(None);
+        };
+        let entry: Entry = serde_json::from_slice(&bytes).map_err(|e| corrupt("outbox", e))?;
+        if entry.change.version >= winner {
+            return Ok(None);
+        }
+        side.remove(OUTBOX_SEQ, &entry.seq.to_be_bytes())?;
+        side.remove(OUTBOX_LOSSY, &entry.seq.to_be_bytes())?;
+        side.remove(OUTBOX, &raw)?;
+        Ok(Some(entry.change))
+    }
+
     fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, DbError> {
         Ok(self
             .txn

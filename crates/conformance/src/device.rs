@@ -30,6 +30,7 @@ pub(crate) fn checks<H: DeviceStoreUnderTest>() -> Vec<Check<H>> {
         local_writes_record_one_pending_entry_per_key,
         a_local_write_builds_on_the_stored_version,
         acknowledged_entries_leave_only_at_their_version,
+        a_newer_remote_write_takes_the_pending_entry_it_beat,
         sweep_deletes_only_unseen_unpending_down_items,
         resync_clear_forgets_the_marks,
         apply_keeps_the_highest_version,
@@ -371,6 +372,64 @@ fn acknowledged_entries_leave_only_at_their_version<H: DeviceStoreUnderTest>(h: 
     ensure_eq!(left, vec![b.clone()], "the entry left");
     ensure!(!pending(h, "Dev", &a.key)?, "a is no longer pending");
     ensure!(pending(h, "Dev", &b.key)?, "b is still pending");
+    Ok(())
+}
+
+fn a_newer_remote_write_takes_the_pending_entry_it_beat<H: DeviceStoreUnderTest>(
+    h: &mut H,
+) -> Outcome {
+    local(h, "Dev", "a", false)?;
+    local(h, "Dev", "b", false)?;
+    let out = h.restore().or_fail("restore")?.outbox;
+    let (a, b) = (out[0].clone(), out[1].clone());
+    // Not older than the pending change: the entry stays (and a rolled-back take leaves it).
+    let same = h
+        .txn(true, |t| t.take_superseded("Dev", &a.key, a.version))
+        .or_fail("take_superseded")?;
+    ensure_eq!(same, None, "an entry not older than the winner");
+    let newer = Hlc {
+        wall_ms: a.version.wall_ms + 1,
+        ..a.version
+    };
+    let rolled_back = h
+        .txn(false, |t| t.take_superseded("Dev", &a.key, newer))
+        .or_fail("take_superseded")?;
+    ensure_eq!(
+        rolled_back,
+        Some(a.clone()),
+        "the lost change, read in the transaction"
+    );
+    ensure!(
+        pending(h, "Dev", &a.key)?,
+        "a rolled-back take leaves the entry"
+    );
+    // Older than the winner: taken, only it, and returned as it was queued.
+    let taken = h
+        .txn(true, |t| t.take_superseded("Dev", &a.key, newer))
+        .or_fail("take_superseded")?;
+    ensure_eq!(taken, Some(a.clone()), "the lost change");
+    ensure!(!pending(h, "Dev", &a.key)?, "a is no longer pending");
+    ensure_eq!(
+        h.restore().or_fail("restore")?.outbox,
+        vec![b.clone()],
+        "only b is left to send"
+    );
+    // Applied through `device_apply`: the remote delete beats b's pending change.
+    let s = schema();
+    let winner = Hlc {
+        wall_ms: b.version.wall_ms + 1,
+        ..b.version
+    };
+    let outcome = apply(h, &feed(0, vec![del(&s, "Dev", D, "b", winner, None)]))?;
+    ensure_eq!(
+        outcome.superseded,
+        vec![(b.clone(), winner)],
+        "the page's outcome names the lost change and its winner"
+    );
+    ensure!(
+        h.restore().or_fail("restore")?.outbox.is_empty(),
+        "no entry is left to send"
+    );
     Ok(())
 }
 

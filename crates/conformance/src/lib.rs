@@ -383,6 +383,14 @@ impl<E> DeviceTxn for DynDevice<'_, E> {
     fn has_pending(&mut self, model: &str, key: &ItemKey) -> Result<bool, E> {
         self.0.has_pending(model, key)
     }
+    fn take_superseded(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        winner: Hlc,
+    ) -> Result<Option<Change>, E> {
+        self.0.take_superseded(model, key, winner)
+    }
     fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, E> {
         self.0.live_model(key)
     }

@@ -60,6 +60,17 @@ pub trait DeviceTxn {
     ) -> Result<(), Self::Error>;
     /// Whether an outbox entry exists for the key (a local write not yet acknowledged).
     fn has_pending(&mut self, model: &str, key: &ItemKey) -> Result<bool, Self::Error>;
+    /// A remote write at `winner` was just applied at the key. If the key's outbox entry holds
+    /// a change older than `winner`, that local change lost: remove the entry (in this
+    /// transaction) and return its change. Left in the outbox, it would be sent again, and
+    /// once the cloud has purged the winner's tombstone nothing would stop the cloud from
+    /// taking it as new: the device (holding the winner) and the cloud would then differ.
+    fn take_superseded(
+        &mut self,
+        model: &str,
+        key: &ItemKey,
+        winner: Hlc,
+    ) -> Result<Option<Change>, Self::Error>;
     /// The model of the live local item at the key, if there is one. The device database keys
     /// items by (pk, sk) alone, so a change under one model must not replace another's item.
     fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, Self::Error>;
@@ -119,7 +130,7 @@ pub struct Skipped {
 
 /// What [`device_apply`] did; the driver passes it to
 /// [`crate::device::DeviceEngine::handle_applied`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ApplyOutcome {
     /// Changes written.
     pub applied: u64,
@@ -137,6 +148,9 @@ pub struct ApplyOutcome {
     pub swept_keys: Vec<(String, ItemKey)>,
     /// The cursor stored, if the page stored one.
     pub cursor: Option<u64>,
+    /// Pending local changes that lost to a change of the page, with the version that won;
+    /// their outbox entries were removed in the page's transaction. Bounded by the page size.
+    pub superseded: Vec<(Change, Hlc)>,
 }
 
 /// Most swept keys one [`ApplyOutcome`] names; the rest are counted.
@@ -241,6 +255,12 @@ pub fn device_apply<T: DeviceTxn>(
         }
         .map_err(ApplyError::Store)?;
         out.applied += 1;
+        if let Some(lost) = txn
+            .take_superseded(&change.model, &change.key, change.version)
+            .map_err(ApplyError::Store)?
+        {
+            out.superseded.push((lost, change.version));
+        }
     }
     let cursor = match page {
         ApplyPage::Feed { to, .. } => Some(*to),

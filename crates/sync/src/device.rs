@@ -497,6 +497,13 @@ impl DeviceEngine {
                     let wait = retry_after_ms.clamp(1, self.cfg.retransmit_max_ms.max(1));
                     let until = now_ms.saturating_add(wait);
                     self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+                    // The refused message may be one of the pushes in flight, which the cloud
+                    // then never saw: each is resent once the pause ends (a duplicate of a push
+                    // the cloud did take is answered again, never applied twice), instead of
+                    // waiting out a retransmit timeout that backoff may have made long.
+                    for b in self.batches.values_mut() {
+                        b.deadline = b.deadline.min(until);
+                    }
                     self.event(DeviceEvent::Throttled {
                         retry_after_ms: wait,
                         busy: matches!(code, ErrorCode::Busy { .. }),
@@ -527,6 +534,20 @@ impl DeviceEngine {
         }
         for (model, key) in outcome.swept_keys {
             self.event(DeviceEvent::Swept { model, key });
+        }
+        // Local changes a newer remote write beat: their durable entries are gone, so they are
+        // forgotten here too (unless the engine already knows a newer local change of the key,
+        // announced after the page was applied).
+        for (change, winner) in outcome.superseded {
+            let k = (change.model.clone(), change.key.clone());
+            if self
+                .entries
+                .get(&k)
+                .is_some_and(|e| e.version <= change.version)
+            {
+                self.remove_entry(&k);
+            }
+            self.event(DeviceEvent::Superseded { change, winner });
         }
         match page {
             ApplyPage::Feed { to, .. } => {
@@ -1627,6 +1648,31 @@ mod verdict_tests {
                 busy: true
             }]
         );
+    }
+
+    #[test]
+    fn a_push_in_flight_is_resent_when_a_busy_pause_ends() {
+        let mut e = ready();
+        e.handle_local_change(10, change("a", 1_000_000));
+        load(&mut e, 10, &[change("a", 1_000_000)]);
+        assert!(matches!(sent(&mut e).as_slice(), [UpMsg::Push { .. }]));
+        // The cloud was busy with earlier pushes: this one may never have been taken.
+        error(
+            &mut e,
+            20,
+            ErrorCode::Busy {
+                retry_after_ms: 200,
+            },
+        );
+        assert_eq!(
+            e.poll_timeout(),
+            Some(220),
+            "resent when the pause ends, not after a retransmit timeout"
+        );
+        e.handle_timeout(220);
+        load(&mut e, 220, &[change("a", 1_000_000)]);
+        assert!(matches!(sent(&mut e).as_slice(), [UpMsg::Push { .. }]));
+        assert_eq!(e.pending(), 1, "kept until the cloud answers");
     }
 
     #[test]

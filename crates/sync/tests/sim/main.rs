@@ -326,8 +326,8 @@ impl Sim {
             // Tight, so floods of retransmits and duplicates are refused and the devices back
             // off: the seeds prove nothing is lost to the rate limit.
             device_rate: RateLimit {
-                per_sec: 3,
-                burst: 4,
+                per_sec: 2,
+                burst: 3,
             },
             max_push_changes: wire_cfg().max_changes,
             prompt_interval_ms: 3000,
@@ -1500,7 +1500,9 @@ impl Sim {
         // Every local write of a synced-up model was answered, re-stamped, replaced or lost to
         // a fault that loses it; nothing vanished silently.
         for ((i, v), (model, key, _)) in &self.fates {
-            if self.applied_ever.contains(&(self.devs[*i].id.clone(), *v)) {
+            if self.applied_ever.contains(&(self.devs[*i].id.clone(), *v))
+                || self.devs[*i].store.superseded.contains(v)
+            {
                 continue;
             }
             self.fail(format!(

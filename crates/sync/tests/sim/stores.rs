@@ -84,6 +84,10 @@ pub struct DevStore {
     /// The last version the device issued (the agent's `hlc` meta), which its clock resumes
     /// after a restart.
     pub hlc: Option<Hlc>,
+    /// Versions of local changes whose outbox entries a newer remote write took
+    /// ([`DeviceTxn::take_superseded`]), recorded in the same transaction: the simulation's
+    /// durable account of them, which a crash before the engine's event cannot lose.
+    pub superseded: BTreeSet<Hlc>,
 }
 
 impl DevStore {
@@ -310,6 +314,27 @@ impl DeviceTxn for DevTxn<'_> {
     fn has_pending(&mut self, _model: &str, key: &ItemKey) -> Result<bool, StoreError> {
         self.inject.op()?;
         Ok(self.s.outbox.contains_key(key))
+    }
+    fn take_superseded(
+        &mut self,
+        _model: &str,
+        key: &ItemKey,
+        winner: Hlc,
+    ) -> Result<Option<Change>, StoreError> {
+        self.inject.op()?;
+        if !self
+            .s
+            .outbox
+            .get(key)
+            .is_some_and(|(_, c)| c.version < winner)
+        {
+            return Ok(None);
+        }
+        let taken = self.s.outbox.remove(key).map(|(_, c)| c);
+        if let Some(c) = &taken {
+            self.s.superseded.insert(c.version);
+        }
+        Ok(taken)
     }
     fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, StoreError> {
         self.inject.op()?;
