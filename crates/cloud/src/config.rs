@@ -421,6 +421,13 @@ pub struct ClientTlsFile {
     pub ca: PathBuf,
     #[serde(default)]
     pub server_name: Option<String>,
+    /// The cloud's client certificate (PEM), for a broker that authenticates it by certificate
+    /// (AWS IoT Core, a Mosquitto with `require_certificate`); with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The key of `client_cert` (PEM).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 impl CloudFile {
@@ -495,7 +502,18 @@ impl CloudFile {
                     (_, Some(tls)) => Some(crate::tls::ClientTls {
                         ca_file: dir.join(&tls.ca),
                         server_name: tls.server_name.clone(),
-                        identity: None,
+                        identity: match (&tls.client_cert, &tls.client_key) {
+                            (Some(cert), Some(key)) => Some(crate::tls::ClientIdentity {
+                                cert: dir.join(cert),
+                                key: dir.join(key),
+                            }),
+                            (None, None) => None,
+                            _ => {
+                                return Err("external_broker_tls needs both client_cert and \
+                                            client_key, or neither"
+                                    .into())
+                            }
+                        },
                     }),
                     (_, None) => None,
                 };
@@ -720,6 +738,23 @@ mod tests {
         assert!(matches!(c.broker, BrokerMode::External { port: 8883, .. }));
         assert!(load("external_broker: 'mqtts://b:8883'").is_err());
         assert!(load("external_broker: 'mqtt://b:1883', external_broker_tls: {ca: 'x'}").is_err());
+        // The cloud's own client certificate, for a broker that authenticates it by certificate.
+        let c = load(
+            "external_broker: 'mqtts://b:8883', \
+             external_broker_tls: {ca: 'ca.pem', client_cert: 'c.pem', client_key: 'c.key'}",
+        )
+        .unwrap()
+        .1;
+        let id = c.external_tls.unwrap().identity.unwrap();
+        assert_eq!(
+            (id.cert, id.key),
+            (dir.path().join("c.pem"), dir.path().join("c.key"))
+        );
+        let half = load(
+            "external_broker: 'mqtts://b:8883', external_broker_tls: {ca: 'ca.pem', client_cert: 'c.pem'}",
+        )
+        .unwrap_err();
+        assert!(half.contains("client_key"), "{half}");
         assert!(load("external_broker: 'b:1883'")
             .unwrap()
             .1

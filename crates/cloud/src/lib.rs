@@ -63,6 +63,7 @@ mod subscription;
 mod sync_loop;
 #[cfg(feature = "service")]
 pub mod tls;
+mod warn_limit;
 
 #[cfg(feature = "service")]
 pub use config::{

@@ -43,7 +43,8 @@ pub enum StoreError {
 pub const REVOKED_SECRET_HASH: &str = "revoked";
 
 /// A registered device and its sync status.
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct DeviceRecord {
     pub account: String,
     pub device: String,
@@ -126,19 +127,8 @@ impl Default for DeviceQuotas {
 
 /// What an API key may do. The order matters: each scope may do everything the ones before it
 /// may (`read` < `write` < `admin`).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum KeyScope {
     /// Read the account's devices, items and conflicts (GET only).
@@ -177,7 +167,8 @@ impl std::fmt::Display for KeyScope {
 
 /// A stored API key of the HTTP API. The key a client sends is `dt_<id>_<secret>`; only the
 /// hash of the secret is stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct ApiKeyRecord {
     pub id: String,
     pub account: String,
@@ -202,7 +193,8 @@ pub struct StatusUpdate {
 }
 
 /// A stored item (live or tombstone) with its owner and version.
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct StoredItem {
     pub account: String,
     /// The owning device, or `None` for an account-wide (broadcast) item.
@@ -211,11 +203,11 @@ pub struct StoredItem {
     pub pk: String,
     pub sk: String,
     /// `None` for a tombstone.
-    #[schema(value_type = Option<Object>)]
+    #[cfg_attr(feature = "service", schema(value_type = Option<Object>))]
     pub item: Option<Item>,
     /// The version (HLC) as text: wall ms, counter and node in hex, ordered like the version.
     #[serde(serialize_with = "ser_hlc")]
-    #[schema(value_type = String, pattern = "^[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{16}$")]
+    #[cfg_attr(feature = "service", schema(value_type = String, pattern = "^[0-9a-f]{12}-[0-9a-f]{8}-[0-9a-f]{16}$"))]
     pub version: Hlc,
     pub updated_ms: u64,
 }
@@ -243,14 +235,16 @@ pub struct ItemQuery {
 }
 
 /// A page of items.
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct ItemPage {
     pub items: Vec<StoredItem>,
     pub next: Option<String>,
 }
 
 /// A logged conflict.
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "service", derive(utoipa::ToSchema))]
 pub struct ConflictRecord {
     pub id: u64,
     pub at_ms: u64,
@@ -264,7 +258,7 @@ pub struct ConflictRecord {
     /// "stored" or "incoming": which write lost.
     pub lost: String,
     /// The losing item when it is known (`None` for a delete).
-    #[schema(value_type = Option<Object>)]
+    #[cfg_attr(feature = "service", schema(value_type = Option<Object>))]
     pub loser_item: Option<Item>,
 }
 

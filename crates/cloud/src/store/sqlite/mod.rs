@@ -161,7 +161,7 @@ pub struct SqliteStore {
     conn: Connection,
     quotas: DeviceQuotas,
     /// Rate-limits the warnings about conflict records dropped for the per-device cap.
-    conflict_warn: crate::status::WarnLimiter,
+    conflict_warn: crate::warn_limit::WarnLimiter,
 }
 
 impl SqliteStore {
@@ -217,7 +217,9 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             quotas: options.quotas,
-            conflict_warn: crate::status::WarnLimiter::new(crate::status::WarnLimiter::INTERVAL),
+            conflict_warn: crate::warn_limit::WarnLimiter::new(
+                crate::warn_limit::WarnLimiter::INTERVAL,
+            ),
         })
     }
 

@@ -22,7 +22,7 @@ use super::super::{Advanced, DeviceQuotas, StoreError};
 use super::devices::{device_exists, device_revoked};
 use super::quota;
 use super::sql::{db, item_json, map_err, owner_cols, parse_version, write_txn};
-use crate::status::WarnLimiter;
+use crate::warn_limit::WarnLimiter;
 
 /// One write transaction as the replication rules see it.
 pub(super) struct SqlTxn<'c> {
