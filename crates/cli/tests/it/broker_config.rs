@@ -389,3 +389,92 @@ fn mosquitto_refuses_a_revoked_or_rotated_secret_after_the_command_reloads_it() 
         "the old secret stays refused"
     );
 }
+
+/// A broker that authenticates by certificate only (Mosquitto with `require_certificate`, as AWS
+/// IoT Core does): the cloud presents `external_broker_tls.client_cert` and becomes ready; a
+/// client without a certificate is refused in the handshake, so the cloud's own certificate is
+/// what let it in.
+#[test]
+fn the_cloud_presents_its_client_certificate_to_a_broker_that_requires_one() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    if !services_on() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Mosquitto started as root drops to its own user, which must reach the files.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "broker test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issue = |names: Vec<String>, cn: &str, stem: &str| {
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let (c, k) = (
+            dir.path().join(format!("{stem}.pem")),
+            dir.path().join(format!("{stem}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+        (c, k)
+    };
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (server_cert, server_key) = issue(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        "localhost",
+        "server",
+    );
+    let (cloud_cert, cloud_key) = issue(Vec::new(), "devtables-cloud", "cloud");
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings true\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\n\
+             keyfile {}\nrequire_certificate true\nuse_identity_as_username true\n\
+             allow_anonymous false\n",
+            ca_file.display(),
+            server_cert.display(),
+            server_key.display()
+        ),
+    )
+    .unwrap();
+    let broker = MosquittoProc::start(&conf, port);
+
+    // Control: without a certificate, nobody gets in.
+    let mut anonymous = RawMqtt::connect(&broker.addr, &ca_file, "nobody", "nobody", "x");
+    assert_eq!(
+        anonymous.connack(),
+        Err(None),
+        "refused in the TLS handshake"
+    );
+
+    // The cloud with its certificate: connected and subscribed (the harness waits for /ready).
+    let cloud = CloudProc::start(
+        dir.path(),
+        &unique_prefix(),
+        BrokerChoice::Configured(format!(
+            "external_broker: 'mqtts://{}', external_broker_tls: {{ca: '{}', client_cert: '{}', \
+             client_key: '{}'}},",
+            broker.addr,
+            ca_file.display(),
+            cloud_cert.display(),
+            cloud_key.display()
+        )),
+    );
+    let status = cloud.get("/v1/status").unwrap();
+    assert_eq!(status["broker_connected"], true, "{status}");
+    assert_eq!(status["subscribed"], true, "{status}");
+    broker
+        .logs
+        .wait_for("the broker naming the cloud by its certificate", |l| {
+            l.contains("devtables-cloud")
+        });
+}
