@@ -19,6 +19,7 @@ mod memory;
 mod sq;
 mod sync;
 mod sys;
+mod wire;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,8 @@ enum Cmd {
     Sync(sync::SyncArgs),
     /// The agent's resident memory with 0, 10k, 100k changes pending (no broker reachable).
     Memory(memory::MemoryArgs),
+    /// Bytes per synced item: the wire's JSON against CBOR, MessagePack and JSON + DEFLATE.
+    Wire(wire::WireArgs),
     /// One agent measurement, run by `memory` in a fresh process; prints JSON.
     #[command(hide = true)]
     MemoryProbe(memory::ProbeArgs),
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Db(args) => run_db(&args),
         Cmd::Sync(args) => sync::run(&args),
         Cmd::Memory(args) => memory::run(&args),
+        Cmd::Wire(args) => wire::run(&args),
         Cmd::MemoryProbe(args) => memory::probe(&args),
         Cmd::Child {
             engine,
