@@ -1821,7 +1821,12 @@ mod tests {
         c.handle_feed_advanced(7, &dev(), 5);
         let lag = c.feed_lag();
         assert_eq!(
-            (lag.entries, lag.max, lag.sessions_behind, lag.sessions_resyncing),
+            (
+                lag.entries,
+                lag.max,
+                lag.sessions_behind,
+                lag.sessions_resyncing
+            ),
             (3, 3, 1, 0)
         );
         let (_, a) = outputs(&mut c);
