@@ -6,6 +6,7 @@
 //! | `GET /ready` | readiness: 200 once the store answers, the broker is connected and the device topics are subscribed (SUBACK granted); else 503 with the reason |
 //! | `GET /v1/openapi.json` | the OpenAPI document of this API ([`crate::openapi`]) |
 //! | `GET /v1/status` | the sync loop's counters: subscriptions, sessions, prompts pending, publishes queued, dropped and lost, request queue use, store jobs and errors |
+//! | `GET /metrics` | the same numbers and the store job latency histogram, in the Prometheus text format ([`crate::metrics`]); an admin key, or none with `metrics_open` |
 //! | `POST /v1/devices` `{account, device}` | register a device; the answer holds its secret, once |
 //! | `GET /v1/devices?account=&after=&limit=` | list devices with their sync status |
 //! | `GET /v1/devices/{account}/{device}` | one device: online, last seen, cursor lag, pending, last error |
@@ -100,6 +101,7 @@ pub(crate) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(ready))
         .routes(routes!(openapi::serve_document))
         .routes(routes!(status))
+        .routes(routes!(metrics))
         .routes(routes!(list_devices, register_device))
         .routes(routes!(get_device, revoke_device))
         .routes(routes!(rotate_secret))
@@ -200,6 +202,8 @@ pub(crate) enum ErrorKind {
     RateLimited,
     /// The device CA failed to load or to issue a certificate (500).
     Ca,
+    /// The metrics exposition could not be made (500).
+    Metrics,
 }
 
 /// Every error answer of the API.
@@ -709,7 +713,7 @@ async fn ready(State(s): State<ApiState>) -> (StatusCode, Json<Readiness>) {
 /// The answer of `GET /v1/status`: the sync loop's numbers, and the embedded broker's refusals
 /// (absent with an external broker).
 #[derive(Serialize, ToSchema)]
-struct ServiceStatus {
+pub(crate) struct ServiceStatus {
     #[serde(flatten)]
     sync: StatusSnapshot,
     /// CONNECTs of revoked devices the embedded broker refused.
@@ -733,17 +737,90 @@ struct ServiceStatus {
 )]
 async fn status(caller: Caller, State(s): State<ApiState>) -> ApiResult<Json<ServiceStatus>> {
     caller.allow(&s, None, KeyScope::Admin)?;
-    let sync = s.status.snapshot(s.config.mqtt.request_queue);
-    let refusals = s.broker.credentials.as_ref().map(|creds| {
-        let (revoked, registry_failures) = creds.refusals();
-        (revoked, registry_failures, creds.swept())
-    });
-    Ok(Json(ServiceStatus {
-        sync,
-        mqtt_refused_revoked: refusals.map(|r| r.0),
-        mqtt_registry_failures: refusals.map(|r| r.1),
-        mqtt_revoked_sessions_closed: refusals.map(|r| r.2),
-    }))
+    Ok(Json(ServiceStatus::now(&s)))
+}
+
+impl ServiceStatus {
+    /// The numbers now: what `/v1/status` answers and `/metrics` renders.
+    fn now(s: &ApiState) -> ServiceStatus {
+        let sync = s.status.snapshot(s.config.mqtt.request_queue);
+        let refusals = s.broker.credentials.as_ref().map(|creds| {
+            let (revoked, registry_failures) = creds.refusals();
+            (revoked, registry_failures, creds.swept())
+        });
+        ServiceStatus {
+            sync,
+            mqtt_refused_revoked: refusals.map(|r| r.0),
+            mqtt_registry_failures: refusals.map(|r| r.1),
+            mqtt_revoked_sessions_closed: refusals.map(|r| r.2),
+        }
+    }
+
+    /// A status with every part present (the embedded broker's too), for the tests that tie
+    /// the metrics to the status fields.
+    #[cfg(test)]
+    pub(crate) fn example(sync: StatusSnapshot) -> ServiceStatus {
+        ServiceStatus {
+            sync,
+            mqtt_refused_revoked: Some(0),
+            mqtt_registry_failures: Some(0),
+            mqtt_revoked_sessions_closed: Some(0),
+        }
+    }
+}
+
+/// Who may scrape `/metrics`: an admin key, as for `/v1/status`, or anybody when the service
+/// runs with `metrics_open` (a scraper on a private network; warned at start).
+pub(crate) struct MetricsReader;
+
+impl axum::extract::FromRequestParts<ApiState> for MetricsReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &ApiState,
+    ) -> Result<Self, ApiError> {
+        if !s.config.metrics_open {
+            Caller::from_request_parts(parts, s)
+                .await?
+                .allow(s, None, KeyScope::Admin)?;
+        }
+        Ok(MetricsReader)
+    }
+}
+
+/// The service's numbers in the Prometheus (OpenMetrics) text format: every `/v1/status` field
+/// as `devtables_<field>` (counters with `_total`), and the store job latency histogram
+/// `devtables_store_job_seconds` (an admin key of any account, or none with `metrics_open`).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8",
+         description = "The exposition; the metric names are listed in docs/api.md"),
+        (status = 500, body = ErrorBody, description = "The exposition could not be made"),
+        KeyedErrors
+    ),
+)]
+async fn metrics(_reader: MetricsReader, State(s): State<ApiState>) -> ApiResult<Response> {
+    let status = serde_json::to_value(ServiceStatus::now(&s)).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Metrics,
+            format!("cannot read the status for the metrics: {e}"),
+        )
+    })?;
+    let text = crate::metrics::render(&status, &s.status.store_job_latency).map_err(|e| {
+        tracing::error!("{e}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Metrics,
+            e.to_string(),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 // ---- Devices ----

@@ -87,6 +87,10 @@ pub struct CloudConfig {
     /// Serve the HTTP API without API keys: every request may read and write every account.
     /// For a throwaway local setup only; the service warns loudly at start. Default false.
     pub insecure_no_auth: bool,
+    /// Serve `GET /metrics` without an API key, for a Prometheus scraper on a private network
+    /// (the numbers tell how busy the service is and what it refuses, never an item). Off by
+    /// default: then the scraper needs an admin key, as `/v1/status` does. Warned at start.
+    pub metrics_open: bool,
     /// How long the embedded broker trusts a device's credentials from its cache before it reads
     /// the store again: the longest a revocation or rotation made by another process on the same
     /// store (`devtables devices revoke`) takes to refuse new connections here. Changes made
@@ -219,6 +223,7 @@ impl CloudConfig {
             startup_prompts: StartupPrompts::default(),
             sync_store_jobs: 64,
             insecure_no_auth: false,
+            metrics_open: false,
             credentials_ttl: crate::auth::DEFAULT_CREDENTIALS_TTL,
             credentials_cache: crate::auth::DEFAULT_CREDENTIALS_CACHE,
         }
@@ -355,6 +360,9 @@ pub struct CloudFile {
     /// Serve the HTTP API without API keys (default false; see [`CloudConfig::insecure_no_auth`]).
     #[serde(default)]
     pub insecure_no_auth: bool,
+    /// Serve `GET /metrics` without a key (default false; see [`CloudConfig::metrics_open`]).
+    #[serde(default)]
+    pub metrics_open: bool,
     /// Seconds the embedded broker trusts cached device credentials (default 5; see
     /// [`CloudConfig::credentials_ttl`]).
     #[serde(default)]
@@ -559,6 +567,7 @@ impl CloudFile {
             config.startup_prompts.tick = Duration::from_millis(ms);
         }
         config.insecure_no_auth = file.insecure_no_auth;
+        config.metrics_open = file.metrics_open;
         if let Some(n) = file.device_messages_per_sec {
             config.sync.device_rate.per_sec = n;
         }
@@ -832,6 +841,16 @@ mod tests {
         )
         .unwrap();
         assert!(CloudFile::load(&path).unwrap().1.insecure_no_auth);
+        assert!(
+            !c.metrics_open,
+            "/metrics needs a key unless the file says otherwise"
+        );
+        std::fs::write(
+            &path,
+            "{schema: 's.json5', data_dir: 'd', metrics_open: true}",
+        )
+        .unwrap();
+        assert!(CloudFile::load(&path).unwrap().1.metrics_open);
         std::fs::write(
             &path,
             "{schema: 's.json5', data_dir: 'd', mqtt_request_queue: 0}",

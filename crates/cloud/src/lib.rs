@@ -16,7 +16,8 @@
 //!   module: the API, the operations and the sync loop all use it).
 //! - `sync_loop`: the driver around the sans-IO `CloudEngine`; `mqtt_link`: the task polling
 //!   the service's MQTT connection; `subscription`: keeps the device topics subscribed;
-//!   [`status`]: the sync loop's counters (`GET /v1/status`).
+//!   [`status`]: the sync loop's counters (`GET /v1/status`); [`metrics`]: the same numbers and
+//!   the store job latency in the Prometheus text format (`GET /metrics`).
 //! - [`ops`]: application operations (register a device, write an item) shared by the API and
 //!   embedding programs.
 //! - `api`: the HTTP API (axum, JSON); [`openapi`]: its OpenAPI document, generated from the
@@ -42,6 +43,8 @@ pub mod broker_hash;
 pub mod ca;
 #[cfg(feature = "service")]
 pub mod config;
+#[cfg(feature = "service")]
+pub mod metrics;
 #[cfg(feature = "service")]
 mod mqtt_link;
 #[cfg(feature = "service")]

@@ -366,6 +366,12 @@ impl Cloud {
                 config.data_dir.display()
             );
         }
+        if config.metrics_open && !config.insecure_no_auth {
+            tracing::warn!(
+                "metrics_open is set, so GET /metrics on {api_addr} is served without an API key: \
+                 anyone who reaches it reads the service's counters; keep the API on a private network"
+            );
+        }
         let app = crate::api::router(state);
         let mut api_shutdown = shutdown_rx.clone();
         let stopped = async move {

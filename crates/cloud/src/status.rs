@@ -1,5 +1,5 @@
 //! Counters and gauges of the sync loop, shared with the HTTP API (`GET /ready`,
-//! `GET /v1/status`).
+//! `GET /v1/status`, and `GET /metrics` through [`crate::metrics`]).
 //!
 //! This module exists so that nothing the cloud drops, refuses or skips goes unnoticed: the
 //! sync loop counts it here and warns (rate-limited), and operators read the numbers without
@@ -76,6 +76,32 @@ pub struct SyncStatus {
     pub(crate) changes_over_quota: AtomicU64,
     /// HTTP API requests refused with 429 because their key was over its request rate.
     pub(crate) api_rate_limited: AtomicU64,
+    /// Messages received on device topics (each handed to the engine, whatever it then makes of
+    /// it). Messages out are `publishes_queued`.
+    pub(crate) messages_in: AtomicU64,
+    /// Payload bytes of those messages.
+    pub(crate) bytes_in: AtomicU64,
+    /// Payload bytes of the publishes queued to devices.
+    pub(crate) bytes_out: AtomicU64,
+    /// Pushed changes the cloud answered `applied` (a resend of a version already stored is
+    /// answered `applied` again; a device's own `changes_applied` counts only writes).
+    pub(crate) push_changes_applied: AtomicU64,
+    /// Pushed changes answered `stale`: a higher version was stored (superseded).
+    pub(crate) push_changes_superseded: AtomicU64,
+    /// Pushed changes answered `rejected` (`changes_over_quota` is a part of them).
+    pub(crate) push_changes_rejected: AtomicU64,
+    /// Feed entries the connected devices have not acknowledged, summed over the sessions
+    /// (updated at most once a second).
+    pub(crate) feed_lag_entries: AtomicU64,
+    /// The largest lag of one session, in feed entries.
+    pub(crate) feed_lag_max: AtomicU64,
+    /// Sessions with feed entries not acknowledged.
+    pub(crate) sessions_behind: AtomicU64,
+    /// Sessions in a full resync.
+    pub(crate) sessions_resyncing: AtomicU64,
+    /// How long the sync loop's store jobs take on the store thread (not in the JSON status: a
+    /// histogram, shown by `GET /metrics`).
+    pub(crate) store_job_latency: crate::metrics::StoreJobLatency,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -108,6 +134,16 @@ pub struct StatusSnapshot {
     pub device_messages_without_session: u64,
     pub changes_over_quota: u64,
     pub api_rate_limited: u64,
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub push_changes_applied: u64,
+    pub push_changes_superseded: u64,
+    pub push_changes_rejected: u64,
+    pub feed_lag_entries: u64,
+    pub feed_lag_max: u64,
+    pub sessions_behind: u64,
+    pub sessions_resyncing: u64,
 }
 
 impl SyncStatus {
@@ -142,6 +178,16 @@ impl SyncStatus {
             device_messages_without_session: n(&self.device_messages_without_session),
             changes_over_quota: n(&self.changes_over_quota),
             api_rate_limited: n(&self.api_rate_limited),
+            messages_in: n(&self.messages_in),
+            bytes_in: n(&self.bytes_in),
+            bytes_out: n(&self.bytes_out),
+            push_changes_applied: n(&self.push_changes_applied),
+            push_changes_superseded: n(&self.push_changes_superseded),
+            push_changes_rejected: n(&self.push_changes_rejected),
+            feed_lag_entries: n(&self.feed_lag_entries),
+            feed_lag_max: n(&self.feed_lag_max),
+            sessions_behind: n(&self.sessions_behind),
+            sessions_resyncing: n(&self.sessions_resyncing),
         }
     }
 

@@ -36,11 +36,15 @@ use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::StartupPrompts;
+use crate::metrics::StoreJob;
 use crate::mqtt_link::{LinkEvent, RequestGauge};
 use crate::status::{SyncStatus, WarnLimiter};
 use crate::store::{Advanced, StatusUpdate, StoreError};
 use crate::store_thread::{wall_ms, Job, StoreCtx, StoreHandle};
 use crate::subscription::{SubAckOutcome, Subscription};
+
+/// How often the feed lag is taken from the engine (a pass over its sessions).
+const FEED_LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// Inputs of the sync loop from the rest of the service.
 pub enum SyncInput {
@@ -131,6 +135,10 @@ pub(crate) struct SyncLoop {
     quota_warn: WarnLimiter,
     /// Monotonic origin of the engine's clock.
     started: Instant,
+    /// When the feed lag is next taken from the engine.
+    next_feed_lag: Instant,
+    /// The engine changed since the feed lag was last taken.
+    feed_lag_stale: bool,
     /// The wall clock at `started`, to record engine times as wall times.
     started_wall_ms: u64,
 }
@@ -177,6 +185,8 @@ impl SyncLoop {
             throttle_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             quota_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             started: Instant::now(),
+            next_feed_lag: Instant::now(),
+            feed_lag_stale: false,
             started_wall_ms: wall_ms(),
         }
     }
@@ -200,6 +210,9 @@ impl SyncLoop {
             let prompts_at =
                 (self.subscription.held() && !self.startup.is_empty() && self.waiting.is_none())
                     .then_some(self.next_prompts);
+            let feed_lag_at = self
+                .feed_lag_stale
+                .then(|| tokio::time::Instant::from_std(self.next_feed_lag));
             let mut stop = false;
             tokio::select! {
                 event = self.link.recv() => match event {
@@ -227,6 +240,8 @@ impl SyncLoop {
                     }
                 }
                 _ = sleep_until(prompts_at) => self.release_prompts(),
+                // Nothing to do here: `report` below takes the lag.
+                _ = sleep_until(feed_lag_at) => {}
                 changed = self.shutdown.changed() => stop = changed.is_err(),
             }
             if stop || *self.shutdown.borrow() || self.store_gone {
@@ -262,6 +277,10 @@ impl SyncLoop {
             LinkEvent::Message { topic, payload } => {
                 match topics::parse_up_topic(&self.prefix, &topic) {
                     Some(device) => {
+                        self.status.messages_in.fetch_add(1, Ordering::Relaxed);
+                        self.status
+                            .bytes_in
+                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
                         let now = self.now();
                         self.engine
                             .handle_message(now, wall_ms(), &device, &payload);
@@ -424,9 +443,31 @@ impl SyncLoop {
         }
     }
 
-    /// Builds the store job of an engine action; the job reports back with a [`Done`]. `None`
-    /// for the actions that are not store work (handled in `act`).
+    /// Builds the store job of an engine action, timed: how long it runs on the store thread
+    /// goes to the latency histogram of its kind. `None` for the actions that are not store
+    /// work (handled in `act`).
     fn job_for(&self, action: CloudAction) -> Option<Job> {
+        let kind = match &action {
+            CloudAction::ApplyPush { .. } => StoreJob::ApplyPush,
+            CloudAction::ReadFeed { .. } => StoreJob::ReadFeed,
+            CloudAction::ReadSnapshot { .. } => StoreJob::ReadSnapshot,
+            CloudAction::DeviceStatus { .. } => StoreJob::DeviceStatus,
+            CloudAction::Unsendable { .. } => StoreJob::SkippedRow,
+            CloudAction::Throttled { .. } => StoreJob::Throttled,
+            CloudAction::Transmit { .. } => return None,
+        };
+        let job = self.untimed_job_for(action)?;
+        let status = self.status.clone();
+        Some(Box::new(move |c: &mut StoreCtx| {
+            let started = Instant::now();
+            job(c);
+            status.store_job_latency.observe(kind, started.elapsed());
+        }))
+    }
+
+    /// Builds the store job of an engine action; the job reports back with a [`Done`]. `None`
+    /// for the actions that are not store work.
+    fn untimed_job_for(&self, action: CloudAction) -> Option<Job> {
         let done = self.done_tx.clone();
         let max_drift_ms = self.max_drift_ms;
         let status = self.status.clone();
@@ -567,6 +608,7 @@ impl SyncLoop {
                 result,
             } => match result {
                 Ok((results, advanced)) => {
+                    self.count_answers(&results);
                     self.count_over_quota(&device, &results);
                     self.engine
                         .handle_push_applied(now, &device, batch, results);
@@ -607,6 +649,24 @@ impl SyncLoop {
         }
     }
 
+    /// Counts the answers to a push's changes, service-wide.
+    fn count_answers(&self, results: &[ChangeResult]) {
+        let (mut applied, mut superseded, mut rejected) = (0, 0, 0);
+        for r in results {
+            match r.status {
+                ChangeStatus::Applied => applied += 1,
+                ChangeStatus::Stale { .. } => superseded += 1,
+                ChangeStatus::Rejected { .. } => rejected += 1,
+            }
+        }
+        let s = &self.status;
+        s.push_changes_applied.fetch_add(applied, Ordering::Relaxed);
+        s.push_changes_superseded
+            .fetch_add(superseded, Ordering::Relaxed);
+        s.push_changes_rejected
+            .fetch_add(rejected, Ordering::Relaxed);
+    }
+
     /// Counts (and warns, rate-limited) the changes of a push refused for a quota or their size.
     fn count_over_quota(&mut self, device: &DeviceId, results: &[ChangeResult]) {
         let over = results
@@ -640,12 +700,14 @@ impl SyncLoop {
     fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) {
         let reason = if self.gauge.try_take_publish_slot() {
             let topic = topics::down_topic(&self.prefix, device);
+            let len = bytes.len() as u64;
             match self
                 .client
                 .try_publish(topic, QoS::AtLeastOnce, false, bytes)
             {
                 Ok(()) => {
                     self.status.publishes_queued.fetch_add(1, Ordering::Relaxed);
+                    self.status.bytes_out.fetch_add(len, Ordering::Relaxed);
                     return;
                 }
                 Err(e) => {
@@ -668,8 +730,23 @@ impl SyncLoop {
     }
 
     /// Updates the gauges the API shows.
-    fn report(&self) {
+    fn report(&mut self) {
         let s = &self.status;
+        // The feed lag is a pass over every session: at most once per `FEED_LAG_EVERY`.
+        let now = Instant::now();
+        // Skipped now, it is taken when the interval ends (the loop wakes for it), so an idle
+        // service never shows a stale lag.
+        self.feed_lag_stale = now < self.next_feed_lag;
+        if !self.feed_lag_stale {
+            self.next_feed_lag = now + FEED_LAG_EVERY;
+            let lag = self.engine.feed_lag();
+            s.feed_lag_entries.store(lag.entries, Ordering::Relaxed);
+            s.feed_lag_max.store(lag.max, Ordering::Relaxed);
+            s.sessions_behind
+                .store(lag.sessions_behind, Ordering::Relaxed);
+            s.sessions_resyncing
+                .store(lag.sessions_resyncing, Ordering::Relaxed);
+        }
         s.sessions
             .store(self.engine.sessions() as u64, Ordering::Relaxed);
         s.prompts_pending

@@ -144,6 +144,22 @@ pub struct CloudEngineStats {
     pub messages_without_session: u64,
 }
 
+/// How far the connected devices are behind their feeds ([`CloudEngine::feed_lag`]): what the
+/// service shows as its feed lag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FeedLag {
+    /// Feed entries not yet acknowledged, summed over the sessions streaming their feed (head
+    /// as far as the engine knows, minus the acknowledged cursor).
+    pub entries: u64,
+    /// The largest of those lags.
+    pub max: u64,
+    /// Sessions with a lag above zero.
+    pub sessions_behind: u64,
+    /// Sessions in a full resync (their lag is not a feed distance: the device is being sent
+    /// the snapshot).
+    pub sessions_resyncing: u64,
+}
+
 pub use crate::wire::SnapshotCursor;
 
 /// The store's answer to [`CloudAction::ReadFeed`].
@@ -464,6 +480,24 @@ impl CloudEngine {
     /// What the engine refused since it started.
     pub fn stats(&self) -> CloudEngineStats {
         self.stats
+    }
+
+    /// The feed lag of the sessions. One pass over the sessions (no allocation): a driver with
+    /// many sessions calls it at a pace of its own, not after every input.
+    pub fn feed_lag(&self) -> FeedLag {
+        let mut lag = FeedLag::default();
+        for s in self.sessions.values() {
+            match &s.mode {
+                Mode::Feed(f) => {
+                    let behind = f.head.saturating_sub(f.acked);
+                    lag.entries = lag.entries.saturating_add(behind);
+                    lag.max = lag.max.max(behind);
+                    lag.sessions_behind += u64::from(behind > 0);
+                }
+                Mode::Snapshot(_) => lag.sessions_resyncing += 1,
+            }
+        }
+        lag
     }
 
     /// The bytes the engine holds for `device`'s session (`None` without one), counted as
@@ -1763,6 +1797,74 @@ mod tests {
         // A second restore with no session left returns nobody.
         c.handle_link_restored();
         assert!(c.handle_link_restored().is_empty());
+    }
+
+    #[test]
+    fn feed_lag_is_the_head_minus_the_acknowledged_cursor_over_the_sessions() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        assert_eq!(c.feed_lag(), FeedLag::default());
+        hello(&mut c, 2);
+        c.handle_feed_page(
+            6,
+            &dev(),
+            FeedPage {
+                after: 2,
+                changes: vec![],
+                head: 2,
+                resync_required: false,
+                unreadable: vec![],
+            },
+        );
+        outputs(&mut c);
+        assert_eq!(c.feed_lag().entries, 0, "{:?}", c.feed_lag());
+        // Three writes for the device: it is 3 behind until it acknowledges them.
+        c.handle_feed_advanced(7, &dev(), 5);
+        let lag = c.feed_lag();
+        assert_eq!(
+            (
+                lag.entries,
+                lag.max,
+                lag.sessions_behind,
+                lag.sessions_resyncing
+            ),
+            (3, 3, 1, 0)
+        );
+        let (_, a) = outputs(&mut c);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, CloudAction::ReadFeed { after: 2, .. })),
+            "{a:?}"
+        );
+        c.handle_feed_page(
+            8,
+            &dev(),
+            FeedPage {
+                after: 2,
+                changes: (3..=5).map(|i| (i, delete(&format!("k{i}"), i))).collect(),
+                head: 5,
+                resync_required: false,
+                unreadable: vec![],
+            },
+        );
+        outputs(&mut c);
+        send(&mut c, 9, &UpMsg::FeedAck { cursor: 5 });
+        assert_eq!(c.feed_lag(), FeedLag::default());
+        // A device in a full resync counts apart (its cursor is beyond the feed's head).
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        hello(&mut c, 50);
+        c.handle_feed_page(
+            6,
+            &dev(),
+            FeedPage {
+                after: 50,
+                changes: vec![],
+                head: 10,
+                resync_required: false,
+                unreadable: vec![],
+            },
+        );
+        let lag = c.feed_lag();
+        assert_eq!((lag.entries, lag.sessions_resyncing), (0, 1), "{lag:?}");
     }
 
     #[test]

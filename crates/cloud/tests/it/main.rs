@@ -5,6 +5,7 @@ mod api_keys;
 mod conformance;
 mod harness;
 mod lifecycle;
+mod metrics;
 mod mtls;
 mod openapi;
 mod quotas;
