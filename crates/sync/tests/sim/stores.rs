@@ -322,11 +322,11 @@ impl DeviceTxn for DevTxn<'_> {
         winner: Hlc,
     ) -> Result<Option<Change>, StoreError> {
         self.inject.op()?;
-        if !self
+        if self
             .s
             .outbox
             .get(key)
-            .is_some_and(|(_, c)| c.version < winner)
+            .is_none_or(|(_, c)| c.version >= winner)
         {
             return Ok(None);
         }
