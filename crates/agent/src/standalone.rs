@@ -181,10 +181,7 @@ fn read_lines(
 /// Commands every standalone agent answers (applications linking the library add their own).
 fn builtin_commands(agent: &Agent) {
     let device = agent.id().to_string();
-    agent.on_command(
-        "ping",
-        Arc::new(move |_cmd| Ok(json!({"pong": device}))),
-    );
+    agent.on_command("ping", Arc::new(move |_cmd| Ok(json!({"pong": device}))));
     agent.on_command(
         "echo",
         Arc::new(|cmd| Ok(cmd.get("args").cloned().unwrap_or(Value::Null))),

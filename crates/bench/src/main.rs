@@ -8,13 +8,15 @@
 //! directory under /tmp that the parent removes at the end.
 //!
 //! `devtables-bench sync` measures replication end to end (`sync`); `devtables-bench memory`
-//! the agent's resident memory with many changes pending (`memory`).
+//! the agent's resident memory with many changes pending (`memory`); `devtables-bench footprint`
+//! the device-only `devtables-agent` binary's size and memory (`footprint`).
 
 // `DbError` is what `Db::write` closures return (large, not ours to change); `is_multiple_of`
 // is newer than the workspace's rust-version.
 #![allow(clippy::result_large_err, clippy::manual_is_multiple_of)]
 
 mod dt;
+mod footprint;
 mod memory;
 mod sq;
 mod sync;
@@ -46,6 +48,8 @@ enum Cmd {
     Sync(sync::SyncArgs),
     /// The agent's resident memory with 0, 10k, 100k changes pending (no broker reachable).
     Memory(memory::MemoryArgs),
+    /// The device-only agent binary: its size, and its RSS idle and after syncing items.
+    Footprint(footprint::FootprintArgs),
     /// One agent measurement, run by `memory` in a fresh process; prints JSON.
     #[command(hide = true)]
     MemoryProbe(memory::ProbeArgs),
@@ -89,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Sync(args) => sync::run(&args),
         Cmd::Memory(args) => memory::run(&args),
         Cmd::MemoryProbe(args) => memory::probe(&args),
+        Cmd::Footprint(args) => footprint::run(&args),
         Cmd::Child {
             engine,
             n,

@@ -32,11 +32,12 @@ fn write_config(dir: &Path, secret: &str, port: u16) -> std::path::PathBuf {
 }
 
 /// Sends one `--stdin` operation and reads its answer line.
-async fn ask(stdin: &mut ChildStdin, stdout: &mut Lines<BufReader<ChildStdout>>, op: Value) -> Value {
-    stdin
-        .write_all(format!("{op}\n").as_bytes())
-        .await
-        .unwrap();
+async fn ask(
+    stdin: &mut ChildStdin,
+    stdout: &mut Lines<BufReader<ChildStdout>>,
+    op: Value,
+) -> Value {
+    stdin.write_all(format!("{op}\n").as_bytes()).await.unwrap();
     stdin.flush().await.unwrap();
     let line = tokio::time::timeout(WAIT, stdout.next_line())
         .await
@@ -160,7 +161,11 @@ async fn the_device_only_binary_syncs_stdin_writes_up_and_cloud_writes_down() {
         .await
         .expect("the agent exits at the end of its input")
         .unwrap();
-    assert!(status.success(), "exit status {status}; stderr:\n{}", err_rx.borrow().as_str());
+    assert!(
+        status.success(),
+        "exit status {status}; stderr:\n{}",
+        err_rx.borrow().as_str()
+    );
     cloud.shutdown().await;
 }
 
