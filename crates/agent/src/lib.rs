@@ -4,7 +4,8 @@
 //! command handlers, and writes items as usual: every local write of a model that syncs up gets
 //! its outbox entry in the same transaction (see `state`), and the agent's event loop (`driver`)
 //! sends it, applies what the cloud sends down, and catches up after every reconnect.
-//! `devtables agent --config FILE` runs the same agent standalone.
+//! `devtables agent --config FILE` and the device-only `devtables-agent --config FILE` run the
+//! same agent standalone ([`standalone`]).
 //!
 //! # Layout
 //! - [`config`]: the agent's settings (a JSON5 file for the standalone agent).
@@ -12,11 +13,13 @@
 //!   `DeviceTxn` the replication rules run in.
 //! - `driver`: the event loop around the sans-IO `DeviceEngine`.
 //! - `commands`: running command items at least once.
+//! - [`standalone`]: the standalone agent's loop, shared by both binaries.
 
 mod commands;
 pub mod config;
 mod driver;
 mod link;
+pub mod standalone;
 mod state;
 /// TLS to the broker (CA file, server name, client certificate): the shared client side.
 pub use devtables_tls as tls;

@@ -8,13 +8,15 @@
 //! directory under /tmp that the parent removes at the end.
 //!
 //! `devtables-bench sync` measures replication end to end (`sync`); `devtables-bench memory`
-//! the agent's resident memory with many changes pending (`memory`).
+//! the agent's resident memory with many changes pending (`memory`); `devtables-bench footprint`
+//! the device-only `devtables-agent` binary's size and memory (`footprint`).
 
 // `DbError` is what `Db::write` closures return (large, not ours to change); `is_multiple_of`
 // is newer than the workspace's rust-version.
 #![allow(clippy::result_large_err, clippy::manual_is_multiple_of)]
 
 mod dt;
+mod footprint;
 mod memory;
 mod sq;
 mod sync;
@@ -49,6 +51,8 @@ enum Cmd {
     Memory(memory::MemoryArgs),
     /// Bytes per synced item: the wire's JSON against CBOR, MessagePack and JSON + DEFLATE.
     Wire(wire::WireArgs),
+    /// The device-only agent binary: its size, and its RSS idle and after syncing items.
+    Footprint(footprint::FootprintArgs),
     /// One agent measurement, run by `memory` in a fresh process; prints JSON.
     #[command(hide = true)]
     MemoryProbe(memory::ProbeArgs),
@@ -93,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Memory(args) => memory::run(&args),
         Cmd::Wire(args) => wire::run(&args),
         Cmd::MemoryProbe(args) => memory::probe(&args),
+        Cmd::Footprint(args) => footprint::run(&args),
         Cmd::Child {
             engine,
             n,

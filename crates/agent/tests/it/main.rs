@@ -1,8 +1,10 @@
 //! Integration tests of the agent: the outbox policy, limits and restart state need no broker;
 //! status, commands, the bounded input queue, publish drops and the version collection run the
 //! real agent against the real cloud service (SQLite, embedded broker) over loopback MQTT; the
-//! device store's conformance runs the shared store suite.
+//! device store's conformance runs the shared store suite; the device-only `devtables-agent` binary
+//! runs as its own process against the real cloud.
 
+mod binary;
 mod commands;
 mod conformance;
 mod inputs;

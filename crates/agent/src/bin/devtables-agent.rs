@@ -1,0 +1,49 @@
+//! `devtables-agent`: the device agent alone, for devices. It runs what `devtables agent` runs
+//! (`devtables_agent::standalone`) from the same configuration file, but links neither the cloud
+//! nor the embedded broker nor SQLite, so it is a fraction of the `devtables` binary's size
+//! (docs/benchmarks.md, "Device-only agent").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use devtables_agent::standalone::{self, StandaloneOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "devtables-agent",
+    version,
+    about = "The devtables device agent: the device database synced with the cloud over MQTT"
+)]
+struct Cli {
+    /// The configuration file (JSON5).
+    #[arg(long)]
+    config: PathBuf,
+    /// Read operations on the device database as JSON lines from standard input
+    /// (`{"op":"create","model":"Fault","item":{...}}`; ops: create, update, upsert, remove, get,
+    /// find, status) and answer each with one JSON line on standard output. End of input stops
+    /// the agent.
+    #[arg(long)]
+    stdin: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVTABLES_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match standalone::run(StandaloneOptions {
+        config: cli.config,
+        stdin: cli.stdin,
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The standalone agent: a configuration file in, an agent running until Ctrl-C, SIGTERM or (in
+//! `--stdin` mode) the end of standard input.
+//!
+//! Two binaries run it, `devtables agent` (crates/cli, the full command with the cloud) and the
+//! device-only `devtables-agent` (`src/bin/devtables-agent.rs`, without the cloud, the broker and
+//! SQLite). The loop lives here, once, so the two cannot drift apart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use devtables_schema::{Schema, SchemaError};
+use serde_json::{json, Value};
+
+use crate::config::AgentFile;
+use crate::{Agent, AgentError};
+
+/// Most bytes of one `--stdin` line; a longer line is answered with an error and skipped, so a
+/// runaway writer cannot make the agent buffer without bound.
+pub const MAX_STDIN_LINE: usize = 1 << 20;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct StandaloneOptions {
+    /// The agent's configuration file (JSON5, see [`AgentFile`]).
+    pub config: PathBuf,
+    /// Read operations on the device database as JSON lines from standard input and answer each
+    /// with one JSON line on standard output (see [`stdin_op`]); the end of input stops the agent.
+    pub stdin: bool,
+}
+
+/// Why the standalone agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum StandaloneError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("cannot load schema {path}: {source}")]
+    Schema { path: PathBuf, source: SchemaError },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs the agent the file describes until it is told to stop; then shuts it down cleanly (the
+/// event loop ends, the database is closed).
+pub fn run(options: StandaloneOptions) -> Result<(), StandaloneError> {
+    let (file, config) = AgentFile::load(&options.config)?;
+    let schema = Schema::load(&file.schema).map_err(|source| StandaloneError::Schema {
+        path: file.schema.clone(),
+        source,
+    })?;
+    let runtime = runtime().map_err(StandaloneError::Runtime)?;
+    runtime.block_on(async move {
+        let agent = Agent::start(config, Arc::new(schema))?;
+        builtin_commands(&agent);
+        eprintln!("devtables agent {} running; Ctrl-C stops it", agent.id());
+        serve(&agent, options.stdin).await;
+        agent.shutdown().await;
+        Ok(())
+    })
+}
+
+/// The multi-threaded tokio runtime the standalone services run on.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The agent's life: answers `--stdin` lines, or prints a status line every few seconds; tells
+/// standard error each time the cloud welcomes a session (`ready`), which is when a supervisor
+/// or a measurement knows changes flow.
+async fn serve(agent: &Agent, stdin: bool) {
+    let mut status = agent.watch_status();
+    let mut was_ready = false;
+    let mut watching = true;
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<Result<String, usize>>(64);
+    if stdin {
+        std::thread::spawn(move || read_lines(std::io::stdin().lock(), &lines_tx));
+    } else {
+        drop(lines_tx);
+    }
+    loop {
+        tokio::select! {
+            _ = stop_signal() => break,
+            line = lines.recv(), if stdin => match line {
+                Some(Ok(line)) => println!("{}", stdin_op(agent, &line)),
+                Some(Err(len)) => {
+                    tracing::warn!(len, max = MAX_STDIN_LINE, "stdin line too long; skipped");
+                    println!("{}", json!({"ok": false, "error": format!(
+                        "line of {len} bytes is over the {MAX_STDIN_LINE}-byte limit; skipped")}));
+                }
+                None => break,
+            },
+            changed = status.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                let s = status.borrow_and_update().clone();
+                if s.ready && !was_ready {
+                    eprintln!("devtables agent {} ready: cursor={} pending={}", agent.id(), s.cursor, s.pending);
+                }
+                was_ready = s.ready;
+            }
+            _ = ticker.tick() => {
+                if stdin { continue; }
+                let s = status.borrow().clone();
+                eprintln!("connected={} ready={} cursor={} pending={} rejected={} dropped={}",
+                    s.connected, s.ready, s.cursor, s.pending, s.rejected, s.dropped);
+            }
+        }
+    }
+}
+
+/// Forwards the lines of `input` (each at most [`MAX_STDIN_LINE`] bytes; a longer one is skipped
+/// and reported by its length) until its end, a read error, or the receiver is gone.
+fn read_lines(
+    mut input: impl std::io::BufRead,
+    out: &tokio::sync::mpsc::Sender<Result<String, usize>>,
+) {
+    loop {
+        let mut buf = Vec::new();
+        let mut limited = std::io::Read::take(&mut input, MAX_STDIN_LINE as u64 + 1);
+        let n = match std::io::BufRead::read_until(&mut limited, b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let message = if buf.last() != Some(&b'\n') && n > MAX_STDIN_LINE {
+            // Skip the rest of the long line.
+            let mut skipped = n;
+            loop {
+                let mut rest = Vec::new();
+                let mut chunk = std::io::Read::take(&mut input, 64 * 1024);
+                match std::io::BufRead::read_until(&mut chunk, b'\n', &mut rest) {
+                    Ok(0) | Err(_) => break,
+                    Ok(m) => {
+                        skipped += m;
+                        if rest.last() == Some(&b'\n') {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(skipped)
+        } else {
+            while matches!(buf.last(), Some(b'\n' | b'\r')) {
+                buf.pop();
+            }
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        };
+        if out.blocking_send(message).is_err() {
+            return;
+        }
+    }
+}
+
+/// Commands every standalone agent answers (applications linking the library add their own).
+fn builtin_commands(agent: &Agent) {
+    let device = agent.id().to_string();
+    agent.on_command("ping", Arc::new(move |_cmd| Ok(json!({"pong": device}))));
+    agent.on_command(
+        "echo",
+        Arc::new(|cmd| Ok(cmd.get("args").cloned().unwrap_or(Value::Null))),
+    );
+}
+
+/// One JSON-lines operation of `--stdin` mode: `{"op":"create","model":"Fault","item":{...}}`
+/// (ops: create, update, upsert, remove, get, find, status), answered with `{"ok":true,
+/// "result":...}` or `{"ok":false,"error":"..."}`.
+pub fn stdin_op(agent: &Agent, line: &str) -> Value {
+    let request: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("not JSON: {e}")}),
+    };
+    let op = request
+        .get("op")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let item = match request.get("item") {
+        Some(Value::Object(m)) => m.clone(),
+        _ => devtables_schema::Item::new(),
+    };
+    let db = agent.db();
+    let result = match op {
+        "create" => db.create(model, &item).map(|i| json!(i)),
+        "update" => db.update(model, &item).map(|i| json!(i)),
+        "upsert" => db.upsert(model, &item).map(|i| json!(i)),
+        "remove" => db.remove(model, &item).map(|i| json!(i)),
+        "get" => db.get(model, &item).map(|i| json!(i)),
+        "find" => db
+            .find(model, &item, &devtables_db::FindOptions::default())
+            .map(|p| json!(p.items)),
+        "status" => Ok(json!(agent.status())),
+        other => return json!({"ok": false, "error": format!("unknown op {other:?}")}),
+    };
+    match result {
+        Ok(value) => json!({"ok": true, "result": value}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(input: &[u8]) -> Vec<Result<String, usize>> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        read_lines(input, &tx);
+        drop(tx);
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    #[test]
+    fn lines_are_forwarded_and_an_overlong_one_is_skipped_by_its_length() {
+        let mut input = b"{\"op\":\"status\"}\r\n".to_vec();
+        input.extend(vec![b'x'; MAX_STDIN_LINE + 10]);
+        input.extend(b"\nlast");
+        let got = lines_of(&input);
+        assert_eq!(
+            got,
+            vec![
+                Ok("{\"op\":\"status\"}".to_string()),
+                Err(MAX_STDIN_LINE + 11),
+                Ok("last".to_string()),
+            ]
+        );
+        // A line of exactly the limit passes.
+        let mut exact = vec![b'y'; MAX_STDIN_LINE];
+        exact.push(b'\n');
+        assert_eq!(lines_of(&exact), vec![Ok("y".repeat(MAX_STDIN_LINE))]);
+    }
+}
