@@ -271,6 +271,11 @@ struct Batch {
     keys: Vec<(String, ItemKey, Hlc)>,
     /// When it is resent (while loading: when the keys are queued again if no answer came).
     deadline: u64,
+    /// The backoff level its timeout was computed at: its expiry raises the device's backoff to
+    /// one past it. Counting expiries instead would let a window of batches lost together (one
+    /// outage, or a full local MQTT queue) raise the backoff once per batch, up to the longest
+    /// timeout at once.
+    level: u32,
     /// Waiting for [`DeviceEngine::handle_batch_loaded`].
     loading: bool,
     /// The changes sent, for the event of a rejected one. Bounded by the window:
@@ -666,17 +671,15 @@ impl DeviceEngine {
                 }
             }
         }
-        let expired: Vec<u64> = self
+        let expired: Vec<(u64, u32)> = self
             .batches
             .iter()
             .filter(|(_, b)| b.deadline <= now_ms)
-            .map(|(id, _)| *id)
+            .map(|(id, b)| (*id, b.level))
             .collect();
-        if !expired.is_empty() {
-            self.backoff = self.backoff.saturating_add(1);
-            for id in expired {
-                self.dissolve(id);
-            }
+        for (id, level) in expired {
+            self.backoff = self.backoff.max(level.saturating_add(1));
+            self.dissolve(id);
         }
         self.flush(now_ms);
     }
@@ -1116,6 +1119,7 @@ impl DeviceEngine {
             Batch {
                 keys,
                 deadline: now_ms.saturating_add(rto),
+                level: self.backoff,
                 loading: true,
                 sent: Vec::new(),
             },
@@ -1221,6 +1225,7 @@ impl DeviceEngine {
             b.keys = keys;
             b.loading = false;
             b.deadline = now_ms.saturating_add(rto);
+            b.level = self.backoff;
             b.sent = sent;
         }
         self.flush(now_ms);
@@ -1647,6 +1652,39 @@ mod verdict_tests {
                 retry_after_ms: 30_000,
                 busy: true
             }]
+        );
+    }
+
+    #[test]
+    fn a_window_of_batches_lost_together_raises_the_backoff_once() {
+        let mut e = ready();
+        let base = DeviceConfig::default().batch_delay_ms;
+        // Four batches in flight, sent a little apart (as changes trickle in).
+        for (i, k) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let at = 10 + i as u64 * (base + 1);
+            e.handle_local_change(at, change(k, 1_000_000 + i as u64));
+            e.handle_timeout(at + base);
+            load(&mut e, at + base, &[change(k, 1_000_000 + i as u64)]);
+            assert!(
+                matches!(sent(&mut e).as_slice(), [UpMsg::Push { .. }]),
+                "{k}"
+            );
+        }
+        assert_eq!(e.in_flight(), 4);
+        // None is answered: each times out on its own deadline, in its own call.
+        let mut expiries = 0;
+        for t in (0..2_500).step_by(5) {
+            if e.batches.values().any(|b| b.deadline <= t) {
+                expiries += 1;
+            }
+            e.handle_timeout(t);
+            while e.poll_action().is_some() {}
+            sent(&mut e);
+        }
+        assert!(expiries >= 2, "the batches expired in separate calls");
+        assert_eq!(
+            e.backoff, 1,
+            "one window lost together is one loss: the next timeouts double once, not four times"
         );
     }
 
