@@ -172,21 +172,8 @@ pub struct AgentFile {
     pub tombstone_retention_hours: Option<u64>,
 }
 
-/// The `tls` block of the agent's file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct TlsFile {
-    /// The CA certificates (PEM) the broker's certificate must chain to.
-    pub ca: PathBuf,
-    #[serde(default)]
-    pub server_name: Option<String>,
-    /// The device's client certificate (PEM), issued by the cloud's device CA.
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
-}
+/// The `tls` block of the agent's file (the same format as the cloud's `external_broker_tls`).
+pub use devtables_tls::ClientTlsFile as TlsFile;
 
 fn default_broker() -> String {
     "127.0.0.1:1883".into()
@@ -219,22 +206,10 @@ impl AgentFile {
                     "broker is mqtts:// but no tls block gives the CA file (tls: {ca: ...})".into(),
                 ))
             }
-            (_, Some(tls)) => Some(crate::tls::ClientTls {
-                ca_file: dir.join(&tls.ca),
-                server_name: tls.server_name.clone(),
-                identity: match (&tls.client_cert, &tls.client_key) {
-                    (Some(cert), Some(key)) => Some(crate::tls::ClientIdentity {
-                        cert: dir.join(cert),
-                        key: dir.join(key),
-                    }),
-                    (None, None) => None,
-                    _ => {
-                        return Err(AgentError::Config(
-                            "tls needs both client_cert and client_key, or neither".into(),
-                        ))
-                    }
-                },
-            }),
+            (_, Some(tls)) => Some(
+                tls.resolve(dir)
+                    .map_err(|e| AgentError::Config(format!("tls: {e}")))?,
+            ),
             (_, None) => None,
         };
         config.credentials()?;

@@ -422,21 +422,8 @@ pub struct DeviceCertificatesFile {
     pub validity_days: Option<u32>,
 }
 
-/// The external broker's TLS in the cloud's file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientTlsFile {
-    pub ca: PathBuf,
-    #[serde(default)]
-    pub server_name: Option<String>,
-    /// The cloud's client certificate (PEM), for a broker that authenticates it by certificate
-    /// (AWS IoT Core, a Mosquitto with `require_certificate`); with `client_key`.
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    /// The key of `client_cert` (PEM).
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
-}
+/// The external broker's TLS in the cloud's file (the same format as the agent's `tls`).
+pub use devtables_tls::ClientTlsFile;
 
 impl CloudFile {
     pub fn load(path: &Path) -> Result<(PathBuf, CloudConfig), String> {
@@ -507,22 +494,10 @@ impl CloudFile {
                             "external_broker scheme {other:?} is not mqtt or mqtts"
                         ))
                     }
-                    (_, Some(tls)) => Some(crate::tls::ClientTls {
-                        ca_file: dir.join(&tls.ca),
-                        server_name: tls.server_name.clone(),
-                        identity: match (&tls.client_cert, &tls.client_key) {
-                            (Some(cert), Some(key)) => Some(crate::tls::ClientIdentity {
-                                cert: dir.join(cert),
-                                key: dir.join(key),
-                            }),
-                            (None, None) => None,
-                            _ => {
-                                return Err("external_broker_tls needs both client_cert and \
-                                            client_key, or neither"
-                                    .into())
-                            }
-                        },
-                    }),
+                    (_, Some(tls)) => Some(
+                        tls.resolve(dir)
+                            .map_err(|e| format!("external_broker_tls: {e}"))?,
+                    ),
                     (_, None) => None,
                 };
                 let (host, port) = addr

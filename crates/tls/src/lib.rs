@@ -43,6 +43,46 @@ impl ClientTls {
     }
 }
 
+/// The `tls` block of an MQTT client's configuration file (the agent's `tls`, the cloud's
+/// `external_broker_tls`): one format for both, resolved by [`ClientTlsFile::resolve`].
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ClientTlsFile {
+    /// The CA certificates (PEM) the broker's certificate must chain to.
+    pub ca: PathBuf,
+    /// The name the broker's certificate must carry. Default: the broker host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// A client certificate (PEM) to present, for a broker that authenticates by certificate
+    /// (the cloud's device-certificate listener, AWS IoT Core, Mosquitto with
+    /// `require_certificate`); with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The key of `client_cert` (PEM).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTlsFile {
+    /// The settings, with relative paths taken from `dir` (the configuration file's folder). A
+    /// client certificate without its key, or a key without its certificate, is refused.
+    pub fn resolve(&self, dir: &Path) -> Result<ClientTls, TlsError> {
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert: dir.join(cert),
+                key: dir.join(key),
+            }),
+            (None, None) => None,
+            _ => return Err(TlsError::HalfIdentity),
+        };
+        Ok(ClientTls {
+            ca_file: dir.join(&self.ca),
+            server_name: self.server_name.clone(),
+            identity,
+        })
+    }
+}
+
 /// A client certificate chain and its private key, both PEM files.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClientIdentity {
@@ -73,6 +113,8 @@ pub enum TlsError {
     },
     #[error("TLS setup failed: {0}")]
     Rustls(String),
+    #[error("a client certificate needs both client_cert and client_key, or neither")]
+    HalfIdentity,
 }
 
 /// The ring provider, explicitly: no process-wide default is assumed.
