@@ -9,13 +9,10 @@ use std::path::Path;
 use devtables_agent::tls::{ClientIdentity, ClientTls};
 use devtables_agent::Agent;
 use devtables_cloud::broker::BrokerTls;
-use devtables_cloud::ops::WriteKind;
 use devtables_cloud::tls::ServerTls;
 use devtables_cloud::{BrokerMode, Cloud, CloudConfig, DeviceCertificates};
-use devtables_sync::identity::Owner;
-use serde_json::json;
 
-use super::support::{agent_config, device, eventually, eventually_in_cloud, item, schema};
+use super::support::{agent_config, device, eventually, schema, syncs_both_ways};
 use super::tls::Ca;
 
 /// A cloud whose embedded broker has its plain listener (for the service), a TLS listener and
@@ -59,30 +56,7 @@ async fn mtls_an_agent_with_a_certificate_and_no_secret_syncs_until_revoked() {
     let agent = Agent::start(config, schema()).unwrap();
     eventually(&agent, "ready over mutual TLS", |a| a.status().ready).await;
 
-    // Up: a device write reaches the cloud's store.
-    agent
-        .db()
-        .create(
-            "Fault",
-            &item(json!({"deviceId": "d1", "id": "f1", "severity": "warn"})),
-        )
-        .unwrap();
-    eventually_in_cloud(&cloud, &agent, "Fault", 1).await;
-    // Down: a cloud write reaches the device's database.
-    cloud
-        .write_item(
-            Owner::Device(device()),
-            "Setting",
-            item(json!({"name": "mode", "value": "eco"})),
-            WriteKind::Create,
-        )
-        .await
-        .unwrap();
-    let key = item(json!({"deviceId": "d1", "name": "mode"}));
-    eventually(&agent, "the cloud's setting on the device", |a| {
-        a.db().get("Setting", &key).unwrap().is_some()
-    })
-    .await;
+    syncs_both_ways(&cloud, &agent).await;
 
     // Revoked: the session is closed and every reconnect with the certificate is refused.
     cloud.revoke_device(&device(), false).await.unwrap();

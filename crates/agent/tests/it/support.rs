@@ -140,3 +140,30 @@ pub async fn plain_http_status(api: SocketAddr) -> Option<u16> {
     let text = String::from_utf8_lossy(&raw);
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
+
+/// Device `d1`'s data flows both ways: a device write (a `Fault`) reaches the cloud's store, and
+/// a cloud write (a `Setting`) reaches the device's database.
+pub async fn syncs_both_ways(cloud: &Cloud, agent: &Agent) {
+    agent
+        .db()
+        .create(
+            "Fault",
+            &item(serde_json::json!({"deviceId": "d1", "id": "f1", "severity": "warn"})),
+        )
+        .unwrap();
+    eventually_in_cloud(cloud, agent, "Fault", 1).await;
+    cloud
+        .write_item(
+            devtables_sync::identity::Owner::Device(device()),
+            "Setting",
+            item(serde_json::json!({"name": "mode", "value": "eco"})),
+            devtables_cloud::ops::WriteKind::Create,
+        )
+        .await
+        .unwrap();
+    let key = item(serde_json::json!({"deviceId": "d1", "name": "mode"}));
+    eventually(agent, "the cloud's setting on the device", |a| {
+        a.db().get("Setting", &key).unwrap().is_some()
+    })
+    .await;
+}

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use devtables_agent::tls::ClientTls;
 use devtables_agent::Agent;
 use devtables_cloud::broker::BrokerTls;
-use devtables_cloud::ops::WriteKind;
 use devtables_cloud::tls::ServerTls;
 use devtables_cloud::{BrokerMode, Cloud, CloudConfig};
-use devtables_sync::identity::Owner;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::support::{agent_config, device, eventually, eventually_in_cloud, item, schema};
+use super::support::{
+    agent_config, device, eventually, eventually_in_cloud, item, schema, syncs_both_ways,
+};
 
 /// A certificate authority made for one test (the mutual TLS tests use it too).
 pub struct Ca {
@@ -135,30 +135,7 @@ async fn tls_broker_and_api_carry_data_both_ways() {
     let agent = Agent::start(config, schema()).unwrap();
     eventually(&agent, "ready over TLS", |a| a.status().ready).await;
 
-    // Up: a device write reaches the cloud's store.
-    agent
-        .db()
-        .create(
-            "Fault",
-            &item(json!({"deviceId": "d1", "id": "f1", "severity": "warn"})),
-        )
-        .unwrap();
-    eventually_in_cloud(&cloud, &agent, "Fault", 1).await;
-    // Down: a cloud write reaches the device's database.
-    cloud
-        .write_item(
-            Owner::Device(device()),
-            "Setting",
-            item(json!({"name": "mode", "value": "eco"})),
-            WriteKind::Create,
-        )
-        .await
-        .unwrap();
-    let key = item(json!({"deviceId": "d1", "name": "mode"}));
-    eventually(&agent, "the cloud's setting on the device", |a| {
-        a.db().get("Setting", &key).unwrap().is_some()
-    })
-    .await;
+    syncs_both_ways(&cloud, &agent).await;
 
     // The API answers over HTTPS to a client trusting the CA, and not in clear text.
     assert_eq!(https_health(cloud.api_addr, &ca_file).await, Ok(200));
