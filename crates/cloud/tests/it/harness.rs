@@ -104,6 +104,23 @@ pub fn setting(i: usize) -> devtables_schema::Item {
 }
 
 /// `GET path` on the API without a key: (status code, JSON body).
+/// Starts a cloud and waits until it is ready (its device subscription is granted), so a
+/// device's hello is heard.
+pub async fn started(config: CloudConfig) -> devtables_cloud::Cloud {
+    let cloud = devtables_cloud::Cloud::start(config, schema())
+        .await
+        .expect("the cloud starts");
+    let api = cloud.api_addr;
+    eventually("the cloud to be ready", move || async move {
+        match get(api, "/ready").await {
+            (200, _) => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        }
+    })
+    .await;
+    cloud
+}
+
 pub async fn get(api: SocketAddr, path: &str) -> (u16, Value) {
     request(api, "GET", path, None, None).await
 }

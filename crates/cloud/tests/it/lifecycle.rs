@@ -19,7 +19,8 @@ use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOption
 use serde_json::Value;
 
 use crate::harness::{
-    admin_key, config, device, eventually, get, request, schema, setting, RawDevice, ACCOUNT, WAIT,
+    admin_key, config, device, eventually, request, schema, setting, started, RawDevice, ACCOUNT,
+    WAIT,
 };
 
 /// What the broker answers to a CONNECT with these credentials: `Ok` on a CONNACK accepting
@@ -42,23 +43,6 @@ async fn connack(mqtt: &str, id: &DeviceId, secret: &str) -> Result<(), Connecti
 
 fn refused_with(result: Result<(), ConnectionError>, code: ConnectReturnCode) -> bool {
     matches!(result, Err(ConnectionError::ConnectionRefused(c)) if c == code)
-}
-
-/// Starts a cloud and waits until it is ready (its device subscription is granted), so a
-/// device's hello is heard.
-async fn started(config: devtables_cloud::CloudConfig) -> Cloud {
-    let cloud = Cloud::start(config, schema())
-        .await
-        .expect("the cloud starts");
-    let api = cloud.api_addr;
-    eventually("the cloud to be ready", || async move {
-        match get(api, "/ready").await {
-            (200, _) => Ok(()),
-            (code, body) => Err(format!("{code} {body}")),
-        }
-    })
-    .await;
-    cloud
 }
 
 /// A registered device with one item written for it through the cloud.

@@ -8,14 +8,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use devtables_cloud::store::KeyScope;
-use devtables_cloud::Cloud;
 use devtables_sync::hlc::Hlc;
 use devtables_sync::wire::{self, Change, ChangeStatus, DownMsg, Op, UpMsg, WireConfig};
 use serde_json::{json, Value};
 
 use crate::harness::{
-    admin_key, config, device, eventually, exchange, get, get_as, schema, Answer, RawDevice,
-    ACCOUNT,
+    admin_key, config, device, eventually, exchange, get, get_as, schema, started, Answer,
+    RawDevice, ACCOUNT,
 };
 
 fn wall_ms() -> u64 {
@@ -53,19 +52,6 @@ fn encoded_len(msg: &UpMsg) -> u64 {
     wire::encode_up(schema().version(), msg, &WireConfig::default())
         .expect("encode")
         .len() as u64
-}
-
-async fn started(config: devtables_cloud::CloudConfig) -> Cloud {
-    let cloud = Cloud::start(config, schema())
-        .await
-        .expect("the cloud starts");
-    let api = cloud.api_addr;
-    eventually("the service is ready", move || async move {
-        let (code, body) = get(api, "/ready").await;
-        (code == 200).then_some(()).ok_or(body.to_string())
-    })
-    .await;
-    cloud
 }
 
 async fn scrape(api: SocketAddr, key: Option<&str>) -> Answer {

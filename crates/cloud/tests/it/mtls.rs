@@ -21,9 +21,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet};
 use serde_json::{json, Value};
 
-use crate::harness::{
-    admin_key, config, device, eventually, get, request, schema, RawDevice, WAIT,
-};
+use crate::harness::{admin_key, config, device, request, started, RawDevice, WAIT};
 
 /// The broker's server certificate (for 127.0.0.1) and the CA file clients check it with.
 struct ServerFiles {
@@ -66,21 +64,6 @@ fn mtls_config(data: &Path, server: &ServerFiles) -> CloudConfig {
     certs.validity_days = 2;
     c.device_certificates = Some(certs);
     c
-}
-
-async fn started(config: CloudConfig) -> Cloud {
-    let cloud = Cloud::start(config, schema())
-        .await
-        .expect("the cloud starts");
-    let api = cloud.api_addr;
-    eventually("the cloud to be ready", || async move {
-        match get(api, "/ready").await {
-            (200, _) => Ok(()),
-            (code, body) => Err(format!("{code} {body}")),
-        }
-    })
-    .await;
-    cloud
 }
 
 /// Writes a certificate and key (PEM texts) to `dir/{name}.pem|.key`.

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use devtables_cloud::store::KeyScope;
-use devtables_cloud::Cloud;
 use devtables_sync::hlc::Hlc;
 use devtables_sync::rate::RateLimit;
 use devtables_sync::wire::{
@@ -16,7 +15,7 @@ use devtables_sync::wire::{
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{config, device, eventually, get, get_as, schema, RawDevice, ACCOUNT};
+use crate::harness::{config, device, eventually, get_as, schema, started, RawDevice, ACCOUNT};
 
 fn wall_ms() -> u64 {
     std::time::SystemTime::now()
@@ -45,19 +44,6 @@ fn setting_put(name: &str, counter: u32) -> Change {
         },
         base: None,
     }
-}
-
-async fn started(config: devtables_cloud::CloudConfig) -> Cloud {
-    let cloud = Cloud::start(config, schema())
-        .await
-        .expect("the cloud starts");
-    let api = cloud.api_addr;
-    eventually("the service is ready", move || async move {
-        let (code, body) = get(api, "/ready").await;
-        (code == 200).then_some(()).ok_or(body.to_string())
-    })
-    .await;
-    cloud
 }
 
 /// The device's record, as the API shows it.
