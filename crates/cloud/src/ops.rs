@@ -52,6 +52,25 @@ pub enum OpError {
     Gone(#[from] StoreGone),
 }
 
+/// A fresh device secret and the two hashes it is stored as: the registry's, and Mosquitto's
+/// for an external broker's password file.
+struct NewSecret {
+    secret: String,
+    hash: String,
+    broker_hash: String,
+}
+
+impl NewSecret {
+    fn generate() -> NewSecret {
+        let secret = auth::generate_secret();
+        NewSecret {
+            hash: auth::hash_secret(&secret),
+            broker_hash: broker_hash::mosquitto_hash(&secret),
+            secret,
+        }
+    }
+}
+
 /// Registers a device; returns its secret (stored only as hashes: the registry's, and
 /// Mosquitto's for an external broker's password file).
 pub async fn register_device(
@@ -59,9 +78,11 @@ pub async fn register_device(
     credentials: Option<&Arc<Credentials>>,
     id: &DeviceId,
 ) -> Result<String, OpError> {
-    let secret = auth::generate_secret();
-    let hash = auth::hash_secret(&secret);
-    let broker_hash = broker_hash::mosquitto_hash(&secret);
+    let NewSecret {
+        secret,
+        hash,
+        broker_hash,
+    } = NewSecret::generate();
     let (who, stored) = (id.clone(), hash.clone());
     store
         .call(move |c| {
@@ -164,9 +185,11 @@ pub async fn rotate_secret(
     broker: &BrokerControl,
     id: &DeviceId,
 ) -> Result<String, OpError> {
-    let secret = auth::generate_secret();
-    let hash = auth::hash_secret(&secret);
-    let broker_hash = broker_hash::mosquitto_hash(&secret);
+    let NewSecret {
+        secret,
+        hash,
+        broker_hash,
+    } = NewSecret::generate();
     let (who, stored) = (id.clone(), hash.clone());
     let found = store
         .call(move |c| c.store.set_device_secret(&who, &stored, Some(&broker_hash)))
