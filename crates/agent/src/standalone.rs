@@ -40,6 +40,19 @@ pub enum StandaloneError {
     Runtime(std::io::Error),
 }
 
+/// The log both binaries write: to stderr, filtered by `DEVTABLES_LOG` (default `warn`), with
+/// the `log` crate's records (the embedded broker's) forwarded.
+#[cfg(feature = "cli")]
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVTABLES_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Runs the agent the file describes until it is told to stop; then shuts it down cleanly (the
 /// event loop ends, the database is closed).
 pub fn run(options: StandaloneOptions) -> Result<(), StandaloneError> {

@@ -44,13 +44,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DEVTABLES_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    devtables_agent::standalone::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Db(args) => db_cmd::run(args),
