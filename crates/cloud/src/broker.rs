@@ -1047,26 +1047,14 @@ mod tests {
 
     impl CertBroker {
         async fn start() -> CertBroker {
-            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
             let dir = tempfile::tempdir().unwrap();
-            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            let ca_key = KeyPair::generate().unwrap();
-            let ca = ca_params.self_signed(&ca_key).unwrap();
-            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-            params
-                .subject_alt_names
-                .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+            let ca = devtables_tls::test_pki::TestCa::new("broker test CA");
+            let server = ca.server(dir.path(), "server");
             let files = crate::tls::ServerTls {
-                cert: dir.path().join("server.pem"),
-                key: dir.path().join("server.key"),
+                cert: server.cert,
+                key: server.key,
             };
-            std::fs::write(&files.cert, cert.pem()).unwrap();
-            std::fs::write(&files.key, key.serialize_pem()).unwrap();
-            let server_ca = dir.path().join("server-ca.pem");
-            std::fs::write(&server_ca, ca.pem()).unwrap();
+            let server_ca = ca.write_ca(dir.path(), "server");
             let device_ca = crate::ca::DeviceCa::open_or_create(dir.path()).unwrap();
 
             let local = SocketAddr::from(([127, 0, 0, 1], 0));

@@ -297,6 +297,9 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! whose embedded broker and HTTP API serve only TLS, and agents that trust the right CA, the
 //! wrong one, or use clear text where it is configured.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use devtables_agent::Agent;
 use devtables_cloud::broker::BrokerTls;
 use devtables_cloud::tls::ServerTls;
 use devtables_cloud::{BrokerMode, Cloud, CloudConfig};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use devtables_tls::test_pki::TestCa;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,44 +19,27 @@ use super::support::{
     agent_config, device, eventually, eventually_in_cloud, item, schema, syncs_both_ways,
 };
 
-/// A certificate authority made for one test (the mutual TLS tests use it too).
-pub struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
+/// A certificate authority made for one test (the mutual TLS tests use it too), whose server
+/// certificates come as the cloud's [`ServerTls`].
+pub struct Ca(TestCa);
 
 impl Ca {
     pub fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
+        Ca(TestCa::new(name))
     }
 
     /// Writes the CA certificate to `dir/<name>-ca.pem`.
     pub fn write_ca(&self, dir: &Path, name: &str) -> PathBuf {
-        let path = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&path, self.cert.pem()).unwrap();
-        path
+        self.0.write_ca(dir, name)
     }
 
     /// A server certificate for `localhost` and 127.0.0.1, signed by this CA, written to `dir`.
     pub fn server(&self, dir: &Path, name: &str) -> ServerTls {
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        let files = ServerTls {
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}.key")),
-        };
-        std::fs::write(&files.cert, cert.pem()).unwrap();
-        std::fs::write(&files.key, key.serialize_pem()).unwrap();
-        files
+        let files = self.0.server(dir, name);
+        ServerTls {
+            cert: files.cert,
+            key: files.key,
+        }
     }
 }
 

@@ -396,42 +396,19 @@ fn mosquitto_refuses_a_revoked_or_rotated_secret_after_the_command_reloads_it() 
 /// what let it in.
 #[test]
 fn the_cloud_presents_its_client_certificate_to_a_broker_that_requires_one() {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     if !services_on() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     // Mosquitto started as root drops to its own user, which must reach the files.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "broker test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issue = |names: Vec<String>, cn: &str, stem: &str| {
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        let (c, k) = (
-            dir.path().join(format!("{stem}.pem")),
-            dir.path().join(format!("{stem}.key")),
-        );
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
-        (c, k)
-    };
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let (server_cert, server_key) = issue(
-        vec!["localhost".into(), "127.0.0.1".into()],
-        "localhost",
-        "server",
-    );
-    let (cloud_cert, cloud_key) = issue(Vec::new(), "devtables-cloud", "cloud");
+    let ca = devtables_tls::test_pki::TestCa::new("broker test CA");
+    let ca_file = ca.write_ca(dir.path(), "broker");
+    let server = ca.server(dir.path(), "server");
+    std::fs::set_permissions(&server.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (server_cert, server_key) = (server.cert, server.key);
+    let cloud_id = ca.client(dir.path(), "cloud", "devtables-cloud");
+    let (cloud_cert, cloud_key) = (cloud_id.cert, cloud_id.key);
     let port = free_port();
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(

@@ -119,26 +119,13 @@ fn issue_cert(data: &Path, device: &str, out: &Path) -> (bool, String) {
 
 /// A server certificate for 127.0.0.1 and the CA file that checks it, written to `dir`.
 fn server_tls(dir: &Path) -> (devtables_cloud::tls::ServerTls, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = params.self_signed(&ca_key).unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let ca = devtables_tls::test_pki::TestCa::new("devices test CA");
+    let server = ca.server(dir, "server");
     let files = devtables_cloud::tls::ServerTls {
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
+        cert: server.cert,
+        key: server.key,
     };
-    std::fs::write(&files.cert, cert.pem()).unwrap();
-    std::fs::write(&files.key, key.serialize_pem()).unwrap();
-    let ca_file = dir.join("server-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    (files, ca_file)
+    (files, ca.write_ca(dir, "server"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

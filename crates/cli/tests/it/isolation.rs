@@ -564,29 +564,11 @@ pub fn two_devices_are_isolated(d: &Deployment<'_>) {
 }
 
 /// A CA and a server certificate it signed for 127.0.0.1 and localhost, written to `dir`:
-/// (ca.pem, server.pem, server.key).
+/// (the CA file, server.pem, server.key).
 fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "isolation test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
+    let ca = devtables_tls::test_pki::TestCa::new("isolation test CA");
+    let server = ca.server(dir, "server");
+    (ca.write_ca(dir, "isolation"), server.cert, server.key)
 }
 
 /// The embedded broker with only its TLS listener.

@@ -17,7 +17,8 @@ use devtables_cloud::ca::DeviceCa;
 use devtables_cloud::tls::{ClientIdentity, ClientTls, ServerTls};
 use devtables_cloud::{Cloud, CloudConfig, DeviceCertificates};
 use devtables_sync::identity::DeviceId;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use devtables_tls::test_pki::TestCa;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet};
 use serde_json::{json, Value};
 
@@ -30,25 +31,15 @@ struct ServerFiles {
 }
 
 fn server_files(dir: &Path) -> ServerFiles {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let files = ServerTls {
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    };
-    std::fs::write(&files.cert, cert.pem()).unwrap();
-    std::fs::write(&files.key, key.serialize_pem()).unwrap();
-    let ca_file = dir.join("server-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    ServerFiles { files, ca: ca_file }
+    let ca = TestCa::new("mtls test CA");
+    let server = ca.server(dir, "server");
+    ServerFiles {
+        files: ServerTls {
+            cert: server.cert,
+            key: server.key,
+        },
+        ca: ca.write_ca(dir, "server"),
+    }
 }
 
 /// A cloud with the plain listener (the service's), the TLS listener and the device-certificate
