@@ -161,6 +161,23 @@ struct LogBuf {
 }
 
 impl Logs {
+    /// Keeps what a child process writes to `stderr`, on a thread of its own; echoed with `tag`
+    /// when `DEVTABLES_TEST_VERBOSE` is set.
+    fn capture(stderr: impl std::io::Read + Send + 'static, tag: String) -> Logs {
+        let logs = Logs::default();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.push(&line);
+                if std::env::var_os("DEVTABLES_TEST_VERBOSE").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+            }
+        });
+        logs
+    }
+
     fn push(&self, line: &str) {
         let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if b.lines.len() >= MAX_LOG_LINES {
@@ -505,17 +522,7 @@ impl AgentProc {
         });
         let name = spec.name.to_string();
         let tag = name.clone();
-        let logs = Logs::default();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.push(&line);
-                if std::env::var_os("DEVTABLES_TEST_VERBOSE").is_some() {
-                    eprintln!("[{tag}] {line}");
-                }
-            }
-        });
+        let logs = Logs::capture(stderr, tag);
         let stdin = child.stdin.take();
         AgentProc {
             child,
@@ -626,17 +633,7 @@ impl MosquittoProc {
             .spawn()
             .unwrap_or_else(|e| panic!("the mosquitto binary cannot be started: {e}"));
         let stderr = child.stderr.take().unwrap();
-        let logs = Logs::default();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.push(&line);
-                if std::env::var_os("DEVTABLES_TEST_VERBOSE").is_some() {
-                    eprintln!("[mosquitto] {line}");
-                }
-            }
-        });
+        let logs = Logs::capture(stderr, "mosquitto".to_string());
         let addr = format!("127.0.0.1:{port}");
         let mut broker = MosquittoProc { child, addr, logs };
         eventually("mosquitto listening", || {
