@@ -394,6 +394,14 @@ pub struct CloudFile {
     /// HTTP API requests one key may make at once after a quiet time (default 200).
     #[serde(default)]
     pub api_request_burst: Option<u32>,
+    /// This cloud node's name, in the versions it mints (default: a random name per start; give
+    /// each node of a scaled-out cloud its own, stable name).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// How far past the cloud's time a pushed version may be, in ms (default 60000): a device
+    /// whose clock runs further ahead is told to re-stamp, and never moves the fleet's clock.
+    #[serde(default)]
+    pub max_drift_ms: Option<u64>,
 }
 
 /// A certificate and key in the cloud's file.
@@ -570,6 +578,12 @@ impl CloudFile {
         if let Some(n) = file.api_request_burst {
             config.api_rate.burst = n;
         }
+        if let Some(name) = file.node_name {
+            config.node_name = name;
+        }
+        if let Some(ms) = file.max_drift_ms {
+            config.sync.max_drift_ms = ms;
+        }
         config
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -639,10 +653,12 @@ mod tests {
         let c = load(
             "device_messages_per_sec: 5, device_message_burst: 7, max_push_changes: 20, \
              max_item_bytes: 1000, max_rows_per_device: 3, max_bytes_per_device: 4000, \
-             max_conflicts_per_device: 9, api_requests_per_sec: 2, api_request_burst: 4",
+             max_conflicts_per_device: 9, api_requests_per_sec: 2, api_request_burst: 4, \
+             node_name: 'eu-1', max_drift_ms: 5000",
         )
         .unwrap()
         .1;
+        assert_eq!((c.node_name.as_str(), c.sync.max_drift_ms), ("eu-1", 5000));
         assert_eq!(
             c.sync.device_rate,
             RateLimit {

@@ -95,8 +95,7 @@ async fn ready_clears_the_error_resync_sets_the_cursor_and_acks_empty_pending() 
     assert!(status.ready);
     assert_eq!(status.last_error, None, "welcomed: the old error is over");
     // The cursor the device reports is where its resync ended: the head of its feed (the two
-    // settings). (The cloud's `cursor_acked` is not compared: it records feed acks, not the
-    // end of a resync.)
+    // settings); the cloud records the end of the resync as the device's acknowledged cursor.
     let deadline = std::time::Instant::now() + super::support::WAIT;
     loop {
         let record = cloud
@@ -107,7 +106,7 @@ async fn ready_clears_the_error_resync_sets_the_cursor_and_acks_empty_pending() 
             .unwrap()
             .unwrap();
         let cursor = agent.status().cursor;
-        if cursor > 0 && cursor == record.feed_head {
+        if cursor > 0 && cursor == record.feed_head && record.cursor_acked == cursor {
             break;
         }
         assert!(
@@ -123,6 +122,52 @@ async fn ready_clears_the_error_resync_sets_the_cursor_and_acks_empty_pending() 
         .get("Setting", &item(json!({"deviceId": "d1", "name": "b"})))
         .unwrap()
         .is_some());
+    agent.shutdown().await;
+    cloud.shutdown().await;
+}
+
+/// A local change that loses to a newer cloud write is counted in `superseded`, named in
+/// `last_error`, leaves the outbox, and the cloud's value is what the device holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_change_beaten_by_a_newer_cloud_write_is_counted_as_superseded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud_dir = dir.path().join("cloud");
+    let secret = register(&cloud_dir).await;
+    let port = free_port();
+    // Offline: the device changes a setting first...
+    let agent = Agent::start(agent_config(dir.path(), &secret, port), schema()).unwrap();
+    agent
+        .db()
+        .create(
+            "Setting",
+            &item(json!({"deviceId": "d1", "name": "mode", "value": "device"})),
+        )
+        .unwrap();
+    assert_eq!(agent.status().pending, 1);
+    // ... then the cloud changes it, later.
+    let cloud = start_cloud(&cloud_dir, port).await;
+    cloud
+        .write_item(
+            Owner::Device(device()),
+            "Setting",
+            item(json!({"name": "mode", "value": "cloud"})),
+            WriteKind::Create,
+        )
+        .await
+        .unwrap();
+    eventually(&agent, "the local change superseded", |a| {
+        a.status().superseded == 1 && a.status().pending == 0
+    })
+    .await;
+    let held = agent
+        .db()
+        .get("Setting", &item(json!({"deviceId": "d1", "name": "mode"})))
+        .unwrap()
+        .expect("the setting");
+    assert_eq!(held["value"], "cloud");
+    let error = agent.status().last_error.unwrap_or_default();
+    assert!(error.contains("superseded"), "the status says why: {error}");
+    assert_eq!(agent.status().superseded, 1, "counted once");
     agent.shutdown().await;
     cloud.shutdown().await;
 }

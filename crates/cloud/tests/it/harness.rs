@@ -11,9 +11,9 @@ use devtables_cloud::service::{StoreCtx, StoreHandle};
 use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
 use devtables_cloud::{BrokerMode, CloudConfig};
 use devtables_schema::Schema;
-use devtables_sync::hlc::{node_id_for, HlcClock, CLOUD_NODE_NAME};
+use devtables_sync::hlc::{node_id_for, Hlc, HlcClock, CLOUD_NODE_NAME};
 use devtables_sync::identity::{DeviceId, Owner};
-use devtables_sync::wire::{self, DownMsg, UpMsg, WireConfig};
+use devtables_sync::wire::{self, Change, DownMsg, Op, UpMsg, WireConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,6 +93,29 @@ pub async fn seed_behind_fleet(dir: &Path, n: usize) -> Vec<String> {
         secrets.push(secret);
     }
     secrets
+}
+
+/// A put of device 0's `Setting` named `name` under `model` (the schema's `Setting`, or a model
+/// the cloud does not know), at version `wall_ms`.
+pub fn put(model: &str, name: &str, wall_ms: u64) -> Change {
+    let schema = schema();
+    let setting = schema.model("Setting").expect("the Setting model");
+    let input = json!({"deviceId": device(0).device, "name": name, "value": "on"});
+    let item = setting
+        .prepare_create(input.as_object().expect("an object"), wall_ms as i64)
+        .expect("a valid Setting");
+    Change {
+        model: model.into(),
+        key: setting.primary_key(&item).expect("its key"),
+        op: Op::Put,
+        item: Some(item),
+        version: Hlc {
+            wall_ms,
+            counter: 0,
+            node: 7,
+        },
+        base: None,
+    }
 }
 
 /// A `Setting` item (syncs both ways, so a cloud write lands in the device's feed).

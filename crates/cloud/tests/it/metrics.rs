@@ -8,12 +8,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use devtables_cloud::store::KeyScope;
-use devtables_sync::hlc::Hlc;
-use devtables_sync::wire::{self, Change, ChangeStatus, DownMsg, Op, UpMsg, WireConfig};
-use serde_json::{json, Value};
+use devtables_sync::wire::{self, ChangeStatus, DownMsg, UpMsg, WireConfig};
+use serde_json::Value;
 
 use crate::harness::{
-    admin_key, config, device, eventually, exchange, get, get_as, schema, started, Answer,
+    admin_key, config, device, eventually, exchange, get, get_as, put, schema, started, Answer,
     RawDevice, ACCOUNT,
 };
 
@@ -22,29 +21,6 @@ fn wall_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A put of device 0's `Setting` named `name` under `model` (the schema's `Setting`, or a model
-/// the cloud does not know), at version `wall_ms`.
-fn put(model: &str, name: &str, wall_ms: u64) -> Change {
-    let schema = schema();
-    let setting = schema.model("Setting").expect("the Setting model");
-    let input = json!({"deviceId": device(0).device, "name": name, "value": "on"});
-    let item = setting
-        .prepare_create(input.as_object().expect("an object"), wall_ms as i64)
-        .expect("a valid Setting");
-    Change {
-        model: model.into(),
-        key: setting.primary_key(&item).expect("its key"),
-        op: Op::Put,
-        item: Some(item),
-        version: Hlc {
-            wall_ms,
-            counter: 0,
-            node: 7,
-        },
-        base: None,
-    }
 }
 
 /// The payload bytes a [`RawDevice`] publishes for `msg`.

@@ -22,8 +22,8 @@ fn wall_ms() -> u64 {
 }
 
 use crate::harness::{
-    admin_key, config, device, eventually, free_port, get, get_as, schema, seed_behind_fleet,
-    setting, RawDevice, ACCOUNT, WAIT,
+    admin_key, config, device, eventually, free_port, get, get_as, put, schema, seed_behind_fleet,
+    setting, started, RawDevice, ACCOUNT, WAIT,
 };
 
 /// The deaf start: many more devices are behind at start than the MQTT request queue holds.
@@ -305,4 +305,64 @@ async fn the_subscription_comes_with_the_broker_and_returns_after_a_broker_resta
 
     cloud.shutdown().await;
     broker.shutdown().await;
+}
+
+/// The store held busy for several keep-alive intervals (a long query, a slow disk) never costs
+/// the cloud its broker connection: the MQTT event loop is polled on its own task, so pings go
+/// out while the sync loop's store jobs wait. A push made meanwhile is answered once the store
+/// is free, on the same connection (no new subscription, no session restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_store_never_starves_the_broker_keep_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.mqtt.keep_alive = Duration::from_secs(1);
+    let cloud = started(c).await;
+    let key = admin_key(&cloud).await;
+    let secret = cloud.register_device(&device(0)).await.expect("register");
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secret).await;
+    assert!(dev.hello(1, 0).await, "welcomed");
+    let (_, before) = get_as(cloud.api_addr, "/v1/status", &key).await;
+
+    // Five keep-alive intervals with the store thread taken (the broker drops a client silent
+    // for one and a half).
+    let (busy_tx, busy_rx) = tokio::sync::oneshot::channel();
+    let store = cloud.store.clone();
+    let blocker = tokio::spawn(async move {
+        store
+            .call(move |_| {
+                let _ = busy_tx.send(());
+                std::thread::sleep(Duration::from_secs(5));
+            })
+            .await
+    });
+    busy_rx
+        .await
+        .expect("the store thread took the blocking job");
+    dev.send(&UpMsg::Push {
+        batch: 1,
+        changes: vec![put("Setting", "a", wall_ms())],
+    })
+    .await;
+    let answered = dev
+        .recv(|m| match m {
+            DownMsg::PushAck { batch: 1, results } => Some(results.len()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        answered,
+        Some(1),
+        "the push made while the store was busy is answered"
+    );
+    blocker.await.unwrap().expect("the store is alive");
+
+    let (_, after) = get_as(cloud.api_addr, "/v1/status", &key).await;
+    assert_eq!(after["broker_connected"], true, "{after}");
+    assert_eq!(
+        after["subscribe_attempts"], before["subscribe_attempts"],
+        "no reconnection: {before} -> {after}"
+    );
+    assert_eq!(after["sessions_restarted"], 0, "{after}");
+    assert_eq!(after["push_changes_applied"], 1, "{after}");
+    cloud.shutdown().await;
 }

@@ -8,12 +8,13 @@
 //! # Tables
 //!
 //! ```sql
-//! -- Store metadata: schema_version = 4 (the table layout, see `SCHEMA_VERSION`).
+//! -- Store metadata: schema_version = 5 (the table layout, see `SCHEMA_VERSION`).
 //! meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
 //!
 //! -- Registered devices and their sync status.
 //! devices(account, device,            -- PRIMARY KEY
 //!         secret_hash,                -- hash of the device secret, never the secret
+//!         broker_hash,                -- the secret in an external broker's password-file form
 //!         registered_ms,
 //!         online,                     -- 0/1: the device has a session
 //!         last_seen_ms, schema_version,
