@@ -655,7 +655,7 @@ struct Readiness {
     ready: bool,
     /// The store answered within 2 s.
     store: bool,
-    /// The service's MQTT connection is up.
+    /// Both of the service's MQTT connections (ingress and egress) are up.
     broker: bool,
     /// The device topics are subscribed (SUBACK granted).
     subscribed: bool,
@@ -687,6 +687,8 @@ async fn ready(State(s): State<ApiState>) -> (StatusCode, Json<Readiness>) {
         Some("the store does not answer".to_string())
     } else if !status.broker_connected {
         Some("not connected to the MQTT broker".to_string())
+    } else if !status.egress_connected {
+        Some("the connection that publishes to devices is not up".to_string())
     } else if !status.subscribed {
         Some(format!(
             "the device topics are not subscribed yet ({} attempts so far)",
@@ -703,7 +705,7 @@ async fn ready(State(s): State<ApiState>) -> (StatusCode, Json<Readiness>) {
     let body = Readiness {
         ready: reason.is_none(),
         store: store_ok,
-        broker: status.broker_connected,
+        broker: status.broker_connected && status.egress_connected,
         subscribed: status.subscribed,
         reason,
     };

@@ -29,7 +29,7 @@
 //! | refused (`authenticate` → [`Refusal::BadCredentials`]) | CONNACK "bad user name or password" | – | – |
 //! | refused (`authenticate` → [`Refusal::NotAuthorized`], e.g. a revoked device) | CONNACK "not authorized" | – | – |
 //! | [`Principal::Device`] `{account}/{device}` | client id must be exactly `{account}/{device}`; a will, if any, must be non-retained on its own `up` topic; otherwise CONNACK "not authorized" | only `{prefix}/{account}/{device}/up` ([`topics::up_topic`]), never retained | only `{prefix}/{account}/{device}/down` ([`topics::down_topic`]) and `{prefix}/{account}/_all/down` ([`topics::broadcast_topic`]), exact filters, no wildcards |
-//! | [`Principal::Service`] | any client id | anywhere | anywhere (the cloud subscribes to `{prefix}/+/+/up`, [`topics::up_filter`]) |
+//! | [`Principal::Service`] | any client id | anywhere | anywhere (with an external broker the cloud subscribes to `{prefix}/+/+/up`, [`topics::up_filter`]; with this one it needs not: see below) |
 //!
 //! The service is an rmqtt *superuser*: rmqtt skips the ACL hooks for superusers, which is
 //! exactly "may do anything". Every other session is a device, and the ACL hooks derive its
@@ -56,6 +56,19 @@
 //! Pinning the client id also prevents session takeover: MQTT lets a new connection with the same
 //! client id kick the old one, and rmqtt authenticates before it kicks, so only the device itself
 //! can replace its own session.
+//!
+//! # Device messages in-process, and drops counted
+//!
+//! With [`BrokerConfig::device_messages`] (the service sets it), what a device publishes on its
+//! own `up` topic, its will included, is handed to the service's sync loop over a bounded
+//! channel from rmqtt's `MessagePublish` hook, in the device connection's own task. The cloud
+//! then has no MQTT session of its own to read device messages through, so there is no broker
+//! queue in front of it to overflow (a session's queue drops its oldest message when full), and
+//! when the sync loop is behind the hook waits, so rmqtt stops reading that device's socket:
+//! backpressure reaches the device through TCP. The hook applies the same rule as the publish
+//! ACL (which runs after it): anything else is not handed over. Every message rmqtt drops on its
+//! way to a client (queue or in-flight window full, expired, client gone) is counted in
+//! [`BrokerConfig::drops`] and warned about (rate-limited) from the `MessageDropped` hook.
 //!
 //! # What a refusal looks like on the wire
 //!
@@ -87,7 +100,7 @@ use std::num::NonZeroU16;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devtables_sync::identity::DeviceId;
@@ -101,7 +114,10 @@ use rmqtt::session::Session;
 use rmqtt::types::{
     AuthResult, ConnectInfo, ListenerId, Publish, PublishAclResult, Subscribe, SubscribeAclResult,
 };
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use crate::warn_limit::WarnLimiter;
 
 /// Who a connected client is, decided at CONNECT by the authenticator.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,8 +277,29 @@ pub struct BrokerConfig {
     /// [`DEFAULT_MAX_INFLIGHT`].
     pub max_inflight: u16,
     /// Most messages queued for one client beyond the in-flight window (at least 1); more are
-    /// dropped. Default [`DEFAULT_MAX_QUEUED_MESSAGES`].
+    /// dropped, counted in [`BrokerConfig::drops`] and warned about. Default
+    /// [`DEFAULT_MAX_QUEUED_MESSAGES`].
     pub max_queued_messages: usize,
+    /// When set, what a device publishes on its own `up` topic (its will included) is handed
+    /// to this channel in-process, in the device connection's own task: a full channel makes
+    /// that task wait, so the broker stops reading that device's socket (backpressure down to
+    /// TCP) instead of queueing or dropping. Nobody needs to subscribe to the device topics
+    /// then (the message still goes through the ACL and routing, and meets no subscriber).
+    /// Default none.
+    pub device_messages: Option<mpsc::Sender<DeviceMessage>>,
+    /// Counts the messages the broker dropped on their way to a client (its queue full, its
+    /// in-flight window full, expired, or the client gone); each is also warned about
+    /// (rate-limited). Shared with whoever reports it (`GET /v1/status`, `broker_drops`).
+    pub drops: Arc<AtomicU64>,
+}
+
+/// A message a device published on its own `up` topic, handed over in-process
+/// ([`BrokerConfig::device_messages`]).
+#[derive(Debug)]
+pub struct DeviceMessage {
+    /// The topic (the device's `up` topic: the sender's identity).
+    pub topic: String,
+    pub payload: Vec<u8>,
 }
 
 /// The embedded broker's TLS listener.
@@ -305,6 +342,8 @@ impl BrokerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+            device_messages: None,
+            drops: Arc::default(),
         }
     }
 }
@@ -407,6 +446,9 @@ impl Broker {
             auth,
             cert_listener: config.device_certs.as_ref().map(|_| CERT_LISTENER),
             certificate_refusals: config.certificate_refusals.clone(),
+            device_messages: config.device_messages.clone(),
+            drops: config.drops.clone(),
+            drop_warn: Arc::new(Mutex::new(WarnLimiter::new(WarnLimiter::INTERVAL))),
         };
         let hooks = scx.extends.hook_mgr().register();
         hooks
@@ -415,7 +457,13 @@ impl Broker {
         hooks
             .add(Type::ClientSubscribeCheckAcl, Box::new(acl.clone()))
             .await;
-        hooks.add(Type::MessagePublishCheckAcl, Box::new(acl)).await;
+        hooks
+            .add(Type::MessagePublishCheckAcl, Box::new(acl.clone()))
+            .await;
+        hooks.add(Type::MessageDropped, Box::new(acl.clone())).await;
+        if config.device_messages.is_some() {
+            hooks.add(Type::MessagePublish, Box::new(acl)).await;
+        }
         hooks.start().await;
 
         if !config.plain && config.tls.is_none() && config.device_certs.is_none() {
@@ -618,6 +666,10 @@ struct AclHandler {
     /// certificate.
     cert_listener: Option<ListenerId>,
     certificate_refusals: Arc<AtomicU64>,
+    /// Where device messages go in-process, if anywhere ([`BrokerConfig::device_messages`]).
+    device_messages: Option<mpsc::Sender<DeviceMessage>>,
+    drops: Arc<AtomicU64>,
+    drop_warn: Arc<Mutex<WarnLimiter>>,
 }
 
 type HookFuture<'a> = Pin<Box<dyn Future<Output = ReturnType> + Send + 'a>>;
@@ -657,6 +709,37 @@ impl Handler for AclHandler {
                     false,
                     Some(HookResult::PublishAclResult(result)),
                 )))
+            }
+            Parameter::MessagePublish(_, from, publish) => {
+                let handover = self.device_message(from, publish);
+                Box::pin(async move {
+                    if let Some((tx, message)) = handover {
+                        // Waits while the service is behind: this device's connection task
+                        // stops reading its socket meanwhile. A closed channel means the
+                        // service is stopping; the device resends after it reconnects.
+                        let _ = tx.send(message).await;
+                    }
+                    (true, acc)
+                })
+            }
+            Parameter::MessageDropped(to, from, publish, reason) => {
+                // Refused publishes (no recipient) are warned about by the ACL check.
+                if let Some(to) = to {
+                    self.drops.fetch_add(1, Ordering::Relaxed);
+                    let suppressed = self
+                        .drop_warn
+                        .lock()
+                        .ok()
+                        .and_then(|mut w| w.hit(std::time::Instant::now()));
+                    if let Some(suppressed) = suppressed {
+                        tracing::warn!(
+                            to = %to.client_id, from = %from.id.client_id, topic = %publish.topic,
+                            suppressed, "the broker dropped a message on its way to a client: {reason:?} \
+                            (counted in broker_drops; the protocol resends)"
+                        );
+                    }
+                }
+                Box::pin(std::future::ready((true, acc)))
             }
             _ => Box::pin(std::future::ready((true, acc))),
         }
@@ -818,6 +901,36 @@ impl AclHandler {
             tracing::warn!(client = %session.id.client_id, filter, "MQTT subscription refused");
             SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized)
         }
+    }
+
+    /// The in-process handover of a device's message on its own `up` topic (the same rule as
+    /// [`Self::check_publish`], which runs after this hook; a will was checked at CONNECT and
+    /// meets the same rule), or `None` for anything else.
+    fn device_message(
+        &self,
+        from: &rmqtt::types::From,
+        publish: &Publish,
+    ) -> Option<(mpsc::Sender<DeviceMessage>, DeviceMessage)> {
+        let tx = self.device_messages.as_ref()?;
+        let device_sent = matches!(
+            from.typ(),
+            rmqtt::types::FromType::Custom | rmqtt::types::FromType::LastWill
+        );
+        if publish.retain || !device_sent {
+            return None;
+        }
+        let (account, device) = from.id.client_id.split_once('/')?;
+        let id = DeviceId::new(account, device).ok()?;
+        let topic: &str = &publish.topic;
+        (topic == topics::up_topic(&self.prefix, &id)).then(|| {
+            (
+                tx.clone(),
+                DeviceMessage {
+                    topic: topic.to_string(),
+                    payload: publish.payload.to_vec(),
+                },
+            )
+        })
     }
 
     fn check_publish(&self, session: &Session, publish: &Publish) -> PublishAclResult {

@@ -123,18 +123,24 @@ impl DeviceCertificates {
     }
 }
 
-/// Settings of the service's MQTT client (the sync loop's connection to the broker).
+/// Settings of the service's MQTT clients (the sync loop's two connections to the broker: ingress
+/// and egress, see `mqtt_link`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MqttClientConfig {
-    /// Capacity of the client's request queue: publishes and subscribe requests waiting for the
-    /// connection. Default 4096. Publishes may use all of it but a reserve (an eighth, at least
-    /// one and at most 64 slots) kept for subscribing and disconnecting, so a burst of publishes
-    /// can never lock the subscription out; a publish that finds no room is dropped, counted
-    /// (`GET /v1/status`) and logged.
+    /// Capacity of each client's request queue: publishes and subscribe requests waiting for
+    /// the connection. Default 4096. Publishes may use all of it but a reserve (an eighth, at
+    /// least one and at most 64 slots) kept for subscribing and disconnecting, so a burst of
+    /// publishes can never lock the subscription out; a publish that finds no room waits for it
+    /// (the sync loop reads no device message meanwhile: backpressure, counted in
+    /// `egress_waits` of `GET /v1/status`), it is never dropped.
     pub request_queue: usize,
     /// Most MQTT events waiting between the task that polls the connection and the sync loop.
     /// Default 1024.
     pub event_queue: usize,
+    /// QoS 1 publishes the egress connection may have unacknowledged by the broker at once
+    /// (rumqttc's window). A small window caps the publish rate at window / round trip. Default
+    /// 1024.
+    pub egress_inflight: u16,
     /// MQTT keep-alive. Default 30 s.
     pub keep_alive: Duration,
     /// First wait before reconnecting after the connection failed; it doubles after every
@@ -155,6 +161,7 @@ impl Default for MqttClientConfig {
         MqttClientConfig {
             request_queue: 4096,
             event_queue: 1024,
+            egress_inflight: 1024,
             keep_alive: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(10),

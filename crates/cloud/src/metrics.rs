@@ -69,7 +69,11 @@ const fn gauge(field: &'static str, help: &'static str) -> StatusMetric {
 pub const STATUS_METRICS: &[StatusMetric] = &[
     gauge(
         "broker_connected",
-        "1 while the service's MQTT connection is up",
+        "1 while the service's ingress MQTT connection (device messages in) is up",
+    ),
+    gauge(
+        "egress_connected",
+        "1 while the service's egress MQTT connection (publishes to devices) is up",
     ),
     gauge(
         "subscribed",
@@ -98,7 +102,15 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
     ),
     counter(
         "publishes_dropped",
-        "Publishes to devices dropped: request queue full or refused by the client",
+        "Publishes to devices refused by the MQTT client (it is shutting down)",
+    ),
+    counter(
+        "egress_waits",
+        "Times a publish waited for room in the egress queue and device reads paused (backpressure)",
+    ),
+    counter(
+        "broker_drops",
+        "Messages the embedded broker dropped on their way to a client (queue full or client gone)",
     ),
     counter(
         "publishes_lost",
@@ -106,11 +118,11 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
     ),
     gauge(
         "mqtt_requests_queued",
-        "Requests waiting in the MQTT client's request queue",
+        "Requests waiting in the egress MQTT client's request queue",
     ),
     gauge(
         "mqtt_request_queue",
-        "Capacity of the MQTT client's request queue",
+        "Capacity of each MQTT client's request queue",
     ),
     gauge(
         "store_jobs_in_flight",

@@ -1,5 +1,11 @@
-//! The service's MQTT connection: a task that does nothing but poll rumqttc's event loop, and a
-//! gauge of the client's request queue.
+//! The service's MQTT connections: a task per connection that does nothing but poll rumqttc's
+//! event loop, and a gauge of each client's request queue.
+//!
+//! The service has two connections, one per direction ([`Hop`]): *ingress* subscribes to the
+//! device topics and only reads, *egress* only publishes to devices. Split, the sync loop can
+//! stop reading device messages while the egress queue is full (backpressure: a publish waits
+//! for room, it is never dropped) without stopping the connection that drains that queue, and
+//! neither direction's traffic queues behind the other's in one socket.
 //!
 //! This module exists for two reasons. First, the event loop must be polled all the time
 //! (keep-alives, acknowledgements, reconnects) whatever the sync loop is doing, and its `poll`
@@ -10,15 +16,34 @@
 //! [`RequestGauge`] counts it: +1 for every request the sync loop queues, -1 for every one the
 //! event loop reports taking (`Outgoing` events), reset when a lost connection empties it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{Event, EventLoop, Outgoing, Packet, SubscribeReasonCode};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::MqttClientConfig;
 use crate::status::SyncStatus;
+
+/// Which of the service's two MQTT connections a task polls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hop {
+    /// Subscribes to the device topics; reads device messages.
+    Ingress,
+    /// Publishes to the devices' topics.
+    Egress,
+}
+
+impl Hop {
+    /// The status flag that says this connection is up.
+    fn flag(self, status: &SyncStatus) -> &AtomicBool {
+        match self {
+            Hop::Ingress => &status.broker_connected,
+            Hop::Egress => &status.egress_connected,
+        }
+    }
+}
 
 /// What the connection task tells the sync loop.
 #[derive(Debug)]
@@ -46,6 +71,8 @@ pub(crate) struct RequestGauge {
     unacked: AtomicUsize,
     capacity: usize,
     reserve: usize,
+    /// Signalled whenever slots free up (a request left the queue, or the queue was emptied).
+    freed: Notify,
 }
 
 impl RequestGauge {
@@ -55,6 +82,7 @@ impl RequestGauge {
             unacked: AtomicUsize::new(0),
             capacity,
             reserve: Self::reserve_for(capacity),
+            freed: Notify::new(),
         }
     }
 
@@ -107,6 +135,13 @@ impl RequestGauge {
     /// The event loop took a request from the queue.
     fn taken(&self) {
         self.release();
+        self.freed.notify_one();
+    }
+
+    /// Waits until slots may have freed up since the last call (a stored wake-up makes it
+    /// return at once, so a slot freed just before the wait is never missed).
+    pub(crate) async fn freed(&self) {
+        self.freed.notified().await;
     }
 
     /// A lost connection moved the queue's content into rumqttc's pending list, which the next
@@ -115,15 +150,19 @@ impl RequestGauge {
     /// instant between the two may be forgotten here; the count then errs low, which only
     /// the reserve has to absorb, and it heals when the queue next empties.
     fn drained(&self) -> (usize, usize) {
-        (
+        let drained = (
             self.queued.swap(0, Ordering::SeqCst),
             self.unacked.swap(0, Ordering::SeqCst),
-        )
+        );
+        self.freed.notify_one();
+        drained
     }
 }
 
-/// Polls the event loop until shutdown, forwarding events to the sync loop.
+/// Polls the event loop of the `hop` connection until shutdown, forwarding events to the sync
+/// loop.
 pub(crate) async fn run(
+    hop: Hop,
     mut eventloop: EventLoop,
     events: mpsc::Sender<LinkEvent>,
     gauge: Arc<RequestGauge>,
@@ -148,9 +187,7 @@ pub(crate) async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
                 delay = config.reconnect_min;
-                status
-                    .broker_connected
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                hop.flag(&status).store(true, Ordering::SeqCst);
                 Some(LinkEvent::Connected)
             }
             Ok(Event::Incoming(Packet::Publish(p))) => Some(LinkEvent::Message {
@@ -190,9 +227,7 @@ pub(crate) async fn run(
             }
             Ok(_) => None,
             Err(e) => {
-                status
-                    .broker_connected
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                hop.flag(&status).store(false, Ordering::SeqCst);
                 if std::mem::take(&mut connected) {
                     let (queued, unacked) = gauge.drained();
                     // The subscribe may be among them; it is not a publish but close enough

@@ -21,7 +21,7 @@ use crate::auth::{self, Credentials};
 use crate::broker::{Broker, BrokerConfig, DeviceCertListener};
 use crate::ca::{DeviceCa, DeviceCertificate};
 use crate::config::{BrokerMode, CloudConfig};
-use crate::mqtt_link::{self, RequestGauge};
+use crate::mqtt_link::{self, Hop, RequestGauge};
 use crate::ops::{self, OpError, WriteKind};
 use crate::status::{StatusSnapshot, SyncStatus};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
@@ -30,7 +30,7 @@ use crate::store_thread::wall_ms;
 pub use crate::store_thread::{StoreCtx, StoreGone, StoreHandle};
 use crate::subscription::{SubscribeTiming, Subscription};
 pub use crate::sync_loop::SyncInput;
-use crate::sync_loop::{SyncLoop, SyncParts};
+use crate::sync_loop::{Ingress, SyncLoop, SyncParts};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -161,8 +161,12 @@ impl Cloud {
         // How the service's own client reaches the broker: TLS when the embedded broker has only
         // a TLS listener (trusting exactly its certificate) or the external one is configured so.
         let mut client_tls = None;
+        // With the embedded broker, device messages come in-process (see `broker`).
+        let mut device_messages = None;
         let (broker, credentials, mqtt_host, mqtt_port, username, password) = match &config.broker {
             BrokerMode::Embedded { listen } => {
+                let (messages_tx, messages_rx) = mpsc::channel(config.mqtt.event_queue);
+                device_messages = Some(messages_rx);
                 let creds = Arc::new(Credentials::with_cache(
                     &service_secret,
                     config.credentials_ttl,
@@ -176,6 +180,8 @@ impl Cloud {
                         device_certs: device_certs.clone(),
                         certificate_refusals: status.mqtt_certificates_refused.clone(),
                         topic_prefix: config.topic_prefix.clone(),
+                        device_messages: Some(messages_tx),
+                        drops: status.broker_drops.clone(),
                         ..BrokerConfig::default()
                     },
                     creds.clone(),
@@ -259,38 +265,66 @@ impl Cloud {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (sync_tx, sync_rx) = mpsc::channel(1024);
 
-        let mut options = MqttOptions::new(
-            format!("devtables-cloud-{}", std::process::id()),
-            mqtt_host.clone(),
-            mqtt_port,
-        );
-        options.set_keep_alive(config.mqtt.keep_alive);
-        options.set_clean_session(true);
-        if let Some(user) = &username {
-            options.set_credentials(user.clone(), password.clone().unwrap_or_default());
-        }
-        let max_packet = config.sync.wire.max_message_bytes + 4096;
-        options.set_max_packet_size(max_packet, max_packet);
-        if let Some(tls) = client_tls {
-            options.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        // Two connections, one per direction (see `mqtt_link`): ingress subscribes to the device
+        // topics, egress publishes to devices.
+        let client = |hop: Hop| {
+            let suffix = match hop {
+                Hop::Ingress => "in",
+                Hop::Egress => "out",
+            };
+            let mut options = MqttOptions::new(
+                format!("devtables-cloud-{}-{suffix}", std::process::id()),
+                mqtt_host.clone(),
+                mqtt_port,
+            );
+            options.set_keep_alive(config.mqtt.keep_alive);
+            options.set_clean_session(true);
+            if hop == Hop::Egress {
+                options.set_inflight(config.mqtt.egress_inflight);
+            }
+            if let Some(user) = &username {
+                options.set_credentials(user.clone(), password.clone().unwrap_or_default());
+            }
+            let max_packet = config.sync.wire.max_message_bytes + 4096;
+            options.set_max_packet_size(max_packet, max_packet);
+            if let Some(tls) = &client_tls {
+                options.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(Arc::new(tls.clone())),
+                ));
+            }
+            let (client, mut eventloop) = AsyncClient::new(options, config.mqtt.request_queue);
+            // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_tcp_nodelay(true);
+            eventloop.set_network_options(network);
+            let gauge = Arc::new(RequestGauge::new(config.mqtt.request_queue));
+            let (link_tx, link_rx) = mpsc::channel(config.mqtt.event_queue);
+            let task = tokio::spawn(mqtt_link::run(
+                hop,
+                eventloop,
+                link_tx,
+                gauge.clone(),
+                status.clone(),
+                config.mqtt.clone(),
+                shutdown_rx.clone(),
             ));
-        }
-        let (client, mut eventloop) = AsyncClient::new(options, config.mqtt.request_queue);
-        // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
-        let gauge = Arc::new(RequestGauge::new(config.mqtt.request_queue));
-        let (link_tx, link_rx) = mpsc::channel(config.mqtt.event_queue);
-        let mut tasks = vec![tokio::spawn(mqtt_link::run(
-            eventloop,
-            link_tx,
-            gauge.clone(),
-            status.clone(),
-            config.mqtt.clone(),
-            shutdown_rx.clone(),
-        ))];
+            (client, gauge, link_rx, task)
+        };
+        let (egress, gauge, egress_link, egress_task) = client(Hop::Egress);
+        let mut tasks = vec![egress_task];
+        let ingress = match device_messages {
+            // The embedded broker hands device messages over in-process.
+            Some(messages) => Ingress::Embedded { messages },
+            None => {
+                let (client, gauge, events, task) = client(Hop::Ingress);
+                tasks.push(task);
+                Ingress::Client {
+                    client,
+                    gauge,
+                    events,
+                }
+            }
+        };
 
         let mut sync_config = config.sync.clone();
         sync_config.schema_version = schema.version().to_string();
@@ -304,9 +338,10 @@ impl Cloud {
             max_drift_ms: sync_config.max_drift_ms,
             engine: CloudEngine::new(sync_config),
             store: store.clone(),
-            client,
-            link: link_rx,
+            ingress,
+            egress,
             gauge,
+            egress_link,
             status: status.clone(),
             prefix: config.topic_prefix.clone(),
             inputs: sync_rx,

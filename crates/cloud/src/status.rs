@@ -16,8 +16,11 @@ pub(crate) use crate::warn_limit::WarnLimiter;
 /// Live numbers of the sync loop. Written by the sync loop and the MQTT task, read by the API.
 #[derive(Debug, Default)]
 pub struct SyncStatus {
-    /// The MQTT connection is up (CONNACK received, not lost since).
+    /// The ingress MQTT connection (device messages in) is up (CONNACK received, not lost
+    /// since).
     pub(crate) broker_connected: AtomicBool,
+    /// The egress MQTT connection (publishes to devices) is up.
+    pub(crate) egress_connected: AtomicBool,
     /// Every device-topic filter is subscribed on the current connection (SUBACK with success
     /// codes).
     pub(crate) subscribed: AtomicBool,
@@ -34,8 +37,16 @@ pub struct SyncStatus {
     pub(crate) sessions_restarted: AtomicU64,
     /// Publishes handed to the MQTT client.
     pub(crate) publishes_queued: AtomicU64,
-    /// Publishes that could not be queued (request queue full, or the client refused).
+    /// Publishes that could not be queued (the client refused them: it is shutting down). A
+    /// full request queue never drops a publish: it waits ([`Self::egress_waits`]).
     pub(crate) publishes_dropped: AtomicU64,
+    /// Times a publish found the egress request queue full and the sync loop paused (it reads
+    /// no device message until the publish is queued): backpressure, nothing dropped.
+    pub(crate) egress_waits: AtomicU64,
+    /// Messages the embedded broker dropped on their way to a client (its session's queue was
+    /// full, or it had gone): counted and warned about; the protocol's retransmission and the
+    /// feed recover them.
+    pub(crate) broker_drops: Arc<AtomicU64>,
     /// Publishes that were queued or unacknowledged when the connection dropped: the client
     /// discards them on the new (clean) session; the engine's timers resend what matters.
     pub(crate) publishes_lost: AtomicU64,
@@ -108,6 +119,7 @@ pub struct SyncStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StatusSnapshot {
     pub broker_connected: bool,
+    pub egress_connected: bool,
     pub subscribed: bool,
     pub subscribe_attempts: u64,
     pub subscriptions_held: u64,
@@ -117,6 +129,8 @@ pub struct StatusSnapshot {
     pub publishes_queued: u64,
     pub publishes_dropped: u64,
     pub publishes_lost: u64,
+    pub egress_waits: u64,
+    pub broker_drops: u64,
     pub mqtt_requests_queued: u64,
     pub mqtt_request_queue: u64,
     pub store_jobs_in_flight: u64,
@@ -152,6 +166,7 @@ impl SyncStatus {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatusSnapshot {
             broker_connected: self.broker_connected.load(Ordering::SeqCst),
+            egress_connected: self.egress_connected.load(Ordering::SeqCst),
             subscribed: self.subscribed.load(Ordering::SeqCst),
             subscribe_attempts: n(&self.subscribe_attempts),
             subscriptions_held: n(&self.subscriptions_held),
@@ -161,6 +176,8 @@ impl SyncStatus {
             publishes_queued: n(&self.publishes_queued),
             publishes_dropped: n(&self.publishes_dropped),
             publishes_lost: n(&self.publishes_lost),
+            egress_waits: n(&self.egress_waits),
+            broker_drops: n(&self.broker_drops),
             mqtt_requests_queued: n(&self.mqtt_requests_queued),
             mqtt_request_queue: request_queue as u64,
             store_jobs_in_flight: n(&self.store_jobs_in_flight),
@@ -191,8 +208,10 @@ impl SyncStatus {
         }
     }
 
-    /// Whether the MQTT side is ready: connected and every device topic subscribed.
+    /// Whether the MQTT side is ready: both connections up and every device topic subscribed.
     pub fn mqtt_ready(&self) -> bool {
-        self.broker_connected.load(Ordering::SeqCst) && self.subscribed.load(Ordering::SeqCst)
+        self.broker_connected.load(Ordering::SeqCst)
+            && self.egress_connected.load(Ordering::SeqCst)
+            && self.subscribed.load(Ordering::SeqCst)
     }
 }

@@ -67,6 +67,12 @@ impl Subscription {
         self.state == State::Held
     }
 
+    /// Device messages come in-process from the embedded broker: nothing to subscribe, and
+    /// held for good (no connection to lose).
+    pub(crate) fn held_in_process(&mut self) {
+        self.state = State::Held;
+    }
+
     /// A new connection (CONNACK): subscriptions of a clean session start empty.
     pub(crate) fn connected(&mut self, now: Instant) {
         self.state = State::Due(now);

@@ -12,10 +12,12 @@
 //!   ([`crate::mqtt_link`]), whose events arrive here.
 //! - It keeps the device topics subscribed ([`Subscription`]), before anything else is
 //!   published after a start.
-//! - It never fills the MQTT client's request queue: every publish takes a slot of the
-//!   [`RequestGauge`] (which keeps a reserve for the subscribe), and a publish that finds no
-//!   room is dropped, counted and logged (rate-limited). The engine's timers resend what
-//!   matters (pages, acknowledgements on the device's resend, prompts).
+//! - It reads device messages on one MQTT connection and publishes on another
+//!   ([`crate::mqtt_link::Hop`]). It never drops a publish: every publish takes a slot of the
+//!   egress [`RequestGauge`]; a publish that finds no room waits, and while it waits the loop
+//!   reads no device message (backpressure, counted in `egress_waits`): the ingress connection
+//!   stops being read, so devices slow down instead of the cloud dropping their answers. The
+//!   egress connection is polled by its own task meanwhile, so the wait always ends.
 //! - After a start it prompts the devices with changes waiting, paced ([`StartupPrompts`]):
 //!   only once the subscription holds, a bounded number per tick, within half the queue's free
 //!   room.
@@ -35,9 +37,11 @@ use devtables_sync::wire::{ChangeResult, ChangeStatus, RejectReason};
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
+use crate::broker::DeviceMessage;
 use crate::config::StartupPrompts;
 use crate::metrics::StoreJob;
 use crate::mqtt_link::{LinkEvent, RequestGauge};
+
 use crate::status::{SyncStatus, WarnLimiter};
 use crate::store::{Advanced, StatusUpdate, StoreError};
 use crate::store_thread::{wall_ms, Job, StoreCtx, StoreHandle};
@@ -79,9 +83,13 @@ pub(crate) struct SyncParts {
     /// How far past the cloud's time a pushed version may be (the engine's `max_drift_ms`).
     pub(crate) max_drift_ms: u64,
     pub(crate) store: StoreHandle,
-    pub(crate) client: AsyncClient,
-    pub(crate) link: mpsc::Receiver<LinkEvent>,
+    /// Where device messages come from.
+    pub(crate) ingress: Ingress,
+    /// The egress connection's client: it publishes to devices.
+    pub(crate) egress: AsyncClient,
     pub(crate) gauge: Arc<RequestGauge>,
+    /// The egress connection's events (connected, lost).
+    pub(crate) egress_link: mpsc::Receiver<LinkEvent>,
     pub(crate) status: Arc<SyncStatus>,
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<SyncInput>,
@@ -93,14 +101,48 @@ pub(crate) struct SyncParts {
     pub(crate) max_store_jobs: usize,
 }
 
+/// Where the sync loop's device messages come from.
+pub(crate) enum Ingress {
+    /// A client subscribed to the device topics (an external broker): its connection's events
+    /// (messages, subscription answers, connected, lost).
+    Client {
+        client: AsyncClient,
+        gauge: Arc<RequestGauge>,
+        events: mpsc::Receiver<LinkEvent>,
+    },
+    /// The embedded broker hands device messages over in-process
+    /// ([`crate::broker::BrokerConfig::device_messages`]): nothing to subscribe, nothing to
+    /// lose, and a full channel stops the broker reading the devices' sockets.
+    Embedded {
+        messages: mpsc::Receiver<DeviceMessage>,
+    },
+}
+
+impl Ingress {
+    /// The next ingress event; `None` once the source is gone (shutdown).
+    async fn next(&mut self) -> Option<LinkEvent> {
+        match self {
+            Ingress::Client { events, .. } => events.recv().await,
+            Ingress::Embedded { messages } => messages.recv().await.map(|m| LinkEvent::Message {
+                topic: m.topic,
+                payload: m.payload,
+            }),
+        }
+    }
+}
+
 /// The sync loop's state (see the module documentation).
 pub(crate) struct SyncLoop {
     engine: CloudEngine,
     /// How far past the cloud's time a pushed version may be.
     max_drift_ms: u64,
-    client: AsyncClient,
-    link: mpsc::Receiver<LinkEvent>,
+    ingress: Ingress,
+    egress: AsyncClient,
+    /// The egress request queue.
     gauge: Arc<RequestGauge>,
+    egress_link: mpsc::Receiver<LinkEvent>,
+    /// Whether the egress connection is up.
+    egress_up: bool,
     status: Arc<SyncStatus>,
     prefix: String,
     /// The device topic filters this service subscribes to.
@@ -116,7 +158,8 @@ pub(crate) struct SyncLoop {
     /// Store jobs queued or running.
     in_flight: usize,
     max_store_jobs: usize,
-    /// The next engine action, waiting for a store job slot.
+    /// The next engine action, waiting for a store job slot or (a publish) for room in the
+    /// egress request queue.
     waiting: Option<CloudAction>,
     store_gone: bool,
     /// Devices still to prompt after the start.
@@ -154,19 +197,28 @@ impl SyncLoop {
         p.status
             .prompts_pending
             .store(p.behind.len() as u64, Ordering::Relaxed);
+        let mut subscription = p.subscription;
+        if matches!(p.ingress, Ingress::Embedded { .. }) {
+            // In-process: the device messages flow from the start, and cannot be lost.
+            subscription.held_in_process();
+            p.status.broker_connected.store(true, Ordering::SeqCst);
+            p.status.subscribed.store(true, Ordering::SeqCst);
+        }
         SyncLoop {
             engine: p.engine,
             max_drift_ms: p.max_drift_ms,
-            client: p.client,
-            link: p.link,
+            ingress: p.ingress,
+            egress: p.egress,
             gauge: p.gauge,
+            egress_link: p.egress_link,
+            egress_up: false,
             status: p.status,
             filters: vec![topics::up_filter(&p.prefix)],
             prefix: p.prefix,
             inputs: p.inputs,
             inputs_open: true,
             shutdown: p.shutdown,
-            subscription: p.subscription,
+            subscription,
             jobs,
             done_tx,
             done_rx,
@@ -213,13 +265,21 @@ impl SyncLoop {
             let feed_lag_at = self
                 .feed_lag_stale
                 .then(|| tokio::time::Instant::from_std(self.next_feed_lag));
+            // Backpressure: while a publish waits for room, no device message is read.
+            let publish_waits = matches!(self.waiting, Some(CloudAction::Transmit { .. }));
             let mut stop = false;
             tokio::select! {
-                event = self.link.recv() => match event {
+                event = self.ingress.next(), if !publish_waits => match event {
                     Some(event) => self.on_link(event),
                     // The connection task ends only at shutdown.
                     None => stop = true,
                 },
+                event = self.egress_link.recv() => match event {
+                    Some(event) => self.on_egress_link(event),
+                    None => stop = true,
+                },
+                // Room in the egress queue: `act` below queues the waiting publish.
+                _ = self.gauge.freed(), if publish_waits => {}
                 input = self.inputs.recv(), if self.inputs_open => match input {
                     Some(SyncInput::FeedAdvanced(advanced)) => {
                         let now = self.now();
@@ -245,8 +305,14 @@ impl SyncLoop {
                 changed = self.shutdown.changed() => stop = changed.is_err(),
             }
             if stop || *self.shutdown.borrow() || self.store_gone {
-                if self.gauge.try_take_control_slot() && self.client.try_disconnect().is_err() {
-                    self.gauge.release();
+                let mut clients = vec![(&self.egress, &self.gauge)];
+                if let Ingress::Client { client, gauge, .. } = &self.ingress {
+                    clients.push((client, gauge));
+                }
+                for (client, gauge) in clients {
+                    if gauge.try_take_control_slot() && client.try_disconnect().is_err() {
+                        gauge.release();
+                    }
                 }
                 return;
             }
@@ -302,7 +368,7 @@ impl SyncLoop {
                             .store(self.filters.len() as u64, Ordering::Relaxed);
                         self.status.subscribed.store(true, Ordering::SeqCst);
                         tracing::info!(filters = ?self.filters, "subscribed to the device topics");
-                        if std::mem::take(&mut self.link_lost) {
+                        if self.egress_up && std::mem::take(&mut self.link_lost) {
                             self.restart_sessions();
                         }
                     }
@@ -318,16 +384,44 @@ impl SyncLoop {
         }
     }
 
+    /// Events of the egress connection: only whether it is up matters here.
+    fn on_egress_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                self.egress_up = true;
+                tracing::info!("cloud sync's publishing connection is up");
+                // Publishes in transit when it dropped are gone (clean session): once both
+                // directions are back, every device session restarts.
+                if self.subscription.held() && std::mem::take(&mut self.link_lost) {
+                    self.restart_sessions();
+                }
+            }
+            LinkEvent::Lost(e) => {
+                if std::mem::take(&mut self.egress_up) {
+                    tracing::warn!("cloud sync lost its publishing connection to the broker: {e}");
+                } else {
+                    tracing::debug!("cloud sync cannot reach the broker to publish: {e}");
+                }
+                self.link_lost = true;
+            }
+            // It subscribes to nothing.
+            LinkEvent::Message { .. } | LinkEvent::SubscribeSent(_) | LinkEvent::SubAck { .. } => {}
+        }
+    }
+
     /// Queues a SUBSCRIBE when one is due.
     fn drive_subscription(&mut self) {
         let now = Instant::now();
+        let Ingress::Client { client, gauge, .. } = &self.ingress else {
+            return;
+        };
         if !self.subscription.due(now) {
             return;
         }
         self.status
             .subscribe_attempts
             .fetch_add(1, Ordering::Relaxed);
-        if !self.gauge.try_take_control_slot() {
+        if !gauge.try_take_control_slot() {
             self.subscription.not_queued(now);
             tracing::warn!(
                 "the MQTT request queue is full; subscribing to the device topics later"
@@ -338,10 +432,10 @@ impl SyncLoop {
             .filters
             .iter()
             .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-        match self.client.try_subscribe_many(filters) {
+        match client.try_subscribe_many(filters) {
             Ok(()) => self.subscription.queued(now),
             Err(e) => {
-                self.gauge.release();
+                gauge.release();
                 self.subscription.not_queued(now);
                 tracing::warn!(
                     "cannot queue the subscription to the device topics ({e}); retrying"
@@ -387,7 +481,15 @@ impl SyncLoop {
                 return;
             };
             match action {
-                CloudAction::Transmit { device, bytes } => self.publish(&device, bytes),
+                CloudAction::Transmit { device, bytes } => {
+                    if let Err(bytes) = self.publish(&device, bytes) {
+                        // No room: it waits (in order, before any later action), and the loop
+                        // reads no device message until the egress connection drains.
+                        self.status.egress_waits.fetch_add(1, Ordering::Relaxed);
+                        self.waiting = Some(CloudAction::Transmit { device, bytes });
+                        return;
+                    }
+                }
                 store_work => {
                     if let CloudAction::Unsendable {
                         device,
@@ -696,37 +798,37 @@ impl SyncLoop {
         }
     }
 
-    /// Publishes on a device's down topic, or counts and reports the drop.
-    fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) {
-        let reason = if self.gauge.try_take_publish_slot() {
-            let topic = topics::down_topic(&self.prefix, device);
-            let len = bytes.len() as u64;
-            match self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, false, bytes)
-            {
-                Ok(()) => {
-                    self.status.publishes_queued.fetch_add(1, Ordering::Relaxed);
-                    self.status.bytes_out.fetch_add(len, Ordering::Relaxed);
-                    return;
-                }
-                Err(e) => {
-                    self.gauge.release();
-                    e.to_string()
+    /// Publishes on a device's down topic. `Err` hands the message back when the egress queue
+    /// has no room now (the caller waits for room); a client that refuses the request (it is
+    /// shutting down) drops it, counted and logged.
+    fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
+        if !self.gauge.try_take_publish_slot() {
+            return Err(bytes);
+        }
+        let topic = topics::down_topic(&self.prefix, device);
+        let len = bytes.len() as u64;
+        match self
+            .egress
+            .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+        {
+            Ok(()) => {
+                self.status.publishes_queued.fetch_add(1, Ordering::Relaxed);
+                self.status.bytes_out.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.gauge.release();
+                self.status
+                    .publishes_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.drop_warn.hit(Instant::now()) {
+                    tracing::warn!(
+                        %device, suppressed,
+                        "a publish to a device was dropped: {e} (the engine's timers resend)"
+                    );
                 }
             }
-        } else {
-            "the MQTT request queue is full".to_string()
-        };
-        self.status
-            .publishes_dropped
-            .fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = self.drop_warn.hit(Instant::now()) {
-            tracing::warn!(
-                %device, suppressed,
-                "a publish to a device was dropped: {reason} (drops since the last warning: {suppressed}; the engine's timers resend)"
-            );
         }
+        Ok(())
     }
 
     /// Updates the gauges the API shows.

@@ -98,9 +98,14 @@ pub async fn seed_behind_fleet(dir: &Path, n: usize) -> Vec<String> {
 /// A put of device 0's `Setting` named `name` under `model` (the schema's `Setting`, or a model
 /// the cloud does not know), at version `wall_ms`.
 pub fn put(model: &str, name: &str, wall_ms: u64) -> Change {
+    put_of(&device(0), model, name, wall_ms)
+}
+
+/// A put of `id`'s `Setting` named `name` under `model`, at version `wall_ms`.
+pub fn put_of(id: &DeviceId, model: &str, name: &str, wall_ms: u64) -> Change {
     let schema = schema();
     let setting = schema.model("Setting").expect("the Setting model");
-    let input = json!({"deviceId": device(0).device, "name": name, "value": "on"});
+    let input = json!({"deviceId": id.device, "name": name, "value": "on"});
     let item = setting
         .prepare_create(input.as_object().expect("an object"), wall_ms as i64)
         .expect("a valid Setting");
@@ -316,6 +321,10 @@ impl RawDevice {
     pub async fn connect_with(mut options: MqttOptions, id: DeviceId) -> RawDevice {
         options.set_max_packet_size(256 * 1024, 256 * 1024);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
+        // As the agent does: small messages must not wait for the peer's delayed ACK.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (tx, events) = mpsc::unbounded_channel();
         // The event loop runs on its own task: its poll must not be cancelled, so the test
         // waits on the channel instead.
@@ -397,6 +406,27 @@ impl RawDevice {
                 Ok(Some(_)) => continue,
                 Ok(None) => return true,
                 Err(_) => return false,
+            }
+        }
+    }
+
+    /// Takes and acknowledges every page of the full resync a new device starts with.
+    pub async fn finish_resync(&mut self) {
+        loop {
+            let page = self
+                .recv(|m| match m {
+                    DownMsg::Snapshot {
+                        resync, last, done, ..
+                    } => Some((*resync, last.clone(), *done)),
+                    _ => None,
+                })
+                .await;
+            let Some((resync, pos, done)) = page else {
+                panic!("no resync page came");
+            };
+            self.send(&UpMsg::SnapshotAck { resync, pos, done }).await;
+            if done {
+                return;
             }
         }
     }

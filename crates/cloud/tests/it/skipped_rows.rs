@@ -105,7 +105,14 @@ async fn an_unreadable_row_is_skipped_recorded_and_the_rest_flows() {
     .await;
     assert_eq!(rows_skipped(&cloud, key).await, 1);
 
-    // The feed: two new settings, one of them unreadable; the page carries the other.
+    // The feed: two new settings written while the device is away (or the live session would
+    // stream them at once), one of them made unreadable; the page carries the other.
+    dev.send(&UpMsg::Bye).await;
+    eventually("the device offline", || async {
+        let (_, d) = get_as(api, &path, key).await;
+        (d["online"] == false).then_some(()).ok_or(d.to_string())
+    })
+    .await;
     write_setting(&cloud, "d").await;
     write_setting(&cloud, "e").await;
     corrupt(&db, "d");
