@@ -133,13 +133,22 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
 
     let mut passwords = AtomicFile::create(&out, "passwords", 0o600)?;
     let mut acl = AtomicFile::create(&out, "acl", 0o600)?;
-    writeln!(
-        passwords.w,
-        "{}:{}",
-        args.service_user,
-        broker_hash::mosquitto_hash(&service_password)
+    // The cloud's two connections (reading device messages, publishing to devices) need two
+    // usernames, since a client id here is its username.
+    let egress_user = egress_user(&args.service_user);
+    for user in [&args.service_user, &egress_user] {
+        writeln!(
+            passwords.w,
+            "{user}:{}",
+            broker_hash::mosquitto_hash(&service_password)
+        )?;
+    }
+    write_acl_header(
+        &mut acl.w,
+        &args.service_user,
+        &egress_user,
+        &args.topic_prefix,
     )?;
-    write_acl_header(&mut acl.w, &args.service_user, &args.topic_prefix)?;
     let mut summary = Summary::default();
     let mut after: Option<DeviceId> = None;
     loop {
@@ -212,13 +221,14 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
         reload(pid)?;
     }
     eprintln!(
-        "wrote {} ({} devices, {} revoked left out, {} to rotate); the cloud connects as {} with \
-         the password in {}{}",
+        "wrote {} ({} devices, {} revoked left out, {} to rotate); the cloud connects as {} \
+         (broker_username) and {} (broker_egress_username) with the password in {}{}",
         out.join("mosquitto.conf").display(),
         summary.devices,
         summary.revoked,
         summary.to_rotate,
         args.service_user,
+        egress_user,
         service_password_file.display(),
         match args.reload_pid {
             Some(pid) => format!("; Mosquitto (pid {pid}) told to reload"),
@@ -233,6 +243,7 @@ fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
         "to_rotate_count": summary.to_rotate,
         "invalid": summary.invalid,
         "service_user": args.service_user,
+        "service_egress_user": egress_user,
         "service_password_file": service_password_file,
         "ca": tls.ca,
         "reloaded": args.reload_pid,
@@ -493,14 +504,25 @@ fn conf_path(path: &Path) -> anyhow::Result<String> {
     Ok(text.to_string())
 }
 
-/// The service may read every device's up topic and write every down topic (each device's and
-/// each account's broadcast).
-fn write_acl_header(w: &mut impl Write, service: &str, prefix: &str) -> std::io::Result<()> {
+/// The username of the cloud's publishing connection (`broker_egress_username`).
+fn egress_user(service: &str) -> String {
+    format!("{service}-egress")
+}
+
+/// The service's reading connection may read every device's up topic; its publishing
+/// connection may write every down topic (each device's and each account's broadcast).
+fn write_acl_header(
+    w: &mut impl Write,
+    service: &str,
+    egress: &str,
+    prefix: &str,
+) -> std::io::Result<()> {
     writeln!(
         w,
         "# Written by `devtables broker-config mosquitto`: one block per registered device.\n\
          user {service}\n\
-         topic read {up}\n\
+         topic read {up}\n\n\
+         user {egress}\n\
          topic write {prefix}/+/+/down\n",
         up = topics::up_filter(prefix)
     )
@@ -705,9 +727,11 @@ mod tests {
              topic read dt/acme/_all/down\n\n"
         );
         let mut out = Vec::new();
-        write_acl_header(&mut out, "svc", "dt").unwrap();
+        write_acl_header(&mut out, "svc", &egress_user("svc"), "dt").unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("user svc\ntopic read dt/+/+/up\ntopic write dt/+/+/down\n"));
+        assert!(text.contains(
+            "user svc\ntopic read dt/+/+/up\n\nuser svc-egress\ntopic write dt/+/+/down\n"
+        ));
     }
 
     #[test]

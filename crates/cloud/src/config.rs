@@ -141,6 +141,9 @@ pub struct MqttClientConfig {
     /// (rumqttc's window). A small window caps the publish rate at window / round trip. Default
     /// 1024.
     pub egress_inflight: u16,
+    /// The username of the egress connection to an external broker (default none: the
+    /// broker username; see the file's `broker_egress_username`).
+    pub egress_username: Option<String>,
     /// MQTT keep-alive. Default 30 s.
     pub keep_alive: Duration,
     /// First wait before reconnecting after the connection failed; it doubles after every
@@ -162,6 +165,7 @@ impl Default for MqttClientConfig {
             request_queue: 4096,
             event_queue: 1024,
             egress_inflight: 1024,
+            egress_username: None,
             keep_alive: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(10),
@@ -343,6 +347,12 @@ pub struct CloudFile {
     pub broker_username: Option<String>,
     #[serde(default)]
     pub broker_password: Option<String>,
+    /// The username of the cloud's publishing (egress) connection to an external broker, with
+    /// the same password (default: `broker_username`). Needed by brokers that take the client
+    /// id from the username (Mosquitto's `use_username_as_clientid`, as `devtables
+    /// broker-config mosquitto` writes it): the cloud's two connections must not share one.
+    #[serde(default)]
+    pub broker_egress_username: Option<String>,
     #[serde(default)]
     pub topic_prefix: Option<String>,
     #[serde(default)]
@@ -532,6 +542,7 @@ impl CloudFile {
         if let Some(p) = file.topic_prefix {
             config.topic_prefix = p;
         }
+        config.mqtt.egress_username = file.broker_egress_username.clone();
         if let Some(secs) = file.credentials_ttl_secs {
             config.credentials_ttl = Duration::from_secs(secs);
         }

@@ -282,7 +282,11 @@ impl Cloud {
             if hop == Hop::Egress {
                 options.set_inflight(config.mqtt.egress_inflight);
             }
-            if let Some(user) = &username {
+            let user = match (hop, &config.mqtt.egress_username, &config.broker) {
+                (Hop::Egress, Some(egress), BrokerMode::External { .. }) => Some(egress),
+                _ => username.as_ref(),
+            };
+            if let Some(user) = user {
                 options.set_credentials(user.clone(), password.clone().unwrap_or_default());
             }
             let max_packet = config.sync.wire.max_message_bytes + 4096;

@@ -122,7 +122,16 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
         .lines()
         .map(|l| l.split(':').next().unwrap())
         .collect();
-    assert_eq!(users, ["devtables-service", "acme/fresh"], "{passwords}");
+    assert_eq!(
+        users,
+        [
+            "devtables-service",
+            "devtables-service-egress",
+            "acme/fresh"
+        ],
+        "{passwords}"
+    );
+    assert_eq!(report["service_egress_user"], "devtables-service-egress");
     assert!(passwords.contains(&format!("acme/fresh:{fresh_hash}\n")));
     let acl = read(&out.join("acl"));
     assert!(
@@ -134,7 +143,8 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
     );
     assert!(
         acl.contains(
-            "user devtables-service\ntopic read fleet/+/+/up\ntopic write fleet/+/+/down\n"
+            "user devtables-service\ntopic read fleet/+/+/up\n\n\
+             user devtables-service-egress\ntopic write fleet/+/+/down\n"
         ),
         "{acl}"
     );
@@ -260,9 +270,10 @@ impl MosquittoDeployment {
             &prefix,
             BrokerChoice::Configured(format!(
                 "external_broker: 'mqtts://{}', external_broker_tls: {{ca: '{ca}'}}, \
-                 broker_username: '{}', broker_password: '{}',",
+                 broker_username: '{}', broker_egress_username: '{}', broker_password: '{}',",
                 broker.addr,
                 report["service_user"].as_str().unwrap(),
+                report["service_egress_user"].as_str().unwrap(),
                 password.trim()
             )),
             "",
