@@ -661,12 +661,12 @@ type CeilingCells<'a> = dyn Fn(&Ceiling) -> (String, String) + 'a;
 /// transaction size and durability (`redb_raw`), wall clock and on-CPU.
 fn ceiling_table(ceilings: &[Ceiling]) -> String {
     let mut s = String::from(
-        "\n| Ceiling: grouped creates, 1,000 per transaction, `Durability::None` + a durable commit each second | ",
+        "\n| Ceiling: grouped creates, 1,000 per transaction, `Durability::None` + a durable commit each second |",
     );
     let mut rule = String::from("|---|");
     for c in ceilings {
         s.push_str(&format!(
-            "N={} | N={} on-CPU | ",
+            " N={} | N={} on-CPU |",
             size_label(c.n),
             size_label(c.n)
         ));

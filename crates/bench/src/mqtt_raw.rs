@@ -171,10 +171,12 @@ pub async fn publish_rate(
         let on_the_way = on_the_way.clone();
         tokio::spawn(async move {
             let mut received = 0usize;
+            let mut received_bytes = 0usize;
             while received < n {
                 match sub_loop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(_))) => {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
                         received += 1;
+                        received_bytes += p.payload.len();
                         on_the_way.add_permits(1);
                     }
                     Ok(_) => {}
@@ -183,7 +185,7 @@ pub async fn publish_rate(
             }
             // Let the last PUBACKs to the broker go out.
             let _ = tokio::time::timeout(Duration::from_millis(50), sub_loop.poll()).await;
-            Ok(received)
+            Ok((received, received_bytes))
         })
     };
     let acker = tokio::spawn(async move {
@@ -211,12 +213,14 @@ pub async fn publish_rate(
         let acked = acker.await??;
         anyhow::Ok((received, acked))
     };
-    let (received, acked) = tokio::time::timeout(RUN_LIMIT, all)
+    let ((received, received_bytes), acked) = tokio::time::timeout(RUN_LIMIT, all)
         .await
         .context("the raw MQTT run did not finish")??;
     let elapsed = started.elapsed();
-    if received != n || acked != n {
-        bail!("raw MQTT: {n} published, {received} received, {acked} acknowledged");
+    if received != n || acked != n || received_bytes != payload_bytes {
+        bail!(
+            "raw MQTT: {n} published ({payload_bytes} B), {received} received ({received_bytes} B), {acked} acknowledged"
+        );
     }
     let _ = publisher.disconnect().await;
     let _ = sub.disconnect().await;

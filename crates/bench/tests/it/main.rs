@@ -115,6 +115,10 @@ fn sync_quick_measures_latency_throughput_and_the_mqtt_ceiling() {
     assert_eq!(count(&v, "/ceiling/items"), items * rounds);
     assert_eq!(count(&v, "/ceiling/window"), 4);
     assert!(num(&v, "/ceiling/items_per_s") > 0.0);
+    assert_eq!(count(&v, "/drain/items"), items);
+    assert!(count(&v, "/drain/messages") >= 1);
+    assert!(num(&v, "/drain/items_per_s") > 0.0);
+    assert!(num(&v, "/drain_ratio") > 0.0);
     let ratio = num(&v, "/ratio");
     let expected = num(&v, "/throughput/items_per_s") / num(&v, "/ceiling/items_per_s");
     assert!((ratio - expected).abs() < 1e-9 * expected.max(1.0));
