@@ -4,8 +4,13 @@
 //! items synced up (written through `--stdin`) and 10,000 down (written in the cloud).
 //!
 //! The cloud (SQLite, embedded broker) runs in this process; only the agent's process is
-//! measured (so this harness's own build profile does not matter, the agent binary's does), from /proc/PID/status (`VmRSS` now, `VmHWM` the peak). The agent's files live in a
+//! measured (so this harness's own build profile does not matter, the agent binary's does),
+//! from /proc/PID/status (`VmRSS` now, `VmHWM` the peak). The agent's files live in a
 //! temporary directory under /tmp removed at the end.
+//!
+//! Without `--agent` (and without a `release-device` build at the default path, or with
+//! `--quick`), the agent measured is this program's own (`agent-process`, the same standalone
+//! loop): the run then proves the harness works, its figures are not the device build's.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -20,28 +25,104 @@ use devtables_schema::{Item, Schema};
 use devtables_sync::identity::{DeviceId, Owner};
 use serde_json::{json, Value};
 
-use crate::sys;
+use crate::{sys, ChildCommand};
 
-const SCHEMA_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/schema.json5");
+const SCHEMA: &str = include_str!("../../../examples/schema.json5");
+
+/// Where `cargo build --profile release-device -p devtables-agent` puts the device-only agent.
+const DEVICE_BUILD: &str = "target/release-device/devtables-agent";
 
 /// Longest wait for any one step (ready, an answer, the end of a sync).
 const STEP: Duration = Duration::from_secs(300);
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 pub struct FootprintArgs {
     /// The device-only agent binary to run (build it with
-    /// `cargo build --profile release-device -p devtables-agent`).
-    #[arg(long, default_value = "target/release-device/devtables-agent")]
-    agent: PathBuf,
+    /// `cargo build --profile release-device -p devtables-agent`). Default:
+    /// target/release-device/devtables-agent if it exists, else this program's own agent.
+    #[arg(long)]
+    agent: Option<PathBuf>,
     /// The full `devtables` binary, for the size comparison.
     #[arg(long)]
     full: Option<PathBuf>,
     /// Items synced each way.
     #[arg(long, default_value_t = 10_000)]
     items: usize,
+    /// A run of seconds for CI: 200 items each way, this program's own agent unless `--agent`
+    /// names one; no claims.
+    #[arg(long)]
+    quick: bool,
     /// Also write the Markdown report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The standalone agent, run by `footprint` in its own process.
+#[derive(clap::Args, Debug)]
+pub struct AgentProcessArgs {
+    /// The agent's configuration file.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// The standalone agent with `--stdin`: what `devtables agent` and `devtables-agent` run.
+pub fn agent_process(args: &AgentProcessArgs) -> anyhow::Result<()> {
+    devtables_agent::standalone::run(devtables_agent::standalone::StandaloneOptions {
+        config: args.config.clone(),
+        stdin: true,
+    })?;
+    Ok(())
+}
+
+/// The agent process to measure: a binary, or this program's `agent-process`.
+enum AgentBinary {
+    File(PathBuf),
+    ThisProgram(ChildCommand),
+}
+
+impl AgentBinary {
+    fn choose(args: &FootprintArgs, child: &ChildCommand) -> AgentBinary {
+        match &args.agent {
+            Some(path) => AgentBinary::File(path.clone()),
+            None if !args.quick && Path::new(DEVICE_BUILD).exists() => {
+                AgentBinary::File(PathBuf::from(DEVICE_BUILD))
+            }
+            None => AgentBinary::ThisProgram(child.clone()),
+        }
+    }
+
+    fn command(&self, config: &Path) -> Command {
+        let mut c = match self {
+            AgentBinary::File(path) => {
+                let mut c = Command::new(path);
+                c.arg("--stdin");
+                c
+            }
+            AgentBinary::ThisProgram(child) => child.command("agent-process"),
+        };
+        c.arg("--config").arg(config);
+        c
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            AgentBinary::File(path) => path,
+            AgentBinary::ThisProgram(child) => child.program(),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            AgentBinary::File(path) => format!("`{}`", path.display()),
+            AgentBinary::ThisProgram(child) => format!(
+                "`{}` (this program's own agent, not the device-only build)",
+                child.program().display()
+            ),
+        }
+    }
 }
 
 /// The agent process with its standard input and the answers it prints.
@@ -53,16 +134,14 @@ struct AgentProc {
 }
 
 impl AgentProc {
-    fn start(bin: &Path, config: &Path) -> anyhow::Result<AgentProc> {
-        let mut child = Command::new(bin)
-            .arg("--config")
-            .arg(config)
-            .arg("--stdin")
+    fn start(bin: &AgentBinary, config: &Path) -> anyhow::Result<AgentProc> {
+        let mut child = bin
+            .command(config)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot run {}", bin.display()))?;
+            .with_context(|| format!("cannot run {}", bin.path().display()))?;
         let answers = forward(child.stdout.take().context("agent stdout")?);
         let stderr = forward(child.stderr.take().context("agent stderr")?);
         let stdin = child.stdin.take();
@@ -160,24 +239,63 @@ struct Row {
     seconds: f64,
 }
 
-pub fn run(args: &FootprintArgs) -> anyhow::Result<()> {
+pub fn run(args: &FootprintArgs, child: &ChildCommand) -> anyhow::Result<()> {
     let machine = sys::machine_line();
     let tmp = sys::TempDir::new("devtables-bench-footprint")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let rows = rt.block_on(measure(args, tmp.path()))?;
-    let report = report(args, &machine, &rows)?;
+    let bin = AgentBinary::choose(args, child);
+    let items = if args.quick { 200 } else { args.items };
+    let rows = rt.block_on(measure(&bin, items, tmp.path()))?;
+    let command = if args.quick {
+        "devtables bench footprint --quick".to_string()
+    } else {
+        format!(
+            "devtables bench footprint --agent {}{} --items {items}",
+            bin.path().display(),
+            args.full
+                .as_ref()
+                .map(|p| format!(" --full {}", p.display()))
+                .unwrap_or_default(),
+        )
+    };
+    let sizes = sizes(args, &bin)?;
+    let report = report(&command, &machine, &sizes, &rows);
     println!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report).with_context(|| format!("cannot write {}", out.display()))?;
     }
+    if let Some(path) = &args.json {
+        let rows: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"state": r.label, "rss_mib": r.rss, "hwm_mib": r.hwm, "seconds": r.seconds}))
+            .collect();
+        let sizes: Vec<Value> = sizes
+            .iter()
+            .map(|(label, bytes)| json!({"binary": label, "bytes": bytes}))
+            .collect();
+        crate::report::write_json(
+            path,
+            &json!({
+                "bench": "footprint",
+                "command": command,
+                "machine": machine,
+                "quick": args.quick,
+                "items": items,
+                "binaries": sizes,
+                "rows": rows,
+            }),
+        )?;
+    }
     Ok(())
 }
 
-async fn measure(args: &FootprintArgs, dir: &Path) -> anyhow::Result<Vec<Row>> {
-    let schema = Arc::new(Schema::load(Path::new(SCHEMA_PATH))?);
+async fn measure(bin: &AgentBinary, n: usize, dir: &Path) -> anyhow::Result<Vec<Row>> {
+    let schema_path = dir.join("schema.json5");
+    std::fs::write(&schema_path, SCHEMA)?;
+    let schema = Arc::new(Schema::from_json5(SCHEMA)?);
     let mut config = CloudConfig::new(dir.join("cloud"));
     config.api_listen = "127.0.0.1:0".parse()?;
     config.broker = BrokerMode::Embedded {
@@ -192,14 +310,12 @@ async fn measure(args: &FootprintArgs, dir: &Path) -> anyhow::Result<Vec<Row>> {
         &config,
         json!({
             "account": "bench", "device": "fp1", "secret": secret,
-            "schema": SCHEMA_PATH, "db": "fp1.redb", "broker": cloud.mqtt_addr,
+            "schema": schema_path, "db": "fp1.redb", "broker": cloud.mqtt_addr,
         })
         .to_string(),
     )?;
-    let bin = args.agent.clone();
-    let n = args.items;
     let started = Instant::now();
-    let mut agent = tokio::task::spawn_blocking(move || AgentProc::start(&bin, &config)).await??;
+    let mut agent = AgentProc::start(bin, &config)?;
     let mut rows = Vec::new();
 
     // Idle: welcomed by the cloud, nothing in the outbox or the feed.
@@ -327,36 +443,29 @@ fn sync_up(agent: &mut AgentProc, n: usize) -> anyhow::Result<()> {
     agent.wait_status("every change acknowledged", |s| s["pending"] == 0)
 }
 
-fn report(args: &FootprintArgs, machine: &str, rows: &[Row]) -> anyhow::Result<String> {
-    let size = |p: &Path| -> anyhow::Result<f64> {
+/// The file sizes of the agent measured and, when given, the full binary, in bytes.
+fn sizes(args: &FootprintArgs, bin: &AgentBinary) -> anyhow::Result<Vec<(String, u64)>> {
+    let size = |p: &Path| -> anyhow::Result<u64> {
         Ok(std::fs::metadata(p)
             .with_context(|| format!("cannot read {}", p.display()))?
-            .len() as f64
-            / (1024.0 * 1024.0))
+            .len())
     };
+    let mut out = vec![(bin.label(), size(bin.path())?)];
+    if let Some(full) = &args.full {
+        out.push((format!("`{}`", full.display()), size(full)?));
+    }
+    Ok(out)
+}
+
+fn report(command: &str, machine: &str, sizes: &[(String, u64)], rows: &[Row]) -> String {
     let mut s = String::new();
-    let full_arg = args
-        .full
-        .as_ref()
-        .map(|p| format!(" --full {}", p.display()))
-        .unwrap_or_default();
-    s.push_str(&format!(
-        "Command: `cargo run -p devtables-bench -- footprint --agent {}{full_arg} --items {}`  \n",
-        args.agent.display(),
-        args.items
-    ));
+    s.push_str(&format!("Command: `{command}`  \n"));
     s.push_str(&format!("Machine: {machine}\n\n"));
     s.push_str("| binary | file size |\n|---|---|\n");
-    s.push_str(&format!(
-        "| `{}` | {:.2} MiB |\n",
-        args.agent.display(),
-        size(&args.agent)?
-    ));
-    if let Some(full) = &args.full {
+    for (label, bytes) in sizes {
         s.push_str(&format!(
-            "| `{}` | {:.2} MiB |\n",
-            full.display(),
-            size(full)?
+            "| {label} | {:.2} MiB |\n",
+            *bytes as f64 / (1024.0 * 1024.0)
         ));
     }
     s.push_str("\n| agent process | VmRSS | VmHWM (peak) | time |\n|---|---|---|---|\n");
@@ -366,5 +475,5 @@ fn report(args: &FootprintArgs, machine: &str, rows: &[Row]) -> anyhow::Result<S
             r.label, r.rss, r.hwm, r.seconds
         ));
     }
-    Ok(s)
+    s
 }

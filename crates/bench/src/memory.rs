@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,14 +24,14 @@ use devtables_db::{Durability, Origin};
 use devtables_schema::{Item, Schema};
 use serde_json::json;
 
-use crate::sys;
+use crate::{sys, ChildCommand};
 
 const SCHEMA: &str = include_str!("../../../examples/schema.json5");
 
 /// Changes per write transaction when filling the outbox.
 const CHUNK: usize = 100;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 pub struct MemoryArgs {
     /// Pending-change counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [0usize, 10_000, 100_000])]
@@ -39,12 +39,18 @@ pub struct MemoryArgs {
     /// A label for the report's heading (for example the code version measured).
     #[arg(long, default_value = "")]
     label: String,
+    /// A run of seconds for CI: 0 and 1,000 pending (overrides `--pending`); no claims.
+    #[arg(long)]
+    quick: bool,
     /// Also write the Markdown report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 pub struct ProbeArgs {
     /// `restart` or `offline`.
     #[arg(long)]
@@ -161,17 +167,17 @@ fn prepare(dir: &Path, n: usize) -> anyhow::Result<()> {
     })
 }
 
-fn run_probe(mode: &str, n: usize, dir: &Path) -> anyhow::Result<Metrics> {
-    let exe = std::env::current_exe().context("own executable")?;
-    let out = Command::new(exe)
-        .args(["memory-probe", "--mode", mode, "--n", &n.to_string()])
+fn run_probe(child: &ChildCommand, mode: &str, n: usize, dir: &Path) -> anyhow::Result<Metrics> {
+    let out = child
+        .command("memory-probe")
+        .args(["--mode", mode, "--n", &n.to_string()])
         .arg("--dir")
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .output()
-        .context("run the probe")?;
+        .with_context(|| format!("cannot run {}", child.program().display()))?;
     if !out.status.success() {
         bail!("probe {mode} N={n} failed: {}", out.status);
     }
@@ -180,29 +186,51 @@ fn run_probe(mode: &str, n: usize, dir: &Path) -> anyhow::Result<Metrics> {
     serde_json::from_str(line).with_context(|| format!("probe output {line:?}"))
 }
 
-pub fn run(args: &MemoryArgs) -> anyhow::Result<()> {
+pub fn run(args: &MemoryArgs, child: &ChildCommand) -> anyhow::Result<()> {
     let tmp = sys::TempDir::new("devtables-bench-memory")?;
     let machine = sys::machine_line();
+    let pending = if args.quick {
+        vec![0, 1_000]
+    } else {
+        args.pending.clone()
+    };
     let mut rows = Vec::new();
-    for &n in &args.pending {
+    for &n in &pending {
         let dir = tmp.path().join(format!("restart-{n}"));
         std::fs::create_dir_all(&dir)?;
         eprintln!("== restart with {n} pending: preparing");
         prepare(&dir, n)?;
         eprintln!("   measuring");
-        let restart = run_probe("restart", n, &dir)?;
+        let restart = run_probe(child, "restart", n, &dir)?;
         std::fs::remove_dir_all(&dir)?;
         let dir = tmp.path().join(format!("offline-{n}"));
         std::fs::create_dir_all(&dir)?;
         eprintln!("== {n} offline writes");
-        let offline = run_probe("offline", n, &dir)?;
+        let offline = run_probe(child, "offline", n, &dir)?;
         std::fs::remove_dir_all(&dir)?;
         rows.push((n, restart, offline));
     }
-    let report = report(args, &machine, &rows);
+    let command = command_line(args, &pending);
+    let report = report(args, &command, &machine, &rows);
     println!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    if let Some(path) = &args.json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(n, restart, offline)| json!({"pending": n, "restart": restart, "offline": offline}))
+            .collect();
+        crate::report::write_json(
+            path,
+            &json!({
+                "bench": "memory",
+                "command": command,
+                "machine": machine,
+                "quick": args.quick,
+                "rows": rows,
+            }),
+        )?;
     }
     Ok(())
 }
@@ -211,18 +239,27 @@ fn get(m: &Metrics, k: &str) -> f64 {
     m.get(k).copied().unwrap_or(f64::NAN)
 }
 
-fn report(args: &MemoryArgs, machine: &str, rows: &[(usize, Metrics, Metrics)]) -> String {
-    let counts: Vec<String> = args.pending.iter().map(|n| n.to_string()).collect();
+fn command_line(args: &MemoryArgs, pending: &[usize]) -> String {
+    if args.quick {
+        return "devtables bench memory --quick".into();
+    }
+    let counts: Vec<String> = pending.iter().map(|n| n.to_string()).collect();
+    format!("devtables bench memory --pending {}", counts.join(","))
+}
+
+fn report(
+    args: &MemoryArgs,
+    command: &str,
+    machine: &str,
+    rows: &[(usize, Metrics, Metrics)],
+) -> String {
     let mut s = String::new();
     let label = if args.label.is_empty() {
         String::new()
     } else {
         format!(" ({})", args.label)
     };
-    s.push_str(&format!(
-        "Command: `cargo run --release -p devtables-bench -- memory --pending {}`{label}  \n",
-        counts.join(",")
-    ));
+    s.push_str(&format!("Command: `{command}`{label}  \n"));
     s.push_str(&format!("Machine: {machine}\n\n"));
     s.push_str("| pending changes | restart: RSS before start | restart: RSS with the agent running | restart: peak RSS | restart: time to start | offline writes: RSS after | offline writes: peak RSS | database file |\n");
     s.push_str("|---|---|---|---|---|---|---|---|\n");

@@ -1,6 +1,8 @@
 //! The `devtables` command. It only parses arguments and calls into the library crates; every
 //! decision lives there.
 
+#[cfg(feature = "bench")]
+mod bench_cmd;
 mod broker_config_cmd;
 mod db_cmd;
 mod demo_cmd;
@@ -41,6 +43,10 @@ enum Command {
     /// Write an external broker's configuration (Mosquitto: password file, per-device ACL, TLS
     /// listener) from the device registry in a cloud's data folder.
     BrokerConfig(broker_config_cmd::BrokerConfigArgs),
+    /// Run a benchmark: db, sync, catch-up, wire, footprint, memory (each prints a table, `--json
+    /// PATH` writes its figures, `--quick` is a run of seconds), or plot PNGs from their JSON.
+    #[cfg(feature = "bench")]
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,8 @@ fn main() -> ExitCode {
         Command::Keys(args) => keys_cmd::run(args),
         Command::Devices(args) => devices_cmd::run(args),
         Command::BrokerConfig(args) => broker_config_cmd::run(args),
+        #[cfg(feature = "bench")]
+        Command::Bench(args) => bench_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,113 @@
+//! The ceiling of `db`'s grouped creates: the same store, redb, written directly with the bytes
+//! devtables writes, in transactions of the same size and durability.
+//!
+//! The item bytes are the database's own encoding of each workload item (prepared by the
+//! schema, encoded by `devtables_db::fuzzing::encode_item`, the codec the database stores with),
+//! under the database's key layout (`pk \0 sk`); they are built before the clock starts, so the
+//! rate is redb's alone. Two variants: the `items` table only (the floor of any store on redb),
+//! and the three tables devtables fills for this workload (`items`, the model index `types`,
+//! the secondary index `idx:gs1`). Commits use `Durability::None` like devtables' `periodic`
+//! mode, with a durable commit each [`crate::dt::PERIODIC_INTERVAL`] as its flusher does, and
+//! the same page cache (`DbOptions::cache_bytes`).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use devtables_db::DbOptions;
+use devtables_schema::Schema;
+use redb::{Database, Durability, TableDefinition};
+
+use crate::dt::PERIODIC_INTERVAL;
+use crate::workload::{self as w, Metrics};
+
+const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
+const TYPES: TableDefinition<&[u8], ()> = TableDefinition::new("types");
+const GS1: TableDefinition<&[u8], ()> = TableDefinition::new("idx:gs1");
+
+/// One workload item as devtables stores it.
+struct Row {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    type_key: Vec<u8>,
+    index_key: Vec<u8>,
+}
+
+fn join(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+fn rows(n: usize) -> anyhow::Result<Vec<Row>> {
+    let schema = Schema::from_json5(w::SCHEMA).context("bench schema")?;
+    let model = schema.model(w::MODEL).context("model")?;
+    let now = devtables_db::system_now_ms();
+    (0..n)
+        .map(|i| {
+            let item = model.prepare_create(&w::input(i), now)?;
+            let key = model.primary_key(&item)?;
+            let field = |f: &str| item.get(f).and_then(|v| v.as_str()).unwrap_or_default();
+            Ok(Row {
+                key: join(&[&key.pk, &key.sk]),
+                value: devtables_db::fuzzing::encode_item(&item, &key),
+                type_key: join(&[w::MODEL, &key.pk, &key.sk]),
+                index_key: join(&[field("gs1pk"), field("gs1sk"), &key.pk, &key.sk]),
+            })
+        })
+        .collect()
+}
+
+/// Inserts `rows` grouped `w::GROUP` per transaction into a fresh file; returns items per
+/// second (wall clock) and the on-CPU rate.
+fn insert(path: &Path, rows: &[Row], with_indexes: bool) -> anyhow::Result<(f64, f64)> {
+    let db = Database::builder()
+        .set_cache_size(DbOptions::default().cache_bytes)
+        .create(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let clock = w::WorkloadClock::start();
+    let mut last_flush = Instant::now();
+    for chunk in rows.chunks(w::GROUP) {
+        let mut tx = db.begin_write()?;
+        tx.set_durability(Durability::None);
+        {
+            let mut items = tx.open_table(ITEMS)?;
+            for r in chunk {
+                items.insert(r.key.as_slice(), r.value.as_slice())?;
+            }
+        }
+        if with_indexes {
+            let mut types = tx.open_table(TYPES)?;
+            let mut gs1 = tx.open_table(GS1)?;
+            for r in chunk {
+                types.insert(r.type_key.as_slice(), ())?;
+                gs1.insert(r.index_key.as_slice(), ())?;
+            }
+        }
+        tx.commit()?;
+        if last_flush.elapsed() >= PERIODIC_INTERVAL {
+            // What devtables' periodic flusher does: an empty durable commit.
+            let mut tx = db.begin_write()?;
+            tx.set_durability(Durability::Immediate);
+            tx.commit()?;
+            last_flush = Instant::now();
+        }
+    }
+    let (wall, cpu) = (clock.wall(), clock.cpu());
+    Ok((w::rate(rows.len(), wall), w::rate(rows.len(), cpu)))
+}
+
+/// Both variants on fresh files in `dir`, as metrics of the `redb-raw` configuration.
+pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
+    let rows = rows(n)?;
+    let mut m = Metrics::new();
+    m.insert(
+        "item_bytes".into(),
+        rows.iter().map(|r| r.value.len()).sum::<usize>() as f64 / n.max(1) as f64,
+    );
+    let (wall, cpu) = insert(&dir.join("raw-items.redb"), &rows, false)?;
+    m.insert("raw_items_per_s".into(), wall);
+    m.insert("raw_items_per_s_cpu".into(), cpu);
+    let (wall, cpu) = insert(&dir.join("raw-three-tables.redb"), &rows, true)?;
+    m.insert("raw_tables_per_s".into(), wall);
+    m.insert("raw_tables_per_s_cpu".into(), cpu);
+    Ok(m)
+}
