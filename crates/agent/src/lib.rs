@@ -211,6 +211,7 @@ impl Agent {
             &UpMsg::Push {
                 batch: u64::MAX,
                 changes: Vec::new(),
+                session: None,
             },
         );
         db.set_interceptor(Some(Arc::new(state::OutboxRecorder {
@@ -252,6 +253,8 @@ impl Agent {
             Restored {
                 cursor: restored.cursor,
                 outbox: restored.outbox,
+                mark: Default::default(),
+                answered: 0,
             },
         );
         let mut options = MqttOptions::new(

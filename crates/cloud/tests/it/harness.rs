@@ -384,6 +384,7 @@ impl RawDevice {
             session,
             cursor,
             pending: 0,
+            mark: None,
         })
         .await;
         self.recv(|m| {
