@@ -123,7 +123,8 @@ pub struct AgentStatus {
     pub command_results_abandoned: u64,
     /// Tombstone versions forgotten after `tombstone_retention`.
     pub tombstones_collected: u64,
-    /// Versions forgotten because their key's model does not sync down and nothing is pending.
+    /// Versions of live items forgotten because their model does not sync down and nothing is
+    /// pending.
     pub versions_collected: u64,
     /// Writes this device held that it put back into its outbox because the cloud had lost
     /// them, or may have (it was restored from a backup older than what the device heard from

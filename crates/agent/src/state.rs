@@ -388,7 +388,7 @@ pub(crate) fn stored_version(db: &devtables_db::Db, key: &ItemKey) -> Result<Opt
 pub(crate) struct GcSlice {
     /// Tombstone versions older than the retention, removed.
     pub(crate) tombstones: u64,
-    /// Versions of keys without an outbox entry whose model does not sync down, removed.
+    /// Versions of live items without an outbox entry whose model does not sync down, removed.
     pub(crate) unneeded: u64,
     /// Records without a timestamp (written by an older agent), stamped with the current time.
     pub(crate) stamped: u64,
@@ -401,9 +401,12 @@ pub(crate) struct GcSlice {
 /// - a tombstone (a deleted key, or a key whose item is gone) written longer than `retention_ms`
 ///   ago: the cloud forgets its own tombstone after the same time, so nothing older can still
 ///   arrive that the tombstone must defeat;
-/// - the version of a key of a model that does not sync down: nothing arrives from the cloud
-///   to compare it with, and the next local write simply has no base (correct for a model the
-///   device alone writes).
+/// - the version of a live item of a model that does not sync down: nothing arrives from the
+///   cloud to compare it with, and the next local write simply has no base (correct for a model
+///   the device alone writes). A re-push after a cloud restore sends such an item with a fresh
+///   version ([`repush_slice`]). Its tombstone, though, is the only trace of an acknowledged
+///   delete a restored cloud may have lost: it is kept for `retention_ms` like any other, so
+///   the re-push can give the delete back.
 ///
 /// A key with an outbox entry keeps its version whatever its age (the entry's write is not
 /// acknowledged yet). Runs in the caller's transaction, so the outbox check and the removal
@@ -449,12 +452,12 @@ pub(crate) fn collect_versions(
             None => true,
         };
         let mut side = txn.side();
-        if !syncs_down {
+        let tombstone = v.d || live.is_none();
+        if !syncs_down && !tombstone {
             side.remove(VERSIONS, &raw)?;
             out.unneeded += 1;
             continue;
         }
-        let tombstone = v.d || live.is_none();
         match v.t {
             None => {
                 v.t = Some(now_ms);
@@ -1088,6 +1091,17 @@ mod tests {
             .get("Fault", &item(json!({"deviceId": "d1", "id": "f1"})))
             .unwrap()
             .is_some());
+        // A deleted up-only item keeps its tombstone until the retention: the only trace of
+        // the delete a restored cloud may have lost.
+        f.db.remove("Fault", &item(json!({"deviceId": "d1", "id": "f2"})))
+            .unwrap();
+        f.ack_all();
+        let out = f.collect(now, HOUR, 1000);
+        assert_eq!((out.unneeded, out.tombstones), (1, 0), "{out:?}");
+        assert!(f.has_version(&fault_key("f2")), "the tombstone stays");
+        let out = f.collect(now + 2 * HOUR, HOUR, 1000);
+        assert_eq!(out.tombstones, 1, "and goes after the retention: {out:?}");
+        assert!(!f.has_version(&fault_key("f2")));
         // A later write of a collected key simply has no base.
         f.db.update(
             "Fault",
