@@ -2245,3 +2245,263 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod restore_tests {
+    //! A cloud restored from a backup: the welcome waits for the session's first feed read and
+    //! compares the device's mark with what the store holds; nothing of an ended session is
+    //! applied or acknowledged after that read.
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::wire::Op;
+
+    fn dev() -> DeviceId {
+        DeviceId::new("acme", "d0").unwrap()
+    }
+
+    fn outputs(c: &mut CloudEngine) -> (Vec<DownMsg>, Vec<CloudAction>) {
+        let (mut msgs, mut actions) = (Vec::new(), Vec::new());
+        while let Some(a) = c.poll_action() {
+            match a {
+                CloudAction::Transmit { bytes, .. } => msgs.push(
+                    wire::decode_down(&bytes, &WireConfig::default())
+                        .unwrap()
+                        .msg,
+                ),
+                other => actions.push(other),
+            }
+        }
+        (msgs, actions)
+    }
+
+    fn send(c: &mut CloudEngine, now: u64, msg: &UpMsg) -> (Vec<DownMsg>, Vec<CloudAction>) {
+        let bytes = wire::encode_up("1", msg, &WireConfig::default()).unwrap();
+        c.handle_message(now, 1_700_000_000_000, &dev(), &bytes);
+        outputs(c)
+    }
+
+    fn hello(session: u64, cursor: u64, mark: DeviceMark) -> UpMsg {
+        UpMsg::Hello {
+            session,
+            cursor,
+            pending: 0,
+            mark: Some(mark),
+        }
+    }
+
+    fn page(after: u64, head: u64, generations: &[(u64, u64)], answered: u64) -> FeedPage {
+        FeedPage {
+            after,
+            changes: vec![],
+            head,
+            resync_required: false,
+            unreadable: vec![],
+            generations: generations
+                .iter()
+                .map(|&(gen, base)| FeedGeneration { gen, base })
+                .collect(),
+            answered,
+        }
+    }
+
+    fn delete(name: &str) -> Change {
+        Change {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: name.into(),
+            },
+            op: Op::Delete,
+            item: None,
+            version: Hlc {
+                wall_ms: 1,
+                counter: 0,
+                node: 1,
+            },
+            base: None,
+        }
+    }
+
+    fn welcomes(m: &[DownMsg]) -> Vec<(u64, Option<u64>, bool)> {
+        m.iter()
+            .filter_map(|m| match m {
+                DownMsg::Welcome {
+                    session,
+                    answered,
+                    repush,
+                    ..
+                } => Some((*session, *answered, *repush)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_welcome_tells_what_the_store_holds_once_it_was_read() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        let mark = DeviceMark {
+            gen: 0,
+            seen: 1,
+            answered: 5,
+        };
+        let (m, a) = send(&mut c, 1, &hello(9, 1, mark));
+        assert!(welcomes(&m).is_empty(), "no welcome before the read: {m:?}");
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ReadFeed { after: 1, .. })));
+        let (m, a) = send(&mut c, 2, &hello(9, 1, mark));
+        assert!(
+            m.is_empty() && a.is_empty(),
+            "a resent hello waits: {m:?} {a:?}"
+        );
+        // The restored store answered 3 of the device's changes; the device heard 5.
+        c.handle_feed_page(3, &dev(), page(1, 1, &[(0, 0)], 3));
+        let (m, a) = outputs(&mut c);
+        assert_eq!(welcomes(&m), [(9, Some(3), true)], "{m:?}");
+        assert!(
+            !a.iter()
+                .any(|a| matches!(a, CloudAction::ReadSnapshot { .. })),
+            "its feed is whole: no resync"
+        );
+        assert_eq!(c.stats().restores_detected, 1);
+        let (m, _) = send(&mut c, 4, &hello(9, 1, mark));
+        assert_eq!(welcomes(&m), [(9, Some(3), true)], "the same welcome again");
+        // A device that heard no more than the store holds is welcomed plainly.
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        send(
+            &mut c,
+            1,
+            &hello(
+                9,
+                1,
+                DeviceMark {
+                    answered: 3,
+                    ..mark
+                },
+            ),
+        );
+        c.handle_feed_page(3, &dev(), page(1, 1, &[(0, 0)], 3));
+        let (m, _) = outputs(&mut c);
+        assert_eq!(welcomes(&m), [(9, Some(3), false)]);
+        assert_eq!(c.stats().restores_detected, 0);
+    }
+
+    #[test]
+    fn a_device_holding_feed_data_the_store_lost_gets_a_restore_resync() {
+        // The device read up to head 9 in generation 77; the store's history never had 77 (a
+        // run after the backup), and it appended again since, past the device's cursor.
+        let cases = [
+            (77, 9, "a generation the store's history lacks"),
+            (4, 9, "beyond where its generation ended (at 6)"),
+            (5, 12, "beyond the head of the current generation"),
+        ];
+        for (gen, seen, what) in cases {
+            let mut c = CloudEngine::new(CloudEngineConfig::default());
+            let mark = DeviceMark {
+                gen,
+                seen,
+                answered: 0,
+            };
+            send(&mut c, 1, &hello(9, 9, mark));
+            c.handle_feed_page(2, &dev(), page(9, 11, &[(0, 0), (4, 2), (5, 6)], 0));
+            let (m, a) = outputs(&mut c);
+            assert_eq!(welcomes(&m), [(9, Some(0), true)], "{what}");
+            let Some(CloudAction::ReadSnapshot { resync, .. }) = a
+                .into_iter()
+                .find(|a| matches!(a, CloudAction::ReadSnapshot { .. }))
+            else {
+                panic!("{what}: no resync")
+            };
+            c.handle_snapshot_page(
+                3,
+                &dev(),
+                SnapshotPage {
+                    resync,
+                    items: vec![],
+                    next: None,
+                    cursor: 11,
+                    unreadable: vec![],
+                    gen: 5,
+                },
+            );
+            let (m, _) = outputs(&mut c);
+            assert!(
+                matches!(
+                    &m[..],
+                    [DownMsg::Snapshot {
+                        restore: true,
+                        gen: Some(5),
+                        seen: Some(11),
+                        done: true,
+                        ..
+                    }]
+                ),
+                "{what}: {m:?}"
+            );
+        }
+        // Within its generation's range: the feed goes on.
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        let mark = DeviceMark {
+            gen: 4,
+            seen: 6,
+            answered: 0,
+        };
+        send(&mut c, 1, &hello(9, 6, mark));
+        c.handle_feed_page(2, &dev(), page(6, 11, &[(0, 0), (4, 2), (5, 6)], 0));
+        let (m, a) = outputs(&mut c);
+        assert_eq!(welcomes(&m), [(9, Some(0), false)]);
+        assert!(!a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ReadSnapshot { .. })));
+    }
+
+    #[test]
+    fn pushes_and_acks_of_ended_sessions_are_dropped_and_counted() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        send(&mut c, 1, &hello(9, 1, DeviceMark::default()));
+        c.handle_feed_page(2, &dev(), page(1, 1, &[(0, 0)], 10));
+        outputs(&mut c);
+        let push = |session| UpMsg::Push {
+            batch: 4,
+            changes: vec![delete("a"), delete("b")],
+            session: Some(session),
+        };
+        let (m, a) = send(&mut c, 3, &push(8));
+        assert!(m.is_empty() && a.is_empty(), "{m:?} {a:?}");
+        assert_eq!(c.stats().pushes_of_ended_sessions, 1);
+        let (_, a) = send(&mut c, 4, &push(9));
+        assert!(matches!(&a[..], [CloudAction::ApplyPush { batch: 4, .. }]));
+        let results: Vec<ChangeResult> = ["a", "b"]
+            .iter()
+            .map(|k| ChangeResult {
+                model: "M".into(),
+                key: delete(k).key,
+                version: delete(k).version,
+                status: wire::ChangeStatus::Applied,
+            })
+            .collect();
+        c.handle_push_applied(5, &dev(), 4, results.clone());
+        let (m, _) = outputs(&mut c);
+        assert!(
+            matches!(
+                &m[..],
+                [DownMsg::PushAck {
+                    answered: Some(12),
+                    session: Some(9),
+                    ..
+                }]
+            ),
+            "the count after this push, and its session: {m:?}"
+        );
+        // A push taken in session 9 ends after the device's next hello: not acknowledged.
+        send(&mut c, 6, &push(9));
+        send(&mut c, 7, &hello(10, 1, DeviceMark::default()));
+        c.handle_push_applied(8, &dev(), 4, results);
+        let (m, _) = outputs(&mut c);
+        assert!(
+            !m.iter().any(|m| matches!(m, DownMsg::PushAck { .. })),
+            "{m:?}"
+        );
+        assert_eq!(c.stats().acks_dropped, 1);
+    }
+}

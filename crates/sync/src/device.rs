@@ -2027,3 +2027,271 @@ mod verdict_tests {
         }));
     }
 }
+
+#[cfg(test)]
+mod restore_tests {
+    //! A cloud restored from a backup: the mark a hello carries, the re-push a welcome asks for,
+    //! and what of other sessions is not acted on.
+    use super::*;
+    use crate::wire::{ChangeResult, Op};
+
+    fn change(sk: &str, wall_ms: u64) -> Change {
+        Change {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: sk.into(),
+            },
+            op: Op::Delete,
+            item: None,
+            version: Hlc {
+                wall_ms,
+                counter: 0,
+                node: 1,
+            },
+            base: None,
+        }
+    }
+
+    fn sent(e: &mut DeviceEngine) -> Vec<UpMsg> {
+        std::iter::from_fn(|| e.poll_transmit())
+            .map(|b| wire::decode_up(&b, &WireConfig::default()).unwrap().msg)
+            .collect()
+    }
+
+    fn down(e: &mut DeviceEngine, now: u64, msg: &DownMsg) {
+        e.handle_message(
+            now,
+            &wire::encode_down("1", msg, &WireConfig::default()).unwrap(),
+        );
+    }
+
+    fn actions(e: &mut DeviceEngine) -> Vec<DeviceAction> {
+        std::iter::from_fn(|| e.poll_action()).collect()
+    }
+
+    /// A connected engine whose hello was sent; returns it and the hello's session and mark.
+    fn connected(
+        outbox: &[Change],
+        mark: FeedMark,
+        answered: u64,
+    ) -> (DeviceEngine, u64, DeviceMark) {
+        let mut e = DeviceEngine::new(
+            DeviceConfig::default(),
+            "1".into(),
+            Restored {
+                cursor: 4,
+                outbox: outbox.iter().map(OutboxMeta::of).collect(),
+                mark,
+                answered,
+            },
+        );
+        e.handle_connected(0);
+        let Some(UpMsg::Hello {
+            session,
+            mark: Some(mark),
+            ..
+        }) = sent(&mut e).pop()
+        else {
+            panic!("no hello with a mark")
+        };
+        (e, session, mark)
+    }
+
+    fn welcome(session: u64, answered: u64, repush: bool) -> DownMsg {
+        DownMsg::Welcome {
+            session,
+            now_ms: 1_000_000,
+            max_drift_ms: 60_000,
+            answered: Some(answered),
+            repush,
+        }
+    }
+
+    #[test]
+    fn a_hello_says_what_the_device_holds_of_the_clouds_history() {
+        let (_, _, mark) = connected(&[], FeedMark { gen: 8, seen: 12 }, 30);
+        assert_eq!(
+            mark,
+            DeviceMark {
+                gen: 8,
+                seen: 12,
+                answered: 30
+            }
+        );
+    }
+
+    #[test]
+    fn a_welcome_asking_for_a_repush_holds_every_push_until_it_is_done() {
+        let a = change("a", 10);
+        let (mut e, session, _) = connected(std::slice::from_ref(&a), FeedMark::default(), 9);
+        down(&mut e, 1, &welcome(session, 3, true));
+        assert!(e.is_ready() && e.is_repushing());
+        assert_eq!(
+            actions(&mut e),
+            [DeviceAction::Repush],
+            "no batch is loaded"
+        );
+        assert_eq!(
+            e.poll_timeout(),
+            None,
+            "nothing is due while the re-push runs"
+        );
+        // The driver hands the entries it put back; they wait too.
+        let b = change("b", 5);
+        e.handle_local_change(2, b.clone());
+        e.handle_timeout(100);
+        assert!(actions(&mut e).is_empty());
+        assert!(sent(&mut e).is_empty());
+        e.handle_repush_done(200, 1);
+        assert!(!e.is_repushing());
+        let done = actions(&mut e);
+        assert_eq!(done[0], DeviceAction::StoreAnswered(3), "{done:?}");
+        assert!(
+            matches!(&done[1], DeviceAction::LoadBatch { keys, .. } if keys.len() == 2),
+            "pushes resume: {done:?}"
+        );
+        let events: Vec<DeviceEvent> = std::iter::from_fn(|| e.poll_event()).collect();
+        assert!(
+            events.contains(&DeviceEvent::Repushed { count: 1 }),
+            "{events:?}"
+        );
+        // The next hello says the cloud's count, not the one the restored cloud lost.
+        e.handle_disconnected(300);
+        e.handle_connected(300);
+        let Some(UpMsg::Hello { mark: Some(m), .. }) = sent(&mut e).pop() else {
+            panic!("no hello")
+        };
+        assert_eq!(m.answered, 3);
+    }
+
+    #[test]
+    fn a_lower_count_in_another_welcome_scans_again() {
+        let (mut e, session, _) = connected(&[], FeedMark::default(), 9);
+        down(&mut e, 1, &welcome(session, 5, true));
+        assert_eq!(actions(&mut e), [DeviceAction::Repush]);
+        e.handle_disconnected(2);
+        e.handle_connected(2);
+        let Some(UpMsg::Hello { session: s2, .. }) = sent(&mut e).pop() else {
+            panic!("no hello")
+        };
+        // Restored again, further back: the scan under way may miss what was answered since.
+        down(&mut e, 3, &welcome(s2, 2, true));
+        assert!(actions(&mut e).is_empty(), "one scan at a time");
+        e.handle_repush_done(4, 0);
+        assert_eq!(actions(&mut e), [DeviceAction::Repush], "once more");
+        e.handle_repush_done(5, 0);
+        assert_eq!(actions(&mut e), [DeviceAction::StoreAnswered(2)]);
+    }
+
+    #[test]
+    fn answers_and_pages_of_another_session_are_not_acted_on() {
+        let a = change("a", 10);
+        let (mut e, session, _) = connected(std::slice::from_ref(&a), FeedMark::default(), 0);
+        down(&mut e, 1, &welcome(session, 0, false));
+        let Some(DeviceAction::LoadBatch { batch, .. }) = e.poll_action() else {
+            panic!("no batch")
+        };
+        e.handle_batch_loaded(2, batch, vec![a.clone()]);
+        let pushed = sent(&mut e);
+        assert!(
+            matches!(&pushed[..], [UpMsg::Push { session: Some(s), .. }] if *s == session),
+            "a push names its session: {pushed:?}"
+        );
+        let results = vec![ChangeResult {
+            model: "M".into(),
+            key: a.key.clone(),
+            version: a.version,
+            status: ChangeStatus::Applied,
+        }];
+        let ack = |s: u64, answered: u64| DownMsg::PushAck {
+            batch,
+            results: results.clone(),
+            answered: Some(answered),
+            session: Some(s),
+        };
+        down(&mut e, 3, &ack(session ^ 1, 9));
+        assert_eq!(
+            (e.pending(), e.poll_action()),
+            (1, None),
+            "another session's ack"
+        );
+        down(&mut e, 4, &ack(session, 4));
+        assert_eq!(
+            e.poll_action(),
+            Some(DeviceAction::OutboxRemove {
+                entries: vec![("M".into(), a.key.clone(), a.version)],
+                answered: Some(4)
+            }),
+            "the trim stores the count"
+        );
+        let page = |s: u64| DownMsg::Feed {
+            from: 4,
+            to: 5,
+            changes: vec![],
+            session: Some(s),
+            gen: Some(7),
+        };
+        down(&mut e, 5, &page(session ^ 1));
+        assert_eq!(e.poll_action(), None, "another session's page");
+        down(&mut e, 6, &page(session));
+        assert!(matches!(
+            e.poll_action(),
+            Some(DeviceAction::Apply(ApplyPage::Feed {
+                mark: Some(FeedMark { gen: 7, seen: 5 }),
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn a_restore_resync_stores_its_mark_only_with_its_final_page() {
+        let (mut e, session, _) = connected(&[], FeedMark { gen: 3, seen: 40 }, 0);
+        down(&mut e, 1, &welcome(session, 0, true));
+        let page = |after: Option<SnapshotCursor>, last: Option<SnapshotCursor>, done, seen| {
+            DownMsg::Snapshot {
+                resync: 11,
+                session: Some(session),
+                after,
+                last,
+                items: vec![],
+                done,
+                cursor: 6,
+                gen: Some(9),
+                seen: Some(seen),
+                restore: true,
+            }
+        };
+        let pos = SnapshotCursor {
+            model: "M".into(),
+            key: change("a", 1).key,
+        };
+        down(&mut e, 2, &page(None, Some(pos.clone()), false, 8));
+        let first = actions(&mut e);
+        assert!(
+            first.iter().any(|a| matches!(
+                a,
+                DeviceAction::Apply(ApplyPage::Snapshot {
+                    mark: None,
+                    restore: true,
+                    ..
+                })
+            )),
+            "{first:?}"
+        );
+        e.handle_applied(3, ApplyOutcome::default());
+        down(&mut e, 4, &page(Some(pos), None, true, 7));
+        let last = actions(&mut e);
+        assert!(
+            last.iter().any(|a| matches!(
+                a,
+                DeviceAction::Apply(ApplyPage::Snapshot {
+                    mark: Some(FeedMark { gen: 9, seen: 8 }),
+                    done: true,
+                    ..
+                })
+            )),
+            "the highest head of the resync's pages, replacing the old mark: {last:?}"
+        );
+    }
+}

@@ -316,3 +316,138 @@ fn the_suite_fails_a_device_store_that_loses_outbox_entries() {
     );
     assert!(!msg.contains("apply_keeps_the_highest_version"), "{msg}");
 }
+
+#[test]
+fn the_suite_fails_stores_that_keep_no_restore_marks() {
+    // A cloud store whose runs never start a feed generation: a restored cloud could not tell a
+    // device's cursor from one it handed out again.
+    struct NoGenerations(SimCloud);
+    impl CloudStoreUnderTest for NoGenerations {
+        type Error = StoreError;
+        fn txn<R>(
+            &mut self,
+            now_ms: u64,
+            commit: bool,
+            f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+        ) -> Result<R, StoreError> {
+            self.0.txn(now_ms, commit, f)
+        }
+        fn register_device(&mut self, id: &DeviceId, now_ms: u64) -> Result<(), StoreError> {
+            self.0.register_device(id, now_ms)
+        }
+        fn read_feed(
+            &mut self,
+            id: &DeviceId,
+            after: u64,
+            limit: usize,
+        ) -> Result<FeedPage, StoreError> {
+            self.0.read_feed(id, after, limit)
+        }
+        fn read_snapshot(
+            &mut self,
+            schema: &Schema,
+            id: &DeviceId,
+            resync: u64,
+            from: Option<&SnapshotCursor>,
+            limit: usize,
+        ) -> Result<SnapshotPage, StoreError> {
+            self.0.read_snapshot(schema, id, resync, from, limit)
+        }
+        fn purge(&mut self, now_ms: u64, retention_ms: u64) -> Result<u64, StoreError> {
+            self.0.purge(now_ms, retention_ms)
+        }
+        fn new_run(&mut self) -> Result<(), StoreError> {
+            // The bug: the process keeps the run of the store it opened first.
+            Ok(())
+        }
+        fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
+            self.0.max_version()
+        }
+        fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+            self.0.push_counts(id)
+        }
+        fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
+            self.0.conflicts(account)
+        }
+    }
+    let msg = failure_of(|| run_cloud_suite(|| NoGenerations(sim_cloud())));
+    assert!(
+        msg.contains("a_feed_starts_a_new_generation_once_per_run"),
+        "{msg}"
+    );
+    assert!(!msg.contains("count_push_adds_up"), "{msg}");
+
+    // A device store whose re-push forgets tombstones: an acknowledged delete a restored cloud
+    // lost would never come back.
+    struct NoTombstones(SimDevice);
+    impl DeviceStoreUnderTest for NoTombstones {
+        type Error = StoreError;
+        fn txn<R>(
+            &mut self,
+            commit: bool,
+            f: impl FnOnce(&mut dyn DeviceTxn<Error = StoreError>) -> Result<R, StoreError>,
+        ) -> Result<R, StoreError> {
+            self.0.txn(commit, f)
+        }
+        fn item(&mut self, key: &ItemKey) -> Result<Option<(String, Item)>, StoreError> {
+            self.0.item(key)
+        }
+        fn version(&mut self, key: &ItemKey) -> Result<Option<StoredVersion>, StoreError> {
+            self.0.version(key)
+        }
+        fn local_write(
+            &mut self,
+            model: &str,
+            fields: &Item,
+            delete: bool,
+            now_ms: u64,
+        ) -> Result<(), StoreError> {
+            self.0.local_write(model, fields, delete, now_ms)
+        }
+        fn outbox_remove(
+            &mut self,
+            acked: &[(String, ItemKey, Hlc)],
+            answered: Option<u64>,
+        ) -> Result<(), StoreError> {
+            self.0.outbox_remove(acked, answered)
+        }
+        fn store_answered(&mut self, answered: u64) -> Result<(), StoreError> {
+            self.0.store_answered(answered)
+        }
+        fn repush(&mut self, slice: usize) -> Result<RepushDone, StoreError> {
+            let done = self.0.repush(slice)?;
+            let deletes: Vec<ItemKey> = self
+                .0
+                .store
+                .outbox
+                .iter()
+                .filter(|(_, (_, c))| c.item.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &deletes {
+                self.0.store.outbox.remove(k);
+            }
+            Ok(RepushDone {
+                requeued: done.requeued - deletes.len() as u64,
+                ..done
+            })
+        }
+        fn restore(&mut self) -> Result<DeviceRestore, StoreError> {
+            self.0.restore()
+        }
+    }
+    let msg = failure_of(|| {
+        run_device_suite(|| {
+            NoTombstones(SimDevice {
+                store: DevStore::default(),
+                schema: devtables_conformance::schema(),
+                clock: HlcClock::new(42),
+            })
+        })
+    });
+    assert!(
+        msg.contains("repush_requeues_every_held_write_of_up_syncing_models"),
+        "{msg}"
+    );
+    assert!(!msg.contains("apply_keeps_the_highest_version"), "{msg}");
+}

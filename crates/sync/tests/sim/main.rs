@@ -205,7 +205,7 @@ struct Dev {
 /// What became of each local write of a synced-up model: it must be answered (applied,
 /// superseded, rejected), re-stamped, replaced by a newer write of its key, or lost to a fault
 /// that lost it (wipe, restore).
-type Fates = BTreeMap<(usize, Hlc), (String, ItemKey, u64)>;
+type Fates = BTreeMap<(usize, Hlc), (String, ItemKey)>;
 
 struct Sim {
     seed: u64,
@@ -768,9 +768,7 @@ impl Sim {
                         // Re-stamping lowers a refused version that exists nowhere else.
                         d.history.insert(key.clone(), new);
                         self.fates.remove(&(i, version));
-                        let at = self.now;
-                        self.fates
-                            .insert((i, new), (model.clone(), key.clone(), at));
+                        self.fates.insert((i, new), (model.clone(), key.clone()));
                         self.stats.restamped += 1;
                         self.note(|| format!("d{i} restamped {model} {version} -> {new}"));
                         self.devs[i].engine.handle_restamped(now, version, change);
@@ -1086,10 +1084,9 @@ impl Sim {
         if let Some(old) = replaced {
             self.fates.remove(&(i, old));
         }
-        let at = self.now;
         self.fates.insert(
             (i, change.version),
-            (change.model.clone(), change.key.clone(), at),
+            (change.model.clone(), change.key.clone()),
         );
         self.check_dev_history(i);
         self.note(|| {
@@ -1582,7 +1579,7 @@ impl Sim {
         }
         // Every local write of a synced-up model was answered, re-stamped, replaced or lost to
         // a fault that loses it; nothing vanished silently.
-        for ((i, v), (model, key, _)) in &self.fates {
+        for ((i, v), (model, key)) in &self.fates {
             if self.applied_ever.contains(&(self.devs[*i].id.clone(), *v))
                 || self.devs[*i].store.superseded.contains(v)
             {
@@ -2448,34 +2445,6 @@ fn broadcast_items_reach_every_device_and_new_writes_win_over_skew() {
     s.cloud_write(d0, "B", "x", false);
     settle(&mut s);
     s.check_converged();
-}
-
-#[test]
-fn zz_survey() {
-    let Ok(n) = std::env::var("SURVEY") else {
-        return;
-    };
-    let n: u64 = n.parse().unwrap();
-    std::panic::set_hook(Box::new(|_| {}));
-    let mut fails = Vec::new();
-    for seed in 0..n {
-        if let Err(p) = std::panic::catch_unwind(|| run_seed(seed)) {
-            let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
-            fails.push(
-                msg.lines()
-                    .next()
-                    .unwrap_or("")
-                    .chars()
-                    .take(160)
-                    .collect::<String>(),
-            );
-        }
-    }
-    let _ = std::panic::take_hook();
-    eprintln!("{} of {n} failed", fails.len());
-    for f in fails.iter().take(40) {
-        eprintln!("{f}");
-    }
 }
 
 #[test]
