@@ -13,6 +13,10 @@
 //!   topic), so a device can never touch another device's rows.
 //! - A write whose `base` is not the version it overwrites, from another node, is a conflict: the
 //!   higher version wins everywhere and the loser is logged.
+//! - A missing cloud row meets every write as a tombstone at its owner's purge watermark, so no
+//!   write resurrects a key whose tombstone retention purged.
+//! - A restore resync (the cloud lost data the device holds) is the truth for the models the
+//!   device does not write up; for the others the device re-pushes what it holds.
 
 use devtables_schema::{Item, ItemKey, Model, Schema};
 

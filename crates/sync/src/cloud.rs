@@ -12,6 +12,13 @@
 //! answered [`ErrorCode::Busy`]. Every refusal is counted ([`CloudEngine::stats`], and per device
 //! through [`CloudAction::Throttled`]). What the engine holds per session is bounded by
 //! [`CloudEngineConfig::session_state_bound`], which `docs/security.md` spells out.
+//!
+//! It welcomes a session only after the session's first feed read: that read returns what the
+//! store holds for the device (its answered count, its feed's generations), which the welcome
+//! compares with the mark of the device's hello, before any push of the session is applied. A
+//! device that heard more than the store holds (the store was restored from an older backup) is
+//! told to re-push what it holds, and gets a restore resync when it holds feed data the store
+//! lost (`docs/protocol.md`, "Cloud restored from a backup").
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
