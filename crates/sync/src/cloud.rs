@@ -974,6 +974,7 @@ impl CloudEngine {
         };
         let session = s.session;
         let gen = page.gen();
+        let read_head = page.head;
         if page.resync_required || restore {
             let resync = self.rng.next() >> 11;
             s.mode = Mode::Snapshot(Box::new(SnapTx {
@@ -1004,6 +1005,7 @@ impl CloudEngine {
                 changes: vec![],
                 session: Some(u64::MAX),
                 gen: Some(u64::MAX),
+                seen: Some(u64::MAX),
             },
         );
         let max = self.cfg.wire.max_message_bytes;
@@ -1056,6 +1058,7 @@ impl CloudEngine {
                 changes,
                 session: Some(session),
                 gen: Some(gen),
+                seen: Some(read_head),
             };
             self.transmit(device, &msg);
         }
@@ -2460,6 +2463,21 @@ mod restore_tests {
         assert!(!a
             .iter()
             .any(|a| matches!(a, CloudAction::ReadSnapshot { .. })));
+        // The page names its session, the feed's generation and the head it was read at.
+        assert!(
+            m.iter().any(|m| matches!(
+                m,
+                DownMsg::Feed {
+                    from: 6,
+                    to: 11,
+                    session: Some(9),
+                    gen: Some(5),
+                    seen: Some(11),
+                    ..
+                }
+            )),
+            "{m:?}"
+        );
     }
 
     #[test]

@@ -579,10 +579,11 @@ impl DeviceEngine {
                 changes,
                 session,
                 gen,
+                seen,
             } => {
                 // A page of another session (delayed past a reconnect) is not this stream's.
                 if session.is_none_or(|s| self.session == Some(s)) {
-                    self.on_feed(from, to, changes, gen);
+                    self.on_feed(from, to, changes, gen, seen.unwrap_or(to));
                 }
             }
             DownMsg::Snapshot {
@@ -1118,7 +1119,7 @@ impl DeviceEngine {
         }
     }
 
-    fn on_feed(&mut self, from: u64, to: u64, changes: Vec<Change>, gen: Option<u64>) {
+    fn on_feed(&mut self, from: u64, to: u64, changes: Vec<Change>, gen: Option<u64>, seen: u64) {
         if to < from || self.resync.is_some() {
             return;
         }
@@ -1127,7 +1128,7 @@ impl DeviceEngine {
                 self.tail = to;
                 let mark = gen.map(|gen| FeedMark {
                     gen,
-                    seen: self.mark_tail.seen.max(to),
+                    seen: self.mark_tail.seen.max(seen),
                 });
                 if let Some(m) = mark {
                     self.mark_tail = m;
@@ -2231,6 +2232,7 @@ mod restore_tests {
             changes: vec![],
             session: Some(s),
             gen: Some(7),
+            seen: None,
         };
         down(&mut e, 5, &page(session ^ 1));
         assert_eq!(e.poll_action(), None, "another session's page");

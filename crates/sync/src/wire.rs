@@ -329,8 +329,8 @@ pub struct DeviceMark {
     /// of the store first appends to it, so cursors the cloud hands out again after a restore
     /// are told apart from those the device already holds.
     pub gen: u64,
-    /// The highest feed head the device's applied pages reflect: a feed page's `to`, a snapshot
-    /// page's `seen`.
+    /// The highest feed head the device's applied pages reflect: each page's `seen`, the head
+    /// when the cloud read it.
     pub seen: u64,
     /// The cloud's count of this device's pushed changes answered, as of the last
     /// acknowledgement the device acted on ([`DownMsg::PushAck`]'s `answered`).
@@ -461,6 +461,11 @@ pub enum DownMsg {
         /// The generation of the feed when the page was read (see [`DeviceMark::gen`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         gen: Option<u64>,
+        /// The feed head when the page was read. The page reflects the feed as of that head, not
+        /// of `to`: an entry a later write moved past `to` (one entry per key) is missing from it,
+        /// so the device's mark says this head ([`DeviceMark::seen`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seen: Option<u64>,
     },
     /// One page of a full resync.
     Snapshot {

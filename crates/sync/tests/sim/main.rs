@@ -2032,6 +2032,7 @@ fn feed_gap_is_ignored_and_duplicate_is_reacked() {
             changes: vec![change("D", "d0", "a", hlc(to))],
             session: None,
             gen: None,
+            seen: None,
         })
     };
     e.handle_message(10, &feed(5, 6));
