@@ -5,9 +5,10 @@
 //! outputs in the documented order: storage actions, transmits, events, then the next timeout.
 //! It makes no protocol decision of its own.
 //!
-//! Besides the engine it keeps three pieces of bounded housekeeping: command results waiting
+//! Besides the engine it keeps four pieces of bounded housekeeping: command results waiting
 //! for another write attempt (`commands`), the periodic collection of the `versions` table in
-//! slices (`GcState`), and the reload of the durable outbox when the input queue overflowed.
+//! slices (`GcState`), the re-push after a cloud restore in slices (`RepushScan`), and the
+//! reload of the durable outbox when the input queue overflowed.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -32,6 +33,13 @@ use crate::{AgentStatus, CommandHandler, Handlers, Inbox};
 
 /// Shortest pause between two warnings about dropped publishes.
 const PUBLISH_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Held writes examined per transaction of a re-push after a cloud restore: each slice is one
+/// write transaction, so the event loop (and the application's writes) wait at most one slice.
+const REPUSH_SLICE: usize = 500;
+
+/// How long a re-push waits before retrying a slice whose transaction failed.
+const REPUSH_RETRY: Duration = Duration::from_secs(1);
 
 /// Inputs from outside the event loop.
 pub(crate) enum Input {
@@ -64,6 +72,17 @@ impl GcState {
             next: None,
         }
     }
+}
+
+/// A re-push after a cloud restore, under way ([`DeviceAction::Repush`]): one slice at a time,
+/// between the other inputs; the engine sends no push until it ends.
+pub(crate) struct RepushScan {
+    /// Where the next slice starts.
+    pos: state::RepushPos,
+    /// Held writes put back so far.
+    count: u64,
+    /// When the next slice runs (later after a failed one).
+    due: tokio::time::Instant,
 }
 
 /// Why a command runs.
@@ -112,6 +131,8 @@ pub(crate) struct Driver {
     pub(crate) result_backoff: Duration,
     pub(crate) max_result_retries: usize,
     pub(crate) gc: GcState,
+    /// The re-push after a cloud restore, while one is under way.
+    pub(crate) repush: Option<RepushScan>,
 }
 
 impl Driver {
@@ -147,6 +168,13 @@ impl Driver {
                 }
             };
             let gc_due = self.gc.due;
+            let repush_due = self.repush.as_ref().map(|r| r.due);
+            let repush = async {
+                match repush_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 event = self.link.recv() => match event {
                     Some(LinkEvent::Connected) => {
@@ -188,6 +216,7 @@ impl Driver {
                 }
                 _ = retry => self.retry_results(),
                 _ = tokio::time::sleep_until(gc_due) => self.collect_versions().await,
+                _ = repush => self.repush_slice().await,
                 _ = self.inbox.woken() => {}
                 _ = self.shutdown.changed() => {}
             }
@@ -586,10 +615,43 @@ impl Driver {
                     }
                 }
             }
-            DeviceAction::OutboxRemove(acked) => {
-                let keys: Vec<ItemKey> = acked.iter().map(|(_, k, _)| k.clone()).collect();
+            DeviceAction::Repush => {
+                tracing::warn!(
+                    device = %self.id,
+                    "the cloud holds less than this device heard from it (it was restored from a                      backup): putting every write this device holds of its up-syncing models back                      into the outbox; pushes wait until that is done"
+                );
+                self.repush = Some(RepushScan {
+                    pos: state::RepushPos::Items {
+                        model: 0,
+                        next: None,
+                    },
+                    count: 0,
+                    due: tokio::time::Instant::now(),
+                });
+            }
+            DeviceAction::StoreAnswered(answered) => {
                 let result = tokio::task::spawn_blocking(move || {
-                    db.write(Origin::Remote, |txn| state::outbox_remove(txn, &acked))
+                    db.write(Origin::Remote, |txn| state::store_answered(txn, answered))
+                })
+                .await;
+                // On failure the higher count stays: the next welcome asks for another
+                // re-push, which only repeats this one.
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(device = %self.id, "cannot store the cloud's answered count: {e}")
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %self.id, "answered-count task failed: {e}")
+                    }
+                }
+            }
+            DeviceAction::OutboxRemove { entries, answered } => {
+                let keys: Vec<ItemKey> = entries.iter().map(|(_, k, _)| k.clone()).collect();
+                let result = tokio::task::spawn_blocking(move || {
+                    db.write(Origin::Remote, |txn| {
+                        state::outbox_remove(txn, &entries, answered)
+                    })
                 })
                 .await;
                 match result {
@@ -610,6 +672,69 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// One slice of the re-push after a cloud restore; the last one tells the engine it is done.
+    async fn repush_slice(&mut self) {
+        let Some(scan) = self.repush.take() else {
+            return;
+        };
+        let (db, schema, clock) = (self.db.clone(), self.schema.clone(), self.clock.clone());
+        let stamp = self.stamp_ms();
+        let pos = scan.pos.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            state::repush_slice(&db, &schema, &clock, stamp, pos, REPUSH_SLICE)
+        })
+        .await;
+        let slice = match result {
+            Ok(Ok(slice)) => slice,
+            Ok(Err(e)) => {
+                tracing::error!(device = %self.id, "a re-push slice failed, retrying: {e}");
+                self.set_status(|s| s.last_error = Some(e.to_string()));
+                self.repush = Some(RepushScan {
+                    due: tokio::time::Instant::now() + REPUSH_RETRY,
+                    ..scan
+                });
+                return;
+            }
+            Err(e) => {
+                tracing::error!(device = %self.id, "a re-push task failed, retrying: {e}");
+                self.repush = Some(RepushScan {
+                    due: tokio::time::Instant::now() + REPUSH_RETRY,
+                    ..scan
+                });
+                return;
+            }
+        };
+        if slice.unknown_model > 0 {
+            tracing::warn!(
+                device = %self.id,
+                tombstones = slice.unknown_model,
+                "re-push: deletes recorded by an older agent (no model in their version record)                  cannot be sent again; the restored cloud may still hold those items"
+            );
+        }
+        if slice.restamped > 0 {
+            tracing::info!(
+                device = %self.id,
+                items = slice.restamped,
+                "re-push: items whose version was collected are sent with a fresh one"
+            );
+        }
+        let now = self.now();
+        let count = scan.count + slice.requeued.len() as u64;
+        for change in slice.requeued {
+            self.engine.handle_local_change(now, change);
+        }
+        match slice.next {
+            Some(pos) => {
+                self.repush = Some(RepushScan {
+                    pos,
+                    count,
+                    due: tokio::time::Instant::now(),
+                })
+            }
+            None => self.engine.handle_repush_done(now, count),
         }
     }
 
@@ -723,6 +848,13 @@ impl Driver {
             }
             DeviceEvent::OutboxHigh { pending } => {
                 tracing::warn!(device = %self.id, pending, "the outbox is filling up")
+            }
+            DeviceEvent::Repushed { count } => {
+                tracing::warn!(
+                    device = %self.id, count,
+                    "re-push after a cloud restore: the writes this device holds are back in its                      outbox and being sent (what the cloud still holds is answered as a duplicate)"
+                );
+                self.set_status(|s| s.restore_repushed += count);
             }
         }
         if let Ok(dropped) = state::dropped(&self.db) {

@@ -123,8 +123,13 @@ pub struct AgentStatus {
     pub command_results_abandoned: u64,
     /// Tombstone versions forgotten after `tombstone_retention`.
     pub tombstones_collected: u64,
-    /// Versions forgotten because their key's model does not sync down and nothing is pending.
+    /// Versions of live items forgotten because their model does not sync down and nothing is
+    /// pending.
     pub versions_collected: u64,
+    /// Writes this device held that it put back into its outbox because the cloud had lost
+    /// them, or may have (it was restored from a backup older than what the device heard from
+    /// it); they are sent again, and what the cloud still holds is answered as a duplicate.
+    pub restore_repushed: u64,
     /// The last error; cleared when the cloud welcomes a session.
     pub last_error: Option<String>,
 }
@@ -211,6 +216,7 @@ impl Agent {
             &UpMsg::Push {
                 batch: u64::MAX,
                 changes: Vec::new(),
+                session: None,
             },
         );
         db.set_interceptor(Some(Arc::new(state::OutboxRecorder {
@@ -252,6 +258,8 @@ impl Agent {
             Restored {
                 cursor: restored.cursor,
                 outbox: restored.outbox,
+                mark: restored.mark,
+                answered: restored.answered,
             },
         );
         let mut options = MqttOptions::new(
@@ -336,6 +344,7 @@ impl Agent {
             result_backoff: config.command_result_backoff,
             max_result_retries: config.max_result_retries,
             gc: driver::GcState::new(&config),
+            repush: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Agent {
@@ -446,7 +455,7 @@ pub mod testing {
 
     use devtables_db::{Db, DbError, Origin};
     use devtables_schema::{ItemKey, Schema};
-    use devtables_sync::apply::{DeviceTxn, StoredVersion};
+    use devtables_sync::apply::{DeviceTxn, FeedMark, StoredVersion};
     use devtables_sync::hlc::{Hlc, HlcClock};
     use devtables_sync::wire::Change;
 
@@ -509,14 +518,65 @@ pub mod testing {
         device_txn(db, schema, false, |t| t.stored_version("", key))
     }
 
-    /// Removes acknowledged outbox entries, as the driver does on `OutboxRemove`.
-    pub fn outbox_remove(db: &Db, acked: &[(String, ItemKey, Hlc)]) -> Result<u64, DbError> {
-        db.write(Origin::Remote, |txn| state::outbox_remove(txn, acked))
+    /// Removes acknowledged outbox entries and raises the answered count, as the driver does
+    /// on `OutboxRemove`.
+    pub fn outbox_remove(
+        db: &Db,
+        acked: &[(String, ItemKey, Hlc)],
+        answered: Option<u64>,
+    ) -> Result<u64, DbError> {
+        db.write(Origin::Remote, |txn| {
+            state::outbox_remove(txn, acked, answered)
+        })
     }
 
-    /// What a restart restores: the cursor, the outbox (oldest first) and the last issued
-    /// version.
-    pub fn restore(db: &Db) -> Result<(u64, Vec<Change>, Option<Hlc>), DbError> {
+    /// Replaces the answered count, as the driver does on `StoreAnswered`.
+    pub fn store_answered(db: &Db, answered: u64) -> Result<(), DbError> {
+        db.write(Origin::Remote, |txn| state::store_answered(txn, answered))
+    }
+
+    /// The whole re-push after a cloud restore, as the driver runs it on `Repush`, in slices of
+    /// `slice` held writes examined: (entries added, slices).
+    pub fn repush(
+        db: &Db,
+        schema: &Schema,
+        clock: &Mutex<HlcClock>,
+        slice: usize,
+    ) -> Result<(u64, u64), DbError> {
+        let mut pos = state::RepushPos::Items {
+            model: 0,
+            next: None,
+        };
+        let (mut requeued, mut slices) = (0, 0);
+        loop {
+            let stamp = devtables_db::system_now_ms().max(0) as u64;
+            let done = state::repush_slice(db, schema, clock, stamp, pos, slice)?;
+            requeued += done.requeued.len() as u64;
+            slices += 1;
+            match done.next {
+                Some(next) => pos = next,
+                None => return Ok((requeued, slices)),
+            }
+        }
+    }
+
+    /// What a restart restores.
+    pub struct Restore {
+        /// The feed cursor.
+        pub cursor: u64,
+        /// The outbox, oldest first.
+        pub outbox: Vec<Change>,
+        /// The last issued version.
+        pub last_hlc: Option<Hlc>,
+        /// The feed mark.
+        pub mark: FeedMark,
+        /// The answered count.
+        pub answered: u64,
+    }
+
+    /// What a restart restores: the cursor, the outbox (oldest first), the last issued
+    /// version, the feed mark and the answered count.
+    pub fn restore(db: &Db) -> Result<Restore, DbError> {
         let r = state::restore(db)?;
         let mut outbox = Vec::with_capacity(r.outbox.len());
         for meta in &r.outbox {
@@ -524,6 +584,12 @@ pub mod testing {
                 outbox.push(change);
             }
         }
-        Ok((r.cursor, outbox, r.last_hlc))
+        Ok(Restore {
+            cursor: r.cursor,
+            outbox,
+            last_hlc: r.last_hlc,
+            mark: r.mark,
+            answered: r.answered,
+        })
     }
 }

@@ -11,15 +11,19 @@
 //!   the last write of the key, local or remote: the base of the next local write and the
 //!   conflict rule's input. Bounded by [`collect_versions`], which forgets old tombstones and
 //!   versions nobody needs any more.
-//! - `sync_meta`: the feed cursor, the last HLC issued, counters.
+//! - `sync_meta`: the feed cursor, the last HLC issued, counters, and what the device holds of
+//!   the cloud's history (its feed mark and the cloud's answered count of its pushes, told in
+//!   every hello so a cloud restored from an older backup sees what it lost).
 //! - `resync_seen`: keys received during a full resync (swept at its end).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use devtables_db::{ChangeOp, DbError, ItemChange, Origin, SideTables, WriteInterceptor, WriteTxn};
+use devtables_db::{
+    ChangeOp, DbError, FindOptions, ItemChange, Origin, SideTables, WriteInterceptor, WriteTxn,
+};
 use devtables_schema::{Item, ItemKey, Schema};
-use devtables_sync::apply::{DeviceTxn, StoredVersion};
+use devtables_sync::apply::{DeviceTxn, FeedMark, StoredVersion};
 use devtables_sync::device::OutboxMeta;
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::wire::{self, Op};
@@ -36,6 +40,9 @@ const META_CURSOR: &[u8] = b"cursor";
 const META_HLC: &[u8] = b"hlc";
 const META_NEXT_SEQ: &[u8] = b"outbox_next_seq";
 const META_DROPPED: &[u8] = b"dropped";
+const META_FEED_GEN: &[u8] = b"feed_gen";
+const META_FEED_SEEN: &[u8] = b"feed_seen";
+const META_ANSWERED: &[u8] = b"answered";
 
 /// The local write was refused because the outbox is full and holds nothing lossy to drop.
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +281,10 @@ pub(crate) struct RestoredState {
     /// The outbox as the engine keeps it: metadata only, oldest first.
     pub(crate) outbox: Vec<OutboxMeta>,
     pub(crate) last_hlc: Option<Hlc>,
+    /// The feed mark stored with the last page that stored one.
+    pub(crate) mark: FeedMark,
+    /// The cloud's answered count stored with the last outbox trim.
+    pub(crate) answered: u64,
 }
 
 pub(crate) fn restore(db: &devtables_db::Db) -> Result<RestoredState, DbError> {
@@ -293,10 +304,25 @@ pub(crate) fn restore(db: &devtables_db::Db) -> Result<RestoredState, DbError> {
         None => None,
     };
     let outbox = load_outbox(db)?;
+    let meta = |key: &[u8]| -> Result<u64, DbError> {
+        match db.side_get(META, key)? {
+            Some(v) => {
+                Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                    |_| corrupt("sync_meta", "a counter is not 8 bytes"),
+                )?))
+            }
+            None => Ok(0),
+        }
+    };
     Ok(RestoredState {
         cursor,
         outbox,
         last_hlc,
+        mark: FeedMark {
+            gen: meta(META_FEED_GEN)?,
+            seen: meta(META_FEED_SEEN)?,
+        },
+        answered: meta(META_ANSWERED)?,
     })
 }
 
@@ -362,7 +388,7 @@ pub(crate) fn stored_version(db: &devtables_db::Db, key: &ItemKey) -> Result<Opt
 pub(crate) struct GcSlice {
     /// Tombstone versions older than the retention, removed.
     pub(crate) tombstones: u64,
-    /// Versions of keys without an outbox entry whose model does not sync down, removed.
+    /// Versions of live items without an outbox entry whose model does not sync down, removed.
     pub(crate) unneeded: u64,
     /// Records without a timestamp (written by an older agent), stamped with the current time.
     pub(crate) stamped: u64,
@@ -375,9 +401,12 @@ pub(crate) struct GcSlice {
 /// - a tombstone (a deleted key, or a key whose item is gone) written longer than `retention_ms`
 ///   ago: the cloud forgets its own tombstone after the same time, so nothing older can still
 ///   arrive that the tombstone must defeat;
-/// - the version of a key of a model that does not sync down: nothing arrives from the cloud
-///   to compare it with, and the next local write simply has no base (correct for a model the
-///   device alone writes).
+/// - the version of a live item of a model that does not sync down: nothing arrives from the
+///   cloud to compare it with, and the next local write simply has no base (correct for a model
+///   the device alone writes). A re-push after a cloud restore sends such an item with a fresh
+///   version ([`repush_slice`]). Its tombstone, though, is the only trace of an acknowledged
+///   delete a restored cloud may have lost: it is kept for `retention_ms` like any other, so
+///   the re-push can give the delete back.
 ///
 /// A key with an outbox entry keeps its version whatever its age (the entry's write is not
 /// acknowledged yet). Runs in the caller's transaction, so the outbox check and the removal
@@ -423,12 +452,12 @@ pub(crate) fn collect_versions(
             None => true,
         };
         let mut side = txn.side();
-        if !syncs_down {
+        let tombstone = v.d || live.is_none();
+        if !syncs_down && !tombstone {
             side.remove(VERSIONS, &raw)?;
             out.unneeded += 1;
             continue;
         }
-        let tombstone = v.d || live.is_none();
         match v.t {
             None => {
                 v.t = Some(now_ms);
@@ -462,12 +491,20 @@ pub(crate) fn outbox_entry(
     }
 }
 
-/// Removes acknowledged outbox entries whose version still matches.
+/// Removes acknowledged outbox entries whose version still matches, and raises the stored
+/// answered count to `answered` if it is higher, in the same transaction: an answered change
+/// leaves the outbox only with the count that lets a restored cloud see it lost it.
 pub(crate) fn outbox_remove(
     txn: &mut WriteTxn<'_>,
     acked: &[(String, ItemKey, Hlc)],
+    answered: Option<u64>,
 ) -> Result<u64, DbError> {
     let mut side = txn.side();
+    if let Some(a) = answered {
+        if a > get_u64(&side, META_ANSWERED)? {
+            put_u64(&mut side, META_ANSWERED, a)?;
+        }
+    }
     let mut removed = 0;
     for (_, key, version) in acked {
         let raw = raw_key(key);
@@ -525,6 +562,235 @@ pub(crate) fn restamp(
     side.put(META, META_HLC, wire::hlc_to_string(new).as_bytes())?;
     side.put(OUTBOX, &raw, &serde_json::to_vec(&entry)?)?;
     Ok(Some(entry.change))
+}
+
+/// Replaces the stored answered count (at the end of a re-push after a cloud restore).
+pub(crate) fn store_answered(txn: &mut WriteTxn<'_>, answered: u64) -> Result<(), DbError> {
+    put_u64(&mut txn.side(), META_ANSWERED, answered)
+}
+
+/// Where a re-push after a cloud restore stands ([`repush_slice`]): the live items of each
+/// model that syncs up, a page at a time, then the tombstones of the `versions` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum RepushPos {
+    /// The live items of the `model`-th up-syncing model (in name order), from the find page
+    /// token `next`.
+    Items { model: usize, next: Option<String> },
+    /// The `versions` records from this raw key on: the tombstones.
+    Tombstones { from: Vec<u8> },
+}
+
+/// What one slice of a re-push did.
+#[derive(Debug, Default)]
+pub(crate) struct RepushSlice {
+    /// The outbox entries added (to hand to the engine).
+    pub(crate) requeued: Vec<wire::Change>,
+    /// Where the next slice starts; `None` when the scan is done.
+    pub(crate) next: Option<RepushPos>,
+    /// Tombstones left out because their record does not name a model (written by an agent
+    /// that predates the model field and not stamped since).
+    pub(crate) unknown_model: u64,
+    /// Live items that got a fresh version because theirs was collected (up-only models).
+    pub(crate) restamped: u64,
+}
+
+/// The models whose writes a re-push puts back: those that live on the device and sync up.
+fn up_syncing_models(schema: &Schema) -> Vec<String> {
+    let mut models: Vec<String> = schema
+        .models()
+        .filter(|m| m.process().syncs_up() && m.process().on_device())
+        .map(|m| m.name().to_string())
+        .collect();
+    models.sort();
+    models
+}
+
+/// One slice of the re-push after a cloud restore ([`devtables_sync::device::DeviceAction::Repush`]):
+/// at most `limit` held writes examined from `pos`, in one write transaction. Every live item
+/// and every tombstone of a model that syncs up and has no outbox entry gets one carrying it,
+/// at the version the device holds, without a base; a live item whose version the collection
+/// forgot (an up-only model's, once acknowledged) gets a fresh version ticked on `stamp_ms`, so
+/// it is sent as it is now. The outbox limit does not apply: the entries are bounded by what
+/// the device holds.
+pub(crate) fn repush_slice(
+    db: &devtables_db::Db,
+    schema: &Schema,
+    clock: &Mutex<HlcClock>,
+    stamp_ms: u64,
+    pos: RepushPos,
+    limit: usize,
+) -> Result<RepushSlice, DbError> {
+    let limit = limit.max(1);
+    let models = up_syncing_models(schema);
+    match pos {
+        RepushPos::Items { model, next } => {
+            let Some(name) = models.get(model) else {
+                return repush_slice(
+                    db,
+                    schema,
+                    clock,
+                    stamp_ms,
+                    RepushPos::Tombstones { from: Vec::new() },
+                    limit,
+                );
+            };
+            let Some(m) = schema.model(name) else {
+                return Ok(RepushSlice {
+                    next: Some(RepushPos::Items {
+                        model: model + 1,
+                        next: None,
+                    }),
+                    ..RepushSlice::default()
+                });
+            };
+            let options = FindOptions {
+                limit: Some(limit),
+                next,
+                hidden: true,
+                ..FindOptions::default()
+            };
+            let page = db.find(name, &Item::new(), &options)?;
+            let keys: Vec<ItemKey> = page
+                .items
+                .iter()
+                .filter_map(|item| m.primary_key(item).ok())
+                .collect();
+            let mut out = db.write(Origin::Remote, |txn| {
+                let mut out = RepushSlice::default();
+                for key in &keys {
+                    if let Some((change, fresh)) =
+                        requeue_live(txn, schema, clock, stamp_ms, name, key)?
+                    {
+                        out.restamped += u64::from(fresh);
+                        out.requeued.push(change);
+                    }
+                }
+                Ok(out)
+            })?;
+            out.next = Some(match page.next {
+                Some(token) => RepushPos::Items {
+                    model,
+                    next: Some(token),
+                },
+                None => RepushPos::Items {
+                    model: model + 1,
+                    next: None,
+                },
+            });
+            Ok(out)
+        }
+        RepushPos::Tombstones { from } => db.write(Origin::Remote, |txn| {
+            let rows = txn.side().scan(VERSIONS, &from, limit)?;
+            let mut out = RepushSlice::default();
+            if rows.len() == limit {
+                out.next = rows.last().map(|(k, _)| {
+                    let mut next = k.clone();
+                    next.push(0);
+                    RepushPos::Tombstones { from: next }
+                });
+            }
+            for (raw, bytes) in rows {
+                let Ok(v) = serde_json::from_slice::<Version>(&bytes) else {
+                    // Left alone: the write path reports it as corruption when the key is used.
+                    continue;
+                };
+                if !v.d {
+                    continue;
+                }
+                let Some(model) = v.m.as_deref() else {
+                    out.unknown_model += 1;
+                    continue;
+                };
+                if !models.iter().any(|m| m == model) {
+                    continue;
+                }
+                let Some(key) = key_from_raw(&raw) else {
+                    continue;
+                };
+                if txn.side().get(OUTBOX, &raw)?.is_some() || txn.get_stored(&key)?.is_some() {
+                    continue;
+                }
+                let version = wire::hlc_from_str(&v.v).map_err(|e| corrupt("version", e))?;
+                let change = wire::Change {
+                    model: model.to_string(),
+                    key,
+                    op: Op::Delete,
+                    item: None,
+                    version,
+                    base: None,
+                };
+                let lossy = schema.model(model).is_some_and(|m| m.process().lossy);
+                add_entry(&mut txn.side(), &change, lossy)?;
+                out.requeued.push(change);
+            }
+            Ok(out)
+        }),
+    }
+}
+
+/// Puts a live item back into the outbox at the version it holds (a fresh one if the collection
+/// forgot it); `None` if it has an entry already, or is gone. The flag says the version is new.
+fn requeue_live(
+    txn: &mut WriteTxn<'_>,
+    schema: &Schema,
+    clock: &Mutex<HlcClock>,
+    stamp_ms: u64,
+    model: &str,
+    key: &ItemKey,
+) -> Result<Option<(wire::Change, bool)>, DbError> {
+    let raw = raw_key(key);
+    if txn.side().get(OUTBOX, &raw)?.is_some() {
+        return Ok(None);
+    }
+    let Some((held, item)) = txn.get_stored(key)? else {
+        return Ok(None);
+    };
+    if held.name() != model {
+        return Ok(None);
+    }
+    let mut side = txn.side();
+    let (version, fresh) = match get_version(&side, key)? {
+        Some(v) if !v.deleted => (v.version, false),
+        _ => {
+            let v = {
+                let mut clock = clock.lock().unwrap_or_else(PoisonError::into_inner);
+                clock
+                    .tick(stamp_ms)
+                    .map_err(|e| DbError::Refused(Box::new(e)))?
+            };
+            put_version(&mut side, model, key, v, false)?;
+            side.put(META, META_HLC, wire::hlc_to_string(v).as_bytes())?;
+            (v, true)
+        }
+    };
+    let change = wire::Change {
+        model: model.to_string(),
+        key: key.clone(),
+        op: Op::Put,
+        item: Some(item),
+        version,
+        base: None,
+    };
+    let lossy = schema.model(model).is_some_and(|m| m.process().lossy);
+    add_entry(&mut side, &change, lossy)?;
+    Ok(Some((change, fresh)))
+}
+
+/// Adds an outbox entry for a key that has none, last in the queue.
+fn add_entry(side: &mut SideTables<'_>, change: &wire::Change, lossy: bool) -> Result<(), DbError> {
+    let key = raw_key(&change.key);
+    let seq = get_u64(side, META_NEXT_SEQ)? + 1;
+    put_u64(side, META_NEXT_SEQ, seq)?;
+    let entry = Entry {
+        seq,
+        change: change.clone(),
+    };
+    side.put(OUTBOX, &key, &serde_json::to_vec(&entry)?)?;
+    side.put(OUTBOX_SEQ, &seq.to_be_bytes(), &key)?;
+    if lossy {
+        side.put(OUTBOX_LOSSY, &seq.to_be_bytes(), &key)?;
+    }
+    Ok(())
 }
 
 /// Counters for the agent's status.
@@ -607,6 +873,12 @@ impl DeviceTxn for AgentTxn<'_, '_> {
 
     fn set_cursor(&mut self, cursor: u64) -> Result<(), DbError> {
         put_u64(&mut self.txn.side(), META_CURSOR, cursor)
+    }
+
+    fn set_feed_mark(&mut self, mark: FeedMark) -> Result<(), DbError> {
+        let mut side = self.txn.side();
+        put_u64(&mut side, META_FEED_GEN, mark.gen)?;
+        put_u64(&mut side, META_FEED_SEEN, mark.seen)
     }
 
     fn resync_mark_seen(&mut self, _model: &str, key: &ItemKey) -> Result<(), DbError> {
@@ -721,6 +993,7 @@ mod tests {
                 from: self.cursor,
                 to: self.cursor + 1,
                 changes: vec![change],
+                mark: None,
             };
             self.cursor += 1;
             let (schema, clock) = (self.schema.clone(), self.clock.clone());
@@ -771,7 +1044,7 @@ mod tests {
                 .map(|c| (c.model, c.key, c.version))
                 .collect();
             self.db
-                .write(Origin::Remote, |txn| outbox_remove(txn, &acked))
+                .write(Origin::Remote, |txn| outbox_remove(txn, &acked, None))
                 .unwrap();
         }
     }
@@ -818,6 +1091,17 @@ mod tests {
             .get("Fault", &item(json!({"deviceId": "d1", "id": "f1"})))
             .unwrap()
             .is_some());
+        // A deleted up-only item keeps its tombstone until the retention: the only trace of
+        // the delete a restored cloud may have lost.
+        f.db.remove("Fault", &item(json!({"deviceId": "d1", "id": "f2"})))
+            .unwrap();
+        f.ack_all();
+        let out = f.collect(now, HOUR, 1000);
+        assert_eq!((out.unneeded, out.tombstones), (1, 0), "{out:?}");
+        assert!(f.has_version(&fault_key("f2")), "the tombstone stays");
+        let out = f.collect(now + 2 * HOUR, HOUR, 1000);
+        assert_eq!(out.tombstones, 1, "and goes after the retention: {out:?}");
+        assert!(!f.has_version(&fault_key("f2")));
         // A later write of a collected key simply has no base.
         f.db.update(
             "Fault",
@@ -897,6 +1181,54 @@ mod tests {
         let out = f.collect(now + 2 * HOUR, HOUR, 1000);
         assert_eq!(out.tombstones, 1);
         assert!(!f.has_version(&key));
+    }
+
+    #[test]
+    fn a_repush_sends_items_whose_version_was_collected_with_a_fresh_one() {
+        let f = fixture();
+        for id in ["f1", "f2"] {
+            f.db.create(
+                "Fault",
+                &item(json!({"deviceId": "d1", "id": id, "severity": "info"})),
+            )
+            .unwrap();
+        }
+        let sent: Vec<Hlc> = load_outbox(&f.db)
+            .unwrap()
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        f.ack_all();
+        // Acknowledged up-only versions are collected: the items stay, their versions go.
+        let out = f.collect(wall_now(), HOUR, 1000);
+        assert_eq!(out.unneeded, 2);
+        let mut pos = RepushPos::Items {
+            model: 0,
+            next: None,
+        };
+        let (mut requeued, mut restamped) = (Vec::new(), 0);
+        loop {
+            let slice = repush_slice(&f.db, &f.schema, &f.clock, wall_now(), pos, 1).unwrap();
+            requeued.extend(slice.requeued);
+            restamped += slice.restamped;
+            match slice.next {
+                Some(next) => pos = next,
+                None => break,
+            }
+        }
+        assert_eq!((requeued.len(), restamped), (2, 2), "{requeued:?}");
+        for c in &requeued {
+            assert!(
+                sent.iter().all(|v| c.version > *v),
+                "a fresh version, above what was sent: {c:?}"
+            );
+            assert_eq!(c.base, None);
+            assert_eq!(stored_version(&f.db, &c.key).unwrap(), Some(c.version));
+            assert_eq!(outbox_entry(&f.db, &c.key).unwrap().as_ref(), Some(c));
+        }
+        // The clock resumes after the fresh versions.
+        let last = restore(&f.db).unwrap().last_hlc.unwrap();
+        assert!(requeued.iter().all(|c| c.version <= last));
     }
 
     #[test]

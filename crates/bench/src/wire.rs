@@ -203,6 +203,7 @@ pub fn run(args: &WireArgs) -> anyhow::Result<()> {
                 let msg = UpMsg::Push {
                     batch: i as u64,
                     changes: c.to_vec(),
+                    session: None,
                 };
                 Ok(serde_json::from_slice(&wire::encode_up(
                     "1.0.0", &msg, &cfg,

@@ -6,7 +6,7 @@ use devtables_sync::apply::{
     cloud_apply_push, cloud_write, CloudOp, CloudWriteError, Conflict, Loser, PushCounts, RowWrite,
     StoredRow, DEFAULT_MAX_DRIFT_MS,
 };
-use devtables_sync::cloud::{FeedPage, SnapshotCursor};
+use devtables_sync::cloud::{FeedGeneration, FeedPage, SnapshotCursor, MAX_FEED_GENERATIONS};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{Change, ChangeResult, ChangeStatus, Op, RejectReason};
@@ -42,7 +42,9 @@ pub(crate) fn checks<H: CloudStoreUnderTest>() -> Vec<Check<H>> {
         push_stores_under_the_sender_and_replays_are_duplicates,
         stale_push_returns_the_winner_and_feeds_it_back,
         wrong_model_push_is_refused_until_the_row_is_a_tombstone,
-        a_write_that_knew_a_purged_key_meets_the_watermark,
+        every_write_meets_the_watermark_of_a_purged_key,
+        a_feed_starts_a_new_generation_once_per_run,
+        pushes_count_every_answer_in_their_transaction,
         versions_beyond_the_drift_bound_are_refused,
         api_writes_order_after_the_stored_version,
     ]
@@ -308,6 +310,7 @@ fn rolled_back_transaction_leaves_nothing<H: CloudStoreUnderTest>(h: &mut H) -> 
             &d1(),
             &PushCounts {
                 applied: 1,
+                duplicates: 0,
                 superseded: 1,
                 rejected: 1,
             },
@@ -802,6 +805,7 @@ fn count_push_adds_up<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
             &d1(),
             &PushCounts {
                 applied: 1,
+                duplicates: 6,
                 superseded: 2,
                 rejected: 3,
             },
@@ -810,6 +814,7 @@ fn count_push_adds_up<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
             &d1(),
             &PushCounts {
                 applied: 4,
+                duplicates: 0,
                 superseded: 0,
                 rejected: 1,
             },
@@ -821,6 +826,7 @@ fn count_push_adds_up<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
             &d1(),
             &PushCounts {
                 applied: 10,
+                duplicates: 0,
                 superseded: 0,
                 rejected: 0,
             },
@@ -831,11 +837,18 @@ fn count_push_adds_up<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
         h.push_counts(&d1()).or_fail("counts")?,
         PushCounts {
             applied: 15,
+            duplicates: 6,
             superseded: 2,
             rejected: 4
         },
         "d1's counters"
     );
+    ensure_eq!(
+        feed(h, &d1(), 1, 1)?.answered,
+        27,
+        "d1's answered count: every change of every push"
+    );
+    ensure_eq!(feed(h, &d2(), 1, 1)?.answered, 0, "d2's answered count");
     ensure_eq!(
         h.push_counts(&d2()).or_fail("counts")?,
         PushCounts::default(),
@@ -923,15 +936,17 @@ fn push_stores_under_the_sender_and_replays_are_duplicates<H: CloudStoreUnderTes
         h.push_counts(&d1()).or_fail("counts")?,
         PushCounts {
             applied: 1,
+            duplicates: 1,
             superseded: 0,
             rejected: 0
         },
-        "d1 counts one write for a push and its replay"
+        "d1 counts one write and one duplicate for a push and its replay"
     );
     ensure_eq!(
         h.push_counts(&d2()).or_fail("counts")?,
         PushCounts {
             applied: 0,
+            duplicates: 0,
             superseded: 0,
             rejected: 1
         },
@@ -976,6 +991,7 @@ fn stale_push_returns_the_winner_and_feeds_it_back<H: CloudStoreUnderTest>(h: &m
         h.push_counts(&d1()).or_fail("counts")?,
         PushCounts {
             applied: 1,
+            duplicates: 0,
             superseded: 1,
             rejected: 0
         },
@@ -1033,6 +1049,7 @@ fn wrong_model_push_is_refused_until_the_row_is_a_tombstone<H: CloudStoreUnderTe
         h.push_counts(&d1()).or_fail("counts")?,
         PushCounts {
             applied: 3,
+            duplicates: 0,
             superseded: 0,
             rejected: 1
         },
@@ -1041,9 +1058,7 @@ fn wrong_model_push_is_refused_until_the_row_is_a_tombstone<H: CloudStoreUnderTe
     Ok(())
 }
 
-fn a_write_that_knew_a_purged_key_meets_the_watermark<H: CloudStoreUnderTest>(
-    h: &mut H,
-) -> Outcome {
+fn every_write_meets_the_watermark_of_a_purged_key<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
     setup(h)?;
     let s = schema();
     let o = own(&d1());
@@ -1068,14 +1083,15 @@ fn a_write_that_knew_a_purged_key_meets_the_watermark<H: CloudStoreUnderTest>(
         }],
         "a late write"
     );
+    let tombstone = |version| StoredRow {
+        model: "Dev".into(),
+        version,
+        deleted: true,
+        base: None,
+    };
     ensure_eq!(
         row(h, &o, &a.key)?,
-        Some(StoredRow {
-            model: "Dev".into(),
-            version: gone.version,
-            deleted: true,
-            base: None
-        }),
+        Some(tombstone(gone.version)),
         "the purged tombstone is back so the feed delivers it"
     );
     let page = feed(h, &d1(), h1, 10)?;
@@ -1085,19 +1101,211 @@ fn a_write_that_knew_a_purged_key_meets_the_watermark<H: CloudStoreUnderTest>(
             .any(|(_, c)| c.key == a.key && c.op == Op::Delete),
         "the feed delivers the winning delete: {page:?}"
     );
-    // A newer write applies; a create (no base) of another purged-owner key applies too.
+    // A create (no base) below the watermark loses the same way, whatever its key: it may be a
+    // create whose acknowledgement was lost, resent after the delete was purged.
+    let resent = put(&s, "Dev", "d1", "r", ver(12, 3), None);
+    ensure_eq!(
+        push(h, purge_at, &d1(), std::slice::from_ref(&resent))?,
+        vec![ChangeStatus::Stale {
+            winner: gone.version
+        }],
+        "a create below the watermark"
+    );
+    ensure_eq!(
+        row(h, &o, &resent.key)?,
+        Some(tombstone(gone.version)),
+        "a tombstone at the watermark, fed to the device"
+    );
+    // Newer writes apply, with or without a base.
     let newer = put(&s, "Dev", "d1", "a", ver(30, 3), Some(a.version));
     ensure_eq!(
         push(h, purge_at, &d1(), std::slice::from_ref(&newer))?,
         vec![applied()],
         "newer"
     );
-    let fresh = put(&s, "Dev", "d1", "f", ver(12, 3), None);
+    let fresh = put(&s, "Dev", "d1", "f", ver(21, 3), None);
     ensure_eq!(
         push(h, purge_at, &d1(), std::slice::from_ref(&fresh))?,
         vec![applied()],
-        "create"
+        "a create above the watermark"
     );
+    // The watermark is per owner: d2 never purged anything.
+    let theirs = put(&s, "Dev", "d2", "r", ver(12, 4), None);
+    ensure_eq!(
+        push(h, purge_at, &d2(), std::slice::from_ref(&theirs))?,
+        vec![applied()],
+        "another owner's create"
+    );
+    Ok(())
+}
+
+fn a_feed_starts_a_new_generation_once_per_run<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
+    setup(h)?;
+    let s = schema();
+    let o = own(&d1());
+    let fresh = feed(h, &d1(), 1, 10)?;
+    ensure_eq!(
+        fresh.generations,
+        vec![FeedGeneration { gen: 0, base: 0 }],
+        "a new feed's generations"
+    );
+    let a = put(&s, "Dev", "d1", "a", ver(10, 1), None);
+    store(h, NOW, &o, &a, true)?;
+    let first = feed(h, &d1(), 1, 10)?;
+    ensure!(
+        first.generations.len() == 2
+            && first.gen() != 0
+            && first.generations[1].base == fresh.head
+            && first.head == fresh.head + 1,
+        "the run's first append starts a generation at the head it took over: {first:?}"
+    );
+    let b = put(&s, "Dev", "d1", "b", ver(11, 1), None);
+    store(h, NOW, &o, &b, true)?;
+    let same = feed(h, &d1(), 1, 10)?;
+    ensure_eq!(
+        same.generations,
+        first.generations,
+        "a second append of the run"
+    );
+    h.new_run().or_fail("a new run")?;
+    let before = feed(h, &d1(), 1, 10)?;
+    ensure_eq!(
+        before.generations,
+        first.generations,
+        "a new run before it appends"
+    );
+    let c = put(&s, "Dev", "d1", "c", ver(12, 1), None);
+    store(h, NOW, &o, &c, true)?;
+    let after = feed(h, &d1(), 1, 10)?;
+    let mut want = first.generations.clone();
+    want.push(FeedGeneration {
+        gen: after.gen(),
+        base: before.head,
+    });
+    ensure!(
+        after.gen() != first.gen() && after.gen() != 0,
+        "a new run's generation: {after:?}"
+    );
+    ensure_eq!(after.generations, want, "the generations after a new run");
+    ensure_eq!(after.head, before.head + 1, "the head still moves by one");
+    // A rolled-back append starts nothing.
+    h.new_run().or_fail("a new run")?;
+    h.txn(NOW, false, |t| t.append_feed(&o, &c.model, &c.key))
+        .or_fail("a rolled-back append")?;
+    let kept = feed(h, &d1(), 1, 10)?;
+    ensure_eq!(
+        (kept.generations.clone(), kept.head),
+        (after.generations.clone(), after.head),
+        "after a rolled-back append"
+    );
+    // Broadcast appends move every device's generation; snapshot pages tell it too.
+    let (cast, cast_key) = item(&s, "Cast", "", "fw", 5);
+    let acct = Owner::Account(ACCOUNT.into());
+    h.txn(NOW, true, |t| {
+        t.write_row(&RowWrite {
+            owner: &acct,
+            model: "Cast",
+            key: &cast_key,
+            item: Some(&cast),
+            version: ver(13, 1),
+            base: None,
+        })?;
+        t.append_feed(&acct, "Cast", &cast_key)
+    })
+    .or_fail("a broadcast append")?;
+    let d1_page = feed(h, &d1(), 1, 10)?;
+    let d2_page = feed(h, &d2(), 1, 10)?;
+    ensure!(
+        d1_page.gen() != after.gen() && d1_page.gen() == d2_page.gen(),
+        "the run's generation on every device of the account: {d1_page:?} {d2_page:?}"
+    );
+    let x1_page = feed(h, &x1(), 1, 10)?;
+    ensure_eq!(
+        x1_page.generations,
+        vec![FeedGeneration { gen: 0, base: 0 }],
+        "a device of another account"
+    );
+    let snap = h
+        .read_snapshot(&s, &d1(), 9, None, 10)
+        .or_fail("a snapshot page")?;
+    ensure_eq!(snap.gen, d1_page.gen(), "the snapshot page's generation");
+    // The oldest generations go first, past the bound.
+    for i in 0..MAX_FEED_GENERATIONS {
+        h.new_run().or_fail("a new run")?;
+        let k = put(
+            &s,
+            "Dev",
+            "d1",
+            &format!("g{i}"),
+            ver(20 + i as u64, 1),
+            None,
+        );
+        store(h, NOW, &o, &k, true)?;
+    }
+    let many = feed(h, &d1(), 1, 10)?;
+    ensure_eq!(
+        many.generations.len(),
+        MAX_FEED_GENERATIONS,
+        "generations kept"
+    );
+    ensure!(
+        many.generations.windows(2).all(|w| w[0].base < w[1].base),
+        "oldest first: {:?}",
+        many.generations
+    );
+    Ok(())
+}
+
+fn pushes_count_every_answer_in_their_transaction<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
+    setup(h)?;
+    let s = schema();
+    let new = put(&s, "Dev", "d1", "a", ver(20, 1), None);
+    let old = put(&s, "Dev", "d1", "a", ver(10, 1), None);
+    let theirs = put(&s, "Dev", "d2", "b", ver(11, 1), None);
+    ensure_eq!(feed(h, &d1(), 1, 1)?.answered, 0, "before any push");
+    push(h, NOW, &d1(), std::slice::from_ref(&new))?;
+    ensure_eq!(feed(h, &d1(), 1, 1)?.answered, 1, "a written change");
+    let st = push(h, NOW, &d1(), &[new.clone(), old, theirs])?;
+    ensure_eq!(
+        st,
+        vec![
+            applied(),
+            ChangeStatus::Stale {
+                winner: new.version
+            },
+            ChangeStatus::Rejected {
+                reason: RejectReason::Ownership
+            }
+        ],
+        "a duplicate, a stale and a refused change"
+    );
+    ensure_eq!(
+        feed(h, &d1(), 1, 1)?.answered,
+        4,
+        "every answer counts, whatever its verdict"
+    );
+    // A push rolled back counts nothing.
+    let s2 = schema();
+    let mut clock = HlcClock::new(99);
+    let later = put(&s, "Dev", "d1", "c", ver(30, 1), None);
+    h.txn(NOW, false, |t| {
+        cloud_apply_push(
+            &mut DynCloud(t),
+            &s2,
+            &mut clock,
+            NOW,
+            DEFAULT_MAX_DRIFT_MS,
+            &d1(),
+            std::slice::from_ref(&later),
+        )
+    })
+    .or_fail("a rolled-back push")?;
+    ensure_eq!(
+        feed(h, &d1(), 1, 1)?.answered,
+        4,
+        "after a rolled-back push"
+    );
+    ensure_eq!(feed(h, &d2(), 1, 1)?.answered, 0, "another device's count");
     Ok(())
 }
 

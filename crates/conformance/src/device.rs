@@ -3,7 +3,7 @@
 //! writes and restore, and `device_apply` run through the store.
 
 use devtables_schema::ItemKey;
-use devtables_sync::apply::{device_apply, ApplyOutcome, ApplyPage, StoredVersion};
+use devtables_sync::apply::{device_apply, ApplyOutcome, ApplyPage, FeedMark, StoredVersion};
 use devtables_sync::cloud::SnapshotCursor;
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::wire::{Change, Op};
@@ -39,6 +39,10 @@ pub(crate) fn checks<H: DeviceStoreUnderTest>() -> Vec<Check<H>> {
         a_swept_tombstone_is_revived_by_the_same_version,
         the_final_snapshot_page_sweeps_and_stores_its_cursor,
         restore_returns_the_outbox_cursor_and_clock,
+        the_feed_mark_is_stored_with_its_page,
+        the_answered_count_goes_with_the_outbox_trim,
+        repush_requeues_every_held_write_of_up_syncing_models,
+        a_restore_resync_sets_cloud_only_models_back,
     ]
 }
 
@@ -97,6 +101,7 @@ fn feed(from: u64, changes: Vec<Change>) -> ApplyPage {
         from,
         to: from + 1,
         changes,
+        mark: None,
     }
 }
 
@@ -359,14 +364,14 @@ fn acknowledged_entries_leave_only_at_their_version<H: DeviceStoreUnderTest>(h: 
         counter: a.version.counter.wrapping_add(1),
         ..a.version
     };
-    h.outbox_remove(&[(a.model.clone(), a.key.clone(), stale)])
+    h.outbox_remove(&[(a.model.clone(), a.key.clone(), stale)], None)
         .or_fail("removing")?;
     ensure_eq!(
         h.restore().or_fail("restore")?.outbox.len(),
         2,
         "an ack of another version"
     );
-    h.outbox_remove(&[(a.model.clone(), a.key.clone(), a.version)])
+    h.outbox_remove(&[(a.model.clone(), a.key.clone(), a.version)], None)
         .or_fail("removing")?;
     let left = h.restore().or_fail("restore")?.outbox;
     ensure_eq!(left, vec![b.clone()], "the entry left");
@@ -452,7 +457,7 @@ fn sweep_deletes_only_unseen_unpending_down_items<H: DeviceStoreUnderTest>(h: &m
         .find(|c| c.model == "Up")
         .ok_or("the Up entry")?
         .clone();
-    h.outbox_remove(&[(u.model.clone(), u.key.clone(), u.version)])
+    h.outbox_remove(&[(u.model.clone(), u.key.clone(), u.version)], None)
         .or_fail("removing")?;
     let mut swept = h
         .txn(true, |t| {
@@ -646,6 +651,8 @@ fn the_final_snapshot_page_sweeps_and_stores_its_cursor<H: DeviceStoreUnderTest>
         items: vec![a.clone()],
         done: false,
         cursor: 42,
+        mark: None,
+        restore: false,
     };
     let out = apply(h, &first)?;
     ensure!(
@@ -664,6 +671,8 @@ fn the_final_snapshot_page_sweeps_and_stores_its_cursor<H: DeviceStoreUnderTest>
         items: vec![],
         done: true,
         cursor: 42,
+        mark: None,
+        restore: false,
     };
     let out = apply(h, &last)?;
     ensure_eq!(out.swept, 1, "swept");
@@ -707,5 +716,247 @@ fn restore_returns_the_outbox_cursor_and_clock<H: DeviceStoreUnderTest>(h: &mut 
     );
     // Remote versions do not move the restored clock of the device; a later local write of
     // the key still orders after them (it observes the stored version).
+    Ok(())
+}
+
+fn the_feed_mark_is_stored_with_its_page<H: DeviceStoreUnderTest>(h: &mut H) -> Outcome {
+    let s = schema();
+    let mark = FeedMark { gen: 7, seen: 12 };
+    let page = ApplyPage::Feed {
+        from: 0,
+        to: 12,
+        changes: vec![put(&s, "Dev", D, "a", ver(10, 1), None)],
+        mark: Some(mark),
+    };
+    // A rolled-back page leaves the mark as it was.
+    let s2 = schema();
+    let mut clock = HlcClock::new(5);
+    h.txn(false, |t| {
+        device_apply(&mut DynDevice(t), &s2, &mut clock, T0, &page).map_err(|e| match e {
+            devtables_sync::apply::ApplyError::Store(e) => e,
+        })
+    })
+    .or_fail("a rolled-back page")?;
+    ensure_eq!(
+        h.restore().or_fail("restore")?.mark,
+        FeedMark::default(),
+        "after a rolled-back page"
+    );
+    apply(h, &page)?;
+    let r = h.restore().or_fail("restore")?;
+    ensure_eq!((r.cursor, r.mark), (12, mark), "stored with the page");
+    // A page that stores no mark keeps it; a later one replaces it, lower or not (the engine
+    // decides what it is: a restore resync lowers it).
+    apply(
+        h,
+        &ApplyPage::Feed {
+            from: 12,
+            to: 13,
+            changes: vec![],
+            mark: None,
+        },
+    )?;
+    ensure_eq!(
+        h.restore().or_fail("restore")?.mark,
+        mark,
+        "a page without one"
+    );
+    let lower = FeedMark { gen: 8, seen: 3 };
+    apply(
+        h,
+        &ApplyPage::Feed {
+            from: 13,
+            to: 14,
+            changes: vec![],
+            mark: Some(lower),
+        },
+    )?;
+    ensure_eq!(h.restore().or_fail("restore")?.mark, lower, "replaced");
+    Ok(())
+}
+
+fn the_answered_count_goes_with_the_outbox_trim<H: DeviceStoreUnderTest>(h: &mut H) -> Outcome {
+    local(h, "Dev", "a", false)?;
+    local(h, "Dev", "b", false)?;
+    let out = h.restore().or_fail("restore")?.outbox;
+    let (a, b) = (out[0].clone(), out[1].clone());
+    h.outbox_remove(&[(a.model.clone(), a.key.clone(), a.version)], Some(5))
+        .or_fail("removing")?;
+    let r = h.restore().or_fail("restore")?;
+    ensure_eq!(
+        (r.outbox, r.answered),
+        (vec![b.clone()], 5),
+        "the trim and its count, together"
+    );
+    h.outbox_remove(&[(b.model.clone(), b.key.clone(), b.version)], Some(3))
+        .or_fail("removing")?;
+    let r = h.restore().or_fail("restore")?;
+    ensure_eq!(
+        (r.outbox.len(), r.answered),
+        (0, 5),
+        "a lower count (an earlier push answered late) does not lower it"
+    );
+    h.outbox_remove(&[], None).or_fail("removing nothing")?;
+    ensure_eq!(h.restore().or_fail("restore")?.answered, 5, "no count");
+    h.store_answered(2).or_fail("storing a count")?;
+    ensure_eq!(
+        h.restore().or_fail("restore")?.answered,
+        2,
+        "a re-push's end replaces it"
+    );
+    Ok(())
+}
+
+fn repush_requeues_every_held_write_of_up_syncing_models<H: DeviceStoreUnderTest>(
+    h: &mut H,
+) -> Outcome {
+    let s = schema();
+    // Held from the cloud: a live item and a tombstone of a model that syncs both ways, a
+    // live item of another, and one of a model that only syncs down.
+    let a = put(&s, "Dev", D, "a", ver(10, 1), None);
+    let b = del(&s, "Dev", D, "b", ver(11, 1), None);
+    let c = put(&s, "Other", D, "c", ver(12, 1), None);
+    let d = put(&s, "Down", D, "d", ver(13, 1), None);
+    remote_put(h, &a)?;
+    remote_delete(h, &b)?;
+    remote_put(h, &c)?;
+    remote_put(h, &d)?;
+    // Written here: up-only items (one deleted since), a device-only item, and a pending write.
+    local(h, "Up", "u", false)?;
+    local(h, "Up", "v", false)?;
+    local(h, "Up", "v", true)?;
+    local(h, "Local", "l", false)?;
+    let acked = h.restore().or_fail("restore")?.outbox;
+    let acked: Vec<(String, ItemKey, Hlc)> = acked
+        .iter()
+        .map(|c| (c.model.clone(), c.key.clone(), c.version))
+        .collect();
+    h.outbox_remove(&acked, Some(9)).or_fail("acknowledging")?;
+    local(h, "Dev", "p", false)?;
+    let pending_p = h.restore().or_fail("restore")?.outbox;
+    ensure_eq!(pending_p.len(), 1, "one write pending");
+    let held: Vec<(String, ItemKey)> = [
+        ("Dev", a.key.clone()),
+        ("Dev", b.key.clone()),
+        ("Other", c.key.clone()),
+        ("Up", key("Up", "u")),
+        ("Up", key("Up", "v")),
+    ]
+    .into_iter()
+    .map(|(m, k)| (m.to_string(), k))
+    .collect();
+    let mut before = Vec::new();
+    for (_, k) in &held {
+        before.push(version(h, k)?.ok_or(format!("{} holds a version", k.sk))?);
+    }
+    let done = h.repush(2).or_fail("a re-push")?;
+    ensure_eq!(done.requeued, 5, "held writes put back: {done:?}");
+    ensure!(
+        done.slices >= 3,
+        "at most 2 held writes per transaction: {done:?}"
+    );
+    let r = h.restore().or_fail("restore")?;
+    ensure_eq!(
+        r.outbox[0].clone(),
+        pending_p[0].clone(),
+        "the pending entry is untouched"
+    );
+    let mut got: Vec<(String, ItemKey)> = r.outbox[1..]
+        .iter()
+        .map(|c| (c.model.clone(), c.key.clone()))
+        .collect();
+    got.sort();
+    let mut want = held.clone();
+    want.sort();
+    ensure_eq!(got, want, "the re-pushed keys");
+    for ((_, k), was) in held.iter().zip(&before) {
+        let entry = r
+            .outbox
+            .iter()
+            .find(|c| &c.key == k)
+            .ok_or(format!("{} re-pushed", k.sk))?;
+        ensure_eq!(
+            (entry.version, entry.op == Op::Delete, entry.base),
+            (was.version, was.deleted, None),
+            "{}: its held version, as put or delete, without a base",
+            k.sk
+        );
+        ensure_eq!(
+            version(h, k)?,
+            Some(*was),
+            "{}: its version is unchanged",
+            k.sk
+        );
+        if entry.op == Op::Put {
+            ensure!(
+                entry.item == h.item(k).or_fail("item")?.map(|(_, i)| i),
+                "{}: the live item is what is sent",
+                k.sk
+            );
+        }
+    }
+    ensure_eq!(r.answered, 9, "the count waits for StoreAnswered");
+    let again = h.repush(2).or_fail("a second re-push")?;
+    ensure_eq!(again.requeued, 0, "everything is pending already");
+    Ok(())
+}
+
+fn a_restore_resync_sets_cloud_only_models_back<H: DeviceStoreUnderTest>(h: &mut H) -> Outcome {
+    let s = schema();
+    let d1 = put(&s, "Down", D, "d1", ver(30, 1), None);
+    let d2 = put(&s, "Down", D, "d2", ver(31, 1), None);
+    let a = put(&s, "Dev", D, "a", ver(40, 1), None);
+    for c in [&d1, &d2, &a] {
+        remote_put(h, c)?;
+    }
+    let older_d1 = put(&s, "Down", D, "d1", ver(20, 1), None);
+    let older_a = put(&s, "Dev", D, "a", ver(35, 1), None);
+    let page = |restore: bool| ApplyPage::Snapshot {
+        resync: 4,
+        after: None,
+        last: None,
+        items: vec![older_a.clone(), older_d1.clone()],
+        done: true,
+        cursor: 8,
+        mark: Some(FeedMark { gen: 3, seen: 8 }),
+        restore,
+    };
+    // An ordinary resync keeps the higher versions (and sweeps d2 keeping its version).
+    let plain = apply(h, &page(false))?;
+    ensure!(
+        plain.stale == 2 && plain.adopted == 0,
+        "ordinary resync: {plain:?}"
+    );
+    ensure_eq!(version(h, &d1.key)?, sv(d1.version, false), "d1 kept");
+    ensure_eq!(version(h, &d2.key)?, sv(d2.version, true), "d2 swept");
+    // Again, as a restore resync: the cloud-only model takes the cloud's lower version; the
+    // model the device writes up keeps its own (it re-pushes it).
+    remote_put(h, &d2)?;
+    let out = apply(h, &page(true))?;
+    ensure_eq!(out.adopted, 1, "adopted: {out:?}");
+    ensure_eq!(
+        version(h, &d1.key)?,
+        sv(older_d1.version, false),
+        "d1 set back"
+    );
+    ensure!(
+        h.item(&d1.key).or_fail("item")?.map(|(_, i)| i) == older_d1.item,
+        "d1 holds the cloud's item"
+    );
+    ensure_eq!(version(h, &a.key)?, sv(a.version, false), "a kept");
+    ensure_eq!(h.item(&d2.key).or_fail("item")?, None, "d2 swept");
+    ensure_eq!(
+        version(h, &d2.key)?,
+        sv(Hlc::ZERO, true),
+        "d2's version forgotten, so the cloud's next write of it applies"
+    );
+    let later = put(&s, "Down", D, "d2", ver(5, 1), None);
+    let out = apply(h, &feed(8, vec![later.clone()]))?;
+    ensure_eq!(out.applied, 1, "a later, lower cloud write of d2 applies");
+    ensure_eq!(
+        h.restore().or_fail("restore")?.mark,
+        FeedMark { gen: 3, seen: 8 },
+        "the restore resync's mark"
+    );
     Ok(())
 }

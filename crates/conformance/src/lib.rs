@@ -9,9 +9,10 @@
 //!
 //! A store takes part by implementing a small harness trait: [`CloudStoreUnderTest`] (a write
 //! transaction implementing [`CloudTxn`], commit or rollback, device registration, feed and
-//! snapshot reads, tombstone purge, highest stored version, counters) or
+//! snapshot reads, tombstone purge, a new run, highest stored version, counters) or
 //! [`DeviceStoreUnderTest`] (a write transaction implementing [`DeviceTxn`], reads of an item and
-//! its version, a local write that records an outbox entry, what a restart restores). Then
+//! its version, a local write that records an outbox entry, outbox trims with the answered
+//! count, the re-push after a cloud restore, what a restart restores). Then
 //! [`run_cloud_suite`] / [`run_device_suite`] run every named check on a fresh store each and
 //! panic with the list of failed checks.
 //!
@@ -23,7 +24,7 @@ use std::fmt::Debug;
 
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{
-    CloudTxn, Conflict, DeviceTxn, PushCounts, RowWrite, StoredRow, StoredVersion,
+    CloudTxn, Conflict, DeviceTxn, FeedMark, PushCounts, RowWrite, StoredRow, StoredVersion,
 };
 use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::Hlc;
@@ -116,6 +117,9 @@ pub trait CloudStoreUnderTest {
     /// Remove tombstones written before `now_ms - retention_ms` with their feed entries, raising
     /// the feed floors and the owners' purge watermarks. Returns the tombstones removed.
     fn purge(&mut self, now_ms: u64, retention_ms: u64) -> Result<u64, Self::Error>;
+    /// Start a new run of the store, as a new cloud process opening it does: the next append to
+    /// each feed starts a new generation of that feed ([`FeedPage::gen`]).
+    fn new_run(&mut self) -> Result<(), Self::Error>;
     /// The highest version stored: items, tombstones and purge watermarks.
     fn max_version(&mut self) -> Result<Option<Hlc>, Self::Error>;
     /// The device's push counters (sums of every `count_push`).
@@ -133,6 +137,19 @@ pub struct DeviceRestore {
     pub outbox: Vec<Change>,
     /// The highest version the device issued, which its clock resumes after.
     pub last_hlc: Option<Hlc>,
+    /// The feed mark stored by the last page that stored one.
+    pub mark: FeedMark,
+    /// The answered count stored with outbox trims, or by `store_answered`.
+    pub answered: u64,
+}
+
+/// What a re-push after a cloud restore did ([`DeviceStoreUnderTest::repush`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepushDone {
+    /// Held writes put back into the outbox.
+    pub requeued: u64,
+    /// Transactions (slices) it took.
+    pub slices: u64,
 }
 
 /// A device store under test.
@@ -161,8 +178,21 @@ pub trait DeviceStoreUnderTest {
         delete: bool,
         now_ms: u64,
     ) -> Result<(), Self::Error>;
-    /// Remove acknowledged outbox entries whose version still matches.
-    fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) -> Result<(), Self::Error>;
+    /// Remove acknowledged outbox entries whose version still matches, and raise the stored
+    /// answered count to `answered` if it is higher, in one transaction (the driver's
+    /// `OutboxRemove`).
+    fn outbox_remove(
+        &mut self,
+        acked: &[(String, ItemKey, Hlc)],
+        answered: Option<u64>,
+    ) -> Result<(), Self::Error>;
+    /// Replace the stored answered count (the driver's `StoreAnswered`).
+    fn store_answered(&mut self, answered: u64) -> Result<(), Self::Error>;
+    /// The re-push after a cloud restore (the driver's `Repush`), the whole scan, in slices of at
+    /// most `slice` held writes examined per transaction: every live item and every tombstone of
+    /// a model that syncs up, without an outbox entry, gets one carrying it (its stored version,
+    /// no base). Entries already pending are left as they are; nothing else is touched.
+    fn repush(&mut self, slice: usize) -> Result<RepushDone, Self::Error>;
     /// What a restart restores.
     fn restore(&mut self) -> Result<DeviceRestore, Self::Error>;
 }
@@ -396,6 +426,9 @@ impl<E> DeviceTxn for DynDevice<'_, E> {
     }
     fn set_cursor(&mut self, cursor: u64) -> Result<(), E> {
         self.0.set_cursor(cursor)
+    }
+    fn set_feed_mark(&mut self, mark: FeedMark) -> Result<(), E> {
+        self.0.set_feed_mark(mark)
     }
     fn resync_mark_seen(&mut self, model: &str, key: &ItemKey) -> Result<(), E> {
         self.0.resync_mark_seen(model, key)

@@ -13,6 +13,10 @@
 //!   topic), so a device can never touch another device's rows.
 //! - A write whose `base` is not the version it overwrites, from another node, is a conflict: the
 //!   higher version wins everywhere and the loser is logged.
+//! - A missing cloud row meets every write as a tombstone at its owner's purge watermark, so no
+//!   write resurrects a key whose tombstone retention purged.
+//! - A restore resync (the cloud lost data the device holds) is the truth for the models the
+//!   device does not write up; for the others the device re-pushes what it holds.
 
 use devtables_schema::{Item, ItemKey, Model, Schema};
 
@@ -76,6 +80,10 @@ pub trait DeviceTxn {
     fn live_model(&mut self, key: &ItemKey) -> Result<Option<String>, Self::Error>;
     /// Store the feed cursor (in this same transaction).
     fn set_cursor(&mut self, cursor: u64) -> Result<(), Self::Error>;
+    /// Store what the device holds of its feed's history (in this same transaction), replacing
+    /// the mark stored before: the device tells it in its hello ([`crate::wire::DeviceMark`]),
+    /// so a cloud restored from an older backup sees that the device holds data it lost.
+    fn set_feed_mark(&mut self, mark: FeedMark) -> Result<(), Self::Error>;
     /// Mark a key as present in the current resync.
     fn resync_mark_seen(&mut self, model: &str, key: &ItemKey) -> Result<(), Self::Error>;
     /// Forget all resync marks (a resync starts over).
@@ -85,6 +93,16 @@ pub trait DeviceTxn {
     /// versions never go backwards and any later cloud write (always higher) still applies.
     /// Then clear the marks. Returns the (model, key) of every item deleted.
     fn resync_sweep(&mut self) -> Result<Vec<(String, ItemKey)>, Self::Error>;
+}
+
+/// What a device holds of its feed's history: the generation of the feed its last applied page
+/// came from and the highest feed head its pages reflect (see [`crate::wire::DeviceMark`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FeedMark {
+    /// The feed's generation (0: none known).
+    pub gen: u64,
+    /// The highest feed head the applied pages reflect.
+    pub seen: u64,
 }
 
 /// A page for [`device_apply`]: what the device engine hands the driver in
@@ -99,6 +117,8 @@ pub enum ApplyPage {
         to: u64,
         /// The changes.
         changes: Vec<Change>,
+        /// The feed mark to store with the page (`None`: the cloud did not say).
+        mark: Option<FeedMark>,
     },
     /// A resync page.
     Snapshot {
@@ -114,6 +134,13 @@ pub enum ApplyPage {
         done: bool,
         /// The feed head when the resync began.
         cursor: u64,
+        /// The feed mark to store with the page (`None`: none to store, e.g. before the end of a
+        /// restore resync: until its final page the device keeps the mark that shows the loss).
+        mark: Option<FeedMark>,
+        /// A restore resync (the cloud lost data the device holds): for models the device does
+        /// not write up, the page's items are the truth even where the device holds a higher
+        /// version, and the final sweep forgets the versions of what it deletes.
+        restore: bool,
     },
 }
 
@@ -151,6 +178,9 @@ pub struct ApplyOutcome {
     /// Pending local changes that lost to a change of the page, with the version that won;
     /// their outbox entries were removed in the page's transaction. Bounded by the page size.
     pub superseded: Vec<(Change, Hlc)>,
+    /// Items of models the device does not write up that a restore resync set back to the
+    /// cloud's lower version (the device held a version the restored cloud lost).
+    pub adopted: u64,
 }
 
 /// Most swept keys one [`ApplyOutcome`] names; the rest are counted.
@@ -179,13 +209,18 @@ pub fn device_apply<T: DeviceTxn>(
     page: &ApplyPage,
 ) -> Result<ApplyOutcome, ApplyError<T::Error>> {
     let mut out = ApplyOutcome::default();
-    let (changes, snapshot) = match page {
-        ApplyPage::Feed { changes, .. } => (changes, false),
-        ApplyPage::Snapshot { after, items, .. } => {
+    let (changes, snapshot, restore) = match page {
+        ApplyPage::Feed { changes, .. } => (changes, false, false),
+        ApplyPage::Snapshot {
+            after,
+            items,
+            restore,
+            ..
+        } => {
             if after.is_none() {
                 txn.resync_clear().map_err(ApplyError::Store)?;
             }
-            (items, true)
+            (items, true, *restore)
         }
     };
     for change in changes {
@@ -243,7 +278,13 @@ pub fn device_apply<T: DeviceTxn>(
         // its own version): the put of that same version is then the truth and applies.
         let revives =
             |s: &StoredVersion| s.version == change.version && s.deleted && change.op == Op::Put;
-        if stored.is_some_and(|s| {
+        // A restore resync is the truth for what only the cloud writes: the device's higher
+        // version is one the restored cloud lost, and keeping it would keep the two apart.
+        let adopts = restore && !process.syncs_up();
+        let older = stored.is_some_and(|s| s.version > change.version);
+        if adopts && older {
+            out.adopted += 1;
+        } else if stored.is_some_and(|s| {
             s.version > change.version || (s.version == change.version && !revives(&s))
         }) {
             out.stale += 1;
@@ -268,6 +309,18 @@ pub fn device_apply<T: DeviceTxn>(
             done: true, cursor, ..
         } => {
             let mut swept = txn.resync_sweep().map_err(ApplyError::Store)?;
+            if restore {
+                // What a restore resync sweeps of a model only the cloud writes, the restored
+                // cloud never held: forget its version, so the cloud's next write of the key
+                // applies even if it is lower than the one the device held.
+                for (model, key) in &swept {
+                    let cloud_only = schema.model(model).is_some_and(|m| !m.process().syncs_up());
+                    if cloud_only {
+                        txn.delete_remote(model, key, Hlc::ZERO)
+                            .map_err(ApplyError::Store)?;
+                    }
+                }
+            }
             out.swept = swept.len() as u64;
             swept.truncate(MAX_SWEPT_REPORTED);
             out.swept_keys = swept;
@@ -277,6 +330,12 @@ pub fn device_apply<T: DeviceTxn>(
     };
     if let Some(c) = cursor {
         txn.set_cursor(c).map_err(ApplyError::Store)?;
+    }
+    let mark = match page {
+        ApplyPage::Feed { mark, .. } | ApplyPage::Snapshot { mark, .. } => *mark,
+    };
+    if let Some(m) = mark {
+        txn.set_feed_mark(m).map_err(ApplyError::Store)?;
     }
     out.cursor = cursor;
     Ok(out)
@@ -380,7 +439,7 @@ pub trait CloudTxn {
     ) -> Result<Option<StoredRow>, Self::Error>;
     /// The owner's purge watermark: the highest version of a tombstone of this owner that
     /// retention removed (`None` if none was). A missing row counts as a tombstone at this
-    /// version for a write that knew the key (see [`cloud_apply_push`]).
+    /// version for every write (see [`cloud_apply_push`]).
     fn purge_watermark(&mut self, owner: &Owner) -> Result<Option<Hlc>, Self::Error>;
     /// Store an item or a tombstone, replacing the row of its key (whatever its model).
     fn write_row(&mut self, write: &RowWrite<'_>) -> Result<(), Self::Error>;
@@ -391,7 +450,10 @@ pub trait CloudTxn {
     /// Record a conflict. The store bounds its conflict log (by age or count).
     fn log_conflict(&mut self, conflict: &Conflict) -> Result<(), Self::Error>;
     /// Add a push's outcome to the device's counters: changes written (a duplicate of the
-    /// stored version is not a write) and changes superseded by a higher stored version.
+    /// stored version is not a write), duplicates, changes superseded by a higher stored
+    /// version and changes refused; and add [`PushCounts::answered`] to the device's answered
+    /// count, in this same transaction, so a backup of the store holds the count that goes with
+    /// its rows (the feed read returns it: [`crate::cloud::FeedPage::answered`]).
     fn count_push(&mut self, device: &DeviceId, counts: &PushCounts) -> Result<(), Self::Error>;
 }
 
@@ -400,10 +462,24 @@ pub trait CloudTxn {
 pub struct PushCounts {
     /// Changes written.
     pub applied: u64,
+    /// Changes the store already held at exactly their version (answered `applied`, not
+    /// written again).
+    pub duplicates: u64,
     /// Changes that lost to a higher stored version (answered `stale`).
     pub superseded: u64,
     /// Changes refused (answered `rejected`).
     pub rejected: u64,
+}
+
+impl PushCounts {
+    /// Every change answered: what the store adds to the device's answered count, which the
+    /// welcome and every push acknowledgement carry (see [`crate::wire::DeviceMark`]).
+    pub fn answered(&self) -> u64 {
+        self.applied
+            .saturating_add(self.duplicates)
+            .saturating_add(self.superseded)
+            .saturating_add(self.rejected)
+    }
 }
 
 fn reject(change: &Change, reason: RejectReason) -> ChangeResult {
@@ -441,9 +517,10 @@ pub const DEFAULT_MAX_DRIFT_MS: u64 = 60_000;
 /// and through it every other device's versions, further than that bound. The clock observes
 /// every accepted version so later cloud writes order after what devices wrote.
 ///
-/// A missing row meets a write that names a `base` (the writer knew the key) as a tombstone at
-/// the owner's purge watermark: a device offline longer than tombstone retention cannot
-/// resurrect a deleted item with a write older than the delete.
+/// A missing row meets every write as a tombstone at the owner's purge watermark: a device
+/// offline longer than tombstone retention cannot resurrect a deleted item with a write older
+/// than the delete, whether the write named a base or was a create whose acknowledgement was
+/// lost. A write that loses to the watermark is answered `stale` with the watermark as winner.
 #[allow(clippy::too_many_arguments)]
 pub fn cloud_apply_push<T: CloudTxn>(
     txn: &mut T,
@@ -469,7 +546,7 @@ pub fn cloud_apply_push<T: CloudTxn>(
                     write_versioned(txn, &owner, model, change, item.as_ref(), Some(from))?;
                 match verdict {
                     Verdict::Written => counts.applied += 1,
-                    Verdict::Duplicate => {}
+                    Verdict::Duplicate => counts.duplicates += 1,
                     Verdict::Superseded(_) => counts.superseded += 1,
                     Verdict::WrongModel(_) => counts.rejected += 1,
                 }
@@ -577,10 +654,14 @@ fn write_versioned<T: CloudTxn>(
             return Ok(Verdict::WrongModel(row.model.clone()));
         }
     }
-    // A write that knew the key meets a purged row as the newest purged tombstone.
-    let purged = match (&row, change.base) {
-        (None, Some(_)) => txn.purge_watermark(owner)?,
-        _ => None,
+    // A missing row meets every write as a tombstone at the owner's purge watermark: the key
+    // may have held a delete that retention purged, and only the watermark still bounds its
+    // version. A create that raced a purged delete of its key then loses (visibly: `stale`
+    // with the watermark as winner), as does a genuinely new key written with a version below
+    // the watermark (made before the purge and held since).
+    let purged = match &row {
+        None => txn.purge_watermark(owner)?,
+        Some(_) => None,
     };
     let stored = row
         .as_ref()
@@ -630,9 +711,11 @@ fn write_versioned<T: CloudTxn>(
         }
         // The write did not build on what it overwrites: a concurrent write, or a wiped or
         // restored device overwriting its own newer past. Not a conflict: the same writer's
-        // next write on the same base (it coalesced them while the first was in flight).
+        // next write on the same base (it coalesced them while the first was in flight), or a
+        // write that never knew the key and beats only the purge watermark (no row to lose).
         let continuation = stored.node == change.version.node && stored_base == change.base;
-        if change.base != Some(stored) && !continuation {
+        let beats_only_the_watermark = row.is_none() && change.base.is_none();
+        if change.base != Some(stored) && !continuation && !beats_only_the_watermark {
             txn.log_conflict(&conflict(change.version, stored, Loser::Stored))?;
         }
     }

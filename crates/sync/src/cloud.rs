@@ -12,6 +12,13 @@
 //! answered [`ErrorCode::Busy`]. Every refusal is counted ([`CloudEngine::stats`], and per device
 //! through [`CloudAction::Throttled`]). What the engine holds per session is bounded by
 //! [`CloudEngineConfig::session_state_bound`], which `docs/security.md` spells out.
+//!
+//! It welcomes a session only after the session's first feed read: that read returns what the
+//! store holds for the device (its answered count, its feed's generations), which the welcome
+//! compares with the mark of the device's hello, before any push of the session is applied. A
+//! device that heard more than the store holds (the store was restored from an older backup) is
+//! told to re-push what it holds, and gets a restore resync when it holds feed data the store
+//! lost (`docs/protocol.md`, "Cloud restored from a backup").
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -21,8 +28,8 @@ use crate::identity::{DeviceId, MAX_NAME_LEN};
 use crate::rate::{RateLimit, TokenBucket};
 use crate::rng::SplitMix;
 use crate::wire::{
-    self, Change, ChangeResult, DownMsg, ErrorCode, Fit, MessageBudget, UpMsg, WireConfig,
-    WireError,
+    self, Change, ChangeResult, DeviceMark, DownMsg, ErrorCode, Fit, MessageBudget, UpMsg,
+    WireConfig, WireError,
 };
 
 /// Why a change was skipped in a page for its size.
@@ -142,6 +149,17 @@ pub struct CloudEngineStats {
     /// Messages other than `hello` and `bye` from a device without a session (answered
     /// [`ErrorCode::NoSession`], not processed; the device resends after its hello).
     pub messages_without_session: u64,
+    /// Pushes sent in an earlier session of their device (delayed past its next hello): not
+    /// applied, not answered; the device resends their changes from its outbox.
+    pub pushes_of_ended_sessions: u64,
+    /// Push acknowledgements not sent because the push was taken in an earlier session of its
+    /// device (applied, but the count the acknowledgement must carry is not known in the new
+    /// one): the device resends the changes, which are answered as duplicates.
+    pub acks_dropped: u64,
+    /// Welcomes that told the device the cloud holds less than it heard from it (the cloud was
+    /// restored from a backup): the device re-pushes what it holds, and gets a restore resync
+    /// when it holds feed data the cloud lost.
+    pub restores_detected: u64,
 }
 
 /// How far the connected devices are behind their feeds ([`CloudEngine::feed_lag`]): what the
@@ -178,6 +196,55 @@ pub struct FeedPage {
     /// Entries in the read range whose row could not be read (corrupt); they are skipped and
     /// reported, never allowed to stall the feed.
     pub unreadable: Vec<UnreadableRow>,
+    /// The generations of the feed in the store's history, oldest first, the current one last
+    /// (at most [`MAX_FEED_GENERATIONS`]; a new feed has the one generation 0, at 0). A run of
+    /// the store is one process's use of it; when a run first appends to the feed, the store
+    /// starts a generation named after the run, at the head it took over. A device's mark
+    /// names the generation and the head its data came from ([`DeviceMark`]): if the store's
+    /// history has no such generation, or the head is beyond where that generation ended, the
+    /// device holds feed data the store lost (it was restored from an older backup).
+    pub generations: Vec<FeedGeneration>,
+    /// The store's count of this device's pushed changes answered (every result of every push
+    /// applied: written, duplicate, superseded or refused), kept in the push's transaction.
+    pub answered: u64,
+}
+
+/// Most generations a store keeps per feed ([`FeedPage::generations`]); the oldest go first. A
+/// device whose mark names a generation forgotten since gets a restore resync, which is always
+/// correct, only more work.
+pub const MAX_FEED_GENERATIONS: usize = 16;
+
+/// One generation of a device's feed: the run of the store that appended to it, and the feed
+/// head when it took over (see [`FeedPage::generations`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FeedGeneration {
+    /// The run's id (0: no run appended yet).
+    pub gen: u64,
+    /// The head when it took over: its cursors are above it, earlier generations' at most it.
+    pub base: u64,
+}
+
+impl FeedPage {
+    /// The current generation of the feed (0 when the store keeps none).
+    pub fn gen(&self) -> u64 {
+        self.generations.last().map_or(0, |g| g.gen)
+    }
+
+    /// Whether the store's history holds everything a device with `mark` heard of its feed:
+    /// the mark's generation is in it, and the head the mark names is not beyond where that
+    /// generation ended. A store that keeps no generations says nothing (holds).
+    pub fn holds(&self, mark: &DeviceMark) -> bool {
+        if mark.seen == 0 || self.generations.is_empty() {
+            return true;
+        }
+        match self.generations.iter().position(|g| g.gen == mark.gen) {
+            Some(i) => {
+                let end = self.generations.get(i + 1).map_or(self.head, |n| n.base);
+                mark.seen <= end
+            }
+            None => false,
+        }
+    }
 }
 
 /// A row a page read skipped because it could not be decoded.
@@ -206,6 +273,8 @@ pub struct SnapshotPage {
     pub cursor: u64,
     /// Rows in the page's range that could not be read (skipped and reported).
     pub unreadable: Vec<UnreadableRow>,
+    /// The feed's generation at read time (see [`FeedPage::gen`]).
+    pub gen: u64,
 }
 
 /// Work for the cloud driver.
@@ -336,6 +405,9 @@ struct SnapTx {
     /// acknowledges is kept only if it is no longer, so a device cannot make the engine hold
     /// more than the store produced.
     longest_sent: usize,
+    /// The device holds feed data the store lost (it was restored from a backup): the pages
+    /// say so, and the device takes them as the truth for what it does not write up.
+    restore: bool,
 }
 
 /// The bytes of a snapshot position's strings.
@@ -382,6 +454,14 @@ enum Mode {
     Snapshot(Box<SnapTx>),
 }
 
+/// The fields of a device's [`UpMsg::Hello`].
+struct Hello {
+    session: u64,
+    cursor: u64,
+    pending: u64,
+    mark: Option<DeviceMark>,
+}
+
 /// What the cloud knows about one connected device.
 #[derive(Clone, Debug)]
 struct Session {
@@ -401,6 +481,19 @@ struct Session {
     deadline: Option<u64>,
     /// Consecutive timeouts, for backoff.
     retries: u32,
+    /// What the device's hello said it holds of the cloud's history.
+    mark: Option<DeviceMark>,
+    /// The welcome, once sent: the store's answered count it carried and whether it asked for
+    /// a re-push. `None` until the first feed read of the session: the welcome waits for it, so
+    /// what it says is read before any push of the session is applied.
+    welcome: Option<(u64, bool)>,
+    /// The store's count of the device's pushed changes answered, as of the last push result
+    /// handed to the engine (`None` before the session's first feed read). Results arrive in
+    /// the store's order, so the engine can keep it without another read.
+    answered: Option<u64>,
+    /// The cloud's wall time and the engine's time at the hello: the welcome, sent later, tells
+    /// the wall time of its sending.
+    hello_clock: (u64, u64),
 }
 
 /// The cloud side of the protocol, for every device.
@@ -590,22 +683,37 @@ impl CloudEngine {
                 session,
                 cursor,
                 pending,
+                mark,
             } => self.on_hello(
                 now_ms,
                 wall_ms,
                 from,
-                session,
-                cursor,
-                pending,
+                Hello {
+                    session,
+                    cursor,
+                    pending,
+                    mark,
+                },
                 decoded.schema,
             ),
-            UpMsg::Push { batch, changes } => {
+            UpMsg::Push {
+                batch,
+                changes,
+                session,
+            } => {
                 let max = self.cfg.max_pushes_in_progress;
                 let Some(s) = self.sessions.get_mut(from) else {
                     self.prompt(now_ms, from, true);
                     return;
                 };
                 s.last_seen_ms = now_ms;
+                if session.is_some_and(|p| p != s.session) {
+                    // Sent before the device's current hello: applying it now would change what
+                    // the welcome of this session said the cloud holds. The device requeued its
+                    // changes when it started the session; they come again.
+                    self.stats.pushes_of_ended_sessions += 1;
+                    return;
+                }
                 if s.pushes >= max {
                     self.busy(now_ms, from);
                     return;
@@ -756,8 +864,23 @@ impl CloudEngine {
         results: Vec<ChangeResult>,
     ) {
         let _ = now_ms;
+        let mut answered = None;
+        let mut session = None;
         if let Some(s) = self.sessions.get_mut(device) {
             s.pushes = s.pushes.saturating_sub(1);
+            session = Some(s.session);
+            if let Some(a) = &mut s.answered {
+                *a = a.saturating_add(results.len() as u64);
+                answered = Some(*a);
+            }
+        }
+        if answered.is_none() && !results.is_empty() {
+            // Taken in an ended session: the count this push brought the store to is not known
+            // here (the new session reads it), and an acknowledgement without it would let the
+            // device drop changes a restore could lose unseen. Its changes are requeued on the
+            // device and answered again as duplicates.
+            self.stats.acks_dropped += 1;
+            return;
         }
         // Split the results over as many acks as the size limit needs.
         let overhead = wire::down_overhead(
@@ -765,6 +888,8 @@ impl CloudEngine {
             &DownMsg::PushAck {
                 batch,
                 results: vec![],
+                answered: Some(u64::MAX),
+                session: Some(u64::MAX),
             },
         );
         let mut budget = MessageBudget::new(
@@ -779,6 +904,8 @@ impl CloudEngine {
                 let msg = DownMsg::PushAck {
                     batch,
                     results: std::mem::take(&mut part),
+                    answered,
+                    session,
                 };
                 self.transmit(device, &msg);
                 budget.reset();
@@ -792,6 +919,8 @@ impl CloudEngine {
             &DownMsg::PushAck {
                 batch,
                 results: part,
+                answered,
+                session,
             },
         );
     }
@@ -811,9 +940,42 @@ impl CloudEngine {
         f.reading = None;
         f.head_known = true;
         f.head = f.head.max(page.head);
+        // Results reach the engine in the store's order, so this is the count the engine kept;
+        // taking the higher one corrects a driver that lost a result.
+        s.answered = Some(s.answered.map_or(page.answered, |a| a.max(page.answered)));
         // A cursor beyond the head: the cloud lost feed entries the device already applied
         // (restored from a backup); only a full resync brings the two back together.
-        if page.resync_required || page.after > page.head {
+        let mut restore = page.after > page.head;
+        if s.welcome.is_none() {
+            // The session's first read: what the store holds, read before any push of the
+            // session, against what the device's hello says it heard from the cloud.
+            let (feed_lost, pushes_lost) = match s.mark {
+                Some(m) => (!page.holds(&m), m.answered > page.answered),
+                None => (false, false),
+            };
+            restore |= feed_lost;
+            let repush = restore || pushes_lost;
+            s.welcome = Some((page.answered, repush));
+            let (wall, at) = s.hello_clock;
+            let welcome = DownMsg::Welcome {
+                session: s.session,
+                now_ms: wall.saturating_add(now_ms.saturating_sub(at)),
+                max_drift_ms: self.cfg.max_drift_ms,
+                answered: Some(page.answered),
+                repush,
+            };
+            if repush {
+                self.stats.restores_detected += 1;
+            }
+            self.transmit(device, &welcome);
+        }
+        let Some(s) = self.sessions.get_mut(device) else {
+            return;
+        };
+        let session = s.session;
+        let gen = page.gen();
+        let read_head = page.head;
+        if page.resync_required || restore {
             let resync = self.rng.next() >> 11;
             s.mode = Mode::Snapshot(Box::new(SnapTx {
                 resync,
@@ -824,10 +986,14 @@ impl CloudEngine {
                 pages: VecDeque::new(),
                 reading: None,
                 longest_sent: 0,
+                restore,
             }));
             self.pump(now_ms, device);
             return;
         }
+        let Mode::Feed(f) = &mut s.mode else {
+            return;
+        };
         // The store read `limit` entries when it returned that many, readable or not; only a
         // short read reached the head.
         let full = page.changes.len() + page.unreadable.len() >= limit;
@@ -837,6 +1003,9 @@ impl CloudEngine {
                 from: page.after,
                 to: u64::MAX,
                 changes: vec![],
+                session: Some(u64::MAX),
+                gen: Some(u64::MAX),
+                seen: Some(u64::MAX),
             },
         );
         let max = self.cfg.wire.max_message_bytes;
@@ -887,6 +1056,9 @@ impl CloudEngine {
                 from: page.after,
                 to,
                 changes,
+                session: Some(session),
+                gen: Some(gen),
+                seen: Some(read_head),
             };
             self.transmit(device, &msg);
         }
@@ -934,6 +1106,9 @@ impl CloudEngine {
                 items: vec![],
                 done: false,
                 cursor,
+                gen: Some(u64::MAX),
+                seen: Some(u64::MAX),
+                restore: t.restore,
             },
         ) + reserve;
         let max = self.cfg.wire.max_message_bytes;
@@ -988,6 +1163,9 @@ impl CloudEngine {
             items,
             done,
             cursor,
+            gen: Some(page.gen),
+            seen: Some(page.cursor),
+            restore: t.restore,
         };
         self.transmit(device, &msg);
         self.finish_page(now_ms, device, unsendable);
@@ -1314,17 +1492,20 @@ impl CloudEngine {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn on_hello(
         &mut self,
         now_ms: u64,
         wall_ms: u64,
         from: &DeviceId,
-        session: u64,
-        cursor: u64,
-        pending: u64,
+        hello: Hello,
         schema: String,
     ) {
+        let Hello {
+            session,
+            cursor,
+            pending,
+            mark,
+        } = hello;
         if !self.sessions.contains_key(from) && self.sessions.len() >= self.cfg.max_sessions {
             let msg = DownMsg::Error {
                 code: ErrorCode::TooManySessions,
@@ -1338,9 +1519,19 @@ impl CloudEngine {
             if s.session == session {
                 // A resent hello (our welcome was lost, or the network duplicated it): answer
                 // again without restarting the stream, which would race with pages in flight.
+                // Before the session's first feed read there is no welcome yet: it goes out
+                // with the read.
                 s.last_seen_ms = now_ms;
-                let welcome = self.welcome(session, wall_ms);
-                self.transmit(from, &welcome);
+                if let Some((answered, repush)) = s.welcome {
+                    let welcome = DownMsg::Welcome {
+                        session,
+                        now_ms: wall_ms,
+                        max_drift_ms: self.cfg.max_drift_ms,
+                        answered: Some(answered),
+                        repush,
+                    };
+                    self.transmit(from, &welcome);
+                }
                 return;
             }
         }
@@ -1381,10 +1572,14 @@ impl CloudEngine {
                 }),
                 deadline: None,
                 retries: 0,
+                mark,
+                welcome: None,
+                answered: None,
+                hello_clock: (wall_ms, now_ms),
             },
         );
-        let welcome = self.welcome(session, wall_ms);
-        self.transmit(from, &welcome);
+        // The welcome waits for the feed read `pump` issues now: it tells what the store holds
+        // for the device before any push of this session is applied (see `handle_feed_page`).
         self.actions.push_back(CloudAction::DeviceStatus {
             device: from.clone(),
             online: true,
@@ -1394,14 +1589,6 @@ impl CloudEngine {
             last_seen_ms: now_ms,
         });
         self.pump(now_ms, from);
-    }
-
-    fn welcome(&self, session: u64, wall_ms: u64) -> DownMsg {
-        DownMsg::Welcome {
-            session,
-            now_ms: wall_ms,
-            max_drift_ms: self.cfg.max_drift_ms,
-        }
     }
 
     /// Issue the next read if the window allows one.
@@ -1518,6 +1705,7 @@ mod tests {
                 session: 9,
                 cursor,
                 pending: 0,
+                mark: None,
             },
             &WireConfig::default(),
         )
@@ -1554,6 +1742,7 @@ mod tests {
         UpMsg::Push {
             batch,
             changes: (0..n).map(|i| delete(&format!("k{i}"), 1)).collect(),
+            session: None,
         }
     }
 
@@ -1632,6 +1821,7 @@ mod tests {
             session: 10,
             cursor: 0,
             pending: 0,
+            mark: None,
         };
         let (m, _) = send(&mut c, 11, &hello2);
         assert!(
@@ -1645,9 +1835,16 @@ mod tests {
             "{m:?}"
         );
         assert_eq!(c.sessions(), 0);
-        // Once a token is back the hello is welcomed; the spent bucket is forgotten when full.
-        let (m, _) = send(&mut c, 111, &hello2);
-        assert!(matches!(m.as_slice(), [DownMsg::Welcome { .. }]), "{m:?}");
+        // Once a token is back the hello is taken (its welcome follows the feed read); the
+        // spent bucket is forgotten when full.
+        let (m, a) = send(&mut c, 111, &hello2);
+        assert!(m.is_empty(), "{m:?}");
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, CloudAction::ReadFeed { after: 0, .. })),
+            "{a:?}"
+        );
+        assert_eq!(c.sessions(), 1);
         send(&mut c, 112, &UpMsg::Bye);
         assert_eq!(c.spent_timers.len(), 1, "the spent bucket has a timer");
         c.handle_timeout(10_000);
@@ -1747,12 +1944,30 @@ mod tests {
             ..CloudEngineConfig::default()
         });
         let (m, _) = hello(&mut c, 0);
+        assert!(m.is_empty(), "the welcome waits for the feed read: {m:?}");
+        c.handle_feed_page(
+            9,
+            &dev(),
+            FeedPage {
+                after: 0,
+                changes: vec![],
+                head: 0,
+                resync_required: false,
+                unreadable: vec![],
+                generations: vec![],
+                answered: 3,
+            },
+        );
+        let (m, _) = outputs(&mut c);
         assert_eq!(
             m,
             vec![DownMsg::Welcome {
                 session: 9,
-                now_ms: 1_700_000_000_000,
-                max_drift_ms: 1234
+                // The hello came at 5 (wall 1_700_000_000_000), the read 4 ms later.
+                now_ms: 1_700_000_000_004,
+                max_drift_ms: 1234,
+                answered: Some(3),
+                repush: false,
             }]
         );
     }
@@ -1775,6 +1990,7 @@ mod tests {
             &UpMsg::Push {
                 batch: 1,
                 changes: vec![delete("a", 1)],
+                session: None,
             },
             &WireConfig::default(),
         )
@@ -1813,6 +2029,8 @@ mod tests {
                 head: 2,
                 resync_required: false,
                 unreadable: vec![],
+                generations: vec![],
+                answered: 0,
             },
         );
         outputs(&mut c);
@@ -1844,6 +2062,8 @@ mod tests {
                 head: 5,
                 resync_required: false,
                 unreadable: vec![],
+                generations: vec![],
+                answered: 0,
             },
         );
         outputs(&mut c);
@@ -1861,6 +2081,8 @@ mod tests {
                 head: 10,
                 resync_required: false,
                 unreadable: vec![],
+                generations: vec![],
+                answered: 0,
             },
         );
         let lag = c.feed_lag();
@@ -1884,6 +2106,8 @@ mod tests {
                 head: 10,
                 resync_required: false,
                 unreadable: vec![],
+                generations: vec![],
+                answered: 0,
             },
         );
         let (_, a) = outputs(&mut c);
@@ -1920,6 +2144,8 @@ mod tests {
                 head: 9,
                 resync_required: false,
                 unreadable: vec![bad(1, "a"), bad(3, "c")],
+                generations: vec![],
+                answered: 0,
             },
         );
         let (m, a) = outputs(&mut c);
@@ -1931,7 +2157,13 @@ mod tests {
             })
             .collect();
         assert_eq!(reported, vec!["a", "c"]);
-        let DownMsg::Feed { from, to, changes } = &m[0] else {
+        let DownMsg::Feed {
+            from, to, changes, ..
+        } = m
+            .iter()
+            .find(|m| matches!(m, DownMsg::Feed { .. }))
+            .expect("a feed page")
+        else {
             panic!("{m:?}")
         };
         assert_eq!(
@@ -1949,6 +2181,8 @@ mod tests {
                 head: 9,
                 resync_required: false,
                 unreadable: vec![bad(5, "e"), bad(6, "f"), bad(7, "g"), bad(8, "h")],
+                generations: vec![],
+                answered: 0,
             },
         );
         let (m, _) = outputs(&mut c);
@@ -1972,6 +2206,8 @@ mod tests {
                 head: 30,
                 resync_required: true,
                 unreadable: vec![],
+                generations: vec![],
+                answered: 0,
             },
         );
         let (_, a) = outputs(&mut c);
@@ -1991,6 +2227,7 @@ mod tests {
                 next: None,
                 cursor: 30,
                 unreadable: vec![],
+                gen: 0,
             },
         );
         outputs(&mut c);
@@ -2016,5 +2253,280 @@ mod tests {
             )),
             "{a:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    //! A cloud restored from a backup: the welcome waits for the session's first feed read and
+    //! compares the device's mark with what the store holds; nothing of an ended session is
+    //! applied or acknowledged after that read.
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::wire::Op;
+
+    fn dev() -> DeviceId {
+        DeviceId::new("acme", "d0").unwrap()
+    }
+
+    fn outputs(c: &mut CloudEngine) -> (Vec<DownMsg>, Vec<CloudAction>) {
+        let (mut msgs, mut actions) = (Vec::new(), Vec::new());
+        while let Some(a) = c.poll_action() {
+            match a {
+                CloudAction::Transmit { bytes, .. } => msgs.push(
+                    wire::decode_down(&bytes, &WireConfig::default())
+                        .unwrap()
+                        .msg,
+                ),
+                other => actions.push(other),
+            }
+        }
+        (msgs, actions)
+    }
+
+    fn send(c: &mut CloudEngine, now: u64, msg: &UpMsg) -> (Vec<DownMsg>, Vec<CloudAction>) {
+        let bytes = wire::encode_up("1", msg, &WireConfig::default()).unwrap();
+        c.handle_message(now, 1_700_000_000_000, &dev(), &bytes);
+        outputs(c)
+    }
+
+    fn hello(session: u64, cursor: u64, mark: DeviceMark) -> UpMsg {
+        UpMsg::Hello {
+            session,
+            cursor,
+            pending: 0,
+            mark: Some(mark),
+        }
+    }
+
+    fn page(after: u64, head: u64, generations: &[(u64, u64)], answered: u64) -> FeedPage {
+        FeedPage {
+            after,
+            changes: vec![],
+            head,
+            resync_required: false,
+            unreadable: vec![],
+            generations: generations
+                .iter()
+                .map(|&(gen, base)| FeedGeneration { gen, base })
+                .collect(),
+            answered,
+        }
+    }
+
+    fn delete(name: &str) -> Change {
+        Change {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: name.into(),
+            },
+            op: Op::Delete,
+            item: None,
+            version: Hlc {
+                wall_ms: 1,
+                counter: 0,
+                node: 1,
+            },
+            base: None,
+        }
+    }
+
+    fn welcomes(m: &[DownMsg]) -> Vec<(u64, Option<u64>, bool)> {
+        m.iter()
+            .filter_map(|m| match m {
+                DownMsg::Welcome {
+                    session,
+                    answered,
+                    repush,
+                    ..
+                } => Some((*session, *answered, *repush)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_welcome_tells_what_the_store_holds_once_it_was_read() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        let mark = DeviceMark {
+            gen: 0,
+            seen: 1,
+            answered: 5,
+        };
+        let (m, a) = send(&mut c, 1, &hello(9, 1, mark));
+        assert!(welcomes(&m).is_empty(), "no welcome before the read: {m:?}");
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ReadFeed { after: 1, .. })));
+        let (m, a) = send(&mut c, 2, &hello(9, 1, mark));
+        assert!(
+            m.is_empty() && a.is_empty(),
+            "a resent hello waits: {m:?} {a:?}"
+        );
+        // The restored store answered 3 of the device's changes; the device heard 5.
+        c.handle_feed_page(3, &dev(), page(1, 1, &[(0, 0)], 3));
+        let (m, a) = outputs(&mut c);
+        assert_eq!(welcomes(&m), [(9, Some(3), true)], "{m:?}");
+        assert!(
+            !a.iter()
+                .any(|a| matches!(a, CloudAction::ReadSnapshot { .. })),
+            "its feed is whole: no resync"
+        );
+        assert_eq!(c.stats().restores_detected, 1);
+        let (m, _) = send(&mut c, 4, &hello(9, 1, mark));
+        assert_eq!(welcomes(&m), [(9, Some(3), true)], "the same welcome again");
+        // A device that heard no more than the store holds is welcomed plainly.
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        send(
+            &mut c,
+            1,
+            &hello(
+                9,
+                1,
+                DeviceMark {
+                    answered: 3,
+                    ..mark
+                },
+            ),
+        );
+        c.handle_feed_page(3, &dev(), page(1, 1, &[(0, 0)], 3));
+        let (m, _) = outputs(&mut c);
+        assert_eq!(welcomes(&m), [(9, Some(3), false)]);
+        assert_eq!(c.stats().restores_detected, 0);
+    }
+
+    #[test]
+    fn a_device_holding_feed_data_the_store_lost_gets_a_restore_resync() {
+        // The device read up to head 9 in generation 77; the store's history never had 77 (a
+        // run after the backup), and it appended again since, past the device's cursor.
+        let cases = [
+            (77, 9, "a generation the store's history lacks"),
+            (4, 9, "beyond where its generation ended (at 6)"),
+            (5, 12, "beyond the head of the current generation"),
+        ];
+        for (gen, seen, what) in cases {
+            let mut c = CloudEngine::new(CloudEngineConfig::default());
+            let mark = DeviceMark {
+                gen,
+                seen,
+                answered: 0,
+            };
+            send(&mut c, 1, &hello(9, 9, mark));
+            c.handle_feed_page(2, &dev(), page(9, 11, &[(0, 0), (4, 2), (5, 6)], 0));
+            let (m, a) = outputs(&mut c);
+            assert_eq!(welcomes(&m), [(9, Some(0), true)], "{what}");
+            let Some(CloudAction::ReadSnapshot { resync, .. }) = a
+                .into_iter()
+                .find(|a| matches!(a, CloudAction::ReadSnapshot { .. }))
+            else {
+                panic!("{what}: no resync")
+            };
+            c.handle_snapshot_page(
+                3,
+                &dev(),
+                SnapshotPage {
+                    resync,
+                    items: vec![],
+                    next: None,
+                    cursor: 11,
+                    unreadable: vec![],
+                    gen: 5,
+                },
+            );
+            let (m, _) = outputs(&mut c);
+            assert!(
+                matches!(
+                    &m[..],
+                    [DownMsg::Snapshot {
+                        restore: true,
+                        gen: Some(5),
+                        seen: Some(11),
+                        done: true,
+                        ..
+                    }]
+                ),
+                "{what}: {m:?}"
+            );
+        }
+        // Within its generation's range: the feed goes on.
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        let mark = DeviceMark {
+            gen: 4,
+            seen: 6,
+            answered: 0,
+        };
+        send(&mut c, 1, &hello(9, 6, mark));
+        c.handle_feed_page(2, &dev(), page(6, 11, &[(0, 0), (4, 2), (5, 6)], 0));
+        let (m, a) = outputs(&mut c);
+        assert_eq!(welcomes(&m), [(9, Some(0), false)]);
+        assert!(!a
+            .iter()
+            .any(|a| matches!(a, CloudAction::ReadSnapshot { .. })));
+        // The page names its session, the feed's generation and the head it was read at.
+        assert!(
+            m.iter().any(|m| matches!(
+                m,
+                DownMsg::Feed {
+                    from: 6,
+                    to: 11,
+                    session: Some(9),
+                    gen: Some(5),
+                    seen: Some(11),
+                    ..
+                }
+            )),
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn pushes_and_acks_of_ended_sessions_are_dropped_and_counted() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        send(&mut c, 1, &hello(9, 1, DeviceMark::default()));
+        c.handle_feed_page(2, &dev(), page(1, 1, &[(0, 0)], 10));
+        outputs(&mut c);
+        let push = |session| UpMsg::Push {
+            batch: 4,
+            changes: vec![delete("a"), delete("b")],
+            session: Some(session),
+        };
+        let (m, a) = send(&mut c, 3, &push(8));
+        assert!(m.is_empty() && a.is_empty(), "{m:?} {a:?}");
+        assert_eq!(c.stats().pushes_of_ended_sessions, 1);
+        let (_, a) = send(&mut c, 4, &push(9));
+        assert!(matches!(&a[..], [CloudAction::ApplyPush { batch: 4, .. }]));
+        let results: Vec<ChangeResult> = ["a", "b"]
+            .iter()
+            .map(|k| ChangeResult {
+                model: "M".into(),
+                key: delete(k).key,
+                version: delete(k).version,
+                status: wire::ChangeStatus::Applied,
+            })
+            .collect();
+        c.handle_push_applied(5, &dev(), 4, results.clone());
+        let (m, _) = outputs(&mut c);
+        assert!(
+            matches!(
+                &m[..],
+                [DownMsg::PushAck {
+                    answered: Some(12),
+                    session: Some(9),
+                    ..
+                }]
+            ),
+            "the count after this push, and its session: {m:?}"
+        );
+        // A push taken in session 9 ends after the device's next hello: not acknowledged.
+        send(&mut c, 6, &push(9));
+        send(&mut c, 7, &hello(10, 1, DeviceMark::default()));
+        c.handle_push_applied(8, &dev(), 4, results);
+        let (m, _) = outputs(&mut c);
+        assert!(
+            !m.iter().any(|m| matches!(m, DownMsg::PushAck { .. })),
+            "{m:?}"
+        );
+        assert_eq!(c.stats().acks_dropped, 1);
     }
 }

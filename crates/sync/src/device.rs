@@ -8,12 +8,12 @@ use std::collections::{BTreeMap, VecDeque};
 
 use devtables_schema::ItemKey;
 
-use crate::apply::{ApplyOutcome, ApplyPage, Skipped};
+use crate::apply::{ApplyOutcome, ApplyPage, FeedMark, Skipped};
 use crate::hlc::Hlc;
 use crate::rng::SplitMix;
 use crate::wire::{
-    self, Change, ChangeStatus, DownMsg, ErrorCode, Fit, MessageBudget, Op, RejectReason,
-    SnapshotCursor, UpMsg, WireConfig, WireError,
+    self, Change, ChangeStatus, DeviceMark, DownMsg, ErrorCode, Fit, MessageBudget, Op,
+    RejectReason, SnapshotCursor, UpMsg, WireConfig, WireError,
 };
 
 /// Limits and timings of a [`DeviceEngine`].
@@ -115,6 +115,12 @@ pub struct Restored {
     pub cursor: u64,
     /// The durable outbox's metadata, oldest first, at most one entry per key.
     pub outbox: Vec<OutboxMeta>,
+    /// The feed mark stored by the last page that stored one
+    /// ([`crate::apply::DeviceTxn::set_feed_mark`]).
+    pub mark: FeedMark,
+    /// The answered count stored with the last outbox trim ([`DeviceAction::OutboxRemove`])
+    /// or by [`DeviceAction::StoreAnswered`].
+    pub answered: u64,
 }
 
 /// Work for the driver.
@@ -124,8 +130,29 @@ pub enum DeviceAction {
     /// [`DeviceEngine::handle_applied`] (or [`DeviceEngine::handle_apply_failed`]).
     Apply(ApplyPage),
     /// Delete these durable outbox entries, each only if its stored version still equals the
-    /// given one (a newer local write keeps its entry).
-    OutboxRemove(Vec<(String, ItemKey, Hlc)>),
+    /// given one (a newer local write keeps its entry). In the same transaction, raise the
+    /// device's stored answered count to `answered` if it is higher: the cloud's count once it
+    /// answered these changes, which the next hello tells it (a cloud restored from an older
+    /// backup then sees it lost them).
+    OutboxRemove {
+        /// (model, key, version) of each entry answered.
+        entries: Vec<(String, ItemKey, Hlc)>,
+        /// The acknowledgement's answered count, if it carried one.
+        answered: Option<u64>,
+    },
+    /// The cloud was restored from a backup and lost writes it had acknowledged, or feed data
+    /// this device holds: put every write the device holds of a model that syncs up (each live
+    /// item and each tombstone that has no outbox entry) into the durable outbox, at the version
+    /// it holds (a live item whose version was collected gets a fresh one), without a base, in
+    /// bounded slices of one transaction each; hand each new entry to
+    /// [`DeviceEngine::handle_local_change`] and, when every slice is done, call
+    /// [`DeviceEngine::handle_repush_done`]. No push is sent meanwhile. The cloud's version rule
+    /// makes the re-push idempotent: what it still holds is answered as a duplicate.
+    Repush,
+    /// Replace the device's stored answered count with this one (the cloud's, after a
+    /// [`DeviceAction::Repush`] is complete): the device no longer claims acknowledgements the
+    /// restored cloud lost, since it gave their writes back.
+    StoreAnswered(u64),
     /// The cloud refused this outbox entry's version as too far in the future. In one
     /// transaction, if the entry still holds `version`: rewind the clock to `cloud_ms`
     /// ([`crate::hlc::HlcClock::rewind_to`]), tick a new version on the device's corrected
@@ -239,6 +266,26 @@ pub enum DeviceEvent {
         /// Entries pending.
         pending: usize,
     },
+    /// A re-push after a cloud restore ([`DeviceAction::Repush`]) put `count` held writes back
+    /// into the outbox; they are being sent.
+    Repushed {
+        /// Writes put back into the outbox.
+        count: u64,
+    },
+}
+
+/// The fields of a received [`DownMsg::Snapshot`].
+struct SnapshotRx {
+    resync: u64,
+    session: Option<u64>,
+    after: Option<SnapshotCursor>,
+    last: Option<SnapshotCursor>,
+    items: Vec<Change>,
+    done: bool,
+    cursor: u64,
+    gen: Option<u64>,
+    seen: Option<u64>,
+    restore: bool,
 }
 
 /// One queued or in-flight outbox entry (the newest change of one key), as metadata: the change
@@ -290,6 +337,20 @@ struct ResyncRx {
     id: u64,
     /// The position after the last accepted page; the next page must follow it.
     pos: Option<SnapshotCursor>,
+    /// The highest feed head its accepted pages reflect: a restore resync stores it, as the
+    /// device's new feed mark, with its final page.
+    seen: u64,
+}
+
+/// A re-push after a cloud restore, under way ([`DeviceAction::Repush`]).
+#[derive(Clone, Copy, Debug)]
+struct RepushRun {
+    /// The answered count to store when it ends: the cloud's in the welcome, raised by
+    /// acknowledgements received meanwhile.
+    answered: u64,
+    /// Another welcome asked for a re-push with a lower count than this one holds (the cloud
+    /// was restored again): scan again when this one ends.
+    again: bool,
 }
 
 /// The device side of the protocol.
@@ -360,6 +421,14 @@ pub struct DeviceEngine {
     paused_until: Option<u64>,
     /// Most changes per push the cloud takes, when it said so ([`ErrorCode::TooManyChanges`]).
     cloud_max_changes: Option<usize>,
+    /// The feed mark as stored (as of the last applied page that stored one): told in hellos.
+    mark: FeedMark,
+    /// The feed mark after every accepted page (what the next page's mark builds on).
+    mark_tail: FeedMark,
+    /// The answered count as stored: told in hellos.
+    answered: u64,
+    /// A re-push after a cloud restore under way: no push is sent until it ends.
+    repush: Option<RepushRun>,
 }
 
 impl DeviceEngine {
@@ -394,6 +463,10 @@ impl DeviceEngine {
             high_raised: false,
             paused_until: None,
             cloud_max_changes: None,
+            mark: restored.mark,
+            mark_tail: restored.mark,
+            answered: restored.answered,
+            repush: None,
         };
         for meta in restored.outbox {
             engine.enqueue(0, meta);
@@ -419,6 +492,11 @@ impl DeviceEngine {
     /// Whether the cloud welcomed this connection.
     pub fn is_ready(&self) -> bool {
         self.ready
+    }
+
+    /// Whether a re-push after a cloud restore is under way (pushes wait for it).
+    pub fn is_repushing(&self) -> bool {
+        self.repush.is_some()
     }
 
     /// The transport connected.
@@ -466,6 +544,8 @@ impl DeviceEngine {
                 session,
                 now_ms: cloud_ms,
                 max_drift_ms,
+                answered,
+                repush,
             } => {
                 if self.connected && !self.ready && self.session == Some(session) {
                     self.ready = true;
@@ -476,10 +556,36 @@ impl DeviceEngine {
                         max_drift_ms,
                     });
                     self.event(DeviceEvent::Ready);
+                    if repush {
+                        self.start_repush(answered.unwrap_or(0));
+                    }
                 }
             }
-            DownMsg::PushAck { batch, results } => self.on_push_ack(batch, results),
-            DownMsg::Feed { from, to, changes } => self.on_feed(from, to, changes),
+            DownMsg::PushAck {
+                batch,
+                results,
+                answered,
+                session,
+            } => {
+                // An answer of another session (delayed past a reconnect) is not acted on: its
+                // changes were requeued and are answered again in this one.
+                if session.is_none_or(|s| self.session == Some(s)) {
+                    self.on_push_ack(batch, results, answered);
+                }
+            }
+            DownMsg::Feed {
+                from,
+                to,
+                changes,
+                session,
+                gen,
+                seen,
+            } => {
+                // A page of another session (delayed past a reconnect) is not this stream's.
+                if session.is_none_or(|s| self.session == Some(s)) {
+                    self.on_feed(from, to, changes, gen, seen.unwrap_or(to));
+                }
+            }
             DownMsg::Snapshot {
                 resync,
                 session,
@@ -488,7 +594,21 @@ impl DeviceEngine {
                 items,
                 done,
                 cursor,
-            } => self.on_snapshot(resync, session, after, last, items, done, cursor),
+                gen,
+                seen,
+                restore,
+            } => self.on_snapshot(SnapshotRx {
+                resync,
+                session,
+                after,
+                last,
+                items,
+                done,
+                cursor,
+                gen,
+                seen,
+                restore,
+            }),
             DownMsg::Error { code, message } => match code {
                 ErrorCode::NoSession => {
                     // Only restart a welcomed session: while a hello is outstanding it will be
@@ -554,6 +674,15 @@ impl DeviceEngine {
             }
             self.event(DeviceEvent::Superseded { change, winner });
         }
+        if let ApplyPage::Feed {
+            mark: Some(mark), ..
+        }
+        | ApplyPage::Snapshot {
+            mark: Some(mark), ..
+        } = &page
+        {
+            self.mark = *mark;
+        }
         match page {
             ApplyPage::Feed { to, .. } => {
                 self.cursor = to;
@@ -598,11 +727,15 @@ impl DeviceEngine {
                 Some(ResyncRx {
                     id: resync,
                     pos: pos.clone(),
+                    // What the pages applied so far reflect is not stored before the end of
+                    // a restore resync; the resent pages tell it again.
+                    seen: 0,
                 })
             }
             _ => None,
         };
         self.tail = self.cursor;
+        self.mark_tail = self.mark;
         self.event(DeviceEvent::ApplyFailed);
     }
 
@@ -635,6 +768,28 @@ impl DeviceEngine {
             from: old,
             to,
         });
+        self.flush(now_ms);
+    }
+
+    /// The driver finished a [`DeviceAction::Repush`]: `count` held writes were put back into
+    /// the durable outbox (and handed to [`Self::handle_local_change`]). Pushes resume, and the
+    /// driver is asked to store the cloud's answered count ([`DeviceAction::StoreAnswered`]).
+    pub fn handle_repush_done(&mut self, now_ms: u64, count: u64) {
+        let Some(run) = self.repush.take() else {
+            return;
+        };
+        self.event(DeviceEvent::Repushed { count });
+        if run.again {
+            self.repush = Some(RepushRun {
+                again: false,
+                ..run
+            });
+            self.actions.push_back(DeviceAction::Repush);
+            return;
+        }
+        self.answered = run.answered;
+        self.actions
+            .push_back(DeviceAction::StoreAnswered(run.answered));
         self.flush(now_ms);
     }
 
@@ -710,7 +865,7 @@ impl DeviceEngine {
         for b in self.batches.values() {
             consider(b.deadline);
         }
-        if self.ready && self.batches.len() < self.cfg.max_in_flight {
+        if self.ready && self.repush.is_none() && self.batches.len() < self.cfg.max_in_flight {
             if let Some((_, key)) = self.order.iter().next() {
                 if let Some(e) = self.entries.get(key) {
                     let delay = if self.batches.is_empty() {
@@ -771,7 +926,33 @@ impl DeviceEngine {
             }) => *cursor,
             _ => self.cursor,
         };
+        self.mark_tail = match &self.applying {
+            Some(ApplyPage::Feed { mark: Some(m), .. })
+            | Some(ApplyPage::Snapshot { mark: Some(m), .. }) => *m,
+            _ => self.mark,
+        };
         self.send_hello(now_ms);
+    }
+
+    /// The welcome says the cloud holds less than this device heard from it: re-push (or, if a
+    /// re-push is under way, scan again once it ends when the cloud's count is lower than the
+    /// one it would store).
+    fn start_repush(&mut self, answered: u64) {
+        match &mut self.repush {
+            Some(run) => {
+                if answered < run.answered {
+                    run.again = true;
+                    run.answered = answered;
+                }
+            }
+            None => {
+                self.repush = Some(RepushRun {
+                    answered,
+                    again: false,
+                });
+                self.actions.push_back(DeviceAction::Repush);
+            }
+        }
     }
 
     fn send_hello(&mut self, now_ms: u64) {
@@ -782,6 +963,11 @@ impl DeviceEngine {
             session,
             cursor: self.cursor,
             pending: self.entries.len() as u64,
+            mark: Some(DeviceMark {
+                gen: self.mark.gen,
+                seen: self.mark.seen,
+                answered: self.answered,
+            }),
         };
         self.send(&msg);
         let rto = self.rto(self.hello_attempts);
@@ -864,7 +1050,7 @@ impl DeviceEngine {
         Some(e)
     }
 
-    fn on_push_ack(&mut self, batch: u64, results: Vec<wire::ChangeResult>) {
+    fn on_push_ack(&mut self, batch: u64, results: Vec<wire::ChangeResult>, answered: Option<u64>) {
         self.backoff = 0;
         let mut removed = Vec::new();
         for r in results {
@@ -918,18 +1104,41 @@ impl DeviceEngine {
             self.batches.remove(&batch);
         }
         if !removed.is_empty() {
-            self.actions.push_back(DeviceAction::OutboxRemove(removed));
+            // The count goes with the trim: an answered change leaves the outbox only with the
+            // count that lets a restored cloud see it lost it.
+            if let Some(a) = answered {
+                self.answered = self.answered.max(a);
+                if let Some(run) = &mut self.repush {
+                    run.answered = run.answered.max(a);
+                }
+            }
+            self.actions.push_back(DeviceAction::OutboxRemove {
+                entries: removed,
+                answered,
+            });
         }
     }
 
-    fn on_feed(&mut self, from: u64, to: u64, changes: Vec<Change>) {
+    fn on_feed(&mut self, from: u64, to: u64, changes: Vec<Change>, gen: Option<u64>, seen: u64) {
         if to < from || self.resync.is_some() {
             return;
         }
         if from == self.tail {
             if self.inbox.len() < self.cfg.max_buffered_pages {
                 self.tail = to;
-                self.inbox.push_back(ApplyPage::Feed { from, to, changes });
+                let mark = gen.map(|gen| FeedMark {
+                    gen,
+                    seen: self.mark_tail.seen.max(seen),
+                });
+                if let Some(m) = mark {
+                    self.mark_tail = m;
+                }
+                self.inbox.push_back(ApplyPage::Feed {
+                    from,
+                    to,
+                    changes,
+                    mark,
+                });
             }
         } else if from < self.tail && self.applying.is_none() && self.inbox.is_empty() {
             // A duplicate: our acknowledgement was probably lost. Say again where we are.
@@ -940,17 +1149,19 @@ impl DeviceEngine {
         // A gap (from > tail) is ignored: the cloud resends from the acknowledged cursor.
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_snapshot(
-        &mut self,
-        resync: u64,
-        session: Option<u64>,
-        after: Option<SnapshotCursor>,
-        last: Option<SnapshotCursor>,
-        items: Vec<Change>,
-        done: bool,
-        cursor: u64,
-    ) {
+    fn on_snapshot(&mut self, page: SnapshotRx) {
+        let SnapshotRx {
+            resync,
+            session,
+            after,
+            last,
+            items,
+            done,
+            cursor,
+            gen,
+            seen,
+            restore,
+        } = page;
         let expected = match &self.resync {
             Some(r) if r.id == resync => Some(r.pos.clone()),
             _ => None,
@@ -993,12 +1204,34 @@ impl DeviceEngine {
         if self.inbox.len() >= self.cfg.max_buffered_pages {
             return;
         }
+        let page_seen = seen.unwrap_or(cursor);
+        let resync_seen = match &self.resync {
+            Some(r) if r.id == resync => r.seen.max(page_seen),
+            _ => page_seen,
+        };
+        // A restore resync replaces the mark that shows the loss only with its final page: a
+        // device that stops half-way still shows it at its next hello, and is repaired again.
+        let mark = match gen {
+            None => None,
+            Some(gen) if restore => done.then_some(FeedMark {
+                gen,
+                seen: resync_seen,
+            }),
+            Some(gen) => Some(FeedMark {
+                gen,
+                seen: self.mark_tail.seen.max(page_seen),
+            }),
+        };
+        if let Some(m) = mark {
+            self.mark_tail = m;
+        }
         self.resync = if done {
             None
         } else {
             Some(ResyncRx {
                 id: resync,
                 pos: last.clone(),
+                seen: resync_seen,
             })
         };
         if done {
@@ -1011,6 +1244,8 @@ impl DeviceEngine {
             items,
             done,
             cursor,
+            mark,
+            restore,
         });
     }
 
@@ -1025,7 +1260,10 @@ impl DeviceEngine {
 
     /// Send batches while the window allows and a batch is due.
     fn flush(&mut self, now_ms: u64) {
-        if !self.ready || self.paused_until.is_some_and(|p| now_ms < p) {
+        // During a re-push after a cloud restore nothing is sent: a push applied now would
+        // raise the cloud's count before the device gave back what the restore lost, and a
+        // crash half-way would then hide the loss from the next welcome.
+        if !self.ready || self.repush.is_some() || self.paused_until.is_some_and(|p| now_ms < p) {
             return;
         }
         while self.batches.len() < self.cfg.max_in_flight && !self.order.is_empty() {
@@ -1051,6 +1289,7 @@ impl DeviceEngine {
             &UpMsg::Push {
                 batch: u64::MAX,
                 changes: vec![],
+                session: Some(u64::MAX),
             },
         );
         MessageBudget::new(overhead, max_bytes, max_count)
@@ -1181,11 +1420,10 @@ impl DeviceEngine {
             let fit = budget.add(len);
             if fit == Fit::Never {
                 if self.remove_entry(&k).is_some() {
-                    self.actions.push_back(DeviceAction::OutboxRemove(vec![(
-                        k.0,
-                        k.1,
-                        change.version,
-                    )]));
+                    self.actions.push_back(DeviceAction::OutboxRemove {
+                        entries: vec![(k.0, k.1, change.version)],
+                        answered: None,
+                    });
                     self.event(DeviceEvent::Rejected {
                         change,
                         reason: RejectReason::TooLarge,
@@ -1216,6 +1454,7 @@ impl DeviceEngine {
         let msg = UpMsg::Push {
             batch,
             changes: send,
+            session: self.session,
         };
         self.send(&msg);
         let UpMsg::Push { changes: sent, .. } = msg else {
@@ -1293,6 +1532,8 @@ mod tests {
             Restored {
                 cursor: 0,
                 outbox: outbox.iter().map(OutboxMeta::of).collect(),
+                mark: Default::default(),
+                answered: 0,
             },
         );
         e.handle_connected(0);
@@ -1304,6 +1545,8 @@ mod tests {
             session: *session,
             now_ms: 1,
             max_drift_ms: 60_000,
+            answered: None,
+            repush: false,
         };
         let bytes = wire::encode_down("1", &welcome, &WireConfig::default()).unwrap();
         e.handle_message(1, &bytes);
@@ -1331,7 +1574,7 @@ mod tests {
         pushes_and_hello(e)
             .into_iter()
             .filter_map(|m| match m {
-                UpMsg::Push { batch, changes } => Some((
+                UpMsg::Push { batch, changes, .. } => Some((
                     batch,
                     changes
                         .into_iter()
@@ -1356,7 +1599,12 @@ mod tests {
                 status: ChangeStatus::Applied,
             })
             .collect();
-        let msg = DownMsg::PushAck { batch, results };
+        let msg = DownMsg::PushAck {
+            batch,
+            results,
+            answered: None,
+            session: None,
+        };
         let bytes = wire::encode_down("1", &msg, &WireConfig::default()).unwrap();
         e.handle_message(now, &bytes);
     }
@@ -1379,10 +1627,13 @@ mod tests {
         ack(&mut e, 3, batch, &[("a", 5), ("c", 1)]);
         assert_eq!(
             e.poll_action(),
-            Some(DeviceAction::OutboxRemove(vec![
-                ("M".into(), change("a", 5, 0).key, hlc(5)),
-                ("M".into(), change("c", 1, 0).key, hlc(1)),
-            ]))
+            Some(DeviceAction::OutboxRemove {
+                entries: vec![
+                    ("M".into(), change("a", 5, 0).key, hlc(5)),
+                    ("M".into(), change("c", 1, 0).key, hlc(1)),
+                ],
+                answered: None
+            })
         );
         assert_eq!(e.pending(), 0);
     }
@@ -1440,7 +1691,7 @@ mod tests {
         assert_eq!(sent(&mut e), [(batch, vec![("a".into(), 1)])]);
         assert!(matches!(
             e.poll_action(),
-            Some(DeviceAction::OutboxRemove(list)) if list[0].1.sk == "big"
+            Some(DeviceAction::OutboxRemove { entries, answered: None }) if entries[0].1.sk == "big"
         ));
         let refused = std::iter::from_fn(|| e.poll_event()).find_map(|ev| match ev {
             DeviceEvent::Rejected { change, reason } => Some((change, reason)),
@@ -1495,6 +1746,8 @@ mod verdict_tests {
             session,
             now_ms: 1_000_000,
             max_drift_ms: 60_000,
+            answered: None,
+            repush: false,
         };
         e.handle_message(
             1,
@@ -1517,7 +1770,12 @@ mod verdict_tests {
         let Some(UpMsg::Push { batch, .. }) = sent(e).pop() else {
             panic!("no push")
         };
-        let msg = DownMsg::PushAck { batch, results };
+        let msg = DownMsg::PushAck {
+            batch,
+            results,
+            answered: None,
+            session: None,
+        };
         e.handle_message(
             now,
             &wire::encode_down("1", &msg, &WireConfig::default()).unwrap(),
@@ -1759,15 +2017,283 @@ mod verdict_tests {
         assert_eq!(e.pending(), 0);
         assert_eq!(
             e.poll_action(),
-            Some(DeviceAction::OutboxRemove(vec![(
-                "M".into(),
-                mine.key.clone(),
-                mine.version
-            )]))
+            Some(DeviceAction::OutboxRemove {
+                entries: vec![("M".into(), mine.key.clone(), mine.version)],
+                answered: None
+            })
         );
         assert!(events(&mut e).contains(&DeviceEvent::Superseded {
             change: mine,
             winner
         }));
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    //! A cloud restored from a backup: the mark a hello carries, the re-push a welcome asks for,
+    //! and what of other sessions is not acted on.
+    use super::*;
+    use crate::wire::{ChangeResult, Op};
+
+    fn change(sk: &str, wall_ms: u64) -> Change {
+        Change {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: sk.into(),
+            },
+            op: Op::Delete,
+            item: None,
+            version: Hlc {
+                wall_ms,
+                counter: 0,
+                node: 1,
+            },
+            base: None,
+        }
+    }
+
+    fn sent(e: &mut DeviceEngine) -> Vec<UpMsg> {
+        std::iter::from_fn(|| e.poll_transmit())
+            .map(|b| wire::decode_up(&b, &WireConfig::default()).unwrap().msg)
+            .collect()
+    }
+
+    fn down(e: &mut DeviceEngine, now: u64, msg: &DownMsg) {
+        e.handle_message(
+            now,
+            &wire::encode_down("1", msg, &WireConfig::default()).unwrap(),
+        );
+    }
+
+    fn actions(e: &mut DeviceEngine) -> Vec<DeviceAction> {
+        std::iter::from_fn(|| e.poll_action()).collect()
+    }
+
+    /// A connected engine whose hello was sent; returns it and the hello's session and mark.
+    fn connected(
+        outbox: &[Change],
+        mark: FeedMark,
+        answered: u64,
+    ) -> (DeviceEngine, u64, DeviceMark) {
+        let mut e = DeviceEngine::new(
+            DeviceConfig::default(),
+            "1".into(),
+            Restored {
+                cursor: 4,
+                outbox: outbox.iter().map(OutboxMeta::of).collect(),
+                mark,
+                answered,
+            },
+        );
+        e.handle_connected(0);
+        let Some(UpMsg::Hello {
+            session,
+            mark: Some(mark),
+            ..
+        }) = sent(&mut e).pop()
+        else {
+            panic!("no hello with a mark")
+        };
+        (e, session, mark)
+    }
+
+    fn welcome(session: u64, answered: u64, repush: bool) -> DownMsg {
+        DownMsg::Welcome {
+            session,
+            now_ms: 1_000_000,
+            max_drift_ms: 60_000,
+            answered: Some(answered),
+            repush,
+        }
+    }
+
+    #[test]
+    fn a_hello_says_what_the_device_holds_of_the_clouds_history() {
+        let (_, _, mark) = connected(&[], FeedMark { gen: 8, seen: 12 }, 30);
+        assert_eq!(
+            mark,
+            DeviceMark {
+                gen: 8,
+                seen: 12,
+                answered: 30
+            }
+        );
+    }
+
+    #[test]
+    fn a_welcome_asking_for_a_repush_holds_every_push_until_it_is_done() {
+        let a = change("a", 10);
+        let (mut e, session, _) = connected(std::slice::from_ref(&a), FeedMark::default(), 9);
+        down(&mut e, 1, &welcome(session, 3, true));
+        assert!(e.is_ready() && e.is_repushing());
+        assert_eq!(
+            actions(&mut e),
+            [DeviceAction::Repush],
+            "no batch is loaded"
+        );
+        assert_eq!(
+            e.poll_timeout(),
+            None,
+            "nothing is due while the re-push runs"
+        );
+        // The driver hands the entries it put back; they wait too.
+        let b = change("b", 5);
+        e.handle_local_change(2, b.clone());
+        e.handle_timeout(100);
+        assert!(actions(&mut e).is_empty());
+        assert!(sent(&mut e).is_empty());
+        e.handle_repush_done(200, 1);
+        assert!(!e.is_repushing());
+        let done = actions(&mut e);
+        assert_eq!(done[0], DeviceAction::StoreAnswered(3), "{done:?}");
+        assert!(
+            matches!(&done[1], DeviceAction::LoadBatch { keys, .. } if keys.len() == 2),
+            "pushes resume: {done:?}"
+        );
+        let events: Vec<DeviceEvent> = std::iter::from_fn(|| e.poll_event()).collect();
+        assert!(
+            events.contains(&DeviceEvent::Repushed { count: 1 }),
+            "{events:?}"
+        );
+        // The next hello says the cloud's count, not the one the restored cloud lost.
+        e.handle_disconnected(300);
+        e.handle_connected(300);
+        let Some(UpMsg::Hello { mark: Some(m), .. }) = sent(&mut e).pop() else {
+            panic!("no hello")
+        };
+        assert_eq!(m.answered, 3);
+    }
+
+    #[test]
+    fn a_lower_count_in_another_welcome_scans_again() {
+        let (mut e, session, _) = connected(&[], FeedMark::default(), 9);
+        down(&mut e, 1, &welcome(session, 5, true));
+        assert_eq!(actions(&mut e), [DeviceAction::Repush]);
+        e.handle_disconnected(2);
+        e.handle_connected(2);
+        let Some(UpMsg::Hello { session: s2, .. }) = sent(&mut e).pop() else {
+            panic!("no hello")
+        };
+        // Restored again, further back: the scan under way may miss what was answered since.
+        down(&mut e, 3, &welcome(s2, 2, true));
+        assert!(actions(&mut e).is_empty(), "one scan at a time");
+        e.handle_repush_done(4, 0);
+        assert_eq!(actions(&mut e), [DeviceAction::Repush], "once more");
+        e.handle_repush_done(5, 0);
+        assert_eq!(actions(&mut e), [DeviceAction::StoreAnswered(2)]);
+    }
+
+    #[test]
+    fn answers_and_pages_of_another_session_are_not_acted_on() {
+        let a = change("a", 10);
+        let (mut e, session, _) = connected(std::slice::from_ref(&a), FeedMark::default(), 0);
+        down(&mut e, 1, &welcome(session, 0, false));
+        let Some(DeviceAction::LoadBatch { batch, .. }) = e.poll_action() else {
+            panic!("no batch")
+        };
+        e.handle_batch_loaded(2, batch, vec![a.clone()]);
+        let pushed = sent(&mut e);
+        assert!(
+            matches!(&pushed[..], [UpMsg::Push { session: Some(s), .. }] if *s == session),
+            "a push names its session: {pushed:?}"
+        );
+        let results = vec![ChangeResult {
+            model: "M".into(),
+            key: a.key.clone(),
+            version: a.version,
+            status: ChangeStatus::Applied,
+        }];
+        let ack = |s: u64, answered: u64| DownMsg::PushAck {
+            batch,
+            results: results.clone(),
+            answered: Some(answered),
+            session: Some(s),
+        };
+        down(&mut e, 3, &ack(session ^ 1, 9));
+        assert_eq!(
+            (e.pending(), e.poll_action()),
+            (1, None),
+            "another session's ack"
+        );
+        down(&mut e, 4, &ack(session, 4));
+        assert_eq!(
+            e.poll_action(),
+            Some(DeviceAction::OutboxRemove {
+                entries: vec![("M".into(), a.key.clone(), a.version)],
+                answered: Some(4)
+            }),
+            "the trim stores the count"
+        );
+        let page = |s: u64| DownMsg::Feed {
+            from: 4,
+            to: 5,
+            changes: vec![],
+            session: Some(s),
+            gen: Some(7),
+            seen: None,
+        };
+        down(&mut e, 5, &page(session ^ 1));
+        assert_eq!(e.poll_action(), None, "another session's page");
+        down(&mut e, 6, &page(session));
+        assert!(matches!(
+            e.poll_action(),
+            Some(DeviceAction::Apply(ApplyPage::Feed {
+                mark: Some(FeedMark { gen: 7, seen: 5 }),
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn a_restore_resync_stores_its_mark_only_with_its_final_page() {
+        let (mut e, session, _) = connected(&[], FeedMark { gen: 3, seen: 40 }, 0);
+        down(&mut e, 1, &welcome(session, 0, true));
+        let page = |after: Option<SnapshotCursor>, last: Option<SnapshotCursor>, done, seen| {
+            DownMsg::Snapshot {
+                resync: 11,
+                session: Some(session),
+                after,
+                last,
+                items: vec![],
+                done,
+                cursor: 6,
+                gen: Some(9),
+                seen: Some(seen),
+                restore: true,
+            }
+        };
+        let pos = SnapshotCursor {
+            model: "M".into(),
+            key: change("a", 1).key,
+        };
+        down(&mut e, 2, &page(None, Some(pos.clone()), false, 8));
+        let first = actions(&mut e);
+        assert!(
+            first.iter().any(|a| matches!(
+                a,
+                DeviceAction::Apply(ApplyPage::Snapshot {
+                    mark: None,
+                    restore: true,
+                    ..
+                })
+            )),
+            "{first:?}"
+        );
+        e.handle_applied(3, ApplyOutcome::default());
+        down(&mut e, 4, &page(Some(pos), None, true, 7));
+        let last = actions(&mut e);
+        assert!(
+            last.iter().any(|a| matches!(
+                a,
+                DeviceAction::Apply(ApplyPage::Snapshot {
+                    mark: Some(FeedMark { gen: 9, seen: 8 }),
+                    done: true,
+                    ..
+                })
+            )),
+            "the highest head of the resync's pages, replacing the old mark: {last:?}"
+        );
     }
 }

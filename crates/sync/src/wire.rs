@@ -280,6 +280,11 @@ pub enum UpMsg {
         cursor: u64,
         /// Outbox size, for monitoring.
         pending: u64,
+        /// What the device holds of the cloud's history; the cloud compares it with what it
+        /// holds itself to tell whether it lost some of it (restored from a backup). Absent
+        /// from devices that predate it: no comparison.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mark: Option<DeviceMark>,
     },
     /// A batch of local changes.
     Push {
@@ -287,6 +292,12 @@ pub enum UpMsg {
         batch: u64,
         /// The changes, oldest first, at most one per key.
         changes: Vec<Change>,
+        /// The session (of the device's hello) the push was sent in. The cloud applies it only
+        /// in that session: a push delayed past the device's next hello is dropped (the device
+        /// resends it from its outbox), so nothing is applied between the cloud reading what it
+        /// holds for the welcome and the device acting on it. Absent: applied in any session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<u64>,
     },
     /// The device applied and durably stored the feed up to `cursor`.
     FeedAck {
@@ -306,6 +317,24 @@ pub enum UpMsg {
         /// Whether the final page was applied (the resync is over).
         done: bool,
     },
+}
+
+/// What a device holds of the cloud's history, sent in [`UpMsg::Hello`]. Every figure only grows
+/// in one history of the cloud store; a cloud restored from an older backup holds less than a
+/// device that heard from it after the backup was taken, which is how the loss is seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMark {
+    /// The generation of the device's feed that its last applied page came from (0: none, or
+    /// a cloud that does not say). The cloud starts a new generation of a feed when a new run
+    /// of the store first appends to it, so cursors the cloud hands out again after a restore
+    /// are told apart from those the device already holds.
+    pub gen: u64,
+    /// The highest feed head the device's applied pages reflect: each page's `seen`, the head
+    /// when the cloud read it.
+    pub seen: u64,
+    /// The cloud's count of this device's pushed changes answered, as of the last
+    /// acknowledgement the device acted on ([`DownMsg::PushAck`]'s `answered`).
+    pub answered: u64,
 }
 
 /// A position in a resync: the last item covered. Items are ordered by (model, key) across the
@@ -387,6 +416,16 @@ pub enum DownMsg {
         now_ms: u64,
         /// How far past its own time the cloud accepts a version, in ms.
         max_drift_ms: u64,
+        /// The cloud's count of this device's pushed changes answered, read before any push of
+        /// this session was applied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answered: Option<u64>,
+        /// The cloud holds less than the device's hello says it heard from it (the cloud was
+        /// restored from a backup): before pushing anything else the device puts every write it
+        /// holds of its up-syncing models back into its outbox, so the cloud gets back what it
+        /// had acknowledged (see `docs/protocol.md`, "Cloud restored from a backup").
+        #[serde(default, skip_serializing_if = "is_false")]
+        repush: bool,
     },
     /// The results of one [`UpMsg::Push`] (possibly split over several messages).
     PushAck {
@@ -394,6 +433,16 @@ pub enum DownMsg {
         batch: u64,
         /// One result per change answered.
         results: Vec<ChangeResult>,
+        /// The cloud's count of this device's pushed changes answered, once this push was
+        /// applied: the device keeps the highest it acted on (its [`DeviceMark::answered`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answered: Option<u64>,
+        /// The session the push was answered in: a device acts only on answers of its current
+        /// session. An answer delayed past a reconnect may come from a cloud process since
+        /// replaced (restored from a backup that does not hold the change); the device resent
+        /// the change in its new session anyway.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<u64>,
     },
     /// Feed entries with cursor in `(from, to]`; the device applies it only if `from` equals its
     /// cursor, then stores `to`.
@@ -404,6 +453,19 @@ pub enum DownMsg {
         to: u64,
         /// The changes, in feed order, at most one per key.
         changes: Vec<Change>,
+        /// The session the page streams in: a device applies only pages of its current session,
+        /// so a page delayed past a reconnect (perhaps from a cloud process since replaced) is
+        /// not taken.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<u64>,
+        /// The generation of the feed when the page was read (see [`DeviceMark::gen`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gen: Option<u64>,
+        /// The feed head when the page was read. The page reflects the feed as of that head, not
+        /// of `to`: an entry a later write moved past `to` (one entry per key) is missing from it,
+        /// so the device's mark says this head ([`DeviceMark::seen`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seen: Option<u64>,
     },
     /// One page of a full resync.
     Snapshot {
@@ -427,6 +489,17 @@ pub enum DownMsg {
         done: bool,
         /// The feed head when the resync began; the device stores it with the final page.
         cursor: u64,
+        /// The generation of the feed when the page was read (see [`DeviceMark::gen`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gen: Option<u64>,
+        /// The feed head when the page was read: the items may reflect writes up to it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seen: Option<u64>,
+        /// The resync repairs a device that holds data the cloud lost (restored from a backup):
+        /// for models the device does not write up, the pages are the truth even where the
+        /// device holds a higher version.
+        #[serde(default, skip_serializing_if = "is_false")]
+        restore: bool,
     },
     /// The cloud refused a message.
     Error {
@@ -435,6 +508,10 @@ pub enum DownMsg {
         /// A sentence for logs.
         message: String,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A decoded message with its envelope.
@@ -811,6 +888,7 @@ mod tests {
         let msg = UpMsg::Push {
             batch: 9,
             changes: changes.clone(),
+            session: Some(4),
         };
         let bytes = encode_up("1.0.0", &msg, &cfg).unwrap();
         let expected = up_overhead(
@@ -818,6 +896,7 @@ mod tests {
             &UpMsg::Push {
                 batch: 9,
                 changes: vec![],
+                session: Some(4),
             },
         ) + changes.iter().map(change_len).sum::<usize>()
             + 1;
@@ -838,6 +917,7 @@ mod tests {
             &UpMsg::Push {
                 batch: 1,
                 changes: vec![],
+                session: None,
             },
         );
         let one = change_len(&change());
@@ -848,6 +928,7 @@ mod tests {
         let msg = UpMsg::Push {
             batch: 1,
             changes: vec![change(), change()],
+            session: None,
         };
         assert_eq!(
             encode_up("1", &msg, &cfg).unwrap().len(),

@@ -12,6 +12,7 @@ fn valid_up() -> Vec<u8> {
         session: 7,
         cursor: 3,
         pending: 1,
+        mark: None,
     };
     wire::encode_up("1.0.0", &msg, &WireConfig::default()).unwrap()
 }
@@ -21,6 +22,8 @@ fn valid_down() -> Vec<u8> {
         session: 7,
         now_ms: 1,
         max_drift_ms: 60_000,
+        answered: None,
+        repush: false,
     };
     wire::encode_down("1.0.0", &msg, &WireConfig::default()).unwrap()
 }
@@ -202,14 +205,14 @@ proptest! {
                 Step::Hello { session, cursor, schema } => {
                     let schema = "v".repeat(*schema);
                     // Over the schema bound the encoder refuses: send the raw envelope.
-                    let msg = UpMsg::Hello { session: *session, cursor: *cursor, pending: 0 };
+                    let msg = UpMsg::Hello { session: *session, cursor: *cursor, pending: 0, mark: None, };
                     Some(up(&msg, &schema).unwrap_or_else(|_| {
                         format!(r#"{{"v":1,"schema":"{schema}","msg":{{"type":"hello","session":{session},"cursor":{cursor},"pending":0}}}}"#).into_bytes()
                     }))
                 }
                 Step::Push { changes, key } => {
                     let changes = (0..*changes).map(|i| delete(key_of(*key, i))).collect();
-                    up(&UpMsg::Push { batch: now, changes }, "1").ok()
+                    up(&UpMsg::Push { batch: now, changes, session: None, }, "1").ok()
                 }
                 Step::FeedAck(cursor) => up(&UpMsg::FeedAck { cursor: *cursor }, "1").ok(),
                 Step::SnapshotAck { current, pos, done } => {
@@ -241,6 +244,8 @@ proptest! {
                     match a {
                         CloudAction::ReadFeed { after, .. } => cloud.handle_feed_page(now, &device, FeedPage {
                             after, changes: vec![], head: after + 5, resync_required: need, unreadable: vec![],
+                            generations: vec![],
+                            answered: 0,
                         }),
                         CloudAction::ReadSnapshot { resync, from, .. } => {
                             let items: Vec<wire::Change> = (0..items).map(|i| {
@@ -253,6 +258,7 @@ proptest! {
                             let _ = from;
                             cloud.handle_snapshot_page(now, &device, SnapshotPage {
                                 resync, items, next, cursor: 3, unreadable: vec![],
+                                gen: 0,
                             });
                         }
                         CloudAction::ApplyPush { batch, .. } => cloud.handle_push_applied(now, &device, batch, vec![]),

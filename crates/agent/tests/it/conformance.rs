@@ -2,18 +2,20 @@
 //! the replication side tables), so the device store the agent runs keeps the same contract as
 //! the simulation's device store.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use devtables_agent::testing;
-use devtables_conformance::{run_device_suite, DeviceRestore, DeviceStoreUnderTest};
+use devtables_conformance::{run_device_suite, DeviceRestore, DeviceStoreUnderTest, RepushDone};
 use devtables_db::{Db, DbError, DbOptions};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{DeviceTxn, StoredVersion};
-use devtables_sync::hlc::Hlc;
+use devtables_sync::hlc::{Hlc, HlcClock};
 
 struct AgentState {
     db: Db,
     schema: Arc<Schema>,
+    /// The clock the outbox recorder stamps with (a re-push ticks it for a collected version).
+    clock: Arc<Mutex<HlcClock>>,
     _dir: tempfile::TempDir,
 }
 
@@ -45,15 +47,28 @@ impl DeviceStoreUnderTest for AgentState {
             self.db.upsert(model, fields).map(|_| ())
         }
     }
-    fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) -> Result<(), DbError> {
-        testing::outbox_remove(&self.db, acked).map(|_| ())
+    fn outbox_remove(
+        &mut self,
+        acked: &[(String, ItemKey, Hlc)],
+        answered: Option<u64>,
+    ) -> Result<(), DbError> {
+        testing::outbox_remove(&self.db, acked, answered).map(|_| ())
+    }
+    fn store_answered(&mut self, answered: u64) -> Result<(), DbError> {
+        testing::store_answered(&self.db, answered)
+    }
+    fn repush(&mut self, slice: usize) -> Result<RepushDone, DbError> {
+        let (requeued, slices) = testing::repush(&self.db, &self.schema, &self.clock, slice)?;
+        Ok(RepushDone { requeued, slices })
     }
     fn restore(&mut self) -> Result<DeviceRestore, DbError> {
-        let (cursor, outbox, last_hlc) = testing::restore(&self.db)?;
+        let r = testing::restore(&self.db)?;
         Ok(DeviceRestore {
-            cursor,
-            outbox,
-            last_hlc,
+            cursor: r.cursor,
+            outbox: r.outbox,
+            last_hlc: r.last_hlc,
+            mark: r.mark,
+            answered: r.answered,
         })
     }
 }
@@ -69,10 +84,11 @@ fn agent_device_state_conforms() {
             DbOptions::default(),
         )
         .expect("device db");
-        testing::install_recorder(&db, schema.clone(), 7).expect("outbox recorder");
+        let clock = testing::install_recorder(&db, schema.clone(), 7).expect("outbox recorder");
         AgentState {
             db,
             schema,
+            clock,
             _dir: dir,
         }
     });

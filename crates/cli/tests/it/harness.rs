@@ -383,6 +383,12 @@ impl CloudProc {
     /// SIGKILL, then start again on the same data, API port and MQTT port.
     pub fn kill_and_restart(&mut self) {
         self.kill();
+        self.start_again();
+    }
+
+    /// Starts again on the same data, API port and MQTT port, after [`Self::kill`] (a test may
+    /// change the data folder in between: put a backup back).
+    pub fn start_again(&mut self) {
         let next = Self::start_on(
             &self.dir,
             &self.prefix,

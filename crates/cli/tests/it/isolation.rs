@@ -258,6 +258,7 @@ fn push_of_fault(device: &str, id: &str) -> Vec<u8> {
     let msg = UpMsg::Push {
         batch: 1,
         changes: vec![change],
+        session: None,
     };
     wire::encode_up(schema.version(), &msg, &WireConfig::default()).expect("encodes")
 }
@@ -453,6 +454,7 @@ pub fn two_devices_are_isolated(d: &Deployment<'_>) {
             session: 99,
             cursor: 0,
             pending: 0,
+            mark: None,
         },
         &WireConfig::default(),
     )

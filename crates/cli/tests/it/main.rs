@@ -10,6 +10,7 @@ mod faults;
 mod harness;
 mod isolation;
 mod proxy;
+mod restore;
 mod scenarios;
 mod services;
 

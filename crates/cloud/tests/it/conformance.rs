@@ -55,19 +55,26 @@ impl CloudStoreUnderTest for Sqlite {
         };
         Ok(self.store.purge(now_ms, &retention)?.tombstones)
     }
+    fn new_run(&mut self) -> Result<(), StoreError> {
+        self.store.conformance_new_run();
+        Ok(())
+    }
     fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
         self.store.max_version()
     }
     fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+        let counts = self.store.conformance_push_counts(id)?;
+        // The device record the API shows carries the same counters.
         let d = self
             .store
             .device(id)?
             .ok_or_else(|| StoreError::UnknownDevice(id.to_string()))?;
-        Ok(PushCounts {
-            applied: d.changes_applied,
-            superseded: d.changes_superseded,
-            rejected: d.changes_rejected,
-        })
+        assert_eq!(
+            (d.changes_applied, d.changes_superseded, d.changes_rejected),
+            (counts.applied, counts.superseded, counts.rejected),
+            "the device record's counters"
+        );
+        Ok(counts)
     }
     fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
         Ok(self.store.conflicts(account, None, 1_000_000)?.len() as u64)

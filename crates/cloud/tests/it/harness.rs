@@ -437,6 +437,7 @@ impl RawDevice {
             session,
             cursor,
             pending: 0,
+            mark: None,
         })
         .await;
         self.recv(|m| {

@@ -305,6 +305,7 @@ async fn a_push_arriving_after_the_revocation_is_not_applied() {
     dev.send(&UpMsg::Push {
         batch: 1,
         changes: vec![change],
+        session: None,
     })
     .await;
     let api = cloud.api_addr;

@@ -96,6 +96,7 @@ async fn metrics_count_a_device_sessions_traffic_exactly() {
         session: 1,
         cursor: 0,
         pending: 0,
+        mark: None,
     };
     assert!(dev.hello(1, 0).await, "welcomed");
     // A new device starts with a full resync: it shows while the device holds a page, then
@@ -137,6 +138,7 @@ async fn metrics_count_a_device_sessions_traffic_exactly() {
             put("Setting", "b", now),
             put("Setting", "c", now),
         ],
+        session: None,
     };
     // An older version of `a` (superseded) and a change of a model the cloud does not have
     // (rejected).
@@ -146,13 +148,16 @@ async fn metrics_count_a_device_sessions_traffic_exactly() {
             put("Setting", "a", now - 60_000),
             put("NoSuchModel", "d", now),
         ],
+        session: None,
     };
     let mut answers = Vec::new();
     for (batch, msg) in [(1, &first), (2, &second)] {
         dev.send(msg).await;
         let results = dev
             .recv(|m| match m {
-                DownMsg::PushAck { batch: b, results } if *b == batch => Some(results.clone()),
+                DownMsg::PushAck {
+                    batch: b, results, ..
+                } if *b == batch => Some(results.clone()),
                 _ => None,
             })
             .await

@@ -83,6 +83,7 @@ async fn a_flooding_device_is_refused_and_counted_and_its_later_pushes_apply() {
         let msg = UpMsg::Push {
             batch: i,
             changes: vec![setting_put(&format!("s{i}"), 0)],
+            session: None,
         };
         dev.send(&msg).await;
     }
@@ -111,6 +112,7 @@ async fn a_flooding_device_is_refused_and_counted_and_its_later_pushes_apply() {
     let later = UpMsg::Push {
         batch: 1000,
         changes: vec![setting_put("later", 0)],
+        session: None,
     };
     let mut wait = retry;
     let mut later_refused = 0;
@@ -125,6 +127,7 @@ async fn a_flooding_device_is_refused_and_counted_and_its_later_pushes_apply() {
                     DownMsg::PushAck {
                         batch: 1000,
                         results,
+                        ..
                     } => Some(Ok(results.clone())),
                     DownMsg::Error {
                         code: ErrorCode::RateLimited { retry_after_ms },
@@ -227,11 +230,14 @@ async fn a_device_over_its_row_quota_is_refused_per_change_and_counted() {
     dev.send(&UpMsg::Push {
         batch: 1,
         changes: vec![a.clone(), b, c.clone()],
+        session: None,
     })
     .await;
     let results = dev
         .recv(|m| match m {
-            DownMsg::PushAck { batch: 1, results } => Some(results.clone()),
+            DownMsg::PushAck {
+                batch: 1, results, ..
+            } => Some(results.clone()),
             _ => None,
         })
         .await
@@ -269,11 +275,14 @@ async fn a_device_over_its_row_quota_is_refused_per_change_and_counted() {
     dev.send(&UpMsg::Push {
         batch: 2,
         changes: vec![delete, again],
+        session: None,
     })
     .await;
     let results = dev
         .recv(|m| match m {
-            DownMsg::PushAck { batch: 2, results } => Some(results.clone()),
+            DownMsg::PushAck {
+                batch: 2, results, ..
+            } => Some(results.clone()),
             _ => None,
         })
         .await

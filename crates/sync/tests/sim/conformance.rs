@@ -3,6 +3,7 @@
 
 use devtables_conformance::{
     run_cloud_suite, run_device_suite, CloudStoreUnderTest, DeviceRestore, DeviceStoreUnderTest,
+    RepushDone,
 };
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{CloudTxn, DeviceTxn, PushCounts, StoredVersion};
@@ -55,6 +56,11 @@ impl CloudStoreUnderTest for SimCloud {
     }
     fn purge(&mut self, now_ms: u64, retention_ms: u64) -> Result<u64, StoreError> {
         Ok(self.store.purge(now_ms, retention_ms))
+    }
+    fn new_run(&mut self) -> Result<(), StoreError> {
+        let next = self.store.run + 1;
+        self.store.new_run(next);
+        Ok(())
     }
     fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
         Ok(self.store.max_version())
@@ -117,9 +123,30 @@ impl DeviceStoreUnderTest for SimDevice {
         self.store = s;
         Ok(())
     }
-    fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) -> Result<(), StoreError> {
-        self.store.outbox_remove(acked);
+    fn outbox_remove(
+        &mut self,
+        acked: &[(String, ItemKey, Hlc)],
+        answered: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.store.outbox_remove(acked, answered);
         Ok(())
+    }
+    fn store_answered(&mut self, answered: u64) -> Result<(), StoreError> {
+        self.store.answered = answered;
+        Ok(())
+    }
+    fn repush(&mut self, slice: usize) -> Result<RepushDone, StoreError> {
+        let mut done = RepushDone::default();
+        let mut after = None;
+        loop {
+            let (added, next) = self.store.repush_slice(&self.schema, after.as_ref(), slice);
+            done.requeued += added.len() as u64;
+            done.slices += 1;
+            match next {
+                Some(k) => after = Some(k),
+                None => return Ok(done),
+            }
+        }
     }
     fn restore(&mut self) -> Result<DeviceRestore, StoreError> {
         let r = self.store.restored();
@@ -127,15 +154,21 @@ impl DeviceStoreUnderTest for SimDevice {
             cursor: r.cursor,
             outbox: self.store.outbox_changes(),
             last_hlc: self.store.hlc,
+            mark: r.mark,
+            answered: r.answered,
         })
     }
 }
 
+fn sim_cloud() -> SimCloud {
+    let mut store = CloudStore::default();
+    store.new_run(1);
+    SimCloud { store }
+}
+
 #[test]
 fn sim_cloud_store_conforms() {
-    run_cloud_suite(|| SimCloud {
-        store: CloudStore::default(),
-    });
+    run_cloud_suite(sim_cloud);
 }
 
 #[test]
@@ -192,6 +225,9 @@ fn the_suite_fails_a_cloud_store_whose_purge_forgets_the_watermark() {
             self.0.store.watermarks.clear();
             Ok(n)
         }
+        fn new_run(&mut self) -> Result<(), StoreError> {
+            self.0.new_run()
+        }
         fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
             self.0.max_version()
         }
@@ -202,18 +238,12 @@ fn the_suite_fails_a_cloud_store_whose_purge_forgets_the_watermark() {
             self.0.conflicts(account)
         }
     }
-    let msg = failure_of(|| {
-        run_cloud_suite(|| {
-            Forgetful(SimCloud {
-                store: CloudStore::default(),
-            })
-        })
-    });
+    let msg = failure_of(|| run_cloud_suite(|| Forgetful(sim_cloud())));
     for check in [
         "purge_removes_old_tombstones_with_their_feed_entries",
         "purge_watermark_only_rises_and_is_per_owner",
         "max_version_covers_items_tombstones_and_watermarks",
-        "a_write_that_knew_a_purged_key_meets_the_watermark",
+        "every_write_meets_the_watermark_of_a_purged_key",
     ] {
         assert!(msg.contains(check), "{check} not reported in: {msg}");
     }
@@ -250,8 +280,18 @@ fn the_suite_fails_a_device_store_that_loses_outbox_entries() {
             self.0.store.outbox.clear();
             Ok(())
         }
-        fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) -> Result<(), StoreError> {
-            self.0.outbox_remove(acked)
+        fn outbox_remove(
+            &mut self,
+            acked: &[(String, ItemKey, Hlc)],
+            answered: Option<u64>,
+        ) -> Result<(), StoreError> {
+            self.0.outbox_remove(acked, answered)
+        }
+        fn store_answered(&mut self, answered: u64) -> Result<(), StoreError> {
+            self.0.store_answered(answered)
+        }
+        fn repush(&mut self, slice: usize) -> Result<RepushDone, StoreError> {
+            self.0.repush(slice)
         }
         fn restore(&mut self) -> Result<DeviceRestore, StoreError> {
             self.0.restore()
@@ -272,6 +312,141 @@ fn the_suite_fails_a_device_store_that_loses_outbox_entries() {
     );
     assert!(
         msg.contains("sweep_deletes_only_unseen_unpending_down_items"),
+        "{msg}"
+    );
+    assert!(!msg.contains("apply_keeps_the_highest_version"), "{msg}");
+}
+
+#[test]
+fn the_suite_fails_stores_that_keep_no_restore_marks() {
+    // A cloud store whose runs never start a feed generation: a restored cloud could not tell a
+    // device's cursor from one it handed out again.
+    struct NoGenerations(SimCloud);
+    impl CloudStoreUnderTest for NoGenerations {
+        type Error = StoreError;
+        fn txn<R>(
+            &mut self,
+            now_ms: u64,
+            commit: bool,
+            f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+        ) -> Result<R, StoreError> {
+            self.0.txn(now_ms, commit, f)
+        }
+        fn register_device(&mut self, id: &DeviceId, now_ms: u64) -> Result<(), StoreError> {
+            self.0.register_device(id, now_ms)
+        }
+        fn read_feed(
+            &mut self,
+            id: &DeviceId,
+            after: u64,
+            limit: usize,
+        ) -> Result<FeedPage, StoreError> {
+            self.0.read_feed(id, after, limit)
+        }
+        fn read_snapshot(
+            &mut self,
+            schema: &Schema,
+            id: &DeviceId,
+            resync: u64,
+            from: Option<&SnapshotCursor>,
+            limit: usize,
+        ) -> Result<SnapshotPage, StoreError> {
+            self.0.read_snapshot(schema, id, resync, from, limit)
+        }
+        fn purge(&mut self, now_ms: u64, retention_ms: u64) -> Result<u64, StoreError> {
+            self.0.purge(now_ms, retention_ms)
+        }
+        fn new_run(&mut self) -> Result<(), StoreError> {
+            // The bug: the process keeps the run of the store it opened first.
+            Ok(())
+        }
+        fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
+            self.0.max_version()
+        }
+        fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+            self.0.push_counts(id)
+        }
+        fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
+            self.0.conflicts(account)
+        }
+    }
+    let msg = failure_of(|| run_cloud_suite(|| NoGenerations(sim_cloud())));
+    assert!(
+        msg.contains("a_feed_starts_a_new_generation_once_per_run"),
+        "{msg}"
+    );
+    assert!(!msg.contains("count_push_adds_up"), "{msg}");
+
+    // A device store whose re-push forgets tombstones: an acknowledged delete a restored cloud
+    // lost would never come back.
+    struct NoTombstones(SimDevice);
+    impl DeviceStoreUnderTest for NoTombstones {
+        type Error = StoreError;
+        fn txn<R>(
+            &mut self,
+            commit: bool,
+            f: impl FnOnce(&mut dyn DeviceTxn<Error = StoreError>) -> Result<R, StoreError>,
+        ) -> Result<R, StoreError> {
+            self.0.txn(commit, f)
+        }
+        fn item(&mut self, key: &ItemKey) -> Result<Option<(String, Item)>, StoreError> {
+            self.0.item(key)
+        }
+        fn version(&mut self, key: &ItemKey) -> Result<Option<StoredVersion>, StoreError> {
+            self.0.version(key)
+        }
+        fn local_write(
+            &mut self,
+            model: &str,
+            fields: &Item,
+            delete: bool,
+            now_ms: u64,
+        ) -> Result<(), StoreError> {
+            self.0.local_write(model, fields, delete, now_ms)
+        }
+        fn outbox_remove(
+            &mut self,
+            acked: &[(String, ItemKey, Hlc)],
+            answered: Option<u64>,
+        ) -> Result<(), StoreError> {
+            self.0.outbox_remove(acked, answered)
+        }
+        fn store_answered(&mut self, answered: u64) -> Result<(), StoreError> {
+            self.0.store_answered(answered)
+        }
+        fn repush(&mut self, slice: usize) -> Result<RepushDone, StoreError> {
+            let done = self.0.repush(slice)?;
+            let deletes: Vec<ItemKey> = self
+                .0
+                .store
+                .outbox
+                .iter()
+                .filter(|(_, (_, c))| c.item.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &deletes {
+                self.0.store.outbox.remove(k);
+            }
+            Ok(RepushDone {
+                requeued: done.requeued - deletes.len() as u64,
+                ..done
+            })
+        }
+        fn restore(&mut self) -> Result<DeviceRestore, StoreError> {
+            self.0.restore()
+        }
+    }
+    let msg = failure_of(|| {
+        run_device_suite(|| {
+            NoTombstones(SimDevice {
+                store: DevStore::default(),
+                schema: devtables_conformance::schema(),
+                clock: HlcClock::new(42),
+            })
+        })
+    });
+    assert!(
+        msg.contains("repush_requeues_every_held_write_of_up_syncing_models"),
         "{msg}"
     );
     assert!(!msg.contains("apply_keeps_the_highest_version"), "{msg}");

@@ -100,19 +100,16 @@ const SNAPSHOT_APPLY_ERRORS: bool = true;
 /// resync older than the last one the cloud sent the device are not delivered (MQTT keeps the
 /// order of one topic; the simulated network reorders more than it does).
 const STALE_RESYNC_PAGES: bool = true;
-/// The cloud restored from an older backup. Fixed: a device whose cursor is beyond the restored
-/// feed head now gets a full resync (snapshot pages name the session, so the device no longer
-/// takes them for a stale stream; see `a_cursor_beyond_the_feed_head_gets_a_full_resync`). Still
-/// off because the check at quiescence cannot pass yet: writes the cloud acknowledged after the
-/// backup was taken are gone from the cloud while the devices that made them still hold them
-/// (SEED=93: `B/b#b` stays on d0), and a device whose cursor is not beyond the restored head is
-/// never told. Reconciling those (the device re-pushing what the cloud lost) is future work.
-const CLOUD_RESTORE: bool = false;
-/// Tombstone retention shorter than a write a device still holds (SEED=10): the documented
-/// precondition of retention, not an engine bug; the watermark only guards writes with a base,
-/// so a create that raced a cloud delete resurrects the key once the tombstone is purged.
-/// Off: purges keep tombstones newer than the oldest pending write.
-const PURGE_BELOW_PENDING_WRITES: bool = false;
+// Two fault classes that were switched off and are now always on:
+// - the cloud restored from an older backup (`Faults::cloud_restore`): the welcome compares what
+//   the device heard from the cloud (its feed mark and the cloud's answered count of its pushes)
+//   with what the restored store holds; a device that holds more re-pushes every write it holds
+//   of its up-syncing models, and one that holds feed data the cloud lost gets a restore resync
+//   (SEED=93: `B/b#b` stayed on d0; SEED=274: a broadcast item the restored cloud never had
+//   stayed on d2, whose cursor the new history handed out again);
+// - tombstone retention shorter than a write a device still holds (SEED=10): a missing row now
+//   meets every write as a tombstone at the owner's purge watermark, so a create that raced a
+//   purged delete loses (`stale`, with the watermark as winner) instead of resurrecting the key.
 
 #[derive(Clone, Copy, Debug)]
 struct Faults {
@@ -198,6 +195,9 @@ struct Dev {
     reset: bool,
     /// Items deleted by resync sweeps, from the apply outcomes (each must raise an event).
     swept: u64,
+    /// (key, version) of this device's writes the cloud answered `stale` (a `Superseded`
+    /// event): an up-only write that lost to a purge watermark stays on the device alone.
+    superseded_writes: BTreeSet<(ItemKey, Hlc)>,
     /// The resync id of the last snapshot page the cloud sent this device.
     last_resync_sent: Option<u64>,
 }
@@ -205,7 +205,7 @@ struct Dev {
 /// What became of each local write of a synced-up model: it must be answered (applied,
 /// superseded, rejected), re-stamped, replaced by a newer write of its key, or lost to a fault
 /// that lost it (wipe, restore).
-type Fates = BTreeMap<(usize, Hlc), (String, ItemKey, u64)>;
+type Fates = BTreeMap<(usize, Hlc), (String, ItemKey)>;
 
 struct Sim {
     seed: u64,
@@ -254,6 +254,12 @@ struct Stats {
     hostile: u64,
     clock_jumps: u64,
     throttled: u64,
+    /// Held writes put back into outboxes by re-pushes after cloud restores.
+    repushed: u64,
+    /// Items of down-only models set back to a restored cloud's version (a few per 10 000
+    /// seeds; `a_restored_cloud_gets_back_what_it_acknowledged_and_devices_take_its_state_back`
+    /// reaches it every time).
+    adopted: u64,
 }
 
 impl Stats {
@@ -271,6 +277,8 @@ impl Stats {
         self.hostile += o.hostile;
         self.clock_jumps += o.clock_jumps;
         self.throttled += o.throttled;
+        self.repushed += o.repushed;
+        self.adopted += o.adopted;
     }
 }
 
@@ -361,9 +369,13 @@ impl Sim {
                 backup: None,
                 reset: false,
                 swept: 0,
+                superseded_writes: BTreeSet::new(),
                 last_resync_sent: None,
             });
         }
+        // Each cloud process is a run of the store: its first append to a feed starts a new
+        // generation of it.
+        cloud_store.new_run(rng.gen());
         Sim {
             seed,
             schema: schema(),
@@ -544,6 +556,13 @@ impl Sim {
             .collect();
         let kept: BTreeSet<Hlc> = d.store.outbox.values().map(|(_, c)| c.version).collect();
         self.fates.retain(|(j, v), _| *j != i || kept.contains(v));
+        // The device no longer holds what it wrote before: an acknowledged write the cloud
+        // does not hold now (lost by a cloud restore, not yet given back) is lost with it.
+        let id = self.devs[i].id.clone();
+        let store = &self.cloud_store;
+        self.applied.retain(|(owner, _, key, v)| {
+            *owner != Owner::Device(id.clone()) || cloud_holds(store, owner, key, *v)
+        });
         self.reboot_device(i);
     }
 
@@ -554,6 +573,9 @@ impl Sim {
             ..self.cloud_cfg.clone()
         };
         self.cloud = CloudEngine::new(cfg);
+        // A new process: a new run of the store.
+        let run = self.rng.gen();
+        self.cloud_store.new_run(run);
         // As the cloud driver: the clock resumes after the highest stored version.
         self.cloud_clock = self.cloud_store.clock(self.cloud_clock.node());
         self.net.retain(|m| !matches!(m.dest, Dest::Cloud(_)));
@@ -583,14 +605,21 @@ impl Sim {
         self.cloud_store = backup;
         self.cloud_restored = true;
         self.stats.cloud_restores += 1;
+        // An acknowledged write the restored cloud lost must come back from the device that
+        // made it, as long as that device holds it (the same version of its key, or a later
+        // one): it re-pushes what it holds. Only a write its device no longer holds is lost.
         let store = &self.cloud_store;
+        let devs = &self.devs;
         self.applied.retain(|(owner, _, key, v)| {
-            let row = store
-                .items
-                .get(&(owner.clone(), key.clone()))
-                .map(|r| r.version);
-            let mark = store.watermarks.get(owner).copied();
-            row.max(mark).is_some_and(|s| s >= *v)
+            let held = match owner {
+                Owner::Device(id) => devs
+                    .iter()
+                    .find(|d| &d.id == id)
+                    .and_then(|d| d.store.items.get(key))
+                    .is_some_and(|r| r.version >= *v),
+                Owner::Account(_) => false,
+            };
+            held || cloud_holds(store, owner, key, *v)
         });
         self.cloud_history = store
             .items
@@ -599,6 +628,15 @@ impl Sim {
             .collect();
         self.note(|| "cloud restored from its backup".into());
         self.crash_cloud();
+        // The restore procedure (`docs/protocol.md`, "Cloud restored from a backup"): the
+        // broker restarts with the cloud, as the embedded broker does, so every device
+        // reconnects and says hello; its welcome tells it whether the restored cloud lost what
+        // it heard from it. (Prompting each device instead would not survive a crash of the
+        // restored cloud before every device answered.)
+        for i in 0..self.devs.len() {
+            let until = self.now + self.rng.gen_range(1..500);
+            self.disconnect(i, until);
+        }
     }
 
     fn check_dev_history(&mut self, i: usize) {
@@ -673,6 +711,21 @@ impl Sim {
                         if matches!(page, apply::ApplyPage::Snapshot { done: true, .. }) {
                             self.stats.resyncs += 1;
                         }
+                        if matches!(page, apply::ApplyPage::Snapshot { restore: true, .. }) {
+                            // A restore resync sets models only the cloud writes back to the
+                            // restored cloud's versions: their history starts again there.
+                            let schema = &self.schema;
+                            let d = &mut self.devs[i];
+                            for (k, rec) in &d.store.items {
+                                let cloud_only = schema
+                                    .model(&rec.model)
+                                    .is_some_and(|m| !m.process().syncs_up());
+                                if cloud_only {
+                                    d.history.insert(k.clone(), rec.version);
+                                }
+                            }
+                            self.stats.adopted += out.adopted;
+                        }
                         self.check_dev_history(i);
                         self.note(|| format!("d{i} applied {} -> {out:?}", short_page(&page)));
                         if self.rng.gen_bool(self.faults.device_crash) {
@@ -715,9 +768,7 @@ impl Sim {
                         // Re-stamping lowers a refused version that exists nowhere else.
                         d.history.insert(key.clone(), new);
                         self.fates.remove(&(i, version));
-                        let at = self.now;
-                        self.fates
-                            .insert((i, new), (model.clone(), key.clone(), at));
+                        self.fates.insert((i, new), (model.clone(), key.clone()));
                         self.stats.restamped += 1;
                         self.note(|| format!("d{i} restamped {model} {version} -> {new}"));
                         self.devs[i].engine.handle_restamped(now, version, change);
@@ -732,21 +783,63 @@ impl Sim {
                         let now = self.now;
                         d.engine.handle_batch_loaded(now, batch, changes);
                     }
-                    DeviceAction::OutboxRemove(list) => {
+                    DeviceAction::OutboxRemove { entries, answered } => {
                         if OUTBOX_TRIM_ERRORS && self.draw_store_error().is_some() {
                             // As the agent: the durable entries stay, so they are handed to the
                             // engine again; they are resent and answered again.
                             self.stats.store_errors += 1;
                             self.note(|| format!("d{i} outbox trim failed"));
                             let now = self.now;
-                            for (_, key, _) in &list {
+                            for (_, key, _) in &entries {
                                 if let Some(change) = self.devs[i].store.outbox_change(key) {
                                     self.devs[i].engine.handle_local_change(now, change);
                                 }
                             }
                             continue;
                         }
-                        self.devs[i].store.outbox_remove(&list);
+                        self.devs[i].store.outbox_remove(&entries, answered);
+                    }
+                    DeviceAction::Repush => {
+                        // As the agent: the held writes go back into the outbox in slices of
+                        // one transaction each; a failed slice is retried, and a crash between
+                        // slices leaves the ones done (the next welcome asks again).
+                        self.note(|| format!("d{i} re-pushes what it holds"));
+                        let mut after = None;
+                        let mut count = 0;
+                        loop {
+                            if self.draw_store_error().is_some() {
+                                self.stats.store_errors += 1;
+                                continue;
+                            }
+                            let schema = &self.schema;
+                            let (added, next) =
+                                self.devs[i].store.repush_slice(schema, after.as_ref(), 2);
+                            count += added.len() as u64;
+                            let now = self.now;
+                            for c in added {
+                                self.devs[i].engine.handle_local_change(now, c);
+                            }
+                            if next.is_some() && self.rng.gen_bool(self.faults.device_crash) {
+                                self.crash_device(i);
+                                return;
+                            }
+                            match next {
+                                Some(k) => after = Some(k),
+                                None => break,
+                            }
+                        }
+                        self.stats.repushed += count;
+                        let now = self.now;
+                        self.devs[i].engine.handle_repush_done(now, count);
+                    }
+                    DeviceAction::StoreAnswered(answered) => {
+                        // A failure keeps the higher count: the next welcome asks for another
+                        // re-push, which only repeats this one.
+                        if self.draw_store_error().is_some() {
+                            self.stats.store_errors += 1;
+                            continue;
+                        }
+                        self.devs[i].store.answered = answered;
                     }
                 }
             }
@@ -764,6 +857,9 @@ impl Sim {
                     DeviceEvent::Superseded { change, .. } => {
                         self.stats.superseded += 1;
                         self.fates.remove(&(i, change.version));
+                        self.devs[i]
+                            .superseded_writes
+                            .insert((change.key.clone(), change.version));
                     }
                     DeviceEvent::Throttled { .. } => self.stats.throttled += 1,
                     _ => {}
@@ -988,10 +1084,9 @@ impl Sim {
         if let Some(old) = replaced {
             self.fates.remove(&(i, old));
         }
-        let at = self.now;
         self.fates.insert(
             (i, change.version),
-            (change.model.clone(), change.key.clone(), at),
+            (change.model.clone(), change.key.clone()),
         );
         self.check_dev_history(i);
         self.note(|| {
@@ -1135,6 +1230,7 @@ impl Sim {
             UpMsg::Push {
                 batch,
                 changes: vec![change],
+                session: None,
             }
         } else if kind == 4 && HOSTILE_FEED_ACK_BEYOND_SENT {
             UpMsg::FeedAck { cursor: u64::MAX }
@@ -1151,6 +1247,7 @@ impl Sim {
                 session: self.rng.gen(),
                 cursor: u64::MAX,
                 pending: u64::MAX,
+                mark: None,
             }
         };
         self.stats.hostile += 1;
@@ -1202,32 +1299,9 @@ impl Sim {
             self.crash_cloud();
         }
         if self.chance(f.purge) {
-            // Tombstone retention, from zero (every tombstone) to a few seconds.
-            let drawn = [0, 500, 2000, 5000][self.rng.gen_range(0..4)];
-            // The documented precondition of retention: tombstones outlive every write a device
-            // still holds unsent (and its duplicates in flight). A shorter retention lets a
-            // create that raced a delete resurrect the key (SEED=10 without this bound).
-            let oldest_pending = self
-                .fates
-                .iter()
-                .filter(|((j, v), _)| {
-                    self.devs[*j]
-                        .store
-                        .outbox
-                        .values()
-                        .any(|(_, c)| c.version == *v)
-                })
-                .map(|(_, (_, _, at))| *at)
-                .chain(std::iter::once(
-                    self.now.saturating_sub(2 * self.faults.max_delay),
-                ))
-                .min()
-                .unwrap_or(self.now);
-            let retention = if PURGE_BELOW_PENDING_WRITES {
-                drawn
-            } else {
-                drawn.max(self.now.saturating_sub(oldest_pending))
-            };
+            // Tombstone retention, from zero (every tombstone) to a few seconds, whatever the
+            // devices still hold unsent: the watermark guards every write.
+            let retention = [0, 500, 2000, 5000][self.rng.gen_range(0..4)];
             let before = self.cloud_store.items.clone();
             let removed = self.cloud_store.purge(self.now, retention);
             for k in before.keys() {
@@ -1261,7 +1335,7 @@ impl Sim {
                 self.replace_device_store(i, b);
             }
         }
-        if CLOUD_RESTORE && self.chance(f.cloud_restore) {
+        if self.chance(f.cloud_restore) {
             self.restore_cloud();
         }
         if self.chance(f.hostile) {
@@ -1444,9 +1518,10 @@ impl Sim {
         };
         for (i, d) in self.devs.iter().enumerate() {
             for model in ["U", "D", "B", "C"] {
-                // Up-only rows the device lost to a wipe or a restore (or the cloud lost to its
-                // restore) never sync again: by design, an up-only model is the device's.
-                if model == "U" && (d.reset || self.cloud_restored) {
+                // Up-only rows the device lost to a wipe or a restore of its own never sync
+                // again: by design, an up-only model is the device's. (What the cloud lost to
+                // a restore of its own comes back: the device re-pushes it.)
+                if model == "U" && d.reset {
                     continue;
                 }
                 let owner = if model == "C" {
@@ -1454,8 +1529,13 @@ impl Sim {
                 } else {
                     Owner::Device(d.id.clone())
                 };
-                let a = live_dev(d, model);
+                let mut a = live_dev(d, model);
                 let b = live_cloud(&owner, model);
+                // An up-only write that lost to a purge watermark (answered `stale`, with its
+                // event) stays on the device: nothing syncs an up-only model down.
+                a.retain(|k, (_, v)| {
+                    b.contains_key(k) || !d.superseded_writes.contains(&(k.clone(), *v))
+                });
                 if a != b {
                     self.fail(format!(
                         "d{i} model {model} diverged:\n device {a:?}\n cloud  {b:?}"
@@ -1490,7 +1570,7 @@ impl Sim {
                 .filter(|r| &r.model == model)
                 .map(|r| r.version);
             let mark = self.cloud_store.watermarks.get(owner).copied();
-            if row.max(mark).is_none_or(|s| s < *v) {
+            if !cloud_holds(&self.cloud_store, owner, key, *v) {
                 self.fail(format!(
                     "applied write {owner:?} {model} {key:?} {v} lost (cloud has {row:?}, \
                      watermark {mark:?})"
@@ -1499,7 +1579,7 @@ impl Sim {
         }
         // Every local write of a synced-up model was answered, re-stamped, replaced or lost to
         // a fault that loses it; nothing vanished silently.
-        for ((i, v), (model, key, _)) in &self.fates {
+        for ((i, v), (model, key)) in &self.fates {
             if self.applied_ever.contains(&(self.devs[*i].id.clone(), *v))
                 || self.devs[*i].store.superseded.contains(v)
             {
@@ -1510,6 +1590,17 @@ impl Sim {
             ));
         }
     }
+}
+
+/// Whether the cloud holds a write at `v` or a later one for the key (its row, or the owner's
+/// purge watermark standing for a purged tombstone).
+fn cloud_holds(store: &CloudStore, owner: &Owner, key: &ItemKey, v: Hlc) -> bool {
+    let row = store
+        .items
+        .get(&(owner.clone(), key.clone()))
+        .map(|r| r.version);
+    let mark = store.watermarks.get(owner).copied();
+    row.max(mark).is_some_and(|s| s >= v)
 }
 
 /// The resync id of an encoded snapshot page (`None` for any other message).
@@ -1526,7 +1617,9 @@ fn snapshot_resync(bytes: &[u8]) -> Option<u64> {
 
 fn short_page(p: &apply::ApplyPage) -> String {
     match p {
-        apply::ApplyPage::Feed { from, to, changes } => format!(
+        apply::ApplyPage::Feed {
+            from, to, changes, ..
+        } => format!(
             "Feed ({from},{to}] {:?}",
             changes
                 .iter()
@@ -1551,7 +1644,7 @@ fn short_page(p: &apply::ApplyPage) -> String {
 
 fn short_up(m: &UpMsg) -> String {
     match m {
-        UpMsg::Push { batch, changes } => format!(
+        UpMsg::Push { batch, changes, .. } => format!(
             "Push {batch} {:?}",
             changes
                 .iter()
@@ -1564,7 +1657,9 @@ fn short_up(m: &UpMsg) -> String {
 
 fn short_down(m: &DownMsg) -> String {
     match m {
-        DownMsg::Feed { from, to, changes } => format!(
+        DownMsg::Feed {
+            from, to, changes, ..
+        } => format!(
             "Feed ({from},{to}] {:?}",
             changes
                 .iter()
@@ -1585,7 +1680,7 @@ fn short_down(m: &DownMsg) -> String {
             last.as_ref().map(|c| &c.key.sk),
             items.len()
         ),
-        DownMsg::PushAck { batch, results } => format!(
+        DownMsg::PushAck { batch, results, .. } => format!(
             "PushAck {batch} {:?}",
             results
                 .iter()
@@ -1614,12 +1709,22 @@ const FAULTY: Faults = Faults {
     hostile: 0.05,
 };
 
+/// [`FAULTY`] with the cloud backed up and restored often: a cloud restore needs an earlier
+/// backup, and is rare under `FAULTY` alone (about one seed in a hundred).
+const RESTORING: Faults = Faults {
+    backup: 0.3,
+    cloud_restore: 0.25,
+    ..FAULTY
+};
+
 fn run_seed(seed: u64) -> Stats {
     let mut pick = StdRng::seed_from_u64(seed ^ 0x5eed);
     let n = pick.gen_range(2..=5);
     let ops = pick.gen_range(4..=14);
     let mut sim = Sim::new(seed, n);
-    sim.run(FAULTY, ops, 4000);
+    // One seed in four restores the cloud from its backups often.
+    let faults = if seed % 4 == 3 { RESTORING } else { FAULTY };
+    sim.run(faults, ops, 4000);
     sim.stats
 }
 
@@ -1655,7 +1760,8 @@ fn run_range(range: std::ops::Range<u64>) {
             && stats.purged > 0
             && stats.wipes > 0
             && stats.restores > 0
-            && (stats.cloud_restores > 0 || !CLOUD_RESTORE)
+            && stats.cloud_restores > 0
+            && stats.repushed > 0
             && stats.late_byes > 0
             && stats.store_errors > 0
             && stats.hostile > 0
@@ -1771,6 +1877,8 @@ fn ready_device(outbox: Vec<Change>) -> DeviceEngine {
         Restored {
             cursor: 0,
             outbox: outbox.iter().map(OutboxMeta::of).collect(),
+            mark: Default::default(),
+            answered: 0,
         },
     );
     e.handle_connected(0);
@@ -1784,6 +1892,8 @@ fn ready_device(outbox: Vec<Change>) -> DeviceEngine {
             session,
             now_ms: T0,
             max_drift_ms: 60_000,
+            answered: None,
+            repush: false,
         }),
     );
     assert!(e.is_ready());
@@ -1812,6 +1922,8 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
             version: c1.version,
             status: ChangeStatus::Applied,
         }],
+        answered: None,
+        session: None,
     };
     e.handle_message(120, &down(&ack));
     assert_eq!(e.pending(), 1);
@@ -1872,16 +1984,17 @@ fn rejected_change_leaves_the_outbox_and_is_not_retried() {
                 reason: RejectReason::Ownership,
             },
         }],
+        answered: None,
+        session: None,
     };
     e.handle_message(70, &down(&ack));
     assert_eq!(e.pending(), 0);
     assert_eq!(
         e.poll_action(),
-        Some(DeviceAction::OutboxRemove(vec![(
-            "U".into(),
-            c.key.clone(),
-            c.version
-        )]))
+        Some(DeviceAction::OutboxRemove {
+            entries: vec![("U".into(), c.key.clone(), c.version)],
+            answered: None
+        })
     );
     let evs: Vec<DeviceEvent> = std::iter::from_fn(|| e.poll_event()).collect();
     assert!(evs.contains(&DeviceEvent::Rejected {
@@ -1905,7 +2018,7 @@ fn oversized_change_is_rejected_locally() {
     assert_eq!(e.pending(), 0);
     assert!(matches!(
         actions.as_slice(),
-        [DeviceAction::OutboxRemove(_)]
+        [DeviceAction::OutboxRemove { .. }]
     ));
 }
 
@@ -1917,6 +2030,9 @@ fn feed_gap_is_ignored_and_duplicate_is_reacked() {
             from,
             to,
             changes: vec![change("D", "d0", "a", hlc(to))],
+            session: None,
+            gen: None,
+            seen: None,
         })
     };
     e.handle_message(10, &feed(5, 6));
@@ -1968,18 +2084,39 @@ fn unknown_protocol_version_gets_an_error_reply_and_the_cloud_keeps_running() {
             session: 4,
             cursor: 0,
             pending: 0,
+            mark: None,
         },
         &WireConfig::default(),
     )
     .unwrap();
     c.handle_message(2, 2, &d, &hello);
+    let (m, a) = down_msgs(&mut c);
+    assert!(m.is_empty(), "{m:?}");
+    assert!(a
+        .iter()
+        .any(|a| matches!(a, CloudAction::ReadFeed { after: 0, .. })));
+    c.handle_feed_page(
+        2,
+        &d,
+        FeedPage {
+            after: 0,
+            changes: vec![],
+            head: 0,
+            resync_required: false,
+            unreadable: vec![],
+            generations: vec![],
+            answered: 0,
+        },
+    );
     let (m, _) = down_msgs(&mut c);
     assert_eq!(
         m,
         vec![DownMsg::Welcome {
             session: 4,
             now_ms: 2,
-            max_drift_ms: 60_000
+            max_drift_ms: 60_000,
+            answered: Some(0),
+            repush: false,
         }]
     );
 }
@@ -1997,6 +2134,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
             session: 4,
             cursor: 2,
             pending: 0,
+            mark: None,
         },
         &WireConfig::default(),
     )
@@ -2015,6 +2153,8 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
             head: 50,
             resync_required: true,
             unreadable: vec![],
+            generations: vec![],
+            answered: 0,
         },
     );
     let (_, a) = down_msgs(&mut c);
@@ -2038,6 +2178,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
             next: next.clone(),
             cursor: 50,
             unreadable: vec![],
+            gen: 0,
         },
     );
     let (m, a) = down_msgs(&mut c);
@@ -2064,6 +2205,7 @@ fn cursor_older_than_retention_triggers_one_paged_resync() {
             next: None,
             cursor: 60,
             unreadable: vec![],
+            gen: 0,
         },
     );
     let (m, _) = down_msgs(&mut c);
@@ -2108,6 +2250,7 @@ fn silent_device_does_not_pin_the_cloud() {
             session: 4,
             cursor: 0,
             pending: 0,
+            mark: None,
         },
         &WireConfig::default(),
     )
@@ -2133,6 +2276,8 @@ fn silent_device_does_not_pin_the_cloud() {
                         head: 1000,
                         resync_required: false,
                         unreadable: vec![],
+                        generations: vec![],
+                        answered: 0,
                     },
                 );
             }
@@ -2301,4 +2446,68 @@ fn broadcast_items_reach_every_device_and_new_writes_win_over_skew() {
     s.cloud_write(d0, "B", "x", false);
     settle(&mut s);
     s.check_converged();
+}
+
+#[test]
+fn a_restored_cloud_gets_back_what_it_acknowledged_and_devices_take_its_state_back() {
+    let mut s = pair_sim(3);
+    let d0 = Owner::Device(s.devs[0].id.clone());
+    let acct = Owner::Account(ACCOUNT.into());
+    s.device_write(0, "U", "a", false);
+    s.device_write(0, "B", "b", false);
+    s.cloud_write(d0.clone(), "D", "a", false);
+    s.cloud_write(acct.clone(), "C", "x", false);
+    settle(&mut s);
+    s.cloud_backup = Some(s.cloud_store.clone());
+    let backed_up_d = s.cloud_store.items[&(d0.clone(), dkey("d0", "a"))].version;
+    s.now += 10;
+    // Acknowledged after the backup: lost by the restore.
+    s.device_write(0, "U", "c", false);
+    s.device_write(0, "B", "b", false);
+    s.device_write(0, "U", "a", true);
+    s.cloud_write(d0.clone(), "D", "a", false);
+    s.cloud_write(acct.clone(), "C", "y", false);
+    settle(&mut s);
+    assert!(s.devs[0].store.outbox.is_empty(), "everything acknowledged");
+    let acked = s.applied.len();
+    s.restore_cloud();
+    // The restored cloud lost writes it acknowledged; each must come back, since the device
+    // that made it still holds it (`check_converged` checks every one).
+    assert_eq!(s.applied.len(), acked, "no acknowledged write is given up");
+    assert!(
+        s.applied
+            .iter()
+            .any(|(o, _, k, v)| !cloud_holds(&s.cloud_store, o, k, *v)),
+        "the restore lost acknowledged writes"
+    );
+    settle(&mut s);
+    assert!(s.stats.repushed >= 3, "held writes put back: {:?}", s.stats);
+    let repushed: u64 = s
+        .devs
+        .iter()
+        .flat_map(|d| &d.events)
+        .filter_map(|e| match e {
+            DeviceEvent::Repushed { count } => Some(*count),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(repushed, s.stats.repushed, "each re-push raised its event");
+    // What only the cloud writes, the devices take back from it: the older D/a, no C/y.
+    assert_eq!(s.devs[0].store.items[&dkey("d0", "a")].version, backed_up_d);
+    assert!(s.stats.adopted >= 1, "{:?}", s.stats);
+    for d in &s.devs {
+        let c_y = d.store.items.get(&ItemKey {
+            pk: "c#".into(),
+            sk: "c#y".into(),
+        });
+        assert!(c_y.is_none_or(|r| r.item.is_none()), "C/y swept");
+    }
+    s.check_converged();
+}
+
+fn dkey(device: &str, name: &str) -> ItemKey {
+    ItemKey {
+        pk: format!("d#{device}"),
+        sk: format!("d#{name}"),
+    }
 }

@@ -18,9 +18,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{
-    CloudTxn, Conflict, DeviceTxn, PushCounts, RowWrite, StoredRow, StoredVersion,
+    CloudTxn, Conflict, DeviceTxn, FeedMark, PushCounts, RowWrite, StoredRow, StoredVersion,
 };
-use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
+use devtables_sync::cloud::{
+    FeedGeneration, FeedPage, SnapshotCursor, SnapshotPage, MAX_FEED_GENERATIONS,
+};
 use devtables_sync::device::{OutboxMeta, Restored};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -88,6 +90,10 @@ pub struct DevStore {
     /// ([`DeviceTxn::take_superseded`]), recorded in the same transaction: the simulation's
     /// durable account of them, which a crash before the engine's event cannot lose.
     pub superseded: BTreeSet<Hlc>,
+    /// The feed mark stored with the last page that stored one.
+    pub mark: FeedMark,
+    /// The answered count stored with outbox trims (or by a re-push's end).
+    pub answered: u64,
 }
 
 impl DevStore {
@@ -98,6 +104,8 @@ impl DevStore {
         Restored {
             cursor: self.cursor,
             outbox: o.into_iter().map(|(_, c)| OutboxMeta::of(c)).collect(),
+            mark: self.mark,
+            answered: self.answered,
         }
     }
 
@@ -192,13 +200,14 @@ impl DevStore {
         Ok(Some(change))
     }
 
-    /// Removes acknowledged entries whose version still matches.
     /// The durable outbox entry of a key, if any.
     pub fn outbox_change(&self, key: &ItemKey) -> Option<Change> {
         self.outbox.get(key).map(|(_, c)| c.clone())
     }
 
-    pub fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)]) {
+    /// Removes acknowledged entries whose version still matches, and raises the answered count
+    /// (one transaction, as the agent's `OutboxRemove`).
+    pub fn outbox_remove(&mut self, acked: &[(String, ItemKey, Hlc)], answered: Option<u64>) {
         for (_, key, version) in acked {
             if self
                 .outbox
@@ -208,6 +217,65 @@ impl DevStore {
                 self.outbox.remove(key);
             }
         }
+        if let Some(a) = answered {
+            self.answered = self.answered.max(a);
+        }
+    }
+
+    /// One slice of the re-push after a cloud restore, as the agent runs it: the rows after
+    /// `after` (key order), at most `limit`; each write of a model that syncs up without an
+    /// outbox entry gets one at its version, without a base. Returns the new entries and where
+    /// the next slice starts (`None`: done).
+    pub fn repush_slice(
+        &mut self,
+        schema: &Schema,
+        after: Option<&ItemKey>,
+        limit: usize,
+    ) -> (Vec<Change>, Option<ItemKey>) {
+        let limit = limit.max(1);
+        let rows: Vec<(ItemKey, DevRec)> = match after {
+            Some(a) => self
+                .items
+                .range((
+                    std::ops::Bound::Excluded(a.clone()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take(limit)
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect(),
+            None => self
+                .items
+                .iter()
+                .take(limit)
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect(),
+        };
+        let next = (rows.len() == limit).then(|| rows[rows.len() - 1].0.clone());
+        let mut added = Vec::new();
+        for (key, rec) in rows {
+            let ups = schema
+                .model(&rec.model)
+                .is_some_and(|m| m.process().syncs_up() && m.process().on_device());
+            if !ups || self.outbox.contains_key(&key) {
+                continue;
+            }
+            let change = Change {
+                model: rec.model.clone(),
+                key: key.clone(),
+                op: if rec.item.is_some() {
+                    Op::Put
+                } else {
+                    Op::Delete
+                },
+                item: rec.item.clone(),
+                version: rec.version,
+                base: None,
+            };
+            self.next_seq += 1;
+            self.outbox.insert(key, (self.next_seq, change.clone()));
+            added.push(change);
+        }
+        (added, next)
     }
 
     /// Re-stamps an outbox entry the cloud refused as too far in the future, as the agent does:
@@ -350,6 +418,11 @@ impl DeviceTxn for DevTxn<'_> {
         self.s.cursor = cursor;
         Ok(())
     }
+    fn set_feed_mark(&mut self, mark: FeedMark) -> Result<(), StoreError> {
+        self.inject.op()?;
+        self.s.mark = mark;
+        Ok(())
+    }
     fn resync_mark_seen(&mut self, _model: &str, key: &ItemKey) -> Result<(), StoreError> {
         self.inject.op()?;
         self.s.marks.insert(key.clone());
@@ -415,6 +488,8 @@ pub struct Feed {
     pub head: u64,
     /// Entries with cursor <= floor were purged; reads after an older cursor need a resync.
     pub floor: u64,
+    /// The generations of the feed, oldest first (see [`FeedPage::generations`]).
+    pub generations: Vec<FeedGeneration>,
 }
 
 /// The cloud database.
@@ -432,6 +507,12 @@ pub struct CloudStore {
     pub conflicts: VecDeque<Conflict>,
     /// The cursor each device acknowledged last.
     pub acked: BTreeMap<DeviceId, u64>,
+    /// Per-device count of pushed changes answered (kept by `count_push`).
+    pub answered: BTreeMap<DeviceId, u64>,
+    /// The run of the process using the store (see [`CloudStore::new_run`]); its first append
+    /// to a feed starts a new generation of it. A process attribute that a copy (a backup)
+    /// carries along harmlessly: the process that restores one starts a run of its own.
+    pub run: u64,
 }
 
 /// Most conflicts kept.
@@ -444,8 +525,14 @@ impl CloudStore {
         self.feeds.entry(id.clone()).or_insert(Feed {
             head: 1,
             floor: 1,
+            generations: vec![FeedGeneration::default()],
             ..Feed::default()
         });
+    }
+
+    /// A new process opens the store: its appends start new feed generations.
+    pub fn new_run(&mut self, run: u64) {
+        self.run = run;
     }
 
     /// The highest version stored: items, tombstones and watermarks.
@@ -476,6 +563,7 @@ impl CloudStore {
             .feeds
             .get(d)
             .ok_or_else(|| StoreError::UnknownDevice(d.to_string()))?;
+        let answered = self.answered.get(d).copied().unwrap_or(0);
         if after < f.floor {
             return Ok(FeedPage {
                 after,
@@ -483,6 +571,8 @@ impl CloudStore {
                 head: f.head,
                 resync_required: true,
                 unreadable: vec![],
+                generations: f.generations.clone(),
+                answered,
             });
         }
         let changes = f
@@ -497,6 +587,8 @@ impl CloudStore {
             head: f.head,
             resync_required: false,
             unreadable: vec![],
+            generations: f.generations.clone(),
+            answered,
         })
     }
 
@@ -509,10 +601,10 @@ impl CloudStore {
         from: Option<&SnapshotCursor>,
         limit: usize,
     ) -> Result<SnapshotPage, StoreError> {
-        let head = self
+        let (head, gen) = self
             .feeds
             .get(d)
-            .map(|f| f.head)
+            .map(|f| (f.head, f.generations.last().map_or(0, |g| g.gen)))
             .ok_or_else(|| StoreError::UnknownDevice(d.to_string()))?;
         let limit = limit.max(1);
         let mut all: Vec<(SnapshotCursor, Change)> = self
@@ -554,6 +646,7 @@ impl CloudStore {
             next,
             cursor: head,
             unreadable: vec![],
+            gen,
         })
     }
 
@@ -674,8 +767,10 @@ impl CloudTxn for CTxn {
         self.inject.op()?;
         let c = self.s.counts.entry(device.clone()).or_default();
         c.applied += counts.applied;
+        c.duplicates += counts.duplicates;
         c.superseded += counts.superseded;
         c.rejected += counts.rejected;
+        *self.s.answered.entry(device.clone()).or_default() += counts.answered();
         Ok(())
     }
     fn append_feed(
@@ -691,9 +786,19 @@ impl CloudTxn for CTxn {
             }
         }
         let ck = (owner.clone(), key.clone());
+        let run = self.s.run;
         for (d, f) in self.s.feeds.iter_mut() {
             if !owner_feeds(owner, d) {
                 continue;
+            }
+            if f.generations.last().is_none_or(|g| g.gen != run) {
+                f.generations.push(FeedGeneration {
+                    gen: run,
+                    base: f.head,
+                });
+                if f.generations.len() > MAX_FEED_GENERATIONS {
+                    f.generations.remove(0);
+                }
             }
             if let Some(old) = f.by_key.remove(&ck) {
                 f.entries.remove(&old);

@@ -7,6 +7,7 @@
 //! It exists so the `devices` table is read and written in one place (its columns are listed
 //! once, in [`DEVICE_COLS`] and [`device_row`]).
 
+use devtables_sync::apply::PushCounts;
 use devtables_sync::identity::DeviceId;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
@@ -308,6 +309,27 @@ pub(super) fn count_throttled(
         return Err(StoreError::UnknownDevice(device.to_string()));
     }
     Ok(())
+}
+
+/// The device's push counters, duplicates included.
+pub(super) fn push_counts(conn: &Connection, id: &DeviceId) -> Result<PushCounts, StoreError> {
+    conn.prepare_cached(
+        "SELECT changes_applied, changes_duplicate, changes_superseded, changes_rejected
+         FROM devices WHERE account = ?1 AND device = ?2",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![id.account, id.device], |r| {
+            Ok(PushCounts {
+                applied: r.get(0)?,
+                duplicates: r.get(1)?,
+                superseded: r.get(2)?,
+                rejected: r.get(3)?,
+            })
+        })
+        .optional()
+    })
+    .map_err(db("reading a device's push counters"))?
+    .ok_or_else(|| StoreError::UnknownDevice(id.to_string()))
 }
 
 /// What a device stores now: (live rows, bytes of their JSON); `None` if it is not registered.

@@ -5,7 +5,9 @@
 //! ([`row_change`]), and both must report an unreadable row instead of stalling on it.
 
 use devtables_schema::{ItemKey, Schema};
-use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage, UnreadableRow};
+use devtables_sync::cloud::{
+    FeedGeneration, FeedPage, SnapshotCursor, SnapshotPage, UnreadableRow, MAX_FEED_GENERATIONS,
+};
 use devtables_sync::identity::DeviceId;
 use devtables_sync::wire::{Change, Op};
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -43,6 +45,37 @@ fn row_change(
     })
 }
 
+/// The generations of a feed as `devices.feed_generations` holds them: `gen:base` pairs, oldest
+/// first, separated by commas.
+fn parse_generations(text: &str) -> Result<Vec<FeedGeneration>, StoreError> {
+    text.split(',')
+        .map(|pair| {
+            let bad = || StoreError::Corrupt(format!("devices.feed_generations {text:?}"));
+            let (gen, base) = pair.split_once(':').ok_or_else(bad)?;
+            Ok(FeedGeneration {
+                gen: gen.parse().map_err(|_| bad())?,
+                base: base.parse().map_err(|_| bad())?,
+            })
+        })
+        .collect()
+}
+
+/// The generations text to store instead of `text` when it holds more than
+/// [`MAX_FEED_GENERATIONS`] (the oldest dropped), or `None` when it is within the bound.
+pub(super) fn oldest_generations_dropped(text: &str) -> Result<Option<String>, StoreError> {
+    let gens = parse_generations(text)?;
+    if gens.len() <= MAX_FEED_GENERATIONS {
+        return Ok(None);
+    }
+    let kept = &gens[gens.len() - MAX_FEED_GENERATIONS..];
+    Ok(Some(
+        kept.iter()
+            .map(|g| format!("{}:{}", g.gen, g.base))
+            .collect::<Vec<_>>()
+            .join(","),
+    ))
+}
+
 /// A page of `device`'s feed after cursor `after` (see [`CloudStore::read_feed`]).
 ///
 /// [`CloudStore::read_feed`]: super::super::CloudStore::read_feed
@@ -55,20 +88,22 @@ pub(super) fn read_feed(
     // One read transaction: the head and the entries come from the same snapshot, so every
     // entry up to the head is either returned or after the page.
     let tx = conn.transaction().map_err(db("starting a feed read"))?;
-    let state: Option<(u64, u64)> = tx
+    let state: Option<(u64, u64, String, u64)> = tx
         .prepare_cached(
-            "SELECT feed_head, feed_floor FROM devices WHERE account = ?1 AND device = ?2",
+            "SELECT feed_head, feed_floor, feed_generations, changes_answered FROM devices
+             WHERE account = ?1 AND device = ?2",
         )
         .and_then(|mut s| {
             s.query_row(params![device.account, device.device], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .optional()
         })
         .map_err(db("reading a device's feed head"))?;
-    let Some((head, floor)) = state else {
+    let Some((head, floor, generations, answered)) = state else {
         return Err(StoreError::UnknownDevice(device.to_string()));
     };
+    let generations = parse_generations(&generations)?;
     // Below the purged floor, or beyond the head (the device holds entries this database
     // never had: it was restored from a backup, or the cursor is hostile): only a full
     // resync brings the device back in step.
@@ -79,6 +114,8 @@ pub(super) fn read_feed(
             head,
             resync_required: true,
             unreadable: Vec::new(),
+            generations,
+            answered,
         });
     }
     type FeedRow = (
@@ -162,6 +199,8 @@ pub(super) fn read_feed(
         head,
         resync_required: false,
         unreadable,
+        generations,
+        answered,
     })
 }
 
@@ -178,16 +217,23 @@ pub(super) fn read_snapshot(
 ) -> Result<SnapshotPage, StoreError> {
     let limit = limit.max(1);
     let tx = conn.transaction().map_err(db("starting a snapshot read"))?;
-    let head: Option<u64> = tx
-        .prepare_cached("SELECT feed_head FROM devices WHERE account = ?1 AND device = ?2")
+    let state: Option<(u64, String)> = tx
+        .prepare_cached(
+            "SELECT feed_head, feed_gen FROM devices WHERE account = ?1 AND device = ?2",
+        )
         .and_then(|mut s| {
-            s.query_row(params![device.account, device.device], |r| r.get(0))
-                .optional()
+            s.query_row(params![device.account, device.device], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
         })
         .map_err(db("reading a device's feed head"))?;
-    let Some(head) = head else {
+    let Some((head, gen)) = state else {
         return Err(StoreError::UnknownDevice(device.to_string()));
     };
+    let gen: u64 = gen
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("devices.feed_gen {gen:?}")))?;
     // Models in name order (byte order, as SQLite compares text); each is owned either by the
     // device or, when broadcast, by the account.
     let mut models: Vec<(&str, bool)> = schema
@@ -274,5 +320,6 @@ pub(super) fn read_snapshot(
         next,
         cursor: head,
         unreadable,
+        gen,
     })
 }

@@ -12,7 +12,7 @@ use super::super::StoreError;
 use super::sql::db;
 
 /// The version of the table layout this build writes; a newer database is refused.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 const DDL: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS devices (
     messages_rate_limited INTEGER NOT NULL DEFAULT 0,
     pushes_busy INTEGER NOT NULL DEFAULT 0,
     conflicts_dropped INTEGER NOT NULL DEFAULT 0,
+    changes_duplicate INTEGER NOT NULL DEFAULT 0,
+    changes_answered INTEGER NOT NULL DEFAULT 0,
+    feed_gen TEXT NOT NULL DEFAULT '0',
+    feed_generations TEXT NOT NULL DEFAULT '0:0',
     PRIMARY KEY (account, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS items (
@@ -140,6 +144,20 @@ UPDATE devices SET
         WHERE items.account = devices.account AND items.device = devices.device AND deleted = 0);
 ";
 
+/// What moves a layout-5 database to layout 6: what a device's hello is compared with to see
+/// that the store was restored from an older backup (`devtables_sync::cloud::FeedPage`): the
+/// count of the device's pushed changes answered (and the duplicates among them), and the
+/// generations of its feed. Kept in the rows a push or an append writes, in its transaction,
+/// so a backup holds the figures that go with its data. A migrated store starts at zero, below
+/// every figure a device heard from a layout-6 store: a layout-5 backup restored under a newer
+/// cloud is seen as older than what the devices hold, which it is.
+const MIGRATE_5_TO_6: &str = "
+ALTER TABLE devices ADD COLUMN changes_duplicate INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN changes_answered INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN feed_gen TEXT NOT NULL DEFAULT '0';
+ALTER TABLE devices ADD COLUMN feed_generations TEXT NOT NULL DEFAULT '0:0';
+";
+
 /// Prepares a freshly opened connection: busy timeout, WAL mode (`wal`, for a file), the
 /// `synchronous` level, then creates or upgrades the tables in one transaction.
 pub(super) fn init(
@@ -202,6 +220,10 @@ pub(super) fn init(
     if matches!(stored.as_deref(), Some("1" | "2" | "3" | "4")) {
         tx.execute_batch(MIGRATE_4_TO_5)
             .map_err(db("upgrading the cloud tables from layout 4 to 5"))?;
+    }
+    if matches!(stored.as_deref(), Some("1" | "2" | "3" | "4" | "5")) {
+        tx.execute_batch(MIGRATE_5_TO_6)
+            .map_err(db("upgrading the cloud tables from layout 5 to 6"))?;
     }
     tx.execute_batch(DDL)
         .map_err(db("creating the cloud tables"))?;

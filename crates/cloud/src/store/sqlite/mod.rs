@@ -8,7 +8,7 @@
 //! # Tables
 //!
 //! ```sql
-//! -- Store metadata: schema_version = 5 (the table layout, see `SCHEMA_VERSION`).
+//! -- Store metadata: schema_version = 6 (the table layout, see `SCHEMA_VERSION`).
 //! meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
 //!
 //! -- Registered devices and their sync status.
@@ -30,7 +30,11 @@
 //!         changes_over_quota,         -- pushed changes refused for a quota or their size
 //!         messages_rate_limited,      -- messages not processed: over the device's message rate
 //!         pushes_busy,                -- pushes not taken: too many being applied
-//!         conflicts_dropped)          -- conflict records dropped for the per-device cap
+//!         conflicts_dropped,          -- conflict records dropped for the per-device cap
+//!         changes_duplicate,          -- pushed changes already stored at their version
+//!         changes_answered,           -- pushed changes answered, whatever the verdict
+//!         feed_gen,                   -- the run of the store that last appended to the feed
+//!         feed_generations)           -- 'gen:base,...': the feed's generations, oldest first
 //!
 //! -- Every item of every device, one row per (owner, key); tombstones are kept for a while.
 //! items(account,
@@ -91,6 +95,12 @@
 //! below the floor, so a new (or wiped) device always starts with a full resync and receives the
 //! items written before it connected (broadcast items especially), which its feed never held.
 //!
+//! Each opening of the store is a run with a random id. A run's first append to a feed starts a
+//! generation of it (`feed_gen`, and `gen:base` added to `feed_generations`, at most
+//! `MAX_FEED_GENERATIONS`), in the append's transaction: a device whose hello names a
+//! generation this history lacks, or a head beyond where that generation ended, holds data a
+//! restore from a backup lost (see `devtables_sync::cloud::FeedPage::generations`).
+//!
 //! # Files
 //!
 //! This file holds the store itself and its [`CloudStore`] implementation, whose methods only
@@ -118,7 +128,7 @@ mod txn;
 use std::path::Path;
 
 use devtables_schema::{ItemKey, Schema};
-use devtables_sync::apply::{CloudOp, CloudTxn, CloudWriteError};
+use devtables_sync::apply::{CloudOp, CloudTxn, CloudWriteError, PushCounts};
 use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -161,6 +171,9 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     conn: Connection,
     quotas: DeviceQuotas,
+    /// This opening of the store (random, never 0): the generation its first append to a feed
+    /// starts.
+    run: u64,
     /// Rate-limits the warnings about conflict records dropped for the per-device cap.
     conflict_warn: crate::warn_limit::WarnLimiter,
 }
@@ -196,12 +209,25 @@ impl SqliteStore {
         f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let tx = sql::write_txn(&mut self.conn, "starting a conformance transaction")?;
-        let r = f(&mut txn::SqlTxn::new(&tx, now_ms, &self.quotas))?;
+        let r = f(&mut txn::SqlTxn::new(&tx, now_ms, &self.quotas, self.run))?;
         if commit {
             tx.commit()
                 .map_err(db("committing a conformance transaction"))?;
         }
         Ok(r)
+    }
+
+    /// Starts a new run, as reopening the store does. For the store-conformance suite.
+    #[doc(hidden)]
+    pub fn conformance_new_run(&mut self) {
+        self.run = new_run_id();
+    }
+
+    /// The device's push counters, duplicates included (the device record leaves them out).
+    /// For the store-conformance suite.
+    #[doc(hidden)]
+    pub fn conformance_push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+        devices::push_counts(&self.conn, id)
     }
 
     fn init(
@@ -218,6 +244,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             quotas: options.quotas,
+            run: new_run_id(),
             conflict_warn: crate::warn_limit::WarnLimiter::new(
                 crate::warn_limit::WarnLimiter::INTERVAL,
             ),
@@ -228,6 +255,11 @@ impl SqliteStore {
     pub fn set_quotas(&mut self, quotas: DeviceQuotas) {
         self.quotas = quotas;
     }
+}
+
+/// A random run id, never 0 (the generation of a feed no run appended to).
+fn new_run_id() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 impl CloudStore for SqliteStore {
@@ -325,6 +357,7 @@ impl CloudStore for SqliteStore {
             now_ms,
             max_drift_ms,
             &self.quotas,
+            self.run,
             &mut self.conflict_warn,
             from,
             changes,
@@ -348,6 +381,7 @@ impl CloudStore for SqliteStore {
             now_ms,
             max_message_bytes,
             &self.quotas,
+            self.run,
             owner,
             model,
             op,

@@ -389,6 +389,10 @@ mod tests {
              ALTER TABLE devices DROP COLUMN messages_rate_limited;
              ALTER TABLE devices DROP COLUMN pushes_busy;
              ALTER TABLE devices DROP COLUMN conflicts_dropped;
+             ALTER TABLE devices DROP COLUMN changes_duplicate;
+             ALTER TABLE devices DROP COLUMN changes_answered;
+             ALTER TABLE devices DROP COLUMN feed_gen;
+             ALTER TABLE devices DROP COLUMN feed_generations;
              UPDATE meta SET value = '4' WHERE key = 'schema_version';",
         )
         .unwrap();

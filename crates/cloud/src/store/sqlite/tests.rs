@@ -291,7 +291,7 @@ fn a_change_may_only_touch_rows_of_its_own_model() {
 }
 
 #[test]
-fn a_write_that_knew_a_purged_key_meets_the_watermark() {
+fn every_write_meets_the_purge_watermark() {
     let (schema, d1) = (schema(), dev("a", "d1"));
     let mut s = store(&[&d1]);
     let mut c = clock();
@@ -365,12 +365,41 @@ fn a_write_that_knew_a_purged_key_meets_the_watermark() {
         1,
         "the lost edit is logged"
     );
-    // A create (no base) of a new key is not affected by the watermark.
-    let fresh = put(
+    // A create (no base) below the watermark loses too: it may be a create whose ack was lost,
+    // resent after the delete of its key was purged. Visibly: stale, with the watermark.
+    let resent = put(
         &schema,
         "Both",
         json!({"deviceId": "d1", "name": "new"}),
         ver(NOW + 60, 7),
+    );
+    let (r, _) = s
+        .apply_push(
+            &schema,
+            &mut c,
+            later,
+            DRIFT,
+            &d1,
+            std::slice::from_ref(&resent),
+        )
+        .unwrap();
+    assert_eq!(
+        r[0].status,
+        ChangeStatus::Stale {
+            winner: del.version
+        }
+    );
+    assert_eq!(
+        s.device(&d1).unwrap().unwrap().changes_superseded,
+        2,
+        "both losses are counted"
+    );
+    // One above the watermark is created.
+    let fresh = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "new2"}),
+        ver(NOW + 150, 7),
     );
     let (r, _) = s
         .apply_push(&schema, &mut c, later, DRIFT, &d1, &[fresh])
@@ -389,7 +418,7 @@ fn a_write_that_knew_a_purged_key_meets_the_watermark() {
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let rec = s.device(&d1).unwrap().unwrap();
-    assert_eq!((rec.changes_applied, rec.changes_superseded), (3, 1));
+    assert_eq!((rec.changes_applied, rec.changes_superseded), (3, 2));
 }
 
 #[test]
@@ -1711,7 +1740,78 @@ fn a_layout_3_file_is_upgraded_with_devices_that_have_no_broker_hash() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("5", 5));
+    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("6", 6));
+}
+
+#[test]
+fn a_layout_5_file_is_upgraded_with_answered_counts_and_feed_generations_from_zero() {
+    let schema = schema();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let d1 = dev("a", "d1");
+    {
+        let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        s.register_device(&d1, "h", None, NOW).unwrap();
+        let ch = put(
+            &schema,
+            "Both",
+            json!({"deviceId": "d1", "name": "n"}),
+            ver(NOW, 1),
+        );
+        s.apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[ch])
+            .unwrap();
+    }
+    // The file as layout 5 had it: without the four columns.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "ALTER TABLE devices DROP COLUMN changes_duplicate;
+         ALTER TABLE devices DROP COLUMN changes_answered;
+         ALTER TABLE devices DROP COLUMN feed_gen;
+         ALTER TABLE devices DROP COLUMN feed_generations;
+         UPDATE meta SET value = '5' WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(raw);
+    let mut s = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let rec = s.device(&d1).unwrap().unwrap();
+    assert_eq!(
+        (rec.changes_applied, rec.feed_head),
+        (1, 2),
+        "the old row is intact"
+    );
+    let page = s.read_feed(&d1, 1, 10).unwrap();
+    assert_eq!(
+        (page.answered, page.generations.clone()),
+        (
+            0,
+            vec![devtables_sync::cloud::FeedGeneration { gen: 0, base: 0 }]
+        ),
+        "a migrated store starts below every figure a layout-6 store told a device"
+    );
+    let again = put(
+        &schema,
+        "Both",
+        json!({"deviceId": "d1", "name": "m"}),
+        ver(NOW, 2),
+    );
+    s.apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[again])
+        .unwrap();
+    let page = s.read_feed(&d1, 1, 10).unwrap();
+    assert_eq!(page.answered, 1);
+    assert_eq!(page.generations.len(), 2, "{:?}", page.generations);
+    assert_eq!(
+        page.generations[1].base, 2,
+        "the new generation took over at the old head"
+    );
+    let layout: String = s
+        .conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(layout, "6");
 }
 
 #[test]

@@ -20,6 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::super::{Advanced, DeviceQuotas, StoreError};
 use super::devices::{device_exists, device_revoked};
+use super::feed;
 use super::quota;
 use super::sql::{db, item_json, map_err, owner_cols, parse_version, write_txn};
 use crate::warn_limit::WarnLimiter;
@@ -36,10 +37,17 @@ pub(super) struct SqlTxn<'c> {
     deferred: Option<PushCounts>,
     /// Conflict records dropped for the per-device cap in this transaction.
     conflicts_dropped: u64,
+    /// The store's run: an append to a feed of another generation starts this one.
+    run: u64,
 }
 
 impl<'c> SqlTxn<'c> {
-    pub(super) fn new(conn: &'c Connection, now_ms: u64, quotas: &DeviceQuotas) -> SqlTxn<'c> {
+    pub(super) fn new(
+        conn: &'c Connection,
+        now_ms: u64,
+        quotas: &DeviceQuotas,
+        run: u64,
+    ) -> SqlTxn<'c> {
         SqlTxn {
             conn,
             now_ms,
@@ -47,6 +55,7 @@ impl<'c> SqlTxn<'c> {
             max_conflicts: quotas.max_conflicts,
             deferred: None,
             conflicts_dropped: 0,
+            run,
         }
     }
 
@@ -164,6 +173,7 @@ impl CloudTxn for SqlTxn<'_> {
     fn count_push(&mut self, device: &DeviceId, counts: &PushCounts) -> Result<(), StoreError> {
         if let Some(d) = &mut self.deferred {
             d.applied += counts.applied;
+            d.duplicates += counts.duplicates;
             d.superseded += counts.superseded;
             d.rejected += counts.rejected;
             return Ok(());
@@ -171,7 +181,8 @@ impl CloudTxn for SqlTxn<'_> {
         self.conn
             .prepare_cached(
                 "UPDATE devices SET changes_applied = changes_applied + ?3,
-                    changes_superseded = changes_superseded + ?4, changes_rejected = changes_rejected + ?5
+                    changes_superseded = changes_superseded + ?4, changes_rejected = changes_rejected + ?5,
+                    changes_duplicate = changes_duplicate + ?6, changes_answered = changes_answered + ?7
                  WHERE account = ?1 AND device = ?2",
             )
             .and_then(|mut s| {
@@ -180,7 +191,9 @@ impl CloudTxn for SqlTxn<'_> {
                     device.device,
                     counts.applied,
                     counts.superseded,
-                    counts.rejected
+                    counts.rejected,
+                    counts.duplicates,
+                    counts.answered()
                 ])
             })
             .map_err(db("counting a push"))?;
@@ -189,31 +202,54 @@ impl CloudTxn for SqlTxn<'_> {
 
     fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), StoreError> {
         let (account, owner_device) = owner_cols(owner);
-        let targets: Vec<(String, u64)> = match owner {
+        // The head moves by one; the run's first append to a feed also starts its generation,
+        // at the head before this append (every expression reads the row as it was).
+        let run = self.run.to_string();
+        let targets: Vec<(String, u64, String)> = match owner {
             Owner::Device(d) => {
-                let head: Option<u64> = self
+                let row: Option<(u64, String)> = self
                     .conn
                     .prepare_cached(
-                        "UPDATE devices SET feed_head = feed_head + 1 WHERE account = ?1 AND device = ?2 RETURNING feed_head",
+                        "UPDATE devices SET feed_head = feed_head + 1, feed_gen = ?3,
+                            feed_generations = CASE WHEN feed_gen = ?3 THEN feed_generations
+                                ELSE feed_generations || ',' || ?3 || ':' || feed_head END
+                         WHERE account = ?1 AND device = ?2 RETURNING feed_head, feed_generations",
                     )
-                    .and_then(|mut s| s.query_row(params![d.account, d.device], |r| r.get(0)).optional())
+                    .and_then(|mut s| {
+                        s.query_row(params![d.account, d.device, run], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                        .optional()
+                    })
                     .map_err(db("advancing a device feed"))?;
-                match head {
-                    Some(head) => vec![(d.device.clone(), head)],
+                match row {
+                    Some((head, gens)) => vec![(d.device.clone(), head, gens)],
                     None => return Err(StoreError::UnknownDevice(d.to_string())),
                 }
             }
             Owner::Account(a) => self
                 .conn
                 .prepare_cached(
-                    "UPDATE devices SET feed_head = feed_head + 1 WHERE account = ?1 RETURNING device, feed_head",
+                    "UPDATE devices SET feed_head = feed_head + 1, feed_gen = ?2,
+                        feed_generations = CASE WHEN feed_gen = ?2 THEN feed_generations
+                            ELSE feed_generations || ',' || ?2 || ':' || feed_head END
+                     WHERE account = ?1 RETURNING device, feed_head, feed_generations",
                 )
                 .and_then(|mut s| {
-                    s.query_map(params![a], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()
+                    s.query_map(params![a, run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
                 })
                 .map_err(db("advancing the feeds of an account"))?,
         };
-        for (device, head) in targets {
+        for (device, head, gens) in targets {
+            if let Some(kept) = feed::oldest_generations_dropped(&gens)? {
+                self.conn
+                    .prepare_cached(
+                        "UPDATE devices SET feed_generations = ?3 WHERE account = ?1 AND device = ?2",
+                    )
+                    .and_then(|mut s| s.execute(params![account, device, kept]))
+                    .map_err(db("dropping a feed's oldest generation"))?;
+            }
             self.conn
                 .prepare_cached(
                     "DELETE FROM feed WHERE account = ?1 AND device = ?2 AND owner = ?3 AND pk = ?4 AND sk = ?5",
@@ -345,6 +381,7 @@ pub(super) fn apply_push(
     now_ms: u64,
     max_drift_ms: u64,
     quotas: &DeviceQuotas,
+    run: u64,
     warn: &mut WarnLimiter,
     from: &DeviceId,
     changes: &[Change],
@@ -356,7 +393,7 @@ pub(super) fn apply_push(
         return Err(StoreError::DeviceRevoked(from.to_string()));
     }
     let (results, advanced, dropped) = {
-        let mut t = SqlTxn::new(&tx, now_ms, quotas);
+        let mut t = SqlTxn::new(&tx, now_ms, quotas, run);
         t.defer_counts();
         let mut results = Vec::with_capacity(changes.len());
         let mut over_quota = 0;
@@ -409,6 +446,7 @@ pub(super) fn write(
     now_ms: u64,
     max_message_bytes: usize,
     quotas: &DeviceQuotas,
+    run: u64,
     owner: &Owner,
     model: &str,
     op: CloudOp,
@@ -422,7 +460,7 @@ pub(super) fn write(
         }
     }
     let (change, advanced) = {
-        let mut t = SqlTxn::new(&tx, now_ms, quotas);
+        let mut t = SqlTxn::new(&tx, now_ms, quotas, run);
         let change = cloud_write(
             &mut t,
             schema,
