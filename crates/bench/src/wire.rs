@@ -169,6 +169,8 @@ pub fn push_payloads(
             let msg = UpMsg::Push {
                 batch: i as u64,
                 changes: c.to_vec(),
+                // The agent sends its session with every push.
+                session: Some(1),
             };
             Ok(wire::encode_up(schema.version(), &msg, &cfg)?)
         })

@@ -174,6 +174,18 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "Device messages from a device without a session",
     ),
     counter(
+        "device_pushes_of_ended_sessions",
+        "Device pushes of an earlier session (delayed past the next hello): not applied, resent",
+    ),
+    counter(
+        "device_acks_dropped",
+        "Push acknowledgements not sent: the push was taken in an earlier session (resent, answered as duplicates)",
+    ),
+    counter(
+        "restores_detected",
+        "Welcomes that found the cloud holding less than the device heard (restored from a backup): the device re-pushes",
+    ),
+    counter(
         "changes_over_quota",
         "Pushed changes refused for a device quota or their item's size",
     ),

@@ -83,6 +83,15 @@ pub struct SyncStatus {
     pub(crate) device_messages_refused: AtomicU64,
     /// Device messages from a device without a session (answered `no_session`, not processed).
     pub(crate) device_messages_without_session: AtomicU64,
+    /// Pushes sent in an earlier session of their device (delayed past its next hello): not
+    /// applied; the device resends their changes.
+    pub(crate) device_pushes_of_ended_sessions: AtomicU64,
+    /// Push acknowledgements not sent because the push was taken in an earlier session of its
+    /// device: the device resends the changes, answered as duplicates.
+    pub(crate) device_acks_dropped: AtomicU64,
+    /// Welcomes that found the cloud holding less than the device heard from it (the cloud was
+    /// restored from a backup): the device re-pushes what it holds.
+    pub(crate) restores_detected: AtomicU64,
     /// Pushed changes refused for a device quota (rows, bytes) or their item's size.
     pub(crate) changes_over_quota: AtomicU64,
     /// HTTP API requests refused with 429 because their key was over its request rate.
@@ -146,6 +155,9 @@ pub struct StatusSnapshot {
     pub device_pushes_busy: u64,
     pub device_messages_refused: u64,
     pub device_messages_without_session: u64,
+    pub device_pushes_of_ended_sessions: u64,
+    pub device_acks_dropped: u64,
+    pub restores_detected: u64,
     pub changes_over_quota: u64,
     pub api_rate_limited: u64,
     pub messages_in: u64,
@@ -193,6 +205,9 @@ impl SyncStatus {
             device_pushes_busy: n(&self.device_pushes_busy),
             device_messages_refused: n(&self.device_messages_refused),
             device_messages_without_session: n(&self.device_messages_without_session),
+            device_pushes_of_ended_sessions: n(&self.device_pushes_of_ended_sessions),
+            device_acks_dropped: n(&self.device_acks_dropped),
+            restores_detected: n(&self.restores_detected),
             changes_over_quota: n(&self.changes_over_quota),
             api_rate_limited: n(&self.api_rate_limited),
             messages_in: n(&self.messages_in),

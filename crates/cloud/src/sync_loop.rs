@@ -865,6 +865,12 @@ impl SyncLoop {
             .store(e.messages_refused, Ordering::Relaxed);
         s.device_messages_without_session
             .store(e.messages_without_session, Ordering::Relaxed);
+        s.device_pushes_of_ended_sessions
+            .store(e.pushes_of_ended_sessions, Ordering::Relaxed);
+        s.device_acks_dropped
+            .store(e.acks_dropped, Ordering::Relaxed);
+        s.restores_detected
+            .store(e.restores_detected, Ordering::Relaxed);
     }
 }
 

@@ -129,6 +129,11 @@ fn a_cloud_restored_from_a_backup_gets_back_the_writes_it_had_acknowledged() {
         status["ready"] == true,
         "the agent syncs on after the re-push: {status}"
     );
+    let cloud_status = cloud.get("/v1/status").expect("the cloud's status");
+    assert_eq!(
+        cloud_status["restores_detected"], 1,
+        "the restored cloud counted the detection: {cloud_status}"
+    );
     assert!(
         !agent
             .logs

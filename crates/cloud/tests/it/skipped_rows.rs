@@ -120,6 +120,7 @@ async fn an_unreadable_row_is_skipped_recorded_and_the_rest_flows() {
         session: 2,
         cursor,
         pending: 0,
+        mark: None,
     })
     .await;
     let page = dev

@@ -383,11 +383,14 @@ async fn a_busy_store_never_starves_the_broker_keep_alive() {
     dev.send(&UpMsg::Push {
         batch: 1,
         changes: vec![put("Setting", "a", wall_ms())],
+        session: None,
     })
     .await;
     let answered = dev
         .recv(|m| match m {
-            DownMsg::PushAck { batch: 1, results } => Some(results.len()),
+            DownMsg::PushAck {
+                batch: 1, results, ..
+            } => Some(results.len()),
             _ => None,
         })
         .await;
@@ -446,6 +449,7 @@ async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop(
                 dev.send(&UpMsg::Push {
                     batch,
                     changes: vec![change],
+                    session: None,
                 })
                 .await;
             }
@@ -453,7 +457,7 @@ async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop(
             while answered.len() < PUSHES as usize {
                 let ack = dev
                     .recv(|m| match m {
-                        DownMsg::PushAck { batch, results } => Some((*batch, results.len())),
+                        DownMsg::PushAck { batch, results, .. } => Some((*batch, results.len())),
                         _ => None,
                     })
                     .await;
