@@ -458,6 +458,12 @@ impl Agent {
     }
 }
 
+/// The size of the durable outbox of a database an agent ran on: the local changes not yet
+/// acknowledged (what [`AgentStatus::pending`] shows), readable while no agent runs.
+pub fn outbox_len(db: &Db) -> Result<u64, DbError> {
+    state::outbox_len(db)
+}
+
 /// The database's commit hook: tells the event loop about committed local changes of synced
 /// models and about commands that arrived. It runs on the writer's thread and never blocks.
 fn on_commit(
