@@ -12,6 +12,7 @@ mod isolation;
 mod proxy;
 mod scenarios;
 mod services;
+mod sim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
