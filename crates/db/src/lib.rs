@@ -97,6 +97,9 @@ pub enum Durability {
     Periodic { interval: Duration },
 }
 
+/// Entries of a side table, (key, value) in key order.
+pub type SideEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A source of the current time in milliseconds since the Unix epoch (tests inject their own).
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
@@ -471,7 +474,7 @@ impl Db {
         table: &str,
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    ) -> Result<SideEntries, DbError> {
         let tx = self.inner.db.begin_read()?;
         let name = tables::side_table_name(table);
         let t = match tx.open_table(tables::side_def(&name)) {

@@ -127,9 +127,9 @@ impl redb::StorageBackend for SparseMemoryBackend {
             // extension reads zeros there.
             let keep = len.div_ceil(CHUNK);
             s.chunks.retain(|index, _| *index < keep);
-            if len % CHUNK != 0 {
+            let from = (len % CHUNK) as usize;
+            if from > 0 {
                 if let Some(last) = s.chunks.get_mut(&(len / CHUNK)) {
-                    let from = (len % CHUNK) as usize;
                     last.write(from, &vec![0; CHUNK as usize - from]);
                 }
             }

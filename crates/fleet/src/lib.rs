@@ -56,13 +56,13 @@ pub enum FleetError {
     Db {
         device: String,
         #[source]
-        source: devtables_db::OpenError,
+        source: Box<devtables_db::OpenError>,
     },
     #[error("cannot start the agent of device {device}: {source}")]
     Agent {
         device: String,
         #[source]
-        source: devtables_agent::AgentError,
+        source: Box<devtables_agent::AgentError>,
     },
     #[error("{what}: {source}")]
     Io {

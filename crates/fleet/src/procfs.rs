@@ -89,7 +89,7 @@ pub fn raise_open_files_limit() -> std::io::Result<OpenFilesLimit> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let before = limit.rlim_cur as u64;
+    let before = limit.rlim_cur;
     if limit.rlim_cur < limit.rlim_max {
         limit.rlim_cur = limit.rlim_max;
         // SAFETY: setrlimit reads the struct we own; raising the soft limit up to the hard one
@@ -100,8 +100,8 @@ pub fn raise_open_files_limit() -> std::io::Result<OpenFilesLimit> {
     }
     Ok(OpenFilesLimit {
         before,
-        after: limit.rlim_cur as u64,
-        hard: limit.rlim_max as u64,
+        after: limit.rlim_cur,
+        hard: limit.rlim_max,
     })
 }
 

@@ -218,7 +218,7 @@ async fn simulate(
         }
         .map_err(|source| FleetError::Db {
             device: name.clone(),
-            source,
+            source: Box::new(source),
         })?;
         devices.push(SimDevice::new(name.clone(), db, stats.clone()));
     }
@@ -305,7 +305,7 @@ async fn phases(
             .await
             .map_err(|source| FleetError::Agent {
                 device: device.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
     }
     let connect_deadline = ramp_start + config.connect_timeout;
