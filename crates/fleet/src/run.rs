@@ -341,11 +341,14 @@ async fn phases(
             let offset = period.mul_f64(rng.gen::<f64>());
             let device = device.clone();
             let rate = config.rate_per_device;
+            let stats = shared.stats.clone();
             tasks.spawn(async move {
                 let mut pace = Pacer::new(rate, offset, write_start);
                 while pace.next_before(write_end).await {
                     device.write_up().await;
                 }
+                // The simulator could not keep up: writes it did not offer.
+                stats.errors.add("sim_up_writes_skipped", pace.skipped);
             });
         }
     }
@@ -569,6 +572,12 @@ async fn api_writes(
         while inflight.try_join_next().is_some() {}
     }
     while inflight.join_next().await.is_some() {}
+    let kind = match kind {
+        ApiWrite::Down => "sim_down_writes_skipped",
+        ApiWrite::Command => "sim_commands_skipped",
+        ApiWrite::Broadcast => "sim_broadcasts_skipped",
+    };
+    shared.stats.errors.add(kind, pace.skipped);
 }
 
 async fn api_write(shared: &Shared, kind: ApiWrite, seq: u64, target: Option<usize>) {
@@ -727,11 +736,13 @@ async fn device_changes_applied(shared: &Shared) -> Option<u64> {
     }
 }
 
-/// Ticks at `rate` per second from `origin + offset`; a tick missed by more than a second is
-/// dropped rather than caught up in a burst.
+/// Ticks at `rate` per second from `origin + offset`. When its user falls more than a second
+/// behind, the ticks missed are skipped (and counted in `skipped`) rather than caught up in a
+/// burst: the load offered is then less than asked, and the report says by how much.
 struct Pacer {
     period: Duration,
     next: Instant,
+    skipped: u64,
 }
 
 impl Pacer {
@@ -739,6 +750,7 @@ impl Pacer {
         Pacer {
             period: Duration::from_secs_f64(1.0 / rate.max(1e-6)),
             next: origin + offset,
+            skipped: 0,
         }
     }
 
@@ -747,6 +759,8 @@ impl Pacer {
         if self.next > now {
             tokio::time::sleep_until(self.next.into()).await;
         } else if now - self.next > Duration::from_secs(1) {
+            let behind = now - self.next;
+            self.skipped += (behind.as_secs_f64() / self.period.as_secs_f64()) as u64;
             self.next = now;
         }
         self.next += self.period;
