@@ -212,6 +212,9 @@ impl Agent {
     /// Opens the database (the file at `db_path`, or in memory with `db_in_memory`) and starts
     /// replicating, on the current tokio runtime.
     pub fn start(config: AgentConfig, schema: Arc<Schema>) -> Result<Agent, AgentError> {
+        // A configuration that cannot work leaves no database file behind.
+        DeviceId::new(config.account.clone(), config.device.clone())?;
+        config.credentials()?;
         let db = if config.db_in_memory {
             Db::open_in_memory(schema, config.db_options())?
         } else {
