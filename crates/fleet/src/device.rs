@@ -433,6 +433,12 @@ impl SimDevice {
         }
     }
 
+    /// Full resyncs the running agent finished (0 while the device is off).
+    pub(crate) fn current_resyncs(&self) -> u64 {
+        let status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.as_ref().map_or(0, |rx| rx.borrow().resyncs)
+    }
+
     /// Whether the device's agent runs and the cloud welcomed it.
     pub(crate) fn is_ready(&self) -> bool {
         self.view().ready

@@ -211,7 +211,9 @@ pub struct FleetReport {
     pub sim: SimFigures,
     /// Full resyncs after a device's first sync (devices back from past the retention).
     pub resyncs: u64,
-    /// Devices that went offline and came back.
+    /// Devices that went offline and came back in step (welcomed again; the long-away ones
+    /// once their resync finished). One that did not is in `errors` (`churn_not_back`,
+    /// `churn_long_without_resync`).
     pub churned: u64,
     /// Of them, away past the cloud's retention.
     pub churned_long: u64,

@@ -33,6 +33,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_CONCURRENCY: usize = 512;
 /// How often the drain looks at what is still owed.
 const DRAIN_POLL: Duration = Duration::from_millis(200);
+/// Longest wait for a churned device to be welcomed again (and resynced, if long away).
+const CHURN_RETURN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most devices per page of `GET /v1/devices`.
 const DEVICE_PAGE: usize = 1000;
 
@@ -680,17 +682,34 @@ async fn churn_device(shared: Arc<Shared>, plan: ChurnPlan, start: Instant, conf
         }
     }
     tokio::time::sleep(plan.pause).await;
-    match device.start(config).await {
-        Ok(()) => {
-            Counters::inc(&shared.stats.counters.churned);
-            if plan.long {
-                Counters::inc(&shared.stats.counters.churned_long);
-            }
+    if let Err(e) = device.start(config).await {
+        tracing::error!(device = %device.name, "cannot start the device again: {e}");
+        shared.stats.errors.add("device_restart_failed", 1);
+        return;
+    }
+    // Back means welcomed again, and for a long-away device, resynced: the drain waits for
+    // this, so the report does not end in the middle of a resync.
+    let deadline = Instant::now() + CHURN_RETURN_TIMEOUT;
+    loop {
+        let back = device.is_ready() && (!plan.long || device.current_resyncs() > 0);
+        if back {
+            break;
         }
-        Err(e) => {
-            tracing::error!(device = %device.name, "cannot start the device again: {e}");
-            shared.stats.errors.add("device_restart_failed", 1);
+        if Instant::now() >= deadline {
+            let kind = if plan.long && device.is_ready() {
+                "churn_long_without_resync"
+            } else {
+                "churn_not_back"
+            };
+            tracing::warn!(device = %device.name, long = plan.long, "a churned device is not back in step");
+            shared.stats.errors.add(kind, 1);
+            return;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Counters::inc(&shared.stats.counters.churned);
+    if plan.long {
+        Counters::inc(&shared.stats.counters.churned_long);
     }
 }
 
