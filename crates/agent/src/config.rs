@@ -28,6 +28,10 @@ pub struct AgentConfig {
     /// First segment of every topic; must match the cloud's.
     pub topic_prefix: String,
     pub db_path: PathBuf,
+    /// Hold the database in memory instead of at `db_path` (which is then unused): nothing
+    /// survives the agent. Default false. For simulations and tests; a device that must keep
+    /// its outbox across a restart needs the file.
+    pub db_in_memory: bool,
     pub durability: Durability,
     /// Most unacknowledged local changes (one per item key); see [`crate::OutboxFull`].
     pub outbox_limit: u64,
@@ -78,6 +82,7 @@ impl AgentConfig {
             tls: None,
             topic_prefix: devtables_sync::topics::DEFAULT_PREFIX.into(),
             db_path: db_path.into(),
+            db_in_memory: false,
             durability: Durability::Immediate,
             outbox_limit: 100_000,
             command_model: "Command".into(),
@@ -110,7 +115,8 @@ impl AgentConfig {
         Ok((secret, certificate))
     }
 
-    pub(crate) fn db_options(&self) -> DbOptions {
+    /// The options [`crate::Agent::start`] opens the database with.
+    pub fn db_options(&self) -> DbOptions {
         DbOptions {
             durability: self.durability,
             ..DbOptions::default()

@@ -195,6 +195,7 @@ impl Driver {
                             let now = self.now();
                             self.engine.handle_disconnected(now);
                             self.set_status(|s| {
+                                s.disconnects += 1;
                                 s.connected = false;
                                 s.ready = false;
                                 s.last_error = Some(error.clone());
@@ -652,12 +653,26 @@ impl Driver {
                     db.write(Origin::Remote, |txn| {
                         state::outbox_remove(txn, &entries, answered)
                     })
+                    .map(|_| entries)
                 })
                 .await;
                 match result {
-                    Ok(Ok(_)) => {
-                        if let Ok(n) = state::outbox_len(&self.db) {
-                            self.set_status(|s| s.pending = n as usize);
+                    Ok(Ok(acked)) => {
+                        let pending = state::outbox_len(&self.db).ok();
+                        self.set_status(|s| {
+                            s.acked += acked.len() as u64;
+                            if let Some(n) = pending {
+                                s.pending = n as usize;
+                            }
+                        });
+                        let hooks = self
+                            .handlers
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .acked
+                            .clone();
+                        for hook in hooks {
+                            hook(&acked);
                         }
                     }
                     // The durable entries stay, and the engine already forgot them: hand them
@@ -807,7 +822,10 @@ impl Driver {
             DeviceEvent::ApplyFailed => {}
             DeviceEvent::Resynced { cursor, swept } => {
                 tracing::info!(device = %self.id, cursor, swept, "full resync finished");
-                self.set_status(|s| s.cursor = cursor);
+                self.set_status(|s| {
+                    s.cursor = cursor;
+                    s.resyncs += 1;
+                });
             }
             DeviceEvent::CloudTime { cloud_ms, .. } => {
                 let offset = cloud_ms as i64 - devtables_db::system_now_ms();

@@ -30,10 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use devtables_db::{Db, DbError, ItemChange, Origin};
+use devtables_db::{Db, DbError, HookId, ItemChange, Origin};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::device::{DeviceEngine, Restored};
-use devtables_sync::hlc::{node_id_for, HlcClock};
+use devtables_sync::hlc::{node_id_for, Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, IdError};
 use devtables_sync::wire::UpMsg;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
@@ -51,10 +51,17 @@ pub type CommandHandler = Arc<dyn Fn(&Item) -> Result<serde_json::Value, String>
 /// Called when the cloud rejects a local change (model, key, reason); it is not retried.
 pub type RejectedHook = Arc<dyn Fn(&str, &ItemKey, &str) + Send + Sync>;
 
+/// Called with the outbox entries (model, key, version) the cloud answered for, once they have
+/// left the durable outbox: applied, or refused for good (rejected, or stale: then a
+/// [`RejectedHook`] or the `superseded` count tells). An entry a newer remote write superseded
+/// in a feed page leaves without an answer and is not reported here.
+pub type AckedHook = Arc<dyn Fn(&[(String, ItemKey, Hlc)]) + Send + Sync>;
+
 #[derive(Default)]
 pub(crate) struct HandlerSet {
     commands: HashMap<String, CommandHandler>,
     rejected: Vec<RejectedHook>,
+    acked: Vec<AckedHook>,
 }
 
 pub(crate) type Handlers = Arc<Mutex<HandlerSet>>;
@@ -87,6 +94,8 @@ pub struct AgentStatus {
     pub pending: usize,
     /// Batches sent and not yet acknowledged.
     pub in_flight: usize,
+    /// Outbox entries the cloud answered for that left the outbox (see [`AckedHook`]).
+    pub acked: u64,
     /// Local changes the cloud rejected (not retried).
     pub rejected: u64,
     /// Local changes that lost to a newer version in the cloud (left the outbox; for models
@@ -98,6 +107,11 @@ pub struct AgentStatus {
     /// being applied); pushes then wait the time it said. Nothing is lost: what the cloud did not
     /// take stays in the outbox and is sent again.
     pub throttled: u64,
+    /// Full resyncs finished (the first sync of a new device is one; later ones mean the
+    /// device was away longer than the cloud keeps deletes).
+    pub resyncs: u64,
+    /// Established MQTT connections that were lost (a clean stop is not counted).
+    pub disconnects: u64,
     /// Local items a resync deleted because the cloud does not hold them.
     pub swept: u64,
     /// Cloud time minus this device's clock, in ms, from the last welcome.
@@ -187,6 +201,10 @@ impl Inbox {
 pub struct Agent {
     id: DeviceId,
     db: Db,
+    /// The agent opened the database (and closes it at shutdown), or was given it.
+    owns_db: bool,
+    /// The commit hook that feeds the event loop, removed at shutdown.
+    commit_hook: HookId,
     handlers: Handlers,
     inputs: mpsc::Sender<driver::Input>,
     inbox: Arc<Inbox>,
@@ -196,13 +214,32 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Opens the database and starts replicating, on the current tokio runtime.
+    /// Opens the database (the file at `db_path`, or in memory with `db_in_memory`) and starts
+    /// replicating, on the current tokio runtime.
     pub fn start(config: AgentConfig, schema: Arc<Schema>) -> Result<Agent, AgentError> {
+        // A configuration that cannot work leaves no database file behind.
+        DeviceId::new(config.account.clone(), config.device.clone())?;
+        config.credentials()?;
+        let db = if config.db_in_memory {
+            Db::open_in_memory(schema, config.db_options())?
+        } else {
+            Db::open(&config.db_path, schema, config.db_options())?
+        };
+        let mut agent = Agent::start_with_db(config, db)?;
+        agent.owns_db = true;
+        Ok(agent)
+    }
+
+    /// Starts replicating a database the caller opened (with the schema it was opened for);
+    /// the database settings of `config` are not used. [`Agent::shutdown`] flushes it but does
+    /// not close it: a caller can start another agent on it later, as a device that restarts
+    /// (the fleet simulator does so with in-memory databases). One agent at a time per database.
+    pub fn start_with_db(config: AgentConfig, db: Db) -> Result<Agent, AgentError> {
+        let schema = db.schema().clone();
         let id = DeviceId::new(config.account.clone(), config.device.clone())?;
         // With a client certificate alone the broker identifies the device by its certificate,
         // and the CONNECT carries no username or password.
         let secret = config.credentials()?.0.map(str::to_string);
-        let db = Db::open(&config.db_path, schema.clone(), config.db_options())?;
         let restored = state::restore(&db)?;
         let node = node_id_for(&id.node_name());
         let clock = match restored.last_hlc {
@@ -239,7 +276,7 @@ impl Agent {
         let hook_schema = schema.clone();
         let command_model = config.command_model.clone();
         let (hook_tx, hook_inbox) = (inputs_tx.clone(), inbox.clone());
-        db.subscribe(Arc::new(move |change: &ItemChange| {
+        let commit_hook = db.subscribe(Arc::new(move |change: &ItemChange| {
             on_commit(&hook_schema, &command_model, &hook_tx, &hook_inbox, change)
         }));
 
@@ -350,6 +387,8 @@ impl Agent {
         Ok(Agent {
             id,
             db,
+            owns_db: false,
+            commit_hook,
             handlers,
             inputs: inputs_tx,
             inbox,
@@ -392,6 +431,16 @@ impl Agent {
             .push(hook);
     }
 
+    /// Called with every batch of outbox entries the cloud answered for, after they left the
+    /// durable outbox (see [`AckedHook`]). It runs on the agent's task: keep it short.
+    pub fn on_acked(&self, hook: AckedHook) {
+        self.handlers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .acked
+            .push(hook);
+    }
+
     /// The current status. `pending` is read from the durable outbox at the time of the call.
     pub fn status(&self) -> AgentStatus {
         let mut status = self.status.borrow().clone();
@@ -407,14 +456,24 @@ impl Agent {
         self.status.clone()
     }
 
-    /// Stops the event loop, flushes and closes the database.
+    /// Stops the event loop, flushes the database and closes it if [`Agent::start`] opened it.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
-        if let Err(e) = self.db.close() {
-            tracing::error!(device = %self.id, "closing the database failed: {e}");
+        self.db.unsubscribe(self.commit_hook);
+        self.db.set_interceptor(None);
+        if self.owns_db {
+            if let Err(e) = self.db.close() {
+                tracing::error!(device = %self.id, "closing the database failed: {e}");
+            }
         }
     }
+}
+
+/// The size of the durable outbox of a database an agent ran on: the local changes not yet
+/// acknowledged (what [`AgentStatus::pending`] shows), readable while no agent runs.
+pub fn outbox_len(db: &Db) -> Result<u64, DbError> {
+    state::outbox_len(db)
 }
 
 /// The database's commit hook: tells the event loop about committed local changes of synced

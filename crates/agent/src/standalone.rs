@@ -40,14 +40,24 @@ pub enum StandaloneError {
     Runtime(std::io::Error),
 }
 
+/// The log filter when `DEVTABLES_LOG` is not set.
+pub const DEFAULT_LOG: &str = "warn";
+
 /// The log both binaries write: to stderr, filtered by `DEVTABLES_LOG` (default `warn`), with
 /// the `log` crate's records (the embedded broker's) forwarded.
 #[cfg(feature = "cli")]
 pub fn init_logging() {
+    init_logging_with(DEFAULT_LOG)
+}
+
+/// [`init_logging`] with another filter when `DEVTABLES_LOG` is not set (`devtables sim`
+/// quiets its thousands of agents).
+#[cfg(feature = "cli")]
+pub fn init_logging_with(default_filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DEVTABLES_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -8,7 +8,9 @@ mod db_cmd;
 mod demo_cmd;
 mod devices_cmd;
 mod keys_cmd;
+mod limits;
 mod serve_cmd;
+mod sim_cmd;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,9 @@ enum Command {
     Keys(keys_cmd::KeysArgs),
     /// Act on the device registry in a cloud's data folder (revoke a device).
     Devices(devices_cmd::DevicesArgs),
+    /// Simulate a fleet of devices (real agents, one process) against a cloud and measure lag,
+    /// throughput, errors and the cloud's CPU and memory; starts its own cloud without --url.
+    Sim(sim_cmd::SimArgs),
     /// Write an external broker's configuration (Mosquitto: password file, per-device ACL, TLS
     /// listener) from the device registry in a cloud's data folder.
     BrokerConfig(broker_config_cmd::BrokerConfigArgs),
@@ -50,8 +55,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    devtables_agent::standalone::init_logging();
     let cli = Cli::parse();
+    devtables_agent::standalone::init_logging_with(match cli.command {
+        Command::Sim(_) => sim_cmd::DEFAULT_LOG,
+        _ => devtables_agent::standalone::DEFAULT_LOG,
+    });
     let result = match cli.command {
         Command::Db(args) => db_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
@@ -59,6 +67,7 @@ fn main() -> ExitCode {
         Command::Cloud(args) => serve_cmd::cloud(args),
         Command::Keys(args) => keys_cmd::run(args),
         Command::Devices(args) => devices_cmd::run(args),
+        Command::Sim(args) => sim_cmd::run(args),
         Command::BrokerConfig(args) => broker_config_cmd::run(args),
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench_cmd::run(args),

@@ -43,6 +43,7 @@ pub fn cloud(args: ConfigArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid cloud configuration: {e}"))?;
     let schema = Schema::load(&schema_path)
         .with_context(|| format!("cannot load schema {}", schema_path.display()))?;
+    crate::limits::raise_open_files("each connected device holds a socket");
     runtime()?.block_on(async move {
         let cloud = Cloud::start(config, Arc::new(schema)).await?;
         eprintln!(

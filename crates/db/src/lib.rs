@@ -12,29 +12,34 @@
 //! - `txn`: write transactions ([`WriteTxn`]), side tables and the [`WriteInterceptor`] seam.
 //! - `read`: point gets and `find` queries ([`ReadTxn`], [`FindOptions`], [`Page`]).
 //! - `commit`: durability modes and group commit.
+//! - `background`: where the periodic flush and the TTL purge run ([`Background`]).
+//! - `memory`: the sparse in-memory storage of [`Db::open_in_memory`].
 //! - `hooks`: change subscribers ([`ItemChange`], [`Origin`]).
 //! - `jsonl`: import and export as JSON lines.
 //!
 //! This crate knows nothing about MQTT or the cloud: replication sits above it, in `agent`.
 
+mod background;
 mod codec;
 mod commit;
 mod error;
 mod hooks;
 mod jsonl;
 mod keys;
+mod memory;
 mod read;
 pub mod tables;
 mod txn;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use devtables_schema::{Item, Schema};
 use redb::{ReadableTable, ReadableTableMetadata};
 
+pub use background::Background;
 pub use error::{DbError, OpenError};
 pub use hooks::{ChangeOp, Hook, HookId, ItemChange, Origin};
 pub use read::{FindOptions, Page, ReadTxn};
@@ -77,6 +82,7 @@ pub mod fuzzing {
     }
 }
 
+use background::Worker;
 use commit::Committer;
 use hooks::Hooks;
 
@@ -90,6 +96,9 @@ pub enum Durability {
     /// A crash loses at most that window, never part of a transaction.
     Periodic { interval: Duration },
 }
+
+/// Entries of a side table, (key, value) in key order.
+pub type SideEntries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A source of the current time in milliseconds since the Unix epoch (tests inject their own).
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -106,6 +115,9 @@ pub struct DbOptions {
     pub max_transaction_ops: usize,
     /// redb page cache, in bytes.
     pub cache_bytes: usize,
+    /// Where the periodic flush and the TTL purge run: a thread of the database's own (the
+    /// default), or one thread shared by the process's databases (for processes holding many).
+    pub background: Background,
     pub clock: Clock,
 }
 
@@ -117,6 +129,7 @@ impl Default for DbOptions {
             max_item_bytes: 256 * 1024,
             max_transaction_ops: 10_000,
             cache_bytes: 8 * 1024 * 1024,
+            background: Background::OwnThread,
             clock: Arc::new(system_now_ms),
         }
     }
@@ -130,6 +143,7 @@ impl std::fmt::Debug for DbOptions {
             .field("max_item_bytes", &self.max_item_bytes)
             .field("max_transaction_ops", &self.max_transaction_ops)
             .field("cache_bytes", &self.cache_bytes)
+            .field("background", &self.background)
             .finish_non_exhaustive()
     }
 }
@@ -173,11 +187,13 @@ pub(crate) struct Inner {
     waiting: AtomicUsize,
     /// Table names of the secondary indexes, in `Schema::secondary_indexes` order.
     index_tables: Vec<String>,
-    /// Dropping it stops the background thread.
-    stop: Mutex<Option<mpsc::Sender<()>>>,
-    /// Joined by [`Db::close`], so the file is released when `close` returns.
-    background: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The periodic flush and TTL purge; stopped by [`Db::close`], so the file is released when
+    /// `close` returns (dropping the last `Db` ends it too).
+    worker: Mutex<Option<Worker>>,
+    /// The file, or `:memory:` for an in-memory database (named in logs and errors).
     path: PathBuf,
+    /// The storage of an in-memory database, to tell its size.
+    memory: Option<Arc<memory::SparseMemoryBackend>>,
 }
 
 impl Inner {
@@ -235,12 +251,38 @@ impl Db {
                 path: path.clone(),
                 source: Box::new(source),
             })?;
+        Db::start(db, path, None, schema, options)
+    }
+
+    /// Opens a new, empty database held in memory only: nothing survives the last handle. Its
+    /// storage holds only the pages written (an empty database costs a few KiB besides the
+    /// cache), so a process can hold thousands (the fleet simulator's devices); every other
+    /// behaviour, hooks and durability modes included, is that of a file.
+    pub fn open_in_memory(schema: Arc<Schema>, options: DbOptions) -> Result<Db, OpenError> {
+        let path = PathBuf::from(":memory:");
+        let backend = Arc::new(memory::SparseMemoryBackend::default());
+        let db = redb::Builder::new()
+            .set_cache_size(options.cache_bytes)
+            .create_with_backend(SharedBackend(backend.clone()))
+            .map_err(|source| OpenError::Storage {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        Db::start(db, path, Some(backend), schema, options)
+    }
+
+    fn start(
+        db: redb::Database,
+        path: PathBuf,
+        memory: Option<Arc<memory::SparseMemoryBackend>>,
+        schema: Arc<Schema>,
+        options: DbOptions,
+    ) -> Result<Db, OpenError> {
         let index_tables = schema
             .secondary_indexes()
             .iter()
             .map(|i| tables::index_table_name(&i.name))
             .collect();
-        let (stop_tx, stop_rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             db,
             schema,
@@ -251,9 +293,9 @@ impl Db {
             write_lock: Mutex::new(()),
             waiting: AtomicUsize::new(0),
             index_tables,
-            stop: Mutex::new(Some(stop_tx)),
-            background: Mutex::new(None),
+            worker: Mutex::new(None),
             path: path.clone(),
+            memory,
         });
         check_format(&inner)?;
         prepare_tables(&inner).map_err(|e| OpenError::Tables {
@@ -263,17 +305,15 @@ impl Db {
                 other => Box::new(redb::Error::Corrupted(other.to_string())),
             },
         })?;
-        let weak = Arc::downgrade(&inner);
-        let tick = background_tick(&inner.options);
-        let handle = std::thread::Builder::new()
-            .name("devtables-db".into())
-            .spawn(move || background(weak, stop_rx, tick))
-            .map_err(OpenError::Thread)?;
-        *inner
-            .background
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        let worker = Worker::start(&inner).map_err(OpenError::Thread)?;
+        *inner.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
         Ok(Db { inner })
+    }
+
+    /// For an in-memory database, the bytes its storage holds (redb's cache aside); `None` for
+    /// a file.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.inner.memory.as_ref().map(|m| m.resident_bytes())
     }
 
     pub fn schema(&self) -> &Arc<Schema> {
@@ -434,7 +474,7 @@ impl Db {
         table: &str,
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    ) -> Result<SideEntries, DbError> {
         let tx = self.inner.db.begin_read()?;
         let name = tables::side_table_name(table);
         let t = match tx.open_table(tables::side_def(&name)) {
@@ -494,21 +534,14 @@ impl Db {
     /// Stops the background thread, makes every commit durable and closes this handle. The file
     /// is released once every clone of this `Db` is closed or dropped.
     pub fn close(self) -> Result<(), DbError> {
-        self.inner
-            .stop
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let handle = self
+        let worker = self
             .inner
-            .background
+            .worker
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(handle) = handle {
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
-            }
+        if let Some(worker) = worker {
+            worker.stop();
         }
         self.flush()
     }
@@ -661,7 +694,7 @@ fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
     Ok(())
 }
 
-fn purge_expired(inner: &Arc<Inner>) -> Result<u64, DbError> {
+pub(crate) fn purge_expired(inner: &Arc<Inner>) -> Result<u64, DbError> {
     const BATCH: usize = 1_000;
     let db = Db {
         inner: inner.clone(),
@@ -682,39 +715,34 @@ fn purge_expired(inner: &Arc<Inner>) -> Result<u64, DbError> {
     }
 }
 
-fn background_tick(options: &DbOptions) -> Duration {
-    let mut tick = options.ttl_purge_interval;
-    if let Durability::Periodic { interval } = options.durability {
-        tick = tick.min(interval);
+/// The in-memory storage handed to redb, which takes its backend by value: the database keeps
+/// a second handle to tell the storage's size.
+#[derive(Debug)]
+struct SharedBackend(Arc<memory::SparseMemoryBackend>);
+
+impl redb::StorageBackend for SharedBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.0.len()
     }
-    tick.max(Duration::from_millis(1))
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
+        self.0.read(offset, len)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
+        self.0.sync_data(eventual)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.0.write(offset, data)
+    }
 }
 
-/// Periodic flushes and TTL purges. Holds only a weak reference: the database closes when the
-/// last `Db` is dropped, which also ends this thread.
-fn background(inner: Weak<Inner>, stop: mpsc::Receiver<()>, tick: Duration) {
-    let mut since_purge = Duration::ZERO;
-    loop {
-        match stop.recv_timeout(tick) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            _ => return,
-        }
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        if matches!(inner.options.durability, Durability::Periodic { .. })
-            && inner.committer.has_unflushed()
-        {
-            if let Err(e) = inner.committer.flush_all(|| inner.flush()) {
-                tracing::error!("periodic flush failed: {e}");
-            }
-        }
-        since_purge += tick;
-        if since_purge >= inner.options.ttl_purge_interval {
-            since_purge = Duration::ZERO;
-            if let Err(e) = purge_expired(&inner) {
-                tracing::error!("TTL purge failed: {e}");
-            }
-        }
+/// Test access to the shared background thread. Not an API.
+#[doc(hidden)]
+pub mod testing {
+    /// Databases registered with the shared background thread now.
+    pub fn shared_background_entries() -> usize {
+        crate::background::shared_entries()
     }
 }

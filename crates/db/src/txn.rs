@@ -60,7 +60,7 @@ impl<'t> SideTables<'t> {
         table: &str,
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    ) -> Result<crate::SideEntries, DbError> {
         let t = self.open(table)?;
         let mut out = Vec::new();
         for entry in t.range::<&[u8]>(start..)? {

@@ -4,6 +4,7 @@
 //! device store's conformance runs the shared store suite; the device-only `devtables-agent` binary
 //! runs as its own process against the real cloud.
 
+mod acks;
 mod binary;
 mod commands;
 mod conformance;

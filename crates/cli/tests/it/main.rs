@@ -13,6 +13,7 @@ mod proxy;
 mod restore;
 mod scenarios;
 mod services;
+mod sim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

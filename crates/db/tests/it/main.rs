@@ -2,6 +2,7 @@
 
 mod crash;
 mod format;
+mod memory;
 mod ops;
 mod oracle;
 

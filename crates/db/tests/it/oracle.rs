@@ -91,11 +91,14 @@ proptest! {
             match s {
                 Step::Create(i, v, st) => {
                     let r = db.create("Reading", &reading(&id(i), v as f64, STATUSES[st]));
-                    if model.contains_key(&id(i)) {
-                        prop_assert!(matches!(r, Err(DbError::Exists { .. })), "expected Exists, got {:?}", r);
-                    } else {
-                        prop_assert!(r.is_ok());
-                        model.insert(id(i), (v as i64, st));
+                    match model.entry(id(i)) {
+                        std::collections::btree_map::Entry::Occupied(_) => {
+                            prop_assert!(matches!(r, Err(DbError::Exists { .. })), "expected Exists, got {:?}", r);
+                        }
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            prop_assert!(r.is_ok());
+                            slot.insert((v as i64, st));
+                        }
                     }
                 }
                 Step::Update(i, v) => {

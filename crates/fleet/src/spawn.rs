@@ -1,0 +1,235 @@
+//! The cloud of [`crate::Target::Spawn`]: `devtables cloud` as a separate child process, so
+//! the cloud and the simulator each have their own open-files limit and their own `/proc`
+//! figures.
+//!
+//! It runs on embedded defaults (SQLite, the embedded broker) in a temporary folder, with its
+//! API and broker on ports the operating system picks (port 0; the child prints the addresses
+//! it bound, which are read from its log), no API rate limit (the simulator's registrations
+//! and down writes would otherwise wait behind it), and the simulation's retention. Its admin
+//! key comes from `devtables keys create` on the data folder, the bootstrap the README
+//! describes. The child is stopped (SIGTERM, then SIGKILL) when the simulation ends, and
+//! killed if the simulator dies first.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use std::io::Write as _;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+use crate::config::SCHEMA;
+use crate::FleetError;
+
+/// Longest wait for the child to say where it listens.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the child to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The line `devtables cloud` prints once it serves.
+const RUNNING: &str = "devtables cloud running: API http://";
+
+/// A running child cloud.
+pub(crate) struct SpawnedCloud {
+    child: Child,
+    pub(crate) pid: u32,
+    /// `http://HOST:PORT` of its API.
+    pub(crate) url: String,
+    /// `HOST:PORT` of its broker.
+    pub(crate) mqtt: String,
+    pub(crate) admin_key: String,
+    /// Its folder (configuration, `data/`, `cloud.log`); deleted on drop unless kept.
+    dir: Option<tempfile::TempDir>,
+    pub(crate) path: PathBuf,
+}
+
+/// What the child's configuration sets.
+pub(crate) struct SpawnSettings<'a> {
+    pub(crate) program: &'a Path,
+    pub(crate) log: &'a str,
+    pub(crate) keep_dir: bool,
+    pub(crate) account: &'a str,
+    pub(crate) retention: Duration,
+    pub(crate) purge_interval: Duration,
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> FleetError + '_ {
+    move |source| FleetError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetError> {
+    let dir = tempfile::Builder::new()
+        .prefix("devtables-sim-cloud-")
+        .tempdir()
+        .map_err(io("cannot create the cloud's folder"))?;
+    let path = dir.path().to_path_buf();
+    std::fs::write(path.join("schema.json5"), SCHEMA).map_err(io("cannot write the schema"))?;
+    let retention_secs = s.retention.as_secs().max(1);
+    let purge_secs = s.purge_interval.as_secs().max(1);
+    let config = format!(
+        "// Written by devtables sim: the cloud of one simulation.\n\
+         {{\n  schema: 'schema.json5',\n  data_dir: 'data',\n  api: '127.0.0.1:0',\n  \
+         embedded_broker: '127.0.0.1:0',\n  tombstone_retention_secs: {retention_secs},\n  \
+         purge_interval_secs: {purge_secs},\n  api_requests_per_sec: 0,\n}}\n"
+    );
+    let config_path = path.join("cloud.json5");
+    std::fs::write(&config_path, config).map_err(io("cannot write the cloud's configuration"))?;
+
+    let keys = Command::new(s.program)
+        .args([
+            "keys",
+            "create",
+            "--scope",
+            "admin",
+            "--account",
+            s.account,
+            "--data",
+        ])
+        .arg(path.join("data"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| FleetError::Spawn(format!("cannot run {} keys: {e}", s.program.display())))?;
+    if !keys.status.success() {
+        return Err(FleetError::Spawn(format!(
+            "{} keys create failed: {}",
+            s.program.display(),
+            String::from_utf8_lossy(&keys.stderr).trim()
+        )));
+    }
+    let admin_key = String::from_utf8_lossy(&keys.stdout).trim().to_string();
+    if !admin_key.starts_with("dt_") {
+        return Err(FleetError::Spawn(format!(
+            "{} keys create printed no key: {admin_key:?}",
+            s.program.display()
+        )));
+    }
+
+    let mut child = Command::new(s.program)
+        .arg("cloud")
+        .arg("--config")
+        .arg(&config_path)
+        .env("DEVTABLES_LOG", s.log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| FleetError::Spawn(format!("cannot run {} cloud: {e}", s.program.display())))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| FleetError::Spawn("the cloud exited at once".into()))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| FleetError::Spawn("the cloud's stderr is not piped".into()))?;
+    let log =
+        std::fs::File::create(path.join("cloud.log")).map_err(io("cannot create cloud.log"))?;
+    // Every line of the child's stderr goes to cloud.log (a full pipe would stall the cloud);
+    // the line saying where it listens is also handed over.
+    let (addrs_tx, addrs_rx) = oneshot::channel();
+    tokio::spawn(copy_log(stderr, log, addrs_tx));
+    let addrs = tokio::select! {
+        found = addrs_rx => found.ok(),
+        _ = tokio::time::sleep(START_TIMEOUT) => None,
+        status = child.wait() => {
+            return Err(FleetError::Spawn(format!(
+                "the cloud exited ({}) before it served; see {}",
+                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                path.join("cloud.log").display()
+            )));
+        }
+    };
+    let Some((url, mqtt)) = addrs else {
+        return Err(FleetError::Spawn(format!(
+            "the cloud did not say where it listens within {START_TIMEOUT:?}; see {}",
+            path.join("cloud.log").display()
+        )));
+    };
+    tracing::info!(pid, %url, %mqtt, folder = %path.display(), "started the cloud");
+    Ok(SpawnedCloud {
+        child,
+        pid,
+        url,
+        mqtt,
+        admin_key,
+        dir: if s.keep_dir {
+            // Kept: the folder outlives the simulation.
+            let _ = dir.keep();
+            None
+        } else {
+            Some(dir)
+        },
+        path,
+    })
+}
+
+async fn copy_log(
+    stderr: tokio::process::ChildStderr,
+    mut log: std::fs::File,
+    addrs: oneshot::Sender<(String, String)>,
+) {
+    let mut addrs = Some(addrs);
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(found) = parse_running(&line) {
+            if let Some(tx) = addrs.take() {
+                let _ = tx.send(found);
+            }
+        }
+        // A line to the page cache: short enough for the runtime's thread.
+        if writeln!(log, "{line}").is_err() {
+            break;
+        }
+    }
+}
+
+/// `(http://API, MQTT)` from the line `devtables cloud running: API http://A  MQTT M; ...`.
+fn parse_running(line: &str) -> Option<(String, String)> {
+    let rest = &line[line.find(RUNNING)? + RUNNING.len()..];
+    let (api, rest) = rest.split_once(char::is_whitespace)?;
+    let mqtt = rest.trim_start().strip_prefix("MQTT ")?;
+    let mqtt = mqtt.split(|c: char| c == ';' || c.is_whitespace()).next()?;
+    Some((format!("http://{api}"), mqtt.to_string()))
+}
+
+impl SpawnedCloud {
+    /// Stops the child: SIGTERM (its clean shutdown), SIGKILL if it has not exited in time.
+    pub(crate) async fn stop(mut self) {
+        // SAFETY: kill sends a signal to our own child, whose pid we hold until it is reaped.
+        let _ = unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(
+                    pid = self.pid,
+                    "the cloud did not stop within {STOP_TIMEOUT:?}: killing it"
+                );
+                let _ = self.child.kill().await;
+            }
+        }
+        match self.dir.take() {
+            Some(dir) => drop(dir),
+            None => eprintln!("the cloud's folder is kept: {}", self.path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_line_gives_both_addresses() {
+        let line = "devtables cloud running: API http://127.0.0.1:43121  MQTT 127.0.0.1:38805; Ctrl-C stops it";
+        assert_eq!(
+            parse_running(line),
+            Some(("http://127.0.0.1:43121".into(), "127.0.0.1:38805".into()))
+        );
+        assert_eq!(parse_running("some other line"), None);
+    }
+}
