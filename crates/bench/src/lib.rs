@@ -19,6 +19,8 @@
 //! - `wire`: bytes per synced item in JSON against compact encodings.
 //! - `memory`: the agent's resident memory with changes pending.
 //! - `footprint`: the device-only agent binary's size and memory.
+//! - `fleet`: the fleet simulator (`devtables-fleet`) swept over device counts and rates, each
+//!   point against a fresh `devtables cloud` process.
 //! - `plot`: PNGs from the JSON the others write (latency distributions, the fleet curve).
 //! - `report`: number formatting, percentiles and the JSON file writer they share; `sys`: what
 //!   /proc says about the process and the machine.
@@ -37,6 +39,7 @@
 mod catch_up;
 mod db;
 mod dt;
+mod fleet;
 mod footprint;
 mod memory;
 mod mqtt_raw;
@@ -73,6 +76,9 @@ pub enum BenchCmd {
     Footprint(footprint::FootprintArgs),
     /// The agent's resident memory with 0, 10k, 100k changes pending (no broker reachable).
     Memory(memory::MemoryArgs),
+    /// The fleet simulator swept over device counts and rates, each point against a fresh
+    /// `devtables cloud` in its own process: up lag, throughput, the cloud's CPU and memory.
+    Fleet(fleet::FleetArgs),
     /// PNG plots from the JSON files the benchmarks write: latency distributions of `sync`, and
     /// the fleet curve (devices against up p99 lag and cloud RSS) from fleet reports.
     Plot(plot::PlotArgs),
@@ -101,6 +107,7 @@ impl BenchCmd {
             BenchCmd::Wire(_) => "wire",
             BenchCmd::Footprint(_) => "footprint",
             BenchCmd::Memory(_) => "memory",
+            BenchCmd::Fleet(_) => "fleet",
             BenchCmd::Plot(_) => "plot",
             BenchCmd::Child(_) => "child",
             BenchCmd::MemoryProbe(_) => "memory-probe",
@@ -170,6 +177,7 @@ pub fn run(cmd: BenchCmd, child: &ChildCommand) -> Result<(), BenchError> {
         BenchCmd::Wire(args) => wire::run(&args),
         BenchCmd::Footprint(args) => footprint::run(&args, child),
         BenchCmd::Memory(args) => memory::run(&args, child),
+        BenchCmd::Fleet(args) => fleet::run(&args, child),
         BenchCmd::Plot(args) => plot::run(&args),
         BenchCmd::Child(args) => db::child_main(&args),
         BenchCmd::MemoryProbe(args) => memory::probe(&args),
