@@ -410,25 +410,46 @@ impl RawDevice {
         }
     }
 
-    /// Takes and acknowledges every page of the full resync a new device starts with.
-    pub async fn finish_resync(&mut self) {
+    /// Takes and acknowledges every page of the full resync a new device starts with; returns
+    /// the items the pages carried and the cursor the final page set.
+    pub async fn finish_resync(&mut self) -> (Vec<Change>, u64) {
+        let mut items = Vec::new();
         loop {
             let page = self
                 .recv(|m| match m {
                     DownMsg::Snapshot {
-                        resync, last, done, ..
-                    } => Some((*resync, last.clone(), *done)),
+                        resync,
+                        last,
+                        done,
+                        items,
+                        cursor,
+                        ..
+                    } => Some((*resync, last.clone(), *done, items.clone(), *cursor)),
                     _ => None,
                 })
                 .await;
-            let Some((resync, pos, done)) = page else {
-                panic!("no resync page came");
+            let Some((resync, pos, done, page_items, cursor)) = page else {
+                panic!("the resync stalled: no page came");
             };
+            items.extend(page_items);
             self.send(&UpMsg::SnapshotAck { resync, pos, done }).await;
             if done {
-                return;
+                return (items, cursor);
             }
         }
+    }
+
+    /// Registers a device through `POST /v1/devices` with an admin key.
+    pub async fn register_over_api(api: SocketAddr, key: &str, device: &str) {
+        let (code, body) = request(
+            api,
+            "POST",
+            "/v1/devices",
+            Some(key),
+            Some(&json!({"account": ACCOUNT, "device": device})),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
     }
 
     /// Says hello and waits for the welcome of this session.

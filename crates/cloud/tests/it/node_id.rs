@@ -4,7 +4,7 @@
 use devtables_sync::hlc::{cloud_node_name, node_id_for};
 use serde_json::json;
 
-use super::harness::{admin_key, config, request, started, ACCOUNT};
+use super::harness::{admin_key, config, request, started, RawDevice, ACCOUNT};
 
 /// The node of a version in its text form (`wall-counter-node`, hex).
 fn node_of(version: &serde_json::Value) -> u64 {
@@ -23,16 +23,8 @@ async fn one_write(node_name: &str) -> serde_json::Value {
     let cloud = started(c).await;
     let api = cloud.api_addr;
     let key = admin_key(&cloud).await;
+    RawDevice::register_over_api(api, &key, "d1").await;
     let key = Some(key.as_str());
-    let (code, body) = request(
-        api,
-        "POST",
-        "/v1/devices",
-        key,
-        Some(&json!({"account": ACCOUNT, "device": "d1"})),
-    )
-    .await;
-    assert_eq!(code, 201, "{body}");
     let items = format!("/v1/accounts/{ACCOUNT}/devices/d1/items/Setting");
     let (code, body) = request(
         api,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use devtables_schema::Schema;
 use serde_json::json;
 
-use super::harness::{admin_key, config, request, ACCOUNT};
+use super::harness::{admin_key, config, request, RawDevice, ACCOUNT};
 
 /// `Note` and `Memo` produce the same keys; `Tag`'s keys (`t#...`) only `Tag` produces.
 const SCHEMA: &str = r#"{
@@ -50,16 +50,8 @@ async fn api_writes_cannot_touch_a_row_of_another_model() {
         .expect("the cloud starts");
     let api = cloud.api_addr;
     let key = admin_key(&cloud).await;
+    RawDevice::register_over_api(api, &key, "d1").await;
     let key = Some(key.as_str());
-    let (code, body) = request(
-        api,
-        "POST",
-        "/v1/devices",
-        key,
-        Some(&json!({"account": ACCOUNT, "device": "d1"})),
-    )
-    .await;
-    assert_eq!(code, 201, "{body}");
     let items = |model: &str| format!("/v1/accounts/{ACCOUNT}/devices/d1/items/{model}");
 
     let (code, body) = request(

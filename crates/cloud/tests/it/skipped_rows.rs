@@ -5,7 +5,7 @@
 use devtables_cloud::ops::WriteKind;
 use devtables_cloud::Cloud;
 use devtables_sync::identity::Owner;
-use devtables_sync::wire::{Change, DownMsg, SnapshotCursor, UpMsg};
+use devtables_sync::wire::{Change, DownMsg, UpMsg};
 use serde_json::json;
 
 use crate::harness::{admin_key, config, device, eventually, get_as, started, RawDevice, ACCOUNT};
@@ -67,31 +67,7 @@ async fn an_unreadable_row_is_skipped_recorded_and_the_rest_flows() {
     // A new device starts with a full resync: the snapshot holds a and c, and says done.
     let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secret).await;
     assert!(dev.hello(1, 0).await, "welcomed");
-    let mut got = Vec::new();
-    let cursor = loop {
-        let page = dev
-            .recv(|m| match m {
-                DownMsg::Snapshot {
-                    resync,
-                    last,
-                    done,
-                    items,
-                    cursor,
-                    ..
-                } => Some((*resync, last.clone(), *done, items.clone(), *cursor)),
-                _ => None,
-            })
-            .await;
-        let Some((resync, last, done, items, cursor)) = page else {
-            panic!("the resync stalled on the unreadable row");
-        };
-        got.extend(items);
-        let pos: Option<SnapshotCursor> = last;
-        dev.send(&UpMsg::SnapshotAck { resync, pos, done }).await;
-        if done {
-            break cursor;
-        }
-    };
+    let (got, cursor) = dev.finish_resync().await;
     assert_eq!(names(&got), ["setting#a", "setting#c"]);
     let path = format!("/v1/devices/{ACCOUNT}/dev0");
     let api = cloud.api_addr;
@@ -170,34 +146,7 @@ async fn a_row_too_large_for_any_message_is_skipped_and_recorded() {
     let key = key.as_str();
     let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secret).await;
     assert!(dev.hello(1, 0).await, "welcomed");
-    let mut got = Vec::new();
-    loop {
-        let page = dev
-            .recv(|m| match m {
-                DownMsg::Snapshot {
-                    resync,
-                    last,
-                    done,
-                    items,
-                    ..
-                } => Some((*resync, last.clone(), *done, items.clone())),
-                _ => None,
-            })
-            .await;
-        let Some((resync, last, done, items)) = page else {
-            panic!("the resync stalled on the oversize row");
-        };
-        got.extend(items);
-        dev.send(&UpMsg::SnapshotAck {
-            resync,
-            pos: last,
-            done,
-        })
-        .await;
-        if done {
-            break;
-        }
-    }
+    let (got, _) = dev.finish_resync().await;
     assert_eq!(names(&got), ["setting#small"]);
     let path = format!("/v1/devices/{ACCOUNT}/dev0");
     let api = cloud.api_addr;

@@ -11,7 +11,7 @@ use devtables_cloud::broker::{Broker, BrokerConfig};
 use devtables_cloud::ops::WriteKind;
 use devtables_cloud::{BrokerMode, Cloud};
 use devtables_sync::identity::Owner;
-use devtables_sync::wire::{DownMsg, SnapshotCursor, UpMsg};
+use devtables_sync::wire::{DownMsg, UpMsg};
 use serde_json::Value;
 
 fn wall_ms() -> u64 {
@@ -142,24 +142,7 @@ async fn a_finished_resync_is_recorded_and_not_prompted_after_a_restart() {
     let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secrets[0]).await;
     assert!(dev.hello(7, 0).await, "welcomed");
     // Cursor 0 is below the feed's floor: a full resync. Acknowledge every page.
-    loop {
-        let page = dev
-            .recv(|m| match m {
-                DownMsg::Snapshot {
-                    resync, last, done, ..
-                } => Some((*resync, last.clone(), *done)),
-                _ => None,
-            })
-            .await;
-        let Some((resync, last, done)) = page else {
-            panic!("the resync did not finish");
-        };
-        let pos: Option<SnapshotCursor> = last;
-        dev.send(&UpMsg::SnapshotAck { resync, pos, done }).await;
-        if done {
-            break;
-        }
-    }
+    dev.finish_resync().await;
     dev.send(&UpMsg::Bye).await;
     let key = admin_key(&cloud).await;
     let key = key.as_str();
