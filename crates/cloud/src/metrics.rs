@@ -182,6 +182,10 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "Push acknowledgements not sent: the push was taken in an earlier session (resent, answered as duplicates)",
     ),
     counter(
+        "resyncs_started",
+        "Full resyncs started (new devices, cursors past retention or beyond the head, restores)",
+    ),
+    counter(
         "restores_detected",
         "Welcomes that found the cloud holding less than the device heard (restored from a backup): the device re-pushes",
     ),

@@ -92,6 +92,9 @@ pub struct SyncStatus {
     /// Welcomes that found the cloud holding less than the device heard from it (the cloud was
     /// restored from a backup): the device re-pushes what it holds.
     pub(crate) restores_detected: AtomicU64,
+    /// Full resyncs started (new devices, cursors past retention or beyond the feed's head,
+    /// restores).
+    pub(crate) resyncs_started: AtomicU64,
     /// Pushed changes refused for a device quota (rows, bytes) or their item's size.
     pub(crate) changes_over_quota: AtomicU64,
     /// HTTP API requests refused with 429 because their key was over its request rate.
@@ -158,6 +161,7 @@ pub struct StatusSnapshot {
     pub device_pushes_of_ended_sessions: u64,
     pub device_acks_dropped: u64,
     pub restores_detected: u64,
+    pub resyncs_started: u64,
     pub changes_over_quota: u64,
     pub api_rate_limited: u64,
     pub messages_in: u64,
@@ -208,6 +212,7 @@ impl SyncStatus {
             device_pushes_of_ended_sessions: n(&self.device_pushes_of_ended_sessions),
             device_acks_dropped: n(&self.device_acks_dropped),
             restores_detected: n(&self.restores_detected),
+            resyncs_started: n(&self.resyncs_started),
             changes_over_quota: n(&self.changes_over_quota),
             api_rate_limited: n(&self.api_rate_limited),
             messages_in: n(&self.messages_in),

@@ -871,6 +871,8 @@ impl SyncLoop {
             .store(e.acks_dropped, Ordering::Relaxed);
         s.restores_detected
             .store(e.restores_detected, Ordering::Relaxed);
+        s.resyncs_started
+            .store(e.resyncs_started, Ordering::Relaxed);
     }
 }
 

@@ -160,6 +160,9 @@ pub struct CloudEngineStats {
     /// restored from a backup): the device re-pushes what it holds, and gets a restore resync
     /// when it holds feed data the cloud lost.
     pub restores_detected: u64,
+    /// Full resyncs started (a cursor below the feed's floor or beyond its head, a new device,
+    /// a restore resync).
+    pub resyncs_started: u64,
 }
 
 /// How far the connected devices are behind their feeds ([`CloudEngine::feed_lag`]): what the
@@ -976,6 +979,7 @@ impl CloudEngine {
         let gen = page.gen();
         let read_head = page.head;
         if page.resync_required || restore {
+            self.stats.resyncs_started += 1;
             let resync = self.rng.next() >> 11;
             s.mode = Mode::Snapshot(Box::new(SnapTx {
                 resync,
@@ -2116,6 +2120,7 @@ mod tests {
                 .any(|a| matches!(a, CloudAction::ReadSnapshot { from: None, .. })),
             "{a:?}"
         );
+        assert_eq!(c.stats().resyncs_started, 1, "counted");
     }
 
     #[test]
