@@ -81,7 +81,10 @@ async fn an_unreadable_row_is_skipped_recorded_and_the_rest_flows() {
     .await;
     assert_eq!(rows_skipped(&cloud, key).await, 1);
     let (_, status) = get_as(cloud.api_addr, "/v1/status", key).await;
-    assert_eq!(status["resyncs_started"], 1, "the new device's resync: {status}");
+    assert_eq!(
+        status["resyncs_started"], 1,
+        "the new device's resync: {status}"
+    );
 
     // The feed: two new settings written while the device is away (or the live session would
     // stream them at once), one of them made unreadable; the page carries the other.
