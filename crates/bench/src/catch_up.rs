@@ -24,14 +24,13 @@
 //! plus this small harness.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use devtables_agent::{Agent, AgentConfig};
-use devtables_cloud::{BrokerMode, Cloud, CloudConfig};
+use devtables_cloud::Cloud;
 use devtables_db::FindOptions;
 use devtables_schema::{Item, Schema};
 use devtables_sync::apply::CloudOp;
@@ -188,23 +187,13 @@ fn run_probe(
     dir: &Path,
     secret: &str,
 ) -> anyhow::Result<Value> {
-    let out = child
-        .command("catch-up-probe")
+    let mut command = child.command("catch-up-probe");
+    command
         .args(args)
         .arg("--dir")
         .arg(dir)
-        .env(SECRET_ENV, secret)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run {}", child.program().display()))?;
-    if !out.status.success() {
-        bail!("the device probe {args:?} failed: {}", out.status);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or_default();
-    serde_json::from_str(line).with_context(|| format!("probe output {line:?}"))
+        .env(SECRET_ENV, secret);
+    child.output_json(command, &format!("the device probe {args:?}"))
 }
 
 /// Samples this process's RSS every 20 ms until dropped; the largest sample is the peak.
@@ -245,11 +234,7 @@ impl RssSampler {
 /// One run: N changes for an offline device, then its catch-up.
 async fn measure(n: usize, child: &ChildCommand, dir: &Path) -> anyhow::Result<Value> {
     let schema = Arc::new(Schema::from_json5(SCHEMA)?);
-    let mut config = CloudConfig::new(dir.join("cloud"));
-    config.api_listen = "127.0.0.1:0".parse()?;
-    config.broker = BrokerMode::Embedded {
-        listen: "127.0.0.1:0".parse()?,
-    };
+    let mut config = crate::loopback_cloud(&dir.join("cloud"))?;
     config.sqlite_full_sync = false;
     let max_message_bytes = config.sync.wire.max_message_bytes;
     let cloud = Cloud::start(config, schema).await?;

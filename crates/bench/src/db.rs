@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -172,26 +171,16 @@ fn spawn(
     std::fs::create_dir_all(&dir)?;
     eprintln!("== {engine}, N={n}");
     let start = Instant::now();
-    let out = child
-        .command("child")
+    let mut command = child.command("child");
+    command
         .args(["--engine", engine, "--n", &n.to_string()])
         .arg("--dir")
         .arg(&dir)
         .args(["--writers", &writers.to_string()])
-        .args(["--raw-ms", &raw_span.as_millis().to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run {}", child.program().display()))?;
+        .args(["--raw-ms", &raw_span.as_millis().to_string()]);
+    let m: anyhow::Result<Metrics> = child.output_json(command, &format!("{engine} N={n}"));
     let _ = std::fs::remove_dir_all(&dir);
-    if !out.status.success() {
-        bail!("{engine} N={n} failed: {}", out.status);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or_default();
-    let m: Metrics =
-        serde_json::from_str(line).with_context(|| format!("child output {line:?}"))?;
+    let m = m?;
     eprintln!("   done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(m)
 }

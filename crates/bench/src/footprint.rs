@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use devtables_cloud::ops::WriteKind;
-use devtables_cloud::{BrokerMode, Cloud, CloudConfig};
+use devtables_cloud::Cloud;
 use devtables_schema::{Item, Schema};
 use devtables_sync::identity::{DeviceId, Owner};
 use serde_json::{json, Value};
@@ -296,11 +296,7 @@ async fn measure(bin: &AgentBinary, n: usize, dir: &Path) -> anyhow::Result<Vec<
     let schema_path = dir.join("schema.json5");
     std::fs::write(&schema_path, SCHEMA)?;
     let schema = Arc::new(Schema::from_json5(SCHEMA)?);
-    let mut config = CloudConfig::new(dir.join("cloud"));
-    config.api_listen = "127.0.0.1:0".parse()?;
-    config.broker = BrokerMode::Embedded {
-        listen: "127.0.0.1:0".parse()?,
-    };
+    let mut config = crate::loopback_cloud(&dir.join("cloud"))?;
     config.sqlite_full_sync = false;
     let cloud = Cloud::start(config, schema).await?;
     let id = DeviceId::new("bench", "fp1")?;

@@ -56,6 +56,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Command;
 
+use anyhow::Context;
 use clap::Subcommand;
 
 /// The benchmarks, as `devtables bench <cmd>` and `devtables-bench <cmd>` take them.
@@ -151,6 +152,39 @@ impl ChildCommand {
     pub(crate) fn program(&self) -> &std::path::Path {
         &self.program
     }
+
+    /// Runs `command` (made by [`Self::command`]) to its end and reads the last line of its
+    /// stdout as JSON: the figures a child reports. `what` names the child in errors.
+    pub(crate) fn output_json<T: serde::de::DeserializeOwned>(
+        &self,
+        mut command: Command,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        let out = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("cannot run {}", self.program.display()))?;
+        if !out.status.success() {
+            anyhow::bail!("{what} failed: {}", out.status);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        serde_json::from_str(line).with_context(|| format!("{what}: output {line:?}"))
+    }
+}
+
+/// A cloud configuration for `dir` with its API and embedded broker on free loopback ports.
+pub(crate) fn loopback_cloud(
+    dir: &std::path::Path,
+) -> anyhow::Result<devtables_cloud::CloudConfig> {
+    let mut config = devtables_cloud::CloudConfig::new(dir);
+    config.api_listen = "127.0.0.1:0".parse()?;
+    config.broker = devtables_cloud::BrokerMode::Embedded {
+        listen: "127.0.0.1:0".parse()?,
+    };
+    Ok(config)
 }
 
 /// A benchmark failed.

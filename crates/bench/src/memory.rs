@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,22 +167,12 @@ fn prepare(dir: &Path, n: usize) -> anyhow::Result<()> {
 }
 
 fn run_probe(child: &ChildCommand, mode: &str, n: usize, dir: &Path) -> anyhow::Result<Metrics> {
-    let out = child
-        .command("memory-probe")
+    let mut command = child.command("memory-probe");
+    command
         .args(["--mode", mode, "--n", &n.to_string()])
         .arg("--dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run {}", child.program().display()))?;
-    if !out.status.success() {
-        bail!("probe {mode} N={n} failed: {}", out.status);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or_default();
-    serde_json::from_str(line).with_context(|| format!("probe output {line:?}"))
+        .arg(dir);
+    child.output_json(command, &format!("probe {mode} N={n}"))
 }
 
 pub fn run(args: &MemoryArgs, child: &ChildCommand) -> anyhow::Result<()> {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use devtables_agent::{Agent, AgentConfig};
 use devtables_cloud::ops::WriteKind;
-use devtables_cloud::{BrokerMode, Cloud, CloudConfig};
+use devtables_cloud::Cloud;
 use devtables_db::{ItemChange, Origin};
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -208,11 +208,7 @@ async fn bench(
     dir: &std::path::Path,
 ) -> anyhow::Result<(String, Value)> {
     let schema = Arc::new(Schema::from_json5(SCHEMA)?);
-    let mut config = CloudConfig::new(dir.join("cloud"));
-    config.api_listen = "127.0.0.1:0".parse()?;
-    config.broker = BrokerMode::Embedded {
-        listen: "127.0.0.1:0".parse()?,
-    };
+    let config = crate::loopback_cloud(&dir.join("cloud"))?;
     let cloud = Cloud::start(config, schema.clone()).await?;
     let id = DeviceId::new("bench", "dev1")?;
     let secret = cloud.register_device(&id).await?;
