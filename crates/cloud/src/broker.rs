@@ -885,8 +885,20 @@ impl AclHandler {
 
     /// The device a non-superuser session belongs to (its client id was pinned at CONNECT).
     fn device_of(session: &Session) -> Option<DeviceId> {
-        let (account, device) = session.id.client_id.split_once('/')?;
+        Self::device_of_client(&session.id.client_id)
+    }
+
+    /// The device a client id names (`{account}/{device}`), if it names one.
+    fn device_of_client(client_id: &str) -> Option<DeviceId> {
+        let (account, device) = client_id.split_once('/')?;
         DeviceId::new(account, device).ok()
+    }
+
+    /// The publish rule of a device: only its own `up` topic, never retained.
+    fn is_own_up_publish(&self, client_id: &str, publish: &Publish) -> bool {
+        !publish.retain
+            && Self::device_of_client(client_id)
+                .is_some_and(|id| *publish.topic == topics::up_topic(&self.prefix, &id))
     }
 
     fn check_subscribe(&self, session: &Session, subscribe: &Subscribe) -> SubscribeAclResult {
@@ -916,17 +928,11 @@ impl AclHandler {
             from.typ(),
             rmqtt::types::FromType::Custom | rmqtt::types::FromType::LastWill
         );
-        if publish.retain || !device_sent {
-            return None;
-        }
-        let (account, device) = from.id.client_id.split_once('/')?;
-        let id = DeviceId::new(account, device).ok()?;
-        let topic: &str = &publish.topic;
-        (topic == topics::up_topic(&self.prefix, &id)).then(|| {
+        (device_sent && self.is_own_up_publish(&from.id.client_id, publish)).then(|| {
             (
                 tx.clone(),
                 DeviceMessage {
-                    topic: topic.to_string(),
+                    topic: publish.topic.to_string(),
                     payload: publish.payload.to_vec(),
                 },
             )
@@ -935,10 +941,7 @@ impl AclHandler {
 
     fn check_publish(&self, session: &Session, publish: &Publish) -> PublishAclResult {
         let topic: &str = &publish.topic;
-        let allowed = !publish.retain
-            && Self::device_of(session)
-                .is_some_and(|id| topic == topics::up_topic(&self.prefix, &id));
-        if allowed {
+        if self.is_own_up_publish(&session.id.client_id, publish) {
             PublishAclResult::allow()
         } else {
             tracing::warn!(client = %session.id.client_id, topic, retain = publish.retain, "MQTT publish refused");
