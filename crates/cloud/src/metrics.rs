@@ -128,6 +128,18 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "store_jobs_in_flight",
         "Store jobs of the sync loop queued or running",
     ),
+    counter(
+        "store_commits",
+        "Group commits of the store thread (one flush for the jobs waiting together)",
+    ),
+    counter(
+        "store_jobs_committed",
+        "Store jobs of the sync loop made durable by group commits (divided by store_commits: the mean group size)",
+    ),
+    counter(
+        "store_commit_failures",
+        "Group commits that failed (their jobs answered as failed; devices resend the pushes)",
+    ),
     counter("store_errors", "Store jobs of the sync loop that failed"),
     counter(
         "rows_skipped",
@@ -251,6 +263,8 @@ pub enum StoreJob {
     DeviceStatus,
     SkippedRow,
     Throttled,
+    /// The commit of a group of jobs (the flush to disk), not a job of its own.
+    Commit,
 }
 
 impl StoreJob {
@@ -262,6 +276,7 @@ impl StoreJob {
             StoreJob::DeviceStatus => "device_status",
             StoreJob::SkippedRow => "skipped_row",
             StoreJob::Throttled => "throttled",
+            StoreJob::Commit => "commit",
         }
     }
 }

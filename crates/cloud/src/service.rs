@@ -249,12 +249,9 @@ impl Cloud {
             None => HlcClock::new(node),
         };
         tracing::info!(node = %node_name, "cloud node");
-        let ctx = StoreCtx {
-            store: Box::new(store),
-            clock,
-            schema: schema.clone(),
-        };
-        let store = StoreHandle::spawn(ctx)?;
+        let ctx = StoreCtx::new(Box::new(store), clock, schema.clone());
+        let committed = status.clone();
+        let store = StoreHandle::spawn(ctx, Box::new(move |c| committed.observe_commit(&c)))?;
         if let Some(creds) = &credentials {
             creds.attach_store(store.clone());
         }

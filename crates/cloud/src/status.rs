@@ -37,6 +37,15 @@ pub struct SyncStatus {
     pub(crate) sessions_restarted: AtomicU64,
     /// Publishes handed to the MQTT client.
     pub(crate) publishes_queued: AtomicU64,
+    /// Group commits of the store thread (each made the work of one or more of the sync loop's
+    /// store jobs durable at once).
+    pub(crate) store_commits: AtomicU64,
+    /// Store jobs made durable by those commits: `store_jobs_committed / store_commits` is the
+    /// mean group size, how much group commit saves under load.
+    pub(crate) store_jobs_committed: AtomicU64,
+    /// Group commits that failed (every job of the group was answered as failed: pushes are
+    /// not acknowledged, and the devices resend them).
+    pub(crate) store_commit_failures: AtomicU64,
     /// Publishes that could not be queued (the client refused them: it is shutting down). A
     /// full request queue never drops a publish: it waits ([`Self::egress_waits`]).
     pub(crate) publishes_dropped: AtomicU64,
@@ -146,6 +155,9 @@ pub struct StatusSnapshot {
     pub mqtt_requests_queued: u64,
     pub mqtt_request_queue: u64,
     pub store_jobs_in_flight: u64,
+    pub store_commits: u64,
+    pub store_jobs_committed: u64,
+    pub store_commit_failures: u64,
     pub store_errors: u64,
     pub rows_skipped: u64,
     pub foreign_messages: u64,
@@ -177,6 +189,19 @@ pub struct StatusSnapshot {
 }
 
 impl SyncStatus {
+    /// Counts one group commit of the store thread and times it (`store_job_seconds{job="commit"}`).
+    pub(crate) fn observe_commit(&self, c: &crate::store_thread::GroupCommitted) {
+        self.store_commits.fetch_add(1, Ordering::Relaxed);
+        if c.error.is_some() {
+            self.store_commit_failures.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.store_jobs_committed
+                .fetch_add(c.jobs as u64, Ordering::Relaxed);
+        }
+        self.store_job_latency
+            .observe(crate::metrics::StoreJob::Commit, c.took);
+    }
+
     /// The numbers now; `request_queue` is the configured capacity, shown beside its use.
     pub fn snapshot(&self, request_queue: usize) -> StatusSnapshot {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -197,6 +222,9 @@ impl SyncStatus {
             mqtt_requests_queued: n(&self.mqtt_requests_queued),
             mqtt_request_queue: request_queue as u64,
             store_jobs_in_flight: n(&self.store_jobs_in_flight),
+            store_commits: n(&self.store_commits),
+            store_jobs_committed: n(&self.store_jobs_committed),
+            store_commit_failures: n(&self.store_commit_failures),
             store_errors: n(&self.store_errors),
             rows_skipped: n(&self.rows_skipped),
             foreign_messages: n(&self.foreign_messages),

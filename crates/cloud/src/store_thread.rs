@@ -10,12 +10,13 @@
 //! (device pushes and API writes alike) ticks the same clock in store order.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use devtables_schema::Schema;
 use devtables_sync::hlc::HlcClock;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::CloudStore;
+use crate::store::{CloudStore, StoreError};
 
 /// Everything the store thread owns.
 pub struct StoreCtx {
@@ -23,10 +24,64 @@ pub struct StoreCtx {
     /// The cloud's hybrid logical clock.
     pub clock: HlcClock,
     pub schema: Arc<Schema>,
+    /// What the running jobs asked to run once their work is durable ([`StoreCtx::after_commit`]).
+    completions: Vec<Completion>,
+}
+
+/// Runs once the work of the job that queued it is committed (`Ok`) or known lost (`Err`: the
+/// group's commit failed).
+pub(crate) type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+
+impl StoreCtx {
+    pub fn new(store: Box<dyn CloudStore>, clock: HlcClock, schema: Arc<Schema>) -> StoreCtx {
+        StoreCtx {
+            store,
+            clock,
+            schema,
+            completions: Vec::new(),
+        }
+    }
+
+    /// Queues `f` to run when the current job's work is durable: a job of a group learns its
+    /// fate only at the group's commit, so whatever tells the outside world of a result (an
+    /// acknowledgement to a device above all) goes here.
+    pub(crate) fn after_commit(&mut self, f: Completion) {
+        self.completions.push(f);
+    }
+
+    fn complete(&mut self, committed: Result<(), &StoreError>) {
+        for f in self.completions.drain(..) {
+            f(committed);
+        }
+    }
 }
 
 /// One piece of work for the store thread.
-pub(crate) type Job = Box<dyn FnOnce(&mut StoreCtx) + Send>;
+pub(crate) type JobFn = Box<dyn FnOnce(&mut StoreCtx) + Send>;
+
+/// A job, and whether it may share a commit with others.
+pub(crate) enum Job {
+    /// Runs inside a group and reports through [`StoreCtx::after_commit`] (the sync loop's
+    /// jobs).
+    Grouped(JobFn),
+    /// Runs outside any group, its operations committing on their own, so it may hand its
+    /// result back as soon as it has one (the API's and the broker's calls).
+    Alone(JobFn),
+}
+
+/// One group commit, as the store thread reports it to its observer (the service's metrics).
+#[derive(Clone, Debug)]
+pub struct GroupCommitted {
+    /// Jobs that shared the commit.
+    pub jobs: usize,
+    /// How long the commit itself took (the flush to disk, for SQLite).
+    pub took: Duration,
+    /// The commit's error, if it failed (every job of the group was answered as failed).
+    pub error: Option<String>,
+}
+
+/// Receives a report of every group commit.
+pub type CommitObserver = Box<dyn FnMut(GroupCommitted) + Send>;
 
 /// The store thread went away (the service is stopping).
 #[derive(Debug, thiserror::Error)]
@@ -42,16 +97,15 @@ pub struct StoreHandle {
 impl StoreHandle {
     /// Most jobs waiting for the store; callers wait (asynchronously) beyond it.
     const QUEUE: usize = 1024;
+    /// Most jobs sharing one commit. The sync loop's own bound on the jobs it has out
+    /// (`sync_store_jobs`) is usually the smaller.
+    const MAX_GROUP: usize = 1024;
 
-    pub fn spawn(mut ctx: StoreCtx) -> std::io::Result<StoreHandle> {
-        let (jobs, mut rx) = mpsc::channel::<Job>(Self::QUEUE);
+    pub fn spawn(ctx: StoreCtx, observer: CommitObserver) -> std::io::Result<StoreHandle> {
+        let (jobs, rx) = mpsc::channel::<Job>(Self::QUEUE);
         std::thread::Builder::new()
             .name("devtables-store".into())
-            .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    job(&mut ctx);
-                }
-            })?;
+            .spawn(move || run(ctx, rx, observer))?;
         Ok(StoreHandle { jobs })
     }
 
@@ -61,9 +115,9 @@ impl StoreHandle {
         f: impl FnOnce(&mut StoreCtx) -> R + Send + 'static,
     ) -> Result<R, StoreGone> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |ctx| {
+        let job = Job::Alone(Box::new(move |ctx| {
             let _ = tx.send(f(ctx));
-        });
+        }));
         self.jobs.send(job).await.map_err(|_| StoreGone)?;
         rx.await.map_err(|_| StoreGone)
     }
@@ -76,17 +130,89 @@ impl StoreHandle {
         f: impl FnOnce(&mut StoreCtx) -> R + Send + 'static,
     ) -> Result<R, StoreGone> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |ctx| {
+        let job = Job::Alone(Box::new(move |ctx| {
             let _ = tx.send(f(ctx));
-        });
+        }));
         self.jobs.blocking_send(job).map_err(|_| StoreGone)?;
         rx.blocking_recv().map_err(|_| StoreGone)
     }
 
-    /// Queues a job that reports its own completion (the sync loop's jobs send their results
-    /// back over a channel, so the loop never waits for the store).
-    pub(crate) async fn submit(&self, job: Job) -> Result<(), StoreGone> {
-        self.jobs.send(job).await.map_err(|_| StoreGone)
+    /// Queues a job that may share a commit with others and reports its own completion through
+    /// [`StoreCtx::after_commit`] (the sync loop's jobs send their results back over a channel,
+    /// so the loop never waits for the store).
+    pub(crate) async fn submit(&self, job: JobFn) -> Result<(), StoreGone> {
+        self.jobs
+            .send(Job::Grouped(job))
+            .await
+            .map_err(|_| StoreGone)
+    }
+}
+
+/// The store thread: jobs in arrival order; the grouped jobs waiting together run in one group
+/// and share its commit (group commit: while one commit flushes, the next group gathers, so the
+/// flushes per second stay bounded whatever the pushes per second).
+fn run(mut ctx: StoreCtx, mut rx: mpsc::Receiver<Job>, mut observer: CommitObserver) {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(job) => job,
+            None => match rx.blocking_recv() {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        match job {
+            Job::Alone(f) => {
+                f(&mut ctx);
+                ctx.complete(Ok(()));
+            }
+            Job::Grouped(f) => {
+                let grouped = match ctx.store.begin_group() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Still correct without a group, only slower: each operation commits.
+                        tracing::warn!(
+                            "cannot open a group of store jobs; running them one by one: {e}"
+                        );
+                        false
+                    }
+                };
+                f(&mut ctx);
+                let mut jobs = 1;
+                while jobs < StoreHandle::MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(Job::Grouped(f)) => {
+                            f(&mut ctx);
+                            jobs += 1;
+                        }
+                        Ok(alone) => {
+                            next = Some(alone);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !grouped {
+                    ctx.complete(Ok(()));
+                    continue;
+                }
+                let started = Instant::now();
+                let committed = ctx.store.commit_group();
+                let took = started.elapsed();
+                if let Err(e) = &committed {
+                    tracing::error!(
+                        jobs,
+                        "a group of store jobs was not committed; each is answered as failed: {e}"
+                    );
+                }
+                ctx.complete(committed.as_ref().map(|_| ()));
+                observer(GroupCommitted {
+                    jobs,
+                    took,
+                    error: committed.err().map(|e| e.to_string()),
+                });
+            }
+        }
     }
 }
 
@@ -96,4 +222,92 @@ pub(crate) fn wall_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use devtables_sync::hlc::node_id_for;
+    use devtables_sync::identity::DeviceId;
+
+    use super::*;
+    use crate::store::sqlite::{SqliteOptions, SqliteStore};
+
+    /// Rows of `device` in the registry, as another connection sees them: only committed work.
+    fn committed_devices(path: &std::path::Path, device: &str) -> u64 {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row(
+            "SELECT count(*) FROM devices WHERE device = ?1",
+            [device],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn jobs_waiting_together_share_one_commit_and_hear_of_it_only_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let schema = Arc::new(Schema::from_json5(
+            "{format: 'onetable:1.1.0', version: '1', indexes: {primary: {hash: 'pk', sort: 'sk'}}, \
+             models: {}}",
+        ).unwrap());
+        let (reports, reported) = std_mpsc::channel();
+        let handle = StoreHandle::spawn(
+            StoreCtx::new(Box::new(store), HlcClock::new(node_id_for("t")), schema),
+            Box::new(move |c| reports.send(c).unwrap()),
+        )
+        .unwrap();
+
+        // Keep the thread busy until every grouped job waits in the queue.
+        let (release, released) = std_mpsc::channel::<()>();
+        handle
+            .jobs
+            .send(Job::Alone(Box::new(move |_| released.recv().unwrap())))
+            .await
+            .unwrap();
+        const JOBS: usize = 8;
+        let (heard, hear) = std_mpsc::channel();
+        for i in 0..JOBS {
+            let (heard, path) = (heard.clone(), path.clone());
+            let job: JobFn = Box::new(move |c: &mut StoreCtx| {
+                let id = DeviceId::new("a", &format!("d{i}")).unwrap();
+                c.store.register_device(&id, "hash", None, 1).unwrap();
+                // Not visible to anyone else yet: the group has not committed.
+                let before = committed_devices(&path, &id.device);
+                c.after_commit(Box::new(move |committed| {
+                    let after = committed_devices(&path, &id.device);
+                    heard.send((before, committed.is_ok(), after)).unwrap();
+                }));
+            });
+            handle.submit(job).await.unwrap();
+        }
+        release.send(()).unwrap();
+
+        for _ in 0..JOBS {
+            let (before, ok, after) = hear.recv().unwrap();
+            assert_eq!((before, ok, after), (0, true, 1));
+        }
+        let report = reported.recv().unwrap();
+        assert_eq!(
+            report.jobs, JOBS,
+            "one commit for the jobs that waited together"
+        );
+        assert!(report.error.is_none());
+        assert!(reported.try_recv().is_err(), "no second commit");
+
+        // An alone job's operations commit on their own, visible as soon as it answers.
+        let p = path.clone();
+        let seen = handle
+            .call(move |c| {
+                let id = DeviceId::new("a", "alone").unwrap();
+                c.store.register_device(&id, "hash", None, 1).unwrap();
+                committed_devices(&p, "alone")
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, 1);
+    }
 }

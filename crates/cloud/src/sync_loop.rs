@@ -44,7 +44,7 @@ use crate::mqtt_link::{LinkEvent, RequestGauge};
 
 use crate::status::{SyncStatus, WarnLimiter};
 use crate::store::{Advanced, StatusUpdate, StoreError};
-use crate::store_thread::{wall_ms, Job, StoreCtx, StoreHandle};
+use crate::store_thread::{wall_ms, JobFn, StoreCtx, StoreHandle};
 use crate::subscription::{SubAckOutcome, Subscription};
 
 /// How often the feed lag is taken from the engine (a pass over its sessions).
@@ -152,7 +152,7 @@ pub(crate) struct SyncLoop {
     shutdown: watch::Receiver<bool>,
     subscription: Subscription,
     /// Jobs for the store thread, in engine order (a forwarding task queues them).
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<JobFn>,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     /// Store jobs queued or running.
@@ -191,7 +191,7 @@ impl SyncLoop {
         let max_store_jobs = p.max_store_jobs.max(1);
         // Both channels hold at most `max_store_jobs` entries: every job in them is counted in
         // `in_flight` until its completion is taken, so neither can ever be full when used.
-        let (jobs, forward_rx) = mpsc::channel::<Job>(max_store_jobs);
+        let (jobs, forward_rx) = mpsc::channel::<JobFn>(max_store_jobs);
         let (done_tx, done_rx) = mpsc::channel::<Done>(max_store_jobs + 1);
         tokio::spawn(forward_jobs(p.store, forward_rx, done_tx.clone()));
         p.status
@@ -548,7 +548,7 @@ impl SyncLoop {
     /// Builds the store job of an engine action, timed: how long it runs on the store thread
     /// goes to the latency histogram of its kind. `None` for the actions that are not store
     /// work (handled in `act`).
-    fn job_for(&self, action: CloudAction) -> Option<Job> {
+    fn job_for(&self, action: CloudAction) -> Option<JobFn> {
         let kind = match &action {
             CloudAction::ApplyPush { .. } => StoreJob::ApplyPush,
             CloudAction::ReadFeed { .. } => StoreJob::ReadFeed,
@@ -569,7 +569,7 @@ impl SyncLoop {
 
     /// Builds the store job of an engine action; the job reports back with a [`Done`]. `None`
     /// for the actions that are not store work.
-    fn untimed_job_for(&self, action: CloudAction) -> Option<Job> {
+    fn untimed_job_for(&self, action: CloudAction) -> Option<JobFn> {
         let done = self.done_tx.clone();
         let max_drift_ms = self.max_drift_ms;
         let status = self.status.clone();
@@ -600,7 +600,8 @@ impl SyncLoop {
                         }
                     }
                 }
-                deliver(
+                deliver_after_commit(
+                    c,
                     &done,
                     Done::Push {
                         device,
@@ -615,7 +616,7 @@ impl SyncLoop {
                 limit,
             } => Some(Box::new(move |c: &mut StoreCtx| {
                 let result = c.store.read_feed(&device, after, limit);
-                deliver(&done, Done::Feed { device, result });
+                deliver_after_commit(c, &done, Done::Feed { device, result });
             })),
             CloudAction::ReadSnapshot {
                 device,
@@ -626,7 +627,7 @@ impl SyncLoop {
                 let result =
                     c.store
                         .read_snapshot(&c.schema, &device, resync, from.as_ref(), limit);
-                deliver(&done, Done::Snapshot { device, result });
+                deliver_after_commit(c, &done, Done::Snapshot { device, result });
             })),
             CloudAction::DeviceStatus {
                 device,
@@ -658,7 +659,7 @@ impl SyncLoop {
                             tracing::warn!(%device, cursor, "cannot record the acknowledged cursor: {e}");
                         }
                     }
-                    deliver(&done, Done::Status);
+                    deliver_after_commit(c, &done, Done::Status);
                 }))
             }
             CloudAction::Unsendable {
@@ -679,7 +680,7 @@ impl SyncLoop {
                     status.store_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%device, "cannot record the skipped row: {e}");
                 }
-                deliver(&done, Done::Status);
+                deliver_after_commit(c, &done, Done::Status);
             })),
             CloudAction::Throttled {
                 device,
@@ -690,7 +691,7 @@ impl SyncLoop {
                     status.store_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%device, "cannot count the device's refused messages: {e}");
                 }
-                deliver(&done, Done::Status);
+                deliver_after_commit(c, &done, Done::Status);
             })),
             CloudAction::Transmit { .. } => None,
         }
@@ -887,6 +888,44 @@ fn last_refusal(results: &[ChangeResult]) -> Option<String> {
     })
 }
 
+impl Done {
+    /// This completion when its job's group was not committed: whatever it read or wrote is
+    /// not there (the loop handles it as that store error: a push is not acknowledged and
+    /// the device resends it).
+    fn not_committed(self, e: &StoreError) -> Done {
+        let lost = || StoreError::Database(format!("not committed: {e}"));
+        match self {
+            Done::Push { device, batch, .. } => Done::Push {
+                device,
+                batch,
+                result: Err(lost()),
+            },
+            Done::Feed { device, .. } => Done::Feed {
+                device,
+                result: Err(lost()),
+            },
+            Done::Snapshot { device, .. } => Done::Snapshot {
+                device,
+                result: Err(lost()),
+            },
+            other => other,
+        }
+    }
+}
+
+/// Hands a store job's completion to the loop once the job's work is committed: an
+/// acknowledgement never goes out for a push that is not durable.
+fn deliver_after_commit(c: &mut StoreCtx, done: &mpsc::Sender<Done>, d: Done) {
+    let done = done.clone();
+    c.after_commit(Box::new(move |committed| {
+        let d = match committed {
+            Ok(()) => d,
+            Err(e) => d.not_committed(e),
+        };
+        deliver(&done, d);
+    }));
+}
+
 /// Hands a completion to the loop (from the store thread).
 fn deliver(done: &mpsc::Sender<Done>, d: Done) {
     match done.try_send(d) {
@@ -902,7 +941,11 @@ fn deliver(done: &mpsc::Sender<Done>, d: Done) {
 
 /// Queues the loop's jobs to the store thread in order; waits when the store's queue is full
 /// (API calls share it), so the loop itself never does.
-async fn forward_jobs(store: StoreHandle, mut jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Done>) {
+async fn forward_jobs(
+    store: StoreHandle,
+    mut jobs: mpsc::Receiver<JobFn>,
+    done: mpsc::Sender<Done>,
+) {
     while let Some(job) = jobs.recv().await {
         if store.submit(job).await.is_err() {
             // This job will never complete, so its completion slot is free for this notice.
@@ -916,5 +959,31 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_completion_whose_group_was_not_committed_reports_a_store_error() {
+        let device = DeviceId::new("a", "d").unwrap();
+        let lost = StoreError::Database("disk full".into());
+        let applied = Done::Push {
+            device: device.clone(),
+            batch: 7,
+            result: Ok((Vec::new(), vec![(device.clone(), 3)])),
+        };
+        let Done::Push { batch, result, .. } = applied.not_committed(&lost) else {
+            panic!("a push stays a push");
+        };
+        assert_eq!(batch, 7);
+        let err = result.expect_err("a push that is not durable is not acknowledged");
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(
+            matches!(Done::Status.not_committed(&lost), Done::Status),
+            "a status write has nobody to answer"
+        );
     }
 }

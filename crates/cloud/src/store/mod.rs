@@ -420,4 +420,22 @@ pub trait CloudStore: Send + 'static {
 
     /// Applies retention (tombstones, feed entries, conflict log).
     fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError>;
+
+    /// Opens a group: the operations until [`CloudStore::commit_group`] share one durable commit
+    /// (group commit: one flush to disk for many pushes, the store's throughput under load).
+    /// Each operation in a group still takes effect whole or not at all, but none is durable
+    /// before the group commits, so the caller tells nobody of a result before that. A store
+    /// without groups keeps these defaults: every operation commits on its own, and the group
+    /// calls do nothing.
+    fn begin_group(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Commits the open group (nothing when none is open). On an error, no operation of the
+    /// group took effect (or, when the database dropped the group on its own, the operations
+    /// after the drop committed one by one: the caller answers them all as failed, which a
+    /// device's retransmission repairs, since a replayed version is not applied twice).
+    fn commit_group(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

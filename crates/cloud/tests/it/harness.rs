@@ -63,11 +63,14 @@ pub async fn seed_behind_fleet(dir: &Path, n: usize) -> Vec<String> {
         },
     )
     .expect("open the store");
-    let handle = StoreHandle::spawn(StoreCtx {
-        store: Box::new(store),
-        clock: HlcClock::new(node_id_for(CLOUD_NODE_NAME)),
-        schema,
-    })
+    let handle = StoreHandle::spawn(
+        StoreCtx::new(
+            Box::new(store),
+            HlcClock::new(node_id_for(CLOUD_NODE_NAME)),
+            schema,
+        ),
+        Box::new(|_| {}),
+    )
     .expect("the store thread");
     // No sync loop runs here: the feed advances are only recorded in the store.
     let (sync, _) = mpsc::channel(1);

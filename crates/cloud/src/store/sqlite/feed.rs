@@ -13,7 +13,7 @@ use devtables_sync::wire::{Change, Op};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::super::StoreError;
-use super::sql::{db, parse_item, parse_version, sql_int};
+use super::sql::{db, parse_item, parse_version, read_txn, sql_int};
 
 /// The change a feed or snapshot delivers for a row in its current state.
 fn row_change(
@@ -87,7 +87,7 @@ pub(super) fn read_feed(
 ) -> Result<FeedPage, StoreError> {
     // One read transaction: the head and the entries come from the same snapshot, so every
     // entry up to the head is either returned or after the page.
-    let tx = conn.transaction().map_err(db("starting a feed read"))?;
+    let tx = read_txn(conn, "starting a feed read")?;
     let state: Option<(u64, u64, String, u64)> = tx
         .prepare_cached(
             "SELECT feed_head, feed_floor, feed_generations, changes_answered FROM devices
@@ -216,7 +216,7 @@ pub(super) fn read_snapshot(
     limit: usize,
 ) -> Result<SnapshotPage, StoreError> {
     let limit = limit.max(1);
-    let tx = conn.transaction().map_err(db("starting a snapshot read"))?;
+    let tx = read_txn(conn, "starting a snapshot read")?;
     let state: Option<(u64, String)> = tx
         .prepare_cached(
             "SELECT feed_head, feed_gen FROM devices WHERE account = ?1 AND device = ?2",

@@ -176,6 +176,9 @@ pub struct SqliteStore {
     run: u64,
     /// Rate-limits the warnings about conflict records dropped for the per-device cap.
     conflict_warn: crate::warn_limit::WarnLimiter,
+    /// A group is open ([`CloudStore::begin_group`]): operations run in savepoints of its
+    /// transaction.
+    grouped: bool,
 }
 
 impl SqliteStore {
@@ -248,6 +251,7 @@ impl SqliteStore {
             conflict_warn: crate::warn_limit::WarnLimiter::new(
                 crate::warn_limit::WarnLimiter::INTERVAL,
             ),
+            grouped: false,
         })
     }
 
@@ -263,6 +267,42 @@ fn new_run_id() -> u64 {
 }
 
 impl CloudStore for SqliteStore {
+    fn begin_group(&mut self) -> Result<(), StoreError> {
+        if self.grouped || !self.conn.is_autocommit() {
+            return Err(StoreError::Database(
+                "starting a group of store operations: a transaction is already open".into(),
+            ));
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(db("starting a group of store operations"))?;
+        self.grouped = true;
+        Ok(())
+    }
+
+    fn commit_group(&mut self) -> Result<(), StoreError> {
+        if !std::mem::take(&mut self.grouped) {
+            return Ok(());
+        }
+        if self.conn.is_autocommit() {
+            // SQLite ends a transaction itself on some errors (a full disk, an I/O error).
+            return Err(StoreError::Database(
+                "committing a group of store operations: SQLite rolled the group back after an \
+                 error"
+                    .into(),
+            ));
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            // A failed COMMIT may leave the transaction open (SQLITE_BUSY): end it, so the
+            // next operation does not run inside a group nobody will commit.
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(sql::map_err("committing a group of store operations", e));
+        }
+        Ok(())
+    }
+
     fn register_device(
         &mut self,
         id: &DeviceId,

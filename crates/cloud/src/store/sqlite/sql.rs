@@ -54,12 +54,65 @@ pub(super) fn item_json(item: &Item) -> Result<String, StoreError> {
         .map_err(|e| StoreError::Database(format!("encoding an item as JSON: {e}")))
 }
 
-/// Starts a write transaction, taking the write lock at its start (`BEGIN IMMEDIATE`) rather
-/// than at its first write.
+/// One operation's transaction: a transaction of its own, or a savepoint inside the group the
+/// store thread has open ([`super::SqliteStore`]'s `begin_group`). The operation code is the
+/// same either way: it reads and writes through the connection this derefs to, and commits or
+/// (by dropping) rolls back only its own work.
+pub(super) enum OpTxn<'c> {
+    Own(rusqlite::Transaction<'c>),
+    /// Inside a group: releasing the savepoint keeps the work for the group's commit, which is
+    /// what makes it durable.
+    InGroup(rusqlite::Savepoint<'c>),
+}
+
+impl OpTxn<'_> {
+    pub(super) fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            OpTxn::Own(tx) => tx.commit(),
+            OpTxn::InGroup(sp) => sp.commit(),
+        }
+    }
+}
+
+impl std::ops::Deref for OpTxn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            OpTxn::Own(tx) => tx,
+            OpTxn::InGroup(sp) => sp,
+        }
+    }
+}
+
+/// Starts a write operation: outside a group, a transaction that takes the write lock at its
+/// start (`BEGIN IMMEDIATE`) rather than at its first write; inside one (the group holds the
+/// lock already), a savepoint.
 pub(super) fn write_txn<'c>(
     conn: &'c mut Connection,
     what: &'static str,
-) -> Result<rusqlite::Transaction<'c>, StoreError> {
-    conn.transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db(what))
+) -> Result<OpTxn<'c>, StoreError> {
+    op_txn(conn, TransactionBehavior::Immediate, what)
+}
+
+/// Starts a read operation that must see one snapshot: outside a group a deferred transaction,
+/// inside one a savepoint (which also sees the group's earlier, uncommitted writes).
+pub(super) fn read_txn<'c>(
+    conn: &'c mut Connection,
+    what: &'static str,
+) -> Result<OpTxn<'c>, StoreError> {
+    op_txn(conn, TransactionBehavior::Deferred, what)
+}
+
+fn op_txn<'c>(
+    conn: &'c mut Connection,
+    behavior: TransactionBehavior,
+    what: &'static str,
+) -> Result<OpTxn<'c>, StoreError> {
+    if conn.is_autocommit() {
+        conn.transaction_with_behavior(behavior)
+            .map(OpTxn::Own)
+            .map_err(db(what))
+    } else {
+        conn.savepoint().map(OpTxn::InGroup).map_err(db(what))
+    }
 }

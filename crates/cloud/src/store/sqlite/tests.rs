@@ -2044,3 +2044,82 @@ fn revoking_with_delete_items_removes_only_that_devices_rows_and_feed() {
         REVOKED_SECRET_HASH
     );
 }
+
+#[test]
+fn a_group_keeps_each_operation_whole_and_is_durable_only_at_its_commit() {
+    let (schema, d1, d2) = (schema(), dev("a", "d1"), dev("a", "d2"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let open = || SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let mut c = clock();
+    let push = |s: &mut SqliteStore, c: &mut HlcClock, d: &DeviceId, name: &str| {
+        let p = put(
+            &schema,
+            "Both",
+            json!({"deviceId": d.device, "name": name, "v": 1}),
+            ver(NOW + 1, 7),
+        );
+        s.apply_push(&schema, c, NOW, DRIFT, d, &[p])
+    };
+    // Pushes applied for the device, and its feed head, as this connection reads them.
+    let written = |s: &mut SqliteStore, d: &DeviceId| {
+        let r = s.device(d).unwrap().unwrap();
+        (r.changes_applied, r.feed_head)
+    };
+    {
+        let mut s = open();
+        s.register_device(&d1, "hash", None, NOW).unwrap();
+        s.register_device(&d2, "hash", None, NOW).unwrap();
+
+        // A group that never commits (the process dies with it open) leaves nothing.
+        s.begin_group().unwrap();
+        push(&mut s, &mut c, &d1, "lost").unwrap();
+        assert_eq!(
+            written(&mut s, &d1).0,
+            1,
+            "the group's reads see its own writes"
+        );
+        let page = s.read_feed(&d1, 0, 10).unwrap();
+        assert_eq!(
+            page.head,
+            written(&mut s, &d1).1,
+            "a feed read in a group sees it too"
+        );
+    }
+    let mut s = open();
+    let (applied, head) = written(&mut s, &d1);
+    assert_eq!(applied, 0, "an uncommitted group is not durable");
+
+    // Inside a group, a failed operation undoes only itself.
+    s.begin_group().unwrap();
+    assert!(
+        s.begin_group().is_err(),
+        "a group inside a group is refused"
+    );
+    push(&mut s, &mut c, &d1, "kept").unwrap();
+    s.revoke_device(&d2, false).unwrap();
+    assert!(matches!(
+        push(&mut s, &mut c, &d2, "refused"),
+        Err(StoreError::DeviceRevoked(_))
+    ));
+    push(&mut s, &mut c, &d1, "kept too").unwrap();
+    s.commit_group().unwrap();
+    s.commit_group().unwrap(); // nothing open: nothing to do
+    drop(s);
+
+    let mut s = open();
+    assert_eq!(
+        written(&mut s, &d1),
+        (2, head + 2),
+        "both pushes of d1 committed"
+    );
+    assert_eq!(written(&mut s, &d2).0, 0, "the refused push left nothing");
+    assert_eq!(
+        s.device(&d2).unwrap().unwrap().secret_hash,
+        REVOKED_SECRET_HASH
+    );
+    // Outside a group every operation commits on its own, as before.
+    push(&mut s, &mut c, &d1, "alone").unwrap();
+    drop(s);
+    assert_eq!(written(&mut open(), &d1), (3, head + 3));
+}
