@@ -38,8 +38,13 @@ pub struct AgentConfig {
     /// Name of the command model.
     pub command_model: String,
     pub keep_alive: Duration,
-    /// Wait between reconnect attempts.
+    /// First wait before reconnecting after a lost connection or a failed attempt. Each
+    /// further failed attempt doubles it, up to [`Self::reconnect_max_delay`]; every wait is
+    /// drawn at random between half of that and all of it, so a fleet that lost its broker at
+    /// once (a cloud restart) does not come back in step. A CONNACK resets it. Default 500 ms.
     pub reconnect_delay: Duration,
+    /// Longest wait between reconnect attempts. Default 15 s.
+    pub reconnect_max_delay: Duration,
     /// Most MQTT requests queued toward the client's event loop. Default 1024. A publish that
     /// finds it full is dropped, counted (`AgentStatus::publish_dropped`) and logged; the
     /// protocol retransmits it.
@@ -88,6 +93,7 @@ impl AgentConfig {
             command_model: "Command".into(),
             keep_alive: Duration::from_secs(30),
             reconnect_delay: Duration::from_millis(500),
+            reconnect_max_delay: Duration::from_secs(15),
             mqtt_queue: 1024,
             input_queue: 4096,
             command_result_attempts: 8,
@@ -170,6 +176,13 @@ pub struct AgentFile {
     /// no error (a half-open one) is noticed after one to two of these.
     #[serde(default)]
     pub keep_alive_secs: Option<u64>,
+    /// First wait before a reconnect, in ms (default 500); doubled per failed attempt, with
+    /// jitter (see [`AgentConfig::reconnect_delay`]).
+    #[serde(default)]
+    pub reconnect_delay_ms: Option<u64>,
+    /// Longest wait between reconnect attempts, in ms (default 15 000).
+    #[serde(default)]
+    pub reconnect_max_delay_ms: Option<u64>,
     /// See [`AgentConfig::input_queue`].
     #[serde(default)]
     pub input_queue: Option<usize>,
@@ -250,6 +263,12 @@ impl AgentFile {
         }
         if let Some(secs) = file.keep_alive_secs {
             config.keep_alive = Duration::from_secs(secs);
+        }
+        if let Some(ms) = file.reconnect_delay_ms {
+            config.reconnect_delay = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = file.reconnect_max_delay_ms {
+            config.reconnect_max_delay = Duration::from_millis(ms.max(1));
         }
         if let Some(n) = file.input_queue {
             config.input_queue = n;

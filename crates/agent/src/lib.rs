@@ -350,7 +350,7 @@ impl Agent {
             eventloop,
             link_tx,
             shutdown_rx.clone(),
-            config.reconnect_delay,
+            link::Backoff::new(config.reconnect_delay, config.reconnect_max_delay),
         ));
         let handlers: Handlers = Arc::default();
         let driver = driver::Driver {

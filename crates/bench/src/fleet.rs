@@ -44,7 +44,11 @@ pub struct FleetArgs {
     /// Where each point's report goes.
     #[arg(long, default_value = "fleet-reports")]
     out_dir: PathBuf,
-    /// Tiny sizes (20 devices, 1 write/s, 3 s), for CI.
+    /// Restart the cloud this many seconds into each point's writes (a reconnect storm: every
+    /// device comes back at once); a second table times it.
+    #[arg(long)]
+    restart_after_secs: Option<f64>,
+    /// Tiny sizes (20 devices, 1 write/s, 3 s, a restart after 1 s), for CI.
     #[arg(long)]
     quick: bool,
     /// Also write the summary as JSON to this file.
@@ -122,6 +126,11 @@ pub fn run(args: &FleetArgs, child: &ChildCommand) -> anyhow::Result<()> {
             } else {
                 Duration::from_secs(args.drain_secs)
             };
+            config.restart_cloud_after = if args.quick {
+                Some(Duration::from_secs(1))
+            } else {
+                args.restart_after_secs.map(Duration::from_secs_f64)
+            };
             config.validate()?;
             eprintln!("== fleet: {n} devices × {rate}/s for {duration:?}");
             let sink: devtables_fleet::ProgressSink =
@@ -136,6 +145,9 @@ pub fn run(args: &FleetArgs, child: &ChildCommand) -> anyhow::Result<()> {
         }
     }
     print!("{}", table(&points));
+    if points.iter().any(|(_, r)| r.storm.is_some()) {
+        print!("\n{}", storm_table(&points));
+    }
     if let Some(path) = &args.json {
         let summary: Vec<_> = points
             .iter()
@@ -152,13 +164,25 @@ pub fn run(args: &FleetArgs, child: &ChildCommand) -> anyhow::Result<()> {
                     "cloud": r.cloud,
                     "missing": r.missing.total(),
                     "duplicates": r.duplicates,
+                    "storm": r.storm,
                 })
             })
             .collect();
         write_json(path, &json!({ "points": summary }))?;
     }
-    // A sweep shows where the fleet breaks; the quick run (CI) must account for every write.
+    // A sweep shows where the fleet breaks; the quick run (CI) must account for every write,
+    // across its restart, and see every device back.
     if args.quick {
+        if let Some((path, r)) = points
+            .iter()
+            .find(|(_, r)| r.storm.as_ref().is_none_or(|s| s.all_served_s.is_none()))
+        {
+            anyhow::bail!(
+                "the cloud's restart at {} devices did not see every device back (see {})",
+                r.devices,
+                path.display()
+            );
+        }
         if let Some((path, r)) = points.iter().find(|(_, r)| !r.complete()) {
             anyhow::bail!(
                 "{} writes unaccounted for and {} duplicates at {} devices (see {})",
@@ -170,6 +194,33 @@ pub fn run(args: &FleetArgs, child: &ChildCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The reconnect storms: how long until the restarted cloud served every device again.
+fn storm_table(points: &[(PathBuf, FleetReport)]) -> String {
+    let opt =
+        |v: Option<f64>, unit: &str| v.map_or("–".into(), |v| format!("{} {unit}", short(v)));
+    let mut out = String::from(
+        "| devices | rate/device | back | half served | all served | served | cloud RSS before | storm peak | report |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (path, r) in points {
+        let Some(s) = &r.storm else { continue };
+        out.push_str(&format!(
+            "| {} | {}/s | {} s | {} | {} | {} of {} | {} | {} | {} |\n",
+            thousands(r.devices as f64),
+            r.rate_per_device,
+            short(s.restart_s),
+            opt(s.half_served_s, "s"),
+            opt(s.all_served_s, "s"),
+            thousands(s.served as f64),
+            thousands(s.devices as f64),
+            opt(s.cloud_rss_before_mib, "MiB"),
+            opt(s.cloud_rss_peak_mib, "MiB"),
+            file_name(path),
+        ));
+    }
+    out
 }
 
 fn table(points: &[(PathBuf, FleetReport)]) -> String {

@@ -83,6 +83,10 @@ pub struct SimArgs {
     /// Most API requests in flight.
     #[arg(long, default_value_t = 32)]
     api_concurrency: usize,
+    /// Restart the started cloud this long into the writes (a reconnect storm: every device
+    /// comes back at once); the report times it.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "url")]
+    restart_cloud_after: Option<Duration>,
     /// A running cloud's API, `http://HOST:PORT`. Without it a cloud is started (--spawn-cloud).
     #[arg(long, requires = "mqtt", conflicts_with = "spawn_cloud")]
     url: Option<String>,
@@ -166,6 +170,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     config.account = args.account;
     config.seed = args.seed;
     config.api_concurrency = args.api_concurrency;
+    config.restart_cloud_after = args.restart_cloud_after;
     config.validate()?;
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

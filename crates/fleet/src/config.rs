@@ -111,6 +111,11 @@ pub struct FleetConfig {
     pub seed: u64,
     /// Most API requests in flight at once.
     pub api_concurrency: usize,
+    /// Restart the cloud this long into the write phase (a reconnect storm: every device
+    /// loses its connection at once and comes back to the restarted cloud on the same ports
+    /// and data). Only with [`Target::Spawn`]. `None`: no restart.
+    #[serde(serialize_with = "opt_secs")]
+    pub restart_cloud_after: Option<Duration>,
 }
 
 impl FleetConfig {
@@ -139,6 +144,7 @@ impl FleetConfig {
             account: "sim".into(),
             seed: 1,
             api_concurrency: 32,
+            restart_cloud_after: None,
         }
     }
 
@@ -185,6 +191,19 @@ impl FleetConfig {
         }
         if self.account.is_empty() {
             return bad("account must not be empty".into());
+        }
+        if let Some(after) = self.restart_cloud_after {
+            if !matches!(self.target, Target::Spawn { .. }) {
+                return bad(
+                    "restart-cloud-after needs a cloud the simulator starts (not --url)".into(),
+                );
+            }
+            if after >= self.duration {
+                return bad(format!(
+                    "restart-cloud-after ({after:?}) must fall inside the write phase ({:?})",
+                    self.duration
+                ));
+            }
         }
         Ok(())
     }

@@ -10,6 +10,8 @@ use std::time::Instant;
 /// One reading of a process.
 #[derive(Clone, Copy, Debug)]
 pub struct ProcSample {
+    /// The process read (`None`: this one).
+    pub pid: Option<u32>,
     /// When it was read.
     pub at: Instant,
     /// User plus system CPU time, in seconds.
@@ -19,8 +21,12 @@ pub struct ProcSample {
 }
 
 impl ProcSample {
-    /// CPU use between `earlier` and this reading, in percent of one core.
+    /// CPU use between `earlier` and this reading, in percent of one core; `None` when the two
+    /// readings are of different processes (the cloud was restarted in between).
     pub fn cpu_pct_since(&self, earlier: &ProcSample) -> Option<f64> {
+        if self.pid != earlier.pid {
+            return None;
+        }
         let wall = self.at.duration_since(earlier.at).as_secs_f64();
         (wall > 0.0).then(|| (self.cpu_s - earlier.cpu_s).max(0.0) / wall * 100.0)
     }
@@ -40,6 +46,7 @@ pub fn sample(pid: Option<u32>) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
     Some(ProcSample {
+        pid,
         at,
         cpu_s: cpu_seconds(&stat, clock_ticks_per_second()?)?,
         rss_bytes: rss_bytes(&status)?,

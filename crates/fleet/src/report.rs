@@ -152,6 +152,28 @@ pub struct CloudCounts {
     pub sessions_resyncing_max: u64,
 }
 
+/// A reconnect storm ([`crate::FleetConfig::restart_cloud_after`]): the cloud restarted while
+/// every device was connected, all of them reconnecting at once.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StormFigures {
+    /// Devices welcomed when the cloud was stopped: the ones that must come back.
+    pub devices: usize,
+    /// Seconds from the stop signal to the restarted cloud serving (its "running" line).
+    pub restart_s: f64,
+    /// Seconds from serving to its `/ready` answering 200.
+    pub ready_s: Option<f64>,
+    /// Seconds from serving until half of the devices were welcomed again.
+    pub half_served_s: Option<f64>,
+    /// Seconds from serving until every one of them was welcomed again (`None`: not all within
+    /// the storm's timeout; `served` says how many).
+    pub all_served_s: Option<f64>,
+    pub served: usize,
+    /// The cloud's RSS before the stop, and the highest the restarted one reached during the
+    /// storm.
+    pub cloud_rss_before_mib: Option<f64>,
+    pub cloud_rss_peak_mib: Option<f64>,
+}
+
 /// What the drain could not account for when it gave up (all zero on a good run).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Missing {
@@ -204,6 +226,8 @@ pub struct FleetReport {
     pub connect_s: Option<f64>,
     /// Seconds the drain took.
     pub drain_s: f64,
+    /// The reconnect storm, when the cloud was restarted.
+    pub storm: Option<StormFigures>,
     /// Errors, refusals and drops by kind (devices', the API's, and the cloud's own counters).
     pub errors: BTreeMap<String, u64>,
     pub cloud: CloudFigures,
@@ -307,6 +331,21 @@ impl FleetReport {
                 opt(self.cloud.rss_per_device_kib, " KiB"),
             ),
         );
+        if let Some(st) = &self.storm {
+            row(
+                "restart storm",
+                format!(
+                    "{} devices: cloud back in {:.1} s, half served {} all {} ({} served), rss {} -> peak {}",
+                    st.devices,
+                    st.restart_s,
+                    opt(st.half_served_s, " s"),
+                    opt(st.all_served_s, " s"),
+                    st.served,
+                    opt(st.cloud_rss_before_mib, " MiB"),
+                    opt(st.cloud_rss_peak_mib, " MiB"),
+                ),
+            );
+        }
         let count = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         row(
             "cloud counts",

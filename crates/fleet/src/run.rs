@@ -2,7 +2,7 @@
 //! connections, the write phase (up writers, down writes, broadcasts, commands, churn), the
 //! drain, and the shutdown; a sampler reports progress every second throughout.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use crate::device::{self, Outstanding, SimDevice};
 use crate::procfs::{self, ProcSample};
 use crate::report::{
     CloudCounts, CloudFigures, FleetReport, Missing, Phase, Progress, ProgressSink, SimFigures,
+    StormFigures,
 };
 use crate::spawn::{self, SpawnSettings, SpawnedCloud};
 use crate::stats::{Counters, Errors, Stats};
@@ -35,6 +36,10 @@ const STOP_CONCURRENCY: usize = 512;
 const DRAIN_POLL: Duration = Duration::from_millis(200);
 /// Longest wait for a churned device to be welcomed again (and resynced, if long away).
 const CHURN_RETURN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait, after a cloud restart, for every device to be welcomed again.
+const STORM_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the storm looks at the devices (and the cloud's memory).
+const STORM_POLL: Duration = Duration::from_millis(50);
 /// Most devices per page of `GET /v1/devices`.
 const DEVICE_PAGE: usize = 1000;
 
@@ -62,7 +67,14 @@ struct Shared {
     devices: Vec<Arc<SimDevice>>,
     /// The devices' names (registration order).
     names: Vec<String>,
-    cloud_pid: Option<u32>,
+    /// The cloud's process (0: unknown); a restart changes it.
+    cloud_pid: AtomicU32,
+    /// The cloud the simulator started, when it did (it restarts it for a storm).
+    spawned: Option<Arc<tokio::sync::Mutex<SpawnedCloud>>>,
+    /// The cloud's `GET /v1/status` at the start of each of its processes' spans, and at the
+    /// end of the spans that ended (a restart): the counters start again at 0 in a new
+    /// process, so the run's counts are summed over the spans.
+    status_spans: Mutex<Vec<(Option<Value>, Option<Value>)>>,
     started: Instant,
     phase: Mutex<Phase>,
     registered: AtomicUsize,
@@ -94,8 +106,18 @@ impl Shared {
         Some(s)
     }
 
+    fn spans(&self) -> std::sync::MutexGuard<'_, Vec<(Option<Value>, Option<Value>)>> {
+        self.status_spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cloud_pid(&self) -> Option<u32> {
+        Some(self.cloud_pid.load(Ordering::Relaxed)).filter(|pid| *pid != 0)
+    }
+
     fn cloud_sample(&self) -> Option<ProcSample> {
-        self.cloud_pid.and_then(|pid| self.proc_sample(Some(pid)))
+        self.cloud_pid().and_then(|pid| self.proc_sample(Some(pid)))
     }
 }
 
@@ -146,18 +168,24 @@ pub async fn run(config: FleetConfig, progress: ProgressSink) -> Result<FleetRep
             (Some(cloud), u, k, m, p)
         }
     };
+    let spawned = spawned.map(|c| Arc::new(tokio::sync::Mutex::new(c)));
     let result = simulate(
-        config, schema, stats, errors, &url, &key, &mqtt, cloud_pid, progress,
+        config,
+        schema,
+        stats,
+        errors,
+        &url,
+        &key,
+        &mqtt,
+        cloud_pid,
+        spawned.clone(),
+        progress,
     )
     .await;
     if let Some(cloud) = spawned {
-        stop_cloud(cloud).await;
+        cloud.lock().await.stop().await;
     }
     result
-}
-
-async fn stop_cloud(cloud: SpawnedCloud) {
-    cloud.stop().await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -170,6 +198,7 @@ async fn simulate(
     key: &str,
     mqtt: &str,
     cloud_pid: Option<u32>,
+    spawned: Option<Arc<tokio::sync::Mutex<SpawnedCloud>>>,
     progress: ProgressSink,
 ) -> Result<FleetReport, FleetError> {
     let api = Api::new(url, key, errors.clone()).map_err(FleetError::Config)?;
@@ -231,7 +260,9 @@ async fn simulate(
         stats: stats.clone(),
         devices,
         names,
-        cloud_pid,
+        cloud_pid: AtomicU32::new(cloud_pid.unwrap_or(0)),
+        spawned,
+        status_spans: Mutex::new(Vec::new()),
         started: Instant::now(),
         phase: Mutex::new(Phase::Starting),
         registered: AtomicUsize::new(0),
@@ -275,6 +306,7 @@ struct Measured {
     cloud_write_end: Option<ProcSample>,
     sim_write_start: Option<ProcSample>,
     sim_write_end: Option<ProcSample>,
+    storm: Option<StormFigures>,
 }
 
 async fn phases(
@@ -286,6 +318,7 @@ async fn phases(
     let config = &shared.config;
     let counters = &shared.stats.counters;
     let mut rng = SmallRng::seed_from_u64(config.seed);
+    shared.spans().push((status_before, None));
 
     shared.set_phase(Phase::Registering);
     let secrets = register(shared).await?;
@@ -385,6 +418,10 @@ async fn phases(
             ApiWrite::Broadcast,
         ));
     }
+    let storm_task = config
+        .restart_cloud_after
+        .zip(shared.spawned.clone())
+        .map(|(after, cloud)| tokio::spawn(storm(shared.clone(), cloud, write_start + after)));
     let mut churn = JoinSet::new();
     for plan in churn_plan(config, &mut rng) {
         churn.spawn(churn_device(
@@ -400,6 +437,14 @@ async fn phases(
             shared.stats.errors.add("sim_task_failed", 1);
         }
     }
+    let storm = match storm_task {
+        Some(task) => task.await.unwrap_or_else(|e| {
+            tracing::error!("the restart storm task failed: {e}");
+            shared.stats.errors.add("sim_task_failed", 1);
+            None
+        }),
+        None => None,
+    };
     let write_s = write_start.elapsed().as_secs_f64();
     let cloud_write_end = shared.cloud_sample();
     let sim_write_end = shared.proc_sample(None);
@@ -426,6 +471,9 @@ async fn phases(
         tracing::warn!(?owed, "the drain ended with writes unaccounted for");
     }
     let status_after = cloud_status(&shared.api).await;
+    if let Some(last) = shared.spans().last_mut() {
+        last.1 = status_after;
+    }
     let device_changes_applied = device_changes_applied(shared).await;
 
     Ok(report(
@@ -442,12 +490,109 @@ async fn phases(
             cloud_write_end,
             sim_write_start,
             sim_write_end,
+            storm,
         },
         owed,
-        status_before,
-        status_after,
         device_changes_applied,
     ))
+}
+
+/// At `at`, restarts the cloud and measures the reconnect storm: how long until every device
+/// that was welcomed before is welcomed again (it lost its connection, so its agent's
+/// disconnect count grew, and it is ready once more), and the restarted cloud's peak memory.
+/// `None` (counted as `cloud_restart_failed`) if the cloud did not come back.
+async fn storm(
+    shared: Arc<Shared>,
+    cloud: Arc<tokio::sync::Mutex<SpawnedCloud>>,
+    at: Instant,
+) -> Option<StormFigures> {
+    tokio::time::sleep_until(at.into()).await;
+    let before: Vec<(usize, u64)> = shared
+        .devices
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let v = d.view();
+            v.ready.then_some((i, v.counts.disconnects))
+        })
+        .collect();
+    let rss_before = shared.cloud_sample().map(|s| s.rss_mib());
+    let end = cloud_status(&shared.api).await;
+    tracing::info!(
+        devices = before.len(),
+        "restarting the cloud: a reconnect storm"
+    );
+    let stopped = Instant::now();
+    let restarted = {
+        let mut cloud = cloud.lock().await;
+        let r = cloud.restart().await;
+        shared.cloud_pid.store(cloud.pid, Ordering::Relaxed);
+        r
+    };
+    {
+        let mut spans = shared.spans();
+        if let Some(last) = spans.last_mut() {
+            last.1 = end;
+        }
+        // The new process counts from 0.
+        spans.push((Some(json!({})), None));
+    }
+    if let Err(e) = restarted {
+        tracing::error!("the cloud did not come back after its restart: {e}");
+        shared.stats.errors.add("cloud_restart_failed", 1);
+        return None;
+    }
+    let serving = Instant::now();
+    let since = |t: Instant| t.duration_since(serving).as_secs_f64();
+    let ready_s = wait_ready(&shared.api)
+        .await
+        .ok()
+        .map(|()| since(Instant::now()));
+    let mut peak = 0u64;
+    let (mut half, mut all) = (None, None);
+    let deadline = serving + STORM_TIMEOUT;
+    let served = loop {
+        let served = before
+            .iter()
+            .filter(|(i, disconnects)| {
+                let v = shared.devices[*i].view();
+                v.ready && v.counts.disconnects > *disconnects
+            })
+            .count();
+        let now = Instant::now();
+        if half.is_none() && served * 2 >= before.len() {
+            half = Some(since(now));
+        }
+        if let Some(s) = shared.cloud_sample() {
+            peak = peak.max(s.rss_bytes);
+        }
+        if served == before.len() {
+            all = Some(since(now));
+            break served;
+        }
+        if now >= deadline {
+            tracing::warn!(
+                missing = before.len() - served,
+                "not every device came back after the cloud's restart"
+            );
+            shared
+                .stats
+                .errors
+                .add("storm_devices_not_back", (before.len() - served) as u64);
+            break served;
+        }
+        tokio::time::sleep(STORM_POLL).await;
+    };
+    Some(StormFigures {
+        devices: before.len(),
+        restart_s: serving.duration_since(stopped).as_secs_f64(),
+        ready_s,
+        half_served_s: half,
+        all_served_s: all,
+        served,
+        cloud_rss_before_mib: rss_before,
+        cloud_rss_peak_mib: (peak > 0).then(|| peak as f64 / (1024.0 * 1024.0)),
+    })
 }
 
 /// Waits until the cloud's `/ready` answers 200.
@@ -883,8 +1028,6 @@ fn report(
     shared: &Shared,
     m: Measured,
     owed: Outstanding,
-    before: Option<Value>,
-    after: Option<Value>,
     device_changes_applied: Option<u64>,
 ) -> FleetReport {
     let config = &shared.config;
@@ -899,10 +1042,20 @@ fn report(
             errors.insert(kind.to_string(), n);
         }
     }
+    let spans = shared.spans().clone();
+    // Summed over the cloud's processes: each started its counters at 0.
     let delta = |field: &str| -> Option<u64> {
-        let b = before.as_ref()?[field].as_u64()?;
-        let a = after.as_ref()?[field].as_u64()?;
-        Some(a.saturating_sub(b))
+        let mut sum = 0u64;
+        for (before, after) in &spans {
+            let b = before
+                .as_ref()?
+                .get(field)
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let a = after.as_ref()?[field].as_u64()?;
+            sum += a.saturating_sub(b);
+        }
+        Some(sum)
     };
     for field in CLOUD_ERROR_COUNTERS {
         if let Some(n) = delta(field).filter(|n| *n > 0) {
@@ -912,7 +1065,7 @@ fn report(
     let up_rejected = Counters::get(&c.up_rejected);
     let mib = |s: &Option<ProcSample>| s.as_ref().map(ProcSample::rss_mib);
     let cloud = CloudFigures {
-        pid: shared.cloud_pid,
+        pid: shared.cloud_pid(),
         cpu_pct_avg: match (&m.cloud_write_end, &m.cloud_write_start) {
             (Some(end), Some(start)) => end.cpu_pct_since(start),
             _ => None,
@@ -920,7 +1073,7 @@ fn report(
         rss_start_mib: mib(&m.cloud_start),
         rss_connected_mib: mib(&m.cloud_connected),
         rss_peak_mib: shared
-            .cloud_pid
+            .cloud_pid()
             .map(|_| shared.cloud_rss_peak.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)),
         rss_per_device_kib: match (&m.cloud_connected, &m.cloud_start) {
             (Some(conn), Some(start)) => Some(
@@ -964,6 +1117,7 @@ fn report(
         command_lag_ms: shared.stats.command_lag.total(),
         connect_s: m.connect_s,
         drain_s: m.drain_s,
+        storm: m.storm,
         errors,
         cloud,
         cloud_counts: CloudCounts {

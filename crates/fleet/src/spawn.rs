@@ -39,6 +39,11 @@ pub(crate) struct SpawnedCloud {
     /// `HOST:PORT` of its broker.
     pub(crate) mqtt: String,
     pub(crate) admin_key: String,
+    /// What [`SpawnedCloud::restart`] starts again.
+    program: PathBuf,
+    log: String,
+    retention_secs: u64,
+    purge_secs: u64,
     /// Its folder (configuration, `data/`, `cloud.log`); deleted on drop unless kept.
     dir: Option<tempfile::TempDir>,
     pub(crate) path: PathBuf,
@@ -70,12 +75,7 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
     std::fs::write(path.join("schema.json5"), SCHEMA).map_err(io("cannot write the schema"))?;
     let retention_secs = s.retention.as_secs().max(1);
     let purge_secs = s.purge_interval.as_secs().max(1);
-    let config = format!(
-        "// Written by devtables sim: the cloud of one simulation.\n\
-         {{\n  schema: 'schema.json5',\n  data_dir: 'data',\n  api: '127.0.0.1:0',\n  \
-         embedded_broker: '127.0.0.1:0',\n  tombstone_retention_secs: {retention_secs},\n  \
-         purge_interval_secs: {purge_secs},\n  api_requests_per_sec: 0,\n}}\n"
-    );
+    let config = config_text("127.0.0.1:0", "127.0.0.1:0", retention_secs, purge_secs);
     let config_path = path.join("cloud.json5");
     std::fs::write(&config_path, config).map_err(io("cannot write the cloud's configuration"))?;
 
@@ -109,17 +109,58 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
         )));
     }
 
-    let mut child = Command::new(s.program)
+    let (child, pid, url, mqtt) = launch(s.program, s.log, &config_path, &path).await?;
+    tracing::info!(pid, %url, %mqtt, folder = %path.display(), "started the cloud");
+    Ok(SpawnedCloud {
+        child,
+        pid,
+        url,
+        mqtt,
+        admin_key,
+        program: s.program.to_path_buf(),
+        log: s.log.to_string(),
+        retention_secs,
+        purge_secs,
+        dir: if s.keep_dir {
+            // Kept: the folder outlives the simulation.
+            let _ = dir.keep();
+            None
+        } else {
+            Some(dir)
+        },
+        path,
+    })
+}
+
+/// The child's configuration file: embedded defaults, the given listen addresses.
+fn config_text(api: &str, broker: &str, retention_secs: u64, purge_secs: u64) -> String {
+    format!(
+        "// Written by devtables sim: the cloud of one simulation.\n\
+         {{\n  schema: 'schema.json5',\n  data_dir: 'data',\n  api: '{api}',\n  \
+         embedded_broker: '{broker}',\n  tombstone_retention_secs: {retention_secs},\n  \
+         purge_interval_secs: {purge_secs},\n  api_requests_per_sec: 0,\n}}\n"
+    )
+}
+
+/// Starts `program cloud --config config_path` and waits until it says where it serves;
+/// its stderr goes to `cloud.log` in `path` (appended: a restarted cloud's lines follow).
+async fn launch(
+    program: &Path,
+    log: &str,
+    config_path: &Path,
+    path: &Path,
+) -> Result<(Child, u32, String, String), FleetError> {
+    let mut child = Command::new(program)
         .arg("cloud")
         .arg("--config")
-        .arg(&config_path)
-        .env("DEVTABLES_LOG", s.log)
+        .arg(config_path)
+        .env("DEVTABLES_LOG", log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| FleetError::Spawn(format!("cannot run {} cloud: {e}", s.program.display())))?;
+        .map_err(|e| FleetError::Spawn(format!("cannot run {} cloud: {e}", program.display())))?;
     let pid = child
         .id()
         .ok_or_else(|| FleetError::Spawn("the cloud exited at once".into()))?;
@@ -127,12 +168,15 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
         .stderr
         .take()
         .ok_or_else(|| FleetError::Spawn("the cloud's stderr is not piped".into()))?;
-    let log =
-        std::fs::File::create(path.join("cloud.log")).map_err(io("cannot create cloud.log"))?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path.join("cloud.log"))
+        .map_err(io("cannot open cloud.log"))?;
     // Every line of the child's stderr goes to cloud.log (a full pipe would stall the cloud);
     // the line saying where it listens is also handed over.
     let (addrs_tx, addrs_rx) = oneshot::channel();
-    tokio::spawn(copy_log(stderr, log, addrs_tx));
+    tokio::spawn(copy_log(stderr, log_file, addrs_tx));
     let addrs = tokio::select! {
         found = addrs_rx => found.ok(),
         _ = tokio::time::sleep(START_TIMEOUT) => None,
@@ -150,22 +194,7 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
             path.join("cloud.log").display()
         )));
     };
-    tracing::info!(pid, %url, %mqtt, folder = %path.display(), "started the cloud");
-    Ok(SpawnedCloud {
-        child,
-        pid,
-        url,
-        mqtt,
-        admin_key,
-        dir: if s.keep_dir {
-            // Kept: the folder outlives the simulation.
-            let _ = dir.keep();
-            None
-        } else {
-            Some(dir)
-        },
-        path,
-    })
+    Ok((child, pid, url, mqtt))
 }
 
 async fn copy_log(
@@ -199,7 +228,7 @@ fn parse_running(line: &str) -> Option<(String, String)> {
 
 impl SpawnedCloud {
     /// Stops the child: SIGTERM (its clean shutdown), SIGKILL if it has not exited in time.
-    pub(crate) async fn stop(mut self) {
+    async fn terminate(&mut self) {
         // SAFETY: kill sends a signal to our own child, whose pid we hold until it is reaped.
         let _ = unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
         match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
@@ -212,6 +241,32 @@ impl SpawnedCloud {
                 let _ = self.child.kill().await;
             }
         }
+    }
+
+    /// Restarts the child as an operator would (SIGTERM, then start again) on the same data
+    /// and the same addresses, so the devices find it where it was. Returns once it serves.
+    pub(crate) async fn restart(&mut self) -> Result<(), FleetError> {
+        self.terminate().await;
+        let api = self.url.trim_start_matches("http://").to_string();
+        let config = config_text(&api, &self.mqtt, self.retention_secs, self.purge_secs);
+        let config_path = self.path.join("cloud.json5");
+        std::fs::write(&config_path, config)
+            .map_err(io("cannot rewrite the cloud's configuration"))?;
+        let (child, pid, url, mqtt) =
+            launch(&self.program, &self.log, &config_path, &self.path).await?;
+        if (url.as_str(), mqtt.as_str()) != (self.url.as_str(), self.mqtt.as_str()) {
+            return Err(FleetError::Spawn(format!(
+                "the restarted cloud serves {url} and {mqtt}, not {} and {}",
+                self.url, self.mqtt
+            )));
+        }
+        tracing::info!(pid, "restarted the cloud");
+        (self.child, self.pid) = (child, pid);
+        Ok(())
+    }
+
+    pub(crate) async fn stop(&mut self) {
+        self.terminate().await;
         match self.dir.take() {
             Some(dir) => drop(dir),
             None => eprintln!("the cloud's folder is kept: {}", self.path.display()),

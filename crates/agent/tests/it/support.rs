@@ -37,6 +37,7 @@ pub fn agent_config(dir: &Path, secret: &str, port: u16) -> AgentConfig {
     let mut c = AgentConfig::new("acme", "d1", secret, dir.join("d1.redb"));
     c.broker_port = port;
     c.reconnect_delay = Duration::from_millis(100);
+    c.reconnect_max_delay = Duration::from_millis(400);
     c
 }
 

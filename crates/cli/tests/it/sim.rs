@@ -63,3 +63,68 @@ fn sim_spawns_a_cloud_runs_a_small_fleet_and_writes_its_report() {
     }
     assert_eq!(report["config"]["target"]["kind"], "spawn");
 }
+
+/// A reconnect storm: the spawned cloud is restarted (SIGTERM, started again on the same data
+/// and ports) in the middle of the writes; every device loses its connection, comes back and is
+/// welcomed again, every write is still accounted for, and the cloud's counters are summed over
+/// its two processes.
+#[test]
+fn sim_restarts_its_cloud_and_every_device_comes_back_with_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fleet.json");
+    let out = bin()
+        .args([
+            "sim",
+            "--devices",
+            "8",
+            "--duration",
+            "4s",
+            "--rate",
+            "4",
+            "--restart-cloud-after",
+            "1500ms",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .current_dir(dir.path())
+        .output()
+        .expect("devtables sim runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "devtables sim failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("restart storm"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).unwrap();
+    let storm = &report["storm"];
+    assert_eq!(storm["devices"], 8, "every device was connected: {report}");
+    assert_eq!(storm["served"], 8, "{report}");
+    assert!(storm["all_served_s"].is_number(), "{report}");
+    assert!(storm["restart_s"].as_f64().unwrap() > 0.0, "{report}");
+    // Each device lost its connection to the restart (and the agents counted it).
+    assert!(
+        report["errors"]["connections_lost"].as_u64().unwrap_or(0) >= 8,
+        "{report}"
+    );
+    let written = report["up_written"].as_u64().unwrap();
+    assert!(
+        written >= 8 * 4 * 3,
+        "writes went on through the restart: {report}"
+    );
+    assert_eq!(report["up_acked"].as_u64(), Some(written), "{report}");
+    assert_eq!(report["missing"]["up"], 0, "{report}");
+    // The counters of both cloud processes: every acknowledged write was answered `applied`
+    // at least once (a second process counting from 0 would otherwise show fewer).
+    let pushed = report["cloud_counts"]["push_changes_applied"]
+        .as_u64()
+        .expect("counted");
+    assert!(pushed >= written, "{report}");
+    assert_eq!(
+        report["cloud_counts"]["device_changes_applied"].as_u64(),
+        Some(written + report["commands_done"].as_u64().unwrap()),
+        "each write stored once: {report}"
+    );
+}
