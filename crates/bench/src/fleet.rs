@@ -44,6 +44,10 @@ pub struct FleetArgs {
     /// Where each point's report goes.
     #[arg(long, default_value = "fleet-reports")]
     out_dir: PathBuf,
+    /// More keys of each point's cloud configuration (JSON5, e.g. `"store_group_max: 1,"` to
+    /// commit every store job on its own, as before group commit).
+    #[arg(long, default_value = "")]
+    cloud_config: String,
     /// Restart the cloud this many seconds into each point's writes (a reconnect storm: every
     /// device comes back at once); a second table times it.
     #[arg(long)]
@@ -110,6 +114,7 @@ pub fn run(args: &FleetArgs, child: &ChildCommand) -> anyhow::Result<()> {
                 program: program.clone(),
                 log: "warn".into(),
                 keep_dir: false,
+                extra_config: args.cloud_config.clone(),
             });
             config.devices = n;
             config.rate_per_device = rate;

@@ -83,6 +83,10 @@ pub struct SimArgs {
     /// Most API requests in flight.
     #[arg(long, default_value_t = 32)]
     api_concurrency: usize,
+    /// More keys for the started cloud's configuration file (JSON5, e.g.
+    /// `"store_group_max: 1,"`).
+    #[arg(long, default_value = "", conflicts_with = "url")]
+    cloud_config: String,
     /// Restart the started cloud this long into the writes (a reconnect storm: every device
     /// comes back at once); the report times it.
     #[arg(long, value_parser = parse_duration, conflicts_with = "url")]
@@ -144,6 +148,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             program: std::env::current_exe().context("cannot find this program's path")?,
             log: args.cloud_log,
             keep_dir: args.keep_cloud_dir,
+            extra_config: args.cloud_config.clone(),
         },
     };
     let mut config = FleetConfig::new(target);

@@ -84,6 +84,10 @@ pub struct CloudConfig {
     /// queued or running at once. Beyond it, further engine work waits inside the engine until
     /// one completes; the MQTT connection is polled all the while. Default 64.
     pub sync_store_jobs: usize,
+    /// Most of those jobs that share one commit of the store (group commit: one flush to disk
+    /// for all of them; each job's answer waits for it). 1 commits every job on its own, as
+    /// the store did before group commit (for comparison). Default 1024.
+    pub store_group_max: usize,
     /// Serve the HTTP API without API keys: every request may read and write every account.
     /// For a throwaway local setup only; the service warns loudly at start. Default false.
     pub insecure_no_auth: bool,
@@ -233,6 +237,7 @@ impl CloudConfig {
             mqtt: MqttClientConfig::default(),
             startup_prompts: StartupPrompts::default(),
             sync_store_jobs: 64,
+            store_group_max: 1024,
             insecure_no_auth: false,
             metrics_open: false,
             credentials_ttl: crate::auth::DEFAULT_CREDENTIALS_TTL,
@@ -253,6 +258,9 @@ impl CloudConfig {
         }
         if self.sync_store_jobs == 0 {
             return Err("sync_store_jobs must be at least 1".into());
+        }
+        if self.store_group_max == 0 {
+            return Err("store_group_max must be at least 1".into());
         }
         if !self.broker_plain && self.broker_tls.is_none() {
             return Err("the embedded broker needs a listener: broker_plain or broker_tls".into());
@@ -419,6 +427,12 @@ pub struct CloudFile {
     /// whose clock runs further ahead is told to re-stamp, and never moves the fleet's clock.
     #[serde(default)]
     pub max_drift_ms: Option<u64>,
+    /// Most store jobs of the sync loop out at once (default 64).
+    #[serde(default)]
+    pub sync_store_jobs: Option<usize>,
+    /// Most store jobs sharing one commit (default 1024; 1: a commit per job).
+    #[serde(default)]
+    pub store_group_max: Option<usize>,
 }
 
 /// A certificate and key in the cloud's file.
@@ -602,6 +616,12 @@ impl CloudFile {
         if let Some(ms) = file.max_drift_ms {
             config.sync.max_drift_ms = ms;
         }
+        if let Some(n) = file.sync_store_jobs {
+            config.sync_store_jobs = n;
+        }
+        if let Some(n) = file.store_group_max {
+            config.store_group_max = n;
+        }
         config
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -672,11 +692,12 @@ mod tests {
             "device_messages_per_sec: 5, device_message_burst: 7, max_push_changes: 20, \
              max_item_bytes: 1000, max_rows_per_device: 3, max_bytes_per_device: 4000, \
              max_conflicts_per_device: 9, api_requests_per_sec: 2, api_request_burst: 4, \
-             node_name: 'eu-1', max_drift_ms: 5000",
+             node_name: 'eu-1', max_drift_ms: 5000, sync_store_jobs: 256, store_group_max: 1",
         )
         .unwrap()
         .1;
         assert_eq!((c.node_name.as_str(), c.sync.max_drift_ms), ("eu-1", 5000));
+        assert_eq!((c.sync_store_jobs, c.store_group_max), (256, 1));
         assert_eq!(
             c.sync.device_rate,
             RateLimit {

@@ -251,7 +251,11 @@ impl Cloud {
         tracing::info!(node = %node_name, "cloud node");
         let ctx = StoreCtx::new(Box::new(store), clock, schema.clone());
         let committed = status.clone();
-        let store = StoreHandle::spawn(ctx, Box::new(move |c| committed.observe_commit(&c)))?;
+        let store = StoreHandle::spawn(
+            ctx,
+            config.store_group_max,
+            Box::new(move |c| committed.observe_commit(&c)),
+        )?;
         if let Some(creds) = &credentials {
             creds.attach_store(store.clone());
         }

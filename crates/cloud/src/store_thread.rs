@@ -97,15 +97,19 @@ pub struct StoreHandle {
 impl StoreHandle {
     /// Most jobs waiting for the store; callers wait (asynchronously) beyond it.
     const QUEUE: usize = 1024;
-    /// Most jobs sharing one commit. The sync loop's own bound on the jobs it has out
-    /// (`sync_store_jobs`) is usually the smaller.
-    const MAX_GROUP: usize = 1024;
-
-    pub fn spawn(ctx: StoreCtx, observer: CommitObserver) -> std::io::Result<StoreHandle> {
+    /// Starts the store thread. At most `group_max` jobs share one commit (the sync loop's own
+    /// bound on the jobs it has out, `sync_store_jobs`, is often the smaller); 1 commits each
+    /// job on its own.
+    pub fn spawn(
+        ctx: StoreCtx,
+        group_max: usize,
+        observer: CommitObserver,
+    ) -> std::io::Result<StoreHandle> {
         let (jobs, rx) = mpsc::channel::<Job>(Self::QUEUE);
+        let group_max = group_max.max(1);
         std::thread::Builder::new()
             .name("devtables-store".into())
-            .spawn(move || run(ctx, rx, observer))?;
+            .spawn(move || run(ctx, rx, group_max, observer))?;
         Ok(StoreHandle { jobs })
     }
 
@@ -151,7 +155,12 @@ impl StoreHandle {
 /// The store thread: jobs in arrival order; the grouped jobs waiting together run in one group
 /// and share its commit (group commit: while one commit flushes, the next group gathers, so the
 /// flushes per second stay bounded whatever the pushes per second).
-fn run(mut ctx: StoreCtx, mut rx: mpsc::Receiver<Job>, mut observer: CommitObserver) {
+fn run(
+    mut ctx: StoreCtx,
+    mut rx: mpsc::Receiver<Job>,
+    group_max: usize,
+    mut observer: CommitObserver,
+) {
     let mut next = None;
     loop {
         let job = match next.take() {
@@ -179,7 +188,7 @@ fn run(mut ctx: StoreCtx, mut rx: mpsc::Receiver<Job>, mut observer: CommitObser
                 };
                 f(&mut ctx);
                 let mut jobs = 1;
-                while jobs < StoreHandle::MAX_GROUP {
+                while jobs < group_max {
                     match rx.try_recv() {
                         Ok(Job::Grouped(f)) => {
                             f(&mut ctx);
@@ -257,6 +266,7 @@ mod tests {
         let (reports, reported) = std_mpsc::channel();
         let handle = StoreHandle::spawn(
             StoreCtx::new(Box::new(store), HlcClock::new(node_id_for("t")), schema),
+            64,
             Box::new(move |c| reports.send(c).unwrap()),
         )
         .unwrap();

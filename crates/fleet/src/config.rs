@@ -40,6 +40,9 @@ pub enum Target {
         log: String,
         /// Keep the child's folder (data and log) instead of deleting it at the end.
         keep_dir: bool,
+        /// More keys of the child's configuration file (JSON5, e.g. `store_group_max: 1,`),
+        /// after the simulator's own.
+        extra_config: String,
     },
 }
 

@@ -149,10 +149,12 @@ pub async fn run(config: FleetConfig, progress: ProgressSink) -> Result<FleetRep
             program,
             log,
             keep_dir,
+            extra_config,
         } => {
             let cloud = spawn::start(SpawnSettings {
                 program,
                 log,
+                extra_config,
                 keep_dir: *keep_dir,
                 account: &config.account,
                 retention: config.retention,

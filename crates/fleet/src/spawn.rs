@@ -44,6 +44,7 @@ pub(crate) struct SpawnedCloud {
     log: String,
     retention_secs: u64,
     purge_secs: u64,
+    extra_config: String,
     /// Its folder (configuration, `data/`, `cloud.log`); deleted on drop unless kept.
     dir: Option<tempfile::TempDir>,
     pub(crate) path: PathBuf,
@@ -53,6 +54,7 @@ pub(crate) struct SpawnedCloud {
 pub(crate) struct SpawnSettings<'a> {
     pub(crate) program: &'a Path,
     pub(crate) log: &'a str,
+    pub(crate) extra_config: &'a str,
     pub(crate) keep_dir: bool,
     pub(crate) account: &'a str,
     pub(crate) retention: Duration,
@@ -75,7 +77,14 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
     std::fs::write(path.join("schema.json5"), SCHEMA).map_err(io("cannot write the schema"))?;
     let retention_secs = s.retention.as_secs().max(1);
     let purge_secs = s.purge_interval.as_secs().max(1);
-    let config = config_text("127.0.0.1:0", "127.0.0.1:0", retention_secs, purge_secs);
+    let extra_config = s.extra_config.to_string();
+    let config = config_text(
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        retention_secs,
+        purge_secs,
+        &extra_config,
+    );
     let config_path = path.join("cloud.json5");
     std::fs::write(&config_path, config).map_err(io("cannot write the cloud's configuration"))?;
 
@@ -121,6 +130,7 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
         log: s.log.to_string(),
         retention_secs,
         purge_secs,
+        extra_config,
         dir: if s.keep_dir {
             // Kept: the folder outlives the simulation.
             let _ = dir.keep();
@@ -133,12 +143,18 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
 }
 
 /// The child's configuration file: embedded defaults, the given listen addresses.
-fn config_text(api: &str, broker: &str, retention_secs: u64, purge_secs: u64) -> String {
+fn config_text(
+    api: &str,
+    broker: &str,
+    retention_secs: u64,
+    purge_secs: u64,
+    extra: &str,
+) -> String {
     format!(
         "// Written by devtables sim: the cloud of one simulation.\n\
          {{\n  schema: 'schema.json5',\n  data_dir: 'data',\n  api: '{api}',\n  \
          embedded_broker: '{broker}',\n  tombstone_retention_secs: {retention_secs},\n  \
-         purge_interval_secs: {purge_secs},\n  api_requests_per_sec: 0,\n}}\n"
+         purge_interval_secs: {purge_secs},\n  api_requests_per_sec: 0,\n  {extra}\n}}\n"
     )
 }
 
@@ -248,7 +264,13 @@ impl SpawnedCloud {
     pub(crate) async fn restart(&mut self) -> Result<(), FleetError> {
         self.terminate().await;
         let api = self.url.trim_start_matches("http://").to_string();
-        let config = config_text(&api, &self.mqtt, self.retention_secs, self.purge_secs);
+        let config = config_text(
+            &api,
+            &self.mqtt,
+            self.retention_secs,
+            self.purge_secs,
+            &self.extra_config,
+        );
         let config_path = self.path.join("cloud.json5");
         std::fs::write(&config_path, config)
             .map_err(io("cannot rewrite the cloud's configuration"))?;

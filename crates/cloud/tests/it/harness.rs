@@ -69,6 +69,7 @@ pub async fn seed_behind_fleet(dir: &Path, n: usize) -> Vec<String> {
             HlcClock::new(node_id_for(CLOUD_NODE_NAME)),
             schema,
         ),
+        1024,
         Box::new(|_| {}),
     )
     .expect("the store thread");
