@@ -317,6 +317,20 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_loads_with_its_reconnect_waits() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/agent.json5");
+        let (_, c) = AgentFile::load(&example).unwrap();
+        assert_eq!(c.reconnect_delay, Duration::from_millis(500));
+        assert_eq!(c.reconnect_max_delay, Duration::from_secs(15));
+        let c =
+            load("broker: 'b:1883', reconnect_delay_ms: 20, reconnect_max_delay_ms: 900").unwrap();
+        assert_eq!(
+            (c.reconnect_delay, c.reconnect_max_delay),
+            (Duration::from_millis(20), Duration::from_millis(900))
+        );
+    }
+
+    #[test]
     fn the_broker_url_chooses_tls_or_clear_text() {
         let c = load("broker: 'mqtts://b.example:8883', tls: {ca: 'ca.pem', server_name: 'b'}")
             .unwrap();
