@@ -254,30 +254,68 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn jobs_waiting_together_share_one_commit_and_hear_of_it_only_after() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        let schema = Arc::new(Schema::from_json5(
-            "{format: 'onetable:1.1.0', version: '1', indexes: {primary: {hash: 'pk', sort: 'sk'}}, \
-             models: {}}",
-        ).unwrap());
+    /// A store thread on a fresh database file with at most `group_max` jobs per commit, held
+    /// busy until the returned sender is used (so the jobs queued meanwhile wait together);
+    /// the receiver gets the commit reports.
+    async fn held_store(
+        path: &std::path::Path,
+        group_max: usize,
+    ) -> (
+        StoreHandle,
+        std_mpsc::Sender<()>,
+        std_mpsc::Receiver<GroupCommitted>,
+    ) {
+        let store = SqliteStore::open(path, SqliteOptions::default()).unwrap();
+        let schema = Arc::new(
+            Schema::from_json5(
+                "{format: 'onetable:1.1.0', version: '1', \
+                 indexes: {primary: {hash: 'pk', sort: 'sk'}}, models: {}}",
+            )
+            .unwrap(),
+        );
         let (reports, reported) = std_mpsc::channel();
         let handle = StoreHandle::spawn(
             StoreCtx::new(Box::new(store), HlcClock::new(node_id_for("t")), schema),
-            64,
+            group_max,
             Box::new(move |c| reports.send(c).unwrap()),
         )
         .unwrap();
-
-        // Keep the thread busy until every grouped job waits in the queue.
         let (release, released) = std_mpsc::channel::<()>();
         handle
             .jobs
             .send(Job::Alone(Box::new(move |_| released.recv().unwrap())))
             .await
             .unwrap();
+        (handle, release, reported)
+    }
+
+    #[tokio::test]
+    async fn with_a_group_of_one_every_job_commits_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, release, reported) = held_store(&dir.path().join("cloud.db"), 1).await;
+        let (heard, hear) = std_mpsc::channel();
+        for i in 0..3 {
+            let heard = heard.clone();
+            let job: JobFn = Box::new(move |c: &mut StoreCtx| {
+                let id = DeviceId::new("a", &format!("d{i}")).unwrap();
+                c.store.register_device(&id, "hash", None, 1).unwrap();
+                c.after_commit(Box::new(move |r| heard.send(r.is_ok()).unwrap()));
+            });
+            handle.submit(job).await.unwrap();
+        }
+        release.send(()).unwrap();
+        for _ in 0..3 {
+            assert!(hear.recv().unwrap());
+            assert_eq!(reported.recv().unwrap().jobs, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_waiting_together_share_one_commit_and_hear_of_it_only_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.db");
+        // Held busy until every grouped job waits in the queue.
+        let (handle, release, reported) = held_store(&path, 64).await;
         const JOBS: usize = 8;
         let (heard, hear) = std_mpsc::channel();
         for i in 0..JOBS {
