@@ -60,13 +60,71 @@ impl FieldType {
     }
 }
 
-/// How an absent field gets a generated id.
+/// How an absent field gets a generated id (`generate`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Generate {
-    /// A 26-character ULID whose time part is the caller's clock.
+pub enum Generate {
+    /// `ulid`: a 26-character ULID whose time part is the caller's clock.
     Ulid,
-    /// A random (v4) UUID.
+    /// `uuid`: a random (v4) UUID.
     Uuid,
+    /// `uid` (10 characters) or `uid(N)`: OneTable's short random id of N characters from
+    /// Crockford's base 32 alphabet (digits and upper-case letters without I, L, O and U).
+    /// Not sortable; 10 characters carry 50 random bits.
+    Uid(usize),
+}
+
+/// The alphabet of `uid` ids (OneTable's: Crockford's base 32).
+pub(crate) const UID_ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+/// Longest `uid(N)` accepted (hostile schema bound; OneTable's default is 10).
+pub(crate) const MAX_UID_LEN: usize = 128;
+
+impl std::fmt::Display for Generate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Generate::Ulid => f.write_str("ulid"),
+            Generate::Uuid => f.write_str("uuid"),
+            Generate::Uid(n) => write!(f, "uid({n})"),
+        }
+    }
+}
+
+/// A random `uid` of `len` characters. The random bits come from ULIDs' 80-bit random part
+/// (the ulid crate is the crate's source of randomness already; its time part is not used, so
+/// no clock is read), five bits per character: uniform over the 32-letter alphabet.
+fn random_uid(len: usize) -> String {
+    let mut out = String::with_capacity(len);
+    let (mut bits, mut have) = (0u128, 0u32);
+    while out.len() < len {
+        if have < 5 {
+            bits = ulid::Ulid::from_datetime(std::time::UNIX_EPOCH).random();
+            have = 80;
+        }
+        out.push(char::from(UID_ALPHABET[(bits & 31) as usize]));
+        bits >>= 5;
+        have -= 5;
+    }
+    out
+}
+
+/// Where a field's value is stored in OneTable (`map`), kept for reference: devtables stores
+/// every field under its own name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedAttribute {
+    /// The attribute name (`data` in `map: 'data.city'`).
+    pub attribute: String,
+    /// The property inside that attribute when several fields are packed into one
+    /// (`city` in `map: 'data.city'`).
+    pub property: Option<String>,
+}
+
+impl std::fmt::Display for MappedAttribute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.property {
+            Some(p) => write!(f, "{}.{p}", self.attribute),
+            None => f.write_str(&self.attribute),
+        }
+    }
 }
 
 /// A compiled `validate` pattern with its source text (for error messages).
@@ -106,6 +164,24 @@ pub struct Field {
     pub(crate) generate: Option<Generate>,
     pub(crate) schema: Option<Vec<Field>>,
     pub(crate) items: Option<Box<Field>>,
+    /// `description` (or `notes`, `note`): documentation only.
+    pub(crate) description: Option<String>,
+    /// `unique`: parsed for the database, which enforces it (the schema crate does not).
+    pub(crate) unique: bool,
+    /// `scope`: the template that narrows `unique` (one value per scope).
+    pub(crate) unique_scope: Option<Template>,
+    /// `map`: OneTable's stored attribute, kept for reference only.
+    pub(crate) map: Option<MappedAttribute>,
+    /// Effective `partial` (declared, else inherited from the parent or `params.partial`):
+    /// an update merges into the stored object instead of replacing it.
+    pub(crate) partial: bool,
+    /// `nulls` of this field, overriding `params.nulls`.
+    pub(crate) nulls: Option<bool>,
+    /// `isoDates` of this field, overriding `params.isoDates`.
+    pub(crate) iso_dates: Option<bool>,
+    /// Ioto's `sync: 'none'` on the field: its value must never leave the device, which
+    /// devtables (replicating whole items) can honour only in a model that does not sync.
+    pub(crate) local_only: bool,
 }
 
 impl Field {
@@ -125,6 +201,14 @@ impl Field {
             generate: None,
             schema: None,
             items: None,
+            description: None,
+            unique: false,
+            unique_scope: None,
+            map: None,
+            partial: false,
+            nulls: None,
+            iso_dates: None,
+            local_only: false,
         }
     }
 
@@ -167,6 +251,81 @@ impl Field {
         self.template.as_ref()
     }
 
+    /// The `value` template as written (`device#${deviceId}`), if the field has one.
+    pub fn value_template(&self) -> Option<&str> {
+        self.template.as_ref().map(Template::source)
+    }
+
+    /// The `default` value, in its stored form.
+    pub fn default_value(&self) -> Option<&Value> {
+        self.default.as_ref()
+    }
+
+    /// The `enum` values, in their stored form.
+    pub fn enum_values(&self) -> Option<&[Value]> {
+        self.enum_values.as_deref()
+    }
+
+    /// The `validate` pattern as written (`/^[a-z]+$/i`).
+    pub fn validate_pattern(&self) -> Option<&str> {
+        self.validate.as_ref().map(|p| p.source.as_str())
+    }
+
+    /// How an absent value is generated at creation (`generate`).
+    pub fn generate(&self) -> Option<Generate> {
+        self.generate
+    }
+
+    /// The fields of a nested object `schema`, sorted by name.
+    pub fn nested_fields(&self) -> Option<&[Field]> {
+        self.schema.as_deref()
+    }
+
+    /// The element definition of an array field (`items`).
+    pub fn items(&self) -> Option<&Field> {
+        self.items.as_deref()
+    }
+
+    /// The documentation (`description`, else `notes` or `note`).
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    /// Whether values must be unique (`unique`). The schema crate only parses this: keeping
+    /// values unique is the database's work (per model, narrowed by [`Field::unique_scope`]).
+    pub fn unique(&self) -> bool {
+        self.unique
+    }
+
+    /// The `scope` template of a unique field, as written: values must be unique among items
+    /// whose scope renders the same.
+    pub fn unique_scope(&self) -> Option<&str> {
+        self.unique_scope.as_ref().map(Template::source)
+    }
+
+    /// OneTable's stored attribute (`map`). Kept for reference and ignored: devtables stores
+    /// every field under its own name.
+    pub fn map(&self) -> Option<&MappedAttribute> {
+        self.map.as_ref()
+    }
+
+    /// Whether an update merges a given object into the stored one (`partial`, declared or
+    /// inherited) instead of replacing it; only object fields with a nested schema merge.
+    pub fn partial(&self) -> bool {
+        self.partial
+    }
+
+    /// Whether an update merges this field (partial, and an object with a nested schema).
+    pub(crate) fn merges(&self) -> bool {
+        self.partial && self.ty == FieldType::Object && self.schema.is_some()
+    }
+
+    /// Whether a null value is stored (true) or removes the field, given the schema's
+    /// `params.nulls` as the default.
+    pub fn keeps_null(&self, schema_nulls: bool) -> bool {
+        self.nulls.unwrap_or(schema_nulls)
+    }
+
     pub(crate) fn generate_value(&self, now_ms: i64) -> Option<Value> {
         match self.generate? {
             Generate::Ulid => {
@@ -175,6 +334,7 @@ impl Field {
                 Some(Value::String(ulid::Ulid::from_datetime(at).to_string()))
             }
             Generate::Uuid => Some(Value::String(uuid::Uuid::new_v4().to_string())),
+            Generate::Uid(len) => Some(Value::String(random_uid(len))),
         }
     }
 
@@ -219,7 +379,7 @@ impl Field {
             FieldType::Date if self.ttl => cast_ttl(value).ok_or_else(wrong),
             FieldType::Date => {
                 let ms = date_ms(value).ok_or_else(wrong)?;
-                store_date(ms, ctx.iso_dates).ok_or_else(|| {
+                store_date(ms, self.iso_dates.unwrap_or(ctx.iso_dates)).ok_or_else(|| {
                     ctx.err(
                         path,
                         Reason::Invalid(format!("date {ms} ms is out of the supported range")),
@@ -331,7 +491,7 @@ pub(crate) fn cast_object(
             .find(|f| f.name == *key)
             .ok_or_else(|| ctx.err(&p, Reason::UnknownField))?;
         if value.is_null() {
-            if ctx.nulls {
+            if field.keeps_null(ctx.nulls) {
                 out.insert(key.clone(), Value::Null);
             }
             continue;
@@ -349,6 +509,41 @@ pub(crate) fn cast_object(
         }
     }
     Ok(out)
+}
+
+/// Merge a partial update `new` into the stored object `old` (OneTable's `partial`): given
+/// members replace stored ones, nulls remove them (or are kept as null when the member keeps
+/// nulls), and members that merge themselves merge recursively. The result is raw: the caller
+/// casts and checks it as a whole, so required members and defaults still apply.
+pub(crate) fn merge_partial(
+    fields: &[Field],
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+    nulls: bool,
+) -> Map<String, Value> {
+    let mut out = old.clone();
+    for (key, value) in new {
+        let field = fields.iter().find(|f| f.name == *key);
+        match (field, value, old.get(key)) {
+            (Some(f), Value::Null, _) if f.keeps_null(nulls) => {
+                out.insert(key.clone(), Value::Null);
+            }
+            (_, Value::Null, _) => {
+                out.remove(key);
+            }
+            (Some(f), Value::Object(add), Some(Value::Object(stored))) if f.merges() => {
+                let inner = f.schema.as_deref().unwrap_or_default();
+                out.insert(
+                    key.clone(),
+                    Value::Object(merge_partial(inner, stored, add, nulls)),
+                );
+            }
+            _ => {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Stored form of a date given in epoch milliseconds.
@@ -619,6 +814,65 @@ mod tests {
     }
 
     #[test]
+    fn uid_uses_every_letter_of_its_alphabet() {
+        // 2000 characters: each of the 32 letters is missed with probability (31/32)^2000.
+        let text = random_uid(2000);
+        for letter in UID_ALPHABET {
+            assert!(text.as_bytes().contains(letter), "{}", char::from(*letter));
+        }
+        assert!(!text.contains(['I', 'L', 'O', 'U']));
+    }
+
+    #[test]
+    fn field_iso_dates_overrides_the_schema() {
+        let mut f = field(FieldType::Date);
+        f.iso_dates = Some(true);
+        check(
+            &f,
+            &CTX,
+            json!(1_795_629_600_000i64),
+            Ok(json!("2026-11-25T18:00:00.000Z")),
+        );
+        f.iso_dates = Some(false);
+        check(
+            &f,
+            &ISO,
+            json!("2026-11-25T18:00:00.000Z"),
+            Ok(json!(1_795_629_600_000i64)),
+        );
+    }
+
+    #[test]
+    fn partial_merge() {
+        let mut inner = Field::new("inner", FieldType::Object);
+        inner.partial = true;
+        inner.schema = Some(vec![
+            Field::new("a", FieldType::Number),
+            Field::new("b", FieldType::Number),
+        ]);
+        let mut keep = Field::new("keep", FieldType::String);
+        keep.nulls = Some(true);
+        let fields = vec![
+            Field::new("x", FieldType::Number),
+            Field::new("y", FieldType::Number),
+            inner,
+            keep,
+        ];
+        let old = json!({"x": 1, "y": 2, "inner": {"a": 1, "b": 2}, "keep": "k"});
+        let new = json!({"x": 9, "y": null, "inner": {"b": 3}, "keep": null});
+        let got = merge_partial(
+            &fields,
+            old.as_object().unwrap(),
+            new.as_object().unwrap(),
+            false,
+        );
+        assert_eq!(
+            Value::Object(got),
+            json!({"x": 9, "inner": {"a": 1, "b": 3}, "keep": null})
+        );
+    }
+
+    #[test]
     fn enum_and_pattern_check() {
         let mut f = field(FieldType::String);
         f.enum_values = Some(vec![json!("a"), json!("b")]);
@@ -654,6 +908,24 @@ mod tests {
         f.generate = Some(Generate::Uuid);
         let id = f.generate_value(0).unwrap();
         assert_eq!(id.as_str().map(str::len), Some(36));
+        for len in [1, 10, 16, 17, 40] {
+            f.generate = Some(Generate::Uid(len));
+            let ids: Vec<String> = (0..50)
+                .filter_map(|_| f.generate_value(0))
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            assert!(ids.iter().all(|id| id.len() == len), "uid({len}): {ids:?}");
+            assert!(
+                ids.iter()
+                    .all(|id| id.bytes().all(|b| UID_ALPHABET.contains(&b))),
+                "uid({len}) alphabet: {ids:?}"
+            );
+            if len >= 10 {
+                let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+                assert_eq!(distinct.len(), ids.len(), "uid({len}) ids repeat: {ids:?}");
+            }
+        }
+        assert_eq!(Generate::Uid(12).to_string(), "uid(12)");
         f.generate = None;
         assert_eq!(f.generate_value(0), None);
     }

@@ -27,13 +27,16 @@
 //! assert_eq!(item["sk"], "setting#volume");
 //! ```
 //!
-//! Modules: `parse` (loading and schema rules), `schema` (schema-wide types), `model`
-//! (per-item operations), `field` (types, casting, validation), `template` (`${field}`
-//! templates), `query` (find properties → key condition and filters), `date`, `error`.
+//! Modules: `parse` (loading and schema rules), `keys` (the catalogue of OneTable and Ioto
+//! keys: supported, kept-and-ignored with a [`SchemaWarning`], refused), `schema` (schema-wide
+//! types), `model` (per-item operations), `field` (types, casting, validation), `template`
+//! (`${field}` templates), `query` (find properties → key condition and filters), `date`,
+//! `error`. docs/schema.md says what each schema key does in devtables.
 
 mod date;
 mod error;
 mod field;
+mod keys;
 mod model;
 mod parse;
 mod query;
@@ -43,11 +46,12 @@ mod template;
 
 pub use date::format_iso_ms;
 pub use error::{Reason, SchemaError, ValidationError};
-pub use field::{Field, FieldType};
+pub use field::{Field, FieldType, Generate, MappedAttribute};
+pub use keys::SchemaWarning;
 pub use model::{ItemKey, Model};
 pub use query::{Filter, FilterOp, Query, SortCondition};
 pub use schema::Schema;
-pub use settings::{Enable, Index, Params, Process, SyncDirection};
+pub use settings::{Enable, Index, Params, Process, SyncDirection, Timestamps};
 
 /// A stored or input item: a JSON object.
 pub type Item = serde_json::Map<String, serde_json::Value>;
@@ -87,13 +91,17 @@ mod tests {
     fn example_loads() {
         let s = example();
         assert_eq!((s.format(), s.version()), ("onetable:1.1.0", "1.0.0"));
-        assert!(s.params().iso_dates && s.params().timestamps && !s.params().nulls);
+        assert!(
+            s.params().iso_dates && s.params().timestamps == Timestamps::Both && !s.params().nulls
+        );
+        assert!(s.warnings().is_empty(), "{:?}", s.warnings());
         assert_eq!(
             s.primary_index(),
             &Index {
                 name: "primary".into(),
                 hash: "pk".into(),
-                sort: Some("sk".into())
+                sort: Some("sk".into()),
+                description: None,
             }
         );
         assert_eq!(
@@ -101,7 +109,8 @@ mod tests {
             &[Index {
                 name: "gs1".into(),
                 hash: "gs1pk".into(),
-                sort: Some("gs1sk".into())
+                sort: Some("gs1sk".into()),
+                description: None,
             }]
         );
         let names: Vec<&str> = s.models().map(Model::name).collect();

@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use crate::date;
 use crate::error::{Reason, ValidationError};
-use crate::field::{date_ms, describe, store_date, values_equal, Ctx, Field};
+use crate::field::{
+    date_ms, describe, merge_partial, store_date, values_equal, Ctx, Field, FieldType,
+};
 use crate::settings::{Index, Params, Process};
 use crate::template::{render_value, Rendered};
 use crate::Item;
@@ -44,6 +46,18 @@ pub struct Model {
     /// Every index of the schema, primary first.
     pub(crate) indexes: Vec<Index>,
     pub(crate) ttl: Option<String>,
+    /// The timestamp fields `params.timestamps` maintains, as declared (or implied).
+    pub(crate) stamps: Stamps,
+    /// A model-level `description` (documentation only).
+    pub(crate) description: Option<String>,
+}
+
+/// The created and updated fields a model maintains: `Some` when `params.timestamps` sets
+/// them, with the type and visibility of their declaration (a date field when undeclared).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Stamps {
+    pub(crate) created: Option<Field>,
+    pub(crate) updated: Option<Field>,
 }
 
 impl Model {
@@ -54,8 +68,9 @@ impl Model {
         params: Params,
         primary: Index,
         indexes: Vec<Index>,
-        ttl: Option<String>,
+        stamps: Stamps,
     ) -> Model {
+        let ttl = fields.iter().find(|f| f.ttl).map(|f| f.name.clone());
         let mut model = Model {
             name: name.to_string(),
             process: Process::default(),
@@ -67,6 +82,8 @@ impl Model {
             primary,
             indexes,
             ttl,
+            stamps,
+            description: None,
         };
         let deps = model.key_dependencies();
         model.key_templates = model
@@ -78,6 +95,8 @@ impl Model {
         model.hidden_names = model
             .fields
             .iter()
+            .chain(model.stamps.created.iter())
+            .chain(model.stamps.updated.iter())
             .filter(|f| f.hidden())
             .map(|f| f.name.clone())
             .collect();
@@ -118,6 +137,24 @@ impl Model {
         self.ttl.as_deref()
     }
 
+    /// The model's `description` (documentation only).
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    /// The field that records the creation time, when `params.timestamps` is `true` or
+    /// `'create'`: a date field unless the model declares it as a number (epoch milliseconds)
+    /// or a string (ISO 8601). Not among [`Model::fields`]: callers cannot set it.
+    pub fn created_field(&self) -> Option<&Field> {
+        self.stamps.created.as_ref()
+    }
+
+    /// The field that records the last write time, when `params.timestamps` is `true` or
+    /// `'update'`; see [`Model::created_field`].
+    pub fn updated_field(&self) -> Option<&Field> {
+        self.stamps.updated.as_ref()
+    }
+
     pub(crate) fn ctx(&self) -> Ctx<'_> {
         Ctx {
             model: &self.name,
@@ -130,9 +167,27 @@ impl Model {
         ValidationError::new(&self.name, field, reason)
     }
 
-    fn is_timestamp_field(&self, key: &str) -> bool {
-        self.params.timestamps
-            && (key == self.params.created_field || key == self.params.updated_field)
+    /// The maintained timestamp field named `key`, if any.
+    pub(crate) fn stamp(&self, key: &str) -> Option<&Field> {
+        [&self.stamps.created, &self.stamps.updated]
+            .into_iter()
+            .flatten()
+            .find(|f| f.name == key)
+    }
+
+    /// The stored form of time `ms` in timestamp field `stamp`: a date per its `isoDates`
+    /// (else `params.isoDates`), epoch milliseconds for a number field, ISO 8601 for a string.
+    pub(crate) fn stamp_value(&self, stamp: &Field, ms: i64) -> Option<Value> {
+        match stamp.ty {
+            FieldType::Number => store_date(ms, false),
+            FieldType::String => store_date(ms, true),
+            _ => store_date(ms, stamp.iso_dates.unwrap_or(self.params.iso_dates)),
+        }
+    }
+
+    /// Whether a null given for `field` is stored (per field `nulls`, else `params.nulls`).
+    fn keeps_null(&self, field: &Field) -> bool {
+        field.keeps_null(self.params.nulls)
     }
 
     /// Rendered value of a template variable in `item` (the type field is the model name).
@@ -300,25 +355,36 @@ impl Model {
         Ok(())
     }
 
-    fn present(&self, item: &Item, name: &str) -> bool {
-        item.get(name)
-            .is_some_and(|v| self.params.nulls || !v.is_null())
+    fn present(&self, item: &Item, field: &Field) -> bool {
+        item.get(&field.name)
+            .is_some_and(|v| self.keeps_null(field) || !v.is_null())
     }
 
-    fn timestamp(&self, now_ms: i64) -> Result<Value, ValidationError> {
-        store_date(now_ms, self.params.iso_dates).ok_or_else(|| {
+    /// Set the timestamp field `stamp` (if maintained) to `now_ms`.
+    fn set_stamp(
+        &self,
+        item: &mut Item,
+        stamp: Option<&Field>,
+        now_ms: i64,
+    ) -> Result<(), ValidationError> {
+        let Some(stamp) = stamp else {
+            return Ok(());
+        };
+        let value = self.stamp_value(stamp, now_ms).ok_or_else(|| {
             self.err(
-                &self.params.updated_field,
+                &stamp.name,
                 Reason::Invalid(format!("clock value {now_ms} ms is out of range")),
             )
-        })
+        })?;
+        item.insert(stamp.name.clone(), value);
+        Ok(())
     }
 
     /// Final checks shared by create, update and import.
     fn validate(&self, item: &Item) -> Result<(), ValidationError> {
         let ctx = self.ctx();
         for field in &self.fields {
-            if field.required && !self.present(item, &field.name) {
+            if field.required && !self.present(item, field) {
                 if field.has_template() {
                     let variable = self.missing_variable(item, &field.name);
                     return Err(self.err(&field.name, Reason::KeyUnresolved { variable }));
@@ -376,8 +442,8 @@ impl Model {
         for (key, value) in input {
             match self.field(key) {
                 Some(field) if field.has_template() => {}
-                Some(_) if value.is_null() => {
-                    if self.params.nulls {
+                Some(field) if value.is_null() => {
+                    if self.keeps_null(field) {
                         item.insert(key.clone(), Value::Null);
                     }
                 }
@@ -389,7 +455,8 @@ impl Model {
                         self.check_type_field(value)?;
                     }
                 }
-                None if self.is_timestamp_field(key) => {}
+                // Timestamps are the database's to set: a given value is ignored.
+                None if self.stamp(key).is_some() => {}
                 None => return Err(self.err(key, Reason::UnknownField)),
             }
         }
@@ -407,11 +474,8 @@ impl Model {
             self.params.type_field.clone(),
             Value::String(self.name.clone()),
         );
-        if self.params.timestamps {
-            let now = self.timestamp(now_ms)?;
-            item.insert(self.params.created_field.clone(), now.clone());
-            item.insert(self.params.updated_field.clone(), now);
-        }
+        self.set_stamp(&mut item, self.stamps.created.as_ref(), now_ms)?;
+        self.set_stamp(&mut item, self.stamps.updated.as_ref(), now_ms)?;
         self.apply_templates(&mut item, false)?;
         self.validate(&item)?;
         Ok(item)
@@ -455,16 +519,22 @@ impl Model {
                     }
                     continue;
                 }
-                if self.is_timestamp_field(key) {
+                if self.stamp(key).is_some() {
                     continue;
                 }
                 return Err(self.err(key, Reason::UnknownField));
             };
             let new = if value.is_null() {
-                if field.required && !self.params.nulls {
+                if field.required && !self.keeps_null(field) {
                     return Err(self.err(key, Reason::Required));
                 }
-                self.params.nulls.then_some(Value::Null)
+                self.keeps_null(field).then_some(Value::Null)
+            } else if let (true, Value::Object(add), Some(Value::Object(stored))) =
+                (field.merges(), value, existing.get(key))
+            {
+                let inner = field.schema.as_deref().unwrap_or_default();
+                let merged = merge_partial(inner, stored, add, self.params.nulls);
+                Some(field.cast_checked(&Value::Object(merged), key, &ctx)?)
             } else {
                 Some(field.cast_checked(value, key, &ctx)?)
             };
@@ -514,9 +584,7 @@ impl Model {
             self.params.type_field.clone(),
             Value::String(self.name.clone()),
         );
-        if self.params.timestamps {
-            item.insert(self.params.updated_field.clone(), self.timestamp(now_ms)?);
-        }
+        self.set_stamp(&mut item, self.stamps.updated.as_ref(), now_ms)?;
         self.apply_templates(&mut item, false)?;
         self.validate(&item)?;
         Ok(item)
@@ -533,22 +601,24 @@ impl Model {
                 continue;
             }
             if value.is_null() {
-                if self.field(&key).is_none() && !self.is_timestamp_field(&key) {
-                    return Err(self.err(&key, Reason::UnknownField));
-                }
-                if self.params.nulls {
+                let keep = match (self.field(&key), self.stamp(&key)) {
+                    (Some(field), _) => self.keeps_null(field),
+                    (None, Some(_)) => self.params.nulls,
+                    (None, None) => return Err(self.err(&key, Reason::UnknownField)),
+                };
+                if keep {
                     out.insert(key, Value::Null);
                 }
                 continue;
             }
-            if self.is_timestamp_field(&key) {
+            if let Some(stamp) = self.stamp(&key) {
                 let stored = date_ms(&value)
-                    .and_then(|ms| store_date(ms, self.params.iso_dates))
+                    .and_then(|ms| self.stamp_value(stamp, ms))
                     .ok_or_else(|| {
                         self.err(
                             &key,
                             Reason::WrongType {
-                                expected: "date".into(),
+                                expected: stamp.ty.name().into(),
                                 found: describe(&value),
                             },
                         )
@@ -1225,6 +1295,230 @@ mod tests {
         sorted.sort();
         assert_eq!(names, sorted);
         assert!(m.field("nope").is_none());
+    }
+
+    /// A model with the OneTable features beyond the base set: per-field nulls and isoDates,
+    /// partial updates, typed array items, uid ids and declared timestamps (`STAMPS`).
+    const ONETABLE: &str = r#"{
+      format: 'onetable:1.1.0', version: '1',
+      indexes: {primary: {hash: 'pk', sort: 'sk'}},
+      params: {PARAMS},
+      models: {
+        Doc: {
+          pk: {type: 'string', value: 'doc#${owner}'},
+          sk: {type: 'string', value: 'doc#${id}'},
+          id: {type: 'string', generate: 'uid(12)'},
+          owner: {type: 'string', required: true},
+          note: {type: 'string', nulls: true},
+          settings: {type: 'object', partial: true, schema: {
+            volume: {type: 'number', required: true},
+            mode: {type: 'string', default: 'auto'},
+            limits: {type: 'object', schema: {low: {type: 'number'}, high: {type: 'number'}}},
+          }},
+          plain: {type: 'object', schema: {a: {type: 'number'}, b: {type: 'number'}}},
+          tags: {type: 'array', items: {type: 'string', enum: ['red', 'blue']}},
+          at: {type: 'date', isoDates: true},
+          STAMPS
+        },
+      }
+    }"#;
+
+    fn doc_schema(params: &str, stamps: &str) -> Schema {
+        Schema::from_json5(&ONETABLE.replace("PARAMS", params).replace("STAMPS", stamps)).unwrap()
+    }
+
+    fn doc_create(s: &Schema, input: Value) -> Result<Item, ValidationError> {
+        s.model("Doc").unwrap().prepare_create(&item(input), NOW)
+    }
+
+    #[test]
+    fn timestamps_create_sets_only_created() {
+        let s = doc_schema("timestamps: 'create'", "");
+        let m = s.model("Doc").unwrap();
+        let got = doc_create(&s, json!({"owner": "o"})).unwrap();
+        assert_eq!(got.get("created"), Some(&json!(NOW)));
+        assert!(!got.contains_key("updated"), "{got:?}");
+        let later = m
+            .prepare_update(&got, &item(json!({"note": "n"})), LATER)
+            .unwrap();
+        assert_eq!(
+            (later.get("created"), later.contains_key("updated")),
+            (Some(&json!(NOW)), false)
+        );
+        // `updated` is not maintained, so not known either (the model does not declare it).
+        assert_eq!(
+            err_of(m.prepare_update(&got, &item(json!({"updated": LATER})), LATER)),
+            ("updated".into(), Reason::UnknownField)
+        );
+        assert!(m
+            .prepare_create(&item(json!({"owner": "o", "created": 5})), NOW)
+            .is_ok());
+    }
+
+    #[test]
+    fn timestamps_update_sets_only_updated() {
+        let s = doc_schema("timestamps: 'update'", "");
+        let m = s.model("Doc").unwrap();
+        let got = doc_create(&s, json!({"owner": "o"})).unwrap();
+        assert_eq!(
+            (got.get("updated"), got.contains_key("created")),
+            (Some(&json!(NOW)), false)
+        );
+        let later = m.prepare_update(&got, &item(json!({})), LATER).unwrap();
+        assert_eq!(later.get("updated"), Some(&json!(LATER)));
+        assert_eq!(
+            err_of(doc_create(&s, json!({"owner": "o", "created": 1}))),
+            ("created".into(), Reason::UnknownField)
+        );
+    }
+
+    #[test]
+    fn declared_timestamps_keep_their_type() {
+        let s = doc_schema(
+            "timestamps: true, isoDates: true",
+            "created: {type: 'number', readonly: true}, updated: {type: 'string', hidden: true}",
+        );
+        let m = s.model("Doc").unwrap();
+        let got = doc_create(&s, json!({"owner": "o", "created": "ignored"})).unwrap();
+        assert_eq!(
+            got.get("created"),
+            Some(&json!(NOW)),
+            "epoch ms for a number"
+        );
+        assert_eq!(got.get("updated"), Some(&json!("2026-11-25T18:00:00.000Z")));
+        assert!(!m.project(&got, false).contains_key("updated"));
+        assert!(m.project(&got, false).contains_key("created"));
+        let mut imported = got.clone();
+        imported.insert("created".into(), json!("2026-11-25T18:00:00.000Z"));
+        imported.insert("updated".into(), json!(NOW));
+        let normal = m.normalize_stored(imported).unwrap();
+        assert_eq!(
+            (normal.get("created"), normal.get("updated")),
+            (Some(&json!(NOW)), Some(&json!("2026-11-25T18:00:00.000Z")))
+        );
+        let mut bad = got.clone();
+        bad.insert("created".into(), json!(true));
+        assert_eq!(
+            err_of(m.normalize_stored(bad)).1,
+            Reason::WrongType {
+                expected: "number".into(),
+                found: "boolean true".into()
+            }
+        );
+        let q = m
+            .query(
+                &item(json!({"owner": "o", "created": {">": "2026-11-25T18:00:00Z"}})),
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            q.filters[0].value,
+            json!(NOW),
+            "operands take the stored form"
+        );
+    }
+
+    #[test]
+    fn field_nulls_and_iso_dates() {
+        let s = doc_schema("", "");
+        let m = s.model("Doc").unwrap();
+        let got = doc_create(&s, json!({"owner": "o", "note": null, "at": NOW})).unwrap();
+        assert_eq!(got.get("note"), Some(&Value::Null), "note keeps nulls");
+        assert_eq!(got.get("at"), Some(&json!("2026-11-25T18:00:00.000Z")));
+        let updated = m
+            .prepare_update(&got, &item(json!({"note": null, "plain": null})), LATER)
+            .unwrap();
+        assert_eq!(updated.get("note"), Some(&Value::Null));
+        assert!(m.normalize_stored(got).is_ok());
+    }
+
+    #[test]
+    fn partial_update_merges_nested_objects() {
+        let s = doc_schema("", "");
+        let m = s.model("Doc").unwrap();
+        let got = doc_create(
+            &s,
+            json!({"owner": "o", "settings": {"volume": 3, "limits": {"low": 1, "high": 9}},
+                   "plain": {"a": 1, "b": 2}}),
+        )
+        .unwrap();
+        assert_eq!(
+            got.get("settings"),
+            Some(&json!({"volume": 3, "mode": "auto", "limits": {"low": 1, "high": 9}}))
+        );
+        let next = m
+            .prepare_update(
+                &got,
+                &item(json!({"settings": {"mode": "eco", "limits": {"high": 5}},
+                             "plain": {"a": 7}})),
+                LATER,
+            )
+            .unwrap();
+        assert_eq!(
+            next.get("settings"),
+            Some(&json!({"volume": 3, "mode": "eco", "limits": {"low": 1, "high": 5}})),
+            "partial: merged, and limits inherits partial"
+        );
+        assert_eq!(
+            next.get("plain"),
+            Some(&json!({"a": 7})),
+            "not partial: replaced"
+        );
+        // The merged object is still checked whole: removing a required member fails.
+        let err = m
+            .prepare_update(&got, &item(json!({"settings": {"volume": null}})), LATER)
+            .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.reason),
+            ("settings.volume", Reason::Required)
+        );
+        let err = m
+            .prepare_update(&got, &item(json!({"settings": {"volume": "loud"}})), LATER)
+            .unwrap_err();
+        assert_eq!(err.field, "settings.volume");
+    }
+
+    #[test]
+    fn array_items_are_enforced() {
+        let s = doc_schema("", "");
+        let got = doc_create(&s, json!({"owner": "o", "tags": ["red", "blue"]})).unwrap();
+        assert_eq!(got.get("tags"), Some(&json!(["red", "blue"])));
+        let err = doc_create(&s, json!({"owner": "o", "tags": ["red", "green"]})).unwrap_err();
+        assert_eq!(err.field, "tags[1]");
+        assert!(matches!(err.reason, Reason::NotInEnum { .. }));
+        let err = doc_create(&s, json!({"owner": "o", "tags": ["red", {"x": 1}]})).unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.reason),
+            (
+                "tags[1]",
+                Reason::WrongType {
+                    expected: "string".into(),
+                    found: "an object".into()
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn uid_ids_key_the_item() {
+        let s = doc_schema("", "");
+        let a = doc_create(&s, json!({"owner": "o"})).unwrap();
+        let b = doc_create(&s, json!({"owner": "o"})).unwrap();
+        let id = |i: &Item| {
+            i.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!((id(&a).len(), id(&b).len()), (12, 12));
+        assert_ne!(id(&a), id(&b));
+        assert_eq!(a.get("sk"), Some(&json!(format!("doc#{}", id(&a)))));
+        let kept = s
+            .model("Doc")
+            .unwrap()
+            .prepare_update(&a, &item(json!({"note": "x"})), LATER)
+            .unwrap();
+        assert_eq!(id(&kept), id(&a), "an update keeps the generated id");
     }
 
     #[test]

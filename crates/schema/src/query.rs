@@ -174,13 +174,17 @@ impl Model {
                 )),
             };
         }
+        let stamp = self.stamp(field);
         date_ms(value)
-            .and_then(|ms| store_date(ms, self.params.iso_dates))
+            .and_then(|ms| match stamp {
+                Some(stamp) => self.stamp_value(stamp, ms),
+                None => store_date(ms, self.params.iso_dates),
+            })
             .ok_or_else(|| {
                 self.err(
                     field,
                     Reason::WrongType {
-                        expected: "date".into(),
+                        expected: stamp.map_or("date", |s| s.ty.name()).into(),
                         found: describe(value),
                     },
                 )
@@ -190,8 +194,7 @@ impl Model {
     fn is_known(&self, field: &str) -> bool {
         self.field(field).is_some()
             || field == self.params.type_field
-            || (self.params.timestamps
-                && (field == self.params.created_field || field == self.params.updated_field))
+            || self.stamp(field).is_some()
     }
 
     /// Whether a property value is an operator object rather than a plain value.

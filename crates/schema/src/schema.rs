@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::keys::SchemaWarning;
 use crate::model::Model;
 use crate::settings::{Index, Params};
 use crate::Item;
@@ -16,10 +17,14 @@ use crate::Item;
 pub struct Schema {
     pub(crate) version: String,
     pub(crate) format: String,
+    pub(crate) name: Option<String>,
+    pub(crate) description: Option<String>,
     pub(crate) params: Params,
     pub(crate) primary: Index,
     pub(crate) secondary: Vec<Index>,
     pub(crate) models: BTreeMap<String, Model>,
+    /// Keys kept with no effect, in the order met (see [`Schema::warnings`]).
+    pub(crate) warnings: Vec<SchemaWarning>,
 }
 
 impl Schema {
@@ -31,6 +36,23 @@ impl Schema {
     /// The schema `format` (`onetable:...`).
     pub fn format(&self) -> &str {
         &self.format
+    }
+
+    /// The schema `name`, if given (documentation only).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The schema `description`, if given (documentation only).
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    /// The keys devtables accepted and keeps but gives no meaning to (OneTable tool settings,
+    /// Ioto agent settings, `map`, ...), each with its dotted path and the reason. Loading
+    /// succeeded; `devtables schema check` prints these so the author knows what has no effect.
+    pub fn warnings(&self) -> &[SchemaWarning] {
+        &self.warnings
     }
 
     /// Schema-wide parameters.
@@ -154,7 +176,8 @@ mod tests {
             ),
             ("_type", "created", "updated")
         );
-        assert!(!p.timestamps && !p.iso_dates && !p.nulls);
+        assert!(p.timestamps == crate::Timestamps::Off && !p.iso_dates && !p.nulls);
+        assert!(p.hidden && !p.partial);
     }
 
     #[test]

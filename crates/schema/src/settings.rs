@@ -13,6 +13,34 @@ pub struct Index {
     pub hash: String,
     /// The sort key attribute, if any.
     pub sort: Option<String>,
+    /// The index `description` (documentation only).
+    pub description: Option<String>,
+}
+
+/// Which timestamps create and update maintain (`params.timestamps`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Timestamps {
+    /// `false` (the default): none; fields named like the timestamps are ordinary fields.
+    #[default]
+    Off,
+    /// `'create'`: only the created field, set at creation.
+    Create,
+    /// `'update'`: only the updated field, set at creation and at every update.
+    Update,
+    /// `true`: both.
+    Both,
+}
+
+impl Timestamps {
+    /// Whether the created field is maintained.
+    pub fn sets_created(self) -> bool {
+        matches!(self, Timestamps::Create | Timestamps::Both)
+    }
+
+    /// Whether the updated field is maintained.
+    pub fn sets_updated(self) -> bool {
+        matches!(self, Timestamps::Update | Timestamps::Both)
+    }
 }
 
 /// Schema-wide parameters (`params`).
@@ -24,12 +52,19 @@ pub struct Params {
     pub created_field: String,
     /// Attribute set at every write when `timestamps` (default `updated`).
     pub updated_field: String,
-    /// Whether create/update maintain the created/updated attributes.
-    pub timestamps: bool,
+    /// Which of the created/updated attributes create and update maintain.
+    pub timestamps: Timestamps,
     /// Dates stored as ISO-8601 UTC strings with millis (true) or epoch milliseconds (false).
     pub iso_dates: bool,
-    /// Whether null values are stored (true) or remove the field (false).
+    /// Whether null values are stored (true) or remove the field (false); a field's own
+    /// `nulls` overrides it.
     pub nulls: bool,
+    /// Whether templated fields are hidden unless they say otherwise (`params.hidden`,
+    /// default true).
+    pub hidden: bool,
+    /// Whether updates merge into nested-schema objects by default (`params.partial`, default
+    /// false, as in OneTable); a field's own `partial` overrides it.
+    pub partial: bool,
 }
 
 impl Default for Params {
@@ -38,9 +73,11 @@ impl Default for Params {
             type_field: "_type".into(),
             created_field: "created".into(),
             updated_field: "updated".into(),
-            timestamps: false,
+            timestamps: Timestamps::Off,
             iso_dates: false,
             nulls: false,
+            hidden: true,
+            partial: false,
         }
     }
 }

@@ -23,6 +23,8 @@ pub(crate) enum Part {
 /// A parsed value template.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Template {
+    /// The template as written in the schema (for describing the schema).
+    source: String,
     parts: Vec<Part>,
 }
 
@@ -58,13 +60,28 @@ impl Template {
             if name.contains("${") {
                 return Err(format!("nested `${{` in template {text:?}"));
             }
+            if name.contains(':') {
+                // OneTable's `${name:size:pad}` pads the value; keys would differ from OneTable's.
+                return Err(format!(
+                    "padded variables (`${{{name}}}`) are not supported by devtables: \
+                     store the value already padded and use `${{name}}`"
+                ));
+            }
             parts.push(Part::Var(name.to_string()));
             rest = &after[end + 1..];
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_string()));
         }
-        Ok(Template { parts })
+        Ok(Template {
+            source: text.to_string(),
+            parts,
+        })
+    }
+
+    /// The template as written in the schema.
+    pub(crate) fn source(&self) -> &str {
+        &self.source
     }
 
     /// The variable names, in order of appearance.
@@ -246,6 +263,19 @@ mod tests {
     #[test]
     fn unclosed_is_error() {
         assert!(Template::parse("a${x").unwrap_err().contains("unclosed"));
+    }
+
+    #[test]
+    fn padded_variable_is_refused() {
+        let err = Template::parse("n#${count:8:0}").unwrap_err();
+        assert!(
+            err.contains("`${count:8:0}`") && err.contains("not supported"),
+            "{err}"
+        );
+        assert_eq!(
+            Template::parse("n#${count}").map(|t| t.source().to_string()),
+            Ok("n#${count}".to_string())
+        );
     }
 
     #[test]
