@@ -150,6 +150,10 @@ pub struct CloudCounts {
     pub device_changes_applied: Option<u64>,
     /// The most sessions seen in a full resync at once (`sessions_resyncing`, read each second).
     pub sessions_resyncing_max: u64,
+    /// Group commits of the cloud's store (`store_commits`) and the store jobs they made
+    /// durable (`store_jobs_committed`): their ratio is the mean group size.
+    pub store_commits: Option<u64>,
+    pub store_jobs_committed: Option<u64>,
 }
 
 /// A reconnect storm ([`crate::FleetConfig::restart_cloud_after`]): the cloud restarted while
@@ -350,9 +354,11 @@ impl FleetReport {
         row(
             "cloud counts",
             format!(
-                "push_changes_applied {}, devices' changes_applied {}",
+                "push_changes_applied {}, devices' changes_applied {}, {} store jobs in {} commits",
                 count(self.cloud_counts.push_changes_applied),
-                count(self.cloud_counts.device_changes_applied)
+                count(self.cloud_counts.device_changes_applied),
+                count(self.cloud_counts.store_jobs_committed),
+                count(self.cloud_counts.store_commits)
             ),
         );
         row(

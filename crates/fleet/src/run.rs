@@ -1126,6 +1126,8 @@ fn report(
             push_changes_applied: delta("push_changes_applied"),
             device_changes_applied,
             sessions_resyncing_max: shared.sessions_resyncing_max.load(Ordering::Relaxed),
+            store_commits: delta("store_commits"),
+            store_jobs_committed: delta("store_jobs_committed"),
         },
         sim,
         resyncs,

@@ -325,6 +325,8 @@ struct Batch {
     level: u32,
     /// Waiting for [`DeviceEngine::handle_batch_loaded`].
     loading: bool,
+    /// When it was sent (engine time): its answer measures the cloud's answer time.
+    sent_ms: u64,
     /// The changes sent, for the event of a rejected one. Bounded by the window:
     /// `max_in_flight` batches of at most `max_batch_bytes`.
     sent: Vec<Change>,
@@ -399,6 +401,8 @@ pub struct DeviceEngine {
     next_batch: u64,
     /// Consecutive retransmit timeouts, for exponential backoff; reset by any push ack.
     backoff: u32,
+    /// How long the cloud takes to answer a push: the first retransmit timeout follows it.
+    rtt: crate::rtt::RttEstimate,
     /// The page handed to the driver, if any (one at a time).
     applying: Option<ApplyPage>,
     /// Accepted pages waiting to be applied.
@@ -452,6 +456,7 @@ impl DeviceEngine {
             batches: BTreeMap::new(),
             next_batch,
             backoff: 0,
+            rtt: crate::rtt::RttEstimate::default(),
             applying: None,
             inbox: VecDeque::new(),
             tail: restored.cursor,
@@ -570,7 +575,7 @@ impl DeviceEngine {
                 // An answer of another session (delayed past a reconnect) is not acted on: its
                 // changes were requeued and are answered again in this one.
                 if session.is_none_or(|s| self.session == Some(s)) {
-                    self.on_push_ack(batch, results, answered);
+                    self.on_push_ack(now_ms, batch, results, answered);
                 }
             }
             DownMsg::Feed {
@@ -902,7 +907,11 @@ impl DeviceEngine {
     }
 
     fn rto(&mut self, attempts: u32) -> u64 {
-        let base = self.cfg.retransmit_base_ms.max(1);
+        let max = self.cfg.retransmit_max_ms.max(1);
+        let base = self
+            .rtt
+            .timeout_ms(self.cfg.retransmit_base_ms.max(1))
+            .min(max);
         let exp = base.saturating_mul(1u64 << attempts.min(20));
         let capped = exp.min(self.cfg.retransmit_max_ms.max(base));
         let jitter = self.rng.next() % (capped / 4 + 1);
@@ -1050,8 +1059,19 @@ impl DeviceEngine {
         Some(e)
     }
 
-    fn on_push_ack(&mut self, batch: u64, results: Vec<wire::ChangeResult>, answered: Option<u64>) {
+    fn on_push_ack(
+        &mut self,
+        now_ms: u64,
+        batch: u64,
+        results: Vec<wire::ChangeResult>,
+        answered: Option<u64>,
+    ) {
         self.backoff = 0;
+        // Each batch is sent once (a timeout dissolves it; its keys go out in a new batch), so
+        // the answer of one in the window times exactly one send.
+        if let Some(b) = self.batches.get(&batch).filter(|b| !b.loading) {
+            self.rtt.observe(now_ms.saturating_sub(b.sent_ms));
+        }
         let mut removed = Vec::new();
         for r in results {
             let k = (r.model, r.key);
@@ -1360,6 +1380,7 @@ impl DeviceEngine {
                 deadline: now_ms.saturating_add(rto),
                 level: self.backoff,
                 loading: true,
+                sent_ms: now_ms,
                 sent: Vec::new(),
             },
         );
@@ -1463,6 +1484,7 @@ impl DeviceEngine {
         if let Some(b) = self.batches.get_mut(&batch) {
             b.keys = keys;
             b.loading = false;
+            b.sent_ms = now_ms;
             b.deadline = now_ms.saturating_add(rto);
             b.level = self.backoff;
             b.sent = sent;
@@ -1652,6 +1674,65 @@ mod tests {
         e.handle_batch_loaded(deadline, second, vec![change("a", 1, 0)]);
         assert_eq!(sent(&mut e), [(second, vec![("a".into(), 1)])]);
         assert_eq!(e.in_flight(), 1);
+    }
+
+    #[test]
+    fn slow_answers_lengthen_the_retransmit_timeout_so_a_loaded_cloud_gets_no_resends() {
+        const ANSWER_MS: u64 = 8_000;
+        let mut e = ready(&[]);
+        // A cloud that answers every push 8 s after it was sent: (when, batch, key, version).
+        let mut answers: Vec<(u64, u64, String, u64)> = Vec::new();
+        let mut sends: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut now = 10;
+        let mut next_write = now;
+        let mut written = 0u64;
+        while written < 12 || e.pending() > 0 {
+            assert!(now < 1_000_000, "every write is acknowledged");
+            if written < 12 && now >= next_write {
+                written += 1;
+                e.handle_local_change(now, change(&format!("k{written:02}"), written, 0));
+                next_write = now + 10_000;
+            }
+            while let Some(action) = e.poll_action() {
+                if let DeviceAction::LoadBatch { batch, keys } = action {
+                    let changes = keys
+                        .iter()
+                        .map(|(_, k)| change(&k.sk, k.sk[1..].parse().unwrap(), 0))
+                        .collect();
+                    e.handle_batch_loaded(now, batch, changes);
+                }
+            }
+            for (batch, changes) in sent(&mut e) {
+                for (name, v) in changes {
+                    *sends.entry(name.clone()).or_default() += 1;
+                    answers.push((now + ANSWER_MS, batch, name, v));
+                }
+            }
+            // The next thing to happen: an answer, the engine's timer, or the next write.
+            let next_answer = answers.iter().map(|a| a.0).min();
+            let timer = e.poll_timeout();
+            let write = (written < 12).then_some(next_write);
+            now = [next_answer, timer, write]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap()
+                .max(now);
+            let (due, later): (Vec<_>, Vec<_>) = answers.drain(..).partition(|a| a.0 <= now);
+            answers = later;
+            for (_, batch, name, v) in due {
+                ack(&mut e, now, batch, &[(&name, v)]);
+            }
+            if timer.is_some_and(|t| t <= now) {
+                e.handle_timeout(now);
+            }
+        }
+        // The first write meets a cloud the device has not timed yet: it is resent as the
+        // backoff grows, until a send outlasts the answer time and is answered in time.
+        assert!(sends["k01"] > 1, "{sends:?}");
+        // Once answers have been timed, every later write is sent once.
+        let late: Vec<_> = sends.iter().filter(|(k, _)| k.as_str() >= "k04").collect();
+        assert!(late.iter().all(|(_, n)| **n == 1), "{sends:?}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod hlc;
 pub mod identity;
 pub mod rate;
 mod rng;
+mod rtt;
 pub mod topics;
 pub mod wire;
 
