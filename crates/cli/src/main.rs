@@ -10,6 +10,7 @@ mod devices_cmd;
 mod keys_cmd;
 mod limits;
 mod serve_cmd;
+mod schema_cmd;
 mod sim_cmd;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ struct Cli {
 enum Command {
     /// Work with a device database file: get, find, create, update, upsert, remove, export, import.
     Db(db_cmd::DbArgs),
+    /// Check a OneTable schema file as devtables loads it (models, replication, indexes, keys
+    /// kept but ignored), or show one model's fields.
+    Schema(schema_cmd::SchemaArgs),
     /// Run the whole system on embedded defaults: the cloud (SQLite, embedded broker, HTTP API)
     /// and a few devices, with a live status line.
     Demo(demo_cmd::DemoArgs),
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Db(args) => db_cmd::run(args),
+        Command::Schema(args) => schema_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Agent(args) => serve_cmd::agent(args),
         Command::Cloud(args) => serve_cmd::cloud(args),

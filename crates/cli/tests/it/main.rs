@@ -13,6 +13,7 @@ mod proxy;
 mod restore;
 mod scenarios;
 mod services;
+mod schema_cmd;
 mod sim;
 
 use std::path::{Path, PathBuf};
