@@ -9,8 +9,8 @@ mod demo_cmd;
 mod devices_cmd;
 mod keys_cmd;
 mod limits;
-mod serve_cmd;
 mod schema_cmd;
+mod serve_cmd;
 mod sim_cmd;
 
 use std::process::ExitCode;

@@ -61,7 +61,8 @@ pub fn run(args: SchemaArgs) -> anyhow::Result<()> {
 }
 
 fn load(file: &PathBuf) -> anyhow::Result<Schema> {
-    Schema::load(file).with_context(|| format!("devtables cannot use the schema {}", file.display()))
+    Schema::load(file)
+        .with_context(|| format!("devtables cannot use the schema {}", file.display()))
 }
 
 /// `check`'s text: a header, the indexes, one line per model, then the warnings.
@@ -151,7 +152,10 @@ fn model_report(schema: &Schema, m: &Model) -> String {
     for f in m.fields() {
         field_rows(f, 0, &mut rows);
     }
-    for (what, f) in [("created", m.created_field()), ("updated", m.updated_field())] {
+    for (what, f) in [
+        ("created", m.created_field()),
+        ("updated", m.updated_field()),
+    ] {
         if let Some(f) = f {
             rows.push([
                 f.name().to_string(),
@@ -221,8 +225,14 @@ fn field_rows(f: &Field, depth: usize, rows: &mut Vec<[String; 3]>) {
     if let Some(map) = f.map() {
         rules.push(format!("map {map} (ignored)"));
     }
+    // The element rule of an array has no name of its own.
+    let name = if f.name().is_empty() {
+        "[items]"
+    } else {
+        f.name()
+    };
     rows.push([
-        format!("{}{}", "  ".repeat(depth), f.name()),
+        format!("{}{name}", "  ".repeat(depth)),
         type_name(f.field_type()).into(),
         rules.join(", "),
     ]);

@@ -12,8 +12,8 @@ mod isolation;
 mod proxy;
 mod restore;
 mod scenarios;
-mod services;
 mod schema_cmd;
+mod services;
 mod sim;
 
 use std::path::{Path, PathBuf};

@@ -47,10 +47,20 @@ fn check_lists_models_replication_indexes_and_every_ignored_key() {
     let file = schema_file(dir.path(), SCHEMA);
     let out = bin().args(["schema", "check"]).arg(&file).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.starts_with("schema Gateway version 2.1.0"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("schema Gateway version 2.1.0"),
+        "{stdout}"
+    );
     assert!(stdout.contains("2 models, 3 warnings"), "{stdout}");
-    assert!(stdout.contains("gs1          hash gs1pk, sort gs1sk"), "{stdout}");
+    assert!(
+        stdout.contains("gs1          hash gs1pk, sort gs1sk"),
+        "{stdout}"
+    );
     let line = |model: &str| {
         stdout
             .lines()
@@ -59,9 +69,16 @@ fn check_lists_models_replication_indexes_and_every_ignored_key() {
             .to_string()
     };
     assert!(line("Reading").contains("device and cloud"), "{stdout}");
-    assert!(line("Reading").contains("dev#${deviceId} / r#${id}"), "{stdout}");
+    assert!(
+        line("Reading").contains("dev#${deviceId} / r#${id}"),
+        "{stdout}"
+    );
     assert!(line("Setting").contains(" down"), "{stdout}");
-    for key in ["process.Reading.show", "process.Reading.mem", "process.Setting.notify"] {
+    for key in [
+        "process.Reading.show",
+        "process.Reading.mem",
+        "process.Setting.notify",
+    ] {
         assert!(stdout.contains(key), "{key} warned:\n{stdout}");
     }
 }
@@ -77,7 +94,10 @@ fn show_lists_a_models_fields_with_their_rules() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.starts_with("model Reading: lives on device and cloud, sync up"), "{stdout}");
+    assert!(
+        stdout.starts_with("model Reading: lives on device and cloud, sync up"),
+        "{stdout}"
+    );
     let row = |name: &str| {
         stdout
             .lines()
@@ -87,9 +107,22 @@ fn show_lists_a_models_fields_with_their_rules() {
     };
     assert!(row("id ").contains("generate uid(12)"), "{stdout}");
     assert!(row("deviceId").contains("required"), "{stdout}");
-    assert!(row("lat").starts_with("      lat"), "nested fields are indented:\n{stdout}");
-    assert!(row("created").contains("set by devtables (created timestamp)"), "{stdout}");
-    assert!(!stdout.contains("updated"), "timestamps: 'create' keeps no updated:\n{stdout}");
+    assert!(
+        row("lat").starts_with("    lat"),
+        "nested fields are indented:\n{stdout}"
+    );
+    assert!(
+        row("[items]").contains("enum [\"a\", \"b\"]"),
+        "array items:\n{stdout}"
+    );
+    assert!(
+        row("created").contains("set by devtables (created timestamp)"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("updated"),
+        "timestamps: 'create' keeps no updated:\n{stdout}"
+    );
 
     let out = bin()
         .args(["schema", "show", "--model", "Nope"])
@@ -98,7 +131,10 @@ fn show_lists_a_models_fields_with_their_rules() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("no model \"Nope\" (its models: "), "{stderr}");
+    assert!(
+        stderr.contains("no model \"Nope\" (its models: "),
+        "{stderr}"
+    );
 }
 
 #[test]
