@@ -8,10 +8,10 @@
 //! says about each. Nothing is written anywhere.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use devtables_schema::{Enable, Field, FieldType, Generate, Model, Process, Schema, SyncDirection};
+use devtables_schema::{Enable, Field, Generate, Model, Process, Schema, SyncDirection};
 
 #[derive(clap::Args, Debug)]
 pub struct SchemaArgs {
@@ -60,7 +60,7 @@ pub fn run(args: SchemaArgs) -> anyhow::Result<()> {
     }
 }
 
-fn load(file: &PathBuf) -> anyhow::Result<Schema> {
+fn load(file: &Path) -> anyhow::Result<Schema> {
     Schema::load(file)
         .with_context(|| format!("devtables cannot use the schema {}", file.display()))
 }
@@ -159,7 +159,7 @@ fn model_report(schema: &Schema, m: &Model) -> String {
         if let Some(f) = f {
             rows.push([
                 f.name().to_string(),
-                type_name(f.field_type()).into(),
+                f.field_type().name().into(),
                 format!("set by devtables ({what} timestamp)"),
             ]);
         }
@@ -233,7 +233,7 @@ fn field_rows(f: &Field, depth: usize, rows: &mut Vec<[String; 3]>) {
     };
     rows.push([
         format!("{}{name}", "  ".repeat(depth)),
-        type_name(f.field_type()).into(),
+        f.field_type().name().into(),
         rules.join(", "),
     ]);
     if let Some(nested) = f.nested_fields() {
@@ -243,18 +243,6 @@ fn field_rows(f: &Field, depth: usize, rows: &mut Vec<[String; 3]>) {
     }
     if let Some(items) = f.items() {
         field_rows(items, depth + 1, rows);
-    }
-}
-
-fn type_name(t: FieldType) -> &'static str {
-    match t {
-        FieldType::String => "string",
-        FieldType::Number => "number",
-        FieldType::Boolean => "boolean",
-        FieldType::Date => "date",
-        FieldType::Object => "object",
-        FieldType::Array => "array",
-        FieldType::Binary => "binary",
     }
 }
 

@@ -297,7 +297,7 @@ mod tests {
         for i in 0..3 {
             let heard = heard.clone();
             let job: JobFn = Box::new(move |c: &mut StoreCtx| {
-                let id = DeviceId::new("a", &format!("d{i}")).unwrap();
+                let id = DeviceId::new("a", format!("d{i}")).unwrap();
                 c.store.register_device(&id, "hash", None, 1).unwrap();
                 c.after_commit(Box::new(move |r| heard.send(r.is_ok()).unwrap()));
             });
@@ -321,7 +321,7 @@ mod tests {
         for i in 0..JOBS {
             let (heard, path) = (heard.clone(), path.clone());
             let job: JobFn = Box::new(move |c: &mut StoreCtx| {
-                let id = DeviceId::new("a", &format!("d{i}")).unwrap();
+                let id = DeviceId::new("a", format!("d{i}")).unwrap();
                 c.store.register_device(&id, "hash", None, 1).unwrap();
                 // Not visible to anyone else yet: the group has not committed.
                 let before = committed_devices(&path, &id.device);

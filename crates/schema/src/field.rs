@@ -46,8 +46,8 @@ impl FieldType {
         })
     }
 
-    /// The lower-case type name.
-    pub(crate) fn name(self) -> &'static str {
+    /// The lower-case type name, as a schema writes it.
+    pub fn name(self) -> &'static str {
         match self {
             FieldType::String => "string",
             FieldType::Number => "number",

@@ -27,6 +27,17 @@ pub struct SchemaWarning {
     pub reason: String,
 }
 
+impl SchemaWarning {
+    /// `path.key` (the key alone at the top level): where the key sits, as one dotted path.
+    pub fn dotted(&self) -> String {
+        if self.path.is_empty() {
+            self.key.clone()
+        } else {
+            format!("{}.{}", self.path, self.key)
+        }
+    }
+}
+
 impl fmt::Display for SchemaWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.path.is_empty() {

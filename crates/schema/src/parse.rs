@@ -1730,15 +1730,7 @@ mod tests {
 
     /// The `path.key` of each warning of a schema, sorted.
     fn keys_of(s: &Schema) -> Vec<String> {
-        let mut keys: Vec<String> = s
-            .warnings()
-            .iter()
-            .map(|w| {
-                format!("{}.{}", w.path, w.key)
-                    .trim_start_matches('.')
-                    .to_string()
-            })
-            .collect();
+        let mut keys: Vec<String> = s.warnings().iter().map(|w| w.dotted()).collect();
         keys.sort();
         keys
     }

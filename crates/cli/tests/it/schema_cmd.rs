@@ -35,6 +35,14 @@ const SCHEMA: &str = r#"{
     },
 }"#;
 
+/// The first line of `text` that starts (after its indentation) with `start`.
+fn line_of(text: &str, start: &str) -> String {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(start))
+        .unwrap_or_else(|| panic!("no line starting with {start}:\n{text}"))
+        .to_string()
+}
+
 fn schema_file(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
     let path = dir.join("schema.json5");
     std::fs::write(&path, text).unwrap();
@@ -61,13 +69,7 @@ fn check_lists_models_replication_indexes_and_every_ignored_key() {
         stdout.contains("gs1          hash gs1pk, sort gs1sk"),
         "{stdout}"
     );
-    let line = |model: &str| {
-        stdout
-            .lines()
-            .find(|l| l.trim_start().starts_with(model))
-            .unwrap_or_else(|| panic!("no line for {model}:\n{stdout}"))
-            .to_string()
-    };
+    let line = |model: &str| line_of(&stdout, model);
     assert!(line("Reading").contains("device and cloud"), "{stdout}");
     assert!(
         line("Reading").contains("dev#${deviceId} / r#${id}"),
@@ -98,13 +100,7 @@ fn show_lists_a_models_fields_with_their_rules() {
         stdout.starts_with("model Reading: lives on device and cloud, sync up"),
         "{stdout}"
     );
-    let row = |name: &str| {
-        stdout
-            .lines()
-            .find(|l| l.trim_start().starts_with(name))
-            .unwrap_or_else(|| panic!("no row {name}:\n{stdout}"))
-            .to_string()
-    };
+    let row = |name: &str| line_of(&stdout, name);
     assert!(row("id ").contains("generate uid(12)"), "{stdout}");
     assert!(row("deviceId").contains("required"), "{stdout}");
     assert!(

@@ -4,32 +4,34 @@
 
 use super::bin;
 
-#[test]
-fn sim_spawns_a_cloud_runs_a_small_fleet_and_writes_its_report() {
+/// Runs `devtables sim ARGS --json FILE` in a temporary folder; it must succeed. Returns its
+/// stdout, its stderr and the JSON report.
+fn run_sim(args: &[&str]) -> (String, String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("fleet.json");
     let out = bin()
-        .args([
-            "sim",
-            "--devices",
-            "5",
-            "--duration",
-            "2s",
-            "--churn",
-            "0.4",
-        ])
+        .arg("sim")
+        .args(args)
         .arg("--json")
         .arg(&json)
         .current_dir(dir.path())
         .output()
         .expect("devtables sim runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
         "devtables sim failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
+    let report = serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).unwrap();
+    (stdout, stderr, report)
+}
+
+#[test]
+fn sim_spawns_a_cloud_runs_a_small_fleet_and_writes_its_report() {
+    let (stdout, stderr, report) =
+        run_sim(&["--devices", "5", "--duration", "2s", "--churn", "0.4"]);
     assert!(
         stderr.contains("open files:"),
         "the limit is reported:\n{stderr}"
@@ -38,8 +40,6 @@ fn sim_spawns_a_cloud_runs_a_small_fleet_and_writes_its_report() {
         stdout.contains("missing") && stdout.contains("none"),
         "{stdout}"
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).unwrap();
     assert_eq!(report["devices"], 5);
     assert_eq!(report["duration_s"], 2.0);
     let written = report["up_written"].as_u64().unwrap();
@@ -70,35 +70,17 @@ fn sim_spawns_a_cloud_runs_a_small_fleet_and_writes_its_report() {
 /// its two processes.
 #[test]
 fn sim_restarts_its_cloud_and_every_device_comes_back_with_every_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("fleet.json");
-    let out = bin()
-        .args([
-            "sim",
-            "--devices",
-            "8",
-            "--duration",
-            "4s",
-            "--rate",
-            "4",
-            "--restart-cloud-after",
-            "1500ms",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .current_dir(dir.path())
-        .output()
-        .expect("devtables sim runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "devtables sim failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _, report) = run_sim(&[
+        "--devices",
+        "8",
+        "--duration",
+        "4s",
+        "--rate",
+        "4",
+        "--restart-cloud-after",
+        "1500ms",
+    ]);
     assert!(stdout.contains("restart storm"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).unwrap();
     let storm = &report["storm"];
     assert_eq!(storm["devices"], 8, "every device was connected: {report}");
     assert_eq!(storm["served"], 8, "{report}");

@@ -192,15 +192,7 @@ fn item(v: Value) -> Item {
 
 /// The `path.key` of each warning, sorted.
 fn warned(schema: &Schema) -> Vec<String> {
-    let mut keys: Vec<String> = schema
-        .warnings()
-        .iter()
-        .map(|w| {
-            format!("{}.{}", w.path, w.key)
-                .trim_start_matches('.')
-                .to_string()
-        })
-        .collect();
+    let mut keys: Vec<String> = schema.warnings().iter().map(|w| w.dotted()).collect();
     keys.sort();
     keys
 }
