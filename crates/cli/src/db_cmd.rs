@@ -39,8 +39,8 @@ enum DbOp {
         props: String,
         #[arg(long)]
         index: Option<String>,
-        #[arg(long)]
-        limit: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
         #[arg(long)]
         next: Option<String>,
         #[arg(long)]
@@ -93,7 +93,7 @@ pub fn run(args: DbArgs) -> anyhow::Result<()> {
         } => {
             let options = FindOptions {
                 index,
-                limit,
+                limit: limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX)),
                 next,
                 reverse,
                 hidden,

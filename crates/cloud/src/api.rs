@@ -619,11 +619,17 @@ fn int64_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
 }
 
 /// The size of a page: `limit` if given (default 100), at most the service's `max_page_items`:
-/// a larger page than the service serves is not an error, just capped.
-fn page_size(limit: Option<u64>, max_page_items: usize) -> usize {
-    limit
-        .map_or(100, |l| usize::try_from(l).unwrap_or(usize::MAX))
-        .min(max_page_items)
+/// a larger page than the service serves is not an error, just capped. `limit=0` is refused, as
+/// `devtables db find --limit 0` is: a page of nothing is never what a caller meant.
+fn page_size(limit: Option<u64>, max_page_items: usize) -> Result<usize, ApiError> {
+    match limit {
+        Some(0) => Err(ApiError::bad(
+            "limit must be at least 1 (leave it out for the default page of 100)",
+        )),
+        l => Ok(l
+            .map_or(100, |l| usize::try_from(l).unwrap_or(usize::MAX))
+            .min(max_page_items)),
+    }
 }
 
 /// A fixed remark of an answer that holds a secret.
@@ -987,7 +993,7 @@ struct DeviceListQuery {
     #[param(pattern = "^[A-Za-z0-9_.-]{1,64}/[A-Za-z0-9_.-]{1,64}$")]
     after: Option<String>,
     /// Most devices in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 9223372036854775807_u64)]
+    #[param(minimum = 1, maximum = 9223372036854775807_u64)]
     #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
 }
@@ -1058,7 +1064,7 @@ async fn list_devices(
         }
         None => None,
     };
-    let limit = page_size(q.limit, s.config.max_page_items);
+    let limit = page_size(q.limit, s.config.max_page_items)?;
     let account = q.account.clone();
     let devices = s
         .store
@@ -1208,7 +1214,7 @@ struct AccountItemsQuery {
     #[serde(rename = "where")]
     filter: Option<String>,
     /// Most items in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 9223372036854775807_u64)]
+    #[param(minimum = 1, maximum = 9223372036854775807_u64)]
     #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
     /// The `next` token of the previous page.
@@ -1228,7 +1234,7 @@ struct DeviceItemsQuery {
     #[serde(rename = "where")]
     filter: Option<String>,
     /// Most items in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 9223372036854775807_u64)]
+    #[param(minimum = 1, maximum = 9223372036854775807_u64)]
     #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
     /// The `next` token of the previous page.
@@ -1271,7 +1277,7 @@ async fn run_query(
         pk: q.pk,
         sk_prefix: q.sk_prefix,
         filters,
-        limit: page_size(q.limit, s.config.max_page_items),
+        limit: page_size(q.limit, s.config.max_page_items)?,
         next: q.next,
     };
     let page = s.store.call(move |c| c.store.query_items(&query)).await??;
@@ -1585,7 +1591,7 @@ struct ConflictQuery {
     #[serde(default, deserialize_with = "int64_range")]
     before: Option<u64>,
     /// Most conflicts in the page (default 100, at most the service's `max_page_items`).
-    #[param(maximum = 9223372036854775807_u64)]
+    #[param(minimum = 1, maximum = 9223372036854775807_u64)]
     #[serde(default, deserialize_with = "int64_range")]
     limit: Option<u64>,
 }
@@ -1616,7 +1622,7 @@ async fn conflicts(
 ) -> ApiResult<Json<ConflictPage>> {
     caller.allow(&s, Some(&p.account), KeyScope::Read)?;
     check_account(&p.account)?;
-    let limit = page_size(q.limit, s.config.max_page_items);
+    let limit = page_size(q.limit, s.config.max_page_items)?;
     let account = p.account;
     let conflicts = s
         .store

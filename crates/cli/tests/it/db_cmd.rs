@@ -94,6 +94,12 @@ fn bad_input_fails_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot load schema"));
+
+    // --limit 0 is refused, as the HTTP API's limit=0 is.
+    let out = db(dir.path(), &["find", "Fault", "{}", "--limit", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--limit"), "{err}");
 }
 
 #[test]

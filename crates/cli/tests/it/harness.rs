@@ -158,6 +158,8 @@ pub struct Logs(Arc<Mutex<LogBuf>>);
 struct LogBuf {
     lines: VecDeque<String>,
     dropped: u64,
+    /// Lines that held a terminal escape code (the processes write to a pipe here: none).
+    coloured: u64,
 }
 
 impl Logs {
@@ -184,7 +186,18 @@ impl Logs {
             b.lines.pop_front();
             b.dropped += 1;
         }
+        if line.contains('\u{1b}') {
+            b.coloured += 1;
+        }
         b.lines.push_back(strip_ansi(line));
+    }
+
+    /// Lines that held terminal colour codes, kept or not.
+    pub fn coloured_lines(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .coloured
     }
 
     /// Lines (kept so far) that contain `needle`.

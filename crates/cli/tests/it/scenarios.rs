@@ -128,6 +128,13 @@ pub fn up_down_both_and_commands(broker: BrokerChoice) {
             .ok_or(got.to_string())
     });
 
+    // Both processes log to a pipe here: plain text, no terminal colour codes.
+    assert!(!s.cloud.logs.matching("").is_empty(), "the cloud logged");
+    assert_eq!(
+        (s.cloud.logs.coloured_lines(), a.logs.coloured_lines()),
+        (0, 0)
+    );
+
     // Refusals: down-only and cloud-only models on the device; up-only models in the cloud.
     let err = a
         .op_err(json!({"op": "create", "model": "Firmware", "item": {"version": "9", "url": "x"}}));

@@ -410,6 +410,21 @@ async fn openapi_found_counts_and_names_in_queries_are_checked_and_revoked_devic
         assert_eq!(answer.code, 400, "GET {path}: {}", answer.body);
         assert_error_shape(&answer, Some("bad_request"), path);
     }
+    // limit=0 is refused, as the CLI's `--limit 0` is, and says what to do.
+    for path in [
+        "/v1/devices?limit=0",
+        "/v1/accounts/acme/items/Setting?limit=0",
+        "/v1/accounts/acme/conflicts?limit=0",
+    ] {
+        let answer = exchange(api, "GET", path, &[], None).await;
+        assert_eq!(answer.code, 400, "GET {path}: {}", answer.body);
+        assert_error_shape(&answer, Some("invalid"), path);
+        assert!(
+            answer.body.contains("limit must be at least 1"),
+            "{}",
+            answer.body
+        );
+    }
     for path in [
         "/v1/accounts/acme/items/Setting?device=",
         "/v1/accounts/acme/items/Setting?device=a%2Fb",
