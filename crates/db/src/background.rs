@@ -86,6 +86,10 @@ fn tick(inner: &Inner) -> Duration {
 
 /// One tick of work: the periodic flush if anything waits for it, the TTL purge when due.
 fn maintain(inner: &Arc<Inner>, since_purge: &mut Duration, tick: Duration) {
+    if inner.is_damaged() {
+        // Every call would answer with the same error (`damage`); the caller has it already.
+        return;
+    }
     if matches!(inner.options.durability, crate::Durability::Periodic { .. })
         && inner.committer.has_unflushed()
     {

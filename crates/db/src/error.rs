@@ -2,7 +2,8 @@
 //!
 //! One enum for opening (`OpenError`) and one for operations (`DbError`): a caller can tell an
 //! invalid input (nothing written, fix the input) from a storage failure (the disk or file is at
-//! fault) from a policy refusal (the schema says the device may not write this model).
+//! fault) from a policy refusal (the schema says the device may not write this model), and a
+//! damaged file (`Damaged`: restore it from a backup) from everything else.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,18 @@ pub enum OpenError {
         path: PathBuf,
         found: String,
         supported: u32,
+    },
+    #[error("database file {path} is damaged: {detail}. Restore it from a backup; Db::open_read_only reads what is left without changing the file")]
+    Damaged { path: PathBuf, detail: String },
+    #[error("database file {path} does not exist: check the path (only Db::open creates a new database)")]
+    Missing { path: PathBuf },
+    #[error("no permission to {access} database file {path}: {source} (to read a file this process may not write, use Db::open_read_only)")]
+    Permission {
+        path: PathBuf,
+        /// `read` or `read and write`.
+        access: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot start the database's background thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -81,6 +94,10 @@ pub enum DbError {
     Io(#[from] std::io::Error),
     #[error("storage error: {0}")]
     Storage(#[source] Box<redb::Error>),
+    #[error("database file {path} is damaged: {detail}. Restore it from a backup; Db::open_read_only reads what is left without changing the file")]
+    Damaged { path: PathBuf, detail: String },
+    #[error("database file {path} was opened read-only (Db::open_read_only): open it with Db::open to write")]
+    ReadOnly { path: PathBuf },
     #[error("the database is closed")]
     Closed,
 }

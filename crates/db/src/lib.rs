@@ -14,26 +14,52 @@
 //! - `commit`: durability modes and group commit.
 //! - `background`: where the periodic flush and the TTL purge run ([`Background`]).
 //! - `memory`: the sparse in-memory storage of [`Db::open_in_memory`].
+//! - `storage`: the file storage under redb: closable (a damaged file is let go) and, for
+//!   [`Db::open_read_only`], read-only with redb's writes kept in memory.
+//! - `damage`: every redb call runs under `catch_unwind`; a panic or the engine's "corrupted"
+//!   answer becomes [`DbError::Damaged`] / [`OpenError::Damaged`] naming the file.
 //! - `hooks`: change subscribers ([`ItemChange`], [`Origin`]).
 //! - `jsonl`: import and export as JSON lines.
+//!
+//! # Opening a file
+//! - [`Db::open`] opens or creates (an empty file becomes a new database, redb's rule).
+//! - [`Db::open_existing`] never creates: a missing file is [`OpenError::Missing`], an empty one
+//!   [`OpenError::Damaged`].
+//! - [`Db::open_read_only`] never writes the file (redb 2.x cannot open read-only by itself; see
+//!   `storage`), so it reads files the process may not write, and damaged files as they are.
+//!
+//! # Damaged files
+//! A truncated or corrupted file never panics the process: opening it, and every operation on
+//! it, answers [`OpenError::Damaged`] or [`DbError::Damaged`] naming the file and what is wrong;
+//! the remedy is a backup. A panic of the engine latches the handle: every later call answers
+//! the same error, and the file is closed. Nothing here repairs a damaged file on its own; what
+//! redb does by itself on every open is kept: after an unclean shutdown it rebuilds its
+//! allocator state in place (logged; [`Db::open_read_only`] does it in memory only). The panic
+//! message still reaches the process's panic hook (stderr): silencing it would need a
+//! process-wide hook swap.
+
 //!
 //! This crate knows nothing about MQTT or the cloud: replication sits above it, in `agent`.
 
 mod background;
 mod codec;
 mod commit;
+mod damage;
 mod error;
 mod hooks;
 mod jsonl;
 mod keys;
 mod memory;
 mod read;
+mod storage;
 pub mod tables;
 mod txn;
 
+use std::fs::{File, OpenOptions};
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use devtables_schema::{Item, Schema};
@@ -85,6 +111,7 @@ pub mod fuzzing {
 use background::Worker;
 use commit::Committer;
 use hooks::Hooks;
+use storage::{FileStorage, LockError};
 
 /// When a commit reaches the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,7 +202,9 @@ pub enum TxnOp {
 }
 
 pub(crate) struct Inner {
-    db: redb::Database,
+    /// Never dropped once a panic latched `damaged` (see `damage`): redb's state is not to be
+    /// trusted then, not even to close.
+    db: ManuallyDrop<redb::Database>,
     pub(crate) schema: Arc<Schema>,
     pub(crate) options: DbOptions,
     committer: Committer,
@@ -194,6 +223,13 @@ pub(crate) struct Inner {
     path: PathBuf,
     /// The storage of an in-memory database, to tell its size.
     memory: Option<Arc<memory::SparseMemoryBackend>>,
+    /// The storage of a file, to close it when the engine panicked on it.
+    storage: Option<Arc<FileStorage>>,
+    /// Set when the engine panicked (`damage`): the detail every later call answers with.
+    damaged: OnceLock<String>,
+    /// Opened by [`Db::open_read_only`]: writes are refused, and redb's own writes (header,
+    /// repair, table creation) stay in memory.
+    read_only: bool,
 }
 
 impl Inner {
@@ -205,10 +241,12 @@ impl Inner {
     }
 
     fn flush(&self) -> Result<(), DbError> {
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(redb::Durability::Immediate);
-        tx.commit()?;
-        Ok(())
+        self.engine(|| {
+            let mut tx = self.db.begin_write()?;
+            tx.set_durability(redb::Durability::Immediate);
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn visible(&self) -> u64 {
@@ -226,6 +264,16 @@ impl Drop for Inner {
                 tracing::error!(path = %self.path.display(), "final flush failed: {e}");
             }
         }
+        if self.is_damaged() {
+            // Leaked on purpose: dropping redb's handle after it panicked could block on its
+            // writer slot or panic on its poisoned locks. The file itself is already closed.
+            return;
+        }
+        // SAFETY: `db` is taken once, here, and `self` is not used afterwards.
+        let db = unsafe { ManuallyDrop::take(&mut self.db) };
+        if let Err(detail) = damage::catch(move || drop(db)) {
+            tracing::error!(path = %self.path.display(), "closing the database file: {detail}");
+        }
     }
 }
 
@@ -238,20 +286,106 @@ pub struct Db {
 impl Db {
     /// Opens (or creates) the database at `path` for `schema`. Secondary indexes the schema adds
     /// (or changes) are built from the stored items before this returns.
+    ///
+    /// An empty file becomes a new database (redb's rule). A damaged file gives
+    /// [`OpenError::Damaged`]; after an unclean shutdown redb repairs the file's allocator state
+    /// in place, by itself, on every open (logged).
     pub fn open(
         path: impl AsRef<Path>,
         schema: Arc<Schema>,
         options: DbOptions,
     ) -> Result<Db, OpenError> {
         let path = path.as_ref().to_path_buf();
-        let db = redb::Builder::new()
-            .set_cache_size(options.cache_bytes)
-            .create(&path)
-            .map_err(|source| OpenError::Storage {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
-        Db::start(db, path, None, schema, options)
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| file_error(&path, e, "read and write", false))?;
+        Db::open_file(path, file, false, schema, options)
+    }
+
+    /// Opens the database at `path` like [`Db::open`], but never creates one: a missing file
+    /// gives [`OpenError::Missing`] and an empty one [`OpenError::Damaged`].
+    pub fn open_existing(
+        path: impl AsRef<Path>,
+        schema: Arc<Schema>,
+        options: DbOptions,
+    ) -> Result<Db, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| file_error(&path, e, "read and write", true))?;
+        refuse_empty(&path, &file)?;
+        Db::open_file(path, file, false, schema, options)
+    }
+
+    /// Opens the existing database at `path` for reading only; the file is never written, so a
+    /// file the process may not write can be read, and a damaged one is read as it is.
+    ///
+    /// redb 2.x has no read-only open (every open writes the header, and repairs after an unclean
+    /// shutdown), so what redb writes here stays in memory (`storage`). Writes are refused with
+    /// [`DbError::ReadOnly`]; there is no background thread (no flush, no TTL purge: expired
+    /// items are still hidden). A shared lock keeps writers out while it is open, and it cannot
+    /// open a file a writer holds.
+    pub fn open_read_only(
+        path: impl AsRef<Path>,
+        schema: Arc<Schema>,
+        options: DbOptions,
+    ) -> Result<Db, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| file_error(&path, e, "read", true))?;
+        refuse_empty(&path, &file)?;
+        Db::open_file(path, file, true, schema, options)
+    }
+
+    fn open_file(
+        path: PathBuf,
+        file: File,
+        read_only: bool,
+        schema: Arc<Schema>,
+        options: DbOptions,
+    ) -> Result<Db, OpenError> {
+        let storage = if read_only {
+            FileStorage::read_only(file)
+        } else {
+            FileStorage::read_write(file)
+        };
+        let storage = Arc::new(storage.map_err(|e| OpenError::Storage {
+            path: path.clone(),
+            source: Box::new(match e {
+                LockError::InUse => redb::DatabaseError::DatabaseAlreadyOpen,
+                LockError::Io(e) => e.into(),
+            }),
+        })?);
+        let repair_path = path.clone();
+        let opened = damage::catch(|| {
+            let db = redb::Builder::new()
+                .set_cache_size(options.cache_bytes)
+                .set_repair_callback(move |session| {
+                    tracing::warn!(
+                        path = %repair_path.display(),
+                        progress = session.progress(),
+                        "repairing the database file's allocator state (it was not closed cleanly){}",
+                        if read_only { ", in memory only" } else { "" }
+                    );
+                })
+                .create_with_backend(SharedBackend(storage.clone()))
+                .map_err(|e| damage::open_error(&path, e))?;
+            Db::start(
+                db,
+                path.clone(),
+                None,
+                Some(storage.clone()),
+                read_only,
+                schema,
+                options,
+            )
+        });
+        opened.unwrap_or_else(|detail| Err(OpenError::Damaged { path, detail }))
     }
 
     /// Opens a new, empty database held in memory only: nothing survives the last handle. Its
@@ -268,13 +402,15 @@ impl Db {
                 path: path.clone(),
                 source: Box::new(source),
             })?;
-        Db::start(db, path, Some(backend), schema, options)
+        Db::start(db, path, Some(backend), None, false, schema, options)
     }
 
     fn start(
         db: redb::Database,
         path: PathBuf,
         memory: Option<Arc<memory::SparseMemoryBackend>>,
+        storage: Option<Arc<FileStorage>>,
+        read_only: bool,
         schema: Arc<Schema>,
         options: DbOptions,
     ) -> Result<Db, OpenError> {
@@ -284,7 +420,7 @@ impl Db {
             .map(|i| tables::index_table_name(&i.name))
             .collect();
         let inner = Arc::new(Inner {
-            db,
+            db: ManuallyDrop::new(db),
             schema,
             options,
             committer: Committer::new(),
@@ -296,17 +432,16 @@ impl Db {
             worker: Mutex::new(None),
             path: path.clone(),
             memory,
+            storage,
+            damaged: OnceLock::new(),
+            read_only,
         });
         check_format(&inner)?;
-        prepare_tables(&inner).map_err(|e| OpenError::Tables {
-            path: path.clone(),
-            source: match e {
-                DbError::Storage(s) => s,
-                other => Box::new(redb::Error::Corrupted(other.to_string())),
-            },
-        })?;
-        let worker = Worker::start(&inner).map_err(OpenError::Thread)?;
-        *inner.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
+        prepare_tables(&inner).map_err(|e| tables_error(&path, e))?;
+        if !read_only {
+            let worker = Worker::start(&inner).map_err(OpenError::Thread)?;
+            *inner.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
+        }
         Ok(Db { inner })
     }
 
@@ -332,42 +467,50 @@ impl Db {
         f: impl FnOnce(&mut WriteTxn<'_>) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
         let inner = &*self.inner;
+        if inner.read_only {
+            return Err(DbError::ReadOnly {
+                path: inner.path.clone(),
+            });
+        }
         inner.waiting.fetch_add(1, Ordering::SeqCst);
         let guard = inner
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         inner.waiting.fetch_sub(1, Ordering::SeqCst);
-        let mut tx = inner.db.begin_write()?;
-        tx.set_durability(redb::Durability::None);
-        let (value, changes) = {
-            let mut indexes = Vec::with_capacity(inner.index_tables.len());
-            for name in &inner.index_tables {
-                indexes.push(tx.open_table(tables::index_def(name))?);
-            }
-            let mut wtx = WriteTxn {
-                inner,
-                tx: &tx,
-                items: tx.open_table(tables::ITEMS)?,
-                types: tx.open_table(tables::TYPES)?,
-                ttl: tx.open_table(tables::TTL)?,
-                indexes,
-                origin,
-                now_ms: (inner.options.clock)(),
-                changes: Vec::new(),
+        let (value, seq, lone, changes) = inner.engine(|| {
+            let mut tx = inner.db.begin_write()?;
+            tx.set_durability(redb::Durability::None);
+            let (value, changes) = {
+                let mut indexes = Vec::with_capacity(inner.index_tables.len());
+                for name in &inner.index_tables {
+                    indexes.push(tx.open_table(tables::index_def(name))?);
+                }
+                let mut wtx = WriteTxn {
+                    inner,
+                    tx: &tx,
+                    items: tx.open_table(tables::ITEMS)?,
+                    types: tx.open_table(tables::TYPES)?,
+                    ttl: tx.open_table(tables::TTL)?,
+                    indexes,
+                    origin,
+                    now_ms: (inner.options.clock)(),
+                    changes: Vec::new(),
+                };
+                let value = f(&mut wtx)?;
+                (value, wtx.take_changes())
             };
-            let value = f(&mut wtx)?;
-            (value, wtx.take_changes())
-        };
-        // A lone writer in `immediate` mode commits durably at once (one fsync); when others
-        // wait behind it, it commits non-durably and they share one flush (group commit).
-        let lone = inner.options.durability == Durability::Immediate
-            && inner.waiting.load(Ordering::SeqCst) == 0;
-        if lone {
-            tx.set_durability(redb::Durability::Immediate);
-        }
-        tx.commit()?;
-        let seq = inner.committer.committed();
+            // A lone writer in `immediate` mode commits durably at once (one fsync); when others
+            // wait behind it, it commits non-durably and they share one flush (group commit).
+            let lone = inner.options.durability == Durability::Immediate
+                && inner.waiting.load(Ordering::SeqCst) == 0;
+            if lone {
+                tx.set_durability(redb::Durability::Immediate);
+            }
+            tx.commit()?;
+            let seq = inner.committer.committed();
+            Ok((value, seq, lone, changes))
+        })?;
         if lone {
             inner.committer.mark_durable(seq);
         }
@@ -382,8 +525,11 @@ impl Db {
 
     /// A read snapshot for several reads.
     pub fn read(&self) -> Result<ReadTxn, DbError> {
-        let tx = self.inner.db.begin_read()?;
-        let items = tx.open_table(tables::ITEMS)?;
+        let (tx, items) = self.inner.engine(|| {
+            let tx = self.inner.db.begin_read()?;
+            let items = tx.open_table(tables::ITEMS)?;
+            Ok((tx, items))
+        })?;
         Ok(ReadTxn {
             inner: self.inner.clone(),
             tx,
@@ -475,46 +621,52 @@ impl Db {
         start: &[u8],
         limit: usize,
     ) -> Result<SideEntries, DbError> {
-        let tx = self.inner.db.begin_read()?;
-        let name = tables::side_table_name(table);
-        let t = match tx.open_table(tables::side_def(&name)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for entry in t.range::<&[u8]>(start..)? {
-            if out.len() >= limit {
-                break;
+        self.inner.engine(|| {
+            let tx = self.inner.db.begin_read()?;
+            let name = tables::side_table_name(table);
+            let t = match tx.open_table(tables::side_def(&name)) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for entry in t.range::<&[u8]>(start..)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = entry?;
+                out.push((k.value().to_vec(), v.value().to_vec()));
             }
-            let (k, v) = entry?;
-            out.push((k.value().to_vec(), v.value().to_vec()));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// One entry of a side table.
     pub fn side_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        let tx = self.inner.db.begin_read()?;
-        let name = tables::side_table_name(table);
-        let t = match tx.open_table(tables::side_def(&name)) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let value = t.get(key)?.map(|v| v.value().to_vec());
-        Ok(value)
+        self.inner.engine(|| {
+            let tx = self.inner.db.begin_read()?;
+            let name = tables::side_table_name(table);
+            let t = match tx.open_table(tables::side_def(&name)) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let value = t.get(key)?.map(|v| v.value().to_vec());
+            Ok(value)
+        })
     }
 
     /// Number of entries in a side table.
     pub fn side_len(&self, table: &str) -> Result<u64, DbError> {
-        let tx = self.inner.db.begin_read()?;
-        let name = tables::side_table_name(table);
-        match tx.open_table(tables::side_def(&name)) {
-            Ok(t) => Ok(t.len()?),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
+        self.inner.engine(|| {
+            let tx = self.inner.db.begin_read()?;
+            let name = tables::side_table_name(table);
+            match tx.open_table(tables::side_def(&name)) {
+                Ok(t) => Ok(t.len()?),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        })
     }
 
     /// Removes items whose TTL has passed (the background thread calls this every
@@ -526,6 +678,8 @@ impl Db {
     /// Makes every committed write durable now (useful in `periodic` mode before a planned stop).
     pub fn flush(&self) -> Result<(), DbError> {
         let inner = &*self.inner;
+        // A handle latched by a panic says so even when nothing waits for a flush.
+        inner.engine(|| Ok(()))?;
         inner.committer.flush_all(|| inner.flush())?;
         inner.hooks.deliver(|| inner.visible());
         Ok(())
@@ -563,13 +717,7 @@ impl Db {
 /// one, a file from before formats were recorded (items as JSON text, format 1) is converted in
 /// one transaction, an unknown format is refused.
 fn check_format(inner: &Inner) -> Result<(), OpenError> {
-    let tables_err = |e: DbError| OpenError::Tables {
-        path: inner.path.clone(),
-        source: match e {
-            DbError::Storage(s) => s,
-            other => Box::new(redb::Error::Corrupted(other.to_string())),
-        },
-    };
+    let tables_err = |e: DbError| tables_error(&inner.path, e);
     let current = codec::FORMAT.to_string();
     let found = {
         let tx = inner.db.begin_read().map_err(|e| tables_err(e.into()))?;
@@ -647,6 +795,56 @@ fn convert_from_json(inner: &Inner) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Why the tables of a freshly opened file could not be read or prepared.
+fn tables_error(path: &Path, e: DbError) -> OpenError {
+    match damage::classify(path, e) {
+        DbError::Damaged { path, detail } => OpenError::Damaged { path, detail },
+        DbError::Storage(source) => OpenError::Tables {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => OpenError::Tables {
+            path: path.to_path_buf(),
+            source: Box::new(redb::Error::Corrupted(other.to_string())),
+        },
+    }
+}
+
+/// Why the file at `path` could not be opened for `access`; `must_exist` for the opens that
+/// never create one.
+fn file_error(path: &Path, e: std::io::Error, access: &'static str, must_exist: bool) -> OpenError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound if must_exist => OpenError::Missing {
+            path: path.to_path_buf(),
+        },
+        std::io::ErrorKind::PermissionDenied => OpenError::Permission {
+            path: path.to_path_buf(),
+            access,
+            source: e,
+        },
+        _ => OpenError::Storage {
+            path: path.to_path_buf(),
+            source: Box::new(e.into()),
+        },
+    }
+}
+
+/// An existing database file is never empty: an empty one was truncated (or is not a
+/// database), and only [`Db::open`] makes a new database in it.
+fn refuse_empty(path: &Path, file: &File) -> Result<(), OpenError> {
+    let len = file
+        .metadata()
+        .map_err(|e| file_error(path, e, "read", true))?
+        .len();
+    if len == 0 {
+        return Err(OpenError::Damaged {
+            path: path.to_path_buf(),
+            detail: "the file is empty (0 bytes): it holds no database (truncated?)".into(),
+        });
+    }
+    Ok(())
+}
+
 fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
     let mut tx = inner.db.begin_write()?;
     tx.set_durability(redb::Durability::Immediate);
@@ -715,12 +913,12 @@ pub(crate) fn purge_expired(inner: &Arc<Inner>) -> Result<u64, DbError> {
     }
 }
 
-/// The in-memory storage handed to redb, which takes its backend by value: the database keeps
-/// a second handle to tell the storage's size.
+/// A storage handed to redb, which takes its backend by value: the database keeps a second
+/// handle (to tell an in-memory storage's size, to close a damaged file).
 #[derive(Debug)]
-struct SharedBackend(Arc<memory::SparseMemoryBackend>);
+struct SharedBackend<B>(Arc<B>);
 
-impl redb::StorageBackend for SharedBackend {
+impl<B: redb::StorageBackend> redb::StorageBackend for SharedBackend<B> {
     fn len(&self) -> Result<u64, std::io::Error> {
         self.0.len()
     }

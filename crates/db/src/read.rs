@@ -126,140 +126,148 @@ impl ReadTxn {
 
     /// Reads one item by its key properties (without hidden fields unless `hidden`).
     pub fn get(&self, model: &str, props: &Item, hidden: bool) -> Result<Option<Item>, DbError> {
-        let model = self.model(model)?;
-        let key = model.primary_key(props)?;
-        let raw = keys::item_key(&key);
-        self.load_raw(model, &raw, &Probe::default(), hidden)
+        self.inner.engine(|| {
+            let model = self.model(model)?;
+            let key = model.primary_key(props)?;
+            let raw = keys::item_key(&key);
+            self.load_raw(model, &raw, &Probe::default(), hidden)
+        })
     }
 
     /// The complete stored item at `key`, whatever its model (replication, export).
     pub fn get_stored(&self, key: &ItemKey) -> Result<Option<(String, Item)>, DbError> {
-        let raw = keys::item_key(key);
-        let Some(value) = self.items.get(raw.as_slice())? else {
-            return Ok(None);
-        };
-        let item = codec::decode(value.value(), &raw)?;
-        let model = model_of_stored(&self.inner.schema, &item)?;
-        if expired(model, &item, self.now_ms) {
-            return Ok(None);
-        }
-        Ok(Some((model.name().to_string(), item)))
+        self.inner.engine(|| {
+            let raw = keys::item_key(key);
+            let Some(value) = self.items.get(raw.as_slice())? else {
+                return Ok(None);
+            };
+            let item = codec::decode(value.value(), &raw)?;
+            let model = model_of_stored(&self.inner.schema, &item)?;
+            if expired(model, &item, self.now_ms) {
+                return Ok(None);
+            }
+            Ok(Some((model.name().to_string(), item)))
+        })
     }
 
     /// Finds items of `model` matching `props` (see [`crate::Db::find`]).
     pub fn find(&self, model: &str, props: &Item, options: &FindOptions) -> Result<Page, DbError> {
-        let model = self.model(model)?;
-        let schema = &self.inner.schema;
-        let index = match &options.index {
-            Some(name) => Some(
-                schema
-                    .index(name)
-                    .ok_or_else(|| DbError::UnknownIndex(name.clone()))?,
-            ),
-            None => None,
-        };
-        let mut query = model.query(props, index)?;
-        let mut index = index.unwrap_or_else(|| schema.primary_index());
-        if options.index.is_none() && query.hash.is_none() {
-            // No key given: rather than scan the model, use a secondary index whose hash the
-            // properties resolve (results then come in that index's order).
-            for candidate in schema.secondary_indexes() {
-                let q = model.query(props, Some(candidate))?;
-                if q.hash.is_some() {
-                    query = q;
-                    index = candidate;
-                    break;
-                }
-            }
-        }
-        let after = match &options.next {
-            Some(token) => Some(
-                hex::decode(token)
-                    .map_err(|_| DbError::BadCursor("not a hexadecimal token".into()))?,
-            ),
-            None => None,
-        };
-        let limit = options.limit.unwrap_or(usize::MAX);
-        let mut page = Page {
-            items: Vec::new(),
-            next: None,
-        };
-        if limit == 0 {
-            return Ok(page);
-        }
-        let is_primary = index.name == schema.primary_index().name;
-        let mut sort_filter = None;
-        let (table, bounds) = match &query.hash {
-            Some(hash) if is_primary => (Walk::Items, sort_bounds(hash, &query.sort)),
-            Some(hash) => (Walk::Index, sort_bounds(hash, &query.sort)),
-            None => {
-                sort_filter = Some((index, &query.sort));
-                let p = keys::prefix(&[model.name()]);
-                let end = keys::prefix_end(&p);
-                (Walk::Types, (Bound::Included(p), Bound::Excluded(end)))
-            }
-        };
-        let bounds = continue_after(bounds, after, options.reverse);
-        // Conditions on the stored item are checked on the few fields they read, decoded alone,
-        // before the item itself is decoded.
-        let sort_filter = sort_filter.filter(|(_, sort)| !matches!(sort, SortCondition::Any));
-        let mut fields: Vec<&str> = query.filters.iter().map(|f| f.field.as_str()).collect();
-        if let Some((index, _)) = sort_filter {
-            fields.push(index.hash.as_str());
-            fields.extend(index.sort.as_deref());
-        }
-        let probe = Probe {
-            active: !fields.is_empty(),
-            fields,
-            check: Box::new(|item: &Item| {
-                if let Some((index, sort)) = sort_filter {
-                    if !sort_matches(model, item, index, sort) {
-                        return false;
+        self.inner.engine(|| {
+            let model = self.model(model)?;
+            let schema = &self.inner.schema;
+            let index = match &options.index {
+                Some(name) => Some(
+                    schema
+                        .index(name)
+                        .ok_or_else(|| DbError::UnknownIndex(name.clone()))?,
+                ),
+                None => None,
+            };
+            let mut query = model.query(props, index)?;
+            let mut index = index.unwrap_or_else(|| schema.primary_index());
+            if options.index.is_none() && query.hash.is_none() {
+                // No key given: rather than scan the model, use a secondary index whose hash the
+                // properties resolve (results then come in that index's order).
+                for candidate in schema.secondary_indexes() {
+                    let q = model.query(props, Some(candidate))?;
+                    if q.hash.is_some() {
+                        query = q;
+                        index = candidate;
+                        break;
                     }
                 }
-                query.filters.iter().all(|f| f.matches(item))
-            }),
-        };
-        let mut visit = |raw: &[u8]| -> Result<bool, DbError> {
-            let item = match table {
-                Walk::Items => self.load_raw(model, raw, &probe, options.hidden)?,
-                Walk::Index | Walk::Types => match keys::trailing_item_key_raw(raw) {
-                    Some(key) => self.load_raw(model, key, &probe, options.hidden)?,
-                    None => return Err(DbError::Corrupt("malformed index entry".into())),
-                },
+            }
+            let after = match &options.next {
+                Some(token) => Some(
+                    hex::decode(token)
+                        .map_err(|_| DbError::BadCursor("not a hexadecimal token".into()))?,
+                ),
+                None => None,
             };
-            let Some(item) = item else {
-                return Ok(true);
+            let limit = options.limit.unwrap_or(usize::MAX);
+            let mut page = Page {
+                items: Vec::new(),
+                next: None,
             };
-            page.items.push(item);
-            if page.items.len() >= limit {
-                page.next = Some(hex::encode(raw));
-                return Ok(false);
+            if limit == 0 {
+                return Ok(page);
             }
-            Ok(true)
-        };
-        match table {
-            Walk::Items => walk(&self.items, bounds, options.reverse, &mut visit)?,
-            Walk::Types => {
-                let t = self.tx.open_table(tables::TYPES)?;
-                walk(&t, bounds, options.reverse, &mut visit)?
+            let is_primary = index.name == schema.primary_index().name;
+            let mut sort_filter = None;
+            let (table, bounds) = match &query.hash {
+                Some(hash) if is_primary => (Walk::Items, sort_bounds(hash, &query.sort)),
+                Some(hash) => (Walk::Index, sort_bounds(hash, &query.sort)),
+                None => {
+                    sort_filter = Some((index, &query.sort));
+                    let p = keys::prefix(&[model.name()]);
+                    let end = keys::prefix_end(&p);
+                    (Walk::Types, (Bound::Included(p), Bound::Excluded(end)))
+                }
+            };
+            let bounds = continue_after(bounds, after, options.reverse);
+            // Conditions on the stored item are checked on the few fields they read, decoded alone,
+            // before the item itself is decoded.
+            let sort_filter = sort_filter.filter(|(_, sort)| !matches!(sort, SortCondition::Any));
+            let mut fields: Vec<&str> = query.filters.iter().map(|f| f.field.as_str()).collect();
+            if let Some((index, _)) = sort_filter {
+                fields.push(index.hash.as_str());
+                fields.extend(index.sort.as_deref());
             }
-            Walk::Index => {
-                let name = tables::index_table_name(&index.name);
-                let t = self.tx.open_table(tables::index_def(&name))?;
-                walk(&t, bounds, options.reverse, &mut visit)?
+            let probe = Probe {
+                active: !fields.is_empty(),
+                fields,
+                check: Box::new(|item: &Item| {
+                    if let Some((index, sort)) = sort_filter {
+                        if !sort_matches(model, item, index, sort) {
+                            return false;
+                        }
+                    }
+                    query.filters.iter().all(|f| f.matches(item))
+                }),
+            };
+            let mut visit = |raw: &[u8]| -> Result<bool, DbError> {
+                let item = match table {
+                    Walk::Items => self.load_raw(model, raw, &probe, options.hidden)?,
+                    Walk::Index | Walk::Types => match keys::trailing_item_key_raw(raw) {
+                        Some(key) => self.load_raw(model, key, &probe, options.hidden)?,
+                        None => return Err(DbError::Corrupt("malformed index entry".into())),
+                    },
+                };
+                let Some(item) = item else {
+                    return Ok(true);
+                };
+                page.items.push(item);
+                if page.items.len() >= limit {
+                    page.next = Some(hex::encode(raw));
+                    return Ok(false);
+                }
+                Ok(true)
+            };
+            match table {
+                Walk::Items => walk(&self.items, bounds, options.reverse, &mut visit)?,
+                Walk::Types => {
+                    let t = self.tx.open_table(tables::TYPES)?;
+                    walk(&t, bounds, options.reverse, &mut visit)?
+                }
+                Walk::Index => {
+                    let name = tables::index_table_name(&index.name);
+                    let t = self.tx.open_table(tables::index_def(&name))?;
+                    walk(&t, bounds, options.reverse, &mut visit)?
+                }
             }
-        }
-        Ok(page)
+            Ok(page)
+        })
     }
 
     /// Every live item of `model` (complete), in key order: export and resync.
     pub fn scan_model(&self, model: &str) -> Result<Vec<Item>, DbError> {
-        let options = FindOptions {
-            hidden: true,
-            ..FindOptions::default()
-        };
-        Ok(self.find(model, &Item::new(), &options)?.items)
+        self.inner.engine(|| {
+            let options = FindOptions {
+                hidden: true,
+                ..FindOptions::default()
+            };
+            Ok(self.find(model, &Item::new(), &options)?.items)
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Integration tests of the device database: one binary, one module per concern.
 
 mod crash;
+mod damaged;
 mod format;
 mod memory;
 mod ops;
