@@ -68,7 +68,18 @@ enum DbOp {
 pub fn run(args: DbArgs) -> anyhow::Result<()> {
     let schema = Schema::load(&args.schema)
         .with_context(|| format!("cannot load schema {}", args.schema.display()))?;
-    let db = Db::open(&args.db, Arc::new(schema), DbOptions::default())?;
+    let schema = Arc::new(schema);
+    // Reads never create a file (a mistyped path is an error, not a new empty database) and
+    // never write one: a file the user may only read is read as it is.
+    let reads_only = matches!(
+        args.op,
+        DbOp::Get { .. } | DbOp::Find { .. } | DbOp::Export { .. }
+    );
+    let db = if reads_only {
+        Db::open_read_only(&args.db, schema, DbOptions::default())?
+    } else {
+        Db::open(&args.db, schema, DbOptions::default())?
+    };
     let mut out = std::io::stdout().lock();
     match args.op {
         DbOp::Get {

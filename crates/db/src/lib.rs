@@ -37,7 +37,6 @@
 //! allocator state in place (logged; [`Db::open_read_only`] does it in memory only). The panic
 //! message still reaches the process's panic hook (stderr): silencing it would need a
 //! process-wide hook swap.
-
 //!
 //! This crate knows nothing about MQTT or the cloud: replication sits above it, in `agent`.
 

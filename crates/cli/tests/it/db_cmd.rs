@@ -95,6 +95,28 @@ fn bad_input_fails_with_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot load schema"));
 
+    // Reads never create the file they are asked to read.
+    let missing = dir.path().join("typo.redb");
+    for read in [
+        &["get", "Fault", "{}"][..],
+        &["find", "Fault", "{}"],
+        &["export"],
+    ] {
+        let out = bin()
+            .arg("db")
+            .arg("--schema")
+            .arg(super::example_schema())
+            .arg("--db")
+            .arg(&missing)
+            .args(read)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{read:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("typo.redb"), "{read:?} names the file: {err}");
+        assert!(!missing.exists(), "{read:?} created {}", missing.display());
+    }
+
     // --limit 0 is refused, as the HTTP API's limit=0 is.
     let out = db(dir.path(), &["find", "Fault", "{}", "--limit", "0"]);
     assert!(!out.status.success());
