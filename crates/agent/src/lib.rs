@@ -543,7 +543,9 @@ pub mod testing {
     }
 
     /// Runs `f` over the agent's [`DeviceTxn`] in one remote write transaction, as the driver
-    /// applies a page; commits when `commit` is true and `f` succeeds, rolls back otherwise.
+    /// applies a page; commits when `commit` is true and `f` succeeds, rolls back otherwise (by
+    /// refusing the transaction with [`super::RolledBackOnPurpose`], which no stored-data check can
+    /// mistake for damage).
     pub fn device_txn<R>(
         db: &Db,
         schema: &Schema,
@@ -557,12 +559,12 @@ pub mod testing {
             if commit {
                 Ok(())
             } else {
-                Err(DbError::Corrupt("rolled back on purpose".into()))
+                Err(DbError::Refused(Box::new(super::RolledBackOnPurpose)))
             }
         });
         match (res, out) {
             (Ok(()), Some(r)) => Ok(r),
-            (Err(DbError::Corrupt(m)), Some(r)) if m == "rolled back on purpose" => Ok(r),
+            (Err(DbError::Refused(e)), Some(r)) if e.is::<super::RolledBackOnPurpose>() => Ok(r),
             (Err(e), _) => Err(e),
             (Ok(()), None) => Err(DbError::Corrupt("the transaction ran nothing".into())),
         }
@@ -652,3 +654,9 @@ pub mod testing {
         })
     }
 }
+
+/// The error a conformance transaction that must not commit returns to roll itself back.
+#[doc(hidden)]
+#[derive(Debug, thiserror::Error)]
+#[error("rolled back on purpose")]
+pub struct RolledBackOnPurpose;
