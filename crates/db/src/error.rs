@@ -80,6 +80,10 @@ pub enum DbError {
     TooManyOperations { count: usize, max: usize },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Input that cannot be imported as it is (not UTF-8, a line too long, an item naming no
+    /// model): what is wrong with it, never a guess at what was meant.
+    #[error("invalid input: {0}")]
+    BadInput(String),
     #[error("write refused: {0}")]
     Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("import line {line}: {source}")]

@@ -43,12 +43,19 @@ pub(crate) fn import(db: &Db, input: &mut impl BufRead) -> Result<u64, DbError> 
         if buf.len() as u64 > max_line && !buf.ends_with(b"\n") {
             return Err(DbError::Import {
                 line: line_no,
-                source: Box::new(DbError::Corrupt(format!(
+                source: Box::new(DbError::BadInput(format!(
                     "line longer than {max_line} bytes"
                 ))),
             });
         }
-        let text = String::from_utf8_lossy(&buf);
+        // Refused, not repaired: replacing bytes would import a different item than the file holds.
+        let text = std::str::from_utf8(&buf).map_err(|e| DbError::Import {
+            line: line_no,
+            source: Box::new(DbError::BadInput(format!(
+                "not valid UTF-8 (byte {} of the line)",
+                e.valid_up_to() + 1
+            ))),
+        })?;
         let text = text.trim();
         if text.is_empty() {
             continue;
@@ -62,7 +69,7 @@ pub(crate) fn import(db: &Db, input: &mut impl BufRead) -> Result<u64, DbError> 
         let model = match item.get(type_field).and_then(|v| v.as_str()) {
             Some(m) => m.to_string(),
             None => {
-                return Err(at(DbError::Corrupt(format!(
+                return Err(at(DbError::BadInput(format!(
                     "item has no string field {type_field} naming its model"
                 ))))
             }

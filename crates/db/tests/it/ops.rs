@@ -418,6 +418,18 @@ fn export_import_round_trip_and_bad_line() {
     let fresh = open(&dir.path().join("fresh.redb"), DbOptions::default());
     let err = fresh.import(&mut bad.as_slice()).unwrap_err();
     assert!(matches!(err, DbError::Import { line: 1, .. }), "{err}");
+
+    // Invalid UTF-8 is refused with its line, not replaced: nothing of the file is imported.
+    let mut latin1 = out.clone();
+    let second = latin1.iter().position(|b| *b == b'\n').unwrap() + 1;
+    let quote = second + latin1[second..].iter().position(|b| *b == b'"').unwrap();
+    latin1.insert(quote + 1, 0xE9);
+    let err = fresh.import(&mut latin1.as_slice()).unwrap_err();
+    assert!(
+        matches!(&err, DbError::Import { line: 2, source } if matches!(**source, DbError::BadInput(_))),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not valid UTF-8"), "{err}");
     assert!(fresh
         .find("Reading", &item(json!({})), &FindOptions::default())
         .unwrap()
