@@ -21,18 +21,8 @@ use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use crate::error::cut;
 use crate::{DbError, Inner, OpenError};
-
-/// Longest engine message kept in an error, in characters.
-const MAX_DETAIL: usize = 300;
-
-/// `text` cut to [`MAX_DETAIL`] characters.
-pub(crate) fn cut(text: &str) -> String {
-    match text.char_indices().nth(MAX_DETAIL) {
-        Some((at, _)) => format!("{}...", &text[..at]),
-        None => text.to_string(),
-    }
-}
 
 /// The message a panic carried.
 fn panic_message(payload: &(dyn Any + Send)) -> &str {
@@ -161,15 +151,6 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn details_are_cut_on_a_character_boundary() {
-        let long = "é".repeat(MAX_DETAIL + 50);
-        let short = cut(&long);
-        assert_eq!(short.chars().count(), MAX_DETAIL + 3);
-        assert!(short.ends_with("..."));
-        assert_eq!(cut("short"), "short");
-    }
 
     #[test]
     fn a_panic_becomes_its_message() {

@@ -9,6 +9,18 @@ use std::path::PathBuf;
 
 use devtables_schema::ValidationError;
 
+/// Longest text from outside (an engine's message, an item's key) kept in an error, in
+/// characters: a 10 MB key must not become 10 MB of error message.
+const MAX_DETAIL: usize = 300;
+
+/// `text` cut to [`MAX_DETAIL`] characters.
+pub(crate) fn cut(text: &str) -> String {
+    match text.char_indices().nth(MAX_DETAIL) {
+        Some((at, _)) => format!("{}... ({} bytes in all)", &text[..at], text.len()),
+        None => text.to_string(),
+    }
+}
+
 /// Why [`crate::Db::open`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -53,15 +65,15 @@ pub enum DbError {
     UnknownModel(String),
     #[error("invalid input: {0}")]
     Invalid(#[from] ValidationError),
-    #[error("{model} item {key} already exists: use update or upsert to change it")]
+    #[error("{model} item {} already exists: use update or upsert to change it", cut(.key))]
     Exists { model: String, key: String },
-    #[error("{model} item {key} does not exist: create it first, or use upsert")]
+    #[error("{model} item {} does not exist: create it first, or use upsert", cut(.key))]
     NotFound { model: String, key: String },
     #[error("model {0} is enabled only in the cloud (process.enable = 'cloud'): it cannot be written on the device")]
     NotOnDevice(String),
     #[error("model {0} is synced down from the cloud (process.sync = 'down'): change it through the cloud API")]
     DownOnly(String),
-    #[error("{model} item {key} is {size} bytes, above the limit of {max} bytes (DbOptions::max_item_bytes)")]
+    #[error("{model} item {} is {size} bytes, above the limit of {max} bytes (DbOptions::max_item_bytes)", cut(.key))]
     TooLarge {
         model: String,
         key: String,
@@ -122,3 +134,42 @@ from_redb!(
     redb::StorageError,
     redb::CommitError
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outside_text_is_cut_on_a_character_boundary_and_says_how_long_it_was() {
+        let long = "é".repeat(MAX_DETAIL + 50);
+        let short = cut(&long);
+        let kept: String = long.chars().take(MAX_DETAIL).collect();
+        assert_eq!(short, format!("{kept}... ({} bytes in all)", long.len()));
+        assert_eq!(cut("short"), "short");
+    }
+
+    #[test]
+    fn a_huge_key_is_not_echoed_whole() {
+        let key = "k".repeat(10 * 1024 * 1024);
+        for e in [
+            DbError::Exists {
+                model: "M".into(),
+                key: key.clone(),
+            },
+            DbError::NotFound {
+                model: "M".into(),
+                key: key.clone(),
+            },
+            DbError::TooLarge {
+                model: "M".into(),
+                key: key.clone(),
+                size: 1,
+                max: 0,
+            },
+        ] {
+            let shown = e.to_string();
+            assert!(shown.len() < 600, "{} bytes", shown.len());
+            assert!(shown.contains("10485760 bytes in all"), "{shown}");
+        }
+    }
+}
