@@ -628,15 +628,7 @@ impl Db {
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
                 Err(e) => return Err(e.into()),
             };
-            let mut out = Vec::new();
-            for entry in t.range::<&[u8]>(start..)? {
-                if out.len() >= limit {
-                    break;
-                }
-                let (k, v) = entry?;
-                out.push((k.value().to_vec(), v.value().to_vec()));
-            }
-            Ok(out)
+            tables::side_entries(&t, start, limit)
         })
     }
 

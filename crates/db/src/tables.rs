@@ -36,3 +36,21 @@ pub(crate) fn index_def(name: &str) -> TableDefinition<'_, Bytes, ()> {
 pub(crate) fn side_def(name: &str) -> TableDefinition<'_, Bytes, Bytes> {
     TableDefinition::new(name)
 }
+
+/// Up to `limit` entries of a side table with keys `>= start`, in key order: the one scan of a
+/// side table, over a read or a write transaction alike.
+pub(crate) fn side_entries(
+    t: &impl redb::ReadableTable<Bytes, Bytes>,
+    start: &[u8],
+    limit: usize,
+) -> Result<crate::SideEntries, crate::DbError> {
+    let mut out = Vec::new();
+    for entry in t.range::<&[u8]>(start..)? {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = entry?;
+        out.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    Ok(out)
+}

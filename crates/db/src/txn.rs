@@ -62,15 +62,7 @@ impl<'t> SideTables<'t> {
         limit: usize,
     ) -> Result<crate::SideEntries, DbError> {
         let t = self.open(table)?;
-        let mut out = Vec::new();
-        for entry in t.range::<&[u8]>(start..)? {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = entry?;
-            out.push((k.value().to_vec(), v.value().to_vec()));
-        }
-        Ok(out)
+        crate::tables::side_entries(&t, start, limit)
     }
 
     /// Removes every entry of the table.
