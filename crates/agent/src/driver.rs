@@ -770,12 +770,36 @@ impl Driver {
             DeviceEvent::Connected => tracing::info!(device = %self.id, "connected"),
             DeviceEvent::Ready => {
                 tracing::info!(device = %self.id, "sync ready");
-                // The cloud answers: whatever failed before is over.
-                self.set_status(|s| s.last_error = None);
+                // The cloud answers: whatever failed before is over. The welcome says again
+                // whether the cloud's schema differs.
+                self.set_status(|s| {
+                    s.last_error = None;
+                    s.cloud_schema = None;
+                });
+            }
+            DeviceEvent::Deferred { change, reason } => {
+                tracing::warn!(device = %self.id, model = %change.model, key = %change.key, "change deferred by the cloud (kept, sent again in the next session): {reason}");
+                let message = format!("{} {}: {reason}", change.model, change.key);
+                self.set_status(|s| {
+                    s.deferred += 1;
+                    s.last_error = Some(message);
+                });
+            }
+            DeviceEvent::CloudSchema { cloud, device } => {
+                tracing::info!(device = %self.id, cloud_schema = %cloud, device_schema = %device, "the cloud runs another schema version: items are exchanged under the neighbouring-version rules (fields and enum values one side lacks are kept)");
+                self.set_status(|s| s.cloud_schema = Some(cloud));
+            }
+            DeviceEvent::KeptByCloud { model, key, detail } => {
+                tracing::info!(device = %self.id, %model, %key, "the cloud kept parts of the item its schema does not define: {detail}");
+                self.set_status(|s| s.kept_from_neighbour_schema += 1);
+            }
+            DeviceEvent::KeptFromCloud { count } => {
+                tracing::info!(device = %self.id, count, "items from the cloud hold fields or enum values this device's schema does not define: kept whole");
+                self.set_status(|s| s.kept_from_neighbour_schema += count);
             }
             DeviceEvent::Rejected { change, reason } => {
-                tracing::warn!(device = %self.id, model = %change.model, key = ?change.key, "change rejected by the cloud: {reason}");
-                let message = format!("{} {:?}: {reason}", change.model, change.key);
+                tracing::warn!(device = %self.id, model = %change.model, key = %change.key, "change rejected by the cloud: {reason}");
+                let message = format!("{} {}: {reason}", change.model, change.key);
                 self.set_status(|s| {
                     s.rejected += 1;
                     s.last_error = Some(message.clone());
@@ -838,7 +862,7 @@ impl Driver {
             DeviceEvent::Superseded { change, winner } => {
                 tracing::warn!(device = %self.id, model = %change.model, key = ?change.key, version = %change.version, %winner, "local change superseded by a newer version in the cloud");
                 let message = format!(
-                    "{} {:?}: superseded by {winner} in the cloud",
+                    "{} {}: superseded by {winner} in the cloud",
                     change.model, change.key
                 );
                 self.set_status(|s| {
@@ -858,7 +882,7 @@ impl Driver {
             DeviceEvent::Swept { model, key } => {
                 tracing::warn!(device = %self.id, %model, ?key, "resync deleted a local item the cloud does not hold");
                 let message =
-                    format!("{model} {key:?}: deleted by a resync (the cloud does not hold it)");
+                    format!("{model} {key}: deleted by a resync (the cloud does not hold it)");
                 self.set_status(|s| {
                     s.swept += 1;
                     s.last_error = Some(message);
@@ -870,7 +894,8 @@ impl Driver {
             DeviceEvent::Repushed { count } => {
                 tracing::warn!(
                     device = %self.id, count,
-                    "re-push after a cloud restore: the writes this device holds are back in its                      outbox and being sent (what the cloud still holds is answered as a duplicate)"
+                    "re-push after a cloud restore: the writes this device holds are back in its \
+                     outbox and being sent (what the cloud still holds is answered as a duplicate)"
                 );
                 self.set_status(|s| s.restore_repushed += count);
             }

@@ -144,6 +144,15 @@ pub struct AgentStatus {
     /// them, or may have (it was restored from a backup older than what the device heard from
     /// it); they are sent again, and what the cloud still holds is answered as a duplicate.
     pub restore_repushed: u64,
+    /// Changes the cloud could not take yet because this device runs a newer schema than the
+    /// cloud's (a model the cloud lacks); they stay queued and go again in the next session.
+    pub deferred: u64,
+    /// Items stored whole although they hold fields or enum values the receiver's schema does
+    /// not define (this device and the cloud run neighbouring schema versions): down items this
+    /// device kept, plus up items the cloud kept.
+    pub kept_from_neighbour_schema: u64,
+    /// The cloud's schema version tag, when it differs from this device's (set at each welcome).
+    pub cloud_schema: Option<String>,
     /// The last error; cleared when the cloud welcomes a session.
     pub last_error: Option<String>,
 }
@@ -240,6 +249,21 @@ impl Agent {
         // With a client certificate alone the broker identifies the device by its certificate,
         // and the CONNECT carries no username or password.
         let secret = config.credentials()?.0.map(str::to_string);
+        if !devtables_sync::wire::schema_version_ok(schema.tag()) {
+            return Err(AgentError::Config(format!(
+                "the schema's version tag {:?} (its `version` and fingerprint) must be at most {} \
+                 printable ASCII characters: it travels in every sync message (shorten `version`)",
+                schema.tag(),
+                devtables_sync::wire::MAX_SCHEMA_BYTES
+            )));
+        }
+        if let Some(old) = db.write(Origin::Remote, |t| state::note_schema(t, schema.tag()))? {
+            tracing::info!(
+                device = %id, from = %old, to = %schema.tag(),
+                "the device's schema changed: catching up the cloud's feed from the start, so \
+                 what the old schema could not hold arrives now"
+            );
+        }
         let restored = state::restore(&db)?;
         let node = node_id_for(&id.node_name());
         let clock = match restored.last_hlc {
@@ -249,7 +273,7 @@ impl Agent {
         let clock = Arc::new(Mutex::new(clock));
         let cloud_offset_ms = Arc::new(AtomicI64::new(0));
         let push_overhead = devtables_sync::wire::up_overhead(
-            schema.version(),
+            schema.tag(),
             &UpMsg::Push {
                 batch: u64::MAX,
                 changes: Vec::new(),
@@ -291,7 +315,7 @@ impl Agent {
         };
         let engine = DeviceEngine::new(
             sync,
-            schema.version().to_string(),
+            schema.tag().to_string(),
             Restored {
                 cursor: restored.cursor,
                 outbox: restored.outbox,
@@ -310,7 +334,7 @@ impl Agent {
             options.set_credentials(id.node_name(), secret);
         }
         // If the connection dies, the broker tells the cloud on the device's behalf.
-        let bye = devtables_sync::wire::encode_up(schema.version(), &UpMsg::Bye, &config.sync.wire)
+        let bye = devtables_sync::wire::encode_up(schema.tag(), &UpMsg::Bye, &config.sync.wire)
             .map_err(|e| AgentError::Config(format!("cannot encode the last will: {e}")))?;
         let up_topic = devtables_sync::topics::up_topic(&config.topic_prefix, &id);
         options.set_last_will(LastWill::new(

@@ -43,6 +43,8 @@ const META_DROPPED: &[u8] = b"dropped";
 const META_FEED_GEN: &[u8] = b"feed_gen";
 const META_FEED_SEEN: &[u8] = b"feed_seen";
 const META_ANSWERED: &[u8] = b"answered";
+/// The schema version tag (`Schema::tag`) the device last synced under.
+const META_SCHEMA_TAG: &[u8] = b"schema_tag";
 
 /// The local write was refused because the outbox is full and holds nothing lossy to drop.
 #[derive(Debug, thiserror::Error)]
@@ -565,6 +567,26 @@ pub(crate) fn restamp(
 }
 
 /// Replaces the stored answered count (at the end of a re-push after a cloud restore).
+/// Records the schema the device now syncs under. When it differs from the recorded one (the
+/// device was upgraded), the feed cursor goes back to 0 in the same transaction: what the cloud
+/// sent under the old schema and this device skipped (a model or a value it lacked) comes
+/// again, and what it holds already is answered stale. Returns the old tag when it changed; a
+/// database that never recorded one just records it.
+pub(crate) fn note_schema(txn: &mut WriteTxn<'_>, tag: &str) -> Result<Option<String>, DbError> {
+    let mut side = txn.side();
+    let old = side
+        .get(META, META_SCHEMA_TAG)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    if old.as_deref() == Some(tag) {
+        return Ok(None);
+    }
+    side.put(META, META_SCHEMA_TAG, tag.as_bytes())?;
+    if old.is_some() {
+        put_u64(&mut side, META_CURSOR, 0)?;
+    }
+    Ok(old)
+}
+
 pub(crate) fn store_answered(txn: &mut WriteTxn<'_>, answered: u64) -> Result<(), DbError> {
     put_u64(&mut txn.side(), META_ANSWERED, answered)
 }

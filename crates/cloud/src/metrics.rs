@@ -227,6 +227,16 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "Pushed changes answered stale: a higher version was stored",
     ),
     counter("push_changes_rejected", "Pushed changes answered rejected"),
+    counter(
+        "push_changes_kept_from_neighbour",
+        "Pushed changes applied with fields or enum values the cloud's schema does not define \
+         (the device runs a neighbouring schema version)",
+    ),
+    counter(
+        "push_changes_deferred",
+        "Pushed changes of a model the cloud's schema lacks, from a device on a newer schema \
+         (kept by the device, sent again in its next session)",
+    ),
     gauge(
         "feed_lag_entries",
         "Feed entries the connected devices have not acknowledged, summed",

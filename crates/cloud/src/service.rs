@@ -106,11 +106,11 @@ impl Cloud {
     /// Starts every part of the service on the current tokio runtime.
     pub async fn start(config: CloudConfig, schema: Arc<Schema>) -> Result<Cloud, StartError> {
         config.validate().map_err(StartError::Config)?;
-        if !devtables_sync::wire::schema_version_ok(schema.version()) {
+        if !devtables_sync::wire::schema_version_ok(schema.tag()) {
             return Err(StartError::Config(format!(
-                "the schema's version {:?} must be at most {} printable ASCII characters: it \
-                 travels in every sync message",
-                schema.version(),
+                "the schema's version tag {:?} (its `version` and fingerprint) must be at most {} \
+                 printable ASCII characters: it travels in every sync message (shorten `version`)",
+                schema.tag(),
                 devtables_sync::wire::MAX_SCHEMA_BYTES
             )));
         }
@@ -332,7 +332,7 @@ impl Cloud {
         };
 
         let mut sync_config = config.sync.clone();
-        sync_config.schema_version = schema.version().to_string();
+        sync_config.schema_version = schema.tag().to_string();
         if sync_config.seed == 0 {
             sync_config.seed = wall_ms();
         }

@@ -122,6 +122,12 @@ pub struct SyncStatus {
     pub(crate) push_changes_superseded: AtomicU64,
     /// Pushed changes answered `rejected` (`changes_over_quota` is a part of them).
     pub(crate) push_changes_rejected: AtomicU64,
+    /// Pushed changes applied with fields or enum values the cloud's schema does not define,
+    /// kept whole: the device runs a neighbouring (newer) schema version.
+    pub(crate) push_changes_kept_from_neighbour: AtomicU64,
+    /// Pushed changes answered `newer_schema`: the device runs a newer schema whose model the
+    /// cloud lacks; the device keeps them and sends them again in its next session.
+    pub(crate) push_changes_deferred: AtomicU64,
     /// Feed entries the connected devices have not acknowledged, summed over the sessions
     /// (updated at most once a second).
     pub(crate) feed_lag_entries: AtomicU64,
@@ -182,6 +188,8 @@ pub struct StatusSnapshot {
     pub push_changes_applied: u64,
     pub push_changes_superseded: u64,
     pub push_changes_rejected: u64,
+    pub push_changes_kept_from_neighbour: u64,
+    pub push_changes_deferred: u64,
     pub feed_lag_entries: u64,
     pub feed_lag_max: u64,
     pub sessions_behind: u64,
@@ -249,6 +257,8 @@ impl SyncStatus {
             push_changes_applied: n(&self.push_changes_applied),
             push_changes_superseded: n(&self.push_changes_superseded),
             push_changes_rejected: n(&self.push_changes_rejected),
+            push_changes_kept_from_neighbour: n(&self.push_changes_kept_from_neighbour),
+            push_changes_deferred: n(&self.push_changes_deferred),
             feed_lag_entries: n(&self.feed_lag_entries),
             feed_lag_max: n(&self.feed_lag_max),
             sessions_behind: n(&self.sessions_behind),

@@ -24,6 +24,8 @@ pub struct StoreCtx {
     /// The cloud's hybrid logical clock.
     pub clock: HlcClock,
     pub schema: Arc<Schema>,
+    /// The schema's version tag ([`Schema::tag`]), named when a push is deferred.
+    pub schema_tag: String,
     /// What the running jobs asked to run once their work is durable ([`StoreCtx::after_commit`]).
     completions: Vec<Completion>,
 }
@@ -37,6 +39,7 @@ impl StoreCtx {
         StoreCtx {
             store,
             clock,
+            schema_tag: schema.tag().to_string(),
             schema,
             completions: Vec::new(),
         }

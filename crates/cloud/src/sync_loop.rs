@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devtables_sync::apply::PushRules;
 use devtables_sync::cloud::{CloudAction, CloudEngine, FeedPage, SnapshotPage};
 use devtables_sync::identity::DeviceId;
 use devtables_sync::topics;
@@ -578,12 +579,18 @@ impl SyncLoop {
                 device,
                 batch,
                 changes,
+                from_neighbour,
             } => Some(Box::new(move |c: &mut StoreCtx| {
+                let rules = PushRules {
+                    max_drift_ms,
+                    from_neighbour,
+                    cloud_schema: c.schema_tag.clone(),
+                };
                 let result = c.store.apply_push(
                     &c.schema,
                     &mut c.clock,
                     wall_ms(),
-                    max_drift_ms,
+                    &rules,
                     &device,
                     &changes,
                 );
@@ -755,14 +762,25 @@ impl SyncLoop {
     /// Counts the answers to a push's changes, service-wide.
     fn count_answers(&self, results: &[ChangeResult]) {
         let (mut applied, mut superseded, mut rejected) = (0, 0, 0);
+        let (mut kept, mut deferred) = (0, 0);
         for r in results {
             match r.status {
                 ChangeStatus::Applied => applied += 1,
                 ChangeStatus::Stale { .. } => superseded += 1,
+                ChangeStatus::Rejected {
+                    reason: RejectReason::NewerSchema { .. },
+                } => deferred += 1,
                 ChangeStatus::Rejected { .. } => rejected += 1,
+            }
+            if r.kept.is_some() {
+                kept += 1;
             }
         }
         let s = &self.status;
+        s.push_changes_kept_from_neighbour
+            .fetch_add(kept, Ordering::Relaxed);
+        s.push_changes_deferred
+            .fetch_add(deferred, Ordering::Relaxed);
         s.push_changes_applied.fetch_add(applied, Ordering::Relaxed);
         s.push_changes_superseded
             .fetch_add(superseded, Ordering::Relaxed);
@@ -880,10 +898,9 @@ impl SyncLoop {
 /// The last change of a push that the cloud refused, as a sentence.
 fn last_refusal(results: &[ChangeResult]) -> Option<String> {
     results.iter().rev().find_map(|r| match &r.status {
-        ChangeStatus::Rejected { reason } => Some(format!(
-            "{} {:?}/{:?} rejected: {reason}",
-            r.model, r.key.pk, r.key.sk
-        )),
+        ChangeStatus::Rejected { reason } => {
+            Some(format!("{} {} rejected: {reason}", r.model, r.key))
+        }
         _ => None,
     })
 }

@@ -3,8 +3,8 @@
 
 use devtables_schema::ItemKey;
 use devtables_sync::apply::{
-    cloud_apply_push, cloud_write, CloudOp, CloudWriteError, Conflict, Loser, PushCounts, RowWrite,
-    StoredRow, DEFAULT_MAX_DRIFT_MS,
+    cloud_apply_push, cloud_write, CloudOp, CloudWriteError, Conflict, Loser, PushCounts,
+    PushRules, RowWrite, StoredRow, DEFAULT_MAX_DRIFT_MS,
 };
 use devtables_sync::cloud::{FeedGeneration, FeedPage, SnapshotCursor, MAX_FEED_GENERATIONS};
 use devtables_sync::hlc::{Hlc, HlcClock};
@@ -127,7 +127,7 @@ fn push<H: CloudStoreUnderTest>(
                 &s,
                 &mut clock,
                 now,
-                DEFAULT_MAX_DRIFT_MS,
+                &PushRules::default(),
                 from,
                 changes,
             )
@@ -1294,7 +1294,7 @@ fn pushes_count_every_answer_in_their_transaction<H: CloudStoreUnderTest>(h: &mu
             &s2,
             &mut clock,
             NOW,
-            DEFAULT_MAX_DRIFT_MS,
+            &PushRules::default(),
             &d1(),
             std::slice::from_ref(&later),
         )

@@ -212,7 +212,12 @@ impl<'t> WriteTxn<'t> {
             }
             _ => {}
         }
-        let item = model.normalize_stored(item)?;
+        let item = match self.origin {
+            // Replication: the cloud may run a neighbouring (newer, compatible) schema version;
+            // what this schema does not define is kept (see `Model::normalize_from_neighbour`).
+            Origin::Remote => model.normalize_from_neighbour(item)?.0,
+            _ => model.normalize_stored(item)?,
+        };
         let key = model.primary_key(&item)?;
         let old = self.stored_even_if_expired(&key)?;
         let op = if old.is_some() {

@@ -140,6 +140,10 @@ pub(crate) struct Ctx<'a> {
     pub(crate) model: &'a str,
     pub(crate) iso_dates: bool,
     pub(crate) nulls: bool,
+    /// The value comes from a peer on a neighbouring schema version (see
+    /// `Model::normalize_from_neighbour`): members this schema does not define and enum values it
+    /// does not list are kept as they are, everything else is checked.
+    pub(crate) neighbour: bool,
 }
 
 impl Ctx<'_> {
@@ -445,7 +449,7 @@ impl Field {
         if value.is_null() {
             return Ok(());
         }
-        if let Some(allowed) = &self.enum_values {
+        if let Some(allowed) = self.enum_values.as_ref().filter(|_| !ctx.neighbour) {
             if !allowed.iter().any(|a| values_equal(a, value)) {
                 return Err(ctx.err(
                     path,
@@ -486,10 +490,13 @@ pub(crate) fn cast_object(
     let mut out = Map::new();
     for (key, value) in map {
         let p = format!("{path}.{key}");
-        let field = fields
-            .iter()
-            .find(|f| f.name == *key)
-            .ok_or_else(|| ctx.err(&p, Reason::UnknownField))?;
+        let Some(field) = fields.iter().find(|f| f.name == *key) else {
+            if ctx.neighbour {
+                out.insert(key.clone(), value.clone());
+                continue;
+            }
+            return Err(ctx.err(&p, Reason::UnknownField));
+        };
         if value.is_null() {
             if field.keeps_null(ctx.nulls) {
                 out.insert(key.clone(), Value::Null);
@@ -643,11 +650,13 @@ mod tests {
         model: "M",
         iso_dates: false,
         nulls: false,
+        neighbour: false,
     };
     const ISO: Ctx = Ctx {
         model: "M",
         iso_dates: true,
         nulls: false,
+        neighbour: false,
     };
 
     fn field(ty: FieldType) -> Field {

@@ -28,6 +28,13 @@ pub struct ItemKey {
     pub sk: String,
 }
 
+/// `pk="…" sk="…"`: how messages name a key (quoted, so empty or odd values stay visible).
+impl std::fmt::Display for ItemKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pk={:?} sk={:?}", self.pk, self.sk)
+    }
+}
+
 /// A model (entity type) of the schema.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -160,6 +167,7 @@ impl Model {
             model: &self.name,
             iso_dates: self.params.iso_dates,
             nulls: self.params.nulls,
+            neighbour: false,
         }
     }
 
@@ -380,9 +388,16 @@ impl Model {
         Ok(())
     }
 
-    /// Final checks shared by create, update and import.
-    fn validate(&self, item: &Item) -> Result<(), ValidationError> {
-        let ctx = self.ctx();
+    /// Final checks shared by create, update and import. Values equal to the ones in
+    /// `unchanged_from` (the stored item an update starts from) are not checked again: a value
+    /// written under a neighbouring schema version (see [`Model::normalize_from_neighbour`])
+    /// stays as it is until it is changed, and does not block updates of other fields.
+    fn validate(
+        &self,
+        item: &Item,
+        ctx: &Ctx,
+        unchanged_from: Option<&Item>,
+    ) -> Result<(), ValidationError> {
         for field in &self.fields {
             if field.required && !self.present(item, field) {
                 if field.has_template() {
@@ -392,7 +407,12 @@ impl Model {
                 return Err(self.err(&field.name, Reason::Required));
             }
             if let Some(value) = item.get(&field.name) {
-                field.check(value, &field.name, &ctx)?;
+                let unchanged = unchanged_from
+                    .and_then(|old| old.get(&field.name))
+                    .is_some_and(|old| values_equal(old, value));
+                if !unchanged {
+                    field.check(value, &field.name, ctx)?;
+                }
             }
         }
         // Both checks without rendering (allocating) the key values: a key attribute resolves
@@ -477,7 +497,7 @@ impl Model {
         self.set_stamp(&mut item, self.stamps.created.as_ref(), now_ms)?;
         self.set_stamp(&mut item, self.stamps.updated.as_ref(), now_ms)?;
         self.apply_templates(&mut item, false)?;
-        self.validate(&item)?;
+        self.validate(&item, &ctx, None)?;
         Ok(item)
     }
 
@@ -586,13 +606,40 @@ impl Model {
         );
         self.set_stamp(&mut item, self.stamps.updated.as_ref(), now_ms)?;
         self.apply_templates(&mut item, false)?;
-        self.validate(&item)?;
+        self.validate(&item, &ctx, Some(existing))?;
         Ok(item)
     }
 
     /// Validate and normalize a complete item from elsewhere; see the crate docs.
     pub fn normalize_stored(&self, item: Item) -> Result<Item, ValidationError> {
-        let ctx = self.ctx();
+        self.normalize(item, &self.ctx())
+    }
+
+    /// [`Model::normalize_stored`] for an item written by a peer that may run a neighbouring
+    /// version of the schema (a cloud or a device upgraded before or after this one): fields
+    /// this model does not define and enum values it does not list are kept as they are, so
+    /// an item of a compatible newer schema (added optional fields, widened enums) is stored
+    /// whole and reaches this side's peers unchanged. Types, keys, templates, required fields
+    /// and patterns are checked as always. Returns the item and, when the strict check would
+    /// have refused it, that refusal (what was kept), for the caller to count.
+    pub fn normalize_from_neighbour(
+        &self,
+        item: Item,
+    ) -> Result<(Item, Option<ValidationError>), ValidationError> {
+        match self.normalize(item.clone(), &self.ctx()) {
+            Ok(item) => Ok((item, None)),
+            Err(strict) => {
+                let ctx = Ctx {
+                    neighbour: true,
+                    ..self.ctx()
+                };
+                let item = self.normalize(item, &ctx)?;
+                Ok((item, Some(strict)))
+            }
+        }
+    }
+
+    fn normalize(&self, item: Item, ctx: &Ctx) -> Result<Item, ValidationError> {
         self.check_type_field(item.get(&self.params.type_field).unwrap_or(&Value::Null))?;
         let mut out = Item::new();
         for (key, value) in item {
@@ -604,6 +651,7 @@ impl Model {
                 let keep = match (self.field(&key), self.stamp(&key)) {
                     (Some(field), _) => self.keeps_null(field),
                     (None, Some(_)) => self.params.nulls,
+                    (None, None) if ctx.neighbour => true,
                     (None, None) => return Err(self.err(&key, Reason::UnknownField)),
                 };
                 if keep {
@@ -627,9 +675,13 @@ impl Model {
                 continue;
             }
             let Some(field) = self.field(&key) else {
+                if ctx.neighbour {
+                    out.insert(key, value);
+                    continue;
+                }
                 return Err(self.err(&key, Reason::UnknownField));
             };
-            let cast = field.cast_checked(&value, &key, &ctx)?;
+            let cast = field.cast_checked(&value, &key, ctx)?;
             out.insert(key, cast);
         }
         for &i in &self.template_order {
@@ -645,7 +697,7 @@ impl Model {
                 .and_then(render_value);
             match (template.render(|var| self.variable(&out, var)), held) {
                 (Rendered::Full(text), None) => {
-                    let value = field.cast(&Value::String(text), &field.name, &ctx)?;
+                    let value = field.cast(&Value::String(text), &field.name, ctx)?;
                     out.insert(field.name.clone(), value);
                 }
                 (Rendered::Full(text), Some(found)) if text == found => {}
@@ -665,7 +717,7 @@ impl Model {
                 }
             }
         }
-        self.validate(&out)?;
+        self.validate(&out, ctx, None)?;
         Ok(out)
     }
 
@@ -1550,5 +1602,76 @@ mod tests {
             Some((String::new(), "nohash#x".into()))
         );
         assert_eq!(nohash.index_key(&it, &idx("gs1")), None);
+    }
+
+    #[test]
+    fn an_item_of_a_neighbouring_schema_keeps_new_fields_and_enum_values_and_nothing_else() {
+        let s = schema("");
+        let m = s.model("Thing").unwrap();
+        let plain = m
+            .prepare_create(&item(json!({"owner": "o", "n": 1})), NOW)
+            .unwrap();
+        let mut newer = plain.clone();
+        // What a newer schema adds: an optional field (top level and nested) and an enum value.
+        newer.insert("color".into(), json!("red"));
+        newer.insert("args".into(), json!({"x": 1, "z": true}));
+        let (kept, forgiven) = m.normalize_from_neighbour(newer.clone()).unwrap();
+        assert_eq!(kept.get("color"), Some(&json!("red")));
+        assert_eq!(kept.get("args"), Some(&json!({"x": 1, "z": true})));
+        let forgiven = forgiven.expect("the strict check refuses it");
+        // The first refusal in field order names what was kept.
+        assert_eq!(forgiven.field, "args.z");
+        assert_eq!(forgiven.reason, Reason::UnknownField);
+        // The strict path still refuses it.
+        assert_eq!(
+            m.normalize_stored(newer.clone()).unwrap_err().reason,
+            Reason::UnknownField
+        );
+        // An item the strict check accepts is not reported.
+        let (_, none) = m.normalize_from_neighbour(plain).unwrap();
+        assert!(none.is_none());
+        // Types, required fields and patterns are checked as always.
+        let mut wrong = newer.clone();
+        wrong.insert("n".into(), json!("not a number"));
+        assert!(m.normalize_from_neighbour(wrong).is_err());
+        let mut pattern = newer.clone();
+        pattern.insert("code".into(), json!("lowercase"));
+        assert_eq!(
+            m.normalize_from_neighbour(pattern).unwrap_err().reason,
+            Reason::Pattern {
+                pattern: "/^[A-Z]{3}$/".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_kept_enum_value_does_not_block_updates_of_other_fields_until_it_changes() {
+        let s = schema("");
+        let m = s.model("Thing").unwrap();
+        let created = m
+            .prepare_create(&item(json!({"owner": "o", "kind": "b"})), NOW)
+            .unwrap();
+        // A newer schema widened `kind` with `c`; templates follow it.
+        let mut widened = created.clone();
+        widened.insert("kind".into(), json!("c"));
+        widened.remove("sk");
+        widened.remove("gs1pk");
+        widened.remove("gs1sk");
+        let (stored, forgiven) = m.normalize_from_neighbour(widened).unwrap();
+        assert!(matches!(
+            forgiven.map(|e| e.reason),
+            Some(Reason::NotInEnum { .. })
+        ));
+        assert_eq!(stored.get("kind"), Some(&json!("c")));
+        let updated = m
+            .prepare_update(&stored, &item(json!({"n": 5})), LATER)
+            .unwrap();
+        assert_eq!(updated.get("kind"), Some(&json!("c")));
+        assert_eq!(updated.get("n"), Some(&json!(5)));
+        // Setting a value this schema does not list is still refused.
+        let err = m
+            .prepare_update(&stored, &item(json!({"kind": "d"})), LATER)
+            .unwrap_err();
+        assert!(matches!(err.reason, Reason::NotInEnum { .. }), "{err}");
     }
 }

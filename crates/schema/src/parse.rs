@@ -326,6 +326,7 @@ fn build(root: Obj) -> Res<Schema> {
         secondary,
         models,
         warnings: warnings.finish(),
+        tag: std::sync::OnceLock::new(),
     })
 }
 
@@ -543,6 +544,7 @@ fn parse_model(
         model: name,
         iso_dates: params.iso_dates,
         nulls: params.nulls,
+        neighbour: false,
     };
     let env = FieldEnv {
         ctx: &ctx,

@@ -25,12 +25,22 @@ pub struct Schema {
     pub(crate) models: BTreeMap<String, Model>,
     /// Keys kept with no effect, in the order met (see [`Schema::warnings`]).
     pub(crate) warnings: Vec<SchemaWarning>,
+    /// [`Schema::tag`], computed once.
+    pub(crate) tag: std::sync::OnceLock<String>,
 }
 
 impl Schema {
     /// The schema `version`.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// `version+fingerprint`: the version tag that travels in every sync message. Two schemas
+    /// with one tag mean the same for stored data; the fingerprint part changes with any such
+    /// change even when the author forgot to bump `version` (see [`crate::SchemaShape`]).
+    pub fn tag(&self) -> &str {
+        self.tag
+            .get_or_init(|| format!("{}+{}", self.version, self.shape().fingerprint()))
     }
 
     /// The schema `format` (`onetable:...`).

@@ -168,6 +168,9 @@ pub struct ApplyOutcome {
     /// Items that failed validation against the device schema (skipped, never fatal). Bounded by
     /// the page size.
     pub invalid: Vec<Skipped>,
+    /// Items applied with fields or enum values the device's schema does not define, kept as
+    /// they are: the cloud runs a newer, compatible schema version.
+    pub kept_from_neighbour: u64,
     /// Items deleted by the final page of a resync.
     pub swept: u64,
     /// The first [`MAX_SWEPT_REPORTED`] of them, for events: a local item the cloud never had
@@ -258,8 +261,15 @@ pub fn device_apply<T: DeviceTxn>(
                 continue;
             }
             Op::Delete => None,
-            Op::Put => match checked_item(model, change) {
-                Ok(item) => Some(item),
+            // The cloud checked the item against its own schema, which may be a neighbouring
+            // version of this one (upgraded first): keep what this schema does not define.
+            Op::Put => match checked_item(model, change, true) {
+                Ok((item, kept)) => {
+                    if kept.is_some() {
+                        out.kept_from_neighbour += 1;
+                    }
+                    Some(item)
+                }
                 Err(reason) => {
                     out.invalid.push(Skipped {
                         model: change.model.clone(),
@@ -342,11 +352,28 @@ pub fn device_apply<T: DeviceTxn>(
 }
 
 /// Validate a put's item and check it is stored under its own key.
-fn checked_item(model: &Model, change: &Change) -> Result<Item, String> {
+/// With `neighbour`, the item may come from a neighbouring schema version (see
+/// [`Model::normalize_from_neighbour`]); the second value then names what the strict check
+/// refused and was kept.
+fn checked_item(
+    model: &Model,
+    change: &Change,
+    neighbour: bool,
+) -> Result<(Item, Option<String>), String> {
     let Some(item) = change.item.clone() else {
         return Err("a put must carry its item".to_string());
     };
-    let item = model.normalize_stored(item).map_err(|e| e.to_string())?;
+    let (item, kept) = if neighbour {
+        let (item, forgiven) = model
+            .normalize_from_neighbour(item)
+            .map_err(|e| e.to_string())?;
+        (item, forgiven.map(|e| e.to_string()))
+    } else {
+        (
+            model.normalize_stored(item).map_err(|e| e.to_string())?,
+            None,
+        )
+    };
     let key = model.primary_key(&item).map_err(|e| e.to_string())?;
     if key != change.key {
         return Err(format!(
@@ -354,7 +381,7 @@ fn checked_item(model: &Model, change: &Change) -> Result<Item, String> {
             key.pk, key.sk, change.key.pk, change.key.sk
         ));
     }
-    Ok(item)
+    Ok((item, kept))
 }
 
 /// Which side of a conflict lost.
@@ -487,6 +514,7 @@ fn reject(change: &Change, reason: RejectReason) -> ChangeResult {
         model: change.model.clone(),
         key: change.key.clone(),
         version: change.version,
+        kept: None,
         status: ChangeStatus::Rejected { reason },
     }
 }
@@ -521,13 +549,12 @@ pub const DEFAULT_MAX_DRIFT_MS: u64 = 60_000;
 /// offline longer than tombstone retention cannot resurrect a deleted item with a write older
 /// than the delete, whether the write named a base or was a create whose acknowledgement was
 /// lost. A write that loses to the watermark is answered `stale` with the watermark as winner.
-#[allow(clippy::too_many_arguments)]
 pub fn cloud_apply_push<T: CloudTxn>(
     txn: &mut T,
     schema: &Schema,
     clock: &mut HlcClock,
     now_ms: u64,
-    max_drift_ms: u64,
+    rules: &PushRules,
     from: &DeviceId,
     changes: &[Change],
 ) -> Result<Vec<ChangeResult>, T::Error> {
@@ -535,12 +562,12 @@ pub fn cloud_apply_push<T: CloudTxn>(
     let mut results = Vec::with_capacity(changes.len());
     let mut counts = PushCounts::default();
     for change in changes {
-        let result = match push_verdict(schema, now_ms, max_drift_ms, from, change) {
+        let result = match push_verdict(schema, now_ms, rules, from, change) {
             Err(reason) => {
                 counts.rejected += 1;
                 reject(change, reason)
             }
-            Ok((model, item)) => {
+            Ok(Verified { model, item, kept }) => {
                 clock.observe(change.version, now_ms);
                 let verdict =
                     write_versioned(txn, &owner, model, change, item.as_ref(), Some(from))?;
@@ -550,10 +577,12 @@ pub fn cloud_apply_push<T: CloudTxn>(
                     Verdict::Superseded(_) => counts.superseded += 1,
                     Verdict::WrongModel(_) => counts.rejected += 1,
                 }
+                let kept = kept.filter(|_| verdict == Verdict::Written);
                 ChangeResult {
                     model: change.model.clone(),
                     key: change.key.clone(),
                     version: change.version,
+                    kept,
                     status: verdict.status(),
                 }
             }
@@ -566,18 +595,58 @@ pub fn cloud_apply_push<T: CloudTxn>(
     Ok(results)
 }
 
+/// How the cloud judges one device's push.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushRules {
+    /// How far past the cloud's time a version may be, in ms (see [`cloud_apply_push`]).
+    pub max_drift_ms: u64,
+    /// The device announced another schema version than the cloud's: its items are checked
+    /// with [`Model::normalize_from_neighbour`] (fields and enum values the cloud's schema does
+    /// not define are kept), and a model the cloud lacks is refused with
+    /// [`RejectReason::NewerSchema`], which the device retries, rather than for good.
+    pub from_neighbour: bool,
+    /// The cloud's schema version tag, named in [`RejectReason::NewerSchema`].
+    pub cloud_schema: String,
+}
+
+impl Default for PushRules {
+    fn default() -> Self {
+        PushRules {
+            max_drift_ms: DEFAULT_MAX_DRIFT_MS,
+            from_neighbour: false,
+            cloud_schema: String::new(),
+        }
+    }
+}
+
+/// A pushed change that passed [`push_verdict`].
+struct Verified<'s> {
+    model: &'s Model,
+    /// The validated item (`None` for a delete).
+    item: Option<Item>,
+    /// What the neighbour check kept that the strict check refuses.
+    kept: Option<String>,
+}
+
 /// The checks a pushed change passes before it meets the store: the model, the version bound,
-/// the key and the item. Returns the model and the validated item (`None` for a delete).
+/// the key and the item.
 fn push_verdict<'s>(
     schema: &'s Schema,
     now_ms: u64,
-    max_drift_ms: u64,
+    rules: &PushRules,
     from: &DeviceId,
     change: &Change,
-) -> Result<(&'s Model, Option<Item>), RejectReason> {
-    let model = schema
-        .model(&change.model)
-        .ok_or(RejectReason::UnknownModel)?;
+) -> Result<Verified<'s>, RejectReason> {
+    let max_drift_ms = rules.max_drift_ms;
+    let model = schema.model(&change.model).ok_or_else(|| {
+        if rules.from_neighbour {
+            RejectReason::NewerSchema {
+                cloud_schema: rules.cloud_schema.clone(),
+            }
+        } else {
+            RejectReason::UnknownModel
+        }
+    })?;
     let process = model.process();
     if !process.in_cloud() {
         return Err(RejectReason::NotEnabledInCloud);
@@ -585,15 +654,17 @@ fn push_verdict<'s>(
     if !process.syncs_up() || process.broadcast {
         return Err(RejectReason::NotSyncedUp);
     }
-    let item = match change.op {
+    let (item, kept) = match change.op {
         Op::Delete => {
             if !model.key_fits(&change.key) {
                 return Err(RejectReason::KeyNotOfModel);
             }
-            None
+            (None, None)
         }
         Op::Put => {
-            Some(checked_item(model, change).map_err(|r| RejectReason::Validation(short(r)))?)
+            let (item, kept) = checked_item(model, change, rules.from_neighbour)
+                .map_err(|r| RejectReason::Validation(short(r)))?;
+            (Some(item), kept.map(short))
         }
     };
     if let Some(owner_value) = item.as_ref().and_then(|i| i.get(OWNER_FIELD)) {
@@ -608,7 +679,7 @@ fn push_verdict<'s>(
             max_drift_ms,
         });
     }
-    Ok((model, item))
+    Ok(Verified { model, item, kept })
 }
 
 /// What [`write_versioned`] did with one change.

@@ -292,6 +292,9 @@ pub enum CloudAction {
         batch: u64,
         /// The changes.
         changes: Vec<Change>,
+        /// The device announced another schema version than the cloud's (see
+        /// [`crate::apply::PushRules::from_neighbour`]).
+        from_neighbour: bool,
     },
     /// Read a feed page, then call [`CloudEngine::handle_feed_page`].
     ReadFeed {
@@ -722,10 +725,14 @@ impl CloudEngine {
                     return;
                 }
                 s.pushes += 1;
+                // Agents from before version tags announce a bare `version`: they get the strict
+                // check they were built for.
+                let from_neighbour = s.schema != self.cfg.schema_version && s.schema.contains('+');
                 self.actions.push_back(CloudAction::ApplyPush {
                     device: from.clone(),
                     batch,
                     changes,
+                    from_neighbour,
                 });
             }
             UpMsg::FeedAck { cursor } => {
@@ -2507,6 +2514,7 @@ mod restore_tests {
                 model: "M".into(),
                 key: delete(k).key,
                 version: delete(k).version,
+                kept: None,
                 status: wire::ChangeStatus::Applied,
             })
             .collect();

@@ -4,7 +4,7 @@
 //! which acknowledgement removes which outbox entry, which page to apply) is taken here, without
 //! I/O, and is exercised by the simulator exactly as the agent runs it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use devtables_schema::ItemKey;
 
@@ -224,6 +224,38 @@ pub enum DeviceEvent {
         /// The key.
         key: ItemKey,
     },
+    /// The cloud cannot take a change yet ([`RejectReason::NewerSchema`]: this device runs a
+    /// newer schema than the cloud's); it stays in the outbox and is sent again in the next
+    /// session.
+    Deferred {
+        /// The deferred change.
+        change: Change,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The cloud's welcome announced another schema version than this device's: items are
+    /// exchanged under the neighbouring-version rules (see `Model::normalize_from_neighbour`).
+    CloudSchema {
+        /// The cloud's schema version tag.
+        cloud: String,
+        /// This device's.
+        device: String,
+    },
+    /// The cloud applied a change but kept parts its own (older) schema does not define.
+    KeptByCloud {
+        /// The change's model.
+        model: String,
+        /// The change's key.
+        key: ItemKey,
+        /// What the cloud's strict check refused and kept.
+        detail: String,
+    },
+    /// Items of an applied page held fields or enum values this device's schema does not
+    /// define (the cloud runs a newer, compatible schema): they were stored whole.
+    KeptFromCloud {
+        /// How many items.
+        count: u64,
+    },
     /// The cloud (or the size check) refused a change; it left the outbox and is not retried.
     Rejected {
         /// The refused change.
@@ -433,6 +465,9 @@ pub struct DeviceEngine {
     answered: u64,
     /// A re-push after a cloud restore under way: no push is sent until it ends.
     repush: Option<RepushRun>,
+    /// Keys whose change the cloud deferred ([`RejectReason::NewerSchema`]): not sent again in
+    /// this session, queued again when the next one starts.
+    parked: BTreeSet<(String, ItemKey)>,
 }
 
 impl DeviceEngine {
@@ -472,6 +507,7 @@ impl DeviceEngine {
             mark_tail: restored.mark,
             answered: restored.answered,
             repush: None,
+            parked: BTreeSet::new(),
         };
         for meta in restored.outbox {
             engine.enqueue(0, meta);
@@ -561,6 +597,13 @@ impl DeviceEngine {
                         max_drift_ms,
                     });
                     self.event(DeviceEvent::Ready);
+                    if decoded.schema != self.schema_version {
+                        self.event(DeviceEvent::CloudSchema {
+                            cloud: decoded.schema.clone(),
+                            device: self.schema_version.clone(),
+                        });
+                    }
+                    self.unpark(now_ms);
                     if repush {
                         self.start_repush(answered.unwrap_or(0));
                     }
@@ -659,6 +702,11 @@ impl DeviceEngine {
         let Some(page) = self.applying.take() else {
             return;
         };
+        if outcome.kept_from_neighbour > 0 {
+            self.event(DeviceEvent::KeptFromCloud {
+                count: outcome.kept_from_neighbour,
+            });
+        }
         for skipped in outcome.invalid {
             self.event(DeviceEvent::ApplySkipped(skipped));
         }
@@ -1018,6 +1066,20 @@ impl DeviceEngine {
         self.order.insert(seq, k);
     }
 
+    /// A new session: the changes the cloud deferred in the last one go again.
+    fn unpark(&mut self, now_ms: u64) {
+        for k in std::mem::take(&mut self.parked) {
+            let Some(e) = self.entries.get_mut(&k) else {
+                continue;
+            };
+            if !e.queued && e.in_flight.is_none() && !e.restamping {
+                e.queued = true;
+                e.queued_at = now_ms;
+                self.order.insert(e.seq, k);
+            }
+        }
+    }
+
     fn requeue(&mut self, k: &(String, ItemKey), batch: u64) {
         if let Some(e) = self.entries.get_mut(k) {
             if e.restamping {
@@ -1084,6 +1146,20 @@ impl DeviceEngine {
             };
             if e.version == r.version {
                 if let ChangeStatus::Rejected {
+                    reason: reason @ RejectReason::NewerSchema { .. },
+                } = &r.status
+                {
+                    // Not final: parked until the next session (an upgraded cloud restarts).
+                    e.in_flight = None;
+                    let change = self.sent_change(&k, self.entries.get(&k).expect("held above"));
+                    self.event(DeviceEvent::Deferred {
+                        change,
+                        reason: reason.clone(),
+                    });
+                    self.parked.insert(k);
+                    continue;
+                }
+                if let ChangeStatus::Rejected {
                     reason: RejectReason::VersionAhead { cloud_ms, .. },
                 } = r.status
                 {
@@ -1112,7 +1188,15 @@ impl DeviceEngine {
                         let change = self.sent_change(&k, &e);
                         self.event(DeviceEvent::Superseded { change, winner });
                     }
-                    ChangeStatus::Applied => {}
+                    ChangeStatus::Applied => {
+                        if let Some(detail) = r.kept {
+                            self.event(DeviceEvent::KeptByCloud {
+                                model: k.0.clone(),
+                                key: k.1.clone(),
+                                detail,
+                            });
+                        }
+                    }
                 }
                 removed.push((k.0, k.1, r.version));
             } else if e.in_flight.is_some_and(|(_, v)| v == r.version) {
@@ -1618,6 +1702,7 @@ mod tests {
                     sk: (*name).into(),
                 },
                 version: hlc(*v),
+                kept: None,
                 status: ChangeStatus::Applied,
             })
             .collect();
@@ -1899,6 +1984,7 @@ mod verdict_tests {
                 model: "M".into(),
                 key: far.key.clone(),
                 version: far.version,
+                kept: None,
                 status: ChangeStatus::Rejected { reason },
             }],
         );
@@ -1933,6 +2019,75 @@ mod verdict_tests {
             panic!("the re-stamped change is sent")
         };
         assert_eq!(changes, vec![fixed]);
+    }
+
+    #[test]
+    fn a_change_the_cloud_defers_stays_queued_and_goes_again_in_the_next_session() {
+        let mut e = ready();
+        let alert = change("a", 1_000_050);
+        e.handle_local_change(2, alert.clone());
+        load(&mut e, 2, std::slice::from_ref(&alert));
+        let reason = RejectReason::NewerSchema {
+            cloud_schema: "1+00".into(),
+        };
+        ack(
+            &mut e,
+            3,
+            vec![ChangeResult {
+                model: "M".into(),
+                key: alert.key.clone(),
+                version: alert.version,
+                kept: None,
+                status: ChangeStatus::Rejected {
+                    reason: reason.clone(),
+                },
+            }],
+        );
+        let evs = events(&mut e);
+        assert!(evs.contains(&DeviceEvent::Deferred {
+            change: alert.clone(),
+            reason
+        }));
+        assert!(!evs
+            .iter()
+            .any(|ev| matches!(ev, DeviceEvent::Rejected { .. })));
+        assert_eq!(e.pending(), 1, "the entry stays");
+        assert!(
+            !std::iter::from_fn(|| e.poll_action())
+                .any(|a| matches!(a, DeviceAction::OutboxRemove { .. })),
+            "nothing leaves the durable outbox"
+        );
+        // Not resent in this session, whatever the time.
+        e.handle_timeout(600_000);
+        assert!(sent(&mut e).is_empty());
+        assert_eq!(e.poll_action(), None);
+        // The next session sends it again.
+        e.handle_disconnected(600_001);
+        e.handle_connected(600_002);
+        let Some(UpMsg::Hello { session, .. }) = sent(&mut e).pop() else {
+            panic!("no hello")
+        };
+        let welcome = DownMsg::Welcome {
+            session,
+            now_ms: 1_600_000,
+            max_drift_ms: 60_000,
+            answered: None,
+            repush: false,
+        };
+        e.handle_message(
+            600_003,
+            &wire::encode_down("2+ff", &welcome, &WireConfig::default()).unwrap(),
+        );
+        assert!(events(&mut e).contains(&DeviceEvent::CloudSchema {
+            cloud: "2+ff".into(),
+            device: "1".into()
+        }));
+        e.handle_timeout(600_100);
+        load(&mut e, 600_100, std::slice::from_ref(&alert));
+        let Some(UpMsg::Push { changes, .. }) = sent(&mut e).pop() else {
+            panic!("the deferred change is sent again")
+        };
+        assert_eq!(changes, vec![alert]);
     }
 
     fn error(e: &mut DeviceEngine, now: u64, code: ErrorCode) {
@@ -2092,6 +2247,7 @@ mod verdict_tests {
                 model: "M".into(),
                 key: mine.key.clone(),
                 version: mine.version,
+                kept: None,
                 status: ChangeStatus::Stale { winner },
             }],
         );
@@ -2284,6 +2440,7 @@ mod restore_tests {
             model: "M".into(),
             key: a.key.clone(),
             version: a.version,
+            kept: None,
             status: ChangeStatus::Applied,
         }];
         let ack = |s: u64, answered: u64| DownMsg::PushAck {

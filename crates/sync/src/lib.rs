@@ -35,8 +35,8 @@ pub mod wire;
 
 pub use apply::{
     cloud_apply_push, cloud_write, device_apply, ApplyError, ApplyOutcome, ApplyPage, CloudOp,
-    CloudTxn, CloudWriteError, Conflict, DeviceTxn, Loser, PushCounts, RowWrite, Skipped,
-    StoredRow, StoredVersion, DEFAULT_MAX_DRIFT_MS, OWNER_FIELD,
+    CloudTxn, CloudWriteError, Conflict, DeviceTxn, Loser, PushCounts, PushRules, RowWrite,
+    Skipped, StoredRow, StoredVersion, DEFAULT_MAX_DRIFT_MS, OWNER_FIELD,
 };
 pub use cloud::{
     CloudAction, CloudEngine, CloudEngineConfig, FeedPage, SnapshotCursor, SnapshotPage,

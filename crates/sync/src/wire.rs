@@ -176,6 +176,14 @@ pub enum RejectReason {
         /// How far past `cloud_ms` a version may be, in ms.
         max_drift_ms: u64,
     },
+    /// The device runs another schema version than the cloud (its envelope says so) and the
+    /// cloud's schema does not have the change's model yet: a device upgraded before its cloud.
+    /// Not final: the device keeps the change and sends it again in its next session (an
+    /// upgraded cloud restarts, and so starts one).
+    NewerSchema {
+        /// The cloud's schema version tag.
+        cloud_schema: String,
+    },
 }
 
 impl std::fmt::Display for RejectReason {
@@ -209,6 +217,11 @@ impl std::fmt::Display for RejectReason {
                 f,
                 "the version is more than {max_drift_ms} ms ahead of the cloud's time {cloud_ms}: \
                  the device clock is ahead; the change is re-stamped and sent again"
+            ),
+            RejectReason::NewerSchema { cloud_schema } => write!(
+                f,
+                "the cloud's schema ({cloud_schema}) does not have this model yet: the change is \
+                 kept on the device and sent again in its next session (upgrade the cloud's schema)"
             ),
         }
     }
@@ -266,6 +279,11 @@ pub struct ChangeResult {
     pub version: Hlc,
     /// The verdict.
     pub status: ChangeStatus,
+    /// Set when the cloud applied the item although its strict check refused it: the device
+    /// runs a neighbouring schema version, and the cloud kept the fields and enum values its own
+    /// schema does not define (see `Model::normalize_from_neighbour`). Names what was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<String>,
 }
 
 /// Device → cloud messages.

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -278,6 +278,8 @@ pub struct CloudProc {
     extra: String,
     /// The admin key of [`KEY_ACCOUNT`] every API call sends (kept across restarts).
     pub key: String,
+    /// The schema file the cloud runs (the example schema unless a test changes it).
+    schema: PathBuf,
 }
 
 impl CloudProc {
@@ -300,7 +302,45 @@ impl CloudProc {
         extra: &str,
         key: String,
     ) -> CloudProc {
-        Self::start_on(dir, prefix, broker, free_port(), extra, key)
+        Self::start_on(
+            dir,
+            prefix,
+            broker,
+            free_port(),
+            extra,
+            key,
+            &example_schema(),
+        )
+    }
+
+    /// On the schema file `schema` instead of the example schema.
+    pub fn start_with_schema(
+        dir: &Path,
+        prefix: &str,
+        broker: BrokerChoice,
+        schema: &Path,
+    ) -> CloudProc {
+        let key = create_admin_key(&dir.join("cloud-data"));
+        Self::start_on(dir, prefix, broker, free_port(), "", key, schema)
+    }
+
+    /// Stops (SIGTERM) and starts again on the same data and ports with the schema file
+    /// `schema`: how an operator upgrades the cloud's schema.
+    pub fn restart_with_schema(&mut self, schema: &Path) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let next = Self::start_on(
+            &self.dir,
+            &self.prefix,
+            self.broker.clone(),
+            self.api_port,
+            &self.extra,
+            self.key.clone(),
+            schema,
+        );
+        *self = next;
     }
 
     fn start_on(
@@ -310,6 +350,7 @@ impl CloudProc {
         api_port: u16,
         extra: &str,
         key: String,
+        schema: &Path,
     ) -> CloudProc {
         let broker_line = match &broker {
             BrokerChoice::Embedded(port) => format!("embedded_broker: '127.0.0.1:{port}',"),
@@ -318,7 +359,7 @@ impl CloudProc {
         };
         let config = format!(
             "{{schema: '{}', data_dir: 'cloud-data', api: '127.0.0.1:{api_port}', {broker_line} topic_prefix: '{prefix}', {extra}}}",
-            example_schema().display()
+            schema.display()
         );
         let path = dir.join("cloud.json5");
         std::fs::write(&path, config).unwrap();
@@ -384,6 +425,7 @@ impl CloudProc {
             api_port,
             extra: extra.to_string(),
             key,
+            schema: schema.to_path_buf(),
         };
         // Running is not ready: until its subscription to the device topics holds, the cloud
         // hears no device (a raw test client that says hello once would wait forever).
@@ -409,6 +451,7 @@ impl CloudProc {
             self.api_port,
             &self.extra,
             self.key.clone(),
+            &self.schema,
         );
         *self = next;
     }

@@ -13,6 +13,7 @@ mod proxy;
 mod restore;
 mod scenarios;
 mod schema_cmd;
+mod schema_upgrade;
 mod services;
 mod sim;
 

@@ -13,7 +13,7 @@
 pub mod sqlite;
 
 use devtables_schema::{Item, ItemKey, Schema};
-use devtables_sync::apply::{CloudOp, CloudWriteError};
+use devtables_sync::apply::{CloudOp, CloudWriteError, PushRules};
 use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -355,7 +355,7 @@ pub trait CloudStore: Send + 'static {
         schema: &Schema,
         clock: &mut HlcClock,
         now_ms: u64,
-        max_drift_ms: u64,
+        rules: &PushRules,
         from: &DeviceId,
         changes: &[Change],
     ) -> Result<(Vec<ChangeResult>, Advanced), StoreError>;

@@ -905,6 +905,7 @@ impl Sim {
                     device,
                     batch,
                     changes,
+                    from_neighbour,
                 } => {
                     let fail_at = self.draw_store_error();
                     let mut txn = CTxn::begin(&self.cloud_store, now, fail_at);
@@ -914,7 +915,11 @@ impl Sim {
                         &self.schema,
                         &mut clock,
                         now,
-                        self.cloud_cfg.max_drift_ms,
+                        &apply::PushRules {
+                            max_drift_ms: self.cloud_cfg.max_drift_ms,
+                            from_neighbour,
+                            cloud_schema: String::new(),
+                        },
                         &device,
                         &changes,
                     );
@@ -1920,6 +1925,7 @@ fn coalescing_with_in_flight_older_version_keeps_the_newer() {
             model: "B".into(),
             key: c1.key.clone(),
             version: c1.version,
+            kept: None,
             status: ChangeStatus::Applied,
         }],
         answered: None,
@@ -1980,6 +1986,7 @@ fn rejected_change_leaves_the_outbox_and_is_not_retried() {
             model: "U".into(),
             key: c.key.clone(),
             version: c.version,
+            kept: None,
             status: ChangeStatus::Rejected {
                 reason: RejectReason::Ownership,
             },
@@ -2351,6 +2358,84 @@ fn offline_device_learns_deletes_after_feed_retention() {
 }
 
 #[test]
+fn a_device_on_a_neighbouring_schema_gets_its_new_fields_kept_and_its_new_models_deferred() {
+    let s = schema();
+    let mut store = CloudStore::default();
+    store.register_device(&dev_id("d0"));
+    let mut txn = CTxn::begin(&store, 0, None);
+    let mut clock = HlcClock::new(9);
+    let from = dev_id("d0");
+    // What a newer schema adds: a field on U, and a model the cloud lacks.
+    let mut newer = change("U", "d0", "a", hlc(5));
+    if let Some(item) = newer.item.as_mut() {
+        item.insert("color".into(), "red".into());
+    }
+    let mut new_model = change("U", "d0", "b", hlc(5));
+    new_model.model = "Alert".into();
+    let neighbour = apply::PushRules {
+        from_neighbour: true,
+        cloud_schema: "1.0.0+aa".into(),
+        ..rules()
+    };
+    let r = apply::cloud_apply_push(
+        &mut txn,
+        &s,
+        &mut clock,
+        0,
+        &neighbour,
+        &from,
+        &[newer.clone(), new_model.clone()],
+    )
+    .unwrap();
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    assert!(
+        r[0].kept.as_deref().is_some_and(|k| k.contains("color")),
+        "{:?}",
+        r[0].kept
+    );
+    assert_eq!(
+        r[1].status,
+        ChangeStatus::Rejected {
+            reason: RejectReason::NewerSchema {
+                cloud_schema: "1.0.0+aa".into()
+            }
+        }
+    );
+    let stored = txn
+        .s
+        .items
+        .get(&(Owner::Device(from.clone()), newer.key.clone()))
+        .and_then(|r| r.item.clone())
+        .expect("stored");
+    assert_eq!(stored.get("color"), Some(&"red".into()), "stored whole");
+    // The same pushes from a device on the cloud's own schema: refused for good.
+    let mut strict_change = newer.clone();
+    strict_change.version = hlc(6);
+    let r = apply::cloud_apply_push(
+        &mut txn,
+        &s,
+        &mut clock,
+        0,
+        &rules(),
+        &from,
+        &[strict_change, new_model],
+    )
+    .unwrap();
+    assert!(
+        matches!(&r[0].status, ChangeStatus::Rejected { reason: RejectReason::Validation(m) } if m.contains("color")),
+        "{:?}",
+        r[0].status
+    );
+    assert_eq!(
+        r[1].status,
+        ChangeStatus::Rejected {
+            reason: RejectReason::UnknownModel
+        }
+    );
+    assert!(r.iter().all(|x| x.kept.is_none()));
+}
+
+#[test]
 fn ownership_is_enforced_by_the_cloud() {
     let s = schema();
     let mut store = CloudStore::default();
@@ -2369,7 +2454,7 @@ fn ownership_is_enforced_by_the_cloud() {
         &s,
         &mut clock,
         0,
-        60_000,
+        &rules(),
         &from,
         &[theirs, mine.clone(), down_model, unknown],
     )
@@ -2401,7 +2486,7 @@ fn ownership_is_enforced_by_the_cloud() {
         &s,
         &mut clock,
         0,
-        60_000,
+        &rules(),
         &from,
         std::slice::from_ref(&mine),
     )
@@ -2409,7 +2494,7 @@ fn ownership_is_enforced_by_the_cloud() {
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let mut old = mine.clone();
     old.version = hlc(4);
-    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, 60_000, &from, &[old]).unwrap();
+    let r = apply::cloud_apply_push(&mut txn, &s, &mut clock, 0, &rules(), &from, &[old]).unwrap();
     assert_eq!(
         r[0].status,
         ChangeStatus::Stale {
@@ -2510,4 +2595,9 @@ fn dkey(device: &str, name: &str) -> ItemKey {
         pk: format!("d#{device}"),
         sk: format!("d#{name}"),
     }
+}
+
+/// The cloud's push rules of these tests: the default drift bound, no neighbouring schema.
+fn rules() -> apply::PushRules {
+    apply::PushRules::default()
 }

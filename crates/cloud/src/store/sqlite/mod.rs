@@ -128,7 +128,7 @@ mod txn;
 use std::path::Path;
 
 use devtables_schema::{ItemKey, Schema};
-use devtables_sync::apply::{CloudOp, CloudTxn, CloudWriteError, PushCounts};
+use devtables_sync::apply::{CloudOp, CloudTxn, CloudWriteError, PushCounts, PushRules};
 use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -386,7 +386,7 @@ impl CloudStore for SqliteStore {
         schema: &Schema,
         clock: &mut HlcClock,
         now_ms: u64,
-        max_drift_ms: u64,
+        rules: &PushRules,
         from: &DeviceId,
         changes: &[Change],
     ) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
@@ -395,7 +395,7 @@ impl CloudStore for SqliteStore {
             schema,
             clock,
             now_ms,
-            max_drift_ms,
+            rules,
             &self.quotas,
             self.run,
             &mut self.conflict_warn,

@@ -110,7 +110,7 @@ mod tests {
     use rusqlite::Connection;
     use serde_json::json;
 
-    use super::super::tests::{api_put, clock, dev, put, schema, ver, DRIFT, MAX_MSG, NOW};
+    use super::super::tests::{api_put, clock, dev, put, schema, ver, MAX_MSG, NOW, RULES};
     use super::super::{SqliteOptions, SqliteStore};
     use crate::store::{CloudStore, DeviceQuotas};
 
@@ -165,7 +165,7 @@ mod tests {
         };
         let big = "b".repeat(400);
         let push = |s: &mut SqliteStore, c: &mut _, changes: &[_]| {
-            s.apply_push(&schema, c, NOW, DRIFT, &d1, changes)
+            s.apply_push(&schema, c, NOW, RULES, &d1, changes)
                 .unwrap()
                 .0
         };
@@ -335,7 +335,7 @@ mod tests {
                     json!({"deviceId": d.device, "name": "k", "v": i}),
                     ver(NOW + i, 100 + i),
                 );
-                s.apply_push(&schema, &mut c, NOW, DRIFT, d, &[ch]).unwrap();
+                s.apply_push(&schema, &mut c, NOW, RULES, d, &[ch]).unwrap();
             }
         }
         let log = s.conflicts("a", None, 100).unwrap();
@@ -377,7 +377,7 @@ mod tests {
                     )
                 })
                 .collect();
-            s.apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &changes)
+            s.apply_push(&schema, &mut clock(), NOW, RULES, &d1, &changes)
                 .unwrap();
         }
         let raw = Connection::open(dir.path().join("cloud.db")).unwrap();

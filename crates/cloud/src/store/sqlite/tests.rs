@@ -11,6 +11,12 @@ use serde_json::json;
 pub(super) const NOW: u64 = 1_795_629_600_000;
 pub(super) const MAX_MSG: usize = 128 * 1024;
 pub(super) const DRIFT: u64 = 60_000;
+/// The push rules of these tests: [`DRIFT`], no neighbouring schema.
+pub(super) const RULES: &PushRules = &PushRules {
+    max_drift_ms: DRIFT,
+    from_neighbour: false,
+    cloud_schema: String::new(),
+};
 
 const SCHEMA: &str = r#"{
     format: 'onetable:1.1.0',
@@ -149,7 +155,7 @@ fn a_version_beyond_the_drift_bound_is_refused_and_moves_no_clock() {
             &schema,
             &mut c,
             NOW,
-            DRIFT,
+            RULES,
             &d1,
             std::slice::from_ref(&ahead),
         )
@@ -188,7 +194,7 @@ fn a_version_beyond_the_drift_bound_is_refused_and_moves_no_clock() {
         ver(NOW + DRIFT, 7),
     );
     let (r, _) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[edge])
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, &[edge])
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let rec = s.device(&d1).unwrap().unwrap();
@@ -206,7 +212,7 @@ fn a_change_may_only_touch_rows_of_its_own_model() {
         json!({"deviceId": "d1", "name": "n"}),
         ver(NOW, 7),
     );
-    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&up))
+    s.apply_push(&schema, &mut c, NOW, RULES, &d1, std::slice::from_ref(&up))
         .unwrap();
     // Both's template produces the same key as Up's: the live Up row is not Both's.
     let both = put(
@@ -232,7 +238,7 @@ fn a_change_may_only_touch_rows_of_its_own_model() {
             &schema,
             &mut c,
             NOW,
-            DRIFT,
+            RULES,
             &d1,
             &[both, del_both, shared_key],
         )
@@ -303,7 +309,7 @@ fn every_write_meets_the_purge_watermark() {
         json!({"deviceId": "d1", "name": "n", "v": 1}),
         ver(NOW, 7),
     );
-    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v1))
+    s.apply_push(&schema, &mut c, NOW, RULES, &d1, std::slice::from_ref(&v1))
         .unwrap();
     let (del, _) = s
         .write(
@@ -341,7 +347,7 @@ fn every_write_meets_the_purge_watermark() {
             &schema,
             &mut c,
             later,
-            DRIFT,
+            RULES,
             &d1,
             std::slice::from_ref(&v2),
         )
@@ -378,7 +384,7 @@ fn every_write_meets_the_purge_watermark() {
             &schema,
             &mut c,
             later,
-            DRIFT,
+            RULES,
             &d1,
             std::slice::from_ref(&resent),
         )
@@ -402,7 +408,7 @@ fn every_write_meets_the_purge_watermark() {
         ver(NOW + 150, 7),
     );
     let (r, _) = s
-        .apply_push(&schema, &mut c, later, DRIFT, &d1, &[fresh])
+        .apply_push(&schema, &mut c, later, RULES, &d1, &[fresh])
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     // An edit newer than the delete wins, as it would against the tombstone.
@@ -414,7 +420,7 @@ fn every_write_meets_the_purge_watermark() {
     );
     v3.base = Some(v1.version);
     let (r, _) = s
-        .apply_push(&schema, &mut c, later, DRIFT, &d1, &[v3])
+        .apply_push(&schema, &mut c, later, RULES, &d1, &[v3])
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let rec = s.device(&d1).unwrap().unwrap();
@@ -439,11 +445,11 @@ fn a_restored_devices_losing_write_is_logged_but_a_late_duplicate_is_not() {
         ver(NOW + 2, 7),
     );
     v2.base = Some(v1.version);
-    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1.clone(), v2.clone()])
+    s.apply_push(&schema, &mut c, NOW, RULES, &d1, &[v1.clone(), v2.clone()])
         .unwrap();
     // The network delivers the first write again: it lost to its own successor, no conflict.
     let (r, _) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v1))
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, std::slice::from_ref(&v1))
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
     assert!(s.conflicts("a", None, 10).unwrap().is_empty());
@@ -460,7 +466,7 @@ fn a_restored_devices_losing_write_is_logged_but_a_late_duplicate_is_not() {
         },
     );
     let (r, _) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v2b])
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, &[v2b])
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
     let log = s.conflicts("a", None, 10).unwrap();
@@ -480,12 +486,12 @@ fn push_is_idempotent_and_stale_writes_lose_with_a_conflict() {
         ver(NOW + 2, 7),
     );
     let (r, adv) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v2))
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, std::slice::from_ref(&v2))
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     assert_eq!(adv, vec![(d1.clone(), 2)]);
     let (r, adv) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&v2))
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, std::slice::from_ref(&v2))
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     assert!(adv.is_empty(), "a replay writes nothing");
@@ -498,7 +504,7 @@ fn push_is_idempotent_and_stale_writes_lose_with_a_conflict() {
         ver(NOW + 1, 8),
     );
     let (r, _) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v1])
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, &[v1])
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Stale { winner: v2.version });
     let stored = s
@@ -535,7 +541,7 @@ fn push_is_idempotent_and_stale_writes_lose_with_a_conflict() {
         ver(NOW + 3, 9),
     );
     let (r, _) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[v3])
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, &[v3])
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let log = s.conflicts("a", None, 10).unwrap();
@@ -565,7 +571,7 @@ fn push_naming_another_device_is_rejected_and_not_stored() {
             &schema,
             &mut clock(),
             NOW,
-            DRIFT,
+            RULES,
             &d1,
             std::slice::from_ref(&ch),
         )
@@ -604,7 +610,7 @@ fn push_from_an_unregistered_device_fails_whole() {
             &schema,
             &mut clock(),
             NOW,
-            DRIFT,
+            RULES,
             &dev("a", "d1"),
             std::slice::from_ref(&ch),
         )
@@ -638,10 +644,10 @@ fn two_devices_writing_one_key_get_separate_rows() {
     );
     assert_eq!(c1.key, c2.key);
     let (r1, a1) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, std::slice::from_ref(&c1))
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, std::slice::from_ref(&c1))
         .unwrap();
     let (r2, a2) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d2, std::slice::from_ref(&c2))
+        .apply_push(&schema, &mut c, NOW, RULES, &d2, std::slice::from_ref(&c2))
         .unwrap();
     assert_eq!(
         (r1[0].status.clone(), r2[0].status.clone()),
@@ -835,7 +841,7 @@ fn broadcast_write_fans_out_to_the_account_only() {
     // A push of a broadcast model is refused.
     let ch = put(&schema, "Bcast", json!({"name": "x"}), ver(NOW, 7));
     let (r, _) = s
-        .apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[ch])
+        .apply_push(&schema, &mut c, NOW, RULES, &d1, &[ch])
         .unwrap();
     assert_eq!(
         r[0].status,
@@ -971,7 +977,7 @@ fn purge_trims_the_conflict_log_per_account() {
                 json!({"deviceId": d.device, "name": "k", "v": i}),
                 ver(NOW + i, 100 + i),
             );
-            s.apply_push(&schema, &mut c, NOW, DRIFT, d, &[ch]).unwrap();
+            s.apply_push(&schema, &mut c, NOW, RULES, d, &[ch]).unwrap();
         }
     }
     assert_eq!(s.conflicts("a", None, 100).unwrap().len(), 4);
@@ -1064,7 +1070,7 @@ fn snapshot_pages_return_every_down_item_once() {
             json!({"deviceId": "d1", "name": format!("u{i}")}),
             ver(NOW, 7),
         );
-        s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up])
+        s.apply_push(&schema, &mut c, NOW, RULES, &d1, &[up])
             .unwrap();
     }
     api_put(
@@ -1181,7 +1187,7 @@ fn query_items_filters_and_pages() {
         json!({"deviceId": "d1", "name": "a%b", "v": 3}),
         ver(NOW, 7),
     );
-    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[up])
+    s.apply_push(&schema, &mut c, NOW, RULES, &d1, &[up])
         .unwrap();
 
     let all = s.query_items(&query("Down")).unwrap();
@@ -1627,7 +1633,7 @@ fn a_layout_1_file_is_upgraded_in_place() {
         ver(NOW, 1),
     );
     let (r, _) = s
-        .apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[ch])
+        .apply_push(&schema, &mut clock(), NOW, RULES, &d1, &[ch])
         .unwrap();
     assert_eq!(r[0].status, ChangeStatus::Applied);
     assert_eq!(s.device(&d1).unwrap().unwrap().changes_applied, 1);
@@ -1758,7 +1764,7 @@ fn a_layout_5_file_is_upgraded_with_answered_counts_and_feed_generations_from_ze
             json!({"deviceId": "d1", "name": "n"}),
             ver(NOW, 1),
         );
-        s.apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[ch])
+        s.apply_push(&schema, &mut clock(), NOW, RULES, &d1, &[ch])
             .unwrap();
     }
     // The file as layout 5 had it: without the four columns.
@@ -1794,7 +1800,7 @@ fn a_layout_5_file_is_upgraded_with_answered_counts_and_feed_generations_from_ze
         json!({"deviceId": "d1", "name": "m"}),
         ver(NOW, 2),
     );
-    s.apply_push(&schema, &mut clock(), NOW, DRIFT, &d1, &[again])
+    s.apply_push(&schema, &mut clock(), NOW, RULES, &d1, &[again])
         .unwrap();
     let page = s.read_feed(&d1, 1, 10).unwrap();
     assert_eq!(page.answered, 1);
@@ -1961,7 +1967,7 @@ fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
         json!({"deviceId": "d1", "name": "n"}),
         ver(NOW, 7),
     );
-    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[first])
+    s.apply_push(&schema, &mut c, NOW, RULES, &d1, &[first])
         .unwrap();
     let (items, feed) = (rows_of(&s, "items", &d1), rows_of(&s, "feed", &d1));
     assert_eq!(items, 1);
@@ -1988,7 +1994,7 @@ fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
             &schema,
             &mut c,
             NOW,
-            DRIFT,
+            RULES,
             &d1,
             std::slice::from_ref(&late),
         )
@@ -2004,7 +2010,7 @@ fn a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated() {
         (after.cursor_acked, after.feed_head),
         (rec.cursor_acked, rec.feed_head)
     );
-    s.apply_push(&schema, &mut c, NOW, DRIFT, &d1, &[late])
+    s.apply_push(&schema, &mut c, NOW, RULES, &d1, &[late])
         .unwrap();
     assert_eq!(rows_of(&s, "items", &d1), items + 1);
 
@@ -2025,7 +2031,7 @@ fn revoking_with_delete_items_removes_only_that_devices_rows_and_feed() {
             json!({"deviceId": name, "name": "n"}),
             ver(NOW, 7),
         );
-        s.apply_push(&schema, &mut c, NOW, DRIFT, d, &[ch]).unwrap();
+        s.apply_push(&schema, &mut c, NOW, RULES, d, &[ch]).unwrap();
     }
     let d2_rows = (rows_of(&s, "items", &d2), rows_of(&s, "feed", &d2));
     assert_eq!(rows_of(&s, "items", &d1), 1);
@@ -2059,7 +2065,7 @@ fn a_group_keeps_each_operation_whole_and_is_durable_only_at_its_commit() {
             json!({"deviceId": d.device, "name": name, "v": 1}),
             ver(NOW + 1, 7),
         );
-        s.apply_push(&schema, c, NOW, DRIFT, d, &[p])
+        s.apply_push(&schema, c, NOW, RULES, d, &[p])
     };
     // Pushes applied for the device, and its feed head, as this connection reads them.
     let written = |s: &mut SqliteStore, d: &DeviceId| {

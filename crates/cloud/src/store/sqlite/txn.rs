@@ -11,7 +11,7 @@ use std::time::Instant;
 use devtables_schema::{ItemKey, Schema};
 use devtables_sync::apply::{
     cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser, PushCounts,
-    RowWrite, StoredRow,
+    PushRules, RowWrite, StoredRow,
 };
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -379,7 +379,7 @@ pub(super) fn apply_push(
     schema: &Schema,
     clock: &mut HlcClock,
     now_ms: u64,
-    max_drift_ms: u64,
+    rules: &PushRules,
     quotas: &DeviceQuotas,
     run: u64,
     warn: &mut WarnLimiter,
@@ -404,19 +404,14 @@ pub(super) fn apply_push(
                     model: change.model.clone(),
                     key: change.key.clone(),
                     version: change.version,
+                    kept: None,
                     status: ChangeStatus::Rejected { reason },
                 });
                 continue;
             }
             let one = std::slice::from_ref(change);
             results.extend(cloud_apply_push(
-                &mut t,
-                schema,
-                clock,
-                now_ms,
-                max_drift_ms,
-                from,
-                one,
+                &mut t, schema, clock, now_ms, rules, from, one,
             )?);
         }
         t.write_counts(from, over_quota)?;
