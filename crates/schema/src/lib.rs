@@ -30,8 +30,9 @@
 //! Modules: `parse` (loading and schema rules), `keys` (the catalogue of OneTable and Ioto
 //! keys: supported, kept-and-ignored with a [`SchemaWarning`], refused), `schema` (schema-wide
 //! types), `model` (per-item operations), `field` (types, casting, validation), `template`
-//! (`${field}` templates), `query` (find properties → key condition and filters), `date`,
-//! `error`. docs/schema.md says what each schema key does in devtables.
+//! (`${field}` templates), `query` (find properties → key condition and filters), `shape`
+//! (what a schema means for stored data: [`SchemaShape`], its fingerprint, [`compare_shapes`]
+//! and the compatibility rules; the values `unique` fields keep unique), `date`, `error`. docs/schema.md says what each schema key does in devtables.
 
 mod date;
 mod error;
@@ -42,6 +43,7 @@ mod parse;
 mod query;
 mod schema;
 mod settings;
+mod shape;
 mod template;
 
 pub use date::format_iso_ms;
@@ -52,6 +54,8 @@ pub use model::{ItemKey, Model};
 pub use query::{Filter, FilterOp, Query, SortCondition};
 pub use schema::Schema;
 pub use settings::{Enable, Index, Params, Process, SyncDirection, Timestamps};
+pub use shape::{compare_shapes, SchemaChange, SchemaChangeKind, SchemaChanges, SchemaShape};
+pub use shape::{UniqueScope, UniqueValue};
 
 /// A stored or input item: a JSON object.
 pub type Item = serde_json::Map<String, serde_json::Value>;
