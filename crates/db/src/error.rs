@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use devtables_schema::ValidationError;
+use devtables_schema::{SchemaChanges, ValidationError};
 
 /// Longest text from outside (an engine's message, an item's key) kept in an error, in
 /// characters: a 10 MB key must not become 10 MB of error message.
@@ -56,6 +56,46 @@ pub enum OpenError {
     },
     #[error("cannot start the database's background thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The schema differs from the one the file was written with in ways stored items may not
+    /// survive; `changes` holds every difference (the message names the incompatible ones).
+    #[error("database file {path} was written with a schema its items may not survive; this schema differs from it:\n{}\nTo accept the change, open the file with DbOptions::allow_schema_change (stored items that no longer validate stay as they are); or export its items with the old schema, then import them into a new file with this one", incompatible_list(.changes))]
+    SchemaChanged {
+        path: PathBuf,
+        changes: SchemaChanges,
+    },
+    #[error("database file {path} records the schema it was written with in a form this devtables cannot read ({detail}): was it written by a newer devtables? DbOptions::allow_schema_change records this schema over it")]
+    SchemaRecord { path: PathBuf, detail: String },
+    /// A field is `unique` in the schema, but two stored items hold the same value.
+    #[error("{0}")]
+    NotUnique(Box<UniqueCollision>),
+}
+
+/// Two stored items holding one value of a field the schema makes `unique`, found at open.
+#[derive(Debug, thiserror::Error)]
+#[error("database file {path}: {model}.{field} is unique in this schema, but items {} and {} both hold the value {}{}: open the file with a schema where the field is not unique and change or remove one of them (or export, fix the lines and import), then open it again", cut(.first), cut(.second), cut(.value), in_scope(.scope))]
+pub struct UniqueCollision {
+    pub path: PathBuf,
+    pub model: String,
+    pub field: String,
+    pub value: String,
+    /// The rendered `scope`, when the field has one.
+    pub scope: Option<String>,
+    /// The keys of the two items.
+    pub first: String,
+    pub second: String,
+}
+
+/// The incompatible changes, one per line.
+fn incompatible_list(changes: &SchemaChanges) -> String {
+    let lines: Vec<String> = changes.incompatible().map(|c| format!("  - {c}")).collect();
+    lines.join("\n")
+}
+
+fn in_scope(scope: &Option<String>) -> String {
+    match scope {
+        Some(scope) => format!(" in scope {}", cut(scope)),
+        None => String::new(),
+    }
 }
 
 /// Why an operation on the database failed. Nothing was written when any of these is returned.
@@ -79,6 +119,17 @@ pub enum DbError {
         key: String,
         size: usize,
         max: usize,
+    },
+    /// A value of a `unique` field that another item holds (within the field's scope).
+    #[error("{model}.{field} is unique{}: the value {} is already held by item {}; choose another value, or change or remove that item first", in_scope(.scope), cut(.value), cut(.holder))]
+    NotUnique {
+        model: String,
+        field: String,
+        value: String,
+        /// The rendered `scope`, when the field has one.
+        scope: Option<String>,
+        /// The key of the item holding the value.
+        holder: String,
     },
     #[error("{model}: the value of index attribute {field} contains a NUL character, which keys cannot hold")]
     BadIndexValue { model: String, field: String },

@@ -20,6 +20,9 @@
 //!   answer becomes [`DbError::Damaged`] / [`OpenError::Damaged`] naming the file.
 //! - `hooks`: change subscribers ([`ItemChange`], [`Origin`]).
 //! - `jsonl`: import and export as JSON lines.
+//! - `schema_record`: the schema a file was written with, recorded in it and compared with the
+//!   schema of every open ([`OpenError::SchemaChanged`], [`DbOptions::allow_schema_change`]).
+//! - `unique`: `unique` fields, kept unique by a table of their values ([`DbError::NotUnique`]).
 //!
 //! # Opening a file
 //! - [`Db::open`] opens or creates (an empty file becomes a new database, redb's rule).
@@ -27,6 +30,10 @@
 //!   [`OpenError::Damaged`].
 //! - [`Db::open_read_only`] never writes the file (redb 2.x cannot open read-only by itself; see
 //!   `storage`), so it reads files the process may not write, and damaged files as they are.
+//!
+//! Every open compares the schema it is given with the one the file records (`schema_record`):
+//! compatible changes are accepted and recorded ([`Db::schema_changes_at_open`]), incompatible
+//! ones refused unless [`DbOptions::allow_schema_change`] accepts them.
 //!
 //! # Damaged files
 //! A truncated or corrupted file never panics the process: opening it, and every operation on
@@ -50,9 +57,11 @@ mod jsonl;
 mod keys;
 mod memory;
 mod read;
+mod schema_record;
 mod storage;
 pub mod tables;
 mod txn;
+mod unique;
 
 use std::fs::{File, OpenOptions};
 use std::mem::ManuallyDrop;
@@ -61,11 +70,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use devtables_schema::{Item, Schema};
+use devtables_schema::{Item, Schema, SchemaChanges};
 use redb::{ReadableTable, ReadableTableMetadata};
 
 pub use background::Background;
-pub use error::{DbError, OpenError};
+pub use error::{DbError, OpenError, UniqueCollision};
 pub use hooks::{ChangeOp, Hook, HookId, ItemChange, Origin};
 pub use read::{FindOptions, Page, ReadTxn};
 pub use txn::{SideTables, WriteInterceptor, WriteTxn};
@@ -145,6 +154,12 @@ pub struct DbOptions {
     /// default), or one thread shared by the process's databases (for processes holding many).
     pub background: Background,
     pub clock: Clock,
+    /// Accept a schema that changed incompatibly since the file was last opened (a removed
+    /// field, a changed type...: see docs/schema.md) instead of refusing the open with
+    /// [`OpenError::SchemaChanged`]: the new schema is recorded (logged at warn), and stored
+    /// items that no longer validate stay as they are, to be fixed or removed by the
+    /// application. Off by default: a schema change is a decision, not an accident.
+    pub allow_schema_change: bool,
 }
 
 impl Default for DbOptions {
@@ -157,6 +172,7 @@ impl Default for DbOptions {
             cache_bytes: 8 * 1024 * 1024,
             background: Background::OwnThread,
             clock: Arc::new(system_now_ms),
+            allow_schema_change: false,
         }
     }
 }
@@ -170,6 +186,7 @@ impl std::fmt::Debug for DbOptions {
             .field("max_transaction_ops", &self.max_transaction_ops)
             .field("cache_bytes", &self.cache_bytes)
             .field("background", &self.background)
+            .field("allow_schema_change", &self.allow_schema_change)
             .finish_non_exhaustive()
     }
 }
@@ -215,6 +232,10 @@ pub(crate) struct Inner {
     waiting: AtomicUsize,
     /// Table names of the secondary indexes, in `Schema::secondary_indexes` order.
     index_tables: Vec<String>,
+    /// Whether the schema has `unique` fields: only then do writes open the `unique` table.
+    pub(crate) has_unique: bool,
+    /// What the open found about the schema the file was written with (set once, at open).
+    schema_state: OnceLock<schema_record::SchemaState>,
     /// The periodic flush and TTL purge; stopped by [`Db::close`], so the file is released when
     /// `close` returns (dropping the last `Db` ends it too).
     worker: Mutex<Option<Worker>>,
@@ -418,6 +439,7 @@ impl Db {
             .iter()
             .map(|i| tables::index_table_name(&i.name))
             .collect();
+        let has_unique = unique::schema_has_unique(&schema);
         let inner = Arc::new(Inner {
             db: ManuallyDrop::new(db),
             schema,
@@ -428,6 +450,8 @@ impl Db {
             write_lock: Mutex::new(()),
             waiting: AtomicUsize::new(0),
             index_tables,
+            has_unique,
+            schema_state: OnceLock::new(),
             worker: Mutex::new(None),
             path: path.clone(),
             memory,
@@ -436,7 +460,11 @@ impl Db {
             read_only,
         });
         check_format(&inner)?;
-        prepare_tables(&inner).map_err(|e| tables_error(&path, e))?;
+        let (schema_state, record) = schema_record::check(&inner)?;
+        prepare_tables(&inner, record.as_ref())?;
+        schema_record::log(&path, &schema_state, read_only);
+        // Set once, here, before the handle exists: it cannot be set already.
+        let _ = inner.schema_state.set(schema_state);
         if !read_only {
             let worker = Worker::start(&inner).map_err(OpenError::Thread)?;
             *inner.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
@@ -456,6 +484,41 @@ impl Db {
 
     pub fn options(&self) -> &DbOptions {
         &self.inner.options
+    }
+
+    /// How the schema this database was opened with differs from the one the file recorded
+    /// (the schema of its previous open): empty when they store data alike, and when nothing
+    /// was recorded (a new file, a file from before the record, an in-memory database). Non-empty
+    /// after a compatible change, or an incompatible one [`DbOptions::allow_schema_change`]
+    /// accepted: the replication agent asks the cloud for a resync then.
+    pub fn schema_changes_at_open(&self) -> &SchemaChanges {
+        static NONE: SchemaChanges = SchemaChanges {
+            changes: Vec::new(),
+        };
+        self.inner
+            .schema_state
+            .get()
+            .map_or(&NONE, |state| &state.changes)
+    }
+
+    /// The schema fingerprint ([`devtables_schema::SchemaShape::fingerprint`]) the file records
+    /// now: the current schema's after a writable open; for a read-only open, whatever the file
+    /// held (`None` for a file from before the record). `None` for an in-memory database, which
+    /// records nothing.
+    pub fn recorded_fingerprint(&self) -> Option<&str> {
+        self.inner
+            .schema_state
+            .get()
+            .and_then(|state| state.fingerprint.as_deref())
+    }
+
+    /// The fingerprint the file recorded before this open, if any: differs from
+    /// [`Db::recorded_fingerprint`] when the schema changed.
+    pub fn previous_fingerprint(&self) -> Option<&str> {
+        self.inner
+            .schema_state
+            .get()
+            .and_then(|state| state.previous.as_deref())
     }
 
     /// Runs `f` in one write transaction with the given origin; commits when it returns Ok (then
@@ -485,6 +548,11 @@ impl Db {
                 for name in &inner.index_tables {
                     indexes.push(tx.open_table(tables::index_def(name))?);
                 }
+                let unique = if inner.has_unique {
+                    Some(tx.open_table(unique::UNIQUE)?)
+                } else {
+                    None
+                };
                 let mut wtx = WriteTxn {
                     inner,
                     tx: &tx,
@@ -492,6 +560,7 @@ impl Db {
                     types: tx.open_table(tables::TYPES)?,
                     ttl: tx.open_table(tables::TTL)?,
                     indexes,
+                    unique,
                     origin,
                     now_ms: (inner.options.clock)(),
                     changes: Vec::new(),
@@ -787,7 +856,7 @@ fn convert_from_json(inner: &Inner) -> Result<(), DbError> {
 }
 
 /// Why the tables of a freshly opened file could not be read or prepared.
-fn tables_error(path: &Path, e: DbError) -> OpenError {
+pub(crate) fn tables_error(path: &Path, e: DbError) -> OpenError {
     match damage::classify(path, e) {
         DbError::Damaged { path, detail } => OpenError::Damaged { path, detail },
         DbError::Storage(source) => OpenError::Tables {
@@ -836,8 +905,23 @@ fn refuse_empty(path: &Path, file: &File) -> Result<(), OpenError> {
     Ok(())
 }
 
-fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
-    let mut tx = inner.db.begin_write()?;
+/// Prepares the tables in one transaction at open: creates the fixed ones, rebuilds the
+/// secondary indexes whose definition changed, records the schema (`record`) and brings the
+/// `unique` table in line with the schema's unique fields (not for read-only opens, which
+/// write nothing: redb's writes there stay in memory).
+fn prepare_tables(inner: &Inner, record: Option<&schema_record::Record>) -> Result<(), OpenError> {
+    let fail = |e: unique::PrepareError| match e {
+        unique::PrepareError::Db(e) => tables_error(&inner.path, e),
+        unique::PrepareError::Open(e) => *e,
+    };
+    prepare_tables_in(inner, record).map_err(fail)
+}
+
+fn prepare_tables_in(
+    inner: &Inner,
+    record: Option<&schema_record::Record>,
+) -> Result<(), unique::PrepareError> {
+    let mut tx = inner.db.begin_write().map_err(DbError::from)?;
     tx.set_durability(redb::Durability::Immediate);
     tx.open_table(tables::ITEMS)?;
     tx.open_table(tables::TYPES)?;
@@ -845,6 +929,9 @@ fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
     let mut stale = Vec::new();
     {
         let mut meta = tx.open_table(tables::META)?;
+        if let Some(record) = record {
+            record.write(&mut meta)?;
+        }
         for (index, name) in inner
             .schema
             .secondary_indexes()
@@ -879,7 +966,10 @@ fn prepare_tables(inner: &Inner) -> Result<(), DbError> {
         }
         tracing::info!(index = %index.name, "built secondary index");
     }
-    tx.commit()?;
+    if !inner.read_only {
+        unique::prepare(&tx, &inner.schema, (inner.options.clock)(), &inner.path)?;
+    }
+    tx.commit().map_err(DbError::from)?;
     Ok(())
 }
 

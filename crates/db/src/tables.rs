@@ -4,8 +4,12 @@
 //! - `types`: `model \0 pk \0 sk` → (): walks one model without reading the others.
 //! - `ttl`: `expiry \0 pk \0 sk` → (): the purge reads only what has expired.
 //! - `idx:<name>`: one per secondary index, `hash \0 sort \0 pk \0 sk` → (): real index lookups.
-//! - `meta`: the stored-item format (`format`, see `codec`) and the index definitions the
-//!   secondary tables were built for (rebuilt when they change).
+//! - `unique`: the values of `unique` fields, (model, field, scope, value) → the key of the item
+//!   holding it (see `unique`); only in files whose schema has unique fields.
+//! - `meta`: the stored-item format (`format`, see `codec`), the index definitions the
+//!   secondary tables were built for (rebuilt when they change), the unique fields the `unique`
+//!   table holds values of (`unique:<model>\0<field>`), and the schema the file was written
+//!   with (`schema`, its shape as JSON, and `schema_fingerprint`; see `schema_record`).
 //! - `x:<name>`: side tables for the layers above (replication outbox, versions, cursors), written in
 //!   the same transactions as the items they describe.
 

@@ -9,7 +9,7 @@ use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
 use crate::hooks::{ChangeOp, ItemChange, Origin};
 use crate::tables::{self, Bytes};
-use crate::{keys, DbError, Inner};
+use crate::{keys, unique, DbError, Inner};
 
 /// Called inside every write transaction for each change, before commit. The replication agent
 /// uses it to record the outbox entry of a local change in the same transaction as the change;
@@ -82,6 +82,8 @@ pub struct WriteTxn<'t> {
     pub(crate) ttl: Table<'t, Bytes, ()>,
     /// One per secondary index, in `Schema::secondary_indexes` order.
     pub(crate) indexes: Vec<Table<'t, Bytes, ()>>,
+    /// The values of `unique` fields (see `unique`); opened only when the schema has some.
+    pub(crate) unique: Option<Table<'t, Bytes, Bytes>>,
     pub(crate) origin: Origin,
     pub(crate) now_ms: i64,
     pub(crate) changes: Vec<ItemChange>,
@@ -245,6 +247,7 @@ impl<'t> WriteTxn<'t> {
         item: Item,
     ) -> Result<Item, DbError> {
         let raw = keys::item_key(key);
+        self.move_unique(&raw, Some((model, &item)), None)?;
         self.items.remove(raw.as_slice())?;
         self.types
             .remove(keys::type_key(model.name(), key).as_slice())?;
@@ -318,6 +321,7 @@ impl<'t> WriteTxn<'t> {
         };
         let same_model = old_model.is_some_and(|m| m.name() == model.name());
         let raw = keys::item_key(&key);
+        self.move_unique(&raw, old_model.zip(old_item), Some((model, &item)))?;
         self.items.insert(raw.as_slice(), bytes.as_slice())?;
         if !same_model {
             if let Some(m) = old_model {
@@ -374,6 +378,54 @@ impl<'t> WriteTxn<'t> {
         };
         self.record(interceptor, change)?;
         Ok(item)
+    }
+
+    /// Moves the unique values of the item at `raw` from `old` to `new` (see `unique`).
+    /// Refuses a value another live item holds, for local writes and imports; a replicated
+    /// write takes it over, since refusing would stop replication (the cloud does not enforce
+    /// `unique`).
+    fn move_unique(
+        &mut self,
+        raw: &[u8],
+        old: Option<(&Model, &Item)>,
+        new: Option<(&Model, &Item)>,
+    ) -> Result<(), DbError> {
+        let Some(table) = &self.unique else {
+            return Ok(());
+        };
+        let (moves, conflicts) = unique::plan(table, raw, old, new, |holder, value_key| {
+            // The entry counts only while its item is live and still holds the value.
+            Ok(self.get_stored(holder)?.is_some_and(|(m, item)| {
+                unique::keyed(m, &item)
+                    .iter()
+                    .any(|(k, _)| k.as_slice() == value_key)
+            }))
+        })?;
+        if let (Some(conflict), Some((model, _))) = (conflicts.first(), new) {
+            if matches!(self.origin, Origin::Local | Origin::Import) {
+                return Err(DbError::NotUnique {
+                    model: model.name().to_string(),
+                    field: conflict.value.field.clone(),
+                    value: conflict.value.value.clone(),
+                    scope: unique::scope_text(&conflict.value.scope),
+                    holder: display_key(&conflict.holder),
+                });
+            }
+            for conflict in &conflicts {
+                tracing::warn!(
+                    model = %model.name(),
+                    field = %conflict.value.field,
+                    value = %crate::error::cut(&conflict.value.value),
+                    holder = %display_key(&conflict.holder),
+                    item = %unique::shown_key(raw),
+                    "a replicated item takes over a unique value another item holds (the cloud does not enforce unique)"
+                );
+            }
+        }
+        if let Some(table) = &mut self.unique {
+            unique::apply(table, raw, &moves)?;
+        }
+        Ok(())
     }
 
     fn index_keys(

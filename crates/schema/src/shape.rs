@@ -882,8 +882,9 @@ pub enum UniqueScope {
     Model,
     /// The rendered `scope` template.
     Scoped(String),
-    /// The item lacks `variable`, which the `scope` template needs: the item's scope is not
-    /// known, so its value cannot be checked.
+    /// The item lacks `variable`, which the `scope` template needs. Such items form one
+    /// scope of their own (OneTable renders every such scope to the same text), so their
+    /// values are unique among them.
     Unresolved { variable: String },
 }
 

@@ -6,6 +6,8 @@ mod format;
 mod memory;
 mod ops;
 mod oracle;
+mod schema_change;
+mod unique;
 
 use std::sync::Arc;
 
