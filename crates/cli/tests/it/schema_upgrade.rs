@@ -66,7 +66,7 @@ fn v3_incompatible(dir: &Path) -> PathBuf {
         "v3.json5",
         &[
             ("version: '1.0.0'", "version: '3.0.0'"),
-            ("source: {type: 'string'},", "source: {type: 'number'},"),
+            ("source: {type: 'string'},", "source: {type: 'object'},"),
         ],
     )
 }
@@ -91,8 +91,14 @@ impl Fleet {
         })
     }
 
+    /// The device's items of `model` in the cloud (an API failure panics, with its answer).
     fn items(&self, device: &str, model: &str) -> Vec<Value> {
-        self.cloud.items(ACCOUNT, device, model).unwrap_or_default()
+        self.cloud
+            .items(ACCOUNT, device, model)
+            .unwrap_or_else(|e| panic!("reading {device}'s {model} items: {e}"))
+            .into_iter()
+            .map(|row| row["item"].clone())
+            .collect()
     }
 
     fn cloud_count(&self, name: &str) -> u64 {
@@ -168,7 +174,13 @@ fn a_fleet_upgrades_its_schema_one_side_at_a_time_and_loses_nothing() {
             .ok_or(format!("{s}"))
     });
     assert_eq!(new.status()["rejected"], 0);
-    assert!(fleet.items("new", "Alert").is_empty());
+    let absent = fleet.cloud.items(ACCOUNT, "new", "Alert");
+    assert!(
+        absent
+            .as_ref()
+            .is_err_and(|e| e.contains("unknown model Alert")),
+        "the v1 cloud holds no alert: {absent:?}"
+    );
     assert!(fleet.cloud_count("push_changes_deferred") >= 1);
 
     // 2. The cloud upgrades to v2 (a restart): the deferred alert arrives.
@@ -224,7 +236,7 @@ fn a_fleet_upgrades_its_schema_one_side_at_a_time_and_loses_nothing() {
     let mut bad = fleet.agent("bad", &bad_secret, &v3);
     bad.wait_synced();
     bad.op(json!({"op": "create", "model": "Fault",
-        "item": {"deviceId": "bad", "severity": "warn", "source": 7}}));
+        "item": {"deviceId": "bad", "severity": "warn", "source": {"pin": 7}}}));
     let status = eventually("the incompatible fault refused", || {
         let s = bad.status();
         (s["rejected"] == 1)
