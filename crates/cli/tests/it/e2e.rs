@@ -34,8 +34,8 @@ fn killed_device_goes_offline() {
 }
 
 #[test]
-fn newer_device_schema_is_rejected_clearly() {
-    scenarios::newer_device_schema_is_rejected_clearly(BrokerChoice::Embedded(0));
+fn newer_device_schema_is_kept_whole_and_said() {
+    scenarios::newer_device_schema_is_kept_whole_and_said(BrokerChoice::Embedded(0));
 }
 
 #[test]

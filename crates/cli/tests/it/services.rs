@@ -166,9 +166,9 @@ fn mosquitto_offline_past_retention_resyncs() {
 }
 
 #[test]
-fn mosquitto_newer_device_schema_is_rejected_clearly() {
+fn mosquitto_newer_device_schema_is_kept_whole_and_said() {
     let Some(addr) = mosquitto() else { return };
-    scenarios::newer_device_schema_is_rejected_clearly(BrokerChoice::External(addr));
+    scenarios::newer_device_schema_is_kept_whole_and_said(BrokerChoice::External(addr));
 }
 
 /// The fault scenario with Mosquitto: each agent behind its own faulty proxy, and the cloud's own
