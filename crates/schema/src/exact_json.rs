@@ -221,7 +221,10 @@ mod tests {
         let v = parse_json_exact(text).unwrap();
         assert_eq!(v["f"], json!(1e300));
         assert_eq!(v["s"], json!("123456789012345678901234567890"));
-        assert_eq!(v["99999999999999999999"], json!("x\"99999999999999999999\\"));
+        assert_eq!(
+            v["99999999999999999999"],
+            json!("x\"99999999999999999999\\")
+        );
     }
 
     #[test]
