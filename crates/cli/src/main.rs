@@ -41,7 +41,7 @@ enum Command {
     /// Run a device agent (database + replication) from a configuration file.
     Agent(serve_cmd::AgentArgs),
     /// Run the cloud service (store, broker, sync, HTTP API) from a configuration file.
-    Cloud(serve_cmd::ConfigArgs),
+    Cloud(serve_cmd::CloudArgs),
     /// Create, list and revoke the cloud HTTP API's keys in a cloud's data folder.
     Keys(keys_cmd::KeysArgs),
     /// Act on the device registry in a cloud's data folder (revoke a device).
