@@ -72,13 +72,16 @@ impl ConnectFailure {
     pub(crate) fn describe(self, error: &str) -> String {
         match self {
             ConnectFailure::Credentials => format!(
-                "cannot connect: the broker refused the credentials (check the device secret or                  client certificate, and that the device is registered and not revoked): {error}"
+                "cannot connect: the broker refused the credentials (check the device secret or \
+                 client certificate, and that the device is registered and not revoked): {error}"
             ),
             ConnectFailure::Unreachable => format!(
-                "cannot connect: the broker is unreachable (check the broker address and port,                  and that the broker runs): {error}"
+                "cannot connect: the broker is unreachable (check the broker address and port, \
+                 and that the broker runs): {error}"
             ),
             ConnectFailure::Tls => format!(
-                "cannot connect: the TLS handshake failed (check the CA file, the server name                  and the client certificate): {error}"
+                "cannot connect: the TLS handshake failed (check the CA file, the server name \
+                 and the client certificate): {error}"
             ),
             ConnectFailure::Other => format!("cannot connect: {error}"),
         }

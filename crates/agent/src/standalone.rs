@@ -127,9 +127,11 @@ async fn drain_outbox(agent: &Agent, bound: Duration) {
         return;
     }
     eprintln!(
-        "devtables agent {}: input ended; waiting up to {} s for the cloud to take {pending}          queued changes",
+        "devtables agent {}: input ended; waiting up to {} s for the cloud to take {pending} \
+         queued change{}",
         agent.id(),
-        bound.as_secs_f64()
+        bound.as_secs_f64(),
+        if pending == 1 { "" } else { "s" }
     );
     let deadline = tokio::time::Instant::now() + bound;
     let mut status = agent.watch_status();
@@ -153,9 +155,15 @@ async fn drain_outbox(agent: &Agent, bound: Duration) {
         let why = agent.status().connection.unwrap_or_default();
         tracing::warn!(device = %agent.id(), pending, "stopping with changes still queued");
         eprintln!(
-            "devtables agent {}: stopping with {pending} changes still queued (kept in the              database; they go at the next start){}",
+            "devtables agent {}: stopping with {pending} change{} still queued (kept in the \
+             database; they go at the next start){}",
             agent.id(),
-            if why.is_empty() { String::new() } else { format!("; {why}") }
+            if pending == 1 { "" } else { "s" },
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!("; {why}")
+            }
         );
     }
 }
