@@ -5,7 +5,9 @@
 //! device-only `devtables-agent` (`src/bin/devtables-agent.rs`, without the cloud, the broker and
 //! SQLite). The loop lives here, once, so the two cannot drift apart.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,8 +104,12 @@ pub fn run_loaded(
         let agent = Agent::start(config, Arc::new(schema))?;
         builtin_commands(&agent);
         eprintln!("devtables agent {} running; Ctrl-C stops it", agent.id());
-        if serve(&agent, options.stdin).await == Stopped::InputEnded {
-            drain_outbox(&agent, drain).await;
+        // One listener for the agent's whole life: one made anew per loop turn would miss a
+        // signal that arrives between two turns (tokio keeps no signal for a later listener).
+        let stop = stop_signal();
+        tokio::pin!(stop);
+        if serve(&agent, options.stdin, stop.as_mut()).await == Stopped::InputEnded {
+            drain_outbox(&agent, drain, stop).await;
         }
         agent.shutdown().await;
         Ok(())
@@ -121,7 +127,11 @@ enum Stopped {
 
 /// Waits until the outbox is empty (every local change acknowledged by the cloud), at most
 /// `bound`, or a stop signal; says on standard error what stays queued.
-async fn drain_outbox(agent: &Agent, bound: Duration) {
+async fn drain_outbox(
+    agent: &Agent,
+    bound: Duration,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+) {
     let mut pending = agent.status().pending;
     if pending == 0 {
         return;
@@ -140,7 +150,7 @@ async fn drain_outbox(agent: &Agent, bound: Duration) {
     while pending > 0 {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
-            _ = stop_signal() => break,
+            _ = &mut stop => break,
             changed = status.changed() => if changed.is_err() { break },
             _ = tick.tick() => {}
         }
@@ -201,7 +211,11 @@ pub async fn stop_signal() {
 /// The agent's life: answers `--stdin` lines, or prints a status line every few seconds; tells
 /// standard error each time the cloud welcomes a session (`ready`), which is when a supervisor
 /// or a measurement knows changes flow.
-async fn serve(agent: &Agent, stdin: bool) -> Stopped {
+async fn serve(
+    agent: &Agent,
+    stdin: bool,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+) -> Stopped {
     let mut status = agent.watch_status();
     let mut was_ready = false;
     let mut watching = true;
@@ -214,7 +228,7 @@ async fn serve(agent: &Agent, stdin: bool) -> Stopped {
     }
     loop {
         tokio::select! {
-            _ = stop_signal() => return Stopped::Signal,
+            _ = &mut stop => return Stopped::Signal,
             line = lines.recv(), if stdin => match line {
                 Some(Ok(line)) => println!("{}", stdin_op(agent, &line)),
                 Some(Err(len)) => {
