@@ -189,6 +189,11 @@ pub struct AgentFile {
     /// See [`AgentConfig::tombstone_retention`], in hours.
     #[serde(default)]
     pub tombstone_retention_hours: Option<u64>,
+    /// The standalone agent in `--stdin` mode: how long the end of its input waits for the
+    /// cloud to acknowledge every queued change before the agent stops, in seconds (default 10;
+    /// see [`crate::standalone::StandaloneOptions::stdin_drain`]).
+    #[serde(default)]
+    pub stdin_drain_secs: Option<u64>,
 }
 
 /// The `tls` block of the agent's file (the same format as the cloud's `external_broker_tls`).

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::commands::{self, ResultRetry};
 use crate::config::AgentConfig;
-use crate::link::LinkEvent;
+use crate::link::{ConnectFailure, LinkEvent};
 use crate::state::{self, AgentTxn};
 use crate::{AgentStatus, CommandHandler, Handlers, Inbox};
 
@@ -182,13 +182,16 @@ impl Driver {
                         self.subscribe();
                         let now = self.now();
                         self.engine.handle_connected(now);
-                        self.set_status(|s| s.connected = true);
+                        self.set_status(|s| {
+                            s.connected = true;
+                            s.connection = None;
+                        });
                     }
                     Some(LinkEvent::Message(payload)) => {
                         let now = self.now();
                         self.engine.handle_message(now, &payload);
                     }
-                    Some(LinkEvent::Lost { was_connected, error }) => {
+                    Some(LinkEvent::Lost { was_connected, error, failure, warn }) => {
                         if was_connected {
                             tracing::warn!(device = %self.id, "MQTT connection lost: {error}");
                             connected = false;
@@ -199,10 +202,21 @@ impl Driver {
                                 s.connected = false;
                                 s.ready = false;
                                 s.last_error = Some(error.clone());
+                                s.connection = Some(format!("connection lost: {error}; reconnecting"));
                             });
                         } else {
-                            tracing::debug!(device = %self.id, "MQTT connect failed: {error}");
-                            self.set_status(|s| s.last_error = Some(error.clone()));
+                            // Said as a warning when it is news (link::FailureLog), so a device
+                            // that cannot connect tells why without a line per retry.
+                            let said = failure.unwrap_or(ConnectFailure::Other).describe(&error);
+                            if warn {
+                                tracing::warn!(device = %self.id, "{said} (retrying with backoff)");
+                            } else {
+                                tracing::debug!(device = %self.id, "{said}");
+                            }
+                            self.set_status(|s| {
+                                s.last_error = Some(error.clone());
+                                s.connection = Some(said);
+                            });
                         }
                     }
                     None => break,

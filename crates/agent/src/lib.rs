@@ -155,6 +155,11 @@ pub struct AgentStatus {
     pub cloud_schema: Option<String>,
     /// The last error; cleared when the cloud welcomes a session.
     pub last_error: Option<String>,
+    /// Why the agent is not connected, while it is not: `cannot connect: ...` with the kind of
+    /// failure (the broker refused the credentials, it is unreachable, the TLS handshake failed)
+    /// and what to check, or `connection lost: ...` while it reconnects. `None` while connected
+    /// and before the first attempt ends.
+    pub connection: Option<String>,
 }
 
 /// Shared by the database's commit hook and the event loop: what the bounded input queue could

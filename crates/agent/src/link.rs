@@ -6,11 +6,15 @@
 //! a slow link completes a TCP and MQTT handshake never connects at all (the fault-injection test
 //! `faults::busy_device_connects_over_a_slow_link` showed 1,268 connections opened for 1,268
 //! writes). On its own task it also keeps polling while the driver waits for the database.
+//!
+//! It also says why an attempt failed ([`ConnectFailure`]: refused credentials, an unreachable
+//! broker, TLS, other), and decides which failures deserve a warning ([`FailureLog`]), since a
+//! device that cannot connect retries for as long as it runs.
 
 use std::hash::BuildHasher;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rumqttc::{Event, EventLoop, Outgoing, Packet};
+use rumqttc::{ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet};
 use tokio::sync::{mpsc, watch};
 
 /// What the connection task tells the driver.
@@ -27,7 +31,94 @@ pub(crate) enum LinkEvent {
         was_connected: bool,
         /// What failed.
         error: String,
+        /// Why the attempt failed, when it was one (not a connection that was up).
+        failure: Option<ConnectFailure>,
+        /// Whether to say it as a warning ([`FailureLog`]); otherwise it is a debug line.
+        warn: bool,
     },
+}
+
+/// Why a connection attempt failed, in the terms of what to fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConnectFailure {
+    /// The broker answered CONNACK "bad user name or password" or "not authorized": a wrong
+    /// secret, a device not registered or revoked, a client certificate no longer valid.
+    Credentials,
+    /// No TCP connection, or no answer in time: the address or port is wrong, nothing listens
+    /// there, the name does not resolve, a firewall drops the packets.
+    Unreachable,
+    /// The TLS handshake failed: a CA that does not sign the broker's certificate, a server name
+    /// it does not carry, a client certificate the broker refuses.
+    Tls,
+    /// Anything else: the broker refused for another reason or closed the connection.
+    Other,
+}
+
+impl ConnectFailure {
+    pub(crate) fn of(error: &ConnectionError) -> ConnectFailure {
+        match error {
+            ConnectionError::ConnectionRefused(
+                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
+            ) => ConnectFailure::Credentials,
+            // The only I/O before the MQTT handshake is resolving the name and the TCP connect;
+            // the timeout covers the whole handshake.
+            ConnectionError::Io(_) | ConnectionError::NetworkTimeout => ConnectFailure::Unreachable,
+            ConnectionError::Tls(_) => ConnectFailure::Tls,
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    /// The status line of an agent whose attempts fail so (`error` is the client's message).
+    pub(crate) fn describe(self, error: &str) -> String {
+        match self {
+            ConnectFailure::Credentials => format!(
+                "cannot connect: the broker refused the credentials (check the device secret or \
+                 client certificate, and that the device is registered and not revoked): {error}"
+            ),
+            ConnectFailure::Unreachable => format!(
+                "cannot connect: the broker is unreachable (check the broker address and port, \
+                 and that the broker runs): {error}"
+            ),
+            ConnectFailure::Tls => format!(
+                "cannot connect: the TLS handshake failed (check the CA file, the server name \
+                 and the client certificate): {error}"
+            ),
+            ConnectFailure::Other => format!("cannot connect: {error}"),
+        }
+    }
+}
+
+/// Which failed attempts are warned about: the first after a connection (or the start), one
+/// that fails for another reason than the last, and otherwise one a [`FailureLog::REPEAT`]; the
+/// others are debug lines. A device whose broker is away for a day retries thousands of times.
+#[derive(Debug, Default)]
+pub(crate) struct FailureLog {
+    /// The last failure warned about, and when.
+    last: Option<(ConnectFailure, Instant)>,
+}
+
+impl FailureLog {
+    /// The longest a failure that goes on is not warned about again.
+    pub(crate) const REPEAT: Duration = Duration::from_secs(60);
+
+    /// Whether the attempt that failed with `failure` at `now` is warned about.
+    pub(crate) fn warn(&mut self, failure: ConnectFailure, now: Instant) -> bool {
+        let warn = match self.last {
+            Some((last, at)) => {
+                last != failure || now.saturating_duration_since(at) >= Self::REPEAT
+            }
+            None => true,
+        };
+        if warn {
+            self.last = Some((failure, now));
+        }
+        warn
+    }
+
+    /// A connection was made: the next failure is news again.
+    pub(crate) fn reset(&mut self) {
+        self.last = None;
+    }
 }
 
 /// Most link events waiting for the driver. Incoming messages are bounded by the broker's
@@ -44,6 +135,7 @@ pub(crate) async fn run(
     mut backoff: Backoff,
 ) {
     let mut connected = false;
+    let mut failures = FailureLog::default();
     loop {
         let event = tokio::select! {
             // Cancel-safe: only the shutdown flag races the poll, and after it the poll is
@@ -71,16 +163,24 @@ pub(crate) async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
                 backoff.reset();
+                failures.reset();
                 Some(LinkEvent::Connected)
             }
             Ok(Event::Incoming(Packet::Publish(p))) => Some(LinkEvent::Message(p.payload.to_vec())),
             Ok(_) => None,
             Err(e) => {
                 let was_connected = std::mem::replace(&mut connected, false);
+                let failure = (!was_connected).then(|| ConnectFailure::of(&e));
+                let warn = match failure {
+                    Some(failure) => failures.warn(failure, Instant::now()),
+                    None => true,
+                };
                 if events
                     .send(LinkEvent::Lost {
                         was_connected,
                         error: e.to_string(),
+                        failure,
+                        warn,
                     })
                     .await
                     .is_err()
@@ -149,6 +249,73 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_attempts_are_classified_by_what_to_fix() {
+        use std::io::{Error, ErrorKind};
+        let cases = [
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
+                ConnectFailure::Credentials,
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
+                ConnectFailure::Credentials,
+            ),
+            (
+                ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable),
+                ConnectFailure::Other,
+            ),
+            (
+                ConnectionError::Io(Error::from(ErrorKind::ConnectionRefused)),
+                ConnectFailure::Unreachable,
+            ),
+            (ConnectionError::NetworkTimeout, ConnectFailure::Unreachable),
+            (
+                ConnectionError::Tls(rumqttc::TlsError::Io(Error::other(
+                    "invalid peer certificate",
+                ))),
+                ConnectFailure::Tls,
+            ),
+            (
+                ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted),
+                ConnectFailure::Other,
+            ),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(ConnectFailure::of(&error), expected, "{error}");
+        }
+        let said = ConnectFailure::Credentials
+            .describe("Connection refused, return code: `BadUserNamePassword`");
+        assert!(
+            said.contains("refused the credentials") && said.contains("BadUserNamePassword"),
+            "{said}"
+        );
+        assert!(ConnectFailure::Unreachable
+            .describe("x")
+            .contains("unreachable"));
+    }
+
+    #[test]
+    fn a_failure_is_warned_when_new_when_it_changes_and_once_a_minute() {
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert!(log.warn(ConnectFailure::Unreachable, at(0)), "the first");
+        assert!(!log.warn(ConnectFailure::Unreachable, at(1)));
+        assert!(!log.warn(ConnectFailure::Unreachable, at(59)));
+        assert!(log.warn(ConnectFailure::Unreachable, at(60)), "a minute on");
+        assert!(
+            log.warn(ConnectFailure::Credentials, at(61)),
+            "another reason"
+        );
+        assert!(!log.warn(ConnectFailure::Credentials, at(62)));
+        log.reset();
+        assert!(
+            log.warn(ConnectFailure::Credentials, at(63)),
+            "after a connection"
+        );
+    }
 
     #[test]
     fn reconnect_waits_double_to_the_cap_with_jitter_and_reset_on_connect() {

@@ -5,19 +5,25 @@
 //! device-only `devtables-agent` (`src/bin/devtables-agent.rs`, without the cloud, the broker and
 //! SQLite). The loop lives here, once, so the two cannot drift apart.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use devtables_schema::{Schema, SchemaError};
 use serde_json::{json, Value};
 
-use crate::config::AgentFile;
+use crate::config::{AgentConfig, AgentFile};
 use crate::{Agent, AgentError};
 
 /// Most bytes of one `--stdin` line; a longer line is answered with an error and skipped, so a
 /// runaway writer cannot make the agent buffer without bound.
 pub const MAX_STDIN_LINE: usize = 1 << 20;
+
+/// How long the end of `--stdin` input waits, by default, for the cloud to acknowledge every
+/// queued change before the agent stops.
+pub const DEFAULT_STDIN_DRAIN: Duration = Duration::from_secs(10);
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -25,8 +31,14 @@ pub struct StandaloneOptions {
     /// The agent's configuration file (JSON5, see [`AgentFile`]).
     pub config: PathBuf,
     /// Read operations on the device database as JSON lines from standard input and answer each
-    /// with one JSON line on standard output (see [`stdin_op`]); the end of input stops the agent.
+    /// with one JSON line on standard output (see [`stdin_op`]); the end of input stops the agent
+    /// once the outbox is empty, or after [`Self::stdin_drain`].
     pub stdin: bool,
+    /// How long the end of `--stdin` input waits for the cloud to acknowledge every queued
+    /// change (a script that writes and closes its input expects its writes to reach the cloud).
+    /// What is still queued then stays in the database and goes at the next start. `None`: the
+    /// file's `stdin_drain_secs`, else [`DEFAULT_STDIN_DRAIN`].
+    pub stdin_drain: Option<Duration>,
 }
 
 /// Why the standalone agent could not run.
@@ -69,19 +81,101 @@ pub fn init_logging_with(default_filter: &str) {
 /// event loop ends, the database is closed).
 pub fn run(options: StandaloneOptions) -> Result<(), StandaloneError> {
     let (file, config) = AgentFile::load(&options.config)?;
+    run_loaded(&options, &file, config)
+}
+
+/// [`run`] on a configuration file already loaded, whose settings the caller may have changed
+/// (`devtables agent` applies its `--mqtt` and `--db` there).
+pub fn run_loaded(
+    options: &StandaloneOptions,
+    file: &AgentFile,
+    config: AgentConfig,
+) -> Result<(), StandaloneError> {
     let schema = Schema::load(&file.schema).map_err(|source| StandaloneError::Schema {
         path: file.schema.clone(),
         source,
     })?;
+    let drain = options
+        .stdin_drain
+        .or(file.stdin_drain_secs.map(Duration::from_secs))
+        .unwrap_or(DEFAULT_STDIN_DRAIN);
     let runtime = runtime().map_err(StandaloneError::Runtime)?;
     runtime.block_on(async move {
         let agent = Agent::start(config, Arc::new(schema))?;
         builtin_commands(&agent);
         eprintln!("devtables agent {} running; Ctrl-C stops it", agent.id());
-        serve(&agent, options.stdin).await;
+        // One listener for the agent's whole life: one made anew per loop turn would miss a
+        // signal that arrives between two turns (tokio keeps no signal for a later listener).
+        let stop = stop_signal();
+        tokio::pin!(stop);
+        if serve(&agent, options.stdin, stop.as_mut()).await == Stopped::InputEnded {
+            drain_outbox(&agent, drain, stop).await;
+        }
         agent.shutdown().await;
         Ok(())
     })
+}
+
+/// Why [`serve`] returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Stopped {
+    /// Ctrl-C or SIGTERM: stop now.
+    Signal,
+    /// The end of `--stdin` input: stop once what was written reached the cloud.
+    InputEnded,
+}
+
+/// Waits until the outbox is empty (every local change acknowledged by the cloud), at most
+/// `bound`, or a stop signal; says on standard error what stays queued.
+async fn drain_outbox(
+    agent: &Agent,
+    bound: Duration,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+) {
+    let mut pending = agent.status().pending;
+    if pending == 0 {
+        return;
+    }
+    eprintln!(
+        "devtables agent {}: input ended; waiting up to {} s for the cloud to take {pending} \
+         queued change{}",
+        agent.id(),
+        bound.as_secs_f64(),
+        if pending == 1 { "" } else { "s" }
+    );
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut status = agent.watch_status();
+    // The status changes when the outbox shrinks; the tick is a safety net, not the signal.
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while pending > 0 {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = &mut stop => break,
+            changed = status.changed() => if changed.is_err() { break },
+            _ = tick.tick() => {}
+        }
+        pending = agent.status().pending;
+    }
+    if pending == 0 {
+        eprintln!(
+            "devtables agent {}: every change reached the cloud",
+            agent.id()
+        );
+    } else {
+        let why = agent.status().connection.unwrap_or_default();
+        tracing::warn!(device = %agent.id(), pending, "stopping with changes still queued");
+        eprintln!(
+            "devtables agent {}: stopping with {pending} change{} still queued (kept in the \
+             database; they go at the next start){}",
+            agent.id(),
+            if pending == 1 { "" } else { "s" },
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!("; {why}")
+            }
+        );
+    }
 }
 
 /// The multi-threaded tokio runtime the standalone services run on.
@@ -117,7 +211,11 @@ pub async fn stop_signal() {
 /// The agent's life: answers `--stdin` lines, or prints a status line every few seconds; tells
 /// standard error each time the cloud welcomes a session (`ready`), which is when a supervisor
 /// or a measurement knows changes flow.
-async fn serve(agent: &Agent, stdin: bool) {
+async fn serve(
+    agent: &Agent,
+    stdin: bool,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+) -> Stopped {
     let mut status = agent.watch_status();
     let mut was_ready = false;
     let mut watching = true;
@@ -130,7 +228,7 @@ async fn serve(agent: &Agent, stdin: bool) {
     }
     loop {
         tokio::select! {
-            _ = stop_signal() => break,
+            _ = &mut stop => return Stopped::Signal,
             line = lines.recv(), if stdin => match line {
                 Some(Ok(line)) => println!("{}", stdin_op(agent, &line)),
                 Some(Err(len)) => {
@@ -138,7 +236,7 @@ async fn serve(agent: &Agent, stdin: bool) {
                     println!("{}", json!({"ok": false, "error": format!(
                         "line of {len} bytes is over the {MAX_STDIN_LINE}-byte limit; skipped")}));
                 }
-                None => break,
+                None => return Stopped::InputEnded,
             },
             changed = status.changed(), if watching => {
                 if changed.is_err() {
@@ -154,8 +252,9 @@ async fn serve(agent: &Agent, stdin: bool) {
             _ = ticker.tick() => {
                 if stdin { continue; }
                 let s = status.borrow().clone();
-                eprintln!("connected={} ready={} cursor={} pending={} rejected={} dropped={}",
-                    s.connected, s.ready, s.cursor, s.pending, s.rejected, s.dropped);
+                eprintln!("connected={} ready={} cursor={} pending={} rejected={} dropped={}{}",
+                    s.connected, s.ready, s.cursor, s.pending, s.rejected, s.dropped,
+                    s.connection.map(|c| format!(" | {c}")).unwrap_or_default());
             }
         }
     }

@@ -73,6 +73,7 @@ pub fn agent_process(args: &AgentProcessArgs) -> anyhow::Result<()> {
     devtables_agent::standalone::run(devtables_agent::standalone::StandaloneOptions {
         config: args.config.clone(),
         stdin: true,
+        stdin_drain: None,
     })?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use devtables_schema::{Item, Schema};
 use devtables_sync::identity::{DeviceId, Owner};
 use serde_json::json;
 
-use crate::serve_cmd::{runtime, stop_signal};
+use crate::serve_cmd::{explain_start_error, runtime, stop_signal, StartCleanup};
 
 /// The example schema, built in so the demo runs from any folder.
 const SCHEMA: &str = include_str!("../../../examples/schema.json5");
@@ -36,7 +36,8 @@ pub struct DemoArgs {
     /// Stop after this long (e.g. `30s`, `2m`); default: run until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Data folder (default: a new folder under the system temp dir).
+    /// Data folder (default: a new folder under the system temp dir). A folder an earlier demo
+    /// used is used again: its devices get new secrets and carry on with their databases.
     #[arg(long)]
     data: Option<PathBuf>,
     /// HTTP API address (port 0 picks a free port).
@@ -78,12 +79,27 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("devtables-demo-{}", std::process::id())),
     };
-    std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
     let schema = Arc::new(Schema::from_json5(SCHEMA).context("the built-in example schema")?);
-    runtime()?.block_on(demo(args, data, schema))
+    // A demo that cannot start (a port in use) leaves no folder or file of its own behind.
+    let cleanup = StartCleanup::before(&data);
+    let runtime = runtime()?;
+    let started = runtime.block_on(start_cloud(&args, &data, schema.clone()));
+    match started {
+        Ok((cloud, key)) => runtime.block_on(demo(args, data, schema, cloud, key)),
+        Err(e) => {
+            cleanup.undo();
+            Err(e)
+        }
+    }
 }
 
-async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Result<()> {
+/// The demo's cloud on `data/cloud`, with a new admin key of the demo account (returned).
+async fn start_cloud(
+    args: &DemoArgs,
+    data: &Path,
+    schema: Arc<Schema>,
+) -> anyhow::Result<(Cloud, String)> {
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
     let mut config = CloudConfig::new(data.join("cloud"));
     config.api_listen = args.api;
     config.broker = BrokerMode::Embedded { listen: args.mqtt };
@@ -104,7 +120,19 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
         .context("creating the demo's API key")?
         .key
     };
-    let cloud = Cloud::start(config, schema.clone()).await?;
+    let cloud = Cloud::start(config.clone(), schema)
+        .await
+        .map_err(|e| explain_start_error(e, &config, None))?;
+    Ok((cloud, key))
+}
+
+async fn demo(
+    args: DemoArgs,
+    data: PathBuf,
+    schema: Arc<Schema>,
+    cloud: Cloud,
+    key: String,
+) -> anyhow::Result<()> {
     let (host, port) = devtables_agent::config::parse_broker(&cloud.mqtt_addr)?;
     eprintln!("devtables demo: data in {}", data.display());
     eprintln!("  API key   {key}   (admin of account {ACCOUNT}; shown only now)");
@@ -124,14 +152,14 @@ async fn demo(args: DemoArgs, data: PathBuf, schema: Arc<Schema>) -> anyhow::Res
         let id = DeviceId::new(ACCOUNT, name.as_str())?;
         let secret = match cloud.register_device(&id).await {
             Ok(secret) => secret,
+            // An earlier demo on this folder registered it, and only the secret's hash is
+            // stored: give the device a new secret; its database carries on.
             Err(devtables_cloud::ops::OpError::Store(
                 devtables_cloud::store::StoreError::DeviceExists(_),
-            )) => {
-                anyhow::bail!(
-                    "device {id} exists in {}: use a fresh --data folder",
-                    data.display()
-                )
-            }
+            )) => cloud
+                .rotate_device_secret(&id)
+                .await
+                .with_context(|| format!("a new secret for {id}, registered by an earlier demo"))?,
             Err(e) => return Err(e.into()),
         };
         let mut ac = AgentConfig::new(ACCOUNT, &name, &secret, data.join(format!("{name}.redb")));

@@ -41,7 +41,7 @@ enum Command {
     /// Run a device agent (database + replication) from a configuration file.
     Agent(serve_cmd::AgentArgs),
     /// Run the cloud service (store, broker, sync, HTTP API) from a configuration file.
-    Cloud(serve_cmd::ConfigArgs),
+    Cloud(serve_cmd::CloudArgs),
     /// Create, list and revoke the cloud HTTP API's keys in a cloud's data folder.
     Keys(keys_cmd::KeysArgs),
     /// Act on the device registry in a cloud's data folder (revoke a device).
@@ -80,8 +80,67 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once. Many errors put their cause's text in
+/// their own message and also return the cause as their `source()` (every thiserror field named
+/// `source`): printing the whole chain would repeat it, so a cause whose text is already there is
+/// left out.
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if message.is_empty() || text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that says its cause and also returns it as its source, as thiserror makes one
+    /// with `#[error("...: {source}")]`.
+    #[derive(Debug)]
+    struct Says {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Says {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot open {}: {}", self.path, self.source)
+        }
+    }
+
+    impl std::error::Error for Says {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = || std::io::Error::other("disk on fire");
+        // A cause the message already holds is not repeated...
+        let e = anyhow::Error::new(Says {
+            path: "f",
+            source: io(),
+        })
+        .context("cannot start");
+        assert_eq!(error_text(&e), "cannot start: cannot open f: disk on fire");
+        // ... and one it does not hold is added.
+        let e = anyhow::Error::new(io()).context("cannot read f");
+        assert_eq!(error_text(&e), "cannot read f: disk on fire");
     }
 }

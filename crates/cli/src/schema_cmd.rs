@@ -24,12 +24,13 @@ enum SchemaCommand {
     /// Load a schema file (and the files it blends): its models, their replication, its indexes
     /// and every key kept but ignored. Exit code 1 when devtables refuses the schema.
     Check {
-        /// The schema file (JSON5).
+        /// The schema file (JSON5), or `-` to read it from standard input (then it cannot
+        /// `blend` other files).
         file: PathBuf,
     },
     /// One model's fields: type, required, templates, defaults, validation, generated ids, ...
     Show {
-        /// The schema file (JSON5).
+        /// The schema file (JSON5), or `-` to read it from standard input.
         file: PathBuf,
         /// The model to show.
         #[arg(long)]
@@ -48,9 +49,13 @@ pub fn run(args: SchemaArgs) -> anyhow::Result<()> {
             let schema = load(&file)?;
             let Some(m) = schema.model(&model) else {
                 let names: Vec<&str> = schema.models().map(Model::name).collect();
+                let source = if file == Path::new("-") {
+                    "the schema on standard input".to_string()
+                } else {
+                    file.display().to_string()
+                };
                 anyhow::bail!(
-                    "{} has no model {model:?} (its models: {})",
-                    file.display(),
+                    "{source} has no model {model:?} (its models: {})",
                     names.join(", ")
                 );
             };
@@ -61,6 +66,13 @@ pub fn run(args: SchemaArgs) -> anyhow::Result<()> {
 }
 
 fn load(file: &Path) -> anyhow::Result<Schema> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read the schema from standard input")?;
+        return Schema::from_json5(&text)
+            .context("devtables cannot use the schema from standard input");
+    }
     Schema::load(file)
         .with_context(|| format!("devtables cannot use the schema {}", file.display()))
 }

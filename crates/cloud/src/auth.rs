@@ -282,7 +282,8 @@ impl Authenticator for Credentials {
             .live_secret_hash(&id)
             .map_err(|_| Refusal::NotAuthorized)?;
         if cert.organization.as_deref() != Some(crate::ca::credential_binding(&hash).as_str()) {
-            tracing::warn!(device = %id, "MQTT connection refused: the certificate was issued for credentials the device no longer has (issue a new one)");
+            // The broker logs the refusal (at info, rate-limited); this is its detail.
+            tracing::debug!(device = %id, "MQTT connection refused: the certificate was issued for credentials the device no longer has (issue a new one)");
             return Err(Refusal::NotAuthorized);
         }
         Ok(Principal::Device(id))
@@ -310,7 +311,8 @@ impl Credentials {
         };
         if hash == REVOKED_SECRET_HASH {
             self.refused_revoked.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(device = %id, "MQTT connection refused: the device is revoked");
+            // The broker logs the refusal (at info, rate-limited); this is its detail.
+            tracing::debug!(device = %id, "MQTT connection refused: the device is revoked");
             return Err(Refusal::NotAuthorized);
         }
         Ok(hash)

@@ -100,7 +100,7 @@ use std::num::NonZeroU16;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use devtables_sync::identity::DeviceId;
@@ -449,6 +449,7 @@ impl Broker {
             device_messages: config.device_messages.clone(),
             drops: config.drops.clone(),
             drop_warn: Arc::new(Mutex::new(WarnLimiter::new(WarnLimiter::INTERVAL))),
+            login_refusals: Arc::new(Mutex::new(LoginRefusals::new())),
         };
         let hooks = scx.extends.hook_mgr().register();
         hooks
@@ -670,6 +671,84 @@ struct AclHandler {
     device_messages: Option<mpsc::Sender<DeviceMessage>>,
     drops: Arc<AtomicU64>,
     drop_warn: Arc<Mutex<WarnLimiter>>,
+    /// The rate of the log lines of refused logins, per username.
+    login_refusals: Arc<Mutex<LoginRefusals>>,
+}
+
+/// Refused logins are logged at info, each username's first at once and then at most one per
+/// [`LoginRefusals::INTERVAL`] with how many were refused in between: a device retrying with a
+/// wrong secret all day, or someone guessing, must not flood the log. The usernames tracked are
+/// bounded; beyond [`LoginRefusals::MAX_USERNAMES`] (a flood of names), the refusals of names not
+/// tracked are counted and said in one line per interval.
+#[derive(Debug)]
+struct LoginRefusals {
+    /// Per username: when its last line was logged, and the refusals since not logged.
+    by_user: std::collections::HashMap<String, (std::time::Instant, u64)>,
+    /// Refusals of usernames beyond the bound, since the last line saying them.
+    untracked: WarnLimiter,
+}
+
+/// What a refused login's log line says about the refusals before it.
+#[derive(Debug, PartialEq, Eq)]
+enum LoginLine {
+    /// Log it; this many refusals of the same username were not logged since its last line.
+    Log { suppressed: u64 },
+    /// Log one line for usernames beyond the bound; this many were not logged since the last.
+    Untracked { suppressed: u64 },
+    /// Stay quiet (counted).
+    Quiet,
+}
+
+impl LoginRefusals {
+    const INTERVAL: Duration = WarnLimiter::INTERVAL;
+    const MAX_USERNAMES: usize = 4096;
+
+    fn new() -> LoginRefusals {
+        LoginRefusals {
+            by_user: std::collections::HashMap::new(),
+            untracked: WarnLimiter::new(Self::INTERVAL),
+        }
+    }
+
+    fn hit(&mut self, username: &str, now: std::time::Instant) -> LoginLine {
+        if let Some((at, suppressed)) = self.by_user.get_mut(username) {
+            if now.saturating_duration_since(*at) < Self::INTERVAL {
+                *suppressed += 1;
+                return LoginLine::Quiet;
+            }
+            *at = now;
+            return LoginLine::Log {
+                suppressed: std::mem::take(suppressed),
+            };
+        }
+        if self.by_user.len() >= Self::MAX_USERNAMES {
+            // Names quiet for a whole interval have nothing left to say.
+            self.by_user
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < Self::INTERVAL);
+        }
+        if self.by_user.len() >= Self::MAX_USERNAMES {
+            return match self.untracked.hit(now) {
+                Some(suppressed) => LoginLine::Untracked { suppressed },
+                None => LoginLine::Quiet,
+            };
+        }
+        self.by_user.insert(username.to_string(), (now, 0));
+        LoginLine::Log { suppressed: 0 }
+    }
+}
+
+/// A name from a CONNECT as it goes into a log line: at most 100 characters (a username may be
+/// 64 KiB), without control characters.
+fn shown_name(name: &str) -> String {
+    let mut shown: String = name
+        .chars()
+        .take(100)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if name.chars().count() > 100 {
+        shown.push_str("...");
+    }
+    shown
 }
 
 type HookFuture<'a> = Pin<Box<dyn Future<Output = ReturnType> + Send + 'a>>;
@@ -757,6 +836,8 @@ struct AuthRequest {
     listener: ListenerId,
     /// The client certificate's subject (only the device-certificate listener reads it).
     cert: Option<PeerCertificate>,
+    /// The client's address, for the log of a refused login.
+    peer: Option<SocketAddr>,
 }
 
 impl AuthRequest {
@@ -778,11 +859,45 @@ impl AuthRequest {
                 common_name: c.common_name.clone(),
                 organization: c.organization.clone(),
             }),
+            peer: ci.ipaddress(),
         }
     }
 }
 
 impl AclHandler {
+    /// Logs a refused login at info, rate-limited per name ([`LoginRefusals`]): the name it
+    /// tried (`name`: a certificate's CN on the certificate listener, else the username), the
+    /// client id, the peer address and why.
+    fn log_refusal(&self, request: &AuthRequest, name: Option<&str>, reason: &str) {
+        let name = name.or(request.username.as_deref()).unwrap_or("");
+        let key = if name.is_empty() {
+            format!("client id {}", request.client_id)
+        } else {
+            name.to_string()
+        };
+        let line = self
+            .login_refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hit(&key, std::time::Instant::now());
+        let peer = request
+            .peer
+            .map_or_else(|| "unknown".to_string(), |p| p.to_string());
+        let (username, client) = (shown_name(name), shown_name(&request.client_id));
+        match line {
+            LoginLine::Log { suppressed } => tracing::info!(
+                %username, %client, %peer, suppressed, "MQTT login refused: {reason}"
+            ),
+            LoginLine::Untracked { suppressed } => tracing::info!(
+                %username, %client, %peer, suppressed,
+                "MQTT login refused: {reason} (refusals of many usernames: one line per {} s \
+                 for those not tracked)",
+                LoginRefusals::INTERVAL.as_secs()
+            ),
+            LoginLine::Quiet => {}
+        }
+    }
+
     /// Run the authenticator and apply the device rules of CONNECT.
     async fn authenticate(&self, request: AuthRequest) -> AuthResult {
         if Some(request.listener) == self.cert_listener {
@@ -811,18 +926,26 @@ impl AclHandler {
         };
         match principal {
             Err(Refusal::BadCredentials) => {
-                tracing::info!(client = %request.client_id, "MQTT connection refused: bad credentials");
+                self.log_refusal(
+                    &request,
+                    None,
+                    "bad user name or password (an unknown device, a wrong secret, or none given)",
+                );
                 AuthResult::BadUsernameOrPassword
             }
             Err(Refusal::NotAuthorized) => {
-                tracing::warn!(client = %request.client_id, "MQTT connection refused: not authorized");
+                self.log_refusal(
+                    &request,
+                    None,
+                    "not authorized (the device is revoked, or the device registry did not answer)",
+                );
                 AuthResult::NotAuthorized
             }
             Ok(Principal::Service) => AuthResult::Allow(true, None),
             Ok(Principal::Device(id)) => match self.device_connect_refusal(&id, &request) {
                 None => AuthResult::Allow(false, None),
                 Some(why) => {
-                    tracing::warn!(client = %request.client_id, device = %id, "MQTT connection refused: {why}");
+                    self.log_refusal(&request, None, why);
                     AuthResult::NotAuthorized
                 }
             },
@@ -835,7 +958,7 @@ impl AclHandler {
     async fn authenticate_certificate(&self, request: AuthRequest) -> AuthResult {
         let Some(cert) = request.cert.clone() else {
             // rustls requires a certificate on this listener; fail closed if none came through.
-            tracing::warn!(client = %request.client_id, "MQTT connection refused: no client certificate");
+            self.log_refusal(&request, Some(""), "no client certificate");
             return AuthResult::NotAuthorized;
         };
         let auth = self.auth.clone();
@@ -847,16 +970,25 @@ impl AclHandler {
             Ok(Ok(Principal::Device(id))) => match self.device_connect_refusal(&id, &request) {
                 None => AuthResult::Allow(false, None),
                 Some(why) => {
-                    tracing::warn!(client = %request.client_id, certificate = who, "MQTT connection refused: {why}");
+                    self.log_refusal(&request, Some(who), why);
                     AuthResult::NotAuthorized
                 }
             },
             Ok(Ok(Principal::Service)) => {
-                tracing::warn!(client = %request.client_id, certificate = who, "MQTT connection refused: only devices connect with certificates");
+                self.log_refusal(
+                    &request,
+                    Some(who),
+                    "only devices connect with certificates",
+                );
                 AuthResult::NotAuthorized
             }
-            Ok(Err(refusal)) => {
-                tracing::warn!(client = %request.client_id, certificate = who, ?refusal, "MQTT connection refused: the certificate's device may not connect");
+            Ok(Err(_)) => {
+                self.log_refusal(
+                    &request,
+                    Some(who),
+                    "the certificate's device may not connect (it is revoked, or the certificate \
+                     predates a rotation of its secret)",
+                );
                 AuthResult::NotAuthorized
             }
             Err(e) => {
@@ -966,6 +1098,43 @@ mod tests {
     const PREFIX: &str = topics::DEFAULT_PREFIX;
     const WAIT: Duration = Duration::from_secs(10);
     const QUIET: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn refused_logins_are_logged_per_username_at_a_bounded_rate() {
+        let mut r = LoginRefusals::new();
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(r.hit("acme/d1", at(0)), LoginLine::Log { suppressed: 0 });
+        for i in 1..100 {
+            assert_eq!(r.hit("acme/d1", at(i)), LoginLine::Quiet);
+        }
+        // Another username is its own line.
+        assert_eq!(r.hit("acme/d2", at(100)), LoginLine::Log { suppressed: 0 });
+        let later = LoginRefusals::INTERVAL.as_millis() as u64;
+        assert_eq!(
+            r.hit("acme/d1", at(later)),
+            LoginLine::Log { suppressed: 99 }
+        );
+
+        // A flood of names: the tracked ones are bounded; the rest share one line per interval.
+        let mut r = LoginRefusals::new();
+        for i in 0..LoginRefusals::MAX_USERNAMES {
+            assert_eq!(
+                r.hit(&format!("n{i}"), at(0)),
+                LoginLine::Log { suppressed: 0 }
+            );
+        }
+        assert_eq!(
+            r.hit("extra1", at(1)),
+            LoginLine::Untracked { suppressed: 0 }
+        );
+        assert_eq!(r.hit("extra2", at(2)), LoginLine::Quiet);
+        assert_eq!(r.by_user.len(), LoginRefusals::MAX_USERNAMES);
+        // Once the old names are quiet for an interval, new ones are tracked again.
+        assert_eq!(r.hit("fresh", at(later)), LoginLine::Log { suppressed: 0 });
+        assert_eq!(r.by_user.len(), 1);
+        assert_eq!(shown_name(&"x\n".repeat(200)).chars().count(), 103);
+    }
 
     struct FixedAuth;
 

@@ -24,7 +24,7 @@ pub(crate) fn cut(text: &str) -> String {
 /// Why [`crate::Db::open`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot open database file {path}: {source} (is another process using it?)")]
+    #[error("cannot open database file {path}: {source}{}", lock_hint(.source))]
     Storage {
         path: PathBuf,
         #[source]
@@ -55,7 +55,7 @@ pub enum OpenError {
         source: std::io::Error,
     },
     #[error("cannot start the database's background thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(std::io::Error),
     /// The schema differs from the one the file was written with in ways stored items may not
     /// survive; `changes` holds every difference (the message names the incompatible ones).
     #[error("database file {path} was written with a schema its items may not survive; this schema differs from it:\n{}\nTo accept the change, open the file with DbOptions::allow_schema_change (stored items that no longer validate stay as they are); or export its items with the old schema, then import them into a new file with this one", incompatible_list(.changes))]
@@ -104,7 +104,7 @@ pub enum DbError {
     #[error("unknown model \"{0}\": the schema has no such model")]
     UnknownModel(String),
     #[error("invalid input: {0}")]
-    Invalid(#[from] ValidationError),
+    Invalid(ValidationError),
     #[error("{model} item {} already exists: use update or upsert to change it", cut(.key))]
     Exists { model: String, key: String },
     #[error("{model} item {} does not exist: create it first, or use upsert", cut(.key))]
@@ -148,7 +148,7 @@ pub enum DbError {
     #[error("invalid input: {0}")]
     BadInput(String),
     #[error("write refused: {0}")]
-    Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Refused(Box<dyn std::error::Error + Send + Sync>),
     #[error("import line {line}: {source}")]
     Import {
         line: u64,
@@ -156,17 +156,47 @@ pub enum DbError {
         source: Box<DbError>,
     },
     #[error("invalid JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("storage error: {0}")]
-    Storage(#[source] Box<redb::Error>),
+    Storage(Box<redb::Error>),
     #[error("database file {path} is damaged: {detail}. Restore it from a backup; Db::open_read_only reads what is left without changing the file")]
     Damaged { path: PathBuf, detail: String },
     #[error("database file {path} was opened read-only (Db::open_read_only): open it with Db::open to write")]
     ReadOnly { path: PathBuf },
     #[error("the database is closed")]
     Closed,
+}
+
+/// The hint of [`OpenError::Storage`]: only a file locked by another handle gets it.
+fn lock_hint(source: &redb::DatabaseError) -> &'static str {
+    match source {
+        redb::DatabaseError::DatabaseAlreadyOpen => " (is another process using it?)",
+        _ => "",
+    }
+}
+
+// The wrapped errors below are part of their variant's message, so they are not also returned
+// as its `source()`: a caller that prints the error with its chain (anyhow's `{:#}`) would show
+// the same text twice. Hence these `From`s by hand instead of thiserror's `#[from]` (which makes
+// the field the source).
+impl From<ValidationError> for DbError {
+    fn from(e: ValidationError) -> Self {
+        DbError::Invalid(e)
+    }
+}
+
+impl From<serde_json::Error> for DbError {
+    fn from(e: serde_json::Error) -> Self {
+        DbError::Json(e)
+    }
+}
+
+impl From<std::io::Error> for DbError {
+    fn from(e: std::io::Error) -> Self {
+        DbError::Io(e)
+    }
 }
 
 macro_rules! from_redb {

@@ -64,7 +64,17 @@ pub(crate) fn import(db: &Db, input: &mut impl BufRead) -> Result<u64, DbError> 
             line: line_no,
             source: Box::new(e),
         };
-        let item: Item = serde_json::from_str(text).map_err(|e| at(e.into()))?;
+        // Exact: an integer past 64 bits is refused, not rounded to a float.
+        let item: Item = match devtables_schema::parse_json_exact(text) {
+            Ok(serde_json::Value::Object(item)) => item,
+            Ok(_) => {
+                return Err(at(DbError::BadInput(
+                    "expected a JSON object (one item per line)".into(),
+                )))
+            }
+            Err(devtables_schema::ExactJsonError::Syntax(e)) => return Err(at(e.into())),
+            Err(e) => return Err(at(DbError::BadInput(e.to_string()))),
+        };
         let type_field = &db.schema().params().type_field;
         let model = match item.get(type_field).and_then(|v| v.as_str()) {
             Some(m) => m.to_string(),

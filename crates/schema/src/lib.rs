@@ -32,10 +32,13 @@
 //! types), `model` (per-item operations), `field` (types, casting, validation), `template`
 //! (`${field}` templates), `query` (find properties → key condition and filters), `shape`
 //! (what a schema means for stored data: [`SchemaShape`], its fingerprint, [`compare_shapes`]
-//! and the compatibility rules; the values `unique` fields keep unique), `date`, `error`. docs/schema.md says what each schema key does in devtables.
+//! and the compatibility rules; the values `unique` fields keep unique), `date`, `error`,
+//! `exact_json` (JSON text in, without rounding integers past 64 bits). docs/schema.md says what
+//! each schema key does in devtables.
 
 mod date;
 mod error;
+mod exact_json;
 mod field;
 mod keys;
 mod model;
@@ -48,6 +51,7 @@ mod template;
 
 pub use date::format_iso_ms;
 pub use error::{Reason, SchemaError, ValidationError};
+pub use exact_json::{parse_json_exact, ExactJsonError};
 pub use field::{Field, FieldType, Generate, MappedAttribute};
 pub use keys::SchemaWarning;
 pub use model::{ItemKey, Model};

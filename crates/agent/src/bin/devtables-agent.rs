@@ -22,9 +22,14 @@ struct Cli {
     /// Read operations on the device database as JSON lines from standard input
     /// (`{"op":"create","model":"Fault","item":{...}}`; ops: create, update, upsert, remove, get,
     /// find, status) and answer each with one JSON line on standard output. End of input stops
-    /// the agent.
+    /// the agent once the cloud has every change (see --stdin-drain-secs).
     #[arg(long)]
     stdin: bool,
+    /// With --stdin: how long the end of input waits for the cloud to acknowledge every queued
+    /// change before the agent stops (default: the file's `stdin_drain_secs`, else 10). What is
+    /// still queued then goes at the next start.
+    #[arg(long, value_name = "SECS")]
+    stdin_drain_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -33,6 +38,7 @@ fn main() -> ExitCode {
     match standalone::run(StandaloneOptions {
         config: cli.config,
         stdin: cli.stdin,
+        stdin_drain: cli.stdin_drain_secs.map(std::time::Duration::from_secs),
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

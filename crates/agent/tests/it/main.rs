@@ -8,6 +8,7 @@ mod acks;
 mod binary;
 mod commands;
 mod conformance;
+mod connection;
 mod inputs;
 mod limits;
 mod mtls;

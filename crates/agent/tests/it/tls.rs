@@ -171,6 +171,11 @@ async fn an_agent_trusting_another_ca_is_refused_and_says_why() {
         error.contains("UnknownIssuer"),
         "the reason is named: {error}"
     );
+    let said = status.connection.unwrap_or_default();
+    assert!(
+        said.starts_with("cannot connect: the TLS handshake failed"),
+        "the status says what failed: {said}"
+    );
     agent.shutdown().await;
     cloud.shutdown().await;
 }

@@ -124,7 +124,7 @@ fn wrong_device_clocks_never_move_the_fleet() {
         let dead = format!("127.0.0.1:{}", free_port());
         let mut offline = fleet.agent(device, &secret, &dead, offset);
         offline.op(json!({"op": "upsert", "model": "Setting", "item": {"deviceId": device, "name": "color", "value": "red"}}));
-        offline.stop();
+        offline.terminate();
 
         let mut a = fleet.agent(device, &secret, &mqtt, offset);
         a.wait_synced();

@@ -645,7 +645,8 @@ impl AgentProc {
         panic!("agent {} never synced: {last}", self.name);
     }
 
-    /// Closes stdin: the agent flushes and exits; waits for it.
+    /// Closes stdin: the agent waits (bounded) for the cloud to take its queued changes,
+    /// flushes and exits; waits for it.
     pub fn stop(mut self) {
         drop(self.stdin.take());
         let deadline = Instant::now() + WAIT;
@@ -656,6 +657,40 @@ impl AgentProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("agent {} did not stop", self.name);
+    }
+
+    /// SIGTERM: the agent stops at once, without waiting for the cloud to take its queued
+    /// changes as the end of its input does (for an agent offline by design); waits for it.
+    pub fn terminate(mut self) {
+        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent {} did not stop on SIGTERM", self.name);
+    }
+
+    /// The exit status, once the agent exited (closing its input, [`Self::close_input`]).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent {} did not exit", self.name);
+    }
+
+    /// Closes the agent's standard input (the end of its `--stdin` operations).
+    pub fn close_input(&mut self) {
+        drop(self.stdin.take());
     }
 
     pub fn kill(mut self) {

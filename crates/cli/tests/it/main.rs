@@ -7,6 +7,7 @@ mod db_cmd;
 mod devices_cmd;
 mod e2e;
 mod faults;
+mod first_run;
 mod harness;
 mod isolation;
 mod proxy;

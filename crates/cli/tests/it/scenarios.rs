@@ -314,7 +314,7 @@ pub fn conflict_converges_and_is_logged(broker: BrokerChoice) {
     let mut offline = s.agent_on("gw3", "gw3", &secret, &dead);
     std::thread::sleep(std::time::Duration::from_millis(5)); // a later wall-clock write
     offline.op(json!({"op": "update", "model": "Setting", "item": {"deviceId": "gw3", "name": "color", "value": "blue"}}));
-    offline.stop();
+    offline.terminate();
 
     let mut a = s.agent("gw3", "gw3", &secret);
     a.wait_synced();
