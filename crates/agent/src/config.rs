@@ -33,6 +33,9 @@ pub struct AgentConfig {
     /// its outbox across a restart needs the file.
     pub db_in_memory: bool,
     pub durability: Durability,
+    /// Open the database even when the schema differs from the one it was written with in
+    /// ways its items may not survive ([`DbOptions::allow_schema_change`]). Default false.
+    pub allow_schema_change: bool,
     /// Most unacknowledged local changes (one per item key); see [`crate::OutboxFull`].
     pub outbox_limit: u64,
     /// Name of the command model.
@@ -89,6 +92,7 @@ impl AgentConfig {
             db_path: db_path.into(),
             db_in_memory: false,
             durability: Durability::Immediate,
+            allow_schema_change: false,
             outbox_limit: 100_000,
             command_model: "Command".into(),
             keep_alive: Duration::from_secs(30),
@@ -125,6 +129,7 @@ impl AgentConfig {
     pub fn db_options(&self) -> DbOptions {
         DbOptions {
             durability: self.durability,
+            allow_schema_change: self.allow_schema_change,
             ..DbOptions::default()
         }
     }
@@ -162,6 +167,10 @@ pub struct AgentFile {
     pub periodic_flush_ms: Option<u64>,
     #[serde(default)]
     pub outbox_limit: Option<u64>,
+    /// Accept a schema change the database file would refuse (see
+    /// [`AgentConfig::allow_schema_change`]).
+    #[serde(default)]
+    pub allow_schema_change: bool,
     #[serde(default)]
     pub batch_delay_ms: Option<u64>,
     /// First retransmit timeout of an unacknowledged push, in ms (default 1000).
@@ -254,6 +263,7 @@ impl AgentFile {
         if let Some(n) = file.outbox_limit {
             config.outbox_limit = n;
         }
+        config.allow_schema_change = file.allow_schema_change;
         if let Some(ms) = file.retransmit_base_ms {
             config.sync.retransmit_base_ms = ms.max(1);
         }

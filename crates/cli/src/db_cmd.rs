@@ -56,6 +56,12 @@ pub struct DbArgs {
     /// never create it and only read it (a read-only file is fine).
     #[arg(long)]
     db: PathBuf,
+    /// Open the file even when this schema differs from the one it was written with in ways
+    /// its items may not survive (a removed field, a changed type...); the change is recorded,
+    /// and stored items that no longer validate stay as they are. Without it such a file is
+    /// refused with every difference named (docs/schema.md, "A database file and its schema").
+    #[arg(long)]
+    schema_change: bool,
     #[command(subcommand)]
     op: DbOp,
 }
@@ -223,10 +229,14 @@ pub fn run(args: DbArgs) -> anyhow::Result<()> {
         args.op,
         DbOp::Get { .. } | DbOp::Find { .. } | DbOp::Export { .. }
     );
+    let options = DbOptions {
+        allow_schema_change: args.schema_change,
+        ..DbOptions::default()
+    };
     let db = if reads_only {
-        Db::open_read_only(&args.db, schema.clone(), DbOptions::default())?
+        Db::open_read_only(&args.db, schema.clone(), options)?
     } else {
-        Db::open(&args.db, schema.clone(), DbOptions::default())?
+        Db::open(&args.db, schema.clone(), options)?
     };
     let mut out = std::io::stdout().lock();
     match args.op {

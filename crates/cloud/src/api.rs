@@ -487,11 +487,41 @@ pub(crate) struct PathParams<T>(T);
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
+    /// As axum's `Json` (415 without a JSON content type, 400 for bad JSON, 422 for JSON of the
+    /// wrong shape), except that the text is read with `parse_json_exact`: an integer past 64
+    /// bits is refused (400) instead of being rounded to a float and stored changed.
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(r) => Err(ApiError::unreadable(r.status(), r.body_text())),
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::trim)
+            .is_some_and(|m| m.eq_ignore_ascii_case("application/json") || m.ends_with("+json"));
+        if !json {
+            return Err(ApiError::unreadable(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected request with `Content-Type: application/json`".into(),
+            ));
         }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::unreadable(r.status(), r.body_text()))?;
+        let bad = |m: String| ApiError::unreadable(StatusCode::BAD_REQUEST, m);
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| bad(format!("the body is not UTF-8 text: {e}")))?;
+        let value = devtables_schema::parse_json_exact(text).map_err(|e| match e {
+            devtables_schema::ExactJsonError::Syntax(e) => {
+                bad(format!("Failed to parse the request body as JSON: {e}"))
+            }
+            too_large => bad(too_large.to_string()),
+        })?;
+        T::deserialize(value).map(Body).map_err(|e| {
+            ApiError::unreadable(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            )
+        })
     }
 }
 

@@ -58,12 +58,12 @@ pub enum OpenError {
     Thread(std::io::Error),
     /// The schema differs from the one the file was written with in ways stored items may not
     /// survive; `changes` holds every difference (the message names the incompatible ones).
-    #[error("database file {path} was written with a schema its items may not survive; this schema differs from it:\n{}\nTo accept the change, open the file with DbOptions::allow_schema_change (stored items that no longer validate stay as they are); or export its items with the old schema, then import them into a new file with this one", incompatible_list(.changes))]
+    #[error("database file {path} was written with a schema its items may not survive; this schema differs from it:\n{}\nTo accept the change, open the file allowing it (`devtables db --schema-change`, the agent's `allow_schema_change: true`, DbOptions::allow_schema_change; stored items that no longer validate stay as they are); or export its items with the old schema, then import them into a new file with this one", incompatible_list(.changes))]
     SchemaChanged {
         path: PathBuf,
         changes: SchemaChanges,
     },
-    #[error("database file {path} records the schema it was written with in a form this devtables cannot read ({detail}): was it written by a newer devtables? DbOptions::allow_schema_change records this schema over it")]
+    #[error("database file {path} records the schema it was written with in a form this devtables cannot read ({detail}): was it written by a newer devtables? Opening it allowing a schema change (`devtables db --schema-change`, the agent's `allow_schema_change: true`) records this schema over it")]
     SchemaRecord { path: PathBuf, detail: String },
     /// A field is `unique` in the schema, but two stored items hold the same value.
     #[error("{0}")]

@@ -502,3 +502,62 @@ fn integers_past_64_bits_are_refused_and_the_extremes_kept_exact() {
         "{err}"
     );
 }
+
+/// A file written under one schema and opened under an incompatible one is refused with the
+/// difference named; `--schema-change` opens it and records the new schema.
+#[test]
+fn an_incompatible_schema_is_refused_until_schema_change_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = db(
+        dir.path(),
+        &[
+            "create",
+            "Setting",
+            r#"{"deviceId":"d1","name":"speed","value":"3"}"#,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(example_schema()).unwrap();
+    let changed = text.replace(
+        "            value: {type: 'string'},\n        },",
+        "            value: {type: 'number'},\n        },",
+    );
+    assert_ne!(
+        changed, text,
+        "the example schema changed: update this test"
+    );
+    let schema = dir.path().join("changed.json5");
+    std::fs::write(&schema, changed).unwrap();
+    let run = |extra: &[&str]| {
+        bin()
+            .arg("db")
+            .arg("--schema")
+            .arg(&schema)
+            .arg("--db")
+            .arg(dir.path().join("dev.redb"))
+            .args(extra)
+            .args([
+                "upsert",
+                "Setting",
+                r#"{"deviceId":"d1","name":"speed","value":4}"#,
+            ])
+            .output()
+            .expect("devtables runs")
+    };
+    let refused = run(&[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("models.Setting.fields.value") && err.contains("--schema-change"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("models.Setting.fields.value").count(),
+        1,
+        "{err}"
+    );
+    let allowed = run(&["--schema-change"]);
+    assert!(allowed.status.success(), "{allowed:?}");
+    // Recorded: the next open under the new schema needs no flag.
+    assert!(run(&[]).status.success());
+}

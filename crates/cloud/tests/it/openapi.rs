@@ -315,6 +315,15 @@ async fn openapi_errors_keep_one_shape_wherever_they_come_from() {
             "bad_request",
         ),
         (
+            "an integer past 64 bits (it would be rounded)",
+            "POST",
+            "/v1/accounts/acme/devices/d1/items/Setting",
+            vec![&auth, json_type],
+            Some(br#"{"deviceId":"d1","name":"n","value":"x","big":123456789012345678901234}"#),
+            400,
+            "bad_request",
+        ),
+        (
             "a body over max_request_bytes",
             "POST",
             devices,
@@ -374,6 +383,13 @@ async fn openapi_errors_keep_one_shape_wherever_they_come_from() {
         let what = format!("{what} ({method} {path})");
         assert_eq!(answer.code, status, "{what}: {}", answer.body);
         assert_error_shape(&answer, Some(kind), &what);
+        if what.starts_with("an integer past 64 bits") {
+            assert!(
+                answer.body.contains("123456789012345678901234"),
+                "the refusal names the integer: {}",
+                answer.body
+            );
+        }
     }
     cloud.shutdown().await;
 }
