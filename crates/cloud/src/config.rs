@@ -186,7 +186,9 @@ impl Default for MqttClientConfig {
 /// above its acknowledged cursor (an idle device would otherwise never say hello again and never
 /// get its changes). On a large fleet these prompts would fill the MQTT request queue at once;
 /// they are released only once the device topics are subscribed, at most `per_tick` every
-/// `tick`, and never more than half of the request queue's free room.
+/// `tick`, and never more than half of the request queue's free room. The same queue paces the
+/// wake-ups of a write that advances more than `per_tick` feeds at once (a broadcast to a large
+/// account: one feed per device).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StartupPrompts {
     /// Most devices prompted per tick. Default 256.

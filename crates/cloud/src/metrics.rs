@@ -90,7 +90,11 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
     gauge("sessions", "Device sessions the engine tracks"),
     gauge(
         "prompts_pending",
-        "Devices still to prompt after a start or a restored broker link",
+        "Devices still to prompt after a start, a restored broker link or a broadcast",
+    ),
+    counter(
+        "feed_wakeups_paced",
+        "Feed wake-ups of a broadcast to more devices than one pacing tick, sent paced",
     ),
     counter(
         "sessions_restarted",

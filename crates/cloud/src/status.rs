@@ -30,8 +30,11 @@ pub struct SyncStatus {
     pub(crate) subscriptions_held: AtomicU64,
     /// Device sessions the engine tracks.
     pub(crate) sessions: AtomicU64,
-    /// Devices still to be prompted after a start or a restored broker link (paced).
+    /// Devices still to be prompted after a start, a restored broker link or a broadcast (paced).
     pub(crate) prompts_pending: AtomicU64,
+    /// Feed wake-ups of a write that advanced more feeds than one pacing tick releases (a
+    /// broadcast to a large account), sent through the paced queue.
+    pub(crate) feed_wakeups_paced: AtomicU64,
     /// Device sessions dropped because the broker link came back with a clean session (each
     /// device is prompted to say hello again).
     pub(crate) sessions_restarted: AtomicU64,
@@ -152,6 +155,7 @@ pub struct StatusSnapshot {
     pub subscriptions_held: u64,
     pub sessions: u64,
     pub prompts_pending: u64,
+    pub feed_wakeups_paced: u64,
     pub sessions_restarted: u64,
     pub publishes_queued: u64,
     pub publishes_dropped: u64,
@@ -221,6 +225,7 @@ impl SyncStatus {
             subscriptions_held: n(&self.subscriptions_held),
             sessions: n(&self.sessions),
             prompts_pending: n(&self.prompts_pending),
+            feed_wakeups_paced: n(&self.feed_wakeups_paced),
             sessions_restarted: n(&self.sessions_restarted),
             publishes_queued: n(&self.publishes_queued),
             publishes_dropped: n(&self.publishes_dropped),

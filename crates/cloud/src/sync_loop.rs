@@ -163,7 +163,7 @@ pub(crate) struct SyncLoop {
     /// egress request queue.
     waiting: Option<CloudAction>,
     store_gone: bool,
-    /// Devices still to prompt after the start.
+    /// Devices still to prompt after the start, a restored link or a broadcast (paced).
     startup: VecDeque<(DeviceId, u64)>,
     pace: StartupPrompts,
     next_prompts: tokio::time::Instant,
@@ -282,12 +282,7 @@ impl SyncLoop {
                 // Room in the egress queue: `act` below queues the waiting publish.
                 _ = self.gauge.freed(), if publish_waits => {}
                 input = self.inputs.recv(), if self.inputs_open => match input {
-                    Some(SyncInput::FeedAdvanced(advanced)) => {
-                        let now = self.now();
-                        for (device, head) in advanced {
-                            self.engine.handle_feed_advanced(now, &device, head);
-                        }
-                    }
+                    Some(SyncInput::FeedAdvanced(advanced)) => self.feed_advanced(advanced),
                     None => self.inputs_open = false,
                 },
                 Some(done) = self.done_rx.recv() => self.on_done(done),
@@ -461,6 +456,24 @@ impl SyncLoop {
             "the broker link is back: device sessions restart (messages in transit may be lost); prompting the devices to say hello"
         );
         self.startup.extend(devices.into_iter().map(|d| (d, 0)));
+    }
+
+    /// A committed write advanced these feeds. A broadcast advances one feed per device of its
+    /// account: past `pace.per_tick` of them, the wake-ups (a feed read for each connected
+    /// device, a prompt for each other one) join the paced queue of start-up prompts instead of
+    /// reaching the store and the broker all at once.
+    fn feed_advanced(&mut self, advanced: Vec<(DeviceId, u64)>) {
+        if advanced.len() <= self.pace.per_tick {
+            let now = self.now();
+            for (device, head) in advanced {
+                self.engine.handle_feed_advanced(now, &device, head);
+            }
+            return;
+        }
+        self.status
+            .feed_wakeups_paced
+            .fetch_add(advanced.len() as u64, Ordering::Relaxed);
+        self.startup.extend(advanced);
     }
 
     /// Hands the next start-up prompts (and those after a link restore) to the engine.

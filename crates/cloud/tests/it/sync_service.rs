@@ -485,3 +485,48 @@ async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop(
     );
     cloud.shutdown().await;
 }
+
+/// A broadcast to an account of more devices than one pacing tick releases: its wake-ups (a
+/// prompt to each device, none of them connected) go out through the paced queue, all of them,
+/// instead of at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_to_a_large_account_wakes_its_devices_paced_and_all_of_them() {
+    const DEVICES: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.startup_prompts.per_tick = 8;
+    config.startup_prompts.tick = Duration::from_millis(10);
+    let cloud = started(config).await;
+    for i in 0..DEVICES {
+        cloud.register_device(&device(i)).await.expect("register");
+    }
+    let before = cloud.status().publishes_queued;
+    let mut firmware = devtables_schema::Item::new();
+    firmware.insert("version".into(), "2.0.0".into());
+    firmware.insert("url".into(), "https://example.com/fw".into());
+    cloud
+        .write_item(
+            Owner::Account(ACCOUNT.into()),
+            "Firmware",
+            firmware,
+            WriteKind::Create,
+        )
+        .await
+        .expect("the broadcast is written");
+    eventually("every device prompted, paced", || {
+        let s = cloud.status();
+        let prompted = s.publishes_queued - before;
+        async move {
+            (s.feed_wakeups_paced == DEVICES as u64
+                && s.prompts_pending == 0
+                && prompted >= DEVICES as u64)
+                .then_some(())
+                .ok_or(format!(
+                    "{} paced, {prompted} prompted, {} waiting",
+                    s.feed_wakeups_paced, s.prompts_pending
+                ))
+        }
+    })
+    .await;
+    cloud.shutdown().await;
+}
