@@ -5,13 +5,17 @@
 //! loads it (with `blend`), prints every model with where its items live and how they
 //! replicate, the indexes, and every key kept but ignored (with its dotted path and why), or
 //! the one error that refuses it; `show` lists one model's fields with everything the schema
-//! says about each. Nothing is written anywhere.
+//! says about each; `diff` says, before a rollout, how a new version differs from the one a
+//! fleet runs and whether the two may live side by side (docs/schema.md, "Changing a schema in
+//! a live fleet"). Nothing is written anywhere.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use devtables_schema::{Enable, Field, Generate, Model, Process, Schema, SyncDirection};
+use devtables_schema::{
+    compare_shapes, Enable, Field, Generate, Model, Process, Schema, SchemaChanges, SyncDirection,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SchemaArgs {
@@ -35,6 +39,15 @@ enum SchemaCommand {
         /// The model to show.
         #[arg(long)]
         model: String,
+    },
+    /// How NEW differs from OLD, each difference marked compatible or not: whether a cloud and
+    /// devices on the two versions exchange items without refusals, and a device database
+    /// opens under NEW without `--schema-change`. Exit code 1 when a difference is incompatible.
+    Diff {
+        /// The schema the fleet runs now (`-` for standard input).
+        old: PathBuf,
+        /// The schema to roll out (`-` for standard input; not both).
+        new: PathBuf,
     },
 }
 
@@ -62,7 +75,44 @@ pub fn run(args: SchemaArgs) -> anyhow::Result<()> {
             print!("{}", model_report(&schema, m));
             Ok(())
         }
+        SchemaCommand::Diff { old, new } => {
+            if old == Path::new("-") && new == Path::new("-") {
+                anyhow::bail!("only one of OLD and NEW can be `-` (standard input)");
+            }
+            let (old, new) = (load(&old)?, load(&new)?);
+            let changes = compare_shapes(&old.shape(), &new.shape());
+            print!("{}", diff_report(&old, &new, &changes));
+            if !changes.is_compatible() {
+                anyhow::bail!(
+                    "the new schema is not compatible with the old one (see above): devices \
+                     and a cloud on the two versions would refuse each other's items, and a \
+                     device database opens under it only with --schema-change"
+                );
+            }
+            Ok(())
+        }
     }
+}
+
+/// `diff`'s text: both version tags, then one line per difference.
+fn diff_report(old: &Schema, new: &Schema, changes: &SchemaChanges) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "old: {}", old.tag());
+    let _ = writeln!(out, "new: {}", new.tag());
+    if changes.is_empty() {
+        let _ = writeln!(out, "no difference that matters to stored items");
+        return out;
+    }
+    let incompatible = changes.incompatible().count();
+    let _ = writeln!(
+        out,
+        "{} difference(s), {incompatible} incompatible:",
+        changes.changes.len()
+    );
+    for change in changes.iter() {
+        let _ = writeln!(out, "  {change}");
+    }
+    out
 }
 
 fn load(file: &Path) -> anyhow::Result<Schema> {

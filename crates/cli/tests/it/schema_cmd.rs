@@ -154,3 +154,69 @@ fn a_refused_schema_names_the_feature_and_its_path_once_and_fails() {
         "said once:\n{stderr}"
     );
 }
+
+#[test]
+fn diff_names_every_difference_and_fails_only_on_an_incompatible_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = schema_file(dir.path(), SCHEMA);
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let compatible = SCHEMA
+        .replace("version: '2.1.0'", "version: '2.2.0'")
+        .replace(
+            "value: {type: 'string', default: 'off', description: 'What the device does'},",
+            "value: {type: 'string', default: 'off', description: 'What the device does'},\n            unit: {type: 'string'},",
+        );
+    assert_ne!(compatible, SCHEMA);
+    let new = write("compatible.json5", &compatible);
+    let out = bin()
+        .args(["schema", "diff"])
+        .arg(&old)
+        .arg(&new)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("old: 2.1.0+"), "{stdout}");
+    assert!(stdout.contains("new: 2.2.0+"), "{stdout}");
+    assert!(
+        stdout.contains("models.Setting.fields.unit") && stdout.contains("(compatible)"),
+        "{stdout}"
+    );
+    let incompatible = SCHEMA.replace(
+        "deviceId: {type: 'string', required: true},\n            tags",
+        "deviceId: {type: 'number', required: true},\n            tags",
+    );
+    assert_ne!(incompatible, SCHEMA);
+    let bad = write("incompatible.json5", &incompatible);
+    let out = bin()
+        .args(["schema", "diff"])
+        .arg(&old)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout} {stderr}");
+    assert!(
+        stdout.contains("models.Reading.fields.deviceId") && stdout.contains("(incompatible)"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("--schema-change"), "{stderr}");
+    // The same schema: nothing to say.
+    let out = bin()
+        .args(["schema", "diff"])
+        .arg(&old)
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no difference"));
+}
