@@ -254,13 +254,8 @@ impl Agent {
         // With a client certificate alone the broker identifies the device by its certificate,
         // and the CONNECT carries no username or password.
         let secret = config.credentials()?.0.map(str::to_string);
-        if !devtables_sync::wire::schema_version_ok(schema.tag()) {
-            return Err(AgentError::Config(format!(
-                "the schema's version tag {:?} (its `version` and fingerprint) must be at most {} \
-                 printable ASCII characters: it travels in every sync message (shorten `version`)",
-                schema.tag(),
-                devtables_sync::wire::MAX_SCHEMA_BYTES
-            )));
+        if let Some(problem) = devtables_sync::wire::schema_tag_problem(schema.tag()) {
+            return Err(AgentError::Config(problem));
         }
         if let Some(old) = db.write(Origin::Remote, |t| state::note_schema(t, schema.tag()))? {
             tracing::info!(

@@ -106,13 +106,8 @@ impl Cloud {
     /// Starts every part of the service on the current tokio runtime.
     pub async fn start(config: CloudConfig, schema: Arc<Schema>) -> Result<Cloud, StartError> {
         config.validate().map_err(StartError::Config)?;
-        if !devtables_sync::wire::schema_version_ok(schema.tag()) {
-            return Err(StartError::Config(format!(
-                "the schema's version tag {:?} (its `version` and fingerprint) must be at most {} \
-                 printable ASCII characters: it travels in every sync message (shorten `version`)",
-                schema.tag(),
-                devtables_sync::wire::MAX_SCHEMA_BYTES
-            )));
+        if let Some(problem) = devtables_sync::wire::schema_tag_problem(schema.tag()) {
+            return Err(StartError::Config(problem));
         }
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.clone(),

@@ -28,6 +28,18 @@ pub fn schema_version_ok(schema: &str) -> bool {
     schema.len() <= MAX_SCHEMA_BYTES && schema.bytes().all(|b| (0x20..=0x7e).contains(&b))
 }
 
+/// Why a schema's version tag (`Schema::tag`) cannot travel in envelopes, if it cannot: the
+/// message the agent and the cloud refuse to start with.
+pub fn schema_tag_problem(tag: &str) -> Option<String> {
+    (!schema_version_ok(tag)).then(|| {
+        format!(
+            "the schema's version tag {tag:?} (its `version` and fingerprint) must be at most \
+             {MAX_SCHEMA_BYTES} printable ASCII characters: it travels in every sync message \
+             (shorten `version`)"
+        )
+    })
+}
+
 /// Size limits applied to every message, in both directions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WireConfig {

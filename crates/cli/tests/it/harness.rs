@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -327,9 +327,10 @@ impl CloudProc {
     /// Stops (SIGTERM) and starts again on the same data and ports with the schema file
     /// `schema`: how an operator upgrades the cloud's schema.
     pub fn restart_with_schema(&mut self, schema: &Path) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
+        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
         let _ = self.child.wait();
         let next = Self::start_on(
             &self.dir,
@@ -649,6 +650,11 @@ impl AgentProc {
     /// flushes and exits; waits for it.
     pub fn stop(mut self) {
         drop(self.stdin.take());
+        self.wait_gone("did not stop");
+    }
+
+    /// Waits for the process to exit; panics with `failure` after [`WAIT`].
+    fn wait_gone(&mut self, failure: &str) {
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -656,7 +662,7 @@ impl AgentProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("agent {} did not stop", self.name);
+        panic!("agent {} {failure}", self.name);
     }
 
     /// SIGTERM: the agent stops at once, without waiting for the cloud to take its queued
@@ -666,14 +672,7 @@ impl AgentProc {
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("agent {} did not stop on SIGTERM", self.name);
+        self.wait_gone("did not stop on SIGTERM");
     }
 
     /// The exit status, once the agent exited (closing its input, [`Self::close_input`]).
