@@ -108,13 +108,9 @@ pub fn run_loaded(
         local.prepare_agent(&mut config);
     }
     // `--stdin` pages as the local API does.
-    let pages = local_api
+    let max_page = local_api
         .as_ref()
-        .map(|c| (c.default_page, c.max_page))
-        .unwrap_or_else(|| {
-            let defaults = LocalApiConfig::new("");
-            (defaults.default_page, defaults.max_page)
-        });
+        .map_or_else(|| LocalApiConfig::new("").max_page, |c| c.max_page);
     let runtime = runtime().map_err(StandaloneError::Runtime)?;
     runtime.block_on(async move {
         let agent = Agent::start(config, Arc::new(schema))?;
@@ -138,7 +134,7 @@ pub fn run_loaded(
         // signal that arrives between two turns (tokio keeps no signal for a later listener).
         let stop = stop_signal();
         tokio::pin!(stop);
-        if serve(&agent, options.stdin, pages, stop.as_mut()).await == Stopped::InputEnded {
+        if serve(&agent, options.stdin, max_page, stop.as_mut()).await == Stopped::InputEnded {
             drain_outbox(&agent, drain, stop).await;
         }
         if let Some(api) = api {
@@ -259,7 +255,7 @@ pub async fn stop_signal() {
 async fn serve(
     agent: &Agent,
     stdin: bool,
-    pages: (usize, usize),
+    max_page: usize,
     mut stop: Pin<&mut impl Future<Output = ()>>,
 ) -> Stopped {
     let mut status = agent.watch_status();
@@ -276,7 +272,7 @@ async fn serve(
         tokio::select! {
             _ = &mut stop => return Stopped::Signal,
             line = lines.recv(), if stdin => match line {
-                Some(Ok(line)) => println!("{}", stdin_op_paged(agent, &line, pages)),
+                Some(Ok(line)) => println!("{}", stdin_op_paged(agent, &line, max_page)),
                 Some(Err(len)) => {
                     tracing::warn!(len, max = MAX_STDIN_LINE, "stdin line too long; skipped");
                     println!("{}", json!({"ok": false, "error": format!(
@@ -361,30 +357,30 @@ fn builtin_commands(agent: &Agent) {
 /// One JSON-lines operation of `--stdin` mode: `{"op":"create","model":"Fault","item":{...}}`
 /// (ops: create, update, upsert, remove, get, find, batch, status), answered with `{"ok":true,
 /// "result":...}` or `{"ok":false,"error":"..."}`. A request's `"id"` (any JSON value) is
-/// echoed in its answer. `find` pages as the local API does: `limit` (default 100, at most
-/// 1000), `next`, `index`, `reverse` beside `item`; its answer holds the page's items in
-/// `result` and the token of the next page in `next` (null at the end). `batch` takes `ops`,
+/// echoed in its answer. `find` pages as the local API does with `limit` (at most the API's
+/// `max_page`, 1000 by default), `next`, `index`, `reverse` beside `item`; its answer holds the
+/// page's items in `result` and the token of the next page in `next` (null at the end). Without
+/// `limit` and `next`, it answers every match, as it always did. `batch` takes `ops`,
 /// a list of `{op, model, item}` writes, in one transaction; `result` holds one item (or null)
 /// per operation.
 pub fn stdin_op(agent: &Agent, line: &str) -> Value {
-    let defaults = LocalApiConfig::new("");
-    stdin_op_paged(agent, line, (defaults.default_page, defaults.max_page))
+    stdin_op_paged(agent, line, LocalApiConfig::new("").max_page)
 }
 
-/// [`stdin_op`] with the page bounds (default, largest) of the local API's configuration.
-fn stdin_op_paged(agent: &Agent, line: &str, (default_page, max_page): (usize, usize)) -> Value {
+/// [`stdin_op`] with the largest page of the local API's configuration.
+fn stdin_op_paged(agent: &Agent, line: &str, max_page: usize) -> Value {
     let request = match devtables_schema::parse_json_exact(line) {
         Ok(v) => v,
         Err(e) => return json!({"ok": false, "error": format!("not JSON: {e}")}),
     };
-    let mut answer = stdin_answer(agent, &request, default_page, max_page);
+    let mut answer = stdin_answer(agent, &request, max_page);
     if let (Some(id), Some(fields)) = (request.get("id"), answer.as_object_mut()) {
         fields.insert("id".into(), id.clone());
     }
     answer
 }
 
-fn stdin_answer(agent: &Agent, request: &Value, default_page: usize, max_page: usize) -> Value {
+fn stdin_answer(agent: &Agent, request: &Value, max_page: usize) -> Value {
     let op = request
         .get("op")
         .and_then(Value::as_str)
@@ -408,6 +404,12 @@ fn stdin_answer(agent: &Agent, request: &Value, default_page: usize, max_page: u
             let params = match find_params(request, item) {
                 Ok(p) => p,
                 Err(e) => return json!({"ok": false, "error": e}),
+            };
+            // No `limit`: every match (a `next` alone continues in pages of the largest size).
+            let default_page = if params.next.is_some() {
+                max_page
+            } else {
+                usize::MAX
             };
             return match items::find(db, model, params, default_page, max_page) {
                 Ok(page) => json!({"ok": true, "result": page.items, "next": page.next}),

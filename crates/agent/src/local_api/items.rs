@@ -48,8 +48,8 @@ pub(crate) struct FindParams {
     pub(crate) reverse: bool,
 }
 
-/// One page of a find, within the bounds: `limit` at most `max_page` (larger is refused, not
-/// cut, so a caller never mistakes a short page for the end).
+/// One page of a find, within the bounds: a `limit` at most `max_page` (larger is refused, not
+/// cut, so a caller never mistakes a short page for the end), `default_page` items without one.
 pub(crate) fn find(
     db: &Db,
     model: &str,
@@ -57,13 +57,16 @@ pub(crate) fn find(
     default_page: usize,
     max_page: usize,
 ) -> Result<Page, OpError> {
-    let limit = params.limit.unwrap_or(default_page);
-    if limit > max_page {
-        return Err(OpError::Invalid(format!(
-            "limit {limit} is over the largest page, {max_page} items: page with `next` \
-             (local_api.max_page)"
-        )));
-    }
+    let limit = match params.limit {
+        Some(limit) if limit > max_page => {
+            return Err(OpError::Invalid(format!(
+                "limit {limit} is over the largest page, {max_page} items: page with `next` \
+                 (local_api.max_page)"
+            )))
+        }
+        Some(limit) => limit,
+        None => default_page,
+    };
     Ok(db.find(
         model,
         &params.props,
