@@ -376,7 +376,7 @@ mod tests {
     /// the log alone).
     fn logged_db(dir: &std::path::Path, limits: ChangeLogLimits) -> Db {
         let schema = schema();
-        let db = Db::open(&dir.join("log.redb"), schema.clone(), DbOptions::default()).unwrap();
+        let db = Db::open(dir.join("log.redb"), schema.clone(), DbOptions::default()).unwrap();
         install(&db, schema, limits);
         db
     }
@@ -390,7 +390,10 @@ mod tests {
     }
 
     fn install(db: &Db, schema: Arc<Schema>, limits: ChangeLogLimits) {
-        db.set_interceptor(Some(Arc::new(LogOnly(ChangeLogRecorder { schema, limits }))));
+        db.set_interceptor(Some(Arc::new(LogOnly(ChangeLogRecorder {
+            schema,
+            limits,
+        }))));
     }
 
     fn setting(name: &str, value: &str) -> Item {
@@ -411,8 +414,10 @@ mod tests {
         db.write(Origin::Remote, |t| {
             t.put_stored(
                 "Firmware",
-                item(json!({"pk": "firmware#", "sk": "firmware#2.0", "version": "2.0",
-                            "url": "https://x", "_type": "Firmware"})),
+                item(
+                    json!({"pk": "firmware#", "sk": "firmware#2.0", "version": "2.0",
+                            "url": "https://x", "_type": "Firmware"}),
+                ),
             )
         })
         .unwrap();
@@ -462,7 +467,10 @@ mod tests {
             t.create("Setting", &setting("b", "2"))?;
             t.create("Setting", &setting("a", "again"))
         });
-        assert!(matches!(refused, Err(DbError::Exists { .. })), "{refused:?}");
+        assert!(
+            matches!(refused, Err(DbError::Exists { .. })),
+            "{refused:?}"
+        );
         db.create("Setting", &setting("c", "3")).unwrap();
         let (entries, _) = read_after(&db, 0, 10).unwrap();
         assert_eq!(seqs(&entries), [1, 2]);

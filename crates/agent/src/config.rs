@@ -271,10 +271,24 @@ impl AgentFile {
         if f.enabled == Some(false) {
             return Ok(None);
         }
-        let socket = f
-            .socket
-            .clone()
-            .unwrap_or_else(|| self.db.with_extension("sock"));
+        let socket = match &f.socket {
+            Some(socket) => socket.clone(),
+            None => {
+                let socket = self.db.with_extension("sock");
+                if f.tcp.is_none() && socket.as_os_str().len() > crate::local_api::MAX_SOCKET_PATH {
+                    // Only the default is too long: the agent runs as it did before the local
+                    // API, and says how to have it.
+                    tracing::warn!(
+                        socket = %socket.display(),
+                        "no local API: the default socket path (the database file with .sock) is \
+                         longer than a Unix socket path may be; set local_api.socket to a \
+                         shorter path to have it"
+                    );
+                    return Ok(None);
+                }
+                socket
+            }
+        };
         let mut c = LocalApiConfig::new(socket);
         c.socket_group = f.socket_group.clone();
         if let Some(tcp) = &f.tcp {
@@ -527,9 +541,26 @@ mod tests {
         assert_eq!((c.default_page, c.max_page), (20, 20));
         assert_eq!(c.socket_group.as_deref(), Some("dialout"));
         assert!(write("local_api: {enabled: false}").unwrap().is_none());
-        let err = write("local_api: {tcp: '0.0.0.0:7070'}").unwrap_err().to_string();
+        // A default socket path too long for the kernel: no local API, rather than no agent.
+        let deep = format!("db: '{}/x.redb'", "d".repeat(120));
+        std::fs::write(
+            &path,
+            format!("{{account: 'a', device: 'd', secret: 's', schema: 's.json5', {deep}}}"),
+        )
+        .unwrap();
+        assert!(AgentFile::load(&path)
+            .unwrap()
+            .0
+            .local_api_config()
+            .unwrap()
+            .is_none());
+        let err = write("local_api: {tcp: '0.0.0.0:7070'}")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("loopback"), "{err}");
-        let err = write("local_api: {tcp: 'localhost'}").unwrap_err().to_string();
+        let err = write("local_api: {tcp: 'localhost'}")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("127.0.0.1:7070"), "{err}");
         let err = write("local_api: {sockets: 'x'}").unwrap_err().to_string();
         assert!(err.contains("sockets"), "{err}");

@@ -52,7 +52,13 @@ pub enum StandaloneError {
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
-    LocalApi(#[from] LocalApiError),
+    LocalApi(Box<LocalApiError>),
+}
+
+impl From<LocalApiError> for StandaloneError {
+    fn from(e: LocalApiError) -> Self {
+        StandaloneError::LocalApi(Box::new(e))
+    }
 }
 
 /// The log filter when `DEVTABLES_LOG` is not set.
@@ -438,8 +444,7 @@ fn find_params(request: &Value, props: devtables_schema::Item) -> Result<FindPar
         None | Some(Value::Null) => None,
         Some(v) => Some(
             v.as_u64()
-                .ok_or_else(|| format!("limit {v} is not a count of items"))?
-                as usize,
+                .ok_or_else(|| format!("limit {v} is not a count of items"))? as usize,
         ),
     };
     let text = |name: &str| -> Result<Option<String>, String> {

@@ -61,7 +61,7 @@ impl ModelFilter {
     fn keeps(&self, entry: &ChangeEntry) -> bool {
         self.0
             .as_ref()
-            .is_none_or(|models| models.iter().any(|m| *m == entry.model))
+            .is_none_or(|models| models.contains(&entry.model))
     }
 }
 
@@ -225,10 +225,9 @@ impl Follow {
             self.changed.borrow_and_update();
             let db = self.s.db.clone();
             let after = self.cursor;
-            let read = tokio::task::spawn_blocking(move || {
-                changelog::read_after(&db, after, STREAM_PAGE)
-            })
-            .await;
+            let read =
+                tokio::task::spawn_blocking(move || changelog::read_after(&db, after, STREAM_PAGE))
+                    .await;
             match read {
                 Ok(Ok((entries, _))) if entries.is_empty() => {
                     tokio::select! {
@@ -285,9 +284,9 @@ async fn stream(s: Arc<Shared>, cursor: u64, filter: ModelFilter) -> Result<Resp
         Ok(state)
     })
     .await?;
-    let ready = Event::default().event("ready").data(
-        serde_json::json!({"from": cursor, "latest": state.latest()}).to_string(),
-    );
+    let ready = Event::default()
+        .event("ready")
+        .data(serde_json::json!({"from": cursor, "latest": state.latest()}).to_string());
     let follow = Follow {
         changed: s.changed.subscribe(),
         s,

@@ -161,7 +161,9 @@ async fn take(
         {
             let mut leases = s.leases.lock().unwrap_or_else(PoisonError::into_inner);
             // Answered or removed commands keep no lease.
-            leases.held.retain(|key, _| found.iter().any(|w| w.key == *key));
+            leases
+                .held
+                .retain(|key, _| found.iter().any(|w| w.key == *key));
             for w in found {
                 if names.as_ref().is_some_and(|n| !n.contains(&w.name)) {
                     continue;
@@ -334,7 +336,10 @@ pub(crate) async fn result(
             "the body must be an object: {\"result\": ...} or {\"error\": \"...\"}".into(),
         ));
     };
-    let (done, result) = match (body.get("error"), body.get("status").and_then(Value::as_str)) {
+    let (done, result) = match (
+        body.get("error"),
+        body.get("status").and_then(Value::as_str),
+    ) {
         (Some(error), _) => (false, serde_json::json!({ "error": error })),
         (None, None | Some("done")) => (true, body.get("result").cloned().unwrap_or_default()),
         (None, Some("failed")) => (false, body.get("result").cloned().unwrap_or_default()),

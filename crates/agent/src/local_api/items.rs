@@ -163,9 +163,9 @@ fn model_of(path: Result<Path<String>, PathRejection>) -> Result<String, ApiErro
 }
 
 fn query_of(query: Result<Query<ItemQuery>, QueryRejection>) -> Result<ItemQuery, ApiError> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|e| ApiError::bad_request(format!("cannot read the query string: {}", e.body_text())))
+    query.map(|Query(q)| q).map_err(|e| {
+        ApiError::bad_request(format!("cannot read the query string: {}", e.body_text()))
+    })
 }
 
 /// The `where` parameter: a JSON object (none: `{}`).
@@ -185,7 +185,9 @@ fn props_of(where_: Option<&str>) -> Result<Item, ApiError> {
 fn object(body: Value) -> Result<Item, ApiError> {
     match body {
         Value::Object(item) => Ok(item),
-        _ => Err(ApiError::invalid("the body must be a JSON object (the item)".into())),
+        _ => Err(ApiError::invalid(
+            "the body must be a JSON object (the item)".into(),
+        )),
     }
 }
 
@@ -271,12 +273,13 @@ pub(crate) async fn find_page(
 ) -> Result<Json<PageAnswer>, ApiError> {
     let model = model_of(path)?;
     let q = query_of(query)?;
-    let limit = match q.limit.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(text.parse::<usize>().map_err(|_| {
-            ApiError::invalid(format!("limit {text:?} is not a count of items"))
-        })?),
-    };
+    let limit =
+        match q.limit.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(text.parse::<usize>().map_err(|_| {
+                ApiError::invalid(format!("limit {text:?} is not a count of items"))
+            })?),
+        };
     let reverse = match q.reverse.as_deref() {
         None | Some("" | "false" | "0") => false,
         Some("true" | "1") => true,
@@ -340,8 +343,14 @@ mod tests {
         for (bad, says) in [
             (json!({"op": "create"}), "must be an array"),
             (json!([{"op": "create", "item": {}}]), "ops[0]: `model`"),
-            (json!([{"op": "create", "model": "F", "item": {}}, {"op": "explode", "model": "F", "item": {}}]), "ops[1]: `op`"),
-            (json!([{"op": "create", "model": "F", "item": 3}]), "ops[0]: `item`"),
+            (
+                json!([{"op": "create", "model": "F", "item": {}}, {"op": "explode", "model": "F", "item": {}}]),
+                "ops[1]: `op`",
+            ),
+            (
+                json!([{"op": "create", "model": "F", "item": 3}]),
+                "ops[0]: `item`",
+            ),
         ] {
             let err = parse_batch(&bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
@@ -355,8 +364,16 @@ mod tests {
             props_of(Some(r#"{"deviceId":"d1"}"#)).unwrap()["deviceId"],
             "d1"
         );
-        assert_eq!(props_of(Some("[1]")).unwrap_err().kind, super::super::error::Kind::Invalid);
+        assert_eq!(
+            props_of(Some("[1]")).unwrap_err().kind,
+            super::super::error::Kind::Invalid
+        );
         let err = props_of(Some(r#"{"n": 18446744073709551616}"#)).unwrap_err();
-        assert_eq!(err.kind, super::super::error::Kind::BadRequest, "{}", err.message);
+        assert_eq!(
+            err.kind,
+            super::super::error::Kind::BadRequest,
+            "{}",
+            err.message
+        );
     }
 }

@@ -67,7 +67,7 @@ use crate::{Agent, AgentConfig, AgentStatus, Handlers};
 use error::ApiError;
 
 /// The longest Unix socket path the kernel takes (`sun_path` is 108 bytes with its final NUL).
-const MAX_SOCKET_PATH: usize = 107;
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// How long [`LocalApi::shutdown`] waits for open requests to end before it drops them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -341,7 +341,9 @@ impl LocalApi {
             };
             shared.changed.send_modify(|n| *n = n.wrapping_add(1));
             if change.model == shared.command_model {
-                shared.commands_changed.send_modify(|n| *n = n.wrapping_add(1));
+                shared
+                    .commands_changed
+                    .send_modify(|n| *n = n.wrapping_add(1));
             }
         }));
 
@@ -415,7 +417,10 @@ impl LocalApi {
 }
 
 /// Binds the Unix socket at `path`, replacing a stale one, owner-only or shared with `group`.
-fn bind_socket(path: &Path, group: Option<&str>) -> Result<tokio::net::UnixListener, LocalApiError> {
+fn bind_socket(
+    path: &Path,
+    group: Option<&str>,
+) -> Result<tokio::net::UnixListener, LocalApiError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -444,10 +449,11 @@ fn bind_socket(path: &Path, group: Option<&str>) -> Result<tokio::net::UnixListe
             })
         }
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|source| LocalApiError::Socket {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let listener =
+        tokio::net::UnixListener::bind(path).map_err(|source| LocalApiError::Socket {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let access = |detail: String| LocalApiError::SocketAccess {
         path: path.to_path_buf(),
         detail,
@@ -649,7 +655,8 @@ pub(crate) fn json_body(
         ));
     }
     let body = body.map_err(ApiError::from_body_rejection)?;
-    let text = std::str::from_utf8(&body).map_err(|e| ApiError::bad_request(format!("the body is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not UTF-8: {e}")))?;
     devtables_schema::parse_json_exact(text)
         .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))
 }
@@ -704,7 +711,11 @@ mod tests {
         assert!(c.validate().is_err(), "nothing to serve on");
         let mut c = ok;
         c.max_page = 10;
-        assert!(c.validate().unwrap_err().to_string().contains("default_page"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default_page"));
     }
 
     #[test]

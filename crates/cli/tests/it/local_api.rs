@@ -6,7 +6,8 @@
 //! and cloud changes, is dropped, and resumes with `Last-Event-ID` missing nothing; a command
 //! written through the cloud's API is taken by a long-polling client, answered, and the result
 //! reaches the cloud; an unanswered command is offered again after its lease; a killed agent's
-//! stale socket is replaced and its readers are told to read again.
+//! stale socket is replaced and its readers are told to read again; a clean stop ends open
+//! streams and removes the socket; the optional TCP listener answers loopback names only.
 //!
 //! The examples need `python3` and `node`: without them their tests print a `SKIPPED` line
 //! (with `DEVTABLES_SERVICES` set, as `.ci/run` does, a missing one fails the test).
@@ -132,6 +133,23 @@ impl Sse {
                 "event" => event.event = value,
                 "data" => event.data.push_str(&value),
                 _ => {}
+            }
+        }
+    }
+
+    /// Whether the stream ends (the server closed it) before another event.
+    fn ends(&mut self) -> bool {
+        let mut rest = String::new();
+        loop {
+            let mut line = String::new();
+            match self.lines.read_line(&mut line) {
+                Ok(0) => return true,
+                Ok(_) if line.starts_with(':') || line.trim().is_empty() => continue,
+                Ok(_) => rest.push_str(&line),
+                Err(e) => panic!("the stream neither ended nor went on: {e}; read {rest:?}"),
+            }
+            if rest.contains("event:") {
+                return false;
             }
         }
     }
@@ -316,9 +334,9 @@ impl Setup {
             extra,
         );
         let socket = self.dir.path().join(format!("{device}.sock"));
-        agent
-            .logs
-            .wait_for("the local API serving", |l| l.contains("local API on unix:"));
+        agent.logs.wait_for("the local API serving", |l| {
+            l.contains("local API on unix:")
+        });
         agent.wait_synced();
         (agent, Local { socket })
     }
@@ -352,7 +370,10 @@ fn items_through_the_socket_reach_the_cloud_and_page_back_and_bad_requests_are_t
         "/v1/items/Fault",
         Some(json!({"deviceId": "gw1", "severity": "warn", "message": "from the socket"})),
     );
-    let id = created["item"]["id"].as_str().expect("a generated id").to_string();
+    let id = created["item"]["id"]
+        .as_str()
+        .expect("a generated id")
+        .to_string();
     eventually("the fault in the cloud", || {
         let items = s.cloud.items("acme", "gw1", "Fault")?;
         items
@@ -382,7 +403,11 @@ fn items_through_the_socket_reach_the_cloud_and_page_back_and_bad_requests_are_t
         })
         .collect();
     let batch = local.expect(200, "POST", "/v1/batch", Some(json!({ "ops": ops })));
-    assert_eq!(batch["results"].as_array().map(Vec::len), Some(4), "{batch}");
+    assert_eq!(
+        batch["results"].as_array().map(Vec::len),
+        Some(4),
+        "{batch}"
+    );
 
     // Find in pages of two: 2, 2, 1, each id once, the last page without `next`.
     let mut ids = Vec::new();
@@ -486,7 +511,10 @@ fn items_through_the_socket_reach_the_cloud_and_page_back_and_bad_requests_are_t
     ];
     for (status, kind, body) in &cases {
         assert_eq!(body["kind"], *kind, "expected {status} {kind}: {body}");
-        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
     }
     let (status, body) = local.request_with(
         "POST",
@@ -494,34 +522,58 @@ fn items_through_the_socket_reach_the_cloud_and_page_back_and_bad_requests_are_t
         Some(&json!({"deviceId": "gw1", "severity": "warn"})),
         &[("Content-Type", "text/plain")],
     );
-    assert_eq!((status, body["kind"].as_str()), (415, Some("bad_request")), "{body}");
+    assert_eq!(
+        (status, body["kind"].as_str()),
+        (415, Some("bad_request")),
+        "{body}"
+    );
     let (status, body) = local.request("GET", "/v1/items/Fault?limit=5000", None);
     assert_eq!(status, 400, "{body}");
 
     // --stdin pages the same way and echoes request ids.
     let mut agent = agent;
-    agent.send(&json!({"op": "find", "model": "Fault", "item": {"deviceId": "gw1"}, "limit": 3, "id": 7}));
+    agent.send(
+        &json!({"op": "find", "model": "Fault", "item": {"deviceId": "gw1"}, "limit": 3, "id": 7}),
+    );
     let answer = agent.answer();
     assert_eq!(answer["id"], 7, "{answer}");
-    assert_eq!(answer["result"].as_array().map(Vec::len), Some(3), "{answer}");
+    assert_eq!(
+        answer["result"].as_array().map(Vec::len),
+        Some(3),
+        "{answer}"
+    );
     let token = answer["next"].as_str().expect("a next token").to_string();
     agent.send(&json!({"op": "find", "model": "Fault", "item": {"deviceId": "gw1"}, "limit": 3, "next": token, "id": "b"}));
     let answer = agent.answer();
     assert_eq!(answer["id"], "b", "{answer}");
-    assert_eq!(answer["result"].as_array().map(Vec::len), Some(1), "{answer}");
+    assert_eq!(
+        answer["result"].as_array().map(Vec::len),
+        Some(1),
+        "{answer}"
+    );
     assert_eq!(answer["next"], Value::Null, "{answer}");
     // Without a limit, every match, as --stdin always answered.
     agent.send(&json!({"op": "find", "model": "Fault", "item": {"deviceId": "gw1"}}));
     let answer = agent.answer();
-    assert_eq!(answer["result"].as_array().map(Vec::len), Some(4), "{answer}");
+    assert_eq!(
+        answer["result"].as_array().map(Vec::len),
+        Some(4),
+        "{answer}"
+    );
     assert_eq!(answer["next"], Value::Null, "{answer}");
-    assert!(answer.get("id").is_none(), "no id asked, none echoed: {answer}");
+    assert!(
+        answer.get("id").is_none(),
+        "no id asked, none echoed: {answer}"
+    );
     let answer = agent.op_err(json!({"op": "find", "model": "Fault", "item": {}, "limit": 5000}));
     assert!(answer.contains("largest page"), "{answer}");
 
     // A clean stop removes the socket.
     agent.stop();
-    assert!(!local.socket.exists(), "the socket is removed at a clean stop");
+    assert!(
+        !local.socket.exists(),
+        "the socket is removed at a clean stop"
+    );
 }
 
 #[test]
@@ -578,7 +630,11 @@ fn a_change_stream_gets_local_and_cloud_changes_and_resumes_missing_nothing() {
     assert_eq!(status, 200, "{body}");
     let setting = where_(json!({"deviceId": "gw2", "name": "mode"}));
     eventually("the cloud's setting on the device", || {
-        let (status, got) = local.request("GET", &format!("/v1/items/Setting/one?where={setting}"), None);
+        let (status, got) = local.request(
+            "GET",
+            &format!("/v1/items/Setting/one?where={setting}"),
+            None,
+        );
         (status == 200 && got["item"]["value"] == "boost")
             .then_some(())
             .ok_or(got.to_string())
@@ -593,7 +649,11 @@ fn a_change_stream_gets_local_and_cloud_changes_and_resumes_missing_nothing() {
     // It comes back with the last id it saw: exactly what it missed, in order, then live.
     let mut resumed = local.stream("/v1/changes?from=now", Some(&last_seen));
     let ready = resumed.next();
-    assert_eq!(ready.json()["from"], start + 2, "Last-Event-ID wins over from");
+    assert_eq!(
+        ready.json()["from"],
+        start + 2,
+        "Last-Event-ID wins over from"
+    );
     let missed_1 = resumed.change();
     let missed_2 = resumed.change();
     assert_eq!(
@@ -601,8 +661,18 @@ fn a_change_stream_gets_local_and_cloud_changes_and_resumes_missing_nothing() {
         (Some(start + 3), Some(start + 4))
     );
     assert_eq!(
-        (&missed_1["model"], &missed_1["op"], &missed_1["origin"], &missed_1["item"]["value"]),
-        (&json!("Setting"), &json!("update"), &json!("cloud"), &json!("boost"))
+        (
+            &missed_1["model"],
+            &missed_1["op"],
+            &missed_1["origin"],
+            &missed_1["item"]["value"]
+        ),
+        (
+            &json!("Setting"),
+            &json!("update"),
+            &json!("cloud"),
+            &json!("boost")
+        )
     );
     assert_eq!(missed_2["item"]["message"], "while nobody read");
     local.expect(
@@ -630,7 +700,11 @@ fn a_change_stream_gets_local_and_cloud_changes_and_resumes_missing_nothing() {
         .collect();
     assert_eq!(seqs, [start + 2, start + 3], "{page}");
     assert_eq!(page["latest"], start + 5);
-    assert_eq!(page["next"], start + 5, "the cursor passes what the filter left out");
+    assert_eq!(
+        page["next"],
+        start + 5,
+        "the cursor passes what the filter left out"
+    );
     // A long-poll with nothing new waits and answers an empty page at its end...
     let waited = Instant::now();
     let empty = local.expect(
@@ -662,7 +736,7 @@ fn a_change_stream_gets_local_and_cloud_changes_and_resumes_missing_nothing() {
 #[test]
 fn commands_are_taken_by_long_poll_answered_into_the_cloud_and_redelivered_after_their_lease() {
     let s = setup();
-    let (_agent, local) = s.agent("gw3", "local_api: {command_lease_secs: 1},");
+    let (agent, local) = s.agent("gw3", "local_api: {command_lease_secs: 1},");
 
     // A long-polling taker waits; the cloud writes a command; the taker gets it.
     let taker = local.clone();
@@ -718,7 +792,9 @@ fn commands_are_taken_by_long_poll_answered_into_the_cloud_and_redelivered_after
     assert_eq!(status, 201, "{body}");
     eventually("the update command waiting on the device", || {
         let counts = local.status()["local_api"]["commands"].clone();
-        (counts["waiting"] == 1).then_some(()).ok_or(counts.to_string())
+        (counts["waiting"] == 1)
+            .then_some(())
+            .ok_or(counts.to_string())
     });
     let listed = local.expect(200, "GET", "/v1/commands", None);
     assert_eq!(listed["commands"][0]["command"], "update", "{listed}");
@@ -732,9 +808,15 @@ fn commands_are_taken_by_long_poll_answered_into_the_cloud_and_redelivered_after
 
     // Taken and not answered: held for its lease, then offered again.
     let first = local.expect(200, "GET", "/v1/commands/next?wait=5", None);
-    assert_eq!((first["command"].as_str(), first["delivery"].as_u64()), (Some("update"), Some(1)));
+    assert_eq!(
+        (first["command"].as_str(), first["delivery"].as_u64()),
+        (Some("update"), Some(1))
+    );
     let (status, _) = local.request("GET", "/v1/commands/next", None);
-    assert_eq!(status, 204, "a leased command is not offered to another taker");
+    assert_eq!(
+        status, 204,
+        "a leased command is not offered to another taker"
+    );
     assert_eq!(local.status()["local_api"]["commands"]["leased"], 1);
     let taken_at = Instant::now();
     let second = local.expect(200, "GET", "/v1/commands/next?wait=10", None);
@@ -779,6 +861,78 @@ fn commands_are_taken_by_long_poll_answered_into_the_cloud_and_redelivered_after
     assert_eq!(pong["item"]["result"]["pong"], "acme/gw3");
     let (status, body) = local.request("GET", "/v1/commands/next", None);
     assert_eq!(status, 204, "nothing for applications: {body}");
+
+    // The same as server-sent events: each command taken is an event.
+    let mut commands = local.stream("/v1/commands/stream?command=reboot", None);
+    let (status, body) = s.cloud.send(
+        "POST",
+        "/v1/accounts/acme/devices/gw3/items/Command",
+        json!({"command": "reboot", "args": {"delay": 0}}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let event = commands.next();
+    assert_eq!(event.event, "command", "{event:?}");
+    let offered = event.json();
+    assert_eq!(
+        (offered["command"].as_str(), offered["delivery"].as_u64()),
+        (Some("reboot"), Some(1))
+    );
+    local.expect(
+        200,
+        "POST",
+        &format!("/v1/commands/{}/result", offered["id"].as_str().unwrap()),
+        Some(json!({"result": {"rebooted": "again"}})),
+    );
+
+    // A clean stop ends the open streams and removes the socket.
+    let mut changes = local.stream("/v1/changes", None);
+    assert_eq!(changes.next().event, "ready");
+    agent.stop();
+    assert!(
+        changes.ends(),
+        "the change stream ends when the agent stops"
+    );
+    assert!(
+        commands.ends(),
+        "the command stream ends when the agent stops"
+    );
+    assert!(!local.socket.exists());
+}
+
+#[test]
+fn the_tcp_listener_serves_loopback_names_only() {
+    let s = setup();
+    let (agent, _local) = s.agent("gw4", "local_api: {tcp: '127.0.0.1:0'},");
+    let line = agent
+        .logs
+        .wait_for("the TCP address", |l| l.contains(" and http://"));
+    let addr = line
+        .split(" and http://")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let status: Value = ureq::get(&format!("http://{addr}/v1/status"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET http://{addr}/v1/status: {e}"))
+        .into_json()
+        .unwrap();
+    assert_eq!(status["device"], "acme/gw4");
+    // A request for another name (a web page's DNS rebinding) is refused.
+    let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw.write_all(
+        format!(
+            "GET /v1/status HTTP/1.1\r\nHost: evil.example:{}\r\nConnection: close\r\n\r\n",
+            addr.rsplit(':').next().unwrap()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("\"kind\":\"forbidden\""), "{answer}");
 }
 
 /// Whether `program` runs; when it does not, prints a `SKIPPED` line (or, with
@@ -808,7 +962,9 @@ fn tool(program: &str, test: &str) -> bool {
 fn run_example(program: &str, script: &str, device: &str, by: &str) {
     let s = setup();
     let (_agent, local) = s.agent(device, "");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(script);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(script);
     let mut child = Command::new(program)
         .arg(&script)
         .arg("--socket")
@@ -866,7 +1022,11 @@ fn run_example(program: &str, script: &str, device: &str, by: &str) {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
-        assert!(Instant::now() < deadline, "the example did not exit:\n{}", said());
+        assert!(
+            Instant::now() < deadline,
+            "the example did not exit:\n{}",
+            said()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     // The pipes close with the process; what it wrote is read by then, or very soon.
