@@ -263,6 +263,11 @@ impl WriteInterceptor for WithChangeLog {
 /// the clean stop (this run's writes are not logged, so the next logging run must begin a new
 /// era). Returns the log's state when it is on.
 pub(crate) fn on_start(db: &Db, logging: bool) -> Result<Option<LogState>, DbError> {
+    if !logging && db.side_get(LOG_META, META_CLEAN_STOP)?.is_none() {
+        // Nothing to forget: no write (agents without the log, the fleet simulator's thousands
+        // among them, pay nothing at start).
+        return Ok(None);
+    }
     db.write(Origin::Remote, |txn| {
         let mut side = txn.side();
         let clean_stop = side.get(LOG_META, META_CLEAN_STOP)?;

@@ -460,9 +460,14 @@ fn bind_socket(
     };
     let mode = match group {
         Some(group) => {
-            let gid = group_id(group).map_err(&access)?;
-            std::os::unix::fs::chown(path, None, Some(gid))
-                .map_err(|e| access(format!("chown to group {group}: {e}")))?;
+            let owned = group_id(group).and_then(|gid| {
+                std::os::unix::fs::chown(path, None, Some(gid))
+                    .map_err(|e| format!("chown to group {group}: {e}"))
+            });
+            if let Err(detail) = owned {
+                let _ = std::fs::remove_file(path);
+                return Err(access(detail));
+            }
             0o660
         }
         None => 0o600,
@@ -716,6 +721,50 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("default_page"));
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_a_live_one_refused_and_another_file_left_alone() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+
+        let live = bind_socket(&path, None).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(matches!(
+            bind_socket(&path, None),
+            Err(LocalApiError::SocketInUse { .. })
+        ));
+        // The listener goes (a killed agent): its file stays, and the next bind replaces it.
+        drop(live);
+        assert!(path.exists());
+        let again = bind_socket(&path, None).unwrap();
+        drop(again);
+
+        let file = dir.path().join("notes.sock");
+        std::fs::write(&file, "mine").unwrap();
+        assert!(matches!(
+            bind_socket(&file, None),
+            Err(LocalApiError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+
+        // Shared with a group: 0660 and that group (this process's own, which it may set).
+        // SAFETY: getgid has no preconditions.
+        let gid = unsafe { libc::getgid() };
+        let shared = dir.path().join("g.sock");
+        let _listener = bind_socket(&shared, Some(&gid.to_string())).unwrap();
+        assert_eq!(mode(&shared), 0o660);
+        assert_eq!(std::fs::metadata(&shared).unwrap().gid(), gid);
+        let err = bind_socket(&dir.path().join("h.sock"), Some("no-such-group-devtables"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no group named"), "{err}");
+        assert!(
+            !dir.path().join("h.sock").exists(),
+            "a failed start leaves no socket"
+        );
     }
 
     #[test]
