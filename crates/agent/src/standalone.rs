@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::config::{AgentConfig, AgentFile};
 use crate::local_api::items::{self, FindParams};
-use crate::{Agent, AgentError, LocalApi, LocalApiConfig, LocalApiError};
+use crate::{Agent, AgentError, LocalApi, LocalApiError};
 
 /// Most bytes of one `--stdin` line; a longer line is answered with an error and skipped, so a
 /// runaway writer cannot make the agent buffer without bound.
@@ -116,7 +116,7 @@ pub fn run_loaded(
     // `--stdin` pages as the local API does.
     let max_page = local_api
         .as_ref()
-        .map_or_else(|| LocalApiConfig::new("").max_page, |c| c.max_page);
+        .map_or(crate::local_api::DEFAULT_MAX_PAGE, |c| c.max_page);
     let runtime = runtime().map_err(StandaloneError::Runtime)?;
     runtime.block_on(async move {
         let agent = Agent::start(config, Arc::new(schema))?;
@@ -370,7 +370,7 @@ fn builtin_commands(agent: &Agent) {
 /// a list of `{op, model, item}` writes, in one transaction; `result` holds one item (or null)
 /// per operation.
 pub fn stdin_op(agent: &Agent, line: &str) -> Value {
-    stdin_op_paged(agent, line, LocalApiConfig::new("").max_page)
+    stdin_op_paged(agent, line, crate::local_api::DEFAULT_MAX_PAGE)
 }
 
 /// [`stdin_op`] with the largest page of the local API's configuration.

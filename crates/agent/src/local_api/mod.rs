@@ -69,6 +69,12 @@ use error::ApiError;
 /// The longest Unix socket path the kernel takes (`sun_path` is 108 bytes with its final NUL).
 pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
+/// Items of a page when the request gives no `limit` ([`LocalApiConfig::default_page`]).
+pub const DEFAULT_PAGE: usize = 100;
+
+/// The largest `limit` by default ([`LocalApiConfig::max_page`]); `--stdin` pages within it too.
+pub const DEFAULT_MAX_PAGE: usize = 1000;
+
 /// How long [`LocalApi::shutdown`] waits for open requests to end before it drops them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -111,8 +117,8 @@ impl LocalApiConfig {
             socket_group: None,
             tcp: None,
             max_body_bytes: 1 << 20,
-            default_page: 100,
-            max_page: 1000,
+            default_page: DEFAULT_PAGE,
+            max_page: DEFAULT_MAX_PAGE,
             max_wait: Duration::from_secs(60),
             command_lease: Duration::from_secs(30),
             max_streams: 64,

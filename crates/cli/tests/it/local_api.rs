@@ -567,6 +567,26 @@ fn items_through_the_socket_reach_the_cloud_and_page_back_and_bad_requests_are_t
     );
     let answer = agent.op_err(json!({"op": "find", "model": "Fault", "item": {}, "limit": 5000}));
     assert!(answer.contains("largest page"), "{answer}");
+    // A batch through --stdin: one transaction, one result per operation; a failing one writes
+    // nothing.
+    let results = agent.op(json!({"op": "batch", "ops": [
+        {"op": "upsert", "model": "Setting", "item": {"deviceId": "gw1", "name": "fan", "value": "on"}},
+        {"op": "remove", "model": "Setting", "item": {"deviceId": "gw1", "name": "mode"}},
+    ]}));
+    assert_eq!(results[0]["value"], "on", "{results}");
+    assert_eq!(results[1]["value"], "eco", "the removed item: {results}");
+    let refused = agent.op_err(json!({"op": "batch", "ops": [
+        {"op": "upsert", "model": "Setting", "item": {"deviceId": "gw1", "name": "light", "value": "on"}},
+        {"op": "create", "model": "Setting", "item": {"deviceId": "gw1", "name": "fan", "value": "off"}},
+    ]}));
+    assert!(refused.contains("already exists"), "{refused}");
+    let light = where_(json!({"deviceId": "gw1", "name": "light"}));
+    local.expect(
+        404,
+        "GET",
+        &format!("/v1/items/Setting/one?where={light}"),
+        None,
+    );
 
     // A clean stop removes the socket.
     agent.stop();
