@@ -1,5 +1,6 @@
 //! The standalone agent: a configuration file in, an agent running until Ctrl-C, SIGTERM or (in
-//! `--stdin` mode) the end of standard input.
+//! `--stdin` mode) the end of standard input, serving the local API ([`crate::local_api`]) for
+//! the device's other processes unless the file turns it off.
 //!
 //! Two binaries run it, `devtables agent` (crates/cli, the full command with the cloud) and the
 //! device-only `devtables-agent` (`src/bin/devtables-agent.rs`, without the cloud, the broker and
