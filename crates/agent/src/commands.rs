@@ -93,16 +93,27 @@ pub(crate) fn outcome(
     name: &str,
     item: &Item,
 ) -> Item {
-    let (status, result) = match handler {
+    let (done, result) = match handler {
         Some(h) => match h(item) {
-            Ok(value) => ("done", value),
-            Err(message) => ("failed", serde_json::json!({ "error": message })),
+            Ok(value) => (true, value),
+            Err(message) => (false, serde_json::json!({ "error": message })),
         },
         None => (
-            "failed",
+            false,
             serde_json::json!({ "error": format!("no handler for command {name:?} on this device") }),
         ),
     };
+    result_patch(schema, item, done, result)
+}
+
+/// The patch that records a command's outcome: the item's primary key fields, `status` (`done`
+/// or `failed`) and `result` (an object; any other value is wrapped as `{"value": ...}`).
+pub(crate) fn result_patch(
+    schema: &Schema,
+    item: &Item,
+    done: bool,
+    result: serde_json::Value,
+) -> Item {
     let result = match result {
         serde_json::Value::Object(_) => result,
         other => serde_json::json!({ "value": other }),
@@ -117,7 +128,7 @@ pub(crate) fn outcome(
             patch.insert(field.into(), v.clone());
         }
     }
-    patch.insert("status".into(), status.into());
+    patch.insert("status".into(), if done { "done" } else { "failed" }.into());
     patch.insert("result".into(), result);
     patch
 }

@@ -8,7 +8,8 @@ use devtables_db::{DbOptions, Durability};
 use devtables_sync::device::DeviceConfig;
 use serde::Deserialize;
 
-use crate::AgentError;
+use crate::changelog::ChangeLogLimits;
+use crate::{AgentError, LocalApiConfig};
 
 /// Settings of one agent.
 #[derive(Clone, Debug)]
@@ -75,6 +76,14 @@ pub struct AgentConfig {
     /// Most versions examined per transaction of the version collection. Default 1000: a slice
     /// holds the database's write lock for a few milliseconds only.
     pub version_gc_slice: usize,
+    /// Keep the local change log (every committed change under a local sequence number, in a
+    /// side table: see [`crate::changelog`]) within these limits. Default `None`: not kept. The
+    /// local API needs it ([`crate::LocalApiConfig::prepare_agent`] sets it).
+    pub change_log: Option<ChangeLogLimits>,
+    /// A command that arrives with no handler registered for its name stays `pending`, for an
+    /// application to take through the local API (or for a handler registered later), instead
+    /// of being answered `failed` ("no handler") at once. Default false; the local API sets it.
+    pub hold_unhandled_commands: bool,
     /// Protocol limits and timings (batching, retransmits).
     pub sync: DeviceConfig,
 }
@@ -106,6 +115,8 @@ impl AgentConfig {
             tombstone_retention: Duration::from_secs(30 * 24 * 3600),
             version_gc_interval: Duration::from_secs(600),
             version_gc_slice: 1000,
+            change_log: None,
+            hold_unhandled_commands: false,
             sync: DeviceConfig::default(),
         }
     }
@@ -203,6 +214,130 @@ pub struct AgentFile {
     /// see [`crate::standalone::StandaloneOptions::stdin_drain`]).
     #[serde(default)]
     pub stdin_drain_secs: Option<u64>,
+    /// The local API for applications (see [`LocalApiFile`]): on by default, on a Unix socket
+    /// next to the database.
+    #[serde(default)]
+    pub local_api: LocalApiFile,
+}
+
+/// The `local_api` block of the agent's file: `{socket: 'gw-1.sock', tcp: '127.0.0.1:7070'}`.
+/// Every key is optional; see [`LocalApiConfig`] for the defaults.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct LocalApiFile {
+    /// Default true; `false` serves nothing (and keeps no change log).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The Unix socket, relative to the config file. Default: the database file with the
+    /// extension `.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// See [`LocalApiConfig::socket_group`].
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// A loopback `host:port` to serve on as well. Default: none.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    #[serde(default)]
+    pub default_page: Option<usize>,
+    #[serde(default)]
+    pub max_page: Option<usize>,
+    #[serde(default)]
+    pub max_wait_secs: Option<u64>,
+    #[serde(default)]
+    pub command_lease_secs: Option<u64>,
+    #[serde(default)]
+    pub max_streams: Option<usize>,
+    /// See [`ChangeLogLimits::kept`].
+    #[serde(default)]
+    pub changes_kept: Option<u64>,
+    /// See [`ChangeLogLimits::max_bytes`].
+    #[serde(default)]
+    pub changes_max_bytes: Option<u64>,
+}
+
+impl AgentFile {
+    /// The command line's local API options over the file's: `--local-api-socket PATH`
+    /// (relative to the working directory), `--local-api-tcp ADDR`, `--no-local-api`.
+    pub fn override_local_api(&mut self, socket: Option<PathBuf>, tcp: Option<String>, off: bool) {
+        if off {
+            self.local_api.enabled = Some(false);
+        }
+        if socket.is_some() {
+            self.local_api.socket = socket;
+        }
+        if tcp.is_some() {
+            self.local_api.tcp = tcp;
+        }
+    }
+
+    /// The local API's settings, `None` when it is turned off. The socket defaults to the
+    /// database file (as it is now: after a `--db` override) with the extension `.sock`.
+    pub fn local_api_config(&self) -> Result<Option<LocalApiConfig>, AgentError> {
+        let f = &self.local_api;
+        if f.enabled == Some(false) {
+            return Ok(None);
+        }
+        let socket = match &f.socket {
+            Some(socket) => socket.clone(),
+            None => {
+                let socket = self.db.with_extension("sock");
+                if f.tcp.is_none() && socket.as_os_str().len() > crate::local_api::MAX_SOCKET_PATH {
+                    // Only the default is too long: the agent runs as it did before the local
+                    // API, and says how to have it.
+                    tracing::warn!(
+                        socket = %socket.display(),
+                        "no local API: the default socket path (the database file with .sock) is \
+                         longer than a Unix socket path may be; set local_api.socket to a \
+                         shorter path to have it"
+                    );
+                    return Ok(None);
+                }
+                socket
+            }
+        };
+        let mut c = LocalApiConfig::new(socket);
+        c.socket_group = f.socket_group.clone();
+        if let Some(tcp) = &f.tcp {
+            c.tcp = Some(tcp.parse().map_err(|_| {
+                AgentError::Config(format!(
+                    "local_api.tcp {tcp:?} is not an address like 127.0.0.1:7070"
+                ))
+            })?);
+        }
+        if let Some(n) = f.max_body_bytes {
+            c.max_body_bytes = n;
+        }
+        if let Some(n) = f.default_page {
+            c.default_page = n;
+        }
+        if let Some(n) = f.max_page {
+            c.max_page = n;
+            if f.default_page.is_none() {
+                c.default_page = c.default_page.min(n);
+            }
+        }
+        if let Some(secs) = f.max_wait_secs {
+            c.max_wait = Duration::from_secs(secs);
+        }
+        if let Some(secs) = f.command_lease_secs {
+            c.command_lease = Duration::from_secs(secs);
+        }
+        if let Some(n) = f.max_streams {
+            c.max_streams = n;
+        }
+        if let Some(n) = f.changes_kept {
+            c.change_log.kept = n;
+        }
+        if let Some(n) = f.changes_max_bytes {
+            c.change_log.max_bytes = n;
+        }
+        c.validate()
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        Ok(Some(c))
+    }
 }
 
 /// The `tls` block of the agent's file (the same format as the cloud's `external_broker_tls`).
@@ -222,6 +357,9 @@ impl AgentFile {
         let dir = path.parent().unwrap_or(Path::new("."));
         file.schema = dir.join(&file.schema);
         file.db = dir.join(&file.db);
+        if let Some(socket) = &file.local_api.socket {
+            file.local_api.socket = Some(dir.join(socket));
+        }
         let (host, port) = parse_broker(&file.broker)?;
         let secret = file.secret.clone().unwrap_or_default();
         let mut config = AgentConfig::new(&file.account, &file.device, &secret, file.db.clone());
@@ -382,6 +520,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("client_key"), "{err}");
+    }
+
+    #[test]
+    fn the_local_api_is_on_by_default_next_to_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.json5");
+        let write = |extra: &str| {
+            std::fs::write(
+                &path,
+                format!("{{account: 'a', device: 'd', secret: 's', schema: 's.json5', db: 'data/x.redb', {extra}}}"),
+            )
+            .unwrap();
+            let (file, _) = AgentFile::load(&path)?;
+            file.local_api_config()
+        };
+        let c = write("").unwrap().expect("on by default");
+        assert_eq!(c.socket, Some(dir.path().join("data/x.sock")));
+        assert_eq!(c.tcp, None, "no network listener by default");
+        let c = write(
+            "local_api: {socket: 'run/app.sock', tcp: '127.0.0.1:7070', command_lease_secs: 2, \
+             changes_kept: 50, max_page: 20, socket_group: 'dialout'}",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.socket, Some(dir.path().join("run/app.sock")));
+        assert_eq!(c.tcp, Some("127.0.0.1:7070".parse().unwrap()));
+        assert_eq!(c.command_lease, Duration::from_secs(2));
+        assert_eq!(c.change_log.kept, 50);
+        assert_eq!((c.default_page, c.max_page), (20, 20));
+        assert_eq!(c.socket_group.as_deref(), Some("dialout"));
+        assert!(write("local_api: {enabled: false}").unwrap().is_none());
+        // A default socket path too long for the kernel: no local API, rather than no agent.
+        let deep = format!("db: '{}/x.redb'", "d".repeat(120));
+        std::fs::write(
+            &path,
+            format!("{{account: 'a', device: 'd', secret: 's', schema: 's.json5', {deep}}}"),
+        )
+        .unwrap();
+        assert!(AgentFile::load(&path)
+            .unwrap()
+            .0
+            .local_api_config()
+            .unwrap()
+            .is_none());
+        let err = write("local_api: {tcp: '0.0.0.0:7070'}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("loopback"), "{err}");
+        let err = write("local_api: {tcp: 'localhost'}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("127.0.0.1:7070"), "{err}");
+        let err = write("local_api: {sockets: 'x'}").unwrap_err().to_string();
+        assert!(err.contains("sockets"), "{err}");
     }
 
     #[test]

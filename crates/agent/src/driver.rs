@@ -133,6 +133,9 @@ pub(crate) struct Driver {
     pub(crate) gc: GcState,
     /// The re-push after a cloud restore, while one is under way.
     pub(crate) repush: Option<RepushScan>,
+    /// A command without a handler stays pending (for an application to take through the local
+    /// API) instead of failing with "no handler" ([`AgentConfig::hold_unhandled_commands`]).
+    pub(crate) hold_unhandled_commands: bool,
 }
 
 impl Driver {
@@ -385,8 +388,9 @@ impl Driver {
             }
         }
         let handler = self.handler(name);
-        if handler.is_none() && trigger == Trigger::Found {
-            // It runs when its handler is registered.
+        if handler.is_none() && (trigger == Trigger::Found || self.hold_unhandled_commands) {
+            // It runs when its handler is registered, or an application takes it through the
+            // local API.
             return;
         }
         if trigger == Trigger::Found {

@@ -13,12 +13,18 @@
 //!   `DeviceTxn` the replication rules run in.
 //! - `driver`: the event loop around the sans-IO `DeviceEngine`.
 //! - `commands`: running command items at least once.
+//! - [`changelog`]: the durable local change log (every committed change under a local
+//!   sequence number), written in the transaction of the change when the agent keeps it.
+//! - [`local_api`]: the HTTP API on a Unix socket (and optionally loopback TCP) through which
+//!   applications in any language read and write items, follow changes and answer commands.
 //! - [`standalone`]: the standalone agent's loop, shared by both binaries.
 
+pub mod changelog;
 mod commands;
 pub mod config;
 mod driver;
 mod link;
+pub mod local_api;
 pub mod standalone;
 mod state;
 /// TLS to the broker (CA file, server name, client certificate): the shared client side.
@@ -41,7 +47,9 @@ use serde::Serialize;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch, Notify};
 
+pub use changelog::ChangeLogLimits;
 pub use config::AgentConfig;
+pub use local_api::{LocalApi, LocalApiConfig, LocalApiError};
 pub use state::{ChangeTooLarge, OutboxFull};
 
 /// A handler for one command name: gets the command item, returns the result to record (or an
@@ -225,6 +233,12 @@ pub struct Agent {
     status: watch::Receiver<AgentStatus>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// The command model's name (the local API offers its pending items to applications).
+    command_model: String,
+    /// This device's HLC node id (tells the commands the cloud wrote from the device's own).
+    node: u64,
+    /// The agent keeps the local change log ([`AgentConfig::change_log`]).
+    change_log: bool,
 }
 
 impl Agent {
@@ -264,6 +278,7 @@ impl Agent {
                  what the old schema could not hold arrives now"
             );
         }
+        changelog::on_start(&db, config.change_log.is_some())?;
         let restored = state::restore(&db)?;
         let node = node_id_for(&id.node_name());
         let clock = match restored.last_hlc {
@@ -280,7 +295,7 @@ impl Agent {
                 session: None,
             },
         );
-        db.set_interceptor(Some(Arc::new(state::OutboxRecorder {
+        let outbox = state::OutboxRecorder {
             schema: schema.clone(),
             clock: clock.clone(),
             cloud_offset_ms: cloud_offset_ms.clone(),
@@ -290,7 +305,18 @@ impl Agent {
                 .max_batch_bytes
                 .min(config.sync.wire.max_message_bytes)
                 .saturating_sub(push_overhead),
-        })));
+        };
+        let interceptor: Arc<dyn devtables_db::WriteInterceptor> = match config.change_log {
+            Some(limits) => Arc::new(changelog::WithChangeLog {
+                outbox,
+                log: changelog::ChangeLogRecorder {
+                    schema: schema.clone(),
+                    limits,
+                },
+            }),
+            None => Arc::new(outbox),
+        };
+        db.set_interceptor(Some(interceptor));
 
         if config.input_queue == 0 {
             return Err(AgentError::Config("input_queue must be at least 1".into()));
@@ -406,6 +432,7 @@ impl Agent {
             max_result_retries: config.max_result_retries,
             gc: driver::GcState::new(&config),
             repush: None,
+            hold_unhandled_commands: config.hold_unhandled_commands,
         };
         let task = tokio::spawn(driver.run());
         Ok(Agent {
@@ -419,6 +446,9 @@ impl Agent {
             status,
             shutdown,
             task,
+            command_model: config.command_model.clone(),
+            node,
+            change_log: config.change_log.is_some(),
         })
     }
 
@@ -485,11 +515,22 @@ impl Agent {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
         self.db.unsubscribe(self.commit_hook);
-        self.db.set_interceptor(None);
-        if self.owns_db {
-            if let Err(e) = self.db.close() {
-                tracing::error!(device = %self.id, "closing the database failed: {e}");
+        if !self.owns_db {
+            // The caller keeps the database and may write to it unlogged: no clean stop is
+            // recorded, so the next agent with the change log begins a new era.
+            self.db.set_interceptor(None);
+            return;
+        }
+        // The interceptor stays until the file is closed: a TTL purge after the clean-stop mark
+        // is still logged (and then the mark no longer matches: the next start begins a new
+        // era, which costs readers a re-read, never a missed change).
+        if self.change_log {
+            if let Err(e) = changelog::mark_clean_stop(&self.db) {
+                tracing::error!(device = %self.id, "cannot mark the change log complete: {e}");
             }
+        }
+        if let Err(e) = self.db.close() {
+            tracing::error!(device = %self.id, "closing the database failed: {e}");
         }
     }
 }

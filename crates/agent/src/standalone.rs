@@ -1,5 +1,6 @@
 //! The standalone agent: a configuration file in, an agent running until Ctrl-C, SIGTERM or (in
-//! `--stdin` mode) the end of standard input.
+//! `--stdin` mode) the end of standard input, serving the local API ([`crate::local_api`]) for
+//! the device's other processes unless the file turns it off.
 //!
 //! Two binaries run it, `devtables agent` (crates/cli, the full command with the cloud) and the
 //! device-only `devtables-agent` (`src/bin/devtables-agent.rs`, without the cloud, the broker and
@@ -15,7 +16,8 @@ use devtables_schema::{Schema, SchemaError};
 use serde_json::{json, Value};
 
 use crate::config::{AgentConfig, AgentFile};
-use crate::{Agent, AgentError};
+use crate::local_api::items::{self, FindParams};
+use crate::{Agent, AgentError, LocalApi, LocalApiError};
 
 /// Most bytes of one `--stdin` line; a longer line is answered with an error and skipped, so a
 /// runaway writer cannot make the agent buffer without bound.
@@ -50,6 +52,14 @@ pub enum StandaloneError {
     Schema { path: PathBuf, source: SchemaError },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    LocalApi(Box<LocalApiError>),
+}
+
+impl From<LocalApiError> for StandaloneError {
+    fn from(e: LocalApiError) -> Self {
+        StandaloneError::LocalApi(Box::new(e))
+    }
 }
 
 /// The log filter when `DEVTABLES_LOG` is not set.
@@ -99,21 +109,59 @@ pub fn run_loaded(
         .stdin_drain
         .or(file.stdin_drain_secs.map(Duration::from_secs))
         .unwrap_or(DEFAULT_STDIN_DRAIN);
+    let local_api = file.local_api_config()?;
+    let mut config = config;
+    if let Some(local) = &local_api {
+        local.prepare_agent(&mut config);
+    }
+    // `--stdin` pages as the local API does.
+    let max_page = local_api
+        .as_ref()
+        .map_or(crate::local_api::DEFAULT_MAX_PAGE, |c| c.max_page);
     let runtime = runtime().map_err(StandaloneError::Runtime)?;
     runtime.block_on(async move {
         let agent = Agent::start(config, Arc::new(schema))?;
         builtin_commands(&agent);
+        let api = match local_api.map(|c| LocalApi::start(&agent, c)).transpose() {
+            Ok(api) => api,
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        if let Some(api) = &api {
+            eprintln!(
+                "devtables agent {}: local API on {}",
+                agent.id(),
+                describe_local_api(api)
+            );
+        }
         eprintln!("devtables agent {} running; Ctrl-C stops it", agent.id());
         // One listener for the agent's whole life: one made anew per loop turn would miss a
         // signal that arrives between two turns (tokio keeps no signal for a later listener).
         let stop = stop_signal();
         tokio::pin!(stop);
-        if serve(&agent, options.stdin, stop.as_mut()).await == Stopped::InputEnded {
+        if serve(&agent, options.stdin, max_page, stop.as_mut()).await == Stopped::InputEnded {
             drain_outbox(&agent, drain, stop).await;
+        }
+        if let Some(api) = api {
+            api.shutdown().await;
         }
         agent.shutdown().await;
         Ok(())
     })
+}
+
+/// `unix:PATH` and `http://ADDR`, what the local API serves on.
+fn describe_local_api(api: &LocalApi) -> String {
+    let mut on = Vec::new();
+    if let Some(path) = api.socket() {
+        on.push(format!("unix:{}", path.display()));
+    }
+    if let Some(addr) = api.tcp_addr() {
+        on.push(format!("http://{addr}"));
+    }
+    on.join(" and ")
 }
 
 /// Why [`serve`] returned.
@@ -214,6 +262,7 @@ pub async fn stop_signal() {
 async fn serve(
     agent: &Agent,
     stdin: bool,
+    max_page: usize,
     mut stop: Pin<&mut impl Future<Output = ()>>,
 ) -> Stopped {
     let mut status = agent.watch_status();
@@ -230,7 +279,7 @@ async fn serve(
         tokio::select! {
             _ = &mut stop => return Stopped::Signal,
             line = lines.recv(), if stdin => match line {
-                Some(Ok(line)) => println!("{}", stdin_op(agent, &line)),
+                Some(Ok(line)) => println!("{}", stdin_op_paged(agent, &line, max_page)),
                 Some(Err(len)) => {
                     tracing::warn!(len, max = MAX_STDIN_LINE, "stdin line too long; skipped");
                     println!("{}", json!({"ok": false, "error": format!(
@@ -313,13 +362,32 @@ fn builtin_commands(agent: &Agent) {
 }
 
 /// One JSON-lines operation of `--stdin` mode: `{"op":"create","model":"Fault","item":{...}}`
-/// (ops: create, update, upsert, remove, get, find, status), answered with `{"ok":true,
-/// "result":...}` or `{"ok":false,"error":"..."}`.
+/// (ops: create, update, upsert, remove, get, find, batch, status), answered with `{"ok":true,
+/// "result":...}` or `{"ok":false,"error":"..."}`. A request's `"id"` (any JSON value) is
+/// echoed in its answer. `find` pages as the local API does with `limit` (at most the API's
+/// `max_page`, 1000 by default), `next`, `index`, `reverse` beside `item`; its answer holds the
+/// page's items in `result` and the token of the next page in `next` (null at the end). Without
+/// `limit` and `next`, it answers every match, as it always did. `batch` takes `ops`,
+/// a list of `{op, model, item}` writes, in one transaction; `result` holds one item (or null)
+/// per operation.
 pub fn stdin_op(agent: &Agent, line: &str) -> Value {
-    let request: Value = match serde_json::from_str(line) {
+    stdin_op_paged(agent, line, crate::local_api::DEFAULT_MAX_PAGE)
+}
+
+/// [`stdin_op`] with the largest page of the local API's configuration.
+fn stdin_op_paged(agent: &Agent, line: &str, max_page: usize) -> Value {
+    let request = match devtables_schema::parse_json_exact(line) {
         Ok(v) => v,
         Err(e) => return json!({"ok": false, "error": format!("not JSON: {e}")}),
     };
+    let mut answer = stdin_answer(agent, &request, max_page);
+    if let (Some(id), Some(fields)) = (request.get("id"), answer.as_object_mut()) {
+        fields.insert("id".into(), id.clone());
+    }
+    answer
+}
+
+fn stdin_answer(agent: &Agent, request: &Value, max_page: usize) -> Value {
     let op = request
         .get("op")
         .and_then(Value::as_str)
@@ -339,9 +407,29 @@ pub fn stdin_op(agent: &Agent, line: &str) -> Value {
         "upsert" => db.upsert(model, &item).map(|i| json!(i)),
         "remove" => db.remove(model, &item).map(|i| json!(i)),
         "get" => db.get(model, &item).map(|i| json!(i)),
-        "find" => db
-            .find(model, &item, &devtables_db::FindOptions::default())
-            .map(|p| json!(p.items)),
+        "find" => {
+            let params = match find_params(request, item) {
+                Ok(p) => p,
+                Err(e) => return json!({"ok": false, "error": e}),
+            };
+            // No `limit`: every match (a `next` alone continues in pages of the largest size).
+            let default_page = if params.next.is_some() {
+                max_page
+            } else {
+                usize::MAX
+            };
+            return match items::find(db, model, params, default_page, max_page) {
+                Ok(page) => json!({"ok": true, "result": page.items, "next": page.next}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            };
+        }
+        "batch" => {
+            let ops = match items::parse_batch(request.get("ops").unwrap_or(&Value::Null)) {
+                Ok(ops) => ops,
+                Err(e) => return json!({"ok": false, "error": e.to_string()}),
+            };
+            db.transaction(&ops).map(|r| json!(r))
+        }
         "status" => Ok(json!(agent.status())),
         other => return json!({"ok": false, "error": format!("unknown op {other:?}")}),
     };
@@ -349,6 +437,34 @@ pub fn stdin_op(agent: &Agent, line: &str) -> Value {
         Ok(value) => json!({"ok": true, "result": value}),
         Err(e) => json!({"ok": false, "error": e.to_string()}),
     }
+}
+
+/// The page fields of a `--stdin` find: `limit`, `next`, `index`, `reverse`.
+fn find_params(request: &Value, props: devtables_schema::Item) -> Result<FindParams, String> {
+    let limit = match request.get("limit") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| format!("limit {v} is not a count of items"))? as usize,
+        ),
+    };
+    let text = |name: &str| -> Result<Option<String>, String> {
+        match request.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(format!("{name} {v} is not a string")),
+        }
+    };
+    Ok(FindParams {
+        props,
+        limit,
+        next: text("next")?,
+        index: text("index")?,
+        reverse: request
+            .get("reverse")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    })
 }
 
 #[cfg(test)]

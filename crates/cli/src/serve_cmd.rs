@@ -2,7 +2,8 @@
 //! cloud service, until Ctrl-C (or SIGTERM).
 //!
 //! Both take command-line overrides of the file's addresses and data (`--api`, `--mqtt`,
-//! `--data`; the agent's `--mqtt` and `--db`), applied here to the loaded configuration, so a
+//! `--data`; the agent's `--mqtt`, `--db` and its local API's `--local-api-socket`,
+//! `--local-api-tcp`, `--no-local-api`), applied here to the loaded configuration, so a
 //! second instance or a port already taken needs no edited copy of the file. A cloud that cannot
 //! start says which option or key changes the port it could not bind, and leaves behind no data
 //! folder or file this run created ([`StartCleanup`]).
@@ -52,7 +53,8 @@ pub struct AgentArgs {
     db: Option<PathBuf>,
     /// Read operations on the device database as JSON lines from standard input
     /// (`{"op":"create","model":"Fault","item":{...}}`; ops: create, update, upsert, remove, get,
-    /// find, status) and answer each with one JSON line on standard output. End of input stops
+    /// find, batch, status; an "id" is echoed) and answer each with one JSON line on standard
+    /// output. End of input stops
     /// the agent once the cloud has every change (see --stdin-drain-secs).
     #[arg(long)]
     stdin: bool,
@@ -61,6 +63,17 @@ pub struct AgentArgs {
     /// still queued then goes at the next start.
     #[arg(long, value_name = "SECS")]
     stdin_drain_secs: Option<u64>,
+    /// The local API's Unix socket, instead of the file's `local_api.socket` (default: the
+    /// database file with the extension `.sock`).
+    #[arg(long, value_name = "PATH")]
+    local_api_socket: Option<PathBuf>,
+    /// Also serve the local API on this loopback address, e.g. 127.0.0.1:7070 (the file's
+    /// `local_api.tcp`; default: no TCP).
+    #[arg(long, value_name = "ADDR")]
+    local_api_tcp: Option<String>,
+    /// Serve no local API (the file's `local_api: {enabled: false}`).
+    #[arg(long, conflicts_with_all = ["local_api_socket", "local_api_tcp"])]
+    no_local_api: bool,
 }
 
 /// The standalone agent: the loop shared with the device-only `devtables-agent` binary.
@@ -89,6 +102,7 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
         file.db = db.clone();
         config.db_path = db.clone();
     }
+    file.override_local_api(args.local_api_socket, args.local_api_tcp, args.no_local_api);
     let options = StandaloneOptions {
         config: args.config,
         stdin: args.stdin,

@@ -170,11 +170,11 @@ async fn the_device_only_binary_syncs_stdin_writes_up_and_cloud_writes_down() {
 }
 
 /// The crates the device-only binary must not link: the cloud service, its embedded broker, its
-/// HTTP server, its SQL store and the cloud side's TLS crypto.
-const CLOUD_ONLY: [&str; 6] = [
+/// SQL store and the cloud side's TLS crypto. (axum, the cloud's HTTP server, is the agent's too:
+/// it serves the local API on a Unix socket.)
+const CLOUD_ONLY: [&str; 5] = [
     "devtables-cloud",
     "rmqtt",
-    "axum",
     "rusqlite",
     "libsqlite3-sys",
     "aws-lc-sys",

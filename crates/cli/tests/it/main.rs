@@ -10,6 +10,7 @@ mod faults;
 mod first_run;
 mod harness;
 mod isolation;
+mod local_api;
 mod proxy;
 mod restore;
 mod scenarios;
