@@ -274,8 +274,8 @@ enum dt_code dt_agent_stop(struct dt_agent *agent);
  * agent's runtime thread for changes from the cloud. It may read and write the database (its own
  * writes are delivered after it returns); it must not block for long (the writer waits), must
  * not close the database, stop the agent or wait on it, and must not unwind (a C++ exception;
- * a Rust panic is caught and logged). `user` must be usable from any thread until
- * `dt_unsubscribe` returns (or the database is closed).
+ * a Rust panic is caught: the change stays committed, later ones are still delivered). `user`
+ * must be usable from any thread until `dt_unsubscribe` returns (or the database is closed).
  *
  * # Safety
  * `db` is a live handle; `callback` is a function safe to call with `user` from any thread;
