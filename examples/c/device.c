@@ -133,7 +133,12 @@ int main(int argc, char **argv) {
 
     /* The agent writes the handler's reply after the handler returns: wait until no command is
      * pending locally, then until the cloud has acknowledged every change (the reply included). */
-    while (command_pending(db, agent)) {
+    for (long waited = 0; command_pending(db, agent); waited += 20) {
+        if (waited >= 30000) {
+            fprintf(stderr, "device: the reboot reply was not stored in 30 s\n");
+            dt_agent_stop(agent);
+            return 1;
+        }
         sleep_ms(20);
     }
     if ((rc = dt_agent_wait_synced(agent, 30000)) != DT_OK) {
