@@ -197,7 +197,7 @@ fn a_push_logs_only_the_rows_it_writes<H: ChangeLogUnderTest>(h: &mut H) -> Outc
     );
     let gone = del(&s, "Dev", "d1", "a", ver(30, 1), Some(newer.version));
     ensure_eq!(gone.op, Op::Delete, "a delete");
-    push(h, NOW, &d1(), &[gone.clone()])?;
+    push(h, NOW, &d1(), std::slice::from_ref(&gone))?;
     let log = entries(h, ACCOUNT, 0)?;
     ensure_eq!(log.len(), 3, "the delete is logged");
     ensure!(

@@ -31,8 +31,10 @@ fn page(s: &mut SqliteStore, q: &ChangeQuery) -> ChangePage {
     }
 }
 
-/// (op, device, model, sk, item's `v`) of each change: what a reader learns.
-fn seen(changes: &[ChangeEvent]) -> Vec<(ChangeOp, Option<&str>, &str, &str, Option<i64>)> {
+/// (op, device, model, sk, item's `v`) of one change: what a reader learns.
+type Seen<'a> = (ChangeOp, Option<&'a str>, &'a str, &'a str, Option<i64>);
+
+fn seen(changes: &[ChangeEvent]) -> Vec<Seen<'_>> {
     changes
         .iter()
         .map(|c| {
@@ -173,8 +175,15 @@ fn only_writes_that_store_a_row_append_and_a_rollback_appends_nothing() {
         json!({"deviceId": "d1", "name": "b", "v": 1}),
         ver(NOW, 7),
     );
-    s.apply_push(&schema, &mut c, NOW, RULES, &d1, &[both.clone()])
-        .unwrap();
+    s.apply_push(
+        &schema,
+        &mut c,
+        NOW,
+        RULES,
+        &d1,
+        std::slice::from_ref(&both),
+    )
+    .unwrap();
     // A replay (duplicate) and a stale write store no row: no change.
     let stale = put(
         &schema,
