@@ -309,7 +309,9 @@ mod tests {
         let schema = Arc::new(
             Schema::from_json5(
                 "{format: 'onetable:1.1.0', version: '1', \
-                 indexes: {primary: {hash: 'pk', sort: 'sk'}}, models: {}}",
+                 indexes: {primary: {hash: 'pk', sort: 'sk'}}, process: {N: {sync: 'down', broadcast: true}}, \
+                 models: {N: {pk: {type: 'string', value: 'n#'}, \
+                 sk: {type: 'string', value: 'n#${name}'}, name: {type: 'string', required: true}}}}",
             )
             .unwrap(),
         );
@@ -327,6 +329,55 @@ mod tests {
             .await
             .unwrap();
         (handle, release, reported)
+    }
+
+    #[tokio::test]
+    async fn the_change_log_head_is_told_only_once_the_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, release, reported) = held_store(&dir.path().join("cloud.db"), 64).await;
+        let mut heads = handle.changes();
+        assert_eq!(*heads.borrow_and_update(), 0, "an empty log");
+        let (heard, hear) = std_mpsc::channel();
+        for name in ["a", "b"] {
+            let (heard, seen) = (heard.clone(), handle.changes());
+            let job: JobFn = Box::new(move |c: &mut StoreCtx| {
+                let schema = c.schema.clone();
+                let input = serde_json::json!({ "name": name });
+                let item = schema
+                    .model("N")
+                    .unwrap()
+                    .prepare_create(input.as_object().unwrap(), wall_ms() as i64)
+                    .unwrap();
+                let written = c.store.write(
+                    &schema,
+                    &mut c.clock,
+                    wall_ms(),
+                    1 << 17,
+                    &devtables_sync::identity::Owner::Account("a".into()),
+                    "N",
+                    devtables_sync::apply::CloudOp::Put(item),
+                );
+                assert!(written.is_ok(), "{:?}", written.err());
+                // Appended, not committed: nobody is told yet.
+                let told_in_job = *seen.borrow();
+                c.after_commit(Box::new(move |r| {
+                    heard.send((r.is_ok(), told_in_job)).unwrap()
+                }));
+            });
+            handle.submit(job).await.unwrap();
+        }
+        // Only the jobs hold senders now: a job that failed ends the wait.
+        drop(heard);
+        release.send(()).unwrap();
+        for _ in 0..2 {
+            assert_eq!(hear.recv().expect("both jobs completed"), (true, 0));
+        }
+        assert_eq!(reported.recv().unwrap().jobs, 2, "one group");
+        tokio::time::timeout(std::time::Duration::from_secs(20), heads.changed())
+            .await
+            .expect("told after the commit")
+            .unwrap();
+        assert_eq!(*heads.borrow(), 2, "the head of the two appends");
     }
 
     #[tokio::test]
