@@ -172,15 +172,16 @@ pub(super) async fn read_changes(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     let mut after = q.after;
-    if sse {
-        if let Some(id) = headers.get("last-event-id") {
-            let id = id.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
-            match id {
-                Some(id) if id <= AT_THE_HEAD => after = Some(id),
-                _ => return Err(ApiError::bad(
-                    "Last-Event-ID must be the sequence number of a change (the id of an event)",
-                )),
-            }
+    // Read whatever the mode, as documented (a JSON reader's is checked, not used).
+    if let Some(id) = headers.get("last-event-id") {
+        let Some(id) = id.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
+            return Err(ApiError::bad(
+                "Last-Event-ID must be the sequence number of a change (the id of an event)",
+            ));
+        };
+        if sse {
+            // Past every sequence number: the head.
+            after = Some(id.min(AT_THE_HEAD));
         }
     }
     let max_page = s.config.changes.max_page;
@@ -353,7 +354,12 @@ pub(super) struct WebhookPath {
 /// The body of `POST /v1/accounts/{account}/webhooks`.
 #[derive(Deserialize, ToSchema)]
 pub(super) struct NewWebhookBody {
-    /// Where the changes are posted: `https://...` (or `http://`, clear text, warned about).
+    /// Where the changes are posted: `https://...` (or `http://`, clear text, warned about);
+    /// at most 2048 bytes, no user information.
+    #[schema(
+        pattern = "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$",
+        max_length = 2048
+    )]
     url: String,
     /// Only changes of this model (default: every model).
     #[serde(default)]
@@ -361,8 +367,27 @@ pub(super) struct NewWebhookBody {
     /// Deliver the changes after this sequence number (default: only changes from now on;
     /// `0`: from the oldest change kept).
     #[schema(minimum = 0, maximum = 9223372036854775807_u64)]
-    #[serde(default, deserialize_with = "int64_range")]
+    #[serde(default, deserialize_with = "json_int64")]
     after: Option<u64>,
+}
+
+/// Reads an optional integer of a JSON body in the document's int64 range, also written with a
+/// zero fraction (`42.0`), which JSON Schema counts as an integer.
+fn json_int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= AT_THE_HEAD as f64)
+            .map(|f| f as u64)
+    });
+    match whole {
+        Some(v) if v <= AT_THE_HEAD => Ok(Some(v)),
+        _ => Err(serde::de::Error::custom(format!(
+            "{n} is not a whole number from 0 to {AT_THE_HEAD}"
+        ))),
+    }
 }
 
 /// A webhook and how its delivery goes.
