@@ -78,11 +78,11 @@ impl Fleet {
             let path = format!("/v1/accounts/{ACCOUNT}/devices/{DEVICE}/items/Setting");
             let item = json!({"deviceId": DEVICE, "name": name, "value": "a"});
             self.api_write("POST", &path, item.clone(), 201);
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 let update = json!({"deviceId": DEVICE, "name": name, "value": "b"});
                 self.api_write("PATCH", &path, update, 200);
             }
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 self.api_write("DELETE", &path, item, 200);
             }
         }
