@@ -21,6 +21,8 @@
 //! | `POST /v1/accounts/{a}/keys` `{scope}` | create an API key of the account; the answer holds the key, once |
 //! | `GET /v1/accounts/{a}/keys` | the account's API keys (ids, scopes, times; never a secret) |
 //! | `DELETE /v1/accounts/{a}/keys/{id}` | revoke a key |
+//! | `GET /v1/accounts/{a}/changes?after=&model=&device=&limit=&wait=` | the account's change log after a cursor: JSON (long poll) or SSE ([`changes`]) |
+//! | `GET`, `POST /v1/accounts/{a}/webhooks`; `GET`, `DELETE .../webhooks/{id}` | the account's webhooks and their delivery status ([`changes`]) |
 //!
 //! Every route is registered in [`routes`] together with its `#[utoipa::path]` documentation, so
 //! the served document lists exactly the routes served; the answers are typed structs here (or
@@ -64,6 +66,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+mod changes;
+
 use crate::auth;
 use crate::config::CloudConfig;
 use crate::openapi::{self, BodyErrors, Conflict, Invalid, KeyedErrors, NotFound};
@@ -90,6 +94,12 @@ pub(crate) struct ApiState {
     pub(crate) refusals: Arc<Mutex<WarnLimiter>>,
     /// The request rate of each API key.
     pub(crate) rate: Arc<crate::rate_limit::ApiRateLimiter>,
+    /// The reader slots of the change log (`changes_max_readers`).
+    pub(crate) readers: Arc<tokio::sync::Semaphore>,
+    /// The webhooks' delivery tasks, started and stopped with their creation and deletion.
+    pub(crate) webhooks: crate::webhooks::Webhooks,
+    /// The service's shutdown: waiting readers answer, SSE streams end.
+    pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Every route of the API with its documentation: the one list both the router and the OpenAPI
@@ -121,6 +131,9 @@ pub(crate) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(conflicts))
         .routes(routes!(list_keys, create_key))
         .routes(routes!(revoke_key))
+        .routes(routes!(changes::read_changes))
+        .routes(routes!(changes::list_webhooks, changes::create_webhook))
+        .routes(routes!(changes::get_webhook, changes::delete_webhook))
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -204,6 +217,14 @@ pub(crate) enum ErrorKind {
     Ca,
     /// The metrics exposition could not be made (500).
     Metrics,
+    /// Retention removed changes after the reader's cursor: re-read the items, then read the
+    /// changes from the head (410).
+    CursorExpired,
+    /// Too many readers of the change log wait: retry after `Retry-After` seconds (503).
+    Busy,
+    /// The account holds the most of these the service allows (webhooks): delete one first
+    /// (409).
+    LimitReached,
 }
 
 /// Every error answer of the API.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use devtables_sync::rate::RateLimit;
 use serde::Deserialize;
 
-use crate::store::{DeviceQuotas, Retention};
+use crate::store::{ChangeRetention, DeviceQuotas, Retention};
 
 /// Where the service's MQTT traffic goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,6 +103,102 @@ pub struct CloudConfig {
     /// Most devices whose credentials the embedded broker caches. Default 100,000
     /// ([`crate::auth::DEFAULT_CREDENTIALS_CACHE`]).
     pub credentials_cache: usize,
+    /// The change log's readers (`GET /v1/accounts/{a}/changes`) and its webhooks: every limit
+    /// with its default (docs/api.md, "Reacting to changes").
+    pub changes: ChangesConfig,
+}
+
+/// The limits of the change log's readers and webhooks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChangesConfig {
+    /// How much of the log is kept: 7 days, and 1 000 000 changes per account. A reader or
+    /// webhook whose cursor falls behind it is told (410 `cursor_expired`, or a `gap`).
+    pub retention: ChangeRetention,
+    /// Most changes in one answer of `GET .../changes` (its `limit` is capped at this). Default
+    /// 1000.
+    pub max_page: usize,
+    /// Most log entries one read examines for its filters (`model`, `device`), so a filter that
+    /// matches little still answers in bounded time (its `next` moves past what it examined).
+    /// Default 10 000.
+    pub max_scan: usize,
+    /// Longest `wait` of a long poll (a larger one is capped). Default 60 s.
+    pub max_wait: Duration,
+    /// Most readers waiting at once: SSE streams and long polls that wait; beyond it a reader is
+    /// answered 503 `busy` with `Retry-After`. Default 256.
+    pub max_readers: usize,
+    /// How often an idle SSE stream sends a comment, so proxies keep it open and a vanished
+    /// reader is noticed. Default 15 s.
+    pub keepalive: Duration,
+    /// Shortest time between two reads of the store by one waiting reader or webhook: a busy
+    /// store wakes them at most this often. Default 100 ms.
+    pub read_interval: Duration,
+    /// Most webhooks per account. Default 16.
+    pub webhooks_per_account: usize,
+    /// Most changes in one webhook delivery. Default 100.
+    pub webhook_batch: usize,
+    /// Largest body of one webhook delivery: a batch is cut before the change that would pass
+    /// it (a single larger change is still sent alone). Default 1 MiB.
+    pub webhook_max_body_bytes: usize,
+    /// How long a delivery may take (connect, send, the answer's head). Default 10 s.
+    pub webhook_timeout: Duration,
+    /// The first wait after a failed delivery; it doubles with each failure, with jitter, up to
+    /// `webhook_retry_max`. Defaults 1 s and 60 s.
+    pub webhook_retry_min: Duration,
+    pub webhook_retry_max: Duration,
+    /// Most deliveries in flight at once, over every webhook. Default 32.
+    pub webhook_in_flight: usize,
+    /// Certificate authorities (PEM) an `https` receiver may chain to, besides the system's
+    /// (for a private CA). Default none.
+    pub webhook_ca: Option<PathBuf>,
+}
+
+impl Default for ChangesConfig {
+    fn default() -> ChangesConfig {
+        ChangesConfig {
+            retention: ChangeRetention::default(),
+            max_page: 1000,
+            max_scan: 10_000,
+            max_wait: Duration::from_secs(60),
+            max_readers: 256,
+            keepalive: Duration::from_secs(15),
+            read_interval: Duration::from_millis(100),
+            webhooks_per_account: 16,
+            webhook_batch: 100,
+            webhook_max_body_bytes: 1024 * 1024,
+            webhook_timeout: Duration::from_secs(10),
+            webhook_retry_min: Duration::from_secs(1),
+            webhook_retry_max: Duration::from_secs(60),
+            webhook_in_flight: 32,
+            webhook_ca: None,
+        }
+    }
+}
+
+impl ChangesConfig {
+    fn validate(&self) -> Result<(), String> {
+        for (name, n) in [
+            ("changes_max_page", self.max_page),
+            ("changes_max_scan", self.max_scan),
+            ("changes_max_readers", self.max_readers),
+            ("webhook_batch", self.webhook_batch),
+            ("webhook_in_flight", self.webhook_in_flight),
+        ] {
+            if n == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.keepalive.is_zero() || self.webhook_timeout.is_zero() {
+            return Err("changes_keepalive_secs and webhook_timeout_secs must be above 0".into());
+        }
+        if self.webhook_retry_min.is_zero() || self.webhook_retry_max < self.webhook_retry_min {
+            return Err(format!(
+                "webhook retries need 0 < webhook_retry_min_ms <= webhook_retry_max_ms, got {:?} \
+                 and {:?}",
+                self.webhook_retry_min, self.webhook_retry_max
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Devices with client certificates (mutual TLS).
@@ -244,6 +340,7 @@ impl CloudConfig {
             metrics_open: false,
             credentials_ttl: crate::auth::DEFAULT_CREDENTIALS_TTL,
             credentials_cache: crate::auth::DEFAULT_CREDENTIALS_CACHE,
+            changes: ChangesConfig::default(),
         }
     }
 
@@ -315,7 +412,7 @@ impl CloudConfig {
         if self.api_rate_keys == 0 {
             return Err("api_rate_keys must be at least 1".into());
         }
-        Ok(())
+        self.changes.validate()
     }
 }
 
@@ -435,6 +532,59 @@ pub struct CloudFile {
     /// Most store jobs sharing one commit (default 1024; 1: a commit per job).
     #[serde(default)]
     pub store_group_max: Option<usize>,
+    /// Hours the change log keeps a change (default 168, 7 days).
+    #[serde(default)]
+    pub changes_retention_hours: Option<u64>,
+    /// The same in seconds (wins over the hours; for tests).
+    #[serde(default)]
+    pub changes_retention_secs: Option<u64>,
+    /// Most changes the log keeps per account (default 1000000).
+    #[serde(default)]
+    pub changes_max_per_account: Option<u64>,
+    /// Most changes in one answer of `GET .../changes` (default 1000).
+    #[serde(default)]
+    pub changes_max_page: Option<usize>,
+    /// Most log entries one read examines for its filters (default 10000).
+    #[serde(default)]
+    pub changes_max_scan: Option<usize>,
+    /// Longest long-poll `wait`, in seconds (default 60).
+    #[serde(default)]
+    pub changes_max_wait_secs: Option<u64>,
+    /// Most readers (SSE streams, waiting long polls) at once (default 256).
+    #[serde(default)]
+    pub changes_max_readers: Option<usize>,
+    /// Seconds between the comments of an idle SSE stream (default 15).
+    #[serde(default)]
+    pub changes_keepalive_secs: Option<u64>,
+    /// Shortest time between two store reads of one waiting reader or webhook, in ms (default
+    /// 100).
+    #[serde(default)]
+    pub changes_read_interval_ms: Option<u64>,
+    /// Most webhooks per account (default 16).
+    #[serde(default)]
+    pub webhooks_per_account: Option<usize>,
+    /// Most changes in one webhook delivery (default 100).
+    #[serde(default)]
+    pub webhook_batch: Option<usize>,
+    /// Largest webhook delivery body in bytes (default 1048576).
+    #[serde(default)]
+    pub webhook_max_body_bytes: Option<usize>,
+    /// Seconds one webhook delivery may take (default 10).
+    #[serde(default)]
+    pub webhook_timeout_secs: Option<u64>,
+    /// The first wait after a failed webhook delivery, in ms (default 1000).
+    #[serde(default)]
+    pub webhook_retry_min_ms: Option<u64>,
+    /// The longest wait between webhook delivery attempts, in ms (default 60000).
+    #[serde(default)]
+    pub webhook_retry_max_ms: Option<u64>,
+    /// Most webhook deliveries in flight at once (default 32).
+    #[serde(default)]
+    pub webhook_in_flight: Option<usize>,
+    /// CA certificates (PEM, relative to this file) an `https` webhook receiver may chain to,
+    /// besides the system's.
+    #[serde(default)]
+    pub webhook_ca: Option<PathBuf>,
 }
 
 /// A certificate and key in the cloud's file.
@@ -555,6 +705,7 @@ impl CloudFile {
             }
             (false, None) => config.broker,
         };
+        file.apply_changes(dir, &mut config.changes);
         if let Some(p) = file.topic_prefix {
             config.topic_prefix = p;
         }
@@ -628,6 +779,52 @@ impl CloudFile {
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok((dir.join(file.schema), config))
+    }
+
+    /// The change log's and the webhooks' keys.
+    fn apply_changes(&self, dir: &Path, c: &mut ChangesConfig) {
+        if let Some(h) = self.changes_retention_hours {
+            c.retention.max_age_ms = h.saturating_mul(3600 * 1000);
+        }
+        if let Some(secs) = self.changes_retention_secs {
+            c.retention.max_age_ms = secs.saturating_mul(1000);
+        }
+        if let Some(n) = self.changes_max_per_account {
+            c.retention.max_per_account = n;
+        }
+        let set = |target: &mut usize, value: Option<usize>| {
+            if let Some(v) = value {
+                *target = v;
+            }
+        };
+        set(&mut c.max_page, self.changes_max_page);
+        set(&mut c.max_scan, self.changes_max_scan);
+        set(&mut c.max_readers, self.changes_max_readers);
+        set(&mut c.webhooks_per_account, self.webhooks_per_account);
+        set(&mut c.webhook_batch, self.webhook_batch);
+        set(&mut c.webhook_max_body_bytes, self.webhook_max_body_bytes);
+        set(&mut c.webhook_in_flight, self.webhook_in_flight);
+        if let Some(secs) = self.changes_max_wait_secs {
+            c.max_wait = Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.changes_keepalive_secs {
+            c.keepalive = Duration::from_secs(secs);
+        }
+        if let Some(ms) = self.changes_read_interval_ms {
+            c.read_interval = Duration::from_millis(ms);
+        }
+        if let Some(secs) = self.webhook_timeout_secs {
+            c.webhook_timeout = Duration::from_secs(secs);
+        }
+        if let Some(ms) = self.webhook_retry_min_ms {
+            c.webhook_retry_min = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.webhook_retry_max_ms {
+            c.webhook_retry_max = Duration::from_millis(ms);
+        }
+        if let Some(ca) = &self.webhook_ca {
+            c.webhook_ca = Some(dir.join(ca));
+        }
     }
 }
 
@@ -736,6 +933,85 @@ mod tests {
         }
         // A rate of 0 turns the limit off; its burst then does not matter.
         assert!(load("api_requests_per_sec: 0, api_request_burst: 0").is_ok());
+    }
+
+    #[test]
+    fn the_file_sets_the_change_log_and_webhook_limits_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        let load = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path)
+        };
+        let c = load("").unwrap().1.changes;
+        assert_eq!(c, ChangesConfig::default(), "the documented defaults");
+        assert_eq!(
+            (c.retention.max_age_ms, c.retention.max_per_account),
+            (7 * 24 * 3600 * 1000, 1_000_000)
+        );
+        assert_eq!(
+            (c.max_page, c.max_wait, c.webhook_batch),
+            (1000, Duration::from_secs(60), 100)
+        );
+        let c = load(
+            "changes_retention_hours: 2, changes_max_per_account: 50, changes_max_page: 10, \
+             changes_max_scan: 20, changes_max_wait_secs: 3, changes_max_readers: 4, \
+             changes_keepalive_secs: 5, changes_read_interval_ms: 6, webhooks_per_account: 7, \
+             webhook_batch: 8, webhook_max_body_bytes: 9000, webhook_timeout_secs: 10, \
+             webhook_retry_min_ms: 11, webhook_retry_max_ms: 12, webhook_in_flight: 13, \
+             webhook_ca: 'ca.pem'",
+        )
+        .unwrap()
+        .1
+        .changes;
+        assert_eq!(
+            c,
+            ChangesConfig {
+                retention: ChangeRetention {
+                    max_age_ms: 2 * 3600 * 1000,
+                    max_per_account: 50
+                },
+                max_page: 10,
+                max_scan: 20,
+                max_wait: Duration::from_secs(3),
+                max_readers: 4,
+                keepalive: Duration::from_secs(5),
+                read_interval: Duration::from_millis(6),
+                webhooks_per_account: 7,
+                webhook_batch: 8,
+                webhook_max_body_bytes: 9000,
+                webhook_timeout: Duration::from_secs(10),
+                webhook_retry_min: Duration::from_millis(11),
+                webhook_retry_max: Duration::from_millis(12),
+                webhook_in_flight: 13,
+                webhook_ca: Some(dir.path().join("ca.pem")),
+            }
+        );
+        assert_eq!(
+            load("changes_retention_secs: 30")
+                .unwrap()
+                .1
+                .changes
+                .retention
+                .max_age_ms,
+            30_000
+        );
+        for (bad, says) in [
+            ("changes_max_page: 0", "changes_max_page"),
+            ("webhook_batch: 0", "webhook_batch"),
+            (
+                "webhook_retry_min_ms: 500, webhook_retry_max_ms: 100",
+                "webhook_retry",
+            ),
+            ("changes_keepalive_secs: 0", "changes_keepalive_secs"),
+        ] {
+            let e = load(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

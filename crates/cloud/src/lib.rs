@@ -23,6 +23,8 @@
 //! - `api`: the HTTP API (axum, JSON); [`openapi`]: its OpenAPI document, generated from the
 //!   handlers and served at `GET /v1/openapi.json`; [`rate_limit`]: the request rate of each
 //!   API key.
+//! - [`webhooks`]: delivers the change log ([`store::changes`]) to each webhook's URL, signed,
+//!   from its durable cursor; the change log's readers (SSE and long poll) are routes of `api`.
 //! - [`config`]: every setting and limit, and the `devtables cloud` file format.
 //!
 //! Only [`store`] is built without the default `service` feature (the fuzz targets link that).
@@ -67,10 +69,13 @@ mod sync_loop;
 #[cfg(feature = "service")]
 pub mod tls;
 mod warn_limit;
+#[cfg(feature = "service")]
+pub mod webhooks;
 
 #[cfg(feature = "service")]
 pub use config::{
-    BrokerMode, CloudConfig, CloudFile, DeviceCertificates, MqttClientConfig, StartupPrompts,
+    BrokerMode, ChangesConfig, CloudConfig, CloudFile, DeviceCertificates, MqttClientConfig,
+    StartupPrompts,
 };
 #[cfg(feature = "service")]
 pub use service::{Cloud, StartError};

@@ -254,6 +254,51 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "Device sessions with feed entries not acknowledged",
     ),
     gauge("sessions_resyncing", "Device sessions in a full resync"),
+    gauge(
+        "change_log_head",
+        "The change log's highest sequence number",
+    ),
+    gauge(
+        "change_log_rows",
+        "Changes the log holds over every account (counted at each retention pass)",
+    ),
+    gauge(
+        "change_readers",
+        "Change log readers waiting now (SSE streams and waiting long polls)",
+    ),
+    counter(
+        "changes_served",
+        "Changes served to change log readers (SSE events and long-poll answers)",
+    ),
+    counter(
+        "changes_expired",
+        "Change log reads answered cursor_expired: the reader missed changes retention removed",
+    ),
+    counter(
+        "change_readers_refused",
+        "Change log readers refused with 503 busy: changes_max_readers were waiting",
+    ),
+    gauge("webhooks", "Webhooks being delivered"),
+    counter(
+        "webhook_deliveries_ok",
+        "Webhook deliveries the receiver acknowledged (2xx)",
+    ),
+    counter(
+        "webhook_deliveries_failed",
+        "Webhook delivery attempts that failed (another status, no answer, a timeout); retried with backoff",
+    ),
+    counter(
+        "webhook_changes_delivered",
+        "Changes carried by acknowledged webhook deliveries",
+    ),
+    counter(
+        "webhook_gaps",
+        "Webhook deliveries that told of a gap: changes retention removed before delivery",
+    ),
+    gauge(
+        "webhook_lag_ms",
+        "Age in ms of the oldest change some webhook has still to deliver (0: all caught up)",
+    ),
     counter(
         "mqtt_refused_revoked",
         "CONNECTs of revoked devices the embedded broker refused",

@@ -39,8 +39,8 @@ pub fn document() -> &'static Document {
 #[openapi(
     info(
         title = "devtables cloud HTTP API",
-        description = "Devices, their items, the conflict log and the API keys of a devtables \
-                       cloud. Every route but /health, /ready and /v1/openapi.json needs \
+        description = "Devices, their items, the conflict log, the change log and its webhooks, \
+                       and the API keys of a devtables cloud. Every route but /health, /ready and /v1/openapi.json needs \
                        `Authorization: Bearer dt_<id>_<secret>`. Every error answer is \
                        `{\"error\": \"<sentence>\", \"kind\": \"<stable code>\"}`.",
     ),
@@ -51,6 +51,7 @@ pub fn document() -> &'static Document {
         (name = "devices", description = "The device registry"),
         (name = "items", description = "Items of devices and of accounts, and the conflict log"),
         (name = "keys", description = "API keys"),
+        (name = "changes", description = "React to changes: the account's change log (long poll or server-sent events) and its webhooks"),
     ),
 )]
 struct Header;
@@ -123,7 +124,8 @@ pub(crate) enum KeyedErrors {
     /// The store failed (`store`), or the device CA could not issue (`ca`).
     #[response(status = 500)]
     Failed(ErrorBody),
-    /// The service is stopping (`stopping`), or its clock cannot stamp a write now (`clock`).
+    /// The service is stopping (`stopping`), its clock cannot stamp a write now (`clock`), or
+    /// too many readers of the change log wait (`busy`, with `Retry-After`).
     #[response(status = 503)]
     Unavailable(ErrorBody),
 }
@@ -141,12 +143,20 @@ pub(crate) struct Invalid(ErrorBody);
 #[allow(dead_code)]
 pub(crate) struct NotFound(ErrorBody);
 
-/// The device or item exists already (`exists`), the device is revoked (`revoked`), or the key
-/// is held by an item of another model (`wrong_model`).
+/// The device or item exists already (`exists`), the device is revoked (`revoked`), the key
+/// is held by an item of another model (`wrong_model`), or the account holds the most webhooks
+/// allowed (`limit_reached`).
 #[derive(IntoResponses)]
 #[response(status = 409)]
 #[allow(dead_code)]
 pub(crate) struct Conflict(ErrorBody);
+
+/// Retention removed changes after the cursor (`cursor_expired`): re-read the items, then read
+/// the changes from the head.
+#[derive(IntoResponses)]
+#[response(status = 410)]
+#[allow(dead_code)]
+pub(crate) struct Expired(ErrorBody);
 
 /// Answers about a JSON body that could not be taken.
 #[derive(IntoResponses)]

@@ -1,7 +1,8 @@
 //! The running cloud service: it wires the store thread ([`crate::store_thread`]), the MQTT
 //! connection ([`crate::mqtt_link`]), the sync loop around the sans-IO `CloudEngine`
 //! ([`crate::sync_loop`]), the embedded broker (unless an external one is configured), the HTTP
-//! API and the retention timer, with an explicit graceful shutdown.
+//! API, the webhooks' deliveries ([`crate::webhooks`]) and the retention timer, with an explicit
+//! graceful shutdown.
 //!
 //! This module exists to own start-up order and shutdown; the parts themselves live in their
 //! own modules, which do not depend on this one.
@@ -97,6 +98,8 @@ pub struct Cloud {
     max_message_bytes: usize,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The webhooks' delivery tasks (awaited at shutdown).
+    webhooks: crate::webhooks::Webhooks,
     broker: Option<Broker>,
     /// The device CA and the validity of what it issues, with `device_certificates`.
     device_ca: Option<(Arc<DeviceCa>, std::time::Duration)>,
@@ -244,6 +247,11 @@ impl Cloud {
             None => HlcClock::new(node),
         };
         tracing::info!(node = %node_name, "cloud node");
+        // The change log's retention once at start: its size is known from the first moment.
+        let changes_kept = store.purge_changes(wall_ms(), &config.changes.retention)?;
+        status
+            .change_log_rows
+            .store(changes_kept.kept, std::sync::atomic::Ordering::Relaxed);
         let ctx = StoreCtx::new(Box::new(store), clock, schema.clone());
         let committed = status.clone();
         let store = StoreHandle::spawn(
@@ -260,6 +268,28 @@ impl Cloud {
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (sync_tx, sync_rx) = mpsc::channel(1024);
+        // The change log's head as the store thread tells it, for the metrics.
+        let mut heads = store.changes();
+        let head_status = status.clone();
+        let mut heads_shutdown = shutdown_rx.clone();
+        let head_task = tokio::spawn(async move {
+            loop {
+                let head = *heads.borrow_and_update();
+                head_status
+                    .change_log_head
+                    .store(head, std::sync::atomic::Ordering::Relaxed);
+                tokio::select! {
+                    changed = heads.changed() => if changed.is_err() { return },
+                    _ = heads_shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+        });
+        let webhooks = crate::webhooks::Webhooks::new(
+            store.clone(),
+            config.changes.clone(),
+            status.clone(),
+            shutdown_rx.clone(),
+        );
 
         // Two connections, one per direction (see `mqtt_link`): ingress subscribes to the device
         // topics, egress publishes to devices.
@@ -311,7 +341,7 @@ impl Cloud {
             (client, gauge, link_rx, task)
         };
         let (egress, gauge, egress_link, egress_task) = client(Hop::Egress);
-        let mut tasks = vec![egress_task];
+        let mut tasks = vec![egress_task, head_task];
         let ingress = match device_messages {
             // The embedded broker hands device messages over in-process.
             Some(messages) => Ingress::Embedded { messages },
@@ -388,6 +418,9 @@ impl Cloud {
                 config.api_rate,
                 config.api_rate_keys,
             )),
+            readers: Arc::new(tokio::sync::Semaphore::new(config.changes.max_readers)),
+            webhooks: webhooks.clone(),
+            shutdown: shutdown_rx.clone(),
         };
         if config.insecure_no_auth {
             tracing::warn!(
@@ -472,8 +505,16 @@ impl Cloud {
             }));
         }
 
+        match webhooks.resume_all().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(webhooks = n, "webhook deliveries resumed"),
+            Err(e) => tracing::error!("cannot read the webhooks to deliver: {e}"),
+        }
+
         let purge_store = store.clone();
         let retention = config.retention;
+        let change_retention = config.changes.retention;
+        let purge_status = status.clone();
         let interval = config.purge_interval;
         let mut purge_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
@@ -489,6 +530,19 @@ impl Cloud {
                 {
                     Ok(Ok(stats)) => tracing::info!(?stats, "retention applied"),
                     Ok(Err(e)) => tracing::error!("retention failed: {e}"),
+                    Err(StoreGone) => return,
+                }
+                match purge_store
+                    .call(move |c| c.store.purge_changes(now, &change_retention))
+                    .await
+                {
+                    Ok(Ok(stats)) => {
+                        purge_status
+                            .change_log_rows
+                            .store(stats.kept, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(?stats, "change log retention applied");
+                    }
+                    Ok(Err(e)) => tracing::error!("change log retention failed: {e}"),
                     Err(StoreGone) => return,
                 }
             }
@@ -509,6 +563,7 @@ impl Cloud {
             max_message_bytes: config.sync.wire.max_message_bytes,
             shutdown,
             tasks,
+            webhooks,
             broker,
             device_ca,
         })
@@ -585,6 +640,7 @@ impl Cloud {
         for task in self.tasks {
             let _ = task.await;
         }
+        self.webhooks.join().await;
         if let Some(broker) = self.broker {
             broker.shutdown().await;
         }

@@ -143,6 +143,32 @@ pub struct SyncStatus {
     /// How long the sync loop's store jobs take on the store thread (not in the JSON status: a
     /// histogram, shown by `GET /metrics`).
     pub(crate) store_job_latency: crate::metrics::StoreJobLatency,
+    /// The change log's highest sequence number (committed work).
+    pub(crate) change_log_head: AtomicU64,
+    /// Entries the change log holds, over every account (as the last retention pass counted).
+    pub(crate) change_log_rows: AtomicU64,
+    /// Readers of the change log waiting now: SSE streams and waiting long polls.
+    pub(crate) change_readers: AtomicU64,
+    /// Changes served to readers (SSE events and long-poll answers).
+    pub(crate) changes_served: AtomicU64,
+    /// Reads answered `cursor_expired` (410, or an SSE `expired` event): the reader missed
+    /// changes retention removed.
+    pub(crate) changes_expired: AtomicU64,
+    /// Readers refused because `changes_max_readers` were waiting (503 `busy`).
+    pub(crate) change_readers_refused: AtomicU64,
+    /// Webhooks being delivered.
+    pub(crate) webhooks: AtomicU64,
+    /// Webhook deliveries the receiver acknowledged (2xx).
+    pub(crate) webhook_deliveries_ok: AtomicU64,
+    /// Webhook delivery attempts that failed (another status, no answer, a timeout).
+    pub(crate) webhook_deliveries_failed: AtomicU64,
+    /// Changes carried by acknowledged webhook deliveries.
+    pub(crate) webhook_changes_delivered: AtomicU64,
+    /// Webhook deliveries that told of a gap (changes retention removed before delivery).
+    pub(crate) webhook_gaps: AtomicU64,
+    /// Per webhook, when the oldest change it has still to deliver was stored (absent: caught
+    /// up): `webhook_lag_ms` is the age of the oldest.
+    pub(crate) webhook_pending_since: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -198,6 +224,19 @@ pub struct StatusSnapshot {
     pub feed_lag_max: u64,
     pub sessions_behind: u64,
     pub sessions_resyncing: u64,
+    pub change_log_head: u64,
+    pub change_log_rows: u64,
+    pub change_readers: u64,
+    pub changes_served: u64,
+    pub changes_expired: u64,
+    pub change_readers_refused: u64,
+    pub webhooks: u64,
+    pub webhook_deliveries_ok: u64,
+    pub webhook_deliveries_failed: u64,
+    pub webhook_changes_delivered: u64,
+    pub webhook_gaps: u64,
+    /// Age in ms of the oldest change some webhook has still to deliver (0: all caught up).
+    pub webhook_lag_ms: u64,
 }
 
 impl SyncStatus {
@@ -268,7 +307,31 @@ impl SyncStatus {
             feed_lag_max: n(&self.feed_lag_max),
             sessions_behind: n(&self.sessions_behind),
             sessions_resyncing: n(&self.sessions_resyncing),
+            change_log_head: n(&self.change_log_head),
+            change_log_rows: n(&self.change_log_rows),
+            change_readers: n(&self.change_readers),
+            changes_served: n(&self.changes_served),
+            changes_expired: n(&self.changes_expired),
+            change_readers_refused: n(&self.change_readers_refused),
+            webhooks: n(&self.webhooks),
+            webhook_deliveries_ok: n(&self.webhook_deliveries_ok),
+            webhook_deliveries_failed: n(&self.webhook_deliveries_failed),
+            webhook_changes_delivered: n(&self.webhook_changes_delivered),
+            webhook_gaps: n(&self.webhook_gaps),
+            webhook_lag_ms: self.webhook_lag_ms(crate::store_thread::wall_ms()),
         }
+    }
+
+    /// The age at `now_ms` of the oldest change some webhook has still to deliver (0: none).
+    pub(crate) fn webhook_lag_ms(&self, now_ms: u64) -> u64 {
+        let pending = self
+            .webhook_pending_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending
+            .values()
+            .min()
+            .map_or(0, |oldest| now_ms.saturating_sub(*oldest))
     }
 
     /// Whether the MQTT side is ready: both connections up and every device topic subscribed.

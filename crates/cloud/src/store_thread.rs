@@ -8,13 +8,17 @@
 //! The store runs on one thread of its own: the store is synchronous, and one writer is what the
 //! per-device feed sequence needs. The cloud's HLC lives there too, so every versioned write
 //! (device pushes and API writes alike) ticks the same clock in store order.
+//!
+//! The thread also tells the readers of the change log that it moved: after each job's work is
+//! committed, a watch channel ([`StoreHandle::changes`]) carries the store's hint of the log's
+//! head, so a waiting reader reads again instead of polling.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devtables_schema::Schema;
 use devtables_sync::hlc::HlcClock;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::{CloudStore, StoreError};
 
@@ -28,6 +32,9 @@ pub struct StoreCtx {
     pub schema_tag: String,
     /// What the running jobs asked to run once their work is durable ([`StoreCtx::after_commit`]).
     completions: Vec<Completion>,
+    /// Where the change log's head is told once committed ([`StoreHandle::changes`]); set when
+    /// the thread starts.
+    change_head: Option<watch::Sender<u64>>,
 }
 
 /// Runs once the work of the job that queued it is committed (`Ok`) or known lost (`Err`: the
@@ -42,6 +49,22 @@ impl StoreCtx {
             schema_tag: schema.tag().to_string(),
             schema,
             completions: Vec::new(),
+            change_head: None,
+        }
+    }
+
+    /// Tells the change log's readers the head moved, once the work that moved it is committed
+    /// (or rolled back: then they read again for nothing).
+    fn tell_change_head(&self) {
+        if let Some(tx) = &self.change_head {
+            let head = self.store.change_head_hint();
+            tx.send_if_modified(|told| {
+                let moved = head > *told;
+                if moved {
+                    *told = head;
+                }
+                moved
+            });
         }
     }
 
@@ -95,6 +118,8 @@ pub struct StoreGone;
 #[derive(Clone)]
 pub struct StoreHandle {
     jobs: mpsc::Sender<Job>,
+    /// The change log's head as committed work moved it.
+    change_head: watch::Receiver<u64>,
 }
 
 impl StoreHandle {
@@ -104,16 +129,25 @@ impl StoreHandle {
     /// bound on the jobs it has out, `sync_store_jobs`, is often the smaller); 1 commits each
     /// job on its own.
     pub fn spawn(
-        ctx: StoreCtx,
+        mut ctx: StoreCtx,
         group_max: usize,
         observer: CommitObserver,
     ) -> std::io::Result<StoreHandle> {
         let (jobs, rx) = mpsc::channel::<Job>(Self::QUEUE);
         let group_max = group_max.max(1);
+        let (head_tx, change_head) = watch::channel(ctx.store.change_head_hint());
+        ctx.change_head = Some(head_tx);
         std::thread::Builder::new()
             .name("devtables-store".into())
             .spawn(move || run(ctx, rx, group_max, observer))?;
-        Ok(StoreHandle { jobs })
+        Ok(StoreHandle { jobs, change_head })
+    }
+
+    /// The change log's head (the store's hint, [`CloudStore::change_head_hint`]) as committed
+    /// work moves it: a reader marks the value seen before it reads the log, then waits for a
+    /// change, so no append committed after its read goes unnoticed.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.change_head.clone()
     }
 
     /// Runs `f` on the store thread and returns its result.
@@ -177,6 +211,7 @@ fn run(
             Job::Alone(f) => {
                 f(&mut ctx);
                 ctx.complete(Ok(()));
+                ctx.tell_change_head();
             }
             Job::Grouped(f) => {
                 let grouped = match ctx.store.begin_group() {
@@ -206,6 +241,7 @@ fn run(
                 }
                 if !grouped {
                     ctx.complete(Ok(()));
+                    ctx.tell_change_head();
                     continue;
                 }
                 let started = Instant::now();
@@ -218,6 +254,7 @@ fn run(
                     );
                 }
                 ctx.complete(committed.as_ref().map(|_| ()));
+                ctx.tell_change_head();
                 observer(GroupCommitted {
                     jobs,
                     took,
@@ -272,7 +309,9 @@ mod tests {
         let schema = Arc::new(
             Schema::from_json5(
                 "{format: 'onetable:1.1.0', version: '1', \
-                 indexes: {primary: {hash: 'pk', sort: 'sk'}}, models: {}}",
+                 indexes: {primary: {hash: 'pk', sort: 'sk'}}, process: {N: {sync: 'down', broadcast: true}}, \
+                 models: {N: {pk: {type: 'string', value: 'n#'}, \
+                 sk: {type: 'string', value: 'n#${name}'}, name: {type: 'string', required: true}}}}",
             )
             .unwrap(),
         );
@@ -290,6 +329,55 @@ mod tests {
             .await
             .unwrap();
         (handle, release, reported)
+    }
+
+    #[tokio::test]
+    async fn the_change_log_head_is_told_only_once_the_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, release, reported) = held_store(&dir.path().join("cloud.db"), 64).await;
+        let mut heads = handle.changes();
+        assert_eq!(*heads.borrow_and_update(), 0, "an empty log");
+        let (heard, hear) = std_mpsc::channel();
+        for name in ["a", "b"] {
+            let (heard, seen) = (heard.clone(), handle.changes());
+            let job: JobFn = Box::new(move |c: &mut StoreCtx| {
+                let schema = c.schema.clone();
+                let input = serde_json::json!({ "name": name });
+                let item = schema
+                    .model("N")
+                    .unwrap()
+                    .prepare_create(input.as_object().unwrap(), wall_ms() as i64)
+                    .unwrap();
+                let written = c.store.write(
+                    &schema,
+                    &mut c.clock,
+                    wall_ms(),
+                    1 << 17,
+                    &devtables_sync::identity::Owner::Account("a".into()),
+                    "N",
+                    devtables_sync::apply::CloudOp::Put(item),
+                );
+                assert!(written.is_ok(), "{:?}", written.err());
+                // Appended, not committed: nobody is told yet.
+                let told_in_job = *seen.borrow();
+                c.after_commit(Box::new(move |r| {
+                    heard.send((r.is_ok(), told_in_job)).unwrap()
+                }));
+            });
+            handle.submit(job).await.unwrap();
+        }
+        // Only the jobs hold senders now: a job that failed ends the wait.
+        drop(heard);
+        release.send(()).unwrap();
+        for _ in 0..2 {
+            assert_eq!(hear.recv().expect("both jobs completed"), (true, 0));
+        }
+        assert_eq!(reported.recv().unwrap().jobs, 2, "one group");
+        tokio::time::timeout(std::time::Duration::from_secs(20), heads.changed())
+            .await
+            .expect("told after the commit")
+            .unwrap();
+        assert_eq!(*heads.borrow(), 2, "the head of the two appends");
     }
 
     #[tokio::test]

@@ -50,23 +50,23 @@ pub(crate) fn checks<H: CloudStoreUnderTest>() -> Vec<Check<H>> {
     ]
 }
 
-const NOW: u64 = T0 + 100_000;
+pub(crate) const NOW: u64 = T0 + 100_000;
 
-fn d1() -> DeviceId {
+pub(crate) fn d1() -> DeviceId {
     dev("d1")
 }
-fn d2() -> DeviceId {
+pub(crate) fn d2() -> DeviceId {
     dev("d2")
 }
-fn x1() -> DeviceId {
+pub(crate) fn x1() -> DeviceId {
     DeviceId::new(OTHER_ACCOUNT, "x1").expect("valid device id")
 }
-fn own(d: &DeviceId) -> Owner {
+pub(crate) fn own(d: &DeviceId) -> Owner {
     Owner::Device(d.clone())
 }
 
 /// Registers d1, d2 (account acme) and x1 (account globex).
-fn setup<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
+pub(crate) fn setup<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
     for d in [d1(), d2(), x1()] {
         h.register_device(&d, T0).or_fail("registering a device")?;
     }
@@ -74,7 +74,7 @@ fn setup<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
 }
 
 /// Stores a change as a row (and appends it to the feed when `feed`), committed at `now`.
-fn store<H: CloudStoreUnderTest>(
+pub(crate) fn store<H: CloudStoreUnderTest>(
     h: &mut H,
     now: u64,
     owner: &Owner,
@@ -112,7 +112,7 @@ fn watermark<H: CloudStoreUnderTest>(h: &mut H, owner: &Owner) -> Result<Option<
         .or_fail("reading a watermark")
 }
 
-fn push<H: CloudStoreUnderTest>(
+pub(crate) fn push<H: CloudStoreUnderTest>(
     h: &mut H,
     now: u64,
     from: &DeviceId,

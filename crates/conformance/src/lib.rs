@@ -9,7 +9,8 @@
 //!
 //! A store takes part by implementing a small harness trait: [`CloudStoreUnderTest`] (a write
 //! transaction implementing [`CloudTxn`], commit or rollback, device registration, feed and
-//! snapshot reads, tombstone purge, a new run, highest stored version, counters) or
+//! snapshot reads, tombstone purge, a new run, highest stored version, counters), with
+//! [`ChangeLogUnderTest`] for a cloud store that also keeps the account-wide change log, or
 //! [`DeviceStoreUnderTest`] (a write transaction implementing [`DeviceTxn`], reads of an item and
 //! its version, a local write that records an outbox entry, outbox trims with the answered
 //! count, the re-push after a cloud restore, what a restart restores). Then
@@ -31,6 +32,7 @@ use devtables_sync::hlc::Hlc;
 use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{Change, Op};
 
+mod changes;
 mod cloud;
 mod device;
 
@@ -126,6 +128,44 @@ pub trait CloudStoreUnderTest {
     fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, Self::Error>;
     /// How many conflicts the store holds for an account.
     fn conflicts(&mut self, account: &str) -> Result<u64, Self::Error>;
+}
+
+/// One entry of a cloud store's change log, as the change-log checks compare it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedChange {
+    /// Its sequence number in the log.
+    pub seq: u64,
+    /// The owner of the row written.
+    pub owner: Owner,
+    /// The model.
+    pub model: String,
+    /// The key.
+    pub key: ItemKey,
+    /// The version written.
+    pub version: Hlc,
+    /// The write stored a tombstone.
+    pub deleted: bool,
+    /// The item written (`None` for a tombstone).
+    pub item: Option<Item>,
+    /// The wall time of the transaction that wrote it.
+    pub at_ms: u64,
+}
+
+/// A cloud store that also keeps the account-wide change log (what backends read, and webhooks
+/// deliver): every row write appends an entry in its own transaction, in one growing sequence.
+pub trait ChangeLogUnderTest: CloudStoreUnderTest {
+    /// Every entry of `account` after sequence number `after`, in order; or `Err(floor)` when
+    /// retention removed entries after `after` (`floor`: the highest sequence number it removed
+    /// for the account).
+    #[allow(clippy::type_complexity)]
+    fn changes(
+        &mut self,
+        account: &str,
+        after: u64,
+    ) -> Result<Result<Vec<LoggedChange>, u64>, Self::Error>;
+    /// Apply the log's retention keeping at most `max_per_account` entries of each account (the
+    /// newest), whatever their age.
+    fn trim_changes(&mut self, max_per_account: u64) -> Result<(), Self::Error>;
 }
 
 /// What a device store holds for the next engine after a restart.
@@ -277,6 +317,12 @@ fn run_checks<H>(what: &str, checks: Vec<Check<H>>, make: impl Fn() -> H) {
 /// that failed.
 pub fn run_cloud_suite<H: CloudStoreUnderTest>(make: impl Fn() -> H) {
     run_checks("cloud store", cloud::checks::<H>(), make);
+}
+
+/// Run every change-log check, each on a fresh store from `make`; panics naming every check
+/// that failed.
+pub fn run_change_log_suite<H: ChangeLogUnderTest>(make: impl Fn() -> H) {
+    run_checks("change log", changes::checks::<H>(), make);
 }
 
 /// Run every device-store check, each on a fresh store from `make`; panics naming every check

@@ -2,6 +2,7 @@
 
 mod api_keys;
 mod broker_config;
+mod changes;
 mod clocks;
 mod db_cmd;
 mod devices_cmd;

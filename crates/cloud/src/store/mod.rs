@@ -1,5 +1,6 @@
 //! The cloud store: one table holding the items of every device, the per-device change feeds,
-//! the device registry and the conflict log.
+//! the device registry, the conflict log, and the account-wide change log with its webhooks
+//! ([`changes`]).
 //!
 //! It sits behind the [`CloudStore`] trait so the service does not know which database it talks
 //! to: SQLite ([`sqlite::SqliteStore`]) is the embedded default; PostgreSQL follows as the
@@ -10,7 +11,13 @@
 //! The trait is synchronous: the service runs the store on one dedicated thread, which also
 //! serializes writes as the feed's per-device sequence numbers require.
 
+pub mod changes;
 pub mod sqlite;
+
+pub use changes::{
+    ChangeEvent, ChangeKey, ChangeOp, ChangePage, ChangePurgeStats, ChangeQuery, ChangeRead,
+    ChangeRetention, NewWebhook, WebhookAttempt, WebhookRecord,
+};
 
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{CloudOp, CloudWriteError, PushRules};
@@ -420,6 +427,66 @@ pub trait CloudStore: Send + 'static {
 
     /// Applies retention (tombstones, feed entries, conflict log).
     fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError>;
+
+    /// A page of an account's change log (see [`changes`]): the entries after `query.after`
+    /// matching its filters, in sequence order, or [`ChangeRead::Expired`] when retention removed
+    /// entries after the cursor.
+    ///
+    /// The contract every store keeps: an entry is appended in the transaction of the row write
+    /// it describes (every `CloudTxn::write_row`: pushes and API writes; retention purges and a
+    /// revocation's deletion of a device's rows are not changes), it is visible only once that
+    /// transaction commits, and entries become visible in sequence order: a reader that has read
+    /// up to N never later finds an entry below N it did not see. Sequence numbers only grow,
+    /// across accounts and restarts.
+    fn read_changes(&mut self, query: &ChangeQuery) -> Result<ChangeRead, StoreError>;
+
+    /// Applies the change log's retention: entries older than `retention.max_age_ms` and each
+    /// account's oldest beyond `retention.max_per_account` are removed, and each account's floor
+    /// (the highest sequence number removed) rises so later reads from below it are
+    /// [`ChangeRead::Expired`].
+    fn purge_changes(
+        &mut self,
+        now_ms: u64,
+        retention: &ChangeRetention,
+    ) -> Result<ChangePurgeStats, StoreError>;
+
+    /// The highest change sequence number this store has appended or found at open, committed
+    /// or not: a cheap hint the store thread compares after each job to wake the readers of the
+    /// change log (a rolled-back append only wakes them for nothing). 0 for a store without a
+    /// change log.
+    fn change_head_hint(&self) -> u64 {
+        0
+    }
+
+    /// Stores a new webhook (a fresh random id) whose cursor is `new.after`, or the account's
+    /// head when `None`.
+    fn create_webhook(
+        &mut self,
+        new: &NewWebhook,
+        now_ms: u64,
+    ) -> Result<WebhookRecord, StoreError>;
+    /// The webhooks of an account (every account when `None`), oldest first.
+    fn webhooks(&mut self, account: Option<&str>) -> Result<Vec<WebhookRecord>, StoreError>;
+    /// One webhook by id, whatever its account.
+    fn webhook(&mut self, id: &str) -> Result<Option<WebhookRecord>, StoreError>;
+    /// Deletes the webhook `id` of `account`; `false` when the account has no such webhook.
+    fn delete_webhook(&mut self, account: &str, id: &str) -> Result<bool, StoreError>;
+    /// Records a delivery attempt of webhook `id` (its cursor moves only on
+    /// [`WebhookAttempt::Delivered`] and [`WebhookAttempt::Skipped`], and never back); `false`
+    /// when the webhook no longer exists (deleted meanwhile).
+    fn record_webhook_attempt(
+        &mut self,
+        id: &str,
+        attempt: &WebhookAttempt,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// When the oldest change webhook `hook` has still to deliver was stored (`None`: nothing
+    /// pending among the first `scan` entries of the account after its cursor).
+    fn webhook_pending_since(
+        &mut self,
+        hook: &WebhookRecord,
+        scan: usize,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Opens a group: the operations until [`CloudStore::commit_group`] share one durable commit
     /// (group commit: one flush to disk for many pushes, the store's throughput under load).

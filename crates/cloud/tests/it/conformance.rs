@@ -1,14 +1,20 @@
 //! The store-conformance suite against the SQLite cloud store, in memory and in a file, so the
-//! store the service runs keeps the same contract as the simulation's stores.
+//! store the service runs keeps the same contract as the simulation's stores; and the change-log
+//! suite, which only the stores that serve backends keep.
 
 use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
-use devtables_cloud::store::{CloudStore, Retention, StoreError};
-use devtables_conformance::{run_cloud_suite, CloudStoreUnderTest};
+use devtables_cloud::store::{
+    ChangeOp, ChangeQuery, ChangeRead, ChangeRetention, CloudStore, Retention, StoreError,
+};
+use devtables_conformance::{
+    run_change_log_suite, run_cloud_suite, ChangeLogUnderTest, CloudStoreUnderTest, LoggedChange,
+};
+use devtables_schema::ItemKey;
 use devtables_schema::Schema;
 use devtables_sync::apply::{CloudTxn, PushCounts};
 use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::Hlc;
-use devtables_sync::identity::DeviceId;
+use devtables_sync::identity::{DeviceId, Owner};
 
 struct Sqlite {
     store: SqliteStore,
@@ -79,6 +85,81 @@ impl CloudStoreUnderTest for Sqlite {
     fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
         Ok(self.store.conflicts(account, None, 1_000_000)?.len() as u64)
     }
+}
+
+impl ChangeLogUnderTest for Sqlite {
+    fn changes(
+        &mut self,
+        account: &str,
+        after: u64,
+    ) -> Result<Result<Vec<LoggedChange>, u64>, StoreError> {
+        // Small pages, so the suite also walks the paging.
+        let mut query = ChangeQuery {
+            account: account.into(),
+            after,
+            model: None,
+            device: None,
+            limit: 2,
+            scan: 3,
+        };
+        let mut out = Vec::new();
+        loop {
+            let page = match self.store.read_changes(&query)? {
+                ChangeRead::Page(page) => page,
+                ChangeRead::Expired { floor, .. } => return Ok(Err(floor)),
+            };
+            out.extend(page.changes.into_iter().map(|c| LoggedChange {
+                seq: c.seq,
+                owner: match c.device {
+                    Some(d) => Owner::Device(DeviceId::new(c.account, d).expect("a device id")),
+                    None => Owner::Account(c.account),
+                },
+                model: c.model,
+                key: ItemKey {
+                    pk: c.key.pk,
+                    sk: c.key.sk,
+                },
+                version: c.version,
+                deleted: c.op == ChangeOp::Delete,
+                item: c.item,
+                at_ms: c.at_ms,
+            }));
+            if page.next >= page.head {
+                return Ok(Ok(out));
+            }
+            query.after = page.next;
+        }
+    }
+    fn trim_changes(&mut self, max_per_account: u64) -> Result<(), StoreError> {
+        let retention = ChangeRetention {
+            max_age_ms: u64::MAX,
+            max_per_account,
+        };
+        self.store.purge_changes(0, &retention).map(drop)
+    }
+}
+
+fn in_memory() -> Sqlite {
+    Sqlite {
+        store: SqliteStore::open_in_memory().expect("in-memory store"),
+        _dir: None,
+    }
+}
+
+fn in_a_file() -> Sqlite {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(&dir.path().join("cloud.db"), SqliteOptions::default())
+        .expect("file store");
+    Sqlite {
+        store,
+        _dir: Some(dir),
+    }
+}
+
+#[test]
+fn sqlite_keeps_the_change_log_contract() {
+    run_change_log_suite(in_memory);
+    run_change_log_suite(in_a_file);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! TCP, the real embedded broker (rmqtt), the real SQLite store, and the store-conformance suite.
 
 mod api_keys;
+mod changes;
 mod conformance;
 mod harness;
 mod lifecycle;

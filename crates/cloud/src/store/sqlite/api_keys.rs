@@ -16,7 +16,7 @@ const KEY_COLS: &str = "id, account, scope, secret_hash, created_ms, revoked_ms"
 const ID_ATTEMPTS: usize = 4;
 
 /// A fresh random key id: 16 lowercase hex characters (64 bits).
-fn new_id() -> String {
+pub(super) fn new_id() -> String {
     let mut bytes = [0u8; 8];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     hex::encode(bytes)

@@ -12,7 +12,7 @@ use super::super::StoreError;
 use super::sql::db;
 
 /// The version of the table layout this build writes; a newer database is refused.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 const DDL: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -116,6 +116,53 @@ CREATE TABLE IF NOT EXISTS api_keys (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS api_keys_by_account ON api_keys (account, created_ms, id);
 ";
+
+/// The account-wide change log, its per-account retention floors and the webhooks that deliver it
+/// (layout 7). Kept apart from [`DDL`] because it is also the whole of the migration from layout
+/// 6. `seq` is AUTOINCREMENT so a sequence number is never reused, even once retention removed
+/// the newest entries of an idle log: a reader's cursor stays valid.
+const CHANGES_DDL: &str = "
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL,
+    device TEXT NOT NULL,
+    model TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    sk TEXT NOT NULL,
+    version TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    item TEXT,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_account ON changes (account, seq);
+CREATE TABLE IF NOT EXISTS change_floors (
+    account TEXT PRIMARY KEY,
+    floor INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT,
+    secret TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    cursor INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    last_attempt_ms INTEGER,
+    last_success_ms INTEGER,
+    failures INTEGER NOT NULL DEFAULT 0,
+    failures_total INTEGER NOT NULL DEFAULT 0,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    changes_delivered INTEGER NOT NULL DEFAULT 0,
+    gaps INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS webhooks_by_account ON webhooks (account, created_ms, id);
+";
+
+/// What moves a layout-6 database to layout 7: the change log and the webhooks. The log starts
+/// empty: the writes made before the upgrade are in `items` (their current state), not in it.
+const MIGRATE_6_TO_7: &str = CHANGES_DDL;
 
 /// What moves a layout-2 database to layout 3: the `api_keys` table.
 const MIGRATE_2_TO_3: &str = API_KEYS_DDL;
@@ -234,8 +281,14 @@ pub(super) fn init(
         tx.execute_batch(MIGRATE_5_TO_6)
             .map_err(db("upgrading the cloud tables from layout 5 to 6"))?;
     }
+    if matches!(stored.as_deref(), Some("1" | "2" | "3" | "4" | "5" | "6")) {
+        tx.execute_batch(MIGRATE_6_TO_7)
+            .map_err(db("upgrading the cloud tables from layout 6 to 7"))?;
+    }
     tx.execute_batch(DDL)
         .map_err(db("creating the cloud tables"))?;
+    tx.execute_batch(CHANGES_DDL)
+        .map_err(db("creating the change log and webhook tables"))?;
     tx.execute_batch(API_KEYS_DDL)
         .map_err(db("creating the API key table"))?;
     tx.execute(

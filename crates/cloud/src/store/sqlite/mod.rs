@@ -8,7 +8,7 @@
 //! # Tables
 //!
 //! ```sql
-//! -- Store metadata: schema_version = 6 (the table layout, see `SCHEMA_VERSION`).
+//! -- Store metadata: schema_version = 7 (the table layout, see `SCHEMA_VERSION`).
 //! meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)
 //!
 //! -- Registered devices and their sync status.
@@ -64,6 +64,30 @@
 //!           lost,                     -- 'stored' or 'incoming'
 //!           loser_item)               -- the losing item as JSON (NULL for a delete)
 //!
+//! -- The account-wide change log: one entry per row write (pushes and API writes), appended in
+//! -- the write's transaction; seq only grows (AUTOINCREMENT), across accounts.
+//! changes(seq,                        -- PRIMARY KEY
+//!         account, device,            -- the row's owner; device '' for account-wide items
+//!         model, pk, sk, version,
+//!         deleted,                    -- 1 for a delete
+//!         item,                       -- the item as JSON; NULL for a delete
+//!         at_ms)                      -- when the cloud stored the write
+//!
+//! -- Per account: the highest seq retention removed (a read from below it is told so).
+//! change_floors(account, floor)
+//!
+//! -- Webhooks: a URL the account's changes after `cursor` are posted to, signed with `secret`.
+//! webhooks(id,                        -- PRIMARY KEY; 16 random hex characters
+//!          account, url,
+//!          model,                     -- only this model's changes; NULL for all
+//!          secret,                    -- the shared HMAC-SHA256 signing secret, as it is
+//!          created_ms,
+//!          cursor,                    -- the last seq the receiver acknowledged (2xx)
+//!          last_status, last_error, last_attempt_ms, last_success_ms,
+//!          failures,                  -- failed attempts since the last success
+//!          failures_total, deliveries, changes_delivered,
+//!          gaps)                      -- times retention removed changes before delivery
+//!
 //! -- API keys of the HTTP API; a client sends `dt_<id>_<secret>`.
 //! api_keys(id,                        -- PRIMARY KEY; 16 random hex characters
 //!          account,
@@ -110,12 +134,15 @@
 //! - `feed`: feed and snapshot reads;
 //! - `devices`: the device registry and sync status;
 //! - `api_keys`: the keys of the HTTP API;
+//! - `changes`: reads and retention of the change log (`txn` appends to it);
+//! - `webhooks`: the webhooks and their delivery cursors;
 //! - `queries`: the item and conflict reads of the HTTP API;
 //! - `purge`: retention and the highest stored version;
 //! - `quota`: the per-device quotas checked in a push, and the per-device conflict cap;
 //! - `sql`: the small helpers all of them share (it depends on none of them).
 
 mod api_keys;
+mod changes;
 mod devices;
 mod feed;
 mod layout;
@@ -124,8 +151,10 @@ mod queries;
 mod quota;
 mod sql;
 mod txn;
+mod webhooks;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use devtables_schema::{ItemKey, Schema};
 use devtables_sync::apply::{CloudOp, CloudTxn, CloudWriteError, PushCounts, PushRules};
@@ -136,8 +165,9 @@ use devtables_sync::wire::{Change, ChangeResult};
 use rusqlite::Connection;
 
 use super::{
-    Advanced, ApiKeyRecord, CloudStore, ConflictRecord, DeviceQuotas, DeviceRecord, ItemPage,
-    ItemQuery, KeyScope, PurgeStats, Retention, StatusUpdate, StoreError, StoredItem,
+    Advanced, ApiKeyRecord, ChangePurgeStats, ChangeQuery, ChangeRead, ChangeRetention, CloudStore,
+    ConflictRecord, DeviceQuotas, DeviceRecord, ItemPage, ItemQuery, KeyScope, NewWebhook,
+    PurgeStats, Retention, StatusUpdate, StoreError, StoredItem, WebhookAttempt, WebhookRecord,
 };
 use sql::db;
 
@@ -179,6 +209,9 @@ pub struct SqliteStore {
     /// A group is open ([`CloudStore::begin_group`]): operations run in savepoints of its
     /// transaction.
     grouped: bool,
+    /// The change log's head as far as this store knows ([`CloudStore::change_head_hint`]):
+    /// read at open, raised by every append.
+    change_head: AtomicU64,
 }
 
 impl SqliteStore {
@@ -212,7 +245,13 @@ impl SqliteStore {
         f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         let tx = sql::write_txn(&mut self.conn, "starting a conformance transaction")?;
-        let r = f(&mut txn::SqlTxn::new(&tx, now_ms, &self.quotas, self.run))?;
+        let r = f(&mut txn::SqlTxn::new(
+            &tx,
+            now_ms,
+            &self.quotas,
+            self.run,
+            &self.change_head,
+        ))?;
         if commit {
             tx.commit()
                 .map_err(db("committing a conformance transaction"))?;
@@ -244,6 +283,7 @@ impl SqliteStore {
             options.synchronous_full,
             wal,
         )?;
+        let change_head = AtomicU64::new(changes::sequence_head(&conn)?);
         Ok(SqliteStore {
             conn,
             quotas: options.quotas,
@@ -252,6 +292,7 @@ impl SqliteStore {
                 crate::warn_limit::WarnLimiter::INTERVAL,
             ),
             grouped: false,
+            change_head,
         })
     }
 
@@ -398,6 +439,7 @@ impl CloudStore for SqliteStore {
             rules,
             &self.quotas,
             self.run,
+            &self.change_head,
             &mut self.conflict_warn,
             from,
             changes,
@@ -422,6 +464,7 @@ impl CloudStore for SqliteStore {
             max_message_bytes,
             &self.quotas,
             self.run,
+            &self.change_head,
             owner,
             model,
             op,
@@ -490,7 +533,62 @@ impl CloudStore for SqliteStore {
     fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError> {
         purge::purge(&mut self.conn, now_ms, retention)
     }
+
+    fn read_changes(&mut self, query: &ChangeQuery) -> Result<ChangeRead, StoreError> {
+        changes::read_changes(&mut self.conn, query)
+    }
+
+    fn purge_changes(
+        &mut self,
+        now_ms: u64,
+        retention: &ChangeRetention,
+    ) -> Result<ChangePurgeStats, StoreError> {
+        changes::purge_changes(&mut self.conn, now_ms, retention)
+    }
+
+    fn change_head_hint(&self) -> u64 {
+        self.change_head.load(Ordering::Relaxed)
+    }
+
+    fn create_webhook(
+        &mut self,
+        new: &NewWebhook,
+        now_ms: u64,
+    ) -> Result<WebhookRecord, StoreError> {
+        webhooks::create_webhook(&mut self.conn, new, now_ms)
+    }
+
+    fn webhooks(&mut self, account: Option<&str>) -> Result<Vec<WebhookRecord>, StoreError> {
+        webhooks::webhooks(&self.conn, account)
+    }
+
+    fn webhook(&mut self, id: &str) -> Result<Option<WebhookRecord>, StoreError> {
+        webhooks::webhook(&self.conn, id)
+    }
+
+    fn delete_webhook(&mut self, account: &str, id: &str) -> Result<bool, StoreError> {
+        webhooks::delete_webhook(&self.conn, account, id)
+    }
+
+    fn record_webhook_attempt(
+        &mut self,
+        id: &str,
+        attempt: &WebhookAttempt,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        webhooks::record_attempt(&self.conn, id, attempt, now_ms)
+    }
+
+    fn webhook_pending_since(
+        &mut self,
+        hook: &WebhookRecord,
+        scan: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        webhooks::pending_since(&self.conn, hook, scan)
+    }
 }
 
+#[cfg(test)]
+mod change_tests;
 #[cfg(test)]
 mod tests;

@@ -109,7 +109,7 @@ pub(super) fn put(schema: &Schema, model: &str, input: serde_json::Value, versio
     }
 }
 
-fn store(devices: &[&DeviceId]) -> SqliteStore {
+pub(super) fn store(devices: &[&DeviceId]) -> SqliteStore {
     let mut s = SqliteStore::open_in_memory().unwrap();
     for d in devices {
         s.register_device(d, "hash", None, NOW).unwrap();
@@ -1746,7 +1746,7 @@ fn a_layout_3_file_is_upgraded_with_devices_that_have_no_broker_hash() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("6", 6));
+    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("7", 7));
 }
 
 #[test]
@@ -1817,7 +1817,7 @@ fn a_layout_5_file_is_upgraded_with_answered_counts_and_feed_generations_from_ze
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(layout, "6");
+    assert_eq!(layout, SCHEMA_VERSION.to_string());
 }
 
 #[test]

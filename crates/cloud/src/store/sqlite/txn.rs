@@ -3,9 +3,12 @@
 //! an API write).
 //!
 //! It exists because these rules decide every write: the store only reads and writes the rows
-//! they name, and this file is all of that, so a write never takes another path.
+//! they name, and this file is all of that, so a write never takes another path. That is also
+//! why every row write appends its entry to the change log here (`changes`, see
+//! [`crate::store::changes`]), in the same transaction: no write can reach `items` without it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use devtables_schema::{ItemKey, Schema};
@@ -39,6 +42,9 @@ pub(super) struct SqlTxn<'c> {
     conflicts_dropped: u64,
     /// The store's run: an append to a feed of another generation starts this one.
     run: u64,
+    /// The store's hint of the change log's head: raised by every append (committed or not),
+    /// read by the store thread to wake the log's readers.
+    change_head: &'c AtomicU64,
 }
 
 impl<'c> SqlTxn<'c> {
@@ -47,6 +53,7 @@ impl<'c> SqlTxn<'c> {
         now_ms: u64,
         quotas: &DeviceQuotas,
         run: u64,
+        change_head: &'c AtomicU64,
     ) -> SqlTxn<'c> {
         SqlTxn {
             conn,
@@ -56,6 +63,7 @@ impl<'c> SqlTxn<'c> {
             deferred: None,
             conflicts_dropped: 0,
             run,
+            change_head,
         }
     }
 
@@ -167,6 +175,28 @@ impl CloudTxn for SqlTxn<'_> {
                 ])
             })
             .map_err(db("writing an item"))?;
+        // The change log's entry, in this transaction: a rolled-back write leaves none.
+        self.conn
+            .prepare_cached(
+                "INSERT INTO changes (account, device, model, pk, sk, version, deleted, item, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    account,
+                    device,
+                    w.model,
+                    w.key.pk,
+                    w.key.sk,
+                    hlc_to_string(w.version),
+                    w.item.is_none(),
+                    json,
+                    self.now_ms
+                ])
+            })
+            .map_err(db("appending to the change log"))?;
+        let seq = u64::try_from(self.conn.last_insert_rowid()).unwrap_or(0);
+        self.change_head.fetch_max(seq, Ordering::Relaxed);
         Ok(())
     }
 
@@ -382,6 +412,7 @@ pub(super) fn apply_push(
     rules: &PushRules,
     quotas: &DeviceQuotas,
     run: u64,
+    change_head: &AtomicU64,
     warn: &mut WarnLimiter,
     from: &DeviceId,
     changes: &[Change],
@@ -393,7 +424,7 @@ pub(super) fn apply_push(
         return Err(StoreError::DeviceRevoked(from.to_string()));
     }
     let (results, advanced, dropped) = {
-        let mut t = SqlTxn::new(&tx, now_ms, quotas, run);
+        let mut t = SqlTxn::new(&tx, now_ms, quotas, run, change_head);
         t.defer_counts();
         let mut results = Vec::with_capacity(changes.len());
         let mut over_quota = 0;
@@ -442,6 +473,7 @@ pub(super) fn write(
     max_message_bytes: usize,
     quotas: &DeviceQuotas,
     run: u64,
+    change_head: &AtomicU64,
     owner: &Owner,
     model: &str,
     op: CloudOp,
@@ -455,7 +487,7 @@ pub(super) fn write(
         }
     }
     let (change, advanced) = {
-        let mut t = SqlTxn::new(&tx, now_ms, quotas, run);
+        let mut t = SqlTxn::new(&tx, now_ms, quotas, run, change_head);
         let change = cloud_write(
             &mut t,
             schema,
