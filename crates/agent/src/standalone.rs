@@ -43,6 +43,90 @@ pub struct StandaloneOptions {
     pub stdin_drain: Option<Duration>,
 }
 
+/// The command line of both binaries that run the standalone agent (`devtables agent`,
+/// `devtables-agent`): the configuration file and the overrides of it, parsed here once so the
+/// two cannot drift apart.
+#[cfg(feature = "cli")]
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// The configuration file (JSON5).
+    #[arg(long)]
+    config: PathBuf,
+    /// The broker, instead of the file's `broker`: host:port, mqtt://host:port, or
+    /// mqtts://host:port (TLS, with the file's `tls` block).
+    #[arg(long, value_name = "ADDR")]
+    mqtt: Option<String>,
+    /// The database file, instead of the file's `db` (created when missing).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+    /// Read operations on the device database as JSON lines from standard input
+    /// (`{"op":"create","model":"Fault","item":{...}}`; ops: create, update, upsert, remove, get,
+    /// find, batch, status; an "id" is echoed) and answer each with one JSON line on standard
+    /// output. End of input stops
+    /// the agent once the cloud has every change (see --stdin-drain-secs).
+    #[arg(long)]
+    stdin: bool,
+    /// With --stdin: how long the end of input waits for the cloud to acknowledge every queued
+    /// change before the agent stops (default: the file's `stdin_drain_secs`, else 10). What is
+    /// still queued then goes at the next start.
+    #[arg(long, value_name = "SECS")]
+    stdin_drain_secs: Option<u64>,
+    /// The local API's Unix socket, instead of the file's `local_api.socket` (default: the
+    /// database file with the extension `.sock`).
+    #[arg(long, value_name = "PATH")]
+    local_api_socket: Option<PathBuf>,
+    /// Also serve the local API on this loopback address, e.g. 127.0.0.1:7070 (the file's
+    /// `local_api.tcp`; default: no TCP).
+    #[arg(long, value_name = "ADDR")]
+    local_api_tcp: Option<String>,
+    /// Serve no local API (the file's `local_api: {enabled: false}`).
+    #[arg(long, conflicts_with_all = ["local_api_socket", "local_api_tcp"])]
+    no_local_api: bool,
+}
+
+#[cfg(feature = "cli")]
+impl AgentArgs {
+    /// Loads the file, applies the overrides and runs the agent until it stops.
+    pub fn run(self) -> Result<(), StandaloneError> {
+        let (mut file, mut config) = AgentFile::load(&self.config)?;
+        if let Some(broker) = &self.mqtt {
+            let (host, port) = crate::config::parse_broker(broker)?;
+            let refuse = |why: String| Err(StandaloneError::Agent(AgentError::Config(why)));
+            match (
+                broker.split_once("://").map(|(scheme, _)| scheme),
+                &config.tls,
+            ) {
+                (Some("mqtts"), None) => {
+                    return refuse(format!(
+                        "--mqtt {broker} asks for TLS, but {} has no tls block (tls: {{ca: ...}})",
+                        self.config.display()
+                    ))
+                }
+                (Some("mqtt"), Some(_)) => {
+                    return refuse(format!(
+                        "--mqtt {broker} is clear text, but {} sets tls: use mqtts:// or host:port",
+                        self.config.display()
+                    ))
+                }
+                _ => {}
+            }
+            config.broker_host = host;
+            config.broker_port = port;
+        }
+        if let Some(db) = &self.db {
+            file.db = db.clone();
+            config.db_path = db.clone();
+        }
+        file.override_local_api(self.local_api_socket, self.local_api_tcp, self.no_local_api);
+        let options = StandaloneOptions {
+            config: self.config,
+            stdin: self.stdin,
+            stdin_drain: self.stdin_drain_secs.map(Duration::from_secs),
+        };
+        run_loaded(&options, &file, config)
+    }
+}
+
 /// Why the standalone agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {

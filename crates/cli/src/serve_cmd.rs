@@ -3,7 +3,8 @@
 //!
 //! Both take command-line overrides of the file's addresses and data (`--api`, `--mqtt`,
 //! `--data`; the agent's `--mqtt`, `--db` and its local API's `--local-api-socket`,
-//! `--local-api-tcp`, `--no-local-api`), applied here to the loaded configuration, so a
+//! `--local-api-tcp`, `--no-local-api`, parsed and applied by
+//! `devtables_agent::standalone::AgentArgs`, which the device-only binary shares), so a
 //! second instance or a port already taken needs no edited copy of the file. A cloud that cannot
 //! start says which option or key changes the port it could not bind, and leaves behind no data
 //! folder or file this run created ([`StartCleanup`]).
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use devtables_agent::standalone::{self, StandaloneOptions};
+pub use devtables_agent::standalone::AgentArgs;
 use devtables_cloud::broker::BrokerError;
 use devtables_cloud::{BrokerMode, Cloud, CloudConfig, CloudFile, StartError};
 use devtables_schema::Schema;
@@ -39,76 +40,11 @@ pub struct CloudArgs {
     data: Option<PathBuf>,
 }
 
-#[derive(Args)]
-pub struct AgentArgs {
-    /// The configuration file (JSON5).
-    #[arg(long)]
-    config: PathBuf,
-    /// The broker, instead of the file's `broker`: host:port, mqtt://host:port, or
-    /// mqtts://host:port (TLS, with the file's `tls` block).
-    #[arg(long, value_name = "ADDR")]
-    mqtt: Option<String>,
-    /// The database file, instead of the file's `db` (created when missing).
-    #[arg(long, value_name = "FILE")]
-    db: Option<PathBuf>,
-    /// Read operations on the device database as JSON lines from standard input
-    /// (`{"op":"create","model":"Fault","item":{...}}`; ops: create, update, upsert, remove, get,
-    /// find, batch, status; an "id" is echoed) and answer each with one JSON line on standard
-    /// output. End of input stops
-    /// the agent once the cloud has every change (see --stdin-drain-secs).
-    #[arg(long)]
-    stdin: bool,
-    /// With --stdin: how long the end of input waits for the cloud to acknowledge every queued
-    /// change before the agent stops (default: the file's `stdin_drain_secs`, else 10). What is
-    /// still queued then goes at the next start.
-    #[arg(long, value_name = "SECS")]
-    stdin_drain_secs: Option<u64>,
-    /// The local API's Unix socket, instead of the file's `local_api.socket` (default: the
-    /// database file with the extension `.sock`).
-    #[arg(long, value_name = "PATH")]
-    local_api_socket: Option<PathBuf>,
-    /// Also serve the local API on this loopback address, e.g. 127.0.0.1:7070 (the file's
-    /// `local_api.tcp`; default: no TCP).
-    #[arg(long, value_name = "ADDR")]
-    local_api_tcp: Option<String>,
-    /// Serve no local API (the file's `local_api: {enabled: false}`).
-    #[arg(long, conflicts_with_all = ["local_api_socket", "local_api_tcp"])]
-    no_local_api: bool,
-}
 
-/// The standalone agent: the loop shared with the device-only `devtables-agent` binary.
+/// The standalone agent: the command line and the loop shared with the device-only
+/// `devtables-agent` binary.
 pub fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    let (mut file, mut config) = devtables_agent::config::AgentFile::load(&args.config)?;
-    if let Some(broker) = &args.mqtt {
-        let (host, port) = devtables_agent::config::parse_broker(broker)?;
-        match (
-            broker.split_once("://").map(|(scheme, _)| scheme),
-            &config.tls,
-        ) {
-            (Some("mqtts"), None) => bail!(
-                "--mqtt {broker} asks for TLS, but {} has no tls block (tls: {{ca: ...}})",
-                args.config.display()
-            ),
-            (Some("mqtt"), Some(_)) => bail!(
-                "--mqtt {broker} is clear text, but {} sets tls: use mqtts:// or host:port",
-                args.config.display()
-            ),
-            _ => {}
-        }
-        config.broker_host = host;
-        config.broker_port = port;
-    }
-    if let Some(db) = &args.db {
-        file.db = db.clone();
-        config.db_path = db.clone();
-    }
-    file.override_local_api(args.local_api_socket, args.local_api_tcp, args.no_local_api);
-    let options = StandaloneOptions {
-        config: args.config,
-        stdin: args.stdin,
-        stdin_drain: args.stdin_drain_secs.map(Duration::from_secs),
-    };
-    standalone::run_loaded(&options, &file, config)?;
+    args.run()?;
     Ok(())
 }
 
