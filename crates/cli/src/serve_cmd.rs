@@ -13,10 +13,10 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use devtables_agent::standalone;
 pub use devtables_agent::standalone::AgentArgs;
 use devtables_cloud::broker::BrokerError;
 use devtables_cloud::{BrokerMode, Cloud, CloudConfig, CloudFile, StartError};
@@ -39,7 +39,6 @@ pub struct CloudArgs {
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
 }
-
 
 /// The standalone agent: the command line and the loop shared with the device-only
 /// `devtables-agent` binary.
