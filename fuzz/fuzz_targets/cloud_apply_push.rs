@@ -6,6 +6,7 @@
 use devtables_cloud::store::sqlite::SqliteStore;
 use devtables_cloud::store::CloudStore;
 use devtables_schema::Schema;
+use devtables_sync::apply::PushRules;
 use devtables_sync::hlc::{node_id_for, HlcClock};
 use devtables_sync::identity::DeviceId;
 use devtables_sync::wire::{decode_up, ChangeStatus, UpMsg, WireConfig};
@@ -39,10 +40,17 @@ fuzz_target!(|data: &[u8]| {
     let dev = DeviceId::new("acme", "d1").expect("a device id");
     store.register_device(&dev, "unused-hash", None, NOW).expect("register");
     let mut clock = HlcClock::new(node_id_for("cloud"));
+    // As the cloud engine decides it: a sender announcing another schema tag gets the
+    // neighbour rules (fields and enum values the schema lacks are kept).
+    let rules = PushRules {
+        max_drift_ms: DRIFT,
+        from_neighbour: decoded.schema != schema.tag() && decoded.schema.contains('+'),
+        cloud_schema: schema.tag().to_string(),
+    };
     // Twice: a retransmitted push must be answered as well as the first.
     for _ in 0..2 {
         let (results, _) = store
-            .apply_push(schema, &mut clock, NOW, DRIFT, &dev, &changes)
+            .apply_push(schema, &mut clock, NOW, &rules, &dev, &changes)
             .expect("a hostile push is answered, not a store failure");
         assert_eq!(results.len(), changes.len(), "one result per change");
         for (r, c) in results.iter().zip(&changes) {
