@@ -263,7 +263,12 @@ pub fn offline_catch_up_with_deletes(broker: BrokerChoice) {
 
     let mut a = s.agent("gw2", "gw2", &secret);
     let restored = a.status()["cursor"].as_u64().unwrap();
-    assert_eq!(restored, cursor_before, "the cursor survives a restart");
+    // At least what the status showed before the stop: the agent may apply one more page while
+    // the end of its input waits for its outbox to drain.
+    assert!(
+        restored >= cursor_before && restored > 0,
+        "the cursor survives a restart: {restored} after, {cursor_before} before"
+    );
     eventually("the device caught up, deletes included", || {
         let fw = a.op(json!({"op": "find", "model": "Firmware", "item": {}}));
         let mut versions: Vec<String> = fw
