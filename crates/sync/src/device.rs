@@ -1151,7 +1151,8 @@ impl DeviceEngine {
                 {
                     // Not final: parked until the next session (an upgraded cloud restarts).
                     e.in_flight = None;
-                    let change = self.sent_change(&k, self.entries.get(&k).expect("held above"));
+                    let held = e.clone();
+                    let change = self.sent_change(&k, &held);
                     self.event(DeviceEvent::Deferred {
                         change,
                         reason: reason.clone(),
