@@ -2,16 +2,17 @@
 //! folder.
 //!
 //! It exists for the bootstrap: the API refuses every request without a key, so the first admin
-//! key cannot come from the API. This command opens the cloud's SQLite store itself (it runs in
-//! WAL mode, so it works while the cloud runs too) and prints a new key once.
+//! key cannot come from the API. This command opens the cloud's store itself (SQLite in WAL
+//! mode, so it works while the cloud runs too; or the PostgreSQL database of a scaled-out cloud
+//! with `--database`) and prints a new key once.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use devtables_cloud::auth;
-use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
-use devtables_cloud::store::{CloudStore, KeyScope};
+use devtables_cloud::store::{open_configured, CloudStore, KeyScope};
+use devtables_cloud::{CloudConfig, DatabaseChoice};
 use devtables_sync::identity::DeviceId;
 
 #[derive(Args)]
@@ -23,8 +24,15 @@ pub struct KeysArgs {
 #[derive(Args)]
 struct Target {
     /// The cloud's data folder (the `data_dir` of its configuration, holding `cloud.db`).
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "database")]
+    data: Option<PathBuf>,
+    /// The cloud's PostgreSQL database instead (its `database` URL); the variable
+    /// DEVTABLES_DATABASE keeps a password out of the process list.
+    #[arg(long, env = "DEVTABLES_DATABASE", conflicts_with = "data")]
+    database: Option<String>,
+    /// With --database: the cloud's `database_schema`.
+    #[arg(long, default_value = "devtables", requires = "database")]
+    database_schema: String,
     /// The account the keys belong to.
     #[arg(long)]
     account: String,
@@ -73,16 +81,27 @@ impl From<Scope> for KeyScope {
     }
 }
 
-fn open(target: &Target) -> anyhow::Result<SqliteStore> {
+fn open(target: &Target) -> anyhow::Result<Box<dyn CloudStore>> {
     // The API's rule for account names (checked with a placeholder device).
     DeviceId::new(target.account.as_str(), "x")
         .map_err(|e| anyhow::anyhow!("invalid account {:?}: {e}", target.account))?;
-    std::fs::create_dir_all(&target.data)
-        .with_context(|| format!("cannot create {}", target.data.display()))?;
-    Ok(SqliteStore::open(
-        &target.data.join("cloud.db"),
-        SqliteOptions::default(),
-    )?)
+    let config = match (&target.data, &target.database) {
+        (_, Some(url)) => {
+            let mut c = CloudConfig::new(".");
+            c.database = DatabaseChoice::Postgres {
+                url: url.clone(),
+                schema: target.database_schema.clone(),
+            };
+            c
+        }
+        (Some(data), None) => {
+            std::fs::create_dir_all(data)
+                .with_context(|| format!("cannot create {}", data.display()))?;
+            CloudConfig::new(data)
+        }
+        (None, None) => anyhow::bail!("give the cloud's --data folder or its --database"),
+    };
+    Ok(open_configured(&config)?)
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -96,7 +115,8 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
     match args.command {
         KeysCommand::Create { target, scope } => {
             let mut store = open(&target)?;
-            let new = auth::create_api_key(&mut store, &target.account, scope.into(), now_ms())?;
+            let new =
+                auth::create_api_key(store.as_mut(), &target.account, scope.into(), now_ms())?;
             eprintln!(
                 "created {} key {} of account {}; it is shown only now \
                  (send it as Authorization: Bearer <key>):",

@@ -25,11 +25,46 @@ pub enum BrokerMode {
     },
 }
 
+/// The cloud's database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseChoice {
+    /// `cloud.db` in the data folder: the embedded default, one cloud process.
+    Sqlite,
+    /// A PostgreSQL database (`postgres://user@host:port/db`), its tables in `schema`: the
+    /// production store, shared by several cloud processes.
+    Postgres { url: String, schema: String },
+}
+
+/// How the nodes of a scaled-out cloud share the fleet (PostgreSQL and an external broker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Partitions the devices are hashed into; each is leased to one node. Every node of a
+    /// cluster must use the same number. Default 64.
+    pub partitions: u32,
+    /// How long a node's lease runs without renewal (renewed every third of it): the longest a
+    /// killed node's devices wait for another node. Default 5 s.
+    pub lease: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
+            partitions: 64,
+            lease: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Settings of the cloud service.
 #[derive(Clone, Debug)]
 pub struct CloudConfig {
-    /// Holds `cloud.db` (SQLite).
+    /// Holds `cloud.db` (SQLite), the node's name (`node-name`) and the device CA.
     pub data_dir: PathBuf,
+    /// Where the items live: SQLite in `data_dir` (the default) or PostgreSQL.
+    pub database: DatabaseChoice,
+    /// With PostgreSQL and an external broker: how the nodes of a scaled-out cloud share the
+    /// devices (docs/scale-out.md).
+    pub cluster: ClusterConfig,
     pub api_listen: SocketAddr,
     /// Serve the HTTP API over TLS with this certificate and key. Default none: plain HTTP, which
     /// the service warns about at start (`the HTTP API ... is plain HTTP`).
@@ -306,6 +341,8 @@ impl CloudConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> CloudConfig {
         CloudConfig {
             data_dir: data_dir.into(),
+            database: DatabaseChoice::Sqlite,
+            cluster: ClusterConfig::default(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_tls: None,
             broker_plain: true,
@@ -346,6 +383,31 @@ impl CloudConfig {
 
     /// Checks the settings that would make the service unable to run.
     pub fn validate(&self) -> Result<(), String> {
+        if let DatabaseChoice::Postgres { schema, .. } = &self.database {
+            let plain = !schema.is_empty()
+                && schema.len() <= 40
+                && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !plain {
+                return Err(format!(
+                    "database_schema {schema:?} must be lower-case letters, digits and _ (at most 40)"
+                ));
+            }
+        }
+        if !(1..=4096).contains(&self.cluster.partitions) {
+            return Err(format!(
+                "cluster_partitions must be 1 to 4096, got {}",
+                self.cluster.partitions
+            ));
+        }
+        if self.cluster.lease < Duration::from_millis(300) {
+            return Err(format!(
+                "cluster_lease_ms must be at least 300, got {}",
+                self.cluster.lease.as_millis()
+            ));
+        }
         if self.mqtt.request_queue < 2 {
             return Err(format!(
                 "mqtt request_queue must be at least 2 (one slot is kept for subscribing), got {}",
@@ -442,6 +504,19 @@ pub struct CloudFile {
     /// issues them from its CA in `data_dir/ca/`, valid `validity_days` (default 90).
     #[serde(default)]
     pub device_certificates: Option<DeviceCertificatesFile>,
+    /// `'sqlite'` (the default: `cloud.db` in the data folder) or a PostgreSQL URL
+    /// (`postgres://user@host:port/database`).
+    #[serde(default)]
+    pub database: Option<String>,
+    /// With PostgreSQL: the schema holding devtables' tables (default `devtables`).
+    #[serde(default)]
+    pub database_schema: Option<String>,
+    /// Partitions of a scaled-out cloud (default 64; the same on every node).
+    #[serde(default)]
+    pub cluster_partitions: Option<u32>,
+    /// A node's lease in ms (default 5000): the longest a killed node's devices wait.
+    #[serde(default)]
+    pub cluster_lease_ms: Option<u64>,
     /// ... or an external broker: `mqtts://host:port` (needs `external_broker_tls`),
     /// `mqtt://host:port` or `host:port` (clear text).
     #[serde(default)]
@@ -765,6 +840,30 @@ impl CloudFile {
         }
         if let Some(name) = file.node_name {
             config.node_name = name;
+        }
+        match file.database.as_deref() {
+            None | Some("sqlite") => {}
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                config.database = DatabaseChoice::Postgres {
+                    url: url.to_string(),
+                    schema: file
+                        .database_schema
+                        .clone()
+                        .unwrap_or_else(|| "devtables".into()),
+                };
+            }
+            Some(other) => {
+                let shown = other.split('@').next_back().unwrap_or(other);
+                return Err(format!(
+                    "database {shown:?} is neither 'sqlite' nor a postgres:// URL"
+                ));
+            }
+        }
+        if let Some(n) = file.cluster_partitions {
+            config.cluster.partitions = n;
+        }
+        if let Some(ms) = file.cluster_lease_ms {
+            config.cluster.lease = Duration::from_millis(ms);
         }
         if let Some(ms) = file.max_drift_ms {
             config.sync.max_drift_ms = ms;

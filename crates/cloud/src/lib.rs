@@ -9,6 +9,8 @@
 //! - [`auth`]: device secrets (hashed at rest) and the broker's authenticator.
 //! - [`broker_hash`]: the second, Mosquitto-readable hash of each device secret, which
 //!   `devtables broker-config mosquitto` exports as Mosquitto's password file.
+//! - [`cluster`]: several cloud processes sharing one fleet: partition leases and feed wake-ups
+//!   between nodes in PostgreSQL.
 //! - [`ca`]: the device CA in the data folder, which issues devices' client certificates.
 //! - [`service`]: the running service: start-up order, API server, retention timer, graceful
 //!   shutdown.
@@ -44,6 +46,8 @@ pub mod broker_hash;
 #[cfg(feature = "service")]
 pub mod ca;
 #[cfg(feature = "service")]
+pub mod cluster;
+#[cfg(feature = "service")]
 pub mod config;
 #[cfg(feature = "service")]
 pub mod metrics;
@@ -74,8 +78,8 @@ pub mod webhooks;
 
 #[cfg(feature = "service")]
 pub use config::{
-    BrokerMode, ChangesConfig, CloudConfig, CloudFile, DeviceCertificates, MqttClientConfig,
-    StartupPrompts,
+    BrokerMode, ChangesConfig, CloudConfig, CloudFile, ClusterConfig, DatabaseChoice,
+    DeviceCertificates, MqttClientConfig, StartupPrompts,
 };
 #[cfg(feature = "service")]
 pub use service::{Cloud, StartError};

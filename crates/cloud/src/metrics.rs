@@ -96,6 +96,54 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "feed_wakeups_paced",
         "Feed wake-ups of a broadcast to more devices than one pacing tick, sent paced",
     ),
+    gauge(
+        "cluster_partitions_held",
+        "Partitions of a scaled-out cloud this node holds (0 on a single node)",
+    ),
+    gauge(
+        "cluster_live_nodes",
+        "Cloud nodes seen within a lease at the last lease round",
+    ),
+    counter(
+        "cluster_partitions_claimed",
+        "Partitions this node took over (a takeover or a rebalance)",
+    ),
+    counter(
+        "cluster_partitions_released",
+        "Partitions this node gave up to rebalance",
+    ),
+    counter(
+        "cluster_lease_rounds_failed",
+        "Lease rounds that failed (the database unreachable)",
+    ),
+    counter(
+        "cluster_leases_lost",
+        "Times this node stopped serving: its leases could not be renewed in time",
+    ),
+    counter(
+        "cluster_messages_other_nodes",
+        "Device messages left to the node that serves the device",
+    ),
+    counter(
+        "cluster_sessions_handed_over",
+        "Device sessions dropped because another node serves the device now",
+    ),
+    counter(
+        "cluster_wakeups_sent",
+        "Feed wake-ups sent to the other nodes",
+    ),
+    counter(
+        "cluster_wakeups_heard",
+        "Feed wake-ups heard from the other nodes",
+    ),
+    counter(
+        "cluster_wakeup_failures",
+        "Failures to send or listen for feed wake-ups (retried)",
+    ),
+    counter(
+        "cluster_wakeups_unreadable",
+        "Notifications on the wake-up channel that were not wake-ups (ignored)",
+    ),
     counter(
         "sessions_restarted",
         "Device sessions restarted because the broker link came back clean",

@@ -21,11 +21,11 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::{self, Credentials};
 use crate::broker::{Broker, BrokerConfig, DeviceCertListener};
 use crate::ca::{DeviceCa, DeviceCertificate};
-use crate::config::{BrokerMode, CloudConfig};
+use crate::cluster::{Heard, Serving, WakeOthers};
+use crate::config::{BrokerMode, CloudConfig, DatabaseChoice};
 use crate::mqtt_link::{self, Hop, RequestGauge};
 use crate::ops::{self, OpError, WriteKind};
 use crate::status::{StatusSnapshot, SyncStatus};
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{CloudStore, DeviceRecord, StoreError};
 use crate::store_thread::wall_ms;
 pub use crate::store_thread::{StoreCtx, StoreGone, StoreHandle};
@@ -103,6 +103,32 @@ pub struct Cloud {
     broker: Option<Broker>,
     /// The device CA and the validity of what it issues, with `device_certificates`.
     device_ca: Option<(Arc<DeviceCa>, std::time::Duration)>,
+    /// A scaled-out cloud's lease and wake-up threads.
+    cluster: ClusterThreads,
+}
+
+/// The threads of a cluster node (none on a single node).
+#[derive(Default)]
+struct ClusterThreads {
+    #[cfg(feature = "postgres")]
+    leases: Option<crate::cluster::leases::LeaseThread>,
+    #[cfg(feature = "postgres")]
+    wakeups: Option<crate::cluster::wakeups::WakeupThreads>,
+}
+
+impl ClusterThreads {
+    /// Releases the partitions (a graceful stop hands them over at once) and ends the threads.
+    fn stop(self) {
+        #[cfg(feature = "postgres")]
+        {
+            if let Some(l) = self.leases {
+                l.stop();
+            }
+            if let Some(w) = self.wakeups {
+                w.stop();
+            }
+        }
+    }
 }
 
 impl Cloud {
@@ -116,25 +142,21 @@ impl Cloud {
             path: config.data_dir.clone(),
             source,
         })?;
-        let mut store = SqliteStore::open(
-            &config.data_dir.join("cloud.db"),
-            SqliteOptions {
-                synchronous_full: config.sqlite_full_sync,
-                quotas: config.quotas,
-                ..SqliteOptions::default()
-            },
-        )?;
-        store.reset_online()?;
-        let live_api_keys = store.live_api_keys()?;
-
-        // One pass over the registry: the devices with changes waiting for them (prompted once
-        // the sync loop runs).
-        let mut behind = Vec::new();
-        for_each_device(&mut store, |id, d| {
-            if d.feed_head > d.cursor_acked {
-                behind.push((id, d.feed_head));
-            }
-        })?;
+        // The store is opened and read off the async runtime: the PostgreSQL client is
+        // synchronous (it runs its own small runtime), like the store thread that owns it after.
+        let cluster = matches!(config.database, DatabaseChoice::Postgres { .. })
+            && matches!(config.broker, BrokerMode::External { .. });
+        let node_name = node_name(&config)?;
+        let opening = config.clone();
+        let PreparedStore {
+            store,
+            live_api_keys,
+            behind,
+            last_version,
+            changes_kept,
+        } = tokio::task::spawn_blocking(move || prepare_store(&opening, cluster))
+            .await
+            .map_err(|e| StoreError::Database(format!("opening the store: {e}")))??;
 
         // Shared with the broker, which counts its certificate refusals there.
         let status = Arc::new(SyncStatus::default());
@@ -235,24 +257,20 @@ impl Cloud {
 
         // Each cloud process mints versions with its own node id, resuming after the highest
         // version stored (the wall clock may have gone back across the restart).
-        let node_name = if config.node_name.is_empty() {
-            format!("{:016x}", wall_ms() ^ (u64::from(std::process::id()) << 40))
-        } else {
-            config.node_name.clone()
-        };
         let node = node_id_for(&cloud_node_name(&node_name));
-        let mut store = store;
-        let clock = match store.max_version()? {
+        let clock = match last_version {
             Some(last) => HlcClock::restore(node, last),
             None => HlcClock::new(node),
         };
         tracing::info!(node = %node_name, "cloud node");
-        // The change log's retention once at start: its size is known from the first moment.
-        let changes_kept = store.purge_changes(wall_ms(), &config.changes.retention)?;
-        status
-            .change_log_rows
-            .store(changes_kept.kept, std::sync::atomic::Ordering::Relaxed);
-        let ctx = StoreCtx::new(Box::new(store), clock, schema.clone());
+        // The change log's retention once at start (by the one node that leads, in a cluster):
+        // its size is known from the first moment.
+        if let Some(kept) = changes_kept {
+            status
+                .change_log_rows
+                .store(kept, std::sync::atomic::Ordering::Relaxed);
+        }
+        let ctx = StoreCtx::new(store, clock, schema.clone());
         let committed = status.clone();
         let store = StoreHandle::spawn(
             ctx,
@@ -299,7 +317,7 @@ impl Cloud {
                 Hop::Egress => "out",
             };
             let mut options = MqttOptions::new(
-                format!("devtables-cloud-{}-{suffix}", std::process::id()),
+                format!("devtables-cloud-{node_name}-{suffix}"),
                 mqtt_host.clone(),
                 mqtt_port,
             );
@@ -356,6 +374,60 @@ impl Cloud {
             }
         };
 
+        // A scaled-out cloud: this node serves the partitions it leases, and tells the others of
+        // feeds it advanced for their devices (see `cluster`).
+        let (serving_tx, serving_rx) = watch::channel(Serving::All);
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+        let mut wake_others: Option<Box<dyn WakeOthers>> = None;
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+        let mut heard: Option<mpsc::Receiver<Heard>> = None;
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+        let mut cluster_threads = ClusterThreads::default();
+        #[cfg(feature = "postgres")]
+        if let (true, DatabaseChoice::Postgres { url, schema }) = (cluster, &config.database) {
+            let options = crate::cluster::leases::LeaseOptions {
+                url: url.clone(),
+                schema: schema.clone(),
+                node: node_name.clone(),
+                partitions: config.cluster.partitions,
+                lease: config.cluster.lease,
+                connect_timeout: std::time::Duration::from_secs(10),
+            };
+            serving_tx.send_replace(Serving::nothing(config.cluster.partitions));
+            let (heard_tx, heard_rx) = mpsc::channel(256);
+            let (lease_options, lease_status, wake_status) =
+                (options.clone(), status.clone(), status.clone());
+            let started = tokio::task::spawn_blocking(move || {
+                let leases = crate::cluster::leases::LeaseThread::start(
+                    lease_options,
+                    serving_tx,
+                    lease_status,
+                )
+                .map_err(|e| StartError::Config(e.to_string()))?;
+                let (wakeups, threads) =
+                    crate::cluster::wakeups::start(options, heard_tx, wake_status)?;
+                Ok::<_, StartError>((leases, wakeups, threads))
+            })
+            .await
+            .map_err(|e| StartError::Config(format!("cluster leases: {e}")))??;
+            let (leases, wakeups, threads) = started;
+            tracing::info!(
+                node = %node_name,
+                partitions = config.cluster.partitions,
+                lease_ms = config.cluster.lease.as_millis() as u64,
+                "scaled-out cloud: serving the devices of the partitions this node leases"
+            );
+            wake_others = Some(Box::new(wakeups));
+            heard = Some(heard_rx);
+            cluster_threads = ClusterThreads {
+                leases: Some(leases),
+                wakeups: Some(threads),
+            };
+        }
+        #[cfg(not(feature = "postgres"))]
+        drop(serving_tx);
+        let leading = serving_rx.clone();
+
         let mut sync_config = config.sync.clone();
         sync_config.schema_version = schema.tag().to_string();
         if sync_config.seed == 0 {
@@ -384,6 +456,9 @@ impl Cloud {
             behind,
             pace: config.startup_prompts.clone(),
             max_store_jobs: config.sync_store_jobs,
+            serving: serving_rx,
+            wake_others,
+            heard,
         });
         tasks.push(tokio::spawn(sync.run()));
 
@@ -523,6 +598,10 @@ impl Cloud {
                     _ = tokio::time::sleep(interval) => {}
                     _ = purge_shutdown.wait_for(|stop| *stop) => return,
                 }
+                // In a cluster, retention runs on the node holding partition 0 only.
+                if !leading.borrow().leads() {
+                    continue;
+                }
                 let now = wall_ms();
                 match purge_store
                     .call(move |c| c.store.purge(now, &retention))
@@ -566,6 +645,7 @@ impl Cloud {
             webhooks,
             broker,
             device_ca,
+            cluster: cluster_threads,
         })
     }
 
@@ -637,6 +717,8 @@ impl Cloud {
     /// Stops the API, the sync loop and the broker, and waits for them.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let cluster = self.cluster;
+        let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
         for task in self.tasks {
             let _ = task.await;
         }
@@ -645,6 +727,78 @@ impl Cloud {
             broker.shutdown().await;
         }
     }
+}
+
+/// The store, opened and read before the service starts.
+struct PreparedStore {
+    store: Box<dyn CloudStore>,
+    live_api_keys: u64,
+    /// The devices with changes waiting for them (prompted once the sync loop runs); none in
+    /// a cluster, where each node finds those of the partitions it takes.
+    behind: Vec<(DeviceId, u64)>,
+    /// The highest version stored: the clock resumes after it.
+    last_version: Option<devtables_sync::hlc::Hlc>,
+    /// Rows the change log kept after its retention at start (`None` in a cluster: the
+    /// leading node's timer applies it).
+    changes_kept: Option<u64>,
+}
+
+/// Opens the configured store and reads what the start needs. Blocking (see `Cloud::start`).
+fn prepare_store(config: &CloudConfig, cluster: bool) -> Result<PreparedStore, StoreError> {
+    let mut store = crate::store::open_configured(config)?;
+    // Nobody is connected to a single node that starts; in a cluster the other nodes' devices
+    // are, and each node records its own devices' comings and goings.
+    if !cluster {
+        store.reset_online()?;
+    }
+    let live_api_keys = store.live_api_keys()?;
+    let mut behind = Vec::new();
+    if !cluster {
+        for_each_device(store.as_mut(), |id, d| {
+            if d.feed_head > d.cursor_acked {
+                behind.push((id, d.feed_head));
+            }
+        })?;
+    }
+    let last_version = store.max_version()?;
+    let changes_kept = if cluster {
+        None
+    } else {
+        Some(
+            store
+                .purge_changes(wall_ms(), &config.changes.retention)?
+                .kept,
+        )
+    };
+    Ok(PreparedStore {
+        store,
+        live_api_keys,
+        behind,
+        last_version,
+        changes_kept,
+    })
+}
+
+/// This node's name: the configured one, else the one generated at its first start and kept in
+/// the data folder (`node-name`), so its versions' node id and its MQTT client ids stay the same
+/// across restarts and differ between nodes (a PID does not: it is 1 in every container).
+fn node_name(config: &CloudConfig) -> Result<String, StartError> {
+    if !config.node_name.is_empty() {
+        return Ok(config.node_name.clone());
+    }
+    let path = config.data_dir.join("node-name");
+    match std::fs::read_to_string(&path) {
+        Ok(name) if !name.trim().is_empty() => return Ok(name.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(StartError::DataDir { path, source }),
+    }
+    let name = format!("node-{:016x}", rand::random::<u64>());
+    std::fs::write(&path, format!("{name}\n")).map_err(|source| StartError::DataDir {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(name)
 }
 
 /// Calls `f` for every registered device, a page at a time.

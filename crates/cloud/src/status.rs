@@ -169,6 +169,8 @@ pub struct SyncStatus {
     /// Per webhook, when the oldest change it has still to deliver was stored (absent: caught
     /// up): `webhook_lag_ms` is the age of the oldest.
     pub(crate) webhook_pending_since: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// This node's share of a scaled-out cloud.
+    pub(crate) cluster: crate::cluster::ClusterCounters,
 }
 
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
@@ -237,6 +239,18 @@ pub struct StatusSnapshot {
     pub webhook_gaps: u64,
     /// Age in ms of the oldest change some webhook has still to deliver (0: all caught up).
     pub webhook_lag_ms: u64,
+    pub cluster_partitions_held: u64,
+    pub cluster_live_nodes: u64,
+    pub cluster_partitions_claimed: u64,
+    pub cluster_partitions_released: u64,
+    pub cluster_lease_rounds_failed: u64,
+    pub cluster_leases_lost: u64,
+    pub cluster_messages_other_nodes: u64,
+    pub cluster_sessions_handed_over: u64,
+    pub cluster_wakeups_sent: u64,
+    pub cluster_wakeups_heard: u64,
+    pub cluster_wakeup_failures: u64,
+    pub cluster_wakeups_unreadable: u64,
 }
 
 impl SyncStatus {
@@ -319,6 +333,18 @@ impl SyncStatus {
             webhook_changes_delivered: n(&self.webhook_changes_delivered),
             webhook_gaps: n(&self.webhook_gaps),
             webhook_lag_ms: self.webhook_lag_ms(crate::store_thread::wall_ms()),
+            cluster_partitions_held: n(&self.cluster.partitions_held),
+            cluster_live_nodes: n(&self.cluster.live_nodes),
+            cluster_partitions_claimed: n(&self.cluster.partitions_claimed),
+            cluster_partitions_released: n(&self.cluster.partitions_released),
+            cluster_lease_rounds_failed: n(&self.cluster.lease_rounds_failed),
+            cluster_leases_lost: n(&self.cluster.leases_lost),
+            cluster_messages_other_nodes: n(&self.cluster.messages_other_nodes),
+            cluster_sessions_handed_over: n(&self.cluster.sessions_handed_over),
+            cluster_wakeups_sent: n(&self.cluster.wakeups_sent),
+            cluster_wakeups_heard: n(&self.cluster.wakeups_heard),
+            cluster_wakeup_failures: n(&self.cluster.wakeup_failures),
+            cluster_wakeups_unreadable: n(&self.cluster.wakeups_unreadable),
         }
     }
 

@@ -39,6 +39,7 @@ use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::DeviceMessage;
+use crate::cluster::{Heard, Serving, WakeOthers};
 use crate::config::StartupPrompts;
 use crate::metrics::StoreJob;
 use crate::mqtt_link::{LinkEvent, RequestGauge};
@@ -74,6 +75,8 @@ enum Done {
     },
     /// A status record was written (or its failure logged and counted).
     Status,
+    /// The devices behind their feed in partitions this node just gained, with their heads.
+    Behind(Result<Vec<(DeviceId, u64)>, StoreError>),
     /// The store thread is gone: the service is stopping.
     StoreGone,
 }
@@ -100,6 +103,13 @@ pub(crate) struct SyncParts {
     pub(crate) behind: Vec<(DeviceId, u64)>,
     pub(crate) pace: StartupPrompts,
     pub(crate) max_store_jobs: usize,
+    /// Which devices this node serves (a scaled-out cloud's partitions; [`Serving::All`]
+    /// otherwise): the others' messages are left to their nodes.
+    pub(crate) serving: watch::Receiver<Serving>,
+    /// Tells the other nodes of feeds advanced here for devices they serve.
+    pub(crate) wake_others: Option<Box<dyn WakeOthers>>,
+    /// What the other nodes advanced (their wake-ups).
+    pub(crate) heard: Option<mpsc::Receiver<Heard>>,
 }
 
 /// Where the sync loop's device messages come from.
@@ -185,6 +195,13 @@ pub(crate) struct SyncLoop {
     feed_lag_stale: bool,
     /// The wall clock at `started`, to record engine times as wall times.
     started_wall_ms: u64,
+    /// What this node serves now (see [`SyncParts::serving`]).
+    serving: Serving,
+    serving_rx: watch::Receiver<Serving>,
+    /// A listing of the devices behind that waits for a store job slot.
+    behind_waiting: Option<Serving>,
+    wake_others: Option<Box<dyn WakeOthers>>,
+    heard: Option<mpsc::Receiver<Heard>>,
 }
 
 impl SyncLoop {
@@ -199,6 +216,7 @@ impl SyncLoop {
             .prompts_pending
             .store(p.behind.len() as u64, Ordering::Relaxed);
         let mut subscription = p.subscription;
+        let serving_now = p.serving.borrow().clone();
         if matches!(p.ingress, Ingress::Embedded { .. }) {
             // In-process: the device messages flow from the start, and cannot be lost.
             subscription.held_in_process();
@@ -241,6 +259,11 @@ impl SyncLoop {
             next_feed_lag: Instant::now(),
             feed_lag_stale: false,
             started_wall_ms: wall_ms(),
+            serving: serving_now,
+            serving_rx: p.serving,
+            behind_waiting: None,
+            wake_others: p.wake_others,
+            heard: p.heard,
         }
     }
 
@@ -284,6 +307,16 @@ impl SyncLoop {
                 input = self.inputs.recv(), if self.inputs_open => match input {
                     Some(SyncInput::FeedAdvanced(advanced)) => self.feed_advanced(advanced),
                     None => self.inputs_open = false,
+                },
+                changed = self.serving_rx.changed() => match changed {
+                    Ok(()) => self.serving_changed(),
+                    // The lease thread is gone (shutdown): serve nothing more.
+                    Err(_) => stop = true,
+                },
+                heard = recv_heard(&mut self.heard) => match heard {
+                    Some(Heard::Advanced(advanced)) => self.feed_advanced_elsewhere(advanced),
+                    Some(Heard::Listening) => self.prompt_behind(self.serving.clone()),
+                    None => self.heard = None,
                 },
                 Some(done) = self.done_rx.recv() => self.on_done(done),
                 _ = sleep_until(engine_at) => {
@@ -338,6 +371,13 @@ impl SyncLoop {
             }
             LinkEvent::Message { topic, payload } => {
                 match topics::parse_up_topic(&self.prefix, &topic) {
+                    Some(device) if !self.serving.serves(&device) => {
+                        // Another node serves it (a scaled-out cloud's partitions).
+                        self.status
+                            .cluster
+                            .messages_other_nodes
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     Some(device) => {
                         self.status.messages_in.fetch_add(1, Ordering::Relaxed);
                         self.status
@@ -463,6 +503,118 @@ impl SyncLoop {
     /// device, a prompt for each other one) join the paced queue of start-up prompts instead of
     /// reaching the store and the broker all at once.
     fn feed_advanced(&mut self, advanced: Vec<(DeviceId, u64)>) {
+        let advanced = self.keep_served(advanced);
+        self.feed_advanced_here(advanced);
+    }
+
+    /// Wake-ups heard from other nodes: only those of devices this node serves count (the
+    /// others are another node's, which heard them too).
+    fn feed_advanced_elsewhere(&mut self, mut advanced: Vec<(DeviceId, u64)>) {
+        advanced.retain(|(d, _)| self.serving.serves(d));
+        self.feed_advanced_here(advanced);
+    }
+
+    /// Splits advanced feeds: those of devices other nodes serve go to them as wake-ups; the
+    /// rest are returned.
+    fn keep_served(&mut self, advanced: Vec<(DeviceId, u64)>) -> Vec<(DeviceId, u64)> {
+        let Some(wake) = &self.wake_others else {
+            return advanced;
+        };
+        let (here, elsewhere): (Vec<_>, Vec<_>) = advanced
+            .into_iter()
+            .partition(|(d, _)| self.serving.serves(d));
+        if !elsewhere.is_empty() {
+            // Counted once sent (`wakeups_sent`).
+            wake.wake(elsewhere);
+        }
+        here
+    }
+
+    /// What this node serves changed (a scaled-out cloud's leases): sessions of devices it no
+    /// longer serves are dropped (their new node answers them), and the devices of partitions
+    /// it gained that have changes waiting are prompted.
+    fn serving_changed(&mut self) {
+        let now = self.serving_rx.borrow_and_update().clone();
+        let gained = now.gained_since(&self.serving);
+        self.serving = now;
+        let serving = &self.serving;
+        let dropped = self.engine.release_devices(|d| serving.serves(d));
+        self.startup.retain(|(d, _)| serving.serves(d));
+        if dropped > 0 {
+            self.status
+                .cluster
+                .sessions_handed_over
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+            tracing::info!(
+                sessions = dropped,
+                "device sessions handed over to other nodes"
+            );
+        }
+        if !gained.is_empty() {
+            self.prompt_behind(gained);
+        }
+    }
+
+    /// Reads the devices of `within` whose feed is ahead of their acknowledged cursor (a
+    /// store job over the registry) and prompts them, paced like the prompts after a start.
+    fn prompt_behind(&mut self, within: Serving) {
+        let within = match self.behind_waiting.take() {
+            Some(earlier) => earlier.union(&within),
+            None => within,
+        };
+        if within.is_empty() {
+            return;
+        }
+        if self.in_flight >= self.max_store_jobs {
+            // Sent once a store job completes (`on_done`).
+            self.behind_waiting = Some(within);
+            return;
+        }
+        let done = self.done_tx.clone();
+        let job: JobFn = Box::new(move |c: &mut StoreCtx| {
+            let mut behind = Vec::new();
+            let mut after: Option<DeviceId> = None;
+            let result = loop {
+                match c.store.devices(None, after.as_ref(), 1000) {
+                    Ok(page) => {
+                        let last = page
+                            .last()
+                            .and_then(|d| DeviceId::new(&d.account, &d.device).ok());
+                        for d in &page {
+                            if d.feed_head <= d.cursor_acked {
+                                continue;
+                            }
+                            if let Ok(id) = DeviceId::new(&d.account, &d.device) {
+                                if within.serves(&id) {
+                                    behind.push((id, d.feed_head));
+                                }
+                            }
+                        }
+                        match last {
+                            Some(last) if page.len() == 1000 => after = Some(last),
+                            _ => break Ok(behind),
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            deliver_after_commit(c, &done, Done::Behind(result));
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => self.in_flight += 1,
+            Err(mpsc::error::TrySendError::Closed(_)) => self.store_gone = true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Cannot happen (checked above); if it did, the next change of the leases or
+                // the listener's next connection asks again.
+                self.status.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "the sync loop's store queue is full; the devices behind are prompted later"
+                );
+            }
+        }
+    }
+
+    fn feed_advanced_here(&mut self, advanced: Vec<(DeviceId, u64)>) {
         if advanced.len() <= self.pace.per_tick {
             let now = self.now();
             for (device, head) in advanced {
@@ -723,6 +875,9 @@ impl SyncLoop {
             return;
         }
         self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(within) = self.behind_waiting.take() {
+            self.prompt_behind(within);
+        }
         let now = self.now();
         match done {
             Done::Push {
@@ -735,7 +890,7 @@ impl SyncLoop {
                     self.count_over_quota(&device, &results);
                     self.engine
                         .handle_push_applied(now, &device, batch, results);
-                    for (d, head) in advanced {
+                    for (d, head) in self.keep_served(advanced) {
                         self.engine.handle_feed_advanced(now, &d, head);
                     }
                 }
@@ -768,6 +923,22 @@ impl SyncLoop {
                     tracing::error!(%device, "cannot read a snapshot page: {e}");
                 }
             },
+            Done::Behind(Ok(behind)) => {
+                if !behind.is_empty() {
+                    tracing::info!(
+                        devices = behind.len(),
+                        "prompting the devices with changes waiting in the partitions taken over"
+                    );
+                }
+                // Served still (the leases may have moved again meanwhile).
+                let serving = &self.serving;
+                self.startup
+                    .extend(behind.into_iter().filter(|(d, _)| serving.serves(d)));
+            }
+            Done::Behind(Err(e)) => {
+                self.status.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("cannot list the devices with changes waiting: {e}");
+            }
             Done::Status | Done::StoreGone => {}
         }
     }
@@ -909,6 +1080,14 @@ impl SyncLoop {
 }
 
 /// The last change of a push that the cloud refused, as a sentence.
+/// The next wake-up heard from other nodes; never ready without a listener.
+async fn recv_heard(heard: &mut Option<mpsc::Receiver<Heard>>) -> Option<Heard> {
+    match heard {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn last_refusal(results: &[ChangeResult]) -> Option<String> {
     results.iter().rev().find_map(|r| match &r.status {
         ChangeStatus::Rejected { reason } => {

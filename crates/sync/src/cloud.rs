@@ -576,6 +576,20 @@ impl CloudEngine {
         std::mem::take(&mut self.sessions).into_keys().collect()
     }
 
+    /// Another cloud node serves these devices from now on (a scaled-out cloud moved their
+    /// partition): every session and pending prompt of a device `serves` says no to is dropped,
+    /// without a status record or a prompt (the device did not leave; the node that takes it
+    /// over answers its next message, and a push it retransmits meanwhile gets a prompt there).
+    /// Returns how many sessions were dropped.
+    pub fn release_devices(&mut self, serves: impl Fn(&DeviceId) -> bool) -> usize {
+        let before = self.sessions.len();
+        self.sessions.retain(|d, _| serves(d));
+        self.timers.retain(|(_, d)| serves(d));
+        self.prompted.retain(|d, _| serves(d));
+        self.prompt_timers.retain(|(_, d)| serves(d));
+        before - self.sessions.len()
+    }
+
     /// What the engine refused since it started.
     pub fn stats(&self) -> CloudEngineStats {
         self.stats
@@ -1773,6 +1787,44 @@ mod tests {
             device_rate: RateLimit { per_sec, burst },
             ..CloudEngineConfig::default()
         })
+    }
+
+    #[test]
+    fn released_devices_lose_their_session_and_prompts_without_a_status() {
+        let mut c = CloudEngine::new(CloudEngineConfig::default());
+        let kept = DeviceId::new("acme", "kept").unwrap();
+        let moved = DeviceId::new("acme", "moved").unwrap();
+        let say = |c: &mut CloudEngine, now: u64, d: &DeviceId, msg: &UpMsg| {
+            let bytes = wire::encode_up("1", msg, &WireConfig::default()).unwrap();
+            c.handle_message(now, 1_700_000_000_000, d, &bytes);
+        };
+        let hello = UpMsg::Hello {
+            session: 1,
+            cursor: 0,
+            pending: 0,
+            mark: None,
+        };
+        say(&mut c, 0, &kept, &hello);
+        say(&mut c, 0, &moved, &hello);
+        outputs(&mut c);
+        assert_eq!(c.sessions(), 2);
+        assert_eq!(c.release_devices(|d| d == &kept), 1);
+        assert_eq!(c.sessions(), 1);
+        // No status record (the device did not leave) and nothing sent.
+        assert!(c.poll_action().is_none());
+        // The moved device's next push is answered with a prompt, as after any lost session.
+        say(&mut c, 10, &moved, &push(2, 1));
+        let (msgs, _) = outputs(&mut c);
+        assert!(
+            msgs.iter().any(|m| matches!(
+                m,
+                DownMsg::Error {
+                    code: ErrorCode::NoSession,
+                    ..
+                }
+            )),
+            "{msgs:?}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod isolation;
 mod local_api;
 mod proxy;
 mod restore;
+mod scale_out;
 mod scenarios;
 mod schema_cmd;
 mod schema_upgrade;

@@ -14,6 +14,39 @@
 pub mod changes;
 pub mod sqlite;
 
+/// Opens the store a cloud configuration names: SQLite's `cloud.db` in its data folder, or
+/// PostgreSQL. Blocking; with PostgreSQL it must not run on an async runtime's thread.
+#[cfg(feature = "service")]
+pub fn open_configured(
+    config: &crate::config::CloudConfig,
+) -> Result<Box<dyn CloudStore>, StoreError> {
+    match &config.database {
+        crate::config::DatabaseChoice::Sqlite => Ok(Box::new(sqlite::SqliteStore::open(
+            &config.data_dir.join("cloud.db"),
+            sqlite::SqliteOptions {
+                synchronous_full: config.sqlite_full_sync,
+                quotas: config.quotas,
+                ..sqlite::SqliteOptions::default()
+            },
+        )?)),
+        #[cfg(feature = "postgres")]
+        crate::config::DatabaseChoice::Postgres { url, schema } => {
+            Ok(Box::new(postgres::PostgresStore::connect(
+                url,
+                postgres::PostgresOptions {
+                    schema: schema.clone(),
+                    quotas: config.quotas,
+                    ..postgres::PostgresOptions::default()
+                },
+            )?))
+        }
+        #[cfg(not(feature = "postgres"))]
+        crate::config::DatabaseChoice::Postgres { .. } => Err(StoreError::Database(
+            "this build has no PostgreSQL store (the `postgres` feature of devtables-cloud)".into(),
+        )),
+    }
+}
+
 pub use changes::{
     ChangeEvent, ChangeKey, ChangeOp, ChangePage, ChangePurgeStats, ChangeQuery, ChangeRead,
     ChangeRetention, NewWebhook, WebhookAttempt, WebhookRecord,

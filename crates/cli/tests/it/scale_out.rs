@@ -1,0 +1,317 @@
+//! A scaled-out cloud (docs/scale-out.md): three `devtables cloud` processes on one PostgreSQL
+//! schema of the test's own and one Mosquitto, with simulated devices (`devtables sim`, a
+//! separate process) writing up and receiving down changes, broadcasts and commands through the
+//! first node's API. A node is killed with SIGKILL mid-run and restarted; in a second run the
+//! broker is. Needs DEVTABLES_SERVICES=1 (PostgreSQL at DEVTABLES_POSTGRES, default
+//! `postgres://postgres@127.0.0.1:5432/test`, and Mosquitto), else skipped.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::bin;
+use super::harness::{eventually, free_port, BrokerChoice, CloudProc, MosquittoProc, KEY_ACCOUNT};
+use super::services::services_on;
+
+/// A PostgreSQL schema of the test's own, dropped at the end.
+struct PgSchema {
+    url: String,
+    name: String,
+}
+
+impl PgSchema {
+    fn fresh() -> PgSchema {
+        let url = std::env::var("DEVTABLES_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("dt_scale_{:012x}", rand::random::<u64>() >> 16);
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
+            panic!("DEVTABLES_SERVICES is set but PostgreSQL at {url} is unreachable: {e}")
+        });
+        c.batch_execute(&format!("CREATE SCHEMA \"{name}\""))
+            .unwrap();
+        PgSchema { url, name }
+    }
+
+    fn query_i64(&self, sql: &str) -> i64 {
+        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+        c.query_one(
+            sql.replace("{s}", &format!("\"{}\"", self.name)).as_str(),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.url, postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", self.name));
+        }
+    }
+}
+
+const PARTITIONS: u64 = 64;
+const LEASE_MS: u64 = 1500;
+
+/// The admin key of [`KEY_ACCOUNT`], made in PostgreSQL by `devtables keys create --database`
+/// (the bootstrap path of a scaled-out cloud).
+fn admin_key(pg: &PgSchema) -> String {
+    let out = bin()
+        .args([
+            "keys",
+            "create",
+            "--account",
+            KEY_ACCOUNT,
+            "--scope",
+            "admin",
+        ])
+        .args(["--database", &pg.url, "--database-schema", &pg.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn start_node(dir: &Path, i: usize, pg: &PgSchema, broker: &str, key: &str) -> CloudProc {
+    let extra = format!(
+        "database: '{}', database_schema: '{}', node_name: 'node-{i}', \
+         cluster_partitions: {PARTITIONS}, cluster_lease_ms: {LEASE_MS},",
+        pg.url, pg.name
+    );
+    let dir = dir.join(format!("node-{i}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    CloudProc::start_keyed(
+        &dir,
+        devtables_sync_prefix(),
+        BrokerChoice::External(broker.to_string()),
+        &extra,
+        key.to_string(),
+    )
+}
+
+/// `devtables sim` uses the default topic prefix.
+fn devtables_sync_prefix() -> &'static str {
+    "devtables"
+}
+
+fn status(node: &CloudProc) -> Value {
+    node.get("/v1/status").unwrap_or(Value::Null)
+}
+
+fn num(v: &Value, field: &str) -> u64 {
+    v["sync"][field]
+        .as_u64()
+        .or_else(|| v[field].as_u64())
+        .unwrap_or(0)
+}
+
+fn held(node: &CloudProc) -> u64 {
+    num(&status(node), "cluster_partitions_held")
+}
+
+/// `devtables sim` against the first node's API, as a child process.
+fn start_sim(dir: &Path, api: &str, broker: &str, key: &str, devices: usize) -> Child {
+    bin()
+        .arg("sim")
+        .args(["--url", &format!("http://{api}"), "--mqtt", broker])
+        .args(["--admin-key", key, "--account", KEY_ACCOUNT])
+        .args(["--devices", &devices.to_string(), "--rate", "1"])
+        .args([
+            "--duration",
+            "15s",
+            "--down-rate",
+            "5",
+            "--command-rate",
+            "2",
+        ])
+        .args(["--broadcast-every", "4s", "--drain-timeout", "90s"])
+        .arg("--json")
+        .arg(dir.join("fleet.json"))
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("devtables sim starts")
+}
+
+/// Waits for the simulator and returns its report; it must have accounted for every write.
+fn finish_sim(sim: Child, dir: &Path) -> Value {
+    let out = sim.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "devtables sim failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("fleet.json")).unwrap()).unwrap();
+    let written = report["up_written"].as_u64().unwrap();
+    assert!(written > 0, "{report}");
+    // Every acknowledged write is in the store exactly once: the devices' `changes_applied`
+    // (counted by the store in each push's transaction) equal the writes acknowledged.
+    assert_eq!(report["up_acked"].as_u64(), Some(written), "{stdout}");
+    assert_eq!(
+        report["cloud_counts"]["device_changes_applied"].as_u64(),
+        Some(written),
+        "{stdout}"
+    );
+    // Every device holds the cloud's writes: down writes, broadcasts, commands.
+    assert_eq!(report["missing"]["down"], 0, "{stdout}");
+    assert_eq!(report["missing"]["broadcasts"], 0, "{stdout}");
+    assert_eq!(report["missing"]["commands"], 0, "{stdout}");
+    assert_eq!(report["duplicates"], 0, "{stdout}");
+    assert_eq!(report["down_applied"], report["down_written"], "{stdout}");
+    assert!(report["down_written"].as_u64().unwrap() > 0, "{stdout}");
+    report
+}
+
+/// Three nodes share the partitions; waits until each holds some and together all.
+fn wait_spread(nodes: &[&CloudProc]) {
+    eventually("the three nodes to share the partitions", || {
+        let h: Vec<u64> = nodes.iter().map(|n| held(n)).collect();
+        if h.iter().sum::<u64>() == PARTITIONS && h.iter().all(|x| *x > 0) {
+            Ok(())
+        } else {
+            Err(format!("held {h:?}"))
+        }
+    });
+}
+
+#[test]
+fn a_node_killed_mid_run_is_taken_over_and_nothing_acknowledged_is_lost() {
+    if !services_on() {
+        return;
+    }
+    let pg = PgSchema::fresh();
+    let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
+    let dir = tempfile::tempdir().unwrap();
+    let key = admin_key(&pg);
+    let n1 = start_node(dir.path(), 1, &pg, &broker, &key);
+    let mut n2 = start_node(dir.path(), 2, &pg, &broker, &key);
+    let n3 = start_node(dir.path(), 3, &pg, &broker, &key);
+    wait_spread(&[&n1, &n2, &n3]);
+
+    let sim = start_sim(dir.path(), &n1.api, &broker, &key, 150);
+    // Node 2 serves devices (its share of them said hello to it), then dies.
+    eventually("node 2 serving devices", || {
+        let s = num(&status(&n2), "sessions");
+        if s >= 10 {
+            Ok(())
+        } else {
+            Err(format!("{s} sessions"))
+        }
+    });
+    let claimed_before = num(&status(&n1), "cluster_partitions_claimed")
+        + num(&status(&n3), "cluster_partitions_claimed");
+    let held_by_2 = held(&n2);
+    n2.kill();
+    let killed = Instant::now();
+    eventually("nodes 1 and 3 to take node 2's partitions", || {
+        let h = held(&n1) + held(&n3);
+        if h == PARTITIONS {
+            Ok(())
+        } else {
+            Err(format!("{h} held"))
+        }
+    });
+    let takeover = killed.elapsed();
+    let claimed_after = num(&status(&n1), "cluster_partitions_claimed")
+        + num(&status(&n3), "cluster_partitions_claimed");
+    assert!(
+        claimed_after >= claimed_before + held_by_2,
+        "the survivors claimed node 2's {held_by_2} partitions: {claimed_before} -> {claimed_after}"
+    );
+    eprintln!("takeover after SIGKILL: {} ms", takeover.as_millis());
+
+    // Node 2 comes back under its name and takes its share again.
+    n2.start_again();
+    wait_spread(&[&n1, &n2, &n3]);
+
+    finish_sim(sim, dir.path());
+    // The nodes left each other's devices alone, and the API writes on node 1 woke devices
+    // the other nodes serve.
+    let statuses: Vec<Value> = [&n1, &n2, &n3].iter().map(|n| status(n)).collect();
+    let other: u64 = statuses
+        .iter()
+        .map(|s| num(s, "cluster_messages_other_nodes"))
+        .sum();
+    assert!(other > 0, "{statuses:?}");
+    assert!(
+        num(&statuses[0], "cluster_wakeups_sent") > 0,
+        "{:?}",
+        statuses[0]
+    );
+    let heard: u64 = statuses[1..]
+        .iter()
+        .map(|s| num(s, "cluster_wakeups_heard"))
+        .sum();
+    assert!(heard > 0, "{statuses:?}");
+    // One lease row per partition, every one held, by three nodes.
+    assert_eq!(
+        pg.query_i64("SELECT count(*) FROM {s}.cluster_leases WHERE node IS NOT NULL"),
+        PARTITIONS as i64
+    );
+    assert_eq!(
+        pg.query_i64("SELECT count(DISTINCT node) FROM {s}.cluster_leases"),
+        3
+    );
+}
+
+#[test]
+fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
+    if !services_on() {
+        return;
+    }
+    let pg = PgSchema::fresh();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let mut mosquitto = MosquittoProc::start(&conf, port);
+    let broker = mosquitto.addr.clone();
+    let key = admin_key(&pg);
+    let nodes: Vec<CloudProc> = (1..=3)
+        .map(|i| start_node(dir.path(), i, &pg, &broker, &key))
+        .collect();
+    wait_spread(&nodes.iter().collect::<Vec<_>>());
+    let restarted_before: u64 = nodes
+        .iter()
+        .map(|n| num(&status(n), "sessions_restarted"))
+        .sum();
+
+    let sim = start_sim(dir.path(), &nodes[0].api, &broker, &key, 60);
+    eventually("the nodes serving devices", || {
+        let s: u64 = nodes.iter().map(|n| num(&status(n), "sessions")).sum();
+        if s >= 40 {
+            Ok(())
+        } else {
+            Err(format!("{s} sessions"))
+        }
+    });
+    // The broker dies and comes back on the same port.
+    drop(mosquitto);
+    mosquitto = MosquittoProc::start(&conf, port);
+    finish_sim(sim, dir.path());
+    // The nodes noticed: their sessions restarted after the broker came back.
+    let restarted_after: u64 = nodes
+        .iter()
+        .map(|n| num(&status(n), "sessions_restarted"))
+        .sum();
+    assert!(
+        restarted_after > restarted_before,
+        "{restarted_before} -> {restarted_after}"
+    );
+    drop(mosquitto);
+}
