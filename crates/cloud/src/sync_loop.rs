@@ -198,6 +198,8 @@ pub(crate) struct SyncLoop {
     /// What this node serves now (see [`SyncParts::serving`]).
     serving: Serving,
     serving_rx: watch::Receiver<Serving>,
+    /// Whether the lease thread may still change what is served.
+    serving_open: bool,
     /// A listing of the devices behind that waits for a store job slot.
     behind_waiting: Option<Serving>,
     wake_others: Option<Box<dyn WakeOthers>>,
@@ -262,6 +264,7 @@ impl SyncLoop {
             serving: serving_now,
             serving_rx: p.serving,
             behind_waiting: None,
+            serving_open: true,
             wake_others: p.wake_others,
             heard: p.heard,
         }
@@ -308,10 +311,11 @@ impl SyncLoop {
                     Some(SyncInput::FeedAdvanced(advanced)) => self.feed_advanced(advanced),
                     None => self.inputs_open = false,
                 },
-                changed = self.serving_rx.changed() => match changed {
+                changed = self.serving_rx.changed(), if self.serving_open => match changed {
                     Ok(()) => self.serving_changed(),
-                    // The lease thread is gone (shutdown): serve nothing more.
-                    Err(_) => stop = true,
+                    // No lease thread (a single node), or it stopped at shutdown: what is
+                    // served stays as it was last told.
+                    Err(_) => self.serving_open = false,
                 },
                 heard = recv_heard(&mut self.heard) => match heard {
                     Some(Heard::Advanced(advanced)) => self.feed_advanced_elsewhere(advanced),
