@@ -12,6 +12,9 @@
 //! serializes writes as the feed's per-device sequence numbers require.
 
 pub mod changes;
+mod encoding;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 
 pub use changes::{

@@ -1,7 +1,7 @@
 //! Unit tests of the SQLite store, against a private in-memory (or temporary file) database.
 
-use super::queries::prefix_end;
 use super::*;
+use crate::store::encoding::prefix_end;
 use crate::store::REVOKED_SECRET_HASH;
 use devtables_schema::Item;
 use devtables_sync::hlc::node_id_for;
