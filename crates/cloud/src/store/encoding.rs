@@ -154,4 +154,17 @@ mod tests {
             ));
         }
     }
+
+    #[test]
+    fn prefix_end_bounds_every_prefix() {
+        assert_eq!(prefix_end("ab"), Some("ac".into()));
+        assert_eq!(prefix_end("a\u{10FFFF}"), Some("b".into()));
+        assert_eq!(prefix_end("\u{10FFFF}"), None);
+        assert_eq!(prefix_end(""), None);
+        assert_eq!(prefix_end("a\u{D7FF}"), Some("a\u{E000}".into()));
+        for (p, s) in [("a", "a\u{10FFFF}z"), ("x#", "x#\u{10FFFF}\u{10FFFF}")] {
+            let end = prefix_end(p).unwrap();
+            assert!(s.starts_with(p) && s >= p && s < end.as_str());
+        }
+    }
 }

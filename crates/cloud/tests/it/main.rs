@@ -17,4 +17,5 @@ mod row_identity;
 #[path = "../../../cli/tests/it/services_gate.rs"]
 mod services_gate;
 mod skipped_rows;
+mod store_contract;
 mod sync_service;

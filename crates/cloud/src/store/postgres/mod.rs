@@ -40,7 +40,9 @@
 //! savepoint of it, so a failing one rolls back alone, and the group's work becomes visible
 //! (and durable) at [`CloudStore::commit_group`]. A group holds its locks until then, so groups
 //! of two processes can wait on each other: PostgreSQL breaks such a deadlock by failing one
-//! statement, whose operation is retried within its savepoint. A connection lost during a
+//! statement; the group's earlier work is then committed at once (sooner than asked, never
+//! later), which releases the locks in the cycle, and the failed operation runs again in a new
+//! group transaction. A connection lost during a
 //! group loses the group (PostgreSQL rolls it back): the operations after the loss commit one by
 //! one on a new connection, and `commit_group` fails, as SQLite's store does when the database
 //! dropped the group on its own.
@@ -350,6 +352,32 @@ impl PostgresStore {
                             "{what}: still meeting deadlocks or serialization failures with \
                              concurrent writers after {MAX_ATTEMPTS} attempts"
                         ))));
+                    }
+                    if grouped {
+                        // The cycle may run through locks the group's earlier operations hold,
+                        // which a retry in the same transaction would meet again: their work
+                        // is committed now (early, which only makes it durable sooner) and a
+                        // new group transaction goes on without those locks.
+                        let (conn, _) = match self.parts() {
+                            Ok(parts) => parts,
+                            Err(e2) => return Err(wrap(e2)),
+                        };
+                        if let Err(e2) = conn.batch(
+                            "committing a group early to retry an operation",
+                            "COMMIT; BEGIN ISOLATION LEVEL READ COMMITTED",
+                        ) {
+                            let closed = conn.failure.take() == Some(Failure::Closed);
+                            if closed {
+                                self.connection_failed();
+                            } else {
+                                let _ = conn.batch("ending a failed group", "ROLLBACK");
+                                self.group = Group::Lost(format!(
+                                    "the group could not be committed early to retry an \
+                                     operation: {e2}"
+                                ));
+                            }
+                            return Err(e);
+                        }
                     }
                     // A short random pause, growing with the attempts, so two operations that
                     // deadlocked do not meet again at once.

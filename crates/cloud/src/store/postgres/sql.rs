@@ -62,7 +62,12 @@ impl Conn {
             || code == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
         {
             self.failure = Some(Failure::Retry);
-        } else if e.is_closed() || self.client.is_closed() {
+        } else if e.is_closed()
+            || self.client.is_closed()
+            // Connection exceptions, and the server ending the session (administrator command,
+            // crash, shutdown): the connection is as good as gone even if not closed yet.
+            || code.is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"))
+        {
             self.failure = Some(Failure::Closed);
             return StoreError::Database(format!(
                 "{what}: the connection to PostgreSQL was lost ({e}); the next operation reconnects"
