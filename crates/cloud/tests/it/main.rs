@@ -12,6 +12,7 @@ mod mtls;
 mod node_id;
 mod openapi;
 mod pg;
+mod postgres;
 mod quotas;
 mod row_identity;
 #[path = "../../../cli/tests/it/services_gate.rs"]

@@ -65,18 +65,3 @@ impl Drop for TestSchema {
         }
     }
 }
-
-/// A store with the schema it lives in: the schema goes when this does (the store first).
-pub struct PgStore {
-    pub store: PostgresStore,
-    pub schema: TestSchema,
-}
-
-/// A store on a fresh schema, or `None` (skipped) when the service tests are off.
-pub fn fresh_store() -> Option<PgStore> {
-    let schema = TestSchema::fresh()?;
-    Some(PgStore {
-        store: schema.store(),
-        schema,
-    })
-}
