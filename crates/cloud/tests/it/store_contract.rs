@@ -190,6 +190,7 @@ contract!(
     api_keys_are_created_listed_revoked_and_looked_up_per_account,
     a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated,
     revoking_with_delete_items_removes_only_that_devices_rows_and_feed,
+    corrupt_rows_are_reported,
     every_row_write_appends_one_change_in_commit_order_with_its_item,
     pages_hold_at_most_limit_and_filters_move_the_cursor_past_what_they_examined,
     a_webhook_starts_at_the_head_and_its_cursor_moves_only_forward_on_success_or_skip,
@@ -2142,4 +2143,39 @@ fn a_webhook_starts_at_the_head_and_its_cursor_moves_only_forward_on_success_or_
     assert!(s.delete_webhook("a", &hook.id).unwrap());
     assert!(!s.record_webhook_attempt(&hook.id, &ok, NOW).unwrap());
     assert_eq!(s.webhook(&hook.id).unwrap(), None);
+}
+
+fn corrupt_rows_are_reported() {
+    let schema = schema();
+    let d1 = dev("a", "d1");
+    let mut s = store(&[&d1]);
+    let (ch, _) = api_put(
+        &mut s,
+        &schema,
+        &mut clock(),
+        NOW,
+        &Owner::Device(d1.clone()),
+        "Down",
+        json!({"deviceId": "d1", "name": "n"}),
+    );
+    // Valid JSON (PostgreSQL's jsonb takes nothing else), but not an item.
+    s.sql("UPDATE items SET item = '[1]'").unwrap();
+    // An unreadable row never stalls the feed: it is reported and skipped.
+    let page = s.read_feed(&d1, 1, 10).unwrap();
+    assert!(page.changes.is_empty());
+    assert_eq!(page.unreadable.len(), 1);
+    assert_eq!(page.unreadable[0].key, ch.key);
+    assert!(
+        page.unreadable[0].reason.contains("JSON"),
+        "{:?}",
+        page.unreadable
+    );
+    s.sql("UPDATE items SET item = '{}', version = 'bad'")
+        .unwrap();
+    assert!(matches!(
+        s.get_item(&Owner::Device(d1.clone()), "Down", &ch.key),
+        Err(StoreError::Corrupt(_))
+    ));
+    s.sql("UPDATE devices SET feed_head = -1").unwrap();
+    assert!(matches!(s.device(&d1), Err(StoreError::Corrupt(_))));
 }

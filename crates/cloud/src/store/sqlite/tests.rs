@@ -426,46 +426,6 @@ fn a_layout_5_file_is_upgraded_with_answered_counts_and_feed_generations_from_ze
     assert_eq!(layout, SCHEMA_VERSION.to_string());
 }
 
-#[test]
-fn corrupt_rows_are_reported() {
-    let schema = schema();
-    let d1 = dev("a", "d1");
-    let mut s = store(&[&d1]);
-    let (ch, _) = api_put(
-        &mut s,
-        &schema,
-        &mut clock(),
-        NOW,
-        &Owner::Device(d1.clone()),
-        "Down",
-        json!({"deviceId": "d1", "name": "n"}),
-    );
-    s.conn
-        .execute("UPDATE items SET item = '{not json'", [])
-        .unwrap();
-    // An unreadable row never stalls the feed: it is reported and skipped.
-    let page = s.read_feed(&d1, 1, 10).unwrap();
-    assert!(page.changes.is_empty());
-    assert_eq!(page.unreadable.len(), 1);
-    assert_eq!(page.unreadable[0].key, ch.key);
-    assert!(
-        page.unreadable[0].reason.contains("JSON"),
-        "{:?}",
-        page.unreadable
-    );
-    s.conn
-        .execute("UPDATE items SET item = '{}', version = 'bad'", [])
-        .unwrap();
-    assert!(matches!(
-        s.get_item(&Owner::Device(d1.clone()), "Down", &ch.key),
-        Err(StoreError::Corrupt(_))
-    ));
-    s.conn
-        .execute("UPDATE devices SET feed_head = -1", [])
-        .unwrap();
-    assert!(matches!(s.device(&d1), Err(StoreError::Corrupt(_))));
-}
-
 /// Rows of `table` that belong to the device.
 
 #[test]
