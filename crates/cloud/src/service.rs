@@ -154,9 +154,10 @@ impl Cloud {
             behind,
             last_version,
             changes_kept,
-        } = tokio::task::spawn_blocking(move || prepare_store(&opening, cluster))
-            .await
-            .map_err(|e| StoreError::Database(format!("opening the store: {e}")))??;
+        } = off_runtime("devtables-store-open", move || {
+            prepare_store(&opening, cluster)
+        })
+        .await??;
 
         // Shared with the broker, which counts its certificate refusals there.
         let status = Arc::new(SyncStatus::default());
@@ -397,7 +398,7 @@ impl Cloud {
             let (heard_tx, heard_rx) = mpsc::channel(256);
             let (lease_options, lease_status, wake_status) =
                 (options.clone(), status.clone(), status.clone());
-            let started = tokio::task::spawn_blocking(move || {
+            let started = off_runtime("devtables-cluster-start", move || {
                 let leases = crate::cluster::leases::LeaseThread::start(
                     lease_options,
                     serving_tx,
@@ -408,8 +409,7 @@ impl Cloud {
                     crate::cluster::wakeups::start(options, heard_tx, wake_status)?;
                 Ok::<_, StartError>((leases, wakeups, threads))
             })
-            .await
-            .map_err(|e| StartError::Config(format!("cluster leases: {e}")))??;
+            .await??;
             let (leases, wakeups, threads) = started;
             tracing::info!(
                 node = %node_name,
@@ -727,6 +727,23 @@ impl Cloud {
             broker.shutdown().await;
         }
     }
+}
+
+/// Runs blocking `f` on a thread of its own and waits for it without blocking the runtime: the
+/// synchronous PostgreSQL client refuses to run on a runtime's threads, the blocking pool's
+/// included.
+async fn off_runtime<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StartError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })?;
+    rx.await
+        .map_err(|_| StartError::Config(format!("the {name} thread panicked")))
 }
 
 /// The store, opened and read before the service starts.

@@ -19,6 +19,7 @@ mod scenarios;
 mod schema_cmd;
 mod schema_upgrade;
 mod services;
+mod services_gate;
 mod sim;
 
 use std::path::{Path, PathBuf};

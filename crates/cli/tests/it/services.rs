@@ -3,28 +3,13 @@
 //! each test prints a `SKIPPED` line and returns, so a run without the services says so instead
 //! of looking green.
 
-use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
 use super::harness::BrokerChoice;
 use super::scenarios;
 
-/// Whether the service suites are on; when they are off, says that this test is skipped.
-/// Rust's test harness has no skip status and captures what the print macros write, so the line
-/// goes to the stderr handle itself, which the harness leaves alone: it shows in every run.
-pub(super) fn services_on() -> bool {
-    if std::env::var_os("DEVTABLES_SERVICES").is_some() {
-        return true;
-    }
-    let thread = std::thread::current();
-    let name = thread.name().unwrap_or("services::<unnamed test>");
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {name}: DEVTABLES_SERVICES not set"
-    );
-    false
-}
+pub(super) use super::services_gate::services_on;
 
 /// The Mosquitto address when the service suites are on; None (skipped) when they are off.
 fn mosquitto() -> Option<String> {

@@ -3,15 +3,22 @@
 //! ([`changes`]).
 //!
 //! It sits behind the [`CloudStore`] trait so the service does not know which database it talks
-//! to: SQLite ([`sqlite::SqliteStore`]) is the embedded default; PostgreSQL follows as the
-//! production store. Every replication rule (which write wins, who may write what) lives in
-//! `devtables_sync::apply`; a store only provides the transaction ([`devtables_sync::apply::CloudTxn`])
-//! those rules run in, and the queries the service and the HTTP API need.
+//! to: SQLite ([`sqlite::SqliteStore`]) is the embedded default; PostgreSQL (`postgres`, behind
+//! the default `postgres` feature) is the production store, which several cloud processes may
+//! share. Every replication rule (which write wins, who may write what) lives in
+//! `devtables_sync::apply`; a store only provides the transaction
+//! ([`devtables_sync::apply::CloudTxn`]) those rules run in, and the queries the service and the
+//! HTTP API need. `encoding` is what both stores decode and check the same way.
 //!
-//! The trait is synchronous: the service runs the store on one dedicated thread, which also
-//! serializes writes as the feed's per-device sequence numbers require.
+//! The trait is synchronous: the service runs the store on one dedicated thread. For SQLite that
+//! thread is also the one writer the feed's per-device sequence numbers and the change log's
+//! order rely on; the PostgreSQL store keeps them with row and advisory locks instead, so it
+//! stays correct with several processes (several store instances) writing at once.
 
 pub mod changes;
+mod encoding;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 
 /// Opens the store a cloud configuration names: SQLite's `cloud.db` in its data folder, or

@@ -1,7 +1,9 @@
-//! The store-conformance suite against the SQLite cloud store, in memory and in a file, so the
-//! store the service runs keeps the same contract as the simulation's stores; and the change-log
-//! suite, which only the stores that serve backends keep.
+//! The store-conformance suite against the SQLite cloud store, in memory and in a file, and
+//! against the PostgreSQL store (a fresh schema per check; a service test), so the stores the
+//! service runs keep the same contract as the simulation's stores; and the change-log suite,
+//! which only the stores that serve backends keep.
 
+use devtables_cloud::store::postgres::PostgresStore;
 use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
 use devtables_cloud::store::{
     ChangeOp, ChangeQuery, ChangeRead, ChangeRetention, CloudStore, Retention, StoreError,
@@ -16,13 +18,65 @@ use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage};
 use devtables_sync::hlc::Hlc;
 use devtables_sync::identity::{DeviceId, Owner};
 
-struct Sqlite {
-    store: SqliteStore,
-    /// Keeps the file store's directory alive.
-    _dir: Option<tempfile::TempDir>,
+use super::pg::TestSchema;
+use super::services_gate::services_on;
+
+/// What the suite needs of a store beyond [`CloudStore`]: its conformance hooks.
+trait Hooks: CloudStore {
+    fn txn<R>(
+        &mut self,
+        now_ms: u64,
+        commit: bool,
+        f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError>;
+    fn new_run(&mut self);
+    fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError>;
 }
 
-impl CloudStoreUnderTest for Sqlite {
+impl Hooks for SqliteStore {
+    fn txn<R>(
+        &mut self,
+        now_ms: u64,
+        commit: bool,
+        f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.conformance_txn(now_ms, commit, f)
+    }
+    fn new_run(&mut self) {
+        self.conformance_new_run();
+    }
+    fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+        self.conformance_push_counts(id)
+    }
+}
+
+impl Hooks for PostgresStore {
+    fn txn<R>(
+        &mut self,
+        now_ms: u64,
+        commit: bool,
+        f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.conformance_txn(now_ms, commit, f)
+    }
+    fn new_run(&mut self) {
+        self.conformance_new_run();
+    }
+    fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
+        self.conformance_push_counts(id)
+    }
+}
+
+/// A store under the suite, with what must outlive it (a file store's directory, a PostgreSQL
+/// store's schema); the store is dropped first.
+struct Under<S> {
+    store: S,
+    _keep: Option<Box<dyn std::any::Any>>,
+}
+
+type Sqlite = Under<SqliteStore>;
+
+impl<S: Hooks> CloudStoreUnderTest for Under<S> {
     type Error = StoreError;
     fn txn<R>(
         &mut self,
@@ -30,7 +84,7 @@ impl CloudStoreUnderTest for Sqlite {
         commit: bool,
         f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        self.store.conformance_txn(now_ms, commit, f)
+        self.store.txn(now_ms, commit, f)
     }
     fn register_device(&mut self, id: &DeviceId, now_ms: u64) -> Result<(), StoreError> {
         self.store
@@ -62,14 +116,14 @@ impl CloudStoreUnderTest for Sqlite {
         Ok(self.store.purge(now_ms, &retention)?.tombstones)
     }
     fn new_run(&mut self) -> Result<(), StoreError> {
-        self.store.conformance_new_run();
+        self.store.new_run();
         Ok(())
     }
     fn max_version(&mut self) -> Result<Option<Hlc>, StoreError> {
         self.store.max_version()
     }
     fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
-        let counts = self.store.conformance_push_counts(id)?;
+        let counts = self.store.push_counts(id)?;
         // The device record the API shows carries the same counters.
         let d = self
             .store
@@ -87,7 +141,7 @@ impl CloudStoreUnderTest for Sqlite {
     }
 }
 
-impl ChangeLogUnderTest for Sqlite {
+impl<S: Hooks> ChangeLogUnderTest for Under<S> {
     fn changes(
         &mut self,
         account: &str,
@@ -142,7 +196,7 @@ impl ChangeLogUnderTest for Sqlite {
 fn in_memory() -> Sqlite {
     Sqlite {
         store: SqliteStore::open_in_memory().expect("in-memory store"),
-        _dir: None,
+        _keep: None,
     }
 }
 
@@ -152,7 +206,7 @@ fn in_a_file() -> Sqlite {
         .expect("file store");
     Sqlite {
         store,
-        _dir: Some(dir),
+        _keep: Some(Box::new(dir)),
     }
 }
 
@@ -166,7 +220,7 @@ fn sqlite_keeps_the_change_log_contract() {
 fn sqlite_in_memory_conforms() {
     run_cloud_suite(|| Sqlite {
         store: SqliteStore::open_in_memory().expect("in-memory store"),
-        _dir: None,
+        _keep: None,
     });
 }
 
@@ -178,7 +232,32 @@ fn sqlite_file_conforms() {
             .expect("file store");
         Sqlite {
             store,
-            _dir: Some(dir),
+            _keep: Some(Box::new(dir)),
         }
     });
+}
+
+/// A PostgreSQL store on a fresh schema of its own.
+fn on_postgres() -> Under<PostgresStore> {
+    let schema = TestSchema::fresh().expect("the service tests are on");
+    Under {
+        store: schema.store(),
+        _keep: Some(Box::new(schema)),
+    }
+}
+
+#[test]
+fn postgres_conforms() {
+    if !services_on() {
+        return;
+    }
+    run_cloud_suite(on_postgres);
+}
+
+#[test]
+fn postgres_keeps_the_change_log_contract() {
+    if !services_on() {
+        return;
+    }
+    run_change_log_suite(on_postgres);
 }

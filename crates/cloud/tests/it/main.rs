@@ -1,5 +1,6 @@
 //! The cloud's integration tests: one binary (`cargo test -p devtables-cloud --test it`), real
-//! TCP, the real embedded broker (rmqtt), the real SQLite store, and the store-conformance suite.
+//! TCP, the real embedded broker (rmqtt), the real SQLite store, the real PostgreSQL store (with
+//! `DEVTABLES_SERVICES` set: `pg`), and the store-conformance suite on both.
 
 mod api_keys;
 mod changes;
@@ -10,7 +11,12 @@ mod metrics;
 mod mtls;
 mod node_id;
 mod openapi;
+mod pg;
+mod postgres;
 mod quotas;
 mod row_identity;
+#[path = "../../../cli/tests/it/services_gate.rs"]
+mod services_gate;
 mod skipped_rows;
+mod store_contract;
 mod sync_service;

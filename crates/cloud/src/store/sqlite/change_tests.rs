@@ -1,11 +1,11 @@
-//! Unit tests of the SQLite store's change log and webhooks: what a write appends, what a read
-//! returns after a cursor and with filters, what retention removes and tells, and how a webhook's
-//! cursor moves.
+//! Unit tests of the SQLite store's change log that need the SQLite store itself (its
+//! conformance transaction, a reopened file, an older layout). What every store keeps (what a
+//! write appends, pages and filters, webhook cursors) is checked on SQLite and PostgreSQL alike
+//! in `crates/cloud/tests/it/store_contract.rs`.
 
-use super::tests::{api_put, clock, dev, put, schema, store, ver, NOW, RULES};
+use super::tests::{clock, dev, put, schema, store, ver, NOW, RULES};
 use super::*;
-use crate::store::{ChangeEvent, ChangeOp, ChangePage};
-use devtables_sync::wire::{hlc_to_string, Op};
+use crate::store::ChangePage;
 use serde_json::json;
 
 fn query(account: &str, after: u64) -> ChangeQuery {
@@ -31,136 +31,21 @@ fn page(s: &mut SqliteStore, q: &ChangeQuery) -> ChangePage {
     }
 }
 
-/// (op, device, model, sk, item's `v`) of one change: what a reader learns.
-type Seen<'a> = (ChangeOp, Option<&'a str>, &'a str, &'a str, Option<i64>);
-
-fn seen(changes: &[ChangeEvent]) -> Vec<Seen<'_>> {
-    changes
-        .iter()
-        .map(|c| {
-            (
-                c.op,
-                c.device.as_deref(),
-                c.model.as_str(),
-                c.key.sk.as_str(),
-                c.item
-                    .as_ref()
-                    .and_then(|i| i.get("v"))
-                    .and_then(|v| v.as_i64()),
-            )
-        })
-        .collect()
-}
-
-fn del(change: &Change, version: Hlc) -> Change {
-    Change {
-        op: Op::Delete,
-        item: None,
-        version,
-        base: Some(change.version),
-        ..change.clone()
-    }
-}
-
-#[test]
-fn every_row_write_appends_one_change_in_commit_order_with_its_item() {
+/// Writes `n` changes of `model` for d1 (items named `{model}{i}`), one push each.
+fn write_n(s: &mut SqliteStore, model: &str, n: u64, at: u64) {
     let schema = schema();
-    let (d1, x1) = (dev("a", "d1"), dev("b", "x1"));
-    let mut s = store(&[&d1, &x1]);
+    let d1 = dev("a", "d1");
     let mut c = clock();
-    let up = put(
-        &schema,
-        "Up",
-        json!({"deviceId": "d1", "name": "u", "v": 1}),
-        ver(NOW, 7),
-    );
-    let both = put(
-        &schema,
-        "Both",
-        json!({"deviceId": "d1", "name": "b", "v": 2}),
-        ver(NOW + 1, 7),
-    );
-    s.apply_push(
-        &schema,
-        &mut c,
-        NOW,
-        RULES,
-        &d1,
-        &[up.clone(), both.clone()],
-    )
-    .unwrap();
-    let (down, _) = api_put(
-        &mut s,
-        &schema,
-        &mut c,
-        NOW + 2,
-        &Owner::Device(d1.clone()),
-        "Down",
-        json!({"deviceId": "d1", "name": "w", "v": 3}),
-    );
-    api_put(
-        &mut s,
-        &schema,
-        &mut c,
-        NOW + 3,
-        &Owner::Account("a".into()),
-        "Bcast",
-        json!({"name": "f", "v": 4}),
-    );
-    s.apply_push(
-        &schema,
-        &mut c,
-        NOW + 4,
-        RULES,
-        &d1,
-        &[del(&up, ver(NOW + 4, 7))],
-    )
-    .unwrap();
-    // Another account's write is not in this account's log.
-    let other = put(
-        &schema,
-        "Both",
-        json!({"deviceId": "x1", "name": "b", "v": 9}),
-        ver(NOW, 8),
-    );
-    s.apply_push(&schema, &mut c, NOW, RULES, &x1, &[other])
-        .unwrap();
-
-    let p = page(&mut s, &query("a", 0));
-    assert_eq!(
-        seen(&p.changes),
-        vec![
-            (ChangeOp::Put, Some("d1"), "Up", "x#u", Some(1)),
-            (ChangeOp::Put, Some("d1"), "Both", "x#b", Some(2)),
-            (ChangeOp::Put, Some("d1"), "Down", "x#w", Some(3)),
-            (ChangeOp::Put, None, "Bcast", "x#f", Some(4)),
-            (ChangeOp::Delete, Some("d1"), "Up", "x#u", None),
-        ]
-    );
-    let seqs: Vec<u64> = p.changes.iter().map(|c| c.seq).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    assert_eq!((p.next, p.head), (seqs[4], seqs[4]));
-    assert_eq!(p.changes[0].version, up.version);
-    assert_eq!(
-        p.changes[2].version, down.version,
-        "the API write's own version"
-    );
-    assert_eq!(p.changes[0].at_ms, NOW);
-    assert!(p.changes.iter().all(|c| c.account == "a"));
-    // The JSON a reader gets: key as an object, version as text, no item on a delete.
-    let event = serde_json::to_value(&p.changes[4]).unwrap();
-    assert_eq!(event["key"], json!({"pk": "d#d1", "sk": "x#u"}));
-    assert_eq!(event["version"], hlc_to_string(ver(NOW + 4, 7)));
-    assert_eq!(event["op"], "delete");
-    assert!(event.get("item").is_none(), "{event}");
-
-    let b = page(&mut s, &query("b", 0));
-    assert_eq!(b.changes.len(), 1);
-    assert!(b.changes[0].seq > seqs[4], "one sequence across accounts");
-    // Reading from the last seen sequence gives nothing more, and the hint is the head.
-    let rest = page(&mut s, &query("a", seqs[4]));
-    assert!(rest.changes.is_empty());
-    assert_eq!(s.change_head_hint(), b.changes[0].seq);
+    for i in 0..n {
+        let ch = put(
+            &schema,
+            model,
+            json!({"deviceId": "d1", "name": format!("{}{i}", model.to_lowercase()), "v": i}),
+            ver(at + i, 7),
+        );
+        s.apply_push(&schema, &mut c, at + i, RULES, &d1, &[ch])
+            .unwrap();
+    }
 }
 
 #[test]
@@ -225,76 +110,6 @@ fn only_writes_that_store_a_row_append_and_a_rollback_appends_nothing() {
         .apply_push(&schema, &mut c, NOW, RULES, &d1, &[late])
         .is_err());
     assert_eq!(page(&mut s, &query("a", 0)).changes.len(), 1);
-}
-
-/// Writes `n` changes of `model` for d1 (items named `{model}{i}`), one push each.
-fn write_n(s: &mut SqliteStore, model: &str, n: u64, at: u64) {
-    let schema = schema();
-    let d1 = dev("a", "d1");
-    let mut c = clock();
-    for i in 0..n {
-        let ch = put(
-            &schema,
-            model,
-            json!({"deviceId": "d1", "name": format!("{}{i}", model.to_lowercase()), "v": i}),
-            ver(at + i, 7),
-        );
-        s.apply_push(&schema, &mut c, at + i, RULES, &d1, &[ch])
-            .unwrap();
-    }
-}
-
-#[test]
-fn pages_hold_at_most_limit_and_filters_move_the_cursor_past_what_they_examined() {
-    let d1 = dev("a", "d1");
-    let mut s = store(&[&d1]);
-    write_n(&mut s, "Both", 10, NOW);
-    write_n(&mut s, "Up", 1, NOW + 100);
-    let all = page(&mut s, &query("a", 0));
-    assert_eq!(all.changes.len(), 11);
-    let up_seq = all.changes[10].seq;
-
-    // Pages of 4: the cursor is the last change returned.
-    let mut q = query("a", 0);
-    q.limit = 4;
-    let mut got = Vec::new();
-    loop {
-        let p = page(&mut s, &q);
-        assert!(p.changes.len() <= 4);
-        got.extend(p.changes.iter().map(|c| c.seq));
-        if p.changes.is_empty() {
-            assert_eq!(p.next, q.after, "an empty page stays where it was");
-            break;
-        }
-        q.after = p.next;
-    }
-    assert_eq!(got, all.changes.iter().map(|c| c.seq).collect::<Vec<_>>());
-
-    // A model filter that matches only the last entry, examining 3 entries a read: empty
-    // pages whose cursor moves 3 entries on, then the match.
-    let mut q = query("a", 0);
-    q.model = Some("Up".into());
-    q.scan = 3;
-    let mut reads = 0;
-    let found = loop {
-        let p = page(&mut s, &q);
-        reads += 1;
-        if let Some(c) = p.changes.first() {
-            break c.clone();
-        }
-        assert!(p.next > q.after, "an empty filtered read moves on");
-        q.after = p.next;
-    };
-    assert_eq!((found.seq, found.model.as_str()), (up_seq, "Up"));
-    assert_eq!(reads, 4, "11 entries, 3 examined a read");
-    // A device filter: d1's changes, none for another device.
-    let mut q = query("a", 0);
-    q.device = Some("d1".into());
-    assert_eq!(page(&mut s, &q).changes.len(), 11);
-    q.device = Some("d2".into());
-    let p = page(&mut s, &q);
-    assert!(p.changes.is_empty());
-    assert_eq!(p.next, p.head, "everything examined");
 }
 
 #[test]
@@ -371,83 +186,6 @@ fn retention_by_count_and_age_expires_older_cursors_and_never_reuses_a_sequence(
     let p = page(&mut s, &query("a", seqs[4]));
     assert_eq!(p.changes.len(), 1);
     assert!(p.changes[0].seq > seqs[4]);
-}
-
-#[test]
-fn a_webhook_starts_at_the_head_and_its_cursor_moves_only_forward_on_success_or_skip() {
-    let d1 = dev("a", "d1");
-    let mut s = store(&[&d1]);
-    write_n(&mut s, "Both", 2, NOW);
-    let head = page(&mut s, &query("a", 0)).head;
-    let new = |after| NewWebhook {
-        account: "a".into(),
-        url: "http://127.0.0.1:9/hook".into(),
-        model: Some("Up".into()),
-        secret: "whsec_test".into(),
-        after,
-    };
-    let hook = s.create_webhook(&new(None), NOW).unwrap();
-    assert_eq!(hook.cursor, head, "only changes from now on");
-    assert_eq!(hook.id.len(), 16);
-    let from_start = s.create_webhook(&new(Some(0)), NOW).unwrap();
-    assert_eq!(from_start.cursor, 0);
-    assert_eq!(s.webhooks(Some("a")).unwrap().len(), 2);
-    assert!(s.webhooks(Some("b")).unwrap().is_empty());
-
-    // Nothing of its model is pending; an Up change is.
-    assert_eq!(s.webhook_pending_since(&hook, 100).unwrap(), None);
-    write_n(&mut s, "Up", 1, NOW + 50);
-    assert_eq!(s.webhook_pending_since(&hook, 100).unwrap(), Some(NOW + 50));
-
-    let fail = WebhookAttempt::Failed {
-        status: Some(503),
-        error: "HTTP 503".into(),
-    };
-    assert!(s.record_webhook_attempt(&hook.id, &fail, NOW + 60).unwrap());
-    assert!(s.record_webhook_attempt(&hook.id, &fail, NOW + 61).unwrap());
-    let h = s.webhook(&hook.id).unwrap().unwrap();
-    assert_eq!(
-        (
-            h.cursor,
-            h.failures,
-            h.failures_total,
-            h.last_status,
-            h.last_error.as_deref()
-        ),
-        (head, 2, 2, Some(503), Some("HTTP 503"))
-    );
-    let up_head = page(&mut s, &query("a", 0)).head;
-    let ok = WebhookAttempt::Delivered {
-        status: 204,
-        cursor: up_head,
-        changes: 1,
-        gap: false,
-    };
-    assert!(s.record_webhook_attempt(&hook.id, &ok, NOW + 70).unwrap());
-    let h = s.webhook(&hook.id).unwrap().unwrap();
-    assert_eq!(
-        (
-            h.cursor,
-            h.failures,
-            h.failures_total,
-            h.deliveries,
-            h.changes_delivered
-        ),
-        (up_head, 0, 2, 1, 1)
-    );
-    assert_eq!((h.last_error, h.last_success_ms), (None, Some(NOW + 70)));
-    // Never back: a stale skip does not move it.
-    s.record_webhook_attempt(&hook.id, &WebhookAttempt::Skipped { cursor: 1 }, NOW)
-        .unwrap();
-    assert_eq!(s.webhook(&hook.id).unwrap().unwrap().cursor, up_head);
-
-    assert!(
-        !s.delete_webhook("b", &hook.id).unwrap(),
-        "another account's"
-    );
-    assert!(s.delete_webhook("a", &hook.id).unwrap());
-    assert!(!s.record_webhook_attempt(&hook.id, &ok, NOW).unwrap());
-    assert_eq!(s.webhook(&hook.id).unwrap(), None);
 }
 
 #[test]

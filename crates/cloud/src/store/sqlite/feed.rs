@@ -5,15 +5,15 @@
 //! ([`row_change`]), and both must report an unreadable row instead of stalling on it.
 
 use devtables_schema::{ItemKey, Schema};
-use devtables_sync::cloud::{
-    FeedGeneration, FeedPage, SnapshotCursor, SnapshotPage, UnreadableRow, MAX_FEED_GENERATIONS,
-};
+use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage, UnreadableRow};
 use devtables_sync::identity::DeviceId;
 use devtables_sync::wire::{Change, Op};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::super::StoreError;
 use super::sql::{db, parse_item, parse_version, read_txn, sql_int};
+pub(super) use crate::store::encoding::oldest_generations_dropped;
+use crate::store::encoding::parse_generations;
 
 /// The change a feed or snapshot delivers for a row in its current state.
 fn row_change(
@@ -43,37 +43,6 @@ fn row_change(
         version,
         base: None,
     })
-}
-
-/// The generations of a feed as `devices.feed_generations` holds them: `gen:base` pairs, oldest
-/// first, separated by commas.
-fn parse_generations(text: &str) -> Result<Vec<FeedGeneration>, StoreError> {
-    text.split(',')
-        .map(|pair| {
-            let bad = || StoreError::Corrupt(format!("devices.feed_generations {text:?}"));
-            let (gen, base) = pair.split_once(':').ok_or_else(bad)?;
-            Ok(FeedGeneration {
-                gen: gen.parse().map_err(|_| bad())?,
-                base: base.parse().map_err(|_| bad())?,
-            })
-        })
-        .collect()
-}
-
-/// The generations text to store instead of `text` when it holds more than
-/// [`MAX_FEED_GENERATIONS`] (the oldest dropped), or `None` when it is within the bound.
-pub(super) fn oldest_generations_dropped(text: &str) -> Result<Option<String>, StoreError> {
-    let gens = parse_generations(text)?;
-    if gens.len() <= MAX_FEED_GENERATIONS {
-        return Ok(None);
-    }
-    let kept = &gens[gens.len() - MAX_FEED_GENERATIONS..];
-    Ok(Some(
-        kept.iter()
-            .map(|g| format!("{}:{}", g.gen, g.base))
-            .collect::<Vec<_>>()
-            .join(","),
-    ))
 }
 
 /// A page of `device`'s feed after cursor `after` (see [`CloudStore::read_feed`]).

@@ -2,8 +2,8 @@
 //! conflict log.
 //!
 //! It exists because these reads take input from API callers: the filter field names are
-//! checked ([`valid_field`]), the page tokens are opaque and refused when forged
-//! ([`decode_token`]), and a key prefix becomes an exact range ([`prefix_end`]).
+//! checked, the page tokens are opaque and refused when forged, and a key prefix becomes an
+//! exact range (the rules are `crate::store::encoding`'s, shared with the PostgreSQL store).
 
 use devtables_schema::ItemKey;
 use devtables_sync::identity::Owner;
@@ -12,6 +12,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
 use super::super::{ConflictRecord, ItemPage, ItemQuery, StoreError, StoredItem};
 use super::sql::{db, owner_cols, parse_item, parse_version, sql_int};
+use crate::store::encoding::{check_filter_field, decode_token, encode_token, prefix_end};
 
 /// Most items one [`CloudStore::query_items`] page returns.
 ///
@@ -61,42 +62,6 @@ impl RawItem {
     }
 }
 
-/// The smallest string greater than every string that starts with `prefix` (`None`: no bound).
-///
-/// Text compares by UTF-8 bytes, which is code point order, so the successor is the prefix with
-/// its trailing U+10FFFF characters dropped and its last other character incremented.
-pub(super) fn prefix_end(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = match last as u32 {
-            0xD7FF => Some('\u{E000}'),
-            c => char::from_u32(c + 1),
-        };
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
-}
-
-/// Whether a query filter names a plain top-level field.
-fn valid_field(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-fn encode_token(device: &str, pk: &str, sk: &str) -> Result<String, StoreError> {
-    serde_json::to_vec(&(device, pk, sk))
-        .map(hex::encode)
-        .map_err(|e| StoreError::Database(format!("encoding a page token: {e}")))
-}
-
-fn decode_token(token: &str) -> Result<(String, String, String), StoreError> {
-    let bad = || StoreError::BadQuery("the next token is not one this service issued".to_string());
-    let bytes = hex::decode(token).map_err(|_| bad())?;
-    serde_json::from_slice(&bytes).map_err(|_| bad())
-}
-
 pub(super) fn get_item(
     conn: &Connection,
     owner: &Owner,
@@ -140,11 +105,7 @@ pub(super) fn query_items(conn: &Connection, query: &ItemQuery) -> Result<ItemPa
         }
     }
     for (field, value) in &query.filters {
-        if !valid_field(field) {
-            return Err(StoreError::BadQuery(format!(
-                "filter field {field:?} must be a top-level field name of letters, digits and '_'"
-            )));
-        }
+        check_filter_field(field)?;
         let path = Value::Text(format!("$.\"{field}\""));
         match value {
             serde_json::Value::String(s) => {
