@@ -156,11 +156,14 @@ fn finish_sim(sim: Child, dir: &Path) -> Value {
     let written = report["up_written"].as_u64().unwrap();
     assert!(written > 0, "{report}");
     // Every acknowledged write is in the store exactly once: the devices' `changes_applied`
-    // (counted by the store in each push's transaction) equal the writes acknowledged.
+    // (counted by the store in each push's transaction) equal the writes acknowledged, up
+    // writes and the devices' command results.
     assert_eq!(report["up_acked"].as_u64(), Some(written), "{stdout}");
+    let results = report["commands_done"].as_u64().unwrap();
+    assert_eq!(report["commands_sent"].as_u64(), Some(results), "{stdout}");
     assert_eq!(
         report["cloud_counts"]["device_changes_applied"].as_u64(),
-        Some(written),
+        Some(written + results),
         "{stdout}"
     );
     // Every device holds the cloud's writes: down writes, broadcasts, commands.
