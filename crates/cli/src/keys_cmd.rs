@@ -33,6 +33,10 @@ struct Target {
     /// With --database: the cloud's `database_schema`.
     #[arg(long, default_value = "devtables", requires = "database")]
     database_schema: String,
+    /// With --database: TLS to it, checking the server against this CA (the cloud's
+    /// `database_tls.ca`).
+    #[arg(long, requires = "database")]
+    database_ca: Option<PathBuf>,
     /// The account the keys belong to.
     #[arg(long)]
     account: String,
@@ -92,6 +96,10 @@ fn open(target: &Target) -> anyhow::Result<Box<dyn CloudStore>> {
                 url: url.clone(),
                 schema: target.database_schema.clone(),
             };
+            c.database_tls = target
+                .database_ca
+                .as_ref()
+                .map(devtables_cloud::tls::ClientTls::new);
             c
         }
         (Some(data), None) => {

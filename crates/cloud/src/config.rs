@@ -62,6 +62,9 @@ pub struct CloudConfig {
     pub data_dir: PathBuf,
     /// Where the items live: SQLite in `data_dir` (the default) or PostgreSQL.
     pub database: DatabaseChoice,
+    /// With PostgreSQL: TLS to the server, checked against this CA (required when set).
+    /// Default none: clear text, warned about when the server is not on the loopback.
+    pub database_tls: Option<crate::tls::ClientTls>,
     /// With PostgreSQL and an external broker: how the nodes of a scaled-out cloud share the
     /// devices (docs/scale-out.md).
     pub cluster: ClusterConfig,
@@ -342,6 +345,7 @@ impl CloudConfig {
         CloudConfig {
             data_dir: data_dir.into(),
             database: DatabaseChoice::Sqlite,
+            database_tls: None,
             cluster: ClusterConfig::default(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_tls: None,
@@ -511,6 +515,10 @@ pub struct CloudFile {
     /// With PostgreSQL: the schema holding devtables' tables (default `devtables`).
     #[serde(default)]
     pub database_schema: Option<String>,
+    /// `{ca, server_name, client_cert, client_key}`: TLS to PostgreSQL, the server checked
+    /// against `ca` (required when set; the same block as `external_broker_tls`).
+    #[serde(default)]
+    pub database_tls: Option<ClientTlsFile>,
     /// Partitions of a scaled-out cloud (default 64; the same on every node).
     #[serde(default)]
     pub cluster_partitions: Option<u32>,
@@ -858,6 +866,12 @@ impl CloudFile {
                     "database {shown:?} is neither 'sqlite' nor a postgres:// URL"
                 ));
             }
+        }
+        if let Some(tls) = &file.database_tls {
+            if config.database == DatabaseChoice::Sqlite {
+                return Err("database_tls is set but the database is SQLite (a file)".into());
+            }
+            config.database_tls = Some(tls.resolve(dir).map_err(|e| format!("database_tls: {e}"))?);
         }
         if let Some(n) = file.cluster_partitions {
             config.cluster.partitions = n;

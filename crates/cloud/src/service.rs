@@ -393,6 +393,7 @@ impl Cloud {
                 partitions: config.cluster.partitions,
                 lease: config.cluster.lease,
                 connect_timeout: std::time::Duration::from_secs(10),
+                tls: crate::store::postgres_tls(&config)?,
             };
             serving_tx.send_replace(Serving::nothing(config.cluster.partitions));
             let (heard_tx, heard_rx) = mpsc::channel(256);

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls};
+use postgres::Client;
 use tokio::sync::watch;
 
 use super::{plan, Lease, Serving};
@@ -38,6 +38,8 @@ pub struct LeaseOptions {
     /// How long a lease runs without renewal: the longest a dead node's devices wait.
     pub lease: Duration,
     pub connect_timeout: Duration,
+    /// TLS to PostgreSQL, as the store's.
+    pub tls: Option<crate::store::postgres::PostgresTls>,
 }
 
 /// Why the leases could not start.
@@ -440,6 +442,6 @@ impl Node {
 pub(crate) fn connect(options: &LeaseOptions) -> Result<Client, postgres::Error> {
     let mut config: postgres::Config = options.url.parse()?;
     config.connect_timeout(options.connect_timeout);
-    config.application_name(&format!("devtables-cloud {} leases", options.node));
-    config.connect(NoTls)
+    config.application_name(&format!("devtables-cloud {}", options.node));
+    crate::store::postgres::tls::connect(&config, options.tls.as_ref())
 }

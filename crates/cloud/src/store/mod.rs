@@ -21,6 +21,22 @@ mod encoding;
 pub mod postgres;
 pub mod sqlite;
 
+/// The rustls settings of a configuration's `database_tls` (none without it).
+#[cfg(all(feature = "service", feature = "postgres"))]
+pub fn postgres_tls(
+    config: &crate::config::CloudConfig,
+) -> Result<Option<postgres::PostgresTls>, StoreError> {
+    config
+        .database_tls
+        .as_ref()
+        .map(|tls| {
+            crate::tls::client_config(tls)
+                .map(|c| postgres::PostgresTls(std::sync::Arc::new(c)))
+                .map_err(|e| StoreError::Database(format!("database_tls: {e}")))
+        })
+        .transpose()
+}
+
 /// Opens the store a cloud configuration names: SQLite's `cloud.db` in its data folder, or
 /// PostgreSQL. Blocking; with PostgreSQL it must not run on an async runtime's thread.
 #[cfg(feature = "service")]
@@ -43,6 +59,7 @@ pub fn open_configured(
                 postgres::PostgresOptions {
                     schema: schema.clone(),
                     quotas: config.quotas,
+                    tls: postgres_tls(config)?,
                     ..postgres::PostgresOptions::default()
                 },
             )?))

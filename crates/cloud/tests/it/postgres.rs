@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use devtables_cloud::store::postgres::{PostgresStore, LAYOUT_VERSION};
+use devtables_cloud::store::postgres::{
+    PostgresOptions, PostgresStore, PostgresTls, LAYOUT_VERSION,
+};
 use devtables_cloud::store::{ChangeQuery, ChangeRead, CloudStore, StoreError};
 use devtables_sync::apply::CloudOp;
 use devtables_sync::hlc::{node_id_for, Hlc, HlcClock};
@@ -437,4 +439,66 @@ fn a_terminated_connection_fails_one_operation_and_the_next_reconnects() {
     assert_eq!(store.device(&d).unwrap().unwrap().changes_applied, 0);
     push(&mut store, &mut clock, "kept", NOW + 1).unwrap();
     assert_eq!(store.device(&d).unwrap().unwrap().changes_applied, 1);
+}
+
+/// The server's certificate as the test trusts it: Debian's PostgreSQL serves the snakeoil
+/// certificate (`ssl = on`, `CN = localhost`), which is its own CA.
+const SERVER_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+fn tls_to(ca: &std::path::Path) -> Result<PostgresTls, String> {
+    let tls = devtables_tls::ClientTls {
+        server_name: Some("localhost".into()),
+        ..devtables_tls::ClientTls::new(ca)
+    };
+    devtables_tls::client_config(&tls)
+        .map(|c| PostgresTls(std::sync::Arc::new(c)))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn with_database_tls_every_connection_is_encrypted_and_a_wrong_ca_is_refused() {
+    let Some(test_schema) = TestSchema::fresh() else {
+        return;
+    };
+    let sep = if url().contains('?') { '&' } else { '?' };
+    let app_url = format!("{}{sep}application_name={}", url(), test_schema.name);
+    let options = PostgresOptions {
+        tls: Some(tls_to(std::path::Path::new(SERVER_CERT)).unwrap()),
+        ..test_schema.options()
+    };
+    let mut store = PostgresStore::connect(&app_url, options)
+        .unwrap_or_else(|e| panic!("a TLS connection to the test server ({SERVER_CERT}): {e}"));
+    store
+        .register_device(&DeviceId::new("acme", "tls").unwrap(), "h", None, 1)
+        .unwrap();
+    let mut c = client();
+    let pid = backend_of(&mut c, &test_schema.name);
+    let (ssl, version): (bool, Option<String>) = c
+        .query_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = $1",
+            &[&pid],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(ssl, "the store's connection is TLS ({version:?})");
+    // A CA the server's certificate does not chain to: refused, nothing in clear text.
+    let dir = tempfile::tempdir().unwrap();
+    let other = devtables_tls::test_pki::TestCa::new("not the server's CA");
+    let wrong = other.write_ca(dir.path(), "ca.pem");
+    let refused = PostgresStore::connect(
+        &url(),
+        PostgresOptions {
+            tls: Some(tls_to(&wrong).unwrap()),
+            ..test_schema.options()
+        },
+    )
+    .err()
+    .expect("a server whose certificate does not chain to the CA is refused")
+    .to_string();
+    assert!(
+        refused.to_lowercase().contains("certificate")
+            || refused.to_lowercase().contains("tls")
+            || refused.contains("error performing TLS"),
+        "{refused}"
+    );
 }

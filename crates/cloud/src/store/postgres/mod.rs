@@ -68,6 +68,7 @@ mod purge;
 mod queries;
 mod quota;
 mod sql;
+pub mod tls;
 mod txn;
 mod webhooks;
 
@@ -87,6 +88,7 @@ use super::{
     PurgeStats, Retention, StatusUpdate, StoreError, StoredItem, WebhookAttempt, WebhookRecord,
 };
 use sql::{Conn, Failure};
+pub use tls::PostgresTls;
 
 pub use layout::LAYOUT_VERSION;
 
@@ -102,6 +104,9 @@ pub struct PostgresOptions {
     pub quotas: DeviceQuotas,
     /// How long connecting (also each reconnect) may take. Default 10 s.
     pub connect_timeout: Duration,
+    /// TLS to the server (required when set). Default none: clear text, warned about at
+    /// connect when the server is not on the loopback.
+    pub tls: Option<PostgresTls>,
 }
 
 impl Default for PostgresOptions {
@@ -110,6 +115,7 @@ impl Default for PostgresOptions {
             schema: "devtables".to_string(),
             quotas: DeviceQuotas::default(),
             connect_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -154,6 +160,7 @@ pub struct PostgresStore {
     /// The server as errors name it (host and database, never the password).
     server: String,
     schema: String,
+    tls: Option<PostgresTls>,
     conn: Option<Conn>,
     group: Group,
     state: State,
@@ -167,8 +174,8 @@ impl PostgresStore {
     /// The client is `postgres`' synchronous one, which runs a small tokio runtime of its own
     /// inside every call: it panics when called from a thread that is running a tokio runtime.
     /// Run the store on a thread of its own (the service's store thread); `connect` refuses to
-    /// start on a runtime thread rather than panic. Connections are plain TCP or Unix sockets
-    /// (`sslmode=require` is refused: this build has no TLS for PostgreSQL).
+    /// start on a runtime thread rather than panic. With [`PostgresOptions::tls`] every
+    /// connection is TLS (rustls, required); without it, clear text.
     pub fn connect(url: &str, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(StoreError::Database(
@@ -188,10 +195,17 @@ impl PostgresStore {
         }
         let server = describe(&config);
         layout::schema_ident(&options.schema)?;
+        if tls::clear_text_over_network(&config, options.tls.as_ref()) {
+            tracing::warn!(
+                "the PostgreSQL connection to {server} is clear text (no database_tls): the \
+                 database's credentials and every item cross the network readable"
+            );
+        }
         let mut store = PostgresStore {
             config,
             server,
             schema: options.schema.clone(),
+            tls: options.tls.clone(),
             conn: None,
             group: Group::None,
             state: State {
@@ -222,7 +236,7 @@ impl PostgresStore {
     }
 
     fn open_client(&self) -> Result<Conn, StoreError> {
-        let client = self.config.connect(postgres::NoTls).map_err(|e| {
+        let client = tls::connect(&self.config, self.tls.as_ref()).map_err(|e| {
             StoreError::Database(format!("connecting to PostgreSQL at {}: {e}", self.server))
         })?;
         Ok(Conn::new(client))
