@@ -303,11 +303,15 @@ impl Cloud {
                 }
             }
         });
+        // What this node serves: every device on a single node; a cluster node's leases set it
+        // (below). Webhooks deliver only on the node that leads.
+        let (serving_tx, serving_rx) = watch::channel(Serving::All);
         let webhooks = crate::webhooks::Webhooks::new(
             store.clone(),
             config.changes.clone(),
             status.clone(),
             shutdown_rx.clone(),
+            serving_rx.clone(),
         );
 
         // Two connections, one per direction (see `mqtt_link`): ingress subscribes to the device
@@ -377,7 +381,6 @@ impl Cloud {
 
         // A scaled-out cloud: this node serves the partitions it leases, and tells the others of
         // feeds it advanced for their devices (see `cluster`).
-        let (serving_tx, serving_rx) = watch::channel(Serving::All);
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut wake_others: Option<Box<dyn WakeOthers>> = None;
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
@@ -399,6 +402,7 @@ impl Cloud {
             let (heard_tx, heard_rx) = mpsc::channel(256);
             let (lease_options, lease_status, wake_status) =
                 (options.clone(), status.clone(), status.clone());
+            let remote_heads = store.clone();
             let started = off_runtime("devtables-cluster-start", move || {
                 let leases = crate::cluster::leases::LeaseThread::start(
                     lease_options,
@@ -406,8 +410,12 @@ impl Cloud {
                     lease_status,
                 )
                 .map_err(|e| StartError::Config(e.to_string()))?;
-                let (wakeups, threads) =
-                    crate::cluster::wakeups::start(options, heard_tx, wake_status)?;
+                let (wakeups, threads) = crate::cluster::wakeups::start(
+                    options,
+                    heard_tx,
+                    Box::new(move |head| remote_heads.observe_change_head(head)),
+                    wake_status,
+                )?;
                 Ok::<_, StartError>((leases, wakeups, threads))
             })
             .await??;
@@ -418,6 +426,21 @@ impl Cloud {
                 lease_ms = config.cluster.lease.as_millis() as u64,
                 "scaled-out cloud: serving the devices of the partitions this node leases"
             );
+            // The change log's head as this node commits it, told to the others (a head heard
+            // from them is not sent back).
+            let mut heads = store.changes();
+            let mut heads_stop = shutdown_rx.clone();
+            let tell = wakeups.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let head = *heads.borrow_and_update();
+                    tell.change_head(head);
+                    tokio::select! {
+                        changed = heads.changed() => if changed.is_err() { return },
+                        _ = heads_stop.wait_for(|stop| *stop) => return,
+                    }
+                }
+            }));
             wake_others = Some(Box::new(wakeups));
             heard = Some(heard_rx);
             cluster_threads = ClusterThreads {
@@ -585,6 +608,27 @@ impl Cloud {
             Ok(0) => {}
             Ok(n) => tracing::info!(webhooks = n, "webhook deliveries resumed"),
             Err(e) => tracing::error!("cannot read the webhooks to deliver: {e}"),
+        }
+        // In a cluster a webhook may be created on any node, and only the leading node
+        // delivers: the leader reads the list again when it starts to lead and every lease.
+        if cluster {
+            let (hooks, mut serving) = (webhooks.clone(), leading.clone());
+            let mut stop = shutdown_rx.clone();
+            let every = config.cluster.lease;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    if serving.borrow_and_update().leads() {
+                        if let Err(e) = hooks.resume_all().await {
+                            tracing::warn!("cannot read the webhooks to deliver: {e}");
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        changed = serving.changed() => if changed.is_err() { return },
+                        _ = stop.wait_for(|stop| *stop) => return,
+                    }
+                }
+            }));
         }
 
         let purge_store = store.clone();

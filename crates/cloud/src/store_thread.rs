@@ -34,7 +34,7 @@ pub struct StoreCtx {
     completions: Vec<Completion>,
     /// Where the change log's head is told once committed ([`StoreHandle::changes`]); set when
     /// the thread starts.
-    change_head: Option<watch::Sender<u64>>,
+    change_head: Option<Arc<watch::Sender<u64>>>,
 }
 
 /// Runs once the work of the job that queued it is committed (`Ok`) or known lost (`Err`: the
@@ -120,6 +120,8 @@ pub struct StoreHandle {
     jobs: mpsc::Sender<Job>,
     /// The change log's head as committed work moved it.
     change_head: watch::Receiver<u64>,
+    /// Its sender, for heads other cloud nodes committed ([`StoreHandle::observe_change_head`]).
+    head_tx: Arc<watch::Sender<u64>>,
 }
 
 impl StoreHandle {
@@ -136,11 +138,28 @@ impl StoreHandle {
         let (jobs, rx) = mpsc::channel::<Job>(Self::QUEUE);
         let group_max = group_max.max(1);
         let (head_tx, change_head) = watch::channel(ctx.store.change_head_hint());
-        ctx.change_head = Some(head_tx);
+        let head_tx = Arc::new(head_tx);
+        ctx.change_head = Some(head_tx.clone());
         std::thread::Builder::new()
             .name("devtables-store".into())
             .spawn(move || run(ctx, rx, group_max, observer))?;
-        Ok(StoreHandle { jobs, change_head })
+        Ok(StoreHandle {
+            jobs,
+            change_head,
+            head_tx,
+        })
+    }
+
+    /// Another cloud node committed the change log up to `head` (a scaled-out cloud's wake-ups):
+    /// this node's readers and webhooks read again (the head only grows).
+    pub fn observe_change_head(&self, head: u64) {
+        self.head_tx.send_if_modified(|told| {
+            let moved = head > *told;
+            if moved {
+                *told = head;
+            }
+            moved
+        });
     }
 
     /// The change log's head (the store's hint, [`CloudStore::change_head_hint`]) as committed

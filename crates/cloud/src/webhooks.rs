@@ -189,6 +189,8 @@ struct Shared {
     tasks: Mutex<JoinSet<()>>,
     /// The TLS settings of `https` receivers, made on first use (reading the system's CAs).
     https: OnceCell<Result<Arc<rustls::ClientConfig>, String>>,
+    /// Whether this node leads (a scaled-out cloud delivers each webhook from one node).
+    serving: watch::Receiver<crate::cluster::Serving>,
 }
 
 impl Webhooks {
@@ -197,6 +199,7 @@ impl Webhooks {
         config: ChangesConfig,
         status: Arc<SyncStatus>,
         shutdown: watch::Receiver<bool>,
+        serving: watch::Receiver<crate::cluster::Serving>,
     ) -> Webhooks {
         Webhooks {
             shared: Arc::new(Shared {
@@ -208,6 +211,7 @@ impl Webhooks {
                 running: Mutex::new(HashMap::new()),
                 tasks: Mutex::new(JoinSet::new()),
                 https: OnceCell::new(),
+                serving,
             }),
         }
     }
@@ -343,7 +347,36 @@ async fn deliver(shared: &Shared, hook: WebhookRecord, stop: watch::Receiver<boo
     let mut connection: Option<SendRequest<Full<Bytes>>> = None;
     let mut last_read: Option<Instant> = None;
     let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut serving = shared.serving.clone();
     loop {
+        // In a scaled-out cloud only the leading node delivers; the cursor is in the store, so
+        // the node that leads next goes on from it (a batch in flight at a hand-over may be
+        // delivered twice: deliveries are at least once).
+        let mut waited = false;
+        while !serving.borrow_and_update().leads() {
+            connection = None;
+            waited = true;
+            tokio::select! {
+                changed = serving.changed() => if changed.is_err() { break },
+                _ = stop.wait() => return,
+            }
+        }
+        if waited {
+            // Another node delivered meanwhile: go on from the cursor it recorded.
+            let id = hook.id.clone();
+            match shared.store.call(move |c| c.store.webhook(&id)).await {
+                Ok(Ok(Some(stored))) => {
+                    cursor = cursor.max(stored.cursor);
+                    recorded_cursor = recorded_cursor.max(stored.cursor);
+                    failures = stored.failures;
+                }
+                // Deleted meanwhile, or the service is stopping.
+                Ok(Ok(None)) | Err(StoreGone) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(webhook = %hook.id, "cannot read the webhook's cursor: {e}");
+                }
+            }
+        }
         // A busy store wakes this task at most every `read_interval`.
         if let Some(at) = last_read {
             let next = at + shared.config.read_interval;

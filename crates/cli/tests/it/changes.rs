@@ -328,16 +328,16 @@ fn changes_an_sse_reader_killed_and_restarted_misses_nothing() {
 
 /// What the receiver got: one request and how it answered.
 #[derive(Clone, Debug)]
-struct Received {
-    path: String,
+pub(super) struct Received {
+    pub(super) path: String,
     headers: HashMap<String, String>,
-    body: Vec<u8>,
-    answered: u16,
+    pub(super) body: Vec<u8>,
+    pub(super) answered: u16,
 }
 
 /// A webhook receiver: a std `TcpListener` on a thread, HTTP/1.1 with keep-alive, answering
 /// every request with the status in `answer`.
-struct Receiver {
+pub(super) struct Receiver {
     port: u16,
     answer: Arc<AtomicU16>,
     got: Arc<Mutex<Vec<Received>>>,
@@ -346,7 +346,7 @@ struct Receiver {
 
 impl Receiver {
     /// Listens on `port` (reserved beforehand: the webhook's URL names it while nothing listens).
-    fn start(port: u16, answer: u16) -> Receiver {
+    pub(super) fn start(port: u16, answer: u16) -> Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the receiver's port");
         let r = Receiver {
             port,
@@ -368,7 +368,7 @@ impl Receiver {
         r
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(super) fn received(&self) -> Vec<Received> {
         self.got
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

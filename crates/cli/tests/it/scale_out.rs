@@ -318,3 +318,104 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
     );
     drop(mosquitto);
 }
+
+#[test]
+fn change_log_readers_and_webhooks_hear_writes_made_on_other_nodes_once() {
+    if !services_on() {
+        return;
+    }
+    let pg = PgSchema::fresh();
+    let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
+    let dir = tempfile::tempdir().unwrap();
+    let key = admin_key(&pg);
+    let nodes: Vec<CloudProc> = (1..=3)
+        .map(|i| start_node(dir.path(), i, &pg, &broker, &key))
+        .collect();
+    wait_spread(&nodes.iter().collect::<Vec<_>>());
+    nodes[0].register(KEY_ACCOUNT, "dev-1");
+
+    // A webhook (created on node 2) and a long poll (on node 3), both before any write.
+    let port = free_port();
+    let receiver = super::changes::Receiver::start(port, 200);
+    let (status, body) = nodes[1].send(
+        "POST",
+        &format!("/v1/accounts/{KEY_ACCOUNT}/webhooks"),
+        serde_json::json!({"url": format!("http://127.0.0.1:{port}/hook")}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let head = nodes[2]
+        .get(&format!("/v1/accounts/{KEY_ACCOUNT}/changes"))
+        .unwrap()["head"]
+        .as_u64()
+        .unwrap();
+    let poller = {
+        let client = nodes[2].client();
+        std::thread::spawn(move || {
+            client
+                .get(&format!(
+                    "/v1/accounts/{KEY_ACCOUNT}/changes?after={head}&wait=30"
+                ))
+                .unwrap()
+        })
+    };
+
+    // Writes through node 1 only.
+    let writes = 6;
+    for i in 0..writes {
+        let (status, body) = nodes[0].send(
+            "POST",
+            &format!("/v1/accounts/{KEY_ACCOUNT}/devices/dev-1/items/Setting"),
+            serde_json::json!({"deviceId": "dev-1", "name": format!("s{i}"), "value": "v"}),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    // The long poll on node 3 was woken by node 1's commit (without the change log's head
+    // told across nodes it would wait out its 30 s and answer nothing).
+    let answered = poller.join().unwrap();
+    assert!(
+        !answered["changes"].as_array().unwrap().is_empty(),
+        "{answered}"
+    );
+    // The webhook gets every change exactly once, though three nodes hold it.
+    let seqs = || -> Vec<u64> {
+        receiver
+            .received()
+            .iter()
+            .filter(|r| r.answered == 200)
+            .flat_map(|r| {
+                let body: Value = serde_json::from_slice(&r.body).unwrap();
+                body["changes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["seq"].as_u64().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    eventually("the webhook delivered every write", || {
+        let n = seqs().len();
+        if n >= writes {
+            Ok(())
+        } else {
+            Err(format!("{n} of {writes}"))
+        }
+    });
+    // No node delivers after the leader caught up: the webhook's cursor is at the head.
+    let hook_id = body["webhook"]["id"].as_str().unwrap().to_string();
+    let last = *seqs().iter().max().unwrap();
+    eventually("the webhook's cursor at the last change", || {
+        let h = nodes[0]
+            .get(&format!("/v1/accounts/{KEY_ACCOUNT}/webhooks/{hook_id}"))
+            .unwrap();
+        (h["cursor"].as_u64() == Some(last))
+            .then_some(())
+            .ok_or(h.to_string())
+    });
+    let mut got = seqs();
+    got.sort_unstable();
+    let mut unique = got.clone();
+    unique.dedup();
+    assert_eq!(got, unique, "a change delivered twice");
+    assert_eq!(got.len(), writes);
+}

@@ -150,9 +150,11 @@ pub enum Heard {
     Listening,
 }
 
-/// Tells the other nodes that feeds of devices they serve advanced.
-pub trait WakeOthers: Send {
+/// Tells the other nodes that feeds of devices they serve advanced, and that the change log
+/// grew (their change-log readers and webhooks read again).
+pub trait WakeOthers: Send + Sync {
     fn wake(&self, advanced: Vec<(DeviceId, u64)>);
+    fn change_head(&self, head: u64);
 }
 
 /// One row of the lease table as a round reads it.

@@ -6,6 +6,9 @@
 //! - [`Wakeups::notify`] never blocks and never drops: wake-ups wait in a map (one entry per
 //!   device, the highest head), which a thread of its own sends, batched into payloads under
 //!   PostgreSQL's 8000-byte limit; a failed send is kept and sent again.
+//! - The change log's head goes the same way on a channel of its own: readers of the change log
+//!   (SSE, long polls) and webhooks on every node wait on their node's head, which a write on
+//!   another node would not move otherwise. A head heard is not sent back.
 //! - The listening thread hands what it hears to the sync loop, which wakes the sessions of the
 //!   devices it serves. After it (re)connects it asks the sync loop to prompt the devices it
 //!   serves that are behind: wake-ups sent while it was not listening are lost by `NOTIFY`'s
@@ -41,9 +44,17 @@ fn channel(schema: &str) -> String {
     format!("devtables_feed_{schema}")
 }
 
+/// The channel of the change log's head.
+fn head_channel(schema: &str) -> String {
+    format!("devtables_changes_{schema}")
+}
+
 #[derive(Default)]
 struct Pending {
     heads: HashMap<DeviceId, u64>,
+    /// The change log's head to tell, and the highest told or heard.
+    change_head: u64,
+    change_head_known: u64,
     stop: bool,
 }
 
@@ -63,6 +74,17 @@ impl WakeOthers for Wakeups {
             *h = (*h).max(head);
         }
         cv.notify_one();
+    }
+
+    /// Tells the other nodes the change log reached `head` (nothing if it was heard from them).
+    fn change_head(&self, head: u64) {
+        let (lock, cv) = &*self.pending;
+        let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if head > p.change_head_known {
+            p.change_head_known = head;
+            p.change_head = head;
+            cv.notify_one();
+        }
     }
 }
 
@@ -87,9 +109,11 @@ impl WakeupThreads {
 
 /// Starts the sender and the listener (their connections are made inside, and made again after
 /// a failure). `heard` is the sync loop's input.
+/// `on_change_head` is called with each change-log head heard from another node.
 pub fn start(
     options: LeaseOptions,
     heard: mpsc::Sender<Heard>,
+    on_change_head: Box<dyn Fn(u64) + Send>,
     status: Arc<SyncStatus>,
 ) -> std::io::Result<(Wakeups, WakeupThreads)> {
     let pending = Arc::new((Mutex::new(Pending::default()), Condvar::new()));
@@ -101,10 +125,19 @@ pub fn start(
             .spawn(move || send_loop(&options, &pending, &status))?
     };
     let listener = {
-        let stop = stop.clone();
+        let (stop, pending) = (stop.clone(), pending.clone());
         std::thread::Builder::new()
             .name("devtables-wakeup-listen".into())
-            .spawn(move || listen_loop(&options, &heard, &status, &stop))?
+            .spawn(move || {
+                let on_head = |head: u64| {
+                    let (lock, _) = &*pending;
+                    let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    p.change_head_known = p.change_head_known.max(head);
+                    drop(p);
+                    on_change_head(head);
+                };
+                listen_loop(&options, &heard, &on_head, &status, &stop)
+            })?
     };
     Ok((
         Wakeups {
@@ -151,19 +184,22 @@ fn parse(payload: &str) -> Option<Vec<(DeviceId, u64)>> {
 }
 
 fn send_loop(options: &LeaseOptions, pending: &(Mutex<Pending>, Condvar), status: &SyncStatus) {
-    let chan = channel(&options.schema);
+    let (chan, head_chan) = (channel(&options.schema), head_channel(&options.schema));
     let mut client = None;
     loop {
-        let heads = {
+        let (heads, change_head) = {
             let (lock, cv) = pending;
             let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
-            while p.heads.is_empty() && !p.stop {
+            while p.heads.is_empty() && p.change_head == 0 && !p.stop {
                 p = cv.wait(p).unwrap_or_else(|e| e.into_inner());
             }
             if p.stop {
                 return;
             }
-            std::mem::take(&mut p.heads)
+            (
+                std::mem::take(&mut p.heads),
+                std::mem::take(&mut p.change_head),
+            )
         };
         let result = (|| -> Result<(), postgres::Error> {
             let c = match &mut client {
@@ -172,6 +208,12 @@ fn send_loop(options: &LeaseOptions, pending: &(Mutex<Pending>, Condvar), status
             };
             for payload in payloads(&heads) {
                 c.execute("SELECT pg_notify($1, $2)", &[&chan, &payload])?;
+            }
+            if change_head > 0 {
+                c.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&head_chan, &change_head.to_string()],
+                )?;
             }
             Ok(())
         })();
@@ -198,6 +240,7 @@ fn send_loop(options: &LeaseOptions, pending: &(Mutex<Pending>, Condvar), status
                     let e = p.heads.entry(d).or_insert(0);
                     *e = (*e).max(h);
                 }
+                p.change_head = p.change_head.max(change_head);
                 drop(p);
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -208,14 +251,16 @@ fn send_loop(options: &LeaseOptions, pending: &(Mutex<Pending>, Condvar), status
 fn listen_loop(
     options: &LeaseOptions,
     heard: &mpsc::Sender<Heard>,
+    on_change_head: &dyn Fn(u64),
     status: &SyncStatus,
     stop: &AtomicBool,
 ) {
-    let chan = channel(&options.schema);
+    let (chan, head_chan) = (channel(&options.schema), head_channel(&options.schema));
     while !stop.load(Ordering::SeqCst) {
-        let mut client = match connect(options)
-            .and_then(|mut c| c.batch_execute(&format!("LISTEN \"{chan}\"")).map(|()| c))
-        {
+        let mut client = match connect(options).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN \"{chan}\"; LISTEN \"{head_chan}\""))
+                .map(|()| c)
+        }) {
             Ok(c) => c,
             Err(e) => {
                 status
@@ -253,6 +298,19 @@ fn listen_loop(
                     break;
                 }
             };
+            if batch.channel() == head_chan {
+                match batch.payload().parse::<u64>() {
+                    Ok(head) => on_change_head(head),
+                    Err(_) => {
+                        status
+                            .cluster
+                            .wakeups_unreadable
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(channel = %head_chan, "ignored a notification that is not a change-log head");
+                    }
+                }
+                continue;
+            }
             match parse(batch.payload()) {
                 Some(advanced) => {
                     status
