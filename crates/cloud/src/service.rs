@@ -808,19 +808,24 @@ struct PreparedStore {
 /// Opens the configured store and reads what the start needs. Blocking (see `Cloud::start`).
 fn prepare_store(config: &CloudConfig, cluster: bool) -> Result<PreparedStore, StoreError> {
     let mut store = crate::store::open_configured(config)?;
-    // Nobody is connected to a single node that starts; in a cluster the other nodes' devices
-    // are, and each node records its own devices' comings and goings.
-    if !cluster {
-        store.reset_online()?;
-    }
     let live_api_keys = store.live_api_keys()?;
+    // The devices to prompt once the sync loop runs: those with changes waiting, and, with an
+    // external broker, those that were online when the service stopped. They stayed connected
+    // to that broker and, idle, would say hello only at their next write: the hello is where a
+    // device that holds data this store lost (restored from a backup) is found and gives it
+    // back. (The embedded broker restarts with the service, so its devices reconnect and say
+    // hello anyway.)
+    let external = matches!(config.broker, BrokerMode::External { .. });
     let mut behind = Vec::new();
     if !cluster {
         for_each_device(store.as_mut(), |id, d| {
-            if d.feed_head > d.cursor_acked {
+            if d.feed_head > d.cursor_acked || (external && d.online) {
                 behind.push((id, d.feed_head));
             }
         })?;
+        // Nobody is connected to a single node that starts; in a cluster the other nodes'
+        // devices are, and each node records its own devices' comings and goings.
+        store.reset_online()?;
     }
     let last_version = store.max_version()?;
     let changes_kept = if cluster {

@@ -54,9 +54,25 @@ fn create_fault(agent: &mut AgentProc, message: &str) -> String {
 
 #[test]
 fn a_cloud_restored_from_a_backup_gets_back_the_writes_it_had_acknowledged() {
+    restored_cloud_gets_back_acknowledged_writes(BrokerChoice::Embedded(0));
+}
+
+/// With an external broker the device stays connected to the broker across the cloud's restart
+/// and is idle: the restarted cloud prompts the devices that were online, so it says hello and
+/// its re-push happens now, not at its next write.
+#[test]
+fn services_with_mosquitto_an_idle_device_gives_back_what_the_restored_cloud_lost() {
+    if !super::services::services_on() {
+        return;
+    }
+    let addr = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
+    restored_cloud_gets_back_acknowledged_writes(BrokerChoice::External(addr));
+}
+
+fn restored_cloud_gets_back_acknowledged_writes(broker: BrokerChoice) {
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix();
-    let mut cloud = CloudProc::start(dir.path(), &prefix, BrokerChoice::Embedded(0));
+    let mut cloud = CloudProc::start(dir.path(), &prefix, broker);
     let data = dir.path().join("cloud-data");
     let backup = dir.path().join("backup");
     let secret = cloud.register(ACCOUNT, DEVICE);
