@@ -35,9 +35,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use devtables_cloud::auth::{self, SERVICE_USERNAME};
 use devtables_cloud::broker_hash;
-use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
-use devtables_cloud::store::{CloudStore, REVOKED_SECRET_HASH};
+use devtables_cloud::store::REVOKED_SECRET_HASH;
 use devtables_sync::identity::{DeviceId, BROADCAST_DEVICE};
+
+use crate::store_target::StoreTarget;
 use devtables_sync::topics;
 
 #[derive(Args)]
@@ -54,9 +55,8 @@ enum BrokerKind {
 
 #[derive(Args)]
 struct MosquittoArgs {
-    /// The cloud's data folder (the `data_dir` of its configuration, holding `cloud.db`).
-    #[arg(long)]
-    data: PathBuf,
+    #[command(flatten)]
+    store: StoreTarget,
     /// Where to write the configuration (created if missing; files in it are replaced).
     #[arg(long)]
     out: PathBuf,
@@ -112,19 +112,13 @@ const PAGE: usize = 1000;
 fn mosquitto(args: MosquittoArgs) -> anyhow::Result<()> {
     check_prefix(&args.topic_prefix)?;
     check_service_user(&args.service_user)?;
-    let store_path = args.data.join("cloud.db");
-    // An export from a folder that holds no store would be an empty fleet: most likely a typo.
-    if !store_path.is_file() {
-        bail!(
-            "{} holds no cloud store (cloud.db): pass the cloud's data folder as --data",
-            args.data.display()
-        );
-    }
     // A wrong pid is refused before anything is written.
     if let Some(pid) = args.reload_pid {
         check_reload_target(pid)?;
     }
-    let mut store = SqliteStore::open(&store_path, SqliteOptions::default())?;
+    // An export from a folder that holds no store would be an empty fleet: most likely a typo,
+    // refused (`open(false)` creates nothing).
+    let mut store = args.store.open(false)?;
     let out = create_out_dir(&args.out)?;
     let owner = FileOwner::for_mosquitto(&args.user)?;
 
@@ -460,7 +454,7 @@ fn mosquitto_conf(
          allow_anonymous false\n\
          password_file {passwords}\n\
          acl_file {acl}\n",
-        data = args.data.display(),
+        data = args.store.describe(),
         passwords = conf_path(&out.join("passwords"))?,
         acl = conf_path(&out.join("acl"))?,
     );

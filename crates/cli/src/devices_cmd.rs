@@ -22,6 +22,8 @@ use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
 use devtables_cloud::store::{CloudStore, REVOKED_SECRET_HASH};
 use devtables_sync::identity::DeviceId;
 
+use crate::store_target::StoreTarget;
+
 #[derive(Args)]
 pub struct DevicesArgs {
     #[command(subcommand)]
@@ -33,9 +35,8 @@ enum DevicesCommand {
     /// Revoke a device: it may no longer connect and its pushes are refused; its items stay
     /// unless --delete-items is given.
     Revoke {
-        /// The cloud's data folder (the `data_dir` of its configuration, holding `cloud.db`).
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        store: StoreTarget,
         #[arg(long)]
         account: String,
         #[arg(long)]
@@ -148,14 +149,14 @@ pub fn run(args: DevicesArgs) -> anyhow::Result<()> {
             );
         }
         DevicesCommand::Revoke {
-            data,
+            store,
             account,
             device,
             delete_items,
         } => {
             let id = device_id(&account, &device)?;
             // A revocation is meaningless on a store that does not exist yet: do not create one.
-            let mut store = open_store(&data)?;
+            let mut store = store.open(false)?;
             if !store.revoke_device(&id, delete_items)? {
                 anyhow::bail!("device {id} is not registered");
             }

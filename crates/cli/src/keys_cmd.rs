@@ -6,13 +6,11 @@
 //! mode, so it works while the cloud runs too; or the PostgreSQL database of a scaled-out cloud
 //! with `--database`) and prints a new key once.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use devtables_cloud::auth;
-use devtables_cloud::store::{open_configured, CloudStore, KeyScope};
-use devtables_cloud::{CloudConfig, DatabaseChoice};
+use devtables_cloud::store::{CloudStore, KeyScope};
+
+use crate::store_target::StoreTarget;
 use devtables_sync::identity::DeviceId;
 
 #[derive(Args)]
@@ -23,20 +21,8 @@ pub struct KeysArgs {
 
 #[derive(Args)]
 struct Target {
-    /// The cloud's data folder (the `data_dir` of its configuration, holding `cloud.db`).
-    #[arg(long, required_unless_present = "database")]
-    data: Option<PathBuf>,
-    /// The cloud's PostgreSQL database instead (its `database` URL); the variable
-    /// DEVTABLES_DATABASE keeps a password out of the process list.
-    #[arg(long, env = "DEVTABLES_DATABASE", conflicts_with = "data")]
-    database: Option<String>,
-    /// With --database: the cloud's `database_schema`.
-    #[arg(long, default_value = "devtables", requires = "database")]
-    database_schema: String,
-    /// With --database: TLS to it, checking the server against this CA (the cloud's
-    /// `database_tls.ca`).
-    #[arg(long, requires = "database")]
-    database_ca: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreTarget,
     /// The account the keys belong to.
     #[arg(long)]
     account: String,
@@ -89,27 +75,7 @@ fn open(target: &Target) -> anyhow::Result<Box<dyn CloudStore>> {
     // The API's rule for account names (checked with a placeholder device).
     DeviceId::new(target.account.as_str(), "x")
         .map_err(|e| anyhow::anyhow!("invalid account {:?}: {e}", target.account))?;
-    let config = match (&target.data, &target.database) {
-        (_, Some(url)) => {
-            let mut c = CloudConfig::new(".");
-            c.database = DatabaseChoice::Postgres {
-                url: url.clone(),
-                schema: target.database_schema.clone(),
-            };
-            c.database_tls = target
-                .database_ca
-                .as_ref()
-                .map(devtables_cloud::tls::ClientTls::new);
-            c
-        }
-        (Some(data), None) => {
-            std::fs::create_dir_all(data)
-                .with_context(|| format!("cannot create {}", data.display()))?;
-            CloudConfig::new(data)
-        }
-        (None, None) => anyhow::bail!("give the cloud's --data folder or its --database"),
-    };
-    Ok(open_configured(&config)?)
+    target.store.open(true)
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -12,6 +12,7 @@ mod limits;
 mod schema_cmd;
 mod serve_cmd;
 mod sim_cmd;
+mod store_target;
 
 use std::process::ExitCode;
 

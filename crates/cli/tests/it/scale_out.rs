@@ -419,3 +419,76 @@ fn change_log_readers_and_webhooks_hear_writes_made_on_other_nodes_once() {
     assert_eq!(got, unique, "a change delivered twice");
     assert_eq!(got.len(), writes);
 }
+
+#[test]
+fn registry_commands_reach_the_postgresql_store() {
+    if !services_on() {
+        return;
+    }
+    let pg = PgSchema::fresh();
+    let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
+    let dir = tempfile::tempdir().unwrap();
+    let key = admin_key(&pg);
+    let node = start_node(dir.path(), 1, &pg, &broker, &key);
+    node.register(KEY_ACCOUNT, "dev-a");
+    node.register(KEY_ACCOUNT, "dev-b");
+    let pg_args = ["--database", &pg.url, "--database-schema", &pg.name];
+    // The Mosquitto configuration from the PostgreSQL registry: both devices.
+    let out = dir.path().join("mosquitto");
+    let run = bin()
+        .args(["broker-config", "mosquitto", "--out"])
+        .arg(&out)
+        .args(pg_args)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let passwords = std::fs::read_to_string(out.join("passwords")).unwrap();
+    for d in ["dev-a", "dev-b"] {
+        assert!(
+            passwords.contains(&format!("{KEY_ACCOUNT}/{d}:")),
+            "{passwords}"
+        );
+    }
+    // A revocation in PostgreSQL: the cloud reads it from there.
+    let run = bin()
+        .args([
+            "devices",
+            "revoke",
+            "--account",
+            KEY_ACCOUNT,
+            "--device",
+            "dev-b",
+        ])
+        .args(pg_args)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        pg.query_i64(
+            "SELECT count(*) FROM {s}.devices WHERE device = 'dev-b' AND secret_hash = 'revoked'"
+        ),
+        1
+    );
+    let run = bin()
+        .args(["broker-config", "mosquitto", "--out"])
+        .arg(&out)
+        .args(pg_args)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let passwords = std::fs::read_to_string(out.join("passwords")).unwrap();
+    assert!(!passwords.contains("dev-b:"), "{passwords}");
+    assert!(passwords.contains("dev-a:"), "{passwords}");
+}
