@@ -73,7 +73,7 @@ pub enum ClusterError {
 /// so a graceful stop hands over at once).
 pub struct LeaseThread {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl LeaseThread {
@@ -92,6 +92,39 @@ impl LeaseThread {
         node.prepare()?;
         node.register()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let serving = Arc::new(serving);
+        // The watchdog stops serving when the safe part of the leases ran out, even while a
+        // round hangs (a database that stopped answering).
+        let watchdog = {
+            let (stop, serving, status) = (stop.clone(), serving.clone(), status.clone());
+            let (safe_until, node_name, partitions) = (
+                node.safe_until.clone(),
+                options.node.clone(),
+                options.partitions,
+            );
+            std::thread::Builder::new()
+                .name("devtables-lease-watchdog".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                        let mut safe = safe_until.lock().unwrap_or_else(|e| e.into_inner());
+                        if safe.is_some_and(|t| Instant::now() >= t) {
+                            *safe = None;
+                            if !serving.borrow().is_empty() {
+                                status.cluster.leases_lost.fetch_add(1, Ordering::Relaxed);
+                                status.cluster.partitions_held.store(0, Ordering::Relaxed);
+                                tracing::warn!(
+                                    node = %node_name,
+                                    "the leases could not be renewed in time: serving no device \
+                                     until they are"
+                                );
+                                serving.send_replace(Serving::nothing(partitions));
+                            }
+                        }
+                    }
+                })
+                .map_err(ClusterError::Thread)?
+        };
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("devtables-leases".into())
@@ -99,14 +132,14 @@ impl LeaseThread {
             .map_err(ClusterError::Thread)?;
         Ok(LeaseThread {
             stop,
-            thread: Some(thread),
+            threads: vec![thread, watchdog],
         })
     }
 
     /// Stops serving, releases the partitions and ends the thread.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -125,10 +158,8 @@ struct Node {
     options: LeaseOptions,
     client: Option<Client>,
     instance: i64,
-    /// What the sync loop was last told.
-    published: Serving,
-    /// Until when the held partitions are surely this node's.
-    safe_until: Option<Instant>,
+    /// Until when the held partitions are surely this node's (the watchdog's deadline).
+    safe_until: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl Node {
@@ -138,8 +169,7 @@ impl Node {
             options: options.clone(),
             client: Some(client),
             instance: (rand::random::<u64>() >> 1) as i64,
-            published: Serving::nothing(options.partitions),
-            safe_until: None,
+            safe_until: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -250,29 +280,16 @@ impl Node {
         let every = self.options.lease / 3;
         while !stop.load(Ordering::SeqCst) {
             let started = Instant::now();
-            match self.round(serving, status) {
-                Ok(()) => {
-                    self.safe_until = Some(started + self.options.lease - self.options.lease / 5)
+            if let Err(e) = self.round(started, serving, status) {
+                status
+                    .cluster
+                    .lease_rounds_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = %self.options.node, "a lease round failed: {e}");
+                // A broken connection is made again next round.
+                if self.client.as_ref().is_some_and(Client::is_closed) {
+                    self.client = None;
                 }
-                Err(e) => {
-                    status
-                        .cluster
-                        .lease_rounds_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(node = %self.options.node, "a lease round failed: {e}");
-                    // A broken connection is made again next round.
-                    if self.client.as_ref().is_some_and(Client::is_closed) {
-                        self.client = None;
-                    }
-                }
-            }
-            if self.safe_until.is_some_and(|t| Instant::now() >= t) && !self.published.is_empty() {
-                status.cluster.leases_lost.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    node = %self.options.node,
-                    "the leases could not be renewed in time: serving no device until they are"
-                );
-                self.publish(serving, status, Serving::nothing(self.options.partitions));
             }
             let wait = every.saturating_sub(started.elapsed());
             let until = Instant::now() + wait;
@@ -287,7 +304,7 @@ impl Node {
     }
 
     fn publish(&mut self, serving: &watch::Sender<Serving>, status: &SyncStatus, to: Serving) {
-        if to == self.published {
+        if *serving.borrow() == to {
             return;
         }
         status
@@ -295,13 +312,13 @@ impl Node {
             .partitions_held
             .store(to.held().unwrap_or(0) as u64, Ordering::Relaxed);
         tracing::info!(node = %self.options.node, partitions = to.held().unwrap_or(0), "serving partitions");
-        self.published = to.clone();
         serving.send_replace(to);
     }
 
     /// One round on the node's connection (made again when it broke).
     fn round(
         &mut self,
+        started: Instant,
         serving: &watch::Sender<Serving>,
         status: &SyncStatus,
     ) -> Result<(), postgres::Error> {
@@ -309,7 +326,7 @@ impl Node {
             Some(c) if !c.is_closed() => c,
             _ => connect(&self.options)?,
         };
-        let result = self.round_on(&mut client, serving, status);
+        let result = self.round_on(started, &mut client, serving, status);
         self.client = Some(client);
         result
     }
@@ -317,6 +334,7 @@ impl Node {
     /// One round: heartbeat, read, plan, release, renew, claim: one transaction.
     fn round_on(
         &mut self,
+        started: Instant,
         client: &mut Client,
         serving: &watch::Sender<Serving>,
         status: &SyncStatus,
@@ -364,7 +382,8 @@ impl Node {
                 partitions,
                 held: p.renew.iter().copied().collect(),
             };
-            let keep = match (&self.published, keep) {
+            let published = serving.borrow().clone();
+            let keep = match (&published, keep) {
                 (Serving::Partitions { held: old, .. }, Serving::Partitions { held, .. }) => {
                     Serving::Partitions {
                         partitions,
@@ -397,6 +416,9 @@ impl Node {
             &[&node, &as_i32(&p.claim), &now, &lease_ms],
         )?;
         tx.commit()?;
+        // What was renewed or claimed now runs for a lease from before this round began.
+        *self.safe_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(started + self.options.lease - self.options.lease / 5);
         status
             .cluster
             .partitions_released
@@ -441,7 +463,11 @@ impl Node {
 /// A connection of the cluster's own (the store's is busy on the store thread).
 pub(crate) fn connect(options: &LeaseOptions) -> Result<Client, postgres::Error> {
     let mut config: postgres::Config = options.url.parse()?;
-    config.connect_timeout(options.connect_timeout);
+    // A round must not hang past the lease: connecting is bounded by half of it, and a
+    // connection whose server stopped answering is noticed by TCP keepalives within it.
+    config.connect_timeout(options.connect_timeout.min(options.lease / 2));
+    config.keepalives(true);
+    config.keepalives_idle(options.lease / 2);
     config.application_name(&format!("devtables-cloud {}", options.node));
     crate::store::postgres::tls::connect(&config, options.tls.as_ref())
 }
