@@ -20,8 +20,14 @@ pub struct AgentConfig {
     /// which needs a client certificate (`tls.identity`) on the cloud's device-certificate
     /// listener instead.
     pub secret: String,
+    /// The broker's first address.
     pub broker_host: String,
     pub broker_port: u16,
+    /// Further addresses of the same broker (the other nodes of a broker cluster), tried in
+    /// turn after `broker_host:broker_port`: every failed attempt and every lost connection
+    /// moves to the next address, round the list, after the usual backoff wait. Default none.
+    /// The status ([`crate::AgentStatus::broker`]) and the log say which address is in use.
+    pub broker_fallbacks: Vec<BrokerAddress>,
     /// TLS to the broker, with the device's client certificate when `identity` is set (mutual
     /// TLS). Default `None`: clear-text MQTT, which the agent warns about at start (`MQTT to
     /// HOST:PORT is in clear text`).
@@ -96,6 +102,7 @@ impl AgentConfig {
             secret: secret.into(),
             broker_host: "127.0.0.1".into(),
             broker_port: 1883,
+            broker_fallbacks: Vec::new(),
             tls: None,
             topic_prefix: devtables_sync::topics::DEFAULT_PREFIX.into(),
             db_path: db_path.into(),
@@ -119,6 +126,28 @@ impl AgentConfig {
             hold_unhandled_commands: false,
             sync: DeviceConfig::default(),
         }
+    }
+
+    /// Every address of the broker, in the order they are tried: `broker_host:broker_port`,
+    /// then [`Self::broker_fallbacks`].
+    pub fn broker_addresses(&self) -> Vec<BrokerAddress> {
+        let first = BrokerAddress {
+            host: self.broker_host.clone(),
+            port: self.broker_port,
+        };
+        std::iter::once(first)
+            .chain(self.broker_fallbacks.iter().cloned())
+            .collect()
+    }
+
+    /// Sets the broker's addresses (the first, then the fallbacks) from a parsed list.
+    pub fn set_broker_addresses(&mut self, list: &BrokerList) {
+        let mut addresses = list.addresses.iter().cloned();
+        if let Some(first) = addresses.next() {
+            self.broker_host = first.host;
+            self.broker_port = first.port;
+        }
+        self.broker_fallbacks = addresses.collect();
     }
 
     /// How the device proves who it is: its secret, its client certificate, or both. Neither is
@@ -160,9 +189,12 @@ pub struct AgentFile {
     /// The database file, relative to the config file.
     pub db: PathBuf,
     /// `mqtts://host:port` (TLS; needs `tls.ca`), `mqtt://host:port` or a bare `host:port`
-    /// (clear text, unless a `tls` block is given). Default `127.0.0.1:1883`.
-    #[serde(default = "default_broker")]
-    pub broker: String,
+    /// (clear text, unless a `tls` block is given). Default `127.0.0.1:1883`. A list of them
+    /// (`broker: ['mqtts://a:8883', 'mqtts://b:8883']`, also spelt `brokers`, or one string
+    /// with commas between the addresses) names the nodes of a broker cluster: the agent moves to the next one whenever an attempt fails or the
+    /// connection is lost (see [`AgentConfig::broker_fallbacks`]).
+    #[serde(default = "default_broker", alias = "brokers")]
+    pub broker: BrokerSetting,
     /// TLS to the broker: `{ca: "ca.pem", server_name: "broker.example", client_cert:
     /// "device.pem", client_key: "device.key"}`; paths are relative to the config file,
     /// `server_name` defaults to the broker host, the client certificate (both files or neither)
@@ -343,8 +375,106 @@ impl AgentFile {
 /// The `tls` block of the agent's file (the same format as the cloud's `external_broker_tls`).
 pub use devtables_tls::ClientTlsFile as TlsFile;
 
-fn default_broker() -> String {
-    "127.0.0.1:1883".into()
+fn default_broker() -> BrokerSetting {
+    BrokerSetting::One("127.0.0.1:1883".into())
+}
+
+/// The file's `broker`: one address, or the addresses of a broker cluster.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum BrokerSetting {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl BrokerSetting {
+    /// The addresses as written.
+    pub fn entries(&self) -> Vec<&str> {
+        match self {
+            // Commas separate addresses here too, as on the command line (`--mqtt a:1,b:1`).
+            BrokerSetting::One(s) => s.split(',').map(str::trim).collect(),
+            BrokerSetting::Many(list) => list.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// Most addresses a broker list may hold: a broker cluster has a handful of nodes, and a
+/// device tries them in turn.
+pub const MAX_BROKER_ADDRESSES: usize = 16;
+
+/// One address of the broker.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BrokerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Whether a broker list asked for TLS (`mqtts://`), clear text (`mqtt://`), or left it to the
+/// `tls` block (bare `host:port`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerScheme {
+    Tls,
+    Clear,
+    Unsaid,
+}
+
+/// A parsed broker list: the addresses in order, and the one scheme they share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerList {
+    pub addresses: Vec<BrokerAddress>,
+    pub scheme: BrokerScheme,
+}
+
+/// Parses a broker list (each entry as [`parse_broker`] takes it). Refused: an empty list, more
+/// than [`MAX_BROKER_ADDRESSES`], an address listed twice, and `mqtt://` mixed with `mqtts://`
+/// (one TLS setting serves every address).
+pub fn parse_broker_list<'a>(
+    entries: impl IntoIterator<Item = &'a str>,
+) -> Result<BrokerList, AgentError> {
+    let mut addresses: Vec<BrokerAddress> = Vec::new();
+    let mut scheme = BrokerScheme::Unsaid;
+    for entry in entries {
+        if addresses.len() == MAX_BROKER_ADDRESSES {
+            return Err(AgentError::Config(format!(
+                "the broker list holds more than {MAX_BROKER_ADDRESSES} addresses"
+            )));
+        }
+        let (host, port) = parse_broker(entry)?;
+        let this = match entry.split_once("://").map(|(s, _)| s) {
+            Some("mqtts") => BrokerScheme::Tls,
+            Some(_) => BrokerScheme::Clear,
+            None => BrokerScheme::Unsaid,
+        };
+        scheme = match (scheme, this) {
+            (BrokerScheme::Unsaid, s) | (s, BrokerScheme::Unsaid) => s,
+            (a, b) if a == b => a,
+            _ => {
+                return Err(AgentError::Config(format!(
+                    "broker {entry:?}: the list mixes mqtt:// and mqtts://; one TLS setting \
+                     serves every address"
+                )))
+            }
+        };
+        let address = BrokerAddress { host, port };
+        if addresses.contains(&address) {
+            return Err(AgentError::Config(format!(
+                "broker {address} is listed twice"
+            )));
+        }
+        addresses.push(address);
+    }
+    if addresses.is_empty() {
+        return Err(AgentError::Config(
+            "the broker list is empty: give at least one address".into(),
+        ));
+    }
+    Ok(BrokerList { addresses, scheme })
 }
 
 impl AgentFile {
@@ -360,19 +490,17 @@ impl AgentFile {
         if let Some(socket) = &file.local_api.socket {
             file.local_api.socket = Some(dir.join(socket));
         }
-        let (host, port) = parse_broker(&file.broker)?;
+        let brokers = parse_broker_list(file.broker.entries())?;
         let secret = file.secret.clone().unwrap_or_default();
         let mut config = AgentConfig::new(&file.account, &file.device, &secret, file.db.clone());
-        config.broker_host = host;
-        config.broker_port = port;
-        let scheme = file.broker.split_once("://").map(|(s, _)| s);
-        config.tls = match (scheme, &file.tls) {
-            (Some("mqtt"), Some(_)) => {
+        config.set_broker_addresses(&brokers);
+        config.tls = match (brokers.scheme, &file.tls) {
+            (BrokerScheme::Clear, Some(_)) => {
                 return Err(AgentError::Config(
                     "broker is mqtt:// (clear text) but a tls block is set: use mqtts://".into(),
                 ))
             }
-            (Some("mqtts"), None) => {
+            (BrokerScheme::Tls, None) => {
                 return Err(AgentError::Config(
                     "broker is mqtts:// but no tls block gives the CA file (tls: {ca: ...})".into(),
                 ))
@@ -447,6 +575,7 @@ pub fn parse_broker(s: &str) -> Result<(String, u16), AgentError> {
     };
     let (host, port) = s
         .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
         .ok_or_else(|| AgentError::Config(format!("broker {s:?} must be host:port")))?;
     let port = port
         .parse()
@@ -503,6 +632,47 @@ mod tests {
         );
         assert!(load("broker: 'mqtt://b:1883', tls: {ca: 'ca.pem'}").is_err());
         assert!(load("broker: 'http://b:1883'").is_err());
+    }
+
+    #[test]
+    fn a_broker_list_names_the_nodes_of_a_cluster_in_order() {
+        let c = load("broker: ['mqtts://a:8883', 'b:8884', 'mqtts://c:8885'], tls: {ca: 'ca.pem'}")
+            .unwrap();
+        let said: Vec<String> = c.broker_addresses().iter().map(|a| a.to_string()).collect();
+        assert_eq!(said, ["a:8883", "b:8884", "c:8885"]);
+        assert_eq!((c.broker_host.as_str(), c.broker_port), ("a", 8883));
+        assert!(c.tls.is_some());
+        // `brokers` is the same key; the single string still works and has no fallbacks.
+        let c = load("brokers: ['x:1', 'y:2']").unwrap();
+        assert_eq!(
+            c.broker_fallbacks,
+            [BrokerAddress {
+                host: "y".into(),
+                port: 2
+            }]
+        );
+        assert!(c.tls.is_none());
+        assert!(load("broker: 'x:1'").unwrap().broker_fallbacks.is_empty());
+        let c = load("broker: 'x:1, y:2'").unwrap();
+        assert_eq!(c.broker_addresses().len(), 2, "commas separate addresses");
+        // Refused, each naming what is wrong.
+        let err = |body: &str| load(body).unwrap_err().to_string();
+        assert!(err("broker: []").contains("empty"));
+        assert!(err("broker: ['a:1', 'a:1']").contains("listed twice"));
+        assert!(
+            err("broker: ['mqtt://a:1', 'mqtts://b:2'], tls: {ca: 'ca.pem'}").contains("mixes")
+        );
+        assert!(err("broker: ['mqtts://a:1', 'mqtts://b:2']").contains("tls block"));
+        assert!(err("broker: ['a:1', 'b']").contains("host:port"));
+        assert!(err("broker: [':1']").contains("host:port"));
+        let many: Vec<String> = (0..=MAX_BROKER_ADDRESSES)
+            .map(|i| format!("'h{i}:1'"))
+            .collect();
+        assert!(err(&format!("broker: [{}]", many.join(","))).contains("more than"));
+        assert!(
+            load("broker: ['a:1'], brokers: ['b:1']").is_err(),
+            "one key, two spellings"
+        );
     }
 
     #[test]

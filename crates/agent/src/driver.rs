@@ -22,7 +22,7 @@ use devtables_sync::device::{DeviceAction, DeviceEngine, DeviceEvent};
 use devtables_sync::hlc::HlcClock;
 use devtables_sync::identity::DeviceId;
 use devtables_sync::topics;
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
 use crate::commands::{self, ResultRetry};
@@ -136,6 +136,9 @@ pub(crate) struct Driver {
     /// A command without a handler stays pending (for an application to take through the local
     /// API) instead of failing with "no handler" ([`AgentConfig::hold_unhandled_commands`]).
     pub(crate) hold_unhandled_commands: bool,
+    /// The waits before subscribing again after the broker refused a subscription (reset by
+    /// every connection).
+    pub(crate) subscribe_backoff: crate::link::Backoff,
 }
 
 impl Driver {
@@ -152,6 +155,12 @@ impl Driver {
 
     pub(crate) async fn run(mut self) {
         let mut connected = false;
+        // The address of the last connection made, to tell a failover from a reconnect.
+        let mut last_broker: Option<crate::config::BrokerAddress> = None;
+        // When to subscribe again after the broker refused the subscription.
+        let mut resubscribe_at: Option<tokio::time::Instant> = None;
+        // The protocol session runs on this connection: its subscription was granted.
+        let mut session = false;
         loop {
             let deadline = self.engine.poll_timeout().map(|at| {
                 let wait = at.saturating_sub(self.now());
@@ -159,6 +168,12 @@ impl Driver {
             });
             let sleep = async {
                 match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let resubscribe = async {
+                match resubscribe_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -180,23 +195,62 @@ impl Driver {
             };
             tokio::select! {
                 event = self.link.recv() => match event {
-                    Some(LinkEvent::Connected) => {
+                    Some(LinkEvent::Connected { broker }) => {
                         connected = true;
-                        self.subscribe();
-                        let now = self.now();
-                        self.engine.handle_connected(now);
+                        session = false;
+                        self.subscribe_backoff.reset();
+                        resubscribe_at = self.subscribe();
+                        let failover = last_broker.as_ref().is_some_and(|last| *last != broker);
+                        if failover {
+                            tracing::info!(device = %self.id, "connected to the broker at {broker} (another address than the last connection's)");
+                        } else {
+                            tracing::info!(device = %self.id, "connected to the broker at {broker}");
+                        }
                         self.set_status(|s| {
                             s.connected = true;
                             s.connection = None;
+                            s.broker = Some(broker.to_string());
+                            s.broker_failovers += u64::from(failover);
+                        });
+                        last_broker = Some(broker);
+                    }
+                    Some(LinkEvent::SubAck { granted: true }) => {
+                        // The cloud's answers have somewhere to arrive: the session starts (a
+                        // hello). A SUBACK of an earlier attempt on this connection changes
+                        // nothing once it runs.
+                        if connected && !session {
+                            session = true;
+                            resubscribe_at = None;
+                            let now = self.now();
+                            self.engine.handle_connected(now);
+                        }
+                    }
+                    Some(LinkEvent::SubAck { granted: false }) => {
+                        let wait = self.subscribe_backoff.next_wait();
+                        tracing::warn!(device = %self.id, "the broker refused the subscription to the device's topics; subscribing again in {wait:?}");
+                        if connected && !session {
+                            resubscribe_at = Some(tokio::time::Instant::now() + wait);
+                        }
+                        self.set_status(|s| {
+                            s.subscriptions_refused += 1;
+                            s.last_error = Some("the broker refused the subscription to the device's topics".into());
                         });
                     }
                     Some(LinkEvent::Message(payload)) => {
                         let now = self.now();
                         self.engine.handle_message(now, &payload);
                     }
-                    Some(LinkEvent::Lost { was_connected, error, failure, warn }) => {
+                    Some(LinkEvent::Lost { broker, next, was_connected, error, failure, warn }) => {
+                        let then = match &next {
+                            Some(next) => format!("; the next attempt goes to {next}"),
+                            None => String::new(),
+                        };
+                        let trying = next.as_ref().unwrap_or(&broker).to_string();
+                        // The next connection subscribes anew.
+                        resubscribe_at = None;
+                        session = false;
                         if was_connected {
-                            tracing::warn!(device = %self.id, "MQTT connection lost: {error}");
+                            tracing::warn!(device = %self.id, "MQTT connection lost: {error} (broker {broker}{then})");
                             connected = false;
                             let now = self.now();
                             self.engine.handle_disconnected(now);
@@ -205,20 +259,22 @@ impl Driver {
                                 s.connected = false;
                                 s.ready = false;
                                 s.last_error = Some(error.clone());
-                                s.connection = Some(format!("connection lost: {error}; reconnecting"));
+                                s.connection = Some(format!("connection lost: {error} (broker {broker}); reconnecting"));
+                                s.broker = Some(trying);
                             });
                         } else {
                             // Said as a warning when it is news (link::FailureLog), so a device
                             // that cannot connect tells why without a line per retry.
-                            let said = failure.unwrap_or(ConnectFailure::Other).describe(&error);
+                            let said = failure.unwrap_or(ConnectFailure::Other).describe(&broker, &error);
                             if warn {
-                                tracing::warn!(device = %self.id, "{said} (retrying with backoff)");
+                                tracing::warn!(device = %self.id, "{said}; retrying with backoff{then}");
                             } else {
-                                tracing::debug!(device = %self.id, "{said}");
+                                tracing::debug!(device = %self.id, "{said}{then}");
                             }
                             self.set_status(|s| {
                                 s.last_error = Some(error.clone());
                                 s.connection = Some(said);
+                                s.broker = Some(trying);
                             });
                         }
                     }
@@ -233,6 +289,12 @@ impl Driver {
                     self.engine.handle_timeout(now);
                 }
                 _ = retry => self.retry_results(),
+                _ = resubscribe => {
+                    resubscribe_at = None;
+                    if connected && !session {
+                        resubscribe_at = self.subscribe();
+                    }
+                }
                 _ = tokio::time::sleep_until(gc_due) => self.collect_versions().await,
                 _ = repush => self.repush_slice().await,
                 _ = self.inbox.woken() => {}
@@ -263,12 +325,21 @@ impl Driver {
         }
     }
 
-    fn subscribe(&self) {
-        let own = topics::down_topic(&self.prefix, &self.id);
-        let broadcast = topics::broadcast_topic(&self.prefix, &self.id.account);
-        for topic in [own, broadcast] {
-            if let Err(e) = self.client.try_subscribe(topic, QoS::AtLeastOnce) {
-                tracing::error!(device = %self.id, "cannot subscribe: {e}");
+    /// Subscribes to the device's own down topic and its account's broadcast topic in one
+    /// SUBSCRIBE (one SUBACK says whether both hold). Returns when to try again if the request
+    /// could not even be queued.
+    fn subscribe(&mut self) -> Option<tokio::time::Instant> {
+        let filters = [
+            topics::down_topic(&self.prefix, &self.id),
+            topics::broadcast_topic(&self.prefix, &self.id.account),
+        ]
+        .map(|topic| SubscribeFilter::new(topic, QoS::AtLeastOnce));
+        match self.client.try_subscribe_many(filters) {
+            Ok(()) => None,
+            Err(e) => {
+                let wait = self.subscribe_backoff.next_wait();
+                tracing::error!(device = %self.id, "cannot subscribe: {e}; trying again in {wait:?}");
+                Some(tokio::time::Instant::now() + wait)
             }
         }
     }

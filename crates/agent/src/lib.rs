@@ -120,6 +120,17 @@ pub struct AgentStatus {
     pub resyncs: u64,
     /// Established MQTT connections that were lost (a clean stop is not counted).
     pub disconnects: u64,
+    /// The broker address (`host:port`) of the current connection; while not connected, the
+    /// one the next attempt goes to. With several addresses (a broker cluster) it moves to the
+    /// next after every failed attempt or lost connection.
+    pub broker: Option<String>,
+    /// Connections made to another broker address than the previous connection's: failovers
+    /// to another node of a broker cluster.
+    pub broker_failovers: u64,
+    /// SUBACKs that refused the subscription to the device's topics; each made the agent
+    /// subscribe again after a backoff wait (a broker cluster refuses while it cannot store the
+    /// subscription). A connection's session (its hello) starts only once it is granted.
+    pub subscriptions_refused: u64,
     /// Local items a resync deleted because the cloud does not hold them.
     pub swept: u64,
     /// Cloud time minus this device's clock, in ms, from the last welcome.
@@ -349,55 +360,77 @@ impl Agent {
                 answered: restored.answered,
             },
         );
-        let mut options = MqttOptions::new(
-            id.node_name(),
-            config.broker_host.clone(),
-            config.broker_port,
-        );
-        options.set_keep_alive(config.keep_alive);
-        options.set_clean_session(true);
-        if let Some(secret) = secret {
-            options.set_credentials(id.node_name(), secret);
-        }
         // If the connection dies, the broker tells the cloud on the device's behalf.
         let bye = devtables_sync::wire::encode_up(schema.tag(), &UpMsg::Bye, &config.sync.wire)
             .map_err(|e| AgentError::Config(format!("cannot encode the last will: {e}")))?;
         let up_topic = devtables_sync::topics::up_topic(&config.topic_prefix, &id);
-        options.set_last_will(LastWill::new(
-            up_topic,
-            bye.clone(),
-            QoS::AtLeastOnce,
-            false,
-        ));
         let max_packet = config.sync.wire.max_message_bytes + 4096;
-        options.set_max_packet_size(max_packet, max_packet);
-        match &config.tls {
+        let transport = match &config.tls {
             Some(tls) => {
                 let tls_config =
                     tls::client_config(tls).map_err(|e| AgentError::Config(e.to_string()))?;
-                options.set_transport(rumqttc::Transport::tls_with_config(
+                Some(rumqttc::Transport::tls_with_config(
                     rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config)),
-                ));
+                ))
             }
-            None => tracing::warn!(
+            None => None,
+        };
+        let addresses = config.broker_addresses();
+        if transport.is_none() {
+            let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+            tracing::warn!(
                 device = %id,
-                "MQTT to {}:{} is in clear text (no TLS configured): the device secret and its \
+                "MQTT to {} is in clear text (no TLS configured): the device secret and its \
                  items cross the network readable",
-                config.broker_host,
-                config.broker_port
-            ),
+                list.join(", ")
+            );
         }
-        let (client, mut eventloop) = AsyncClient::new(options, config.mqtt_queue);
+        // The same options for every address of the broker (rumqttc holds the address in them).
+        let options_for = |broker: &config::BrokerAddress| {
+            let mut options = MqttOptions::new(id.node_name(), broker.host.clone(), broker.port);
+            options.set_keep_alive(config.keep_alive);
+            options.set_clean_session(true);
+            if let Some(secret) = &secret {
+                options.set_credentials(id.node_name(), secret.clone());
+            }
+            options.set_last_will(LastWill::new(
+                up_topic.clone(),
+                bye.clone(),
+                QoS::AtLeastOnce,
+                false,
+            ));
+            options.set_max_packet_size(max_packet, max_packet);
+            if let Some(transport) = &transport {
+                options.set_transport(transport.clone());
+            }
+            options
+        };
+        let addresses: Vec<_> = addresses
+            .into_iter()
+            .map(|broker| {
+                let options = options_for(&broker);
+                (broker, options)
+            })
+            .collect();
+        let first = addresses[0].clone();
+        let brokers = link::BrokerRotation::new(addresses)
+            .ok_or_else(|| AgentError::Config("no broker address".into()))?;
+        let (client, mut eventloop) = AsyncClient::new(first.1, config.mqtt_queue);
         // Small protocol messages must not wait for the delayed-ACK timer (about 40 ms).
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
+        let initial = AgentStatus {
+            broker: Some(first.0.to_string()),
+            ..initial
+        };
 
         let (status_tx, status) = watch::channel(initial);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (link_tx, link_rx) = mpsc::channel(link::LINK_EVENTS);
         let link_task = tokio::spawn(link::run(
             eventloop,
+            brokers,
             link_tx,
             shutdown_rx.clone(),
             link::Backoff::new(config.reconnect_delay, config.reconnect_max_delay),
@@ -433,6 +466,10 @@ impl Agent {
             gc: driver::GcState::new(&config),
             repush: None,
             hold_unhandled_commands: config.hold_unhandled_commands,
+            subscribe_backoff: link::Backoff::new(
+                config.reconnect_delay,
+                config.reconnect_max_delay,
+            ),
         };
         let task = tokio::spawn(driver.run());
         Ok(Agent {

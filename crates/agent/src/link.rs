@@ -10,23 +10,44 @@
 //! It also says why an attempt failed ([`ConnectFailure`]: refused credentials, an unreachable
 //! broker, TLS, other), and decides which failures deserve a warning ([`FailureLog`]), since a
 //! device that cannot connect retries for as long as it runs.
+//!
+//! A broker may have several addresses (the nodes of a broker cluster, [`BrokerRotation`]):
+//! every failed attempt and every lost connection moves the next attempt to the next address,
+//! so a device whose node died reconnects to another one after one backoff wait. The session is
+//! clean on every node: what was in flight is recovered by the protocol (the outbox is resent,
+//! the feed is read again from the cursor the device announces), not by the broker.
 
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
-use rumqttc::{ConnectReturnCode, ConnectionError, Event, EventLoop, Outgoing, Packet};
+use rumqttc::{
+    ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet,
+    SubscribeReasonCode,
+};
 use tokio::sync::{mpsc, watch};
+
+use crate::config::BrokerAddress;
 
 /// What the connection task tells the driver.
 #[derive(Debug)]
 pub(crate) enum LinkEvent {
-    /// A CONNACK: a new (clean) session.
-    Connected,
+    /// A CONNACK: a new (clean) session, with the broker at this address.
+    Connected { broker: BrokerAddress },
     /// A message on a subscribed topic.
     Message(Vec<u8>),
+    /// A SUBACK: `granted` when every filter of the SUBSCRIBE was granted. A broker cluster
+    /// refuses (return code 0x80) while it cannot store the subscription (NATS, while its
+    /// JetStream elects a new leader after a node died); without the subscription no answer of
+    /// the cloud arrives, so the driver starts the session only once it is granted, and
+    /// subscribes again after a refusal.
+    SubAck { granted: bool },
     /// The connection dropped (it was up), or an attempt failed; the task retries after a
     /// [`Backoff`] wait.
     Lost {
+        /// The address the connection or attempt was to.
+        broker: BrokerAddress,
+        /// The address the next attempt goes to, when it is another one.
+        next: Option<BrokerAddress>,
         /// Whether a connection was up.
         was_connected: bool,
         /// What failed.
@@ -68,9 +89,10 @@ impl ConnectFailure {
         }
     }
 
-    /// The status line of an agent whose attempts fail so (`error` is the client's message).
-    pub(crate) fn describe(self, error: &str) -> String {
-        match self {
+    /// The status line of an agent whose attempts to `broker` fail so (`error` is the client's
+    /// message).
+    pub(crate) fn describe(self, broker: &BrokerAddress, error: &str) -> String {
+        let why = match self {
             ConnectFailure::Credentials => format!(
                 "cannot connect: the broker refused the credentials (check the device secret or \
                  client certificate, and that the device is registered and not revoked): {error}"
@@ -84,7 +106,8 @@ impl ConnectFailure {
                  and the client certificate): {error}"
             ),
             ConnectFailure::Other => format!("cannot connect: {error}"),
-        }
+        };
+        format!("{why} (broker {broker})")
     }
 }
 
@@ -126,10 +149,48 @@ impl FailureLog {
 /// which is TCP back-pressure, not loss.
 pub(crate) const LINK_EVENTS: usize = 1024;
 
+/// The broker's addresses, each with the client options that connect to it, and the one the
+/// next attempt uses. rumqttc keeps one address in its options and has no setter for it, so
+/// every address gets options of its own, built alike by the caller; moving on swaps them into
+/// the event loop between two attempts.
+pub(crate) struct BrokerRotation {
+    addresses: Vec<(BrokerAddress, MqttOptions)>,
+    current: usize,
+}
+
+impl BrokerRotation {
+    /// `None` when `addresses` is empty. The event loop must start on the first one.
+    pub(crate) fn new(addresses: Vec<(BrokerAddress, MqttOptions)>) -> Option<BrokerRotation> {
+        (!addresses.is_empty()).then_some(BrokerRotation {
+            addresses,
+            current: 0,
+        })
+    }
+
+    /// The address the current connection or the next attempt is to.
+    pub(crate) fn current(&self) -> &BrokerAddress {
+        &self.addresses[self.current].0
+    }
+
+    /// Points `eventloop` at the next address, round the list; returns it when it is another
+    /// one (never with a single address).
+    pub(crate) fn advance(&mut self, eventloop: &mut EventLoop) -> Option<BrokerAddress> {
+        if self.addresses.len() < 2 {
+            return None;
+        }
+        self.current = (self.current + 1) % self.addresses.len();
+        let (address, options) = &self.addresses[self.current];
+        eventloop.mqtt_options = options.clone();
+        Some(address.clone())
+    }
+}
+
 /// Polls `eventloop` until `shutdown` turns true and the disconnect went out (or one second
-/// passed), forwarding events to `events`.
+/// passed), forwarding events to `events`; after a failure the next attempt goes to the next
+/// address of `brokers`.
 pub(crate) async fn run(
     mut eventloop: EventLoop,
+    mut brokers: BrokerRotation,
     events: mpsc::Sender<LinkEvent>,
     mut shutdown: watch::Receiver<bool>,
     mut backoff: Backoff,
@@ -164,9 +225,18 @@ pub(crate) async fn run(
                 connected = true;
                 backoff.reset();
                 failures.reset();
-                Some(LinkEvent::Connected)
+                Some(LinkEvent::Connected {
+                    broker: brokers.current().clone(),
+                })
             }
             Ok(Event::Incoming(Packet::Publish(p))) => Some(LinkEvent::Message(p.payload.to_vec())),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => Some(LinkEvent::SubAck {
+                granted: !ack.return_codes.is_empty()
+                    && ack
+                        .return_codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+            }),
             Ok(_) => None,
             Err(e) => {
                 let was_connected = std::mem::replace(&mut connected, false);
@@ -175,8 +245,12 @@ pub(crate) async fn run(
                     Some(failure) => failures.warn(failure, Instant::now()),
                     None => true,
                 };
+                let broker = brokers.current().clone();
+                let next = brokers.advance(&mut eventloop);
                 if events
                     .send(LinkEvent::Lost {
+                        broker,
+                        next,
                         was_connected,
                         error: e.to_string(),
                         failure,
@@ -285,15 +359,52 @@ mod tests {
         for (error, expected) in cases {
             assert_eq!(ConnectFailure::of(&error), expected, "{error}");
         }
-        let said = ConnectFailure::Credentials
-            .describe("Connection refused, return code: `BadUserNamePassword`");
+        let broker = BrokerAddress {
+            host: "b.example".into(),
+            port: 8883,
+        };
+        let said = ConnectFailure::Credentials.describe(
+            &broker,
+            "Connection refused, return code: `BadUserNamePassword`",
+        );
         assert!(
-            said.contains("refused the credentials") && said.contains("BadUserNamePassword"),
+            said.contains("refused the credentials")
+                && said.contains("BadUserNamePassword")
+                && said.contains("b.example:8883"),
             "{said}"
         );
         assert!(ConnectFailure::Unreachable
-            .describe("x")
+            .describe(&broker, "x")
             .contains("unreachable"));
+    }
+
+    #[test]
+    fn the_rotation_moves_the_event_loop_round_the_addresses() {
+        let address = |host: &str, port| BrokerAddress {
+            host: host.into(),
+            port,
+        };
+        let options = |a: &BrokerAddress| MqttOptions::new("acme/d1", a.host.clone(), a.port);
+        let list = [address("a", 1), address("b", 2), address("c", 3)];
+        let mut rotation =
+            BrokerRotation::new(list.iter().map(|a| (a.clone(), options(a))).collect()).unwrap();
+        let mut eventloop = EventLoop::new(options(&list[0]), 8);
+        assert_eq!(rotation.current(), &list[0]);
+        for expected in [&list[1], &list[2], &list[0], &list[1]] {
+            assert_eq!(rotation.advance(&mut eventloop).as_ref(), Some(expected));
+            assert_eq!(rotation.current(), expected);
+            assert_eq!(
+                eventloop.mqtt_options.broker_address(),
+                (expected.host.clone(), expected.port),
+                "the next attempt goes to {expected}"
+            );
+        }
+        // One address: nowhere to move.
+        let mut single = BrokerRotation::new(vec![(list[0].clone(), options(&list[0]))]).unwrap();
+        let mut eventloop = EventLoop::new(options(&list[0]), 8);
+        assert_eq!(single.advance(&mut eventloop), None);
+        assert_eq!(eventloop.mqtt_options.broker_address(), ("a".into(), 1));
+        assert!(BrokerRotation::new(Vec::new()).is_none());
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub struct AgentArgs {
     #[arg(long)]
     config: PathBuf,
     /// The broker, instead of the file's `broker`: host:port, mqtt://host:port, or
-    /// mqtts://host:port (TLS, with the file's `tls` block).
+    /// mqtts://host:port (TLS, with the file's `tls` block); several, separated by commas, name
+    /// the nodes of a broker cluster, tried in turn.
     #[arg(long, value_name = "ADDR")]
     mqtt: Option<String>,
     /// The database file, instead of the file's `db` (created when missing).
@@ -90,19 +91,16 @@ impl AgentArgs {
     pub fn run(self) -> Result<(), StandaloneError> {
         let (mut file, mut config) = AgentFile::load(&self.config)?;
         if let Some(broker) = &self.mqtt {
-            let (host, port) = crate::config::parse_broker(broker)?;
+            let list = crate::config::parse_broker_list(broker.split(',').map(str::trim))?;
             let refuse = |why: String| Err(StandaloneError::Agent(AgentError::Config(why)));
-            match (
-                broker.split_once("://").map(|(scheme, _)| scheme),
-                &config.tls,
-            ) {
-                (Some("mqtts"), None) => {
+            match (list.scheme, &config.tls) {
+                (crate::config::BrokerScheme::Tls, None) => {
                     return refuse(format!(
                         "--mqtt {broker} asks for TLS, but {} has no tls block (tls: {{ca: ...}})",
                         self.config.display()
                     ))
                 }
-                (Some("mqtt"), Some(_)) => {
+                (crate::config::BrokerScheme::Clear, Some(_)) => {
                     return refuse(format!(
                         "--mqtt {broker} is clear text, but {} sets tls: use mqtts:// or host:port",
                         self.config.display()
@@ -110,8 +108,7 @@ impl AgentArgs {
                 }
                 _ => {}
             }
-            config.broker_host = host;
-            config.broker_port = port;
+            config.set_broker_addresses(&list);
         }
         if let Some(db) = &self.db {
             file.db = db.clone();

@@ -32,7 +32,7 @@ pub struct CloudArgs {
     api: Option<SocketAddr>,
     /// The MQTT address, instead of the file's: the embedded broker's listener (`embedded_broker`,
     /// or `embedded_broker_tls.listen` when that is its only one), or the external broker
-    /// (`external_broker`, host:port).
+    /// (`external_broker`, host:port; several, separated by commas, for a broker cluster).
     #[arg(long, value_name = "ADDR")]
     mqtt: Option<String>,
     /// The data folder, instead of the file's `data_dir` (created when missing).
@@ -98,29 +98,23 @@ fn apply_cloud_overrides(config: &mut CloudConfig, args: &CloudArgs) -> anyhow::
             }
         }
         BrokerMode::External { host, port, .. } => {
-            let (scheme, rest) = match mqtt.split_once("://") {
-                Some((scheme, rest)) => (Some(scheme), rest),
-                None => (None, mqtt.as_str()),
-            };
-            match (scheme, config.external_tls.is_some()) {
-                (Some("mqtts"), false) => {
+            use devtables_cloud::config::{parse_external_brokers, ExternalScheme};
+            let list = parse_external_brokers(mqtt.split(',').map(str::trim))
+                .map_err(|e| anyhow::anyhow!("--mqtt {mqtt}: {e}"))?;
+            match (list.scheme, config.external_tls.is_some()) {
+                (Some(ExternalScheme::Tls), false) => {
                     bail!("--mqtt {mqtt} asks for TLS, but the file sets no external_broker_tls")
                 }
-                (Some("mqtt"), true) => {
+                (Some(ExternalScheme::Clear), true) => {
                     bail!("--mqtt {mqtt} is clear text, but the file sets external_broker_tls")
-                }
-                (Some(other), _) if other != "mqtt" && other != "mqtts" => {
-                    bail!("--mqtt {mqtt}: the scheme {other:?} is not mqtt or mqtts")
                 }
                 _ => {}
             }
-            let (h, p) = rest
-                .rsplit_once(':')
-                .with_context(|| format!("--mqtt {mqtt} must be host:port"))?;
-            *port = p
-                .parse()
-                .with_context(|| format!("--mqtt {mqtt}: the port {p:?} is not a number"))?;
-            *host = h.to_string();
+            let mut addresses = list.addresses.into_iter();
+            if let Some((h, p)) = addresses.next() {
+                (*host, *port) = (h, p);
+            }
+            config.mqtt.external_fallbacks = addresses.collect();
         }
     }
     Ok(())

@@ -295,6 +295,11 @@ pub struct MqttClientConfig {
     pub subscribe_retry_max: Duration,
     /// How long a SUBSCRIBE may wait for its SUBACK before it is sent again. Default 10 s.
     pub suback_timeout: Duration,
+    /// Further addresses of an external broker (the other nodes of a broker cluster), tried in
+    /// turn after [`BrokerMode::External`]'s `host:port`: every failed attempt and every lost
+    /// connection moves that connection's next attempt to the next address, round the list
+    /// (see `external_brokers`). Default none.
+    pub external_fallbacks: Vec<(String, u16)>,
 }
 
 impl Default for MqttClientConfig {
@@ -310,6 +315,7 @@ impl Default for MqttClientConfig {
             subscribe_retry_min: Duration::from_millis(200),
             subscribe_retry_max: Duration::from_secs(30),
             suback_timeout: Duration::from_secs(10),
+            external_fallbacks: Vec::new(),
         }
     }
 }
@@ -526,9 +532,11 @@ pub struct CloudFile {
     #[serde(default)]
     pub cluster_lease_ms: Option<u64>,
     /// ... or an external broker: `mqtts://host:port` (needs `external_broker_tls`),
-    /// `mqtt://host:port` or `host:port` (clear text).
-    #[serde(default)]
-    pub external_broker: Option<String>,
+    /// `mqtt://host:port` or `host:port` (clear text); a list of them (also spelt
+    /// `external_brokers`, or one string with commas between the addresses) names the nodes of
+    /// a broker cluster, tried in turn.
+    #[serde(default, alias = "external_brokers")]
+    pub external_broker: Option<ExternalBrokerSetting>,
     /// `{ca, server_name}`: the external broker's CA (PEM) and, optionally, the name its
     /// certificate carries (default: its host).
     #[serde(default)]
@@ -699,6 +707,101 @@ pub struct DeviceCertificatesFile {
 /// The external broker's TLS in the cloud's file (the same format as the agent's `tls`).
 pub use devtables_tls::ClientTlsFile;
 
+/// The file's `external_broker`: one address, or the addresses of a broker cluster.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ExternalBrokerSetting {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ExternalBrokerSetting {
+    /// The addresses as written.
+    pub fn entries(&self) -> Vec<&str> {
+        match self {
+            // Commas separate addresses here too, as on the command line (`--mqtt a:1,b:1`).
+            ExternalBrokerSetting::One(s) => s.split(',').map(str::trim).collect(),
+            ExternalBrokerSetting::Many(list) => list.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// Most addresses an external broker list may hold (a broker cluster has a handful of nodes).
+pub const MAX_EXTERNAL_BROKERS: usize = 16;
+
+/// What the scheme of an external broker list asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExternalScheme {
+    /// `mqtts://`
+    Tls,
+    /// `mqtt://`
+    Clear,
+}
+
+/// A parsed external broker list: `host:port` in order, and the scheme the entries share (none
+/// when every entry is a bare `host:port`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalBrokers {
+    pub addresses: Vec<(String, u16)>,
+    pub scheme: Option<ExternalScheme>,
+}
+
+/// Parses the addresses of an external broker, each `mqtts://host:port`, `mqtt://host:port` or
+/// `host:port`. Refused, naming the entry: an empty list, more than [`MAX_EXTERNAL_BROKERS`], an
+/// address listed twice, another scheme, and `mqtt://` mixed with `mqtts://` (one TLS setting
+/// serves every address).
+pub fn parse_external_brokers<'a>(
+    entries: impl IntoIterator<Item = &'a str>,
+) -> Result<ExternalBrokers, String> {
+    let mut list = ExternalBrokers {
+        addresses: Vec::new(),
+        scheme: None,
+    };
+    for entry in entries {
+        if list.addresses.len() == MAX_EXTERNAL_BROKERS {
+            return Err(format!(
+                "external_broker lists more than {MAX_EXTERNAL_BROKERS} addresses"
+            ));
+        }
+        let (scheme, addr) = match entry.split_once("://") {
+            Some(("mqtts", rest)) => (Some(ExternalScheme::Tls), rest),
+            Some(("mqtt", rest)) => (Some(ExternalScheme::Clear), rest),
+            Some((other, _)) => {
+                return Err(format!(
+                    "external_broker scheme {other:?} is not mqtt or mqtts"
+                ))
+            }
+            None => (None, entry),
+        };
+        list.scheme = match (list.scheme, scheme) {
+            (None, s) | (s, None) => s,
+            (Some(a), Some(b)) if a == b => Some(a),
+            _ => {
+                return Err(format!(
+                    "external_broker {entry:?}: the list mixes mqtt:// and mqtts://; one TLS \
+                     setting serves every address"
+                ))
+            }
+        };
+        let (host, port) = addr
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace))
+            .ok_or_else(|| format!("external_broker {addr:?} must be host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("external_broker port {port:?} is not a number"))?;
+        let address = (host.to_string(), port);
+        if list.addresses.contains(&address) {
+            return Err(format!("external_broker {host}:{port} is listed twice"));
+        }
+        list.addresses.push(address);
+    }
+    if list.addresses.is_empty() {
+        return Err("external_broker lists no address".into());
+    }
+    Ok(list)
+}
+
 impl CloudFile {
     pub fn load(path: &Path) -> Result<(PathBuf, CloudConfig), String> {
         let text = std::fs::read_to_string(path)
@@ -743,30 +846,22 @@ impl CloudFile {
                 Some(listen) => BrokerMode::Embedded { listen },
                 None => config.broker,
             },
-            (false, Some(addr)) => {
-                let (scheme, addr) = match addr.split_once("://") {
-                    Some((scheme, rest)) => (Some(scheme), rest),
-                    None => (None, addr.as_str()),
-                };
-                config.external_tls = match (scheme, &file.external_broker_tls) {
-                    (Some("mqtt"), Some(_)) => {
+            (false, Some(setting)) => {
+                let list = parse_external_brokers(setting.entries())?;
+                config.external_tls = match (list.scheme, &file.external_broker_tls) {
+                    (Some(ExternalScheme::Clear), Some(_)) => {
                         return Err(
                             "external_broker is mqtt:// (clear text) but external_broker_tls \
                                     is set: use mqtts://"
                                 .into(),
                         )
                     }
-                    (Some("mqtts"), None) => {
+                    (Some(ExternalScheme::Tls), None) => {
                         return Err(
                             "external_broker is mqtts:// but no external_broker_tls gives \
                                     the CA file"
                                 .into(),
                         )
-                    }
-                    (Some(other), _) if other != "mqtt" && other != "mqtts" => {
-                        return Err(format!(
-                            "external_broker scheme {other:?} is not mqtt or mqtts"
-                        ))
                     }
                     (_, Some(tls)) => Some(
                         tls.resolve(dir)
@@ -774,14 +869,12 @@ impl CloudFile {
                     ),
                     (_, None) => None,
                 };
-                let (host, port) = addr
-                    .rsplit_once(':')
-                    .ok_or_else(|| format!("external_broker {addr:?} must be host:port"))?;
+                let mut addresses = list.addresses.into_iter();
+                let (host, port) = addresses.next().ok_or("external_broker lists no address")?;
+                config.mqtt.external_fallbacks = addresses.collect();
                 BrokerMode::External {
-                    host: host.to_string(),
-                    port: port
-                        .parse()
-                        .map_err(|_| format!("external_broker port {port:?} is not a number"))?,
+                    host,
+                    port,
                     username: file.broker_username.clone(),
                     password: file.broker_password.clone(),
                 }
@@ -1190,6 +1283,54 @@ mod tests {
             .1
             .external_tls
             .is_none());
+        // The nodes of a broker cluster: the first in the broker mode, the others after it.
+        let c = load(
+            "external_brokers: ['mqtts://a:8883', 'b:8884', 'mqtts://c:8885'], \
+             external_broker_tls: {ca: 'ca.pem'}",
+        )
+        .unwrap()
+        .1;
+        assert!(matches!(&c.broker, BrokerMode::External { host, port: 8883, .. } if host == "a"));
+        assert_eq!(
+            c.mqtt.external_fallbacks,
+            [("b".to_string(), 8884), ("c".to_string(), 8885)]
+        );
+        assert!(c.external_tls.is_some());
+        assert!(load("external_broker: 'b:1883'")
+            .unwrap()
+            .1
+            .mqtt
+            .external_fallbacks
+            .is_empty());
+        assert_eq!(
+            load("external_broker: 'a:1,b:2'")
+                .unwrap()
+                .1
+                .mqtt
+                .external_fallbacks,
+            [("b".to_string(), 2)],
+            "commas separate addresses"
+        );
+        for (bad, says) in [
+            ("external_broker: []", "no address"),
+            ("external_broker: ['a:1', 'a:1']", "listed twice"),
+            ("external_broker: ['mqtt://a:1', 'mqtts://b:2']", "mixes"),
+            ("external_broker: ['a:1', 'ws://b:2']", "not mqtt or mqtts"),
+            ("external_broker: ['a:1', ':2']", "host:port"),
+            (
+                "external_broker: ['a:1', 'mqtts://b:2']",
+                "external_broker_tls",
+            ),
+        ] {
+            let err = load(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let many: Vec<String> = (0..=MAX_EXTERNAL_BROKERS)
+            .map(|i| format!("'h{i}:1'"))
+            .collect();
+        assert!(load(&format!("external_broker: [{}]", many.join(",")))
+            .unwrap_err()
+            .contains("more than"));
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! - [`store_thread`]: the thread that owns the store, and the handle to run work on it (a leaf
 //!   module: the API, the operations and the sync loop all use it).
 //! - `sync_loop`: the driver around the sans-IO `CloudEngine`; `mqtt_link`: the task polling
-//!   the service's MQTT connection; `subscription`: keeps the device topics subscribed;
+//!   the service's MQTT connection; `external_brokers`: its addresses when the external broker
+//!   is a cluster; `subscription`: keeps the device topics subscribed;
 //!   [`status`]: the sync loop's counters (`GET /v1/status`); [`metrics`]: the same numbers and
 //!   the store job latency in the Prometheus text format (`GET /metrics`).
 //! - [`ops`]: application operations (register a device, write an item) shared by the API and
@@ -49,6 +50,8 @@ pub mod ca;
 pub mod cluster;
 #[cfg(feature = "service")]
 pub mod config;
+#[cfg(feature = "service")]
+mod external_brokers;
 #[cfg(feature = "service")]
 pub mod metrics;
 #[cfg(feature = "service")]

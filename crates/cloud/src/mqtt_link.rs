@@ -24,6 +24,7 @@ use rumqttc::{Event, EventLoop, Outgoing, Packet, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::MqttClientConfig;
+use crate::external_brokers::ExternalBrokers;
 use crate::status::SyncStatus;
 
 /// Which of the service's two MQTT connections a task polls.
@@ -36,6 +37,14 @@ pub(crate) enum Hop {
 }
 
 impl Hop {
+    /// The connection's name in the log.
+    fn name(self) -> &'static str {
+        match self {
+            Hop::Ingress => "ingress",
+            Hop::Egress => "egress",
+        }
+    }
+
     /// The status flag that says this connection is up.
     fn flag(self, status: &SyncStatus) -> &AtomicBool {
         match self {
@@ -172,6 +181,7 @@ pub(crate) async fn run(
 ) {
     let mut connected = false;
     let mut delay = config.reconnect_min;
+    let mut brokers = ExternalBrokers::new(&eventloop, &config.external_fallbacks);
     // At shutdown the sync loop queues a DISCONNECT; give it a moment to go out, never more.
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
@@ -188,6 +198,11 @@ pub(crate) async fn run(
                 connected = true;
                 delay = config.reconnect_min;
                 hop.flag(&status).store(true, Ordering::SeqCst);
+                tracing::info!(
+                    "MQTT {} connection to the broker at {} is up",
+                    hop.name(),
+                    brokers.current()
+                );
                 Some(LinkEvent::Connected)
             }
             Ok(Event::Incoming(Packet::Publish(p))) => Some(LinkEvent::Message {
@@ -237,7 +252,12 @@ pub(crate) async fn run(
                         std::sync::atomic::Ordering::Relaxed,
                     );
                 }
-                if events.send(LinkEvent::Lost(e.to_string())).await.is_err() {
+                let broker = brokers.current();
+                let said = match brokers.advance(&mut eventloop) {
+                    Some(next) => format!("{e} (broker {broker}; the next attempt goes to {next})"),
+                    None => format!("{e} (broker {broker})"),
+                };
+                if events.send(LinkEvent::Lost(said)).await.is_err() {
                     return;
                 }
                 tokio::select! {

@@ -1,10 +1,15 @@
 //! An agent that cannot connect says why in its status (`connection`): an unreachable broker
 //! (nothing listens), refused credentials (a wrong secret against the cloud's embedded broker,
-//! which checks them), and, once connected, nothing.
+//! which checks them), and, once connected, nothing. An agent given several broker addresses
+//! moves to the next one when an attempt fails or its connection is lost, and says which
+//! address it is on.
 
+use devtables_agent::config::BrokerAddress;
 use devtables_agent::Agent;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 
-use super::support::{agent_config, device, eventually, offline, schema, start_cloud};
+use super::support::{agent_config, device, eventually, free_port, offline, schema, start_cloud};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_pointed_at_a_closed_port_says_the_broker_is_unreachable() {
@@ -57,4 +62,188 @@ async fn wrong_credentials_are_said_to_be_refused_and_the_right_ones_clear_it() 
     );
     agent.shutdown().await;
     cloud.shutdown().await;
+}
+
+/// A second address of the same broker: a TCP relay to it, whose [`Relay::close`] ends every
+/// connection through it and stops listening, as a broker node that dies.
+struct Relay {
+    port: u16,
+    tasks: JoinSet<()>,
+}
+
+impl Relay {
+    async fn to(target_port: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            // Dropped with the accept loop when the relay closes: every relayed connection ends.
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Relay { port, tasks }
+    }
+
+    async fn close(mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_moves_round_its_broker_addresses_and_says_which_it_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), 0).await;
+    let secret = cloud.register_device(&device()).await.unwrap();
+    let direct = super::support::mqtt_port(&cloud);
+    let relay = Relay::to(direct).await;
+    let address = |port| BrokerAddress {
+        host: "127.0.0.1".into(),
+        port,
+    };
+
+    // First address: nothing listens there. Then the relay, then the broker itself.
+    let dead = free_port();
+    let mut config = agent_config(dir.path(), &secret, dead);
+    config.broker_fallbacks = vec![address(relay.port), address(direct)];
+    let agent = Agent::start(config, schema()).unwrap();
+    eventually(&agent, "ready through the second address", |a| {
+        a.status().ready
+    })
+    .await;
+    let status = agent.status();
+    assert_eq!(
+        status.broker,
+        Some(address(relay.port).to_string()),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.broker_failovers, 0,
+        "the first connection is no failover"
+    );
+
+    // The node behind the second address dies: the agent goes on with the third.
+    relay.close().await;
+    eventually(&agent, "ready again on the broker's own address", |a| {
+        let s = a.status();
+        s.ready && s.broker == Some(address(direct).to_string())
+    })
+    .await;
+    let status = agent.status();
+    assert_eq!(status.disconnects, 1, "{status:?}");
+    assert_eq!(status.broker_failovers, 1, "{status:?}");
+    agent.shutdown().await;
+    cloud.shutdown().await;
+}
+
+/// What a scripted broker saw, in order.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// A SUBSCRIBE, and whether it was granted.
+    Subscribe { granted: bool },
+    /// A PUBLISH from the device (its hello is the first).
+    Publish,
+}
+
+/// Reads one MQTT packet: its first byte and its body.
+async fn read_packet(socket: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let kind = socket.read_u8().await?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = socket.read_u8().await?;
+        len |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 || shift > 21 {
+            break;
+        }
+    }
+    let mut body = vec![0; len];
+    socket.read_exact(&mut body).await?;
+    Ok((kind, body))
+}
+
+/// A broker of one connection that answers CONNECT, refuses the first `refusals` SUBSCRIBEs
+/// (return code 0x80 for every filter) and grants the next, and acknowledges publishes; it
+/// records what it saw.
+async fn scripted_broker(
+    listener: TcpListener,
+    refusals: usize,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let Ok((mut socket, _)) = listener.accept().await else {
+        return;
+    };
+    let mut subscribes = 0;
+    while let Ok((kind, body)) = read_packet(&mut socket).await {
+        let answer: Vec<u8> = match kind >> 4 {
+            1 => vec![0x20, 2, 0, 0],
+            8 => {
+                // Packet id, then (length, filter, QoS) per filter.
+                let mut filters = 0;
+                let mut at = 2;
+                while at + 2 <= body.len() {
+                    at += 2 + usize::from(u16::from_be_bytes([body[at], body[at + 1]])) + 1;
+                    filters += 1;
+                }
+                let granted = subscribes >= refusals;
+                subscribes += 1;
+                seen.lock().unwrap().push(Seen::Subscribe { granted });
+                let code = if granted { 1 } else { 0x80 };
+                let mut ack = vec![0x90, 2 + filters as u8, body[0], body[1]];
+                ack.extend(std::iter::repeat_n(code, filters));
+                ack
+            }
+            3 => {
+                seen.lock().unwrap().push(Seen::Publish);
+                // QoS 1: topic length and topic, then the packet id.
+                let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                vec![0x40, 2, body[2 + topic], body[3 + topic]]
+            }
+            12 => vec![0xd0, 0],
+            _ => continue,
+        };
+        if socket.write_all(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_asked_again_and_no_session_starts_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let broker = tokio::spawn(scripted_broker(listener, 2, seen.clone()));
+    let agent = Agent::start(agent_config(dir.path(), "secret", port), schema()).unwrap();
+    eventually(&agent, "the hello after the granted subscription", |_| {
+        seen.lock().unwrap().contains(&Seen::Publish)
+    })
+    .await;
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(
+        seen[..4],
+        [
+            Seen::Subscribe { granted: false },
+            Seen::Subscribe { granted: false },
+            Seen::Subscribe { granted: true },
+            Seen::Publish,
+        ],
+        "asked again after each refusal, and nothing published before the grant"
+    );
+    let status = agent.status();
+    assert_eq!(status.subscriptions_refused, 2, "{status:?}");
+    assert!(
+        status.connected && !status.ready,
+        "no cloud answers here: {status:?}"
+    );
+    agent.shutdown().await;
+    broker.abort();
 }

@@ -165,7 +165,7 @@ struct LogBuf {
 impl Logs {
     /// Keeps what a child process writes to `stderr`, on a thread of its own; echoed with `tag`
     /// when `DEVTABLES_TEST_VERBOSE` is set.
-    fn capture(stderr: impl std::io::Read + Send + 'static, tag: String) -> Logs {
+    pub fn capture(stderr: impl std::io::Read + Send + 'static, tag: String) -> Logs {
         let logs = Logs::default();
         let sink = logs.clone();
         std::thread::spawn(move || {

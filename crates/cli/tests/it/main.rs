@@ -1,6 +1,7 @@
 //! End-to-end tests of the `devtables` command, run as a real process.
 
 mod api_keys;
+mod broker_cluster;
 mod broker_config;
 mod changes;
 mod clocks;
