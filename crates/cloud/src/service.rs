@@ -527,10 +527,15 @@ impl Cloud {
                  anyone who reaches it can register devices and read and write every account"
             );
         } else if live_api_keys == 0 {
+            let store = match &config.database {
+                DatabaseChoice::Sqlite => format!("--data {}", config.data_dir.display()),
+                DatabaseChoice::Postgres { schema, .. } => {
+                    format!("--database URL --database-schema {schema}")
+                }
+            };
             tracing::warn!(
                 "no API key exists, so the HTTP API on {api_addr} refuses every request: create the \
-                 first one with `devtables keys create --data {} --account ACCOUNT --scope admin`",
-                config.data_dir.display()
+                 first one with `devtables keys create {store} --account ACCOUNT --scope admin`"
             );
         }
         if config.metrics_open && !config.insecure_no_auth {

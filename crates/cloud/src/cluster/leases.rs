@@ -467,7 +467,8 @@ pub(crate) fn connect(options: &LeaseOptions) -> Result<Client, postgres::Error>
     // connection whose server stopped answering is noticed by TCP keepalives within it.
     config.connect_timeout(options.connect_timeout.min(options.lease / 2));
     config.keepalives(true);
-    config.keepalives_idle(options.lease / 2);
+    // (In whole seconds: the socket option has no finer unit, and 0 is refused.)
+    config.keepalives_idle((options.lease / 2).max(Duration::from_secs(1)));
     config.application_name(&format!("devtables-cloud {}", options.node));
     crate::store::postgres::tls::connect(&config, options.tls.as_ref())
 }
