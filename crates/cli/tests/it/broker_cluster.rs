@@ -20,7 +20,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::harness::{
-    eventually, free_port, unique_prefix, AgentProc, AgentSpec, BrokerChoice, CloudProc, Logs,
+    eventually, eventually_within, free_port, unique_prefix, AgentProc, AgentSpec, BrokerChoice,
+    CloudProc, Logs,
 };
 use super::services::services_on;
 
@@ -483,12 +484,19 @@ fn kill_mid_run(
     for &i in &on_victim {
         let d = &mut devices[i];
         let name = d.name.clone();
-        eventually(&format!("{name} ready on another node than {dead}"), || {
-            let s = d.status();
-            (s["ready"] == true && s["broker"] != dead.as_str())
-                .then_some(())
-                .ok_or(s.to_string())
-        });
+        // NATS refuses subscriptions while it elects new JetStream leaders (seconds, longer on
+        // a loaded machine); the agent asks again with backoff.
+        let elections = std::time::Duration::from_secs(90);
+        eventually_within(
+            &format!("{name} ready on another node than {dead}"),
+            elections,
+            || {
+                let s = d.status();
+                (s["ready"] == true && s["broker"] != dead.as_str())
+                    .then_some(())
+                    .ok_or(s.to_string())
+            },
+        );
         let s = d.status();
         assert!(
             s["broker_failovers"].as_u64().unwrap() > failovers_before[i],

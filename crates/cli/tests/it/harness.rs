@@ -133,8 +133,18 @@ pub fn unique_prefix() -> String {
 }
 
 /// Polls `f` until it returns Some, failing with `what` and the last observation at the deadline.
-pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + WAIT;
+pub fn eventually<T>(what: &str, f: impl FnMut() -> Result<T, String>) -> T {
+    eventually_within(what, WAIT, f)
+}
+
+/// [`eventually`] with a longer bound, for what a third party paces (a broker cluster's leader
+/// elections).
+pub fn eventually_within<T>(
+    what: &str,
+    wait: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + wait;
     let mut last = String::new();
     while Instant::now() < deadline {
         match f() {
