@@ -178,10 +178,11 @@ impl Node {
     }
 
     fn client(&mut self) -> Result<&mut Client, postgres::Error> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(connect(&self.options)?);
-        }
-        Ok(self.client.as_mut().expect("connected above"))
+        let client = match self.client.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => connect(&self.options)?,
+        };
+        Ok(self.client.insert(client))
     }
 
     /// Creates the tables and the partitions' rows once, whichever node comes first.
