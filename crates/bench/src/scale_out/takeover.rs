@@ -48,7 +48,10 @@ pub struct TakeoverFigure {
     pub up_lag_max_ms: f64,
     pub up_written: u64,
     pub up_acked: u64,
-    pub not_accounted_for: u64,
+    /// Writes not acknowledged when the drain ended (0 on a complete run).
+    pub unacknowledged: u64,
+    /// Whether the simulator accounted for every write, with no duplicate.
+    pub complete: bool,
 }
 
 fn sum(v: &[u64]) -> u64 {
@@ -95,7 +98,8 @@ pub async fn measure(
             up_lag_max_ms: report.up_lag_ms.max,
             up_written: report.up_written,
             up_acked: report.up_acked,
-            not_accounted_for: report.missing.total() + report.duplicates,
+            unacknowledged: report.missing.up,
+            complete: report.complete(),
         },
         report,
     ))

@@ -41,8 +41,10 @@ pub struct UpSyncFigure {
     pub up_lag_max_ms: f64,
     pub up_written: u64,
     pub up_acked: u64,
-    /// Writes neither acknowledged nor found after the drain, plus duplicates (must be 0).
-    pub not_accounted_for: u64,
+    /// Writes not acknowledged when the drain ended (0 on a complete run).
+    pub unacknowledged: u64,
+    /// Whether the simulator accounted for every write, with no duplicate.
+    pub complete: bool,
     /// Device messages the nodes handled per second during the writes (summed over nodes;
     /// a node counts only the messages of the devices it serves).
     pub messages_per_s: Option<f64>,
@@ -128,7 +130,8 @@ pub async fn measure(d: &Deployment, load: Load) -> anyhow::Result<(UpSyncFigure
         up_lag_max_ms: report.up_lag_ms.max,
         up_written: report.up_written,
         up_acked: report.up_acked,
-        not_accounted_for: report.missing.total() + report.duplicates,
+        unacknowledged: report.missing.up,
+        complete: report.complete(),
         messages_per_s: None,
         items_per_message: None,
         cloud_cpu_pct: None,

@@ -86,7 +86,8 @@ fn scale_out_quick_measures_every_variant_its_ceilings_the_takeover_and_broadcas
         let written = count(row, "/up_written");
         assert!(written > 0);
         assert_eq!(count(row, "/up_acked"), written, "{row}");
-        assert_eq!(count(row, "/not_accounted_for"), 0, "{row}");
+        assert_eq!(count(row, "/unacknowledged"), 0, "{row}");
+        assert_eq!(row["complete"], true, "{row}");
         assert_eq!(count(row, "/store_ceiling"), store_ceiling);
         assert_eq!(count(row, "/mqtt_ceiling"), mqtt_ceiling);
         let ceiling = num(row, "/store_ceiling_items_per_s");
@@ -117,7 +118,8 @@ fn scale_out_quick_measures_every_variant_its_ceilings_the_takeover_and_broadcas
     assert!(num(t, "/partitions_s") > 0.0, "{t}");
     assert!(num(t, "/sessions_s") > 0.0, "{t}");
     assert_eq!(count(t, "/up_acked"), count(t, "/up_written"), "{t}");
-    assert_eq!(count(t, "/not_accounted_for"), 0, "{t}");
+    assert_eq!(count(t, "/unacknowledged"), 0, "{t}");
+    assert_eq!(t["complete"], true, "{t}");
 
     // Broadcasts: one feed row per device of the account, on both stores.
     let b = rows(&v, "broadcast");
