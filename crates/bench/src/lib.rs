@@ -21,6 +21,10 @@
 //! - `footprint`: the device-only agent binary's size and memory.
 //! - `fleet`: the fleet simulator (`devtables-fleet`) swept over device counts and rates, each
 //!   point against a fresh `devtables cloud` process.
+//! - `scale_out`: a scaled-out cloud (PostgreSQL, Mosquitto, several `devtables cloud` nodes)
+//!   against one node on SQLite: up-sync items/s of the same fleet workload with the raw insert
+//!   rate of each store and the raw MQTT rate of each broker as ceilings, the takeover after a
+//!   node is killed, and a broadcast to 1,000 and 10,000 devices.
 //! - `plot`: PNGs from the JSON the others write (latency distributions, the fleet curve).
 //! - `report`: number formatting, percentiles and the JSON file writer they share; `sys`: what
 //!   /proc says about the process and the machine.
@@ -46,6 +50,7 @@ mod mqtt_raw;
 mod plot;
 mod redb_raw;
 mod report;
+mod scale_out;
 mod sq;
 mod sync;
 mod sys;
@@ -80,6 +85,10 @@ pub enum BenchCmd {
     /// The fleet simulator swept over device counts and rates, each point against a fresh
     /// `devtables cloud` in its own process: up lag, throughput, the cloud's CPU and memory.
     Fleet(fleet::FleetArgs),
+    /// A scaled-out cloud against the real PostgreSQL and Mosquitto: up-sync items/s on SQLite,
+    /// PostgreSQL with one node and with three (ceilings: raw store inserts, raw MQTT), the
+    /// takeover after a node is killed, and broadcasts to 1,000 and 10,000 devices.
+    ScaleOut(scale_out::ScaleOutArgs),
     /// PNG plots from the JSON files the benchmarks write: latency distributions of `sync`, and
     /// the fleet curve (devices against up p99 lag and cloud RSS) from fleet reports.
     Plot(plot::PlotArgs),
@@ -109,6 +118,7 @@ impl BenchCmd {
             BenchCmd::Footprint(_) => "footprint",
             BenchCmd::Memory(_) => "memory",
             BenchCmd::Fleet(_) => "fleet",
+            BenchCmd::ScaleOut(_) => "scale-out",
             BenchCmd::Plot(_) => "plot",
             BenchCmd::Child(_) => "child",
             BenchCmd::MemoryProbe(_) => "memory-probe",
@@ -212,6 +222,7 @@ pub fn run(cmd: BenchCmd, child: &ChildCommand) -> Result<(), BenchError> {
         BenchCmd::Footprint(args) => footprint::run(&args, child),
         BenchCmd::Memory(args) => memory::run(&args, child),
         BenchCmd::Fleet(args) => fleet::run(&args, child),
+        BenchCmd::ScaleOut(args) => scale_out::run(&args, child),
         BenchCmd::Plot(args) => plot::run(&args),
         BenchCmd::Child(args) => db::child_main(&args),
         BenchCmd::MemoryProbe(args) => memory::probe(&args),

@@ -131,7 +131,11 @@ pub fn stored_items(
 
 /// One change per stored item, as the agent sends it: the key, the item, a version from the
 /// real clock.
-fn changes_of(schema: &Schema, model_name: &str, items: Vec<Item>) -> anyhow::Result<Vec<Change>> {
+pub(crate) fn changes_of(
+    schema: &Schema,
+    model_name: &str,
+    items: Vec<Item>,
+) -> anyhow::Result<Vec<Change>> {
     let model = schema
         .model(model_name)
         .with_context(|| format!("the {model_name} model"))?;

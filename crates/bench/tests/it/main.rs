@@ -3,6 +3,9 @@
 //! JSON whose fields exist and whose counts agree. No timing is asserted. And `plot` must turn
 //! sync and fleet reports into valid PNGs without any system font.
 //!
+//! `scale-out` needs PostgreSQL and Mosquitto: its test (`scale_out.rs`) runs with
+//! `DEVTABLES_SERVICES` set, as the other crates' service tests do.
+//!
 //! The benchmarks run one at a time (they share two cores; a benchmark that waits on another's
 //! CPU only gets slower, but one at a time keeps each run's own limits far away).
 
@@ -11,6 +14,10 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
+
+mod scale_out;
+#[path = "../../../cli/tests/it/services_gate.rs"]
+mod services_gate;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
