@@ -1,5 +1,5 @@
 //! `devtables bench <cmd>`: every benchmark of `devtables_bench` (db, sync, catch-up, wire,
-//! footprint, memory, plot) from the `devtables` command itself; the parts that measure a
+//! footprint, memory, fleet, scale-out, plot) from the `devtables` command itself; the parts that measure a
 //! process of their own re-run this program as `devtables bench <hidden subcommand>`.
 
 use anyhow::Context;
