@@ -1,6 +1,7 @@
 //! `devtables bench <cmd>`: every benchmark of `devtables_bench` (db, sync, catch-up, wire,
-//! footprint, memory, fleet, scale-out, plot) from the `devtables` command itself; the parts that measure a
-//! process of their own re-run this program as `devtables bench <hidden subcommand>`.
+//! footprint, memory, fleet, scale-out, plot) from the `devtables` command itself; the parts
+//! that measure a process of their own re-run this program as `devtables bench <hidden
+//! subcommand>`.
 
 use anyhow::Context;
 use clap::Args;
