@@ -102,6 +102,10 @@ pub struct CloudConfig {
     /// Most API keys whose request rate is tracked at once; beyond it the key closest to a full
     /// bucket is forgotten (it loses nothing: a new key starts full). Default 10 000.
     pub api_rate_keys: usize,
+    /// What retention keeps: tombstones 30 days, 10 000 conflict records per account; each
+    /// store transaction of a retention pass removes at most `batch` (1000) tombstones (see
+    /// [`Retention`]; the change log's pass uses the same `batch`, set by the file's
+    /// `retention_batch`).
     pub retention: Retention,
     /// How often retention runs.
     pub purge_interval: Duration,
@@ -370,10 +374,7 @@ impl CloudConfig {
                 burst: 200,
             },
             api_rate_keys: 10_000,
-            retention: Retention {
-                tombstone_ms: 30 * 24 * 3600 * 1000,
-                max_conflicts: 10_000,
-            },
+            retention: Retention::default(),
             purge_interval: Duration::from_secs(3600),
             sqlite_full_sync: true,
             max_request_bytes: 1024 * 1024,
@@ -405,6 +406,9 @@ impl CloudConfig {
                     "database_schema {schema:?} must be lower-case letters, digits and _ (at most 40)"
                 ));
             }
+        }
+        if self.retention.batch == 0 || self.changes.retention.batch == 0 {
+            return Err("retention_batch must be at least 1".into());
         }
         if !(1..=4096).contains(&self.cluster.partitions) {
             return Err(format!(
@@ -561,6 +565,11 @@ pub struct CloudFile {
     /// How often retention runs, in seconds (default 3600).
     #[serde(default)]
     pub purge_interval_secs: Option<u64>,
+    /// Most tombstones (and conflict records, and change-log entries) one store transaction of
+    /// a retention pass removes; a pass takes as many transactions as its backlog needs, other
+    /// work on the store running in between (default 1000, at least 1).
+    #[serde(default)]
+    pub retention_batch: Option<u64>,
     #[serde(default)]
     pub max_conflicts: Option<u64>,
     /// Capacity of the service's MQTT request queue (default 4096).
@@ -901,6 +910,10 @@ impl CloudFile {
         if let Some(n) = file.max_conflicts {
             config.retention.max_conflicts = n;
         }
+        if let Some(n) = file.retention_batch {
+            config.retention.batch = n;
+            config.changes.retention.batch = n;
+        }
         if let Some(n) = file.mqtt_request_queue {
             config.mqtt.request_queue = n;
         }
@@ -1142,6 +1155,31 @@ mod tests {
     }
 
     #[test]
+    fn retention_batch_bounds_both_retention_passes_and_is_at_least_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        let load = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path)
+        };
+        let c = load("").unwrap().1;
+        assert_eq!(
+            (c.retention.batch, c.changes.retention.batch),
+            (1000, 1000),
+            "the documented default"
+        );
+        let c = load("retention_batch: 50, max_conflicts: 7").unwrap().1;
+        assert_eq!((c.retention.batch, c.changes.retention.batch), (50, 50));
+        assert_eq!(c.retention.max_conflicts, 7);
+        let e = load("retention_batch: 0").unwrap_err();
+        assert!(e.contains("retention_batch"), "{e}");
+    }
+
+    #[test]
     fn the_file_sets_the_change_log_and_webhook_limits_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cloud.json5");
@@ -1179,7 +1217,8 @@ mod tests {
             ChangesConfig {
                 retention: ChangeRetention {
                     max_age_ms: 2 * 3600 * 1000,
-                    max_per_account: 50
+                    max_per_account: 50,
+                    batch: 1000,
                 },
                 max_page: 10,
                 max_scan: 20,

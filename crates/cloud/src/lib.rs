@@ -12,8 +12,8 @@
 //! - [`cluster`]: several cloud processes sharing one fleet: partition leases and feed wake-ups
 //!   between nodes in PostgreSQL.
 //! - [`ca`]: the device CA in the data folder, which issues devices' client certificates.
-//! - [`service`]: the running service: start-up order, API server, retention timer, graceful
-//!   shutdown.
+//! - [`service`]: the running service: start-up order, API server, graceful shutdown;
+//!   `retention`: its retention task, which purges in bounded batches.
 //! - [`store_thread`]: the thread that owns the store, and the handle to run work on it (a leaf
 //!   module: the API, the operations and the sync loop all use it).
 //! - `sync_loop`: the driver around the sans-IO `CloudEngine`; `mqtt_link`: the task polling
@@ -62,6 +62,8 @@ pub mod openapi;
 pub mod ops;
 #[cfg(feature = "service")]
 pub mod rate_limit;
+#[cfg(feature = "service")]
+mod retention;
 #[cfg(feature = "service")]
 pub mod service;
 #[cfg(feature = "service")]

@@ -636,46 +636,18 @@ impl Cloud {
             }));
         }
 
-        let purge_store = store.clone();
-        let retention = config.retention;
-        let change_retention = config.changes.retention;
-        let purge_status = status.clone();
-        let interval = config.purge_interval;
-        let mut purge_shutdown = shutdown_rx;
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = purge_shutdown.wait_for(|stop| *stop) => return,
-                }
-                // In a cluster, retention runs on the node holding partition 0 only.
-                if !leading.borrow().leads() {
-                    continue;
-                }
-                let now = wall_ms();
-                match purge_store
-                    .call(move |c| c.store.purge(now, &retention))
-                    .await
-                {
-                    Ok(Ok(stats)) => tracing::info!(?stats, "retention applied"),
-                    Ok(Err(e)) => tracing::error!("retention failed: {e}"),
-                    Err(StoreGone) => return,
-                }
-                match purge_store
-                    .call(move |c| c.store.purge_changes(now, &change_retention))
-                    .await
-                {
-                    Ok(Ok(stats)) => {
-                        purge_status
-                            .change_log_rows
-                            .store(stats.kept, std::sync::atomic::Ordering::Relaxed);
-                        tracing::info!(?stats, "change log retention applied");
-                    }
-                    Ok(Err(e)) => tracing::error!("change log retention failed: {e}"),
-                    Err(StoreGone) => return,
-                }
+        tasks.push(tokio::spawn(
+            crate::retention::RetentionTask {
+                store: store.clone(),
+                retention: config.retention,
+                changes: config.changes.retention,
+                interval: config.purge_interval,
+                status: status.clone(),
+                leading,
+                shutdown: shutdown_rx,
             }
-        }));
+            .run(),
+        ));
 
         Ok(Cloud {
             api_addr,
@@ -836,11 +808,10 @@ fn prepare_store(config: &CloudConfig, cluster: bool) -> Result<PreparedStore, S
     let changes_kept = if cluster {
         None
     } else {
-        Some(
-            store
-                .purge_changes(wall_ms(), &config.changes.retention)?
-                .kept,
-        )
+        Some(crate::retention::purge_changes_at_start(
+            store.as_mut(),
+            &config.changes.retention,
+        )?)
     };
     Ok(PreparedStore {
         store,

@@ -2,10 +2,15 @@
 //! children, an HTTP client for the API, and waiting for conditions with a deadline.
 //!
 //! The cloud's API refuses requests without a key, so every cloud started here gets an admin key
-//! of [`KEY_ACCOUNT`] from `devtables keys create` on its data folder (the real bootstrap path)
-//! before it starts, and every API call of the harness sends it.
+//! of [`KEY_ACCOUNT`] from `devtables keys create` on its store (the real bootstrap path) before
+//! it starts, and every API call of the harness sends it.
+//!
+//! A cloud runs on a [`Backend`]: a broker ([`BrokerChoice`]) and a store ([`StoreChoice`]:
+//! SQLite in its data folder, or PostgreSQL in a schema of the test's own). A bare
+//! `BrokerChoice` means SQLite, so a test says only what differs.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::pg::PgSchema;
 use super::{bin, example_schema};
 
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -91,17 +97,15 @@ pub fn create_admin_key(data: &Path) -> String {
 /// Creates a key of `account` with `scope` (`read`, `write`, `admin`) in the cloud data folder
 /// `data` with `devtables keys create`; returns the key it printed.
 pub fn create_key(data: &Path, account: &str, scope: &str) -> String {
+    create_key_in(&StoreChoice::Sqlite, data, account, scope)
+}
+
+/// Creates a key of `account` with `scope` in the store `store` names (for SQLite, the one in
+/// the data folder `data`) with `devtables keys create`; returns the key it printed.
+pub fn create_key_in(store: &StoreChoice, data: &Path, account: &str, scope: &str) -> String {
     let out = bin()
-        .args([
-            "keys",
-            "create",
-            "--account",
-            account,
-            "--scope",
-            scope,
-            "--data",
-        ])
-        .arg(data)
+        .args(["keys", "create", "--account", account, "--scope", scope])
+        .args(store.key_args(data))
         .output()
         .expect("devtables keys create runs");
     assert!(
@@ -275,6 +279,76 @@ pub enum BrokerChoice {
     Configured(String),
 }
 
+/// Which store the cloud keeps its data in.
+#[derive(Clone, Debug, Default)]
+pub enum StoreChoice {
+    /// SQLite, `cloud.db` in the cloud's data folder (the cloud's default).
+    #[default]
+    Sqlite,
+    /// PostgreSQL, in a schema of the test's own: shared by every process of the test that
+    /// holds it (a cloud started again, the nodes of a scaled-out cloud) and dropped with the
+    /// last of them.
+    Postgres(Arc<PgSchema>),
+}
+
+impl StoreChoice {
+    /// PostgreSQL in a fresh schema of its own.
+    pub fn fresh_postgres() -> StoreChoice {
+        StoreChoice::Postgres(Arc::new(PgSchema::fresh()))
+    }
+
+    /// The cloud file's keys that select this store (none for SQLite, the default).
+    fn config_keys(&self) -> String {
+        match self {
+            StoreChoice::Sqlite => String::new(),
+            StoreChoice::Postgres(pg) => {
+                format!("database: '{}', database_schema: '{}',", pg.url, pg.name)
+            }
+        }
+    }
+
+    /// The arguments of `devtables keys create` that name this store, for a cloud whose data
+    /// folder is `data`.
+    fn key_args(&self, data: &Path) -> Vec<OsString> {
+        match self {
+            StoreChoice::Sqlite => vec!["--data".into(), data.into()],
+            StoreChoice::Postgres(pg) => vec![
+                "--database".into(),
+                pg.url.clone().into(),
+                "--database-schema".into(),
+                pg.name.clone().into(),
+            ],
+        }
+    }
+}
+
+/// What a cloud runs on: its broker and its store.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub broker: BrokerChoice,
+    pub store: StoreChoice,
+}
+
+impl Backend {
+    /// Whether the cloud runs as a cluster node (docs/scale-out.md): PostgreSQL and an external
+    /// broker. Such a node started again waits for its predecessor's leases to run out before
+    /// it serves devices.
+    pub fn is_cluster_node(&self) -> bool {
+        matches!(self.store, StoreChoice::Postgres(_))
+            && matches!(self.broker, BrokerChoice::External(_))
+    }
+}
+
+/// A broker alone: the cloud keeps its data in SQLite.
+impl From<BrokerChoice> for Backend {
+    fn from(broker: BrokerChoice) -> Backend {
+        Backend {
+            broker,
+            store: StoreChoice::Sqlite,
+        }
+    }
+}
+
 pub struct CloudProc {
     child: Child,
     pub api: String,
@@ -283,7 +357,7 @@ pub struct CloudProc {
     /// What this process printed to stderr (its log at level info).
     pub logs: Logs,
     prefix: String,
-    broker: BrokerChoice,
+    backend: Backend,
     api_port: u16,
     extra: String,
     /// The admin key of [`KEY_ACCOUNT`] every API call sends (kept across restarts).
@@ -293,29 +367,41 @@ pub struct CloudProc {
 }
 
 impl CloudProc {
-    pub fn start(dir: &Path, prefix: &str, broker: BrokerChoice) -> CloudProc {
-        Self::start_with(dir, prefix, broker, "")
+    pub fn start(dir: &Path, prefix: &str, backend: impl Into<Backend>) -> CloudProc {
+        Self::start_with(dir, prefix, backend, "")
     }
 
     /// With extra configuration keys (JSON5, e.g. `purge_interval_secs: 1,`).
-    pub fn start_with(dir: &Path, prefix: &str, broker: BrokerChoice, extra: &str) -> CloudProc {
-        let key = create_admin_key(&dir.join("cloud-data"));
-        Self::start_keyed(dir, prefix, broker, extra, key)
+    pub fn start_with(
+        dir: &Path,
+        prefix: &str,
+        backend: impl Into<Backend>,
+        extra: &str,
+    ) -> CloudProc {
+        let backend = backend.into();
+        let key = create_key_in(
+            &backend.store,
+            &dir.join("cloud-data"),
+            KEY_ACCOUNT,
+            "admin",
+        );
+        Self::start_keyed(dir, prefix, backend, extra, key)
     }
 
-    /// On a data folder (`dir/cloud-data`) prepared beforehand, whose admin key of
-    /// [`KEY_ACCOUNT`] is `key` (for a test that must read the store before the cloud starts).
+    /// On a store prepared beforehand (the data folder `dir/cloud-data`, or the PostgreSQL
+    /// schema), whose admin key of [`KEY_ACCOUNT`] is `key` (for a test that must read the store
+    /// before the cloud starts, or start several nodes on one store).
     pub fn start_keyed(
         dir: &Path,
         prefix: &str,
-        broker: BrokerChoice,
+        backend: impl Into<Backend>,
         extra: &str,
         key: String,
     ) -> CloudProc {
         Self::start_on(
             dir,
             prefix,
-            broker,
+            backend.into(),
             free_port(),
             extra,
             key,
@@ -327,11 +413,17 @@ impl CloudProc {
     pub fn start_with_schema(
         dir: &Path,
         prefix: &str,
-        broker: BrokerChoice,
+        backend: impl Into<Backend>,
         schema: &Path,
     ) -> CloudProc {
-        let key = create_admin_key(&dir.join("cloud-data"));
-        Self::start_on(dir, prefix, broker, free_port(), "", key, schema)
+        let backend = backend.into();
+        let key = create_key_in(
+            &backend.store,
+            &dir.join("cloud-data"),
+            KEY_ACCOUNT,
+            "admin",
+        );
+        Self::start_on(dir, prefix, backend, free_port(), "", key, schema)
     }
 
     /// Stops (SIGTERM) and starts again on the same data and ports with the schema file
@@ -345,7 +437,7 @@ impl CloudProc {
         let next = Self::start_on(
             &self.dir,
             &self.prefix,
-            self.broker.clone(),
+            self.backend.clone(),
             self.api_port,
             &self.extra,
             self.key.clone(),
@@ -357,19 +449,20 @@ impl CloudProc {
     fn start_on(
         dir: &Path,
         prefix: &str,
-        broker: BrokerChoice,
+        backend: Backend,
         api_port: u16,
         extra: &str,
         key: String,
         schema: &Path,
     ) -> CloudProc {
-        let broker_line = match &broker {
+        let broker_line = match &backend.broker {
             BrokerChoice::Embedded(port) => format!("embedded_broker: '127.0.0.1:{port}',"),
             BrokerChoice::External(addr) => format!("external_broker: '{addr}',"),
             BrokerChoice::Configured(lines) => lines.clone(),
         };
+        let store_line = backend.store.config_keys();
         let config = format!(
-            "{{schema: '{}', data_dir: 'cloud-data', api: '127.0.0.1:{api_port}', {broker_line} topic_prefix: '{prefix}', {extra}}}",
+            "{{schema: '{}', data_dir: 'cloud-data', api: '127.0.0.1:{api_port}', {broker_line} {store_line} topic_prefix: '{prefix}', {extra}}}",
             schema.display()
         );
         let path = dir.join("cloud.json5");
@@ -414,17 +507,15 @@ impl CloudProc {
             .expect("MQTT address")
             .trim()
             .to_string();
-        let broker = match broker {
-            BrokerChoice::Embedded(_) => {
-                let port = mqtt
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .unwrap();
-                BrokerChoice::Embedded(port)
-            }
-            other => other,
-        };
+        let mut backend = backend;
+        if let BrokerChoice::Embedded(_) = backend.broker {
+            let port = mqtt
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            backend.broker = BrokerChoice::Embedded(port);
+        }
         let cloud = CloudProc {
             child,
             api,
@@ -432,7 +523,7 @@ impl CloudProc {
             dir: dir.to_path_buf(),
             logs,
             prefix: prefix.to_string(),
-            broker,
+            backend,
             api_port,
             extra: extra.to_string(),
             key,
@@ -443,6 +534,19 @@ impl CloudProc {
         eventually("the cloud ready (its device subscription holds)", || {
             cloud.get("/ready").map(|_| ())
         });
+        // A cluster node hears every device but answers only those of the partitions it
+        // leases (docs/scale-out.md): until its first lease round claimed some, a message is
+        // left to another node (an agent says hello again; a raw test client would wait).
+        if cloud.backend.is_cluster_node() {
+            eventually("the cluster node to lease partitions", || {
+                let status = cloud.get("/v1/status")?;
+                let held = status["sync"]["cluster_partitions_held"]
+                    .as_u64()
+                    .or_else(|| status["cluster_partitions_held"].as_u64())
+                    .unwrap_or(0);
+                (held > 0).then_some(()).ok_or(status.to_string())
+            });
+        }
         cloud
     }
 
@@ -458,7 +562,7 @@ impl CloudProc {
         let next = Self::start_on(
             &self.dir,
             &self.prefix,
-            self.broker.clone(),
+            self.backend.clone(),
             self.api_port,
             &self.extra,
             self.key.clone(),

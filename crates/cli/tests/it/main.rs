@@ -13,6 +13,7 @@ mod first_run;
 mod harness;
 mod isolation;
 mod local_api;
+mod pg;
 mod proxy;
 mod restore;
 mod scale_out;

@@ -7,90 +7,48 @@
 
 use std::path::Path;
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
 
 use super::bin;
-use super::harness::{eventually, free_port, BrokerChoice, CloudProc, MosquittoProc, KEY_ACCOUNT};
+use super::harness::{
+    create_key_in, eventually, free_port, Backend, BrokerChoice, CloudProc, MosquittoProc,
+    StoreChoice, KEY_ACCOUNT,
+};
+use super::pg::PgSchema;
 use super::services::services_on;
-
-/// A PostgreSQL schema of the test's own, dropped at the end.
-struct PgSchema {
-    url: String,
-    name: String,
-}
-
-impl PgSchema {
-    fn fresh() -> PgSchema {
-        let url = std::env::var("DEVTABLES_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let name = format!("dt_scale_{:012x}", rand::random::<u64>() >> 16);
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
-            panic!("DEVTABLES_SERVICES is set but PostgreSQL at {url} is unreachable: {e}")
-        });
-        c.batch_execute(&format!("CREATE SCHEMA \"{name}\""))
-            .unwrap();
-        PgSchema { url, name }
-    }
-
-    fn query_i64(&self, sql: &str) -> i64 {
-        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
-        c.query_one(
-            sql.replace("{s}", &format!("\"{}\"", self.name)).as_str(),
-            &[],
-        )
-        .unwrap()
-        .get(0)
-    }
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.url, postgres::NoTls) {
-            let _ = c.batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", self.name));
-        }
-    }
-}
 
 const PARTITIONS: u64 = 64;
 const LEASE_MS: u64 = 1500;
 
-/// The admin key of [`KEY_ACCOUNT`], made in PostgreSQL by `devtables keys create --database`
-/// (the bootstrap path of a scaled-out cloud).
-fn admin_key(pg: &PgSchema) -> String {
-    let out = bin()
-        .args([
-            "keys",
-            "create",
-            "--account",
-            KEY_ACCOUNT,
-            "--scope",
-            "admin",
-        ])
-        .args(["--database", &pg.url, "--database-schema", &pg.name])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+/// PostgreSQL in a fresh schema of the test's own, shared by the three nodes.
+fn fresh_store() -> (Arc<PgSchema>, StoreChoice) {
+    let pg = Arc::new(PgSchema::fresh());
+    (pg.clone(), StoreChoice::Postgres(pg))
 }
 
-fn start_node(dir: &Path, i: usize, pg: &PgSchema, broker: &str, key: &str) -> CloudProc {
+/// The admin key of [`KEY_ACCOUNT`], made in PostgreSQL by `devtables keys create --database`
+/// (the bootstrap path of a scaled-out cloud; no data folder is involved).
+fn admin_key(store: &StoreChoice, dir: &Path) -> String {
+    create_key_in(store, dir, KEY_ACCOUNT, "admin")
+}
+
+fn start_node(dir: &Path, i: usize, store: &StoreChoice, broker: &str, key: &str) -> CloudProc {
     let extra = format!(
-        "database: '{}', database_schema: '{}', node_name: 'node-{i}', \
-         cluster_partitions: {PARTITIONS}, cluster_lease_ms: {LEASE_MS},",
-        pg.url, pg.name
+        "node_name: 'node-{i}', cluster_partitions: {PARTITIONS}, cluster_lease_ms: {LEASE_MS},"
     );
     let dir = dir.join(format!("node-{i}"));
     std::fs::create_dir_all(&dir).unwrap();
+    let backend = Backend {
+        broker: BrokerChoice::External(broker.to_string()),
+        store: store.clone(),
+    };
     CloudProc::start_keyed(
         &dir,
         devtables_sync_prefix(),
-        BrokerChoice::External(broker.to_string()),
+        backend,
         &extra,
         key.to_string(),
     )
@@ -193,13 +151,13 @@ fn a_node_killed_mid_run_is_taken_over_and_nothing_acknowledged_is_lost() {
     if !services_on() {
         return;
     }
-    let pg = PgSchema::fresh();
+    let (pg, store) = fresh_store();
     let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
     let dir = tempfile::tempdir().unwrap();
-    let key = admin_key(&pg);
-    let n1 = start_node(dir.path(), 1, &pg, &broker, &key);
-    let mut n2 = start_node(dir.path(), 2, &pg, &broker, &key);
-    let n3 = start_node(dir.path(), 3, &pg, &broker, &key);
+    let key = admin_key(&store, dir.path());
+    let n1 = start_node(dir.path(), 1, &store, &broker, &key);
+    let mut n2 = start_node(dir.path(), 2, &store, &broker, &key);
+    let n3 = start_node(dir.path(), 3, &store, &broker, &key);
     wait_spread(&[&n1, &n2, &n3]);
 
     let sim = start_sim(dir.path(), &n1.api, &broker, &key, 150);
@@ -273,7 +231,7 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
     if !services_on() {
         return;
     }
-    let pg = PgSchema::fresh();
+    let (_pg, store) = fresh_store();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = dir.path().join("mosquitto.conf");
@@ -284,9 +242,9 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
     .unwrap();
     let mut mosquitto = MosquittoProc::start(&conf, port);
     let broker = mosquitto.addr.clone();
-    let key = admin_key(&pg);
+    let key = admin_key(&store, dir.path());
     let nodes: Vec<CloudProc> = (1..=3)
-        .map(|i| start_node(dir.path(), i, &pg, &broker, &key))
+        .map(|i| start_node(dir.path(), i, &store, &broker, &key))
         .collect();
     wait_spread(&nodes.iter().collect::<Vec<_>>());
     let restarted_before: u64 = nodes
@@ -324,12 +282,12 @@ fn change_log_readers_and_webhooks_hear_writes_made_on_other_nodes_once() {
     if !services_on() {
         return;
     }
-    let pg = PgSchema::fresh();
+    let (_pg, store) = fresh_store();
     let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
     let dir = tempfile::tempdir().unwrap();
-    let key = admin_key(&pg);
+    let key = admin_key(&store, dir.path());
     let nodes: Vec<CloudProc> = (1..=3)
-        .map(|i| start_node(dir.path(), i, &pg, &broker, &key))
+        .map(|i| start_node(dir.path(), i, &store, &broker, &key))
         .collect();
     wait_spread(&nodes.iter().collect::<Vec<_>>());
     nodes[0].register(KEY_ACCOUNT, "dev-1");
@@ -425,11 +383,11 @@ fn registry_commands_reach_the_postgresql_store() {
     if !services_on() {
         return;
     }
-    let pg = PgSchema::fresh();
+    let (pg, store) = fresh_store();
     let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
     let dir = tempfile::tempdir().unwrap();
-    let key = admin_key(&pg);
-    let node = start_node(dir.path(), 1, &pg, &broker, &key);
+    let key = admin_key(&store, dir.path());
+    let node = start_node(dir.path(), 1, &store, &broker, &key);
     node.register(KEY_ACCOUNT, "dev-a");
     node.register(KEY_ACCOUNT, "dev-b");
     let pg_args = ["--database", &pg.url, "--database-schema", &pg.name];

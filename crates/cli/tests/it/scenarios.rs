@@ -1,9 +1,10 @@
 //! End-to-end scenarios with real processes over real TCP MQTT. Each runs against the embedded
-//! broker (`e2e`) and, in CI, against Mosquitto (`services`).
+//! broker on SQLite (`e2e`) and, in CI, against Mosquitto on SQLite and on PostgreSQL
+//! (`services`): each takes the [`Backend`] it runs on (a bare `BrokerChoice` means SQLite).
 
 use serde_json::{json, Value};
 
-use super::harness::{eventually, unique_prefix, AgentProc, AgentSpec, BrokerChoice, CloudProc};
+use super::harness::{eventually, unique_prefix, AgentProc, AgentSpec, Backend, CloudProc};
 
 const ACCOUNT: &str = "acme";
 
@@ -22,14 +23,23 @@ struct Setup {
     prefix: String,
 }
 
-fn setup(broker: BrokerChoice) -> Setup {
-    setup_with(broker, "")
+fn setup(backend: impl Into<Backend>) -> Setup {
+    setup_with(backend, "")
 }
 
-fn setup_with(broker: BrokerChoice, extra: &str) -> Setup {
+fn setup_with(backend: impl Into<Backend>, extra: &str) -> Setup {
+    let backend = backend.into();
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix();
-    let cloud = CloudProc::start_with(dir.path(), &prefix, broker, extra);
+    // A cluster node (PostgreSQL and an external broker) started again after SIGKILL waits for
+    // its predecessor's leases to run out before it serves: a short lease keeps the restarts
+    // of these scenarios short (the default is 5 s).
+    let extra = if backend.is_cluster_node() {
+        format!("cluster_lease_ms: 1000, {extra}")
+    } else {
+        extra.to_string()
+    };
+    let cloud = CloudProc::start_with(dir.path(), &prefix, backend, &extra);
     Setup {
         _dir: dir,
         cloud,
@@ -57,8 +67,8 @@ impl Setup {
 }
 
 /// Up, down, both, broadcast, commands, and every refusal the schema's process block implies.
-pub fn up_down_both_and_commands(broker: BrokerChoice) {
-    let s = setup(broker);
+pub fn up_down_both_and_commands(backend: impl Into<Backend>) {
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw1");
     let mut a = s.agent("gw1", "gw1", &secret);
     a.wait_synced();
@@ -198,8 +208,8 @@ pub fn up_down_both_and_commands(broker: BrokerChoice) {
 }
 
 /// A device whose process dies (no goodbye) is marked offline through its MQTT last will.
-pub fn killed_device_goes_offline(broker: BrokerChoice) {
-    let s = setup(broker);
+pub fn killed_device_goes_offline(backend: impl Into<Backend>) {
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw6");
     let mut a = s.agent("gw6", "gw6", &secret);
     a.wait_synced();
@@ -216,8 +226,8 @@ pub fn killed_device_goes_offline(broker: BrokerChoice) {
 
 /// A device offline while the cloud creates and deletes its items catches up, deletes included;
 /// a reboot keeps the cursor and re-applies nothing.
-pub fn offline_catch_up_with_deletes(broker: BrokerChoice) {
-    let s = setup(broker);
+pub fn offline_catch_up_with_deletes(backend: impl Into<Backend>) {
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw2");
     let mut a = s.agent("gw2", "gw2", &secret);
     a.wait_synced();
@@ -294,8 +304,8 @@ pub fn offline_catch_up_with_deletes(broker: BrokerChoice) {
 
 /// The cloud and an offline device change the same `both` item: after reconnecting both hold the
 /// same item (the higher version) and the loser is in the conflict log.
-pub fn conflict_converges_and_is_logged(broker: BrokerChoice) {
-    let s = setup(broker);
+pub fn conflict_converges_and_is_logged(backend: impl Into<Backend>) {
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw3");
     let mut a = s.agent("gw3", "gw3", &secret);
     a.op(json!({"op": "upsert", "model": "Setting", "item": {"deviceId": "gw3", "name": "color", "value": "red"}}));
@@ -350,8 +360,8 @@ pub fn conflict_converges_and_is_logged(broker: BrokerChoice) {
 
 /// The agent is killed with SIGKILL while it writes and sends; after a restart every write it
 /// acknowledged is in the cloud exactly once.
-pub fn agent_killed_mid_batch(broker: BrokerChoice) {
-    let s = setup(broker);
+pub fn agent_killed_mid_batch(backend: impl Into<Backend>) {
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw4");
     let mut a = s.agent("gw4", "gw4", &secret);
     a.wait_synced();
@@ -404,8 +414,8 @@ pub fn agent_killed_mid_batch(broker: BrokerChoice) {
 
 /// The cloud is killed with SIGKILL while a device pushes; after it restarts (same data, same
 /// ports) every write the device acknowledged is in the cloud exactly once.
-pub fn cloud_killed_mid_apply(broker: BrokerChoice) {
-    let mut s = setup(broker);
+pub fn cloud_killed_mid_apply(backend: impl Into<Backend>) {
+    let mut s = setup(backend);
     let secret = s.cloud.register("acme", "gw5");
     let mut a = s.agent("gw5", "gw5", &secret);
     a.wait_synced();
@@ -451,8 +461,8 @@ pub fn cloud_killed_mid_apply(broker: BrokerChoice) {
 /// A device on a newer schema (an optional field added) next to a cloud on the older one: the
 /// cloud keeps the field it does not define, and both sides say so (docs/schema.md, "Changing a
 /// schema in a live fleet").
-pub fn newer_device_schema_is_kept_whole_and_said(broker: BrokerChoice) {
-    let s = setup(broker);
+pub fn newer_device_schema_is_kept_whole_and_said(backend: impl Into<Backend>) {
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw8");
     let text = std::fs::read_to_string(super::example_schema()).unwrap();
     let newer = text
@@ -537,11 +547,11 @@ fn raw_device(
     (client, events)
 }
 
-pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
+pub fn hostile_messages_get_error_replies(backend: impl Into<Backend>) {
     use rumqttc::{Event, Packet, QoS};
     use std::time::Duration;
 
-    let s = setup(broker);
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw9");
     let (client, events) = raw_device(&s, "gw9", &secret);
     let down = format!("{}/acme/gw9/down", s.prefix);
@@ -601,11 +611,12 @@ pub fn hostile_messages_get_error_replies(broker: BrokerChoice) {
 
 /// A device offline for longer than the cloud keeps tombstones cannot learn deletes from the
 /// feed: it gets a full resync instead, which removes what the cloud deleted (and nothing it still
-/// holds), and then follows the feed again.
-pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
+/// holds), and then follows the feed again. Retention purges one row per transaction here, so
+/// its passes go through the batches the service makes of a backlog.
+pub fn offline_past_retention_resyncs(backend: impl Into<Backend>) {
     let s = setup_with(
-        broker,
-        "tombstone_retention_secs: 0, purge_interval_secs: 1,",
+        backend,
+        "tombstone_retention_secs: 0, purge_interval_secs: 1, retention_batch: 1,",
     );
     let secret = s.cloud.register("acme", "gw10");
     let mut a = s.agent("gw10", "gw10", &secret);
@@ -686,11 +697,11 @@ pub fn offline_past_retention_resyncs(broker: BrokerChoice) {
 /// to delete its cloud-only `Status` row by pushing a delete under the model `Fault`, to push a
 /// version ten hours ahead, and announces the largest cursor there is. The rows stay, the version
 /// is refused for re-stamping, the cursor gets a full resync instead of silence.
-pub fn hostile_pushes_cannot_touch_other_models_or_the_clock(broker: BrokerChoice) {
+pub fn hostile_pushes_cannot_touch_other_models_or_the_clock(backend: impl Into<Backend>) {
     use rumqttc::{Event, Packet, QoS};
     use std::time::Duration;
 
-    let s = setup(broker);
+    let s = setup(backend);
     let secret = s.cloud.register("acme", "gw8");
     let (code, body) = s.cloud.send(
         "POST",

@@ -1,12 +1,14 @@
-//! The end-to-end scenarios against real external services. Switched on by DEVTABLES_SERVICES=1
-//! (set by `.ci/run`); with it set, a missing service is a failure, never a skip. With it unset
-//! each test prints a `SKIPPED` line and returns, so a run without the services says so instead
-//! of looking green.
+//! The end-to-end scenarios against real external services: Mosquitto with the SQLite store
+//! (`mosquitto_*`), and Mosquitto with the PostgreSQL store (`postgres_*`, each test in a fresh
+//! schema of its own, dropped after it; the cloud is then a one-node cluster, as in
+//! docs/scale-out.md). Switched on by DEVTABLES_SERVICES=1 (set by `.ci/run`); with it set, a
+//! missing service is a failure, never a skip. With it unset each test prints a `SKIPPED` line
+//! and returns, so a run without the services says so instead of looking green.
 
 use std::net::TcpStream;
 use std::time::Duration;
 
-use super::harness::BrokerChoice;
+use super::harness::{Backend, BrokerChoice, StoreChoice};
 use super::scenarios;
 
 pub(super) use super::services_gate::services_on;
@@ -169,4 +171,94 @@ fn mosquitto_cloud_link_restore_resends_lost_pushes() {
 fn mosquitto_agents_and_cloud_converge_through_faulty_links() {
     let Some(addr) = mosquitto() else { return };
     super::faults::converge_through_faults(BrokerChoice::External(addr), true);
+}
+
+/// Mosquitto and PostgreSQL (a fresh schema, dropped with the last handle of it) when the
+/// service suites are on; None (skipped) when they are off.
+fn mosquitto_and_postgres() -> Option<Backend> {
+    let addr = mosquitto()?;
+    Some(Backend {
+        broker: BrokerChoice::External(addr),
+        store: StoreChoice::fresh_postgres(),
+    })
+}
+
+#[test]
+fn postgres_up_down_both_and_commands() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::up_down_both_and_commands(backend);
+}
+
+#[test]
+fn postgres_offline_catch_up_with_deletes() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::offline_catch_up_with_deletes(backend);
+}
+
+#[test]
+fn postgres_conflict_converges_and_is_logged() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::conflict_converges_and_is_logged(backend);
+}
+
+#[test]
+fn postgres_agent_killed_mid_batch() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::agent_killed_mid_batch(backend);
+}
+
+#[test]
+fn postgres_cloud_killed_mid_apply() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::cloud_killed_mid_apply(backend);
+}
+
+#[test]
+fn postgres_killed_device_goes_offline() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::killed_device_goes_offline(backend);
+}
+
+#[test]
+fn postgres_offline_past_retention_resyncs() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::offline_past_retention_resyncs(backend);
+}
+
+#[test]
+fn postgres_newer_device_schema_is_kept_whole_and_said() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::newer_device_schema_is_kept_whole_and_said(backend);
+}
+
+#[test]
+fn postgres_hostile_messages_get_error_replies() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::hostile_messages_get_error_replies(backend);
+}
+
+#[test]
+fn postgres_hostile_pushes_cannot_touch_other_models_or_the_clock() {
+    let Some(backend) = mosquitto_and_postgres() else {
+        return;
+    };
+    scenarios::hostile_pushes_cannot_touch_other_models_or_the_clock(backend);
 }

@@ -117,6 +117,9 @@ pub struct ChangeRetention {
     pub max_age_ms: u64,
     /// Most changes kept per account (the oldest removed first). Default 1 000 000.
     pub max_per_account: u64,
+    /// Most entries one call of [`super::CloudStore::purge_changes`] removes, in its one
+    /// transaction (see [`super::Retention::batch`]). 0 counts as 1. Default 1000.
+    pub batch: u64,
 }
 
 impl Default for ChangeRetention {
@@ -124,6 +127,7 @@ impl Default for ChangeRetention {
         ChangeRetention {
             max_age_ms: 7 * 24 * 3600 * 1000,
             max_per_account: 1_000_000,
+            batch: super::Retention::DEFAULT_BATCH,
         }
     }
 }
@@ -133,8 +137,13 @@ impl Default for ChangeRetention {
 pub struct ChangePurgeStats {
     /// Entries removed.
     pub removed: u64,
-    /// Entries kept, over every account.
-    pub kept: u64,
+    /// Entries kept, over every account, after the call. `None` when the call stopped at its
+    /// batch before it counted them (it removes by age first, and counts the log only when the
+    /// old entries are gone): then `more` is true.
+    pub kept: Option<u64>,
+    /// The call stopped at its [`ChangeRetention::batch`]: more may be left to remove, and the
+    /// caller should call again.
+    pub more: bool,
 }
 
 /// A webhook as the store keeps it.

@@ -330,10 +330,31 @@ pub struct ConflictRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
     /// Tombstones (and their feed entries) older than this are removed; a device whose cursor is
-    /// older then gets a full resync instead of the deletes.
+    /// older then gets a full resync instead of the deletes. Default 30 days.
     pub tombstone_ms: u64,
-    /// Most conflict records kept per account (oldest dropped first).
+    /// Most conflict records kept per account (oldest dropped first). Default 10 000.
     pub max_conflicts: u64,
+    /// Most tombstones one call of [`CloudStore::purge`] removes, and most conflict records it
+    /// trims, each call one transaction: a backlog of old tombstones is purged in several short
+    /// transactions rather than one that holds the store (and, on PostgreSQL, the locks of every
+    /// owner it touches) for its whole length. 0 counts as 1. Default 1000
+    /// ([`Retention::DEFAULT_BATCH`]).
+    pub batch: u64,
+}
+
+impl Retention {
+    /// The default of [`Retention::batch`].
+    pub const DEFAULT_BATCH: u64 = 1000;
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            tombstone_ms: 30 * 24 * 3600 * 1000,
+            max_conflicts: 10_000,
+            batch: Retention::DEFAULT_BATCH,
+        }
+    }
 }
 
 /// What a purge removed.
@@ -341,6 +362,18 @@ pub struct Retention {
 pub struct PurgeStats {
     pub tombstones: u64,
     pub conflicts: u64,
+    /// The call stopped at its [`Retention::batch`]: more may be left to purge, and the caller
+    /// should call again (the service does, letting other work on the store run in between).
+    pub more: bool,
+}
+
+impl PurgeStats {
+    /// Adds what a later call of the same retention pass removed.
+    pub fn add(&mut self, later: PurgeStats) {
+        self.tombstones += later.tombstones;
+        self.conflicts += later.conflicts;
+        self.more = later.more;
+    }
 }
 
 /// The devices whose feed advanced in a write, with their new feed heads: the service tells the
@@ -482,7 +515,14 @@ pub trait CloudStore: Send + 'static {
     /// The highest version stored (items and tombstones): the cloud clock resumes after it.
     fn max_version(&mut self) -> Result<Option<Hlc>, StoreError>;
 
-    /// Applies retention (tombstones, feed entries, conflict log).
+    /// Applies retention (tombstones, feed entries, conflict log) in one transaction, bounded by
+    /// [`Retention::batch`]: it removes at most that many tombstones (the oldest first) with
+    /// their feed entries and at most that many conflict records, and says with
+    /// [`PurgeStats::more`] when it stopped at the bound. Every call leaves the marks of what it
+    /// removed: each owner's purge watermark rises to the newest version it purged of that
+    /// owner, each device's feed floor to the highest feed entry it purged of that device. So
+    /// calling again until `more` is false, with the same `now_ms`, leaves what one unbounded
+    /// purge would.
     fn purge(&mut self, now_ms: u64, retention: &Retention) -> Result<PurgeStats, StoreError>;
 
     /// A page of an account's change log (see [`changes`]): the entries after `query.after`
@@ -500,7 +540,10 @@ pub trait CloudStore: Send + 'static {
     /// Applies the change log's retention: entries older than `retention.max_age_ms` and each
     /// account's oldest beyond `retention.max_per_account` are removed, and each account's floor
     /// (the highest sequence number removed) rises so later reads from below it are
-    /// [`ChangeRead::Expired`].
+    /// [`ChangeRead::Expired`]. One transaction, removing at most `retention.batch` entries
+    /// (by age first, the log's oldest; then by count); [`ChangePurgeStats::more`] says it
+    /// stopped at the bound. Every call raises the floors of what it removed, so calling again
+    /// until `more` is false, with the same `now_ms`, leaves what one unbounded purge would.
     fn purge_changes(
         &mut self,
         now_ms: u64,

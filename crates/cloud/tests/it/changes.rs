@@ -136,6 +136,7 @@ async fn changes_a_cursor_retention_passed_is_told_and_the_reader_starts_over_fr
     let keep_one = ChangeRetention {
         max_age_ms: u64::MAX,
         max_per_account: 1,
+        batch: 1000,
     };
     cloud
         .store
@@ -403,6 +404,7 @@ async fn webhooks_are_checked_limited_and_tell_of_a_gap_retention_made() {
     let keep_one = ChangeRetention {
         max_age_ms: u64::MAX,
         max_per_account: 1,
+        batch: 1000,
     };
     cloud
         .store

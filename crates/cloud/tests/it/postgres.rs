@@ -1,9 +1,10 @@
 //! What only the PostgreSQL store has to show (service tests: `DEVTABLES_SERVICES=1` and a
 //! PostgreSQL at `DEVTABLES_POSTGRES`): several store instances on one schema writing at once,
 //! as several cloud processes do, with a reader polling the feeds and the change log meanwhile;
-//! processes migrating one fresh schema at once; a newer layout refused untouched; and a
+//! processes migrating one fresh schema at once; a newer layout refused untouched; a
 //! connection the server ends, which fails one operation (or the open group) and is replaced by
-//! the next.
+//! the next; and retention next to writers: a purge waits for the owners' writers it meets and
+//! leaves a tombstone one of them replaced, and a batch locks at most 256 owners.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use devtables_cloud::store::postgres::{
     PostgresOptions, PostgresStore, PostgresTls, LAYOUT_VERSION,
 };
-use devtables_cloud::store::{ChangeQuery, ChangeRead, CloudStore, StoreError};
+use devtables_cloud::store::{ChangeQuery, ChangeRead, CloudStore, Retention, StoreError};
 use devtables_sync::apply::CloudOp;
 use devtables_sync::hlc::{node_id_for, Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
@@ -501,4 +502,164 @@ fn with_database_tls_every_connection_is_encrypted_and_a_wrong_ca_is_refused() {
             || refused.contains("error performing TLS"),
         "{refused}"
     );
+}
+
+/// Retention that purges every tombstone written before [`NOW`] + 1 s, when run at
+/// [`PURGE_AT`].
+const OLD_TOMBSTONES: Retention = Retention {
+    tombstone_ms: 1000,
+    max_conflicts: 1000,
+    batch: Retention::DEFAULT_BATCH,
+};
+const PURGE_AT: u64 = NOW + 100_000;
+
+/// Puts and deletes `name` of model `Down` for `d` at [`NOW`]: a tombstone retention may purge.
+fn tombstone(store: &mut PostgresStore, clock: &mut HlcClock, d: &DeviceId, name: &str) {
+    let sch = schema();
+    let owner = Owner::Device(d.clone());
+    let input = json!({"deviceId": d.device, "name": name});
+    let (put, _) = store
+        .write(
+            &sch,
+            clock,
+            NOW,
+            MAX_MSG,
+            &owner,
+            "Down",
+            CloudOp::Put(item(&sch, "Down", input)),
+        )
+        .unwrap();
+    store
+        .write(
+            &sch,
+            clock,
+            NOW,
+            MAX_MSG,
+            &owner,
+            "Down",
+            CloudOp::Delete(put.key),
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_purge_waits_for_a_writer_of_its_owner_and_keeps_the_tombstone_it_replaced() {
+    let Some(test_schema) = TestSchema::fresh() else {
+        return;
+    };
+    let sch = schema();
+    let mut writer = test_schema.store();
+    let mut clock = HlcClock::new(node_id_for("cloud-1"));
+    let d = dev(ACCOUNT, "d0");
+    writer.register_device(&d, "hash", None, NOW).unwrap();
+    tombstone(&mut writer, &mut clock, &d, "k");
+    tombstone(&mut writer, &mut clock, &d, "gone");
+    // A group of the writer (a push's or an API write's transaction, held open) writes the
+    // key again: it holds the owner's lock to its commit.
+    writer.begin_group().unwrap();
+    let owner = Owner::Device(d.clone());
+    let input = json!({"deviceId": "d0", "name": "k", "v": 2});
+    let (again, _) = writer
+        .write(
+            &sch,
+            &mut clock,
+            NOW + 50_000,
+            MAX_MSG,
+            &owner,
+            "Down",
+            CloudOp::Put(item(&sch, "Down", input)),
+        )
+        .unwrap();
+    let mut c = client();
+    let (waited, purged) = std::thread::scope(|s| {
+        // Another process's retention finds both tombstones (the new write is not committed)
+        // and waits for the owner's lock.
+        let purge = s.spawn(|| {
+            // Named after the schema, so the lock it waits for is found as its own.
+            let sep = if url().contains('?') { '&' } else { '?' };
+            let app_url = format!("{}{sep}application_name={}", url(), test_schema.name);
+            let mut purger = PostgresStore::connect(&app_url, test_schema.options()).unwrap();
+            purger.purge(PURGE_AT, &OLD_TOMBSTONES)
+        });
+        let deadline = Instant::now() + WAIT;
+        let waited = loop {
+            let waiting: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)
+                     WHERE application_name = $1 AND locktype = 'advisory' AND NOT granted",
+                    &[&test_schema.name],
+                )
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break Ok(());
+            }
+            if purge.is_finished() {
+                break Err("the purge did not wait for the writer");
+            }
+            if Instant::now() > deadline {
+                break Err("the purge never waited for the owner's lock");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Committed whatever was seen, so the purge (blocked on the lock or on a row) ends and
+        // the scope can join it.
+        writer.commit_group().unwrap();
+        (waited, purge.join().unwrap())
+    });
+    waited.unwrap();
+    let purged = purged.unwrap();
+    assert_eq!(
+        purged.tombstones, 1,
+        "only the tombstone nobody replaced: {purged:?}"
+    );
+    let k = writer
+        .get_item(&owner, "Down", &again.key)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (k.version, k.item.is_some()),
+        (again.version, true),
+        "the write that replaced the tombstone stays"
+    );
+    // Its feed entry stays too (the key's entry, coalesced, is the newest): a device that read
+    // up to it reads it without a resync; the purged tombstone's entry raised the floor.
+    let head = writer.device(&d).unwrap().unwrap().feed_head;
+    let last = writer.read_feed(&d, head - 1, 100).unwrap();
+    assert!(!last.resync_required, "{last:?}");
+    assert_eq!(last.changes.len(), 1);
+    assert_eq!(last.changes[0].1.version, again.version);
+    assert!(writer.read_feed(&d, 1, 100).unwrap().resync_required);
+}
+
+#[test]
+fn a_purge_batch_locks_at_most_256_owners() {
+    let Some(test_schema) = TestSchema::fresh() else {
+        return;
+    };
+    let mut store = test_schema.store();
+    let mut clock = HlcClock::new(node_id_for("cloud"));
+    let devices: Vec<DeviceId> = (0..300)
+        .map(|i| dev(ACCOUNT, &format!("d{i:03}")))
+        .collect();
+    for d in &devices {
+        store.register_device(d, "hash", None, NOW).unwrap();
+        tombstone(&mut store, &mut clock, d, "k");
+    }
+    let first = store.purge(PURGE_AT, &OLD_TOMBSTONES).unwrap();
+    assert_eq!((first.tombstones, first.more), (256, true), "{first:?}");
+    let second = store.purge(PURGE_AT, &OLD_TOMBSTONES).unwrap();
+    assert_eq!((second.tombstones, second.more), (44, false), "{second:?}");
+    let mut c = client();
+    let left: i64 = c
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".items WHERE deleted",
+                test_schema.name
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
 }

@@ -16,9 +16,9 @@ use std::ops::{Deref, DerefMut};
 
 use devtables_cloud::store::sqlite::{SqliteOptions, SqliteStore};
 use devtables_cloud::store::{
-    Advanced, ChangeEvent, ChangeOp, ChangePage, ChangeQuery, ChangeRead, CloudStore, DeviceQuotas,
-    DeviceRecord, ItemPage, ItemQuery, KeyScope, NewWebhook, PurgeStats, Retention, StatusUpdate,
-    StoreError, WebhookAttempt, REVOKED_SECRET_HASH,
+    Advanced, ChangeEvent, ChangeOp, ChangePage, ChangeQuery, ChangeRead, ChangeRetention,
+    CloudStore, DeviceQuotas, DeviceRecord, ItemPage, ItemQuery, KeyScope, NewWebhook, PurgeStats,
+    Retention, StatusUpdate, StoreError, WebhookAttempt, REVOKED_SECRET_HASH,
 };
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::{CloudOp, CloudWriteError, PushRules};
@@ -102,6 +102,26 @@ impl Subject {
         }
     }
 
+    /// The rows of a query whose one column is text (the same SQL on both stores: build it
+    /// with `||` and `CAST(... AS TEXT)`), sorted.
+    pub fn texts(&self, text: &str) -> Vec<String> {
+        let mut rows: Vec<String> = match &mut *self.raw.borrow_mut() {
+            Raw::Sqlite(c) => {
+                let mut st = c.prepare(text).unwrap();
+                let rows = st.query_map([], |r| r.get(0)).unwrap();
+                rows.collect::<Result<_, _>>().unwrap()
+            }
+            Raw::Postgres(c) => c
+                .query(text, &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        };
+        rows.sort();
+        rows
+    }
+
     /// The one integer a `SELECT count(*) ...` answers.
     pub fn count(&self, text: &str) -> i64 {
         match &mut *self.raw.borrow_mut() {
@@ -182,6 +202,8 @@ contract!(
     broadcast_write_fans_out_to_the_account_only,
     delete_then_purge_raises_the_floor,
     purge_trims_the_conflict_log_per_account,
+    a_purge_in_batches_keeps_every_mark_and_ends_where_one_purge_ends,
+    a_change_log_purge_in_batches_ends_where_one_purge_ends,
     snapshot_pages_return_every_down_item_once,
     query_items_filters_and_pages,
     api_write_errors,
@@ -571,6 +593,7 @@ fn every_write_meets_the_purge_watermark() {
             &Retention {
                 tombstone_ms: 10,
                 max_conflicts: 100,
+                batch: Retention::DEFAULT_BATCH,
             },
         )
         .unwrap();
@@ -1162,6 +1185,7 @@ fn delete_then_purge_raises_the_floor() {
     let retention = Retention {
         tombstone_ms: 1000,
         max_conflicts: 100,
+        batch: Retention::DEFAULT_BATCH,
     };
     // Too young: nothing purged.
     assert_eq!(
@@ -1173,7 +1197,8 @@ fn delete_then_purge_raises_the_floor() {
         stats,
         PurgeStats {
             tombstones: 2,
-            conflicts: 0
+            conflicts: 0,
+            more: false,
         }
     );
     assert_eq!(s.get_item(&owner, "Down", &ch.key).unwrap(), None);
@@ -1212,6 +1237,7 @@ fn purge_trims_the_conflict_log_per_account() {
             &Retention {
                 tombstone_ms: 1000,
                 max_conflicts: 3,
+                batch: Retention::DEFAULT_BATCH,
             },
         )
         .unwrap();
@@ -1219,7 +1245,8 @@ fn purge_trims_the_conflict_log_per_account() {
         stats,
         PurgeStats {
             tombstones: 0,
-            conflicts: 1
+            conflicts: 1,
+            more: false,
         }
     );
     let a = s.conflicts("a", None, 100).unwrap();
@@ -1230,6 +1257,308 @@ fn purge_trims_the_conflict_log_per_account() {
         "the newest are kept"
     );
     assert_eq!(s.conflicts("b", None, 100).unwrap().len(), 2);
+}
+
+/// Tombstones of several owners (two devices' own items, an account's broadcast items, a
+/// device's pushed items the cloud deleted), deleted at different times, live items beside them,
+/// and conflicts beyond the account's limit: what the batch checks purge.
+fn fill_for_retention(s: &mut Subject) {
+    let schema = schema();
+    let mut c = clock();
+    let (d1, d2, e1) = (dev("a", "d1"), dev("a", "d2"), dev("b", "e1"));
+    let mut at = NOW;
+    let mut step = || {
+        at += 10;
+        at
+    };
+    let mut tombstone = |s: &mut Subject,
+                         c: &mut HlcClock,
+                         owner: &Owner,
+                         model: &str,
+                         input: serde_json::Value| {
+        let (put, _) = api_put(s, &schema, c, step(), owner, model, input);
+        s.write(
+            &schema,
+            c,
+            step(),
+            MAX_MSG,
+            owner,
+            model,
+            CloudOp::Delete(put.key),
+        )
+        .unwrap();
+    };
+    let (o1, o2, acct) = (
+        Owner::Device(d1.clone()),
+        Owner::Device(d2.clone()),
+        Owner::Account("a".into()),
+    );
+    for i in 0..4 {
+        tombstone(
+            s,
+            &mut c,
+            &o1,
+            "Down",
+            json!({"deviceId": "d1", "name": format!("x{i}")}),
+        );
+        tombstone(s, &mut c, &acct, "Bcast", json!({"name": format!("fw{i}")}));
+    }
+    for i in 0..2 {
+        tombstone(
+            s,
+            &mut c,
+            &o2,
+            "Down",
+            json!({"deviceId": "d2", "name": format!("y{i}")}),
+        );
+    }
+    api_put(
+        s,
+        &schema,
+        &mut c,
+        step(),
+        &o1,
+        "Down",
+        json!({"deviceId": "d1", "name": "keep"}),
+    );
+    api_put(
+        s,
+        &schema,
+        &mut c,
+        step(),
+        &acct,
+        "Bcast",
+        json!({"name": "fw-keep"}),
+    );
+    // e1 pushes an item and then the same key five more times, each write newer: five
+    // conflicts in account b; then the cloud deletes it.
+    let mut last = None;
+    for i in 0..6u64 {
+        let ch = put(
+            &schema,
+            "Both",
+            json!({"deviceId": "e1", "name": "k", "v": i}),
+            ver(NOW + i, 100 + i),
+        );
+        s.apply_push(&schema, &mut c, NOW, RULES, &e1, std::slice::from_ref(&ch))
+            .unwrap();
+        last = Some(ch);
+    }
+    let last = last.unwrap();
+    s.write(
+        &schema,
+        &mut c,
+        step(),
+        MAX_MSG,
+        &Owner::Device(e1.clone()),
+        "Both",
+        CloudOp::Delete(last.key),
+    )
+    .unwrap();
+}
+
+/// What retention leaves, as the database holds it: items, watermarks, feed entries, feed
+/// floors, conflicts.
+fn retention_state(s: &Subject) -> Vec<Vec<String>> {
+    [
+        "SELECT account || '|' || device || '|' || pk || '|' || sk || '|' || version || '|' \
+           || CAST(deleted AS TEXT) FROM items",
+        "SELECT account || '|' || device || '|' || purged_below FROM watermarks",
+        "SELECT account || '|' || device || '|' || CAST(seq AS TEXT) || '|' || owner || '|' \
+           || pk || '|' || sk FROM feed",
+        "SELECT account || '|' || device || '|' || CAST(feed_floor AS TEXT) || '|' \
+           || CAST(feed_head AS TEXT) FROM devices",
+        "SELECT account || '|' || winner || '|' || loser FROM conflicts",
+    ]
+    .iter()
+    .map(|q| s.texts(q))
+    .collect()
+}
+
+/// Split on `|`.
+fn cols(row: &str) -> Vec<&str> {
+    row.split('|').collect()
+}
+
+fn a_purge_in_batches_keeps_every_mark_and_ends_where_one_purge_ends() {
+    let devices = [&dev("a", "d1"), &dev("a", "d2"), &dev("b", "e1")];
+    let mut whole = store(&devices);
+    let mut batched = store(&devices);
+    fill_for_retention(&mut whole);
+    fill_for_retention(&mut batched);
+    assert_eq!(
+        retention_state(&whole),
+        retention_state(&batched),
+        "the same writes leave the same rows"
+    );
+    let later = NOW + 100_000;
+    let retention = Retention {
+        tombstone_ms: 1000,
+        max_conflicts: 1,
+        batch: Retention::DEFAULT_BATCH,
+    };
+    let one = whole.purge(later, &retention).unwrap();
+    // 4 + 4 + 2 + 1 tombstones; 5 conflicts of account b, 1 kept.
+    assert_eq!(
+        one,
+        PurgeStats {
+            tombstones: 11,
+            conflicts: 4,
+            more: false
+        }
+    );
+
+    // Bounded: at most 3 tombstones and 3 conflicts a call.
+    let small = Retention {
+        batch: 3,
+        ..retention
+    };
+    let tombstones_before =
+        batched.texts("SELECT account || '|' || device || '|' || version FROM items WHERE deleted");
+    let entries_before =
+        batched.texts("SELECT account || '|' || device || '|' || CAST(seq AS TEXT) FROM feed");
+    let mut total = PurgeStats::default();
+    let mut calls = 0;
+    loop {
+        let stats = batched.purge(later, &small).unwrap();
+        calls += 1;
+        assert!(
+            stats.tombstones <= 3 && stats.conflicts <= 3,
+            "call {calls}: {stats:?}"
+        );
+        total.add(stats);
+        // After every call: each tombstone gone is covered by its owner's watermark, each
+        // feed entry gone by its device's floor.
+        let tombstones = batched
+            .texts("SELECT account || '|' || device || '|' || version FROM items WHERE deleted");
+        let marks =
+            batched.texts("SELECT account || '|' || device || '|' || purged_below FROM watermarks");
+        for gone in tombstones_before.iter().filter(|t| !tombstones.contains(t)) {
+            let g = cols(gone);
+            let mark = marks
+                .iter()
+                .map(|m| cols(m))
+                .find(|m| m[..2] == g[..2])
+                .unwrap_or_else(|| panic!("call {calls}: no watermark for purged {gone}"));
+            assert!(
+                mark[2] >= g[2],
+                "call {calls}: {gone} above its watermark {mark:?}"
+            );
+        }
+        let entries =
+            batched.texts("SELECT account || '|' || device || '|' || CAST(seq AS TEXT) FROM feed");
+        let floors = batched.texts(
+            "SELECT account || '|' || device || '|' || CAST(feed_floor AS TEXT) FROM devices",
+        );
+        for gone in entries_before.iter().filter(|e| !entries.contains(e)) {
+            let g = cols(gone);
+            let floor = floors
+                .iter()
+                .map(|f| cols(f))
+                .find(|f| f[..2] == g[..2])
+                .unwrap();
+            let (floor, seq): (u64, u64) = (floor[2].parse().unwrap(), g[2].parse().unwrap());
+            assert!(
+                floor >= seq,
+                "call {calls}: feed entry {gone} above the floor {floor}"
+            );
+        }
+        if !stats.more {
+            break;
+        }
+        assert!(calls < 20, "the purge never says it is done: {total:?}");
+    }
+    assert_eq!(
+        (total.tombstones, total.conflicts),
+        (one.tombstones, one.conflicts)
+    );
+    assert!(
+        calls >= 4,
+        "11 tombstones at 3 a call take 4 calls or more, not {calls}"
+    );
+    assert_eq!(
+        retention_state(&batched),
+        retention_state(&whole),
+        "the batches end where one purge ends"
+    );
+    // Nothing is left for another call.
+    assert_eq!(batched.purge(later, &small).unwrap(), PurgeStats::default());
+}
+
+fn a_change_log_purge_in_batches_ends_where_one_purge_ends() {
+    let (d1, e1) = (dev("a", "d1"), dev("b", "e1"));
+    let mut whole = store(&[&d1, &e1]);
+    let mut batched = store(&[&d1, &e1]);
+    // 6 old changes of account a, then 4 young ones of a and 5 of b: by age the 6 go, by count
+    // (3 per account) one of a's young and two of b's.
+    for s in [&mut whole, &mut batched] {
+        write_n(s, "Both", 6, NOW);
+        write_n(s, "Up", 4, NOW + 50_000);
+        let schema = schema();
+        let mut c = clock();
+        for i in 0..5 {
+            api_put(
+                s,
+                &schema,
+                &mut c,
+                NOW + 50_000,
+                &Owner::Device(e1.clone()),
+                "Down",
+                json!({"deviceId": "e1", "name": format!("n{i}")}),
+            );
+        }
+    }
+    let log = |s: &Subject| {
+        vec![
+            s.texts("SELECT account || '|' || CAST(seq AS TEXT) FROM changes"),
+            s.texts("SELECT account || '|' || CAST(floor AS TEXT) FROM change_floors"),
+        ]
+    };
+    let retention = ChangeRetention {
+        max_age_ms: 10_000,
+        max_per_account: 3,
+        batch: 1000,
+    };
+    let now = NOW + 55_000;
+    let one = whole.purge_changes(now, &retention).unwrap();
+    assert_eq!(
+        (one.removed, one.kept, one.more),
+        (9, Some(6), false),
+        "{one:?}"
+    );
+    let small = ChangeRetention {
+        batch: 2,
+        ..retention
+    };
+    let (mut removed, mut calls, mut kept) = (0, 0, None);
+    loop {
+        let stats = batched.purge_changes(now, &small).unwrap();
+        calls += 1;
+        assert!(stats.removed <= 2, "call {calls}: {stats:?}");
+        removed += stats.removed;
+        kept = stats.kept.or(kept);
+        if !stats.more {
+            break;
+        }
+        assert!(calls < 20, "the purge never says it is done");
+    }
+    assert_eq!((removed, kept), (9, Some(6)));
+    assert!(
+        calls >= 5,
+        "9 entries at 2 a call take 5 calls or more, not {calls}"
+    );
+    assert_eq!(
+        log(&batched),
+        log(&whole),
+        "the batches end where one purge ends"
+    );
+    // A reader below the floor is told, on both.
+    for s in [&mut whole, &mut batched] {
+        assert!(matches!(
+            s.read_changes(&change_query("a", 0)).unwrap(),
+            ChangeRead::Expired { .. }
+        ));
+    }
 }
 
 fn snapshot_pages_return_every_down_item_once() {

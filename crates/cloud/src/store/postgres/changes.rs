@@ -17,7 +17,7 @@ use super::super::changes::{
 };
 use super::super::encoding::parse_version;
 use super::super::StoreError;
-use super::sql::{col, col_u64, int, json_item, limit, Conn};
+use super::sql::{col, col_u64, int, json_item, limit, Conn, Params};
 
 const CHANGE_COLS: &str = "seq, account, device, model, pk, sk, version, deleted, item, at_ms";
 
@@ -136,38 +136,54 @@ pub(super) fn read_changes(conn: &mut Conn, q: &ChangeQuery) -> Result<ChangeRea
     }))
 }
 
-/// Applies the change log's retention (see `CloudStore::purge_changes`).
+/// Applies the change log's retention, at most a batch (see `CloudStore::purge_changes`).
+///
+/// Each removal is one statement that deletes the entries and raises their accounts' floors
+/// from exactly what it deleted, so an entry committed by another process between two
+/// statements is either removed with its floor raised or left alone.
 pub(super) fn purge_changes(
     conn: &mut Conn,
     now_ms: u64,
     retention: &ChangeRetention,
 ) -> Result<ChangePurgeStats, StoreError> {
     let cutoff = int(now_ms.saturating_sub(retention.max_age_ms));
+    let batch = retention.batch.max(1);
     // By age: everything below the first entry young enough, a prefix of the log (an entry
     // stamped earlier than one before it, the wall clock having stepped back, goes with the
-    // prefix or stays with the rest, never leaving a hole).
-    let first_young = conn.query_opt(
+    // prefix or stays with the rest, never leaving a hole), at most a batch of it: the walk
+    // reads at most a batch of the oldest entries.
+    let oldest = conn.query(
         "finding the oldest change to keep",
-        "SELECT seq FROM changes WHERE at_ms >= $1 ORDER BY seq LIMIT 1",
-        &[&cutoff],
+        "SELECT seq, at_ms FROM changes ORDER BY seq LIMIT $1",
+        &[&int(batch)],
     )?;
-    let cut = match first_young {
-        Some(r) => col::<i64>(&r, 0)?,
-        None => i64::MAX,
+    let mut first_young = None;
+    for r in &oldest {
+        if col::<i64>(r, 1)? >= cutoff {
+            first_young = Some(col::<i64>(r, 0)?);
+            break;
+        }
+    }
+    let cut = match (first_young, oldest.last()) {
+        (Some(seq), _) => seq,
+        (None, Some(last)) => col::<i64>(last, 0)? + 1,
+        (None, None) => 0,
     };
-    conn.execute(
-        "raising change log floors",
-        "INSERT INTO change_floors (account, floor)
-           SELECT account, max(seq) FROM changes WHERE seq < $1 GROUP BY account
-         ON CONFLICT (account) DO UPDATE SET floor = greatest(change_floors.floor, excluded.floor)",
-        &[&cut],
-    )?;
-    let mut removed = conn.execute(
+    let mut removed = remove_changes(
+        conn,
         "removing old changes",
-        "DELETE FROM changes WHERE seq < $1",
+        "DELETE FROM changes WHERE seq < $1 RETURNING account, seq",
         &[&cut],
     )?;
-    // By count per account: the oldest beyond the limit.
+    if first_young.is_none() && oldest.len() as u64 == batch {
+        // The batch was all old: the rest waits for the next call, the count for its end.
+        return Ok(ChangePurgeStats {
+            removed,
+            kept: None,
+            more: true,
+        });
+    }
+    // By count per account: the oldest beyond the limit, within what is left of the batch.
     let counts = conn.query(
         "counting each account's changes",
         "SELECT account, count(*) FROM changes GROUP BY account",
@@ -179,31 +195,63 @@ pub(super) fn purge_changes(
         let (account, n): (String, u64) = (col(r, 0)?, col_u64(r, 1)?);
         kept += n;
         if n > retention.max_per_account {
-            over.push(account);
+            over.push((account, n - retention.max_per_account));
         }
     }
-    for account in over {
-        // The newest entry to remove: `max_per_account` newer ones stay.
+    let mut more = false;
+    for (account, excess) in over {
+        let take = excess.min(batch.saturating_sub(removed));
+        if take < excess {
+            more = true;
+        }
+        if take == 0 {
+            break;
+        }
+        // The newest entry to remove: the account's `take`-th oldest.
         let row = conn.query_one(
             "finding an account's oldest change to keep",
-            "SELECT seq FROM changes WHERE account = $1 ORDER BY seq DESC LIMIT 1 OFFSET $2",
-            &[&account, &int(retention.max_per_account)],
+            "SELECT seq FROM changes WHERE account = $1 ORDER BY seq LIMIT 1 OFFSET $2",
+            &[&account, &int(take - 1)],
         )?;
         let last_removed: i64 = col(&row, 0)?;
-        conn.execute(
-            "raising a change log floor",
-            "INSERT INTO change_floors (account, floor) VALUES ($1, $2)
-             ON CONFLICT (account) DO UPDATE
-             SET floor = greatest(change_floors.floor, excluded.floor)",
-            &[&account, &last_removed],
-        )?;
-        let n = conn.execute(
+        let n = remove_changes(
+            conn,
             "removing an account's oldest changes",
-            "DELETE FROM changes WHERE account = $1 AND seq <= $2",
+            "DELETE FROM changes WHERE account = $1 AND seq <= $2 RETURNING account, seq",
             &[&account, &last_removed],
         )?;
         removed += n;
-        kept -= n;
+        kept = kept.saturating_sub(n);
     }
-    Ok(ChangePurgeStats { removed, kept })
+    Ok(ChangePurgeStats {
+        removed,
+        kept: Some(kept),
+        more,
+    })
+}
+
+/// Runs `delete` (a `DELETE FROM changes ... RETURNING account, seq`) and, in the same
+/// statement, raises each account's floor to the highest sequence number it removed; returns
+/// how many entries went.
+fn remove_changes(
+    conn: &mut Conn,
+    what: &str,
+    delete: &str,
+    params: Params<'_>,
+) -> Result<u64, StoreError> {
+    let row = conn.query_one(
+        what,
+        &format!(
+            "WITH gone AS ({delete}),
+             floors AS (
+                INSERT INTO change_floors (account, floor)
+                SELECT account, max(seq) FROM gone GROUP BY account
+                ON CONFLICT (account) DO UPDATE
+                SET floor = greatest(change_floors.floor, excluded.floor)
+                RETURNING 1)
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM floors)"
+        ),
+        params,
+    )?;
+    col_u64(&row, 0)
 }

@@ -847,7 +847,7 @@ impl CloudStore for PostgresStore {
             Mode::Write,
             "purging",
             |e| e,
-            |c, _| purge::purge(c, now_ms, retention),
+            |c, state| purge::purge(c, state, now_ms, retention),
         )
     }
 

@@ -164,6 +164,17 @@ impl<'c> PgTxn<'c> {
 /// from before it reads a stored version to its commit.
 pub(super) fn lock_owner(conn: &mut Conn, prefix: &str, owner: &Owner) -> Result<(), StoreError> {
     let (account, device) = owner_cols(owner);
+    lock_owner_cols(conn, prefix, account, device)
+}
+
+/// [`lock_owner`] by the owner's columns (device `''` for an account's broadcast items), for
+/// writers that find their owners in rows (retention).
+pub(super) fn lock_owner_cols(
+    conn: &mut Conn,
+    prefix: &str,
+    account: &str,
+    device: &str,
+) -> Result<(), StoreError> {
     // A collision of two names' hashes only makes their writers wait for each other.
     let name = format!("devtables {prefix} owner {account} {device}");
     conn.execute(

@@ -130,24 +130,28 @@ fn retention_by_count_and_age_expires_older_cursors_and_never_reuses_a_sequence(
     let keep_all = ChangeRetention {
         max_age_ms: 1000,
         max_per_account: 10,
+        batch: 1000,
     };
     assert_eq!(
         s.purge_changes(NOW + 10, &keep_all).unwrap(),
         ChangePurgeStats {
             removed: 0,
-            kept: 5
+            kept: Some(5),
+            more: false,
         }
     );
     // At most 2 per account: the 3 oldest go, and a cursor before them is told so.
     let two = ChangeRetention {
         max_age_ms: 1000,
         max_per_account: 2,
+        batch: 1000,
     };
     assert_eq!(
         s.purge_changes(NOW + 10, &two).unwrap(),
         ChangePurgeStats {
             removed: 3,
-            kept: 2
+            kept: Some(2),
+            more: false,
         }
     );
     assert_eq!(
@@ -173,7 +177,8 @@ fn retention_by_count_and_age_expires_older_cursors_and_never_reuses_a_sequence(
         stats,
         ChangePurgeStats {
             removed: 2,
-            kept: 0
+            kept: Some(0),
+            more: false,
         }
     );
     let p = page(&mut s, &query("a", seqs[4]));

@@ -159,7 +159,7 @@ pub(super) fn read_changes(
     }))
 }
 
-/// Applies the change log's retention (see [`CloudStore::purge_changes`]).
+/// Applies the change log's retention, at most a batch (see [`CloudStore::purge_changes`]).
 ///
 /// [`CloudStore::purge_changes`]: super::super::CloudStore::purge_changes
 pub(super) fn purge_changes(
@@ -167,16 +167,29 @@ pub(super) fn purge_changes(
     now_ms: u64,
     retention: &ChangeRetention,
 ) -> Result<ChangePurgeStats, StoreError> {
-    let cutoff = now_ms.saturating_sub(retention.max_age_ms);
+    let cutoff = i64::try_from(now_ms.saturating_sub(retention.max_age_ms)).unwrap_or(i64::MAX);
+    let batch = retention.batch.max(1);
     let tx = write_txn(conn, "starting a change log purge")?;
     // By age: everything below the first entry young enough, a prefix of the log (an entry
     // stamped earlier than one before it, the wall clock having stepped back, goes with the
-    // prefix or stays with the rest, never leaving a hole). The walk costs what it removes.
-    let first_young: Option<i64> = tx
-        .prepare_cached("SELECT seq FROM changes WHERE at_ms >= ?1 ORDER BY seq LIMIT 1")
-        .and_then(|mut s| s.query_row(params![cutoff], |r| r.get(0)).optional())
+    // prefix or stays with the rest, never leaving a hole), at most a batch of it: the walk
+    // reads at most a batch of the oldest entries.
+    let oldest: Vec<(i64, i64)> = tx
+        .prepare_cached("SELECT seq, at_ms FROM changes ORDER BY seq LIMIT ?1")
+        .and_then(|mut s| {
+            s.query_map(params![batch], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
         .map_err(db("finding the oldest change to keep"))?;
-    let cut = first_young.unwrap_or(i64::MAX);
+    let first_young = oldest
+        .iter()
+        .find(|(_, at)| *at >= cutoff)
+        .map(|(seq, _)| *seq);
+    let cut = match (first_young, oldest.last()) {
+        (Some(seq), _) => seq,
+        (None, Some((last, _))) => last + 1,
+        (None, None) => 0,
+    };
     raise_floors(
         &tx,
         "SELECT account, max(seq) FROM changes WHERE seq < ?1 GROUP BY account",
@@ -186,24 +199,40 @@ pub(super) fn purge_changes(
         .prepare_cached("DELETE FROM changes WHERE seq < ?1")
         .and_then(|mut s| s.execute(params![cut]))
         .map_err(db("removing old changes"))? as u64;
-    // By count per account: the oldest beyond the limit.
+    if first_young.is_none() && removed == batch {
+        // The batch was all old: the rest waits for the next call, the count for its end.
+        tx.commit().map_err(db("committing a change log purge"))?;
+        return Ok(ChangePurgeStats {
+            removed,
+            kept: None,
+            more: true,
+        });
+    }
+    // By count per account: the oldest beyond the limit, within what is left of the batch.
     let counts: Vec<(String, u64)> = tx
         .prepare_cached("SELECT account, count(*) FROM changes GROUP BY account")
         .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
         .map_err(db("counting each account's changes"))?;
     let mut kept: u64 = counts.iter().map(|(_, n)| n).sum();
+    let mut more = false;
     for (account, n) in counts {
-        if n <= retention.max_per_account {
+        let excess = n.saturating_sub(retention.max_per_account);
+        if excess == 0 {
             continue;
         }
-        // The newest entry to remove: `max_per_account` newer ones stay.
+        let take = excess.min(batch - removed);
+        if take < excess {
+            more = true;
+        }
+        if take == 0 {
+            break;
+        }
+        // The newest entry to remove: the account's `take`-th oldest.
         let last_removed: u64 = tx
             .prepare_cached(
-                "SELECT seq FROM changes WHERE account = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+                "SELECT seq FROM changes WHERE account = ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
             )
-            .and_then(|mut s| {
-                s.query_row(params![account, retention.max_per_account], |r| r.get(0))
-            })
+            .and_then(|mut s| s.query_row(params![account, take - 1], |r| r.get(0)))
             .map_err(db("finding an account's oldest change to keep"))?;
         raise_floors(
             &tx,
@@ -218,7 +247,11 @@ pub(super) fn purge_changes(
         kept -= n;
     }
     tx.commit().map_err(db("committing a change log purge"))?;
-    Ok(ChangePurgeStats { removed, kept })
+    Ok(ChangePurgeStats {
+        removed,
+        kept: Some(kept),
+        more,
+    })
 }
 
 /// Raises the floors of the (account, floor) rows `select` yields (never lowers one).

@@ -2,7 +2,10 @@
 //! owner's purge watermark and each device's feed floor, and the conflict log is trimmed.
 //!
 //! It exists because purging is the one write outside the replication rules, and it must leave
-//! the marks ([`max_version`] included) that keep a purged key from coming back.
+//! the marks ([`max_version`] included) that keep a purged key from coming back. A call purges a
+//! bounded batch in one transaction and leaves the marks of exactly what it removed, so the
+//! service's retention pass (several calls, other work in between) ends where one large purge
+//! would.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +28,7 @@ pub(super) fn max_version(conn: &Connection) -> Result<Option<Hlc>, StoreError> 
     v.as_deref().map(parse_version).transpose()
 }
 
-/// Purges what is older than `retention` allows (see [`CloudStore::purge`]).
+/// Purges what is older than `retention` allows, at most a batch (see [`CloudStore::purge`]).
 ///
 /// [`CloudStore::purge`]: super::super::CloudStore::purge
 pub(super) fn purge(
@@ -34,21 +37,33 @@ pub(super) fn purge(
     retention: &Retention,
 ) -> Result<PurgeStats, StoreError> {
     let cutoff = now_ms.saturating_sub(retention.tombstone_ms);
+    let batch = retention.batch.max(1);
     let tx = write_txn(conn, "starting a purge")?;
-    let keys: Vec<(String, String, String, String)> = tx
+    // The oldest tombstones first, a batch of them: the partial index of tombstones by
+    // `updated_ms` hands them over in that order, so a batch reads what it removes.
+    let keys: Vec<(String, String, String, String, String)> = tx
         .prepare_cached(
-            "SELECT account, device, pk, sk FROM items WHERE deleted = 1 AND updated_ms < ?1",
+            "SELECT account, device, pk, sk, version FROM items
+             WHERE deleted = 1 AND updated_ms < ?1 ORDER BY updated_ms LIMIT ?2",
         )
         .and_then(|mut s| {
-            s.query_map(params![cutoff], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            s.query_map(params![cutoff, batch], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })?
             .collect()
         })
         .map_err(db("finding old tombstones"))?;
-    // The highest purged feed sequence per device becomes its floor.
+    // Per owner the newest version purged, which becomes its watermark: a later write that knew
+    // a purged key meets it as that tombstone (see `cloud_apply_push`). Versions are text that
+    // sorts as the versions do.
+    let mut watermarks: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+    // Per device the highest purged feed sequence, which becomes its floor.
     let mut floors: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for (account, device, pk, sk) in &keys {
+    for (account, device, pk, sk, version) in &keys {
+        let mark = watermarks.entry((account, device)).or_insert(version);
+        if version.as_str() > *mark {
+            *mark = version;
+        }
         let removed: Vec<(String, u64)> = if device.is_empty() {
             tx.prepare_cached(
                 "DELETE FROM feed WHERE account = ?1 AND device IN (SELECT device FROM devices WHERE account = ?1)
@@ -69,39 +84,41 @@ pub(super) fn purge(
             let floor = floors.entry((account.clone(), d)).or_insert(0);
             *floor = (*floor).max(seq);
         }
+        tx.prepare_cached(
+            "DELETE FROM items WHERE account = ?1 AND device = ?2 AND pk = ?3 AND sk = ?4",
+        )
+        .and_then(|mut s| s.execute(params![account, device, pk, sk]))
+        .map_err(db("purging a tombstone"))?;
     }
-    // Each owner's watermark rises to the newest version it purges: a later write that knew
-    // a purged key meets it as that tombstone (see `cloud_apply_push`).
-    tx.prepare_cached(
-        "INSERT INTO watermarks (account, device, purged_below)
-           SELECT account, device, max(version) FROM items
-           WHERE deleted = 1 AND updated_ms < ?1 GROUP BY account, device
-         ON CONFLICT (account, device) DO UPDATE SET
-           purged_below = max(purged_below, excluded.purged_below)",
-    )
-    .and_then(|mut s| s.execute(params![cutoff]))
-    .map_err(db("raising purge watermarks"))?;
-    let tombstones = tx
-        .prepare_cached("DELETE FROM items WHERE deleted = 1 AND updated_ms < ?1")
-        .and_then(|mut s| s.execute(params![cutoff]))
-        .map_err(db("purging tombstones"))?;
+    for ((account, device), version) in watermarks {
+        tx.prepare_cached(
+            "INSERT INTO watermarks (account, device, purged_below) VALUES (?1, ?2, ?3)
+             ON CONFLICT (account, device) DO UPDATE SET
+               purged_below = max(purged_below, excluded.purged_below)",
+        )
+        .and_then(|mut s| s.execute(params![account, device, version]))
+        .map_err(db("raising a purge watermark"))?;
+    }
     for ((account, device), floor) in floors {
         tx.prepare_cached("UPDATE devices SET feed_floor = max(feed_floor, ?3) WHERE account = ?1 AND device = ?2")
             .and_then(|mut s| s.execute(params![account, device, floor]))
             .map_err(db("raising a feed floor"))?;
     }
+    // Each account's oldest conflict records beyond its limit, at most a batch of them.
     let conflicts = tx
         .prepare_cached(
             "DELETE FROM conflicts WHERE id IN (
                 SELECT id FROM (
                     SELECT id, row_number() OVER (PARTITION BY account ORDER BY id DESC) AS n FROM conflicts
-                ) WHERE n > ?1)",
+                ) WHERE n > ?1 ORDER BY id LIMIT ?2)",
         )
-        .and_then(|mut s| s.execute(params![retention.max_conflicts]))
-        .map_err(db("trimming the conflict log"))?;
+        .and_then(|mut s| s.execute(params![retention.max_conflicts, batch]))
+        .map_err(db("trimming the conflict log"))? as u64;
     tx.commit().map_err(db("committing a purge"))?;
+    let tombstones = keys.len() as u64;
     Ok(PurgeStats {
-        tombstones: tombstones as u64,
-        conflicts: conflicts as u64,
+        tombstones,
+        conflicts,
+        more: tombstones == batch || conflicts == batch,
     })
 }
