@@ -276,6 +276,11 @@ impl SyncLoop {
     }
 
     pub(crate) async fn run(mut self) {
+        // A cluster node starts with the partitions of its first lease round: their devices
+        // with changes waiting are prompted as those of partitions gained later.
+        if matches!(self.serving, Serving::Partitions { .. }) {
+            self.prompt_behind(self.serving.clone());
+        }
         loop {
             let engine_at = self.engine.poll_timeout().map(|at| {
                 tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(self.now()))

@@ -91,6 +91,13 @@ impl LeaseThread {
         let mut node = Node::connect(&options)?;
         node.prepare()?;
         node.register()?;
+        // The first round before the service serves: a node that starts holds its partitions
+        // from its first message on (a lone node all of them), not a round later.
+        node.round(Instant::now(), &serving, &status)
+            .map_err(|source| ClusterError::Database {
+                what: "the first lease round",
+                source,
+            })?;
         let stop = Arc::new(AtomicBool::new(false));
         let serving = Arc::new(serving);
         // The watchdog stops serving when the safe part of the leases ran out, even while a
