@@ -39,6 +39,7 @@ mod stats;
 pub use config::{DbMode, FleetConfig, Target};
 pub use report::{FleetReport, Phase, Progress, ProgressSink};
 pub use run::run;
+pub use spawn::{cloud_addresses, copy_cloud_log};
 
 /// Why a simulation could not run (a run that ends with writes missing is not an error: its
 /// report says what is missing).

@@ -192,7 +192,7 @@ async fn launch(
     // Every line of the child's stderr goes to cloud.log (a full pipe would stall the cloud);
     // the line saying where it listens is also handed over.
     let (addrs_tx, addrs_rx) = oneshot::channel();
-    tokio::spawn(copy_log(stderr, log_file, addrs_tx));
+    tokio::spawn(copy_cloud_log(stderr, log_file, addrs_tx));
     let addrs = tokio::select! {
         found = addrs_rx => found.ok(),
         _ = tokio::time::sleep(START_TIMEOUT) => None,
@@ -204,16 +204,18 @@ async fn launch(
             )));
         }
     };
-    let Some((url, mqtt)) = addrs else {
+    let Some((api, mqtt)) = addrs else {
         return Err(FleetError::Spawn(format!(
             "the cloud did not say where it listens within {START_TIMEOUT:?}; see {}",
             path.join("cloud.log").display()
         )));
     };
-    Ok((child, pid, url, mqtt))
+    Ok((child, pid, format!("http://{api}"), mqtt))
 }
 
-async fn copy_log(
+/// Copies every line a `devtables cloud` child writes to stderr into `log` (a full pipe would
+/// stall the child) and hands over the addresses of its "running" line ([`cloud_addresses`]).
+pub async fn copy_cloud_log(
     stderr: tokio::process::ChildStderr,
     mut log: std::fs::File,
     addrs: oneshot::Sender<(String, String)>,
@@ -221,7 +223,7 @@ async fn copy_log(
     let mut addrs = Some(addrs);
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(found) = parse_running(&line) {
+        if let Some(found) = cloud_addresses(&line) {
             if let Some(tx) = addrs.take() {
                 let _ = tx.send(found);
             }
@@ -234,12 +236,13 @@ async fn copy_log(
 }
 
 /// `(http://API, MQTT)` from the line `devtables cloud running: API http://A  MQTT M; ...`.
-fn parse_running(line: &str) -> Option<(String, String)> {
+/// The API's `host:port` and the MQTT address of `devtables cloud`'s "running" line.
+pub fn cloud_addresses(line: &str) -> Option<(String, String)> {
     let rest = &line[line.find(RUNNING)? + RUNNING.len()..];
     let (api, rest) = rest.split_once(char::is_whitespace)?;
     let mqtt = rest.trim_start().strip_prefix("MQTT ")?;
     let mqtt = mqtt.split(|c: char| c == ';' || c.is_whitespace()).next()?;
-    Some((format!("http://{api}"), mqtt.to_string()))
+    Some((api.to_string(), mqtt.to_string()))
 }
 
 impl SpawnedCloud {
@@ -304,9 +307,9 @@ mod tests {
     fn the_running_line_gives_both_addresses() {
         let line = "devtables cloud running: API http://127.0.0.1:43121  MQTT 127.0.0.1:38805; Ctrl-C stops it";
         assert_eq!(
-            parse_running(line),
-            Some(("http://127.0.0.1:43121".into(), "127.0.0.1:38805".into()))
+            cloud_addresses(line),
+            Some(("127.0.0.1:43121".into(), "127.0.0.1:38805".into()))
         );
-        assert_eq!(parse_running("some other line"), None);
+        assert_eq!(cloud_addresses("some other line"), None);
     }
 }

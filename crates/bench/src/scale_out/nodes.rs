@@ -4,14 +4,12 @@
 //! `devtables keys create` on the store, each node's stderr kept in its folder's `cloud.log`.
 //! Real processes, so a node can be killed with SIGKILL and its CPU read from `/proc`.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
@@ -26,7 +24,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often `/ready` is asked while a node starts.
 const READY_POLL: Duration = Duration::from_millis(50);
 /// The line `devtables cloud` prints once it serves.
-const RUNNING: &str = "devtables cloud running: API http://";
 /// Partitions of a scaled-out cloud (its default, written out so the sum of the nodes' shares
 /// is known).
 pub const PARTITIONS: u64 = 64;
@@ -109,15 +106,6 @@ fn config_text(spec: &NodeSpec<'_>) -> String {
     )
 }
 
-/// `(API HOST:PORT, MQTT HOST:PORT)` from the line `devtables cloud running: API http://A  MQTT M; ...`.
-fn parse_running(line: &str) -> Option<(String, String)> {
-    let rest = &line[line.find(RUNNING)? + RUNNING.len()..];
-    let (api, rest) = rest.split_once(char::is_whitespace)?;
-    let mqtt = rest.trim_start().strip_prefix("MQTT ")?;
-    let mqtt = mqtt.split(|c: char| c == ';' || c.is_whitespace()).next()?;
-    Some((api.to_string(), mqtt.to_string()))
-}
-
 /// An admin key of `account` made with `devtables keys create` on the store: on the data
 /// folder `data` for SQLite, in the database for PostgreSQL (the bootstrap of each).
 pub async fn admin_key(
@@ -191,7 +179,7 @@ impl Node {
             .take()
             .context("the node's stderr is not piped")?;
         let (addrs_tx, addrs_rx) = oneshot::channel();
-        tokio::spawn(copy_log(stderr, log, addrs_tx));
+        tokio::spawn(devtables_fleet::copy_cloud_log(stderr, log, addrs_tx));
         let addrs = tokio::select! {
             found = addrs_rx => found.ok(),
             _ = tokio::time::sleep(START_TIMEOUT) => None,
@@ -282,41 +270,9 @@ impl Node {
     }
 }
 
-/// Every line of a node's stderr to its `cloud.log` (a full pipe would stall the node); the
-/// line saying where it serves is also handed over.
-async fn copy_log(
-    stderr: tokio::process::ChildStderr,
-    mut log: std::fs::File,
-    addrs: oneshot::Sender<(String, String)>,
-) {
-    let mut addrs = Some(addrs);
-    let mut lines = BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(found) = parse_running(&line) {
-            if let Some(tx) = addrs.take() {
-                let _ = tx.send(found);
-            }
-        }
-        // A line to the page cache: short enough for the runtime's thread.
-        if writeln!(log, "{line}").is_err() {
-            break;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_running_line_gives_both_addresses() {
-        let line = "devtables cloud running: API http://127.0.0.1:43121  MQTT 127.0.0.1:1883; Ctrl-C stops it";
-        assert_eq!(
-            parse_running(line),
-            Some(("127.0.0.1:43121".into(), "127.0.0.1:1883".into()))
-        );
-        assert_eq!(parse_running("another line"), None);
-    }
 
     #[test]
     fn a_cluster_node_config_names_its_store_broker_and_lease() {
