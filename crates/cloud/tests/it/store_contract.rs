@@ -218,54 +218,8 @@ contract!(
     a_webhook_starts_at_the_head_and_its_cursor_moves_only_forward_on_success_or_skip,
 );
 
-const SCHEMA: &str = r#"{
-    format: 'onetable:1.1.0',
-    version: '1',
-    indexes: {primary: {hash: 'pk', sort: 'sk'}},
-    process: {
-        Up: {sync: 'up'},
-        Both: {sync: 'both'},
-        Down: {sync: 'down'},
-        Bcast: {sync: 'down', broadcast: true},
-        Shared: {sync: 'both'},
-    },
-    models: {
-        Up: {
-            pk: {type: 'string', value: 'd#${deviceId}'},
-            sk: {type: 'string', value: 'x#${name}'},
-            deviceId: {type: 'string', required: true},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        Both: {
-            pk: {type: 'string', value: 'd#${deviceId}'},
-            sk: {type: 'string', value: 'x#${name}'},
-            deviceId: {type: 'string', required: true},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        Down: {
-            pk: {type: 'string', value: 'd#${deviceId}'},
-            sk: {type: 'string', value: 'x#${name}'},
-            deviceId: {type: 'string', required: true},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        Bcast: {
-            pk: {type: 'string', value: 'b#'},
-            sk: {type: 'string', value: 'x#${name}'},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        // No owner field: two devices can hold the same key.
-        Shared: {
-            pk: {type: 'string', value: 'n#'},
-            sk: {type: 'string', value: 'x#${name}'},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-    },
-}"#;
+/// Shared with the SQLite store's unit tests.
+const SCHEMA: &str = include_str!("../store_schema.json5");
 
 pub fn schema() -> Schema {
     Schema::from_json5(SCHEMA).unwrap()

@@ -20,54 +20,8 @@ pub(super) const RULES: &PushRules = &PushRules {
     cloud_schema: String::new(),
 };
 
-const SCHEMA: &str = r#"{
-    format: 'onetable:1.1.0',
-    version: '1',
-    indexes: {primary: {hash: 'pk', sort: 'sk'}},
-    process: {
-        Up: {sync: 'up'},
-        Both: {sync: 'both'},
-        Down: {sync: 'down'},
-        Bcast: {sync: 'down', broadcast: true},
-        Shared: {sync: 'both'},
-    },
-    models: {
-        Up: {
-            pk: {type: 'string', value: 'd#${deviceId}'},
-            sk: {type: 'string', value: 'x#${name}'},
-            deviceId: {type: 'string', required: true},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        Both: {
-            pk: {type: 'string', value: 'd#${deviceId}'},
-            sk: {type: 'string', value: 'x#${name}'},
-            deviceId: {type: 'string', required: true},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        Down: {
-            pk: {type: 'string', value: 'd#${deviceId}'},
-            sk: {type: 'string', value: 'x#${name}'},
-            deviceId: {type: 'string', required: true},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        Bcast: {
-            pk: {type: 'string', value: 'b#'},
-            sk: {type: 'string', value: 'x#${name}'},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-        // No owner field: two devices can hold the same key.
-        Shared: {
-            pk: {type: 'string', value: 'n#'},
-            sk: {type: 'string', value: 'x#${name}'},
-            name: {type: 'string', required: true},
-            v: {type: 'number'},
-        },
-    },
-}"#;
+/// Shared with the store contract (`tests/it/store_contract.rs`).
+const SCHEMA: &str = include_str!("../../../tests/store_schema.json5");
 
 pub(super) fn schema() -> Schema {
     Schema::from_json5(SCHEMA).unwrap()
