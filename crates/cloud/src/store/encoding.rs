@@ -1,17 +1,17 @@
 //! How every store turns what it keeps as text back into the engine's values, and the few
 //! input rules of the HTTP API's reads that do not depend on the database: versions, items,
 //! feed generations, the owner columns, item-query field names, page tokens and key-prefix
-//! ranges.
+//! ranges; and where a snapshot page ends.
 //!
 //! It exists so the SQLite and PostgreSQL stores decode stored rows and check API input the
 //! same way (a page token of one is a page token of the other, a corrupt version is
 //! [`StoreError::Corrupt`] in both), without either store depending on the other.
 
 use devtables_schema::Item;
-use devtables_sync::cloud::{FeedGeneration, MAX_FEED_GENERATIONS};
+use devtables_sync::cloud::{FeedGeneration, SnapshotCursor, MAX_FEED_GENERATIONS};
 use devtables_sync::hlc::Hlc;
 use devtables_sync::identity::Owner;
-use devtables_sync::wire::hlc_from_str;
+use devtables_sync::wire::{hlc_from_str, Change};
 
 use super::StoreError;
 
@@ -112,6 +112,19 @@ pub(crate) fn decode_token(token: &str) -> Result<(String, String, String), Stor
     let bad = || StoreError::BadQuery("the next token is not one this service issued".to_string());
     let bytes = hex::decode(token).map_err(|_| bad())?;
     serde_json::from_slice(&bytes).map_err(|_| bad())
+}
+
+/// Cuts a snapshot page read one row past `limit` (so the store knows whether more follow) to
+/// `limit`, and returns where the next page starts: after its last item, or `None` at the end.
+pub(crate) fn snapshot_next(items: &mut Vec<Change>, limit: usize) -> Option<SnapshotCursor> {
+    if items.len() <= limit {
+        return None;
+    }
+    items.truncate(limit);
+    items.last().map(|c| SnapshotCursor {
+        model: c.model.clone(),
+        key: c.key.clone(),
+    })
 }
 
 #[cfg(test)]

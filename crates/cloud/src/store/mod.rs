@@ -189,6 +189,47 @@ impl Default for DeviceQuotas {
     }
 }
 
+/// Runs a push change by change in the push's transaction `t`: a change `refusal` refuses (a
+/// store's quota check, reading the usage the changes before it left) is answered `Rejected`
+/// with that reason and counted; every other one goes through
+/// [`devtables_sync::apply::cloud_apply_push`]. Returns the results in order and how many were
+/// refused for a quota. One loop for every store, so they refuse alike.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply_within_quotas<T: devtables_sync::apply::CloudTxn<Error = StoreError>>(
+    t: &mut T,
+    mut refusal: impl FnMut(
+        &mut T,
+        &Change,
+    ) -> Result<Option<devtables_sync::wire::RejectReason>, StoreError>,
+    schema: &Schema,
+    clock: &mut HlcClock,
+    now_ms: u64,
+    rules: &PushRules,
+    from: &DeviceId,
+    changes: &[Change],
+) -> Result<(Vec<ChangeResult>, u64), StoreError> {
+    let mut results = Vec::with_capacity(changes.len());
+    let mut over_quota = 0;
+    for change in changes {
+        if let Some(reason) = refusal(t, change)? {
+            over_quota += 1;
+            results.push(ChangeResult {
+                model: change.model.clone(),
+                key: change.key.clone(),
+                version: change.version,
+                kept: None,
+                status: devtables_sync::wire::ChangeStatus::Rejected { reason },
+            });
+            continue;
+        }
+        let one = std::slice::from_ref(change);
+        results.extend(devtables_sync::apply::cloud_apply_push(
+            t, schema, clock, now_ms, rules, from, one,
+        )?);
+    }
+    Ok((results, over_quota))
+}
+
 /// What an API key may do. The order matters: each scope may do everything the ones before it
 /// may (`read` < `write` < `admin`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use devtables_sync::cloud::{FeedPage, SnapshotCursor, SnapshotPage, UnreadableRo
 use devtables_sync::identity::DeviceId;
 use devtables_sync::wire::{Change, Op};
 
-use super::super::encoding::{parse_generations, parse_version};
+use super::super::encoding::{parse_generations, parse_version, snapshot_next};
 use super::super::StoreError;
 use super::sql::{col, col_u64, int, json_item, limit, Conn};
 
@@ -253,15 +253,7 @@ pub(super) fn read_snapshot(
             break;
         }
     }
-    let next = if items.len() > max {
-        items.truncate(max);
-        items.last().map(|c| SnapshotCursor {
-            model: c.model.clone(),
-            key: c.key.clone(),
-        })
-    } else {
-        None
-    };
+    let next = snapshot_next(&mut items, max);
     Ok(SnapshotPage {
         resync,
         items,

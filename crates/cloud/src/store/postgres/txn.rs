@@ -10,14 +10,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::store::apply_within_quotas;
 use devtables_schema::{ItemKey, Schema};
 use devtables_sync::apply::{
-    cloud_apply_push, cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser, PushCounts,
-    PushRules, RowWrite, StoredRow,
+    cloud_write, CloudOp, CloudTxn, CloudWriteError, Conflict, Loser, PushCounts, PushRules,
+    RowWrite, StoredRow,
 };
 use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::identity::{DeviceId, Owner};
-use devtables_sync::wire::{hlc_to_string, Change, ChangeResult, ChangeStatus};
+use devtables_sync::wire::{hlc_to_string, Change, ChangeResult};
 use postgres::types::Json;
 
 use super::super::encoding::{item_json, oldest_generations_dropped, owner_cols, parse_version};
@@ -483,25 +484,16 @@ pub(super) fn apply_push(
     t.owners_locked
         .insert((from.account.clone(), from.device.clone()));
     t.defer_counts();
-    let mut results = Vec::with_capacity(changes.len());
-    let mut over_quota = 0;
-    for change in changes {
-        if let Some(reason) = quota::refusal(t.conn, &quotas, from, change)? {
-            over_quota += 1;
-            results.push(ChangeResult {
-                model: change.model.clone(),
-                key: change.key.clone(),
-                version: change.version,
-                kept: None,
-                status: ChangeStatus::Rejected { reason },
-            });
-            continue;
-        }
-        let one = std::slice::from_ref(change);
-        results.extend(cloud_apply_push(
-            &mut t, schema, clock, now_ms, rules, from, one,
-        )?);
-    }
+    let (results, over_quota) = apply_within_quotas(
+        &mut t,
+        |t, change| quota::refusal(t.conn, &quotas, from, change),
+        schema,
+        clock,
+        now_ms,
+        rules,
+        from,
+        changes,
+    )?;
     t.write_counts(from, over_quota)?;
     let dropped = t.conflicts_dropped;
     Ok((results, t.into_advanced(), dropped))

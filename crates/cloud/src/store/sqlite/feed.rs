@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::super::StoreError;
 use super::sql::{db, parse_item, parse_version, read_txn, sql_int};
 pub(super) use crate::store::encoding::oldest_generations_dropped;
-use crate::store::encoding::parse_generations;
+use crate::store::encoding::{parse_generations, snapshot_next};
 
 /// The change a feed or snapshot delivers for a row in its current state.
 fn row_change(
@@ -274,15 +274,7 @@ pub(super) fn read_snapshot(
             break;
         }
     }
-    let next = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|c| SnapshotCursor {
-            model: c.model.clone(),
-            key: c.key.clone(),
-        })
-    } else {
-        None
-    };
+    let next = snapshot_next(&mut items, limit);
     Ok(SnapshotPage {
         resync,
         items,
