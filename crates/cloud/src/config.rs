@@ -1051,6 +1051,17 @@ impl CloudFile {
 mod tests {
     use super::*;
 
+    /// Loads a cloud file in `dir` holding the required keys and `body`.
+    fn load_body(dir: &Path, body: &str) -> Result<(PathBuf, CloudConfig), String> {
+        let path = dir.join("cloud.json5");
+        std::fs::write(
+            &path,
+            format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
+        )
+        .unwrap();
+        CloudFile::load(&path)
+    }
+
     #[test]
     fn the_defaults_are_valid() {
         let c = CloudConfig::new("data");
@@ -1075,15 +1086,7 @@ mod tests {
     #[test]
     fn the_file_sets_the_limits_and_quotas_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.json5");
-        let load = |body: &str| {
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path)
-        };
+        let load = |body: &str| load_body(dir.path(), body);
         let c = load("").unwrap().1;
         assert_eq!(
             (c.sync.device_rate, c.api_rate, c.quotas),
@@ -1157,15 +1160,7 @@ mod tests {
     #[test]
     fn retention_batch_bounds_both_retention_passes_and_is_at_least_one() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.json5");
-        let load = |body: &str| {
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path)
-        };
+        let load = |body: &str| load_body(dir.path(), body);
         let c = load("").unwrap().1;
         assert_eq!(
             (c.retention.batch, c.changes.retention.batch),
@@ -1182,15 +1177,7 @@ mod tests {
     #[test]
     fn the_file_sets_the_change_log_and_webhook_limits_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.json5");
-        let load = |body: &str| {
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path)
-        };
+        let load = |body: &str| load_body(dir.path(), body);
         let c = load("").unwrap().1.changes;
         assert_eq!(c, ChangesConfig::default(), "the documented defaults");
         assert_eq!(
@@ -1262,15 +1249,7 @@ mod tests {
     #[test]
     fn the_file_sets_tls_on_every_hop() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.json5");
-        let load = |body: &str| {
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path)
-        };
+        let load = |body: &str| load_body(dir.path(), body);
         let c = load(
             "api_tls: {cert: 'a.pem', key: 'a.key'}, \
              embedded_broker_tls: {listen: '127.0.0.1:8883', cert: 'b.pem', key: 'b.key'}",
@@ -1375,15 +1354,7 @@ mod tests {
     #[test]
     fn the_file_sets_the_device_certificate_listener() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.json5");
-        let load = |body: &str| {
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {body}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path)
-        };
+        let load = |body: &str| load_body(dir.path(), body);
         let tls = "embedded_broker_tls: {listen: '127.0.0.1:8883', cert: 'b.pem', key: 'b.key'}";
         let c = load(&format!(
             "{tls}, device_certificates: {{listen: '127.0.0.1:8884', validity_days: 7}}"
