@@ -391,19 +391,19 @@ fn registry_commands_reach_the_postgresql_store() {
     node.register(KEY_ACCOUNT, "dev-a");
     node.register(KEY_ACCOUNT, "dev-b");
     let pg_args = ["--database", &pg.url, "--database-schema", &pg.name];
+    // A registry command on the PostgreSQL store; it must succeed.
+    let run = |args: &[&str]| {
+        let out = bin().args(args).args(pg_args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     // The Mosquitto configuration from the PostgreSQL registry: both devices.
     let out = dir.path().join("mosquitto");
-    let run = bin()
-        .args(["broker-config", "mosquitto", "--out"])
-        .arg(&out)
-        .args(pg_args)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let out_arg = out.to_str().unwrap();
+    run(&["broker-config", "mosquitto", "--out", out_arg]);
     let passwords = std::fs::read_to_string(out.join("passwords")).unwrap();
     for d in ["dev-a", "dev-b"] {
         assert!(
@@ -411,41 +411,22 @@ fn registry_commands_reach_the_postgresql_store() {
             "{passwords}"
         );
     }
-    // A revocation in PostgreSQL: the cloud reads it from there.
-    let run = bin()
-        .args([
-            "devices",
-            "revoke",
-            "--account",
-            KEY_ACCOUNT,
-            "--device",
-            "dev-b",
-        ])
-        .args(pg_args)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    // A revocation in PostgreSQL, and the next export leaves the device out.
+    run(&[
+        "devices",
+        "revoke",
+        "--account",
+        KEY_ACCOUNT,
+        "--device",
+        "dev-b",
+    ]);
     assert_eq!(
         pg.query_i64(
             "SELECT count(*) FROM {s}.devices WHERE device = 'dev-b' AND secret_hash = 'revoked'"
         ),
         1
     );
-    let run = bin()
-        .args(["broker-config", "mosquitto", "--out"])
-        .arg(&out)
-        .args(pg_args)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run(&["broker-config", "mosquitto", "--out", out_arg]);
     let passwords = std::fs::read_to_string(out.join("passwords")).unwrap();
     assert!(!passwords.contains("dev-b:"), "{passwords}");
     assert!(passwords.contains("dev-a:"), "{passwords}");
