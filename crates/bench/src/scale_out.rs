@@ -111,6 +111,10 @@ pub struct ScaleOutArgs {
     /// Tiny sizes (seconds in all), for CI: fails on anything not accounted for.
     #[arg(long)]
     quick: bool,
+    /// Only the broadcast figure (the stores alone: no cloud nodes, no broker), printed as its
+    /// table.
+    #[arg(long)]
+    broadcast_only: bool,
     /// Also write the Markdown report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -279,6 +283,19 @@ pub fn run(args: &ScaleOutArgs, child: &ChildCommand) -> anyhow::Result<()> {
         url: services.postgres.clone(),
     };
 
+    // Broadcasts.
+    let mut broadcasts = Vec::new();
+    for &n in &plan.broadcast_devices {
+        for kind in [StoreKind::Sqlite, pg.clone()] {
+            eprintln!("== scale-out broadcast: {} devices on {}", n, kind.label());
+            broadcasts.push(broadcast::measure(&kind, n, &schema)?);
+        }
+    }
+    if args.broadcast_only {
+        println!("{}", broadcast::table(&broadcasts));
+        return Ok(());
+    }
+
     // Ceilings: the stores alone (off the runtime: the PostgreSQL client runs its own).
     let store_specs = [
         (StoreKind::Sqlite, 1, plan.store_group),
@@ -302,15 +319,6 @@ pub fn run(args: &ScaleOutArgs, child: &ChildCommand) -> anyhow::Result<()> {
             group,
         };
         store_ceiling.push(store_rate::measure(&spec, &schema)?);
-    }
-
-    // Broadcasts.
-    let mut broadcasts = Vec::new();
-    for &n in &plan.broadcast_devices {
-        for kind in [StoreKind::Sqlite, pg.clone()] {
-            eprintln!("== scale-out broadcast: {} devices on {}", n, kind.label());
-            broadcasts.push(broadcast::measure(&kind, n, &schema)?);
-        }
     }
 
     // Ceilings: the brokers alone.
@@ -728,20 +736,6 @@ impl Report<'_> {
     }
 
     fn broadcast_table(&self) -> String {
-        let mut r = String::from(
-            "| Broadcast: one `Firmware` write to an account of N devices | store | first write | second write | feed rows written | registering the devices (untimed) |\n|---|---|---|---|---|---|\n",
-        );
-        for b in self.broadcasts {
-            r.push_str(&format!(
-                "| {} devices | {} | {} ms | {} ms | {} | {} s |\n",
-                thousands(b.devices as f64),
-                b.store,
-                short(b.first_ms),
-                short(b.second_ms),
-                thousands(b.feed_rows as f64),
-                short(b.register_s)
-            ));
-        }
-        r
+        broadcast::table(self.broadcasts)
     }
 }

@@ -111,6 +111,10 @@ pub struct CloudConfig {
     pub purge_interval: Duration,
     /// SQLite `synchronous=FULL`: an acknowledged write survives power loss, not only a crash.
     pub sqlite_full_sync: bool,
+    /// Most devices one store transaction appends a broadcast's feed entry to: the write's own
+    /// transaction reaches the first ones, fan-out steps the rest (default
+    /// [`DEFAULT_FANOUT_BATCH`](crate::store::DEFAULT_FANOUT_BATCH), at least 1).
+    pub fanout_batch: usize,
     /// Largest HTTP request body.
     pub max_request_bytes: usize,
     /// Most items per API page.
@@ -377,6 +381,7 @@ impl CloudConfig {
             retention: Retention::default(),
             purge_interval: Duration::from_secs(3600),
             sqlite_full_sync: true,
+            fanout_batch: crate::store::DEFAULT_FANOUT_BATCH,
             max_request_bytes: 1024 * 1024,
             max_page_items: 1000,
             node_name: String::new(),
@@ -409,6 +414,9 @@ impl CloudConfig {
         }
         if self.retention.batch == 0 || self.changes.retention.batch == 0 {
             return Err("retention_batch must be at least 1".into());
+        }
+        if self.fanout_batch == 0 {
+            return Err("fanout_batch must be at least 1".into());
         }
         if !(1..=4096).contains(&self.cluster.partitions) {
             return Err(format!(
@@ -570,6 +578,10 @@ pub struct CloudFile {
     /// work on the store running in between (default 1000, at least 1).
     #[serde(default)]
     pub retention_batch: Option<u64>,
+    /// Most devices one store transaction appends a broadcast's feed entry to (default 500,
+    /// at least 1).
+    #[serde(default)]
+    pub fanout_batch: Option<usize>,
     #[serde(default)]
     pub max_conflicts: Option<u64>,
     /// Capacity of the service's MQTT request queue (default 4096).
@@ -914,6 +926,9 @@ impl CloudFile {
             config.retention.batch = n;
             config.changes.retention.batch = n;
         }
+        if let Some(n) = file.fanout_batch {
+            config.fanout_batch = n;
+        }
         if let Some(n) = file.mqtt_request_queue {
             config.mqtt.request_queue = n;
         }
@@ -1172,6 +1187,20 @@ mod tests {
         assert_eq!(c.retention.max_conflicts, 7);
         let e = load("retention_batch: 0").unwrap_err();
         assert!(e.contains("retention_batch"), "{e}");
+    }
+
+    #[test]
+    fn fanout_batch_is_read_and_at_least_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |body: &str| load_body(dir.path(), body);
+        assert_eq!(
+            load("").unwrap().1.fanout_batch,
+            500,
+            "the documented default"
+        );
+        assert_eq!(load("fanout_batch: 7").unwrap().1.fanout_batch, 7);
+        let e = load("fanout_batch: 0").unwrap_err();
+        assert!(e.contains("fanout_batch"), "{e}");
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub mod config;
 #[cfg(feature = "service")]
 mod external_brokers;
 #[cfg(feature = "service")]
+mod fanout;
+#[cfg(feature = "service")]
 pub mod metrics;
 #[cfg(feature = "service")]
 mod mqtt_link;

@@ -96,6 +96,18 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "feed_wakeups_paced",
         "Feed wake-ups of a broadcast to more devices than one pacing tick, sent paced",
     ),
+    counter(
+        "fanout_steps",
+        "Broadcast fan-out steps committed (each reaches at most fanout_batch devices)",
+    ),
+    counter(
+        "fanout_devices",
+        "Devices reached by broadcast fan-out steps (after the broadcast's own write)",
+    ),
+    counter(
+        "fanout_errors",
+        "Broadcast fan-out steps that failed (retried within 5 s)",
+    ),
     gauge(
         "cluster_partitions_held",
         "Partitions of a scaled-out cloud this node holds (0 on a single node)",

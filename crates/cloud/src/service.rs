@@ -271,7 +271,8 @@ impl Cloud {
                 .change_log_rows
                 .store(kept, std::sync::atomic::Ordering::Relaxed);
         }
-        let ctx = StoreCtx::new(store, clock, schema.clone());
+        let fanout_wake = Arc::new(tokio::sync::Notify::new());
+        let ctx = StoreCtx::new(store, clock, schema.clone()).wake_fanout(fanout_wake.clone());
         let committed = status.clone();
         let store = StoreHandle::spawn(
             ctx,
@@ -636,6 +637,16 @@ impl Cloud {
             }));
         }
 
+        tasks.push(tokio::spawn(
+            crate::fanout::FanoutTask {
+                store: store.clone(),
+                sync: sync_tx.clone(),
+                wake: fanout_wake,
+                status: status.clone(),
+                shutdown: shutdown_rx.clone(),
+            }
+            .run(),
+        ));
         tasks.push(tokio::spawn(
             crate::retention::RetentionTask {
                 store: store.clone(),

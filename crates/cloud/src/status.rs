@@ -35,6 +35,12 @@ pub struct SyncStatus {
     /// Feed wake-ups of a write that advanced more feeds than one pacing tick releases (a
     /// broadcast to a large account), sent through the paced queue.
     pub(crate) feed_wakeups_paced: AtomicU64,
+    /// Broadcast fan-out steps committed (each reached at most `fanout_batch` devices).
+    pub(crate) fanout_steps: AtomicU64,
+    /// Devices the fan-out steps reached (beyond those each broadcast's own write reached).
+    pub(crate) fanout_devices: AtomicU64,
+    /// Fan-out steps that failed (retried at the next wake-up or sweep).
+    pub(crate) fanout_errors: AtomicU64,
     /// Device sessions dropped because the broker link came back with a clean session (each
     /// device is prompted to say hello again).
     pub(crate) sessions_restarted: AtomicU64,
@@ -184,6 +190,9 @@ pub struct StatusSnapshot {
     pub sessions: u64,
     pub prompts_pending: u64,
     pub feed_wakeups_paced: u64,
+    pub fanout_steps: u64,
+    pub fanout_devices: u64,
+    pub fanout_errors: u64,
     pub sessions_restarted: u64,
     pub publishes_queued: u64,
     pub publishes_dropped: u64,
@@ -279,6 +288,9 @@ impl SyncStatus {
             sessions: n(&self.sessions),
             prompts_pending: n(&self.prompts_pending),
             feed_wakeups_paced: n(&self.feed_wakeups_paced),
+            fanout_steps: n(&self.fanout_steps),
+            fanout_devices: n(&self.fanout_devices),
+            fanout_errors: n(&self.fanout_errors),
             sessions_restarted: n(&self.sessions_restarted),
             publishes_queued: n(&self.publishes_queued),
             publishes_dropped: n(&self.publishes_dropped),

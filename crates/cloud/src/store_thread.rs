@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use devtables_schema::Schema;
 use devtables_sync::hlc::HlcClock;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::store::{CloudStore, StoreError};
 
@@ -35,6 +35,8 @@ pub struct StoreCtx {
     /// Where the change log's head is told once committed ([`StoreHandle::changes`]); set when
     /// the thread starts.
     change_head: Option<Arc<watch::Sender<u64>>>,
+    /// Woken after a job that left a broadcast fan-out pending (the service's fan-out task).
+    fanout_wake: Option<Arc<Notify>>,
 }
 
 /// Runs once the work of the job that queued it is committed (`Ok`) or known lost (`Err`: the
@@ -50,6 +52,23 @@ impl StoreCtx {
             schema,
             completions: Vec::new(),
             change_head: None,
+            fanout_wake: None,
+        }
+    }
+
+    /// Wakes `wake` after each job that leaves a broadcast fan-out pending
+    /// ([`CloudStore::fanout_pending_hint`]).
+    pub fn wake_fanout(mut self, wake: Arc<Notify>) -> StoreCtx {
+        self.fanout_wake = Some(wake);
+        self
+    }
+
+    /// Tells the fan-out task that a fan-out may be pending (its permit coalesces repeats).
+    fn tell_fanout(&self) {
+        if let Some(wake) = &self.fanout_wake {
+            if self.store.fanout_pending_hint() {
+                wake.notify_one();
+            }
         }
     }
 
@@ -231,6 +250,7 @@ fn run(
                 f(&mut ctx);
                 ctx.complete(Ok(()));
                 ctx.tell_change_head();
+                ctx.tell_fanout();
             }
             Job::Grouped(f) => {
                 let grouped = match ctx.store.begin_group() {
@@ -261,6 +281,7 @@ fn run(
                 if !grouped {
                     ctx.complete(Ok(()));
                     ctx.tell_change_head();
+                    ctx.tell_fanout();
                     continue;
                 }
                 let started = Instant::now();
@@ -274,6 +295,7 @@ fn run(
                 }
                 ctx.complete(committed.as_ref().map(|_| ()));
                 ctx.tell_change_head();
+                ctx.tell_fanout();
                 observer(GroupCommitted {
                     jobs,
                     took,

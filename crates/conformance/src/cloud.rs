@@ -33,6 +33,9 @@ pub(crate) fn checks<H: CloudStoreUnderTest>() -> Vec<Check<H>> {
         feed_pages_hold_at_most_limit_in_cursor_order,
         a_new_device_starts_below_its_floor,
         broadcast_rows_fan_out_to_every_device_of_the_account,
+        a_broadcast_to_a_large_account_fans_out_in_bounded_steps,
+        a_rewrite_restarts_a_fan_out_and_a_purge_ends_it,
+        a_rolled_back_broadcast_leaves_no_fan_out,
         snapshot_pages_cover_each_live_down_row_once_in_order,
         purge_removes_old_tombstones_with_their_feed_entries,
         purge_watermark_only_rises_and_is_per_owner,
@@ -527,6 +530,187 @@ fn broadcast_rows_fan_out_to_every_device_of_the_account<H: CloudStoreUnderTest>
     // The broadcast row is the account's, not a device's.
     ensure_eq!(row(h, &own(&d1()), &c.key)?, None, "no device row");
     ensure_eq!(row(h, &acct, &c.key)?, Some(row_of(&c)), "the account row");
+    Ok(())
+}
+
+/// Registers devices f0.. of [`ACCOUNT`] until the account has `3 * batch + 1` (with d1, d2),
+/// so a broadcast needs the write's batch and three steps. Returns every device of the account.
+fn large_account<H: CloudStoreUnderTest>(h: &mut H) -> Result<(Vec<DeviceId>, usize), String> {
+    setup(h)?;
+    let batch = h.fanout_batch();
+    ensure!(
+        (2..=4).contains(&batch),
+        "the suite needs a fan-out batch of 2 to 4, the store has {batch}"
+    );
+    let mut devices = vec![d1(), d2()];
+    for i in 0..(3 * batch - 1) {
+        let d = dev(&format!("f{i}"));
+        h.register_device(&d, T0).or_fail("registering a device")?;
+        devices.push(d);
+    }
+    Ok((devices, batch))
+}
+
+/// Each device's feed head.
+fn heads<H: CloudStoreUnderTest>(h: &mut H, devices: &[DeviceId]) -> Result<Vec<u64>, String> {
+    devices.iter().map(|d| head(h, d)).collect()
+}
+
+/// Steps the pending fan-outs until none is left, checking each step's bound; returns the steps
+/// that reached a device, and every device reached (in order, repeats kept).
+fn settle_fanout<H: CloudStoreUnderTest>(
+    h: &mut H,
+    batch: usize,
+) -> Result<(usize, Vec<DeviceId>), String> {
+    let (mut steps, mut reached) = (0, Vec::new());
+    for _ in 0..1000 {
+        match h.fanout_step().or_fail("a fan-out step")? {
+            None => return Ok((steps, reached)),
+            Some(step) => {
+                ensure!(
+                    step.len() <= batch,
+                    "a step reached {} devices, beyond the batch of {batch}",
+                    step.len()
+                );
+                steps += usize::from(!step.is_empty());
+                reached.extend(step);
+            }
+        }
+    }
+    Err("the fan-out never settled (1000 steps)".into())
+}
+
+fn a_broadcast_to_a_large_account_fans_out_in_bounded_steps<H: CloudStoreUnderTest>(
+    h: &mut H,
+) -> Outcome {
+    let (devices, batch) = large_account(h)?;
+    let s = schema();
+    let before = heads(h, &devices)?;
+    let other = head(h, &x1())?;
+    let acct = Owner::Account(ACCOUNT.into());
+    let c = put(&s, "Cast", "", "fw", ver(10, 1), None);
+    store(h, NOW, &acct, &c, true)?;
+    let after_write = heads(h, &devices)?;
+    let moved: Vec<&DeviceId> = devices
+        .iter()
+        .zip(before.iter().zip(&after_write))
+        .filter(|(_, (b, a))| a > b)
+        .map(|(d, _)| d)
+        .collect();
+    ensure_eq!(
+        moved.len(),
+        batch,
+        "devices the write's own transaction reached"
+    );
+    let (steps, reached) = settle_fanout(h, batch)?;
+    ensure_eq!(steps, 3, "steps after the write's batch");
+    ensure_eq!(
+        reached.len(),
+        devices.len() - batch,
+        "devices the steps reached: each once"
+    );
+    for d in &reached {
+        ensure!(
+            !moved.contains(&d),
+            "{d} was reached by the write and again by a step"
+        );
+    }
+    for (d, b) in devices.iter().zip(&before) {
+        let page = feed(h, d, *b, 10)?;
+        ensure_eq!(page.head, b + 1, "the head of {d}: one entry");
+        ensure!(
+            page.changes.len() == 1
+                && page.changes[0].1.key == c.key
+                && page.changes[0].1.version == c.version,
+            "{d} receives the broadcast: {page:?}"
+        );
+    }
+    ensure_eq!(
+        head(h, &x1())?,
+        other,
+        "another account's device is not reached"
+    );
+    ensure_eq!(h.fanout_step().or_fail("a fan-out step")?, None, "settled");
+    Ok(())
+}
+
+fn a_rewrite_restarts_a_fan_out_and_a_purge_ends_it<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
+    let (devices, batch) = large_account(h)?;
+    let s = schema();
+    let acct = Owner::Account(ACCOUNT.into());
+    let first = put(&s, "Cast", "", "fw", ver(10, 1), None);
+    store(h, NOW, &acct, &first, true)?;
+    let one = h.fanout_step().or_fail("a fan-out step")?;
+    ensure!(
+        one.as_ref().is_some_and(|s| s.len() == batch),
+        "one step of the first write: {one:?}"
+    );
+    // A second write of the key before the first fan-out ended: every device needs an entry
+    // newer than it, whether the first write reached it or not.
+    let before = heads(h, &devices)?;
+    let second = put(&s, "Cast", "", "fw", ver(20, 1), None);
+    store(h, NOW, &acct, &second, true)?;
+    let (steps, _) = settle_fanout(h, batch)?;
+    ensure_eq!(steps, 3, "the second write's fan-out started over");
+    for (d, b) in devices.iter().zip(&before) {
+        let page = feed(h, d, *b, 10)?;
+        ensure!(
+            page.head == b + 1
+                && page.changes.len() == 1
+                && page.changes[0].1.version == second.version,
+            "{d} receives the second write once after its head {b}: {page:?}"
+        );
+    }
+    // A delete's fan-out, pending when retention purges the tombstone: it ends, and the devices
+    // it had not reached lose the key's older entry (their floors rise: a resync).
+    let before = heads(h, &devices)?;
+    let gone = del(&s, "Cast", "", "fw", ver(30, 1), None);
+    store(h, T0, &acct, &gone, true)?;
+    let purged = h.purge(NOW, 1000).or_fail("purging")?;
+    ensure_eq!(purged, 1, "the tombstone purged");
+    ensure_eq!(
+        h.fanout_step().or_fail("a fan-out step")?,
+        None,
+        "the purge ended the fan-out"
+    );
+    for (d, b) in devices.iter().zip(&before) {
+        let page = feed(h, d, *b, 10)?;
+        ensure!(
+            page.changes.iter().all(|(_, c)| c.key != gone.key),
+            "{d} still has an entry of the purged key: {page:?}"
+        );
+        ensure!(
+            page.resync_required,
+            "{d} lost an entry of the purged key and must resync: {page:?}"
+        );
+    }
+    Ok(())
+}
+
+fn a_rolled_back_broadcast_leaves_no_fan_out<H: CloudStoreUnderTest>(h: &mut H) -> Outcome {
+    let (devices, _) = large_account(h)?;
+    let s = schema();
+    let before = heads(h, &devices)?;
+    let acct = Owner::Account(ACCOUNT.into());
+    let c = put(&s, "Cast", "", "fw", ver(10, 1), None);
+    h.txn(NOW, false, |t| {
+        t.write_row(&RowWrite {
+            owner: &acct,
+            model: &c.model,
+            key: &c.key,
+            item: c.item.as_ref(),
+            version: c.version,
+            base: c.base,
+        })?;
+        t.append_feed(&acct, &c.model, &c.key)
+    })
+    .or_fail("a rolled-back broadcast")?;
+    ensure_eq!(
+        h.fanout_step().or_fail("a fan-out step")?,
+        None,
+        "no fan-out pending"
+    );
+    ensure_eq!(heads(h, &devices)?, before, "no feed moved");
     Ok(())
 }
 

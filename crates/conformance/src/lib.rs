@@ -128,6 +128,13 @@ pub trait CloudStoreUnderTest {
     fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, Self::Error>;
     /// How many conflicts the store holds for an account.
     fn conflicts(&mut self, account: &str) -> Result<u64, Self::Error>;
+    /// Most devices one transaction appends a broadcast's feed entry to (the write's own, then
+    /// each [`CloudStoreUnderTest::fanout_step`]). The suite needs it between 2 and 4: its
+    /// other checks broadcast to two devices of an account and expect both reached at once.
+    fn fanout_batch(&self) -> usize;
+    /// One step of the oldest pending broadcast fan-out, in its own transaction: the devices it
+    /// reached (at most [`CloudStoreUnderTest::fanout_batch`]), or `None` when none is pending.
+    fn fanout_step(&mut self) -> Result<Option<Vec<DeviceId>>, Self::Error>;
 }
 
 /// One entry of a cloud store's change log, as the change-log checks compare it.

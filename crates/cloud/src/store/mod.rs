@@ -49,6 +49,7 @@ pub fn open_configured(
             sqlite::SqliteOptions {
                 synchronous_full: config.sqlite_full_sync,
                 quotas: config.quotas,
+                fanout_batch: config.fanout_batch,
                 ..sqlite::SqliteOptions::default()
             },
         )?)),
@@ -60,6 +61,7 @@ pub fn open_configured(
                     schema: schema.clone(),
                     quotas: config.quotas,
                     tls: postgres_tls(config)?,
+                    fanout_batch: config.fanout_batch,
                     ..postgres::PostgresOptions::default()
                 },
             )?))
@@ -421,6 +423,11 @@ impl PurgeStats {
 /// sync engine so it streams the change.
 pub type Advanced = Vec<(DeviceId, u64)>;
 
+/// Most devices one transaction appends a broadcast item's feed entry to, unless configured
+/// (`fanout_batch`): the write's own transaction reaches the first ones, and
+/// [`CloudStore::fanout_step`] the rest, as many per step.
+pub const DEFAULT_FANOUT_BATCH: usize = 500;
+
 /// The cloud database.
 pub trait CloudStore: Send + 'static {
     /// Registers a device with the hash of its secret and, optionally, Mosquitto's hash of it
@@ -597,6 +604,25 @@ pub trait CloudStore: Send + 'static {
     /// change log.
     fn change_head_hint(&self) -> u64 {
         0
+    }
+
+    /// Works off one bounded step of the oldest pending broadcast fan-out, in one transaction:
+    /// the next devices of its account (at most the store's fan-out batch, in device order) get
+    /// the key's feed entry. `Ok(None)` when no fan-out is pending.
+    ///
+    /// The contract every store keeps: a write of an account-wide item appends its entry to at
+    /// most a batch of the account's devices in its own transaction, and records the rest as a
+    /// pending fan-out in that same transaction (durable with the item); calling this until it
+    /// returns `None` leaves every device of the account with one entry of the key newer than
+    /// the write; a later write of the key starts its fan-out over; retention that purges the
+    /// key ends its fan-out. Safe to call from several processes sharing a store.
+    fn fanout_step(&mut self) -> Result<Option<Advanced>, StoreError>;
+
+    /// Whether a fan-out may be pending, as far as this process knows (found at open, or queued
+    /// by its writes): a cheap hint the service reads after each job to run steps; fan-outs
+    /// other processes queued are found by calling [`CloudStore::fanout_step`] now and then.
+    fn fanout_pending_hint(&self) -> bool {
+        false
     }
 
     /// Stores a new webhook (a fresh random id) whose cursor is `new.after`, or the account's

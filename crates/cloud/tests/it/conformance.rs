@@ -31,6 +31,7 @@ trait Hooks: CloudStore {
     ) -> Result<R, StoreError>;
     fn new_run(&mut self);
     fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError>;
+    fn fanout_batch(&self) -> usize;
 }
 
 impl Hooks for SqliteStore {
@@ -48,6 +49,9 @@ impl Hooks for SqliteStore {
     fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
         self.conformance_push_counts(id)
     }
+    fn fanout_batch(&self) -> usize {
+        SqliteStore::fanout_batch(self)
+    }
 }
 
 impl Hooks for PostgresStore {
@@ -64,6 +68,9 @@ impl Hooks for PostgresStore {
     }
     fn push_counts(&mut self, id: &DeviceId) -> Result<PushCounts, StoreError> {
         self.conformance_push_counts(id)
+    }
+    fn fanout_batch(&self) -> usize {
+        PostgresStore::fanout_batch(self)
     }
 }
 
@@ -149,6 +156,15 @@ impl<S: Hooks> CloudStoreUnderTest for Under<S> {
     fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
         Ok(self.store.conflicts(account, None, 1_000_000)?.len() as u64)
     }
+    fn fanout_batch(&self) -> usize {
+        self.store.fanout_batch()
+    }
+    fn fanout_step(&mut self) -> Result<Option<Vec<DeviceId>>, StoreError> {
+        Ok(self
+            .store
+            .fanout_step()?
+            .map(|advanced| advanced.into_iter().map(|(d, _)| d).collect()))
+    }
 }
 
 impl<S: Hooks> ChangeLogUnderTest for Under<S> {
@@ -205,17 +221,22 @@ impl<S: Hooks> ChangeLogUnderTest for Under<S> {
     }
 }
 
+/// The fan-out batch of the stores under the suite: small, so its checks reach a batch's end.
+const SUITE_FANOUT_BATCH: usize = 3;
+
 fn in_memory() -> Sqlite {
-    Sqlite {
-        store: SqliteStore::open_in_memory().expect("in-memory store"),
-        _keep: None,
-    }
+    let mut store = SqliteStore::open_in_memory().expect("in-memory store");
+    store.set_fanout_batch(SUITE_FANOUT_BATCH);
+    Sqlite { store, _keep: None }
 }
 
 fn in_a_file() -> Sqlite {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open(&dir.path().join("cloud.db"), SqliteOptions::default())
-        .expect("file store");
+    let options = SqliteOptions {
+        fanout_batch: SUITE_FANOUT_BATCH,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&dir.path().join("cloud.db"), options).expect("file store");
     Sqlite {
         store,
         _keep: Some(Box::new(dir)),
@@ -230,30 +251,21 @@ fn sqlite_keeps_the_change_log_contract() {
 
 #[test]
 fn sqlite_in_memory_conforms() {
-    run_cloud_suite(|| Sqlite {
-        store: SqliteStore::open_in_memory().expect("in-memory store"),
-        _keep: None,
-    });
+    run_cloud_suite(in_memory);
 }
 
 #[test]
 fn sqlite_file_conforms() {
-    run_cloud_suite(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("cloud.db"), SqliteOptions::default())
-            .expect("file store");
-        Sqlite {
-            store,
-            _keep: Some(Box::new(dir)),
-        }
-    });
+    run_cloud_suite(in_a_file);
 }
 
 /// A PostgreSQL store on a fresh schema of its own.
 fn on_postgres() -> Under<PostgresStore> {
     let schema = TestSchema::fresh().expect("the service tests are on");
+    let mut store = schema.store();
+    store.set_fanout_batch(SUITE_FANOUT_BATCH);
     Under {
-        store: schema.store(),
+        store,
         _keep: Some(Box::new(schema)),
     }
 }

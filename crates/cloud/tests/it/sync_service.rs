@@ -530,3 +530,56 @@ async fn a_broadcast_to_a_large_account_wakes_its_devices_paced_and_all_of_them(
     .await;
     cloud.shutdown().await;
 }
+
+/// A broadcast to an account larger than `fanout_batch`: the write's transaction reaches the
+/// first batch, the fan-out task the rest in bounded steps, and every device is prompted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_fans_out_in_bounded_steps_and_prompts_every_device() {
+    const DEVICES: u64 = 60;
+    const BATCH: u64 = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fanout_batch = BATCH as usize;
+    // Fewer per tick than a batch: every batch's wake-ups go through the paced queue, so
+    // `feed_wakeups_paced` counts every device reached, by the write and by the steps.
+    config.startup_prompts.per_tick = 3;
+    config.startup_prompts.tick = Duration::from_millis(10);
+    let cloud = started(config).await;
+    for i in 0..DEVICES as usize {
+        cloud.register_device(&device(i)).await.expect("register");
+    }
+    let mut firmware = devtables_schema::Item::new();
+    firmware.insert("version".into(), "2.0.0".into());
+    firmware.insert("url".into(), "https://example.com/fw".into());
+    cloud
+        .write_item(
+            Owner::Account(ACCOUNT.into()),
+            "Firmware",
+            firmware,
+            WriteKind::Create,
+        )
+        .await
+        .expect("the broadcast is written");
+    // 60 devices: 7 in the write, then 8 steps (7 × 7 + 4).
+    let steps = (DEVICES - BATCH).div_ceil(BATCH);
+    eventually("the fan-out settled and every device was prompted", || {
+        let s = cloud.status();
+        async move {
+            (s.fanout_steps >= steps
+                && s.fanout_devices == DEVICES - BATCH
+                && s.feed_wakeups_paced == DEVICES
+                && s.prompts_pending == 0)
+                .then_some(())
+                .ok_or(format!(
+                    "{} steps reached {} devices; {} wake-ups paced, {} waiting",
+                    s.fanout_steps, s.fanout_devices, s.feed_wakeups_paced, s.prompts_pending
+                ))
+        }
+    })
+    .await;
+    let s = cloud.status();
+    assert_eq!(s.fanout_errors, 0);
+    // At most one empty step (the batch that ended exactly at the account's last device).
+    assert!(s.fanout_steps <= steps + 1, "{} steps", s.fanout_steps);
+    cloud.shutdown().await;
+}

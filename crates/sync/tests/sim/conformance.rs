@@ -15,6 +15,9 @@ use crate::stores::{CTxn, CloudStore, DevStore, DevTxn, StoreError};
 
 struct SimCloud {
     store: CloudStore,
+    /// The fan-out batch the store claims to keep (what the suite is told): its own
+    /// `fanout_batch`, except in the check that the suite fails a store that does not keep it.
+    claimed_batch: usize,
 }
 
 impl CloudStoreUnderTest for SimCloud {
@@ -75,6 +78,12 @@ impl CloudStoreUnderTest for SimCloud {
             .iter()
             .filter(|c| c.owner.account() == account)
             .count() as u64)
+    }
+    fn fanout_batch(&self) -> usize {
+        self.claimed_batch
+    }
+    fn fanout_step(&mut self) -> Result<Option<Vec<DeviceId>>, StoreError> {
+        Ok(self.store.fanout_step())
     }
 }
 
@@ -160,10 +169,17 @@ impl DeviceStoreUnderTest for SimDevice {
     }
 }
 
+/// The fan-out batch of the simulation's cloud store under the suite.
+const SUITE_FANOUT_BATCH: usize = 3;
+
 fn sim_cloud() -> SimCloud {
     let mut store = CloudStore::default();
     store.new_run(1);
-    SimCloud { store }
+    store.fanout_batch = SUITE_FANOUT_BATCH;
+    SimCloud {
+        store,
+        claimed_batch: SUITE_FANOUT_BATCH,
+    }
 }
 
 #[test]
@@ -178,6 +194,28 @@ fn sim_device_store_conforms() {
         schema: devtables_conformance::schema(),
         clock: HlcClock::new(42),
     });
+}
+
+#[test]
+fn the_suite_fails_a_cloud_store_that_fans_a_broadcast_out_in_one_transaction() {
+    let msg = failure_of(|| {
+        run_cloud_suite(|| {
+            let mut s = sim_cloud();
+            // Every device at once, whatever batch it claims.
+            s.store.fanout_batch = 0;
+            s
+        })
+    });
+    for check in [
+        "a_broadcast_to_a_large_account_fans_out_in_bounded_steps",
+        "a_rewrite_restarts_a_fan_out_and_a_purge_ends_it",
+    ] {
+        assert!(msg.contains(check), "{check} not reported in: {msg}");
+    }
+    assert!(
+        !msg.contains("broadcast_rows_fan_out_to_every_device_of_the_account"),
+        "{msg}"
+    );
 }
 
 /// Runs a suite expected to fail and returns its panic message.
@@ -236,6 +274,12 @@ fn the_suite_fails_a_cloud_store_whose_purge_forgets_the_watermark() {
         }
         fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
             self.0.conflicts(account)
+        }
+        fn fanout_batch(&self) -> usize {
+            self.0.fanout_batch()
+        }
+        fn fanout_step(&mut self) -> Result<Option<Vec<DeviceId>>, StoreError> {
+            self.0.fanout_step()
         }
     }
     let msg = failure_of(|| run_cloud_suite(|| Forgetful(sim_cloud())));
@@ -368,6 +412,12 @@ fn the_suite_fails_stores_that_keep_no_restore_marks() {
         }
         fn conflicts(&mut self, account: &str) -> Result<u64, StoreError> {
             self.0.conflicts(account)
+        }
+        fn fanout_batch(&self) -> usize {
+            self.0.fanout_batch()
+        }
+        fn fanout_step(&mut self) -> Result<Option<Vec<DeviceId>>, StoreError> {
+            self.0.fanout_step()
         }
     }
     let msg = failure_of(|| run_cloud_suite(|| NoGenerations(sim_cloud())));

@@ -260,6 +260,8 @@ struct Stats {
     /// seeds; `a_restored_cloud_gets_back_what_it_acknowledged_and_devices_take_its_state_back`
     /// reaches it every time).
     adopted: u64,
+    /// Broadcast fan-out steps that reached a device after the write's own transaction.
+    fanout_steps: u64,
 }
 
 impl Stats {
@@ -279,6 +281,7 @@ impl Stats {
         self.throttled += o.throttled;
         self.repushed += o.repushed;
         self.adopted += o.adopted;
+        self.fanout_steps += o.fanout_steps;
     }
 }
 
@@ -343,6 +346,9 @@ impl Sim {
             seed: rng.gen(),
         };
         let mut cloud_store = CloudStore::default();
+        // Broadcasts reach one or two devices in their write's transaction, the rest in fan-out
+        // steps (drawn from the seed, not the generator, so the seeds' other draws stay).
+        cloud_store.fanout_batch = 1 + (seed % 2) as usize;
         let mut devs = Vec::new();
         for i in 0..n_devices {
             let id = DeviceId::new(ACCOUNT, format!("d{i}")).expect("device id");
@@ -1365,7 +1371,27 @@ impl Sim {
         if let Some(x) = self.cloud.poll_timeout() {
             c(x);
         }
+        // The service steps a pending fan-out as soon as the store is free.
+        if !self.cloud_store.fanouts.is_empty() {
+            c(self.now + 1);
+        }
         t
+    }
+
+    /// One step of a pending broadcast fan-out, as the service's fan-out task runs it (its own
+    /// store transaction), and the wake-ups of the devices it reached.
+    fn step_fanout(&mut self) {
+        let Some(reached) = self.cloud_store.fanout_step() else {
+            return;
+        };
+        self.stats.fanout_steps += u64::from(!reached.is_empty());
+        self.note(|| format!("fan-out step reached {reached:?}"));
+        let now = self.now;
+        for d in reached {
+            let head = self.cloud_store.feeds.get(&d).map_or(0, |f| f.head);
+            self.cloud.handle_feed_advanced(now, &d, head);
+        }
+        self.drain_cloud();
     }
 
     /// Advance to `t` and process everything due then.
@@ -1440,6 +1466,7 @@ impl Sim {
             self.cloud.handle_timeout(now);
             self.drain_cloud();
         }
+        self.step_fanout();
     }
 
     /// Run with faults for `ops` random operations spread over `span` ms, then heal and run to
@@ -1771,7 +1798,8 @@ fn run_range(range: std::ops::Range<u64>) {
             && stats.store_errors > 0
             && stats.hostile > 0
             && stats.clock_jumps > 0
-            && stats.throttled > 0,
+            && stats.throttled > 0
+            && stats.fanout_steps > 0,
         "an edge was never reached in {n} seeds: {stats:?}"
     );
 }
@@ -2519,8 +2547,13 @@ fn ownership_is_enforced_by_the_cloud() {
 fn broadcast_items_reach_every_device_and_new_writes_win_over_skew() {
     let mut s = pair_sim(2);
     s.devs[0].skew = 5 * 3_600_000;
+    // One device per transaction: the second is reached by a fan-out step.
+    s.cloud_store.fanout_batch = 1;
     s.cloud_write(Owner::Account(ACCOUNT.into()), "C", "fw", false);
+    assert_eq!(s.cloud_store.fanouts.len(), 1, "the fan-out is pending");
     settle(&mut s);
+    assert_eq!(s.stats.fanout_steps, 1, "{:?}", s.stats);
+    assert!(s.cloud_store.fanouts.is_empty());
     for d in &s.devs {
         assert_eq!(d.store.items.values().filter(|r| r.model == "C").count(), 1);
     }

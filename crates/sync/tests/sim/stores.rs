@@ -513,6 +513,23 @@ pub struct CloudStore {
     /// to a feed starts a new generation of it. A process attribute that a copy (a backup)
     /// carries along harmlessly: the process that restores one starts a run of its own.
     pub run: u64,
+    /// Most devices one transaction appends a broadcast's entry to, as the real stores'
+    /// `fanout_batch`; 0 (a bare store's default): every device at once.
+    pub fanout_batch: usize,
+    /// Pending broadcast fan-outs by (account, key): the model, the last device reached, and
+    /// the order they were queued in (the oldest is stepped first).
+    pub fanouts: BTreeMap<(String, ItemKey), PendingFanout>,
+    /// The order of the next fan-out queued.
+    pub fanout_seq: u64,
+}
+
+/// A broadcast fan-out not finished: the devices of the account after `after` (device order)
+/// still lack the key's entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingFanout {
+    pub model: String,
+    pub after: String,
+    pub queued: u64,
 }
 
 /// Most conflicts kept.
@@ -650,9 +667,62 @@ impl CloudStore {
         })
     }
 
+    /// Appends the entry of `ck` to the feeds of the account's devices after `after` (device
+    /// order), at most `limit` of them (0: all); returns the devices reached.
+    fn advance_account(
+        &mut self,
+        account: &str,
+        after: &str,
+        limit: usize,
+        ck: &CKey,
+    ) -> Vec<DeviceId> {
+        let run = self.run;
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let mut reached = Vec::new();
+        for (d, f) in self.feeds.iter_mut() {
+            if d.account != account || d.device.as_str() <= after {
+                continue;
+            }
+            if reached.len() >= limit {
+                break;
+            }
+            append_entry(f, run, ck);
+            reached.push(d.clone());
+        }
+        reached
+    }
+
+    /// One step of the oldest pending fan-out (see the real stores' `fanout_step`): the devices
+    /// it reached, or `None` when none is pending.
+    pub fn fanout_step(&mut self) -> Option<Vec<DeviceId>> {
+        let (id, job) = self
+            .fanouts
+            .iter()
+            .min_by_key(|(_, j)| j.queued)
+            .map(|(k, j)| (k.clone(), j.clone()))?;
+        let ck = (Owner::Account(id.0.clone()), id.1.clone());
+        let reached = self.advance_account(&id.0, &job.after, self.fanout_batch, &ck);
+        match reached
+            .last()
+            .filter(|_| reached.len() >= self.fanout_batch.max(1))
+        {
+            Some(last) => {
+                if let Some(j) = self.fanouts.get_mut(&id) {
+                    j.after = last.device.clone();
+                }
+            }
+            None => {
+                self.fanouts.remove(&id);
+            }
+        }
+        Some(reached)
+    }
+
     /// Retention: remove tombstones written before `now_ms - retention_ms` and their feed
     /// entries, raising each feed's floor to the highest cursor removed and each owner's
-    /// watermark to the highest version removed. Returns the tombstones removed.
+    /// watermark to the highest version removed; a pending fan-out of a purged key ends, and the
+    /// devices it had not reached move their head by one and their floor to it (a resync).
+    /// Returns the tombstones removed.
     pub fn purge(&mut self, now_ms: u64, retention_ms: u64) -> u64 {
         let cutoff = now_ms.saturating_sub(retention_ms);
         let old: Vec<(CKey, Hlc)> = self
@@ -674,9 +744,39 @@ impl CloudStore {
                     f.floor = f.floor.max(c);
                 }
             }
+            if let Owner::Account(a) = &ck.0 {
+                if let Some(job) = self.fanouts.remove(&(a.clone(), ck.1.clone())) {
+                    for (d, f) in self.feeds.iter_mut() {
+                        if &d.account == a && d.device > job.after {
+                            f.head += 1;
+                            f.floor = f.head;
+                        }
+                    }
+                }
+            }
         }
         old.len() as u64
     }
+}
+
+/// The entry of `ck` at a new head of feed `f`, replacing the key's older entry; the run's first
+/// append starts its generation.
+fn append_entry(f: &mut Feed, run: u64, ck: &CKey) {
+    if f.generations.last().is_none_or(|g| g.gen != run) {
+        f.generations.push(FeedGeneration {
+            gen: run,
+            base: f.head,
+        });
+        if f.generations.len() > MAX_FEED_GENERATIONS {
+            f.generations.remove(0);
+        }
+    }
+    if let Some(old) = f.by_key.remove(ck) {
+        f.entries.remove(&old);
+    }
+    f.head += 1;
+    f.entries.insert(f.head, ck.clone());
+    f.by_key.insert(ck.clone(), f.head);
 }
 
 /// Whether rows of `owner` go to `device`'s feed.
@@ -773,12 +873,7 @@ impl CloudTxn for CTxn {
         *self.s.answered.entry(device.clone()).or_default() += counts.answered();
         Ok(())
     }
-    fn append_feed(
-        &mut self,
-        owner: &Owner,
-        _model: &str,
-        key: &ItemKey,
-    ) -> Result<(), StoreError> {
+    fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), StoreError> {
         self.inject.op()?;
         if let Owner::Device(d) = owner {
             if !self.s.feeds.contains_key(d) {
@@ -787,26 +882,39 @@ impl CloudTxn for CTxn {
         }
         let ck = (owner.clone(), key.clone());
         let run = self.s.run;
-        for (d, f) in self.s.feeds.iter_mut() {
-            if !owner_feeds(owner, d) {
-                continue;
-            }
-            if f.generations.last().is_none_or(|g| g.gen != run) {
-                f.generations.push(FeedGeneration {
-                    gen: run,
-                    base: f.head,
-                });
-                if f.generations.len() > MAX_FEED_GENERATIONS {
-                    f.generations.remove(0);
+        match owner {
+            Owner::Device(d) => {
+                if let Some(f) = self.s.feeds.get_mut(d) {
+                    append_entry(f, run, &ck);
+                    self.advanced.insert(d.clone());
                 }
             }
-            if let Some(old) = f.by_key.remove(&ck) {
-                f.entries.remove(&old);
+            // The first batch now, the rest queued (this write starts the key's fan-out over).
+            Owner::Account(a) => {
+                let batch = self.s.fanout_batch;
+                let reached = self.s.advance_account(a, "", batch, &ck);
+                let id = (a.clone(), key.clone());
+                match reached
+                    .last()
+                    .filter(|_| batch > 0 && reached.len() >= batch)
+                {
+                    Some(last) => {
+                        self.s.fanout_seq += 1;
+                        self.s.fanouts.insert(
+                            id,
+                            PendingFanout {
+                                model: model.to_string(),
+                                after: last.device.clone(),
+                                queued: self.s.fanout_seq,
+                            },
+                        );
+                    }
+                    None => {
+                        self.s.fanouts.remove(&id);
+                    }
+                }
+                self.advanced.extend(reached);
             }
-            f.head += 1;
-            f.entries.insert(f.head, ck.clone());
-            f.by_key.insert(ck.clone(), f.head);
-            self.advanced.insert(d.clone());
         }
         Ok(())
     }

@@ -14,11 +14,11 @@ use super::super::StoreError;
 use super::sql::{col, Conn};
 
 /// The version of the table layout this build writes; a newer schema is refused untouched.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// What moves a schema from layout `n` to `n + 1` is `MIGRATIONS[n]`; layout 0 is an empty
 /// schema, so the first step creates everything.
-const MIGRATIONS: &[&str] = &[LAYOUT_1];
+const MIGRATIONS: &[&str] = &[LAYOUT_1, super::fanout::LAYOUT_2];
 
 /// Layout 1. The change log's sequence has `CACHE 1` (PostgreSQL's default, said explicitly):
 /// a cache would hand each session its own block of numbers, and sequence order would no longer

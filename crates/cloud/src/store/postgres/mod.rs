@@ -19,7 +19,8 @@
 //! 2. the device rows (`FOR NO KEY UPDATE`): a push is ordered with a revocation, and the feed
 //!    head is raised under the row's lock (`UPDATE ... RETURNING`), so each device's feed
 //!    sequence is dense, never reused (a rolled-back append releases its number with its lock)
-//!    and made visible in order; a broadcast locks every device row of the account, by device;
+//!    and made visible in order; a broadcast (and each step of its fan-out, `fanout`) locks a
+//!    batch of the account's device rows, in device order;
 //! 3. the account's row in `change_floors` (`FOR UPDATE`), held from the first change-log entry
 //!    of the transaction to its commit, with sequence numbers from one global `SEQUENCE`: two
 //!    transactions of one account append one after the other, so within an account commit
@@ -56,12 +57,13 @@
 //!
 //! This file holds the store, its operation runner and its [`CloudStore`] implementation, whose
 //! methods call into one file per concern, as in the SQLite store: `layout`, `txn`, `feed`,
-//! `devices`, `api_keys`, `changes`, `webhooks`, `queries`, `purge`, `quota`, and `sql` (the
+//! `fanout`, `devices`, `api_keys`, `changes`, `webhooks`, `queries`, `purge`, `quota`, and `sql` (the
 //! connection and row helpers).
 
 mod api_keys;
 mod changes;
 mod devices;
+mod fanout;
 mod feed;
 mod layout;
 mod purge;
@@ -107,6 +109,9 @@ pub struct PostgresOptions {
     /// TLS to the server (required when set). Default none: clear text, warned about at
     /// connect when the server is not on the loopback.
     pub tls: Option<PostgresTls>,
+    /// Most devices one transaction appends a broadcast's feed entry to. Default
+    /// [`DEFAULT_FANOUT_BATCH`](super::DEFAULT_FANOUT_BATCH).
+    pub fanout_batch: usize,
 }
 
 impl Default for PostgresOptions {
@@ -116,6 +121,7 @@ impl Default for PostgresOptions {
             quotas: DeviceQuotas::default(),
             connect_timeout: Duration::from_secs(10),
             tls: None,
+            fanout_batch: super::DEFAULT_FANOUT_BATCH,
         }
     }
 }
@@ -152,6 +158,11 @@ struct State {
     /// never contend.
     lock_prefix: String,
     conflict_warn: crate::warn_limit::WarnLimiter,
+    /// Most devices a broadcast reaches per transaction ([`PostgresOptions::fanout_batch`]).
+    fanout_batch: usize,
+    /// A broadcast fan-out may be pending ([`CloudStore::fanout_pending_hint`]): found at
+    /// connect, set by a write that queued one, cleared by a step that found none.
+    fanout_pending: bool,
 }
 
 /// The PostgreSQL cloud store. See the module documentation.
@@ -216,11 +227,14 @@ impl PostgresStore {
                 conflict_warn: crate::warn_limit::WarnLimiter::new(
                     crate::warn_limit::WarnLimiter::INTERVAL,
                 ),
+                fanout_batch: options.fanout_batch.max(1),
+                fanout_pending: false,
             },
         };
         let mut conn = store.open_client()?;
         layout::init(&mut conn, &store.schema)?;
         store.state.change_head = changes::sequence_head(&mut conn)?;
+        store.state.fanout_pending = fanout::any_pending(&mut conn)?;
         store.conn = Some(conn);
         Ok(store)
     }
@@ -228,6 +242,17 @@ impl PostgresStore {
     /// Replaces the per-device quotas (they apply from the next push).
     pub fn set_quotas(&mut self, quotas: DeviceQuotas) {
         self.state.quotas = quotas;
+    }
+
+    /// Most devices one transaction appends a broadcast's feed entry to
+    /// ([`PostgresOptions::fanout_batch`]).
+    pub fn fanout_batch(&self) -> usize {
+        self.state.fanout_batch
+    }
+
+    /// Replaces [`PostgresOptions::fanout_batch`] (at least 1), from the next write.
+    pub fn set_fanout_batch(&mut self, batch: usize) {
+        self.state.fanout_batch = batch.max(1);
     }
 
     /// The schema the store's tables are in.
@@ -875,6 +900,23 @@ impl CloudStore for PostgresStore {
 
     fn change_head_hint(&self) -> u64 {
         self.state.change_head
+    }
+
+    fn fanout_step(&mut self) -> Result<Option<Advanced>, StoreError> {
+        let step = self.run(
+            Mode::Write,
+            "a broadcast fan-out step",
+            |e| e,
+            |c, state| fanout::step(c, state),
+        )?;
+        if step.is_none() {
+            self.state.fanout_pending = false;
+        }
+        Ok(step)
+    }
+
+    fn fanout_pending_hint(&self) -> bool {
+        self.state.fanout_pending
     }
 
     fn create_webhook(

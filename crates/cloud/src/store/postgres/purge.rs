@@ -81,8 +81,8 @@ pub(super) fn purge(
     // one), each owner's watermark raised to the newest version it purges (a later write that
     // knew a purged key meets it as that tombstone, see `cloud_apply_push`), their feed entries
     // (a device's own, or every device's for a broadcast item), and per device the highest
-    // purged feed sequence, which becomes its floor: one statement, so every mark is of exactly
-    // what it removed.
+    // purged feed sequence, which becomes its floor; a pending fan-out of a purged broadcast key
+    // ends: one statement, so every mark is of exactly what it removed.
     let row = conn.query_one(
         "purging tombstones",
         "WITH batch AS (
@@ -108,12 +108,32 @@ pub(super) fn purge(
             UPDATE devices d SET feed_floor = greatest(d.feed_floor, e.top)
             FROM (SELECT account, device, max(seq) AS top FROM entries GROUP BY account, device) e
             WHERE d.account = e.account AND d.device = e.device
-            RETURNING 1)
+            RETURNING 1),
+         fanouts AS (
+            DELETE FROM fanout j USING gone g
+            WHERE g.device = '' AND j.account = g.account AND j.pk = g.pk AND j.sk = g.sk
+            RETURNING j.account, j.after_device)
          SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM marks),
-                (SELECT count(*) FROM floors)",
+                (SELECT count(*) FROM floors),
+                (SELECT coalesce(array_agg(account), '{}') FROM fanouts),
+                (SELECT coalesce(array_agg(after_device), '{}') FROM fanouts)",
         &[&cutoff, &accounts, &devices, &pks, &sks],
     )?;
     let tombstones: i64 = col(&row, 0)?;
+    // The devices the ended fan-outs had not reached hold at most an older entry of the key,
+    // already read, and never get the tombstone: each feed moves by one and its floor to the
+    // new head, as if the tombstone's entry was appended and purged, so the next read is a
+    // resync. (Apart from the statement above: one statement may not update a row twice.)
+    let ended: (Vec<String>, Vec<String>) = (col(&row, 3)?, col(&row, 4)?);
+    if !ended.0.is_empty() {
+        conn.execute(
+            "sending the devices of a purged fan-out to a resync",
+            "UPDATE devices d SET feed_head = d.feed_head + 1, feed_floor = d.feed_head + 1
+             FROM unnest($1::text[], $2::text[]) AS j(account, after_device)
+             WHERE d.account = j.account AND d.device > j.after_device",
+            &[&ended.0, &ended.1],
+        )?;
+    }
     // Each account's oldest conflict records beyond its limit, at most a batch of them.
     let conflicts = conn.execute(
         "trimming the conflict log",

@@ -21,8 +21,9 @@ use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{hlc_to_string, Change, ChangeResult};
 use postgres::types::Json;
 
-use super::super::encoding::{item_json, oldest_generations_dropped, owner_cols, parse_version};
+use super::super::encoding::{item_json, owner_cols, parse_version};
 use super::super::{Advanced, StoreError, REVOKED_SECRET_HASH};
+use super::fanout::{self, ADVANCE_ENTRY, ADVANCE_SET};
 use super::sql::{col, col_u64, int, Conn};
 use super::{quota, State};
 
@@ -314,76 +315,50 @@ impl CloudTxn for PgTxn<'_> {
     }
 
     fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), StoreError> {
-        let (account, owner_device) = owner_cols(owner);
-        // Each target device's head moves by one under its row's lock, and the key's entry
-        // (coalesced: one per key) takes the new sequence number, in one statement. The run's
-        // first append to a feed also starts its generation at the head before this append
-        // (every SET expression reads the row as it was).
-        const SET: &str = "feed_head = feed_head + 1, feed_gen = $3::text,
-            feed_generations = CASE WHEN feed_gen = $3::text THEN feed_generations
-                ELSE feed_generations || ',' || $3::text || ':' || feed_head END";
-        const ENTRY: &str = "INSERT INTO feed (account, device, seq, owner, model, pk, sk)
-            SELECT account, device, feed_head, $4, $5, $6, $7 FROM moved
-            ON CONFLICT (account, device, owner, pk, sk)
-            DO UPDATE SET seq = excluded.seq, model = excluded.model";
-        let run = self.state.run.to_string();
-        let rows = match owner {
+        let run = self.state.run;
+        let reached = match owner {
             Owner::Device(d) => {
-                let rows = self.conn.query(
+                // The device's head moves by one under its row's lock, and the key's entry
+                // takes the new sequence number, in one statement.
+                let row = self.conn.query_opt(
                     "advancing a device feed",
                     &format!(
-                        "WITH moved AS (UPDATE devices SET {SET}
+                        "WITH moved AS (UPDATE devices SET {ADVANCE_SET}
                             WHERE account = $1 AND device = $2
                             RETURNING account, device, feed_head, feed_generations),
-                         entry AS ({ENTRY})
-                         SELECT device, feed_head, feed_generations FROM moved"
+                         entry AS ({ADVANCE_ENTRY})
+                         SELECT feed_head, feed_generations FROM moved"
                     ),
                     &[
                         &d.account,
                         &d.device,
-                        &run,
-                        &owner_device,
+                        &run.to_string(),
+                        &d.device,
                         &model,
                         &key.pk,
                         &key.sk,
                     ],
                 )?;
-                if rows.is_empty() {
+                let Some(row) = row else {
                     return Err(StoreError::UnknownDevice(d.to_string()));
-                }
-                rows
+                };
+                let gens: String = col(&row, 1)?;
+                fanout::drop_oldest_generation(self.conn, &d.account, &d.device, &gens)?;
+                vec![(d.device.clone(), col_u64(&row, 0)?)]
             }
-            Owner::Account(a) => self.conn.query(
-                "advancing the feeds of an account",
-                &format!(
-                    "WITH moved AS (UPDATE devices SET {SET}
-                        WHERE account = $1 AND $2::text IS NULL
-                        RETURNING account, device, feed_head, feed_generations),
-                     entry AS ({ENTRY})
-                     SELECT device, feed_head, feed_generations FROM moved"
-                ),
-                &[
-                    a,
-                    &None::<String>,
-                    &run,
-                    &owner_device,
-                    &model,
-                    &key.pk,
-                    &key.sk,
-                ],
-            )?,
+            // A broadcast reaches the first devices now and queues the rest (`fanout`).
+            Owner::Account(a) => {
+                let batch = self.state.fanout_batch.max(1);
+                let reached = fanout::advance_account(self.conn, run, a, "", batch, model, key)?;
+                let more = reached.len() >= batch;
+                let after = reached.last().filter(|_| more).map(|(d, _)| d.as_str());
+                fanout::record(self.conn, a, model, key, after, self.now_ms)?;
+                self.state.fanout_pending |= more;
+                reached
+            }
         };
-        for row in rows {
-            let device: String = col(&row, 0)?;
-            let head = col_u64(&row, 1)?;
-            let gens: String = col(&row, 2)?;
-            if let Some(kept) = oldest_generations_dropped(&gens)? {
-                self.conn.execute(
-                    "dropping a feed's oldest generation",
-                    "UPDATE devices SET feed_generations = $3 WHERE account = $1 AND device = $2",
-                    &[&account, &device, &kept],
-                )?;
-            }
+        let account = owner.account();
+        for (device, head) in reached {
             let id = DeviceId::new(account, device.as_str())
                 .map_err(|e| StoreError::Corrupt(format!("device {account}/{device}: {e}")))?;
             self.advanced.insert(id, head);
@@ -525,13 +500,15 @@ pub(super) fn write(
                 )));
             }
         }
-        // A broadcast advances every device's feed of the account: their rows are locked
-        // now, in device order, before the change log's row (the lock order).
+        // A broadcast advances the feeds of the account's first devices (a batch; the rest
+        // are a fan-out job): their rows are locked now, in device order, before the change
+        // log's row (the lock order).
         Owner::Account(a) => {
             conn.query(
                 "locking an account's devices",
-                "SELECT 1 FROM devices WHERE account = $1 ORDER BY device FOR NO KEY UPDATE",
-                &[a],
+                "SELECT 1 FROM devices WHERE account = $1 ORDER BY device LIMIT $2
+                 FOR NO KEY UPDATE",
+                &[a, &int(state.fanout_batch.max(1) as u64)],
             )
             .map_err(CloudWriteError::Store)?;
         }

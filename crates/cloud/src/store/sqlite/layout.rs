@@ -12,7 +12,7 @@ use super::super::StoreError;
 use super::sql::db;
 
 /// The version of the table layout this build writes; a newer database is refused.
-pub const SCHEMA_VERSION: u32 = 7;
+pub const SCHEMA_VERSION: u32 = 8;
 
 const DDL: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -291,6 +291,10 @@ pub(super) fn init(
         .map_err(db("creating the change log and webhook tables"))?;
     tx.execute_batch(API_KEYS_DDL)
         .map_err(db("creating the API key table"))?;
+    // Layout 8 only adds this table (a layout-7 file gets it here, empty): the version moved so
+    // that an older build, which would never work off a pending fan-out, refuses the file.
+    tx.execute_batch(super::fanout::FANOUT_DDL)
+        .map_err(db("creating the broadcast fan-out table"))?;
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -132,6 +132,7 @@
 //! - `layout`: the DDL, [`SCHEMA_VERSION`] and the migrations of older layouts;
 //! - `txn`: the write transaction the replication rules run in (pushes and API writes);
 //! - `feed`: feed and snapshot reads;
+//! - `fanout`: a broadcast's feed entries in bounded batches (the `fanout` jobs);
 //! - `devices`: the device registry and sync status;
 //! - `api_keys`: the keys of the HTTP API;
 //! - `changes`: reads and retention of the change log (`txn` appends to it);
@@ -144,6 +145,7 @@
 mod api_keys;
 mod changes;
 mod devices;
+mod fanout;
 mod feed;
 mod layout;
 mod purge;
@@ -154,7 +156,8 @@ mod txn;
 mod webhooks;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use devtables_schema::{ItemKey, Schema};
 use devtables_sync::apply::{CloudOp, CloudTxn, CloudWriteError, PushCounts, PushRules};
@@ -185,6 +188,9 @@ pub struct SqliteOptions {
     /// What each device may store and push (see [`DeviceQuotas`]). Default
     /// [`DeviceQuotas::default`].
     pub quotas: DeviceQuotas,
+    /// Most devices one transaction appends a broadcast's feed entry to (the write's own, then
+    /// each [`CloudStore::fanout_step`]). Default [`DEFAULT_FANOUT_BATCH`](super::DEFAULT_FANOUT_BATCH).
+    pub fanout_batch: usize,
 }
 
 impl Default for SqliteOptions {
@@ -193,6 +199,7 @@ impl Default for SqliteOptions {
             synchronous_full: true,
             busy_timeout_ms: 5000,
             quotas: DeviceQuotas::default(),
+            fanout_batch: super::DEFAULT_FANOUT_BATCH,
         }
     }
 }
@@ -209,9 +216,12 @@ pub struct SqliteStore {
     /// A group is open ([`CloudStore::begin_group`]): operations run in savepoints of its
     /// transaction.
     grouped: bool,
-    /// The change log's head as far as this store knows ([`CloudStore::change_head_hint`]):
-    /// read at open, raised by every append.
-    change_head: AtomicU64,
+    /// Most devices a broadcast reaches per transaction ([`SqliteOptions::fanout_batch`]).
+    fanout_batch: usize,
+    /// The change log's head and whether a fan-out may be pending, as far as this store knows
+    /// ([`CloudStore::change_head_hint`], [`CloudStore::fanout_pending_hint`]): read at open,
+    /// raised by the transactions.
+    hints: Arc<txn::StoreHints>,
 }
 
 impl SqliteStore {
@@ -244,14 +254,9 @@ impl SqliteStore {
         commit: bool,
         f: impl FnOnce(&mut dyn CloudTxn<Error = StoreError>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        let env = self.env();
         let tx = sql::write_txn(&mut self.conn, "starting a conformance transaction")?;
-        let r = f(&mut txn::SqlTxn::new(
-            &tx,
-            now_ms,
-            &self.quotas,
-            self.run,
-            &self.change_head,
-        ))?;
+        let r = f(&mut txn::SqlTxn::new(&tx, now_ms, &env))?;
         if commit {
             tx.commit()
                 .map_err(db("committing a conformance transaction"))?;
@@ -283,7 +288,10 @@ impl SqliteStore {
             options.synchronous_full,
             wal,
         )?;
-        let change_head = AtomicU64::new(changes::sequence_head(&conn)?);
+        let hints = Arc::new(txn::StoreHints {
+            change_head: AtomicU64::new(changes::sequence_head(&conn)?),
+            fanout_pending: AtomicBool::new(fanout::any_pending(&conn)?),
+        });
         Ok(SqliteStore {
             conn,
             quotas: options.quotas,
@@ -292,13 +300,35 @@ impl SqliteStore {
                 crate::warn_limit::WarnLimiter::INTERVAL,
             ),
             grouped: false,
-            change_head,
+            fanout_batch: options.fanout_batch.max(1),
+            hints,
         })
+    }
+
+    /// What a write transaction takes from the store.
+    fn env(&self) -> txn::TxnEnv {
+        txn::TxnEnv {
+            quotas: self.quotas,
+            run: self.run,
+            fanout_batch: self.fanout_batch,
+            hints: self.hints.clone(),
+        }
     }
 
     /// Replaces the per-device quotas (they apply from the next push).
     pub fn set_quotas(&mut self, quotas: DeviceQuotas) {
         self.quotas = quotas;
+    }
+
+    /// Most devices one transaction appends a broadcast's feed entry to
+    /// ([`SqliteOptions::fanout_batch`]).
+    pub fn fanout_batch(&self) -> usize {
+        self.fanout_batch
+    }
+
+    /// Replaces [`SqliteOptions::fanout_batch`] (at least 1), from the next write.
+    pub fn set_fanout_batch(&mut self, batch: usize) {
+        self.fanout_batch = batch.max(1);
     }
 }
 
@@ -431,15 +461,14 @@ impl CloudStore for SqliteStore {
         from: &DeviceId,
         changes: &[Change],
     ) -> Result<(Vec<ChangeResult>, Advanced), StoreError> {
+        let env = self.env();
         txn::apply_push(
             &mut self.conn,
             schema,
             clock,
             now_ms,
             rules,
-            &self.quotas,
-            self.run,
-            &self.change_head,
+            &env,
             &mut self.conflict_warn,
             from,
             changes,
@@ -456,15 +485,14 @@ impl CloudStore for SqliteStore {
         model: &str,
         op: CloudOp,
     ) -> Result<(Change, Advanced), CloudWriteError<StoreError>> {
+        let env = self.env();
         txn::write(
             &mut self.conn,
             schema,
             clock,
             now_ms,
             max_message_bytes,
-            &self.quotas,
-            self.run,
-            &self.change_head,
+            &env,
             owner,
             model,
             op,
@@ -547,7 +575,22 @@ impl CloudStore for SqliteStore {
     }
 
     fn change_head_hint(&self) -> u64 {
-        self.change_head.load(Ordering::Relaxed)
+        self.hints.change_head.load(Ordering::Relaxed)
+    }
+
+    fn fanout_step(&mut self) -> Result<Option<Advanced>, StoreError> {
+        let tx = sql::write_txn(&mut self.conn, "starting a broadcast fan-out step")?;
+        let step = fanout::step(&tx, self.run, self.fanout_batch)?;
+        tx.commit()
+            .map_err(db("committing a broadcast fan-out step"))?;
+        if step.is_none() {
+            self.hints.fanout_pending.store(false, Ordering::Relaxed);
+        }
+        Ok(step)
+    }
+
+    fn fanout_pending_hint(&self) -> bool {
+        self.hints.fanout_pending.load(Ordering::Relaxed)
     }
 
     fn create_webhook(

@@ -80,6 +80,14 @@ pub(super) fn purge(
             })
         }
         .map_err(db("purging feed entries"))?;
+        if device.is_empty() {
+            // A pending fan-out of the key ends; the devices it had not reached resync.
+            let key = devtables_schema::ItemKey {
+                pk: pk.clone(),
+                sk: sk.clone(),
+            };
+            super::fanout::end_purged(&tx, account, &key)?;
+        }
         for (d, seq) in removed {
             let floor = floors.entry((account.clone(), d)).or_insert(0);
             *floor = (*floor).max(seq);

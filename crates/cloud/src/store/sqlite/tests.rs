@@ -306,7 +306,7 @@ fn a_layout_3_file_is_upgraded_with_devices_that_have_no_broker_hash() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("7", 7));
+    assert_eq!((layout.as_str(), SCHEMA_VERSION), ("8", 8));
 }
 
 #[test]
@@ -459,4 +459,64 @@ fn a_group_keeps_each_operation_whole_and_is_durable_only_at_its_commit() {
     push(&mut s, &mut c, &d1, "alone").unwrap();
     drop(s);
     assert_eq!(written(&mut open(), &d1), (3, head + 3));
+}
+
+/// A fan-out pending when the process stops (its job committed with the item) is found at the
+/// next open and worked off from where the write left it.
+#[test]
+fn a_pending_fan_out_survives_a_reopen_and_is_worked_off() {
+    let schema = schema();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud.db");
+    let options = SqliteOptions {
+        fanout_batch: 2,
+        ..SqliteOptions::default()
+    };
+    let devices: Vec<DeviceId> = (0..5).map(|i| dev("acme", &format!("d{i}"))).collect();
+    {
+        let mut s = SqliteStore::open(&path, options.clone()).unwrap();
+        for d in &devices {
+            s.register_device(d, "hash", None, NOW).unwrap();
+        }
+        assert!(!s.fanout_pending_hint());
+        let acct = Owner::Account("acme".into());
+        let (_, advanced) = api_put(
+            &mut s,
+            &schema,
+            &mut clock(),
+            NOW,
+            &acct,
+            "Bcast",
+            json!({"name": "fw"}),
+        );
+        let reached: Vec<&DeviceId> = advanced.iter().map(|(d, _)| d).collect();
+        assert_eq!(reached, vec![&devices[0], &devices[1]], "the write's batch");
+        assert!(s.fanout_pending_hint());
+        // Stopped here, no step run.
+    }
+    let mut s = SqliteStore::open(&path, options).unwrap();
+    assert!(s.fanout_pending_hint(), "found at open");
+    let mut steps = Vec::new();
+    while let Some(step) = s.fanout_step().unwrap() {
+        steps.push(step.into_iter().map(|(d, _)| d).collect::<Vec<_>>());
+    }
+    assert_eq!(
+        steps,
+        vec![
+            vec![devices[2].clone(), devices[3].clone()],
+            vec![devices[4].clone()]
+        ]
+    );
+    assert!(
+        !s.fanout_pending_hint(),
+        "cleared by the step that found none"
+    );
+    for d in &devices {
+        let page = s.read_feed(d, 1, 10).unwrap();
+        assert_eq!(
+            (page.head, page.changes.len()),
+            (2, 1),
+            "{d}: one entry, at the head after its registration's"
+        );
+    }
 }

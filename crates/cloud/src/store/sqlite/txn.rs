@@ -8,7 +8,8 @@
 //! [`crate::store::changes`]), in the same transaction: no write can reach `items` without it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::store::apply_within_quotas;
@@ -24,7 +25,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::super::{Advanced, DeviceQuotas, StoreError};
 use super::devices::{device_exists, device_revoked};
-use super::feed;
+use super::fanout;
 use super::quota;
 use super::sql::{db, item_json, map_err, owner_cols, parse_version, write_txn};
 use crate::warn_limit::WarnLimiter;
@@ -43,29 +44,54 @@ pub(super) struct SqlTxn<'c> {
     conflicts_dropped: u64,
     /// The store's run: an append to a feed of another generation starts this one.
     run: u64,
-    /// The store's hint of the change log's head: raised by every append (committed or not),
-    /// read by the store thread to wake the log's readers.
-    change_head: &'c AtomicU64,
+    /// Most devices a broadcast's feed entry reaches in its own transaction.
+    fanout_batch: usize,
+    /// The store's hints, raised by this transaction (committed or not).
+    hints: Arc<StoreHints>,
+}
+
+/// What the store's transactions tell it beyond their results: cheap hints read after a job,
+/// raised by every transaction whether it commits or not (a rolled-back one only makes the
+/// reader look for nothing).
+#[derive(Debug, Default)]
+pub(super) struct StoreHints {
+    /// The change log's head: raised by every append, read by the store thread to wake the
+    /// log's readers ([`CloudStore::change_head_hint`](super::super::CloudStore::change_head_hint)).
+    pub change_head: AtomicU64,
+    /// A broadcast fan-out may be pending: found at open, set by a write that queued one,
+    /// cleared by a step that found none.
+    pub fanout_pending: AtomicBool,
+}
+
+/// What a write transaction takes from the store it runs in.
+#[derive(Clone, Debug)]
+pub(super) struct TxnEnv {
+    pub quotas: DeviceQuotas,
+    /// The store's run (see [`SqlTxn::run`]).
+    pub run: u64,
+    /// Most devices a broadcast's feed entry reaches in the write's transaction.
+    pub fanout_batch: usize,
+    pub hints: Arc<StoreHints>,
 }
 
 impl<'c> SqlTxn<'c> {
-    pub(super) fn new(
-        conn: &'c Connection,
-        now_ms: u64,
-        quotas: &DeviceQuotas,
-        run: u64,
-        change_head: &'c AtomicU64,
-    ) -> SqlTxn<'c> {
+    pub(super) fn new(conn: &'c Connection, now_ms: u64, env: &TxnEnv) -> SqlTxn<'c> {
         SqlTxn {
             conn,
             now_ms,
             advanced: BTreeMap::new(),
-            max_conflicts: quotas.max_conflicts,
+            max_conflicts: env.quotas.max_conflicts,
             deferred: None,
             conflicts_dropped: 0,
-            run,
-            change_head,
+            run: env.run,
+            fanout_batch: env.fanout_batch,
+            hints: env.hints.clone(),
         }
+    }
+
+    /// The devices whose feeds advanced, with their new heads.
+    pub(super) fn into_advanced(self) -> Advanced {
+        self.advanced.into_iter().collect()
     }
 
     /// Writes the push counts gathered since [`Self::defer_counts`], with `over_quota` changes
@@ -90,10 +116,6 @@ impl<'c> SqlTxn<'c> {
 
     fn defer_counts(&mut self) {
         self.deferred = Some(PushCounts::default());
-    }
-
-    fn into_advanced(self) -> Advanced {
-        self.advanced.into_iter().collect()
     }
 }
 
@@ -197,7 +219,7 @@ impl CloudTxn for SqlTxn<'_> {
             })
             .map_err(db("appending to the change log"))?;
         let seq = u64::try_from(self.conn.last_insert_rowid()).unwrap_or(0);
-        self.change_head.fetch_max(seq, Ordering::Relaxed);
+        self.hints.change_head.fetch_max(seq, Ordering::Relaxed);
         Ok(())
     }
 
@@ -232,12 +254,11 @@ impl CloudTxn for SqlTxn<'_> {
     }
 
     fn append_feed(&mut self, owner: &Owner, model: &str, key: &ItemKey) -> Result<(), StoreError> {
-        let (account, owner_device) = owner_cols(owner);
-        // The head moves by one; the run's first append to a feed also starts its generation,
-        // at the head before this append (every expression reads the row as it was).
-        let run = self.run.to_string();
-        let targets: Vec<(String, u64, String)> = match owner {
+        let reached = match owner {
             Owner::Device(d) => {
+                // The head moves by one; the run's first append to a feed also starts its
+                // generation, at the head before this append (every expression reads the row
+                // as it was).
                 let row: Option<(u64, String)> = self
                     .conn
                     .prepare_cached(
@@ -247,52 +268,36 @@ impl CloudTxn for SqlTxn<'_> {
                          WHERE account = ?1 AND device = ?2 RETURNING feed_head, feed_generations",
                     )
                     .and_then(|mut s| {
-                        s.query_row(params![d.account, d.device, run], |r| {
+                        s.query_row(params![d.account, d.device, self.run.to_string()], |r| {
                             Ok((r.get(0)?, r.get(1)?))
                         })
                         .optional()
                     })
                     .map_err(db("advancing a device feed"))?;
-                match row {
-                    Some((head, gens)) => vec![(d.device.clone(), head, gens)],
-                    None => return Err(StoreError::UnknownDevice(d.to_string())),
+                let Some((head, gens)) = row else {
+                    return Err(StoreError::UnknownDevice(d.to_string()));
+                };
+                fanout::append_entry(
+                    self.conn, &d.account, &d.device, head, &gens, &d.device, model, key,
+                )?;
+                vec![(d.device.clone(), head)]
+            }
+            // A broadcast reaches the first devices now and queues the rest (`fanout`).
+            Owner::Account(a) => {
+                let batch = self.fanout_batch.max(1);
+                let reached =
+                    fanout::advance_account(self.conn, self.run, a, "", batch, model, key)?;
+                let more = reached.len() >= batch;
+                let after = reached.last().filter(|_| more).map(|(d, _)| d.as_str());
+                fanout::record(self.conn, a, model, key, after, self.now_ms)?;
+                if more {
+                    self.hints.fanout_pending.store(true, Ordering::Relaxed);
                 }
+                reached
             }
-            Owner::Account(a) => self
-                .conn
-                .prepare_cached(
-                    "UPDATE devices SET feed_head = feed_head + 1, feed_gen = ?2,
-                        feed_generations = CASE WHEN feed_gen = ?2 THEN feed_generations
-                            ELSE feed_generations || ',' || ?2 || ':' || feed_head END
-                     WHERE account = ?1 RETURNING device, feed_head, feed_generations",
-                )
-                .and_then(|mut s| {
-                    s.query_map(params![a, run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                })
-                .map_err(db("advancing the feeds of an account"))?,
         };
-        for (device, head, gens) in targets {
-            if let Some(kept) = feed::oldest_generations_dropped(&gens)? {
-                self.conn
-                    .prepare_cached(
-                        "UPDATE devices SET feed_generations = ?3 WHERE account = ?1 AND device = ?2",
-                    )
-                    .and_then(|mut s| s.execute(params![account, device, kept]))
-                    .map_err(db("dropping a feed's oldest generation"))?;
-            }
-            self.conn
-                .prepare_cached(
-                    "DELETE FROM feed WHERE account = ?1 AND device = ?2 AND owner = ?3 AND pk = ?4 AND sk = ?5",
-                )
-                .and_then(|mut s| s.execute(params![account, device, owner_device, key.pk, key.sk]))
-                .map_err(db("dropping an older feed entry"))?;
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO feed (account, device, seq, owner, model, pk, sk) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .and_then(|mut s| s.execute(params![account, device, head, owner_device, model, key.pk, key.sk]))
-                .map_err(db("appending a feed entry"))?;
+        let account = owner.account();
+        for (device, head) in reached {
             self.advanced.insert(
                 DeviceId {
                     account: account.to_string(),
@@ -411,9 +416,7 @@ pub(super) fn apply_push(
     clock: &mut HlcClock,
     now_ms: u64,
     rules: &PushRules,
-    quotas: &DeviceQuotas,
-    run: u64,
-    change_head: &AtomicU64,
+    env: &TxnEnv,
     warn: &mut WarnLimiter,
     from: &DeviceId,
     changes: &[Change],
@@ -425,7 +428,8 @@ pub(super) fn apply_push(
         return Err(StoreError::DeviceRevoked(from.to_string()));
     }
     let (results, advanced, dropped) = {
-        let mut t = SqlTxn::new(&tx, now_ms, quotas, run, change_head);
+        let quotas = &env.quotas;
+        let mut t = SqlTxn::new(&tx, now_ms, env);
         t.defer_counts();
         let (results, over_quota) = apply_within_quotas(
             &mut t,
@@ -445,7 +449,7 @@ pub(super) fn apply_push(
     if dropped > 0 {
         if let Some(quiet) = warn.hit(Instant::now()) {
             tracing::warn!(
-                device = %from, dropped, quiet, max = quotas.max_conflicts,
+                device = %from, dropped, quiet, max = env.quotas.max_conflicts,
                 "dropped the oldest conflict records of a device over its cap (counted in its \
                  conflicts_dropped; {quiet} more drops since the last warning)"
             );
@@ -463,9 +467,7 @@ pub(super) fn write(
     clock: &mut HlcClock,
     now_ms: u64,
     max_message_bytes: usize,
-    quotas: &DeviceQuotas,
-    run: u64,
-    change_head: &AtomicU64,
+    env: &TxnEnv,
     owner: &Owner,
     model: &str,
     op: CloudOp,
@@ -479,7 +481,7 @@ pub(super) fn write(
         }
     }
     let (change, advanced) = {
-        let mut t = SqlTxn::new(&tx, now_ms, quotas, run, change_head);
+        let mut t = SqlTxn::new(&tx, now_ms, env);
         let change = cloud_write(
             &mut t,
             schema,
