@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::report::{ratio, short, size_label, thousands, write_json};
 use crate::workload::Metrics;
-use crate::{dt, redb_raw, sq, sys, ChildCommand};
+use crate::{dt, redb_raw, spike, sq, sys, ChildCommand};
 
 #[derive(clap::Args, Debug)]
 pub struct DbArgs {
@@ -32,6 +32,10 @@ pub struct DbArgs {
     /// `DbOptions::cache_bytes`, as an extra column.
     #[arg(long)]
     dt_cache_mib: Option<usize>,
+    /// Also run the storage-design spike (`spike.rs`) at the largest size, one child per
+    /// design, and print its table.
+    #[arg(long)]
+    spike: bool,
     /// A run of seconds for CI: 1,000 items, 20 durable writes, 0.2 s raw disk spans (overrides
     /// the sizes); no timing claims.
     #[arg(long)]
@@ -125,6 +129,9 @@ fn run_engine(
     writers: usize,
     raw_span: Duration,
 ) -> anyhow::Result<Metrics> {
+    if let Some(design) = engine.strip_prefix("spike-") {
+        return spike::run(design, dir, n);
+    }
     if let Some(mib) = engine.strip_prefix("devtables-cache") {
         return dt::grouped(dir, n, Some(mib.parse().context("cache MiB")?));
     }
@@ -149,8 +156,11 @@ fn run_engine(
             raw(&mut m, 1)?;
             dt::immediate_many(dir, n, writers, &mut m)?;
             raw(&mut m, 2)?;
-            sq::immediate(dir, n, &mut m)?;
+            sq::one_by_one(dir, n, "FULL", &mut m)?;
             raw(&mut m, 3)?;
+            // Not durable per write: only for the bytes each item costs the disk.
+            dt::periodic_one(dir, n, &mut m)?;
+            sq::one_by_one(dir, n, "NORMAL", &mut m)?;
             m.insert("writers".into(), writers as f64);
             Ok(m)
         }
@@ -258,6 +268,22 @@ pub fn run(args: &DbArgs, child: &ChildCommand) -> anyhow::Result<()> {
         args.writers,
         plan.raw_span,
     )?;
+    let spike_n = plan.sizes.iter().copied().max().unwrap_or(0);
+    let mut spikes = BTreeMap::new();
+    if args.spike {
+        for design in spike::DESIGNS {
+            let engine = format!("spike-{design}");
+            let m = spawn(
+                child,
+                tmp.path(),
+                &engine,
+                spike_n,
+                args.writers,
+                plan.raw_span,
+            )?;
+            spikes.insert(design.to_string(), m);
+        }
+    }
     drop(tmp);
     let ceilings: Vec<Ceiling> = plan
         .sizes
@@ -273,6 +299,11 @@ pub fn run(args: &DbArgs, child: &ChildCommand) -> anyhow::Result<()> {
         &ceilings,
         started.elapsed(),
     );
+    let report = if args.spike {
+        format!("{report}{}", spike::table(spike_n, &spikes))
+    } else {
+        report
+    };
     println!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report).with_context(|| format!("write {}", out.display()))?;
@@ -299,6 +330,8 @@ pub fn run(args: &DbArgs, child: &ChildCommand) -> anyhow::Result<()> {
                 "immediate": imm,
                 "immediate_items": plan.immediate_items,
                 "ceiling": ceilings.iter().map(Ceiling::json).collect::<Vec<_>>(),
+                "spike": spikes,
+                "spike_n": spike_n,
                 "seconds": started.elapsed().as_secs_f64(),
             }),
         )?;
@@ -317,8 +350,9 @@ fn command_line(args: &DbArgs, plan: &Plan) -> String {
         .collect::<Vec<_>>()
         .join(",");
     format!(
-        "devtables bench db --sizes {sizes_arg} --immediate-items {}{}{}",
+        "devtables bench db --sizes {sizes_arg} --immediate-items {}{}{}{}",
         plan.immediate_items,
+        if args.spike { " --spike" } else { "" },
         if args.writers != 8 {
             format!(" --writers {}", args.writers)
         } else {
@@ -363,6 +397,7 @@ enum Unit {
     Us,
     Mib,
     Ratio,
+    Bytes,
 }
 
 fn cell(m: &Metrics, key: &str, unit: &Unit) -> String {
@@ -375,6 +410,7 @@ fn cell(m: &Metrics, key: &str, unit: &Unit) -> String {
         Unit::Us => format!("{} µs", short(v)),
         Unit::Mib => format!("{} MiB", short(v)),
         Unit::Ratio => format!("{v:.2}"),
+        Unit::Bytes => format!("{} B", thousands(v)),
     }
 }
 
@@ -417,7 +453,7 @@ fn table(
                         "prefix_find_us" => {
                             c.push_str(&format!(" ({} items avg)", short(extra("prefix_items"))))
                         }
-                        "index_find_ms" | "scan_find_ms" => {
+                        "index_find_ms" | "index_find_as_ms" | "scan_find_ms" => {
                             c.push_str(&format!(" ({} items)", thousands(extra("filter_items"))))
                         }
                         _ => {}
@@ -453,7 +489,7 @@ fn report(
         std::env::temp_dir().display()
     ));
 
-    let rows: [(&str, &str, Unit, &str); 18] = [
+    let rows: [(&str, &str, Unit, &str); 24] = [
         (
             "create, 1,000 per transaction",
             "create_per_s",
@@ -485,6 +521,18 @@ fn report(
             "-",
         ),
         (
+            "get into the caller's struct (`get_as`; SQLite: serde_json into the struct), one snapshot per get",
+            "get_as_each_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
+            "get into the caller's struct, all in one read transaction",
+            "get_as_txn_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
             "(floor) work of a get without storage: key map, primary_key, JSON parse, project",
             "floor_get_per_s",
             Unit::Rate,
@@ -501,6 +549,12 @@ fn report(
             "index_find_ms",
             Unit::Ms,
             "- (no secondary index)",
+        ),
+        (
+            "find status == fault via gs1 into the caller's struct (`find_as`, per query)",
+            "index_find_as_ms",
+            Unit::Ms,
+            "-",
         ),
         (
             "find status == fault, filter over a model scan (per query)",
@@ -545,6 +599,24 @@ fn report(
             "- / ~224 MB",
         ),
         (
+            "bytes written to disk per create (/proc/self/io write_bytes, creates + flush)",
+            "write_b_create",
+            Unit::Bytes,
+            "-",
+        ),
+        (
+            "bytes written to disk per update (updates + flush, flush untimed)",
+            "write_b_update",
+            Unit::Bytes,
+            "-",
+        ),
+        (
+            "bytes written to disk per remove (removes + flush, flush untimed)",
+            "write_b_remove",
+            Unit::Bytes,
+            "-",
+        ),
+        (
             "run conditions: process CPU time / wall time",
             "cpu_share",
             Unit::Ratio,
@@ -583,14 +655,14 @@ fn report(
         "\nThe same timed steps, by the on-CPU time of the benchmark thread (/proc/thread-self/schedstat) instead of the wall clock: \
          this leaves out the time the thread waited for a CPU while other processes ran on this shared 2-core machine \
          (but also any time it slept on I/O or locks).\n\n{}",
-        table(&plan.sizes, &main, &rows[..11], "_cpu", true, grouped)
+        table(&plan.sizes, &main, &rows[..14], "_cpu", true, grouped)
     ));
     if let Some(mib) = args.dt_cache_mib {
         let cfgs = ["devtables".to_string(), format!("devtables-cache{mib}")];
         s.push_str(&format!(
             "\ndevtables with the default redb page cache (`DbOptions::cache_bytes`, {} MiB) and with {mib} MiB (wall clock):\n\n{}",
             devtables_db::DbOptions::default().cache_bytes >> 20,
-            table(&plan.sizes, &cfgs, &rows[..15], "", false, grouped)
+            table(&plan.sizes, &cfgs, &rows[..18], "", false, grouped)
         ));
     }
 
@@ -629,6 +701,35 @@ fn report(
             v / ((before + after) / 2.0)
         ));
     }
+    s.push_str(&format!(
+        "\n| Bytes written to disk per item (/proc/self/io `write_bytes`), N={} creates one per transaction, then made durable | devtables | SQLite WAL |\n|---|---|---|\n",
+        thousands(plan.immediate_items as f64)
+    ));
+    let bytes = |k: &str| format!("{} B", thousands(get(k)));
+    s.push_str(&format!(
+        "| durable per write: devtables `immediate` / SQLite synchronous=FULL | {} | {} |\n",
+        bytes("dt_imm_1w_write_b"),
+        bytes("sq_imm_1w_write_b")
+    ));
+    s.push_str(&format!(
+        "| durable per write, {writers:.0} writer threads (group commit) | {} | - |\n",
+        bytes("dt_imm_nw_write_b")
+    ));
+    s.push_str(&format!(
+        "| not durable per write: devtables `periodic` (1 s) / SQLite synchronous=NORMAL | {} | {} |\n",
+        bytes("dt_per_1w_write_b"),
+        bytes("sq_normal_1w_write_b")
+    ));
+    s.push_str(&format!(
+        "| (rate of those non-durable runs, wall clock, final flush included) | {}/s | {}/s |\n",
+        thousands(get("dt_per_1w_per_s")),
+        thousands(get("sq_normal_1w_per_s"))
+    ));
+    s.push_str(
+        "\nThe grouped runs (1,000 writes per transaction) give their bytes per item in the first table. \
+         `write_bytes` counts a page of the page cache when it is dirtied: a page dirtied again before it reached the disk counts once, \
+         one cleaned by a sync and dirtied again counts again, so it is what the flash receives (before the file system's own journal).\n",
+    );
     s.push_str(&format!(
         "\nRaw rate: append 200 bytes + fdatasync in a loop for {:.1} s on a file in the same directory.\n",
         plan.raw_span.as_secs_f64()

@@ -53,6 +53,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
 
     // 1. creates
     let mut p = Progress::new(label("create"), n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for start in (0..n).step_by(w::GROUP) {
         let end = (start + w::GROUP).min(n);
@@ -68,6 +69,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     let t = w::WorkloadClock::start();
     db.flush()?;
     w::put(&mut m, "flush_ms", &t, w::ms);
+    m.insert("write_b_create".into(), written.per_item(n));
     m.insert("file_mib".into(), sys::file_mib(&path));
     m.insert("rss_after_create_mib".into(), sys::vm_mib("VmRSS"));
 
@@ -127,6 +129,25 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     }
     w::put(&mut m, "get_txn_per_s", &t, |d| w::rate(n, d));
 
+    // The same gets into the caller's struct (`get_as`: no serde_json::Map per item).
+    let mut p = Progress::new(label("get_as (snapshot each)"), n);
+    let t = w::WorkloadClock::start();
+    for (k, &i) in order.iter().enumerate() {
+        let got: Option<w::Reading> = db.get_as(w::MODEL, &w::key(i as usize))?;
+        ensure!(got.is_some_and(|r| r.id.len() == 8), "item {i} missing");
+        p.tick(k + 1);
+    }
+    w::put(&mut m, "get_as_each_per_s", &t, |d| w::rate(n, d));
+    let t = w::WorkloadClock::start();
+    {
+        let r = db.read()?;
+        for &i in &order {
+            let got: Option<w::Reading> = r.get_as(w::MODEL, &w::key(i as usize), false)?;
+            ensure!(got.is_some(), "item {i} missing");
+        }
+    }
+    w::put(&mut m, "get_as_txn_per_s", &t, |d| w::rate(n, d));
+
     // 3. sort-key prefix finds
     let queries = w::prefix_queries(n, &mut rng);
     let mut items = 0usize;
@@ -169,6 +190,18 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
         w::ms(d) / w::FILTER_QUERIES as f64
     });
     m.insert("filter_items".into(), expected as f64);
+    let t = w::WorkloadClock::start();
+    for _ in 0..w::FILTER_QUERIES {
+        let page = db.find_as::<w::Reading>(w::MODEL, &fault, &by_index)?;
+        ensure!(
+            page.items.len() == expected,
+            "gs1 find_as: {} items",
+            page.items.len()
+        );
+    }
+    w::put(&mut m, "index_find_as_ms", &t, |d| {
+        w::ms(d) / w::FILTER_QUERIES as f64
+    });
 
     let mut p = Progress::new(label("filter scan"), w::FILTER_QUERIES);
     let t = w::WorkloadClock::start();
@@ -188,6 +221,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     // 5. updates in a shuffled order
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("update"), n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         db.write(Origin::Local, |tx| {
@@ -199,10 +233,13 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
         p.tick((c + 1) * w::GROUP);
     }
     w::put(&mut m, "update_per_s", &t, |d| w::rate(n, d));
+    db.flush()?; // untimed: what reaches the disk for the updates
+    m.insert("write_b_update".into(), written.per_item(n));
 
     // 6. removes in a shuffled order
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("remove"), n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         db.write(Origin::Local, |tx| {
@@ -221,6 +258,7 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
     }
     w::put(&mut m, "remove_per_s", &t, |d| w::rate(n, d));
     db.close()?;
+    m.insert("write_b_remove".into(), written.per_item(n));
 
     // 7. peak RSS of this process
     m.insert("peak_rss_mib".into(), sys::vm_mib("VmHWM"));
@@ -235,6 +273,7 @@ pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()
         None,
     )?;
     let mut p = Progress::new("devtables immediate, 1 writer", n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for i in 0..n {
         db.create(w::MODEL, &w::input(i))?;
@@ -242,6 +281,31 @@ pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()
     }
     w::put(m, "dt_imm_1w_per_s", &t, |d| w::rate(n, d));
     db.close()?;
+    m.insert("dt_imm_1w_write_b".into(), written.per_item(n));
+    Ok(())
+}
+
+/// Periodic mode, one create per transaction (a device writing readings one at a time), then
+/// made durable: the bytes written to disk per item (`write_b`), beside `immediate`'s.
+pub fn periodic_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
+    let db = open(
+        &dir.join("devtables-per1.redb"),
+        Durability::Periodic {
+            interval: PERIODIC_INTERVAL,
+        },
+        None,
+    )?;
+    let mut p = Progress::new("devtables periodic, 1 writer", n);
+    let written = sys::WriteMeter::start();
+    let t = w::WorkloadClock::start();
+    for i in 0..n {
+        db.create(w::MODEL, &w::input(i))?;
+        p.tick(i + 1);
+    }
+    db.flush()?;
+    w::put(m, "dt_per_1w_per_s", &t, |d| w::rate(n, d));
+    db.close()?;
+    m.insert("dt_per_1w_write_b".into(), written.per_item(n));
     Ok(())
 }
 
@@ -254,6 +318,7 @@ pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> 
         None,
     )?;
     eprintln!("  .. devtables immediate, {writers} writers");
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..writers)
@@ -277,5 +342,6 @@ pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> 
     let count = db.read()?.scan_model(w::MODEL)?.len();
     ensure!(count == n, "{count} items after concurrent creates");
     db.close()?;
+    m.insert("dt_imm_nw_write_b".into(), written.per_item(n));
     Ok(())
 }

@@ -51,6 +51,7 @@ mod plot;
 mod redb_raw;
 mod report;
 mod scale_out;
+mod spike;
 mod sq;
 mod sync;
 mod sys;

@@ -32,6 +32,12 @@ fn open(path: &Path, synchronous: &str) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
+/// Copies the WAL into the database file and empties it: SQLite's "make durable and tidy".
+fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
+}
+
 fn parse(body: &str) -> rusqlite::Result<Item> {
     serde_json::from_str(body).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
@@ -82,6 +88,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
 
     // 1. creates
     let mut p = Progress::new(label("create"), n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for start in (0..n).step_by(w::GROUP) {
         let end = (start + w::GROUP).min(n);
@@ -95,8 +102,9 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     }
     w::put(&mut m, "create_per_s", &t, |d| w::rate(n, d));
     let t = w::WorkloadClock::start();
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    checkpoint(&conn)?;
     w::put(&mut m, "flush_ms", &t, w::ms);
+    m.insert("write_b_create".into(), written.per_item(n));
     m.insert("file_mib".into(), sys::file_mib(&path));
     m.insert("rss_after_create_mib".into(), sys::vm_mib("VmRSS"));
 
@@ -122,6 +130,26 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         tx.commit()?;
     }
     w::put(&mut m, "get_txn_per_s", &t, |d| w::rate(n, d));
+
+    // Typed: serde_json straight into the struct (no Map), as devtables' `get_as`.
+    let t = w::WorkloadClock::start();
+    for &i in &order {
+        let key = model.primary_key(&w::key(i as usize))?;
+        let got = conn
+            .prepare_cached(GET)?
+            .query_row(params![key.pk, key.sk], |r| {
+                serde_json::from_str::<w::Reading>(r.get_ref(0)?.as_str()?).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })
+            })
+            .optional()?;
+        ensure!(got.is_some(), "item {i} missing");
+    }
+    w::put(&mut m, "get_as_each_per_s", &t, |d| w::rate(n, d));
 
     // 3. sort-key prefix finds (a range on the primary key)
     let queries = w::prefix_queries(n, &mut rng);
@@ -173,6 +201,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     // 5. updates: read, parse, prepare_update, write back
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("update"), n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         let tx = conn.transaction()?;
@@ -197,10 +226,13 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         p.tick((c + 1) * w::GROUP);
     }
     w::put(&mut m, "update_per_s", &t, |d| w::rate(n, d));
+    checkpoint(&conn)?; // untimed: what reaches the disk for the updates
+    m.insert("write_b_update".into(), written.per_item(n));
 
     // 6. removes
     let order = w::shuffled(n, &mut rng);
     let mut p = Progress::new(label("remove"), n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for (c, chunk) in order.chunks(w::GROUP).enumerate() {
         let tx = conn.transaction()?;
@@ -215,23 +247,36 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         p.tick((c + 1) * w::GROUP);
     }
     w::put(&mut m, "remove_per_s", &t, |d| w::rate(n, d));
+    checkpoint(&conn)?;
     drop(conn);
+    m.insert("write_b_remove".into(), written.per_item(n));
 
     m.insert("peak_rss_mib".into(), sys::vm_mib("VmHWM"));
     Ok(m)
 }
 
-/// One durable commit per create (synchronous=FULL), one writer, on a fresh file.
-pub fn immediate(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
+/// One commit per create, one writer, on a fresh file, then a checkpoint; synchronous `FULL`
+/// (a durable commit per create: `sq_imm_1w_*`) or `NORMAL` (`sq_normal_1w_*`). Also the bytes
+/// written to disk per item (`*_write_b`).
+pub fn one_by_one(dir: &Path, n: usize, synchronous: &str, m: &mut Metrics) -> anyhow::Result<()> {
     let schema = Schema::from_json5(w::SCHEMA).context("bench schema")?;
     let model = schema.model(w::MODEL).context("model")?;
-    let conn = open(&dir.join("sqlite-imm.db"), "FULL")?;
-    let mut p = Progress::new("SQLite synchronous=FULL, 1 writer", n);
+    let prefix = if synchronous == "FULL" {
+        "sq_imm_1w"
+    } else {
+        "sq_normal_1w"
+    };
+    let conn = open(&dir.join(format!("{prefix}.db")), synchronous)?;
+    let mut p = Progress::new(format!("SQLite synchronous={synchronous}, 1 writer"), n);
+    let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
     for i in 0..n {
         insert(&conn, model, i, system_now_ms())?;
         p.tick(i + 1);
     }
-    w::put(m, "sq_imm_1w_per_s", &t, |d| w::rate(n, d));
+    w::put(m, &format!("{prefix}_per_s"), &t, |d| w::rate(n, d));
+    checkpoint(&conn)?;
+    drop(conn);
+    m.insert(format!("{prefix}_write_b"), written.per_item(n));
     Ok(())
 }

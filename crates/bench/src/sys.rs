@@ -62,6 +62,36 @@ pub fn raw_fdatasync_rate(dir: &Path, span: Duration) -> anyhow::Result<f64> {
     Ok(count as f64 / elapsed.as_secs_f64())
 }
 
+/// Bytes this process (all its threads) caused to be written to storage so far: `write_bytes`
+/// of /proc/self/io, counted by the kernel when a page of the page cache is dirtied (a page
+/// dirtied again before it reached the disk counts once; one cleaned by a sync and dirtied again
+/// counts again), so it is what the device's flash receives, before the file system's own
+/// journal. NaN where /proc/self/io is missing.
+pub fn write_bytes() -> f64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// Counts the bytes written to storage from its creation (see [`write_bytes`]).
+pub struct WriteMeter(f64);
+
+impl WriteMeter {
+    pub fn start() -> WriteMeter {
+        WriteMeter(write_bytes())
+    }
+
+    /// Bytes written since `start`, per item of `items`.
+    pub fn per_item(&self, items: usize) -> f64 {
+        (write_bytes() - self.0) / items.max(1) as f64
+    }
+}
+
 pub fn file_mib(path: &Path) -> f64 {
     std::fs::metadata(path)
         .map(|m| m.len() as f64 / (1024.0 * 1024.0))

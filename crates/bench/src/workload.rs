@@ -101,6 +101,21 @@ pub fn change(i: usize) -> Item {
     obj(json!({"id": id(i), "deviceId": device(i), "value": 99.5 + (i % 7) as f64}))
 }
 
+/// A reading as an application's own type: what the typed reads (`Db::get_as`, `find_as`;
+/// serde_json straight into the struct for SQLite) fill instead of a `serde_json::Map`.
+#[derive(serde::Deserialize, Debug)]
+#[allow(dead_code)] // filled as an application would; the benchmark only checks `id`
+pub struct Reading {
+    pub id: String,
+    #[serde(rename = "deviceId")]
+    pub device_id: String,
+    pub name: String,
+    pub value: f64,
+    pub status: String,
+    pub created: String,
+    pub updated: String,
+}
+
 /// 0..n in a shuffled order (fixed seed).
 pub fn shuffled(n: usize, rng: &mut SmallRng) -> Vec<u32> {
     let mut v: Vec<u32> = (0..n as u32).collect();

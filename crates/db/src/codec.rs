@@ -31,21 +31,21 @@ pub(crate) const FORMAT: u32 = 2;
 /// Files written before the format was recorded stored items as JSON text.
 pub(crate) const FORMAT_JSON: u32 = 1;
 
-const NULL: u8 = 0;
-const FALSE: u8 = 1;
-const TRUE: u8 = 2;
-const UINT: u8 = 3;
-const NEGINT: u8 = 4;
-const FLOAT: u8 = 5;
-const STRING: u8 = 6;
-const ARRAY: u8 = 7;
-const OBJECT: u8 = 8;
-const KEY_PK: u8 = 9;
-const KEY_SK: u8 = 10;
-const DATE: u8 = 11;
+pub(crate) const NULL: u8 = 0;
+pub(crate) const FALSE: u8 = 1;
+pub(crate) const TRUE: u8 = 2;
+pub(crate) const UINT: u8 = 3;
+pub(crate) const NEGINT: u8 = 4;
+pub(crate) const FLOAT: u8 = 5;
+pub(crate) const STRING: u8 = 6;
+pub(crate) const ARRAY: u8 = 7;
+pub(crate) const OBJECT: u8 = 8;
+pub(crate) const KEY_PK: u8 = 9;
+pub(crate) const KEY_SK: u8 = 10;
+pub(crate) const DATE: u8 = 11;
 
 /// Nesting limit of decoded values (serde_json's own limit is 128).
-const MAX_DEPTH: usize = 128;
+pub(crate) const MAX_DEPTH: usize = 128;
 
 /// Encodes a stored item whose key is `key`; `hash` and `sort` name the primary index's key
 /// attributes, whose values are left out when they equal the key's parts.
@@ -158,6 +158,12 @@ fn canonical_date_ms(s: &str) -> Option<i64> {
     (format_date(ms)?.as_bytes() == b).then_some(ms)
 }
 
+/// The instant a `DATE` value holds (zigzag varint), spelled canonically.
+pub(crate) fn date_text(z: u64) -> Result<String, Bad> {
+    let ms = ((z >> 1) as i64) ^ -((z & 1) as i64);
+    format_date(ms).ok_or_else(|| corrupt("date out of range"))
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -180,7 +186,7 @@ pub(crate) fn json_len_bound(encoded_len: usize, key: &ItemKey) -> usize {
 
 /// Why stored bytes do not decode (small, so the decoder's results stay small).
 #[derive(Debug)]
-struct Bad(&'static str);
+pub(crate) struct Bad(pub(crate) &'static str);
 
 impl From<Bad> for DbError {
     fn from(Bad(what): Bad) -> Self {
@@ -203,14 +209,14 @@ fn key_parts(raw_key: &[u8]) -> Result<(&str, &str), Bad> {
     Ok((pk, sk))
 }
 
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
-    key: (&'a str, &'a str),
+    pub(crate) key: (&'a str, &'a str),
 }
 
 impl<'a> Reader<'a> {
-    fn new(raw: &'a [u8], raw_key: &'a [u8]) -> Result<Self, Bad> {
+    pub(crate) fn new(raw: &'a [u8], raw_key: &'a [u8]) -> Result<Self, Bad> {
         Ok(Reader {
             buf: raw,
             pos: 0,
@@ -218,13 +224,21 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn byte(&mut self) -> Result<u8, Bad> {
+    /// The next byte, not consumed.
+    pub(crate) fn peek(&self) -> Result<u8, Bad> {
+        self.buf
+            .get(self.pos)
+            .copied()
+            .ok_or_else(|| corrupt("truncated"))
+    }
+
+    pub(crate) fn byte(&mut self) -> Result<u8, Bad> {
         let b = *self.buf.get(self.pos).ok_or_else(|| corrupt("truncated"))?;
         self.pos += 1;
         Ok(b)
     }
 
-    fn varint(&mut self) -> Result<u64, Bad> {
+    pub(crate) fn varint(&mut self) -> Result<u64, Bad> {
         let mut v = 0u64;
         let mut shift = 0u32;
         loop {
@@ -243,7 +257,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn bytes(&mut self, len: u64) -> Result<&'a [u8], Bad> {
+    pub(crate) fn bytes(&mut self, len: u64) -> Result<&'a [u8], Bad> {
         let len = usize::try_from(len).map_err(|_| corrupt("length"))?;
         let end = self
             .pos
@@ -255,7 +269,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn str(&mut self) -> Result<&'a str, Bad> {
+    pub(crate) fn str(&mut self) -> Result<&'a str, Bad> {
         let len = self.varint()?;
         let b = self.bytes(len)?;
         if b.is_ascii() {
@@ -266,7 +280,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A count of entries that each take at least one byte (bounds the allocation).
-    fn count(&mut self) -> Result<usize, Bad> {
+    pub(crate) fn count(&mut self) -> Result<usize, Bad> {
         let n = self.varint()?;
         if n > (self.buf.len() - self.pos) as u64 {
             return Err(corrupt("count exceeds the item"));
@@ -307,11 +321,7 @@ impl<'a> Reader<'a> {
                 Value::Number(Number::from_f64(f).ok_or_else(|| corrupt("non-finite number"))?)
             }
             STRING => Value::String(self.str()?.to_string()),
-            DATE => {
-                let z = self.varint()?;
-                let ms = ((z >> 1) as i64) ^ -((z & 1) as i64);
-                Value::String(format_date(ms).ok_or_else(|| corrupt("date out of range"))?)
-            }
+            DATE => Value::String(date_text(self.varint()?)?),
             ARRAY => {
                 let n = self.count()?;
                 let mut a = Vec::with_capacity(n);
@@ -327,7 +337,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn skip(&mut self, depth: usize) -> Result<(), Bad> {
+    pub(crate) fn skip(&mut self, depth: usize) -> Result<(), Bad> {
         if depth >= MAX_DEPTH {
             return Err(corrupt("nested too deeply"));
         }
@@ -363,7 +373,7 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn done(&self) -> Result<(), Bad> {
+    pub(crate) fn done(&self) -> Result<(), Bad> {
         if self.pos != self.buf.len() {
             return Err(corrupt("trailing bytes"));
         }

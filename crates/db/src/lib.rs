@@ -49,6 +49,7 @@
 
 mod background;
 mod codec;
+mod codec_de;
 mod commit;
 mod damage;
 mod error;
@@ -76,7 +77,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 pub use background::Background;
 pub use error::{DbError, OpenError, UniqueCollision};
 pub use hooks::{ChangeOp, Hook, HookId, ItemChange, Origin};
-pub use read::{FindOptions, Page, ReadTxn};
+pub use read::{FindOptions, Page, ReadTxn, TypedPage};
 pub use txn::{SideTables, WriteInterceptor, WriteTxn};
 
 /// The stored-item decoder for the fuzz targets (`fuzz/`), which cannot reach the crate-private
@@ -614,6 +615,26 @@ impl Db {
     /// Reads the item its key properties identify.
     pub fn get(&self, model: &str, key: &Item) -> Result<Option<Item>, DbError> {
         self.read()?.get(model, key, false)
+    }
+
+    /// [`Db::get`] into the caller's type: deserialized straight from the stored bytes, without
+    /// building a `serde_json::Map` (see [`ReadTxn::get_as`]).
+    pub fn get_as<T: serde::de::DeserializeOwned>(
+        &self,
+        model: &str,
+        key: &Item,
+    ) -> Result<Option<T>, DbError> {
+        self.read()?.get_as(model, key, false)
+    }
+
+    /// [`Db::find`] into the caller's type (see [`ReadTxn::get_as`]).
+    pub fn find_as<T: serde::de::DeserializeOwned>(
+        &self,
+        model: &str,
+        props: &Item,
+        options: &FindOptions,
+    ) -> Result<TypedPage<T>, DbError> {
+        self.read()?.find_as(model, props, options)
     }
 
     /// Finds items: by full or partial key (a partly resolved sort-key template is a begins-with),

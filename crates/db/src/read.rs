@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use devtables_schema::{Index, Item, ItemKey, Model, Schema, SortCondition};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
+use serde::de::DeserializeOwned;
 
+use crate::codec_de::{self, DeError};
 use crate::tables::{self, Bytes};
 use crate::{codec, keys, DbError, Inner};
 
@@ -35,6 +37,52 @@ pub struct Page {
     pub items: Vec<Item>,
     /// Pass back as [`FindOptions::next`] for the following page; `None` at the end.
     pub next: Option<String>,
+}
+
+/// One page of a typed find ([`ReadTxn::find_as`]): the items as the caller's type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TypedPage<T> {
+    pub items: Vec<T>,
+    /// Pass back as [`FindOptions::next`] for the following page; `None` at the end.
+    pub next: Option<String>,
+}
+
+/// Turns a live stored item (its bytes, its item key) into what a read returns: the JSON form
+/// or the caller's type.
+type Decode<'f, O> = dyn Fn(&[u8], &[u8]) -> Result<O, DbError> + 'f;
+
+/// The JSON form of a stored item of `model`, hidden fields only with `hidden`.
+fn json_form(model: &Model, hidden: bool) -> impl Fn(&[u8], &[u8]) -> Result<Item, DbError> + '_ {
+    move |bytes, raw| {
+        if hidden {
+            codec::decode(bytes, raw)
+        } else {
+            codec::decode_with(bytes, raw, &|k| !model.is_hidden(k))
+        }
+    }
+}
+
+/// A stored item of `model` deserialized into `T`, hidden fields only with `hidden`.
+fn typed_form<T: DeserializeOwned>(
+    model: &Model,
+    hidden: bool,
+) -> impl Fn(&[u8], &[u8]) -> Result<T, DbError> + '_ {
+    move |bytes, raw| {
+        let keep = |k: &str| hidden || !model.is_hidden(k);
+        codec_de::from_stored(bytes, raw, &keep).map_err(|e| match e {
+            DeError::Corrupt(_) => DbError::Corrupt(e.to_string()),
+            DeError::Shape(why) => {
+                let key = keys::decode_item_key(raw)
+                    .map(|k| crate::txn::display_key(&k))
+                    .unwrap_or_default();
+                DbError::Json(serde::de::Error::custom(format!(
+                    "{} item {} does not fit the requested type: {why}",
+                    model.name(),
+                    crate::error::cut(&key)
+                )))
+            }
+        })
+    }
 }
 
 /// The item stored as `raw` under the item key `raw_key`.
@@ -91,15 +139,14 @@ impl ReadTxn {
     }
 
     /// The live stored item at item key `raw` if it is of `model` and passes `probe` (checked on
-    /// the fields `probe` names before the item is decoded); without `hidden`, the hidden fields
-    /// are not decoded at all.
-    fn load_raw(
+    /// the fields `probe` names before the item is decoded), turned into the result by `decode`.
+    fn load_raw<O>(
         &self,
         model: &Model,
         raw: &[u8],
         probe: &Probe<'_>,
-        hidden: bool,
-    ) -> Result<Option<Item>, DbError> {
+        decode: &Decode<'_, O>,
+    ) -> Result<Option<O>, DbError> {
         let Some(value) = self.items.get(raw)? else {
             return Ok(None);
         };
@@ -116,12 +163,7 @@ impl ReadTxn {
                 return Ok(None);
             }
         }
-        let item = if hidden {
-            codec::decode(bytes, raw)?
-        } else {
-            codec::decode_with(bytes, raw, &|k| !model.is_hidden(k))?
-        };
-        Ok(Some(item))
+        decode(bytes, raw).map(Some)
     }
 
     /// Reads one item by its key properties (without hidden fields unless `hidden`).
@@ -130,7 +172,25 @@ impl ReadTxn {
             let model = self.model(model)?;
             let key = model.primary_key(props)?;
             let raw = keys::item_key(&key);
-            self.load_raw(model, &raw, &Probe::default(), hidden)
+            self.load_raw(model, &raw, &Probe::default(), &json_form(model, hidden))
+        })
+    }
+
+    /// [`ReadTxn::get`] into the caller's type, deserialized straight from the stored bytes: no
+    /// `serde_json::Map` is built, fields `T` does not name are skipped unread. `T` sees the
+    /// item's JSON form (dates as ISO text, numbers as stored); an item that does not fit `T`
+    /// is [`DbError::Json`] naming the model and key.
+    pub fn get_as<T: DeserializeOwned>(
+        &self,
+        model: &str,
+        props: &Item,
+        hidden: bool,
+    ) -> Result<Option<T>, DbError> {
+        self.inner.engine(|| {
+            let model = self.model(model)?;
+            let key = model.primary_key(props)?;
+            let raw = keys::item_key(&key);
+            self.load_raw(model, &raw, &Probe::default(), &typed_form(model, hidden))
         })
     }
 
@@ -152,8 +212,33 @@ impl ReadTxn {
 
     /// Finds items of `model` matching `props` (see [`crate::Db::find`]).
     pub fn find(&self, model: &str, props: &Item, options: &FindOptions) -> Result<Page, DbError> {
+        let model = self.model(model)?;
+        let (items, next) =
+            self.find_with(model, props, options, &json_form(model, options.hidden))?;
+        Ok(Page { items, next })
+    }
+
+    /// [`ReadTxn::find`] into the caller's type (see [`ReadTxn::get_as`]).
+    pub fn find_as<T: DeserializeOwned>(
+        &self,
+        model: &str,
+        props: &Item,
+        options: &FindOptions,
+    ) -> Result<TypedPage<T>, DbError> {
+        let model = self.model(model)?;
+        let (items, next) =
+            self.find_with(model, props, options, &typed_form(model, options.hidden))?;
+        Ok(TypedPage { items, next })
+    }
+
+    fn find_with<O>(
+        &self,
+        model: &Model,
+        props: &Item,
+        options: &FindOptions,
+        decode: &Decode<'_, O>,
+    ) -> Result<(Vec<O>, Option<String>), DbError> {
         self.inner.engine(|| {
-            let model = self.model(model)?;
             let schema = &self.inner.schema;
             let index = match &options.index {
                 Some(name) => Some(
@@ -185,12 +270,10 @@ impl ReadTxn {
                 None => None,
             };
             let limit = options.limit.unwrap_or(usize::MAX);
-            let mut page = Page {
-                items: Vec::new(),
-                next: None,
-            };
+            let mut items = Vec::new();
+            let mut next = None;
             if limit == 0 {
-                return Ok(page);
+                return Ok((items, next));
             }
             let is_primary = index.name == schema.primary_index().name;
             let mut sort_filter = None;
@@ -227,18 +310,18 @@ impl ReadTxn {
             };
             let mut visit = |raw: &[u8]| -> Result<bool, DbError> {
                 let item = match table {
-                    Walk::Items => self.load_raw(model, raw, &probe, options.hidden)?,
+                    Walk::Items => self.load_raw(model, raw, &probe, decode)?,
                     Walk::Index | Walk::Types => match keys::trailing_item_key_raw(raw) {
-                        Some(key) => self.load_raw(model, key, &probe, options.hidden)?,
+                        Some(key) => self.load_raw(model, key, &probe, decode)?,
                         None => return Err(DbError::Corrupt("malformed index entry".into())),
                     },
                 };
                 let Some(item) = item else {
                     return Ok(true);
                 };
-                page.items.push(item);
-                if page.items.len() >= limit {
-                    page.next = Some(hex::encode(raw));
+                items.push(item);
+                if items.len() >= limit {
+                    next = Some(hex::encode(raw));
                     return Ok(false);
                 }
                 Ok(true)
@@ -255,7 +338,7 @@ impl ReadTxn {
                     walk(&t, bounds, options.reverse, &mut visit)?
                 }
             }
-            Ok(page)
+            Ok((items, next))
         })
     }
 

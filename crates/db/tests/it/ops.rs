@@ -467,3 +467,136 @@ fn periodic_mode_flushes_and_reopens() {
         .unwrap();
     assert_eq!(all.items.len(), 20);
 }
+
+/// The typed reads (`get_as`, `find_as`) see exactly what the JSON reads see: the same items,
+/// hidden fields left out unless asked for, expired items invisible, and a clear error for an
+/// item that does not fit the type.
+#[test]
+fn typed_reads_agree_with_the_json_form() {
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Reading {
+        id: String,
+        #[serde(rename = "deviceId")]
+        device_id: String,
+        value: f64,
+        status: Status,
+        note: Option<String>,
+        created: String,
+        pk: Option<String>,
+    }
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    #[serde(rename_all = "lowercase")]
+    enum Status {
+        Ok,
+        Warn,
+        Fault,
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let now = Arc::new(AtomicI64::new(1_800_000_000_000));
+    let clock = now.clone();
+    let options = DbOptions {
+        clock: Arc::new(move || clock.load(Ordering::SeqCst)),
+        ..DbOptions::default()
+    };
+    let db = open(&dir.path().join("t.redb"), options);
+    let mut a = reading("a", 1.5, "fault");
+    a.insert("note".into(), json!("hello"));
+    db.create("Reading", &a).unwrap();
+    db.create("Reading", &reading("b", -2.0, "ok")).unwrap();
+    let mut t = reading("t", 3.0, "warn");
+    t.insert("expires".into(), json!(1_800_000_060i64));
+    db.create("Reading", &t).unwrap();
+
+    let got: Reading = db.get_as("Reading", &key("a")).unwrap().unwrap();
+    let json = db.get("Reading", &key("a")).unwrap().unwrap();
+    assert_eq!(got.id, "a");
+    assert_eq!(got.device_id, "d1");
+    assert_eq!(got.value, 1.5);
+    assert_eq!(got.status, Status::Fault);
+    assert_eq!(got.note.as_deref(), Some("hello"));
+    assert_eq!(
+        json["created"],
+        json!(got.created),
+        "dates as their ISO text"
+    );
+    assert_eq!(got.pk, None, "hidden fields are left out");
+    let as_value: serde_json::Value = db.get_as("Reading", &key("a")).unwrap().unwrap();
+    assert_eq!(as_value, serde_json::Value::Object(json));
+    let hidden: Reading = db
+        .read()
+        .unwrap()
+        .get_as("Reading", &key("a"), true)
+        .unwrap()
+        .unwrap();
+    assert_eq!(hidden.pk.as_deref(), Some("dev#d1"), "pk from the row key");
+    assert!(db
+        .get_as::<Reading>("Reading", &key("missing"))
+        .unwrap()
+        .is_none());
+
+    // Finds: the same items in the same order, pages and next tokens alike.
+    let all = item(json!({"deviceId": "d1"}));
+    let page = db
+        .find_as::<Reading>(
+            "Reading",
+            &all,
+            &FindOptions {
+                limit: Some(2),
+                ..FindOptions::default()
+            },
+        )
+        .unwrap();
+    let ids_typed: Vec<&str> = page.items.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids_typed, ["a", "b"]);
+    let json_page = db
+        .find(
+            "Reading",
+            &all,
+            &FindOptions {
+                limit: Some(2),
+                ..FindOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(page.next, json_page.next);
+    let by_index = db
+        .find_as::<Reading>(
+            "Reading",
+            &item(json!({"status": "fault"})),
+            &FindOptions {
+                index: Some("gs1".into()),
+                ..FindOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(by_index.items.len(), 1);
+    assert_eq!(by_index.items[0].id, "a");
+
+    // An expired item is invisible to both forms at once.
+    now.store(1_800_000_061_000, Ordering::SeqCst);
+    assert!(db
+        .get_as::<Reading>("Reading", &key("t"))
+        .unwrap()
+        .is_none());
+    let rest = db
+        .find_as::<Reading>("Reading", &all, &FindOptions::default())
+        .unwrap();
+    assert_eq!(rest.items.len(), 2);
+
+    // A type the item does not fit: an error naming the model and key, not a panic.
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Wrong {
+        value: String,
+    }
+    let err = db.get_as::<Wrong>("Reading", &key("a")).unwrap_err();
+    assert!(matches!(err, DbError::Json(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("Reading") && text.contains("r#a") && text.contains("invalid type"),
+        "{text}"
+    );
+    let err = db.get_as::<Reading>("Nope", &key("a")).unwrap_err();
+    assert!(matches!(err, DbError::UnknownModel(_)), "{err}");
+}

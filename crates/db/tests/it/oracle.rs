@@ -55,13 +55,32 @@ fn id(i: u8) -> String {
     format!("{i:02}")
 }
 
-/// Every page of a find, concatenated: (id, value) pairs.
+/// The typed form of a reading (`Db::get_as`, `Db::find_as`), which must agree with the JSON form.
+#[derive(Debug, serde::Deserialize, PartialEq)]
+struct Typed {
+    id: String,
+    value: f64,
+    status: String,
+}
+
+/// Every page of a find, concatenated: (id, value) pairs; each page read in the typed form too
+/// must hold the same items and the same `next`.
 fn all_pages(db: &Db, props: serde_json::Value, mut opts: FindOptions) -> Vec<(String, i64)> {
     let mut out = Vec::new();
     loop {
         let page = db
             .find("Reading", &item(props.clone()), &opts)
             .expect("find");
+        let typed = db
+            .find_as::<Typed>("Reading", &item(props.clone()), &opts)
+            .expect("find_as");
+        assert_eq!(typed.next, page.next);
+        let as_typed: Vec<Typed> = page
+            .items
+            .iter()
+            .map(|i| serde_json::from_value(serde_json::Value::Object(i.clone())).unwrap())
+            .collect();
+        assert_eq!(typed.items, as_typed);
         if let Some(limit) = opts.limit {
             assert!(page.items.len() <= limit);
         }
@@ -120,6 +139,11 @@ proptest! {
                 }
                 Step::Get(i) => {
                     let got = db.get("Reading", &key(&id(i))).unwrap();
+                    let typed = db.get_as::<Typed>("Reading", &key(&id(i))).unwrap();
+                    prop_assert_eq!(
+                        typed.map(|t| (t.id, t.value as i64, t.status)),
+                        got.as_ref().map(|g| (id(i), g["value"].as_f64().unwrap() as i64, g["status"].as_str().unwrap().to_string()))
+                    );
                     let got = got.map(|g| (g["value"].as_f64().unwrap() as i64, g["status"].as_str().unwrap().to_string()));
                     let want = model.get(&id(i)).map(|(v, s)| (*v, STATUSES[*s].to_string()));
                     prop_assert_eq!(got, want);
