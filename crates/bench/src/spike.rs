@@ -41,7 +41,12 @@ use crate::sys;
 use crate::workload::{self as w, Metrics};
 
 /// The designs, in column order.
-pub const DESIGNS: [&str; 4] = ["redb3", "redb2", "fjall", "log"];
+#[cfg(feature = "spike-fjall")]
+pub const DESIGNS: &[&str] = &["redb3", "redb2", "fjall", "log"];
+/// Without the `spike-fjall` feature the LSM design is left out (the `devtables` binary does not
+/// carry fjall).
+#[cfg(not(feature = "spike-fjall"))]
+pub const DESIGNS: &[&str] = &["redb3", "redb2", "log"];
 
 /// One workload item as the database stores it, with its updated bytes.
 struct Row {
@@ -331,6 +336,7 @@ impl Store for Log {
     }
 }
 
+#[cfg(feature = "spike-fjall")]
 fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -346,6 +352,7 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
+#[cfg(feature = "spike-fjall")]
 struct Fjall {
     db: fjall::Database,
     items: fjall::Keyspace,
@@ -353,6 +360,7 @@ struct Fjall {
     dir: std::path::PathBuf,
 }
 
+#[cfg(feature = "spike-fjall")]
 impl Fjall {
     fn open(dir: &Path) -> anyhow::Result<Fjall> {
         let db = fjall::Database::builder(dir)
@@ -370,6 +378,7 @@ impl Fjall {
     }
 }
 
+#[cfg(feature = "spike-fjall")]
 impl Store for Fjall {
     fn create(&mut self, rows: &[&Row]) -> anyhow::Result<()> {
         let mut b = self.db.batch();
@@ -437,6 +446,7 @@ pub fn run(design: &str, dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     let mut store: Box<dyn Store> = match design {
         "redb3" => Box::new(Redb::open(&dir.join("spike.redb"), true)?),
         "redb2" => Box::new(Redb::open(&dir.join("spike.redb"), false)?),
+        #[cfg(feature = "spike-fjall")]
         "fjall" => Box::new(Fjall::open(&dir.join("spike.fjall"))?),
         "log" => Box::new(Log::open(&dir.join("spike.log"))?),
         other => bail!("unknown spike design {other}"),
@@ -540,7 +550,7 @@ pub fn table(n: usize, runs: &BTreeMap<String, Metrics>) -> String {
     for (label, key, unit) in rows {
         s.push_str(&format!("| {label} |"));
         for d in DESIGNS {
-            let m = runs.get(d);
+            let m = runs.get(*d);
             let get = |k: &str| m.and_then(|m| m.get(k).copied()).unwrap_or(f64::NAN);
             let cell = match (key, unit) {
                 ("write_b", _) => format!(

@@ -345,10 +345,12 @@ impl Sim {
             max_drift_ms: 60_000,
             seed: rng.gen(),
         };
-        let mut cloud_store = CloudStore::default();
         // Broadcasts reach one or two devices in their write's transaction, the rest in fan-out
         // steps (drawn from the seed, not the generator, so the seeds' other draws stay).
-        cloud_store.fanout_batch = 1 + (seed % 2) as usize;
+        let mut cloud_store = CloudStore {
+            fanout_batch: 1 + (seed % 2) as usize,
+            ..CloudStore::default()
+        };
         let mut devs = Vec::new();
         for i in 0..n_devices {
             let id = DeviceId::new(ACCOUNT, format!("d{i}")).expect("device id");
