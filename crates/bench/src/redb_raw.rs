@@ -25,19 +25,25 @@ const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 const TYPES: TableDefinition<&[u8], ()> = TableDefinition::new("types");
 const GS1: TableDefinition<&[u8], ()> = TableDefinition::new("idx:gs1");
 
-/// One workload item as devtables stores it.
-struct Row {
-    key: Vec<u8>,
-    value: Vec<u8>,
-    type_key: Vec<u8>,
-    index_key: Vec<u8>,
+/// One workload item as the database stores it (its key in each of the three tables), with its
+/// updated bytes.
+pub(crate) struct Row {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// The item after the workload's update (the spike's updates write it).
+    pub updated: Vec<u8>,
+    pub type_key: Vec<u8>,
+    pub index_key: Vec<u8>,
 }
 
 fn join(parts: &[&str]) -> Vec<u8> {
     parts.join("\0").into_bytes()
 }
 
-fn rows(n: usize) -> anyhow::Result<Vec<Row>> {
+/// The workload's first `n` items as the database stores them (prepared by the schema, encoded
+/// by the database's own codec, keyed by its key layout), for the stores written directly here
+/// and in the spike.
+pub(crate) fn rows(n: usize) -> anyhow::Result<Vec<Row>> {
     let schema = Schema::from_json5(w::SCHEMA).context("bench schema")?;
     let model = schema.model(w::MODEL).context("model")?;
     let now = devtables_db::system_now_ms();
@@ -45,10 +51,12 @@ fn rows(n: usize) -> anyhow::Result<Vec<Row>> {
         .map(|i| {
             let item = model.prepare_create(&w::input(i), now)?;
             let key = model.primary_key(&item)?;
+            let updated = model.prepare_update(&item, &w::change(i), now + 1)?;
             let field = |f: &str| item.get(f).and_then(|v| v.as_str()).unwrap_or_default();
             Ok(Row {
                 key: join(&[&key.pk, &key.sk]),
                 value: devtables_db::fuzzing::encode_item(&item, &key),
+                updated: devtables_db::fuzzing::encode_item(&updated, &key),
                 type_key: join(&[w::MODEL, &key.pk, &key.sk]),
                 index_key: join(&[field("gs1pk"), field("gs1sk"), &key.pk, &key.sk]),
             })

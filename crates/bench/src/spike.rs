@@ -30,12 +30,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use devtables_db::DbOptions;
-use devtables_schema::Schema;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::dt::PERIODIC_INTERVAL;
+use crate::redb_raw::{rows, Row};
 use crate::report::thousands;
 use crate::sys;
 use crate::workload::{self as w, Metrics};
@@ -47,40 +47,6 @@ pub const DESIGNS: &[&str] = &["redb3", "redb2", "fjall", "log"];
 /// carry fjall).
 #[cfg(not(feature = "spike-fjall"))]
 pub const DESIGNS: &[&str] = &["redb3", "redb2", "log"];
-
-/// One workload item as the database stores it, with its updated bytes.
-struct Row {
-    key: Vec<u8>,
-    value: Vec<u8>,
-    updated: Vec<u8>,
-    type_key: Vec<u8>,
-    index_key: Vec<u8>,
-}
-
-fn join(parts: &[&str]) -> Vec<u8> {
-    parts.join("\0").into_bytes()
-}
-
-fn rows(n: usize) -> anyhow::Result<Vec<Row>> {
-    let schema = Schema::from_json5(w::SCHEMA).context("bench schema")?;
-    let model = schema.model(w::MODEL).context("model")?;
-    let now = devtables_db::system_now_ms();
-    (0..n)
-        .map(|i| {
-            let item = model.prepare_create(&w::input(i), now)?;
-            let key = model.primary_key(&item)?;
-            let updated = model.prepare_update(&item, &w::change(i), now + 1)?;
-            let field = |f: &str| item.get(f).and_then(|v| v.as_str()).unwrap_or_default();
-            Ok(Row {
-                key: join(&[&key.pk, &key.sk]),
-                value: devtables_db::fuzzing::encode_item(&item, &key),
-                updated: devtables_db::fuzzing::encode_item(&updated, &key),
-                type_key: join(&[w::MODEL, &key.pk, &key.sk]),
-                index_key: join(&[field("gs1pk"), field("gs1sk"), &key.pk, &key.sk]),
-            })
-        })
-        .collect()
-}
 
 /// The operations every design provides.
 trait Store {

@@ -84,7 +84,19 @@ pub(crate) fn store<H: CloudStoreUnderTest>(
     c: &Change,
     feed: bool,
 ) -> Outcome {
-    h.txn(now, true, |t| {
+    store_then(h, now, owner, c, feed, true)
+}
+
+/// [`store`], committed when `commit`, rolled back otherwise.
+fn store_then<H: CloudStoreUnderTest>(
+    h: &mut H,
+    now: u64,
+    owner: &Owner,
+    c: &Change,
+    feed: bool,
+    commit: bool,
+) -> Outcome {
+    h.txn(now, commit, |t| {
         t.write_row(&RowWrite {
             owner,
             model: &c.model,
@@ -693,18 +705,7 @@ fn a_rolled_back_broadcast_leaves_no_fan_out<H: CloudStoreUnderTest>(h: &mut H) 
     let before = heads(h, &devices)?;
     let acct = Owner::Account(ACCOUNT.into());
     let c = put(&s, "Cast", "", "fw", ver(10, 1), None);
-    h.txn(NOW, false, |t| {
-        t.write_row(&RowWrite {
-            owner: &acct,
-            model: &c.model,
-            key: &c.key,
-            item: c.item.as_ref(),
-            version: c.version,
-            base: c.base,
-        })?;
-        t.append_feed(&acct, &c.model, &c.key)
-    })
-    .or_fail("a rolled-back broadcast")?;
+    store_then(h, NOW, &acct, &c, true, false)?;
     ensure_eq!(
         h.fanout_step().or_fail("a fan-out step")?,
         None,

@@ -1,6 +1,6 @@
 //! How every store turns what it keeps as text back into the engine's values, and the few
 //! input rules of the HTTP API's reads that do not depend on the database: versions, items,
-//! feed generations, the owner columns, item-query field names, page tokens and key-prefix
+//! feed generations, the owner columns, the devices a fan-out reached, item-query field names, page tokens and key-prefix
 //! ranges; and where a snapshot page ends.
 //!
 //! It exists so the SQLite and PostgreSQL stores decode stored rows and check API input the
@@ -10,10 +10,26 @@
 use devtables_schema::Item;
 use devtables_sync::cloud::{FeedGeneration, SnapshotCursor, MAX_FEED_GENERATIONS};
 use devtables_sync::hlc::Hlc;
-use devtables_sync::identity::Owner;
+use devtables_sync::identity::{DeviceId, Owner};
 use devtables_sync::wire::{hlc_from_str, Change};
 
 use super::StoreError;
+
+/// The devices of `account` a fan-out reached (device column, new feed head) as the engine's
+/// ids; a stored device name that is not a valid id is [`StoreError::Corrupt`].
+pub(crate) fn account_devices(
+    account: &str,
+    reached: Vec<(String, u64)>,
+) -> Result<super::Advanced, StoreError> {
+    reached
+        .into_iter()
+        .map(|(device, head)| {
+            DeviceId::new(account, device.as_str())
+                .map(|id| (id, head))
+                .map_err(|e| StoreError::Corrupt(format!("device {account}/{device}: {e}")))
+        })
+        .collect()
+}
 
 /// The (account, device) columns of an owner's rows: device `''` for account-wide items.
 pub(crate) fn owner_cols(owner: &Owner) -> (&str, &str) {

@@ -486,6 +486,22 @@ async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop(
     cloud.shutdown().await;
 }
 
+/// Writes a `Firmware` item: a broadcast to every device of [`ACCOUNT`].
+async fn write_firmware(cloud: &Cloud) {
+    let mut firmware = devtables_schema::Item::new();
+    firmware.insert("version".into(), "2.0.0".into());
+    firmware.insert("url".into(), "https://example.com/fw".into());
+    cloud
+        .write_item(
+            Owner::Account(ACCOUNT.into()),
+            "Firmware",
+            firmware,
+            WriteKind::Create,
+        )
+        .await
+        .expect("the broadcast is written");
+}
+
 /// A broadcast to an account of more devices than one pacing tick releases: its wake-ups (a
 /// prompt to each device, none of them connected) go out through the paced queue, all of them,
 /// instead of at once.
@@ -501,18 +517,7 @@ async fn a_broadcast_to_a_large_account_wakes_its_devices_paced_and_all_of_them(
         cloud.register_device(&device(i)).await.expect("register");
     }
     let before = cloud.status().publishes_queued;
-    let mut firmware = devtables_schema::Item::new();
-    firmware.insert("version".into(), "2.0.0".into());
-    firmware.insert("url".into(), "https://example.com/fw".into());
-    cloud
-        .write_item(
-            Owner::Account(ACCOUNT.into()),
-            "Firmware",
-            firmware,
-            WriteKind::Create,
-        )
-        .await
-        .expect("the broadcast is written");
+    write_firmware(&cloud).await;
     eventually("every device prompted, paced", || {
         let s = cloud.status();
         let prompted = s.publishes_queued - before;
@@ -548,18 +553,7 @@ async fn a_broadcast_fans_out_in_bounded_steps_and_prompts_every_device() {
     for i in 0..DEVICES as usize {
         cloud.register_device(&device(i)).await.expect("register");
     }
-    let mut firmware = devtables_schema::Item::new();
-    firmware.insert("version".into(), "2.0.0".into());
-    firmware.insert("url".into(), "https://example.com/fw".into());
-    cloud
-        .write_item(
-            Owner::Account(ACCOUNT.into()),
-            "Firmware",
-            firmware,
-            WriteKind::Create,
-        )
-        .await
-        .expect("the broadcast is written");
+    write_firmware(&cloud).await;
     // 60 devices: 7 in the write, then 8 steps (7 × 7 + 4).
     let steps = (DEVICES - BATCH).div_ceil(BATCH);
     eventually("the fan-out settled and every device was prompted", || {

@@ -9,9 +9,8 @@
 //! pick the same job queue on that lock, and the second continues where the first left off.
 
 use devtables_schema::ItemKey;
-use devtables_sync::identity::DeviceId;
 
-use super::super::encoding::oldest_generations_dropped;
+use super::super::encoding::{account_devices, oldest_generations_dropped};
 use super::super::{Advanced, StoreError};
 use super::sql::{col, col_u64, int, Conn};
 use super::txn::lock_owner_cols;
@@ -172,21 +171,12 @@ pub(super) fn step(conn: &mut Conn, state: &State) -> Result<Option<Advanced>, S
             "UPDATE fanout SET after_device = $4 WHERE account = $1 AND pk = $2 AND sk = $3",
             &[&account, &key.pk, &key.sk, last],
         )?,
-        None => conn.execute(
-            "ending a broadcast fan-out",
-            "DELETE FROM fanout WHERE account = $1 AND pk = $2 AND sk = $3",
-            &[&account, &key.pk, &key.sk],
-        )?,
+        None => {
+            record(conn, &account, &model, &key, None, 0)?;
+            0
+        }
     };
-    reached
-        .into_iter()
-        .map(|(device, head)| {
-            DeviceId::new(account.as_str(), device.as_str())
-                .map(|id| (id, head))
-                .map_err(|e| StoreError::Corrupt(format!("device {account}/{device}: {e}")))
-        })
-        .collect::<Result<Advanced, StoreError>>()
-        .map(Some)
+    account_devices(&account, reached).map(Some)
 }
 
 /// Whether any fan-out is pending (read at connect: a job another process left).

@@ -17,9 +17,9 @@
 //! purges ([`end_purged`]).
 
 use devtables_schema::ItemKey;
-use devtables_sync::identity::DeviceId;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::super::encoding::account_devices;
 use super::super::{Advanced, StoreError};
 use super::feed;
 use super::sql::db;
@@ -190,15 +190,7 @@ pub(super) fn step(
             0
         }
     };
-    reached
-        .into_iter()
-        .map(|(device, head)| {
-            DeviceId::new(account.as_str(), device.as_str())
-                .map(|id| (id, head))
-                .map_err(|e| StoreError::Corrupt(format!("device {account}/{device}: {e}")))
-        })
-        .collect::<Result<Advanced, StoreError>>()
-        .map(Some)
+    account_devices(&account, reached).map(Some)
 }
 
 /// Whether any fan-out is pending (read at open: a job a stopped process left).
