@@ -153,7 +153,10 @@ async fn a_churning_fleet_accounts_for_every_write() {
             "the JSON has cloud.{field}"
         );
     }
-    let per_write = report.sim.cpu_ms_per_write.expect("the simulator reads its own CPU");
+    let per_write = report
+        .sim
+        .cpu_ms_per_write
+        .expect("the simulator reads its own CPU");
     assert!(per_write > 0.0, "{table}");
     assert!(json["config"].get("admin_key").is_none() && !json.to_string().contains("dt_"));
     cloud.shutdown().await;
