@@ -124,6 +124,10 @@ pub struct CloudFigures {
     pub pid: Option<u32>,
     /// CPU over the write phase, in percent of one core.
     pub cpu_pct_avg: Option<f64>,
+    /// CPU milliseconds per acknowledged up write, from the start of the writes to the end of
+    /// the drain (everything the cloud did meanwhile included): robust when other processes load
+    /// the machine, unlike rates.
+    pub cpu_ms_per_acked_push: Option<f64>,
     /// RSS once the devices were registered, before any connected.
     pub rss_start_mib: Option<f64>,
     /// RSS once every device connected (before the writes).
@@ -137,6 +141,9 @@ pub struct CloudFigures {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SimFigures {
     pub cpu_pct_avg: Option<f64>,
+    /// CPU milliseconds per up write, from the start of the writes to the end of the drain
+    /// (the agents' whole work for it: the write, the push, the answer).
+    pub cpu_ms_per_write: Option<f64>,
     pub rss_peak_mib: Option<f64>,
 }
 
@@ -327,8 +334,9 @@ impl FleetReport {
         row(
             "cloud",
             format!(
-                "cpu {} rss start {} connected {} peak {}, {} per device",
+                "cpu {} ({} per acked push) rss start {} connected {} peak {}, {} per device",
                 opt(self.cloud.cpu_pct_avg, "%"),
+                opt(self.cloud.cpu_ms_per_acked_push, " ms"),
                 opt(self.cloud.rss_start_mib, " MiB"),
                 opt(self.cloud.rss_connected_mib, " MiB"),
                 opt(self.cloud.rss_peak_mib, " MiB"),
@@ -364,8 +372,9 @@ impl FleetReport {
         row(
             "simulator",
             format!(
-                "cpu {} rss peak {}",
+                "cpu {} ({} per write) rss peak {}",
                 opt(self.sim.cpu_pct_avg, "%"),
+                opt(self.sim.cpu_ms_per_write, " ms"),
                 opt(self.sim.rss_peak_mib, " MiB")
             ),
         );

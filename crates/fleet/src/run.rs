@@ -308,6 +308,9 @@ struct Measured {
     cloud_write_end: Option<ProcSample>,
     sim_write_start: Option<ProcSample>,
     sim_write_end: Option<ProcSample>,
+    /// After the drain: the CPU per write counts what the writes cost until all were answered.
+    cloud_drain_end: Option<ProcSample>,
+    sim_drain_end: Option<ProcSample>,
     storm: Option<StormFigures>,
 }
 
@@ -469,6 +472,8 @@ async fn phases(
         owed = outstanding(shared);
     }
     let drain_s = drain_start.elapsed().as_secs_f64();
+    let cloud_drain_end = shared.cloud_sample();
+    let sim_drain_end = shared.proc_sample(None);
     if !owed.is_zero() {
         tracing::warn!(?owed, "the drain ended with writes unaccounted for");
     }
@@ -492,11 +497,22 @@ async fn phases(
             cloud_write_end,
             sim_write_start,
             sim_write_end,
+            cloud_drain_end,
+            sim_drain_end,
             storm,
         },
         owed,
         device_changes_applied,
     ))
+}
+
+/// CPU milliseconds per event between two readings of one process: what each of `events` cost,
+/// all its other work included. `None` without both readings, across a restart, or without
+/// events.
+fn cpu_ms_per(end: &Option<ProcSample>, start: &Option<ProcSample>, events: u64) -> Option<f64> {
+    let (end, start) = (end.as_ref()?, start.as_ref()?);
+    (end.pid == start.pid && events > 0)
+        .then(|| (end.cpu_s - start.cpu_s).max(0.0) * 1000.0 / events as f64)
 }
 
 /// At `at`, restarts the cloud and measures the reconnect storm: how long until every device
@@ -1066,12 +1082,15 @@ fn report(
     }
     let up_rejected = Counters::get(&c.up_rejected);
     let mib = |s: &Option<ProcSample>| s.as_ref().map(ProcSample::rss_mib);
+    let up_acked = Counters::get(&c.up_acked).saturating_sub(up_rejected);
+    let up_written = Counters::get(&c.up_written);
     let cloud = CloudFigures {
         pid: shared.cloud_pid(),
         cpu_pct_avg: match (&m.cloud_write_end, &m.cloud_write_start) {
             (Some(end), Some(start)) => end.cpu_pct_since(start),
             _ => None,
         },
+        cpu_ms_per_acked_push: cpu_ms_per(&m.cloud_drain_end, &m.cloud_write_start, up_acked),
         rss_start_mib: mib(&m.cloud_start),
         rss_connected_mib: mib(&m.cloud_connected),
         rss_peak_mib: shared
@@ -1089,6 +1108,7 @@ fn report(
             (Some(end), Some(start)) => end.cpu_pct_since(start),
             _ => None,
         },
+        cpu_ms_per_write: cpu_ms_per(&m.sim_drain_end, &m.sim_write_start, up_written),
         rss_peak_mib: Some(shared.sim_rss_peak.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)),
     };
     let resyncs = shared
@@ -1102,8 +1122,8 @@ fn report(
         rate_per_device: config.rate_per_device,
         duration_s: config.duration.as_secs_f64(),
         offered_up_per_s: config.offered_up_per_s(),
-        up_written: Counters::get(&c.up_written),
-        up_acked: Counters::get(&c.up_acked).saturating_sub(up_rejected),
+        up_written,
+        up_acked,
         up_per_s: m.up_acked_in_writes as f64 / write_s,
         down_written: Counters::get(&c.down_written),
         down_applied: Counters::get(&c.down_applied),

@@ -568,6 +568,15 @@ struct EnvelopeIn {
     msg: serde_json::Value,
 }
 
+/// [`EnvelopeIn`] with the message parsed in the same pass (see `decode`).
+#[derive(Deserialize)]
+struct TypedEnvelopeIn<M> {
+    v: u32,
+    #[serde(default)]
+    schema: String,
+    msg: M,
+}
+
 fn encode<M: Serialize>(
     schema: &str,
     msg: &M,
@@ -608,6 +617,23 @@ fn decode<M: serde::de::DeserializeOwned>(
         return Err(WireError::TooLarge {
             size: bytes.len(),
             max: cfg.max_message_bytes,
+        });
+    }
+    // One pass into the typed message: the usual case. Only a message that does not parse so
+    // is parsed again as a generic envelope, which says why in the order the checks are made
+    // (the version before the message), so every refusal is the one it always was.
+    if let Ok(typed) = serde_json::from_slice::<TypedEnvelopeIn<M>>(bytes) {
+        if typed.v != PROTOCOL_VERSION {
+            return Err(WireError::UnsupportedVersion { got: typed.v });
+        }
+        if !schema_version_ok(&typed.schema) {
+            return Err(WireError::BadSchemaVersion {
+                len: typed.schema.len(),
+            });
+        }
+        return Ok(Decoded {
+            schema: typed.schema,
+            msg: typed.msg,
         });
     }
     let env: EnvelopeIn = serde_json::from_slice(bytes).map_err(|e| WireError::Malformed {
@@ -682,21 +708,41 @@ pub fn decode_down(bytes: &[u8], cfg: &WireConfig) -> Result<Decoded<DownMsg>, W
     Ok(d)
 }
 
+/// Counts the bytes written to it: the encoded size of a value without the buffer.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length of `v`'s JSON, counted as it is written rather than in a buffer: every pushed
+/// change, acknowledged result and page entry is measured for the budgets, so the allocation
+/// would be paid per entry. `usize::MAX` if it cannot be encoded.
+fn encoded_len<T: Serialize + ?Sized>(v: &T) -> usize {
+    let mut n = ByteCount(0);
+    match serde_json::to_writer(&mut n, v) {
+        Ok(()) => n.0,
+        Err(_) => usize::MAX,
+    }
+}
+
 /// Encoded size of an item (its JSON), in bytes: what the cloud's per-item limit and storage
 /// quota count.
 pub fn item_len(item: &Item) -> usize {
-    serde_json::to_vec(item)
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX)
+    encoded_len(item)
 }
 
 /// Encoded size of one change inside a message's change list, in bytes. A list of `n` changes
 /// costs the sum of their sizes plus `n - 1` separators, which lets batches be cut to fit a limit
 /// exactly.
 pub fn change_len(change: &Change) -> usize {
-    serde_json::to_vec(change)
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX)
+    encoded_len(change)
 }
 
 /// Whether one more entry fits a message being filled; see [`MessageBudget::add`].
@@ -765,39 +811,31 @@ impl MessageBudget {
 
 /// Encoded size of a snapshot position.
 pub fn cursor_len(cursor: &SnapshotCursor) -> usize {
-    serde_json::to_vec(cursor)
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX)
+    encoded_len(cursor)
 }
 
 /// Encoded size of one result inside a [`DownMsg::PushAck`].
 pub fn result_len(result: &ChangeResult) -> usize {
-    serde_json::to_vec(result)
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX)
+    encoded_len(result)
 }
 
 /// Encoded size of `msg` as sent with an empty change list: add [`change_len`] per change and
 /// one byte per separator to get the full size.
 pub fn up_overhead(schema: &str, msg: &UpMsg) -> usize {
-    serde_json::to_vec(&EnvelopeOut {
+    encoded_len(&EnvelopeOut {
         v: PROTOCOL_VERSION,
         schema,
         msg,
     })
-    .map(|b| b.len())
-    .unwrap_or(usize::MAX)
 }
 
 /// Like [`up_overhead`] for cloud → device messages.
 pub fn down_overhead(schema: &str, msg: &DownMsg) -> usize {
-    serde_json::to_vec(&EnvelopeOut {
+    encoded_len(&EnvelopeOut {
         v: PROTOCOL_VERSION,
         schema,
         msg,
     })
-    .map(|b| b.len())
-    .unwrap_or(usize::MAX)
 }
 
 /// An [`Hlc`] as text: `wwwwwwwwwwww-cccccccc-nnnnnnnnnnnnnnnn` in fixed-width lowercase hex

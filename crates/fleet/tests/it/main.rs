@@ -143,6 +143,7 @@ async fn a_churning_fleet_accounts_for_every_write() {
     }
     for field in [
         "cpu_pct_avg",
+        "cpu_ms_per_acked_push",
         "rss_start_mib",
         "rss_peak_mib",
         "rss_per_device_kib",
@@ -152,6 +153,11 @@ async fn a_churning_fleet_accounts_for_every_write() {
             "the JSON has cloud.{field}"
         );
     }
+    let per_write = report
+        .sim
+        .cpu_ms_per_write
+        .expect("the simulator reads its own CPU");
+    assert!(per_write > 0.0, "{table}");
     assert!(json["config"].get("admin_key").is_none() && !json.to_string().contains("dt_"));
     cloud.shutdown().await;
 }
