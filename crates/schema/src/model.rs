@@ -6,6 +6,7 @@
 //! fields and TTL. Keeping all of it here means the database and the replication layer never
 //! interpret the schema themselves, so device and cloud agree on every item's form and key.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use serde_json::Value;
@@ -18,6 +19,25 @@ use crate::field::{
 use crate::settings::{Index, Params, Process};
 use crate::template::{render_value, Rendered};
 use crate::Item;
+
+/// Most key dependencies [`Model::primary_key`] renders on the stack; a model whose key depends
+/// on more fields takes the general path (an item of the key properties).
+const KEY_SLOTS: usize = 8;
+
+/// The rendering of a given (non-null) value of key dependency `field` after its cast, as the
+/// general path sees it: a templated field's string is kept as given, other values are cast.
+/// `None` when the value does not cast or has no rendering.
+fn rendered_given<'a>(field: &Field, value: &'a Value, ctx: &Ctx) -> Option<Cow<'a, str>> {
+    match (value, field.ty) {
+        // Identity casts: a templated field's string, a string field's string.
+        (Value::String(text), _) if field.has_template() => Some(Cow::Borrowed(text)),
+        (Value::String(text), FieldType::String) => Some(Cow::Borrowed(text)),
+        _ => {
+            let cast = field.cast(value, &field.name, ctx).ok()?;
+            render_value(&cast).map(Cow::Owned)
+        }
+    }
+}
 
 /// A full primary key: hash (`pk`) and sort (`sk`) values.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,6 +66,11 @@ pub struct Model {
     /// The part of `template_order` the primary key depends on (computing a key renders these
     /// alone).
     pub(crate) key_templates: Vec<usize>,
+    /// Indexes into `fields` of every field the primary key depends on (key attributes and,
+    /// transitively, their template variables): the values [`Model::primary_key`] resolves.
+    pub(crate) key_fields: Vec<usize>,
+    /// Whether the primary key depends on a maintained timestamp (`created`, `updated`).
+    pub(crate) key_uses_stamp: bool,
     /// Names of the hidden fields (see [`Model::is_hidden`]).
     pub(crate) hidden_names: Vec<String>,
     pub(crate) params: Params,
@@ -84,6 +109,8 @@ impl Model {
             fields,
             template_order,
             key_templates: Vec::new(),
+            key_fields: Vec::new(),
+            key_uses_stamp: false,
             hidden_names: Vec::new(),
             params,
             primary,
@@ -97,6 +124,13 @@ impl Model {
             .template_order
             .iter()
             .copied()
+            .filter(|&i| model.fields.get(i).is_some_and(|f| deps.contains(&f.name)))
+            .collect();
+        model.key_uses_stamp = [&model.stamps.created, &model.stamps.updated]
+            .into_iter()
+            .flatten()
+            .any(|stamp| deps.contains(&stamp.name));
+        model.key_fields = (0..model.fields.len())
             .filter(|&i| model.fields.get(i).is_some_and(|f| deps.contains(&f.name)))
             .collect();
         model.hidden_names = model
@@ -137,6 +171,13 @@ impl Model {
             .binary_search_by(|f| f.name.as_str().cmp(name))
             .ok()
             .and_then(|i| self.fields.get(i))
+    }
+
+    /// The position of field `name` in [`Model::fields`].
+    fn field_index(&self, name: &str) -> Option<usize> {
+        self.fields
+            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .ok()
     }
 
     /// The TTL field name, if the model has one.
@@ -316,6 +357,106 @@ impl Model {
             self.check_key_value(self.primary.sort.as_deref().unwrap_or_default(), &key.sk)?;
             return Ok(key);
         }
+        match self.rendered_key(props) {
+            Some(key) => {
+                self.check_key_value(&self.primary.hash, &key.pk)?;
+                if let Some(sort) = &self.primary.sort {
+                    self.check_key_value(sort, &key.sk)?;
+                }
+                Ok(key)
+            }
+            // Unresolved, a value that does not cast, or an unusual model: the general path
+            // gives the answer, and its exact error.
+            None => self.primary_key_general(props),
+        }
+    }
+
+    /// The key rendered straight from `props`, without building an item of the key
+    /// properties (a map with a copy of every name and value, then cast and rendered again:
+    /// about a third of a database get). `None` whenever the general path
+    /// ([`Model::primary_key_general`]) must answer: a property that does not cast, a key
+    /// attribute that does not resolve, a value with no rendering, more key dependencies than
+    /// [`KEY_SLOTS`]. When it answers, it answers exactly what the general path would (a unit
+    /// property test compares the two).
+    fn rendered_key(&self, props: &Item) -> Option<ItemKey> {
+        let deps = &self.key_fields;
+        if deps.len() > KEY_SLOTS {
+            return None;
+        }
+        let ctx = self.ctx();
+        // The rendered value of each key dependency (`deps[i]` in `slots[i]`), borrowed from
+        // `props` when given as a string.
+        let mut slots: [Option<Cow<'_, str>>; KEY_SLOTS] = Default::default();
+        for (key, value) in props {
+            if value.is_null() {
+                continue;
+            }
+            let Some(index) = self.field_index(key) else {
+                continue;
+            };
+            let field = self.fields.get(index)?;
+            match deps.iter().position(|&d| d == index) {
+                Some(slot) => *slots.get_mut(slot)? = Some(rendered_given(field, value, &ctx)?),
+                // The general path casts every known property, so one that does not cast is
+                // its error, even when the key does not depend on it.
+                None if field.has_template() && value.is_string() => {}
+                None => {
+                    field.cast(value, key, &ctx).ok()?;
+                }
+            }
+        }
+        // The key's templates in dependency order; a given value is kept (as the general
+        // path's `keep_given`).
+        for &index in &self.key_templates {
+            let slot = deps.iter().position(|&d| d == index)?;
+            if slots.get(slot)?.is_some() {
+                continue;
+            }
+            let field = self.fields.get(index)?;
+            let template = field.template()?;
+            let text = template.render_str(|var| {
+                if var == self.params.type_field {
+                    return Some(self.name.as_str());
+                }
+                let at = self.field_index(var)?;
+                let slot = deps.iter().position(|&d| d == at)?;
+                slots.get(slot)?.as_deref()
+            });
+            let Some(text) = text else {
+                // Partial: the field stays unset, as in the general path.
+                continue;
+            };
+            let value = match field.ty {
+                // A string field's cast of a string is the string itself.
+                FieldType::String => Cow::Owned(text),
+                _ => {
+                    let cast = field.cast(&Value::String(text), &field.name, &ctx).ok()?;
+                    Cow::Owned(render_value(&cast)?)
+                }
+            };
+            *slots.get_mut(slot)? = Some(value);
+        }
+        let mut part = |attr: &str| -> Option<String> {
+            let Some(index) = self.field_index(attr) else {
+                return Some(String::new());
+            };
+            let slot = deps.iter().position(|&d| d == index)?;
+            slots.get_mut(slot)?.take().map(Cow::into_owned)
+        };
+        let pk = part(&self.primary.hash)?;
+        let sk = match &self.primary.sort {
+            // A key whose sort attribute is its hash attribute too (taken above).
+            Some(sort) if *sort == self.primary.hash => pk.clone(),
+            Some(sort) => part(sort)?,
+            None => String::new(),
+        };
+        Some(ItemKey { pk, sk })
+    }
+
+    /// [`Model::primary_key`] through an item of the cast key properties with the key
+    /// templates applied: the reference behaviour, and the path for every case the rendered
+    /// path leaves (errors included).
+    fn primary_key_general(&self, props: &Item) -> Result<ItemKey, ValidationError> {
         let mut view = self.cast_props(props)?;
         // Only the templates the key attributes depend on: the others cannot change the key.
         self.apply_templates_of(&self.key_templates, &mut view, true)?;
@@ -525,11 +666,55 @@ impl Model {
         input: &Item,
         now_ms: i64,
     ) -> Result<Item, ValidationError> {
+        let mut item = self.update_input(existing, input)?;
+        // Generated ids, the type and the update time are set before the templates render, so
+        // they render once. The general path renders before and after setting them (its key
+        // check sees a changed generated id, and a key built from a timestamp); it still
+        // answers those two cases, which no ordinary update meets.
+        let generated_changed = self
+            .fields
+            .iter()
+            .filter(|f| f.generate.is_some())
+            .any(|f| {
+                existing
+                    .get(&f.name)
+                    .is_some_and(|v| item.get(&f.name) != Some(v))
+            });
+        if generated_changed || self.key_uses_stamp {
+            return self.finish_update_general(existing, input, item, now_ms);
+        }
+        item.insert(
+            self.params.type_field.clone(),
+            Value::String(self.name.clone()),
+        );
+        self.set_stamp(&mut item, self.stamps.updated.as_ref(), now_ms)?;
+        self.apply_templates(&mut item, false)?;
+        if !self.same_key(existing, &item) {
+            return Err(self.key_change(existing, input, &item));
+        }
+        self.validate(&item, &self.ctx(), Some(existing))?;
+        Ok(item)
+    }
+
+    /// [`Model::prepare_update`] as first written, for the comparison test.
+    #[cfg(test)]
+    fn prepare_update_general(
+        &self,
+        existing: &Item,
+        input: &Item,
+        now_ms: i64,
+    ) -> Result<Item, ValidationError> {
+        let item = self.update_input(existing, input)?;
+        self.finish_update_general(existing, input, item, now_ms)
+    }
+
+    /// `existing` with the fields of `input` cast, checked and applied (templated fields are
+    /// left to the templates).
+    fn update_input(&self, existing: &Item, input: &Item) -> Result<Item, ValidationError> {
         let ctx = self.ctx();
         if let Some(t) = existing.get(&self.params.type_field) {
             self.check_type_field(t)?;
         }
-        let old_key = self.key_of(existing).ok();
         let mut item = existing.clone();
         for (key, value) in input {
             let Some(field) = self.field(key) else {
@@ -580,17 +765,67 @@ impl Model {
                 None => item.remove(key),
             };
         }
+        Ok(item)
+    }
+
+    /// Whether `a` and `b` have the same primary key, when both keys resolve (an item whose key
+    /// does not resolve has no key to change). [`Model::key_of`] without its allocations.
+    fn same_key(&self, a: &Item, b: &Item) -> bool {
+        let sort = self.primary.sort.as_deref();
+        let key = |item| {
+            let pk = self.key_part_ref(item, &self.primary.hash)?;
+            let sk = match sort {
+                Some(sort) => self.key_part_ref(item, sort)?,
+                None => Cow::Borrowed(""),
+            };
+            Some((pk, sk))
+        };
+        match (key(a), key(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => true,
+        }
+    }
+
+    /// [`Model::key_part`] borrowed from `item` when it is a string; `None` when unresolved.
+    fn key_part_ref<'a>(&self, item: &'a Item, attr: &str) -> Option<Cow<'a, str>> {
+        if self.field(attr).is_none() {
+            return Some(Cow::Borrowed(""));
+        }
+        match item.get(attr)? {
+            Value::String(text) => Some(Cow::Borrowed(text)),
+            other => render_value(other).map(Cow::Owned),
+        }
+    }
+
+    /// The error of an update that changes the key: named after the first given key
+    /// dependency whose value changed.
+    fn key_change(&self, existing: &Item, input: &Item, item: &Item) -> ValidationError {
+        let deps = self.key_dependencies();
+        let culprit = input
+            .keys()
+            .find(|k| deps.contains(*k) && item.get(*k) != existing.get(*k))
+            .cloned()
+            .unwrap_or_else(|| self.primary.hash.clone());
+        self.err(culprit, Reason::KeyChange)
+    }
+
+    /// The rest of [`Model::prepare_update`] as first written (templates rendered before and
+    /// after restoring generated ids and setting the update time), for an `item` with `input`
+    /// applied.
+    fn finish_update_general(
+        &self,
+        existing: &Item,
+        input: &Item,
+        mut item: Item,
+        now_ms: i64,
+    ) -> Result<Item, ValidationError> {
+        let ctx = self.ctx();
+        let old_key = self.key_of(existing).ok();
         self.apply_templates(&mut item, false)?;
         if let Some(old) = &old_key {
             if let Ok(new) = self.key_of(&item) {
                 if &new != old {
-                    let deps = self.key_dependencies();
-                    let culprit = input
-                        .keys()
-                        .find(|k| deps.contains(*k) && item.get(*k) != existing.get(*k))
-                        .cloned()
-                        .unwrap_or_else(|| self.primary.hash.clone());
-                    return Err(self.err(culprit, Reason::KeyChange));
+                    return Err(self.key_change(existing, input, &item));
                 }
             }
         }
@@ -1071,6 +1306,155 @@ mod tests {
             |m| m.primary_key(&item(json!({"name": "n"}))),
             Ok(key("", "nohash#n")),
         );
+    }
+
+    /// A schema whose keys depend on non-string, templated, chained and type-field values,
+    /// for the comparison of the two key paths below.
+    const KEYS_SCHEMA: &str = r#"{
+      format: 'onetable:1.1.0', version: '1',
+      indexes: {primary: {hash: 'pk', sort: 'sk'}},
+      models: {
+        Num: {
+          pk: {type: 'string', value: '${_type}#${n}#${flag}'},
+          sk: {type: 'string', value: '${mid}#${when}'},
+          mid: {type: 'string', value: 'm${name}'},
+          n: {type: 'number'}, flag: {type: 'boolean'}, when: {type: 'date'},
+          name: {type: 'string'}, other: {type: 'number'}, obj: {type: 'object'},
+        },
+        Typed: {
+          pk: {type: 'number', value: '${n}'},
+          sk: {type: 'string', value: '${pk}-${name}'},
+          n: {type: 'number'}, name: {type: 'string'},
+        },
+        Same: {pk: {type: 'string', value: 'x${a}'}, sk: {type: 'string', value: 'y${a}'}, a: {type: 'string'}},
+      }
+    }"#;
+
+    /// Property values of every JSON kind, with strings that do and do not cast to numbers,
+    /// booleans and dates.
+    fn any_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        // Weighted to strings and numbers, so that most cases resolve a key.
+        prop_oneof![
+            1 => Just(Value::Null),
+            2 => any::<bool>().prop_map(Value::Bool),
+            3 => any::<i32>().prop_map(|n| json!(n)),
+            1 => (-1e6f64..1e6).prop_map(|f| json!(f)),
+            1 => Just(json!(3.0)),
+            8 => prop::sample::select(vec![
+                "", "a", "b", "7", "-2.5", "true", "false", "x\u{0}y", "2026-11-25T18:00:00.000Z",
+                "thing#o", "m", "P",
+            ])
+            .prop_map(|s| json!(s)),
+            1 => Just(json!({"k": 1})),
+            1 => Just(json!([1])),
+        ]
+    }
+
+    proptest::proptest! {
+        /// `primary_key` renders the key straight from the properties; the general path (an
+        /// item of the cast key properties, templates applied) is the reference: same key or
+        /// same error for any properties.
+        #[test]
+        fn rendered_key_matches_the_general_path(
+            values in proptest::collection::vec(any_value(), 12),
+            present in proptest::collection::vec(proptest::bool::weighted(0.8), 12),
+        ) {
+            let names = ["pk", "sk", "owner", "kind", "id", "n", "flag", "when", "name", "mid", "other", "a"];
+            let props: Item = names
+                .iter()
+                .zip(values.iter().zip(&present))
+                .filter(|(_, (_, p))| **p)
+                .map(|(n, (v, _))| (n.to_string(), v.clone()))
+                .collect();
+            for (text, models) in [
+                (SCHEMA.replace("PARAMS", ""), ["Thing", "Raw", "NoHash"].as_slice()),
+                (KEYS_SCHEMA.to_string(), ["Num", "Typed", "Same"].as_slice()),
+            ] {
+                let s = Schema::from_json5(&text).unwrap();
+                for name in models {
+                    let m = s.model(name).unwrap();
+                    // The reference: `primary_key` before the rendered path (direct keys
+                    // first, then the general path).
+                    let reference = match m.direct_key(&props) {
+                        Some(_) => continue,
+                        None => m.primary_key_general(&props),
+                    };
+                    proptest::prop_assert_eq!(
+                        m.primary_key(&props),
+                        reference,
+                        "model {} props {:?}", name, props
+                    );
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        // More cases than the default: most random inputs end in an error of both paths.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// `prepare_update` renders the templates once, after setting the generated ids, the
+        /// type and the update time; the update as first written (render, key check, set them,
+        /// render again) is the reference: same item or same error for any input.
+        #[test]
+        fn update_matches_the_general_path(
+            values in proptest::collection::vec(any_value(), 12),
+            present in proptest::collection::vec(proptest::bool::weighted(0.3), 12),
+            same_id in proptest::prelude::any::<bool>(),
+        ) {
+            let names = ["owner", "kind", "id", "n", "flag", "when", "code", "name", "v", "sk", "gs1pk", "updated"];
+            let input: Item = names
+                .iter()
+                .zip(values.iter().zip(&present))
+                .filter(|(_, (_, p))| **p)
+                .map(|(n, (v, _))| (n.to_string(), v.clone()))
+                .collect();
+            let s = schema(TS);
+            for (name, create) in [
+                ("Thing", json!({"owner": "o", "kind": "b", "n": 7, "code": "ABC", "when": NOW})),
+                ("Raw", json!({"pk": "a", "sk": "b", "v": 1})),
+                ("NoHash", json!({"name": "z"})),
+            ] {
+                let m = s.model(name).unwrap();
+                let existing = m.prepare_create(&item(create), NOW).unwrap();
+                // This model's fields (an unknown one is an early error of both paths).
+                let mut input: Item = input
+                    .iter()
+                    .filter(|(k, _)| m.field(k).is_some() || *k == "updated")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if same_id {
+                    if let Some(id) = existing.get("id") {
+                        input.insert("id".into(), id.clone());
+                    }
+                }
+                proptest::prop_assert_eq!(
+                    m.prepare_update(&existing, &input, LATER),
+                    m.prepare_update_general(&existing, &input, LATER),
+                    "model {} input {:?}", name, input
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rendered_key_covers_non_string_and_chained_keys() {
+        let s = Schema::from_json5(KEYS_SCHEMA).unwrap();
+        let m = s.model("Num").unwrap();
+        let props =
+            item(json!({"n": "7", "flag": true, "when": 1_795_629_600_000i64, "name": "z"}));
+        // Rendered by the fast path (not the general one), and equal to it.
+        let fast = m
+            .rendered_key(&props)
+            .expect("rendered without the general path");
+        assert_eq!(Ok(fast.clone()), m.primary_key_general(&props));
+        assert_eq!(fast.pk, "Num#7#true");
+        assert!(fast.sk.starts_with("mz#"), "{}", fast.sk);
+        let t = s.model("Typed").unwrap();
+        let key = t
+            .rendered_key(&item(json!({"n": 3.0, "name": "q"})))
+            .unwrap();
+        assert_eq!((key.pk.as_str(), key.sk.as_str()), ("3", "3-q"));
     }
 
     #[test]

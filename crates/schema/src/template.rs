@@ -152,6 +152,24 @@ impl Template {
     }
 }
 
+impl Template {
+    /// [`Template::render`] with borrowed variable values, when only a full rendering is of
+    /// use: `None` as soon as a variable has no value.
+    pub(crate) fn render_str<'v>(
+        &self,
+        mut lookup: impl FnMut(&str) -> Option<&'v str>,
+    ) -> Option<String> {
+        let mut out = String::with_capacity(self.source.len() + 16);
+        for part in &self.parts {
+            match part {
+                Part::Lit(text) => out.push_str(text),
+                Part::Var(name) => out.push_str(lookup(name)?),
+            }
+        }
+        Some(out)
+    }
+}
+
 /// Render a stored scalar for a template or key: strings as is, integral numbers without a
 /// fractional part, other numbers as serde_json prints them, booleans as `true`/`false`.
 /// Null, objects and arrays have no rendering.
