@@ -94,6 +94,10 @@ enum Trigger {
     Found,
 }
 
+/// Longest wait for the SUBACK of the device's subscription before asking again (at least; the
+/// subscription backoff's wait when longer).
+const SUBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct Driver {
     pub(crate) id: DeviceId,
     pub(crate) db: Db,
@@ -327,7 +331,7 @@ impl Driver {
 
     /// Subscribes to the device's own down topic and its account's broadcast topic in one
     /// SUBSCRIBE (one SUBACK says whether both hold). Returns when to try again if the request
-    /// could not even be queued.
+    /// could not even be queued, or when no SUBACK arrives by then.
     fn subscribe(&mut self) -> Option<tokio::time::Instant> {
         let filters = [
             topics::down_topic(&self.prefix, &self.id),
@@ -335,7 +339,12 @@ impl Driver {
         ]
         .map(|topic| SubscribeFilter::new(topic, QoS::AtLeastOnce));
         match self.client.try_subscribe_many(filters) {
-            Ok(()) => None,
+            // Asked again if no SUBACK came by then: a broker busy electing leaders (NATS's
+            // MQTT gateway after a node's loss) may hold the request unanswered, and the device
+            // would stay connected and deaf. A SUBACK of an earlier attempt changes nothing.
+            Ok(()) => Some(
+                tokio::time::Instant::now() + self.subscribe_backoff.next_wait().max(SUBACK_WAIT),
+            ),
             Err(e) => {
                 let wait = self.subscribe_backoff.next_wait();
                 tracing::error!(device = %self.id, "cannot subscribe: {e}; trying again in {wait:?}");
