@@ -126,11 +126,7 @@ pub(super) fn record(
                 after_device = excluded.after_device, queued_ms = excluded.queued_ms",
             &[&account, &key.pk, &key.sk, &model, &after, &int(now_ms)],
         )?,
-        None => conn.execute(
-            "ending a broadcast fan-out",
-            "DELETE FROM fanout WHERE account = $1 AND pk = $2 AND sk = $3",
-            &[&account, &key.pk, &key.sk],
-        )?,
+        None => drop_job(conn, account, key)?,
     };
     Ok(())
 }
@@ -171,12 +167,18 @@ pub(super) fn step(conn: &mut Conn, state: &State) -> Result<Option<Advanced>, S
             "UPDATE fanout SET after_device = $4 WHERE account = $1 AND pk = $2 AND sk = $3",
             &[&account, &key.pk, &key.sk, last],
         )?,
-        None => {
-            record(conn, &account, &model, &key, None, 0)?;
-            0
-        }
+        None => drop_job(conn, &account, &key)?,
     };
     account_devices(&account, reached).map(Some)
+}
+
+/// Ends the fan-out of `key`, if one is pending (it reached the last device).
+fn drop_job(conn: &mut Conn, account: &str, key: &ItemKey) -> Result<u64, StoreError> {
+    conn.execute(
+        "ending a broadcast fan-out",
+        "DELETE FROM fanout WHERE account = $1 AND pk = $2 AND sk = $3",
+        &[&account, &key.pk, &key.sk],
+    )
 }
 
 /// Whether any fan-out is pending (read at connect: a job another process left).
