@@ -1,9 +1,9 @@
-//! The stored form of an item: a compact binary encoding of its JSON object (format 2).
+//! The stored form of an item: a compact binary encoding of its JSON object (since format 2).
 //!
 //! Items stay JSON documents at the API, in export/import and on the wire; only the bytes in the
-//! `items` table use this encoding, which decodes without parsing text (no escapes, no number
-//! parsing) and lets reads look at single fields (type, TTL, filter fields) without decoding the
-//! whole item. The file's format number is kept in the `meta` table (see `lib.rs`): files written
+//! items tables use this encoding, which decodes without parsing text (no escapes, no number
+//! parsing) and lets reads look at single fields (TTL, filter fields) without decoding the
+//! whole item. The file's format number is kept in the `meta` table (see `convert`): files written
 //! with JSON values (format 1) are converted when opened, unknown formats are refused.
 //!
 //! Encoding (`varint` = unsigned LEB128):
@@ -13,7 +13,7 @@
 //!   varint of `!(n as u64)` (n < 0); `FLOAT`: 8 bytes little-endian IEEE 754; `STRING`:
 //!   `varint len`, UTF-8 bytes; `ARRAY`: `varint count`, values; `OBJECT`: like an item;
 //!   `KEY_PK`, `KEY_SK`: nothing: the string is the pk (sk) part of the item's own key in the
-//!   `items` table (used for the top-level primary-key attributes, which would repeat the key);
+//!   items table (used for the top-level primary-key attributes, which would repeat the key);
 //!   `DATE`: zigzag varint of epoch milliseconds, for a string that is exactly the canonical
 //!   ISO-8601 spelling of that instant (`YYYY-MM-DDTHH:MM:SS.mmmZ`, the stored form of dates):
 //!   decoding spells it again, byte for byte (checked when encoding).
@@ -25,11 +25,6 @@ use devtables_schema::{format_iso_ms as format_date, Item, ItemKey};
 use serde_json::{Map, Number, Value};
 
 use crate::DbError;
-
-/// The stored-item format this version writes and reads.
-pub(crate) const FORMAT: u32 = 2;
-/// Files written before the format was recorded stored items as JSON text.
-pub(crate) const FORMAT_JSON: u32 = 1;
 
 pub(crate) const NULL: u8 = 0;
 pub(crate) const FALSE: u8 = 1;

@@ -25,32 +25,12 @@ pub(crate) fn decode_item_key(raw: &[u8]) -> Option<ItemKey> {
     Some(ItemKey { pk, sk })
 }
 
-/// Model index key: `model \0 pk \0 sk`. Lets a find without a key, an export and a resync walk
-/// one model without reading every item of the table.
-pub(crate) fn type_key(model: &str, key: &ItemKey) -> Vec<u8> {
-    join(&[model, &key.pk, &key.sk])
-}
-
 /// Secondary index key: `hash \0 sort \0 pk \0 sk`: unique per item, ordered by (hash, sort).
 pub(crate) fn index_key(hash: &str, sort: &str, key: &ItemKey) -> Vec<u8> {
     join(&[hash, sort, &key.pk, &key.sk])
 }
 
-/// The primary key that a secondary-index or model-index key ends with.
-pub(crate) fn trailing_item_key(raw: &[u8]) -> Option<ItemKey> {
-    let parts: Vec<String> = split(raw).collect();
-    if parts.len() < 2 {
-        return None;
-    }
-    let n = parts.len();
-    Some(ItemKey {
-        pk: parts[n - 2].clone(),
-        sk: parts[n - 1].clone(),
-    })
-}
-
-/// The encoded item key (`pk \0 sk`) that a secondary-index or model-index key ends with, as a
-/// slice of it.
+/// The encoded item key (`pk \0 sk`) that a secondary-index key ends with, as a slice of it.
 pub(crate) fn trailing_item_key_raw(raw: &[u8]) -> Option<&[u8]> {
     let last = raw.iter().rposition(|b| *b == SEP)?;
     let start = raw[..last]
@@ -141,7 +121,6 @@ mod tests {
     #[test]
     fn trailing_key_of_index_entries() {
         let raw = index_key("h", "s", &k("p", "q"));
-        assert_eq!(trailing_item_key(&raw), Some(k("p", "q")));
         assert_eq!(
             trailing_item_key_raw(&raw),
             Some(item_key(&k("p", "q")).as_slice())

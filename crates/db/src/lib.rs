@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`tables`]: the redb tables and what each holds.
 //! - `keys`: byte encodings of table keys (order-preserving, prefix-friendly).
+//! - `convert`: the file's format number; older files converted at open, newer ones refused.
 //! - `txn`: write transactions ([`WriteTxn`]), side tables and the [`WriteInterceptor`] seam.
 //! - `read`: point gets and `find` queries ([`ReadTxn`], [`FindOptions`], [`Page`]).
 //! - `commit`: durability modes and group commit.
@@ -51,6 +52,7 @@ mod background;
 mod codec;
 mod codec_de;
 mod commit;
+mod convert;
 mod damage;
 mod error;
 mod hooks;
@@ -64,14 +66,15 @@ pub mod tables;
 mod txn;
 mod unique;
 
+use std::cell::OnceCell;
 use std::fs::{File, OpenOptions};
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use devtables_schema::{Item, Schema, SchemaChanges};
+use devtables_schema::{Item, ItemKey, Model, Schema, SchemaChanges};
 use redb::{ReadableTable, ReadableTableMetadata};
 
 pub use background::Background;
@@ -233,6 +236,14 @@ pub(crate) struct Inner {
     waiting: AtomicUsize,
     /// Table names of the secondary indexes, in `Schema::secondary_indexes` order.
     index_tables: Vec<String>,
+    /// The schema's model names, sorted (`Schema::models` order): a model's position here is
+    /// its slot in the per-model tables a transaction opens.
+    model_names: Vec<String>,
+    /// Names of the items tables (`items:<model>`), by model slot.
+    item_tables: Vec<String>,
+    /// Stored keys may not fit their model's key templates (`tables::STRAY_KEYS_KEY`): a lookup
+    /// by key alone asks every model's table.
+    stray_keys: AtomicBool,
     /// Whether the schema has `unique` fields: only then do writes open the `unique` table.
     pub(crate) has_unique: bool,
     /// What the open found about the schema the file was written with (set once, at open).
@@ -268,6 +279,31 @@ impl Inner {
             tx.commit()?;
             Ok(())
         })
+    }
+
+    /// The slot of the model named `name` (see `model_names`).
+    pub(crate) fn slot(&self, name: &str) -> Result<usize, DbError> {
+        self.model_names
+            .binary_search_by(|m| m.as_str().cmp(name))
+            .map_err(|_| DbError::UnknownModel(name.to_string()))
+    }
+
+    /// The models (with their slots) whose table may hold the item at `key`: those whose key
+    /// templates could produce it, or every model once the file may hold stray keys. A key
+    /// holds one item across all models, so a lookup by key alone asks these tables in turn,
+    /// and a write asks them before it takes a key.
+    pub(crate) fn holders<'a, 'k>(
+        &'a self,
+        key: &'k ItemKey,
+    ) -> impl Iterator<Item = (usize, &'a Model)> + 'k
+    where
+        'a: 'k,
+    {
+        let every = self.stray_keys.load(Ordering::Relaxed);
+        self.schema
+            .models()
+            .enumerate()
+            .filter(move |(_, m)| every || m.key_fits(key))
     }
 
     fn visible(&self) -> u64 {
@@ -351,7 +387,9 @@ impl Db {
     /// shutdown), so what redb writes here stays in memory (`storage`). Writes are refused with
     /// [`DbError::ReadOnly`]; there is no background thread (no flush, no TTL purge: expired
     /// items are still hidden). A shared lock keeps writers out while it is open, and it cannot
-    /// open a file a writer holds.
+    /// open a file a writer holds. A file of an older format is converted in memory (`convert`):
+    /// it reads as usual, at the cost of about its items' size in RAM; the file keeps its format
+    /// until a writable open converts it.
     pub fn open_read_only(
         path: impl AsRef<Path>,
         schema: Arc<Schema>,
@@ -441,6 +479,11 @@ impl Db {
             .map(|i| tables::index_table_name(&i.name))
             .collect();
         let has_unique = unique::schema_has_unique(&schema);
+        let model_names: Vec<String> = schema.models().map(|m| m.name().to_string()).collect();
+        let item_tables = model_names
+            .iter()
+            .map(|m| tables::items_table_name(m))
+            .collect();
         let inner = Arc::new(Inner {
             db: ManuallyDrop::new(db),
             schema,
@@ -451,6 +494,9 @@ impl Db {
             write_lock: Mutex::new(()),
             waiting: AtomicUsize::new(0),
             index_tables,
+            model_names,
+            item_tables,
+            stray_keys: AtomicBool::new(false),
             has_unique,
             schema_state: OnceLock::new(),
             worker: Mutex::new(None),
@@ -460,9 +506,11 @@ impl Db {
             damaged: OnceLock::new(),
             read_only,
         });
-        check_format(&inner)?;
+        let converted = convert::check_format(&inner)?;
         let (schema_state, record) = schema_record::check(&inner)?;
-        prepare_tables(&inner, record.as_ref())?;
+        // Keys made by templates the schema no longer has may not fit the new ones.
+        let stray = converted.stray_keys || schema_state.forced;
+        prepare_tables(&inner, record.as_ref(), stray)?;
         schema_record::log(&path, &schema_state, read_only);
         // Set once, here, before the handle exists: it cannot be set already.
         let _ = inner.schema_state.set(schema_state);
@@ -557,8 +605,7 @@ impl Db {
                 let mut wtx = WriteTxn {
                     inner,
                     tx: &tx,
-                    items: tx.open_table(tables::ITEMS)?,
-                    types: tx.open_table(tables::TYPES)?,
+                    items: inner.item_tables.iter().map(|_| OnceCell::new()).collect(),
                     ttl: tx.open_table(tables::TTL)?,
                     indexes,
                     unique,
@@ -594,15 +641,16 @@ impl Db {
 
     /// A read snapshot for several reads.
     pub fn read(&self) -> Result<ReadTxn, DbError> {
-        let (tx, items) = self.inner.engine(|| {
-            let tx = self.inner.db.begin_read()?;
-            let items = tx.open_table(tables::ITEMS)?;
-            Ok((tx, items))
-        })?;
+        let tx = self.inner.engine(|| Ok(self.inner.db.begin_read()?))?;
         Ok(ReadTxn {
+            items: self
+                .inner
+                .item_tables
+                .iter()
+                .map(|_| OnceLock::new())
+                .collect(),
             inner: self.inner.clone(),
             tx,
-            items,
             now_ms: (self.inner.options.clock)(),
         })
     }
@@ -794,88 +842,6 @@ impl Db {
     }
 }
 
-/// Checks the stored-item format recorded in `meta` (see `codec`): a new file gets the current
-/// one, a file from before formats were recorded (items as JSON text, format 1) is converted in
-/// one transaction, an unknown format is refused.
-fn check_format(inner: &Inner) -> Result<(), OpenError> {
-    let tables_err = |e: DbError| tables_error(&inner.path, e);
-    let current = codec::FORMAT.to_string();
-    let found = {
-        let tx = inner.db.begin_read().map_err(|e| tables_err(e.into()))?;
-        match tx.open_table(tables::META) {
-            Ok(meta) => meta
-                .get(tables::FORMAT_KEY)
-                .map_err(|e| tables_err(e.into()))?
-                .map(|v| v.value().to_string()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(tables_err(e.into())),
-        }
-    };
-    match found {
-        Some(f) if f == current => Ok(()),
-        Some(f) => Err(OpenError::UnsupportedFormat {
-            path: inner.path.clone(),
-            found: f,
-            supported: codec::FORMAT,
-        }),
-        None => convert_from_json(inner).map_err(tables_err),
-    }
-}
-
-/// Records the current format; converts the items of a format-1 file (JSON text) first.
-fn convert_from_json(inner: &Inner) -> Result<(), DbError> {
-    const CHUNK: usize = 1_000;
-    let mut tx = inner.db.begin_write()?;
-    tx.set_durability(redb::Durability::Immediate);
-    let mut converted = 0u64;
-    let primary = inner.schema.primary_index();
-    let (hash, sort) = (primary.hash.as_str(), primary.sort.as_deref());
-    {
-        let mut items = tx.open_table(tables::ITEMS)?;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let mut chunk = Vec::with_capacity(CHUNK);
-            {
-                let range = match &after {
-                    Some(a) => items.range::<&[u8]>((
-                        std::ops::Bound::Excluded(a.as_slice()),
-                        std::ops::Bound::Unbounded,
-                    ))?,
-                    None => items.range::<&[u8]>(..)?,
-                };
-                for entry in range.take(CHUNK) {
-                    let (k, v) = entry?;
-                    chunk.push((
-                        k.value().to_vec(),
-                        codec::from_json(v.value(), k.value(), hash, sort)?,
-                    ));
-                }
-            }
-            let Some((last, _)) = chunk.last() else {
-                break;
-            };
-            after = Some(last.clone());
-            for (k, v) in &chunk {
-                items.insert(k.as_slice(), v.as_slice())?;
-            }
-            converted += chunk.len() as u64;
-        }
-        let mut meta = tx.open_table(tables::META)?;
-        meta.insert(tables::FORMAT_KEY, codec::FORMAT.to_string().as_str())?;
-    }
-    tx.commit()?;
-    if converted > 0 {
-        tracing::info!(
-            path = %inner.path.display(),
-            items = converted,
-            "converted stored items from format {} (JSON) to format {}",
-            codec::FORMAT_JSON,
-            codec::FORMAT
-        );
-    }
-    Ok(())
-}
-
 /// Why the tables of a freshly opened file could not be read or prepared.
 pub(crate) fn tables_error(path: &Path, e: DbError) -> OpenError {
     match damage::classify(path, e) {
@@ -930,22 +896,28 @@ fn refuse_empty(path: &Path, file: &File) -> Result<(), OpenError> {
 /// secondary indexes whose definition changed, records the schema (`record`) and brings the
 /// `unique` table in line with the schema's unique fields (not for read-only opens, which
 /// write nothing: redb's writes there stay in memory).
-fn prepare_tables(inner: &Inner, record: Option<&schema_record::Record>) -> Result<(), OpenError> {
+fn prepare_tables(
+    inner: &Inner,
+    record: Option<&schema_record::Record>,
+    stray: bool,
+) -> Result<(), OpenError> {
     let fail = |e: unique::PrepareError| match e {
         unique::PrepareError::Db(e) => tables_error(&inner.path, e),
         unique::PrepareError::Open(e) => *e,
     };
-    prepare_tables_in(inner, record).map_err(fail)
+    prepare_tables_in(inner, record, stray).map_err(fail)
 }
 
 fn prepare_tables_in(
     inner: &Inner,
     record: Option<&schema_record::Record>,
+    stray: bool,
 ) -> Result<(), unique::PrepareError> {
     let mut tx = inner.db.begin_write().map_err(DbError::from)?;
     tx.set_durability(redb::Durability::Immediate);
-    tx.open_table(tables::ITEMS)?;
-    tx.open_table(tables::TYPES)?;
+    for name in &inner.item_tables {
+        tx.open_table(tables::items_def(name))?;
+    }
     tx.open_table(tables::TTL)?;
     let mut stale = Vec::new();
     {
@@ -953,6 +925,13 @@ fn prepare_tables_in(
         if let Some(record) = record {
             record.write(&mut meta)?;
         }
+        if stray {
+            meta.insert(tables::STRAY_KEYS_KEY, "1")?;
+        }
+        let recorded_stray = meta.get(tables::STRAY_KEYS_KEY)?.is_some();
+        inner
+            .stray_keys
+            .store(stray || recorded_stray, Ordering::Relaxed);
         for (index, name) in inner
             .schema
             .secondary_indexes()
@@ -971,18 +950,17 @@ fn prepare_tables_in(
     for (index, name) in stale {
         tx.delete_table(tables::index_def(&name))?;
         let mut table = tx.open_table(tables::index_def(&name))?;
-        let items = tx.open_table(tables::ITEMS)?;
-        for entry in items.iter()? {
-            let (k, v) = entry?;
-            let item = read::decode_item(v.value(), k.value())?;
-            let Some(model) = inner.schema.model_of(&item) else {
-                continue;
-            };
-            let Some(key) = keys::decode_item_key(k.value()) else {
-                continue;
-            };
-            if let Some((hash, sort)) = model.index_key(&item, &index) {
-                table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
+        for (model, items_name) in inner.schema.models().zip(&inner.item_tables) {
+            let items = tx.open_table(tables::items_def(items_name))?;
+            for entry in items.iter()? {
+                let (k, v) = entry?;
+                let item = read::decode_item(v.value(), k.value())?;
+                let Some(key) = keys::decode_item_key(k.value()) else {
+                    continue;
+                };
+                if let Some((hash, sort)) = model.index_key(&item, &index) {
+                    table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
+                }
             }
         }
         tracing::info!(index = %index.name, "built secondary index");

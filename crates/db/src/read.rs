@@ -6,9 +6,9 @@
 //! items are added or removed elsewhere in the range.
 
 use std::ops::Bound;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use devtables_schema::{Index, Item, ItemKey, Model, Schema, SortCondition};
+use devtables_schema::{Index, Item, ItemKey, Model, SortCondition};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use serde::de::DeserializeOwned;
 
@@ -90,16 +90,6 @@ pub(crate) fn decode_item(raw: &[u8], raw_key: &[u8]) -> Result<Item, DbError> {
     codec::decode(raw, raw_key)
 }
 
-pub(crate) fn model_of_stored<'s>(schema: &'s Schema, item: &Item) -> Result<&'s Model, DbError> {
-    schema.model_of(item).ok_or_else(|| {
-        let field = &schema.params().type_field;
-        DbError::Corrupt(format!(
-            "stored item has no known model in field {field}: {:?} (was the model removed from the schema?)",
-            item.get(field)
-        ))
-    })
-}
-
 pub(crate) fn expired(model: &Model, item: &Item, now_ms: i64) -> bool {
     matches!(model.expires_at_ms(item), Some(at) if at <= now_ms)
 }
@@ -126,7 +116,9 @@ impl Default for Probe<'_> {
 pub struct ReadTxn {
     pub(crate) inner: Arc<Inner>,
     pub(crate) tx: ReadTransaction,
-    pub(crate) items: ReadOnlyTable<Bytes, Bytes>,
+    /// The items tables, by model slot (`Inner::slot`), opened when first read (`None`: the
+    /// file has no such table, so no item of that model).
+    pub(crate) items: Vec<OnceLock<Option<ReadOnlyTable<Bytes, Bytes>>>>,
     pub(crate) now_ms: i64,
 }
 
@@ -138,8 +130,33 @@ impl ReadTxn {
             .ok_or_else(|| DbError::UnknownModel(name.to_string()))
     }
 
-    /// The live stored item at item key `raw` if it is of `model` and passes `probe` (checked on
-    /// the fields `probe` names before the item is decoded), turned into the result by `decode`.
+    /// The items table of the model in `slot`, opened on first use.
+    fn items_of(&self, slot: usize) -> Result<Option<&ReadOnlyTable<Bytes, Bytes>>, DbError> {
+        let cell = &self.items[slot];
+        if let Some(table) = cell.get() {
+            return Ok(table.as_ref());
+        }
+        let table = match self
+            .tx
+            .open_table(tables::items_def(&self.inner.item_tables[slot]))
+        {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(cell.get_or_init(|| table).as_ref())
+    }
+
+    /// The items table of `model`.
+    fn items_of_model(
+        &self,
+        model: &Model,
+    ) -> Result<Option<&ReadOnlyTable<Bytes, Bytes>>, DbError> {
+        self.items_of(self.inner.slot(model.name())?)
+    }
+
+    /// The live stored item of `model` at item key `raw` if it passes `probe` (checked on the
+    /// fields `probe` names before the item is decoded), turned into the result by `decode`.
     fn load_raw<O>(
         &self,
         model: &Model,
@@ -147,14 +164,24 @@ impl ReadTxn {
         probe: &Probe<'_>,
         decode: &Decode<'_, O>,
     ) -> Result<Option<O>, DbError> {
-        let Some(value) = self.items.get(raw)? else {
+        let Some(table) = self.items_of_model(model)? else {
             return Ok(None);
         };
-        let bytes = value.value();
-        let type_field = &self.inner.schema.params().type_field;
-        if !codec::field_is_str(bytes, raw, type_field, model.name())? {
+        let Some(value) = table.get(raw)? else {
             return Ok(None);
-        }
+        };
+        self.load_found(model, raw, value.value(), probe, decode)
+    }
+
+    /// [`ReadTxn::load_raw`] of an item already read (`bytes`, from `model`'s table).
+    fn load_found<O>(
+        &self,
+        model: &Model,
+        raw: &[u8],
+        bytes: &[u8],
+        probe: &Probe<'_>,
+        decode: &Decode<'_, O>,
+    ) -> Result<Option<O>, DbError> {
         if model.ttl_field().is_some() || probe.active {
             let ttl = model.ttl_field();
             let fields =
@@ -198,15 +225,21 @@ impl ReadTxn {
     pub fn get_stored(&self, key: &ItemKey) -> Result<Option<(String, Item)>, DbError> {
         self.inner.engine(|| {
             let raw = keys::item_key(key);
-            let Some(value) = self.items.get(raw.as_slice())? else {
-                return Ok(None);
-            };
-            let item = codec::decode(value.value(), &raw)?;
-            let model = model_of_stored(&self.inner.schema, &item)?;
-            if expired(model, &item, self.now_ms) {
-                return Ok(None);
+            // A key holds one item across all models: the first table that has it answers.
+            for (slot, model) in self.inner.holders(key) {
+                let Some(table) = self.items_of(slot)? else {
+                    continue;
+                };
+                let Some(value) = table.get(raw.as_slice())? else {
+                    continue;
+                };
+                let item = codec::decode(value.value(), &raw)?;
+                if expired(model, &item, self.now_ms) {
+                    return Ok(None);
+                }
+                return Ok(Some((model.name().to_string(), item)));
             }
-            Ok(Some((model.name().to_string(), item)))
+            Ok(None)
         })
     }
 
@@ -281,10 +314,9 @@ impl ReadTxn {
                 Some(hash) if is_primary => (Walk::Items, sort_bounds(hash, &query.sort)),
                 Some(hash) => (Walk::Index, sort_bounds(hash, &query.sort)),
                 None => {
+                    // A model scan: the model's table, whole.
                     sort_filter = Some((index, &query.sort));
-                    let p = keys::prefix(&[model.name()]);
-                    let end = keys::prefix_end(&p);
-                    (Walk::Types, (Bound::Included(p), Bound::Excluded(end)))
+                    (Walk::Items, (Bound::Unbounded, Bound::Unbounded))
                 }
             };
             let bounds = continue_after(bounds, after, options.reverse);
@@ -308,10 +340,13 @@ impl ReadTxn {
                     query.filters.iter().all(|f| f.matches(item))
                 }),
             };
-            let mut visit = |raw: &[u8]| -> Result<bool, DbError> {
-                let item = match table {
-                    Walk::Items => self.load_raw(model, raw, &probe, decode)?,
-                    Walk::Index | Walk::Types => match keys::trailing_item_key_raw(raw) {
+            // `stored` is the item when the walk is over the model's own table; an index entry
+            // names the item's key, looked up in the model's table (an item of another model
+            // is not there).
+            let mut visit = |raw: &[u8], stored: Option<&[u8]>| -> Result<bool, DbError> {
+                let item = match stored {
+                    Some(bytes) => self.load_found(model, raw, bytes, &probe, decode)?,
+                    None => match keys::trailing_item_key_raw(raw) {
                         Some(key) => self.load_raw(model, key, &probe, decode)?,
                         None => return Err(DbError::Corrupt("malformed index entry".into())),
                     },
@@ -327,15 +362,15 @@ impl ReadTxn {
                 Ok(true)
             };
             match table {
-                Walk::Items => walk(&self.items, bounds, options.reverse, &mut visit)?,
-                Walk::Types => {
-                    let t = self.tx.open_table(tables::TYPES)?;
-                    walk(&t, bounds, options.reverse, &mut visit)?
+                Walk::Items => {
+                    if let Some(t) = self.items_of_model(model)? {
+                        walk(t, bounds, options.reverse, |k, v: &[u8]| visit(k, Some(v)))?
+                    }
                 }
                 Walk::Index => {
                     let name = tables::index_table_name(&index.name);
                     let t = self.tx.open_table(tables::index_def(&name))?;
-                    walk(&t, bounds, options.reverse, &mut visit)?
+                    walk(&t, bounds, options.reverse, |k, _: ()| visit(k, None))?
                 }
             }
             Ok((items, next))
@@ -356,35 +391,42 @@ impl ReadTxn {
 
 #[derive(Clone, Copy)]
 enum Walk {
+    /// The model's items table: its key range, or the whole table for a model scan.
     Items,
+    /// A secondary index's table.
     Index,
-    Types,
 }
 
 type Bounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
+/// Walks the entries of `table` in `bounds`, in either direction, until `visit` says stop.
 fn walk<V: redb::Value + 'static>(
     table: &impl ReadableTable<Bytes, V>,
     bounds: Bounds,
     reverse: bool,
-    visit: &mut impl FnMut(&[u8]) -> Result<bool, DbError>,
+    mut visit: impl FnMut(&[u8], V::SelfType<'_>) -> Result<bool, DbError>,
 ) -> Result<(), DbError> {
     if empty_range(&bounds) {
         return Ok(());
     }
     let range = (as_slice(&bounds.0), as_slice(&bounds.1));
     let iter = table.range::<&[u8]>(range)?;
+    let mut step = |entry: Result<
+        (redb::AccessGuard<'_, Bytes>, redb::AccessGuard<'_, V>),
+        redb::StorageError,
+    >| {
+        let (k, v) = entry?;
+        visit(k.value(), v.value())
+    };
     if reverse {
         for entry in iter.rev() {
-            let (k, _) = entry?;
-            if !visit(k.value())? {
+            if !step(entry)? {
                 break;
             }
         }
     } else {
         for entry in iter {
-            let (k, _) = entry?;
-            if !visit(k.value())? {
+            if !step(entry)? {
                 break;
             }
         }

@@ -2,6 +2,7 @@
 //! layers above record about it (through [`SideTables`] and the [`WriteInterceptor`]) commits
 //! together or not at all.
 
+use std::cell::OnceCell;
 use std::ops::Bound;
 
 use devtables_schema::{Item, ItemKey, Model, SyncDirection};
@@ -77,8 +78,9 @@ impl<'t> SideTables<'t> {
 pub struct WriteTxn<'t> {
     pub(crate) inner: &'t Inner,
     pub(crate) tx: &'t WriteTransaction,
-    pub(crate) items: Table<'t, Bytes, Bytes>,
-    pub(crate) types: Table<'t, Bytes, ()>,
+    /// The items tables, by model slot (`Inner::slot`), opened when first used: a write
+    /// touches one or two models' tables, whatever the schema holds.
+    pub(crate) items: Vec<OnceCell<Table<'t, Bytes, Bytes>>>,
     pub(crate) ttl: Table<'t, Bytes, ()>,
     /// One per secondary index, in `Schema::secondary_indexes` order.
     pub(crate) indexes: Vec<Table<'t, Bytes, ()>>,
@@ -126,18 +128,46 @@ impl<'t> WriteTxn<'t> {
         Ok(())
     }
 
-    /// The live (not expired) stored item at `key`, with its model.
-    pub fn get_stored(&self, key: &ItemKey) -> Result<Option<(&'t Model, Item)>, DbError> {
-        let raw = keys::item_key(key);
-        let Some(value) = self.items.get(raw.as_slice())? else {
+    /// The items table of the model in `slot`, opened on first use.
+    fn items_of(&self, slot: usize) -> Result<&Table<'t, Bytes, Bytes>, DbError> {
+        let cell = &self.items[slot];
+        if let Some(table) = cell.get() {
+            return Ok(table);
+        }
+        let table = self
+            .tx
+            .open_table(tables::items_def(&self.inner.item_tables[slot]))?;
+        Ok(cell.get_or_init(|| table))
+    }
+
+    fn items_of_mut(&mut self, slot: usize) -> Result<&mut Table<'t, Bytes, Bytes>, DbError> {
+        self.items_of(slot)?;
+        self.items[slot]
+            .get_mut()
+            .ok_or_else(|| DbError::Corrupt("items table not open".into()))
+    }
+
+    /// The item stored (expired or not) at item key `raw` in the table of the model in `slot`.
+    fn stored_in(&self, slot: usize, raw: &[u8]) -> Result<Option<Item>, DbError> {
+        let Some(value) = self.items_of(slot)?.get(raw)? else {
             return Ok(None);
         };
-        let item = crate::codec::decode(value.value(), &raw)?;
-        let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
-        if crate::read::expired(model, &item, self.now_ms) {
-            return Ok(None);
-        }
-        Ok(Some((model, item)))
+        Ok(Some(crate::codec::decode(value.value(), raw)?))
+    }
+
+    /// The live (not expired) stored item at `key`, with its model.
+    pub fn get_stored(&self, key: &ItemKey) -> Result<Option<(&'t Model, Item)>, DbError> {
+        Ok(self
+            .stored_even_if_expired(key, None)?
+            .filter(|(m, item)| !crate::read::expired(m, item, self.now_ms)))
+    }
+
+    /// The live stored item of `model` at `key` (its table alone).
+    fn get_of(&self, model: &'t Model, key: &ItemKey) -> Result<Option<Item>, DbError> {
+        let raw = keys::item_key(key);
+        Ok(self
+            .stored_in(self.inner.slot(model.name())?, &raw)?
+            .filter(|item| !crate::read::expired(model, item, self.now_ms)))
     }
 
     /// Reads an item of `model` by its key properties, without hidden fields.
@@ -145,9 +175,8 @@ impl<'t> WriteTxn<'t> {
         let model = self.model(model)?;
         let key = model.primary_key(props)?;
         Ok(self
-            .get_stored(&key)?
-            .filter(|(m, _)| m.name() == model.name())
-            .map(|(m, item)| m.project(&item, false)))
+            .get_of(model, &key)?
+            .map(|item| model.project(&item, false)))
     }
 
     /// Creates an item; fails with [`DbError::Exists`] when its key is taken.
@@ -157,7 +186,7 @@ impl<'t> WriteTxn<'t> {
         let item = model.prepare_create(input, self.now_ms)?;
         let key = model.primary_key(&item)?;
         // One lookup: a live item is a conflict, an expired one is replaced.
-        let old = self.stored_even_if_expired(&key)?;
+        let old = self.stored_even_if_expired(&key, Some(model))?;
         if let Some((m, stored)) = &old {
             if !crate::read::expired(m, stored, self.now_ms) {
                 return Err(exists(model, &key));
@@ -174,7 +203,10 @@ impl<'t> WriteTxn<'t> {
         let model_ref = self.model(model)?;
         self.check_local_write(model_ref)?;
         let key = model_ref.primary_key(input)?;
-        let existing = match self.get_stored(&key)? {
+        let found = self
+            .stored_even_if_expired(&key, Some(model_ref))?
+            .filter(|(m, item)| !crate::read::expired(m, item, self.now_ms));
+        let existing = match found {
             Some((m, item)) if m.name() == model_ref.name() => item,
             Some(_) => return Err(exists(model_ref, &key)),
             None if upsert => return self.create(model, input),
@@ -192,11 +224,12 @@ impl<'t> WriteTxn<'t> {
         let model = self.model(model)?;
         self.check_local_write(model)?;
         let key = model.primary_key(props)?;
-        match self.get_stored(&key)? {
-            Some((m, _)) if m.name() != model.name() => Ok(None),
-            Some((m, item)) => {
-                let mut shown = self.remove_found(m, &key, item)?;
-                m.strip_hidden(&mut shown);
+        // An item of another model at the key is not this model's to remove: its own table
+        // alone is asked.
+        match self.get_of(model, &key)? {
+            Some(item) => {
+                let mut shown = self.remove_found(model, &key, item)?;
+                model.strip_hidden(&mut shown);
                 Ok(Some(shown))
             }
             None => Ok(None),
@@ -221,7 +254,7 @@ impl<'t> WriteTxn<'t> {
             _ => model.normalize_stored(item)?,
         };
         let key = model.primary_key(&item)?;
-        let old = self.stored_even_if_expired(&key)?;
+        let old = self.stored_even_if_expired(&key, Some(model))?;
         let op = if old.is_some() {
             ChangeOp::Update
         } else {
@@ -233,7 +266,7 @@ impl<'t> WriteTxn<'t> {
 
     /// Removes the item stored at `key` whatever its model; returns the complete item.
     pub fn remove_stored(&mut self, key: &ItemKey) -> Result<Option<Item>, DbError> {
-        let Some((model, item)) = self.stored_even_if_expired(key)? else {
+        let Some((model, item)) = self.stored_even_if_expired(key, None)? else {
             return Ok(None);
         };
         Ok(Some(self.remove_found(model, key, item)?))
@@ -248,9 +281,8 @@ impl<'t> WriteTxn<'t> {
     ) -> Result<Item, DbError> {
         let raw = keys::item_key(key);
         self.move_unique(&raw, Some((model, &item)), None)?;
-        self.items.remove(raw.as_slice())?;
-        self.types
-            .remove(keys::type_key(model.name(), key).as_slice())?;
+        let slot = self.inner.slot(model.name())?;
+        self.items_of_mut(slot)?.remove(raw.as_slice())?;
         if let Some(expires) = model.expires_at_ms(&item) {
             self.ttl.remove(keys::ttl_key(expires, key).as_slice())?;
         }
@@ -279,14 +311,30 @@ impl<'t> WriteTxn<'t> {
         Ok(item)
     }
 
-    fn stored_even_if_expired(&self, key: &ItemKey) -> Result<Option<(&'t Model, Item)>, DbError> {
+    /// The item stored at `key` (expired or not) whatever its model: `first`'s table is asked
+    /// first (the model a write names, where the key is most likely), then the tables of the
+    /// other models that may hold the key (`Inner::holders`).
+    fn stored_even_if_expired(
+        &self,
+        key: &ItemKey,
+        first: Option<&'t Model>,
+    ) -> Result<Option<(&'t Model, Item)>, DbError> {
         let raw = keys::item_key(key);
-        let Some(value) = self.items.get(raw.as_slice())? else {
-            return Ok(None);
-        };
-        let item = crate::codec::decode(value.value(), &raw)?;
-        let model = crate::read::model_of_stored(&self.inner.schema, &item)?;
-        Ok(Some((model, item)))
+        if let Some(model) = first {
+            if let Some(item) = self.stored_in(self.inner.slot(model.name())?, &raw)? {
+                return Ok(Some((model, item)));
+            }
+        }
+        let inner: &'t Inner = self.inner;
+        for (slot, model) in inner.holders(key) {
+            if first.is_some_and(|f| f.name() == model.name()) {
+                continue;
+            }
+            if let Some(item) = self.stored_in(slot, &raw)? {
+                return Ok(Some((model, item)));
+            }
+        }
+        Ok(None)
     }
 
     fn store(
@@ -322,15 +370,16 @@ impl<'t> WriteTxn<'t> {
         let same_model = old_model.is_some_and(|m| m.name() == model.name());
         let raw = keys::item_key(&key);
         self.move_unique(&raw, old_model.zip(old_item), Some((model, &item)))?;
-        self.items.insert(raw.as_slice(), bytes.as_slice())?;
         if !same_model {
+            // The key moves to this model: it leaves the other model's table.
             if let Some(m) = old_model {
-                self.types
-                    .remove(keys::type_key(m.name(), &key).as_slice())?;
+                let slot = self.inner.slot(m.name())?;
+                self.items_of_mut(slot)?.remove(raw.as_slice())?;
             }
-            self.types
-                .insert(keys::type_key(model.name(), &key).as_slice(), ())?;
         }
+        let slot = self.inner.slot(model.name())?;
+        self.items_of_mut(slot)?
+            .insert(raw.as_slice(), bytes.as_slice())?;
         let old_expiry = old_model
             .zip(old_item)
             .and_then(|(m, i)| m.expires_at_ms(i));
@@ -474,17 +523,16 @@ impl<'t> WriteTxn<'t> {
 
     /// Keys of every stored item of `model`, in key order (replication's resync sweep).
     pub fn model_keys(&self, model: &str) -> Result<Vec<ItemKey>, DbError> {
-        let start = keys::prefix(&[model]);
-        let end = keys::prefix_end(&start);
+        // A model the schema lacks holds nothing here.
+        let Ok(slot) = self.inner.slot(model) else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
-        for entry in self
-            .types
-            .range::<&[u8]>(start.as_slice()..end.as_slice())?
-        {
+        for entry in self.items_of(slot)?.iter()? {
             let (k, _) = entry?;
-            match keys::trailing_item_key(k.value()) {
+            match keys::decode_item_key(k.value()) {
                 Some(key) => out.push(key),
-                None => return Err(DbError::Corrupt("malformed model index entry".into())),
+                None => return Err(DbError::Corrupt("malformed item key".into())),
             }
         }
         Ok(out)

@@ -179,8 +179,6 @@ pub(crate) fn prepare(
         }
         meta.remove(meta_key(model, field).as_str())?;
     }
-    let types = tx.open_table(tables::TYPES)?;
-    let items = tx.open_table(tables::ITEMS)?;
     for ((model_name, field), definition) in &wanted {
         if recorded.get(&(model_name.clone(), field.clone())) == Some(definition) {
             continue;
@@ -188,17 +186,11 @@ pub(crate) fn prepare(
         let Some(model) = schema.model(model_name) else {
             continue;
         };
-        let start = keys::prefix(&[model_name]);
-        let end = keys::prefix_end(&start);
         let mut built = 0u64;
-        for entry in types.range::<&[u8]>(start.as_slice()..end.as_slice())? {
-            let (k, _) = entry?;
-            let Some(raw) = keys::trailing_item_key_raw(k.value()).map(<[u8]>::to_vec) else {
-                return Err(DbError::Corrupt("malformed model index entry".into()).into());
-            };
-            let Some(stored) = items.get(raw.as_slice())? else {
-                continue;
-            };
+        let items = tx.open_table(tables::items_def(&tables::items_table_name(model_name)))?;
+        for entry in items.iter()? {
+            let (k, stored) = entry?;
+            let raw = k.value().to_vec();
             let item = read::decode_item(stored.value(), &raw)?;
             if read::expired(model, &item, now_ms) {
                 continue;

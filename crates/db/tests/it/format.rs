@@ -1,8 +1,17 @@
-//! The stored-item format: items round-trip through the stored encoding, files from before the
-//! format was recorded (items as JSON text) are converted on open, unknown formats are refused.
+//! The file format: items round-trip through the stored encoding, older files are converted on
+//! open (format 1, items as JSON text; format 2, one `items` table with the `types` model index
+//! beside it) in one transaction, a new file has one items table per model and no model index,
+//! unknown formats are refused.
 
-use devtables_db::{DbOptions, FindOptions, OpenError};
-use redb::{ReadableTable, TableDefinition};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use devtables_db::{Db, DbOptions, FindOptions, OpenError, Origin};
+use devtables_schema::ItemKey;
+use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde_json::json;
 
 use super::{item, key, open, reading, schema};
@@ -10,6 +19,9 @@ use super::{item, key, open, reading, schema};
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 const TYPES: TableDefinition<&[u8], ()> = TableDefinition::new("types");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const READINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items:Reading");
+const TTL: TableDefinition<&[u8], ()> = TableDefinition::new("ttl");
+const GS1: TableDefinition<&[u8], ()> = TableDefinition::new("idx:gs1");
 
 #[test]
 fn items_round_trip_through_the_stored_encoding() {
@@ -107,7 +119,7 @@ fn unknown_formats_are_refused_with_a_clear_error() {
         let tx = db.begin_write().unwrap();
         {
             let mut meta = tx.open_table(META).unwrap();
-            assert_eq!(meta.get("format").unwrap().unwrap().value(), "2");
+            assert_eq!(meta.get("format").unwrap().unwrap().value(), "3");
             meta.insert("format", "99").unwrap();
         }
         tx.commit().unwrap();
@@ -119,7 +131,7 @@ fn unknown_formats_are_refused_with_a_clear_error() {
     assert!(matches!(&err, OpenError::UnsupportedFormat { found, .. } if found == "99"));
     let text = err.to_string();
     assert!(
-        text.contains("format 99") && text.contains("format 2"),
+        text.contains("format 99") && text.contains("format 3"),
         "{text}"
     );
     // Nothing was changed by the refused open.
@@ -134,5 +146,495 @@ fn unknown_formats_are_refused_with_a_clear_error() {
             .value(),
         "99"
     );
-    assert_eq!(tx.open_table(ITEMS).unwrap().iter().unwrap().count(), 1);
+    assert_eq!(tx.open_table(READINGS).unwrap().iter().unwrap().count(), 1);
+}
+
+/// The names of the tables in the file.
+fn table_names(path: &Path) -> BTreeSet<String> {
+    let db = redb::Database::create(path).unwrap();
+    let tx = db.begin_read().unwrap();
+    let names = tx
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    names
+}
+
+/// The keys of a key-only table (TTL, a secondary index).
+fn keys_of(path: &Path, def: TableDefinition<&[u8], ()>) -> Vec<Vec<u8>> {
+    let db = redb::Database::create(path).unwrap();
+    let tx = db.begin_read().unwrap();
+    let table = tx.open_table(def).unwrap();
+    let keys = table
+        .iter()
+        .unwrap()
+        .map(|e| e.unwrap().0.value().to_vec())
+        .collect();
+    keys
+}
+
+fn meta_value(path: &Path, key: &str) -> Option<String> {
+    let db = redb::Database::create(path).unwrap();
+    let tx = db.begin_read().unwrap();
+    let meta = tx.open_table(META).unwrap();
+    let value = meta.get(key).unwrap().map(|v| v.value().to_string());
+    value
+}
+
+/// Rewrites a closed file of the current format in the layout format 2 wrote: every item in one
+/// `items` table (`pk \0 sk` → the item, the same encoding) with the model index `types`
+/// (`model \0 pk \0 sk` → ()) beside it. Every other table (TTL, indexes, unique values, side
+/// tables, meta) is laid out alike in both formats and stays as it is.
+fn downgrade_to_format_2(path: &Path) {
+    let db = redb::Database::create(path).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let names: Vec<String> = tx
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_string())
+            .filter(|n| n.starts_with("items:"))
+            .collect();
+        assert!(!names.is_empty(), "a format-3 file has items tables");
+        let mut items = tx.open_table(ITEMS).unwrap();
+        let mut types = tx.open_table(TYPES).unwrap();
+        for name in &names {
+            let model = &name["items:".len()..];
+            let def: TableDefinition<&[u8], &[u8]> = TableDefinition::new(name);
+            {
+                let table = tx.open_table(def).unwrap();
+                for entry in table.iter().unwrap() {
+                    let (k, v) = entry.unwrap();
+                    items.insert(k.value(), v.value()).unwrap();
+                    let mut type_key = model.as_bytes().to_vec();
+                    type_key.push(0);
+                    type_key.extend_from_slice(k.value());
+                    types.insert(type_key.as_slice(), ()).unwrap();
+                }
+            }
+            tx.delete_table(def).unwrap();
+        }
+        tx.open_table(META).unwrap().insert("format", "2").unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+fn options_at(now: &Arc<AtomicI64>) -> DbOptions {
+    let clock = now.clone();
+    DbOptions {
+        // Purged only when the test says so.
+        ttl_purge_interval: Duration::from_secs(3600),
+        clock: Arc::new(move || clock.load(Ordering::SeqCst)),
+        ..DbOptions::default()
+    }
+}
+
+const START_MS: i64 = 1_800_000_000_000;
+
+/// A database with readings (every tenth with a TTL a minute ahead), two items of another model
+/// written as replication writes them, and side-table entries.
+fn populate(path: &Path, options: DbOptions, readings: usize) {
+    let db = Db::open(path, schema(), options).unwrap();
+    for i in 0..readings {
+        let status = ["ok", "warn", "fault"][i % 3];
+        let mut r = reading(&format!("r{i:04}"), i as f64, status);
+        if i % 10 == 0 {
+            r.insert("expires".into(), json!(START_MS / 1000 + 60));
+        }
+        db.create("Reading", &r).unwrap();
+    }
+    db.write(Origin::Remote, |t| {
+        for name in ["a", "b"] {
+            let cmd = item(
+                json!({"_type": "Cmd", "name": name, "pk": "cmd#", "sk": format!("cmd#{name}")}),
+            );
+            t.put_stored("Cmd", cmd)?;
+        }
+        t.side().put("outbox", b"k1", b"v1")?;
+        t.side().put("outbox", b"k2", b"v2")
+    })
+    .unwrap();
+    db.close().unwrap();
+}
+
+fn export(db: &Db) -> String {
+    let mut out = Vec::new();
+    db.export(&mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+fn ids_with_status(db: &Db, status: &str) -> Vec<String> {
+    let by_index = FindOptions {
+        index: Some("gs1".into()),
+        ..FindOptions::default()
+    };
+    db.find("Reading", &item(json!({"status": status})), &by_index)
+        .unwrap()
+        .items
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn new_files_have_one_items_table_per_model_and_no_model_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.redb");
+    let now = Arc::new(AtomicI64::new(START_MS));
+    populate(&path, options_at(&now), 3);
+    let names = table_names(&path);
+    assert!(!names.contains("types"), "no model index table: {names:?}");
+    assert!(!names.contains("items"), "no single items table: {names:?}");
+    for expected in [
+        "items:Reading",
+        "items:Cmd",
+        "items:Cfg",
+        "ttl",
+        "idx:gs1",
+        "meta",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
+    assert_eq!(meta_value(&path, "stray_keys"), None);
+}
+
+#[test]
+fn format_2_files_are_converted_with_every_entry_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f2.redb");
+    let now = Arc::new(AtomicI64::new(START_MS));
+    populate(&path, options_at(&now), 300);
+    let (before_export, before_side, before_faults, before_warns) = {
+        let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+        let state = (
+            export(&db),
+            db.side_scan("outbox", b"", 10).unwrap(),
+            ids_with_status(&db, "fault"),
+            ids_with_status(&db, "warn"),
+        );
+        db.close().unwrap();
+        state
+    };
+    assert_eq!(before_export.lines().count(), 302);
+    assert_eq!(before_faults.len(), 100);
+    let ttl_before = keys_of(&path, TTL);
+    let gs1_before = keys_of(&path, GS1);
+    assert_eq!(ttl_before.len(), 30);
+
+    downgrade_to_format_2(&path);
+    let names = table_names(&path);
+    assert!(
+        names.contains("types") && !names.contains("items:Reading"),
+        "{names:?}"
+    );
+
+    let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+    assert_eq!(export(&db), before_export, "every item, as it was");
+    assert_eq!(db.side_scan("outbox", b"", 10).unwrap(), before_side);
+    assert_eq!(ids_with_status(&db, "fault"), before_faults);
+    assert_eq!(ids_with_status(&db, "warn"), before_warns);
+    db.close().unwrap();
+    let names = table_names(&path);
+    assert!(
+        !names.contains("types") && !names.contains("items"),
+        "{names:?}"
+    );
+    assert!(
+        names.contains("items:Reading") && names.contains("items:Cmd"),
+        "{names:?}"
+    );
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
+    assert_eq!(keys_of(&path, TTL), ttl_before, "TTL entries as they were");
+    assert_eq!(
+        keys_of(&path, GS1),
+        gs1_before,
+        "index entries as they were"
+    );
+
+    // The TTL entries work on the converted items: the expired readings are purged by them.
+    let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+    now.store(START_MS + 61_000, Ordering::SeqCst);
+    assert_eq!(db.purge_expired().unwrap(), 30);
+    assert_eq!(db.get("Reading", &key("r0010")).unwrap(), None);
+    assert!(db.get("Reading", &key("r0011")).unwrap().is_some());
+    assert!(!ids_with_status(&db, "ok").contains(&"r0030".to_string()));
+    db.close().unwrap();
+    assert_eq!(keys_of(&path, TTL), Vec::<Vec<u8>>::new());
+    assert_eq!(keys_of(&path, GS1).len(), gs1_before.len() - 30);
+}
+
+/// Every entry of the legacy tables and the table names: what a refused conversion must leave.
+fn legacy_state(path: &Path) -> (BTreeSet<String>, Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>) {
+    let names = table_names(path);
+    let db = redb::Database::create(path).unwrap();
+    let tx = db.begin_read().unwrap();
+    let items = tx
+        .open_table(ITEMS)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| {
+            let (k, v) = e.unwrap();
+            (k.value().to_vec(), v.value().to_vec())
+        })
+        .collect();
+    let types = tx
+        .open_table(TYPES)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|e| e.unwrap().0.value().to_vec())
+        .collect();
+    (names, items, types)
+}
+
+#[test]
+fn a_conversion_that_fails_half_way_leaves_the_format_2_file_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("half.redb");
+    let now = Arc::new(AtomicI64::new(START_MS));
+    populate(&path, options_at(&now), 200);
+    downgrade_to_format_2(&path);
+    // Damage the second half: the last item the model index names (the model index is in
+    // model order, `Reading` after `Cmd`) leaves the items table, so the conversion fails
+    // after it moved every other item.
+    let last = b"dev#d1\0r#r0199".as_slice();
+    let kept = {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        let kept = {
+            let mut items = tx.open_table(ITEMS).unwrap();
+            let kept = items.remove(last).unwrap().unwrap().value().to_vec();
+            kept
+        };
+        tx.commit().unwrap();
+        kept
+    };
+    let before = legacy_state(&path);
+    assert_eq!((before.1.len(), before.2.len()), (201, 202));
+
+    let err = match Db::open(&path, schema(), options_at(&now)) {
+        Err(e) => e,
+        Ok(_) => panic!("a model index naming a missing item must refuse the conversion"),
+    };
+    let text = err.to_string();
+    assert!(
+        matches!(err, OpenError::Damaged { .. }) && text.contains("model index"),
+        "{text}"
+    );
+    assert_eq!(
+        legacy_state(&path),
+        before,
+        "nothing of the conversion was kept"
+    );
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("2"));
+
+    // Repaired, the same file converts.
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(ITEMS)
+            .unwrap()
+            .insert(last, kept.as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+    assert_eq!(export(&db).lines().count(), 202);
+    assert!(db.get("Reading", &key("r0199")).unwrap().is_some());
+}
+
+#[test]
+fn a_read_only_open_of_a_format_2_file_converts_in_memory_and_leaves_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro.redb");
+    let now = Arc::new(AtomicI64::new(START_MS));
+    populate(&path, options_at(&now), 50);
+    let expected = {
+        let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+        let e = export(&db);
+        db.close().unwrap();
+        e
+    };
+    downgrade_to_format_2(&path);
+    let bytes = std::fs::read(&path).unwrap();
+
+    let db = Db::open_read_only(&path, schema(), options_at(&now)).unwrap();
+    assert_eq!(export(&db), expected);
+    assert_eq!(ids_with_status(&db, "fault").len(), 16);
+    assert!(db.get("Reading", &key("r0007")).unwrap().is_some());
+    drop(db);
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "the file was not written"
+    );
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("2"));
+
+    let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+    assert_eq!(export(&db), expected);
+    db.close().unwrap();
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
+}
+
+#[test]
+fn a_key_its_model_cannot_produce_is_still_found_after_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stray.redb");
+    let now = Arc::new(AtomicI64::new(START_MS));
+    populate(&path, options_at(&now), 3);
+    downgrade_to_format_2(&path);
+    // A `Cfg` item under a key `Cfg`'s templates (`cfg#`, `cfg#${name}`) cannot produce, as a
+    // schema change accepted with `allow_schema_change` can leave.
+    let stray_key = ItemKey {
+        pk: "old".into(),
+        sk: "cfg-x".into(),
+    };
+    let stored = item(json!({"_type": "Cfg", "name": "x", "pk": "old", "sk": "cfg-x"}));
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let bytes = devtables_db::fuzzing::encode_item(&stored, &stray_key);
+            tx.open_table(ITEMS)
+                .unwrap()
+                .insert(b"old\0cfg-x".as_slice(), bytes.as_slice())
+                .unwrap();
+            tx.open_table(TYPES)
+                .unwrap()
+                .insert(b"Cfg\0old\0cfg-x".as_slice(), ())
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+    let found = db.read().unwrap().get_stored(&stray_key).unwrap();
+    assert_eq!(found, Some(("Cfg".to_string(), stored)));
+    db.close().unwrap();
+    assert_eq!(meta_value(&path, "stray_keys").as_deref(), Some("1"));
+    // Recorded: later opens still ask every model's table.
+    let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+    assert!(db.read().unwrap().get_stored(&stray_key).unwrap().is_some());
+}
+
+const CHILD_ENV: &str = "DEVTABLES_CONVERT_CHILD_DB";
+
+/// Entry point of the child process of the test below (does nothing unless it set the
+/// variable): opens, so converts, the file, and says when it starts and ends.
+#[test]
+fn conversion_child_entry() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    println!("opening");
+    let db = Db::open(&path, schema(), DbOptions::default()).expect("child open");
+    println!("opened");
+    db.close().expect("child close");
+}
+
+/// A format-2 file of `n` readings (written in transactions of 1,000, then laid out as format 2
+/// wrote it); returns its export.
+fn format_2_file(path: &Path, n: usize) -> String {
+    let db = Db::open(path, schema(), DbOptions::default()).unwrap();
+    for start in (0..n).step_by(1_000) {
+        let ops: Vec<_> = (start..n.min(start + 1_000))
+            .map(|i| devtables_db::TxnOp::Create {
+                model: "Reading".into(),
+                item: reading(
+                    &format!("r{i:06}"),
+                    i as f64,
+                    ["ok", "warn", "fault"][i % 3],
+                ),
+            })
+            .collect();
+        db.transaction(&ops).unwrap();
+    }
+    let expected = export(&db);
+    db.close().unwrap();
+    downgrade_to_format_2(path);
+    expected
+}
+
+/// Runs the child on `path` and kills it (SIGKILL) `after` it said it is opening, or lets it
+/// finish when `after` is None; returns how long its open took when it finished.
+fn open_in_child(path: &Path, after: Option<Duration>) -> Option<Duration> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "format::conversion_child_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = loop {
+        let line = lines.next().expect("the child says it is opening").unwrap();
+        if line.trim_end().ends_with("opening") {
+            break std::time::Instant::now();
+        }
+    };
+    let took = match after {
+        Some(delay) => {
+            // The crash's moment, not a wait for a condition: the delays spread over the open.
+            std::thread::sleep(delay);
+            child.kill().unwrap();
+            None
+        }
+        None => {
+            let opened =
+                lines.any(|l| l.map(|l| l.trim_end().ends_with("opened")).unwrap_or(false));
+            assert!(opened, "the child opened the file");
+            Some(started.elapsed())
+        }
+    };
+    child.wait().unwrap();
+    took
+}
+
+#[test]
+fn a_conversion_killed_part_way_leaves_a_file_that_opens_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("killed.redb");
+    let expected = format_2_file(&path, 10_000);
+    let pristine = std::fs::read(&path).unwrap();
+    let full = open_in_child(&path, None).expect("a whole open");
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
+    let mut formats_after_kill = Vec::new();
+    for round in 0..6u32 {
+        std::fs::write(&path, &pristine).unwrap();
+        open_in_child(&path, Some(full * round / 5));
+        // Either as it was (format 2) or wholly converted (format 3), never in between: the
+        // conversion is one transaction.
+        let format = meta_value(&path, "format").unwrap();
+        let names = table_names(&path);
+        match format.as_str() {
+            "2" => assert!(
+                names.contains("types") && !names.contains("items:Reading"),
+                "{names:?}"
+            ),
+            "3" => assert!(
+                !names.contains("types") && names.contains("items:Reading"),
+                "{names:?}"
+            ),
+            other => panic!("format {other} after a kill"),
+        }
+        formats_after_kill.push(format);
+        let db = Db::open(&path, schema(), DbOptions::default()).unwrap();
+        assert_eq!(
+            export(&db),
+            expected,
+            "round {round}: every item after the kill"
+        );
+        db.close().unwrap();
+    }
+    eprintln!("open took {full:?}; formats found after the kills: {formats_after_kill:?}");
 }

@@ -3,6 +3,7 @@
 mod crash;
 mod damaged;
 mod format;
+mod layout;
 mod memory;
 mod ops;
 mod oracle;
