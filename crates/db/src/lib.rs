@@ -918,6 +918,7 @@ fn prepare_tables_in(
     for name in &inner.item_tables {
         tx.open_table(tables::items_def(name))?;
     }
+    warn_unread_models(inner, &tx)?;
     tx.open_table(tables::TTL)?;
     let mut stale = Vec::new();
     {
@@ -969,6 +970,32 @@ fn prepare_tables_in(
         unique::prepare(&tx, &inner.schema, (inner.options.clock)(), &inner.path)?;
     }
     tx.commit().map_err(DbError::from)?;
+    Ok(())
+}
+
+/// Items tables of models the schema no longer has (removed by a change accepted with
+/// [`DbOptions::allow_schema_change`]) stay in the file, unread: no read, export or key check
+/// sees them. Said at every open, with their count, so they are not lost silently.
+fn warn_unread_models(inner: &Inner, tx: &redb::WriteTransaction) -> Result<(), DbError> {
+    let orphans: Vec<String> = tx
+        .list_tables()?
+        .map(|t| redb::TableHandle::name(&t).to_string())
+        .filter(|name| {
+            name.strip_prefix(tables::ITEMS_PREFIX)
+                .is_some_and(|model| inner.slot(model).is_err())
+        })
+        .collect();
+    for name in orphans {
+        let items = tx.open_table(tables::items_def(&name))?.len()?;
+        if items > 0 {
+            tracing::warn!(
+                path = %inner.path.display(),
+                table = %name,
+                items,
+                "items of a model the schema no longer has stay in the file, unread (export them with the former schema to keep them)"
+            );
+        }
+    }
     Ok(())
 }
 

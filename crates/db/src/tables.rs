@@ -6,6 +6,8 @@
 //!   item in one `items` table with a `types` table, `model \0 pk \0 sk` → (), beside it: a
 //!   third B-tree insert and delete per item). A key holds one item across all models: a write
 //!   looks for the key in the tables of the other models that could hold it (`Inner::holders`).
+//!   The table of a model the schema no longer has stays in the file, unread (warned at every
+//!   open with its item count).
 //! - `ttl`: `expiry \0 pk \0 sk` → (): the purge reads only what has expired.
 //! - `idx:<name>`: one per secondary index, `hash \0 sort \0 pk \0 sk` → (): real index lookups.
 //! - `unique`: the values of `unique` fields, (model, field, scope, value) → the key of the item

@@ -368,8 +368,11 @@ fn format_2_files_are_converted_with_every_entry_intact() {
     assert_eq!(keys_of(&path, GS1).len(), gs1_before.len() - 30);
 }
 
+/// The table names, the legacy `items` entries and the legacy `types` keys of a file.
+type LegacyState = (BTreeSet<String>, Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>);
+
 /// Every entry of the legacy tables and the table names: what a refused conversion must leave.
-fn legacy_state(path: &Path) -> (BTreeSet<String>, Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>) {
+fn legacy_state(path: &Path) -> LegacyState {
     let names = table_names(path);
     let db = redb::Database::create(path).unwrap();
     let tx = db.begin_read().unwrap();
