@@ -14,9 +14,10 @@
 //! - remove: read the item (for its index entries), delete it and its index entries.
 //!
 //! Designs:
-//! - `redb3`: today's layout on redb 2.6: `items`, `types` (`model \0 pk \0 sk`), `idx:gs1`.
+//! - `redb3`: the format-2 layout on redb 2.6: `items`, `types` (`model \0 pk \0 sk`), `idx:gs1`.
 //! - `redb2`: redb tuned: one items table per model (`items:Reading`, so a model scan needs no
-//!   `types` table) and `idx:gs1`: two B-trees per item instead of three.
+//!   `types` table) and `idx:gs1`: two B-trees per item instead of three (the database's own
+//!   layout since format 3).
 //! - `fjall`: an LSM tree (fjall 3), keyspaces `items:Reading` and `idx:gs1`, cross-keyspace
 //!   atomic batches, journal persisted each second; cache and memtables sized for a device.
 //! - `log`: an in-memory index over an append-only log: every change is appended to one file
@@ -72,7 +73,7 @@ const GS1: TableDefinition<&[u8], ()> = TableDefinition::new("idx:gs1");
 struct Redb {
     db: Database,
     path: std::path::PathBuf,
-    /// `types` table too (today's layout).
+    /// `types` table too (the format-2 layout).
     types: bool,
 }
 
