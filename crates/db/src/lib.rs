@@ -66,7 +66,7 @@ pub mod tables;
 mod txn;
 mod unique;
 
-use std::cell::OnceCell;
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
@@ -605,7 +605,7 @@ impl Db {
                 let mut wtx = WriteTxn {
                     inner,
                     tx: &tx,
-                    items: inner.item_tables.iter().map(|_| OnceCell::new()).collect(),
+                    items: RefCell::new(Vec::new()),
                     ttl: tx.open_table(tables::TTL)?,
                     indexes,
                     unique,
@@ -643,12 +643,7 @@ impl Db {
     pub fn read(&self) -> Result<ReadTxn, DbError> {
         let tx = self.inner.engine(|| Ok(self.inner.db.begin_read()?))?;
         Ok(ReadTxn {
-            items: self
-                .inner
-                .item_tables
-                .iter()
-                .map(|_| OnceLock::new())
-                .collect(),
+            items: Mutex::new(Vec::new()),
             inner: self.inner.clone(),
             tx,
             now_ms: (self.inner.options.clock)(),

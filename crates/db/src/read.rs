@@ -6,7 +6,7 @@
 //! items are added or removed elsewhere in the range.
 
 use std::ops::Bound;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use devtables_schema::{Index, Item, ItemKey, Model, SortCondition};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
@@ -112,13 +112,16 @@ impl Default for Probe<'_> {
     }
 }
 
+type ItemsTable = ReadOnlyTable<Bytes, Bytes>;
+
 /// A consistent snapshot for many reads (cheaper than one snapshot per read).
 pub struct ReadTxn {
     pub(crate) inner: Arc<Inner>,
     pub(crate) tx: ReadTransaction,
-    /// The items tables, by model slot (`Inner::slot`), opened when first read (`None`: the
-    /// file has no such table, so no item of that model).
-    pub(crate) items: Vec<OnceLock<Option<ReadOnlyTable<Bytes, Bytes>>>>,
+    /// The items tables opened so far, by model slot (`Inner::slot`): a read opens the one or two
+    /// it needs, however many models the schema has (`None`: the file has no such table, so no
+    /// item of that model).
+    pub(crate) items: Mutex<Vec<(usize, Option<Arc<ItemsTable>>)>>,
     pub(crate) now_ms: i64,
 }
 
@@ -131,27 +134,25 @@ impl ReadTxn {
     }
 
     /// The items table of the model in `slot`, opened on first use.
-    fn items_of(&self, slot: usize) -> Result<Option<&ReadOnlyTable<Bytes, Bytes>>, DbError> {
-        let cell = &self.items[slot];
-        if let Some(table) = cell.get() {
-            return Ok(table.as_ref());
+    fn items_of(&self, slot: usize) -> Result<Option<Arc<ItemsTable>>, DbError> {
+        let mut opened = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, table)) = opened.iter().find(|(s, _)| *s == slot) {
+            return Ok(table.clone());
         }
         let table = match self
             .tx
             .open_table(tables::items_def(&self.inner.item_tables[slot]))
         {
-            Ok(t) => Some(t),
+            Ok(t) => Some(Arc::new(t)),
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(e.into()),
         };
-        Ok(cell.get_or_init(|| table).as_ref())
+        opened.push((slot, table.clone()));
+        Ok(table)
     }
 
     /// The items table of `model`.
-    fn items_of_model(
-        &self,
-        model: &Model,
-    ) -> Result<Option<&ReadOnlyTable<Bytes, Bytes>>, DbError> {
+    fn items_of_model(&self, model: &Model) -> Result<Option<Arc<ItemsTable>>, DbError> {
         self.items_of(self.inner.slot(model.name())?)
     }
 
@@ -364,7 +365,9 @@ impl ReadTxn {
             match table {
                 Walk::Items => {
                     if let Some(t) = self.items_of_model(model)? {
-                        walk(t, bounds, options.reverse, |k, v: &[u8]| visit(k, Some(v)))?
+                        walk(&*t, bounds, options.reverse, |k, v: &[u8]| {
+                            visit(k, Some(v))
+                        })?
                     }
                 }
                 Walk::Index => {

@@ -2,8 +2,9 @@
 //! layers above record about it (through [`SideTables`] and the [`WriteInterceptor`]) commits
 //! together or not at all.
 
-use std::cell::OnceCell;
+use std::cell::RefCell;
 use std::ops::Bound;
+use std::rc::Rc;
 
 use devtables_schema::{Item, ItemKey, Model, SyncDirection};
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
@@ -74,13 +75,17 @@ impl<'t> SideTables<'t> {
     }
 }
 
+/// The items tables a write transaction opened, with their model slots.
+pub(crate) type OpenedItems<'t> = RefCell<Vec<(usize, Rc<Table<'t, Bytes, Bytes>>)>>;
+
 /// One write transaction. Obtained from [`crate::Db::write`]; commits when the closure returns Ok.
 pub struct WriteTxn<'t> {
     pub(crate) inner: &'t Inner,
     pub(crate) tx: &'t WriteTransaction,
-    /// The items tables, by model slot (`Inner::slot`), opened when first used: a write
-    /// touches one or two models' tables, whatever the schema holds.
-    pub(crate) items: Vec<OnceCell<Table<'t, Bytes, Bytes>>>,
+    /// The items tables opened so far, by model slot (`Inner::slot`): a write opens the one or
+    /// two it touches, however many models the schema has. Shared (`Rc`) only for the length
+    /// of one read, so a write finds its table unshared.
+    pub(crate) items: OpenedItems<'t>,
     pub(crate) ttl: Table<'t, Bytes, ()>,
     /// One per secondary index, in `Schema::secondary_indexes` order.
     pub(crate) indexes: Vec<Table<'t, Bytes, ()>>,
@@ -129,27 +134,33 @@ impl<'t> WriteTxn<'t> {
     }
 
     /// The items table of the model in `slot`, opened on first use.
-    fn items_of(&self, slot: usize) -> Result<&Table<'t, Bytes, Bytes>, DbError> {
-        let cell = &self.items[slot];
-        if let Some(table) = cell.get() {
-            return Ok(table);
+    fn items_of(&self, slot: usize) -> Result<Rc<Table<'t, Bytes, Bytes>>, DbError> {
+        let mut opened = self.items.borrow_mut();
+        if let Some((_, table)) = opened.iter().find(|(s, _)| *s == slot) {
+            return Ok(table.clone());
         }
-        let table = self
-            .tx
-            .open_table(tables::items_def(&self.inner.item_tables[slot]))?;
-        Ok(cell.get_or_init(|| table))
+        let table = Rc::new(
+            self.tx
+                .open_table(tables::items_def(&self.inner.item_tables[slot]))?,
+        );
+        opened.push((slot, table.clone()));
+        Ok(table)
     }
 
     fn items_of_mut(&mut self, slot: usize) -> Result<&mut Table<'t, Bytes, Bytes>, DbError> {
-        self.items_of(slot)?;
-        self.items[slot]
+        drop(self.items_of(slot)?);
+        self.items
             .get_mut()
-            .ok_or_else(|| DbError::Corrupt("items table not open".into()))
+            .iter_mut()
+            .find(|(s, _)| *s == slot)
+            .and_then(|(_, table)| Rc::get_mut(table))
+            .ok_or_else(|| DbError::Corrupt("items table still lent to a read".into()))
     }
 
     /// The item stored (expired or not) at item key `raw` in the table of the model in `slot`.
     fn stored_in(&self, slot: usize, raw: &[u8]) -> Result<Option<Item>, DbError> {
-        let Some(value) = self.items_of(slot)?.get(raw)? else {
+        let table = self.items_of(slot)?;
+        let Some(value) = table.get(raw)? else {
             return Ok(None);
         };
         Ok(Some(crate::codec::decode(value.value(), raw)?))
