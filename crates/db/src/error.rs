@@ -36,7 +36,7 @@ pub enum OpenError {
         #[source]
         source: Box<redb::Error>,
     },
-    #[error("database file {path} stores items in format {found}, but this version of devtables reads format {supported} (and converts older files): was it written by a newer devtables?")]
+    #[error("database file {path} is in format {found}, but this version of devtables reads format {supported} (and converts older files at open): was it written by a newer devtables?")]
     UnsupportedFormat {
         path: PathBuf,
         found: String,
