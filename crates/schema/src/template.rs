@@ -322,4 +322,34 @@ mod tests {
         assert_eq!(render_value(&json!(null)), None);
         assert_eq!(render_value(&json!({})), None);
     }
+
+    proptest::proptest! {
+        /// `could_render` must never refuse a text the template renders (a model's table would
+        /// then be skipped by a lookup that should have found the key there): random templates of
+        /// literals from a small alphabet (so literals recur inside values) and random values.
+        #[test]
+        fn could_render_accepts_every_rendering(
+            parts in proptest::collection::vec(("[#ab]{0,3}", proptest::bool::ANY), 1..6),
+            values in proptest::collection::vec("[#ab]{0,4}", 6),
+        ) {
+            let source: String = parts
+                .iter()
+                .enumerate()
+                .map(|(i, (lit, var))| if *var { format!("{lit}${{v{i}}}") } else { lit.clone() })
+                .collect();
+            proptest::prop_assume!(!source.is_empty());
+            let template = Template::parse(&source).unwrap();
+            let rendered = match template.render(|name| {
+                let i: usize = name[1..].parse().unwrap();
+                Some(values[i].clone())
+            }) {
+                Rendered::Full(text) => text,
+                Rendered::Partial { .. } => unreachable!("every variable has a value"),
+            };
+            proptest::prop_assert!(
+                template.could_render(&rendered),
+                "{source:?} renders {rendered:?} but could_render refuses it"
+            );
+        }
+    }
 }
