@@ -255,7 +255,8 @@ impl Sessions {
 /// Default largest MQTT packet, in bytes (256 KiB).
 pub const DEFAULT_MAX_PACKET_BYTES: u32 = 256 * 1024;
 /// Default most sessions (connected or persistent): the sync engine's default `max_sessions`
-/// (100,000 devices) plus room for the service's own client, so neither limit is reached first.
+/// (100,000 devices) plus a margin (for a client of the service's, when one embeds the broker
+/// otherwise), so neither limit is reached first.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000 + 16;
 /// Default most unacknowledged QoS 1/2 messages sent to one client.
 pub const DEFAULT_MAX_INFLIGHT: u16 = 16;
