@@ -31,6 +31,10 @@
 //! | [`Principal::Device`] `{account}/{device}` | client id must be exactly `{account}/{device}`; a will, if any, must be non-retained on its own `up` topic; otherwise CONNACK "not authorized" | only `{prefix}/{account}/{device}/up` ([`topics::up_topic`]), never retained | only `{prefix}/{account}/{device}/down` ([`topics::down_topic`]) and `{prefix}/{account}/_all/down` ([`topics::broadcast_topic`]), exact filters, no wildcards |
 //! | [`Principal::Service`] | any client id | anywhere | anywhere (with an external broker the cloud subscribes to `{prefix}/+/+/up`, [`topics::up_filter`]; with this one it needs not: see below) |
 //!
+//! The cloud service itself opens no connection to this broker: device messages reach it from a
+//! hook and its publishes go in-process ([`Broker::publisher`], [`crate::broker_publish`]). The
+//! service principal remains for clients that embed the broker otherwise (and the tests).
+//!
 //! The service is an rmqtt *superuser*: rmqtt skips the ACL hooks for superusers, which is
 //! exactly "may do anything". Every other session is a device, and the ACL hooks derive its
 //! [`DeviceId`] from the session's client id, which the authentication hook has pinned to the
@@ -69,6 +73,9 @@
 //! ACL (which runs after it): anything else is not handed over. Every message rmqtt drops on its
 //! way to a client (queue or in-flight window full, expired, client gone) is counted in
 //! [`BrokerConfig::drops`] and warned about (rate-limited) from the `MessageDropped` hook.
+//! The other direction is in-process too: [`Broker::publisher`] queues the service's publishes
+//! straight into the devices' sessions ([`crate::broker_publish`]), so a service built on this
+//! broker has no MQTT session of its own at all.
 //!
 //! # What a refusal looks like on the wire
 //!
@@ -117,6 +124,7 @@ use rmqtt::types::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::broker_publish::EmbeddedPublisher;
 use crate::warn_limit::WarnLimiter;
 
 /// Who a connected client is, decided at CONNECT by the authenticator.
@@ -192,6 +200,16 @@ impl Sessions {
         self.scx.extends.shared().await.exist(client_id)
     }
 
+    /// The client ids of every session (connected, or kept for a persistent client), in no
+    /// particular order: the devices, and whoever else is connected.
+    pub async fn client_ids(&self) -> Vec<String> {
+        let shared = self.scx.extends.shared().await;
+        shared
+            .iter()
+            .map(|entry| entry.id().client_id.to_string())
+            .collect()
+    }
+
     /// Closes the session of `client_id` now, if there is one, and forgets its state (its
     /// subscriptions and queued messages): rmqtt's administrator kick, as at shutdown. Returns
     /// whether a session was closed. Callers change the credentials first, so the client's
@@ -237,7 +255,8 @@ impl Sessions {
 /// Default largest MQTT packet, in bytes (256 KiB).
 pub const DEFAULT_MAX_PACKET_BYTES: u32 = 256 * 1024;
 /// Default most sessions (connected or persistent): the sync engine's default `max_sessions`
-/// (100,000 devices) plus room for the service's own client, so neither limit is reached first.
+/// (100,000 devices) plus a margin (for a client of the service's, when one embeds the broker
+/// otherwise), so neither limit is reached first.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000 + 16;
 /// Default most unacknowledged QoS 1/2 messages sent to one client.
 pub const DEFAULT_MAX_INFLIGHT: u16 = 16;
@@ -569,6 +588,12 @@ impl Broker {
             task: Some(task),
             _hooks: hooks,
         })
+    }
+
+    /// Publishes to the broker's sessions in-process, as the service (see
+    /// [`crate::broker_publish`]): no MQTT client, no socket.
+    pub fn publisher(&self) -> EmbeddedPublisher {
+        EmbeddedPublisher::new(self.scx.clone())
     }
 
     /// Control over the live sessions (see [`Sessions`]).
@@ -1656,6 +1681,47 @@ mod tests {
         want.sort();
         assert_eq!(got, want);
         d1.expect_quiet().await;
+        b.shutdown().await;
+    }
+
+    /// The service's in-process publisher reaches a subscribed device at QoS 1 without any
+    /// session of its own, and says when nobody is subscribed.
+    #[tokio::test]
+    async fn the_in_process_publisher_reaches_subscribed_devices_and_reports_the_rest() {
+        use crate::broker_publish::Delivery;
+        let b = broker().await;
+        let mut d1 = dev1(&b).await;
+        let down1 = topics::down_topic(PREFIX, &dev("acme", "dev1"));
+        let down2 = topics::down_topic(PREFIX, &dev("acme", "dev2"));
+        d1.subscribe_ok(&down1).await;
+        let publisher = b.publisher();
+
+        assert_eq!(
+            publisher.publish(down1.clone(), b"direct".to_vec()).await,
+            Delivery::Queued
+        );
+        let delivered = loop {
+            match d1.next_packet(WAIT).await.expect("nothing delivered") {
+                Packet::Publish(p) => break p,
+                _ => continue,
+            }
+        };
+        assert_eq!(delivered.topic, down1);
+        assert_eq!(&delivered.payload[..], b"direct");
+        assert_eq!(delivered.qos, QoS::AtLeastOnce, "QoS 1 to the device");
+        assert!(!delivered.retain);
+
+        // Nobody subscribed to dev2's topic (it is not even connected).
+        assert_eq!(
+            publisher.publish(down2, b"lost".to_vec()).await,
+            Delivery::NoSubscriber
+        );
+        d1.expect_quiet().await;
+        // The publisher is no session: the device is the broker's only client.
+        assert_eq!(
+            b.sessions().client_ids().await,
+            vec!["acme/dev1".to_string()]
+        );
         b.shutdown().await;
     }
 

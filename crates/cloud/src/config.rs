@@ -269,8 +269,10 @@ impl DeviceCertificates {
     }
 }
 
-/// Settings of the service's MQTT clients (the sync loop's two connections to the broker: ingress
-/// and egress, see `mqtt_link`).
+/// Settings of the service's MQTT clients (the sync loop's two connections to an external broker:
+/// ingress and egress, see `mqtt_link`). With the embedded broker the service has no client (both
+/// directions are in-process) and only `event_queue` applies, as the capacity of the channel that
+/// hands device messages over.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MqttClientConfig {
     /// Capacity of each client's request queue: publishes and subscribe requests waiting for

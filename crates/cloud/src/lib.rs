@@ -6,6 +6,8 @@
 //!   follows behind the same trait).
 //! - [`broker`]: the embedded MQTT broker (rmqtt) that authenticates every client and confines
 //!   each device to its own topics.
+//! - [`broker_publish`]: the service's publishes to devices handed to the embedded broker
+//!   in-process (no loopback MQTT client).
 //! - [`auth`]: device secrets (hashed at rest) and the broker's authenticator.
 //! - [`broker_hash`]: the second, Mosquitto-readable hash of each device secret, which
 //!   `devtables broker-config mosquitto` exports as Mosquitto's password file.
@@ -44,6 +46,8 @@ pub mod auth;
 pub mod broker;
 #[cfg(feature = "service")]
 pub mod broker_hash;
+#[cfg(feature = "service")]
+pub mod broker_publish;
 #[cfg(feature = "service")]
 pub mod ca;
 #[cfg(feature = "service")]

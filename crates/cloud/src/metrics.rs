@@ -69,11 +69,11 @@ const fn gauge(field: &'static str, help: &'static str) -> StatusMetric {
 pub const STATUS_METRICS: &[StatusMetric] = &[
     gauge(
         "broker_connected",
-        "1 while the service's ingress MQTT connection (device messages in) is up",
+        "1 while the service's ingress MQTT connection (device messages in) is up; always 1 with the embedded broker (device messages come in-process)",
     ),
     gauge(
         "egress_connected",
-        "1 while the service's egress MQTT connection (publishes to devices) is up",
+        "1 while the service's egress MQTT connection (publishes to devices) is up; always 1 with the embedded broker (publishes go in-process)",
     ),
     gauge(
         "subscribed",
@@ -162,7 +162,11 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
     ),
     counter(
         "publishes_queued",
-        "Publishes to devices handed to the MQTT client (messages out)",
+        "Publishes to devices handed to the MQTT client, or to the embedded broker's device sessions in-process (messages out)",
+    ),
+    counter(
+        "publishes_undelivered",
+        "Publishes to devices the embedded broker had no live subscribed session for (the device offline or not subscribed yet; 0 with an external broker)",
     ),
     counter(
         "publishes_dropped",

@@ -1,5 +1,5 @@
 //! The running cloud service: it wires the store thread ([`crate::store_thread`]), the MQTT
-//! connection ([`crate::mqtt_link`]), the sync loop around the sans-IO `CloudEngine`
+//! connections to an external broker ([`crate::mqtt_link`]), the sync loop around the sans-IO `CloudEngine`
 //! ([`crate::sync_loop`]), the embedded broker (unless an external one is configured), the HTTP
 //! API, the webhooks' deliveries ([`crate::webhooks`]) and the retention timer, with an explicit
 //! graceful shutdown.
@@ -31,7 +31,7 @@ use crate::store_thread::wall_ms;
 pub use crate::store_thread::{StoreCtx, StoreGone, StoreHandle};
 use crate::subscription::{SubscribeTiming, Subscription};
 pub use crate::sync_loop::SyncInput;
-use crate::sync_loop::{Ingress, SyncLoop, SyncParts};
+use crate::sync_loop::{Egress, Ingress, SyncLoop, SyncParts};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -179,10 +179,10 @@ impl Cloud {
         // Credentials for the embedded broker: the service's, and the devices' read from the
         // store (through a short-lived cache) once the store thread runs, below.
         let service_secret = auth::generate_secret();
-        // How the service's own client reaches the broker: TLS when the embedded broker has only
-        // a TLS listener (trusting exactly its certificate) or the external one is configured so.
+        // How the service's own clients reach an external broker: TLS when it is configured so.
         let mut client_tls = None;
-        // With the embedded broker, device messages come in-process (see `broker`).
+        // With the embedded broker, device messages come in-process (see `broker`), and
+        // publishes go in-process (see `broker_publish`): the service connects no MQTT client.
         let mut device_messages = None;
         let (broker, credentials, mqtt_host, mqtt_port, username, password) = match &config.broker {
             BrokerMode::Embedded { listen } => {
@@ -209,9 +209,9 @@ impl Cloud {
                 )
                 .await?;
                 let mut addr = broker.local_addr();
-                if let (false, Some(tls)) = (config.broker_plain, &config.broker_tls) {
-                    client_tls = Some(crate::tls::pinned_client_config(&tls.files)?);
-                    // The service's own connection stays on this host.
+                if let (false, Some(_)) = (config.broker_plain, &config.broker_tls) {
+                    // The address the service reports (the TLS listener's) names this host
+                    // rather than "any".
                     if addr.ip().is_unspecified() {
                         addr.set_ip(if addr.is_ipv4() {
                             std::net::Ipv4Addr::LOCALHOST.into()
@@ -220,13 +220,15 @@ impl Cloud {
                         });
                     }
                 }
+                // No client of the service's logs in: the service's own credentials stay
+                // unused (the authenticator still knows them).
                 (
                     Some(broker),
                     Some(creds),
                     addr.ip().to_string(),
                     addr.port(),
-                    Some(auth::SERVICE_USERNAME.to_string()),
-                    Some(service_secret),
+                    None,
+                    None,
                 )
             }
             BrokerMode::External {
@@ -315,8 +317,9 @@ impl Cloud {
             serving_rx.clone(),
         );
 
-        // Two connections, one per direction (see `mqtt_link`): ingress subscribes to the device
-        // topics, egress publishes to devices.
+        // With an external broker, two connections, one per direction (see `mqtt_link`):
+        // ingress subscribes to the device topics, egress publishes to devices. With the
+        // embedded broker, none.
         let client = |hop: Hop| {
             let suffix = match hop {
                 Hop::Ingress => "in",
@@ -364,8 +367,22 @@ impl Cloud {
             ));
             (client, gauge, link_rx, task)
         };
-        let (egress, gauge, egress_link, egress_task) = client(Hop::Egress);
-        let mut tasks = vec![egress_task, head_task];
+        let mut tasks = vec![head_task];
+        let egress = match &broker {
+            // Publishes go straight into the embedded broker's device sessions.
+            Some(broker) => Egress::Embedded {
+                publisher: broker.publisher(),
+            },
+            None => {
+                let (client, gauge, events, task) = client(Hop::Egress);
+                tasks.push(task);
+                Egress::Client {
+                    client,
+                    gauge,
+                    events,
+                }
+            }
+        };
         let ingress = match device_messages {
             // The embedded broker hands device messages over in-process.
             Some(messages) => Ingress::Embedded { messages },
@@ -467,8 +484,6 @@ impl Cloud {
             store: store.clone(),
             ingress,
             egress,
-            gauge,
-            egress_link,
             status: status.clone(),
             prefix: config.topic_prefix.clone(),
             inputs: sync_rx,
@@ -740,6 +755,15 @@ impl Cloud {
     ) -> Result<Change, OpError> {
         let max = self.max_message_bytes;
         ops::write_item(&self.store, &self.sync, max, owner, model, input, kind).await
+    }
+
+    /// The client ids of the embedded broker's sessions (its devices, and any other client
+    /// connected to it); `None` with an external broker.
+    pub async fn broker_client_ids(&self) -> Option<Vec<String>> {
+        match &self.broker_control.sessions {
+            Some(sessions) => Some(sessions.client_ids().await),
+            None => None,
+        }
     }
 
     /// The sync loop's counters and readiness facts, as `GET /v1/status` shows them.

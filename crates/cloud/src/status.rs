@@ -19,7 +19,8 @@ pub struct SyncStatus {
     /// The ingress MQTT connection (device messages in) is up (CONNACK received, not lost
     /// since).
     pub(crate) broker_connected: AtomicBool,
-    /// The egress MQTT connection (publishes to devices) is up.
+    /// The egress MQTT connection (publishes to devices) is up. With the embedded broker there
+    /// is no such connection (publishes go in-process), and it is always true.
     pub(crate) egress_connected: AtomicBool,
     /// Every device-topic filter is subscribed on the current connection (SUBACK with success
     /// codes).
@@ -44,8 +45,14 @@ pub struct SyncStatus {
     /// Device sessions dropped because the broker link came back with a clean session (each
     /// device is prompted to say hello again).
     pub(crate) sessions_restarted: AtomicU64,
-    /// Publishes handed to the MQTT client.
+    /// Publishes handed to the MQTT client, or (embedded broker) queued to the device's
+    /// broker session.
     pub(crate) publishes_queued: AtomicU64,
+    /// Publishes the embedded broker could not deliver when they were handed over: no session
+    /// subscribed to the device's topic (offline, not subscribed yet) or its connection gone.
+    /// Counted and warned about; the engine's timers and the device's next hello recover. (An
+    /// external broker says nothing of it: 0 there.)
+    pub(crate) publishes_undelivered: AtomicU64,
     /// Group commits of the store thread (each made the work of one or more of the sync loop's
     /// store jobs durable at once).
     pub(crate) store_commits: AtomicU64,
@@ -195,6 +202,7 @@ pub struct StatusSnapshot {
     pub fanout_errors: u64,
     pub sessions_restarted: u64,
     pub publishes_queued: u64,
+    pub publishes_undelivered: u64,
     pub publishes_dropped: u64,
     pub publishes_lost: u64,
     pub egress_waits: u64,
@@ -293,6 +301,7 @@ impl SyncStatus {
             fanout_errors: n(&self.fanout_errors),
             sessions_restarted: n(&self.sessions_restarted),
             publishes_queued: n(&self.publishes_queued),
+            publishes_undelivered: n(&self.publishes_undelivered),
             publishes_dropped: n(&self.publishes_dropped),
             publishes_lost: n(&self.publishes_lost),
             egress_waits: n(&self.egress_waits),

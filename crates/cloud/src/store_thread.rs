@@ -188,6 +188,11 @@ impl StoreHandle {
         self.change_head.clone()
     }
 
+    /// How many more jobs the store's queue takes now (the rest wait for room).
+    pub fn queue_room(&self) -> usize {
+        self.jobs.capacity()
+    }
+
     /// Runs `f` on the store thread and returns its result.
     pub async fn call<R: Send + 'static>(
         &self,
@@ -218,12 +223,49 @@ impl StoreHandle {
 
     /// Queues a job that may share a commit with others and reports its own completion through
     /// [`StoreCtx::after_commit`] (the sync loop's jobs send their results back over a channel,
-    /// so the loop never waits for the store).
-    pub(crate) async fn submit(&self, job: JobFn) -> Result<(), StoreGone> {
+    /// so the loop never waits for the store), if the queue has room now; a full queue (API
+    /// calls share it) hands the job back. The sync loop never waits here: it keeps what does
+    /// not fit, in order, until [`StoreHandle::room`] says there is room.
+    pub(crate) fn try_submit(&self, job: JobFn) -> Result<(), NotSubmitted> {
+        match self.jobs.try_reserve() {
+            Ok(permit) => {
+                permit.send(Job::Grouped(job));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(NotSubmitted::Full(job)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(NotSubmitted::Gone),
+        }
+    }
+
+    /// Waits for room in the queue for one job (cancel-safe: dropping it gives up its turn).
+    /// The room it answers is owned, so it may outlive the borrow of the handle.
+    pub(crate) async fn room(&self) -> Result<SubmitSlot, StoreGone> {
         self.jobs
-            .send(Job::Grouped(job))
+            .clone()
+            .reserve_owned()
             .await
+            .map(|permit| SubmitSlot { permit })
             .map_err(|_| StoreGone)
+    }
+}
+
+/// Why [`StoreHandle::try_submit`] did not queue a job.
+pub(crate) enum NotSubmitted {
+    /// The queue is full: the job, handed back.
+    Full(JobFn),
+    /// The store thread is gone (the service is stopping).
+    Gone,
+}
+
+/// Room held in the store's queue for one job ([`StoreHandle::room`]).
+pub(crate) struct SubmitSlot {
+    permit: mpsc::OwnedPermit<Job>,
+}
+
+impl SubmitSlot {
+    /// Queues a job that may share a commit with others (as [`StoreHandle::try_submit`]).
+    pub(crate) fn submit(self, job: JobFn) {
+        self.permit.send(Job::Grouped(job));
     }
 }
 
@@ -405,7 +447,7 @@ mod tests {
                     heard.send((r.is_ok(), told_in_job)).unwrap()
                 }));
             });
-            handle.submit(job).await.unwrap();
+            handle.room().await.unwrap().submit(job);
         }
         // Only the jobs hold senders now: a job that failed ends the wait.
         drop(heard);
@@ -433,7 +475,7 @@ mod tests {
                 c.store.register_device(&id, "hash", None, 1).unwrap();
                 c.after_commit(Box::new(move |r| heard.send(r.is_ok()).unwrap()));
             });
-            handle.submit(job).await.unwrap();
+            handle.room().await.unwrap().submit(job);
         }
         release.send(()).unwrap();
         for _ in 0..3 {
@@ -462,7 +504,7 @@ mod tests {
                     heard.send((before, committed.is_ok(), after)).unwrap();
                 }));
             });
-            handle.submit(job).await.unwrap();
+            handle.room().await.unwrap().submit(job);
         }
         release.send(()).unwrap();
 

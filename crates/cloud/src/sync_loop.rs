@@ -4,7 +4,10 @@
 //! Why it is shaped this way:
 //! - It never waits for the store. Store work (applying a push, reading a page, recording a
 //!   status) is queued to the store thread in the order the engine asked for it, and each job
-//!   sends its completion back over a bounded channel into this loop's `select!`. The store
+//!   sends its completion back over a bounded channel into this loop's `select!`. The store's
+//!   queue is shared with the API's calls: a job that finds it full waits in the loop's own
+//!   queue (in order, before any later job) until the `select!` hears of room, so the loop
+//!   never blocks on it and no task stands between the loop and the store. The store
 //!   thread runs jobs one at a time in arrival order, so completions come back in the order the
 //!   engine produced the work, which keeps every device's inputs in order. At most
 //!   `sync_store_jobs` jobs are out at once; beyond that the next action waits (in order) until
@@ -12,12 +15,19 @@
 //!   ([`crate::mqtt_link`]), whose events arrive here.
 //! - It keeps the device topics subscribed ([`Subscription`]), before anything else is
 //!   published after a start.
-//! - It reads device messages on one MQTT connection and publishes on another
-//!   ([`crate::mqtt_link::Hop`]). It never drops a publish: every publish takes a slot of the
-//!   egress [`RequestGauge`]; a publish that finds no room waits, and while it waits the loop
-//!   reads no device message (backpressure, counted in `egress_waits`): the ingress connection
-//!   stops being read, so devices slow down instead of the cloud dropping their answers. The
-//!   egress connection is polled by its own task meanwhile, so the wait always ends.
+//! - Device messages come from [`Ingress`], publishes go to [`Egress`]: with the embedded
+//!   broker both are in-process (the broker's publish hook in, [`EmbeddedPublisher`] out) and
+//!   the service opens no MQTT connection at all; with an external broker each direction has a
+//!   connection of its own ([`crate::mqtt_link::Hop`]).
+//! - It never drops a publish it could queue. To an external broker every publish takes a slot
+//!   of the egress [`RequestGauge`]; a publish that finds no room waits, and while it waits the
+//!   loop reads no device message (backpressure, counted in `egress_waits`): the ingress
+//!   connection stops being read, so devices slow down instead of the cloud dropping their
+//!   answers. The egress connection is polled by its own task meanwhile, so the wait always
+//!   ends. Into the embedded broker a publish is queued to the device's session at once (rmqtt
+//!   has no room to wait for); one that finds no session is counted (`publishes_undelivered`)
+//!   and warned about, and one its session's full queue drops later is counted by the broker
+//!   (`broker_drops`): the engine's timers recover both.
 //! - After a start it prompts the devices with changes waiting, paced ([`StartupPrompts`]):
 //!   only once the subscription holds, a bounded number per tick, within half the queue's free
 //!   room.
@@ -39,6 +49,7 @@ use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::DeviceMessage;
+use crate::broker_publish::{Delivery, EmbeddedPublisher};
 use crate::cluster::{Heard, Serving, WakeOthers};
 use crate::config::StartupPrompts;
 use crate::metrics::StoreJob;
@@ -46,7 +57,7 @@ use crate::mqtt_link::{LinkEvent, RequestGauge};
 
 use crate::status::{SyncStatus, WarnLimiter};
 use crate::store::{Advanced, StatusUpdate, StoreError};
-use crate::store_thread::{wall_ms, JobFn, StoreCtx, StoreHandle};
+use crate::store_thread::{wall_ms, JobFn, NotSubmitted, StoreCtx, StoreHandle};
 use crate::subscription::{SubAckOutcome, Subscription};
 
 /// How often the feed lag is taken from the engine (a pass over its sessions).
@@ -77,8 +88,6 @@ enum Done {
     Status,
     /// The devices behind their feed in partitions this node just gained, with their heads.
     Behind(Result<Vec<(DeviceId, u64)>, StoreError>),
-    /// The store thread is gone: the service is stopping.
-    StoreGone,
 }
 
 /// Everything the sync loop is built from.
@@ -89,11 +98,8 @@ pub(crate) struct SyncParts {
     pub(crate) store: StoreHandle,
     /// Where device messages come from.
     pub(crate) ingress: Ingress,
-    /// The egress connection's client: it publishes to devices.
-    pub(crate) egress: AsyncClient,
-    pub(crate) gauge: Arc<RequestGauge>,
-    /// The egress connection's events (connected, lost).
-    pub(crate) egress_link: mpsc::Receiver<LinkEvent>,
+    /// Where publishes to devices go.
+    pub(crate) egress: Egress,
     pub(crate) status: Arc<SyncStatus>,
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<SyncInput>,
@@ -129,6 +135,58 @@ pub(crate) enum Ingress {
     },
 }
 
+/// Where the sync loop's publishes to devices go.
+pub(crate) enum Egress {
+    /// A client connected to an external broker that only publishes: its request queue's
+    /// gauge (a full queue makes the publish wait: backpressure), and its connection's events
+    /// (connected, lost).
+    Client {
+        client: AsyncClient,
+        gauge: Arc<RequestGauge>,
+        events: mpsc::Receiver<LinkEvent>,
+    },
+    /// Straight into the embedded broker's device sessions, in-process: no connection to lose,
+    /// no request queue to wait for ([`crate::broker_publish`]).
+    Embedded { publisher: EmbeddedPublisher },
+}
+
+/// The publishing side, once the loop runs (the events of a client's connection are kept apart,
+/// in [`SyncLoop::egress_link`], so the loop can wait on them and on the queue's room at once).
+enum Publisher {
+    Client {
+        client: AsyncClient,
+        gauge: Arc<RequestGauge>,
+    },
+    Embedded(EmbeddedPublisher),
+}
+
+impl Publisher {
+    /// Waits until room in the request queue may have freed up; never with the embedded broker
+    /// (whose publishes never wait).
+    async fn freed(&self) {
+        match self {
+            Publisher::Client { gauge, .. } => gauge.freed().await,
+            Publisher::Embedded(_) => std::future::pending().await,
+        }
+    }
+
+    /// How many publishes may be queued now without waiting.
+    fn room(&self) -> usize {
+        match self {
+            Publisher::Client { gauge, .. } => gauge.publish_room(),
+            Publisher::Embedded(_) => usize::MAX,
+        }
+    }
+
+    /// Requests waiting in the client's request queue (none in-process).
+    fn queued(&self) -> usize {
+        match self {
+            Publisher::Client { gauge, .. } => gauge.queued(),
+            Publisher::Embedded(_) => 0,
+        }
+    }
+}
+
 impl Ingress {
     /// The next ingress event; `None` once the source is gone (shutdown).
     async fn next(&mut self) -> Option<LinkEvent> {
@@ -148,11 +206,11 @@ pub(crate) struct SyncLoop {
     /// How far past the cloud's time a pushed version may be.
     max_drift_ms: u64,
     ingress: Ingress,
-    egress: AsyncClient,
-    /// The egress request queue.
-    gauge: Arc<RequestGauge>,
-    egress_link: mpsc::Receiver<LinkEvent>,
-    /// Whether the egress connection is up.
+    /// Where publishes go.
+    publisher: Publisher,
+    /// The egress connection's events (none in-process: nothing to connect).
+    egress_link: Option<mpsc::Receiver<LinkEvent>>,
+    /// Whether the egress connection is up (always, in-process).
     egress_up: bool,
     status: Arc<SyncStatus>,
     prefix: String,
@@ -162,8 +220,10 @@ pub(crate) struct SyncLoop {
     inputs_open: bool,
     shutdown: watch::Receiver<bool>,
     subscription: Subscription,
-    /// Jobs for the store thread, in engine order (a forwarding task queues them).
-    jobs: mpsc::Sender<JobFn>,
+    store: StoreHandle,
+    /// Store jobs the store's queue had no room for, in engine order: they go before any later
+    /// job, as soon as there is room.
+    jobs_waiting: VecDeque<JobFn>,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     /// Store jobs queued or running.
@@ -183,6 +243,7 @@ pub(crate) struct SyncLoop {
     /// every device session restarts (see `CloudEngine::handle_link_restored`).
     link_lost: bool,
     drop_warn: WarnLimiter,
+    undelivered_warn: WarnLimiter,
     oversize_warn: WarnLimiter,
     foreign_warn: WarnLimiter,
     throttle_warn: WarnLimiter,
@@ -209,11 +270,9 @@ pub(crate) struct SyncLoop {
 impl SyncLoop {
     pub(crate) fn new(p: SyncParts) -> SyncLoop {
         let max_store_jobs = p.max_store_jobs.max(1);
-        // Both channels hold at most `max_store_jobs` entries: every job in them is counted in
-        // `in_flight` until its completion is taken, so neither can ever be full when used.
-        let (jobs, forward_rx) = mpsc::channel::<JobFn>(max_store_jobs);
-        let (done_tx, done_rx) = mpsc::channel::<Done>(max_store_jobs + 1);
-        tokio::spawn(forward_jobs(p.store, forward_rx, done_tx.clone()));
+        // It holds at most `max_store_jobs` completions: every job is counted in `in_flight`
+        // until its completion is taken, so it can never be full when used.
+        let (done_tx, done_rx) = mpsc::channel::<Done>(max_store_jobs);
         p.status
             .prompts_pending
             .store(p.behind.len() as u64, Ordering::Relaxed);
@@ -225,14 +284,25 @@ impl SyncLoop {
             p.status.broker_connected.store(true, Ordering::SeqCst);
             p.status.subscribed.store(true, Ordering::SeqCst);
         }
+        let (publisher, egress_link, egress_up) = match p.egress {
+            Egress::Client {
+                client,
+                gauge,
+                events,
+            } => (Publisher::Client { client, gauge }, Some(events), false),
+            Egress::Embedded { publisher } => {
+                // In-process: nothing to connect, nothing to lose.
+                p.status.egress_connected.store(true, Ordering::SeqCst);
+                (Publisher::Embedded(publisher), None, true)
+            }
+        };
         SyncLoop {
             engine: p.engine,
             max_drift_ms: p.max_drift_ms,
             ingress: p.ingress,
-            egress: p.egress,
-            gauge: p.gauge,
-            egress_link: p.egress_link,
-            egress_up: false,
+            publisher,
+            egress_link,
+            egress_up,
             status: p.status,
             filters: vec![topics::up_filter(&p.prefix)],
             prefix: p.prefix,
@@ -240,7 +310,8 @@ impl SyncLoop {
             inputs_open: true,
             shutdown: p.shutdown,
             subscription,
-            jobs,
+            store: p.store,
+            jobs_waiting: VecDeque::new(),
             done_tx,
             done_rx,
             in_flight: 0,
@@ -253,6 +324,7 @@ impl SyncLoop {
             link_up: false,
             link_lost: false,
             drop_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
+            undelivered_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             oversize_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             foreign_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             throttle_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
@@ -306,12 +378,12 @@ impl SyncLoop {
                     // The connection task ends only at shutdown.
                     None => stop = true,
                 },
-                event = self.egress_link.recv() => match event {
+                event = recv_link(&mut self.egress_link) => match event {
                     Some(event) => self.on_egress_link(event),
                     None => stop = true,
                 },
                 // Room in the egress queue: `act` below queues the waiting publish.
-                _ = self.gauge.freed(), if publish_waits => {}
+                _ = self.publisher.freed(), if publish_waits => {}
                 input = self.inputs.recv(), if self.inputs_open => match input {
                     Some(SyncInput::FeedAdvanced(advanced)) => self.feed_advanced(advanced),
                     None => self.inputs_open = false,
@@ -328,6 +400,15 @@ impl SyncLoop {
                     None => self.heard = None,
                 },
                 Some(done) = self.done_rx.recv() => self.on_done(done),
+                // Room in the store's queue for the oldest job waiting.
+                slot = self.store.room(), if !self.jobs_waiting.is_empty() => match slot {
+                    Ok(slot) => {
+                        if let Some(job) = self.jobs_waiting.pop_front() {
+                            slot.submit(job);
+                        }
+                    }
+                    Err(_) => self.store_gone = true,
+                },
                 _ = sleep_until(engine_at) => {
                     let now = self.now();
                     self.engine.handle_timeout(now);
@@ -343,7 +424,10 @@ impl SyncLoop {
                 changed = self.shutdown.changed() => stop = changed.is_err(),
             }
             if stop || *self.shutdown.borrow() || self.store_gone {
-                let mut clients = vec![(&self.egress, &self.gauge)];
+                let mut clients = Vec::new();
+                if let Publisher::Client { client, gauge } = &self.publisher {
+                    clients.push((client, gauge));
+                }
                 if let Ingress::Client { client, gauge, .. } = &self.ingress {
                     clients.push((client, gauge));
                 }
@@ -355,7 +439,8 @@ impl SyncLoop {
                 return;
             }
             self.drive_subscription();
-            self.act();
+            self.submit_waiting();
+            self.act().await;
             self.report();
         }
     }
@@ -609,18 +694,7 @@ impl SyncLoop {
             };
             deliver_after_commit(c, &done, Done::Behind(result));
         });
-        match self.jobs.try_send(job) {
-            Ok(()) => self.in_flight += 1,
-            Err(mpsc::error::TrySendError::Closed(_)) => self.store_gone = true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // Cannot happen (checked above); if it did, the next change of the leases or
-                // the listener's next connection asks again.
-                self.status.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    "the sync loop's store queue is full; the devices behind are prompted later"
-                );
-            }
-        }
+        self.submit(job);
     }
 
     fn feed_advanced_here(&mut self, advanced: Vec<(DeviceId, u64)>) {
@@ -637,9 +711,41 @@ impl SyncLoop {
         self.startup.extend(advanced);
     }
 
+    /// Queues a store job (counted in `in_flight` until its completion is taken), behind those
+    /// already waiting for room in the store's queue.
+    fn submit(&mut self, job: JobFn) {
+        self.in_flight += 1;
+        if !self.jobs_waiting.is_empty() {
+            self.jobs_waiting.push_back(job);
+            return;
+        }
+        match self.store.try_submit(job) {
+            Ok(()) => {}
+            Err(NotSubmitted::Full(job)) => self.jobs_waiting.push_back(job),
+            Err(NotSubmitted::Gone) => self.store_gone = true,
+        }
+    }
+
+    /// Queues the jobs waiting for room, in order, as far as the store's queue takes them now.
+    fn submit_waiting(&mut self) {
+        while let Some(job) = self.jobs_waiting.pop_front() {
+            match self.store.try_submit(job) {
+                Ok(()) => {}
+                Err(NotSubmitted::Full(job)) => {
+                    self.jobs_waiting.push_front(job);
+                    return;
+                }
+                Err(NotSubmitted::Gone) => {
+                    self.store_gone = true;
+                    return;
+                }
+            }
+        }
+    }
+
     /// Hands the next start-up prompts (and those after a link restore) to the engine.
     fn release_prompts(&mut self) {
-        let room = self.gauge.publish_room() / 2;
+        let room = self.publisher.room() / 2;
         let n = self.pace.per_tick.min(room).min(self.startup.len());
         let now = self.now();
         for (device, head) in self.startup.drain(..n) {
@@ -649,15 +755,15 @@ impl SyncLoop {
     }
 
     /// Carries out the engine's actions in order, until there are none or a store job must wait
-    /// for a slot.
-    fn act(&mut self) {
+    /// for a slot. It awaits nothing but the embedded broker's routing tables (read locks).
+    async fn act(&mut self) {
         while !self.store_gone {
             let Some(action) = self.waiting.take().or_else(|| self.engine.poll_action()) else {
                 return;
             };
             match action {
                 CloudAction::Transmit { device, bytes } => {
-                    if let Err(bytes) = self.publish(&device, bytes) {
+                    if let Err(bytes) = self.publish(&device, bytes).await {
                         // No room: it waits (in order, before any later action), and the loop
                         // reads no device message until the egress connection drains.
                         self.status.egress_waits.fetch_add(1, Ordering::Relaxed);
@@ -703,18 +809,7 @@ impl SyncLoop {
                     let Some(job) = self.job_for(store_work) else {
                         continue;
                     };
-                    match self.jobs.try_send(job) {
-                        Ok(()) => self.in_flight += 1,
-                        Err(mpsc::error::TrySendError::Closed(_)) => self.store_gone = true,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            // Cannot happen (see `new`); if it did, the engine's timers redo
-                            // the work.
-                            self.status.store_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(
-                                "the sync loop's store queue is full; a store job was dropped"
-                            );
-                        }
-                    }
+                    self.submit(job);
                 }
             }
         }
@@ -879,10 +974,6 @@ impl SyncLoop {
     }
 
     fn on_done(&mut self, done: Done) {
-        if matches!(done, Done::StoreGone) {
-            self.store_gone = true;
-            return;
-        }
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(within) = self.behind_waiting.take() {
             self.prompt_behind(within);
@@ -948,7 +1039,7 @@ impl SyncLoop {
                 self.status.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("cannot list the devices with changes waiting: {e}");
             }
-            Done::Status | Done::StoreGone => {}
+            Done::Status => {}
         }
     }
 
@@ -1012,23 +1103,52 @@ impl SyncLoop {
 
     /// Publishes on a device's down topic. `Err` hands the message back when the egress queue
     /// has no room now (the caller waits for room); a client that refuses the request (it is
-    /// shutting down) drops it, counted and logged.
-    fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
-        if !self.gauge.try_take_publish_slot() {
-            return Err(bytes);
-        }
+    /// shutting down) drops it, counted and logged. In-process, a publish that reaches no
+    /// device session is counted and logged.
+    async fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
         let topic = topics::down_topic(&self.prefix, device);
         let len = bytes.len() as u64;
-        match self
-            .egress
-            .try_publish(topic, QoS::AtLeastOnce, false, bytes)
-        {
+        let (client, gauge) = match &self.publisher {
+            Publisher::Client { client, gauge } => (client, gauge),
+            Publisher::Embedded(publisher) => {
+                match publisher.publish(topic, bytes).await {
+                    Delivery::Queued => {
+                        self.status.publishes_queued.fetch_add(1, Ordering::Relaxed);
+                        self.status.bytes_out.fetch_add(len, Ordering::Relaxed);
+                    }
+                    undelivered => {
+                        self.status
+                            .publishes_undelivered
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = self.undelivered_warn.hit(Instant::now()) {
+                            let why = match undelivered {
+                                Delivery::Refused(why) => why,
+                                _ => "no session subscribed to its topic (offline, or not \
+                                      subscribed yet)"
+                                    .to_string(),
+                            };
+                            tracing::warn!(
+                                %device, suppressed,
+                                "the broker could not deliver a publish to a device: {why} \
+                                 (counted in publishes_undelivered; the engine's timers and \
+                                 the device's next hello recover)"
+                            );
+                        }
+                    }
+                }
+                return Ok(());
+            }
+        };
+        if !gauge.try_take_publish_slot() {
+            return Err(bytes);
+        }
+        match client.try_publish(topic, QoS::AtLeastOnce, false, bytes) {
             Ok(()) => {
                 self.status.publishes_queued.fetch_add(1, Ordering::Relaxed);
                 self.status.bytes_out.fetch_add(len, Ordering::Relaxed);
             }
             Err(e) => {
-                self.gauge.release();
+                gauge.release();
                 self.status
                     .publishes_dropped
                     .fetch_add(1, Ordering::Relaxed);
@@ -1066,7 +1186,7 @@ impl SyncLoop {
         s.prompts_pending
             .store(self.startup.len() as u64, Ordering::Relaxed);
         s.mqtt_requests_queued
-            .store(self.gauge.queued() as u64, Ordering::Relaxed);
+            .store(self.publisher.queued() as u64, Ordering::Relaxed);
         s.store_jobs_in_flight
             .store(self.in_flight as u64, Ordering::Relaxed);
         let e = self.engine.stats();
@@ -1088,7 +1208,14 @@ impl SyncLoop {
     }
 }
 
-/// The last change of a push that the cloud refused, as a sentence.
+/// The next event of a connection's task; never ready without a connection (in-process).
+async fn recv_link(link: &mut Option<mpsc::Receiver<LinkEvent>>) -> Option<LinkEvent> {
+    match link {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next wake-up heard from other nodes; never ready without a listener.
 async fn recv_heard(heard: &mut Option<mpsc::Receiver<Heard>>) -> Option<Heard> {
     match heard {
@@ -1097,6 +1224,7 @@ async fn recv_heard(heard: &mut Option<mpsc::Receiver<Heard>>) -> Option<Heard> 
     }
 }
 
+/// The last change of a push that the cloud refused, as a sentence.
 fn last_refusal(results: &[ChangeResult]) -> Option<String> {
     results.iter().rev().find_map(|r| match &r.status {
         ChangeStatus::Rejected { reason } => {
@@ -1153,22 +1281,6 @@ fn deliver(done: &mpsc::Sender<Done>, d: Done) {
         Err(mpsc::error::TrySendError::Full(_)) => {
             // Cannot happen: the channel holds as many completions as jobs may be out.
             tracing::error!("a store completion could not be delivered to the sync loop");
-        }
-    }
-}
-
-/// Queues the loop's jobs to the store thread in order; waits when the store's queue is full
-/// (API calls share it), so the loop itself never does.
-async fn forward_jobs(
-    store: StoreHandle,
-    mut jobs: mpsc::Receiver<JobFn>,
-    done: mpsc::Sender<Done>,
-) {
-    while let Some(job) = jobs.recv().await {
-        if store.submit(job).await.is_err() {
-            // This job will never complete, so its completion slot is free for this notice.
-            deliver(&done, Done::StoreGone);
-            return;
         }
     }
 }

@@ -516,11 +516,15 @@ async fn a_broadcast_to_a_large_account_wakes_its_devices_paced_and_all_of_them(
     for i in 0..DEVICES {
         cloud.register_device(&device(i)).await.expect("register");
     }
-    let before = cloud.status().publishes_queued;
+    // None of the devices is connected: the embedded broker delivers their prompts to nobody,
+    // and says so (`publishes_undelivered`).
+    let handed_over =
+        |s: &devtables_cloud::status::StatusSnapshot| s.publishes_queued + s.publishes_undelivered;
+    let before = handed_over(&cloud.status());
     write_firmware(&cloud).await;
     eventually("every device prompted, paced", || {
         let s = cloud.status();
-        let prompted = s.publishes_queued - before;
+        let prompted = handed_over(&s) - before;
         async move {
             (s.feed_wakeups_paced == DEVICES as u64
                 && s.prompts_pending == 0
@@ -575,5 +579,230 @@ async fn a_broadcast_fans_out_in_bounded_steps_and_prompts_every_device() {
     assert_eq!(s.fanout_errors, 0);
     // At most one empty step (the batch that ended exactly at the account's last device).
     assert!(s.fanout_steps <= steps + 1, "{} steps", s.fanout_steps);
+    cloud.shutdown().await;
+}
+
+/// With the embedded broker the service opens no MQTT connection of its own: while devices sync
+/// both ways (pushes up and their acknowledgements down, a cloud write down in a feed page), the
+/// broker's only sessions are the devices'. The loopback clients the service once published and
+/// subscribed through would be sessions of their own (`devtables-cloud-...`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_embedded_broker_the_only_mqtt_sessions_are_the_devices() {
+    const DEVICES: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = started(config(dir.path())).await;
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        let secret = cloud.register_device(&device(i)).await.expect("register");
+        let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(i), &secret).await;
+        assert!(dev.hello(1, 0).await, "device {i} welcomed");
+        dev.finish_resync().await;
+        devices.push(dev);
+    }
+    // Up, and the answers down.
+    let now = wall_ms();
+    for (i, dev) in devices.iter_mut().enumerate() {
+        let change = put_of(&device(i), "Setting", "up", now);
+        dev.send(&UpMsg::Push {
+            batch: 1,
+            changes: vec![change],
+            session: None,
+        })
+        .await;
+        let acked = dev
+            .recv(|m| matches!(m, DownMsg::PushAck { batch: 1, .. }).then_some(()))
+            .await;
+        assert!(acked.is_some(), "device {i}: its push was not answered");
+    }
+    // A cloud write, down in a feed page.
+    cloud
+        .write_item(
+            Owner::Device(device(0)),
+            "Setting",
+            setting(0),
+            WriteKind::Create,
+        )
+        .await
+        .expect("write");
+    let mode = Value::from("mode");
+    let fed = devices[0]
+        .recv(|m| match m {
+            DownMsg::Feed { changes, .. } => changes
+                .iter()
+                .any(|c| c.item.as_ref().and_then(|i| i.get("name")) == Some(&mode))
+                .then_some(()),
+            _ => None,
+        })
+        .await;
+    assert!(fed.is_some(), "the cloud write never reached its device");
+
+    let mut sessions = cloud
+        .broker_client_ids()
+        .await
+        .expect("the embedded broker's sessions");
+    sessions.sort();
+    let mut want: Vec<String> = (0..DEVICES).map(|i| device(i).node_name()).collect();
+    want.sort();
+    assert_eq!(sessions, want, "a session that is not a device's");
+    let s = cloud.status();
+    assert!(s.broker_connected && s.egress_connected, "{s:?}");
+    assert_eq!(s.subscriptions_held, 0, "nothing subscribed: {s:?}");
+    assert_eq!(s.mqtt_requests_queued, 0, "no request queue: {s:?}");
+    assert!(s.publishes_queued >= 2 * DEVICES as u64, "{s:?}");
+    assert_eq!(s.publishes_undelivered, 0, "{s:?}");
+    assert_eq!(s.publishes_dropped + s.publishes_lost, 0, "{s:?}");
+    cloud.shutdown().await;
+}
+
+/// A publish the embedded broker cannot deliver is counted, not lost silently: a cloud write
+/// prompts its device, which is offline (no session subscribed to its topic), so the prompt
+/// reaches nobody and `publishes_undelivered` counts it (nothing was queued). The change itself
+/// waits in the device's feed and reaches it once it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_an_offline_device_is_counted_as_undelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = started(config(dir.path())).await;
+    let id = device(0);
+    let secret = cloud.register_device(&id).await.expect("register");
+    let before = cloud.status();
+    cloud
+        .write_item(
+            Owner::Device(id.clone()),
+            "Setting",
+            setting(0),
+            WriteKind::Create,
+        )
+        .await
+        .expect("write");
+    let after = eventually("the prompt counted as undelivered", || {
+        let s = cloud.status();
+        async move {
+            if s.publishes_undelivered > before.publishes_undelivered {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        after.publishes_queued, before.publishes_queued,
+        "a publish to nobody counted as sent: {after:?}"
+    );
+    // The metric says the same.
+    let key = admin_key(&cloud).await;
+    let (_, status) = get_as(cloud.api_addr, "/v1/status", &key).await;
+    assert!(
+        status["publishes_undelivered"].as_u64() >= Some(1),
+        "{status}"
+    );
+
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, id, &secret).await;
+    assert!(dev.hello(1, 0).await, "welcomed");
+    let (items, _) = dev.finish_resync().await;
+    assert_eq!(items.len(), 1, "the change waited for the device");
+    cloud.shutdown().await;
+}
+
+/// The sync loop never waits on a full store queue (the API's calls share it): its jobs wait in
+/// the loop's own queue, in order, while it keeps serving devices, and go to the store as room
+/// comes. The store thread is held and its queue filled with API calls; a push then finds no
+/// room, yet another device's message is answered meanwhile (`no_session`: it needs no store),
+/// and once the store is free the push is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_queue_never_stops_the_sync_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = started(config(dir.path())).await;
+    let secret0 = cloud.register_device(&device(0)).await.expect("register");
+    let secret1 = cloud.register_device(&device(1)).await.expect("register");
+    let mut dev0 = RawDevice::connect(&cloud.mqtt_addr, device(0), &secret0).await;
+    assert!(dev0.hello(1, 0).await, "welcomed");
+    dev0.finish_resync().await;
+    let mut dev1 = RawDevice::connect(&cloud.mqtt_addr, device(1), &secret1).await;
+
+    // The store thread held until released, and its queue filled behind it.
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let store = cloud.store.clone();
+    let blocker = tokio::spawn(async move {
+        store
+            .call(move |_| {
+                let _ = held_tx.send(());
+                let _ = release_rx.recv();
+            })
+            .await
+    });
+    held_rx
+        .await
+        .expect("the store thread took the holding job");
+    let room = cloud.store.queue_room();
+    let fillers: Vec<_> = (0..room + 8)
+        .map(|_| {
+            let store = cloud.store.clone();
+            tokio::spawn(async move { store.call(|_| ()).await })
+        })
+        .collect();
+    eventually("the store's queue full", || {
+        let room = cloud.store.queue_room();
+        async move { (room == 0).then_some(()).ok_or(format!("{room} free")) }
+    })
+    .await;
+
+    dev0.send(&UpMsg::Push {
+        batch: 1,
+        changes: vec![put("Setting", "a", wall_ms())],
+        session: None,
+    })
+    .await;
+    // The loop's store job for that push waits; the loop itself does not.
+    eventually("the push handed to the engine", || {
+        let s = cloud.status();
+        async move {
+            (s.store_jobs_in_flight >= 1)
+                .then_some(())
+                .ok_or(format!("{s:?}"))
+        }
+    })
+    .await;
+    dev1.send(&UpMsg::Push {
+        batch: 1,
+        changes: vec![put_of(&device(1), "Setting", "b", wall_ms())],
+        session: None,
+    })
+    .await;
+    let refused = dev1
+        .recv(|m| match m {
+            DownMsg::Error { code, .. } => Some(code.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        refused,
+        Some(devtables_sync::wire::ErrorCode::NoSession),
+        "the sync loop stopped while the store's queue was full"
+    );
+    assert_eq!(cloud.store.queue_room(), 0, "the queue emptied too early");
+
+    release_tx.send(()).expect("the holding job waits");
+    let answered = dev0
+        .recv(|m| match m {
+            DownMsg::PushAck {
+                batch: 1, results, ..
+            } => Some(results.len()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        answered,
+        Some(1),
+        "the push that waited for room is answered"
+    );
+    blocker.await.unwrap().expect("the store is alive");
+    for filler in fillers {
+        filler.await.unwrap().expect("every API call ran");
+    }
+    let s = cloud.status();
+    assert_eq!(s.push_changes_applied, 1, "{s:?}");
+    assert_eq!(s.store_errors, 0, "{s:?}");
     cloud.shutdown().await;
 }
