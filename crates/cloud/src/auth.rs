@@ -107,8 +107,13 @@ struct Cached {
     at: Instant,
 }
 
-/// The credentials the embedded broker accepts: the service's, and every registered device's,
-/// read from the store through a bounded cache.
+/// The credentials the embedded broker accepts: the service's (if it has a login at all), and
+/// every registered device's, read from the store through a bounded cache.
+///
+/// The cloud service itself needs no login on its own broker (device messages and its publishes
+/// go in-process), so it builds its credentials with [`Credentials::devices_only`]: no
+/// superuser password exists that could leak. [`Credentials::new`] keeps one for a broker that
+/// a service reaches over MQTT.
 ///
 /// Why a cache with a short TTL rather than a copy of the registry: the registry may change
 /// under this process (the `devtables devices revoke` command on the data folder, another cloud
@@ -120,7 +125,8 @@ struct Cached {
 /// Without a store ([`Credentials::new`] alone, for a broker run apart from the service) the
 /// cache is the whole registry and its entries do not expire.
 pub struct Credentials {
-    service_hash: String,
+    /// The service login's secret hash; `None`: no service login (every login is a device's).
+    service_hash: Option<String>,
     ttl: Duration,
     max_entries: usize,
     store: OnceLock<StoreHandle>,
@@ -145,7 +151,16 @@ impl Credentials {
     /// Credentials with the given cache time-to-live and size (at least one entry).
     pub fn with_cache(service_secret: &str, ttl: Duration, max_entries: usize) -> Credentials {
         Credentials {
-            service_hash: hash_secret(service_secret),
+            service_hash: Some(hash_secret(service_secret)),
+            ..Credentials::devices_only(ttl, max_entries)
+        }
+    }
+
+    /// Credentials that accept devices only: the service's username is refused like a wrong
+    /// password (what the cloud service's own embedded broker uses).
+    pub fn devices_only(ttl: Duration, max_entries: usize) -> Credentials {
+        Credentials {
+            service_hash: None,
             ttl,
             max_entries: max_entries.max(1),
             store: OnceLock::new(),
@@ -255,8 +270,11 @@ impl Authenticator for Credentials {
             return Err(Refusal::BadCredentials);
         };
         if username == SERVICE_USERNAME {
-            return verify_secret(password, &self.service_hash)
-                .then_some(Principal::Service)
+            return self
+                .service_hash
+                .as_ref()
+                .filter(|hash| verify_secret(password, hash))
+                .map(|_| Principal::Service)
                 .ok_or(Refusal::BadCredentials);
         }
         // Only a well-formed device name is looked up (hostile usernames never reach the store).
@@ -370,6 +388,23 @@ mod tests {
         );
         assert!(verify_secret(secret.as_bytes(), &stored.secret_hash));
         assert!(!stored.secret_hash.contains(secret));
+    }
+
+    #[test]
+    fn devices_only_credentials_have_no_service_login() {
+        let creds = Credentials::devices_only(Duration::from_secs(60), 4);
+        let id = DeviceId::new("acme", "d1").unwrap();
+        creds.add_device(id.clone(), hash_secret("s1"));
+        for password in [&b""[..], b"svc", b"anything"] {
+            assert_eq!(
+                creds.authenticate("x", Some(SERVICE_USERNAME), Some(password)),
+                Err(Refusal::BadCredentials)
+            );
+        }
+        assert_eq!(
+            creds.authenticate("x", Some("acme/d1"), Some(b"s1")),
+            Ok(Principal::Device(id))
+        );
     }
 
     #[test]

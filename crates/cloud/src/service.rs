@@ -18,7 +18,7 @@ use devtables_sync::wire::Change;
 use rumqttc::{AsyncClient, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
-use crate::auth::{self, Credentials};
+use crate::auth::Credentials;
 use crate::broker::{Broker, BrokerConfig, DeviceCertListener};
 use crate::ca::{DeviceCa, DeviceCertificate};
 use crate::cluster::{Heard, Serving, WakeOthers};
@@ -176,9 +176,8 @@ impl Cloud {
             device_ca = Some((ca, validity));
         }
 
-        // Credentials for the embedded broker: the service's, and the devices' read from the
-        // store (through a short-lived cache) once the store thread runs, below.
-        let service_secret = auth::generate_secret();
+        // Credentials for the embedded broker: the devices' only, read from the store (through a
+        // short-lived cache) once the store thread runs, below. The service has no login on it.
         // How the service's own clients reach an external broker: TLS when it is configured so.
         let mut client_tls = None;
         // With the embedded broker, device messages come in-process (see `broker`), and
@@ -188,8 +187,7 @@ impl Cloud {
             BrokerMode::Embedded { listen } => {
                 let (messages_tx, messages_rx) = mpsc::channel(config.mqtt.event_queue);
                 device_messages = Some(messages_rx);
-                let creds = Arc::new(Credentials::with_cache(
-                    &service_secret,
+                let creds = Arc::new(Credentials::devices_only(
                     config.credentials_ttl,
                     config.credentials_cache,
                 ));
@@ -220,8 +218,7 @@ impl Cloud {
                         });
                     }
                 }
-                // No client of the service's logs in: the service's own credentials stay
-                // unused (the authenticator still knows them).
+                // No client of the service's logs in, and the broker knows no service login.
                 (
                     Some(broker),
                     Some(creds),
