@@ -48,6 +48,10 @@ const DEVICE_PAGE: usize = 1000;
 const CLOUD_ERROR_COUNTERS: &[&str] = &[
     "publishes_dropped",
     "publishes_lost",
+    // The embedded broker: publishes no session took (its device gone), and messages a
+    // session's queue or window dropped.
+    "publishes_undelivered",
+    "broker_drops",
     "store_errors",
     "rows_skipped",
     "device_messages_rate_limited",
