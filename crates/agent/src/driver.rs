@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use devtables_db::{Db, Origin};
+use devtables_db::Origin;
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::device_apply;
 use devtables_sync::device::{DeviceAction, DeviceEngine, DeviceEvent};
@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::commands::{self, ResultRetry};
 use crate::config::AgentConfig;
+use crate::counted::{CountedDb, DbAccess};
 use crate::link::{ConnectFailure, LinkEvent};
 use crate::state::{self, AgentTxn};
 use crate::{AgentStatus, CommandHandler, Handlers, Inbox};
@@ -100,7 +101,8 @@ const SUBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) struct Driver {
     pub(crate) id: DeviceId,
-    pub(crate) db: Db,
+    /// The device database; every transaction through it is counted (`db_reads`, `db_writes`).
+    pub(crate) db: CountedDb,
     pub(crate) schema: Arc<Schema>,
     pub(crate) engine: DeviceEngine,
     pub(crate) clock: Arc<Mutex<HlcClock>>,
@@ -611,11 +613,14 @@ impl Driver {
             Ok(n) => n as usize,
             Err(_) => self.engine.pending(),
         };
+        let (db_reads, db_writes) = (self.db.reads(), self.db.writes());
         self.set_status(|s| {
             s.cursor = cursor;
             s.pending = pending;
             s.in_flight = in_flight;
             s.ready = ready;
+            s.db_reads = db_reads;
+            s.db_writes = db_writes;
         });
     }
 

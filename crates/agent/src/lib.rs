@@ -12,6 +12,7 @@
 //! - `state`: replication state in the database's side tables; the outbox recorder; the
 //!   `DeviceTxn` the replication rules run in.
 //! - `driver`: the event loop around the sans-IO `DeviceEngine`.
+//! - `counted`: the event loop's database transactions, counted (`db_reads`, `db_writes`).
 //! - `commands`: running command items at least once.
 //! - [`changelog`]: the durable local change log (every committed change under a local
 //!   sequence number), written in the transaction of the change when the agent keeps it.
@@ -22,6 +23,7 @@
 pub mod changelog;
 mod commands;
 pub mod config;
+mod counted;
 mod driver;
 mod link;
 pub mod local_api;
@@ -172,6 +174,10 @@ pub struct AgentStatus {
     pub kept_from_neighbour_schema: u64,
     /// The cloud's schema version tag, when it differs from this device's (set at each welcome).
     pub cloud_schema: Option<String>,
+    /// Database transactions the agent's event loop ran since it started: reads and writes
+    /// (the application's own writes are not counted). What syncing costs the device.
+    pub db_reads: u64,
+    pub db_writes: u64,
     /// The last error; cleared when the cloud welcomes a session.
     pub last_error: Option<String>,
     /// Why the agent is not connected, while it is not: `cannot connect: ...` with the kind of
@@ -438,7 +444,7 @@ impl Agent {
         let handlers: Handlers = Arc::default();
         let driver = driver::Driver {
             id: id.clone(),
-            db: db.clone(),
+            db: counted::CountedDb::new(db.clone()),
             schema,
             engine,
             clock,
