@@ -14,8 +14,8 @@
 //! application write: the turn that handles a write's notification reads its outbox entry once
 //! (the batch built in the same turn is served from it, [`TurnEntries`]) and the outbox's size
 //! once for the status; the turn that handles the cloud's answer trims every entry it answered
-//! in one write, which returns the outbox's new size. The status's view of the outbox is read
-//! only when it may have changed ([`OutboxStatus`]).
+//! in one write, which says how many it removed. The status's view of the outbox is read only
+//! when it may have changed ([`OutboxStatus`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -712,26 +712,21 @@ impl Driver {
                     db.write(Origin::Remote, |txn| {
                         let mut clock = clock.lock().unwrap_or_else(PoisonError::into_inner);
                         let now = devtables_db::system_now_ms().max(0) as u64;
-                        // A page may supersede outbox entries: the outbox's size before and
-                        // after, in the page's transaction, tells the status without a read.
-                        let before = state::outbox_len_in(txn)?;
                         let mut t = AgentTxn {
                             txn,
                             schema: &schema,
                         };
-                        let outcome = device_apply(&mut t, &schema, &mut clock, now, &page)
-                            .map_err(|e| match e {
-                                devtables_sync::apply::ApplyError::Store(e) => e,
-                            })?;
-                        let after = state::outbox_len_in(txn)?;
-                        Ok((outcome, before.saturating_sub(after), after))
+                        device_apply(&mut t, &schema, &mut clock, now, &page).map_err(|e| match e {
+                            devtables_sync::apply::ApplyError::Store(e) => e,
+                        })
                     })
                 })
                 .await;
                 let now = self.now();
                 match result {
-                    Ok(Ok((outcome, removed, len))) => {
-                        self.outbox.trimmed(removed, len);
+                    Ok(Ok(outcome)) => {
+                        // The page's superseded entries left the outbox in its transaction.
+                        self.outbox.removed(outcome.superseded.len() as u64);
                         self.engine.handle_applied(now, outcome)
                     }
                     Ok(Err(e)) => {
@@ -840,19 +835,18 @@ impl Driver {
             }
             DeviceAction::OutboxRemove { entries, answered } => {
                 let keys: Vec<ItemKey> = entries.iter().map(|(_, k, _)| k.clone()).collect();
-                // One transaction for every entry of the answer; it tells the outbox's new
-                // size, so the status needs no read.
+                // One transaction for every entry of the answer; it says how many it removed,
+                // so the status needs no read.
                 let result = tokio::task::spawn_blocking(move || {
                     db.write(Origin::Remote, |txn| {
-                        let removed = state::outbox_remove(txn, &entries, answered)?;
-                        Ok((removed, state::outbox_len_in(txn)?))
+                        state::outbox_remove(txn, &entries, answered)
                     })
-                    .map(|(removed, len)| (entries, removed, len))
+                    .map(|removed| (entries, removed))
                 })
                 .await;
                 match result {
-                    Ok(Ok((acked, removed, len))) => {
-                        self.outbox.trimmed(removed, len);
+                    Ok(Ok((acked, removed))) => {
+                        self.outbox.removed(removed);
                         self.set_status(|s| s.acked += acked.len() as u64);
                         let hooks = self
                             .handlers

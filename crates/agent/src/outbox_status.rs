@@ -8,9 +8,10 @@
 //!
 //! - `pending` changes by application writes, which always reach the event loop as
 //!   notifications (or as a missed notification, which reloads the outbox): after a turn that
-//!   handled any, it is read once. The event loop's own transactions that change the outbox
-//!   (an acknowledgement's trim, a page that superseded entries) return its size from inside the
-//!   transaction, so they cost no read.
+//!   handled any, it is read once. The event loop's own transactions that shrink the outbox
+//!   (an acknowledgement's trim, a page that superseded entries) say how many entries they
+//!   removed, which is subtracted: they cost no read (a read inside them would cost each a
+//!   table opened and flushed again).
 //! - `dropped` grows only when an application write finds the outbox full (it then drops the
 //!   oldest lossy entry, keeping the outbox at its limit). Between two reads of `pending` only
 //!   the event loop's own transactions shrink the outbox, and it counts what they remove; so if
@@ -29,7 +30,8 @@ pub(crate) struct OutboxStatus {
     /// The outbox limit (`AgentConfig::outbox_limit`): a write that finds this many entries
     /// drops a lossy one, or is refused.
     limit: u64,
-    /// Entries in the durable outbox, as last read or returned by a transaction.
+    /// Entries in the durable outbox, as last read, less what the event loop removed since
+    /// (the writes it has not handled yet are counted when it reads again after them).
     pending: u64,
     /// Changes of lossy models a full outbox dropped (the durable counter, as last read).
     dropped: u64,
@@ -72,12 +74,16 @@ impl OutboxStatus {
         self.stale = true;
     }
 
-    /// One of the event loop's own transactions removed `removed` entries and left `len` in the
-    /// outbox (read inside that transaction: exact as of its commit, and including every
-    /// application write whose notification arrived before it ran).
-    pub(crate) fn trimmed(&mut self, removed: u64, len: u64) {
+    /// One of the event loop's own transactions removed `removed` entries. They are entries of
+    /// writes it handled (it only removes what it loaded, by version), so the count stays that
+    /// of the outbox less the writes not handled yet; a count that would go below zero says
+    /// otherwise, and is read again.
+    pub(crate) fn removed(&mut self, removed: u64) {
         self.removed_since_read = self.removed_since_read.saturating_add(removed);
-        self.pending = len;
+        match self.pending.checked_sub(removed) {
+            Some(left) => self.pending = left,
+            None => self.stale = true,
+        }
     }
 
     /// Brings the figures up to date after a turn: reads the outbox's size if application
@@ -132,12 +138,22 @@ mod tests {
     #[test]
     fn nothing_is_read_without_local_writes() {
         let db = db();
-        let mut status = OutboxStatus::new(10, 0, 0);
+        let mut status = OutboxStatus::new(10, 3, 0);
         fill(&db, 3, 0);
-        status.trimmed(1, 2);
+        status.removed(1);
         assert!(!status.refresh(&db).unwrap());
         assert_eq!(db.reads(), 0);
-        assert_eq!(status.pending(), 2, "a transaction's own count is taken");
+        assert_eq!(
+            status.pending(),
+            2,
+            "the event loop's removals are subtracted"
+        );
+        status.removed(5);
+        assert!(
+            status.refresh(&db).unwrap(),
+            "a count below zero is read again"
+        );
+        assert_eq!((status.pending(), db.reads()), (3, 1));
     }
 
     #[test]
@@ -170,9 +186,9 @@ mod tests {
         // The outbox was full (a write dropped an entry), then the event loop trimmed two
         // entries: the size alone (1) would say no write could have found it full.
         let db = db();
-        let mut status = OutboxStatus::new(3, 0, 0);
+        let mut status = OutboxStatus::new(3, 3, 0);
         fill(&db, 1, 1);
-        status.trimmed(2, 1);
+        status.removed(2);
         status.local_writes();
         status.refresh(&db).unwrap();
         assert_eq!(status.dropped(), 1);

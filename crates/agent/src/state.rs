@@ -376,11 +376,6 @@ pub(crate) fn outbox_len(db: &impl DbAccess) -> Result<u64, DbError> {
     db.side_len(OUTBOX)
 }
 
-/// Entries in the durable outbox, inside a write transaction (as of its changes so far).
-pub(crate) fn outbox_len_in(txn: &mut WriteTxn<'_>) -> Result<u64, DbError> {
-    txn.side().len(OUTBOX)
-}
-
 /// The stored version of a key, outside a write transaction.
 pub(crate) fn stored_version(db: &impl DbAccess, key: &ItemKey) -> Result<Option<Hlc>, DbError> {
     let Some(raw) = db.side_get(VERSIONS, &raw_key(key))? else {
