@@ -14,9 +14,10 @@
 
 use std::time::{Duration, Instant};
 
-use devtables_db::{Db, DbError, FindOptions};
+use devtables_db::{DbError, FindOptions};
 use devtables_schema::{Item, ItemKey, Schema};
 
+use crate::counted::DbAccess;
 use crate::{state, CommandHandler};
 
 /// Commands read per page when the database is searched for pending ones.
@@ -32,7 +33,7 @@ pub(crate) const PENDING: &str = "pending";
 /// stored version was issued by another node than this device's. A command the device wrote
 /// itself is not the agent's to run.
 pub(crate) fn pending_commands(
-    db: &Db,
+    db: &impl DbAccess,
     schema: &Schema,
     model: &str,
     own_node: u64,

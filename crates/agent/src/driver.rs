@@ -9,25 +9,35 @@
 //! for another write attempt (`commands`), the periodic collection of the `versions` table in
 //! slices (`GcState`), the re-push after a cloud restore in slices (`RepushScan`), and the
 //! reload of the durable outbox when the input queue overflowed.
+//!
+//! Every database transaction it runs is counted ([`CountedDb`]), and it runs few per
+//! application write: the turn that handles a write's notification reads its outbox entry once
+//! (the batch built in the same turn is served from it, [`TurnEntries`]) and the outbox's size
+//! once for the status; the turn that handles the cloud's answer trims every entry it answered
+//! in one write, which says how many it removed. The status's view of the outbox is read only
+//! when it may have changed ([`OutboxStatus`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use devtables_db::{Db, Origin};
+use devtables_db::Origin;
 use devtables_schema::{Item, ItemKey, Schema};
 use devtables_sync::apply::device_apply;
 use devtables_sync::device::{DeviceAction, DeviceEngine, DeviceEvent};
 use devtables_sync::hlc::HlcClock;
 use devtables_sync::identity::DeviceId;
 use devtables_sync::topics;
+use devtables_sync::wire;
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
 use crate::commands::{self, ResultRetry};
 use crate::config::AgentConfig;
+use crate::counted::{CountedDb, DbAccess};
 use crate::link::{ConnectFailure, LinkEvent};
+use crate::outbox_status::OutboxStatus;
 use crate::state::{self, AgentTxn};
 use crate::{AgentStatus, CommandHandler, Handlers, Inbox};
 
@@ -94,13 +104,45 @@ enum Trigger {
     Found,
 }
 
+/// The outbox entries read in one turn of the event loop for its notified writes, kept until
+/// the turn ends so that the batch the engine builds from them in the same turn
+/// ([`DeviceAction::LoadBatch`]) is not read again. Bounded by bytes (one batch's worth), and
+/// emptied by every transaction of the event loop's own: an entry served from here is what a
+/// read at the start of the turn returned, as if the batch had been read then.
+#[derive(Default)]
+pub(crate) struct TurnEntries {
+    entries: HashMap<ItemKey, wire::Change>,
+    bytes: usize,
+}
+
+impl TurnEntries {
+    /// Keeps `change` if it fits in `budget` bytes with the others.
+    fn keep(&mut self, change: &wire::Change, budget: usize) {
+        let len = wire::change_len(change);
+        if self.bytes.saturating_add(len) <= budget {
+            self.bytes += len;
+            self.entries.insert(change.key.clone(), change.clone());
+        }
+    }
+
+    fn take(&mut self, key: &ItemKey) -> Option<wire::Change> {
+        self.entries.remove(key)
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
 /// Longest wait for the SUBACK of the device's subscription before asking again (at least; the
 /// subscription backoff's wait when longer).
 const SUBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) struct Driver {
     pub(crate) id: DeviceId,
-    pub(crate) db: Db,
+    /// The device database; every transaction through it is counted (`db_reads`, `db_writes`).
+    pub(crate) db: CountedDb,
     pub(crate) schema: Arc<Schema>,
     pub(crate) engine: DeviceEngine,
     pub(crate) clock: Arc<Mutex<HlcClock>>,
@@ -143,6 +185,12 @@ pub(crate) struct Driver {
     /// The waits before subscribing again after the broker refused a subscription (reset by
     /// every connection).
     pub(crate) subscribe_backoff: crate::link::Backoff,
+    /// The status's view of the durable outbox (`pending`, `dropped`).
+    pub(crate) outbox: OutboxStatus,
+    /// Outbox entries read this turn, for the batch built in the same turn.
+    pub(crate) turn_entries: TurnEntries,
+    /// Most bytes of entries kept in `turn_entries` (one batch's worth).
+    pub(crate) turn_entries_budget: usize,
 }
 
 impl Driver {
@@ -373,9 +421,15 @@ impl Driver {
             next = self.inputs.try_recv().ok();
         }
         let now = self.now();
+        if !keys.is_empty() {
+            self.outbox.local_writes();
+        }
         for key in keys {
             match state::outbox_entry(&self.db, &key) {
-                Ok(Some(change)) => self.engine.handle_local_change(now, change),
+                Ok(Some(change)) => {
+                    self.turn_entries.keep(&change, self.turn_entries_budget);
+                    self.engine.handle_local_change(now, change);
+                }
                 Ok(None) => {} // already acknowledged or superseded
                 Err(e) => tracing::error!(device = %self.id, "cannot read the outbox: {e}"),
             }
@@ -386,10 +440,8 @@ impl Driver {
         if !recover.is_empty() {
             self.recover_commands(Some(&recover));
         }
-        // A full outbox may have dropped lossy changes in those commits: keep the count visible.
-        if let Ok(dropped) = state::dropped(&self.db) {
-            self.set_status(|s| s.dropped = dropped);
-        }
+        // A full outbox may have dropped lossy changes in those commits: the status reads the
+        // count at the end of the turn if it may have moved (OutboxStatus).
     }
 
     /// Notifications were lost (the input queue was full): the durable outbox and the command
@@ -398,6 +450,7 @@ impl Driver {
     fn reload(&mut self) {
         let missed = self.inbox.missed_total();
         self.set_status(|s| s.inputs_missed = missed);
+        self.outbox.local_writes();
         match state::load_outbox(&self.db) {
             Ok(outbox) => {
                 tracing::info!(device = %self.id, entries = outbox.len(), "reloading the outbox after missed notifications");
@@ -600,6 +653,7 @@ impl Driver {
                 break;
             }
         }
+        self.turn_entries.clear();
         let (cursor, in_flight, ready) = (
             self.engine.cursor(),
             self.engine.in_flight(),
@@ -607,15 +661,25 @@ impl Driver {
         );
         // The durable outbox is the truth: the engine may still hold a lossy entry the
         // outbox dropped, and the outbox holds entries whose notification is still queued.
-        let pending = match state::outbox_len(&self.db) {
-            Ok(n) => n as usize,
-            Err(_) => self.engine.pending(),
+        // It is read only when it may have changed (OutboxStatus); a failed read is tried
+        // again after the next turn.
+        let pending = match self.outbox.refresh(&self.db) {
+            Ok(_) => self.outbox.pending() as usize,
+            Err(e) => {
+                tracing::debug!(device = %self.id, "cannot read the outbox size: {e}");
+                self.engine.pending()
+            }
         };
+        let dropped = self.outbox.dropped();
+        let (db_reads, db_writes) = (self.db.reads(), self.db.writes());
         self.set_status(|s| {
             s.cursor = cursor;
             s.pending = pending;
+            s.dropped = dropped;
             s.in_flight = in_flight;
             s.ready = ready;
+            s.db_reads = db_reads;
+            s.db_writes = db_writes;
         });
     }
 
@@ -634,6 +698,11 @@ impl Driver {
     }
 
     async fn perform(&mut self, action: DeviceAction) {
+        if !matches!(action, DeviceAction::LoadBatch { .. }) {
+            // A transaction of the event loop's own may change the outbox: what was read this
+            // turn is no longer what a read would return.
+            self.turn_entries.clear();
+        }
         let db = self.db.clone();
         let schema = self.schema.clone();
         let clock = self.clock.clone();
@@ -655,7 +724,11 @@ impl Driver {
                 .await;
                 let now = self.now();
                 match result {
-                    Ok(Ok(outcome)) => self.engine.handle_applied(now, outcome),
+                    Ok(Ok(outcome)) => {
+                        // The page's superseded entries left the outbox in its transaction.
+                        self.outbox.removed(outcome.superseded.len() as u64);
+                        self.engine.handle_applied(now, outcome)
+                    }
                     Ok(Err(e)) => {
                         tracing::error!(device = %self.id, "cannot apply changes from the cloud: {e}");
                         self.set_status(|s| s.last_error = Some(e.to_string()));
@@ -702,10 +775,25 @@ impl Driver {
                 }
             }
             DeviceAction::LoadBatch { batch, keys } => {
-                // A few hundred point reads: quick enough for the event loop. On failure the
-                // engine gets no answer and queues the keys again at the batch's timeout.
-                match state::outbox_entries(&self.db, &keys) {
-                    Ok(changes) => {
+                // Entries read this turn are not read again; the others are a few hundred point
+                // reads at most: quick enough for the event loop. On failure the engine gets no
+                // answer and queues the keys again at the batch's timeout.
+                let mut changes = Vec::with_capacity(keys.len());
+                let mut unread = Vec::new();
+                for (model, key) in keys {
+                    match self.turn_entries.take(&key) {
+                        Some(change) => changes.push(change),
+                        None => unread.push((model, key)),
+                    }
+                }
+                let read = if unread.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    state::outbox_entries(&self.db, &unread)
+                };
+                match read {
+                    Ok(more) => {
+                        changes.extend(more);
                         let now = self.now();
                         self.engine.handle_batch_loaded(now, batch, changes);
                     }
@@ -747,22 +835,19 @@ impl Driver {
             }
             DeviceAction::OutboxRemove { entries, answered } => {
                 let keys: Vec<ItemKey> = entries.iter().map(|(_, k, _)| k.clone()).collect();
+                // One transaction for every entry of the answer; it says how many it removed,
+                // so the status needs no read.
                 let result = tokio::task::spawn_blocking(move || {
                     db.write(Origin::Remote, |txn| {
                         state::outbox_remove(txn, &entries, answered)
                     })
-                    .map(|_| entries)
+                    .map(|removed| (entries, removed))
                 })
                 .await;
                 match result {
-                    Ok(Ok(acked)) => {
-                        let pending = state::outbox_len(&self.db).ok();
-                        self.set_status(|s| {
-                            s.acked += acked.len() as u64;
-                            if let Some(n) = pending {
-                                s.pending = n as usize;
-                            }
-                        });
+                    Ok(Ok((acked, removed))) => {
+                        self.outbox.removed(removed);
+                        self.set_status(|s| s.acked += acked.len() as u64);
                         let hooks = self
                             .handlers
                             .lock()
@@ -833,6 +918,9 @@ impl Driver {
                 items = slice.restamped,
                 "re-push: items whose version was collected are sent with a fresh one"
             );
+        }
+        if !slice.requeued.is_empty() {
+            self.outbox.recount();
         }
         let now = self.now();
         let count = scan.count + slice.requeued.len() as u64;
@@ -997,9 +1085,6 @@ impl Driver {
                 );
                 self.set_status(|s| s.restore_repushed += count);
             }
-        }
-        if let Ok(dropped) = state::dropped(&self.db) {
-            self.set_status(|s| s.dropped = dropped);
         }
     }
 

@@ -12,6 +12,8 @@
 //! - `state`: replication state in the database's side tables; the outbox recorder; the
 //!   `DeviceTxn` the replication rules run in.
 //! - `driver`: the event loop around the sans-IO `DeviceEngine`.
+//! - `counted`: the event loop's database transactions, counted (`db_reads`, `db_writes`).
+//! - `outbox_status`: the status's `pending` and `dropped`, read only when they may change.
 //! - `commands`: running command items at least once.
 //! - [`changelog`]: the durable local change log (every committed change under a local
 //!   sequence number), written in the transaction of the change when the agent keeps it.
@@ -22,9 +24,11 @@
 pub mod changelog;
 mod commands;
 pub mod config;
+mod counted;
 mod driver;
 mod link;
 pub mod local_api;
+mod outbox_status;
 pub mod standalone;
 mod state;
 /// TLS to the broker (CA file, server name, client certificate): the shared client side.
@@ -172,6 +176,13 @@ pub struct AgentStatus {
     pub kept_from_neighbour_schema: u64,
     /// The cloud's schema version tag, when it differs from this device's (set at each welcome).
     pub cloud_schema: Option<String>,
+    /// Database transactions the agent's event loop ran since it started: reads and writes
+    /// (the application's own writes are not counted). What syncing costs the device: per
+    /// acknowledged write of a device that writes now and then, one read (the new outbox entry)
+    /// and one write (its removal once the cloud answered); a batch of writes answered at once
+    /// shares them.
+    pub db_reads: u64,
+    pub db_writes: u64,
     /// The last error; cleared when the cloud welcomes a session.
     pub last_error: Option<String>,
     /// Why the agent is not connected, while it is not: `cannot connect: ...` with the kind of
@@ -345,11 +356,18 @@ impl Agent {
         if sync.seed == 0 {
             sync.seed = node ^ devtables_db::system_now_ms() as u64;
         }
+        let dropped = state::dropped(&db)?;
         let initial = AgentStatus {
             cursor: restored.cursor,
             pending: restored.outbox.len(),
+            dropped,
             ..AgentStatus::default()
         };
+        let outbox_status = outbox_status::OutboxStatus::new(
+            config.outbox_limit,
+            restored.outbox.len() as u64,
+            dropped,
+        );
         let engine = DeviceEngine::new(
             sync,
             schema.tag().to_string(),
@@ -438,7 +456,7 @@ impl Agent {
         let handlers: Handlers = Arc::default();
         let driver = driver::Driver {
             id: id.clone(),
-            db: db.clone(),
+            db: counted::CountedDb::new(db.clone()),
             schema,
             engine,
             clock,
@@ -470,6 +488,9 @@ impl Agent {
                 config.reconnect_delay,
                 config.reconnect_max_delay,
             ),
+            outbox: outbox_status,
+            turn_entries: driver::TurnEntries::default(),
+            turn_entries_budget: config.sync.max_batch_bytes,
         };
         let task = tokio::spawn(driver.run());
         Ok(Agent {

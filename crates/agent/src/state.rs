@@ -29,6 +29,8 @@ use devtables_sync::hlc::{Hlc, HlcClock};
 use devtables_sync::wire::{self, Op};
 use serde::{Deserialize, Serialize};
 
+use crate::counted::DbAccess;
+
 pub(crate) const OUTBOX: &str = "outbox";
 pub(crate) const OUTBOX_SEQ: &str = "outbox_seq";
 pub(crate) const OUTBOX_LOSSY: &str = "outbox_lossy";
@@ -289,7 +291,7 @@ pub(crate) struct RestoredState {
     pub(crate) answered: u64,
 }
 
-pub(crate) fn restore(db: &devtables_db::Db) -> Result<RestoredState, DbError> {
+pub(crate) fn restore(db: &impl DbAccess) -> Result<RestoredState, DbError> {
     let cursor = match db.side_get(META, META_CURSOR)? {
         Some(v) => u64::from_be_bytes(
             v.as_slice()
@@ -334,7 +336,7 @@ const OUTBOX_PAGE: usize = 1000;
 /// The metadata of the whole durable outbox, oldest first: what the engine resumes from, and
 /// what the event loop reloads after a missed notification. The entries are read a page at a
 /// time and only their metadata is kept, so this never holds the outbox's items in memory.
-pub(crate) fn load_outbox(db: &devtables_db::Db) -> Result<Vec<OutboxMeta>, DbError> {
+pub(crate) fn load_outbox(db: &impl DbAccess) -> Result<Vec<OutboxMeta>, DbError> {
     let mut entries = Vec::new();
     let mut start = Vec::new();
     loop {
@@ -357,7 +359,7 @@ pub(crate) fn load_outbox(db: &devtables_db::Db) -> Result<Vec<OutboxMeta>, DbEr
 /// The current outbox entries of these keys (a batch being built); keys without one are left
 /// out.
 pub(crate) fn outbox_entries(
-    db: &devtables_db::Db,
+    db: &impl DbAccess,
     keys: &[(String, ItemKey)],
 ) -> Result<Vec<wire::Change>, DbError> {
     let mut out = Vec::with_capacity(keys.len());
@@ -370,12 +372,12 @@ pub(crate) fn outbox_entries(
 }
 
 /// Entries in the durable outbox: the local changes not yet acknowledged.
-pub(crate) fn outbox_len(db: &devtables_db::Db) -> Result<u64, DbError> {
+pub(crate) fn outbox_len(db: &impl DbAccess) -> Result<u64, DbError> {
     db.side_len(OUTBOX)
 }
 
 /// The stored version of a key, outside a write transaction.
-pub(crate) fn stored_version(db: &devtables_db::Db, key: &ItemKey) -> Result<Option<Hlc>, DbError> {
+pub(crate) fn stored_version(db: &impl DbAccess, key: &ItemKey) -> Result<Option<Hlc>, DbError> {
     let Some(raw) = db.side_get(VERSIONS, &raw_key(key))? else {
         return Ok(None);
     };
@@ -481,7 +483,7 @@ pub(crate) fn collect_versions(
 
 /// The current outbox entry of a key (after a commit: what to hand the engine).
 pub(crate) fn outbox_entry(
-    db: &devtables_db::Db,
+    db: &impl DbAccess,
     key: &ItemKey,
 ) -> Result<Option<wire::Change>, DbError> {
     match db.side_get(OUTBOX, &raw_key(key))? {
@@ -635,7 +637,7 @@ fn up_syncing_models(schema: &Schema) -> Vec<String> {
 /// it is sent as it is now. The outbox limit does not apply: the entries are bounded by what
 /// the device holds.
 pub(crate) fn repush_slice(
-    db: &devtables_db::Db,
+    db: &impl DbAccess,
     schema: &Schema,
     clock: &Mutex<HlcClock>,
     stamp_ms: u64,
@@ -816,7 +818,7 @@ fn add_entry(side: &mut SideTables<'_>, change: &wire::Change, lossy: bool) -> R
 }
 
 /// Counters for the agent's status.
-pub(crate) fn dropped(db: &devtables_db::Db) -> Result<u64, DbError> {
+pub(crate) fn dropped(db: &impl DbAccess) -> Result<u64, DbError> {
     Ok(match db.side_get(META, META_DROPPED)? {
         Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8])),
         None => 0,

@@ -16,4 +16,5 @@ mod outbox;
 mod status;
 mod support;
 mod tls;
+mod transactions;
 mod versions;
