@@ -337,7 +337,34 @@ impl Drop for Inner {
 /// An open device database. Cheap to clone; all clones share one file.
 #[derive(Clone)]
 pub struct Db {
+    /// Shared by the application's clones (not by the handles the background work makes for
+    /// itself): dropped with the last of them, it stops the background work first. Declared
+    /// before `inner`, so it is dropped first.
+    _handles: Option<Arc<LastHandle>>,
     inner: Arc<Inner>,
+}
+
+/// Stops a database's background work when the application drops its last handle.
+///
+/// Without it, a periodic flush or TTL purge running at that moment holds the database and
+/// becomes its last owner: the file would be closed a moment later, on the background thread,
+/// and an open of the same file right after the drop would fail with "already open".
+struct LastHandle(std::sync::Weak<Inner>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        let worker = inner
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(worker) = worker {
+            worker.stop();
+        }
+    }
 }
 
 impl Db {
@@ -518,7 +545,10 @@ impl Db {
             let worker = Worker::start(&inner).map_err(OpenError::Thread)?;
             *inner.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
         }
-        Ok(Db { inner })
+        Ok(Db {
+            _handles: Some(Arc::new(LastHandle(Arc::downgrade(&inner)))),
+            inner,
+        })
     }
 
     /// For an in-memory database, the bytes its storage holds (redb's cache aside); `None` for
@@ -609,6 +639,7 @@ impl Db {
                     ttl: tx.open_table(tables::TTL)?,
                     indexes,
                     unique,
+                    side: txn::OpenedSide::new(&tx),
                     origin,
                     now_ms: (inner.options.clock)(),
                     changes: Vec::new(),
@@ -996,7 +1027,9 @@ fn warn_unread_models(inner: &Inner, tx: &redb::WriteTransaction) -> Result<(), 
 
 pub(crate) fn purge_expired(inner: &Arc<Inner>) -> Result<u64, DbError> {
     const BATCH: usize = 1_000;
+    // The background work's own handle: its drop must not stop that work.
     let db = Db {
+        _handles: None,
         inner: inner.clone(),
     };
     let mut total = 0;

@@ -21,35 +21,111 @@ pub trait WriteInterceptor: Send + Sync {
 }
 
 /// Byte-keyed tables beside the items, written in the same transaction (replication state).
-pub struct SideTables<'t> {
-    tx: &'t WriteTransaction,
+///
+/// A table opened here stays open until the transaction ends ([`OpenedSide`]): redb's
+/// `open_table` looks the name up and a table's drop writes its root back, and the agent makes
+/// about ten side-table calls per application write.
+pub struct SideTables<'a> {
+    opened: &'a (dyn SideAccess + 'a),
 }
 
-impl<'t> SideTables<'t> {
-    fn open(&self, table: &str) -> Result<Table<'t, Bytes, Bytes>, DbError> {
-        let name = tables::side_table_name(table);
-        Ok(self.tx.open_table(tables::side_def(&name))?)
+/// What [`SideTables`] does with its transaction's open tables; a trait object, so that
+/// `SideTables` needs no second lifetime for the tables' own.
+trait SideAccess {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
+    fn put(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError>;
+    fn remove(&self, table: &str, key: &[u8]) -> Result<bool, DbError>;
+    fn len(&self, table: &str) -> Result<u64, DbError>;
+    fn scan(&self, table: &str, start: &[u8], limit: usize) -> Result<crate::SideEntries, DbError>;
+    fn clear(&self, table: &str) -> Result<(), DbError>;
+}
+
+/// The side tables one write transaction has opened, by the caller's table name.
+pub(crate) struct OpenedSide<'t> {
+    tx: &'t WriteTransaction,
+    tables: RefCell<Vec<(String, Table<'t, Bytes, Bytes>)>>,
+}
+
+impl<'t> OpenedSide<'t> {
+    pub(crate) fn new(tx: &'t WriteTransaction) -> OpenedSide<'t> {
+        OpenedSide {
+            tx,
+            tables: RefCell::new(Vec::new()),
+        }
     }
 
+    /// Runs `f` on the table, opening it on first use. A transaction touches a handful of side
+    /// tables, so a linear search beats hashing the name.
+    fn with<R>(
+        &self,
+        table: &str,
+        f: impl FnOnce(&mut Table<'t, Bytes, Bytes>) -> Result<R, DbError>,
+    ) -> Result<R, DbError> {
+        let mut tables = self.tables.borrow_mut();
+        let at = match tables.iter().position(|(name, _)| name == table) {
+            Some(at) => at,
+            None => {
+                let name = tables::side_table_name(table);
+                tables.push((
+                    table.to_string(),
+                    self.tx.open_table(tables::side_def(&name))?,
+                ));
+                tables.len() - 1
+            }
+        };
+        f(&mut tables[at].1)
+    }
+}
+
+impl SideAccess for OpenedSide<'_> {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        self.with(table, |t| Ok(t.get(key)?.map(|v| v.value().to_vec())))
+    }
+
+    fn put(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError> {
+        self.with(table, |t| {
+            t.insert(key, value)?;
+            Ok(())
+        })
+    }
+
+    fn remove(&self, table: &str, key: &[u8]) -> Result<bool, DbError> {
+        self.with(table, |t| Ok(t.remove(key)?.is_some()))
+    }
+
+    fn len(&self, table: &str) -> Result<u64, DbError> {
+        self.with(table, |t| Ok(t.len()?))
+    }
+
+    fn scan(&self, table: &str, start: &[u8], limit: usize) -> Result<crate::SideEntries, DbError> {
+        self.with(table, |t| crate::tables::side_entries(t, start, limit))
+    }
+
+    fn clear(&self, table: &str) -> Result<(), DbError> {
+        // redb refuses to delete an open table: close it here first.
+        self.tables.borrow_mut().retain(|(name, _)| name != table);
+        let name = tables::side_table_name(table);
+        self.tx.delete_table(tables::side_def(&name))?;
+        Ok(())
+    }
+}
+
+impl SideTables<'_> {
     pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        let t = self.open(table)?;
-        let value = t.get(key)?.map(|v| v.value().to_vec());
-        Ok(value)
+        self.opened.get(table, key)
     }
 
     pub fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        self.open(table)?.insert(key, value)?;
-        Ok(())
+        self.opened.put(table, key, value)
     }
 
     /// Removes a key; returns whether it was there.
     pub fn remove(&mut self, table: &str, key: &[u8]) -> Result<bool, DbError> {
-        let removed = self.open(table)?.remove(key)?.is_some();
-        Ok(removed)
+        self.opened.remove(table, key)
     }
 
     pub fn len(&self, table: &str) -> Result<u64, DbError> {
-        Ok(self.open(table)?.len()?)
+        self.opened.len(table)
     }
 
     pub fn is_empty(&self, table: &str) -> Result<bool, DbError> {
@@ -63,15 +139,12 @@ impl<'t> SideTables<'t> {
         start: &[u8],
         limit: usize,
     ) -> Result<crate::SideEntries, DbError> {
-        let t = self.open(table)?;
-        crate::tables::side_entries(&t, start, limit)
+        self.opened.scan(table, start, limit)
     }
 
     /// Removes every entry of the table.
     pub fn clear(&mut self, table: &str) -> Result<(), DbError> {
-        let name = tables::side_table_name(table);
-        self.tx.delete_table(tables::side_def(&name))?;
-        Ok(())
+        self.opened.clear(table)
     }
 }
 
@@ -91,6 +164,8 @@ pub struct WriteTxn<'t> {
     pub(crate) indexes: Vec<Table<'t, Bytes, ()>>,
     /// The values of `unique` fields (see `unique`); opened only when the schema has some.
     pub(crate) unique: Option<Table<'t, Bytes, Bytes>>,
+    /// The side tables opened so far (see [`SideTables`]).
+    pub(crate) side: OpenedSide<'t>,
     pub(crate) origin: Origin,
     pub(crate) now_ms: i64,
     pub(crate) changes: Vec<ItemChange>,
@@ -107,8 +182,8 @@ impl<'t> WriteTxn<'t> {
     }
 
     /// The side tables, in this transaction.
-    pub fn side(&mut self) -> SideTables<'t> {
-        SideTables { tx: self.tx }
+    pub fn side(&mut self) -> SideTables<'_> {
+        SideTables { opened: &self.side }
     }
 
     fn model(&self, name: &str) -> Result<&'t Model, DbError> {
@@ -526,7 +601,7 @@ impl<'t> WriteTxn<'t> {
         change: ItemChange,
     ) -> Result<(), DbError> {
         if let Some(interceptor) = interceptor {
-            interceptor.on_change(&mut SideTables { tx: self.tx }, &change)?;
+            interceptor.on_change(&mut SideTables { opened: &self.side }, &change)?;
         }
         self.changes.push(change);
         Ok(())

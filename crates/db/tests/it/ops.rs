@@ -107,6 +107,50 @@ fn schema_process_block_is_enforced_on_device_writes() {
         .is_some());
 }
 
+/// Side tables stay open for the whole write transaction: every call of one transaction sees
+/// the calls before it, through any `side()` handle and the interceptor's, `clear` works on a
+/// table already open (redb refuses to delete an open one), and a rollback leaves nothing.
+#[test]
+fn side_tables_of_one_transaction_see_each_other_and_roll_back_together() {
+    let (_dir, db) = fixture(0);
+    db.write(Origin::Local, |t| {
+        t.side().put("a", b"k1", b"v1")?;
+        t.side().put("b", b"k1", b"b1")?;
+        let mut side = t.side();
+        assert_eq!(side.get("a", b"k1")?.as_deref(), Some(&b"v1"[..]));
+        side.put("a", b"k2", b"v2")?;
+        assert_eq!(side.len("a")?, 2);
+        assert!(side.remove("a", b"k1")?);
+        assert!(!side.remove("a", b"k1")?);
+        side.clear("b")?;
+        assert!(side.is_empty("b")?);
+        side.put("b", b"k3", b"b3")?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(db.side_get("a", b"k1").unwrap(), None);
+    assert_eq!(
+        db.side_get("a", b"k2").unwrap().as_deref(),
+        Some(&b"v2"[..])
+    );
+    assert_eq!(db.side_len("b").unwrap(), 1);
+    assert_eq!(
+        db.side_get("b", b"k3").unwrap().as_deref(),
+        Some(&b"b3"[..])
+    );
+
+    let refused: Result<(), DbError> = db.write(Origin::Local, |t| {
+        t.side().put("a", b"k9", b"v9")?;
+        t.side().clear("b")?;
+        t.create("Reading", &reading("x", 1.0, "ok"))?;
+        t.create("Reading", &reading("x", 2.0, "ok"))?;
+        Ok(())
+    });
+    assert!(matches!(refused, Err(DbError::Exists { .. })));
+    assert_eq!(db.side_get("a", b"k9").unwrap(), None, "rolled back");
+    assert_eq!(db.side_len("b").unwrap(), 1, "the clear rolled back");
+}
+
 #[test]
 fn transaction_is_atomic() {
     let (_dir, db) = fixture(0);
@@ -435,6 +479,41 @@ fn export_import_round_trip_and_bad_line() {
         .unwrap()
         .items
         .is_empty());
+}
+
+/// A file can be opened again as soon as its last handle is dropped, even while the background
+/// thread is in the middle of its work: the drop stops that work first. Before, the background
+/// thread became the database's last owner and closed the file a moment later, so an open
+/// right after the drop failed with "already open". The clock holds the background's TTL purge
+/// in its write transaction for 300 ms, exactly when the handle is dropped.
+#[test]
+fn a_dropped_database_reopens_at_once_whatever_its_background_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.redb");
+    let (inside_tx, inside_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let inside_tx = Mutex::new(Some(inside_tx));
+    let slow_background_clock = move || {
+        if std::thread::current().name() == Some("devtables-db") {
+            if let Some(tx) = inside_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        devtables_db::system_now_ms()
+    };
+    let options = DbOptions {
+        ttl_purge_interval: Duration::from_millis(1),
+        clock: Arc::new(slow_background_clock),
+        ..DbOptions::default()
+    };
+    let db = devtables_db::Db::open(&path, super::schema(), options).unwrap();
+    db.create("Reading", &reading("a", 1.0, "ok")).unwrap();
+    inside_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the background purge never began");
+    drop(db);
+    let again = open(&path, DbOptions::default());
+    assert!(again.get("Reading", &key("a")).unwrap().is_some());
 }
 
 #[test]
