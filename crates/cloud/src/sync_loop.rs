@@ -1412,6 +1412,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_device_always_publishes_through_the_same_egress_client_and_all_are_used() {
+        let devices: Vec<DeviceId> = (0..64)
+            .map(|i| DeviceId::new("a", format!("d{i}")).unwrap())
+            .collect();
+        let first: Vec<usize> = devices.iter().map(|d| egress_index(d, 3)).collect();
+        let again: Vec<usize> = devices.iter().map(|d| egress_index(d, 3)).collect();
+        assert_eq!(first, again, "a device moved to another client");
+        let used: std::collections::BTreeSet<usize> = first.iter().copied().collect();
+        assert_eq!(used, [0, 1, 2].into(), "a client carries no device");
+        assert!(devices.iter().all(|d| egress_index(d, 1) == 0));
+    }
+
+    #[test]
     fn a_completion_whose_group_was_not_committed_reports_a_store_error() {
         let device = DeviceId::new("a", "d").unwrap();
         let lost = StoreError::Database("disk full".into());
