@@ -269,8 +269,9 @@ impl DeviceCertificates {
     }
 }
 
-/// Settings of the service's MQTT clients (the sync loop's two connections to an external broker:
-/// ingress and egress, see `mqtt_link`). With the embedded broker the service has no client (both
+/// Settings of the service's MQTT clients (the sync loop's connections to an external broker:
+/// ingress and egress, one each unless `ingress_clients` / `egress_clients` say more; see
+/// `mqtt_link`). With the embedded broker the service has no client (both
 /// directions are in-process) and only `event_queue` applies, as the capacity of the channel that
 /// hands device messages over.
 #[derive(Clone, Debug, PartialEq)]
@@ -282,14 +283,14 @@ pub struct MqttClientConfig {
     /// (the sync loop reads no device message meanwhile: backpressure, counted in
     /// `egress_waits` of `GET /v1/status`), it is never dropped.
     pub request_queue: usize,
-    /// Most MQTT events waiting between the task that polls the connection and the sync loop.
-    /// Default 1024.
+    /// Most MQTT events waiting between the tasks that poll one direction's connections and
+    /// the sync loop. Default 1024.
     pub event_queue: usize,
-    /// QoS 1 publishes the egress connection may have unacknowledged by the broker at once
+    /// QoS 1 publishes each egress connection may have unacknowledged by the broker at once
     /// (rumqttc's window). A small window caps the publish rate at window / round trip. Default
     /// 1024.
     pub egress_inflight: u16,
-    /// The username of the egress connection to an external broker (default none: the
+    /// The username of the egress connections to an external broker (default none: the
     /// broker username; see the file's `broker_egress_username`).
     pub egress_username: Option<String>,
     /// MQTT keep-alive. Default 30 s.
