@@ -743,9 +743,15 @@ async fn ready(State(s): State<ApiState>) -> (StatusCode, Json<Readiness>) {
     let reason = if !store_ok {
         Some("the store does not answer".to_string())
     } else if !status.broker_connected {
-        Some("not connected to the MQTT broker".to_string())
+        Some(format!(
+            "not connected to the MQTT broker ({} of the reading connections up)",
+            status.ingress_clients_up
+        ))
     } else if !status.egress_connected {
-        Some("the connection that publishes to devices is not up".to_string())
+        Some(format!(
+            "not every connection that publishes to devices is up ({} up)",
+            status.egress_clients_up
+        ))
     } else if !status.subscribed {
         Some(format!(
             "the device topics are not subscribed yet ({} attempts so far)",

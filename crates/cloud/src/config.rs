@@ -269,8 +269,9 @@ impl DeviceCertificates {
     }
 }
 
-/// Settings of the service's MQTT clients (the sync loop's two connections to an external broker:
-/// ingress and egress, see `mqtt_link`). With the embedded broker the service has no client (both
+/// Settings of the service's MQTT clients (the sync loop's connections to an external broker:
+/// ingress and egress, one each unless `ingress_clients` / `egress_clients` say more; see
+/// `mqtt_link`). With the embedded broker the service has no client (both
 /// directions are in-process) and only `event_queue` applies, as the capacity of the channel that
 /// hands device messages over.
 #[derive(Clone, Debug, PartialEq)]
@@ -282,14 +283,14 @@ pub struct MqttClientConfig {
     /// (the sync loop reads no device message meanwhile: backpressure, counted in
     /// `egress_waits` of `GET /v1/status`), it is never dropped.
     pub request_queue: usize,
-    /// Most MQTT events waiting between the task that polls the connection and the sync loop.
-    /// Default 1024.
+    /// Most MQTT events waiting between the tasks that poll one direction's connections and
+    /// the sync loop. Default 1024.
     pub event_queue: usize,
-    /// QoS 1 publishes the egress connection may have unacknowledged by the broker at once
+    /// QoS 1 publishes each egress connection may have unacknowledged by the broker at once
     /// (rumqttc's window). A small window caps the publish rate at window / round trip. Default
     /// 1024.
     pub egress_inflight: u16,
-    /// The username of the egress connection to an external broker (default none: the
+    /// The username of the egress connections to an external broker (default none: the
     /// broker username; see the file's `broker_egress_username`).
     pub egress_username: Option<String>,
     /// MQTT keep-alive. Default 30 s.
@@ -310,7 +311,25 @@ pub struct MqttClientConfig {
     /// connection moves that connection's next attempt to the next address, round the list
     /// (see `external_brokers`). Default none.
     pub external_fallbacks: Vec<(String, u16)>,
+    /// How many connections subscribe to the device topics, 1 to [`MAX_BROKER_CLIENTS`].
+    /// Default 1: one plain subscription to `{prefix}/+/+/up`. More than 1 share one
+    /// subscription (`$share/devtables-{node}/{prefix}/+/+/up`, MQTT 5's shared subscriptions,
+    /// which Mosquitto 2, EMQX, HiveMQ and VerneMQ also grant to MQTT 3.1.1 clients): the broker
+    /// hands each device message to one of them, so reading device traffic is spread over
+    /// several sessions. Only for brokers that have shared subscriptions (NATS's MQTT gateway
+    /// has not: keep 1 there). One device's messages may then arrive over different
+    /// connections, out of order; the protocol tolerates it (docs/scale-out.md).
+    pub ingress_clients: usize,
+    /// How many connections publish to devices, 1 to [`MAX_BROKER_CLIENTS`]. Default 1. A
+    /// device's publishes always go through the same one (chosen by a hash of its id), so its
+    /// messages keep their order on the wire; each has its own request queue of
+    /// `request_queue` slots and its own backpressure.
+    pub egress_clients: usize,
 }
+
+/// Most connections per direction to an external broker ([`MqttClientConfig::ingress_clients`],
+/// [`MqttClientConfig::egress_clients`]).
+pub const MAX_BROKER_CLIENTS: usize = 16;
 
 impl Default for MqttClientConfig {
     fn default() -> MqttClientConfig {
@@ -326,6 +345,8 @@ impl Default for MqttClientConfig {
             subscribe_retry_max: Duration::from_secs(30),
             suback_timeout: Duration::from_secs(10),
             external_fallbacks: Vec::new(),
+            ingress_clients: 1,
+            egress_clients: 1,
         }
     }
 }
@@ -440,6 +461,14 @@ impl CloudConfig {
         }
         if self.mqtt.event_queue == 0 {
             return Err("mqtt event_queue must be at least 1".into());
+        }
+        for (name, n) in [
+            ("mqtt_ingress_clients", self.mqtt.ingress_clients),
+            ("mqtt_egress_clients", self.mqtt.egress_clients),
+        ] {
+            if !(1..=MAX_BROKER_CLIENTS).contains(&n) {
+                return Err(format!("{name} must be 1 to {MAX_BROKER_CLIENTS}, got {n}"));
+            }
         }
         if self.sync_store_jobs == 0 {
             return Err("sync_store_jobs must be at least 1".into());
@@ -589,6 +618,14 @@ pub struct CloudFile {
     /// Capacity of the service's MQTT request queue (default 4096).
     #[serde(default)]
     pub mqtt_request_queue: Option<usize>,
+    /// Connections of an external broker that read device messages, over one shared
+    /// subscription when more than 1 (default 1; see [`MqttClientConfig::ingress_clients`]).
+    #[serde(default)]
+    pub mqtt_ingress_clients: Option<usize>,
+    /// Connections of an external broker that publish to devices (default 1; see
+    /// [`MqttClientConfig::egress_clients`]).
+    #[serde(default)]
+    pub mqtt_egress_clients: Option<usize>,
     /// Devices prompted per start-up tick (default 256).
     #[serde(default)]
     pub startup_prompts_per_tick: Option<usize>,
@@ -933,6 +970,12 @@ impl CloudFile {
         }
         if let Some(n) = file.mqtt_request_queue {
             config.mqtt.request_queue = n;
+        }
+        if let Some(n) = file.mqtt_ingress_clients {
+            config.mqtt.ingress_clients = n;
+        }
+        if let Some(n) = file.mqtt_egress_clients {
+            config.mqtt.egress_clients = n;
         }
         if let Some(n) = file.startup_prompts_per_tick {
             config.startup_prompts.per_tick = n;
@@ -1462,5 +1505,30 @@ mod tests {
         assert!(CloudFile::load(&path)
             .unwrap_err()
             .contains("request_queue"));
+    }
+
+    #[test]
+    fn the_file_sets_the_broker_clients_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        std::fs::write(&path, "{schema: 's.json5', data_dir: 'd'}").unwrap();
+        let (_, c) = CloudFile::load(&path).unwrap();
+        assert_eq!((c.mqtt.ingress_clients, c.mqtt.egress_clients), (1, 1));
+        std::fs::write(
+            &path,
+            "{schema: 's.json5', data_dir: 'd', mqtt_ingress_clients: 3, mqtt_egress_clients: 16}",
+        )
+        .unwrap();
+        let (_, c) = CloudFile::load(&path).unwrap();
+        assert_eq!((c.mqtt.ingress_clients, c.mqtt.egress_clients), (3, 16));
+        for bad in ["mqtt_ingress_clients: 0", "mqtt_egress_clients: 17"] {
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {bad}}}"),
+            )
+            .unwrap();
+            let e = CloudFile::load(&path).unwrap_err();
+            assert!(e.contains(bad.split(':').next().unwrap()), "{e}");
+        }
     }
 }

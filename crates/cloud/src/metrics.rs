@@ -69,11 +69,19 @@ const fn gauge(field: &'static str, help: &'static str) -> StatusMetric {
 pub const STATUS_METRICS: &[StatusMetric] = &[
     gauge(
         "broker_connected",
-        "1 while the service's ingress MQTT connection (device messages in) is up; always 1 with the embedded broker (device messages come in-process)",
+        "1 while every ingress MQTT connection of the service (device messages in) is up; always 1 with the embedded broker (device messages come in-process)",
     ),
     gauge(
         "egress_connected",
-        "1 while the service's egress MQTT connection (publishes to devices) is up; always 1 with the embedded broker (publishes go in-process)",
+        "1 while every egress MQTT connection of the service (publishes to devices) is up; always 1 with the embedded broker (publishes go in-process)",
+    ),
+    gauge(
+        "ingress_clients_up",
+        "Ingress MQTT connections up, of mqtt_ingress_clients; 1 with the embedded broker",
+    ),
+    gauge(
+        "egress_clients_up",
+        "Egress MQTT connections up, of mqtt_egress_clients; 1 with the embedded broker",
     ),
     gauge(
         "subscribed",
@@ -186,7 +194,7 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
     ),
     gauge(
         "mqtt_requests_queued",
-        "Requests waiting in the egress MQTT client's request queue",
+        "Requests waiting in the egress MQTT clients' request queues, all together",
     ),
     gauge(
         "mqtt_request_queue",

@@ -1,11 +1,14 @@
 //! The service's MQTT connections: a task per connection that does nothing but poll rumqttc's
 //! event loop, and a gauge of each client's request queue.
 //!
-//! The service has two connections, one per direction ([`Hop`]): *ingress* subscribes to the
-//! device topics and only reads, *egress* only publishes to devices. Split, the sync loop can
-//! stop reading device messages while the egress queue is full (backpressure: a publish waits
-//! for room, it is never dropped) without stopping the connection that drains that queue, and
-//! neither direction's traffic queues behind the other's in one socket.
+//! The service's connections are of two kinds ([`Hop`]): *ingress* subscribes to the device
+//! topics and only reads, *egress* only publishes to devices. Split, the sync loop can stop
+//! reading device messages while an egress queue is full (backpressure: a publish waits for
+//! room, it is never dropped) without stopping the connection that drains that queue, and
+//! neither direction's traffic queues behind the other's in one socket. There are
+//! `mqtt.ingress_clients` and `mqtt.egress_clients` of them (one each by default), each polled
+//! by its own task; every event is tagged with its connection's index, so the sync loop keeps
+//! one subscription state per ingress connection and one gauge per egress connection.
 //!
 //! This module exists for two reasons. First, the event loop must be polled all the time
 //! (keep-alives, acknowledgements, reconnects) whatever the sync loop is doing, and its `poll`
@@ -16,7 +19,7 @@
 //! [`RequestGauge`] counts it: +1 for every request the sync loop queues, -1 for every one the
 //! event loop reports taking (`Outgoing` events), reset when a lost connection empties it.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +28,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::MqttClientConfig;
 use crate::external_brokers::ExternalBrokers;
-use crate::status::SyncStatus;
+use crate::status::{LinkCount, SyncStatus};
 
 /// Which of the service's two MQTT connections a task polls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,14 +48,32 @@ impl Hop {
         }
     }
 
-    /// The status flag that says this connection is up.
-    fn flag(self, status: &SyncStatus) -> &AtomicBool {
+    /// The status count of this direction's connections that are up.
+    fn links(self, status: &SyncStatus) -> &LinkCount {
         match self {
-            Hop::Ingress => &status.broker_connected,
-            Hop::Egress => &status.egress_connected,
+            Hop::Ingress => &status.ingress_links,
+            Hop::Egress => &status.egress_links,
+        }
+    }
+
+    /// The suffix of the connection's MQTT client id: `in`/`out`, then its index when the
+    /// direction has several (`in-0`, `in-1`...), so every connection of every node has an id
+    /// of its own and a single connection keeps the id it always had.
+    pub(crate) fn client_suffix(self, index: usize, of: usize) -> String {
+        let direction = match self {
+            Hop::Ingress => "in",
+            Hop::Egress => "out",
+        };
+        if of <= 1 {
+            direction.to_string()
+        } else {
+            format!("{direction}-{index}")
         }
     }
 }
+
+/// An event of one connection: which one (its index within its direction) and what happened.
+pub(crate) type TaggedEvent = (usize, LinkEvent);
 
 /// What the connection task tells the sync loop.
 #[derive(Debug)]
@@ -168,12 +189,14 @@ impl RequestGauge {
     }
 }
 
-/// Polls the event loop of the `hop` connection until shutdown, forwarding events to the sync
-/// loop.
+/// Polls the event loop of connection `index` of the `hop` direction until shutdown, forwarding
+/// its events, tagged with `index`, to the sync loop.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     hop: Hop,
+    index: usize,
     mut eventloop: EventLoop,
-    events: mpsc::Sender<LinkEvent>,
+    events: mpsc::Sender<TaggedEvent>,
     gauge: Arc<RequestGauge>,
     status: Arc<SyncStatus>,
     config: MqttClientConfig,
@@ -195,11 +218,12 @@ pub(crate) async fn run(
         };
         let forward = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
+                if !std::mem::replace(&mut connected, true) {
+                    hop.links(&status).came_up();
+                }
                 delay = config.reconnect_min;
-                hop.flag(&status).store(true, Ordering::SeqCst);
                 tracing::info!(
-                    "MQTT {} connection to the broker at {} is up",
+                    "MQTT {} connection {index} to the broker at {} is up",
                     hop.name(),
                     brokers.current()
                 );
@@ -242,8 +266,8 @@ pub(crate) async fn run(
             }
             Ok(_) => None,
             Err(e) => {
-                hop.flag(&status).store(false, Ordering::SeqCst);
                 if std::mem::take(&mut connected) {
+                    hop.links(&status).went_down();
                     let (queued, unacked) = gauge.drained();
                     // The subscribe may be among them; it is not a publish but close enough
                     // for a loss estimate, and subscriptions are tracked on their own.
@@ -257,7 +281,7 @@ pub(crate) async fn run(
                     Some(next) => format!("{e} (broker {broker}; the next attempt goes to {next})"),
                     None => format!("{e} (broker {broker})"),
                 };
-                if events.send(LinkEvent::Lost(said)).await.is_err() {
+                if events.send((index, LinkEvent::Lost(said))).await.is_err() {
                     return;
                 }
                 tokio::select! {
@@ -271,7 +295,7 @@ pub(crate) async fn run(
         if let Some(event) = forward {
             // The sync loop never waits on anything but its select, so this only waits for
             // it to take the previous events.
-            if events.send(event).await.is_err() {
+            if events.send((index, event)).await.is_err() {
                 return;
             }
         }

@@ -31,7 +31,7 @@ use crate::store_thread::wall_ms;
 pub use crate::store_thread::{StoreCtx, StoreGone, StoreHandle};
 use crate::subscription::{SubscribeTiming, Subscription};
 pub use crate::sync_loop::SyncInput;
-use crate::sync_loop::{Egress, Ingress, SyncLoop, SyncParts};
+use crate::sync_loop::{ClientLink, Egress, Ingress, SyncLoop, SyncParts};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -314,14 +314,12 @@ impl Cloud {
             serving_rx.clone(),
         );
 
-        // With an external broker, two connections, one per direction (see `mqtt_link`):
-        // ingress subscribes to the device topics, egress publishes to devices. With the
-        // embedded broker, none.
-        let client = |hop: Hop| {
-            let suffix = match hop {
-                Hop::Ingress => "in",
-                Hop::Egress => "out",
-            };
+        // With an external broker, connections of two kinds (see `mqtt_link`): ingress
+        // subscribes to the device topics, egress publishes to devices; `mqtt.ingress_clients`
+        // and `mqtt.egress_clients` of them, all of a direction sending their events into one
+        // channel, tagged with their index. With the embedded broker, none.
+        let client = |hop: Hop, index: usize, count: usize, link_tx| {
+            let suffix = hop.client_suffix(index, count);
             let mut options = MqttOptions::new(
                 format!("devtables-cloud-{node_name}-{suffix}"),
                 mqtt_host.clone(),
@@ -352,9 +350,9 @@ impl Cloud {
             network.set_tcp_nodelay(true);
             eventloop.set_network_options(network);
             let gauge = Arc::new(RequestGauge::new(config.mqtt.request_queue));
-            let (link_tx, link_rx) = mpsc::channel(config.mqtt.event_queue);
             let task = tokio::spawn(mqtt_link::run(
                 hop,
+                index,
                 eventloop,
                 link_tx,
                 gauge.clone(),
@@ -362,7 +360,18 @@ impl Cloud {
                 config.mqtt.clone(),
                 shutdown_rx.clone(),
             ));
-            (client, gauge, link_rx, task)
+            (ClientLink { client, gauge }, task)
+        };
+        let clients = |hop: Hop, count: usize| {
+            let (link_tx, link_rx) = mpsc::channel(config.mqtt.event_queue);
+            let mut links = Vec::with_capacity(count);
+            let mut tasks = Vec::with_capacity(count);
+            for index in 0..count {
+                let (link, task) = client(hop, index, count, link_tx.clone());
+                links.push(link);
+                tasks.push(task);
+            }
+            (links, link_rx, tasks)
         };
         let mut tasks = vec![head_task];
         let egress = match &broker {
@@ -371,26 +380,18 @@ impl Cloud {
                 publisher: broker.publisher(),
             },
             None => {
-                let (client, gauge, events, task) = client(Hop::Egress);
-                tasks.push(task);
-                Egress::Client {
-                    client,
-                    gauge,
-                    events,
-                }
+                let (links, events, started) = clients(Hop::Egress, config.mqtt.egress_clients);
+                tasks.extend(started);
+                Egress::Clients { links, events }
             }
         };
         let ingress = match device_messages {
             // The embedded broker hands device messages over in-process.
             Some(messages) => Ingress::Embedded { messages },
             None => {
-                let (client, gauge, events, task) = client(Hop::Ingress);
-                tasks.push(task);
-                Ingress::Client {
-                    client,
-                    gauge,
-                    events,
-                }
+                let (links, events, started) = clients(Hop::Ingress, config.mqtt.ingress_clients);
+                tasks.extend(started);
+                Ingress::Clients { links, events }
             }
         };
 
@@ -475,6 +476,11 @@ impl Cloud {
         // Sessions live in memory: after a restart the devices with unacknowledged changes
         // waiting are prompted to say hello, or an idle device would never get them. The sync
         // loop paces these prompts, after subscribing.
+        // Several ingress clients share one subscription; a single one subscribes plainly (as
+        // on a broker without shared subscriptions).
+        let share_group = (matches!(ingress, Ingress::Clients { .. })
+            && config.mqtt.ingress_clients > 1)
+            .then(|| share_group(&node_name));
         let sync = SyncLoop::new(SyncParts {
             max_drift_ms: sync_config.max_drift_ms,
             engine: CloudEngine::new(sync_config),
@@ -490,6 +496,7 @@ impl Cloud {
                 retry_max: config.mqtt.subscribe_retry_max,
                 suback_timeout: config.mqtt.suback_timeout,
             }),
+            share_group,
             behind,
             pace: config.startup_prompts.clone(),
             max_store_jobs: config.sync_store_jobs,
@@ -874,6 +881,18 @@ fn node_name(config: &CloudConfig) -> Result<String, StartError> {
         source,
     })?;
     Ok(name)
+}
+
+/// The shared-subscription group of this node's ingress connections: one per node, so that in
+/// a scaled-out cloud every node still receives every device message (each keeps those of the
+/// partitions it serves), while the connections of one node share them out. A topic level may
+/// not hold `/`, `+` or `#`; a node name with them has them replaced.
+fn share_group(node_name: &str) -> String {
+    let level: String = node_name
+        .chars()
+        .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
+        .collect();
+    format!("devtables-{level}")
 }
 
 /// Calls `f` for every registered device, a page at a time.

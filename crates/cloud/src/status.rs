@@ -16,18 +16,19 @@ pub(crate) use crate::warn_limit::WarnLimiter;
 /// Live numbers of the sync loop. Written by the sync loop and the MQTT task, read by the API.
 #[derive(Debug, Default)]
 pub struct SyncStatus {
-    /// The ingress MQTT connection (device messages in) is up (CONNACK received, not lost
-    /// since).
-    pub(crate) broker_connected: AtomicBool,
-    /// The egress MQTT connection (publishes to devices) is up. With the embedded broker there
-    /// is no such connection (publishes go in-process), and it is always true.
-    pub(crate) egress_connected: AtomicBool,
-    /// Every device-topic filter is subscribed on the current connection (SUBACK with success
-    /// codes).
+    /// The ingress MQTT connections (device messages in): how many there are and how many are
+    /// up (CONNACK received, not lost since). `broker_connected` is all of them up. With the
+    /// embedded broker there is no connection (device messages come in-process): one, up.
+    pub(crate) ingress_links: LinkCount,
+    /// The egress MQTT connections (publishes to devices), as `ingress_links`:
+    /// `egress_connected` is all of them up.
+    pub(crate) egress_links: LinkCount,
+    /// Every device-topic filter is subscribed on every ingress connection (SUBACKs with
+    /// success codes).
     pub(crate) subscribed: AtomicBool,
     /// Subscribe requests sent since start (retries included).
     pub(crate) subscribe_attempts: AtomicU64,
-    /// Filters held on the current connection.
+    /// Filters held, summed over the ingress connections.
     pub(crate) subscriptions_held: AtomicU64,
     /// Device sessions the engine tracks.
     pub(crate) sessions: AtomicU64,
@@ -186,11 +187,58 @@ pub struct SyncStatus {
     pub(crate) cluster: crate::cluster::ClusterCounters,
 }
 
+/// How many of one direction's MQTT connections there are, and how many are up. Each
+/// connection's task counts its own ups and downs, so the count is right whatever order the
+/// tasks run in; "connected" is derived from it when read, never stored.
+#[derive(Debug, Default)]
+pub(crate) struct LinkCount {
+    up: AtomicU64,
+    total: AtomicU64,
+}
+
+impl LinkCount {
+    /// This many connections will be opened (none is up yet).
+    pub(crate) fn expect(&self, total: usize) {
+        self.total.store(total as u64, Ordering::SeqCst);
+    }
+
+    /// No connection in this direction: it is in-process, one link that is always up.
+    pub(crate) fn in_process(&self) {
+        self.total.store(1, Ordering::SeqCst);
+        self.up.store(1, Ordering::SeqCst);
+    }
+
+    /// One connection came up.
+    pub(crate) fn came_up(&self) {
+        self.up.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// One connection that was up went down.
+    pub(crate) fn went_down(&self) {
+        let _ = self
+            .up
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Connections up now.
+    pub(crate) fn up(&self) -> u64 {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Whether every connection is up (false before any is expected).
+    pub(crate) fn all_up(&self) -> bool {
+        let total = self.total.load(Ordering::SeqCst);
+        total > 0 && self.up() >= total
+    }
+}
+
 /// A copy of [`SyncStatus`] at one moment, as `GET /v1/status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StatusSnapshot {
     pub broker_connected: bool,
     pub egress_connected: bool,
+    pub ingress_clients_up: u64,
+    pub egress_clients_up: u64,
     pub subscribed: bool,
     pub subscribe_attempts: u64,
     pub subscriptions_held: u64,
@@ -288,8 +336,10 @@ impl SyncStatus {
     pub fn snapshot(&self, request_queue: usize) -> StatusSnapshot {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatusSnapshot {
-            broker_connected: self.broker_connected.load(Ordering::SeqCst),
-            egress_connected: self.egress_connected.load(Ordering::SeqCst),
+            broker_connected: self.ingress_links.all_up(),
+            egress_connected: self.egress_links.all_up(),
+            ingress_clients_up: self.ingress_links.up(),
+            egress_clients_up: self.egress_links.up(),
             subscribed: self.subscribed.load(Ordering::SeqCst),
             subscribe_attempts: n(&self.subscribe_attempts),
             subscriptions_held: n(&self.subscriptions_held),
@@ -381,10 +431,10 @@ impl SyncStatus {
             .map_or(0, |oldest| now_ms.saturating_sub(*oldest))
     }
 
-    /// Whether the MQTT side is ready: both connections up and every device topic subscribed.
+    /// Whether the MQTT side is ready: every connection up and every device topic subscribed.
     pub fn mqtt_ready(&self) -> bool {
-        self.broker_connected.load(Ordering::SeqCst)
-            && self.egress_connected.load(Ordering::SeqCst)
+        self.ingress_links.all_up()
+            && self.egress_links.all_up()
             && self.subscribed.load(Ordering::SeqCst)
     }
 }

@@ -44,8 +44,8 @@ pub(crate) enum SubAckOutcome {
     Ignored,
 }
 
-/// The subscription state of the current connection.
-#[derive(Debug)]
+/// The subscription state of the current connection (one per ingress connection).
+#[derive(Clone, Debug)]
 pub(crate) struct Subscription {
     timing: SubscribeTiming,
     state: State,

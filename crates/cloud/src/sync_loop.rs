@@ -17,14 +17,18 @@
 //!   published after a start.
 //! - Device messages come from [`Ingress`], publishes go to [`Egress`]: with the embedded
 //!   broker both are in-process (the broker's publish hook in, [`EmbeddedPublisher`] out) and
-//!   the service opens no MQTT connection at all; with an external broker each direction has a
-//!   connection of its own ([`crate::mqtt_link::Hop`]).
+//!   the service opens no MQTT connection at all; with an external broker each direction has
+//!   connections of its own ([`crate::mqtt_link::Hop`]), one each by default. Several ingress
+//!   connections share one subscription (`$share/...`): each keeps its own [`Subscription`]
+//!   state, and the device topics count as subscribed only while every one holds. Several
+//!   egress connections split the devices by a hash of their id, so one device's publishes
+//!   always take the same connection, in order.
 //! - It never drops a publish it could queue. To an external broker every publish takes a slot
 //!   of the egress [`RequestGauge`]; a publish that finds no room waits, and while it waits the
 //!   loop reads no device message (backpressure, counted in `egress_waits`): the ingress
 //!   connection stops being read, so devices slow down instead of the cloud dropping their
-//!   answers. The egress connection is polled by its own task meanwhile, so the wait always
-//!   ends. Into the embedded broker a publish is queued to the device's session at once (rmqtt
+//!   answers. The egress connection (the one of the waiting publish's device) is polled by its
+//!   own task meanwhile, so the wait always ends. Into the embedded broker a publish is queued to the device's session at once (rmqtt
 //!   has no room to wait for); one that finds no session is counted (`publishes_undelivered`)
 //!   and warned about, and one its session's full queue drops later is counted by the broker
 //!   (`broker_drops`): the engine's timers recover both.
@@ -53,7 +57,7 @@ use crate::broker_publish::{Delivery, EmbeddedPublisher};
 use crate::cluster::{Heard, Serving, WakeOthers};
 use crate::config::StartupPrompts;
 use crate::metrics::StoreJob;
-use crate::mqtt_link::{LinkEvent, RequestGauge};
+use crate::mqtt_link::{LinkEvent, RequestGauge, TaggedEvent};
 
 use crate::status::{SyncStatus, WarnLimiter};
 use crate::store::{Advanced, StatusUpdate, StoreError};
@@ -104,7 +108,11 @@ pub(crate) struct SyncParts {
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<SyncInput>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The subscription state a new ingress connection starts from (its timing).
     pub(crate) subscription: Subscription,
+    /// With several ingress connections, the shared-subscription group they join
+    /// (`$share/{group}/...`); `None` subscribes plainly.
+    pub(crate) share_group: Option<String>,
     /// Devices whose feed head was above their acknowledged cursor at start, with the head.
     pub(crate) behind: Vec<(DeviceId, u64)>,
     pub(crate) pace: StartupPrompts,
@@ -120,12 +128,12 @@ pub(crate) struct SyncParts {
 
 /// Where the sync loop's device messages come from.
 pub(crate) enum Ingress {
-    /// A client subscribed to the device topics (an external broker): its connection's events
-    /// (messages, subscription answers, connected, lost).
-    Client {
-        client: AsyncClient,
-        gauge: Arc<RequestGauge>,
-        events: mpsc::Receiver<LinkEvent>,
+    /// Clients subscribed to the device topics (an external broker), and their connections'
+    /// events, tagged with the client's index (messages, subscription answers, connected,
+    /// lost).
+    Clients {
+        links: Vec<ClientLink>,
+        events: mpsc::Receiver<TaggedEvent>,
     },
     /// The embedded broker hands device messages over in-process
     /// ([`crate::broker::BrokerConfig::device_messages`]): nothing to subscribe, nothing to
@@ -137,65 +145,99 @@ pub(crate) enum Ingress {
 
 /// Where the sync loop's publishes to devices go.
 pub(crate) enum Egress {
-    /// A client connected to an external broker that only publishes: its request queue's
-    /// gauge (a full queue makes the publish wait: backpressure), and its connection's events
-    /// (connected, lost).
-    Client {
-        client: AsyncClient,
-        gauge: Arc<RequestGauge>,
-        events: mpsc::Receiver<LinkEvent>,
+    /// Clients connected to an external broker that only publish, each with its request
+    /// queue's gauge (a full queue makes the publish wait: backpressure), and their
+    /// connections' events, tagged with the client's index (connected, lost).
+    Clients {
+        links: Vec<ClientLink>,
+        events: mpsc::Receiver<TaggedEvent>,
     },
     /// Straight into the embedded broker's device sessions, in-process: no connection to lose,
     /// no request queue to wait for ([`crate::broker_publish`]).
     Embedded { publisher: EmbeddedPublisher },
 }
 
-/// The publishing side, once the loop runs (the events of a client's connection are kept apart,
-/// in [`SyncLoop::egress_link`], so the loop can wait on them and on the queue's room at once).
+/// One MQTT client of the service and its request queue's gauge.
+pub(crate) struct ClientLink {
+    pub(crate) client: AsyncClient,
+    pub(crate) gauge: Arc<RequestGauge>,
+}
+
+/// The publishing side, once the loop runs (the events of the clients' connections are kept
+/// apart, in [`SyncLoop::egress_link`], so the loop can wait on them and on a queue's room at
+/// once).
 enum Publisher {
-    Client {
-        client: AsyncClient,
-        gauge: Arc<RequestGauge>,
-    },
+    Clients(Vec<ClientLink>),
     Embedded(EmbeddedPublisher),
 }
 
 impl Publisher {
-    /// Waits until room in the request queue may have freed up; never with the embedded broker
-    /// (whose publishes never wait).
-    async fn freed(&self) {
+    /// The client that carries `device`'s publishes: always the same one for a device (a hash
+    /// of its id), so its messages keep their order on the wire.
+    fn link_of(&self, device: &DeviceId) -> Option<&ClientLink> {
         match self {
-            Publisher::Client { gauge, .. } => gauge.freed().await,
-            Publisher::Embedded(_) => std::future::pending().await,
+            Publisher::Clients(links) => links.get(egress_index(device, links.len())),
+            Publisher::Embedded(_) => None,
         }
     }
 
-    /// How many publishes may be queued now without waiting.
+    /// How many publishes may be queued now without waiting: the least room of any client
+    /// (the next publishes may go to any of them).
     fn room(&self) -> usize {
         match self {
-            Publisher::Client { gauge, .. } => gauge.publish_room(),
+            Publisher::Clients(links) => links
+                .iter()
+                .map(|l| l.gauge.publish_room())
+                .min()
+                .unwrap_or(0),
             Publisher::Embedded(_) => usize::MAX,
         }
     }
 
-    /// Requests waiting in the client's request queue (none in-process).
+    /// Requests waiting in the clients' request queues, all together (none in-process).
     fn queued(&self) -> usize {
         match self {
-            Publisher::Client { gauge, .. } => gauge.queued(),
+            Publisher::Clients(links) => links.iter().map(|l| l.gauge.queued()).sum(),
             Publisher::Embedded(_) => 0,
         }
     }
 }
 
+/// Which of `of` egress clients carries `device`'s publishes. Any fixed function of the id
+/// keeps a device on one client for the life of the process, which is all the order needs.
+fn egress_index(device: &DeviceId, of: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    if of <= 1 {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    device.hash(&mut h);
+    (h.finish() % of as u64) as usize
+}
+
 impl Ingress {
-    /// The next ingress event; `None` once the source is gone (shutdown).
-    async fn next(&mut self) -> Option<LinkEvent> {
+    /// The next ingress event, with the index of the client it came from (0 in-process);
+    /// `None` once the source is gone (shutdown).
+    async fn next(&mut self) -> Option<TaggedEvent> {
         match self {
-            Ingress::Client { events, .. } => events.recv().await,
-            Ingress::Embedded { messages } => messages.recv().await.map(|m| LinkEvent::Message {
-                topic: m.topic,
-                payload: m.payload,
+            Ingress::Clients { events, .. } => events.recv().await,
+            Ingress::Embedded { messages } => messages.recv().await.map(|m| {
+                (
+                    0,
+                    LinkEvent::Message {
+                        topic: m.topic,
+                        payload: m.payload,
+                    },
+                )
             }),
+        }
+    }
+
+    /// The subscribing clients (none in-process).
+    fn links(&self) -> &[ClientLink] {
+        match self {
+            Ingress::Clients { links, .. } => links,
+            Ingress::Embedded { .. } => &[],
         }
     }
 }
@@ -208,10 +250,10 @@ pub(crate) struct SyncLoop {
     ingress: Ingress,
     /// Where publishes go.
     publisher: Publisher,
-    /// The egress connection's events (none in-process: nothing to connect).
-    egress_link: Option<mpsc::Receiver<LinkEvent>>,
-    /// Whether the egress connection is up (always, in-process).
-    egress_up: bool,
+    /// The egress connections' events (none in-process: nothing to connect).
+    egress_link: Option<mpsc::Receiver<TaggedEvent>>,
+    /// Whether each egress connection is up (one, always up, in-process).
+    egress_up: Vec<bool>,
     status: Arc<SyncStatus>,
     prefix: String,
     /// The device topic filters this service subscribes to.
@@ -219,7 +261,8 @@ pub(crate) struct SyncLoop {
     inputs: mpsc::Receiver<SyncInput>,
     inputs_open: bool,
     shutdown: watch::Receiver<bool>,
-    subscription: Subscription,
+    /// The subscription state of each ingress connection (one, held for good, in-process).
+    subscriptions: Vec<Subscription>,
     store: StoreHandle,
     /// Store jobs the store's queue had no room for, in engine order: they go before any later
     /// job, as soon as there is room.
@@ -237,10 +280,11 @@ pub(crate) struct SyncLoop {
     startup: VecDeque<(DeviceId, u64)>,
     pace: StartupPrompts,
     next_prompts: tokio::time::Instant,
-    /// Whether the link was up (to warn once when it drops).
-    link_up: bool,
-    /// The link dropped since the device topics were last subscribed: once they are again,
-    /// every device session restarts (see `CloudEngine::handle_link_restored`).
+    /// Whether each ingress connection was up (to warn once when it drops).
+    links_up: Vec<bool>,
+    /// A connection (either direction) dropped since every connection was last up and every
+    /// subscription held: once they are again, every device session restarts (see
+    /// `CloudEngine::handle_link_restored`).
     link_lost: bool,
     drop_warn: WarnLimiter,
     undelivered_warn: WarnLimiter,
@@ -276,25 +320,37 @@ impl SyncLoop {
         p.status
             .prompts_pending
             .store(p.behind.len() as u64, Ordering::Relaxed);
-        let mut subscription = p.subscription;
         let serving_now = p.serving.borrow().clone();
-        if matches!(p.ingress, Ingress::Embedded { .. }) {
-            // In-process: the device messages flow from the start, and cannot be lost.
-            subscription.held_in_process();
-            p.status.broker_connected.store(true, Ordering::SeqCst);
-            p.status.subscribed.store(true, Ordering::SeqCst);
-        }
+        let subscriptions = match &p.ingress {
+            Ingress::Clients { links, .. } => {
+                p.status.ingress_links.expect(links.len());
+                vec![p.subscription; links.len()]
+            }
+            Ingress::Embedded { .. } => {
+                // In-process: the device messages flow from the start, and cannot be lost.
+                let mut held = p.subscription;
+                held.held_in_process();
+                p.status.ingress_links.in_process();
+                p.status.subscribed.store(true, Ordering::SeqCst);
+                vec![held]
+            }
+        };
         let (publisher, egress_link, egress_up) = match p.egress {
-            Egress::Client {
-                client,
-                gauge,
-                events,
-            } => (Publisher::Client { client, gauge }, Some(events), false),
+            Egress::Clients { links, events } => {
+                p.status.egress_links.expect(links.len());
+                let up = vec![false; links.len()];
+                (Publisher::Clients(links), Some(events), up)
+            }
             Egress::Embedded { publisher } => {
                 // In-process: nothing to connect, nothing to lose.
-                p.status.egress_connected.store(true, Ordering::SeqCst);
-                (Publisher::Embedded(publisher), None, true)
+                p.status.egress_links.in_process();
+                (Publisher::Embedded(publisher), None, vec![true])
             }
+        };
+        let up_filter = topics::up_filter(&p.prefix);
+        let filter = match &p.share_group {
+            Some(group) => format!("$share/{group}/{up_filter}"),
+            None => up_filter,
         };
         SyncLoop {
             engine: p.engine,
@@ -304,12 +360,13 @@ impl SyncLoop {
             egress_link,
             egress_up,
             status: p.status,
-            filters: vec![topics::up_filter(&p.prefix)],
+            filters: vec![filter],
+            links_up: vec![false; subscriptions.len()],
             prefix: p.prefix,
             inputs: p.inputs,
             inputs_open: true,
             shutdown: p.shutdown,
-            subscription,
+            subscriptions,
             store: p.store,
             jobs_waiting: VecDeque::new(),
             done_tx,
@@ -321,7 +378,6 @@ impl SyncLoop {
             startup: p.behind.into(),
             pace: p.pace,
             next_prompts: tokio::time::Instant::now(),
-            link_up: false,
             link_lost: false,
             drop_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
             undelivered_warn: WarnLimiter::new(WarnLimiter::INTERVAL),
@@ -358,32 +414,41 @@ impl SyncLoop {
                 tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(self.now()))
             });
             let subscribe_at = self
-                .subscription
-                .deadline()
+                .subscriptions
+                .iter()
+                .filter_map(Subscription::deadline)
+                .min()
                 .map(tokio::time::Instant::from_std);
             // Prompts go out only once the device topics are subscribed (the answers must be
             // heard) and when the engine's previous output was fully handed over.
             let prompts_at =
-                (self.subscription.held() && !self.startup.is_empty() && self.waiting.is_none())
+                (self.all_held() && !self.startup.is_empty() && self.waiting.is_none())
                     .then_some(self.next_prompts);
             let feed_lag_at = self
                 .feed_lag_stale
                 .then(|| tokio::time::Instant::from_std(self.next_feed_lag));
             // Backpressure: while a publish waits for room, no device message is read.
-            let publish_waits = matches!(self.waiting, Some(CloudAction::Transmit { .. }));
+            // The queue it waits for is that of its device's client.
+            let publish_waits_for = match &self.waiting {
+                Some(CloudAction::Transmit { device, .. }) => {
+                    self.publisher.link_of(device).map(|l| l.gauge.clone())
+                }
+                _ => None,
+            };
+            let publish_waits = publish_waits_for.is_some();
             let mut stop = false;
             tokio::select! {
                 event = self.ingress.next(), if !publish_waits => match event {
-                    Some(event) => self.on_link(event),
+                    Some((index, event)) => self.on_link(index, event),
                     // The connection task ends only at shutdown.
                     None => stop = true,
                 },
                 event = recv_link(&mut self.egress_link) => match event {
-                    Some(event) => self.on_egress_link(event),
+                    Some((index, event)) => self.on_egress_link(index, event),
                     None => stop = true,
                 },
                 // Room in the egress queue: `act` below queues the waiting publish.
-                _ = self.publisher.freed(), if publish_waits => {}
+                _ = freed(publish_waits_for.as_deref()), if publish_waits => {}
                 input = self.inputs.recv(), if self.inputs_open => match input {
                     Some(SyncInput::FeedAdvanced(advanced)) => self.feed_advanced(advanced),
                     None => self.inputs_open = false,
@@ -414,8 +479,14 @@ impl SyncLoop {
                     self.engine.handle_timeout(now);
                 }
                 _ = sleep_until(subscribe_at) => {
-                    if self.subscription.on_timer(Instant::now()) {
-                        tracing::warn!("no SUBACK for the device topics in time; subscribing again");
+                    let now = Instant::now();
+                    for (index, subscription) in self.subscriptions.iter_mut().enumerate() {
+                        if subscription.on_timer(now) {
+                            tracing::warn!(
+                                client = index,
+                                "no SUBACK for the device topics in time; subscribing again"
+                            );
+                        }
                     }
                 }
                 _ = sleep_until(prompts_at) => self.release_prompts(),
@@ -424,14 +495,11 @@ impl SyncLoop {
                 changed = self.shutdown.changed() => stop = changed.is_err(),
             }
             if stop || *self.shutdown.borrow() || self.store_gone {
-                let mut clients = Vec::new();
-                if let Publisher::Client { client, gauge } = &self.publisher {
-                    clients.push((client, gauge));
-                }
-                if let Ingress::Client { client, gauge, .. } = &self.ingress {
-                    clients.push((client, gauge));
-                }
-                for (client, gauge) in clients {
+                let egress: &[ClientLink] = match &self.publisher {
+                    Publisher::Clients(links) => links,
+                    Publisher::Embedded(_) => &[],
+                };
+                for ClientLink { client, gauge } in egress.iter().chain(self.ingress.links()) {
                     if gauge.try_take_control_slot() && client.try_disconnect().is_err() {
                         gauge.release();
                     }
@@ -445,23 +513,26 @@ impl SyncLoop {
         }
     }
 
-    fn on_link(&mut self, event: LinkEvent) {
+    /// Events of ingress connection `index`.
+    fn on_link(&mut self, index: usize, event: LinkEvent) {
+        let Some(subscription) = self.subscriptions.get_mut(index) else {
+            return;
+        };
         match event {
             LinkEvent::Connected => {
-                self.link_up = true;
-                self.subscription.connected(Instant::now());
-                tracing::info!("cloud sync connected to the broker");
+                self.links_up[index] = true;
+                subscription.connected(Instant::now());
+                tracing::info!(client = index, "cloud sync connected to the broker");
             }
             LinkEvent::Lost(e) => {
-                if std::mem::take(&mut self.link_up) {
-                    tracing::warn!("cloud sync lost the broker: {e}");
+                if std::mem::take(&mut self.links_up[index]) {
+                    tracing::warn!(client = index, "cloud sync lost the broker: {e}");
                 } else {
-                    tracing::debug!("cloud sync cannot reach the broker: {e}");
+                    tracing::debug!(client = index, "cloud sync cannot reach the broker: {e}");
                 }
-                self.subscription.lost();
+                subscription.lost();
                 self.link_lost = true;
-                self.status.subscribed.store(false, Ordering::SeqCst);
-                self.status.subscriptions_held.store(0, Ordering::Relaxed);
+                self.report_subscriptions();
             }
             LinkEvent::Message { topic, payload } => {
                 match topics::parse_up_topic(&self.prefix, &topic) {
@@ -489,21 +560,19 @@ impl SyncLoop {
                     }
                 }
             }
-            LinkEvent::SubscribeSent(pkid) => self.subscription.sent(pkid),
+            LinkEvent::SubscribeSent(pkid) => subscription.sent(pkid),
             LinkEvent::SubAck { pkid, granted } => {
-                match self.subscription.suback(Instant::now(), pkid, granted) {
+                match subscription.suback(Instant::now(), pkid, granted) {
                     SubAckOutcome::Held => {
-                        self.status
-                            .subscriptions_held
-                            .store(self.filters.len() as u64, Ordering::Relaxed);
-                        self.status.subscribed.store(true, Ordering::SeqCst);
-                        tracing::info!(filters = ?self.filters, "subscribed to the device topics");
-                        if self.egress_up && std::mem::take(&mut self.link_lost) {
-                            self.restart_sessions();
-                        }
+                        tracing::info!(
+                            client = index, filters = ?self.filters,
+                            "subscribed to the device topics"
+                        );
+                        self.report_subscriptions();
+                        self.restore_if_whole();
                     }
                     SubAckOutcome::Refused => tracing::warn!(
-                        filters = ?self.filters,
+                        client = index, filters = ?self.filters,
                         "the broker refused the device topic subscription; retrying"
                     ),
                     SubAckOutcome::Ignored => {
@@ -514,23 +583,57 @@ impl SyncLoop {
         }
     }
 
-    /// Events of the egress connection: only whether it is up matters here.
-    fn on_egress_link(&mut self, event: LinkEvent) {
+    /// Whether every ingress connection holds the device topic subscription.
+    fn all_held(&self) -> bool {
+        self.subscriptions.iter().all(Subscription::held)
+    }
+
+    /// Shows the subscriptions in the status: filters held over all ingress connections, and
+    /// whether every connection holds them.
+    fn report_subscriptions(&self) {
+        let held = self.subscriptions.iter().filter(|s| s.held()).count();
+        self.status
+            .subscriptions_held
+            .store((held * self.filters.len()) as u64, Ordering::Relaxed);
+        self.status
+            .subscribed
+            .store(self.all_held(), Ordering::SeqCst);
+    }
+
+    /// Once a connection that dropped is back and every connection is up and subscribed, every
+    /// device session restarts: messages in transit on the lost connection are gone (its
+    /// session was clean), whichever connection it was.
+    fn restore_if_whole(&mut self) {
+        if self.all_held() && self.egress_up.iter().all(|up| *up) && self.link_lost {
+            self.link_lost = false;
+            self.restart_sessions();
+        }
+    }
+
+    /// Events of egress connection `index`: only whether it is up matters here.
+    fn on_egress_link(&mut self, index: usize, event: LinkEvent) {
+        let Some(up) = self.egress_up.get_mut(index) else {
+            return;
+        };
         match event {
             LinkEvent::Connected => {
-                self.egress_up = true;
-                tracing::info!("cloud sync's publishing connection is up");
-                // Publishes in transit when it dropped are gone (clean session): once both
-                // directions are back, every device session restarts.
-                if self.subscription.held() && std::mem::take(&mut self.link_lost) {
-                    self.restart_sessions();
-                }
+                *up = true;
+                tracing::info!(client = index, "cloud sync's publishing connection is up");
+                // Publishes in transit when it dropped are gone (clean session): once every
+                // connection is back, every device session restarts.
+                self.restore_if_whole();
             }
             LinkEvent::Lost(e) => {
-                if std::mem::take(&mut self.egress_up) {
-                    tracing::warn!("cloud sync lost its publishing connection to the broker: {e}");
+                if std::mem::take(up) {
+                    tracing::warn!(
+                        client = index,
+                        "cloud sync lost its publishing connection to the broker: {e}"
+                    );
                 } else {
-                    tracing::debug!("cloud sync cannot reach the broker to publish: {e}");
+                    tracing::debug!(
+                        client = index,
+                        "cloud sync cannot reach the broker to publish: {e}"
+                    );
                 }
                 self.link_lost = true;
             }
@@ -539,37 +642,41 @@ impl SyncLoop {
         }
     }
 
-    /// Queues a SUBSCRIBE when one is due.
+    /// Queues a SUBSCRIBE on every ingress connection where one is due.
     fn drive_subscription(&mut self) {
         let now = Instant::now();
-        let Ingress::Client { client, gauge, .. } = &self.ingress else {
+        let Ingress::Clients { links, .. } = &self.ingress else {
             return;
         };
-        if !self.subscription.due(now) {
-            return;
-        }
-        self.status
-            .subscribe_attempts
-            .fetch_add(1, Ordering::Relaxed);
-        if !gauge.try_take_control_slot() {
-            self.subscription.not_queued(now);
-            tracing::warn!(
-                "the MQTT request queue is full; subscribing to the device topics later"
-            );
-            return;
-        }
-        let filters = self
-            .filters
-            .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-        match client.try_subscribe_many(filters) {
-            Ok(()) => self.subscription.queued(now),
-            Err(e) => {
-                gauge.release();
-                self.subscription.not_queued(now);
+        for (index, (link, subscription)) in links.iter().zip(&mut self.subscriptions).enumerate() {
+            if !subscription.due(now) {
+                continue;
+            }
+            self.status
+                .subscribe_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            if !link.gauge.try_take_control_slot() {
+                subscription.not_queued(now);
                 tracing::warn!(
-                    "cannot queue the subscription to the device topics ({e}); retrying"
+                    client = index,
+                    "the MQTT request queue is full; subscribing to the device topics later"
                 );
+                continue;
+            }
+            let filters = self
+                .filters
+                .iter()
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+            match link.client.try_subscribe_many(filters) {
+                Ok(()) => subscription.queued(now),
+                Err(e) => {
+                    link.gauge.release();
+                    subscription.not_queued(now);
+                    tracing::warn!(
+                        client = index,
+                        "cannot queue the subscription to the device topics ({e}); retrying"
+                    );
+                }
             }
         }
     }
@@ -1108,8 +1215,8 @@ impl SyncLoop {
     async fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
         let topic = topics::down_topic(&self.prefix, device);
         let len = bytes.len() as u64;
-        let (client, gauge) = match &self.publisher {
-            Publisher::Client { client, gauge } => (client, gauge),
+        let ClientLink { client, gauge } = match &self.publisher {
+            Publisher::Clients(links) => &links[egress_index(device, links.len())],
             Publisher::Embedded(publisher) => {
                 match publisher.publish(topic, bytes).await {
                     Delivery::Queued => {
@@ -1208,8 +1315,16 @@ impl SyncLoop {
     }
 }
 
+/// Resolves when room may have freed up in this request queue; never without one.
+async fn freed(gauge: Option<&RequestGauge>) {
+    match gauge {
+        Some(gauge) => gauge.freed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next event of a connection's task; never ready without a connection (in-process).
-async fn recv_link(link: &mut Option<mpsc::Receiver<LinkEvent>>) -> Option<LinkEvent> {
+async fn recv_link(link: &mut Option<mpsc::Receiver<TaggedEvent>>) -> Option<TaggedEvent> {
     match link {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -1295,6 +1410,19 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_always_publishes_through_the_same_egress_client_and_all_are_used() {
+        let devices: Vec<DeviceId> = (0..64)
+            .map(|i| DeviceId::new("a", format!("d{i}")).unwrap())
+            .collect();
+        let first: Vec<usize> = devices.iter().map(|d| egress_index(d, 3)).collect();
+        let again: Vec<usize> = devices.iter().map(|d| egress_index(d, 3)).collect();
+        assert_eq!(first, again, "a device moved to another client");
+        let used: std::collections::BTreeSet<usize> = first.iter().copied().collect();
+        assert_eq!(used, [0, 1, 2].into(), "a client carries no device");
+        assert!(devices.iter().all(|d| egress_index(d, 1) == 0));
+    }
 
     #[test]
     fn a_completion_whose_group_was_not_committed_reports_a_store_error() {

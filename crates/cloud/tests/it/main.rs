@@ -3,6 +3,7 @@
 //! `DEVTABLES_SERVICES` set: `pg`), and the store-conformance suite on both.
 
 mod api_keys;
+mod broker_clients;
 mod changes;
 mod conformance;
 mod harness;
