@@ -333,12 +333,25 @@ impl RawDevice {
         // The event loop runs on its own task: its poll must not be cancelled, so the test
         // waits on the channel instead.
         tokio::spawn(async move {
+            // rmqtt answers "service unavailable" to a CONNECT that races the close of an
+            // earlier session of the same client id (its session entry is still locked); a
+            // device retries that, and so does this one, until its first CONNACK.
+            let mut unavailable_retries = 50;
+            let mut accepted = false;
             loop {
                 match eventloop.poll().await {
                     Ok(event) => {
+                        accepted |= matches!(event, Event::Incoming(Packet::ConnAck(_)));
                         if tx.send(event).is_err() {
                             return;
                         }
+                    }
+                    Err(rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::ServiceUnavailable,
+                    )) if !accepted && unavailable_retries > 0 => {
+                        unavailable_retries -= 1;
+                        eprintln!("device connection refused as unavailable: retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     Err(e) => {
                         eprintln!("device connection ended: {e}");
