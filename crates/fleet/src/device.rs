@@ -56,6 +56,10 @@ enum Mark {
 #[derive(Default)]
 struct Owed {
     ups: HashMap<u64, Mark>,
+    /// Up writes answered so far: delivery is at least once, so an entry sent again (after a
+    /// reconnect or a restart) can be answered twice; the second answer must not count as
+    /// another write acknowledged (it is counted in `up_acks_repeated`).
+    ups_acked: HashSet<u64>,
     downs: HashMap<u64, Mark>,
     downs_applied: HashSet<u64>,
     commands: HashMap<u64, Mark>,
@@ -343,6 +347,10 @@ impl SimDevice {
                     let Some(seq) = seq_after(&key.sk, "reading#u") else {
                         continue;
                     };
+                    if !owed.ups_acked.insert(seq) {
+                        Counters::inc(&self.stats.counters.up_acks_repeated);
+                        continue;
+                    }
                     Counters::inc(&self.stats.counters.up_acked);
                     if let Some(lag) = meet(&mut owed.ups, seq, None) {
                         up_lags.push(lag);

@@ -214,8 +214,10 @@ pub struct FleetReport {
     pub duration_s: f64,
     pub offered_up_per_s: f64,
     pub up_written: u64,
-    /// Up writes the cloud applied (rejections are in `errors.device_rejected`).
+    /// Up writes the cloud applied (rejections are in `errors.device_rejected`), each once.
     pub up_acked: u64,
+    /// Answers for up writes answered before (an entry sent again: delivery is at least once).
+    pub up_acks_repeated: u64,
     /// Up writes acknowledged per second during the write phase.
     pub up_per_s: f64,
     pub down_written: u64,

@@ -1128,6 +1128,7 @@ fn report(
         offered_up_per_s: config.offered_up_per_s(),
         up_written,
         up_acked,
+        up_acks_repeated: Counters::get(&c.up_acks_repeated),
         up_per_s: m.up_acked_in_writes as f64 / write_s,
         down_written: Counters::get(&c.down_written),
         down_applied: Counters::get(&c.down_applied),

@@ -129,8 +129,10 @@ impl Lag {
 pub(crate) struct Counters {
     /// Up writes committed on a device.
     pub(crate) up_written: AtomicU64,
-    /// Up writes the cloud applied (answered and not rejected).
+    /// Up writes the cloud applied (answered and not rejected), each counted once.
     pub(crate) up_acked: AtomicU64,
+    /// Answers for up writes already answered (an entry sent again and answered twice).
+    pub(crate) up_acks_repeated: AtomicU64,
     /// Up writes the cloud rejected.
     pub(crate) up_rejected: AtomicU64,
     /// Write slots skipped because the device was offline (churn).
