@@ -314,6 +314,21 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Ends the background work (periodic flush, TTL purge), if it still runs; when this
+    /// returns, none of it runs.
+    fn stop_background(&self) {
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(worker) = worker {
+            worker.stop();
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if self.committer.has_unflushed() {
@@ -353,16 +368,8 @@ struct LastHandle(std::sync::Weak<Inner>);
 
 impl Drop for LastHandle {
     fn drop(&mut self) {
-        let Some(inner) = self.0.upgrade() else {
-            return;
-        };
-        let worker = inner
-            .worker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(worker) = worker {
-            worker.stop();
+        if let Some(inner) = self.0.upgrade() {
+            inner.stop_background();
         }
     }
 }
@@ -843,15 +850,7 @@ impl Db {
     /// Stops the background thread, makes every commit durable and closes this handle. The file
     /// is released once every clone of this `Db` is closed or dropped.
     pub fn close(self) -> Result<(), DbError> {
-        let worker = self
-            .inner
-            .worker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(worker) = worker {
-            worker.stop();
-        }
+        self.inner.stop_background();
         self.flush()
     }
 
