@@ -222,8 +222,11 @@ pub(crate) async fn run(
                     hop.links(&status).came_up();
                 }
                 delay = config.reconnect_min;
+                // The message keeps its one-connection form (operators and tests read it);
+                // which of several connections it is goes in a field.
                 tracing::info!(
-                    "MQTT {} connection {index} to the broker at {} is up",
+                    connection = index,
+                    "MQTT {} connection to the broker at {} is up",
                     hop.name(),
                     brokers.current()
                 );
