@@ -414,6 +414,18 @@ impl RawDevice {
         .await
     }
 
+    /// How many changes the cloud's answer to push `batch` carries (other messages are
+    /// skipped), or `None` after [`WAIT`].
+    pub async fn push_answered(&mut self, batch: u64) -> Option<usize> {
+        self.recv(|m| match m {
+            DownMsg::PushAck {
+                batch: b, results, ..
+            } if *b == batch => Some(results.len()),
+            _ => None,
+        })
+        .await
+    }
+
     /// Whether the broker closed this connection within [`WAIT`] (the event loop ended; packets
     /// still arriving before that are skipped).
     pub async fn closed(&mut self) -> bool {

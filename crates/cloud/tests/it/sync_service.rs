@@ -376,14 +376,7 @@ async fn a_busy_store_never_starves_the_broker_keep_alive() {
         session: None,
     })
     .await;
-    let answered = dev
-        .recv(|m| match m {
-            DownMsg::PushAck {
-                batch: 1, results, ..
-            } => Some(results.len()),
-            _ => None,
-        })
-        .await;
+    let answered = dev.push_answered(1).await;
     assert_eq!(
         answered,
         Some(1),
@@ -784,14 +777,7 @@ async fn a_full_store_queue_never_stops_the_sync_loop() {
     assert_eq!(cloud.store.queue_room(), 0, "the queue emptied too early");
 
     release_tx.send(()).expect("the holding job waits");
-    let answered = dev0
-        .recv(|m| match m {
-            DownMsg::PushAck {
-                batch: 1, results, ..
-            } => Some(results.len()),
-            _ => None,
-        })
-        .await;
+    let answered = dev0.push_answered(1).await;
     assert_eq!(
         answered,
         Some(1),
