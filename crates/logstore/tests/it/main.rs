@@ -1,0 +1,1 @@
+//! Integration tests of the log store (see `../../src/lib.rs` for the contract).
