@@ -1,5 +1,5 @@
-//! Where a database's background work runs: the periodic flush (`periodic` durability) and the
-//! TTL purge.
+//! Where a database's background work runs: the periodic flush (`periodic` durability), the
+//! log's compaction and the TTL purge.
 //!
 //! By default every open database has a thread of its own, which is what a device wants (one
 //! database, work never delayed by another's). A process that holds thousands of small
@@ -84,18 +84,29 @@ fn tick(inner: &Inner) -> Duration {
     tick.max(Duration::from_millis(1))
 }
 
-/// One tick of work: the periodic flush if anything waits for it, the TTL purge when due.
+/// One tick of work: the periodic flush if anything waits for it, a compaction of the log
+/// when its garbage outweighs its live data, the TTL purge when due.
 fn maintain(inner: &Arc<Inner>, since_purge: &mut Duration, tick: Duration) {
-    if inner.is_damaged() {
-        // Every call would answer with the same error (`damage`); the caller has it already.
-        return;
-    }
     if matches!(inner.options.durability, crate::Durability::Periodic { .. })
         && inner.committer.has_unflushed()
     {
         if let Err(e) = inner.committer.flush_all(|| inner.flush()) {
             tracing::error!(path = %inner.path.display(), "periodic flush failed: {e}");
         }
+    }
+    // Cheap when not worth it (a look at two sizes); when it is, it takes the store's writer
+    // slot for the rewrite, so writers wait that long. A failure leaves the old file whole.
+    match inner.store.compact_if_worth() {
+        Ok(true) => {
+            let stats = inner.store.stats();
+            tracing::debug!(
+                path = %inner.path.display(),
+                file_bytes = stats.file_bytes,
+                "compacted the database log"
+            );
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(path = %inner.path.display(), "compacting the database log failed (it stays as it was; tried again later): {e}"),
     }
     *since_purge += tick;
     if *since_purge >= inner.options.ttl_purge_interval {

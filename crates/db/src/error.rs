@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+use devtables_logstore::{LogError, LogOpenError};
 use devtables_schema::{SchemaChanges, ValidationError};
 
 /// Longest text from outside (an engine's message, an item's key) kept in an error, in
@@ -24,18 +25,22 @@ pub(crate) fn cut(text: &str) -> String {
 /// Why [`crate::Db::open`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot open database file {path}: {source}{}", lock_hint(.source))]
+    #[error("cannot open database file {path}: {}", open_cause(.source))]
     Storage {
         path: PathBuf,
         #[source]
-        source: Box<redb::DatabaseError>,
+        source: Box<LogOpenError>,
     },
     #[error("cannot prepare tables in database file {path}: {source}")]
     Tables {
         path: PathBuf,
         #[source]
-        source: Box<redb::Error>,
+        source: Box<LogError>,
     },
+    /// A database file of the redb formats (1 to 3) could not be converted to the log, for a
+    /// reason other than damage (an I/O error, a full disk): the file is left as it was.
+    #[error("cannot convert database file {path} from the redb format of earlier versions: {detail} (the file was left as it was; free space or fix the cause, then open it again)")]
+    Convert { path: PathBuf, detail: String },
     #[error("database file {path} is in format {found}, but this version of devtables reads format {supported} (and converts older files at open): was it written by a newer devtables?")]
     UnsupportedFormat {
         path: PathBuf,
@@ -160,7 +165,7 @@ pub enum DbError {
     #[error("I/O error: {0}")]
     Io(std::io::Error),
     #[error("storage error: {0}")]
-    Storage(Box<redb::Error>),
+    Storage(LogError),
     #[error("database file {path} is damaged: {detail}. Restore it from a backup; Db::open_read_only reads what is left without changing the file")]
     Damaged { path: PathBuf, detail: String },
     #[error("database file {path} was opened read-only (Db::open_read_only): open it with Db::open to write")]
@@ -169,11 +174,23 @@ pub enum DbError {
     Closed,
 }
 
-/// The hint of [`OpenError::Storage`]: only a file locked by another handle gets it.
-fn lock_hint(source: &redb::DatabaseError) -> &'static str {
+/// What [`OpenError::Storage`] says went wrong: the log store's error without its path (the
+/// variant names the file), with a hint for a file another handle holds.
+fn open_cause(source: &LogOpenError) -> String {
     match source {
-        redb::DatabaseError::DatabaseAlreadyOpen => " (is another process using it?)",
-        _ => "",
+        LogOpenError::InUse { .. } => {
+            "it is already open, locked by another handle or process (is another process using it?)"
+                .into()
+        }
+        LogOpenError::Io { source, .. } => source.to_string(),
+        LogOpenError::NotALog { .. } => "it is not a devtables database file".into(),
+        LogOpenError::NewerFormat { found, .. } => format!(
+            "its log format {found} is newer than this build reads ({})",
+            devtables_logstore::FORMAT_VERSION
+        ),
+        LogOpenError::Damaged { offset, detail, .. } => {
+            format!("damaged at byte {offset}: {}", cut(detail))
+        }
     }
 }
 
@@ -199,22 +216,16 @@ impl From<std::io::Error> for DbError {
     }
 }
 
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for DbError {
-            fn from(e: $t) -> Self {
-                DbError::Storage(Box::new(e.into()))
-            }
+impl From<LogError> for DbError {
+    /// Without the file's path: `Inner::engine` turns damage into [`DbError::Damaged`] and a
+    /// refused write into [`DbError::ReadOnly`], naming the file.
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Closed => DbError::Closed,
+            other => DbError::Storage(other),
         }
-    )*};
+    }
 }
-from_redb!(
-    redb::Error,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 #[cfg(test)]
 mod tests {

@@ -52,30 +52,27 @@ mod background;
 mod codec;
 mod codec_de;
 mod commit;
-mod convert;
-mod damage;
 mod error;
+mod format;
 mod hooks;
 mod jsonl;
 mod keys;
-mod memory;
+#[doc(hidden)]
+pub mod legacy;
 mod read;
 mod schema_record;
-mod storage;
 pub mod tables;
 mod txn;
 mod unique;
 
-use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
-use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
+use devtables_logstore::{LogError, LogOpenError, LogOptions, LogStore};
 use devtables_schema::{Item, ItemKey, Model, Schema, SchemaChanges};
-use redb::{ReadableTable, ReadableTableMetadata};
 
 pub use background::Background;
 pub use error::{DbError, OpenError, UniqueCollision};
@@ -123,7 +120,6 @@ pub mod fuzzing {
 use background::Worker;
 use commit::Committer;
 use hooks::Hooks;
-use storage::{FileStorage, LockError};
 
 /// When a commit reaches the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,8 +148,6 @@ pub struct DbOptions {
     pub max_item_bytes: usize,
     /// Most operations in one [`Db::transaction`].
     pub max_transaction_ops: usize,
-    /// redb page cache, in bytes.
-    pub cache_bytes: usize,
     /// Where the periodic flush and the TTL purge run: a thread of the database's own (the
     /// default), or one thread shared by the process's databases (for processes holding many).
     pub background: Background,
@@ -173,7 +167,6 @@ impl Default for DbOptions {
             ttl_purge_interval: Duration::from_secs(10),
             max_item_bytes: 256 * 1024,
             max_transaction_ops: 10_000,
-            cache_bytes: 8 * 1024 * 1024,
             background: Background::OwnThread,
             clock: Arc::new(system_now_ms),
             allow_schema_change: false,
@@ -188,7 +181,6 @@ impl std::fmt::Debug for DbOptions {
             .field("ttl_purge_interval", &self.ttl_purge_interval)
             .field("max_item_bytes", &self.max_item_bytes)
             .field("max_transaction_ops", &self.max_transaction_ops)
-            .field("cache_bytes", &self.cache_bytes)
             .field("background", &self.background)
             .field("allow_schema_change", &self.allow_schema_change)
             .finish_non_exhaustive()
@@ -222,9 +214,8 @@ pub enum TxnOp {
 }
 
 pub(crate) struct Inner {
-    /// Never dropped once a panic latched `damaged` (see `damage`): redb's state is not to be
-    /// trusted then, not even to close.
-    db: ManuallyDrop<redb::Database>,
+    /// The tables (see `tables`): a log file, or RAM for an in-memory database.
+    pub(crate) store: LogStore,
     pub(crate) schema: Arc<Schema>,
     pub(crate) options: DbOptions,
     committer: Committer,
@@ -253,14 +244,12 @@ pub(crate) struct Inner {
     worker: Mutex<Option<Worker>>,
     /// The file, or `:memory:` for an in-memory database (named in logs and errors).
     path: PathBuf,
-    /// The storage of an in-memory database, to tell its size.
-    memory: Option<Arc<memory::SparseMemoryBackend>>,
-    /// The storage of a file, to close it when the engine panicked on it.
-    storage: Option<Arc<FileStorage>>,
-    /// Set when the engine panicked (`damage`): the detail every later call answers with.
-    damaged: OnceLock<String>,
-    /// Opened by [`Db::open_read_only`]: writes are refused, and redb's own writes (header,
-    /// repair, table creation) stay in memory.
+    /// Opened by [`Db::open_in_memory`]: no file, nothing recorded about the schema, and
+    /// [`Db::memory_bytes`] tells the store's size.
+    in_memory: bool,
+    /// Opened by [`Db::open_read_only`]: writes are refused. The store is the file opened
+    /// read-only, or an in-memory copy when the open had to change something (a redb file
+    /// converted, a secondary index rebuilt) without writing the file.
     read_only: bool,
 }
 
@@ -272,13 +261,35 @@ impl Inner {
             .clone()
     }
 
+    /// Makes every commit durable: one `fdatasync` of the log covers all earlier commits.
     fn flush(&self) -> Result<(), DbError> {
-        self.engine(|| {
-            let mut tx = self.db.begin_write()?;
-            tx.set_durability(redb::Durability::Immediate);
-            tx.commit()?;
-            Ok(())
-        })
+        self.engine(|| Ok(self.store.sync()?))
+    }
+
+    /// Runs `op`, naming the file in what its error says about the file: damaged stored bytes
+    /// (the log's or the codec's) become [`DbError::Damaged`], a write the read-only store
+    /// refused [`DbError::ReadOnly`].
+    pub(crate) fn engine<T>(&self, op: impl FnOnce() -> Result<T, DbError>) -> Result<T, DbError> {
+        op().map_err(|e| self.classify(e))
+    }
+
+    fn classify(&self, e: DbError) -> DbError {
+        let detail = match e {
+            DbError::Storage(LogError::Damaged { offset, detail }) => {
+                format!("at byte {offset}: {}", error::cut(&detail))
+            }
+            DbError::Storage(LogError::ReadOnly) => {
+                return DbError::ReadOnly {
+                    path: self.path.clone(),
+                }
+            }
+            DbError::Corrupt(msg) => format!("stored data: {}", error::cut(&msg)),
+            other => return other,
+        };
+        DbError::Damaged {
+            path: self.path.clone(),
+            detail,
+        }
     }
 
     /// The slot of the model named `name` (see `model_names`).
@@ -330,21 +341,11 @@ impl Inner {
 }
 
 impl Drop for Inner {
+    /// Makes every commit durable and releases the file (and its lock) before the drop
+    /// returns, so the file can be opened again at once.
     fn drop(&mut self) {
-        if self.committer.has_unflushed() {
-            if let Err(e) = self.flush() {
-                tracing::error!(path = %self.path.display(), "final flush failed: {e}");
-            }
-        }
-        if self.is_damaged() {
-            // Leaked on purpose: dropping redb's handle after it panicked could block on its
-            // writer slot or panic on its poisoned locks. The file itself is already closed.
-            return;
-        }
-        // SAFETY: `db` is taken once, here, and `self` is not used afterwards.
-        let db = unsafe { ManuallyDrop::take(&mut self.db) };
-        if let Err(detail) = damage::catch(move || drop(db)) {
-            tracing::error!(path = %self.path.display(), "closing the database file: {detail}");
+        if let Err(e) = self.store.close() {
+            tracing::error!(path = %self.path.display(), "closing the database file: {e}");
         }
     }
 }
@@ -378,23 +379,18 @@ impl Db {
     /// Opens (or creates) the database at `path` for `schema`. Secondary indexes the schema adds
     /// (or changes) are built from the stored items before this returns.
     ///
-    /// An empty file becomes a new database (redb's rule). A damaged file gives
-    /// [`OpenError::Damaged`]; after an unclean shutdown redb repairs the file's allocator state
-    /// in place, by itself, on every open (logged).
+    /// A missing or empty file becomes a new database. The log is replayed into RAM; the tail
+    /// of a commit cut short by a crash is cut off (logged at warn). A file of the redb formats
+    /// of earlier versions (1 to 3) is converted to the log first (`legacy`). A damaged file
+    /// gives [`OpenError::Damaged`].
     pub fn open(
         path: impl AsRef<Path>,
         schema: Arc<Schema>,
         options: DbOptions,
     ) -> Result<Db, OpenError> {
         let path = path.as_ref().to_path_buf();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| file_error(&path, e, "read and write", false))?;
-        Db::open_file(path, file, false, schema, options)
+        let (store, converted) = open_store(&path, false, &schema, false)?;
+        Db::start(store, path, false, false, converted, schema, options)
     }
 
     /// Opens the database at `path` like [`Db::open`], but never creates one: a missing file
@@ -411,19 +407,21 @@ impl Db {
             .open(&path)
             .map_err(|e| file_error(&path, e, "read and write", true))?;
         refuse_empty(&path, &file)?;
-        Db::open_file(path, file, false, schema, options)
+        drop(file);
+        let (store, converted) = open_store(&path, false, &schema, true)?;
+        Db::start(store, path, false, false, converted, schema, options)
     }
 
     /// Opens the existing database at `path` for reading only; the file is never written, so a
     /// file the process may not write can be read, and a damaged one is read as it is.
     ///
-    /// redb 2.x has no read-only open (every open writes the header, and repairs after an unclean
-    /// shutdown), so what redb writes here stays in memory (`storage`). Writes are refused with
-    /// [`DbError::ReadOnly`]; there is no background thread (no flush, no TTL purge: expired
-    /// items are still hidden). A shared lock keeps writers out while it is open, and it cannot
-    /// open a file a writer holds. A file of an older format is converted in memory (`convert`):
-    /// it reads as usual, at the cost of about its items' size in RAM; the file keeps its format
-    /// until a writable open converts it.
+    /// A torn tail (a commit cut short by a crash) is ignored, not cut off. Writes are refused
+    /// with [`DbError::ReadOnly`]; there is no background thread (no flush, no TTL purge:
+    /// expired items are still hidden). A shared lock keeps writers out while it is open, and
+    /// it cannot open a file a writer holds. A redb file of an earlier version is converted
+    /// into RAM (`legacy`), and so is the file when a secondary index must be rebuilt: it reads
+    /// as usual, at the cost of about its size in RAM; the file keeps its form until a writable
+    /// open converts it.
     pub fn open_read_only(
         path: impl AsRef<Path>,
         schema: Arc<Schema>,
@@ -432,86 +430,45 @@ impl Db {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| file_error(&path, e, "read", true))?;
         refuse_empty(&path, &file)?;
-        Db::open_file(path, file, true, schema, options)
+        drop(file);
+        let (store, converted) = open_store(&path, true, &schema, true)?;
+        Db::start(store, path, false, true, converted, schema, options)
     }
 
-    fn open_file(
-        path: PathBuf,
-        file: File,
-        read_only: bool,
-        schema: Arc<Schema>,
-        options: DbOptions,
-    ) -> Result<Db, OpenError> {
-        let storage = if read_only {
-            FileStorage::read_only(file)
-        } else {
-            FileStorage::read_write(file)
-        };
-        let storage = Arc::new(storage.map_err(|e| OpenError::Storage {
-            path: path.clone(),
-            source: Box::new(match e {
-                LockError::InUse => redb::DatabaseError::DatabaseAlreadyOpen,
-                LockError::Io(e) => e.into(),
-            }),
-        })?);
-        let repair_path = path.clone();
-        let opened = damage::catch(|| {
-            let db = redb::Builder::new()
-                .set_cache_size(options.cache_bytes)
-                .set_repair_callback(move |session| {
-                    tracing::warn!(
-                        path = %repair_path.display(),
-                        progress = session.progress(),
-                        "repairing the database file's allocator state (it was not closed cleanly){}",
-                        if read_only { ", in memory only" } else { "" }
-                    );
-                })
-                .create_with_backend(SharedBackend(storage.clone()))
-                .map_err(|e| damage::open_error(&path, e))?;
-            Db::start(
-                db,
-                path.clone(),
-                None,
-                Some(storage.clone()),
-                read_only,
-                schema,
-                options,
-            )
-        });
-        opened.unwrap_or_else(|detail| Err(OpenError::Damaged { path, detail }))
-    }
-
-    /// Opens a new, empty database held in memory only: nothing survives the last handle. Its
-    /// storage holds only the pages written (an empty database costs a few KiB besides the
-    /// cache), so a process can hold thousands (the fleet simulator's devices); every other
-    /// behaviour, hooks and durability modes included, is that of a file.
+    /// Opens a new, empty database held in memory only: nothing survives the last handle. An
+    /// empty one costs a few KiB, so a process can hold thousands (the fleet simulator's
+    /// devices); every other behaviour, hooks and durability modes included, is that of a file.
     pub fn open_in_memory(schema: Arc<Schema>, options: DbOptions) -> Result<Db, OpenError> {
         let path = PathBuf::from(":memory:");
-        let backend = Arc::new(memory::SparseMemoryBackend::default());
-        let db = redb::Builder::new()
-            .set_cache_size(options.cache_bytes)
-            .create_with_backend(SharedBackend(backend.clone()))
-            .map_err(|source| OpenError::Storage {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
-        Db::start(db, path, Some(backend), None, false, schema, options)
+        let store = LogStore::in_memory(LogOptions::default());
+        let converted = legacy::Converted::default();
+        Db::start(store, path, true, false, converted, schema, options)
     }
 
     fn start(
-        db: redb::Database,
+        store: LogStore,
         path: PathBuf,
-        memory: Option<Arc<memory::SparseMemoryBackend>>,
-        storage: Option<Arc<FileStorage>>,
+        in_memory: bool,
         read_only: bool,
+        converted: legacy::Converted,
         schema: Arc<Schema>,
         options: DbOptions,
     ) -> Result<Db, OpenError> {
-        let index_tables = schema
+        let index_tables: Vec<String> = schema
             .secondary_indexes()
             .iter()
             .map(|i| tables::index_table_name(&i.name))
             .collect();
+        // A read-only store cannot take the index rebuild: it happens on a copy in RAM.
+        let store = if store.is_read_only() && stale_indexes(&store, &schema, &index_tables)
+            .map_err(|e| tables_error(&path, e))?
+            > 0
+        {
+            tracing::info!(path = %path.display(), "a secondary index changed: this read-only open rebuilds it in a copy of the file in memory");
+            legacy::copy_to_memory(&store).map_err(|e| tables_error(&path, e))?
+        } else {
+            store
+        };
         let has_unique = unique::schema_has_unique(&schema);
         let model_names: Vec<String> = schema.models().map(|m| m.name().to_string()).collect();
         let item_tables = model_names
@@ -519,7 +476,7 @@ impl Db {
             .map(|m| tables::items_table_name(m))
             .collect();
         let inner = Arc::new(Inner {
-            db: ManuallyDrop::new(db),
+            store,
             schema,
             options,
             committer: Committer::new(),
@@ -535,12 +492,10 @@ impl Db {
             schema_state: OnceLock::new(),
             worker: Mutex::new(None),
             path: path.clone(),
-            memory,
-            storage,
-            damaged: OnceLock::new(),
+            in_memory,
             read_only,
         });
-        let converted = convert::check_format(&inner)?;
+        format::check_format(&inner)?;
         let (schema_state, record) = schema_record::check(&inner)?;
         // Keys made by templates the schema no longer has may not fit the new ones.
         let stray = converted.stray_keys || schema_state.forced;
@@ -558,10 +513,12 @@ impl Db {
         })
     }
 
-    /// For an in-memory database, the bytes its storage holds (redb's cache aside); `None` for
-    /// a file.
+    /// For an in-memory database, the bytes of RAM its store holds (index and values); `None`
+    /// for a file.
     pub fn memory_bytes(&self) -> Option<u64> {
-        self.inner.memory.as_ref().map(|m| m.resident_bytes())
+        self.inner
+            .in_memory
+            .then(|| self.inner.store.stats().memory_bytes)
     }
 
     pub fn schema(&self) -> &Arc<Schema> {
@@ -608,7 +565,8 @@ impl Db {
     }
 
     /// Runs `f` in one write transaction with the given origin; commits when it returns Ok (then
-    /// waits for durability in `immediate` mode), rolls back when it returns Err.
+    /// waits for durability in `immediate` mode), rolls back when it returns Err. The commit is
+    /// one record appended to the log: after a crash it is there whole or not at all.
     pub fn write<T>(
         &self,
         origin: Origin,
@@ -627,41 +585,20 @@ impl Db {
             .unwrap_or_else(PoisonError::into_inner);
         inner.waiting.fetch_sub(1, Ordering::SeqCst);
         let (value, seq, lone, changes) = inner.engine(|| {
-            let mut tx = inner.db.begin_write()?;
-            tx.set_durability(redb::Durability::None);
-            let (value, changes) = {
-                let mut indexes = Vec::with_capacity(inner.index_tables.len());
-                for name in &inner.index_tables {
-                    indexes.push(tx.open_table(tables::index_def(name))?);
-                }
-                let unique = if inner.has_unique {
-                    Some(tx.open_table(unique::UNIQUE)?)
-                } else {
-                    None
-                };
-                let mut wtx = WriteTxn {
-                    inner,
-                    tx: &tx,
-                    items: RefCell::new(Vec::new()),
-                    ttl: tx.open_table(tables::TTL)?,
-                    indexes,
-                    unique,
-                    side: txn::OpenedSide::new(&tx),
-                    origin,
-                    now_ms: (inner.options.clock)(),
-                    changes: Vec::new(),
-                };
-                let value = f(&mut wtx)?;
-                (value, wtx.take_changes())
+            let mut wtx = WriteTxn {
+                inner,
+                tx: inner.store.write()?,
+                origin,
+                now_ms: (inner.options.clock)(),
+                changes: Vec::new(),
             };
+            let value = f(&mut wtx)?;
+            let changes = wtx.take_changes();
             // A lone writer in `immediate` mode commits durably at once (one fsync); when others
             // wait behind it, it commits non-durably and they share one flush (group commit).
             let lone = inner.options.durability == Durability::Immediate
                 && inner.waiting.load(Ordering::SeqCst) == 0;
-            if lone {
-                tx.set_durability(redb::Durability::Immediate);
-            }
-            tx.commit()?;
+            wtx.tx.commit(lone)?;
             let seq = inner.committer.committed();
             Ok((value, seq, lone, changes))
         })?;
@@ -677,13 +614,13 @@ impl Db {
         Ok(value)
     }
 
-    /// A read snapshot for several reads.
+    /// A handle for several reads. It is not a snapshot: each of its calls sees the state the
+    /// last commit left (a find reads its index entries and their items in one view of it),
+    /// and a write committed between two calls is seen by the second. The store is locked for
+    /// the length of one call only, so holding a `ReadTxn` never blocks a writer.
     pub fn read(&self) -> Result<ReadTxn, DbError> {
-        let tx = self.inner.engine(|| Ok(self.inner.db.begin_read()?))?;
         Ok(ReadTxn {
-            items: Mutex::new(Vec::new()),
             inner: self.inner.clone(),
-            tx,
             now_ms: (self.inner.options.clock)(),
         })
     }
@@ -784,7 +721,8 @@ impl Db {
             .unwrap_or_else(PoisonError::into_inner) = interceptor;
     }
 
-    /// Reads side tables (replication state) in a snapshot.
+    /// Up to `limit` entries of a side table (replication state) with keys `>= start`, in key
+    /// order, as the last commit left them.
     pub fn side_scan(
         &self,
         table: &str,
@@ -792,28 +730,27 @@ impl Db {
         limit: usize,
     ) -> Result<SideEntries, DbError> {
         self.inner.engine(|| {
-            let tx = self.inner.db.begin_read()?;
-            let name = tables::side_table_name(table);
-            let t = match tx.open_table(tables::side_def(&name)) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
+            let read = self.inner.store.read()?;
+            let Some(t) = read.table(&tables::side_table_name(table)) else {
+                return Ok(Vec::new());
             };
-            tables::side_entries(&t, start, limit)
+            let mut out = Vec::new();
+            for entry in t.range(tables::from(start)).take(limit) {
+                let (k, v) = entry?;
+                out.push((k.to_vec(), v.into_owned()));
+            }
+            Ok(out)
         })
     }
 
     /// One entry of a side table.
     pub fn side_get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         self.inner.engine(|| {
-            let tx = self.inner.db.begin_read()?;
-            let name = tables::side_table_name(table);
-            let t = match tx.open_table(tables::side_def(&name)) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(e.into()),
+            let read = self.inner.store.read()?;
+            let Some(t) = read.table(&tables::side_table_name(table)) else {
+                return Ok(None);
             };
-            let value = t.get(key)?.map(|v| v.value().to_vec());
+            let value = t.get(key)?.map(std::borrow::Cow::into_owned);
             Ok(value)
         })
     }
@@ -821,13 +758,10 @@ impl Db {
     /// Number of entries in a side table.
     pub fn side_len(&self, table: &str) -> Result<u64, DbError> {
         self.inner.engine(|| {
-            let tx = self.inner.db.begin_read()?;
-            let name = tables::side_table_name(table);
-            match tx.open_table(tables::side_def(&name)) {
-                Ok(t) => Ok(t.len()?),
-                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-                Err(e) => Err(e.into()),
-            }
+            let read = self.inner.store.read()?;
+            Ok(read
+                .table(&tables::side_table_name(table))
+                .map_or(0, |t| t.len()))
         })
     }
 
@@ -840,8 +774,6 @@ impl Db {
     /// Makes every committed write durable now (useful in `periodic` mode before a planned stop).
     pub fn flush(&self) -> Result<(), DbError> {
         let inner = &*self.inner;
-        // A handle latched by a panic says so even when nothing waits for a flush.
-        inner.engine(|| Ok(()))?;
         inner.committer.flush_all(|| inner.flush())?;
         inner.hooks.deliver(|| inner.visible());
         Ok(())
@@ -869,16 +801,67 @@ impl Db {
 
 /// Why the tables of a freshly opened file could not be read or prepared.
 pub(crate) fn tables_error(path: &Path, e: DbError) -> OpenError {
-    match damage::classify(path, e) {
-        DbError::Damaged { path, detail } => OpenError::Damaged { path, detail },
+    match e {
+        DbError::Storage(LogError::Damaged { offset, detail }) => OpenError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("at byte {offset}: {}", error::cut(&detail)),
+        },
+        DbError::Corrupt(msg) => OpenError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("stored data: {}", error::cut(&msg)),
+        },
         DbError::Storage(source) => OpenError::Tables {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         },
         other => OpenError::Tables {
             path: path.to_path_buf(),
-            source: Box::new(redb::Error::Corrupted(other.to_string())),
+            source: Box::new(LogError::Io(std::io::Error::other(other.to_string()))),
         },
+    }
+}
+
+/// Opens the log at `path` (read-only or not), or converts a redb file of an earlier version
+/// there (`legacy`); `must_exist` for the opens that never create a file.
+fn open_store(
+    path: &Path,
+    read_only: bool,
+    schema: &Schema,
+    must_exist: bool,
+) -> Result<(LogStore, legacy::Converted), OpenError> {
+    let opened = if read_only {
+        LogStore::open_read_only(path, LogOptions::default())
+    } else {
+        LogStore::open(path, LogOptions::default())
+    };
+    let access = if read_only { "read" } else { "read and write" };
+    match opened {
+        Ok(store) => Ok((store, legacy::Converted::default())),
+        Err(LogOpenError::NotALog { .. }) => {
+            let is_redb = legacy::is_redb_file(path).map_err(|e| file_error(path, e, access, true))?;
+            if is_redb {
+                legacy::convert(path, read_only, schema)
+            } else {
+                Err(OpenError::Damaged {
+                    path: path.to_path_buf(),
+                    detail: "it starts with neither the devtables log's header nor a redb header of an earlier version: not a devtables database (or its first bytes are damaged)".into(),
+                })
+            }
+        }
+        Err(LogOpenError::Io { source, .. }) => Err(file_error(path, source, access, must_exist)),
+        Err(LogOpenError::NewerFormat { found, .. }) => Err(OpenError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            found: format!("log {found}"),
+            supported: format::FORMAT,
+        }),
+        Err(LogOpenError::Damaged { offset, detail, .. }) => Err(OpenError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("at byte {offset}: {}", error::cut(&detail)),
+        }),
+        Err(e @ LogOpenError::InUse { .. }) => Err(OpenError::Storage {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        }),
     }
 }
 
@@ -896,7 +879,10 @@ fn file_error(path: &Path, e: std::io::Error, access: &'static str, must_exist: 
         },
         _ => OpenError::Storage {
             path: path.to_path_buf(),
-            source: Box::new(e.into()),
+            source: Box::new(LogOpenError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }),
         },
     }
 }
@@ -917,10 +903,33 @@ fn refuse_empty(path: &Path, file: &File) -> Result<(), OpenError> {
     Ok(())
 }
 
-/// Prepares the tables in one transaction at open: creates the fixed ones, rebuilds the
-/// secondary indexes whose definition changed, records the schema (`record`) and brings the
-/// `unique` table in line with the schema's unique fields (not for read-only opens, which
-/// write nothing: redb's writes there stay in memory).
+/// How many secondary indexes of the schema were built for another definition than the one
+/// they have now (or never built), as `meta` records them: those a writable open rebuilds.
+fn stale_indexes(store: &LogStore, schema: &Schema, index_tables: &[String]) -> Result<usize, DbError> {
+    let read = store.read()?;
+    let mut stale = 0;
+    for index in schema.secondary_indexes().iter().take(index_tables.len()) {
+        let def = index_definition(index);
+        if tables::meta_get(&read, &index_meta_key(index))?.as_deref() != Some(def.as_str()) {
+            stale += 1;
+        }
+    }
+    Ok(stale)
+}
+
+/// What `meta` records about a secondary index: the attributes its entries were built from.
+fn index_definition(index: &devtables_schema::Index) -> String {
+    format!("{}|{}", index.hash, index.sort.as_deref().unwrap_or(""))
+}
+
+fn index_meta_key(index: &devtables_schema::Index) -> String {
+    format!("index:{}", index.name)
+}
+
+/// Prepares the tables in one transaction at open: rebuilds the secondary indexes whose
+/// definition changed, records the schema (`record`) and brings the `unique` table in line
+/// with the schema's unique fields (not for read-only opens, which record nothing; their store
+/// is a copy in RAM when an index must be rebuilt, see `Db::start`).
 fn prepare_tables(
     inner: &Inner,
     record: Option<&schema_record::Record>,
@@ -930,6 +939,16 @@ fn prepare_tables(
         unique::PrepareError::Db(e) => tables_error(&inner.path, e),
         unique::PrepareError::Open(e) => *e,
     };
+    warn_unread_models(inner).map_err(|e| tables_error(&inner.path, e))?;
+    if inner.store.is_read_only() {
+        // Nothing to write (`Db::start` made sure no index is stale): the flag alone.
+        let read = inner.store.read().map_err(|e| tables_error(&inner.path, e.into()))?;
+        let recorded = tables::meta_get(&read, tables::STRAY_KEYS_KEY)
+            .map_err(|e| tables_error(&inner.path, e))?
+            .is_some();
+        inner.stray_keys.store(stray || recorded, Ordering::Relaxed);
+        return Ok(());
+    }
     prepare_tables_in(inner, record, stray).map_err(fail)
 }
 
@@ -938,80 +957,72 @@ fn prepare_tables_in(
     record: Option<&schema_record::Record>,
     stray: bool,
 ) -> Result<(), unique::PrepareError> {
-    let mut tx = inner.db.begin_write().map_err(DbError::from)?;
-    tx.set_durability(redb::Durability::Immediate);
-    for name in &inner.item_tables {
-        tx.open_table(tables::items_def(name))?;
+    let mut tx = inner.store.write().map_err(DbError::from)?;
+    if let Some(record) = record {
+        record.write(&mut tx)?;
     }
-    warn_unread_models(inner, &tx)?;
-    tx.open_table(tables::TTL)?;
+    if stray {
+        tables::meta_put(&mut tx, tables::STRAY_KEYS_KEY, "1")?;
+    }
+    let recorded_stray = tables::meta_get_in(&tx, tables::STRAY_KEYS_KEY)?.is_some();
+    inner
+        .stray_keys
+        .store(stray || recorded_stray, Ordering::Relaxed);
     let mut stale = Vec::new();
+    for (index, name) in inner
+        .schema
+        .secondary_indexes()
+        .iter()
+        .zip(&inner.index_tables)
     {
-        let mut meta = tx.open_table(tables::META)?;
-        if let Some(record) = record {
-            record.write(&mut meta)?;
-        }
-        if stray {
-            meta.insert(tables::STRAY_KEYS_KEY, "1")?;
-        }
-        let recorded_stray = meta.get(tables::STRAY_KEYS_KEY)?.is_some();
-        inner
-            .stray_keys
-            .store(stray || recorded_stray, Ordering::Relaxed);
-        for (index, name) in inner
-            .schema
-            .secondary_indexes()
-            .iter()
-            .zip(&inner.index_tables)
-        {
-            let def = format!("{}|{}", index.hash, index.sort.as_deref().unwrap_or(""));
-            let key = format!("index:{}", index.name);
-            let current = meta.get(key.as_str())?.map(|v| v.value().to_string());
-            if current.as_deref() != Some(def.as_str()) {
-                meta.insert(key.as_str(), def.as_str())?;
-                stale.push((index.clone(), name.clone()));
-            }
+        let def = index_definition(index);
+        let key = index_meta_key(index);
+        if tables::meta_get_in(&tx, &key)?.as_deref() != Some(def.as_str()) {
+            tables::meta_put(&mut tx, &key, &def)?;
+            stale.push((index.clone(), name.clone()));
         }
     }
     for (index, name) in stale {
-        tx.delete_table(tables::index_def(&name))?;
-        let mut table = tx.open_table(tables::index_def(&name))?;
+        tx.delete_table(&name).map_err(DbError::from)?;
         for (model, items_name) in inner.schema.models().zip(&inner.item_tables) {
-            let items = tx.open_table(tables::items_def(items_name))?;
-            for entry in items.iter()? {
-                let (k, v) = entry?;
-                let item = read::decode_item(v.value(), k.value())?;
-                let Some(key) = keys::decode_item_key(k.value()) else {
+            let entries = tx
+                .range(items_name, tables::ALL, false, usize::MAX)
+                .map_err(DbError::from)?;
+            for (k, v) in entries {
+                let item = read::decode_item(&v, &k)?;
+                let Some(key) = keys::decode_item_key(&k) else {
                     continue;
                 };
                 if let Some((hash, sort)) = model.index_key(&item, &index) {
-                    table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
+                    tx.insert(&name, &keys::index_key(&hash, &sort, &key), &[])
+                        .map_err(DbError::from)?;
                 }
             }
         }
         tracing::info!(index = %index.name, "built secondary index");
     }
     if !inner.read_only {
-        unique::prepare(&tx, &inner.schema, (inner.options.clock)(), &inner.path)?;
+        unique::prepare(&mut tx, &inner.schema, (inner.options.clock)(), &inner.path)?;
     }
-    tx.commit().map_err(DbError::from)?;
+    if !tx.is_empty() {
+        tx.commit(true).map_err(DbError::from)?;
+    }
     Ok(())
 }
 
 /// Items tables of models the schema no longer has (removed by a change accepted with
 /// [`DbOptions::allow_schema_change`]) stay in the file, unread: no read, export or key check
 /// sees them. Said at every open, with their count, so they are not lost silently.
-fn warn_unread_models(inner: &Inner, tx: &redb::WriteTransaction) -> Result<(), DbError> {
-    let orphans: Vec<String> = tx
-        .list_tables()?
-        .map(|t| redb::TableHandle::name(&t).to_string())
-        .filter(|name| {
-            name.strip_prefix(tables::ITEMS_PREFIX)
-                .is_some_and(|model| inner.slot(model).is_err())
-        })
-        .collect();
-    for name in orphans {
-        let items = tx.open_table(tables::items_def(&name))?.len()?;
+fn warn_unread_models(inner: &Inner) -> Result<(), DbError> {
+    let read = inner.store.read()?;
+    for name in read.table_names() {
+        let orphan = name
+            .strip_prefix(tables::ITEMS_PREFIX)
+            .is_some_and(|model| inner.slot(model).is_err());
+        if !orphan {
+            continue;
+        }
+        let items = read.table(&name).map_or(0, |t| t.len());
         if items > 0 {
             tracing::warn!(
                 path = %inner.path.display(),
@@ -1044,29 +1055,6 @@ pub(crate) fn purge_expired(inner: &Arc<Inner>) -> Result<u64, DbError> {
         if removed < BATCH {
             return Ok(total);
         }
-    }
-}
-
-/// A storage handed to redb, which takes its backend by value: the database keeps a second
-/// handle (to tell an in-memory storage's size, to close a damaged file).
-#[derive(Debug)]
-struct SharedBackend<B>(Arc<B>);
-
-impl<B: redb::StorageBackend> redb::StorageBackend for SharedBackend<B> {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.0.len()
-    }
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
-        self.0.read(offset, len)
-    }
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
-        self.0.sync_data(eventual)
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        self.0.write(offset, data)
     }
 }
 

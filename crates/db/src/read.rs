@@ -6,14 +6,14 @@
 //! items are added or removed elsewhere in the range.
 
 use std::ops::Bound;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use devtables_logstore::{LogRead, LogTable};
 use devtables_schema::{Index, Item, ItemKey, Model, SortCondition};
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use serde::de::DeserializeOwned;
 
 use crate::codec_de::{self, DeError};
-use crate::tables::{self, Bytes};
+use crate::tables;
 use crate::{codec, keys, DbError, Inner};
 
 /// Options of [`crate::Db::find`].
@@ -112,16 +112,14 @@ impl Default for Probe<'_> {
     }
 }
 
-type ItemsTable = ReadOnlyTable<Bytes, Bytes>;
-
-/// A consistent snapshot for many reads (cheaper than one snapshot per read).
+/// Reads of the last committed state, for several calls (cheaper than a handle per read).
+///
+/// Not a snapshot: each call locks the store for its own length and sees what the last commit
+/// left, so a write committed between two calls is seen by the second (a find reads its index
+/// entries and their items in one view). Holding one never blocks a writer.
 pub struct ReadTxn {
     pub(crate) inner: Arc<Inner>,
-    pub(crate) tx: ReadTransaction,
-    /// The items tables opened so far, by model slot (`Inner::slot`): a read opens the one or two
-    /// it needs, however many models the schema has (`None`: the file has no such table, so no
-    /// item of that model).
-    pub(crate) items: Mutex<Vec<(usize, Option<Arc<ItemsTable>>)>>,
+    /// The time expiry is judged at, read once when the handle was made.
     pub(crate) now_ms: i64,
 }
 
@@ -133,45 +131,33 @@ impl ReadTxn {
             .ok_or_else(|| DbError::UnknownModel(name.to_string()))
     }
 
-    /// The items table of the model in `slot`, opened on first use.
-    fn items_of(&self, slot: usize) -> Result<Option<Arc<ItemsTable>>, DbError> {
-        let mut opened = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, table)) = opened.iter().find(|(s, _)| *s == slot) {
-            return Ok(table.clone());
-        }
-        let table = match self
-            .tx
-            .open_table(tables::items_def(&self.inner.item_tables[slot]))
-        {
-            Ok(t) => Some(Arc::new(t)),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        opened.push((slot, table.clone()));
-        Ok(table)
-    }
-
-    /// The items table of `model`.
-    fn items_of_model(&self, model: &Model) -> Result<Option<Arc<ItemsTable>>, DbError> {
-        self.items_of(self.inner.slot(model.name())?)
+    /// The items table of `model`, if the store has one.
+    fn items_of_model<'r>(
+        &self,
+        read: &'r LogRead<'_>,
+        model: &Model,
+    ) -> Result<Option<LogTable<'r>>, DbError> {
+        let slot = self.inner.slot(model.name())?;
+        Ok(read.table(&self.inner.item_tables[slot]))
     }
 
     /// The live stored item of `model` at item key `raw` if it passes `probe` (checked on the
     /// fields `probe` names before the item is decoded), turned into the result by `decode`.
     fn load_raw<O>(
         &self,
+        read: &LogRead<'_>,
         model: &Model,
         raw: &[u8],
         probe: &Probe<'_>,
         decode: &Decode<'_, O>,
     ) -> Result<Option<O>, DbError> {
-        let Some(table) = self.items_of_model(model)? else {
+        let Some(table) = self.items_of_model(read, model)? else {
             return Ok(None);
         };
         let Some(value) = table.get(raw)? else {
             return Ok(None);
         };
-        self.load_found(model, raw, value.value(), probe, decode)
+        self.load_found(model, raw, &value, probe, decode)
     }
 
     /// [`ReadTxn::load_raw`] of an item already read (`bytes`, from `model`'s table).
@@ -200,7 +186,8 @@ impl ReadTxn {
             let model = self.model(model)?;
             let key = model.primary_key(props)?;
             let raw = keys::item_key(&key);
-            self.load_raw(model, &raw, &Probe::default(), &json_form(model, hidden))
+            let read = self.inner.store.read()?;
+            self.load_raw(&read, model, &raw, &Probe::default(), &json_form(model, hidden))
         })
     }
 
@@ -218,7 +205,8 @@ impl ReadTxn {
             let model = self.model(model)?;
             let key = model.primary_key(props)?;
             let raw = keys::item_key(&key);
-            self.load_raw(model, &raw, &Probe::default(), &typed_form(model, hidden))
+            let read = self.inner.store.read()?;
+            self.load_raw(&read, model, &raw, &Probe::default(), &typed_form(model, hidden))
         })
     }
 
@@ -226,15 +214,16 @@ impl ReadTxn {
     pub fn get_stored(&self, key: &ItemKey) -> Result<Option<(String, Item)>, DbError> {
         self.inner.engine(|| {
             let raw = keys::item_key(key);
+            let read = self.inner.store.read()?;
             // A key holds one item across all models: the first table that has it answers.
             for (slot, model) in self.inner.holders(key) {
-                let Some(table) = self.items_of(slot)? else {
+                let Some(table) = read.table(&self.inner.item_tables[slot]) else {
                     continue;
                 };
-                let Some(value) = table.get(raw.as_slice())? else {
+                let Some(value) = table.get(&raw)? else {
                     continue;
                 };
-                let item = codec::decode(value.value(), &raw)?;
+                let item = codec::decode(&value, &raw)?;
                 if expired(model, &item, self.now_ms) {
                     return Ok(None);
                 }
@@ -341,6 +330,8 @@ impl ReadTxn {
                     query.filters.iter().all(|f| f.matches(item))
                 }),
             };
+            // One view of the store for the walk and the items it reads.
+            let read = self.inner.store.read()?;
             // `stored` is the item when the walk is over the model's own table; an index entry
             // names the item's key, looked up in the model's table (an item of another model
             // is not there).
@@ -348,7 +339,7 @@ impl ReadTxn {
                 let item = match stored {
                     Some(bytes) => self.load_found(model, raw, bytes, &probe, decode)?,
                     None => match keys::trailing_item_key_raw(raw) {
-                        Some(key) => self.load_raw(model, key, &probe, decode)?,
+                        Some(key) => self.load_raw(&read, model, key, &probe, decode)?,
                         None => return Err(DbError::Corrupt("malformed index entry".into())),
                     },
                 };
@@ -364,16 +355,15 @@ impl ReadTxn {
             };
             match table {
                 Walk::Items => {
-                    if let Some(t) = self.items_of_model(model)? {
-                        walk(&*t, bounds, options.reverse, |k, v: &[u8]| {
-                            visit(k, Some(v))
-                        })?
+                    if let Some(t) = self.items_of_model(&read, model)? {
+                        walk_entries(&t, &bounds, options.reverse, |k, v| visit(k, Some(v)))?
                     }
                 }
                 Walk::Index => {
                     let name = tables::index_table_name(&index.name);
-                    let t = self.tx.open_table(tables::index_def(&name))?;
-                    walk(&t, bounds, options.reverse, |k, _: ()| visit(k, None))?
+                    if let Some(t) = read.table(&name) {
+                        walk_keys(&t, &bounds, options.reverse, |k| visit(k, None))?
+                    }
                 }
             }
             Ok((items, next))
@@ -403,33 +393,57 @@ enum Walk {
 type Bounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
 /// Walks the entries of `table` in `bounds`, in either direction, until `visit` says stop.
-fn walk<V: redb::Value + 'static>(
-    table: &impl ReadableTable<Bytes, V>,
-    bounds: Bounds,
+fn walk_entries(
+    table: &LogTable<'_>,
+    bounds: &Bounds,
     reverse: bool,
-    mut visit: impl FnMut(&[u8], V::SelfType<'_>) -> Result<bool, DbError>,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, DbError>,
 ) -> Result<(), DbError> {
-    if empty_range(&bounds) {
+    if empty_range(bounds) {
         return Ok(());
     }
-    let range = (as_slice(&bounds.0), as_slice(&bounds.1));
-    let iter = table.range::<&[u8]>(range)?;
-    let mut step = |entry: Result<
-        (redb::AccessGuard<'_, Bytes>, redb::AccessGuard<'_, V>),
-        redb::StorageError,
-    >| {
-        let (k, v) = entry?;
-        visit(k.value(), v.value())
+    let range = table.range((as_slice(&bounds.0), as_slice(&bounds.1)));
+    let mut step = |entry: Result<(&[u8], std::borrow::Cow<'_, [u8]>), _>| -> Result<bool, DbError> {
+        let (k, v) = entry.map_err(DbError::from)?;
+        visit(k, &v)
     };
     if reverse {
-        for entry in iter.rev() {
+        for entry in range.rev() {
             if !step(entry)? {
                 break;
             }
         }
     } else {
-        for entry in iter {
+        for entry in range {
             if !step(entry)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Walks the keys of `table` in `bounds` (an index: its entries hold nothing else), in either
+/// direction, until `visit` says stop.
+fn walk_keys(
+    table: &LogTable<'_>,
+    bounds: &Bounds,
+    reverse: bool,
+    mut visit: impl FnMut(&[u8]) -> Result<bool, DbError>,
+) -> Result<(), DbError> {
+    if empty_range(bounds) {
+        return Ok(());
+    }
+    let keys = table.keys((as_slice(&bounds.0), as_slice(&bounds.1)));
+    if reverse {
+        for k in keys.rev() {
+            if !visit(k)? {
+                break;
+            }
+        }
+    } else {
+        for k in keys {
+            if !visit(k)? {
                 break;
             }
         }
@@ -445,7 +459,7 @@ fn as_slice(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
     }
 }
 
-/// redb panics on a range whose start is after its end: never hand it one.
+/// An ordered map's range panics when its start is after its end: never ask for one.
 fn empty_range(bounds: &Bounds) -> bool {
     match (&bounds.0, &bounds.1) {
         (Bound::Included(s), Bound::Included(e)) => s > e,

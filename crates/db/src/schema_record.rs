@@ -20,7 +20,7 @@
 use std::path::Path;
 
 use devtables_schema::{compare_shapes, SchemaChanges, SchemaShape};
-use redb::Table;
+use devtables_logstore::LogWrite;
 
 use crate::{tables, DbError, Inner, OpenError};
 
@@ -49,10 +49,9 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    pub(crate) fn write(&self, meta: &mut Table<'_, &str, &str>) -> Result<(), DbError> {
-        meta.insert(SHAPE_KEY, self.shape_json.as_str())?;
-        meta.insert(FINGERPRINT_KEY, self.fingerprint.as_str())?;
-        Ok(())
+    pub(crate) fn write(&self, tx: &mut LogWrite<'_>) -> Result<(), DbError> {
+        tables::meta_put(tx, SHAPE_KEY, &self.shape_json)?;
+        tables::meta_put(tx, FINGERPRINT_KEY, &self.fingerprint)
     }
 }
 
@@ -61,7 +60,7 @@ impl Record {
 pub(crate) fn check(inner: &Inner) -> Result<(SchemaState, Option<Record>), OpenError> {
     let current = inner.schema.shape();
     let fingerprint = current.fingerprint();
-    if inner.memory.is_some() {
+    if inner.in_memory {
         let state = SchemaState {
             changes: SchemaChanges::default(),
             fingerprint: None,
@@ -139,18 +138,8 @@ pub(crate) fn check(inner: &Inner) -> Result<(SchemaState, Option<Record>), Open
 /// The recorded shape (JSON) and fingerprint, if any.
 fn read_record(inner: &Inner) -> Result<(Option<String>, Option<String>), OpenError> {
     let tables_err = |e: DbError| crate::tables_error(&inner.path, e);
-    let tx = inner.db.begin_read().map_err(|e| tables_err(e.into()))?;
-    let meta = match tx.open_table(tables::META) {
-        Ok(meta) => meta,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((None, None)),
-        Err(e) => return Err(tables_err(e.into())),
-    };
-    let get = |key: &str| -> Result<Option<String>, OpenError> {
-        Ok(meta
-            .get(key)
-            .map_err(|e| tables_err(e.into()))?
-            .map(|v| v.value().to_string()))
-    };
+    let read = inner.store.read().map_err(|e| tables_err(e.into()))?;
+    let get = |key: &str| tables::meta_get(&read, key).map_err(tables_err);
     Ok((get(SHAPE_KEY)?, get(FINGERPRINT_KEY)?))
 }
 

@@ -2,15 +2,13 @@
 //! layers above record about it (through [`SideTables`] and the [`WriteInterceptor`]) commits
 //! together or not at all.
 
-use std::cell::RefCell;
 use std::ops::Bound;
-use std::rc::Rc;
 
+use devtables_logstore::LogWrite;
 use devtables_schema::{Item, ItemKey, Model, SyncDirection};
-use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
 use crate::hooks::{ChangeOp, ItemChange, Origin};
-use crate::tables::{self, Bytes};
+use crate::tables;
 use crate::{keys, unique, DbError, Inner};
 
 /// Called inside every write transaction for each change, before commit. The replication agent
@@ -21,111 +19,70 @@ pub trait WriteInterceptor: Send + Sync {
 }
 
 /// Byte-keyed tables beside the items, written in the same transaction (replication state).
-///
-/// A table opened here stays open until the transaction ends ([`OpenedSide`]): redb's
-/// `open_table` looks the name up and a table's drop writes its root back, and the agent makes
-/// about ten side-table calls per application write.
+/// Each is the log table `x:<name>`.
 pub struct SideTables<'a> {
-    opened: &'a (dyn SideAccess + 'a),
+    tx: &'a mut (dyn SideAccess + 'a),
 }
 
-/// What [`SideTables`] does with its transaction's open tables; a trait object, so that
-/// `SideTables` needs no second lifetime for the tables' own.
+/// What [`SideTables`] does with its transaction; a trait object, so that `SideTables` needs no
+/// second lifetime for the transaction's own.
 trait SideAccess {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
-    fn put(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError>;
-    fn remove(&self, table: &str, key: &[u8]) -> Result<bool, DbError>;
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError>;
+    fn remove(&mut self, table: &str, key: &[u8]) -> Result<bool, DbError>;
     fn len(&self, table: &str) -> Result<u64, DbError>;
     fn scan(&self, table: &str, start: &[u8], limit: usize) -> Result<crate::SideEntries, DbError>;
-    fn clear(&self, table: &str) -> Result<(), DbError>;
+    fn clear(&mut self, table: &str) -> Result<(), DbError>;
 }
 
-/// The side tables one write transaction has opened, by the caller's table name.
-pub(crate) struct OpenedSide<'t> {
-    tx: &'t WriteTransaction,
-    tables: RefCell<Vec<(String, Table<'t, Bytes, Bytes>)>>,
-}
-
-impl<'t> OpenedSide<'t> {
-    pub(crate) fn new(tx: &'t WriteTransaction) -> OpenedSide<'t> {
-        OpenedSide {
-            tx,
-            tables: RefCell::new(Vec::new()),
-        }
-    }
-
-    /// Runs `f` on the table, opening it on first use. A transaction touches a handful of side
-    /// tables, so a linear search beats hashing the name.
-    fn with<R>(
-        &self,
-        table: &str,
-        f: impl FnOnce(&mut Table<'t, Bytes, Bytes>) -> Result<R, DbError>,
-    ) -> Result<R, DbError> {
-        let mut tables = self.tables.borrow_mut();
-        let at = match tables.iter().position(|(name, _)| name == table) {
-            Some(at) => at,
-            None => {
-                let name = tables::side_table_name(table);
-                tables.push((
-                    table.to_string(),
-                    self.tx.open_table(tables::side_def(&name))?,
-                ));
-                tables.len() - 1
-            }
-        };
-        f(&mut tables[at].1)
-    }
-}
-
-impl SideAccess for OpenedSide<'_> {
+impl SideAccess for LogWrite<'_> {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        self.with(table, |t| Ok(t.get(key)?.map(|v| v.value().to_vec())))
+        Ok(LogWrite::get(self, &tables::side_table_name(table), key)?)
     }
 
-    fn put(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        self.with(table, |t| {
-            t.insert(key, value)?;
-            Ok(())
-        })
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError> {
+        Ok(self.insert(&tables::side_table_name(table), key, value)?)
     }
 
-    fn remove(&self, table: &str, key: &[u8]) -> Result<bool, DbError> {
-        self.with(table, |t| Ok(t.remove(key)?.is_some()))
+    fn remove(&mut self, table: &str, key: &[u8]) -> Result<bool, DbError> {
+        Ok(LogWrite::remove(self, &tables::side_table_name(table), key)?)
     }
 
     fn len(&self, table: &str) -> Result<u64, DbError> {
-        self.with(table, |t| Ok(t.len()?))
+        Ok(LogWrite::len(self, &tables::side_table_name(table))?)
     }
 
     fn scan(&self, table: &str, start: &[u8], limit: usize) -> Result<crate::SideEntries, DbError> {
-        self.with(table, |t| crate::tables::side_entries(t, start, limit))
+        Ok(self.range(
+            &tables::side_table_name(table),
+            tables::from(start),
+            false,
+            limit,
+        )?)
     }
 
-    fn clear(&self, table: &str) -> Result<(), DbError> {
-        // redb refuses to delete an open table: close it here first.
-        self.tables.borrow_mut().retain(|(name, _)| name != table);
-        let name = tables::side_table_name(table);
-        self.tx.delete_table(tables::side_def(&name))?;
+    fn clear(&mut self, table: &str) -> Result<(), DbError> {
+        self.delete_table(&tables::side_table_name(table))?;
         Ok(())
     }
 }
 
 impl SideTables<'_> {
     pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        self.opened.get(table, key)
+        self.tx.get(table, key)
     }
 
     pub fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        self.opened.put(table, key, value)
+        self.tx.put(table, key, value)
     }
 
     /// Removes a key; returns whether it was there.
     pub fn remove(&mut self, table: &str, key: &[u8]) -> Result<bool, DbError> {
-        self.opened.remove(table, key)
+        self.tx.remove(table, key)
     }
 
     pub fn len(&self, table: &str) -> Result<u64, DbError> {
-        self.opened.len(table)
+        self.tx.len(table)
     }
 
     pub fn is_empty(&self, table: &str) -> Result<bool, DbError> {
@@ -139,33 +96,20 @@ impl SideTables<'_> {
         start: &[u8],
         limit: usize,
     ) -> Result<crate::SideEntries, DbError> {
-        self.opened.scan(table, start, limit)
+        self.tx.scan(table, start, limit)
     }
 
     /// Removes every entry of the table.
     pub fn clear(&mut self, table: &str) -> Result<(), DbError> {
-        self.opened.clear(table)
+        self.tx.clear(table)
     }
 }
-
-/// The items tables a write transaction opened, with their model slots.
-pub(crate) type OpenedItems<'t> = RefCell<Vec<(usize, Rc<Table<'t, Bytes, Bytes>>)>>;
 
 /// One write transaction. Obtained from [`crate::Db::write`]; commits when the closure returns Ok.
 pub struct WriteTxn<'t> {
     pub(crate) inner: &'t Inner,
-    pub(crate) tx: &'t WriteTransaction,
-    /// The items tables opened so far, by model slot (`Inner::slot`): a write opens the one or
-    /// two it touches, however many models the schema has. Shared (`Rc`) only for the length
-    /// of one read, so a write finds its table unshared.
-    pub(crate) items: OpenedItems<'t>,
-    pub(crate) ttl: Table<'t, Bytes, ()>,
-    /// One per secondary index, in `Schema::secondary_indexes` order.
-    pub(crate) indexes: Vec<Table<'t, Bytes, ()>>,
-    /// The values of `unique` fields (see `unique`); opened only when the schema has some.
-    pub(crate) unique: Option<Table<'t, Bytes, Bytes>>,
-    /// The side tables opened so far (see [`SideTables`]).
-    pub(crate) side: OpenedSide<'t>,
+    /// The store's one write transaction: every change of this one, committed as one record.
+    pub(crate) tx: LogWrite<'t>,
     pub(crate) origin: Origin,
     pub(crate) now_ms: i64,
     pub(crate) changes: Vec<ItemChange>,
@@ -183,7 +127,7 @@ impl<'t> WriteTxn<'t> {
 
     /// The side tables, in this transaction.
     pub fn side(&mut self) -> SideTables<'_> {
-        SideTables { opened: &self.side }
+        SideTables { tx: &mut self.tx }
     }
 
     fn model(&self, name: &str) -> Result<&'t Model, DbError> {
@@ -208,37 +152,18 @@ impl<'t> WriteTxn<'t> {
         Ok(())
     }
 
-    /// The items table of the model in `slot`, opened on first use.
-    fn items_of(&self, slot: usize) -> Result<Rc<Table<'t, Bytes, Bytes>>, DbError> {
-        let mut opened = self.items.borrow_mut();
-        if let Some((_, table)) = opened.iter().find(|(s, _)| *s == slot) {
-            return Ok(table.clone());
-        }
-        let table = Rc::new(
-            self.tx
-                .open_table(tables::items_def(&self.inner.item_tables[slot]))?,
-        );
-        opened.push((slot, table.clone()));
-        Ok(table)
-    }
-
-    fn items_of_mut(&mut self, slot: usize) -> Result<&mut Table<'t, Bytes, Bytes>, DbError> {
-        drop(self.items_of(slot)?);
-        self.items
-            .get_mut()
-            .iter_mut()
-            .find(|(s, _)| *s == slot)
-            .and_then(|(_, table)| Rc::get_mut(table))
-            .ok_or_else(|| DbError::Corrupt("items table still lent to a read".into()))
+    /// The name of the items table of the model in `slot`.
+    fn items_of(&self, slot: usize) -> &'t str {
+        let inner: &'t Inner = self.inner;
+        &inner.item_tables[slot]
     }
 
     /// The item stored (expired or not) at item key `raw` in the table of the model in `slot`.
     fn stored_in(&self, slot: usize, raw: &[u8]) -> Result<Option<Item>, DbError> {
-        let table = self.items_of(slot)?;
-        let Some(value) = table.get(raw)? else {
+        let Some(value) = self.tx.get(self.items_of(slot), raw)? else {
             return Ok(None);
         };
-        Ok(Some(crate::codec::decode(value.value(), raw)?))
+        Ok(Some(crate::codec::decode(&value, raw)?))
     }
 
     /// The live (not expired) stored item at `key`, with its model.
@@ -368,18 +293,18 @@ impl<'t> WriteTxn<'t> {
         let raw = keys::item_key(key);
         self.move_unique(&raw, Some((model, &item)), None)?;
         let slot = self.inner.slot(model.name())?;
-        self.items_of_mut(slot)?.remove(raw.as_slice())?;
+        self.tx.remove(self.items_of(slot), &raw)?;
         if let Some(expires) = model.expires_at_ms(&item) {
-            self.ttl.remove(keys::ttl_key(expires, key).as_slice())?;
+            self.tx.remove(tables::TTL, &keys::ttl_key(expires, key))?;
         }
-        let inner = self.inner;
-        for (table, index) in self
-            .indexes
-            .iter_mut()
+        let inner: &'t Inner = self.inner;
+        for (table, index) in inner
+            .index_tables
+            .iter()
             .zip(inner.schema.secondary_indexes())
         {
             if let Some((hash, sort)) = model.index_key(&item, index) {
-                table.remove(keys::index_key(&hash, &sort, key).as_slice())?;
+                self.tx.remove(table, &keys::index_key(&hash, &sort, key))?;
             }
         }
         let Some(interceptor) = self.listeners() else {
@@ -460,29 +385,28 @@ impl<'t> WriteTxn<'t> {
             // The key moves to this model: it leaves the other model's table.
             if let Some(m) = old_model {
                 let slot = self.inner.slot(m.name())?;
-                self.items_of_mut(slot)?.remove(raw.as_slice())?;
+                self.tx.remove(self.items_of(slot), &raw)?;
             }
         }
         let slot = self.inner.slot(model.name())?;
-        self.items_of_mut(slot)?
-            .insert(raw.as_slice(), bytes.as_slice())?;
+        self.tx.insert(self.items_of(slot), &raw, &bytes)?;
         let old_expiry = old_model
             .zip(old_item)
             .and_then(|(m, i)| m.expires_at_ms(i));
         let new_expiry = model.expires_at_ms(&item);
         if old_expiry != new_expiry {
             if let Some(expires) = old_expiry {
-                self.ttl.remove(keys::ttl_key(expires, &key).as_slice())?;
+                self.tx.remove(tables::TTL, &keys::ttl_key(expires, &key))?;
             }
             if let Some(expires) = new_expiry {
-                self.ttl
-                    .insert(keys::ttl_key(expires, &key).as_slice(), ())?;
+                self.tx
+                    .insert(tables::TTL, &keys::ttl_key(expires, &key), &[])?;
             }
         }
-        let inner = self.inner;
-        for ((table, index), entry) in self
-            .indexes
-            .iter_mut()
+        let inner: &'t Inner = self.inner;
+        for ((table, index), entry) in inner
+            .index_tables
+            .iter()
             .zip(inner.schema.secondary_indexes())
             .zip(index_keys)
         {
@@ -493,10 +417,11 @@ impl<'t> WriteTxn<'t> {
                 continue;
             }
             if let Some((hash, sort)) = old_entry {
-                table.remove(keys::index_key(&hash, &sort, &key).as_slice())?;
+                self.tx.remove(table, &keys::index_key(&hash, &sort, &key))?;
             }
             if let Some((hash, sort)) = entry {
-                table.insert(keys::index_key(&hash, &sort, &key).as_slice(), ())?;
+                self.tx
+                    .insert(table, &keys::index_key(&hash, &sort, &key), &[])?;
             }
         }
         // The change record (copies of the items) is built only when someone reads it.
@@ -525,10 +450,10 @@ impl<'t> WriteTxn<'t> {
         old: Option<(&Model, &Item)>,
         new: Option<(&Model, &Item)>,
     ) -> Result<(), DbError> {
-        let Some(table) = &self.unique else {
+        if !self.inner.has_unique {
             return Ok(());
-        };
-        let (moves, conflicts) = unique::plan(table, raw, old, new, |holder, value_key| {
+        }
+        let (moves, conflicts) = unique::plan(&self.tx, raw, old, new, |holder, value_key| {
             // The entry counts only while its item is live and still holds the value.
             Ok(self.get_stored(holder)?.is_some_and(|(m, item)| {
                 unique::keyed(m, &item)
@@ -557,9 +482,7 @@ impl<'t> WriteTxn<'t> {
                 );
             }
         }
-        if let Some(table) = &mut self.unique {
-            unique::apply(table, raw, &moves)?;
-        }
+        unique::apply(&mut self.tx, raw, &moves)?;
         Ok(())
     }
 
@@ -568,7 +491,7 @@ impl<'t> WriteTxn<'t> {
         model: &Model,
         item: &Item,
     ) -> Result<Vec<Option<(String, String)>>, DbError> {
-        let mut out = Vec::with_capacity(self.indexes.len());
+        let mut out = Vec::with_capacity(self.inner.index_tables.len());
         for index in self.inner.schema.secondary_indexes() {
             let entry = model.index_key(item, index);
             if let Some((hash, sort)) = &entry {
@@ -601,7 +524,7 @@ impl<'t> WriteTxn<'t> {
         change: ItemChange,
     ) -> Result<(), DbError> {
         if let Some(interceptor) = interceptor {
-            interceptor.on_change(&mut SideTables { opened: &self.side }, &change)?;
+            interceptor.on_change(&mut SideTables { tx: &mut self.tx }, &change)?;
         }
         self.changes.push(change);
         Ok(())
@@ -614,9 +537,8 @@ impl<'t> WriteTxn<'t> {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for entry in self.items_of(slot)?.iter()? {
-            let (k, _) = entry?;
-            match keys::decode_item_key(k.value()) {
+        for k in self.tx.keys(self.items_of(slot), tables::ALL, usize::MAX)? {
+            match keys::decode_item_key(&k) {
                 Some(key) => out.push(key),
                 None => return Err(DbError::Corrupt("malformed item key".into())),
             }
@@ -627,20 +549,13 @@ impl<'t> WriteTxn<'t> {
     /// Keys of the items whose TTL passed at `now_ms`, oldest first, at most `limit`.
     pub(crate) fn expired_keys(&self, now_ms: i64, limit: usize) -> Result<Vec<ItemKey>, DbError> {
         let end = (now_ms.max(0) as u64 + 1).to_be_bytes();
-        let mut out = Vec::new();
-        for entry in self
-            .ttl
-            .range::<&[u8]>((Bound::Unbounded, Bound::Excluded(&end[..])))?
-        {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, _) = entry?;
-            if let Some(key) = keys::decode_ttl_key(k.value()) {
-                out.push(key);
-            }
-        }
-        Ok(out)
+        let entries =
+            self.tx
+                .keys(tables::TTL, (Bound::Unbounded, Bound::Excluded(&end[..])), limit)?;
+        Ok(entries
+            .iter()
+            .filter_map(|k| keys::decode_ttl_key(k))
+            .collect())
     }
 
     pub(crate) fn take_changes(&mut self) -> Vec<ItemChange> {

@@ -23,14 +23,13 @@
 use std::collections::BTreeMap;
 
 use devtables_schema::{Item, ItemKey, Model, Schema, UniqueScope, UniqueValue};
-use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use std::ops::Bound;
+
+use devtables_logstore::LogWrite;
 
 use crate::error::UniqueCollision;
-use crate::tables::{self, Bytes};
+use crate::tables::{self, UNIQUE};
 use crate::{keys, read, DbError, OpenError};
-
-/// The values of unique fields → the encoded primary key (`pk \0 sk`) of their holder.
-pub(crate) const UNIQUE: TableDefinition<Bytes, Bytes> = TableDefinition::new("unique");
 
 /// Prefix of the `meta` keys recording which unique fields the table holds entries for:
 /// `unique:<model>\0<field>` → the field's scope definition ([`scope_definition`]).
@@ -117,22 +116,17 @@ impl From<DbError> for PrepareError {
     }
 }
 
-macro_rules! prepare_from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for PrepareError {
-            fn from(e: $t) -> Self {
-                PrepareError::Db(e.into())
-            }
-        }
-    )*};
+impl From<devtables_logstore::LogError> for PrepareError {
+    fn from(e: devtables_logstore::LogError) -> Self {
+        PrepareError::Db(e.into())
+    }
 }
-prepare_from_redb!(redb::TableError, redb::StorageError);
 
 /// Brings the table in line with the schema's unique fields, in the opening transaction: drops
 /// the entries of fields no longer unique (or with another scope), builds those of fields that
 /// have none from the live stored items, refusing the open when two of them share a value.
 pub(crate) fn prepare(
-    tx: &WriteTransaction,
+    tx: &mut LogWrite<'_>,
     schema: &Schema,
     now_ms: i64,
     path: &std::path::Path,
@@ -146,38 +140,45 @@ pub(crate) fn prepare(
             );
         }
     }
-    let mut meta = tx.open_table(tables::META)?;
     let mut recorded = BTreeMap::new();
-    for entry in meta.range(META_PREFIX..)? {
-        let (k, v) = entry?;
-        let Some(rest) = k.value().strip_prefix(META_PREFIX) else {
-            break;
+    let recorded_end = keys::prefix_end(META_PREFIX.as_bytes());
+    for (k, v) in tx.range(
+        tables::META,
+        (
+            Bound::Included(META_PREFIX.as_bytes()),
+            Bound::Excluded(recorded_end.as_slice()),
+        ),
+        false,
+        usize::MAX,
+    )? {
+        let (Ok(k), Ok(v)) = (String::from_utf8(k), String::from_utf8(v)) else {
+            return Err(DbError::Corrupt("a unique field's meta entry is not UTF-8".into()).into());
+        };
+        let Some(rest) = k.strip_prefix(META_PREFIX) else {
+            continue;
         };
         if let Some((model, field)) = rest.split_once('\0') {
-            recorded.insert(
-                (model.to_string(), field.to_string()),
-                v.value().to_string(),
-            );
+            recorded.insert((model.to_string(), field.to_string()), v);
         }
     }
     if wanted.is_empty() && recorded.is_empty() {
         return Ok(());
     }
-    let mut table = tx.open_table(UNIQUE)?;
     for ((model, field), definition) in &recorded {
         if wanted.get(&(model.clone(), field.clone())) == Some(definition) {
             continue;
         }
         let start = field_prefix(model, field);
         let end = keys::prefix_end(&start);
-        let stale: Vec<Vec<u8>> = table
-            .range::<&[u8]>(start.as_slice()..end.as_slice())?
-            .map(|e| e.map(|(k, _)| k.value().to_vec()))
-            .collect::<Result<_, _>>()?;
+        let stale = tx.keys(
+            UNIQUE,
+            (Bound::Included(start.as_slice()), Bound::Excluded(end.as_slice())),
+            usize::MAX,
+        )?;
         for key in &stale {
-            table.remove(key.as_slice())?;
+            tx.remove(UNIQUE, key)?;
         }
-        meta.remove(meta_key(model, field).as_str())?;
+        tx.remove(tables::META, meta_key(model, field).as_bytes())?;
     }
     for ((model_name, field), definition) in &wanted {
         if recorded.get(&(model_name.clone(), field.clone())) == Some(definition) {
@@ -187,11 +188,14 @@ pub(crate) fn prepare(
             continue;
         };
         let mut built = 0u64;
-        let items = tx.open_table(tables::items_def(&tables::items_table_name(model_name)))?;
-        for entry in items.iter()? {
-            let (k, stored) = entry?;
-            let raw = k.value().to_vec();
-            let item = read::decode_item(stored.value(), &raw)?;
+        let items = tx.range(
+            &tables::items_table_name(model_name),
+            tables::ALL,
+            false,
+            usize::MAX,
+        )?;
+        for (raw, stored) in items {
+            let item = read::decode_item(&stored, &raw)?;
             if read::expired(model, &item, now_ms) {
                 continue;
             }
@@ -199,7 +203,7 @@ pub(crate) fn prepare(
                 if value.field != *field {
                     continue;
                 }
-                let held = table.get(key.as_slice())?.map(|h| h.value().to_vec());
+                let held = tx.get(UNIQUE, &key)?;
                 if let Some(first) = held.filter(|h| *h != raw) {
                     let collision = UniqueCollision {
                         path: path.to_path_buf(),
@@ -214,11 +218,11 @@ pub(crate) fn prepare(
                         Box::new(collision),
                     ))));
                 }
-                table.insert(key.as_slice(), raw.as_slice())?;
+                tx.insert(UNIQUE, &key, &raw)?;
                 built += 1;
             }
         }
-        meta.insert(meta_key(model_name, field).as_str(), definition.as_str())?;
+        tables::meta_put(tx, &meta_key(model_name, field), definition)?;
         tracing::info!(
             path = %path.display(),
             model = %model_name,
@@ -261,7 +265,7 @@ pub(crate) struct Conflict {
 /// holds a value key: an entry may outlive its holder's value (an expired holder, or a value a
 /// replicated write took over), and such an entry is free to claim.
 pub(crate) fn plan(
-    table: &Table<'_, Bytes, Bytes>,
+    tx: &LogWrite<'_>,
     raw_key: &[u8],
     old: Option<(&Model, &Item)>,
     new: Option<(&Model, &Item)>,
@@ -281,7 +285,7 @@ pub(crate) fn plan(
     };
     let mut conflicts = Vec::new();
     for (key, value) in new_values {
-        let holder = table.get(key.as_slice())?.map(|h| h.value().to_vec());
+        let holder = tx.get(UNIQUE, &key)?;
         match holder {
             Some(h) if h == raw_key => continue,
             Some(h) => {
@@ -300,21 +304,15 @@ pub(crate) fn plan(
 
 /// Applies `moves` for the item at `raw_key`: a released value is removed only while this item
 /// holds it.
-pub(crate) fn apply(
-    table: &mut Table<'_, Bytes, Bytes>,
-    raw_key: &[u8],
-    moves: &Moves,
-) -> Result<(), DbError> {
+pub(crate) fn apply(tx: &mut LogWrite<'_>, raw_key: &[u8], moves: &Moves) -> Result<(), DbError> {
     for key in &moves.release {
-        let ours = table
-            .get(key.as_slice())?
-            .is_some_and(|h| h.value() == raw_key);
+        let ours = tx.get(UNIQUE, key)?.is_some_and(|h| h == raw_key);
         if ours {
-            table.remove(key.as_slice())?;
+            tx.remove(UNIQUE, key)?;
         }
     }
     for key in &moves.claim {
-        table.insert(key.as_slice(), raw_key)?;
+        tx.insert(UNIQUE, key, raw_key)?;
     }
     Ok(())
 }

@@ -1,20 +1,18 @@
-//! The file storage handed to redb, in place of redb's own `FileBackend`.
+//! The storage under redb for reading a redb file of an earlier version (`legacy`) without
+//! writing it.
 //!
-//! It exists for two things redb 2.x does not give:
-//! - **Letting go of a damaged file.** When the engine panics on a damaged file (see `damage`),
-//!   its handle is never used or dropped again (its locks may be poisoned and its writer slot
-//!   taken), so the file it holds would stay open and locked until the process exits. Here the
-//!   file can be closed from outside ([`FileStorage::close`]): the lock goes with it, and a
-//!   restored file can be opened again by the same process.
-//! - **Reading without writing.** redb 2.x has no read-only open: every open writes the file's
-//!   header, and after an unclean shutdown it repairs the allocator state in place. A read-only
-//!   storage reads the file (opened read-only, under a shared lock) and keeps every byte redb
-//!   writes in an in-memory overlay of 4 KiB chunks, so the file is never changed and a file the
-//!   process may not write can be read.
+//! redb 2.x has no read-only open: every open writes the file's header, and after an unclean
+//! shutdown it repairs the allocator state in place; the conversion of formats 1 and 2 to 3
+//! writes tables too. This storage reads the file (opened read-only) and keeps every byte redb
+//! writes in an in-memory overlay of 4 KiB chunks, so the file is never changed: a conversion
+//! cut short leaves it whole, and a file the process may not write can be read.
 //!
-//! The read-write storage takes an exclusive `flock` as redb's `FileBackend` does, so two
-//! processes never write one file; the read-only one takes a shared lock, so it never reads a
-//! file a writer is changing under it.
+//! It also lets go of the file from outside ([`FileStorage::close`]): when redb panics on a
+//! damaged file its handle is never used or dropped again, and the file (with its lock) would
+//! otherwise stay open until the process exits.
+//!
+//! The file is locked for the conversion: exclusively when it is to be replaced by the log, so
+//! no earlier version writes it meanwhile; shared for a read-only open.
 
 use std::collections::HashMap;
 use std::fs::{File, TryLockError};
@@ -25,13 +23,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 /// Bytes per overlay chunk: redb's page size, so a page write touches one chunk.
 const CHUNK: u64 = 4096;
 
-/// A database file as redb's storage.
+/// A redb file as redb's storage, read-only with an overlay.
 #[derive(Debug)]
 pub(crate) struct FileStorage {
     /// `None` once closed: every later call fails with an I/O error instead of touching a file.
     file: RwLock<Option<File>>,
-    /// For a read-only storage, the bytes redb wrote (never the file).
-    overlay: Option<Mutex<Overlay>>,
+    /// The bytes redb wrote (never the file).
+    overlay: Mutex<Overlay>,
 }
 
 /// What a read-only storage holds besides the file.
@@ -54,30 +52,23 @@ pub(crate) enum LockError {
 }
 
 impl FileStorage {
-    /// The storage of a file opened for reading and writing, locked exclusively.
-    pub(crate) fn read_write(file: File) -> Result<FileStorage, LockError> {
-        match file.try_lock() {
-            Ok(()) => Ok(FileStorage {
-                file: RwLock::new(Some(file)),
-                overlay: None,
-            }),
-            Err(TryLockError::WouldBlock) => Err(LockError::InUse),
-            Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
-        }
-    }
-
-    /// The storage of a file opened for reading only, under a shared lock: redb's writes stay
-    /// in memory.
-    pub(crate) fn read_only(file: File) -> Result<FileStorage, LockError> {
+    /// The storage of a file opened for reading, locked exclusively or shared: redb's writes
+    /// stay in memory.
+    pub(crate) fn read_only(file: File, exclusive: bool) -> Result<FileStorage, LockError> {
         let len = file.metadata().map_err(LockError::Io)?.len();
-        match file.try_lock_shared() {
+        let locked = if exclusive {
+            file.try_lock()
+        } else {
+            file.try_lock_shared()
+        };
+        match locked {
             Ok(()) => Ok(FileStorage {
                 file: RwLock::new(Some(file)),
-                overlay: Some(Mutex::new(Overlay {
+                overlay: Mutex::new(Overlay {
                     len,
                     base_len: len,
                     chunks: HashMap::new(),
-                })),
+                }),
             }),
             Err(TryLockError::WouldBlock) => Err(LockError::InUse),
             Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
@@ -102,8 +93,8 @@ impl FileStorage {
         Ok(guard)
     }
 
-    fn overlay(overlay: &Mutex<Overlay>) -> MutexGuard<'_, Overlay> {
-        overlay.lock().unwrap_or_else(PoisonError::into_inner)
+    fn overlay(&self) -> MutexGuard<'_, Overlay> {
+        self.overlay.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -125,13 +116,8 @@ fn past_end(offset: u64, len: usize, storage: u64) -> io::Error {
 
 impl redb::StorageBackend for FileStorage {
     fn len(&self) -> Result<u64, io::Error> {
-        let file = self.file()?;
-        match &self.overlay {
-            Some(overlay) => Ok(Self::overlay(overlay).len),
-            None => Ok(file
-                .as_ref()
-                .map_or(Ok(0), |f| f.metadata().map(|m| m.len()))?),
-        }
+        let _file = self.file()?;
+        Ok(self.overlay().len)
     }
 
     fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, io::Error> {
@@ -140,11 +126,7 @@ impl redb::StorageBackend for FileStorage {
             return Err(io::Error::other("the database file is closed"));
         };
         let mut out = vec![0u8; len];
-        let Some(overlay) = &self.overlay else {
-            file.read_exact_at(&mut out, offset)?;
-            return Ok(out);
-        };
-        let o = Self::overlay(overlay);
+        let o = self.overlay();
         let end = offset
             .checked_add(len as u64)
             .filter(|end| *end <= o.len)
@@ -165,11 +147,8 @@ impl redb::StorageBackend for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        let guard = self.file()?;
-        let Some(overlay) = &self.overlay else {
-            return guard.as_ref().map_or(Ok(()), |f| f.set_len(len));
-        };
-        let mut o = Self::overlay(overlay);
+        let _file = self.file()?;
+        let mut o = self.overlay();
         if len < o.len {
             // Whole chunks past the end go; the tail of the last one is zeroed, so a later
             // extension reads zeros there, as it would from a file.
@@ -186,11 +165,8 @@ impl redb::StorageBackend for FileStorage {
     }
 
     fn sync_data(&self, _eventual: bool) -> Result<(), io::Error> {
-        let guard = self.file()?;
-        match (&self.overlay, guard.as_ref()) {
-            (None, Some(file)) => file.sync_data(),
-            _ => Ok(()),
-        }
+        // Nothing reaches the file.
+        self.file().map(drop)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
@@ -198,10 +174,7 @@ impl redb::StorageBackend for FileStorage {
         let Some(file) = guard.as_ref() else {
             return Err(io::Error::other("the database file is closed"));
         };
-        let Some(overlay) = &self.overlay else {
-            return file.write_all_at(data, offset);
-        };
-        let mut o = Self::overlay(overlay);
+        let mut o = self.overlay();
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| past_end(offset, data.len(), o.len))?;
@@ -248,7 +221,7 @@ mod tests {
     fn read_only_storage_keeps_writes_in_memory_and_the_file_unchanged() {
         let base: Vec<u8> = (0..3 * CHUNK).map(|i| (i % 251) as u8).collect();
         let (_dir, path) = file_with(&base);
-        let storage = FileStorage::read_only(File::open(&path).unwrap())
+        let storage = FileStorage::read_only(File::open(&path).unwrap(), false)
             .ok()
             .unwrap();
         assert_eq!(storage.len().unwrap(), 3 * CHUNK);
@@ -287,16 +260,10 @@ mod tests {
     #[test]
     fn a_closed_storage_fails_every_call_and_releases_the_lock() {
         let (_dir, path) = file_with(&[1; 100]);
-        let open = || {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap()
-        };
-        let storage = FileStorage::read_write(open()).ok().unwrap();
+        let open = || File::open(&path).unwrap();
+        let storage = FileStorage::read_only(open(), true).ok().unwrap();
         assert!(matches!(
-            FileStorage::read_write(open()),
+            FileStorage::read_only(open(), false),
             Err(LockError::InUse)
         ));
         assert_eq!(storage.read(0, 2).unwrap(), vec![1, 1]);
@@ -305,7 +272,7 @@ mod tests {
         assert!(storage.write(0, &[2]).is_err());
         assert!(storage.len().is_err());
         assert!(
-            FileStorage::read_write(open()).is_ok(),
+            FileStorage::read_only(open(), true).is_ok(),
             "the lock went with the file"
         );
     }
