@@ -34,6 +34,14 @@
 //!   lock; a read-write open takes an exclusive one (`flock`), so two processes never write one
 //!   file.
 //!
+//! # Layout
+//! - `format`: the bytes of the file (header, record framing, operations), encode and decode.
+//! - `state`: the committed tables in RAM and the counters behind [`LogStats`].
+//! - `replay`: open: lock, header, replay, torn tail or damage.
+//! - `write`: a write transaction's overlay and its commit.
+//! - `compact`: rewriting the file as its live entries.
+//! - `file`: locks and directory syncs.
+//!
 //! # File format (version 1)
 //! - Header, 16 bytes: [`MAGIC`] (8 bytes), format version (u32 LE), 4 reserved zero bytes.
 //! - Then records, each: payload length (u32 LE), CRC-32 of the payload (u32 LE), payload.
@@ -48,9 +56,16 @@
 //!   reported as damage when read from a file.
 
 use std::borrow::Cow;
+use std::collections::btree_map;
+use std::fs::File;
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use state::{range_is_valid, Slot, State, Table};
+use write::{Entries, Overlay, Writer};
 
 /// The first 8 bytes of every log file.
 pub const MAGIC: [u8; 8] = *b"DTLOG\0\r\n";
@@ -145,105 +160,323 @@ pub struct LogStats {
     pub compactions: u64,
 }
 
+mod compact;
+mod file;
+mod format;
+mod replay;
+mod state;
+mod write;
+
+/// What every clone of a store shares.
+struct Inner {
+    /// The log file's path; `None` for an in-memory store.
+    path: Option<PathBuf>,
+    options: LogOptions,
+    read_only: bool,
+    /// The committed state readers see (and the file handle its slots point into).
+    state: RwLock<State>,
+    /// The writer slot: one write transaction, compaction or close at a time.
+    writer: Mutex<Writer>,
+    /// Whether a commit went to the file since the last `fdatasync` (so `sync`, `close` and the
+    /// last drop know whether there is anything to flush).
+    unsynced: AtomicBool,
+}
+
+impl Inner {
+    /// The state for reading. A panic while the lock was held cannot leave the state half
+    /// changed (every change is applied in full under the lock, with no fallible step), so a
+    /// poisoned lock is used as it is.
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the writer slot of a store that may write and is open.
+    fn writer_for_change(&self) -> Result<MutexGuard<'_, Writer>, LogError> {
+        if self.read_only {
+            return Err(LogError::ReadOnly);
+        }
+        let writer = self.writer();
+        if self.read_state().closed {
+            return Err(LogError::Closed);
+        }
+        writer.check_usable()?;
+        Ok(writer)
+    }
+
+    /// `fdatasync`s the file when a commit is not yet durable.
+    fn sync_file(&self, file: &File) -> io::Result<()> {
+        if self.unsynced.swap(false, Ordering::SeqCst) {
+            if let Err(e) = file.sync_data() {
+                self.unsynced.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if state.closed {
+            return;
+        }
+        if let Some(file) = state.file.clone() {
+            if let Err(e) = self.sync_file(&file) {
+                tracing::error!(path = ?self.path, error = %e, "syncing the log as its last handle closed it failed");
+            }
+        }
+    }
+}
+
 /// An open store. Cheap to clone; clones share one file. The file is closed when the last
 /// clone is dropped or by [`LogStore::close`].
 #[derive(Clone)]
-pub struct LogStore {}
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("path", &self.inner.path)
+            .field("read_only", &self.inner.read_only)
+            .finish_non_exhaustive()
+    }
+}
 
 impl LogStore {
+    fn from_parts(
+        path: Option<PathBuf>,
+        options: LogOptions,
+        read_only: bool,
+        state: State,
+        writer: Writer,
+    ) -> LogStore {
+        LogStore {
+            inner: Arc::new(Inner {
+                path,
+                options,
+                read_only,
+                state: RwLock::new(state),
+                writer: Mutex::new(writer),
+                unsynced: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn open_with(
+        path: &Path,
+        options: LogOptions,
+        read_only: bool,
+    ) -> Result<LogStore, LogOpenError> {
+        let opened = replay::open(path, &options, read_only)?;
+        let writer = Writer {
+            end: opened.end,
+            next_table_id: opened.next_table_id,
+            failed: None,
+        };
+        Ok(LogStore::from_parts(
+            Some(path.to_path_buf()),
+            options,
+            read_only,
+            opened.state,
+            writer,
+        ))
+    }
+
     /// Opens the log at `path` for reading and writing, creating it when missing (an empty
     /// file becomes an empty store). Replays every record; truncates a torn tail.
     pub fn open(path: &Path, options: LogOptions) -> Result<LogStore, LogOpenError> {
-        todo!("{path:?} {options:?}")
+        LogStore::open_with(path, options, false)
     }
 
     /// Opens the log at `path` without ever writing it (shared lock); a missing file is an
     /// I/O error (`NotFound`). Writes are refused with [`LogError::ReadOnly`].
     pub fn open_read_only(path: &Path, options: LogOptions) -> Result<LogStore, LogOpenError> {
-        todo!("{path:?} {options:?}")
+        LogStore::open_with(path, options, true)
     }
 
     /// A store with no file: everything in RAM, gone with the last clone.
     pub fn in_memory(options: LogOptions) -> LogStore {
-        todo!("{options:?}")
+        let writer = Writer {
+            end: 0,
+            next_table_id: 1,
+            failed: None,
+        };
+        LogStore::from_parts(None, options, false, State::default(), writer)
     }
 
     /// Whether the store was opened with [`LogStore::open_read_only`].
     pub fn is_read_only(&self) -> bool {
-        todo!()
+        self.inner.read_only
+    }
+
+    /// The file's path (`None` in memory).
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
     }
 
     /// A view of the last committed state, for one operation (see the crate docs).
     pub fn read(&self) -> Result<LogRead<'_>, LogError> {
-        todo!()
+        let state = self.inner.read_state();
+        if state.closed {
+            return Err(LogError::Closed);
+        }
+        Ok(LogRead { state })
     }
 
     /// The write transaction, once the writer slot is free (blocks until then).
     pub fn write(&self) -> Result<LogWrite<'_>, LogError> {
-        todo!()
+        let writer = self.inner.writer_for_change()?;
+        Ok(LogWrite {
+            inner: &self.inner,
+            writer,
+            overlay: Overlay::default(),
+        })
     }
 
     /// Makes every committed transaction durable (`fdatasync`); nothing to do when all are.
     pub fn sync(&self) -> Result<(), LogError> {
-        todo!()
+        let file = {
+            let state = self.inner.read_state();
+            if state.closed {
+                return Err(LogError::Closed);
+            }
+            state.file.clone()
+        };
+        match file {
+            Some(file) if !self.inner.read_only => Ok(self.inner.sync_file(&file)?),
+            _ => Ok(()),
+        }
     }
 
     /// Compacts when the file is at least `compact_min_file_bytes` and `compact_ratio` times
     /// its live bytes; returns whether it did. Takes the writer slot for its duration.
     pub fn compact_if_worth(&self) -> Result<bool, LogError> {
-        todo!()
+        let mut writer = self.inner.writer_for_change()?;
+        let Some(path) = &self.inner.path else {
+            return Ok(false);
+        };
+        let (file_bytes, live_bytes) = {
+            let state = self.inner.read_state();
+            (state.file_bytes, state.live_bytes())
+        };
+        let options = &self.inner.options;
+        let worth = file_bytes >= options.compact_min_file_bytes
+            && file_bytes as f64 >= options.compact_ratio * live_bytes as f64;
+        if worth {
+            compact::compact(&self.inner, path, &mut writer)?;
+        }
+        Ok(worth)
     }
 
     /// Rewrites the file as its live entries only: written beside it, made durable, renamed
     /// over it (a crash leaves the old file or the new one, whole). Takes the writer slot.
     pub fn compact(&self) -> Result<(), LogError> {
-        todo!()
+        let mut writer = self.inner.writer_for_change()?;
+        match &self.inner.path {
+            Some(path) => compact::compact(&self.inner, path, &mut writer),
+            None => Ok(()),
+        }
     }
 
     pub fn stats(&self) -> LogStats {
-        todo!()
+        let state = self.inner.read_state();
+        LogStats {
+            file_bytes: state.file_bytes,
+            live_bytes: state.live_bytes(),
+            memory_bytes: state.memory_bytes(),
+            entries: state.entries(),
+            compactions: state.compactions,
+        }
     }
 
     /// Syncs what is committed (read-write stores), then releases the file and its lock: every
     /// later call fails with [`LogError::Closed`]. Idempotent.
     pub fn close(&self) -> Result<(), LogError> {
-        todo!()
+        // The writer slot: no commit is half way while the file goes.
+        let _writer = self.inner.writer();
+        let file = {
+            let state = self.inner.read_state();
+            if state.closed {
+                return Ok(());
+            }
+            state.file.clone()
+        };
+        let synced = match &file {
+            Some(file) if !self.inner.read_only => self.inner.sync_file(file),
+            _ => Ok(()),
+        };
+        {
+            let mut state = self.inner.write_state();
+            state.closed = true;
+            state.file = None;
+            state.clear();
+        }
+        // The last handle of the file: closing it releases the lock.
+        drop(file);
+        Ok(synced?)
     }
 }
 
 /// A shared view of the last committed state (see the crate docs for how long to hold one).
 pub struct LogRead<'s> {
-    _store: &'s LogStore,
+    state: RwLockReadGuard<'s, State>,
 }
 
 impl LogRead<'_> {
     /// The table called `name`, if it exists.
     pub fn table(&self, name: &str) -> Option<LogTable<'_>> {
-        todo!("{name}")
+        let table = self.state.tables.get(name)?;
+        Some(LogTable {
+            table,
+            file: self.state.file.as_deref(),
+        })
     }
 
     /// The names of the tables that exist, in byte order.
     pub fn table_names(&self) -> Vec<String> {
-        todo!()
+        let mut names: Vec<String> = self.state.tables.keys().cloned().collect();
+        names.sort_unstable();
+        names
     }
 }
 
 /// One table of a [`LogRead`].
 pub struct LogTable<'r> {
-    _read: &'r (),
+    table: &'r Table,
+    /// Where values not kept in RAM are read from.
+    file: Option<&'r File>,
 }
 
 impl<'r> LogTable<'r> {
     pub fn get(&self, key: &[u8]) -> Result<Option<Cow<'r, [u8]>>, LogError> {
-        todo!("{key:?}")
+        let file = self.file;
+        self.table
+            .entries
+            .get(key)
+            .map(|slot| slot.read(file))
+            .transpose()
     }
 
     pub fn contains(&self, key: &[u8]) -> bool {
-        todo!("{key:?}")
+        self.table.entries.contains_key(key)
     }
 
     pub fn len(&self) -> u64 {
-        todo!()
+        self.table.entries.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
@@ -253,68 +486,105 @@ impl<'r> LogTable<'r> {
     /// The entries with keys in `range`, in key order (`.rev()` for descending); values are
     /// read from the file only as the iterator reaches them.
     pub fn range(&self, range: (Bound<&[u8]>, Bound<&[u8]>)) -> LogRange<'r> {
-        todo!("{range:?}")
+        LogRange {
+            entries: self.entries(range),
+            file: self.file,
+        }
     }
 
     /// The keys in `range` alone (no value is read).
     pub fn keys(&self, range: (Bound<&[u8]>, Bound<&[u8]>)) -> LogKeys<'r> {
-        todo!("{range:?}")
+        LogKeys {
+            entries: self.entries(range),
+        }
+    }
+
+    fn entries(
+        &self,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+    ) -> Option<btree_map::Range<'r, Box<[u8]>, Slot>> {
+        let table: &'r Table = self.table;
+        range_is_valid(range).then(|| table.entries.range::<[u8], _>(range))
     }
 }
 
 /// Entries of a table in a key range, either direction.
 pub struct LogRange<'r> {
-    _read: &'r (),
+    /// `None` for a range that holds no key by its bounds alone.
+    entries: Option<btree_map::Range<'r, Box<[u8]>, Slot>>,
+    file: Option<&'r File>,
+}
+
+impl<'r> LogRange<'r> {
+    fn item(&self, (key, slot): (&'r [u8], &'r Slot)) -> <Self as Iterator>::Item {
+        Ok((key, slot.read(self.file)?))
+    }
 }
 
 impl<'r> Iterator for LogRange<'r> {
     type Item = Result<(&'r [u8], Cow<'r, [u8]>), LogError>;
     fn next(&mut self) -> Option<Self::Item> {
-        todo!()
+        let (key, slot) = self.entries.as_mut()?.next()?;
+        Some(self.item((key, slot)))
     }
 }
 
 impl DoubleEndedIterator for LogRange<'_> {
     fn next_back(&mut self) -> Option<Self::Item> {
-        todo!()
+        let (key, slot) = self.entries.as_mut()?.next_back()?;
+        Some(self.item((key, slot)))
     }
 }
 
 /// Keys of a table in a key range, either direction.
 pub struct LogKeys<'r> {
-    _read: &'r (),
+    entries: Option<btree_map::Range<'r, Box<[u8]>, Slot>>,
 }
 
 impl<'r> Iterator for LogKeys<'r> {
     type Item = &'r [u8];
     fn next(&mut self) -> Option<Self::Item> {
-        todo!()
+        self.entries.as_mut()?.next().map(|(key, _)| &**key)
     }
 }
 
 impl DoubleEndedIterator for LogKeys<'_> {
     fn next_back(&mut self) -> Option<Self::Item> {
-        todo!()
+        self.entries.as_mut()?.next_back().map(|(key, _)| &**key)
     }
 }
 
 /// The one write transaction: changes kept in RAM until [`LogWrite::commit`] appends them as
 /// one record. Its reads see the committed state with its own changes on top.
 pub struct LogWrite<'s> {
-    _store: &'s LogStore,
+    inner: &'s Inner,
+    /// The writer slot, held until commit or drop.
+    writer: MutexGuard<'s, Writer>,
+    overlay: Overlay,
+}
+
+fn check_size(what: &'static str, bytes: usize, max: usize) -> Result<(), LogError> {
+    if bytes > max {
+        return Err(LogError::TooLarge {
+            what,
+            bytes: bytes as u64,
+            max: max as u64,
+        });
+    }
+    Ok(())
 }
 
 impl<'s> LogWrite<'s> {
     pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
-        todo!("{table} {key:?}")
+        self.overlay.get(self.inner, table, key)
     }
 
     pub fn contains(&self, table: &str, key: &[u8]) -> Result<bool, LogError> {
-        todo!("{table} {key:?}")
+        Ok(self.overlay.contains(self.inner, table, key))
     }
 
     pub fn len(&self, table: &str) -> Result<u64, LogError> {
-        todo!("{table}")
+        Ok(self.overlay.len(self.inner, table))
     }
 
     /// Entries of `table` in `range`, in key order or reversed, this transaction's changes
@@ -325,8 +595,9 @@ impl<'s> LogWrite<'s> {
         range: (Bound<&[u8]>, Bound<&[u8]>),
         reverse: bool,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
-        todo!("{table} {range:?} {reverse} {limit}")
+    ) -> Result<Entries, LogError> {
+        self.overlay
+            .range(self.inner, table, range, reverse, limit, true)
     }
 
     /// Keys of `table` in `range`, ascending, this transaction's changes merged in; at most
@@ -337,32 +608,43 @@ impl<'s> LogWrite<'s> {
         range: (Bound<&[u8]>, Bound<&[u8]>),
         limit: usize,
     ) -> Result<Vec<Vec<u8>>, LogError> {
-        todo!("{table} {range:?} {limit}")
+        let entries = self
+            .overlay
+            .range(self.inner, table, range, false, limit, false)?;
+        Ok(entries.into_iter().map(|(key, _)| key).collect())
     }
 
     /// Inserts or replaces; refuses a table name or key over its limit ([`LogError::TooLarge`]).
     pub fn insert(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), LogError> {
-        todo!("{table} {key:?} {value:?}")
+        check_size("a table name", table.len(), MAX_TABLE_NAME)?;
+        check_size("a key", key.len(), MAX_KEY_BYTES)?;
+        check_size(
+            "a value",
+            value.len(),
+            self.inner.options.max_record_bytes as usize,
+        )?;
+        self.overlay.insert(self.inner, table, key, value);
+        Ok(())
     }
 
     /// Removes a key; returns whether it was there.
     pub fn remove(&mut self, table: &str, key: &[u8]) -> Result<bool, LogError> {
-        todo!("{table} {key:?}")
+        Ok(self.overlay.remove(self.inner, table, key))
     }
 
     /// Deletes a table and every key in it; returns whether it existed.
     pub fn delete_table(&mut self, table: &str) -> Result<bool, LogError> {
-        todo!("{table}")
+        Ok(self.overlay.delete_table(self.inner, table))
     }
 
     /// Names of the tables that exist, this transaction's changes included, in byte order.
     pub fn table_names(&self) -> Result<Vec<String>, LogError> {
-        todo!()
+        Ok(self.overlay.table_names(self.inner))
     }
 
     /// Whether the transaction changed anything.
     pub fn is_empty(&self) -> bool {
-        todo!()
+        self.overlay.is_empty()
     }
 
     /// Appends the transaction as one record (nothing when it changed nothing), `fdatasync`s
@@ -370,6 +652,11 @@ impl<'s> LogWrite<'s> {
     /// transaction (a record written but not made visible is cut off again, or the store
     /// refuses further writes until reopened when it cannot be).
     pub fn commit(self, durable: bool) -> Result<(), LogError> {
-        todo!("{durable}")
+        let LogWrite {
+            inner,
+            mut writer,
+            overlay,
+        } = self;
+        overlay.commit(inner, &mut writer, durable)
     }
 }

@@ -1,1 +1,3 @@
 //! Integration tests of the log store (see `../../src/lib.rs` for the contract).
+
+mod basic;
