@@ -178,36 +178,12 @@ fn convert_in(
         })
         .create_with_backend(SharedBackend(storage.clone()))
         .map_err(|e| damage::open_error(path, e))?;
-    // Dropped only when no panic came out of redb (see `damage`).
+    // Leaked if a panic comes out of redb (see `damage`); dropped otherwise, error or not,
+    // which releases the file.
     let db = ManuallyDrop::new(db);
-    let (from, converted) =
-        convert::to_format_3(&db, path, schema).map_err(|e| e.into_open_error(path))?;
-    let store = if read_only {
-        let store = LogStore::in_memory(LogOptions::default());
-        copy_tables(&db, &store).map_err(|e| e.into_open_error(path))?;
-        drop(ManuallyDrop::into_inner(db));
-        store
-    } else {
-        let target = converting_path(path);
-        match std::fs::remove_file(&target) {
-            Ok(()) => tracing::warn!(path = %target.display(), "removed the log an earlier conversion left unfinished"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(crate::file_error(&target, e, "remove", false)),
-        }
-        let written = write_log(&db, &target).map_err(|e| e.into_open_error(path));
-        drop(ManuallyDrop::into_inner(db));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&target);
-            return Err(e);
-        }
-        std::fs::rename(&target, path).map_err(|e| crate::file_error(path, e, "replace", false))?;
-        sync_dir(path).map_err(|e| crate::file_error(path, e, "sync the directory of", false))?;
-        storage.close();
-        LogStore::open(path, LogOptions::default()).map_err(|e| OpenError::Storage {
-            path: path.to_path_buf(),
-            source: Box::new(e),
-        })?
-    };
+    let result = convert_with(&db, path, read_only, schema);
+    drop(ManuallyDrop::into_inner(db));
+    let (store, from, converted) = result?;
     tracing::info!(
         path = %path.display(),
         "converted the redb file of format {from} to the log (format {}){}",
@@ -219,6 +195,41 @@ fn convert_in(
         }
     );
     Ok((store, converted))
+}
+
+/// The conversion proper, on the open redb file; returns the store, the redb format found and
+/// what the conversion found.
+fn convert_with(
+    db: &redb::Database,
+    path: &Path,
+    read_only: bool,
+    schema: &Schema,
+) -> Result<(LogStore, u32, Converted), OpenError> {
+    let (from, converted) =
+        convert::to_format_3(db, path, schema).map_err(|e| e.into_open_error(path))?;
+    if read_only {
+        let store = LogStore::in_memory(LogOptions::default());
+        copy_tables(db, &store).map_err(|e| e.into_open_error(path))?;
+        return Ok((store, from, converted));
+    }
+    let target = converting_path(path);
+    match std::fs::remove_file(&target) {
+        Ok(()) => tracing::warn!(path = %target.display(), "removed the log an earlier conversion left unfinished"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(crate::file_error(&target, e, "remove", false)),
+    }
+    if let Err(e) = write_log(db, &target) {
+        let _ = std::fs::remove_file(&target);
+        return Err(e.into_open_error(path));
+    }
+    // The log is whole and durable: from here a crash leaves it in place of the redb file.
+    std::fs::rename(&target, path).map_err(|e| crate::file_error(path, e, "replace", false))?;
+    sync_dir(path).map_err(|e| crate::file_error(path, e, "sync the directory of", false))?;
+    let store = LogStore::open(path, LogOptions::default()).map_err(|e| OpenError::Storage {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })?;
+    Ok((store, from, converted))
 }
 
 /// Writes the log of `db`'s tables at `target`, durably, and closes it.

@@ -1,16 +1,19 @@
-//! The file format: items round-trip through the stored encoding, older files are converted on
-//! open (format 1, items as JSON text; format 2, one `items` table with the `types` model index
-//! beside it) in one transaction, a new file has one items table per model and no model index,
-//! unknown formats are refused.
+//! The file format: items round-trip through the stored encoding; a new file is a log (format
+//! 4) with one items table per model and no model index; the redb files of earlier versions
+//! (format 1, items as JSON text; format 2, one `items` table with the `types` model index
+//! beside it; format 3, the tables the log keeps) are converted to a log at open with every
+//! entry intact, a crash leaving the whole redb file or the whole log; unknown formats are
+//! refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use devtables_db::{Db, DbOptions, FindOptions, OpenError, Origin};
-use devtables_schema::ItemKey;
+use devtables_logstore::{LogOptions, LogStore};
+use devtables_schema::{ItemKey, Schema};
 use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde_json::json;
 
@@ -19,9 +22,6 @@ use super::{item, key, open, reading, schema};
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 const TYPES: TableDefinition<&[u8], ()> = TableDefinition::new("types");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-const READINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items:Reading");
-const TTL: TableDefinition<&[u8], ()> = TableDefinition::new("ttl");
-const GS1: TableDefinition<&[u8], ()> = TableDefinition::new("idx:gs1");
 
 #[test]
 fn items_round_trip_through_the_stored_encoding() {
@@ -103,54 +103,71 @@ fn json_files_from_before_the_format_are_converted() {
         .unwrap();
     assert_eq!(page.items.len(), 1);
     db.close().unwrap();
+    assert!(is_log(&path), "the redb file was replaced by a log");
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("4"));
+    assert!(!table_names(&path).contains("types"));
     let db = open(&path, DbOptions::default());
     assert!(db.get("Reading", &key("x1")).unwrap().is_some());
 }
 
-#[test]
-fn unknown_formats_are_refused_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("new.redb");
-    let db = open(&path, DbOptions::default());
-    db.create("Reading", &reading("a", 1.0, "ok")).unwrap();
-    db.close().unwrap();
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let tx = db.begin_write().unwrap();
-        {
-            let mut meta = tx.open_table(META).unwrap();
-            assert_eq!(meta.get("format").unwrap().unwrap().value(), "3");
-            meta.insert("format", "99").unwrap();
-        }
-        tx.commit().unwrap();
-    }
-    let err = match devtables_db::Db::open(&path, schema(), DbOptions::default()) {
-        Err(e) => e,
-        Ok(_) => panic!("a file of format 99 must be refused"),
-    };
-    assert!(matches!(&err, OpenError::UnsupportedFormat { found, .. } if found == "99"));
-    let text = err.to_string();
-    assert!(
-        text.contains("format 99") && text.contains("format 3"),
-        "{text}"
-    );
-    // Nothing was changed by the refused open.
-    let db = redb::Database::create(&path).unwrap();
-    let tx = db.begin_read().unwrap();
-    assert_eq!(
-        tx.open_table(META)
-            .unwrap()
-            .get("format")
-            .unwrap()
-            .unwrap()
-            .value(),
-        "99"
-    );
-    assert_eq!(tx.open_table(READINGS).unwrap().iter().unwrap().count(), 1);
+/// Every table of the log at `path`, with its entries.
+type Tables = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
+
+fn log_tables(path: &Path) -> Tables {
+    let store = LogStore::open_read_only(path, LogOptions::default()).unwrap();
+    let read = store.read().unwrap();
+    read.table_names()
+        .into_iter()
+        .map(|name| {
+            let entries = read
+                .table(&name)
+                .unwrap()
+                .range((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded))
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    (k.to_vec(), v.into_owned())
+                })
+                .collect();
+            (name, entries)
+        })
+        .collect()
 }
 
-/// The names of the tables in the file.
+/// The names of the tables in the log at `path`.
 fn table_names(path: &Path) -> BTreeSet<String> {
+    log_tables(path).into_keys().collect()
+}
+
+/// The keys of a table of the log (TTL, a secondary index).
+fn keys_of(path: &Path, table: &str) -> Vec<Vec<u8>> {
+    log_tables(path)
+        .remove(table)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+fn meta_value(path: &Path, key: &str) -> Option<String> {
+    log_tables(path)
+        .remove("meta")?
+        .into_iter()
+        .find(|(k, _)| k.as_slice() == key.as_bytes())
+        .map(|(_, v)| String::from_utf8(v).unwrap())
+}
+
+fn is_log(path: &Path) -> bool {
+    std::fs::read(path).unwrap().starts_with(&devtables_logstore::MAGIC)
+}
+
+fn is_redb(path: &Path) -> bool {
+    std::fs::read(path)
+        .unwrap()
+        .starts_with(&devtables_db::legacy::REDB_MAGIC)
+}
+
+/// The names of the tables of the redb file at `path`.
+fn redb_table_names(path: &Path) -> BTreeSet<String> {
     let db = redb::Database::create(path).unwrap();
     let tx = db.begin_read().unwrap();
     let names = tx
@@ -161,25 +178,73 @@ fn table_names(path: &Path) -> BTreeSet<String> {
     names
 }
 
-/// The keys of a key-only table (TTL, a secondary index).
-fn keys_of(path: &Path, def: TableDefinition<&[u8], ()>) -> Vec<Vec<u8>> {
-    let db = redb::Database::create(path).unwrap();
-    let tx = db.begin_read().unwrap();
-    let table = tx.open_table(def).unwrap();
-    let keys = table
-        .iter()
-        .unwrap()
-        .map(|e| e.unwrap().0.value().to_vec())
-        .collect();
-    keys
-}
-
-fn meta_value(path: &Path, key: &str) -> Option<String> {
+fn redb_meta_value(path: &Path, key: &str) -> Option<String> {
     let db = redb::Database::create(path).unwrap();
     let tx = db.begin_read().unwrap();
     let meta = tx.open_table(META).unwrap();
     let value = meta.get(key).unwrap().map(|v| v.value().to_string());
     value
+}
+
+/// Writes a log of the current format (the closed database at `log`) as the redb file format
+/// 3 was, at `redb_file`.
+fn as_format_3(log: &Path, redb_file: &Path) {
+    devtables_db::legacy::write_fixture(log, redb_file).unwrap();
+    assert_eq!(redb_meta_value(redb_file, "format").as_deref(), Some("3"));
+}
+
+#[test]
+fn unknown_formats_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.db");
+    let db = open(&path, DbOptions::default());
+    db.create("Reading", &reading("a", 1.0, "ok")).unwrap();
+    db.close().unwrap();
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("4"));
+    {
+        let store = LogStore::open(&path, LogOptions::default()).unwrap();
+        let mut tx = store.write().unwrap();
+        tx.insert("meta", b"format", b"99").unwrap();
+        tx.commit(true).unwrap();
+        store.close().unwrap();
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    let err = match devtables_db::Db::open(&path, schema(), DbOptions::default()) {
+        Err(e) => e,
+        Ok(_) => panic!("a file of format 99 must be refused"),
+    };
+    assert!(matches!(&err, OpenError::UnsupportedFormat { found, .. } if found == "99"));
+    let text = err.to_string();
+    assert!(
+        text.contains("format 99") && text.contains("format 4"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "the refused open changed nothing");
+
+    // A log of a newer log format (its header's version) is refused alike.
+    let mut newer = bytes.clone();
+    newer[8..12].copy_from_slice(&(devtables_logstore::FORMAT_VERSION + 1).to_le_bytes());
+    std::fs::write(&path, &newer).unwrap();
+    assert!(matches!(
+        Db::open(&path, schema(), DbOptions::default()),
+        Err(OpenError::UnsupportedFormat { .. })
+    ));
+    assert_eq!(std::fs::read(&path).unwrap(), newer);
+
+    // A redb file of a format after 3 that no version wrote is refused, and left as it is.
+    let redb_file = dir.path().join("odd.redb");
+    {
+        let db = redb::Database::create(&redb_file).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(META).unwrap().insert("format", "7").unwrap();
+        tx.commit().unwrap();
+    }
+    let before = std::fs::read(&redb_file).unwrap();
+    assert!(matches!(
+        Db::open(&redb_file, schema(), DbOptions::default()),
+        Err(OpenError::UnsupportedFormat { found, .. }) if found == "7"
+    ));
+    assert_eq!(std::fs::read(&redb_file).unwrap(), before);
 }
 
 /// Rewrites a closed file of the current format in the layout format 2 wrote: every item in one
@@ -277,30 +342,92 @@ fn ids_with_status(db: &Db, status: &str) -> Vec<String> {
         .collect()
 }
 
+/// A redb file of format 3 at `path` holding what [`populate`] writes; returns every table of
+/// the log it was made from.
+fn populate_format_3(path: &Path, options: DbOptions, readings: usize) -> Tables {
+    let log = path.with_extension("source-log");
+    populate(&log, options, readings);
+    as_format_3(&log, path);
+    let tables = log_tables(&log);
+    std::fs::remove_file(&log).unwrap();
+    tables
+}
+
 #[test]
 fn new_files_have_one_items_table_per_model_and_no_model_index() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("new.redb");
+    let path = dir.path().join("new.db");
     let now = Arc::new(AtomicI64::new(START_MS));
     populate(&path, options_at(&now), 3);
+    assert!(is_log(&path));
     let names = table_names(&path);
     assert!(!names.contains("types"), "no model index table: {names:?}");
     assert!(!names.contains("items"), "no single items table: {names:?}");
-    for expected in [
-        "items:Reading",
-        "items:Cmd",
-        "items:Cfg",
-        "ttl",
-        "idx:gs1",
-        "meta",
-    ] {
+    // A table exists once it holds a key: `Cfg` has no item here.
+    for expected in ["items:Reading", "items:Cmd", "ttl", "idx:gs1", "meta", "x:outbox"] {
         assert!(
             names.contains(expected),
             "{expected} missing from {names:?}"
         );
     }
-    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("4"));
     assert_eq!(meta_value(&path, "stray_keys"), None);
+}
+
+/// A schema with a `unique` field, so conversions can be checked to keep the `unique` table.
+const UNIQUE_SCHEMA: &str = r#"{
+    format: 'onetable:1.1.0',
+    version: '1.0.0',
+    indexes: {primary: {hash: 'pk', sort: 'sk'}},
+    params: {timestamps: false},
+    models: {
+        User: {
+            pk: {type: 'string', value: 'user#'},
+            sk: {type: 'string', value: 'user#${id}'},
+            id: {type: 'string', required: true},
+            email: {type: 'string', unique: true},
+        },
+    },
+}"#;
+
+#[test]
+fn format_3_files_are_converted_with_every_table_and_entry_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Arc::new(AtomicI64::new(START_MS));
+    let path = dir.path().join("f3.redb");
+    let before = populate_format_3(&path, options_at(&now), 300);
+    assert_eq!(before["ttl"].len(), 30);
+    assert_eq!(before["x:outbox"].len(), 2);
+    assert!(is_redb(&path));
+    let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+    assert_eq!(export(&db).lines().count(), 302);
+    db.close().unwrap();
+    assert!(is_log(&path));
+    assert!(!dir.path().join("f3.redb.converting").exists());
+    assert_eq!(log_tables(&path), before, "every table, every entry, format 4");
+
+    // The `unique` table too: its entries come over, and they still refuse a taken value.
+    let schema = Arc::new(Schema::from_json5(UNIQUE_SCHEMA).unwrap());
+    let log = dir.path().join("unique.log");
+    {
+        let db = Db::open(&log, schema.clone(), DbOptions::default()).unwrap();
+        for (id, email) in [("u1", "a@x"), ("u2", "b@x")] {
+            db.create("User", &item(json!({"id": id, "email": email})))
+                .unwrap();
+        }
+        db.close().unwrap();
+    }
+    let before = log_tables(&log);
+    assert_eq!(before["unique"].len(), 2);
+    let path = dir.path().join("unique.redb");
+    as_format_3(&log, &path);
+    let db = Db::open(&path, schema, DbOptions::default()).unwrap();
+    assert!(matches!(
+        db.create("User", &item(json!({"id": "u3", "email": "a@x"}))),
+        Err(devtables_db::DbError::NotUnique { .. })
+    ));
+    db.close().unwrap();
+    assert_eq!(log_tables(&path), before);
 }
 
 #[test]
@@ -308,53 +435,26 @@ fn format_2_files_are_converted_with_every_entry_intact() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f2.redb");
     let now = Arc::new(AtomicI64::new(START_MS));
-    populate(&path, options_at(&now), 300);
-    let (before_export, before_side, before_faults, before_warns) = {
-        let db = Db::open(&path, schema(), options_at(&now)).unwrap();
-        let state = (
-            export(&db),
-            db.side_scan("outbox", b"", 10).unwrap(),
-            ids_with_status(&db, "fault"),
-            ids_with_status(&db, "warn"),
-        );
-        db.close().unwrap();
-        state
-    };
-    assert_eq!(before_export.lines().count(), 302);
-    assert_eq!(before_faults.len(), 100);
-    let ttl_before = keys_of(&path, TTL);
-    let gs1_before = keys_of(&path, GS1);
+    let before = populate_format_3(&path, options_at(&now), 300);
+    let ttl_before = before["ttl"].iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+    let gs1_before = before["idx:gs1"].iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
     assert_eq!(ttl_before.len(), 30);
 
     downgrade_to_format_2(&path);
-    let names = table_names(&path);
+    let names = redb_table_names(&path);
     assert!(
         names.contains("types") && !names.contains("items:Reading"),
         "{names:?}"
     );
 
     let db = Db::open(&path, schema(), options_at(&now)).unwrap();
-    assert_eq!(export(&db), before_export, "every item, as it was");
-    assert_eq!(db.side_scan("outbox", b"", 10).unwrap(), before_side);
-    assert_eq!(ids_with_status(&db, "fault"), before_faults);
-    assert_eq!(ids_with_status(&db, "warn"), before_warns);
+    assert_eq!(export(&db).lines().count(), 302);
+    assert_eq!(db.side_scan("outbox", b"", 10).unwrap(), before["x:outbox"]);
+    assert_eq!(ids_with_status(&db, "fault").len(), 100);
     db.close().unwrap();
-    let names = table_names(&path);
-    assert!(
-        !names.contains("types") && !names.contains("items"),
-        "{names:?}"
-    );
-    assert!(
-        names.contains("items:Reading") && names.contains("items:Cmd"),
-        "{names:?}"
-    );
-    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
-    assert_eq!(keys_of(&path, TTL), ttl_before, "TTL entries as they were");
-    assert_eq!(
-        keys_of(&path, GS1),
-        gs1_before,
-        "index entries as they were"
-    );
+    assert!(is_log(&path));
+    assert_eq!(log_tables(&path), before, "every table, every entry, as format 3 had them");
+    assert_eq!(keys_of(&path, "ttl"), ttl_before, "TTL entries as they were");
 
     // The TTL entries work on the converted items: the expired readings are purged by them.
     let db = Db::open(&path, schema(), options_at(&now)).unwrap();
@@ -364,36 +464,8 @@ fn format_2_files_are_converted_with_every_entry_intact() {
     assert!(db.get("Reading", &key("r0011")).unwrap().is_some());
     assert!(!ids_with_status(&db, "ok").contains(&"r0030".to_string()));
     db.close().unwrap();
-    assert_eq!(keys_of(&path, TTL), Vec::<Vec<u8>>::new());
-    assert_eq!(keys_of(&path, GS1).len(), gs1_before.len() - 30);
-}
-
-/// The table names, the legacy `items` entries and the legacy `types` keys of a file.
-type LegacyState = (BTreeSet<String>, Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>);
-
-/// Every entry of the legacy tables and the table names: what a refused conversion must leave.
-fn legacy_state(path: &Path) -> LegacyState {
-    let names = table_names(path);
-    let db = redb::Database::create(path).unwrap();
-    let tx = db.begin_read().unwrap();
-    let items = tx
-        .open_table(ITEMS)
-        .unwrap()
-        .iter()
-        .unwrap()
-        .map(|e| {
-            let (k, v) = e.unwrap();
-            (k.value().to_vec(), v.value().to_vec())
-        })
-        .collect();
-    let types = tx
-        .open_table(TYPES)
-        .unwrap()
-        .iter()
-        .unwrap()
-        .map(|e| e.unwrap().0.value().to_vec())
-        .collect();
-    (names, items, types)
+    assert_eq!(keys_of(&path, "ttl"), Vec::<Vec<u8>>::new());
+    assert_eq!(keys_of(&path, "idx:gs1").len(), gs1_before.len() - 30);
 }
 
 #[test]
@@ -401,7 +473,7 @@ fn a_conversion_that_fails_half_way_leaves_the_format_2_file_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("half.redb");
     let now = Arc::new(AtomicI64::new(START_MS));
-    populate(&path, options_at(&now), 200);
+    populate_format_3(&path, options_at(&now), 200);
     downgrade_to_format_2(&path);
     // Damage the second half: the last item the model index names (the model index is in
     // model order, `Reading` after `Cmd`) leaves the items table, so the conversion fails
@@ -418,8 +490,7 @@ fn a_conversion_that_fails_half_way_leaves_the_format_2_file_as_it_was() {
         tx.commit().unwrap();
         kept
     };
-    let before = legacy_state(&path);
-    assert_eq!((before.1.len(), before.2.len()), (201, 202));
+    let before = std::fs::read(&path).unwrap();
 
     let err = match Db::open(&path, schema(), options_at(&now)) {
         Err(e) => e,
@@ -431,11 +502,11 @@ fn a_conversion_that_fails_half_way_leaves_the_format_2_file_as_it_was() {
         "{text}"
     );
     assert_eq!(
-        legacy_state(&path),
+        std::fs::read(&path).unwrap(),
         before,
         "nothing of the conversion was kept"
     );
-    assert_eq!(meta_value(&path, "format").as_deref(), Some("2"));
+    assert!(!dir.path().join("half.redb.converting").exists());
 
     // Repaired, the same file converts.
     {
@@ -457,13 +528,15 @@ fn a_read_only_open_of_a_format_2_file_converts_in_memory_and_leaves_the_file() 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ro.redb");
     let now = Arc::new(AtomicI64::new(START_MS));
-    populate(&path, options_at(&now), 50);
+    let log = dir.path().join("ro.log");
+    populate(&log, options_at(&now), 50);
     let expected = {
-        let db = Db::open(&path, schema(), options_at(&now)).unwrap();
+        let db = Db::open(&log, schema(), options_at(&now)).unwrap();
         let e = export(&db);
         db.close().unwrap();
         e
     };
+    as_format_3(&log, &path);
     downgrade_to_format_2(&path);
     let bytes = std::fs::read(&path).unwrap();
 
@@ -471,17 +544,21 @@ fn a_read_only_open_of_a_format_2_file_converts_in_memory_and_leaves_the_file() 
     assert_eq!(export(&db), expected);
     assert_eq!(ids_with_status(&db, "fault").len(), 16);
     assert!(db.get("Reading", &key("r0007")).unwrap().is_some());
+    assert!(matches!(
+        db.create("Reading", &reading("new", 1.0, "ok")),
+        Err(devtables_db::DbError::ReadOnly { .. })
+    ));
     drop(db);
     assert!(
         std::fs::read(&path).unwrap() == bytes,
         "the file was not written"
     );
-    assert_eq!(meta_value(&path, "format").as_deref(), Some("2"));
+    assert!(!dir.path().join("ro.redb.converting").exists());
 
     let db = Db::open(&path, schema(), options_at(&now)).unwrap();
     assert_eq!(export(&db), expected);
     db.close().unwrap();
-    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("4"));
 }
 
 #[test]
@@ -489,7 +566,7 @@ fn a_key_its_model_cannot_produce_is_still_found_after_conversion() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stray.redb");
     let now = Arc::new(AtomicI64::new(START_MS));
-    populate(&path, options_at(&now), 3);
+    populate_format_3(&path, options_at(&now), 3);
     downgrade_to_format_2(&path);
     // A `Cfg` item under a key `Cfg`'s templates (`cfg#`, `cfg#${name}`) cannot produce, as a
     // schema change accepted with `allow_schema_change` can leave.
@@ -539,10 +616,11 @@ fn conversion_child_entry() {
     db.close().expect("child close");
 }
 
-/// A format-2 file of `n` readings (written in transactions of 1,000, then laid out as format 2
-/// wrote it); returns its export.
+/// A format-2 file of `n` readings (written in transactions of 1,000 to a log, copied to redb
+/// as format 3 wrote it, then laid out as format 2 wrote it); returns its export.
 fn format_2_file(path: &Path, n: usize) -> String {
-    let db = Db::open(path, schema(), DbOptions::default()).unwrap();
+    let log = path.with_extension("source-log");
+    let db = Db::open(&log, schema(), DbOptions::default()).unwrap();
     for start in (0..n).step_by(1_000) {
         let ops: Vec<_> = (start..n.min(start + 1_000))
             .map(|i| devtables_db::TxnOp::Create {
@@ -558,10 +636,10 @@ fn format_2_file(path: &Path, n: usize) -> String {
     }
     let expected = export(&db);
     db.close().unwrap();
+    as_format_3(&log, path);
     downgrade_to_format_2(path);
     expected
 }
-
 /// Runs the child on `path` and kills it (SIGKILL) `after` it said it is opening, or lets it
 /// finish when `after` is None; returns how long its open took when it finished.
 fn open_in_child(path: &Path, after: Option<Duration>) -> Option<Duration> {
@@ -610,27 +688,22 @@ fn a_conversion_killed_part_way_leaves_a_file_that_opens_whole() {
     let expected = format_2_file(&path, 10_000);
     let pristine = std::fs::read(&path).unwrap();
     let full = open_in_child(&path, None).expect("a whole open");
-    assert_eq!(meta_value(&path, "format").as_deref(), Some("3"));
-    let mut formats_after_kill = Vec::new();
+    assert!(is_log(&path));
+    assert_eq!(meta_value(&path, "format").as_deref(), Some("4"));
+    let mut found_after_kill = Vec::new();
     for round in 0..6u32 {
         std::fs::write(&path, &pristine).unwrap();
         open_in_child(&path, Some(full * round / 5));
-        // Either as it was (format 2) or wholly converted (format 3), never in between: the
-        // conversion is one transaction.
-        let format = meta_value(&path, "format").unwrap();
-        let names = table_names(&path);
-        match format.as_str() {
-            "2" => assert!(
-                names.contains("types") && !names.contains("items:Reading"),
-                "{names:?}"
-            ),
-            "3" => assert!(
-                !names.contains("types") && names.contains("items:Reading"),
-                "{names:?}"
-            ),
-            other => panic!("format {other} after a kill"),
+        // Either the redb file as it was (format 2) or the whole log (format 4), never in
+        // between: the log is written beside the file and renamed over it once durable.
+        if is_redb(&path) {
+            assert_eq!(std::fs::read(&path).unwrap(), pristine, "round {round}");
+            found_after_kill.push("redb");
+        } else {
+            assert!(is_log(&path), "round {round}: neither redb nor a log");
+            assert_eq!(meta_value(&path, "format").as_deref(), Some("4"));
+            found_after_kill.push("log");
         }
-        formats_after_kill.push(format);
         let db = Db::open(&path, schema(), DbOptions::default()).unwrap();
         assert_eq!(
             export(&db),
@@ -638,6 +711,7 @@ fn a_conversion_killed_part_way_leaves_a_file_that_opens_whole() {
             "round {round}: every item after the kill"
         );
         db.close().unwrap();
+        assert!(!dir.path().join("killed.redb.converting").exists(), "round {round}: leftover removed");
     }
-    eprintln!("open took {full:?}; formats found after the kills: {formats_after_kill:?}");
+    eprintln!("open took {full:?}; files found after the kills: {found_after_kill:?}");
 }

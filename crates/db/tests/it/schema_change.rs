@@ -7,12 +7,10 @@ use std::sync::Arc;
 
 use devtables_db::{Db, DbOptions, OpenError};
 use devtables_schema::{Schema, SchemaChangeKind};
-use redb::TableDefinition;
+use devtables_logstore::{LogOptions, LogStore};
 use serde_json::json;
 
 use super::{key, open, reading, schema, SCHEMA};
-
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// The test schema with `edit` applied to its text.
 fn edited(from: &str, to: &str) -> Arc<Schema> {
@@ -37,11 +35,31 @@ fn value_as_string() -> Arc<Schema> {
 }
 
 fn meta(path: &Path, key: &str) -> Option<String> {
-    let db = redb::Database::open(path).unwrap();
-    let tx = db.begin_read().unwrap();
-    let meta = tx.open_table(META).unwrap();
-    let value = meta.get(key).unwrap().map(|v| v.value().to_string());
+    let store = LogStore::open_read_only(path, LogOptions::default()).unwrap();
+    let read = store.read().unwrap();
+    let value = read
+        .table("meta")
+        .unwrap()
+        .get(key.as_bytes())
+        .unwrap()
+        .map(|v| String::from_utf8(v.into_owned()).unwrap());
     value
+}
+
+/// Changes the `meta` table of the closed log at `path`: `value` None removes `key`.
+fn set_meta(path: &Path, entries: &[(&str, Option<&str>)]) {
+    let store = LogStore::open(path, LogOptions::default()).unwrap();
+    let mut tx = store.write().unwrap();
+    for (key, value) in entries {
+        match value {
+            Some(v) => tx.insert("meta", key.as_bytes(), v.as_bytes()).unwrap(),
+            None => {
+                tx.remove("meta", key.as_bytes()).unwrap();
+            }
+        }
+    }
+    tx.commit(true).unwrap();
+    store.close().unwrap();
 }
 
 fn with_one_reading(path: &Path) {
@@ -67,7 +85,7 @@ fn refused(result: Result<Db, OpenError>) -> (String, devtables_schema::SchemaCh
 #[test]
 fn a_new_file_records_its_schema() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     let db = open(&path, DbOptions::default());
     let fingerprint = schema().shape().fingerprint();
     assert_eq!(db.recorded_fingerprint(), Some(fingerprint.as_str()));
@@ -83,7 +101,7 @@ fn a_new_file_records_its_schema() {
 #[test]
 fn reopening_with_the_same_schema_changes_nothing_whatever_its_documentation() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     with_one_reading(&path);
     let documented = edited(
         "note: {type: 'string'},",
@@ -98,7 +116,7 @@ fn reopening_with_the_same_schema_changes_nothing_whatever_its_documentation() {
 #[test]
 fn an_added_optional_field_is_recorded_and_the_old_schema_then_lacks_it() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     with_one_reading(&path);
     let v1 = schema().shape().fingerprint();
     let v2 = with_color().shape().fingerprint();
@@ -135,7 +153,7 @@ fn an_added_optional_field_is_recorded_and_the_old_schema_then_lacks_it() {
 #[test]
 fn a_type_change_is_refused_naming_the_field_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     with_one_reading(&path);
     let before = std::fs::read(&path).unwrap();
     let (message, changes) = refused(Db::open(&path, value_as_string(), DbOptions::default()));
@@ -161,7 +179,7 @@ fn a_type_change_is_refused_naming_the_field_and_nothing_is_written() {
 #[test]
 fn allow_schema_change_accepts_an_incompatible_change_and_records_it() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     with_one_reading(&path);
     let options = DbOptions {
         allow_schema_change: true,
@@ -188,7 +206,7 @@ fn allow_schema_change_accepts_an_incompatible_change_and_records_it() {
 #[test]
 fn a_read_only_open_never_writes_the_record() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     with_one_reading(&path);
     let before = std::fs::read(&path).unwrap();
     let v1 = schema().shape().fingerprint();
@@ -218,20 +236,13 @@ fn a_read_only_open_never_writes_the_record() {
 
 /// Removes the schema record, as in a file written before it existed.
 fn forget_record(path: &Path) {
-    let db = redb::Database::open(path).unwrap();
-    let tx = db.begin_write().unwrap();
-    {
-        let mut meta = tx.open_table(META).unwrap();
-        meta.remove("schema").unwrap();
-        meta.remove("schema_fingerprint").unwrap();
-    }
-    tx.commit().unwrap();
+    set_meta(path, &[("schema", None), ("schema_fingerprint", None)]);
 }
 
 #[test]
 fn a_file_from_before_the_record_opens_and_gets_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     with_one_reading(&path);
     forget_record(&path);
     assert_eq!(meta(&path, "schema_fingerprint"), None);
@@ -256,19 +267,15 @@ fn a_file_from_before_the_record_opens_and_gets_recorded() {
 #[test]
 fn an_unreadable_record_is_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.redb");
+    let path = dir.path().join("t.db");
     with_one_reading(&path);
-    {
-        let db = redb::Database::open(&path).unwrap();
-        let tx = db.begin_write().unwrap();
-        {
-            let mut meta = tx.open_table(META).unwrap();
-            meta.insert("schema", "{not json").unwrap();
-            meta.insert("schema_fingerprint", "0000000000000000")
-                .unwrap();
-        }
-        tx.commit().unwrap();
-    }
+    set_meta(
+        &path,
+        &[
+            ("schema", Some("{not json")),
+            ("schema_fingerprint", Some("0000000000000000")),
+        ],
+    );
     match Db::open(&path, schema(), DbOptions::default()) {
         Err(e @ OpenError::SchemaRecord { .. }) => {
             assert!(e.to_string().contains("allow_schema_change"), "{e}")

@@ -72,7 +72,7 @@ fn not_unique<T: std::fmt::Debug>(result: Result<T, DbError>) -> (String, String
 #[test]
 fn a_held_value_is_refused_to_another_item_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let db = open_unique(&dir.path().join("u.redb"));
+    let db = open_unique(&dir.path().join("u.db"));
     db.create("User", &user("u1", "a@x")).unwrap();
     let err = db.create("User", &user("u2", "a@x")).unwrap_err();
     assert_eq!(
@@ -95,17 +95,17 @@ fn a_held_value_is_refused_to_another_item_and_nothing_is_written() {
 
 /// How many values the file's `unique` table holds.
 fn held_values(path: &Path) -> u64 {
-    use redb::ReadableTableMetadata;
-    const UNIQUE: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("unique");
-    let db = redb::Database::open(path).unwrap();
-    let tx = db.begin_read().unwrap();
-    tx.open_table(UNIQUE).unwrap().len().unwrap()
+    use devtables_logstore::{LogOptions, LogStore};
+    let store = LogStore::open_read_only(path, LogOptions::default()).unwrap();
+    let read = store.read().unwrap();
+    let held = read.table("unique").map_or(0, |t| t.len());
+    held
 }
 
 #[test]
 fn changing_or_removing_a_value_frees_it() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("u.redb");
+    let path = dir.path().join("u.db");
     let db = open_unique(&path);
     db.create("User", &user("u1", "a@x")).unwrap();
     db.update("User", &user("u1", "b@x")).unwrap();
@@ -129,7 +129,7 @@ fn changing_or_removing_a_value_frees_it() {
 #[test]
 fn a_scope_narrows_uniqueness_to_items_whose_scope_renders_the_same() {
     let dir = tempfile::tempdir().unwrap();
-    let db = open_unique(&dir.path().join("u.redb"));
+    let db = open_unique(&dir.path().join("u.db"));
     let nick = |i: &str, org: Option<&str>| match org {
         Some(org) => item(json!({"id": i, "nick": "ace", "org": org})),
         None => item(json!({"id": i, "nick": "ace"})),
@@ -150,7 +150,7 @@ fn a_scope_narrows_uniqueness_to_items_whose_scope_renders_the_same() {
 #[test]
 fn a_rolled_back_transaction_holds_no_value() {
     let dir = tempfile::tempdir().unwrap();
-    let db = open_unique(&dir.path().join("u.redb"));
+    let db = open_unique(&dir.path().join("u.db"));
     db.create("User", &user("u1", "a@x")).unwrap();
     let ops = [
         TxnOp::Create {
@@ -184,7 +184,7 @@ fn a_rolled_back_transaction_holds_no_value() {
 #[test]
 fn import_refuses_colliding_lines_with_the_line_number() {
     let dir = tempfile::tempdir().unwrap();
-    let db = open_unique(&dir.path().join("u.redb"));
+    let db = open_unique(&dir.path().join("u.db"));
     db.create("User", &user("u1", "a@x")).unwrap();
     let mut export = Vec::new();
     db.export(&mut export).unwrap();
@@ -219,7 +219,7 @@ fn not_unique_import(result: Result<u64, DbError>) {
 #[test]
 fn values_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("u.redb");
+    let path = dir.path().join("u.db");
     let db = open_unique(&path);
     db.create("User", &user("u1", "a@x")).unwrap();
     db.close().unwrap();
@@ -230,7 +230,7 @@ fn values_survive_a_reopen() {
 #[test]
 fn a_replicated_item_takes_a_held_value_over_instead_of_stopping_replication() {
     let dir = tempfile::tempdir().unwrap();
-    let db = open_unique(&dir.path().join("u.redb"));
+    let db = open_unique(&dir.path().join("u.db"));
     db.create("User", &user("u1", "a@x")).unwrap();
     let remote =
         item(json!({"_type": "User", "id": "r1", "email": "a@x", "pk": "user#r1", "sk": "user#"}));
@@ -262,7 +262,7 @@ fn an_expired_holder_frees_its_value_and_its_purge_leaves_the_new_holder() {
         ttl_purge_interval: std::time::Duration::from_secs(3600),
         ..DbOptions::default()
     };
-    let db = Db::open(dir.path().join("u.redb"), unique_schema(), options).unwrap();
+    let db = Db::open(dir.path().join("u.db"), unique_schema(), options).unwrap();
     let mut short = user("u1", "a@x");
     short.insert("expires".into(), json!(1_800_000_001i64));
     db.create("User", &short).unwrap();
@@ -282,7 +282,7 @@ fn a_file_gaining_unique_gets_its_values_built_or_is_refused_when_items_collide(
         ..DbOptions::default()
     };
     // Distinct values: built at open (a schema change the option must allow).
-    let path = dir.path().join("distinct.redb");
+    let path = dir.path().join("distinct.db");
     let db = Db::open(&path, plain_schema(), DbOptions::default()).unwrap();
     db.create("User", &user("u1", "a@x")).unwrap();
     db.create("User", &user("u2", "b@x")).unwrap();
@@ -302,7 +302,7 @@ fn a_file_gaining_unique_gets_its_values_built_or_is_refused_when_items_collide(
     db.close().unwrap();
 
     // Colliding values: refused, even with the change allowed, naming both items.
-    let path = dir.path().join("colliding.redb");
+    let path = dir.path().join("colliding.db");
     let db = Db::open(&path, plain_schema(), DbOptions::default()).unwrap();
     db.create("User", &user("u1", "a@x")).unwrap();
     db.create("User", &user("u2", "a@x")).unwrap();
