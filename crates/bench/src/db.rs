@@ -28,10 +28,6 @@ pub struct DbArgs {
     /// Concurrent writer threads of the group-commit run.
     #[arg(long, default_value_t = 8)]
     writers: usize,
-    /// Also run devtables with this redb page cache (MiB) instead of the default
-    /// `DbOptions::cache_bytes`, as an extra column.
-    #[arg(long)]
-    dt_cache_mib: Option<usize>,
     /// Also run the storage-design spike (`spike.rs`) at the largest size, one child per
     /// design, and print its table.
     #[arg(long)]
@@ -132,11 +128,8 @@ fn run_engine(
     if let Some(design) = engine.strip_prefix("spike-") {
         return spike::run(design, dir, n);
     }
-    if let Some(mib) = engine.strip_prefix("devtables-cache") {
-        return dt::grouped(dir, n, Some(mib.parse().context("cache MiB")?));
-    }
     match engine {
-        "devtables" => dt::grouped(dir, n, None),
+        "devtables" => dt::grouped(dir, n),
         "sqlite" => sq::grouped(dir, n),
         "redb-raw" => redb_raw::grouped(dir, n),
         "immediate" => {
@@ -255,7 +248,7 @@ pub fn run(args: &DbArgs, child: &ChildCommand) -> anyhow::Result<()> {
     let tmp = sys::TempDir::new("devtables-bench")?;
     let mut grouped = BTreeMap::new();
     for &n in &plan.sizes {
-        for engine in configs(args) {
+        for engine in configs() {
             let m = spawn(child, tmp.path(), &engine, n, args.writers, plan.raw_span)?;
             grouped.insert((n, engine), m);
         }
@@ -350,7 +343,7 @@ fn command_line(args: &DbArgs, plan: &Plan) -> String {
         .collect::<Vec<_>>()
         .join(",");
     format!(
-        "devtables bench db --sizes {sizes_arg} --immediate-items {}{}{}{}",
+        "devtables bench db --sizes {sizes_arg} --immediate-items {}{}{}",
         plan.immediate_items,
         if args.spike { " --spike" } else { "" },
         if args.writers != 8 {
@@ -358,23 +351,16 @@ fn command_line(args: &DbArgs, plan: &Plan) -> String {
         } else {
             String::new()
         },
-        args.dt_cache_mib
-            .map(|c| format!(" --dt-cache-mib {c}"))
-            .unwrap_or_default()
     )
 }
 
 /// The engine configurations of the grouped runs, in column order.
-fn configs(args: &DbArgs) -> Vec<String> {
-    let mut v = vec![
+fn configs() -> Vec<String> {
+    vec![
         "devtables".to_string(),
         "sqlite".to_string(),
         "redb-raw".to_string(),
-    ];
-    if let Some(mib) = args.dt_cache_mib {
-        v.push(format!("devtables-cache{mib}"));
-    }
-    v
+    ]
 }
 
 fn config_label(engine: &str) -> String {
@@ -382,10 +368,7 @@ fn config_label(engine: &str) -> String {
         "devtables" => "devtables".into(),
         "sqlite" => "SQLite".into(),
         "redb-raw" => "redb directly".into(),
-        other => match other.strip_prefix("devtables-cache") {
-            Some(mib) => format!("devtables, {mib} MiB cache"),
-            None => other.into(),
-        },
+        other => other.into(),
     }
 }
 
@@ -657,14 +640,6 @@ fn report(
          (but also any time it slept on I/O or locks).\n\n{}",
         table(&plan.sizes, &main, &rows[..14], "_cpu", true, grouped)
     ));
-    if let Some(mib) = args.dt_cache_mib {
-        let cfgs = ["devtables".to_string(), format!("devtables-cache{mib}")];
-        s.push_str(&format!(
-            "\ndevtables with the default redb page cache (`DbOptions::cache_bytes`, {} MiB) and with {mib} MiB (wall clock):\n\n{}",
-            devtables_db::DbOptions::default().cache_bytes >> 20,
-            table(&plan.sizes, &cfgs, &rows[..18], "", false, grouped)
-        ));
-    }
 
     let get = |k: &str| imm.get(k).copied().unwrap_or(f64::NAN);
     let raws: Vec<f64> = (0..4).map(|k| get(&format!("raw{k}_per_s"))).collect();

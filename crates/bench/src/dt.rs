@@ -21,14 +21,11 @@ fn schema() -> anyhow::Result<Arc<Schema>> {
     ))
 }
 
-fn open(path: &Path, durability: Durability, cache_mib: Option<usize>) -> anyhow::Result<Db> {
-    let mut options = DbOptions {
+fn open(path: &Path, durability: Durability) -> anyhow::Result<Db> {
+    let options = DbOptions {
         durability,
         ..DbOptions::default()
     };
-    if let Some(mib) = cache_mib {
-        options.cache_bytes = mib << 20;
-    }
     Ok(Db::open(path, schema()?, options)?)
 }
 
@@ -36,9 +33,8 @@ fn props(v: serde_json::Value) -> Item {
     v.as_object().cloned().unwrap_or_default()
 }
 
-/// Steps 1-7 in periodic mode, writes grouped `w::GROUP` per transaction; `cache_mib` overrides
-/// the default redb page cache (`DbOptions::cache_bytes`).
-pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result<Metrics> {
+/// Steps 1-7 in periodic mode, writes grouped `w::GROUP` per transaction.
+pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     let mut m = Metrics::new();
     m.insert("rss_start_mib".into(), sys::vm_mib("VmHWM"));
     let path = dir.join("devtables.redb");
@@ -47,7 +43,6 @@ pub fn grouped(dir: &Path, n: usize, cache_mib: Option<usize>) -> anyhow::Result
         Durability::Periodic {
             interval: PERIODIC_INTERVAL,
         },
-        cache_mib,
     )?;
     let label = |step: &str| format!("devtables N={n} {step}");
 
@@ -270,7 +265,6 @@ pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()
     let db = open(
         &dir.join("devtables-imm1.redb"),
         Durability::Immediate,
-        None,
     )?;
     let mut p = Progress::new("devtables immediate, 1 writer", n);
     let written = sys::WriteMeter::start();
@@ -293,7 +287,6 @@ pub fn periodic_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()>
         Durability::Periodic {
             interval: PERIODIC_INTERVAL,
         },
-        None,
     )?;
     let mut p = Progress::new("devtables periodic, 1 writer", n);
     let written = sys::WriteMeter::start();
@@ -315,7 +308,6 @@ pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> 
     let db = open(
         &dir.join("devtables-imm8.redb"),
         Durability::Immediate,
-        None,
     )?;
     eprintln!("  .. devtables immediate, {writers} writers");
     let written = sys::WriteMeter::start();

@@ -9,15 +9,18 @@
 //! and the secondary index `idx:gs1`; format 2 also wrote a model index, `types`, which the
 //! spike's `redb3` design still writes). Commits use `Durability::None` like devtables' `periodic`
 //! mode, with a durable commit each [`crate::dt::PERIODIC_INTERVAL`] as its flusher does, and
-//! the same page cache (`DbOptions::cache_bytes`).
+//! the page cache the device database gave redb up to format 3 ([`REDB_CACHE_BYTES`]).
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use devtables_db::DbOptions;
 use devtables_schema::Schema;
 use redb::{Database, Durability, TableDefinition};
+
+/// The redb page cache the device database used while it stored on redb (formats 1 to 3), so
+/// the redb measurements stay comparable with the earlier ones.
+pub(crate) const REDB_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 use crate::dt::PERIODIC_INTERVAL;
 use crate::workload::{self as w, Metrics};
@@ -68,7 +71,7 @@ pub(crate) fn rows(n: usize) -> anyhow::Result<Vec<Row>> {
 /// second (wall clock) and the on-CPU rate.
 fn insert(path: &Path, rows: &[Row], with_indexes: bool) -> anyhow::Result<(f64, f64)> {
     let db = Database::builder()
-        .set_cache_size(DbOptions::default().cache_bytes)
+        .set_cache_size(REDB_CACHE_BYTES)
         .create(path)
         .with_context(|| format!("create {}", path.display()))?;
     let clock = w::WorkloadClock::start();

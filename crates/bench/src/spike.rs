@@ -32,7 +32,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::bail;
-use devtables_db::DbOptions;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::dt::PERIODIC_INTERVAL;
@@ -80,7 +79,7 @@ struct Redb {
 impl Redb {
     fn open(path: &Path, types: bool) -> anyhow::Result<Redb> {
         let db = Database::builder()
-            .set_cache_size(DbOptions::default().cache_bytes)
+            .set_cache_size(crate::redb_raw::REDB_CACHE_BYTES)
             .create(path)?;
         Ok(Redb {
             db,
@@ -331,7 +330,7 @@ struct Fjall {
 impl Fjall {
     fn open(dir: &Path) -> anyhow::Result<Fjall> {
         let db = fjall::Database::builder(dir)
-            .cache_size(DbOptions::default().cache_bytes as u64)
+            .cache_size(crate::redb_raw::REDB_CACHE_BYTES as u64)
             .open()?;
         let opts = || fjall::KeyspaceCreateOptions::default().max_memtable_size(2 << 20);
         let items = db.keyspace("items_Reading", opts)?;

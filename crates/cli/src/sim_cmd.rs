@@ -65,9 +65,6 @@ pub struct SimArgs {
     /// Where each device's database lives.
     #[arg(long, value_enum, default_value_t = DbArg::Memory)]
     db: DbArg,
-    /// Page cache of each device's database, in bytes.
-    #[arg(long, default_value_t = 64 * 1024)]
-    db_cache: usize,
     /// Longest wait for every device to connect.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -169,7 +166,6 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
         DbArg::Memory => DbMode::Memory,
         DbArg::Disk => DbMode::Disk,
     };
-    config.db_cache_bytes = args.db_cache;
     config.connect_timeout = args.connect_timeout;
     config.drain_timeout = args.drain_timeout;
     config.account = args.account;

@@ -100,8 +100,6 @@ pub struct FleetConfig {
     #[serde(serialize_with = "secs")]
     pub purge_interval: Duration,
     pub db: DbMode,
-    /// Page cache of each device's database, in bytes.
-    pub db_cache_bytes: usize,
     /// Longest wait for every device to connect before the writes start anyway.
     #[serde(serialize_with = "secs")]
     pub connect_timeout: Duration,
@@ -141,7 +139,6 @@ impl FleetConfig {
             retention: Duration::from_secs(3),
             purge_interval: Duration::from_secs(1),
             db: DbMode::Memory,
-            db_cache_bytes: 64 * 1024,
             connect_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(60),
             account: "sim".into(),

@@ -237,7 +237,6 @@ async fn simulate(
     };
     let db_options = DbOptions {
         durability: Durability::Immediate,
-        cache_bytes: config.db_cache_bytes,
         background: Background::Shared,
         // Only `Fault` items have a TTL and the simulation writes none: rare purges.
         ttl_purge_interval: Duration::from_secs(300),
