@@ -262,10 +262,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
 
 /// Immediate mode: one durable commit per create from one writer, on a fresh file.
 pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
-    let db = open(
-        &dir.join("devtables-imm1.redb"),
-        Durability::Immediate,
-    )?;
+    let db = open(&dir.join("devtables-imm1.redb"), Durability::Immediate)?;
     let mut p = Progress::new("devtables immediate, 1 writer", n);
     let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
@@ -305,10 +302,7 @@ pub fn periodic_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()>
 /// Immediate mode: one durable commit per create from `writers` concurrent writer threads
 /// (group commit), on a fresh file.
 pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> anyhow::Result<()> {
-    let db = open(
-        &dir.join("devtables-imm8.redb"),
-        Durability::Immediate,
-    )?;
+    let db = open(&dir.join("devtables-imm8.redb"), Durability::Immediate)?;
     eprintln!("  .. devtables immediate, {writers} writers");
     let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();

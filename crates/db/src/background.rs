@@ -106,7 +106,9 @@ fn maintain(inner: &Arc<Inner>, since_purge: &mut Duration, tick: Duration) {
             );
         }
         Ok(false) => {}
-        Err(e) => tracing::warn!(path = %inner.path.display(), "compacting the database log failed (it stays as it was; tried again later): {e}"),
+        Err(e) => {
+            tracing::warn!(path = %inner.path.display(), "compacting the database log failed (it stays as it was; tried again later): {e}")
+        }
     }
     *since_purge += tick;
     if *since_purge >= inner.options.ttl_purge_interval {

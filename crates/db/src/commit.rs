@@ -1,14 +1,14 @@
 //! Durability: group commit for `immediate` mode, a bounded flush delay for `periodic` mode.
 //!
-//! A write transaction commits to redb with `Durability::None` (atomic and isolated, not yet on
-//! disk) unless it is a lone writer in `immediate` mode, which commits durably at once (see
-//! `Db::write`). Otherwise durability is reached by a *flush*: an empty `Durability::Immediate`
-//! commit, which redb documents as persisting every earlier non-durable commit. In `immediate`
-//! mode each writer waits until a flush (or a later durable commit) covers its commit; concurrent
-//! writers share one flush (the first to arrive leads, the rest wait for it), so N writers pay
-//! for about one fsync, not N. In `periodic`
-//! mode the background thread flushes every interval, so a crash loses at most that window and,
-//! redb commits being atomic, never leaves a torn state.
+//! A write transaction appends its record to the log without `fdatasync` (atomic, in the
+//! operating system's cache) unless it is a lone writer in `immediate` mode, which commits
+//! durably at once (see `Db::write`). Otherwise durability is reached by a *flush*: one
+//! `LogStore::sync`, which makes every earlier commit durable. In `immediate` mode each writer
+//! waits until a flush (or a later durable commit) covers its commit; concurrent writers share
+//! one flush (the first to arrive leads, the rest wait for it), so N writers pay for about one
+//! fsync, not N. In `periodic` mode the background thread flushes every interval, so a crash
+//! loses at most that window and, each commit being one checksummed record, never leaves a
+//! torn state.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 

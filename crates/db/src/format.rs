@@ -28,9 +28,7 @@ pub(crate) fn check_format(inner: &Inner) -> Result<(), OpenError> {
             found: f,
             supported: FORMAT,
         }),
-        None if empty && !inner.store.is_read_only() => {
-            record_format(inner).map_err(tables_err)
-        }
+        None if empty && !inner.store.is_read_only() => record_format(inner).map_err(tables_err),
         // A read-only open of a log that holds nothing yet: nothing to read, nothing written.
         None if empty => Ok(()),
         None => Err(OpenError::UnsupportedFormat {

@@ -1,24 +1,24 @@
 //! The embedded device database of devtables.
 //!
 //! Items are JSON documents of the models of a OneTable schema ([`devtables_schema`]): the schema
-//! casts and validates them and computes their keys; this crate stores them in redb (ACID,
-//! crash-safe, pure Rust), maintains the secondary indexes, hides and purges expired items, runs
-//! change hooks after commit, and gives the replication layer side tables written in the same
-//! transactions as the items.
+//! casts and validates them and computes their keys; this crate stores them in the log store of
+//! `devtables-logstore` (named byte tables indexed in RAM over one append-only, checksummed log
+//! file: a commit appends one record of a few hundred bytes, where a B-tree rewrote pages),
+//! maintains the secondary indexes, hides and purges expired items, runs change hooks after
+//! commit, and gives the replication layer side tables written in the same transactions as the
+//! items.
 //!
 //! # Layout
-//! - [`tables`]: the redb tables and what each holds.
+//! - [`tables`]: the log's tables and what each holds.
 //! - `keys`: byte encodings of table keys (order-preserving, prefix-friendly).
-//! - `convert`: the file's format number; older files converted at open, newer ones refused.
+//! - `format`: the file's format number (4: the log); unknown ones refused.
+//! - `legacy`: the redb files of earlier versions (formats 1 to 3), converted to a log at open;
+//!   the only user of redb.
 //! - `txn`: write transactions ([`WriteTxn`]), side tables and the [`WriteInterceptor`] seam.
 //! - `read`: point gets and `find` queries ([`ReadTxn`], [`FindOptions`], [`Page`]).
 //! - `commit`: durability modes and group commit.
-//! - `background`: where the periodic flush and the TTL purge run ([`Background`]).
-//! - `memory`: the sparse in-memory storage of [`Db::open_in_memory`].
-//! - `storage`: the file storage under redb: closable (a damaged file is let go) and, for
-//!   [`Db::open_read_only`], read-only with redb's writes kept in memory.
-//! - `damage`: every redb call runs under `catch_unwind`; a panic or the engine's "corrupted"
-//!   answer becomes [`DbError::Damaged`] / [`OpenError::Damaged`] naming the file.
+//! - `background`: where the periodic flush, the log's compaction and the TTL purge run
+//!   ([`Background`]).
 //! - `hooks`: change subscribers ([`ItemChange`], [`Origin`]).
 //! - `jsonl`: import and export as JSON lines.
 //! - `schema_record`: the schema a file was written with, recorded in it and compared with the
@@ -26,25 +26,30 @@
 //! - `unique`: `unique` fields, kept unique by a table of their values ([`DbError::NotUnique`]).
 //!
 //! # Opening a file
-//! - [`Db::open`] opens or creates (an empty file becomes a new database, redb's rule).
+//! - [`Db::open`] opens or creates (a missing or empty file becomes a new database). The log
+//!   is replayed into RAM; the tail of a commit cut short by a crash is cut off (logged).
 //! - [`Db::open_existing`] never creates: a missing file is [`OpenError::Missing`], an empty one
 //!   [`OpenError::Damaged`].
-//! - [`Db::open_read_only`] never writes the file (redb 2.x cannot open read-only by itself; see
-//!   `storage`), so it reads files the process may not write, and damaged files as they are.
+//! - [`Db::open_read_only`] never writes the file (a torn tail is ignored, not cut), so it reads
+//!   files the process may not write, and damaged files as they are.
 //!
 //! Every open compares the schema it is given with the one the file records (`schema_record`):
 //! compatible changes are accepted and recorded ([`Db::schema_changes_at_open`]), incompatible
 //! ones refused unless [`DbOptions::allow_schema_change`] accepts them.
 //!
+//! # Reads
+//! [`Db::read`] gives a [`ReadTxn`], which is not a snapshot: each of its calls sees the last
+//! committed state, locking the store for that call only (a find walks its index and reads its
+//! items in one view). Inside [`Db::write`], reads go through the write transaction and see its
+//! own changes.
+//!
 //! # Damaged files
 //! A truncated or corrupted file never panics the process: opening it, and every operation on
-//! it, answers [`OpenError::Damaged`] or [`DbError::Damaged`] naming the file and what is wrong;
-//! the remedy is a backup. A panic of the engine latches the handle: every later call answers
-//! the same error, and the file is closed. Nothing here repairs a damaged file on its own; what
-//! redb does by itself on every open is kept: after an unclean shutdown it rebuilds its
-//! allocator state in place (logged; [`Db::open_read_only`] does it in memory only). The panic
-//! message still reaches the process's panic hook (stderr): silencing it would need a
-//! process-wide hook swap.
+//! it, answers [`OpenError::Damaged`] or [`DbError::Damaged`] naming the file and what is wrong
+//! (the log's byte offset); the remedy is a backup. The one repair made on its own is the cut
+//! of a torn tail: bytes after the last whole record that no valid record follows, which only
+//! a crash during a commit leaves. redb, which panics on some damaged files, runs only in the
+//! conversion of old files, under `catch_unwind` (`legacy`).
 //!
 //! This crate knows nothing about MQTT or the cloud: replication sits above it, in `agent`.
 
@@ -460,9 +465,9 @@ impl Db {
             .map(|i| tables::index_table_name(&i.name))
             .collect();
         // A read-only store cannot take the index rebuild: it happens on a copy in RAM.
-        let store = if store.is_read_only() && stale_indexes(&store, &schema, &index_tables)
-            .map_err(|e| tables_error(&path, e))?
-            > 0
+        let store = if store.is_read_only()
+            && stale_indexes(&store, &schema, &index_tables).map_err(|e| tables_error(&path, e))?
+                > 0
         {
             tracing::info!(path = %path.display(), "a secondary index changed: this read-only open rebuilds it in a copy of the file in memory");
             legacy::copy_to_memory(&store).map_err(|e| tables_error(&path, e))?
@@ -838,7 +843,8 @@ fn open_store(
     match opened {
         Ok(store) => Ok((store, legacy::Converted::default())),
         Err(LogOpenError::NotALog { .. }) => {
-            let is_redb = legacy::is_redb_file(path).map_err(|e| file_error(path, e, access, true))?;
+            let is_redb =
+                legacy::is_redb_file(path).map_err(|e| file_error(path, e, access, true))?;
             if is_redb {
                 legacy::convert(path, read_only, schema)
             } else {
@@ -905,7 +911,11 @@ fn refuse_empty(path: &Path, file: &File) -> Result<(), OpenError> {
 
 /// How many secondary indexes of the schema were built for another definition than the one
 /// they have now (or never built), as `meta` records them: those a writable open rebuilds.
-fn stale_indexes(store: &LogStore, schema: &Schema, index_tables: &[String]) -> Result<usize, DbError> {
+fn stale_indexes(
+    store: &LogStore,
+    schema: &Schema,
+    index_tables: &[String],
+) -> Result<usize, DbError> {
     let read = store.read()?;
     let mut stale = 0;
     for index in schema.secondary_indexes().iter().take(index_tables.len()) {
@@ -942,7 +952,10 @@ fn prepare_tables(
     warn_unread_models(inner).map_err(|e| tables_error(&inner.path, e))?;
     if inner.store.is_read_only() {
         // Nothing to write (`Db::start` made sure no index is stale): the flag alone.
-        let read = inner.store.read().map_err(|e| tables_error(&inner.path, e.into()))?;
+        let read = inner
+            .store
+            .read()
+            .map_err(|e| tables_error(&inner.path, e.into()))?;
         let recorded = tables::meta_get(&read, tables::STRAY_KEYS_KEY)
             .map_err(|e| tables_error(&inner.path, e))?
             .is_some();

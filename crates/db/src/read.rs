@@ -187,7 +187,13 @@ impl ReadTxn {
             let key = model.primary_key(props)?;
             let raw = keys::item_key(&key);
             let read = self.inner.store.read()?;
-            self.load_raw(&read, model, &raw, &Probe::default(), &json_form(model, hidden))
+            self.load_raw(
+                &read,
+                model,
+                &raw,
+                &Probe::default(),
+                &json_form(model, hidden),
+            )
         })
     }
 
@@ -206,7 +212,13 @@ impl ReadTxn {
             let key = model.primary_key(props)?;
             let raw = keys::item_key(&key);
             let read = self.inner.store.read()?;
-            self.load_raw(&read, model, &raw, &Probe::default(), &typed_form(model, hidden))
+            self.load_raw(
+                &read,
+                model,
+                &raw,
+                &Probe::default(),
+                &typed_form(model, hidden),
+            )
         })
     }
 
@@ -403,10 +415,11 @@ fn walk_entries(
         return Ok(());
     }
     let range = table.range((as_slice(&bounds.0), as_slice(&bounds.1)));
-    let mut step = |entry: Result<(&[u8], std::borrow::Cow<'_, [u8]>), _>| -> Result<bool, DbError> {
-        let (k, v) = entry.map_err(DbError::from)?;
-        visit(k, &v)
-    };
+    let mut step =
+        |entry: Result<(&[u8], std::borrow::Cow<'_, [u8]>), _>| -> Result<bool, DbError> {
+            let (k, v) = entry.map_err(DbError::from)?;
+            visit(k, &v)
+        };
     if reverse {
         for entry in range.rev() {
             if !step(entry)? {

@@ -19,8 +19,8 @@
 
 use std::path::Path;
 
-use devtables_schema::{compare_shapes, SchemaChanges, SchemaShape};
 use devtables_logstore::LogWrite;
+use devtables_schema::{compare_shapes, SchemaChanges, SchemaShape};
 
 use crate::{tables, DbError, Inner, OpenError};
 

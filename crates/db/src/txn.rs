@@ -45,7 +45,11 @@ impl SideAccess for LogWrite<'_> {
     }
 
     fn remove(&mut self, table: &str, key: &[u8]) -> Result<bool, DbError> {
-        Ok(LogWrite::remove(self, &tables::side_table_name(table), key)?)
+        Ok(LogWrite::remove(
+            self,
+            &tables::side_table_name(table),
+            key,
+        )?)
     }
 
     fn len(&self, table: &str) -> Result<u64, DbError> {
@@ -417,7 +421,8 @@ impl<'t> WriteTxn<'t> {
                 continue;
             }
             if let Some((hash, sort)) = old_entry {
-                self.tx.remove(table, &keys::index_key(&hash, &sort, &key))?;
+                self.tx
+                    .remove(table, &keys::index_key(&hash, &sort, &key))?;
             }
             if let Some((hash, sort)) = entry {
                 self.tx
@@ -549,9 +554,11 @@ impl<'t> WriteTxn<'t> {
     /// Keys of the items whose TTL passed at `now_ms`, oldest first, at most `limit`.
     pub(crate) fn expired_keys(&self, now_ms: i64, limit: usize) -> Result<Vec<ItemKey>, DbError> {
         let end = (now_ms.max(0) as u64 + 1).to_be_bytes();
-        let entries =
-            self.tx
-                .keys(tables::TTL, (Bound::Unbounded, Bound::Excluded(&end[..])), limit)?;
+        let entries = self.tx.keys(
+            tables::TTL,
+            (Bound::Unbounded, Bound::Excluded(&end[..])),
+            limit,
+        )?;
         Ok(entries
             .iter()
             .filter_map(|k| keys::decode_ttl_key(k))

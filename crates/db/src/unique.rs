@@ -172,7 +172,10 @@ pub(crate) fn prepare(
         let end = keys::prefix_end(&start);
         let stale = tx.keys(
             UNIQUE,
-            (Bound::Included(start.as_slice()), Bound::Excluded(end.as_slice())),
+            (
+                Bound::Included(start.as_slice()),
+                Bound::Excluded(end.as_slice()),
+            ),
             usize::MAX,
         )?;
         for key in &stale {

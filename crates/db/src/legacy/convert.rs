@@ -41,9 +41,7 @@ pub(super) fn to_format_3(
     let (found, has_legacy_items) = {
         let tx = db.begin_read()?;
         let found = match tx.open_table(META) {
-            Ok(meta) => meta
-                .get(tables::FORMAT_KEY)?
-                .map(|v| v.value().to_string()),
+            Ok(meta) => meta.get(tables::FORMAT_KEY)?.map(|v| v.value().to_string()),
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(e.into()),
         };
@@ -110,8 +108,9 @@ fn split_by_model(
             let Some(sep) = entry_key.iter().position(|b| *b == keys::SEP) else {
                 return Err(DbError::Corrupt("malformed model index entry".into()).into());
             };
-            let model = std::str::from_utf8(&entry_key[..sep])
-                .map_err(|_| LegacyError::from(DbError::Corrupt("model index entry is not UTF-8".into())))?;
+            let model = std::str::from_utf8(&entry_key[..sep]).map_err(|_| {
+                LegacyError::from(DbError::Corrupt("model index entry is not UTF-8".into()))
+            })?;
             let raw = &entry_key[sep + 1..];
             let Some(key) = keys::decode_item_key(raw) else {
                 return Err(DbError::Corrupt("malformed model index entry".into()).into());

@@ -95,7 +95,9 @@ impl LegacyError {
                     detail: cut(&e.to_string()),
                 },
             },
-            LegacyError::Db(DbError::Corrupt(msg)) => damaged(format!("stored data: {}", cut(&msg))),
+            LegacyError::Db(DbError::Corrupt(msg)) => {
+                damaged(format!("stored data: {}", cut(&msg)))
+            }
             LegacyError::Log(LogError::Damaged { offset, detail }) => {
                 damaged(format!("the new log at byte {offset}: {}", cut(&detail)))
             }
@@ -214,7 +216,9 @@ fn convert_with(
     }
     let target = converting_path(path);
     match std::fs::remove_file(&target) {
-        Ok(()) => tracing::warn!(path = %target.display(), "removed the log an earlier conversion left unfinished"),
+        Ok(()) => {
+            tracing::warn!(path = %target.display(), "removed the log an earlier conversion left unfinished")
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(crate::file_error(&target, e, "remove", false)),
     }
@@ -234,9 +238,8 @@ fn convert_with(
 
 /// Writes the log of `db`'s tables at `target`, durably, and closes it.
 fn write_log(db: &redb::Database, target: &Path) -> Result<(), LegacyError> {
-    let store = LogStore::open(target, LogOptions::default()).map_err(|e| {
-        LegacyError::Log(LogError::Io(std::io::Error::other(e.to_string())))
-    })?;
+    let store = LogStore::open(target, LogOptions::default())
+        .map_err(|e| LegacyError::Log(LogError::Io(std::io::Error::other(e.to_string()))))?;
     copy_tables(db, &store)?;
     store.close()?;
     Ok(())
@@ -302,7 +305,11 @@ impl<'s> Copier<'s> {
             Some(tx) => tx,
             None => self.store.write()?,
         };
-        tables::meta_put(&mut tx, tables::FORMAT_KEY, &crate::format::FORMAT.to_string())?;
+        tables::meta_put(
+            &mut tx,
+            tables::FORMAT_KEY,
+            &crate::format::FORMAT.to_string(),
+        )?;
         tx.commit(true)?;
         Ok(())
     }

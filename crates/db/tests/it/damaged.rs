@@ -163,7 +163,7 @@ fn exercise(case: &str, path: &Path, open: Open, expected: &[u8]) -> Result<Outc
     // Commits are whole transactions of `CHUNK` items written in key order: a database holding
     // the first commits exports the first lines, a multiple of `CHUNK` of them.
     let lines: Vec<&[u8]> = exported.split_inclusive(|b| *b == b'\n').collect();
-    if lines.len() % CHUNK == 0 && expected_lines.starts_with(&lines) {
+    if lines.len().is_multiple_of(CHUNK) && expected_lines.starts_with(&lines) {
         return Ok(Outcome::WorkedPrefix);
     }
     Err(wrong(
@@ -261,7 +261,10 @@ fn truncated_files_open_with_the_first_commits_or_give_the_damaged_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut tally = Tally::default();
     let lengths = truncation_lengths(&bytes);
-    assert!(record_ends(&bytes).len() >= ITEMS / CHUNK, "one record per transaction");
+    assert!(
+        record_ends(&bytes).len() >= ITEMS / CHUNK,
+        "one record per transaction"
+    );
     for (n, len) in lengths.iter().enumerate() {
         for open in [Open::Existing, Open::Plain] {
             tally.add(run_case(
@@ -445,7 +448,11 @@ fn read_only_reads_a_file_not_closed_cleanly_without_changing_it() {
         ro.get("Reading", &key("a")).unwrap().unwrap()["value"],
         json!(1.0)
     );
-    assert_eq!(ro.get("Reading", &key("b")).unwrap(), None, "the torn commit");
+    assert_eq!(
+        ro.get("Reading", &key("b")).unwrap(),
+        None,
+        "the torn commit"
+    );
     match ro.create("Reading", &reading("c", 2.0, "ok")) {
         Err(e @ DbError::ReadOnly { .. }) => assert!(e.to_string().contains("crashed.db"), "{e}"),
         other => panic!("expected ReadOnly, got {other:?}"),
@@ -540,13 +547,23 @@ fn a_damaged_redb_file_of_an_earlier_version_gives_the_damaged_error_and_stays_a
             Err(OpenError::Damaged { path: p, detail }) => {
                 assert_eq!(p, path, "{case}");
                 assert!(!detail.is_empty(), "{case}");
-                assert_eq!(&std::fs::read(&path).unwrap(), copy, "{case}: left as it was");
+                assert_eq!(
+                    &std::fs::read(&path).unwrap(),
+                    copy,
+                    "{case}: left as it was"
+                );
                 refused += 1;
             }
             Err(other) => panic!("{case}: untyped failure: {other:?}"),
         }
-        assert!(!dir.path().join(format!("legacy-{n}.redb.converting")).exists());
+        assert!(!dir
+            .path()
+            .join(format!("legacy-{n}.redb.converting"))
+            .exists());
     }
-    println!("{} damaged redb files: {refused} refused as damaged", cases.len());
+    println!(
+        "{} damaged redb files: {refused} refused as damaged",
+        cases.len()
+    );
     assert!(refused >= 1, "a truncated redb file is damage");
 }

@@ -157,7 +157,9 @@ fn meta_value(path: &Path, key: &str) -> Option<String> {
 }
 
 fn is_log(path: &Path) -> bool {
-    std::fs::read(path).unwrap().starts_with(&devtables_logstore::MAGIC)
+    std::fs::read(path)
+        .unwrap()
+        .starts_with(&devtables_logstore::MAGIC)
 }
 
 fn is_redb(path: &Path) -> bool {
@@ -219,7 +221,11 @@ fn unknown_formats_are_refused_with_a_clear_error() {
         text.contains("format 99") && text.contains("format 4"),
         "{text}"
     );
-    assert_eq!(std::fs::read(&path).unwrap(), bytes, "the refused open changed nothing");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the refused open changed nothing"
+    );
 
     // A log of a newer log format (its header's version) is refused alike.
     let mut newer = bytes.clone();
@@ -364,7 +370,14 @@ fn new_files_have_one_items_table_per_model_and_no_model_index() {
     assert!(!names.contains("types"), "no model index table: {names:?}");
     assert!(!names.contains("items"), "no single items table: {names:?}");
     // A table exists once it holds a key: `Cfg` has no item here.
-    for expected in ["items:Reading", "items:Cmd", "ttl", "idx:gs1", "meta", "x:outbox"] {
+    for expected in [
+        "items:Reading",
+        "items:Cmd",
+        "ttl",
+        "idx:gs1",
+        "meta",
+        "x:outbox",
+    ] {
         assert!(
             names.contains(expected),
             "{expected} missing from {names:?}"
@@ -404,7 +417,11 @@ fn format_3_files_are_converted_with_every_table_and_entry_intact() {
     db.close().unwrap();
     assert!(is_log(&path));
     assert!(!dir.path().join("f3.redb.converting").exists());
-    assert_eq!(log_tables(&path), before, "every table, every entry, format 4");
+    assert_eq!(
+        log_tables(&path),
+        before,
+        "every table, every entry, format 4"
+    );
 
     // The `unique` table too: its entries come over, and they still refuse a taken value.
     let schema = Arc::new(Schema::from_json5(UNIQUE_SCHEMA).unwrap());
@@ -436,8 +453,14 @@ fn format_2_files_are_converted_with_every_entry_intact() {
     let path = dir.path().join("f2.redb");
     let now = Arc::new(AtomicI64::new(START_MS));
     let before = populate_format_3(&path, options_at(&now), 300);
-    let ttl_before = before["ttl"].iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
-    let gs1_before = before["idx:gs1"].iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+    let ttl_before = before["ttl"]
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect::<Vec<_>>();
+    let gs1_before = before["idx:gs1"]
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect::<Vec<_>>();
     assert_eq!(ttl_before.len(), 30);
 
     downgrade_to_format_2(&path);
@@ -453,8 +476,16 @@ fn format_2_files_are_converted_with_every_entry_intact() {
     assert_eq!(ids_with_status(&db, "fault").len(), 100);
     db.close().unwrap();
     assert!(is_log(&path));
-    assert_eq!(log_tables(&path), before, "every table, every entry, as format 3 had them");
-    assert_eq!(keys_of(&path, "ttl"), ttl_before, "TTL entries as they were");
+    assert_eq!(
+        log_tables(&path),
+        before,
+        "every table, every entry, as format 3 had them"
+    );
+    assert_eq!(
+        keys_of(&path, "ttl"),
+        ttl_before,
+        "TTL entries as they were"
+    );
 
     // The TTL entries work on the converted items: the expired readings are purged by them.
     let db = Db::open(&path, schema(), options_at(&now)).unwrap();
@@ -711,7 +742,10 @@ fn a_conversion_killed_part_way_leaves_a_file_that_opens_whole() {
             "round {round}: every item after the kill"
         );
         db.close().unwrap();
-        assert!(!dir.path().join("killed.redb.converting").exists(), "round {round}: leftover removed");
+        assert!(
+            !dir.path().join("killed.redb.converting").exists(),
+            "round {round}: leftover removed"
+        );
     }
     eprintln!("open took {full:?}; files found after the kills: {found_after_kill:?}");
 }

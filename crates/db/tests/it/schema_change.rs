@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use devtables_db::{Db, DbOptions, OpenError};
-use devtables_schema::{Schema, SchemaChangeKind};
 use devtables_logstore::{LogOptions, LogStore};
+use devtables_schema::{Schema, SchemaChangeKind};
 use serde_json::json;
 
 use super::{key, open, reading, schema, SCHEMA};
