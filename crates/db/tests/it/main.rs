@@ -1,5 +1,6 @@
 //! Integration tests of the device database: one binary, one module per concern.
 
+mod compaction;
 mod crash;
 mod damaged;
 mod format;
