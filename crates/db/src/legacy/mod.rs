@@ -59,6 +59,8 @@ pub(crate) enum LegacyError {
     Db(#[from] DbError),
     #[error("writing the log: {0}")]
     Log(#[from] LogError),
+    #[error("creating the log: {0}")]
+    LogOpen(#[from] LogOpenError),
     #[error("{0}")]
     Open(Box<OpenError>),
 }
@@ -98,6 +100,10 @@ impl LegacyError {
             LegacyError::Db(DbError::Corrupt(msg)) => {
                 damaged(format!("stored data: {}", cut(&msg)))
             }
+            LegacyError::LogOpen(e) => OpenError::Storage {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            },
             LegacyError::Log(LogError::Damaged { offset, detail }) => {
                 damaged(format!("the new log at byte {offset}: {}", cut(&detail)))
             }
@@ -238,8 +244,7 @@ fn convert_with(
 
 /// Writes the log of `db`'s tables at `target`, durably, and closes it.
 fn write_log(db: &redb::Database, target: &Path) -> Result<(), LegacyError> {
-    let store = LogStore::open(target, LogOptions::default())
-        .map_err(|e| LegacyError::Log(LogError::Io(std::io::Error::other(e.to_string()))))?;
+    let store = LogStore::open(target, LogOptions::default())?;
     copy_tables(db, &store)?;
     store.close()?;
     Ok(())
