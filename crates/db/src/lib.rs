@@ -791,7 +791,9 @@ impl Db {
         self.flush()
     }
 
-    /// Writes every item (complete, one JSON object per line); returns the count.
+    /// Writes every item (complete, one JSON object per line); returns the count. Each model
+    /// is read in one view of the store: a write committed while the export runs may show in
+    /// the models read after it only.
     pub fn export(&self, out: &mut impl std::io::Write) -> Result<u64, DbError> {
         jsonl::export(self, out)
     }
