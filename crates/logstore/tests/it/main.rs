@@ -4,4 +4,5 @@ mod basic;
 mod bench;
 mod crash;
 mod damage;
+mod faults;
 mod model;
