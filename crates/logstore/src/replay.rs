@@ -266,6 +266,21 @@ fn replay_records(
             if payload_len == 0 {
                 Some("a record of length 0".to_owned())
             } else if payload_len > max {
+                // A whole, checksummed record over the limit was written with a larger limit:
+                // cutting it off as a torn tail would drop committed data.
+                let payload_at = at + RECORD_HEADER_BYTES;
+                if payload_at + payload_len <= len
+                    && streamed_checksum(file, payload_at, payload_len).map_err(|e| opener.io(e))?
+                        == crc
+                {
+                    return Err(opener.damaged(
+                        at,
+                        format!(
+                            "a whole record of {payload_len} bytes, over the limit of {max} \
+                             (open with a larger max_record_bytes)"
+                        ),
+                    ));
+                }
                 Some(format!(
                     "a record of {payload_len} bytes, over the limit of {max}"
                 ))
@@ -303,6 +318,24 @@ fn replay_records(
         at += RECORD_HEADER_BYTES + payload.len() as u64;
     }
     Ok(at)
+}
+
+/// The CRC of `len` bytes of `file` at `at`, read a window at a time (the record may be
+/// larger than any buffer this open should allocate).
+fn streamed_checksum(file: &File, at: u64, len: u64) -> io::Result<u32> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; (len.min(READ_WINDOW_BYTES as u64)) as usize];
+    let mut done = 0;
+    while done < len {
+        let chunk = (len - done).min(buffer.len() as u64) as usize;
+        let Some(window) = buffer.get_mut(..chunk) else {
+            break;
+        };
+        file.read_exact_at(window, at + done)?;
+        hasher.update(window);
+        done += chunk as u64;
+    }
+    Ok(hasher.finalize())
 }
 
 /// The first offset in `from..len` where a whole valid record starts (length in bounds,

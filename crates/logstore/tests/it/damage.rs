@@ -367,3 +367,33 @@ fn header() -> Vec<u8> {
     bytes.extend_from_slice(&[0; 4]);
     bytes
 }
+
+#[test]
+fn a_whole_record_over_a_smaller_limit_is_not_cut_off_as_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let store = LogStore::open(&path, LogOptions::default()).unwrap();
+    let mut txn = store.write().unwrap();
+    txn.insert("t", b"big", &[5; 3000]).unwrap();
+    txn.commit(true).unwrap();
+    drop(store);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let small = LogOptions {
+        max_record_bytes: 1000,
+        ..LogOptions::default()
+    };
+    let (offset, detail) = damaged_at(LogStore::open(&path, small.clone()));
+    assert_eq!(offset, 16);
+    assert!(detail.contains("larger max_record_bytes"), "{detail}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+    // With the record cut short it is a torn tail again, whatever its length says.
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let store = LogStore::open(&path, small).unwrap();
+    assert_eq!(store.stats().entries, 0);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 16);
+}
