@@ -134,6 +134,11 @@ impl<'a> Ops<'a> {
         Ops { payload, pos: 0 }
     }
 
+    /// Where the next operation starts in the payload.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
     fn u32_field(&mut self, what: &str) -> Result<u32, OpError> {
         let value = read_u32(self.payload, self.pos).ok_or_else(|| OpError {
             at: self.pos,

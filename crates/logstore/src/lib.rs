@@ -65,7 +65,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use state::{range_is_valid, Slot, State, Table};
-use write::{Entries, Overlay, Writer};
+use write::{Overlay, Writer};
 
 /// The first 8 bytes of every log file.
 pub const MAGIC: [u8; 8] = *b"DTLOG\0\r\n";
@@ -589,13 +589,15 @@ impl<'s> LogWrite<'s> {
 
     /// Entries of `table` in `range`, in key order or reversed, this transaction's changes
     /// merged in. Collects at most `limit` entries.
+    // The signature spells the type out: it is the contract the database is written against.
+    #[allow(clippy::type_complexity)]
     pub fn range(
         &self,
         table: &str,
         range: (Bound<&[u8]>, Bound<&[u8]>),
         reverse: bool,
         limit: usize,
-    ) -> Result<Entries, LogError> {
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
         self.overlay
             .range(self.inner, table, range, reverse, limit, true)
     }

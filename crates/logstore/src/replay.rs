@@ -174,64 +174,70 @@ impl Replay {
         if payload.is_empty() {
             return Err((0, "empty record".into()));
         }
-        for op in Ops::new(payload) {
+        let mut ops = Ops::new(payload);
+        loop {
+            let op_at = ops.position();
+            let Some(op) = ops.next() else {
+                return Ok(());
+            };
             let op = op.map_err(|e| (e.at, e.detail))?;
-            match op {
-                Op::Define { table, name } => {
-                    if let Some(existing) = self.names.get(&table) {
-                        return Err((
-                            0,
-                            format!(
-                                "table id {table} defined again (as {name:?}, it is {existing:?})"
-                            ),
-                        ));
+            self.apply_op(op, record_at)
+                .map_err(|detail| (op_at, detail))?;
+        }
+    }
+
+    fn apply_op(&mut self, op: Op<'_>, record_at: u64) -> Result<(), String> {
+        match op {
+            Op::Define { table, name } => {
+                if let Some(existing) = self.names.get(&table) {
+                    return Err(format!(
+                        "table id {table} defined again (as {name:?}; it is {existing:?})"
+                    ));
+                }
+                if self.state.tables.contains_key(name) {
+                    return Err(format!("table {name:?} defined again while it exists"));
+                }
+                self.names.insert(table, name.to_owned());
+                self.state.define_table(name, table);
+                self.next_table_id = self.next_table_id.max(u64::from(table) + 1);
+            }
+            Op::Insert {
+                table,
+                key,
+                value,
+                value_at,
+            } => {
+                let slot = if value.len() <= self.inline_value_bytes {
+                    Slot::Inline(value.into())
+                } else {
+                    Slot::File {
+                        at: record_at + RECORD_HEADER_BYTES + value_at as u64,
+                        // The record's length is a u32, so a value inside it is too.
+                        len: value.len() as u32,
                     }
-                    if self.state.tables.contains_key(name) {
-                        return Err((0, format!("table {name:?} defined again while it exists")));
-                    }
-                    self.names.insert(table, name.to_owned());
-                    self.state.define_table(name, table);
-                    self.next_table_id = self.next_table_id.max(u64::from(table) + 1);
-                }
-                Op::Insert {
-                    table,
-                    key,
-                    value,
-                    value_at,
-                } => {
-                    let name = self.name(table)?;
-                    let slot = if value.len() <= self.inline_value_bytes {
-                        Slot::Inline(value.into())
-                    } else {
-                        Slot::File {
-                            at: record_at + RECORD_HEADER_BYTES + value_at as u64,
-                            // The record's length is a u32, so a value inside it is too.
-                            len: value.len() as u32,
-                        }
-                    };
-                    let name = name.to_owned();
-                    self.state.put(&name, key, slot);
-                }
-                Op::Remove { table, key } => {
-                    let name = self.name(table)?.to_owned();
-                    self.state.remove(&name, key);
-                }
-                Op::DeleteTable { table } => {
-                    let name = self.name(table)?.to_owned();
-                    self.names.remove(&table);
-                    self.state.delete_table(&name);
-                }
+                };
+                let name = table_name(&self.names, table)?;
+                self.state.put(name, key, slot);
+            }
+            Op::Remove { table, key } => {
+                let name = table_name(&self.names, table)?;
+                self.state.remove(name, key);
+            }
+            Op::DeleteTable { table } => {
+                let name = table_name(&self.names, table)?;
+                self.state.delete_table(name);
+                self.names.remove(&table);
             }
         }
         Ok(())
     }
+}
 
-    fn name(&self, table: u32) -> Result<&str, (usize, String)> {
-        self.names
-            .get(&table)
-            .map(String::as_str)
-            .ok_or_else(|| (0, format!("table id {table} is used but not defined")))
-    }
+fn table_name(names: &HashMap<u32, String>, table: u32) -> Result<&str, String> {
+    names
+        .get(&table)
+        .map(String::as_str)
+        .ok_or_else(|| format!("table id {table} is used but not defined"))
 }
 
 /// Replays the records after the header; returns where the valid records end (the file's
@@ -260,6 +266,21 @@ fn replay_records(
             if payload_len == 0 {
                 Some("a record of length 0".to_owned())
             } else if payload_len > max {
+                // A whole, checksummed record over the limit was written with a larger limit:
+                // cutting it off as a torn tail would drop committed data.
+                let payload_at = at + RECORD_HEADER_BYTES;
+                if payload_at + payload_len <= len
+                    && streamed_checksum(file, payload_at, payload_len).map_err(|e| opener.io(e))?
+                        == crc
+                {
+                    return Err(opener.damaged(
+                        at,
+                        format!(
+                            "a whole record of {payload_len} bytes, over the limit of {max} \
+                             (open with a larger max_record_bytes)"
+                        ),
+                    ));
+                }
                 Some(format!(
                     "a record of {payload_len} bytes, over the limit of {max}"
                 ))
@@ -297,6 +318,24 @@ fn replay_records(
         at += RECORD_HEADER_BYTES + payload.len() as u64;
     }
     Ok(at)
+}
+
+/// The CRC of `len` bytes of `file` at `at`, read a window at a time (the record may be
+/// larger than any buffer this open should allocate).
+fn streamed_checksum(file: &File, at: u64, len: u64) -> io::Result<u32> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; (len.min(READ_WINDOW_BYTES as u64)) as usize];
+    let mut done = 0;
+    while done < len {
+        let chunk = (len - done).min(buffer.len() as u64) as usize;
+        let Some(window) = buffer.get_mut(..chunk) else {
+            break;
+        };
+        file.read_exact_at(window, at + done)?;
+        hasher.update(window);
+        done += chunk as u64;
+    }
+    Ok(hasher.finalize())
 }
 
 /// The first offset in `from..len` where a whole valid record starts (length in bounds,
