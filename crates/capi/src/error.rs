@@ -201,7 +201,8 @@ fn open_code(e: &OpenError) -> DtCode {
         | OpenError::Missing { .. }
         | OpenError::Permission { .. }
         | OpenError::Thread(_)
-        | OpenError::Tables { .. } => DtCode::DT_ERR_STORAGE,
+        | OpenError::Tables { .. }
+        | OpenError::Convert { .. } => DtCode::DT_ERR_STORAGE,
         OpenError::Damaged { .. } | OpenError::UnsupportedFormat { .. } => DtCode::DT_ERR_DAMAGED,
         OpenError::SchemaChanged { .. }
         | OpenError::SchemaRecord { .. }

@@ -25,18 +25,15 @@ pub(crate) fn cut(text: &str) -> String {
 /// Why [`crate::Db::open`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot open database file {path}: {}", open_cause(.source))]
+    // The store's error is part of the message, so it is not also the `source()` (see the
+    // `From`s below): a caller printing the chain would show it twice.
+    #[error("cannot open database file {path}: {}", open_cause(.error))]
     Storage {
         path: PathBuf,
-        #[source]
-        source: Box<LogOpenError>,
+        error: Box<LogOpenError>,
     },
-    #[error("cannot prepare tables in database file {path}: {source}")]
-    Tables {
-        path: PathBuf,
-        #[source]
-        source: Box<LogError>,
-    },
+    #[error("cannot prepare tables in database file {path}: {error}")]
+    Tables { path: PathBuf, error: Box<LogError> },
     /// A database file of the redb formats (1 to 3) could not be converted to the log, for a
     /// reason other than damage (an I/O error, a full disk): the file is left as it was.
     #[error("cannot convert database file {path} from the redb format of earlier versions: {detail} (the file was left as it was; free space or fix the cause, then open it again)")]

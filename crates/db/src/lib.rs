@@ -817,13 +817,13 @@ pub(crate) fn tables_error(path: &Path, e: DbError) -> OpenError {
             path: path.to_path_buf(),
             detail: format!("stored data: {}", error::cut(&msg)),
         },
-        DbError::Storage(source) => OpenError::Tables {
+        DbError::Storage(error) => OpenError::Tables {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            error: Box::new(error),
         },
         other => OpenError::Tables {
             path: path.to_path_buf(),
-            source: Box::new(LogError::Io(std::io::Error::other(other.to_string()))),
+            error: Box::new(LogError::Io(std::io::Error::other(other.to_string()))),
         },
     }
 }
@@ -868,7 +868,7 @@ fn open_store(
         }),
         Err(e @ LogOpenError::InUse { .. }) => Err(OpenError::Storage {
             path: path.to_path_buf(),
-            source: Box::new(e),
+            error: Box::new(e),
         }),
     }
 }
@@ -887,7 +887,7 @@ fn file_error(path: &Path, e: std::io::Error, access: &'static str, must_exist: 
         },
         _ => OpenError::Storage {
             path: path.to_path_buf(),
-            source: Box::new(LogOpenError::Io {
+            error: Box::new(LogOpenError::Io {
                 path: path.to_path_buf(),
                 source: e,
             }),

@@ -102,7 +102,7 @@ impl LegacyError {
             }
             LegacyError::LogOpen(e) => OpenError::Storage {
                 path: path.to_path_buf(),
-                source: Box::new(e),
+                error: Box::new(e),
             },
             LegacyError::Log(LogError::Damaged { offset, detail }) => {
                 damaged(format!("the new log at byte {offset}: {}", cut(&detail)))
@@ -148,7 +148,7 @@ pub(crate) fn convert(
     let storage = FileStorage::read_only(file, !read_only).map_err(|e| match e {
         LockError::InUse => OpenError::Storage {
             path: path.to_path_buf(),
-            source: Box::new(LogOpenError::InUse {
+            error: Box::new(LogOpenError::InUse {
                 path: path.to_path_buf(),
             }),
         },
@@ -237,7 +237,7 @@ fn convert_with(
     sync_dir(path).map_err(|e| crate::file_error(path, e, "sync the directory of", false))?;
     let store = LogStore::open(path, LogOptions::default()).map_err(|e| OpenError::Storage {
         path: path.to_path_buf(),
-        source: Box::new(e),
+        error: Box::new(e),
     })?;
     Ok((store, from, converted))
 }
