@@ -36,7 +36,7 @@ use devtables_db::DbOptions;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::dt::PERIODIC_INTERVAL;
-use crate::redb_raw::{rows, Row};
+use crate::store_raw::{rows, Row};
 use crate::report::thousands;
 use crate::sys;
 use crate::workload::{self as w, Metrics};
