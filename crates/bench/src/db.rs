@@ -2,7 +2,7 @@
 //! and on SQLite, each size and engine in a fresh child process (the program re-executed with
 //! the hidden `child` subcommand) so the peak RSS is per configuration; the durable
 //! (`immediate`) write rates against the raw disk sync rate; and the ceiling of the grouped
-//! creates, redb written directly with the same bytes (`redb_raw`), with the ratio. It prints a
+//! creates, the log store written directly with the same bytes (`store_raw`), with the ratio. It prints a
 //! Markdown report (also to `--out`), and its figures as JSON with `--json`. Every database file
 //! lives in a temporary directory under /tmp that the parent removes at the end.
 
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::report::{ratio, short, size_label, thousands, write_json};
 use crate::workload::Metrics;
-use crate::{dt, redb_raw, spike, sq, sys, ChildCommand};
+use crate::{dt, spike, sq, store_raw, sys, ChildCommand};
 
 #[derive(clap::Args, Debug)]
 pub struct DbArgs {
@@ -131,7 +131,7 @@ fn run_engine(
     match engine {
         "devtables" => dt::grouped(dir, n),
         "sqlite" => sq::grouped(dir, n),
-        "redb-raw" => redb_raw::grouped(dir, n),
+        "store-raw" => store_raw::grouped(dir, n),
         "immediate" => {
             // The disk rate drifts on a shared machine: every durable run is bracketed by a
             // raw measurement and compared with the mean of the two around it.
@@ -188,7 +188,7 @@ fn spawn(
     Ok(m)
 }
 
-/// The ceiling row of one size: devtables' grouped creates against redb written directly.
+/// The ceiling row of one size: devtables' grouped creates against its store written directly.
 struct Ceiling {
     n: usize,
     devtables: f64,
@@ -212,11 +212,11 @@ impl Ceiling {
             n,
             devtables: get("devtables", "create_per_s"),
             devtables_cpu: get("devtables", "create_per_s_cpu"),
-            raw_items: get("redb-raw", "raw_items_per_s"),
-            raw_items_cpu: get("redb-raw", "raw_items_per_s_cpu"),
-            raw_tables: get("redb-raw", "raw_tables_per_s"),
-            raw_tables_cpu: get("redb-raw", "raw_tables_per_s_cpu"),
-            item_bytes: get("redb-raw", "item_bytes"),
+            raw_items: get("store-raw", "raw_items_per_s"),
+            raw_items_cpu: get("store-raw", "raw_items_per_s_cpu"),
+            raw_tables: get("store-raw", "raw_tables_per_s"),
+            raw_tables_cpu: get("store-raw", "raw_tables_per_s_cpu"),
+            item_bytes: get("store-raw", "item_bytes"),
         }
     }
 
@@ -359,7 +359,7 @@ fn configs() -> Vec<String> {
     vec![
         "devtables".to_string(),
         "sqlite".to_string(),
-        "redb-raw".to_string(),
+        "store-raw".to_string(),
     ]
 }
 
@@ -367,7 +367,7 @@ fn config_label(engine: &str) -> String {
     match engine {
         "devtables" => "devtables".into(),
         "sqlite" => "SQLite".into(),
-        "redb-raw" => "redb directly".into(),
+        "store-raw" => "log store directly".into(),
         other => other.into(),
     }
 }
@@ -722,11 +722,11 @@ fn report(
 /// The wall-clock and on-CPU cells of one row of the ceiling table.
 type CeilingCells<'a> = dyn Fn(&Ceiling) -> (String, String) + 'a;
 
-/// devtables' grouped creates against redb written directly with the same bytes, same
-/// transaction size and durability (`redb_raw`), wall clock and on-CPU.
+/// devtables' grouped creates against the log store written directly with the same bytes, same
+/// transaction size and durability (`store_raw`), wall clock and on-CPU.
 fn ceiling_table(ceilings: &[Ceiling]) -> String {
     let mut s = String::from(
-        "\n| Ceiling: grouped creates, 1,000 per transaction, `Durability::None` + a durable commit each second |",
+        "\n| Ceiling: grouped creates, 1,000 per transaction, not durable + a sync each second |",
     );
     let mut rule = String::from("|---|");
     for c in ceilings {
@@ -747,20 +747,20 @@ fn ceiling_table(ceilings: &[Ceiling]) -> String {
             &|c| (rate(c.devtables), rate(c.devtables_cpu)),
         ),
         (
-            "redb directly: the same item bytes into `items` only",
+            "log store directly: the same item bytes into `items:Reading` only",
             &|c| (rate(c.raw_items), rate(c.raw_items_cpu)),
         ),
         (
-            "redb directly: the same bytes into `items` and `idx:gs1` (format 3's two tables)",
+            "log store directly: the same bytes into `items:Reading` and `idx:gs1` (the two tables devtables fills)",
             &|c| (rate(c.raw_tables), rate(c.raw_tables_cpu)),
         ),
-        ("ratio devtables / redb `items` only", &|c| {
+        ("ratio devtables / log store items only", &|c| {
             (
                 format!("{:.2}", ratio(c.devtables, c.raw_items)),
                 format!("{:.2}", ratio(c.devtables_cpu, c.raw_items_cpu)),
             )
         }),
-        ("ratio devtables / redb two tables", &|c| {
+        ("ratio devtables / log store two tables", &|c| {
             (
                 format!("{:.2}", ratio(c.devtables, c.raw_tables)),
                 format!("{:.2}", ratio(c.devtables_cpu, c.raw_tables_cpu)),

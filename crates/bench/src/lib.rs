@@ -10,7 +10,7 @@
 //! # Layout
 //!
 //! - `db`: the device database against SQLite on the original's workload (`workload`, `dt`,
-//!   `sq`), with the raw redb insert rate of the same bytes as its ceiling (`redb_raw`).
+//!   `sq`), with the raw log-store insert rate of the same bytes as its ceiling (`store_raw`).
 //! - `sync`: replication latency and throughput end to end on loopback, with the raw MQTT QoS 1
 //!   publish rate of the same payloads through the same embedded broker as its ceiling
 //!   (`mqtt_raw`).
@@ -48,7 +48,7 @@ mod footprint;
 mod memory;
 mod mqtt_raw;
 mod plot;
-mod redb_raw;
+mod store_raw;
 mod report;
 mod scale_out;
 mod spike;
@@ -68,8 +68,8 @@ use clap::Subcommand;
 /// The benchmarks, as `devtables bench <cmd>` and `devtables-bench <cmd>` take them.
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
-    /// Device database: devtables (redb) against SQLite on the original's workload, with the raw
-    /// redb insert rate of the same bytes as the ceiling of its grouped creates.
+    /// Device database: devtables against SQLite on the original's workload, with the raw
+    /// log-store insert rate of the same bytes as the ceiling of its grouped creates.
     Db(db::DbArgs),
     /// Replication end to end on loopback: latency up and down, throughput, bytes per item, with
     /// the raw MQTT QoS 1 rate of the same payloads through the same broker as the ceiling.

@@ -1,32 +1,30 @@
-//! The ceiling of `db`'s grouped creates: the same store, redb, written directly with the bytes
-//! devtables writes, in transactions of the same size and durability.
+//! The ceiling of `db`'s grouped creates: the store the database is built on (the log engine,
+//! `devtables-logstore`) written directly with the bytes devtables writes, in transactions of the
+//! same size and durability.
 //!
 //! The item bytes are the database's own encoding of each workload item (prepared by the
 //! schema, encoded by `devtables_db::fuzzing::encode_item`, the codec the database stores with),
 //! under the database's key layout (`pk \0 sk`); they are built before the clock starts, so the
-//! rate is redb's alone. Two variants: the `items` table only (the floor of any store on redb),
-//! and the two tables devtables fills for this workload since format 3 (the model's items table
-//! and the secondary index `idx:gs1`; format 2 also wrote a model index, `types`, which the
-//! spike's `redb3` design still writes). Commits use `Durability::None` like devtables' `periodic`
-//! mode, with a durable commit each [`crate::dt::PERIODIC_INTERVAL`] as its flusher does, and
-//! the page cache the device database gave redb up to format 3 ([`REDB_CACHE_BYTES`]).
+//! rate is the store's alone. Two variants: the model's items table only (the floor of any
+//! database on this store), and the two tables devtables fills for this workload (the model's
+//! items table and the secondary index `idx:gs1`). Commits are not durable, like devtables'
+//! `periodic` mode, with a sync each [`crate::dt::PERIODIC_INTERVAL`] as its flusher does.
+//! The spike (`spike.rs`) builds its rows here too.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+use devtables_logstore::{LogOptions, LogStore};
 use devtables_schema::Schema;
-use redb::{Database, Durability, TableDefinition};
 
-/// The redb page cache the device database used while it stored on redb (formats 1 to 3), so
-/// the redb measurements stay comparable with the earlier ones.
-pub(crate) const REDB_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 use crate::dt::PERIODIC_INTERVAL;
 use crate::workload::{self as w, Metrics};
 
-const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
-const GS1: TableDefinition<&[u8], ()> = TableDefinition::new("idx:gs1");
+/// The tables the database fills for the workload's model and its index.
+const ITEMS: &str = "items:Reading";
+const GS1: &str = "idx:gs1";
 
 /// One workload item as the database stores it (its key in each table, the format-2 model index
 /// `types` included, for the spike), with its updated bytes.
@@ -70,41 +68,33 @@ pub(crate) fn rows(n: usize) -> anyhow::Result<Vec<Row>> {
 /// Inserts `rows` grouped `w::GROUP` per transaction into a fresh file; returns items per
 /// second (wall clock) and the on-CPU rate.
 fn insert(path: &Path, rows: &[Row], with_indexes: bool) -> anyhow::Result<(f64, f64)> {
-    let db = Database::builder()
-        .set_cache_size(REDB_CACHE_BYTES)
-        .create(path)
+    let store = LogStore::open(path, LogOptions::default())
         .with_context(|| format!("create {}", path.display()))?;
     let clock = w::WorkloadClock::start();
     let mut last_flush = Instant::now();
     for chunk in rows.chunks(w::GROUP) {
-        let mut tx = db.begin_write()?;
-        tx.set_durability(Durability::None);
-        {
-            let mut items = tx.open_table(ITEMS)?;
-            for r in chunk {
-                items.insert(r.key.as_slice(), r.value.as_slice())?;
-            }
+        let mut tx = store.write()?;
+        for r in chunk {
+            tx.insert(ITEMS, &r.key, &r.value)?;
         }
         if with_indexes {
-            let mut gs1 = tx.open_table(GS1)?;
             for r in chunk {
-                gs1.insert(r.index_key.as_slice(), ())?;
+                tx.insert(GS1, &r.index_key, &[])?;
             }
         }
-        tx.commit()?;
+        tx.commit(false)?;
         if last_flush.elapsed() >= PERIODIC_INTERVAL {
-            // What devtables' periodic flusher does: an empty durable commit.
-            let mut tx = db.begin_write()?;
-            tx.set_durability(Durability::Immediate);
-            tx.commit()?;
+            // What devtables' periodic flusher does.
+            store.sync()?;
             last_flush = Instant::now();
         }
     }
     let (wall, cpu) = (clock.wall(), clock.cpu());
+    store.close()?;
     Ok((w::rate(rows.len(), wall), w::rate(rows.len(), cpu)))
 }
 
-/// Both variants on fresh files in `dir`, as metrics of the `redb-raw` configuration.
+/// Both variants on fresh files in `dir`, as metrics of the `store-raw` configuration.
 pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     let rows = rows(n)?;
     let mut m = Metrics::new();
@@ -112,10 +102,10 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         "item_bytes".into(),
         rows.iter().map(|r| r.value.len()).sum::<usize>() as f64 / n.max(1) as f64,
     );
-    let (wall, cpu) = insert(&dir.join("raw-items.redb"), &rows, false)?;
+    let (wall, cpu) = insert(&dir.join("raw-items.log"), &rows, false)?;
     m.insert("raw_items_per_s".into(), wall);
     m.insert("raw_items_per_s_cpu".into(), cpu);
-    let (wall, cpu) = insert(&dir.join("raw-two-tables.redb"), &rows, true)?;
+    let (wall, cpu) = insert(&dir.join("raw-two-tables.log"), &rows, true)?;
     m.insert("raw_tables_per_s".into(), wall);
     m.insert("raw_tables_per_s_cpu".into(), cpu);
     Ok(m)
