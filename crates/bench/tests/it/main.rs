@@ -71,7 +71,7 @@ fn common(v: &Value, bench: &str) {
 }
 
 #[test]
-fn db_quick_measures_every_engine_and_the_redb_ceiling() {
+fn db_quick_measures_every_engine_and_the_store_ceiling() {
     let (v, table) = bench(&["db", "--quick"]);
     common(&v, "db");
     assert_eq!(v["sizes"], json!([1000]));
@@ -79,15 +79,15 @@ fn db_quick_measures_every_engine_and_the_redb_ceiling() {
         assert!(num(&v, &format!("/runs/{engine}/1000/create_per_s")) > 0.0);
         assert!(num(&v, &format!("/runs/{engine}/1000/peak_rss_mib")) > 0.0);
     }
-    assert!(num(&v, "/runs/redb-raw/1000/raw_items_per_s") > 0.0);
-    assert!(num(&v, "/runs/redb-raw/1000/raw_tables_per_s") > 0.0);
-    assert!(num(&v, "/runs/redb-raw/1000/item_bytes") > 0.0);
+    assert!(num(&v, "/runs/store-raw/1000/raw_items_per_s") > 0.0);
+    assert!(num(&v, "/runs/store-raw/1000/raw_tables_per_s") > 0.0);
+    assert!(num(&v, "/runs/store-raw/1000/item_bytes") > 0.0);
     let ceiling = v["ceiling"].as_array().expect("ceiling rows");
     assert_eq!(ceiling.len(), 1);
     assert_eq!(count(&v, "/ceiling/0/n"), 1000);
     let ratio = num(&v, "/ceiling/0/ratio_to_raw_items");
     let expected = num(&v, "/runs/devtables/1000/create_per_s")
-        / num(&v, "/runs/redb-raw/1000/raw_items_per_s");
+        / num(&v, "/runs/store-raw/1000/raw_items_per_s");
     assert!((ratio - expected).abs() < 1e-9 * expected.max(1.0));
     assert_eq!(count(&v, "/immediate_items"), 20);
     assert!(num(&v, "/immediate/dt_imm_1w_per_s") > 0.0);
