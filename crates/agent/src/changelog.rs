@@ -381,7 +381,7 @@ mod tests {
     /// the log alone).
     fn logged_db(dir: &std::path::Path, limits: ChangeLogLimits) -> Db {
         let schema = schema();
-        let db = Db::open(dir.join("log.redb"), schema.clone(), DbOptions::default()).unwrap();
+        let db = Db::open(dir.join("log.db"), schema.clone(), DbOptions::default()).unwrap();
         install(&db, schema, limits);
         db
     }
@@ -541,7 +541,7 @@ mod tests {
     fn a_clean_stop_keeps_the_log_and_anything_else_begins_a_new_era() {
         let dir = tempfile::tempdir().unwrap();
         let schema = schema();
-        let path = dir.path().join("log.redb");
+        let path = dir.path().join("log.db");
         let open = || {
             let db = Db::open(&path, schema.clone(), DbOptions::default()).unwrap();
             install(&db, schema.clone(), ChangeLogLimits::default());

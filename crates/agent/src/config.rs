@@ -699,7 +699,7 @@ mod tests {
         let write = |extra: &str| {
             std::fs::write(
                 &path,
-                format!("{{account: 'a', device: 'd', secret: 's', schema: 's.json5', db: 'data/x.redb', {extra}}}"),
+                format!("{{account: 'a', device: 'd', secret: 's', schema: 's.json5', db: 'data/x.db', {extra}}}"),
             )
             .unwrap();
             let (file, _) = AgentFile::load(&path)?;
@@ -722,7 +722,7 @@ mod tests {
         assert_eq!(c.socket_group.as_deref(), Some("dialout"));
         assert!(write("local_api: {enabled: false}").unwrap().is_none());
         // A default socket path too long for the kernel: no local API, rather than no agent.
-        let deep = format!("db: '{}/x.redb'", "d".repeat(120));
+        let deep = format!("db: '{}/x.db'", "d".repeat(120));
         std::fs::write(
             &path,
             format!("{{account: 'a', device: 'd', secret: 's', schema: 's.json5', {deep}}}"),

@@ -967,7 +967,7 @@ mod tests {
         let schema = Arc::new(Schema::load(Path::new(path)).unwrap());
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(
-            dir.path().join("d.redb"),
+            dir.path().join("d.db"),
             schema.clone(),
             DbOptions::default(),
         )

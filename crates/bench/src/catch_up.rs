@@ -100,7 +100,7 @@ fn setting(i: usize) -> Item {
 fn probe_config(args: &ProbeArgs) -> anyhow::Result<AgentConfig> {
     let secret = std::env::var(SECRET_ENV).with_context(|| format!("{SECRET_ENV} is not set"))?;
     let (host, port) = devtables_agent::config::parse_broker(&args.broker)?;
-    let mut c = AgentConfig::new(ACCOUNT, DEVICE, &secret, args.dir.join("device.redb"));
+    let mut c = AgentConfig::new(ACCOUNT, DEVICE, &secret, args.dir.join("device.db"));
     c.broker_host = host;
     c.broker_port = port;
     Ok(c)
@@ -175,7 +175,7 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
         agent.shutdown().await;
         Ok(())
     })?;
-    out["db_mib"] = json!(sys::file_mib(&args.dir.join("device.redb")));
+    out["db_mib"] = json!(sys::file_mib(&args.dir.join("device.db")));
     println!("{out}");
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The workload on devtables (`devtables-db` on redb).
+//! The workload on devtables (`devtables-db` on its log store).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ fn props(v: serde_json::Value) -> Item {
 pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
     let mut m = Metrics::new();
     m.insert("rss_start_mib".into(), sys::vm_mib("VmHWM"));
-    let path = dir.join("devtables.redb");
+    let path = dir.join("devtables.db");
     let db = open(
         &path,
         Durability::Periodic {
@@ -262,7 +262,7 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
 
 /// Immediate mode: one durable commit per create from one writer, on a fresh file.
 pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
-    let db = open(&dir.join("devtables-imm1.redb"), Durability::Immediate)?;
+    let db = open(&dir.join("devtables-imm1.db"), Durability::Immediate)?;
     let mut p = Progress::new("devtables immediate, 1 writer", n);
     let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();
@@ -280,7 +280,7 @@ pub fn immediate_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()
 /// made durable: the bytes written to disk per item (`write_b`), beside `immediate`'s.
 pub fn periodic_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()> {
     let db = open(
-        &dir.join("devtables-per1.redb"),
+        &dir.join("devtables-per1.db"),
         Durability::Periodic {
             interval: PERIODIC_INTERVAL,
         },
@@ -302,7 +302,7 @@ pub fn periodic_one(dir: &Path, n: usize, m: &mut Metrics) -> anyhow::Result<()>
 /// Immediate mode: one durable commit per create from `writers` concurrent writer threads
 /// (group commit), on a fresh file.
 pub fn immediate_many(dir: &Path, n: usize, writers: usize, m: &mut Metrics) -> anyhow::Result<()> {
-    let db = open(&dir.join("devtables-imm8.redb"), Durability::Immediate)?;
+    let db = open(&dir.join("devtables-imm8.db"), Durability::Immediate)?;
     eprintln!("  .. devtables immediate, {writers} writers");
     let written = sys::WriteMeter::start();
     let t = w::WorkloadClock::start();

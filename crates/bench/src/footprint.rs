@@ -307,7 +307,7 @@ async fn measure(bin: &AgentBinary, n: usize, dir: &Path) -> anyhow::Result<Vec<
         &config,
         json!({
             "account": "bench", "device": "fp1", "secret": secret,
-            "schema": schema_path, "db": "fp1.redb", "broker": cloud.mqtt_addr,
+            "schema": schema_path, "db": "fp1.db", "broker": cloud.mqtt_addr,
         })
         .to_string(),
     )?;

@@ -71,7 +71,7 @@ fn offline_config(dir: &Path, n: usize) -> anyhow::Result<AgentConfig> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut c = AgentConfig::new("bench", "mem1", "secret", dir.join("agent.redb"));
+    let mut c = AgentConfig::new("bench", "mem1", "secret", dir.join("agent.db"));
     c.broker_port = port;
     c.reconnect_delay = Duration::from_millis(200);
     c.outbox_limit = n as u64 + 1;
@@ -142,7 +142,7 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
         agent.shutdown().await;
         Ok(())
     })?;
-    m.insert("db_mib".into(), sys::file_mib(&args.dir.join("agent.redb")));
+    m.insert("db_mib".into(), sys::file_mib(&args.dir.join("agent.db")));
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
 }

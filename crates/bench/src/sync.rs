@@ -105,7 +105,7 @@ async fn drain(
     let id = DeviceId::new("bench", "dev2")?;
     let secret = cloud.register_device(&id).await?;
     let (host, port) = devtables_agent::config::parse_broker(&cloud.mqtt_addr)?;
-    let db_path = dir.join("dev2.redb");
+    let db_path = dir.join("dev2.db");
     let mut offline = AgentConfig::new("bench", "dev2", &secret, &db_path);
     offline.broker_host = "127.0.0.1".into();
     offline.broker_port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -213,7 +213,7 @@ async fn bench(
     let id = DeviceId::new("bench", "dev1")?;
     let secret = cloud.register_device(&id).await?;
     let (host, port) = devtables_agent::config::parse_broker(&cloud.mqtt_addr)?;
-    let mut ac = AgentConfig::new("bench", "dev1", &secret, dir.join("dev1.redb"));
+    let mut ac = AgentConfig::new("bench", "dev1", &secret, dir.join("dev1.db"));
     ac.broker_host = host;
     ac.broker_port = port;
     if let Some(ms) = args.batch_delay_ms {

@@ -112,7 +112,7 @@ pub fn stored_items(
 ) -> anyhow::Result<Vec<Item>> {
     let dir = tempfile::tempdir()?;
     let db = Db::open(
-        dir.path().join("wire.redb"),
+        dir.path().join("wire.db"),
         schema.clone(),
         DbOptions::default(),
     )?;

@@ -42,8 +42,8 @@ reads in descending sort-key order. --index NAME queries a secondary index by it
 sort attributes.
 
 Examples:
-  devtables db --schema s.json5 --db dev.redb find Fault '{\"deviceId\": \"d1\"}' --limit 10
-  devtables db --schema s.json5 --db dev.redb find Fault '{\"gs1pk\": \"fault#warn\"}' --index gs1
+  devtables db --schema s.json5 --db dev.db find Fault '{\"deviceId\": \"d1\"}' --limit 10
+  devtables db --schema s.json5 --db dev.db find Fault '{\"gs1pk\": \"fault#warn\"}' --index gs1
   echo '{\"severity\": {\"in\": [\"warn\", \"critical\"]}}' | devtables db ... find Fault - --output table";
 
 #[derive(Args)]

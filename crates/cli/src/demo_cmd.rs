@@ -162,7 +162,7 @@ async fn demo(
                 .with_context(|| format!("a new secret for {id}, registered by an earlier demo"))?,
             Err(e) => return Err(e.into()),
         };
-        let mut ac = AgentConfig::new(ACCOUNT, &name, &secret, data.join(format!("{name}.redb")));
+        let mut ac = AgentConfig::new(ACCOUNT, &name, &secret, data.join(format!("{name}.db")));
         ac.broker_host = host.clone();
         ac.broker_port = port;
         let agent = Agent::start(ac, schema.clone())?;

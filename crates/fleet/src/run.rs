@@ -247,7 +247,7 @@ async fn simulate(
         let db = match &db_dir {
             None => Db::open_in_memory(schema.clone(), db_options.clone()),
             Some(dir) => Db::open(
-                dir.path().join(format!("{name}.redb")),
+                dir.path().join(format!("{name}.db")),
                 schema.clone(),
                 db_options.clone(),
             ),

@@ -24,7 +24,7 @@ fn write_config(dir: &Path, secret: &str, port: u16) -> std::path::PathBuf {
         "device": "d1",
         "secret": secret,
         "schema": schema,
-        "db": "d1.redb",
+        "db": "d1.db",
         "broker": format!("mqtt://127.0.0.1:{port}"),
     });
     std::fs::write(&path, text.to_string()).unwrap();

@@ -79,7 +79,7 @@ fn agent_device_state_conforms() {
         let dir = tempfile::tempdir().expect("temp dir");
         let schema = Arc::new(devtables_conformance::schema());
         let db = Db::open(
-            dir.path().join("device.redb"),
+            dir.path().join("device.db"),
             schema.clone(),
             DbOptions::default(),
         )

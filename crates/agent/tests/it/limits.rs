@@ -27,7 +27,7 @@ async fn a_change_too_large_for_any_message_is_refused_by_the_write() {
         .local_addr()
         .unwrap()
         .port();
-    let mut config = AgentConfig::new("acme", "d1", "secret", dir.path().join("d1.redb"));
+    let mut config = AgentConfig::new("acme", "d1", "secret", dir.path().join("d1.db"));
     config.broker_port = port;
     let agent = Agent::start(config, schema()).unwrap();
     let db = agent.db().clone();

@@ -80,5 +80,5 @@ async fn mtls_an_agent_without_secret_or_certificate_does_not_start() {
     let err = Agent::start(config, schema()).err().expect("refused");
     assert!(err.to_string().contains("no credentials"), "{err}");
     // Nothing was created for it.
-    assert!(!dir.path().join("d1.redb").exists());
+    assert!(!dir.path().join("d1.db").exists());
 }

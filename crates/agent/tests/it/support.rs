@@ -34,7 +34,7 @@ pub fn free_port() -> u16 {
 
 /// Agent `acme/d1` with its database in `dir`, talking to a broker on `port` of loopback.
 pub fn agent_config(dir: &Path, secret: &str, port: u16) -> AgentConfig {
-    let mut c = AgentConfig::new("acme", "d1", secret, dir.join("d1.redb"));
+    let mut c = AgentConfig::new("acme", "d1", secret, dir.join("d1.db"));
     c.broker_port = port;
     c.reconnect_delay = Duration::from_millis(100);
     c.reconnect_max_delay = Duration::from_millis(400);

@@ -451,7 +451,7 @@ fn a_panicking_change_callback_is_contained_and_others_still_run() {
 #[test]
 fn a_file_database_keeps_its_items_across_close_and_open() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("device.redb");
+    let path = dir.path().join("device.db");
     let db = open(Some(&path));
     expect(create(db, "Fault", fault("f1")).0, DtCode::DT_OK);
     close(db);
@@ -472,13 +472,13 @@ fn a_file_database_keeps_its_items_across_close_and_open() {
     );
     assert!(out.is_null());
     let schema = cs(schema_path().to_str().unwrap());
-    let no_folder = cs(dir.path().join("no/such/folder.redb").to_str().unwrap());
+    let no_folder = cs(dir.path().join("no/such/folder.db").to_str().unwrap());
     // SAFETY: valid pointers.
     expect(
         unsafe { dt_db_open(schema.as_ptr(), no_folder.as_ptr(), &mut out) },
         DtCode::DT_ERR_STORAGE,
     );
-    assert!(last_error().contains("folder.redb"), "{}", last_error());
+    assert!(last_error().contains("folder.db"), "{}", last_error());
 }
 
 #[test]

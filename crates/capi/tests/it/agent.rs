@@ -48,7 +48,7 @@ fn a_bad_configuration_is_a_code_and_no_agent() {
     let path = dir.path().join("agent.json5");
     std::fs::write(
         &path,
-        json!({"account": "acme", "device": "d1", "schema": "s.json5", "db": "d1.redb"})
+        json!({"account": "acme", "device": "d1", "schema": "s.json5", "db": "d1.db"})
             .to_string(),
     )
     .unwrap();
@@ -60,7 +60,7 @@ fn a_bad_configuration_is_a_code_and_no_agent() {
     // A schema the agent cannot load.
     std::fs::write(
         &path,
-        json!({"account": "acme", "device": "d1", "secret": "s", "schema": "s.json5", "db": "d1.redb"})
+        json!({"account": "acme", "device": "d1", "secret": "s", "schema": "s.json5", "db": "d1.db"})
             .to_string(),
     )
     .unwrap();
@@ -75,7 +75,7 @@ fn one_agent_per_database_and_no_close_under_it() {
     let dir = tempfile::tempdir().unwrap();
     // Offline: nothing listens on the broker's port.
     let config = write_agent_config(dir.path(), "d1", "secret", free_port());
-    let db = open(Some(&dir.path().join("mine.redb")));
+    let db = open(Some(&dir.path().join("mine.db")));
     let (code, agent) = start(db, &config);
     expect(code, DtCode::DT_OK);
     // SAFETY: live handles.
@@ -156,7 +156,7 @@ fn an_agent_opens_and_closes_the_database_its_file_names() {
     }
     stop(agent);
     // dt_agent_stop closed the file: it opens again, with the item.
-    let db = open(Some(&dir.path().join("d1.redb")));
+    let db = open(Some(&dir.path().join("d1.db")));
     let key = cs(r#"{"deviceId": "d1", "id": "f1"}"#);
     let mut out = null_mut();
     // SAFETY: live handle, valid pointers; closed once.

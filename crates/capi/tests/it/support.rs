@@ -75,7 +75,7 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Writes the agent's configuration file for `acme/{device}` in `dir` (database `{device}.redb`
+/// Writes the agent's configuration file for `acme/{device}` in `dir` (database `{device}.db`
 /// beside it) and returns its path.
 pub fn write_agent_config(dir: &Path, device: &str, secret: &str, mqtt_port: u16) -> PathBuf {
     let path = dir.join(format!("{device}.json5"));
@@ -84,7 +84,7 @@ pub fn write_agent_config(dir: &Path, device: &str, secret: &str, mqtt_port: u16
         "device": device,
         "secret": secret,
         "schema": schema_path(),
-        "db": format!("{device}.redb"),
+        "db": format!("{device}.db"),
         "broker": format!("mqtt://127.0.0.1:{mqtt_port}"),
         "batch_delay_ms": 5,
         "reconnect_delay_ms": 100,

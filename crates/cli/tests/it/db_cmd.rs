@@ -11,7 +11,7 @@ fn db(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
         .arg("--schema")
         .arg(example_schema())
         .arg("--db")
-        .arg(dir.join("dev.redb"))
+        .arg(dir.join("dev.db"))
         .args(args)
         .output()
         .expect("devtables runs")
@@ -88,7 +88,7 @@ fn bad_input_fails_with_a_clear_error() {
 
     let out = bin()
         .args(["db", "--schema", "/nonexistent.json5", "--db"])
-        .arg(dir.path().join("x.redb"))
+        .arg(dir.path().join("x.db"))
         .args(["get", "Fault", "{}"])
         .output()
         .unwrap();
@@ -96,7 +96,7 @@ fn bad_input_fails_with_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot load schema"));
 
     // Reads never create the file they are asked to read.
-    let missing = dir.path().join("typo.redb");
+    let missing = dir.path().join("typo.db");
     for read in [
         &["get", "Fault", "{}"][..],
         &["find", "Fault", "{}"],
@@ -113,7 +113,7 @@ fn bad_input_fails_with_a_clear_error() {
             .unwrap();
         assert!(!out.status.success(), "{read:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("typo.redb"), "{read:?} names the file: {err}");
+        assert!(err.contains("typo.db"), "{read:?} names the file: {err}");
         assert!(!missing.exists(), "{read:?} created {}", missing.display());
     }
 
@@ -140,7 +140,7 @@ fn export_then_import_into_another_file() {
         .arg("--schema")
         .arg(example_schema())
         .arg("--db")
-        .arg(dir.path().join("copy.redb"))
+        .arg(dir.path().join("copy.db"))
         .args(["import", "-"])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
@@ -180,7 +180,7 @@ fn example_configs_load() {
     assert!(devtables_schema::Schema::load(&file.schema).is_ok());
 }
 
-/// `devtables db` on `dir/dev.redb` with `stdin` as standard input.
+/// `devtables db` on `dir/dev.db` with `stdin` as standard input.
 fn db_stdin(dir: &std::path::Path, args: &[&str], stdin: &str) -> std::process::Output {
     db_with_schema_stdin(dir, &example_schema().to_string_lossy(), args, stdin)
 }
@@ -194,7 +194,7 @@ fn db_with_schema_stdin(
 ) -> std::process::Output {
     let mut child = bin()
         .args(["db", "--schema", schema, "--db"])
-        .arg(dir.join("dev.redb"))
+        .arg(dir.join("dev.db"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -229,7 +229,7 @@ fn an_error_is_printed_once_with_the_hint_only_where_it_applies() {
 
     // A file another handle holds: the lock hint, once.
     let schema = std::sync::Arc::new(devtables_schema::Schema::load(&example_schema()).unwrap());
-    let path = dir.path().join("dev.redb");
+    let path = dir.path().join("dev.db");
     let held = devtables_db::Db::open(&path, schema, devtables_db::DbOptions::default()).unwrap();
     let out = db(
         dir.path(),
@@ -242,7 +242,7 @@ fn an_error_is_printed_once_with_the_hint_only_where_it_applies() {
         1,
         "{err}"
     );
-    assert_eq!(err.matches("dev.redb").count(), 1, "{err}");
+    assert_eq!(err.matches("dev.db").count(), 1, "{err}");
     held.close().unwrap();
 
     // A path that cannot be a database is no lock: no hint.
@@ -534,7 +534,7 @@ fn an_incompatible_schema_is_refused_until_schema_change_allows_it() {
             .arg("--schema")
             .arg(&schema)
             .arg("--db")
-            .arg(dir.path().join("dev.redb"))
+            .arg(dir.path().join("dev.db"))
             .args(extra)
             .args([
                 "upsert",

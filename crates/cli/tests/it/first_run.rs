@@ -145,7 +145,7 @@ fn the_demo_runs_again_on_its_own_folder() {
         assert!(out.status.success(), "run {run}: {err}");
         assert!(err.contains("stopped; data kept in"), "run {run}: {err}");
     }
-    assert!(data.join("dev-1.redb").exists());
+    assert!(data.join("dev-1.db").exists());
 }
 
 /// A cloud with device `acme/{device}` registered: (cloud, its temp dir, prefix, secret).
@@ -185,12 +185,12 @@ fn the_end_of_stdin_waits_until_the_cloud_has_every_change() {
 fn without_a_cloud_the_end_of_stdin_waits_its_bound_and_says_what_stays_queued() {
     let dir = tempfile::tempdir().unwrap();
     let dead = format!("127.0.0.1:{}", super::harness::free_port());
-    let db = dir.path().join("moved.redb");
+    let db = dir.path().join("moved.db");
     let config = dir.path().join("agent.json5");
     std::fs::write(
         &config,
         format!(
-            "{{account: 'acme', device: 'lonely', secret: 's', schema: '{}', db: 'unused.redb', \
+            "{{account: 'acme', device: 'lonely', secret: 's', schema: '{}', db: 'unused.db', \
               broker: '127.0.0.1:1', stdin_drain_secs: 30}}",
             example_schema().display()
         ),
@@ -241,7 +241,7 @@ fn without_a_cloud_the_end_of_stdin_waits_its_bound_and_says_what_stays_queued()
     );
     assert!(err.contains("the broker is unreachable"), "{err}");
     // --db replaced the file's database, which keeps the change for the next start.
-    assert!(db.exists() && !dir.path().join("unused.redb").exists());
+    assert!(db.exists() && !dir.path().join("unused.db").exists());
 }
 
 /// A CONNECT as `username` with a wrong password, until the broker refuses it.

@@ -665,7 +665,7 @@ impl AgentProc {
     /// example libfaketime's, to give the device a wrong clock).
     pub fn start_with_env(spec: &AgentSpec<'_>, extra: &str, env: &[(&str, &str)]) -> AgentProc {
         let config = format!(
-            "{{account: '{}', device: '{}', secret: '{}', schema: '{}', db: '{}.redb', broker: '{}', topic_prefix: '{}', batch_delay_ms: 20, reconnect_max_delay_ms: 2000, {extra}}}",
+            "{{account: '{}', device: '{}', secret: '{}', schema: '{}', db: '{}.db', broker: '{}', topic_prefix: '{}', batch_delay_ms: 20, reconnect_max_delay_ms: 2000, {extra}}}",
             spec.account,
             spec.device,
             spec.secret,

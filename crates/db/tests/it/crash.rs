@@ -57,7 +57,7 @@ fn next(seed: &mut u64) -> u64 {
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("crash.redb");
+    let path = dir.path().join("crash.db");
     let exe = std::env::current_exe().unwrap();
     let mut seed: u64 = 0x5EED_C0FF_EE15_600D;
     let rounds = 25;

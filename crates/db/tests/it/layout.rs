@@ -46,7 +46,7 @@ fn all_of(db: &Db, model: &str) -> usize {
 #[test]
 fn a_key_holds_one_item_across_models() {
     let dir = tempfile::tempdir().unwrap();
-    let db = open(&dir.path().join("shared.redb"));
+    let db = open(&dir.path().join("shared.db"));
     let id = item(json!({"id": "1"}));
     db.create("Alarm", &item(json!({"id": "1", "level": 3})))
         .unwrap();

@@ -21,7 +21,7 @@ fn ids(items: &[devtables_schema::Item]) -> Vec<String> {
 
 fn fixture(n: usize) -> (tempfile::TempDir, devtables_db::Db) {
     let dir = tempfile::tempdir().unwrap();
-    let db = open(&dir.path().join("t.redb"), DbOptions::default());
+    let db = open(&dir.path().join("t.db"), DbOptions::default());
     let ops: Vec<TxnOp> = (0..n)
         .map(|i| TxnOp::Create {
             model: "Reading".into(),
@@ -334,7 +334,7 @@ fn ttl_hides_at_once_and_purges_in_background() {
         clock: Arc::new(move || clock.load(Ordering::SeqCst)),
         ..DbOptions::default()
     };
-    let db = open(&dir.path().join("t.redb"), options);
+    let db = open(&dir.path().join("t.db"), options);
     let removed = Arc::new(Mutex::new(Vec::new()));
     let seen = removed.clone();
     db.subscribe(Arc::new(move |c: &ItemChange| {
@@ -446,7 +446,7 @@ fn export_import_round_trip_and_bad_line() {
     let (dir, db) = fixture(25);
     let mut out = Vec::new();
     assert_eq!(db.export(&mut out).unwrap(), 25);
-    let copy = open(&dir.path().join("copy.redb"), DbOptions::default());
+    let copy = open(&dir.path().join("copy.db"), DbOptions::default());
     assert_eq!(copy.import(&mut out.as_slice()).unwrap(), 25);
     let props = item(json!({"deviceId": "d1"}));
     let hidden = FindOptions {
@@ -459,7 +459,7 @@ fn export_import_round_trip_and_bad_line() {
     );
 
     let bad = b"{\"_type\":\"Reading\",\"id\":\"z\"}\n".to_vec();
-    let fresh = open(&dir.path().join("fresh.redb"), DbOptions::default());
+    let fresh = open(&dir.path().join("fresh.db"), DbOptions::default());
     let err = fresh.import(&mut bad.as_slice()).unwrap_err();
     assert!(matches!(err, DbError::Import { line: 1, .. }), "{err}");
 
@@ -489,7 +489,7 @@ fn export_import_round_trip_and_bad_line() {
 #[test]
 fn a_dropped_database_reopens_at_once_whatever_its_background_work() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p.redb");
+    let path = dir.path().join("p.db");
     let (inside_tx, inside_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let inside_tx = Mutex::new(Some(inside_tx));
     let slow_background_clock = move || {
@@ -519,7 +519,7 @@ fn a_dropped_database_reopens_at_once_whatever_its_background_work() {
 #[test]
 fn periodic_mode_flushes_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p.redb");
+    let path = dir.path().join("p.db");
     {
         let db = open(
             &path,
@@ -578,7 +578,7 @@ fn typed_reads_agree_with_the_json_form() {
         clock: Arc::new(move || clock.load(Ordering::SeqCst)),
         ..DbOptions::default()
     };
-    let db = open(&dir.path().join("t.redb"), options);
+    let db = open(&dir.path().join("t.db"), options);
     let mut a = reading("a", 1.5, "fault");
     a.insert("note".into(), json!("hello"));
     db.create("Reading", &a).unwrap();

@@ -103,7 +103,7 @@ proptest! {
     #[test]
     fn database_agrees_with_a_btreemap(steps in proptest::collection::vec(step(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("o.redb");
+        let path = dir.path().join("o.db");
         let mut db = open(&path, DbOptions::default());
         let mut model: BTreeMap<String, (i64, usize)> = BTreeMap::new();
         for s in steps {
