@@ -150,6 +150,7 @@ pub(crate) fn open(
         }
     }
     let mut state = replay.state;
+    state.settle();
     state.file_bytes = end;
     state.file = Some(Arc::new(file));
     Ok(Opened {

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
 use crate::format::RecordWriter;
-use crate::state::{range_is_valid, Slot, State};
+use crate::state::{range_is_valid, KeyArena, Slot, SlotRef, State};
 use crate::{Inner, LogError};
 
 /// Entries collected by a transaction's range read: keys and values, owned.
@@ -116,7 +116,7 @@ impl Overlay {
             Seen::Overlay(value) => Ok(value.cloned()),
             Seen::Base => {
                 let state = inner.read_state();
-                let Some(slot) = state.tables.get(table).and_then(|t| t.entries.get(key)) else {
+                let Some(slot) = state.tables.get(table).and_then(|t| t.index.get(key)) else {
                     return Ok(None);
                 };
                 Ok(Some(slot.read(state.file.as_deref())?.into_owned()))
@@ -133,10 +133,7 @@ impl Overlay {
 
     pub(crate) fn len(&self, inner: &Inner, table: &str) -> u64 {
         let state = inner.read_state();
-        let base = state
-            .tables
-            .get(table)
-            .map_or(0, |t| t.entries.len() as u64);
+        let base = state.tables.get(table).map_or(0, |t| t.index.len());
         match self.tables.get(table) {
             None => base,
             Some(change) => {
@@ -198,11 +195,22 @@ impl Overlay {
     }
 
     pub(crate) fn remove(&mut self, inner: &Inner, table: &str, key: &[u8]) -> bool {
-        if !self.contains(inner, table, key) {
+        // One lookup in the committed state when the overlay does not decide.
+        let (exists, in_base) = match self.seen(table, key) {
+            Seen::Overlay(value) => {
+                let in_base = value.is_some()
+                    && self.tables.get(table).is_none_or(TableChange::sees_base)
+                    && base_contains(&inner.read_state(), table, key);
+                (value.is_some(), in_base)
+            }
+            Seen::Base => {
+                let in_base = base_contains(&inner.read_state(), table, key);
+                (in_base, in_base)
+            }
+        };
+        if !exists {
             return false;
         }
-        let in_base = self.tables.get(table).is_none_or(TableChange::sees_base)
-            && base_contains(&inner.read_state(), table, key);
         let change = self.change_mut(inner, table);
         if in_base {
             change.entries.insert(key.to_vec(), None);
@@ -258,10 +266,11 @@ impl Overlay {
             .into_iter()
             .flat_map(|c| c.entries.range::<[u8], _>(range))
             .map(|(key, value)| (key.as_slice(), value));
+        // Keys the committed index lends live in this arena until the entries are copied out.
+        let keys = KeyArena::default();
         let base = base_table
             .into_iter()
-            .flat_map(|t| t.entries.range::<[u8], _>(range))
-            .map(|(key, slot)| (&**key, slot));
+            .flat_map(|t| t.index.range(range, &keys));
         let merge = Merge {
             file: state.file.as_deref(),
             reverse,
@@ -396,7 +405,7 @@ fn base_contains(state: &State, table: &str, key: &[u8]) -> bool {
     state
         .tables
         .get(table)
-        .is_some_and(|t| t.entries.contains_key(key))
+        .is_some_and(|t| t.index.contains(key))
 }
 
 fn take_table_id(writer: &mut Writer) -> Result<u32, LogError> {
@@ -433,7 +442,7 @@ impl Merge<'_> {
     fn run<'a>(
         &self,
         overlay: impl Iterator<Item = (&'a [u8], &'a Option<Vec<u8>>)>,
-        base: impl Iterator<Item = (&'a [u8], &'a Slot)>,
+        base: impl Iterator<Item = (&'a [u8], SlotRef<'a>)>,
     ) -> Result<Entries, LogError> {
         let mut overlay = overlay.peekable();
         let mut base = base.peekable();
