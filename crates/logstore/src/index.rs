@@ -123,6 +123,15 @@ impl<'a> SlotRef<'a> {
     }
 }
 
+/// What the caller knows of a key's committed value before it changes it: a write
+/// transaction looked it up when it first touched the key, so its commit need not again.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Committed {
+    Unknown,
+    /// The committed value's length, or `None` for no committed value.
+    Known(Option<usize>),
+}
+
 /// The sizes that shape an index; fixed in the store, small in tests so that every path runs.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
@@ -137,13 +146,15 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    /// The store's sizes, chosen with `bench_db_tables` (tests/it/bench.rs): smaller pages
-    /// and a smaller delta hold less RAM twice or in tree nodes; a smaller delta also merges
-    /// more often.
+    /// The store's sizes, chosen with `bench_db_tables` (tests/it/bench.rs, 100k items):
+    /// pages of 1024 entries keep a rebuild's second copy and the heap's leftovers small; a
+    /// delta of at most max(2048, run/32) entries (tree nodes cost ~110 bytes an entry, pages
+    /// ~25) peaked at 34 bytes an entry of RSS against 52 with run/8, and merged often enough
+    /// to cost inserts ~10% (run/8: cheaper merges, but the bigger delta).
     pub(crate) const STORE: Limits = Limits {
         block_entries: 16,
         page_entries: 1024,
-        delta_min_entries: 1024,
+        delta_min_entries: 2048,
         delta_run_divisor: 32,
     };
 
@@ -369,6 +380,10 @@ struct Page {
     bytes: Vec<u8>,
     /// Where each block's first entry starts in `bytes`.
     block_starts: Vec<usize>,
+    /// The position of each block's first entry in the page. Blocks hold at most
+    /// `Limits::block_entries` entries but may hold fewer: a merge copies the blocks it does
+    /// not change byte for byte, whatever their position.
+    block_firsts: Vec<u32>,
     len: usize,
 }
 
@@ -380,12 +395,48 @@ impl Page {
             heads: Vec::new(),
             bytes: Vec::new(),
             block_starts: Vec::new(),
+            block_firsts: Vec::new(),
             len: 0,
         }
     }
 
+    /// Positions of block `block`'s first entry and of the entry after its last.
+    #[inline]
+    fn block_span(&self, block: usize) -> (usize, usize) {
+        let first = self
+            .block_firsts
+            .get(block)
+            .map_or(self.len, |&f| f as usize);
+        let end = self
+            .block_firsts
+            .get(block + 1)
+            .map_or(self.len, |&f| f as usize);
+        (first, end)
+    }
+
+    /// The block holding the entry at `position`.
+    #[inline]
+    fn block_of(&self, position: usize) -> usize {
+        self.block_firsts
+            .partition_point(|&first| first as usize <= position)
+            .saturating_sub(1)
+    }
+
+    /// Byte range of block `block` in the arena.
+    fn block_bytes(&self, block: usize) -> &[u8] {
+        let start = self.block_starts.get(block).copied().unwrap_or(0);
+        let end = self
+            .block_starts
+            .get(block + 1)
+            .copied()
+            .unwrap_or(self.bytes.len());
+        self.bytes.get(start..end).unwrap_or_default()
+    }
+
     fn memory_bytes(&self) -> u64 {
-        (self.bytes.capacity() + self.block_starts.capacity() * size_of::<usize>()) as u64
+        (self.bytes.capacity()
+            + self.block_starts.capacity() * size_of::<usize>()
+            + self.block_firsts.capacity() * size_of::<u32>()) as u64
             + allocation_bytes(self.first.len())
             + (self.heads.capacity() * size_of::<u64>()) as u64
             + std::mem::size_of::<Page>() as u64
@@ -425,13 +476,12 @@ impl Page {
     }
 
     /// The position of the first entry not below `key`, and its slot when its key is `key`.
-    fn search(&self, key: &[u8], limits: &Limits) -> (usize, Option<SlotRef<'_>>) {
+    fn search(&self, key: &[u8]) -> (usize, Option<SlotRef<'_>>) {
         let after = self.blocks_not_above(key);
         let Some(block) = after.checked_sub(1) else {
             return (0, None);
         };
-        let mut index = block * limits.block_entries;
-        let block_end = (index + limits.block_entries).min(self.len);
+        let (mut index, block_end) = self.block_span(block);
         let Some(first) = self
             .block_starts
             .get(block)
@@ -487,7 +537,6 @@ impl Page {
     fn decode_block<'a>(
         &'a self,
         block: usize,
-        limits: &Limits,
         keys: &mut Vec<u8>,
         entries: &mut Vec<(usize, SlotRef<'a>)>,
     ) {
@@ -496,9 +545,11 @@ impl Page {
         let Some(&start) = self.block_starts.get(block) else {
             return;
         };
-        let count = limits
-            .block_entries
-            .min(self.len.saturating_sub(block * limits.block_entries));
+        let (first, end) = self.block_span(block);
+        let count = end.saturating_sub(first);
+        // Keys of a block are about as long as its first: one allocation, sized once.
+        let first_len = decode_key(&self.bytes, start).map_or(0, |k| k.suffix.len());
+        keys.reserve(first_len.saturating_mul(count) + count);
         let mut at = start;
         let mut previous = 0;
         for _ in 0..count {
@@ -553,6 +604,10 @@ struct PageBuilder {
     close_at: usize,
     /// Expected encoded bytes per entry, to size a new page's arena once.
     bytes_per_entry: usize,
+    /// Entries in the open block.
+    in_block: usize,
+    /// The open block is closed when it holds this many (at most `limits.block_entries`).
+    block_close_at: usize,
     page: Page,
     previous: Vec<u8>,
     done: Vec<Page>,
@@ -564,6 +619,8 @@ impl PageBuilder {
             limits,
             close_at: limits.page_entries,
             bytes_per_entry: 16,
+            in_block: 0,
+            block_close_at: limits.block_entries.max(1),
             page: Page::empty(),
             previous: Vec::new(),
             done: Vec::new(),
@@ -573,7 +630,15 @@ impl PageBuilder {
     /// Whether the next entry starts a block (and so is written whole).
     #[inline]
     fn at_block_start(&self) -> bool {
-        self.page.len == self.page.block_starts.len() * self.limits.block_entries.max(1)
+        self.in_block == 0 || self.in_block >= self.block_close_at
+    }
+
+    /// Makes the next entry start a block, holding at most `close_at` entries.
+    fn start_block(&mut self, close_at: usize) {
+        if self.in_block > 0 {
+            self.in_block = usize::MAX;
+        }
+        self.block_close_at = close_at.clamp(1, self.limits.block_entries.max(1));
     }
 
     /// Pushes the next key in order, measuring what it shares with the one before.
@@ -612,12 +677,34 @@ impl PageBuilder {
         }
         if self.at_block_start() {
             self.page.block_starts.push(self.page.bytes.len());
+            self.page.block_firsts.push(self.page.len as u32);
+            self.in_block = 0;
         }
     }
 
     fn end_entry(&mut self) {
         self.page.len += 1;
+        self.in_block += 1;
         if self.page.len >= self.close_at.max(1) {
+            self.close_page();
+        }
+    }
+
+    /// Copies a whole block of another page as it is (its first entry is whole); the next
+    /// entry continues it if it is not full.
+    fn push_block(&mut self, encoded: &[u8], count: usize) {
+        let page = &mut self.page;
+        if page.len == 0 {
+            page.bytes
+                .reserve(self.close_at.max(1) * self.bytes_per_entry + 64);
+        }
+        page.block_starts.push(page.bytes.len());
+        page.block_firsts.push(page.len as u32);
+        page.bytes.extend_from_slice(encoded);
+        page.len += count;
+        self.in_block = count;
+        self.block_close_at = self.limits.block_entries.max(1);
+        if page.len >= self.close_at.max(1) {
             self.close_page();
         }
     }
@@ -680,6 +767,8 @@ impl PageBuilder {
             .map(|block| head(page.block_first_key(block), page.prefix_len))
             .collect();
         page.block_starts.shrink_to_fit();
+        page.block_firsts.shrink_to_fit();
+        self.in_block = 0;
         // The arena keeps its build-time capacity until `replace_pages` sizes it exactly.
         self.done.push(page);
     }
@@ -737,12 +826,22 @@ enum Last<'a> {
     Run,
     /// A delta entry, or a run entry whose key the buffer no longer holds.
     Other(Cow<'a, [u8]>),
+    /// The last entry of a block copied whole: decoded from the builder only if the next
+    /// entry continues that block.
+    Copied,
 }
 
 impl Last<'_> {
+    /// Decodes a copied block's last key when the next entry continues that block.
+    fn resolve(&mut self, builder: &PageBuilder) {
+        if matches!(self, Last::Copied) && !builder.at_block_start() {
+            *self = Last::Other(Cow::Owned(builder.last_key()));
+        }
+    }
+
     fn shared_with(&self, run_key: &[u8], key: &[u8]) -> usize {
         match self {
-            Last::Nothing => 0,
+            Last::Nothing | Last::Copied => 0,
             Last::Run => common_prefix(run_key, key),
             Last::Other(last) => common_prefix(last, key),
         }
@@ -750,18 +849,21 @@ impl Last<'_> {
 }
 
 /// Merges pages and a delta (both in key order) into `builder`, like [`merged_walk`], but
-/// copies a run entry's encoding byte for byte when it still follows its run predecessor and
-/// does not start a block, which is most entries: a merge changes few entries of a page.
+/// cheaply where the delta changes nothing: a block no delta entry falls in is copied byte for
+/// byte, and in a block that changes, an entry still following its run predecessor keeps its
+/// encoding. A changed block is written in balanced blocks, and a small one takes the next
+/// block in, so that blocks stay well filled.
 fn merge_into<'a>(
     pages: &'a [Page],
     delta: impl Iterator<Item = (&'a [u8], Option<SlotRef<'a>>)>,
     limits: &Limits,
     builder: &mut PageBuilder,
 ) {
+    let block_entries = limits.block_entries.max(1);
     let mut delta = delta.peekable();
     let mut key: Vec<u8> = Vec::new();
     // A stored shared length is always the whole common prefix (lookups rely on it), so a
-    // merge that goes on filling an open page starts from that page's last key.
+    // merge that goes on filling an open block starts from that block's last key.
     let mut last = if builder.at_block_start() {
         Last::Nothing
     } else {
@@ -781,72 +883,111 @@ fn merge_into<'a>(
                 break;
             }
             delta.next();
-            let (position, found) = page.search(delta_key, limits);
+            let (position, found) = page.search(delta_key);
             placed.push((position, delta_key, slot, found.is_some()));
         }
         let mut placed_at = 0;
-        let mut at = 0;
-        for index in 0..=page.len {
-            let mut replaced = false;
-            while let Some(&(position, delta_key, slot, found)) = placed.get(placed_at) {
-                if position != index {
-                    break;
-                }
-                placed_at += 1;
-                if let Some(slot) = slot {
-                    let shared = last.shared_with(&key, delta_key);
-                    builder.push_slot(delta_key, shared, slot);
-                    last = Last::Other(Cow::Borrowed(delta_key));
-                }
-                replaced |= found;
-            }
-            if index == page.len {
-                break;
-            }
-            let Some(raw) = decode_key(&page.bytes, at) else {
-                break;
+        for block in 0..page.block_firsts.len() {
+            let (first, end) = page.block_span(block);
+            // Delta entries after the page's last entry go with its last block.
+            let last_block = block + 1 == page.block_firsts.len();
+            let changes = placed[placed_at..]
+                .iter()
+                .take_while(|(position, ..)| *position < end || last_block)
+                .count();
+            let open = if builder.at_block_start() {
+                0
+            } else {
+                builder.in_block
             };
-            let Some(next) = skip_slot(&page.bytes, raw.slot_at) else {
-                break;
-            };
-            let encoded = page.bytes.get(at..next).unwrap_or_default();
-            let encoded_slot = page.bytes.get(raw.slot_at..next).unwrap_or_default();
-            at = next;
-            if replaced {
-                if let Last::Run = last {
-                    // The buffer is about to move on from the key pushed last.
-                    last = Last::Other(Cow::Owned(key.clone()));
-                }
-                key.truncate(raw.shared);
-                key.extend_from_slice(raw.suffix);
+            if changes == 0 && (open == 0 || open >= block_entries / 2) {
+                builder.push_block(page.block_bytes(block), end - first);
+                last = Last::Copied;
                 continue;
             }
-            let follows = matches!(last, Last::Run) && raw.shared > 0;
-            if follows && !builder.at_block_start() {
-                key.truncate(raw.shared);
-                key.extend_from_slice(raw.suffix);
-                builder.push_raw(encoded);
+            // Written again: after a small open block, as its continuation; else in blocks
+            // of balanced sizes.
+            let total = end - first + changes + open;
+            let pieces = total.div_ceil(block_entries);
+            let balanced = total.div_ceil(pieces.max(1));
+            if open == 0 || open >= block_entries / 2 {
+                builder.start_block(balanced);
             } else {
-                // The buffer still holds the key pushed last when that was a run entry.
-                let shared_with_run = match last {
-                    Last::Run if raw.shared == 0 => Some(common_prefix(&key, raw.suffix)),
-                    _ => None,
-                };
-                key.truncate(raw.shared);
-                key.extend_from_slice(raw.suffix);
-                let shared = match shared_with_run {
-                    Some(shared) => shared,
-                    None if follows => raw.shared,
-                    None => last.shared_with(&[], &key),
-                };
-                builder.push_encoded(&key, shared, encoded_slot);
+                builder.block_close_at = balanced.max(open + 1).min(block_entries);
             }
-            last = Last::Run;
+            let mut at = page.block_starts.get(block).copied().unwrap_or(0);
+            for index in first..end {
+                let mut replaced = false;
+                while let Some(&(position, delta_key, slot, found)) = placed.get(placed_at) {
+                    if position != index {
+                        break;
+                    }
+                    placed_at += 1;
+                    if let Some(slot) = slot {
+                        last.resolve(builder);
+                        let shared = last.shared_with(&key, delta_key);
+                        builder.push_slot(delta_key, shared, slot);
+                        last = Last::Other(Cow::Borrowed(delta_key));
+                    }
+                    replaced |= found;
+                }
+                let Some(raw) = decode_key(&page.bytes, at) else {
+                    break;
+                };
+                let Some(next) = skip_slot(&page.bytes, raw.slot_at) else {
+                    break;
+                };
+                let encoded = page.bytes.get(at..next).unwrap_or_default();
+                let encoded_slot = page.bytes.get(raw.slot_at..next).unwrap_or_default();
+                at = next;
+                if replaced {
+                    if let Last::Run = last {
+                        // The buffer is about to move on from the key pushed last.
+                        last = Last::Other(Cow::Owned(key.clone()));
+                    }
+                    key.truncate(raw.shared);
+                    key.extend_from_slice(raw.suffix);
+                    continue;
+                }
+                let follows = matches!(last, Last::Run) && raw.shared > 0;
+                if follows && !builder.at_block_start() {
+                    key.truncate(raw.shared);
+                    key.extend_from_slice(raw.suffix);
+                    builder.push_raw(encoded);
+                } else {
+                    last.resolve(builder);
+                    // The buffer still holds the key pushed last when that was a run entry.
+                    let shared_with_run = match last {
+                        Last::Run if raw.shared == 0 => Some(common_prefix(&key, raw.suffix)),
+                        _ => None,
+                    };
+                    key.truncate(raw.shared);
+                    key.extend_from_slice(raw.suffix);
+                    let shared = match shared_with_run {
+                        Some(shared) => shared,
+                        None if follows => raw.shared,
+                        None => last.shared_with(&[], &key),
+                    };
+                    builder.push_encoded(&key, shared, encoded_slot);
+                }
+                last = Last::Run;
+            }
+        }
+        // Delta entries after the page's last entry.
+        while let Some(&(_, delta_key, slot, _)) = placed.get(placed_at) {
+            placed_at += 1;
+            if let Some(slot) = slot {
+                last.resolve(builder);
+                let shared = last.shared_with(&key, delta_key);
+                builder.push_slot(delta_key, shared, slot);
+                last = Last::Other(Cow::Borrowed(delta_key));
+            }
         }
     }
     // Delta entries after the last page (or with no pages at all).
     for (delta_key, slot) in delta {
         if let Some(slot) = slot {
+            last.resolve(builder);
             let shared = last.shared_with(&key, delta_key);
             builder.push_slot(delta_key, shared, slot);
             last = Last::Other(Cow::Borrowed(delta_key));
@@ -909,7 +1050,7 @@ impl Index {
     fn run_get(&self, key: &[u8]) -> Option<SlotRef<'_>> {
         let after = self.pages.partition_point(|page| page.first_key() <= key);
         let page = self.pages.get(after.checked_sub(1)?)?;
-        page.search(key, &self.limits).1
+        page.search(key).1
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<SlotRef<'_>> {
@@ -923,8 +1064,20 @@ impl Index {
         self.get(key).is_some()
     }
 
+    /// The committed value's length, from what the caller knows or from the run (the caller
+    /// checked that the delta does not hold the key).
+    fn run_value_len(&self, key: &[u8], committed: Committed) -> Option<usize> {
+        match committed {
+            Committed::Known(len) => {
+                debug_assert_eq!(len, self.run_get(key).map(|s| s.value_len()));
+                len
+            }
+            Committed::Unknown => self.run_get(key).map(|slot| slot.value_len()),
+        }
+    }
+
     /// Inserts or replaces; returns the replaced value's length.
-    pub(crate) fn put(&mut self, key: &[u8], slot: Slot) -> Option<usize> {
+    pub(crate) fn put(&mut self, key: &[u8], slot: Slot, committed: Committed) -> Option<usize> {
         let added = slot.value_memory();
         let old_len = match self.delta.get_mut(key) {
             Some(entry) => {
@@ -934,7 +1087,7 @@ impl Index {
                 old.map(|old| old.value_len())
             }
             None => {
-                let old = self.run_get(key).map(|old| old.value_len());
+                let old = self.run_value_len(key, committed);
                 self.delta_memory += delta_entry_memory(key, Some(&slot));
                 self.delta.insert(key.into(), Some(slot));
                 old
@@ -947,25 +1100,18 @@ impl Index {
         old_len
     }
 
-    /// Removes; returns the removed value's length.
-    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<usize> {
-        let in_run = self.run_get(key).map(|slot| slot.value_len());
+    /// Removes; returns the removed value's length. A removal marker stays in the delta
+    /// (hiding the run's entry, if any) until the next merge.
+    pub(crate) fn remove(&mut self, key: &[u8], committed: Committed) -> Option<usize> {
         let old_len = match self.delta.get_mut(key) {
             Some(None) => return None,
             Some(entry) => {
                 let old = entry.take();
-                let old_len = old.as_ref().map(Slot::value_len);
                 self.delta_memory -= old.as_ref().map_or(0, Slot::value_memory);
-                if in_run.is_none() {
-                    // Nothing in the run to hide: forget the key altogether.
-                    if let Some((key, _)) = self.delta.remove_entry(key) {
-                        self.delta_memory -= delta_entry_memory(&key, None);
-                    }
-                }
-                old_len
+                old.map(|old| old.value_len())
             }
             None => {
-                let old_len = in_run?;
+                let old_len = self.run_value_len(key, committed)?;
                 self.delta_memory += delta_entry_memory(key, None);
                 self.delta.insert(key.into(), None);
                 Some(old_len)
@@ -1138,7 +1284,6 @@ impl Index {
             delta: Sided::new(self.delta.range::<[u8], _>(range)),
             run: Sided::new(RunRange {
                 pages: &self.pages,
-                limits: self.limits,
                 arena,
                 arena_tail: None,
                 front,
@@ -1158,7 +1303,7 @@ impl Index {
         let Some(page) = self.pages.get(page_index) else {
             return (0, 0);
         };
-        let (entry, found) = page.search(key, &self.limits);
+        let (entry, found) = page.search(key);
         let entry = if after && found.is_some() {
             entry + 1
         } else {
@@ -1246,8 +1391,9 @@ impl Drop for KeyArena {
 /// One block decoded for an iterator: its keys (kept in the arena) and slots.
 #[derive(Default)]
 struct DecodedBlock<'r> {
-    /// (page, block) decoded, if any.
-    at: Option<(usize, usize)>,
+    /// The page and the positions of the first entry and one past the last of the block
+    /// decoded, if any.
+    at: Option<(usize, usize, usize)>,
     keys: &'r [u8],
     entries: Vec<(usize, SlotRef<'r>)>,
 }
@@ -1267,7 +1413,6 @@ impl<'r> DecodedBlock<'r> {
 /// The run's entries between two positions, either direction.
 pub(crate) struct RunRange<'r> {
     pages: &'r [Page],
-    limits: Limits,
     arena: &'r KeyArena,
     arena_tail: Option<&'r ArenaNode>,
     /// The next entry from the front.
@@ -1284,22 +1429,26 @@ impl<'r> RunRange<'r> {
         (page, entry): (usize, usize),
         from_back: bool,
     ) -> Option<(&'r [u8], SlotRef<'r>)> {
-        let block = entry / self.limits.block_entries.max(1);
         let pages: &'r [Page] = self.pages;
+        let page_ref = pages.get(page)?;
         let decoded = if from_back {
             &mut self.back_block
         } else {
             &mut self.front_block
         };
-        if decoded.at != Some((page, block)) {
+        let covered = decoded
+            .at
+            .is_some_and(|(p, first, end)| p == page && first <= entry && entry < end);
+        if !covered {
+            let block = page_ref.block_of(entry);
+            let (first, end) = page_ref.block_span(block);
             let mut keys = Vec::new();
-            pages
-                .get(page)?
-                .decode_block(block, &self.limits, &mut keys, &mut decoded.entries);
+            page_ref.decode_block(block, &mut keys, &mut decoded.entries);
             decoded.keys = self.arena.keep(&mut self.arena_tail, keys);
-            decoded.at = Some((page, block));
+            decoded.at = Some((page, first, end));
         }
-        decoded.entry(entry % self.limits.block_entries.max(1))
+        let first = decoded.at.map_or(0, |(_, first, _)| first);
+        decoded.entry(entry - first)
     }
 }
 
@@ -1446,8 +1595,8 @@ mod tests {
     use proptest::prelude::*;
 
     const TINY: Limits = Limits {
-        block_entries: 3,
-        page_entries: 7,
+        block_entries: 4,
+        page_entries: 9,
         delta_min_entries: 4,
         delta_run_divisor: 4,
     };
@@ -1516,6 +1665,7 @@ mod tests {
             .map(|i| format!("key{:03}", i * 2).into_bytes())
             .collect();
         let mut builder = PageBuilder::new(Limits {
+            block_entries: 3,
             page_entries: 100,
             ..TINY
         });
@@ -1534,7 +1684,7 @@ mod tests {
         assert_eq!(page.block_starts.len(), 7);
         for (i, key) in keys.iter().enumerate() {
             assert_eq!(
-                page.search(key, &TINY),
+                page.search(key),
                 (
                     i,
                     Some(SlotRef::File {
@@ -1544,15 +1694,12 @@ mod tests {
                 )
             );
             let between = format!("key{:03}", i * 2 + 1).into_bytes();
-            assert_eq!(page.search(&between, &TINY), (i + 1, None));
+            assert_eq!(page.search(&between), (i + 1, None));
             // A prefix of a key sorts before it.
-            assert_eq!(
-                page.search(&key[..key.len() - 1], &TINY).0,
-                i.min(i / 5 * 5)
-            );
+            assert_eq!(page.search(&key[..key.len() - 1]).0, i.min(i / 5 * 5));
         }
-        assert_eq!(page.search(b"a", &TINY), (0, None));
-        assert_eq!(page.search(b"z", &TINY), (20, None));
+        assert_eq!(page.search(b"a"), (0, None));
+        assert_eq!(page.search(b"z"), (20, None));
     }
 
     #[derive(Clone, Debug)]
@@ -1614,11 +1761,11 @@ mod tests {
                 match op {
                     Op::Put(key, value) => {
                         let slot = slot_of(&value, n as u64);
-                        let old = index.put(&key, slot.clone());
+                        let old = index.put(&key, slot.clone(), Committed::Unknown);
                         prop_assert_eq!(old, model.insert(key, slot).map(|s| s.value_len()));
                     }
                     Op::Remove(key) => {
-                        prop_assert_eq!(index.remove(&key), model.remove(&key).map(|s| s.value_len()));
+                        prop_assert_eq!(index.remove(&key, Committed::Unknown), model.remove(&key).map(|s| s.value_len()));
                     }
                     Op::Merge => index.merge(),
                     Op::Relocate => {
@@ -1638,6 +1785,15 @@ mod tests {
             }
             for key in model.keys() {
                 prop_assert_eq!(index.get(key).map(to_owned), model.get(key).cloned());
+            }
+            // Blocks stay at least half full but for the last of a page.
+            for page in &index.pages {
+                let blocks = page.block_firsts.len();
+                for block in 0..blocks.saturating_sub(1) {
+                    let (first, end) = page.block_span(block);
+                    prop_assert!(end - first >= TINY.block_entries / 2, "{:?}", page.block_firsts);
+                    prop_assert!(end - first <= TINY.block_entries, "{:?}", page.block_firsts);
+                }
             }
             for key in [&b""[..], b"a", b"b\0", b"\xff\xff\xff\xff\xff\xff"] {
                 prop_assert_eq!(index.get(key).map(to_owned), model.get(key).cloned());
@@ -1699,13 +1855,14 @@ mod tests {
                     at: u64::from(i),
                     len: 9,
                 },
+                Committed::Unknown,
             );
         }
         index.merge();
         assert_eq!(index.pages.len(), 8);
         let before: Vec<*const u8> = index.pages.iter().map(|p| p.bytes.as_ptr()).collect();
         let written = index.pages_written;
-        index.put(b"k9999", Slot::Inline(Box::new([])));
+        index.put(b"k9999", Slot::Inline(Box::new([])), Committed::Unknown);
         index.merge();
         let after: Vec<*const u8> = index.pages.iter().map(|p| p.bytes.as_ptr()).collect();
         // The first seven pages are the same allocations; only the last was rewritten (as two).
@@ -1713,7 +1870,7 @@ mod tests {
         assert_eq!(index.pages_written - written, 2);
         // Removing most of a page's keys makes it take its follower in.
         for i in 8..15u32 {
-            index.remove(format!("k{i:04}").as_bytes());
+            index.remove(format!("k{i:04}").as_bytes(), Committed::Unknown);
         }
         index.merge();
         assert_eq!(index.len(), 58);
@@ -1735,7 +1892,7 @@ mod tests {
             b"a\0", b"aab",
         ];
         for (n, key) in keys.iter().enumerate() {
-            index.put(key, Slot::Inline(Box::new([])));
+            index.put(key, Slot::Inline(Box::new([])), Committed::Unknown);
             if n == 8 {
                 index.merge();
             }
@@ -1752,14 +1909,20 @@ mod tests {
     fn memory_follows_the_delta_and_the_pages() {
         let mut index = Index::new(TINY);
         assert_eq!(index.memory_bytes(), 0);
-        index.put(b"a", Slot::Inline(b"12345".to_vec().into()));
+        index.put(
+            b"a",
+            Slot::Inline(b"12345".to_vec().into()),
+            Committed::Unknown,
+        );
         let one = index.memory_bytes();
         assert_eq!(one, NODE_BYTES_PER_ENTRY + 16 + 16);
-        index.put(b"a", Slot::Inline(b"1".to_vec().into()));
+        index.put(b"a", Slot::Inline(b"1".to_vec().into()), Committed::Unknown);
         assert_eq!(index.memory_bytes(), one);
         index.merge();
-        assert!(index.memory_bytes() > 0 && index.memory_bytes() < one + 64);
-        index.remove(b"a");
+        // One small page: its fields and a few bytes of arena.
+        let page = index.memory_bytes();
+        assert!(page > size_of::<Page>() as u64 && page < size_of::<Page>() as u64 + 128);
+        index.remove(b"a", Committed::Unknown);
         index.merge();
         assert_eq!(index.memory_bytes(), 0);
     }

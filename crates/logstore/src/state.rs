@@ -8,7 +8,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::format::{define_op_bytes, insert_op_bytes, HEADER_BYTES, RECORD_HEADER_BYTES};
-pub(crate) use crate::index::{allocation_bytes, Index, KeyArena, Slot, SlotRef};
+pub(crate) use crate::index::{allocation_bytes, Committed, Index, KeyArena, Slot, SlotRef};
 
 /// Estimated RAM of one table beyond its entries: the map entry, the name's allocation and the
 /// index's own fields.
@@ -92,23 +92,23 @@ impl State {
 
     /// Inserts or replaces an entry of an existing table (no-op for a missing table, which
     /// the callers rule out).
-    pub(crate) fn put(&mut self, table: &str, key: &[u8], slot: Slot) {
+    pub(crate) fn put(&mut self, table: &str, key: &[u8], slot: Slot, committed: Committed) {
         let Some(table) = self.tables.get_mut(table) else {
             return;
         };
         self.live_op_bytes += insert_op_bytes(key.len(), slot.value_len());
-        match table.index.put(key, slot) {
+        match table.index.put(key, slot, committed) {
             Some(old_len) => self.live_op_bytes -= insert_op_bytes(key.len(), old_len),
             None => self.entries += 1,
         }
     }
 
     /// Removes an entry; returns whether it was there.
-    pub(crate) fn remove(&mut self, table: &str, key: &[u8]) -> bool {
+    pub(crate) fn remove(&mut self, table: &str, key: &[u8], committed: Committed) -> bool {
         let Some(table) = self.tables.get_mut(table) else {
             return false;
         };
-        let Some(old_len) = table.index.remove(key) else {
+        let Some(old_len) = table.index.remove(key, committed) else {
             return false;
         };
         self.entries -= 1;
@@ -155,23 +155,38 @@ mod tests {
         let mut state = State::default();
         assert_eq!(state.live_bytes(), HEADER_BYTES);
         state.define_table("t", 1);
-        state.put("t", b"a", Slot::Inline(b"12345".to_vec().into()));
-        state.put("t", b"b", Slot::File { at: 100, len: 300 });
+        state.put(
+            "t",
+            b"a",
+            Slot::Inline(b"12345".to_vec().into()),
+            Committed::Unknown,
+        );
+        state.put(
+            "t",
+            b"b",
+            Slot::File { at: 100, len: 300 },
+            Committed::Unknown,
+        );
         assert_eq!(state.entries(), 2);
         let ops = define_op_bytes(1) + insert_op_bytes(1, 5) + insert_op_bytes(1, 300);
         assert_eq!(state.live_bytes(), HEADER_BYTES + RECORD_HEADER_BYTES + ops);
         let memory = state.memory_bytes();
         // Replacing keeps the count and swaps the value's bytes.
-        state.put("t", b"a", Slot::Inline(b"1".to_vec().into()));
+        state.put(
+            "t",
+            b"a",
+            Slot::Inline(b"1".to_vec().into()),
+            Committed::Unknown,
+        );
         assert_eq!(state.entries(), 2);
         assert_eq!(
             state.live_bytes(),
             HEADER_BYTES + RECORD_HEADER_BYTES + ops - 4
         );
         assert_eq!(state.memory_bytes(), memory);
-        assert!(state.remove("t", b"a"));
-        assert!(!state.remove("t", b"a"));
-        assert!(!state.remove("missing", b"a"));
+        assert!(state.remove("t", b"a", Committed::Unknown));
+        assert!(!state.remove("t", b"a", Committed::Unknown));
+        assert!(!state.remove("missing", b"a", Committed::Unknown));
         assert_eq!(state.entries(), 1);
         assert_eq!(state.delete_table("t"), Some(1));
         assert_eq!(state.entries(), 0);
@@ -185,7 +200,12 @@ mod tests {
         assert_eq!(state.memory_bytes(), 0);
         state.define_table("t", 1);
         assert_eq!(state.memory_bytes(), TABLE_BYTES + 16);
-        state.put("t", b"a", Slot::Inline(b"12345".to_vec().into()));
+        state.put(
+            "t",
+            b"a",
+            Slot::Inline(b"12345".to_vec().into()),
+            Committed::Unknown,
+        );
         let with_entry = state.memory_bytes();
         assert!(with_entry > TABLE_BYTES + 16);
         state.settle();
