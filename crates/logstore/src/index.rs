@@ -4,15 +4,17 @@
 //!
 //! # Layout
 //! - The *run*: sorted pages of at most [`Limits::page_entries`] entries. A page is one byte
-//!   arena of front-coded entries in blocks of [`Limits::block_entries`]: each entry is the
-//!   length it shares with the key before it, its own suffix, and its slot (an inline value's
-//!   bytes, or a file location as two varints); the first entry of a block shares nothing, so
-//!   a lookup binary-searches the blocks' first keys and then scans one block. Pages keep a
-//!   rebuild local: merging changes rewrites only the pages they fall in (appending readings
-//!   rewrites the last page), and only one page is ever held twice while it is rewritten.
+//!   arena of front-coded entries in blocks of at most [`Limits::block_entries`]: each entry
+//!   is the length it shares with the key before it (always the whole common prefix: the
+//!   in-block scan relies on it), its own suffix, and its slot (an inline value's bytes, or a
+//!   file location's significant bytes, 1-13 in all). A block's first entry shares nothing;
+//!   a lookup binary-searches the pages' first keys, then 8 bytes of each block's first key
+//!   (after the prefix the whole page shares), then scans one block.
 //! - The *delta*: a small `BTreeMap` of recent inserts and of removal markers over run
 //!   entries. Lookups ask the delta, then the run; ranges merge the two. When the delta holds
-//!   more than [`Limits::delta_entries`] entries it is merged into the run.
+//!   more than [`Limits::delta_entries`] entries it is merged into the run: only the pages it
+//!   falls in are rewritten, blocks it does not touch are copied byte for byte, and only one
+//!   stretch of pages is held twice at a time. Appending readings rewrites the last page.
 //!
 //! # Keys lent by iterators
 //! Front-coded keys are not stored whole, yet [`crate::LogRange`] lends each key for as long
