@@ -468,7 +468,11 @@ impl Page {
         }
         let key_head = head(key, self.prefix_len);
         let below = self.heads.partition_point(|&h| h < key_head);
-        let tied = self.heads[below..].partition_point(|&h| h == key_head);
+        let tied = self
+            .heads
+            .get(below..)
+            .unwrap_or_default()
+            .partition_point(|&h| h == key_head);
         let tied_not_above = self
             .block_starts
             .get(below..below + tied)
@@ -1004,6 +1008,10 @@ fn merge_into<'a>(
 pub(crate) struct Index {
     limits: Limits,
     pages: Vec<Page>,
+    /// How many leading bytes the pages' first keys share, and 8 bytes of each page's first
+    /// key after them: the binary search over pages reads these, not the keys.
+    page_prefix_len: usize,
+    page_heads: Vec<u64>,
     /// Entries in the pages, those the delta replaces or hides included.
     run_len: usize,
     /// Recent changes: a value, or `None` to hide the run's entry of that key.
@@ -1031,6 +1039,8 @@ impl Index {
         Index {
             limits,
             pages: Vec::new(),
+            page_prefix_len: 0,
+            page_heads: Vec::new(),
             run_len: 0,
             delta: BTreeMap::new(),
             delta_memory: 0,
@@ -1046,11 +1056,54 @@ impl Index {
     /// Estimated RAM held: the pages' arenas as allocated, and the delta.
     pub(crate) fn memory_bytes(&self) -> u64 {
         let pages: u64 = self.pages.iter().map(Page::memory_bytes).sum();
-        pages + self.delta_memory
+        pages + (self.page_heads.capacity() * size_of::<u64>()) as u64 + self.delta_memory
+    }
+
+    /// How many pages start with a key not above `key`.
+    fn pages_not_above(&self, key: &[u8]) -> usize {
+        let Some(first_page) = self.pages.first() else {
+            return 0;
+        };
+        let first = first_page.first_key();
+        let shared = common_prefix(first, key);
+        if shared < self.page_prefix_len {
+            // Every page starts with a prefix `key` leaves: all are above it or all below.
+            return match (key.get(shared), first.get(shared)) {
+                (Some(k), Some(f)) if k > f => self.pages.len(),
+                _ => 0,
+            };
+        }
+        let key_head = head(key, self.page_prefix_len);
+        let below = self.page_heads.partition_point(|&h| h < key_head);
+        let tied = self
+            .page_heads
+            .get(below..)
+            .unwrap_or_default()
+            .partition_point(|&h| h == key_head);
+        let tied_not_above = self
+            .pages
+            .get(below..below + tied)
+            .unwrap_or_default()
+            .partition_point(|page| page.first_key() <= key);
+        below + tied_not_above
+    }
+
+    /// Recomputes what [`Index::pages_not_above`] reads, after the pages changed.
+    fn index_pages(&mut self) {
+        self.page_prefix_len = match (self.pages.first(), self.pages.last()) {
+            (Some(first), Some(last)) => common_prefix(first.first_key(), last.first_key()),
+            _ => 0,
+        };
+        let prefix_len = self.page_prefix_len;
+        self.page_heads = self
+            .pages
+            .iter()
+            .map(|page| head(page.first_key(), prefix_len))
+            .collect();
     }
 
     fn run_get(&self, key: &[u8]) -> Option<SlotRef<'_>> {
-        let after = self.pages.partition_point(|page| page.first_key() <= key);
+        let after = self.pages_not_above(key);
         let page = self.pages.get(after.checked_sub(1)?)?;
         page.search(key).1
     }
@@ -1205,6 +1258,7 @@ impl Index {
         }
         self.delta = BTreeMap::new();
         self.delta_memory = 0;
+        self.index_pages();
         self.run_len = self.pages.iter().map(|p| p.len).sum();
         debug_assert_eq!(self.run_len as u64, self.len);
     }
@@ -1263,6 +1317,7 @@ impl Index {
             let written = self.replace_pages(index..index + 1, builder.finish());
             index += written.max(1);
         }
+        self.index_pages();
     }
 
     /// The entries in `range` (which must satisfy [`crate::state::range_is_valid`]), keys lent
@@ -1298,7 +1353,7 @@ impl Index {
 
     /// The run position (page, entry) of the first entry above `key` (`after`) or not below.
     fn position(&self, key: &[u8], after: bool) -> (usize, usize) {
-        let page_after = self.pages.partition_point(|page| page.first_key() <= key);
+        let page_after = self.pages_not_above(key);
         let Some(page_index) = page_after.checked_sub(1) else {
             return (0, 0);
         };
