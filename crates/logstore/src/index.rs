@@ -1134,19 +1134,26 @@ impl Index {
     /// Inserts or replaces; returns the replaced value's length.
     pub(crate) fn put(&mut self, key: &[u8], slot: Slot, committed: Committed) -> Option<usize> {
         let added = slot.value_memory();
-        let old_len = match self.delta.get_mut(key) {
-            Some(entry) => {
-                let old = entry.replace(slot);
+        let entry_memory = delta_entry_memory(key, Some(&slot));
+        // One search of the delta: the key's box is needed anyway when it is new there, the
+        // common case.
+        // The replaced value's length when the delta held the key.
+        let delta_old = match self.delta.entry(key.into()) {
+            btree_map::Entry::Occupied(mut entry) => {
+                let old = entry.get_mut().replace(slot);
                 let removed = old.as_ref().map_or(0, Slot::value_memory);
                 self.delta_memory = self.delta_memory + added - removed;
-                old.map(|old| old.value_len())
+                Some(old.map(|old| old.value_len()))
             }
-            None => {
-                let old = self.run_value_len(key, committed);
-                self.delta_memory += delta_entry_memory(key, Some(&slot));
-                self.delta.insert(key.into(), Some(slot));
-                old
+            btree_map::Entry::Vacant(entry) => {
+                entry.insert(Some(slot));
+                self.delta_memory += entry_memory;
+                None
             }
+        };
+        let old_len = match delta_old {
+            Some(old_len) => old_len,
+            None => self.run_value_len(key, committed),
         };
         if old_len.is_none() {
             self.len += 1;
