@@ -1165,23 +1165,35 @@ impl Index {
     /// Removes; returns the removed value's length. A removal marker stays in the delta
     /// (hiding the run's entry, if any) until the next merge.
     pub(crate) fn remove(&mut self, key: &[u8], committed: Committed) -> Option<usize> {
-        let old_len = match self.delta.get_mut(key) {
-            Some(None) => return None,
-            Some(entry) => {
-                let old = entry.take();
-                self.delta_memory -= old.as_ref().map_or(0, Slot::value_memory);
-                old.map(|old| old.value_len())
+        // One search of the delta (the key's box is needed anyway when the removed entry is
+        // in the run, the common case).
+        let in_run = match committed {
+            Committed::Known(len) => {
+                debug_assert!(
+                    self.delta.contains_key(key)
+                        || len == self.run_get(key).map(|slot| slot.value_len())
+                );
+                len
             }
-            None => {
-                let old_len = self.run_value_len(key, committed)?;
+            Committed::Unknown if self.delta.contains_key(key) => None,
+            Committed::Unknown => self.run_get(key).map(|slot| slot.value_len()),
+        };
+        let old_len = match self.delta.entry(key.into()) {
+            btree_map::Entry::Occupied(mut entry) => {
+                let old = entry.get_mut().take()?;
+                self.delta_memory -= old.value_memory();
+                old.value_len()
+            }
+            btree_map::Entry::Vacant(entry) => {
+                let old_len = in_run?;
+                entry.insert(None);
                 self.delta_memory += delta_entry_memory(key, None);
-                self.delta.insert(key.into(), None);
-                Some(old_len)
+                old_len
             }
         };
         self.len -= 1;
         self.merge_if_due();
-        old_len
+        Some(old_len)
     }
 
     fn merge_if_due(&mut self) {
