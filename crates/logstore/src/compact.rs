@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::file::{compact_path, lock, sync_parent_dir, LockError};
 use crate::format::{define_op_bytes, header, insert_op_bytes, RecordWriter, HEADER_BYTES};
-use crate::state::{Slot, State};
+use crate::state::State;
 use crate::write::Writer;
 use crate::{Inner, LogError};
 
@@ -66,13 +66,7 @@ pub(crate) fn compact(inner: &Inner, path: &Path, writer: &mut Writer) -> Result
         let Some(table) = state.tables.get_mut(name) else {
             continue;
         };
-        for slot in table.entries.values_mut() {
-            if let Slot::File { at, .. } = slot {
-                if let Some(new_at) = locations.next() {
-                    *at = new_at;
-                }
-            }
-        }
+        table.index.relocate(&mut locations);
     }
     state.file = Some(Arc::new(new_file));
     state.file_bytes = end;
@@ -113,7 +107,7 @@ fn write_live_entries(
             flush(&mut record, &mut at)?;
         }
         record.define(table.id, name);
-        for (key, slot) in &table.entries {
+        table.index.try_for_each(|key, slot| {
             let value = slot.read(old_file)?;
             if !record.is_empty()
                 && record.payload_len() + insert_op_bytes(key.len(), value.len()) > target
@@ -123,10 +117,11 @@ fn write_live_entries(
             // An entry alone fits a record: it was committed in one, with at most as much
             // around it.
             let value_at = record.insert(table.id, key, &value);
-            if let Slot::File { .. } = slot {
+            if slot.is_file() {
                 locations.push(at + value_at);
             }
-        }
+            Ok::<(), LogError>(())
+        })?;
     }
     if !record.is_empty() {
         flush(&mut record, &mut at)?;

@@ -37,6 +37,8 @@
 //! # Layout
 //! - `format`: the bytes of the file (header, record framing, operations), encode and decode.
 //! - `state`: the committed tables in RAM and the counters behind [`LogStats`].
+//! - `index`: one table's keys and value locations in RAM, front-coded in sorted pages with a
+//!   small map of recent changes on top (the bulk of the store's RAM).
 //! - `replay`: open: lock, header, replay, torn tail or damage.
 //! - `write`: a write transaction's overlay and its commit.
 //! - `compact`: rewriting the file as its live entries.
@@ -56,7 +58,6 @@
 //!   reported as damage when read from a file.
 
 use std::borrow::Cow;
-use std::collections::btree_map;
 use std::fs::File;
 use std::io;
 use std::ops::Bound;
@@ -64,7 +65,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use state::{range_is_valid, Slot, State, Table};
+use index::IndexRange;
+use state::{range_is_valid, KeyArena, SlotRef, State, Table};
 use write::{Overlay, Writer};
 
 /// The first 8 bytes of every log file.
@@ -163,6 +165,7 @@ pub struct LogStats {
 mod compact;
 mod file;
 mod format;
+mod index;
 mod replay;
 mod state;
 mod write;
@@ -334,7 +337,10 @@ impl LogStore {
         if state.closed {
             return Err(LogError::Closed);
         }
-        Ok(LogRead { state })
+        Ok(LogRead {
+            state,
+            keys: KeyArena::default(),
+        })
     }
 
     /// The write transaction, once the writer slot is free (blocks until then).
@@ -434,6 +440,9 @@ impl LogStore {
 /// A shared view of the last committed state (see the crate docs for how long to hold one).
 pub struct LogRead<'s> {
     state: RwLockReadGuard<'s, State>,
+    /// The keys its iterators decoded and lend out, kept until the view is dropped (the index
+    /// stores keys front-coded, not whole).
+    keys: KeyArena,
 }
 
 impl LogRead<'_> {
@@ -443,6 +452,7 @@ impl LogRead<'_> {
         Some(LogTable {
             table,
             file: self.state.file.as_deref(),
+            keys: &self.keys,
         })
     }
 
@@ -459,24 +469,26 @@ pub struct LogTable<'r> {
     table: &'r Table,
     /// Where values not kept in RAM are read from.
     file: Option<&'r File>,
+    /// Where iterators keep the keys they lend.
+    keys: &'r KeyArena,
 }
 
 impl<'r> LogTable<'r> {
     pub fn get(&self, key: &[u8]) -> Result<Option<Cow<'r, [u8]>>, LogError> {
-        let file = self.file;
-        self.table
-            .entries
+        let table: &'r Table = self.table;
+        table
+            .index
             .get(key)
-            .map(|slot| slot.read(file))
+            .map(|slot| slot.read(self.file))
             .transpose()
     }
 
     pub fn contains(&self, key: &[u8]) -> bool {
-        self.table.entries.contains_key(key)
+        self.table.index.contains(key)
     }
 
     pub fn len(&self) -> u64 {
-        self.table.entries.len() as u64
+        self.table.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -499,24 +511,21 @@ impl<'r> LogTable<'r> {
         }
     }
 
-    fn entries(
-        &self,
-        range: (Bound<&[u8]>, Bound<&[u8]>),
-    ) -> Option<btree_map::Range<'r, Box<[u8]>, Slot>> {
+    fn entries(&self, range: (Bound<&[u8]>, Bound<&[u8]>)) -> Option<IndexRange<'r>> {
         let table: &'r Table = self.table;
-        range_is_valid(range).then(|| table.entries.range::<[u8], _>(range))
+        range_is_valid(range).then(|| table.index.range(range, self.keys))
     }
 }
 
 /// Entries of a table in a key range, either direction.
 pub struct LogRange<'r> {
     /// `None` for a range that holds no key by its bounds alone.
-    entries: Option<btree_map::Range<'r, Box<[u8]>, Slot>>,
+    entries: Option<IndexRange<'r>>,
     file: Option<&'r File>,
 }
 
 impl<'r> LogRange<'r> {
-    fn item(&self, (key, slot): (&'r [u8], &'r Slot)) -> <Self as Iterator>::Item {
+    fn item(&self, (key, slot): (&'r [u8], SlotRef<'r>)) -> <Self as Iterator>::Item {
         Ok((key, slot.read(self.file)?))
     }
 }
@@ -524,33 +533,33 @@ impl<'r> LogRange<'r> {
 impl<'r> Iterator for LogRange<'r> {
     type Item = Result<(&'r [u8], Cow<'r, [u8]>), LogError>;
     fn next(&mut self) -> Option<Self::Item> {
-        let (key, slot) = self.entries.as_mut()?.next()?;
-        Some(self.item((key, slot)))
+        let entry = self.entries.as_mut()?.next()?;
+        Some(self.item(entry))
     }
 }
 
 impl DoubleEndedIterator for LogRange<'_> {
     fn next_back(&mut self) -> Option<Self::Item> {
-        let (key, slot) = self.entries.as_mut()?.next_back()?;
-        Some(self.item((key, slot)))
+        let entry = self.entries.as_mut()?.next_back()?;
+        Some(self.item(entry))
     }
 }
 
 /// Keys of a table in a key range, either direction.
 pub struct LogKeys<'r> {
-    entries: Option<btree_map::Range<'r, Box<[u8]>, Slot>>,
+    entries: Option<IndexRange<'r>>,
 }
 
 impl<'r> Iterator for LogKeys<'r> {
     type Item = &'r [u8];
     fn next(&mut self) -> Option<Self::Item> {
-        self.entries.as_mut()?.next().map(|(key, _)| &**key)
+        self.entries.as_mut()?.next().map(|(key, _)| key)
     }
 }
 
 impl DoubleEndedIterator for LogKeys<'_> {
     fn next_back(&mut self) -> Option<Self::Item> {
-        self.entries.as_mut()?.next_back().map(|(key, _)| &**key)
+        self.entries.as_mut()?.next_back().map(|(key, _)| key)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::format::{
     check_header, check_payload, checksum, header, parse_record_header, HeaderCheck, Op, Ops,
     HEADER_BYTES, RECORD_HEADER_BYTES,
 };
-use crate::state::{Slot, State};
+use crate::state::{Committed, Slot, State};
 use crate::{LogOpenError, LogOptions};
 
 /// A replayed log, ready to serve.
@@ -150,6 +150,7 @@ pub(crate) fn open(
         }
     }
     let mut state = replay.state;
+    state.settle();
     state.file_bytes = end;
     state.file = Some(Arc::new(file));
     Ok(Opened {
@@ -217,11 +218,11 @@ impl Replay {
                     }
                 };
                 let name = table_name(&self.names, table)?;
-                self.state.put(name, key, slot);
+                self.state.put(name, key, slot, Committed::Unknown);
             }
             Op::Remove { table, key } => {
                 let name = table_name(&self.names, table)?;
-                self.state.remove(name, key);
+                self.state.remove(name, key, Committed::Unknown);
             }
             Op::DeleteTable { table } => {
                 let name = table_name(&self.names, table)?;

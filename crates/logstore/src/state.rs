@@ -2,77 +2,22 @@
 //! place in the file, plus the counters [`crate::LogStats`] reports. Commits, replay and
 //! compaction change it only through the methods here, so the counters stay true.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
-use std::io;
 use std::ops::Bound;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use crate::format::{define_op_bytes, insert_op_bytes, HEADER_BYTES, RECORD_HEADER_BYTES};
-use crate::LogError;
+pub(crate) use crate::index::{allocation_bytes, Committed, Index, KeyArena, Slot, SlotRef};
 
-/// Estimated RAM of one entry in a `BTreeMap` node beyond its key and value bytes: the key's
-/// box and the slot (40 bytes) in nodes that are a little over half full after ordered
-/// inserts (73 bytes an entry) and about 70% full after random ones (57), plus the nodes'
-/// own links spread over their entries. Measured against RSS at 100k random-order inserts
-/// (tests/it/bench.rs): 109 bytes an entry with 40-byte keys, this estimate 112.
-const NODE_BYTES_PER_ENTRY: u64 = 64;
 /// Estimated RAM of one table beyond its entries: the map entry, the name's allocation and the
-/// tree's root.
+/// index's own fields.
 const TABLE_BYTES: u64 = 128;
-
-/// RAM an allocation of `len` bytes takes with the allocator's header and rounding (glibc:
-/// 8 bytes of header, 16-byte chunks); nothing for an empty box, which allocates nothing.
-fn allocation_bytes(len: usize) -> u64 {
-    if len == 0 {
-        0
-    } else {
-        (len as u64 + 8).div_ceil(16) * 16
-    }
-}
-
-/// Where a value is.
-pub(crate) enum Slot {
-    /// In RAM (short values, and every value of an in-memory store).
-    Inline(Box<[u8]>),
-    /// In the file, read when asked for.
-    File { at: u64, len: u32 },
-}
-
-impl Slot {
-    pub(crate) fn value_len(&self) -> usize {
-        match self {
-            Slot::Inline(value) => value.len(),
-            Slot::File { len, .. } => *len as usize,
-        }
-    }
-
-    /// The value: borrowed when in RAM, read from `file` otherwise.
-    pub(crate) fn read<'a>(&'a self, file: Option<&File>) -> Result<Cow<'a, [u8]>, LogError> {
-        match self {
-            Slot::Inline(value) => Ok(Cow::Borrowed(value)),
-            Slot::File { at, len } => {
-                let file = file.ok_or(LogError::Closed)?;
-                let mut value = vec![0; *len as usize];
-                match file.read_exact_at(&mut value, *at) {
-                    Ok(()) => Ok(Cow::Owned(value)),
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(LogError::Damaged {
-                        offset: *at,
-                        detail: format!("a value of {len} bytes runs past the end of the file"),
-                    }),
-                    Err(e) => Err(LogError::Io(e)),
-                }
-            }
-        }
-    }
-}
 
 /// One table: its id in the file and its entries.
 pub(crate) struct Table {
     pub id: u32,
-    pub entries: BTreeMap<Box<[u8]>, Slot>,
+    pub index: Index,
 }
 
 /// Everything a reader sees; behind the store's `RwLock`.
@@ -91,15 +36,6 @@ pub(crate) struct State {
     /// Encoded bytes of every live definition and entry (what a compaction writes, without
     /// the header and record framing, added by [`State::live_bytes`]).
     live_op_bytes: u64,
-    memory_bytes: u64,
-}
-
-fn entry_memory(key: &[u8], slot: &Slot) -> u64 {
-    let inline = match slot {
-        Slot::Inline(value) => allocation_bytes(value.len()),
-        Slot::File { .. } => 0,
-    };
-    NODE_BYTES_PER_ENTRY + allocation_bytes(key.len()) + inline
 }
 
 impl State {
@@ -107,8 +43,15 @@ impl State {
         self.entries
     }
 
+    /// Estimated RAM of every table's index and the values it keeps (summed on demand: a
+    /// merge inside an index changes its size without a commit knowing).
     pub(crate) fn memory_bytes(&self) -> u64 {
-        self.memory_bytes
+        self.tables
+            .iter()
+            .map(|(name, table)| {
+                TABLE_BYTES + allocation_bytes(name.len()) + table.index.memory_bytes()
+            })
+            .sum()
     }
 
     /// What a compaction would write: header, one record header per started megabyte, and the
@@ -123,12 +66,11 @@ impl State {
     /// Adds an empty table (the caller checked that `name` is free).
     pub(crate) fn define_table(&mut self, name: &str, id: u32) {
         self.live_op_bytes += define_op_bytes(name.len());
-        self.memory_bytes += TABLE_BYTES + allocation_bytes(name.len());
         self.tables.insert(
             name.to_owned(),
             Table {
                 id,
-                entries: BTreeMap::new(),
+                index: Index::default(),
             },
         );
     }
@@ -137,46 +79,49 @@ impl State {
     pub(crate) fn delete_table(&mut self, name: &str) -> Option<u32> {
         let table = self.tables.remove(name)?;
         self.live_op_bytes -= define_op_bytes(name.len());
-        self.memory_bytes -= TABLE_BYTES + allocation_bytes(name.len());
-        for (key, slot) in &table.entries {
-            self.entries -= 1;
-            self.live_op_bytes -= insert_op_bytes(key.len(), slot.value_len());
-            self.memory_bytes -= entry_memory(key, slot);
-        }
+        self.entries -= table.index.len();
+        let mut op_bytes = 0;
+        let walked: Result<(), std::convert::Infallible> = table.index.try_for_each(|key, slot| {
+            op_bytes += insert_op_bytes(key.len(), slot.value_len());
+            Ok(())
+        });
+        let Ok(()) = walked;
+        self.live_op_bytes -= op_bytes;
         Some(table.id)
     }
 
     /// Inserts or replaces an entry of an existing table (no-op for a missing table, which
     /// the callers rule out).
-    pub(crate) fn put(&mut self, table: &str, key: &[u8], slot: Slot) {
+    pub(crate) fn put(&mut self, table: &str, key: &[u8], slot: Slot, committed: Committed) {
         let Some(table) = self.tables.get_mut(table) else {
             return;
         };
         self.live_op_bytes += insert_op_bytes(key.len(), slot.value_len());
-        self.memory_bytes += entry_memory(key, &slot);
-        // `get_mut` first: replacing a value must not allocate the key again.
-        if let Some(existing) = table.entries.get_mut(key) {
-            let old = std::mem::replace(existing, slot);
-            self.live_op_bytes -= insert_op_bytes(key.len(), old.value_len());
-            self.memory_bytes -= entry_memory(key, &old);
-        } else {
-            table.entries.insert(key.into(), slot);
-            self.entries += 1;
+        match table.index.put(key, slot, committed) {
+            Some(old_len) => self.live_op_bytes -= insert_op_bytes(key.len(), old_len),
+            None => self.entries += 1,
         }
     }
 
     /// Removes an entry; returns whether it was there.
-    pub(crate) fn remove(&mut self, table: &str, key: &[u8]) -> bool {
+    pub(crate) fn remove(&mut self, table: &str, key: &[u8], committed: Committed) -> bool {
         let Some(table) = self.tables.get_mut(table) else {
             return false;
         };
-        let Some((key, old)) = table.entries.remove_entry(key) else {
+        let Some(old_len) = table.index.remove(key, committed) else {
             return false;
         };
         self.entries -= 1;
-        self.live_op_bytes -= insert_op_bytes(key.len(), old.value_len());
-        self.memory_bytes -= entry_memory(&key, &old);
+        self.live_op_bytes -= insert_op_bytes(key.len(), old_len);
         true
+    }
+
+    /// Merges every table's recent changes into its compact run (after a replay, so that a
+    /// store starts compact).
+    pub(crate) fn settle(&mut self) {
+        for table in self.tables.values_mut() {
+            table.index.merge();
+        }
     }
 
     /// Forgets every table (close), keeping the file counters for stats.
@@ -184,7 +129,6 @@ impl State {
         self.tables = HashMap::new();
         self.entries = 0;
         self.live_op_bytes = 0;
-        self.memory_bytes = 0;
     }
 }
 
@@ -204,29 +148,45 @@ pub(crate) fn range_is_valid(range: (Bound<&[u8]>, Bound<&[u8]>)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::LogError;
 
     #[test]
     fn counters_follow_puts_replacements_removes_and_deletes() {
         let mut state = State::default();
         assert_eq!(state.live_bytes(), HEADER_BYTES);
         state.define_table("t", 1);
-        state.put("t", b"a", Slot::Inline(b"12345".to_vec().into()));
-        state.put("t", b"b", Slot::File { at: 100, len: 300 });
+        state.put(
+            "t",
+            b"a",
+            Slot::Inline(b"12345".to_vec().into()),
+            Committed::Unknown,
+        );
+        state.put(
+            "t",
+            b"b",
+            Slot::File { at: 100, len: 300 },
+            Committed::Unknown,
+        );
         assert_eq!(state.entries(), 2);
         let ops = define_op_bytes(1) + insert_op_bytes(1, 5) + insert_op_bytes(1, 300);
         assert_eq!(state.live_bytes(), HEADER_BYTES + RECORD_HEADER_BYTES + ops);
         let memory = state.memory_bytes();
         // Replacing keeps the count and swaps the value's bytes.
-        state.put("t", b"a", Slot::Inline(b"1".to_vec().into()));
+        state.put(
+            "t",
+            b"a",
+            Slot::Inline(b"1".to_vec().into()),
+            Committed::Unknown,
+        );
         assert_eq!(state.entries(), 2);
         assert_eq!(
             state.live_bytes(),
             HEADER_BYTES + RECORD_HEADER_BYTES + ops - 4
         );
         assert_eq!(state.memory_bytes(), memory);
-        assert!(state.remove("t", b"a"));
-        assert!(!state.remove("t", b"a"));
-        assert!(!state.remove("missing", b"a"));
+        assert!(state.remove("t", b"a", Committed::Unknown));
+        assert!(!state.remove("t", b"a", Committed::Unknown));
+        assert!(!state.remove("missing", b"a", Committed::Unknown));
         assert_eq!(state.entries(), 1);
         assert_eq!(state.delete_table("t"), Some(1));
         assert_eq!(state.entries(), 0);
@@ -235,7 +195,28 @@ mod tests {
     }
 
     #[test]
+    fn memory_counts_tables_and_their_indexes() {
+        let mut state = State::default();
+        assert_eq!(state.memory_bytes(), 0);
+        state.define_table("t", 1);
+        assert_eq!(state.memory_bytes(), TABLE_BYTES + 16);
+        state.put(
+            "t",
+            b"a",
+            Slot::Inline(b"12345".to_vec().into()),
+            Committed::Unknown,
+        );
+        let with_entry = state.memory_bytes();
+        assert!(with_entry > TABLE_BYTES + 16);
+        state.settle();
+        assert!(state.memory_bytes() > TABLE_BYTES + 16);
+        state.delete_table("t");
+        assert_eq!(state.memory_bytes(), 0);
+    }
+
+    #[test]
     fn a_file_value_outside_the_file_is_damage() {
+        use std::os::unix::fs::FileExt;
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(b"0123456789", 0).unwrap();
         let inside = Slot::File { at: 2, len: 3 };
@@ -257,7 +238,7 @@ mod tests {
         assert!(!range_is_valid((Excluded(a), Excluded(a))));
         assert!(!range_is_valid((Included(b), Included(a))));
         assert!(range_is_valid((Unbounded, Excluded(a))));
-        let map: BTreeMap<Box<[u8]>, ()> = BTreeMap::new();
+        let map: std::collections::BTreeMap<Box<[u8]>, ()> = std::collections::BTreeMap::new();
         // The valid ones do not panic.
         for range in [(Included(a), Excluded(a)), (Excluded(a), Included(b))] {
             assert!(range_is_valid(range));

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
 use crate::format::RecordWriter;
-use crate::state::{range_is_valid, Slot, State};
+use crate::state::{range_is_valid, Committed, KeyArena, Slot, SlotRef, State};
 use crate::{Inner, LogError};
 
 /// Entries collected by a transaction's range read: keys and values, owned.
@@ -52,8 +52,8 @@ struct TableChange {
     cleared: bool,
     /// Whether the table exists in the transaction's view.
     exists: bool,
-    /// Each changed key's new value, or `None` for a removal of a committed key.
-    entries: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Each changed key's change.
+    entries: BTreeMap<Vec<u8>, KeyChange>,
     /// Keys in the transaction's view minus keys in the committed table it still shows.
     len_delta: i64,
     /// The id commit assigned to a table it defines.
@@ -74,6 +74,15 @@ impl TableChange {
     fn changes_anything(&self) -> bool {
         self.cleared || self.needs_definition() || !self.entries.is_empty()
     }
+}
+
+/// A key a transaction changed.
+struct KeyChange {
+    /// The new value, or `None` for a removal of a committed key.
+    value: Option<Vec<u8>>,
+    /// The committed value's length when the transaction first touched the key (`None`: no
+    /// committed value shows through), so that commit need not look it up again.
+    committed: Option<usize>,
 }
 
 /// A key's state in the transaction's view.
@@ -99,7 +108,7 @@ impl Overlay {
         match self.tables.get(table) {
             None => Seen::Base,
             Some(change) => match change.entries.get(key) {
-                Some(value) => Seen::Overlay(value.as_ref()),
+                Some(change) => Seen::Overlay(change.value.as_ref()),
                 None if change.sees_base() => Seen::Base,
                 None => Seen::Overlay(None),
             },
@@ -116,7 +125,7 @@ impl Overlay {
             Seen::Overlay(value) => Ok(value.cloned()),
             Seen::Base => {
                 let state = inner.read_state();
-                let Some(slot) = state.tables.get(table).and_then(|t| t.entries.get(key)) else {
+                let Some(slot) = state.tables.get(table).and_then(|t| t.index.get(key)) else {
                     return Ok(None);
                 };
                 Ok(Some(slot.read(state.file.as_deref())?.into_owned()))
@@ -133,10 +142,7 @@ impl Overlay {
 
     pub(crate) fn len(&self, inner: &Inner, table: &str) -> u64 {
         let state = inner.read_state();
-        let base = state
-            .tables
-            .get(table)
-            .map_or(0, |t| t.entries.len() as u64);
+        let base = state.tables.get(table).map_or(0, |t| t.index.len());
         match self.tables.get(table) {
             None => base,
             Some(change) => {
@@ -187,25 +193,47 @@ impl Overlay {
             .unwrap_or_else(|| unreachable!("the change of {table:?} was just inserted"))
     }
 
+    /// Whether `key` is in the transaction's view, and the committed value's length when the
+    /// committed table shows through (one lookup in the committed state at most).
+    fn lookup(&self, inner: &Inner, table: &str, key: &[u8]) -> (bool, Option<usize>) {
+        let committed = || {
+            let len = committed_len(&inner.read_state(), table, key);
+            (len.is_some(), len)
+        };
+        match self.tables.get(table) {
+            None => committed(),
+            Some(change) => match change.entries.get(key) {
+                Some(change) => (change.value.is_some(), change.committed),
+                None if change.sees_base() => committed(),
+                None => (false, None),
+            },
+        }
+    }
+
     pub(crate) fn insert(&mut self, inner: &Inner, table: &str, key: &[u8], value: &[u8]) {
-        let existed = self.contains(inner, table, key);
+        let (existed, committed) = self.lookup(inner, table, key);
         let change = self.change_mut(inner, table);
         change.exists = true;
-        change.entries.insert(key.to_vec(), Some(value.to_vec()));
+        let value = Some(value.to_vec());
+        change
+            .entries
+            .insert(key.to_vec(), KeyChange { value, committed });
         if !existed {
             change.len_delta += 1;
         }
     }
 
     pub(crate) fn remove(&mut self, inner: &Inner, table: &str, key: &[u8]) -> bool {
-        if !self.contains(inner, table, key) {
+        let (exists, committed) = self.lookup(inner, table, key);
+        if !exists {
             return false;
         }
-        let in_base = self.tables.get(table).is_none_or(TableChange::sees_base)
-            && base_contains(&inner.read_state(), table, key);
         let change = self.change_mut(inner, table);
-        if in_base {
-            change.entries.insert(key.to_vec(), None);
+        if committed.is_some() {
+            let value = None;
+            change
+                .entries
+                .insert(key.to_vec(), KeyChange { value, committed });
         } else {
             change.entries.remove(key);
         }
@@ -257,11 +285,12 @@ impl Overlay {
         let overlay = change
             .into_iter()
             .flat_map(|c| c.entries.range::<[u8], _>(range))
-            .map(|(key, value)| (key.as_slice(), value));
+            .map(|(key, change)| (key.as_slice(), &change.value));
+        // Keys the committed index lends live in this arena until the entries are copied out.
+        let keys = KeyArena::default();
         let base = base_table
             .into_iter()
-            .flat_map(|t| t.entries.range::<[u8], _>(range))
-            .map(|(key, slot)| (&**key, slot));
+            .flat_map(|t| t.index.range(range, &keys));
         let merge = Merge {
             file: state.file.as_deref(),
             reverse,
@@ -314,8 +343,8 @@ impl Overlay {
             let Some(id) = change.new_id.or(change.base_id) else {
                 continue;
             };
-            for (key, value) in &change.entries {
-                match value {
+            for (key, change) in &change.entries {
+                match &change.value {
                     Some(value) => value_offsets.push(record.insert(id, key, value)),
                     None => record.remove(id, key),
                 }
@@ -366,8 +395,9 @@ impl Overlay {
             if !change.exists {
                 continue;
             }
-            for (key, value) in change.entries {
-                match value {
+            for (key, key_change) in change.entries {
+                let committed = Committed::Known(key_change.committed);
+                match key_change.value {
                     Some(value) => {
                         let offset = offsets.next();
                         let slot = match offset {
@@ -378,10 +408,10 @@ impl Overlay {
                             },
                             _ => Slot::Inline(value.into_boxed_slice()),
                         };
-                        state.put(&name, &key, slot);
+                        state.put(&name, &key, slot, committed);
                     }
                     None => {
-                        state.remove(&name, &key);
+                        state.remove(&name, &key, committed);
                     }
                 }
             }
@@ -392,11 +422,16 @@ impl Overlay {
     }
 }
 
+fn committed_len(state: &State, table: &str, key: &[u8]) -> Option<usize> {
+    let table = state.tables.get(table)?;
+    table.index.get(key).map(|slot| slot.value_len())
+}
+
 fn base_contains(state: &State, table: &str, key: &[u8]) -> bool {
     state
         .tables
         .get(table)
-        .is_some_and(|t| t.entries.contains_key(key))
+        .is_some_and(|t| t.index.contains(key))
 }
 
 fn take_table_id(writer: &mut Writer) -> Result<u32, LogError> {
@@ -433,7 +468,7 @@ impl Merge<'_> {
     fn run<'a>(
         &self,
         overlay: impl Iterator<Item = (&'a [u8], &'a Option<Vec<u8>>)>,
-        base: impl Iterator<Item = (&'a [u8], &'a Slot)>,
+        base: impl Iterator<Item = (&'a [u8], SlotRef<'a>)>,
     ) -> Result<Entries, LogError> {
         let mut overlay = overlay.peekable();
         let mut base = base.peekable();
