@@ -74,6 +74,7 @@ pub(crate) fn compact(inner: &Inner, path: &Path, writer: &mut Writer) -> Result
     drop(state);
     writer.end = end;
     inner.unsynced.store(false, Ordering::SeqCst);
+    inner.synced_end.store(end, Ordering::SeqCst);
     dir_synced?;
     Ok(())
 }
@@ -92,7 +93,8 @@ fn write_live_entries(
     let mut record = RecordWriter::new();
     let mut locations = Vec::new();
     let flush = |record: &mut RecordWriter, at: &mut u64| -> io::Result<()> {
-        let bytes = record.finish();
+        // Claims nothing: the new file is synced whole before it replaces the log.
+        let bytes = record.finish(0);
         new_file.write_all_at(&bytes, *at)?;
         *at += bytes.len() as u64;
         Ok(())

@@ -9,7 +9,7 @@ use crate::{FORMAT_VERSION, MAGIC, MAX_KEY_BYTES, MAX_TABLE_NAME};
 /// Bytes of the file header: magic, version, reserved.
 pub(crate) const HEADER_BYTES: u64 = 16;
 /// Bytes in front of every record's payload: its length and its CRC.
-pub(crate) const RECORD_HEADER_BYTES: u64 = 8;
+pub(crate) const RECORD_HEADER_BYTES: u64 = 16;
 
 const TAG_DEFINE: u8 = 1;
 const TAG_INSERT: u8 = 2;
@@ -80,17 +80,33 @@ pub(crate) fn check_header(first: &[u8]) -> HeaderCheck {
 }
 
 /// A record header's fields: payload length and CRC.
-pub(crate) fn parse_record_header(bytes: [u8; RECORD_HEADER_BYTES as usize]) -> (u32, u32) {
-    let [a, b, c, d, e, f, g, h] = bytes;
-    (
-        u32::from_le_bytes([a, b, c, d]),
-        u32::from_le_bytes([e, f, g, h]),
-    )
+pub(crate) fn parse_record_header(bytes: [u8; RECORD_HEADER_BYTES as usize]) -> RecordHead {
+    let [a, b, c, d, e, f, g, h, rest @ ..] = bytes;
+    RecordHead {
+        payload_len: u32::from_le_bytes([a, b, c, d]),
+        crc: u32::from_le_bytes([e, f, g, h]),
+        synced: u64::from_le_bytes(rest),
+    }
 }
 
-/// The CRC a record header carries for `payload`.
-pub(crate) fn checksum(payload: &[u8]) -> u32 {
-    crc32fast::hash(payload)
+/// A record header's fields.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct RecordHead {
+    pub payload_len: u32,
+    /// CRC-32 of the `synced` field's bytes and the payload.
+    pub crc: u32,
+    /// When the record was written, every byte of the file before this offset was durable
+    /// (`fdatasync` had returned): replay's evidence that a bad record before it is damage,
+    /// not a commit a power loss left unwritten.
+    pub synced: u64,
+}
+
+/// The CRC a record header carries for its `synced` field and `payload`.
+pub(crate) fn checksum(synced: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&synced.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
 }
 
 /// One operation of a record, borrowing the payload.
@@ -309,18 +325,22 @@ impl RecordWriter {
         self.bytes.extend_from_slice(&table.to_le_bytes());
     }
 
-    /// The whole record, header filled in, and the writer emptied for the next one.
-    pub(crate) fn finish(&mut self) -> Vec<u8> {
+    /// The whole record, header filled in, and the writer emptied for the next one. `synced`:
+    /// the offset before which the file is known durable as the record is written (see
+    /// [`RecordHead::synced`]; 0 claims nothing).
+    pub(crate) fn finish(&mut self, synced: u64) -> Vec<u8> {
         let mut bytes = std::mem::replace(&mut self.bytes, vec![0; RECORD_HEADER_BYTES as usize]);
         let payload_len = (bytes.len() as u64 - RECORD_HEADER_BYTES) as u32;
         let crc = checksum(
+            synced,
             bytes
                 .get(RECORD_HEADER_BYTES as usize..)
                 .unwrap_or_default(),
         );
         if let Some(head) = bytes.get_mut(..RECORD_HEADER_BYTES as usize) {
             head[..4].copy_from_slice(&payload_len.to_le_bytes());
-            head[4..].copy_from_slice(&crc.to_le_bytes());
+            head[4..8].copy_from_slice(&crc.to_le_bytes());
+            head[8..].copy_from_slice(&synced.to_le_bytes());
         }
         bytes
     }
@@ -341,10 +361,16 @@ mod tests {
         let value_at = writer.insert(7, b"k1", b"value one");
         writer.remove(7, b"k0");
         writer.delete_table(3);
-        let record = writer.finish();
-        let (len, crc) = parse_record_header(record[..8].try_into().unwrap());
-        assert_eq!(len as usize, record.len() - 8);
-        assert_eq!(crc, checksum(payload(&record)));
+        let record = writer.finish(4242);
+        let head = parse_record_header(record[..16].try_into().unwrap());
+        assert_eq!(head.payload_len as usize, record.len() - 16);
+        assert_eq!(head.synced, 4242);
+        assert_eq!(head.crc, checksum(4242, payload(&record)));
+        assert_ne!(
+            head.crc,
+            checksum(4243, payload(&record)),
+            "the claim is checksummed"
+        );
         let ops: Vec<_> = Ops::new(payload(&record))
             .collect::<Result<_, _>>()
             .unwrap();
@@ -359,7 +385,7 @@ mod tests {
                     table: 7,
                     key: b"k1",
                     value: b"value one",
-                    value_at: value_at as usize - 8,
+                    value_at: value_at as usize - RECORD_HEADER_BYTES as usize,
                 },
                 Op::Remove {
                     table: 7,

@@ -150,13 +150,16 @@ pub(crate) struct Limits {
 impl Limits {
     /// The store's sizes, chosen with `bench_db_tables` (tests/it/bench.rs, 100k items):
     /// pages of 1024 entries keep a rebuild's second copy and the heap's leftovers small; a
-    /// delta of at most max(2048, run/32) entries (tree nodes cost ~110 bytes an entry, pages
+    /// delta of at most max(256, run/32) entries (tree nodes cost ~110 bytes an entry, pages
     /// ~25) peaked at 34 bytes an entry of RSS against 52 with run/8, and merged often enough
-    /// to cost inserts ~10% (run/8: cheaper merges, but the bigger delta).
+    /// to cost inserts ~10% (run/8: cheaper merges, but the bigger delta). The floor of 256
+    /// (it was 2048) bounds what a small table's removals hold: a removal is a marker in the
+    /// delta until a merge drops the entry from the pages, so a table of a few hundred items
+    /// emptied by its removals kept its whole size in RAM, several times over.
     pub(crate) const STORE: Limits = Limits {
         block_entries: 16,
         page_entries: 1024,
-        delta_min_entries: 2048,
+        delta_min_entries: 256,
         delta_run_divisor: 32,
     };
 

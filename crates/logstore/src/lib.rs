@@ -27,9 +27,15 @@
 //! - Hostile files: an open of a file that is not a log fails with [`LogOpenError::NotALog`]
 //!   (the caller may know other formats); a log whose bytes are wrong fails with
 //!   [`LogOpenError::Damaged`] naming the offset; never a panic. The only damage repaired on
-//!   its own is a torn tail: bytes after the last whole record that no valid record follows (a
-//!   commit cut short by a crash), which a read-write open truncates (logged at warn) and a
-//!   read-only open ignores.
+//!   its own is a torn tail: a bad record after which no valid record was written when the
+//!   file was already durable past it (each record says how far the file was durable when it
+//!   was written): a commit a crash cut short, or pages a power loss left unwritten while
+//!   later, equally non-durable ones reached the disk. A read-write open truncates it there,
+//!   with whatever follows (logged at warn: only commits that were never durable go); a
+//!   read-only open ignores it. Limit: a durable commit's own durability is only recorded by the
+//!   records after it, so bad bytes before the last durable commit, in a stretch written
+//!   without a sync, cut that commit too; a power loss cannot cause that (the commit's sync
+//!   covered them), only a medium that changes bytes it had written.
 //! - A read-only open ([`LogStore::open_read_only`]) never writes the file and takes a shared
 //!   lock; a read-write open takes an exclusive one (`flock`), so two processes never write one
 //!   file.
@@ -46,7 +52,9 @@
 //!
 //! # File format (version 1)
 //! - Header, 16 bytes: [`MAGIC`] (8 bytes), format version (u32 LE), 4 reserved zero bytes.
-//! - Then records, each: payload length (u32 LE), CRC-32 of the payload (u32 LE), payload.
+//! - Then records, each: payload length (u32 LE), CRC-32 of the next two fields (u32 LE),
+//!   `synced` (u64 LE: every byte of the file before this offset was durable when the record
+//!   was written; 0 claims nothing), payload.
 //!   A payload is a sequence of operations, each one tag byte then its fields (integers LE,
 //!   lengths as u32 LE):
 //!   `1` define table (table id u32, name length, name), `2` insert (table id, key length,
@@ -62,7 +70,7 @@ use std::fs::File;
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use index::IndexRange;
@@ -183,6 +191,10 @@ struct Inner {
     /// Whether a commit went to the file since the last `fdatasync` (so `sync`, `close` and the
     /// last drop know whether there is anything to flush).
     unsynced: AtomicBool,
+    /// Every byte of the file before this offset is known durable: each record carries it
+    /// (`format::RecordHead::synced`), so replay tells a commit a power loss left unwritten
+    /// (after it) from damage to durable bytes (before it).
+    synced_end: AtomicU64,
 }
 
 impl Inner {
@@ -214,13 +226,16 @@ impl Inner {
         Ok(writer)
     }
 
-    /// `fdatasync`s the file when a commit is not yet durable.
-    fn sync_file(&self, file: &File) -> io::Result<()> {
+    /// `fdatasync`s the file when a commit is not yet durable. `end`: the end of the last
+    /// record applied when the caller took `file` (every byte before it was written), which
+    /// is durable once this returns Ok.
+    fn sync_file(&self, file: &File, end: u64) -> io::Result<()> {
         if self.unsynced.swap(false, Ordering::SeqCst) {
             if let Err(e) = file.sync_data() {
                 self.unsynced.store(true, Ordering::SeqCst);
                 return Err(e);
             }
+            self.synced_end.fetch_max(end, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -236,7 +251,8 @@ impl Drop for Inner {
             return;
         }
         if let Some(file) = state.file.clone() {
-            if let Err(e) = self.sync_file(&file) {
+            let end = state.file_bytes;
+            if let Err(e) = self.sync_file(&file, end) {
                 tracing::error!(path = ?self.path, error = %e, "syncing the log as its last handle closed it failed");
             }
         }
@@ -267,6 +283,8 @@ impl LogStore {
         state: State,
         writer: Writer,
     ) -> LogStore {
+        // An open made the replayed file durable (`replay::open`); an in-memory store has none.
+        let synced_end = writer.end;
         LogStore {
             inner: Arc::new(Inner {
                 path,
@@ -275,6 +293,7 @@ impl LogStore {
                 state: RwLock::new(state),
                 writer: Mutex::new(writer),
                 unsynced: AtomicBool::new(false),
+                synced_end: AtomicU64::new(synced_end),
             }),
         }
     }
@@ -355,15 +374,15 @@ impl LogStore {
 
     /// Makes every committed transaction durable (`fdatasync`); nothing to do when all are.
     pub fn sync(&self) -> Result<(), LogError> {
-        let file = {
+        let (file, end) = {
             let state = self.inner.read_state();
             if state.closed {
                 return Err(LogError::Closed);
             }
-            state.file.clone()
+            (state.file.clone(), state.file_bytes)
         };
         match file {
-            Some(file) if !self.inner.read_only => Ok(self.inner.sync_file(&file)?),
+            Some(file) if !self.inner.read_only => Ok(self.inner.sync_file(&file, end)?),
             _ => Ok(()),
         }
     }
@@ -414,15 +433,15 @@ impl LogStore {
     pub fn close(&self) -> Result<(), LogError> {
         // The writer slot: no commit is half way while the file goes.
         let _writer = self.inner.writer();
-        let file = {
+        let (file, end) = {
             let state = self.inner.read_state();
             if state.closed {
                 return Ok(());
             }
-            state.file.clone()
+            (state.file.clone(), state.file_bytes)
         };
         let synced = match &file {
-            Some(file) if !self.inner.read_only => self.inner.sync_file(file),
+            Some(file) if !self.inner.read_only => self.inner.sync_file(file, end),
             _ => Ok(()),
         };
         {

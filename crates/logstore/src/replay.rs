@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::file::{compact_path, lock, sync_parent_dir, LockError};
 use crate::format::{
     check_header, check_payload, checksum, header, parse_record_header, HeaderCheck, Op, Ops,
-    HEADER_BYTES, RECORD_HEADER_BYTES,
+    RecordHead, HEADER_BYTES, RECORD_HEADER_BYTES,
 };
 use crate::state::{Committed, Slot, State};
 use crate::{LogOpenError, LogOptions};
@@ -148,6 +148,10 @@ pub(crate) fn open(
                 .and_then(|()| file.sync_data())
                 .map_err(|e| opener.io(e))?;
         }
+    } else if !read_only {
+        // A process that crashed may have left its last commits in the page cache only: from
+        // here on the records claim the whole file durable (`RecordHead::synced`), so make it so.
+        file.sync_data().map_err(|e| opener.io(e))?;
     }
     let mut state = replay.state;
     state.settle();
@@ -262,7 +266,11 @@ fn replay_records(
         } else {
             let mut head = [0u8; RECORD_HEADER_BYTES as usize];
             reader.read_exact(&mut head).map_err(|e| opener.io(e))?;
-            let (payload_len, crc) = parse_record_header(head);
+            let RecordHead {
+                payload_len,
+                crc,
+                synced,
+            } = parse_record_header(head);
             let payload_len = u64::from(payload_len);
             if payload_len == 0 {
                 Some("a record of length 0".to_owned())
@@ -271,7 +279,8 @@ fn replay_records(
                 // cutting it off as a torn tail would drop committed data.
                 let payload_at = at + RECORD_HEADER_BYTES;
                 if payload_at + payload_len <= len
-                    && streamed_checksum(file, payload_at, payload_len).map_err(|e| opener.io(e))?
+                    && streamed_checksum(file, synced, payload_at, payload_len)
+                        .map_err(|e| opener.io(e))?
                         == crc
                 {
                     return Err(opener.damaged(
@@ -292,7 +301,7 @@ fn replay_records(
             } else {
                 payload.resize(payload_len as usize, 0);
                 reader.read_exact(&mut payload).map_err(|e| opener.io(e))?;
-                if checksum(&payload) != crc {
+                if checksum(synced, &payload) != crc {
                     Some("the record's checksum does not match".to_owned())
                 } else {
                     None
@@ -300,11 +309,12 @@ fn replay_records(
             }
         };
         if let Some(reason) = bad {
-            return match find_valid_record(file, at + 1, len, max).map_err(|e| opener.io(e))? {
-                Some(valid) => Err(opener.damaged(
+            return match durable_evidence(file, at, len, max).map_err(|e| opener.io(e))? {
+                Some((valid, synced)) => Err(opener.damaged(
                     at,
                     format!(
-                        "{reason}, and a valid record follows at byte {valid} (not a torn tail)"
+                        "{reason}, and a valid record follows at byte {valid}, written when the \
+                         file was durable up to byte {synced} (not a torn tail)"
                     ),
                 )),
                 None => Ok(at),
@@ -323,8 +333,9 @@ fn replay_records(
 
 /// The CRC of `len` bytes of `file` at `at`, read a window at a time (the record may be
 /// larger than any buffer this open should allocate).
-fn streamed_checksum(file: &File, at: u64, len: u64) -> io::Result<u32> {
+fn streamed_checksum(file: &File, synced: u64, at: u64, len: u64) -> io::Result<u32> {
     let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&synced.to_le_bytes());
     let mut buffer = vec![0u8; (len.min(READ_WINDOW_BYTES as u64)) as usize];
     let mut done = 0;
     while done < len {
@@ -339,9 +350,33 @@ fn streamed_checksum(file: &File, at: u64, len: u64) -> io::Result<u32> {
     Ok(hasher.finalize())
 }
 
+/// Whether the bad record at `bad` is damage rather than a torn tail: a valid record after it
+/// that was written when the file was already durable past `bad` (its `synced` claim). Returns
+/// that record's offset and claim.
+///
+/// Without such a record the bad bytes lie where the file was not yet durable when anything
+/// after them was written: a commit cut short, or bytes a power loss left unwritten while later
+/// ones reached the disk (file systems that do not write a file's pages in order). Cutting
+/// there loses only commits that were never durable, which the durability contract allows.
+fn durable_evidence(file: &File, bad: u64, len: u64, max: u64) -> io::Result<Option<(u64, u64)>> {
+    let mut from = bad + 1;
+    while let Some((valid, head)) = find_valid_record(file, from, len, max)? {
+        if head.synced > bad {
+            return Ok(Some((valid, head.synced)));
+        }
+        from = valid + RECORD_HEADER_BYTES + u64::from(head.payload_len);
+    }
+    Ok(None)
+}
+
 /// The first offset in `from..len` where a whole valid record starts (length in bounds,
-/// checksum right, payload parses), if any.
-fn find_valid_record(file: &File, from: u64, len: u64, max: u64) -> io::Result<Option<u64>> {
+/// checksum right, payload parses), if any, with its header.
+fn find_valid_record(
+    file: &File,
+    from: u64,
+    len: u64,
+    max: u64,
+) -> io::Result<Option<(u64, RecordHead)>> {
     let mut window = Vec::new();
     let mut window_at = from;
     let mut payload = Vec::new();
@@ -353,14 +388,14 @@ fn find_valid_record(file: &File, from: u64, len: u64, max: u64) -> io::Result<O
             file.read_exact_at(&mut window, at)?;
         }
         let offset = (at - window_at) as usize;
-        let head: Option<[u8; 8]> = window
+        let head: Option<[u8; RECORD_HEADER_BYTES as usize]> = window
             .get(offset..offset + RECORD_HEADER_BYTES as usize)
             .and_then(|h| h.try_into().ok());
         let Some(head) = head else {
             return Ok(None);
         };
-        let (payload_len, crc) = parse_record_header(head);
-        let payload_len = u64::from(payload_len);
+        let record = parse_record_header(head);
+        let payload_len = u64::from(record.payload_len);
         let payload_at = at + RECORD_HEADER_BYTES;
         if payload_len > 0 && payload_len <= max && payload_at + payload_len <= len {
             let from_window = window.get(
@@ -374,8 +409,8 @@ fn find_valid_record(file: &File, from: u64, len: u64, max: u64) -> io::Result<O
                     &payload[..]
                 }
             };
-            if checksum(bytes) == crc && check_payload(bytes).is_ok() {
-                return Ok(Some(at));
+            if checksum(record.synced, bytes) == record.crc && check_payload(bytes).is_ok() {
+                return Ok(Some((at, record)));
             }
         }
         at += 1;

@@ -358,7 +358,7 @@ impl Overlay {
                 max,
             });
         }
-        let bytes = record.finish();
+        let bytes = record.finish(inner.synced_end.load(Ordering::SeqCst));
         let start = writer.end;
         if let Err(e) = file.write_all_at(&bytes, start) {
             return Err(undo(&file, writer, start, e));
@@ -369,6 +369,9 @@ impl Overlay {
             }
             // Every earlier commit went out with this one.
             inner.unsynced.store(false, Ordering::SeqCst);
+            inner
+                .synced_end
+                .fetch_max(start + bytes.len() as u64, Ordering::SeqCst);
         } else {
             inner.unsynced.store(true, Ordering::SeqCst);
         }

@@ -39,13 +39,14 @@ fn pristine() -> Vec<u8> {
 }
 
 /// Where each record of the log in `bytes` ends (the file format of `devtables-logstore`:
-/// a 16-byte header, then records of a u32 LE payload length, a u32 CRC and the payload).
+/// a 16-byte header, then records of a u32 LE payload length, a u32 CRC, a u64 durable-point
+/// claim and the payload).
 fn record_ends(bytes: &[u8]) -> Vec<usize> {
     let mut ends = Vec::new();
     let mut at = 16;
-    while at + 8 <= bytes.len() {
+    while at + 16 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        at += 8 + len;
+        at += 16 + len;
         assert!(at <= bytes.len(), "the pristine log is whole");
         ends.push(at);
     }

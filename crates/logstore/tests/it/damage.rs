@@ -52,7 +52,7 @@ fn a_flipped_byte_in_an_early_record_is_damage_at_that_record_and_changes_nothin
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log");
     let (starts, _) = three_commits(&path);
-    let at = starts[1] + 8 + 20;
+    let at = starts[1] + 16 + 20;
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[at as usize] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
@@ -79,6 +79,64 @@ fn a_length_past_the_end_followed_by_valid_records_is_damage() {
         "{detail}"
     );
     assert_eq!(std::fs::metadata(&path).unwrap().len(), before.len() as u64);
+}
+
+/// Commits `A` durably, then `B` and `C` without syncing, then (when `sync_then_more`) syncs
+/// and commits `D`; returns where each record starts.
+fn durable_then_not(path: &Path, sync_then_more: bool) -> Vec<u64> {
+    let store = LogStore::open(path, LogOptions::default()).unwrap();
+    let mut starts = Vec::new();
+    let names: &[u8] = if sync_then_more { b"ABCD" } else { b"ABC" };
+    for (i, &name) in names.iter().enumerate() {
+        if name == b'D' {
+            store.sync().unwrap();
+        }
+        starts.push(store.stats().file_bytes);
+        let mut txn = store.write().unwrap();
+        txn.insert("t", &[name], &[name; 100]).unwrap();
+        txn.commit(i == 0).unwrap();
+    }
+    starts
+}
+
+#[test]
+fn bad_bytes_where_the_file_was_not_yet_durable_are_a_torn_tail_with_what_follows() {
+    // What a power loss can leave on a file system that writes a file's pages out of order:
+    // `B` never reached the disk, `C` (written later, never synced either) did. Both were
+    // written when the file was durable only up to the end of `A`, so cutting at `B` loses
+    // only commits that were never durable.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let starts = durable_then_not(&path, false);
+    patch(&path, starts[1] + 16 + 20, &[0xff; 8]);
+    let store = LogStore::open(&path, LogOptions::default()).unwrap();
+    assert_eq!(keys_of(&store, "t"), vec![b"A".to_vec()]);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), starts[1]);
+    // The cut file takes commits again, and they replay.
+    let mut txn = store.write().unwrap();
+    txn.insert("t", b"E", b"after").unwrap();
+    txn.commit(true).unwrap();
+    drop(store);
+    let store = LogStore::open(&path, LogOptions::default()).unwrap();
+    assert_eq!(keys_of(&store, "t"), vec![b"A".to_vec(), b"E".to_vec()]);
+}
+
+#[test]
+fn bad_bytes_a_later_record_says_were_durable_are_damage() {
+    // The same bytes of `B`, but `D` was written after a sync that covered `B`: its claim
+    // proves `B` reached the disk, so bad bytes there are damage, and nothing is cut.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let starts = durable_then_not(&path, true);
+    patch(&path, starts[1] + 16 + 20, &[0xff; 8]);
+    let before = std::fs::read(&path).unwrap();
+    let (offset, detail) = damaged_at(LogStore::open(&path, LogOptions::default()));
+    assert_eq!(offset, starts[1]);
+    assert!(
+        detail.contains(&format!("valid record follows at byte {}", starts[3])),
+        "{detail}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
 #[test]
@@ -141,9 +199,7 @@ fn a_record_with_a_right_checksum_that_does_not_parse_is_damage() {
         ),
     ];
     for (payload, expected) in cases {
-        let mut record = (payload.len() as u32).to_le_bytes().to_vec();
-        record.extend_from_slice(&crc32(payload).to_le_bytes());
-        record.extend_from_slice(payload);
+        let record = record_bytes(0, payload);
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(len).unwrap();
         file.write_all_at(&record, len).unwrap();
@@ -155,6 +211,18 @@ fn a_record_with_a_right_checksum_that_does_not_parse_is_damage() {
             len + record.len() as u64
         );
     }
+}
+
+/// A record as the file format says (payload length, CRC-32 of the `synced` claim and the
+/// payload, the claim, the payload), built here so the test does not trust the crate's encoder.
+fn record_bytes(synced: u64, payload: &[u8]) -> Vec<u8> {
+    let mut covered = synced.to_le_bytes().to_vec();
+    covered.extend_from_slice(payload);
+    let mut record = (payload.len() as u32).to_le_bytes().to_vec();
+    record.extend_from_slice(&crc32(&covered).to_le_bytes());
+    record.extend_from_slice(&synced.to_le_bytes());
+    record.extend_from_slice(payload);
+    record
 }
 
 /// CRC-32 (IEEE), written out here so the test does not trust the crate's own encoder.
@@ -353,9 +421,7 @@ proptest! {
                 payload.extend_from_slice(&len.to_le_bytes());
                 payload.extend_from_slice(&tail);
             }
-            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32(&payload).to_le_bytes());
-            bytes.extend_from_slice(&payload);
+            bytes.extend_from_slice(&record_bytes(0, &payload));
         }
         open_never_panics(&bytes);
     }
