@@ -415,25 +415,10 @@ fn walk_entries(
         return Ok(());
     }
     let range = table.range((as_slice(&bounds.0), as_slice(&bounds.1)));
-    let mut step =
-        |entry: Result<(&[u8], std::borrow::Cow<'_, [u8]>), _>| -> Result<bool, DbError> {
-            let (k, v) = entry.map_err(DbError::from)?;
-            visit(k, &v)
-        };
-    if reverse {
-        for entry in range.rev() {
-            if !step(entry)? {
-                break;
-            }
-        }
-    } else {
-        for entry in range {
-            if !step(entry)? {
-                break;
-            }
-        }
-    }
-    Ok(())
+    visit_until(range, reverse, |entry| {
+        let (k, v) = entry.map_err(DbError::from)?;
+        visit(k, &v)
+    })
 }
 
 /// Walks the keys of `table` in `bounds` (an index: its entries hold nothing else), in either
@@ -442,21 +427,30 @@ fn walk_keys(
     table: &LogTable<'_>,
     bounds: &Bounds,
     reverse: bool,
-    mut visit: impl FnMut(&[u8]) -> Result<bool, DbError>,
+    visit: impl FnMut(&[u8]) -> Result<bool, DbError>,
 ) -> Result<(), DbError> {
     if empty_range(bounds) {
         return Ok(());
     }
     let keys = table.keys((as_slice(&bounds.0), as_slice(&bounds.1)));
+    visit_until(keys, reverse, visit)
+}
+
+/// Hands `visit` the items of `iter`, from the back when `reverse`, until it says stop.
+fn visit_until<I: DoubleEndedIterator>(
+    iter: I,
+    reverse: bool,
+    mut visit: impl FnMut(I::Item) -> Result<bool, DbError>,
+) -> Result<(), DbError> {
     if reverse {
-        for k in keys.rev() {
-            if !visit(k)? {
+        for item in iter.rev() {
+            if !visit(item)? {
                 break;
             }
         }
     } else {
-        for k in keys {
-            if !visit(k)? {
+        for item in iter {
+            if !visit(item)? {
                 break;
             }
         }

@@ -461,27 +461,14 @@ impl Page {
 
     /// How many blocks start with a key not above `key`.
     fn blocks_not_above(&self, key: &[u8]) -> usize {
-        let shared = common_prefix(&self.first, key);
-        if shared < self.prefix_len {
-            // Every key here has a prefix `key` leaves: all are above it or all below.
-            return match (key.get(shared), self.first.get(shared)) {
-                (Some(k), Some(f)) if k > f => self.block_starts.len(),
-                _ => 0,
-            };
-        }
-        let key_head = head(key, self.prefix_len);
-        let below = self.heads.partition_point(|&h| h < key_head);
-        let tied = self
-            .heads
-            .get(below..)
-            .unwrap_or_default()
-            .partition_point(|&h| h == key_head);
-        let tied_not_above = self
-            .block_starts
-            .get(below..below + tied)
-            .unwrap_or_default()
-            .partition_point(|&at| decode_key(&self.bytes, at).is_some_and(|e| e.suffix <= key));
-        below + tied_not_above
+        starts_not_above(
+            &self.first,
+            self.prefix_len,
+            &self.heads,
+            &self.block_starts,
+            key,
+            |&at| decode_key(&self.bytes, at).is_some_and(|e| e.suffix <= key),
+        )
     }
 
     /// The position of the first entry not below `key`, and its slot when its key is `key`.
@@ -604,6 +591,39 @@ fn head(key: &[u8], prefix_len: usize) -> u64 {
     let take = rest.len().min(8);
     bytes[..take].copy_from_slice(&rest[..take]);
     u64::from_be_bytes(bytes)
+}
+
+/// How many of a sorted run of starts (blocks in a page, pages in a table) begin with a key
+/// not above `key`. `first` is the first start's key, every start's key shares its first
+/// `prefix_len` bytes, `heads[i]` holds the 8 bytes of start `i`'s key after that prefix
+/// (`head`), and `not_above` tells it of a start whose head ties with `key`'s.
+fn starts_not_above<T>(
+    first: &[u8],
+    prefix_len: usize,
+    heads: &[u64],
+    starts: &[T],
+    key: &[u8],
+    not_above: impl Fn(&T) -> bool,
+) -> usize {
+    let shared = common_prefix(first, key);
+    if shared < prefix_len {
+        // Every start has a prefix `key` leaves: all are above it or all below.
+        return match (key.get(shared), first.get(shared)) {
+            (Some(k), Some(f)) if k > f => starts.len(),
+            _ => 0,
+        };
+    }
+    let key_head = head(key, prefix_len);
+    let below = heads.partition_point(|&h| h < key_head);
+    let tied = heads
+        .get(below..)
+        .unwrap_or_default()
+        .partition_point(|&h| h == key_head);
+    let tied_not_above = starts
+        .get(below..below + tied)
+        .unwrap_or_default()
+        .partition_point(not_above);
+    below + tied_not_above
 }
 
 /// Builds pages from entries given in order.
@@ -1067,28 +1087,14 @@ impl Index {
         let Some(first_page) = self.pages.first() else {
             return 0;
         };
-        let first = first_page.first_key();
-        let shared = common_prefix(first, key);
-        if shared < self.page_prefix_len {
-            // Every page starts with a prefix `key` leaves: all are above it or all below.
-            return match (key.get(shared), first.get(shared)) {
-                (Some(k), Some(f)) if k > f => self.pages.len(),
-                _ => 0,
-            };
-        }
-        let key_head = head(key, self.page_prefix_len);
-        let below = self.page_heads.partition_point(|&h| h < key_head);
-        let tied = self
-            .page_heads
-            .get(below..)
-            .unwrap_or_default()
-            .partition_point(|&h| h == key_head);
-        let tied_not_above = self
-            .pages
-            .get(below..below + tied)
-            .unwrap_or_default()
-            .partition_point(|page| page.first_key() <= key);
-        below + tied_not_above
+        starts_not_above(
+            first_page.first_key(),
+            self.page_prefix_len,
+            &self.page_heads,
+            &self.pages,
+            key,
+            |page| page.first_key() <= key,
+        )
     }
 
     /// Recomputes what [`Index::pages_not_above`] reads, after the pages changed.
