@@ -619,15 +619,32 @@ fn a_nats_cluster_carries_the_fleet_through_node_kills() {
     assert_eq!(moved.devices, ["gw0"], "gw0 was on the first node");
     assert_eq!(moved.cloud, ["ingress", "egress"], "so was the cloud");
 
-    // It comes back (its JetStream catches up), then another node dies: the one gw1 is on, and
-    // whatever moved there.
+    // It comes back (its JetStream catches up), then another node dies.
     cluster.nodes[0].start();
     cluster.wait_caught_up(0);
-    let moved = kill_mid_run(&mut cluster, 1, &cloud, &mut devices, 2);
+    // The victim is the node most devices are on now: gw1 started on the second node, but a
+    // device may have moved on its own meanwhile (NATS closes MQTT connections while it elects
+    // JetStream leaders after the first node's return, and the agent then takes the next
+    // address), so a fixed node could hold none.
+    let on: Vec<String> = devices
+        .iter_mut()
+        .map(|d| {
+            d.status()["broker"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let victim = (0..cluster.nodes.len())
+        .max_by_key(|&n| {
+            let addr = cluster.nodes[n].mqtt_addr();
+            on.iter().filter(|b| **b == addr).count()
+        })
+        .expect("a cluster has nodes");
+    let moved = kill_mid_run(&mut cluster, victim, &cloud, &mut devices, 2);
     assert!(
-        moved.devices.contains(&"gw1".to_string()),
-        "gw1 was on the second node: {:?}",
-        moved.devices
+        !moved.devices.is_empty(),
+        "node {victim} held devices when it died"
     );
     write_up(&mut devices, 20);
     write_down(&cloud, &mut devices, 3);
