@@ -182,19 +182,7 @@ impl ReadTxn {
 
     /// Reads one item by its key properties (without hidden fields unless `hidden`).
     pub fn get(&self, model: &str, props: &Item, hidden: bool) -> Result<Option<Item>, DbError> {
-        self.inner.engine(|| {
-            let model = self.model(model)?;
-            let key = model.primary_key(props)?;
-            let raw = keys::item_key(&key);
-            let read = self.inner.store.read()?;
-            self.load_raw(
-                &read,
-                model,
-                &raw,
-                &Probe::default(),
-                &json_form(model, hidden),
-            )
-        })
+        self.get_decoded(model, props, |m| json_form(m, hidden))
     }
 
     /// [`ReadTxn::get`] into the caller's type, deserialized straight from the stored bytes: no
@@ -207,18 +195,25 @@ impl ReadTxn {
         props: &Item,
         hidden: bool,
     ) -> Result<Option<T>, DbError> {
+        self.get_decoded(model, props, |m| typed_form(m, hidden))
+    }
+
+    /// One item by its key properties, decoded by the form `form` makes for its model.
+    fn get_decoded<'m, O, F>(
+        &'m self,
+        model: &str,
+        props: &Item,
+        form: impl FnOnce(&'m Model) -> F,
+    ) -> Result<Option<O>, DbError>
+    where
+        F: Fn(&[u8], &[u8]) -> Result<O, DbError> + 'm,
+    {
         self.inner.engine(|| {
             let model = self.model(model)?;
             let key = model.primary_key(props)?;
             let raw = keys::item_key(&key);
             let read = self.inner.store.read()?;
-            self.load_raw(
-                &read,
-                model,
-                &raw,
-                &Probe::default(),
-                &typed_form(model, hidden),
-            )
+            self.load_raw(&read, model, &raw, &Probe::default(), &form(model))
         })
     }
 
