@@ -18,7 +18,6 @@ use anyhow::Context;
 use devtables_logstore::{LogOptions, LogStore};
 use devtables_schema::Schema;
 
-
 use crate::dt::PERIODIC_INTERVAL;
 use crate::workload::{self as w, Metrics};
 

@@ -48,8 +48,7 @@ fn a_bad_configuration_is_a_code_and_no_agent() {
     let path = dir.path().join("agent.json5");
     std::fs::write(
         &path,
-        json!({"account": "acme", "device": "d1", "schema": "s.json5", "db": "d1.db"})
-            .to_string(),
+        json!({"account": "acme", "device": "d1", "schema": "s.json5", "db": "d1.db"}).to_string(),
     )
     .unwrap();
     let (code, agent) = start(null_mut(), &path);
