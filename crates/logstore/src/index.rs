@@ -877,6 +877,22 @@ impl Last<'_> {
     }
 }
 
+impl<'a> Last<'a> {
+    /// Pushes a delta entry into `builder` (`run_key`: the walk's key buffer) and becomes it.
+    fn push_delta(
+        &mut self,
+        builder: &mut PageBuilder,
+        run_key: &[u8],
+        key: &'a [u8],
+        slot: SlotRef<'_>,
+    ) {
+        self.resolve(builder);
+        let shared = self.shared_with(run_key, key);
+        builder.push_slot(key, shared, slot);
+        *self = Last::Other(Cow::Borrowed(key));
+    }
+}
+
 /// Merges pages and a delta (both in key order) into `builder`, like [`merged_walk`], but
 /// cheaply where the delta changes nothing: a block no delta entry falls in is copied byte for
 /// byte, and in a block that changes, an entry still following its run predecessor keeps its
@@ -953,10 +969,7 @@ fn merge_into<'a>(
                     }
                     placed_at += 1;
                     if let Some(slot) = slot {
-                        last.resolve(builder);
-                        let shared = last.shared_with(&key, delta_key);
-                        builder.push_slot(delta_key, shared, slot);
-                        last = Last::Other(Cow::Borrowed(delta_key));
+                        last.push_delta(builder, &key, delta_key, slot);
                     }
                     replaced |= found;
                 }
@@ -1006,20 +1019,14 @@ fn merge_into<'a>(
         while let Some(&(_, delta_key, slot, _)) = placed.get(placed_at) {
             placed_at += 1;
             if let Some(slot) = slot {
-                last.resolve(builder);
-                let shared = last.shared_with(&key, delta_key);
-                builder.push_slot(delta_key, shared, slot);
-                last = Last::Other(Cow::Borrowed(delta_key));
+                last.push_delta(builder, &key, delta_key, slot);
             }
         }
     }
     // Delta entries after the last page (or with no pages at all).
     for (delta_key, slot) in delta {
         if let Some(slot) = slot {
-            last.resolve(builder);
-            let shared = last.shared_with(&key, delta_key);
-            builder.push_slot(delta_key, shared, slot);
-            last = Last::Other(Cow::Borrowed(delta_key));
+            last.push_delta(builder, &key, delta_key, slot);
         }
     }
 }
