@@ -46,7 +46,7 @@ pub(crate) fn lock(file: &File, exclusive: bool) -> Result<(), LockError> {
 }
 
 /// Makes the directory entry of `path` durable (after a create or a rename).
-pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {
+pub fn sync_parent_dir(path: &Path) -> io::Result<()> {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),

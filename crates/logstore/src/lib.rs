@@ -178,6 +178,11 @@ mod replay;
 mod state;
 mod write;
 
+/// Makes a file created or renamed in `path`'s directory survive a power loss (the
+/// directory's own `fsync`): for callers that rename files beside a log, as the device
+/// database does when it converts an older file.
+pub use file::sync_parent_dir;
+
 /// What every clone of a store shares.
 struct Inner {
     /// The log file's path; `None` for an in-memory store.

@@ -234,7 +234,8 @@ fn convert_with(
     }
     // The log is whole and durable: from here a crash leaves it in place of the redb file.
     std::fs::rename(&target, path).map_err(|e| crate::file_error(path, e, "replace", false))?;
-    sync_dir(path).map_err(|e| crate::file_error(path, e, "sync the directory of", false))?;
+    devtables_logstore::sync_parent_dir(path)
+        .map_err(|e| crate::file_error(path, e, "sync the directory of", false))?;
     let store = LogStore::open(path, LogOptions::default()).map_err(|e| OpenError::Storage {
         path: path.to_path_buf(),
         error: Box::new(e),
@@ -248,15 +249,6 @@ fn write_log(db: &redb::Database, target: &Path) -> Result<(), LegacyError> {
     copy_tables(db, &store)?;
     store.close()?;
     Ok(())
-}
-
-/// Makes the rename of a file in `path`'s directory durable.
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
 }
 
 /// How a table of format 3 is typed in redb, by its name.
