@@ -48,6 +48,12 @@ pub struct FleetArgs {
     /// commit every store job on its own, as before group commit).
     #[arg(long, default_value = "")]
     cloud_config: String,
+    /// Move the cloud into this control group (made and limited beforehand, e.g. a cgroup v1
+    /// folder under /sys/fs/cgroup/cpu with `cpu.cfs_quota_us` set): the cloud, not the
+    /// simulator beside it, is then the bottleneck, and rates beyond its capacity show what
+    /// an overloaded cloud does.
+    #[arg(long)]
+    cloud_cgroup: Option<PathBuf>,
     /// Restart the cloud this many seconds into each point's writes (a reconnect storm: every
     /// device comes back at once); a second table times it.
     #[arg(long)]
@@ -115,6 +121,7 @@ pub fn run(args: &FleetArgs, child: &ChildCommand) -> anyhow::Result<()> {
                 log: "warn".into(),
                 keep_dir: false,
                 extra_config: args.cloud_config.clone(),
+                cgroup: args.cloud_cgroup.clone(),
             });
             config.devices = n;
             config.rate_per_device = rate;

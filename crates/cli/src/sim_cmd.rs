@@ -84,6 +84,11 @@ pub struct SimArgs {
     /// `"store_group_max: 1,"`).
     #[arg(long, default_value = "", conflicts_with = "url")]
     cloud_config: String,
+    /// Move the spawned cloud into this control group (made and limited beforehand, e.g. a
+    /// cgroup v1 folder under /sys/fs/cgroup/cpu with `cpu.cfs_quota_us` set), so that the
+    /// cloud, not the simulator, is the bottleneck.
+    #[arg(long, conflicts_with = "url")]
+    cloud_cgroup: Option<std::path::PathBuf>,
     /// Restart the started cloud this long into the writes (a reconnect storm: every device
     /// comes back at once); the report times it.
     #[arg(long, value_parser = parse_duration, conflicts_with = "url")]
@@ -146,6 +151,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             log: args.cloud_log,
             keep_dir: args.keep_cloud_dir,
             extra_config: args.cloud_config.clone(),
+            cgroup: args.cloud_cgroup.clone(),
         },
     };
     let mut config = FleetConfig::new(target);

@@ -43,6 +43,10 @@ pub enum Target {
         /// More keys of the child's configuration file (JSON5, e.g. `store_group_max: 1,`),
         /// after the simulator's own.
         extra_config: String,
+        /// A control group folder (cgroup v1 or v2, made and limited beforehand, e.g. with
+        /// `cpu.cfs_quota_us` or `cpu.max`) the child is moved into when it starts, so that
+        /// the cloud, not the simulator beside it, is the fleet's bottleneck.
+        cgroup: Option<PathBuf>,
     },
 }
 

@@ -154,11 +154,13 @@ pub async fn run(config: FleetConfig, progress: ProgressSink) -> Result<FleetRep
             log,
             keep_dir,
             extra_config,
+            cgroup,
         } => {
             let cloud = spawn::start(SpawnSettings {
                 program,
                 log,
                 extra_config,
+                cgroup: cgroup.as_deref(),
                 keep_dir: *keep_dir,
                 account: &config.account,
                 retention: config.retention,

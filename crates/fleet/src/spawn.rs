@@ -45,6 +45,7 @@ pub(crate) struct SpawnedCloud {
     retention_secs: u64,
     purge_secs: u64,
     extra_config: String,
+    cgroup: Option<PathBuf>,
     /// Its folder (configuration, `data/`, `cloud.log`); deleted on drop unless kept.
     dir: Option<tempfile::TempDir>,
     pub(crate) path: PathBuf,
@@ -55,6 +56,8 @@ pub(crate) struct SpawnSettings<'a> {
     pub(crate) program: &'a Path,
     pub(crate) log: &'a str,
     pub(crate) extra_config: &'a str,
+    /// The control group the child is moved into ([`crate::Target::Spawn`]).
+    pub(crate) cgroup: Option<&'a Path>,
     pub(crate) keep_dir: bool,
     pub(crate) account: &'a str,
     pub(crate) retention: Duration,
@@ -118,7 +121,7 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
         )));
     }
 
-    let (child, pid, url, mqtt) = launch(s.program, s.log, &config_path, &path).await?;
+    let (child, pid, url, mqtt) = launch(s.program, s.log, &config_path, &path, s.cgroup).await?;
     tracing::info!(pid, %url, %mqtt, folder = %path.display(), "started the cloud");
     Ok(SpawnedCloud {
         child,
@@ -131,6 +134,7 @@ pub(crate) async fn start(s: SpawnSettings<'_>) -> Result<SpawnedCloud, FleetErr
         retention_secs,
         purge_secs,
         extra_config,
+        cgroup: s.cgroup.map(Path::to_path_buf),
         dir: if s.keep_dir {
             // Kept: the folder outlives the simulation.
             let _ = dir.keep();
@@ -159,12 +163,14 @@ fn config_text(
 }
 
 /// Starts `program cloud --config config_path` and waits until it says where it serves;
-/// its stderr goes to `cloud.log` in `path` (appended: a restarted cloud's lines follow).
+/// its stderr goes to `cloud.log` in `path` (appended: a restarted cloud's lines follow); with
+/// `cgroup`, the child is moved into that control group first.
 async fn launch(
     program: &Path,
     log: &str,
     config_path: &Path,
     path: &Path,
+    cgroup: Option<&Path>,
 ) -> Result<(Child, u32, String, String), FleetError> {
     let mut child = Command::new(program)
         .arg("cloud")
@@ -180,6 +186,18 @@ async fn launch(
     let pid = child
         .id()
         .ok_or_else(|| FleetError::Spawn("the cloud exited at once".into()))?;
+    if let Some(cgroup) = cgroup {
+        // `cgroup.procs` moves every thread of the process, and threads started later follow.
+        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).map_err(|source| {
+            FleetError::Io {
+                what: format!(
+                    "cannot move the cloud into the control group {} (make it first, as root)",
+                    cgroup.display()
+                ),
+                source,
+            }
+        })?;
+    }
     let stderr = child
         .stderr
         .take()
@@ -277,8 +295,14 @@ impl SpawnedCloud {
         let config_path = self.path.join("cloud.json5");
         std::fs::write(&config_path, config)
             .map_err(io("cannot rewrite the cloud's configuration"))?;
-        let (child, pid, url, mqtt) =
-            launch(&self.program, &self.log, &config_path, &self.path).await?;
+        let (child, pid, url, mqtt) = launch(
+            &self.program,
+            &self.log,
+            &config_path,
+            &self.path,
+            self.cgroup.as_deref(),
+        )
+        .await?;
         if (url.as_str(), mqtt.as_str()) != (self.url.as_str(), self.mqtt.as_str()) {
             return Err(FleetError::Spawn(format!(
                 "the restarted cloud serves {url} and {mqtt}, not {} and {}",

@@ -60,11 +60,14 @@ pub struct CloudEngineConfig {
     /// Consecutive page timeouts after which a silent device's session is dropped. Default 8.
     pub max_page_retries: u32,
     /// Most pushes of one device being applied at once; a push beyond it is not taken, and is
-    /// answered [`ErrorCode::Busy`] (at most once per `busy_retry_ms`) and counted; the device
-    /// resends it. Default 4.
+    /// answered [`ErrorCode::Busy`] naming its batch (at most once per retry interval) and
+    /// counted; the device resends that batch after the interval. Default 4.
     pub max_pushes_in_progress: usize,
-    /// How long a device told [`ErrorCode::Busy`] waits before it pushes again, in ms. Default
-    /// 1000.
+    /// Least time a device told [`ErrorCode::Busy`] waits before it pushes again, in ms.
+    /// Default 1000. The time told is the longer of this and how long the device's oldest push
+    /// in progress has waited (capped by `ack_timeout_max_ms`): a cloud with a queue of ten
+    /// seconds asks for ten, so the refusals do not grow with the overload (each refusal costs
+    /// a decode, a reply and a status record, taken from the work that would drain the queue).
     pub busy_retry_ms: u64,
     /// The message rate of one device session: every message but `bye` takes a token. A message
     /// without one is not processed; the device is told [`ErrorCode::RateLimited`] with the time
@@ -124,6 +127,10 @@ impl CloudEngineConfig {
         let slots = window.next_power_of_two().max(4);
         let id = std::mem::size_of::<DeviceId>() + 2 * MAX_NAME_LEN;
         let feed = slots * std::mem::size_of::<(u64, u64)>();
+        let pushes = (self.max_pushes_in_progress.checked_next_power_of_two())
+            .unwrap_or(usize::MAX)
+            .max(4)
+            .saturating_mul(std::mem::size_of::<u64>());
         let snapshot = std::mem::size_of::<SnapTx>()
             + slots * std::mem::size_of::<SentPage>()
             + (3 + window) * longest_cursor;
@@ -132,6 +139,7 @@ impl CloudEngineConfig {
             // The sessions map's key, and the timer entry's.
             + 2 * id
             + std::mem::size_of::<u64>()
+            + pushes
             + feed.max(snapshot)
     }
 }
@@ -477,8 +485,9 @@ struct Session {
     schema: String,
     /// When it was last heard from.
     last_seen_ms: u64,
-    /// Pushes handed to the driver and not yet answered.
-    pushes: usize,
+    /// Pushes handed to the driver and not yet answered: when each was taken, oldest first
+    /// (the store answers a device's pushes in order). At most `max_pushes_in_progress`.
+    pushes: VecDeque<u64>,
     /// Its message rate.
     limiter: Limiter,
     /// Feed or resync streaming.
@@ -734,11 +743,11 @@ impl CloudEngine {
                     self.stats.pushes_of_ended_sessions += 1;
                     return;
                 }
-                if s.pushes >= max {
-                    self.busy(now_ms, from);
+                if s.pushes.len() >= max {
+                    self.busy(now_ms, from, batch);
                     return;
                 }
-                s.pushes += 1;
+                s.pushes.push_back(now_ms);
                 // Agents from before version tags announce a bare `version`: they get the strict
                 // check they were built for.
                 let from_neighbour = s.schema != self.cfg.schema_version && s.schema.contains('+');
@@ -891,7 +900,7 @@ impl CloudEngine {
         let mut answered = None;
         let mut session = None;
         if let Some(s) = self.sessions.get_mut(device) {
-            s.pushes = s.pushes.saturating_sub(1);
+            s.pushes.pop_front();
             session = Some(s.session);
             if let Some(a) = &mut s.answered {
                 *a = a.saturating_add(results.len() as u64);
@@ -1416,13 +1425,21 @@ impl CloudEngine {
         admitted
     }
 
-    /// A push beyond `max_pushes_in_progress`: counted, and answered [`ErrorCode::Busy`] at
-    /// most once per `busy_retry_ms`.
-    fn busy(&mut self, now_ms: u64, device: &DeviceId) {
-        let retry = self.cfg.busy_retry_ms.max(1);
+    /// A push beyond `max_pushes_in_progress`: counted, and answered [`ErrorCode::Busy`] (naming
+    /// `batch`) at most once per retry interval: the longer of `busy_retry_ms` and the wait of
+    /// the device's oldest push in progress, which is about when a slot frees.
+    fn busy(&mut self, now_ms: u64, device: &DeviceId, batch: u64) {
         let Some(s) = self.sessions.get_mut(device) else {
             return;
         };
+        let waited = s
+            .pushes
+            .front()
+            .map_or(0, |taken| now_ms.saturating_sub(*taken));
+        let retry = waited
+            .min(self.cfg.ack_timeout_max_ms)
+            .max(self.cfg.busy_retry_ms)
+            .max(1);
         self.stats.pushes_busy += 1;
         let mut l = s.limiter;
         l.unreported.busy += 1;
@@ -1438,9 +1455,10 @@ impl CloudEngine {
         let msg = DownMsg::Error {
             code: ErrorCode::Busy {
                 retry_after_ms: retry,
+                batch: Some(batch),
             },
             message: format!(
-                "{} pushes of this device are being applied: push again in {retry} ms",
+                "{} pushes of this device are being applied: push batch {batch} again in {retry} ms",
                 self.cfg.max_pushes_in_progress
             ),
         };
@@ -1560,7 +1578,11 @@ impl CloudEngine {
                 return;
             }
         }
-        let pushes = self.sessions.get(from).map_or(0, |s| s.pushes);
+        let pushes = self
+            .sessions
+            .get_mut(from)
+            .map(|s| std::mem::take(&mut s.pushes))
+            .unwrap_or_default();
         // The rate carries over a new session: the old one's, or the one its last session
         // left (this hello took a token of it already), or a fresh bucket less this hello.
         let limit = self.cfg.device_rate;
@@ -1933,7 +1955,8 @@ mod tests {
                 m.as_slice(),
                 [DownMsg::Error {
                     code: ErrorCode::Busy {
-                        retry_after_ms: 700
+                        retry_after_ms: 700,
+                        batch: Some(2),
                     },
                     ..
                 }]
@@ -1957,6 +1980,44 @@ mod tests {
         assert!(m.is_empty() && throttled(&a).is_empty());
         let (_, a) = send(&mut c, 20, &UpMsg::Bye);
         assert_eq!(throttled(&a), vec![(0, 1)]);
+        assert_eq!(c.stats().pushes_busy, 3);
+    }
+
+    #[test]
+    fn a_busy_device_is_told_to_wait_as_long_as_its_oldest_push_has_waited() {
+        let mut c = CloudEngine::new(CloudEngineConfig {
+            max_pushes_in_progress: 2,
+            busy_retry_ms: 700,
+            ack_timeout_max_ms: 20_000,
+            device_rate: RateLimit::UNLIMITED,
+            ..CloudEngineConfig::default()
+        });
+        hello(&mut c, 0);
+        send(&mut c, 1_000, &push(1, 1));
+        send(&mut c, 2_000, &push(2, 1));
+        let busy_retry = |m: &[DownMsg]| match m {
+            [DownMsg::Error {
+                code:
+                    ErrorCode::Busy {
+                        retry_after_ms,
+                        batch,
+                    },
+                ..
+            }] => (*retry_after_ms, *batch),
+            other => panic!("expected one busy answer: {other:?}"),
+        };
+        // The queue is 5 s long for this device: a second would only bring the push back into it.
+        let (m, _) = send(&mut c, 6_000, &push(3, 1));
+        assert_eq!(busy_retry(&m), (5_000, Some(3)));
+        // The oldest answered, the next oldest (taken at 2 s) sets the wait.
+        c.handle_push_applied(12_000, &dev(), 1, vec![]);
+        outputs(&mut c);
+        send(&mut c, 12_000, &push(4, 1));
+        let (m, _) = send(&mut c, 13_000, &push(5, 1));
+        assert_eq!(busy_retry(&m), (11_000, Some(5)));
+        // Capped by the longest acknowledgement timeout.
+        let (m, _) = send(&mut c, 40_000, &push(6, 1));
+        assert_eq!(busy_retry(&m), (20_000, Some(6)));
         assert_eq!(c.stats().pushes_busy, 3);
     }
 

@@ -665,17 +665,29 @@ impl DeviceEngine {
                         self.new_session(now_ms);
                     }
                 }
-                ErrorCode::RateLimited { retry_after_ms } | ErrorCode::Busy { retry_after_ms } => {
+                ErrorCode::RateLimited { retry_after_ms }
+                | ErrorCode::Busy { retry_after_ms, .. } => {
                     // A cloud cannot stall the device longer than a retransmit would wait.
                     let wait = retry_after_ms.clamp(1, self.cfg.retransmit_max_ms.max(1));
                     let until = now_ms.saturating_add(wait);
                     self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
                     // The refused message may be one of the pushes in flight, which the cloud
-                    // then never saw: each is resent once the pause ends (a duplicate of a push
-                    // the cloud did take is answered again, never applied twice), instead of
-                    // waiting out a retransmit timeout that backoff may have made long.
-                    for b in self.batches.values_mut() {
-                        b.deadline = b.deadline.min(until);
+                    // then never saw: it is resent once the pause ends, instead of waiting out
+                    // a retransmit timeout that backoff may have made long. A busy answer names
+                    // its push: the others were taken, and resending them would only queue
+                    // copies behind them (answered again, never applied twice, but each a
+                    // store job of a cloud that is already behind). Otherwise every push in
+                    // flight is resent.
+                    let refused = match code {
+                        ErrorCode::Busy {
+                            batch: Some(batch), ..
+                        } => Some(batch),
+                        _ => None,
+                    };
+                    for (id, b) in &mut self.batches {
+                        if refused.is_none_or(|r| r == *id) {
+                            b.deadline = b.deadline.min(until);
+                        }
                     }
                     self.event(DeviceEvent::Throttled {
                         retry_after_ms: wait,
@@ -2139,6 +2151,7 @@ mod verdict_tests {
             600,
             ErrorCode::Busy {
                 retry_after_ms: u64::MAX,
+                batch: None,
             },
         );
         assert_eq!(
@@ -2195,6 +2208,7 @@ mod verdict_tests {
             20,
             ErrorCode::Busy {
                 retry_after_ms: 200,
+                batch: None,
             },
         );
         assert_eq!(
@@ -2206,6 +2220,56 @@ mod verdict_tests {
         load(&mut e, 220, &[change("a", 1_000_000)]);
         assert!(matches!(sent(&mut e).as_slice(), [UpMsg::Push { .. }]));
         assert_eq!(e.pending(), 1, "kept until the cloud answers");
+    }
+
+    #[test]
+    fn a_busy_answer_naming_its_push_resends_only_that_one() {
+        let mut e = ready();
+        let base = DeviceConfig::default().batch_delay_ms;
+        let mut ids = Vec::new();
+        for (i, k) in ["a", "b", "c"].into_iter().enumerate() {
+            let at = 10 + i as u64 * (base + 1);
+            e.handle_local_change(at, change(k, 1_000_000 + i as u64));
+            e.handle_timeout(at + base);
+            load(&mut e, at + base, &[change(k, 1_000_000 + i as u64)]);
+            match sent(&mut e).as_slice() {
+                [UpMsg::Push { batch, .. }] => ids.push(*batch),
+                other => panic!("{other:?}"),
+            }
+        }
+        let deadlines = |e: &DeviceEngine| -> Vec<u64> {
+            ids.iter().map(|id| e.batches[id].deadline).collect()
+        };
+        let before = deadlines(&e);
+        assert!(before.iter().all(|d| *d > 400), "{before:?}");
+        error(
+            &mut e,
+            200,
+            ErrorCode::Busy {
+                retry_after_ms: 100,
+                batch: Some(ids[1]),
+            },
+        );
+        let after = deadlines(&e);
+        assert_eq!(
+            after[1], 300,
+            "the refused push goes again when the pause ends"
+        );
+        assert_eq!(
+            (after[0], after[2]),
+            (before[0], before[2]),
+            "the pushes the cloud took keep their timers"
+        );
+        e.handle_timeout(300);
+        let loads: Vec<Vec<(String, ItemKey)>> = std::iter::from_fn(|| e.poll_action())
+            .filter_map(|a| match a {
+                DeviceAction::LoadBatch { keys, .. } => Some(keys),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(loads.len(), 1, "one batch rebuilt: {loads:?}");
+        assert_eq!(loads[0][0].1.sk, "b");
+        assert_eq!(e.in_flight(), 3);
     }
 
     #[test]

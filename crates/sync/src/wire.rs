@@ -424,6 +424,11 @@ pub enum ErrorCode {
     Busy {
         /// How long to wait before sending again, in ms.
         retry_after_ms: u64,
+        /// The batch refused. The device resends only that one: its other pushes were taken
+        /// and are being applied. Clouds before this field named none, and a device then
+        /// resends every push in flight.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batch: Option<u64>,
     },
     /// The push held more changes than the cloud takes in one push; the device cuts its batches
     /// to `max` changes and resends.

@@ -11,6 +11,7 @@
 //! `DEVTABLES_SIM_SEED=<n>` replays exactly that seed (`DEVTABLES_SIM_TRACE=1` prints its trace).
 
 mod conformance;
+mod overload;
 mod stores;
 
 use std::collections::{BTreeMap, BTreeSet};
