@@ -21,7 +21,7 @@
 //! Every read is bounds-checked and UTF-8-checked: corrupt bytes give [`DbError::Corrupt`], never
 //! a panic.
 
-use devtables_schema::{format_iso_ms as format_date, Item, ItemKey};
+use devtables_schema::{format_iso_ms as format_date, format_iso_ms_bytes, Item, ItemKey};
 use serde_json::{Map, Number, Value};
 
 use crate::DbError;
@@ -149,8 +149,9 @@ fn canonical_date_ms(s: &str) -> Option<i64> {
         return None;
     }
     let ms = (((days_from_civil(y, m, d) * 24 + h) * 60 + mi) * 60 + sec) * 1000 + milli;
-    // Rejects what does not round-trip (February 30th and the like).
-    (format_date(ms)?.as_bytes() == b).then_some(ms)
+    // Rejects what does not round-trip (February 30th and the like); spelled on the stack, as
+    // this runs for every date-like string an item stores.
+    (format_iso_ms_bytes(ms)?.as_slice() == b).then_some(ms)
 }
 
 /// The instant a `DATE` value holds (zigzag varint), spelled canonically.

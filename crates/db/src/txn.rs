@@ -307,7 +307,7 @@ impl<'t> WriteTxn<'t> {
             .iter()
             .zip(inner.schema.secondary_indexes())
         {
-            if let Some((hash, sort)) = model.index_key(&item, index) {
+            if let Some((hash, sort)) = model.index_key_ref(&item, index) {
                 self.tx.remove(table, &keys::index_key(&hash, &sort, key))?;
             }
         }
@@ -375,6 +375,7 @@ impl<'t> WriteTxn<'t> {
                 });
             }
         }
+        // Borrowed from `item` (no copies of the values); used up before `item` is returned.
         let index_keys = self.index_keys(model, &item)?;
         // Only entries that change are touched: an update of a plain field rewrites the item
         // alone, not its model, TTL and index entries.
@@ -416,7 +417,7 @@ impl<'t> WriteTxn<'t> {
         {
             let old_entry = old_model
                 .zip(old_item)
-                .and_then(|(m, i)| m.index_key(i, index));
+                .and_then(|(m, i)| m.index_key_ref(i, index));
             if old_entry == entry {
                 continue;
             }
@@ -491,14 +492,16 @@ impl<'t> WriteTxn<'t> {
         Ok(())
     }
 
-    fn index_keys(
+    /// The (hash, sort) values of `item` in each secondary index, borrowed from the item where
+    /// they are strings.
+    fn index_keys<'i>(
         &self,
         model: &Model,
-        item: &Item,
-    ) -> Result<Vec<Option<(String, String)>>, DbError> {
+        item: &'i Item,
+    ) -> Result<Vec<Option<IndexValues<'i>>>, DbError> {
         let mut out = Vec::with_capacity(self.inner.index_tables.len());
         for index in self.inner.schema.secondary_indexes() {
-            let entry = model.index_key(item, index);
+            let entry = model.index_key_ref(item, index);
             if let Some((hash, sort)) = &entry {
                 if keys::has_nul(hash) || keys::has_nul(sort) {
                     return Err(DbError::BadIndexValue {
@@ -586,6 +589,9 @@ fn json_len(item: &Item) -> Result<usize, DbError> {
     serde_json::to_writer(&mut count, item)?;
     Ok(count.0)
 }
+
+/// The (hash, sort) values of an item in one index (see `Model::index_key_ref`).
+type IndexValues<'i> = (std::borrow::Cow<'i, str>, std::borrow::Cow<'i, str>);
 
 pub(crate) fn display_key(key: &ItemKey) -> String {
     if key.pk.is_empty() {

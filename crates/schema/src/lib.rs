@@ -49,7 +49,7 @@ mod settings;
 mod shape;
 mod template;
 
-pub use date::format_iso_ms;
+pub use date::{format_iso_ms, format_iso_ms_bytes};
 pub use error::{Reason, SchemaError, ValidationError};
 pub use exact_json::{parse_json_exact, ExactJsonError};
 pub use field::{Field, FieldType, Generate, MappedAttribute};

@@ -73,6 +73,14 @@ pub struct Model {
     pub(crate) key_uses_stamp: bool,
     /// Names of the hidden fields (see [`Model::is_hidden`]).
     pub(crate) hidden_names: Vec<String>,
+    /// Per field of `fields`: whether it is a key attribute of some index, so that validation
+    /// checks its value for NUL while it has it at hand instead of looking it up again.
+    pub(crate) index_attr: Vec<bool>,
+    /// Whether some index has a key attribute that is not among `fields` (the type field, a
+    /// timestamp, or a field of another model): validation then looks those up by name.
+    pub(crate) index_attr_elsewhere: bool,
+    /// Positions in `fields` of the primary index's hash and sort attributes, when fields.
+    pub(crate) primary_at: (Option<usize>, Option<usize>),
     pub(crate) params: Params,
     pub(crate) primary: Index,
     /// Every index of the schema, primary first.
@@ -112,6 +120,9 @@ impl Model {
             key_fields: Vec::new(),
             key_uses_stamp: false,
             hidden_names: Vec::new(),
+            index_attr: Vec::new(),
+            index_attr_elsewhere: false,
+            primary_at: (None, None),
             params,
             primary,
             indexes,
@@ -141,6 +152,25 @@ impl Model {
             .filter(|f| f.hidden())
             .map(|f| f.name.clone())
             .collect();
+        let attrs: Vec<&str> = model
+            .indexes
+            .iter()
+            .flat_map(|index| std::iter::once(index.hash.as_str()).chain(index.sort.as_deref()))
+            .collect();
+        model.index_attr = model
+            .fields
+            .iter()
+            .map(|f| attrs.contains(&f.name.as_str()))
+            .collect();
+        model.index_attr_elsewhere = attrs.iter().any(|a| model.field(a).is_none());
+        model.primary_at = (
+            model.field_index(&model.primary.hash),
+            model
+                .primary
+                .sort
+                .as_deref()
+                .and_then(|sort| model.field_index(sort)),
+        );
         model
     }
 
@@ -239,12 +269,17 @@ impl Model {
         field.keeps_null(self.params.nulls)
     }
 
-    /// Rendered value of a template variable in `item` (the type field is the model name).
-    pub(crate) fn variable(&self, item: &Item, var: &str) -> Option<String> {
+    /// Rendered value of a template variable in `item` (the type field is the model name),
+    /// borrowed from `item` (or the model) when it is a string: rendering a template copies it
+    /// once, into the result.
+    pub(crate) fn variable<'a>(&'a self, item: &'a Item, var: &str) -> Option<Cow<'a, str>> {
         if var == self.params.type_field {
-            return Some(self.name.clone());
+            return Some(Cow::Borrowed(&self.name));
         }
-        item.get(var).and_then(render_value)
+        match item.get(var)? {
+            Value::String(text) => Some(Cow::Borrowed(text)),
+            other => render_value(other).map(Cow::Owned),
+        }
     }
 
     /// Evaluate every template in dependency order. `keep_given`: a templated field already
@@ -277,7 +312,11 @@ impl Model {
             }
             match template.render(|var| self.variable(item, var)) {
                 Rendered::Full(text) => {
-                    let value = field.cast(&Value::String(text), &field.name, &ctx)?;
+                    let value = match field.ty {
+                        // A string field's cast of a string is the string itself.
+                        FieldType::String => Value::String(text),
+                        _ => field.cast(&Value::String(text), &field.name, &ctx)?,
+                    };
                     item.insert(field.name.clone(), value);
                 }
                 Rendered::Partial { .. } => {
@@ -504,11 +543,6 @@ impl Model {
         Ok(())
     }
 
-    fn present(&self, item: &Item, field: &Field) -> bool {
-        item.get(&field.name)
-            .is_some_and(|v| self.keeps_null(field) || !v.is_null())
-    }
-
     /// Set the timestamp field `stamp` (if maintained) to `now_ms`.
     fn set_stamp(
         &self,
@@ -539,15 +573,31 @@ impl Model {
         ctx: &Ctx,
         unchanged_from: Option<&Item>,
     ) -> Result<(), ValidationError> {
-        for field in &self.fields {
-            if field.required && !self.present(item, field) {
+        // Gathered in the one pass over the fields: whether an index attribute's string holds
+        // a NUL, and the primary key attributes' values.
+        let mut nul = false;
+        let (mut hash_value, mut sort_value) = (None, None);
+        for (i, field) in self.fields.iter().enumerate() {
+            // One lookup per field, for every check.
+            let found = item.get(&field.name);
+            if self.index_attr.get(i).copied().unwrap_or(true) {
+                nul |= matches!(found, Some(Value::String(text)) if text.contains('\0'));
+            }
+            if self.primary_at.0 == Some(i) {
+                hash_value = found;
+            }
+            if self.primary_at.1 == Some(i) {
+                sort_value = found;
+            }
+            let present = found.is_some_and(|v| self.keeps_null(field) || !v.is_null());
+            if field.required && !present {
                 if field.has_template() {
                     let variable = self.missing_variable(item, &field.name);
                     return Err(self.err(&field.name, Reason::KeyUnresolved { variable }));
                 }
                 return Err(self.err(&field.name, Reason::Required));
             }
-            if let Some(value) = item.get(&field.name) {
+            if let Some(value) = found {
                 let unchanged = unchanged_from
                     .and_then(|old| old.get(&field.name))
                     .is_some_and(|old| values_equal(old, value));
@@ -558,15 +608,21 @@ impl Model {
         }
         // Both checks without rendering (allocating) the key values: a key attribute resolves
         // when its value renders (string, number, boolean), and only a string can hold a NUL.
-        let resolves = |attr: &str| {
-            self.field(attr).is_none()
-                || matches!(
-                    item.get(attr),
-                    Some(Value::String(_) | Value::Number(_) | Value::Bool(_))
-                )
+        // A key attribute the model has no field for is "" (resolves).
+        let renders = |value: Option<&Value>| {
+            matches!(
+                value,
+                Some(Value::String(_) | Value::Number(_) | Value::Bool(_))
+            )
         };
-        if !resolves(&self.primary.hash) || !self.primary.sort.as_deref().is_none_or(resolves) {
+        let hash_resolves = self.primary_at.0.is_none() || renders(hash_value);
+        let sort_resolves = self.primary_at.1.is_none() || renders(sort_value);
+        if !hash_resolves || !sort_resolves {
             self.key_of(item)?;
+        }
+        // The error, in index order, only when the pass above saw a NUL or could not look.
+        if !nul && !self.index_attr_elsewhere {
+            return Ok(());
         }
         for index in &self.indexes {
             for attr in std::iter::once(&index.hash).chain(index.sort.iter()) {
@@ -980,16 +1036,32 @@ impl Model {
     /// rendered keys is not numeric order. The sort value is `""` for an index without sort;
     /// for the primary index a model without a field for a key attribute gets `""`.
     pub fn index_key(&self, item: &Item, index: &Index) -> Option<(String, String)> {
+        self.index_key_ref(item, index)
+            .map(|(hash, sort)| (hash.into_owned(), sort.into_owned()))
+    }
+
+    /// [`Model::index_key`] borrowed from `item` where the values are strings (the usual
+    /// case: templated key attributes), for callers that only encode or compare them.
+    pub fn index_key_ref<'a>(
+        &self,
+        item: &'a Item,
+        index: &Index,
+    ) -> Option<(Cow<'a, str>, Cow<'a, str>)> {
         let primary = index.name == self.primary.name;
-        let part = |attr: &str| match item.get(attr).and_then(render_value) {
-            Some(text) => Some(text),
-            None if primary && self.field(attr).is_none() => Some(String::new()),
+        let part = |attr: &str| match item.get(attr) {
+            Some(Value::String(text)) => Some(Cow::Borrowed(text.as_str())),
+            Some(other) => match render_value(other) {
+                Some(text) => Some(Cow::Owned(text)),
+                None if primary && self.field(attr).is_none() => Some(Cow::Borrowed("")),
+                None => None,
+            },
+            None if primary && self.field(attr).is_none() => Some(Cow::Borrowed("")),
             None => None,
         };
         let hash = part(&index.hash)?;
         let sort = match &index.sort {
             Some(sort) => part(sort)?,
-            None => String::new(),
+            None => Cow::Borrowed(""),
         };
         Some((hash, sort))
     }
@@ -1433,6 +1505,127 @@ mod tests {
                     m.prepare_update_general(&existing, &input, LATER),
                     "model {} input {:?}", name, input
                 );
+            }
+        }
+    }
+
+    /// [`Model::index_key`] as first written (every value rendered into a new string): the
+    /// reference for [`Model::index_key_ref`].
+    fn index_key_general(m: &Model, item: &Item, index: &Index) -> Option<(String, String)> {
+        let primary = index.name == m.primary.name;
+        let part = |attr: &str| match item.get(attr).and_then(render_value) {
+            Some(text) => Some(text),
+            None if primary && m.field(attr).is_none() => Some(String::new()),
+            None => None,
+        };
+        let hash = part(&index.hash)?;
+        let sort = match &index.sort {
+            Some(sort) => part(sort)?,
+            None => String::new(),
+        };
+        Some((hash, sort))
+    }
+
+    /// [`Model::validate`] as first written (each check looks its values up by name): the
+    /// reference for the one-pass form.
+    fn validate_general(m: &Model, item: &Item) -> Result<(), ValidationError> {
+        let ctx = m.ctx();
+        for field in &m.fields {
+            let present = item
+                .get(&field.name)
+                .is_some_and(|v| m.keeps_null(field) || !v.is_null());
+            if field.required && !present {
+                if field.has_template() {
+                    let variable = m.missing_variable(item, &field.name);
+                    return Err(m.err(&field.name, Reason::KeyUnresolved { variable }));
+                }
+                return Err(m.err(&field.name, Reason::Required));
+            }
+            if let Some(value) = item.get(&field.name) {
+                field.check(value, &field.name, &ctx)?;
+            }
+        }
+        let resolves = |attr: &str| {
+            m.field(attr).is_none()
+                || matches!(
+                    item.get(attr),
+                    Some(Value::String(_) | Value::Number(_) | Value::Bool(_))
+                )
+        };
+        if !resolves(&m.primary.hash) || !m.primary.sort.as_deref().is_none_or(resolves) {
+            m.key_of(item)?;
+        }
+        for index in &m.indexes {
+            for attr in std::iter::once(&index.hash).chain(index.sort.iter()) {
+                if let Some(Value::String(text)) = item.get(attr) {
+                    m.check_key_value(attr, text)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        /// `validate` checks every field in one pass: the same answer (the same first error)
+        /// as looking each value up for each check, for any item of every model.
+        #[test]
+        fn one_pass_validation_matches_the_lookups(
+            values in proptest::collection::vec(any_value(), 12),
+            present in proptest::collection::vec(proptest::bool::weighted(0.7), 12),
+        ) {
+            let names = ["pk", "sk", "gs1pk", "gs1sk", "owner", "kind", "id", "n", "name", "code", "_type", "created"];
+            let stored: Item = names
+                .iter()
+                .zip(values.iter().zip(&present))
+                .filter(|(_, (_, p))| **p)
+                .map(|(n, (v, _))| (n.to_string(), v.clone()))
+                .collect();
+            for (text, models) in [
+                (SCHEMA.replace("PARAMS", ""), ["Thing", "Raw", "NoHash"].as_slice()),
+                (KEYS_SCHEMA.to_string(), ["Num", "Typed", "Same"].as_slice()),
+            ] {
+                let s = Schema::from_json5(&text).unwrap();
+                for name in models {
+                    let m = s.model(name).unwrap();
+                    proptest::prop_assert_eq!(
+                        m.validate(&stored, &m.ctx(), None),
+                        validate_general(m, &stored),
+                        "model {} item {:?}", name, stored
+                    );
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// `index_key_ref` borrows string values instead of rendering them: the same values
+        /// (or the same absence) as the rendering path, for any item and every index.
+        #[test]
+        fn borrowed_index_key_matches_the_rendered_one(
+            values in proptest::collection::vec(any_value(), 7),
+            present in proptest::collection::vec(proptest::bool::weighted(0.7), 7),
+        ) {
+            let names = ["pk", "sk", "gs1pk", "gs1sk", "n", "owner", "name"];
+            let stored: Item = names
+                .iter()
+                .zip(values.iter().zip(&present))
+                .filter(|(_, (_, p))| **p)
+                .map(|(n, (v, _))| (n.to_string(), v.clone()))
+                .collect();
+            let s = Schema::from_json5(&SCHEMA.replace("PARAMS", "")).unwrap();
+            for name in ["Thing", "Raw", "NoHash"] {
+                let m = s.model(name).unwrap();
+                for index in ["primary", "gs1", "ls1"] {
+                    let index = s.index(index).unwrap();
+                    let got = m
+                        .index_key_ref(&stored, index)
+                        .map(|(h, k)| (h.into_owned(), k.into_owned()));
+                    proptest::prop_assert_eq!(
+                        got,
+                        index_key_general(m, &stored, index),
+                        "model {} index {} item {:?}", name, index.name, stored
+                    );
+                }
             }
         }
     }

@@ -131,14 +131,20 @@ impl Template {
         after_var || rest.is_empty()
     }
 
-    /// Evaluate with `lookup` giving each variable's rendered value (None = unresolved).
-    pub(crate) fn render(&self, mut lookup: impl FnMut(&str) -> Option<String>) -> Rendered {
-        let mut out = String::new();
+    /// Evaluate with `lookup` giving each variable's rendered value (None = unresolved). The
+    /// value may be borrowed (`&str`, `Cow`) or owned: it is only copied into the result.
+    pub(crate) fn render<S: AsRef<str>>(
+        &self,
+        mut lookup: impl FnMut(&str) -> Option<S>,
+    ) -> Rendered {
+        // Sized for the usual key (the literals plus a short value or two), so that rendering
+        // grows the string at most once.
+        let mut out = String::with_capacity(self.source.len() + 16);
         for part in &self.parts {
             match part {
                 Part::Lit(text) => out.push_str(text),
                 Part::Var(name) => match lookup(name) {
-                    Some(value) => out.push_str(&value),
+                    Some(value) => out.push_str(value.as_ref()),
                     None => {
                         return Rendered::Partial {
                             prefix: out,
