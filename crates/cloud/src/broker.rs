@@ -64,12 +64,15 @@
 //! # Device messages in-process, and drops counted
 //!
 //! With [`BrokerConfig::device_messages`] (the service sets it), what a device publishes on its
-//! own `up` topic, its will included, is handed to the service's sync loop over a bounded
-//! channel from rmqtt's `MessagePublish` hook, in the device connection's own task. The cloud
-//! then has no MQTT session of its own to read device messages through, so there is no broker
-//! queue in front of it to overflow (a session's queue drops its oldest message when full), and
-//! when the sync loop is behind the hook waits, so rmqtt stops reading that device's socket:
-//! backpressure reaches the device through TCP. The hook applies the same rule as the publish
+//! own `up` topic, its will included, is handed to the service's sync loop over a channel from
+//! rmqtt's `MessagePublish` hook, in the device connection's own task. The cloud then has no
+//! MQTT session of its own to read device messages through, so there is no broker queue in
+//! front of it to overflow (a session's queue drops its oldest message when full). What waits
+//! there is bounded per device ([`BrokerConfig::max_device_messages_waiting`]): a device with
+//! that many messages not yet taken has its hook wait, so rmqtt stops reading its socket
+//! (backpressure reaches that device through TCP), while every other connection goes on
+//! (answering PINGREQs: a connection frozen past its keep-alive is dropped, which a global
+//! bound did to whole fleets while the sync loop waited for its store). The hook applies the same rule as the publish
 //! ACL (which runs after it): anything else is not handed over. Every message rmqtt drops on its
 //! way to a client (queue or in-flight window full, expired, client gone) is counted in
 //! [`BrokerConfig::drops`] and warned about (rate-limited) from the `MessageDropped` hook.
@@ -101,6 +104,7 @@
 //! "busy" refusal is disabled: refusing devices during a load spike would only cause reconnect
 //! storms.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
@@ -121,7 +125,7 @@ use rmqtt::session::Session;
 use rmqtt::types::{
     AuthResult, ConnectInfo, ListenerId, Publish, PublishAclResult, Subscribe, SubscribeAclResult,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::broker_publish::EmbeddedPublisher;
@@ -262,6 +266,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000 + 16;
 pub const DEFAULT_MAX_INFLIGHT: u16 = 16;
 /// Default most messages queued for one client beyond the in-flight window.
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
+/// Default most messages of one device handed over in-process and not yet taken by the sync
+/// loop ([`BrokerConfig::max_device_messages_waiting`]): a device's four pushes in flight, the
+/// resends of a few timeouts, acknowledgements and its `bye`.
+pub const DEFAULT_MAX_DEVICE_MESSAGES_WAITING: usize = 16;
 
 /// How long [`Broker::shutdown`] waits for connected sessions to be closed.
 const SHUTDOWN_KICK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -305,7 +313,15 @@ pub struct BrokerConfig {
     /// TCP) instead of queueing or dropping. Nobody needs to subscribe to the device topics
     /// then (the message still goes through the ACL and routing, and meets no subscriber).
     /// Default none.
-    pub device_messages: Option<mpsc::Sender<DeviceMessage>>,
+    pub device_messages: Option<mpsc::UnboundedSender<DeviceMessage>>,
+    /// Most messages of one device handed to `device_messages` and not yet taken (at least
+    /// 1). The channel itself has no bound: this one is per device, so the sync loop may stop
+    /// taking messages while its store is behind without freezing every connection (a frozen
+    /// connection answers no PINGREQ and is dropped after its keep-alive); only a device with
+    /// this many messages waiting has its connection wait (stop reading its socket). What waits
+    /// is bounded by connections × this × the largest packet. Default
+    /// [`DEFAULT_MAX_DEVICE_MESSAGES_WAITING`].
+    pub max_device_messages_waiting: usize,
     /// Counts the messages the broker dropped on their way to a client (its queue full, its
     /// in-flight window full, expired, or the client gone); each is also warned about
     /// (rate-limited). Shared with whoever reports it (`GET /v1/status`, `broker_drops`).
@@ -319,6 +335,15 @@ pub struct DeviceMessage {
     /// The topic (the device's `up` topic: the sender's identity).
     pub topic: String,
     pub payload: Vec<u8>,
+    /// The device's slot this message holds until it is taken (dropped).
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl DeviceMessage {
+    /// The topic and payload, freeing the device's slot.
+    pub fn into_parts(self) -> (String, Vec<u8>) {
+        (self.topic, self.payload)
+    }
 }
 
 /// The embedded broker's TLS listener.
@@ -362,6 +387,7 @@ impl BrokerConfig {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             device_messages: None,
+            max_device_messages_waiting: DEFAULT_MAX_DEVICE_MESSAGES_WAITING,
             drops: Arc::default(),
         }
     }
@@ -466,6 +492,8 @@ impl Broker {
             cert_listener: config.device_certs.as_ref().map(|_| CERT_LISTENER),
             certificate_refusals: config.certificate_refusals.clone(),
             device_messages: config.device_messages.clone(),
+            device_slots: Arc::default(),
+            max_device_messages_waiting: config.max_device_messages_waiting.max(1),
             drops: config.drops.clone(),
             drop_warn: Arc::new(Mutex::new(WarnLimiter::new(WarnLimiter::INTERVAL))),
             login_refusals: Arc::new(Mutex::new(LoginRefusals::new())),
@@ -693,7 +721,12 @@ struct AclHandler {
     cert_listener: Option<ListenerId>,
     certificate_refusals: Arc<AtomicU64>,
     /// Where device messages go in-process, if anywhere ([`BrokerConfig::device_messages`]).
-    device_messages: Option<mpsc::Sender<DeviceMessage>>,
+    device_messages: Option<mpsc::UnboundedSender<DeviceMessage>>,
+    /// Per device (client id), its slots for messages handed over and not yet taken. An entry
+    /// stays after its device leaves (a few dozen bytes per device that ever connected since
+    /// the start: only registered devices get this far).
+    device_slots: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    max_device_messages_waiting: usize,
     drops: Arc<AtomicU64>,
     drop_warn: Arc<Mutex<WarnLimiter>>,
     /// The rate of the log lines of refused logins, per username.
@@ -815,13 +848,17 @@ impl Handler for AclHandler {
                 )))
             }
             Parameter::MessagePublish(_, from, publish) => {
-                let handover = self.device_message(from, publish);
+                let handover = self
+                    .device_message(from, publish)
+                    .map(|(tx, message)| (tx, message, self.slots_of(&from.id.client_id)));
                 Box::pin(async move {
-                    if let Some((tx, message)) = handover {
-                        // Waits while the service is behind: this device's connection task
-                        // stops reading its socket meanwhile. A closed channel means the
+                    if let Some((tx, mut message, slots)) = handover {
+                        // Waits only while this device has its most messages waiting: its
+                        // connection task stops reading its socket meanwhile (backpressure
+                        // to this device alone). A closed semaphore or channel means the
                         // service is stopping; the device resends after it reconnects.
-                        let _ = tx.send(message).await;
+                        message.slot = slots.acquire_owned().await.ok();
+                        let _ = tx.send(message);
                     }
                     (true, acc)
                 })
@@ -1079,7 +1116,7 @@ impl AclHandler {
         &self,
         from: &rmqtt::types::From,
         publish: &Publish,
-    ) -> Option<(mpsc::Sender<DeviceMessage>, DeviceMessage)> {
+    ) -> Option<(mpsc::UnboundedSender<DeviceMessage>, DeviceMessage)> {
         let tx = self.device_messages.as_ref()?;
         let device_sent = matches!(
             from.typ(),
@@ -1091,9 +1128,26 @@ impl AclHandler {
                 DeviceMessage {
                     topic: publish.topic.to_string(),
                     payload: publish.payload.to_vec(),
+                    slot: None,
                 },
             )
         })
+    }
+
+    /// The slots of device `client_id` ([`BrokerConfig::max_device_messages_waiting`]).
+    fn slots_of(&self, client_id: &str) -> Arc<Semaphore> {
+        let mut slots = self
+            .device_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slots.get(client_id) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(Semaphore::new(self.max_device_messages_waiting));
+                slots.insert(client_id.to_string(), s.clone());
+                s
+            }
+        }
     }
 
     fn check_publish(&self, session: &Session, publish: &Publish) -> PublishAclResult {
@@ -1571,6 +1625,45 @@ mod tests {
             topics::parse_up_topic(PREFIX, &up1),
             Some(dev("acme", "dev1"))
         );
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_device_with_its_most_messages_waiting_holds_up_only_itself() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
+        config.device_messages = Some(tx);
+        config.max_device_messages_waiting = 2;
+        let b = Broker::start(config, Arc::new(FixedAuth)).await.unwrap();
+        let (d1, d2) = (dev1(&b).await, dev2(&b).await);
+        let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
+        let up2 = topics::up_topic(PREFIX, &dev("acme", "dev2"));
+        // Nobody takes the messages (a sync loop waiting for its store): dev1's first two wait
+        // in the channel, its third waits in its connection.
+        let mut taken = Vec::new();
+        for i in 0..3 {
+            d1.publish(&up1, &format!("d1-{i}")).await;
+        }
+        for _ in 0..2 {
+            let m = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+            taken.push(m);
+        }
+        assert!(
+            timeout(Duration::from_millis(300), rx.recv())
+                .await
+                .is_err(),
+            "dev1's third message waits for a slot"
+        );
+        // dev2 is not held up by dev1.
+        d2.publish(&up2, "d2-0").await;
+        let m = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(m.into_parts(), (up2.clone(), b"d2-0".to_vec()));
+        // Taking one of dev1's frees its slot: its third comes.
+        let first = taken.remove(0).into_parts();
+        assert_eq!(first, (up1.clone(), b"d1-0".to_vec()));
+        let m = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(m.into_parts(), (up1, b"d1-2".to_vec()));
+        drop(taken);
         b.shutdown().await;
     }
 

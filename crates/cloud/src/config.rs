@@ -272,8 +272,8 @@ impl DeviceCertificates {
 /// Settings of the service's MQTT clients (the sync loop's connections to an external broker:
 /// ingress and egress, one each unless `ingress_clients` / `egress_clients` say more; see
 /// `mqtt_link`). With the embedded broker the service has no client (both
-/// directions are in-process) and only `event_queue` applies, as the capacity of the channel that
-/// hands device messages over.
+/// directions are in-process) and none of these apply: the broker hands device messages over
+/// with a bound per device (`broker::DEFAULT_MAX_DEVICE_MESSAGES_WAITING`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MqttClientConfig {
     /// Capacity of each client's request queue: publishes and subscribe requests waiting for

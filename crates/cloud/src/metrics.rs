@@ -185,6 +185,10 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "Times a publish waited for room in the egress queue and device reads paused (backpressure)",
     ),
     counter(
+        "store_waits",
+        "Times a store job waited for a slot and device reads paused (backpressure)",
+    ),
+    counter(
         "broker_drops",
         "Messages the embedded broker dropped on their way to a client (queue full or client gone)",
     ),

@@ -185,7 +185,8 @@ impl Cloud {
         let mut device_messages = None;
         let (broker, credentials, mqtt_host, mqtt_port, username, password) = match &config.broker {
             BrokerMode::Embedded { listen } => {
-                let (messages_tx, messages_rx) = mpsc::channel(config.mqtt.event_queue);
+                // Unbounded here, bounded per device by the broker (its connection waits).
+                let (messages_tx, messages_rx) = mpsc::unbounded_channel();
                 device_messages = Some(messages_rx);
                 let creds = Arc::new(Credentials::devices_only(
                     config.credentials_ttl,

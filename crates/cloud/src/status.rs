@@ -69,6 +69,11 @@ pub struct SyncStatus {
     /// Times a publish found the egress request queue full and the sync loop paused (it reads
     /// no device message until the publish is queued): backpressure, nothing dropped.
     pub(crate) egress_waits: AtomicU64,
+    /// Times a store job found every slot taken (`sync_store_jobs` out) or the store's queue
+    /// full (the API's calls share it), and the sync loop paused: it reads no device message until the job is queued, so a cloud whose store is
+    /// behind does not spend the CPU the store needs on reading, decoding and refusing more
+    /// pushes (receive livelock). Backpressure, nothing dropped.
+    pub(crate) store_waits: AtomicU64,
     /// Messages the embedded broker dropped on their way to a client (its session's queue was
     /// full, or it had gone): counted and warned about; the protocol's retransmission and the
     /// feed recover them.
@@ -254,6 +259,7 @@ pub struct StatusSnapshot {
     pub publishes_dropped: u64,
     pub publishes_lost: u64,
     pub egress_waits: u64,
+    pub store_waits: u64,
     pub broker_drops: u64,
     pub mqtt_requests_queued: u64,
     pub mqtt_request_queue: u64,
@@ -355,6 +361,7 @@ impl SyncStatus {
             publishes_dropped: n(&self.publishes_dropped),
             publishes_lost: n(&self.publishes_lost),
             egress_waits: n(&self.egress_waits),
+            store_waits: n(&self.store_waits),
             broker_drops: n(&self.broker_drops),
             mqtt_requests_queued: n(&self.mqtt_requests_queued),
             mqtt_request_queue: request_queue as u64,

@@ -23,6 +23,10 @@
 //!   state, and the device topics count as subscribed only while every one holds. Several
 //!   egress connections split the devices by a hash of their id, so one device's publishes
 //!   always take the same connection, in order.
+//! - It reads no device message while store work waits for a slot (`sync_store_jobs` jobs
+//!   out, counted in `store_waits`): a store behind would otherwise lose the CPU it needs to
+//!   the reading, decoding and refusing of pushes it cannot take yet, and acknowledge less the
+//!   more is offered. Device messages wait in the broker (its connections stop reading).
 //! - It never drops a publish it could queue. To an external broker every publish takes a slot
 //!   of the egress [`RequestGauge`]; a publish that finds no room waits, and while it waits the
 //!   loop reads no device message (backpressure, counted in `egress_waits`): the ingress
@@ -137,9 +141,10 @@ pub(crate) enum Ingress {
     },
     /// The embedded broker hands device messages over in-process
     /// ([`crate::broker::BrokerConfig::device_messages`]): nothing to subscribe, nothing to
-    /// lose, and a full channel stops the broker reading the devices' sockets.
+    /// lose, and a device with its most messages waiting has the broker stop reading its
+    /// socket.
     Embedded {
-        messages: mpsc::Receiver<DeviceMessage>,
+        messages: mpsc::UnboundedReceiver<DeviceMessage>,
     },
 }
 
@@ -222,13 +227,8 @@ impl Ingress {
         match self {
             Ingress::Clients { events, .. } => events.recv().await,
             Ingress::Embedded { messages } => messages.recv().await.map(|m| {
-                (
-                    0,
-                    LinkEvent::Message {
-                        topic: m.topic,
-                        payload: m.payload,
-                    },
-                )
+                let (topic, payload) = m.into_parts();
+                (0, LinkEvent::Message { topic, payload })
             }),
         }
     }
@@ -436,9 +436,15 @@ impl SyncLoop {
                 _ => None,
             };
             let publish_waits = publish_waits_for.is_some();
+            // Nor while a store job waits for a slot: the store is what answers pushes, and
+            // reading on would take its CPU for decoding and refusing pushes it cannot take
+            // yet (receive livelock: measured, the store thread got a quarter of the cloud's
+            // CPU and acknowledgements fell to a twentieth of capacity). Device messages wait
+            // in the broker meanwhile (its connections stop reading their sockets).
+            let store_waits = self.store_behind();
             let mut stop = false;
             tokio::select! {
-                event = self.ingress.next(), if !publish_waits => match event {
+                event = self.ingress.next(), if !publish_waits && !store_waits => match event {
                     Some((index, event)) => self.on_link(index, event),
                     // The connection task ends only at shutdown.
                     None => stop = true,
@@ -818,6 +824,16 @@ impl SyncLoop {
         self.startup.extend(advanced);
     }
 
+    /// Whether store work waits: an action for a slot (`max_store_jobs` out), or a job for room
+    /// in the store's queue (shared with the API).
+    fn store_behind(&self) -> bool {
+        let action_waits = self
+            .waiting
+            .as_ref()
+            .is_some_and(|a| !matches!(a, CloudAction::Transmit { .. }));
+        action_waits || !self.jobs_waiting.is_empty()
+    }
+
     /// Queues a store job (counted in `in_flight` until its completion is taken), behind those
     /// already waiting for room in the store's queue.
     fn submit(&mut self, job: JobFn) {
@@ -828,7 +844,10 @@ impl SyncLoop {
         }
         match self.store.try_submit(job) {
             Ok(()) => {}
-            Err(NotSubmitted::Full(job)) => self.jobs_waiting.push_back(job),
+            Err(NotSubmitted::Full(job)) => {
+                self.status.store_waits.fetch_add(1, Ordering::Relaxed);
+                self.jobs_waiting.push_back(job);
+            }
             Err(NotSubmitted::Gone) => self.store_gone = true,
         }
     }
@@ -910,6 +929,7 @@ impl SyncLoop {
                         }
                     }
                     if self.in_flight >= self.max_store_jobs {
+                        self.status.store_waits.fetch_add(1, Ordering::Relaxed);
                         self.waiting = Some(store_work);
                         return;
                     }

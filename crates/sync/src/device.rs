@@ -421,6 +421,9 @@ pub struct DeviceEngine {
     hello_deadline: Option<u64>,
     /// Hellos sent in this connection, for backoff.
     hello_attempts: u32,
+    /// When the current session's first hello was sent: its welcome, if that hello was not
+    /// resent, is the engine's first measure of the cloud's answer time.
+    hello_sent_ms: Option<u64>,
     /// Outbox entries by (model, key).
     entries: BTreeMap<(String, ItemKey), Entry>,
     /// Queued entries by queue position.
@@ -485,6 +488,7 @@ impl DeviceEngine {
             ready: false,
             hello_deadline: None,
             hello_attempts: 0,
+            hello_sent_ms: None,
             entries: BTreeMap::new(),
             order: BTreeMap::new(),
             next_seq: 0,
@@ -591,6 +595,15 @@ impl DeviceEngine {
                 if self.connected && !self.ready && self.session == Some(session) {
                     self.ready = true;
                     self.hello_deadline = None;
+                    // The welcome waits for a store read behind the same queue as pushes: its
+                    // time is the first measure of how long a push will take to be answered
+                    // (as TCP takes its first from the handshake), so the first pushes after a
+                    // connection to a loaded cloud, a reconnect storm above all, are not
+                    // resent after the one-second floor while the cloud still holds them.
+                    // Only an answer to a hello sent once measures anything (Karn).
+                    if let (0, Some(sent)) = (self.hello_attempts, self.hello_sent_ms.take()) {
+                        self.rtt.observe(now_ms.saturating_sub(sent));
+                    }
                     self.backoff = 0;
                     self.event(DeviceEvent::CloudTime {
                         cloud_ms,
@@ -1039,6 +1052,9 @@ impl DeviceEngine {
             }),
         };
         self.send(&msg);
+        if self.hello_attempts == 0 {
+            self.hello_sent_ms = Some(now_ms);
+        }
         let rto = self.rto(self.hello_attempts);
         self.hello_deadline = Some(now_ms.saturating_add(rto));
     }
@@ -2220,6 +2236,47 @@ mod verdict_tests {
         load(&mut e, 220, &[change("a", 1_000_000)]);
         assert!(matches!(sent(&mut e).as_slice(), [UpMsg::Push { .. }]));
         assert_eq!(e.pending(), 1, "kept until the cloud answers");
+    }
+
+    #[test]
+    fn the_welcomes_time_sets_the_first_pushes_retransmit_timeout() {
+        let welcomed = |hello_resent: bool| {
+            let mut e = DeviceEngine::new(DeviceConfig::default(), "1".into(), Restored::default());
+            e.handle_connected(0);
+            sent(&mut e);
+            if hello_resent {
+                let at = e.poll_timeout().expect("the hello's timer");
+                e.handle_timeout(at);
+                sent(&mut e);
+            }
+            let Some(session) = e.session else {
+                panic!("no session")
+            };
+            let welcome = DownMsg::Welcome {
+                session,
+                now_ms: 1_000_000,
+                max_drift_ms: 60_000,
+                answered: None,
+                repush: false,
+            };
+            // A loaded cloud: the welcome waited 4 s in its store's queue.
+            e.handle_message(
+                4_000,
+                &wire::encode_down("1", &welcome, &WireConfig::default()).unwrap(),
+            );
+            assert!(e.is_ready());
+            e.handle_local_change(4_000, change("a", 1_000_000));
+            load(&mut e, 4_000, &[change("a", 1_000_000)]);
+            assert!(matches!(sent(&mut e).as_slice(), [UpMsg::Push { .. }]));
+            e.poll_timeout().expect("the push's timer") - 4_000
+        };
+        let timeout = welcomed(false);
+        // srtt 4 s plus four deviations of 2 s (RFC 6298's first sample), with up to 1/4 jitter.
+        assert!((12_000..=15_000).contains(&timeout), "{timeout}");
+        // A resent hello's welcome may answer either copy: it measures nothing (Karn), and the
+        // first push waits the one-second floor, doubled by the hello's backoff at most.
+        let timeout = welcomed(true);
+        assert!(timeout <= 2_500, "{timeout}");
     }
 
     #[test]

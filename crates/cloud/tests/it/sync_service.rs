@@ -401,7 +401,9 @@ async fn a_busy_store_never_starves_the_broker_keep_alive() {
 /// messages came in-process. Now the embedded broker hands them over in-process and stops
 /// reading a device's socket while the sync loop is behind; the cloud's publishing side is
 /// squeezed to one publish in flight and a four-slot queue, so answers back up and the sync loop
-/// stops reading instead of dropping them. Every push is answered exactly once and applied.
+/// stops reading instead of dropping them; and the store gets two jobs out at a time, so the
+/// sync loop also stops reading while store work waits for a slot (`store_waits`). Every push
+/// is answered exactly once and applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop() {
     const DEVICES: usize = 20;
@@ -410,6 +412,7 @@ async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop(
     let mut c = config(dir.path());
     c.mqtt.request_queue = 4;
     c.mqtt.egress_inflight = 1;
+    c.sync_store_jobs = 2;
     // Neither the per-device message rate nor the pushes-in-progress bound refuses any of them:
     // the test is about the path, not about those limits.
     c.sync.device_rate.per_sec = 0;
@@ -471,6 +474,10 @@ async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop(
     assert_eq!(n("publishes_dropped"), 0, "{status}");
     assert_eq!(n("broker_drops"), 0, "{status}");
     assert_eq!(n("device_pushes_busy"), 0, "{status}");
+    assert!(
+        (1..u64::MAX).contains(&n("store_waits")),
+        "the store was behind and the loop waited for it: {status}"
+    );
     assert_eq!(
         n("subscriptions_held"),
         0,
@@ -697,13 +704,15 @@ async fn a_publish_to_an_offline_device_is_counted_as_undelivered() {
     cloud.shutdown().await;
 }
 
-/// The sync loop never waits on a full store queue (the API's calls share it): its jobs wait in
-/// the loop's own queue, in order, while it keeps serving devices, and go to the store as room
-/// comes. The store thread is held and its queue filled with API calls; a push then finds no
-/// room, yet another device's message is answered meanwhile (`no_session`: it needs no store),
-/// and once the store is free the push is answered.
+/// The sync loop never blocks on a full store queue (the API's calls share it): its jobs wait in
+/// the loop's own queue, in order, and go to the store as room comes. Meanwhile it reads no
+/// device message (backpressure, `store_waits`: a store behind must not lose its CPU to the
+/// reading of more), and loses none. The store thread is held and its queue filled with API
+/// calls; a push then finds no room, and another device's message waits unread (its answer,
+/// `no_session`, needs no store, but reading it is the work that is held back); once the store
+/// is free the push is answered, and so is the other message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_store_queue_never_stops_the_sync_loop() {
+async fn a_full_store_queue_pauses_device_reads_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = started(config(dir.path())).await;
     let secret0 = cloud.register_device(&device(0)).await.expect("register");
@@ -763,18 +772,17 @@ async fn a_full_store_queue_never_stops_the_sync_loop() {
         session: None,
     })
     .await;
-    let refused = dev1
-        .recv(|m| match m {
-            DownMsg::Error { code, .. } => Some(code.clone()),
-            _ => None,
-        })
-        .await;
-    assert_eq!(
-        refused,
-        Some(devtables_sync::wire::ErrorCode::NoSession),
-        "the sync loop stopped while the store's queue was full"
+    let refused = |m: &DownMsg| match m {
+        DownMsg::Error { code, .. } => Some(code.clone()),
+        _ => None,
+    };
+    let early = tokio::time::timeout(Duration::from_millis(500), dev1.recv(refused)).await;
+    assert!(
+        early.is_err(),
+        "a device message was read while store work waited: {early:?}"
     );
     assert_eq!(cloud.store.queue_room(), 0, "the queue emptied too early");
+    assert!(cloud.status().store_waits >= 1, "{:?}", cloud.status());
 
     release_tx.send(()).expect("the holding job waits");
     let answered = dev0.push_answered(1).await;
@@ -782,6 +790,11 @@ async fn a_full_store_queue_never_stops_the_sync_loop() {
         answered,
         Some(1),
         "the push that waited for room is answered"
+    );
+    assert_eq!(
+        dev1.recv(refused).await,
+        Some(devtables_sync::wire::ErrorCode::NoSession),
+        "the message that waited unread is answered"
     );
     blocker.await.unwrap().expect("the store is alive");
     for filler in fillers {
