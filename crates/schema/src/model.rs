@@ -1423,6 +1423,31 @@ mod tests {
         ]
     }
 
+    /// The item of those `names` whose `present` flag is set, with their `values` (a property
+    /// test's random item).
+    fn present_of(names: &[&str], values: &[Value], present: &[bool]) -> Item {
+        names
+            .iter()
+            .zip(values.iter().zip(present))
+            .filter(|(_, (_, p))| **p)
+            .map(|(n, (v, _))| (n.to_string(), v.clone()))
+            .collect()
+    }
+
+    /// The test schemas, each with the models the property tests run over.
+    fn test_schemas() -> [(Schema, &'static [&'static str]); 2] {
+        [
+            (
+                Schema::from_json5(&SCHEMA.replace("PARAMS", "")).unwrap(),
+                &["Thing", "Raw", "NoHash"],
+            ),
+            (
+                Schema::from_json5(KEYS_SCHEMA).unwrap(),
+                &["Num", "Typed", "Same"],
+            ),
+        ]
+    }
+
     proptest::proptest! {
         /// `primary_key` renders the key straight from the properties; the general path (an
         /// item of the cast key properties, templates applied) is the reference: same key or
@@ -1433,17 +1458,8 @@ mod tests {
             present in proptest::collection::vec(proptest::bool::weighted(0.8), 12),
         ) {
             let names = ["pk", "sk", "owner", "kind", "id", "n", "flag", "when", "name", "mid", "other", "a"];
-            let props: Item = names
-                .iter()
-                .zip(values.iter().zip(&present))
-                .filter(|(_, (_, p))| **p)
-                .map(|(n, (v, _))| (n.to_string(), v.clone()))
-                .collect();
-            for (text, models) in [
-                (SCHEMA.replace("PARAMS", ""), ["Thing", "Raw", "NoHash"].as_slice()),
-                (KEYS_SCHEMA.to_string(), ["Num", "Typed", "Same"].as_slice()),
-            ] {
-                let s = Schema::from_json5(&text).unwrap();
+            let props = present_of(&names, &values, &present);
+            for (s, models) in test_schemas() {
                 for name in models {
                     let m = s.model(name).unwrap();
                     // The reference: `primary_key` before the rendered path (direct keys
@@ -1475,12 +1491,7 @@ mod tests {
             same_id in proptest::prelude::any::<bool>(),
         ) {
             let names = ["owner", "kind", "id", "n", "flag", "when", "code", "name", "v", "sk", "gs1pk", "updated"];
-            let input: Item = names
-                .iter()
-                .zip(values.iter().zip(&present))
-                .filter(|(_, (_, p))| **p)
-                .map(|(n, (v, _))| (n.to_string(), v.clone()))
-                .collect();
+            let input = present_of(&names, &values, &present);
             let s = schema(TS);
             for (name, create) in [
                 ("Thing", json!({"owner": "o", "kind": "b", "n": 7, "code": "ABC", "when": NOW})),
@@ -1574,17 +1585,8 @@ mod tests {
             present in proptest::collection::vec(proptest::bool::weighted(0.7), 12),
         ) {
             let names = ["pk", "sk", "gs1pk", "gs1sk", "owner", "kind", "id", "n", "name", "code", "_type", "created"];
-            let stored: Item = names
-                .iter()
-                .zip(values.iter().zip(&present))
-                .filter(|(_, (_, p))| **p)
-                .map(|(n, (v, _))| (n.to_string(), v.clone()))
-                .collect();
-            for (text, models) in [
-                (SCHEMA.replace("PARAMS", ""), ["Thing", "Raw", "NoHash"].as_slice()),
-                (KEYS_SCHEMA.to_string(), ["Num", "Typed", "Same"].as_slice()),
-            ] {
-                let s = Schema::from_json5(&text).unwrap();
+            let stored = present_of(&names, &values, &present);
+            for (s, models) in test_schemas() {
                 for name in models {
                     let m = s.model(name).unwrap();
                     proptest::prop_assert_eq!(
@@ -1606,12 +1608,7 @@ mod tests {
             present in proptest::collection::vec(proptest::bool::weighted(0.7), 7),
         ) {
             let names = ["pk", "sk", "gs1pk", "gs1sk", "n", "owner", "name"];
-            let stored: Item = names
-                .iter()
-                .zip(values.iter().zip(&present))
-                .filter(|(_, (_, p))| **p)
-                .map(|(n, (v, _))| (n.to_string(), v.clone()))
-                .collect();
+            let stored = present_of(&names, &values, &present);
             let s = Schema::from_json5(&SCHEMA.replace("PARAMS", "")).unwrap();
             for name in ["Thing", "Raw", "NoHash"] {
                 let m = s.model(name).unwrap();

@@ -1937,6 +1937,12 @@ mod verdict_tests {
         let Some(UpMsg::Hello { session, .. }) = sent(&mut e).pop() else {
             panic!("no hello")
         };
+        welcome(&mut e, 1, session);
+        e
+    }
+
+    /// The cloud's welcome of `session`, received at `now`.
+    fn welcome(e: &mut DeviceEngine, now: u64, session: u64) {
         let welcome = DownMsg::Welcome {
             session,
             now_ms: 1_000_000,
@@ -1945,10 +1951,9 @@ mod verdict_tests {
             repush: false,
         };
         e.handle_message(
-            1,
+            now,
             &wire::encode_down("1", &welcome, &WireConfig::default()).unwrap(),
         );
-        e
     }
 
     /// Answers the engine's `LoadBatch` with `changes` (the durable outbox), as a driver does.
@@ -2252,18 +2257,8 @@ mod verdict_tests {
             let Some(session) = e.session else {
                 panic!("no session")
             };
-            let welcome = DownMsg::Welcome {
-                session,
-                now_ms: 1_000_000,
-                max_drift_ms: 60_000,
-                answered: None,
-                repush: false,
-            };
             // A loaded cloud: the welcome waited 4 s in its store's queue.
-            e.handle_message(
-                4_000,
-                &wire::encode_down("1", &welcome, &WireConfig::default()).unwrap(),
-            );
+            welcome(&mut e, 4_000, session);
             assert!(e.is_ready());
             e.handle_local_change(4_000, change("a", 1_000_000));
             load(&mut e, 4_000, &[change("a", 1_000_000)]);
