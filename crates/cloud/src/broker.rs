@@ -72,10 +72,11 @@
 //! that many messages not yet taken has its hook wait, so rmqtt stops reading its socket
 //! (backpressure reaches that device through TCP), while every other connection goes on
 //! (answering PINGREQs: a connection frozen past its keep-alive is dropped, which a global
-//! bound did to whole fleets while the sync loop waited for its store). The hook applies the same rule as the publish
-//! ACL (which runs after it): anything else is not handed over. Every message rmqtt drops on its
-//! way to a client (queue or in-flight window full, expired, client gone) is counted in
-//! [`BrokerConfig::drops`] and warned about (rate-limited) from the `MessageDropped` hook.
+//! bound did to whole fleets while the sync loop waited for its store). The hook applies the
+//! same rule as the publish ACL (which runs after it): anything else is not handed over. Every
+//! message rmqtt drops on its way to a client (queue or in-flight window full, expired, client
+//! gone) is counted in [`BrokerConfig::drops`] and warned about (rate-limited) from the
+//! `MessageDropped` hook.
 //! The other direction is in-process too: [`Broker::publisher`] queues the service's publishes
 //! straight into the devices' sessions ([`crate::broker_publish`]), so a service built on this
 //! broker has no MQTT session of its own at all.
@@ -308,9 +309,10 @@ pub struct BrokerConfig {
     /// [`DEFAULT_MAX_QUEUED_MESSAGES`].
     pub max_queued_messages: usize,
     /// When set, what a device publishes on its own `up` topic (its will included) is handed
-    /// to this channel in-process, in the device connection's own task: a full channel makes
-    /// that task wait, so the broker stops reading that device's socket (backpressure down to
-    /// TCP) instead of queueing or dropping. Nobody needs to subscribe to the device topics
+    /// to this channel in-process, in the device connection's own task: a device with
+    /// `max_device_messages_waiting` messages not yet taken has that task wait, so the broker
+    /// stops reading its socket (backpressure down to TCP) instead of queueing more or
+    /// dropping. Nobody needs to subscribe to the device topics
     /// then (the message still goes through the ACL and routing, and meets no subscriber).
     /// Default none.
     pub device_messages: Option<mpsc::UnboundedSender<DeviceMessage>>,

@@ -70,9 +70,10 @@ pub struct SyncStatus {
     /// no device message until the publish is queued): backpressure, nothing dropped.
     pub(crate) egress_waits: AtomicU64,
     /// Times a store job found every slot taken (`sync_store_jobs` out) or the store's queue
-    /// full (the API's calls share it), and the sync loop paused: it reads no device message until the job is queued, so a cloud whose store is
-    /// behind does not spend the CPU the store needs on reading, decoding and refusing more
-    /// pushes (receive livelock). Backpressure, nothing dropped.
+    /// full (the API's calls share it), and the sync loop paused: it reads no device message
+    /// until the job is queued, so a cloud whose store is behind does not spend the CPU the
+    /// store needs on reading, decoding and refusing more pushes (receive livelock).
+    /// Backpressure, nothing dropped.
     pub(crate) store_waits: AtomicU64,
     /// Messages the embedded broker dropped on their way to a client (its session's queue was
     /// full, or it had gone): counted and warned about; the protocol's retransmission and the

@@ -24,7 +24,7 @@
 //!   egress connections split the devices by a hash of their id, so one device's publishes
 //!   always take the same connection, in order.
 //! - It reads no device message while store work waits for a slot (`sync_store_jobs` jobs
-//!   out, counted in `store_waits`): a store behind would otherwise lose the CPU it needs to
+//!   out) or for room in the store's queue (counted in `store_waits`): a store behind would otherwise lose the CPU it needs to
 //!   the reading, decoding and refusing of pushes it cannot take yet, and acknowledge less the
 //!   more is offered. Device messages wait in the broker (its connections stop reading).
 //! - It never drops a publish it could queue. To an external broker every publish takes a slot

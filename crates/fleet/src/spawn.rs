@@ -188,15 +188,11 @@ async fn launch(
         .ok_or_else(|| FleetError::Spawn("the cloud exited at once".into()))?;
     if let Some(cgroup) = cgroup {
         // `cgroup.procs` moves every thread of the process, and threads started later follow.
-        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).map_err(|source| {
-            FleetError::Io {
-                what: format!(
-                    "cannot move the cloud into the control group {} (make it first, as root)",
-                    cgroup.display()
-                ),
-                source,
-            }
-        })?;
+        let what = format!(
+            "cannot move the cloud into the control group {} (make it first, as root)",
+            cgroup.display()
+        );
+        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).map_err(io(&what))?;
     }
     let stderr = child
         .stderr

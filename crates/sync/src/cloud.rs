@@ -127,7 +127,9 @@ impl CloudEngineConfig {
         let slots = window.next_power_of_two().max(4);
         let id = std::mem::size_of::<DeviceId>() + 2 * MAX_NAME_LEN;
         let feed = slots * std::mem::size_of::<(u64, u64)>();
-        let pushes = (self.max_pushes_in_progress.checked_next_power_of_two())
+        let pushes = self
+            .max_pushes_in_progress
+            .checked_next_power_of_two()
             .unwrap_or(usize::MAX)
             .max(4)
             .saturating_mul(std::mem::size_of::<u64>());

@@ -68,10 +68,7 @@ fn a_cloud_falling_behind_gets_few_refusals_and_few_copies() {
         if cloud.poll_timeout().is_some_and(|at| at <= t) {
             cloud.handle_timeout(t);
         }
-        while store.front().is_some_and(|(at, _, _)| *at <= t) {
-            let Some((_, batch, changes)) = store.pop_front() else {
-                break;
-            };
+        while let Some((_, batch, changes)) = store.pop_front_if(|(at, _, _)| *at <= t) {
             answered += changes.len() as u64;
             let results = changes
                 .iter()
