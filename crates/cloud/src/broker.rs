@@ -68,7 +68,7 @@
 //! rmqtt's `MessagePublish` hook, in the device connection's own task. The cloud then has no
 //! MQTT session of its own to read device messages through, so there is no broker queue in
 //! front of it to overflow (a session's queue drops its oldest message when full). What waits
-//! there is bounded per device ([`BrokerConfig::max_device_messages_waiting`]): a device with
+//! there is bounded per device ([`BrokerLimits::max_device_messages_waiting`]): a device with
 //! that many messages not yet taken has its hook wait, so rmqtt stops reading its socket
 //! (backpressure reaches that device through TCP), while every other connection goes on
 //! (answering PINGREQs: a connection frozen past its keep-alive is dropped, which a global
@@ -96,9 +96,9 @@
 //!
 //! # Resource bounds
 //!
-//! Packets are limited to [`BrokerConfig::max_packet_bytes`], sessions (online and persistent
-//! offline ones) to [`BrokerConfig::max_connections`], and each session holds at most
-//! [`BrokerConfig::max_inflight`] unacknowledged plus [`BrokerConfig::max_queued_messages`]
+//! Packets are limited to [`BrokerLimits::max_packet_bytes`], sessions (online and persistent
+//! offline ones) to [`BrokerLimits::max_connections`], and each session holds at most
+//! [`BrokerLimits::max_inflight`] unacknowledged plus [`BrokerLimits::max_queued_messages`]
 //! queued outgoing messages; beyond that rmqtt drops messages for that session (the protocol's
 //! retransmission recovers them), so a client that stops reading pins at most
 //! `max_packet_bytes × (max_inflight + max_queued_messages)` bytes. rmqtt's CPU-load based
@@ -268,9 +268,82 @@ pub const DEFAULT_MAX_INFLIGHT: u16 = 16;
 /// Default most messages queued for one client beyond the in-flight window.
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 /// Default most messages of one device handed over in-process and not yet taken by the sync
-/// loop ([`BrokerConfig::max_device_messages_waiting`]): a device's four pushes in flight, the
+/// loop ([`BrokerLimits::max_device_messages_waiting`]): a device's four pushes in flight, the
 /// resends of a few timeouts, acknowledgements and its `bye`.
 pub const DEFAULT_MAX_DEVICE_MESSAGES_WAITING: usize = 16;
+
+/// The embedded broker's limits: what one client, one device and the broker as a whole may
+/// hold. The cloud's configuration file sets them (`embedded_broker_limits`, each key
+/// optional); a value out of range is refused when the file is read, naming the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerLimits {
+    /// Largest MQTT packet accepted or sent, in bytes (at least 1024). Default
+    /// [`DEFAULT_MAX_PACKET_BYTES`].
+    pub max_packet_bytes: u32,
+    /// Most sessions, connected or persistent (rmqtt's session limit; a CONNECT beyond it gets
+    /// "server unavailable"). TCP connections that never send CONNECT are dropped after a 15 s
+    /// handshake timeout. Default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Most unacknowledged QoS 1/2 messages sent to one client (at least 1). Default
+    /// [`DEFAULT_MAX_INFLIGHT`].
+    pub max_inflight: u16,
+    /// Most messages queued for one client beyond the in-flight window (at least 1); more are
+    /// dropped, counted in [`BrokerConfig::drops`] and warned about. Default
+    /// [`DEFAULT_MAX_QUEUED_MESSAGES`].
+    pub max_queued_messages: usize,
+    /// Most messages of one device handed to [`BrokerConfig::device_messages`] and not yet
+    /// taken (at least 1). The channel itself has no bound: this one is per device, so the
+    /// sync loop may stop taking messages while its store is behind without freezing every
+    /// connection (a frozen connection answers no PINGREQ and is dropped after its
+    /// keep-alive); only a device with this many messages waiting has its connection wait
+    /// (stop reading its socket). What waits is bounded by connections × this × the largest
+    /// packet. Default [`DEFAULT_MAX_DEVICE_MESSAGES_WAITING`].
+    pub max_device_messages_waiting: usize,
+}
+
+impl Default for BrokerLimits {
+    fn default() -> BrokerLimits {
+        BrokerLimits {
+            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+            max_device_messages_waiting: DEFAULT_MAX_DEVICE_MESSAGES_WAITING,
+        }
+    }
+}
+
+impl BrokerLimits {
+    /// Refuses a limit out of range, naming it.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        let at_least = |name: &str, value: u64, least: u64| {
+            if value < least {
+                Err(BrokerError::Config(format!(
+                    "{name} must be at least {least}, got {value}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("max_packet_bytes", self.max_packet_bytes.into(), 1024)?;
+        at_least("max_connections", self.max_connections as u64, 1)?;
+        at_least("max_inflight", self.max_inflight.into(), 1)?;
+        at_least("max_queued_messages", self.max_queued_messages as u64, 1)?;
+        at_least(
+            "max_device_messages_waiting",
+            self.max_device_messages_waiting as u64,
+            1,
+        )?;
+        if isize::try_from(self.max_connections).is_err() {
+            return Err(BrokerError::Config(format!(
+                "max_connections is too large: {}",
+                self.max_connections
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// How long [`Broker::shutdown`] waits for connected sessions to be closed.
 const SHUTDOWN_KICK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -295,35 +368,15 @@ pub struct BrokerConfig {
     pub certificate_refusals: Arc<AtomicU64>,
     /// Topic prefix, e.g. [`topics::DEFAULT_PREFIX`]; must match the devices' and the service's.
     pub topic_prefix: String,
-    /// Largest MQTT packet accepted or sent, in bytes. Default [`DEFAULT_MAX_PACKET_BYTES`].
-    pub max_packet_bytes: u32,
-    /// Most sessions, connected or persistent (rmqtt's session limit; a CONNECT beyond it gets
-    /// "server unavailable"). TCP connections that never send CONNECT are dropped after a 15 s
-    /// handshake timeout. Default [`DEFAULT_MAX_CONNECTIONS`].
-    pub max_connections: usize,
-    /// Most unacknowledged QoS 1/2 messages sent to one client (at least 1). Default
-    /// [`DEFAULT_MAX_INFLIGHT`].
-    pub max_inflight: u16,
-    /// Most messages queued for one client beyond the in-flight window (at least 1); more are
-    /// dropped, counted in [`BrokerConfig::drops`] and warned about. Default
-    /// [`DEFAULT_MAX_QUEUED_MESSAGES`].
-    pub max_queued_messages: usize,
+    /// Packet size, sessions, and what one client or device may hold.
+    pub limits: BrokerLimits,
     /// When set, what a device publishes on its own `up` topic (its will included) is handed
     /// to this channel in-process, in the device connection's own task: a device with
-    /// `max_device_messages_waiting` messages not yet taken has that task wait, so the broker
-    /// stops reading its socket (backpressure down to TCP) instead of queueing more or
-    /// dropping. Nobody needs to subscribe to the device topics
-    /// then (the message still goes through the ACL and routing, and meets no subscriber).
-    /// Default none.
+    /// [`BrokerLimits::max_device_messages_waiting`] messages not yet taken has that task wait,
+    /// so the broker stops reading its socket (backpressure down to TCP) instead of queueing
+    /// more or dropping. Nobody needs to subscribe to the device topics then (the message
+    /// still goes through the ACL and routing, and meets no subscriber). Default none.
     pub device_messages: Option<mpsc::UnboundedSender<DeviceMessage>>,
-    /// Most messages of one device handed to `device_messages` and not yet taken (at least
-    /// 1). The channel itself has no bound: this one is per device, so the sync loop may stop
-    /// taking messages while its store is behind without freezing every connection (a frozen
-    /// connection answers no PINGREQ and is dropped after its keep-alive); only a device with
-    /// this many messages waiting has its connection wait (stop reading its socket). What waits
-    /// is bounded by connections × this × the largest packet. Default
-    /// [`DEFAULT_MAX_DEVICE_MESSAGES_WAITING`].
-    pub max_device_messages_waiting: usize,
     /// Counts the messages the broker dropped on their way to a client (its queue full, its
     /// in-flight window full, expired, or the client gone); each is also warned about
     /// (rate-limited). Shared with whoever reports it (`GET /v1/status`, `broker_drops`).
@@ -384,12 +437,8 @@ impl BrokerConfig {
             device_certs: None,
             certificate_refusals: Arc::default(),
             topic_prefix: topics::DEFAULT_PREFIX.to_string(),
-            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_inflight: DEFAULT_MAX_INFLIGHT,
-            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+            limits: BrokerLimits::default(),
             device_messages: None,
-            max_device_messages_waiting: DEFAULT_MAX_DEVICE_MESSAGES_WAITING,
             drops: Arc::default(),
         }
     }
@@ -461,25 +510,11 @@ impl Broker {
                 "topic prefix {prefix:?} must be non-empty, without '+', '#' or NUL, and not start with '$'"
             )));
         }
-        let max_inflight = NonZeroU16::new(config.max_inflight)
+        let limits = config.limits;
+        limits.validate()?;
+        let max_inflight = NonZeroU16::new(limits.max_inflight)
             .ok_or_else(|| BrokerError::Config("max_inflight must be at least 1".into()))?;
-        if config.max_queued_messages == 0 {
-            return Err(BrokerError::Config(
-                "max_queued_messages must be at least 1".into(),
-            ));
-        }
-        if config.max_connections == 0 {
-            return Err(BrokerError::Config(
-                "max_connections must be at least 1".into(),
-            ));
-        }
-        if config.max_packet_bytes < 1024 {
-            return Err(BrokerError::Config(format!(
-                "max_packet_bytes must be at least 1024, got {}",
-                config.max_packet_bytes
-            )));
-        }
-        let max_sessions = isize::try_from(config.max_connections)
+        let max_sessions = isize::try_from(limits.max_connections)
             .map_err(|_| BrokerError::Config("max_connections is too large".into()))?;
 
         let scx = ServerContext::new()
@@ -495,7 +530,7 @@ impl Broker {
             certificate_refusals: config.certificate_refusals.clone(),
             device_messages: config.device_messages.clone(),
             device_slots: Arc::default(),
-            max_device_messages_waiting: config.max_device_messages_waiting.max(1),
+            max_device_messages_waiting: limits.max_device_messages_waiting,
             drops: config.drops.clone(),
             drop_warn: Arc::new(Mutex::new(WarnLimiter::new(WarnLimiter::INTERVAL))),
             login_refusals: Arc::new(Mutex::new(LoginRefusals::new())),
@@ -529,10 +564,10 @@ impl Broker {
                 .laddr(laddr)
                 .reuseaddr(Some(true))
                 .allow_anonymous(false)
-                .max_connections(config.max_connections)
-                .max_packet_size(config.max_packet_bytes)
+                .max_connections(limits.max_connections)
+                .max_packet_size(limits.max_packet_bytes)
                 .max_inflight(max_inflight)
-                .max_mqueue_len(config.max_queued_messages)
+                .max_mqueue_len(limits.max_queued_messages)
                 // A v5 client may ask for any session expiry; cap it like the v3.1.1 default.
                 .max_session_expiry_interval(Duration::from_secs(2 * 60 * 60))
                 .handshake_timeout(Duration::from_secs(15))
@@ -1136,7 +1171,7 @@ impl AclHandler {
         })
     }
 
-    /// The slots of device `client_id` ([`BrokerConfig::max_device_messages_waiting`]).
+    /// The slots of device `client_id` ([`BrokerLimits::max_device_messages_waiting`]).
     fn slots_of(&self, client_id: &str) -> Arc<Semaphore> {
         let mut slots = self
             .device_slots
@@ -1635,7 +1670,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
         config.device_messages = Some(tx);
-        config.max_device_messages_waiting = 2;
+        config.limits.max_device_messages_waiting = 2;
         let b = Broker::start(config, Arc::new(FixedAuth)).await.unwrap();
         let (d1, d2) = (dev1(&b).await, dev2(&b).await);
         let up1 = topics::up_topic(PREFIX, &dev("acme", "dev1"));
@@ -1936,7 +1971,7 @@ mod tests {
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
 
         let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
-        config.max_inflight = 0;
+        config.limits.max_inflight = 0;
         let err = Broker::start(config, Arc::new(FixedAuth))
             .await
             .unwrap_err();

@@ -79,6 +79,9 @@ pub struct CloudConfig {
     /// With the embedded broker: a TLS listener, besides or instead of the clear-text one. The
     /// service's own client uses it when it is the only listener. Default none.
     pub broker_tls: Option<crate::broker::BrokerTls>,
+    /// With the embedded broker: its packet size, session count and what one client or device
+    /// may hold (file key `embedded_broker_limits`). Default [`crate::broker::BrokerLimits`]'s.
+    pub broker_limits: crate::broker::BrokerLimits,
     /// With the embedded broker and its TLS listener: a further listener for devices that
     /// authenticate with a client certificate from the cloud's device CA (`ca/` in the data
     /// folder, created on first use), and the validity of the certificates the cloud issues.
@@ -273,7 +276,7 @@ impl DeviceCertificates {
 /// ingress and egress, one each unless `ingress_clients` / `egress_clients` say more; see
 /// `mqtt_link`). With the embedded broker the service has no client (both
 /// directions are in-process) and none of these apply: the broker hands device messages over
-/// with a bound per device (`broker::DEFAULT_MAX_DEVICE_MESSAGES_WAITING`).
+/// with a bound per device (`embedded_broker_limits.max_device_messages_waiting`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MqttClientConfig {
     /// Capacity of each client's request queue: publishes and subscribe requests waiting for
@@ -388,6 +391,7 @@ impl CloudConfig {
             api_tls: None,
             broker_plain: true,
             broker_tls: None,
+            broker_limits: crate::broker::BrokerLimits::default(),
             device_certificates: None,
             external_tls: None,
             broker: BrokerMode::Embedded {
@@ -552,6 +556,11 @@ pub struct CloudFile {
     /// `embedded_broker`) ...
     #[serde(default)]
     pub embedded_broker_tls: Option<BrokerTlsFile>,
+    /// `{max_packet_bytes, max_connections, max_inflight, max_queued_messages,
+    /// max_device_messages_waiting}`, each optional: the embedded broker's limits
+    /// ([`crate::broker::BrokerLimits`]; refused with an external broker, which has its own).
+    #[serde(default)]
+    pub embedded_broker_limits: Option<crate::broker::BrokerLimits>,
     /// `{listen, validity_days}`: the embedded broker's listener for devices with client
     /// certificates (needs `embedded_broker_tls`, whose certificate it serves with); the cloud
     /// issues them from its CA in `data_dir/ca/`, valid `validity_days` (default 90).
@@ -898,6 +907,19 @@ impl CloudFile {
             config.device_certificates = Some(c);
         }
         let embedded = file.embedded_broker.is_some() || file.embedded_broker_tls.is_some();
+        if let Some(limits) = file.embedded_broker_limits {
+            if file.external_broker.is_some() {
+                return Err(
+                    "embedded_broker_limits is set but the cloud uses an external \
+                            broker: set the limits in that broker's configuration"
+                        .into(),
+                );
+            }
+            limits
+                .validate()
+                .map_err(|e| format!("embedded_broker_limits: {e}"))?;
+            config.broker_limits = limits;
+        }
         config.broker = match (embedded, &file.external_broker) {
             (true, Some(_)) => {
                 return Err("set either embedded_broker(_tls) or external_broker, not both".into())
@@ -1461,6 +1483,62 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("validity"), "{err}");
         assert!(load("device_certificates: {listen: '127.0.0.1:8884', ca: 'x'}").is_err());
+    }
+
+    #[test]
+    fn the_file_sets_the_embedded_brokers_limits_and_refuses_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.json5");
+        let load = |text: &str| {
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {text}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path).map(|(_, c)| c)
+        };
+        let c = load("").unwrap();
+        assert_eq!(c.broker_limits, crate::broker::BrokerLimits::default());
+        let c = load(
+            "embedded_broker_limits: {max_device_messages_waiting: 4, max_inflight: 8, \
+             max_queued_messages: 50, max_connections: 2000, max_packet_bytes: 65536}",
+        )
+        .unwrap();
+        let l = c.broker_limits;
+        assert_eq!(
+            (
+                l.max_device_messages_waiting,
+                l.max_inflight,
+                l.max_queued_messages,
+                l.max_connections,
+                l.max_packet_bytes
+            ),
+            (4, 8, 50, 2000, 65536)
+        );
+        // Keys left out keep their defaults.
+        let c = load("embedded_broker_limits: {max_inflight: 2}").unwrap();
+        assert_eq!(c.broker_limits.max_inflight, 2);
+        assert_eq!(
+            c.broker_limits.max_queued_messages,
+            crate::broker::DEFAULT_MAX_QUEUED_MESSAGES
+        );
+        for (bad, named) in [
+            (
+                "{max_device_messages_waiting: 0}",
+                "max_device_messages_waiting",
+            ),
+            ("{max_packet_bytes: 100}", "max_packet_bytes"),
+            ("{max_inflight: 0}", "max_inflight"),
+            ("{max_queud_messages: 5}", "max_queud_messages"),
+        ] {
+            let err = load(&format!("embedded_broker_limits: {bad}")).unwrap_err();
+            assert!(err.contains(named), "{bad}: {err}");
+        }
+        let err = load(
+            "external_broker: 'mqtt://127.0.0.1:1883', embedded_broker_limits: {max_inflight: 2}",
+        )
+        .unwrap_err();
+        assert!(err.contains("external broker"), "{err}");
     }
 
     #[test]

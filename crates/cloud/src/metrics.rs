@@ -258,6 +258,14 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "Device pushes not taken: too many of the device's being applied",
     ),
     counter(
+        "device_push_changes_covered",
+        "Pushed changes not applied again: a copy of a change still being applied (answered by the original)",
+    ),
+    counter(
+        "device_pushes_covered",
+        "Device pushes not taken: every change a copy of one still being applied",
+    ),
+    counter(
         "device_messages_refused",
         "Device messages answered with an error (undecodable, too large, ...)",
     ),

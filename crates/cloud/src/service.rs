@@ -200,9 +200,9 @@ impl Cloud {
                         device_certs: device_certs.clone(),
                         certificate_refusals: status.mqtt_certificates_refused.clone(),
                         topic_prefix: config.topic_prefix.clone(),
+                        limits: config.broker_limits,
                         device_messages: Some(messages_tx),
                         drops: status.broker_drops.clone(),
-                        ..BrokerConfig::default()
                     },
                     creds.clone(),
                 )

@@ -110,6 +110,12 @@ pub struct SyncStatus {
     pub(crate) device_messages_rate_limited: AtomicU64,
     /// Device pushes not taken because their device had too many being applied.
     pub(crate) device_pushes_busy: AtomicU64,
+    /// Pushed changes not applied again because a push of the same session still being applied
+    /// carries the same key and version (the device's timer fired while the cloud held the
+    /// original): the original's answer answers the copy. Not a loss: what a busy cloud saves.
+    pub(crate) device_push_changes_covered: AtomicU64,
+    /// Pushes not taken because every change of theirs was covered that way.
+    pub(crate) device_pushes_covered: AtomicU64,
     /// Device messages answered with an error (undecodable, too large, another protocol
     /// version, a bad schema string, too many changes in a push).
     pub(crate) device_messages_refused: AtomicU64,
@@ -278,6 +284,8 @@ pub struct StatusSnapshot {
     pub mqtt_certificates_refused: u64,
     pub device_messages_rate_limited: u64,
     pub device_pushes_busy: u64,
+    pub device_push_changes_covered: u64,
+    pub device_pushes_covered: u64,
     pub device_messages_refused: u64,
     pub device_messages_without_session: u64,
     pub device_pushes_of_ended_sessions: u64,
@@ -380,6 +388,8 @@ impl SyncStatus {
             mqtt_certificates_refused: n(&self.mqtt_certificates_refused),
             device_messages_rate_limited: n(&self.device_messages_rate_limited),
             device_pushes_busy: n(&self.device_pushes_busy),
+            device_push_changes_covered: n(&self.device_push_changes_covered),
+            device_pushes_covered: n(&self.device_pushes_covered),
             device_messages_refused: n(&self.device_messages_refused),
             device_messages_without_session: n(&self.device_messages_without_session),
             device_pushes_of_ended_sessions: n(&self.device_pushes_of_ended_sessions),

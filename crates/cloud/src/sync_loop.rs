@@ -1320,6 +1320,10 @@ impl SyncLoop {
         s.device_messages_rate_limited
             .store(e.rate_limited, Ordering::Relaxed);
         s.device_pushes_busy.store(e.pushes_busy, Ordering::Relaxed);
+        s.device_push_changes_covered
+            .store(e.push_changes_covered, Ordering::Relaxed);
+        s.device_pushes_covered
+            .store(e.pushes_covered, Ordering::Relaxed);
         s.device_messages_refused
             .store(e.messages_refused, Ordering::Relaxed);
         s.device_messages_without_session

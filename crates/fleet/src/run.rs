@@ -1150,6 +1150,7 @@ fn report(
         cloud,
         cloud_counts: CloudCounts {
             push_changes_applied: delta("push_changes_applied"),
+            push_changes_covered: delta("device_push_changes_covered"),
             device_changes_applied,
             sessions_resyncing_max: shared.sessions_resyncing_max.load(Ordering::Relaxed),
             store_commits: delta("store_commits"),

@@ -63,6 +63,14 @@ pub struct CloudEngineConfig {
     /// answered [`ErrorCode::Busy`] naming its batch (at most once per retry interval) and
     /// counted; the device resends that batch after the interval. Default 4.
     pub max_pushes_in_progress: usize,
+    /// Most changes of one device's pushes in progress whose copies the engine recognises.
+    /// A device whose push waits longer than its retransmit timeout sends the push's changes
+    /// again in a new batch; a change of that copy with the key and version of a change still
+    /// in progress is not applied again: the original's answer, which names key and version,
+    /// answers the device for both ([`CloudEngineStats::push_changes_covered`]). Beyond this
+    /// many changes in progress a copy is applied again (a replay, answered as before).
+    /// Default 256 (8 bytes each).
+    pub max_covered_changes: usize,
     /// Least time a device told [`ErrorCode::Busy`] waits before it pushes again, in ms.
     /// Default 1000. The time told is the longer of this and how long the device's oldest push
     /// in progress has waited (capped by `ack_timeout_max_ms`): a cloud with a queue of ten
@@ -101,6 +109,7 @@ impl Default for CloudEngineConfig {
             ack_timeout_max_ms: 60_000,
             max_page_retries: 8,
             max_pushes_in_progress: 4,
+            max_covered_changes: 256,
             busy_retry_ms: 1000,
             device_rate: RateLimit {
                 per_sec: 50,
@@ -132,6 +141,13 @@ impl CloudEngineConfig {
             .checked_next_power_of_two()
             .unwrap_or(usize::MAX)
             .max(4)
+            .saturating_mul(std::mem::size_of::<PushTaken>());
+        // The fingerprints of the changes in progress: a VecDeque doubles, from four slots.
+        let covered = self
+            .max_covered_changes
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX)
+            .max(4)
             .saturating_mul(std::mem::size_of::<u64>());
         let snapshot = std::mem::size_of::<SnapTx>()
             + slots * std::mem::size_of::<SentPage>()
@@ -142,6 +158,7 @@ impl CloudEngineConfig {
             + 2 * id
             + std::mem::size_of::<u64>()
             + pushes
+            + covered
             + feed.max(snapshot)
     }
 }
@@ -153,6 +170,13 @@ pub struct CloudEngineStats {
     pub rate_limited: u64,
     /// Pushes not taken because their device had `max_pushes_in_progress` being applied.
     pub pushes_busy: u64,
+    /// Pushed changes not applied because a push of the same session still in progress
+    /// carries the same key and version (a copy the device sent when its retransmit timer
+    /// fired while the cloud held the original): the original's answer answers them.
+    pub push_changes_covered: u64,
+    /// Pushes not taken at all because every change of theirs was covered that way (not
+    /// answered: the originals' answers are the device's answer).
+    pub pushes_covered: u64,
     /// Messages answered with an error: undecodable, too large, of another protocol version, a
     /// bad schema string, or a push of more than `max_push_changes` changes.
     pub messages_refused: u64,
@@ -478,6 +502,29 @@ struct Hello {
     mark: Option<DeviceMark>,
 }
 
+/// A push handed to the driver and not yet answered.
+#[derive(Clone, Copy, Debug)]
+struct PushTaken {
+    /// When it was taken (a `busy` answer asks for as long as the oldest has waited).
+    taken_ms: u64,
+    /// How many fingerprints it put at the back of [`Session::covered`].
+    covered: usize,
+}
+
+/// A change's identity for recognising a copy: model, key and version, hashed. Two different
+/// changes with one fingerprint (a 64-bit collision, or a device crafting one) cost only that
+/// device: its change is left unanswered and its retransmit timer sends it again, when the
+/// push that covered it is no longer in progress.
+fn change_fingerprint(c: &Change) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Keys fixed: the simulation is deterministic, and a collision harms nobody else.
+    let mut h = std::hash::DefaultHasher::new();
+    c.model.hash(&mut h);
+    c.key.hash(&mut h);
+    c.version.hash(&mut h);
+    h.finish()
+}
+
 /// What the cloud knows about one connected device.
 #[derive(Clone, Debug)]
 struct Session {
@@ -487,9 +534,12 @@ struct Session {
     schema: String,
     /// When it was last heard from.
     last_seen_ms: u64,
-    /// Pushes handed to the driver and not yet answered: when each was taken, oldest first
-    /// (the store answers a device's pushes in order). At most `max_pushes_in_progress`.
-    pushes: VecDeque<u64>,
+    /// Pushes handed to the driver and not yet answered, oldest first (the store answers a
+    /// device's pushes in order). At most `max_pushes_in_progress`.
+    pushes: VecDeque<PushTaken>,
+    /// Fingerprints ([`change_fingerprint`]) of the changes of `pushes` this session took, in
+    /// the same order: a copy of one is not taken again. At most `max_covered_changes`.
+    covered: VecDeque<u64>,
     /// Its message rate.
     limiter: Limiter,
     /// Feed or resync streaming.
@@ -646,6 +696,8 @@ impl CloudEngine {
                 + s.schema.len()
                 + 2 * id
                 + std::mem::size_of::<u64>()
+                + s.pushes.capacity() * std::mem::size_of::<PushTaken>()
+                + s.covered.capacity() * std::mem::size_of::<u64>()
                 + mode,
         )
     }
@@ -745,11 +797,32 @@ impl CloudEngine {
                     self.stats.pushes_of_ended_sessions += 1;
                     return;
                 }
+                // A copy of changes still in progress (the device's timer fired while the
+                // store held the original) is not applied again: the original's answer names
+                // key and version, and answers the copy's changes too.
+                let mut changes = changes;
+                if !s.covered.is_empty() {
+                    let before = changes.len();
+                    changes.retain(|c| !s.covered.contains(&change_fingerprint(c)));
+                    let covered = (before - changes.len()) as u64;
+                    self.stats.push_changes_covered += covered;
+                    if covered > 0 && changes.is_empty() {
+                        self.stats.pushes_covered += 1;
+                        return;
+                    }
+                }
                 if s.pushes.len() >= max {
                     self.busy(now_ms, from, batch);
                     return;
                 }
-                s.pushes.push_back(now_ms);
+                let room = self.cfg.max_covered_changes.saturating_sub(s.covered.len());
+                let fingerprints = changes.iter().take(room).map(change_fingerprint);
+                let before = s.covered.len();
+                s.covered.extend(fingerprints);
+                s.pushes.push_back(PushTaken {
+                    taken_ms: now_ms,
+                    covered: s.covered.len() - before,
+                });
                 // Agents from before version tags announce a bare `version`: they get the strict
                 // check they were built for.
                 let from_neighbour = s.schema != self.cfg.schema_version && s.schema.contains('+');
@@ -902,7 +975,14 @@ impl CloudEngine {
         let mut answered = None;
         let mut session = None;
         if let Some(s) = self.sessions.get_mut(device) {
-            s.pushes.pop_front();
+            if let Some(p) = s.pushes.pop_front() {
+                s.covered.drain(..p.covered.min(s.covered.len()));
+                // An idle session keeps no room for a burst it had: memory per connected
+                // device is what a fleet's cloud pays for.
+                if s.covered.is_empty() && s.covered.capacity() > 16 {
+                    s.covered = VecDeque::new();
+                }
+            }
             session = Some(s.session);
             if let Some(a) = &mut s.answered {
                 *a = a.saturating_add(results.len() as u64);
@@ -1437,7 +1517,7 @@ impl CloudEngine {
         let waited = s
             .pushes
             .front()
-            .map_or(0, |taken| now_ms.saturating_sub(*taken));
+            .map_or(0, |p| now_ms.saturating_sub(p.taken_ms));
         let retry = waited
             .min(self.cfg.ack_timeout_max_ms)
             .max(self.cfg.busy_retry_ms)
@@ -1580,11 +1660,17 @@ impl CloudEngine {
                 return;
             }
         }
-        let pushes = self
+        // The old session's pushes are still answered in order, but their answers are not sent
+        // (`acks_dropped`): they cover no copy of the new session, whose changes the device
+        // requeued when it started it.
+        let pushes: VecDeque<PushTaken> = self
             .sessions
             .get_mut(from)
             .map(|s| std::mem::take(&mut s.pushes))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| PushTaken { covered: 0, ..p })
+            .collect();
         // The rate carries over a new session: the old one's, or the one its last session
         // left (this hello took a token of it already), or a fresh bucket less this hello.
         let limit = self.cfg.device_rate;
@@ -1610,6 +1696,7 @@ impl CloudEngine {
                 schema: schema.clone(),
                 last_seen_ms: now_ms,
                 pushes,
+                covered: VecDeque::new(),
                 limiter,
                 mode: Mode::Feed(FeedTx {
                     acked: cursor,
@@ -1787,12 +1874,127 @@ mod tests {
         outputs(c)
     }
 
+    /// A push of `n` changes of its own (keys named after the batch).
     fn push(batch: u64, n: usize) -> UpMsg {
         UpMsg::Push {
             batch,
-            changes: (0..n).map(|i| delete(&format!("k{i}"), 1)).collect(),
+            changes: (0..n)
+                .map(|i| delete(&format!("b{batch}k{i}"), 1))
+                .collect(),
             session: None,
         }
+    }
+
+    fn push_of(batch: u64, changes: &[(&str, u64)]) -> UpMsg {
+        UpMsg::Push {
+            batch,
+            changes: changes.iter().map(|(k, v)| delete(k, *v)).collect(),
+            session: None,
+        }
+    }
+
+    /// The changes of the pushes handed to the driver, by batch.
+    fn taken(a: &[CloudAction]) -> Vec<(u64, Vec<String>)> {
+        a.iter()
+            .filter_map(|a| match a {
+                CloudAction::ApplyPush { batch, changes, .. } => Some((
+                    *batch,
+                    changes
+                        .iter()
+                        .map(|c| format!("{}@{}", c.key.sk, c.version.wall_ms))
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_copy_of_changes_still_being_applied_is_not_applied_again() {
+        let mut c = CloudEngine::new(CloudEngineConfig {
+            device_rate: RateLimit::UNLIMITED,
+            ..CloudEngineConfig::default()
+        });
+        hello(&mut c, 0);
+        let (_, a) = send(&mut c, 10, &push_of(1, &[("a", 1), ("b", 1)]));
+        assert_eq!(taken(&a), vec![(1, vec!["a@1".into(), "b@1".into()])]);
+        // The device's timer fired while the store held batch 1: the same changes in batch 2.
+        let (m, a) = send(&mut c, 20, &push_of(2, &[("b", 1), ("a", 1)]));
+        assert!(m.is_empty() && a.is_empty(), "{m:?} {a:?}");
+        assert_eq!(c.stats().push_changes_covered, 2);
+        assert_eq!(c.stats().pushes_covered, 1);
+        // A copy merged with new work: only the new work is taken; so is a newer version.
+        let (_, a) = send(&mut c, 30, &push_of(3, &[("a", 1), ("c", 1), ("b", 2)]));
+        assert_eq!(taken(&a), vec![(3, vec!["c@1".into(), "b@2".into()])]);
+        assert_eq!(c.stats().push_changes_covered, 3);
+        assert_eq!(c.stats().pushes_covered, 1);
+        // Batch 1 answered: its changes are no longer in progress, and a later copy (its
+        // answer was lost) is applied again and answered, as a replay.
+        let ack = |b: u64, keys: &[&str]| {
+            keys.iter()
+                .map(|k| ChangeResult {
+                    model: "M".into(),
+                    key: ItemKey {
+                        pk: "p".into(),
+                        sk: (*k).into(),
+                    },
+                    version: Hlc {
+                        wall_ms: b,
+                        counter: 0,
+                        node: 1,
+                    },
+                    kept: None,
+                    status: wire::ChangeStatus::Applied,
+                })
+                .collect()
+        };
+        c.handle_push_applied(40, &dev(), 1, ack(1, &["a", "b"]));
+        outputs(&mut c);
+        let (_, a) = send(&mut c, 50, &push_of(4, &[("a", 1), ("c", 1)]));
+        assert_eq!(
+            taken(&a),
+            vec![(4, vec!["a@1".into()])],
+            "c@1 is still in progress in batch 3"
+        );
+        // A new session: the pushes of the old one are answered to nobody, so they cover
+        // nothing the device sends again.
+        c.handle_push_applied(60, &dev(), 3, ack(1, &["c"]));
+        let bytes = wire::encode_up(
+            "1",
+            &UpMsg::Hello {
+                session: 10,
+                cursor: 0,
+                pending: 0,
+                mark: None,
+            },
+            &WireConfig::default(),
+        )
+        .unwrap();
+        c.handle_message(70, 1_700_000_000_000, &dev(), &bytes);
+        outputs(&mut c);
+        let (_, a) = send(&mut c, 80, &push_of(5, &[("a", 1)]));
+        assert_eq!(taken(&a), vec![(5, vec!["a@1".into()])]);
+        assert_eq!(c.stats().push_changes_covered, 4);
+        assert_eq!(c.stats().pushes_covered, 1);
+    }
+
+    #[test]
+    fn copies_are_recognised_up_to_the_configured_number_of_changes_in_progress() {
+        let mut c = CloudEngine::new(CloudEngineConfig {
+            device_rate: RateLimit::UNLIMITED,
+            max_covered_changes: 2,
+            ..CloudEngineConfig::default()
+        });
+        hello(&mut c, 0);
+        send(&mut c, 10, &push_of(1, &[("a", 1), ("b", 1), ("c", 1)]));
+        let (_, a) = send(&mut c, 20, &push_of(2, &[("a", 1), ("b", 1), ("c", 1)]));
+        assert_eq!(
+            taken(&a),
+            vec![(2, vec!["c@1".into()])],
+            "beyond the bound a copy is a replay"
+        );
+        assert_eq!(c.stats().push_changes_covered, 2);
+        assert!(c.session_state_bytes(&dev()).unwrap() <= c.cfg.session_state_bound(0));
     }
 
     fn throttled(a: &[CloudAction]) -> Vec<(u64, u64)> {

@@ -438,6 +438,13 @@ pub struct DeviceEngine {
     backoff: u32,
     /// How long the cloud takes to answer a push: the first retransmit timeout follows it.
     rtt: crate::rtt::RttEstimate,
+    /// Pushes whose retransmit timer fired in this session, with when each was sent, newest
+    /// last (at most `2 × max_in_flight`). Each batch id is sent once (a timeout dissolves the
+    /// batch and its changes go out under a new id), so a late answer to one of them is no
+    /// ambiguous sample (Karn's problem does not arise): it is exactly the wait the timer
+    /// under-estimated, and the estimate learns it. Without it a cloud whose queue grew past
+    /// the estimate would never be measured, and every push would time out and be sent twice.
+    timed_out: VecDeque<(u64, u64)>,
     /// The page handed to the driver, if any (one at a time).
     applying: Option<ApplyPage>,
     /// Accepted pages waiting to be applied.
@@ -496,6 +503,7 @@ impl DeviceEngine {
             next_batch,
             backoff: 0,
             rtt: crate::rtt::RttEstimate::default(),
+            timed_out: VecDeque::new(),
             applying: None,
             inbox: VecDeque::new(),
             tail: restored.cursor,
@@ -904,14 +912,20 @@ impl DeviceEngine {
                 }
             }
         }
-        let expired: Vec<(u64, u32)> = self
+        let expired: Vec<(u64, u32, Option<u64>)> = self
             .batches
             .iter()
             .filter(|(_, b)| b.deadline <= now_ms)
-            .map(|(id, b)| (*id, b.level))
+            .map(|(id, b)| (*id, b.level, (!b.loading).then_some(b.sent_ms)))
             .collect();
-        for (id, level) in expired {
+        for (id, level, sent) in expired {
             self.backoff = self.backoff.max(level.saturating_add(1));
+            if let Some(sent) = sent {
+                if self.timed_out.len() >= 2 * self.cfg.max_in_flight.max(1) {
+                    self.timed_out.pop_front();
+                }
+                self.timed_out.push_back((id, sent));
+            }
             self.dissolve(id);
         }
         self.flush(now_ms);
@@ -1123,6 +1137,23 @@ impl DeviceEngine {
         }
     }
 
+    /// Takes an answered key out of the batch `id` that carries a copy of it, and frees the
+    /// batch's slot if nothing is left to answer in it (a batch still loading is left to
+    /// [`Self::handle_batch_loaded`], which skips keys without an entry).
+    fn forget_in_batch(&mut self, id: u64, k: &(String, ItemKey), version: Hlc) {
+        let Some(b) = self.batches.get_mut(&id) else {
+            return;
+        };
+        if b.loading {
+            return;
+        }
+        b.keys
+            .retain(|(m, key, v)| !(m == &k.0 && key == &k.1 && *v == version));
+        if b.keys.is_empty() {
+            self.batches.remove(&id);
+        }
+    }
+
     fn dissolve(&mut self, id: u64) {
         if let Some(batch) = self.batches.remove(&id) {
             for (model, key, _) in batch.keys {
@@ -1132,6 +1163,8 @@ impl DeviceEngine {
     }
 
     fn dissolve_all(&mut self) {
+        // Answers across a reconnect would time the outage, not the cloud.
+        self.timed_out.clear();
         let ids: Vec<u64> = self.batches.keys().copied().collect();
         for id in ids {
             self.dissolve(id);
@@ -1158,9 +1191,12 @@ impl DeviceEngine {
     ) {
         self.backoff = 0;
         // Each batch is sent once (a timeout dissolves it; its keys go out in a new batch), so
-        // the answer of one in the window times exactly one send.
+        // the answer of one in the window, or of one whose timer fired, times exactly one send.
         if let Some(b) = self.batches.get(&batch).filter(|b| !b.loading) {
             self.rtt.observe(now_ms.saturating_sub(b.sent_ms));
+        } else if let Some(i) = self.timed_out.iter().position(|(id, _)| *id == batch) {
+            let (_, sent) = self.timed_out.remove(i).unwrap_or_default();
+            self.rtt.observe(now_ms.saturating_sub(sent));
         }
         let mut removed = Vec::new();
         for r in results {
@@ -1208,6 +1244,12 @@ impl DeviceEngine {
                 let Some(e) = self.remove_entry(&k) else {
                     continue;
                 };
+                // The answer may come from an earlier send of this version, whose timer fired:
+                // the copy in flight needs no answer of its own (a cloud that still held the
+                // original sends none), so it stops holding a slot of the window.
+                if let Some((copy, _)) = e.in_flight.filter(|(b, _)| *b != batch) {
+                    self.forget_in_batch(copy, &k, r.version);
+                }
                 match r.status {
                     ChangeStatus::Rejected { reason } => {
                         let change = self.sent_change(&k, &e);
@@ -1847,6 +1889,56 @@ mod tests {
         // Once answers have been timed, every later write is sent once.
         let late: Vec<_> = sends.iter().filter(|(k, _)| k.as_str() >= "k04").collect();
         assert!(late.iter().all(|(_, n)| **n == 1), "{sends:?}");
+    }
+
+    #[test]
+    fn a_late_answer_to_a_push_whose_timer_fired_times_the_cloud_and_frees_the_copys_slot() {
+        let mut e = ready(&[]);
+        let load = |e: &mut DeviceEngine, now: u64| {
+            let (batch, keys) = load_request(e);
+            let changes = keys
+                .iter()
+                .map(|k| change(k, k[1..].parse().unwrap(), 0))
+                .collect();
+            e.handle_batch_loaded(now, batch, changes);
+        };
+        e.handle_local_change(10, change("a1", 1, 0));
+        load(&mut e, 10);
+        let [(first, _)] = sent(&mut e)[..] else {
+            panic!()
+        };
+        // The cloud holds the push longer than the device's first timeout: a copy goes out.
+        let fired = e.poll_timeout().unwrap();
+        assert!(
+            fired < 2_000,
+            "no answer timed yet: the first timeout, {fired}"
+        );
+        e.handle_timeout(fired);
+        load(&mut e, fired);
+        let [(copy, ref changes)] = sent(&mut e)[..] else {
+            panic!()
+        };
+        assert_ne!(copy, first);
+        assert_eq!(changes, &[("a1".to_string(), 1)]);
+        // The original's answer, 8 s after it was sent, answers the copy's change too: the
+        // copy no longer holds a slot (a cloud that still held the original never answers it).
+        ack(&mut e, 8_010, first, &[("a1", 1)]);
+        assert!(matches!(
+            e.poll_action(),
+            Some(DeviceAction::OutboxRemove { .. })
+        ));
+        assert_eq!(e.pending(), 0);
+        assert_eq!(e.in_flight(), 0, "the copy's slot is free");
+        assert_eq!(e.poll_timeout(), None, "no timer left for the copy");
+        // And the 8 s it took are the estimate now: the next push is not resent after 1 s.
+        e.handle_local_change(8_020, change("b2", 2, 0));
+        load(&mut e, 8_020);
+        assert_eq!(sent(&mut e).len(), 1);
+        let timeout = e.poll_timeout().unwrap() - 8_020;
+        assert!(
+            timeout > 8_000,
+            "the retransmit timeout follows the late answer: {timeout}"
+        );
     }
 
     #[test]

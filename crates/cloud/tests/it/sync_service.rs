@@ -486,6 +486,112 @@ async fn a_flood_of_pushes_is_answered_completely_with_backpressure_and_no_drop(
     cloud.shutdown().await;
 }
 
+/// A device whose retransmit timer fires while the cloud still applies its push sends the
+/// push's changes again in a new batch. Through the real service (embedded broker, SQLite), a
+/// copy that arrives while the original is in progress is not applied again and not answered:
+/// the original's answer names key and version, and answers it. The status counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_push_in_progress_is_answered_by_the_original_and_counted() {
+    const PAIRS: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.sync.device_rate.per_sec = 0;
+    c.sync.max_pushes_in_progress = 2 * PAIRS as usize;
+    let cloud = started(c).await;
+    let key = admin_key(&cloud).await;
+    let secret = cloud.register_device(&device(0)).await.expect("register");
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secret).await;
+    assert!(dev.hello(1, 0).await, "welcomed");
+    dev.finish_resync().await;
+    let now = wall_ms();
+    // Each push followed at once by its copy: the copy is read while the original's store job
+    // (a commit) is still out.
+    for i in 1..=PAIRS {
+        let change = put_of(&device(0), "Setting", &format!("s{i}"), now + i);
+        for batch in [2 * i, 2 * i + 1] {
+            dev.send(&UpMsg::Push {
+                batch,
+                changes: vec![change.clone()],
+                session: None,
+            })
+            .await;
+        }
+    }
+    let status = eventually("every push applied or covered", || async {
+        let (_, status) = get_as(cloud.api_addr, "/v1/status", &key).await;
+        let n = |k: &str| status[k].as_u64().unwrap_or(0);
+        let done = n("push_changes_applied") + n("device_push_changes_covered");
+        if done == 2 * PAIRS {
+            Ok(status)
+        } else {
+            Err(format!("{done} of {}: {status}", 2 * PAIRS))
+        }
+    })
+    .await;
+    let n = |k: &str| status[k].as_u64().unwrap_or(u64::MAX);
+    let covered = n("device_push_changes_covered");
+    assert!(
+        covered >= 1,
+        "no copy arrived while its original was in progress: {status}"
+    );
+    assert_eq!(n("device_pushes_covered"), covered, "{status}");
+    // Every original answered; a copy only when its original was done before it arrived.
+    let mut answers = std::collections::BTreeSet::new();
+    while answers.len() < (2 * PAIRS - covered) as usize {
+        let batch = dev
+            .recv(|m| match m {
+                DownMsg::PushAck { batch, .. } => Some(*batch),
+                _ => None,
+            })
+            .await
+            .unwrap_or_else(|| panic!("answers: {answers:?}, {status}"));
+        assert!(answers.insert(batch), "batch {batch} answered twice");
+    }
+    assert!(
+        (1..=PAIRS).all(|i| answers.contains(&(2 * i))),
+        "{answers:?}"
+    );
+    cloud.shutdown().await;
+}
+
+/// The embedded broker's limits come from the cloud's configuration: a packet over
+/// `max_packet_bytes` is not taken (the broker closes the connection), one under it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_enforces_the_configured_packet_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.broker_limits.max_packet_bytes = 4096;
+    let cloud = started(c).await;
+    let secret = cloud.register_device(&device(0)).await.expect("register");
+    let mut dev = RawDevice::connect(&cloud.mqtt_addr, device(0), &secret).await;
+    assert!(dev.hello(1, 0).await, "welcomed");
+    dev.finish_resync().await;
+    let now = wall_ms();
+    let small = put_of(&device(0), "Setting", "small", now);
+    dev.send(&UpMsg::Push {
+        batch: 1,
+        changes: vec![small],
+        session: None,
+    })
+    .await;
+    assert_eq!(dev.push_answered(1).await, Some(1), "under the limit");
+    let mut large = put_of(&device(0), "Setting", "large", now + 1);
+    if let Some(item) = &mut large.item {
+        item.insert("value".into(), "x".repeat(8192).into());
+    }
+    dev.send(&UpMsg::Push {
+        batch: 2,
+        changes: vec![large],
+        session: None,
+    })
+    .await;
+    assert!(
+        dev.closed().await,
+        "a packet over the limit closes the connection"
+    );
+    cloud.shutdown().await;
+}
+
 /// Writes a `Firmware` item: a broadcast to every device of [`ACCOUNT`].
 async fn write_firmware(cloud: &Cloud) {
     let mut firmware = devtables_schema::Item::new();

@@ -334,6 +334,8 @@ impl Sim {
             ack_timeout_max_ms: 20_000,
             max_page_retries: 8,
             max_pushes_in_progress: 4,
+            // Small, so both a covered copy and a copy beyond the bound (a replay) happen.
+            max_covered_changes: 8,
             busy_retry_ms: 500,
             // Tight, so floods of retransmits and duplicates are refused and the devices back
             // off: the seeds prove nothing is lost to the rate limit.
