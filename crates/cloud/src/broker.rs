@@ -105,7 +105,6 @@
 //! "busy" refusal is disabled: refusing devices during a load spike would only cause reconnect
 //! storms.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
@@ -130,6 +129,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::broker_publish::EmbeddedPublisher;
+use crate::broker_slots::DeviceSlots;
 use crate::warn_limit::WarnLimiter;
 
 /// Who a connected client is, decided at CONNECT by the authenticator.
@@ -529,8 +529,9 @@ impl Broker {
             cert_listener: config.device_certs.as_ref().map(|_| CERT_LISTENER),
             certificate_refusals: config.certificate_refusals.clone(),
             device_messages: config.device_messages.clone(),
-            device_slots: Arc::default(),
-            max_device_messages_waiting: limits.max_device_messages_waiting,
+            device_slots: Arc::new(Mutex::new(DeviceSlots::new(
+                limits.max_device_messages_waiting,
+            ))),
             drops: config.drops.clone(),
             drop_warn: Arc::new(Mutex::new(WarnLimiter::new(WarnLimiter::INTERVAL))),
             login_refusals: Arc::new(Mutex::new(LoginRefusals::new())),
@@ -759,11 +760,8 @@ struct AclHandler {
     certificate_refusals: Arc<AtomicU64>,
     /// Where device messages go in-process, if anywhere ([`BrokerConfig::device_messages`]).
     device_messages: Option<mpsc::UnboundedSender<DeviceMessage>>,
-    /// Per device (client id), its slots for messages handed over and not yet taken. An entry
-    /// stays after its device leaves (a few dozen bytes per device that ever connected since
-    /// the start: only registered devices get this far).
-    device_slots: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
-    max_device_messages_waiting: usize,
+    /// Per device (client id), its slots for messages handed over and not yet taken.
+    device_slots: Arc<Mutex<DeviceSlots>>,
     drops: Arc<AtomicU64>,
     drop_warn: Arc<Mutex<WarnLimiter>>,
     /// The rate of the log lines of refused logins, per username.
@@ -1173,18 +1171,10 @@ impl AclHandler {
 
     /// The slots of device `client_id` ([`BrokerLimits::max_device_messages_waiting`]).
     fn slots_of(&self, client_id: &str) -> Arc<Semaphore> {
-        let mut slots = self
-            .device_slots
+        self.device_slots
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match slots.get(client_id) {
-            Some(s) => s.clone(),
-            None => {
-                let s = Arc::new(Semaphore::new(self.max_device_messages_waiting));
-                slots.insert(client_id.to_string(), s.clone());
-                s
-            }
-        }
+            .unwrap_or_else(PoisonError::into_inner)
+            .of(client_id)
     }
 
     fn check_publish(&self, session: &Session, publish: &Publish) -> PublishAclResult {

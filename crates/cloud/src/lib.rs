@@ -49,6 +49,8 @@ pub mod broker_hash;
 #[cfg(feature = "service")]
 pub mod broker_publish;
 #[cfg(feature = "service")]
+mod broker_slots;
+#[cfg(feature = "service")]
 pub mod ca;
 #[cfg(feature = "service")]
 pub mod cluster;

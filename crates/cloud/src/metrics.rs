@@ -262,6 +262,10 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "Pushed changes not applied again: a copy of a change still being applied (answered by the original)",
     ),
     counter(
+        "device_push_changes_reanswered",
+        "Pushed changes answered applied again without the store: a late copy of a change just applied",
+    ),
+    counter(
         "device_pushes_covered",
         "Device pushes not taken: every change a copy of one still being applied",
     ),

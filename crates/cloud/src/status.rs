@@ -114,8 +114,13 @@ pub struct SyncStatus {
     /// carries the same key and version (the device's timer fired while the cloud held the
     /// original): the original's answer answers the copy. Not a loss: what a busy cloud saves.
     pub(crate) device_push_changes_covered: AtomicU64,
-    /// Pushes not taken because every change of theirs was covered that way.
+    /// Pushes not taken because every change of theirs was covered that way (or answered
+    /// again from memory: no store job).
     pub(crate) device_pushes_covered: AtomicU64,
+    /// Pushed changes answered `applied` again without a store job: a copy that queued behind
+    /// its original (in the broker's handover, while the cloud was behind) and reached the
+    /// engine after the original was answered.
+    pub(crate) device_push_changes_reanswered: AtomicU64,
     /// Device messages answered with an error (undecodable, too large, another protocol
     /// version, a bad schema string, too many changes in a push).
     pub(crate) device_messages_refused: AtomicU64,
@@ -286,6 +291,7 @@ pub struct StatusSnapshot {
     pub device_pushes_busy: u64,
     pub device_push_changes_covered: u64,
     pub device_pushes_covered: u64,
+    pub device_push_changes_reanswered: u64,
     pub device_messages_refused: u64,
     pub device_messages_without_session: u64,
     pub device_pushes_of_ended_sessions: u64,
@@ -390,6 +396,7 @@ impl SyncStatus {
             device_pushes_busy: n(&self.device_pushes_busy),
             device_push_changes_covered: n(&self.device_push_changes_covered),
             device_pushes_covered: n(&self.device_pushes_covered),
+            device_push_changes_reanswered: n(&self.device_push_changes_reanswered),
             device_messages_refused: n(&self.device_messages_refused),
             device_messages_without_session: n(&self.device_messages_without_session),
             device_pushes_of_ended_sessions: n(&self.device_pushes_of_ended_sessions),

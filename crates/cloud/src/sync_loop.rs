@@ -1324,6 +1324,8 @@ impl SyncLoop {
             .store(e.push_changes_covered, Ordering::Relaxed);
         s.device_pushes_covered
             .store(e.pushes_covered, Ordering::Relaxed);
+        s.device_push_changes_reanswered
+            .store(e.push_changes_reanswered, Ordering::Relaxed);
         s.device_messages_refused
             .store(e.messages_refused, Ordering::Relaxed);
         s.device_messages_without_session

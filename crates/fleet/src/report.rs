@@ -156,6 +156,9 @@ pub struct CloudCounts {
     /// `device_push_changes_covered`: resent copies of changes still being applied, not applied
     /// again (the original's answer answers them).
     pub push_changes_covered: Option<u64>,
+    /// `device_push_changes_reanswered`: late copies of changes just applied, answered again
+    /// without a store job.
+    pub push_changes_reanswered: Option<u64>,
     /// The sum of the simulated devices' `changes_applied` (each stored write once).
     pub device_changes_applied: Option<u64>,
     /// The most sessions seen in a full resync at once (`sessions_resyncing`, read each second).
@@ -367,10 +370,11 @@ impl FleetReport {
         row(
             "cloud counts",
             format!(
-                "push_changes_applied {} (copies covered {}), devices' changes_applied {}, \
-                 {} store jobs in {} commits",
+                "push_changes_applied {} (copies covered {}, answered again {}), \
+                 devices' changes_applied {}, {} store jobs in {} commits",
                 count(self.cloud_counts.push_changes_applied),
                 count(self.cloud_counts.push_changes_covered),
+                count(self.cloud_counts.push_changes_reanswered),
                 count(self.cloud_counts.device_changes_applied),
                 count(self.cloud_counts.store_jobs_committed),
                 count(self.cloud_counts.store_commits)

@@ -1151,6 +1151,7 @@ fn report(
         cloud_counts: CloudCounts {
             push_changes_applied: delta("push_changes_applied"),
             push_changes_covered: delta("device_push_changes_covered"),
+            push_changes_reanswered: delta("device_push_changes_reanswered"),
             device_changes_applied,
             sessions_resyncing_max: shared.sessions_resyncing_max.load(Ordering::Relaxed),
             store_commits: delta("store_commits"),

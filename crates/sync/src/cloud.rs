@@ -71,6 +71,13 @@ pub struct CloudEngineConfig {
     /// many changes in progress a copy is applied again (a replay, answered as before).
     /// Default 256 (8 bytes each).
     pub max_covered_changes: usize,
+    /// How many of a session's changes last answered `applied` the engine remembers (8 bytes
+    /// each). A copy that arrives after its original was answered (it queued behind it, before
+    /// the engine: in the broker's handover or the socket, while the cloud was behind) is
+    /// answered `applied` again at once, without a store job
+    /// ([`CloudEngineStats::push_changes_reanswered`]): the store's work goes to new changes.
+    /// Default 32; 0 sends every such copy to the store (a replay, answered as before).
+    pub remembered_answers: usize,
     /// Least time a device told [`ErrorCode::Busy`] waits before it pushes again, in ms.
     /// Default 1000. The time told is the longer of this and how long the device's oldest push
     /// in progress has waited (capped by `ack_timeout_max_ms`): a cloud with a queue of ten
@@ -110,6 +117,7 @@ impl Default for CloudEngineConfig {
             max_page_retries: 8,
             max_pushes_in_progress: 4,
             max_covered_changes: 256,
+            remembered_answers: 32,
             busy_retry_ms: 1000,
             device_rate: RateLimit {
                 per_sec: 50,
@@ -152,8 +160,14 @@ impl CloudEngineConfig {
         let snapshot = std::mem::size_of::<SnapTx>()
             + slots * std::mem::size_of::<SentPage>()
             + (3 + window) * longest_cursor;
+        let remembered = self
+            .remembered_answers
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX)
+            .saturating_mul(std::mem::size_of::<u64>());
         std::mem::size_of::<Session>()
             + wire::MAX_SCHEMA_BYTES
+            + remembered
             // The sessions map's key, and the timer entry's.
             + 2 * id
             + std::mem::size_of::<u64>()
@@ -174,9 +188,12 @@ pub struct CloudEngineStats {
     /// carries the same key and version (a copy the device sent when its retransmit timer
     /// fired while the cloud held the original): the original's answer answers them.
     pub push_changes_covered: u64,
-    /// Pushes not taken at all because every change of theirs was covered that way (not
-    /// answered: the originals' answers are the device's answer).
+    /// Pushes not taken at all because every change of theirs was covered that way, or
+    /// answered from memory (below): no store job.
     pub pushes_covered: u64,
+    /// Pushed changes answered `applied` again without a store job: a copy of a change the
+    /// same session's push was answered `applied` for, among the last `remembered_answers`.
+    pub push_changes_reanswered: u64,
     /// Messages answered with an error: undecodable, too large, of another protocol version, a
     /// bad schema string, or a push of more than `max_push_changes` changes.
     pub messages_refused: u64,
@@ -515,14 +532,18 @@ struct PushTaken {
 /// changes with one fingerprint (a 64-bit collision, or a device crafting one) cost only that
 /// device: its change is left unanswered and its retransmit timer sends it again, when the
 /// push that covered it is no longer in progress.
-fn change_fingerprint(c: &Change) -> u64 {
+fn change_fingerprint(model: &str, key: &ItemKey, version: crate::hlc::Hlc) -> u64 {
     use std::hash::{Hash, Hasher};
     // Keys fixed: the simulation is deterministic, and a collision harms nobody else.
     let mut h = std::hash::DefaultHasher::new();
-    c.model.hash(&mut h);
-    c.key.hash(&mut h);
-    c.version.hash(&mut h);
+    model.hash(&mut h);
+    key.hash(&mut h);
+    version.hash(&mut h);
     h.finish()
+}
+
+fn fingerprint_of(c: &Change) -> u64 {
+    change_fingerprint(&c.model, &c.key, c.version)
 }
 
 /// What the cloud knows about one connected device.
@@ -540,6 +561,9 @@ struct Session {
     /// Fingerprints ([`change_fingerprint`]) of the changes of `pushes` this session took, in
     /// the same order: a copy of one is not taken again. At most `max_covered_changes`.
     covered: VecDeque<u64>,
+    /// Fingerprints of the changes this session's pushes were last answered `applied` for,
+    /// newest last: a copy of one is answered again from here. At most `remembered_answers`.
+    answered_applied: VecDeque<u64>,
     /// Its message rate.
     limiter: Limiter,
     /// Feed or resync streaming.
@@ -698,6 +722,7 @@ impl CloudEngine {
                 + std::mem::size_of::<u64>()
                 + s.pushes.capacity() * std::mem::size_of::<PushTaken>()
                 + s.covered.capacity() * std::mem::size_of::<u64>()
+                + s.answered_applied.capacity() * std::mem::size_of::<u64>()
                 + mode,
         )
     }
@@ -800,23 +825,50 @@ impl CloudEngine {
                 // A copy of changes still in progress (the device's timer fired while the
                 // store held the original) is not applied again: the original's answer names
                 // key and version, and answers the copy's changes too.
+                // A copy that queued behind its original, answered meanwhile, is answered
+                // again from memory, without a store job.
                 let mut changes = changes;
-                if !s.covered.is_empty() {
+                let mut again = Vec::new();
+                if !s.covered.is_empty() || !s.answered_applied.is_empty() {
                     let before = changes.len();
-                    changes.retain(|c| !s.covered.contains(&change_fingerprint(c)));
-                    let covered = (before - changes.len()) as u64;
-                    self.stats.push_changes_covered += covered;
-                    if covered > 0 && changes.is_empty() {
+                    changes.retain(|c| {
+                        let f = fingerprint_of(c);
+                        if s.covered.contains(&f) {
+                            return false;
+                        }
+                        if s.answered_applied.contains(&f) {
+                            again.push(ChangeResult {
+                                model: c.model.clone(),
+                                key: c.key.clone(),
+                                version: c.version,
+                                kept: None,
+                                status: wire::ChangeStatus::Applied,
+                            });
+                            return false;
+                        }
+                        true
+                    });
+                    let skipped = (before - changes.len()) as u64;
+                    self.stats.push_changes_reanswered += again.len() as u64;
+                    self.stats.push_changes_covered += skipped - again.len() as u64;
+                    if !again.is_empty() {
+                        let (answered, session) = (s.answered, Some(s.session));
+                        self.send_push_ack(from, batch, again, answered, session);
+                    }
+                    if skipped > 0 && changes.is_empty() {
                         self.stats.pushes_covered += 1;
                         return;
                     }
                 }
+                let Some(s) = self.sessions.get_mut(from) else {
+                    return;
+                };
                 if s.pushes.len() >= max {
                     self.busy(now_ms, from, batch);
                     return;
                 }
                 let room = self.cfg.max_covered_changes.saturating_sub(s.covered.len());
-                let fingerprints = changes.iter().take(room).map(change_fingerprint);
+                let fingerprints = changes.iter().take(room).map(fingerprint_of);
                 let before = s.covered.len();
                 s.covered.extend(fingerprints);
                 s.pushes.push_back(PushTaken {
@@ -989,6 +1041,18 @@ impl CloudEngine {
                 answered = Some(*a);
             }
         }
+        if let (Some(s), Some(_)) = (self.sessions.get_mut(device), answered) {
+            let keep = self.cfg.remembered_answers;
+            for r in &results {
+                if keep > 0 && r.status == wire::ChangeStatus::Applied {
+                    if s.answered_applied.len() >= keep {
+                        s.answered_applied.pop_front();
+                    }
+                    s.answered_applied
+                        .push_back(change_fingerprint(&r.model, &r.key, r.version));
+                }
+            }
+        }
         if answered.is_none() && !results.is_empty() {
             // Taken in an ended session: the count this push brought the store to is not known
             // here (the new session reads it), and an acknowledgement without it would let the
@@ -997,7 +1061,18 @@ impl CloudEngine {
             self.stats.acks_dropped += 1;
             return;
         }
-        // Split the results over as many acks as the size limit needs.
+        self.send_push_ack(device, batch, results, answered, session);
+    }
+
+    /// Sends the results of push `batch`, split over as many acks as the size limit needs.
+    fn send_push_ack(
+        &mut self,
+        device: &DeviceId,
+        batch: u64,
+        results: Vec<ChangeResult>,
+        answered: Option<u64>,
+        session: Option<u64>,
+    ) {
         let overhead = wire::down_overhead(
             &self.cfg.schema_version,
             &DownMsg::PushAck {
@@ -1697,6 +1772,7 @@ impl CloudEngine {
                 last_seen_ms: now_ms,
                 pushes,
                 covered: VecDeque::new(),
+                answered_applied: VecDeque::new(),
                 limiter,
                 mode: Mode::Feed(FeedTx {
                     acked: cursor,
@@ -1893,6 +1969,43 @@ mod tests {
         }
     }
 
+    /// A session past its welcome (its first feed read answered): its pushes are answered.
+    fn welcomed(c: &mut CloudEngine) {
+        hello(c, 0);
+        c.handle_feed_page(
+            6,
+            &dev(),
+            FeedPage {
+                after: 0,
+                changes: vec![],
+                head: 0,
+                resync_required: false,
+                unreadable: vec![],
+                generations: vec![],
+                answered: 0,
+            },
+        );
+        outputs(c);
+    }
+
+    /// The store's `applied` for change `name` at version `v` (of [`push_of`]).
+    fn applied(name: &str, v: u64) -> ChangeResult {
+        ChangeResult {
+            model: "M".into(),
+            key: ItemKey {
+                pk: "p".into(),
+                sk: name.into(),
+            },
+            version: Hlc {
+                wall_ms: v,
+                counter: 0,
+                node: 1,
+            },
+            kept: None,
+            status: wire::ChangeStatus::Applied,
+        }
+    }
+
     /// The changes of the pushes handed to the driver, by batch.
     fn taken(a: &[CloudAction]) -> Vec<(u64, Vec<String>)> {
         a.iter()
@@ -1915,7 +2028,7 @@ mod tests {
             device_rate: RateLimit::UNLIMITED,
             ..CloudEngineConfig::default()
         });
-        hello(&mut c, 0);
+        welcomed(&mut c);
         let (_, a) = send(&mut c, 10, &push_of(1, &[("a", 1), ("b", 1)]));
         assert_eq!(taken(&a), vec![(1, vec!["a@1".into(), "b@1".into()])]);
         // The device's timer fired while the store held batch 1: the same changes in batch 2.
@@ -1928,37 +2041,28 @@ mod tests {
         assert_eq!(taken(&a), vec![(3, vec!["c@1".into(), "b@2".into()])]);
         assert_eq!(c.stats().push_changes_covered, 3);
         assert_eq!(c.stats().pushes_covered, 1);
-        // Batch 1 answered: its changes are no longer in progress, and a later copy (its
-        // answer was lost) is applied again and answered, as a replay.
-        let ack = |b: u64, keys: &[&str]| {
-            keys.iter()
-                .map(|k| ChangeResult {
-                    model: "M".into(),
-                    key: ItemKey {
-                        pk: "p".into(),
-                        sk: (*k).into(),
-                    },
-                    version: Hlc {
-                        wall_ms: b,
-                        counter: 0,
-                        node: 1,
-                    },
-                    kept: None,
-                    status: wire::ChangeStatus::Applied,
-                })
-                .collect()
-        };
-        c.handle_push_applied(40, &dev(), 1, ack(1, &["a", "b"]));
+        // Batch 1 answered: its changes are no longer in progress.
+        c.handle_push_applied(40, &dev(), 1, vec![applied("a", 1), applied("b", 1)]);
         outputs(&mut c);
-        let (_, a) = send(&mut c, 50, &push_of(4, &[("a", 1), ("c", 1)]));
-        assert_eq!(
-            taken(&a),
-            vec![(4, vec!["a@1".into()])],
-            "c@1 is still in progress in batch 3"
-        );
+        // A copy that queued behind its original (answered meanwhile) is answered again from
+        // memory, with no store job; c@1 is still in progress in batch 3.
+        let (m, a) = send(&mut c, 50, &push_of(4, &[("a", 1), ("c", 1)]));
+        assert!(taken(&a).is_empty(), "{a:?}");
+        let [DownMsg::PushAck {
+            batch: 4,
+            results,
+            answered: Some(_),
+            ..
+        }] = &m[..]
+        else {
+            panic!("{m:?}")
+        };
+        assert_eq!(results, &vec![applied("a", 1)]);
+        assert_eq!(c.stats().push_changes_reanswered, 1);
+        assert_eq!(c.stats().pushes_covered, 2);
         // A new session: the pushes of the old one are answered to nobody, so they cover
         // nothing the device sends again.
-        c.handle_push_applied(60, &dev(), 3, ack(1, &["c"]));
+        c.handle_push_applied(60, &dev(), 3, vec![applied("c", 1)]);
         let bytes = wire::encode_up(
             "1",
             &UpMsg::Hello {
@@ -1975,7 +2079,32 @@ mod tests {
         let (_, a) = send(&mut c, 80, &push_of(5, &[("a", 1)]));
         assert_eq!(taken(&a), vec![(5, vec!["a@1".into()])]);
         assert_eq!(c.stats().push_changes_covered, 4);
-        assert_eq!(c.stats().pushes_covered, 1);
+        assert_eq!(c.stats().push_changes_reanswered, 1);
+    }
+
+    #[test]
+    fn the_last_answers_are_remembered_up_to_the_configured_number() {
+        for remembered in [0, 2] {
+            let mut c = CloudEngine::new(CloudEngineConfig {
+                device_rate: RateLimit::UNLIMITED,
+                remembered_answers: remembered,
+                ..CloudEngineConfig::default()
+            });
+            welcomed(&mut c);
+            for (batch, name) in [(1, "a"), (2, "b"), (3, "c")] {
+                send(&mut c, 10, &push_of(batch, &[(name, 1)]));
+                c.handle_push_applied(11, &dev(), batch, vec![applied(name, 1)]);
+                outputs(&mut c);
+            }
+            // Copies of all three: the last `remembered` are answered from memory.
+            let (_, a) = send(&mut c, 20, &push_of(4, &[("a", 1), ("b", 1), ("c", 1)]));
+            let expected: Vec<String> = ["a@1", "b@1", "c@1"][..3 - remembered]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            assert_eq!(taken(&a), vec![(4, expected)], "remembering {remembered}");
+            assert_eq!(c.stats().push_changes_reanswered, remembered as u64);
+        }
     }
 
     #[test]

@@ -336,6 +336,7 @@ impl Sim {
             max_pushes_in_progress: 4,
             // Small, so both a covered copy and a copy beyond the bound (a replay) happen.
             max_covered_changes: 8,
+            remembered_answers: 4,
             busy_retry_ms: 500,
             // Tight, so floods of retransmits and duplicates are refused and the devices back
             // off: the seeds prove nothing is lost to the rate limit.
