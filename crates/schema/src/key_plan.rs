@@ -62,7 +62,8 @@ impl JoinedKey {
         }
     }
 
-    /// `key` joined (its parts are NUL-free when it came from [`Model::primary_key`]).
+    /// `pk` and `sk` joined; the split is unambiguous only when `pk` holds no NUL (true of
+    /// every key [`Model::primary_key`] returns).
     pub fn from_parts(pk: &str, sk: &str) -> JoinedKey {
         let mut text = String::with_capacity(pk.len() + 1 + sk.len());
         text.push_str(pk);
