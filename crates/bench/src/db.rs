@@ -474,7 +474,7 @@ fn report(
 
     let rows: [(&str, &str, Unit, &str); 24] = [
         (
-            "create, 1,000 per transaction",
+            "create, 1,000 per transaction (devtables: `create_owned`, the input by value, the key returned)",
             "create_per_s",
             Unit::Rate,
             "~295,000 / ~280,000",

@@ -109,6 +109,17 @@ mod tests {
     }
 
     #[test]
+    fn the_schemas_joined_key_is_the_item_key() {
+        // A get looks the item up by `Model::primary_key_joined`'s bytes as they are.
+        for (pk, sk) in [("a", "z"), ("", "s"), ("p", ""), ("d\u{e9}v#1", "x#y")] {
+            assert_eq!(
+                devtables_schema::JoinedKey::from_parts(pk, sk).as_bytes(),
+                item_key(&k(pk, sk)).as_slice()
+            );
+        }
+    }
+
+    #[test]
     fn prefix_bounds_cover_exactly_the_prefix() {
         let p = prefix(&["dev"]);
         let end = prefix_end(&p);

@@ -315,11 +315,24 @@ impl Inner {
     where
         'a: 'k,
     {
+        self.holders_besides(key, None)
+    }
+
+    /// [`Inner::holders`] but the model named `skip` (already asked: not matched against the
+    /// key's templates again).
+    pub(crate) fn holders_besides<'a, 'k>(
+        &'a self,
+        key: &'k ItemKey,
+        skip: Option<&'k str>,
+    ) -> impl Iterator<Item = (usize, &'a Model)> + 'k
+    where
+        'a: 'k,
+    {
         let every = self.stray_keys.load(Ordering::Relaxed);
         self.schema
             .models()
             .enumerate()
-            .filter(move |(_, m)| every || m.key_fits(key))
+            .filter(move |(_, m)| Some(m.name()) != skip && (every || m.key_fits(key)))
     }
 
     fn visible(&self) -> u64 {
@@ -633,6 +646,12 @@ impl Db {
     /// Creates an item of `model`; returns it (without hidden fields).
     pub fn create(&self, model: &str, item: &Item) -> Result<Item, DbError> {
         self.write(Origin::Local, |t| t.create(model, item))
+    }
+
+    /// Creates an item of `model` from an input the caller gives away; returns its key (see
+    /// [`WriteTxn::create_owned`]: no copy of the input, no item returned; the fastest create).
+    pub fn create_owned(&self, model: &str, item: Item) -> Result<ItemKey, DbError> {
+        self.write(Origin::Local, |t| t.create_owned(model, item))
     }
 
     /// Reads the item its key properties identify.

@@ -210,10 +210,16 @@ impl ReadTxn {
     {
         self.inner.engine(|| {
             let model = self.model(model)?;
-            let key = model.primary_key(props)?;
-            let raw = keys::item_key(&key);
+            // `pk \0 sk`, the items table's key, rendered in one string.
+            let raw = model.primary_key_joined(props)?;
             let read = self.inner.store.read()?;
-            self.load_raw(&read, model, &raw, &Probe::default(), &form(model))
+            self.load_raw(
+                &read,
+                model,
+                raw.as_bytes(),
+                &Probe::default(),
+                &form(model),
+            )
         })
     }
 

@@ -199,6 +199,25 @@ impl<'t> WriteTxn<'t> {
         let model = self.model(model)?;
         self.check_local_write(model)?;
         let item = model.prepare_create(input, self.now_ms)?;
+        let (_, mut shown) = self.store_new(model, item)?;
+        model.strip_hidden(&mut shown);
+        Ok(shown)
+    }
+
+    /// [`WriteTxn::create`] of an input the caller gives away, returning only the new item's
+    /// key: the input's keys and values become the stored item's without a copy, and no item
+    /// is handed back (the caller holds what it gave; the stored item adds the defaults, type,
+    /// timestamps and key fields a get returns). The fastest create; the same stored item and
+    /// the same errors as `create`.
+    pub fn create_owned(&mut self, model: &str, input: Item) -> Result<ItemKey, DbError> {
+        let model = self.model(model)?;
+        self.check_local_write(model)?;
+        let item = model.prepare_create_owned(input, self.now_ms)?;
+        Ok(self.store_new(model, item)?.0)
+    }
+
+    /// Stores a prepared new item under its key unless a live item holds the key.
+    fn store_new(&mut self, model: &'t Model, item: Item) -> Result<(ItemKey, Item), DbError> {
         let key = model.primary_key(&item)?;
         // One lookup: a live item is a conflict, an expired one is replaced.
         let old = self.stored_even_if_expired(&key, Some(model))?;
@@ -207,9 +226,8 @@ impl<'t> WriteTxn<'t> {
                 return Err(exists(model, &key));
             }
         }
-        let mut shown = self.store(model, key, old, item, ChangeOp::Create)?;
-        model.strip_hidden(&mut shown);
-        Ok(shown)
+        let item = self.store(model, &key, old, item, ChangeOp::Create)?;
+        Ok((key, item))
     }
 
     /// Changes the fields given in `input` of the item they identify; with `upsert`, creates it
@@ -229,7 +247,7 @@ impl<'t> WriteTxn<'t> {
         };
         let item = model_ref.prepare_update(&existing, input, self.now_ms)?;
         let old = Some((model_ref, existing));
-        let mut shown = self.store(model_ref, key, old, item, ChangeOp::Update)?;
+        let mut shown = self.store(model_ref, &key, old, item, ChangeOp::Update)?;
         model_ref.strip_hidden(&mut shown);
         Ok(shown)
     }
@@ -275,7 +293,7 @@ impl<'t> WriteTxn<'t> {
         } else {
             ChangeOp::Create
         };
-        self.store(model, key.clone(), old, item, op)?;
+        self.store(model, &key, old, item, op)?;
         Ok(key)
     }
 
@@ -341,10 +359,7 @@ impl<'t> WriteTxn<'t> {
             }
         }
         let inner: &'t Inner = self.inner;
-        for (slot, model) in inner.holders(key) {
-            if first.is_some_and(|f| f.name() == model.name()) {
-                continue;
-            }
+        for (slot, model) in inner.holders_besides(key, first.map(Model::name)) {
             if let Some(item) = self.stored_in(slot, &raw)? {
                 return Ok(Some((model, item)));
             }
@@ -355,21 +370,21 @@ impl<'t> WriteTxn<'t> {
     fn store(
         &mut self,
         model: &'t Model,
-        key: ItemKey,
+        key: &ItemKey,
         old: Option<(&'t Model, Item)>,
         item: Item,
         op: ChangeOp,
     ) -> Result<Item, DbError> {
         let primary = self.inner.schema.primary_index();
-        let bytes = crate::codec::encode(&item, &primary.hash, primary.sort.as_deref(), &key);
+        let bytes = crate::codec::encode(&item, &primary.hash, primary.sort.as_deref(), key);
         let max = self.inner.options.max_item_bytes;
         // The limit is on the item as JSON: counted only when the encoding could be that large.
-        if crate::codec::json_len_bound(bytes.len(), &key) > max {
+        if crate::codec::json_len_bound(bytes.len(), key) > max {
             let size = json_len(&item)?;
             if size > max {
                 return Err(DbError::TooLarge {
                     model: model.name().to_string(),
-                    key: display_key(&key),
+                    key: display_key(key),
                     size,
                     max,
                 });
@@ -384,7 +399,7 @@ impl<'t> WriteTxn<'t> {
             None => (None, None),
         };
         let same_model = old_model.is_some_and(|m| m.name() == model.name());
-        let raw = keys::item_key(&key);
+        let raw = keys::item_key(key);
         self.move_unique(&raw, old_model.zip(old_item), Some((model, &item)))?;
         if !same_model {
             // The key moves to this model: it leaves the other model's table.
@@ -401,11 +416,11 @@ impl<'t> WriteTxn<'t> {
         let new_expiry = model.expires_at_ms(&item);
         if old_expiry != new_expiry {
             if let Some(expires) = old_expiry {
-                self.tx.remove(tables::TTL, &keys::ttl_key(expires, &key))?;
+                self.tx.remove(tables::TTL, &keys::ttl_key(expires, key))?;
             }
             if let Some(expires) = new_expiry {
                 self.tx
-                    .insert(tables::TTL, &keys::ttl_key(expires, &key), &[])?;
+                    .insert(tables::TTL, &keys::ttl_key(expires, key), &[])?;
             }
         }
         let inner: &'t Inner = self.inner;
@@ -422,12 +437,11 @@ impl<'t> WriteTxn<'t> {
                 continue;
             }
             if let Some((hash, sort)) = old_entry {
-                self.tx
-                    .remove(table, &keys::index_key(&hash, &sort, &key))?;
+                self.tx.remove(table, &keys::index_key(&hash, &sort, key))?;
             }
             if let Some((hash, sort)) = entry {
                 self.tx
-                    .insert(table, &keys::index_key(&hash, &sort, &key), &[])?;
+                    .insert(table, &keys::index_key(&hash, &sort, key), &[])?;
             }
         }
         // The change record (copies of the items) is built only when someone reads it.
@@ -436,7 +450,7 @@ impl<'t> WriteTxn<'t> {
         };
         let change = ItemChange {
             model: model.name().to_string(),
-            key,
+            key: key.clone(),
             op,
             old: old.map(|(_, item)| item),
             new: Some(item.clone()),

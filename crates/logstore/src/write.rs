@@ -211,16 +211,29 @@ impl Overlay {
     }
 
     pub(crate) fn insert(&mut self, inner: &Inner, table: &str, key: &[u8], value: &[u8]) {
-        let (existed, committed) = self.lookup(inner, table, key);
+        // One search of the table's changes (not `lookup` and then an insert): a key changed
+        // before keeps the committed length recorded at its first touch.
         let change = self.change_mut(inner, table);
         change.exists = true;
         let value = Some(value.to_vec());
+        if let Some(entry) = change.entries.get_mut(key) {
+            if entry.value.is_none() {
+                change.len_delta += 1;
+            }
+            entry.value = value;
+            return;
+        }
+        let committed = if change.sees_base() {
+            committed_len(&inner.read_state(), table, key)
+        } else {
+            None
+        };
+        if committed.is_none() {
+            change.len_delta += 1;
+        }
         change
             .entries
             .insert(key.to_vec(), KeyChange { value, committed });
-        if !existed {
-            change.len_delta += 1;
-        }
     }
 
     pub(crate) fn remove(&mut self, inner: &Inner, table: &str, key: &[u8]) -> bool {

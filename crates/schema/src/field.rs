@@ -439,6 +439,29 @@ impl Field {
         Ok(cast)
     }
 
+    /// [`Field::cast_checked`] of a value the caller owns, in place: a value that is already
+    /// its stored form (a string for a string field, a number for a number field...) stays
+    /// where it is instead of being copied. The same result and the same errors.
+    pub(crate) fn cast_checked_in_place(
+        &self,
+        value: &mut Value,
+        path: &str,
+        ctx: &Ctx,
+    ) -> Result<(), ValidationError> {
+        let identity = match (self.ty, &*value) {
+            (FieldType::String, Value::String(_)) => true,
+            (FieldType::Number, Value::Number(_)) => !self.ttl,
+            (FieldType::Boolean, Value::Bool(_)) => true,
+            (FieldType::Object, Value::Object(_)) => self.schema.is_none(),
+            (FieldType::Array, Value::Array(_)) => self.items.is_none(),
+            _ => false,
+        };
+        if !identity {
+            *value = self.cast(value, path, ctx)?;
+        }
+        self.check(value, path, ctx)
+    }
+
     /// Check a stored (cast) value against `enum` and `validate`.
     pub(crate) fn check(
         &self,

@@ -16,18 +16,19 @@ use crate::error::{Reason, ValidationError};
 use crate::field::{
     date_ms, describe, merge_partial, store_date, values_equal, Ctx, Field, FieldType,
 };
+use crate::key_plan::{JoinedKey, KeyPlan};
 use crate::settings::{Index, Params, Process};
 use crate::template::{render_value, Rendered};
 use crate::Item;
 
-/// Most key dependencies [`Model::primary_key`] renders on the stack; a model whose key depends
-/// on more fields takes the general path (an item of the key properties).
-const KEY_SLOTS: usize = 8;
-
 /// The rendering of a given (non-null) value of key dependency `field` after its cast, as the
 /// general path sees it: a templated field's string is kept as given, other values are cast.
 /// `None` when the value does not cast or has no rendering.
-fn rendered_given<'a>(field: &Field, value: &'a Value, ctx: &Ctx) -> Option<Cow<'a, str>> {
+pub(crate) fn rendered_given<'a>(
+    field: &Field,
+    value: &'a Value,
+    ctx: &Ctx,
+) -> Option<Cow<'a, str>> {
     match (value, field.ty) {
         // Identity casts: a templated field's string, a string field's string.
         (Value::String(text), _) if field.has_template() => Some(Cow::Borrowed(text)),
@@ -81,6 +82,8 @@ pub struct Model {
     pub(crate) index_attr_elsewhere: bool,
     /// Positions in `fields` of the primary index's hash and sort attributes, when fields.
     pub(crate) primary_at: (Option<usize>, Option<usize>),
+    /// The primary key's templates and attributes resolved to slots (see `key_plan`).
+    pub(crate) key_plan: KeyPlan,
     pub(crate) params: Params,
     pub(crate) primary: Index,
     /// Every index of the schema, primary first.
@@ -123,6 +126,7 @@ impl Model {
             index_attr: Vec::new(),
             index_attr_elsewhere: false,
             primary_at: (None, None),
+            key_plan: KeyPlan::default(),
             params,
             primary,
             indexes,
@@ -171,6 +175,7 @@ impl Model {
                 .as_deref()
                 .and_then(|sort| model.field_index(sort)),
         );
+        model.key_plan = KeyPlan::new(&model);
         model
     }
 
@@ -204,7 +209,7 @@ impl Model {
     }
 
     /// The position of field `name` in [`Model::fields`].
-    fn field_index(&self, name: &str) -> Option<usize> {
+    pub(crate) fn field_index(&self, name: &str) -> Option<usize> {
         self.fields
             .binary_search_by(|f| f.name.as_str().cmp(name))
             .ok()
@@ -389,107 +394,29 @@ impl Model {
 
     /// Full primary key of an item from user properties; see the crate docs.
     pub fn primary_key(&self, props: &Item) -> Result<ItemKey, ValidationError> {
-        // Fast path (stored items, and callers that pass the keys): both key attributes are
-        // given directly as strings, so there is nothing to cast or render.
-        if let Some(key) = self.direct_key(props) {
-            self.check_key_value(&self.primary.hash, &key.pk)?;
-            self.check_key_value(self.primary.sort.as_deref().unwrap_or_default(), &key.sk)?;
-            return Ok(key);
-        }
-        match self.rendered_key(props) {
-            Some(key) => {
-                self.check_key_value(&self.primary.hash, &key.pk)?;
-                if let Some(sort) = &self.primary.sort {
-                    self.check_key_value(sort, &key.sk)?;
-                }
-                Ok(key)
-            }
-            // Unresolved, a value that does not cast, or an unusual model: the general path
-            // gives the answer, and its exact error.
-            None => self.primary_key_general(props),
-        }
+        self.primary_key_joined(props).map(|key| key.to_item_key())
     }
 
-    /// The key rendered straight from `props`, without building an item of the key
-    /// properties (a map with a copy of every name and value, then cast and rendered again:
-    /// about a third of a database get). `None` whenever the general path
-    /// ([`Model::primary_key_general`]) must answer: a property that does not cast, a key
-    /// attribute that does not resolve, a value with no rendering, more key dependencies than
-    /// [`KEY_SLOTS`]. When it answers, it answers exactly what the general path would (a unit
-    /// property test compares the two).
-    fn rendered_key(&self, props: &Item) -> Option<ItemKey> {
-        let deps = &self.key_fields;
-        if deps.len() > KEY_SLOTS {
-            return None;
-        }
-        let ctx = self.ctx();
-        // The rendered value of each key dependency (`deps[i]` in `slots[i]`), borrowed from
-        // `props` when given as a string.
-        let mut slots: [Option<Cow<'_, str>>; KEY_SLOTS] = Default::default();
-        for (key, value) in props {
-            if value.is_null() {
-                continue;
+    /// [`Model::primary_key`] as one string (`pk`, NUL, `sk`; see [`JoinedKey`]): one
+    /// allocation, and the form a database lookup by key wants.
+    pub fn primary_key_joined(&self, props: &Item) -> Result<JoinedKey, ValidationError> {
+        // Fast path (stored items, and callers that pass the keys): both key attributes are
+        // given directly as strings, so there is nothing to cast or render.
+        let key = match self
+            .direct_joined(props)
+            .or_else(|| self.planned_key(props))
+        {
+            Some(key) => key,
+            // Unresolved, a value that does not cast, or an unusual model: the general path
+            // gives the answer, and its exact error.
+            None => {
+                let key = self.primary_key_general(props)?;
+                return Ok(JoinedKey::from_parts(&key.pk, &key.sk));
             }
-            let Some(index) = self.field_index(key) else {
-                continue;
-            };
-            let field = self.fields.get(index)?;
-            match deps.iter().position(|&d| d == index) {
-                Some(slot) => *slots.get_mut(slot)? = Some(rendered_given(field, value, &ctx)?),
-                // The general path casts every known property, so one that does not cast is
-                // its error, even when the key does not depend on it.
-                None if field.has_template() && value.is_string() => {}
-                None => {
-                    field.cast(value, key, &ctx).ok()?;
-                }
-            }
-        }
-        // The key's templates in dependency order; a given value is kept (as the general
-        // path's `keep_given`).
-        for &index in &self.key_templates {
-            let slot = deps.iter().position(|&d| d == index)?;
-            if slots.get(slot)?.is_some() {
-                continue;
-            }
-            let field = self.fields.get(index)?;
-            let template = field.template()?;
-            let text = template.render_str(|var| {
-                if var == self.params.type_field {
-                    return Some(self.name.as_str());
-                }
-                let at = self.field_index(var)?;
-                let slot = deps.iter().position(|&d| d == at)?;
-                slots.get(slot)?.as_deref()
-            });
-            let Some(text) = text else {
-                // Partial: the field stays unset, as in the general path.
-                continue;
-            };
-            let value = match field.ty {
-                // A string field's cast of a string is the string itself.
-                FieldType::String => Cow::Owned(text),
-                _ => {
-                    let cast = field.cast(&Value::String(text), &field.name, &ctx).ok()?;
-                    Cow::Owned(render_value(&cast)?)
-                }
-            };
-            *slots.get_mut(slot)? = Some(value);
-        }
-        let mut part = |attr: &str| -> Option<String> {
-            let Some(index) = self.field_index(attr) else {
-                return Some(String::new());
-            };
-            let slot = deps.iter().position(|&d| d == index)?;
-            slots.get_mut(slot)?.take().map(Cow::into_owned)
         };
-        let pk = part(&self.primary.hash)?;
-        let sk = match &self.primary.sort {
-            // A key whose sort attribute is its hash attribute too (taken above).
-            Some(sort) if *sort == self.primary.hash => pk.clone(),
-            Some(sort) => part(sort)?,
-            None => String::new(),
-        };
-        Some(ItemKey { pk, sk })
+        self.check_key_value(&self.primary.hash, key.pk())?;
+        self.check_key_value(self.primary.sort.as_deref().unwrap_or_default(), key.sk())?;
+        Ok(key)
     }
 
     /// [`Model::primary_key`] through an item of the cast key properties with the key
@@ -520,7 +447,9 @@ impl Model {
         fits(&self.primary.hash, &key.pk) && fits(sort, &key.sk)
     }
 
-    /// The key when every key attribute the model has is present in `props` as a string.
+    /// The key when every key attribute the model has is present in `props` as a string (the
+    /// reference for `direct_joined`).
+    #[cfg(test)]
     fn direct_key(&self, props: &Item) -> Option<ItemKey> {
         let part = |attr: &str| -> Option<String> {
             if self.field(attr).is_none() {
@@ -537,7 +466,9 @@ impl Model {
     }
 
     fn check_key_value(&self, attr: &str, value: &str) -> Result<(), ValidationError> {
-        if value.contains('\0') {
+        // A byte loop: key values are short, and `contains` calls `memchr` (~100 instructions
+        // per call here).
+        if value.bytes().any(|b| b == 0) {
             return Err(self.err(attr, Reason::InvalidKeyValue));
         }
         Ok(())
@@ -677,6 +608,60 @@ impl Model {
                 None => return Err(self.err(key, Reason::UnknownField)),
             }
         }
+        self.finish_create(item, now_ms, &ctx)
+    }
+
+    /// [`Model::prepare_create`] of an input the caller gives away: the stored item is the
+    /// input's own map, its keys and values kept where they are (cast in place when they are
+    /// not in their stored form yet) instead of copied into a new one. The same item and the
+    /// same errors (a property test holds the two equal).
+    pub fn prepare_create_owned(&self, input: Item, now_ms: i64) -> Result<Item, ValidationError> {
+        let ctx = self.ctx();
+        let mut item = input;
+        // `retain` cannot stop early: after the first error (in key order, as the copying
+        // form returns it) the remaining entries are kept unread.
+        let mut error = None;
+        item.retain(|key, value| {
+            if error.is_some() {
+                return true;
+            }
+            match self.field(key) {
+                Some(field) if field.has_template() => false,
+                Some(field) if value.is_null() => self.keeps_null(field),
+                Some(field) => {
+                    if let Err(e) = field.cast_checked_in_place(value, key, &ctx) {
+                        error = Some(e);
+                    }
+                    true
+                }
+                None if *key == self.params.type_field => {
+                    if !value.is_null() {
+                        error = self.check_type_field(value).err();
+                    }
+                    false
+                }
+                // Timestamps are the database's to set: a given value is ignored.
+                None if self.stamp(key).is_some() => false,
+                None => {
+                    error = Some(self.err(key, Reason::UnknownField));
+                    true
+                }
+            }
+        });
+        if let Some(error) = error {
+            return Err(error);
+        }
+        self.finish_create(item, now_ms, &ctx)
+    }
+
+    /// What a create adds to the given fields: defaults, generated ids, the type, the
+    /// timestamps, the templates; then the whole item is validated.
+    fn finish_create(
+        &self,
+        mut item: Item,
+        now_ms: i64,
+        ctx: &Ctx,
+    ) -> Result<Item, ValidationError> {
         for field in &self.fields {
             if item.contains_key(&field.name) {
                 continue;
@@ -694,7 +679,7 @@ impl Model {
         self.set_stamp(&mut item, self.stamps.created.as_ref(), now_ms)?;
         self.set_stamp(&mut item, self.stamps.updated.as_ref(), now_ms)?;
         self.apply_templates(&mut item, false)?;
-        self.validate(&item, &ctx, None)?;
+        self.validate(&item, ctx, None)?;
         Ok(item)
     }
 
@@ -1399,6 +1384,8 @@ mod tests {
           n: {type: 'number'}, name: {type: 'string'},
         },
         Same: {pk: {type: 'string', value: 'x${a}'}, sk: {type: 'string', value: 'y${a}'}, a: {type: 'string'}},
+        Chain: {pk: {type: 'string', value: 'c#${name}'}, sk: {type: 'string', value: '${pk}#${n}'}, name: {type: 'string'}, n: {type: 'number'}},
+        Loose: {pk: {type: 'string', value: 'l#${_type}'}, sk: {type: 'string'}},
       }
     }"#;
 
@@ -1443,7 +1430,7 @@ mod tests {
             ),
             (
                 Schema::from_json5(KEYS_SCHEMA).unwrap(),
-                &["Num", "Typed", "Same"],
+                &["Num", "Typed", "Same", "Chain", "Loose"],
             ),
         ]
     }
@@ -1462,15 +1449,33 @@ mod tests {
             for (s, models) in test_schemas() {
                 for name in models {
                     let m = s.model(name).unwrap();
-                    // The reference: `primary_key` before the rendered path (direct keys
-                    // first, then the general path).
+                    // The reference: `primary_key` before the rendered path (direct keys,
+                    // checked for NUL, first, then the general path).
                     let reference = match m.direct_key(&props) {
-                        Some(_) => continue,
+                        Some(k) => m
+                            .check_key_value(&m.primary.hash, &k.pk)
+                            .and_then(|()| {
+                                let sort = m.primary.sort.as_deref().unwrap_or_default();
+                                m.check_key_value(sort, &k.sk)
+                            })
+                            .map(|()| k),
                         None => m.primary_key_general(&props),
                     };
                     proptest::prop_assert_eq!(
                         m.primary_key(&props),
-                        reference,
+                        reference.clone(),
+                        "model {} props {:?}", name, props
+                    );
+                    // The joined form holds the same parts, NUL between them.
+                    let joined = reference.map(|k| {
+                        let mut bytes = k.pk.into_bytes();
+                        bytes.push(0);
+                        bytes.extend_from_slice(k.sk.as_bytes());
+                        bytes
+                    });
+                    proptest::prop_assert_eq!(
+                        m.primary_key_joined(&props).map(JoinedKey::into_bytes),
+                        joined,
                         "model {} props {:?}", name, props
                     );
                 }
@@ -1516,6 +1521,58 @@ mod tests {
                     m.prepare_update_general(&existing, &input, LATER),
                     "model {} input {:?}", name, input
                 );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// `prepare_create_owned` keeps the input's own map and casts in place: the same item
+        /// or the same error as the copying `prepare_create`, for any input of every model
+        /// (unknown fields, the type field and timestamps included).
+        #[test]
+        fn create_by_value_matches_the_copying_create(
+            values in proptest::collection::vec(any_value(), 14),
+            present in proptest::collection::vec(proptest::bool::weighted(0.6), 14),
+            with_id in proptest::prelude::any::<bool>(),
+            unknown in proptest::bool::weighted(0.1),
+        ) {
+            let names = ["owner", "kind", "id", "n", "flag", "when", "code", "name", "v", "sk", "gs1pk", "created", "_type", "pk"];
+            let all = present_of(&names, &values, &present);
+            for params in ["", TS, "nulls: true, isoDates: true"] {
+                let s = schema(params);
+                for name in ["Thing", "Raw", "NoHash"] {
+                    let m = s.model(name).unwrap();
+                    // This model's fields, the type and a timestamp; rarely an unknown one
+                    // (an early error of both forms).
+                    let mut input: Item = all
+                        .iter()
+                        .filter(|(k, _)| m.field(k).is_some() || *k == "_type" || *k == "created")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    if unknown {
+                        input.insert("zzz".into(), json!(1));
+                    }
+                    if with_id {
+                        // A generated id is random: given, so that both forms see the same one.
+                        input.insert("id".into(), json!("the-id"));
+                    }
+                    let copied = m.prepare_create(&input, NOW);
+                    if m.field("id").is_some_and(|f| f.generate().is_some()) && !with_id {
+                        // Both fail the same way or both succeed (with different random ids).
+                        let owned = m.prepare_create_owned(input.clone(), NOW);
+                        proptest::prop_assert_eq!(copied.is_ok(), owned.is_ok());
+                        if let (Err(a), Err(b)) = (copied, owned) {
+                            proptest::prop_assert_eq!(a, b);
+                        }
+                        continue;
+                    }
+                    proptest::prop_assert_eq!(
+                        m.prepare_create_owned(input.clone(), NOW),
+                        copied,
+                        "model {} params {:?} input {:?}", name, params, input
+                    );
+                }
             }
         }
     }
@@ -1628,23 +1685,28 @@ mod tests {
     }
 
     #[test]
-    fn rendered_key_covers_non_string_and_chained_keys() {
+    fn planned_key_covers_non_string_and_chained_keys() {
         let s = Schema::from_json5(KEYS_SCHEMA).unwrap();
         let m = s.model("Num").unwrap();
         let props =
             item(json!({"n": "7", "flag": true, "when": 1_795_629_600_000i64, "name": "z"}));
-        // Rendered by the fast path (not the general one), and equal to it.
+        // Rendered by the plan (not the general path), and equal to it.
         let fast = m
-            .rendered_key(&props)
+            .planned_key(&props)
             .expect("rendered without the general path");
-        assert_eq!(Ok(fast.clone()), m.primary_key_general(&props));
-        assert_eq!(fast.pk, "Num#7#true");
-        assert!(fast.sk.starts_with("mz#"), "{}", fast.sk);
+        assert_eq!(Ok(fast.to_item_key()), m.primary_key_general(&props));
+        assert_eq!(fast.pk(), "Num#7#true");
+        assert!(fast.sk().starts_with("mz#"), "{}", fast.sk());
+        assert_eq!(fast.as_bytes().len(), fast.pk().len() + 1 + fast.sk().len());
         let t = s.model("Typed").unwrap();
         let key = t
-            .rendered_key(&item(json!({"n": 3.0, "name": "q"})))
+            .planned_key(&item(json!({"n": 3.0, "name": "q"})))
             .unwrap();
-        assert_eq!((key.pk.as_str(), key.sk.as_str()), ("3", "3-q"));
+        assert_eq!((key.pk(), key.sk()), ("3", "3-q"));
+        // A key attribute that is another key template's variable is rendered on its own.
+        let same = s.model("Same").unwrap();
+        let key = same.planned_key(&item(json!({"a": "v"}))).unwrap();
+        assert_eq!((key.pk(), key.sk()), ("xv", "yv"));
     }
 
     #[test]

@@ -84,6 +84,11 @@ impl Template {
         &self.source
     }
 
+    /// The literal and variable parts, in order (a key plan resolves the variables once).
+    pub(crate) fn parts(&self) -> &[Part] {
+        &self.parts
+    }
+
     /// The variable names, in order of appearance.
     pub(crate) fn variables(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
@@ -155,24 +160,6 @@ impl Template {
             }
         }
         Rendered::Full(out)
-    }
-}
-
-impl Template {
-    /// [`Template::render`] with borrowed variable values, when only a full rendering is of
-    /// use: `None` as soon as a variable has no value.
-    pub(crate) fn render_str<'v>(
-        &self,
-        mut lookup: impl FnMut(&str) -> Option<&'v str>,
-    ) -> Option<String> {
-        let mut out = String::with_capacity(self.source.len() + 16);
-        for part in &self.parts {
-            match part {
-                Part::Lit(text) => out.push_str(text),
-                Part::Var(name) => out.push_str(lookup(name)?),
-            }
-        }
-        Some(out)
     }
 }
 

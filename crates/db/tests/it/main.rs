@@ -2,6 +2,7 @@
 
 mod compaction;
 mod crash;
+mod create_owned;
 mod damaged;
 mod format;
 mod layout;
