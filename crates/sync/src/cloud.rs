@@ -822,11 +822,11 @@ impl CloudEngine {
                     self.stats.pushes_of_ended_sessions += 1;
                     return;
                 }
-                // A copy of changes still in progress (the device's timer fired while the
-                // store held the original) is not applied again: the original's answer names
-                // key and version, and answers the copy's changes too.
-                // A copy that queued behind its original, answered meanwhile, is answered
-                // again from memory, without a store job.
+                // Copies (the device's timer fired while the cloud held the original) do not
+                // reach the store: a change still in progress is dropped, since the original's
+                // answer names key and version and so answers the copy too; a change answered
+                // `applied` meanwhile (the copy queued behind its original) is answered again
+                // from memory.
                 let mut changes = changes;
                 let mut again = Vec::new();
                 if !s.covered.is_empty() || !s.answered_applied.is_empty() {
@@ -870,6 +870,8 @@ impl CloudEngine {
                 let room = self.cfg.max_covered_changes.saturating_sub(s.covered.len());
                 let fingerprints = changes.iter().take(room).map(fingerprint_of);
                 let before = s.covered.len();
+                // Exact, so the room never passes `max_covered_changes` (the session bound).
+                s.covered.reserve_exact(changes.len().min(room));
                 s.covered.extend(fingerprints);
                 s.pushes.push_back(PushTaken {
                     taken_ms: now_ms,
