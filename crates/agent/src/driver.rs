@@ -1019,6 +1019,12 @@ impl Driver {
                     s.last_error = Some(message);
                 });
             }
+            DeviceEvent::PushTimedOut { changes, waited_ms } => {
+                // Normal under load (the cloud's queue grew past the timeout): counted, not
+                // warned about; the retransmit timeout learns the wait from the late answer.
+                tracing::debug!(device = %self.id, changes, waited_ms, "a push was not answered in time: its changes go out again");
+                self.set_status(|s| s.push_timeouts += 1);
+            }
             DeviceEvent::CloudError { code, message } => {
                 tracing::error!(device = %self.id, ?code, "cloud error: {message}");
                 self.set_status(|s| s.last_error = Some(message.clone()));

@@ -119,6 +119,10 @@ pub struct AgentStatus {
     /// being applied); pushes then wait the time it said. Nothing is lost: what the cloud did not
     /// take stays in the outbox and is sent again.
     pub throttled: u64,
+    /// Pushes the cloud did not answer within their retransmit timeout: their changes were
+    /// sent again (a slow or unreachable cloud). Nothing is lost, and a cloud that still holds
+    /// the original answers it once; a count that grows says the cloud is behind.
+    pub push_timeouts: u64,
     /// Full resyncs finished (the first sync of a new device is one; later ones mean the
     /// device was away longer than the cloud keeps deletes).
     pub resyncs: u64,

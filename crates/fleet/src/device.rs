@@ -100,6 +100,9 @@ pub(crate) struct AgentCounts {
     pub(crate) rejected: u64,
     pub(crate) superseded: u64,
     pub(crate) throttled: u64,
+    /// Pushes not answered within their retransmit timeout, sent again: not an error (nothing
+    /// is lost), the device side of the cloud's copies.
+    pub(crate) push_timeouts: u64,
     pub(crate) dropped: u64,
     pub(crate) publish_dropped: u64,
     pub(crate) inputs_missed: u64,
@@ -114,6 +117,7 @@ impl AgentCounts {
             rejected: s.rejected,
             superseded: s.superseded,
             throttled: s.throttled,
+            push_timeouts: s.push_timeouts,
             dropped: s.dropped,
             publish_dropped: s.publish_dropped,
             inputs_missed: s.inputs_missed,
@@ -127,6 +131,7 @@ impl AgentCounts {
         self.rejected += o.rejected;
         self.superseded += o.superseded;
         self.throttled += o.throttled;
+        self.push_timeouts += o.push_timeouts;
         self.dropped += o.dropped;
         self.publish_dropped += o.publish_dropped;
         self.inputs_missed += o.inputs_missed;

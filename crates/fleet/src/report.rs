@@ -254,6 +254,10 @@ pub struct FleetReport {
     pub sim: SimFigures,
     /// Full resyncs after a device's first sync (devices back from past the retention).
     pub resyncs: u64,
+    /// Pushes the devices sent again because no answer came within their retransmit timeout
+    /// (agents' `push_timeouts`): a cloud behind. Not an error: the cloud answers each change
+    /// once (`cloud_counts` says how it took the copies).
+    pub push_timeouts: u64,
     /// Devices that went offline and came back in step (welcomed again; the long-away ones
     /// once their resync finished). One that did not is in `errors` (`churn_not_back`,
     /// `churn_long_without_resync`).
@@ -370,9 +374,10 @@ impl FleetReport {
         row(
             "cloud counts",
             format!(
-                "push_changes_applied {} (copies covered {}, answered again {}), \
-                 devices' changes_applied {}, {} store jobs in {} commits",
+                "push_changes_applied {} (devices' push timeouts {}, copies covered {}, \
+                 answered again {}), devices' changes_applied {}, {} store jobs in {} commits",
                 count(self.cloud_counts.push_changes_applied),
+                self.push_timeouts,
                 count(self.cloud_counts.push_changes_covered),
                 count(self.cloud_counts.push_changes_reanswered),
                 count(self.cloud_counts.device_changes_applied),

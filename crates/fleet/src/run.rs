@@ -1159,6 +1159,7 @@ fn report(
         },
         sim,
         resyncs,
+        push_timeouts: counts.push_timeouts,
         churned: Counters::get(&c.churned),
         churned_long: Counters::get(&c.churned_long),
         duplicates: Counters::get(&c.down_duplicates) + Counters::get(&c.broadcast_duplicates),

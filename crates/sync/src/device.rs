@@ -273,6 +273,15 @@ pub enum DeviceEvent {
         /// Whether the cloud was busy with earlier pushes (rather than the rate exceeded).
         busy: bool,
     },
+    /// A push was not answered within its retransmit timeout: its changes go out again in a
+    /// new batch (a slow or unreachable cloud; nothing is lost, and a cloud that still holds
+    /// the original answers once).
+    PushTimedOut {
+        /// Changes it carried.
+        changes: usize,
+        /// How long it waited, in ms.
+        waited_ms: u64,
+    },
     /// The cloud reported an error.
     CloudError {
         /// The error code.
@@ -912,19 +921,27 @@ impl DeviceEngine {
                 }
             }
         }
-        let expired: Vec<(u64, u32, Option<u64>)> = self
+        let expired: Vec<u64> = self
             .batches
             .iter()
             .filter(|(_, b)| b.deadline <= now_ms)
-            .map(|(id, b)| (*id, b.level, (!b.loading).then_some(b.sent_ms)))
+            .map(|(id, _)| *id)
             .collect();
-        for (id, level, sent) in expired {
-            self.backoff = self.backoff.max(level.saturating_add(1));
-            if let Some(sent) = sent {
+        for id in expired {
+            let Some(b) = self.batches.get(&id) else {
+                continue;
+            };
+            self.backoff = self.backoff.max(b.level.saturating_add(1));
+            if !b.loading {
+                let (sent, changes) = (b.sent_ms, b.keys.len());
                 if self.timed_out.len() >= 2 * self.cfg.max_in_flight.max(1) {
                     self.timed_out.pop_front();
                 }
                 self.timed_out.push_back((id, sent));
+                self.event(DeviceEvent::PushTimedOut {
+                    changes,
+                    waited_ms: now_ms.saturating_sub(sent),
+                });
             }
             self.dissolve(id);
         }
@@ -1914,6 +1931,16 @@ mod tests {
             "no answer timed yet: the first timeout, {fired}"
         );
         e.handle_timeout(fired);
+        let timed_out: Vec<_> = std::iter::from_fn(|| e.poll_event())
+            .filter(|ev| matches!(ev, DeviceEvent::PushTimedOut { .. }))
+            .collect();
+        assert_eq!(
+            timed_out,
+            [DeviceEvent::PushTimedOut {
+                changes: 1,
+                waited_ms: fired - 10
+            }]
+        );
         load(&mut e, fired);
         let [(copy, ref changes)] = sent(&mut e)[..] else {
             panic!()

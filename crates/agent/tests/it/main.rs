@@ -13,6 +13,7 @@ mod inputs;
 mod limits;
 mod mtls;
 mod outbox;
+mod retransmit;
 mod status;
 mod support;
 mod tls;
