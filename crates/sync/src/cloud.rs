@@ -1971,22 +1971,24 @@ mod tests {
         }
     }
 
+    /// The store's answer to the first feed read of a new device: nothing, with the count of
+    /// its pushed changes it answered.
+    fn first_page(answered: u64) -> FeedPage {
+        FeedPage {
+            after: 0,
+            changes: vec![],
+            head: 0,
+            resync_required: false,
+            unreadable: vec![],
+            generations: vec![],
+            answered,
+        }
+    }
+
     /// A session past its welcome (its first feed read answered): its pushes are answered.
     fn welcomed(c: &mut CloudEngine) {
         hello(c, 0);
-        c.handle_feed_page(
-            6,
-            &dev(),
-            FeedPage {
-                after: 0,
-                changes: vec![],
-                head: 0,
-                resync_required: false,
-                unreadable: vec![],
-                generations: vec![],
-                answered: 0,
-            },
-        );
+        c.handle_feed_page(6, &dev(), first_page(0));
         outputs(c);
     }
 
@@ -2404,19 +2406,7 @@ mod tests {
         });
         let (m, _) = hello(&mut c, 0);
         assert!(m.is_empty(), "the welcome waits for the feed read: {m:?}");
-        c.handle_feed_page(
-            9,
-            &dev(),
-            FeedPage {
-                after: 0,
-                changes: vec![],
-                head: 0,
-                resync_required: false,
-                unreadable: vec![],
-                generations: vec![],
-                answered: 3,
-            },
-        );
+        c.handle_feed_page(9, &dev(), first_page(3));
         let (m, _) = outputs(&mut c);
         assert_eq!(
             m,
