@@ -367,6 +367,9 @@ impl<'t> WriteTxn<'t> {
         Ok(None)
     }
 
+    /// Writes `item` at `key` with its index, TTL and unique entries. `old` is what
+    /// `stored_even_if_expired(key, Some(model))` found in this transaction, so `None` means
+    /// no table holds the key.
     fn store(
         &mut self,
         model: &'t Model,
@@ -409,7 +412,13 @@ impl<'t> WriteTxn<'t> {
             }
         }
         let slot = self.inner.slot(model.name())?;
-        self.tx.insert(self.items_of(slot), &raw, &bytes)?;
+        if old.is_none() {
+            // The caller's lookup (`stored_even_if_expired`, this transaction) found no item at
+            // the key: the store need not search its committed table for it again.
+            self.tx.insert_absent(self.items_of(slot), raw, bytes)?;
+        } else {
+            self.tx.insert(self.items_of(slot), &raw, &bytes)?;
+        }
         let old_expiry = old_model
             .zip(old_item)
             .and_then(|(m, i)| m.expires_at_ms(i));
