@@ -15,6 +15,10 @@
 //! - One writer at a time ([`LogStore::write`] blocks until the slot is free). A write
 //!   transaction sees its own changes; nobody else does until [`LogWrite::commit`]. Dropping it
 //!   without commit changes nothing (no byte is written before commit).
+//! - [`LogWrite::insert_absent`] is the insert of a key the caller has just found absent in
+//!   the same transaction: it skips the committed-state lookup an insert makes to keep the
+//!   table's length and live bytes right, so the caller's word must be true (a key the
+//!   transaction's own changes hold is refused, a committed one is a debug assertion).
 //! - A commit is atomic: after a crash (kill -9, power loss) at any point, an open finds either
 //!   all of its changes or none, whatever the commit's `durable` flag was. With `durable` the
 //!   commit is on stable storage when `commit` returns (`fdatasync`); without, it is in the
