@@ -220,13 +220,14 @@ impl<'t> WriteTxn<'t> {
     fn store_new(&mut self, model: &'t Model, item: Item) -> Result<(ItemKey, Item), DbError> {
         let key = model.primary_key(&item)?;
         // One lookup: a live item is a conflict, an expired one is replaced.
-        let old = self.stored_even_if_expired(&key, Some(model))?;
+        let raw = keys::item_key(&key);
+        let old = self.stored_at(&key, &raw, Some(model))?;
         if let Some((m, stored)) = &old {
             if !crate::read::expired(m, stored, self.now_ms) {
                 return Err(exists(model, &key));
             }
         }
-        let item = self.store(model, &key, old, item, ChangeOp::Create)?;
+        let item = self.store(model, &key, raw, old, item, ChangeOp::Create)?;
         Ok((key, item))
     }
 
@@ -236,8 +237,9 @@ impl<'t> WriteTxn<'t> {
         let model_ref = self.model(model)?;
         self.check_local_write(model_ref)?;
         let key = model_ref.primary_key(input)?;
+        let raw = keys::item_key(&key);
         let found = self
-            .stored_even_if_expired(&key, Some(model_ref))?
+            .stored_at(&key, &raw, Some(model_ref))?
             .filter(|(m, item)| !crate::read::expired(m, item, self.now_ms));
         let existing = match found {
             Some((m, item)) if m.name() == model_ref.name() => item,
@@ -247,7 +249,7 @@ impl<'t> WriteTxn<'t> {
         };
         let item = model_ref.prepare_update(&existing, input, self.now_ms)?;
         let old = Some((model_ref, existing));
-        let mut shown = self.store(model_ref, &key, old, item, ChangeOp::Update)?;
+        let mut shown = self.store(model_ref, &key, raw, old, item, ChangeOp::Update)?;
         model_ref.strip_hidden(&mut shown);
         Ok(shown)
     }
@@ -287,13 +289,14 @@ impl<'t> WriteTxn<'t> {
             _ => model.normalize_stored(item)?,
         };
         let key = model.primary_key(&item)?;
-        let old = self.stored_even_if_expired(&key, Some(model))?;
+        let raw = keys::item_key(&key);
+        let old = self.stored_at(&key, &raw, Some(model))?;
         let op = if old.is_some() {
             ChangeOp::Update
         } else {
             ChangeOp::Create
         };
-        self.store(model, &key, old, item, op)?;
+        self.store(model, &key, raw, old, item, op)?;
         Ok(key)
     }
 
@@ -352,25 +355,39 @@ impl<'t> WriteTxn<'t> {
         key: &ItemKey,
         first: Option<&'t Model>,
     ) -> Result<Option<(&'t Model, Item)>, DbError> {
-        let raw = keys::item_key(key);
+        self.stored_at(key, &keys::item_key(key), first)
+    }
+
+    /// [`WriteTxn::stored_even_if_expired`] with the row key `raw` of `key` already built (a
+    /// write that goes on to store the item needs it again).
+    fn stored_at(
+        &self,
+        key: &ItemKey,
+        raw: &[u8],
+        first: Option<&'t Model>,
+    ) -> Result<Option<(&'t Model, Item)>, DbError> {
         if let Some(model) = first {
-            if let Some(item) = self.stored_in(self.inner.slot(model.name())?, &raw)? {
+            if let Some(item) = self.stored_in(self.inner.slot(model.name())?, raw)? {
                 return Ok(Some((model, item)));
             }
         }
         let inner: &'t Inner = self.inner;
         for (slot, model) in inner.holders_besides(key, first.map(Model::name)) {
-            if let Some(item) = self.stored_in(slot, &raw)? {
+            if let Some(item) = self.stored_in(slot, raw)? {
                 return Ok(Some((model, item)));
             }
         }
         Ok(None)
     }
 
+    /// Writes `item` at `key` (row key `raw`) with its index, TTL and unique entries. `old` is
+    /// what `stored_at(key, raw, Some(model))` found in this transaction, so `None` means no
+    /// table holds the key.
     fn store(
         &mut self,
         model: &'t Model,
         key: &ItemKey,
+        raw: Vec<u8>,
         old: Option<(&'t Model, Item)>,
         item: Item,
         op: ChangeOp,
@@ -399,7 +416,6 @@ impl<'t> WriteTxn<'t> {
             None => (None, None),
         };
         let same_model = old_model.is_some_and(|m| m.name() == model.name());
-        let raw = keys::item_key(key);
         self.move_unique(&raw, old_model.zip(old_item), Some((model, &item)))?;
         if !same_model {
             // The key moves to this model: it leaves the other model's table.
@@ -409,7 +425,13 @@ impl<'t> WriteTxn<'t> {
             }
         }
         let slot = self.inner.slot(model.name())?;
-        self.tx.insert(self.items_of(slot), &raw, &bytes)?;
+        if old.is_none() {
+            // The caller's lookup (`stored_at`, this transaction) found no item at
+            // the key: the store need not search its committed table for it again.
+            self.tx.insert_absent(self.items_of(slot), raw, bytes)?;
+        } else {
+            self.tx.insert(self.items_of(slot), &raw, &bytes)?;
+        }
         let old_expiry = old_model
             .zip(old_item)
             .and_then(|(m, i)| m.expires_at_ms(i));

@@ -236,6 +236,48 @@ impl Overlay {
             .insert(key.to_vec(), KeyChange { value, committed });
     }
 
+    /// [`Overlay::insert`] of a key the caller found absent in this transaction: the
+    /// committed state is not asked again (the committed length is "none"). A key the
+    /// transaction's own changes show is refused (`false`, nothing changed), which costs
+    /// nothing since the changes are searched anyway; a key only the committed state holds is
+    /// the caller's mistake, caught by a debug assertion (release builds trust the caller:
+    /// the table's length and live bytes would count the key twice).
+    pub(crate) fn insert_absent(
+        &mut self,
+        inner: &Inner,
+        table: &str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> bool {
+        let change = self.change_mut(inner, table);
+        match change.entries.get_mut(&key) {
+            Some(entry) if entry.value.is_some() => return false,
+            Some(entry) => {
+                // Removed earlier in this transaction: absent, its committed length stays.
+                entry.value = Some(value);
+                change.exists = true;
+                change.len_delta += 1;
+                return true;
+            }
+            None => {}
+        }
+        debug_assert!(
+            !change.sees_base() || committed_len(&inner.read_state(), table, &key).is_none(),
+            "insert_absent of a key the committed table {table:?} holds"
+        );
+        change.exists = true;
+        change.len_delta += 1;
+        let value = Some(value);
+        change.entries.insert(
+            key,
+            KeyChange {
+                value,
+                committed: None,
+            },
+        );
+        true
+    }
+
     pub(crate) fn remove(&mut self, inner: &Inner, table: &str, key: &[u8]) -> bool {
         let (exists, committed) = self.lookup(inner, table, key);
         if !exists {

@@ -262,10 +262,15 @@ impl Model {
     /// The stored form of time `ms` in timestamp field `stamp`: a date per its `isoDates`
     /// (else `params.isoDates`), epoch milliseconds for a number field, ISO 8601 for a string.
     pub(crate) fn stamp_value(&self, stamp: &Field, ms: i64) -> Option<Value> {
+        store_date(ms, self.stamp_is_iso(stamp))
+    }
+
+    /// Whether a maintained timestamp is stored as an ISO string (else epoch milliseconds).
+    fn stamp_is_iso(&self, stamp: &Field) -> bool {
         match stamp.ty {
-            FieldType::Number => store_date(ms, false),
-            FieldType::String => store_date(ms, true),
-            _ => store_date(ms, stamp.iso_dates.unwrap_or(self.params.iso_dates)),
+            FieldType::Number => false,
+            FieldType::String => true,
+            _ => stamp.iso_dates.unwrap_or(self.params.iso_dates),
         }
     }
 
@@ -494,6 +499,28 @@ impl Model {
         Ok(())
     }
 
+    /// A create's two timestamps: one instant, spelled once when both are stored alike (the
+    /// usual case), the second a copy of the first.
+    fn set_create_stamps(&self, item: &mut Item, now_ms: i64) -> Result<(), ValidationError> {
+        let (Some(created), Some(updated)) = (&self.stamps.created, &self.stamps.updated) else {
+            self.set_stamp(item, self.stamps.created.as_ref(), now_ms)?;
+            return self.set_stamp(item, self.stamps.updated.as_ref(), now_ms);
+        };
+        if self.stamp_is_iso(created) != self.stamp_is_iso(updated) {
+            self.set_stamp(item, Some(created), now_ms)?;
+            return self.set_stamp(item, Some(updated), now_ms);
+        }
+        let value = self.stamp_value(created, now_ms).ok_or_else(|| {
+            self.err(
+                &created.name,
+                Reason::Invalid(format!("clock value {now_ms} ms is out of range")),
+            )
+        })?;
+        item.insert(updated.name.clone(), value.clone());
+        item.insert(created.name.clone(), value);
+        Ok(())
+    }
+
     /// Final checks shared by create, update and import. Values equal to the ones in
     /// `unchanged_from` (the stored item an update starts from) are not checked again: a value
     /// written under a neighbouring schema version (see [`Model::normalize_from_neighbour`])
@@ -676,8 +703,7 @@ impl Model {
             self.params.type_field.clone(),
             Value::String(self.name.clone()),
         );
-        self.set_stamp(&mut item, self.stamps.created.as_ref(), now_ms)?;
-        self.set_stamp(&mut item, self.stamps.updated.as_ref(), now_ms)?;
+        self.set_create_stamps(&mut item, now_ms)?;
         self.apply_templates(&mut item, false)?;
         self.validate(&item, ctx, None)?;
         Ok(item)
@@ -2058,6 +2084,41 @@ mod tests {
             err_of(doc_create(&s, json!({"owner": "o", "created": 1}))),
             ("created".into(), Reason::UnknownField)
         );
+    }
+
+    #[test]
+    fn create_spells_both_timestamps_alike_and_names_created_when_out_of_range() {
+        for (params, fields, created, updated) in [
+            (
+                "timestamps: true, isoDates: true",
+                "",
+                json!("2026-11-25T18:00:00.000Z"),
+                json!("2026-11-25T18:00:00.000Z"),
+            ),
+            (
+                "timestamps: true, isoDates: false",
+                "",
+                json!(NOW),
+                json!(NOW),
+            ),
+            (
+                "timestamps: true, isoDates: true",
+                "created: {type: 'number'}",
+                json!(NOW),
+                json!("2026-11-25T18:00:00.000Z"),
+            ),
+        ] {
+            let s = doc_schema(params, fields);
+            let m = s.model("Doc").unwrap();
+            let got = doc_create(&s, json!({"owner": "o"})).unwrap();
+            assert_eq!(
+                (got.get("created"), got.get("updated")),
+                (Some(&created), Some(&updated)),
+                "{params} {fields}"
+            );
+            let out_of_range = m.prepare_create(&item(json!({"owner": "o"})), i64::MAX);
+            assert_eq!(err_of(out_of_range).0, "created", "{params} {fields}");
+        }
     }
 
     #[test]

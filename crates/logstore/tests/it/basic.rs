@@ -158,3 +158,51 @@ fn compaction_keeps_content_and_shrinks_the_file() {
     drop(store);
     check(&LogStore::open(&path, LogOptions::default()).unwrap());
 }
+
+#[test]
+fn insert_absent_counts_like_insert_and_refuses_the_transactions_own_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let store = LogStore::open(&path, LogOptions::default()).unwrap();
+    let mut txn = store.write().unwrap();
+    txn.insert("items", b"a", b"1").unwrap();
+    txn.commit(true).unwrap();
+
+    let mut txn = store.write().unwrap();
+    txn.insert_absent("items", b"b".to_vec(), b"2".to_vec())
+        .unwrap();
+    let refused = txn.insert_absent("items", b"b".to_vec(), b"3".to_vec());
+    assert!(
+        matches!(refused, Err(LogError::KeyPresent { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(txn.get("items", b"b").unwrap().as_deref(), Some(&b"2"[..]));
+    // A committed key this transaction removed is absent again.
+    assert!(txn.remove("items", b"a").unwrap());
+    txn.insert_absent("items", b"a".to_vec(), b"4".to_vec())
+        .unwrap();
+    assert_eq!(txn.len("items").unwrap(), 2);
+    txn.commit(true).unwrap();
+    let live_bytes = store.stats().live_bytes;
+    assert_eq!(store.stats().entries, 2);
+    drop(store);
+
+    let store = LogStore::open(&path, LogOptions::default()).unwrap();
+    assert_eq!(store.stats().live_bytes, live_bytes);
+    let read = store.read().unwrap();
+    let table = read.table("items").unwrap();
+    assert_eq!(table.len(), 2);
+    assert_eq!(table.get(b"a").unwrap().as_deref(), Some(&b"4"[..]));
+}
+
+#[cfg(debug_assertions)]
+#[test]
+#[should_panic(expected = "insert_absent of a key the committed table")]
+fn insert_absent_of_a_committed_key_is_caught_in_debug_builds() {
+    let store = LogStore::in_memory(LogOptions::default());
+    let mut txn = store.write().unwrap();
+    txn.insert("items", b"a", b"1").unwrap();
+    txn.commit(false).unwrap();
+    let mut txn = store.write().unwrap();
+    let _ = txn.insert_absent("items", b"a".to_vec(), b"2".to_vec());
+}

@@ -3,11 +3,11 @@
 //! in-memory one; after every step the store must equal a `BTreeMap` of `BTreeMap`s, and every
 //! read inside a transaction must equal the model with that transaction's changes applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::path::Path;
 
-use devtables_logstore::{LogOptions, LogStore};
+use devtables_logstore::{LogError, LogOptions, LogStore};
 use proptest::prelude::*;
 
 type Model = BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>;
@@ -17,6 +17,11 @@ const TABLES: [&str; 3] = ["a", "b", "items"];
 #[derive(Clone, Debug)]
 enum TxnOp {
     Insert(usize, Vec<u8>, Vec<u8>),
+    /// `insert_absent`: an insert when the view lacks the key, a refusal when this
+    /// transaction's own changes hold it. When only the committed state holds it (a caller's
+    /// bug the store asserts against in debug builds only), the key is removed first, so that
+    /// the removed-then-inserted path runs often.
+    InsertAbsent(usize, Vec<u8>, Vec<u8>),
     Remove(usize, Vec<u8>),
     DeleteTable(usize),
     Get(usize, Vec<u8>),
@@ -96,6 +101,7 @@ fn txn_op() -> impl Strategy<Value = TxnOp> {
     let table = 0..TABLES.len();
     prop_oneof![
         6 => (table.clone(), key(), value()).prop_map(|(t, k, v)| TxnOp::Insert(t, k, v)),
+        4 => (table.clone(), key(), value()).prop_map(|(t, k, v)| TxnOp::InsertAbsent(t, k, v)),
         3 => (table.clone(), key()).prop_map(|(t, k)| TxnOp::Remove(t, k)),
         1 => table.clone().prop_map(TxnOp::DeleteTable),
         2 => (table.clone(), key()).prop_map(|(t, k)| TxnOp::Get(t, k)),
@@ -188,6 +194,8 @@ fn run_txn(
     let mut txn = store.write().unwrap();
     let mut view = model.clone();
     let mut mutated = false;
+    // Keys whose value in the view this transaction wrote (what `insert_absent` refuses).
+    let mut written: BTreeSet<(usize, Vec<u8>)> = BTreeSet::new();
     for op in ops {
         match op {
             TxnOp::Insert(t, k, v) => {
@@ -195,16 +203,41 @@ fn run_txn(
                 view.entry(TABLES[*t].to_owned())
                     .or_default()
                     .insert(k.clone(), v.clone());
+                written.insert((*t, k.clone()));
                 mutated = true;
+            }
+            TxnOp::InsertAbsent(t, k, v) => {
+                let present = view.get(TABLES[*t]).is_some_and(|e| e.contains_key(k));
+                let own = written.contains(&(*t, k.clone()));
+                if present && !own {
+                    prop_assert!(txn.remove(TABLES[*t], k).unwrap());
+                }
+                if !present || !own {
+                    txn.insert_absent(TABLES[*t], k.clone(), v.clone()).unwrap();
+                    view.entry(TABLES[*t].to_owned())
+                        .or_default()
+                        .insert(k.clone(), v.clone());
+                    written.insert((*t, k.clone()));
+                    mutated = true;
+                } else {
+                    let refused = txn.insert_absent(TABLES[*t], k.clone(), v.clone());
+                    prop_assert!(
+                        matches!(refused, Err(LogError::KeyPresent { .. })),
+                        "{:?}",
+                        refused
+                    );
+                }
             }
             TxnOp::Remove(t, k) => {
                 let was = view.get_mut(TABLES[*t]).and_then(|e| e.remove(k)).is_some();
                 prop_assert_eq!(txn.remove(TABLES[*t], k).unwrap(), was);
+                written.remove(&(*t, k.clone()));
                 mutated |= was;
             }
             TxnOp::DeleteTable(t) => {
                 let was = view.remove(TABLES[*t]).is_some();
                 prop_assert_eq!(txn.delete_table(TABLES[*t]).unwrap(), was);
+                written.retain(|(table, _)| table != t);
                 mutated |= was;
             }
             TxnOp::Get(t, k) => {
@@ -277,8 +310,11 @@ fn run(steps: &[Step], path: Option<&Path>) -> Result<(), TestCaseError> {
             } => model = run_txn(&store, &model, ops, *commit, *durable)?,
             Step::Reopen => {
                 if path.is_some() {
+                    let live_bytes = store.stats().live_bytes;
                     drop(store);
                     store = open();
+                    // Replay counts from the file alone: the running count must agree.
+                    prop_assert_eq!(store.stats().live_bytes, live_bytes);
                 }
             }
             Step::ReopenReadOnly => {
@@ -334,8 +370,11 @@ fn run(steps: &[Step], path: Option<&Path>) -> Result<(), TestCaseError> {
     }
     // Whatever the steps, the file replays to the model.
     if path.is_some() {
+        let live_bytes = store.stats().live_bytes;
         drop(store);
-        check_equal(&open(), &model)?;
+        let reopened = open();
+        check_equal(&reopened, &model)?;
+        prop_assert_eq!(reopened.stats().live_bytes, live_bytes);
     }
     Ok(())
 }
