@@ -656,15 +656,20 @@ impl<'s> LogWrite<'s> {
         Ok(entries.into_iter().map(|(key, _)| key).collect())
     }
 
-    /// Inserts or replaces; refuses a table name or key over its limit ([`LogError::TooLarge`]).
-    pub fn insert(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), LogError> {
+    /// Refuses a table name, key or value over its limit ([`LogError::TooLarge`]).
+    fn check_record(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), LogError> {
         check_size("a table name", table.len(), MAX_TABLE_NAME)?;
         check_size("a key", key.len(), MAX_KEY_BYTES)?;
         check_size(
             "a value",
             value.len(),
             self.inner.options.max_record_bytes as usize,
-        )?;
+        )
+    }
+
+    /// Inserts or replaces; refuses a table name or key over its limit ([`LogError::TooLarge`]).
+    pub fn insert(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), LogError> {
+        self.check_record(table, key, value)?;
         self.overlay.insert(self.inner, table, key, value);
         Ok(())
     }
@@ -682,13 +687,7 @@ impl<'s> LogWrite<'s> {
         key: Vec<u8>,
         value: Vec<u8>,
     ) -> Result<(), LogError> {
-        check_size("a table name", table.len(), MAX_TABLE_NAME)?;
-        check_size("a key", key.len(), MAX_KEY_BYTES)?;
-        check_size(
-            "a value",
-            value.len(),
-            self.inner.options.max_record_bytes as usize,
-        )?;
+        self.check_record(table, &key, &value)?;
         if self.overlay.insert_absent(self.inner, table, key, value) {
             Ok(())
         } else {
