@@ -1,9 +1,13 @@
 //! A scaled-out cloud (docs/scale-out.md): three `devtables cloud` processes on one PostgreSQL
-//! schema of the test's own and one Mosquitto, with simulated devices (`devtables sim`, a
+//! schema of the test's own and a Mosquitto of the test's own, with simulated devices (`devtables sim`, a
 //! separate process) writing up and receiving down changes, broadcasts and commands through the
 //! first node's API. A node is killed with SIGKILL mid-run and restarted; in a second run the
 //! broker is. Needs DEVTABLES_SERVICES=1 (PostgreSQL at DEVTABLES_POSTGRES, default
-//! `postgres://postgres@127.0.0.1:5432/test`, and Mosquitto), else skipped.
+//! `postgres://postgres@127.0.0.1:5432/test`, and the `mosquitto` program), else skipped.
+//!
+//! Each test starts its own Mosquitto on a free port: the tests run in parallel, and on one
+//! shared broker their nodes (named `node-1`...) would take each other's MQTT client ids and
+//! hear each other's devices.
 
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -52,6 +56,21 @@ fn start_node(dir: &Path, i: usize, store: &StoreChoice, broker: &str, key: &str
         &extra,
         key.to_string(),
     )
+}
+
+/// A Mosquitto of the test's own on a free port (anonymous: the scale-out tests are about the
+/// nodes, not the broker's access control), and its address.
+fn private_broker(dir: &Path) -> (MosquittoProc, String) {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let mosquitto = MosquittoProc::start(&conf, port);
+    let broker = mosquitto.addr.clone();
+    (mosquitto, broker)
 }
 
 /// `devtables sim` uses the default topic prefix.
@@ -152,8 +171,8 @@ fn a_node_killed_mid_run_is_taken_over_and_nothing_acknowledged_is_lost() {
         return;
     }
     let (pg, store) = fresh_store();
-    let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
     let dir = tempfile::tempdir().unwrap();
+    let (_mosquitto, broker) = private_broker(dir.path());
     let key = admin_key(&store, dir.path());
     let n1 = start_node(dir.path(), 1, &store, &broker, &key);
     let mut n2 = start_node(dir.path(), 2, &store, &broker, &key);
@@ -233,15 +252,10 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
     }
     let (_pg, store) = fresh_store();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let (mut mosquitto, broker) = private_broker(dir.path());
+    // Restarted below on the same configuration and port.
     let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let mut mosquitto = MosquittoProc::start(&conf, port);
-    let broker = mosquitto.addr.clone();
+    let port: u16 = broker.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
     let key = admin_key(&store, dir.path());
     let nodes: Vec<CloudProc> = (1..=3)
         .map(|i| start_node(dir.path(), i, &store, &broker, &key))
@@ -283,8 +297,8 @@ fn change_log_readers_and_webhooks_hear_writes_made_on_other_nodes_once() {
         return;
     }
     let (_pg, store) = fresh_store();
-    let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
     let dir = tempfile::tempdir().unwrap();
+    let (_mosquitto, broker) = private_broker(dir.path());
     let key = admin_key(&store, dir.path());
     let nodes: Vec<CloudProc> = (1..=3)
         .map(|i| start_node(dir.path(), i, &store, &broker, &key))
@@ -384,8 +398,8 @@ fn registry_commands_reach_the_postgresql_store() {
         return;
     }
     let (pg, store) = fresh_store();
-    let broker = std::env::var("DEVTABLES_MOSQUITTO").unwrap_or_else(|_| "127.0.0.1:1883".into());
     let dir = tempfile::tempdir().unwrap();
+    let (_mosquitto, broker) = private_broker(dir.path());
     let key = admin_key(&store, dir.path());
     let node = start_node(dir.path(), 1, &store, &broker, &key);
     node.register(KEY_ACCOUNT, "dev-a");
