@@ -139,6 +139,12 @@ impl TurnEntries {
 /// subscription backoff's wait when longer).
 const SUBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Subscriptions sent on one connection, refused or left unanswered, before the driver gives
+/// the connection up and the link moves to the next broker address: a node of a broker
+/// cluster may refuse (or hold) subscriptions for minutes after losing a peer, while another
+/// node grants at once.
+const SUBSCRIBES_PER_CONNECTION: u32 = 3;
+
 pub(crate) struct Driver {
     pub(crate) id: DeviceId,
     /// The device database; every transaction through it is counted (`db_reads`, `db_writes`).
@@ -155,6 +161,8 @@ pub(crate) struct Driver {
     pub(crate) link: mpsc::Receiver<LinkEvent>,
     /// That task, awaited at shutdown so the goodbye goes out.
     pub(crate) link_task: Option<tokio::task::JoinHandle<()>>,
+    /// Tells that task to give the connection up (why), so it moves to the next address.
+    pub(crate) abandon: mpsc::Sender<String>,
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<Input>,
     pub(crate) inbox: Arc<Inbox>,
@@ -213,6 +221,8 @@ impl Driver {
         let mut resubscribe_at: Option<tokio::time::Instant> = None;
         // The protocol session runs on this connection: its subscription was granted.
         let mut session = false;
+        // SUBSCRIBEs sent on this connection.
+        let mut subscribes: u32 = 0;
         loop {
             let deadline = self.engine.poll_timeout().map(|at| {
                 let wait = at.saturating_sub(self.now());
@@ -251,7 +261,8 @@ impl Driver {
                         connected = true;
                         session = false;
                         self.subscribe_backoff.reset();
-                        resubscribe_at = self.subscribe();
+                        subscribes = 0;
+                        resubscribe_at = self.subscribe(&mut subscribes);
                         let failover = last_broker.as_ref().is_some_and(|last| *last != broker);
                         if failover {
                             tracing::info!(device = %self.id, "connected to the broker at {broker} (another address than the last connection's)");
@@ -344,7 +355,11 @@ impl Driver {
                 _ = resubscribe => {
                     resubscribe_at = None;
                     if connected && !session {
-                        resubscribe_at = self.subscribe();
+                        if subscribes >= SUBSCRIBES_PER_CONNECTION {
+                            self.abandon_connection(subscribes).await;
+                        } else {
+                            resubscribe_at = self.subscribe(&mut subscribes);
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(gc_due) => self.collect_versions().await,
@@ -380,7 +395,8 @@ impl Driver {
     /// Subscribes to the device's own down topic and its account's broadcast topic in one
     /// SUBSCRIBE (one SUBACK says whether both hold). Returns when to try again if the request
     /// could not even be queued, or when no SUBACK arrives by then.
-    fn subscribe(&mut self) -> Option<tokio::time::Instant> {
+    /// `sent` counts the SUBSCRIBEs queued on this connection.
+    fn subscribe(&mut self, sent: &mut u32) -> Option<tokio::time::Instant> {
         let filters = [
             topics::down_topic(&self.prefix, &self.id),
             topics::broadcast_topic(&self.prefix, &self.id.account),
@@ -390,15 +406,33 @@ impl Driver {
             // Asked again if no SUBACK came by then: a broker busy electing leaders (NATS's
             // MQTT gateway after a node's loss) may hold the request unanswered, and the device
             // would stay connected and deaf. A SUBACK of an earlier attempt changes nothing.
-            Ok(()) => Some(
-                tokio::time::Instant::now() + self.subscribe_backoff.next_wait().max(SUBACK_WAIT),
-            ),
+            Ok(()) => {
+                *sent += 1;
+                Some(
+                    tokio::time::Instant::now()
+                        + self.subscribe_backoff.next_wait().max(SUBACK_WAIT),
+                )
+            }
             Err(e) => {
                 let wait = self.subscribe_backoff.next_wait();
                 tracing::error!(device = %self.id, "cannot subscribe: {e}; trying again in {wait:?}");
                 Some(tokio::time::Instant::now() + wait)
             }
         }
+    }
+
+    /// Gives the connection up after `subscribes` SUBSCRIBEs that were refused or left
+    /// unanswered: the link drops it and connects to the next broker address (the same one
+    /// when there is one), where the session starts afresh.
+    async fn abandon_connection(&mut self, subscribes: u32) {
+        let reason = format!(
+            "the broker did not grant the subscription to the device's topics ({subscribes} \
+             attempts on this connection); giving the connection up"
+        );
+        self.set_status(|s| s.subscriptions_abandoned += 1);
+        // The link task reads it while connected; if the connection dropped meanwhile, the
+        // reason is discarded at the next CONNACK. A closed channel means the link ended.
+        let _ = self.abandon.send(reason).await;
     }
 
     fn handle_input(&mut self, first: Input) {

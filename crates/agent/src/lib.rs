@@ -139,6 +139,10 @@ pub struct AgentStatus {
     /// subscribe again after a backoff wait (a broker cluster refuses while it cannot store the
     /// subscription). A connection's session (its hello) starts only once it is granted.
     pub subscriptions_refused: u64,
+    /// Connections given up because the broker refused or left unanswered three SUBSCRIBEs in
+    /// a row: the next attempt goes to the next broker address (a node of a cluster that
+    /// cannot store subscriptions, while another one can).
+    pub subscriptions_abandoned: u64,
     /// Local items a resync deleted because the cloud does not hold them.
     pub swept: u64,
     /// Cloud time minus this device's clock, in ms, from the last welcome.
@@ -450,11 +454,13 @@ impl Agent {
         let (status_tx, status) = watch::channel(initial);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (link_tx, link_rx) = mpsc::channel(link::LINK_EVENTS);
+        let (abandon_tx, abandon_rx) = mpsc::channel(1);
         let link_task = tokio::spawn(link::run(
             eventloop,
             brokers,
             link_tx,
             shutdown_rx.clone(),
+            abandon_rx,
             link::Backoff::new(config.reconnect_delay, config.reconnect_max_delay),
         ));
         let handlers: Handlers = Arc::default();
@@ -469,6 +475,7 @@ impl Agent {
             client,
             link: link_rx,
             link_task: Some(link_task),
+            abandon: abandon_tx,
             prefix: config.topic_prefix.clone(),
             inputs,
             inbox: inbox.clone(),

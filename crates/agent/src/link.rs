@@ -187,12 +187,15 @@ impl BrokerRotation {
 
 /// Polls `eventloop` until `shutdown` turns true and the disconnect went out (or one second
 /// passed), forwarding events to `events`; after a failure the next attempt goes to the next
-/// address of `brokers`.
+/// address of `brokers`. A reason received on `abandon` while connected drops the connection
+/// as if it had failed (the driver's verdict on a broker node that will not grant the device's
+/// subscription): the next attempt goes to the next address.
 pub(crate) async fn run(
     mut eventloop: EventLoop,
     mut brokers: BrokerRotation,
     events: mpsc::Sender<LinkEvent>,
     mut shutdown: watch::Receiver<bool>,
+    mut abandon: mpsc::Receiver<String>,
     mut backoff: Backoff,
 ) {
     let mut connected = false;
@@ -201,8 +204,15 @@ pub(crate) async fn run(
         let event = tokio::select! {
             // Cancel-safe: only the shutdown flag races the poll, and after it the poll is
             // resumed below, never restarted while a connect is in progress.
-            event = eventloop.poll() => event,
+            event = eventloop.poll() => event.map_err(Dropped::Failed),
             _ = shutdown.changed(), if !*shutdown.borrow() => continue,
+            // Only while connected (never mid-connect). The poll dropped midway may have
+            // taken a request: `clean` puts what was in flight and what was queued back in
+            // the event loop's pending list, which the next connection sends first.
+            Some(reason) = abandon.recv(), if connected => {
+                eventloop.clean();
+                Err(Dropped::Abandoned(reason))
+            }
         };
         if *shutdown.borrow() {
             // The driver queued its goodbye and the disconnect: let them out, briefly.
@@ -223,6 +233,8 @@ pub(crate) async fn run(
         let forward = match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
+                // A verdict on an earlier connection (sent as it dropped) is not this one's.
+                while abandon.try_recv().is_ok() {}
                 backoff.reset();
                 failures.reset();
                 Some(LinkEvent::Connected {
@@ -238,9 +250,15 @@ pub(crate) async fn run(
                         .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
             }),
             Ok(_) => None,
-            Err(e) => {
+            Err(dropped) => {
                 let was_connected = std::mem::replace(&mut connected, false);
-                let failure = (!was_connected).then(|| ConnectFailure::of(&e));
+                let (error, failure) = match dropped {
+                    Dropped::Failed(e) => (
+                        e.to_string(),
+                        (!was_connected).then(|| ConnectFailure::of(&e)),
+                    ),
+                    Dropped::Abandoned(reason) => (reason, None),
+                };
                 let warn = match failure {
                     Some(failure) => failures.warn(failure, Instant::now()),
                     None => true,
@@ -252,7 +270,7 @@ pub(crate) async fn run(
                         broker,
                         next,
                         was_connected,
-                        error: e.to_string(),
+                        error,
                         failure,
                         warn,
                     })
@@ -274,6 +292,14 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// Why the link left a connection or an attempt.
+enum Dropped {
+    /// The event loop failed: the attempt, or the connection that was up.
+    Failed(ConnectionError),
+    /// The driver gave the connection up, for this reason.
+    Abandoned(String),
 }
 
 /// The waits between reconnect attempts: doubling from `base` up to `max` while attempts fail,

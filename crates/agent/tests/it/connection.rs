@@ -142,7 +142,7 @@ async fn an_agent_moves_round_its_broker_addresses_and_says_which_it_is_on() {
 }
 
 /// What a scripted broker saw, in order.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Seen {
     /// A SUBSCRIBE, and whether it was granted.
     Subscribe { granted: bool },
@@ -212,6 +212,54 @@ async fn scripted_broker(
         if socket.write_all(&answer).await.is_err() {
             return;
         }
+    }
+}
+
+/// A broker node that keeps refusing the device's subscription (a cluster node that cannot
+/// store it) is given up after three attempts, and the agent's session starts on the next
+/// address, which grants at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_keeps_refusing_the_subscription_is_left_for_the_next_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let refusing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let granting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (refusing_port, granting_port) = (
+        refusing.local_addr().unwrap().port(),
+        granting.local_addr().unwrap().port(),
+    );
+    let seen_refusing = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen_granting = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let brokers = [
+        tokio::spawn(scripted_broker(refusing, usize::MAX, seen_refusing.clone())),
+        tokio::spawn(scripted_broker(granting, 0, seen_granting.clone())),
+    ];
+    let mut config = agent_config(dir.path(), "secret", refusing_port);
+    config.broker_fallbacks = vec![BrokerAddress {
+        host: "127.0.0.1".into(),
+        port: granting_port,
+    }];
+    let agent = Agent::start(config, schema()).unwrap();
+    eventually(&agent, "the hello on the second address", |_| {
+        seen_granting.lock().unwrap().contains(&Seen::Publish)
+    })
+    .await;
+    assert_eq!(
+        *seen_refusing.lock().unwrap(),
+        [Seen::Subscribe { granted: false }; 3],
+        "three attempts on the refusing node, nothing published there"
+    );
+    let status = agent.status();
+    assert_eq!(status.subscriptions_refused, 3, "{status:?}");
+    assert_eq!(status.subscriptions_abandoned, 1, "{status:?}");
+    assert_eq!(status.broker_failovers, 1, "{status:?}");
+    assert_eq!(
+        status.broker,
+        Some(format!("127.0.0.1:{granting_port}")),
+        "{status:?}"
+    );
+    agent.shutdown().await;
+    for broker in brokers {
+        broker.abort();
     }
 }
 
