@@ -207,8 +207,10 @@ pub(crate) async fn run(
             event = eventloop.poll() => event.map_err(Dropped::Failed),
             _ = shutdown.changed(), if !*shutdown.borrow() => continue,
             // Only while connected (never mid-connect). The poll dropped midway may have
-            // taken a request: `clean` puts what was in flight and what was queued back in
-            // the event loop's pending list, which the next connection sends first.
+            // taken a request: `clean` moves it, with what was in flight and queued, into
+            // rumqttc's pending list, which a clean session's CONNACK discards as after any
+            // lost connection; the protocol resends what matters (the outbox, the feed from
+            // the device's cursor).
             Some(reason) = abandon.recv(), if connected => {
                 eventloop.clean();
                 Err(Dropped::Abandoned(reason))

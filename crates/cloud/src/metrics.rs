@@ -91,6 +91,10 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "subscribe_attempts",
         "Subscribe requests sent (retries included)",
     ),
+    counter(
+        "subscriptions_abandoned",
+        "Ingress connections given up after three subscriptions refused or unanswered",
+    ),
     gauge(
         "subscriptions_held",
         "Topic filters held on the current connection",

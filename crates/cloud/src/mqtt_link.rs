@@ -190,7 +190,10 @@ impl RequestGauge {
 }
 
 /// Polls the event loop of connection `index` of the `hop` direction until shutdown, forwarding
-/// its events, tagged with `index`, to the sync loop.
+/// its events, tagged with `index`, to the sync loop. A reason received on `abandon` while
+/// connected drops the connection as if it had failed (the sync loop's verdict on a broker node
+/// that will not grant the device topic subscription): the next attempt goes to the next
+/// address.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     hop: Hop,
@@ -201,6 +204,7 @@ pub(crate) async fn run(
     status: Arc<SyncStatus>,
     config: MqttClientConfig,
     mut shutdown: watch::Receiver<bool>,
+    mut abandon: mpsc::Receiver<String>,
 ) {
     let mut connected = false;
     let mut delay = config.reconnect_min;
@@ -213,11 +217,21 @@ pub(crate) async fn run(
     tokio::pin!(stop);
     loop {
         let polled = tokio::select! {
-            polled = eventloop.poll() => polled,
+            polled = eventloop.poll() => polled.map_err(|e| e.to_string()),
             _ = &mut stop => return,
+            // Only while connected (never mid-connect). The poll dropped midway may have taken
+            // a request: `clean` moves it, with what was in flight and queued, into rumqttc's
+            // pending list, which the next clean session discards like any lost connection's
+            // (counted below as lost publishes).
+            Some(reason) = abandon.recv(), if connected => {
+                eventloop.clean();
+                Err(reason)
+            }
         };
         let forward = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                // A verdict on an earlier connection (sent as it dropped) is not this one's.
+                while abandon.try_recv().is_ok() {}
                 if !std::mem::replace(&mut connected, true) {
                     hop.links(&status).came_up();
                 }

@@ -351,6 +351,7 @@ impl Cloud {
             network.set_tcp_nodelay(true);
             eventloop.set_network_options(network);
             let gauge = Arc::new(RequestGauge::new(config.mqtt.request_queue));
+            let (abandon, abandon_rx) = mpsc::channel(1);
             let task = tokio::spawn(mqtt_link::run(
                 hop,
                 index,
@@ -360,8 +361,16 @@ impl Cloud {
                 status.clone(),
                 config.mqtt.clone(),
                 shutdown_rx.clone(),
+                abandon_rx,
             ));
-            (ClientLink { client, gauge }, task)
+            (
+                ClientLink {
+                    client,
+                    gauge,
+                    abandon,
+                },
+                task,
+            )
         };
         let clients = |hop: Hop, count: usize| {
             let (link_tx, link_rx) = mpsc::channel(config.mqtt.event_queue);

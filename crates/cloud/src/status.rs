@@ -28,6 +28,9 @@ pub struct SyncStatus {
     pub(crate) subscribed: AtomicBool,
     /// Subscribe requests sent since start (retries included).
     pub(crate) subscribe_attempts: AtomicU64,
+    /// Ingress connections given up after the broker refused or left unanswered three
+    /// subscriptions in a row (the next attempt goes to the next broker address).
+    pub(crate) subscriptions_abandoned: AtomicU64,
     /// Filters held, summed over the ingress connections.
     pub(crate) subscriptions_held: AtomicU64,
     /// Device sessions the engine tracks.
@@ -258,6 +261,8 @@ pub struct StatusSnapshot {
     pub egress_clients_up: u64,
     pub subscribed: bool,
     pub subscribe_attempts: u64,
+    /// Ingress connections given up after three subscriptions refused or left unanswered.
+    pub subscriptions_abandoned: u64,
     pub subscriptions_held: u64,
     pub sessions: u64,
     pub prompts_pending: u64,
@@ -363,6 +368,7 @@ impl SyncStatus {
             egress_clients_up: self.egress_links.up(),
             subscribed: self.subscribed.load(Ordering::SeqCst),
             subscribe_attempts: n(&self.subscribe_attempts),
+            subscriptions_abandoned: n(&self.subscriptions_abandoned),
             subscriptions_held: n(&self.subscriptions_held),
             sessions: n(&self.sessions),
             prompts_pending: n(&self.prompts_pending),

@@ -51,7 +51,15 @@ pub(crate) struct Subscription {
     state: State,
     /// Failures in a row on this connection, for the backoff.
     failures: u32,
+    /// SUBSCRIBEs the broker refused or left unanswered on this connection (a full request
+    /// queue is the service's own state, not counted here).
+    broker_failures: u32,
 }
+
+/// SUBSCRIBEs refused or left unanswered on one connection before it is given up (the link
+/// then connects to the next broker address): a node of a broker cluster may refuse, or hold,
+/// subscriptions for minutes after losing a peer, while another node grants at once.
+pub(crate) const SUBSCRIBES_PER_CONNECTION: u32 = 3;
 
 impl Subscription {
     pub(crate) fn new(timing: SubscribeTiming) -> Subscription {
@@ -59,6 +67,7 @@ impl Subscription {
             timing,
             state: State::Offline,
             failures: 0,
+            broker_failures: 0,
         }
     }
 
@@ -77,6 +86,14 @@ impl Subscription {
     pub(crate) fn connected(&mut self, now: Instant) {
         self.state = State::Due(now);
         self.failures = 0;
+        self.broker_failures = 0;
+    }
+
+    /// Whether the broker refused or left unanswered [`SUBSCRIBES_PER_CONNECTION`] SUBSCRIBEs
+    /// on this connection: the caller gives the connection up (once it is lost, a new one
+    /// starts the count again).
+    pub(crate) fn exhausted(&self) -> bool {
+        self.state != State::Offline && self.broker_failures >= SUBSCRIBES_PER_CONNECTION
     }
 
     /// The connection is gone.
@@ -119,9 +136,11 @@ impl Subscription {
             _ if granted => {
                 self.state = State::Held;
                 self.failures = 0;
+                self.broker_failures = 0;
                 SubAckOutcome::Held
             }
             State::Requested { pkid: Some(p), .. } if p == pkid => {
+                self.broker_failures = self.broker_failures.saturating_add(1);
                 self.retry(now);
                 SubAckOutcome::Refused
             }
@@ -143,6 +162,7 @@ impl Subscription {
     pub(crate) fn on_timer(&mut self, now: Instant) -> bool {
         match self.state {
             State::Requested { deadline, .. } if deadline <= now => {
+                self.broker_failures = self.broker_failures.saturating_add(1);
                 self.retry(now);
                 true
             }
@@ -165,6 +185,42 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn three_refused_or_unanswered_subscribes_exhaust_a_connection_and_a_full_queue_does_not() {
+        let t = Instant::now();
+        let mut s = Subscription::new(timing());
+        s.connected(t);
+        // A full request queue, however often, is not the broker's answer.
+        for _ in 0..5 {
+            s.not_queued(t);
+        }
+        assert!(!s.exhausted());
+        let mut now = t;
+        // Refused, unanswered, refused.
+        for (pkid, answer) in [(1, Some(false)), (2, None), (3, Some(false))] {
+            assert!(!s.exhausted());
+            now = s.deadline().unwrap();
+            assert!(s.due(now));
+            s.queued(now);
+            s.sent(pkid);
+            match answer {
+                Some(granted) => {
+                    assert_eq!(s.suback(now, pkid, granted), SubAckOutcome::Refused)
+                }
+                None => {
+                    now = s.deadline().unwrap();
+                    assert!(s.on_timer(now));
+                }
+            }
+        }
+        assert!(s.exhausted());
+        // Given up: the lost connection's count goes with it, and the next starts afresh.
+        s.lost();
+        assert!(!s.exhausted());
+        s.connected(now);
+        assert!(!s.exhausted());
+    }
 
     fn timing() -> SubscribeTiming {
         SubscribeTiming {

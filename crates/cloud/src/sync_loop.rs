@@ -66,7 +66,7 @@ use crate::mqtt_link::{LinkEvent, RequestGauge, TaggedEvent};
 use crate::status::{SyncStatus, WarnLimiter};
 use crate::store::{Advanced, StatusUpdate, StoreError};
 use crate::store_thread::{wall_ms, JobFn, NotSubmitted, StoreCtx, StoreHandle};
-use crate::subscription::{SubAckOutcome, Subscription};
+use crate::subscription::{SubAckOutcome, Subscription, SUBSCRIBES_PER_CONNECTION};
 
 /// How often the feed lag is taken from the engine (a pass over its sessions).
 const FEED_LAG_EVERY: Duration = Duration::from_secs(1);
@@ -166,6 +166,8 @@ pub(crate) enum Egress {
 pub(crate) struct ClientLink {
     pub(crate) client: AsyncClient,
     pub(crate) gauge: Arc<RequestGauge>,
+    /// Tells the connection's task to give the connection up (why): see `mqtt_link::run`.
+    pub(crate) abandon: mpsc::Sender<String>,
 }
 
 /// The publishing side, once the loop runs (the events of the clients' connections are kept
@@ -505,7 +507,7 @@ impl SyncLoop {
                     Publisher::Clients(links) => links,
                     Publisher::Embedded(_) => &[],
                 };
-                for ClientLink { client, gauge } in egress.iter().chain(self.ingress.links()) {
+                for ClientLink { client, gauge, .. } in egress.iter().chain(self.ingress.links()) {
                     if gauge.try_take_control_slot() && client.try_disconnect().is_err() {
                         gauge.release();
                     }
@@ -655,6 +657,22 @@ impl SyncLoop {
             return;
         };
         for (index, (link, subscription)) in links.iter().zip(&mut self.subscriptions).enumerate() {
+            if subscription.exhausted() {
+                // Given up: nothing more is asked of this connection; its task drops it and
+                // reports it lost, and the next connection (to the next address) starts over.
+                subscription.lost();
+                self.status
+                    .subscriptions_abandoned
+                    .fetch_add(1, Ordering::Relaxed);
+                let reason = format!(
+                    "the broker did not grant the device topic subscription ({SUBSCRIBES_PER_CONNECTION} \
+                     attempts on this connection); giving the connection up"
+                );
+                tracing::warn!(client = index, "{reason}");
+                // Full: a verdict is already on its way.
+                let _ = link.abandon.try_send(reason);
+                continue;
+            }
             if !subscription.due(now) {
                 continue;
             }
@@ -1235,7 +1253,7 @@ impl SyncLoop {
     async fn publish(&mut self, device: &DeviceId, bytes: Vec<u8>) -> Result<(), Vec<u8>> {
         let topic = topics::down_topic(&self.prefix, device);
         let len = bytes.len() as u64;
-        let ClientLink { client, gauge } = match &self.publisher {
+        let ClientLink { client, gauge, .. } = match &self.publisher {
             Publisher::Clients(links) => &links[egress_index(device, links.len())],
             Publisher::Embedded(publisher) => {
                 match publisher.publish(topic, bytes).await {

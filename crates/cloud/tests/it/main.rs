@@ -20,4 +20,5 @@ mod row_identity;
 mod services_gate;
 mod skipped_rows;
 mod store_contract;
+mod subscription_failover;
 mod sync_service;
