@@ -503,6 +503,7 @@ impl CloudConfig {
         if self.startup_prompts.per_tick == 0 || self.startup_prompts.tick.is_zero() {
             return Err("startup prompts need at least 1 per tick and a tick above 0".into());
         }
+        validate_sync_engine(&self.sync)?;
         let wire = &self.sync.wire;
         if self.sync.max_push_changes == 0 || self.sync.max_push_changes > wire.max_changes {
             return Err(format!(
@@ -533,6 +534,136 @@ impl CloudConfig {
         }
         self.changes.validate()
     }
+}
+
+/// The sync engine's limits and timers as the cloud's file sets them (`sync_engine`, each key
+/// optional; a key left out keeps [`CloudEngineConfig`](devtables_sync::cloud::CloudEngineConfig)'s
+/// default, documented there). Their ranges are checked by [`CloudConfig::validate`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncEngineFile {
+    pub max_sessions: Option<usize>,
+    pub feed_window: Option<usize>,
+    pub feed_page_changes: Option<usize>,
+    pub snapshot_page_items: Option<usize>,
+    pub ack_timeout_ms: Option<u64>,
+    pub ack_timeout_max_ms: Option<u64>,
+    pub max_page_retries: Option<u32>,
+    pub max_pushes_in_progress: Option<usize>,
+    pub max_covered_changes: Option<usize>,
+    pub remembered_answers: Option<usize>,
+    pub busy_retry_ms: Option<u64>,
+    pub prompt_interval_ms: Option<u64>,
+}
+
+impl SyncEngineFile {
+    fn apply(self, engine: &mut devtables_sync::cloud::CloudEngineConfig) {
+        let SyncEngineFile {
+            max_sessions,
+            feed_window,
+            feed_page_changes,
+            snapshot_page_items,
+            ack_timeout_ms,
+            ack_timeout_max_ms,
+            max_page_retries,
+            max_pushes_in_progress,
+            max_covered_changes,
+            remembered_answers,
+            busy_retry_ms,
+            prompt_interval_ms,
+        } = self;
+        fn set<T>(slot: &mut T, value: Option<T>) {
+            if let Some(value) = value {
+                *slot = value;
+            }
+        }
+        set(&mut engine.max_sessions, max_sessions);
+        set(&mut engine.feed_window, feed_window);
+        set(&mut engine.feed_page_changes, feed_page_changes);
+        set(&mut engine.snapshot_page_items, snapshot_page_items);
+        set(&mut engine.ack_timeout_ms, ack_timeout_ms);
+        set(&mut engine.ack_timeout_max_ms, ack_timeout_max_ms);
+        set(&mut engine.max_page_retries, max_page_retries);
+        set(&mut engine.max_pushes_in_progress, max_pushes_in_progress);
+        set(&mut engine.max_covered_changes, max_covered_changes);
+        set(&mut engine.remembered_answers, remembered_answers);
+        set(&mut engine.busy_retry_ms, busy_retry_ms);
+        set(&mut engine.prompt_interval_ms, prompt_interval_ms);
+    }
+}
+
+/// Checks the sync engine's limits and timers, naming the file key (`sync_engine.KEY`) of the
+/// first out of range. The upper bounds keep one session's state small (docs/security.md) and
+/// a page within one message.
+fn validate_sync_engine(engine: &devtables_sync::cloud::CloudEngineConfig) -> Result<(), String> {
+    let max_changes = engine.wire.max_changes as u64;
+    let checks: [(&str, u64, u64, u64); 12] = [
+        ("max_sessions", engine.max_sessions as u64, 1, 10_000_000),
+        ("feed_window", engine.feed_window as u64, 1, 64),
+        (
+            "feed_page_changes",
+            engine.feed_page_changes as u64,
+            1,
+            max_changes,
+        ),
+        (
+            "snapshot_page_items",
+            engine.snapshot_page_items as u64,
+            1,
+            max_changes,
+        ),
+        (
+            "ack_timeout_ms",
+            engine.ack_timeout_ms,
+            100,
+            engine.ack_timeout_max_ms,
+        ),
+        (
+            "ack_timeout_max_ms",
+            engine.ack_timeout_max_ms,
+            100,
+            3_600_000,
+        ),
+        (
+            "max_page_retries",
+            u64::from(engine.max_page_retries),
+            1,
+            1000,
+        ),
+        (
+            "max_pushes_in_progress",
+            engine.max_pushes_in_progress as u64,
+            1,
+            1024,
+        ),
+        (
+            "max_covered_changes",
+            engine.max_covered_changes as u64,
+            0,
+            65_536,
+        ),
+        (
+            "remembered_answers",
+            engine.remembered_answers as u64,
+            0,
+            4096,
+        ),
+        ("busy_retry_ms", engine.busy_retry_ms, 1, 3_600_000),
+        (
+            "prompt_interval_ms",
+            engine.prompt_interval_ms,
+            100,
+            3_600_000,
+        ),
+    ];
+    for (name, value, least, most) in checks {
+        if !(least..=most).contains(&value) {
+            return Err(format!(
+                "sync_engine.{name} must be {least} to {most}, got {value}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The configuration file of `devtables cloud`.
@@ -686,6 +817,13 @@ pub struct CloudFile {
     /// whose clock runs further ahead is told to re-stamp, and never moves the fleet's clock.
     #[serde(default)]
     pub max_drift_ms: Option<u64>,
+    /// `{max_sessions, feed_window, feed_page_changes, snapshot_page_items, ack_timeout_ms,
+    /// ack_timeout_max_ms, max_page_retries, max_pushes_in_progress, max_covered_changes,
+    /// remembered_answers, busy_retry_ms, prompt_interval_ms}`, each optional: the sync
+    /// engine's limits and timers ([`SyncEngineFile`]); a value out of range is refused, naming
+    /// the key.
+    #[serde(default)]
+    pub sync_engine: Option<SyncEngineFile>,
     /// Most store jobs of the sync loop out at once (default 64).
     #[serde(default)]
     pub sync_store_jobs: Option<usize>,
@@ -1072,6 +1210,9 @@ impl CloudFile {
         }
         if let Some(n) = file.sync_store_jobs {
             config.sync_store_jobs = n;
+        }
+        if let Some(engine) = file.sync_engine {
+            engine.apply(&mut config.sync);
         }
         if let Some(n) = file.store_group_max {
             config.store_group_max = n;
@@ -1539,6 +1680,74 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("external broker"), "{err}");
+    }
+
+    #[test]
+    fn the_file_sets_the_sync_engine_limits_and_refuses_them_out_of_range_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let path = dir.path().join("cloud.json5");
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {text}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path).map(|(_, c)| c)
+        };
+        let defaults = devtables_sync::cloud::CloudEngineConfig::default();
+        let c = load(
+            "sync_engine: {max_sessions: 20000, feed_window: 4, feed_page_changes: 100, \
+             snapshot_page_items: 50, ack_timeout_ms: 2000, ack_timeout_max_ms: 30000, \
+             max_page_retries: 3, max_pushes_in_progress: 8, max_covered_changes: 0, \
+             remembered_answers: 64, busy_retry_ms: 500, prompt_interval_ms: 10000}",
+        )
+        .unwrap();
+        let e = &c.sync;
+        assert_eq!(
+            (
+                e.max_sessions,
+                e.feed_window,
+                e.feed_page_changes,
+                e.snapshot_page_items,
+                e.ack_timeout_ms,
+                e.ack_timeout_max_ms
+            ),
+            (20_000, 4, 100, 50, 2000, 30_000)
+        );
+        assert_eq!(
+            (
+                e.max_page_retries,
+                e.max_pushes_in_progress,
+                e.max_covered_changes,
+                e.remembered_answers,
+                e.busy_retry_ms,
+                e.prompt_interval_ms
+            ),
+            (3, 8, 0, 64, 500, 10_000)
+        );
+        // Keys left out keep their defaults.
+        let c = load("sync_engine: {feed_window: 3}").unwrap();
+        assert_eq!(c.sync.feed_window, 3);
+        assert_eq!(c.sync.max_sessions, defaults.max_sessions);
+        assert_eq!(c.sync.remembered_answers, defaults.remembered_answers);
+        for (bad, named) in [
+            ("{max_sessions: 0}", "sync_engine.max_sessions"),
+            ("{feed_window: 65}", "sync_engine.feed_window"),
+            ("{feed_page_changes: 1001}", "sync_engine.feed_page_changes"),
+            ("{ack_timeout_ms: 90000}", "sync_engine.ack_timeout_ms"),
+            (
+                "{max_pushes_in_progress: 0}",
+                "sync_engine.max_pushes_in_progress",
+            ),
+            (
+                "{remembered_answers: 5000}",
+                "sync_engine.remembered_answers",
+            ),
+            ("{max_sesions: 5}", "max_sesions"),
+        ] {
+            let err = load(&format!("sync_engine: {bad}")).unwrap_err();
+            assert!(err.contains(named), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! good: the request could not be queued (the queue was full of start-up prompts) and nothing
 //! retried it. Here a subscription counts as held only when a SUBACK grants every filter; a
 //! request that cannot be queued, a refused filter and a SUBACK that never comes are all retried
-//! with backoff, and every new connection (the service uses clean sessions) starts over.
+//! with backoff, and every new connection (the service uses clean sessions) starts over. A
+//! connection on which the broker refused or left unanswered [`SUBSCRIBES_PER_CONNECTION`]
+//! requests is given up ([`Subscription::exhausted`]): a node of a broker cluster can refuse
+//! for minutes while another grants at once.
 
 use std::time::{Duration, Instant};
 

@@ -293,3 +293,21 @@ fn the_default_per_session_bound_is_what_the_security_doc_says() {
     assert!(small < 10 * 1024, "{small}");
     assert!(large < 6 * 64 * 1024, "{large}");
 }
+
+#[test]
+fn the_per_session_bound_at_the_configurable_maxima_is_what_the_security_doc_says() {
+    // The largest values the cloud's file accepts (`sync_engine`, crates/cloud config.rs).
+    let cfg = CloudEngineConfig {
+        feed_window: 64,
+        max_pushes_in_progress: 1024,
+        max_covered_changes: 65_536,
+        remembered_answers: 4096,
+        ..CloudEngineConfig::default()
+    };
+    let fixed = cfg.session_state_bound(0);
+    let per_position = cfg.session_state_bound(1) - fixed;
+    println!("per-session bound at the maxima: {fixed} bytes plus {per_position} × P");
+    assert_eq!(per_position, 3 + 64, "3 + feed_window positions");
+    // docs/security.md quotes it: 579 640 bytes plus 67 × P on a 64-bit build.
+    assert!((550 * 1024..650 * 1024).contains(&fixed), "{fixed}");
+}
