@@ -463,6 +463,16 @@ impl CloudConfig {
                 self.mqtt.request_queue
             ));
         }
+        // Whole seconds the MQTT keep-alive field holds (rumqttc refuses less than a second).
+        let keep_alive = self.mqtt.keep_alive;
+        if keep_alive < Duration::from_secs(1)
+            || keep_alive > Duration::from_secs(u64::from(u16::MAX))
+            || keep_alive.subsec_nanos() != 0
+        {
+            return Err(format!(
+                "mqtt_keep_alive_secs must be whole seconds from 1 to 65535, got {keep_alive:?}"
+            ));
+        }
         if self.mqtt.event_queue == 0 {
             return Err("mqtt event_queue must be at least 1".into());
         }
@@ -758,6 +768,13 @@ pub struct CloudFile {
     /// Capacity of the service's MQTT request queue (default 4096).
     #[serde(default)]
     pub mqtt_request_queue: Option<usize>,
+    /// The keep-alive of the cloud's connections to an external broker, in seconds (default 30,
+    /// 1 to 65535). While the store does not answer, the reading connections stop reading
+    /// (backpressure) and send no PINGREQ either: the broker drops one after 1.5 times this,
+    /// and the cloud reconnects and restarts every device session. Raise it to ride out longer
+    /// store outages (a PostgreSQL failover); a dead broker is then noticed later.
+    #[serde(default)]
+    pub mqtt_keep_alive_secs: Option<u64>,
     /// Connections of an external broker that read device messages, over one shared
     /// subscription when more than 1 (default 1; see [`MqttClientConfig::ingress_clients`]).
     #[serde(default)]
@@ -1130,6 +1147,9 @@ impl CloudFile {
         }
         if let Some(n) = file.mqtt_request_queue {
             config.mqtt.request_queue = n;
+        }
+        if let Some(secs) = file.mqtt_keep_alive_secs {
+            config.mqtt.keep_alive = Duration::from_secs(secs);
         }
         if let Some(n) = file.mqtt_ingress_clients {
             config.mqtt.ingress_clients = n;
@@ -1747,6 +1767,27 @@ mod tests {
         ] {
             let err = load(&format!("sync_engine: {bad}")).unwrap_err();
             assert!(err.contains(named), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_file_sets_the_brokers_keep_alive_within_what_mqtt_can_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let path = dir.path().join("cloud.json5");
+            std::fs::write(
+                &path,
+                format!("{{schema: 's.json5', data_dir: 'd', {text}}}"),
+            )
+            .unwrap();
+            CloudFile::load(&path).map(|(_, c)| c)
+        };
+        assert_eq!(load("").unwrap().mqtt.keep_alive, Duration::from_secs(30));
+        let c = load("mqtt_keep_alive_secs: 120").unwrap();
+        assert_eq!(c.mqtt.keep_alive, Duration::from_secs(120));
+        for bad in [0, 65_536] {
+            let err = load(&format!("mqtt_keep_alive_secs: {bad}")).unwrap_err();
+            assert!(err.contains("mqtt_keep_alive_secs"), "{bad}: {err}");
         }
     }
 
