@@ -55,6 +55,11 @@ pub struct AgentConfig {
     pub reconnect_delay: Duration,
     /// Longest wait between reconnect attempts. Default 15 s.
     pub reconnect_max_delay: Duration,
+    /// How long a connection may go without the device's subscription granted, over at least
+    /// three refused or unanswered SUBSCRIBEs, before it is given up for the next broker
+    /// address (`AgentStatus::subscriptions_abandoned`). Default 20 s: a cluster node electing
+    /// leaders refuses for seconds; one that still refuses after this is left for another.
+    pub subscribe_give_up: Duration,
     /// Most MQTT requests queued toward the client's event loop. Default 1024. A publish that
     /// finds it full is dropped, counted (`AgentStatus::publish_dropped`) and logged; the
     /// protocol retransmits it.
@@ -114,6 +119,7 @@ impl AgentConfig {
             keep_alive: Duration::from_secs(30),
             reconnect_delay: Duration::from_millis(500),
             reconnect_max_delay: Duration::from_secs(15),
+            subscribe_give_up: Duration::from_secs(20),
             mqtt_queue: 1024,
             input_queue: 4096,
             command_result_attempts: 8,

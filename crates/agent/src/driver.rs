@@ -140,9 +140,11 @@ impl TurnEntries {
 const SUBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Subscriptions sent on one connection, refused or left unanswered, before the driver gives
-/// the connection up and the link moves to the next broker address: a node of a broker
-/// cluster may refuse (or hold) subscriptions for minutes after losing a peer, while another
-/// node grants at once.
+/// the connection up (once it has also been up for [`AgentConfig::subscribe_give_up`]) and the
+/// link moves to the next broker address: a node of a broker cluster may refuse (or hold)
+/// subscriptions for minutes after losing a peer, while another node grants at once.
+///
+/// [`AgentConfig::subscribe_give_up`]: crate::AgentConfig::subscribe_give_up
 const SUBSCRIBES_PER_CONNECTION: u32 = 3;
 
 pub(crate) struct Driver {
@@ -163,6 +165,8 @@ pub(crate) struct Driver {
     pub(crate) link_task: Option<tokio::task::JoinHandle<()>>,
     /// Tells that task to give the connection up (why), so it moves to the next address.
     pub(crate) abandon: mpsc::Sender<String>,
+    /// Least time a connection stays up without its subscription before it is given up.
+    pub(crate) subscribe_give_up: Duration,
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<Input>,
     pub(crate) inbox: Arc<Inbox>,
@@ -221,8 +225,9 @@ impl Driver {
         let mut resubscribe_at: Option<tokio::time::Instant> = None;
         // The protocol session runs on this connection: its subscription was granted.
         let mut session = false;
-        // SUBSCRIBEs sent on this connection.
+        // SUBSCRIBEs sent on this connection, and when it came up.
         let mut subscribes: u32 = 0;
+        let mut connected_at = tokio::time::Instant::now();
         loop {
             let deadline = self.engine.poll_timeout().map(|at| {
                 let wait = at.saturating_sub(self.now());
@@ -262,6 +267,7 @@ impl Driver {
                         session = false;
                         self.subscribe_backoff.reset();
                         subscribes = 0;
+                        connected_at = tokio::time::Instant::now();
                         resubscribe_at = self.subscribe(&mut subscribes);
                         let failover = last_broker.as_ref().is_some_and(|last| *last != broker);
                         if failover {
@@ -355,7 +361,9 @@ impl Driver {
                 _ = resubscribe => {
                     resubscribe_at = None;
                     if connected && !session {
-                        if subscribes >= SUBSCRIBES_PER_CONNECTION {
+                        if subscribes >= SUBSCRIBES_PER_CONNECTION
+                            && connected_at.elapsed() >= self.subscribe_give_up
+                        {
                             self.abandon_connection(subscribes).await;
                         } else {
                             resubscribe_at = self.subscribe(&mut subscribes);

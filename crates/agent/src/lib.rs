@@ -140,8 +140,9 @@ pub struct AgentStatus {
     /// subscription). A connection's session (its hello) starts only once it is granted.
     pub subscriptions_refused: u64,
     /// Connections given up because the broker refused or left unanswered three SUBSCRIBEs in
-    /// a row: the next attempt goes to the next broker address (a node of a cluster that
-    /// cannot store subscriptions, while another one can).
+    /// a row, over at least [`AgentConfig::subscribe_give_up`]: the next attempt goes to the
+    /// next broker address (a node of a cluster that cannot store subscriptions, while another
+    /// one can).
     pub subscriptions_abandoned: u64,
     /// Local items a resync deleted because the cloud does not hold them.
     pub swept: u64,
@@ -476,6 +477,7 @@ impl Agent {
             link: link_rx,
             link_task: Some(link_task),
             abandon: abandon_tx,
+            subscribe_give_up: config.subscribe_give_up,
             prefix: config.topic_prefix.clone(),
             inputs,
             inbox: inbox.clone(),

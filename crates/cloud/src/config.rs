@@ -309,6 +309,11 @@ pub struct MqttClientConfig {
     pub subscribe_retry_max: Duration,
     /// How long a SUBSCRIBE may wait for its SUBACK before it is sent again. Default 10 s.
     pub suback_timeout: Duration,
+    /// How long a connection may go without its subscription granted, over at least three
+    /// refused or unanswered SUBSCRIBEs, before it is given up for the next broker address.
+    /// Default 20 s: a cluster node electing leaders refuses for seconds; one that still
+    /// refuses after this is left for another node.
+    pub subscribe_give_up: Duration,
     /// Further addresses of an external broker (the other nodes of a broker cluster), tried in
     /// turn after [`BrokerMode::External`]'s `host:port`: every failed attempt and every lost
     /// connection moves that connection's next attempt to the next address, round the list
@@ -347,6 +352,7 @@ impl Default for MqttClientConfig {
             subscribe_retry_min: Duration::from_millis(200),
             subscribe_retry_max: Duration::from_secs(30),
             suback_timeout: Duration::from_secs(10),
+            subscribe_give_up: Duration::from_secs(20),
             external_fallbacks: Vec::new(),
             ingress_clients: 1,
             egress_clients: 1,

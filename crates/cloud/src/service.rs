@@ -505,6 +505,7 @@ impl Cloud {
                 retry_min: config.mqtt.subscribe_retry_min,
                 retry_max: config.mqtt.subscribe_retry_max,
                 suback_timeout: config.mqtt.suback_timeout,
+                give_up_after: config.mqtt.subscribe_give_up,
             }),
             share_group,
             behind,

@@ -7,8 +7,8 @@
 //! request that cannot be queued, a refused filter and a SUBACK that never comes are all retried
 //! with backoff, and every new connection (the service uses clean sessions) starts over. A
 //! connection on which the broker refused or left unanswered [`SUBSCRIBES_PER_CONNECTION`]
-//! requests is given up ([`Subscription::exhausted`]): a node of a broker cluster can refuse
-//! for minutes while another grants at once.
+//! requests, over at least `give_up_after`, is given up ([`Subscription::exhausted`]): a node
+//! of a broker cluster can refuse for minutes while another grants at once.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,8 @@ pub(crate) struct SubscribeTiming {
     pub(crate) retry_min: Duration,
     pub(crate) retry_max: Duration,
     pub(crate) suback_timeout: Duration,
+    /// Least time on one connection before it may be given up ([`Subscription::exhausted`]).
+    pub(crate) give_up_after: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +59,8 @@ pub(crate) struct Subscription {
     /// SUBSCRIBEs the broker refused or left unanswered on this connection (a full request
     /// queue is the service's own state, not counted here).
     broker_failures: u32,
+    /// When the current connection came up.
+    connected_at: Option<Instant>,
 }
 
 /// SUBSCRIBEs refused or left unanswered on one connection before it is given up (the link
@@ -71,6 +75,7 @@ impl Subscription {
             state: State::Offline,
             failures: 0,
             broker_failures: 0,
+            connected_at: None,
         }
     }
 
@@ -90,13 +95,19 @@ impl Subscription {
         self.state = State::Due(now);
         self.failures = 0;
         self.broker_failures = 0;
+        self.connected_at = Some(now);
     }
 
     /// Whether the broker refused or left unanswered [`SUBSCRIBES_PER_CONNECTION`] SUBSCRIBEs
-    /// on this connection: the caller gives the connection up (once it is lost, a new one
-    /// starts the count again).
-    pub(crate) fn exhausted(&self) -> bool {
-        self.state != State::Offline && self.broker_failures >= SUBSCRIBES_PER_CONNECTION
+    /// on this connection, which has been up for `give_up_after` without a grant: the caller
+    /// gives the connection up (once it is lost, a new one starts the count again).
+    pub(crate) fn exhausted(&self, now: Instant) -> bool {
+        let up_long_enough = self
+            .connected_at
+            .is_some_and(|at| now.saturating_duration_since(at) >= self.timing.give_up_after);
+        !matches!(self.state, State::Offline | State::Held)
+            && self.broker_failures >= SUBSCRIBES_PER_CONNECTION
+            && up_long_enough
     }
 
     /// The connection is gone.
@@ -198,11 +209,11 @@ mod tests {
         for _ in 0..5 {
             s.not_queued(t);
         }
-        assert!(!s.exhausted());
+        assert!(!s.exhausted(t + Duration::from_secs(60)));
         let mut now = t;
         // Refused, unanswered, refused.
         for (pkid, answer) in [(1, Some(false)), (2, None), (3, Some(false))] {
-            assert!(!s.exhausted());
+            assert!(!s.exhausted(t + Duration::from_secs(60)));
             now = s.deadline().unwrap();
             assert!(s.due(now));
             s.queued(now);
@@ -217,12 +228,15 @@ mod tests {
                 }
             }
         }
-        assert!(s.exhausted());
+        // Three failures, but the connection is younger than `give_up_after`: not yet.
+        assert!(now < t + Duration::from_secs(20));
+        assert!(!s.exhausted(now));
+        assert!(s.exhausted(t + Duration::from_secs(20)));
         // Given up: the lost connection's count goes with it, and the next starts afresh.
         s.lost();
-        assert!(!s.exhausted());
+        assert!(!s.exhausted(t + Duration::from_secs(60)));
         s.connected(now);
-        assert!(!s.exhausted());
+        assert!(!s.exhausted(now + Duration::from_secs(60)));
     }
 
     fn timing() -> SubscribeTiming {
@@ -230,6 +244,7 @@ mod tests {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_millis(1000),
             suback_timeout: Duration::from_secs(5),
+            give_up_after: Duration::from_secs(20),
         }
     }
 

@@ -657,7 +657,7 @@ impl SyncLoop {
             return;
         };
         for (index, (link, subscription)) in links.iter().zip(&mut self.subscriptions).enumerate() {
-            if subscription.exhausted() {
+            if subscription.exhausted(now) {
                 // Given up: nothing more is asked of this connection; its task drops it and
                 // reports it lost, and the next connection (to the next address) starts over.
                 subscription.lost();

@@ -234,6 +234,7 @@ async fn a_node_that_keeps_refusing_the_subscription_is_left_for_the_next_addres
         tokio::spawn(scripted_broker(granting, 0, seen_granting.clone())),
     ];
     let mut config = agent_config(dir.path(), "secret", refusing_port);
+    config.subscribe_give_up = std::time::Duration::from_millis(300);
     config.broker_fallbacks = vec![BrokerAddress {
         host: "127.0.0.1".into(),
         port: granting_port,
@@ -243,13 +244,20 @@ async fn a_node_that_keeps_refusing_the_subscription_is_left_for_the_next_addres
         seen_granting.lock().unwrap().contains(&Seen::Publish)
     })
     .await;
-    assert_eq!(
-        *seen_refusing.lock().unwrap(),
-        [Seen::Subscribe { granted: false }; 3],
-        "three attempts on the refusing node, nothing published there"
+    let refused = seen_refusing.lock().unwrap().clone();
+    assert!(
+        refused.len() >= 3
+            && refused
+                .iter()
+                .all(|s| *s == Seen::Subscribe { granted: false }),
+        "at least three attempts on the refusing node, nothing published there: {refused:?}"
     );
     let status = agent.status();
-    assert_eq!(status.subscriptions_refused, 3, "{status:?}");
+    assert_eq!(
+        status.subscriptions_refused,
+        refused.len() as u64,
+        "{status:?}"
+    );
     assert_eq!(status.subscriptions_abandoned, 1, "{status:?}");
     assert_eq!(status.broker_failovers, 1, "{status:?}");
     assert_eq!(

@@ -105,6 +105,7 @@ async fn an_ingress_connection_whose_broker_keeps_refusing_moves_to_the_next_add
     c.mqtt.reconnect_max = Duration::from_millis(200);
     c.mqtt.subscribe_retry_min = Duration::from_millis(50);
     c.mqtt.subscribe_retry_max = Duration::from_millis(200);
+    c.mqtt.subscribe_give_up = Duration::from_millis(300);
     let cloud = Cloud::start(c, schema()).await.expect("the cloud starts");
     let api = cloud.api_addr;
     let key = admin_key(&cloud).await;
@@ -119,9 +120,9 @@ async fn an_ingress_connection_whose_broker_keeps_refusing_moves_to_the_next_add
         }
     })
     .await;
-    // Three refusals on the first node, then the connection was given up (once: the second
-    // node holds the subscription).
-    assert_eq!(refusing.subscribes.load(Ordering::SeqCst), 3);
+    // At least three refusals on the first node (over `subscribe_give_up`), then the
+    // connection was given up (once: the second node holds the subscription).
+    assert!(refusing.subscribes.load(Ordering::SeqCst) >= 3);
     assert_eq!(status["subscriptions_abandoned"], 1, "{status}");
     assert!(
         granting.connects.load(Ordering::SeqCst) >= 1,
