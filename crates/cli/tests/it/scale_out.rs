@@ -255,7 +255,11 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
     let (mut mosquitto, broker) = private_broker(dir.path());
     // Restarted below on the same configuration and port.
     let conf = dir.path().join("mosquitto.conf");
-    let port: u16 = broker.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
+    let port: u16 = broker
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
     let key = admin_key(&store, dir.path());
     let nodes: Vec<CloudProc> = (1..=3)
         .map(|i| start_node(dir.path(), i, &store, &broker, &key))
