@@ -72,6 +72,9 @@ pub struct Model {
     pub(crate) key_fields: Vec<usize>,
     /// Whether the primary key depends on a maintained timestamp (`created`, `updated`).
     pub(crate) key_uses_stamp: bool,
+    /// Indexes into `fields` of the fields a create fills when the input lacks them (a
+    /// `default` or a `generate`): a create looks only these up, not every field.
+    pub(crate) filled_fields: Vec<usize>,
     /// Names of the hidden fields (see [`Model::is_hidden`]).
     pub(crate) hidden_names: Vec<String>,
     /// Bit `n` is set when a hidden name is `n` bytes long (bit 63: 63 bytes or more): every
@@ -107,6 +110,29 @@ pub(crate) struct Stamps {
     pub(crate) updated: Option<Field>,
 }
 
+/// The value of `name` in an item whose entries `entries` yields in key order, when the names
+/// asked for ascend: the entries below `name` are passed for good, so asking every field in
+/// order walks the item once.
+fn value_in_order<'a>(
+    entries: &mut std::iter::Peekable<serde_json::map::Iter<'a>>,
+    name: &str,
+) -> Option<&'a Value> {
+    while let Some((key, value)) = entries.peek() {
+        match key.as_str().cmp(name) {
+            std::cmp::Ordering::Less => {
+                entries.next();
+            }
+            std::cmp::Ordering::Equal => {
+                let value = *value;
+                entries.next();
+                return Some(value);
+            }
+            std::cmp::Ordering::Greater => return None,
+        }
+    }
+    None
+}
+
 /// The bit of [`Model::hidden_lengths`] for a name of `name`'s length.
 fn length_bit(name: &str) -> u64 {
     1 << name.len().min(63)
@@ -131,6 +157,7 @@ impl Model {
             key_templates: Vec::new(),
             key_fields: Vec::new(),
             key_uses_stamp: false,
+            filled_fields: Vec::new(),
             hidden_names: Vec::new(),
             hidden_lengths: 0,
             index_attr: Vec::new(),
@@ -165,6 +192,14 @@ impl Model {
             .chain(model.stamps.updated.iter())
             .filter(|f| f.hidden())
             .map(|f| f.name.clone())
+            .collect();
+        model.filled_fields = (0..model.fields.len())
+            .filter(|&i| {
+                model
+                    .fields
+                    .get(i)
+                    .is_some_and(|f| f.default.is_some() || f.generate.is_some())
+            })
             .collect();
         model.hidden_lengths = model
             .hidden_names
@@ -556,9 +591,12 @@ impl Model {
         // a NUL, and the primary key attributes' values.
         let mut nul = false;
         let (mut hash_value, mut sort_value) = (None, None);
+        // The fields are sorted by name and the item's entries iterate in key order (the same
+        // byte order), so one walk over the entries finds every field's value: a lookup per
+        // field searched the map's nodes again for each.
+        let mut entries = item.iter().peekable();
         for (i, field) in self.fields.iter().enumerate() {
-            // One lookup per field, for every check.
-            let found = item.get(&field.name);
+            let found = value_in_order(&mut entries, &field.name);
             if self.index_attr.get(i).copied().unwrap_or(true) {
                 nul |= matches!(found, Some(Value::String(text)) if text.contains('\0'));
             }
@@ -710,7 +748,11 @@ impl Model {
         now_ms: i64,
         ctx: &Ctx,
     ) -> Result<Item, ValidationError> {
-        for field in &self.fields {
+        for field in self
+            .filled_fields
+            .iter()
+            .filter_map(|&i| self.fields.get(i))
+        {
             if item.contains_key(&field.name) {
                 continue;
             }
@@ -1678,6 +1720,19 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn items_iterate_in_key_order() {
+        // `validate` walks an item's entries in order beside the sorted fields: that needs
+        // serde_json's map to be ordered by key (its `preserve_order` feature would make it
+        // keep insertion order, and this test fail).
+        let mut item = Item::new();
+        for key in ["b", "a", "ab", "B", "_type"] {
+            item.insert(key.into(), json!(1));
+        }
+        let keys: Vec<&str> = item.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["B", "_type", "a", "ab", "b"]);
     }
 
     proptest::proptest! {
