@@ -2051,8 +2051,9 @@ mod tests {
         ));
     }
 
-    /// A model whose hidden names have lengths 1, 2, 5, 63 and 70 (the last two share the
-    /// length mask's top bit), beside visible names of the same lengths.
+    /// A model whose hidden names have lengths 1, 5, 63 and 70 (the last two share the length
+    /// mask's top bit; the templated keys besides), beside visible names of the same length
+    /// bits (`v`, `value`, a 64-byte name).
     const HIDDEN_SCHEMA: &str = r#"{
       version: '1', format: 'onetable:1.1.0',
       indexes: {primary: {hash: 'pk', sort: 'sk'}},
