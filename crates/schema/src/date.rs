@@ -27,18 +27,21 @@ pub(crate) fn parse_iso_ms(text: &str) -> Option<i64> {
 
 /// Format epoch milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`; None when out of range (outside
 /// years 0 to 9999). Computed directly (days to civil date, H. Hinnant's algorithm): this runs
-/// for every create and update.
+/// for every create and update, and for every date a read returns.
 pub fn format_iso_ms(ms: i64) -> Option<String> {
     let bytes = format_iso_ms_bytes(ms)?;
-    // Always ASCII digits and separators; the check costs nothing next to the allocation.
-    String::from_utf8(bytes.to_vec()).ok()
+    debug_assert!(bytes.is_ascii());
+    // SAFETY: `format_iso_ms_bytes` writes ASCII digits into an ASCII pattern, and ASCII is
+    // UTF-8. (Checking it again cost ~90 instructions per date, a fifth of the spelling.)
+    Some(unsafe { String::from_utf8_unchecked(bytes.to_vec()) })
 }
 
 /// [`format_iso_ms`] into a fixed array (always ASCII), without allocating: for callers that
 /// only compare the spelling (the database's codec checks every date-like string it stores).
 pub fn format_iso_ms_bytes(ms: i64) -> Option<[u8; 24]> {
     let days = ms.div_euclid(86_400_000);
-    let rem = ms.rem_euclid(86_400_000);
+    // In 0..86_400_000, so the time of day is split with 32-bit divisions by constants.
+    let rem = ms.rem_euclid(86_400_000) as u32;
     let z = days.checked_add(719_468)?;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -51,20 +54,23 @@ pub fn format_iso_ms_bytes(ms: i64) -> Option<[u8; 24]> {
     if !(0..=9999).contains(&year) {
         return None;
     }
+    let (year, month, day) = (year as u32, month as u32, day as u32);
     let mut out = *b"0000-00-00T00:00:00.000Z";
-    let mut put = |at: usize, width: usize, mut v: i64| {
-        for i in (0..width).rev() {
-            out[at + i] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
+    // Two digits per step (every value here is below 100 where it is put).
+    let mut two = |at: usize, v: u32| {
+        out[at] = b'0' + (v / 10) as u8;
+        out[at + 1] = b'0' + (v % 10) as u8;
     };
-    put(0, 4, year);
-    put(5, 2, month);
-    put(8, 2, day);
-    put(11, 2, rem / 3_600_000);
-    put(14, 2, rem / 60_000 % 60);
-    put(17, 2, rem / 1000 % 60);
-    put(20, 3, rem % 1000);
+    two(0, year / 100);
+    two(2, year % 100);
+    two(5, month);
+    two(8, day);
+    two(11, rem / 3_600_000);
+    two(14, rem / 60_000 % 60);
+    two(17, rem / 1000 % 60);
+    let milli = rem % 1000;
+    two(20, milli / 10);
+    out[22] = b'0' + (milli % 10) as u8;
     Some(out)
 }
 
