@@ -1655,15 +1655,7 @@ mod tests {
     #[test]
     fn the_file_sets_the_embedded_brokers_limits_and_refuses_bad_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cloud.json5");
-        let load = |text: &str| {
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {text}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path).map(|(_, c)| c)
-        };
+        let load = |text: &str| load_body(dir.path(), text).map(|(_, c)| c);
         let c = load("").unwrap();
         assert_eq!(c.broker_limits, crate::broker::BrokerLimits::default());
         let c = load(
@@ -1711,15 +1703,7 @@ mod tests {
     #[test]
     fn the_file_sets_the_sync_engine_limits_and_refuses_them_out_of_range_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let load = |text: &str| {
-            let path = dir.path().join("cloud.json5");
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {text}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path).map(|(_, c)| c)
-        };
+        let load = |text: &str| load_body(dir.path(), text).map(|(_, c)| c);
         let defaults = devtables_sync::cloud::CloudEngineConfig::default();
         let c = load(
             "sync_engine: {max_sessions: 20000, feed_window: 4, feed_page_changes: 100, \
@@ -1779,15 +1763,7 @@ mod tests {
     #[test]
     fn the_file_sets_the_brokers_keep_alive_within_what_mqtt_can_say() {
         let dir = tempfile::tempdir().unwrap();
-        let load = |text: &str| {
-            let path = dir.path().join("cloud.json5");
-            std::fs::write(
-                &path,
-                format!("{{schema: 's.json5', data_dir: 'd', {text}}}"),
-            )
-            .unwrap();
-            CloudFile::load(&path).map(|(_, c)| c)
-        };
+        let load = |text: &str| load_body(dir.path(), text).map(|(_, c)| c);
         assert_eq!(load("").unwrap().mqtt.keep_alive, Duration::from_secs(30));
         let c = load("mqtt_keep_alive_secs: 120").unwrap();
         assert_eq!(c.mqtt.keep_alive, Duration::from_secs(120));

@@ -9,6 +9,7 @@ use devtables_agent::Agent;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use super::mqtt_packet::{read_packet, suback};
 use super::support::{agent_config, device, eventually, free_port, offline, schema, start_cloud};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,24 +151,6 @@ enum Seen {
     Publish,
 }
 
-/// Reads one MQTT packet: its first byte and its body.
-async fn read_packet(socket: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    use tokio::io::AsyncReadExt;
-    let kind = socket.read_u8().await?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let b = socket.read_u8().await?;
-        len |= usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 || shift > 21 {
-            break;
-        }
-    }
-    let mut body = vec![0; len];
-    socket.read_exact(&mut body).await?;
-    Ok((kind, body))
-}
-
 /// A broker of one connection that answers CONNECT, refuses the first `refusals` SUBSCRIBEs
 /// (return code 0x80 for every filter) and grants the next, and acknowledges publishes; it
 /// records what it saw.
@@ -185,20 +168,10 @@ async fn scripted_broker(
         let answer: Vec<u8> = match kind >> 4 {
             1 => vec![0x20, 2, 0, 0],
             8 => {
-                // Packet id, then (length, filter, QoS) per filter.
-                let mut filters = 0;
-                let mut at = 2;
-                while at + 2 <= body.len() {
-                    at += 2 + usize::from(u16::from_be_bytes([body[at], body[at + 1]])) + 1;
-                    filters += 1;
-                }
                 let granted = subscribes >= refusals;
                 subscribes += 1;
                 seen.lock().unwrap().push(Seen::Subscribe { granted });
-                let code = if granted { 1 } else { 0x80 };
-                let mut ack = vec![0x90, 2 + filters as u8, body[0], body[1]];
-                ack.extend(std::iter::repeat_n(code, filters));
-                ack
+                suback(&body, if granted { 1 } else { 0x80 })
             }
             3 => {
                 seen.lock().unwrap().push(Seen::Publish);

@@ -11,6 +11,7 @@ mod conformance;
 mod connection;
 mod inputs;
 mod limits;
+mod mqtt_packet;
 mod mtls;
 mod outbox;
 mod retransmit;

@@ -9,6 +9,8 @@ mod conformance;
 mod harness;
 mod lifecycle;
 mod metrics;
+#[path = "../../../agent/tests/it/mqtt_packet.rs"]
+mod mqtt_packet;
 mod mtls;
 mod node_id;
 mod openapi;

@@ -8,33 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devtables_cloud::{BrokerMode, Cloud};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{admin_key, config, eventually, get_as, schema};
+use crate::mqtt_packet::{read_packet, suback};
 
 /// What a scripted broker saw.
 #[derive(Default)]
 struct Seen {
     connects: AtomicUsize,
     subscribes: AtomicUsize,
-}
-
-/// Reads one MQTT packet: its first byte and its body.
-async fn read_packet(socket: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let kind = socket.read_u8().await?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let b = socket.read_u8().await?;
-        len |= usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 || shift > 21 {
-            break;
-        }
-    }
-    let mut body = vec![0; len];
-    socket.read_exact(&mut body).await?;
-    Ok((kind, body))
 }
 
 /// One connection of a scripted broker: CONNACK, a SUBACK granting or refusing (0x80) every
@@ -48,17 +32,7 @@ async fn serve(mut socket: TcpStream, grant: bool, seen: Arc<Seen>) {
             }
             8 => {
                 seen.subscribes.fetch_add(1, Ordering::SeqCst);
-                // Packet id, then (length, filter, options) per filter.
-                let mut filters = 0;
-                let mut at = 2;
-                while at + 2 <= body.len() {
-                    at += 2 + usize::from(u16::from_be_bytes([body[at], body[at + 1]])) + 1;
-                    filters += 1;
-                }
-                let code = if grant { 1 } else { 0x80 };
-                let mut ack = vec![0x90, 2 + filters as u8, body[0], body[1]];
-                ack.extend(std::iter::repeat_n(code, filters));
-                ack
+                suback(&body, if grant { 1 } else { 0x80 })
             }
             3 if (kind >> 1) & 3 == 1 => {
                 let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
