@@ -781,6 +781,11 @@ pub struct CloudFile {
     /// store outages (a PostgreSQL failover); a dead broker is then noticed later.
     #[serde(default)]
     pub mqtt_keep_alive_secs: Option<u64>,
+    /// Seconds an ingress connection to an external broker may go without its subscription
+    /// granted (over at least three refused or unanswered SUBSCRIBEs) before it is given up
+    /// for the broker's next address (default 20; see [`MqttClientConfig::subscribe_give_up`]).
+    #[serde(default)]
+    pub mqtt_subscribe_give_up_secs: Option<u64>,
     /// Connections of an external broker that read device messages, over one shared
     /// subscription when more than 1 (default 1; see [`MqttClientConfig::ingress_clients`]).
     #[serde(default)]
@@ -1156,6 +1161,9 @@ impl CloudFile {
         }
         if let Some(secs) = file.mqtt_keep_alive_secs {
             config.mqtt.keep_alive = Duration::from_secs(secs);
+        }
+        if let Some(secs) = file.mqtt_subscribe_give_up_secs {
+            config.mqtt.subscribe_give_up = Duration::from_secs(secs);
         }
         if let Some(n) = file.mqtt_ingress_clients {
             config.mqtt.ingress_clients = n;
@@ -1765,8 +1773,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let load = |text: &str| load_body(dir.path(), text).map(|(_, c)| c);
         assert_eq!(load("").unwrap().mqtt.keep_alive, Duration::from_secs(30));
-        let c = load("mqtt_keep_alive_secs: 120").unwrap();
+        let c = load("mqtt_keep_alive_secs: 120, mqtt_subscribe_give_up_secs: 60").unwrap();
         assert_eq!(c.mqtt.keep_alive, Duration::from_secs(120));
+        assert_eq!(c.mqtt.subscribe_give_up, Duration::from_secs(60));
         for bad in [0, 65_536] {
             let err = load(&format!("mqtt_keep_alive_secs: {bad}")).unwrap_err();
             assert!(err.contains("mqtt_keep_alive_secs"), "{bad}: {err}");
