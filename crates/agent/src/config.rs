@@ -241,6 +241,9 @@ pub struct AgentFile {
     /// Longest wait between reconnect attempts, in ms (default 15 000).
     #[serde(default)]
     pub reconnect_max_delay_ms: Option<u64>,
+    /// See [`AgentConfig::subscribe_give_up`], in ms (default 20 000).
+    #[serde(default)]
+    pub subscribe_give_up_ms: Option<u64>,
     /// See [`AgentConfig::input_queue`].
     #[serde(default)]
     pub input_queue: Option<usize>,
@@ -557,6 +560,9 @@ impl AgentFile {
         if let Some(ms) = file.reconnect_max_delay_ms {
             config.reconnect_max_delay = Duration::from_millis(ms.max(1));
         }
+        if let Some(ms) = file.subscribe_give_up_ms {
+            config.subscribe_give_up = Duration::from_millis(ms);
+        }
         if let Some(n) = file.input_queue {
             config.input_queue = n;
         }
@@ -610,8 +616,13 @@ mod tests {
         let (_, c) = AgentFile::load(&example).unwrap();
         assert_eq!(c.reconnect_delay, Duration::from_millis(500));
         assert_eq!(c.reconnect_max_delay, Duration::from_secs(15));
-        let c =
-            load("broker: 'b:1883', reconnect_delay_ms: 20, reconnect_max_delay_ms: 900").unwrap();
+        assert_eq!(c.subscribe_give_up, Duration::from_secs(20));
+        let c = load(
+            "broker: 'b:1883', reconnect_delay_ms: 20, reconnect_max_delay_ms: 900, \
+             subscribe_give_up_ms: 5000",
+        )
+        .unwrap();
+        assert_eq!(c.subscribe_give_up, Duration::from_secs(5));
         assert_eq!(
             (c.reconnect_delay, c.reconnect_max_delay),
             (Duration::from_millis(20), Duration::from_millis(900))
