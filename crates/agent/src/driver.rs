@@ -364,7 +364,7 @@ impl Driver {
                         if subscribes >= SUBSCRIBES_PER_CONNECTION
                             && connected_at.elapsed() >= self.subscribe_give_up
                         {
-                            self.abandon_connection(subscribes).await;
+                            self.abandon_connection(subscribes);
                         } else {
                             resubscribe_at = self.subscribe(&mut subscribes);
                         }
@@ -432,15 +432,16 @@ impl Driver {
     /// Gives the connection up after `subscribes` SUBSCRIBEs that were refused or left
     /// unanswered: the link drops it and connects to the next broker address (the same one
     /// when there is one), where the session starts afresh.
-    async fn abandon_connection(&mut self, subscribes: u32) {
+    fn abandon_connection(&mut self, subscribes: u32) {
         let reason = format!(
             "the broker did not grant the subscription to the device's topics ({subscribes} \
              attempts on this connection); giving the connection up"
         );
         self.set_status(|s| s.subscriptions_abandoned += 1);
         // The link task reads it while connected; if the connection dropped meanwhile, the
-        // reason is discarded at the next CONNACK. A closed channel means the link ended.
-        let _ = self.abandon.send(reason).await;
+        // reason is discarded at the next CONNACK. Never waited for: a full channel already
+        // holds a verdict, a closed one means the link ended.
+        let _ = self.abandon.try_send(reason);
     }
 
     fn handle_input(&mut self, first: Input) {
