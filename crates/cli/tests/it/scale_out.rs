@@ -9,7 +9,7 @@
 //! shared broker their nodes (named `node-1`...) would take each other's MQTT client ids and
 //! hear each other's devices.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,18 +59,39 @@ fn start_node(dir: &Path, i: usize, store: &StoreChoice, broker: &str, key: &str
 }
 
 /// A Mosquitto of the test's own on a free port (anonymous: the scale-out tests are about the
-/// nodes, not the broker's access control), and its address.
-fn private_broker(dir: &Path) -> (MosquittoProc, String) {
-    let port = free_port();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let mosquitto = MosquittoProc::start(&conf, port);
-    let broker = mosquitto.addr.clone();
-    (mosquitto, broker)
+/// nodes, not the broker's access control).
+struct PrivateBroker {
+    mosquitto: Option<MosquittoProc>,
+    conf: PathBuf,
+    port: u16,
+    /// `127.0.0.1:port`.
+    addr: String,
+}
+
+impl PrivateBroker {
+    fn start(dir: &Path) -> PrivateBroker {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let mosquitto = MosquittoProc::start(&conf, port);
+        let addr = mosquitto.addr.clone();
+        PrivateBroker {
+            mosquitto: Some(mosquitto),
+            conf,
+            port,
+            addr,
+        }
+    }
+
+    /// Kills the broker and starts it again on the same configuration and port.
+    fn restart(&mut self) {
+        drop(self.mosquitto.take());
+        self.mosquitto = Some(MosquittoProc::start(&self.conf, self.port));
+    }
 }
 
 /// `devtables sim` uses the default topic prefix.
@@ -172,7 +193,8 @@ fn a_node_killed_mid_run_is_taken_over_and_nothing_acknowledged_is_lost() {
     }
     let (pg, store) = fresh_store();
     let dir = tempfile::tempdir().unwrap();
-    let (_mosquitto, broker) = private_broker(dir.path());
+    let mosquitto = PrivateBroker::start(dir.path());
+    let broker = mosquitto.addr.clone();
     let key = admin_key(&store, dir.path());
     let n1 = start_node(dir.path(), 1, &store, &broker, &key);
     let mut n2 = start_node(dir.path(), 2, &store, &broker, &key);
@@ -252,14 +274,8 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
     }
     let (_pg, store) = fresh_store();
     let dir = tempfile::tempdir().unwrap();
-    let (mut mosquitto, broker) = private_broker(dir.path());
-    // Restarted below on the same configuration and port.
-    let conf = dir.path().join("mosquitto.conf");
-    let port: u16 = broker
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap();
+    let mut mosquitto = PrivateBroker::start(dir.path());
+    let broker = mosquitto.addr.clone();
     let key = admin_key(&store, dir.path());
     let nodes: Vec<CloudProc> = (1..=3)
         .map(|i| start_node(dir.path(), i, &store, &broker, &key))
@@ -280,8 +296,7 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
         }
     });
     // The broker dies and comes back on the same port.
-    drop(mosquitto);
-    mosquitto = MosquittoProc::start(&conf, port);
+    mosquitto.restart();
     finish_sim(sim, dir.path());
     // The nodes noticed: their sessions restarted after the broker came back.
     let restarted_after: u64 = nodes
@@ -302,7 +317,8 @@ fn change_log_readers_and_webhooks_hear_writes_made_on_other_nodes_once() {
     }
     let (_pg, store) = fresh_store();
     let dir = tempfile::tempdir().unwrap();
-    let (_mosquitto, broker) = private_broker(dir.path());
+    let mosquitto = PrivateBroker::start(dir.path());
+    let broker = mosquitto.addr.clone();
     let key = admin_key(&store, dir.path());
     let nodes: Vec<CloudProc> = (1..=3)
         .map(|i| start_node(dir.path(), i, &store, &broker, &key))
@@ -403,7 +419,8 @@ fn registry_commands_reach_the_postgresql_store() {
     }
     let (pg, store) = fresh_store();
     let dir = tempfile::tempdir().unwrap();
-    let (_mosquitto, broker) = private_broker(dir.path());
+    let mosquitto = PrivateBroker::start(dir.path());
+    let broker = mosquitto.addr.clone();
     let key = admin_key(&store, dir.path());
     let node = start_node(dir.path(), 1, &store, &broker, &key);
     node.register(KEY_ACCOUNT, "dev-a");
