@@ -147,6 +147,13 @@ const SUBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// [`AgentConfig::subscribe_give_up`]: crate::AgentConfig::subscribe_give_up
 const SUBSCRIBES_PER_CONNECTION: u32 = 3;
 
+/// The longest a connection may stay deaf before it is given up, in multiples of
+/// [`AgentConfig::subscribe_give_up`] (20 s × 32: about ten minutes): a cloud that is down
+/// costs each device a reconnect that often, no more.
+///
+/// [`AgentConfig::subscribe_give_up`]: crate::AgentConfig::subscribe_give_up
+const DEAF_GIVE_UP_CEILING: u32 = 32;
+
 pub(crate) struct Driver {
     pub(crate) id: DeviceId,
     /// The device database; every transaction through it is counted (`db_reads`, `db_writes`).
@@ -167,6 +174,14 @@ pub(crate) struct Driver {
     pub(crate) abandon: mpsc::Sender<String>,
     /// Least time a connection stays up without its subscription before it is given up.
     pub(crate) subscribe_give_up: Duration,
+    /// How long the next connection may stay deaf (the cloud has not answered the session's
+    /// hello since the subscription was granted) before it is given up: `subscribe_give_up`,
+    /// doubled for each deaf connection in a row (a cloud that is down is deaf on every
+    /// connection), reset by an answer.
+    pub(crate) deaf_give_up: Duration,
+    /// When this connection counts as deaf: set when its session starts (the hello goes out),
+    /// cleared by the cloud's answer (a welcome, or a busy or rate-limit refusal).
+    pub(crate) deaf_at: Option<tokio::time::Instant>,
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<Input>,
     pub(crate) inbox: Arc<Inbox>,
@@ -252,6 +267,13 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            let deaf_at = self.deaf_at;
+            let deaf = async {
+                match deaf_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let gc_due = self.gc.due;
             let repush_due = self.repush.as_ref().map(|r| r.due);
             let repush = async {
@@ -268,6 +290,7 @@ impl Driver {
                         self.subscribe_backoff.reset();
                         subscribes = 0;
                         connected_at = tokio::time::Instant::now();
+                        self.deaf_at = None;
                         resubscribe_at = self.subscribe(&mut subscribes);
                         let failover = last_broker.as_ref().is_some_and(|last| *last != broker);
                         if failover {
@@ -290,6 +313,7 @@ impl Driver {
                         if connected && !session {
                             session = true;
                             resubscribe_at = None;
+                            self.deaf_at = Some(tokio::time::Instant::now() + self.deaf_give_up);
                             let now = self.now();
                             self.engine.handle_connected(now);
                         }
@@ -317,6 +341,7 @@ impl Driver {
                         let trying = next.as_ref().unwrap_or(&broker).to_string();
                         // The next connection subscribes anew.
                         resubscribe_at = None;
+                        self.deaf_at = None;
                         session = false;
                         if was_connected {
                             tracing::warn!(device = %self.id, "MQTT connection lost: {error} (broker {broker}{then})");
@@ -368,6 +393,12 @@ impl Driver {
                         } else {
                             resubscribe_at = self.subscribe(&mut subscribes);
                         }
+                    }
+                }
+                _ = deaf => {
+                    self.deaf_at = None;
+                    if connected && session {
+                        self.abandon_deaf_connection();
                     }
                 }
                 _ = tokio::time::sleep_until(gc_due) => self.collect_versions().await,
@@ -441,6 +472,30 @@ impl Driver {
         // The link task reads it while connected; if the connection dropped meanwhile, the
         // reason is discarded at the next CONNACK. Never waited for: a full channel already
         // holds a verdict, a closed one means the link ended.
+        let _ = self.abandon.try_send(reason);
+    }
+
+    /// The cloud answered on this connection: it is not deaf, and the next deaf one waits the
+    /// base time.
+    fn cloud_answered(&mut self) {
+        self.deaf_at = None;
+        self.deaf_give_up = self.subscribe_give_up;
+    }
+
+    /// Gives the connection up after the cloud left the session's hello unanswered for
+    /// `deaf_give_up` since the subscription was granted; the next such connection in a row
+    /// waits twice as long.
+    fn abandon_deaf_connection(&mut self) {
+        let waited = self.deaf_give_up;
+        let reason = format!(
+            "the cloud did not answer the device's hello on this connection in {waited:?} \
+             since the subscription was granted; giving the connection up"
+        );
+        self.deaf_give_up = waited
+            .saturating_mul(2)
+            .min(self.subscribe_give_up.saturating_mul(DEAF_GIVE_UP_CEILING));
+        self.set_status(|s| s.deaf_connections += 1);
+        // As for a refused subscription: never waited for; the link's warning says why.
         let _ = self.abandon.try_send(reason);
     }
 
@@ -998,6 +1053,7 @@ impl Driver {
         match event {
             DeviceEvent::Connected => tracing::info!(device = %self.id, "connected"),
             DeviceEvent::Ready => {
+                self.cloud_answered();
                 tracing::info!(device = %self.id, "sync ready");
                 // The cloud answers: whatever failed before is over. The welcome says again
                 // whether the cloud's schema differs.
@@ -1044,6 +1100,12 @@ impl Driver {
                 }
                 // The engine already asked for the durable entry's removal (OutboxRemove):
                 // a rejected change is never retried.
+            }
+            DeviceEvent::Throttled { .. } if self.deaf_at.is_some() => {
+                // A busy cloud answered: the connection is not deaf (the refusal is handled
+                // below, on the next pass).
+                self.cloud_answered();
+                self.on_event(event);
             }
             DeviceEvent::Throttled {
                 retry_after_ms,

@@ -144,6 +144,11 @@ pub struct AgentStatus {
     /// next broker address (a node of a cluster that cannot store subscriptions, while another
     /// one can).
     pub subscriptions_abandoned: u64,
+    /// Connections given up because the cloud's answer to the session's hello did not arrive
+    /// within [`AgentConfig::subscribe_give_up`] (doubled for each such connection in a row)
+    /// after their subscription was granted: a broker node that takes the device's messages
+    /// but does not deliver the answer. The next attempt goes to the next address.
+    pub deaf_connections: u64,
     /// Local items a resync deleted because the cloud does not hold them.
     pub swept: u64,
     /// Cloud time minus this device's clock, in ms, from the last welcome.
@@ -478,6 +483,8 @@ impl Agent {
             link_task: Some(link_task),
             abandon: abandon_tx,
             subscribe_give_up: config.subscribe_give_up,
+            deaf_give_up: config.subscribe_give_up,
+            deaf_at: None,
             prefix: config.topic_prefix.clone(),
             inputs,
             inbox: inbox.clone(),

@@ -504,7 +504,9 @@ fn egress_user(service: &str) -> String {
 }
 
 /// The service's reading connection may read every device's up topic; its publishing
-/// connection may write every down topic (each device's and each account's broadcast).
+/// connection may write every down topic (each device's and each account's broadcast) and the
+/// cloud's own path probes, which come back through the reading connection's subscription
+/// (`{prefix}/_devtables/{node}/up`: an account no device may belong to).
 fn write_acl_header(
     w: &mut impl Write,
     service: &str,
@@ -517,8 +519,10 @@ fn write_acl_header(
          user {service}\n\
          topic read {up}\n\n\
          user {egress}\n\
-         topic write {prefix}/+/+/down\n",
-        up = topics::up_filter(prefix)
+         topic write {prefix}/+/+/down\n\
+         topic write {probes}\n",
+        up = topics::up_filter(prefix),
+        probes = topics::probe_topic(prefix, "+"),
     )
 }
 
@@ -724,7 +728,8 @@ mod tests {
         write_acl_header(&mut out, "svc", &egress_user("svc"), "dt").unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains(
-            "user svc\ntopic read dt/+/+/up\n\nuser svc-egress\ntopic write dt/+/+/down\n"
+            "user svc\ntopic read dt/+/+/up\n\nuser svc-egress\ntopic write dt/+/+/down\n\
+             topic write dt/_devtables/+/up\n"
         ));
     }
 

@@ -44,6 +44,11 @@ pub struct ClusterConfig {
     /// How long a node's lease runs without renewal (renewed every third of it): the longest a
     /// killed node's devices wait for another node. Default 5 s.
     pub lease: Duration,
+    /// How long a node that took over partitions (or started with them) waits for the devices
+    /// the registry shows online in them to answer its prompt; those it heard nothing from by
+    /// then are marked offline (`cluster_presence_marked_offline`): they left while their
+    /// node was dead. Default 60 s, two prompt intervals (a lost prompt is sent again once).
+    pub presence_check: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -51,6 +56,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             partitions: 64,
             lease: Duration::from_secs(5),
+            presence_check: Duration::from_secs(60),
         }
     }
 }
@@ -314,6 +320,13 @@ pub struct MqttClientConfig {
     /// Default 20 s: a cluster node electing leaders refuses for seconds; one that still
     /// refuses after this is left for another node.
     pub subscribe_give_up: Duration,
+    /// How often the cloud sends a probe of its own under the device topic filter and expects
+    /// it back through its subscription (`probe`): three lost in a row (while it was reading)
+    /// say the subscription went deaf though the connections stayed up (a NATS node whose
+    /// consumer lost its quorum), and every connection is made again. `Duration::ZERO` turns it
+    /// off. Default 10 s. External brokers only; the brokers' access control must let the
+    /// publishing user write `{prefix}/_devtables/+/up` (docs/deployment.md).
+    pub probe_interval: Duration,
     /// Further addresses of an external broker (the other nodes of a broker cluster), tried in
     /// turn after [`BrokerMode::External`]'s `host:port`: every failed attempt and every lost
     /// connection moves that connection's next attempt to the next address, round the list
@@ -353,6 +366,7 @@ impl Default for MqttClientConfig {
             subscribe_retry_max: Duration::from_secs(30),
             suback_timeout: Duration::from_secs(10),
             subscribe_give_up: Duration::from_secs(20),
+            probe_interval: Duration::from_secs(10),
             external_fallbacks: Vec::new(),
             ingress_clients: 1,
             egress_clients: 1,
@@ -463,6 +477,14 @@ impl CloudConfig {
                 self.cluster.lease.as_millis()
             ));
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400))
+            .contains(&self.cluster.presence_check)
+        {
+            return Err(format!(
+                "cluster_presence_check_ms must be 1000 to 86400000, got {}",
+                self.cluster.presence_check.as_millis()
+            ));
+        }
         if self.mqtt.request_queue < 2 {
             return Err(format!(
                 "mqtt request_queue must be at least 2 (one slot is kept for subscribing), got {}",
@@ -470,6 +492,12 @@ impl CloudConfig {
             ));
         }
         // Whole seconds the MQTT keep-alive field holds (rumqttc refuses less than a second).
+        if self.mqtt.probe_interval > Duration::from_secs(3600) {
+            return Err(format!(
+                "mqtt_probe_secs must be 0 (off) to 3600, got {}",
+                self.mqtt.probe_interval.as_secs()
+            ));
+        }
         let keep_alive = self.mqtt.keep_alive;
         if keep_alive < Duration::from_secs(1)
             || keep_alive > Duration::from_secs(u64::from(u16::MAX))
@@ -730,6 +758,10 @@ pub struct CloudFile {
     /// A node's lease in ms (default 5000): the longest a killed node's devices wait.
     #[serde(default)]
     pub cluster_lease_ms: Option<u64>,
+    /// How long a node that took over partitions waits for their devices shown online to
+    /// answer before marking the silent ones offline, in ms (default 60000).
+    #[serde(default)]
+    pub cluster_presence_check_ms: Option<u64>,
     /// ... or an external broker: `mqtts://host:port` (needs `external_broker_tls`),
     /// `mqtt://host:port` or `host:port` (clear text); a list of them (also spelt
     /// `external_brokers`, or one string with commas between the addresses) names the nodes of
@@ -786,6 +818,10 @@ pub struct CloudFile {
     /// for the broker's next address (default 20; see [`MqttClientConfig::subscribe_give_up`]).
     #[serde(default)]
     pub mqtt_subscribe_give_up_secs: Option<u64>,
+    /// Seconds between the cloud's path probes through an external broker, 0 to turn them off
+    /// (default 10; see [`MqttClientConfig::probe_interval`]).
+    #[serde(default)]
+    pub mqtt_probe_secs: Option<u64>,
     /// Connections of an external broker that read device messages, over one shared
     /// subscription when more than 1 (default 1; see [`MqttClientConfig::ingress_clients`]).
     #[serde(default)]
@@ -1165,6 +1201,9 @@ impl CloudFile {
         if let Some(secs) = file.mqtt_subscribe_give_up_secs {
             config.mqtt.subscribe_give_up = Duration::from_secs(secs);
         }
+        if let Some(secs) = file.mqtt_probe_secs {
+            config.mqtt.probe_interval = Duration::from_secs(secs);
+        }
         if let Some(n) = file.mqtt_ingress_clients {
             config.mqtt.ingress_clients = n;
         }
@@ -1238,6 +1277,9 @@ impl CloudFile {
         }
         if let Some(ms) = file.cluster_lease_ms {
             config.cluster.lease = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.cluster_presence_check_ms {
+            config.cluster.presence_check = Duration::from_millis(ms);
         }
         if let Some(ms) = file.max_drift_ms {
             config.sync.max_drift_ms = ms;
@@ -1773,7 +1815,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let load = |text: &str| load_body(dir.path(), text).map(|(_, c)| c);
         assert_eq!(load("").unwrap().mqtt.keep_alive, Duration::from_secs(30));
-        let c = load("mqtt_keep_alive_secs: 120, mqtt_subscribe_give_up_secs: 60").unwrap();
+        let c =
+            load("mqtt_keep_alive_secs: 120, mqtt_subscribe_give_up_secs: 60, mqtt_probe_secs: 0")
+                .unwrap();
+        assert_eq!(c.mqtt.probe_interval, Duration::ZERO);
+        let err = load("mqtt_probe_secs: 3601").unwrap_err();
+        assert!(err.contains("mqtt_probe_secs"), "{err}");
         assert_eq!(c.mqtt.keep_alive, Duration::from_secs(120));
         assert_eq!(c.mqtt.subscribe_give_up, Duration::from_secs(60));
         for bad in [0, 65_536] {

@@ -69,6 +69,8 @@ pub mod openapi;
 #[cfg(feature = "service")]
 pub mod ops;
 #[cfg(feature = "service")]
+mod probe;
+#[cfg(feature = "service")]
 pub mod rate_limit;
 #[cfg(feature = "service")]
 mod retention;

@@ -95,6 +95,18 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
         "subscriptions_abandoned",
         "Ingress connections given up after three subscriptions refused or unanswered",
     ),
+    counter(
+        "probes_sent",
+        "Path probes published through the external broker under the device topic filter",
+    ),
+    counter(
+        "probes_heard",
+        "Path probes that came back through the device topic subscription",
+    ),
+    counter(
+        "probe_verdicts",
+        "Times every broker connection was made again: three probes in a row did not come back",
+    ),
     gauge(
         "subscriptions_held",
         "Topic filters held on the current connection",
@@ -151,6 +163,10 @@ pub const STATUS_METRICS: &[StatusMetric] = &[
     counter(
         "cluster_sessions_handed_over",
         "Device sessions dropped because another node serves the device now",
+    ),
+    counter(
+        "cluster_presence_marked_offline",
+        "Devices shown online in partitions taken over that answered no prompt, marked offline",
     ),
     counter(
         "cluster_wakeups_sent",

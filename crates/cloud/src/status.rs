@@ -31,6 +31,12 @@ pub struct SyncStatus {
     /// Ingress connections given up after the broker refused or left unanswered three
     /// subscriptions in a row (the next attempt goes to the next broker address).
     pub(crate) subscriptions_abandoned: AtomicU64,
+    /// Path probes published through an external broker, and those that came back through
+    /// the subscription ([`crate::probe`]).
+    pub(crate) probes_sent: AtomicU64,
+    pub(crate) probes_heard: AtomicU64,
+    /// Times every connection was made again because three probes in a row did not come back.
+    pub(crate) probe_verdicts: AtomicU64,
     /// Filters held, summed over the ingress connections.
     pub(crate) subscriptions_held: AtomicU64,
     /// Device sessions the engine tracks.
@@ -263,6 +269,11 @@ pub struct StatusSnapshot {
     pub subscribe_attempts: u64,
     /// Ingress connections given up after three subscriptions refused or left unanswered.
     pub subscriptions_abandoned: u64,
+    /// Path probes sent through an external broker, those that came back, and the times every
+    /// connection was made again after three in a row did not (a deaf subscription).
+    pub probes_sent: u64,
+    pub probes_heard: u64,
+    pub probe_verdicts: u64,
     pub subscriptions_held: u64,
     pub sessions: u64,
     pub prompts_pending: u64,
@@ -338,6 +349,7 @@ pub struct StatusSnapshot {
     pub cluster_leases_lost: u64,
     pub cluster_messages_other_nodes: u64,
     pub cluster_sessions_handed_over: u64,
+    pub cluster_presence_marked_offline: u64,
     pub cluster_wakeups_sent: u64,
     pub cluster_wakeups_heard: u64,
     pub cluster_wakeup_failures: u64,
@@ -369,6 +381,9 @@ impl SyncStatus {
             subscribed: self.subscribed.load(Ordering::SeqCst),
             subscribe_attempts: n(&self.subscribe_attempts),
             subscriptions_abandoned: n(&self.subscriptions_abandoned),
+            probes_sent: n(&self.probes_sent),
+            probes_heard: n(&self.probes_heard),
+            probe_verdicts: n(&self.probe_verdicts),
             subscriptions_held: n(&self.subscriptions_held),
             sessions: n(&self.sessions),
             prompts_pending: n(&self.prompts_pending),
@@ -443,6 +458,7 @@ impl SyncStatus {
             cluster_leases_lost: n(&self.cluster.leases_lost),
             cluster_messages_other_nodes: n(&self.cluster.messages_other_nodes),
             cluster_sessions_handed_over: n(&self.cluster.sessions_handed_over),
+            cluster_presence_marked_offline: n(&self.cluster.presence_marked_offline),
             cluster_wakeups_sent: n(&self.cluster.wakeups_sent),
             cluster_wakeups_heard: n(&self.cluster.wakeups_heard),
             cluster_wakeup_failures: n(&self.cluster.wakeup_failures),

@@ -43,7 +43,7 @@
 //!   those in progress, changes over its quotas) is counted in [`SyncStatus`], recorded on the
 //!   device's row, and warned about (rate-limited).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,10 +58,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::DeviceMessage;
 use crate::broker_publish::{Delivery, EmbeddedPublisher};
+use crate::cluster::presence::PresenceChecks;
 use crate::cluster::{Heard, Serving, WakeOthers};
 use crate::config::StartupPrompts;
 use crate::metrics::StoreJob;
 use crate::mqtt_link::{LinkEvent, RequestGauge, TaggedEvent};
+use crate::probe::{PathProbe, ProbeStep};
 
 use crate::status::{SyncStatus, WarnLimiter};
 use crate::store::{Advanced, StatusUpdate, StoreError};
@@ -94,8 +96,20 @@ enum Done {
     },
     /// A status record was written (or its failure logged and counted).
     Status,
-    /// The devices behind their feed in partitions this node just gained, with their heads.
-    Behind(Result<Vec<(DeviceId, u64)>, StoreError>),
+    /// The registry read for partitions this node just gained (or whose wake-ups it may have
+    /// missed), at wall time `since_ms`.
+    Behind {
+        result: Result<Listing, StoreError>,
+        since_ms: u64,
+    },
+}
+
+/// Devices of some partitions, read from the registry.
+struct Listing {
+    /// Those behind their feed, with their heads.
+    behind: Vec<(DeviceId, u64)>,
+    /// Those shown online, when a presence check was asked for.
+    online: Vec<DeviceId>,
 }
 
 /// Everything the sync loop is built from.
@@ -120,6 +134,12 @@ pub(crate) struct SyncParts {
     /// Devices whose feed head was above their acknowledged cursor at start, with the head.
     pub(crate) behind: Vec<(DeviceId, u64)>,
     pub(crate) pace: StartupPrompts,
+    /// How long devices shown online in partitions taken over have to answer their prompt.
+    pub(crate) presence_check: Duration,
+    /// This node's name (its probes' topic) and how often it probes its path through an
+    /// external broker (`Duration::ZERO`: never; see [`crate::probe`]).
+    pub(crate) node_name: String,
+    pub(crate) probe_interval: Duration,
     pub(crate) max_store_jobs: usize,
     /// Which devices this node serves (a scaled-out cloud's partitions; [`Serving::All`]
     /// otherwise): the others' messages are left to their nodes.
@@ -307,8 +327,13 @@ pub(crate) struct SyncLoop {
     serving_rx: watch::Receiver<Serving>,
     /// Whether the lease thread may still change what is served.
     serving_open: bool,
-    /// A listing of the devices behind that waits for a store job slot.
-    behind_waiting: Option<Serving>,
+    /// A listing of the devices behind that waits for a store job slot, and whether it checks
+    /// presence.
+    behind_waiting: Option<(Serving, bool)>,
+    /// Devices shown online in partitions taken over, to hear from ([`PresenceChecks`]).
+    presence: PresenceChecks,
+    /// The path probe through an external broker, and its topic (none in-process).
+    probe: Option<(PathProbe, String)>,
     wake_others: Option<Box<dyn WakeOthers>>,
     heard: Option<mpsc::Receiver<Heard>>,
 }
@@ -354,6 +379,16 @@ impl SyncLoop {
             Some(group) => format!("$share/{group}/{up_filter}"),
             None => up_filter,
         };
+        // Only clients of an external broker can go deaf (in-process there is no subscription).
+        let probe = (matches!(p.ingress, Ingress::Clients { .. })
+            && matches!(publisher, Publisher::Clients(_))
+            && !p.probe_interval.is_zero())
+        .then(|| {
+            (
+                PathProbe::new(p.probe_interval),
+                topics::probe_topic(&p.prefix, &p.node_name),
+            )
+        });
         SyncLoop {
             engine: p.engine,
             max_drift_ms: p.max_drift_ms,
@@ -394,6 +429,8 @@ impl SyncLoop {
             serving: serving_now,
             serving_rx: p.serving,
             behind_waiting: None,
+            presence: PresenceChecks::new(p.presence_check),
+            probe,
             serving_open: true,
             wake_others: p.wake_others,
             heard: p.heard,
@@ -409,7 +446,7 @@ impl SyncLoop {
         // A cluster node starts with the partitions of its first lease round: their devices
         // with changes waiting are prompted as those of partitions gained later.
         if matches!(self.serving, Serving::Partitions { .. }) {
-            self.prompt_behind(self.serving.clone());
+            self.prompt_behind(self.serving.clone(), true);
         }
         loop {
             let engine_at = self.engine.poll_timeout().map(|at| {
@@ -426,6 +463,12 @@ impl SyncLoop {
             let prompts_at =
                 (self.all_held() && !self.startup.is_empty() && self.waiting.is_none())
                     .then_some(self.next_prompts);
+            let probe_at = self
+                .probe
+                .as_ref()
+                .and_then(|(p, _)| p.deadline())
+                .map(tokio::time::Instant::from_std);
+            let presence_at = self.presence.next_due().map(tokio::time::Instant::from_std);
             let feed_lag_at = self
                 .feed_lag_stale
                 .then(|| tokio::time::Instant::from_std(self.next_feed_lag));
@@ -444,6 +487,12 @@ impl SyncLoop {
             // CPU and acknowledgements fell to a twentieth of capacity). Device messages wait
             // in the broker meanwhile (its connections stop reading their sockets).
             let store_waits = self.store_behind();
+            if publish_waits || store_waits {
+                // A probe may wait unread in the broker meanwhile: not lost.
+                if let Some((probe, _)) = &mut self.probe {
+                    probe.hold(Instant::now());
+                }
+            }
             let mut stop = false;
             tokio::select! {
                 event = self.ingress.next(), if !publish_waits && !store_waits => match event {
@@ -469,7 +518,7 @@ impl SyncLoop {
                 },
                 heard = recv_heard(&mut self.heard) => match heard {
                     Some(Heard::Advanced(advanced)) => self.feed_advanced_elsewhere(advanced),
-                    Some(Heard::Listening) => self.prompt_behind(self.serving.clone()),
+                    Some(Heard::Listening) => self.prompt_behind(self.serving.clone(), false),
                     None => self.heard = None,
                 },
                 Some(done) = self.done_rx.recv() => self.on_done(done),
@@ -498,6 +547,8 @@ impl SyncLoop {
                     }
                 }
                 _ = sleep_until(prompts_at) => self.release_prompts(),
+                _ = sleep_until(presence_at) => self.check_presence(),
+                _ = sleep_until(probe_at) => self.on_probe_timer(),
                 // Nothing to do here: `report` below takes the lag.
                 _ = sleep_until(feed_lag_at) => {}
                 changed = self.shutdown.changed() => stop = changed.is_err(),
@@ -515,6 +566,7 @@ impl SyncLoop {
                 return;
             }
             self.drive_subscription();
+            self.probe_links();
             self.submit_waiting();
             self.act().await;
             self.report();
@@ -543,6 +595,10 @@ impl SyncLoop {
                 self.report_subscriptions();
             }
             LinkEvent::Message { topic, payload } => {
+                if let Some(node) = topics::parse_probe_topic(&self.prefix, &topic) {
+                    self.probe_heard(node, &payload);
+                    return;
+                }
                 match topics::parse_up_topic(&self.prefix, &topic) {
                     Some(device) if !self.serving.serves(&device) => {
                         // Another node serves it (a scaled-out cloud's partitions).
@@ -611,6 +667,92 @@ impl SyncLoop {
     /// Once a connection that dropped is back and every connection is up and subscribed, every
     /// device session restarts: messages in transit on the lost connection are gone (its
     /// session was clean), whichever connection it was.
+    /// Tells the path probe whether every connection is up with the subscription held: it
+    /// probes only then.
+    fn probe_links(&mut self) {
+        let whole = self.all_held() && self.egress_up.iter().all(|up| *up);
+        if let Some((probe, _)) = &mut self.probe {
+            if whole {
+                probe.whole(Instant::now());
+            } else {
+                probe.broken();
+            }
+        }
+    }
+
+    /// A probe's time came: send the next, or give every connection up after the last ones
+    /// did not come back.
+    fn on_probe_timer(&mut self) {
+        let Some((probe, topic)) = &mut self.probe else {
+            return;
+        };
+        let Publisher::Clients(links) = &self.publisher else {
+            return;
+        };
+        match probe.on_timer(Instant::now()) {
+            None => {}
+            Some(ProbeStep::Send(seq)) => {
+                // Each egress connection in turn: the probe tests the one it goes through.
+                let link = &links[(seq % links.len() as u64) as usize];
+                let sent = link.gauge.try_take_publish_slot()
+                    && match link.client.try_publish(
+                        topic.as_str(),
+                        QoS::AtLeastOnce,
+                        false,
+                        seq.to_string().into_bytes(),
+                    ) {
+                        Ok(()) => true,
+                        Err(_) => {
+                            link.gauge.release();
+                            false
+                        }
+                    };
+                if sent {
+                    self.status.probes_sent.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    probe.not_sent(seq);
+                }
+            }
+            Some(ProbeStep::NeverHeard { missed }) => {
+                tracing::warn!(
+                    "{missed} probes in a row did not come back through the broker and none ever \
+                     has: the broker's access control may not let the cloud's publishing user \
+                     write {topic} (docs/deployment.md); a deaf subscription cannot be noticed \
+                     until one does"
+                );
+            }
+            Some(ProbeStep::Deaf { missed }) => {
+                self.status.probe_verdicts.fetch_add(1, Ordering::Relaxed);
+                let reason = format!(
+                    "{missed} probes in a row did not come back through the broker's subscription \
+                     though the connections are up: the device topics are not delivered; \
+                     connecting again to subscribe afresh"
+                );
+                tracing::warn!("{reason}");
+                for link in links.iter().chain(self.ingress.links()) {
+                    // Full: a verdict is already on its way.
+                    let _ = link.abandon.try_send(reason.clone());
+                }
+            }
+        }
+    }
+
+    /// A probe came back (`payload`: its number); another node's is not this one's.
+    fn probe_heard(&mut self, node: &str, payload: &[u8]) {
+        let Some((probe, topic)) = &mut self.probe else {
+            return;
+        };
+        if topics::parse_probe_topic(&self.prefix, topic) != Some(node) {
+            return;
+        }
+        let seq = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok());
+        if seq.is_some_and(|seq| probe.heard(seq)) {
+            self.status.probes_heard.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn restore_if_whole(&mut self) {
         if self.all_held() && self.egress_up.iter().all(|up| *up) && self.link_lost {
             self.link_lost = false;
@@ -776,28 +918,33 @@ impl SyncLoop {
             );
         }
         if !gained.is_empty() {
-            self.prompt_behind(gained);
+            self.prompt_behind(gained, true);
         }
     }
 
     /// Reads the devices of `within` whose feed is ahead of their acknowledged cursor (a
     /// store job over the registry) and prompts them, paced like the prompts after a start.
-    fn prompt_behind(&mut self, within: Serving) {
-        let within = match self.behind_waiting.take() {
-            Some(earlier) => earlier.union(&within),
-            None => within,
+    /// With `presence` (partitions taken over), the devices shown online are prompted too, and
+    /// those not heard from are marked offline later ([`PresenceChecks`]).
+    fn prompt_behind(&mut self, within: Serving, presence: bool) {
+        let (within, presence) = match self.behind_waiting.take() {
+            Some((earlier, checked)) => (earlier.union(&within), checked || presence),
+            None => (within, presence),
         };
         if within.is_empty() {
             return;
         }
         if self.in_flight >= self.max_store_jobs {
             // Sent once a store job completes (`on_done`).
-            self.behind_waiting = Some(within);
+            self.behind_waiting = Some((within, presence));
             return;
         }
         let done = self.done_tx.clone();
         let job: JobFn = Box::new(move |c: &mut StoreCtx| {
+            // Before the read: a device seen after it is present.
+            let since_ms = wall_ms();
             let mut behind = Vec::new();
+            let mut online = Vec::new();
             let mut after: Option<DeviceId> = None;
             let result = loop {
                 match c.store.devices(None, after.as_ref(), 1000) {
@@ -806,24 +953,80 @@ impl SyncLoop {
                             .last()
                             .and_then(|d| DeviceId::new(&d.account, &d.device).ok());
                         for d in &page {
-                            if d.feed_head <= d.cursor_acked {
+                            let is_behind = d.feed_head > d.cursor_acked;
+                            let check_online = presence && d.online;
+                            if !is_behind && !check_online {
                                 continue;
                             }
-                            if let Ok(id) = DeviceId::new(&d.account, &d.device) {
-                                if within.serves(&id) {
-                                    behind.push((id, d.feed_head));
-                                }
+                            let Ok(id) = DeviceId::new(&d.account, &d.device) else {
+                                continue;
+                            };
+                            if !within.serves(&id) {
+                                continue;
+                            }
+                            if check_online {
+                                online.push(id.clone());
+                            }
+                            if is_behind {
+                                behind.push((id, d.feed_head));
                             }
                         }
                         match last {
                             Some(last) if page.len() == 1000 => after = Some(last),
-                            _ => break Ok(behind),
+                            _ => break Ok(Listing { behind, online }),
                         }
                     }
                     Err(e) => break Err(e),
                 }
             };
-            deliver_after_commit(c, &done, Done::Behind(result));
+            deliver_after_commit(c, &done, Done::Behind { result, since_ms });
+        });
+        self.submit(job);
+    }
+
+    /// A presence check fell due: the devices it holds that this node still serves and has
+    /// heard nothing from (no session) are marked offline, unless a node saw them since the
+    /// check began.
+    fn check_presence(&mut self) {
+        let startup = &self.startup;
+        let Some(check) = self.presence.take_due(Instant::now(), |d| {
+            startup.iter().any(|(queued, _)| queued == d)
+        }) else {
+            return;
+        };
+        let serving = &self.serving;
+        let engine = &self.engine;
+        let silent: Vec<DeviceId> = check
+            .devices
+            .into_iter()
+            .filter(|d| serving.serves(d) && !engine.has_session(d))
+            .collect();
+        if silent.is_empty() {
+            return;
+        }
+        let since_ms = check.since_ms;
+        let status = self.status.clone();
+        let done = self.done_tx.clone();
+        let job: JobFn = Box::new(move |c: &mut StoreCtx| {
+            match c.store.mark_offline_unseen(&silent, since_ms) {
+                Ok(marked) => {
+                    status
+                        .cluster
+                        .presence_marked_offline
+                        .fetch_add(marked, Ordering::Relaxed);
+                    if marked > 0 {
+                        tracing::info!(
+                            devices = marked,
+                            "marked offline: shown online in partitions taken over, they answered no prompt (they left while their node was down)"
+                        );
+                    }
+                }
+                Err(e) => {
+                    status.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("cannot mark the silent devices offline: {e}");
+                }
+            }
+            deliver_after_commit(c, &done, Done::Status);
         });
         self.submit(job);
     }
@@ -1120,8 +1323,8 @@ impl SyncLoop {
 
     fn on_done(&mut self, done: Done) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        if let Some(within) = self.behind_waiting.take() {
-            self.prompt_behind(within);
+        if let Some((within, presence)) = self.behind_waiting.take() {
+            self.prompt_behind(within, presence);
         }
         let now = self.now();
         match done {
@@ -1168,19 +1371,42 @@ impl SyncLoop {
                     tracing::error!(%device, "cannot read a snapshot page: {e}");
                 }
             },
-            Done::Behind(Ok(behind)) => {
+            Done::Behind {
+                result: Ok(Listing { behind, online }),
+                since_ms,
+            } => {
                 if !behind.is_empty() {
                     tracing::info!(
                         devices = behind.len(),
                         "prompting the devices with changes waiting in the partitions taken over"
                     );
                 }
-                // Served still (the leases may have moved again meanwhile).
+                // Served still (the leases may have moved again meanwhile), and without a
+                // session here (a device that already said hello is present).
                 let serving = &self.serving;
+                let engine = &self.engine;
+                let online: Vec<DeviceId> = online
+                    .into_iter()
+                    .filter(|d| serving.serves(d) && !engine.has_session(d))
+                    .collect();
+                let prompted: BTreeSet<&DeviceId> = behind.iter().map(|(d, _)| d).collect();
+                let to_prompt: Vec<(DeviceId, u64)> = online
+                    .iter()
+                    .filter(|d| !prompted.contains(d))
+                    .map(|d| (d.clone(), 0))
+                    .collect();
                 self.startup
                     .extend(behind.into_iter().filter(|(d, _)| serving.serves(d)));
+                self.startup.extend(to_prompt);
+                if !online.is_empty() {
+                    tracing::info!(
+                        devices = online.len(),
+                        "prompting the devices shown online in the partitions taken over; those that do not answer will be marked offline"
+                    );
+                    self.presence.start(Instant::now(), since_ms, online);
+                }
             }
-            Done::Behind(Err(e)) => {
+            Done::Behind { result: Err(e), .. } => {
                 self.status.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("cannot list the devices with changes waiting: {e}");
             }

@@ -647,6 +647,11 @@ impl CloudEngine {
         self.sessions.len()
     }
 
+    /// Whether `device` has a session here (it said hello and has not left since).
+    pub fn has_session(&self, device: &DeviceId) -> bool {
+        self.sessions.contains_key(device)
+    }
+
     /// The driver's link to the broker came back with a new (clean) MQTT session. Messages to
     /// and from the cloud in between may have been dropped by the broker, and neither side can
     /// tell which: a device would otherwise wait out its retransmit backoff (up to

@@ -7,6 +7,11 @@
 /// The reserved device name of the account broadcast topic; no device may take it.
 pub const BROADCAST_DEVICE: &str = "_all";
 
+/// The reserved account of the cloud's own path probes
+/// ([`crate::topics::probe_topic`]); no device may belong to it, so no device can publish a
+/// probe or have its messages taken for one.
+pub const PROBE_ACCOUNT: &str = "_devtables";
+
 /// Longest account or device name, in characters.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -44,6 +49,11 @@ pub enum IdError {
     /// The device name is the reserved broadcast name.
     #[error("device name {BROADCAST_DEVICE:?} is reserved for account broadcasts: choose another")]
     Reserved,
+    /// The account name is the one the cloud's path probes use.
+    #[error(
+        "account name {PROBE_ACCOUNT:?} is reserved for the cloud's own probes: choose another"
+    )]
+    ReservedAccount,
 }
 
 fn check_name(what: &'static str, name: &str) -> Result<(), IdError> {
@@ -72,6 +82,9 @@ impl DeviceId {
         check_name("device", &device)?;
         if device == BROADCAST_DEVICE {
             return Err(IdError::Reserved);
+        }
+        if account == PROBE_ACCOUNT {
+            return Err(IdError::ReservedAccount);
         }
         Ok(DeviceId { account, device })
     }
@@ -115,6 +128,10 @@ mod tests {
     fn validates_names() {
         assert!(DeviceId::new("acme", "dev-1.a_b").is_ok());
         assert_eq!(DeviceId::new("acme", "_all"), Err(IdError::Reserved));
+        assert_eq!(
+            DeviceId::new(PROBE_ACCOUNT, "d1"),
+            Err(IdError::ReservedAccount)
+        );
         assert!(matches!(
             DeviceId::new("", "d"),
             Err(IdError::Length { .. })

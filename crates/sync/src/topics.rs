@@ -5,7 +5,7 @@
 //! topic and subscribe only to its own `down` topic and its account's broadcast topic; the cloud
 //! learns the sender of a message from the topic alone.
 
-use crate::identity::{DeviceId, BROADCAST_DEVICE};
+use crate::identity::{DeviceId, BROADCAST_DEVICE, PROBE_ACCOUNT};
 
 /// The default topic prefix.
 pub const DEFAULT_PREFIX: &str = "devtables";
@@ -33,6 +33,24 @@ pub fn up_filter(prefix: &str) -> String {
     format!("{prefix}/+/+/up")
 }
 
+/// The cloud's path probe of node `node`: `{prefix}/_devtables/{node}/up`. It matches the
+/// cloud's up filter, so a probe the cloud publishes comes back through the very subscription
+/// that carries the devices' messages; the account is reserved ([`PROBE_ACCOUNT`]), so no device
+/// may publish there.
+pub fn probe_topic(prefix: &str, node: &str) -> String {
+    format!("{prefix}/{PROBE_ACCOUNT}/{node}/up")
+}
+
+/// The node whose probe `topic` is, if it is a probe topic under `prefix`.
+pub fn parse_probe_topic<'t>(prefix: &str, topic: &'t str) -> Option<&'t str> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
+    let node = rest
+        .strip_prefix(PROBE_ACCOUNT)?
+        .strip_prefix('/')?
+        .strip_suffix("/up")?;
+    (!node.is_empty() && !node.contains('/')).then_some(node)
+}
+
 /// The device that published on `topic`, if it is a valid up topic under `prefix`.
 pub fn parse_up_topic(prefix: &str, topic: &str) -> Option<DeviceId> {
     let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
@@ -48,6 +66,27 @@ pub fn parse_up_topic(prefix: &str, topic: &str) -> Option<DeviceId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_topics_are_told_from_device_topics() {
+        let t = probe_topic("p", "node-1");
+        assert_eq!(t, "p/_devtables/node-1/up");
+        assert_eq!(parse_probe_topic("p", &t), Some("node-1"));
+        assert_eq!(
+            parse_up_topic("p", &t),
+            None,
+            "no device may speak as a probe"
+        );
+        for not_a_probe in [
+            "p/acme/d1/up",
+            "p/_devtables//up",
+            "p/_devtables/a/b/up",
+            "q/_devtables/node-1/up",
+            "p/_devtables/node-1/down",
+        ] {
+            assert_eq!(parse_probe_topic("p", not_a_probe), None, "{not_a_probe}");
+        }
+    }
 
     #[test]
     fn round_trip_and_rejects() {

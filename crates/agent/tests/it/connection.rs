@@ -276,3 +276,112 @@ async fn a_refused_subscription_is_asked_again_and_no_session_starts_without_it(
     agent.shutdown().await;
     broker.abort();
 }
+
+/// A broker that serves every connection made to it: grants every subscription and
+/// acknowledges publishes, but delivers nothing (the hello is never answered): a cluster node
+/// that grants subscriptions it cannot deliver to, or a path to the cloud that is cut.
+async fn deaf_broker(listener: TcpListener, seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
+    use tokio::io::AsyncWriteExt;
+    let mut connections = JoinSet::new();
+    while let Ok((mut socket, _)) = listener.accept().await {
+        let seen = seen.clone();
+        connections.spawn(async move {
+            while let Ok((kind, body)) = read_packet(&mut socket).await {
+                let answer: Vec<u8> = match kind >> 4 {
+                    1 => vec![0x20, 2, 0, 0],
+                    8 => {
+                        seen.lock().unwrap().push(Seen::Subscribe { granted: true });
+                        suback(&body, 1)
+                    }
+                    3 => {
+                        seen.lock().unwrap().push(Seen::Publish);
+                        let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                        vec![0x40, 2, body[2 + topic], body[3 + topic]]
+                    }
+                    12 => vec![0xd0, 0],
+                    _ => continue,
+                };
+                if socket.write_all(&answer).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// A node that grants the subscription and takes the hello but never delivers the cloud's
+/// answer (a NATS node back from a restart did so while its peers elected leaders) is given up
+/// after `subscribe_give_up`, and the session starts at the next address, a real cloud; its
+/// welcome ends the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_delivers_the_answer_to_the_hello_is_left_for_the_next_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), 0).await;
+    let secret = cloud.register_device(&device()).await.unwrap();
+    let cloud_port = super::support::mqtt_port(&cloud);
+    let deaf = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deaf_port = deaf.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let broker = tokio::spawn(deaf_broker(deaf, seen.clone()));
+    let mut config = agent_config(dir.path(), &secret, deaf_port);
+    config.subscribe_give_up = std::time::Duration::from_millis(300);
+    config.broker_fallbacks = vec![BrokerAddress {
+        host: "127.0.0.1".into(),
+        port: cloud_port,
+    }];
+    let agent = Agent::start(config, schema()).unwrap();
+    eventually(&agent, "ready on the cloud's address", |a| a.status().ready).await;
+    assert_eq!(
+        seen.lock().unwrap()[..2],
+        [Seen::Subscribe { granted: true }, Seen::Publish],
+        "the deaf node granted the subscription and took the hello"
+    );
+    let status = agent.status();
+    assert_eq!(status.deaf_connections, 1, "{status:?}");
+    assert_eq!(status.subscriptions_abandoned, 0, "{status:?}");
+    assert_eq!(status.broker_failovers, 1, "{status:?}");
+    assert_eq!(
+        status.broker,
+        Some(format!("127.0.0.1:{cloud_port}")),
+        "{status:?}"
+    );
+    // Twice the give-up on the cloud's address: it answered, so the connection is kept (an
+    // absence, so it takes a wait; a slow machine only makes the check weaker).
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let status = agent.status();
+    assert_eq!(status.deaf_connections, 1, "{status:?}");
+    assert!(status.ready, "{status:?}");
+    agent.shutdown().await;
+    cloud.shutdown().await;
+    broker.abort();
+}
+
+/// A cloud that is down is deaf on every connection: each deaf connection in a row waits twice
+/// as long as the last before it is given up, so the fleet does not reconnect at a fixed pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deaf_connections_in_a_row_are_given_up_after_longer_and_longer_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let deaf = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = deaf.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let broker = tokio::spawn(deaf_broker(deaf, seen.clone()));
+    let mut config = agent_config(dir.path(), "secret", port);
+    config.subscribe_give_up = std::time::Duration::from_millis(200);
+    let agent = Agent::start(config, schema()).unwrap();
+    // The reason of each give-up names the wait: 200 ms, then 400 ms, then 800 ms.
+    for (n, waited) in [(1, "200ms"), (2, "400ms"), (3, "800ms")] {
+        eventually(&agent, &format!("deaf connection {n} given up"), |a| {
+            let s = a.status();
+            s.deaf_connections == n
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(&format!("in {waited} since")))
+        })
+        .await;
+    }
+    let status = agent.status();
+    assert_eq!(status.subscriptions_abandoned, 0, "{status:?}");
+    assert_eq!(status.disconnects, 3, "{status:?}");
+    agent.shutdown().await;
+    broker.abort();
+}

@@ -2,11 +2,10 @@
 //! socket, and build a SUBACK. Shared with the cloud's tests (`#[path]`), whose scripted
 //! brokers stand for nodes of a broker cluster.
 
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Reads one MQTT packet: its first byte and its body.
-pub async fn read_packet(socket: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+pub async fn read_packet(socket: &mut (impl AsyncRead + Unpin)) -> std::io::Result<(u8, Vec<u8>)> {
     let kind = socket.read_u8().await?;
     let (mut len, mut shift) = (0usize, 0);
     loop {

@@ -90,7 +90,8 @@ impl NatsUser {
 }
 
 /// The cloud's users: its ingress connection reads every device's up topic, its egress
-/// connection writes every down topic (each device's and each account's broadcast topic). QoS 1
+/// connection writes every down topic (each device's and each account's broadcast topic) and
+/// the cloud's path probes (`{prefix}/_devtables/{node}/up`, read back by the ingress). QoS 1
 /// deliveries reach an MQTT client through the gateway's internal `$MQTT.sub.<id>` subjects, so
 /// a user that subscribes needs them too.
 fn service_users(prefix: &str) -> Vec<NatsUser> {
@@ -104,7 +105,10 @@ fn service_users(prefix: &str) -> Vec<NatsUser> {
         NatsUser {
             name: EGRESS_USER.into(),
             password: SERVICE_PASSWORD.into(),
-            publish: vec![subject(&format!("{prefix}/*/*/down"))],
+            publish: vec![
+                subject(&format!("{prefix}/*/*/down")),
+                subject(&format!("{prefix}/_devtables/*/up")),
+            ],
             subscribe: Vec::new(),
         },
     ]
@@ -501,6 +505,7 @@ fn kill_mid_run(
         // NATS refuses subscriptions while it elects new JetStream leaders (seconds, longer on
         // a loaded machine); the agent asks again with backoff.
         let elections = std::time::Duration::from_secs(90);
+        let (agent_logs, cloud_logs) = (d.agent.logs.clone(), cloud.logs.clone());
         eventually_within(
             &format!("{name} ready on another node than {dead}"),
             elections,
@@ -509,6 +514,13 @@ fn kill_mid_run(
                 (s["ready"] == true && s["broker"] != dead.as_str())
                     .then_some(())
                     .ok_or(s.to_string())
+            },
+            || {
+                format!(
+                    "\n{name}'s last log lines:\n{}\nthe cloud's last log lines:\n{}",
+                    agent_logs.tail(40).join("\n"),
+                    cloud_logs.tail(40).join("\n")
+                )
             },
         );
         let s = d.status();

@@ -144,7 +144,8 @@ fn the_command_writes_owner_only_files_from_the_registry_and_lists_devices_to_ro
     assert!(
         acl.contains(
             "user devtables-service\ntopic read fleet/+/+/up\n\n\
-             user devtables-service-egress\ntopic write fleet/+/+/down\n"
+             user devtables-service-egress\ntopic write fleet/+/+/down\n\
+             topic write fleet/_devtables/+/up\n"
         ),
         "{acl}"
     );

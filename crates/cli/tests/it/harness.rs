@@ -138,15 +138,17 @@ pub fn unique_prefix() -> String {
 
 /// Polls `f` until it returns Some, failing with `what` and the last observation at the deadline.
 pub fn eventually<T>(what: &str, f: impl FnMut() -> Result<T, String>) -> T {
-    eventually_within(what, WAIT, f)
+    eventually_within(what, WAIT, f, String::new)
 }
 
 /// [`eventually`] with a longer bound, for what a third party paces (a broker cluster's leader
-/// elections).
+/// elections); `explain` adds what the failure message should show besides the last
+/// observation (the processes' last log lines).
 pub fn eventually_within<T>(
     what: &str,
     wait: Duration,
     mut f: impl FnMut() -> Result<T, String>,
+    explain: impl FnOnce() -> String,
 ) -> T {
     let deadline = Instant::now() + wait;
     let mut last = String::new();
@@ -157,7 +159,10 @@ pub fn eventually_within<T>(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("timed out waiting for {what}; last seen: {last}");
+    panic!(
+        "timed out waiting for {what}; last seen: {last}{}",
+        explain()
+    );
 }
 
 /// Most log lines kept per process; older ones are dropped (and counted).

@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use super::bin;
 use super::harness::{
-    create_key_in, eventually, free_port, Backend, BrokerChoice, CloudProc, MosquittoProc,
-    StoreChoice, KEY_ACCOUNT,
+    create_key_in, eventually, free_port, AgentProc, AgentSpec, Backend, BrokerChoice, CloudProc,
+    MosquittoProc, StoreChoice, KEY_ACCOUNT,
 };
 use super::pg::PgSchema;
 use super::services::services_on;
@@ -40,8 +40,20 @@ fn admin_key(store: &StoreChoice, dir: &Path) -> String {
 }
 
 fn start_node(dir: &Path, i: usize, store: &StoreChoice, broker: &str, key: &str) -> CloudProc {
+    start_node_with(dir, i, store, broker, key, "")
+}
+
+/// [`start_node`] with extra configuration keys (JSON5).
+fn start_node_with(
+    dir: &Path,
+    i: usize,
+    store: &StoreChoice,
+    broker: &str,
+    key: &str,
+    more: &str,
+) -> CloudProc {
     let extra = format!(
-        "node_name: 'node-{i}', cluster_partitions: {PARTITIONS}, cluster_lease_ms: {LEASE_MS},"
+        "node_name: 'node-{i}', cluster_partitions: {PARTITIONS}, cluster_lease_ms: {LEASE_MS}, {more}"
     );
     let dir = dir.join(format!("node-{i}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -410,6 +422,86 @@ fn change_log_readers_and_webhooks_hear_writes_made_on_other_nodes_once() {
     unique.dedup();
     assert_eq!(got, unique, "a change delivered twice");
     assert_eq!(got.len(), writes);
+}
+
+/// Whether the registry, read through `node`'s API, shows the device online.
+fn shown_online(node: &CloudProc, device: &str) -> Result<bool, String> {
+    let record = node.get(&format!("/v1/devices/{KEY_ACCOUNT}/{device}"))?;
+    record["online"]
+        .as_bool()
+        .ok_or_else(|| format!("no online flag: {record}"))
+}
+
+/// A device that left while the only node serving it was dead (its last will reached no live
+/// node) is marked offline by the node that takes its partition over: that node prompts every
+/// device the registry shows online in the partitions it took and marks the silent ones. A
+/// device still connected answers the prompt and stays online.
+#[test]
+fn a_device_that_left_while_its_node_was_dead_is_marked_offline_by_the_next() {
+    if !services_on() {
+        return;
+    }
+    let (_pg, store) = fresh_store();
+    let dir = tempfile::tempdir().unwrap();
+    let mosquitto = PrivateBroker::start(dir.path());
+    let broker = mosquitto.addr.clone();
+    let key = admin_key(&store, dir.path());
+    let presence = "cluster_presence_check_ms: 2000,";
+    let mut n1 = start_node_with(dir.path(), 1, &store, &broker, &key, presence);
+    eventually("node 1 to hold every partition", || match held(&n1) {
+        PARTITIONS => Ok(()),
+        h => Err(format!("{h} held")),
+    });
+    let mut agents: Vec<AgentProc> = ["stays", "leaves"]
+        .iter()
+        .map(|name| {
+            let secret = n1.register(KEY_ACCOUNT, name);
+            AgentProc::start(&AgentSpec {
+                dir: dir.path(),
+                name,
+                account: KEY_ACCOUNT,
+                device: name,
+                secret: &secret,
+                mqtt: &broker,
+                prefix: devtables_sync_prefix(),
+                schema: None,
+            })
+        })
+        .collect();
+    for agent in &mut agents {
+        agent.wait_synced();
+    }
+    for name in ["stays", "leaves"] {
+        eventually(&format!("{name} shown online"), || {
+            shown_online(&n1, name)?
+                .then_some(())
+                .ok_or_else(|| "offline".to_string())
+        });
+    }
+
+    // The node dies, then one device leaves: its last will reaches no node.
+    n1.kill();
+    let leaves = agents.pop().unwrap();
+    leaves.kill();
+    let mut stays = agents.pop().unwrap();
+
+    // Another node takes the partitions over once node 1's leases run out.
+    let n2 = start_node_with(dir.path(), 2, &store, &broker, &key, presence);
+    eventually(
+        "node 2 to mark the device that left offline",
+        || match shown_online(&n2, "leaves")? {
+            false => Ok(()),
+            true => Err(format!("still online; node 2: {}", status(&n2))),
+        },
+    );
+    let s = status(&n2);
+    assert_eq!(num(&s, "cluster_presence_marked_offline"), 1, "{s}");
+    assert_eq!(num(&s, "cluster_partitions_held"), PARTITIONS, "{s}");
+    // The connected device answered the prompt: a session on node 2, still online.
+    assert!(shown_online(&n2, "stays").unwrap(), "{s}");
+    assert_eq!(num(&s, "sessions"), 1, "{s}");
+    stays.wait_synced();
+    assert_eq!(stays.status()["ready"], true);
 }
 
 #[test]

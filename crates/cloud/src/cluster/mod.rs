@@ -15,6 +15,7 @@
 
 #[cfg(feature = "postgres")]
 pub mod leases;
+pub(crate) mod presence;
 #[cfg(feature = "postgres")]
 pub mod wakeups;
 
@@ -130,6 +131,9 @@ pub struct ClusterCounters {
     pub(crate) messages_other_nodes: AtomicU64,
     /// Sessions dropped because another node serves their device now.
     pub(crate) sessions_handed_over: AtomicU64,
+    /// Devices shown online in partitions this node took over that answered no prompt within
+    /// the presence check's wait, marked offline ([`presence`]).
+    pub(crate) presence_marked_offline: AtomicU64,
     /// Feed wake-ups sent to the other nodes (devices they serve).
     pub(crate) wakeups_sent: AtomicU64,
     /// Feed wake-ups heard from the other nodes.

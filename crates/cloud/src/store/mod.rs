@@ -471,6 +471,16 @@ pub trait CloudStore: Send + 'static {
     fn update_status(&mut self, id: &DeviceId, update: &StatusUpdate) -> Result<(), StoreError>;
     /// Marks every device offline (at service start: nobody is connected yet).
     fn reset_online(&mut self) -> Result<(), StoreError>;
+    /// Marks offline those of `devices` that are still online and were not seen at or after
+    /// `since_ms` (no `last_seen_ms`, or an older one), in one transaction; returns how many.
+    /// A node of a scaled-out cloud that took over their partitions prompted them and heard
+    /// nothing: they left while their node was dead, and no `bye` reached a live node. The
+    /// condition keeps a device that a node heard from meanwhile online.
+    fn mark_offline_unseen(
+        &mut self,
+        devices: &[DeviceId],
+        since_ms: u64,
+    ) -> Result<u64, StoreError>;
 
     /// Stores a new API key of `account` with the hash of its secret; returns the key's id (a
     /// fresh random one).

@@ -14,6 +14,7 @@ mod mqtt_packet;
 mod mtls;
 mod node_id;
 mod openapi;
+mod path_probe;
 mod pg;
 mod postgres;
 mod quotas;

@@ -208,6 +208,7 @@ contract!(
     query_items_filters_and_pages,
     api_write_errors,
     devices_register_status_and_ack,
+    only_devices_unseen_since_a_time_are_marked_offline,
     the_broker_hash_is_set_at_registration_and_rotation_and_removed_at_revocation,
     api_keys_are_created_listed_revoked_and_looked_up_per_account,
     a_revoked_device_keeps_its_rows_and_its_pushes_are_refused_until_rotated,
@@ -2004,6 +2005,54 @@ fn devices_register_status_and_ack() {
         s.ack_cursor(&dev("a", "zz"), 1),
         Err(StoreError::UnknownDevice(_))
     ));
+}
+
+/// A node that took partitions over marks offline the devices it prompted and never heard
+/// from: only those still online and not seen since the check began.
+fn only_devices_unseen_since_a_time_are_marked_offline() {
+    let (seen_before, seen_after, never_seen, offline, other) = (
+        dev("a", "before"),
+        dev("a", "after"),
+        dev("a", "never"),
+        dev("a", "offline"),
+        dev("a", "other"),
+    );
+    let mut s = store(&[&seen_before, &seen_after, &never_seen, &offline, &other]);
+    let online_at = |ms: Option<u64>| StatusUpdate {
+        online: Some(true),
+        last_seen_ms: ms,
+        ..Default::default()
+    };
+    s.update_status(&seen_before, &online_at(Some(NOW + 10)))
+        .unwrap();
+    s.update_status(&seen_after, &online_at(Some(NOW + 20)))
+        .unwrap();
+    s.update_status(&never_seen, &online_at(None)).unwrap();
+    s.update_status(&other, &online_at(Some(NOW))).unwrap();
+    let unknown = dev("a", "unregistered");
+    let marked = s
+        .mark_offline_unseen(
+            &[
+                seen_before.clone(),
+                seen_after.clone(),
+                never_seen.clone(),
+                offline.clone(),
+                unknown,
+            ],
+            NOW + 20,
+        )
+        .unwrap();
+    // Seen before the check (10 < 20) and never seen: marked. Seen at its start: kept. Already
+    // offline, unregistered: nothing to mark. Not named: untouched.
+    assert_eq!(marked, 2);
+    let online = |s: &mut Subject, d: &DeviceId| s.device(d).unwrap().unwrap().online;
+    assert!(!online(&mut s, &seen_before));
+    assert!(online(&mut s, &seen_after));
+    assert!(!online(&mut s, &never_seen));
+    assert!(!online(&mut s, &offline));
+    assert!(online(&mut s, &other));
+    // Nothing named, nothing marked.
+    assert_eq!(s.mark_offline_unseen(&[], NOW).unwrap(), 0);
 }
 
 fn the_broker_hash_is_set_at_registration_and_rotation_and_removed_at_revocation() {

@@ -243,6 +243,24 @@ pub(super) fn reset_online(conn: &mut Conn) -> Result<(), StoreError> {
     Ok(())
 }
 
+pub(super) fn mark_offline_unseen(
+    conn: &mut Conn,
+    ids: &[DeviceId],
+    since_ms: u64,
+) -> Result<u64, StoreError> {
+    let mut marked = 0;
+    for id in ids {
+        marked += conn.execute(
+            "marking unseen devices offline",
+            "UPDATE devices SET online = false
+             WHERE account = $1 AND device = $2 AND online
+               AND (last_seen_ms IS NULL OR last_seen_ms < $3)",
+            &[&id.account, &id.device, &int(since_ms)],
+        )?;
+    }
+    Ok(marked)
+}
+
 pub(super) fn ack_cursor(
     conn: &mut Conn,
     device: &DeviceId,

@@ -660,6 +660,15 @@ impl CloudStore for PostgresStore {
         )
     }
 
+    fn mark_offline_unseen(&mut self, ids: &[DeviceId], since_ms: u64) -> Result<u64, StoreError> {
+        self.run(
+            Mode::Write,
+            "marking unseen devices offline",
+            |e| e,
+            |c, _| devices::mark_offline_unseen(c, ids, since_ms),
+        )
+    }
+
     fn create_api_key(
         &mut self,
         account: &str,

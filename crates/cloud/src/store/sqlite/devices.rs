@@ -256,6 +256,36 @@ pub(super) fn reset_online(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+pub(super) fn mark_offline_unseen(
+    conn: &mut Connection,
+    ids: &[DeviceId],
+    since_ms: u64,
+) -> Result<u64, StoreError> {
+    let tx = write_txn(conn, "starting to mark unseen devices offline")?;
+    let mut marked = 0;
+    {
+        let mut update = tx
+            .prepare_cached(
+                "UPDATE devices SET online = 0
+                 WHERE account = ?1 AND device = ?2 AND online <> 0
+                   AND (last_seen_ms IS NULL OR last_seen_ms < ?3)",
+            )
+            .map_err(db("marking unseen devices offline"))?;
+        for id in ids {
+            marked += update
+                .execute(params![
+                    id.account,
+                    id.device,
+                    i64::try_from(since_ms).unwrap_or(i64::MAX)
+                ])
+                .map_err(db("marking unseen devices offline"))? as u64;
+        }
+    }
+    tx.commit()
+        .map_err(db("committing unseen devices marked offline"))?;
+    Ok(marked)
+}
+
 pub(super) fn ack_cursor(
     conn: &Connection,
     device: &DeviceId,

@@ -426,6 +426,10 @@ impl CloudStore for SqliteStore {
         devices::reset_online(&self.conn)
     }
 
+    fn mark_offline_unseen(&mut self, ids: &[DeviceId], since_ms: u64) -> Result<u64, StoreError> {
+        devices::mark_offline_unseen(&mut self.conn, ids, since_ms)
+    }
+
     fn create_api_key(
         &mut self,
         account: &str,
