@@ -60,12 +60,13 @@ pub struct AgentConfig {
     /// address (`AgentStatus::subscriptions_abandoned`). Default 20 s: a cluster node electing
     /// leaders refuses for seconds; one that still refuses after this is left for another.
     ///
-    /// It also bounds how long a connection whose subscription was granted may stay deaf:
-    /// the cloud's answer to the session's hello (a welcome, or a busy refusal) not heard that
-    /// long after the grant, it is given up the same way (`AgentStatus::deaf_connections`): a
-    /// cluster node may grant a subscription it cannot deliver to while it elects leaders. A
-    /// cloud that is down answers on no connection, so each further deaf connection in a row
-    /// waits twice as long (up to 32 times this) before it is left.
+    /// It also bounds how long a connection whose subscription was granted may stay deaf: no
+    /// answer of the cloud (a welcome, an acknowledgement, a feed page, a busy refusal) heard
+    /// that long while the session waits for one (its hello, or pushes in flight), it is given
+    /// up the same way (`AgentStatus::deaf_connections`): a cluster node may grant a
+    /// subscription it cannot deliver to while it elects leaders. A cloud that is down answers
+    /// on no connection, so each further deaf connection in a row waits twice as long (up to 32
+    /// times this) before it is left.
     pub subscribe_give_up: Duration,
     /// Most MQTT requests queued toward the client's event loop. Default 1024. A publish that
     /// finds it full is dropped, counted (`AgentStatus::publish_dropped`) and logged; the

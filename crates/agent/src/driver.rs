@@ -174,14 +174,17 @@ pub(crate) struct Driver {
     pub(crate) abandon: mpsc::Sender<String>,
     /// Least time a connection stays up without its subscription before it is given up.
     pub(crate) subscribe_give_up: Duration,
-    /// How long the next connection may stay deaf (the cloud has not answered the session's
-    /// hello since the subscription was granted) before it is given up: `subscribe_give_up`,
-    /// doubled for each deaf connection in a row (a cloud that is down is deaf on every
-    /// connection), reset by an answer.
+    /// How long the next connection may stay deaf (the session waits for an answer, its hello's
+    /// or its pushes', and none comes) before it is given up: `subscribe_give_up`, doubled for
+    /// each deaf connection in a row (a cloud that is down is deaf on every connection), reset
+    /// by an answer.
     pub(crate) deaf_give_up: Duration,
-    /// When this connection counts as deaf: set when its session starts (the hello goes out),
-    /// cleared by the cloud's answer (a welcome, or a busy or rate-limit refusal).
+    /// When this connection counts as deaf: the clock runs while the session waits for an
+    /// answer and starts again with every answer (a welcome, an acknowledgement, a feed page,
+    /// a busy or rate-limit refusal).
     pub(crate) deaf_at: Option<tokio::time::Instant>,
+    /// What the cloud's answers moved last: (ready, pushes acknowledged, feed cursor).
+    pub(crate) progress: (bool, u64, u64),
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<Input>,
     pub(crate) inbox: Arc<Inbox>,
@@ -313,7 +316,6 @@ impl Driver {
                         if connected && !session {
                             session = true;
                             resubscribe_at = None;
-                            self.deaf_at = Some(tokio::time::Instant::now() + self.deaf_give_up);
                             let now = self.now();
                             self.engine.handle_connected(now);
                         }
@@ -413,6 +415,7 @@ impl Driver {
                 self.reload();
             }
             self.drain_outputs().await;
+            self.watch_answers(connected && session);
         }
         if connected {
             // A clean disconnect suppresses the last will: say goodbye first; the link task
@@ -475,6 +478,24 @@ impl Driver {
         let _ = self.abandon.try_send(reason);
     }
 
+    /// Runs the deaf-connection clock: while the session (`session`: the subscription granted)
+    /// waits for an answer, its hello's or its pushes', the clock runs; every answer, seen as
+    /// progress of the engine, starts it again.
+    fn watch_answers(&mut self, session: bool) {
+        let ready = self.engine.is_ready();
+        let progress = (ready, self.status.borrow().acked, self.engine.cursor());
+        if progress != self.progress {
+            self.progress = progress;
+            self.cloud_answered();
+        }
+        let awaiting = session && (!ready || self.engine.in_flight() > 0);
+        if !awaiting {
+            self.deaf_at = None;
+        } else if self.deaf_at.is_none() {
+            self.deaf_at = Some(tokio::time::Instant::now() + self.deaf_give_up);
+        }
+    }
+
     /// The cloud answered on this connection: it is not deaf, and the next deaf one waits the
     /// base time.
     fn cloud_answered(&mut self) {
@@ -482,14 +503,14 @@ impl Driver {
         self.deaf_give_up = self.subscribe_give_up;
     }
 
-    /// Gives the connection up after the cloud left the session's hello unanswered for
-    /// `deaf_give_up` since the subscription was granted; the next such connection in a row
-    /// waits twice as long.
+    /// Gives the connection up after the cloud answered nothing for `deaf_give_up` while the
+    /// session waited (its hello, or pushes in flight); the next such connection in a row waits
+    /// twice as long.
     fn abandon_deaf_connection(&mut self) {
         let waited = self.deaf_give_up;
         let reason = format!(
-            "the cloud did not answer the device's hello on this connection in {waited:?} \
-             since the subscription was granted; giving the connection up"
+            "the cloud answered nothing on this connection in {waited:?} while the device \
+             waited (its hello, or pushes in flight); giving the connection up"
         );
         self.deaf_give_up = waited
             .saturating_mul(2)

@@ -144,10 +144,11 @@ pub struct AgentStatus {
     /// next broker address (a node of a cluster that cannot store subscriptions, while another
     /// one can).
     pub subscriptions_abandoned: u64,
-    /// Connections given up because the cloud's answer to the session's hello did not arrive
-    /// within [`AgentConfig::subscribe_give_up`] (doubled for each such connection in a row)
-    /// after their subscription was granted: a broker node that takes the device's messages
-    /// but does not deliver the answer. The next attempt goes to the next address.
+    /// Connections given up because the cloud answered nothing for
+    /// [`AgentConfig::subscribe_give_up`] (doubled for each such connection in a row) while the
+    /// session waited, for the welcome to its hello or for acknowledgements of pushes in
+    /// flight: a broker node that takes the device's messages but does not deliver the answers
+    /// (or does not pass them on). The next attempt goes to the next address.
     pub deaf_connections: u64,
     /// Local items a resync deleted because the cloud does not hold them.
     pub swept: u64,
@@ -485,6 +486,7 @@ impl Agent {
             subscribe_give_up: config.subscribe_give_up,
             deaf_give_up: config.subscribe_give_up,
             deaf_at: None,
+            progress: (false, 0, 0),
             prefix: config.topic_prefix.clone(),
             inputs,
             inbox: inbox.clone(),

@@ -375,7 +375,7 @@ async fn deaf_connections_in_a_row_are_given_up_after_longer_and_longer_waits() 
             s.deaf_connections == n
                 && s.last_error
                     .as_deref()
-                    .is_some_and(|e| e.contains(&format!("in {waited} since")))
+                    .is_some_and(|e| e.contains(&format!("in {waited} while")))
         })
         .await;
     }
@@ -384,4 +384,109 @@ async fn deaf_connections_in_a_row_are_given_up_after_longer_and_longer_waits() 
     assert_eq!(status.disconnects, 3, "{status:?}");
     agent.shutdown().await;
     broker.abort();
+}
+
+/// A relay to the broker whose way back can be muted: while muted it keeps the connection and
+/// passes the device's bytes on, but delivers nothing to the device (a node that takes the
+/// device's pushes and never delivers the cloud's acknowledgements).
+struct MutableRelay {
+    port: u16,
+    muted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MutableRelay {
+    async fn to(target_port: u16) -> MutableRelay {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let muted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mute = muted.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let mute = mute.clone();
+                connections.spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                        return;
+                    };
+                    let (mut from_device, mut to_device) = inbound.into_split();
+                    let (mut from_broker, mut to_broker) = outbound.into_split();
+                    let up = async move {
+                        let _ = tokio::io::copy(&mut from_device, &mut to_broker).await;
+                    };
+                    let down = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = from_broker.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            if !mute.load(Ordering::SeqCst)
+                                && to_device.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        MutableRelay { port, muted, task }
+    }
+}
+
+/// A session that was welcomed and then stops hearing the cloud (its pushes go out, their
+/// acknowledgements never come back) gives the connection up after `subscribe_give_up` and
+/// carries on at the next address: every push is acknowledged there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_acknowledgements_stop_coming_moves_to_the_next_address() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = start_cloud(&dir.path().join("cloud"), 0).await;
+    let secret = cloud.register_device(&device()).await.unwrap();
+    let direct = super::support::mqtt_port(&cloud);
+    let relay = MutableRelay::to(direct).await;
+    let mut config = agent_config(dir.path(), &secret, relay.port);
+    config.subscribe_give_up = std::time::Duration::from_millis(500);
+    config.broker_fallbacks = vec![BrokerAddress {
+        host: "127.0.0.1".into(),
+        port: direct,
+    }];
+    let agent = Agent::start(config, schema()).unwrap();
+    let fault = |i: u32| {
+        super::support::item(serde_json::json!({
+            "deviceId": "d1", "id": format!("f{i}"), "severity": "info", "message": "m"
+        }))
+    };
+    eventually(&agent, "ready through the relay", |a| a.status().ready).await;
+    agent.db().create("Fault", &fault(0)).unwrap();
+    eventually(&agent, "the first push acknowledged", |a| {
+        a.status().acked == 1
+    })
+    .await;
+    assert_eq!(agent.status().deaf_connections, 0);
+
+    // The way back goes quiet: the next pushes are never acknowledged on this connection.
+    relay.muted.store(true, Ordering::SeqCst);
+    for i in 1..=5 {
+        agent.db().create("Fault", &fault(i)).unwrap();
+    }
+    eventually(&agent, "every push acknowledged at the next address", |a| {
+        let s = a.status();
+        s.acked == 6 && s.pending == 0
+    })
+    .await;
+    let status = agent.status();
+    assert_eq!(status.deaf_connections, 1, "{status:?}");
+    assert_eq!(
+        status.broker,
+        Some(format!("127.0.0.1:{direct}")),
+        "{status:?}"
+    );
+    assert_eq!(status.broker_failovers, 1, "{status:?}");
+    agent.shutdown().await;
+    cloud.shutdown().await;
+    relay.task.abort();
 }
