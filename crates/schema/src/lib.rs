@@ -54,7 +54,7 @@ pub use date::{format_iso_ms, format_iso_ms_bytes};
 pub use error::{Reason, SchemaError, ValidationError};
 pub use exact_json::{parse_json_exact, ExactJsonError};
 pub use field::{Field, FieldType, Generate, MappedAttribute};
-pub use key_plan::JoinedKey;
+pub use key_plan::{JoinedKey, KeyBuf, KEY_INLINE};
 pub use keys::SchemaWarning;
 pub use model::{ItemKey, Model};
 pub use query::{Filter, FilterOp, Query, SortCondition};

@@ -16,7 +16,7 @@ use crate::error::{Reason, ValidationError};
 use crate::field::{
     date_ms, describe, merge_partial, store_date, values_equal, Ctx, Field, FieldType,
 };
-use crate::key_plan::{JoinedKey, KeyPlan};
+use crate::key_plan::{Given, JoinedKey, KeyBuf, KeyPlan};
 use crate::settings::{Index, Params, Process};
 use crate::template::{render_value, Rendered};
 use crate::Item;
@@ -38,6 +38,17 @@ pub(crate) fn rendered_given<'a>(
             render_value(&cast).map(Cow::Owned)
         }
     }
+}
+
+/// Whether `bytes` holds a NUL: a byte loop, as key values are short and `contains` calls
+/// `memchr` (see `Model::check_key_value`).
+fn has_nul(bytes: &[u8]) -> bool {
+    for &b in bytes {
+        if b == 0 {
+            return true;
+        }
+    }
+    false
 }
 
 /// A full primary key: hash (`pk`) and sort (`sk`) values.
@@ -478,6 +489,71 @@ impl Model {
         self.check_key_value(&self.primary.hash, key.pk())?;
         self.check_key_value(self.primary.sort.as_deref().unwrap_or_default(), key.sk())?;
         Ok(key)
+    }
+
+    /// [`Model::primary_key_joined`] into a [`KeyBuf`]: on the stack for a key of at most
+    /// [`crate::KEY_INLINE`] bytes, so a lookup by key allocates nothing for it (the same
+    /// key, or the same error, as `primary_key_joined`).
+    pub fn primary_key_buf(&self, props: &Item) -> Result<KeyBuf, ValidationError> {
+        let key = match self.direct_parts(|name| props.get(name)?.as_str()) {
+            Some((pk, sk)) => KeyBuf::from_parts(pk, sk),
+            None => match self
+                .planned_key_buf(props.iter().map(|(k, v)| (k.as_str(), Given::Json(v))))
+            {
+                Some(key) => key,
+                None => {
+                    let key = self.primary_key_general(props)?;
+                    return Ok(KeyBuf::from_parts(&key.pk, &key.sk));
+                }
+            },
+        };
+        self.check_key_bytes(&key)?;
+        Ok(key)
+    }
+
+    /// The key whose properties are given as `(name, text)` pairs, each read as the property
+    /// `name` holding the JSON string `text` (a later pair of the same name wins): the key, or
+    /// the error, [`Model::primary_key_joined`] gives for that item, without building it.
+    /// For callers that hold the key's values as text (an id, a device name) and would
+    /// otherwise build a `serde_json::Map` per lookup.
+    pub fn primary_key_buf_of(&self, props: &[(&str, &str)]) -> Result<KeyBuf, ValidationError> {
+        let given = |name: &str| {
+            props
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+        };
+        let key = match self.direct_parts(given) {
+            Some((pk, sk)) => KeyBuf::from_parts(pk, sk),
+            None => match self.planned_key_buf(props.iter().map(|&(k, v)| (k, Given::Str(v)))) {
+                Some(key) => key,
+                None => {
+                    // The general path, on the item those pairs make (allocates; its answer
+                    // and its exact error).
+                    let item: Item = props
+                        .iter()
+                        .map(|&(k, v)| (k.to_string(), Value::String(v.to_string())))
+                        .collect();
+                    let key = self.primary_key_general(&item)?;
+                    return Ok(KeyBuf::from_parts(&key.pk, &key.sk));
+                }
+            },
+        };
+        self.check_key_bytes(&key)?;
+        Ok(key)
+    }
+
+    /// The NUL test of [`Model::primary_key_joined`] on a rendered key.
+    fn check_key_bytes(&self, key: &KeyBuf) -> Result<(), ValidationError> {
+        if has_nul(key.pk_bytes()) {
+            return Err(self.err(&self.primary.hash, Reason::InvalidKeyValue));
+        }
+        if has_nul(key.sk_bytes()) {
+            let sort = self.primary.sort.as_deref().unwrap_or_default();
+            return Err(self.err(sort, Reason::InvalidKeyValue));
+        }
+        Ok(())
     }
 
     /// [`Model::primary_key`] through an item of the cast key properties with the key
@@ -1496,6 +1572,8 @@ mod tests {
             .prop_map(|s| json!(s)),
             1 => Just(json!({"k": 1})),
             1 => Just(json!([1])),
+            // Past a `KeyBuf`'s inline room.
+            1 => Just(json!("l".repeat(crate::KEY_INLINE))),
         ]
     }
 
@@ -1567,6 +1645,33 @@ mod tests {
                         joined,
                         "model {} props {:?}", name, props
                     );
+                    // The stack form holds the same parts.
+                    let parts = |k: KeyBuf| (k.pk_bytes().to_vec(), k.sk_bytes().to_vec());
+                    let joined_parts = |k: JoinedKey| (k.pk().as_bytes().to_vec(), k.sk().as_bytes().to_vec());
+                    proptest::prop_assert_eq!(
+                        m.primary_key_buf(&props).map(parts),
+                        m.primary_key_joined(&props).map(joined_parts),
+                        "model {} props {:?}", name, props
+                    );
+                    // The properties that are strings, given as (name, text) pairs: the key
+                    // (or error) of the item they make; a repeated name, the later wins.
+                    let mut pairs: Vec<(&str, &str)> = props
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+                        .collect();
+                    for _ in 0..2 {
+                        let as_item: Item = pairs
+                            .iter()
+                            .map(|&(k, v)| (k.to_string(), json!(v)))
+                            .collect();
+                        proptest::prop_assert_eq!(
+                            m.primary_key_buf_of(&pairs).map(parts),
+                            m.primary_key_joined(&as_item).map(joined_parts),
+                            "model {} pairs {:?}", name, pairs
+                        );
+                        let Some(&(first, _)) = pairs.first() else { break };
+                        pairs.push((first, "7"));
+                    }
                 }
             }
         }
