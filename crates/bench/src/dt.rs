@@ -15,7 +15,7 @@ use crate::workload::{self as w, Metrics, Progress};
 /// How often the background thread makes periodic-mode commits durable.
 pub const PERIODIC_INTERVAL: Duration = Duration::from_secs(1);
 
-/// [`w::view_checksum`] of a view, read field by field (all seven visible fields).
+/// [`w::view_checksum`] of a view, read field by field (all eight visible fields).
 fn view_checksum(view: &ItemView<'_>) -> anyhow::Result<u64> {
     let mut sum = 0;
     let mut fields = 0;
@@ -29,7 +29,7 @@ fn view_checksum(view: &ItemView<'_>) -> anyhow::Result<u64> {
             other => anyhow::bail!("field {name}: unexpected {other:?}"),
         };
     }
-    ensure!(fields == 7, "{fields} fields");
+    ensure!(fields == 8, "{fields} fields");
     Ok(sum)
 }
 

@@ -250,6 +250,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next byte, not consumed.
+    #[inline]
     pub(crate) fn peek(&self) -> Result<u8, Bad> {
         self.buf
             .get(self.pos)
@@ -257,12 +258,14 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| corrupt("truncated"))
     }
 
+    #[inline]
     pub(crate) fn byte(&mut self) -> Result<u8, Bad> {
         let b = *self.buf.get(self.pos).ok_or_else(|| corrupt("truncated"))?;
         self.pos += 1;
         Ok(b)
     }
 
+    #[inline]
     pub(crate) fn varint(&mut self) -> Result<u64, Bad> {
         let mut v = 0u64;
         let mut shift = 0u32;
@@ -282,6 +285,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn bytes(&mut self, len: u64) -> Result<&'a [u8], Bad> {
         let len = usize::try_from(len).map_err(|_| corrupt("length"))?;
         let end = self
@@ -294,6 +298,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    #[inline]
     pub(crate) fn str(&mut self) -> Result<&'a str, Bad> {
         let len = self.varint()?;
         let b = self.bytes(len)?;
@@ -305,6 +310,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A count of entries that each take at least one byte (bounds the allocation).
+    #[inline]
     pub(crate) fn count(&mut self) -> Result<usize, Bad> {
         let n = self.varint()?;
         if n > (self.buf.len() - self.pos) as u64 {

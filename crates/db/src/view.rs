@@ -46,6 +46,9 @@ pub struct ItemView<'m> {
     record_len: usize,
     /// The length of the key's `pk`.
     pk_len: usize,
+    /// Bit `i`: the record's field `i` is visible (computed by the check, so the accessors
+    /// do not ask the model again); fields past the 64th are asked.
+    visible_mask: u64,
 }
 
 impl fmt::Debug for ItemView<'_> {
@@ -67,14 +70,15 @@ impl<'m> ItemView<'m> {
         let mut buf = Vec::with_capacity(record.len() + key.len());
         buf.extend_from_slice(record);
         buf.extend_from_slice(key);
-        let view = ItemView {
+        let mut view = ItemView {
             model,
             hidden,
             buf,
             record_len: record.len(),
             pk_len,
+            visible_mask: 0,
         };
-        view.check()?;
+        view.visible_mask = view.check()?;
         Ok(view)
     }
 
@@ -105,23 +109,39 @@ impl<'m> ItemView<'m> {
         self.hidden || !self.model.is_hidden(name)
     }
 
+    /// Whether the record's field `index`, called `name`, is visible.
+    #[inline]
+    fn visible_at(&self, index: usize, name: &str) -> bool {
+        match u32::try_from(index) {
+            Ok(i) if i < 64 => self.visible_mask & (1 << i) != 0,
+            _ => self.visible(name),
+        }
+    }
+
     /// Decodes what the accessors will read, building nothing: the visible fields whole, the
-    /// hidden ones' structure only (as `codec::decode_with` treats them).
-    fn check(&self) -> Result<(), Bad> {
+    /// hidden ones' structure only (as `codec::decode_with` treats them). Returns which of the
+    /// first 64 fields are visible.
+    fn check(&self) -> Result<u64, Bad> {
         let mut r = Reader::with_key(self.record(), self.key_parts()?);
         let n = r.count()?;
-        for _ in 0..n {
+        let mut mask = 0u64;
+        for i in 0..n {
             let name = r.str()?;
             if self.visible(name) {
+                if i < 64 {
+                    mask |= 1 << i;
+                }
                 check_value(&mut r, 0)?;
             } else {
                 r.skip(0)?;
             }
         }
-        r.done()
+        r.done()?;
+        Ok(mask)
     }
 
     /// The top-level value at `r`, key references answered from the key.
+    #[inline]
     fn top<'v>(&'v self, r: &mut Reader<'v>) -> Result<FieldRef<'v>, Bad> {
         match r.peek()? {
             codec::KEY_PK => {
@@ -177,6 +197,7 @@ impl<'m> ItemView<'m> {
         let left = r.count().unwrap_or(0);
         Fields {
             r,
+            at: 0,
             left,
             view: self,
         }
@@ -199,6 +220,9 @@ impl<'m> ItemView<'m> {
 /// The visible fields of an [`ItemView`] (see [`ItemView::fields`]).
 pub struct Fields<'v> {
     r: Reader<'v>,
+    /// The index of the next stored field.
+    at: usize,
+    /// How many stored fields are left.
     left: usize,
     view: &'v ItemView<'v>,
 }
@@ -209,8 +233,17 @@ impl<'v> Iterator for Fields<'v> {
     fn next(&mut self) -> Option<Self::Item> {
         while self.left > 0 {
             self.left -= 1;
+            let at = self.at;
+            self.at += 1;
+            if at < 64 && self.view.visible_mask & (1 << at) == 0 {
+                // Hidden: its name and value skipped unread.
+                let len = self.r.varint().ok()?;
+                self.r.bytes(len).ok()?;
+                self.r.skip(0).ok()?;
+                continue;
+            }
             let name = self.r.str().ok()?;
-            if self.view.visible(name) {
+            if self.view.visible_at(at, name) {
                 return Some((name, self.view.top(&mut self.r).ok()?));
             }
             self.r.skip(0).ok()?;
