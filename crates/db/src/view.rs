@@ -6,14 +6,14 @@
 //! `String` per date spelled, and then the caller drops it all (issue 17: ~8.4k of a get's
 //! ~12.5k instructions were the decode). `get_as` fills the caller's own type instead, which
 //! still copies every string the type owns. A view lends everything: strings are `&str` into
-//! its one buffer (or into the item key it was looked up by, for the pk/sk values the stored
-//! form leaves out), numbers are read in place, dates are their stored milliseconds
-//! ([`StoredDate`], spelled only when asked), nested arrays and objects are walked when the
-//! caller walks them ([`ArrayRef`], [`ObjectRef`]).
+//! its one buffer (the record, then the item key it was found under, which holds the pk/sk
+//! values the stored form leaves out), numbers are read in place, dates are their stored
+//! milliseconds ([`StoredDate`], spelled only when asked), nested arrays and objects are walked
+//! when the caller walks them ([`ArrayRef`], [`ObjectRef`]).
 //!
 //! A view is checked whole when it is made: every value it lets the caller see decodes (tags,
 //! lengths, UTF-8, finite floats, dates in the spellable range, nesting depth), exactly where
-//! the JSON form would decode, so a damaged record is a [`DbError`] from the get and never a
+//! the JSON form would decode, so a damaged record is a [`crate::DbError`] from the get and never a
 //! surprise later. The accessors then cannot fail; they re-read the same immutable bytes.
 //! Hidden fields are checked only for their structure, as the JSON form skips them, and are
 //! invisible unless the view was asked for with `hidden`.
