@@ -224,6 +224,7 @@ fn key_parts(raw_key: &[u8]) -> Result<(&str, &str), Bad> {
     Ok((pk, sk))
 }
 
+#[derive(Clone)]
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,

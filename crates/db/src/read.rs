@@ -464,16 +464,15 @@ pub(crate) fn view_at<'i>(
             let Some(stored) = table.get(raw)? else {
                 return Ok(None);
             };
-            if let Some(ttl) = model.ttl_field() {
-                // The TTL field alone, decoded (the one model kind whose get allocates more).
-                let fields = codec::decode_with(&stored, raw, &|k| k == ttl)?;
-                if expired(model, &fields, now_ms) {
-                    return Ok(None);
-                }
-            }
             // The one allocation: the record and its key copied out together (and checked).
             ItemView::new(model, &stored, raw, key.pk_len(), hidden)?
         };
+        // Expiry read from the view's own bytes, outside the store's lock.
+        if let Some(ttl) = model.ttl_field() {
+            if matches!(view.expires_at_ms(ttl)?, Some(at) if at <= now_ms) {
+                return Ok(None);
+            }
+        }
         Ok(Some(view))
     })
 }

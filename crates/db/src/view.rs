@@ -24,7 +24,7 @@
 
 use std::fmt;
 
-use devtables_schema::{format_iso_ms, format_iso_ms_bytes, Item, Model};
+use devtables_schema::{format_iso_ms, format_iso_ms_bytes, ttl_expiry_ms, Item, Model, TtlValue};
 use serde_json::{Map, Number, Value};
 
 use crate::codec::{self, Bad, Reader};
@@ -209,6 +209,37 @@ impl<'m> ItemView<'m> {
         self.fields()
             .map(|(name, value)| (name.to_string(), value.to_value()))
             .collect()
+    }
+
+    /// When the item expires by its TTL field `name`, read whether that field is hidden or not
+    /// (`None`: absent, or not a value a TTL reads): [`Model::expires_at_ms`]'s answer for the
+    /// item, without building it. A hidden field, which the check read for its structure only,
+    /// is checked whole first, as the JSON form's decode of that field would.
+    pub(crate) fn expires_at_ms(&self, name: &str) -> Result<Option<i64>, Bad> {
+        let mut r = self.reader();
+        let n = r.count()?;
+        for _ in 0..n {
+            let len = r.varint()?;
+            if r.bytes(len)? != name.as_bytes() {
+                r.skip(0)?;
+                continue;
+            }
+            if !self.visible(name) {
+                check_value(&mut r.clone(), 0)?;
+            }
+            let value = match self.top(&mut r)? {
+                FieldRef::U64(n) => {
+                    i64::try_from(n).map_or(TtlValue::Float(n as f64), TtlValue::Int)
+                }
+                FieldRef::I64(n) => TtlValue::Int(n),
+                FieldRef::F64(f) => TtlValue::Float(f),
+                FieldRef::Str(s) => TtlValue::Text(s),
+                FieldRef::Date(d) => TtlValue::Ms(d.epoch_ms()),
+                _ => return Ok(None),
+            };
+            return Ok(ttl_expiry_ms(value));
+        }
+        Ok(None)
     }
 
     /// The size of the stored record in bytes.
@@ -630,7 +661,7 @@ fn field_ref<'a>(r: &mut Reader<'a>, depth: usize) -> Result<FieldRef<'a>, Bad> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devtables_schema::{JoinedKey, Schema};
+    use devtables_schema::{format_iso_ms, JoinedKey, Schema};
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -643,6 +674,7 @@ mod tests {
                 sk: {type: 'string', value: 'm#'},
                 id: {type: 'string'},
                 secret: {type: 'string', hidden: true},
+                until: {type: 'date', ttl: true},
             },
         },
     }"#;
@@ -786,6 +818,37 @@ mod tests {
             if let (Ok(item), Ok(view)) = (decoded, view) {
                 prop_assert_eq!(view.to_item(), item);
             }
+        }
+
+        /// The TTL as the view reads it equals the model's reading of the JSON form, for
+        /// values of every kind the stored form holds (dates stored as instants among them).
+        #[test]
+        fn ttl_read_from_the_view_equals_the_models(
+            value in prop_oneof![
+                (-62_167_219_200_000i64..253_402_300_799_999)
+                    .prop_map(|ms| json!(format_iso_ms(ms).unwrap())),
+                any::<u64>().prop_map(|n| json!(n)),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+                (-1e16f64..1e16).prop_map(|f| json!(f)),
+                Just(json!("2026-11-25T18:00:00Z")),
+                Just(json!("2026-11-25")),
+                Just(json!("soon")),
+                Just(json!(true)),
+                Just(json!(null)),
+                Just(json!({"at": 1})),
+            ],
+            hidden in any::<bool>(),
+        ) {
+            let schema = schema();
+            let model = schema.model("M").unwrap();
+            let item = json!({"id": "1", "until": value});
+            let view = view_of(model, &record(&item), hidden).unwrap();
+            prop_assert_eq!(
+                view.expires_at_ms("until").unwrap(),
+                model.expires_at_ms(item.as_object().unwrap())
+            );
+            prop_assert_eq!(view.expires_at_ms("absent").unwrap(), None);
         }
 
         /// Valid records with a byte changed: the same agreement.

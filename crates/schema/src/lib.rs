@@ -56,7 +56,7 @@ pub use exact_json::{parse_json_exact, ExactJsonError};
 pub use field::{Field, FieldType, Generate, MappedAttribute};
 pub use key_plan::{JoinedKey, KeyBuf, KEY_INLINE};
 pub use keys::SchemaWarning;
-pub use model::{ItemKey, Model};
+pub use model::{ttl_expiry_ms, ItemKey, Model, TtlValue};
 pub use query::{Filter, FilterOp, Query, SortCondition};
 pub use schema::Schema;
 pub use settings::{Enable, Index, Params, Process, SyncDirection, Timestamps};

@@ -51,6 +51,33 @@ fn has_nul(bytes: &[u8]) -> bool {
     false
 }
 
+/// A TTL field's value as [`Model::expires_at_ms`] reads it, borrowed (for readers that hold
+/// the stored value rather than a JSON one).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TtlValue<'a> {
+    /// A number that fits `i64`: seconds since the epoch.
+    Int(i64),
+    /// Any other number: seconds since the epoch.
+    Float(f64),
+    /// A date's text.
+    Text(&'a str),
+    /// A date already read as its instant (epoch milliseconds): what its canonical text parses
+    /// to.
+    Ms(i64),
+}
+
+/// When a TTL value expires (epoch milliseconds): the rule of [`Model::expires_at_ms`].
+pub fn ttl_expiry_ms(value: TtlValue<'_>) -> Option<i64> {
+    match value {
+        TtlValue::Int(secs) => secs.checked_mul(1000),
+        TtlValue::Float(f) => {
+            (f.is_finite() && f.abs() < 9.2e15).then(|| (f * 1000.0).round() as i64)
+        }
+        TtlValue::Text(s) => date::parse_iso_ms(s),
+        TtlValue::Ms(ms) => Some(ms),
+    }
+}
+
 /// A full primary key: hash (`pk`) and sort (`sk`) values.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ItemKey {
@@ -1219,17 +1246,14 @@ impl Model {
     /// Expiry in epoch milliseconds from the TTL field (stored as epoch seconds), if present.
     pub fn expires_at_ms(&self, item: &Item) -> Option<i64> {
         let value = item.get(self.ttl.as_deref()?)?;
-        match value {
+        ttl_expiry_ms(match value {
             Value::Number(n) => match n.as_i64() {
-                Some(secs) => secs.checked_mul(1000),
-                None => n
-                    .as_f64()
-                    .filter(|f| f.is_finite() && f.abs() < 9.2e15)
-                    .map(|f| (f * 1000.0).round() as i64),
+                Some(secs) => TtlValue::Int(secs),
+                None => TtlValue::Float(n.as_f64()?),
             },
-            Value::String(s) => date::parse_iso_ms(s),
-            _ => None,
-        }
+            Value::String(s) => TtlValue::Text(s),
+            _ => return None,
+        })
     }
 }
 

@@ -31,6 +31,18 @@ const SCHEMA: &str = r#"{
             secret: {type: 'string', hidden: true},
             label: {type: 'string', value: 'label-${id}'},
         },
+        Num: {
+            pk: {type: 'string', value: 'num#${id}'},
+            sk: {type: 'string', value: 'num#'},
+            id: {type: 'string', required: true},
+            until: {type: 'number', ttl: true},
+        },
+        Hid: {
+            pk: {type: 'string', value: 'hid#${id}'},
+            sk: {type: 'string', value: 'hid#'},
+            id: {type: 'string', required: true},
+            until: {type: 'date', ttl: true, hidden: true},
+        },
     },
 }"#;
 
@@ -173,6 +185,46 @@ proptest! {
                 }
                 if let Some(db_get) = (!hidden).then(|| db.get_view("All", &key).unwrap()) {
                     prop_assert_eq!(db_get.map(|v| v.to_item()), Some(got.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// A TTL value of any kind near the test clock's instant (seconds 1_795_629_600).
+fn ttl_value() -> impl Strategy<Value = Value> {
+    let now_s = 1_795_629_600i64;
+    prop_oneof![
+        (-5i64..5).prop_map(move |d| json!(now_s + d)),
+        (-5.0f64..5.0).prop_map(move |d| json!(now_s as f64 + d)),
+        (-5_000i64..5_000).prop_map(move |d| json!(format_iso_ms(now_s * 1000 + d).unwrap())),
+        Just(json!(u64::MAX)),
+        Just(json!(-1)),
+        Just(json!(1e300)),
+        Just(json!("2026-11-25T18:00:00Z")),
+        Just(json!("2026-11-25")),
+        Just(json!("not a date")),
+        Just(json!(true)),
+        Just(json!([1])),
+    ]
+}
+
+proptest! {
+    /// Expiry read from the view (no map) hides exactly the items `get` hides, for a number
+    /// and a hidden date TTL field and values of every kind.
+    #[test]
+    fn the_view_expires_what_get_expires(values in prop::collection::vec(ttl_value(), 1..8)) {
+        let db = open();
+        let r = db.read().unwrap();
+        for (i, value) in values.iter().enumerate() {
+            for model in ["Num", "Hid"] {
+                let id = format!("{model}{i}");
+                let _ = db.create(model, &item(json!({"id": id, "until": value})));
+                let key = item(json!({"id": id}));
+                for hidden in [false, true] {
+                    let got = r.get(model, &key, hidden).unwrap();
+                    let view = r.get_view(model, &key, hidden).unwrap();
+                    prop_assert_eq!(view.map(|v| v.to_item()), got, "{} {}", model, value);
                 }
             }
         }
