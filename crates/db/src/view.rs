@@ -751,6 +751,26 @@ mod tests {
     }
 
     #[test]
+    fn fields_past_the_visibility_mask_are_asked_of_the_model() {
+        let schema = schema();
+        let model = schema.model("M").unwrap();
+        // 70 fields named before `secret`, so the hidden one is the record's 72nd.
+        let mut item: Item = (0..70).map(|i| (format!("a{i:02}"), json!(i))).collect();
+        item.insert("id".into(), json!("1"));
+        item.insert("secret".into(), json!("s"));
+        let raw = record(&Value::Object(item.clone()));
+        let view = view_of(model, &raw, false).unwrap();
+        assert_eq!(view.fields().count(), 71);
+        assert_eq!(view.get("secret"), None);
+        assert_eq!(view.get("a69"), Some(FieldRef::U64(69)));
+        item.remove("secret");
+        assert_eq!(view.to_item(), item);
+        let all = view_of(model, &raw, true).unwrap();
+        assert_eq!(all.fields().count(), 72);
+        assert_eq!(all.fields().last(), Some(("secret", FieldRef::Str("s"))));
+    }
+
+    #[test]
     fn damaged_records_are_refused_when_the_view_is_made() {
         let schema = schema();
         let model = schema.model("M").unwrap();
