@@ -472,7 +472,7 @@ fn report(
         std::env::temp_dir().display()
     ));
 
-    let rows: [(&str, &str, Unit, &str); 24] = [
+    let rows: [(&str, &str, Unit, &str); 27] = [
         (
             "create, 1,000 per transaction (devtables: `create_owned`, the input by value, the key returned)",
             "create_per_s",
@@ -512,6 +512,24 @@ fn report(
         (
             "get into the caller's struct, all in one read transaction",
             "get_as_txn_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
+            "get into a borrowed view, every field read (`get_view`; SQLite: `get_ref` + serde_json borrowing), one snapshot per get",
+            "get_view_each_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
+            "get into a borrowed view, every field read, all in one read transaction",
+            "get_view_txn_per_s",
+            Unit::Rate,
+            "-",
+        ),
+        (
+            "get into a borrowed view, the key as text pairs (`get_view_by`; SQLite: the same key rendering), one snapshot per get",
+            "get_view_by_each_per_s",
             Unit::Rate,
             "-",
         ),
@@ -638,7 +656,7 @@ fn report(
         "\nThe same timed steps, by the on-CPU time of the benchmark thread (/proc/thread-self/schedstat) instead of the wall clock: \
          this leaves out the time the thread waited for a CPU while other processes ran on this shared 2-core machine \
          (but also any time it slept on I/O or locks).\n\n{}",
-        table(&plan.sizes, &main, &rows[..14], "_cpu", true, grouped)
+        table(&plan.sizes, &main, &rows[..17], "_cpu", true, grouped)
     ));
 
     let get = |k: &str| imm.get(k).copied().unwrap_or(f64::NAN);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use devtables_db::{Db, DbOptions, Durability, FindOptions, Origin};
+use devtables_db::{Db, DbOptions, Durability, FieldRef, FindOptions, ItemView, Origin};
 use devtables_schema::{Item, Schema};
 use serde_json::json;
 
@@ -14,6 +14,24 @@ use crate::workload::{self as w, Metrics, Progress};
 
 /// How often the background thread makes periodic-mode commits durable.
 pub const PERIODIC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// [`w::view_checksum`] of a view, read field by field (all eight visible fields).
+fn view_checksum(view: &ItemView<'_>) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    let mut fields = 0;
+    for (name, value) in view.fields() {
+        fields += 1;
+        sum += match value {
+            FieldRef::Str(s) => s.len() as u64,
+            FieldRef::F64(f) => (f * 8.0) as u64,
+            FieldRef::U64(n) => n * 8,
+            FieldRef::Date(d) => u64::from(d.epoch_ms() > 0),
+            other => anyhow::bail!("field {name}: unexpected {other:?}"),
+        };
+    }
+    ensure!(fields == 8, "{fields} fields");
+    Ok(sum)
+}
 
 fn schema() -> anyhow::Result<Arc<Schema>> {
     Ok(Arc::new(
@@ -143,6 +161,41 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         }
     }
     w::put(&mut m, "get_as_txn_per_s", &t, |d| w::rate(n, d));
+
+    // The same gets as borrowed views (`get_view`: the record copied once, no map), every
+    // visible field read into a checksum.
+    let expected: u64 = order.iter().map(|&i| w::view_checksum(i as usize)).sum();
+    let mut sum = 0u64;
+    let t = w::WorkloadClock::start();
+    for &i in &order {
+        let view = db.get_view(w::MODEL, &w::key(i as usize))?;
+        sum += view_checksum(&view.with_context(|| format!("item {i} missing"))?)?;
+    }
+    w::put(&mut m, "get_view_each_per_s", &t, |d| w::rate(n, d));
+    ensure!(sum == expected, "view checksum {sum}, expected {expected}");
+    let mut sum = 0u64;
+    let t = w::WorkloadClock::start();
+    {
+        let r = db.read()?;
+        for &i in &order {
+            let view = r.get_view(w::MODEL, &w::key(i as usize), false)?;
+            sum += view_checksum(&view.with_context(|| format!("item {i} missing"))?)?;
+        }
+    }
+    w::put(&mut m, "get_view_txn_per_s", &t, |d| w::rate(n, d));
+    ensure!(sum == expected, "view checksum {sum}, expected {expected}");
+    // The key as text pairs (`get_view_by`): no item built per get, the key rendered on the
+    // stack.
+    let mut key = w::KeyText::default();
+    let mut sum = 0u64;
+    let t = w::WorkloadClock::start();
+    for &i in &order {
+        key.set(i as usize);
+        let view = db.get_view_by(w::MODEL, &key.pairs())?;
+        sum += view_checksum(&view.with_context(|| format!("item {i} missing"))?)?;
+    }
+    w::put(&mut m, "get_view_by_each_per_s", &t, |d| w::rate(n, d));
+    ensure!(sum == expected, "view checksum {sum}, expected {expected}");
 
     // 3. sort-key prefix finds
     let queries = w::prefix_queries(n, &mut rng);

@@ -63,6 +63,35 @@ fn get(conn: &Connection, model: &Model, i: usize) -> anyhow::Result<Option<Item
     Ok(item.map(|item| model.project(&item, false)))
 }
 
+/// Item `i` read in place ([`w::ReadingRef`]), its fields summed ([`w::view_checksum`]).
+fn borrowed_checksum(conn: &Connection, model: &Model, i: usize) -> anyhow::Result<u64> {
+    let key = model.primary_key(&w::key(i))?;
+    borrowed_checksum_at(conn, key.pk.as_bytes(), key.sk.as_bytes())?
+        .with_context(|| format!("item {i} missing"))
+}
+
+/// The item at (pk, sk) read in place, its fields summed; `None` when absent.
+fn borrowed_checksum_at(conn: &Connection, pk: &[u8], sk: &[u8]) -> anyhow::Result<Option<u64>> {
+    // Bound as text, as the other reads bind their keys.
+    let (pk, sk) = (std::str::from_utf8(pk)?, std::str::from_utf8(sk)?);
+    let sum = conn
+        .prepare_cached(GET)?
+        .query_row(params![pk, sk], |r| {
+            let body = r.get_ref(0)?.as_str()?;
+            serde_json::from_str::<w::ReadingRef<'_>>(body)
+                .map(|reading| reading.checksum())
+                .map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })
+        })
+        .optional()?;
+    Ok(sum)
+}
+
 fn bodies(
     st: &mut rusqlite::CachedStatement<'_>,
     p: impl rusqlite::Params,
@@ -150,6 +179,49 @@ pub fn grouped(dir: &Path, n: usize) -> anyhow::Result<Metrics> {
         ensure!(got.is_some(), "item {i} missing");
     }
     w::put(&mut m, "get_as_each_per_s", &t, |d| w::rate(n, d));
+
+    // Borrowed: the body lent by `get_ref`, its fields lent by serde_json, every one read into
+    // a checksum (as devtables' `get_view` rows).
+    let expected: u64 = order.iter().map(|&i| w::view_checksum(i as usize)).sum();
+    let t = w::WorkloadClock::start();
+    let mut sum = 0u64;
+    for &i in &order {
+        sum += borrowed_checksum(&conn, model, i as usize)?;
+    }
+    w::put(&mut m, "get_view_each_per_s", &t, |d| w::rate(n, d));
+    ensure!(
+        sum == expected,
+        "borrowed checksum {sum}, expected {expected}"
+    );
+    let t = w::WorkloadClock::start();
+    let mut sum = 0u64;
+    {
+        let tx = conn.transaction()?;
+        for &i in &order {
+            sum += borrowed_checksum(&tx, model, i as usize)?;
+        }
+        tx.commit()?;
+    }
+    w::put(&mut m, "get_view_txn_per_s", &t, |d| w::rate(n, d));
+    ensure!(
+        sum == expected,
+        "borrowed checksum {sum}, expected {expected}"
+    );
+    // The key from text pairs, rendered on the stack (as devtables' `get_view_by`).
+    let mut key = w::KeyText::default();
+    let t = w::WorkloadClock::start();
+    let mut sum = 0u64;
+    for &i in &order {
+        key.set(i as usize);
+        let key = model.primary_key_buf_of(&key.pairs())?;
+        sum += borrowed_checksum_at(&conn, key.pk_bytes(), key.sk_bytes())?
+            .with_context(|| format!("item {i} missing"))?;
+    }
+    w::put(&mut m, "get_view_by_each_per_s", &t, |d| w::rate(n, d));
+    ensure!(
+        sum == expected,
+        "borrowed checksum {sum}, expected {expected}"
+    );
 
     // 3. sort-key prefix finds (a range on the primary key)
     let queries = w::prefix_queries(n, &mut rng);

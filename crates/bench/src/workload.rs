@@ -101,6 +101,31 @@ pub fn change(i: usize) -> Item {
     obj(json!({"id": id(i), "deviceId": device(i), "value": 99.5 + (i % 7) as f64}))
 }
 
+/// The key properties of an item as text, rewritten in place for each item (no allocation per
+/// key once grown): what a key given as `(name, text)` pairs is made from.
+#[derive(Default)]
+pub struct KeyText {
+    id: String,
+    device: String,
+}
+
+impl KeyText {
+    /// Holds the key of item `i` (as [`id`] and [`device`] spell it).
+    pub fn set(&mut self, i: usize) {
+        use std::fmt::Write;
+        self.id.clear();
+        self.device.clear();
+        // Writing into a String cannot fail.
+        let _ = write!(self.id, "{i:08}");
+        let _ = write!(self.device, "d{:04}", i / PER_DEVICE);
+    }
+
+    /// The key properties as (name, text) pairs.
+    pub fn pairs(&self) -> [(&str, &str); 2] {
+        [("id", &self.id), ("deviceId", &self.device)]
+    }
+}
+
 /// A reading as an application's own type: what the typed reads (`Db::get_as`, `find_as`;
 /// serde_json straight into the struct for SQLite) fill instead of a `serde_json::Map`.
 #[derive(serde::Deserialize, Debug)]
@@ -114,6 +139,54 @@ pub struct Reading {
     pub status: String,
     pub created: String,
     pub updated: String,
+}
+
+/// A reading read in place: every field borrowed from the stored JSON text (SQLite's side of
+/// the borrowed-view rows: `row.get_ref` lends the body, serde_json lends its strings).
+#[derive(serde::Deserialize, Debug)]
+pub struct ReadingRef<'a> {
+    /// The type field (the model's name), which the JSON form shows too.
+    #[serde(rename = "_type")]
+    pub model: &'a str,
+    pub id: &'a str,
+    #[serde(rename = "deviceId")]
+    pub device_id: &'a str,
+    pub name: &'a str,
+    pub value: f64,
+    pub status: &'a str,
+    pub created: &'a str,
+    pub updated: &'a str,
+}
+
+impl ReadingRef<'_> {
+    /// [`view_checksum`] of what was read.
+    pub fn checksum(&self) -> u64 {
+        let date = |d: &str| u64::from(d.len() == 24);
+        (self.model.len()
+            + self.id.len()
+            + self.device_id.len()
+            + self.name.len()
+            + self.status.len()) as u64
+            + (self.value * 8.0) as u64
+            + date(self.created)
+            + date(self.updated)
+    }
+}
+
+/// What the borrowed-view rows sum over item `i`, every visible field read (the type field,
+/// id, deviceId, name, value, status and the two timestamps): each string's
+/// length, the value times 8 (a whole number: values are multiples of 1/8), 1 per date (its
+/// instant, or its text, is there). The benchmark compares the sum it read with this, so no
+/// field can be skipped or optimized away.
+pub fn view_checksum(i: usize) -> u64 {
+    let value = 20.0 + (i % 1000) as f64 * 0.125;
+    (MODEL.len()
+        + id(i).len()
+        + device(i).len()
+        + format!("sensor-{}", i % 16).len()
+        + status(i).len()) as u64
+        + (value * 8.0) as u64
+        + 2
 }
 
 /// 0..n in a shuffled order (fixed seed).

@@ -156,8 +156,27 @@ fn canonical_date_ms(s: &str) -> Option<i64> {
 
 /// The instant a `DATE` value holds (zigzag varint), spelled canonically.
 pub(crate) fn date_text(z: u64) -> Result<String, Bad> {
-    let ms = ((z >> 1) as i64) ^ -((z & 1) as i64);
-    format_date(ms).ok_or_else(|| corrupt("date out of range"))
+    format_date(unzigzag(z)).ok_or_else(|| corrupt("date out of range"))
+}
+
+/// Epoch milliseconds of `0000-01-01T00:00:00.000Z`, the first instant a date spells.
+pub(crate) const DATE_MIN_MS: i64 = -62_167_219_200_000;
+/// Epoch milliseconds of `9999-12-31T23:59:59.999Z`, the last instant a date spells.
+pub(crate) const DATE_MAX_MS: i64 = 253_402_300_799_999;
+
+/// The instant a `DATE` value holds (zigzag varint), when it has a spelling (as
+/// [`date_text`] accepts it, without spelling it).
+pub(crate) fn date_ms(z: u64) -> Result<i64, Bad> {
+    let ms = unzigzag(z);
+    if (DATE_MIN_MS..=DATE_MAX_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(corrupt("date out of range"))
+    }
+}
+
+fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
@@ -205,6 +224,7 @@ fn key_parts(raw_key: &[u8]) -> Result<(&str, &str), Bad> {
     Ok((pk, sk))
 }
 
+#[derive(Clone)]
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -213,14 +233,25 @@ pub(crate) struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(raw: &'a [u8], raw_key: &'a [u8]) -> Result<Self, Bad> {
-        Ok(Reader {
+        Ok(Reader::with_key(raw, key_parts(raw_key)?))
+    }
+
+    /// A reader of `raw` whose key references stand for `key` (pk, sk), already split.
+    pub(crate) fn with_key(raw: &'a [u8], key: (&'a str, &'a str)) -> Self {
+        Reader {
             buf: raw,
             pos: 0,
-            key: key_parts(raw_key)?,
-        })
+            key,
+        }
+    }
+
+    /// The bytes not read yet.
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.buf.get(self.pos..).unwrap_or_default()
     }
 
     /// The next byte, not consumed.
+    #[inline]
     pub(crate) fn peek(&self) -> Result<u8, Bad> {
         self.buf
             .get(self.pos)
@@ -228,12 +259,14 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| corrupt("truncated"))
     }
 
+    #[inline]
     pub(crate) fn byte(&mut self) -> Result<u8, Bad> {
         let b = *self.buf.get(self.pos).ok_or_else(|| corrupt("truncated"))?;
         self.pos += 1;
         Ok(b)
     }
 
+    #[inline]
     pub(crate) fn varint(&mut self) -> Result<u64, Bad> {
         let mut v = 0u64;
         let mut shift = 0u32;
@@ -253,6 +286,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn bytes(&mut self, len: u64) -> Result<&'a [u8], Bad> {
         let len = usize::try_from(len).map_err(|_| corrupt("length"))?;
         let end = self
@@ -265,6 +299,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    #[inline]
     pub(crate) fn str(&mut self) -> Result<&'a str, Bad> {
         let len = self.varint()?;
         let b = self.bytes(len)?;
@@ -276,6 +311,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A count of entries that each take at least one byte (bounds the allocation).
+    #[inline]
     pub(crate) fn count(&mut self) -> Result<usize, Bad> {
         let n = self.varint()?;
         if n > (self.buf.len() - self.pos) as u64 {
@@ -541,6 +577,21 @@ mod tests {
         for ms in (start..start + 3 * 86_400_000).step_by(997_001) {
             let text = format_date(ms).unwrap();
             assert_eq!(canonical_date_ms(&text), Some(ms), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_date_range_is_the_spellable_range() {
+        let zig = |ms: i64| ((ms << 1) ^ (ms >> 63)) as u64;
+        for ms in [DATE_MIN_MS, DATE_MAX_MS, 0, -1, 1] {
+            assert!(format_iso_ms_bytes(ms).is_some(), "{ms}");
+            assert_eq!(date_ms(zig(ms)).ok(), Some(ms));
+            assert!(date_text(zig(ms)).is_ok());
+        }
+        for ms in [DATE_MIN_MS - 1, DATE_MAX_MS + 1, i64::MIN, i64::MAX] {
+            assert!(format_iso_ms_bytes(ms).is_none(), "{ms}");
+            assert!(date_ms(zig(ms)).is_err());
+            assert!(date_text(zig(ms)).is_err());
         }
     }
 

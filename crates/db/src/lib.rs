@@ -16,6 +16,8 @@
 //!   the only user of redb.
 //! - `txn`: write transactions ([`WriteTxn`]), side tables and the [`WriteInterceptor`] seam.
 //! - `read`: point gets and `find` queries ([`ReadTxn`], [`FindOptions`], [`Page`]).
+//! - `view`: [`ItemView`], a get that builds no map: the stored record, its fields decoded as
+//!   they are read ([`FieldRef`], strings lent).
 //! - `commit`: durability modes and group commit.
 //! - `background`: where the periodic flush, the log's compaction and the TTL purge run
 //!   ([`Background`]).
@@ -43,6 +45,16 @@
 //! items in one view). Inside [`Db::write`], reads go through the write transaction and see its
 //! own changes.
 //!
+//! A get comes in three forms, all seeing the same item:
+//! - [`Db::get`]: the JSON form, a `serde_json::Map` (a `String` per field name and string).
+//! - [`Db::get_as`]: the caller's own type, deserialized from the stored bytes (no map).
+//! - [`Db::get_view`]: an [`ItemView`], the stored record copied once with its key (the get's
+//!   one allocation: the key is rendered on the stack), fields decoded only as they are read,
+//!   strings lent as `&str`, dates as their stored instant ([`StoredDate`]), nested values
+//!   walked on demand ([`FieldRef`]); [`ItemView::to_item`] is the JSON form. With
+//!   [`Db::get_view_by`] the key properties are `(name, text)` pairs, so naming the item
+//!   builds no map either. The fastest get, and the one to use in a loop.
+//!
 //! # Damaged files
 //! A truncated or corrupted file never panics the process: opening it, and every operation on
 //! it, answers [`OpenError::Damaged`] or [`DbError::Damaged`] naming the file and what is wrong
@@ -69,6 +81,7 @@ mod schema_record;
 pub mod tables;
 mod txn;
 mod unique;
+mod view;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -84,6 +97,7 @@ pub use error::{DbError, OpenError, UniqueCollision};
 pub use hooks::{ChangeOp, Hook, HookId, ItemChange, Origin};
 pub use read::{FindOptions, Page, ReadTxn, TypedPage};
 pub use txn::{SideTables, WriteInterceptor, WriteTxn};
+pub use view::{ArrayRef, Elements, Entries, FieldRef, Fields, ItemView, ObjectRef, StoredDate};
 
 /// The stored-item decoder for the fuzz targets (`fuzz/`), which cannot reach the crate-private
 /// codec otherwise: corrupt bytes in a file must give [`DbError::Corrupt`], never a panic. Not an API.
@@ -667,6 +681,25 @@ impl Db {
         key: &Item,
     ) -> Result<Option<T>, DbError> {
         self.read()?.get_as(model, key, false)
+    }
+
+    /// [`Db::get`] as a borrowed, lazily decoded [`ItemView`]: one allocation (the stored
+    /// record and its key), no map, fields decoded as they are read (see
+    /// [`ReadTxn::get_view`]).
+    pub fn get_view(&self, model: &str, key: &Item) -> Result<Option<ItemView<'_>>, DbError> {
+        let now = (self.inner.options.clock)();
+        read::view_at(&self.inner, now, model, read::KeyProps::Item(key), false)
+    }
+
+    /// [`Db::get_view`] with the key properties as `(name, text)` pairs: no item to build (see
+    /// [`ReadTxn::get_view_by`]).
+    pub fn get_view_by(
+        &self,
+        model: &str,
+        key: &[(&str, &str)],
+    ) -> Result<Option<ItemView<'_>>, DbError> {
+        let now = (self.inner.options.clock)();
+        read::view_at(&self.inner, now, model, read::KeyProps::Strs(key), false)
     }
 
     /// [`Db::find`] into the caller's type (see [`ReadTxn::get_as`]).

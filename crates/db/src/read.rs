@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec_de::{self, DeError};
 use crate::tables;
+use crate::view::ItemView;
 use crate::{codec, keys, DbError, Inner};
 
 /// Options of [`crate::Db::find`].
@@ -196,6 +197,38 @@ impl ReadTxn {
         hidden: bool,
     ) -> Result<Option<T>, DbError> {
         self.get_decoded(model, props, |m| typed_form(m, hidden))
+    }
+
+    /// [`ReadTxn::get`] as an [`ItemView`]: the stored record copied once with its key (the
+    /// get's one allocation: the key is rendered on the stack), its fields decoded as they are
+    /// read, strings lent. The view
+    /// shows what [`ReadTxn::get`] would return ([`ItemView::to_item`] equals it), hidden
+    /// fields only with `hidden`; a damaged record is [`DbError::Damaged`] here, never later.
+    pub fn get_view(
+        &self,
+        model: &str,
+        props: &Item,
+        hidden: bool,
+    ) -> Result<Option<ItemView<'_>>, DbError> {
+        view_at(
+            &self.inner,
+            self.now_ms,
+            model,
+            KeyProps::Item(props),
+            hidden,
+        )
+    }
+
+    /// [`ReadTxn::get_view`] with the key properties given as `(name, text)` pairs (each read
+    /// as the JSON string `text`), so the caller builds no item to name the key: the key is
+    /// rendered on the stack ([`devtables_schema::Model::primary_key_buf_of`]).
+    pub fn get_view_by(
+        &self,
+        model: &str,
+        key: &[(&str, &str)],
+        hidden: bool,
+    ) -> Result<Option<ItemView<'_>>, DbError> {
+        view_at(&self.inner, self.now_ms, model, KeyProps::Strs(key), hidden)
     }
 
     /// One item by its key properties, decoded by the form `form` makes for its model.
@@ -393,6 +426,55 @@ impl ReadTxn {
             Ok(self.find(model, &Item::new(), &options)?.items)
         })
     }
+}
+
+/// How a get names its item: key properties as an item, or as `(name, text)` pairs.
+#[derive(Clone, Copy)]
+pub(crate) enum KeyProps<'a> {
+    Item(&'a Item),
+    Strs(&'a [(&'a str, &'a str)]),
+}
+
+/// [`ReadTxn::get_view`] on `inner`, expiry judged at `now_ms` (also behind
+/// [`crate::Db::get_view`], whose view borrows the `Db`).
+pub(crate) fn view_at<'i>(
+    inner: &'i Inner,
+    now_ms: i64,
+    model: &str,
+    props: KeyProps<'_>,
+    hidden: bool,
+) -> Result<Option<ItemView<'i>>, DbError> {
+    inner.engine(|| {
+        let model = inner
+            .schema
+            .model(model)
+            .ok_or_else(|| DbError::UnknownModel(model.to_string()))?;
+        // On the stack (a key of up to `KEY_INLINE` bytes).
+        let key = match props {
+            KeyProps::Item(props) => model.primary_key_buf(props)?,
+            KeyProps::Strs(props) => model.primary_key_buf_of(props)?,
+        };
+        let raw = key.as_bytes();
+        let view = {
+            let read = inner.store.read()?;
+            let slot = inner.slot(model.name())?;
+            let Some(table) = read.table(&inner.item_tables[slot]) else {
+                return Ok(None);
+            };
+            let Some(stored) = table.get(raw)? else {
+                return Ok(None);
+            };
+            // The one allocation: the record and its key copied out together (and checked).
+            ItemView::new(model, &stored, raw, key.pk_len(), hidden)?
+        };
+        // Expiry read from the view's own bytes, outside the store's lock.
+        if let Some(ttl) = model.ttl_field() {
+            if matches!(view.expires_at_ms(ttl)?, Some(at) if at <= now_ms) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(view))
+    })
 }
 
 #[derive(Clone, Copy)]

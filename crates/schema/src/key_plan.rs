@@ -76,6 +76,141 @@ impl JoinedKey {
     }
 }
 
+/// Longest key (`pk`, NUL, `sk`, in bytes) a [`KeyBuf`] holds without allocating.
+pub const KEY_INLINE: usize = 120;
+
+/// A primary key as one byte string (`pk`, NUL, `sk`, as [`JoinedKey`]) held on the stack
+/// when it is at most [`KEY_INLINE`] bytes: what a lookup by key needs, without the
+/// allocation of a `String` (a get that copies the stored item once allocates nothing else).
+/// Neither part holds a NUL, and both are UTF-8 (they are rendered from `&str`s).
+#[derive(Clone)]
+pub struct KeyBuf {
+    store: KeyStore,
+    /// Where the NUL is.
+    split: usize,
+}
+
+#[derive(Clone)]
+enum KeyStore {
+    Inline { bytes: [u8; KEY_INLINE], len: usize },
+    Heap(Vec<u8>),
+}
+
+impl KeyBuf {
+    /// An empty key with room for `len` bytes: inline when they fit.
+    fn with_capacity(len: usize) -> KeyBuf {
+        let store = if len <= KEY_INLINE {
+            KeyStore::Inline {
+                bytes: [0; KEY_INLINE],
+                len: 0,
+            }
+        } else {
+            KeyStore::Heap(Vec::with_capacity(len))
+        };
+        KeyBuf { store, split: 0 }
+    }
+
+    /// `pk` and `sk` joined (see [`JoinedKey::from_parts`]).
+    pub fn from_parts(pk: &str, sk: &str) -> KeyBuf {
+        let mut key = KeyBuf::with_capacity(pk.len() + 1 + sk.len());
+        key.put(pk);
+        key.put("\0");
+        key.put(sk);
+        key.split = pk.len();
+        key
+    }
+
+    /// `pk`, NUL, `sk`.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.store {
+            KeyStore::Inline { bytes, len } => bytes.get(..*len).unwrap_or_default(),
+            KeyStore::Heap(bytes) => bytes,
+        }
+    }
+
+    /// The length of `pk` (where the NUL is).
+    pub fn pk_len(&self) -> usize {
+        self.split
+    }
+
+    /// The hash (partition) value's bytes.
+    pub fn pk_bytes(&self) -> &[u8] {
+        self.as_bytes().get(..self.split).unwrap_or_default()
+    }
+
+    /// The sort value's bytes (empty when the primary index has no sort key).
+    pub fn sk_bytes(&self) -> &[u8] {
+        self.as_bytes().get(self.split + 1..).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for KeyBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyBuf")
+            .field("pk", &String::from_utf8_lossy(self.pk_bytes()))
+            .field("sk", &String::from_utf8_lossy(self.sk_bytes()))
+            .finish()
+    }
+}
+
+impl PartialEq for KeyBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self.split == other.split && self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for KeyBuf {}
+
+/// Where a key is rendered: a `String` ([`JoinedKey`]) or a [`KeyBuf`].
+pub(crate) trait KeyOut {
+    fn put(&mut self, s: &str);
+}
+
+impl KeyOut for String {
+    fn put(&mut self, s: &str) {
+        self.push_str(s);
+    }
+}
+
+impl KeyOut for KeyBuf {
+    fn put(&mut self, s: &str) {
+        match &mut self.store {
+            KeyStore::Inline { bytes, len } => {
+                let end = *len + s.len();
+                match bytes.get_mut(*len..end) {
+                    Some(to) => {
+                        to.copy_from_slice(s.as_bytes());
+                        *len = end;
+                    }
+                    // Longer than sized for (never, the length is computed first): move to the
+                    // heap rather than lose bytes.
+                    None => {
+                        let mut heap = Vec::with_capacity(end);
+                        heap.extend_from_slice(bytes.get(..*len).unwrap_or_default());
+                        heap.extend_from_slice(s.as_bytes());
+                        self.store = KeyStore::Heap(heap);
+                    }
+                }
+            }
+            KeyStore::Heap(bytes) => bytes.extend_from_slice(s.as_bytes()),
+        }
+    }
+}
+
+/// A key property's value as the caller gave it: a JSON value of an [`Item`], or a string of
+/// a key given as `(name, text)` pairs (read as the JSON string `text`).
+#[derive(Clone, Copy)]
+pub(crate) enum Given<'a> {
+    Json(&'a Value),
+    Str(&'a str),
+}
+
+impl Given<'_> {
+    fn is_string(self) -> bool {
+        matches!(self, Given::Str(_) | Given::Json(Value::String(_)))
+    }
+}
+
 /// One piece of a key template, its variable resolved.
 #[derive(Clone, Debug)]
 enum PlanPart {
@@ -217,6 +352,29 @@ impl Model {
     /// attribute that does not resolve, a value with no rendering, more key dependencies than
     /// [`KEY_SLOTS`]. NUL is not checked here.
     pub(crate) fn planned_key(&self, props: &Item) -> Option<JoinedKey> {
+        let given = props.iter().map(|(k, v)| (k.as_str(), Given::Json(v)));
+        let slots = self.planned_slots(given)?;
+        let (text, split) = self.planned_render(&slots, String::with_capacity)?;
+        Some(JoinedKey { text, split })
+    }
+
+    /// [`Model::planned_key`] into a [`KeyBuf`], from an item or from `(name, text)` pairs.
+    pub(crate) fn planned_key_buf<'a>(
+        &self,
+        props: impl IntoIterator<Item = (&'a str, Given<'a>)>,
+    ) -> Option<KeyBuf> {
+        let slots = self.planned_slots(props)?;
+        let (mut key, split) = self.planned_render(&slots, KeyBuf::with_capacity)?;
+        key.split = split;
+        Some(key)
+    }
+
+    /// The value of every key dependency the properties give or the key templates render;
+    /// `None` as for [`Model::planned_key`].
+    fn planned_slots<'a>(
+        &self,
+        props: impl IntoIterator<Item = (&'a str, Given<'a>)>,
+    ) -> Option<Slots<'a>> {
         let plan = &self.key_plan;
         if !plan.usable {
             return None;
@@ -224,7 +382,7 @@ impl Model {
         let ctx = self.ctx();
         let mut slots: Slots<'_> = Default::default();
         for (key, value) in props {
-            if value.is_null() {
+            if matches!(value, Given::Json(Value::Null)) {
                 continue;
             }
             let Some(index) = self.field_index(key) else {
@@ -232,13 +390,35 @@ impl Model {
             };
             let field = self.fields.get(index)?;
             match plan.slot_of_field.get(index).copied().flatten() {
-                Some(slot) => *slots.get_mut(slot)? = Some(rendered_given(field, value, &ctx)?),
+                Some(slot) => {
+                    let rendered = match value {
+                        Given::Json(value) => rendered_given(field, value, &ctx)?,
+                        // As the JSON string: kept as given where that is the identity cast.
+                        Given::Str(text)
+                            if field.has_template() || field.ty == FieldType::String =>
+                        {
+                            Cow::Borrowed(text)
+                        }
+                        Given::Str(text) => {
+                            let cast = field.cast(&Value::String(text.to_string()), key, &ctx);
+                            Cow::Owned(render_value(&cast.ok()?)?)
+                        }
+                    };
+                    *slots.get_mut(slot)? = Some(rendered);
+                }
                 // The general path casts every known property, so one that does not cast is
                 // its error, even when the key does not depend on it.
                 None if field.has_template() && value.is_string() => {}
-                None => {
-                    field.cast(value, key, &ctx).ok()?;
-                }
+                None => match value {
+                    Given::Json(value) => {
+                        field.cast(value, key, &ctx).ok()?;
+                    }
+                    Given::Str(text) => {
+                        field
+                            .cast(&Value::String(text.to_string()), key, &ctx)
+                            .ok()?;
+                    }
+                },
             }
         }
         // The key's templates in dependency order; a given value is kept (as the general
@@ -263,16 +443,24 @@ impl Model {
             };
             *slots.get_mut(template.slot)? = Some(value);
         }
-        let pk_len = self.attr_len(plan.hash, &slots)?;
-        let sk_len = self.attr_len(plan.sort, &slots)?;
-        let mut text = String::with_capacity(pk_len + 1 + sk_len);
-        self.attr_into(plan.hash, &slots, &mut text);
-        text.push('\0');
-        self.attr_into(plan.sort, &slots, &mut text);
-        Some(JoinedKey {
-            text,
-            split: pk_len,
-        })
+        Some(slots)
+    }
+
+    /// The key attributes rendered from `slots` into what `make` gives for the key's length;
+    /// with where the NUL is.
+    fn planned_render<O: KeyOut>(
+        &self,
+        slots: &Slots<'_>,
+        make: impl FnOnce(usize) -> O,
+    ) -> Option<(O, usize)> {
+        let plan = &self.key_plan;
+        let pk_len = self.attr_len(plan.hash, slots)?;
+        let sk_len = self.attr_len(plan.sort, slots)?;
+        let mut out = make(pk_len + 1 + sk_len);
+        self.attr_into(plan.hash, slots, &mut out);
+        out.put("\0");
+        self.attr_into(plan.sort, slots, &mut out);
+        Some((out, pk_len))
     }
 
     /// The length of `template` rendered from `slots`; `None` when a variable has no value.
@@ -290,14 +478,14 @@ impl Model {
 
     /// Appends `template` rendered from `slots` (every variable has a value: see
     /// [`Model::rendered_len`]).
-    fn render_into(&self, template: &PlannedTemplate, slots: &Slots<'_>, out: &mut String) {
+    fn render_into(&self, template: &PlannedTemplate, slots: &Slots<'_>, out: &mut impl KeyOut) {
         for part in &template.parts {
             match part {
-                PlanPart::Lit(text) => out.push_str(text),
+                PlanPart::Lit(text) => out.put(text),
                 PlanPart::Slot(slot) => {
-                    out.push_str(slots.get(*slot).and_then(|s| s.as_deref()).unwrap_or(""))
+                    out.put(slots.get(*slot).and_then(|s| s.as_deref()).unwrap_or(""))
                 }
-                PlanPart::ModelName => out.push_str(&self.name),
+                PlanPart::ModelName => out.put(&self.name),
                 PlanPart::Unresolvable => {}
             }
         }
@@ -316,12 +504,12 @@ impl Model {
     }
 
     /// Appends a key attribute's value (it resolves: see [`Model::attr_len`]).
-    fn attr_into(&self, attr: Attr, slots: &Slots<'_>, out: &mut String) {
+    fn attr_into(&self, attr: Attr, slots: &Slots<'_>, out: &mut impl KeyOut) {
         let Attr::Slot { slot, template } = attr else {
             return;
         };
         match (slots.get(slot).and_then(Option::as_deref), template) {
-            (Some(value), _) => out.push_str(value),
+            (Some(value), _) => out.put(value),
             (None, Some(t)) => {
                 if let Some(template) = self.key_plan.templates.get(t) {
                     self.render_into(template, slots, out);
@@ -333,10 +521,20 @@ impl Model {
 
     /// The key when every key attribute the model has is given in `props` as a string, joined.
     pub(crate) fn direct_joined(&self, props: &Item) -> Option<JoinedKey> {
-        let part = |at: Option<usize>| -> Option<&str> {
+        let (pk, sk) = self.direct_parts(|name| props.get(name)?.as_str())?;
+        Some(JoinedKey::from_parts(pk, sk))
+    }
+
+    /// The key attributes' values when `given` has every one the model has (`""` for one it
+    /// has not).
+    pub(crate) fn direct_parts<'a>(
+        &self,
+        given: impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<(&'a str, &'a str)> {
+        let part = |at: Option<usize>| -> Option<&'a str> {
             match at.and_then(|i| self.fields.get(i)) {
                 None => Some(""),
-                Some(field) => props.get(&field.name)?.as_str(),
+                Some(field) => given(&field.name),
             }
         };
         let pk = part(self.primary_at.0)?;
@@ -345,6 +543,6 @@ impl Model {
         } else {
             ""
         };
-        Some(JoinedKey::from_parts(pk, sk))
+        Some((pk, sk))
     }
 }

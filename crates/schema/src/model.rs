@@ -16,7 +16,7 @@ use crate::error::{Reason, ValidationError};
 use crate::field::{
     date_ms, describe, merge_partial, store_date, values_equal, Ctx, Field, FieldType,
 };
-use crate::key_plan::{JoinedKey, KeyPlan};
+use crate::key_plan::{Given, JoinedKey, KeyBuf, KeyPlan};
 use crate::settings::{Index, Params, Process};
 use crate::template::{render_value, Rendered};
 use crate::Item;
@@ -37,6 +37,44 @@ pub(crate) fn rendered_given<'a>(
             let cast = field.cast(value, &field.name, ctx).ok()?;
             render_value(&cast).map(Cow::Owned)
         }
+    }
+}
+
+/// Whether `bytes` holds a NUL: a byte loop, as key values are short and `contains` calls
+/// `memchr` (see `Model::check_key_value`).
+fn has_nul(bytes: &[u8]) -> bool {
+    for &b in bytes {
+        if b == 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// A TTL field's value as [`Model::expires_at_ms`] reads it, borrowed (for readers that hold
+/// the stored value rather than a JSON one).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TtlValue<'a> {
+    /// A number that fits `i64`: seconds since the epoch.
+    Int(i64),
+    /// Any other number: seconds since the epoch.
+    Float(f64),
+    /// A date's text.
+    Text(&'a str),
+    /// A date already read as its instant (epoch milliseconds): what its canonical text parses
+    /// to.
+    Ms(i64),
+}
+
+/// When a TTL value expires (epoch milliseconds): the rule of [`Model::expires_at_ms`].
+pub fn ttl_expiry_ms(value: TtlValue<'_>) -> Option<i64> {
+    match value {
+        TtlValue::Int(secs) => secs.checked_mul(1000),
+        TtlValue::Float(f) => {
+            (f.is_finite() && f.abs() < 9.2e15).then(|| (f * 1000.0).round() as i64)
+        }
+        TtlValue::Text(s) => date::parse_iso_ms(s),
+        TtlValue::Ms(ms) => Some(ms),
     }
 }
 
@@ -478,6 +516,71 @@ impl Model {
         self.check_key_value(&self.primary.hash, key.pk())?;
         self.check_key_value(self.primary.sort.as_deref().unwrap_or_default(), key.sk())?;
         Ok(key)
+    }
+
+    /// [`Model::primary_key_joined`] into a [`KeyBuf`]: on the stack for a key of at most
+    /// [`crate::KEY_INLINE`] bytes, so a lookup by key allocates nothing for it (the same
+    /// key, or the same error, as `primary_key_joined`).
+    pub fn primary_key_buf(&self, props: &Item) -> Result<KeyBuf, ValidationError> {
+        let key = match self.direct_parts(|name| props.get(name)?.as_str()) {
+            Some((pk, sk)) => KeyBuf::from_parts(pk, sk),
+            None => match self
+                .planned_key_buf(props.iter().map(|(k, v)| (k.as_str(), Given::Json(v))))
+            {
+                Some(key) => key,
+                None => {
+                    let key = self.primary_key_general(props)?;
+                    return Ok(KeyBuf::from_parts(&key.pk, &key.sk));
+                }
+            },
+        };
+        self.check_key_bytes(&key)?;
+        Ok(key)
+    }
+
+    /// The key whose properties are given as `(name, text)` pairs, each read as the property
+    /// `name` holding the JSON string `text` (a later pair of the same name wins): the key, or
+    /// the error, [`Model::primary_key_joined`] gives for that item, without building it.
+    /// For callers that hold the key's values as text (an id, a device name) and would
+    /// otherwise build a `serde_json::Map` per lookup.
+    pub fn primary_key_buf_of(&self, props: &[(&str, &str)]) -> Result<KeyBuf, ValidationError> {
+        let given = |name: &str| {
+            props
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+        };
+        let key = match self.direct_parts(given) {
+            Some((pk, sk)) => KeyBuf::from_parts(pk, sk),
+            None => match self.planned_key_buf(props.iter().map(|&(k, v)| (k, Given::Str(v)))) {
+                Some(key) => key,
+                None => {
+                    // The general path, on the item those pairs make (allocates; its answer
+                    // and its exact error).
+                    let item: Item = props
+                        .iter()
+                        .map(|&(k, v)| (k.to_string(), Value::String(v.to_string())))
+                        .collect();
+                    let key = self.primary_key_general(&item)?;
+                    return Ok(KeyBuf::from_parts(&key.pk, &key.sk));
+                }
+            },
+        };
+        self.check_key_bytes(&key)?;
+        Ok(key)
+    }
+
+    /// The NUL test of [`Model::primary_key_joined`] on a rendered key.
+    fn check_key_bytes(&self, key: &KeyBuf) -> Result<(), ValidationError> {
+        if has_nul(key.pk_bytes()) {
+            return Err(self.err(&self.primary.hash, Reason::InvalidKeyValue));
+        }
+        if has_nul(key.sk_bytes()) {
+            let sort = self.primary.sort.as_deref().unwrap_or_default();
+            return Err(self.err(sort, Reason::InvalidKeyValue));
+        }
+        Ok(())
     }
 
     /// [`Model::primary_key`] through an item of the cast key properties with the key
@@ -1143,17 +1246,14 @@ impl Model {
     /// Expiry in epoch milliseconds from the TTL field (stored as epoch seconds), if present.
     pub fn expires_at_ms(&self, item: &Item) -> Option<i64> {
         let value = item.get(self.ttl.as_deref()?)?;
-        match value {
+        ttl_expiry_ms(match value {
             Value::Number(n) => match n.as_i64() {
-                Some(secs) => secs.checked_mul(1000),
-                None => n
-                    .as_f64()
-                    .filter(|f| f.is_finite() && f.abs() < 9.2e15)
-                    .map(|f| (f * 1000.0).round() as i64),
+                Some(secs) => TtlValue::Int(secs),
+                None => TtlValue::Float(n.as_f64()?),
             },
-            Value::String(s) => date::parse_iso_ms(s),
-            _ => None,
-        }
+            Value::String(s) => TtlValue::Text(s),
+            _ => return None,
+        })
     }
 }
 
@@ -1496,6 +1596,8 @@ mod tests {
             .prop_map(|s| json!(s)),
             1 => Just(json!({"k": 1})),
             1 => Just(json!([1])),
+            // Past a `KeyBuf`'s inline room.
+            1 => Just(json!("l".repeat(crate::KEY_INLINE))),
         ]
     }
 
@@ -1567,6 +1669,33 @@ mod tests {
                         joined,
                         "model {} props {:?}", name, props
                     );
+                    // The stack form holds the same parts.
+                    let parts = |k: KeyBuf| (k.pk_bytes().to_vec(), k.sk_bytes().to_vec());
+                    let joined_parts = |k: JoinedKey| (k.pk().as_bytes().to_vec(), k.sk().as_bytes().to_vec());
+                    proptest::prop_assert_eq!(
+                        m.primary_key_buf(&props).map(parts),
+                        m.primary_key_joined(&props).map(joined_parts),
+                        "model {} props {:?}", name, props
+                    );
+                    // The properties that are strings, given as (name, text) pairs: the key
+                    // (or error) of the item they make; a repeated name, the later wins.
+                    let mut pairs: Vec<(&str, &str)> = props
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+                        .collect();
+                    for _ in 0..2 {
+                        let as_item: Item = pairs
+                            .iter()
+                            .map(|&(k, v)| (k.to_string(), json!(v)))
+                            .collect();
+                        proptest::prop_assert_eq!(
+                            m.primary_key_buf_of(&pairs).map(parts),
+                            m.primary_key_joined(&as_item).map(joined_parts),
+                            "model {} pairs {:?}", name, pairs
+                        );
+                        let Some(&(first, _)) = pairs.first() else { break };
+                        pairs.push((first, "7"));
+                    }
                 }
             }
         }

@@ -125,6 +125,7 @@ fn exercise(case: &str, path: &Path, open: Open, expected: &[u8]) -> Result<Outc
     note(db.export(&mut exported).map(drop))?;
     for i in [0, ITEMS / 2, ITEMS - 1] {
         note(db.get("Reading", &key(&format!("r{i:04}"))).map(drop))?;
+        note(db.get_view("Reading", &key(&format!("r{i:04}"))).map(drop))?;
     }
     note(
         db.find(

@@ -11,6 +11,7 @@ mod ops;
 mod oracle;
 mod schema_change;
 mod unique;
+mod view;
 
 use std::sync::Arc;
 
