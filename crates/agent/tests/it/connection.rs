@@ -159,10 +159,20 @@ async fn scripted_broker(
     refusals: usize,
     seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
 ) {
+    if let Ok((socket, _)) = listener.accept().await {
+        serve_scripted(socket, refusals, seen).await;
+    }
+}
+
+/// One connection of a scripted broker: CONNACK, SUBACKs refusing the first `refusals`
+/// SUBSCRIBEs and granting the rest, PUBACK for publishes, PINGRESP; it records what it saw and
+/// delivers nothing.
+async fn serve_scripted(
+    mut socket: TcpStream,
+    refusals: usize,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+) {
     use tokio::io::AsyncWriteExt;
-    let Ok((mut socket, _)) = listener.accept().await else {
-        return;
-    };
     let mut subscribes = 0;
     while let Ok((kind, body)) = read_packet(&mut socket).await {
         let answer: Vec<u8> = match kind >> 4 {
@@ -281,31 +291,9 @@ async fn a_refused_subscription_is_asked_again_and_no_session_starts_without_it(
 /// acknowledges publishes, but delivers nothing (the hello is never answered): a cluster node
 /// that grants subscriptions it cannot deliver to, or a path to the cloud that is cut.
 async fn deaf_broker(listener: TcpListener, seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
-    use tokio::io::AsyncWriteExt;
     let mut connections = JoinSet::new();
-    while let Ok((mut socket, _)) = listener.accept().await {
-        let seen = seen.clone();
-        connections.spawn(async move {
-            while let Ok((kind, body)) = read_packet(&mut socket).await {
-                let answer: Vec<u8> = match kind >> 4 {
-                    1 => vec![0x20, 2, 0, 0],
-                    8 => {
-                        seen.lock().unwrap().push(Seen::Subscribe { granted: true });
-                        suback(&body, 1)
-                    }
-                    3 => {
-                        seen.lock().unwrap().push(Seen::Publish);
-                        let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                        vec![0x40, 2, body[2 + topic], body[3 + topic]]
-                    }
-                    12 => vec![0xd0, 0],
-                    _ => continue,
-                };
-                if socket.write_all(&answer).await.is_err() {
-                    return;
-                }
-            }
-        });
+    while let Ok((socket, _)) = listener.accept().await {
+        connections.spawn(serve_scripted(socket, 0, seen.clone()));
     }
 }
 

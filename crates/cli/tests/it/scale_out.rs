@@ -33,6 +33,36 @@ fn fresh_store() -> (Arc<PgSchema>, StoreChoice) {
     (pg.clone(), StoreChoice::Postgres(pg))
 }
 
+/// What every test here starts from: a PostgreSQL schema of its own, a folder, a Mosquitto of
+/// its own (and its address) and the admin key. Each test keeps every part alive to its end
+/// (dropping the schema or the broker ends them).
+struct Setup {
+    pg: Arc<PgSchema>,
+    store: StoreChoice,
+    dir: tempfile::TempDir,
+    mosquitto: PrivateBroker,
+    broker: String,
+    key: String,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let (pg, store) = fresh_store();
+        let dir = tempfile::tempdir().unwrap();
+        let mosquitto = PrivateBroker::start(dir.path());
+        let broker = mosquitto.addr.clone();
+        let key = admin_key(&store, dir.path());
+        Setup {
+            pg,
+            store,
+            dir,
+            mosquitto,
+            broker,
+            key,
+        }
+    }
+}
+
 /// The admin key of [`KEY_ACCOUNT`], made in PostgreSQL by `devtables keys create --database`
 /// (the bootstrap path of a scaled-out cloud; no data folder is involved).
 fn admin_key(store: &StoreChoice, dir: &Path) -> String {
@@ -203,11 +233,14 @@ fn a_node_killed_mid_run_is_taken_over_and_nothing_acknowledged_is_lost() {
     if !services_on() {
         return;
     }
-    let (pg, store) = fresh_store();
-    let dir = tempfile::tempdir().unwrap();
-    let mosquitto = PrivateBroker::start(dir.path());
-    let broker = mosquitto.addr.clone();
-    let key = admin_key(&store, dir.path());
+    let Setup {
+        pg,
+        store,
+        dir,
+        mosquitto: _mosquitto,
+        broker,
+        key,
+    } = Setup::new();
     let n1 = start_node(dir.path(), 1, &store, &broker, &key);
     let mut n2 = start_node(dir.path(), 2, &store, &broker, &key);
     let n3 = start_node(dir.path(), 3, &store, &broker, &key);
@@ -284,11 +317,14 @@ fn the_broker_killed_mid_run_loses_nothing_acknowledged() {
     if !services_on() {
         return;
     }
-    let (_pg, store) = fresh_store();
-    let dir = tempfile::tempdir().unwrap();
-    let mut mosquitto = PrivateBroker::start(dir.path());
-    let broker = mosquitto.addr.clone();
-    let key = admin_key(&store, dir.path());
+    let Setup {
+        pg: _pg,
+        store,
+        dir,
+        mut mosquitto,
+        broker,
+        key,
+    } = Setup::new();
     let nodes: Vec<CloudProc> = (1..=3)
         .map(|i| start_node(dir.path(), i, &store, &broker, &key))
         .collect();
@@ -327,11 +363,14 @@ fn change_log_readers_and_webhooks_hear_writes_made_on_other_nodes_once() {
     if !services_on() {
         return;
     }
-    let (_pg, store) = fresh_store();
-    let dir = tempfile::tempdir().unwrap();
-    let mosquitto = PrivateBroker::start(dir.path());
-    let broker = mosquitto.addr.clone();
-    let key = admin_key(&store, dir.path());
+    let Setup {
+        pg: _pg,
+        store,
+        dir,
+        mosquitto: _mosquitto,
+        broker,
+        key,
+    } = Setup::new();
     let nodes: Vec<CloudProc> = (1..=3)
         .map(|i| start_node(dir.path(), i, &store, &broker, &key))
         .collect();
@@ -441,11 +480,14 @@ fn a_device_that_left_while_its_node_was_dead_is_marked_offline_by_the_next() {
     if !services_on() {
         return;
     }
-    let (_pg, store) = fresh_store();
-    let dir = tempfile::tempdir().unwrap();
-    let mosquitto = PrivateBroker::start(dir.path());
-    let broker = mosquitto.addr.clone();
-    let key = admin_key(&store, dir.path());
+    let Setup {
+        pg: _pg,
+        store,
+        dir,
+        mosquitto: _mosquitto,
+        broker,
+        key,
+    } = Setup::new();
     let presence = "cluster_presence_check_ms: 2000,";
     let mut n1 = start_node_with(dir.path(), 1, &store, &broker, &key, presence);
     eventually("node 1 to hold every partition", || match held(&n1) {
@@ -509,11 +551,14 @@ fn registry_commands_reach_the_postgresql_store() {
     if !services_on() {
         return;
     }
-    let (pg, store) = fresh_store();
-    let dir = tempfile::tempdir().unwrap();
-    let mosquitto = PrivateBroker::start(dir.path());
-    let broker = mosquitto.addr.clone();
-    let key = admin_key(&store, dir.path());
+    let Setup {
+        pg,
+        store,
+        dir,
+        mosquitto: _mosquitto,
+        broker,
+        key,
+    } = Setup::new();
     let node = start_node(dir.path(), 1, &store, &broker, &key);
     node.register(KEY_ACCOUNT, "dev-a");
     node.register(KEY_ACCOUNT, "dev-b");
