@@ -142,4 +142,20 @@ mod tests {
         let ttl = ttl_key(5, &k("p", "q"));
         assert_eq!(decode_ttl_key(&ttl), Some(k("p", "q")));
     }
+
+    /// A create takes the schema's joined key (`JoinedKey`) as its row key without building
+    /// it again (`WriteTxn::store_new`): the two spellings must be the same bytes.
+    #[test]
+    fn joined_key_is_the_row_key() {
+        for (pk, sk) in [
+            ("dev#d0001", "reading#00000042"),
+            ("p", ""),
+            ("", "s"),
+            ("é#1", "ü"),
+        ] {
+            let joined = devtables_schema::JoinedKey::from_parts(pk, sk);
+            assert_eq!(joined.to_item_key(), k(pk, sk));
+            assert_eq!(joined.into_bytes(), item_key(&k(pk, sk)));
+        }
+    }
 }

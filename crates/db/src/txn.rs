@@ -218,9 +218,13 @@ impl<'t> WriteTxn<'t> {
 
     /// Stores a prepared new item under its key unless a live item holds the key.
     fn store_new(&mut self, model: &'t Model, item: Item) -> Result<(ItemKey, Item), DbError> {
-        let key = model.primary_key(&item)?;
+        // The joined key is the row key as it is (`pk`, NUL, `sk`, as `keys::item_key` spells
+        // it): taken over, not built a second time.
+        let joined = model.primary_key_joined(&item)?;
+        let key = joined.to_item_key();
+        let raw = joined.into_bytes();
+        debug_assert_eq!(raw, keys::item_key(&key));
         // One lookup: a live item is a conflict, an expired one is replaced.
-        let raw = keys::item_key(&key);
         let old = self.stored_at(&key, &raw, Some(model))?;
         if let Some((m, stored)) = &old {
             if !crate::read::expired(m, stored, self.now_ms) {
