@@ -419,13 +419,7 @@ impl Device {
                     .then_some(())
                     .ok_or(s.to_string())
             },
-            || {
-                format!(
-                    "\n{name}'s last log lines:\n{}\nthe cloud's last log lines:\n{}",
-                    agent_logs.tail(40).join("\n"),
-                    cloud_logs.tail(40).join("\n")
-                )
-            },
+            || last_lines(&name, &agent_logs, &cloud_logs),
         );
     }
 
@@ -490,6 +484,15 @@ fn write_up(devices: &mut [Device], rounds: usize) {
     }
 }
 
+/// The device's and the cloud's last log lines, for a failure message.
+fn last_lines(name: &str, agent: &Logs, cloud: &Logs) -> String {
+    format!(
+        "\n{name}'s last log lines:\n{}\nthe cloud's last log lines:\n{}",
+        agent.tail(40).join("\n"),
+        cloud.tail(40).join("\n")
+    )
+}
+
 /// Who had to move when a node died.
 struct Moved {
     /// Devices that were on the node.
@@ -543,13 +546,7 @@ fn kill_mid_run(
                     .then_some(())
                     .ok_or(s.to_string())
             },
-            || {
-                format!(
-                    "\n{name}'s last log lines:\n{}\nthe cloud's last log lines:\n{}",
-                    agent_logs.tail(40).join("\n"),
-                    cloud_logs.tail(40).join("\n")
-                )
-            },
+            || last_lines(&name, &agent_logs, &cloud_logs),
         );
         let s = d.status();
         assert!(
