@@ -183,8 +183,9 @@ pub(crate) struct Driver {
     /// answer and starts again with every answer (a welcome, an acknowledgement, a feed page,
     /// a busy or rate-limit refusal).
     pub(crate) deaf_at: Option<tokio::time::Instant>,
-    /// What the cloud's answers moved last: (ready, pushes acknowledged, feed cursor).
-    pub(crate) progress: (bool, u64, u64),
+    /// What the cloud's answers moved last: (ready, pushes acknowledged, feed cursor, busy or
+    /// rate-limit refusals).
+    pub(crate) progress: (bool, u64, u64, u64),
     pub(crate) prefix: String,
     pub(crate) inputs: mpsc::Receiver<Input>,
     pub(crate) inbox: Arc<Inbox>,
@@ -479,11 +480,14 @@ impl Driver {
     }
 
     /// Runs the deaf-connection clock: while the session (`session`: the subscription granted)
-    /// waits for an answer, its hello's or its pushes', the clock runs; every answer, seen as
-    /// progress of the engine, starts it again.
+    /// waits for an answer, its hello's or its pushes', the clock runs; every answer, seen in
+    /// the status this turn left (ready, pushes acknowledged, feed cursor, busy refusals),
+    /// starts it again.
     fn watch_answers(&mut self, session: bool) {
-        let ready = self.engine.is_ready();
-        let progress = (ready, self.status.borrow().acked, self.engine.cursor());
+        let (ready, progress) = {
+            let s = self.status.borrow();
+            (s.ready, (s.ready, s.acked, s.cursor, s.throttled))
+        };
         if progress != self.progress {
             self.progress = progress;
             self.cloud_answered();
@@ -1074,7 +1078,6 @@ impl Driver {
         match event {
             DeviceEvent::Connected => tracing::info!(device = %self.id, "connected"),
             DeviceEvent::Ready => {
-                self.cloud_answered();
                 tracing::info!(device = %self.id, "sync ready");
                 // The cloud answers: whatever failed before is over. The welcome says again
                 // whether the cloud's schema differs.
@@ -1121,12 +1124,6 @@ impl Driver {
                 }
                 // The engine already asked for the durable entry's removal (OutboxRemove):
                 // a rejected change is never retried.
-            }
-            DeviceEvent::Throttled { .. } if self.deaf_at.is_some() => {
-                // A busy cloud answered: the connection is not deaf (the refusal is handled
-                // below, on the next pass).
-                self.cloud_answered();
-                self.on_event(event);
             }
             DeviceEvent::Throttled {
                 retry_after_ms,

@@ -486,7 +486,7 @@ impl Agent {
             subscribe_give_up: config.subscribe_give_up,
             deaf_give_up: config.subscribe_give_up,
             deaf_at: None,
-            progress: (false, 0, 0),
+            progress: (false, 0, 0, 0),
             prefix: config.topic_prefix.clone(),
             inputs,
             inbox: inbox.clone(),

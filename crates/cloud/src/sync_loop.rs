@@ -595,8 +595,8 @@ impl SyncLoop {
                 self.report_subscriptions();
             }
             LinkEvent::Message { topic, payload } => {
-                if let Some(node) = topics::parse_probe_topic(&self.prefix, &topic) {
-                    self.probe_heard(node, &payload);
+                if topics::parse_probe_topic(&self.prefix, &topic).is_some() {
+                    self.probe_heard(&topic, &payload);
                     return;
                 }
                 match topics::parse_up_topic(&self.prefix, &topic) {
@@ -737,12 +737,12 @@ impl SyncLoop {
         }
     }
 
-    /// A probe came back (`payload`: its number); another node's is not this one's.
-    fn probe_heard(&mut self, node: &str, payload: &[u8]) {
-        let Some((probe, topic)) = &mut self.probe else {
+    /// A probe came back on `topic` (`payload`: its number); another node's is not this one's.
+    fn probe_heard(&mut self, topic: &str, payload: &[u8]) {
+        let Some((probe, own)) = &mut self.probe else {
             return;
         };
-        if topics::parse_probe_topic(&self.prefix, topic) != Some(node) {
+        if topic != own.as_str() {
             return;
         }
         let seq = std::str::from_utf8(payload)
