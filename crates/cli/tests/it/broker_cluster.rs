@@ -177,6 +177,27 @@ impl NatsNode {
         }
     }
 
+    /// The log line of a node that exited because a port it was given was taken.
+    fn port_taken(&mut self) -> Option<String> {
+        let exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
+        if !exited {
+            return None;
+        }
+        // Its last lines may still be on their way from the pipe: a moment for them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let line = self
+                .logs
+                .matching("address already in use")
+                .into_iter()
+                .next();
+            if line.is_some() || std::time::Instant::now() >= deadline {
+                return line;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `/healthz` answers ok: the server accepts connections and its JetStream is current with
     /// the cluster (a meta leader, its streams caught up).
     fn healthy(&mut self) -> Result<(), String> {
@@ -241,7 +262,30 @@ struct NatsCluster {
 }
 
 impl NatsCluster {
+    /// Starts the cluster and waits until every node is healthy. Its ports are picked free and
+    /// then bound by nats-server: a test running in parallel may take one in between (the node
+    /// then exits, "address already in use"), and the cluster starts again on other ports.
     fn start(dir: &Path, users: &[NatsUser]) -> NatsCluster {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let mut cluster = NatsCluster::launch(dir, users);
+            match cluster.wait_healthy() {
+                Ok(()) => return cluster,
+                Err(taken) if attempt < ATTEMPTS => {
+                    eprintln!("{taken}; starting the cluster again on other ports");
+                    drop(cluster);
+                    for i in 0..NODES {
+                        let _ = std::fs::remove_dir_all(dir.join(format!("jetstream-n{i}")));
+                    }
+                }
+                Err(taken) => panic!("{taken}, {ATTEMPTS} times"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Writes the nodes' configurations on free ports and starts them.
+    fn launch(dir: &Path, users: &[NatsUser]) -> NatsCluster {
         let ports: Vec<NodePorts> = (0..NODES)
             .map(|_| NodePorts {
                 client: free_port(),
@@ -297,7 +341,6 @@ impl NatsCluster {
             node.start();
             cluster.nodes.push(node);
         }
-        cluster.wait_healthy();
         cluster
     }
 
@@ -323,11 +366,24 @@ impl NatsCluster {
         }
     }
 
-    fn wait_healthy(&mut self) {
+    /// Waits until every node is healthy; `Err` when one exited because a port it was given
+    /// was taken meanwhile.
+    fn wait_healthy(&mut self) -> Result<(), String> {
         for node in &mut self.nodes {
             let what = format!("nats-server {} healthy", node.name);
-            eventually(&what, || node.healthy());
+            let mut taken = None;
+            eventually(&what, || match node.port_taken() {
+                Some(line) => {
+                    taken = Some(format!("nats-server {} lost a port: {line}", node.name));
+                    Ok(())
+                }
+                None => node.healthy(),
+            });
+            if let Some(taken) = taken {
+                return Err(taken);
+            }
         }
+        Ok(())
     }
 
     /// Waits until the leader of each stream the MQTT gateway needs for every connect and every
